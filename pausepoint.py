@@ -1,0 +1,1442 @@
+"""PausePoint: human approval for AI agents, in one process.
+
+An agent about to do something risky POSTs a *pause*: who to ask, over which
+channel, the question, the options, a timeout and the default to apply if
+nobody answers. The human opens a small page and taps a choice; the agent
+learns the outcome by polling (or, later, by webhook), and every step lands in
+an audit log.
+
+The file reads top to bottom: configuration, database, accounts and keys, the
+pause lifecycle (the only place states change), channels, scheduler jobs, the
+HTTP API and pages, and the command line.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import getpass
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import sqlite3
+import string
+import sys
+import threading
+import time
+import tomllib
+import uuid
+
+import bcrypt
+import bottle
+import waitress
+from apscheduler.schedulers.background import BackgroundScheduler
+
+VERSION = "0.1.0"
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCHEMA_PATH = os.path.join(HERE, "schema.sql")
+TEMPLATES_DIR = os.path.join(HERE, "templates")
+STATIC_DIR = os.path.join(HERE, "static")
+
+log = logging.getLogger("pausepoint")
+
+
+###############################################################################
+# Configuration
+###############################################################################
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    key: str
+    default: object
+    help: str
+
+
+# The one table of settings: every key, its default and what it is for. The
+# TOML file, PAUSEPOINT_* environment variables and CLI flags overlay it in
+# that order; config.example.toml documents every key (a test checks).
+SETTINGS = [
+    Setting("server.host", "127.0.0.1", "Address to listen on. Use 0.0.0.0 to accept connections from other machines."),
+    Setting("server.port", 8080, "TCP port to listen on."),
+    Setting("server.base_url", "", "Public URL of this server, used to build respond_url links. Empty: http://<host>:<port>."),
+    Setting("server.threads", 64, "Worker threads. Long-polling agents (?wait=) hold one each; 8 are always kept for other requests."),
+    Setting("server.trusted_proxy", "", "IP address of a reverse proxy whose X-Forwarded-For/-Proto headers are believed. Empty: none."),
+    Setting("server.max_body_bytes", 65536, "Largest request body accepted; larger ones get 413."),
+    Setting("database.path", "pausepoint.db", "SQLite database file. Created from schema.sql on first start."),
+    Setting("registration.open", True, "Whether POST /v1/auth/register is open. When false, the operator adds developers with `create-developer`."),
+    Setting("security.bcrypt_rounds", 12, "bcrypt cost factor for passwords (4-16). Each step doubles the work."),
+    Setting("pauses.max_timeout_hours", 720.0, "Longest timeout_hours a pause may ask for."),
+    Setting("webhooks.allow_private", False, "Allow webhook URLs on loopback, private or link-local addresses (for agents on your LAN)."),
+    Setting("ratelimit.enabled", True, "Rate-limit registration, key rotation and failed respond-token lookups per client IP."),
+    Setting("ratelimit.register_per_hour", 20, "Registrations allowed per client IP per hour."),
+    Setting("ratelimit.rotate_per_hour", 20, "Key rotations (attempts, right or wrong) allowed per client IP per hour."),
+    Setting("ratelimit.respond_failures_per_hour", 30, "Unknown respond tokens allowed per client IP per hour before it is locked out."),
+    Setting("plans.free.monthly_pauses", 100, "Live pauses a developer on the free plan may create per calendar month (UTC). Add plans as [plans.NAME]."),
+]
+SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
+# Plans are open-ended: an operator adds [plans.team] monthly_pauses = 5000.
+PLAN_KEY = re.compile(r"^plans\.([a-z][a-z0-9_-]{0,31})\.monthly_pauses$")
+
+# Long-polling agents may hold at most this many fewer threads than there are,
+# so creating and answering pauses always has threads to run on.
+THREADS_KEPT_FOR_OTHER_REQUESTS = 8
+
+
+class ConfigError(Exception):
+    """A setting is unknown or has a bad value; the message names the key."""
+
+
+def load_config(path=None, environ=None, overrides=None):
+    """Defaults, overlaid by the TOML file, then PAUSEPOINT_* variables, then CLI flags."""
+    config = {s.key: s.default for s in SETTINGS}
+    if path is None and os.path.exists("config.toml"):
+        path = "config.toml"
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        for key, value in flatten(table):
+            config[key] = check_setting(key, value, f"in {path}")
+    for name, raw in sorted((environ if environ is not None else os.environ).items()):
+        if name.startswith("PAUSEPOINT_"):
+            key = env_name_to_key(name)
+            config[key] = check_setting(key, parse_text_value(key, raw, name), f"in ${name}")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            config[key] = check_setting(key, value, "on the command line")
+    return config
+
+
+def flatten(table, prefix=""):
+    for name, value in table.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            yield from flatten(value, key + ".")
+        else:
+            yield key, value
+
+
+def env_name_to_key(name):
+    """PAUSEPOINT_SERVER_BASE_URL -> server.base_url (plans: PAUSEPOINT_PLANS_TEAM_MONTHLY_PAUSES)."""
+    for setting in SETTINGS:
+        if name == "PAUSEPOINT_" + setting.key.replace(".", "_").upper():
+            return setting.key
+    plan = re.fullmatch(r"PAUSEPOINT_PLANS_([A-Z][A-Z0-9_]*)_MONTHLY_PAUSES", name)
+    if plan:
+        return f"plans.{plan.group(1).lower()}.monthly_pauses"
+    raise ConfigError(f"unknown setting: environment variable {name} names no setting")
+
+
+def setting_type(key):
+    if PLAN_KEY.match(key):
+        return int
+    if key not in SETTINGS_BY_KEY:
+        raise ConfigError(f"unknown setting: {key}")
+    return type(SETTINGS_BY_KEY[key].default)
+
+
+def parse_text_value(key, raw, where):
+    kind = setting_type(key)
+    if kind is bool:
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false ({where} is {raw!r})")
+    if kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            raise ConfigError(f"{key} must be a number ({where} is {raw!r})") from None
+    return raw
+
+
+def check_setting(key, value, where):
+    kind = setting_type(key)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{key} must be {kind.__name__.replace('str', 'a string').replace('int', 'a whole number').replace('float', 'a number').replace('bool', 'true or false')} ({where} it is {value!r})")
+    problem = SETTING_CHECKS.get(key, lambda v: None)(value)
+    if PLAN_KEY.match(key) and value < 0:
+        problem = "must not be negative"
+    if problem:
+        raise ConfigError(f"{key} {problem} ({where} it is {value!r})")
+    return value
+
+
+def _check_base_url(value):
+    if value and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+        return "must be empty or an http:// or https:// URL without query"
+    return None
+
+
+def _check_trusted_proxy(value):
+    if not value:
+        return None
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return "must be empty or an IP address"
+    return None
+
+
+SETTING_CHECKS = {
+    "server.port": lambda v: None if 1 <= v <= 65535 else "must be between 1 and 65535",
+    "server.threads": lambda v: None if 12 <= v <= 1000 else "must be between 12 and 1000",
+    "server.base_url": _check_base_url,
+    "server.trusted_proxy": _check_trusted_proxy,
+    "server.max_body_bytes": lambda v: None if 1024 <= v <= 16 * 1024 * 1024 else "must be between 1024 and 16777216",
+    "database.path": lambda v: None if v else "must not be empty",
+    "security.bcrypt_rounds": lambda v: None if 4 <= v <= 16 else "must be between 4 and 16",
+    "pauses.max_timeout_hours": lambda v: None if 0 < v <= 24 * 366 else "must be above 0 and at most 8784 (a year)",
+    "ratelimit.register_per_hour": lambda v: None if v >= 1 else "must be at least 1",
+    "ratelimit.rotate_per_hour": lambda v: None if v >= 1 else "must be at least 1",
+    "ratelimit.respond_failures_per_hour": lambda v: None if v >= 1 else "must be at least 1",
+}
+
+
+def plans(config):
+    """{plan name: live pauses allowed per month}."""
+    return {PLAN_KEY.match(k).group(1): v for k, v in config.items() if PLAN_KEY.match(k)}
+
+
+def base_url(config):
+    if config["server.base_url"]:
+        return config["server.base_url"].rstrip("/")
+    host = config["server.host"]
+    if host in ("0.0.0.0", "::"):
+        host = "localhost"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config['server.port']}"
+
+
+###############################################################################
+# Database
+###############################################################################
+
+# Numbered schema changes after schema.sql's first version, as (number, SQL).
+# A fresh database gets schema.sql, which is always the newest model, and is
+# recorded at the last number here.
+MIGRATIONS = [
+    (1, "-- schema.sql as first released"),
+]
+
+
+def connect(path):
+    """A connection in autocommit mode: transactions are explicit (see transaction())."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode = WAL")
+    # A decision acknowledged to a human must survive a power cut, not only a crash.
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA busy_timeout = 30000")
+    return conn
+
+
+@contextlib.contextmanager
+def transaction(conn):
+    """BEGIN IMMEDIATE takes the write lock up front, so a compare-and-set never
+    fails half-way with SQLITE_BUSY after reading stale state."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def migrate(conn):
+    """Create the schema on a fresh database, or apply the migrations it lacks."""
+    with transaction(conn):
+        fresh = not conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_migrations'").fetchone()
+        if fresh:
+            with open(SCHEMA_PATH, encoding="utf-8") as f:
+                for statement in split_sql(f.read()):
+                    conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (MIGRATIONS[-1][0], db_time()))
+            return
+        done = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
+        for number, sql in MIGRATIONS:
+            if number > done:
+                for statement in split_sql(sql):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (number, db_time()))
+
+
+def split_sql(script):
+    """Statements of a script, so they run inside our transaction (executescript would COMMIT first)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip() and not all(l.strip().startswith("--") or not l.strip() for l in current.splitlines()):
+                statements.append(current)
+            current = ""
+    return statements
+
+
+def utcnow():
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def db_time(moment=None):
+    """The one stored time format: fixed width, so text order is time order."""
+    moment = moment or utcnow()
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_db_time(text):
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
+
+
+def api_time(text):
+    """Stored time as the API shows it: '2026-05-08T18:00:00Z'."""
+    return None if text is None else text[:19] + "Z"
+
+
+def new_id(prefix):
+    return prefix + uuid.uuid4().hex
+
+
+###############################################################################
+# Errors
+###############################################################################
+
+class ApiError(Exception):
+    """Any refusal the API makes; rendered in the one JSON error shape by error_body()."""
+
+    def __init__(self, status, code, message, field=None, headers=None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.field, self.headers = field, headers or {}
+
+
+def invalid(field, message):
+    return ApiError(422, "invalid_request", message, field=field)
+
+
+def error_body(status, code, message, field=None):
+    """The one JSON error shape: {"error": {"code", "message"[, "field"]}}."""
+    error = {"code": code, "message": message}
+    if field:
+        error["field"] = field
+    return json.dumps({"error": error})
+
+
+###############################################################################
+# Accounts and API keys
+###############################################################################
+
+KEY_ALPHABET = string.ascii_letters + string.digits
+KEY_RANDOM_CHARS = 48                      # 48 * log2(62) = 285 bits
+MODES = {"live": 1, "test": 0}
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+def new_api_key(livemode):
+    return ("pp_live_" if livemode else "pp_test_") + "".join(
+        secrets.choice(KEY_ALPHABET) for _ in range(KEY_RANDOM_CHARS))
+
+
+def key_digest(key):
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def key_hint(key):
+    return key[:8] + "…" + key[-4:]
+
+
+def issue_key(conn, developer_id, livemode):
+    """Create and store a new working key; the caller revokes any old one first."""
+    key = new_api_key(livemode)
+    conn.execute("INSERT INTO api_keys (key_hash, developer_id, livemode, hint, created_at) VALUES (?, ?, ?, ?, ?)",
+                 (key_digest(key), developer_id, livemode, key_hint(key), db_time()))
+    return key
+
+
+def validate_registration(email, name, password):
+    if not isinstance(email, str) or len(email) > 254 or not EMAIL.match(email.strip()):
+        raise invalid("email", "email must be an email address like you@example.com")
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise invalid("name", "name must be 1-200 characters")
+    if not isinstance(password, str) or len(password) < 8:
+        raise invalid("password", "password must be at least 8 characters")
+    if len(password.encode("utf-8")) > 72:
+        raise invalid("password", "password must be at most 72 bytes (bcrypt's limit)")
+
+
+def register_developer(conn, config, email, name, password, plan="free"):
+    """Create a developer with one live and one test key; returns the quickstart's response."""
+    validate_registration(email, name, password)
+    if plan not in plans(config):
+        raise invalid("plan", f"plan must be one of: {', '.join(sorted(plans(config)))}")
+    password_hash = bcrypt.hashpw(password.encode("utf-8"),
+                                  bcrypt.gensalt(config["security.bcrypt_rounds"])).decode()
+    developer_id = new_id("dev_")
+    with transaction(conn):
+        if conn.execute("SELECT 1 FROM developers WHERE email = ?", (email.strip(),)).fetchone():
+            raise ApiError(409, "email_taken", "a developer with this email is already registered")
+        conn.execute("INSERT INTO developers (id, email, name, password_hash, plan, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                     (developer_id, email.strip(), name.strip(), password_hash, plan, db_time()))
+        live_key, test_key = issue_key(conn, developer_id, 1), issue_key(conn, developer_id, 0)
+    return {
+        "developer_id": developer_id,
+        "api_key": live_key,
+        "test_api_key": test_key,
+        "plan": plan,
+        "message": "Save your API keys — they will not be shown again.",
+    }
+
+
+# bcrypt.checkpw against this when the email is unknown, so a wrong email and
+# a wrong password take the same time.
+_DUMMY_PASSWORD_HASH = bcrypt.hashpw(b"not a password", bcrypt.gensalt(4))
+
+
+def check_password(conn, email, password):
+    """The developer row if email and password match, else None."""
+    if not isinstance(email, str) or not isinstance(password, str):
+        return None
+    row = conn.execute("SELECT * FROM developers WHERE email = ?", (email.strip(),)).fetchone()
+    secret = password.encode("utf-8")[:72]
+    if row is None:
+        bcrypt.checkpw(secret, _DUMMY_PASSWORD_HASH)
+        return None
+    return row if bcrypt.checkpw(secret, row["password_hash"].encode()) else None
+
+
+def rotate_key(conn, developer, livemode):
+    """Revoke the working key of one mode and return its replacement, in one transaction."""
+    with transaction(conn):
+        old = conn.execute("SELECT hint FROM api_keys WHERE developer_id = ? AND livemode = ? AND revoked_at IS NULL",
+                           (developer["id"], livemode)).fetchone()
+        conn.execute("UPDATE api_keys SET revoked_at = ? WHERE developer_id = ? AND livemode = ? AND revoked_at IS NULL",
+                     (db_time(), developer["id"], livemode))
+        key = issue_key(conn, developer["id"], livemode)
+        record_event(conn, developer["id"], livemode, f"developer:{developer['email']}", "key.rotated",
+                     data={"mode": "live" if livemode else "test",
+                           "revoked_key": old["hint"] if old else None, "new_key": key_hint(key)})
+    return key
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who an API request speaks for: a developer, in one mode, through one key."""
+    developer_id: str
+    livemode: int
+    key_hint: str
+    plan: str
+
+    @property
+    def actor(self):
+        return f"api:{self.key_hint}"
+
+
+def authenticate(conn, authorization):
+    """The Caller for an 'Authorization: Bearer pp_…' header, or ApiError 401."""
+    scheme, _, key = (authorization or "").partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise ApiError(401, "unauthorized", "send your API key as 'Authorization: Bearer pp_live_…' or 'pp_test_…'")
+    digest = key_digest(key)
+    row = conn.execute(
+        "SELECT k.key_hash, k.developer_id, k.livemode, k.hint, d.plan FROM api_keys k"
+        " JOIN developers d ON d.id = k.developer_id WHERE k.key_hash = ? AND k.revoked_at IS NULL",
+        (digest,)).fetchone()
+    # The lookup is by digest, so timing reveals nothing about the key; the
+    # constant-time compare keeps it that way if the lookup ever changes.
+    if row is None or not hmac.compare_digest(row["key_hash"], digest):
+        raise ApiError(401, "unauthorized", "this API key is not valid (it may have been rotated)")
+    return Caller(row["developer_id"], row["livemode"], row["hint"], row["plan"])
+
+
+###############################################################################
+# The audit log
+###############################################################################
+
+def record_event(conn, developer_id, livemode, actor, event_type, pause_id=None, data=None, when=None):
+    """Append one audit event. Call inside the transaction of the change it records."""
+    conn.execute(
+        "INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (developer_id, livemode, when or db_time(), actor, event_type, pause_id,
+         json.dumps(data or {}, separators=(",", ":"))))
+
+
+def audit_event_json(row):
+    return {
+        "id": f"aud_{row['seq']}",
+        "timestamp": api_time(row["timestamp"]),
+        "actor": row["actor"],
+        "event_type": row["event_type"],
+        "pause_id": row["pause_id"],
+        "livemode": bool(row["livemode"]),
+        "data": json.loads(row["data"]),
+    }
+
+
+###############################################################################
+# The pause lifecycle: the only place a pause changes state
+###############################################################################
+
+STATUSES = ("pending", "responded", "timed_out", "cancelled")
+PAUSE_FIELDS = {"recipient", "channel", "message", "options", "timeout_hours", "timeout_default", "metadata"}
+MAX_METADATA_BYTES = 16 * 1024
+IDEMPOTENCY_WINDOW = dt.timedelta(hours=24)
+MIN_TIMEOUT_SECONDS = 1.0
+
+
+def validate_pause_request(body, config):
+    """Check a POST /v1/pause body; return the clean fields or raise 422 naming the field."""
+    if not isinstance(body, dict):
+        raise invalid(None, "the request body must be a JSON object")
+    unknown = sorted(set(body) - PAUSE_FIELDS)
+    if unknown:
+        raise invalid(unknown[0], f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(PAUSE_FIELDS))}")
+    channel = body.get("channel")
+    if channel is None:
+        raise invalid("channel", f"channel is required: one of {', '.join(CHANNELS)}")
+    if channel not in CHANNELS:
+        raise invalid("channel", f"unknown channel {channel!r}; this server knows: {', '.join(CHANNELS)}")
+    recipient = body.get("recipient")
+    if not isinstance(recipient, str) or not recipient.strip():
+        raise invalid("recipient", "recipient is required")
+    problem = CHANNELS[channel].recipient_problem(recipient.strip())
+    if problem:
+        raise invalid("recipient", problem)
+    message = body.get("message")
+    if not isinstance(message, str) or not message.strip() or len(message) > 1600:
+        raise invalid("message", "message must be 1-1600 characters")
+    options = body.get("options")
+    if (not isinstance(options, list) or not 2 <= len(options) <= 10
+            or not all(isinstance(o, str) and o.strip() and len(o) <= 100 for o in options)):
+        raise invalid("options", "options must be a list of 2-10 non-empty strings of at most 100 characters")
+    options = [o.strip() for o in options]
+    if len(set(options)) != len(options):
+        raise invalid("options", "options must be distinct")
+    hours = body.get("timeout_hours")
+    limit = config["pauses.max_timeout_hours"]
+    if (isinstance(hours, bool) or not isinstance(hours, (int, float)) or not math.isfinite(hours)
+            or hours * 3600 < MIN_TIMEOUT_SECONDS - 1e-6 or hours > limit):
+        raise invalid("timeout_hours", f"timeout_hours must be a number from one second (0.0003) to {limit:g}")
+    default = body.get("timeout_default")
+    if default is not None and (not isinstance(default, str) or default.strip() not in options):
+        raise invalid("timeout_default", "timeout_default must be one of the options (or left out)")
+    metadata = body.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise invalid("metadata", "metadata must be a JSON object")
+        if len(compact_json(metadata).encode("utf-8")) > MAX_METADATA_BYTES:
+            raise invalid("metadata", f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON")
+    return {
+        "recipient": recipient.strip(), "channel": channel, "message": message, "options": options,
+        "timeout_seconds": hours * 3600, "timeout_default": default.strip() if default is not None else None,
+        "metadata": metadata,
+    }
+
+
+def compact_json(value):
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def request_fingerprint(body):
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def month_start(moment):
+    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def create_pause(conn, config, caller, body, idempotency_key=None):
+    """Store a pause, its notification and its audit event in one transaction.
+
+    Returns (pause row, replayed): replayed is True when an Idempotency-Key
+    matched an earlier identical request and nothing new was created.
+    """
+    fields = validate_pause_request(body, config)
+    channel = CHANNELS[fields["channel"]]
+    if caller.livemode:
+        missing = channel.missing_settings(config)
+        if missing:
+            raise ApiError(422, "channel_not_configured",
+                           f"channel {fields['channel']!r} is not configured on this server for live pauses;"
+                           f" the operator must set {', '.join(missing)} (test keys work without them)",
+                           field="channel")
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+        raise invalid("Idempotency-Key", "the Idempotency-Key header must be 1-255 characters")
+    now = utcnow()
+    with transaction(conn):
+        if idempotency_key is not None:
+            earlier = earlier_idempotent_pause(conn, caller, idempotency_key, request_fingerprint(body), now)
+            if earlier is not None:
+                return earlier, True
+        if caller.livemode:
+            check_quota(conn, config, caller, now)
+        pause_id, token = new_id("psr_"), secrets.token_urlsafe(32)
+        created_at = db_time(now)
+        expires_at = db_time(now + dt.timedelta(seconds=fields["timeout_seconds"]))
+        conn.execute(
+            "INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, timeout_default,"
+            " metadata, respond_token, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (pause_id, caller.developer_id, caller.livemode, fields["recipient"], fields["channel"],
+             fields["message"], compact_json(fields["options"]), fields["timeout_default"],
+             None if fields["metadata"] is None else compact_json(fields["metadata"]),
+             token, created_at, expires_at))
+        pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (pause_id,)).fetchone()
+        conn.execute(
+            "INSERT INTO notifications (id, pause_id, channel, recipient, livemode, text, next_attempt_at,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (new_id("ntf_"), pause_id, fields["channel"], fields["recipient"], caller.livemode,
+             channel.render(pause, respond_url(config, token)), created_at, created_at, created_at))
+        if idempotency_key is not None:
+            conn.execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?)",
+                         (caller.developer_id, caller.livemode, idempotency_key, request_fingerprint(body),
+                          pause_id, created_at))
+        record_event(conn, caller.developer_id, caller.livemode, caller.actor, "pause.created", pause_id,
+                     {"recipient": fields["recipient"], "channel": fields["channel"],
+                      "options": fields["options"], "timeout_default": fields["timeout_default"],
+                      "expires_at": api_time(expires_at), "metadata": fields["metadata"]}, when=created_at)
+    return pause, False
+
+
+def earlier_idempotent_pause(conn, caller, key, fingerprint, now):
+    """The pause an identical request with this key made in the last 24 h; 422 if the body differs."""
+    row = conn.execute("SELECT * FROM idempotency_keys WHERE developer_id = ? AND livemode = ? AND key = ?",
+                       (caller.developer_id, caller.livemode, key)).fetchone()
+    if row is None:
+        return None
+    if parse_db_time(row["created_at"]) < now - IDEMPOTENCY_WINDOW:
+        conn.execute("DELETE FROM idempotency_keys WHERE developer_id = ? AND livemode = ? AND key = ?",
+                     (caller.developer_id, caller.livemode, key))
+        return None
+    if not hmac.compare_digest(row["request_hash"], fingerprint):
+        raise ApiError(422, "idempotency_key_reused",
+                       "this Idempotency-Key was used in the last 24 hours with a different request body",
+                       field="Idempotency-Key")
+    return conn.execute("SELECT * FROM pauses WHERE id = ?", (row["pause_id"],)).fetchone()
+
+
+def check_quota(conn, config, caller, now):
+    allowed = plans(config).get(caller.plan)
+    if allowed is None:
+        raise ApiError(403, "unknown_plan", f"your plan {caller.plan!r} is not configured on this server; ask the operator")
+    used = conn.execute("SELECT count(*) FROM pauses WHERE developer_id = ? AND livemode = 1 AND created_at >= ?",
+                        (caller.developer_id, db_time(month_start(now)))).fetchone()[0]
+    if used >= allowed:
+        raise ApiError(429, "quota_exceeded",
+                       f"the {caller.plan} plan allows {allowed} live pauses per month and this month's are used;"
+                       " test keys are not counted, and the operator can change your plan")
+
+
+def respond_url(config, token):
+    return f"{base_url(config)}/respond/{token}"
+
+
+def decide_pause(conn, pause_id, status, decided_by, choice=None, comment=None, data=None, now=None):
+    """Move a pending pause to a final status. Call inside a transaction.
+
+    Compare-and-set: only a pause still 'pending' changes, and a response only
+    before expires_at, a timeout only after it. Returns True if this call won.
+    """
+    now = now or db_time()
+    time_rule = {"responded": "AND expires_at > :now", "timed_out": "AND expires_at <= :now", "cancelled": ""}[status]
+    # A timeout's choice is the pause's own timeout_default.
+    choice_sql = "timeout_default" if status == "timed_out" else ":choice"
+    changed = conn.execute(
+        f"UPDATE pauses SET status = :status, choice = {choice_sql}, comment = :comment, decided_at = :now,"
+        f" decided_by = :decided_by WHERE id = :id AND status = 'pending' {time_rule}",
+        {"status": status, "choice": choice, "comment": comment, "now": now, "decided_by": decided_by,
+         "id": pause_id}).rowcount
+    if changed != 1:
+        return False
+    pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (pause_id,)).fetchone()
+    record_event(conn, pause["developer_id"], pause["livemode"], decided_by, f"pause.{status}", pause_id,
+                 {"choice": pause["choice"], "comment": comment, "decided_by": decided_by, **(data or {})}, when=now)
+    return True
+
+
+def respond_to_pause(conn, token, choice, comment, client):
+    """A human's decision through the respond link: 200 facts, or 404/409/410/422."""
+    if comment is not None and (not isinstance(comment, str) or len(comment) > 2000):
+        raise invalid("comment", "comment must be text of at most 2000 characters")
+    comment = comment.strip() or None if comment else None
+    with transaction(conn):
+        pause = pause_by_token(conn, token)
+        refuse_if_decided(pause)
+        if not isinstance(choice, str) or choice.strip() not in json.loads(pause["options"]):
+            raise invalid("choice", f"choice must be one of: {', '.join(json.loads(pause['options']))}")
+        decided_by = f"recipient:{pause['recipient']}"
+        if not decide_pause(conn, pause["id"], "responded", decided_by, choice.strip(), comment, data=client):
+            # Between the read and the write nothing can change (we hold the write
+            # lock), so losing here means the pause expired at this very instant.
+            refuse_if_decided(conn.execute("SELECT * FROM pauses WHERE id = ?", (pause["id"],)).fetchone(), expired=True)
+        return conn.execute("SELECT * FROM pauses WHERE id = ?", (pause["id"],)).fetchone()
+
+
+def pause_by_token(conn, token):
+    pause = conn.execute("SELECT * FROM pauses WHERE respond_token = ?", (token,)).fetchone()
+    if pause is None:
+        raise ApiError(404, "not_found", "this respond link is not valid")
+    return pause
+
+
+def refuse_if_decided(pause, expired=False):
+    """Raise 409 for a pause already decided, 410 for one that timed out or expired."""
+    if pause["status"] == "responded":
+        raise ApiError(409, "already_decided",
+                       f"already decided: {pause['choice']!r} was chosen at {api_time(pause['decided_at'])}")
+    if pause["status"] == "cancelled":
+        raise ApiError(409, "already_decided", f"the request was cancelled at {api_time(pause['decided_at'])}")
+    if pause["status"] == "timed_out" or expired or pause["expires_at"] <= db_time():
+        outcome = f"; the default {pause['timeout_default']!r} applies" if pause["timeout_default"] else ""
+        raise ApiError(410, "expired", f"this request expired at {api_time(pause['expires_at'])}{outcome}")
+
+
+def cancel_pause(conn, caller, pause_id):
+    with transaction(conn):
+        pause = owned_pause(conn, caller, pause_id)
+        if not decide_pause(conn, pause_id, "cancelled", caller.actor):
+            raise ApiError(409, "not_pending", f"the pause is already {pause['status']}; only pending pauses can be cancelled")
+        return conn.execute("SELECT * FROM pauses WHERE id = ?", (pause_id,)).fetchone()
+
+
+def owned_pause(conn, caller, pause_id):
+    """The caller's pause in the caller's mode; anything else is indistinguishable from absent."""
+    pause = conn.execute("SELECT * FROM pauses WHERE id = ? AND developer_id = ? AND livemode = ?",
+                         (pause_id, caller.developer_id, caller.livemode)).fetchone()
+    if pause is None:
+        raise ApiError(404, "not_found", f"no pause {pause_id!r} for this API key")
+    return pause
+
+
+def expire_due_pauses(conn, batch=200):
+    """Time out every pending pause past its expires_at; returns the ids that timed out."""
+    now = db_time()
+    due = [r["id"] for r in conn.execute(
+        "SELECT id FROM pauses WHERE status = 'pending' AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+        (now, batch))]
+    if not due:
+        return []
+    with transaction(conn):
+        return [pause_id for pause_id in due if decide_pause(conn, pause_id, "timed_out", "timeout", now=now)]
+
+
+def pause_json(pause, config, notification=None):
+    """The whole pause as GET /v1/pause/{id} shows it."""
+    body = {
+        "pause_id": pause["id"],
+        "status": pause["status"],
+        "recipient": pause["recipient"],
+        "channel": pause["channel"],
+        "message": pause["message"],
+        "options": json.loads(pause["options"]),
+        "timeout_default": pause["timeout_default"],
+        "choice": pause["choice"],
+        "comment": pause["comment"],
+        "decided_at": api_time(pause["decided_at"]),
+        "decided_by": pause["decided_by"],
+        "metadata": None if pause["metadata"] is None else json.loads(pause["metadata"]),
+        "respond_url": respond_url(config, pause["respond_token"]),
+        "livemode": bool(pause["livemode"]),
+        "expires_at": api_time(pause["expires_at"]),
+        "created_at": api_time(pause["created_at"]),
+    }
+    if notification is not None:
+        body["notification"] = {
+            "channel": notification["channel"],
+            "status": "queued" if notification["status"] == "sending" else notification["status"],
+            "attempts": notification["attempts"],
+            "provider_message_id": notification["provider_message_id"],
+            "last_error": notification["last_error"],
+            "text": notification["text"],
+        }
+    return body
+
+
+def created_json(pause, config):
+    """POST /v1/pause's answer: exactly the quickstart's fields."""
+    return {
+        "pause_id": pause["id"],
+        "status": pause["status"],
+        "respond_url": respond_url(config, pause["respond_token"]),
+        "expires_at": api_time(pause["expires_at"]),
+        "created_at": api_time(pause["created_at"]),
+    }
+
+
+def respond_facts(pause):
+    """What the holder of a respond link may see: the question and its outcome, not the agent's metadata."""
+    return {
+        "message": pause["message"],
+        "options": json.loads(pause["options"]),
+        "status": pause["status"],
+        "choice": pause["choice"],
+        "comment": pause["comment"],
+        "decided_at": api_time(pause["decided_at"]),
+        "expires_at": api_time(pause["expires_at"]),
+        "timeout_default": pause["timeout_default"],
+    }
+
+
+###############################################################################
+# Channels
+###############################################################################
+
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Channel:
+    """How one kind of notification reaches a human.
+
+    required_settings must be set for live sends; test-mode pauses never send
+    and so need none. send(config, notification) returns the provider's message
+    id or raises ChannelError.
+    """
+    name: str
+    recipient_problem: object     # recipient -> None, or a sentence saying what is wrong
+    required_settings: tuple
+    send: object = None
+
+    def missing_settings(self, config):
+        return [key for key in self.required_settings if not config.get(key)]
+
+    def render(self, pause, url):
+        return notification_text(pause, url)
+
+
+class ChannelError(Exception):
+    """A send failed; transient failures are retried."""
+
+
+def notification_text(pause, url):
+    """The text a human receives: the question, the choices, the link and the deadline."""
+    options = " / ".join(json.loads(pause["options"]))
+    expires = parse_db_time(pause["expires_at"]).strftime("%b %d %H:%M UTC")
+    return f"{pause['message']}\n\nOptions: {options}\nRespond: {url}\nExpires {expires}"
+
+
+def sms_recipient_problem(recipient):
+    if not E164.match(recipient):
+        return "recipient must be a phone number in E.164 form, like +15550100 (a + and 7-15 digits)"
+    return None
+
+
+CHANNELS = {
+    # Sending through Twilio comes with the channels work; until then live SMS
+    # is refused at creation by the missing settings, and test keys simulate it.
+    "sms": Channel("sms", sms_recipient_problem, ("twilio.account_sid", "twilio.auth_token", "twilio.from_number")),
+}
+
+NOTIFICATION_ATTEMPTS = 3
+NOTIFICATION_BACKOFF_SECONDS = (5, 30)     # before the 2nd and the 3rd attempt
+NOTIFICATION_CLAIM_SECONDS = 120           # a 'sending' claim older than this was abandoned by a crash
+
+
+def send_due_notifications(conn, config, batch=100):
+    """Send (or, in test mode, simulate) every due notification; returns how many were handled."""
+    now = db_time()
+    due = conn.execute(
+        "SELECT * FROM notifications WHERE status IN ('queued', 'sending') AND next_attempt_at <= ?"
+        " ORDER BY next_attempt_at LIMIT ?", (now, batch)).fetchall()
+    for row in due:
+        if not row["livemode"]:
+            simulate_notification(conn, row)
+        else:
+            deliver_notification(conn, config, row)
+    return len(due)
+
+
+def simulate_notification(conn, row):
+    with transaction(conn):
+        now = db_time()
+        changed = conn.execute(
+            "UPDATE notifications SET status = 'simulated', attempts = attempts + 1, updated_at = ?"
+            " WHERE id = ? AND status IN ('queued', 'sending')", (now, row["id"])).rowcount
+        if changed:
+            developer_id = conn.execute("SELECT developer_id FROM pauses WHERE id = ?", (row["pause_id"],)).fetchone()[0]
+            record_event(conn, developer_id, 0, "system", "notification.simulated", row["pause_id"],
+                         {"channel": row["channel"], "recipient": row["recipient"], "text": row["text"]}, when=now)
+
+
+def deliver_notification(conn, config, row):
+    """Claim a live notification, send it outside any transaction, record the outcome."""
+    with transaction(conn):
+        claim_until = db_time(utcnow() + dt.timedelta(seconds=NOTIFICATION_CLAIM_SECONDS))
+        claimed = conn.execute(
+            "UPDATE notifications SET status = 'sending', attempts = attempts + 1, next_attempt_at = ?, updated_at = ?"
+            " WHERE id = ? AND status = ? AND next_attempt_at = ?",
+            (claim_until, db_time(), row["id"], row["status"], row["next_attempt_at"])).rowcount
+    if not claimed:
+        return      # another worker got there first
+    attempt = row["attempts"] + 1
+    channel = CHANNELS.get(row["channel"])
+    try:
+        if channel is None or channel.send is None or channel.missing_settings(config):
+            raise ChannelError(f"channel {row['channel']!r} is not configured on this server")
+        provider_id, error = channel.send(config, row), None
+    except ChannelError as e:
+        provider_id, error = None, str(e)[:500]
+    except Exception as e:      # a provider library's surprise must not kill the job
+        log.exception("sending notification %s failed", row["id"])
+        provider_id, error = None, f"{type(e).__name__}: {e}"[:500]
+    with transaction(conn):
+        now = db_time()
+        developer_id = conn.execute("SELECT developer_id FROM pauses WHERE id = ?", (row["pause_id"],)).fetchone()[0]
+        if error is None:
+            status, next_at, event = "sent", now, "notification.sent"
+        elif attempt < NOTIFICATION_ATTEMPTS:
+            status, event = "queued", None
+            next_at = db_time(utcnow() + dt.timedelta(seconds=NOTIFICATION_BACKOFF_SECONDS[attempt - 1]))
+        else:
+            status, next_at, event = "failed", now, "notification.failed"
+        changed = conn.execute(
+            "UPDATE notifications SET status = ?, next_attempt_at = ?, provider_message_id = ?, last_error = ?,"
+            " updated_at = ? WHERE id = ? AND status = 'sending' AND next_attempt_at = ?",
+            (status, next_at, provider_id, error, now, row["id"], claim_until)).rowcount
+        if changed and event:
+            record_event(conn, developer_id, 1, "system", event, row["pause_id"],
+                         {"channel": row["channel"], "recipient": row["recipient"], "attempts": attempt,
+                          "provider_message_id": provider_id, "error": error}, when=now)
+
+
+###############################################################################
+# Runtime: connections, waiting agents, the scheduler
+###############################################################################
+
+JOB_INTERVAL_SECONDS = 0.25
+
+
+class Runtime:
+    """Everything one running PausePoint holds besides its config: per-thread
+    database connections, the condition long-polling agents wait on, the rate
+    limiter and the scheduler."""
+
+    def __init__(self, config):
+        self.config = config
+        self._local = threading.local()
+        self.decisions = threading.Condition()
+        self.decision_count = 0
+        self.stopping = False
+        waiters = config["server.threads"] - THREADS_KEPT_FOR_OTHER_REQUESTS
+        self.wait_slots = threading.BoundedSemaphore(waiters)
+        self.limiter = RateLimiter(enabled=config["ratelimit.enabled"])
+        self.scheduler = BackgroundScheduler(timezone=dt.timezone.utc,
+                                             job_defaults={"coalesce": True, "max_instances": 1,
+                                                           "misfire_grace_time": None})
+        migrate(self.db())
+
+    def db(self):
+        """This thread's connection (sqlite3 connections are not shared between threads)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.config["database.path"])
+        return conn
+
+    def decided(self):
+        """Wake every agent waiting on ?wait=: some pause left 'pending'."""
+        with self.decisions:
+            self.decision_count += 1
+            self.decisions.notify_all()
+
+    def start(self):
+        """Start the jobs. The first run is immediate, so pauses that fell due while
+        the process was down time out within moments of the start."""
+        now = utcnow()
+        for job in (self.run_timeouts, self.run_notifications):
+            self.scheduler.add_job(job, "interval", seconds=JOB_INTERVAL_SECONDS, id=job.__name__, next_run_time=now)
+        self.scheduler.start()
+
+    def stop(self):
+        with self.decisions:
+            self.stopping = True
+            self.decisions.notify_all()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+
+    def run_timeouts(self):
+        if expire_due_pauses(self.db()):
+            self.decided()
+
+    def run_notifications(self):
+        send_due_notifications(self.db(), self.config)
+
+    def kick(self, job_id):
+        """Run a job now rather than at its next tick (a hint: the tick would find the work anyway)."""
+        with contextlib.suppress(Exception):
+            self.scheduler.modify_job(job_id, next_run_time=utcnow())
+
+    def wait_for_decision(self, load, seconds):
+        """Call load() until the pause leaves 'pending' or `seconds` pass, waking on each decision."""
+        deadline = time.monotonic() + seconds
+        if not self.wait_slots.acquire(blocking=False):
+            return load()     # every waiting slot is taken: answer now rather than starve the API
+        try:
+            while True:
+                with self.decisions:
+                    seen = self.decision_count
+                pause = load()
+                remaining = deadline - time.monotonic()
+                if pause["status"] != "pending" or remaining <= 0 or self.stopping:
+                    return pause
+                with self.decisions:
+                    if self.decision_count == seen and not self.stopping:
+                        self.decisions.wait(remaining)
+        finally:
+            self.wait_slots.release()
+
+
+class RateLimiter:
+    """Token buckets per (action, client IP), refilled evenly over an hour.
+
+    Held in memory on purpose: limits protect against guessing and floods, and
+    losing them on restart loses nothing a client is owed."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled
+        self.buckets = {}
+        self.lock = threading.Lock()
+
+    def _level(self, name, ip, per_hour, now):
+        tokens, then = self.buckets.get((name, ip), (per_hour, now))
+        return min(per_hour, tokens + (now - then) * per_hour / 3600)
+
+    def retry_after(self, name, ip, per_hour):
+        """Seconds until (name, ip) may try again, or 0 if it may now."""
+        if not self.enabled:
+            return 0
+        with self.lock:
+            tokens = self._level(name, ip, per_hour, time.monotonic())
+        return 0 if tokens >= 1 else math.ceil((1 - tokens) * 3600 / per_hour)
+
+    def spend(self, name, ip, per_hour):
+        if not self.enabled:
+            return
+        with self.lock:
+            now = time.monotonic()
+            self.buckets[(name, ip)] = (self._level(name, ip, per_hour, now) - 1, now)
+            if len(self.buckets) > 100_000:     # forget the fullest buckets rather than grow without bound
+                for key in [k for k, (t, _) in self.buckets.items() if t >= per_hour - 1][:50_000]:
+                    del self.buckets[key]
+
+    def limit(self, name, ip, per_hour):
+        """Refuse with 429 if (name, ip) has no attempts left; otherwise spend one."""
+        wait = self.retry_after(name, ip, per_hour)
+        if wait:
+            raise ApiError(429, "rate_limited", f"too many attempts from your address; try again in {wait} seconds",
+                           headers={"Retry-After": str(wait)})
+        self.spend(name, ip, per_hour)
+
+
+###############################################################################
+# HTTP: the JSON API
+###############################################################################
+
+WAIT_LIMIT_SECONDS = 60
+PAGE_LIMIT = 100
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self';"
+                               " base-uri 'none'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Robots-Tag": "noindex, nofollow",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+
+
+def create_app(config):
+    """The WSGI app for one PausePoint; app.runtime.start() starts its scheduler."""
+    app = bottle.Bottle()
+    rt = app.runtime = Runtime(config)
+    app.install(json_errors)
+
+    for status in (400, 404, 405, 413, 500):
+        app.error(status)(bottle_error)
+
+    def read_json():
+        size = bottle.request.content_length
+        limit = config["server.max_body_bytes"]
+        if size > limit:
+            raise ApiError(413, "payload_too_large", f"request bodies are limited to {limit} bytes")
+        raw = bottle.request.body.read(limit + 1)
+        if len(raw) > limit:
+            raise ApiError(413, "payload_too_large", f"request bodies are limited to {limit} bytes")
+        try:
+            return json.loads(raw or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+
+    def caller():
+        return authenticate(rt.db(), bottle.request.get_header("Authorization"))
+
+    def client_ip():
+        return bottle.request.remote_addr or "unknown"
+
+    def int_param(name, default, low, high):
+        raw = bottle.request.query.get(name)
+        if raw is None or raw == "":
+            return default
+        if not re.fullmatch(r"[0-9]{1,9}", raw) or not low <= int(raw) <= high:
+            raise invalid(name, f"{name} must be a whole number from {low} to {high}")
+        return int(raw)
+
+    def cursor_param():
+        raw = bottle.request.query.get("cursor")
+        if not raw:
+            return None
+        if not re.fullmatch(r"[0-9]{1,18}", raw):
+            raise invalid("cursor", "cursor must be a next_cursor value from an earlier page")
+        return int(raw)
+
+    def newest_first(sql, args, limit, cursor):
+        """Rows newest first by seq, after `cursor`; returns (rows, next_cursor)."""
+        if cursor is not None:
+            sql += " AND seq < ?"
+            args = (*args, cursor)
+        rows = rt.db().execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit + 1)).fetchall()
+        return rows[:limit], (str(rows[limit - 1]["seq"]) if len(rows) > limit else None)
+
+    def notification_of(pause_id):
+        return rt.db().execute("SELECT * FROM notifications WHERE pause_id = ?", (pause_id,)).fetchone()
+
+    # -- health ---------------------------------------------------------------
+
+    @app.get("/healthz")
+    def healthz():
+        rt.db().execute("SELECT 1 FROM schema_migrations LIMIT 1").fetchone()
+        if not rt.scheduler.running:
+            raise ApiError(503, "starting", "the scheduler is not running")
+        return {"status": "ok", "version": VERSION, "database": "ok", "scheduler": "running"}
+
+    # -- accounts -------------------------------------------------------------
+
+    @app.post("/v1/auth/register")
+    def register():
+        if not config["registration.open"]:
+            raise ApiError(403, "registration_closed",
+                           "registration is closed on this server; the operator adds developers with"
+                           " `python pausepoint.py create-developer --email … --name …`")
+        rt.limiter.limit("register", client_ip(), config["ratelimit.register_per_hour"])
+        body = read_json()
+        if not isinstance(body, dict):
+            raise invalid(None, "the request body must be a JSON object with email, name and password")
+        bottle.response.status = 201
+        return register_developer(rt.db(), config, body.get("email"), body.get("name"), body.get("password"))
+
+    @app.post("/v1/auth/keys/rotate")
+    def rotate():
+        rt.limiter.limit("rotate", client_ip(), config["ratelimit.rotate_per_hour"])
+        body = read_json()
+        if not isinstance(body, dict):
+            raise invalid(None, "the request body must be a JSON object with email, password and key")
+        mode = body.get("key")
+        if mode not in MODES:
+            raise invalid("key", "key must be 'live' or 'test': which key to replace")
+        developer = check_password(rt.db(), body.get("email"), body.get("password"))
+        if developer is None:
+            raise ApiError(401, "unauthorized", "email or password is wrong")
+        key = rotate_key(rt.db(), developer, MODES[mode])
+        return {"developer_id": developer["id"], ("api_key" if mode == "live" else "test_api_key"): key,
+                "message": "Save this key — it will not be shown again. The old key has stopped working."}
+
+    # -- pauses ---------------------------------------------------------------
+
+    @app.post("/v1/pause")
+    def post_pause():
+        who = caller()
+        pause, replayed = create_pause(rt.db(), config, who, read_json(),
+                                       bottle.request.get_header("Idempotency-Key"))
+        if replayed:
+            bottle.response.set_header("Idempotent-Replayed", "true")
+        else:
+            rt.kick("run_notifications")
+        bottle.response.status = 201
+        return created_json(pause, config)
+
+    @app.get("/v1/pause")
+    def list_pauses():
+        who = caller()
+        status = bottle.request.query.get("status") or None
+        if status is not None and status not in STATUSES:
+            raise invalid("status", f"status must be one of: {', '.join(STATUSES)}")
+        sql, args = "SELECT * FROM pauses WHERE developer_id = ? AND livemode = ?", (who.developer_id, who.livemode)
+        if status:
+            sql, args = sql + " AND status = ?", (*args, status)
+        rows, next_cursor = newest_first(sql, args, int_param("limit", 20, 1, PAGE_LIMIT), cursor_param())
+        return {"pauses": [pause_json(r, config, notification_of(r["id"])) for r in rows], "next_cursor": next_cursor}
+
+    @app.get("/v1/pause/<pause_id>")
+    def get_pause(pause_id):
+        who = caller()
+        wait = int_param("wait", 0, 0, WAIT_LIMIT_SECONDS)
+        pause = owned_pause(rt.db(), who, pause_id)
+        if wait and pause["status"] == "pending":
+            pause = rt.wait_for_decision(lambda: owned_pause(rt.db(), who, pause_id), wait)
+        return pause_json(pause, config, notification_of(pause_id))
+
+    @app.post("/v1/pause/<pause_id>/cancel")
+    def post_cancel(pause_id):
+        pause = cancel_pause(rt.db(), caller(), pause_id)
+        rt.decided()
+        return pause_json(pause, config, notification_of(pause_id))
+
+    # -- audit ----------------------------------------------------------------
+
+    @app.get("/v1/audit")
+    def get_audit():
+        who = caller()
+        sql, args = "SELECT * FROM audit_events WHERE developer_id = ? AND livemode = ?", (who.developer_id, who.livemode)
+        for name in ("event_type", "pause_id"):
+            value = bottle.request.query.get(name)
+            if value:
+                sql, args = sql + f" AND {name} = ?", (*args, value)
+        rows, next_cursor = newest_first(sql, args, int_param("limit", 20, 1, PAGE_LIMIT), cursor_param())
+        return {"events": [audit_event_json(r) for r in rows], "next_cursor": next_cursor}
+
+    # -- responding: JSON --------------------------------------------------------
+
+    def guard_respond_link(lookup):
+        """Run lookup(); an unknown token counts against the caller's IP, and an IP
+        that has guessed too often is refused before it can guess again."""
+        ip, per_hour = client_ip(), config["ratelimit.respond_failures_per_hour"]
+        wait = rt.limiter.retry_after("respond", ip, per_hour)
+        if wait:
+            raise ApiError(429, "rate_limited", f"too many invalid links from your address; try again in {wait} seconds",
+                           headers={"Retry-After": str(wait)})
+        try:
+            return lookup()
+        except ApiError as e:
+            if e.status == 404:
+                rt.limiter.spend("respond", ip, per_hour)
+            raise
+
+    def client_facts():
+        return {"ip": client_ip(), "user_agent": (bottle.request.get_header("User-Agent") or "")[:300]}
+
+    def open_respond_link(token, via):
+        """The pause behind a respond link, recording that it was opened (GET changes no state)."""
+        conn = rt.db()
+        pause = guard_respond_link(lambda: pause_by_token(conn, token))
+        with transaction(conn):
+            record_event(conn, pause["developer_id"], pause["livemode"], "respond_link", "respond_page.opened",
+                         pause["id"], {"via": via, **client_facts()})
+        return pause
+
+    def respond(token, choice, comment):
+        pause = guard_respond_link(lambda: respond_to_pause(rt.db(), token, choice, comment, client_facts()))
+        rt.decided()
+        return pause
+
+    @app.get("/v1/respond/<token>")
+    def get_respond_json(token):
+        return respond_facts(open_respond_link(token, "api"))
+
+    @app.post("/v1/respond/<token>")
+    def post_respond_json(token):
+        body = read_json()
+        if not isinstance(body, dict):
+            raise invalid(None, 'the request body must be a JSON object like {"choice": "Approve"}')
+        return respond_facts(respond(token, body.get("choice"), body.get("comment")))
+
+    # -- responding: the page a human sees ----------------------------------------
+
+    @app.get("/respond/<token>")
+    def get_respond_page(token):
+        try:
+            pause = open_respond_link(token, "page")
+        except ApiError as e:
+            return page_error(e)
+        return html_page("respond", pause=respond_facts(pause), token=token, error=None)
+
+    @app.post("/respond/<token>")
+    def post_respond_page(token):
+        form = bottle.request.forms
+        try:
+            if bottle.request.content_length > config["server.max_body_bytes"]:
+                raise ApiError(413, "payload_too_large", "the form is too large")
+            respond(token, form.getunicode("choice"), form.getunicode("comment"))
+        except ApiError as e:
+            if e.status == 422:
+                pause = rt.db().execute("SELECT * FROM pauses WHERE respond_token = ?", (token,)).fetchone()
+                return html_page("respond", pause=respond_facts(pause), token=token, error=e.message, status=422)
+            return page_error(e)
+        # Post/Redirect/Get: a reload shows the recorded decision instead of re-posting.
+        return bottle.HTTPResponse(status=303, headers={"Location": f"/respond/{token}", **PAGE_HEADERS})
+
+    def page_error(e):
+        return html_page("respond_error", status=e.status, message=e.message, headers=e.headers)
+
+    def html_page(name, status=200, headers=None, **values):
+        body = bottle.template(name, template_lookup=[TEMPLATES_DIR], **values)
+        return bottle.HTTPResponse(body, status=status, headers={
+            "Content-Type": "text/html; charset=utf-8", **PAGE_HEADERS, **(headers or {})})
+
+    @app.get("/static/<name:re:[a-z]+\\.css>")
+    def static(name):
+        return bottle.static_file(name, root=STATIC_DIR, mimetype="text/css")
+
+    return app
+
+
+def json_errors(callback):
+    """Route plugin: ApiError becomes the one JSON error shape; anything else a logged 500."""
+    def wrapper(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except bottle.HTTPResponse:
+            raise
+        except ApiError as e:
+            return json_error_response(e.status, e.code, e.message, e.field, e.headers)
+        except Exception:
+            log.exception("unexpected error on %s %s", bottle.request.method, bottle.request.path)
+            return json_error_response(500, "internal_error", "something went wrong on the server; it has been logged")
+    return wrapper
+
+
+def json_error_response(status, code, message, field=None, headers=None):
+    return bottle.HTTPResponse(error_body(status, code, message, field), status=status,
+                               headers={"Content-Type": "application/json", **(headers or {})})
+
+
+BOTTLE_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+                      413: "payload_too_large", 500: "internal_error"}
+
+
+def bottle_error(error):
+    """Errors Bottle raises itself (no such route, wrong method…) in the same JSON shape.
+    Serialised here by hand: a dict returned from an error handler is sent broken (bottle #710)."""
+    bottle.response.content_type = "application/json"
+    message = {404: "no such endpoint", 405: "method not allowed on this endpoint",
+               500: "something went wrong on the server; it has been logged"}.get(error.status_code, error.body)
+    return error_body(error.status_code, BOTTLE_ERROR_CODES.get(error.status_code, "error"), str(message))
+
+
+###############################################################################
+# Serving and the command line
+###############################################################################
+
+def make_server(app, config, port=None):
+    """A waitress server for the app, not yet running (port=0 picks a free one)."""
+    options = dict(host=config["server.host"], port=config["server.port"] if port is None else port,
+                   threads=config["server.threads"], ident=f"PausePoint/{VERSION}",
+                   # Long polls hold their connection; keep room for many agents.
+                   connection_limit=max(100, config["server.threads"] * 2), channel_timeout=WAIT_LIMIT_SECONDS + 30)
+    if config["server.trusted_proxy"]:
+        options.update(trusted_proxy=config["server.trusted_proxy"],
+                       trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+    return waitress.create_server(app, **options)
+
+
+def serve(config):
+    app = create_app(config)
+    server = make_server(app, config)
+    app.runtime.start()
+
+    def stop(signum, frame):
+        # Wake long-polling agents first, so waitress's wait for in-flight
+        # requests is not spent on them; then let waitress finish the rest.
+        app.runtime.stopping = True
+        app.runtime.decided()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("PausePoint %s serving on %s (database %s)", VERSION, base_url(config), config["database.path"])
+    try:
+        server.run()        # returns after SIGTERM/SIGINT, once in-flight requests finished
+    finally:
+        app.runtime.stop()
+        log.info("PausePoint stopped")
+
+
+def backup(config, destination):
+    """An online copy of the database through SQLite's backup API, safe while the server runs."""
+    if os.path.exists(destination):
+        raise ConfigError(f"{destination} already exists; choose a new file name")
+    source = connect(config["database.path"])
+    target = sqlite3.connect(destination)
+    with target:
+        source.backup(target)
+    target.close()
+    source.close()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="pausepoint.py",
+        description="PausePoint: human approval for AI agents. With no command, serves the API.")
+    parser.add_argument("--config", help="TOML config file (default: ./config.toml if present)")
+    parser.add_argument("--host", help="address to listen on (server.host)")
+    parser.add_argument("--port", type=int, help="port to listen on (server.port)")
+    parser.add_argument("--db", help="SQLite database file (database.path)")
+    parser.add_argument("--base-url", help="public URL for respond links (server.base_url)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", help="serve the API and respond pages (the default)")
+    create = commands.add_parser("create-developer", help="add a developer and print their API keys (works when registration is closed)")
+    create.add_argument("--email", required=True)
+    create.add_argument("--name", required=True)
+    create.add_argument("--plan", default="free", help="a plan named in the config (default: free)")
+    create.add_argument("--password", help="the developer's password (default: asked for, or $PAUSEPOINT_NEW_PASSWORD)")
+    set_plan = commands.add_parser("set-plan", help="move a developer to another plan")
+    set_plan.add_argument("--email", required=True)
+    set_plan.add_argument("--plan", required=True)
+    take_backup = commands.add_parser("backup", help="write an online backup of the database (safe while serving)")
+    take_backup.add_argument("destination", help="file to write; must not exist yet")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    try:
+        config = load_config(args.config, overrides={"server.host": args.host, "server.port": args.port,
+                                                     "database.path": args.db, "server.base_url": args.base_url})
+        if args.command in (None, "serve"):
+            serve(config)
+        elif args.command == "create-developer":
+            password = args.password or os.environ.get("PAUSEPOINT_NEW_PASSWORD") or getpass.getpass("Password: ")
+            conn = connect(config["database.path"])
+            migrate(conn)
+            print(json.dumps(register_developer(conn, config, args.email, args.name, password, args.plan), indent=2))
+        elif args.command == "set-plan":
+            set_developer_plan(config, args.email, args.plan)
+            print(f"{args.email} is now on the {args.plan} plan")
+        elif args.command == "backup":
+            backup(config, args.destination)
+            print(f"backed up {config['database.path']} to {args.destination}")
+    except ConfigError as e:
+        print(f"pausepoint: {e}", file=sys.stderr)
+        return 2
+    except ApiError as e:
+        print(f"pausepoint: {e.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def set_developer_plan(config, email, plan):
+    if plan not in plans(config):
+        raise ConfigError(f"unknown plan {plan!r}; the config defines: {', '.join(sorted(plans(config)))}")
+    conn = connect(config["database.path"])
+    migrate(conn)
+    with transaction(conn):
+        if conn.execute("UPDATE developers SET plan = ? WHERE email = ?", (plan, email)).rowcount != 1:
+            raise ApiError(404, "not_found", f"no developer with email {email}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+% rebase('base.tpl', title='Cannot respond')
+<p class="outcome" id="outcome">{{message}}</p>
