@@ -36,6 +36,10 @@ import uuid
 
 import bcrypt
 import bottle
+import requests
+import twilio.base.exceptions
+import twilio.http.http_client
+import twilio.rest
 import waitress
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -73,6 +77,10 @@ SETTINGS = [
     Setting("registration.open", True, "Whether POST /v1/auth/register is open. When false, the operator adds developers with `create-developer`."),
     Setting("security.bcrypt_rounds", 12, "bcrypt cost factor for passwords (4-16). Each step doubles the work."),
     Setting("pauses.max_timeout_hours", 720.0, "Longest timeout_hours a pause may ask for."),
+    Setting("twilio.account_sid", "", "Twilio account SID (AC…), for the sms channel."),
+    Setting("twilio.auth_token", "", "Twilio auth token, for the sms channel."),
+    Setting("twilio.from_number", "", "The Twilio phone number SMS are sent from, in E.164 form (+15550100)."),
+    Setting("twilio.api_base", "https://api.twilio.com", "Base URL of the Twilio REST API; change it to use a Twilio-compatible provider."),
     Setting("webhooks.allow_private", False, "Allow webhook URLs on loopback, private or link-local addresses (for agents on your LAN)."),
     Setting("ratelimit.enabled", True, "Rate-limit registration, key rotation and failed respond-token lookups per client IP."),
     Setting("ratelimit.register_per_hour", 20, "Registrations allowed per client IP per hour."),
@@ -197,6 +205,7 @@ SETTING_CHECKS = {
     "server.threads": lambda v: None if 12 <= v <= 1000 else "must be between 12 and 1000",
     "server.base_url": _check_base_url,
     "server.trusted_proxy": _check_trusted_proxy,
+    "twilio.api_base": lambda v: None if re.fullmatch(r"https?://[^\s/?#]+/?", v) else "must be an http:// or https:// URL with no path",
     "server.max_body_bytes": lambda v: None if 1024 <= v <= 16 * 1024 * 1024 else "must be between 1024 and 16777216",
     "database.path": lambda v: None if v else "must not be empty",
     "security.bcrypt_rounds": lambda v: None if 4 <= v <= 16 else "must be between 4 and 16",
@@ -838,10 +847,27 @@ def sms_recipient_problem(recipient):
     return None
 
 
+PROVIDER_TIMEOUT_SECONDS = 10
+
+
+def send_sms(config, notification):
+    """One SMS through the Twilio REST API (or a compatible one at twilio.api_base)."""
+    client = twilio.rest.Client(config["twilio.account_sid"], config["twilio.auth_token"],
+                                http_client=twilio.http.http_client.TwilioHttpClient(timeout=PROVIDER_TIMEOUT_SECONDS))
+    client.api.base_url = config["twilio.api_base"].rstrip("/")
+    try:
+        message = client.messages.create(to=notification["recipient"], from_=config["twilio.from_number"],
+                                         body=notification["text"])
+    except twilio.base.exceptions.TwilioRestException as e:
+        raise ChannelError(f"Twilio answered HTTP {e.status}: {e.msg}") from None
+    except (twilio.base.exceptions.TwilioException, requests.RequestException) as e:
+        raise ChannelError(f"could not reach Twilio: {e}") from None
+    return message.sid
+
+
 CHANNELS = {
-    # Sending through Twilio comes with the channels work; until then live SMS
-    # is refused at creation by the missing settings, and test keys simulate it.
-    "sms": Channel("sms", sms_recipient_problem, ("twilio.account_sid", "twilio.auth_token", "twilio.from_number")),
+    "sms": Channel("sms", sms_recipient_problem, ("twilio.account_sid", "twilio.auth_token", "twilio.from_number"),
+                   send_sms),
 }
 
 NOTIFICATION_ATTEMPTS = 3
@@ -1393,7 +1419,8 @@ def main(argv=None):
     create.add_argument("--email", required=True)
     create.add_argument("--name", required=True)
     create.add_argument("--plan", default="free", help="a plan named in the config (default: free)")
-    create.add_argument("--password", help="the developer's password (default: asked for, or $PAUSEPOINT_NEW_PASSWORD)")
+    create.add_argument("--password-stdin", action="store_true",
+                        help="read the developer's password from standard input (default: asked for at a prompt)")
     set_plan = commands.add_parser("set-plan", help="move a developer to another plan")
     set_plan.add_argument("--email", required=True)
     set_plan.add_argument("--plan", required=True)
@@ -1409,7 +1436,8 @@ def main(argv=None):
         if args.command in (None, "serve"):
             serve(config)
         elif args.command == "create-developer":
-            password = args.password or os.environ.get("PAUSEPOINT_NEW_PASSWORD") or getpass.getpass("Password: ")
+            # Never as an argument: it would show in `ps` and in shell history.
+            password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass("Password: ")
             conn = connect(config["database.path"])
             migrate(conn)
             print(json.dumps(register_developer(conn, config, args.email, args.name, password, args.plan), indent=2))

@@ -1,0 +1,189 @@
+"""Fixtures: a fresh PausePoint on a fresh SQLite file per test.
+
+`api` drives the WSGI app in-process through WebTest; `live_server` serves the
+same app over real HTTP with waitress on a loopback port; `spawn_server` runs
+`python pausepoint.py` as its own process, for restarts, signals and the CLI.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+import webtest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import pausepoint  # noqa: E402
+
+PASSWORD = "correct horse battery"
+WIRE = {
+    "recipient": "+15550100",
+    "channel": "sms",
+    "message": "Your agent wants to send a $340 wire to Acme Corp. Approve?",
+    "options": ["Approve", "Reject"],
+    "timeout_hours": 4,
+    "timeout_default": "Reject",
+}
+
+
+def make_config(tmp_path, **overrides):
+    settings = {"database.path": str(tmp_path / "pausepoint.db"), "security.bcrypt_rounds": 4}
+    settings.update(overrides)
+    return pausepoint.load_config(environ={}, overrides=settings)
+
+
+@pytest.fixture
+def config(tmp_path):
+    return make_config(tmp_path)
+
+
+@pytest.fixture
+def app(config):
+    app = pausepoint.create_app(config)
+    app.runtime.start()
+    yield app
+    app.runtime.stop()
+
+
+class Api(webtest.TestApp):
+    """WebTest with the helpers every API test needs."""
+
+    def register(self, email="dev@example.com", name="Dev", password=PASSWORD):
+        return self.post_json("/v1/auth/register", {"email": email, "name": name, "password": password}).json
+
+    def as_key(self, key):
+        return {"Authorization": f"Bearer {key}"}
+
+    def create_pause(self, key, **changes):
+        body = {**WIRE, **changes}
+        return self.post_json("/v1/pause", body, headers=self.as_key(key)).json
+
+    def pause(self, key, pause_id, **params):
+        return self.get(f"/v1/pause/{pause_id}", params, headers=self.as_key(key)).json
+
+
+@pytest.fixture
+def api(app):
+    return Api(app, extra_environ={"REMOTE_ADDR": "192.0.2.10"})
+
+
+@pytest.fixture
+def developer(api):
+    """A registered developer: {'developer_id', 'api_key', 'test_api_key', …}."""
+    return api.register()
+
+
+def token_of(respond_url):
+    return respond_url.rsplit("/", 1)[1]
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02):
+    """Poll predicate() until it returns something truthy; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+class LiveServer:
+    """A waitress server for an app on a free loopback port, run on a thread.
+
+    The loop runs one poll at a time so that it is also closed on its own
+    thread: closing waitress's sockets under a running poll breaks it."""
+
+    def __init__(self, app, config):
+        self.app = app
+        self.server = pausepoint.make_server(app, config, port=0)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stopped.is_set():
+            self.server.asyncore.loop(timeout=0.05, map=self.server._map, count=1)
+        self.server.close()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.app.runtime.stop()
+        self.stopped.set()
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def live_server(tmp_path):
+    """The app on a real loopback port, served by waitress exactly as in production."""
+    config = make_config(tmp_path, **{"server.host": "127.0.0.1", "ratelimit.enabled": False})
+    app = pausepoint.create_app(config)
+    app.runtime.start()
+    with LiveServer(app, config) as server:
+        yield server
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python pausepoint.py` in its own process, on a given database and port."""
+
+    def __init__(self, db_path, port, *extra_args, env=None):
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = f"{db_path}.{port}.log"
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db", str(db_path), "--port", str(port),
+             "--host", "127.0.0.1", *extra_args],
+            cwd=os.path.dirname(str(db_path)), stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PAUSEPOINT_SECURITY_BCRYPT_ROUNDS": "4", **(env or {})})
+        wait_until(self.healthy, timeout=20)
+
+    def healthy(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"server exited with {self.proc.returncode}: {self.output()}")
+        try:
+            return requests.get(self.url + "/healthz", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def output(self):
+        self.log.flush()
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+        self.log.close()
+
+
+@pytest.fixture
+def spawn_server(tmp_path):
+    """Start real server processes; every one still running is stopped after the test."""
+    started = []
+
+    def spawn(*extra_args, db_path=None, port=None, env=None):
+        server = ServerProcess(db_path or tmp_path / "pausepoint.db", port or free_port(), *extra_args, env=env)
+        started.append(server)
+        return server
+
+    yield spawn
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()

@@ -1,0 +1,65 @@
+"""Loopback stand-ins for the outside world, speaking the real protocols."""
+
+import base64
+import http.server
+import json
+import threading
+import urllib.parse
+import uuid
+
+
+class TwilioStub:
+    """A local HTTP server that speaks enough of Twilio's Messages API for the
+    real twilio library: it checks HTTP Basic auth, records each message and
+    answers like Twilio, or fails on demand (`fail_next`)."""
+
+    def __init__(self, account_sid="AC" + "0" * 32, auth_token="stub-auth-token"):
+        self.account_sid, self.auth_token = account_sid, auth_token
+        self.messages = []
+        self.fail_next = []            # HTTP statuses to answer with, one per coming request
+        self.lock = threading.Lock()
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+                expected = "Basic " + base64.b64encode(f"{stub.account_sid}:{stub.auth_token}".encode()).decode()
+                if self.headers.get("Authorization") != expected:
+                    return self.answer(401, {"code": 20003, "message": "Authenticate", "status": 401})
+                if self.path != f"/2010-04-01/Accounts/{stub.account_sid}/Messages.json":
+                    return self.answer(404, {"code": 20404, "message": "Not found", "status": 404})
+                with stub.lock:
+                    failure = stub.fail_next.pop(0) if stub.fail_next else None
+                    if failure is None:
+                        sid = "SM" + uuid.uuid4().hex
+                        stub.messages.append({**form, "sid": sid})
+                if failure is not None:
+                    return self.answer(failure, {"code": 30001, "message": "Queue overflow", "status": failure})
+                self.answer(201, {"sid": sid, "account_sid": stub.account_sid, "to": form.get("To"),
+                                  "from": form.get("From"), "body": form.get("Body"), "status": "queued",
+                                  "num_segments": "1", "direction": "outbound-api", "api_version": "2010-04-01"})
+
+            def answer(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def settings(self, from_number="+15559990000"):
+        """The PausePoint settings that point the sms channel at this stub."""
+        return {"twilio.account_sid": self.account_sid, "twilio.auth_token": self.auth_token,
+                "twilio.from_number": from_number, "twilio.api_base": self.url}
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

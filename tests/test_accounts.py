@@ -1,0 +1,112 @@
+import hashlib
+import re
+import sqlite3
+
+import pytest
+
+from conftest import PASSWORD, Api, make_config
+import pausepoint
+
+
+def test_registration_returns_exactly_the_quickstarts_fields(api):
+    body = api.post_json("/v1/auth/register", {"email": "you@example.com", "name": "Your Name",
+                                               "password": "your-password"}, status=201).json
+    assert set(body) == {"developer_id", "api_key", "test_api_key", "plan", "message"}
+    assert re.fullmatch(r"pp_live_[A-Za-z0-9]{48}", body["api_key"])
+    assert re.fullmatch(r"pp_test_[A-Za-z0-9]{48}", body["test_api_key"])
+    assert body["plan"] == "free"
+    assert "not be shown again" in body["message"]
+
+
+def test_only_digests_of_keys_and_a_bcrypt_hash_of_the_password_are_stored(api, developer, config):
+    raw = b"".join(open(config["database.path"] + suffix, "rb").read() for suffix in ("", "-wal"))
+    db = sqlite3.connect(config["database.path"])
+    stored = {row[0] for row in db.execute("SELECT key_hash FROM api_keys")}
+    for key in (developer["api_key"], developer["test_api_key"]):
+        assert key.encode() not in raw
+        assert hashlib.sha256(key.encode()).hexdigest() in stored
+    password_hash = db.execute("SELECT password_hash FROM developers").fetchone()[0]
+    assert password_hash.startswith("$2b$") and PASSWORD not in password_hash
+
+
+def test_a_duplicate_email_is_refused_with_409_whatever_its_case(api, developer):
+    body = api.post_json("/v1/auth/register", {"email": "DEV@example.com", "name": "X", "password": PASSWORD},
+                         status=409).json
+    assert body["error"]["code"] == "email_taken"
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"email": "not-an-email"}, "email"),
+    ({"email": None}, "email"),
+    ({"name": "  "}, "name"),
+    ({"password": "short"}, "password"),
+    ({"password": "x" * 73}, "password"),
+])
+def test_bad_registration_fields_get_422_naming_the_field(api, changes, field):
+    body = {"email": "a@example.com", "name": "A", "password": PASSWORD, **changes}
+    error = api.post_json("/v1/auth/register", body, status=422).json["error"]
+    assert error["code"] == "invalid_request" and error["field"] == field
+
+
+def test_closed_registration_says_how_the_operator_adds_developers(tmp_path):
+    app = pausepoint.create_app(make_config(tmp_path, **{"registration.open": False}))
+    error = Api(app).post_json("/v1/auth/register", {"email": "a@example.com", "name": "A", "password": PASSWORD},
+                               status=403).json["error"]
+    assert error["code"] == "registration_closed"
+    assert "create-developer" in error["message"]
+
+
+def test_registration_is_rate_limited_per_client_ip(tmp_path):
+    app = pausepoint.create_app(make_config(tmp_path, **{"ratelimit.register_per_hour": 2}))
+    api = Api(app, extra_environ={"REMOTE_ADDR": "198.51.100.7"})
+    for n in range(2):
+        api.register(email=f"d{n}@example.com")
+    refused = api.post_json("/v1/auth/register", {"email": "d9@example.com", "name": "A", "password": PASSWORD},
+                            status=429)
+    assert refused.json["error"]["code"] == "rate_limited"
+    assert 0 < int(refused.headers["Retry-After"]) <= 1800
+    other_ip = Api(app, extra_environ={"REMOTE_ADDR": "198.51.100.8"})
+    other_ip.register(email="d10@example.com")
+
+
+def test_rotating_a_key_returns_a_new_one_and_the_old_one_stops_at_once(api, developer):
+    old = developer["api_key"]
+    api.get("/v1/pause", headers=api.as_key(old), status=200)
+    body = api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": PASSWORD, "key": "live"}).json
+    new = body["api_key"]
+    assert re.fullmatch(r"pp_live_[A-Za-z0-9]{48}", new) and new != old
+    assert api.get("/v1/pause", headers=api.as_key(old), status=401).json["error"]["code"] == "unauthorized"
+    api.get("/v1/pause", headers=api.as_key(new), status=200)
+    api.get("/v1/pause", headers=api.as_key(developer["test_api_key"]), status=200)
+    events = api.get("/v1/audit", {"event_type": "key.rotated"}, headers=api.as_key(new)).json["events"]
+    assert len(events) == 1 and events[0]["data"]["mode"] == "live"
+    assert events[0]["data"]["revoked_key"].endswith(old[-4:])
+
+
+def test_rotation_refuses_a_wrong_password_or_an_unknown_key_name(api, developer):
+    api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": "wrong-password", "key": "live"},
+                  status=401)
+    api.post_json("/v1/auth/keys/rotate", {"email": "nobody@example.com", "password": PASSWORD, "key": "live"},
+                  status=401)
+    assert api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": PASSWORD, "key": "prod"},
+                         status=422).json["error"]["field"] == "key"
+    api.get("/v1/pause", headers=api.as_key(developer["api_key"]), status=200)
+
+
+def test_rotation_is_rate_limited_per_client_ip(tmp_path):
+    app = pausepoint.create_app(make_config(tmp_path, **{"ratelimit.rotate_per_hour": 3}))
+    api = Api(app, extra_environ={"REMOTE_ADDR": "198.51.100.9"})
+    api.register()
+    for _ in range(3):
+        api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": "guess-guess", "key": "live"},
+                      status=401)
+    refused = api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": PASSWORD, "key": "live"},
+                            status=429)
+    assert "Retry-After" in refused.headers
+
+
+@pytest.mark.parametrize("header", [None, "Bearer", "Basic abc", "Bearer pp_live_" + "x" * 48])
+def test_requests_without_a_valid_key_get_401_in_the_error_shape(api, header):
+    headers = {"Authorization": header} if header else {}
+    error = api.get("/v1/pause", headers=headers, status=401).json["error"]
+    assert error["code"] == "unauthorized" and error["message"]

@@ -1,0 +1,72 @@
+import os
+import re
+import tomllib
+
+import pytest
+
+from conftest import ROOT
+import pausepoint
+from pausepoint import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_every_setting_is_documented_in_the_example_config_with_its_default():
+    with open(os.path.join(ROOT, "config.example.toml"), "rb") as f:
+        example = dict(pausepoint.flatten(tomllib.load(f)))
+    for setting in pausepoint.SETTINGS:
+        assert setting.key in example, f"{setting.key} is missing from config.example.toml"
+        assert example[setting.key] == setting.default, f"{setting.key}'s example differs from its default"
+
+
+def test_the_example_config_loads_as_is():
+    assert load_config(os.path.join(ROOT, "config.example.toml"), environ={}) == load_config(environ={})
+
+
+def test_defaults_serve_on_localhost_8080_with_a_local_database():
+    config = load_config(environ={})
+    assert (config["server.host"], config["server.port"], config["database.path"]) == ("127.0.0.1", 8080, "pausepoint.db")
+    assert config["registration.open"] is True
+    assert pausepoint.base_url(config) == "http://127.0.0.1:8080"
+
+
+def test_file_then_environment_then_flags_overlay_the_defaults(tmp_path):
+    path = write(tmp_path, '[server]\nport = 9000\nhost = "0.0.0.0"\nbase_url = "https://pp.example.org/"\n'
+                           '[plans.team]\nmonthly_pauses = 5000\n')
+    config = load_config(path, environ={"PAUSEPOINT_SERVER_PORT": "9100", "PAUSEPOINT_REGISTRATION_OPEN": "false"},
+                         overrides={"server.host": "127.0.0.2", "server.port": None})
+    assert config["server.port"] == 9100
+    assert config["server.host"] == "127.0.0.2"
+    assert config["registration.open"] is False
+    assert pausepoint.plans(config) == {"free": 100, "team": 5000}
+    assert pausepoint.base_url(config) == "https://pp.example.org"
+
+
+@pytest.mark.parametrize("text, environ, named", [
+    ("[server]\nprot = 1\n", {}, "server.prot"),
+    ("[server]\nport = 'eighty'\n", {}, "server.port"),
+    ("[server]\nport = 70000\n", {}, "server.port"),
+    ("[server]\nbase_url = 'ftp://x'\n", {}, "server.base_url"),
+    ("[plans.team]\nmonthly_pauses = -1\n", {}, "plans.team.monthly_pauses"),
+    ("", {"PAUSEPOINT_SERVER_THREADS": "many"}, "server.threads"),
+    ("", {"PAUSEPOINT_SERVER_COLOUR": "red"}, "PAUSEPOINT_SERVER_COLOUR"),
+    ("", {"PAUSEPOINT_RATELIMIT_ENABLED": "maybe"}, "ratelimit.enabled"),
+])
+def test_a_bad_setting_stops_start_up_with_one_sentence_naming_the_key(tmp_path, text, environ, named):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text), environ=environ)
+    assert named in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_the_server_refuses_to_start_on_a_bad_setting(tmp_path):
+    import subprocess, sys
+    path = write(tmp_path, "[server]\nthreads = 2\n")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--config", path],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert re.search(r"server\.threads must be between", result.stderr)

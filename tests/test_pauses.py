@@ -1,0 +1,259 @@
+import datetime as dt
+import sqlite3
+
+import pytest
+
+from conftest import WIRE, Api, make_config, token_of, wait_until
+from stubs import TwilioStub
+import pausepoint
+
+
+def parse(ts):
+    return dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+
+
+def test_creating_a_pause_returns_exactly_the_quickstarts_fields(api, developer):
+    response = api.post_json("/v1/pause", WIRE, headers=api.as_key(developer["test_api_key"]), status=201)
+    body = response.json
+    assert set(body) == {"pause_id", "status", "respond_url", "expires_at", "created_at"}
+    assert body["pause_id"].startswith("psr_") and body["status"] == "pending"
+    assert body["respond_url"].startswith("http://127.0.0.1:8080/respond/")
+    assert len(token_of(body["respond_url"])) >= 43          # 32 random bytes, base64url
+    assert parse(body["expires_at"]) - parse(body["created_at"]) == dt.timedelta(hours=4)
+
+
+def test_the_whole_pause_shows_status_choice_metadata_and_notification(api, developer):
+    key = developer["test_api_key"]
+    created = api.create_pause(key, metadata={"invoice": "INV-7", "amount_cents": 34000})
+    pause = wait_until(lambda: (p := api.pause(key, created["pause_id"]))["notification"]["status"] == "simulated" and p)
+    assert pause["status"] == "pending" and pause["choice"] is None and pause["decided_by"] is None
+    assert pause["metadata"] == {"invoice": "INV-7", "amount_cents": 34000}
+    assert pause["livemode"] is False
+    assert pause["respond_url"] == created["respond_url"]
+    assert pause["notification"]["channel"] == "sms"
+    assert created["respond_url"] in pause["notification"]["text"]
+    assert WIRE["message"] in pause["notification"]["text"]
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"recipient": None}, "recipient"),
+    ({"recipient": "555-0100"}, "recipient"),
+    ({"recipient": "+0123"}, "recipient"),
+    ({"channel": "carrier-pigeon"}, "channel"),
+    ({"channel": None}, "channel"),
+    ({"message": ""}, "message"),
+    ({"message": "x" * 1601}, "message"),
+    ({"options": ["Only"]}, "options"),
+    ({"options": [str(n) for n in range(11)]}, "options"),
+    ({"options": ["Yes", "Yes"]}, "options"),
+    ({"options": ["Yes", ""]}, "options"),
+    ({"options": ["Yes", "x" * 101]}, "options"),
+    ({"options": "Yes,No"}, "options"),
+    ({"timeout_hours": 0}, "timeout_hours"),
+    ({"timeout_hours": -1}, "timeout_hours"),
+    ({"timeout_hours": "4"}, "timeout_hours"),
+    ({"timeout_hours": True}, "timeout_hours"),
+    ({"timeout_hours": 721}, "timeout_hours"),
+    ({"timeout_hours": 0.0001}, "timeout_hours"),
+    ({"timeout_default": "Maybe"}, "timeout_default"),
+    ({"metadata": ["not", "an", "object"]}, "metadata"),
+    ({"metadata": {"blob": "x" * 17000}}, "metadata"),
+    ({"timeout_hour": 4}, "timeout_hour"),
+])
+def test_every_bad_field_gets_422_naming_it(api, developer, changes, field):
+    body = {**WIRE, **changes}
+    error = api.post_json("/v1/pause", body, headers=api.as_key(developer["test_api_key"]), status=422).json["error"]
+    assert error["code"] == "invalid_request" and error["field"] == field, error
+
+
+def test_a_pause_without_a_timeout_default_times_out_deciding_nothing(api, developer):
+    key = developer["test_api_key"]
+    body = {k: v for k, v in WIRE.items() if k != "timeout_default"}
+    created = api.post_json("/v1/pause", {**body, "timeout_hours": 1 / 3600}, headers=api.as_key(key)).json
+    pause = api.pause(key, created["pause_id"], wait=10)
+    assert pause["status"] == "timed_out" and pause["choice"] is None and pause["decided_by"] == "timeout"
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (b"{not json", 400, "invalid_json"),
+    (b"[1, 2]", 422, "invalid_request"),
+])
+def test_malformed_bodies_get_a_clear_4xx(api, developer, body, status, code):
+    response = api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
+                                                   "Content-Type": "application/json"}, status=status)
+    assert response.json["error"]["code"] == code
+
+
+def test_bodies_over_the_configured_size_get_413(tmp_path):
+    app = pausepoint.create_app(make_config(tmp_path, **{"server.max_body_bytes": 2048}))
+    api = Api(app)
+    key = api.register()["test_api_key"]
+    response = api.post_json("/v1/pause", {**WIRE, "metadata": {"x": "y" * 3000}}, headers=api.as_key(key), status=413)
+    assert response.json["error"]["code"] == "payload_too_large"
+
+
+def test_unknown_endpoints_and_methods_answer_in_the_json_error_shape(api):
+    assert api.get("/v1/nothing-here", status=404).json["error"]["code"] == "not_found"
+    assert api.delete("/v1/pause", status=405).json["error"]["code"] == "method_not_allowed"
+
+
+def test_listing_is_newest_first_filtered_by_status_and_paginated(api, developer):
+    key = developer["test_api_key"]
+    ids = [api.create_pause(key, message=f"question {n}")["pause_id"] for n in range(5)]
+    api.post(f"/v1/pause/{ids[1]}/cancel", headers=api.as_key(key))
+    first = api.get("/v1/pause", {"limit": 2}, headers=api.as_key(key)).json
+    assert [p["pause_id"] for p in first["pauses"]] == [ids[4], ids[3]]
+    second = api.get("/v1/pause", {"limit": 2, "cursor": first["next_cursor"]}, headers=api.as_key(key)).json
+    third = api.get("/v1/pause", {"limit": 2, "cursor": second["next_cursor"]}, headers=api.as_key(key)).json
+    assert [p["pause_id"] for p in second["pauses"] + third["pauses"]] == [ids[2], ids[1], ids[0]]
+    assert third["next_cursor"] is None
+    cancelled = api.get("/v1/pause", {"status": "cancelled"}, headers=api.as_key(key)).json["pauses"]
+    assert [p["pause_id"] for p in cancelled] == [ids[1]]
+    assert api.get("/v1/pause", {"status": "done"}, headers=api.as_key(key), status=422).json["error"]["field"] == "status"
+    assert api.get("/v1/pause", {"limit": 0}, headers=api.as_key(key), status=422).json["error"]["field"] == "limit"
+    assert api.get("/v1/pause", {"cursor": "abc"}, headers=api.as_key(key), status=422).json["error"]["field"] == "cursor"
+
+
+def test_cancelling_decides_a_pending_pause_once(api, developer):
+    key = developer["test_api_key"]
+    pause_id = api.create_pause(key)["pause_id"]
+    cancelled = api.post(f"/v1/pause/{pause_id}/cancel", headers=api.as_key(key)).json
+    assert cancelled["status"] == "cancelled" and cancelled["choice"] is None
+    assert cancelled["decided_by"].startswith("api:pp_test_") and cancelled["decided_at"]
+    again = api.post(f"/v1/pause/{pause_id}/cancel", headers=api.as_key(key), status=409).json["error"]
+    assert "cancelled" in again["message"]
+    api.post("/v1/pause/psr_nope/cancel", headers=api.as_key(key), status=404)
+
+
+def test_the_same_idempotency_key_and_body_replays_the_original_pause(api, developer, config):
+    key = developer["test_api_key"]
+    headers = {**api.as_key(key), "Idempotency-Key": "wire-340-acme"}
+    first = api.post_json("/v1/pause", WIRE, headers=headers, status=201)
+    second = api.post_json("/v1/pause", WIRE, headers=headers, status=201)
+    assert second.json == first.json
+    assert second.headers["Idempotent-Replayed"] == "true"
+    db = sqlite3.connect(config["database.path"])
+    assert db.execute("SELECT count(*) FROM pauses").fetchone()[0] == 1
+    assert db.execute("SELECT count(*) FROM notifications").fetchone()[0] == 1
+    different = api.post_json("/v1/pause", {**WIRE, "message": "Wire $3400?"}, headers=headers, status=422)
+    assert different.json["error"]["code"] == "idempotency_key_reused"
+
+
+def test_an_idempotency_key_can_be_reused_after_24_hours(api, developer, config):
+    key = developer["test_api_key"]
+    headers = {**api.as_key(key), "Idempotency-Key": "daily-report"}
+    first = api.post_json("/v1/pause", WIRE, headers=headers).json
+    db = sqlite3.connect(config["database.path"])
+    with db:
+        db.execute("UPDATE idempotency_keys SET created_at = '2000-01-01T00:00:00.000Z'")
+    second = api.post_json("/v1/pause", {**WIRE, "message": "another day"}, headers=headers, status=201).json
+    assert second["pause_id"] != first["pause_id"]
+
+
+def test_idempotency_keys_are_per_developer(api, developer):
+    other = api.register(email="other@example.com")
+    mine = api.post_json("/v1/pause", WIRE, headers={**api.as_key(developer["test_api_key"]), "Idempotency-Key": "k"}).json
+    theirs = api.post_json("/v1/pause", WIRE, headers={**api.as_key(other["test_api_key"]), "Idempotency-Key": "k"}).json
+    assert mine["pause_id"] != theirs["pause_id"]
+
+
+def test_a_live_pause_on_an_unconfigured_channel_is_refused_and_stores_nothing(api, developer, config):
+    error = api.post_json("/v1/pause", WIRE, headers=api.as_key(developer["api_key"]), status=422).json["error"]
+    assert error["code"] == "channel_not_configured" and error["field"] == "channel"
+    assert "twilio.account_sid" in error["message"] and "twilio.auth_token" in error["message"]
+    db = sqlite3.connect(config["database.path"])
+    assert db.execute("SELECT count(*) FROM pauses").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM audit_events WHERE event_type = 'pause.created'").fetchone()[0] == 0
+
+
+def test_live_pauses_count_against_the_plan_and_test_pauses_never_do(tmp_path):
+    twilio = TwilioStub()
+    try:
+        config = make_config(tmp_path, **{"plans.free.monthly_pauses": 2}, **twilio.settings())
+        api = Api(pausepoint.create_app(config))
+        keys = api.register()
+        for _ in range(5):
+            api.create_pause(keys["test_api_key"])
+        for _ in range(2):
+            api.create_pause(keys["api_key"])
+        error = api.post_json("/v1/pause", WIRE, headers=api.as_key(keys["api_key"]), status=429).json["error"]
+        assert error["code"] == "quota_exceeded" and "2 live pauses per month" in error["message"]
+        api.create_pause(keys["test_api_key"])
+    finally:
+        twilio.close()
+
+
+def test_a_plan_change_by_the_operator_raises_the_quota(tmp_path):
+    twilio = TwilioStub()
+    try:
+        config = make_config(tmp_path, **{"plans.free.monthly_pauses": 1, "plans.team.monthly_pauses": 3},
+                             **twilio.settings())
+        api = Api(pausepoint.create_app(config))
+        keys = api.register()
+        api.create_pause(keys["api_key"])
+        api.post_json("/v1/pause", WIRE, headers=api.as_key(keys["api_key"]), status=429)
+        pausepoint.set_developer_plan(config, "dev@example.com", "team")
+        api.create_pause(keys["api_key"])
+    finally:
+        twilio.close()
+
+
+def test_developers_never_see_each_others_pauses(api, developer):
+    other = api.register(email="other@example.com")
+    mine = api.create_pause(developer["test_api_key"])["pause_id"]
+    theirs_key = other["test_api_key"]
+    api.get(f"/v1/pause/{mine}", headers=api.as_key(theirs_key), status=404)
+    api.post(f"/v1/pause/{mine}/cancel", headers=api.as_key(theirs_key), status=404)
+    assert api.get("/v1/pause", headers=api.as_key(theirs_key)).json["pauses"] == []
+    assert api.get("/v1/audit", {"pause_id": mine}, headers=api.as_key(theirs_key)).json["events"] == []
+    assert api.pause(developer["test_api_key"], mine)["status"] == "pending"
+
+
+def test_test_and_live_keys_see_only_their_own_modes_data(api, developer):
+    test_pause = api.create_pause(developer["test_api_key"])["pause_id"]
+    live = developer["api_key"]
+    api.get(f"/v1/pause/{test_pause}", headers=api.as_key(live), status=404)
+    assert api.get("/v1/pause", headers=api.as_key(live)).json["pauses"] == []
+    assert api.get("/v1/audit", headers=api.as_key(live)).json["events"] == []
+    assert api.get("/v1/audit", headers=api.as_key(developer["test_api_key"])).json["events"]
+
+
+def test_the_audit_log_is_newest_first_filterable_and_paginated(api, developer):
+    key = developer["test_api_key"]
+    first = api.create_pause(key)
+    second = api.create_pause(key)
+    api.post_json(f"/v1/respond/{token_of(first['respond_url'])}", {"choice": "Approve"})
+    api.post(f"/v1/pause/{second['pause_id']}/cancel", headers=api.as_key(key))
+    events = api.get("/v1/audit", {"limit": 100}, headers=api.as_key(key)).json["events"]
+    ids = [int(e["id"].removeprefix("aud_")) for e in events]
+    assert ids == sorted(ids, reverse=True)
+    for event in events:
+        assert set(event) >= {"id", "timestamp", "actor", "event_type", "pause_id", "data"}
+    of_first = api.get("/v1/audit", {"pause_id": first["pause_id"]}, headers=api.as_key(key)).json["events"]
+    assert [e["event_type"] for e in of_first][-1] == "pause.created"
+    assert "pause.responded" in [e["event_type"] for e in of_first]
+    responded = [e for e in of_first if e["event_type"] == "pause.responded"][0]
+    assert responded["actor"] == "recipient:+15550100" and responded["data"]["choice"] == "Approve"
+    cancelled = api.get("/v1/audit", {"event_type": "pause.cancelled"}, headers=api.as_key(key)).json["events"]
+    assert [e["pause_id"] for e in cancelled] == [second["pause_id"]]
+    page1 = api.get("/v1/audit", {"limit": 2}, headers=api.as_key(key)).json
+    page2 = api.get("/v1/audit", {"limit": 2, "cursor": page1["next_cursor"]}, headers=api.as_key(key)).json
+    assert [e["id"] for e in page1["events"] + page2["events"]] == [e["id"] for e in events[:4]]
+
+
+def test_the_notification_is_simulated_with_the_exact_text_and_audited(api, developer):
+    key = developer["test_api_key"]
+    created = api.create_pause(key)
+    events = wait_until(lambda: api.get("/v1/audit", {"event_type": "notification.simulated"},
+                                        headers=api.as_key(key)).json["events"])
+    pause = api.pause(key, created["pause_id"])
+    assert events[0]["data"]["text"] == pause["notification"]["text"]
+    assert created["respond_url"] in events[0]["data"]["text"]
+
+
+def test_audit_rows_can_never_be_updated_or_deleted(api, developer, config):
+    api.create_pause(developer["test_api_key"])
+    db = sqlite3.connect(config["database.path"])
+    for statement in ("UPDATE audit_events SET actor = 'someone else'", "DELETE FROM audit_events"):
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            db.execute(statement)

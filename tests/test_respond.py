@@ -1,0 +1,163 @@
+import concurrent.futures
+import sqlite3
+import time
+
+import requests
+
+from conftest import WIRE, Api, make_config, token_of, wait_until
+import pausepoint
+
+XSS = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
+
+
+def respond_path(created, page=False):
+    return ("/respond/" if page else "/v1/respond/") + token_of(created["respond_url"])
+
+
+def test_the_quickstart_flow_records_the_humans_choice(api, developer):
+    key = developer["test_api_key"]
+    created = api.create_pause(key)
+    facts = api.get(respond_path(created)).json
+    assert facts["message"] == WIRE["message"] and facts["options"] == ["Approve", "Reject"]
+    assert facts["status"] == "pending"
+    decided = api.post_json(respond_path(created), {"choice": "Approve", "comment": "ok, known vendor"}).json
+    assert decided["status"] == "responded" and decided["choice"] == "Approve"
+    pause = api.pause(key, created["pause_id"])
+    assert pause["status"] == "responded" and pause["choice"] == "Approve"
+    assert pause["comment"] == "ok, known vendor"
+    assert pause["decided_by"] == "recipient:+15550100" and pause["decided_at"]
+
+
+def test_the_respond_view_does_not_leak_the_agents_metadata(api, developer):
+    created = api.create_pause(developer["test_api_key"], metadata={"internal_account": "ACME-42"})
+    assert "ACME-42" not in api.get(respond_path(created)).text
+    assert "ACME-42" not in api.get(respond_path(created, page=True)).text
+
+
+def test_get_never_changes_state(api, developer, config):
+    created = api.create_pause(developer["test_api_key"])
+    for _ in range(3):
+        api.get(respond_path(created))
+        api.get(respond_path(created, page=True))
+        api.head(respond_path(created, page=True))
+    db = sqlite3.connect(config["database.path"])
+    assert db.execute("SELECT status, choice, decided_at FROM pauses").fetchone() == ("pending", None, None)
+    opened = api.get("/v1/audit", {"event_type": "respond_page.opened"},
+                     headers=api.as_key(developer["test_api_key"])).json["events"]
+    assert len(opened) >= 6 and {e["data"]["via"] for e in opened} == {"api", "page"}
+
+
+def test_an_unknown_token_is_404(api):
+    assert api.get("/v1/respond/not-a-token", status=404).json["error"]["code"] == "not_found"
+    assert api.post_json("/v1/respond/not-a-token", {"choice": "Approve"}, status=404).json["error"]["code"] == "not_found"
+    assert "not valid" in api.get("/respond/not-a-token", status=404).text
+
+
+def test_a_second_decision_is_409_and_says_what_was_decided(api, developer):
+    created = api.create_pause(developer["test_api_key"])
+    api.post_json(respond_path(created), {"choice": "Reject"})
+    error = api.post_json(respond_path(created), {"choice": "Approve"}, status=409).json["error"]
+    assert error["code"] == "already_decided" and "'Reject'" in error["message"]
+    assert api.pause(developer["test_api_key"], created["pause_id"])["choice"] == "Reject"
+
+
+def test_a_cancelled_pause_cannot_be_answered(api, developer):
+    key = developer["test_api_key"]
+    created = api.create_pause(key)
+    api.post(f"/v1/pause/{created['pause_id']}/cancel", headers=api.as_key(key))
+    assert "cancelled" in api.post_json(respond_path(created), {"choice": "Approve"}, status=409).json["error"]["message"]
+
+
+def test_an_expired_pause_is_410_even_before_the_timeout_job_runs(tmp_path):
+    # No scheduler here: the pause is still 'pending' in the database, but past expires_at.
+    api = Api(pausepoint.create_app(make_config(tmp_path)))
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key, timeout_hours=1 / 3600)
+    time.sleep(1.1)
+    error = api.post_json(respond_path(created), {"choice": "Approve"}, status=410).json["error"]
+    assert error["code"] == "expired" and "'Reject'" in error["message"]
+    assert api.pause(key, created["pause_id"])["status"] == "pending"
+
+
+def test_a_timed_out_pause_is_410(api, developer):
+    key = developer["test_api_key"]
+    created = api.create_pause(key, timeout_hours=1 / 3600)
+    assert api.pause(key, created["pause_id"], wait=10)["status"] == "timed_out"
+    api.post_json(respond_path(created), {"choice": "Approve"}, status=410)
+    assert "expired" in api.get(respond_path(created, page=True)).text
+
+
+def test_a_choice_not_among_the_options_is_422(api, developer):
+    created = api.create_pause(developer["test_api_key"])
+    for body in ({"choice": "Maybe"}, {"choice": None}, {}, {"choice": "Approve", "comment": 7}):
+        api.post_json(respond_path(created), body, status=422)
+    page = api.post(respond_path(created, page=True), {"choice": "Maybe"}, status=422)
+    assert "must be one of" in page.text
+    assert api.pause(developer["test_api_key"], created["pause_id"])["status"] == "pending"
+
+
+def test_the_page_posts_the_choice_and_then_shows_what_was_recorded(api, developer):
+    created = api.create_pause(developer["test_api_key"])
+    page = api.get(respond_path(created, page=True))
+    form = page.forms[0]
+    result = form.submit("choice", index=1).follow()       # the "Reject" button
+    assert "Recorded: <strong>Reject</strong>" in result.text
+    assert api.pause(developer["test_api_key"], created["pause_id"])["choice"] == "Reject"
+
+
+def test_the_page_sends_noindex_no_referrer_and_a_strict_csp(api, developer):
+    created = api.create_pause(developer["test_api_key"])
+    for response in (api.get(respond_path(created, page=True)), api.get("/respond/bad-token", status=404)):
+        csp = response.headers["Content-Security-Policy"]
+        assert "default-src 'none'" in csp and "script-src" not in csp and "frame-ancestors 'none'" in csp
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+        assert "noindex" in response.headers["X-Robots-Tag"]
+        assert response.headers["Cache-Control"] == "no-store"
+    assert '<meta name="robots" content="noindex' in api.get(respond_path(created, page=True)).text
+
+
+def test_everything_the_agent_wrote_is_escaped_on_the_page(api, developer):
+    created = api.create_pause(developer["test_api_key"], message=f"Wire? {XSS}",
+                               options=[f"Yes {XSS}", '"><b>No</b>'], timeout_default='"><b>No</b>')
+    page = api.get(respond_path(created, page=True))
+    page.mustcontain("&lt;script&gt;alert(", "&lt;img src=x onerror=alert(1)&gt;", no=["<script>", "<img", "<b>No"])
+    api.post(respond_path(created, page=True), {"choice": '"><b>No</b>', "comment": XSS}).follow().mustcontain(
+        "&lt;b&gt;No&lt;/b&gt;", no=["<script>", "<b>No"])
+
+
+def test_exactly_one_of_many_simultaneous_decisions_wins(live_server):
+    url = live_server.url
+    keys = requests.post(f"{url}/v1/auth/register",
+                         json={"email": "race@example.com", "name": "R", "password": "password123"}).json()
+    created = requests.post(f"{url}/v1/pause", json=WIRE, headers={"Authorization": f"Bearer {keys['test_api_key']}"}).json()
+    token = token_of(created["respond_url"])
+    choices = ["Approve", "Reject"] * 12
+
+    def decide(choice):
+        return choice, requests.post(f"{url}/v1/respond/{token}", json={"choice": choice}, timeout=30).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(len(choices)) as pool:
+        results = list(pool.map(decide, choices))
+    winners = [choice for choice, status in results if status == 200]
+    assert len(winners) == 1
+    assert sorted(status for _, status in results) == [200] + [409] * (len(choices) - 1)
+    pause = requests.get(f"{url}/v1/pause/{created['pause_id']}",
+                         headers={"Authorization": f"Bearer {keys['test_api_key']}"}).json()
+    assert pause["choice"] == winners[0]
+    audit = requests.get(f"{url}/v1/audit", params={"event_type": "pause.responded"},
+                         headers={"Authorization": f"Bearer {keys['test_api_key']}"}).json()["events"]
+    assert len(audit) == 1
+
+
+def test_guessing_tokens_locks_the_guesser_out_but_not_others(tmp_path):
+    app = pausepoint.create_app(make_config(tmp_path, **{"ratelimit.respond_failures_per_hour": 5}))
+    guesser = Api(app, extra_environ={"REMOTE_ADDR": "203.0.113.66"})
+    human = Api(app, extra_environ={"REMOTE_ADDR": "203.0.113.1"})
+    created = human.create_pause(human.register()["test_api_key"])
+    for n in range(5):
+        guesser.get(f"/v1/respond/guess{n}", status=404)
+    refused = guesser.get(respond_path(created), status=429)
+    assert int(refused.headers["Retry-After"]) > 0
+    guesser.post_json(respond_path(created), {"choice": "Approve"}, status=429)
+    human.get(respond_path(created), status=200)
+    human.post_json(respond_path(created), {"choice": "Reject"}, status=200)
