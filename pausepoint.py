@@ -244,9 +244,15 @@ MIGRATIONS = [
 ]
 
 
-def connect(path):
+class Connection(sqlite3.Connection):
+    """A connection that may share an in-process write lock with its siblings."""
+    write_lock = None
+
+
+def connect(path, write_lock=None):
     """A connection in autocommit mode: transactions are explicit (see transaction())."""
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False, factory=Connection)
+    conn.write_lock = write_lock
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode = WAL")
     # A decision acknowledged to a human must survive a power cut, not only a crash.
@@ -258,15 +264,18 @@ def connect(path):
 
 @contextlib.contextmanager
 def transaction(conn):
-    """BEGIN IMMEDIATE takes the write lock up front, so a compare-and-set never
-    fails half-way with SQLITE_BUSY after reading stale state."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+    """A write transaction. BEGIN IMMEDIATE takes SQLite's write lock up front, so
+    a compare-and-set never fails half-way with SQLITE_BUSY after reading stale
+    state. Threads of one process first queue on a Python lock: SQLite's own
+    busy handler sleeps and retries, which under load turns into long tails."""
+    with conn.write_lock or contextlib.nullcontext():
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
 
 def migrate(conn):
@@ -881,24 +890,28 @@ def send_due_notifications(conn, config, batch=100):
     due = conn.execute(
         "SELECT * FROM notifications WHERE status IN ('queued', 'sending') AND next_attempt_at <= ?"
         " ORDER BY next_attempt_at LIMIT ?", (now, batch)).fetchall()
+    simulate_notifications([row for row in due if not row["livemode"]], conn)
     for row in due:
-        if not row["livemode"]:
-            simulate_notification(conn, row)
-        else:
+        if row["livemode"]:
             deliver_notification(conn, config, row)
     return len(due)
 
 
-def simulate_notification(conn, row):
+def simulate_notifications(rows, conn):
+    """Test mode: record each notification as simulated, with its exact text, in one transaction."""
+    if not rows:
+        return
     with transaction(conn):
         now = db_time()
-        changed = conn.execute(
-            "UPDATE notifications SET status = 'simulated', attempts = attempts + 1, updated_at = ?"
-            " WHERE id = ? AND status IN ('queued', 'sending')", (now, row["id"])).rowcount
-        if changed:
-            developer_id = conn.execute("SELECT developer_id FROM pauses WHERE id = ?", (row["pause_id"],)).fetchone()[0]
-            record_event(conn, developer_id, 0, "system", "notification.simulated", row["pause_id"],
-                         {"channel": row["channel"], "recipient": row["recipient"], "text": row["text"]}, when=now)
+        for row in rows:
+            changed = conn.execute(
+                "UPDATE notifications SET status = 'simulated', attempts = attempts + 1, updated_at = ?"
+                " WHERE id = ? AND status IN ('queued', 'sending')", (now, row["id"])).rowcount
+            if changed:
+                developer_id = conn.execute("SELECT developer_id FROM pauses WHERE id = ?",
+                                            (row["pause_id"],)).fetchone()[0]
+                record_event(conn, developer_id, 0, "system", "notification.simulated", row["pause_id"],
+                             {"channel": row["channel"], "recipient": row["recipient"], "text": row["text"]}, when=now)
 
 
 def deliver_notification(conn, config, row):
@@ -957,6 +970,7 @@ class Runtime:
     def __init__(self, config):
         self.config = config
         self._local = threading.local()
+        self.write_lock = threading.Lock()
         self.decisions = threading.Condition()
         self.decision_count = 0
         self.stopping = False
@@ -972,7 +986,7 @@ class Runtime:
         """This thread's connection (sqlite3 connections are not shared between threads)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = connect(self.config["database.path"])
+            conn = self._local.conn = connect(self.config["database.path"], self.write_lock)
         return conn
 
     def decided(self):
@@ -1002,11 +1016,6 @@ class Runtime:
 
     def run_notifications(self):
         send_due_notifications(self.db(), self.config)
-
-    def kick(self, job_id):
-        """Run a job now rather than at its next tick (a hint: the tick would find the work anyway)."""
-        with contextlib.suppress(Exception):
-            self.scheduler.modify_job(job_id, next_run_time=utcnow())
 
     def wait_for_decision(self, load, seconds):
         """Call load() until the pause leaves 'pending' or `seconds` pass, waking on each decision."""
@@ -1191,8 +1200,6 @@ def create_app(config):
                                        bottle.request.get_header("Idempotency-Key"))
         if replayed:
             bottle.response.set_header("Idempotent-Replayed", "true")
-        else:
-            rt.kick("run_notifications")
         bottle.response.status = 201
         return created_json(pause, config)
 

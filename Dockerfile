@@ -1,0 +1,28 @@
+# PausePoint in a container: docker build -t pausepoint . &&
+#   docker run -p 8080:8080 -v pausepoint-data:/data pausepoint
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PAUSEPOINT_SERVER_HOST=0.0.0.0 \
+    PAUSEPOINT_DATABASE_PATH=/data/pausepoint.db
+
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install -r requirements.txt
+COPY pausepoint.py schema.sql config.example.toml ./
+COPY templates/ templates/
+COPY static/ static/
+
+RUN useradd --system --uid 10001 --home-dir /data pausepoint \
+    && mkdir -p /data && chown pausepoint /data
+USER pausepoint
+VOLUME /data
+EXPOSE 8080
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4).status != 200)"]
+
+# Set PAUSEPOINT_SERVER_BASE_URL to the public URL humans open respond links on.
+CMD ["python", "pausepoint.py"]
