@@ -1122,7 +1122,9 @@ def create_app(config):
         return authenticate(rt.db(), bottle.request.get_header("Authorization"))
 
     def client_ip():
-        return bottle.request.remote_addr or "unknown"
+        # REMOTE_ADDR, not bottle's remote_addr: that one believes any client's
+        # X-Forwarded-For. waitress rewrites REMOTE_ADDR only for server.trusted_proxy.
+        return bottle.request.environ.get("REMOTE_ADDR") or "unknown"
 
     def int_param(name, default, low, high):
         raw = bottle.request.query.get(name)

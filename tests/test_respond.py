@@ -161,3 +161,11 @@ def test_guessing_tokens_locks_the_guesser_out_but_not_others(tmp_path):
     guesser.post_json(respond_path(created), {"choice": "Approve"}, status=429)
     human.get(respond_path(created), status=200)
     human.post_json(respond_path(created), {"choice": "Reject"}, status=200)
+
+
+def test_a_forged_forwarded_for_header_does_not_escape_the_guessing_limit(tmp_path):
+    app = pausepoint.create_app(make_config(tmp_path, **{"ratelimit.respond_failures_per_hour": 2}))
+    guesser = Api(app, extra_environ={"REMOTE_ADDR": "203.0.113.66"})
+    for n in range(2):
+        guesser.get(f"/v1/respond/guess{n}", headers={"X-Forwarded-For": f"10.0.0.{n}"}, status=404)
+    guesser.get("/v1/respond/guess9", headers={"X-Forwarded-For": "10.0.0.9"}, status=429)

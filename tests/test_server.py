@@ -227,3 +227,27 @@ def test_a_fresh_database_records_its_schema_version_and_a_second_start_keeps_it
     versions = stored(config["database.path"], "SELECT version FROM schema_migrations")
     assert versions == [(pausepoint.MIGRATIONS[-1][0],)]
     assert stored(config["database.path"], "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_address_is_recorded(tmp_path):
+    config = make_config(tmp_path, **{"server.trusted_proxy": "127.0.0.1", "ratelimit.enabled": False})
+    app = pausepoint.create_app(config)
+    app.runtime.start()
+    with LiveServer(app, config) as server:
+        key = register(server.url)["test_api_key"]
+        created = create(server.url, key)
+        requests.get(f"{server.url}/v1/respond/{token_of(created['respond_url'])}",
+                     headers={"X-Forwarded-For": "203.0.113.5", "X-Forwarded-Proto": "https"})
+        opened = requests.get(f"{server.url}/v1/audit", params={"event_type": "respond_page.opened"},
+                              headers=bearer(key)).json()["events"]
+        assert opened[0]["data"]["ip"] == "203.0.113.5"
+
+
+def test_without_a_trusted_proxy_forwarded_headers_are_ignored(live_server):
+    key = register(live_server.url)["test_api_key"]
+    created = create(live_server.url, key)
+    requests.get(f"{live_server.url}/v1/respond/{token_of(created['respond_url'])}",
+                 headers={"X-Forwarded-For": "203.0.113.5"})
+    opened = requests.get(f"{live_server.url}/v1/audit", params={"event_type": "respond_page.opened"},
+                          headers=bearer(key)).json()["events"]
+    assert opened[0]["data"]["ip"] == "127.0.0.1"
