@@ -12,6 +12,7 @@ HTTP API and pages, and the command line.
 """
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -23,15 +24,18 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import signal
+import socket
 import sqlite3
 import string
 import sys
 import threading
 import time
 import tomllib
+import urllib.parse
 import uuid
 
 import bcrypt
@@ -40,6 +44,7 @@ import requests
 import twilio.base.exceptions
 import twilio.http.http_client
 import twilio.rest
+import urllib3
 import waitress
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -82,6 +87,7 @@ SETTINGS = [
     Setting("twilio.from_number", "", "The Twilio phone number SMS are sent from, in E.164 form (+15550100)."),
     Setting("twilio.api_base", "https://api.twilio.com", "Base URL of the Twilio REST API; change it to use a Twilio-compatible provider."),
     Setting("webhooks.allow_private", False, "Allow webhook URLs on loopback, private or link-local addresses (for agents on your LAN)."),
+    Setting("webhooks.workers", 8, "Webhook calls made at once. Each endpoint gets at most 2, so one slow receiver cannot hold them all."),
     Setting("ratelimit.enabled", True, "Rate-limit registration, key rotation and failed respond-token lookups per client IP."),
     Setting("ratelimit.register_per_hour", 20, "Registrations allowed per client IP per hour."),
     Setting("ratelimit.rotate_per_hour", 20, "Key rotations (attempts, right or wrong) allowed per client IP per hour."),
@@ -210,6 +216,7 @@ SETTING_CHECKS = {
     "database.path": lambda v: None if v else "must not be empty",
     "security.bcrypt_rounds": lambda v: None if 4 <= v <= 16 else "must be between 4 and 16",
     "pauses.max_timeout_hours": lambda v: None if 0 < v <= 24 * 366 else "must be above 0 and at most 8784 (a year)",
+    "webhooks.workers": lambda v: None if 1 <= v <= 64 else "must be between 1 and 64",
     "ratelimit.register_per_hour": lambda v: None if v >= 1 else "must be at least 1",
     "ratelimit.rotate_per_hour": lambda v: None if v >= 1 else "must be at least 1",
     "ratelimit.respond_failures_per_hour": lambda v: None if v >= 1 else "must be at least 1",
@@ -630,6 +637,7 @@ def create_pause(conn, config, caller, body, idempotency_key=None):
                      {"recipient": fields["recipient"], "channel": fields["channel"],
                       "options": fields["options"], "timeout_default": fields["timeout_default"],
                       "expires_at": api_time(expires_at), "metadata": fields["metadata"]}, when=created_at)
+        emit_pause_event(conn, config, pause, "pause.created", when=created_at)
     return pause, False
 
 
@@ -666,7 +674,7 @@ def respond_url(config, token):
     return f"{base_url(config)}/respond/{token}"
 
 
-def decide_pause(conn, pause_id, status, decided_by, choice=None, comment=None, data=None, now=None):
+def decide_pause(conn, config, pause_id, status, decided_by, choice=None, comment=None, data=None, now=None):
     """Move a pending pause to a final status. Call inside a transaction.
 
     Compare-and-set: only a pause still 'pending' changes, and a response only
@@ -686,10 +694,11 @@ def decide_pause(conn, pause_id, status, decided_by, choice=None, comment=None, 
     pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (pause_id,)).fetchone()
     record_event(conn, pause["developer_id"], pause["livemode"], decided_by, f"pause.{status}", pause_id,
                  {"choice": pause["choice"], "comment": comment, "decided_by": decided_by, **(data or {})}, when=now)
+    emit_pause_event(conn, config, pause, f"pause.{status}", when=now)
     return True
 
 
-def respond_to_pause(conn, token, choice, comment, client):
+def respond_to_pause(conn, config, token, choice, comment, client):
     """A human's decision through the respond link: 200 facts, or 404/409/410/422."""
     if comment is not None and (not isinstance(comment, str) or len(comment) > 2000):
         raise invalid("comment", "comment must be text of at most 2000 characters")
@@ -700,7 +709,7 @@ def respond_to_pause(conn, token, choice, comment, client):
         if not isinstance(choice, str) or choice.strip() not in json.loads(pause["options"]):
             raise invalid("choice", f"choice must be one of: {', '.join(json.loads(pause['options']))}")
         decided_by = f"recipient:{pause['recipient']}"
-        if not decide_pause(conn, pause["id"], "responded", decided_by, choice.strip(), comment, data=client):
+        if not decide_pause(conn, config, pause["id"], "responded", decided_by, choice.strip(), comment, data=client):
             # Between the read and the write nothing can change (we hold the write
             # lock), so losing here means the pause expired at this very instant.
             refuse_if_decided(conn.execute("SELECT * FROM pauses WHERE id = ?", (pause["id"],)).fetchone(), expired=True)
@@ -726,10 +735,10 @@ def refuse_if_decided(pause, expired=False):
         raise ApiError(410, "expired", f"this request expired at {api_time(pause['expires_at'])}{outcome}")
 
 
-def cancel_pause(conn, caller, pause_id):
+def cancel_pause(conn, config, caller, pause_id):
     with transaction(conn):
         pause = owned_pause(conn, caller, pause_id)
-        if not decide_pause(conn, pause_id, "cancelled", caller.actor):
+        if not decide_pause(conn, config, pause_id, "cancelled", caller.actor):
             raise ApiError(409, "not_pending", f"the pause is already {pause['status']}; only pending pauses can be cancelled")
         return conn.execute("SELECT * FROM pauses WHERE id = ?", (pause_id,)).fetchone()
 
@@ -743,7 +752,7 @@ def owned_pause(conn, caller, pause_id):
     return pause
 
 
-def expire_due_pauses(conn, batch=200):
+def expire_due_pauses(conn, config, batch=200):
     """Time out every pending pause past its expires_at; returns the ids that timed out."""
     now = db_time()
     due = [r["id"] for r in conn.execute(
@@ -752,7 +761,7 @@ def expire_due_pauses(conn, batch=200):
     if not due:
         return []
     with transaction(conn):
-        return [pause_id for pause_id in due if decide_pause(conn, pause_id, "timed_out", "timeout", now=now)]
+        return [pause_id for pause_id in due if decide_pause(conn, config, pause_id, "timed_out", "timeout", now=now)]
 
 
 def pause_json(pause, config, notification=None):
@@ -953,6 +962,459 @@ def deliver_notification(conn, config, row):
             record_event(conn, developer_id, 1, "system", event, row["pause_id"],
                          {"channel": row["channel"], "recipient": row["recipient"], "attempts": attempt,
                           "provider_message_id": provider_id, "error": error}, when=now)
+        if changed and status == "failed":
+            pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (row["pause_id"],)).fetchone()
+            emit_pause_event(conn, config, pause, "pause.notification_failed", when=now)
+
+
+###############################################################################
+# Webhooks: signed events, an outbox, retries
+###############################################################################
+
+WEBHOOK_EVENTS = ("pause.created", "pause.responded", "pause.timed_out", "pause.cancelled",
+                  "pause.notification_failed")
+WEBHOOK_FIELDS = {"url", "events", "secret"}
+MIN_SECRET_LENGTH = 16
+SECRET_ROTATION_OVERLAP = dt.timedelta(hours=24)
+# Delays before attempts 2..10: about three days in all.
+RETRY_DELAYS_SECONDS = (5, 5 * 60, 30 * 60, 2 * 3600, 5 * 3600, 10 * 3600, 14 * 3600, 20 * 3600, 24 * 3600)
+RETRY_JITTER = 0.1                          # each delay varies by up to ±10 %, so retries do not stampede
+MAX_RETRY_AFTER_SECONDS = 24 * 3600
+DELIVERY_TIMEOUT_SECONDS = 10
+DELIVERY_CLAIM_SECONDS = 30                 # a 'delivering' claim older than this was abandoned by a crash
+DISABLE_AFTER_FAILING = dt.timedelta(days=3)
+DELIVERIES_IN_FLIGHT_PER_WEBHOOK = 2        # so one slow receiver cannot take every worker
+
+
+def sign(secret, timestamp, body):
+    return hmac.new(secret.encode("utf-8"), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+
+
+def signature_header(secrets_, timestamp, body):
+    """'t=<unix seconds>,v1=<hex>[,v1=<hex>]': one v1 per secret in force."""
+    return ",".join([f"t={timestamp}"] + [f"v1={sign(s, timestamp, body)}" for s in secrets_])
+
+
+def verify_signature(secret, header, body, tolerance=300):
+    """True if `header` (X-PausePoint-Signature) signs `body` (the raw bytes) with
+    `secret` and its timestamp is within `tolerance` seconds of now.
+
+    Receivers copy this function: it needs only the standard library."""
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    timestamp, candidates = None, []
+    for part in (header or "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "t" and value.isdigit():
+            timestamp = int(value)
+        elif name == "v1":
+            candidates.append(value)
+    if timestamp is None or abs(time.time() - timestamp) > tolerance:
+        return False
+    expected = sign(secret, timestamp, body)
+    return any(hmac.compare_digest(expected, candidate) for candidate in candidates)
+
+
+def url_problem(url, allow_private):
+    """None if webhooks may be sent to `url`, else a sentence saying why not."""
+    if not isinstance(url, str) or len(url) > 2048:
+        return "url must be an http:// or https:// URL of at most 2048 characters"
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "url must be an http:// or https:// URL"
+    if parts.username or parts.password:
+        return "url must not contain credentials; receivers authenticate calls by their signature"
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)}
+    except (OSError, ValueError) as e:
+        return f"url's host {parts.hostname!r} cannot be resolved ({e})"
+    if not allow_private:
+        for address in sorted(addresses):
+            if not is_public_address(address):
+                return (f"url's host resolves to {address}, a loopback, private or otherwise non-public address;"
+                        " the operator can allow these with webhooks.allow_private = true")
+    return None
+
+
+def is_public_address(address):
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if getattr(ip, "ipv4_mapped", None):
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+class PrivateAddressRefused(OSError):
+    """The webhook host resolved to a non-public address at connect time."""
+
+
+def _refuse_private_peer(sock):
+    address = sock.getpeername()[0]
+    if not is_public_address(address):
+        sock.close()
+        raise PrivateAddressRefused(f"refused to send to {address}: not a public address "
+                                    "(webhooks.allow_private = false)")
+    return sock
+
+
+class _PublicOnlyHTTPConnection(urllib3.connection.HTTPConnection):
+    def _new_conn(self):
+        return _refuse_private_peer(super()._new_conn())
+
+
+class _PublicOnlyHTTPSConnection(urllib3.connection.HTTPSConnection):
+    def _new_conn(self):
+        return _refuse_private_peer(super()._new_conn())
+
+
+class _PublicOnlyAdapter(requests.adapters.HTTPAdapter):
+    """Checks the address actually connected to, after DNS: a name that resolved to a
+    public address at registration may point inward by now. Nothing is sent first."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": type("PublicOnlyHTTPPool", (urllib3.HTTPConnectionPool,),
+                         {"ConnectionCls": _PublicOnlyHTTPConnection}),
+            "https": type("PublicOnlyHTTPSPool", (urllib3.HTTPSConnectionPool,),
+                          {"ConnectionCls": _PublicOnlyHTTPSConnection}),
+        }
+
+
+def webhook_session(allow_private):
+    session = requests.Session()
+    session.trust_env = False       # an environment proxy would hide the real destination from the guard
+    if not allow_private:
+        session.mount("http://", _PublicOnlyAdapter())
+        session.mount("https://", _PublicOnlyAdapter())
+    return session
+
+
+def validate_webhook_request(body, allow_private, partial=False):
+    """Check a POST (or, partial, a PATCH) /v1/webhooks body; returns the clean fields."""
+    if not isinstance(body, dict):
+        raise invalid(None, "the request body must be a JSON object")
+    allowed = WEBHOOK_FIELDS | ({"enabled"} if partial else set())
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise invalid(unknown[0], f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    fields = {}
+    if "url" in body or not partial:
+        problem = url_problem(body.get("url"), allow_private)
+        if problem:
+            raise invalid("url", problem)
+        fields["url"] = body["url"].strip()
+    if "events" in body or not partial:
+        events = body.get("events")
+        if (not isinstance(events, list) or not events
+                or not all(isinstance(e, str) and e in WEBHOOK_EVENTS for e in events)):
+            raise invalid("events", f"events must be a non-empty list drawn from: {', '.join(WEBHOOK_EVENTS)}")
+        fields["events"] = sorted(set(events), key=WEBHOOK_EVENTS.index)
+    if body.get("secret") is not None:
+        if not isinstance(body["secret"], str) or not MIN_SECRET_LENGTH <= len(body["secret"]) <= 256:
+            raise invalid("secret", f"secret must be {MIN_SECRET_LENGTH}-256 characters (or left out to have one made)")
+        fields["secret"] = body["secret"]
+    if "enabled" in body:
+        if body["enabled"] is not True and body["enabled"] is not False:
+            raise invalid("enabled", "enabled must be true or false")
+        fields["enabled"] = body["enabled"]
+    return fields
+
+
+def create_webhook(conn, config, caller, body):
+    """Register an endpoint; returns (row, secret if it was generated here)."""
+    fields = validate_webhook_request(body, config["webhooks.allow_private"])
+    generated = None
+    if "secret" not in fields:
+        generated = fields["secret"] = "whsec_" + secrets.token_urlsafe(32)
+    webhook_id, now = new_id("wh_"), db_time()
+    with transaction(conn):
+        conn.execute("INSERT INTO webhooks (id, developer_id, livemode, url, events, secret, created_at, updated_at)"
+                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (webhook_id, caller.developer_id, caller.livemode, fields["url"], compact_json(fields["events"]),
+                      fields["secret"], now, now))
+        record_event(conn, caller.developer_id, caller.livemode, caller.actor, "webhook.created",
+                     data={"webhook_id": webhook_id, "url": fields["url"], "events": fields["events"]}, when=now)
+        return owned_webhook(conn, caller, webhook_id), generated
+
+
+def update_webhook(conn, config, caller, webhook_id, body):
+    """PATCH: change url or events, rotate the secret (the old one signs too for 24 h), enable or disable."""
+    fields = validate_webhook_request(body, config["webhooks.allow_private"], partial=True)
+    now = utcnow()
+    with transaction(conn):
+        webhook = owned_webhook(conn, caller, webhook_id)
+        changes = {}
+        if "url" in fields:
+            changes["url"] = fields["url"]
+        if "events" in fields:
+            changes["events"] = compact_json(fields["events"])
+        if "secret" in fields and fields["secret"] != webhook["secret"]:
+            changes.update(secret=fields["secret"], previous_secret=webhook["secret"],
+                           previous_secret_expires_at=db_time(now + SECRET_ROTATION_OVERLAP))
+        if fields.get("enabled") is True and webhook["status"] == "disabled":
+            changes.update(status="enabled", disabled_reason=None, failing_since=None)
+            conn.execute("UPDATE webhook_deliveries SET next_attempt_at = ? WHERE webhook_id = ? AND status = 'pending'"
+                         " AND next_attempt_at IS NULL", (db_time(now), webhook_id))
+        if fields.get("enabled") is False and webhook["status"] == "enabled":
+            disable_webhook(conn, webhook, "disabled through the API", caller.actor)
+        if changes:
+            changes["updated_at"] = db_time(now)
+            conn.execute(f"UPDATE webhooks SET {', '.join(f'{k} = ?' for k in changes)} WHERE id = ?",
+                         (*changes.values(), webhook_id))
+        record_event(conn, caller.developer_id, caller.livemode, caller.actor, "webhook.updated",
+                     data={"webhook_id": webhook_id, "changed": sorted(set(fields) - {"secret"}) +
+                           (["secret"] if "secret" in changes else [])})
+        return owned_webhook(conn, caller, webhook_id)
+
+
+def delete_webhook(conn, caller, webhook_id):
+    with transaction(conn):
+        webhook = owned_webhook(conn, caller, webhook_id)
+        now = db_time()
+        conn.execute("UPDATE webhooks SET deleted_at = ?, updated_at = ? WHERE id = ?", (now, now, webhook_id))
+        conn.execute("UPDATE webhook_deliveries SET status = 'cancelled', next_attempt_at = NULL, updated_at = ?"
+                     " WHERE webhook_id = ? AND status = 'pending'", (now, webhook_id))
+        record_event(conn, caller.developer_id, caller.livemode, caller.actor, "webhook.deleted",
+                     data={"webhook_id": webhook_id, "url": webhook["url"]}, when=now)
+
+
+def disable_webhook(conn, webhook, reason, actor):
+    """Stop sending to an endpoint; its pending deliveries wait (unscheduled) until it is re-enabled."""
+    now = db_time()
+    conn.execute("UPDATE webhooks SET status = 'disabled', disabled_reason = ?, updated_at = ? WHERE id = ?",
+                 (reason, now, webhook["id"]))
+    conn.execute("UPDATE webhook_deliveries SET next_attempt_at = NULL WHERE webhook_id = ? AND status = 'pending'",
+                 (webhook["id"],))
+    record_event(conn, webhook["developer_id"], webhook["livemode"], actor, "webhook.disabled",
+                 data={"webhook_id": webhook["id"], "url": webhook["url"], "reason": reason}, when=now)
+
+
+def owned_webhook(conn, caller, webhook_id):
+    webhook = conn.execute("SELECT * FROM webhooks WHERE id = ? AND developer_id = ? AND livemode = ?"
+                           " AND deleted_at IS NULL", (webhook_id, caller.developer_id, caller.livemode)).fetchone()
+    if webhook is None:
+        raise ApiError(404, "not_found", f"no webhook {webhook_id!r} for this API key")
+    return webhook
+
+
+def webhook_json(webhook):
+    return {
+        "webhook_id": webhook["id"],
+        "url": webhook["url"],
+        "events": json.loads(webhook["events"]),
+        "status": webhook["status"],
+        "disabled_reason": webhook["disabled_reason"],
+        "livemode": bool(webhook["livemode"]),
+        "created_at": api_time(webhook["created_at"]),
+        "updated_at": api_time(webhook["updated_at"]),
+    }
+
+
+def emit_pause_event(conn, config, pause, event_type, when=None):
+    """Queue `event_type` about `pause` for every enabled endpoint of its owner, in its
+    mode, that subscribed to it. Call inside the transaction of the change."""
+    targets = [row["id"] for row in conn.execute(
+        "SELECT id, events FROM webhooks WHERE developer_id = ? AND livemode = ? AND deleted_at IS NULL"
+        " AND status = 'enabled'", (pause["developer_id"], pause["livemode"]))
+        if event_type in json.loads(row["events"])]
+    if targets:
+        notification = conn.execute("SELECT * FROM notifications WHERE pause_id = ?", (pause["id"],)).fetchone()
+        queue_event(conn, pause["developer_id"], pause["livemode"], event_type,
+                    pause_json(pause, config, notification), targets, pause["id"], when)
+
+
+def queue_event(conn, developer_id, livemode, event_type, data, webhook_ids, pause_id=None, when=None):
+    """Write an event and one due delivery per endpoint (the outbox); returns the delivery ids."""
+    event_id, now = new_id("evt_"), when or db_time()
+    body = compact_json({"id": event_id, "type": event_type, "created_at": api_time(now),
+                         "livemode": bool(livemode), "data": data})
+    conn.execute("INSERT INTO webhook_events (id, developer_id, livemode, type, pause_id, body, created_at)"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?)", (event_id, developer_id, livemode, event_type, pause_id, body, now))
+    delivery_ids = []
+    for webhook_id in webhook_ids:
+        delivery_ids.append(new_id("whd_"))
+        conn.execute("INSERT INTO webhook_deliveries (id, webhook_id, event_id, next_attempt_at, created_at, updated_at)"
+                     " VALUES (?, ?, ?, ?, ?, ?)", (delivery_ids[-1], webhook_id, event_id, now, now, now))
+    return delivery_ids
+
+
+def send_test_event(conn, caller, webhook_id):
+    with transaction(conn):
+        webhook = owned_webhook(conn, caller, webhook_id)
+        [delivery_id] = queue_event(conn, caller.developer_id, caller.livemode, "webhook.test",
+                                    {"webhook_id": webhook_id, "message": "A test event from PausePoint."},
+                                    [webhook_id])
+        return conn.execute("SELECT * FROM webhook_deliveries WHERE id = ?", (delivery_id,)).fetchone()
+
+
+def redeliver(conn, caller, webhook_id, delivery_id):
+    """Send a delivery again now, whatever became of it before."""
+    with transaction(conn):
+        webhook = owned_webhook(conn, caller, webhook_id)
+        if webhook["status"] != "enabled":
+            raise ApiError(409, "webhook_disabled", "the webhook is disabled; enable it with PATCH {\"enabled\": true}")
+        changed = conn.execute(
+            "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = ?, updated_at = ?"
+            " WHERE id = ? AND webhook_id = ? AND status != 'delivering'",
+            (db_time(), db_time(), delivery_id, webhook_id)).rowcount
+        if not changed:
+            exists = conn.execute("SELECT 1 FROM webhook_deliveries WHERE id = ? AND webhook_id = ?",
+                                  (delivery_id, webhook_id)).fetchone()
+            if not exists:
+                raise ApiError(404, "not_found", f"no delivery {delivery_id!r} for this webhook")
+            raise ApiError(409, "delivery_in_progress", "this delivery is being attempted right now")
+        return conn.execute("SELECT * FROM webhook_deliveries WHERE id = ?", (delivery_id,)).fetchone()
+
+
+def delivery_json(conn, delivery):
+    event = conn.execute("SELECT type FROM webhook_events WHERE id = ?", (delivery["event_id"],)).fetchone()
+    attempts = conn.execute("SELECT * FROM webhook_attempts WHERE delivery_id = ? ORDER BY attempt",
+                            (delivery["id"],)).fetchall()
+    return {
+        "delivery_id": delivery["id"],
+        "event_id": delivery["event_id"],
+        "event_type": event["type"],
+        "status": delivery["status"],
+        "next_attempt_at": api_time(delivery["next_attempt_at"]) if delivery["status"] == "pending" else None,
+        "created_at": api_time(delivery["created_at"]),
+        "attempts": [{"attempt": a["attempt"], "started_at": api_time(a["started_at"]),
+                      "status_code": a["status_code"], "error": a["error"], "duration_ms": a["duration_ms"],
+                      "next_attempt_at": api_time(a["next_attempt_at"])} for a in attempts],
+    }
+
+
+def claim_due_deliveries(conn, capacity, in_flight_by_webhook):
+    """Claim up to `capacity` due deliveries (compare-and-set, so no row is sent twice
+    at once), at most DELIVERIES_IN_FLIGHT_PER_WEBHOOK per endpoint."""
+    now = utcnow()
+    due = conn.execute(
+        "SELECT d.id, d.status, d.attempts, d.next_attempt_at, d.webhook_id FROM webhook_deliveries d"
+        " WHERE d.status IN ('pending', 'delivering') AND d.next_attempt_at <= ?"
+        " ORDER BY d.next_attempt_at LIMIT 500", (db_time(now),)).fetchall()
+    claimed, taken = [], dict(in_flight_by_webhook)
+    claim_until = db_time(now + dt.timedelta(seconds=DELIVERY_CLAIM_SECONDS))
+    for row in due:
+        if len(claimed) >= capacity:
+            break
+        if taken.get(row["webhook_id"], 0) >= DELIVERIES_IN_FLIGHT_PER_WEBHOOK:
+            continue
+        with transaction(conn):
+            won = conn.execute(
+                "UPDATE webhook_deliveries SET status = 'delivering', attempts = attempts + 1, next_attempt_at = ?,"
+                " updated_at = ? WHERE id = ? AND status = ? AND next_attempt_at = ?",
+                (claim_until, db_time(now), row["id"], row["status"], row["next_attempt_at"])).rowcount
+        if won:
+            taken[row["webhook_id"]] = taken.get(row["webhook_id"], 0) + 1
+            claimed.append((row["id"], row["webhook_id"], row["attempts"] + 1, claim_until))
+    return claimed
+
+
+def attempt_delivery(conn, config, delivery_id, attempt, claim_until):
+    """POST one claimed delivery and record the outcome; returns the HTTP status or None."""
+    row = conn.execute(
+        "SELECT d.webhook_id, w.url, w.secret, w.previous_secret, w.previous_secret_expires_at,"
+        " e.id AS event_id, e.type, e.body FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id"
+        " JOIN webhook_events e ON e.id = d.event_id WHERE d.id = ?", (delivery_id,)).fetchone()
+    body = row["body"].encode("utf-8")
+    signing = [row["secret"]]
+    if row["previous_secret"] and row["previous_secret_expires_at"] > db_time():
+        signing.append(row["previous_secret"])
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": f"PausePoint-Webhooks/{VERSION}",
+        "X-PausePoint-Event": row["type"],
+        "X-PausePoint-Event-Id": row["event_id"],
+        "X-PausePoint-Signature": signature_header(signing, int(time.time()), body),
+    }
+    started_at, started = db_time(), time.monotonic()
+    status_code, error, retry_after = None, None, None
+    try:
+        with webhook_session(config["webhooks.allow_private"]) as session:
+            response = session.post(row["url"], data=body, headers=headers, timeout=DELIVERY_TIMEOUT_SECONDS,
+                                    allow_redirects=False, stream=True)
+            response.close()
+        status_code = response.status_code
+        if not 200 <= status_code < 300:
+            error = f"HTTP {status_code}" + (" (redirects are not followed)" if 300 <= status_code < 400 else "")
+            retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+    except requests.RequestException as e:
+        error = describe_request_error(e)
+    duration_ms = round((time.monotonic() - started) * 1000)
+    record_attempt(conn, delivery_id, row["webhook_id"], attempt, claim_until, started_at, status_code, error,
+                   duration_ms, retry_after)
+    return status_code
+
+
+def describe_request_error(e):
+    refused = find_cause(e, PrivateAddressRefused)
+    if refused is not None:
+        return str(refused)
+    if isinstance(e, requests.Timeout):
+        return f"timed out after {DELIVERY_TIMEOUT_SECONDS} s"
+    if isinstance(e, requests.ConnectionError):
+        return "could not connect"
+    return f"{type(e).__name__}: {e}"[:300]
+
+
+def find_cause(error, kind, depth=0):
+    """The `kind` exception somewhere inside `error`: requests and urllib3 wrap
+    connection errors several layers deep, in args, .reason or the context."""
+    if isinstance(error, kind):
+        return error
+    if depth > 6 or not isinstance(error, BaseException):
+        return None
+    for inner in (*error.args, getattr(error, "reason", None), error.__cause__, error.__context__):
+        found = find_cause(inner, kind, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def retry_after_seconds(value):
+    if value and value.strip().isdigit():
+        return min(int(value.strip()), MAX_RETRY_AFTER_SECONDS)
+    return None
+
+
+def record_attempt(conn, delivery_id, webhook_id, attempt, claim_until, started_at, status_code, error,
+                   duration_ms, retry_after):
+    with transaction(conn):
+        now = utcnow()
+        webhook = conn.execute("SELECT * FROM webhooks WHERE id = ?", (webhook_id,)).fetchone()
+        next_at = None
+        if error is None:
+            status = "succeeded"
+        elif status_code == 410 or attempt > len(RETRY_DELAYS_SECONDS):
+            status = "failed"
+        else:
+            status = "pending"
+            delay = RETRY_DELAYS_SECONDS[attempt - 1] * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
+            next_at = db_time(now + dt.timedelta(seconds=max(delay, retry_after or 0)))
+        changed = conn.execute(
+            "UPDATE webhook_deliveries SET status = ?, next_attempt_at = ?, updated_at = ?"
+            " WHERE id = ? AND status = 'delivering' AND next_attempt_at = ?",
+            (status, next_at, db_time(now), delivery_id, claim_until)).rowcount
+        if not changed:
+            return      # the claim expired and another worker took the delivery over; its outcome counts
+        conn.execute("INSERT INTO webhook_attempts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (delivery_id, attempt, started_at, status_code, error, duration_ms, next_at))
+        if error is None:
+            conn.execute("UPDATE webhooks SET failing_since = NULL WHERE id = ?", (webhook_id,))
+            return
+        if status == "failed":
+            event = conn.execute("SELECT e.id, e.type FROM webhook_deliveries d JOIN webhook_events e"
+                                 " ON e.id = d.event_id WHERE d.id = ?", (delivery_id,)).fetchone()
+            record_event(conn, webhook["developer_id"], webhook["livemode"], "system", "webhook.delivery_failed",
+                         data={"webhook_id": webhook_id, "delivery_id": delivery_id, "event_id": event["id"],
+                               "event_type": event["type"], "attempts": attempt, "error": error})
+        failing_since = webhook["failing_since"] or db_time(now)
+        conn.execute("UPDATE webhooks SET failing_since = ? WHERE id = ?", (failing_since, webhook_id))
+        if webhook["status"] == "enabled":
+            if status_code == 410:
+                disable_webhook(conn, webhook, "the endpoint answered 410 Gone", "system")
+            elif parse_db_time(failing_since) <= now - DISABLE_AFTER_FAILING:
+                disable_webhook(conn, webhook, "every delivery failed for 3 days", "system")
 
 
 ###############################################################################
@@ -965,7 +1427,7 @@ JOB_INTERVAL_SECONDS = 0.25
 class Runtime:
     """Everything one running PausePoint holds besides its config: per-thread
     database connections, the condition long-polling agents wait on, the rate
-    limiter and the scheduler."""
+    limiter, the scheduler and the webhook workers."""
 
     def __init__(self, config):
         self.config = config
@@ -980,6 +1442,12 @@ class Runtime:
         self.scheduler = BackgroundScheduler(timezone=dt.timezone.utc,
                                              job_defaults={"coalesce": True, "max_instances": 1,
                                                            "misfire_grace_time": None})
+        # Webhook calls run on their own bounded pool, so a slow receiver holds a
+        # worker, never the scheduler or an API thread.
+        self.webhook_workers = concurrent.futures.ThreadPoolExecutor(
+            config["webhooks.workers"], thread_name_prefix="webhook")
+        self.in_flight = {}                 # webhook id -> deliveries being attempted now
+        self.in_flight_lock = threading.Lock()
         migrate(self.db())
 
     def db(self):
@@ -990,16 +1458,23 @@ class Runtime:
         return conn
 
     def decided(self):
-        """Wake every agent waiting on ?wait=: some pause left 'pending'."""
+        """Wake every agent waiting on ?wait=, and the webhook job: some pause left 'pending'."""
         with self.decisions:
             self.decision_count += 1
             self.decisions.notify_all()
+        self.wake_webhooks()
+
+    def wake_webhooks(self):
+        """Run the delivery job now rather than at its next tick. Only a hint: the
+        tick finds the same rows, so a lost wake-up costs at most one interval."""
+        with contextlib.suppress(Exception):
+            self.scheduler.modify_job("run_webhooks", next_run_time=utcnow())
 
     def start(self):
         """Start the jobs. The first run is immediate, so pauses that fell due while
         the process was down time out within moments of the start."""
         now = utcnow()
-        for job in (self.run_timeouts, self.run_notifications):
+        for job in (self.run_timeouts, self.run_notifications, self.run_webhooks):
             self.scheduler.add_job(job, "interval", seconds=JOB_INTERVAL_SECONDS, id=job.__name__, next_run_time=now)
         self.scheduler.start()
 
@@ -1009,13 +1484,40 @@ class Runtime:
             self.decisions.notify_all()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+        # Attempts under way finish (each is bounded by its timeout) and are recorded;
+        # queued ones stay claimed in the database and are retried after the claim expires.
+        self.webhook_workers.shutdown(wait=True, cancel_futures=True)
 
     def run_timeouts(self):
-        if expire_due_pauses(self.db()):
+        if expire_due_pauses(self.db(), self.config):
             self.decided()
 
     def run_notifications(self):
-        send_due_notifications(self.db(), self.config)
+        if send_due_notifications(self.db(), self.config):
+            self.wake_webhooks()        # a final failure may have queued pause.notification_failed
+
+    def run_webhooks(self):
+        with self.in_flight_lock:
+            capacity = self.config["webhooks.workers"] - sum(self.in_flight.values())
+            busy = dict(self.in_flight)
+        if capacity <= 0 or self.stopping:
+            return
+        for delivery_id, webhook_id, attempt, claim_until in claim_due_deliveries(self.db(), capacity, busy):
+            with self.in_flight_lock:
+                self.in_flight[webhook_id] = self.in_flight.get(webhook_id, 0) + 1
+            self.webhook_workers.submit(self._deliver, delivery_id, webhook_id, attempt, claim_until)
+
+    def _deliver(self, delivery_id, webhook_id, attempt, claim_until):
+        try:
+            attempt_delivery(self.db(), self.config, delivery_id, attempt, claim_until)
+        except Exception:
+            log.exception("webhook delivery %s failed unexpectedly", delivery_id)
+        finally:
+            with self.in_flight_lock:
+                self.in_flight[webhook_id] -= 1
+                if not self.in_flight[webhook_id]:
+                    del self.in_flight[webhook_id]
+            self.wake_webhooks()        # a worker is free: more may be due
 
     def wait_for_decision(self, load, seconds):
         """Call load() until the pause leaves 'pending' or `seconds` pass, waking on each decision."""
@@ -1202,6 +1704,8 @@ def create_app(config):
                                        bottle.request.get_header("Idempotency-Key"))
         if replayed:
             bottle.response.set_header("Idempotent-Replayed", "true")
+        else:
+            rt.wake_webhooks()
         bottle.response.status = 201
         return created_json(pause, config)
 
@@ -1228,9 +1732,63 @@ def create_app(config):
 
     @app.post("/v1/pause/<pause_id>/cancel")
     def post_cancel(pause_id):
-        pause = cancel_pause(rt.db(), caller(), pause_id)
+        pause = cancel_pause(rt.db(), config, caller(), pause_id)
         rt.decided()
         return pause_json(pause, config, notification_of(pause_id))
+
+    # -- webhooks -------------------------------------------------------------
+
+    @app.post("/v1/webhooks")
+    def post_webhook():
+        webhook, generated_secret = create_webhook(rt.db(), config, caller(), read_json())
+        bottle.response.status = 201
+        body = webhook_json(webhook)
+        if generated_secret:
+            body["secret"] = generated_secret       # shown this once; PausePoint never shows a secret again
+        return body
+
+    @app.get("/v1/webhooks")
+    def list_webhooks():
+        who = caller()
+        rows = rt.db().execute("SELECT * FROM webhooks WHERE developer_id = ? AND livemode = ? AND deleted_at IS NULL"
+                               " ORDER BY seq DESC", (who.developer_id, who.livemode)).fetchall()
+        return {"webhooks": [webhook_json(r) for r in rows]}
+
+    @app.get("/v1/webhooks/<webhook_id>")
+    def get_webhook(webhook_id):
+        return webhook_json(owned_webhook(rt.db(), caller(), webhook_id))
+
+    @app.route("/v1/webhooks/<webhook_id>", method="PATCH")
+    def patch_webhook(webhook_id):
+        webhook = update_webhook(rt.db(), config, caller(), webhook_id, read_json())
+        rt.wake_webhooks()      # re-enabling reschedules waiting deliveries
+        return webhook_json(webhook)
+
+    @app.delete("/v1/webhooks/<webhook_id>")
+    def remove_webhook(webhook_id):
+        delete_webhook(rt.db(), caller(), webhook_id)
+        bottle.response.status = 204
+
+    @app.post("/v1/webhooks/<webhook_id>/test")
+    def post_webhook_test(webhook_id):
+        delivery = send_test_event(rt.db(), caller(), webhook_id)
+        rt.wake_webhooks()
+        bottle.response.status = 202
+        return delivery_json(rt.db(), delivery)
+
+    @app.get("/v1/webhooks/<webhook_id>/deliveries")
+    def list_deliveries(webhook_id):
+        owned_webhook(rt.db(), caller(), webhook_id)
+        rows, next_cursor = newest_first("SELECT * FROM webhook_deliveries WHERE webhook_id = ?", (webhook_id,),
+                                         int_param("limit", 20, 1, PAGE_LIMIT), cursor_param())
+        return {"deliveries": [delivery_json(rt.db(), r) for r in rows], "next_cursor": next_cursor}
+
+    @app.post("/v1/webhooks/<webhook_id>/deliveries/<delivery_id>/redeliver")
+    def post_redeliver(webhook_id, delivery_id):
+        delivery = redeliver(rt.db(), caller(), webhook_id, delivery_id)
+        rt.wake_webhooks()
+        bottle.response.status = 202
+        return delivery_json(rt.db(), delivery)
 
     # -- audit ----------------------------------------------------------------
 
@@ -1275,7 +1833,7 @@ def create_app(config):
         return pause
 
     def respond(token, choice, comment):
-        pause = guard_respond_link(lambda: respond_to_pause(rt.db(), token, choice, comment, client_facts()))
+        pause = guard_respond_link(lambda: respond_to_pause(rt.db(), config, token, choice, comment, client_facts()))
         rt.decided()
         return pause
 
@@ -1438,7 +1996,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # The delivery job is woken on demand; APScheduler warns when a wake-up finds it
+    # already running, which is harmless (the running pass or the next tick does the work).
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     try:
         config = load_config(args.config, overrides={"server.host": args.host, "server.port": args.port,
                                                      "database.path": args.db, "server.base_url": args.base_url})

@@ -131,3 +131,68 @@ CREATE TABLE idempotency_keys (
     created_at    TEXT NOT NULL,
     PRIMARY KEY (developer_id, livemode, key)
 );
+
+-- Webhook endpoints a developer registered, each in the mode (test or live) of
+-- the key that registered it, receiving only that mode's events.
+CREATE TABLE webhooks (
+    seq                         INTEGER PRIMARY KEY AUTOINCREMENT,  -- list order
+    id                          TEXT NOT NULL UNIQUE,             -- 'wh_' + 32 hex
+    developer_id                TEXT NOT NULL REFERENCES developers(id),
+    livemode                    INTEGER NOT NULL CHECK (livemode IN (0, 1)),
+    url                         TEXT NOT NULL,
+    events                      TEXT NOT NULL,                    -- JSON array of event types
+    secret                      TEXT NOT NULL,                    -- HMAC key; kept because every call is signed with it
+    previous_secret             TEXT,                             -- the secret before a rotation, still signed with…
+    previous_secret_expires_at  TEXT,                             -- …until this time (24 h after the rotation)
+    status                      TEXT NOT NULL DEFAULT 'enabled' CHECK (status IN ('enabled', 'disabled')),
+    disabled_reason             TEXT,
+    failing_since               TEXT,                             -- first failure since the last success; 3 days of it disables
+    created_at                  TEXT NOT NULL,
+    updated_at                  TEXT NOT NULL,
+    deleted_at                  TEXT                              -- deleted endpoints keep their row for the delivery history
+);
+-- Fan-out on every event: a developer's live endpoints in one mode.
+CREATE INDEX webhooks_by_owner ON webhooks(developer_id, livemode, seq) WHERE deleted_at IS NULL;
+
+-- Events for webhooks: the exact JSON body, so every retry sends the same bytes.
+-- Written in the same transaction as the state change it reports (the outbox).
+CREATE TABLE webhook_events (
+    id            TEXT PRIMARY KEY,                  -- 'evt_' + 32 hex; X-PausePoint-Event-Id
+    developer_id  TEXT NOT NULL REFERENCES developers(id),
+    livemode      INTEGER NOT NULL CHECK (livemode IN (0, 1)),
+    type          TEXT NOT NULL,                     -- 'pause.responded', …
+    pause_id      TEXT,
+    body          TEXT NOT NULL,                     -- the JSON sent
+    created_at    TEXT NOT NULL
+);
+
+-- One event to one endpoint, retried until it succeeds or the schedule ends.
+CREATE TABLE webhook_deliveries (
+    seq              INTEGER PRIMARY KEY AUTOINCREMENT, -- list order and cursor
+    id               TEXT NOT NULL UNIQUE,            -- 'whd_' + 32 hex
+    webhook_id       TEXT NOT NULL REFERENCES webhooks(id),
+    event_id         TEXT NOT NULL REFERENCES webhook_events(id),
+    status           TEXT NOT NULL DEFAULT 'pending'
+                     CHECK (status IN ('pending', 'delivering', 'succeeded', 'failed', 'cancelled')),
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  TEXT,                            -- when 'pending': due time (NULL while the endpoint is
+                                                      -- disabled); when 'delivering': claim expiry
+    created_at       TEXT NOT NULL,
+    updated_at       TEXT NOT NULL
+);
+-- The delivery job: due rows, and 'delivering' claims a crash abandoned.
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries(next_attempt_at) WHERE status IN ('pending', 'delivering');
+-- GET /v1/webhooks/{id}/deliveries, newest first.
+CREATE INDEX webhook_deliveries_by_webhook ON webhook_deliveries(webhook_id, seq);
+
+-- Every attempt at a delivery, for GET /v1/webhooks/{id}/deliveries.
+CREATE TABLE webhook_attempts (
+    delivery_id      TEXT NOT NULL REFERENCES webhook_deliveries(id),
+    attempt          INTEGER NOT NULL,                -- 1, 2, …
+    started_at       TEXT NOT NULL,
+    status_code      INTEGER,                         -- the receiver's HTTP status, if it answered
+    error            TEXT,                            -- why it failed, if it did
+    duration_ms      INTEGER NOT NULL,
+    next_attempt_at  TEXT,                            -- when the next try is due, if there is one
+    PRIMARY KEY (delivery_id, attempt)
+);

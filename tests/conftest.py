@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import pausepoint  # noqa: E402
+from stubs import TwilioStub, WebhookReceiver  # noqa: E402
 
 PASSWORD = "correct horse battery"
 WIRE = {
@@ -36,6 +37,22 @@ def make_config(tmp_path, **overrides):
     settings = {"database.path": str(tmp_path / "pausepoint.db"), "security.bcrypt_rounds": 4}
     settings.update(overrides)
     return pausepoint.load_config(environ={}, overrides=settings)
+
+
+@pytest.fixture
+def twilio():
+    """A loopback stand-in for Twilio's Messages API; .settings() points the sms channel at it."""
+    stub = TwilioStub()
+    yield stub
+    stub.close()
+
+
+@pytest.fixture
+def receiver():
+    """A webhook receiver on loopback that answers 200 and records every call."""
+    stub = WebhookReceiver()
+    yield stub
+    stub.close()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import base64
 import http.server
 import json
 import threading
+import time
 import urllib.parse
 import uuid
 
@@ -59,6 +60,60 @@ class TwilioStub:
         """The PausePoint settings that point the sms channel at this stub."""
         return {"twilio.account_sid": self.account_sid, "twilio.auth_token": self.auth_token,
                 "twilio.from_number": from_number, "twilio.api_base": self.url}
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class WebhookReceiver:
+    """A real HTTP receiver on loopback that records every call. `answers` is a
+    list of (status, headers) to give, one per call, then 200s; `delay` seconds
+    are slept before answering."""
+
+    def __init__(self, answers=(), delay=0.0):
+        self.calls = []
+        self.answers = list(answers)
+        self.delay = delay
+        self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                arrived_at = time.monotonic()
+                if receiver.delay:
+                    time.sleep(receiver.delay)
+                with receiver.lock:
+                    status, headers = receiver.answers.pop(0) if receiver.answers else (200, {})
+                    receiver.calls.append({"path": self.path, "headers": dict(self.headers), "body": body,
+                                           "json": json.loads(body), "status": status, "arrived_at": arrived_at})
+                    receiver.arrived.notify_all()
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, count, timeout=15):
+        """The first `count` calls, waiting up to `timeout` seconds for them."""
+        deadline = time.monotonic() + timeout
+        with self.arrived:
+            while len(self.calls) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"expected {count} webhook calls, got {len(self.calls)}")
+                self.arrived.wait(remaining)
+            return list(self.calls[:count])
 
     def close(self):
         self.server.shutdown()

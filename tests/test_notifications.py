@@ -1,15 +1,7 @@
 import pytest
 
 from conftest import Api, make_config, wait_until
-from stubs import TwilioStub
 import pausepoint
-
-
-@pytest.fixture
-def twilio():
-    stub = TwilioStub()
-    yield stub
-    stub.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ import sqlite3
 import pytest
 
 from conftest import WIRE, Api, make_config, token_of, wait_until
-from stubs import TwilioStub
 import pausepoint
 
 
@@ -166,36 +165,28 @@ def test_a_live_pause_on_an_unconfigured_channel_is_refused_and_stores_nothing(a
     assert db.execute("SELECT count(*) FROM audit_events WHERE event_type = 'pause.created'").fetchone()[0] == 0
 
 
-def test_live_pauses_count_against_the_plan_and_test_pauses_never_do(tmp_path):
-    twilio = TwilioStub()
-    try:
-        config = make_config(tmp_path, **{"plans.free.monthly_pauses": 2}, **twilio.settings())
-        api = Api(pausepoint.create_app(config))
-        keys = api.register()
-        for _ in range(5):
-            api.create_pause(keys["test_api_key"])
-        for _ in range(2):
-            api.create_pause(keys["api_key"])
-        error = api.post_json("/v1/pause", WIRE, headers=api.as_key(keys["api_key"]), status=429).json["error"]
-        assert error["code"] == "quota_exceeded" and "2 live pauses per month" in error["message"]
+def test_live_pauses_count_against_the_plan_and_test_pauses_never_do(tmp_path, twilio):
+    config = make_config(tmp_path, **{"plans.free.monthly_pauses": 2}, **twilio.settings())
+    api = Api(pausepoint.create_app(config))
+    keys = api.register()
+    for _ in range(5):
         api.create_pause(keys["test_api_key"])
-    finally:
-        twilio.close()
+    for _ in range(2):
+        api.create_pause(keys["api_key"])
+    error = api.post_json("/v1/pause", WIRE, headers=api.as_key(keys["api_key"]), status=429).json["error"]
+    assert error["code"] == "quota_exceeded" and "2 live pauses per month" in error["message"]
+    api.create_pause(keys["test_api_key"])
 
 
-def test_a_plan_change_by_the_operator_raises_the_quota(tmp_path):
-    twilio = TwilioStub()
-    try:
-        config = make_config(tmp_path, **{"plans.free.monthly_pauses": 1, "plans.team.monthly_pauses": 3},
-                             **twilio.settings())
-        api = Api(pausepoint.create_app(config))
-        keys = api.register()
-        api.create_pause(keys["api_key"])
-        api.post_json("/v1/pause", WIRE, headers=api.as_key(keys["api_key"]), status=429)
-        pausepoint.set_developer_plan(config, "dev@example.com", "team")
-        api.create_pause(keys["api_key"])
-    finally:
-        twilio.close()
+def test_a_plan_change_by_the_operator_raises_the_quota(tmp_path, twilio):
+    config = make_config(tmp_path, **{"plans.free.monthly_pauses": 1, "plans.team.monthly_pauses": 3},
+                         **twilio.settings())
+    api = Api(pausepoint.create_app(config))
+    keys = api.register()
+    api.create_pause(keys["api_key"])
+    api.post_json("/v1/pause", WIRE, headers=api.as_key(keys["api_key"]), status=429)
+    pausepoint.set_developer_plan(config, "dev@example.com", "team")
+    api.create_pause(keys["api_key"])
 
 
 def test_developers_never_see_each_others_pauses(api, developer):

@@ -34,6 +34,7 @@ def browser(tmp_path):
 
 def test_a_human_taps_a_choice_on_a_phone_sized_page_and_sees_it_recorded(live_server, browser, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     url = live_server.url
     keys = requests.post(f"{url}/v1/auth/register",
@@ -53,7 +54,7 @@ def test_a_human_taps_a_choice_on_a_phone_sized_page_and_sees_it_recorded(live_s
 
     browser.find_element(By.ID, "comment").send_keys("Known vendor, invoice matches.")
     buttons[0].click()
-    outcome = browser.find_element(By.ID, "outcome").text
+    outcome = WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "outcome"))[0].text
     assert outcome.startswith("Recorded: Approve")
     assert browser.current_url.endswith(token_of(created["respond_url"]))   # redirected back: a reload cannot re-post
     pause = requests.get(f"{url}/v1/pause/{created['pause_id']}", headers=headers).json()

@@ -1,0 +1,454 @@
+"""Webhooks against real receivers on loopback, over real HTTP."""
+
+import datetime as dt
+import json
+import re
+import sqlite3
+import time
+
+import pytest
+import requests
+
+from conftest import WIRE, Api, make_config, token_of, wait_until
+from stubs import WebhookReceiver
+import pausepoint
+
+SECRET = "whsec_test_secret_0123456789"
+QUICKSTART_EVENTS = ["pause.responded", "pause.timed_out", "pause.cancelled"]
+
+
+@pytest.fixture
+def hooks_config(tmp_path):
+    return make_config(tmp_path, **{"webhooks.allow_private": True})
+
+
+@pytest.fixture
+def hooks_api(hooks_config):
+    app = pausepoint.create_app(hooks_config)
+    app.runtime.start()
+    yield Api(app, extra_environ={"REMOTE_ADDR": "192.0.2.20"})
+    app.runtime.stop()
+
+
+@pytest.fixture
+def keys(hooks_api):
+    return hooks_api.register()
+
+
+def add_webhook(api, key, url, events=QUICKSTART_EVENTS, secret=SECRET, status=201):
+    body = {"url": url, "events": events}
+    if secret is not None:
+        body["secret"] = secret
+    return api.post_json("/v1/webhooks", body, headers=api.as_key(key), status=status).json
+
+
+def deliveries(api, key, webhook_id):
+    return api.get(f"/v1/webhooks/{webhook_id}/deliveries", headers=api.as_key(key)).json["deliveries"]
+
+
+def stored(config, sql, *args):
+    db = sqlite3.connect(config["database.path"])
+    try:
+        with db:
+            return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+
+
+# -- the API -------------------------------------------------------------------
+
+def test_registering_returns_the_webhook_but_never_the_secret(hooks_api, keys, receiver):
+    key = keys["test_api_key"]
+    webhook = add_webhook(hooks_api, key, receiver.url + "/hook")
+    assert webhook["webhook_id"].startswith("wh_") and webhook["url"] == receiver.url + "/hook"
+    assert webhook["events"] == QUICKSTART_EVENTS and webhook["created_at"] and webhook["status"] == "enabled"
+    assert "secret" not in webhook
+    shown = hooks_api.get(f"/v1/webhooks/{webhook['webhook_id']}", headers=hooks_api.as_key(key)).text
+    listed = hooks_api.get("/v1/webhooks", headers=hooks_api.as_key(key)).text
+    assert SECRET not in shown and SECRET not in listed
+    assert webhook["webhook_id"] in listed
+
+
+def test_an_omitted_secret_is_generated_and_shown_once(hooks_api, keys, receiver):
+    key = keys["test_api_key"]
+    webhook = add_webhook(hooks_api, key, receiver.url, secret=None)
+    assert re.fullmatch(r"whsec_[A-Za-z0-9_-]{43}", webhook["secret"])
+    assert webhook["secret"] not in hooks_api.get(f"/v1/webhooks/{webhook['webhook_id']}",
+                                                  headers=hooks_api.as_key(key)).text
+    hooks_api.post(f"/v1/webhooks/{webhook['webhook_id']}/test", headers=hooks_api.as_key(key), status=202)
+    call = receiver.wait_for(1)[0]
+    assert pausepoint.verify_signature(webhook["secret"], call["headers"]["X-PausePoint-Signature"], call["body"])
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"events": ["pause.approved"]}, "events"),
+    ({"events": []}, "events"),
+    ({"events": "pause.responded"}, "events"),
+    ({"secret": "too-short"}, "secret"),
+    ({"url": "ftp://example.com/hook"}, "url"),
+    ({"url": "http://user:pw@127.0.0.1/hook"}, "url"),
+    ({"url": None}, "url"),
+    ({"colour": "red"}, "colour"),
+])
+def test_bad_webhook_fields_get_422_naming_them(hooks_api, keys, body, field):
+    full = {"url": "http://127.0.0.1:9/hook", "events": QUICKSTART_EVENTS, "secret": SECRET, **body}
+    error = hooks_api.post_json("/v1/webhooks", full, headers=hooks_api.as_key(keys["test_api_key"]),
+                                status=422).json["error"]
+    assert error["field"] == field
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/hook", "http://localhost/hook", "http://10.1.2.3/hook",
+                                 "http://192.168.1.20/hook", "http://169.254.169.254/latest", "http://[::1]/hook",
+                                 "http://[::ffff:127.0.0.1]/hook", "http://0.0.0.0/hook"])
+def test_private_addresses_are_refused_by_default_naming_the_setting(api, developer, url):
+    error = api.post_json("/v1/webhooks", {"url": url, "events": QUICKSTART_EVENTS, "secret": SECRET},
+                          headers=api.as_key(developer["test_api_key"]), status=422).json["error"]
+    assert error["field"] == "url" and "webhooks.allow_private" in error["message"]
+
+
+def test_private_addresses_are_allowed_by_the_setting(hooks_api, keys):
+    add_webhook(hooks_api, keys["test_api_key"], "http://192.168.1.20/hook")
+
+
+def test_the_guard_checks_the_address_again_when_connecting(hooks_config, keys, hooks_api, receiver):
+    # Registered where private addresses were allowed; delivered by a server that forbids them.
+    key = keys["test_api_key"]
+    webhook = add_webhook(hooks_api, key, receiver.url)
+    hooks_api.app.runtime.stop()
+    strict = pausepoint.create_app({**hooks_config, "webhooks.allow_private": False})
+    strict.runtime.start()
+    try:
+        api = Api(strict)
+        api.post(f"/v1/webhooks/{webhook['webhook_id']}/test", headers=api.as_key(key))
+        attempt = wait_until(lambda: (d := deliveries(api, key, webhook["webhook_id"]))[0]["attempts"] and
+                             d[0]["attempts"][0])
+        assert "not a public address" in attempt["error"] and attempt["status_code"] is None
+        assert receiver.calls == []
+    finally:
+        strict.runtime.stop()
+
+
+def test_patch_changes_events_and_url_and_delete_stops_everything(hooks_api, keys, receiver):
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, receiver.url + "/old")["webhook_id"]
+    patched = hooks_api.patch_json(f"/v1/webhooks/{webhook_id}", {"url": receiver.url + "/new",
+                                                                  "events": ["pause.created"]},
+                                   headers=hooks_api.as_key(key)).json
+    assert patched["url"] == receiver.url + "/new" and patched["events"] == ["pause.created"]
+    hooks_api.create_pause(key)
+    assert receiver.wait_for(1)[0]["path"] == "/new"
+    hooks_api.delete(f"/v1/webhooks/{webhook_id}", headers=hooks_api.as_key(key), status=204)
+    hooks_api.get(f"/v1/webhooks/{webhook_id}", headers=hooks_api.as_key(key), status=404)
+    hooks_api.create_pause(key)
+    time.sleep(0.6)
+    assert len(receiver.calls) == 1
+    kinds = [e["event_type"] for e in hooks_api.get("/v1/audit", headers=hooks_api.as_key(key)).json["events"]]
+    assert {"webhook.created", "webhook.updated", "webhook.deleted"} <= set(kinds)
+
+
+def test_tenants_never_see_or_trigger_each_others_webhooks(hooks_api, keys, receiver):
+    mine = add_webhook(hooks_api, keys["test_api_key"], receiver.url, events=["pause.created"])["webhook_id"]
+    other = hooks_api.register(email="other@example.com")["test_api_key"]
+    for method in ("get", "delete"):
+        getattr(hooks_api, method)(f"/v1/webhooks/{mine}", headers=hooks_api.as_key(other), status=404)
+    hooks_api.patch_json(f"/v1/webhooks/{mine}", {"events": ["pause.cancelled"]}, headers=hooks_api.as_key(other),
+                         status=404)
+    hooks_api.post(f"/v1/webhooks/{mine}/test", headers=hooks_api.as_key(other), status=404)
+    hooks_api.get(f"/v1/webhooks/{mine}/deliveries", headers=hooks_api.as_key(other), status=404)
+    assert hooks_api.get("/v1/webhooks", headers=hooks_api.as_key(other)).json["webhooks"] == []
+    hooks_api.create_pause(other)
+    time.sleep(0.6)
+    assert receiver.calls == []
+
+
+# -- the call we make ----------------------------------------------------------------
+
+@pytest.mark.parametrize("event", QUICKSTART_EVENTS)
+def test_each_quickstart_event_arrives_signed_for_the_right_pause(hooks_api, keys, receiver, event):
+    key = keys["test_api_key"]
+    add_webhook(hooks_api, key, receiver.url + "/hook")
+    other = hooks_api.create_pause(key)       # never decided: must not be reported
+    created = hooks_api.create_pause(key, metadata={"run": 42}, timeout_hours=4 if event != "pause.timed_out" else 1 / 3600)
+    if event == "pause.responded":
+        hooks_api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve"})
+    elif event == "pause.cancelled":
+        hooks_api.post(f"/v1/pause/{created['pause_id']}/cancel", headers=hooks_api.as_key(key))
+    [call] = receiver.wait_for(1)
+    body, headers = call["json"], call["headers"]
+    assert body["type"] == event and body["id"].startswith("evt_") and body["livemode"] is False
+    assert body["data"]["pause_id"] == created["pause_id"] != other["pause_id"]
+    assert body["data"]["metadata"] == {"run": 42}
+    assert body["data"]["status"] == event.removeprefix("pause.")
+    assert body["data"]["choice"] == {"pause.responded": "Approve", "pause.timed_out": "Reject",
+                                      "pause.cancelled": None}[event]
+    assert headers["X-PausePoint-Event"] == event and headers["X-PausePoint-Event-Id"] == body["id"]
+    assert headers["Content-Type"] == "application/json" and headers["User-Agent"].startswith("PausePoint")
+    assert pausepoint.verify_signature(SECRET, headers["X-PausePoint-Signature"], call["body"])
+    assert not pausepoint.verify_signature("whsec_some_other_secret_000", headers["X-PausePoint-Signature"],
+                                           call["body"])
+    assert not pausepoint.verify_signature(SECRET, headers["X-PausePoint-Signature"], call["body"] + b" ")
+    time.sleep(0.5)
+    assert len(receiver.calls) == 1
+
+
+def test_a_stale_signature_is_rejected():
+    body = b'{"id": "evt_1"}'
+    old = int(time.time()) - 301
+    header = pausepoint.signature_header([SECRET], old, body)
+    assert not pausepoint.verify_signature(SECRET, header, body)
+    assert pausepoint.verify_signature(SECRET, header, body, tolerance=400)
+    fresh = pausepoint.signature_header([SECRET], int(time.time()), body)
+    assert pausepoint.verify_signature(SECRET, fresh, body)
+    assert not pausepoint.verify_signature(SECRET, "v1=" + fresh.split("v1=")[1], body)     # no timestamp
+
+
+def test_the_signature_is_hmac_sha256_over_timestamp_dot_body(hooks_api, keys, receiver):
+    import hashlib
+    import hmac
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+    hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+    call = receiver.wait_for(1)[0]
+    t, v1 = re.fullmatch(r"t=(\d+),v1=([0-9a-f]{64})", call["headers"]["X-PausePoint-Signature"]).groups()
+    assert abs(int(t) - time.time()) < 60
+    assert v1 == hmac.new(SECRET.encode(), f"{t}.".encode() + call["body"], hashlib.sha256).hexdigest()
+    assert call["json"]["type"] == "webhook.test"
+
+
+def test_during_secret_rotation_both_secrets_sign_for_24_hours(hooks_api, keys, receiver, hooks_config):
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+    new_secret = "whsec_rotated_secret_987654321"
+    hooks_api.patch_json(f"/v1/webhooks/{webhook_id}", {"secret": new_secret}, headers=hooks_api.as_key(key))
+    hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+    call = receiver.wait_for(1)[0]
+    header = call["headers"]["X-PausePoint-Signature"]
+    assert header.count("v1=") == 2
+    assert pausepoint.verify_signature(new_secret, header, call["body"])
+    assert pausepoint.verify_signature(SECRET, header, call["body"])
+    stored(hooks_config, "UPDATE webhooks SET previous_secret_expires_at = '2000-01-01T00:00:00.000Z'")
+    hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+    later = receiver.wait_for(2)[1]["headers"]["X-PausePoint-Signature"]
+    assert later.count("v1=") == 1 and not pausepoint.verify_signature(SECRET, later, receiver.calls[1]["body"])
+
+
+def test_test_mode_webhooks_never_see_live_events_and_live_ones_never_see_test_events(tmp_path, receiver, twilio):
+    app = pausepoint.create_app(make_config(tmp_path, **{"webhooks.allow_private": True}, **twilio.settings()))
+    app.runtime.start()
+    try:
+        api = Api(app)
+        keys = api.register()
+        add_webhook(api, keys["test_api_key"], receiver.url + "/test-mode", events=["pause.created"])
+        add_webhook(api, keys["api_key"], receiver.url + "/live-mode", events=["pause.created"])
+        assert len(api.get("/v1/webhooks", headers=api.as_key(keys["api_key"])).json["webhooks"]) == 1
+        test_pause = api.create_pause(keys["test_api_key"])["pause_id"]
+        live_pause = api.create_pause(keys["api_key"])["pause_id"]
+        calls = receiver.wait_for(2)
+        by_path = {c["path"]: c["json"] for c in calls}
+        assert by_path["/test-mode"]["data"]["pause_id"] == test_pause and by_path["/test-mode"]["livemode"] is False
+        assert by_path["/live-mode"]["data"]["pause_id"] == live_pause and by_path["/live-mode"]["livemode"] is True
+    finally:
+        app.runtime.stop()
+
+
+# -- delivery guarantees ----------------------------------------------------------------
+
+def test_a_receiver_answering_500_is_retried_with_the_same_event_id(hooks_api, keys):
+    receiver = WebhookReceiver(answers=[(500, {})])
+    try:
+        key = keys["test_api_key"]
+        webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+        created = hooks_api.create_pause(key)
+        hooks_api.post(f"/v1/pause/{created['pause_id']}/cancel", headers=hooks_api.as_key(key))
+        first, second = receiver.wait_for(2, timeout=20)
+        assert first["status"] == 500 and second["status"] == 200
+        assert first["json"]["id"] == second["json"]["id"]
+        assert first["headers"]["X-PausePoint-Event-Id"] == second["headers"]["X-PausePoint-Event-Id"]
+        assert first["body"] == second["body"]
+        assert 4 <= second["arrived_at"] - first["arrived_at"] <= 10        # the first retry comes after ~5 s
+        [delivery] = wait_until(lambda: (d := deliveries(hooks_api, key, webhook_id))[0]["status"] == "succeeded" and d)
+        assert [a["status_code"] for a in delivery["attempts"]] == [500, 200]
+        assert delivery["attempts"][0]["error"] == "HTTP 500" and delivery["attempts"][0]["next_attempt_at"]
+        assert all(a["duration_ms"] >= 0 for a in delivery["attempts"])
+    finally:
+        receiver.close()
+
+
+def test_retry_after_is_honoured(hooks_api, keys):
+    receiver = WebhookReceiver(answers=[(503, {"Retry-After": "600"})])
+    try:
+        key = keys["test_api_key"]
+        webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+        hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+        receiver.wait_for(1)
+        [delivery] = wait_until(lambda: (d := deliveries(hooks_api, key, webhook_id))[0]["attempts"] and d)
+        due = dt.datetime.strptime(delivery["next_attempt_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+        assert due - dt.datetime.now(dt.timezone.utc) > dt.timedelta(seconds=590)
+    finally:
+        receiver.close()
+
+
+def test_redirects_are_not_followed_and_count_as_failures(hooks_api, keys, receiver):
+    redirecting = WebhookReceiver(answers=[(302, {"Location": receiver.url + "/elsewhere"})])
+    try:
+        key = keys["test_api_key"]
+        webhook_id = add_webhook(hooks_api, key, redirecting.url)["webhook_id"]
+        hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+        [delivery] = wait_until(lambda: (d := deliveries(hooks_api, key, webhook_id))[0]["attempts"] and d)
+        assert delivery["status"] == "pending" and "redirects are not followed" in delivery["attempts"][0]["error"]
+        assert receiver.calls == []
+    finally:
+        redirecting.close()
+
+
+def test_410_disables_the_endpoint_until_it_is_re_enabled(hooks_api, keys, hooks_config):
+    receiver = WebhookReceiver(answers=[(410, {})])
+    try:
+        key = keys["test_api_key"]
+        webhook_id = add_webhook(hooks_api, key, receiver.url, events=["pause.created"])["webhook_id"]
+        hooks_api.create_pause(key)
+        webhook = wait_until(lambda: (w := hooks_api.get(f"/v1/webhooks/{webhook_id}", headers=hooks_api.as_key(key)).json)
+                             ["status"] == "disabled" and w)
+        assert "410" in webhook["disabled_reason"]
+        assert deliveries(hooks_api, key, webhook_id)[0]["status"] == "failed"
+        disabled = hooks_api.get("/v1/audit", {"event_type": "webhook.disabled"}, headers=hooks_api.as_key(key)).json
+        assert disabled["events"][0]["data"]["webhook_id"] == webhook_id
+        hooks_api.create_pause(key)               # no deliveries for a disabled endpoint
+        time.sleep(0.6)
+        assert len(receiver.calls) == 1
+        hooks_api.patch_json(f"/v1/webhooks/{webhook_id}", {"enabled": True}, headers=hooks_api.as_key(key))
+        hooks_api.create_pause(key)
+        assert receiver.wait_for(2)[1]["status"] == 200
+    finally:
+        receiver.close()
+
+
+def test_after_the_last_attempt_the_delivery_fails_and_the_audit_log_says_so(hooks_api, keys, hooks_config):
+    receiver = WebhookReceiver(answers=[(500, {})] * 2)
+    try:
+        key = keys["test_api_key"]
+        webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+        hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+        receiver.wait_for(1)
+        wait_until(lambda: deliveries(hooks_api, key, webhook_id)[0]["attempts"])
+        # Skip the three days: this delivery has had all but its last attempt.
+        stored(hooks_config, "UPDATE webhook_deliveries SET attempts = ?, next_attempt_at = ?",
+               len(pausepoint.RETRY_DELAYS_SECONDS), pausepoint.db_time())
+        [delivery] = wait_until(lambda: (d := deliveries(hooks_api, key, webhook_id))[0]["status"] == "failed" and d)
+        assert delivery["attempts"][-1]["attempt"] == len(pausepoint.RETRY_DELAYS_SECONDS) + 1
+        assert delivery["next_attempt_at"] is None
+        failed = hooks_api.get("/v1/audit", {"event_type": "webhook.delivery_failed"}, headers=hooks_api.as_key(key)).json
+        assert failed["events"][0]["data"]["delivery_id"] == delivery["delivery_id"]
+    finally:
+        receiver.close()
+
+
+def test_the_retry_schedule_spans_about_three_days():
+    assert len(pausepoint.RETRY_DELAYS_SECONDS) == 9
+    assert 2.9 <= sum(pausepoint.RETRY_DELAYS_SECONDS) / 86400 <= 3.3
+
+
+def test_an_endpoint_failing_for_three_days_is_disabled(hooks_api, keys, hooks_config):
+    receiver = WebhookReceiver(answers=[(500, {})] * 3)
+    try:
+        key = keys["test_api_key"]
+        webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+        stored(hooks_config, "UPDATE webhooks SET failing_since = ?",
+               pausepoint.db_time(pausepoint.utcnow() - dt.timedelta(days=3, minutes=1)))
+        hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+        webhook = wait_until(lambda: (w := hooks_api.get(f"/v1/webhooks/{webhook_id}", headers=hooks_api.as_key(key)).json)
+                             ["status"] == "disabled" and w)
+        assert "3 days" in webhook["disabled_reason"]
+    finally:
+        receiver.close()
+
+
+def test_a_success_clears_the_failing_streak(hooks_api, keys, hooks_config, receiver):
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+    stored(hooks_config, "UPDATE webhooks SET failing_since = '2026-01-01T00:00:00.000Z'")
+    hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+    receiver.wait_for(1)
+    wait_until(lambda: stored(hooks_config, "SELECT failing_since FROM webhooks") == [(None,)])
+
+
+def test_redeliver_sends_a_delivery_again_with_the_same_event_id(hooks_api, keys, receiver):
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+    test = hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key), status=202).json
+    receiver.wait_for(1)
+    wait_until(lambda: deliveries(hooks_api, key, webhook_id)[0]["status"] == "succeeded")
+    hooks_api.post(f"/v1/webhooks/{webhook_id}/deliveries/{test['delivery_id']}/redeliver",
+                   headers=hooks_api.as_key(key), status=202)
+    first, second = receiver.wait_for(2)
+    assert first["json"]["id"] == second["json"]["id"] == test["event_id"]
+    hooks_api.post(f"/v1/webhooks/{webhook_id}/deliveries/whd_nope/redeliver", headers=hooks_api.as_key(key),
+                   status=404)
+
+
+def test_a_slow_receiver_does_not_delay_other_receivers(hooks_api, keys):
+    slow, fast = WebhookReceiver(delay=3), WebhookReceiver()
+    try:
+        slow_key = keys["test_api_key"]
+        fast_key = hooks_api.register(email="fast@example.com")["test_api_key"]
+        add_webhook(hooks_api, slow_key, slow.url, events=["pause.created"])
+        add_webhook(hooks_api, fast_key, fast.url, events=["pause.created"])
+        for _ in range(8):
+            hooks_api.create_pause(slow_key)
+        time.sleep(0.3)                           # the slow receiver now holds its workers
+        hooks_api.create_pause(fast_key)
+        fast.wait_for(1, timeout=2.5)             # well before the slow one answers even its first two
+        assert len(slow.calls) == 0
+        slow.wait_for(2, timeout=10)
+    finally:
+        slow.close()
+        fast.close()
+
+
+def test_the_notification_failed_event_is_sent_after_the_final_attempt(tmp_path, receiver, twilio):
+    twilio.fail_next = [500] * 3
+    config = make_config(tmp_path, **{"webhooks.allow_private": True}, **twilio.settings())
+    app = pausepoint.create_app(config)
+    app.runtime.start()
+    try:
+        api = Api(app)
+        key = api.register()["api_key"]
+        add_webhook(api, key, receiver.url, events=["pause.notification_failed"])
+        created = api.create_pause(key)
+        wait_until(lambda: api.pause(key, created["pause_id"])["notification"]["attempts"] == 1)
+        # Skip the backoff: this notification has had all but its last attempt.
+        stored(config, "UPDATE notifications SET attempts = ?, next_attempt_at = ?",
+               pausepoint.NOTIFICATION_ATTEMPTS - 1, pausepoint.db_time())
+        [call] = receiver.wait_for(1)
+        assert call["json"]["type"] == "pause.notification_failed"
+        assert call["json"]["data"]["pause_id"] == created["pause_id"]
+        assert call["json"]["data"]["notification"]["status"] == "failed"
+        assert call["json"]["data"]["status"] == "pending"
+    finally:
+        app.runtime.stop()
+
+
+def test_a_kill_between_decision_and_delivery_still_delivers_after_restart(spawn_server, tmp_path):
+    receiver = WebhookReceiver(answers=[(500, {})])
+    try:
+        env = {"PAUSEPOINT_WEBHOOKS_ALLOW_PRIVATE": "true"}
+        server = spawn_server(env=env)
+        keys = requests.post(f"{server.url}/v1/auth/register",
+                             json={"email": "k@example.com", "name": "K", "password": "password123"}).json()
+        auth = {"Authorization": f"Bearer {keys['test_api_key']}"}
+        requests.post(f"{server.url}/v1/webhooks", json={"url": receiver.url, "events": QUICKSTART_EVENTS,
+                                                         "secret": SECRET}, headers=auth).raise_for_status()
+        created = requests.post(f"{server.url}/v1/pause", json=WIRE, headers=auth).json()
+        requests.post(f"{server.url}/v1/respond/{token_of(created['respond_url'])}", json={"choice": "Approve"})
+        receiver.wait_for(1)
+        db = {"database.path": str(tmp_path / "pausepoint.db")}
+        # The first attempt failed and is recorded; its retry is due in ~5 s. Kill now.
+        wait_until(lambda: stored(db, "SELECT count(*) FROM webhook_attempts") == [(1,)])
+        server.proc.kill()
+        server.proc.wait()
+        spawn_server(env=env, port=int(server.url.rsplit(":", 1)[1]))
+        first, second = receiver.wait_for(2, timeout=20)
+        assert second["status"] == 200 and second["json"]["id"] == first["json"]["id"]
+        assert second["json"]["data"]["choice"] == "Approve"
+    finally:
+        receiver.close()
