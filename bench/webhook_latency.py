@@ -1,0 +1,143 @@
+"""Decision-to-delivery latency of pause.responded webhooks, beside a baseline.
+
+Starts `python pausepoint.py` (webhooks.allow_private on, rate limits off) and a
+webhook receiver on loopback, creates N pauses with a test key, then records a
+decision for each through POST /v1/respond/{token} and times how long after the
+decision request *started* its signed webhook arrives. That start is before the
+decision commits, so the figure is an upper bound.
+
+Baseline, in the same run: the same receiver getting the same number of POSTs
+straight from this process (one loopback HTTP round trip, no PausePoint).
+
+Usage: python bench/webhook_latency.py [--decisions 1000] [--concurrency 1]
+"""
+
+import argparse
+import concurrent.futures
+import http.server
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import requests
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from create_throughput import PAUSE, ROOT, free_port, wait_healthy  # noqa: E402
+
+
+class Receiver:
+    """Loopback webhook receiver noting when each pause's event arrived."""
+
+    def __init__(self):
+        self.arrivals = {}
+        self.cond = threading.Condition()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                arrived = time.perf_counter()
+                key = json.loads(body).get("data", {}).get("pause_id") or self.headers.get("X-Probe")
+                with receiver.cond:
+                    receiver.arrivals[key] = arrived
+                    receiver.cond.notify_all()
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, key, timeout=30):
+        with self.cond:
+            if not self.cond.wait_for(lambda: key in self.arrivals, timeout):
+                raise SystemExit(f"no delivery for {key} within {timeout} s")
+            return self.arrivals[key]
+
+
+_sessions = threading.local()
+
+
+def session():
+    """One keep-alive session per client thread."""
+    if not hasattr(_sessions, "session"):
+        _sessions.session = requests.Session()
+    return _sessions.session
+
+
+def summary(latencies):
+    ordered = sorted(latencies)
+    return {"n": len(ordered), "p50": statistics.median(ordered) * 1000,
+            "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, "max": ordered[-1] * 1000}
+
+
+def run_baseline(receiver, count, concurrency):
+    def probe(n):
+        started = time.perf_counter()
+        session().post(receiver.url, data=b'{"data": {}}', headers={"X-Probe": f"probe-{n}"})
+        return receiver.wait(f"probe-{n}") - started
+
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        return summary(list(pool.map(probe, range(count))))
+
+
+def run_pausepoint(receiver, workdir, count, concurrency):
+    port = free_port()
+    env = {**os.environ, "PAUSEPOINT_RATELIMIT_ENABLED": "false", "PAUSEPOINT_SECURITY_BCRYPT_ROUNDS": "4",
+           "PAUSEPOINT_WEBHOOKS_ALLOW_PRIVATE": "true"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db",
+                             os.path.join(workdir, "pausepoint.db"), "--port", str(port)],
+                            env=env, cwd=workdir, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc)
+        key = requests.post(url + "/v1/auth/register", json={"email": "bench@example.com", "name": "Bench",
+                                                              "password": "benchmark-pw"}).json()["test_api_key"]
+        auth = {"Authorization": f"Bearer {key}"}
+        requests.post(url + "/v1/webhooks", json={"url": receiver.url, "events": ["pause.responded"],
+                                                  "secret": "whsec_benchmark_secret_000"}, headers=auth).raise_for_status()
+        pauses = [session().post(url + "/v1/pause", json=PAUSE, headers=auth).json() for _ in range(count)]
+        time.sleep(1)        # let the simulated notifications settle before timing
+
+        def decide(pause):
+            started = time.perf_counter()
+            session().post(pause["respond_url"].replace("http://127.0.0.1:8080", url).replace("/respond/", "/v1/respond/"),
+                   json={"choice": "Approve"}).raise_for_status()
+            return receiver.wait(pause["pause_id"]) - started
+
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            return summary(list(pool.map(decide, pauses)))
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--decisions", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=1)
+    args = parser.parse_args()
+    receiver = Receiver()
+    with tempfile.TemporaryDirectory() as workdir:
+        baseline = run_baseline(receiver, args.decisions, args.concurrency)
+        ours = run_pausepoint(receiver, workdir, args.decisions, args.concurrency)
+    print(f"decision-to-delivery, {args.decisions} decisions, {args.concurrency} at a time, loopback, "
+          f"{os.cpu_count()} cores")
+    print(f"{'':36}{'n':>6}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
+    for name, r in (("baseline (direct POST to receiver)", baseline), ("pausepoint decision -> webhook", ours)):
+        print(f"{name:36}{r['n']:>6}{r['p50']:>10.1f}{r['p99']:>10.1f}{r['max']:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
