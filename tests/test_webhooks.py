@@ -2,6 +2,7 @@
 
 import datetime as dt
 import json
+import os
 import re
 import sqlite3
 import time
@@ -9,7 +10,7 @@ import time
 import pytest
 import requests
 
-from conftest import WIRE, Api, make_config, token_of, wait_until
+from conftest import ROOT, WIRE, Api, make_config, token_of, wait_until
 from stubs import WebhookReceiver
 import pausepoint
 
@@ -452,3 +453,20 @@ def test_a_kill_between_decision_and_delivery_still_delivers_after_restart(spawn
         assert second["json"]["data"]["choice"] == "Approve"
     finally:
         receiver.close()
+
+
+def test_the_readme_receiver_accepts_what_the_server_sends(hooks_api, keys, receiver, monkeypatch):
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    snippet = re.search(r"```python\n(# receiver\.py.*?)```", readme, re.S).group(1)
+    namespace = {"__name__": "readme_receiver"}
+    monkeypatch.setenv("WEBHOOK_SECRET", SECRET)
+    exec(compile(snippet, "README receiver", "exec"), namespace)
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+    hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+    call = receiver.wait_for(1)[0]
+    header = call["headers"]["X-PausePoint-Signature"]
+    assert namespace["verify_signature"](SECRET, header, call["body"])
+    assert not namespace["verify_signature"]("whsec_wrong_secret_00000000", header, call["body"])
+    assert not namespace["verify_signature"](SECRET, header, call["body"] + b"tampered")
