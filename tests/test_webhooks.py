@@ -470,3 +470,18 @@ def test_the_readme_receiver_accepts_what_the_server_sends(hooks_api, keys, rece
     assert namespace["verify_signature"](SECRET, header, call["body"])
     assert not namespace["verify_signature"]("whsec_wrong_secret_00000000", header, call["body"])
     assert not namespace["verify_signature"](SECRET, header, call["body"] + b"tampered")
+
+
+def test_an_attempt_that_gets_no_answer_within_10_seconds_fails_and_is_retried(hooks_api, keys):
+    silent = WebhookReceiver(delay=pausepoint.DELIVERY_TIMEOUT_SECONDS + 2)
+    try:
+        key = keys["test_api_key"]
+        webhook_id = add_webhook(hooks_api, key, silent.url)["webhook_id"]
+        hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+        [delivery] = wait_until(lambda: (d := deliveries(hooks_api, key, webhook_id))[0]["attempts"] and d, timeout=20)
+        attempt = delivery["attempts"][0]
+        assert attempt["error"] == "timed out after 10 s" and attempt["status_code"] is None
+        assert 10_000 <= attempt["duration_ms"] < 12_000
+        assert delivery["status"] == "pending" and delivery["next_attempt_at"]
+    finally:
+        silent.close()
