@@ -16,6 +16,9 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
+import email.message
+import email.utils
+import functools
 import getpass
 import hashlib
 import hmac
@@ -28,8 +31,10 @@ import random
 import re
 import secrets
 import signal
+import smtplib
 import socket
 import sqlite3
+import ssl
 import string
 import sys
 import threading
@@ -38,12 +43,15 @@ import tomllib
 import urllib.parse
 import uuid
 
+import apprise
 import bcrypt
 import bottle
 import requests
 import twilio.base.exceptions
 import twilio.http.http_client
+import twilio.request_validator
 import twilio.rest
+import twilio.twiml.messaging_response
 import urllib3
 import waitress
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -84,8 +92,16 @@ SETTINGS = [
     Setting("pauses.max_timeout_hours", 720.0, "Longest timeout_hours a pause may ask for."),
     Setting("twilio.account_sid", "", "Twilio account SID (AC…), for the sms channel."),
     Setting("twilio.auth_token", "", "Twilio auth token, for the sms channel."),
-    Setting("twilio.from_number", "", "The Twilio phone number SMS are sent from, in E.164 form (+15550100)."),
+    Setting("twilio.from_number", "", "The Twilio phone number SMS and WhatsApp messages are sent from, in E.164 form (+15550100)."),
+    Setting("twilio.messaging_service_sid", "", "A Twilio Messaging Service (MG…) to send through instead of from_number."),
     Setting("twilio.api_base", "https://api.twilio.com", "Base URL of the Twilio REST API; change it to use a Twilio-compatible provider."),
+    Setting("smtp.host", "", "SMTP server for the email channel."),
+    Setting("smtp.port", 587, "SMTP port: 587 for STARTTLS, 465 for implicit TLS, 25 for none."),
+    Setting("smtp.security", "starttls", "starttls, tls (implicit, usually port 465) or none."),
+    Setting("smtp.username", "", "SMTP login; empty: no login."),
+    Setting("smtp.password", "", "SMTP password."),
+    Setting("smtp.from_address", "", "The From address of approval emails, e.g. PausePoint <approvals@example.com>."),
+    Setting("smtp.ca_file", "", "PEM file of CA certificates to trust for SMTP TLS instead of the system's (for a private CA)."),
     Setting("webhooks.allow_private", False, "Allow webhook URLs on loopback, private or link-local addresses (for agents on your LAN)."),
     Setting("webhooks.workers", 8, "Webhook calls made at once. Each endpoint gets at most 2, so one slow receiver cannot hold them all."),
     Setting("ratelimit.enabled", True, "Rate-limit registration, key rotation and failed respond-token lookups per client IP."),
@@ -97,6 +113,9 @@ SETTINGS = [
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 # Plans are open-ended: an operator adds [plans.team] monthly_pauses = 5000.
 PLAN_KEY = re.compile(r"^plans\.([a-z][a-z0-9_-]{0,31})\.monthly_pauses$")
+# So are push and chat targets: [channels.ops] url = "ntfy://ntfy.example.org/approvals".
+CHANNEL_KEY = re.compile(r"^channels\.([a-z][a-z0-9_-]{0,31})\.url$")
+BUILT_IN_CHANNELS = ("sms", "whatsapp", "email", "link")
 
 # Long-polling agents may hold at most this many fewer threads than there are,
 # so creating and answering pauses always has threads to run on.
@@ -142,22 +161,38 @@ def flatten(table, prefix=""):
 
 
 def env_name_to_key(name):
-    """PAUSEPOINT_SERVER_BASE_URL -> server.base_url (plans: PAUSEPOINT_PLANS_TEAM_MONTHLY_PAUSES)."""
+    """PAUSEPOINT_SERVER_BASE_URL -> server.base_url; PAUSEPOINT_PLANS_TEAM_MONTHLY_PAUSES ->
+    plans.team.monthly_pauses; PAUSEPOINT_CHANNELS_OPS_URL -> channels.ops.url."""
     for setting in SETTINGS:
         if name == "PAUSEPOINT_" + setting.key.replace(".", "_").upper():
             return setting.key
-    plan = re.fullmatch(r"PAUSEPOINT_PLANS_([A-Z][A-Z0-9_]*)_MONTHLY_PAUSES", name)
-    if plan:
-        return f"plans.{plan.group(1).lower()}.monthly_pauses"
+    for section, leaf in (("PLANS", "MONTHLY_PAUSES"), ("CHANNELS", "URL")):
+        match = re.fullmatch(f"PAUSEPOINT_{section}_([A-Z][A-Z0-9_]*)_{leaf}", name)
+        if match:
+            return f"{section.lower()}.{match.group(1).lower()}.{leaf.lower()}"
     raise ConfigError(f"unknown setting: environment variable {name} names no setting")
 
 
 def setting_type(key):
     if PLAN_KEY.match(key):
         return int
+    if CHANNEL_KEY.match(key):
+        return str
     if key not in SETTINGS_BY_KEY:
         raise ConfigError(f"unknown setting: {key}")
     return type(SETTINGS_BY_KEY[key].default)
+
+
+def open_setting_problem(key, value):
+    """Checks for the open-ended [plans.NAME] and [channels.NAME] keys."""
+    if PLAN_KEY.match(key) and value < 0:
+        return "must not be negative"
+    channel = CHANNEL_KEY.match(key)
+    if channel and channel.group(1) in BUILT_IN_CHANNELS:
+        return f"names a built-in channel; choose another name than {', '.join(BUILT_IN_CHANNELS)}"
+    if channel and apprise.Apprise.instantiate(value) is None:
+        return "is not a notification URL Apprise understands (e.g. ntfy://host/topic, slack://…, gotify://…)"
+    return None
 
 
 def parse_text_value(key, raw, where):
@@ -182,9 +217,7 @@ def check_setting(key, value, where):
         value = float(value)
     if type(value) is not kind:
         raise ConfigError(f"{key} must be {kind.__name__.replace('str', 'a string').replace('int', 'a whole number').replace('float', 'a number').replace('bool', 'true or false')} ({where} it is {value!r})")
-    problem = SETTING_CHECKS.get(key, lambda v: None)(value)
-    if PLAN_KEY.match(key) and value < 0:
-        problem = "must not be negative"
+    problem = SETTING_CHECKS.get(key, lambda v: None)(value) or open_setting_problem(key, value)
     if problem:
         raise ConfigError(f"{key} {problem} ({where} it is {value!r})")
     return value
@@ -216,6 +249,8 @@ SETTING_CHECKS = {
     "database.path": lambda v: None if v else "must not be empty",
     "security.bcrypt_rounds": lambda v: None if 4 <= v <= 16 else "must be between 4 and 16",
     "pauses.max_timeout_hours": lambda v: None if 0 < v <= 24 * 366 else "must be above 0 and at most 8784 (a year)",
+    "smtp.security": lambda v: None if v in ("starttls", "tls", "none") else "must be starttls, tls or none",
+    "smtp.port": lambda v: None if 1 <= v <= 65535 else "must be between 1 and 65535",
     "webhooks.workers": lambda v: None if 1 <= v <= 64 else "must be between 1 and 64",
     "ratelimit.register_per_hour": lambda v: None if v >= 1 else "must be at least 1",
     "ratelimit.rotate_per_hour": lambda v: None if v >= 1 else "must be at least 1",
@@ -534,15 +569,15 @@ def validate_pause_request(body, config):
     unknown = sorted(set(body) - PAUSE_FIELDS)
     if unknown:
         raise invalid(unknown[0], f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(PAUSE_FIELDS))}")
-    channel = body.get("channel")
+    channel, known = body.get("channel"), channels(config)
     if channel is None:
-        raise invalid("channel", f"channel is required: one of {', '.join(CHANNELS)}")
-    if channel not in CHANNELS:
-        raise invalid("channel", f"unknown channel {channel!r}; this server knows: {', '.join(CHANNELS)}")
+        raise invalid("channel", f"channel is required: one of {', '.join(known)}")
+    if channel not in known:
+        raise invalid("channel", f"unknown channel {channel!r}; this server knows: {', '.join(known)}")
     recipient = body.get("recipient")
     if not isinstance(recipient, str) or not recipient.strip():
         raise invalid("recipient", "recipient is required")
-    problem = CHANNELS[channel].recipient_problem(recipient.strip())
+    problem = known[channel].recipient_problem(recipient.strip())
     if problem:
         raise invalid("recipient", problem)
     message = body.get("message")
@@ -595,7 +630,7 @@ def create_pause(conn, config, caller, body, idempotency_key=None):
     matched an earlier identical request and nothing new was created.
     """
     fields = validate_pause_request(body, config)
-    channel = CHANNELS[fields["channel"]]
+    channel = channels(config)[fields["channel"]]
     if caller.livemode:
         missing = channel.missing_settings(config)
         if missing:
@@ -624,11 +659,12 @@ def create_pause(conn, config, caller, body, idempotency_key=None):
              None if fields["metadata"] is None else compact_json(fields["metadata"]),
              token, created_at, expires_at))
         pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (pause_id,)).fetchone()
-        conn.execute(
-            "INSERT INTO notifications (id, pause_id, channel, recipient, livemode, text, next_attempt_at,"
-            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (new_id("ntf_"), pause_id, fields["channel"], fields["recipient"], caller.livemode,
-             channel.render(pause, respond_url(config, token)), created_at, created_at, created_at))
+        if channel.render is not None:      # the link channel sends nothing: the agent delivers respond_url
+            conn.execute(
+                "INSERT INTO notifications (id, pause_id, channel, recipient, livemode, text, next_attempt_at,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (new_id("ntf_"), pause_id, fields["channel"], fields["recipient"], caller.livemode,
+                 channel.render(pause, respond_url(config, token)), created_at, created_at, created_at))
         if idempotency_key is not None:
             conn.execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?)",
                          (caller.developer_id, caller.livemode, idempotency_key, request_fingerprint(body),
@@ -716,6 +752,39 @@ def respond_to_pause(conn, config, token, choice, comment, client):
         return conn.execute("SELECT * FROM pauses WHERE id = ?", (pause["id"],)).fetchone()
 
 
+def record_sms_reply(conn, config, sender, text, message_sid=None):
+    """An SMS or WhatsApp reply: decide the newest pending live pause sent to that
+    number. Returns (the reply to text back, whether a decision was recorded)."""
+    channel = "whatsapp" if sender.startswith("whatsapp:") else "sms"
+    number = sender.removeprefix("whatsapp:")
+    with transaction(conn):
+        now = db_time()
+        pause = conn.execute(
+            "SELECT * FROM pauses WHERE recipient = ? AND status = 'pending' AND channel = ? AND livemode = 1"
+            " AND expires_at > ? ORDER BY seq DESC LIMIT 1", (number, channel, now)).fetchone()
+        if pause is None:
+            return "PausePoint: there is no open request for this number.", False
+        choice = reply_choice(text, json.loads(pause["options"]))
+        if choice is None:
+            return f"PausePoint: {reply_options(pause)}. ({shorten(pause['message'])})", False
+        decide_pause(conn, config, pause["id"], "responded", f"recipient:{number}", choice, now=now,
+                     data={"via": channel, "message_sid": message_sid})
+    return f"PausePoint: recorded {choice} for \"{shorten(pause['message'])}\"", True
+
+
+def reply_choice(text, options):
+    """'2', '2.' or 'reject' -> the option meant, or None."""
+    answer = text.strip().rstrip(".!").strip()
+    if answer.isdigit() and 1 <= int(answer) <= len(options):
+        return options[int(answer) - 1]
+    return next((option for option in options if option.casefold() == answer.casefold()), None)
+
+
+def shorten(text, limit=60):
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def pause_by_token(conn, token):
     pause = conn.execute("SELECT * FROM pauses WHERE respond_token = ?", (token,)).fetchone()
     if pause is None:
@@ -784,6 +853,7 @@ def pause_json(pause, config, notification=None):
         "expires_at": api_time(pause["expires_at"]),
         "created_at": api_time(pause["created_at"]),
     }
+    body["notification"] = None         # the link channel: nothing is sent, the agent delivers respond_url
     if notification is not None:
         body["notification"] = {
             "channel": notification["channel"],
@@ -826,56 +896,118 @@ def respond_facts(pause):
 ###############################################################################
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+PROVIDER_TIMEOUT_SECONDS = 10
 
 
 @dataclasses.dataclass(frozen=True)
 class Channel:
     """How one kind of notification reaches a human.
 
-    required_settings must be set for live sends; test-mode pauses never send
-    and so need none. send(config, notification) returns the provider's message
-    id or raises ChannelError.
+    Test-mode pauses never send, so only live pauses need missing_settings()
+    to be empty. send(config, notification, pause) returns the provider's
+    message id (or None) or raises ChannelError.
     """
     name: str
+    kind: str                     # 'twilio', 'email', 'apprise' or 'link'
     recipient_problem: object     # recipient -> None, or a sentence saying what is wrong
-    required_settings: tuple
+    missing_settings: object      # config -> [setting names a live send still needs]
+    render: object = None         # (pause, respond_url) -> the exact text sent; None: nothing is sent
     send: object = None
-
-    def missing_settings(self, config):
-        return [key for key in self.required_settings if not config.get(key)]
-
-    def render(self, pause, url):
-        return notification_text(pause, url)
 
 
 class ChannelError(Exception):
-    """A send failed; transient failures are retried."""
+    """A send failed; it is retried until NOTIFICATION_ATTEMPTS are used."""
 
 
-def notification_text(pause, url):
-    """The text a human receives: the question, the choices, the link and the deadline."""
-    options = " / ".join(json.loads(pause["options"]))
-    expires = parse_db_time(pause["expires_at"]).strftime("%b %d %H:%M UTC")
-    return f"{pause['message']}\n\nOptions: {options}\nRespond: {url}\nExpires {expires}"
+def channels(config):
+    """The channels this server offers: the built-in ones and one per [channels.NAME] target."""
+    found = {
+        "sms": Channel("sms", "twilio", phone_problem, twilio_missing, sms_text, send_twilio),
+        "whatsapp": Channel("whatsapp", "twilio", phone_problem, twilio_missing, sms_text, send_twilio),
+        "email": Channel("email", "email", email_problem, smtp_missing, email_text, send_email),
+        "link": Channel("link", "link", label_problem, lambda config: []),
+    }
+    for key, url in config.items():
+        match = CHANNEL_KEY.match(key)
+        if match:
+            found[match.group(1)] = Channel(match.group(1), "apprise", label_problem, lambda config: [],
+                                            push_text, functools.partial(send_apprise, url))
+    return found
 
 
-def sms_recipient_problem(recipient):
+def phone_problem(recipient):
     if not E164.match(recipient):
         return "recipient must be a phone number in E.164 form, like +15550100 (a + and 7-15 digits)"
     return None
 
 
-PROVIDER_TIMEOUT_SECONDS = 10
+def email_problem(recipient):
+    if len(recipient) > 254 or not EMAIL.match(recipient):
+        return "recipient must be an email address like ada@example.com"
+    return None
 
 
-def send_sms(config, notification):
-    """One SMS through the Twilio REST API (or a compatible one at twilio.api_base)."""
+def label_problem(recipient):
+    # Push targets and links are named in config or delivered by the agent;
+    # the recipient only says who is expected to answer, for the audit log.
+    if len(recipient) > 200:
+        return "recipient must be at most 200 characters"
+    return None
+
+
+def twilio_missing(config):
+    missing = [key for key in ("twilio.account_sid", "twilio.auth_token") if not config[key]]
+    if not config["twilio.from_number"] and not config["twilio.messaging_service_sid"]:
+        missing.append("twilio.from_number or twilio.messaging_service_sid")
+    return missing
+
+
+def smtp_missing(config):
+    return [key for key in ("smtp.host", "smtp.from_address") if not config[key]]
+
+
+def reply_options(pause):
+    """'Reply 1 for Approve, 2 for Reject': what an SMS reply may say (see record_sms_reply)."""
+    options = json.loads(pause["options"])
+    return "Reply " + ", ".join(f"{n} for {option}" for n, option in enumerate(options, 1))
+
+
+def expiry_text(pause):
+    return parse_db_time(pause["expires_at"]).strftime("%b %d %H:%M UTC")
+
+
+def sms_text(pause, url):
+    """As few segments as possible: no decoration, GSM-7 characters only in what we add."""
+    return f"{pause['message']}\n{reply_options(pause)}, or open {url}\nExpires {expiry_text(pause)}"
+
+
+def push_text(pause, url):
+    options = " / ".join(json.loads(pause["options"]))
+    return f"{pause['message']}\n\nOptions: {options}\nAnswer: {url}\nExpires {expiry_text(pause)}"
+
+
+def email_subject(pause):
+    first_line = pause["message"].strip().splitlines()[0]
+    return "Approval needed: " + (first_line if len(first_line) <= 80 else first_line[:79] + "…")
+
+
+def email_text(pause, url):
+    options = "\n".join(f"  {option}: {url}?choice={urllib.parse.quote(option)}"
+                        for option in json.loads(pause["options"]))
+    return (f"Subject: {email_subject(pause)}\n\n{pause['message']}\n\nChoose one (each link opens a page where"
+            f" you confirm):\n{options}\n\nThis request expires {expiry_text(pause)}.")
+
+
+def send_twilio(config, notification, pause):
+    """One SMS or WhatsApp message through the Twilio REST API (or a compatible one at twilio.api_base)."""
     client = twilio.rest.Client(config["twilio.account_sid"], config["twilio.auth_token"],
                                 http_client=twilio.http.http_client.TwilioHttpClient(timeout=PROVIDER_TIMEOUT_SECONDS))
     client.api.base_url = config["twilio.api_base"].rstrip("/")
+    prefix = "whatsapp:" if notification["channel"] == "whatsapp" else ""
+    sender = ({"messaging_service_sid": config["twilio.messaging_service_sid"]}
+              if config["twilio.messaging_service_sid"] else {"from_": prefix + config["twilio.from_number"]})
     try:
-        message = client.messages.create(to=notification["recipient"], from_=config["twilio.from_number"],
-                                         body=notification["text"])
+        message = client.messages.create(to=prefix + notification["recipient"], body=notification["text"], **sender)
     except twilio.base.exceptions.TwilioRestException as e:
         raise ChannelError(f"Twilio answered HTTP {e.status}: {e.msg}") from None
     except (twilio.base.exceptions.TwilioException, requests.RequestException) as e:
@@ -883,10 +1015,46 @@ def send_sms(config, notification):
     return message.sid
 
 
-CHANNELS = {
-    "sms": Channel("sms", sms_recipient_problem, ("twilio.account_sid", "twilio.auth_token", "twilio.from_number"),
-                   send_sms),
-}
+def send_email(config, notification, pause):
+    """A plain-text and an HTML part; every button opens the respond page, none decides on GET."""
+    url = respond_url(config, pause["respond_token"])
+    message = email.message.EmailMessage()
+    message["Subject"] = email_subject(pause)
+    message["From"] = config["smtp.from_address"]
+    message["To"] = notification["recipient"]
+    message["Message-ID"] = email.utils.make_msgid(idstring=notification["id"])
+    message.set_content(notification["text"].split("\n\n", 1)[1])
+    message.add_alternative(bottle.template("email", template_lookup=[TEMPLATES_DIR], url=url,
+                                            pause=respond_facts(pause), expires=expiry_text(pause),
+                                            quote=urllib.parse.quote), subtype="html")
+    security, host, port = config["smtp.security"], config["smtp.host"], config["smtp.port"]
+    try:
+        context = ssl.create_default_context(cafile=config["smtp.ca_file"] or None)
+        if security == "tls":
+            server = smtplib.SMTP_SSL(host, port, timeout=PROVIDER_TIMEOUT_SECONDS, context=context)
+        else:
+            server = smtplib.SMTP(host, port, timeout=PROVIDER_TIMEOUT_SECONDS)
+        with server:
+            if security == "starttls":
+                server.starttls(context=context)
+            if config["smtp.username"]:
+                server.login(config["smtp.username"], config["smtp.password"])
+            server.send_message(message)
+    except (smtplib.SMTPException, OSError) as e:
+        raise ChannelError(f"SMTP {host}:{port}: {e}") from None
+    return message["Message-ID"]
+
+
+def send_apprise(target_url, config, notification, pause):
+    """A push or chat message to an operator-named target (ntfy, Slack, Gotify, Matrix, …)."""
+    notifier = apprise.Apprise()
+    if not notifier.add(target_url):
+        raise ChannelError(f"channel {notification['channel']!r} has a URL Apprise does not understand")
+    if not notifier.notify(title="Approval needed", body=notification["text"]):
+        scheme = target_url.split("://", 1)[0]
+        raise ChannelError(f"Apprise could not deliver to the {scheme}:// target (see the server log)")
+    return None
+
 
 NOTIFICATION_ATTEMPTS = 3
 NOTIFICATION_BACKOFF_SECONDS = (5, 30)     # before the 2nd and the 3rd attempt
@@ -934,11 +1102,12 @@ def deliver_notification(conn, config, row):
     if not claimed:
         return      # another worker got there first
     attempt = row["attempts"] + 1
-    channel = CHANNELS.get(row["channel"])
+    channel = channels(config).get(row["channel"])
     try:
         if channel is None or channel.send is None or channel.missing_settings(config):
             raise ChannelError(f"channel {row['channel']!r} is not configured on this server")
-        provider_id, error = channel.send(config, row), None
+        pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (row["pause_id"],)).fetchone()
+        provider_id, error = channel.send(config, row, pause), None
     except ChannelError as e:
         provider_id, error = None, str(e)[:500]
     except Exception as e:      # a provider library's surprise must not kill the job
@@ -1792,6 +1961,31 @@ def create_app(config):
 
     # -- audit ----------------------------------------------------------------
 
+    # -- channels -------------------------------------------------------------
+
+    @app.get("/v1/channels")
+    def list_channels():
+        caller()
+        return {"channels": [{"name": c.name, "kind": c.kind, "configured": not c.missing_settings(config)}
+                             for c in channels(config).values()]}
+
+    @app.post("/v1/twilio/inbound")
+    def twilio_inbound():
+        form = {k: bottle.request.forms.getunicode(k) for k in bottle.request.forms.keys()}
+        signature = bottle.request.get_header("X-Twilio-Signature") or ""
+        url = base_url(config) + bottle.request.fullpath
+        if not config["twilio.auth_token"] or not twilio.request_validator.RequestValidator(
+                config["twilio.auth_token"]).validate(url, form, signature):
+            raise ApiError(403, "bad_signature", "X-Twilio-Signature is missing or wrong for this server's"
+                                                 " twilio.auth_token and server.base_url")
+        reply, decided = record_sms_reply(rt.db(), config, form.get("From") or "", form.get("Body") or "",
+                                          form.get("MessageSid"))
+        if decided:
+            rt.decided()
+        twiml = twilio.twiml.messaging_response.MessagingResponse()
+        twiml.message(reply)
+        return bottle.HTTPResponse(str(twiml), status=200, headers={"Content-Type": "application/xml"})
+
     @app.get("/v1/audit")
     def get_audit():
         who = caller()
@@ -1856,7 +2050,10 @@ def create_app(config):
             pause = open_respond_link(token, "page")
         except ApiError as e:
             return page_error(e)
-        return html_page("respond", pause=respond_facts(pause), token=token, error=None)
+        # Email buttons arrive with ?choice=: show it picked, but only the POST decides.
+        picked = bottle.request.query.getunicode("choice")
+        return html_page("respond", pause=respond_facts(pause), token=token, error=None,
+                         picked=picked if picked in json.loads(pause["options"]) else None)
 
     @app.post("/respond/<token>")
     def post_respond_page(token):
@@ -1868,7 +2065,8 @@ def create_app(config):
         except ApiError as e:
             if e.status == 422:
                 pause = rt.db().execute("SELECT * FROM pauses WHERE respond_token = ?", (token,)).fetchone()
-                return html_page("respond", pause=respond_facts(pause), token=token, error=e.message, status=422)
+                return html_page("respond", pause=respond_facts(pause), token=token, error=e.message, picked=None,
+                                 status=422)
             return page_error(e)
         # Post/Redirect/Get: a reload shows the recorded decision instead of re-posting.
         return bottle.HTTPResponse(status=303, headers={"Location": f"/respond/{token}", **PAGE_HEADERS})

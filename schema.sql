@@ -72,6 +72,8 @@ CREATE INDEX pauses_pending_by_expiry ON pauses(expires_at) WHERE status = 'pend
 -- GET /v1/pause: a developer's pauses in one mode, newest first, optionally by status.
 CREATE INDEX pauses_by_owner ON pauses(developer_id, livemode, seq);
 CREATE INDEX pauses_by_owner_status ON pauses(developer_id, livemode, status, seq);
+-- SMS replies: the newest pending pause sent to a phone number.
+CREATE INDEX pauses_pending_by_recipient ON pauses(recipient, seq) WHERE status = 'pending';
 -- Quota: live pauses a developer created since the start of the month.
 CREATE INDEX pauses_by_owner_created ON pauses(developer_id, livemode, created_at);
 

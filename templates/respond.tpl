@@ -4,11 +4,13 @@
 % if pause['status'] == 'pending':
   % if error:
 <p class="error" role="alert">{{error}}</p>
+  % elif picked:
+<p class="picked">You picked <strong>{{picked}}</strong>. Tap it below to confirm.</p>
   % end
 <form method="post" action="/respond/{{token}}">
   <div class="options">
   % for option in pause['options']:
-    <button type="submit" name="choice" value="{{option}}">{{option}}</button>
+    <button type="submit" name="choice" value="{{option}}"{{!' class="picked"' if option == picked else ''}}>{{option}}</button>
   % end
   </div>
   <label for="comment">Comment (optional)</label>

@@ -7,6 +7,7 @@ same app over real HTTP with waitress on a loopback port; `spawn_server` runs
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -94,6 +95,16 @@ def api(app):
 def developer(api):
     """A registered developer: {'developer_id', 'api_key', 'test_api_key', …}."""
     return api.register()
+
+
+def stored(where, sql, *args):
+    """Run one statement on the database file (a path, or a config naming it) and return its rows."""
+    db = sqlite3.connect(where["database.path"] if isinstance(where, dict) else where)
+    try:
+        with db:
+            return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
 
 
 def token_of(respond_url):

@@ -12,7 +12,7 @@ import time
 
 import requests
 
-from conftest import PASSWORD, ROOT, WIRE, LiveServer, make_config, token_of, wait_until
+from conftest import stored, PASSWORD, ROOT, WIRE, LiveServer, make_config, token_of, wait_until
 import pausepoint
 
 
@@ -31,13 +31,6 @@ def create(url, key, **changes):
     assert response.status_code == 201, response.text
     return response.json()
 
-
-def stored(db_path, sql, *args):
-    db = sqlite3.connect(db_path)
-    try:
-        return db.execute(sql, args).fetchall()
-    finally:
-        db.close()
 
 
 def test_healthz_answers_once_the_database_and_scheduler_are_up(spawn_server):

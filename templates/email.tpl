@@ -1,0 +1,18 @@
+<!doctype html>
+<html lang="en">
+<body style="margin:0;padding:24px;background:#f5f5f7;font:16px/1.45 -apple-system,'Segoe UI',Roboto,sans-serif;color:#1d1d1f">
+<div style="max-width:480px;margin:0 auto">
+<p style="color:#6e6e73;margin:0 0 6px">An agent is asking:</p>
+<div style="background:#fff;border-radius:12px;padding:16px;white-space:pre-wrap">{{pause['message']}}</div>
+<p style="color:#6e6e73">Choose one. Each button opens a page where you confirm; nothing is decided until you do.</p>
+% for option in pause['options']:
+<p style="margin:0 0 10px"><a href="{{url}}?choice={{quote(option)}}" style="display:block;text-align:center;background:#0a58ca;color:#fff;font-weight:600;text-decoration:none;padding:14px;border-radius:12px">{{option}}</a></p>
+% end
+<p style="color:#6e6e73;font-size:14px">This request expires {{expires}}.
+% if pause['timeout_default']:
+If nobody answers, {{pause['timeout_default']}} applies.
+% end
+</p>
+</div>
+</body>
+</html>

@@ -1,0 +1,421 @@
+"""Notification channels against real loopback peers: Twilio's API, an SMTP server, an Apprise target."""
+
+import concurrent.futures
+import email
+import email.policy
+import sqlite3
+import ssl
+import subprocess
+
+import pytest
+import requests
+from aiosmtpd.controller import Controller
+from twilio.request_validator import RequestValidator
+
+from conftest import stored, WIRE, Api, LiveServer, free_port, make_config, token_of, wait_until
+import pausepoint
+
+XSS = '<script>alert(1)</script>'
+
+
+class Mailbox:
+    """aiosmtpd handler keeping every message it is handed."""
+
+    def __init__(self):
+        self.messages = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp_server():
+    mailbox = Mailbox()
+    mailbox.port = free_port()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=mailbox.port)
+    controller.start()
+    yield mailbox
+    controller.stop()
+
+
+def running_api(tmp_path, **settings):
+    app = pausepoint.create_app(make_config(tmp_path, **settings))
+    app.runtime.start()
+    return Api(app, extra_environ={"REMOTE_ADDR": "192.0.2.30"})
+
+
+@pytest.fixture
+def stop_apps():
+    apis = []
+    yield apis.append
+    for api in apis:
+        api.app.runtime.stop()
+
+
+def wait_for_notification(api, key, pause_id, status):
+    return wait_until(lambda: (p := api.pause(key, pause_id))["notification"]["status"] == status and p)
+
+
+
+# -- SMS and WhatsApp through Twilio ----------------------------------------------------
+
+def test_the_sms_invites_a_numbered_reply_and_fits_in_two_segments(tmp_path, twilio, stop_apps):
+    api = running_api(tmp_path, **twilio.settings(), **{"server.base_url": "https://pp.example.org"})
+    stop_apps(api)
+    key = api.register()["api_key"]
+    created = api.create_pause(key)
+    wait_for_notification(api, key, created["pause_id"], "sent")
+    body = twilio.messages[0]["Body"]
+    assert body.startswith(WIRE["message"] + "\n")
+    assert "Reply 1 for Approve, 2 for Reject, or open " + created["respond_url"] in body
+    assert "Expires " in body and body.endswith(" UTC")
+    gsm7 = set("@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§"
+               "¿abcdefghijklmnopqrstuvwxyzäöñüà")
+    assert set(body) <= gsm7                  # no character forces the 70-per-segment encoding
+    assert len(body) <= 2 * 153               # two concatenated GSM-7 segments
+
+
+def test_whatsapp_goes_through_twilio_with_the_whatsapp_prefix(tmp_path, twilio, stop_apps):
+    api = running_api(tmp_path, **twilio.settings())
+    stop_apps(api)
+    key = api.register()["api_key"]
+    created = api.create_pause(key, channel="whatsapp")
+    pause = wait_for_notification(api, key, created["pause_id"], "sent")
+    message = twilio.messages[0]
+    assert message["To"] == "whatsapp:+15550100" and message["From"] == "whatsapp:+15559990000"
+    assert pause["notification"]["provider_message_id"] == message["sid"]
+
+
+def test_a_messaging_service_can_send_instead_of_a_number(tmp_path, twilio, stop_apps):
+    settings = {**twilio.settings(), "twilio.from_number": "", "twilio.messaging_service_sid": "MG" + "1" * 32}
+    api = running_api(tmp_path, **settings)
+    stop_apps(api)
+    key = api.register()["api_key"]
+    wait_for_notification(api, key, api.create_pause(key)["pause_id"], "sent")
+    assert twilio.messages[0]["MessagingServiceSid"] == "MG" + "1" * 32 and "From" not in twilio.messages[0]
+
+
+def test_transient_failures_are_retried_with_backoff_and_the_third_failure_is_final(tmp_path, twilio, stop_apps):
+    twilio.fail_next = [503, 503, 503]
+    config = make_config(tmp_path, **twilio.settings())
+    api = running_api(tmp_path, **twilio.settings())
+    stop_apps(api)
+    key = api.register()["api_key"]
+    pause_id = api.create_pause(key)["pause_id"]
+    for attempts in (1, 2):
+        # Wait for the attempt to have failed and been queued again, then skip its backoff.
+        wait_until(lambda: stored(config, "SELECT status, attempts FROM notifications") == [("queued", attempts)])
+        if attempts == 1:
+            [(next_at, error)] = stored(config, "SELECT next_attempt_at, last_error FROM notifications")
+            wait = (pausepoint.parse_db_time(next_at) - pausepoint.utcnow()).total_seconds()
+            assert 3 < wait <= pausepoint.NOTIFICATION_BACKOFF_SECONDS[0] and "HTTP 503" in error
+        stored(config, "UPDATE notifications SET next_attempt_at = ?", pausepoint.db_time())
+    pause = wait_for_notification(api, key, pause_id, "failed")
+    assert pause["status"] == "pending"                # the agent decides what to do
+    failed = api.get("/v1/audit", {"event_type": "notification.failed"}, headers=api.as_key(key)).json["events"]
+    assert failed[0]["data"]["attempts"] == 3
+    assert twilio.messages == []
+
+
+def test_a_retry_that_succeeds_records_the_message(tmp_path, twilio, stop_apps):
+    twilio.fail_next = [500]
+    config = make_config(tmp_path, **twilio.settings())
+    api = running_api(tmp_path, **twilio.settings())
+    stop_apps(api)
+    key = api.register()["api_key"]
+    pause_id = api.create_pause(key)["pause_id"]
+    wait_until(lambda: stored(config, "SELECT status, attempts FROM notifications") == [("queued", 1)])
+    stored(config, "UPDATE notifications SET next_attempt_at = ?", pausepoint.db_time())
+    pause = wait_for_notification(api, key, pause_id, "sent")
+    assert pause["notification"]["attempts"] == 2 and pause["notification"]["provider_message_id"].startswith("SM")
+
+
+# -- email ------------------------------------------------------------------------------
+
+def smtp_settings(mailbox):
+    return {"smtp.host": "127.0.0.1", "smtp.port": mailbox.port, "smtp.security": "none",
+            "smtp.from_address": "PausePoint <approvals@example.org>"}
+
+
+def test_email_has_a_subject_naming_the_question_and_plain_and_html_parts(tmp_path, smtp_server, stop_apps):
+    api = running_api(tmp_path, **smtp_settings(smtp_server))
+    stop_apps(api)
+    key = api.register()["api_key"]
+    created = api.create_pause(key, channel="email", recipient="ada@example.com",
+                               message=f"Delete the staging database? {XSS}")
+    pause = wait_for_notification(api, key, created["pause_id"], "sent")
+    [message] = smtp_server.messages
+    assert message["Subject"].strip() == f"Approval needed: Delete the staging database? {XSS}"
+    assert message["To"] == "ada@example.com" and "approvals@example.org" in message["From"]
+    plain = message.get_body(("plain",)).get_content()
+    html = message.get_body(("html",)).get_content()
+    assert created["respond_url"] + "?choice=Approve" in plain
+    assert f'href="{created["respond_url"]}?choice=Approve"' in html
+    assert f'href="{created["respond_url"]}?choice=Reject"' in html
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert pause["notification"]["text"].startswith("Subject: Approval needed: ")
+    assert pause["notification"]["provider_message_id"] == message["Message-ID"]
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
+    cert, key = tmp_path / "smtp-cert.pem", tmp_path / "smtp-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return str(cert), context
+
+
+@pytest.mark.parametrize("security", ["starttls", "tls"])
+def test_email_travels_over_starttls_or_implicit_tls_verifying_the_server(tmp_path, certificate, security, stop_apps):
+    cert, context = certificate
+    mailbox, port = Mailbox(), free_port()
+    tls = {"tls_context": context, "require_starttls": True} if security == "starttls" else {"ssl_context": context}
+    controller = Controller(mailbox, hostname="127.0.0.1", port=port, **tls)
+    controller.start()
+    try:
+        api = running_api(tmp_path, **{"smtp.host": "127.0.0.1", "smtp.port": port, "smtp.security": security,
+                                       "smtp.ca_file": cert, "smtp.from_address": "approvals@example.org"})
+        stop_apps(api)
+        key = api.register()["api_key"]
+        created = api.create_pause(key, channel="email", recipient="ada@example.com")
+        wait_for_notification(api, key, created["pause_id"], "sent")
+        assert len(mailbox.messages) == 1
+    finally:
+        controller.stop()
+
+
+def test_an_smtp_server_with_an_untrusted_certificate_is_refused(tmp_path, certificate, stop_apps):
+    cert, context = certificate
+    mailbox, port = Mailbox(), free_port()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=port, tls_context=context, require_starttls=True)
+    controller.start()
+    try:
+        api = running_api(tmp_path, **{"smtp.host": "127.0.0.1", "smtp.port": port,
+                                       "smtp.from_address": "approvals@example.org"})
+        stop_apps(api)
+        key = api.register()["api_key"]
+        pause_id = api.create_pause(key, channel="email", recipient="ada@example.com")["pause_id"]
+        pause = wait_until(lambda: (p := api.pause(key, pause_id))["notification"]["last_error"] and p)
+        assert "CERTIFICATE_VERIFY_FAILED" in pause["notification"]["last_error"]
+        assert mailbox.messages == []
+    finally:
+        controller.stop()
+
+
+def test_an_email_button_opens_the_page_without_deciding(tmp_path, smtp_server, stop_apps):
+    api = running_api(tmp_path, **smtp_settings(smtp_server))
+    stop_apps(api)
+    key = api.register()["api_key"]
+    created = api.create_pause(key, channel="email", recipient="ada@example.com")
+    page = api.get("/respond/" + token_of(created["respond_url"]), {"choice": "Reject"})
+    page.mustcontain("You picked <strong>Reject</strong>")
+    assert api.pause(key, created["pause_id"])["status"] == "pending"
+    page.forms[0].submit("choice", index=1).follow().mustcontain("Recorded: <strong>Reject</strong>")
+
+
+def test_a_bad_email_recipient_is_422(api, developer):
+    error = api.post_json("/v1/pause", {**WIRE, "channel": "email", "recipient": "+15550100"},
+                          headers=api.as_key(developer["test_api_key"]), status=422).json["error"]
+    assert error["field"] == "recipient"
+
+
+def test_email_without_smtp_settings_is_refused_for_live_keys(api, developer):
+    error = api.post_json("/v1/pause", {**WIRE, "channel": "email", "recipient": "ada@example.com"},
+                          headers=api.as_key(developer["api_key"]), status=422).json["error"]
+    assert error["code"] == "channel_not_configured" and "smtp.host" in error["message"]
+
+
+# -- push and chat through Apprise ----------------------------------------------------------
+
+def test_an_operator_named_push_target_receives_the_question(tmp_path, receiver, stop_apps):
+    target = receiver.url.replace("http://", "json://") + "/ntfy"
+    api = running_api(tmp_path, **{"channels.ops.url": target})
+    stop_apps(api)
+    key = api.register()["api_key"]
+    created = api.create_pause(key, channel="ops", recipient="on-call engineer")
+    wait_for_notification(api, key, created["pause_id"], "sent")
+    [call] = receiver.wait_for(1)
+    assert call["path"] == "/ntfy" and call["json"]["title"] == "Approval needed"
+    assert WIRE["message"] in call["json"]["message"] and created["respond_url"] in call["json"]["message"]
+
+
+def test_an_unreachable_push_target_is_recorded_as_a_failed_attempt(tmp_path, stop_apps):
+    api = running_api(tmp_path, **{"channels.ops.url": "json://127.0.0.1:9/nothing-listens"})
+    stop_apps(api)
+    key = api.register()["api_key"]
+    pause_id = api.create_pause(key, channel="ops", recipient="ops")["pause_id"]
+    pause = wait_until(lambda: (p := api.pause(key, pause_id))["notification"]["attempts"] == 1 and
+                       p["notification"]["last_error"] and p)
+    assert "json://" in pause["notification"]["last_error"] and "127.0.0.1" not in pause["notification"]["last_error"]
+
+
+def test_api_callers_can_only_name_targets_never_supply_urls(tmp_path, receiver):
+    api = Api(pausepoint.create_app(make_config(tmp_path, **{"channels.ops.url": "json://127.0.0.1:9/x"})))
+    key = api.register()["test_api_key"]
+    for channel in (receiver.url.replace("http://", "json://"), "ntfy://evil.example/topic"):
+        error = api.post_json("/v1/pause", {**WIRE, "channel": channel}, headers=api.as_key(key), status=422).json
+        assert error["error"]["field"] == "channel"
+    assert receiver.calls == []
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"channels.sms.url": "json://127.0.0.1/x"}, "channels.sms.url"),
+    ({"channels.ops.url": "not a url"}, "channels.ops.url"),
+    ({"smtp.security": "ssl"}, "smtp.security"),
+])
+def test_bad_channel_settings_stop_start_up_naming_the_key(settings, named):
+    with pytest.raises(pausepoint.ConfigError, match=named.replace(".", r"\.")):
+        pausepoint.load_config(environ={}, overrides=settings)
+
+
+def test_push_targets_can_be_set_from_the_environment():
+    config = pausepoint.load_config(environ={"PAUSEPOINT_CHANNELS_HOMELAB_URL": "ntfy://ntfy.example.org/x"})
+    assert "homelab" in pausepoint.channels(config)
+
+
+# -- link and the channel list ------------------------------------------------------------------
+
+def test_the_link_channel_sends_nothing_and_leaves_delivery_to_the_agent(api, developer):
+    key = developer["api_key"]                      # live: link needs no settings
+    created = api.create_pause(key, channel="link", recipient="the user in our chat UI")
+    pause = api.pause(key, created["pause_id"])
+    assert pause["notification"] is None and pause["respond_url"] == created["respond_url"]
+    api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve"})
+    kinds = {e["event_type"] for e in api.get("/v1/audit", headers=api.as_key(key)).json["events"]}
+    assert not any(kind.startswith("notification.") for kind in kinds)
+
+
+def test_the_channel_list_names_kinds_and_readiness_but_never_credentials(tmp_path, twilio):
+    api = Api(pausepoint.create_app(make_config(tmp_path, **twilio.settings(),
+                                                **{"channels.ops.url": "ntfy://ntfy.example.org/secret-topic"})))
+    key = api.register()["test_api_key"]
+    response = api.get("/v1/channels", headers=api.as_key(key))
+    listed = {c["name"]: c for c in response.json["channels"]}
+    assert listed["sms"] == {"name": "sms", "kind": "twilio", "configured": True}
+    assert listed["email"]["configured"] is False
+    assert listed["ops"]["kind"] == "apprise" and listed["link"]["kind"] == "link"
+    assert twilio.auth_token not in response.text and "secret-topic" not in response.text
+    api.get("/v1/channels", status=401)
+
+
+# -- SMS replies ------------------------------------------------------------------------------
+
+INBOUND_PATH = "/v1/twilio/inbound"
+
+
+def inbound(api, config, body, sender="+15550100", token=None, signature=None):
+    params = {"From": sender, "To": "+15559990000", "Body": body, "MessageSid": "SM" + "9" * 32}
+    url = pausepoint.base_url(config) + INBOUND_PATH
+    if signature is None:
+        signature = RequestValidator(token or config["twilio.auth_token"]).compute_signature(url, params)
+    return api.post(INBOUND_PATH, params, headers={"X-Twilio-Signature": signature}, expect_errors=True)
+
+
+@pytest.fixture
+def sms_setup(tmp_path, twilio):
+    config = make_config(tmp_path, **twilio.settings(), **{"server.base_url": "https://pp.example.org"})
+    app = pausepoint.create_app(config)
+    api = Api(app)
+    return api, config, api.register()
+
+
+def test_a_numbered_sms_reply_decides_the_newest_pending_pause_for_that_number(sms_setup):
+    api, config, keys = sms_setup
+    older = api.create_pause(keys["api_key"], message="Older question?")
+    newer = api.create_pause(keys["api_key"], message="Newer question?")
+    response = inbound(api, config, " 2 ")
+    assert response.status_code == 200 and response.content_type == "application/xml"
+    assert '<Message>PausePoint: recorded Reject for "Newer question?"</Message>' in response.text
+    pause = api.pause(keys["api_key"], newer["pause_id"])
+    assert pause["status"] == "responded" and pause["choice"] == "Reject" and pause["decided_by"] == "recipient:+15550100"
+    assert api.pause(keys["api_key"], older["pause_id"])["status"] == "pending"
+    event = api.get("/v1/audit", {"event_type": "pause.responded"}, headers=api.as_key(keys["api_key"])).json["events"][0]
+    assert event["data"]["via"] == "sms" and event["data"]["message_sid"].startswith("SM")
+
+
+def test_a_reply_may_name_the_option_instead_of_its_number(sms_setup):
+    api, config, keys = sms_setup
+    created = api.create_pause(keys["api_key"])
+    inbound(api, config, "approve.")
+    assert api.pause(keys["api_key"], created["pause_id"])["choice"] == "Approve"
+
+
+def test_a_reply_matching_nothing_gets_help_and_decides_nothing(sms_setup):
+    api, config, keys = sms_setup
+    created = api.create_pause(keys["api_key"])
+    response = inbound(api, config, "maybe later")
+    assert "Reply 1 for Approve, 2 for Reject" in response.text
+    assert api.pause(keys["api_key"], created["pause_id"])["status"] == "pending"
+    assert "no open request" in inbound(api, config, "1", sender="+15550199").text
+
+
+def test_test_mode_pauses_are_never_decided_by_sms(sms_setup):
+    api, config, keys = sms_setup
+    created = api.create_pause(keys["test_api_key"])
+    assert "no open request" in inbound(api, config, "1").text
+    assert api.pause(keys["test_api_key"], created["pause_id"])["status"] == "pending"
+
+
+def test_a_whatsapp_reply_decides_the_whatsapp_pause(sms_setup):
+    api, config, keys = sms_setup
+    sms = api.create_pause(keys["api_key"])
+    whatsapp = api.create_pause(keys["api_key"], channel="whatsapp", message="Via WhatsApp?")
+    inbound(api, config, "1", sender="whatsapp:+15550100")
+    assert api.pause(keys["api_key"], whatsapp["pause_id"])["choice"] == "Approve"
+    assert api.pause(keys["api_key"], sms["pause_id"])["status"] == "pending"
+
+
+@pytest.mark.parametrize("signature, token", [("", None), ("bm90IGEgc2lnbmF0dXJl", None), (None, "some-other-token")])
+def test_unsigned_or_wrongly_signed_replies_are_refused(sms_setup, signature, token):
+    api, config, keys = sms_setup
+    created = api.create_pause(keys["api_key"])
+    response = inbound(api, config, "1", signature=signature, token=token)
+    assert response.status_code == 403 and response.json["error"]["code"] == "bad_signature"
+    assert api.pause(keys["api_key"], created["pause_id"])["status"] == "pending"
+
+
+def test_replies_are_refused_when_twilio_is_not_configured(api, developer, config):
+    response = inbound(api, {**config, "twilio.auth_token": "anything"}, "1")
+    assert response.status_code == 403
+
+
+def test_exactly_one_decision_wins_between_sms_replies_and_the_respond_page(tmp_path, twilio):
+    config = make_config(tmp_path, **twilio.settings(), **{"ratelimit.enabled": False})
+    app = pausepoint.create_app(config)
+    app.runtime.start()
+    with LiveServer(app, config) as server:
+        keys = requests.post(f"{server.url}/v1/auth/register",
+                             json={"email": "r@example.com", "name": "R", "password": "password123"}).json()
+        auth = {"Authorization": f"Bearer {keys['api_key']}"}
+        created = requests.post(f"{server.url}/v1/pause", json=WIRE, headers=auth).json()
+        token = token_of(created["respond_url"])
+        params = {"From": "+15550100", "To": "+15559990000", "Body": "2"}
+        # Signed for the URL the server believes it has (server.base_url), as Twilio would be configured.
+        signature = RequestValidator(config["twilio.auth_token"]).compute_signature(
+            pausepoint.base_url(config) + INBOUND_PATH, params)
+
+        def by_sms(_):
+            answer = requests.post(server.url + INBOUND_PATH, data=params, headers={"X-Twilio-Signature": signature})
+            assert answer.status_code == 200, answer.text
+            return answer.text
+
+        def by_page(_):
+            return requests.post(f"{server.url}/v1/respond/{token}", json={"choice": "Approve"}).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            sms_futures = [pool.submit(by_sms, n) for n in range(8)]
+            page_futures = [pool.submit(by_page, n) for n in range(8)]
+            sms_answers = [f.result() for f in sms_futures]
+            page_answers = [f.result() for f in page_futures]
+        wins = sum("recorded" in a for a in sms_answers) + page_answers.count(200)
+        assert wins == 1
+        pause = requests.get(f"{server.url}/v1/pause/{created['pause_id']}", headers=auth).json()
+        assert pause["choice"] == ("Reject" if any("recorded" in a for a in sms_answers) else "Approve")
+        responded = requests.get(f"{server.url}/v1/audit", params={"event_type": "pause.responded"},
+                                 headers=auth).json()["events"]
+        assert len(responded) == 1
