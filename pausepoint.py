@@ -216,7 +216,8 @@ def check_setting(key, value, where):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not kind:
-        raise ConfigError(f"{key} must be {kind.__name__.replace('str', 'a string').replace('int', 'a whole number').replace('float', 'a number').replace('bool', 'true or false')} ({where} it is {value!r})")
+        expected = {str: "a string", int: "a whole number", float: "a number", bool: "true or false"}[kind]
+        raise ConfigError(f"{key} must be {expected} ({where} it is {value!r})")
     problem = SETTING_CHECKS.get(key, lambda v: None)(value) or open_setting_problem(key, value)
     if problem:
         raise ConfigError(f"{key} {problem} ({where} it is {value!r})")
@@ -972,8 +973,13 @@ def reply_options(pause):
     return "Reply " + ", ".join(f"{n} for {option}" for n, option in enumerate(options, 1))
 
 
+def human_time(db_text):
+    """'Nov 28 23:51 UTC': short enough for an SMS, plain enough for anyone."""
+    return parse_db_time(db_text).strftime("%b %d %H:%M UTC")
+
+
 def expiry_text(pause):
-    return parse_db_time(pause["expires_at"]).strftime("%b %d %H:%M UTC")
+    return human_time(pause["expires_at"])
 
 
 def sms_text(pause, url):
@@ -2052,8 +2058,7 @@ def create_app(config):
             return page_error(e)
         # Email buttons arrive with ?choice=: show it picked, but only the POST decides.
         picked = bottle.request.query.getunicode("choice")
-        return html_page("respond", pause=respond_facts(pause), token=token, error=None,
-                         picked=picked if picked in json.loads(pause["options"]) else None)
+        return respond_page(pause, token, picked=picked if picked in json.loads(pause["options"]) else None)
 
     @app.post("/respond/<token>")
     def post_respond_page(token):
@@ -2065,11 +2070,15 @@ def create_app(config):
         except ApiError as e:
             if e.status == 422:
                 pause = rt.db().execute("SELECT * FROM pauses WHERE respond_token = ?", (token,)).fetchone()
-                return html_page("respond", pause=respond_facts(pause), token=token, error=e.message, picked=None,
-                                 status=422)
+                return respond_page(pause, token, error=e.message, status=422)
             return page_error(e)
         # Post/Redirect/Get: a reload shows the recorded decision instead of re-posting.
         return bottle.HTTPResponse(status=303, headers={"Location": f"/respond/{token}", **PAGE_HEADERS})
+
+    def respond_page(pause, token, error=None, picked=None, status=200):
+        times = {name: pause[name] and human_time(pause[name]) for name in ("expires_at", "decided_at")}
+        return html_page("respond", status=status, pause=respond_facts(pause), token=token, error=error,
+                         picked=picked, times=times)
 
     def page_error(e):
         return html_page("respond_error", status=e.status, message=e.message, headers=e.headers)

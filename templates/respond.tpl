@@ -16,22 +16,22 @@
   <label for="comment">Comment (optional)</label>
   <textarea id="comment" name="comment" rows="3" maxlength="2000"></textarea>
 </form>
-<p class="expiry">Open until {{pause['expires_at']}}.
+<p class="expiry">Open until {{times['expires_at']}}.
   % if pause['timeout_default']:
 If nobody answers, <strong>{{pause['timeout_default']}}</strong> applies.
   % end
 </p>
 % elif pause['status'] == 'responded':
-<p class="outcome" id="outcome">Recorded: <strong>{{pause['choice']}}</strong> at {{pause['decided_at']}}.</p>
+<p class="outcome" id="outcome">Recorded: <strong>{{pause['choice']}}</strong> at {{times['decided_at']}}.</p>
   % if pause['comment']:
 <p class="comment">Comment: {{pause['comment']}}</p>
   % end
 % elif pause['status'] == 'timed_out':
-<p class="outcome" id="outcome">This request expired at {{pause['decided_at']}}.
+<p class="outcome" id="outcome">This request expired at {{times['decided_at']}}.
   % if pause['choice']:
 The default <strong>{{pause['choice']}}</strong> was applied.
   % end
 </p>
 % else:
-<p class="outcome" id="outcome">The agent cancelled this request at {{pause['decided_at']}}.</p>
+<p class="outcome" id="outcome">The agent cancelled this request at {{times['decided_at']}}.</p>
 % end
