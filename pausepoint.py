@@ -917,7 +917,12 @@ class Channel:
 
 
 class ChannelError(Exception):
-    """A send failed; it is retried until NOTIFICATION_ATTEMPTS are used."""
+    """A send failed. A transient failure is retried until NOTIFICATION_ATTEMPTS are
+    used; a permanent one (the provider refused this message) fails at once."""
+
+    def __init__(self, message, permanent=False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 def channels(config):
@@ -1015,7 +1020,9 @@ def send_twilio(config, notification, pause):
     try:
         message = client.messages.create(to=prefix + notification["recipient"], body=notification["text"], **sender)
     except twilio.base.exceptions.TwilioRestException as e:
-        raise ChannelError(f"Twilio answered HTTP {e.status}: {e.msg}") from None
+        # 4xx means Twilio refused this message (bad number, unverified sender…): retrying changes nothing.
+        raise ChannelError(f"Twilio answered HTTP {e.status}: {e.msg}",
+                           permanent=400 <= e.status < 500 and e.status != 429) from None
     except (twilio.base.exceptions.TwilioException, requests.RequestException) as e:
         raise ChannelError(f"could not reach Twilio: {e}") from None
     return message.sid
@@ -1046,6 +1053,8 @@ def send_email(config, notification, pause):
             if config["smtp.username"]:
                 server.login(config["smtp.username"], config["smtp.password"])
             server.send_message(message)
+    except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused) as e:
+        raise ChannelError(f"SMTP {host}:{port} refused the message: {e}", permanent=True) from None
     except (smtplib.SMTPException, OSError) as e:
         raise ChannelError(f"SMTP {host}:{port}: {e}") from None
     return message["Message-ID"]
@@ -1108,14 +1117,14 @@ def deliver_notification(conn, config, row):
     if not claimed:
         return      # another worker got there first
     attempt = row["attempts"] + 1
-    channel = channels(config).get(row["channel"])
+    channel, permanent = channels(config).get(row["channel"]), False
     try:
         if channel is None or channel.send is None or channel.missing_settings(config):
             raise ChannelError(f"channel {row['channel']!r} is not configured on this server")
         pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (row["pause_id"],)).fetchone()
         provider_id, error = channel.send(config, row, pause), None
     except ChannelError as e:
-        provider_id, error = None, str(e)[:500]
+        provider_id, error, permanent = None, str(e)[:500], e.permanent
     except Exception as e:      # a provider library's surprise must not kill the job
         log.exception("sending notification %s failed", row["id"])
         provider_id, error = None, f"{type(e).__name__}: {e}"[:500]
@@ -1124,7 +1133,7 @@ def deliver_notification(conn, config, row):
         developer_id = conn.execute("SELECT developer_id FROM pauses WHERE id = ?", (row["pause_id"],)).fetchone()[0]
         if error is None:
             status, next_at, event = "sent", now, "notification.sent"
-        elif attempt < NOTIFICATION_ATTEMPTS:
+        elif attempt < NOTIFICATION_ATTEMPTS and not permanent:
             status, event = "queued", None
             next_at = db_time(utcnow() + dt.timedelta(seconds=NOTIFICATION_BACKOFF_SECONDS[attempt - 1]))
         else:
@@ -1792,7 +1801,7 @@ def create_app(config):
             raise ApiError(413, "payload_too_large", f"request bodies are limited to {limit} bytes")
         try:
             return json.loads(raw or b"null")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
 
     def caller():

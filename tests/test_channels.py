@@ -419,3 +419,23 @@ def test_exactly_one_decision_wins_between_sms_replies_and_the_respond_page(tmp_
         responded = requests.get(f"{server.url}/v1/audit", params={"event_type": "pause.responded"},
                                  headers=auth).json()["events"]
         assert len(responded) == 1
+
+
+def test_a_message_twilio_refuses_fails_at_once_without_retries(tmp_path, twilio, stop_apps):
+    twilio.fail_next = [400]
+    api = running_api(tmp_path, **twilio.settings())
+    stop_apps(api)
+    key = api.register()["api_key"]
+    pause = wait_for_notification(api, key, api.create_pause(key)["pause_id"], "failed")
+    assert pause["notification"]["attempts"] == 1 and "HTTP 400" in pause["notification"]["last_error"]
+    assert pause["status"] == "pending"
+
+
+def test_twilio_rate_limiting_is_retried(tmp_path, twilio, stop_apps):
+    twilio.fail_next = [429]
+    api = running_api(tmp_path, **twilio.settings())
+    stop_apps(api)
+    key = api.register()["api_key"]
+    pause_id = api.create_pause(key)["pause_id"]
+    wait_until(lambda: api.pause(key, pause_id)["notification"]["last_error"])
+    assert api.pause(key, pause_id)["notification"]["status"] == "queued"

@@ -248,3 +248,10 @@ def test_audit_rows_can_never_be_updated_or_deleted(api, developer, config):
     for statement in ("UPDATE audit_events SET actor = 'someone else'", "DELETE FROM audit_events"):
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             db.execute(statement)
+
+
+def test_absurdly_nested_json_is_a_400_not_a_crash(api, developer):
+    body = b"[" * 30_000 + b"]" * 30_000           # under the size limit, beyond the parser's depth
+    response = api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
+                                                    "Content-Type": "application/json"}, status=400)
+    assert response.json["error"]["code"] == "invalid_json"

@@ -244,3 +244,15 @@ def test_without_a_trusted_proxy_forwarded_headers_are_ignored(live_server):
     opened = requests.get(f"{live_server.url}/v1/audit", params={"event_type": "respond_page.opened"},
                           headers=bearer(key)).json()["events"]
     assert opened[0]["data"]["ip"] == "127.0.0.1"
+
+
+def test_healthz_is_503_until_the_scheduler_runs(tmp_path):
+    from conftest import Api
+    app = pausepoint.create_app(make_config(tmp_path))
+    api = Api(app)
+    assert api.get("/healthz", status=503).json["error"]["code"] == "starting"
+    app.runtime.start()
+    try:
+        assert api.get("/healthz").json["status"] == "ok"
+    finally:
+        app.runtime.stop()
