@@ -627,8 +627,9 @@ def month_start(moment):
 def create_pause(conn, config, caller, body, idempotency_key=None):
     """Store a pause, its notification and its audit event in one transaction.
 
-    Returns (pause row, replayed): replayed is True when an Idempotency-Key
-    matched an earlier identical request and nothing new was created.
+    Returns (pause row, replayed, webhooks_due): replayed is True when an
+    Idempotency-Key matched an earlier identical request and nothing new was
+    created; webhooks_due when a pause.created delivery was queued.
     """
     fields = validate_pause_request(body, config)
     channel = channels(config)[fields["channel"]]
@@ -646,7 +647,7 @@ def create_pause(conn, config, caller, body, idempotency_key=None):
         if idempotency_key is not None:
             earlier = earlier_idempotent_pause(conn, caller, idempotency_key, request_fingerprint(body), now)
             if earlier is not None:
-                return earlier, True
+                return earlier, True, False
         if caller.livemode:
             check_quota(conn, config, caller, now)
         pause_id, token = new_id("psr_"), secrets.token_urlsafe(32)
@@ -674,8 +675,8 @@ def create_pause(conn, config, caller, body, idempotency_key=None):
                      {"recipient": fields["recipient"], "channel": fields["channel"],
                       "options": fields["options"], "timeout_default": fields["timeout_default"],
                       "expires_at": api_time(expires_at), "metadata": fields["metadata"]}, when=created_at)
-        emit_pause_event(conn, config, pause, "pause.created", when=created_at)
-    return pause, False
+        webhooks_due = emit_pause_event(conn, config, pause, "pause.created", when=created_at)
+    return pause, False, webhooks_due
 
 
 def earlier_idempotent_pause(conn, caller, key, fingerprint, now):
@@ -1397,7 +1398,8 @@ def webhook_json(webhook):
 
 def emit_pause_event(conn, config, pause, event_type, when=None):
     """Queue `event_type` about `pause` for every enabled endpoint of its owner, in its
-    mode, that subscribed to it. Call inside the transaction of the change."""
+    mode, that subscribed to it. Call inside the transaction of the change.
+    Returns whether any delivery was queued."""
     targets = [row["id"] for row in conn.execute(
         "SELECT id, events FROM webhooks WHERE developer_id = ? AND livemode = ? AND deleted_at IS NULL"
         " AND status = 'enabled'", (pause["developer_id"], pause["livemode"]))
@@ -1406,6 +1408,7 @@ def emit_pause_event(conn, config, pause, event_type, when=None):
         notification = conn.execute("SELECT * FROM notifications WHERE pause_id = ?", (pause["id"],)).fetchone()
         queue_event(conn, pause["developer_id"], pause["livemode"], event_type,
                     pause_json(pause, config, notification), targets, pause["id"], when)
+    return bool(targets)
 
 
 def queue_event(conn, developer_id, livemode, event_type, data, webhook_ids, pause_id=None, when=None):
@@ -1884,11 +1887,13 @@ def create_app(config):
     @app.post("/v1/pause")
     def post_pause():
         who = caller()
-        pause, replayed = create_pause(rt.db(), config, who, read_json(),
-                                       bottle.request.get_header("Idempotency-Key"))
+        pause, replayed, webhooks_due = create_pause(rt.db(), config, who, read_json(),
+                                                     bottle.request.get_header("Idempotency-Key"))
         if replayed:
             bottle.response.set_header("Idempotent-Replayed", "true")
-        else:
+        if webhooks_due:
+            # Waking the delivery job on every create costs half the create throughput
+            # (194 vs 367 req/s), so only when there is something to deliver.
             rt.wake_webhooks()
         bottle.response.status = 201
         return created_json(pause, config)
