@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import pytest
 import requests
 
 from conftest import stored, PASSWORD, ROOT, WIRE, LiveServer, make_config, token_of, wait_until
@@ -146,7 +147,8 @@ def test_agents_beyond_the_waiting_slots_get_an_immediate_answer(tmp_path):
             assert all(f.result().json()["status"] == "responded" for f in parked)
 
 
-def test_sigterm_finishes_in_flight_requests_and_stops_cleanly(spawn_server, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_finishes_in_flight_requests_and_stops_cleanly(spawn_server, tmp_path, signum):
     server = spawn_server()
     key = register(server.url)["test_api_key"]
     created = create(server.url, key)
@@ -154,7 +156,7 @@ def test_sigterm_finishes_in_flight_requests_and_stops_cleanly(spawn_server, tmp
         waiting = pool.submit(requests.get, f"{server.url}/v1/pause/{created['pause_id']}", params={"wait": 30},
                               headers=bearer(key), timeout=40)
         time.sleep(0.5)
-        server.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signum)
         assert server.proc.wait(timeout=15) == 0
         answer = waiting.result(timeout=5)
     assert answer.status_code == 200 and answer.json()["status"] == "pending"
