@@ -2173,6 +2173,9 @@ def serve(config):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("PausePoint %s serving on %s (database %s)", VERSION, base_url(config), config["database.path"])
+    if not config["server.base_url"] and config["server.host"] not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("server.base_url is not set: respond links will say %s, which humans elsewhere cannot open",
+                    base_url(config))
     try:
         server.run()        # returns after SIGTERM/SIGINT, once in-flight requests finished
     finally:
