@@ -8,6 +8,8 @@ decision commits, so the figure is an upper bound.
 
 Baseline, in the same run: the same receiver getting the same number of POSTs
 straight from this process (one loopback HTTP round trip, no PausePoint).
+The receiver runs in a process of its own, so the deciding threads do not
+delay it.
 
 Usage: python bench/webhook_latency.py [--decisions 1000] [--concurrency 1]
 """
@@ -16,6 +18,7 @@ import argparse
 import concurrent.futures
 import http.server
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -31,12 +34,25 @@ from create_throughput import PAUSE, ROOT, free_port, wait_healthy  # noqa: E402
 
 
 class Receiver:
-    """Loopback webhook receiver noting when each pause's event arrived."""
+    """A webhook receiver in its own process, so the load generator's threads do
+    not delay it. It notes when each pause's event arrived (wall clock, same
+    machine); GET /arrival/<key> waits for that moment and returns it."""
 
     def __init__(self):
-        self.arrivals = {}
-        self.cond = threading.Condition()
-        receiver = self
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}/hook"
+        self.process = multiprocessing.Process(target=self.serve, args=(port,), daemon=True)
+        self.process.start()
+        for _ in range(100):
+            try:
+                requests.get(f"http://127.0.0.1:{port}/arrival/ready", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.05)
+
+    @staticmethod
+    def serve(port):
+        arrivals, cond = {"ready": 0.0}, threading.Condition()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -46,24 +62,32 @@ class Receiver:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                arrived = time.perf_counter()
+                arrived = time.time()
                 key = json.loads(body).get("data", {}).get("pause_id") or self.headers.get("X-Probe")
-                with receiver.cond:
-                    receiver.arrivals[key] = arrived
-                    receiver.cond.notify_all()
+                with cond:
+                    arrivals[key] = arrived
+                    cond.notify_all()
+                self.answer(b"")
+
+            def do_GET(self):
+                key = self.path.rsplit("/", 1)[1]
+                with cond:
+                    cond.wait_for(lambda: key in arrivals, 30)
+                    self.answer(repr(arrivals.get(key, -1.0)).encode())
+
+            def answer(self, data):
                 self.send_response(200)
-                self.send_header("Content-Length", "0")
+                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                self.wfile.write(data)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 
-    def wait(self, key, timeout=30):
-        with self.cond:
-            if not self.cond.wait_for(lambda: key in self.arrivals, timeout):
-                raise SystemExit(f"no delivery for {key} within {timeout} s")
-            return self.arrivals[key]
+    def wait(self, key):
+        arrived = float(session().get(self.url.replace("/hook", f"/arrival/{key}"), timeout=40).text)
+        if arrived < 0:
+            raise SystemExit(f"no delivery for {key} within 30 s")
+        return arrived
 
 
 _sessions = threading.local()
@@ -84,7 +108,7 @@ def summary(latencies):
 
 def run_baseline(receiver, count, concurrency):
     def probe(n):
-        started = time.perf_counter()
+        started = time.time()
         session().post(receiver.url, data=b'{"data": {}}', headers={"X-Probe": f"probe-{n}"})
         return receiver.wait(f"probe-{n}") - started
 
@@ -111,7 +135,7 @@ def run_pausepoint(receiver, workdir, count, concurrency):
         time.sleep(1)        # let the simulated notifications settle before timing
 
         def decide(pause):
-            started = time.perf_counter()
+            started = time.time()
             session().post(pause["respond_url"].replace("http://127.0.0.1:8080", url).replace("/respond/", "/v1/respond/"),
                    json={"choice": "Approve"}).raise_for_status()
             return receiver.wait(pause["pause_id"]) - started
