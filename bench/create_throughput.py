@@ -14,6 +14,7 @@ Prints requests/s, p50 and p99 latency for both. Only loopback traffic.
 
 import argparse
 import concurrent.futures
+import contextlib
 import os
 import socket
 import statistics
@@ -109,9 +110,11 @@ def run_baseline(workdir, clients, seconds):
         proc.wait()
 
 
-def run_pausepoint(workdir, clients, seconds):
+@contextlib.contextmanager
+def pausepoint_server(workdir, **settings):
+    """`python pausepoint.py` on a fresh database with rate limits off; yields (url, test key)."""
     port = free_port()
-    env = {**os.environ, "PAUSEPOINT_RATELIMIT_ENABLED": "false", "PAUSEPOINT_SECURITY_BCRYPT_ROUNDS": "4"}
+    env = {**os.environ, "PAUSEPOINT_RATELIMIT_ENABLED": "false", "PAUSEPOINT_SECURITY_BCRYPT_ROUNDS": "4", **settings}
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db",
                              os.path.join(workdir, "pausepoint.db"), "--port", str(port)],
                             env=env, cwd=workdir, stderr=subprocess.DEVNULL)
@@ -120,10 +123,15 @@ def run_pausepoint(workdir, clients, seconds):
         wait_healthy(url, proc)
         keys = requests.post(url + "/v1/auth/register",
                              json={"email": "bench@example.com", "name": "Bench", "password": "benchmark-pw"}).json()
-        return drive(url, "/v1/pause", {"Authorization": f"Bearer {keys['test_api_key']}"}, PAUSE, clients, seconds)
+        yield url, keys["test_api_key"]
     finally:
         proc.terminate()
         proc.wait()
+
+
+def run_pausepoint(workdir, clients, seconds):
+    with pausepoint_server(workdir) as (url, key):
+        return drive(url, "/v1/pause", {"Authorization": f"Bearer {key}"}, PAUSE, clients, seconds)
 
 
 def main():

@@ -22,7 +22,6 @@ import json
 import multiprocessing
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,7 +30,7 @@ import time
 import requests
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from create_throughput import PAUSE, ROOT, free_port, wait_healthy  # noqa: E402
+from create_throughput import PAUSE, free_port, pausepoint_server  # noqa: E402
 
 
 class Receiver:
@@ -118,17 +117,7 @@ def run_baseline(receiver, count, concurrency):
 
 
 def run_pausepoint(receiver, workdir, count, concurrency):
-    port = free_port()
-    env = {**os.environ, "PAUSEPOINT_RATELIMIT_ENABLED": "false", "PAUSEPOINT_SECURITY_BCRYPT_ROUNDS": "4",
-           "PAUSEPOINT_WEBHOOKS_ALLOW_PRIVATE": "true"}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db",
-                             os.path.join(workdir, "pausepoint.db"), "--port", str(port)],
-                            env=env, cwd=workdir, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc)
-        key = requests.post(url + "/v1/auth/register", json={"email": "bench@example.com", "name": "Bench",
-                                                              "password": "benchmark-pw"}).json()["test_api_key"]
+    with pausepoint_server(workdir, PAUSEPOINT_WEBHOOKS_ALLOW_PRIVATE="true") as (url, key):
         auth = {"Authorization": f"Bearer {key}"}
         requests.post(url + "/v1/webhooks", json={"url": receiver.url, "events": ["pause.responded"],
                                                   "secret": "whsec_benchmark_secret_000"}, headers=auth).raise_for_status()
@@ -137,7 +126,7 @@ def run_pausepoint(receiver, workdir, count, concurrency):
 
         def decide(pause):
             started = time.time()
-            session().post(pause["respond_url"].replace("http://127.0.0.1:8080", url).replace("/respond/", "/v1/respond/"),
+            session().post(f"{url}/v1/respond/{pause['respond_url'].rsplit('/', 1)[1]}",
                            json={"choice": "Approve"}).raise_for_status()
             answered = time.time()
             return answered - started, receiver.wait(pause["pause_id"]) - started
@@ -145,9 +134,6 @@ def run_pausepoint(receiver, workdir, count, concurrency):
         with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
             timings = list(pool.map(decide, pauses))
         return summary([t[0] for t in timings]), summary([t[1] for t in timings])
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def main():
