@@ -1428,7 +1428,7 @@ def queue_event(conn, developer_id, livemode, event_type, data, webhook_ids, pau
 
 def send_test_event(conn, caller, webhook_id):
     with transaction(conn):
-        webhook = owned_webhook(conn, caller, webhook_id)
+        refuse_if_disabled(owned_webhook(conn, caller, webhook_id))
         [delivery_id] = queue_event(conn, caller.developer_id, caller.livemode, "webhook.test",
                                     {"webhook_id": webhook_id, "message": "A test event from PausePoint."},
                                     [webhook_id])
@@ -1438,9 +1438,7 @@ def send_test_event(conn, caller, webhook_id):
 def redeliver(conn, caller, webhook_id, delivery_id):
     """Send a delivery again now, whatever became of it before."""
     with transaction(conn):
-        webhook = owned_webhook(conn, caller, webhook_id)
-        if webhook["status"] != "enabled":
-            raise ApiError(409, "webhook_disabled", "the webhook is disabled; enable it with PATCH {\"enabled\": true}")
+        refuse_if_disabled(owned_webhook(conn, caller, webhook_id))
         changed = conn.execute(
             "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = ?, updated_at = ?"
             " WHERE id = ? AND webhook_id = ? AND status != 'delivering'",
@@ -1452,6 +1450,12 @@ def redeliver(conn, caller, webhook_id, delivery_id):
                 raise ApiError(404, "not_found", f"no delivery {delivery_id!r} for this webhook")
             raise ApiError(409, "delivery_in_progress", "this delivery is being attempted right now")
         return conn.execute("SELECT * FROM webhook_deliveries WHERE id = ?", (delivery_id,)).fetchone()
+
+
+def refuse_if_disabled(webhook):
+    """Sending to a disabled endpoint would bypass what disabled it (a 410, three failing days)."""
+    if webhook["status"] != "enabled":
+        raise ApiError(409, "webhook_disabled", 'the webhook is disabled; enable it with PATCH {"enabled": true}')
 
 
 def delivery_json(conn, delivery):

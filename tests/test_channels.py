@@ -3,7 +3,6 @@
 import concurrent.futures
 import email
 import email.policy
-import sqlite3
 import ssl
 import subprocess
 

@@ -4,7 +4,7 @@ import time
 
 import requests
 
-from conftest import WIRE, Api, make_config, token_of, wait_until
+from conftest import WIRE, Api, make_config, token_of
 import pausepoint
 
 XSS = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'

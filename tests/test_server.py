@@ -4,7 +4,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading

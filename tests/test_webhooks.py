@@ -1,10 +1,8 @@
 """Webhooks against real receivers on loopback, over real HTTP."""
 
 import datetime as dt
-import json
 import os
 import re
-import sqlite3
 import time
 
 import pytest
@@ -477,3 +475,16 @@ def test_an_attempt_that_gets_no_answer_within_10_seconds_fails_and_is_retried(h
         assert delivery["status"] == "pending" and delivery["next_attempt_at"]
     finally:
         silent.close()
+
+
+def test_a_disabled_endpoint_gets_no_test_events_or_redeliveries(hooks_api, keys, receiver):
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+    test = hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key)).json
+    receiver.wait_for(1)
+    hooks_api.patch_json(f"/v1/webhooks/{webhook_id}", {"enabled": False}, headers=hooks_api.as_key(key))
+    for path in ("test", f"deliveries/{test['delivery_id']}/redeliver"):
+        error = hooks_api.post(f"/v1/webhooks/{webhook_id}/{path}", headers=hooks_api.as_key(key), status=409).json
+        assert error["error"]["code"] == "webhook_disabled"
+    time.sleep(0.5)
+    assert len(receiver.calls) == 1
