@@ -1639,6 +1639,7 @@ class Runtime:
             config["webhooks.workers"], thread_name_prefix="webhook")
         self.in_flight = {}                 # webhook id -> deliveries being attempted now
         self.in_flight_lock = threading.Lock()
+        self.wake_lock = threading.Lock()
         migrate(self.db())
 
     def db(self):
@@ -1658,8 +1659,11 @@ class Runtime:
     def wake_webhooks(self):
         """Run the delivery job now rather than at its next tick. Only a hint: the
         tick finds the same rows, so a lost wake-up costs at most one interval."""
-        with contextlib.suppress(Exception):
-            self.scheduler.modify_job("run_webhooks", next_run_time=utcnow())
+        with self.wake_lock:
+            if self.stopping:
+                return
+            with contextlib.suppress(Exception):
+                self.scheduler.modify_job("run_webhooks", next_run_time=utcnow())
 
     def start(self):
         """Start the jobs. The first run is immediate, so pauses that fell due while
@@ -1670,8 +1674,12 @@ class Runtime:
         self.scheduler.start()
 
     def stop(self):
-        with self.decisions:
+        # APScheduler's shutdown holds its job-store lock while it waits for running
+        # jobs, and a job that called modify_job() now would wait for that lock
+        # forever. Under wake_lock, no wake-up is in progress or can start after this.
+        with self.wake_lock:
             self.stopping = True
+        with self.decisions:
             self.decisions.notify_all()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
