@@ -1771,12 +1771,16 @@ class RateLimiter:
                 for key in [k for k, (t, _) in self.buckets.items() if t >= per_hour - 1][:50_000]:
                     del self.buckets[key]
 
-    def limit(self, name, ip, per_hour):
-        """Refuse with 429 if (name, ip) has no attempts left; otherwise spend one."""
+    def refuse_if_exhausted(self, name, ip, per_hour, what="attempts"):
+        """429 with Retry-After if (name, ip) has no attempts left."""
         wait = self.retry_after(name, ip, per_hour)
         if wait:
-            raise ApiError(429, "rate_limited", f"too many attempts from your address; try again in {wait} seconds",
+            raise ApiError(429, "rate_limited", f"too many {what} from your address; try again in {wait} seconds",
                            headers={"Retry-After": str(wait)})
+
+    def limit(self, name, ip, per_hour):
+        """Refuse with 429 if (name, ip) has no attempts left; otherwise spend one."""
+        self.refuse_if_exhausted(name, ip, per_hour)
         self.spend(name, ip, per_hour)
 
 
@@ -1807,12 +1811,9 @@ def create_app(config):
         app.error(status)(bottle_error)
 
     def read_json():
-        size = bottle.request.content_length
         limit = config["server.max_body_bytes"]
-        if size > limit:
-            raise ApiError(413, "payload_too_large", f"request bodies are limited to {limit} bytes")
-        raw = bottle.request.body.read(limit + 1)
-        if len(raw) > limit:
+        # Checked before reading too: bottle spools a whole large body to disk on first access.
+        if bottle.request.content_length > limit or len(raw := bottle.request.body.read(limit + 1)) > limit:
             raise ApiError(413, "payload_too_large", f"request bodies are limited to {limit} bytes")
         try:
             return json.loads(raw or b"null")
@@ -2035,10 +2036,7 @@ def create_app(config):
         """Run lookup(); an unknown token counts against the caller's IP, and an IP
         that has guessed too often is refused before it can guess again."""
         ip, per_hour = client_ip(), config["ratelimit.respond_failures_per_hour"]
-        wait = rt.limiter.retry_after("respond", ip, per_hour)
-        if wait:
-            raise ApiError(429, "rate_limited", f"too many invalid links from your address; try again in {wait} seconds",
-                           headers={"Retry-After": str(wait)})
+        rt.limiter.refuse_if_exhausted("respond", ip, per_hour, what="invalid links")
         try:
             return lookup()
         except ApiError as e:
