@@ -12,6 +12,7 @@ HTTP API and pages, and the command line.
 """
 
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -21,14 +22,17 @@ import email.utils
 import functools
 import getpass
 import hashlib
+import heapq
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import math
 import os
 import random
 import re
+import resource
 import secrets
 import signal
 import smtplib
@@ -40,6 +44,7 @@ import sys
 import threading
 import time
 import tomllib
+import unicodedata
 import urllib.parse
 import uuid
 
@@ -54,6 +59,10 @@ import twilio.rest
 import twilio.twiml.messaging_response
 import urllib3
 import waitress
+import waitress.adjustments
+import waitress.channel
+import waitress.server
+import waitress.task
 from apscheduler.schedulers.background import BackgroundScheduler
 
 VERSION = "0.1.0"
@@ -85,7 +94,12 @@ SETTINGS = [
     Setting("server.base_url", "", "Public URL of this server, used to build respond_url links. Empty: http://<host>:<port>."),
     Setting("server.threads", 64, "Worker threads. Long-polling agents (?wait=) hold one each; 8 are always kept for other requests."),
     Setting("server.trusted_proxy", "", "IP address of a reverse proxy whose X-Forwarded-For/-Proto headers are believed. Empty: none."),
-    Setting("server.max_body_bytes", 65536, "Largest request body accepted; larger ones get 413."),
+    Setting("server.max_body_bytes", 65536, "Largest request body accepted; larger ones are refused with 413 as soon as their size is known."),
+    Setting("server.connection_limit", 4096, "Open client connections at most. Near the limit, connections that have not sent a whole request are closed first, oldest first."),
+    Setting("server.connections_per_ip", 64, "Connections one client address may hold open without a whole request (idle, or still sending); beyond it its oldest such connection is closed. server.trusted_proxy is exempt."),
+    Setting("server.header_timeout", 10, "Seconds a client has to send a request's headers in full once it starts; slower ones are disconnected."),
+    Setting("server.body_timeout", 30, "Seconds a client has to send a request's body in full after its headers."),
+    Setting("server.idle_timeout", 60, "Seconds an idle keep-alive connection stays open."),
     Setting("database.path", "pausepoint.db", "SQLite database file. Created from schema.sql on first start."),
     Setting("registration.open", True, "Whether POST /v1/auth/register is open. When false, the operator adds developers with `create-developer`."),
     Setting("security.bcrypt_rounds", 12, "bcrypt cost factor for passwords (4-16). Each step doubles the work."),
@@ -103,14 +117,21 @@ SETTINGS = [
     Setting("smtp.from_address", "", "The From address of approval emails, e.g. PausePoint <approvals@example.com>."),
     Setting("smtp.ca_file", "", "PEM file of CA certificates to trust for SMTP TLS instead of the system's (for a private CA)."),
     Setting("webhooks.allow_private", False, "Allow webhook URLs on loopback, private or link-local addresses (for agents on your LAN)."),
-    Setting("webhooks.workers", 8, "Webhook calls made at once. Each endpoint gets at most 2, so one slow receiver cannot hold them all."),
+    Setting("webhooks.max_per_developer", 16, "Webhook endpoints one developer may have (test and live together)."),
+    Setting("outbound.workers", 16, "Threads for outbound calls: webhook deliveries and notification sends."),
+    Setting("outbound.per_developer", 4, "Outbound calls one developer's work may have in flight at once, so one tenant's slow receivers cannot hold every worker."),
     Setting("ratelimit.enabled", True, "Rate-limit registration, key rotation and failed respond-token lookups per client IP."),
     Setting("ratelimit.register_per_hour", 20, "Registrations allowed per client IP per hour."),
     Setting("ratelimit.rotate_per_hour", 20, "Key rotations (attempts, right or wrong) allowed per client IP per hour."),
-    Setting("ratelimit.respond_failures_per_hour", 30, "Unknown respond tokens allowed per client IP per hour before it is locked out."),
+    Setting("ratelimit.respond_failures_per_hour", 30, "Unknown respond tokens allowed per client IP per hour; beyond it unknown tokens get 429 (valid ones always work)."),
+    Setting("ratelimit.test_pauses_per_hour", 1000, "Test-mode pauses one developer may create per hour (the first hour's worth at once, then evenly)."),
+    Setting("retention.test_days", 30, "Days test-mode pauses, notifications and audit events are kept after they are decided; a daily job deletes older ones."),
+    Setting("retention.delivery_log_days", 30, "Days webhook events, deliveries and attempts are kept after they finish."),
     Setting("plans.free.monthly_pauses", 100, "Live pauses a developer on the free plan may create per calendar month (UTC). Add plans as [plans.NAME]."),
 ]
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
+# Keys that were renamed: an old config keeps working, with a warning naming the new key.
+RENAMED_SETTINGS = {"webhooks.workers": "outbound.workers"}
 # Plans are open-ended: an operator adds [plans.team] monthly_pauses = 5000.
 PLAN_KEY = re.compile(r"^plans\.([a-z][a-z0-9_-]{0,31})\.monthly_pauses$")
 # So are push and chat targets: [channels.ops] url = "ntfy://ntfy.example.org/approvals".
@@ -127,10 +148,9 @@ class ConfigError(Exception):
 
 
 def load_config(path=None, environ=None, overrides=None):
-    """Defaults, overlaid by the TOML file, then PAUSEPOINT_* variables, then CLI flags."""
+    """Defaults, overlaid by the TOML file at `path` (if any), then PAUSEPOINT_*
+    variables, then CLI flags. Only main() looks for ./config.toml."""
     config = {s.key: s.default for s in SETTINGS}
-    if path is None and os.path.exists("config.toml"):
-        path = "config.toml"
     if path is not None:
         try:
             with open(path, "rb") as f:
@@ -140,6 +160,7 @@ def load_config(path=None, environ=None, overrides=None):
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
         for key, value in flatten(table):
+            key = renamed_setting(key, f"in {path}")
             config[key] = check_setting(key, value, f"in {path}")
     for name, raw in sorted((environ if environ is not None else os.environ).items()):
         if name.startswith("PAUSEPOINT_"):
@@ -160,12 +181,19 @@ def flatten(table, prefix=""):
             yield key, value
 
 
+def renamed_setting(key, where):
+    if key in RENAMED_SETTINGS:
+        log.warning("setting %s (%s) is now called %s; please rename it", key, where, RENAMED_SETTINGS[key])
+        return RENAMED_SETTINGS[key]
+    return key
+
+
 def env_name_to_key(name):
     """PAUSEPOINT_SERVER_BASE_URL -> server.base_url; PAUSEPOINT_PLANS_TEAM_MONTHLY_PAUSES ->
     plans.team.monthly_pauses; PAUSEPOINT_CHANNELS_OPS_URL -> channels.ops.url."""
-    for setting in SETTINGS:
-        if name == "PAUSEPOINT_" + setting.key.replace(".", "_").upper():
-            return setting.key
+    for key in [s.key for s in SETTINGS] + list(RENAMED_SETTINGS):
+        if name == "PAUSEPOINT_" + key.replace(".", "_").upper():
+            return renamed_setting(key, f"${name}")
     for section, leaf in (("PLANS", "MONTHLY_PAUSES"), ("CHANNELS", "URL")):
         match = re.fullmatch(f"PAUSEPOINT_{section}_([A-Z][A-Z0-9_]*)_{leaf}", name)
         if match:
@@ -252,7 +280,18 @@ SETTING_CHECKS = {
     "pauses.max_timeout_hours": lambda v: None if 0 < v <= 24 * 366 else "must be above 0 and at most 8784 (a year)",
     "smtp.security": lambda v: None if v in ("starttls", "tls", "none") else "must be starttls, tls or none",
     "smtp.port": lambda v: None if 1 <= v <= 65535 else "must be between 1 and 65535",
-    "webhooks.workers": lambda v: None if 1 <= v <= 64 else "must be between 1 and 64",
+    "server.connection_limit": lambda v: None if 100 <= v <= 100_000 else "must be between 100 and 100000",
+    "server.connections_per_ip": lambda v: None if v >= 4 else "must be at least 4",
+    "server.header_timeout": lambda v: None if 1 <= v <= 300 else "must be between 1 and 300 seconds",
+    "server.body_timeout": lambda v: None if 1 <= v <= 3600 else "must be between 1 and 3600 seconds",
+    "server.idle_timeout": lambda v: None if 1 <= v <= 3600 else "must be between 1 and 3600 seconds",
+    "webhooks.max_per_developer": lambda v: None if v >= 1 else "must be at least 1",
+    "outbound.workers": lambda v: None if 2 <= v <= 256 else "must be between 2 and 256",
+    "outbound.per_developer": lambda v: None if v >= 1 else "must be at least 1",
+    "ratelimit.test_pauses_per_hour": lambda v: None if v >= 1 else "must be at least 1",
+    # Retries run for about three days: a shorter log would delete deliveries still being retried.
+    "retention.test_days": lambda v: None if v >= 1 else "must be at least 1",
+    "retention.delivery_log_days": lambda v: None if v >= 4 else "must be at least 4 (retries run for about 3 days)",
     "ratelimit.register_per_hour": lambda v: None if v >= 1 else "must be at least 1",
     "ratelimit.rotate_per_hour": lambda v: None if v >= 1 else "must be at least 1",
     "ratelimit.respond_failures_per_hour": lambda v: None if v >= 1 else "must be at least 1",
@@ -284,17 +323,44 @@ def base_url(config):
 # recorded at the last number here.
 MIGRATIONS = [
     (1, "-- schema.sql as first released"),
+    (2, """
+        ALTER TABLE pauses ADD COLUMN reply_code TEXT;
+        CREATE UNIQUE INDEX pauses_pending_reply_code ON pauses(recipient, livemode, reply_code)
+            WHERE status = 'pending' AND reply_code IS NOT NULL;
+        CREATE INDEX pauses_decided_test ON pauses(decided_at) WHERE livemode = 0 AND status != 'pending';
+        ALTER TABLE notifications ADD COLUMN developer_id TEXT REFERENCES developers(id);
+        UPDATE notifications SET developer_id = (SELECT developer_id FROM pauses WHERE pauses.id = notifications.pause_id);
+        DROP INDEX notifications_due;
+        CREATE INDEX notifications_due_test ON notifications(next_attempt_at)
+            WHERE status IN ('queued', 'sending') AND livemode = 0;
+        CREATE INDEX notifications_due_live ON notifications(developer_id, next_attempt_at)
+            WHERE status IN ('queued', 'sending') AND livemode = 1;
+        CREATE INDEX audit_test_without_pause ON audit_events(timestamp) WHERE livemode = 0 AND pause_id IS NULL;
+        DROP TRIGGER audit_events_are_never_deleted;
+        CREATE TRIGGER live_audit_events_are_never_deleted BEFORE DELETE ON audit_events WHEN OLD.livemode = 1
+        BEGIN SELECT RAISE(ABORT, 'live audit events are append-only'); END;
+        CREATE INDEX idempotency_keys_by_age ON idempotency_keys(created_at);
+        CREATE INDEX webhook_events_by_age ON webhook_events(created_at);
+        DROP INDEX webhook_deliveries_due;
+        CREATE INDEX webhook_deliveries_due ON webhook_deliveries(webhook_id, next_attempt_at)
+            WHERE status IN ('pending', 'delivering');
+        CREATE INDEX webhook_deliveries_by_event ON webhook_deliveries(event_id);
+    """),
 ]
 
 
 class Connection(sqlite3.Connection):
-    """A connection that may share an in-process write lock with its siblings."""
+    """A connection that may share an in-process write lock with its siblings, and
+    tell its runtime what to wake once a transaction commits."""
     write_lock = None
+    on_commit = None        # the runtime's on_commit({what: {ids}}); None for command-line connections
+    _woken = None           # what the open transaction will wake once it commits
 
 
 def connect(path, write_lock=None):
-    """A connection in autocommit mode: transactions are explicit (see transaction())."""
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False, factory=Connection)
+    """A connection in autocommit mode: transactions are explicit (see transaction()).
+    Each thread opens its own, so sqlite3's same-thread check stays on."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30, factory=Connection)
     conn.write_lock = write_lock
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode = WAL")
@@ -310,15 +376,38 @@ def transaction(conn):
     """A write transaction. BEGIN IMMEDIATE takes SQLite's write lock up front, so
     a compare-and-set never fails half-way with SQLITE_BUSY after reading stale
     state. Threads of one process first queue on a Python lock: SQLite's own
-    busy handler sleeps and retries, which under load turns into long tails."""
+    busy handler sleeps and retries, which under load turns into long tails.
+
+    What the transaction's changes should wake (waiting agents, the delivery job)
+    is registered with wake_after_commit() and woken only once COMMIT succeeds."""
+    if conn.in_transaction:
+        # The write lock is not reentrant: nesting would wait on ourselves forever.
+        raise RuntimeError("transaction() called inside a transaction on the same connection")
     with conn.write_lock or contextlib.nullcontext():
         conn.execute("BEGIN IMMEDIATE")
+        conn._woken = {}
         try:
             yield conn
         except BaseException:
             conn.execute("ROLLBACK")
+            conn._woken = None
             raise
         conn.execute("COMMIT")
+    woken, conn._woken = conn._woken, None
+    if woken and conn.on_commit is not None:
+        conn.on_commit(woken)
+
+
+def require_transaction(conn):
+    """For functions whose writes must share the caller's transaction."""
+    if not conn.in_transaction or conn._woken is None:
+        raise RuntimeError("this must run inside transaction()")
+
+
+def wake_after_commit(conn, what, *ids):
+    """Once the open transaction commits, wake `what` ('decisions', 'webhooks') for `ids`."""
+    require_transaction(conn)
+    conn._woken.setdefault(what, set()).update(ids)
 
 
 def migrate(conn):
@@ -392,6 +481,41 @@ def invalid(field, message):
     return ApiError(422, "invalid_request", message, field=field)
 
 
+# C0 and C1 controls but newline and tab, and the Bidi_Control characters, which
+# make text read differently from what it is (the "Trojan Source" trick).
+UNSAFE_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(field, value):
+    """422 naming `field` if `value` holds characters that would mislead whoever reads it."""
+    found = UNSAFE_TEXT.search(value)
+    if found:
+        raise invalid(field, f"{field} must not contain control or bidirectional-override characters"
+                             f" (it has U+{ord(found.group()):04X}); newlines and tabs are fine")
+
+
+def lone_surrogate_at(value, path=""):
+    """Where in a parsed JSON value a string holds a lone UTF-16 surrogate ('\\ud800'),
+    which JSON can spell but no text encoding can store: 'options[1]', or None."""
+    if isinstance(value, str):
+        return path or "body" if LONE_SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            at = f"{path}.{key}" if path else key
+            if LONE_SURROGATE.search(key):
+                return path or "body"
+            found = lone_surrogate_at(item, at)
+            if found:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = lone_surrogate_at(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
 def error_body(status, code, message, field=None):
     """The one JSON error shape: {"error": {"code", "message"[, "field"]}}."""
     error = {"code": code, "message": message}
@@ -425,6 +549,7 @@ def key_hint(key):
 
 def issue_key(conn, developer_id, livemode):
     """Create and store a new working key; the caller revokes any old one first."""
+    require_transaction(conn)
     key = new_api_key(livemode)
     conn.execute("INSERT INTO api_keys (key_hash, developer_id, livemode, hint, created_at) VALUES (?, ?, ?, ?, ?)",
                  (key_digest(key), developer_id, livemode, key_hint(key), db_time()))
@@ -432,10 +557,11 @@ def issue_key(conn, developer_id, livemode):
 
 
 def validate_registration(email, name, password):
-    if not isinstance(email, str) or len(email) > 254 or not EMAIL.match(email.strip()):
+    if not isinstance(email, str) or len(email) > 254 or not EMAIL.match(email.strip()) or UNSAFE_TEXT.search(email):
         raise invalid("email", "email must be an email address like you@example.com")
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise invalid("name", "name must be 1-200 characters")
+    check_text("name", name)
     if not isinstance(password, str) or len(password) < 8:
         raise invalid("password", "password must be at least 8 characters")
     if len(password.encode("utf-8")) > 72:
@@ -465,19 +591,21 @@ def register_developer(conn, config, email, name, password, plan="free"):
     }
 
 
-# bcrypt.checkpw against this when the email is unknown, so a wrong email and
-# a wrong password take the same time.
-_DUMMY_PASSWORD_HASH = bcrypt.hashpw(b"not a password", bcrypt.gensalt(4))
+@functools.lru_cache(maxsize=None)
+def stand_in_password_hash(rounds):
+    """Checked when the email is unknown, at the configured cost, so a wrong email and
+    a wrong password take the same time."""
+    return bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds))
 
 
-def check_password(conn, email, password):
+def check_password(conn, config, email, password):
     """The developer row if email and password match, else None."""
     if not isinstance(email, str) or not isinstance(password, str):
         return None
     row = conn.execute("SELECT * FROM developers WHERE email = ?", (email.strip(),)).fetchone()
     secret = password.encode("utf-8")[:72]
     if row is None:
-        bcrypt.checkpw(secret, _DUMMY_PASSWORD_HASH)
+        bcrypt.checkpw(secret, stand_in_password_hash(config["security.bcrypt_rounds"]))
         return None
     return row if bcrypt.checkpw(secret, row["password_hash"].encode()) else None
 
@@ -532,7 +660,8 @@ def authenticate(conn, authorization):
 ###############################################################################
 
 def record_event(conn, developer_id, livemode, actor, event_type, pause_id=None, data=None, when=None):
-    """Append one audit event. Call inside the transaction of the change it records."""
+    """Append one audit event, inside the transaction of the change it records."""
+    require_transaction(conn)
     conn.execute(
         "INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -573,24 +702,32 @@ def validate_pause_request(body, config):
     channel, known = body.get("channel"), channels(config)
     if channel is None:
         raise invalid("channel", f"channel is required: one of {', '.join(known)}")
-    if channel not in known:
+    if not isinstance(channel, str) or channel not in known:
         raise invalid("channel", f"unknown channel {channel!r}; this server knows: {', '.join(known)}")
     recipient = body.get("recipient")
     if not isinstance(recipient, str) or not recipient.strip():
         raise invalid("recipient", "recipient is required")
+    check_text("recipient", recipient)
     problem = known[channel].recipient_problem(recipient.strip())
     if problem:
         raise invalid("recipient", problem)
     message = body.get("message")
     if not isinstance(message, str) or not message.strip() or len(message) > 1600:
         raise invalid("message", "message must be 1-1600 characters")
+    check_text("message", message)
     options = body.get("options")
     if (not isinstance(options, list) or not 2 <= len(options) <= 10
             or not all(isinstance(o, str) and o.strip() and len(o) <= 100 for o in options)):
         raise invalid("options", "options must be a list of 2-10 non-empty strings of at most 100 characters")
+    for option in options:
+        check_text("options", option)
     options = [o.strip() for o in options]
-    if len(set(options)) != len(options):
-        raise invalid("options", "options must be distinct")
+    seen = [option_identity(o) for o in options]
+    if not all(seen):
+        raise invalid("options", "options must be visible text, not only invisible characters")
+    if len(set(seen)) != len(seen):
+        raise invalid("options", "options must be distinct, and look distinct: they may not differ only in case,"
+                                 " invisible characters or Unicode look-alike forms")
     hours = body.get("timeout_hours")
     limit = config["pauses.max_timeout_hours"]
     if (isinstance(hours, bool) or not isinstance(hours, (int, float)) or not math.isfinite(hours)
@@ -612,6 +749,13 @@ def validate_pause_request(body, config):
     }
 
 
+def option_identity(option):
+    """What a person sees an option as: 'Reject' and 'reject\u200b' look alike on a button
+    and to an SMS reply, so they are the same option."""
+    visible = "".join(c for c in option if unicodedata.category(c) != "Cf")
+    return unicodedata.normalize("NFKC", visible).casefold().strip()
+
+
 def compact_json(value):
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
@@ -627,9 +771,8 @@ def month_start(moment):
 def create_pause(conn, config, caller, body, idempotency_key=None):
     """Store a pause, its notification and its audit event in one transaction.
 
-    Returns (pause row, replayed, webhooks_due): replayed is True when an
-    Idempotency-Key matched an earlier identical request and nothing new was
-    created; webhooks_due when a pause.created delivery was queued.
+    Returns (pause row, replayed): replayed is True when an Idempotency-Key
+    matched an earlier identical request and nothing new was created.
     """
     fields = validate_pause_request(body, config)
     channel = channels(config)[fields["channel"]]
@@ -647,25 +790,27 @@ def create_pause(conn, config, caller, body, idempotency_key=None):
         if idempotency_key is not None:
             earlier = earlier_idempotent_pause(conn, caller, idempotency_key, request_fingerprint(body), now)
             if earlier is not None:
-                return earlier, True, False
+                return earlier, True
         if caller.livemode:
             check_quota(conn, config, caller, now)
         pause_id, token = new_id("psr_"), secrets.token_urlsafe(32)
+        # SMS and WhatsApp replies name their pause by a code, unique among the number's pending pauses.
+        reply_code = new_reply_code(conn, fields["recipient"], caller.livemode) if channel.kind == "twilio" else None
         created_at = db_time(now)
         expires_at = db_time(now + dt.timedelta(seconds=fields["timeout_seconds"]))
         conn.execute(
             "INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, timeout_default,"
-            " metadata, respond_token, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " metadata, respond_token, reply_code, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (pause_id, caller.developer_id, caller.livemode, fields["recipient"], fields["channel"],
              fields["message"], compact_json(fields["options"]), fields["timeout_default"],
              None if fields["metadata"] is None else compact_json(fields["metadata"]),
-             token, created_at, expires_at))
+             token, reply_code, created_at, expires_at))
         pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (pause_id,)).fetchone()
         if channel.render is not None:      # the link channel sends nothing: the agent delivers respond_url
             conn.execute(
-                "INSERT INTO notifications (id, pause_id, channel, recipient, livemode, text, next_attempt_at,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (new_id("ntf_"), pause_id, fields["channel"], fields["recipient"], caller.livemode,
+                "INSERT INTO notifications (id, pause_id, developer_id, channel, recipient, livemode, text,"
+                " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (new_id("ntf_"), pause_id, caller.developer_id, fields["channel"], fields["recipient"], caller.livemode,
                  channel.render(pause, respond_url(config, token)), created_at, created_at, created_at))
         if idempotency_key is not None:
             conn.execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?)",
@@ -675,8 +820,8 @@ def create_pause(conn, config, caller, body, idempotency_key=None):
                      {"recipient": fields["recipient"], "channel": fields["channel"],
                       "options": fields["options"], "timeout_default": fields["timeout_default"],
                       "expires_at": api_time(expires_at), "metadata": fields["metadata"]}, when=created_at)
-        webhooks_due = emit_pause_event(conn, config, pause, "pause.created", when=created_at)
-    return pause, False, webhooks_due
+        emit_pause_event(conn, config, pause, "pause.created", when=created_at)
+    return pause, False
 
 
 def earlier_idempotent_pause(conn, caller, key, fingerprint, now):
@@ -713,11 +858,13 @@ def respond_url(config, token):
 
 
 def decide_pause(conn, config, pause_id, status, decided_by, choice=None, comment=None, data=None, now=None):
-    """Move a pending pause to a final status. Call inside a transaction.
+    """Move a pending pause to a final status, inside the caller's transaction.
 
     Compare-and-set: only a pause still 'pending' changes, and a response only
-    before expires_at, a timeout only after it. Returns True if this call won.
+    before expires_at, a timeout only after it. Returns True if this call won;
+    agents waiting on the pause wake once the transaction commits.
     """
+    require_transaction(conn)
     now = now or db_time()
     time_rule = {"responded": "AND expires_at > :now", "timed_out": "AND expires_at <= :now", "cancelled": ""}[status]
     # A timeout's choice is the pause's own timeout_default.
@@ -733,6 +880,7 @@ def decide_pause(conn, config, pause_id, status, decided_by, choice=None, commen
     record_event(conn, pause["developer_id"], pause["livemode"], decided_by, f"pause.{status}", pause_id,
                  {"choice": pause["choice"], "comment": comment, "decided_by": decided_by, **(data or {})}, when=now)
     emit_pause_event(conn, config, pause, f"pause.{status}", when=now)
+    wake_after_commit(conn, "decisions", pause_id)
     return True
 
 
@@ -740,6 +888,8 @@ def respond_to_pause(conn, config, token, choice, comment, client):
     """A human's decision through the respond link: 200 facts, or 404/409/410/422."""
     if comment is not None and (not isinstance(comment, str) or len(comment) > 2000):
         raise invalid("comment", "comment must be text of at most 2000 characters")
+    if comment is not None:
+        check_text("comment", comment)
     comment = comment.strip() or None if comment else None
     with transaction(conn):
         pause = pause_by_token(conn, token)
@@ -754,24 +904,85 @@ def respond_to_pause(conn, config, token, choice, comment, client):
         return conn.execute("SELECT * FROM pauses WHERE id = ?", (pause["id"],)).fetchone()
 
 
+# Reply codes name one pause in an SMS conversation: a letter and a digit ('K7'),
+# a third letter only when a number has very many pauses pending. No I, L, O, 0
+# or 1, which people misread.
+REPLY_CODE_LETTERS = "ABCDEFGHJKMNPQRSTUVWXYZ"
+REPLY_CODE_DIGITS = "23456789"
+REPLY_CODE = re.compile(f"[{REPLY_CODE_LETTERS}][{REPLY_CODE_DIGITS}][{REPLY_CODE_LETTERS}]?", re.IGNORECASE)
+REPLY_SEPARATORS = r"[\s,:;.\-]+"
+MAX_CODES_LISTED = 5
+
+
+def new_reply_code(conn, recipient, livemode):
+    """A code no other pending pause for this number uses (inside the create's transaction)."""
+    require_transaction(conn)
+    taken = {row[0] for row in conn.execute(
+        "SELECT reply_code FROM pauses WHERE recipient = ? AND status = 'pending' AND livemode = ?"
+        " AND reply_code IS NOT NULL", (recipient, livemode))}
+    short = [a + b for a in REPLY_CODE_LETTERS for b in REPLY_CODE_DIGITS]
+    free = [code for code in short if code not in taken]
+    if len(free) < len(short) // 2:     # crowded: three characters, 23 times the room
+        free = [code + c for code in short for c in REPLY_CODE_LETTERS if code + c not in taken]
+    if not free:
+        raise ApiError(429, "too_many_pending", f"{recipient} has too many pending pauses; wait for some to be decided",
+                       field="recipient")
+    return secrets.choice(free)
+
+
+def split_reply_code(text):
+    """'K7 1', '1 k7', 'K7: approve' -> ('K7', '1'…); a reply without a code -> (None, text)."""
+    text = text.strip()
+    first = re.fullmatch(f"({REPLY_CODE.pattern}){REPLY_SEPARATORS}(.+)", text, re.IGNORECASE)
+    if first:
+        return first.group(1).upper(), first.group(2)
+    last = re.fullmatch(f"(.+?){REPLY_SEPARATORS}({REPLY_CODE.pattern})[.!]?", text, re.IGNORECASE)
+    if last:
+        return last.group(2).upper(), last.group(1)
+    return None, text
+
+
 def record_sms_reply(conn, config, sender, text, message_sid=None):
-    """An SMS or WhatsApp reply: decide the newest pending live pause sent to that
-    number. Returns (the reply to text back, whether a decision was recorded)."""
+    """An SMS or WhatsApp reply; returns the text to send back.
+
+    A reply naming a pause's code decides that pause. A bare reply decides only
+    when exactly one live pause is pending in this conversation, whoever sent it;
+    otherwise it decides nothing and lists the codes. Only pauses whose message
+    went to this number, on this channel, can be decided."""
     channel = "whatsapp" if sender.startswith("whatsapp:") else "sms"
     number = sender.removeprefix("whatsapp:")
+    code, answer = split_reply_code(text)
     with transaction(conn):
         now = db_time()
-        pause = conn.execute(
+        pending = conn.execute(
             "SELECT * FROM pauses WHERE recipient = ? AND status = 'pending' AND channel = ? AND livemode = 1"
-            " AND expires_at > ? ORDER BY seq DESC LIMIT 1", (number, channel, now)).fetchone()
-        if pause is None:
-            return "PausePoint: there is no open request for this number.", False
-        choice = reply_choice(text, json.loads(pause["options"]))
+            " AND expires_at > ? ORDER BY seq DESC", (number, channel, now)).fetchall()
+        if not pending:
+            return "PausePoint: there is no open request for this number."
+        if code is not None:
+            pause = next((p for p in pending if p["reply_code"] == code), None)
+            if pause is None:
+                return f"PausePoint: no open request has the code {code}. " + open_codes(pending)
+        elif len(pending) == 1:
+            pause = pending[0]
+        else:
+            return f"PausePoint: {len(pending)} requests are open; start your reply with its code. " + open_codes(pending)
+        choice = reply_choice(answer, json.loads(pause["options"]))
         if choice is None:
-            return f"PausePoint: {reply_options(pause)}. ({shorten(pause['message'])})", False
+            return f"PausePoint: {reply_options(pause)}. ({shorten(pause['message'])})"
         decide_pause(conn, config, pause["id"], "responded", f"recipient:{number}", choice, now=now,
-                     data={"via": channel, "message_sid": message_sid})
-    return f"PausePoint: recorded {choice} for \"{shorten(pause['message'])}\"", True
+                     data={"via": channel, "message_sid": message_sid, "reply_code": pause["reply_code"]})
+    return f"PausePoint: recorded {choice} for \"{shorten(pause['message'])}\""
+
+
+def open_codes(pending):
+    """'E.g. K7 1. K7: send $10 to the office fund?; M3: wire $50,000 to…': the open codes
+    and their questions, shortened."""
+    listed = [f"{p['reply_code']}: {shorten(p['message'], 40)}" for p in pending[:MAX_CODES_LISTED] if p["reply_code"]]
+    more = len(pending) - MAX_CODES_LISTED
+    example = next((p for p in pending if p["reply_code"]), None)
+    hint = f"E.g. {example['reply_code']} 1. " if example else ""
+    return hint + "; ".join(listed) + (f" (+{more} more)" if more > 0 else "")
 
 
 def reply_choice(text, options):
@@ -804,6 +1015,26 @@ def refuse_if_decided(pause, expired=False):
     if pause["status"] == "timed_out" or expired or pause["expires_at"] <= db_time():
         outcome = f"; the default {pause['timeout_default']!r} applies" if pause["timeout_default"] else ""
         raise ApiError(410, "expired", f"this request expired at {api_time(pause['expires_at'])}{outcome}")
+
+
+LINK_OPENED_EVERY = dt.timedelta(minutes=1)
+
+
+def record_link_opened(conn, pause, via, client):
+    """Audit that a respond link was opened: once per pause, client address and minute,
+    so reloads, scanners and floods cannot grow the log without bound."""
+    def recorded_lately():
+        return conn.execute(
+            "SELECT 1 FROM audit_events WHERE pause_id = ? AND event_type = 'respond_page.opened' AND timestamp > ?"
+            " AND json_extract(data, '$.ip') = ? LIMIT 1",
+            (pause["id"], db_time(utcnow() - LINK_OPENED_EVERY), client["ip"])).fetchone()
+
+    if recorded_lately():       # the common reload: no write lock needed
+        return
+    with transaction(conn):
+        if not recorded_lately():
+            record_event(conn, pause["developer_id"], pause["livemode"], "respond_link", "respond_page.opened",
+                         pause["id"], {"via": via, **client})
 
 
 def cancel_pause(conn, config, caller, pause_id):
@@ -894,6 +1125,200 @@ def respond_facts(pause):
 
 
 ###############################################################################
+# Outbound calls: total deadlines and one fair, bounded pool
+###############################################################################
+
+class DeadlineWatch:
+    """One thread that shuts down the sockets of outbound calls that outlive their
+    deadline. A socket timeout bounds each read, not the call: a peer that sends
+    a byte every few seconds would hold a worker for ever. shutdown() makes the
+    blocked read or write return at once, whatever library is above it."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._watched = {}          # key -> (monotonic deadline, fd, inode, Deadline)
+        self._keys = itertools.count()
+        self._thread = None
+
+    def deadline(self, seconds):
+        return Deadline(self, seconds)
+
+    def _watch(self, deadline, sock):
+        fd = sock.fileno()
+        inode = os.fstat(fd).st_ino
+        with self._changed:
+            key = next(self._keys)
+            self._watched[key] = (deadline.at, fd, inode, deadline)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        return key
+
+    def _forget(self, keys):
+        # Under the same lock as the shutdown: once this returns, none of these
+        # descriptors can be shut down, even if their numbers are reused.
+        with self._changed:
+            for key in keys:
+                self._watched.pop(key, None)
+
+    def _run(self):
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                for key, (at, fd, inode, deadline) in list(self._watched.items()):
+                    if at <= now:
+                        del self._watched[key]
+                        deadline.expired = True
+                        shut_down_socket(fd, inode)
+                soonest = min((entry[0] for entry in self._watched.values()), default=None)
+                self._changed.wait(None if soonest is None else soonest - now)
+
+
+def shut_down_socket(fd, inode):
+    """shutdown() the socket behind descriptor `fd`, if it still is the one with `inode`.
+    A duplicate descriptor is used, so the caller's own close() stays the only close."""
+    try:
+        duplicate = os.dup(fd)
+    except OSError:
+        return
+    with socket.socket(fileno=duplicate) as sock:
+        with contextlib.suppress(OSError):
+            if os.fstat(duplicate).st_ino == inode:
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class Deadline:
+    """The time limit of one outbound call, connect to last byte. Sockets passed to
+    guard() are shut down if the call is still running when it passes."""
+
+    def __init__(self, watch, seconds):
+        self.watch, self.seconds = watch, seconds
+        self.at = time.monotonic() + seconds
+        self.expired = False
+        self._keys = []
+
+    def remaining(self):
+        return max(0.001, self.at - time.monotonic())
+
+    def guard(self, sock):
+        self._keys.append(self.watch._watch(self, sock))
+        return sock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.watch._forget(self._keys)
+
+
+class _GuardedAdapter(requests.adapters.HTTPAdapter):
+    """Hands every new socket to guard(sock) before anything is sent on it: the
+    SSRF check on the address actually connected to, and the call's deadline."""
+
+    def __init__(self, guard):
+        self.guard = guard
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        guard = self.guard
+
+        def guarded(connection_class):
+            return type("Guarded" + connection_class.__name__, (connection_class,),
+                        {"_new_conn": lambda conn: guard(connection_class._new_conn(conn))})
+
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": type("GuardedHTTPPool", (urllib3.HTTPConnectionPool,),
+                         {"ConnectionCls": guarded(urllib3.connection.HTTPConnection)}),
+            "https": type("GuardedHTTPSPool", (urllib3.HTTPSConnectionPool,),
+                          {"ConnectionCls": guarded(urllib3.connection.HTTPSConnection)}),
+        }
+
+
+def mount_guard(session, guard):
+    adapter = _GuardedAdapter(guard)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+class OutboundPool:
+    """The bounded pool every outbound call runs on: webhook deliveries and live
+    notification sends. Each call holds a slot counted against its developer and
+    its target (one webhook endpoint, or one channel's provider), so a tenant whose
+    receivers stall, or a provider that hangs, holds a bounded share of the
+    workers, and claims go to the developers with the fewest calls in flight."""
+
+    def __init__(self, workers, per_developer):
+        self.workers, self.per_developer = workers, per_developer
+        # A hung provider may hold half the workers; the rest keep other channels and webhooks moving.
+        self.per_channel = max(1, workers // 2)
+        self.executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="outbound")
+        self.deadlines = DeadlineWatch()
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._by_developer = collections.Counter()
+        self._by_target = collections.Counter()
+
+    def free(self):
+        with self._lock:
+            return self.workers - self._busy
+
+    def in_flight(self, developer_id):
+        with self._lock:
+            return self._by_developer[developer_id]
+
+    def fair_order(self, due):
+        """Items of {developer id: [items]}, one developer at a time, starting with
+        those that have the fewest calls in flight (ties in random order)."""
+        with self._lock:
+            order = sorted(due, key=lambda developer_id: (self._by_developer[developer_id], random.random()))
+        queues = [collections.deque(due[developer_id]) for developer_id in order]
+        while queues:
+            for queue in list(queues):
+                yield queue.popleft()
+                if not queue:
+                    queues.remove(queue)
+
+    def reserve(self, developer_id, target, target_limit):
+        """Take a slot for one call if the pool, the developer and the target all have room."""
+        with self._lock:
+            if (self._busy >= self.workers or self._by_developer[developer_id] >= self.per_developer
+                    or self._by_target[target] >= target_limit):
+                return False
+            self._busy += 1
+            self._by_developer[developer_id] += 1
+            self._by_target[target] += 1
+            return True
+
+    def release(self, developer_id, target):
+        with self._lock:
+            self._busy -= 1
+            self._by_developer[developer_id] -= 1
+            self._by_target[target] -= 1
+            self._by_developer += collections.Counter()     # drop zero counts
+            self._by_target += collections.Counter()
+
+    def run(self, developer_id, target, call, *args, then=None):
+        """Run call(*args) on a worker in a slot taken with reserve(); the slot is freed after, then then()."""
+        def work():
+            try:
+                call(*args)
+            except Exception:
+                log.exception("outbound call %s failed unexpectedly", getattr(call, "__name__", call))
+            finally:
+                self.release(developer_id, target)
+                if then is not None:
+                    then()
+        self.executor.submit(work)
+
+    def shutdown(self):
+        # Calls under way finish (each is bounded by its deadline) and are recorded.
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+###############################################################################
 # Channels
 ###############################################################################
 
@@ -906,8 +1331,9 @@ class Channel:
     """How one kind of notification reaches a human.
 
     Test-mode pauses never send, so only live pauses need missing_settings()
-    to be empty. send(config, notification, pause) returns the provider's
-    message id (or None) or raises ChannelError.
+    to be empty. send(config, notification, pause, deadline) returns the
+    provider's message id (or None) or raises ChannelError; it hands its sockets
+    to deadline.guard() where the library lets it.
     """
     name: str
     kind: str                     # 'twilio', 'email', 'apprise' or 'link'
@@ -974,9 +1400,10 @@ def smtp_missing(config):
 
 
 def reply_options(pause):
-    """'Reply 1 for Approve, 2 for Reject': what an SMS reply may say (see record_sms_reply)."""
+    """'Reply K7 1 for Approve, K7 2 for Reject': what an SMS reply may say (see record_sms_reply)."""
     options = json.loads(pause["options"])
-    return "Reply " + ", ".join(f"{n} for {option}" for n, option in enumerate(options, 1))
+    code = f"{pause['reply_code']} " if pause["reply_code"] else ""
+    return "Reply " + ", ".join(f"{code}{n} for {option}" for n, option in enumerate(options, 1))
 
 
 def human_time(db_text):
@@ -1010,26 +1437,30 @@ def email_text(pause, url):
             f" you confirm):\n{options}\n\nThis request expires {expiry_text(pause)}.")
 
 
-def send_twilio(config, notification, pause):
+def send_twilio(config, notification, pause, deadline):
     """One SMS or WhatsApp message through the Twilio REST API (or a compatible one at twilio.api_base)."""
-    client = twilio.rest.Client(config["twilio.account_sid"], config["twilio.auth_token"],
-                                http_client=twilio.http.http_client.TwilioHttpClient(timeout=PROVIDER_TIMEOUT_SECONDS))
+    http_client = twilio.http.http_client.TwilioHttpClient(timeout=deadline.remaining())
+    mount_guard(http_client.session, deadline.guard)
+    client = twilio.rest.Client(config["twilio.account_sid"], config["twilio.auth_token"], http_client=http_client)
     client.api.base_url = config["twilio.api_base"].rstrip("/")
     prefix = "whatsapp:" if notification["channel"] == "whatsapp" else ""
     sender = ({"messaging_service_sid": config["twilio.messaging_service_sid"]}
               if config["twilio.messaging_service_sid"] else {"from_": prefix + config["twilio.from_number"]})
     try:
-        message = client.messages.create(to=prefix + notification["recipient"], body=notification["text"], **sender)
+        with http_client.session:
+            message = client.messages.create(to=prefix + notification["recipient"], body=notification["text"], **sender)
     except twilio.base.exceptions.TwilioRestException as e:
         # 4xx means Twilio refused this message (bad number, unverified sender…): retrying changes nothing.
         raise ChannelError(f"Twilio answered HTTP {e.status}: {e.msg}",
                            permanent=400 <= e.status < 500 and e.status != 429) from None
     except (twilio.base.exceptions.TwilioException, requests.RequestException) as e:
+        if deadline.expired:
+            raise ChannelError(f"Twilio did not answer within {deadline.seconds} s") from None
         raise ChannelError(f"could not reach Twilio: {e}") from None
     return message.sid
 
 
-def send_email(config, notification, pause):
+def send_email(config, notification, pause, deadline):
     """A plain-text and an HTML part; every button opens the respond page, none decides on GET."""
     url = respond_url(config, pause["respond_token"])
     message = email.message.EmailMessage()
@@ -1045,9 +1476,10 @@ def send_email(config, notification, pause):
     try:
         context = ssl.create_default_context(cafile=config["smtp.ca_file"] or None)
         if security == "tls":
-            server = smtplib.SMTP_SSL(host, port, timeout=PROVIDER_TIMEOUT_SECONDS, context=context)
+            server = smtplib.SMTP_SSL(host, port, timeout=deadline.remaining(), context=context)
         else:
-            server = smtplib.SMTP(host, port, timeout=PROVIDER_TIMEOUT_SECONDS)
+            server = smtplib.SMTP(host, port, timeout=deadline.remaining())
+        deadline.guard(server.sock)
         with server:
             if security == "starttls":
                 server.starttls(context=context)
@@ -1057,12 +1489,16 @@ def send_email(config, notification, pause):
     except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused) as e:
         raise ChannelError(f"SMTP {host}:{port} refused the message: {e}", permanent=True) from None
     except (smtplib.SMTPException, OSError) as e:
+        if deadline.expired:
+            raise ChannelError(f"SMTP {host}:{port}: no answer within {deadline.seconds} s") from None
         raise ChannelError(f"SMTP {host}:{port}: {e}") from None
     return message["Message-ID"]
 
 
-def send_apprise(target_url, config, notification, pause):
-    """A push or chat message to an operator-named target (ntfy, Slack, Gotify, Matrix, …)."""
+def send_apprise(target_url, config, notification, pause, deadline):
+    """A push or chat message to an operator-named target (ntfy, Slack, Gotify, Matrix, …).
+    Apprise opens its own connections, each read bounded by its own timeout; the
+    target is the operator's, and it holds at most a channel's share of the pool."""
     notifier = apprise.Apprise()
     if not notifier.add(target_url):
         raise ChannelError(f"channel {notification['channel']!r} has a URL Apprise does not understand")
@@ -1077,61 +1513,77 @@ NOTIFICATION_BACKOFF_SECONDS = (5, 30)     # before the 2nd and the 3rd attempt
 NOTIFICATION_CLAIM_SECONDS = 120           # a 'sending' claim older than this was abandoned by a crash
 
 
-def send_due_notifications(conn, config, batch=100):
-    """Send (or, in test mode, simulate) every due notification; returns how many were handled."""
+def simulate_due_notifications(conn, batch=500):
+    """Test mode: record each due notification as simulated, with its exact text, in one
+    transaction; returns how many. Nothing leaves the process, so no worker is needed."""
     now = db_time()
-    due = conn.execute(
-        "SELECT * FROM notifications WHERE status IN ('queued', 'sending') AND next_attempt_at <= ?"
+    rows = conn.execute(
+        "SELECT * FROM notifications WHERE status IN ('queued', 'sending') AND livemode = 0 AND next_attempt_at <= ?"
         " ORDER BY next_attempt_at LIMIT ?", (now, batch)).fetchall()
-    simulate_notifications([row for row in due if not row["livemode"]], conn)
-    for row in due:
-        if row["livemode"]:
-            deliver_notification(conn, config, row)
-    return len(due)
-
-
-def simulate_notifications(rows, conn):
-    """Test mode: record each notification as simulated, with its exact text, in one transaction."""
     if not rows:
-        return
+        return 0
     with transaction(conn):
-        now = db_time()
         for row in rows:
             changed = conn.execute(
                 "UPDATE notifications SET status = 'simulated', attempts = attempts + 1, updated_at = ?"
                 " WHERE id = ? AND status IN ('queued', 'sending')", (now, row["id"])).rowcount
             if changed:
-                developer_id = conn.execute("SELECT developer_id FROM pauses WHERE id = ?",
-                                            (row["pause_id"],)).fetchone()[0]
-                record_event(conn, developer_id, 0, "system", "notification.simulated", row["pause_id"],
+                record_event(conn, row["developer_id"], 0, "system", "notification.simulated", row["pause_id"],
                              {"channel": row["channel"], "recipient": row["recipient"], "text": row["text"]}, when=now)
+    return len(rows)
 
 
-def deliver_notification(conn, config, row):
-    """Claim a live notification, send it outside any transaction, record the outcome."""
+def due_live_notifications(conn, per_developer):
+    """{developer id: up to `per_developer` of their due live notifications, oldest first}.
+
+    One index seek per developer with unsent notifications, however many they
+    have, so a flood from one developer cannot hide another's from the job."""
+    now = db_time()
+    owners = conn.execute(
+        "WITH RECURSIVE owners(developer_id) AS ("
+        " SELECT min(developer_id) FROM notifications WHERE status IN ('queued', 'sending') AND livemode = 1"
+        " UNION ALL SELECT (SELECT min(developer_id) FROM notifications WHERE status IN ('queued', 'sending')"
+        "  AND livemode = 1 AND developer_id > owners.developer_id) FROM owners WHERE developer_id IS NOT NULL)"
+        " SELECT developer_id FROM owners WHERE developer_id IS NOT NULL").fetchall()
+    due = {}
+    for (developer_id,) in owners:
+        rows = conn.execute(
+            "SELECT * FROM notifications WHERE status IN ('queued', 'sending') AND livemode = 1 AND developer_id = ?"
+            " AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?", (developer_id, now, per_developer)).fetchall()
+        if rows:
+            due[developer_id] = rows
+    return due
+
+
+def claim_notification(conn, row):
+    """Compare-and-set a due notification to 'sending'; returns the claim's expiry, or
+    None when another worker got there first."""
+    claim_until = db_time(utcnow() + dt.timedelta(seconds=NOTIFICATION_CLAIM_SECONDS))
     with transaction(conn):
-        claim_until = db_time(utcnow() + dt.timedelta(seconds=NOTIFICATION_CLAIM_SECONDS))
         claimed = conn.execute(
             "UPDATE notifications SET status = 'sending', attempts = attempts + 1, next_attempt_at = ?, updated_at = ?"
             " WHERE id = ? AND status = ? AND next_attempt_at = ?",
             (claim_until, db_time(), row["id"], row["status"], row["next_attempt_at"])).rowcount
-    if not claimed:
-        return      # another worker got there first
+    return claim_until if claimed else None
+
+
+def send_notification(conn, config, deadlines, row, claim_until):
+    """Send a claimed live notification (outside any transaction) and record the outcome."""
     attempt = row["attempts"] + 1
     channel, permanent = channels(config).get(row["channel"]), False
     try:
         if channel is None or channel.send is None or channel.missing_settings(config):
             raise ChannelError(f"channel {row['channel']!r} is not configured on this server")
         pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (row["pause_id"],)).fetchone()
-        provider_id, error = channel.send(config, row, pause), None
+        with deadlines.deadline(PROVIDER_TIMEOUT_SECONDS) as deadline:
+            provider_id, error = channel.send(config, row, pause, deadline), None
     except ChannelError as e:
         provider_id, error, permanent = None, str(e)[:500], e.permanent
-    except Exception as e:      # a provider library's surprise must not kill the job
+    except Exception as e:      # a provider library's surprise must not kill the worker
         log.exception("sending notification %s failed", row["id"])
         provider_id, error = None, f"{type(e).__name__}: {e}"[:500]
     with transaction(conn):
         now = db_time()
-        developer_id = conn.execute("SELECT developer_id FROM pauses WHERE id = ?", (row["pause_id"],)).fetchone()[0]
         if error is None:
             status, next_at, event = "sent", now, "notification.sent"
         elif attempt < NOTIFICATION_ATTEMPTS and not permanent:
@@ -1144,7 +1596,7 @@ def deliver_notification(conn, config, row):
             " updated_at = ? WHERE id = ? AND status = 'sending' AND next_attempt_at = ?",
             (status, next_at, provider_id, error, now, row["id"], claim_until)).rowcount
         if changed and event:
-            record_event(conn, developer_id, 1, "system", event, row["pause_id"],
+            record_event(conn, row["developer_id"], 1, "system", event, row["pause_id"],
                          {"channel": row["channel"], "recipient": row["recipient"], "attempts": attempt,
                           "provider_message_id": provider_id, "error": error}, when=now)
         if changed and status == "failed":
@@ -1202,7 +1654,7 @@ def verify_signature(secret, header, body, tolerance=300):
 
 def url_problem(url, allow_private):
     """None if webhooks may be sent to `url`, else a sentence saying why not."""
-    if not isinstance(url, str) or len(url) > 2048:
+    if not isinstance(url, str) or len(url) > 2048 or UNSAFE_TEXT.search(url):
         return "url must be an http:// or https:// URL of at most 2048 characters"
     parts = urllib.parse.urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -1222,11 +1674,30 @@ def url_problem(url, allow_private):
     return None
 
 
+# IPv6 forms that carry an IPv4 address, which is what such a packet reaches in the end.
+NAT64 = ipaddress.ip_network("64:ff9b::/96")                 # RFC 6052, well-known NAT64 prefix
+NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")         # RFC 8215, local-use NAT64: never public
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")              # deprecated ::a.b.c.d
+IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")    # SIIT ::ffff:0:a.b.c.d
+
+
+def embedded_ipv4(ip):
+    """The IPv4 addresses inside an IPv6 address: NAT64, 6to4, Teredo, compatible, translated."""
+    if ip.version == 4:
+        return []
+    found = [*(ip.teredo or ()), *([ip.sixtofour] if ip.sixtofour else [])]
+    if ip in NAT64 or ip in IPV4_COMPATIBLE or ip in IPV4_TRANSLATED:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
+
+
 def is_public_address(address):
     ip = ipaddress.ip_address(address.split("%")[0])
     if getattr(ip, "ipv4_mapped", None):
         ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    if ip.version == 6 and ip in NAT64_LOCAL:
+        return False
+    return all(each.is_global and not each.is_multicast for each in [ip, *embedded_ipv4(ip)])
 
 
 class PrivateAddressRefused(OSError):
@@ -1242,37 +1713,14 @@ def _refuse_private_peer(sock):
     return sock
 
 
-class _PublicOnlyHTTPConnection(urllib3.connection.HTTPConnection):
-    def _new_conn(self):
-        return _refuse_private_peer(super()._new_conn())
-
-
-class _PublicOnlyHTTPSConnection(urllib3.connection.HTTPSConnection):
-    def _new_conn(self):
-        return _refuse_private_peer(super()._new_conn())
-
-
-class _PublicOnlyAdapter(requests.adapters.HTTPAdapter):
-    """Checks the address actually connected to, after DNS: a name that resolved to a
-    public address at registration may point inward by now. Nothing is sent first."""
-
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": type("PublicOnlyHTTPPool", (urllib3.HTTPConnectionPool,),
-                         {"ConnectionCls": _PublicOnlyHTTPConnection}),
-            "https": type("PublicOnlyHTTPSPool", (urllib3.HTTPSConnectionPool,),
-                          {"ConnectionCls": _PublicOnlyHTTPSConnection}),
-        }
-
-
-def webhook_session(allow_private):
+def webhook_session(allow_private, deadline):
+    """A session for one delivery attempt: every socket is checked against the SSRF
+    guard (unless private addresses are allowed) and bound to the attempt's deadline."""
     session = requests.Session()
     session.trust_env = False       # an environment proxy would hide the real destination from the guard
-    if not allow_private:
-        session.mount("http://", _PublicOnlyAdapter())
-        session.mount("https://", _PublicOnlyAdapter())
-    return session
+    if allow_private:
+        return mount_guard(session, deadline.guard)
+    return mount_guard(session, lambda sock: deadline.guard(_refuse_private_peer(sock)))
 
 
 def validate_webhook_request(body, allow_private, partial=False):
@@ -1298,6 +1746,7 @@ def validate_webhook_request(body, allow_private, partial=False):
     if body.get("secret") is not None:
         if not isinstance(body["secret"], str) or not MIN_SECRET_LENGTH <= len(body["secret"]) <= 256:
             raise invalid("secret", f"secret must be {MIN_SECRET_LENGTH}-256 characters (or left out to have one made)")
+        check_text("secret", body["secret"])
         fields["secret"] = body["secret"]
     if "enabled" in body:
         if body["enabled"] is not True and body["enabled"] is not False:
@@ -1314,6 +1763,12 @@ def create_webhook(conn, config, caller, body):
         generated = fields["secret"] = "whsec_" + secrets.token_urlsafe(32)
     webhook_id, now = new_id("wh_"), db_time()
     with transaction(conn):
+        limit = config["webhooks.max_per_developer"]
+        held = conn.execute("SELECT count(*) FROM webhooks WHERE developer_id = ? AND deleted_at IS NULL",
+                            (caller.developer_id,)).fetchone()[0]
+        if held >= limit:
+            raise ApiError(409, "webhook_limit_reached",
+                           f"a developer may have at most {limit} webhooks (test and live together); delete one first")
         conn.execute("INSERT INTO webhooks (id, developer_id, livemode, url, events, secret, created_at, updated_at)"
                      " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                      (webhook_id, caller.developer_id, caller.livemode, fields["url"], compact_json(fields["events"]),
@@ -1341,6 +1796,7 @@ def update_webhook(conn, config, caller, webhook_id, body):
             changes.update(status="enabled", disabled_reason=None, failing_since=None)
             conn.execute("UPDATE webhook_deliveries SET next_attempt_at = ? WHERE webhook_id = ? AND status = 'pending'"
                          " AND next_attempt_at IS NULL", (db_time(now), webhook_id))
+            wake_after_commit(conn, "webhooks")
         if fields.get("enabled") is False and webhook["status"] == "enabled":
             disable_webhook(conn, webhook, "disabled through the API", caller.actor)
         if changes:
@@ -1366,6 +1822,7 @@ def delete_webhook(conn, caller, webhook_id):
 
 def disable_webhook(conn, webhook, reason, actor):
     """Stop sending to an endpoint; its pending deliveries wait (unscheduled) until it is re-enabled."""
+    require_transaction(conn)
     now = db_time()
     conn.execute("UPDATE webhooks SET status = 'disabled', disabled_reason = ?, updated_at = ? WHERE id = ?",
                  (reason, now, webhook["id"]))
@@ -1398,8 +1855,7 @@ def webhook_json(webhook):
 
 def emit_pause_event(conn, config, pause, event_type, when=None):
     """Queue `event_type` about `pause` for every enabled endpoint of its owner, in its
-    mode, that subscribed to it. Call inside the transaction of the change.
-    Returns whether any delivery was queued."""
+    mode, that subscribed to it, inside the transaction of the change."""
     targets = [row["id"] for row in conn.execute(
         "SELECT id, events FROM webhooks WHERE developer_id = ? AND livemode = ? AND deleted_at IS NULL"
         " AND status = 'enabled'", (pause["developer_id"], pause["livemode"]))
@@ -1408,11 +1864,12 @@ def emit_pause_event(conn, config, pause, event_type, when=None):
         notification = conn.execute("SELECT * FROM notifications WHERE pause_id = ?", (pause["id"],)).fetchone()
         queue_event(conn, pause["developer_id"], pause["livemode"], event_type,
                     pause_json(pause, config, notification), targets, pause["id"], when)
-    return bool(targets)
 
 
 def queue_event(conn, developer_id, livemode, event_type, data, webhook_ids, pause_id=None, when=None):
-    """Write an event and one due delivery per endpoint (the outbox); returns the delivery ids."""
+    """Write an event and one due delivery per endpoint (the outbox); returns the delivery
+    ids. The delivery job is woken once the transaction commits."""
+    require_transaction(conn)
     event_id, now = new_id("evt_"), when or db_time()
     body = compact_json({"id": event_id, "type": event_type, "created_at": api_time(now),
                          "livemode": bool(livemode), "data": data})
@@ -1423,6 +1880,7 @@ def queue_event(conn, developer_id, livemode, event_type, data, webhook_ids, pau
         delivery_ids.append(new_id("whd_"))
         conn.execute("INSERT INTO webhook_deliveries (id, webhook_id, event_id, next_attempt_at, created_at, updated_at)"
                      " VALUES (?, ?, ?, ?, ?, ?)", (delivery_ids[-1], webhook_id, event_id, now, now, now))
+    wake_after_commit(conn, "webhooks")
     return delivery_ids
 
 
@@ -1449,6 +1907,7 @@ def redeliver(conn, caller, webhook_id, delivery_id):
             if not exists:
                 raise ApiError(404, "not_found", f"no delivery {delivery_id!r} for this webhook")
             raise ApiError(409, "delivery_in_progress", "this delivery is being attempted right now")
+        wake_after_commit(conn, "webhooks")
         return conn.execute("SELECT * FROM webhook_deliveries WHERE id = ?", (delivery_id,)).fetchone()
 
 
@@ -1475,34 +1934,47 @@ def delivery_json(conn, delivery):
     }
 
 
-def claim_due_deliveries(conn, capacity, in_flight_by_webhook):
-    """Claim up to `capacity` due deliveries (compare-and-set, so no row is sent twice
-    at once), at most DELIVERIES_IN_FLIGHT_PER_WEBHOOK per endpoint."""
+def due_deliveries(conn, per_webhook):
+    """{developer id: their due deliveries, up to `per_webhook` per endpoint, taking
+    the endpoints in turn}. One index seek per endpoint with deliveries pending,
+    however many it has, so one tenant's backlog cannot hide another's."""
+    now = db_time()
+    waiting = conn.execute(
+        "WITH RECURSIVE waiting(webhook_id) AS ("
+        " SELECT min(webhook_id) FROM webhook_deliveries WHERE status IN ('pending', 'delivering')"
+        " UNION ALL SELECT (SELECT min(webhook_id) FROM webhook_deliveries WHERE status IN ('pending', 'delivering')"
+        "  AND webhook_id > waiting.webhook_id) FROM waiting WHERE webhook_id IS NOT NULL)"
+        " SELECT w.id, w.developer_id FROM waiting JOIN webhooks w ON w.id = waiting.webhook_id").fetchall()
+    by_developer = {}
+    for webhook_id, developer_id in waiting:
+        rows = conn.execute(
+            "SELECT id, status, attempts, next_attempt_at, webhook_id, ? AS developer_id FROM webhook_deliveries"
+            " WHERE webhook_id = ? AND status IN ('pending', 'delivering') AND next_attempt_at <= ?"
+            " ORDER BY next_attempt_at LIMIT ?", (developer_id, webhook_id, now, per_webhook)).fetchall()
+        if rows:
+            by_developer.setdefault(developer_id, []).append(rows)
+    # Within a developer, one delivery per endpoint at a time.
+    return {developer_id: [row for turn in itertools.zip_longest(*lists) for row in turn if row is not None]
+            for developer_id, lists in by_developer.items()}
+
+
+def claim_delivery(conn, row):
+    """Compare-and-set a due delivery to 'delivering', so no row is sent twice at once;
+    returns the claim's expiry, or None when another worker got there first."""
     now = utcnow()
-    due = conn.execute(
-        "SELECT d.id, d.status, d.attempts, d.next_attempt_at, d.webhook_id FROM webhook_deliveries d"
-        " WHERE d.status IN ('pending', 'delivering') AND d.next_attempt_at <= ?"
-        " ORDER BY d.next_attempt_at LIMIT 500", (db_time(now),)).fetchall()
-    claimed, taken = [], dict(in_flight_by_webhook)
     claim_until = db_time(now + dt.timedelta(seconds=DELIVERY_CLAIM_SECONDS))
-    for row in due:
-        if len(claimed) >= capacity:
-            break
-        if taken.get(row["webhook_id"], 0) >= DELIVERIES_IN_FLIGHT_PER_WEBHOOK:
-            continue
-        with transaction(conn):
-            won = conn.execute(
-                "UPDATE webhook_deliveries SET status = 'delivering', attempts = attempts + 1, next_attempt_at = ?,"
-                " updated_at = ? WHERE id = ? AND status = ? AND next_attempt_at = ?",
-                (claim_until, db_time(now), row["id"], row["status"], row["next_attempt_at"])).rowcount
-        if won:
-            taken[row["webhook_id"]] = taken.get(row["webhook_id"], 0) + 1
-            claimed.append((row["id"], row["webhook_id"], row["attempts"] + 1, claim_until))
-    return claimed
+    with transaction(conn):
+        won = conn.execute(
+            "UPDATE webhook_deliveries SET status = 'delivering', attempts = attempts + 1, next_attempt_at = ?,"
+            " updated_at = ? WHERE id = ? AND status = ? AND next_attempt_at = ?",
+            (claim_until, db_time(now), row["id"], row["status"], row["next_attempt_at"])).rowcount
+    return claim_until if won else None
 
 
-def attempt_delivery(conn, config, delivery_id, attempt, claim_until):
-    """POST one claimed delivery and record the outcome; returns the HTTP status or None."""
+def attempt_delivery(conn, config, deadlines, delivery_id, attempt, claim_until):
+    """POST one claimed delivery and record the outcome; returns the HTTP status or None.
+    The attempt, from connecting to the last byte of the answer, ends after
+    DELIVERY_TIMEOUT_SECONDS however slowly the receiver trickles."""
     row = conn.execute(
         "SELECT d.webhook_id, w.url, w.secret, w.previous_secret, w.previous_secret_expires_at,"
         " e.id AS event_id, e.type, e.body FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id"
@@ -1520,17 +1992,18 @@ def attempt_delivery(conn, config, delivery_id, attempt, claim_until):
     }
     started_at, started = db_time(), time.monotonic()
     status_code, error, retry_after = None, None, None
+    deadline = deadlines.deadline(DELIVERY_TIMEOUT_SECONDS)
     try:
-        with webhook_session(config["webhooks.allow_private"]) as session:
-            response = session.post(row["url"], data=body, headers=headers, timeout=DELIVERY_TIMEOUT_SECONDS,
-                                    allow_redirects=False, stream=True)
+        with webhook_session(config["webhooks.allow_private"], deadline) as session, deadline:
+            response = session.post(row["url"], data=body, headers=headers, allow_redirects=False, stream=True,
+                                    timeout=(deadline.remaining(), deadline.remaining()))
             response.close()
         status_code = response.status_code
         if not 200 <= status_code < 300:
             error = f"HTTP {status_code}" + (" (redirects are not followed)" if 300 <= status_code < 400 else "")
             retry_after = retry_after_seconds(response.headers.get("Retry-After"))
     except requests.RequestException as e:
-        error = describe_request_error(e)
+        error = f"timed out after {DELIVERY_TIMEOUT_SECONDS} s" if deadline.expired else describe_request_error(e)
     duration_ms = round((time.monotonic() - started) * 1000)
     record_attempt(conn, delivery_id, row["webhook_id"], attempt, claim_until, started_at, status_code, error,
                    duration_ms, retry_after)
@@ -1609,16 +2082,65 @@ def record_attempt(conn, delivery_id, webhook_id, attempt, claim_until, started_
 
 
 ###############################################################################
+# Retention: what may be deleted, and when
+###############################################################################
+
+PRUNE_BATCH = 500       # rows per transaction, so writers never wait long behind the pruning job
+
+
+def prune_expired_data(conn, config, now=None):
+    """Delete what is past its retention (see schema.sql); returns {kind: rows deleted}.
+    Live pauses and live audit events are never deleted."""
+    now = now or utcnow()
+    test_cutoff = db_time(now - dt.timedelta(days=config["retention.test_days"]))
+    log_cutoff = db_time(now - dt.timedelta(days=config["retention.delivery_log_days"]))
+    deleted = collections.Counter()
+
+    def in_batches(kind, select, args, delete):
+        while True:
+            with transaction(conn):
+                ids = [row[0] for row in conn.execute(select + " LIMIT ?", (*args, PRUNE_BATCH))]
+                for statement in delete:
+                    conn.executemany(statement, [(i,) for i in ids])
+            deleted[kind] += len(ids)
+            if len(ids) < PRUNE_BATCH:
+                return
+
+    in_batches("test pauses",
+               "SELECT id FROM pauses WHERE livemode = 0 AND status != 'pending' AND decided_at < ?", (test_cutoff,),
+               ["DELETE FROM notifications WHERE pause_id = ?",
+                "DELETE FROM idempotency_keys WHERE pause_id = ?",
+                "DELETE FROM audit_events WHERE pause_id = ? AND livemode = 0",
+                "DELETE FROM pauses WHERE id = ? AND livemode = 0"])
+    in_batches("test audit events",
+               "SELECT seq FROM audit_events WHERE livemode = 0 AND pause_id IS NULL AND timestamp < ?", (test_cutoff,),
+               ["DELETE FROM audit_events WHERE seq = ? AND livemode = 0"])
+    in_batches("webhook events",
+               "SELECT id FROM webhook_events e WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d"
+               " WHERE d.event_id = e.id AND d.status IN ('pending', 'delivering'))", (log_cutoff,),
+               ["DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries WHERE event_id = ?)",
+                "DELETE FROM webhook_deliveries WHERE event_id = ?",
+                "DELETE FROM webhook_events WHERE id = ?"])
+    in_batches("idempotency keys",
+               "SELECT rowid FROM idempotency_keys WHERE created_at < ?", (db_time(now - IDEMPOTENCY_WINDOW),),
+               ["DELETE FROM idempotency_keys WHERE rowid = ?"])
+    if any(deleted.values()):
+        log.info("pruned past retention: %s", ", ".join(f"{n} {kind}" for kind, n in deleted.items() if n))
+    return dict(deleted)
+
+
+###############################################################################
 # Runtime: connections, waiting agents, the scheduler
 ###############################################################################
 
 JOB_INTERVAL_SECONDS = 0.25
+PRUNE_INTERVAL = dt.timedelta(days=1)
 
 
 class Runtime:
     """Everything one running PausePoint holds besides its config: per-thread
     database connections, the condition long-polling agents wait on, the rate
-    limiter, the scheduler and the webhook workers."""
+    limiter, the scheduler and the outbound pool."""
 
     def __init__(self, config):
         self.config = config
@@ -1633,12 +2155,9 @@ class Runtime:
         self.scheduler = BackgroundScheduler(timezone=dt.timezone.utc,
                                              job_defaults={"coalesce": True, "max_instances": 1,
                                                            "misfire_grace_time": None})
-        # Webhook calls run on their own bounded pool, so a slow receiver holds a
-        # worker, never the scheduler or an API thread.
-        self.webhook_workers = concurrent.futures.ThreadPoolExecutor(
-            config["webhooks.workers"], thread_name_prefix="webhook")
-        self.in_flight = {}                 # webhook id -> deliveries being attempted now
-        self.in_flight_lock = threading.Lock()
+        # Webhook calls and notification sends run on their own bounded pool, so a
+        # slow receiver or provider holds a worker, never the scheduler or an API thread.
+        self.outbound = OutboundPool(config["outbound.workers"], config["outbound.per_developer"])
         self.wake_lock = threading.Lock()
         migrate(self.db())
 
@@ -1647,14 +2166,21 @@ class Runtime:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = connect(self.config["database.path"], self.write_lock)
+            conn.on_commit = self.on_commit
         return conn
 
-    def decided(self):
-        """Wake every agent waiting on ?wait=, and the webhook job: some pause left 'pending'."""
+    def on_commit(self, woken):
+        """What a committed transaction registered with wake_after_commit()."""
+        if "decisions" in woken:
+            self.wake_waiters()
+        if "webhooks" in woken:
+            self.wake_webhooks()
+
+    def wake_waiters(self):
+        """Wake every agent waiting on ?wait=: some pause left 'pending' (or we are stopping)."""
         with self.decisions:
             self.decision_count += 1
             self.decisions.notify_all()
-        self.wake_webhooks()
 
     def wake_webhooks(self):
         """Run the delivery job now rather than at its next tick. Only a hint: the
@@ -1671,6 +2197,10 @@ class Runtime:
         now = utcnow()
         for job in (self.run_timeouts, self.run_notifications, self.run_webhooks):
             self.scheduler.add_job(job, "interval", seconds=JOB_INTERVAL_SECONDS, id=job.__name__, next_run_time=now)
+        # Pruning deletes only what is past its retention, so a run missed while the
+        # process was down is simply done at the next start.
+        self.scheduler.add_job(self.run_pruning, "interval", seconds=PRUNE_INTERVAL.total_seconds(),
+                               id="run_pruning", next_run_time=now + dt.timedelta(seconds=5))
         self.scheduler.start()
 
     def stop(self):
@@ -1679,44 +2209,63 @@ class Runtime:
         # forever. Under wake_lock, no wake-up is in progress or can start after this.
         with self.wake_lock:
             self.stopping = True
-        with self.decisions:
-            self.decisions.notify_all()
+        self.wake_waiters()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
-        # Attempts under way finish (each is bounded by its timeout) and are recorded;
-        # queued ones stay claimed in the database and are retried after the claim expires.
-        self.webhook_workers.shutdown(wait=True, cancel_futures=True)
+        # Calls under way finish and are recorded; claims not yet started expire and are retried.
+        self.outbound.shutdown()
 
     def run_timeouts(self):
-        if expire_due_pauses(self.db(), self.config):
-            self.decided()
+        expire_due_pauses(self.db(), self.config)
 
     def run_notifications(self):
-        if send_due_notifications(self.db(), self.config):
-            self.wake_webhooks()        # a final failure may have queued pause.notification_failed
+        """Simulate test-mode sends here; hand live ones to the pool, fairly across developers."""
+        conn = self.db()
+        simulate_due_notifications(conn)
+        if self.stopping or not self.outbound.free():
+            return
+        due = due_live_notifications(conn, self.config["outbound.per_developer"])
+        for row in self.outbound.fair_order(due):
+            if not self.outbound.free():
+                break
+            target = ("channel", row["channel"])
+            if not self.outbound.reserve(row["developer_id"], target, self.outbound.per_channel):
+                continue
+            claim_until = claim_notification(conn, row)
+            if claim_until is None:
+                self.outbound.release(row["developer_id"], target)
+                continue
+            self.outbound.run(row["developer_id"], target, self._send_notification, row, claim_until,
+                              then=self.wake_webhooks)
+
+    def _send_notification(self, row, claim_until):
+        send_notification(self.db(), self.config, self.outbound.deadlines, row, claim_until)
 
     def run_webhooks(self):
-        with self.in_flight_lock:
-            capacity = self.config["webhooks.workers"] - sum(self.in_flight.values())
-            busy = dict(self.in_flight)
-        if capacity <= 0 or self.stopping:
+        """Claim due deliveries into the pool: at most DELIVERIES_IN_FLIGHT_PER_WEBHOOK per
+        endpoint and outbound.per_developer per developer, developers taking turns."""
+        if self.stopping or not self.outbound.free():
             return
-        for delivery_id, webhook_id, attempt, claim_until in claim_due_deliveries(self.db(), capacity, busy):
-            with self.in_flight_lock:
-                self.in_flight[webhook_id] = self.in_flight.get(webhook_id, 0) + 1
-            self.webhook_workers.submit(self._deliver, delivery_id, webhook_id, attempt, claim_until)
+        conn = self.db()
+        for row in self.outbound.fair_order(due_deliveries(conn, DELIVERIES_IN_FLIGHT_PER_WEBHOOK)):
+            if not self.outbound.free():
+                break
+            target = ("webhook", row["webhook_id"])
+            if not self.outbound.reserve(row["developer_id"], target, DELIVERIES_IN_FLIGHT_PER_WEBHOOK):
+                continue
+            claim_until = claim_delivery(conn, row)
+            if claim_until is None:
+                self.outbound.release(row["developer_id"], target)
+                continue
+            # When the worker is free, more may be due: look again at once.
+            self.outbound.run(row["developer_id"], target, self._deliver, row["id"], row["attempts"] + 1,
+                              claim_until, then=self.wake_webhooks)
 
-    def _deliver(self, delivery_id, webhook_id, attempt, claim_until):
-        try:
-            attempt_delivery(self.db(), self.config, delivery_id, attempt, claim_until)
-        except Exception:
-            log.exception("webhook delivery %s failed unexpectedly", delivery_id)
-        finally:
-            with self.in_flight_lock:
-                self.in_flight[webhook_id] -= 1
-                if not self.in_flight[webhook_id]:
-                    del self.in_flight[webhook_id]
-            self.wake_webhooks()        # a worker is free: more may be due
+    def _deliver(self, delivery_id, attempt, claim_until):
+        attempt_delivery(self.db(), self.config, self.outbound.deadlines, delivery_id, attempt, claim_until)
+
+    def run_pruning(self):
+        prune_expired_data(self.db(), self.config)
 
     def wait_for_decision(self, load, seconds):
         """Call load() until the pause leaves 'pending' or `seconds` pass, waking on each decision."""
@@ -1739,7 +2288,8 @@ class Runtime:
 
 
 class RateLimiter:
-    """Token buckets per (action, client IP), refilled evenly over an hour.
+    """Token buckets per (action, who), refilled evenly over an hour; `who` is a
+    client IP or, for test pauses, a developer id.
 
     Held in memory on purpose: limits protect against guessing and floods, and
     losing them on restart loses nothing a client is owed."""
@@ -1749,39 +2299,39 @@ class RateLimiter:
         self.buckets = {}
         self.lock = threading.Lock()
 
-    def _level(self, name, ip, per_hour, now):
-        tokens, then = self.buckets.get((name, ip), (per_hour, now))
+    def _level(self, name, who, per_hour, now):
+        tokens, then = self.buckets.get((name, who), (per_hour, now))
         return min(per_hour, tokens + (now - then) * per_hour / 3600)
 
-    def retry_after(self, name, ip, per_hour):
-        """Seconds until (name, ip) may try again, or 0 if it may now."""
+    def retry_after(self, name, who, per_hour):
+        """Seconds until (name, who) may try again, or 0 if it may now."""
         if not self.enabled:
             return 0
         with self.lock:
-            tokens = self._level(name, ip, per_hour, time.monotonic())
+            tokens = self._level(name, who, per_hour, time.monotonic())
         return 0 if tokens >= 1 else math.ceil((1 - tokens) * 3600 / per_hour)
 
-    def spend(self, name, ip, per_hour):
+    def spend(self, name, who, per_hour):
         if not self.enabled:
             return
         with self.lock:
             now = time.monotonic()
-            self.buckets[(name, ip)] = (self._level(name, ip, per_hour, now) - 1, now)
+            self.buckets[(name, who)] = (self._level(name, who, per_hour, now) - 1, now)
             if len(self.buckets) > 100_000:     # forget the fullest buckets rather than grow without bound
                 for key in [k for k, (t, _) in self.buckets.items() if t >= per_hour - 1][:50_000]:
                     del self.buckets[key]
 
-    def refuse_if_exhausted(self, name, ip, per_hour, what="attempts"):
-        """429 with Retry-After if (name, ip) has no attempts left."""
-        wait = self.retry_after(name, ip, per_hour)
+    def refuse_if_exhausted(self, name, who, per_hour, what="attempts"):
+        """429 with Retry-After if (name, who) has nothing left."""
+        wait = self.retry_after(name, who, per_hour)
         if wait:
-            raise ApiError(429, "rate_limited", f"too many {what} from your address; try again in {wait} seconds",
+            raise ApiError(429, "rate_limited", f"too many {what}; try again in {wait} seconds",
                            headers={"Retry-After": str(wait)})
 
-    def limit(self, name, ip, per_hour):
-        """Refuse with 429 if (name, ip) has no attempts left; otherwise spend one."""
-        self.refuse_if_exhausted(name, ip, per_hour)
-        self.spend(name, ip, per_hour)
+    def limit(self, name, who, per_hour, what="attempts"):
+        """Refuse with 429 if (name, who) has nothing left; otherwise spend one."""
+        self.refuse_if_exhausted(name, who, per_hour, what)
+        self.spend(name, who, per_hour)
 
 
 ###############################################################################
@@ -1812,13 +2362,21 @@ def create_app(config):
 
     def read_json():
         limit = config["server.max_body_bytes"]
-        # Checked before reading too: bottle spools a whole large body to disk on first access.
+        # waitress refuses larger bodies before they are read; this is for other servers.
         if bottle.request.content_length > limit or len(raw := bottle.request.body.read(limit + 1)) > limit:
             raise ApiError(413, "payload_too_large", f"request bodies are limited to {limit} bytes")
+        # A JSON body must say so: a page elsewhere can send text/plain without a CORS preflight.
+        if raw and bottle.request.content_type.split(";")[0].strip().lower() != "application/json":
+            raise ApiError(415, "unsupported_media_type", "send the body as JSON with 'Content-Type: application/json'")
         try:
-            return json.loads(raw or b"null")
+            body = json.loads(raw or b"null")
+            where = lone_surrogate_at(body)
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+        if where:
+            raise ApiError(400, "invalid_json", "the request body holds a lone UTF-16 surrogate (like \\ud800),"
+                                                " which is not text", field=where)
+        return body
 
     def caller():
         return authenticate(rt.db(), bottle.request.get_header("Authorization"))
@@ -1872,7 +2430,7 @@ def create_app(config):
             raise ApiError(403, "registration_closed",
                            "registration is closed on this server; the operator adds developers with"
                            " `python pausepoint.py create-developer --email … --name …`")
-        rt.limiter.limit("register", client_ip(), config["ratelimit.register_per_hour"])
+        rt.limiter.limit("register", client_ip(), config["ratelimit.register_per_hour"], "registrations from your address")
         body = read_json()
         if not isinstance(body, dict):
             raise invalid(None, "the request body must be a JSON object with email, name and password")
@@ -1881,14 +2439,14 @@ def create_app(config):
 
     @app.post("/v1/auth/keys/rotate")
     def rotate():
-        rt.limiter.limit("rotate", client_ip(), config["ratelimit.rotate_per_hour"])
+        rt.limiter.limit("rotate", client_ip(), config["ratelimit.rotate_per_hour"], "key rotations from your address")
         body = read_json()
         if not isinstance(body, dict):
             raise invalid(None, "the request body must be a JSON object with email, password and key")
         mode = body.get("key")
-        if mode not in MODES:
+        if not isinstance(mode, str) or mode not in MODES:
             raise invalid("key", "key must be 'live' or 'test': which key to replace")
-        developer = check_password(rt.db(), body.get("email"), body.get("password"))
+        developer = check_password(rt.db(), config, body.get("email"), body.get("password"))
         if developer is None:
             raise ApiError(401, "unauthorized", "email or password is wrong")
         key = rotate_key(rt.db(), developer, MODES[mode])
@@ -1900,14 +2458,16 @@ def create_app(config):
     @app.post("/v1/pause")
     def post_pause():
         who = caller()
-        pause, replayed, webhooks_due = create_pause(rt.db(), config, who, read_json(),
-                                                     bottle.request.get_header("Idempotency-Key"))
+        per_hour = config["ratelimit.test_pauses_per_hour"]
+        if not who.livemode:
+            # Live pauses are bounded by the plan's quota; test pauses by this rate.
+            rt.limiter.refuse_if_exhausted("test_pauses", who.developer_id, per_hour,
+                                           "test pauses for this developer (ratelimit.test_pauses_per_hour)")
+        pause, replayed = create_pause(rt.db(), config, who, read_json(), bottle.request.get_header("Idempotency-Key"))
         if replayed:
             bottle.response.set_header("Idempotent-Replayed", "true")
-        if webhooks_due:
-            # Waking the delivery job on every create costs half the create throughput
-            # (194 vs 367 req/s), so only when there is something to deliver.
-            rt.wake_webhooks()
+        elif not who.livemode:
+            rt.limiter.spend("test_pauses", who.developer_id, per_hour)
         bottle.response.status = 201
         return created_json(pause, config)
 
@@ -1935,7 +2495,6 @@ def create_app(config):
     @app.post("/v1/pause/<pause_id>/cancel")
     def post_cancel(pause_id):
         pause = cancel_pause(rt.db(), config, caller(), pause_id)
-        rt.decided()
         return pause_json(pause, config, notification_of(pause_id))
 
     # -- webhooks -------------------------------------------------------------
@@ -1963,7 +2522,6 @@ def create_app(config):
     @app.route("/v1/webhooks/<webhook_id>", method="PATCH")
     def patch_webhook(webhook_id):
         webhook = update_webhook(rt.db(), config, caller(), webhook_id, read_json())
-        rt.wake_webhooks()      # re-enabling reschedules waiting deliveries
         return webhook_json(webhook)
 
     @app.delete("/v1/webhooks/<webhook_id>")
@@ -1974,7 +2532,6 @@ def create_app(config):
     @app.post("/v1/webhooks/<webhook_id>/test")
     def post_webhook_test(webhook_id):
         delivery = send_test_event(rt.db(), caller(), webhook_id)
-        rt.wake_webhooks()
         bottle.response.status = 202
         return delivery_json(rt.db(), delivery)
 
@@ -1988,7 +2545,6 @@ def create_app(config):
     @app.post("/v1/webhooks/<webhook_id>/deliveries/<delivery_id>/redeliver")
     def post_redeliver(webhook_id, delivery_id):
         delivery = redeliver(rt.db(), caller(), webhook_id, delivery_id)
-        rt.wake_webhooks()
         bottle.response.status = 202
         return delivery_json(rt.db(), delivery)
 
@@ -2011,10 +2567,7 @@ def create_app(config):
                 config["twilio.auth_token"]).validate(url, form, signature):
             raise ApiError(403, "bad_signature", "X-Twilio-Signature is missing or wrong for this server's"
                                                  " twilio.auth_token and server.base_url")
-        reply, decided = record_sms_reply(rt.db(), config, form.get("From") or "", form.get("Body") or "",
-                                          form.get("MessageSid"))
-        if decided:
-            rt.decided()
+        reply = record_sms_reply(rt.db(), config, form.get("From") or "", form.get("Body") or "", form.get("MessageSid"))
         twiml = twilio.twiml.messaging_response.MessagingResponse()
         twiml.message(reply)
         return bottle.HTTPResponse(str(twiml), status=200, headers={"Content-Type": "application/xml"})
@@ -2033,15 +2586,15 @@ def create_app(config):
     # -- responding: JSON --------------------------------------------------------
 
     def guard_respond_link(lookup):
-        """Run lookup(); an unknown token counts against the caller's IP, and an IP
-        that has guessed too often is refused before it can guess again."""
-        ip, per_hour = client_ip(), config["ratelimit.respond_failures_per_hour"]
-        rt.limiter.refuse_if_exhausted("respond", ip, per_hour, what="invalid links")
+        """Run lookup(). Only an unknown token spends the caller's guessing budget, and
+        once it is spent unknown tokens get 429; a valid token always works, so
+        guesses from a shared address never lock out the people behind it."""
         try:
             return lookup()
         except ApiError as e:
             if e.status == 404:
-                rt.limiter.spend("respond", ip, per_hour)
+                rt.limiter.limit("respond", client_ip(), config["ratelimit.respond_failures_per_hour"],
+                                 "unknown respond links from your address")
             raise
 
     def client_facts():
@@ -2051,15 +2604,11 @@ def create_app(config):
         """The pause behind a respond link, recording that it was opened (GET changes no state)."""
         conn = rt.db()
         pause = guard_respond_link(lambda: pause_by_token(conn, token))
-        with transaction(conn):
-            record_event(conn, pause["developer_id"], pause["livemode"], "respond_link", "respond_page.opened",
-                         pause["id"], {"via": via, **client_facts()})
+        record_link_opened(conn, pause, via, client_facts())
         return pause
 
     def respond(token, choice, comment):
-        pause = guard_respond_link(lambda: respond_to_pause(rt.db(), config, token, choice, comment, client_facts()))
-        rt.decided()
-        return pause
+        return guard_respond_link(lambda: respond_to_pause(rt.db(), config, token, choice, comment, client_facts()))
 
     @app.get("/v1/respond/<token>")
     def get_respond_json(token):
@@ -2156,16 +2705,214 @@ def bottle_error(error):
 # Serving and the command line
 ###############################################################################
 
+# Shedding starts when open connections pass this share of server.connection_limit
+# and stops below the second, so it runs now and then, not on every loop.
+SHED_ABOVE, SHED_TO = 0.9, 0.8
+ACCEPTS_PER_WAKE = 64           # drain the listen backlog quickly, so a flood does not queue others behind it
+# Descriptors besides client connections: a SQLite connection (database, WAL,
+# shared memory) per thread that touches the database, the outbound sockets,
+# the scheduler's threads, log files and the like.
+FDS_PER_THREAD, SCHEDULER_THREADS, SPARE_FDS = 3, 10, 64
+WAITRESS_ERROR_CODES = {400: "bad_request", 413: "payload_too_large", 431: "headers_too_large",
+                        501: "not_implemented"}
+
+
+class JsonErrorTask(waitress.task.ErrorTask):
+    """Errors waitress answers before the app sees the request (413 for a body over
+    the limit, 431, a malformed request's 400) in the one JSON error shape."""
+
+    def execute(self):
+        error = self.request.error
+        messages = {413: f"request bodies are limited to {self.channel.server.max_body_bytes} bytes",
+                    431: "the request's headers are too large",
+                    400: f"malformed HTTP request: {error.body}"}
+        body = error_body(error.code, WAITRESS_ERROR_CODES.get(error.code, "bad_request"),
+                          messages.get(error.code, str(error.body))).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class HardenedChannel(waitress.channel.HTTPChannel):
+    """A client connection that knows when its current request began, so the server
+    can drop clients that send headers or bodies too slowly."""
+
+    error_task_class = JsonErrorTask
+    request_began = request_headers_done = 0.0
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        super().__init__(server, sock, addr, adj, map=map)
+        server.by_ip[addr[0]].add(self)
+
+    def received(self, data):
+        before, now = self.request, time.time()
+        result = super().received(data)
+        if self.request is not None and self.request is not before:
+            self.request_began, self.request_headers_done = now, 0.0
+        if self.request is not None and self.request.headers_finished and not self.request_headers_done:
+            self.request_headers_done = now
+        return result
+
+    def del_channel(self, map=None):
+        peers = self.server.by_ip.get(self.addr[0])
+        if peers is not None:
+            peers.discard(self)
+            if not peers:
+                del self.server.by_ip[self.addr[0]]
+        super().del_channel(map)
+
+    def unproductive(self):
+        """Holding the connection without a whole request to serve: idle, or still sending."""
+        return not self.requests and not self.will_close
+
+    def overdue(self, now, limits):
+        if self.requests:
+            return False                    # being served (long polls included)
+        if self.request is None:
+            return now - self.last_activity > limits["server.idle_timeout"]
+        if not self.request.headers_finished:
+            return now - self.request_began > limits["server.header_timeout"]
+        return now - self.request_headers_done > limits["server.body_timeout"]
+
+
+class HardenedServer(waitress.server.TcpWSGIServer):
+    """waitress's server, made to hold against clients that connect and then trickle.
+
+    waitress closes only connections that are completely silent, and stops accepting
+    at its connection limit, so a few hundred connections sending a header line
+    every few seconds lock everyone else out. Here every request has deadlines for
+    its headers and its body, one address may hold only so many connections that are
+    not being served, and near the limit the oldest such connections are closed to
+    make room: under pressure, incomplete requests are dropped, not new clients."""
+
+    channel_class = HardenedChannel
+
+    def __init__(self, *args, limits, **kwargs):
+        self.limits = limits
+        self.max_body_bytes = limits["server.max_body_bytes"]
+        self.by_ip = collections.defaultdict(set)
+        self.accept_errors_logged_at = 0.0
+        super().__init__(*args, **kwargs)
+
+    def maintenance(self, now):
+        """Runs every second (cleanup_interval): close connections past a deadline."""
+        for channel in list(self.active_channels.values()):
+            if channel.overdue(now, self.limits):
+                channel.will_close = True
+
+    def readable(self):
+        if self.accepting and len(self._map) > self.adj.connection_limit * SHED_ABOVE:
+            self.shed(len(self._map) - int(self.adj.connection_limit * SHED_TO))
+        return super().readable()
+
+    def shed(self, count, channels=None):
+        """Close the `count` unproductive connections that have been quiet longest."""
+        candidates = [c for c in (self.active_channels.values() if channels is None else channels) if c.unproductive()]
+        for channel in heapq.nsmallest(count, candidates, key=lambda c: c.last_activity):
+            channel.will_close = True
+
+    def handle_accept(self):
+        for _ in range(ACCEPTS_PER_WAKE):
+            try:
+                pair = self.accept()
+            except OSError as e:            # EMFILE and the like: the descriptor budget is spent
+                if time.monotonic() - self.accept_errors_logged_at > 60:
+                    self.accept_errors_logged_at = time.monotonic()
+                    log.warning("cannot accept connections: %s (see server.connection_limit)", e)
+                return
+            if pair is None:
+                return
+            sock, addr = pair
+            try:
+                self.set_socket_options(sock)
+            except OSError:
+                sock.close()
+                continue
+            addr = self.fix_addr(addr)
+            if addr[0] != self.limits["server.trusted_proxy"]:
+                peers = self.by_ip.get(addr[0], ())
+                waiting = sum(1 for channel in peers if channel.unproductive())
+                if waiting >= self.limits["server.connections_per_ip"]:
+                    self.shed(waiting - self.limits["server.connections_per_ip"] + 1, peers)
+            self.channel_class(self, sock, addr, self.adj, map=self._map)
+
+
+class QueueDepthSummary(logging.Filter):
+    """waitress warns "Task queue depth is N" for every request that finds no idle
+    thread: a thousand lines a second under load. Let one line a minute through,
+    saying how often it happened and the deepest queue seen."""
+
+    def __init__(self, every=60.0):
+        super().__init__()
+        self.every = every
+        self.lock = threading.Lock()
+        self.count, self.deepest, self.since = 0, 0, None
+
+    def filter(self, record):
+        with self.lock:
+            now = time.monotonic()
+            self.since = now if self.since is None else self.since
+            self.count += 1
+            self.deepest = max(self.deepest, record.args[0] if record.args else 0)
+            if self.count > 1 and now - self.since < self.every:
+                return False
+            record.msg = ("requests waited for a free thread %d times in %d s (deepest queue %d);"
+                          " if this persists, raise server.threads or put a buffering proxy in front")
+            record.args = (self.count, max(1, round(now - self.since)), self.deepest)
+            self.count, self.deepest, self.since = 0, 0, now
+            return True
+
+
+def fitted_connection_limit(config):
+    """server.connection_limit, after raising the process's open-file limit to fit it
+    and the threads' SQLite files; lowered, with a warning, when the hard limit is lower.
+    Running out of descriptors would make accept() fail on every loop."""
+    threads = config["server.threads"] + config["outbound.workers"] + SCHEDULER_THREADS
+    others = threads * FDS_PER_THREAD + config["outbound.workers"] + SPARE_FDS
+    wanted = config["server.connection_limit"] + others
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    room = config["server.connection_limit"] if soft == resource.RLIM_INFINITY else soft - others
+    if room < config["server.connection_limit"]:
+        log.warning("the open-file limit (%s) leaves room for %d connections, not server.connection_limit = %d;"
+                    " raise it (ulimit -n, LimitNOFILE=, docker --ulimit nofile=) or lower the setting",
+                    soft, max(room, 32), config["server.connection_limit"])
+    return max(min(room, config["server.connection_limit"]), 32)
+
+
 def make_server(app, config, port=None):
     """A waitress server for the app, not yet running (port=0 picks a free one)."""
     options = dict(host=config["server.host"], port=config["server.port"] if port is None else port,
                    threads=config["server.threads"], ident=f"PausePoint/{VERSION}",
-                   # Long polls hold their connection; keep room for many agents.
-                   connection_limit=max(100, config["server.threads"] * 2), channel_timeout=WAIT_LIMIT_SECONDS + 30)
+                   connection_limit=fitted_connection_limit(config),
+                   # poll() instead of select(), which fails outright on a descriptor above 1023.
+                   asyncore_use_poll=True,
+                   channel_timeout=config["server.idle_timeout"], cleanup_interval=1,
+                   # Refused from the Content-Length (or the chunked size so far), before upload.
+                   max_request_body_size=config["server.max_body_bytes"] + 1,
+                   # A reset from each of a flood of clients would log a traceback apiece.
+                   log_socket_errors=False)
     if config["server.trusted_proxy"]:
         options.update(trusted_proxy=config["server.trusted_proxy"],
                        trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
-    return waitress.create_server(app, **options)
+    adjustments = waitress.adjustments.Adjustments(**options)
+    dispatcher = waitress.task.ThreadedTaskDispatcher()
+    dispatcher.set_thread_count(adjustments.threads)
+    queue_log = logging.getLogger("waitress.queue")
+    if not any(isinstance(f, QueueDepthSummary) for f in queue_log.filters):
+        queue_log.addFilter(QueueDepthSummary())
+    shared_map = {}
+    servers = [HardenedServer(app, shared_map, dispatcher=dispatcher, adj=adjustments, sockinfo=info, limits=config)
+               for info in adjustments.listen]
+    if len(servers) == 1:
+        return servers[0]
+    return waitress.server.MultiSocketServer(shared_map, adjustments,
+                                             [(s.effective_host, s.effective_port) for s in servers],
+                                             dispatcher, servers[0].log_info)
 
 
 def serve(config):
@@ -2177,7 +2924,7 @@ def serve(config):
         # Wake long-polling agents first, so waitress's wait for in-flight
         # requests is not spent on them; then let waitress finish the rest.
         app.runtime.stopping = True
-        app.runtime.decided()
+        app.runtime.wake_waiters()
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
@@ -2234,7 +2981,10 @@ def main(argv=None):
     # already running, which is harmless (the running pass or the next tick does the work).
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     try:
-        config = load_config(args.config, overrides={"server.host": args.host, "server.port": args.port,
+        # ./config.toml is read only here, by the command line: library callers and
+        # tests pass their config explicitly and never pick up a stray file.
+        path = args.config or ("config.toml" if os.path.exists("config.toml") else None)
+        config = load_config(path, overrides={"server.host": args.host, "server.port": args.port,
                                                      "database.path": args.db, "server.base_url": args.base_url})
         if args.command in (None, "serve"):
             serve(config)

@@ -9,6 +9,12 @@
 --     API key can read is filtered by (developer_id, livemode): test and live
 --     data never mix.
 --   * JSON columns hold compact JSON text written by pausepoint.py.
+--   * What may be deleted, and by whom: only the pruning job in pausepoint.py
+--     (prune_expired_data) deletes, and only what is past its retention
+--     (retention.* settings): decided test-mode pauses with their notifications,
+--     idempotency keys and test-mode audit events; finished webhook events with
+--     their deliveries and attempts; idempotency keys older than 24 hours. Live
+--     pauses and live audit events are never deleted (a trigger enforces the latter).
 -- Later changes are numbered migrations in pausepoint.py (MIGRATIONS), each
 -- recorded in schema_migrations.
 
@@ -64,6 +70,8 @@ CREATE TABLE pauses (
     respond_token    TEXT NOT NULL UNIQUE,            -- 256-bit secret in respond_url; the unique index serves lookups.
                                                       -- Kept (not hashed) because notifications are rendered and
                                                       -- resent from it after a restart.
+    reply_code       TEXT,                            -- sms/whatsapp: 'K7', names this pause in a text reply; unique
+                                                      -- among the recipient's pending pauses (index below)
     created_at       TEXT NOT NULL,
     expires_at       TEXT NOT NULL
 );
@@ -72,8 +80,13 @@ CREATE INDEX pauses_pending_by_expiry ON pauses(expires_at) WHERE status = 'pend
 -- GET /v1/pause: a developer's pauses in one mode, newest first, optionally by status.
 CREATE INDEX pauses_by_owner ON pauses(developer_id, livemode, seq);
 CREATE INDEX pauses_by_owner_status ON pauses(developer_id, livemode, status, seq);
--- SMS replies: the newest pending pause sent to a phone number.
+-- SMS replies: the pending pauses sent to a phone number.
 CREATE INDEX pauses_pending_by_recipient ON pauses(recipient, seq) WHERE status = 'pending';
+-- A reply code names exactly one pending pause per number and mode; a decided pause frees its code.
+CREATE UNIQUE INDEX pauses_pending_reply_code ON pauses(recipient, livemode, reply_code)
+    WHERE status = 'pending' AND reply_code IS NOT NULL;
+-- Pruning: decided test-mode pauses, oldest decision first.
+CREATE INDEX pauses_decided_test ON pauses(decided_at) WHERE livemode = 0 AND status != 'pending';
 -- Quota: live pauses a developer created since the start of the month.
 CREATE INDEX pauses_by_owner_created ON pauses(developer_id, livemode, created_at);
 
@@ -82,6 +95,7 @@ CREATE INDEX pauses_by_owner_created ON pauses(developer_id, livemode, created_a
 CREATE TABLE notifications (
     id                   TEXT PRIMARY KEY,            -- 'ntf_' + 32 hex
     pause_id             TEXT NOT NULL UNIQUE REFERENCES pauses(id),
+    developer_id         TEXT NOT NULL REFERENCES developers(id),  -- the pause's owner: sends are shared fairly by owner
     channel              TEXT NOT NULL,
     recipient            TEXT NOT NULL,
     livemode             INTEGER NOT NULL CHECK (livemode IN (0, 1)),
@@ -95,11 +109,16 @@ CREATE TABLE notifications (
     created_at           TEXT NOT NULL,
     updated_at           TEXT NOT NULL
 );
--- The send job: queued rows that are due, and 'sending' claims that a crash abandoned.
-CREATE INDEX notifications_due ON notifications(next_attempt_at) WHERE status IN ('queued', 'sending');
+-- The send job, test mode: queued rows that are due (simulated in one batch).
+CREATE INDEX notifications_due_test ON notifications(next_attempt_at) WHERE status IN ('queued', 'sending') AND livemode = 0;
+-- The send job, live: each developer with unsent notifications (a skip-scan over developer_id), then
+-- their due rows and 'sending' claims a crash abandoned, so one developer's flood hides nobody else's.
+CREATE INDEX notifications_due_live ON notifications(developer_id, next_attempt_at)
+    WHERE status IN ('queued', 'sending') AND livemode = 1;
 
 -- The audit log: one row per thing that happened, written in the same
--- transaction as the change it records. Append-only (see the triggers below).
+-- transaction as the change it records. Append-only (see the triggers below);
+-- only test-mode rows past retention.test_days are ever deleted, by the pruning job.
 CREATE TABLE audit_events (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,  -- order and cursor; the API shows 'aud_<seq>'
     developer_id  TEXT NOT NULL REFERENCES developers(id),
@@ -115,11 +134,13 @@ CREATE TABLE audit_events (
 CREATE INDEX audit_by_owner ON audit_events(developer_id, livemode, seq);
 CREATE INDEX audit_by_owner_type ON audit_events(developer_id, livemode, event_type, seq);
 CREATE INDEX audit_by_pause ON audit_events(pause_id, seq) WHERE pause_id IS NOT NULL;
+-- Pruning: test-mode events not about a pause (key rotations, webhook changes), oldest first.
+CREATE INDEX audit_test_without_pause ON audit_events(timestamp) WHERE livemode = 0 AND pause_id IS NULL;
 
 CREATE TRIGGER audit_events_are_never_updated BEFORE UPDATE ON audit_events
 BEGIN SELECT RAISE(ABORT, 'audit events are append-only'); END;
-CREATE TRIGGER audit_events_are_never_deleted BEFORE DELETE ON audit_events
-BEGIN SELECT RAISE(ABORT, 'audit events are append-only'); END;
+CREATE TRIGGER live_audit_events_are_never_deleted BEFORE DELETE ON audit_events WHEN OLD.livemode = 1
+BEGIN SELECT RAISE(ABORT, 'live audit events are append-only'); END;
 
 -- Idempotency-Key values seen on POST /v1/pause within the last 24 hours.
 -- The same key with the same body replays the original pause; with another
@@ -133,6 +154,8 @@ CREATE TABLE idempotency_keys (
     created_at    TEXT NOT NULL,
     PRIMARY KEY (developer_id, livemode, key)
 );
+-- Pruning: keys past their 24 hours.
+CREATE INDEX idempotency_keys_by_age ON idempotency_keys(created_at);
 
 -- Webhook endpoints a developer registered, each in the mode (test or live) of
 -- the key that registered it, receiving only that mode's events.
@@ -167,6 +190,8 @@ CREATE TABLE webhook_events (
     body          TEXT NOT NULL,                     -- the JSON sent
     created_at    TEXT NOT NULL
 );
+-- Pruning: events past retention.delivery_log_days, oldest first.
+CREATE INDEX webhook_events_by_age ON webhook_events(created_at);
 
 -- One event to one endpoint, retried until it succeeds or the schedule ends.
 CREATE TABLE webhook_deliveries (
@@ -182,10 +207,14 @@ CREATE TABLE webhook_deliveries (
     created_at       TEXT NOT NULL,
     updated_at       TEXT NOT NULL
 );
--- The delivery job: due rows, and 'delivering' claims a crash abandoned.
-CREATE INDEX webhook_deliveries_due ON webhook_deliveries(next_attempt_at) WHERE status IN ('pending', 'delivering');
+-- The delivery job: each endpoint with deliveries pending (a skip-scan over webhook_id), then its due
+-- rows and 'delivering' claims a crash abandoned, so one endpoint's backlog hides no other endpoint.
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries(webhook_id, next_attempt_at)
+    WHERE status IN ('pending', 'delivering');
 -- GET /v1/webhooks/{id}/deliveries, newest first.
 CREATE INDEX webhook_deliveries_by_webhook ON webhook_deliveries(webhook_id, seq);
+-- Pruning: an event's deliveries.
+CREATE INDEX webhook_deliveries_by_event ON webhook_deliveries(event_id);
 
 -- Every attempt at a delivery, for GET /v1/webhooks/{id}/deliveries.
 CREATE TABLE webhook_attempts (

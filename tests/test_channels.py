@@ -3,6 +3,7 @@
 import concurrent.futures
 import email
 import email.policy
+import re
 import ssl
 import subprocess
 
@@ -59,7 +60,7 @@ def wait_for_notification(api, key, pause_id, status):
 
 # -- SMS and WhatsApp through Twilio ----------------------------------------------------
 
-def test_the_sms_invites_a_numbered_reply_and_fits_in_two_segments(tmp_path, twilio, stop_apps):
+def test_the_sms_invites_a_coded_reply_and_fits_in_two_segments(tmp_path, twilio, stop_apps):
     api = running_api(tmp_path, **twilio.settings(), **{"server.base_url": "https://pp.example.org"})
     stop_apps(api)
     key = api.register()["api_key"]
@@ -67,7 +68,8 @@ def test_the_sms_invites_a_numbered_reply_and_fits_in_two_segments(tmp_path, twi
     wait_for_notification(api, key, created["pause_id"], "sent")
     body = twilio.messages[0]["Body"]
     assert body.startswith(WIRE["message"] + "\n")
-    assert "Reply 1 for Approve, 2 for Reject, or open " + created["respond_url"] in body
+    code = reply_code(api, key, created)
+    assert f"Reply {code} 1 for Approve, {code} 2 for Reject, or open " + created["respond_url"] in body
     assert "Expires " in body and body.endswith(" UTC")
     gsm7 = set("@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§"
                "¿abcdefghijklmnopqrstuvwxyzäöñüà")
@@ -323,18 +325,23 @@ def sms_setup(tmp_path, twilio):
     return api, config, api.register()
 
 
-def test_a_numbered_sms_reply_decides_the_newest_pending_pause_for_that_number(sms_setup):
+def reply_code(api, key, created):
+    """The code the pause's SMS asks the human to reply with."""
+    text = api.pause(key, created["pause_id"])["notification"]["text"]
+    return re.search(r"Reply ([A-Z][2-9][A-Z]?) 1 for ", text).group(1)
+
+
+def test_a_bare_reply_decides_the_only_pending_pause_for_that_number(sms_setup):
     api, config, keys = sms_setup
-    older = api.create_pause(keys["api_key"], message="Older question?")
-    newer = api.create_pause(keys["api_key"], message="Newer question?")
+    created = api.create_pause(keys["api_key"], message="Only question?")
     response = inbound(api, config, " 2 ")
     assert response.status_code == 200 and response.content_type == "application/xml"
-    assert '<Message>PausePoint: recorded Reject for "Newer question?"</Message>' in response.text
-    pause = api.pause(keys["api_key"], newer["pause_id"])
+    assert '<Message>PausePoint: recorded Reject for "Only question?"</Message>' in response.text
+    pause = api.pause(keys["api_key"], created["pause_id"])
     assert pause["status"] == "responded" and pause["choice"] == "Reject" and pause["decided_by"] == "recipient:+15550100"
-    assert api.pause(keys["api_key"], older["pause_id"])["status"] == "pending"
     event = api.get("/v1/audit", {"event_type": "pause.responded"}, headers=api.as_key(keys["api_key"])).json["events"][0]
     assert event["data"]["via"] == "sms" and event["data"]["message_sid"].startswith("SM")
+    assert event["data"]["reply_code"] == reply_code(api, keys["api_key"], created)
 
 
 def test_a_reply_may_name_the_option_instead_of_its_number(sms_setup):
@@ -344,11 +351,59 @@ def test_a_reply_may_name_the_option_instead_of_its_number(sms_setup):
     assert api.pause(keys["api_key"], created["pause_id"])["choice"] == "Approve"
 
 
+@pytest.mark.parametrize("reply", ["{code} 1", "1 {code}", "{lower} approve", "{code}: 1", "Approve {lower}."])
+def test_a_reply_naming_a_code_decides_exactly_that_pause_whoever_asked_later(sms_setup, reply):
+    api, config, keys = sms_setup
+    other = api.register(email="b@example.com")
+    office_fund = api.create_pause(keys["api_key"], message="send $10 to the office fund?")
+    wire = api.create_pause(other["api_key"], message="wire $50,000 to account 998877?")
+    code = reply_code(api, keys["api_key"], office_fund)
+    assert code != reply_code(api, other["api_key"], wire)
+    response = inbound(api, config, reply.format(code=code, lower=code.lower()))
+    assert 'recorded Approve for "send $10 to the office fund?"' in response.text
+    assert api.pause(keys["api_key"], office_fund["pause_id"])["choice"] == "Approve"
+    assert api.pause(other["api_key"], wire["pause_id"])["status"] == "pending"
+
+
+def test_a_bare_reply_with_several_pending_decides_nothing_and_lists_the_codes(sms_setup):
+    api, config, keys = sms_setup
+    other = api.register(email="b@example.com")
+    office_fund = api.create_pause(keys["api_key"], message="send $10 to the office fund?")
+    wire = api.create_pause(other["api_key"], message="wire $50,000 to account 998877 for the Q3 supplier invoice?")
+    response = inbound(api, config, "1")
+    assert "2 requests are open" in response.text
+    assert f"{reply_code(api, keys['api_key'], office_fund)}: send $10 to the office fund?" in response.text
+    assert f"{reply_code(api, other['api_key'], wire)}: wire $50,000 to account 998877 for th..." in response.text
+    assert stored(config, "SELECT count(*) FROM pauses WHERE status = 'pending'") == [(2,)]
+    assert stored(config, "SELECT count(*) FROM audit_events WHERE event_type = 'pause.responded'") == [(0,)]
+
+
+def test_a_reply_never_decides_a_pause_whose_message_went_to_another_number(sms_setup):
+    api, config, keys = sms_setup
+    theirs = api.create_pause(keys["api_key"])
+    code = reply_code(api, keys["api_key"], theirs)
+    assert "no open request for this number" in inbound(api, config, f"{code} 1", sender="+15550199").text
+    mine = api.create_pause(keys["api_key"], recipient="+15550199")
+    mine_code = reply_code(api, keys["api_key"], mine)
+    if mine_code != code:       # codes are unique per number; another number may reuse one
+        assert f"no open request has the code {code}" in inbound(api, config, f"{code} 1", sender="+15550199").text
+    assert stored(config, "SELECT count(*) FROM pauses WHERE status = 'pending'") == [(2,)]
+
+
+def test_codes_are_unique_among_a_numbers_pending_pauses(sms_setup):
+    api, config, keys = sms_setup
+    for _ in range(40):
+        api.create_pause(keys["test_api_key"])
+    codes = [code for (code,) in stored(config, "SELECT reply_code FROM pauses")]
+    assert len(set(codes)) == 40 and all(re.fullmatch(r"[A-HJKMNP-Z][2-9]", code) for code in codes)
+
+
 def test_a_reply_matching_nothing_gets_help_and_decides_nothing(sms_setup):
     api, config, keys = sms_setup
     created = api.create_pause(keys["api_key"])
+    code = reply_code(api, keys["api_key"], created)
     response = inbound(api, config, "maybe later")
-    assert "Reply 1 for Approve, 2 for Reject" in response.text
+    assert f"Reply {code} 1 for Approve, {code} 2 for Reject" in response.text
     assert api.pause(keys["api_key"], created["pause_id"])["status"] == "pending"
     assert "no open request" in inbound(api, config, "1", sender="+15550199").text
 
@@ -364,6 +419,7 @@ def test_a_whatsapp_reply_decides_the_whatsapp_pause(sms_setup):
     api, config, keys = sms_setup
     sms = api.create_pause(keys["api_key"])
     whatsapp = api.create_pause(keys["api_key"], channel="whatsapp", message="Via WhatsApp?")
+    assert reply_code(api, keys["api_key"], sms) != reply_code(api, keys["api_key"], whatsapp)
     inbound(api, config, "1", sender="whatsapp:+15550100")
     assert api.pause(keys["api_key"], whatsapp["pause_id"])["choice"] == "Approve"
     assert api.pause(keys["api_key"], sms["pause_id"])["status"] == "pending"

@@ -3,7 +3,7 @@ import sqlite3
 
 import pytest
 
-from conftest import WIRE, Api, make_config, token_of, wait_until
+from conftest import PASSWORD, WIRE, Api, make_config, token_of, wait_until
 import pausepoint
 
 
@@ -242,12 +242,15 @@ def test_the_notification_is_simulated_with_the_exact_text_and_audited(api, deve
     assert created["respond_url"] in events[0]["data"]["text"]
 
 
-def test_audit_rows_can_never_be_updated_or_deleted(api, developer, config):
+def test_live_audit_rows_can_never_be_updated_or_deleted(api, developer, config):
+    api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": PASSWORD, "key": "live"})
     api.create_pause(developer["test_api_key"])
     db = sqlite3.connect(config["database.path"])
-    for statement in ("UPDATE audit_events SET actor = 'someone else'", "DELETE FROM audit_events"):
+    for statement in ("UPDATE audit_events SET actor = 'someone else'", "DELETE FROM audit_events WHERE livemode = 1",
+                      "DELETE FROM audit_events"):
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             db.execute(statement)
+    assert db.execute("SELECT count(*) FROM audit_events WHERE livemode = 1").fetchone()[0] == 1
 
 
 def test_absurdly_nested_json_is_a_400_not_a_crash(api, developer):

@@ -4,7 +4,7 @@ import time
 
 import requests
 
-from conftest import WIRE, Api, make_config, token_of
+from conftest import WIRE, Api, make_config, stored, token_of
 import pausepoint
 
 XSS = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
@@ -42,9 +42,23 @@ def test_get_never_changes_state(api, developer, config):
         api.head(respond_path(created, page=True))
     db = sqlite3.connect(config["database.path"])
     assert db.execute("SELECT status, choice, decided_at FROM pauses").fetchone() == ("pending", None, None)
-    opened = api.get("/v1/audit", {"event_type": "respond_page.opened"},
-                     headers=api.as_key(developer["test_api_key"])).json["events"]
-    assert len(opened) >= 6 and {e["data"]["via"] for e in opened} == {"api", "page"}
+
+
+def test_opening_a_link_is_audited_once_per_client_and_minute(app, developer, config):
+    one, other = (Api(app, extra_environ={"REMOTE_ADDR": ip}) for ip in ("198.51.100.1", "198.51.100.2"))
+    created = one.create_pause(developer["test_api_key"])
+    for _ in range(20):
+        one.get(respond_path(created))
+        one.get(respond_path(created, page=True))
+        one.head(respond_path(created, page=True))
+    other.get(respond_path(created, page=True))
+    opened = stored(config, "SELECT json_extract(data, '$.ip') FROM audit_events WHERE event_type = 'respond_page.opened'")
+    assert sorted(ip for (ip,) in opened) == ["198.51.100.1", "198.51.100.2"]
+    # A minute later the same client is recorded again.
+    stored(config, "DROP TRIGGER audit_events_are_never_updated")
+    stored(config, "UPDATE audit_events SET timestamp = '2000-01-01T00:00:00.000Z'")
+    one.get(respond_path(created, page=True))
+    assert len(stored(config, "SELECT 1 FROM audit_events WHERE event_type = 'respond_page.opened'")) == 3
 
 
 def test_an_unknown_token_is_404(api):
@@ -149,18 +163,20 @@ def test_exactly_one_of_many_simultaneous_decisions_wins(live_server):
     assert len(audit) == 1
 
 
-def test_guessing_tokens_locks_the_guesser_out_but_not_others(tmp_path):
+def test_guessing_spends_only_failures_and_never_refuses_a_valid_link(tmp_path):
     app = pausepoint.create_app(make_config(tmp_path, **{"ratelimit.respond_failures_per_hour": 5}))
-    guesser = Api(app, extra_environ={"REMOTE_ADDR": "203.0.113.66"})
-    human = Api(app, extra_environ={"REMOTE_ADDR": "203.0.113.1"})
-    created = human.create_pause(human.register()["test_api_key"])
+    office = Api(app, extra_environ={"REMOTE_ADDR": "203.0.113.66"})    # a guesser and a human behind one NAT
+    created = office.create_pause(office.register()["test_api_key"])
+    for _ in range(40):
+        office.get(respond_path(created), status=200)      # valid links spend nothing
     for n in range(5):
-        guesser.get(f"/v1/respond/guess{n}", status=404)
-    refused = guesser.get(respond_path(created), status=429)
+        office.get(f"/v1/respond/guess{n}", status=404)
+    refused = office.get("/v1/respond/guess-more", status=429)
     assert int(refused.headers["Retry-After"]) > 0
-    guesser.post_json(respond_path(created), {"choice": "Approve"}, status=429)
-    human.get(respond_path(created), status=200)
-    human.post_json(respond_path(created), {"choice": "Reject"}, status=200)
+    assert office.get("/respond/guess-more", status=429).content_type == "text/html"
+    office.get(respond_path(created), status=200)
+    office.get(respond_path(created, page=True), status=200)
+    office.post_json(respond_path(created), {"choice": "Reject"}, status=200)
 
 
 def test_a_forged_forwarded_for_header_does_not_escape_the_guessing_limit(tmp_path):
