@@ -333,7 +333,7 @@ MIGRATIONS = [
         DROP INDEX notifications_due;
         CREATE INDEX notifications_due_test ON notifications(next_attempt_at)
             WHERE status IN ('queued', 'sending') AND livemode = 0;
-        CREATE INDEX notifications_due_live ON notifications(developer_id, next_attempt_at)
+        CREATE INDEX notifications_due_live ON notifications(channel, developer_id, next_attempt_at)
             WHERE status IN ('queued', 'sending') AND livemode = 1;
         CREATE INDEX audit_test_without_pause ON audit_events(timestamp) WHERE livemode = 0 AND pause_id IS NULL;
         DROP TRIGGER audit_events_are_never_deleted;
@@ -768,7 +768,7 @@ def month_start(moment):
     return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
-def create_pause(conn, config, caller, body, idempotency_key=None):
+def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None):
     """Store a pause, its notification and its audit event in one transaction.
 
     Returns (pause row, replayed): replayed is True when an Idempotency-Key
@@ -793,6 +793,10 @@ def create_pause(conn, config, caller, body, idempotency_key=None):
                 return earlier, True
         if caller.livemode:
             check_quota(conn, config, caller, now)
+        elif limiter is not None:
+            # Live pauses are bounded by the plan's quota, test pauses by this rate; replays by neither.
+            limiter.limit("test_pauses", caller.developer_id, config["ratelimit.test_pauses_per_hour"],
+                          "test pauses for this developer (ratelimit.test_pauses_per_hour)")
         pause_id, token = new_id("psr_"), secrets.token_urlsafe(32)
         # SMS and WhatsApp replies name their pause by a code, unique among the number's pending pauses.
         reply_code = new_reply_code(conn, fields["recipient"], caller.livemode) if channel.kind == "twilio" else None
@@ -1245,10 +1249,13 @@ def mount_guard(session, guard):
 
 class OutboundPool:
     """The bounded pool every outbound call runs on: webhook deliveries and live
-    notification sends. Each call holds a slot counted against its developer and
-    its target (one webhook endpoint, or one channel's provider), so a tenant whose
-    receivers stall, or a provider that hangs, holds a bounded share of the
-    workers, and claims go to the developers with the fewest calls in flight."""
+    notification sends. Each call holds a slot counted against its target (one
+    webhook endpoint, or one channel's provider) and its developer, and claims go
+    to the developers with the fewest calls in flight. Webhook calls are capped
+    per developer, because a developer chooses their receivers and a slow one is
+    theirs to fix; sends go to the operator's providers, so they are capped per
+    channel instead: a hung mail server holds half the workers at most, and a
+    developer's emails never wait behind their own stuck webhooks."""
 
     def __init__(self, workers, per_developer):
         self.workers, self.per_developer = workers, per_developer
@@ -1258,16 +1265,13 @@ class OutboundPool:
         self.deadlines = DeadlineWatch()
         self._lock = threading.Lock()
         self._busy = 0
-        self._by_developer = collections.Counter()
-        self._by_target = collections.Counter()
+        self._by_developer = collections.Counter()    # calls in flight per developer: who goes first
+        self._by_target = collections.Counter()       # per ('webhook', id) or ('channel', name)
+        self._capped = collections.Counter()          # per (developer, kind) for calls with a developer limit
 
     def free(self):
         with self._lock:
             return self.workers - self._busy
-
-    def in_flight(self, developer_id):
-        with self._lock:
-            return self._by_developer[developer_id]
 
     def fair_order(self, due):
         """Items of {developer id: [items]}, one developer at a time, starting with
@@ -1281,34 +1285,38 @@ class OutboundPool:
                 if not queue:
                     queues.remove(queue)
 
-    def reserve(self, developer_id, target, target_limit):
-        """Take a slot for one call if the pool, the developer and the target all have room."""
+    def reserve(self, developer_id, target, target_limit, developer_limit=None):
+        """Take a slot for one call if the pool and the target have room and, for a call
+        with a developer_limit, the developer's calls of that kind have room too."""
         with self._lock:
-            if (self._busy >= self.workers or self._by_developer[developer_id] >= self.per_developer
-                    or self._by_target[target] >= target_limit):
+            capped = (developer_id, target[0])
+            if (self._busy >= self.workers or self._by_target[target] >= target_limit
+                    or developer_limit is not None and self._capped[capped] >= developer_limit):
                 return False
             self._busy += 1
             self._by_developer[developer_id] += 1
             self._by_target[target] += 1
+            self._capped[capped] += developer_limit is not None
             return True
 
-    def release(self, developer_id, target):
+    def release(self, developer_id, target, developer_limit=None):
         with self._lock:
             self._busy -= 1
             self._by_developer[developer_id] -= 1
             self._by_target[target] -= 1
-            self._by_developer += collections.Counter()     # drop zero counts
-            self._by_target += collections.Counter()
+            self._capped[(developer_id, target[0])] -= developer_limit is not None
+            for counter in (self._by_developer, self._by_target, self._capped):
+                counter += collections.Counter()        # drop zero counts
 
-    def run(self, developer_id, target, call, *args, then=None):
-        """Run call(*args) on a worker in a slot taken with reserve(); the slot is freed after, then then()."""
+    def run(self, slot, call, *args, then=None):
+        """Run call(*args) on a worker in a slot taken with reserve(*slot); the slot is freed after, then then()."""
         def work():
             try:
                 call(*args)
             except Exception:
                 log.exception("outbound call %s failed unexpectedly", getattr(call, "__name__", call))
             finally:
-                self.release(developer_id, target)
+                self.release(*slot)
                 if then is not None:
                     then()
         self.executor.submit(work)
@@ -1475,11 +1483,15 @@ def send_email(config, notification, pause, deadline):
     security, host, port = config["smtp.security"], config["smtp.host"], config["smtp.port"]
     try:
         context = ssl.create_default_context(cafile=config["smtp.ca_file"] or None)
-        if security == "tls":
-            server = smtplib.SMTP_SSL(host, port, timeout=deadline.remaining(), context=context)
-        else:
-            server = smtplib.SMTP(host, port, timeout=deadline.remaining())
-        deadline.guard(server.sock)
+
+        class DeadlineSMTP(smtplib.SMTP_SSL if security == "tls" else smtplib.SMTP):
+            """Under the deadline from the moment it connects, greeting and TLS handshake included."""
+            def _get_socket(self, host, port, timeout):
+                sock = deadline.guard(smtplib.SMTP._get_socket(self, host, port, timeout))
+                return context.wrap_socket(sock, server_hostname=host) if security == "tls" else sock
+
+        server = DeadlineSMTP(host, port, timeout=deadline.remaining(),
+                              **({"context": context} if security == "tls" else {}))
         with server:
             if security == "starttls":
                 server.starttls(context=context)
@@ -1489,7 +1501,7 @@ def send_email(config, notification, pause, deadline):
     except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused) as e:
         raise ChannelError(f"SMTP {host}:{port} refused the message: {e}", permanent=True) from None
     except (smtplib.SMTPException, OSError) as e:
-        if deadline.expired:
+        if deadline.expired or isinstance(e, TimeoutError):
             raise ChannelError(f"SMTP {host}:{port}: no answer within {deadline.seconds} s") from None
         raise ChannelError(f"SMTP {host}:{port}: {e}") from None
     return message["Message-ID"]
@@ -1534,25 +1546,30 @@ def simulate_due_notifications(conn, batch=500):
 
 
 def due_live_notifications(conn, per_developer):
-    """{developer id: up to `per_developer` of their due live notifications, oldest first}.
-
-    One index seek per developer with unsent notifications, however many they
-    have, so a flood from one developer cannot hide another's from the job."""
+    """{developer id: their due live notifications, up to `per_developer` per channel,
+    the channels taking turns}. One index seek per channel and developer with unsent
+    notifications, however many they have, so neither a developer's flood nor a
+    backlog on a hung channel hides anything else from the job."""
     now = db_time()
-    owners = conn.execute(
-        "WITH RECURSIVE owners(developer_id) AS ("
-        " SELECT min(developer_id) FROM notifications WHERE status IN ('queued', 'sending') AND livemode = 1"
-        " UNION ALL SELECT (SELECT min(developer_id) FROM notifications WHERE status IN ('queued', 'sending')"
-        "  AND livemode = 1 AND developer_id > owners.developer_id) FROM owners WHERE developer_id IS NOT NULL)"
-        " SELECT developer_id FROM owners WHERE developer_id IS NOT NULL").fetchall()
-    due = {}
-    for (developer_id,) in owners:
-        rows = conn.execute(
-            "SELECT * FROM notifications WHERE status IN ('queued', 'sending') AND livemode = 1 AND developer_id = ?"
-            " AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?", (developer_id, now, per_developer)).fetchall()
-        if rows:
-            due[developer_id] = rows
-    return due
+    unsent = "status IN ('queued', 'sending') AND livemode = 1"
+    by_developer, channel = {}, ""
+    while (channel := conn.execute(f"SELECT min(channel) FROM notifications WHERE {unsent} AND channel > ?",
+                                   (channel,)).fetchone()[0]) is not None:
+        developer_id = ""
+        while (developer_id := conn.execute(
+                f"SELECT min(developer_id) FROM notifications WHERE {unsent} AND channel = ? AND developer_id > ?",
+                (channel, developer_id)).fetchone()[0]) is not None:
+            rows = conn.execute(
+                f"SELECT * FROM notifications WHERE {unsent} AND channel = ? AND developer_id = ? AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at LIMIT ?", (channel, developer_id, now, per_developer)).fetchall()
+            if rows:
+                by_developer.setdefault(developer_id, []).append(rows)
+    return {developer_id: taking_turns(lists) for developer_id, lists in by_developer.items()}
+
+
+def taking_turns(lists):
+    """[[a1, a2], [b1]] -> [a1, b1, a2]."""
+    return [item for turn in itertools.zip_longest(*lists) for item in turn if item is not None]
 
 
 def claim_notification(conn, row):
@@ -1953,9 +1970,7 @@ def due_deliveries(conn, per_webhook):
             " ORDER BY next_attempt_at LIMIT ?", (developer_id, webhook_id, now, per_webhook)).fetchall()
         if rows:
             by_developer.setdefault(developer_id, []).append(rows)
-    # Within a developer, one delivery per endpoint at a time.
-    return {developer_id: [row for turn in itertools.zip_longest(*lists) for row in turn if row is not None]
-            for developer_id, lists in by_developer.items()}
+    return {developer_id: taking_turns(lists) for developer_id, lists in by_developer.items()}
 
 
 def claim_delivery(conn, row):
@@ -2228,15 +2243,14 @@ class Runtime:
         for row in self.outbound.fair_order(due):
             if not self.outbound.free():
                 break
-            target = ("channel", row["channel"])
-            if not self.outbound.reserve(row["developer_id"], target, self.outbound.per_channel):
+            slot = (row["developer_id"], ("channel", row["channel"]))
+            if not self.outbound.reserve(*slot, self.outbound.per_channel):
                 continue
             claim_until = claim_notification(conn, row)
             if claim_until is None:
-                self.outbound.release(row["developer_id"], target)
+                self.outbound.release(*slot)
                 continue
-            self.outbound.run(row["developer_id"], target, self._send_notification, row, claim_until,
-                              then=self.wake_webhooks)
+            self.outbound.run(slot, self._send_notification, row, claim_until, then=self.wake_webhooks)
 
     def _send_notification(self, row, claim_until):
         send_notification(self.db(), self.config, self.outbound.deadlines, row, claim_until)
@@ -2250,16 +2264,15 @@ class Runtime:
         for row in self.outbound.fair_order(due_deliveries(conn, DELIVERIES_IN_FLIGHT_PER_WEBHOOK)):
             if not self.outbound.free():
                 break
-            target = ("webhook", row["webhook_id"])
-            if not self.outbound.reserve(row["developer_id"], target, DELIVERIES_IN_FLIGHT_PER_WEBHOOK):
+            slot = (row["developer_id"], ("webhook", row["webhook_id"]), self.config["outbound.per_developer"])
+            if not self.outbound.reserve(slot[0], slot[1], DELIVERIES_IN_FLIGHT_PER_WEBHOOK, slot[2]):
                 continue
             claim_until = claim_delivery(conn, row)
             if claim_until is None:
-                self.outbound.release(row["developer_id"], target)
+                self.outbound.release(*slot)
                 continue
             # When the worker is free, more may be due: look again at once.
-            self.outbound.run(row["developer_id"], target, self._deliver, row["id"], row["attempts"] + 1,
-                              claim_until, then=self.wake_webhooks)
+            self.outbound.run(slot, self._deliver, row["id"], row["attempts"] + 1, claim_until, then=self.wake_webhooks)
 
     def _deliver(self, delivery_id, attempt, claim_until):
         attempt_delivery(self.db(), self.config, self.outbound.deadlines, delivery_id, attempt, claim_until)
@@ -2458,16 +2471,10 @@ def create_app(config):
     @app.post("/v1/pause")
     def post_pause():
         who = caller()
-        per_hour = config["ratelimit.test_pauses_per_hour"]
-        if not who.livemode:
-            # Live pauses are bounded by the plan's quota; test pauses by this rate.
-            rt.limiter.refuse_if_exhausted("test_pauses", who.developer_id, per_hour,
-                                           "test pauses for this developer (ratelimit.test_pauses_per_hour)")
-        pause, replayed = create_pause(rt.db(), config, who, read_json(), bottle.request.get_header("Idempotency-Key"))
+        pause, replayed = create_pause(rt.db(), config, who, read_json(), bottle.request.get_header("Idempotency-Key"),
+                                       rt.limiter)
         if replayed:
             bottle.response.set_header("Idempotent-Replayed", "true")
-        elif not who.livemode:
-            rt.limiter.spend("test_pauses", who.developer_id, per_hour)
         bottle.response.status = 201
         return created_json(pause, config)
 
@@ -2625,10 +2632,7 @@ def create_app(config):
 
     @app.get("/respond/<token>")
     def get_respond_page(token):
-        try:
-            pause = open_respond_link(token, "page")
-        except ApiError as e:
-            return page_error(e)
+        pause = open_respond_link(token, "page")
         # Email buttons arrive with ?choice=: show it picked, but only the POST decides.
         picked = bottle.request.query.getunicode("choice")
         return respond_page(pause, token, picked=picked if picked in json.loads(pause["options"]) else None)
@@ -2653,14 +2657,6 @@ def create_app(config):
         return html_page("respond", status=status, pause=respond_facts(pause), token=token, error=error,
                          picked=picked, times=times)
 
-    def page_error(e):
-        return html_page("respond_error", status=e.status, message=e.message, headers=e.headers)
-
-    def html_page(name, status=200, headers=None, **values):
-        body = bottle.template(name, template_lookup=[TEMPLATES_DIR], **values)
-        return bottle.HTTPResponse(body, status=status, headers={
-            "Content-Type": "text/html; charset=utf-8", **PAGE_HEADERS, **(headers or {})})
-
     @app.get("/static/<name:re:[a-z]+\\.css>")
     def static(name):
         return bottle.static_file(name, root=STATIC_DIR, mimetype="text/css")
@@ -2668,18 +2664,41 @@ def create_app(config):
     return app
 
 
+def html_page(name, status=200, headers=None, **values):
+    body = bottle.template(name, template_lookup=[TEMPLATES_DIR], **values)
+    return bottle.HTTPResponse(body, status=status, headers={
+        "Content-Type": "text/html; charset=utf-8", **PAGE_HEADERS, **(headers or {})})
+
+
+def page_error(e):
+    return html_page("respond_error", status=e.status, message=e.message, headers=e.headers)
+
+
+def is_page_request():
+    """Pages a person opens get their errors as a page; everything else as JSON."""
+    return bottle.request.path.startswith("/respond/")
+
+
+UNEXPECTED = "something went wrong on the server; it has been logged"
+
+
 def json_errors(callback):
-    """Route plugin: ApiError becomes the one JSON error shape; anything else a logged 500."""
+    """Route plugin: ApiError becomes the one JSON error shape (or a page, on pages);
+    anything else a logged 500."""
     def wrapper(*args, **kwargs):
         try:
             return callback(*args, **kwargs)
         except bottle.HTTPResponse:
             raise
         except ApiError as e:
+            if is_page_request():
+                return page_error(e)
             return json_error_response(e.status, e.code, e.message, e.field, e.headers)
         except Exception:
             log.exception("unexpected error on %s %s", bottle.request.method, bottle.request.path)
-            return json_error_response(500, "internal_error", "something went wrong on the server; it has been logged")
+            if is_page_request():
+                return page_error(ApiError(500, "internal_error", UNEXPECTED.capitalize() + "."))
+            return json_error_response(500, "internal_error", UNEXPECTED)
     return wrapper
 
 
@@ -2693,11 +2712,18 @@ BOTTLE_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_all
 
 
 def bottle_error(error):
-    """Errors Bottle raises itself (no such route, wrong method…) in the same JSON shape.
-    Serialised here by hand: a dict returned from an error handler is sent broken (bottle #710)."""
-    bottle.response.content_type = "application/json"
+    """Errors Bottle raises itself (no such route, wrong method…) in the same JSON shape,
+    or as a page under /respond/. Serialised here by hand: a dict returned from an
+    error handler is sent broken (bottle #710)."""
     message = {404: "no such endpoint", 405: "method not allowed on this endpoint",
-               500: "something went wrong on the server; it has been logged"}.get(error.status_code, error.body)
+               500: UNEXPECTED}.get(error.status_code, error.body)
+    if is_page_request():
+        bottle.response.content_type = "text/html; charset=utf-8"
+        for name, value in PAGE_HEADERS.items():
+            bottle.response.set_header(name, value)
+        return bottle.template("respond_error", template_lookup=[TEMPLATES_DIR],
+                               message=str(message).capitalize() + ".")
+    bottle.response.content_type = "application/json"
     return error_body(error.status_code, BOTTLE_ERROR_CODES.get(error.status_code, "error"), str(message))
 
 
@@ -2848,20 +2874,19 @@ class QueueDepthSummary(logging.Filter):
         super().__init__()
         self.every = every
         self.lock = threading.Lock()
-        self.count, self.deepest, self.since = 0, 0, None
+        self.count, self.deepest, self.since, self.let_through_at = 0, 0, time.monotonic(), None
 
     def filter(self, record):
         with self.lock:
             now = time.monotonic()
-            self.since = now if self.since is None else self.since
             self.count += 1
             self.deepest = max(self.deepest, record.args[0] if record.args else 0)
-            if self.count > 1 and now - self.since < self.every:
+            if self.let_through_at is not None and now - self.let_through_at < self.every:
                 return False
             record.msg = ("requests waited for a free thread %d times in %d s (deepest queue %d);"
                           " if this persists, raise server.threads or put a buffering proxy in front")
             record.args = (self.count, max(1, round(now - self.since)), self.deepest)
-            self.count, self.deepest, self.since = 0, 0, now
+            self.count, self.deepest, self.since, self.let_through_at = 0, 0, now, now
             return True
 
 

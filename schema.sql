@@ -111,9 +111,10 @@ CREATE TABLE notifications (
 );
 -- The send job, test mode: queued rows that are due (simulated in one batch).
 CREATE INDEX notifications_due_test ON notifications(next_attempt_at) WHERE status IN ('queued', 'sending') AND livemode = 0;
--- The send job, live: each developer with unsent notifications (a skip-scan over developer_id), then
--- their due rows and 'sending' claims a crash abandoned, so one developer's flood hides nobody else's.
-CREATE INDEX notifications_due_live ON notifications(developer_id, next_attempt_at)
+-- The send job, live: each channel and developer with unsent notifications (skip-scans), then their
+-- due rows and 'sending' claims a crash abandoned, so neither one developer's flood nor a backlog on
+-- a hung channel hides anything else.
+CREATE INDEX notifications_due_live ON notifications(channel, developer_id, next_attempt_at)
     WHERE status IN ('queued', 'sending') AND livemode = 1;
 
 -- The audit log: one row per thing that happened, written in the same
