@@ -3,6 +3,7 @@
 import base64
 import http.server
 import json
+import socket
 import threading
 import time
 import urllib.parse
@@ -121,3 +122,70 @@ class WebhookReceiver:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class TrickleReceiver:
+    """A receiver that reads a request, then answers one byte every `interval`
+    seconds, for as long as the sender waits: each read finishes quickly, the whole
+    answer never does. Counts the connections it holds at once."""
+
+    def __init__(self, interval=1.0):
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.open = self.most_open = self.accepted = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn):
+        with self.lock:
+            self.open += 1
+            self.accepted += 1
+            self.most_open = max(self.most_open, self.open)
+        try:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" * 100:
+                if self.closed.wait(self.interval):
+                    break
+                conn.sendall(bytes([byte]))
+        except OSError:
+            pass                # the sender gave up: what the deadline is for
+        finally:
+            conn.close()
+            with self.lock:
+                self.open -= 1
+
+    def close(self):
+        self.closed.set()
+        self.listener.close()
+
+
+class Tarpit:
+    """A TCP server that accepts connections and never says a word (a hung SMTP host)."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.held = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.held.append(self.listener.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        self.listener.close()
+        for conn in self.held:
+            conn.close()

@@ -494,3 +494,32 @@ def test_twilio_rate_limiting_is_retried(tmp_path, twilio, stop_apps):
     pause_id = api.create_pause(key)["pause_id"]
     wait_until(lambda: api.pause(key, pause_id)["notification"]["last_error"])
     assert api.pause(key, pause_id)["notification"]["status"] == "queued"
+
+
+def test_a_second_developers_wire_is_never_approved_by_a_reply_meant_for_the_first(spawn_server, twilio):
+    settings = {**twilio.settings(), "server.base_url": "https://pp.example.org"}
+    server = spawn_server(env={f"PAUSEPOINT_{k.replace('.', '_').upper()}": v for k, v in settings.items()})
+
+    def developer(email):
+        keys = requests.post(f"{server.url}/v1/auth/register",
+                             json={"email": email, "name": "N", "password": "password123"}).json()
+        return {"Authorization": f"Bearer {keys['api_key']}"}
+
+    def reply(body):
+        params = {"From": "+15550123", "To": "+15559990000", "Body": body, "MessageSid": "SM" + "1" * 32}
+        signature = RequestValidator(twilio.auth_token).compute_signature(settings["server.base_url"] + INBOUND_PATH,
+                                                                          params)
+        return requests.post(server.url + INBOUND_PATH, data=params, headers={"X-Twilio-Signature": signature}).text
+
+    a, b = developer("a@example.com"), developer("b@example.com")
+    fund = requests.post(f"{server.url}/v1/pause", headers=a,
+                         json={**WIRE, "recipient": "+15550123", "message": "send $10 to the office fund?"}).json()
+    wire = requests.post(f"{server.url}/v1/pause", headers=b,
+                         json={**WIRE, "recipient": "+15550123", "message": "wire $50,000 to account 998877?"}).json()
+    wait_until(lambda: len(twilio.messages) == 2)
+    fund_text = next(m["Body"] for m in twilio.messages if "office fund" in m["Body"])
+    code = re.search(r"Reply ([A-Z][2-9]) 1 for Approve", fund_text).group(1)
+    assert "2 requests are open" in reply("1")                  # the person answers the first text, bare
+    assert "recorded Approve" in reply(f"{code} 1")
+    assert requests.get(f"{server.url}/v1/pause/{fund['pause_id']}", headers=a).json()["choice"] == "Approve"
+    assert requests.get(f"{server.url}/v1/pause/{wire['pause_id']}", headers=b).json()["status"] == "pending"

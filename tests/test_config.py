@@ -3,6 +3,7 @@ import re
 import tomllib
 
 import pytest
+import requests
 
 from conftest import ROOT
 import pausepoint
@@ -70,3 +71,18 @@ def test_the_server_refuses_to_start_on_a_bad_setting(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert re.search(r"server\.threads must be between", result.stderr)
+
+
+def test_a_config_file_in_the_working_directory_is_read_by_the_command_line_only(tmp_path, monkeypatch, spawn_server):
+    write(tmp_path, "[registration]\nopen = false\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(environ={})["registration.open"] is True
+    server = spawn_server()                     # runs in tmp_path, beside config.toml
+    refused = requests.post(f"{server.url}/v1/auth/register",
+                            json={"email": "a@example.com", "name": "A", "password": "password123"})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "registration_closed"
+
+
+def test_a_renamed_setting_still_works_under_its_old_name(tmp_path):
+    assert load_config(write(tmp_path, "[webhooks]\nworkers = 12\n"), environ={})["outbound.workers"] == 12
+    assert load_config(environ={"PAUSEPOINT_WEBHOOKS_WORKERS": "6"})["outbound.workers"] == 6

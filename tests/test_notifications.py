@@ -1,6 +1,8 @@
 import pytest
+import requests
 
-from conftest import Api, make_config, wait_until
+from conftest import WIRE, Api, make_config, stored, wait_until
+from stubs import Tarpit
 import pausepoint
 
 
@@ -43,3 +45,33 @@ def test_a_failed_send_is_recorded_and_queued_again_while_the_pause_stays_pendin
     assert pause["notification"]["status"] == "queued"
     assert "HTTP 500" in pause["notification"]["last_error"]
     assert twilio.messages == []
+
+
+def test_a_hung_mail_server_never_delays_sms(spawn_server, tmp_path, twilio):
+    tarpit = Tarpit()                   # accepts, never greets: every email send waits out its deadline
+    try:
+        env = {f"PAUSEPOINT_{key.replace('.', '_').upper()}": str(value) for key, value in twilio.settings().items()}
+        env.update(PAUSEPOINT_SMTP_HOST="127.0.0.1", PAUSEPOINT_SMTP_PORT=str(tarpit.port),
+                   PAUSEPOINT_SMTP_SECURITY="none", PAUSEPOINT_SMTP_FROM_ADDRESS="approvals@example.org")
+        server = spawn_server(env=env)
+        keys = requests.post(f"{server.url}/v1/auth/register",
+                             json={"email": "m@example.com", "name": "M", "password": "password123"}).json()
+        auth = {"Authorization": f"Bearer {keys['api_key']}"}
+        for n in range(12):
+            requests.post(f"{server.url}/v1/pause", headers=auth,
+                          json={**WIRE, "channel": "email", "recipient": f"person{n}@example.com"}).raise_for_status()
+        db = {"database.path": str(tmp_path / "pausepoint.db")}
+        stuck = "SELECT count(*) FROM notifications WHERE channel = 'email' AND status = 'sending'"
+        wait_until(lambda: stored(db, stuck) == [(8,)])         # half of outbound.workers, no more
+        sms = requests.post(f"{server.url}/v1/pause", json=WIRE, headers=auth).json()
+        wait_until(lambda: len(twilio.messages) == 1, timeout=9)
+        # Sent while every email claim is still waiting on the mail server.
+        assert stored(db, stuck) == [(8,)]
+        assert stored(db, "SELECT count(*) FROM notifications WHERE channel = 'email' AND last_error IS NOT NULL") == [(0,)]
+        assert twilio.messages[0]["Body"].startswith(WIRE["message"])
+        assert sms["pause_id"]
+        # Each email attempt ends at its deadline and is retried later.
+        wait_until(lambda: stored(db, "SELECT count(*) FROM notifications WHERE last_error LIKE '%no answer within 10 s%'")
+                   [0][0] >= 8, timeout=20)
+    finally:
+        tarpit.close()

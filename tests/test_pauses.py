@@ -2,8 +2,9 @@ import datetime as dt
 import sqlite3
 
 import pytest
+import requests
 
-from conftest import PASSWORD, WIRE, Api, make_config, token_of, wait_until
+from conftest import PASSWORD, WIRE, Api, make_config, stored, token_of, wait_until
 import pausepoint
 
 
@@ -258,3 +259,24 @@ def test_absurdly_nested_json_is_a_400_not_a_crash(api, developer):
     response = api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
                                                     "Content-Type": "application/json"}, status=400)
     assert response.json["error"]["code"] == "invalid_json"
+
+
+def test_test_pauses_are_rate_limited_per_developer_and_replays_cost_nothing(spawn_server, tmp_path):
+    server = spawn_server(env={"PAUSEPOINT_RATELIMIT_TEST_PAUSES_PER_HOUR": "5", "PAUSEPOINT_SERVER_THREADS": "16"})
+
+    def register(email):
+        keys = requests.post(f"{server.url}/v1/auth/register",
+                             json={"email": email, "name": "N", "password": "password123"}).json()
+        return {"Authorization": f"Bearer {keys['test_api_key']}"}
+
+    flooder, other = register("flood@example.com"), register("other@example.com")
+    for n in range(5):
+        requests.post(f"{server.url}/v1/pause", json=WIRE, headers={**flooder, "Idempotency-Key": f"k{n}"}
+                      ).raise_for_status()
+    refused = requests.post(f"{server.url}/v1/pause", json=WIRE, headers=flooder)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
+    assert 600 <= int(refused.headers["Retry-After"]) <= 720          # one pause per 12 minutes from now on
+    replay = requests.post(f"{server.url}/v1/pause", json=WIRE, headers={**flooder, "Idempotency-Key": "k0"})
+    assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
+    assert requests.post(f"{server.url}/v1/pause", json=WIRE, headers=other).status_code == 201
+    assert stored(str(tmp_path / "pausepoint.db"), "SELECT count(*) FROM pauses") == [(6,)]

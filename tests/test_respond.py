@@ -185,3 +185,14 @@ def test_a_forged_forwarded_for_header_does_not_escape_the_guessing_limit(tmp_pa
     for n in range(2):
         guesser.get(f"/v1/respond/guess{n}", headers={"X-Forwarded-For": f"10.0.0.{n}"}, status=404)
     guesser.get("/v1/respond/guess9", headers={"X-Forwarded-For": "10.0.0.9"}, status=429)
+
+
+def test_an_unexpected_error_shows_a_person_a_page_and_an_agent_json(api, developer, config):
+    created = api.create_pause(developer["test_api_key"])
+    stored(config, "UPDATE pauses SET options = 'not json'")       # a row no code path can read
+    page = api.get(respond_path(created, page=True), status=500)
+    assert page.content_type == "text/html" and "Something went wrong" in page.text
+    assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    assert api.get(respond_path(created), status=500).json["error"]["code"] == "internal_error"
+    missing = api.get("/respond/", status=404)
+    assert missing.content_type == "text/html"

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from conftest import stored, ROOT, WIRE, Api, make_config, token_of, wait_until
-from stubs import WebhookReceiver
+from stubs import TrickleReceiver, WebhookReceiver
 import pausepoint
 
 SECRET = "whsec_test_secret_0123456789"
@@ -462,19 +462,23 @@ def test_the_readme_receiver_accepts_what_the_server_sends(hooks_api, keys, rece
     assert not namespace["verify_signature"](SECRET, header, call["body"] + b"tampered")
 
 
-def test_an_attempt_that_gets_no_answer_within_10_seconds_fails_and_is_retried(hooks_api, keys):
-    silent = WebhookReceiver(delay=pausepoint.DELIVERY_TIMEOUT_SECONDS + 2)
+@pytest.mark.parametrize("slow_receiver", [
+    lambda: WebhookReceiver(delay=pausepoint.DELIVERY_TIMEOUT_SECONDS + 2),    # says nothing
+    lambda: TrickleReceiver(interval=1.0),      # every read returns within 1 s; the whole answer takes a minute
+], ids=["silent", "trickling"])
+def test_an_attempt_ends_after_10_seconds_however_slowly_the_receiver_answers(hooks_api, keys, slow_receiver):
+    slow = slow_receiver()
     try:
         key = keys["test_api_key"]
-        webhook_id = add_webhook(hooks_api, key, silent.url)["webhook_id"]
+        webhook_id = add_webhook(hooks_api, key, slow.url)["webhook_id"]
         hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
         [delivery] = wait_until(lambda: (d := deliveries(hooks_api, key, webhook_id))[0]["attempts"] and d, timeout=20)
         attempt = delivery["attempts"][0]
         assert attempt["error"] == "timed out after 10 s" and attempt["status_code"] is None
-        assert 10_000 <= attempt["duration_ms"] < 12_000
+        assert 10_000 <= attempt["duration_ms"] < 11_500
         assert delivery["status"] == "pending" and delivery["next_attempt_at"]
     finally:
-        silent.close()
+        slow.close()
 
 
 def test_a_disabled_endpoint_gets_no_test_events_or_redeliveries(hooks_api, keys, receiver):
@@ -488,3 +492,40 @@ def test_a_disabled_endpoint_gets_no_test_events_or_redeliveries(hooks_api, keys
         assert error["error"]["code"] == "webhook_disabled"
     time.sleep(0.5)
     assert len(receiver.calls) == 1
+
+
+# -- one tenant's slow receivers against everyone else -----------------------------
+
+def register_on(url, email):
+    keys = requests.post(f"{url}/v1/auth/register", json={"email": email, "name": "N", "password": "password123"}).json()
+    return {"Authorization": f"Bearer {keys['test_api_key']}"}
+
+
+def test_one_developers_trickling_receivers_never_delay_anothers_delivery(spawn_server, tmp_path):
+    trickler, receiver = TrickleReceiver(interval=1.0), WebhookReceiver()
+    try:
+        server = spawn_server(env={"PAUSEPOINT_WEBHOOKS_ALLOW_PRIVATE": "true"})
+        stalling, other = register_on(server.url, "a@example.com"), register_on(server.url, "b@example.com")
+        for n in range(16):
+            requests.post(f"{server.url}/v1/webhooks", headers=stalling,
+                          json={"url": f"{trickler.url}/{n}", "events": ["pause.created"]}).raise_for_status()
+        refused = requests.post(f"{server.url}/v1/webhooks", headers=stalling,
+                                json={"url": trickler.url, "events": ["pause.created"]})
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "webhook_limit_reached"
+        for _ in range(3):                         # 48 deliveries, every one of which will stall
+            requests.post(f"{server.url}/v1/pause", json=WIRE, headers=stalling).raise_for_status()
+        wait_until(lambda: trickler.open >= 4)
+        requests.post(f"{server.url}/v1/webhooks", headers=other,
+                      json={"url": receiver.url, "events": ["pause.responded"]}).raise_for_status()
+        created = requests.post(f"{server.url}/v1/pause", json=WIRE, headers=other).json()
+        requests.post(f"{server.url}/v1/respond/{token_of(created['respond_url'])}", json={"choice": "Approve"})
+        [call] = receiver.wait_for(1, timeout=9)
+        assert call["json"]["data"]["pause_id"] == created["pause_id"]
+        # It did not wait for a stalled call to end: none of them has ended yet.
+        db = {"database.path": str(tmp_path / "pausepoint.db")}
+        assert stored(db, "SELECT count(*) FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id"
+                          " WHERE d.event_id IN (SELECT id FROM webhook_events WHERE type = 'pause.created')") == [(0,)]
+        assert trickler.most_open == 4             # outbound.per_developer: the stalling tenant's share, no more
+    finally:
+        trickler.close()
+        receiver.close()

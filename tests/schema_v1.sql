@@ -1,0 +1,202 @@
+-- The data model as PausePoint 0.1.0 first created it (migration 1), kept so a test can
+-- upgrade such a database and compare it with a fresh one.
+-- PausePoint's data model. The whole truth of the service lives here: the
+-- scheduler only ever reads due work out of these tables, so a restart, a
+-- missed run or a crash never loses or doubles an event.
+--
+-- Conventions:
+--   * Times are UTC text, 'YYYY-MM-DDTHH:MM:SS.mmmZ'. One fixed width means text
+--     comparison is time comparison, so due-work queries can use plain indexes.
+--   * livemode is 1 for pp_live_ keys and 0 for pp_test_ keys. Every table an
+--     API key can read is filtered by (developer_id, livemode): test and live
+--     data never mix.
+--   * JSON columns hold compact JSON text written by pausepoint.py.
+-- Later changes are numbered migrations in pausepoint.py (MIGRATIONS), each
+-- recorded in schema_migrations.
+
+-- Which migrations this database has had. A fresh database is created from
+-- this file and recorded as the newest version.
+CREATE TABLE schema_migrations (
+    version     INTEGER PRIMARY KEY,
+    applied_at  TEXT NOT NULL
+);
+
+-- A developer is one tenant: an account with a password and a plan.
+CREATE TABLE developers (
+    id             TEXT PRIMARY KEY,                 -- 'dev_' + 32 hex
+    email          TEXT NOT NULL UNIQUE COLLATE NOCASE,
+    name           TEXT NOT NULL,
+    password_hash  TEXT NOT NULL,                    -- bcrypt
+    plan           TEXT NOT NULL DEFAULT 'free',     -- a name under [plans] in the config
+    created_at     TEXT NOT NULL
+);
+
+-- API keys. Only the SHA-256 digest of a key is kept: a copy of the database
+-- does not let anyone call the API. A rotated key keeps its row, with
+-- revoked_at set, so the audit log can still name it.
+CREATE TABLE api_keys (
+    key_hash      TEXT PRIMARY KEY,                  -- hex SHA-256 of the whole key; serves authentication
+    developer_id  TEXT NOT NULL REFERENCES developers(id),
+    livemode      INTEGER NOT NULL CHECK (livemode IN (0, 1)),
+    hint          TEXT NOT NULL,                     -- 'pp_live_…Wx9z': enough to recognise, useless to attack
+    created_at    TEXT NOT NULL,
+    revoked_at    TEXT                               -- NULL while the key works
+);
+-- At most one working key per developer and mode; rotation revokes before it inserts.
+CREATE UNIQUE INDEX api_keys_one_active ON api_keys(developer_id, livemode) WHERE revoked_at IS NULL;
+
+-- A pause: one question put to one human, and its outcome.
+CREATE TABLE pauses (
+    seq              INTEGER PRIMARY KEY AUTOINCREMENT, -- creation order; list and cursor order
+    id               TEXT NOT NULL UNIQUE,            -- 'psr_' + 32 hex
+    developer_id     TEXT NOT NULL REFERENCES developers(id),
+    livemode         INTEGER NOT NULL CHECK (livemode IN (0, 1)),
+    recipient        TEXT NOT NULL,
+    channel          TEXT NOT NULL,
+    message          TEXT NOT NULL,
+    options          TEXT NOT NULL,                   -- JSON array of 2-10 distinct strings
+    timeout_default  TEXT,                            -- one of options, or NULL: a timeout then decides nothing
+    metadata         TEXT,                            -- the agent's JSON object, returned verbatim
+    status           TEXT NOT NULL DEFAULT 'pending'
+                     CHECK (status IN ('pending', 'responded', 'timed_out', 'cancelled')),
+    choice           TEXT,                            -- the option chosen, or timeout_default on timeout
+    comment          TEXT,                            -- the human's free-text comment
+    decided_at       TEXT,
+    decided_by       TEXT,                            -- 'recipient:<recipient>', 'timeout' or 'api:<key hint>'
+    respond_token    TEXT NOT NULL UNIQUE,            -- 256-bit secret in respond_url; the unique index serves lookups.
+                                                      -- Kept (not hashed) because notifications are rendered and
+                                                      -- resent from it after a restart.
+    created_at       TEXT NOT NULL,
+    expires_at       TEXT NOT NULL
+);
+-- The timeout job: "pending pauses whose expires_at has passed", oldest first.
+CREATE INDEX pauses_pending_by_expiry ON pauses(expires_at) WHERE status = 'pending';
+-- GET /v1/pause: a developer's pauses in one mode, newest first, optionally by status.
+CREATE INDEX pauses_by_owner ON pauses(developer_id, livemode, seq);
+CREATE INDEX pauses_by_owner_status ON pauses(developer_id, livemode, status, seq);
+-- SMS replies: the newest pending pause sent to a phone number.
+CREATE INDEX pauses_pending_by_recipient ON pauses(recipient, seq) WHERE status = 'pending';
+-- Quota: live pauses a developer created since the start of the month.
+CREATE INDEX pauses_by_owner_created ON pauses(developer_id, livemode, created_at);
+
+-- The notification outbox: one row per pause, written in the same transaction
+-- as the pause, sent later by the scheduler so the API never waits on a provider.
+CREATE TABLE notifications (
+    id                   TEXT PRIMARY KEY,            -- 'ntf_' + 32 hex
+    pause_id             TEXT NOT NULL UNIQUE REFERENCES pauses(id),
+    channel              TEXT NOT NULL,
+    recipient            TEXT NOT NULL,
+    livemode             INTEGER NOT NULL CHECK (livemode IN (0, 1)),
+    text                 TEXT NOT NULL,               -- exactly what is (or, in test mode, would be) sent
+    status               TEXT NOT NULL DEFAULT 'queued'
+                         CHECK (status IN ('queued', 'sending', 'sent', 'simulated', 'failed')),
+    attempts             INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at      TEXT NOT NULL,               -- when 'queued': due time; when 'sending': claim expiry
+    provider_message_id  TEXT,
+    last_error           TEXT,
+    created_at           TEXT NOT NULL,
+    updated_at           TEXT NOT NULL
+);
+-- The send job: queued rows that are due, and 'sending' claims that a crash abandoned.
+CREATE INDEX notifications_due ON notifications(next_attempt_at) WHERE status IN ('queued', 'sending');
+
+-- The audit log: one row per thing that happened, written in the same
+-- transaction as the change it records. Append-only (see the triggers below).
+CREATE TABLE audit_events (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,  -- order and cursor; the API shows 'aud_<seq>'
+    developer_id  TEXT NOT NULL REFERENCES developers(id),
+    livemode      INTEGER NOT NULL CHECK (livemode IN (0, 1)),
+    timestamp     TEXT NOT NULL,
+    actor         TEXT NOT NULL,                      -- who did it: 'api:<key hint>', 'recipient:<recipient>',
+                                                      -- 'timeout', 'system', 'respond_link', 'developer:<email>'
+    event_type    TEXT NOT NULL,                      -- 'pause.created', 'pause.responded', …
+    pause_id      TEXT,                               -- the pause it concerns, if any
+    data          TEXT NOT NULL DEFAULT '{}'          -- JSON object with the event's details
+);
+-- GET /v1/audit, newest first, with its optional filters.
+CREATE INDEX audit_by_owner ON audit_events(developer_id, livemode, seq);
+CREATE INDEX audit_by_owner_type ON audit_events(developer_id, livemode, event_type, seq);
+CREATE INDEX audit_by_pause ON audit_events(pause_id, seq) WHERE pause_id IS NOT NULL;
+
+CREATE TRIGGER audit_events_are_never_updated BEFORE UPDATE ON audit_events
+BEGIN SELECT RAISE(ABORT, 'audit events are append-only'); END;
+CREATE TRIGGER audit_events_are_never_deleted BEFORE DELETE ON audit_events
+BEGIN SELECT RAISE(ABORT, 'audit events are append-only'); END;
+
+-- Idempotency-Key values seen on POST /v1/pause within the last 24 hours.
+-- The same key with the same body replays the original pause; with another
+-- body it is refused. Rows older than 24 hours are replaced on reuse.
+CREATE TABLE idempotency_keys (
+    developer_id  TEXT NOT NULL REFERENCES developers(id),
+    livemode      INTEGER NOT NULL CHECK (livemode IN (0, 1)),
+    key           TEXT NOT NULL,
+    request_hash  TEXT NOT NULL,                      -- SHA-256 of the canonical JSON body
+    pause_id      TEXT NOT NULL REFERENCES pauses(id),
+    created_at    TEXT NOT NULL,
+    PRIMARY KEY (developer_id, livemode, key)
+);
+
+-- Webhook endpoints a developer registered, each in the mode (test or live) of
+-- the key that registered it, receiving only that mode's events.
+CREATE TABLE webhooks (
+    seq                         INTEGER PRIMARY KEY AUTOINCREMENT,  -- list order
+    id                          TEXT NOT NULL UNIQUE,             -- 'wh_' + 32 hex
+    developer_id                TEXT NOT NULL REFERENCES developers(id),
+    livemode                    INTEGER NOT NULL CHECK (livemode IN (0, 1)),
+    url                         TEXT NOT NULL,
+    events                      TEXT NOT NULL,                    -- JSON array of event types
+    secret                      TEXT NOT NULL,                    -- HMAC key; kept because every call is signed with it
+    previous_secret             TEXT,                             -- the secret before a rotation, still signed with…
+    previous_secret_expires_at  TEXT,                             -- …until this time (24 h after the rotation)
+    status                      TEXT NOT NULL DEFAULT 'enabled' CHECK (status IN ('enabled', 'disabled')),
+    disabled_reason             TEXT,
+    failing_since               TEXT,                             -- first failure since the last success; 3 days of it disables
+    created_at                  TEXT NOT NULL,
+    updated_at                  TEXT NOT NULL,
+    deleted_at                  TEXT                              -- deleted endpoints keep their row for the delivery history
+);
+-- Fan-out on every event: a developer's live endpoints in one mode.
+CREATE INDEX webhooks_by_owner ON webhooks(developer_id, livemode, seq) WHERE deleted_at IS NULL;
+
+-- Events for webhooks: the exact JSON body, so every retry sends the same bytes.
+-- Written in the same transaction as the state change it reports (the outbox).
+CREATE TABLE webhook_events (
+    id            TEXT PRIMARY KEY,                  -- 'evt_' + 32 hex; X-PausePoint-Event-Id
+    developer_id  TEXT NOT NULL REFERENCES developers(id),
+    livemode      INTEGER NOT NULL CHECK (livemode IN (0, 1)),
+    type          TEXT NOT NULL,                     -- 'pause.responded', …
+    pause_id      TEXT,
+    body          TEXT NOT NULL,                     -- the JSON sent
+    created_at    TEXT NOT NULL
+);
+
+-- One event to one endpoint, retried until it succeeds or the schedule ends.
+CREATE TABLE webhook_deliveries (
+    seq              INTEGER PRIMARY KEY AUTOINCREMENT, -- list order and cursor
+    id               TEXT NOT NULL UNIQUE,            -- 'whd_' + 32 hex
+    webhook_id       TEXT NOT NULL REFERENCES webhooks(id),
+    event_id         TEXT NOT NULL REFERENCES webhook_events(id),
+    status           TEXT NOT NULL DEFAULT 'pending'
+                     CHECK (status IN ('pending', 'delivering', 'succeeded', 'failed', 'cancelled')),
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  TEXT,                            -- when 'pending': due time (NULL while the endpoint is
+                                                      -- disabled); when 'delivering': claim expiry
+    created_at       TEXT NOT NULL,
+    updated_at       TEXT NOT NULL
+);
+-- The delivery job: due rows, and 'delivering' claims a crash abandoned.
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries(next_attempt_at) WHERE status IN ('pending', 'delivering');
+-- GET /v1/webhooks/{id}/deliveries, newest first.
+CREATE INDEX webhook_deliveries_by_webhook ON webhook_deliveries(webhook_id, seq);
+
+-- Every attempt at a delivery, for GET /v1/webhooks/{id}/deliveries.
+CREATE TABLE webhook_attempts (
+    delivery_id      TEXT NOT NULL REFERENCES webhook_deliveries(id),
+    attempt          INTEGER NOT NULL,                -- 1, 2, …
+    started_at       TEXT NOT NULL,
+    status_code      INTEGER,                         -- the receiver's HTTP status, if it answered
+    error            TEXT,                            -- why it failed, if it did
+    duration_ms      INTEGER NOT NULL,
+    next_attempt_at  TEXT,                            -- when the next try is due, if there is one
+    PRIMARY KEY (delivery_id, attempt)
+);

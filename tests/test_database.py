@@ -1,0 +1,145 @@
+"""The database layer: migrations, transactions and what they wake, retention."""
+
+import datetime as dt
+import os
+import sqlite3
+import threading
+
+import pytest
+
+from conftest import WIRE, Api, make_config, stored, token_of, wait_until
+import pausepoint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def shape(path):
+    """Tables with their columns (in any order: ALTER TABLE appends), and the names of indexes and triggers."""
+    db = sqlite3.connect(path)
+    try:
+        objects = db.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name").fetchall()
+        return {(kind, name, tuple(sorted(row[1] for row in db.execute(f"PRAGMA table_info({name})"))) if kind == "table" else ())
+                for kind, name in objects}
+    finally:
+        db.close()
+
+
+def test_a_database_made_by_the_first_release_migrates_to_the_same_model_as_a_fresh_one(tmp_path):
+    old = str(tmp_path / "old.db")
+    db = sqlite3.connect(old)
+    with open(os.path.join(HERE, "schema_v1.sql"), encoding="utf-8") as f:
+        db.executescript(f.read())
+    db.execute("INSERT INTO schema_migrations VALUES (1, '2026-01-01T00:00:00.000Z')")
+    db.execute("INSERT INTO developers VALUES ('dev_1', 'a@example.com', 'A', 'x', 'free', '2026-01-01T00:00:00.000Z')")
+    db.execute("INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, respond_token,"
+               " created_at, expires_at) VALUES ('psr_1', 'dev_1', 1, '+15550100', 'sms', 'Old?', '[\"Yes\",\"No\"]',"
+               " 'tok', '2026-01-01T00:00:00.000Z', '2999-01-01T00:00:00.000Z')")
+    db.execute("INSERT INTO notifications (id, pause_id, channel, recipient, livemode, text, next_attempt_at, created_at,"
+               " updated_at) VALUES ('ntf_1', 'psr_1', 'sms', '+15550100', 1, 'Old?', 'x', 'x', 'x')")
+    db.commit()
+    db.close()
+    pausepoint.migrate(pausepoint.connect(old))
+    pausepoint.migrate(pausepoint.connect(str(tmp_path / "fresh.db")))
+    assert shape(old) == shape(str(tmp_path / "fresh.db"))
+    assert stored(old, "SELECT max(version) FROM schema_migrations") == [(pausepoint.MIGRATIONS[-1][0],)]
+    assert stored(old, "SELECT developer_id FROM notifications") == [("dev_1",)]
+    # The old pending pause has no reply code, and still answers to a bare reply.
+    assert stored(old, "SELECT reply_code, status FROM pauses") == [(None, "pending")]
+
+
+def test_a_nested_transaction_raises_instead_of_waiting_on_itself(tmp_path):
+    conn = pausepoint.connect(str(tmp_path / "t.db"), threading.Lock())
+    pausepoint.migrate(conn)
+    with pausepoint.transaction(conn):
+        with pytest.raises(RuntimeError, match="inside a transaction"):
+            with pausepoint.transaction(conn):
+                pass
+
+
+def test_functions_that_must_share_a_transaction_refuse_to_run_outside_one(tmp_path):
+    conn = pausepoint.connect(str(tmp_path / "t.db"))
+    pausepoint.migrate(conn)
+    with pytest.raises(RuntimeError, match="inside transaction"):
+        pausepoint.record_event(conn, "dev_1", 0, "system", "nothing.happened")
+    with pytest.raises(RuntimeError, match="inside transaction"):
+        pausepoint.decide_pause(conn, {}, "psr_1", "cancelled", "system")
+
+
+def test_wake_ups_run_after_commit_and_never_after_a_rollback(tmp_path):
+    conn = pausepoint.connect(str(tmp_path / "t.db"))
+    pausepoint.migrate(conn)
+    woken = []
+    conn.on_commit = woken.append
+    with pytest.raises(ValueError):
+        with pausepoint.transaction(conn):
+            pausepoint.wake_after_commit(conn, "decisions", "psr_1")
+            raise ValueError("the change failed")
+    assert woken == []
+    with pausepoint.transaction(conn):
+        pausepoint.wake_after_commit(conn, "decisions", "psr_1")
+        pausepoint.wake_after_commit(conn, "webhooks")
+        assert woken == []                                  # not before COMMIT
+    assert woken == [{"decisions": {"psr_1"}, "webhooks": set()}]
+
+
+# -- retention ------------------------------------------------------------------------------
+
+def test_the_daily_job_deletes_only_what_is_past_its_retention(tmp_path, receiver):
+    config = make_config(tmp_path, **{"webhooks.allow_private": True})
+    app = pausepoint.create_app(config)
+    api = Api(app)
+    keys = api.register()
+    test, live = api.as_key(keys["test_api_key"]), api.as_key(keys["api_key"])
+    api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.created"]}, headers=test)
+    old = api.post_json("/v1/pause", WIRE, headers={**test, "Idempotency-Key": "k1"}).json
+    api.get(f"/v1/respond/{token_of(old['respond_url'])}")
+    api.post_json(f"/v1/respond/{token_of(old['respond_url'])}", {"choice": "Approve"})
+    recent = api.post_json("/v1/pause", WIRE, headers=test).json
+    api.post(f"/v1/pause/{recent['pause_id']}/cancel", headers=test)
+    pending = api.post_json("/v1/pause", {**WIRE, "timeout_hours": 720}, headers=test).json
+    kept_live = api.post_json("/v1/pause", {**WIRE, "channel": "link", "recipient": "ops"}, headers=live).json
+    api.post(f"/v1/pause/{kept_live['pause_id']}/cancel", headers=live)
+    app.runtime.run_notifications()
+    wait_until(lambda: app.runtime.run_webhooks() or len(receiver.calls) == 3)
+    wait_until(lambda: stored(config, "SELECT count(*) FROM webhook_deliveries WHERE status = 'succeeded'") == [(3,)])
+    # The finished deliveries, and one still being retried.
+    stored(config, "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = '2999-01-01T00:00:00.000Z'"
+                   " WHERE event_id = (SELECT id FROM webhook_events WHERE pause_id = ?)", pending["pause_id"])
+    stored(config, "UPDATE pauses SET decided_at = ? WHERE id = ?",
+           pausepoint.db_time(pausepoint.utcnow() + dt.timedelta(days=20)), recent["pause_id"])
+
+    deleted = pausepoint.prune_expired_data(app.runtime.db(), config, now=pausepoint.utcnow() + dt.timedelta(days=31))
+
+    assert {row[0] for row in stored(config, "SELECT id FROM pauses")} == {
+        recent["pause_id"], pending["pause_id"], kept_live["pause_id"]}
+    assert stored(config, "SELECT count(*) FROM audit_events WHERE pause_id = ?", old["pause_id"]) == [(0,)]
+    assert stored(config, "SELECT count(*) FROM notifications WHERE pause_id = ?", old["pause_id"]) == [(0,)]
+    assert stored(config, "SELECT count(*) FROM idempotency_keys") == [(0,)]
+    # Live audit rows are all still there; test rows not about a pause (webhook.created) are gone.
+    assert stored(config, "SELECT event_type FROM audit_events WHERE livemode = 1 ORDER BY seq") == [
+        ("pause.created",), ("pause.cancelled",)]
+    assert stored(config, "SELECT count(*) FROM audit_events WHERE livemode = 0 AND pause_id IS NULL") == [(0,)]
+    # The delivery log: only the event whose delivery is still being retried remains, with its delivery.
+    assert stored(config, "SELECT pause_id FROM webhook_events") == [(pending["pause_id"],)]
+    assert stored(config, "SELECT count(*) FROM webhook_deliveries") == [(1,)]
+    assert stored(config, "SELECT count(*) FROM webhook_attempts a LEFT JOIN webhook_deliveries d"
+                          " ON d.id = a.delivery_id WHERE d.id IS NULL") == [(0,)]
+    assert deleted["test pauses"] == 1 and deleted["webhook events"] == 2
+
+
+def test_pruning_works_through_any_backlog_in_batches(tmp_path):
+    config = make_config(tmp_path)
+    app = pausepoint.create_app(config)
+    Api(app).register()
+    stored(config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1234)"
+                   " INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, status,"
+                   " decided_at, respond_token, created_at, expires_at) SELECT 'psr_' || i, id, 0, 'x', 'link', 'm',"
+                   " '[\"a\",\"b\"]', 'cancelled', '2000-01-01T00:00:00.000Z', 'tok' || i, '2000-01-01T00:00:00.000Z',"
+                   " '2000-01-01T00:00:01.000Z' FROM n, developers")
+    assert pausepoint.prune_expired_data(app.runtime.db(), config)["test pauses"] == 1234
+    assert stored(config, "SELECT count(*) FROM pauses") == [(0,)]
+
+
+def test_pruning_is_scheduled_daily(app):
+    job = app.runtime.scheduler.get_job("run_pruning")
+    assert job.trigger.interval == dt.timedelta(days=1)

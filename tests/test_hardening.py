@@ -1,0 +1,196 @@
+"""Attacks on the server itself, each against a real `python pausepoint.py` process:
+slow and idle connections, floods that fill the log, oversized uploads, and
+requests waitress refuses before the app sees them."""
+
+import concurrent.futures
+import json
+import resource
+import socket
+import time
+
+import pytest
+import requests
+
+from conftest import WIRE, token_of, wait_until
+
+ATTACKER = "127.0.0.2"          # one address for the attack; the well-behaved client stays on 127.0.0.1
+
+
+@pytest.fixture(autouse=True)
+def enough_descriptors():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def settings(**values):
+    """PAUSEPOINT_* environment variables for a spawned server."""
+    return {f"PAUSEPOINT_{key.replace('.', '_').upper()}": str(value) for key, value in values.items()}
+
+
+def connect_from(address, port, first_bytes=b""):
+    sock = socket.socket()
+    sock.bind((address, 0))
+    sock.connect(("127.0.0.1", port))
+    if first_bytes:
+        sock.sendall(first_bytes)
+    return sock
+
+
+def port_of(server):
+    return int(server.url.rsplit(":", 1)[1])
+
+
+def closed_by_server(sock):
+    """True once the server has closed this connection (without blocking)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def still_serves_others(server):
+    """Health, a create and a respond from a well-behaved client, each within 5 s."""
+    assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
+    keys = requests.post(f"{server.url}/v1/auth/register", timeout=5,
+                         json={"email": f"ok{time.monotonic_ns()}@example.com", "name": "OK", "password": "password123"})
+    auth = {"Authorization": f"Bearer {keys.json()['test_api_key']}"}
+    created = requests.post(f"{server.url}/v1/pause", json=WIRE, headers=auth, timeout=5)
+    assert created.status_code == 201
+    answered = requests.post(f"{server.url}/v1/respond/{token_of(created.json()['respond_url'])}",
+                             json={"choice": "Approve"}, timeout=5)
+    assert answered.status_code == 200
+
+
+def test_two_thousand_trickling_connections_from_one_address_leave_others_served(spawn_server):
+    # 600 threads and 2,000 sockets: descriptors far above 1023, where select() gives up.
+    server = spawn_server(env=settings(**{"server.threads": 600}))
+    attack = [connect_from(ATTACKER, port_of(server), b"GET / HTTP/1.1\r\n") for _ in range(2000)]
+    try:
+        still_serves_others(server)
+        for sock in attack:                            # the next header line, as a slow client sends them
+            if not closed_by_server(sock):
+                sock.send(b"X-Slow: 1\r\n")
+        still_serves_others(server)
+        held = wait_until(lambda: (n := sum(not closed_by_server(s) for s in attack)) <= 64 and n)
+        assert held == 64                              # server.connections_per_ip
+        assert server.proc.poll() is None
+    finally:
+        for sock in attack:
+            sock.close()
+
+
+def test_a_request_whose_headers_or_body_trickle_is_dropped_at_its_deadline(spawn_server):
+    server = spawn_server(env=settings(**{"server.header_timeout": 1, "server.body_timeout": 1}))
+    headers = connect_from(ATTACKER, port_of(server), b"GET /healthz HTTP/1.1\r\n")
+    body = connect_from(ATTACKER, port_of(server), b"POST /v1/auth/register HTTP/1.1\r\nHost: x\r\n"
+                                                   b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+    started = time.monotonic()
+    while not (closed_by_server(headers) and closed_by_server(body)):
+        assert time.monotonic() - started < 6, "a trickling request outlived its deadline"
+        for sock in (headers, body):
+            if not closed_by_server(sock):
+                sock.send(b"X-Slow: 1\r\n" if sock is headers else b" ")
+        time.sleep(0.3)
+    headers.close()
+    body.close()
+    still_serves_others(server)
+
+
+def test_near_the_connection_limit_idle_connections_make_room_for_new_clients(spawn_server):
+    server = spawn_server(env=settings(**{"server.connection_limit": 100}))
+    idle = [connect_from(f"127.0.1.{n % 20 + 1}", port_of(server)) for n in range(150)]   # 20 addresses, 7-8 each
+    try:
+        still_serves_others(server)
+        assert sum(not closed_by_server(sock) for sock in idle) <= 90
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_a_queue_for_threads_logs_one_line_not_one_per_request(spawn_server):
+    # Each request hashes a password for ~50 ms: 100 clients keep 12 threads busy and the rest queued.
+    server = spawn_server(env=settings(**{"server.threads": 12, "security.bcrypt_rounds": 10,
+                                          "ratelimit.enabled": "false"}))
+
+    requests.post(f"{server.url}/v1/auth/register",
+                  json={"email": "q@example.com", "name": "Q", "password": "password123"}).raise_for_status()
+
+    def rotate(_):
+        return requests.post(f"{server.url}/v1/auth/keys/rotate", timeout=60,
+                             json={"email": "q@example.com", "password": "wrong password", "key": "live"}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(100) as pool:
+        assert set(pool.map(rotate, range(300))) == {401}
+    log = server.output()
+    assert "Task queue depth" not in log
+    assert log.count("waited for a free thread") == 1     # the first; the next folds a minute's worth into one
+
+
+def raw_request(server, data, read_timeout=5):
+    """Send bytes as they are; return (status, headers, body) of the answer."""
+    sock = connect_from("127.0.0.1", port_of(server))
+    sock.settimeout(read_timeout)
+    try:
+        sock.sendall(data)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < content_length(answer):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def content_length(answer):
+    for line in answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 0
+
+
+def assert_error_shape(headers, body, status, code):
+    assert headers["Content-Type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert error["code"] == code and error["message"], (status, error)
+
+
+def test_an_oversized_upload_is_refused_from_its_declared_size_before_it_is_sent(spawn_server):
+    server = spawn_server()
+    status, headers, body = raw_request(server, b"POST /v1/auth/register HTTP/1.1\r\nHost: x\r\n"
+                                                b"Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n")
+    assert status == 413
+    assert_error_shape(headers, body, 413, "payload_too_large")
+    assert "65536 bytes" in json.loads(body)["error"]["message"]
+
+
+def test_a_chunked_upload_is_refused_once_it_passes_the_limit(spawn_server):
+    server = spawn_server()
+    chunk = b"%x\r\n%s\r\n" % (16384, b" " * 16384)
+    status, headers, body = raw_request(server, b"POST /v1/auth/register HTTP/1.1\r\nHost: x\r\n"
+                                                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                                + chunk * 5)
+    assert status == 413
+    assert_error_shape(headers, body, 413, "payload_too_large")
+
+
+@pytest.mark.parametrize("request_bytes, status, code", [
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n", 431, "headers_too_large"),
+    (b"POST /v1/pause HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 400, "bad_request"),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400, "bad_request"),
+    (b"POST /v1/pause HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "not_implemented"),
+])
+def test_errors_waitress_answers_itself_use_the_json_error_shape(spawn_server, request_bytes, status, code):
+    server = spawn_server()
+    got, headers, body = raw_request(server, request_bytes)
+    assert got == status
+    assert_error_shape(headers, body, status, code)

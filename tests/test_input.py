@@ -1,0 +1,227 @@
+"""Hostile input: whatever arrives, the answer is a 2xx or a 4xx in the one error shape,
+and text a person will read cannot be made to look like something else."""
+
+import json
+import urllib.parse
+
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import WIRE, Api, make_config, token_of
+import pausepoint
+
+HOOK = {"url": "http://127.0.0.1:9/hook", "events": ["pause.responded"], "secret": "s" * 20}
+
+
+@pytest.fixture(scope="module")
+def fuzz(tmp_path_factory):
+    """One app for the whole module, with a developer, a pause, a webhook and a delivery to aim at."""
+    config = make_config(tmp_path_factory.mktemp("fuzz"), **{"ratelimit.enabled": False, "webhooks.allow_private": True})
+    app = pausepoint.create_app(config)
+    api = Api(app, extra_environ={"REMOTE_ADDR": "192.0.2.99"})
+    keys = api.register()
+    auth = api.as_key(keys["test_api_key"])
+    pause = api.post_json("/v1/pause", WIRE, headers=auth).json
+    hook = api.post_json("/v1/webhooks", HOOK, headers=auth).json
+    delivery = api.post(f"/v1/webhooks/{hook['webhook_id']}/test", headers=auth).json
+    return {"api": api, "auth": auth, "pause": pause["pause_id"], "token": token_of(pause["respond_url"]),
+            "webhook": hook["webhook_id"], "delivery": delivery["delivery_id"]}
+
+
+# Every JSON endpoint: (method, path template, a valid body to mutate, needs the API key).
+JSON_ENDPOINTS = [
+    ("POST", "/v1/auth/register", {"email": "x@example.com", "name": "X", "password": "password123"}, False),
+    ("POST", "/v1/auth/keys/rotate", {"email": "dev@example.com", "password": "wrong-password", "key": "test"}, False),
+    ("POST", "/v1/pause", WIRE, True),
+    ("POST", "/v1/pause/{pause}/cancel", None, True),
+    ("POST", "/v1/webhooks", HOOK, True),
+    ("PATCH", "/v1/webhooks/{webhook}", {"events": ["pause.created"], "enabled": True}, True),
+    ("POST", "/v1/webhooks/{webhook}/test", None, True),
+    ("POST", "/v1/webhooks/{webhook}/deliveries/{delivery}/redeliver", None, True),
+    ("POST", "/v1/respond/{token}", {"choice": "Approve", "comment": "fine"}, False),
+]
+QUERY_ENDPOINTS = [
+    ("/v1/pause", ("status", "limit", "cursor")),
+    ("/v1/pause/{pause}", ("wait",)),
+    ("/v1/webhooks/{webhook}/deliveries", ("limit", "cursor")),
+    ("/v1/audit", ("event_type", "pause_id", "limit", "cursor")),
+    ("/v1/respond/{token}", ("choice",)),
+]
+
+# Any text, lone surrogates and control characters included; any JSON value made of it.
+texts = st.sampled_from(["\ud800", "a\udfffb", "\x00", "Reject\u200b", "\u202eevil", "", " ", "1e999"]) | st.text(
+    st.characters(codec=None, exclude_categories=[]), max_size=40)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | texts,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4), max_leaves=12)
+
+
+@st.composite
+def bodies(draw, valid):
+    """A valid body with one field replaced or added, or any JSON value at all."""
+    if valid is None or draw(st.booleans()):
+        return draw(json_values)
+    field = draw(st.sampled_from(sorted(valid)) | texts)
+    return {**valid, field: draw(texts | json_values)}
+
+
+def assert_one_error_shape(response):
+    assert response.status_code < 500, (response.status_code, response.text[:300])
+    if response.status_code >= 400:
+        error = response.json["error"]
+        assert set(error) <= {"code", "message", "field"} and error["code"] and error["message"]
+
+
+def quoted(text):
+    """Percent-encoded UTF-8, lone surrogates included (as their invalid 3-byte forms)."""
+    return urllib.parse.quote_from_bytes(text.encode("utf-8", "surrogatepass"))
+
+
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+
+@pytest.mark.parametrize("method, path, valid, keyed", JSON_ENDPOINTS, ids=[e[1] for e in JSON_ENDPOINTS])
+def test_no_json_body_gets_a_5xx_and_every_error_has_the_one_shape(fuzz, method, path, valid, keyed):
+    @FUZZ
+    @given(body=bodies(valid))
+    def check(body):
+        raw = json.dumps(body).encode()       # ensure_ascii: lone surrogates travel as \\ud800 escapes
+        headers = {**(fuzz["auth"] if keyed else {}), "Content-Type": "application/json"}
+        assert_one_error_shape(fuzz["api"].request(path.format(**fuzz), method=method, body=raw, headers=headers,
+                                                   expect_errors=True))
+    check()
+
+
+@pytest.mark.parametrize("path, names", QUERY_ENDPOINTS, ids=[e[0] for e in QUERY_ENDPOINTS])
+def test_no_query_gets_a_5xx_and_every_error_has_the_one_shape(fuzz, path, names):
+    @FUZZ
+    @given(query=st.dictionaries(st.sampled_from(names) | texts, texts, max_size=3))
+    def check(query):
+        raw = "&".join(f"{quoted(name)}={quoted(value)}" for name, value in query.items())
+        response = fuzz["api"].get(f"{path.format(**fuzz)}?{raw}", headers=fuzz["auth"], expect_errors=True)
+        assert_one_error_shape(response)
+    check()
+
+
+# -- the findings, one by one ------------------------------------------------------------
+
+@pytest.mark.parametrize("channel", [[], {}, ["sms"], 7])
+def test_a_channel_that_is_not_a_name_is_422(api, developer, channel):
+    response = api.post_json("/v1/pause", {**WIRE, "channel": channel}, headers=api.as_key(developer["test_api_key"]),
+                             status=422)
+    assert response.json["error"]["field"] == "channel"
+
+
+def test_a_key_name_that_is_not_a_name_is_422(api, developer):
+    assert api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": "x" * 8, "key": []},
+                         status=422).json["error"]["field"] == "key"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({**WIRE, "message": "Approve?\ud800"}, "message"),
+    ({**WIRE, "options": ["Approve", "Re\udc00ject"]}, "options[1]"),
+    ({**WIRE, "metadata": {"\ud800": 1}}, "metadata"),
+    ({**WIRE, "metadata": {"note": ["ok", "\udfff"]}}, "metadata.note[1]"),
+])
+def test_a_lone_surrogate_anywhere_in_a_pause_is_400_naming_where(live_server, body, field):
+    keys = requests.post(f"{live_server.url}/v1/auth/register",
+                         json={"email": "s@example.com", "name": "S", "password": "password123"}).json()
+    response = requests.post(f"{live_server.url}/v1/pause", data=json.dumps(body),
+                             headers={"Authorization": f"Bearer {keys['test_api_key']}",
+                                      "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"] == {"code": "invalid_json", "field": field,
+                                        "message": response.json()["error"]["message"]}
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/auth/register", {"email": "a@example.com", "name": "Ada\ud800", "password": "password123"}, "name"),
+    ("/v1/webhooks", {**HOOK, "url": "http://127.0.0.1:9/\ud800"}, "url"),
+    ("/v1/webhooks", {**HOOK, "secret": "s" * 20 + "\ud800"}, "secret"),
+])
+def test_a_lone_surrogate_in_any_other_body_is_400(api, developer, path, body, field):
+    response = api.post(path, json.dumps(body), headers={**api.as_key(developer["test_api_key"]),
+                                                         "Content-Type": "application/json"}, status=400)
+    assert response.json["error"]["field"] == field
+
+
+def test_a_lone_surrogate_in_a_respond_comment_is_400(api, developer):
+    created = api.create_pause(developer["test_api_key"])
+    body = json.dumps({"choice": "Approve", "comment": "ok\ud800"})
+    api.post(f"/v1/respond/{token_of(created['respond_url'])}", body, content_type="application/json", status=400)
+    assert api.pause(developer["test_api_key"], created["pause_id"])["status"] == "pending"
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"message": "Wire $340?\x00"}, "message"),
+    ({"message": "Wire $340 to \u202eevil\u202c?"}, "message"),
+    ({"message": "Carriage\rreturn"}, "message"),
+    ({"options": ["Approve", "Reject\x85"]}, "options"),
+    ({"options": ["Approve", "\u2067Reject"]}, "options"),
+    ({"options": ["Reject", "Reject\u200b"]}, "options"),
+    ({"options": ["Reject", "reject"]}, "options"),
+    ({"options": ["Ｒｅｊｅｃｔ", "Reject"]}, "options"),
+    ({"options": ["Approve", "\u200b\u2060"]}, "options"),
+    ({"recipient": "+15550100\x00"}, "recipient"),
+])
+def test_control_bidi_and_look_alike_text_is_refused(api, developer, changes, field):
+    response = api.post_json("/v1/pause", {**WIRE, **changes}, headers=api.as_key(developer["test_api_key"]),
+                             status=422)
+    assert response.json["error"]["field"] == field
+
+
+def test_newlines_tabs_and_emoji_are_fine(api, developer):
+    created = api.create_pause(developer["test_api_key"], message="Line one\n\tLine two 👨‍👩‍👧",
+                               options=["✅ Approve", "❌ Reject"], timeout_default="❌ Reject")
+    assert created["status"] == "pending"
+
+
+@pytest.mark.parametrize("name", ["Ada\x00", "Ada\u202e", "Ada\x1b[31m"])
+def test_a_registration_name_with_control_characters_is_422(api, name):
+    assert api.post_json("/v1/auth/register", {"email": "a@example.com", "name": name, "password": "password123"},
+                         status=422).json["error"]["field"] == "name"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None])
+def test_json_bodies_must_say_they_are_json(live_server, content_type):
+    # A page anywhere can send text/plain without a CORS preflight.
+    body = json.dumps({"email": "c@example.com", "name": "C", "password": "password123"})
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = requests.post(f"{live_server.url}/v1/auth/register", data=body.encode(), headers=headers)
+    assert response.status_code == 415
+    assert response.json()["error"]["code"] == "unsupported_media_type"
+    ok = requests.post(f"{live_server.url}/v1/auth/register", data=body.encode(),
+                       headers={"Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 201
+
+
+@pytest.mark.parametrize("address", [
+    "64:ff9b::7f00:1",          # NAT64 of 127.0.0.1
+    "64:ff9b::a9fe:a9fe",       # NAT64 of 169.254.169.254, the cloud metadata service
+    "64:ff9b:1::808:808",       # local-use NAT64, whatever it embeds
+    "2002:a00:1::",             # 6to4 of 10.0.0.1
+    "::127.0.0.1",              # IPv4-compatible
+    "::ffff:0:c0a8:1",          # SIIT-translated 192.168.0.1
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",     # Teredo, client 127.0.0.1
+    "::ffff:127.0.0.1", "::1", "fe80::1%1",
+])
+def test_ipv6_forms_that_embed_a_private_ipv4_address_are_not_public(address):
+    assert not pausepoint.is_public_address(address)
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::808:808", "2002:808:808::", "::ffff:8.8.8.8", "8.8.8.8",
+                                     "2606:4700:4700::1111"])
+def test_public_addresses_in_any_form_stay_public(address):
+    assert pausepoint.is_public_address(address)
+
+
+def test_a_webhook_url_naming_an_embedded_private_address_is_refused(api, developer):
+    response = api.post_json("/v1/webhooks", {**HOOK, "url": "http://[64:ff9b::a9fe:a9fe]/latest/meta-data"},
+                             headers=api.as_key(developer["test_api_key"]), status=422)
+    assert "webhooks.allow_private" in response.json["error"]["message"]
+
+
+@pytest.mark.parametrize("rounds", [4, 10])
+def test_an_unknown_email_costs_the_same_bcrypt_work_as_a_known_one(rounds):
+    assert pausepoint.stand_in_password_hash(rounds).startswith(f"$2b${rounds:02d}$".encode())
