@@ -2767,6 +2767,7 @@ class HardenedChannel(waitress.channel.HTTPChannel):
 
     error_task_class = JsonErrorTask
     request_began = request_headers_done = 0.0
+    served = False              # has sent at least one whole request: a kept-alive client, not a trickler
 
     def __init__(self, server, sock, addr, adj, map=None):
         super().__init__(server, sock, addr, adj, map=map)
@@ -2779,6 +2780,7 @@ class HardenedChannel(waitress.channel.HTTPChannel):
             self.request_began, self.request_headers_done = now, 0.0
         if self.request is not None and self.request.headers_finished and not self.request_headers_done:
             self.request_headers_done = now
+        self.served = self.served or bool(self.requests)
         return result
 
     def del_channel(self, map=None):
@@ -2810,7 +2812,7 @@ class HardenedServer(waitress.server.TcpWSGIServer):
     at its connection limit, so a few hundred connections sending a header line
     every few seconds lock everyone else out. Here every request has deadlines for
     its headers and its body, one address may hold only so many connections that are
-    not being served, and near the limit the oldest such connections are closed to
+    not being served, and near the limit the quietest such connections are closed to
     make room: under pressure, incomplete requests are dropped, not new clients."""
 
     channel_class = HardenedChannel
@@ -2833,10 +2835,10 @@ class HardenedServer(waitress.server.TcpWSGIServer):
             self.shed(len(self._map) - int(self.adj.connection_limit * SHED_TO))
         return super().readable()
 
-    def shed(self, count, channels=None):
+    def shed(self, count):
         """Close the `count` unproductive connections that have been quiet longest."""
-        candidates = [c for c in (self.active_channels.values() if channels is None else channels) if c.unproductive()]
-        for channel in heapq.nsmallest(count, candidates, key=lambda c: c.last_activity):
+        candidates = [channel for channel in self.active_channels.values() if channel.unproductive()]
+        for channel in heapq.nsmallest(count, candidates, key=lambda channel: channel.last_activity):
             channel.will_close = True
 
     def handle_accept(self):
@@ -2857,12 +2859,26 @@ class HardenedServer(waitress.server.TcpWSGIServer):
                 sock.close()
                 continue
             addr = self.fix_addr(addr)
-            if addr[0] != self.limits["server.trusted_proxy"]:
-                peers = self.by_ip.get(addr[0], ())
-                waiting = sum(1 for channel in peers if channel.unproductive())
-                if waiting >= self.limits["server.connections_per_ip"]:
-                    self.shed(waiting - self.limits["server.connections_per_ip"] + 1, peers)
+            if not self.room_for(addr[0]):
+                sock.close()            # cheaper than a channel: this address holds its share already
+                continue
             self.channel_class(self, sock, addr, self.adj, map=self._map)
+
+    def room_for(self, address):
+        """Whether `address` may open another connection: it holds fewer than
+        server.connections_per_ip without a whole request, or one of those is a
+        kept-alive client's idle connection, which is closed to make room. An
+        address whose connections are all unfinished requests waits for their deadlines."""
+        if address == self.limits["server.trusted_proxy"]:
+            return True
+        waiting = [channel for channel in self.by_ip.get(address, ()) if channel.unproductive()]
+        if len(waiting) < self.limits["server.connections_per_ip"]:
+            return True
+        idle = [channel for channel in waiting if channel.served and channel.request is None]
+        if not idle:
+            return False
+        min(idle, key=lambda channel: channel.last_activity).will_close = True
+        return True
 
 
 class QueueDepthSummary(logging.Filter):

@@ -1,8 +1,10 @@
 """Webhooks against real receivers on loopback, over real HTTP."""
 
 import datetime as dt
+import http.server
 import os
 import re
+import threading
 import time
 
 import pytest
@@ -445,21 +447,33 @@ def test_a_kill_between_decision_and_delivery_still_delivers_after_restart(spawn
         receiver.close()
 
 
-def test_the_readme_receiver_accepts_what_the_server_sends(hooks_api, keys, receiver, monkeypatch):
+def test_the_readme_receiver_handles_what_the_server_sends(hooks_api, keys, monkeypatch):
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     snippet = re.search(r"```python\n(# receiver\.py.*?)```", readme, re.S).group(1)
     namespace = {"__name__": "readme_receiver"}
     monkeypatch.setenv("WEBHOOK_SECRET", SECRET)
     exec(compile(snippet, "README receiver", "exec"), namespace)
-    key = keys["test_api_key"]
-    webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
-    hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
-    call = receiver.wait_for(1)[0]
-    header = call["headers"]["X-PausePoint-Signature"]
-    assert namespace["verify_signature"](SECRET, header, call["body"])
-    assert not namespace["verify_signature"]("whsec_wrong_secret_00000000", header, call["body"])
-    assert not namespace["verify_signature"](SECRET, header, call["body"] + b"tampered")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), namespace["Handler"])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        key = keys["test_api_key"]
+        url = f"http://127.0.0.1:{server.server_address[1]}/webhook"
+        webhook_id = add_webhook(hooks_api, key, url)["webhook_id"]
+        hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+        created = hooks_api.create_pause(key)
+        hooks_api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve"})
+        done = wait_until(lambda: len(d := [x for x in deliveries(hooks_api, key, webhook_id) if x["status"] != "pending"
+                                            and x["status"] != "delivering"]) == 2 and d)
+        assert sorted((d["event_type"], d["status"], d["attempts"][0]["status_code"]) for d in done) == [
+            ("pause.responded", "succeeded", 204), ("webhook.test", "succeeded", 204)]
+    finally:
+        server.shutdown()
+        server.server_close()
+    header = pausepoint.signature_header([SECRET], int(time.time()), b"{}")
+    assert namespace["verify_signature"](SECRET, header, b"{}")
+    assert not namespace["verify_signature"]("whsec_wrong_secret_00000000", header, b"{}")
+    assert not namespace["verify_signature"](SECRET, header, b"{}tampered")
 
 
 @pytest.mark.parametrize("slow_receiver", [
