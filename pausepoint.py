@@ -95,11 +95,12 @@ SETTINGS = [
     Setting("server.threads", 64, "Worker threads. Long-polling agents (?wait=) hold one each; 8 are always kept for other requests."),
     Setting("server.trusted_proxy", "", "IP address of a reverse proxy whose X-Forwarded-For/-Proto headers are believed. Empty: none."),
     Setting("server.max_body_bytes", 65536, "Largest request body accepted; larger ones are refused with 413 as soon as their size is known."),
-    Setting("server.connection_limit", 4096, "Open client connections at most. Near the limit, connections that have not sent a whole request are closed first, oldest first."),
-    Setting("server.connections_per_ip", 64, "Connections one client address may hold open without a whole request (idle, or still sending); beyond it its oldest such connection is closed. server.trusted_proxy is exempt."),
+    Setting("server.connection_limit", 4096, "Open client connections at most. Near the limit, the quietest connections that are not being served are closed to make room."),
+    Setting("server.connections_per_ip", 64, "Connections one client address may hold open while not being served (idle, or still sending); beyond it its new connections are closed at once, or its quietest idle keep-alive one makes room. server.trusted_proxy is exempt."),
     Setting("server.header_timeout", 10, "Seconds a client has to send a request's headers in full once it starts; slower ones are disconnected."),
     Setting("server.body_timeout", 30, "Seconds a client has to send a request's body in full after its headers."),
     Setting("server.idle_timeout", 60, "Seconds an idle keep-alive connection stays open."),
+    Setting("server.send_timeout", 20, "Seconds an answer may wait for the client to read it before the connection is closed."),
     Setting("database.path", "pausepoint.db", "SQLite database file. Created from schema.sql on first start."),
     Setting("registration.open", True, "Whether POST /v1/auth/register is open. When false, the operator adds developers with `create-developer`."),
     Setting("security.bcrypt_rounds", 12, "bcrypt cost factor for passwords (4-16). Each step doubles the work."),
@@ -285,6 +286,7 @@ SETTING_CHECKS = {
     "server.header_timeout": lambda v: None if 1 <= v <= 300 else "must be between 1 and 300 seconds",
     "server.body_timeout": lambda v: None if 1 <= v <= 3600 else "must be between 1 and 3600 seconds",
     "server.idle_timeout": lambda v: None if 1 <= v <= 3600 else "must be between 1 and 3600 seconds",
+    "server.send_timeout": lambda v: None if 1 <= v <= 3600 else "must be between 1 and 3600 seconds",
     "webhooks.max_per_developer": lambda v: None if v >= 1 else "must be at least 1",
     "outbound.workers": lambda v: None if 2 <= v <= 256 else "must be between 2 and 256",
     "outbound.per_developer": lambda v: None if v >= 1 else "must be at least 1",
@@ -328,6 +330,7 @@ MIGRATIONS = [
         CREATE UNIQUE INDEX pauses_pending_reply_code ON pauses(recipient, livemode, reply_code)
             WHERE status = 'pending' AND reply_code IS NOT NULL;
         CREATE INDEX pauses_decided_test ON pauses(decided_at) WHERE livemode = 0 AND status != 'pending';
+        CREATE INDEX pauses_recent_reply_codes ON pauses(recipient, livemode, created_at) WHERE reply_code IS NOT NULL;
         ALTER TABLE notifications ADD COLUMN developer_id TEXT REFERENCES developers(id);
         UPDATE notifications SET developer_id = (SELECT developer_id FROM pauses WHERE pauses.id = notifications.pause_id);
         DROP INDEX notifications_due;
@@ -481,9 +484,12 @@ def invalid(field, message):
     return ApiError(422, "invalid_request", message, field=field)
 
 
-# C0 and C1 controls but newline and tab, and the Bidi_Control characters, which
-# make text read differently from what it is (the "Trojan Source" trick).
-UNSAFE_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# C0 and C1 controls but newline and tab, the line and paragraph separators, the
+# Bidi_Control characters, which make text read differently from what it is (the
+# "Trojan Source" trick), and the tag characters, invisible copies of ASCII that can
+# smuggle text past a reader.
+UNSAFE_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+                         "\U000e0000-\U000e007f]")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -514,6 +520,12 @@ def lone_surrogate_at(value, path=""):
             if found:
                 return found
     return None
+
+
+def not_json(constant):
+    """json.loads accepts NaN and Infinity, which are not JSON: stored, they would make
+    every answer and webhook that echoes them unreadable to strict parsers."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 def error_body(status, code, message, field=None):
@@ -564,6 +576,7 @@ def validate_registration(email, name, password):
     check_text("name", name)
     if not isinstance(password, str) or len(password) < 8:
         raise invalid("password", "password must be at least 8 characters")
+    check_text("password", password)
     if len(password.encode("utf-8")) > 72:
         raise invalid("password", "password must be at most 72 bytes (bcrypt's limit)")
 
@@ -749,11 +762,20 @@ def validate_pause_request(body, config):
     }
 
 
+# Characters drawn as nothing that are not format characters (the rest of Unicode's
+# Default_Ignorable_Code_Point), and Cyrillic and Greek letters drawn like Latin ones.
+INVISIBLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u3164\ufe00-\ufe0f\uffa0\U000e0100-\U000e01ef]")
+LOOK_ALIKES = str.maketrans(dict(zip(
+    "АВЕКМНОРСТХЅІЈаеорсухѕіјԁԛԝһΑΒΕΖΗΙΚΜΝΟΡΤΥΧαοινκ",
+    "ABEKMHOPCTXSIJaeopcyxsijdqwhABEZHIKMNOPTYXaoivk")))
+
+
 def option_identity(option):
-    """What a person sees an option as: 'Reject' and 'reject\u200b' look alike on a button
-    and to an SMS reply, so they are the same option."""
-    visible = "".join(c for c in option if unicodedata.category(c) != "Cf")
-    return unicodedata.normalize("NFKC", visible).casefold().strip()
+    """What a person sees an option as: 'Reject', 'reject', 'Reject' with a zero-width
+    space and 'Rеject' with a Cyrillic е look alike on a button and to an SMS reply,
+    so they are the same option."""
+    visible = INVISIBLE.sub("", "".join(c for c in option if unicodedata.category(c) != "Cf"))
+    return " ".join(unicodedata.normalize("NFKC", visible).translate(LOOK_ALIKES).casefold().split())
 
 
 def compact_json(value):
@@ -783,8 +805,8 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
                            f"channel {fields['channel']!r} is not configured on this server for live pauses;"
                            f" the operator must set {', '.join(missing)} (test keys work without them)",
                            field="channel")
-    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
-        raise invalid("Idempotency-Key", "the Idempotency-Key header must be 1-255 characters")
+    if idempotency_key is not None and not re.fullmatch("[\x20-\x7e]{1,255}", idempotency_key):
+        raise invalid("Idempotency-Key", "the Idempotency-Key header must be 1-255 printable ASCII characters")
     now = utcnow()
     with transaction(conn):
         if idempotency_key is not None:
@@ -889,7 +911,9 @@ def decide_pause(conn, config, pause_id, status, decided_by, choice=None, commen
 
 
 def respond_to_pause(conn, config, token, choice, comment, client):
-    """A human's decision through the respond link: 200 facts, or 404/409/410/422."""
+    """A human's decision through the respond link: 200 facts, or 404/409/410/422.
+    An unknown token is 404 whatever else is wrong, so every guess counts as one."""
+    pause_by_token(conn, token)
     if comment is not None and (not isinstance(comment, str) or len(comment) > 2000):
         raise invalid("comment", "comment must be text of at most 2000 characters")
     if comment is not None:
@@ -918,12 +942,18 @@ REPLY_SEPARATORS = r"[\s,:;.\-]+"
 MAX_CODES_LISTED = 5
 
 
+REPLY_CODE_QUARANTINE = dt.timedelta(days=7)
+
+
 def new_reply_code(conn, recipient, livemode):
-    """A code no other pending pause for this number uses (inside the create's transaction)."""
+    """A code no pending pause for this number uses, nor any sent to it in the last week,
+    so a late reply to a decided pause cannot decide a newer one that took its code."""
     require_transaction(conn)
     taken = {row[0] for row in conn.execute(
-        "SELECT reply_code FROM pauses WHERE recipient = ? AND status = 'pending' AND livemode = ?"
-        " AND reply_code IS NOT NULL", (recipient, livemode))}
+        "SELECT reply_code FROM pauses WHERE recipient = ? AND livemode = ? AND status = 'pending'"
+        " AND reply_code IS NOT NULL UNION SELECT reply_code FROM pauses WHERE recipient = ? AND livemode = ?"
+        " AND reply_code IS NOT NULL AND created_at > ?",
+        (recipient, livemode, recipient, livemode, db_time(utcnow() - REPLY_CODE_QUARANTINE)))}
     short = [a + b for a in REPLY_CODE_LETTERS for b in REPLY_CODE_DIGITS]
     free = [code for code in short if code not in taken]
     if len(free) < len(short) // 2:     # crowded: three characters, 23 times the room
@@ -952,7 +982,8 @@ def record_sms_reply(conn, config, sender, text, message_sid=None):
     A reply naming a pause's code decides that pause. A bare reply decides only
     when exactly one live pause is pending in this conversation, whoever sent it;
     otherwise it decides nothing and lists the codes. Only pauses whose message
-    went to this number, on this channel, can be decided."""
+    was sent to this number, on this channel, count: one whose send failed or is
+    still queued was never read, whatever its code."""
     channel = "whatsapp" if sender.startswith("whatsapp:") else "sms"
     number = sender.removeprefix("whatsapp:")
     code, answer = split_reply_code(text)
@@ -960,7 +991,8 @@ def record_sms_reply(conn, config, sender, text, message_sid=None):
         now = db_time()
         pending = conn.execute(
             "SELECT * FROM pauses WHERE recipient = ? AND status = 'pending' AND channel = ? AND livemode = 1"
-            " AND expires_at > ? ORDER BY seq DESC", (number, channel, now)).fetchall()
+            " AND expires_at > ? AND EXISTS (SELECT 1 FROM notifications n WHERE n.pause_id = pauses.id"
+            " AND n.status = 'sent') ORDER BY seq DESC", (number, channel, now)).fetchall()
         if not pending:
             return "PausePoint: there is no open request for this number."
         if code is not None:
@@ -992,7 +1024,7 @@ def open_codes(pending):
 def reply_choice(text, options):
     """'2', '2.' or 'reject' -> the option meant, or None."""
     answer = text.strip().rstrip(".!").strip()
-    if answer.isdigit() and 1 <= int(answer) <= len(options):
+    if re.fullmatch("[0-9]{1,3}", answer) and 1 <= int(answer) <= len(options):
         return options[int(answer) - 1]
     return next((option for option in options if option.casefold() == answer.casefold()), None)
 
@@ -1143,6 +1175,12 @@ class DeadlineWatch:
         self._watched = {}          # key -> (monotonic deadline, fd, inode, Deadline)
         self._keys = itertools.count()
         self._thread = None
+        # getaddrinfo() cannot be interrupted: names are looked up here and waited
+        # for only as long as the call has left.
+        self.resolver = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="resolve")
+        # Calls into libraries that open their own sockets run on threads of their
+        # own; those that outlive their deadline are counted here until they end.
+        self.stragglers = collections.Counter()
 
     def deadline(self, seconds):
         return Deadline(self, seconds)
@@ -1193,8 +1231,9 @@ def shut_down_socket(fd, inode):
 
 
 class Deadline:
-    """The time limit of one outbound call, connect to last byte. Sockets passed to
-    guard() are shut down if the call is still running when it passes."""
+    """The time limit of one outbound call, from the name lookup to the last byte.
+    Sockets passed to guard() are shut down if the call is still running when it
+    passes; `expired` then says so."""
 
     def __init__(self, watch, seconds):
         self.watch, self.seconds = watch, seconds
@@ -1205,9 +1244,58 @@ class Deadline:
     def remaining(self):
         return max(0.001, self.at - time.monotonic())
 
+    def passed(self):
+        return self.expired or time.monotonic() >= self.at
+
     def guard(self, sock):
         self._keys.append(self.watch._watch(self, sock))
         return sock
+
+    def resolve(self, host, port):
+        """getaddrinfo() for a TCP connection, within the time left."""
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(host)
+            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)     # a literal: nothing to wait for
+        lookup = self.watch.resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+        try:
+            return lookup.result(timeout=self.remaining())
+        except concurrent.futures.TimeoutError:
+            self.expired = True
+            raise TimeoutError(f"looking up {host} took longer than {self.seconds} s") from None
+
+    def run_abandonable(self, key, call, *args, most=2):
+        """call(*args) on a thread of its own, waited for until the deadline: for libraries
+        whose sockets cannot be reached. Past the deadline the thread is left to end on its
+        own, and while `most` such threads for `key` still run, no new call for it starts."""
+        with self.watch._changed:
+            if self.watch.stragglers[key] >= most:
+                raise TimeoutError(f"earlier calls to this target are still hanging after {self.seconds} s")
+        outcome = {}
+
+        def run():
+            try:
+                outcome["value"] = call(*args)
+            except BaseException as e:
+                outcome["error"] = e
+            finally:
+                with self.watch._changed:
+                    outcome["done"] = True
+                    if outcome.get("abandoned"):
+                        self.watch.stragglers[key] -= 1
+                        self.watch.stragglers += collections.Counter()
+
+        thread = threading.Thread(target=run, name="abandonable", daemon=True)
+        thread.start()
+        thread.join(self.remaining())
+        with self.watch._changed:
+            if not outcome.get("done"):
+                outcome["abandoned"] = True
+                self.watch.stragglers[key] += 1
+                self.expired = True
+                raise TimeoutError(f"no answer within {self.seconds} s")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
     def __enter__(self):
         return self
@@ -1216,32 +1304,61 @@ class Deadline:
         self.watch._forget(self._keys)
 
 
-class _GuardedAdapter(requests.adapters.HTTPAdapter):
-    """Hands every new socket to guard(sock) before anything is sent on it: the
-    SSRF check on the address actually connected to, and the call's deadline."""
+class PrivateAddressRefused(OSError):
+    """An outbound call's host resolved to a non-public address, and those are not allowed."""
 
-    def __init__(self, guard):
-        self.guard = guard
+
+def open_connection(deadline, host, port, allow_private=True):
+    """A TCP connection to host:port within the deadline: the name looked up with what
+    time is left, each address tried in turn with what time is then left, and (unless
+    allowed) non-public addresses skipped before anything reaches them."""
+    last_error = None
+    for family, kind, proto, _, address in deadline.resolve(host, port):
+        if not allow_private and not is_public_address(address[0]):
+            last_error = PrivateAddressRefused(f"refused to connect to {address[0]}: not a public address"
+                                               " (webhooks.allow_private = false)")
+            continue
+        if deadline.passed():
+            raise TimeoutError(f"could not connect to {host} within {deadline.seconds} s")
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(deadline.remaining())
+            deadline.guard(sock).connect(address)
+            return sock
+        except OSError as e:
+            sock.close()
+            last_error = e
+    raise last_error or OSError(f"{host} has no address to connect to")
+
+
+class _DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """Opens every connection with open_connection(), so connecting and the SSRF check
+    happen within the call's deadline and its sockets are watched by it."""
+
+    def __init__(self, deadline, allow_private):
+        self.deadline, self.allow_private = deadline, allow_private
         super().__init__()
 
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
-        guard = self.guard
+        deadline, allow_private = self.deadline, self.allow_private
 
-        def guarded(connection_class):
-            return type("Guarded" + connection_class.__name__, (connection_class,),
-                        {"_new_conn": lambda conn: guard(connection_class._new_conn(conn))})
+        def watched(connection_class):
+            return type("Deadline" + connection_class.__name__, (connection_class,), {
+                "_new_conn": lambda conn: open_connection(deadline, conn._dns_host, conn.port, allow_private)})
 
         self.poolmanager.pool_classes_by_scheme = {
-            "http": type("GuardedHTTPPool", (urllib3.HTTPConnectionPool,),
-                         {"ConnectionCls": guarded(urllib3.connection.HTTPConnection)}),
-            "https": type("GuardedHTTPSPool", (urllib3.HTTPSConnectionPool,),
-                          {"ConnectionCls": guarded(urllib3.connection.HTTPSConnection)}),
+            "http": type("DeadlineHTTPPool", (urllib3.HTTPConnectionPool,),
+                         {"ConnectionCls": watched(urllib3.connection.HTTPConnection)}),
+            "https": type("DeadlineHTTPSPool", (urllib3.HTTPSConnectionPool,),
+                          {"ConnectionCls": watched(urllib3.connection.HTTPSConnection)}),
         }
 
 
-def mount_guard(session, guard):
-    adapter = _GuardedAdapter(guard)
+def under_deadline(session, deadline, allow_private=True):
+    """`session`, with every connection it opens made by open_connection()."""
+    adapter = _DeadlineAdapter(deadline, allow_private)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -1255,12 +1372,17 @@ class OutboundPool:
     per developer, because a developer chooses their receivers and a slow one is
     theirs to fix; sends go to the operator's providers, so they are capped per
     channel instead: a hung mail server holds half the workers at most, and a
-    developer's emails never wait behind their own stuck webhooks."""
+    developer's emails never wait behind their own stuck webhooks.
+
+    The last quarter of the workers is kept for developers and targets with nothing
+    in flight, so even several stalling tenants (or two hung providers) leave room
+    for everyone else's first call."""
 
     def __init__(self, workers, per_developer):
         self.workers, self.per_developer = workers, per_developer
         # A hung provider may hold half the workers; the rest keep other channels and webhooks moving.
         self.per_channel = max(1, workers // 2)
+        self.kept_for_newcomers = max(1, workers // 4)
         self.executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="outbound")
         self.deadlines = DeadlineWatch()
         self._lock = threading.Lock()
@@ -1290,7 +1412,9 @@ class OutboundPool:
         with a developer_limit, the developer's calls of that kind have room too."""
         with self._lock:
             capped = (developer_id, target[0])
-            if (self._busy >= self.workers or self._by_target[target] >= target_limit
+            newcomer = not self._by_developer[developer_id] and not self._by_target[target]
+            free = self.workers - self._busy
+            if (free <= (0 if newcomer else self.kept_for_newcomers) or self._by_target[target] >= target_limit
                     or developer_limit is not None and self._capped[capped] >= developer_limit):
                 return False
             self._busy += 1
@@ -1448,7 +1572,7 @@ def email_text(pause, url):
 def send_twilio(config, notification, pause, deadline):
     """One SMS or WhatsApp message through the Twilio REST API (or a compatible one at twilio.api_base)."""
     http_client = twilio.http.http_client.TwilioHttpClient(timeout=deadline.remaining())
-    mount_guard(http_client.session, deadline.guard)
+    under_deadline(http_client.session, deadline)
     client = twilio.rest.Client(config["twilio.account_sid"], config["twilio.auth_token"], http_client=http_client)
     client.api.base_url = config["twilio.api_base"].rstrip("/")
     prefix = "whatsapp:" if notification["channel"] == "whatsapp" else ""
@@ -1462,7 +1586,7 @@ def send_twilio(config, notification, pause, deadline):
         raise ChannelError(f"Twilio answered HTTP {e.status}: {e.msg}",
                            permanent=400 <= e.status < 500 and e.status != 429) from None
     except (twilio.base.exceptions.TwilioException, requests.RequestException) as e:
-        if deadline.expired:
+        if deadline.passed():
             raise ChannelError(f"Twilio did not answer within {deadline.seconds} s") from None
         raise ChannelError(f"could not reach Twilio: {e}") from None
     return message.sid
@@ -1487,7 +1611,7 @@ def send_email(config, notification, pause, deadline):
         class DeadlineSMTP(smtplib.SMTP_SSL if security == "tls" else smtplib.SMTP):
             """Under the deadline from the moment it connects, greeting and TLS handshake included."""
             def _get_socket(self, host, port, timeout):
-                sock = deadline.guard(smtplib.SMTP._get_socket(self, host, port, timeout))
+                sock = open_connection(deadline, host, port)
                 return context.wrap_socket(sock, server_hostname=host) if security == "tls" else sock
 
         server = DeadlineSMTP(host, port, timeout=deadline.remaining(),
@@ -1501,7 +1625,7 @@ def send_email(config, notification, pause, deadline):
     except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused) as e:
         raise ChannelError(f"SMTP {host}:{port} refused the message: {e}", permanent=True) from None
     except (smtplib.SMTPException, OSError) as e:
-        if deadline.expired or isinstance(e, TimeoutError):
+        if deadline.passed() or isinstance(e, TimeoutError):
             raise ChannelError(f"SMTP {host}:{port}: no answer within {deadline.seconds} s") from None
         raise ChannelError(f"SMTP {host}:{port}: {e}") from None
     return message["Message-ID"]
@@ -1509,12 +1633,17 @@ def send_email(config, notification, pause, deadline):
 
 def send_apprise(target_url, config, notification, pause, deadline):
     """A push or chat message to an operator-named target (ntfy, Slack, Gotify, Matrix, …).
-    Apprise opens its own connections, each read bounded by its own timeout; the
-    target is the operator's, and it holds at most a channel's share of the pool."""
+    Apprise opens its own connections, out of the deadline's reach, so it runs on a
+    thread of its own that is waited for only until the deadline."""
     notifier = apprise.Apprise()
     if not notifier.add(target_url):
         raise ChannelError(f"channel {notification['channel']!r} has a URL Apprise does not understand")
-    if not notifier.notify(title="Approval needed", body=notification["text"]):
+    try:
+        delivered = deadline.run_abandonable(("apprise", notification["channel"]), notifier.notify,
+                                             notification["text"], "Approval needed")
+    except TimeoutError as e:
+        raise ChannelError(f"channel {notification['channel']!r}: {e}") from None
+    if not delivered:
         scheme = target_url.split("://", 1)[0]
         raise ChannelError(f"Apprise could not deliver to the {scheme}:// target (see the server log)")
     return None
@@ -1659,7 +1788,7 @@ def verify_signature(secret, header, body, tolerance=300):
     timestamp, candidates = None, []
     for part in (header or "").split(","):
         name, _, value = part.strip().partition("=")
-        if name == "t" and value.isdigit():
+        if name == "t" and value.isascii() and value.isdigit():
             timestamp = int(value)
         elif name == "v1":
             candidates.append(value)
@@ -1673,7 +1802,11 @@ def url_problem(url, allow_private):
     """None if webhooks may be sent to `url`, else a sentence saying why not."""
     if not isinstance(url, str) or len(url) > 2048 or UNSAFE_TEXT.search(url):
         return "url must be an http:// or https:// URL of at most 2048 characters"
-    parts = urllib.parse.urlsplit(url.strip())
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        parts.port
+    except ValueError:          # '[::1' and the like
+        return "url must be an http:// or https:// URL"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "url must be an http:// or https:// URL"
     if parts.username or parts.password:
@@ -1717,27 +1850,12 @@ def is_public_address(address):
     return all(each.is_global and not each.is_multicast for each in [ip, *embedded_ipv4(ip)])
 
 
-class PrivateAddressRefused(OSError):
-    """The webhook host resolved to a non-public address at connect time."""
-
-
-def _refuse_private_peer(sock):
-    address = sock.getpeername()[0]
-    if not is_public_address(address):
-        sock.close()
-        raise PrivateAddressRefused(f"refused to send to {address}: not a public address "
-                                    "(webhooks.allow_private = false)")
-    return sock
-
-
 def webhook_session(allow_private, deadline):
-    """A session for one delivery attempt: every socket is checked against the SSRF
-    guard (unless private addresses are allowed) and bound to the attempt's deadline."""
+    """A session for one delivery attempt: every connection is made within the attempt's
+    deadline, to public addresses only unless private ones are allowed."""
     session = requests.Session()
     session.trust_env = False       # an environment proxy would hide the real destination from the guard
-    if allow_private:
-        return mount_guard(session, deadline.guard)
-    return mount_guard(session, lambda sock: deadline.guard(_refuse_private_peer(sock)))
+    return under_deadline(session, deadline, allow_private)
 
 
 def validate_webhook_request(body, allow_private, partial=False):
@@ -2013,12 +2131,15 @@ def attempt_delivery(conn, config, deadlines, delivery_id, attempt, claim_until)
             response = session.post(row["url"], data=body, headers=headers, allow_redirects=False, stream=True,
                                     timeout=(deadline.remaining(), deadline.remaining()))
             response.close()
+        if deadline.expired:
+            # The socket was shut down mid-answer: what arrived is not an answer.
+            raise requests.Timeout(f"timed out after {DELIVERY_TIMEOUT_SECONDS} s")
         status_code = response.status_code
         if not 200 <= status_code < 300:
             error = f"HTTP {status_code}" + (" (redirects are not followed)" if 300 <= status_code < 400 else "")
             retry_after = retry_after_seconds(response.headers.get("Retry-After"))
     except requests.RequestException as e:
-        error = f"timed out after {DELIVERY_TIMEOUT_SECONDS} s" if deadline.expired else describe_request_error(e)
+        error = f"timed out after {DELIVERY_TIMEOUT_SECONDS} s" if deadline.passed() else describe_request_error(e)
     duration_ms = round((time.monotonic() - started) * 1000)
     record_attempt(conn, delivery_id, row["webhook_id"], attempt, claim_until, started_at, status_code, error,
                    duration_ms, retry_after)
@@ -2051,7 +2172,7 @@ def find_cause(error, kind, depth=0):
 
 
 def retry_after_seconds(value):
-    if value and value.strip().isdigit():
+    if value and re.fullmatch("[0-9]{1,12}", value.strip()):
         return min(int(value.strip()), MAX_RETRY_AFTER_SECONDS)
     return None
 
@@ -2149,6 +2270,7 @@ def prune_expired_data(conn, config, now=None):
 ###############################################################################
 
 JOB_INTERVAL_SECONDS = 0.25
+HASH_WAIT_SECONDS = 5
 PRUNE_INTERVAL = dt.timedelta(days=1)
 
 
@@ -2167,6 +2289,11 @@ class Runtime:
         waiters = config["server.threads"] - THREADS_KEPT_FOR_OTHER_REQUESTS
         self.wait_slots = threading.BoundedSemaphore(waiters)
         self.limiter = RateLimiter(enabled=config["ratelimit.enabled"])
+        self.error_log = ErrorLog()
+        # bcrypt is the one costly thing a client without a key can make us compute: at most
+        # half the cores hash at once, so the other half keep answering everyone else.
+        self.hashing = threading.BoundedSemaphore(max(1, (os.cpu_count() or 2) // 2))
+        stand_in_password_hash(config["security.bcrypt_rounds"])      # now, not on the first unknown email
         self.scheduler = BackgroundScheduler(timezone=dt.timezone.utc,
                                              job_defaults={"coalesce": True, "max_instances": 1,
                                                            "misfire_grace_time": None})
@@ -2190,6 +2317,17 @@ class Runtime:
             self.wake_waiters()
         if "webhooks" in woken:
             self.wake_webhooks()
+
+    @contextlib.contextmanager
+    def hashing_turn(self):
+        """A turn to hash a password, waited for at most HASH_WAIT_SECONDS (then 503)."""
+        if not self.hashing.acquire(timeout=HASH_WAIT_SECONDS):
+            raise ApiError(503, "busy", "the server is busy checking passwords; try again in a few seconds",
+                           headers={"Retry-After": str(HASH_WAIT_SECONDS)})
+        try:
+            yield
+        finally:
+            self.hashing.release()
 
     def wake_waiters(self):
         """Wake every agent waiting on ?wait=: some pause left 'pending' (or we are stopping)."""
@@ -2280,22 +2418,25 @@ class Runtime:
     def run_pruning(self):
         prune_expired_data(self.db(), self.config)
 
-    def wait_for_decision(self, load, seconds):
-        """Call load() until the pause leaves 'pending' or `seconds` pass, waking on each decision."""
+    def wait_for_decision(self, load, seconds, parked=contextlib.nullcontext):
+        """Call load() until the pause leaves 'pending' or `seconds` pass, waking on each
+        decision. While it waits the request is parked(): it holds a waiting slot, not a
+        share of its client address's working threads."""
         deadline = time.monotonic() + seconds
         if not self.wait_slots.acquire(blocking=False):
             return load()     # every waiting slot is taken: answer now rather than starve the API
         try:
-            while True:
-                with self.decisions:
-                    seen = self.decision_count
-                pause = load()
-                remaining = deadline - time.monotonic()
-                if pause["status"] != "pending" or remaining <= 0 or self.stopping:
-                    return pause
-                with self.decisions:
-                    if self.decision_count == seen and not self.stopping:
-                        self.decisions.wait(remaining)
+            with parked():
+                while True:
+                    with self.decisions:
+                        seen = self.decision_count
+                    pause = load()
+                    remaining = deadline - time.monotonic()
+                    if pause["status"] != "pending" or remaining <= 0 or self.stopping:
+                        return pause
+                    with self.decisions:
+                        if self.decision_count == seen and not self.stopping:
+                            self.decisions.wait(remaining)
         finally:
             self.wait_slots.release()
 
@@ -2368,7 +2509,7 @@ def create_app(config):
     """The WSGI app for one PausePoint; app.runtime.start() starts its scheduler."""
     app = bottle.Bottle()
     rt = app.runtime = Runtime(config)
-    app.install(json_errors)
+    app.install(functools.partial(json_errors, rt.error_log))
 
     for status in (400, 404, 405, 413, 500):
         app.error(status)(bottle_error)
@@ -2382,7 +2523,7 @@ def create_app(config):
         if raw and bottle.request.content_type.split(";")[0].strip().lower() != "application/json":
             raise ApiError(415, "unsupported_media_type", "send the body as JSON with 'Content-Type: application/json'")
         try:
-            body = json.loads(raw or b"null")
+            body = json.loads(raw or b"null", parse_constant=not_json)
             where = lone_surrogate_at(body)
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
@@ -2392,7 +2533,7 @@ def create_app(config):
         return body
 
     def caller():
-        return authenticate(rt.db(), bottle.request.get_header("Authorization"))
+        return authenticate(rt.db(), request_header("Authorization"))
 
     def client_ip():
         # REMOTE_ADDR, not bottle's remote_addr: that one believes any client's
@@ -2447,8 +2588,10 @@ def create_app(config):
         body = read_json()
         if not isinstance(body, dict):
             raise invalid(None, "the request body must be a JSON object with email, name and password")
+        with rt.hashing_turn():
+            developer = register_developer(rt.db(), config, body.get("email"), body.get("name"), body.get("password"))
         bottle.response.status = 201
-        return register_developer(rt.db(), config, body.get("email"), body.get("name"), body.get("password"))
+        return developer
 
     @app.post("/v1/auth/keys/rotate")
     def rotate():
@@ -2459,7 +2602,8 @@ def create_app(config):
         mode = body.get("key")
         if not isinstance(mode, str) or mode not in MODES:
             raise invalid("key", "key must be 'live' or 'test': which key to replace")
-        developer = check_password(rt.db(), config, body.get("email"), body.get("password"))
+        with rt.hashing_turn():
+            developer = check_password(rt.db(), config, body.get("email"), body.get("password"))
         if developer is None:
             raise ApiError(401, "unauthorized", "email or password is wrong")
         key = rotate_key(rt.db(), developer, MODES[mode])
@@ -2471,7 +2615,7 @@ def create_app(config):
     @app.post("/v1/pause")
     def post_pause():
         who = caller()
-        pause, replayed = create_pause(rt.db(), config, who, read_json(), bottle.request.get_header("Idempotency-Key"),
+        pause, replayed = create_pause(rt.db(), config, who, read_json(), request_header("Idempotency-Key"),
                                        rt.limiter)
         if replayed:
             bottle.response.set_header("Idempotent-Replayed", "true")
@@ -2496,7 +2640,8 @@ def create_app(config):
         wait = int_param("wait", 0, 0, WAIT_LIMIT_SECONDS)
         pause = owned_pause(rt.db(), who, pause_id)
         if wait and pause["status"] == "pending":
-            pause = rt.wait_for_decision(lambda: owned_pause(rt.db(), who, pause_id), wait)
+            pause = rt.wait_for_decision(lambda: owned_pause(rt.db(), who, pause_id), wait,
+                                         bottle.request.environ.get("pausepoint.parked", contextlib.nullcontext))
         return pause_json(pause, config, notification_of(pause_id))
 
     @app.post("/v1/pause/<pause_id>/cancel")
@@ -2568,7 +2713,7 @@ def create_app(config):
     @app.post("/v1/twilio/inbound")
     def twilio_inbound():
         form = {k: bottle.request.forms.getunicode(k) for k in bottle.request.forms.keys()}
-        signature = bottle.request.get_header("X-Twilio-Signature") or ""
+        signature = request_header("X-Twilio-Signature") or ""
         url = base_url(config) + bottle.request.fullpath
         if not config["twilio.auth_token"] or not twilio.request_validator.RequestValidator(
                 config["twilio.auth_token"]).validate(url, form, signature):
@@ -2605,7 +2750,7 @@ def create_app(config):
             raise
 
     def client_facts():
-        return {"ip": client_ip(), "user_agent": (bottle.request.get_header("User-Agent") or "")[:300]}
+        return {"ip": client_ip(), "user_agent": printable(request_header("User-Agent") or "")[:300]}
 
     def open_respond_link(token, via):
         """The pause behind a respond link, recording that it was opened (GET changes no state)."""
@@ -2664,6 +2809,17 @@ def create_app(config):
     return app
 
 
+def request_header(name):
+    """A request header as the client sent it (latin-1, as WSGI hands it over). Bottle's
+    get_header() re-decodes it as UTF-8 and raises on bytes that are not."""
+    return bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"))
+
+
+def printable(text):
+    """Control characters out, for headers kept in the audit log."""
+    return UNSAFE_TEXT.sub("\ufffd", text)
+
+
 def html_page(name, status=200, headers=None, **values):
     body = bottle.template(name, template_lookup=[TEMPLATES_DIR], **values)
     return bottle.HTTPResponse(body, status=status, headers={
@@ -2682,7 +2838,31 @@ def is_page_request():
 UNEXPECTED = "something went wrong on the server; it has been logged"
 
 
-def json_errors(callback):
+class ErrorLog:
+    """Logs an unexpected error's traceback once a minute per route and kind of error,
+    and counts the rest: a client that found a way to cause one must not be able to
+    fill the disk by repeating it."""
+
+    def __init__(self, every=60.0):
+        self.every = every
+        self.lock = threading.Lock()
+        self.seen = {}                  # (method, route, error type) -> [last logged, repeats since]
+
+    def error(self, method, route, error):
+        key = (method, route, type(error).__name__)
+        with self.lock:
+            last, repeats = self.seen.get(key, (None, 0))
+            if last is not None and time.monotonic() - last < self.every:
+                self.seen[key] = (last, repeats + 1)
+                return
+            if len(self.seen) > 10_000:
+                self.seen.clear()
+            self.seen[key] = (time.monotonic(), 0)
+        log.error("unexpected error on %s %s%s", method, route,
+                  f" ({repeats} more like it in the last minute)" if repeats else "", exc_info=error)
+
+
+def json_errors(error_log, callback):
     """Route plugin: ApiError becomes the one JSON error shape (or a page, on pages);
     anything else a logged 500."""
     def wrapper(*args, **kwargs):
@@ -2694,8 +2874,8 @@ def json_errors(callback):
             if is_page_request():
                 return page_error(e)
             return json_error_response(e.status, e.code, e.message, e.field, e.headers)
-        except Exception:
-            log.exception("unexpected error on %s %s", bottle.request.method, bottle.request.path)
+        except Exception as e:
+            error_log.error(bottle.request.method, bottle.request.route.rule, e)
             if is_page_request():
                 return page_error(ApiError(500, "internal_error", UNEXPECTED.capitalize() + "."))
             return json_error_response(500, "internal_error", UNEXPECTED)
@@ -2752,13 +2932,29 @@ class JsonErrorTask(waitress.task.ErrorTask):
         messages = {413: f"request bodies are limited to {self.channel.server.max_body_bytes} bytes",
                     431: "the request's headers are too large",
                     400: f"malformed HTTP request: {error.body}"}
-        body = error_body(error.code, WAITRESS_ERROR_CODES.get(error.code, "bad_request"),
-                          messages.get(error.code, str(error.body))).encode()
+        message = messages.get(error.code, str(error.body))
+        if (getattr(self.request, "path", None) or "").startswith("/respond/"):
+            body = bottle.template("respond_error", template_lookup=[TEMPLATES_DIR], message=message.capitalize() + ".")
+            self.response_headers.extend([("Content-Type", "text/html; charset=utf-8"), *PAGE_HEADERS.items()])
+        else:
+            body = error_body(error.code, WAITRESS_ERROR_CODES.get(error.code, "bad_request"), message)
+            self.response_headers.append(("Content-Type", "application/json"))
+        body = body.encode()
         self.status = f"{error.code} {error.reason}"
-        self.response_headers.append(("Content-Type", "application/json"))
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
+
+
+class ParkableTask(waitress.task.WSGITask):
+    """Hands the app environ['pausepoint.parked'], for requests that wait on a decision."""
+
+    def get_environment(self):
+        environ = super().get_environment()
+        dispatcher = self.channel.server.task_dispatcher
+        if isinstance(dispatcher, FairTaskDispatcher):
+            environ["pausepoint.parked"] = functools.partial(dispatcher.parked, self.channel.addr[0])
+        return environ
 
 
 class HardenedChannel(waitress.channel.HTTPChannel):
@@ -2766,7 +2962,8 @@ class HardenedChannel(waitress.channel.HTTPChannel):
     can drop clients that send headers or bodies too slowly."""
 
     error_task_class = JsonErrorTask
-    request_began = request_headers_done = 0.0
+    task_class = ParkableTask
+    request_began = request_headers_done = output_waiting_since = 0.0
     served = False              # has sent at least one whole request: a kept-alive client, not a trickler
 
     def __init__(self, server, sock, addr, adj, map=None):
@@ -2776,12 +2973,28 @@ class HardenedChannel(waitress.channel.HTTPChannel):
     def received(self, data):
         before, now = self.request, time.time()
         result = super().received(data)
+        with self.requests_lock:
+            if len(self.requests) > 1:
+                # Pipelined requests: each one's answer would queue behind the last, and a
+                # client that never reads would pin a thread once 16 MB are queued. Answer
+                # the first and close; HTTP/1.1 clients send the rest again.
+                for extra in self.requests[1:]:
+                    extra.close()
+                del self.requests[1:]
+                self.request = None
+                self.requests[0].headers["CONNECTION"] = "close"
         if self.request is not None and self.request is not before:
             self.request_began, self.request_headers_done = now, 0.0
         if self.request is not None and self.request.headers_finished and not self.request_headers_done:
             self.request_headers_done = now
         self.served = self.served or bool(self.requests)
         return result
+
+    def send_continue(self):
+        # waitress would say "100 Continue" to a request it has already refused (a body
+        # over the limit, say), and then wait for the body after all.
+        if self.request.error is None:
+            super().send_continue()
 
     def del_channel(self, map=None):
         peers = self.server.by_ip.get(self.addr[0])
@@ -2796,6 +3009,14 @@ class HardenedChannel(waitress.channel.HTTPChannel):
         return not self.requests and not self.will_close
 
     def overdue(self, now, limits):
+        if self.total_outbufs_len:
+            # An answer the client is not reading: it may sit in memory or a temporary file
+            # only so long. Closing also frees a thread that is waiting to write more.
+            self.output_waiting_since = self.output_waiting_since or now
+            if now - self.output_waiting_since > limits["server.send_timeout"]:
+                return True
+        else:
+            self.output_waiting_since = 0.0
         if self.requests:
             return False                    # being served (long polls included)
         if self.request is None:
@@ -2803,6 +3024,16 @@ class HardenedChannel(waitress.channel.HTTPChannel):
         if not self.request.headers_finished:
             return now - self.request_began > limits["server.header_timeout"]
         return now - self.request_headers_done > limits["server.body_timeout"]
+
+
+def drop(channel):
+    """Close a connection from the server's loop. Marking it will_close is not enough when
+    the client stopped reading: the socket never turns writable, so that close would
+    never run. The close runs through the loop's trigger, between polls, so no socket
+    closes while the loop is still collecting which ones to poll; a thread blocked
+    writing to it wakes and gives up."""
+    channel.will_close = True
+    channel.server.trigger.pull_trigger(channel.handle_close)
 
 
 class HardenedServer(waitress.server.TcpWSGIServer):
@@ -2821,28 +3052,41 @@ class HardenedServer(waitress.server.TcpWSGIServer):
         self.limits = limits
         self.max_body_bytes = limits["server.max_body_bytes"]
         self.by_ip = collections.defaultdict(set)
-        self.accept_errors_logged_at = 0.0
+        self.accept_errors_logged_at = self.full_logged_at = 0.0
         super().__init__(*args, **kwargs)
 
     def maintenance(self, now):
         """Runs every second (cleanup_interval): close connections past a deadline."""
         for channel in list(self.active_channels.values()):
             if channel.overdue(now, self.limits):
-                channel.will_close = True
+                drop(channel)
 
     def readable(self):
-        if self.accepting and len(self._map) > self.adj.connection_limit * SHED_ABOVE:
+        """Whether to accept now. Like waitress's, but it sheds before the limit is reached,
+        and says that the limit was reached at most once a minute, not on every swing."""
+        now = time.time()
+        if now >= self.next_channel_cleanup:
+            self.next_channel_cleanup = now + self.adj.cleanup_interval
+            self.maintenance(now)
+        if not self.accepting:
+            return False
+        if len(self._map) > self.adj.connection_limit * SHED_ABOVE:
             self.shed(len(self._map) - int(self.adj.connection_limit * SHED_TO))
-        return super().readable()
+        full = len(self._map) >= self.adj.connection_limit
+        if full and time.monotonic() - self.full_logged_at > 60:
+            self.full_logged_at = time.monotonic()
+            log.warning("server.connection_limit (%d) reached: new connections wait until some close",
+                        self.adj.connection_limit)
+        return not full
 
     def shed(self, count):
         """Close the `count` unproductive connections that have been quiet longest."""
         candidates = [channel for channel in self.active_channels.values() if channel.unproductive()]
         for channel in heapq.nsmallest(count, candidates, key=lambda channel: channel.last_activity):
-            channel.will_close = True
+            drop(channel)
 
     def handle_accept(self):
-        for _ in range(ACCEPTS_PER_WAKE):
+        for _ in range(min(ACCEPTS_PER_WAKE, self.adj.connection_limit - len(self._map))):
             try:
                 pair = self.accept()
             except OSError as e:            # EMFILE and the like: the descriptor budget is spent
@@ -2877,8 +3121,98 @@ class HardenedServer(waitress.server.TcpWSGIServer):
         idle = [channel for channel in waiting if channel.served and channel.request is None]
         if not idle:
             return False
-        min(idle, key=lambda channel: channel.last_activity).will_close = True
+        drop(min(idle, key=lambda channel: channel.last_activity))
         return True
+
+
+class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
+    """waitress's worker threads, shared out by client address. Waiting requests are
+    taken one address at a time, and one address holds at most `per_address` threads
+    (as many as long polls may take), so one client sending many requests waits for
+    its own turn while everyone else's requests keep being taken. The trusted proxy,
+    behind which every client shares one address, is exempt."""
+
+    def __init__(self, per_address, exempt):
+        super().__init__()
+        self.per_address, self.exempt = per_address, exempt
+        self.waiting = collections.OrderedDict()    # address -> its channels with a request; order is turn order
+        self.running = collections.Counter()        # address -> threads serving it now
+
+    def add_task(self, channel):
+        with self.lock:
+            self.waiting.setdefault(channel.addr[0], collections.deque()).append(channel)
+            self.queue_cv.notify()
+            queued = sum(map(len, self.waiting.values()))
+            idle = len(self.threads) - self.stop_count - self.active_count
+            if queued > idle:
+                self.queue_logger.warning("Task queue depth is %d", queued - idle)
+
+    def _take(self):
+        """The next channel to serve, from the first address in turn that has a thread to spare."""
+        for address, channels in self.waiting.items():
+            if address == self.exempt or self.running[address] < self.per_address:
+                channel = channels.popleft()
+                if channels:
+                    self.waiting.move_to_end(address)       # its next request waits for the others' turn
+                else:
+                    del self.waiting[address]
+                self.running[address] += 1
+                return address, channel
+        return None
+
+    def handler_thread(self, thread_no):
+        while True:
+            with self.lock:
+                while (taken := self._take()) is None and self.stop_count == 0:
+                    self.active_count -= 1
+                    self.queue_cv.wait()
+                    self.active_count += 1
+                if self.stop_count > 0:
+                    if taken is not None:
+                        self._give_back(*taken)
+                    self.active_count -= 1
+                    self.stop_count -= 1
+                    self.threads.discard(thread_no)
+                    self.thread_exit_cv.notify()
+                    break
+            address, channel = taken
+            try:
+                channel.service()
+            except BaseException:
+                self.logger.exception("Exception when servicing %r", channel)
+            finally:
+                with self.lock:
+                    self.running[address] -= 1
+                    self.running += collections.Counter()
+                    self.queue_cv.notify()          # the address's next request may run now
+
+    @contextlib.contextmanager
+    def parked(self, address):
+        """A request waiting (a long poll) counts against the waiting slots, not its address's threads."""
+        with self.lock:
+            self.running[address] -= 1
+            self.queue_cv.notify()
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.running[address] += 1
+
+    def _give_back(self, address, channel):
+        self.running[address] -= 1
+        self.running += collections.Counter()
+        self.waiting.setdefault(address, collections.deque()).appendleft(channel)
+        self.waiting.move_to_end(address, last=False)
+
+    def shutdown(self, cancel_pending=True, timeout=5):
+        done = super().shutdown(cancel_pending, timeout)
+        if cancel_pending:
+            with self.lock:
+                for channels in self.waiting.values():
+                    for channel in channels:
+                        channel.cancel()
+                self.waiting.clear()
+        return done
 
 
 class QueueDepthSummary(logging.Filter):
@@ -2941,7 +3275,8 @@ def make_server(app, config, port=None):
         options.update(trusted_proxy=config["server.trusted_proxy"],
                        trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
     adjustments = waitress.adjustments.Adjustments(**options)
-    dispatcher = waitress.task.ThreadedTaskDispatcher()
+    dispatcher = FairTaskDispatcher(config["server.threads"] - THREADS_KEPT_FOR_OTHER_REQUESTS,
+                                    config["server.trusted_proxy"])
     dispatcher.set_thread_count(adjustments.threads)
     queue_log = logging.getLogger("waitress.queue")
     if not any(isinstance(f, QueueDepthSummary) for f in queue_log.filters):
@@ -3021,6 +3356,8 @@ def main(argv=None):
     # The delivery job is woken on demand; APScheduler warns when a wake-up finds it
     # already running, which is harmless (the running pass or the next tick does the work).
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
+    # The Twilio library logs every request and response at INFO, a dozen lines per SMS.
+    logging.getLogger("twilio.http_client").setLevel(logging.WARNING)
     try:
         # ./config.toml is read only here, by the command line: library callers and
         # tests pass their config explicitly and never pick up a stray file.

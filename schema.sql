@@ -82,9 +82,12 @@ CREATE INDEX pauses_by_owner ON pauses(developer_id, livemode, seq);
 CREATE INDEX pauses_by_owner_status ON pauses(developer_id, livemode, status, seq);
 -- SMS replies: the pending pauses sent to a phone number.
 CREATE INDEX pauses_pending_by_recipient ON pauses(recipient, seq) WHERE status = 'pending';
--- A reply code names exactly one pending pause per number and mode; a decided pause frees its code.
+-- A reply code names exactly one pending pause per number and mode.
 CREATE UNIQUE INDEX pauses_pending_reply_code ON pauses(recipient, livemode, reply_code)
     WHERE status = 'pending' AND reply_code IS NOT NULL;
+-- New codes also avoid those a number was sent in the last week, so a late reply to a decided
+-- pause never names a newer one.
+CREATE INDEX pauses_recent_reply_codes ON pauses(recipient, livemode, created_at) WHERE reply_code IS NOT NULL;
 -- Pruning: decided test-mode pauses, oldest decision first.
 CREATE INDEX pauses_decided_test ON pauses(decided_at) WHERE livemode = 0 AND status != 'pending';
 -- Quota: live pauses a developer created since the start of the month.

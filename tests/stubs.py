@@ -189,3 +189,48 @@ class Tarpit:
         self.listener.close()
         for conn in self.held:
             conn.close()
+
+
+class Blackhole:
+    """A listening address whose queue is full: a connection attempt to it neither
+    succeeds nor fails, it just waits (as an unreachable host does)."""
+
+    def __init__(self, address="127.0.0.1"):
+        self.listener = socket.socket()
+        self.listener.bind((address, 0))
+        self.listener.listen(0)
+        self.address = self.listener.getsockname()
+        self.queued = []
+        for _ in range(3):
+            sock = socket.socket()
+            sock.setblocking(False)
+            try:
+                sock.connect(self.address)
+            except BlockingIOError:
+                pass
+            self.queued.append(sock)
+        time.sleep(0.1)
+
+    def close(self):
+        for sock in self.queued:
+            sock.close()
+        self.listener.close()
+
+
+class StallingReceiver(TrickleReceiver):
+    """Sends a status line, then nothing: an answer that never finishes."""
+
+    def _trickle(self, conn):
+        with self.lock:
+            self.open += 1
+            self.accepted += 1
+        try:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            self.closed.wait(60)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            with self.lock:
+                self.open -= 1

@@ -12,6 +12,7 @@ import requests
 from aiosmtpd.controller import Controller
 from twilio.request_validator import RequestValidator
 
+from stubs import TrickleReceiver
 from conftest import stored, WIRE, Api, LiveServer, free_port, make_config, token_of, wait_until
 import pausepoint
 
@@ -317,12 +318,25 @@ def inbound(api, config, body, sender="+15550100", token=None, signature=None):
     return api.post(INBOUND_PATH, params, headers={"X-Twilio-Signature": signature}, expect_errors=True)
 
 
+class SmsApi(Api):
+    """Creating a live pause also sends its text (the send job run once), as the scheduler would."""
+
+    def create_pause(self, key, **changes):
+        created = super().create_pause(key, **changes)
+        if key.startswith("pp_live_"):
+            self.app.runtime.run_notifications()
+            wait_until(lambda: (n := self.pause(key, created["pause_id"])["notification"])["attempts"]
+                       and n["status"] != "queued" or n["last_error"])
+        return created
+
+
 @pytest.fixture
 def sms_setup(tmp_path, twilio):
     config = make_config(tmp_path, **twilio.settings(), **{"server.base_url": "https://pp.example.org"})
     app = pausepoint.create_app(config)
-    api = Api(app)
-    return api, config, api.register()
+    api = SmsApi(app)
+    yield api, config, api.register()
+    app.runtime.stop()
 
 
 def reply_code(api, key, created):
@@ -390,6 +404,23 @@ def test_a_reply_never_decides_a_pause_whose_message_went_to_another_number(sms_
     assert stored(config, "SELECT count(*) FROM pauses WHERE status = 'pending'") == [(2,)]
 
 
+@pytest.mark.parametrize("failure", [400, 503])
+def test_a_reply_never_decides_a_pause_whose_text_was_not_sent(sms_setup, twilio, failure):
+    api, config, keys = sms_setup
+    other = api.register(email="b@example.com")
+    answered = api.create_pause(keys["api_key"], message="A: order lunch?")
+    api.post_json(f"/v1/respond/{token_of(answered['respond_url'])}", {"choice": "Approve"})
+    twilio.fail_next = [failure]                # refused for good, or failed and waiting for its retry
+    unsent = api.create_pause(other["api_key"], message="B: delete production database?")
+    assert api.pause(other["api_key"], unsent["pause_id"])["notification"]["status"] in ("failed", "queued")
+    queued = Api(api.app).create_pause(other["api_key"], message="B: and the backups?")   # never sent at all
+    assert "no open request" in inbound(api, config, "1").text
+    for pause in (unsent, queued):
+        assert api.pause(other["api_key"], pause["pause_id"])["status"] == "pending"
+    assert stored(config, "SELECT count(*) FROM audit_events WHERE event_type = 'pause.responded'"
+                          " AND actor LIKE 'recipient:%' AND data LIKE '%\"via\":\"sms\"%'") == [(0,)]
+
+
 def test_codes_are_unique_among_a_numbers_pending_pauses(sms_setup):
     api, config, keys = sms_setup
     for _ in range(40):
@@ -398,12 +429,24 @@ def test_codes_are_unique_among_a_numbers_pending_pauses(sms_setup):
     assert len(set(codes)) == 40 and all(re.fullmatch(r"[A-HJKMNP-Z][2-9]", code) for code in codes)
 
 
+def test_a_decided_pauses_code_is_not_given_to_the_next_pauses_for_a_week(sms_setup):
+    api, config, keys = sms_setup
+    key = keys["test_api_key"]
+    cancelled = api.create_pause(key)
+    api.post(f"/v1/pause/{cancelled['pause_id']}/cancel", headers=api.as_key(key))
+    for _ in range(90):
+        api.create_pause(key)
+    codes = [code for (code,) in stored(config, "SELECT reply_code FROM pauses ORDER BY seq")]
+    assert codes[0] not in codes[1:] and len(set(codes)) == 91
+
+
 def test_a_reply_matching_nothing_gets_help_and_decides_nothing(sms_setup):
     api, config, keys = sms_setup
     created = api.create_pause(keys["api_key"])
     code = reply_code(api, keys["api_key"], created)
-    response = inbound(api, config, "maybe later")
-    assert f"Reply {code} 1 for Approve, {code} 2 for Reject" in response.text
+    for text in ("maybe later", f"{code} \u00b2", f"{code} \u2460", "\u0661"):
+        response = inbound(api, config, text)
+        assert response.status_code == 200 and f"Reply {code} 1 for Approve, {code} 2 for Reject" in response.text
     assert api.pause(keys["api_key"], created["pause_id"])["status"] == "pending"
     assert "no open request" in inbound(api, config, "1", sender="+15550199").text
 
@@ -523,3 +566,17 @@ def test_a_second_developers_wire_is_never_approved_by_a_reply_meant_for_the_fir
     assert "recorded Approve" in reply(f"{code} 1")
     assert requests.get(f"{server.url}/v1/pause/{fund['pause_id']}", headers=a).json()["choice"] == "Approve"
     assert requests.get(f"{server.url}/v1/pause/{wire['pause_id']}", headers=b).json()["status"] == "pending"
+
+
+def test_a_push_target_that_never_finishes_answering_is_given_up_after_10_seconds(tmp_path, stop_apps):
+    trickler = TrickleReceiver(interval=1.0)
+    try:
+        api = running_api(tmp_path, **{"channels.ops.url": "json://" + trickler.url.removeprefix("http://")})
+        stop_apps(api)
+        key = api.register()["api_key"]
+        created = api.create_pause(key, channel="ops", recipient="on-call")
+        pause = wait_until(lambda: (p := api.pause(key, created["pause_id"]))["notification"]["last_error"] and p,
+                           timeout=20)
+        assert "no answer within 10 s" in pause["notification"]["last_error"]
+    finally:
+        trickler.close()

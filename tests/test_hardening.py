@@ -29,8 +29,10 @@ def settings(**values):
     return {f"PAUSEPOINT_{key.replace('.', '_').upper()}": str(value) for key, value in values.items()}
 
 
-def connect_from(address, port, first_bytes=b""):
+def connect_from(address, port, first_bytes=b"", receive_buffer=None):
     sock = socket.socket()
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)    # before connecting: a small window
     sock.bind((address, 0))
     sock.connect(("127.0.0.1", port))
     if first_bytes:
@@ -47,6 +49,19 @@ def closed_by_server(sock):
     sock.setblocking(False)
     try:
         return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def drained_to_the_end(sock):
+    """Read what is buffered; True if the server had closed the connection after it."""
+    sock.setblocking(False)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
     except BlockingIOError:
         return False
     except OSError:
@@ -107,6 +122,8 @@ def test_near_the_connection_limit_idle_connections_make_room_for_new_clients(sp
     try:
         still_serves_others(server)
         assert sum(not closed_by_server(sock) for sock in idle) <= 90
+        log = server.output()
+        assert log.count("connection_limit (100) reached") <= 1 and "listening again" not in log
     finally:
         for sock in idle:
             sock.close()
@@ -194,3 +211,43 @@ def test_errors_waitress_answers_itself_use_the_json_error_shape(spawn_server, r
     got, headers, body = raw_request(server, request_bytes)
     assert got == status
     assert_error_shape(headers, body, status, code)
+
+
+def test_clients_that_pipeline_requests_and_never_read_hold_no_thread(spawn_server):
+    server = spawn_server(env=settings(**{"server.threads": 12, "server.send_timeout": 12}))
+    keys = requests.post(f"{server.url}/v1/auth/register",
+                         json={"email": "slow@example.com", "name": "S", "password": "password123"}).json()
+    auth = f"Bearer {keys['test_api_key']}"
+    for _ in range(100):                        # ~48 KB of JSON each: a page of 100 is ~4.8 MB
+        requests.post(f"{server.url}/v1/pause", json={**WIRE, "metadata": {"x": "😀" * 4000}},
+                      headers={"Authorization": auth}).raise_for_status()
+    page = f"GET /v1/pause?limit=100 HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n".encode()
+    readers = []
+    for _ in range(12):                         # as many connections as threads, 12 answers asked of each
+        readers.append(connect_from(ATTACKER, port_of(server), page * 12, receive_buffer=4096))
+    try:
+        started = time.monotonic()
+        time.sleep(5)                               # long enough to pin every thread, were that possible
+        still_serves_others(server)                 # each within 5 s: no thread waits on those readers
+        # Unread answers are dropped at server.send_timeout: what arrived before the close ends in EOF.
+        time.sleep(max(0.0, started + 18 - time.monotonic()))
+        assert all(drained_to_the_end(sock) for sock in readers)
+    finally:
+        for sock in readers:
+            sock.close()
+
+
+def test_a_client_asking_to_upload_too_much_is_told_no_before_it_sends_anything(spawn_server):
+    server = spawn_server()
+    status, headers, body = raw_request(server, b"POST /v1/auth/register HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                                                b"Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n")
+    assert status == 413                        # not "100 Continue", which would invite the upload
+    assert_error_shape(headers, body, 413, "payload_too_large")
+
+
+def test_a_person_gets_waitress_refusals_as_a_page(spawn_server):
+    server = spawn_server()
+    status, headers, body = raw_request(server, b"POST /respond/some-token HTTP/1.1\r\nHost: x\r\n"
+                                                b"Content-Length: 1000000000\r\n\r\n")
+    assert status == 413 and headers["Content-Type"].startswith("text/html")
+    assert b"65536 bytes" in body and headers["X-Frame-Options"] == "DENY"

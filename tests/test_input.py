@@ -8,7 +8,7 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import WIRE, Api, make_config, token_of
+from conftest import WIRE, Api, make_config, stored, token_of
 import pausepoint
 
 HOOK = {"url": "http://127.0.0.1:9/hook", "events": ["pause.responded"], "secret": "s" * 20}
@@ -163,6 +163,12 @@ def test_a_lone_surrogate_in_a_respond_comment_is_400(api, developer):
     ({"options": ["Reject", "reject"]}, "options"),
     ({"options": ["Ｒｅｊｅｃｔ", "Reject"]}, "options"),
     ({"options": ["Approve", "\u200b\u2060"]}, "options"),
+    ({"options": ["Reject", "R\u0435ject"]}, "options"),          # a Cyrillic е
+    ({"options": ["OK", "\u039fK"]}, "options"),                   # a Greek Ο
+    ({"options": ["Send it", "Send  it"]}, "options"),              # one space or two: one button to a reader
+    ({"options": ["Approve", "Approve\u034f"]}, "options"),
+    ({"message": "Approve?\U000e0041\U000e0042"}, "message"),     # tag characters: invisible ASCII
+    ({"message": "Line\u2028separator"}, "message"),
     ({"recipient": "+15550100\x00"}, "recipient"),
 ])
 def test_control_bidi_and_look_alike_text_is_refused(api, developer, changes, field):
@@ -225,3 +231,66 @@ def test_a_webhook_url_naming_an_embedded_private_address_is_refused(api, develo
 @pytest.mark.parametrize("rounds", [4, 10])
 def test_an_unknown_email_costs_the_same_bcrypt_work_as_a_known_one(rounds):
     assert pausepoint.stand_in_password_hash(rounds).startswith(f"$2b${rounds:02d}$".encode())
+
+
+# -- headers and bodies that are not what they claim ------------------------------------------
+
+@pytest.mark.parametrize("header, value", [
+    ("Authorization", b"Bearer \xff\xfe"),
+    ("User-Agent", b"curl/\xff\xfe"),
+    ("Idempotency-Key", b"key-\xff"),
+])
+def test_headers_that_are_not_utf8_are_a_4xx_never_a_500(live_server, header, value):
+    keys = requests.post(f"{live_server.url}/v1/auth/register",
+                         json={"email": "h@example.com", "name": "H", "password": "password123"}).json()
+    headers = {"Authorization": f"Bearer {keys['test_api_key']}".encode(), "Content-Type": "application/json",
+               header: value}
+    created = requests.post(f"{live_server.url}/v1/pause", data=json.dumps(WIRE), headers=headers)
+    assert created.status_code in (201, 401, 422), created.text
+    if header == "User-Agent":
+        token = token_of(created.json()["respond_url"])
+        for method, path in (("GET", f"/v1/respond/{token}"), ("GET", f"/respond/{token}"),
+                             ("POST", "/v1/respond/unknown-token")):
+            answer = requests.request(method, live_server.url + path, headers={"User-Agent": value,
+                                      "Content-Type": "application/json"}, data=b'{"choice": "Approve"}')
+            assert answer.status_code in (200, 404), (path, answer.status_code)
+
+
+def test_an_unknown_token_is_404_whatever_else_is_wrong_with_the_form(api):
+    response = api.post("/respond/not-a-token", {"choice": "Approve", "comment": "\x01" + "x" * 3000}, status=404)
+    assert response.content_type == "text/html"
+
+
+def test_an_idempotency_key_with_control_characters_is_422(api, developer):
+    response = api.post_json("/v1/pause", WIRE, headers={**api.as_key(developer["test_api_key"]),
+                                                         "Idempotency-Key": "key\x01"}, status=422)
+    assert response.json["error"]["field"] == "Idempotency-Key"
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://[::1]:99999/x", "http://exa mple.com/"])
+def test_a_webhook_url_that_does_not_parse_is_422(api, developer, url):
+    response = api.post_json("/v1/webhooks", {**HOOK, "url": url}, headers=api.as_key(developer["test_api_key"]),
+                             status=422)
+    assert response.json["error"]["field"] == "url"
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json(api, developer, constant):
+    body = json.dumps(WIRE)[:-1] + f', "metadata": {{"x": {constant}}}}}'
+    response = api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
+                                                    "Content-Type": "application/json"}, status=400)
+    assert response.json["error"]["code"] == "invalid_json"
+
+
+def test_a_password_with_a_nul_is_refused(api):
+    assert api.post_json("/v1/auth/register", {"email": "n@example.com", "name": "N", "password": "\x00" * 10},
+                         status=422).json["error"]["field"] == "password"
+
+
+def test_a_repeated_unexpected_error_logs_one_traceback_a_minute(api, developer, config, caplog):
+    created = api.create_pause(developer["test_api_key"])
+    stored(config, "UPDATE pauses SET options = 'not json'")
+    for _ in range(50):
+        api.get(f"/v1/respond/{token_of(created['respond_url'])}", status=500)
+    tracebacks = [r for r in caplog.records if r.name == "pausepoint" and r.exc_info]
+    assert len(tracebacks) == 1

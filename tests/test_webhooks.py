@@ -4,6 +4,7 @@ import datetime as dt
 import http.server
 import os
 import re
+import socket
 import threading
 import time
 
@@ -11,7 +12,7 @@ import pytest
 import requests
 
 from conftest import stored, ROOT, WIRE, Api, make_config, token_of, wait_until
-from stubs import TrickleReceiver, WebhookReceiver
+from stubs import Blackhole, StallingReceiver, TrickleReceiver, WebhookReceiver
 import pausepoint
 
 SECRET = "whsec_test_secret_0123456789"
@@ -267,16 +268,20 @@ def test_a_receiver_answering_500_is_retried_with_the_same_event_id(hooks_api, k
         receiver.close()
 
 
-def test_retry_after_is_honoured(hooks_api, keys):
-    receiver = WebhookReceiver(answers=[(503, {"Retry-After": "600"})])
+@pytest.mark.parametrize("retry_after, due_within", [("600", (590, 610)), ("\u00b2", (3, 7))],
+                         ids=["seconds", "not-ascii-digits"])
+def test_retry_after_is_honoured_when_it_is_a_number(hooks_api, keys, retry_after, due_within):
+    receiver = WebhookReceiver(answers=[(503, {"Retry-After": retry_after})])
     try:
         key = keys["test_api_key"]
         webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
         hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
         receiver.wait_for(1)
         [delivery] = wait_until(lambda: (d := deliveries(hooks_api, key, webhook_id))[0]["attempts"] and d)
+        assert delivery["attempts"][0]["status_code"] == 503 and delivery["status"] == "pending"
         due = dt.datetime.strptime(delivery["next_attempt_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
-        assert due - dt.datetime.now(dt.timezone.utc) > dt.timedelta(seconds=590)
+        wait = (due - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        assert due_within[0] <= wait <= due_within[1]         # a Retry-After that is no number: the usual ~5 s
     finally:
         receiver.close()
 
@@ -479,7 +484,8 @@ def test_the_readme_receiver_handles_what_the_server_sends(hooks_api, keys, monk
 @pytest.mark.parametrize("slow_receiver", [
     lambda: WebhookReceiver(delay=pausepoint.DELIVERY_TIMEOUT_SECONDS + 2),    # says nothing
     lambda: TrickleReceiver(interval=1.0),      # every read returns within 1 s; the whole answer takes a minute
-], ids=["silent", "trickling"])
+    lambda: StallingReceiver(),                 # "HTTP/1.1 200 OK" and then nothing: not a 200
+], ids=["silent", "trickling", "stalling"])
 def test_an_attempt_ends_after_10_seconds_however_slowly_the_receiver_answers(hooks_api, keys, slow_receiver):
     slow = slow_receiver()
     try:
@@ -543,3 +549,44 @@ def test_one_developers_trickling_receivers_never_delay_anothers_delivery(spawn_
     finally:
         trickler.close()
         receiver.close()
+
+
+def test_an_attempt_to_a_name_with_many_unreachable_addresses_still_ends_at_10_seconds(hooks_api, keys, monkeypatch):
+    holes = [Blackhole(f"127.0.0.{n}") for n in (1, 2, 3, 4)]     # each would take a whole connect timeout
+    real_getaddrinfo = socket.getaddrinfo
+
+    def resolve(host, port, *args, **kwargs):       # a name with four A records, as DNS could give
+        if host == "many.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", hole.address) for hole in holes]
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    try:
+        key = keys["test_api_key"]
+        webhook_id = add_webhook(hooks_api, key, "http://many.example/hook")["webhook_id"]
+        hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+        [delivery] = wait_until(lambda: (d := deliveries(hooks_api, key, webhook_id))[0]["attempts"] and d, timeout=20)
+        attempt = delivery["attempts"][0]
+        assert attempt["error"] == "timed out after 10 s" and 10_000 <= attempt["duration_ms"] < 11_500
+        assert delivery["status"] == "pending"
+    finally:
+        for hole in holes:
+            hole.close()
+
+
+@pytest.mark.parametrize("header", ["t=\u00b2,v1=00", "t=\u0661\u0662,v1=00", "v1=00", ""])
+def test_a_signature_with_an_odd_timestamp_is_refused_not_a_crash(header):
+    assert pausepoint.verify_signature(SECRET, header, b"{}") is False
+
+
+def test_a_developer_with_nothing_in_flight_finds_a_worker_while_four_others_stall():
+    pool = pausepoint.OutboundPool(workers=16, per_developer=4)
+    try:
+        for developer in ("a", "b", "c", "d"):
+            for n in range(8):                          # more than their share: the rest is refused
+                pool.reserve(developer, ("webhook", f"{developer}{n % 4}"), 2, 4)
+        assert pool.free() == 3
+        assert pool.reserve("e", ("webhook", "e0"), 2, 4)          # a newcomer still gets in
+        assert not pool.reserve("a", ("webhook", "a-new"), 2, 4)   # the stalling ones do not
+    finally:
+        pool.shutdown()
