@@ -24,6 +24,7 @@ import getpass
 import hashlib
 import heapq
 import hmac
+import inspect
 import ipaddress
 import itertools
 import json
@@ -51,6 +52,7 @@ import uuid
 import apprise
 import bcrypt
 import bottle
+import jsonschema
 import requests
 import twilio.base.exceptions
 import twilio.http.http_client
@@ -413,6 +415,33 @@ def wake_after_commit(conn, what, *ids):
     conn._woken.setdefault(what, set()).update(ids)
 
 
+def query_db(conn, sql, args=(), one=False):
+    """Rows of a query, or with one=True its first row (None if there is none)."""
+    cursor = conn.execute(sql, args)
+    return cursor.fetchone() if one else cursor.fetchall()
+
+
+def rows_in(conn, table, column, values):
+    """The rows of `table` whose `column` is one of `values`, in one query."""
+    if not values:
+        return []
+    marks = ", ".join("?" * len(values))
+    return query_db(conn, f"SELECT * FROM {table} WHERE {column} IN ({marks})", tuple(values))
+
+
+def pause_by_id(conn, pause_id):
+    return query_db(conn, "SELECT * FROM pauses WHERE id = ?", (pause_id,), one=True)
+
+
+def notification_of(conn, pause_id):
+    return query_db(conn, "SELECT * FROM notifications WHERE pause_id = ?", (pause_id,), one=True)
+
+
+def rows_by(conn, table, column, values):
+    """{value: row} for the rows of `table` whose `column` is one of `values`."""
+    return {row[column]: row for row in rows_in(conn, table, column, values)}
+
+
 def migrate(conn):
     """Create the schema on a fresh database, or apply the migrations it lacks."""
     with transaction(conn):
@@ -488,8 +517,12 @@ def invalid(field, message):
 # Bidi_Control characters, which make text read differently from what it is (the
 # "Trojan Source" trick), and the tag characters, invisible copies of ASCII that can
 # smuggle text past a reader.
-UNSAFE_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
-                         "\U000e0000-\U000e007f]")
+UNSAFE_CHARACTERS = ("\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+                     "\U000e0000-\U000e007f")
+UNSAFE_TEXT = re.compile(f"[{UNSAFE_CHARACTERS}]")
+# The same, for JSON Schema: text with none of those, and text with something visible too.
+SAFE_TEXT = f"^[^{UNSAFE_CHARACTERS}]*$"
+VISIBLE_TEXT = f"^[^{UNSAFE_CHARACTERS}]*[^\\s{UNSAFE_CHARACTERS}][^{UNSAFE_CHARACTERS}]*$"
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -543,7 +576,7 @@ def error_body(status, code, message, field=None):
 KEY_ALPHABET = string.ascii_letters + string.digits
 KEY_RANDOM_CHARS = 48                      # 48 * log2(62) = 285 bits
 MODES = {"live": 1, "test": 0}
-EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+EMAIL = re.compile(f"^[^@\\s{UNSAFE_CHARACTERS}]+@[^@\\s{UNSAFE_CHARACTERS}]+\\.[^@\\s{UNSAFE_CHARACTERS}]+$")
 
 
 def new_api_key(livemode):
@@ -568,22 +601,16 @@ def issue_key(conn, developer_id, livemode):
     return key
 
 
-def validate_registration(email, name, password):
-    if not isinstance(email, str) or len(email) > 254 or not EMAIL.match(email.strip()) or UNSAFE_TEXT.search(email):
-        raise invalid("email", "email must be an email address like you@example.com")
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
-        raise invalid("name", "name must be 1-200 characters")
-    check_text("name", name)
-    if not isinstance(password, str) or len(password) < 8:
-        raise invalid("password", "password must be at least 8 characters")
-    check_text("password", password)
+def check_registration(email, name, password):
+    """REGISTRATION_SCHEMA, and what it cannot say: bcrypt reads 72 bytes at most."""
+    validate_body(REGISTRATION_SCHEMA, {"email": email, "name": name, "password": password})
     if len(password.encode("utf-8")) > 72:
         raise invalid("password", "password must be at most 72 bytes (bcrypt's limit)")
 
 
 def register_developer(conn, config, email, name, password, plan="free"):
     """Create a developer with one live and one test key; returns the quickstart's response."""
-    validate_registration(email, name, password)
+    check_registration(email, name, password)
     if plan not in plans(config):
         raise invalid("plan", f"plan must be one of: {', '.join(sorted(plans(config)))}")
     password_hash = bcrypt.hashpw(password.encode("utf-8"),
@@ -699,67 +726,36 @@ def audit_event_json(row):
 ###############################################################################
 
 STATUSES = ("pending", "responded", "timed_out", "cancelled")
-PAUSE_FIELDS = {"recipient", "channel", "message", "options", "timeout_hours", "timeout_default", "metadata"}
 MAX_METADATA_BYTES = 16 * 1024
 IDEMPOTENCY_WINDOW = dt.timedelta(hours=24)
 MIN_TIMEOUT_SECONDS = 1.0
 
 
-def validate_pause_request(body, config):
-    """Check a POST /v1/pause body; return the clean fields or raise 422 naming the field."""
-    if not isinstance(body, dict):
-        raise invalid(None, "the request body must be a JSON object")
-    unknown = sorted(set(body) - PAUSE_FIELDS)
-    if unknown:
-        raise invalid(unknown[0], f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(PAUSE_FIELDS))}")
-    channel, known = body.get("channel"), channels(config)
-    if channel is None:
-        raise invalid("channel", f"channel is required: one of {', '.join(known)}")
-    if not isinstance(channel, str) or channel not in known:
-        raise invalid("channel", f"unknown channel {channel!r}; this server knows: {', '.join(known)}")
-    recipient = body.get("recipient")
-    if not isinstance(recipient, str) or not recipient.strip():
-        raise invalid("recipient", "recipient is required")
-    check_text("recipient", recipient)
-    problem = known[channel].recipient_problem(recipient.strip())
-    if problem:
-        raise invalid("recipient", problem)
-    message = body.get("message")
-    if not isinstance(message, str) or not message.strip() or len(message) > 1600:
-        raise invalid("message", "message must be 1-1600 characters")
-    check_text("message", message)
-    options = body.get("options")
-    if (not isinstance(options, list) or not 2 <= len(options) <= 10
-            or not all(isinstance(o, str) and o.strip() and len(o) <= 100 for o in options)):
-        raise invalid("options", "options must be a list of 2-10 non-empty strings of at most 100 characters")
-    for option in options:
-        check_text("options", option)
-    options = [o.strip() for o in options]
-    seen = [option_identity(o) for o in options]
+def pause_fields(body, config):
+    """What pause_request_schema cannot say about a POST /v1/pause body already checked
+    against it; returns the clean fields or raises 422 naming the field."""
+    recipient, message = body["recipient"].strip(), body["message"]
+    options = distinct_options(body["options"])
+    default = body.get("timeout_default")
+    if default is not None and default.strip() not in options:
+        raise invalid("timeout_default", "timeout_default must be one of the options (or left out)")
+    metadata = body.get("metadata")
+    if metadata is not None and len(compact_json(metadata).encode("utf-8")) > MAX_METADATA_BYTES:
+        raise invalid("metadata", f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON")
+    return {"recipient": recipient, "channel": body["channel"], "message": message, "options": options,
+            "timeout_seconds": body["timeout_hours"] * 3600,
+            "timeout_default": default.strip() if default is not None else None, "metadata": metadata}
+
+
+def distinct_options(options):
+    """The options, stripped, if each shows something and no two look alike; else 422."""
+    seen = [option_identity(option) for option in options]
     if not all(seen):
         raise invalid("options", "options must be visible text, not only invisible characters")
     if len(set(seen)) != len(seen):
         raise invalid("options", "options must be distinct, and look distinct: they may not differ only in case,"
                                  " invisible characters or Unicode look-alike forms")
-    hours = body.get("timeout_hours")
-    limit = config["pauses.max_timeout_hours"]
-    if (isinstance(hours, bool) or not isinstance(hours, (int, float)) or not math.isfinite(hours)
-            or hours * 3600 < MIN_TIMEOUT_SECONDS - 1e-6 or hours > limit):
-        raise invalid("timeout_hours", f"timeout_hours must be a number from one second (0.0003) to {limit:g}")
-    default = body.get("timeout_default")
-    if default is not None and (not isinstance(default, str) or default.strip() not in options):
-        raise invalid("timeout_default", "timeout_default must be one of the options (or left out)")
-    metadata = body.get("metadata")
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            raise invalid("metadata", "metadata must be a JSON object")
-        if len(compact_json(metadata).encode("utf-8")) > MAX_METADATA_BYTES:
-            raise invalid("metadata", f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON")
-    return {
-        "recipient": recipient.strip(), "channel": channel, "message": message, "options": options,
-        "timeout_seconds": hours * 3600, "timeout_default": default.strip() if default is not None else None,
-        "metadata": metadata,
-    }
+    return [option.strip() for option in options]
 
 
 # Characters drawn as nothing that are not format characters (the rest of Unicode's
@@ -796,7 +792,7 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
     Returns (pause row, replayed): replayed is True when an Idempotency-Key
     matched an earlier identical request and nothing new was created.
     """
-    fields = validate_pause_request(body, config)
+    fields = pause_fields(body, config)
     channel = channels(config)[fields["channel"]]
     if caller.livemode:
         missing = channel.missing_settings(config)
@@ -831,7 +827,7 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
              fields["message"], compact_json(fields["options"]), fields["timeout_default"],
              None if fields["metadata"] is None else compact_json(fields["metadata"]),
              token, reply_code, created_at, expires_at))
-        pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (pause_id,)).fetchone()
+        pause = pause_by_id(conn, pause_id)
         if channel.render is not None:      # the link channel sends nothing: the agent delivers respond_url
             conn.execute(
                 "INSERT INTO notifications (id, pause_id, developer_id, channel, recipient, livemode, text,"
@@ -864,7 +860,7 @@ def earlier_idempotent_pause(conn, caller, key, fingerprint, now):
         raise ApiError(422, "idempotency_key_reused",
                        "this Idempotency-Key was used in the last 24 hours with a different request body",
                        field="Idempotency-Key")
-    return conn.execute("SELECT * FROM pauses WHERE id = ?", (row["pause_id"],)).fetchone()
+    return pause_by_id(conn, row["pause_id"])
 
 
 def check_quota(conn, config, caller, now):
@@ -902,7 +898,7 @@ def decide_pause(conn, config, pause_id, status, decided_by, choice=None, commen
          "id": pause_id}).rowcount
     if changed != 1:
         return False
-    pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (pause_id,)).fetchone()
+    pause = pause_by_id(conn, pause_id)
     record_event(conn, pause["developer_id"], pause["livemode"], decided_by, f"pause.{status}", pause_id,
                  {"choice": pause["choice"], "comment": comment, "decided_by": decided_by, **(data or {})}, when=now)
     emit_pause_event(conn, config, pause, f"pause.{status}", when=now)
@@ -928,8 +924,8 @@ def respond_to_pause(conn, config, token, choice, comment, client):
         if not decide_pause(conn, config, pause["id"], "responded", decided_by, choice.strip(), comment, data=client):
             # Between the read and the write nothing can change (we hold the write
             # lock), so losing here means the pause expired at this very instant.
-            refuse_if_decided(conn.execute("SELECT * FROM pauses WHERE id = ?", (pause["id"],)).fetchone(), expired=True)
-        return conn.execute("SELECT * FROM pauses WHERE id = ?", (pause["id"],)).fetchone()
+            refuse_if_decided(pause_by_id(conn, pause["id"]), expired=True)
+        return pause_by_id(conn, pause["id"])
 
 
 # Reply codes name one pause in an SMS conversation: a letter and a digit ('K7'),
@@ -1078,7 +1074,7 @@ def cancel_pause(conn, config, caller, pause_id):
         pause = owned_pause(conn, caller, pause_id)
         if not decide_pause(conn, config, pause_id, "cancelled", caller.actor):
             raise ApiError(409, "not_pending", f"the pause is already {pause['status']}; only pending pauses can be cancelled")
-        return conn.execute("SELECT * FROM pauses WHERE id = ?", (pause_id,)).fetchone()
+        return pause_by_id(conn, pause_id)
 
 
 def owned_pause(conn, caller, pause_id):
@@ -1469,7 +1465,7 @@ class Channel:
     """
     name: str
     kind: str                     # 'twilio', 'email', 'apprise' or 'link'
-    recipient_problem: object     # recipient -> None, or a sentence saying what is wrong
+    recipient: dict               # JSON Schema for the recipient, beyond being visible text
     missing_settings: object      # config -> [setting names a live send still needs]
     render: object = None         # (pause, respond_url) -> the exact text sent; None: nothing is sent
     send: object = None
@@ -1487,37 +1483,26 @@ class ChannelError(Exception):
 def channels(config):
     """The channels this server offers: the built-in ones and one per [channels.NAME] target."""
     found = {
-        "sms": Channel("sms", "twilio", phone_problem, twilio_missing, sms_text, send_twilio),
-        "whatsapp": Channel("whatsapp", "twilio", phone_problem, twilio_missing, sms_text, send_twilio),
-        "email": Channel("email", "email", email_problem, smtp_missing, email_text, send_email),
-        "link": Channel("link", "link", label_problem, lambda config: []),
+        "sms": Channel("sms", "twilio", PHONE_RECIPIENT, twilio_missing, sms_text, send_twilio),
+        "whatsapp": Channel("whatsapp", "twilio", PHONE_RECIPIENT, twilio_missing, sms_text, send_twilio),
+        "email": Channel("email", "email", EMAIL_RECIPIENT, smtp_missing, email_text, send_email),
+        "link": Channel("link", "link", LABEL_RECIPIENT, lambda config: []),
     }
     for key, url in config.items():
         match = CHANNEL_KEY.match(key)
         if match:
-            found[match.group(1)] = Channel(match.group(1), "apprise", label_problem, lambda config: [],
+            found[match.group(1)] = Channel(match.group(1), "apprise", LABEL_RECIPIENT, lambda config: [],
                                             push_text, functools.partial(send_apprise, url))
     return found
 
 
-def phone_problem(recipient):
-    if not E164.match(recipient):
-        return "recipient must be a phone number in E.164 form, like +15550100 (a + and 7-15 digits)"
-    return None
-
-
-def email_problem(recipient):
-    if len(recipient) > 254 or not EMAIL.match(recipient):
-        return "recipient must be an email address like ada@example.com"
-    return None
-
-
-def label_problem(recipient):
-    # Push targets and links are named in config or delivered by the agent;
-    # the recipient only says who is expected to answer, for the audit log.
-    if len(recipient) > 200:
-        return "recipient must be at most 200 characters"
-    return None
+PHONE_RECIPIENT = {"type": "string", "pattern": "^\\s*" + E164.pattern[1:-1] + "\\s*$",
+                   "x-message": "recipient must be a phone number in E.164 form, like +15550100 (a + and 7-15 digits)"}
+EMAIL_RECIPIENT = {"type": "string", "maxLength": 254, "pattern": EMAIL.pattern,
+                   "x-message": "recipient must be an email address like ada@example.com"}
+# Push targets and links are named in config or delivered by the agent; the
+# recipient only says who is expected to answer, for the audit log.
+LABEL_RECIPIENT = {"type": "string", "maxLength": 200, "x-message": "recipient must be at most 200 characters"}
 
 
 def twilio_missing(config):
@@ -1720,7 +1705,7 @@ def send_notification(conn, config, deadlines, row, claim_until):
     try:
         if channel is None or channel.send is None or channel.missing_settings(config):
             raise ChannelError(f"channel {row['channel']!r} is not configured on this server")
-        pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (row["pause_id"],)).fetchone()
+        pause = pause_by_id(conn, row["pause_id"])
         with deadlines.deadline(PROVIDER_TIMEOUT_SECONDS) as deadline:
             provider_id, error = channel.send(config, row, pause, deadline), None
     except ChannelError as e:
@@ -1746,7 +1731,7 @@ def send_notification(conn, config, deadlines, row, claim_until):
                          {"channel": row["channel"], "recipient": row["recipient"], "attempts": attempt,
                           "provider_message_id": provider_id, "error": error}, when=now)
         if changed and status == "failed":
-            pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (row["pause_id"],)).fetchone()
+            pause = pause_by_id(conn, row["pause_id"])
             emit_pause_event(conn, config, pause, "pause.notification_failed", when=now)
 
 
@@ -1756,7 +1741,6 @@ def send_notification(conn, config, deadlines, row, claim_until):
 
 WEBHOOK_EVENTS = ("pause.created", "pause.responded", "pause.timed_out", "pause.cancelled",
                   "pause.notification_failed")
-WEBHOOK_FIELDS = {"url", "events", "secret"}
 MIN_SECRET_LENGTH = 16
 SECRET_ROTATION_OVERLAP = dt.timedelta(hours=24)
 # Delays before attempts 2..10: about three days in all.
@@ -1858,41 +1842,27 @@ def webhook_session(allow_private, deadline):
     return under_deadline(session, deadline, allow_private)
 
 
-def validate_webhook_request(body, allow_private, partial=False):
-    """Check a POST (or, partial, a PATCH) /v1/webhooks body; returns the clean fields."""
-    if not isinstance(body, dict):
-        raise invalid(None, "the request body must be a JSON object")
-    allowed = WEBHOOK_FIELDS | ({"enabled"} if partial else set())
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise invalid(unknown[0], f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+def webhook_fields(body, allow_private):
+    """What WEBHOOK_SCHEMA (or WEBHOOK_CHANGE_SCHEMA) cannot say about a body already checked
+    against it: the URL is one we may call; returns the clean fields."""
     fields = {}
-    if "url" in body or not partial:
-        problem = url_problem(body.get("url"), allow_private)
+    if "url" in body:
+        problem = url_problem(body["url"], allow_private)
         if problem:
             raise invalid("url", problem)
         fields["url"] = body["url"].strip()
-    if "events" in body or not partial:
-        events = body.get("events")
-        if (not isinstance(events, list) or not events
-                or not all(isinstance(e, str) and e in WEBHOOK_EVENTS for e in events)):
-            raise invalid("events", f"events must be a non-empty list drawn from: {', '.join(WEBHOOK_EVENTS)}")
-        fields["events"] = sorted(set(events), key=WEBHOOK_EVENTS.index)
+    if "events" in body:
+        fields["events"] = sorted(set(body["events"]), key=WEBHOOK_EVENTS.index)
     if body.get("secret") is not None:
-        if not isinstance(body["secret"], str) or not MIN_SECRET_LENGTH <= len(body["secret"]) <= 256:
-            raise invalid("secret", f"secret must be {MIN_SECRET_LENGTH}-256 characters (or left out to have one made)")
-        check_text("secret", body["secret"])
         fields["secret"] = body["secret"]
     if "enabled" in body:
-        if body["enabled"] is not True and body["enabled"] is not False:
-            raise invalid("enabled", "enabled must be true or false")
         fields["enabled"] = body["enabled"]
     return fields
 
 
 def create_webhook(conn, config, caller, body):
     """Register an endpoint; returns (row, secret if it was generated here)."""
-    fields = validate_webhook_request(body, config["webhooks.allow_private"])
+    fields = webhook_fields(body, config["webhooks.allow_private"])
     generated = None
     if "secret" not in fields:
         generated = fields["secret"] = "whsec_" + secrets.token_urlsafe(32)
@@ -1915,7 +1885,7 @@ def create_webhook(conn, config, caller, body):
 
 def update_webhook(conn, config, caller, webhook_id, body):
     """PATCH: change url or events, rotate the secret (the old one signs too for 24 h), enable or disable."""
-    fields = validate_webhook_request(body, config["webhooks.allow_private"], partial=True)
+    fields = webhook_fields(body, config["webhooks.allow_private"])
     now = utcnow()
     with transaction(conn):
         webhook = owned_webhook(conn, caller, webhook_id)
@@ -1996,7 +1966,7 @@ def emit_pause_event(conn, config, pause, event_type, when=None):
         " AND status = 'enabled'", (pause["developer_id"], pause["livemode"]))
         if event_type in json.loads(row["events"])]
     if targets:
-        notification = conn.execute("SELECT * FROM notifications WHERE pause_id = ?", (pause["id"],)).fetchone()
+        notification = notification_of(conn, pause["id"])
         queue_event(conn, pause["developer_id"], pause["livemode"], event_type,
                     pause_json(pause, config, notification), targets, pause["id"], when)
 
@@ -2052,21 +2022,26 @@ def refuse_if_disabled(webhook):
         raise ApiError(409, "webhook_disabled", 'the webhook is disabled; enable it with PATCH {"enabled": true}')
 
 
-def delivery_json(conn, delivery):
-    event = conn.execute("SELECT type FROM webhook_events WHERE id = ?", (delivery["event_id"],)).fetchone()
-    attempts = conn.execute("SELECT * FROM webhook_attempts WHERE delivery_id = ? ORDER BY attempt",
-                            (delivery["id"],)).fetchall()
-    return {
+def deliveries_json(conn, deliveries):
+    """Deliveries as the API shows them, each with its event type and every attempt:
+    two queries for the whole page, not two per delivery."""
+    ids = [delivery["id"] for delivery in deliveries]
+    types = {row["id"]: row["type"] for row in rows_in(conn, "webhook_events", "id",
+                                                         [delivery["event_id"] for delivery in deliveries])}
+    attempts = collections.defaultdict(list)
+    for a in sorted(rows_in(conn, "webhook_attempts", "delivery_id", ids), key=lambda row: row["attempt"]):
+        attempts[a["delivery_id"]].append({
+            "attempt": a["attempt"], "started_at": api_time(a["started_at"]), "status_code": a["status_code"],
+            "error": a["error"], "duration_ms": a["duration_ms"], "next_attempt_at": api_time(a["next_attempt_at"])})
+    return [{
         "delivery_id": delivery["id"],
         "event_id": delivery["event_id"],
-        "event_type": event["type"],
+        "event_type": types[delivery["event_id"]],
         "status": delivery["status"],
         "next_attempt_at": api_time(delivery["next_attempt_at"]) if delivery["status"] == "pending" else None,
         "created_at": api_time(delivery["created_at"]),
-        "attempts": [{"attempt": a["attempt"], "started_at": api_time(a["started_at"]),
-                      "status_code": a["status_code"], "error": a["error"], "duration_ms": a["duration_ms"],
-                      "next_attempt_at": api_time(a["next_attempt_at"])} for a in attempts],
-    }
+        "attempts": attempts[delivery["id"]],
+    } for delivery in deliveries]
 
 
 def due_deliveries(conn, per_webhook):
@@ -2489,11 +2464,213 @@ class RateLimiter:
 
 
 ###############################################################################
-# HTTP: the JSON API
+# The API's contract: request and response bodies as JSON Schema
+###############################################################################
+
+# Every request body is declared here once, as JSON Schema (draft 2020-12), and
+# validated with the jsonschema library before a handler sees it; the same
+# schemas feed the OpenAPI document. What JSON Schema cannot say (a phone number
+# for sms, timeout_default among the options, options that look alike) is
+# checked by small named functions beside the domain code. "x-message" is the
+# sentence a 422 gives when the field is wrong.
+TIME = {"type": "string", "format": "date-time"}
+ERROR_SCHEMA = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {
+        "type": "object", "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}}}},
+}
+
+
+def nullable(schema):
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+def pause_request_schema(config):
+    """POST /v1/pause. Channels, what each takes as a recipient, and the longest timeout
+    come from the server's config."""
+    known, limit = channels(config), config["pauses.max_timeout_hours"]
+    by_kind = collections.defaultdict(list)
+    for channel in known.values():
+        by_kind[json.dumps(channel.recipient, sort_keys=True)].append(channel.name)
+    return {
+        "type": "object", "additionalProperties": False,
+        "required": ["channel", "recipient", "message", "options", "timeout_hours"],
+        "allOf": [{"if": {"required": ["channel"], "properties": {"channel": {"enum": names}}},
+                   "then": {"properties": {"recipient": json.loads(recipient)}}} for recipient, names in by_kind.items()],
+        "properties": {
+            "channel": {"type": "string", "enum": list(known),
+                        "x-message": f"channel must be one of the channels this server knows: {', '.join(known)}"},
+            "recipient": {"type": "string", "minLength": 1, "pattern": VISIBLE_TEXT,
+                          "x-message": "recipient is required: who answers, as the channel takes it, in visible text"
+                                       " without control or bidirectional-override characters"},
+            "message": {"type": "string", "minLength": 1, "maxLength": 1600, "pattern": VISIBLE_TEXT,
+                        "x-message": "message must be 1-1600 characters of visible text; newlines and tabs are fine,"
+                                     " other control and bidirectional-override characters are not"},
+            "options": {"type": "array", "minItems": 2, "maxItems": 10, "uniqueItems": True,
+                        "items": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": VISIBLE_TEXT},
+                        "x-message": "options must be a list of 2-10 distinct strings of at most 100 characters"
+                                     " of visible text, without control or bidirectional-override characters"},
+            "timeout_hours": {"type": "number", "minimum": MIN_TIMEOUT_SECONDS / 3600 - 1e-9, "maximum": limit,
+                              "x-message": f"timeout_hours must be a number from one second (0.0003) to {limit:g}"},
+            "timeout_default": {"type": ["string", "null"],
+                                "x-message": "timeout_default must be one of the options (or left out)"},
+            "metadata": {"type": ["object", "null"], "x-message": "metadata must be a JSON object"},
+        },
+    }
+
+
+REGISTRATION_SCHEMA = {
+    "type": "object", "required": ["email", "name", "password"],
+    "x-message": "the request body must be a JSON object with email, name and password",
+    "properties": {
+        "email": {"type": "string", "maxLength": 254, "pattern": EMAIL.pattern,
+                  "x-message": "email must be an email address like you@example.com"},
+        "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": VISIBLE_TEXT,
+                 "x-message": "name must be 1-200 characters of visible text, without control characters"},
+        "password": {"type": "string", "minLength": 8, "pattern": SAFE_TEXT,
+                     "x-message": "password must be at least 8 characters, without control characters"},
+    },
+}
+ROTATION_SCHEMA = {
+    "type": "object", "required": ["key", "email", "password"],
+    "x-message": "the request body must be a JSON object with email, password and key",
+    "properties": {
+        "key": {"type": "string", "enum": list(MODES), "x-message": "key must be 'live' or 'test': which key to replace"},
+        "email": {"type": "string", "maxLength": 254, "x-message": "email must be the email you registered with"},
+        "password": {"type": "string", "maxLength": 1024, "x-message": "password must be your password"},
+    },
+}
+WEBHOOK_PROPERTIES = {
+    "url": {"type": "string", "maxLength": 2048, "pattern": "^https?://[^\\s/?#]+([/?#]\\S*)?$",
+            "x-message": "url must be an http:// or https:// URL of at most 2048 characters"},
+    "events": {"type": "array", "minItems": 1, "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
+               "x-message": f"events must be a non-empty list drawn from: {', '.join(WEBHOOK_EVENTS)}"},
+    "secret": {"type": ["string", "null"], "minLength": MIN_SECRET_LENGTH, "maxLength": 256, "pattern": SAFE_TEXT,
+               "x-message": f"secret must be {MIN_SECRET_LENGTH}-256 characters (or left out to have one made)"},
+}
+WEBHOOK_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["url", "events"],
+                  "properties": WEBHOOK_PROPERTIES}
+WEBHOOK_CHANGE_SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
+    **WEBHOOK_PROPERTIES, "enabled": {"type": "boolean", "x-message": "enabled must be true or false"}}}
+RESPONSE_SCHEMA = {
+    "type": "object", "required": ["choice"], "x-message": 'the request body must be a JSON object like {"choice": "Approve"}',
+    "properties": {
+        "choice": {"type": "string", "x-message": "choice must be one of the pause's options"},
+        "comment": {"type": ["string", "null"], "maxLength": 2000, "pattern": SAFE_TEXT,
+                    "x-message": "comment must be text of at most 2000 characters, without control characters"},
+    },
+}
+
+# Query parameters: the same, with whole numbers arriving as text.
+LIMIT = {"type": "integer", "minimum": 1, "maximum": 100, "default": 20,
+         "x-message": "limit must be a whole number from 1 to 100"}
+CURSOR = {"type": "string", "pattern": "^[0-9]{1,18}$",
+          "x-message": "cursor must be a next_cursor value from an earlier page"}
+PAGE_QUERY = {"limit": LIMIT, "cursor": CURSOR}
+
+# Answers.
+PAUSE_CREATED = {"type": "object", "required": ["pause_id", "status", "respond_url", "expires_at", "created_at"],
+                 "properties": {"pause_id": {"type": "string"}, "status": {"type": "string", "enum": list(STATUSES)},
+                                "respond_url": {"type": "string"}, "expires_at": TIME, "created_at": TIME}}
+NOTIFICATION = {"type": ["object", "null"], "properties": {
+    "channel": {"type": "string"}, "status": {"type": "string", "enum": ["queued", "sent", "simulated", "failed"]},
+    "attempts": {"type": "integer"}, "provider_message_id": {"type": ["string", "null"]},
+    "last_error": {"type": ["string", "null"]}, "text": {"type": "string"}}}
+PAUSE = {"type": "object", "required": ["pause_id", "status", "options", "livemode", "expires_at", "created_at"],
+         "properties": {
+             **PAUSE_CREATED["properties"], "recipient": {"type": "string"}, "channel": {"type": "string"},
+             "message": {"type": "string"}, "options": {"type": "array", "items": {"type": "string"}},
+             "timeout_default": {"type": ["string", "null"]}, "choice": {"type": ["string", "null"]},
+             "comment": {"type": ["string", "null"]}, "decided_at": nullable(TIME),
+             "decided_by": {"type": ["string", "null"]}, "metadata": {"type": ["object", "null"]},
+             "livemode": {"type": "boolean"}, "notification": NOTIFICATION}}
+WEBHOOK = {"type": "object", "required": ["webhook_id", "url", "events", "status", "livemode"], "properties": {
+    "webhook_id": {"type": "string"}, "url": {"type": "string"}, "events": {"type": "array", "items": {"type": "string"}},
+    "status": {"type": "string", "enum": ["enabled", "disabled"]}, "disabled_reason": {"type": ["string", "null"]},
+    "livemode": {"type": "boolean"}, "created_at": TIME, "updated_at": TIME,
+    "secret": {"type": "string", "description": "Only when it was generated, and only in this answer."}}}
+DELIVERY = {"type": "object", "required": ["delivery_id", "event_id", "event_type", "status", "attempts"], "properties": {
+    "delivery_id": {"type": "string"}, "event_id": {"type": "string"}, "event_type": {"type": "string"},
+    "status": {"type": "string", "enum": ["pending", "delivering", "succeeded", "failed", "cancelled"]},
+    "next_attempt_at": nullable(TIME), "created_at": TIME,
+    "attempts": {"type": "array", "items": {"type": "object", "properties": {
+        "attempt": {"type": "integer"}, "started_at": TIME, "status_code": {"type": ["integer", "null"]},
+        "error": {"type": ["string", "null"]}, "duration_ms": {"type": "integer"},
+        "next_attempt_at": nullable(TIME)}}}}}
+AUDIT_EVENT = {"type": "object", "required": ["id", "timestamp", "actor", "event_type", "livemode", "data"], "properties": {
+    "id": {"type": "string"}, "timestamp": TIME, "actor": {"type": "string"}, "event_type": {"type": "string"},
+    "pause_id": {"type": ["string", "null"]}, "livemode": {"type": "boolean"}, "data": {"type": "object"}}}
+RESPOND_FACTS = {"type": "object", "required": ["message", "options", "status"], "properties": {
+    name: PAUSE["properties"][name] for name in ("message", "options", "status", "choice", "comment", "decided_at",
+                                                 "expires_at", "timeout_default")}}
+REGISTERED = {"type": "object", "required": ["developer_id", "api_key", "test_api_key", "plan", "message"],
+              "properties": {"developer_id": {"type": "string"}, "api_key": {"type": "string"},
+                             "test_api_key": {"type": "string"}, "plan": {"type": "string"}, "message": {"type": "string"}}}
+ROTATED = {"type": "object", "required": ["developer_id", "message"], "properties": {
+    "developer_id": {"type": "string"}, "api_key": {"type": "string"}, "test_api_key": {"type": "string"},
+    "message": {"type": "string"}}}
+CHANNELS = {"type": "object", "required": ["channels"], "properties": {"channels": {"type": "array", "items": {
+    "type": "object", "properties": {"name": {"type": "string"}, "kind": {"type": "string"},
+                                     "configured": {"type": "boolean"}}}}}}
+HEALTH = {"type": "object", "required": ["status"], "properties": {
+    "status": {"type": "string"}, "version": {"type": "string"}, "database": {"type": "string"},
+    "scheduler": {"type": "string"}}}
+EVENT = {"type": "object", "required": ["id", "type", "created_at", "livemode", "data"], "properties": {
+    "id": {"type": "string", "description": "The same on every retry: drop duplicates by it."},
+    "type": {"type": "string", "enum": [*WEBHOOK_EVENTS, "webhook.test"]}, "created_at": TIME,
+    "livemode": {"type": "boolean"}, "data": {"description": "The whole pause, as GET /v1/pause/{id} shows it."}}}
+
+
+def page_of(name, item):
+    return {"type": "object", "required": [name, "next_cursor"],
+            "properties": {name: {"type": "array", "items": item}, "next_cursor": {"type": ["string", "null"]}}}
+
+
+def validate_body(schema, body, validator=None):
+    """`body` if it fits `schema`; else the 422 for the first way it does not, naming the
+    field. Fields are taken in the schema's order, so the same body always gets the same
+    answer whatever order the library finds the errors in."""
+    errors = list((validator or jsonschema.Draft202012Validator(schema)).iter_errors(body))
+    if errors:
+        raise schema_error(schema, min(errors, key=lambda e: schema_error_rank(schema, e)))
+    return body
+
+
+def schema_error_rank(schema, error):
+    fields = list(schema.get("properties", {}))
+    field = error_field(error)
+    if field is None:
+        return -1 if error.validator == "additionalProperties" else -2
+    return fields.index(field) if field in fields else len(fields)
+
+
+def error_field(error):
+    """The top-level field an error is about, or None for the body as a whole."""
+    if error.absolute_path:
+        return error.absolute_path[0]
+    if error.validator == "required" and isinstance(error.instance, dict):
+        return next(name for name in error.validator_value if name not in error.instance)
+    return None
+
+
+def schema_error(schema, error):
+    properties, field = schema.get("properties", {}), error_field(error)
+    if field is None and error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(properties))[0]
+        return invalid(extra, f"unknown field {extra!r}; allowed: {', '.join(sorted(properties))}")
+    if field is None:
+        return invalid(None, schema.get("x-message", "the request body must be a JSON object"))
+    # A conditional (the recipient for this channel) says what it wants itself.
+    message = error.schema.get("x-message") if isinstance(error.schema, dict) and len(error.absolute_path) == 1 else None
+    return invalid(field, message or properties.get(field, {}).get("x-message", f"{field} is not valid"))
+
+
+###############################################################################
+# HTTP: reading requests
 ###############################################################################
 
 WAIT_LIMIT_SECONDS = 60
-PAGE_LIMIT = 100
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self';"
                                " base-uri 'none'; frame-ancestors 'none'",
@@ -2503,310 +2680,49 @@ PAGE_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
 }
+STATUS_QUERY = {"type": "string", "enum": list(STATUSES), "x-message": f"status must be one of: {', '.join(STATUSES)}"}
+WAIT_QUERY = {"type": "integer", "minimum": 0, "maximum": WAIT_LIMIT_SECONDS, "default": 0,
+              "x-message": f"wait must be a whole number of seconds from 0 to {WAIT_LIMIT_SECONDS}"}
+AUDIT_QUERY = {"event_type": {"type": "string", "maxLength": 100, "x-message": "event_type must be an event name"},
+               "pause_id": {"type": "string", "maxLength": 100, "x-message": "pause_id must be a pause id"},
+               **PAGE_QUERY}
 
 
-def create_app(config):
-    """The WSGI app for one PausePoint; app.runtime.start() starts its scheduler."""
-    app = bottle.Bottle()
-    rt = app.runtime = Runtime(config)
-    app.install(functools.partial(json_errors, rt.error_log))
+def read_json(config):
+    """The request body as JSON: 413 past the size limit, 415 unless it says it is JSON,
+    400 unless it is JSON (NaN and lone surrogates included)."""
+    limit = config["server.max_body_bytes"]
+    # waitress refuses larger bodies before they are read; this is for other servers.
+    if bottle.request.content_length > limit or len(raw := bottle.request.body.read(limit + 1)) > limit:
+        raise ApiError(413, "payload_too_large", f"request bodies are limited to {limit} bytes")
+    # A JSON body must say so: a page elsewhere can send text/plain without a CORS preflight.
+    if raw and bottle.request.content_type.split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the body as JSON with 'Content-Type: application/json'")
+    try:
+        body = json.loads(raw or b"null", parse_constant=not_json)
+        where = lone_surrogate_at(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+    if where:
+        raise ApiError(400, "invalid_json", "the request body holds a lone UTF-16 surrogate (like \\ud800),"
+                                            " which is not text", field=where)
+    return body
 
-    for status in (400, 404, 405, 413, 500):
-        app.error(status)(bottle_error)
 
-    def read_json():
-        limit = config["server.max_body_bytes"]
-        # waitress refuses larger bodies before they are read; this is for other servers.
-        if bottle.request.content_length > limit or len(raw := bottle.request.body.read(limit + 1)) > limit:
-            raise ApiError(413, "payload_too_large", f"request bodies are limited to {limit} bytes")
-        # A JSON body must say so: a page elsewhere can send text/plain without a CORS preflight.
-        if raw and bottle.request.content_type.split(";")[0].strip().lower() != "application/json":
-            raise ApiError(415, "unsupported_media_type", "send the body as JSON with 'Content-Type: application/json'")
-        try:
-            body = json.loads(raw or b"null", parse_constant=not_json)
-            where = lone_surrogate_at(body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
-        if where:
-            raise ApiError(400, "invalid_json", "the request body holds a lone UTF-16 surrogate (like \\ud800),"
-                                                " which is not text", field=where)
-        return body
-
-    def caller():
-        return authenticate(rt.db(), request_header("Authorization"))
-
-    def client_ip():
-        # REMOTE_ADDR, not bottle's remote_addr: that one believes any client's
-        # X-Forwarded-For. waitress rewrites REMOTE_ADDR only for server.trusted_proxy.
-        return bottle.request.environ.get("REMOTE_ADDR") or "unknown"
-
-    def int_param(name, default, low, high):
+def read_query(specs):
+    """The route's declared query parameters, checked against their schemas; an absent one
+    takes its default. Whole numbers arrive as text and must be digits."""
+    values = {}
+    for name, schema in specs.items():
         raw = bottle.request.query.get(name)
-        if raw is None or raw == "":
-            return default
-        if not re.fullmatch(r"[0-9]{1,9}", raw) or not low <= int(raw) <= high:
-            raise invalid(name, f"{name} must be a whole number from {low} to {high}")
-        return int(raw)
-
-    def cursor_param():
-        raw = bottle.request.query.get("cursor")
-        if not raw:
-            return None
-        if not re.fullmatch(r"[0-9]{1,18}", raw):
-            raise invalid("cursor", "cursor must be a next_cursor value from an earlier page")
-        return int(raw)
-
-    def newest_first(sql, args, limit, cursor):
-        """Rows newest first by seq, after `cursor`; returns (rows, next_cursor)."""
-        if cursor is not None:
-            sql += " AND seq < ?"
-            args = (*args, cursor)
-        rows = rt.db().execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit + 1)).fetchall()
-        return rows[:limit], (str(rows[limit - 1]["seq"]) if len(rows) > limit else None)
-
-    def notification_of(pause_id):
-        return rt.db().execute("SELECT * FROM notifications WHERE pause_id = ?", (pause_id,)).fetchone()
-
-    # -- health ---------------------------------------------------------------
-
-    @app.get("/healthz")
-    def healthz():
-        rt.db().execute("SELECT 1 FROM schema_migrations LIMIT 1").fetchone()
-        if not rt.scheduler.running:
-            raise ApiError(503, "starting", "the scheduler is not running")
-        return {"status": "ok", "version": VERSION, "database": "ok", "scheduler": "running"}
-
-    # -- accounts -------------------------------------------------------------
-
-    @app.post("/v1/auth/register")
-    def register():
-        if not config["registration.open"]:
-            raise ApiError(403, "registration_closed",
-                           "registration is closed on this server; the operator adds developers with"
-                           " `python pausepoint.py create-developer --email … --name …`")
-        rt.limiter.limit("register", client_ip(), config["ratelimit.register_per_hour"], "registrations from your address")
-        body = read_json()
-        if not isinstance(body, dict):
-            raise invalid(None, "the request body must be a JSON object with email, name and password")
-        with rt.hashing_turn():
-            developer = register_developer(rt.db(), config, body.get("email"), body.get("name"), body.get("password"))
-        bottle.response.status = 201
-        return developer
-
-    @app.post("/v1/auth/keys/rotate")
-    def rotate():
-        rt.limiter.limit("rotate", client_ip(), config["ratelimit.rotate_per_hour"], "key rotations from your address")
-        body = read_json()
-        if not isinstance(body, dict):
-            raise invalid(None, "the request body must be a JSON object with email, password and key")
-        mode = body.get("key")
-        if not isinstance(mode, str) or mode not in MODES:
-            raise invalid("key", "key must be 'live' or 'test': which key to replace")
-        with rt.hashing_turn():
-            developer = check_password(rt.db(), config, body.get("email"), body.get("password"))
-        if developer is None:
-            raise ApiError(401, "unauthorized", "email or password is wrong")
-        key = rotate_key(rt.db(), developer, MODES[mode])
-        return {"developer_id": developer["id"], ("api_key" if mode == "live" else "test_api_key"): key,
-                "message": "Save this key — it will not be shown again. The old key has stopped working."}
-
-    # -- pauses ---------------------------------------------------------------
-
-    @app.post("/v1/pause")
-    def post_pause():
-        who = caller()
-        pause, replayed = create_pause(rt.db(), config, who, read_json(), request_header("Idempotency-Key"),
-                                       rt.limiter)
-        if replayed:
-            bottle.response.set_header("Idempotent-Replayed", "true")
-        bottle.response.status = 201
-        return created_json(pause, config)
-
-    @app.get("/v1/pause")
-    def list_pauses():
-        who = caller()
-        status = bottle.request.query.get("status") or None
-        if status is not None and status not in STATUSES:
-            raise invalid("status", f"status must be one of: {', '.join(STATUSES)}")
-        sql, args = "SELECT * FROM pauses WHERE developer_id = ? AND livemode = ?", (who.developer_id, who.livemode)
-        if status:
-            sql, args = sql + " AND status = ?", (*args, status)
-        rows, next_cursor = newest_first(sql, args, int_param("limit", 20, 1, PAGE_LIMIT), cursor_param())
-        return {"pauses": [pause_json(r, config, notification_of(r["id"])) for r in rows], "next_cursor": next_cursor}
-
-    @app.get("/v1/pause/<pause_id>")
-    def get_pause(pause_id):
-        who = caller()
-        wait = int_param("wait", 0, 0, WAIT_LIMIT_SECONDS)
-        pause = owned_pause(rt.db(), who, pause_id)
-        if wait and pause["status"] == "pending":
-            pause = rt.wait_for_decision(lambda: owned_pause(rt.db(), who, pause_id), wait,
-                                         bottle.request.environ.get("pausepoint.parked", contextlib.nullcontext))
-        return pause_json(pause, config, notification_of(pause_id))
-
-    @app.post("/v1/pause/<pause_id>/cancel")
-    def post_cancel(pause_id):
-        pause = cancel_pause(rt.db(), config, caller(), pause_id)
-        return pause_json(pause, config, notification_of(pause_id))
-
-    # -- webhooks -------------------------------------------------------------
-
-    @app.post("/v1/webhooks")
-    def post_webhook():
-        webhook, generated_secret = create_webhook(rt.db(), config, caller(), read_json())
-        bottle.response.status = 201
-        body = webhook_json(webhook)
-        if generated_secret:
-            body["secret"] = generated_secret       # shown this once; PausePoint never shows a secret again
-        return body
-
-    @app.get("/v1/webhooks")
-    def list_webhooks():
-        who = caller()
-        rows = rt.db().execute("SELECT * FROM webhooks WHERE developer_id = ? AND livemode = ? AND deleted_at IS NULL"
-                               " ORDER BY seq DESC", (who.developer_id, who.livemode)).fetchall()
-        return {"webhooks": [webhook_json(r) for r in rows]}
-
-    @app.get("/v1/webhooks/<webhook_id>")
-    def get_webhook(webhook_id):
-        return webhook_json(owned_webhook(rt.db(), caller(), webhook_id))
-
-    @app.route("/v1/webhooks/<webhook_id>", method="PATCH")
-    def patch_webhook(webhook_id):
-        webhook = update_webhook(rt.db(), config, caller(), webhook_id, read_json())
-        return webhook_json(webhook)
-
-    @app.delete("/v1/webhooks/<webhook_id>")
-    def remove_webhook(webhook_id):
-        delete_webhook(rt.db(), caller(), webhook_id)
-        bottle.response.status = 204
-
-    @app.post("/v1/webhooks/<webhook_id>/test")
-    def post_webhook_test(webhook_id):
-        delivery = send_test_event(rt.db(), caller(), webhook_id)
-        bottle.response.status = 202
-        return delivery_json(rt.db(), delivery)
-
-    @app.get("/v1/webhooks/<webhook_id>/deliveries")
-    def list_deliveries(webhook_id):
-        owned_webhook(rt.db(), caller(), webhook_id)
-        rows, next_cursor = newest_first("SELECT * FROM webhook_deliveries WHERE webhook_id = ?", (webhook_id,),
-                                         int_param("limit", 20, 1, PAGE_LIMIT), cursor_param())
-        return {"deliveries": [delivery_json(rt.db(), r) for r in rows], "next_cursor": next_cursor}
-
-    @app.post("/v1/webhooks/<webhook_id>/deliveries/<delivery_id>/redeliver")
-    def post_redeliver(webhook_id, delivery_id):
-        delivery = redeliver(rt.db(), caller(), webhook_id, delivery_id)
-        bottle.response.status = 202
-        return delivery_json(rt.db(), delivery)
-
-    # -- audit ----------------------------------------------------------------
-
-    # -- channels -------------------------------------------------------------
-
-    @app.get("/v1/channels")
-    def list_channels():
-        caller()
-        return {"channels": [{"name": c.name, "kind": c.kind, "configured": not c.missing_settings(config)}
-                             for c in channels(config).values()]}
-
-    @app.post("/v1/twilio/inbound")
-    def twilio_inbound():
-        form = {k: bottle.request.forms.getunicode(k) for k in bottle.request.forms.keys()}
-        signature = request_header("X-Twilio-Signature") or ""
-        url = base_url(config) + bottle.request.fullpath
-        if not config["twilio.auth_token"] or not twilio.request_validator.RequestValidator(
-                config["twilio.auth_token"]).validate(url, form, signature):
-            raise ApiError(403, "bad_signature", "X-Twilio-Signature is missing or wrong for this server's"
-                                                 " twilio.auth_token and server.base_url")
-        reply = record_sms_reply(rt.db(), config, form.get("From") or "", form.get("Body") or "", form.get("MessageSid"))
-        twiml = twilio.twiml.messaging_response.MessagingResponse()
-        twiml.message(reply)
-        return bottle.HTTPResponse(str(twiml), status=200, headers={"Content-Type": "application/xml"})
-
-    @app.get("/v1/audit")
-    def get_audit():
-        who = caller()
-        sql, args = "SELECT * FROM audit_events WHERE developer_id = ? AND livemode = ?", (who.developer_id, who.livemode)
-        for name in ("event_type", "pause_id"):
-            value = bottle.request.query.get(name)
-            if value:
-                sql, args = sql + f" AND {name} = ?", (*args, value)
-        rows, next_cursor = newest_first(sql, args, int_param("limit", 20, 1, PAGE_LIMIT), cursor_param())
-        return {"events": [audit_event_json(r) for r in rows], "next_cursor": next_cursor}
-
-    # -- responding: JSON --------------------------------------------------------
-
-    def guard_respond_link(lookup):
-        """Run lookup(). Only an unknown token spends the caller's guessing budget, and
-        once it is spent unknown tokens get 429; a valid token always works, so
-        guesses from a shared address never lock out the people behind it."""
-        try:
-            return lookup()
-        except ApiError as e:
-            if e.status == 404:
-                rt.limiter.limit("respond", client_ip(), config["ratelimit.respond_failures_per_hour"],
-                                 "unknown respond links from your address")
-            raise
-
-    def client_facts():
-        return {"ip": client_ip(), "user_agent": printable(request_header("User-Agent") or "")[:300]}
-
-    def open_respond_link(token, via):
-        """The pause behind a respond link, recording that it was opened (GET changes no state)."""
-        conn = rt.db()
-        pause = guard_respond_link(lambda: pause_by_token(conn, token))
-        record_link_opened(conn, pause, via, client_facts())
-        return pause
-
-    def respond(token, choice, comment):
-        return guard_respond_link(lambda: respond_to_pause(rt.db(), config, token, choice, comment, client_facts()))
-
-    @app.get("/v1/respond/<token>")
-    def get_respond_json(token):
-        return respond_facts(open_respond_link(token, "api"))
-
-    @app.post("/v1/respond/<token>")
-    def post_respond_json(token):
-        body = read_json()
-        if not isinstance(body, dict):
-            raise invalid(None, 'the request body must be a JSON object like {"choice": "Approve"}')
-        return respond_facts(respond(token, body.get("choice"), body.get("comment")))
-
-    # -- responding: the page a human sees ----------------------------------------
-
-    @app.get("/respond/<token>")
-    def get_respond_page(token):
-        pause = open_respond_link(token, "page")
-        # Email buttons arrive with ?choice=: show it picked, but only the POST decides.
-        picked = bottle.request.query.getunicode("choice")
-        return respond_page(pause, token, picked=picked if picked in json.loads(pause["options"]) else None)
-
-    @app.post("/respond/<token>")
-    def post_respond_page(token):
-        form = bottle.request.forms
-        try:
-            if bottle.request.content_length > config["server.max_body_bytes"]:
-                raise ApiError(413, "payload_too_large", "the form is too large")
-            respond(token, form.getunicode("choice"), form.getunicode("comment"))
-        except ApiError as e:
-            if e.status == 422:
-                pause = rt.db().execute("SELECT * FROM pauses WHERE respond_token = ?", (token,)).fetchone()
-                return respond_page(pause, token, error=e.message, status=422)
-            return page_error(e)
-        # Post/Redirect/Get: a reload shows the recorded decision instead of re-posting.
-        return bottle.HTTPResponse(status=303, headers={"Location": f"/respond/{token}", **PAGE_HEADERS})
-
-    def respond_page(pause, token, error=None, picked=None, status=200):
-        times = {name: pause[name] and human_time(pause[name]) for name in ("expires_at", "decided_at")}
-        return html_page("respond", status=status, pause=respond_facts(pause), token=token, error=error,
-                         picked=picked, times=times)
-
-    @app.get("/static/<name:re:[a-z]+\\.css>")
-    def static(name):
-        return bottle.static_file(name, root=STATIC_DIR, mimetype="text/css")
-
-    return app
+        if raw is None:
+            values[name] = schema.get("default")
+        elif schema["type"] == "integer" and not re.fullmatch("[0-9]{1,9}", raw):
+            raise invalid(name, schema["x-message"])
+        else:
+            values[name] = int(raw) if schema["type"] == "integer" else raw
+    validate_body({"type": "object", "properties": specs}, {k: v for k, v in values.items() if v is not None})
+    return values
 
 
 def request_header(name):
@@ -2815,9 +2731,384 @@ def request_header(name):
     return bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"))
 
 
-def printable(text):
-    """Control characters out, for headers kept in the audit log."""
-    return UNSAFE_TEXT.sub("\ufffd", text)
+def client_ip():
+    # REMOTE_ADDR, not bottle's remote_addr: that one believes any client's
+    # X-Forwarded-For. waitress rewrites REMOTE_ADDR only for server.trusted_proxy.
+    return bottle.request.environ.get("REMOTE_ADDR") or "unknown"
+
+
+def client_facts():
+    """Who is on the other end, for rate limits and the audit log."""
+    return {"ip": client_ip(), "user_agent": UNSAFE_TEXT.sub("\ufffd", request_header("User-Agent") or "")[:300]}
+
+
+def newest_first(conn, sql, args, limit, cursor):
+    """Rows newest first by seq, after `cursor`; returns (rows, next_cursor)."""
+    if cursor is not None:
+        sql, args = sql + " AND seq < ?", (*args, int(cursor))
+    rows = conn.execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit + 1)).fetchall()
+    return rows[:limit], (str(rows[limit - 1]["seq"]) if len(rows) > limit else None)
+
+
+###############################################################################
+# HTTP: the handlers
+###############################################################################
+
+# Each handler is named by the route table below and is handed what its
+# parameters name: rt, caller (the API key's developer and mode), body (checked
+# against the route's schema), query (the route's parameters, checked), client,
+# and the parameters of the path.
+
+def healthz(rt):
+    """Health: 200 once the database answers and the scheduler runs."""
+    rt.db().execute("SELECT 1 FROM schema_migrations LIMIT 1").fetchone()
+    if not rt.scheduler.running:
+        raise ApiError(503, "starting", "the scheduler is not running")
+    return {"status": "ok", "version": VERSION, "database": "ok", "scheduler": "running"}
+
+
+def get_openapi(rt):
+    """This API, described in OpenAPI 3.1."""
+    return rt.openapi
+
+
+def registration_allowed(rt):
+    if not rt.config["registration.open"]:
+        raise ApiError(403, "registration_closed",
+                       "registration is closed on this server; the operator adds developers with"
+                       " `python pausepoint.py create-developer --email … --name …`")
+    rt.limiter.limit("register", client_ip(), rt.config["ratelimit.register_per_hour"], "registrations from your address")
+
+
+def register(rt, body):
+    """Register a developer: a live key and a test key, shown this once."""
+    with rt.hashing_turn():
+        return register_developer(rt.db(), rt.config, body["email"], body["name"], body["password"])
+
+
+def rotation_allowed(rt):
+    rt.limiter.limit("rotate", client_ip(), rt.config["ratelimit.rotate_per_hour"], "key rotations from your address")
+
+
+def rotate(rt, body):
+    """Replace the live or the test key; the old one stops working at once."""
+    with rt.hashing_turn():
+        developer = check_password(rt.db(), rt.config, body["email"], body["password"])
+    if developer is None:
+        raise ApiError(401, "unauthorized", "email or password is wrong")
+    key = rotate_key(rt.db(), developer, MODES[body["key"]])
+    return {"developer_id": developer["id"], ("api_key" if body["key"] == "live" else "test_api_key"): key,
+            "message": "Save this key — it will not be shown again. The old key has stopped working."}
+
+
+def post_pause(rt, caller, body):
+    """Ask a human: create a pause and send its notification."""
+    pause, replayed = create_pause(rt.db(), rt.config, caller, body, request_header("Idempotency-Key"), rt.limiter)
+    if replayed:
+        bottle.response.set_header("Idempotent-Replayed", "true")
+    return created_json(pause, rt.config)
+
+
+def list_pauses(rt, caller, query):
+    """The caller's pauses, newest first, optionally of one status."""
+    sql, args = "SELECT * FROM pauses WHERE developer_id = ? AND livemode = ?", (caller.developer_id, caller.livemode)
+    if query["status"]:
+        sql, args = sql + " AND status = ?", (*args, query["status"])
+    rows, next_cursor = newest_first(rt.db(), sql, args, query["limit"], query["cursor"])
+    notifications = rows_by(rt.db(), "notifications", "pause_id", [row["id"] for row in rows])
+    return {"pauses": [pause_json(row, rt.config, notifications.get(row["id"])) for row in rows],
+            "next_cursor": next_cursor}
+
+
+def get_pause(rt, caller, query, pause_id):
+    """One pause; with ?wait=N, answered as soon as it is decided or after N seconds."""
+    pause = owned_pause(rt.db(), caller, pause_id)
+    if query["wait"] and pause["status"] == "pending":
+        pause = rt.wait_for_decision(lambda: owned_pause(rt.db(), caller, pause_id), query["wait"],
+                                     bottle.request.environ.get("pausepoint.parked", contextlib.nullcontext))
+    return pause_json(pause, rt.config, notification_of(rt.db(), pause_id))
+
+
+def post_cancel(rt, caller, pause_id):
+    """Cancel a pending pause."""
+    pause = cancel_pause(rt.db(), rt.config, caller, pause_id)
+    return pause_json(pause, rt.config, notification_of(rt.db(), pause_id))
+
+
+def post_webhook(rt, caller, body):
+    """Register a webhook endpoint; a generated secret is shown this once."""
+    webhook, generated_secret = create_webhook(rt.db(), rt.config, caller, body)
+    answer = webhook_json(webhook)
+    if generated_secret:
+        answer["secret"] = generated_secret         # shown this once; PausePoint never shows a secret again
+    return answer
+
+
+def list_webhooks(rt, caller):
+    """The caller's webhook endpoints, newest first."""
+    rows = query_db(rt.db(), "SELECT * FROM webhooks WHERE developer_id = ? AND livemode = ? AND deleted_at IS NULL"
+                             " ORDER BY seq DESC", (caller.developer_id, caller.livemode))
+    return {"webhooks": [webhook_json(row) for row in rows]}
+
+
+def get_webhook(rt, caller, webhook_id):
+    """One webhook endpoint."""
+    return webhook_json(owned_webhook(rt.db(), caller, webhook_id))
+
+
+def patch_webhook(rt, caller, body, webhook_id):
+    """Change a webhook's url or events, rotate its secret, enable or disable it."""
+    return webhook_json(update_webhook(rt.db(), rt.config, caller, webhook_id, body))
+
+
+def remove_webhook(rt, caller, webhook_id):
+    """Delete a webhook endpoint; its pending deliveries are cancelled."""
+    delete_webhook(rt.db(), caller, webhook_id)
+
+
+def post_webhook_test(rt, caller, webhook_id):
+    """Send a signed webhook.test event to the endpoint."""
+    return deliveries_json(rt.db(), [send_test_event(rt.db(), caller, webhook_id)])[0]
+
+
+def list_deliveries(rt, caller, query, webhook_id):
+    """A webhook's deliveries, newest first, each with every attempt."""
+    owned_webhook(rt.db(), caller, webhook_id)
+    rows, next_cursor = newest_first(rt.db(), "SELECT * FROM webhook_deliveries WHERE webhook_id = ?", (webhook_id,),
+                                     query["limit"], query["cursor"])
+    return {"deliveries": deliveries_json(rt.db(), rows), "next_cursor": next_cursor}
+
+
+def post_redeliver(rt, caller, webhook_id, delivery_id):
+    """Send a delivery again now, with the same event id."""
+    return deliveries_json(rt.db(), [redeliver(rt.db(), caller, webhook_id, delivery_id)])[0]
+
+
+def list_channels(rt, caller):
+    """The channels this server can notify through, and whether each is configured."""
+    return {"channels": [{"name": c.name, "kind": c.kind, "configured": not c.missing_settings(rt.config)}
+                         for c in channels(rt.config).values()]}
+
+
+def get_audit(rt, caller, query):
+    """The caller's audit log, newest first, optionally of one event type or pause."""
+    sql, args = "SELECT * FROM audit_events WHERE developer_id = ? AND livemode = ?", (caller.developer_id, caller.livemode)
+    for name in ("event_type", "pause_id"):
+        if query[name]:
+            sql, args = sql + f" AND {name} = ?", (*args, query[name])
+    rows, next_cursor = newest_first(rt.db(), sql, args, query["limit"], query["cursor"])
+    return {"events": [audit_event_json(row) for row in rows], "next_cursor": next_cursor}
+
+
+def twilio_inbound(rt):
+    """An SMS or WhatsApp reply, as Twilio posts it (signed); answered in TwiML."""
+    form = {k: bottle.request.forms.getunicode(k) for k in bottle.request.forms.keys()}
+    token, url = rt.config["twilio.auth_token"], base_url(rt.config) + bottle.request.fullpath
+    if not token or not twilio.request_validator.RequestValidator(token).validate(
+            url, form, request_header("X-Twilio-Signature") or ""):
+        raise ApiError(403, "bad_signature", "X-Twilio-Signature is missing or wrong for this server's"
+                                             " twilio.auth_token and server.base_url")
+    reply = record_sms_reply(rt.db(), rt.config, form.get("From") or "", form.get("Body") or "", form.get("MessageSid"))
+    twiml = twilio.twiml.messaging_response.MessagingResponse()
+    twiml.message(reply)
+    return bottle.HTTPResponse(str(twiml), status=200, headers={"Content-Type": "application/xml"})
+
+
+def guard_respond_link(rt, lookup):
+    """Run lookup(). Only an unknown token spends the caller's guessing budget, and
+    once it is spent unknown tokens get 429; a valid token always works, so
+    guesses from a shared address never lock out the people behind it."""
+    try:
+        return lookup()
+    except ApiError as e:
+        if e.status == 404:
+            rt.limiter.limit("respond", client_ip(), rt.config["ratelimit.respond_failures_per_hour"],
+                             "unknown respond links from your address")
+        raise
+
+
+def open_respond_link(rt, client, token, via):
+    """The pause behind a respond link, recording that it was opened (GET changes no state)."""
+    pause = guard_respond_link(rt, lambda: pause_by_token(rt.db(), token))
+    record_link_opened(rt.db(), pause, via, client)
+    return pause
+
+
+def get_respond_json(rt, client, token):
+    """What the holder of a respond link may see: the question and its outcome."""
+    return respond_facts(open_respond_link(rt, client, token, "api"))
+
+
+def post_respond_json(rt, client, body, token):
+    """Answer a pause, as its human: {"choice": …, "comment": …}."""
+    return respond_facts(guard_respond_link(rt, lambda: respond_to_pause(
+        rt.db(), rt.config, token, body["choice"], body.get("comment"), client)))
+
+
+def get_respond_page(rt, client, query, token):
+    """The page a human opens from the notification."""
+    pause = open_respond_link(rt, client, token, "page")
+    # Email buttons arrive with ?choice=: show it picked, but only the POST decides.
+    picked = bottle.request.query.getunicode("choice")
+    return respond_page(pause, token, picked=picked if picked in json.loads(pause["options"]) else None)
+
+
+def post_respond_page(rt, client, token):
+    """The page's form: record the choice, then show it (Post/Redirect/Get)."""
+    form = bottle.request.forms
+    try:
+        if bottle.request.content_length > rt.config["server.max_body_bytes"]:
+            raise ApiError(413, "payload_too_large", "the form is too large")
+        guard_respond_link(rt, lambda: respond_to_pause(rt.db(), rt.config, token, form.getunicode("choice"),
+                                                        form.getunicode("comment"), client))
+    except ApiError as e:
+        if e.status != 422:
+            raise
+        return respond_page(pause_by_token(rt.db(), token), token, error=e.message, status=422)
+    # A reload then shows the recorded decision instead of posting again.
+    return bottle.HTTPResponse(status=303, headers={"Location": f"/respond/{token}", **PAGE_HEADERS})
+
+
+def respond_page(pause, token, error=None, picked=None, status=200):
+    times = {name: pause[name] and human_time(pause[name]) for name in ("expires_at", "decided_at")}
+    return html_page("respond", status=status, pause=respond_facts(pause), token=token, error=error,
+                     picked=picked, times=times)
+
+
+def static_css(name):
+    """The pages' stylesheet."""
+    return bottle.static_file(name, root=STATIC_DIR, mimetype="text/css")
+
+
+###############################################################################
+# HTTP: the route table, the plugin that serves it, the app
+###############################################################################
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One endpoint, declared once: the app, the OpenAPI document and the tests read it."""
+    method: str
+    path: str                   # Bottle's form: /v1/pause/<pause_id>
+    handler: object
+    status: int = 200           # the answer's status when all goes well
+    auth: str = "key"           # 'key': Authorization: Bearer pp_…; 'none'; 'twilio': X-Twilio-Signature
+    body: object = None         # the request body's JSON Schema, or config -> schema
+    query: dict = dataclasses.field(default_factory=dict)      # name -> JSON Schema of each query parameter
+    answer: dict = None         # the JSON Schema of a 2xx answer; None: no body
+    guard: object = None        # rt -> None or ApiError, before the body is read (rate limits)
+    page: bool = False          # a page a person opens: HTML errors, not in the API document
+
+
+ROUTES = [
+    Route("GET", "/healthz", healthz, auth="none", answer=HEALTH),
+    Route("GET", "/v1/openapi.json", get_openapi, auth="none", answer={"type": "object"}),
+    Route("POST", "/v1/auth/register", register, 201, "none", REGISTRATION_SCHEMA, answer=REGISTERED,
+          guard=registration_allowed),
+    Route("POST", "/v1/auth/keys/rotate", rotate, 200, "none", ROTATION_SCHEMA, answer=ROTATED, guard=rotation_allowed),
+    Route("POST", "/v1/pause", post_pause, 201, body=pause_request_schema, answer=PAUSE_CREATED),
+    Route("GET", "/v1/pause", list_pauses, query={"status": STATUS_QUERY, **PAGE_QUERY}, answer=page_of("pauses", PAUSE)),
+    Route("GET", "/v1/pause/<pause_id>", get_pause, query={"wait": WAIT_QUERY}, answer=PAUSE),
+    Route("POST", "/v1/pause/<pause_id>/cancel", post_cancel, answer=PAUSE),
+    Route("POST", "/v1/webhooks", post_webhook, 201, body=WEBHOOK_SCHEMA, answer=WEBHOOK),
+    Route("GET", "/v1/webhooks", list_webhooks, answer={
+        "type": "object", "required": ["webhooks"], "properties": {"webhooks": {"type": "array", "items": WEBHOOK}}}),
+    Route("GET", "/v1/webhooks/<webhook_id>", get_webhook, answer=WEBHOOK),
+    Route("PATCH", "/v1/webhooks/<webhook_id>", patch_webhook, body=WEBHOOK_CHANGE_SCHEMA, answer=WEBHOOK),
+    Route("DELETE", "/v1/webhooks/<webhook_id>", remove_webhook, 204),
+    Route("POST", "/v1/webhooks/<webhook_id>/test", post_webhook_test, 202, answer=DELIVERY),
+    Route("GET", "/v1/webhooks/<webhook_id>/deliveries", list_deliveries, query=PAGE_QUERY,
+          answer=page_of("deliveries", DELIVERY)),
+    Route("POST", "/v1/webhooks/<webhook_id>/deliveries/<delivery_id>/redeliver", post_redeliver, 202, answer=DELIVERY),
+    Route("GET", "/v1/channels", list_channels, answer=CHANNELS),
+    Route("GET", "/v1/audit", get_audit, query=AUDIT_QUERY, answer=page_of("events", AUDIT_EVENT)),
+    Route("POST", "/v1/twilio/inbound", twilio_inbound, auth="twilio", answer={"type": "string"}),
+    Route("GET", "/v1/respond/<token>", get_respond_json, auth="none", answer=RESPOND_FACTS),
+    Route("POST", "/v1/respond/<token>", post_respond_json, auth="none", body=RESPONSE_SCHEMA, answer=RESPOND_FACTS),
+    Route("GET", "/respond/<token>", get_respond_page, auth="none", page=True),
+    Route("POST", "/respond/<token>", post_respond_page, auth="none", page=True),
+    Route("GET", "/static/<name:re:[a-z]+\\.css>", static_css, auth="none", page=True),
+]
+
+
+class Handlers:
+    """The Bottle plugin between each route and its handler. It hands the handler what
+    its parameters name, as bottle-sqlite hands `db`: rt; caller, from the API key;
+    body, the JSON body checked against the route's schema; query, the route's
+    parameters, checked; client, the address and user agent. A refusal becomes the
+    one JSON error shape (or a page, on pages); anything unexpected a logged 500."""
+
+    name, api = "pausepoint", 2
+
+    def __init__(self, rt):
+        self.rt = rt
+
+    def apply(self, callback, route):
+        spec = route.config.get("spec")
+        if spec is None:
+            return callback
+        wanted = set(inspect.signature(callback).parameters)
+        schema = spec.body(self.rt.config) if callable(spec.body) else spec.body
+        validator = schema and jsonschema.Draft202012Validator(schema)
+
+        def handler(**path):
+            try:
+                answer = callback(**path, **self.given(spec, wanted, schema, validator))
+            except ApiError as e:
+                return error_response(e, spec.page)
+            except bottle.HTTPResponse:
+                raise
+            except Exception as e:
+                self.rt.error_log.error(bottle.request.method, spec.path, e)
+                return error_response(ApiError(500, "internal_error", UNEXPECTED), spec.page)
+            if spec.status != 200:
+                bottle.response.status = spec.status
+            return answer
+        return handler
+
+    def given(self, spec, wanted, schema, validator):
+        """What the handler's parameters name, in the order refusals should come: an
+        unknown key (401) before a rate limit (429) before a bad body (4xx)."""
+        rt, given = self.rt, {}
+        if "rt" in wanted:
+            given["rt"] = rt
+        if "caller" in wanted:
+            given["caller"] = authenticate(rt.db(), request_header("Authorization"))
+        if spec.guard is not None:
+            spec.guard(rt)
+        if "body" in wanted:
+            given["body"] = validate_body(schema, read_json(rt.config), validator)
+        if not spec.page:
+            unknown = sorted(set(bottle.request.query) - set(spec.query))
+            if unknown:
+                raise invalid(unknown[0], f"unknown query parameter {unknown[0]!r}"
+                                          + (f"; allowed: {', '.join(spec.query)}" if spec.query else "; this takes none"))
+        if "query" in wanted:
+            given["query"] = read_query(spec.query)
+        if "client" in wanted:
+            given["client"] = client_facts()
+        return given
+
+
+def create_app(config):
+    """The WSGI app for one PausePoint; app.runtime.start() starts its scheduler."""
+    app = bottle.Bottle()
+    rt = app.runtime = Runtime(config)
+    rt.openapi = openapi_document(config)
+    app.install(Handlers(rt))
+    for status in (400, 404, 405, 413, 500):
+        app.error(status)(bottle_error)
+    for spec in ROUTES:
+        app.route(spec.path, spec.method, spec.handler, spec=spec)
+    return app
+
+
+###############################################################################
+# HTTP: answers that are errors
+###############################################################################
+
+UNEXPECTED = "something went wrong on the server; it has been logged"
+BOTTLE_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+                      413: "payload_too_large", 500: "internal_error"}
 
 
 def html_page(name, status=200, headers=None, **values):
@@ -2826,16 +3117,18 @@ def html_page(name, status=200, headers=None, **values):
         "Content-Type": "text/html; charset=utf-8", **PAGE_HEADERS, **(headers or {})})
 
 
-def page_error(e):
-    return html_page("respond_error", status=e.status, message=e.message, headers=e.headers)
+def error_response(e, page):
+    """An ApiError as the one JSON error shape, or as a page for a person."""
+    if page:
+        message = e.message if e.status != 500 else UNEXPECTED.capitalize() + "."
+        return html_page("respond_error", status=e.status, message=message, headers=e.headers)
+    return bottle.HTTPResponse(error_body(e.status, e.code, e.message, e.field), status=e.status,
+                               headers={"Content-Type": "application/json", **e.headers})
 
 
 def is_page_request():
     """Pages a person opens get their errors as a page; everything else as JSON."""
     return bottle.request.path.startswith("/respond/")
-
-
-UNEXPECTED = "something went wrong on the server; it has been logged"
 
 
 class ErrorLog:
@@ -2846,7 +3139,7 @@ class ErrorLog:
     def __init__(self, every=60.0):
         self.every = every
         self.lock = threading.Lock()
-        self.seen = {}                  # (method, route, error type) -> [last logged, repeats since]
+        self.seen = {}                  # (method, route, error type) -> (last logged, repeats since)
 
     def error(self, method, route, error):
         key = (method, route, type(error).__name__)
@@ -2860,35 +3153,6 @@ class ErrorLog:
             self.seen[key] = (time.monotonic(), 0)
         log.error("unexpected error on %s %s%s", method, route,
                   f" ({repeats} more like it in the last minute)" if repeats else "", exc_info=error)
-
-
-def json_errors(error_log, callback):
-    """Route plugin: ApiError becomes the one JSON error shape (or a page, on pages);
-    anything else a logged 500."""
-    def wrapper(*args, **kwargs):
-        try:
-            return callback(*args, **kwargs)
-        except bottle.HTTPResponse:
-            raise
-        except ApiError as e:
-            if is_page_request():
-                return page_error(e)
-            return json_error_response(e.status, e.code, e.message, e.field, e.headers)
-        except Exception as e:
-            error_log.error(bottle.request.method, bottle.request.route.rule, e)
-            if is_page_request():
-                return page_error(ApiError(500, "internal_error", UNEXPECTED.capitalize() + "."))
-            return json_error_response(500, "internal_error", UNEXPECTED)
-    return wrapper
-
-
-def json_error_response(status, code, message, field=None, headers=None):
-    return bottle.HTTPResponse(error_body(status, code, message, field), status=status,
-                               headers={"Content-Type": "application/json", **(headers or {})})
-
-
-BOTTLE_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
-                      413: "payload_too_large", 500: "internal_error"}
 
 
 def bottle_error(error):
@@ -2905,6 +3169,101 @@ def bottle_error(error):
                                message=str(message).capitalize() + ".")
     bottle.response.content_type = "application/json"
     return error_body(error.status_code, BOTTLE_ERROR_CODES.get(error.status_code, "error"), str(message))
+
+
+###############################################################################
+# HTTP: the OpenAPI document, built from the route table
+###############################################################################
+
+ERROR_STATUSES = {400: "Malformed JSON, or a lone surrogate in it", 401: "No valid API key",
+                  404: "No such thing for this key", 409: "It is not in a state that allows this",
+                  410: "The respond link expired", 413: "The body is over server.max_body_bytes",
+                  415: "The body is not sent as application/json", 422: "A field is wrong; `field` names it",
+                  429: "A quota or rate limit; rate limits say when to come back in Retry-After"}
+
+
+def openapi_document(config):
+    """OpenAPI 3.1 for every /v1 route in ROUTES (and /healthz), with the webhooks sent."""
+    paths = {}
+    for route in ROUTES:
+        if not route.page:
+            paths.setdefault(re.sub(r"<(\w+)>", r"{\1}", route.path), {})[route.method.lower()] = operation(route, config)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "PausePoint", "version": VERSION,
+                 "description": "Human approval for AI agents: an agent asks, a person answers, the agent learns the"
+                                " outcome by webhook or by polling. Every error has the shape of Error."},
+        "servers": [{"url": base_url(config)}],
+        "paths": paths,
+        "webhooks": {event: webhook_operation(event) for event in (*WEBHOOK_EVENTS, "webhook.test")},
+        "components": {
+            "schemas": {"Error": ERROR_SCHEMA, "Pause": PAUSE, "Event": EVENT},
+            "responses": {"Error": {"description": "Any refusal", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
+            "securitySchemes": {"apiKey": {
+                "type": "http", "scheme": "bearer",
+                "description": "pp_live_… or pp_test_…; each sees only its own mode's data."}},
+        },
+    }
+
+
+def operation(route, config):
+    """One route as an OpenAPI operation."""
+    summary, _, more = (route.handler.__doc__ or "").strip().partition("\n")
+    found = {"operationId": route.handler.__name__, "summary": summary,
+             "security": [{"apiKey": []}] if route.auth == "key" else [],
+             "parameters": [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                            for name in re.findall(r"<(\w+)>", route.path)]
+             + [{"name": name, "in": "query", "required": False, "schema": schema}
+                for name, schema in route.query.items()],
+             "responses": responses(route)}
+    if route.path == "/v1/pause" and route.method == "POST":
+        found["parameters"].append({"name": "Idempotency-Key", "in": "header", "required": False,
+                                    "description": "Retrying with the same key and body within 24 h returns the"
+                                                   " original pause (with Idempotent-Replayed: true).",
+                                    "schema": {"type": "string", "pattern": "^[\\x20-\\x7e]{1,255}$"}})
+    if route.auth == "twilio":
+        found["parameters"].append({"name": "X-Twilio-Signature", "in": "header", "required": True,
+                                    "schema": {"type": "string"}})
+        found["requestBody"] = {"required": True, "content": {"application/x-www-form-urlencoded": {
+            "schema": {"type": "object", "properties": {name: {"type": "string"}
+                                                        for name in ("From", "To", "Body", "MessageSid")}}}}}
+    if route.body is not None:
+        schema = route.body(config) if callable(route.body) else route.body
+        found["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+    return found
+
+
+def responses(route):
+    """The success answer, the error answers this route can give, and any other as Error."""
+    content = "application/xml" if route.auth == "twilio" else "application/json"
+    success = {"description": "Done"}
+    if route.answer is not None:
+        success["content"] = {content: {"schema": route.answer}}
+    possible = {429} | ({401} if route.auth == "key" else set()) | ({404} if "<" in route.path else set())
+    if route.body is not None:
+        possible |= {400, 413, 415, 422}
+    if route.query:
+        possible.add(422)
+    if route.method in ("POST", "PATCH", "DELETE") and "<" in route.path:
+        possible |= {409, 410} if "respond" in route.path else {409}
+    return {str(route.status): success, **{str(code): {"description": ERROR_STATUSES[code], "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}} for code in sorted(possible)},
+        "default": {"$ref": "#/components/responses/Error"}}
+
+
+def webhook_operation(event):
+    """What PausePoint POSTs to an endpoint for `event`."""
+    headers = [("X-PausePoint-Signature", "t=<unix seconds>,v1=<hex HMAC-SHA256 of '<t>.<raw body>' keyed with the"
+                                          " secret>; a second v1 for 24 h after the secret changes"),
+               ("X-PausePoint-Event", f"{event}"), ("X-PausePoint-Event-Id", "The event's id, the same on every retry")]
+    return {"post": {
+        "summary": f"{event}, signed",
+        "parameters": [{"name": name, "in": "header", "required": True, "description": text,
+                        "schema": {"type": "string"}} for name, text in headers],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Event"}}}},
+        "responses": {"2XX": {"description": "Received. Anything else, or no whole answer within 10 s, is retried"
+                                             " for about three days."}}}}
 
 
 ###############################################################################
