@@ -127,6 +127,7 @@ SETTINGS = [
     Setting("ratelimit.register_per_hour", 20, "Registrations allowed per client IP per hour."),
     Setting("ratelimit.rotate_per_hour", 20, "Key rotations (attempts, right or wrong) allowed per client IP per hour."),
     Setting("ratelimit.respond_failures_per_hour", 30, "Unknown respond tokens allowed per client IP per hour; beyond it unknown tokens get 429 (valid ones always work)."),
+    Setting("ratelimit.webhook_changes_per_hour", 200, "Webhook creations, changes, deletions, tests and redeliveries one developer may make per hour (each writes an audit event that is kept)."),
     Setting("ratelimit.test_pauses_per_hour", 1000, "Test-mode pauses one developer may create per hour (the first hour's worth at once, then evenly)."),
     Setting("retention.test_days", 30, "Days test-mode pauses, notifications and audit events are kept after they are decided; a daily job deletes older ones."),
     Setting("retention.delivery_log_days", 30, "Days webhook events, deliveries and attempts are kept after they finish."),
@@ -293,6 +294,7 @@ SETTING_CHECKS = {
     "outbound.workers": lambda v: None if 2 <= v <= 256 else "must be between 2 and 256",
     "outbound.per_developer": lambda v: None if v >= 1 else "must be at least 1",
     "ratelimit.test_pauses_per_hour": lambda v: None if v >= 1 else "must be at least 1",
+    "ratelimit.webhook_changes_per_hour": lambda v: None if v >= 1 else "must be at least 1",
     # Retries run for about three days: a shorter log would delete deliveries still being retried.
     "retention.test_days": lambda v: None if v >= 1 else "must be at least 1",
     "retention.delivery_log_days": lambda v: None if v >= 4 else "must be at least 4 (retries run for about 3 days)",
@@ -332,10 +334,32 @@ MIGRATIONS = [
         CREATE UNIQUE INDEX pauses_pending_reply_code ON pauses(recipient, livemode, reply_code)
             WHERE status = 'pending' AND reply_code IS NOT NULL;
         CREATE INDEX pauses_decided_test ON pauses(decided_at) WHERE livemode = 0 AND status != 'pending';
-        CREATE INDEX pauses_recent_reply_codes ON pauses(recipient, livemode, created_at) WHERE reply_code IS NOT NULL;
-        ALTER TABLE notifications ADD COLUMN developer_id TEXT REFERENCES developers(id);
-        UPDATE notifications SET developer_id = (SELECT developer_id FROM pauses WHERE pauses.id = notifications.pause_id);
-        DROP INDEX notifications_due;
+        CREATE INDEX pauses_recent_reply_codes ON pauses(recipient, livemode, decided_at) WHERE reply_code IS NOT NULL;
+        CREATE TABLE notifications_rebuilt (
+            id                   TEXT PRIMARY KEY,            -- 'ntf_' + 32 hex
+            pause_id             TEXT NOT NULL UNIQUE REFERENCES pauses(id),
+            developer_id         TEXT NOT NULL REFERENCES developers(id),  -- the pause's owner: sends are shared fairly by owner
+            channel              TEXT NOT NULL,
+            recipient            TEXT NOT NULL,
+            livemode             INTEGER NOT NULL CHECK (livemode IN (0, 1)),
+            text                 TEXT NOT NULL,               -- exactly what is (or, in test mode, would be) sent
+            status               TEXT NOT NULL DEFAULT 'queued'  -- 'cancelled': the pause was decided before it was sent
+                                 CHECK (status IN ('queued', 'sending', 'sent', 'simulated', 'failed', 'cancelled')),
+            attempts             INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at      TEXT NOT NULL,               -- when 'queued': due time; when 'sending': claim expiry
+            provider_message_id  TEXT,
+            last_error           TEXT,
+            created_at           TEXT NOT NULL,
+            updated_at           TEXT NOT NULL
+        );
+        INSERT INTO notifications_rebuilt (id, pause_id, developer_id, channel, recipient, livemode, text, status,
+                                           attempts, next_attempt_at, provider_message_id, last_error, created_at,
+                                           updated_at)
+            SELECT n.id, n.pause_id, p.developer_id, n.channel, n.recipient, n.livemode, n.text, n.status, n.attempts,
+                   n.next_attempt_at, n.provider_message_id, n.last_error, n.created_at, n.updated_at
+            FROM notifications n JOIN pauses p ON p.id = n.pause_id;
+        DROP TABLE notifications;
+        ALTER TABLE notifications_rebuilt RENAME TO notifications;
         CREATE INDEX notifications_due_test ON notifications(next_attempt_at)
             WHERE status IN ('queued', 'sending') AND livemode = 0;
         CREATE INDEX notifications_due_live ON notifications(channel, developer_id, next_attempt_at)
@@ -561,6 +585,14 @@ def not_json(constant):
     raise ValueError(f"{constant} is not JSON")
 
 
+def finite_float(text):
+    """A JSON number, which 1e400 is not once read: it would come back out as Infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large a number")
+    return value
+
+
 def error_body(status, code, message, field=None):
     """The one JSON error shape: {"error": {"code", "message"[, "field"]}}."""
     error = {"code": code, "message": message}
@@ -576,7 +608,10 @@ def error_body(status, code, message, field=None):
 KEY_ALPHABET = string.ascii_letters + string.digits
 KEY_RANDOM_CHARS = 48                      # 48 * log2(62) = 285 bits
 MODES = {"live": 1, "test": 0}
-EMAIL = re.compile(f"^[^@\\s{UNSAFE_CHARACTERS}]+@[^@\\s{UNSAFE_CHARACTERS}]+\\.[^@\\s{UNSAFE_CHARACTERS}]+$")
+# One plain address: no display names, groups, comments or lists, which mail headers
+# would read as several recipients or none.
+EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+                   r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
 
 
 def new_api_key(livemode):
@@ -747,11 +782,30 @@ def pause_fields(body, config):
             "timeout_default": default.strip() if default is not None else None, "metadata": metadata}
 
 
+# Alphabets with letters drawn alike; words mixing CJK and Latin ('OKです') are ordinary.
+LOOK_ALIKE_SCRIPTS = {"LATIN", "CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC"}
+
+
+def mixed_script_word(text):
+    """A word with letters of more than one script ('Apprօve' with an Armenian օ): the
+    usual way to make one option look like another past any fixed list of look-alikes."""
+    for word in re.findall(r"[^\W\d_]+", text):
+        scripts = {unicodedata.name(c, "?").split()[0] for c in word} & LOOK_ALIKE_SCRIPTS
+        if len(scripts) > 1:
+            return word
+    return None
+
+
 def distinct_options(options):
-    """The options, stripped, if each shows something and no two look alike; else 422."""
+    """The options, stripped, if each shows something in one script a word and no two
+    look alike; else 422."""
     seen = [option_identity(option) for option in options]
     if not all(seen):
         raise invalid("options", "options must be visible text, not only invisible characters")
+    mixed = next(filter(None, map(mixed_script_word, options)), None)
+    if mixed:
+        raise invalid("options", f"options must not mix alphabets within a word ({mixed!r} does), which makes"
+                                 " look-alikes")
     if len(set(seen)) != len(seen):
         raise invalid("options", "options must be distinct, and look distinct: they may not differ only in case,"
                                  " invisible characters or Unicode look-alike forms")
@@ -760,7 +814,8 @@ def distinct_options(options):
 
 # Characters drawn as nothing that are not format characters (the rest of Unicode's
 # Default_Ignorable_Code_Point), and Cyrillic and Greek letters drawn like Latin ones.
-INVISIBLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u3164\ufe00-\ufe0f\uffa0\U000e0100-\U000e01ef]")
+INVISIBLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u2800\u3164\ufe00-\ufe0f\uffa0"
+                       "\U000e0100-\U000e01ef]")
 LOOK_ALIKES = str.maketrans(dict(zip(
     "АВЕКМНОРСТХЅІЈаеорсухѕіјԁԛԝһΑΒΕΖΗΙΚΜΝΟΡΤΥΧαοινκ",
     "ABEKMHOPCTXSIJaeopcyxsijdqwhABEZHIKMNOPTYXaoivk")))
@@ -898,6 +953,9 @@ def decide_pause(conn, config, pause_id, status, decided_by, choice=None, commen
          "id": pause_id}).rowcount
     if changed != 1:
         return False
+    # A text not sent yet would ask a question that is already answered.
+    conn.execute("UPDATE notifications SET status = 'cancelled', updated_at = ? WHERE pause_id = ? AND status = 'queued'",
+                 (now, pause_id))
     pause = pause_by_id(conn, pause_id)
     record_event(conn, pause["developer_id"], pause["livemode"], decided_by, f"pause.{status}", pause_id,
                  {"choice": pause["choice"], "comment": comment, "decided_by": decided_by, **(data or {})}, when=now)
@@ -942,22 +1000,28 @@ REPLY_CODE_QUARANTINE = dt.timedelta(days=7)
 
 
 def new_reply_code(conn, recipient, livemode):
-    """A code no pending pause for this number uses, nor any sent to it in the last week,
-    so a late reply to a decided pause cannot decide a newer one that took its code."""
+    """A code no pending pause for this number uses, preferring one no pause sent to it was
+    decided with in the last week, so a late reply to a decided pause names no newer one.
+    When every code is taken that way, the one decided longest ago: a flood of pauses
+    to a number must never make it unreachable."""
     require_transaction(conn)
-    taken = {row[0] for row in conn.execute(
-        "SELECT reply_code FROM pauses WHERE recipient = ? AND livemode = ? AND status = 'pending'"
-        " AND reply_code IS NOT NULL UNION SELECT reply_code FROM pauses WHERE recipient = ? AND livemode = ?"
-        " AND reply_code IS NOT NULL AND created_at > ?",
-        (recipient, livemode, recipient, livemode, db_time(utcnow() - REPLY_CODE_QUARANTINE)))}
+    pending = {row[0] for row in query_db(
+        conn, "SELECT reply_code FROM pauses WHERE recipient = ? AND livemode = ? AND status = 'pending'"
+              " AND reply_code IS NOT NULL", (recipient, livemode))}
+    recent = {row[0]: row[1] for row in query_db(
+        conn, "SELECT reply_code, max(decided_at) FROM pauses WHERE recipient = ? AND livemode = ?"
+              " AND reply_code IS NOT NULL AND decided_at > ? GROUP BY reply_code",
+        (recipient, livemode, db_time(utcnow() - REPLY_CODE_QUARANTINE)))}
     short = [a + b for a in REPLY_CODE_LETTERS for b in REPLY_CODE_DIGITS]
-    free = [code for code in short if code not in taken]
-    if len(free) < len(short) // 2:     # crowded: three characters, 23 times the room
-        free = [code + c for code in short for c in REPLY_CODE_LETTERS if code + c not in taken]
-    if not free:
+    for codes in (short, [code + c for code in short for c in REPLY_CODE_LETTERS]):     # 184, then 4,232
+        unused = [code for code in codes if code not in pending and code not in recent]
+        if len(unused) >= len(codes) // 2 or codes is not short and unused:
+            return secrets.choice(unused)
+    reusable = [code for code in recent if code not in pending]
+    if not reusable:
         raise ApiError(429, "too_many_pending", f"{recipient} has too many pending pauses; wait for some to be decided",
                        field="recipient")
-    return secrets.choice(free)
+    return min(reusable, key=recent.get)
 
 
 def split_reply_code(text):
@@ -1050,21 +1114,27 @@ def refuse_if_decided(pause, expired=False):
 
 
 LINK_OPENED_EVERY = dt.timedelta(minutes=1)
+LINK_OPENINGS_RECORDED = 100    # per pause: from ever new addresses, openings would be endless
 
 
 def record_link_opened(conn, pause, via, client):
-    """Audit that a respond link was opened: once per pause, client address and minute,
-    so reloads, scanners and floods cannot grow the log without bound."""
+    """Audit that a respond link was opened: once per pause, client address and minute, and
+    LINK_OPENINGS_RECORDED times per pause at most, so reloads, scanners and floods from
+    many addresses cannot grow the log without bound."""
     def recorded_lately():
         return conn.execute(
             "SELECT 1 FROM audit_events WHERE pause_id = ? AND event_type = 'respond_page.opened' AND timestamp > ?"
             " AND json_extract(data, '$.ip') = ? LIMIT 1",
             (pause["id"], db_time(utcnow() - LINK_OPENED_EVERY), client["ip"])).fetchone()
 
+    def recorded_enough():
+        return query_db(conn, "SELECT count(*) FROM audit_events WHERE pause_id = ? AND event_type = 'respond_page.opened'",
+                        (pause["id"],), one=True)[0] >= LINK_OPENINGS_RECORDED
+
     if recorded_lately():       # the common reload: no write lock needed
         return
     with transaction(conn):
-        if not recorded_lately():
+        if not recorded_lately() and not recorded_enough():
             record_event(conn, pause["developer_id"], pause["livemode"], "respond_link", "respond_page.opened",
                          pause["id"], {"via": via, **client})
 
@@ -1171,15 +1241,13 @@ class DeadlineWatch:
         self._watched = {}          # key -> (monotonic deadline, fd, inode, Deadline)
         self._keys = itertools.count()
         self._thread = None
-        # getaddrinfo() cannot be interrupted: names are looked up here and waited
-        # for only as long as the call has left.
-        self.resolver = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="resolve")
-        # Calls into libraries that open their own sockets run on threads of their
-        # own; those that outlive their deadline are counted here until they end.
+        # Calls that cannot be interrupted (a name lookup, a library that opens its own
+        # sockets) run on threads of their own; those that outlive their deadline are
+        # counted here, by owner, until they end.
         self.stragglers = collections.Counter()
 
-    def deadline(self, seconds):
-        return Deadline(self, seconds)
+    def deadline(self, seconds, owner=None):
+        return Deadline(self, seconds, owner)
 
     def _watch(self, deadline, sock):
         fd = sock.fileno()
@@ -1231,8 +1299,8 @@ class Deadline:
     Sockets passed to guard() are shut down if the call is still running when it
     passes; `expired` then says so."""
 
-    def __init__(self, watch, seconds):
-        self.watch, self.seconds = watch, seconds
+    def __init__(self, watch, seconds, owner=None):
+        self.watch, self.seconds, self.owner = watch, seconds, owner    # owner: whose lookups may hang
         self.at = time.monotonic() + seconds
         self.expired = False
         self._keys = []
@@ -1248,24 +1316,22 @@ class Deadline:
         return sock
 
     def resolve(self, host, port):
-        """getaddrinfo() for a TCP connection, within the time left."""
+        """getaddrinfo() for a TCP connection, within the time left. Each lookup has its own
+        thread, so one owner's slow names hold no one else's lookups; an owner with
+        LOOKUPS_LEFT_HANGING lookups still hanging gets no new one until they end."""
         with contextlib.suppress(ValueError):
             ipaddress.ip_address(host)
             return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)     # a literal: nothing to wait for
-        lookup = self.watch.resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
-        try:
-            return lookup.result(timeout=self.remaining())
-        except concurrent.futures.TimeoutError:
-            self.expired = True
-            raise TimeoutError(f"looking up {host} took longer than {self.seconds} s") from None
+        return self.run_abandonable(("lookup", self.owner), socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM,
+                                    most=LOOKUPS_LEFT_HANGING, doing=f"looking up {host}")
 
-    def run_abandonable(self, key, call, *args, most=2):
-        """call(*args) on a thread of its own, waited for until the deadline: for libraries
-        whose sockets cannot be reached. Past the deadline the thread is left to end on its
-        own, and while `most` such threads for `key` still run, no new call for it starts."""
+    def run_abandonable(self, key, call, *args, most=2, doing="the call"):
+        """call(*args) on a thread of its own, waited for until the deadline: for what cannot
+        be interrupted. Past the deadline the thread is left to end on its own, and while
+        `most` such threads for `key` still run, no new call for it starts."""
         with self.watch._changed:
             if self.watch.stragglers[key] >= most:
-                raise TimeoutError(f"earlier calls to this target are still hanging after {self.seconds} s")
+                raise TimeoutError(f"earlier calls like {doing} are still hanging after {self.seconds} s")
         outcome = {}
 
         def run():
@@ -1288,7 +1354,7 @@ class Deadline:
                 outcome["abandoned"] = True
                 self.watch.stragglers[key] += 1
                 self.expired = True
-                raise TimeoutError(f"no answer within {self.seconds} s")
+                raise TimeoutError(f"no answer within {self.seconds} s ({doing})")
         if "error" in outcome:
             raise outcome["error"]
         return outcome["value"]
@@ -1298,6 +1364,9 @@ class Deadline:
 
     def __exit__(self, *exc):
         self.watch._forget(self._keys)
+
+
+LOOKUPS_LEFT_HANGING = 4      # per owner: a developer's endpoints, or a channel's provider
 
 
 class PrivateAddressRefused(OSError):
@@ -1360,6 +1429,10 @@ def under_deadline(session, deadline, allow_private=True):
     return session
 
 
+SLOW_CALL_SECONDS = 5           # half the deadline
+SLOW_FOR = dt.timedelta(minutes=10)
+
+
 class OutboundPool:
     """The bounded pool every outbound call runs on: webhook deliveries and live
     notification sends. Each call holds a slot counted against its target (one
@@ -1372,7 +1445,9 @@ class OutboundPool:
 
     The last quarter of the workers is kept for developers and targets with nothing
     in flight, so even several stalling tenants (or two hung providers) leave room
-    for everyone else's first call."""
+    for everyone else's first call. And a target whose last call took more than
+    SLOW_CALL_SECONDS is slow for SLOW_FOR: all slow targets together get half the
+    workers, so many accounts with stalling receivers cannot take the rest."""
 
     def __init__(self, workers, per_developer):
         self.workers, self.per_developer = workers, per_developer
@@ -1386,6 +1461,9 @@ class OutboundPool:
         self._by_developer = collections.Counter()    # calls in flight per developer: who goes first
         self._by_target = collections.Counter()       # per ('webhook', id) or ('channel', name)
         self._capped = collections.Counter()          # per (developer, kind) for calls with a developer limit
+        self.slow_share = max(1, workers // 2)
+        self._slow_until = {}                         # target -> monotonic time it stops counting as slow
+        self._slow_calls = collections.Counter()      # calls in flight to targets that were slow when they began
 
     def free(self):
         with self._lock:
@@ -1410,9 +1488,12 @@ class OutboundPool:
             capped = (developer_id, target[0])
             newcomer = not self._by_developer[developer_id] and not self._by_target[target]
             free = self.workers - self._busy
+            slow = self._slow_until.get(target, 0) > time.monotonic()
             if (free <= (0 if newcomer else self.kept_for_newcomers) or self._by_target[target] >= target_limit
-                    or developer_limit is not None and self._capped[capped] >= developer_limit):
+                    or developer_limit is not None and self._capped[capped] >= developer_limit
+                    or slow and sum(self._slow_calls.values()) >= self.slow_share):
                 return False
+            self._slow_calls[target] += slow
             self._busy += 1
             self._by_developer[developer_id] += 1
             self._by_target[target] += 1
@@ -1425,17 +1506,30 @@ class OutboundPool:
             self._by_developer[developer_id] -= 1
             self._by_target[target] -= 1
             self._capped[(developer_id, target[0])] -= developer_limit is not None
-            for counter in (self._by_developer, self._by_target, self._capped):
+            self._slow_calls[target] -= self._slow_calls[target] > 0
+            for counter in (self._by_developer, self._by_target, self._capped, self._slow_calls):
                 counter += collections.Counter()        # drop zero counts
+
+    def took(self, target, seconds):
+        """Note how long a call to `target` took: a slow one marks it slow for SLOW_FOR."""
+        with self._lock:
+            if seconds >= SLOW_CALL_SECONDS:
+                if len(self._slow_until) > 10_000:
+                    self._slow_until = {t: u for t, u in self._slow_until.items() if u > time.monotonic()}
+                self._slow_until[target] = time.monotonic() + SLOW_FOR.total_seconds()
+            elif seconds < SLOW_CALL_SECONDS / 5:
+                self._slow_until.pop(target, None)
 
     def run(self, slot, call, *args, then=None):
         """Run call(*args) on a worker in a slot taken with reserve(*slot); the slot is freed after, then then()."""
         def work():
+            started = time.monotonic()
             try:
                 call(*args)
             except Exception:
                 log.exception("outbound call %s failed unexpectedly", getattr(call, "__name__", call))
             finally:
+                self.took(slot[1], time.monotonic() - started)
                 self.release(*slot)
                 if then is not None:
                     then()
@@ -1625,7 +1719,7 @@ def send_apprise(target_url, config, notification, pause, deadline):
         raise ChannelError(f"channel {notification['channel']!r} has a URL Apprise does not understand")
     try:
         delivered = deadline.run_abandonable(("apprise", notification["channel"]), notifier.notify,
-                                             notification["text"], "Approval needed")
+                                             notification["text"], "Approval needed", doing="the push")
     except TimeoutError as e:
         raise ChannelError(f"channel {notification['channel']!r}: {e}") from None
     if not delivered:
@@ -1706,7 +1800,7 @@ def send_notification(conn, config, deadlines, row, claim_until):
         if channel is None or channel.send is None or channel.missing_settings(config):
             raise ChannelError(f"channel {row['channel']!r} is not configured on this server")
         pause = pause_by_id(conn, row["pause_id"])
-        with deadlines.deadline(PROVIDER_TIMEOUT_SECONDS) as deadline:
+        with deadlines.deadline(PROVIDER_TIMEOUT_SECONDS, owner=("channel", row["channel"])) as deadline:
             provider_id, error = channel.send(config, row, pause, deadline), None
     except ChannelError as e:
         provider_id, error, permanent = None, str(e)[:500], e.permanent
@@ -1772,7 +1866,7 @@ def verify_signature(secret, header, body, tolerance=300):
     timestamp, candidates = None, []
     for part in (header or "").split(","):
         name, _, value = part.strip().partition("=")
-        if name == "t" and value.isascii() and value.isdigit():
+        if name == "t" and value.isascii() and value.isdigit() and len(value) <= 12:
             timestamp = int(value)
         elif name == "v1":
             candidates.append(value)
@@ -1782,8 +1876,17 @@ def verify_signature(secret, header, body, tolerance=300):
     return any(hmac.compare_digest(expected, candidate) for candidate in candidates)
 
 
+# Names that only ever mean this machine or the local network.
+LOCAL_NAMES = re.compile(r"(^|\.)(localhost|local|internal|home\.arpa)\.?$", re.IGNORECASE)
+
+
 def url_problem(url, allow_private):
-    """None if webhooks may be sent to `url`, else a sentence saying why not."""
+    """None if webhooks may be sent to `url`, else a sentence saying why not.
+
+    Names are not looked up here: a lookup can take as long as its name server likes,
+    and a client could hold request threads with names made to resolve slowly. An
+    address written in the URL, or a name that can only be local, is refused now; any
+    other name is checked on every delivery, on the addresses it then resolves to."""
     if not isinstance(url, str) or len(url) > 2048 or UNSAFE_TEXT.search(url):
         return "url must be an http:// or https:// URL of at most 2048 characters"
     try:
@@ -1795,16 +1898,20 @@ def url_problem(url, allow_private):
         return "url must be an http:// or https:// URL"
     if parts.username or parts.password:
         return "url must not contain credentials; receivers authenticate calls by their signature"
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)}
-    except (OSError, ValueError) as e:
-        return f"url's host {parts.hostname!r} cannot be resolved ({e})"
-    if not allow_private:
-        for address in sorted(addresses):
-            if not is_public_address(address):
-                return (f"url's host resolves to {address}, a loopback, private or otherwise non-public address;"
-                        " the operator can allow these with webhooks.allow_private = true")
+    address = literal_address(parts.hostname)
+    if not allow_private and (address and not is_public_address(address) or LOCAL_NAMES.search(parts.hostname)):
+        return (f"url's host {parts.hostname} is a loopback, private or otherwise non-public address;"
+                " the operator can allow these with webhooks.allow_private = true")
+    return None
+
+
+def literal_address(host):
+    """The IP address `host` spells, in any form connecting would accept ('127.1',
+    '2130706433', '0x7f.0.0.1' included), or None for a name."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host))
+    with contextlib.suppress(OSError):
+        return socket.inet_ntoa(socket.inet_aton(host))
     return None
 
 
@@ -2084,7 +2191,7 @@ def attempt_delivery(conn, config, deadlines, delivery_id, attempt, claim_until)
     The attempt, from connecting to the last byte of the answer, ends after
     DELIVERY_TIMEOUT_SECONDS however slowly the receiver trickles."""
     row = conn.execute(
-        "SELECT d.webhook_id, w.url, w.secret, w.previous_secret, w.previous_secret_expires_at,"
+        "SELECT d.webhook_id, w.developer_id, w.url, w.secret, w.previous_secret, w.previous_secret_expires_at,"
         " e.id AS event_id, e.type, e.body FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id"
         " JOIN webhook_events e ON e.id = d.event_id WHERE d.id = ?", (delivery_id,)).fetchone()
     body = row["body"].encode("utf-8")
@@ -2100,7 +2207,7 @@ def attempt_delivery(conn, config, deadlines, delivery_id, attempt, claim_until)
     }
     started_at, started = db_time(), time.monotonic()
     status_code, error, retry_after = None, None, None
-    deadline = deadlines.deadline(DELIVERY_TIMEOUT_SECONDS)
+    deadline = deadlines.deadline(DELIVERY_TIMEOUT_SECONDS, owner=row["developer_id"])
     try:
         with webhook_session(config["webhooks.allow_private"], deadline) as session, deadline:
             response = session.post(row["url"], data=body, headers=headers, allow_redirects=False, stream=True,
@@ -2574,7 +2681,8 @@ PAUSE_CREATED = {"type": "object", "required": ["pause_id", "status", "respond_u
                  "properties": {"pause_id": {"type": "string"}, "status": {"type": "string", "enum": list(STATUSES)},
                                 "respond_url": {"type": "string"}, "expires_at": TIME, "created_at": TIME}}
 NOTIFICATION = {"type": ["object", "null"], "properties": {
-    "channel": {"type": "string"}, "status": {"type": "string", "enum": ["queued", "sent", "simulated", "failed"]},
+    "channel": {"type": "string"},
+    "status": {"type": "string", "enum": ["queued", "sent", "simulated", "failed", "cancelled"]},
     "attempts": {"type": "integer"}, "provider_message_id": {"type": ["string", "null"]},
     "last_error": {"type": ["string", "null"]}, "text": {"type": "string"}}}
 PAUSE = {"type": "object", "required": ["pause_id", "status", "options", "livemode", "expires_at", "created_at"],
@@ -2699,7 +2807,7 @@ def read_json(config):
     if raw and bottle.request.content_type.split(";")[0].strip().lower() != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with 'Content-Type: application/json'")
     try:
-        body = json.loads(raw or b"null", parse_constant=not_json)
+        body = json.loads(raw or b"null", parse_constant=not_json, parse_float=finite_float)
         where = lone_surrogate_at(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
@@ -2772,7 +2880,7 @@ def get_openapi(rt):
     return rt.openapi
 
 
-def registration_allowed(rt):
+def registration_allowed(rt, caller):
     if not rt.config["registration.open"]:
         raise ApiError(403, "registration_closed",
                        "registration is closed on this server; the operator adds developers with"
@@ -2786,7 +2894,7 @@ def register(rt, body):
         return register_developer(rt.db(), rt.config, body["email"], body["name"], body["password"])
 
 
-def rotation_allowed(rt):
+def rotation_allowed(rt, caller):
     rt.limiter.limit("rotate", client_ip(), rt.config["ratelimit.rotate_per_hour"], "key rotations from your address")
 
 
@@ -2833,6 +2941,13 @@ def post_cancel(rt, caller, pause_id):
     """Cancel a pending pause."""
     pause = cancel_pause(rt.db(), rt.config, caller, pause_id)
     return pause_json(pause, rt.config, notification_of(rt.db(), pause_id))
+
+
+def webhook_change_allowed(rt, caller):
+    """Every webhook change writes an audit event that is kept for good (in live mode): a
+    developer makes so many an hour."""
+    rt.limiter.limit("webhook_changes", caller.developer_id, rt.config["ratelimit.webhook_changes_per_hour"],
+                     "webhook changes for this developer (ratelimit.webhook_changes_per_hour)")
 
 
 def post_webhook(rt, caller, body):
@@ -2900,9 +3015,22 @@ def get_audit(rt, caller, query):
     return {"events": [audit_event_json(row) for row in rows], "next_cursor": next_cursor}
 
 
+def read_form():
+    """A form post as text: 415 unless url-encoded (a multipart upload has no business
+    here), 400 if it is not UTF-8."""
+    if bottle.request.content_type.split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
+        raise ApiError(415, "unsupported_media_type", "send the form as application/x-www-form-urlencoded")
+    try:
+        form = bottle.request.forms
+        return {name.encode("latin-1").decode("utf-8"): form.get(name).encode("latin-1").decode("utf-8")
+                for name in form.keys()}
+    except (UnicodeError, ValueError):
+        raise ApiError(400, "bad_request", "the form is not UTF-8 text") from None
+
+
 def twilio_inbound(rt):
     """An SMS or WhatsApp reply, as Twilio posts it (signed); answered in TwiML."""
-    form = {k: bottle.request.forms.getunicode(k) for k in bottle.request.forms.keys()}
+    form = read_form()
     token, url = rt.config["twilio.auth_token"], base_url(rt.config) + bottle.request.fullpath
     if not token or not twilio.request_validator.RequestValidator(token).validate(
             url, form, request_header("X-Twilio-Signature") or ""):
@@ -2955,12 +3083,12 @@ def get_respond_page(rt, client, query, token):
 
 def post_respond_page(rt, client, token):
     """The page's form: record the choice, then show it (Post/Redirect/Get)."""
-    form = bottle.request.forms
+    if bottle.request.content_length > rt.config["server.max_body_bytes"]:
+        raise ApiError(413, "payload_too_large", "the form is too large")
+    form = read_form()
     try:
-        if bottle.request.content_length > rt.config["server.max_body_bytes"]:
-            raise ApiError(413, "payload_too_large", "the form is too large")
-        guard_respond_link(rt, lambda: respond_to_pause(rt.db(), rt.config, token, form.getunicode("choice"),
-                                                        form.getunicode("comment"), client))
+        guard_respond_link(rt, lambda: respond_to_pause(rt.db(), rt.config, token, form.get("choice"),
+                                                        form.get("comment"), client))
     except ApiError as e:
         if e.status != 422:
             raise
@@ -2995,7 +3123,7 @@ class Route:
     body: object = None         # the request body's JSON Schema, or config -> schema
     query: dict = dataclasses.field(default_factory=dict)      # name -> JSON Schema of each query parameter
     answer: dict = None         # the JSON Schema of a 2xx answer; None: no body
-    guard: object = None        # rt -> None or ApiError, before the body is read (rate limits)
+    guard: object = None        # (rt, caller) -> raises ApiError before the body is read (rate limits)
     page: bool = False          # a page a person opens: HTML errors, not in the API document
 
 
@@ -3009,16 +3137,20 @@ ROUTES = [
     Route("GET", "/v1/pause", list_pauses, query={"status": STATUS_QUERY, **PAGE_QUERY}, answer=page_of("pauses", PAUSE)),
     Route("GET", "/v1/pause/<pause_id>", get_pause, query={"wait": WAIT_QUERY}, answer=PAUSE),
     Route("POST", "/v1/pause/<pause_id>/cancel", post_cancel, answer=PAUSE),
-    Route("POST", "/v1/webhooks", post_webhook, 201, body=WEBHOOK_SCHEMA, answer=WEBHOOK),
+    Route("POST", "/v1/webhooks", post_webhook, 201, body=WEBHOOK_SCHEMA, answer=WEBHOOK,
+          guard=webhook_change_allowed),
     Route("GET", "/v1/webhooks", list_webhooks, answer={
         "type": "object", "required": ["webhooks"], "properties": {"webhooks": {"type": "array", "items": WEBHOOK}}}),
     Route("GET", "/v1/webhooks/<webhook_id>", get_webhook, answer=WEBHOOK),
-    Route("PATCH", "/v1/webhooks/<webhook_id>", patch_webhook, body=WEBHOOK_CHANGE_SCHEMA, answer=WEBHOOK),
-    Route("DELETE", "/v1/webhooks/<webhook_id>", remove_webhook, 204),
-    Route("POST", "/v1/webhooks/<webhook_id>/test", post_webhook_test, 202, answer=DELIVERY),
+    Route("PATCH", "/v1/webhooks/<webhook_id>", patch_webhook, body=WEBHOOK_CHANGE_SCHEMA, answer=WEBHOOK,
+          guard=webhook_change_allowed),
+    Route("DELETE", "/v1/webhooks/<webhook_id>", remove_webhook, 204, guard=webhook_change_allowed),
+    Route("POST", "/v1/webhooks/<webhook_id>/test", post_webhook_test, 202, answer=DELIVERY,
+          guard=webhook_change_allowed),
     Route("GET", "/v1/webhooks/<webhook_id>/deliveries", list_deliveries, query=PAGE_QUERY,
           answer=page_of("deliveries", DELIVERY)),
-    Route("POST", "/v1/webhooks/<webhook_id>/deliveries/<delivery_id>/redeliver", post_redeliver, 202, answer=DELIVERY),
+    Route("POST", "/v1/webhooks/<webhook_id>/deliveries/<delivery_id>/redeliver", post_redeliver, 202,
+          answer=DELIVERY, guard=webhook_change_allowed),
     Route("GET", "/v1/channels", list_channels, answer=CHANNELS),
     Route("GET", "/v1/audit", get_audit, query=AUDIT_QUERY, answer=page_of("events", AUDIT_EVENT)),
     Route("POST", "/v1/twilio/inbound", twilio_inbound, auth="twilio", answer={"type": "string"}),
@@ -3074,7 +3206,7 @@ class Handlers:
         if "caller" in wanted:
             given["caller"] = authenticate(rt.db(), request_header("Authorization"))
         if spec.guard is not None:
-            spec.guard(rt)
+            spec.guard(rt, given.get("caller"))
         if "body" in wanted:
             given["body"] = validate_body(schema, read_json(rt.config), validator)
         if not spec.page:
@@ -3292,7 +3424,12 @@ class JsonErrorTask(waitress.task.ErrorTask):
                     431: "the request's headers are too large",
                     400: f"malformed HTTP request: {error.body}"}
         message = messages.get(error.code, str(error.body))
-        if (getattr(self.request, "path", None) or "").startswith("/respond/"):
+        # For headers too large to read, waitress invents the request "GET /"; the real
+        # request line is in what arrived first.
+        first_line = self.channel.request_start.split(b"\r\n", 1)[0].split(b" ")
+        path = (first_line[1].decode("latin-1") if len(first_line) > 2 and error.code == 431
+                else getattr(self.request, "path", None) or "")
+        if path.startswith("/respond/"):
             body = bottle.template("respond_error", template_lookup=[TEMPLATES_DIR], message=message.capitalize() + ".")
             self.response_headers.extend([("Content-Type", "text/html; charset=utf-8"), *PAGE_HEADERS.items()])
         else:
@@ -3323,6 +3460,8 @@ class HardenedChannel(waitress.channel.HTTPChannel):
     error_task_class = JsonErrorTask
     task_class = ParkableTask
     request_began = request_headers_done = output_waiting_since = 0.0
+    queued = False              # a whole request waits in the dispatcher for a thread
+    request_start = b""
     served = False              # has sent at least one whole request: a kept-alive client, not a trickler
 
     def __init__(self, server, sock, addr, adj, map=None):
@@ -3331,6 +3470,8 @@ class HardenedChannel(waitress.channel.HTTPChannel):
 
     def received(self, data):
         before, now = self.request, time.time()
+        if before is None:
+            self.request_start = data[:256]     # names the path even if the headers are refused unread
         result = super().received(data)
         with self.requests_lock:
             if len(self.requests) > 1:
@@ -3363,9 +3504,14 @@ class HardenedChannel(waitress.channel.HTTPChannel):
                 del self.server.by_ip[self.addr[0]]
         super().del_channel(map)
 
-    def unproductive(self):
-        """Holding the connection without a whole request to serve: idle, or still sending."""
-        return not self.requests and not self.will_close
+    def unproductive(self, now=None):
+        """Holding the connection without a thread serving it: idle, still sending, or with a
+        whole request still waiting for a thread. A connection made this very moment has
+        had no time to send anything yet and is not counted."""
+        if self.will_close or (self.requests and not self.queued):
+            return False
+        fresh = not self.served and self.request is None and (now or time.time()) - self.creation_time < FRESH_SECONDS
+        return not fresh
 
     def overdue(self, now, limits):
         if self.total_outbufs_len:
@@ -3385,14 +3531,34 @@ class HardenedChannel(waitress.channel.HTTPChannel):
         return now - self.request_headers_done > limits["server.body_timeout"]
 
 
-def drop(channel):
+BUSY_ANSWER = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+               "Connection: close\r\nContent-Length: {length}\r\n\r\n{body}")
+FRESH_SECONDS = 1.0             # a new connection's grace to start sending before it counts as waiting
+
+
+def say_busy(sock):
+    """Answer 503 in the one error shape, whatever was asked: a client over its address's
+    share learns to come back in a second, instead of seeing a reset."""
+    body = error_body(503, "busy", "this address has too many connections waiting; try again in a second")
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        sock.send(BUSY_ANSWER.format(length=len(body), body=body).encode())
+
+
+def drop(channel, busy=False):
     """Close a connection from the server's loop. Marking it will_close is not enough when
     the client stopped reading: the socket never turns writable, so that close would
     never run. The close runs through the loop's trigger, between polls, so no socket
     closes while the loop is still collecting which ones to poll; a thread blocked
-    writing to it wakes and gives up."""
+    writing to it wakes and gives up. With `busy`, a whole request still waiting for a
+    thread is answered 503 first, so its client learns to come back."""
     channel.will_close = True
-    channel.server.trigger.pull_trigger(channel.handle_close)
+
+    def close():
+        if busy and channel.queued and not channel.total_outbufs_len:
+            say_busy(channel.socket)
+        channel.handle_close()
+    channel.server.trigger.pull_trigger(close)
 
 
 class HardenedServer(waitress.server.TcpWSGIServer):
@@ -3415,10 +3581,18 @@ class HardenedServer(waitress.server.TcpWSGIServer):
         super().__init__(*args, **kwargs)
 
     def maintenance(self, now):
-        """Runs every second (cleanup_interval): close connections past a deadline."""
+        """Runs every second (cleanup_interval): close connections past a deadline, and an
+        address's quietest waiting connections beyond its share, counting the ones that
+        arrived together in a burst now that their grace to start sending is over."""
         for channel in list(self.active_channels.values()):
             if channel.overdue(now, self.limits):
                 drop(channel)
+        share = self.limits["server.connections_per_ip"]
+        for address, peers in list(self.by_ip.items()):
+            if len(peers) > share and address != self.limits["server.trusted_proxy"]:
+                waiting = [channel for channel in peers if channel.unproductive(now)]
+                for channel in heapq.nsmallest(len(waiting) - share, waiting, key=lambda c: c.last_activity):
+                    drop(channel, busy=True)
 
     def readable(self):
         """Whether to accept now. Like waitress's, but it sheds before the limit is reached,
@@ -3463,7 +3637,8 @@ class HardenedServer(waitress.server.TcpWSGIServer):
                 continue
             addr = self.fix_addr(addr)
             if not self.room_for(addr[0]):
-                sock.close()            # cheaper than a channel: this address holds its share already
+                say_busy(sock)          # cheaper than a channel: this address holds its share already
+                sock.close()
                 continue
             self.channel_class(self, sock, addr, self.adj, map=self._map)
 
@@ -3474,10 +3649,11 @@ class HardenedServer(waitress.server.TcpWSGIServer):
         address whose connections are all unfinished requests waits for their deadlines."""
         if address == self.limits["server.trusted_proxy"]:
             return True
-        waiting = [channel for channel in self.by_ip.get(address, ()) if channel.unproductive()]
+        now = time.time()
+        waiting = [channel for channel in self.by_ip.get(address, ()) if channel.unproductive(now)]
         if len(waiting) < self.limits["server.connections_per_ip"]:
             return True
-        idle = [channel for channel in waiting if channel.served and channel.request is None]
+        idle = [channel for channel in waiting if channel.served and channel.request is None and not channel.requests]
         if not idle:
             return False
         drop(min(idle, key=lambda channel: channel.last_activity))
@@ -3500,6 +3676,7 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
     def add_task(self, channel):
         with self.lock:
             self.waiting.setdefault(channel.addr[0], collections.deque()).append(channel)
+            channel.queued = True
             self.queue_cv.notify()
             queued = sum(map(len, self.waiting.values()))
             idle = len(self.threads) - self.stop_count - self.active_count
@@ -3511,6 +3688,7 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
         for address, channels in self.waiting.items():
             if address == self.exempt or self.running[address] < self.per_address:
                 channel = channels.popleft()
+                channel.queued = False
                 if channels:
                     self.waiting.move_to_end(address)       # its next request waits for the others' turn
                 else:
@@ -3558,6 +3736,7 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
                 self.running[address] += 1
 
     def _give_back(self, address, channel):
+        channel.queued = True
         self.running[address] -= 1
         self.running += collections.Counter()
         self.waiting.setdefault(address, collections.deque()).appendleft(channel)

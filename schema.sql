@@ -85,9 +85,9 @@ CREATE INDEX pauses_pending_by_recipient ON pauses(recipient, seq) WHERE status 
 -- A reply code names exactly one pending pause per number and mode.
 CREATE UNIQUE INDEX pauses_pending_reply_code ON pauses(recipient, livemode, reply_code)
     WHERE status = 'pending' AND reply_code IS NOT NULL;
--- New codes also avoid those a number was sent in the last week, so a late reply to a decided
--- pause never names a newer one.
-CREATE INDEX pauses_recent_reply_codes ON pauses(recipient, livemode, created_at) WHERE reply_code IS NOT NULL;
+-- New codes also avoid those of the number's pauses decided in the last week, so a late reply to
+-- a decided pause never names a newer one.
+CREATE INDEX pauses_recent_reply_codes ON pauses(recipient, livemode, decided_at) WHERE reply_code IS NOT NULL;
 -- Pruning: decided test-mode pauses, oldest decision first.
 CREATE INDEX pauses_decided_test ON pauses(decided_at) WHERE livemode = 0 AND status != 'pending';
 -- Quota: live pauses a developer created since the start of the month.
@@ -103,8 +103,8 @@ CREATE TABLE notifications (
     recipient            TEXT NOT NULL,
     livemode             INTEGER NOT NULL CHECK (livemode IN (0, 1)),
     text                 TEXT NOT NULL,               -- exactly what is (or, in test mode, would be) sent
-    status               TEXT NOT NULL DEFAULT 'queued'
-                         CHECK (status IN ('queued', 'sending', 'sent', 'simulated', 'failed')),
+    status               TEXT NOT NULL DEFAULT 'queued'  -- 'cancelled': the pause was decided before it was sent
+                         CHECK (status IN ('queued', 'sending', 'sent', 'simulated', 'failed', 'cancelled')),
     attempts             INTEGER NOT NULL DEFAULT 0,
     next_attempt_at      TEXT NOT NULL,               -- when 'queued': due time; when 'sending': claim expiry
     provider_message_id  TEXT,

@@ -432,7 +432,8 @@ def test_codes_are_unique_among_a_numbers_pending_pauses(sms_setup):
 def test_a_decided_pauses_code_is_not_given_to_the_next_pauses_for_a_week(sms_setup):
     api, config, keys = sms_setup
     key = keys["test_api_key"]
-    cancelled = api.create_pause(key)
+    cancelled = api.create_pause(key, timeout_hours=400)
+    stored(config, "UPDATE pauses SET created_at = '2000-01-01T00:00:00.000Z'")     # asked long ago, decided now
     api.post(f"/v1/pause/{cancelled['pause_id']}/cancel", headers=api.as_key(key))
     for _ in range(90):
         api.create_pause(key)
@@ -580,3 +581,39 @@ def test_a_push_target_that_never_finishes_answering_is_given_up_after_10_second
         assert "no answer within 10 s" in pause["notification"]["last_error"]
     finally:
         trickler.close()
+
+
+def test_a_number_flooded_with_decided_pauses_still_gets_codes(sms_setup):
+    api, config, keys = sms_setup
+    key = keys["test_api_key"]
+    api.create_pause(key)               # a developer, and a pause to copy
+    stored(config, "WITH RECURSIVE letter(c, n) AS (SELECT 'A', 0 UNION ALL SELECT char(unicode(c) + 1), n + 1"
+                   " FROM letter WHERE n < 25), digit(d) AS (SELECT 2 UNION ALL SELECT d + 1 FROM digit WHERE d < 9)"
+                   " INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, status,"
+                   " decided_at, respond_token, reply_code, created_at, expires_at)"
+                   " SELECT 'psr_' || a.c || d || b.c, developer_id, 0, '+15550100', 'sms', 'm', options, 'cancelled',"
+                   " datetime('now'), 'tok' || a.c || d || b.c, a.c || d || b.c, created_at, expires_at"
+                   " FROM letter a, digit, letter b, pauses WHERE pauses.seq = 1")
+    stored(config, "WITH RECURSIVE letter(c, n) AS (SELECT 'A', 0 UNION ALL SELECT char(unicode(c) + 1), n + 1"
+                   " FROM letter WHERE n < 25), digit(d) AS (SELECT 2 UNION ALL SELECT d + 1 FROM digit WHERE d < 9)"
+                   " INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, status,"
+                   " decided_at, respond_token, reply_code, created_at, expires_at)"
+                   " SELECT 'psr_' || a.c || d, developer_id, 0, '+15550100', 'sms', 'm', options, 'cancelled',"
+                   " datetime('now'), 'tok' || a.c || d, a.c || d, created_at, expires_at"
+                   " FROM letter a, digit, pauses WHERE pauses.seq = 1")
+    stored(config, "UPDATE pauses SET decided_at = strftime('%Y-%m-%dT%H:%M:%S.000Z', 'now') WHERE seq > 1")
+    stored(config, "UPDATE pauses SET decided_at = strftime('%Y-%m-%dT%H:%M:%S.000Z', 'now', '-6 days')"
+                   " WHERE reply_code = 'K7M'")
+    created = api.create_pause(key)      # every code was used this week: the one decided longest ago is reused
+    assert stored(config, "SELECT reply_code FROM pauses WHERE id = ?", created["pause_id"]) == [("K7M",)]
+
+
+def test_a_text_not_yet_sent_when_its_pause_is_decided_is_never_sent(sms_setup, twilio):
+    api, config, keys = sms_setup
+    key = keys["api_key"]
+    created = Api(api.app).create_pause(key)            # queued, not sent yet
+    api.post(f"/v1/pause/{created['pause_id']}/cancel", headers=api.as_key(key))
+    api.app.runtime.run_notifications()
+    assert api.pause(key, created["pause_id"])["notification"]["status"] == "cancelled"
+    assert stored(config, "SELECT status, attempts FROM notifications") == [("cancelled", 0)]
+    assert twilio.messages == []

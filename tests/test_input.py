@@ -2,6 +2,7 @@
 and text a person will read cannot be made to look like something else."""
 
 import json
+import socket
 import urllib.parse
 
 import pytest
@@ -294,3 +295,83 @@ def test_a_repeated_unexpected_error_logs_one_traceback_a_minute(api, developer,
         api.get(f"/v1/respond/{token_of(created['respond_url'])}", status=500)
     tracebacks = [r for r in caplog.records if r.name == "pausepoint" and r.exc_info]
     assert len(tracebacks) == 1
+
+
+def test_metadata_numbers_too_large_to_be_finite_are_400(api, developer):
+    body = json.dumps(WIRE)[:-1] + ', "metadata": {"a": 1e400}}'
+    response = api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
+                                                    "Content-Type": "application/json"}, status=400)
+    assert response.json["error"]["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("options", [["Approve", "Approve\u2800"], ["Approve", "Appr\u0585ve"], ["\u0410pprove", "Reject"]])
+def test_blank_characters_and_words_mixing_alphabets_are_refused_in_options(api, developer, options):
+    response = api.post_json("/v1/pause", {**WIRE, "options": options, "timeout_default": None},
+                             headers=api.as_key(developer["test_api_key"]), status=422)
+    assert response.json["error"]["field"] == "options"
+
+
+def test_options_mixing_scripts_across_words_or_with_cjk_are_fine(api, developer):
+    created = api.create_pause(developer["test_api_key"], options=["Да / Yes", "OKです", "Ψ-test"], timeout_default=None)
+    assert created["status"] == "pending"
+
+
+@pytest.mark.parametrize("recipient", ["ops,ceo@example.com", "a:b,c;d@example.com", "Ada <ada@example.com>",
+                                       "ada@example.com, eve@example.com", "ada@localhost"])
+def test_an_email_recipient_is_one_plain_address(api, developer, recipient):
+    response = api.post_json("/v1/pause", {**WIRE, "channel": "email", "recipient": recipient},
+                             headers=api.as_key(developer["test_api_key"]), status=422)
+    assert response.json["error"]["field"] == "recipient"
+
+
+def test_a_twilio_form_that_is_not_utf8_is_400_before_anything_else(api, config):
+    response = api.post("/v1/twilio/inbound", b"From=%2B15550100&Body=%FF", status=400,
+                        content_type="application/x-www-form-urlencoded")
+    assert response.json["error"]["code"] == "bad_request"
+
+
+def test_the_respond_form_takes_only_url_encoded_utf8(api, developer):
+    created = api.create_pause(developer["test_api_key"])
+    path = f"/respond/{token_of(created['respond_url'])}"
+    multipart = api.post(path, upload_files=[("comment", "c.txt", b"\xff\xfe")], params={"choice": "Approve"},
+                         status=415)
+    assert multipart.content_type == "text/html"
+    assert api.post(path, b"choice=Approve&comment=%FF", content_type="application/x-www-form-urlencoded",
+                    status=400).content_type == "text/html"
+    assert api.pause(developer["test_api_key"], created["pause_id"])["status"] == "pending"
+
+
+@pytest.mark.parametrize("url", ["http://2130706433/hook", "http://0x7f.0.0.1/hook", "http://127.1/hook",
+                                 "http://printer.local/hook", "http://nas.home.arpa/", "http://db.internal:5432/"])
+def test_addresses_written_any_way_and_local_names_are_refused_at_registration(api, developer, url):
+    response = api.post_json("/v1/webhooks", {**HOOK, "url": url}, headers=api.as_key(developer["test_api_key"]),
+                             status=422)
+    assert "webhooks.allow_private" in response.json["error"]["message"]
+
+
+def test_registering_a_webhook_never_waits_on_a_name_lookup(api, developer, monkeypatch):
+    looked_up = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: looked_up.append(args) or [])
+    api.post_json("/v1/webhooks", {**HOOK, "url": "https://hooks.example.com/pausepoint"},
+                  headers=api.as_key(developer["test_api_key"]), status=201)
+    assert looked_up == []              # checked on every delivery instead, on the addresses it then has
+
+
+def test_a_respond_link_opened_from_ever_new_addresses_is_recorded_a_bounded_number_of_times(app, developer, config):
+    created = Api(app).create_pause(developer["test_api_key"])
+    for n in range(130):
+        Api(app, extra_environ={"REMOTE_ADDR": f"2001:db8::{n:x}"}).get(f"/v1/respond/{token_of(created['respond_url'])}")
+    assert stored(config, "SELECT count(*) FROM audit_events WHERE event_type = 'respond_page.opened'") == [(100,)]
+
+
+def test_webhook_changes_are_rate_limited_per_developer(tmp_path):
+    app = pausepoint.create_app(make_config(tmp_path, **{"ratelimit.webhook_changes_per_hour": 3,
+                                                         "webhooks.allow_private": True}))
+    api = Api(app)
+    auth = api.as_key(api.register()["api_key"])
+    webhook = api.post_json("/v1/webhooks", HOOK, headers=auth).json["webhook_id"]
+    for events in (["pause.created"], ["pause.cancelled"]):
+        api.patch_json(f"/v1/webhooks/{webhook}", {"events": events}, headers=auth)
+    refused = api.patch_json(f"/v1/webhooks/{webhook}", {"enabled": False}, headers=auth, status=429)
+    assert refused.json["error"]["code"] == "rate_limited" and int(refused.headers["Retry-After"]) > 0
+    assert api.get(f"/v1/webhooks/{webhook}", headers=auth).json["status"] == "enabled"

@@ -590,3 +590,44 @@ def test_a_developer_with_nothing_in_flight_finds_a_worker_while_four_others_sta
         assert not pool.reserve("a", ("webhook", "a-new"), 2, 4)   # the stalling ones do not
     finally:
         pool.shutdown()
+
+
+def test_one_developers_slow_name_lookups_hold_nobody_elses(hooks_api, keys, receiver, monkeypatch):
+    real_getaddrinfo = socket.getaddrinfo
+
+    def resolve(host, port, *args, **kwargs):
+        if host.endswith(".slow.test"):
+            time.sleep(30)                          # a name server made to answer slowly
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    slow_key = keys["test_api_key"]
+    for n in range(8):
+        add_webhook(hooks_api, slow_key, f"http://h{n}.slow.test/hook", events=["pause.created"])
+    hooks_api.create_pause(slow_key)                # eight deliveries, each stuck in a lookup
+    other = hooks_api.register(email="other@example.com")["test_api_key"]
+    webhook_id = add_webhook(hooks_api, other, receiver.url.replace("127.0.0.1", "localhost"),
+                             events=["pause.created"])["webhook_id"]
+    time.sleep(0.5)
+    hooks_api.create_pause(other)
+    [call] = receiver.wait_for(1, timeout=5)        # its own lookup, not queued behind theirs
+    assert call["json"]["type"] == "pause.created"
+    wait_until(lambda: deliveries(hooks_api, other, webhook_id)[0]["status"] == "succeeded")
+
+
+def test_calls_to_slow_targets_together_get_half_the_pool():
+    pool = pausepoint.OutboundPool(workers=16, per_developer=4)
+    try:
+        for n in range(20):                          # twenty accounts, each with a receiver known to stall
+            pool.took(("webhook", f"w{n}"), 10.0)
+        taken = sum(pool.reserve(f"d{n}", ("webhook", f"w{n}"), 2, 4) for n in range(20))
+        assert taken == 8
+        assert pool.reserve("healthy", ("webhook", "fast"), 2, 4)
+        pool.took(("webhook", "w0"), 0.1)            # answered quickly again: no longer slow
+        assert pool.reserve("d0", ("webhook", "w0"), 2, 4)
+    finally:
+        pool.shutdown()
+
+
+def test_a_signature_timestamp_with_thousands_of_digits_is_refused_not_a_crash():
+    assert pausepoint.verify_signature(SECRET, "t=" + "9" * 5000 + ",v1=00", b"{}") is False
