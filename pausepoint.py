@@ -3405,7 +3405,11 @@ def webhook_operation(event):
 # Shedding starts when open connections pass this share of server.connection_limit
 # and stops below the second, so it runs now and then, not on every loop.
 SHED_ABOVE, SHED_TO = 0.9, 0.8
-ACCEPTS_PER_WAKE = 64           # drain the listen backlog quickly, so a flood does not queue others behind it
+ACCEPTS_PER_WAKE = 256          # drain the listen backlog quickly, so a flood does not queue others behind it
+# A listen queue that does not overflow under a connection flood: an overflow drops the
+# SYN of whoever comes next, who then waits out TCP's one-second retry (the kernel caps
+# this at net.core.somaxconn).
+LISTEN_BACKLOG = 4096
 # Descriptors besides client connections: a SQLite connection (database, WAL,
 # shared memory) per thread that touches the database, the outbound sockets,
 # the scheduler's threads, log files and the like.
@@ -3504,14 +3508,17 @@ class HardenedChannel(waitress.channel.HTTPChannel):
                 del self.server.by_ip[self.addr[0]]
         super().del_channel(map)
 
-    def unproductive(self, now=None):
+    def waiting(self):
         """Holding the connection without a thread serving it: idle, still sending, or with a
-        whole request still waiting for a thread. A connection made this very moment has
-        had no time to send anything yet and is not counted."""
-        if self.will_close or (self.requests and not self.queued):
-            return False
-        fresh = not self.served and self.request is None and (now or time.time()) - self.creation_time < FRESH_SECONDS
-        return not fresh
+        whole request still waiting for a thread."""
+        return not self.will_close and (not self.requests or self.queued)
+
+    def fresh(self, now):
+        """Made a moment ago, with nothing sent yet: it has had no time to."""
+        return not self.served and self.request is None and now - self.creation_time < FRESH_SECONDS
+
+    def unproductive(self, now=None):
+        return self.waiting() and not self.fresh(now or time.time())
 
     def overdue(self, now, limits):
         if self.total_outbufs_len:
@@ -3619,6 +3626,7 @@ class HardenedServer(waitress.server.TcpWSGIServer):
             drop(channel)
 
     def handle_accept(self):
+        counted = {}
         for _ in range(min(ACCEPTS_PER_WAKE, self.adj.connection_limit - len(self._map))):
             try:
                 pair = self.accept()
@@ -3636,24 +3644,33 @@ class HardenedServer(waitress.server.TcpWSGIServer):
                 sock.close()
                 continue
             addr = self.fix_addr(addr)
-            if not self.room_for(addr[0]):
+            if not self.room_for(addr[0], counted):
                 say_busy(sock)          # cheaper than a channel: this address holds its share already
                 sock.close()
                 continue
             self.channel_class(self, sock, addr, self.adj, map=self._map)
 
-    def room_for(self, address):
+    def room_for(self, address, counted):
         """Whether `address` may open another connection: it holds fewer than
-        server.connections_per_ip without a whole request, or one of those is a
-        kept-alive client's idle connection, which is closed to make room. An
-        address whose connections are all unfinished requests waits for their deadlines."""
+        server.connections_per_ip that no thread serves (counting only a second share of
+        ones too new to have sent anything), or one of those is a kept-alive client's
+        idle connection, which is closed to make room. An address whose connections are
+        all unfinished requests waits for their deadlines. `counted` keeps each address's
+        counts for one round of accepts, so a flood costs one look at its connections a
+        round, not one a connection."""
         if address == self.limits["server.trusted_proxy"]:
             return True
-        now = time.time()
-        waiting = [channel for channel in self.by_ip.get(address, ()) if channel.unproductive(now)]
-        if len(waiting) < self.limits["server.connections_per_ip"]:
+        now, share = time.time(), self.limits["server.connections_per_ip"]
+        if address not in counted:
+            waiting = [channel for channel in self.by_ip.get(address, ()) if channel.waiting()]
+            counted[address] = [len(waiting), sum(not channel.fresh(now) for channel in waiting)]
+        waiting, settled = counted[address]
+        # A burst of new connections may take a second share for a second; no more.
+        if waiting < 2 * share and settled < share:
+            counted[address][0] += 1
             return True
-        idle = [channel for channel in waiting if channel.served and channel.request is None and not channel.requests]
+        idle = [channel for channel in self.by_ip.get(address, ())
+                if channel.waiting() and channel.served and channel.request is None and not channel.requests]
         if not idle:
             return False
         drop(min(idle, key=lambda channel: channel.last_activity))
@@ -3808,7 +3825,7 @@ def make_server(app, config, port=None):
                    # Refused from the Content-Length (or the chunked size so far), before upload.
                    max_request_body_size=config["server.max_body_bytes"] + 1,
                    # A reset from each of a flood of clients would log a traceback apiece.
-                   log_socket_errors=False)
+                   log_socket_errors=False, backlog=LISTEN_BACKLOG)
     if config["server.trusted_proxy"]:
         options.update(trusted_proxy=config["server.trusted_proxy"],
                        trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
