@@ -278,3 +278,33 @@ def test_a_person_gets_oversized_headers_refused_as_a_page(spawn_server):
     status, headers, body = raw_request(server, b"GET /respond/some-token HTTP/1.1\r\nHost: x\r\nX-Big: "
                                                 + b"a" * 300_000 + b"\r\n\r\n")
     assert status == 431 and headers["Content-Type"].startswith("text/html")
+
+
+def test_the_smaller_findings_hold_against_a_real_server_process(spawn_server, tmp_path):
+    server = spawn_server(env=settings(**{"ratelimit.respond_failures_per_hour": 3}))
+    keys = requests.post(f"{server.url}/v1/auth/register",
+                         json={"email": "low@example.com", "name": "L", "password": "password123"}).json()
+    auth = {"Authorization": f"Bearer {keys['test_api_key']}"}
+
+    def create(body, **headers):
+        return requests.post(f"{server.url}/v1/pause", data=json.dumps(body), headers={**auth, **headers})
+
+    json_body = {"Content-Type": "application/json"}
+    assert create({**WIRE, "channel": []}, **json_body).status_code == 422                     # 8: unhashable
+    assert create({**WIRE, "message": "Wire?\ud800"}, **json_body).status_code == 400          # 8: lone surrogate
+    assert create({**WIRE, "message": "Wire?\x00"}, **json_body).status_code == 422            # 10: control
+    assert create({**WIRE, "options": ["Reject", "Reject\u200b"]}, **json_body).status_code == 422
+    assert create({**WIRE, "options": ["\u202eApprove", "Reject"]}, **json_body).status_code == 422
+    assert create(WIRE, **{"Content-Type": "text/plain"}).status_code == 415                   # 11
+    hook = requests.post(f"{server.url}/v1/webhooks", headers=auth,                             # 9: NAT64 of 127.0.0.1
+                         json={"url": "http://[64:ff9b::7f00:1]/hook", "events": ["pause.created"]})
+    assert hook.status_code == 422
+    token = create(WIRE, **json_body).json()["respond_url"].rsplit("/", 1)[1]
+    for n in range(3):                                                                          # 6: spend the budget
+        assert requests.get(f"{server.url}/v1/respond/guess{n}").status_code == 404
+    assert requests.get(f"{server.url}/v1/respond/guess-more").status_code == 429
+    for _ in range(5):                                                                          # 6, 12
+        assert requests.get(f"{server.url}/respond/{token}").status_code == 200
+    opened = requests.get(f"{server.url}/v1/audit", params={"event_type": "respond_page.opened"}, headers=auth)
+    assert len(opened.json()["events"]) == 1
+    assert server.proc.poll() is None and "Traceback" not in server.output()
