@@ -335,18 +335,19 @@ MIGRATIONS = [
             WHERE status = 'pending' AND reply_code IS NOT NULL;
         CREATE INDEX pauses_decided_test ON pauses(decided_at) WHERE livemode = 0 AND status != 'pending';
         CREATE INDEX pauses_recent_reply_codes ON pauses(recipient, livemode, decided_at) WHERE reply_code IS NOT NULL;
+        -- schema.sql's notifications, which documents it; a rebuild, since SQLite cannot alter a CHECK.
         CREATE TABLE notifications_rebuilt (
-            id                   TEXT PRIMARY KEY,            -- 'ntf_' + 32 hex
+            id                   TEXT PRIMARY KEY,
             pause_id             TEXT NOT NULL UNIQUE REFERENCES pauses(id),
-            developer_id         TEXT NOT NULL REFERENCES developers(id),  -- the pause's owner: sends are shared fairly by owner
+            developer_id         TEXT NOT NULL REFERENCES developers(id),
             channel              TEXT NOT NULL,
             recipient            TEXT NOT NULL,
             livemode             INTEGER NOT NULL CHECK (livemode IN (0, 1)),
-            text                 TEXT NOT NULL,               -- exactly what is (or, in test mode, would be) sent
-            status               TEXT NOT NULL DEFAULT 'queued'  -- 'cancelled': the pause was decided before it was sent
+            text                 TEXT NOT NULL,
+            status               TEXT NOT NULL DEFAULT 'queued'
                                  CHECK (status IN ('queued', 'sending', 'sent', 'simulated', 'failed', 'cancelled')),
             attempts             INTEGER NOT NULL DEFAULT 0,
-            next_attempt_at      TEXT NOT NULL,               -- when 'queued': due time; when 'sending': claim expiry
+            next_attempt_at      TEXT NOT NULL,
             provider_message_id  TEXT,
             last_error           TEXT,
             created_at           TEXT NOT NULL,
@@ -548,14 +549,6 @@ UNSAFE_TEXT = re.compile(f"[{UNSAFE_CHARACTERS}]")
 SAFE_TEXT = f"^[^{UNSAFE_CHARACTERS}]*$"
 VISIBLE_TEXT = f"^[^{UNSAFE_CHARACTERS}]*[^\\s{UNSAFE_CHARACTERS}][^{UNSAFE_CHARACTERS}]*$"
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def check_text(field, value):
-    """422 naming `field` if `value` holds characters that would mislead whoever reads it."""
-    found = UNSAFE_TEXT.search(value)
-    if found:
-        raise invalid(field, f"{field} must not contain control or bidirectional-override characters"
-                             f" (it has U+{ord(found.group()):04X}); newlines and tabs are fine")
 
 
 def lone_surrogate_at(value, path=""):
@@ -968,10 +961,7 @@ def respond_to_pause(conn, config, token, choice, comment, client):
     """A human's decision through the respond link: 200 facts, or 404/409/410/422.
     An unknown token is 404 whatever else is wrong, so every guess counts as one."""
     pause_by_token(conn, token)
-    if comment is not None and (not isinstance(comment, str) or len(comment) > 2000):
-        raise invalid("comment", "comment must be text of at most 2000 characters")
-    if comment is not None:
-        check_text("comment", comment)
+    validate_body(COMMENT_SCHEMA, {"comment": comment})     # the page's form comes unchecked
     comment = comment.strip() or None if comment else None
     with transaction(conn):
         pause = pause_by_token(conn, token)
@@ -2669,6 +2659,8 @@ RESPONSE_SCHEMA = {
     },
 }
 
+COMMENT_SCHEMA = {"type": "object", "properties": {"comment": RESPONSE_SCHEMA["properties"]["comment"]}}
+
 # Query parameters: the same, with whole numbers arriving as text.
 LIMIT = {"type": "integer", "minimum": 1, "maximum": 100, "default": 20,
          "x-message": "limit must be a whole number from 1 to 100"}
@@ -2817,9 +2809,10 @@ def read_json(config):
     return body
 
 
-def read_query(specs):
-    """The route's declared query parameters, checked against their schemas; an absent one
-    takes its default. Whole numbers arrive as text and must be digits."""
+def read_query(specs, validator):
+    """The route's declared query parameters, checked against their schemas (`validator`
+    holds them as one object schema); an absent one takes its default. Whole numbers
+    arrive as text and must be digits."""
     values = {}
     for name, schema in specs.items():
         raw = bottle.request.query.get(name)
@@ -2829,7 +2822,7 @@ def read_query(specs):
             raise invalid(name, schema["x-message"])
         else:
             values[name] = int(raw) if schema["type"] == "integer" else raw
-    validate_body({"type": "object", "properties": specs}, {k: v for k, v in values.items() if v is not None})
+    validate_body(validator.schema, {k: v for k, v in values.items() if v is not None}, validator)
     return values
 
 
@@ -3180,11 +3173,12 @@ class Handlers:
             return callback
         wanted = set(inspect.signature(callback).parameters)
         schema = spec.body(self.rt.config) if callable(spec.body) else spec.body
-        validator = schema and jsonschema.Draft202012Validator(schema)
+        validators = (schema and jsonschema.Draft202012Validator(schema),
+                      jsonschema.Draft202012Validator({"type": "object", "properties": spec.query}))
 
         def handler(**path):
             try:
-                answer = callback(**path, **self.given(spec, wanted, schema, validator))
+                answer = callback(**path, **self.given(spec, wanted, schema, validators))
             except ApiError as e:
                 return error_response(e, spec.page)
             except bottle.HTTPResponse:
@@ -3197,7 +3191,7 @@ class Handlers:
             return answer
         return handler
 
-    def given(self, spec, wanted, schema, validator):
+    def given(self, spec, wanted, schema, validators):
         """What the handler's parameters name, in the order refusals should come: an
         unknown key (401) before a rate limit (429) before a bad body (4xx)."""
         rt, given = self.rt, {}
@@ -3208,14 +3202,14 @@ class Handlers:
         if spec.guard is not None:
             spec.guard(rt, given.get("caller"))
         if "body" in wanted:
-            given["body"] = validate_body(schema, read_json(rt.config), validator)
+            given["body"] = validate_body(schema, read_json(rt.config), validators[0])
         if not spec.page:
             unknown = sorted(set(bottle.request.query) - set(spec.query))
             if unknown:
                 raise invalid(unknown[0], f"unknown query parameter {unknown[0]!r}"
                                           + (f"; allowed: {', '.join(spec.query)}" if spec.query else "; this takes none"))
         if "query" in wanted:
-            given["query"] = read_query(spec.query)
+            given["query"] = read_query(spec.query, validators[1])
         if "client" in wanted:
             given["client"] = client_facts()
         return given
@@ -3258,9 +3252,15 @@ def error_response(e, page):
                                headers={"Content-Type": "application/json", **e.headers})
 
 
-def is_page_request():
-    """Pages a person opens get their errors as a page; everything else as JSON."""
-    return bottle.request.path.startswith("/respond/")
+def is_page_path(path):
+    """Pages a person opens get their errors as a page; everything else as JSON. For the
+    errors Bottle and waitress answer before any route is found."""
+    return path.startswith("/respond/")
+
+
+def error_page(message):
+    """The error page's HTML for a refusal whose message is not yet a sentence."""
+    return bottle.template("respond_error", template_lookup=[TEMPLATES_DIR], message=message.capitalize() + ".")
 
 
 class ErrorLog:
@@ -3293,12 +3293,11 @@ def bottle_error(error):
     error handler is sent broken (bottle #710)."""
     message = {404: "no such endpoint", 405: "method not allowed on this endpoint",
                500: UNEXPECTED}.get(error.status_code, error.body)
-    if is_page_request():
+    if is_page_path(bottle.request.path):
         bottle.response.content_type = "text/html; charset=utf-8"
         for name, value in PAGE_HEADERS.items():
             bottle.response.set_header(name, value)
-        return bottle.template("respond_error", template_lookup=[TEMPLATES_DIR],
-                               message=str(message).capitalize() + ".")
+        return error_page(str(message))
     bottle.response.content_type = "application/json"
     return error_body(error.status_code, BOTTLE_ERROR_CODES.get(error.status_code, "error"), str(message))
 
@@ -3433,8 +3432,8 @@ class JsonErrorTask(waitress.task.ErrorTask):
         first_line = self.channel.request_start.split(b"\r\n", 1)[0].split(b" ")
         path = (first_line[1].decode("latin-1") if len(first_line) > 2 and error.code == 431
                 else getattr(self.request, "path", None) or "")
-        if path.startswith("/respond/"):
-            body = bottle.template("respond_error", template_lookup=[TEMPLATES_DIR], message=message.capitalize() + ".")
+        if is_page_path(path):
+            body = error_page(message)
             self.response_headers.extend([("Content-Type", "text/html; charset=utf-8"), *PAGE_HEADERS.items()])
         else:
             body = error_body(error.code, WAITRESS_ERROR_CODES.get(error.code, "bad_request"), message)
@@ -3689,16 +3688,17 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
         self.per_address, self.exempt = per_address, exempt
         self.waiting = collections.OrderedDict()    # address -> its channels with a request; order is turn order
         self.running = collections.Counter()        # address -> threads serving it now
+        self.queued = 0                             # channels in `waiting`, all addresses together
 
     def add_task(self, channel):
         with self.lock:
             self.waiting.setdefault(channel.addr[0], collections.deque()).append(channel)
             channel.queued = True
+            self.queued += 1
             self.queue_cv.notify()
-            queued = sum(map(len, self.waiting.values()))
             idle = len(self.threads) - self.stop_count - self.active_count
-            if queued > idle:
-                self.queue_logger.warning("Task queue depth is %d", queued - idle)
+            if self.queued > idle:
+                self.queue_logger.warning("Task queue depth is %d", self.queued - idle)
 
     def _take(self):
         """The next channel to serve, from the first address in turn that has a thread to spare."""
@@ -3706,6 +3706,7 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
             if address == self.exempt or self.running[address] < self.per_address:
                 channel = channels.popleft()
                 channel.queued = False
+                self.queued -= 1
                 if channels:
                     self.waiting.move_to_end(address)       # its next request waits for the others' turn
                 else:
@@ -3754,6 +3755,7 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
 
     def _give_back(self, address, channel):
         channel.queued = True
+        self.queued += 1
         self.running[address] -= 1
         self.running += collections.Counter()
         self.waiting.setdefault(address, collections.deque()).appendleft(channel)
@@ -3767,6 +3769,7 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
                     for channel in channels:
                         channel.cancel()
                 self.waiting.clear()
+                self.queued = 0
         return done
 
 
