@@ -122,6 +122,7 @@ SETTINGS = [
     Setting("webhooks.allow_private", False, "Allow webhook URLs on loopback, private or link-local addresses (for agents on your LAN)."),
     Setting("webhooks.max_per_developer", 16, "Webhook endpoints one developer may have (test and live together)."),
     Setting("outbound.workers", 16, "Threads for outbound calls: webhook deliveries and notification sends."),
+    Setting("outbound.deadline_seconds", 10.0, "Seconds one outbound call (a webhook delivery or a notification send) may take in all, from the name lookup to the last byte of the answer; a slower one is cut off and retried later."),
     Setting("outbound.per_developer", 4, "Outbound calls one developer's work may have in flight at once, so one tenant's slow receivers cannot hold every worker."),
     Setting("ratelimit.enabled", True, "Rate-limit registration, key rotation and failed respond-token lookups per client IP."),
     Setting("ratelimit.register_per_hour", 20, "Registrations allowed per client IP per hour."),
@@ -293,6 +294,7 @@ SETTING_CHECKS = {
     "webhooks.max_per_developer": lambda v: None if v >= 1 else "must be at least 1",
     "outbound.workers": lambda v: None if 2 <= v <= 256 else "must be between 2 and 256",
     "outbound.per_developer": lambda v: None if v >= 1 else "must be at least 1",
+    "outbound.deadline_seconds": lambda v: None if 1 <= v <= 300 else "must be between 1 and 300",
     "ratelimit.test_pauses_per_hour": lambda v: None if v >= 1 else "must be at least 1",
     "ratelimit.webhook_changes_per_hour": lambda v: None if v >= 1 else "must be at least 1",
     # Retries run for about three days: a shorter log would delete deliveries still being retried.
@@ -1295,6 +1297,9 @@ class Deadline:
         self.expired = False
         self._keys = []
 
+    def __str__(self):
+        return f"{self.seconds:g} s"
+
     def remaining(self):
         return max(0.001, self.at - time.monotonic())
 
@@ -1344,7 +1349,7 @@ class Deadline:
                 outcome["abandoned"] = True
                 self.watch.stragglers[key] += 1
                 self.expired = True
-                raise TimeoutError(f"no answer within {self.seconds} s ({doing})")
+                raise TimeoutError(f"no answer within {self} ({doing})")
         if "error" in outcome:
             raise outcome["error"]
         return outcome["value"]
@@ -1374,7 +1379,7 @@ def open_connection(deadline, host, port, allow_private=True):
                                                " (webhooks.allow_private = false)")
             continue
         if deadline.passed():
-            raise TimeoutError(f"could not connect to {host} within {deadline.seconds} s")
+            raise TimeoutError(f"could not connect to {host} within {deadline}")
         sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1419,7 +1424,6 @@ def under_deadline(session, deadline, allow_private=True):
     return session
 
 
-SLOW_CALL_SECONDS = 5           # half the deadline
 SLOW_FOR = dt.timedelta(minutes=10)
 
 
@@ -1435,18 +1439,20 @@ class OutboundPool:
 
     The last quarter of the workers is kept for developers and targets with nothing
     in flight, so even several stalling tenants (or two hung providers) leave room
-    for everyone else's first call. And a target whose last call took more than
-    SLOW_CALL_SECONDS is slow for SLOW_FOR: all slow targets together get half the
+    for everyone else's first call. And a target whose last call took half its
+    deadline or more is slow for SLOW_FOR: all slow targets together get half the
     workers, so many accounts with stalling receivers cannot take the rest."""
 
-    def __init__(self, workers, per_developer):
+    def __init__(self, workers, per_developer, deadline_seconds=10.0):
         self.workers, self.per_developer = workers, per_developer
+        self.slow_call_seconds = deadline_seconds / 2
         # A hung provider may hold half the workers; the rest keep other channels and webhooks moving.
         self.per_channel = max(1, workers // 2)
         self.kept_for_newcomers = max(1, workers // 4)
         self.executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="outbound")
         self.deadlines = DeadlineWatch()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._busy = 0
         self._by_developer = collections.Counter()    # calls in flight per developer: who goes first
         self._by_target = collections.Counter()       # per ('webhook', id) or ('channel', name)
@@ -1499,15 +1505,22 @@ class OutboundPool:
             self._slow_calls[target] -= self._slow_calls[target] > 0
             for counter in (self._by_developer, self._by_target, self._capped, self._slow_calls):
                 counter += collections.Counter()        # drop zero counts
+            if not self._busy:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout):
+        """Wait until no call is in flight; False if some still are after `timeout` seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._busy, timeout)
 
     def took(self, target, seconds):
         """Note how long a call to `target` took: a slow one marks it slow for SLOW_FOR."""
         with self._lock:
-            if seconds >= SLOW_CALL_SECONDS:
+            if seconds >= self.slow_call_seconds:
                 if len(self._slow_until) > 10_000:
                     self._slow_until = {t: u for t, u in self._slow_until.items() if u > time.monotonic()}
                 self._slow_until[target] = time.monotonic() + SLOW_FOR.total_seconds()
-            elif seconds < SLOW_CALL_SECONDS / 5:
+            elif seconds < self.slow_call_seconds / 5:
                 self._slow_until.pop(target, None)
 
     def run(self, slot, call, *args, then=None):
@@ -1535,7 +1548,6 @@ class OutboundPool:
 ###############################################################################
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
-PROVIDER_TIMEOUT_SECONDS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1656,7 +1668,7 @@ def send_twilio(config, notification, pause, deadline):
                            permanent=400 <= e.status < 500 and e.status != 429) from None
     except (twilio.base.exceptions.TwilioException, requests.RequestException) as e:
         if deadline.passed():
-            raise ChannelError(f"Twilio did not answer within {deadline.seconds} s") from None
+            raise ChannelError(f"Twilio did not answer within {deadline}") from None
         raise ChannelError(f"could not reach Twilio: {e}") from None
     return message.sid
 
@@ -1695,7 +1707,7 @@ def send_email(config, notification, pause, deadline):
         raise ChannelError(f"SMTP {host}:{port} refused the message: {e}", permanent=True) from None
     except (smtplib.SMTPException, OSError) as e:
         if deadline.passed() or isinstance(e, TimeoutError):
-            raise ChannelError(f"SMTP {host}:{port}: no answer within {deadline.seconds} s") from None
+            raise ChannelError(f"SMTP {host}:{port}: no answer within {deadline}") from None
         raise ChannelError(f"SMTP {host}:{port}: {e}") from None
     return message["Message-ID"]
 
@@ -1790,7 +1802,7 @@ def send_notification(conn, config, deadlines, row, claim_until):
         if channel is None or channel.send is None or channel.missing_settings(config):
             raise ChannelError(f"channel {row['channel']!r} is not configured on this server")
         pause = pause_by_id(conn, row["pause_id"])
-        with deadlines.deadline(PROVIDER_TIMEOUT_SECONDS, owner=("channel", row["channel"])) as deadline:
+        with deadlines.deadline(config["outbound.deadline_seconds"], owner=("channel", row["channel"])) as deadline:
             provider_id, error = channel.send(config, row, pause, deadline), None
     except ChannelError as e:
         provider_id, error, permanent = None, str(e)[:500], e.permanent
@@ -1831,7 +1843,6 @@ SECRET_ROTATION_OVERLAP = dt.timedelta(hours=24)
 RETRY_DELAYS_SECONDS = (5, 5 * 60, 30 * 60, 2 * 3600, 5 * 3600, 10 * 3600, 14 * 3600, 20 * 3600, 24 * 3600)
 RETRY_JITTER = 0.1                          # each delay varies by up to ±10 %, so retries do not stampede
 MAX_RETRY_AFTER_SECONDS = 24 * 3600
-DELIVERY_TIMEOUT_SECONDS = 10
 DELIVERY_CLAIM_SECONDS = 30                 # a 'delivering' claim older than this was abandoned by a crash
 DISABLE_AFTER_FAILING = dt.timedelta(days=3)
 DELIVERIES_IN_FLIGHT_PER_WEBHOOK = 2        # so one slow receiver cannot take every worker
@@ -2179,7 +2190,7 @@ def claim_delivery(conn, row):
 def attempt_delivery(conn, config, deadlines, delivery_id, attempt, claim_until):
     """POST one claimed delivery and record the outcome; returns the HTTP status or None.
     The attempt, from connecting to the last byte of the answer, ends after
-    DELIVERY_TIMEOUT_SECONDS however slowly the receiver trickles."""
+    outbound.deadline_seconds however slowly the receiver trickles."""
     row = conn.execute(
         "SELECT d.webhook_id, w.developer_id, w.url, w.secret, w.previous_secret, w.previous_secret_expires_at,"
         " e.id AS event_id, e.type, e.body FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id"
@@ -2197,7 +2208,7 @@ def attempt_delivery(conn, config, deadlines, delivery_id, attempt, claim_until)
     }
     started_at, started = db_time(), time.monotonic()
     status_code, error, retry_after = None, None, None
-    deadline = deadlines.deadline(DELIVERY_TIMEOUT_SECONDS, owner=row["developer_id"])
+    deadline = deadlines.deadline(config["outbound.deadline_seconds"], owner=row["developer_id"])
     try:
         with webhook_session(config["webhooks.allow_private"], deadline) as session, deadline:
             response = session.post(row["url"], data=body, headers=headers, allow_redirects=False, stream=True,
@@ -2205,25 +2216,25 @@ def attempt_delivery(conn, config, deadlines, delivery_id, attempt, claim_until)
             response.close()
         if deadline.expired:
             # The socket was shut down mid-answer: what arrived is not an answer.
-            raise requests.Timeout(f"timed out after {DELIVERY_TIMEOUT_SECONDS} s")
+            raise requests.Timeout(f"timed out after {deadline}")
         status_code = response.status_code
         if not 200 <= status_code < 300:
             error = f"HTTP {status_code}" + (" (redirects are not followed)" if 300 <= status_code < 400 else "")
             retry_after = retry_after_seconds(response.headers.get("Retry-After"))
     except requests.RequestException as e:
-        error = f"timed out after {DELIVERY_TIMEOUT_SECONDS} s" if deadline.passed() else describe_request_error(e)
+        error = f"timed out after {deadline}" if deadline.passed() else describe_request_error(e, deadline)
     duration_ms = round((time.monotonic() - started) * 1000)
     record_attempt(conn, delivery_id, row["webhook_id"], attempt, claim_until, started_at, status_code, error,
                    duration_ms, retry_after)
     return status_code
 
 
-def describe_request_error(e):
+def describe_request_error(e, deadline):
     refused = find_cause(e, PrivateAddressRefused)
     if refused is not None:
         return str(refused)
     if isinstance(e, requests.Timeout):
-        return f"timed out after {DELIVERY_TIMEOUT_SECONDS} s"
+        return f"timed out after {deadline}"
     if isinstance(e, requests.ConnectionError):
         return "could not connect"
     return f"{type(e).__name__}: {e}"[:300]
@@ -2371,7 +2382,8 @@ class Runtime:
                                                            "misfire_grace_time": None})
         # Webhook calls and notification sends run on their own bounded pool, so a
         # slow receiver or provider holds a worker, never the scheduler or an API thread.
-        self.outbound = OutboundPool(config["outbound.workers"], config["outbound.per_developer"])
+        self.outbound = OutboundPool(config["outbound.workers"], config["outbound.per_developer"],
+                                     config["outbound.deadline_seconds"])
         self.wake_lock = threading.Lock()
         migrate(self.db())
 
@@ -2440,15 +2452,29 @@ class Runtime:
         # Calls under way finish and are recorded; claims not yet started expire and are retried.
         self.outbound.shutdown()
 
+    def run_once(self, job):
+        """Run one job ("timeouts", "notifications", "webhooks" or "pruning") now, on this
+        thread, and wait for the outbound calls it started; again while it starts some
+        (at most a few per target go at once). A step of the server that a test can take
+        instead of waiting for ticks, and then see exactly what the step did."""
+        patience = self.config["outbound.deadline_seconds"] * 2
+        while True:
+            started = getattr(self, f"run_{job}")()
+            if not self.outbound.wait_idle(patience):
+                raise TimeoutError(f"outbound calls still running {patience:g} s after {job}")
+            if not started:
+                return
+
     def run_timeouts(self):
-        expire_due_pauses(self.db(), self.config)
+        return len(expire_due_pauses(self.db(), self.config))
 
     def run_notifications(self):
         """Simulate test-mode sends here; hand live ones to the pool, fairly across developers."""
         conn = self.db()
         simulate_due_notifications(conn)
+        started = 0
         if self.stopping or not self.outbound.free():
-            return
+            return started
         due = due_live_notifications(conn, self.config["outbound.per_developer"])
         for row in self.outbound.fair_order(due):
             if not self.outbound.free():
@@ -2461,6 +2487,8 @@ class Runtime:
                 self.outbound.release(*slot)
                 continue
             self.outbound.run(slot, self._send_notification, row, claim_until, then=self.wake_webhooks)
+            started += 1
+        return started
 
     def _send_notification(self, row, claim_until):
         send_notification(self.db(), self.config, self.outbound.deadlines, row, claim_until)
@@ -2468,8 +2496,9 @@ class Runtime:
     def run_webhooks(self):
         """Claim due deliveries into the pool: at most DELIVERIES_IN_FLIGHT_PER_WEBHOOK per
         endpoint and outbound.per_developer per developer, developers taking turns."""
+        started = 0
         if self.stopping or not self.outbound.free():
-            return
+            return started
         conn = self.db()
         for row in self.outbound.fair_order(due_deliveries(conn, DELIVERIES_IN_FLIGHT_PER_WEBHOOK)):
             if not self.outbound.free():
@@ -2483,6 +2512,8 @@ class Runtime:
                 continue
             # When the worker is free, more may be due: look again at once.
             self.outbound.run(slot, self._deliver, row["id"], row["attempts"] + 1, claim_until, then=self.wake_webhooks)
+            started += 1
+        return started
 
     def _deliver(self, delivery_id, attempt, claim_until):
         attempt_delivery(self.db(), self.config, self.outbound.deadlines, delivery_id, attempt, claim_until)

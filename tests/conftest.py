@@ -5,6 +5,7 @@ same app over real HTTP with waitress on a loopback port; `spawn_server` runs
 `python pausepoint.py` as its own process, for restarts, signals and the CLI.
 """
 
+import datetime as dt
 import os
 import socket
 import sqlite3
@@ -41,32 +42,49 @@ def make_config(tmp_path, **overrides):
 
 
 @pytest.fixture
-def twilio():
+def stubs():
+    """Start loopback stand-ins: stubs(WebhookReceiver, delay=1) starts one; every one is closed after the test."""
+    started = []
+
+    def start(kind, *args, **kwargs):
+        started.append(kind(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for stub in started:
+        stub.close()
+
+
+@pytest.fixture
+def twilio(stubs):
     """A loopback stand-in for Twilio's Messages API; .settings() points the sms channel at it."""
-    stub = TwilioStub()
-    yield stub
-    stub.close()
+    return stubs(TwilioStub)
 
 
 @pytest.fixture
-def receiver():
+def receiver(stubs):
     """A webhook receiver on loopback that answers 200 and records every call."""
-    stub = WebhookReceiver()
-    yield stub
-    stub.close()
+    return stubs(WebhookReceiver)
 
 
 @pytest.fixture
-def config(tmp_path):
-    return make_config(tmp_path)
+def running_api(tmp_path):
+    """Build apps: running_api(**settings) is an Api over a new app on this test's
+    database with those settings, its jobs running; every one is stopped after the
+    test. With jobs=False the scheduler stays off and the test steps the jobs itself
+    with api.step("timeouts"), so it sees exactly what one run did."""
+    built = []
 
+    def build(jobs=True, remote_addr="192.0.2.10", **settings):
+        app = pausepoint.create_app(make_config(tmp_path, **settings))
+        built.append(app)
+        if jobs:
+            app.runtime.start()
+        return Api(app, extra_environ={"REMOTE_ADDR": remote_addr})
 
-@pytest.fixture
-def app(config):
-    app = pausepoint.create_app(config)
-    app.runtime.start()
-    yield app
-    app.runtime.stop()
+    yield build
+    for app in built:
+        app.runtime.stop()
 
 
 class Api(webtest.TestApp):
@@ -85,10 +103,28 @@ class Api(webtest.TestApp):
     def pause(self, key, pause_id, **params):
         return self.get(f"/v1/pause/{pause_id}", params, headers=self.as_key(key)).json
 
+    def step(self, job):
+        """Run one of the server's jobs once and wait for the calls it started."""
+        self.app.runtime.run_once(job)
+
+    @property
+    def config(self):
+        return self.app.runtime.config
+
 
 @pytest.fixture
-def api(app):
-    return Api(app, extra_environ={"REMOTE_ADDR": "192.0.2.10"})
+def api(running_api):
+    return running_api()
+
+
+@pytest.fixture
+def app(api):
+    return api.app
+
+
+@pytest.fixture
+def config(api):
+    return api.config
 
 
 @pytest.fixture
@@ -105,6 +141,12 @@ def stored(where, sql, *args):
             return db.execute(sql, args).fetchall()
     finally:
         db.close()
+
+
+def run_out(where, pause_id):
+    """Move a pause's expiry one second into the past, as if its whole timeout had gone by."""
+    stored(where, "UPDATE pauses SET expires_at = ? WHERE id = ?",
+           pausepoint.db_time(pausepoint.utcnow() - dt.timedelta(seconds=1)), pause_id)
 
 
 def token_of(respond_url):

@@ -10,6 +10,20 @@ import urllib.parse
 import uuid
 
 
+def serve_http(handler_class):
+    """A threading HTTP server for handler_class on a free loopback port, serving on
+    a thread of its own: (server, its base URL)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+    # A short poll interval, so that closing a stub takes a moment rather than half a second.
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def stop_http(server):
+    server.shutdown()
+    server.server_close()
+
+
 class TwilioStub:
     """A local HTTP server that speaks enough of Twilio's Messages API for the
     real twilio library: it checks HTTP Basic auth, records each message and
@@ -53,9 +67,7 @@ class TwilioStub:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve_http(Handler)
 
     def settings(self, from_number="+15559990000"):
         """The PausePoint settings that point the sms channel at this stub."""
@@ -63,8 +75,7 @@ class TwilioStub:
                 "twilio.from_number": from_number, "twilio.api_base": self.url}
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        stop_http(self.server)
 
 
 class WebhookReceiver:
@@ -104,9 +115,7 @@ class WebhookReceiver:
                 except (BrokenPipeError, ConnectionResetError):
                     pass        # the sender gave up waiting (the timeout tests make it)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve_http(Handler)
 
     def wait_for(self, count, timeout=15):
         """The first `count` calls, waiting up to `timeout` seconds for them."""
@@ -120,8 +129,7 @@ class WebhookReceiver:
             return list(self.calls[:count])
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        stop_http(self.server)
 
 
 class TrickleReceiver:

@@ -40,33 +40,26 @@ def smtp_server():
     controller.stop()
 
 
-def running_api(tmp_path, **settings):
-    app = pausepoint.create_app(make_config(tmp_path, **settings))
-    app.runtime.start()
-    return Api(app, extra_environ={"REMOTE_ADDR": "192.0.2.30"})
+def skip_the_backoff(config):
+    stored(config, "UPDATE notifications SET next_attempt_at = ? WHERE status = 'queued'", pausepoint.db_time())
 
 
-@pytest.fixture
-def stop_apps():
-    apis = []
-    yield apis.append
-    for api in apis:
-        api.app.runtime.stop()
-
-
-def wait_for_notification(api, key, pause_id, status):
-    return wait_until(lambda: (p := api.pause(key, pause_id))["notification"]["status"] == status and p)
+def sent(api, key, pause_id, status="sent"):
+    """Run the send job once; the pause, whose notification must now be in `status`."""
+    api.step("notifications")
+    pause = api.pause(key, pause_id)
+    assert pause["notification"]["status"] == status, pause["notification"]
+    return pause
 
 
 
 # -- SMS and WhatsApp through Twilio ----------------------------------------------------
 
-def test_the_sms_invites_a_coded_reply_and_fits_in_two_segments(tmp_path, twilio, stop_apps):
-    api = running_api(tmp_path, **twilio.settings(), **{"server.base_url": "https://pp.example.org"})
-    stop_apps(api)
+def test_the_sms_invites_a_coded_reply_and_fits_in_two_segments(running_api, twilio):
+    api = running_api(**twilio.settings(), **{"server.base_url": "https://pp.example.org"})
     key = api.register()["api_key"]
     created = api.create_pause(key)
-    wait_for_notification(api, key, created["pause_id"], "sent")
+    sent(api, key, created["pause_id"], "sent")
     body = twilio.messages[0]["Body"]
     assert body.startswith(WIRE["message"] + "\n")
     code = reply_code(api, key, created)
@@ -78,58 +71,53 @@ def test_the_sms_invites_a_coded_reply_and_fits_in_two_segments(tmp_path, twilio
     assert len(body) <= 2 * 153               # two concatenated GSM-7 segments
 
 
-def test_whatsapp_goes_through_twilio_with_the_whatsapp_prefix(tmp_path, twilio, stop_apps):
-    api = running_api(tmp_path, **twilio.settings())
-    stop_apps(api)
+def test_whatsapp_goes_through_twilio_with_the_whatsapp_prefix(running_api, twilio):
+    api = running_api(**twilio.settings())
     key = api.register()["api_key"]
     created = api.create_pause(key, channel="whatsapp")
-    pause = wait_for_notification(api, key, created["pause_id"], "sent")
+    pause = sent(api, key, created["pause_id"], "sent")
     message = twilio.messages[0]
     assert message["To"] == "whatsapp:+15550100" and message["From"] == "whatsapp:+15559990000"
     assert pause["notification"]["provider_message_id"] == message["sid"]
 
 
-def test_a_messaging_service_can_send_instead_of_a_number(tmp_path, twilio, stop_apps):
+def test_a_messaging_service_can_send_instead_of_a_number(running_api, twilio):
     settings = {**twilio.settings(), "twilio.from_number": "", "twilio.messaging_service_sid": "MG" + "1" * 32}
-    api = running_api(tmp_path, **settings)
-    stop_apps(api)
+    api = running_api(**settings)
     key = api.register()["api_key"]
-    wait_for_notification(api, key, api.create_pause(key)["pause_id"], "sent")
+    sent(api, key, api.create_pause(key)["pause_id"], "sent")
     assert twilio.messages[0]["MessagingServiceSid"] == "MG" + "1" * 32 and "From" not in twilio.messages[0]
 
 
-def test_transient_failures_are_retried_with_backoff_and_the_third_failure_is_final(tmp_path, twilio, stop_apps):
+def test_transient_failures_are_retried_with_backoff_and_the_third_failure_is_final(running_api, twilio):
     twilio.fail_next = [503, 503, 503]
-    config = make_config(tmp_path, **twilio.settings())
-    api = running_api(tmp_path, **twilio.settings())
-    stop_apps(api)
+    api = running_api(jobs=False, **twilio.settings())
+    config = api.config
     key = api.register()["api_key"]
     pause_id = api.create_pause(key)["pause_id"]
-    for attempts in (1, 2):
-        # Wait for the attempt to have failed and been queued again, then skip its backoff.
-        wait_until(lambda: stored(config, "SELECT status, attempts FROM notifications") == [("queued", attempts)])
-        if attempts == 1:
-            [(next_at, error)] = stored(config, "SELECT next_attempt_at, last_error FROM notifications")
-            wait = (pausepoint.parse_db_time(next_at) - pausepoint.utcnow()).total_seconds()
-            assert 3 < wait <= pausepoint.NOTIFICATION_BACKOFF_SECONDS[0] and "HTTP 503" in error
-        stored(config, "UPDATE notifications SET next_attempt_at = ?", pausepoint.db_time())
-    pause = wait_for_notification(api, key, pause_id, "failed")
+    for attempts, backoff in zip((1, 2), pausepoint.NOTIFICATION_BACKOFF_SECONDS):
+        sent(api, key, pause_id, "queued")          # failed, and queued again after a backoff
+        [(tried, next_at, error)] = stored(config, "SELECT attempts, next_attempt_at, last_error FROM notifications")
+        wait = (pausepoint.parse_db_time(next_at) - pausepoint.utcnow()).total_seconds()
+        assert tried == attempts and backoff - 2 < wait <= backoff and "HTTP 503" in error
+        api.step("notifications")
+        assert stored(config, "SELECT attempts FROM notifications") == [(attempts,)]      # not before it is due
+        skip_the_backoff(config)
+    pause = sent(api, key, pause_id, "failed")
     assert pause["status"] == "pending"                # the agent decides what to do
     failed = api.get("/v1/audit", {"event_type": "notification.failed"}, headers=api.as_key(key)).json["events"]
     assert failed[0]["data"]["attempts"] == 3
     assert twilio.messages == []
 
 
-def test_a_retry_that_succeeds_records_the_message(tmp_path, twilio, stop_apps):
+def test_a_retry_that_succeeds_records_the_message(running_api, twilio):
     twilio.fail_next = [500]
-    config = make_config(tmp_path, **twilio.settings())
-    api = running_api(tmp_path, **twilio.settings())
-    stop_apps(api)
+    api = running_api(jobs=False, **twilio.settings())
     key = api.register()["api_key"]
     pause_id = api.create_pause(key)["pause_id"]
-    wait_until(lambda: stored(config, "SELECT status, attempts FROM notifications") == [("queued", 1)])
-    stored(config, "UPDATE notifications SET next_attempt_at = ?", pausepoint.db_time())
-    pause = wait_for_notification(api, key, pause_id, "sent")
+    sent(api, key, pause_id, "queued")
+    skip_the_backoff(api.config)
+    pause = sent(api, key, pause_id, "sent")
     assert pause["notification"]["attempts"] == 2 and pause["notification"]["provider_message_id"].startswith("SM")
 
 
@@ -140,13 +128,12 @@ def smtp_settings(mailbox):
             "smtp.from_address": "PausePoint <approvals@example.org>"}
 
 
-def test_email_has_a_subject_naming_the_question_and_plain_and_html_parts(tmp_path, smtp_server, stop_apps):
-    api = running_api(tmp_path, **smtp_settings(smtp_server))
-    stop_apps(api)
+def test_email_has_a_subject_naming_the_question_and_plain_and_html_parts(running_api, smtp_server):
+    api = running_api(**smtp_settings(smtp_server))
     key = api.register()["api_key"]
     created = api.create_pause(key, channel="email", recipient="ada@example.com",
                                message=f"Delete the staging database? {XSS}")
-    pause = wait_for_notification(api, key, created["pause_id"], "sent")
+    pause = sent(api, key, created["pause_id"], "sent")
     [message] = smtp_server.messages
     assert message["Subject"].strip() == f"Approval needed: Delete the staging database? {XSS}"
     assert message["To"] == "ada@example.com" and "approvals@example.org" in message["From"]
@@ -173,33 +160,31 @@ def certificate(tmp_path):
 
 
 @pytest.mark.parametrize("security", ["starttls", "tls"])
-def test_email_travels_over_starttls_or_implicit_tls_verifying_the_server(tmp_path, certificate, security, stop_apps):
+def test_email_travels_over_starttls_or_implicit_tls_verifying_the_server(running_api, certificate, security):
     cert, context = certificate
     mailbox, port = Mailbox(), free_port()
     tls = {"tls_context": context, "require_starttls": True} if security == "starttls" else {"ssl_context": context}
     controller = Controller(mailbox, hostname="127.0.0.1", port=port, **tls)
     controller.start()
     try:
-        api = running_api(tmp_path, **{"smtp.host": "127.0.0.1", "smtp.port": port, "smtp.security": security,
+        api = running_api(**{"smtp.host": "127.0.0.1", "smtp.port": port, "smtp.security": security,
                                        "smtp.ca_file": cert, "smtp.from_address": "approvals@example.org"})
-        stop_apps(api)
         key = api.register()["api_key"]
         created = api.create_pause(key, channel="email", recipient="ada@example.com")
-        wait_for_notification(api, key, created["pause_id"], "sent")
+        sent(api, key, created["pause_id"], "sent")
         assert len(mailbox.messages) == 1
     finally:
         controller.stop()
 
 
-def test_an_smtp_server_with_an_untrusted_certificate_is_refused(tmp_path, certificate, stop_apps):
+def test_an_smtp_server_with_an_untrusted_certificate_is_refused(running_api, certificate):
     cert, context = certificate
     mailbox, port = Mailbox(), free_port()
     controller = Controller(mailbox, hostname="127.0.0.1", port=port, tls_context=context, require_starttls=True)
     controller.start()
     try:
-        api = running_api(tmp_path, **{"smtp.host": "127.0.0.1", "smtp.port": port,
+        api = running_api(**{"smtp.host": "127.0.0.1", "smtp.port": port,
                                        "smtp.from_address": "approvals@example.org"})
-        stop_apps(api)
         key = api.register()["api_key"]
         pause_id = api.create_pause(key, channel="email", recipient="ada@example.com")["pause_id"]
         pause = wait_until(lambda: (p := api.pause(key, pause_id))["notification"]["last_error"] and p)
@@ -209,9 +194,8 @@ def test_an_smtp_server_with_an_untrusted_certificate_is_refused(tmp_path, certi
         controller.stop()
 
 
-def test_an_email_button_opens_the_page_without_deciding(tmp_path, smtp_server, stop_apps):
-    api = running_api(tmp_path, **smtp_settings(smtp_server))
-    stop_apps(api)
+def test_an_email_button_opens_the_page_without_deciding(running_api, smtp_server):
+    api = running_api(**smtp_settings(smtp_server))
     key = api.register()["api_key"]
     created = api.create_pause(key, channel="email", recipient="ada@example.com")
     page = api.get("/respond/" + token_of(created["respond_url"]), {"choice": "Reject"})
@@ -234,30 +218,27 @@ def test_email_without_smtp_settings_is_refused_for_live_keys(api, developer):
 
 # -- push and chat through Apprise ----------------------------------------------------------
 
-def test_an_operator_named_push_target_receives_the_question(tmp_path, receiver, stop_apps):
+def test_an_operator_named_push_target_receives_the_question(running_api, receiver):
     target = receiver.url.replace("http://", "json://") + "/ntfy"
-    api = running_api(tmp_path, **{"channels.ops.url": target})
-    stop_apps(api)
+    api = running_api(**{"channels.ops.url": target})
     key = api.register()["api_key"]
     created = api.create_pause(key, channel="ops", recipient="on-call engineer")
-    wait_for_notification(api, key, created["pause_id"], "sent")
+    sent(api, key, created["pause_id"], "sent")
     [call] = receiver.wait_for(1)
     assert call["path"] == "/ntfy" and call["json"]["title"] == "Approval needed"
     assert WIRE["message"] in call["json"]["message"] and created["respond_url"] in call["json"]["message"]
 
 
-def test_an_unreachable_push_target_is_recorded_as_a_failed_attempt(tmp_path, stop_apps):
-    api = running_api(tmp_path, **{"channels.ops.url": "json://127.0.0.1:9/nothing-listens"})
-    stop_apps(api)
+def test_an_unreachable_push_target_is_recorded_as_a_failed_attempt(running_api):
+    api = running_api(**{"channels.ops.url": "json://127.0.0.1:9/nothing-listens"})
     key = api.register()["api_key"]
-    pause_id = api.create_pause(key, channel="ops", recipient="ops")["pause_id"]
-    pause = wait_until(lambda: (p := api.pause(key, pause_id))["notification"]["attempts"] == 1 and
-                       p["notification"]["last_error"] and p)
+    pause = sent(api, key, api.create_pause(key, channel="ops", recipient="ops")["pause_id"], "queued")
+    assert pause["notification"]["attempts"] == 1
     assert "json://" in pause["notification"]["last_error"] and "127.0.0.1" not in pause["notification"]["last_error"]
 
 
-def test_api_callers_can_only_name_targets_never_supply_urls(tmp_path, receiver):
-    api = Api(pausepoint.create_app(make_config(tmp_path, **{"channels.ops.url": "json://127.0.0.1:9/x"})))
+def test_api_callers_can_only_name_targets_never_supply_urls(running_api, receiver):
+    api = running_api(**{"channels.ops.url": "json://127.0.0.1:9/x"})
     key = api.register()["test_api_key"]
     for channel in (receiver.url.replace("http://", "json://"), "ntfy://evil.example/topic"):
         error = api.post_json("/v1/pause", {**WIRE, "channel": channel}, headers=api.as_key(key), status=422).json
@@ -292,9 +273,8 @@ def test_the_link_channel_sends_nothing_and_leaves_delivery_to_the_agent(api, de
     assert not any(kind.startswith("notification.") for kind in kinds)
 
 
-def test_the_channel_list_names_kinds_and_readiness_but_never_credentials(tmp_path, twilio):
-    api = Api(pausepoint.create_app(make_config(tmp_path, **twilio.settings(),
-                                                **{"channels.ops.url": "ntfy://ntfy.example.org/secret-topic"})))
+def test_the_channel_list_names_kinds_and_readiness_but_never_credentials(running_api, twilio):
+    api = running_api(**twilio.settings(), **{"channels.ops.url": "ntfy://ntfy.example.org/secret-topic"})
     key = api.register()["test_api_key"]
     response = api.get("/v1/channels", headers=api.as_key(key))
     listed = {c["name"]: c for c in response.json["channels"]}
@@ -324,19 +304,14 @@ class SmsApi(Api):
     def create_pause(self, key, **changes):
         created = super().create_pause(key, **changes)
         if key.startswith("pp_live_"):
-            self.app.runtime.run_notifications()
-            wait_until(lambda: (n := self.pause(key, created["pause_id"])["notification"])["attempts"]
-                       and n["status"] != "queued" or n["last_error"])
+            self.step("notifications")
         return created
 
 
 @pytest.fixture
-def sms_setup(tmp_path, twilio):
-    config = make_config(tmp_path, **twilio.settings(), **{"server.base_url": "https://pp.example.org"})
-    app = pausepoint.create_app(config)
-    api = SmsApi(app)
-    yield api, config, api.register()
-    app.runtime.stop()
+def sms_setup(running_api, twilio):
+    api = SmsApi(running_api(jobs=False, **twilio.settings(), **{"server.base_url": "https://pp.example.org"}).app)
+    return api, api.config, api.register()
 
 
 def reply_code(api, key, created):
@@ -520,24 +495,21 @@ def test_exactly_one_decision_wins_between_sms_replies_and_the_respond_page(tmp_
         assert len(responded) == 1
 
 
-def test_a_message_twilio_refuses_fails_at_once_without_retries(tmp_path, twilio, stop_apps):
+def test_a_message_twilio_refuses_fails_at_once_without_retries(running_api, twilio):
     twilio.fail_next = [400]
-    api = running_api(tmp_path, **twilio.settings())
-    stop_apps(api)
+    api = running_api(**twilio.settings())
     key = api.register()["api_key"]
-    pause = wait_for_notification(api, key, api.create_pause(key)["pause_id"], "failed")
+    pause = sent(api, key, api.create_pause(key)["pause_id"], "failed")
     assert pause["notification"]["attempts"] == 1 and "HTTP 400" in pause["notification"]["last_error"]
     assert pause["status"] == "pending"
 
 
-def test_twilio_rate_limiting_is_retried(tmp_path, twilio, stop_apps):
+def test_twilio_rate_limiting_is_retried(running_api, twilio):
     twilio.fail_next = [429]
-    api = running_api(tmp_path, **twilio.settings())
-    stop_apps(api)
+    api = running_api(**twilio.settings())
     key = api.register()["api_key"]
-    pause_id = api.create_pause(key)["pause_id"]
-    wait_until(lambda: api.pause(key, pause_id)["notification"]["last_error"])
-    assert api.pause(key, pause_id)["notification"]["status"] == "queued"
+    pause = sent(api, key, api.create_pause(key)["pause_id"], "queued")
+    assert "429" in pause["notification"]["last_error"]
 
 
 def test_a_second_developers_wire_is_never_approved_by_a_reply_meant_for_the_first(spawn_server, twilio):
@@ -569,18 +541,13 @@ def test_a_second_developers_wire_is_never_approved_by_a_reply_meant_for_the_fir
     assert requests.get(f"{server.url}/v1/pause/{wire['pause_id']}", headers=b).json()["status"] == "pending"
 
 
-def test_a_push_target_that_never_finishes_answering_is_given_up_after_10_seconds(tmp_path, stop_apps):
-    trickler = TrickleReceiver(interval=1.0)
-    try:
-        api = running_api(tmp_path, **{"channels.ops.url": "json://" + trickler.url.removeprefix("http://")})
-        stop_apps(api)
-        key = api.register()["api_key"]
-        created = api.create_pause(key, channel="ops", recipient="on-call")
-        pause = wait_until(lambda: (p := api.pause(key, created["pause_id"]))["notification"]["last_error"] and p,
-                           timeout=20)
-        assert "no answer within 10 s" in pause["notification"]["last_error"]
-    finally:
-        trickler.close()
+def test_a_push_target_that_never_finishes_answering_is_given_up_at_the_deadline(running_api, stubs):
+    trickler = stubs(TrickleReceiver, interval=0.2)
+    api = running_api(**{"channels.ops.url": "json://" + trickler.url.removeprefix("http://"),
+                         "outbound.deadline_seconds": 1})
+    key = api.register()["api_key"]
+    pause = sent(api, key, api.create_pause(key, channel="ops", recipient="on-call")["pause_id"], "queued")
+    assert "no answer within 1 s" in pause["notification"]["last_error"]
 
 
 def test_a_number_flooded_with_decided_pauses_still_gets_codes(sms_setup):
@@ -613,7 +580,7 @@ def test_a_text_not_yet_sent_when_its_pause_is_decided_is_never_sent(sms_setup, 
     key = keys["api_key"]
     created = Api(api.app).create_pause(key)            # queued, not sent yet
     api.post(f"/v1/pause/{created['pause_id']}/cancel", headers=api.as_key(key))
-    api.app.runtime.run_notifications()
+    api.step("notifications")
     assert api.pause(key, created["pause_id"])["notification"]["status"] == "cancelled"
     assert stored(config, "SELECT status, attempts FROM notifications") == [("cancelled", 0)]
     assert twilio.messages == []

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from conftest import WIRE, Api, make_config, stored, token_of, wait_until
+from conftest import WIRE, stored, token_of
 import pausepoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,10 +84,9 @@ def test_wake_ups_run_after_commit_and_never_after_a_rollback(tmp_path):
 
 # -- retention ------------------------------------------------------------------------------
 
-def test_the_daily_job_deletes_only_what_is_past_its_retention(tmp_path, receiver):
-    config = make_config(tmp_path, **{"webhooks.allow_private": True})
-    app = pausepoint.create_app(config)
-    api = Api(app)
+def test_the_daily_job_deletes_only_what_is_past_its_retention(running_api, receiver):
+    api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    config, app = api.config, api.app
     keys = api.register()
     test, live = api.as_key(keys["test_api_key"]), api.as_key(keys["api_key"])
     api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.created"]}, headers=test)
@@ -99,9 +98,9 @@ def test_the_daily_job_deletes_only_what_is_past_its_retention(tmp_path, receive
     pending = api.post_json("/v1/pause", {**WIRE, "timeout_hours": 720}, headers=test).json
     kept_live = api.post_json("/v1/pause", {**WIRE, "channel": "link", "recipient": "ops"}, headers=live).json
     api.post(f"/v1/pause/{kept_live['pause_id']}/cancel", headers=live)
-    app.runtime.run_notifications()
-    wait_until(lambda: app.runtime.run_webhooks() or len(receiver.calls) == 3)
-    wait_until(lambda: stored(config, "SELECT count(*) FROM webhook_deliveries WHERE status = 'succeeded'") == [(3,)])
+    api.step("notifications")
+    api.step("webhooks")
+    assert stored(config, "SELECT count(*) FROM webhook_deliveries WHERE status = 'succeeded'") == [(3,)]
     # The finished deliveries, and one still being retried.
     stored(config, "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = '2999-01-01T00:00:00.000Z'"
                    " WHERE event_id = (SELECT id FROM webhook_events WHERE pause_id = ?)", pending["pause_id"])
@@ -127,10 +126,10 @@ def test_the_daily_job_deletes_only_what_is_past_its_retention(tmp_path, receive
     assert deleted["test pauses"] == 1 and deleted["webhook events"] == 2
 
 
-def test_pruning_works_through_any_backlog_in_batches(tmp_path):
-    config = make_config(tmp_path)
-    app = pausepoint.create_app(config)
-    Api(app).register()
+def test_pruning_works_through_any_backlog_in_batches(running_api):
+    api = running_api(jobs=False)
+    config, app = api.config, api.app
+    api.register()
     stored(config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1234)"
                    " INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, status,"
                    " decided_at, respond_token, created_at, expires_at) SELECT 'psr_' || i, id, 0, 'x', 'link', 'm',"

@@ -1,24 +1,22 @@
 import pytest
 import requests
 
-from conftest import WIRE, Api, make_config, stored, wait_until
+from conftest import WIRE, stored, wait_until
 from stubs import Tarpit
-import pausepoint
 
 
 @pytest.fixture
-def sms_api(tmp_path, twilio):
-    app = pausepoint.create_app(make_config(tmp_path, **twilio.settings()))
-    app.runtime.start()
-    yield Api(app)
-    app.runtime.stop()
+def sms_api(running_api, twilio):
+    return running_api(jobs=False, **twilio.settings())
 
 
 def test_a_live_sms_pause_is_sent_through_twilio_off_the_request_path(sms_api, twilio):
     key = sms_api.register()["api_key"]
     created = sms_api.create_pause(key)
-    pause = wait_until(lambda: (p := sms_api.pause(key, created["pause_id"]))["notification"]["status"] == "sent" and p)
-    assert len(twilio.messages) == 1
+    assert sms_api.pause(key, created["pause_id"])["notification"]["status"] == "queued" and twilio.messages == []
+    sms_api.step("notifications")
+    pause = sms_api.pause(key, created["pause_id"])
+    assert pause["notification"]["status"] == "sent" and len(twilio.messages) == 1
     message = twilio.messages[0]
     assert message["To"] == "+15550100" and message["From"] == "+15559990000"
     assert message["Body"] == pause["notification"]["text"] and created["respond_url"] in message["Body"]
@@ -31,7 +29,8 @@ def test_a_live_sms_pause_is_sent_through_twilio_off_the_request_path(sms_api, t
 def test_test_keys_never_reach_twilio(sms_api, twilio):
     key = sms_api.register()["test_api_key"]
     created = sms_api.create_pause(key)
-    wait_until(lambda: sms_api.pause(key, created["pause_id"])["notification"]["status"] == "simulated")
+    sms_api.step("notifications")
+    assert sms_api.pause(key, created["pause_id"])["notification"]["status"] == "simulated"
     assert twilio.messages == []
 
 
@@ -39,9 +38,9 @@ def test_a_failed_send_is_recorded_and_queued_again_while_the_pause_stays_pendin
     twilio.fail_next = [500]
     key = sms_api.register()["api_key"]
     created = sms_api.create_pause(key)
-    pause = wait_until(lambda: (p := sms_api.pause(key, created["pause_id"]))["notification"]["attempts"] == 1
-                       and p["notification"]["last_error"] and p)
-    assert pause["status"] == "pending"
+    sms_api.step("notifications")
+    pause = sms_api.pause(key, created["pause_id"])
+    assert pause["status"] == "pending" and pause["notification"]["attempts"] == 1
     assert pause["notification"]["status"] == "queued"
     assert "HTTP 500" in pause["notification"]["last_error"]
     assert twilio.messages == []
@@ -52,7 +51,8 @@ def test_a_hung_mail_server_never_delays_sms(spawn_server, tmp_path, twilio):
     try:
         env = {f"PAUSEPOINT_{key.replace('.', '_').upper()}": str(value) for key, value in twilio.settings().items()}
         env.update(PAUSEPOINT_SMTP_HOST="127.0.0.1", PAUSEPOINT_SMTP_PORT=str(tarpit.port),
-                   PAUSEPOINT_SMTP_SECURITY="none", PAUSEPOINT_SMTP_FROM_ADDRESS="approvals@example.org")
+                   PAUSEPOINT_SMTP_SECURITY="none", PAUSEPOINT_SMTP_FROM_ADDRESS="approvals@example.org",
+                   PAUSEPOINT_OUTBOUND_DEADLINE_SECONDS="3")
         server = spawn_server(env=env)
         keys = requests.post(f"{server.url}/v1/auth/register",
                              json={"email": "m@example.com", "name": "M", "password": "password123"}).json()
@@ -64,14 +64,14 @@ def test_a_hung_mail_server_never_delays_sms(spawn_server, tmp_path, twilio):
         stuck = "SELECT count(*) FROM notifications WHERE channel = 'email' AND status = 'sending'"
         wait_until(lambda: stored(db, stuck) == [(8,)])         # half of outbound.workers, no more
         sms = requests.post(f"{server.url}/v1/pause", json=WIRE, headers=auth).json()
-        wait_until(lambda: len(twilio.messages) == 1, timeout=9)
+        wait_until(lambda: len(twilio.messages) == 1, timeout=5)
         # Sent while every email claim is still waiting on the mail server.
         assert stored(db, stuck) == [(8,)]
         assert stored(db, "SELECT count(*) FROM notifications WHERE channel = 'email' AND last_error IS NOT NULL") == [(0,)]
         assert twilio.messages[0]["Body"].startswith(WIRE["message"])
         assert sms["pause_id"]
         # Each email attempt ends at its deadline and is retried later.
-        wait_until(lambda: stored(db, "SELECT count(*) FROM notifications WHERE last_error LIKE '%no answer within 10 s%'")
-                   [0][0] >= 8, timeout=20)
+        wait_until(lambda: stored(db, "SELECT count(*) FROM notifications WHERE last_error LIKE '%no answer within 3 s%'")
+                   [0][0] >= 8)
     finally:
         tarpit.close()

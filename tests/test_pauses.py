@@ -4,7 +4,7 @@ import sqlite3
 import pytest
 import requests
 
-from conftest import PASSWORD, WIRE, Api, make_config, stored, token_of, wait_until
+from conftest import PASSWORD, WIRE, Api, make_config, run_out, stored, token_of, wait_until
 import pausepoint
 
 
@@ -69,8 +69,10 @@ def test_every_bad_field_gets_422_naming_it(api, developer, changes, field):
 def test_a_pause_without_a_timeout_default_times_out_deciding_nothing(api, developer):
     key = developer["test_api_key"]
     body = {k: v for k, v in WIRE.items() if k != "timeout_default"}
-    created = api.post_json("/v1/pause", {**body, "timeout_hours": 1 / 3600}, headers=api.as_key(key)).json
-    pause = api.pause(key, created["pause_id"], wait=10)
+    created = api.post_json("/v1/pause", body, headers=api.as_key(key)).json
+    run_out(api.config, created["pause_id"])
+    api.step("timeouts")
+    pause = api.pause(key, created["pause_id"])
     assert pause["status"] == "timed_out" and pause["choice"] is None and pause["decided_by"] == "timeout"
 
 

@@ -1,10 +1,9 @@
 import concurrent.futures
 import sqlite3
-import time
 
 import requests
 
-from conftest import WIRE, Api, make_config, stored, token_of
+from conftest import WIRE, Api, make_config, run_out, stored, token_of
 import pausepoint
 
 XSS = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
@@ -82,21 +81,23 @@ def test_a_cancelled_pause_cannot_be_answered(api, developer):
     assert "cancelled" in api.post_json(respond_path(created), {"choice": "Approve"}, status=409).json["error"]["message"]
 
 
-def test_an_expired_pause_is_410_even_before_the_timeout_job_runs(tmp_path):
-    # No scheduler here: the pause is still 'pending' in the database, but past expires_at.
-    api = Api(pausepoint.create_app(make_config(tmp_path)))
+def test_an_expired_pause_is_410_even_before_the_timeout_job_runs(running_api):
+    api = running_api(jobs=False)           # the pause stays 'pending' in the database, but past expires_at
     key = api.register()["test_api_key"]
-    created = api.create_pause(key, timeout_hours=1 / 3600)
-    time.sleep(1.1)
+    created = api.create_pause(key)
+    run_out(api.config, created["pause_id"])
     error = api.post_json(respond_path(created), {"choice": "Approve"}, status=410).json["error"]
     assert error["code"] == "expired" and "'Reject'" in error["message"]
     assert api.pause(key, created["pause_id"])["status"] == "pending"
 
 
-def test_a_timed_out_pause_is_410(api, developer):
-    key = developer["test_api_key"]
-    created = api.create_pause(key, timeout_hours=1 / 3600)
-    assert api.pause(key, created["pause_id"], wait=10)["status"] == "timed_out"
+def test_a_timed_out_pause_is_410(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key)
+    run_out(api.config, created["pause_id"])
+    api.step("timeouts")
+    assert api.pause(key, created["pause_id"])["status"] == "timed_out"
     api.post_json(respond_path(created), {"choice": "Approve"}, status=410)
     assert "expired" in api.get(respond_path(created, page=True)).text
 

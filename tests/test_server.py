@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from conftest import stored, PASSWORD, ROOT, WIRE, LiveServer, make_config, token_of, wait_until
+from conftest import stored, PASSWORD, ROOT, WIRE, LiveServer, make_config, run_out, token_of, wait_until
 import pausepoint
 
 
@@ -56,10 +56,10 @@ def test_it_times_out_to_the_default_after_a_restart(spawn_server, tmp_path):
     db_path = tmp_path / "pausepoint.db"
     server = spawn_server()
     key = register(server.url)["test_api_key"]
-    created = create(server.url, key, timeout_hours=1.5 / 3600)
+    created = create(server.url, key)
     server.proc.kill()                     # no chance to clean up: kill -9
     server.proc.wait()
-    time.sleep(2)                          # the pause falls due while nothing runs
+    run_out(db_path, created["pause_id"])  # the pause falls due while nothing runs
     assert stored(db_path, "SELECT status FROM pauses") == [("pending",)]
     server = spawn_server(port=int(server.url.rsplit(":", 1)[1]))
     pause = requests.get(f"{server.url}/v1/pause/{created['pause_id']}", params={"wait": 10}, headers=bearer(key)).json()
@@ -72,7 +72,8 @@ def test_two_processes_on_one_database_never_double_fire_a_timeout(spawn_server,
     first = spawn_server()
     second = spawn_server()
     key = register(first.url)["test_api_key"]
-    ids = [create(first.url if n % 2 else second.url, key, timeout_hours=1 / 3600)["pause_id"] for n in range(40)]
+    ids = [create(first.url if n % 2 else second.url, key)["pause_id"] for n in range(40)]
+    stored(db_path, "UPDATE pauses SET expires_at = ?", pausepoint.db_time())     # all fall due at once, in both
     wait_until(lambda: stored(db_path, "SELECT count(*) FROM pauses WHERE status = 'timed_out'") == [(40,)], timeout=20)
     per_pause = dict(stored(db_path, "SELECT pause_id, count(*) FROM audit_events WHERE event_type = 'pause.timed_out'"
                                      " GROUP BY pause_id"))
