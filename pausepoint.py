@@ -49,7 +49,6 @@ import unicodedata
 import urllib.parse
 import uuid
 
-import apprise
 import bcrypt
 import bottle
 import jsonschema
@@ -216,6 +215,13 @@ def setting_type(key):
     return type(SETTINGS_BY_KEY[key].default)
 
 
+def load_apprise():
+    """Apprise, imported the first time a push or chat channel needs it: it is a fifth
+    of the start-up time, and most servers have no such channel."""
+    import apprise
+    return apprise
+
+
 def open_setting_problem(key, value):
     """Checks for the open-ended [plans.NAME] and [channels.NAME] keys."""
     if PLAN_KEY.match(key) and value < 0:
@@ -223,7 +229,7 @@ def open_setting_problem(key, value):
     channel = CHANNEL_KEY.match(key)
     if channel and channel.group(1) in BUILT_IN_CHANNELS:
         return f"names a built-in channel; choose another name than {', '.join(BUILT_IN_CHANNELS)}"
-    if channel and apprise.Apprise.instantiate(value) is None:
+    if channel and load_apprise().Apprise.instantiate(value) is None:
         return "is not a notification URL Apprise understands (e.g. ntfy://host/topic, slack://…, gotify://…)"
     return None
 
@@ -1716,7 +1722,7 @@ def send_apprise(target_url, config, notification, pause, deadline):
     """A push or chat message to an operator-named target (ntfy, Slack, Gotify, Matrix, …).
     Apprise opens its own connections, out of the deadline's reach, so it runs on a
     thread of its own that is waited for only until the deadline."""
-    notifier = apprise.Apprise()
+    notifier = load_apprise().Apprise()
     if not notifier.add(target_url):
         raise ChannelError(f"channel {notification['channel']!r} has a URL Apprise does not understand")
     try:
