@@ -6,9 +6,7 @@ import re
 
 import pytest
 import requests
-import schemathesis
-from hypothesis import HealthCheck, settings
-from openapi_spec_validator import validate
+from hypothesis import HealthCheck, given, settings
 
 from conftest import WIRE, ServerProcess, free_port
 import pausepoint
@@ -28,6 +26,7 @@ def test_every_route_is_in_the_document_and_every_documented_path_is_a_route(api
 
 
 def test_the_document_is_valid_openapi_3_1_with_auth_errors_and_webhooks(api):
+    from openapi_spec_validator import validate     # here: only the process running this test loads it
     document = api.get("/v1/openapi.json").json
     validate(document)
     create = document["paths"]["/v1/pause"]["post"]
@@ -75,7 +74,7 @@ def contract_server(tmp_path_factory):
 # The document for a server with the default settings, as the fuzzed server has them;
 # the first test below checks that it is the document that server serves.
 DOCUMENT = pausepoint.openapi_document(pausepoint.load_config(environ={}))
-contract = schemathesis.openapi.from_dict(DOCUMENT)
+OPERATIONS = [(method.upper(), path) for path, operations in DOCUMENT["paths"].items() for method in operations]
 
 
 def test_the_fuzzed_document_is_the_one_the_server_serves(contract_server):
@@ -84,13 +83,22 @@ def test_the_fuzzed_document_is_the_one_the_server_serves(contract_server):
     assert {**served, "servers": None} == {**DOCUMENT, "servers": None}
 
 
-@contract.parametrize()
-@settings(max_examples=25, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
-def test_the_running_server_keeps_to_its_document(case, contract_server):
+@pytest.mark.parametrize("method, path", OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
+def test_the_running_server_keeps_to_its_document(contract_server, method, path):
+    # Imported here, not at the top: Schemathesis is heavy to load, and only the
+    # process that runs these tests needs it (nor its pytest plugin, which is off).
+    import schemathesis
     server, auth = contract_server
-    # Every response conforms: no 5xx; documented status, content type, headers and body; and
-    # data the document calls invalid is refused. Not checked: that all data it calls valid is
-    # accepted, since some rules are past JSON Schema (look-alike options, timeout_default
-    # among the options, a webhook host that resolves).
-    case.call_and_validate(base_url=server.url, headers=auth,
-                           excluded_checks=[schemathesis.checks.positive_data_acceptance])
+    operation = schemathesis.openapi.from_dict(DOCUMENT)[path][method]
+
+    @given(case=operation.as_strategy())
+    @settings(max_examples=15, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+    def conforms(case):
+        # Every response conforms: no 5xx; documented status, content type, headers and body;
+        # and data the document calls invalid is refused. Not checked: that all data it calls
+        # valid is accepted, since some rules are past JSON Schema (look-alike options,
+        # timeout_default among the options, a webhook host that resolves).
+        case.call_and_validate(base_url=server.url, headers=auth,
+                               excluded_checks=[schemathesis.checks.positive_data_acceptance])
+
+    conforms()

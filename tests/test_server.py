@@ -73,13 +73,14 @@ def test_two_processes_on_one_database_never_double_fire_a_timeout(spawn_server,
     second = spawn_server()
     key = register(first.url)["test_api_key"]
     ids = [create(first.url if n % 2 else second.url, key)["pause_id"] for n in range(40)]
+    simulated = "SELECT count(*) FROM audit_events WHERE event_type = 'notification.simulated'"
+    wait_until(lambda: stored(db_path, simulated) == [(40,)])       # each text once, by one of the two
     stored(db_path, "UPDATE pauses SET expires_at = ?", pausepoint.db_time())     # all fall due at once, in both
     wait_until(lambda: stored(db_path, "SELECT count(*) FROM pauses WHERE status = 'timed_out'") == [(40,)], timeout=20)
     per_pause = dict(stored(db_path, "SELECT pause_id, count(*) FROM audit_events WHERE event_type = 'pause.timed_out'"
                                      " GROUP BY pause_id"))
     assert per_pause == {pause_id: 1 for pause_id in ids}
-    simulated = stored(db_path, "SELECT count(*) FROM audit_events WHERE event_type = 'notification.simulated'")
-    assert simulated == [(40,)]
+    assert stored(db_path, simulated) == [(40,)]
 
 
 def test_a_long_poll_wakes_as_soon_as_the_human_decides(live_server):
