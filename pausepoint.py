@@ -944,25 +944,33 @@ def decide_pause(conn, config, pause_id, status, decided_by, choice=None, commen
     """
     require_transaction(conn)
     now = now or db_time()
-    time_rule = {"responded": "AND expires_at > :now", "timed_out": "AND expires_at <= :now", "cancelled": ""}[status]
-    # A timeout's choice is the pause's own timeout_default.
-    choice_sql = "timeout_default" if status == "timed_out" else ":choice"
-    changed = conn.execute(
-        f"UPDATE pauses SET status = :status, choice = {choice_sql}, comment = :comment, decided_at = :now,"
-        f" decided_by = :decided_by WHERE id = :id AND status = 'pending' {time_rule}",
+    time_rule = {"responded": "AND expires_at > :now", "cancelled": ""}[status]
+    decided = conn.execute(
+        f"UPDATE pauses SET status = :status, choice = :choice, comment = :comment, decided_at = :now,"
+        f" decided_by = :decided_by WHERE id = :id AND status = 'pending' {time_rule} RETURNING *",
         {"status": status, "choice": choice, "comment": comment, "now": now, "decided_by": decided_by,
-         "id": pause_id}).rowcount
-    if changed != 1:
-        return False
+         "id": pause_id}).fetchall()
+    record_decisions(conn, config, decided, data, now)
+    return bool(decided)
+
+
+def record_decisions(conn, config, decided, data, now):
+    """What follows pauses leaving 'pending', inside the transaction that decided them:
+    their unsent texts cancelled, an audit event each, webhook events, waiters woken."""
+    ids = [pause["id"] for pause in decided]
     # A text not sent yet would ask a question that is already answered.
-    conn.execute("UPDATE notifications SET status = 'cancelled', updated_at = ? WHERE pause_id = ? AND status = 'queued'",
-                 (now, pause_id))
-    pause = pause_by_id(conn, pause_id)
-    record_event(conn, pause["developer_id"], pause["livemode"], decided_by, f"pause.{status}", pause_id,
-                 {"choice": pause["choice"], "comment": comment, "decided_by": decided_by, **(data or {})}, when=now)
-    emit_pause_event(conn, config, pause, f"pause.{status}", when=now)
-    wake_after_commit(conn, "decisions", pause_id)
-    return True
+    conn.execute("UPDATE notifications SET status = 'cancelled', updated_at = ? WHERE status = 'queued'"
+                 " AND pause_id IN (SELECT value FROM json_each(?))", (now, json.dumps(ids)))
+    endpoints = {}          # (developer, mode) -> its enabled webhooks, looked up once a batch
+    for pause in decided:
+        record_event(conn, pause["developer_id"], pause["livemode"], pause["decided_by"], f"pause.{pause['status']}",
+                     pause["id"], {"choice": pause["choice"], "comment": pause["comment"],
+                                   "decided_by": pause["decided_by"], **(data or {})}, when=now)
+        owner = (pause["developer_id"], pause["livemode"])
+        if owner not in endpoints:
+            endpoints[owner] = enabled_webhooks(conn, *owner)
+        emit_pause_event(conn, config, pause, f"pause.{pause['status']}", when=now, endpoints=endpoints[owner])
+    wake_after_commit(conn, "decisions", *ids)
 
 
 def respond_to_pause(conn, config, token, choice, comment, client):
@@ -1154,16 +1162,27 @@ def owned_pause(conn, caller, pause_id):
     return pause
 
 
-def expire_due_pauses(conn, config, batch=200):
-    """Time out every pending pause past its expires_at; returns the ids that timed out."""
-    now = db_time()
-    due = [r["id"] for r in conn.execute(
-        "SELECT id FROM pauses WHERE status = 'pending' AND expires_at <= ? ORDER BY expires_at LIMIT ?",
-        (now, batch))]
-    if not due:
-        return []
-    with transaction(conn):
-        return [pause_id for pause_id in due if decide_pause(conn, config, pause_id, "timed_out", "timeout", now=now)]
+TIMEOUT_BATCH = 500     # pauses timed out per transaction: API writers get the lock between batches
+
+
+def expire_due_pauses(conn, config):
+    """Time out every pending pause past its expires_at, the earliest first, a batch
+    per short transaction until none is due; returns how many timed out."""
+    timed_out = 0
+    while True:
+        with transaction(conn):
+            now = db_time()
+            # Compare-and-set for the whole batch: only rows still 'pending' change, and a
+            # timeout's choice is each pause's own timeout_default.
+            decided = conn.execute(
+                "UPDATE pauses SET status = 'timed_out', choice = timeout_default, comment = NULL, decided_at = :now,"
+                " decided_by = 'timeout' WHERE id IN (SELECT id FROM pauses WHERE status = 'pending'"
+                " AND expires_at <= :now ORDER BY expires_at LIMIT :batch) RETURNING *",
+                {"now": now, "batch": TIMEOUT_BATCH}).fetchall()
+            record_decisions(conn, config, decided, None, now)
+        timed_out += len(decided)
+        if len(decided) < TIMEOUT_BATCH:
+            return timed_out
 
 
 def pause_json(pause, config, notification=None):
@@ -2072,13 +2091,20 @@ def webhook_json(webhook):
     }
 
 
-def emit_pause_event(conn, config, pause, event_type, when=None):
-    """Queue `event_type` about `pause` for every enabled endpoint of its owner, in its
-    mode, that subscribed to it, inside the transaction of the change."""
-    targets = [row["id"] for row in conn.execute(
+def enabled_webhooks(conn, developer_id, livemode):
+    """[(webhook id, the event types it subscribed to)] of one developer in one mode."""
+    return [(row["id"], json.loads(row["events"])) for row in conn.execute(
         "SELECT id, events FROM webhooks WHERE developer_id = ? AND livemode = ? AND deleted_at IS NULL"
-        " AND status = 'enabled'", (pause["developer_id"], pause["livemode"]))
-        if event_type in json.loads(row["events"])]
+        " AND status = 'enabled'", (developer_id, livemode))]
+
+
+def emit_pause_event(conn, config, pause, event_type, when=None, endpoints=None):
+    """Queue `event_type` about `pause` for every enabled endpoint of its owner, in its
+    mode, that subscribed to it, inside the transaction of the change. `endpoints`:
+    the owner's enabled_webhooks(), when the caller has them already."""
+    if endpoints is None:
+        endpoints = enabled_webhooks(conn, pause["developer_id"], pause["livemode"])
+    targets = [webhook_id for webhook_id, events in endpoints if event_type in events]
     if targets:
         notification = notification_of(conn, pause["id"])
         queue_event(conn, pause["developer_id"], pause["livemode"], event_type,
@@ -2472,7 +2498,7 @@ class Runtime:
                 return
 
     def run_timeouts(self):
-        return len(expire_due_pauses(self.db(), self.config))
+        return expire_due_pauses(self.db(), self.config)
 
     def run_notifications(self):
         """Simulate test-mode sends here; hand live ones to the pool, fairly across developers."""

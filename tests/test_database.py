@@ -142,3 +142,31 @@ def test_pruning_works_through_any_backlog_in_batches(running_api):
 def test_pruning_is_scheduled_daily(app):
     job = app.runtime.scheduler.get_job("run_pruning")
     assert job.trigger.interval == dt.timedelta(days=1)
+
+
+def test_a_burst_of_due_pauses_all_time_out_in_one_run_each_exactly_once(running_api, receiver):
+    api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    key = api.register()["test_api_key"]
+    api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.timed_out"]}, headers=api.as_key(key))
+    api.create_pause(key)
+    burst = pausepoint.TIMEOUT_BATCH * 2 + 34                  # more than one transaction's worth
+    stored(api.config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+                       " INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options,"
+                       " timeout_default, status, respond_token, created_at, expires_at)"
+                       " SELECT 'psr_' || i, developer_id, 0, recipient, channel, message, options, timeout_default,"
+                       " 'pending', 'tok' || i, created_at, ? FROM n, pauses WHERE pauses.seq = 1",
+           burst, pausepoint.db_time())
+    stored(api.config, "INSERT INTO notifications (id, pause_id, developer_id, channel, recipient, livemode, text,"
+                       " next_attempt_at, created_at, updated_at) SELECT 'ntf_' || id, id, developer_id, channel,"
+                       " recipient, 0, 'text', '2999-01-01T00:00:00.000Z', created_at, created_at FROM pauses WHERE seq > 1")
+    api.step("timeouts")
+    assert stored(api.config, "SELECT status, choice, count(*) FROM pauses WHERE seq > 1 GROUP BY 1, 2") == [
+        ("timed_out", "Reject", burst)]
+    assert stored(api.config, "SELECT count(*), count(DISTINCT pause_id) FROM audit_events"
+                              " WHERE event_type = 'pause.timed_out'") == [(burst, burst)]
+    assert stored(api.config, "SELECT count(*) FROM webhook_events WHERE type = 'pause.timed_out'") == [(burst,)]
+    assert stored(api.config, "SELECT status, count(*) FROM notifications WHERE pause_id IN"
+                              " (SELECT id FROM pauses WHERE seq > 1) GROUP BY 1") == [("cancelled", burst)]
+    assert stored(api.config, "SELECT status FROM pauses WHERE seq = 1") == [("pending",)]     # not yet due
+    api.step("timeouts")
+    assert stored(api.config, "SELECT count(*) FROM audit_events WHERE event_type = 'pause.timed_out'") == [(burst,)]
