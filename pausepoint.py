@@ -120,6 +120,7 @@ SETTINGS = [
     Setting("smtp.ca_file", "", "PEM file of CA certificates to trust for SMTP TLS instead of the system's (for a private CA)."),
     Setting("webhooks.allow_private", False, "Allow webhook URLs on loopback, private or link-local addresses (for agents on your LAN)."),
     Setting("webhooks.max_per_developer", 16, "Webhook endpoints one developer may have (test and live together)."),
+    Setting("webhooks.per_endpoint", 2, "Deliveries to one endpoint in flight at once (within outbound.per_developer). More keeps a slow receiver's queue moving; events may then arrive out of order."),
     Setting("outbound.workers", 16, "Threads for outbound calls: webhook deliveries and notification sends."),
     Setting("outbound.deadline_seconds", 10.0, "Seconds one outbound call (a webhook delivery or a notification send) may take in all, from the name lookup to the last byte of the answer; a slower one is cut off and retried later."),
     Setting("outbound.per_developer", 4, "Outbound calls one developer's work may have in flight at once, so one tenant's slow receivers cannot hold every worker."),
@@ -298,6 +299,7 @@ SETTING_CHECKS = {
     "server.idle_timeout": lambda v: None if 1 <= v <= 3600 else "must be between 1 and 3600 seconds",
     "server.send_timeout": lambda v: None if 1 <= v <= 3600 else "must be between 1 and 3600 seconds",
     "webhooks.max_per_developer": lambda v: None if v >= 1 else "must be at least 1",
+    "webhooks.per_endpoint": lambda v: None if 1 <= v <= 64 else "must be between 1 and 64",
     "outbound.workers": lambda v: None if 2 <= v <= 256 else "must be between 2 and 256",
     "outbound.per_developer": lambda v: None if v >= 1 else "must be at least 1",
     "outbound.deadline_seconds": lambda v: None if 1 <= v <= 300 else "must be between 1 and 300",
@@ -1449,6 +1451,13 @@ def under_deadline(session, deadline, allow_private=True):
     return session
 
 
+def claim_expiry(config, at_least_seconds):
+    """When a claim on a send or a delivery lapses, so that it may be claimed again: well
+    past the call's whole deadline, so only a crash ever leaves one to be taken twice."""
+    seconds = max(at_least_seconds, 3 * config["outbound.deadline_seconds"])
+    return db_time(utcnow() + dt.timedelta(seconds=seconds))
+
+
 SLOW_FOR = dt.timedelta(minutes=10)
 
 
@@ -1807,10 +1816,10 @@ def taking_turns(lists):
     return [item for turn in itertools.zip_longest(*lists) for item in turn if item is not None]
 
 
-def claim_notification(conn, row):
+def claim_notification(conn, config, row):
     """Compare-and-set a due notification to 'sending'; returns the claim's expiry, or
     None when another worker got there first."""
-    claim_until = db_time(utcnow() + dt.timedelta(seconds=NOTIFICATION_CLAIM_SECONDS))
+    claim_until = claim_expiry(config, NOTIFICATION_CLAIM_SECONDS)
     with transaction(conn):
         claimed = conn.execute(
             "UPDATE notifications SET status = 'sending', attempts = attempts + 1, next_attempt_at = ?, updated_at = ?"
@@ -1870,7 +1879,6 @@ RETRY_JITTER = 0.1                          # each delay varies by up to ±10 %,
 MAX_RETRY_AFTER_SECONDS = 24 * 3600
 DELIVERY_CLAIM_SECONDS = 30                 # a 'delivering' claim older than this was abandoned by a crash
 DISABLE_AFTER_FAILING = dt.timedelta(days=3)
-DELIVERIES_IN_FLIGHT_PER_WEBHOOK = 2        # so one slow receiver cannot take every worker
 
 
 def sign(secret, timestamp, body):
@@ -2206,16 +2214,15 @@ def due_deliveries(conn, per_webhook):
     return {developer_id: taking_turns(lists) for developer_id, lists in by_developer.items()}
 
 
-def claim_delivery(conn, row):
+def claim_delivery(conn, config, row):
     """Compare-and-set a due delivery to 'delivering', so no row is sent twice at once;
     returns the claim's expiry, or None when another worker got there first."""
-    now = utcnow()
-    claim_until = db_time(now + dt.timedelta(seconds=DELIVERY_CLAIM_SECONDS))
+    claim_until = claim_expiry(config, DELIVERY_CLAIM_SECONDS)
     with transaction(conn):
         won = conn.execute(
             "UPDATE webhook_deliveries SET status = 'delivering', attempts = attempts + 1, next_attempt_at = ?,"
             " updated_at = ? WHERE id = ? AND status = ? AND next_attempt_at = ?",
-            (claim_until, db_time(now), row["id"], row["status"], row["next_attempt_at"])).rowcount
+            (claim_until, db_time(), row["id"], row["status"], row["next_attempt_at"])).rowcount
     return claim_until if won else None
 
 
@@ -2417,6 +2424,7 @@ class Runtime:
         self.outbound = OutboundPool(config["outbound.workers"], config["outbound.per_developer"],
                                      config["outbound.deadline_seconds"])
         self.wake_lock = threading.Lock()
+        self.webhooks_woken = threading.Event()
         migrate(self.db())
 
     def db(self):
@@ -2453,7 +2461,10 @@ class Runtime:
 
     def wake_webhooks(self):
         """Run the delivery job now rather than at its next tick. Only a hint: the
-        tick finds the same rows, so a lost wake-up costs at most one interval."""
+        tick finds the same rows, so a lost wake-up costs at most one interval. A
+        wake-up while the job runs (APScheduler would skip the extra run) makes the
+        running job look again before it returns."""
+        self.webhooks_woken.set()
         with self.wake_lock:
             if self.stopping:
                 return
@@ -2486,16 +2497,18 @@ class Runtime:
 
     def run_once(self, job):
         """Run one job ("timeouts", "notifications", "webhooks" or "pruning") now, on this
-        thread, and wait for the outbound calls it started; again while it starts some
-        (at most a few per target go at once). A step of the server that a test can take
-        instead of waiting for ticks, and then see exactly what the step did."""
+        thread, after the outbound calls under way, and wait for the calls it starts; again
+        while it starts some (only a few per target go at once). A step of the server that
+        a test can take instead of waiting for ticks, and then see exactly what it did."""
         patience = self.config["outbound.deadline_seconds"] * 2
-        while True:
-            started = getattr(self, f"run_{job}")()
+
+        def wait_for_calls():
             if not self.outbound.wait_idle(patience):
-                raise TimeoutError(f"outbound calls still running {patience:g} s after {job}")
-            if not started:
-                return
+                raise TimeoutError(f"outbound calls still running {patience:g} s into {job}")
+
+        wait_for_calls()
+        while getattr(self, f"run_{job}")():
+            wait_for_calls()
 
     def run_timeouts(self):
         return expire_due_pauses(self.db(), self.config)
@@ -2514,7 +2527,7 @@ class Runtime:
             slot = (row["developer_id"], ("channel", row["channel"]))
             if not self.outbound.reserve(*slot, self.outbound.per_channel):
                 continue
-            claim_until = claim_notification(conn, row)
+            claim_until = claim_notification(conn, self.config, row)
             if claim_until is None:
                 self.outbound.release(*slot)
                 continue
@@ -2526,19 +2539,29 @@ class Runtime:
         send_notification(self.db(), self.config, self.outbound.deadlines, row, claim_until)
 
     def run_webhooks(self):
-        """Claim due deliveries into the pool: at most DELIVERIES_IN_FLIGHT_PER_WEBHOOK per
-        endpoint and outbound.per_developer per developer, developers taking turns."""
+        """Claim due deliveries into the pool, again while wake-ups arrive during a round."""
         started = 0
-        if self.stopping or not self.outbound.free():
+        while not self.stopping:
+            self.webhooks_woken.clear()
+            started += self._claim_deliveries()
+            if not self.webhooks_woken.is_set():
+                return started
+        return started
+
+    def _claim_deliveries(self):
+        """One round: at most webhooks.per_endpoint calls per endpoint and
+        outbound.per_developer per developer in flight, developers taking turns."""
+        started = 0
+        if not self.outbound.free():
             return started
-        conn = self.db()
-        for row in self.outbound.fair_order(due_deliveries(conn, DELIVERIES_IN_FLIGHT_PER_WEBHOOK)):
+        conn, per_endpoint = self.db(), self.config["webhooks.per_endpoint"]
+        for row in self.outbound.fair_order(due_deliveries(conn, per_endpoint)):
             if not self.outbound.free():
                 break
             slot = (row["developer_id"], ("webhook", row["webhook_id"]), self.config["outbound.per_developer"])
-            if not self.outbound.reserve(slot[0], slot[1], DELIVERIES_IN_FLIGHT_PER_WEBHOOK, slot[2]):
+            if not self.outbound.reserve(slot[0], slot[1], per_endpoint, slot[2]):
                 continue
-            claim_until = claim_delivery(conn, row)
+            claim_until = claim_delivery(conn, self.config, row)
             if claim_until is None:
                 self.outbound.release(*slot)
                 continue
