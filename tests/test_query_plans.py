@@ -1,0 +1,75 @@
+"""Every query the hot paths run uses an index, on a database big enough for the
+planner's choice to matter: read from the statements the server really executes."""
+
+import re
+
+from conftest import stored, WIRE, token_of
+import pausepoint
+
+# Big tables a query must never read from end to end on a request or a job tick.
+BIG = ("pauses", "audit_events", "notifications", "webhook_deliveries", "webhook_events")
+
+
+def fill(config, developer_id, pauses):
+    """`pauses` decided test pauses of one developer, each with a notification and
+    three audit events, copied from the first pause (as a busy year would leave them)."""
+    stored(config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+                   " INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options,"
+                   " timeout_default, status, choice, decided_at, decided_by, respond_token, created_at, expires_at)"
+                   " SELECT 'psr_' || ? || '_' || i, ?, 0, recipient, channel, message, options, timeout_default, 'responded',"
+                   " 'Approve', created_at, 'recipient', 'tok' || ? || '_' || i, created_at, expires_at"
+                   " FROM n, (SELECT * FROM pauses ORDER BY seq LIMIT 1)", pauses, developer_id, developer_id, developer_id)
+    stored(config, "INSERT INTO notifications (id, pause_id, developer_id, channel, recipient, livemode, text, status,"
+                   " next_attempt_at, created_at, updated_at) SELECT 'ntf_' || id, id, developer_id, channel, recipient,"
+                   " 0, 'text', 'simulated', created_at, created_at, created_at FROM pauses WHERE developer_id = ?"
+                   " AND id LIKE 'psr\\_%' ESCAPE '\\' AND seq > 1", developer_id)
+    stored(config, "INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data)"
+                   " SELECT developer_id, 0, created_at, 'system', kind, id, '{}' FROM pauses, (SELECT 'pause.created'"
+                   " AS kind UNION ALL SELECT 'notification.simulated' UNION ALL SELECT 'pause.responded')"
+                   " WHERE developer_id = ? AND seq > 1", developer_id)
+
+
+def plans(config, statements):
+    """{statement: its query plan}, for the statements that read tables."""
+    found = {}
+    for sql in statements:
+        if re.match(r"\s*(SELECT|WITH|UPDATE|DELETE)", sql, re.I) and "sqlite_master" not in sql:
+            found[sql] = " / ".join(row[3] for row in stored(config, "EXPLAIN QUERY PLAN " + sql))
+    return found
+
+
+def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver):
+    api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    keys = api.register()
+    key, auth = keys["test_api_key"], api.as_key(keys["test_api_key"])
+    webhook_id = api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.responded"]},
+                               headers=auth).json["webhook_id"]
+    created = api.create_pause(key)
+    other = api.register(email="other@example.com")["test_api_key"]
+    api.create_pause(other)
+    fill(api.config, keys["developer_id"], 30_000)
+    for n in range(40):                                   # many small tenants beside the big one
+        fill(api.config, f"dev_small_{n}", 100)
+    pausepoint.refresh_statistics(api.app.runtime.db())  # as the server does at start and daily
+
+    statements = []
+    api.app.runtime.db().set_trace_callback(statements.append)
+    api.pause(key, created["pause_id"])
+    api.get("/v1/pause", {"limit": 50}, headers=auth)
+    api.get("/v1/pause", {"limit": 50, "status": "pending"}, headers=auth)
+    api.get("/v1/audit", headers=auth)
+    api.get("/v1/audit", {"pause_id": created["pause_id"]}, headers=auth)
+    api.get("/v1/audit", {"event_type": "pause.created"}, headers=auth)
+    api.get(f"/v1/respond/{token_of(created['respond_url'])}")
+    api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve"})
+    api.create_pause(key, **{"recipient": WIRE["recipient"]})
+    api.get(f"/v1/webhooks/{webhook_id}/deliveries", headers=auth)
+    for job in ("timeouts", "notifications", "webhooks"):
+        api.step(job)
+    api.app.runtime.db().set_trace_callback(None)
+
+    scans = {sql: plan for sql, plan in plans(api.config, statements).items()
+             if re.search(r"\bSCAN (%s)\b(?! USING)" % "|".join(BIG), plan)
+             or re.search(r"\bUSING (COVERING )?INDEX audit_by_owner\b", plan) and "pause_id =" in sql}
+    assert scans == {}
+    assert len(statements) > 30
