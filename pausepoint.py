@@ -860,20 +860,25 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
     matched an earlier identical request and nothing new was created.
     """
     fields = pause_fields(body, config)
-    channel = channels(config)[fields["channel"]]
-    if caller.livemode:
-        missing = channel.missing_settings(config)
-        if missing:
-            raise ApiError(422, "channel_not_configured",
-                           f"channel {fields['channel']!r} is not configured on this server for live pauses;"
-                           f" the operator must set {', '.join(missing)} (test keys work without them)",
-                           field="channel")
+    channel = usable_channel(config, caller, fields["channel"])
     if idempotency_key is not None and not re.fullmatch("[\x20-\x7e]{1,255}", idempotency_key):
         raise invalid("Idempotency-Key", "the Idempotency-Key header must be 1-255 printable ASCII characters")
+    # Everything that needs no database is done before the write lock is taken: other
+    # writers wait for it, so only the reads and writes that must be atomic go inside.
     now = utcnow()
+    pause_id, token = new_id("psr_"), secrets.token_urlsafe(32)
+    created_at = db_time(now)
+    expires_at = db_time(now + dt.timedelta(seconds=fields["timeout_seconds"]))
+    fingerprint = None if idempotency_key is None else request_fingerprint(body)
+    row = (pause_id, caller.developer_id, caller.livemode, fields["recipient"], fields["channel"], fields["message"],
+           compact_json(fields["options"]), fields["timeout_default"],
+           None if fields["metadata"] is None else compact_json(fields["metadata"]), token)
+    audited = {"recipient": fields["recipient"], "channel": fields["channel"], "options": fields["options"],
+               "timeout_default": fields["timeout_default"], "expires_at": api_time(expires_at),
+               "metadata": fields["metadata"]}
     with transaction(conn):
         if idempotency_key is not None:
-            earlier = earlier_idempotent_pause(conn, caller, idempotency_key, request_fingerprint(body), now)
+            earlier = earlier_idempotent_pause(conn, caller, idempotency_key, fingerprint, now)
             if earlier is not None:
                 return earlier, True
         if caller.livemode:
@@ -882,19 +887,12 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
             # Live pauses are bounded by the plan's quota, test pauses by this rate; replays by neither.
             limiter.limit("test_pauses", caller.developer_id, config["ratelimit.test_pauses_per_hour"],
                           "test pauses for this developer (ratelimit.test_pauses_per_hour)")
-        pause_id, token = new_id("psr_"), secrets.token_urlsafe(32)
         # SMS and WhatsApp replies name their pause by a code, unique among the number's pending pauses.
         reply_code = new_reply_code(conn, fields["recipient"], caller.livemode) if channel.kind == "twilio" else None
-        created_at = db_time(now)
-        expires_at = db_time(now + dt.timedelta(seconds=fields["timeout_seconds"]))
-        conn.execute(
+        pause = conn.execute(
             "INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, timeout_default,"
-            " metadata, respond_token, reply_code, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (pause_id, caller.developer_id, caller.livemode, fields["recipient"], fields["channel"],
-             fields["message"], compact_json(fields["options"]), fields["timeout_default"],
-             None if fields["metadata"] is None else compact_json(fields["metadata"]),
-             token, reply_code, created_at, expires_at))
-        pause = pause_by_id(conn, pause_id)
+            " metadata, respond_token, reply_code, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " RETURNING *", (*row, reply_code, created_at, expires_at)).fetchone()
         if channel.render is not None:      # the link channel sends nothing: the agent delivers respond_url
             conn.execute(
                 "INSERT INTO notifications (id, pause_id, developer_id, channel, recipient, livemode, text,"
@@ -903,14 +901,22 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
                  channel.render(pause, respond_url(config, token)), created_at, created_at, created_at))
         if idempotency_key is not None:
             conn.execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?)",
-                         (caller.developer_id, caller.livemode, idempotency_key, request_fingerprint(body),
-                          pause_id, created_at))
-        record_event(conn, caller.developer_id, caller.livemode, caller.actor, "pause.created", pause_id,
-                     {"recipient": fields["recipient"], "channel": fields["channel"],
-                      "options": fields["options"], "timeout_default": fields["timeout_default"],
-                      "expires_at": api_time(expires_at), "metadata": fields["metadata"]}, when=created_at)
+                         (caller.developer_id, caller.livemode, idempotency_key, fingerprint, pause_id, created_at))
+        record_event(conn, caller.developer_id, caller.livemode, caller.actor, "pause.created", pause_id, audited,
+                     when=created_at)
         emit_pause_event(conn, config, pause, "pause.created", when=created_at)
     return pause, False
+
+
+def usable_channel(config, caller, name):
+    """The named channel; 422 for a live pause on one the operator has not set up."""
+    channel = channels(config)[name]
+    missing = channel.missing_settings(config) if caller.livemode else None
+    if missing:
+        raise ApiError(422, "channel_not_configured",
+                       f"channel {name!r} is not configured on this server for live pauses;"
+                       f" the operator must set {', '.join(missing)} (test keys work without them)", field="channel")
+    return channel
 
 
 def earlier_idempotent_pause(conn, caller, key, fingerprint, now):
@@ -2405,6 +2411,16 @@ HASH_WAIT_SECONDS = 5
 PRUNE_INTERVAL = dt.timedelta(days=1)
 
 
+def one_round_at_a_time(job):
+    """A job method whose runs on one Runtime never overlap, whether the scheduler or
+    run_once() runs it."""
+    @functools.wraps(job)
+    def run(self):
+        with self.round_locks[job.__name__]:
+            return job(self)
+    return run
+
+
 class Runtime:
     """Everything one running PausePoint holds besides its config: per-thread
     database connections, the condition long-polling agents wait on, the rate
@@ -2434,6 +2450,7 @@ class Runtime:
                                      config["outbound.deadline_seconds"])
         self.wake_lock = threading.Lock()
         self.webhooks_woken = threading.Event()
+        self.round_locks = {f"run_{job}": threading.Lock() for job in ("timeouts", "notifications", "webhooks", "pruning")}
         migrate(self.db())
         refresh_statistics(self.db())
 
@@ -2517,12 +2534,17 @@ class Runtime:
                 raise TimeoutError(f"outbound calls still running {patience:g} s into {job}")
 
         wait_for_calls()
-        while getattr(self, f"run_{job}")():
+        while True:
+            started = getattr(self, f"run_{job}")()   # after a scheduled round under way, if any
             wait_for_calls()
+            if not started:
+                return
 
+    @one_round_at_a_time
     def run_timeouts(self):
         return expire_due_pauses(self.db(), self.config)
 
+    @one_round_at_a_time
     def run_notifications(self):
         """Simulate test-mode sends here; hand live ones to the pool, fairly across developers."""
         conn = self.db()
@@ -2548,6 +2570,7 @@ class Runtime:
     def _send_notification(self, row, claim_until):
         send_notification(self.db(), self.config, self.outbound.deadlines, row, claim_until)
 
+    @one_round_at_a_time
     def run_webhooks(self):
         """Claim due deliveries into the pool, again while wake-ups arrive during a round."""
         started = 0
@@ -2583,6 +2606,7 @@ class Runtime:
     def _deliver(self, delivery_id, attempt, claim_until):
         attempt_delivery(self.db(), self.config, self.outbound.deadlines, delivery_id, attempt, claim_until)
 
+    @one_round_at_a_time
     def run_pruning(self):
         prune_expired_data(self.db(), self.config)
         refresh_statistics(self.db())
