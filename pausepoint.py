@@ -444,6 +444,23 @@ def require_transaction(conn):
         raise RuntimeError("this must run inside transaction()")
 
 
+# Rows a job changes in one transaction; it takes batch after batch while work is
+# due, and API writers get the write lock between them.
+JOB_BATCH = 500
+
+
+def in_batches(conn, change):
+    """change(now) in a transaction of its own, again while it changed a whole JOB_BATCH
+    of rows; returns how many it changed in all."""
+    changed = JOB_BATCH
+    total = 0
+    while changed == JOB_BATCH:
+        with transaction(conn):
+            changed = change(db_time())
+        total += changed
+    return total
+
+
 def wake_after_commit(conn, what, *ids):
     """Once the open transaction commits, wake `what` ('decisions', 'webhooks') for `ids`."""
     require_transaction(conn)
@@ -1179,27 +1196,21 @@ def owned_pause(conn, caller, pause_id):
     return pause
 
 
-TIMEOUT_BATCH = 500     # pauses timed out per transaction: API writers get the lock between batches
 
 
 def expire_due_pauses(conn, config):
-    """Time out every pending pause past its expires_at, the earliest first, a batch
-    per short transaction until none is due; returns how many timed out."""
-    timed_out = 0
-    while True:
-        with transaction(conn):
-            now = db_time()
-            # Compare-and-set for the whole batch: only rows still 'pending' change, and a
-            # timeout's choice is each pause's own timeout_default.
-            decided = conn.execute(
-                "UPDATE pauses SET status = 'timed_out', choice = timeout_default, comment = NULL, decided_at = :now,"
-                " decided_by = 'timeout' WHERE id IN (SELECT id FROM pauses WHERE status = 'pending'"
-                " AND expires_at <= :now ORDER BY expires_at LIMIT :batch) RETURNING *",
-                {"now": now, "batch": TIMEOUT_BATCH}).fetchall()
-            record_decisions(conn, config, decided, None, now)
-        timed_out += len(decided)
-        if len(decided) < TIMEOUT_BATCH:
-            return timed_out
+    """Time out every pending pause past its expires_at, the earliest first; returns how many."""
+    def expire(now):
+        # Compare-and-set for the whole batch: only rows still 'pending' change, and a
+        # timeout's choice is each pause's own timeout_default.
+        decided = conn.execute(
+            "UPDATE pauses SET status = 'timed_out', choice = timeout_default, comment = NULL, decided_at = :now,"
+            " decided_by = 'timeout' WHERE id IN (SELECT id FROM pauses WHERE status = 'pending'"
+            " AND expires_at <= :now ORDER BY expires_at LIMIT :batch) RETURNING *",
+            {"now": now, "batch": JOB_BATCH}).fetchall()
+        record_decisions(conn, config, decided, None, now)
+        return len(decided)
+    return in_batches(conn, expire)
 
 
 def pause_json(pause, config, notification=None):
@@ -1784,24 +1795,20 @@ NOTIFICATION_BACKOFF_SECONDS = (5, 30)     # before the 2nd and the 3rd attempt
 NOTIFICATION_CLAIM_SECONDS = 120           # a 'sending' claim older than this was abandoned by a crash
 
 
-def simulate_due_notifications(conn, batch=500):
-    """Test mode: record each due notification as simulated, with its exact text, in one
-    transaction; returns how many. Nothing leaves the process, so no worker is needed."""
-    now = db_time()
-    rows = conn.execute(
-        "SELECT * FROM notifications WHERE status IN ('queued', 'sending') AND livemode = 0 AND next_attempt_at <= ?"
-        " ORDER BY next_attempt_at LIMIT ?", (now, batch)).fetchall()
-    if not rows:
-        return 0
-    with transaction(conn):
+def simulate_due_notifications(conn):
+    """Test mode: record each due notification as simulated, with its exact text; returns
+    how many. Nothing leaves the process, so no worker is needed."""
+    def simulate(now):
+        rows = conn.execute(
+            "UPDATE notifications SET status = 'simulated', attempts = attempts + 1, updated_at = :now"
+            " WHERE id IN (SELECT id FROM notifications WHERE status IN ('queued', 'sending') AND livemode = 0"
+            " AND next_attempt_at <= :now ORDER BY next_attempt_at LIMIT :batch) RETURNING *",
+            {"now": now, "batch": JOB_BATCH}).fetchall()
         for row in rows:
-            changed = conn.execute(
-                "UPDATE notifications SET status = 'simulated', attempts = attempts + 1, updated_at = ?"
-                " WHERE id = ? AND status IN ('queued', 'sending')", (now, row["id"])).rowcount
-            if changed:
-                record_event(conn, row["developer_id"], 0, "system", "notification.simulated", row["pause_id"],
-                             {"channel": row["channel"], "recipient": row["recipient"], "text": row["text"]}, when=now)
-    return len(rows)
+            record_event(conn, row["developer_id"], 0, "system", "notification.simulated", row["pause_id"],
+                         {"channel": row["channel"], "recipient": row["recipient"], "text": row["text"]}, when=now)
+        return len(rows)
+    return in_batches(conn, simulate)
 
 
 def due_live_notifications(conn, per_developer):

@@ -149,7 +149,7 @@ def test_a_burst_of_due_pauses_all_time_out_in_one_run_each_exactly_once(running
     key = api.register()["test_api_key"]
     api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.timed_out"]}, headers=api.as_key(key))
     api.create_pause(key)
-    burst = pausepoint.TIMEOUT_BATCH * 2 + 34                  # more than one transaction's worth
+    burst = pausepoint.JOB_BATCH * 2 + 34                  # more than one transaction's worth
     stored(api.config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
                        " INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options,"
                        " timeout_default, status, respond_token, created_at, expires_at)"
@@ -170,3 +170,20 @@ def test_a_burst_of_due_pauses_all_time_out_in_one_run_each_exactly_once(running
     assert stored(api.config, "SELECT status FROM pauses WHERE seq = 1") == [("pending",)]     # not yet due
     api.step("timeouts")
     assert stored(api.config, "SELECT count(*) FROM audit_events WHERE event_type = 'pause.timed_out'") == [(burst,)]
+
+
+def test_a_backlog_of_test_mode_texts_is_simulated_in_one_run_each_exactly_once(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    api.create_pause(key)
+    backlog = pausepoint.JOB_BATCH * 2 + 34
+    stored(api.config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+                       " INSERT INTO notifications (id, pause_id, developer_id, channel, recipient, livemode, text,"
+                       " next_attempt_at, created_at, updated_at) SELECT 'ntf_' || i, 'psr_' || i, developer_id, channel,"
+                       " recipient, 0, text, next_attempt_at, created_at, updated_at FROM n, (SELECT * FROM notifications)",
+           backlog)
+    api.step("notifications")
+    assert stored(api.config, "SELECT status, attempts, count(*) FROM notifications GROUP BY 1, 2") == [
+        ("simulated", 1, backlog + 1)]
+    assert stored(api.config, "SELECT count(*), count(DISTINCT pause_id) FROM audit_events"
+                              " WHERE event_type = 'notification.simulated'") == [(backlog + 1, backlog + 1)]
