@@ -411,6 +411,41 @@ def connect(path, write_lock=None):
     return conn
 
 
+class FairLock:
+    """A lock handed to its waiters in the order they asked. threading.Lock favours the
+    thread that just released it, so a job writing batch after batch took it straight
+    back and an API write could wait out a dozen batches."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._waiters = collections.deque()
+        self._held = False
+
+    def __enter__(self):
+        with self._guard:
+            if not self._held:
+                self._held = True
+                return self
+            turn = threading.Lock()
+            turn.acquire()
+            self._waiters.append(turn)
+        turn.acquire()              # released by the holder, who hands the lock over to us
+        return self
+
+    def __exit__(self, *exc):
+        with self._guard:
+            if self._waiters:
+                self._waiters.popleft().release()     # still held: now by the first waiter
+            else:
+                self._held = False
+
+    def locked(self):
+        return self._held
+
+    def waiting(self):
+        return len(self._waiters)
+
+
 @contextlib.contextmanager
 def transaction(conn):
     """A write transaction. BEGIN IMMEDIATE takes SQLite's write lock up front, so
@@ -1031,6 +1066,8 @@ def respond_to_pause(conn, config, token, choice, comment, client):
 # or 1, which people misread.
 REPLY_CODE_LETTERS = "ABCDEFGHJKMNPQRSTUVWXYZ"
 REPLY_CODE_DIGITS = "23456789"
+SHORT_REPLY_CODES = [a + b for a in REPLY_CODE_LETTERS for b in REPLY_CODE_DIGITS]                # 184
+LONG_REPLY_CODES = [code + c for code in SHORT_REPLY_CODES for c in REPLY_CODE_LETTERS]            # 4,232
 REPLY_CODE = re.compile(f"[{REPLY_CODE_LETTERS}][{REPLY_CODE_DIGITS}][{REPLY_CODE_LETTERS}]?", re.IGNORECASE)
 REPLY_SEPARATORS = r"[\s,:;.\-]+"
 MAX_CODES_LISTED = 5
@@ -1052,10 +1089,9 @@ def new_reply_code(conn, recipient, livemode):
         conn, "SELECT reply_code, max(decided_at) FROM pauses WHERE recipient = ? AND livemode = ?"
               " AND reply_code IS NOT NULL AND decided_at > ? GROUP BY reply_code",
         (recipient, livemode, db_time(utcnow() - REPLY_CODE_QUARANTINE)))}
-    short = [a + b for a in REPLY_CODE_LETTERS for b in REPLY_CODE_DIGITS]
-    for codes in (short, [code + c for code in short for c in REPLY_CODE_LETTERS]):     # 184, then 4,232
+    for codes in (SHORT_REPLY_CODES, LONG_REPLY_CODES):
         unused = [code for code in codes if code not in pending and code not in recent]
-        if len(unused) >= len(codes) // 2 or codes is not short and unused:
+        if len(unused) >= len(codes) // 2 or codes is LONG_REPLY_CODES and unused:
             return secrets.choice(unused)
     reusable = [code for code in recent if code not in pending]
     if not reusable:
@@ -2436,7 +2472,7 @@ class Runtime:
     def __init__(self, config):
         self.config = config
         self._local = threading.local()
-        self.write_lock = threading.Lock()
+        self.write_lock = FairLock()
         self.decisions = threading.Condition()
         self.decision_count = 0
         self.stopping = False

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from conftest import WIRE, stored, token_of
+from conftest import WIRE, stored, token_of, wait_until
 import pausepoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -187,3 +187,23 @@ def test_a_backlog_of_test_mode_texts_is_simulated_in_one_run_each_exactly_once(
         ("simulated", 1, backlog + 1)]
     assert stored(api.config, "SELECT count(*), count(DISTINCT pause_id) FROM audit_events"
                               " WHERE event_type = 'notification.simulated'") == [(backlog + 1, backlog + 1)]
+
+
+def test_the_write_lock_goes_to_waiters_in_the_order_they_asked():
+    lock, order = pausepoint.FairLock(), []
+
+    def write(name):
+        with lock:
+            order.append(name)
+
+    lock.__enter__()                                # a job's batch holds it
+    writers = []
+    for n, name in enumerate(("create", "respond", "cancel"), start=1):
+        writers.append(threading.Thread(target=write, args=(name,)))
+        writers[-1].start()
+        wait_until(lambda: lock.waiting() == n)
+    lock.__exit__(None, None, None)
+    write("the job's next batch")                   # asks again at once, and comes last
+    for writer in writers:
+        writer.join()
+    assert order == ["create", "respond", "cancel", "the job's next batch"] and not lock.locked()
