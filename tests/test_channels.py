@@ -550,24 +550,25 @@ def test_a_push_target_that_never_finishes_answering_is_given_up_at_the_deadline
     assert "no answer within 1 s" in pause["notification"]["last_error"]
 
 
+def copies_with_codes(config, status, code, where="1"):
+    """Copies of the first pause to +15550100 in `status`, one per reply code that the SQL
+    expression `code` makes of a letter a.c, a digit d and a letter b.c (rows `where` allows)."""
+    stored(config, "WITH RECURSIVE letter(c, n) AS (SELECT 'A', 0 UNION ALL SELECT char(unicode(c) + 1), n + 1"
+                   " FROM letter WHERE n < 25), digit(d) AS (SELECT 2 UNION ALL SELECT d + 1 FROM digit WHERE d < 9)"
+                   " INSERT OR IGNORE INTO pauses (id, developer_id, livemode, recipient, channel, message, options,"
+                   " status, decided_at, respond_token, reply_code, created_at, expires_at)"
+                   f" SELECT 'psr_' || {code}, developer_id, 0, '+15550100', 'sms', 'm', options, ?,"
+                   f" CASE ? WHEN 'pending' THEN NULL ELSE datetime('now') END, 'tok' || {code}, {code}, created_at,"
+                   f" expires_at FROM letter a, digit, letter b, pauses WHERE pauses.seq = 1 AND ({where})",
+           status, status)
+
+
 def test_a_number_flooded_with_decided_pauses_still_gets_codes(sms_setup):
     api, config, keys = sms_setup
     key = keys["test_api_key"]
     api.create_pause(key)               # a developer, and a pause to copy
-    stored(config, "WITH RECURSIVE letter(c, n) AS (SELECT 'A', 0 UNION ALL SELECT char(unicode(c) + 1), n + 1"
-                   " FROM letter WHERE n < 25), digit(d) AS (SELECT 2 UNION ALL SELECT d + 1 FROM digit WHERE d < 9)"
-                   " INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, status,"
-                   " decided_at, respond_token, reply_code, created_at, expires_at)"
-                   " SELECT 'psr_' || a.c || d || b.c, developer_id, 0, '+15550100', 'sms', 'm', options, 'cancelled',"
-                   " datetime('now'), 'tok' || a.c || d || b.c, a.c || d || b.c, created_at, expires_at"
-                   " FROM letter a, digit, letter b, pauses WHERE pauses.seq = 1")
-    stored(config, "WITH RECURSIVE letter(c, n) AS (SELECT 'A', 0 UNION ALL SELECT char(unicode(c) + 1), n + 1"
-                   " FROM letter WHERE n < 25), digit(d) AS (SELECT 2 UNION ALL SELECT d + 1 FROM digit WHERE d < 9)"
-                   " INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, status,"
-                   " decided_at, respond_token, reply_code, created_at, expires_at)"
-                   " SELECT 'psr_' || a.c || d, developer_id, 0, '+15550100', 'sms', 'm', options, 'cancelled',"
-                   " datetime('now'), 'tok' || a.c || d, a.c || d, created_at, expires_at"
-                   " FROM letter a, digit, pauses WHERE pauses.seq = 1")
+    copies_with_codes(config, "cancelled", "a.c || d || b.c")
+    copies_with_codes(config, "cancelled", "a.c || d", "b.c = 'A'")
     stored(config, "UPDATE pauses SET decided_at = strftime('%Y-%m-%dT%H:%M:%S.000Z', 'now') WHERE seq > 1")
     stored(config, "UPDATE pauses SET decided_at = strftime('%Y-%m-%dT%H:%M:%S.000Z', 'now', '-6 days')"
                    " WHERE reply_code = 'K7M'")
@@ -584,3 +585,15 @@ def test_a_text_not_yet_sent_when_its_pause_is_decided_is_never_sent(sms_setup, 
     assert api.pause(key, created["pause_id"])["notification"]["status"] == "cancelled"
     assert stored(config, "SELECT status, attempts FROM notifications") == [("cancelled", 0)]
     assert twilio.messages == []
+
+
+def test_a_number_with_most_short_codes_pending_gets_three_character_ones(sms_setup):
+    api, config, keys = sms_setup
+    key = keys["test_api_key"]
+    api.create_pause(key)               # a developer, and a pause to copy
+    copies_with_codes(config, "pending", "a.c || d", "b.c = 'A' AND a.c NOT IN ('I', 'L', 'O') AND a.c < 'Q'")
+    taken = {code for (code,) in stored(config, "SELECT reply_code FROM pauses WHERE status = 'pending'")}
+    assert len([code for code in taken if len(code) == 2]) > len(pausepoint.SHORT_REPLY_CODES) // 2
+    codes = [stored(config, "SELECT reply_code FROM pauses WHERE id = ?", api.create_pause(key)["pause_id"])[0][0]
+             for _ in range(30)]
+    assert all(len(code) == 3 for code in codes) and len(set(codes)) == 30 and not set(codes) & taken

@@ -1,7 +1,9 @@
 """The database layer: migrations, transactions and what they wake, retention."""
 
+import concurrent.futures
 import datetime as dt
 import os
+import signal
 import sqlite3
 import threading
 
@@ -159,7 +161,7 @@ def test_a_burst_of_due_pauses_all_time_out_in_one_run_each_exactly_once(running
     stored(api.config, "INSERT INTO notifications (id, pause_id, developer_id, channel, recipient, livemode, text,"
                        " next_attempt_at, created_at, updated_at) SELECT 'ntf_' || id, id, developer_id, channel,"
                        " recipient, 0, 'text', '2999-01-01T00:00:00.000Z', created_at, created_at FROM pauses WHERE seq > 1")
-    api.step("timeouts")
+    assert api.app.runtime.run_timeouts() == burst             # one run, batch after batch
     assert stored(api.config, "SELECT status, choice, count(*) FROM pauses WHERE seq > 1 GROUP BY 1, 2") == [
         ("timed_out", "Reject", burst)]
     assert stored(api.config, "SELECT count(*), count(DISTINCT pause_id) FROM audit_events"
@@ -207,3 +209,51 @@ def test_the_write_lock_goes_to_waiters_in_the_order_they_asked():
     for writer in writers:
         writer.join()
     assert order == ["create", "respond", "cancel", "the job's next batch"] and not lock.locked()
+
+
+def test_a_writer_interrupted_while_waiting_for_the_lock_does_not_take_it_with_it(running_api):
+    assert isinstance(running_api(jobs=False).app.runtime.write_lock, pausepoint.FairLock)
+    lock, held, release = pausepoint.FairLock(), threading.Event(), threading.Event()
+
+    def holder():
+        with lock:
+            held.set()
+            release.wait(10)
+
+    threading.Thread(target=holder).start()
+    held.wait(10)
+    previous = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(InterruptedError()))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)   # a signal arrives while this thread waits its turn
+        with pytest.raises(InterruptedError):
+            with lock:
+                pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    release.set()
+    later = threading.Thread(target=lambda: lock.__enter__() and lock.__exit__())
+    later.start()
+    later.join(10)
+    assert not later.is_alive() and lock.waiting() == 0 and not lock.locked()
+
+
+def test_nothing_due_wakes_no_waiting_agent(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    decided = api.create_pause(key)
+    api.post(f"/v1/pause/{decided['pause_id']}/cancel", headers=api.as_key(key))
+    runtime = api.app.runtime
+    before = runtime.decision_count
+    api.step("timeouts")                                            # nothing is due
+    api.post_json(f"/v1/respond/{token_of(decided['respond_url'])}", {"choice": "Approve"}, status=409)
+    assert runtime.decision_count == before                         # so no waiting agent was made to look
+
+
+def test_every_connection_keeps_a_small_page_cache_of_its_own(running_api):
+    # Each of the ~90 threads has a connection: SQLite's 2 MB default each was most of the memory.
+    for settings, kib in (({}, 128), ({"database.cache_kib": 512}, 512)):
+        api = running_api(jobs=False, **settings)
+        caches = concurrent.futures.ThreadPoolExecutor(4).map(
+            lambda _: api.app.runtime.db().execute("PRAGMA cache_size").fetchone()[0], range(4))
+        assert set(caches) == {-kib}

@@ -6,8 +6,8 @@ import re
 from conftest import stored, WIRE, token_of
 import pausepoint
 
-# Big tables a query must never read from end to end on a request or a job tick.
-BIG = ("pauses", "audit_events", "notifications", "webhook_deliveries", "webhook_events")
+# A query may read from end to end only what it made itself: a recursive CTE's rows or a JSON list.
+SMALL = ("json_each", "waiting")
 
 
 def fill(config, developer_id, pauses):
@@ -39,6 +39,8 @@ def plans(config, statements):
 
 
 def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver):
+    # 30,000 pauses and 90,000 audit events of one developer, 5,000 other developers with a
+    # webhook each, 40 of them with 100 pauses.
     api = running_api(jobs=False, **{"webhooks.allow_private": True})
     keys = api.register()
     key, auth = keys["test_api_key"], api.as_key(keys["test_api_key"])
@@ -48,6 +50,13 @@ def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver):
     other = api.register(email="other@example.com")["test_api_key"]
     api.create_pause(other)
     fill(api.config, keys["developer_id"], 30_000)
+    stored(api.config, "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 4999)"
+                       " INSERT INTO developers (id, email, name, password_hash, created_at) SELECT 'dev_small_' || i,"
+                       " 'small' || i || '@example.com', 'S', 'x', created_at FROM n, developers WHERE email = ?",
+           "dev@example.com")
+    stored(api.config, "INSERT INTO webhooks (id, developer_id, livemode, url, events, secret, created_at, updated_at)"
+                       " SELECT 'wh_' || id, id, 0, url, events, secret, created_at, created_at FROM developers,"
+                       " (SELECT url, events, secret FROM webhooks) WHERE id LIKE 'dev\\_small\\_%' ESCAPE '\\'")
     for n in range(40):                                   # many small tenants beside the big one
         fill(api.config, f"dev_small_{n}", 100)
     pausepoint.refresh_statistics(api.app.runtime.db())  # as the server does at start and daily
@@ -69,7 +78,7 @@ def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver):
     api.app.runtime.db().set_trace_callback(None)
 
     scans = {sql: plan for sql, plan in plans(api.config, statements).items()
-             if re.search(r"\bSCAN (%s)\b(?! USING)" % "|".join(BIG), plan)
+             if re.search(r"\bSCAN (?!(%s)\b)" % "|".join(SMALL), plan)
              or re.search(r"\bUSING (COVERING )?INDEX audit_by_owner\b", plan) and "pause_id =" in sql}
     assert scans == {}
     assert len(statements) > 30
