@@ -413,6 +413,8 @@ def connect(path, write_lock=None, cache_kib=128):
     # SQLite's default 2 MB cache per connection, times every thread's connection, was most
     # of the server's memory (215 MB after load on a million pauses; 94 MB at 128 KiB).
     conn.execute(f"PRAGMA cache_size = -{int(cache_kib)}")
+    # Once checkpointed, a WAL grown by a burst is cut back to this size rather than kept.
+    conn.execute(f"PRAGMA journal_size_limit = {64 * 1024 * 1024}")
     return conn
 
 
@@ -2481,6 +2483,7 @@ def prune_expired_data(conn, config, now=None):
 ###############################################################################
 
 JOB_INTERVAL_SECONDS = 0.25
+CHECKPOINT_INTERVAL_SECONDS = 1.0
 HASH_WAIT_SECONDS = 5
 PRUNE_INTERVAL = dt.timedelta(days=1)
 
@@ -2524,7 +2527,8 @@ class Runtime:
                                      config["outbound.deadline_seconds"])
         self.wake_lock = threading.Lock()
         self.webhooks_woken = threading.Event()
-        self.round_locks = {f"run_{job}": threading.Lock() for job in ("timeouts", "notifications", "webhooks", "pruning")}
+        self.round_locks = {f"run_{job}": threading.Lock()
+                            for job in ("timeouts", "notifications", "webhooks", "pruning", "checkpoint")}
         migrate(self.db())
         refresh_statistics(self.db())
 
@@ -2534,6 +2538,10 @@ class Runtime:
         if conn is None:
             conn = self._local.conn = connect(self.config["database.path"], self.write_lock,
                                               self.config["database.cache_kib"])
+            # SQLite checkpoints the WAL inside whichever COMMIT fills it past 1,000 pages,
+            # holding the write lock: a create's commit averaged 2.4 ms with that, 0.5 ms
+            # without. The checkpoint job does it instead, every second.
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
             conn.on_commit = self.on_commit
         return conn
 
@@ -2579,6 +2587,8 @@ class Runtime:
         now = utcnow()
         for job in (self.run_timeouts, self.run_notifications, self.run_webhooks):
             self.scheduler.add_job(job, "interval", seconds=JOB_INTERVAL_SECONDS, id=job.__name__, next_run_time=now)
+        self.scheduler.add_job(self.run_checkpoint, "interval", seconds=CHECKPOINT_INTERVAL_SECONDS,
+                               id="run_checkpoint", next_run_time=now)
         # Pruning deletes only what is past its retention, so a run missed while the
         # process was down is simply done at the next start.
         self.scheduler.add_job(self.run_pruning, "interval", seconds=PRUNE_INTERVAL.total_seconds(),
@@ -2598,7 +2608,7 @@ class Runtime:
         self.outbound.shutdown()
 
     def run_once(self, job):
-        """Run one job ("timeouts", "notifications", "webhooks" or "pruning") now, on this
+        """Run one job ("timeouts", "notifications", "webhooks", "pruning", "checkpoint") now, on this
         thread, after the outbound calls under way, and wait for the calls it starts; again
         while it starts some (only a few per target go at once). A step of the server that
         a test can take instead of waiting for ticks, and then see exactly what it did."""
@@ -2680,6 +2690,12 @@ class Runtime:
 
     def _deliver(self, delivery_id, attempt, claim_until):
         attempt_delivery(self.db(), self.config, self.outbound.deadlines, delivery_id, attempt, claim_until)
+
+    @one_round_at_a_time
+    def run_checkpoint(self):
+        """Copy what the WAL holds into the database file, off every request's path (see db()).
+        PASSIVE: it waits for nobody, and writers go on appending meanwhile."""
+        self.db().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     @one_round_at_a_time
     def run_pruning(self):

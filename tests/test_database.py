@@ -3,9 +3,11 @@
 import concurrent.futures
 import datetime as dt
 import os
+import shutil
 import signal
 import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -257,3 +259,31 @@ def test_every_connection_keeps_a_small_page_cache_of_its_own(running_api):
         caches = concurrent.futures.ThreadPoolExecutor(4).map(
             lambda _: api.app.runtime.db().execute("PRAGMA cache_size").fetchone()[0], range(4))
         assert set(caches) == {-kib}
+
+
+def test_the_wal_is_checkpointed_by_its_job_never_inside_a_request(running_api, tmp_path):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    assert api.app.runtime.db().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    for _ in range(150):                                     # well past SQLite's 1,000-page automatic checkpoint
+        api.create_pause(key, metadata={"note": "x" * 3000})
+    wal = api.config["database.path"] + "-wal"
+    frames = os.path.getsize(wal) // 4096
+    assert frames > 1000                                     # no request's commit checkpointed it
+
+    def pauses_in_the_file_alone():
+        """Pauses a copy of the database file holds without its WAL."""
+        copy = str(tmp_path / f"without-wal-{time.monotonic_ns()}.db")
+        shutil.copyfile(api.config["database.path"], copy)
+        if not stored(copy, "SELECT 1 FROM sqlite_master WHERE name = 'pauses'"):
+            return 0
+        return stored(copy, "SELECT count(*) FROM pauses")[0][0]
+
+    assert pauses_in_the_file_alone() < 150                  # still only in the WAL
+    api.step("checkpoint")
+    assert pauses_in_the_file_alone() == 150
+
+
+def test_the_checkpoint_job_runs_every_second(running_api):
+    job = running_api().app.runtime.scheduler.get_job("run_checkpoint")
+    assert job.trigger.interval == dt.timedelta(seconds=1)
