@@ -407,7 +407,7 @@ def test_redeliver_sends_a_delivery_again_with_the_same_event_id(hooks_api, keys
 
 
 def test_a_slow_receiver_does_not_delay_other_receivers(hooks_api, keys, stubs):
-    slow, fast = stubs(WebhookReceiver, delay=2), stubs(WebhookReceiver)      # 2 s: within the 10 s deadline
+    slow, fast = stubs(WebhookReceiver, delay=1), stubs(WebhookReceiver)      # 1 s: within the 10 s deadline
     slow_key = keys["test_api_key"]
     fast_key = hooks_api.register(email="fast@example.com")["test_api_key"]
     add_webhook(hooks_api, slow_key, slow.url, events=["pause.created"])
