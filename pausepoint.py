@@ -391,47 +391,10 @@ MIGRATIONS = [
 ]
 
 
-class Turns:
-    """At most `size` requests run their Python at once; the others wait for a turn.
-    Under the GIL, many threads each doing some Python and many short SQLite calls
-    (each lets go of the GIL and must win it back) mostly wait on one another: a list
-    of 50 pauses took 4.5 ms of CPU a request at 16 clients, against 1.7 ms at one.
-    A thread gives its turn up while it waits on something else (the write lock, a
-    commit's fsync, a long poll): only one writes at a time, whatever the turns."""
-
-    def __init__(self, size):
-        self._turns = threading.BoundedSemaphore(size)
-        self._mine = threading.local()
-
-    @contextlib.contextmanager
-    def taken(self):
-        with self._turns:
-            self._mine.held = True
-            try:
-                yield
-            finally:
-                self._mine.held = False
-
-    @contextlib.contextmanager
-    def given_up(self):
-        """The block runs without this thread's turn, if it held one."""
-        if not getattr(self._mine, "held", False):
-            yield
-            return
-        self._mine.held = False
-        self._turns.release()
-        try:
-            yield
-        finally:
-            self._turns.acquire()
-            self._mine.held = True
-
-
 class Connection(sqlite3.Connection):
-    """A connection that may share an in-process write lock and request turns with its
-    siblings, and tell its runtime what to wake once a transaction commits."""
+    """A connection that may share an in-process write lock with its siblings, and
+    tell its runtime what to wake once a transaction commits."""
     write_lock = None
-    turns = Turns(1)        # command-line connections: one thread, never holding a turn
     on_commit = None        # the runtime's on_commit({what: {ids}}); None for command-line connections
     _woken = None           # what the open transaction will wake once it commits
 
@@ -510,7 +473,7 @@ def transaction(conn):
     if conn.in_transaction:
         # The write lock is not reentrant: nesting would wait on ourselves forever.
         raise RuntimeError("transaction() called inside a transaction on the same connection")
-    with conn.turns.given_up(), conn.write_lock or contextlib.nullcontext():
+    with conn.write_lock or contextlib.nullcontext():
         conn.execute("BEGIN IMMEDIATE")
         conn._woken = {}
         try:
@@ -2564,9 +2527,6 @@ class Runtime:
                                      config["outbound.deadline_seconds"])
         self.wake_lock = threading.Lock()
         self.webhooks_woken = threading.Event()
-        # As many requests run at once as there are cores (at least two), so one that waits
-        # on the database's disk still leaves a turn for another.
-        self.turns = Turns(max(2, os.cpu_count() or 2))
         self.round_locks = {f"run_{job}": threading.Lock()
                             for job in ("timeouts", "notifications", "webhooks", "pruning", "checkpoint")}
         migrate(self.db())
@@ -2578,7 +2538,6 @@ class Runtime:
         if conn is None:
             conn = self._local.conn = connect(self.config["database.path"], self.write_lock,
                                               self.config["database.cache_kib"])
-            conn.turns = self.turns
             # SQLite checkpoints the WAL inside whichever COMMIT fills it past 1,000 pages,
             # holding the write lock: a create's commit averaged 2.4 ms with that, 0.5 ms
             # without. The checkpoint job does it instead, every second.
@@ -2595,16 +2554,14 @@ class Runtime:
 
     @contextlib.contextmanager
     def hashing_turn(self):
-        """A turn to hash a password, waited for at most HASH_WAIT_SECONDS (then 503). Hashing
-        has its own bound on the cores it takes, so it gives the request's turn up."""
-        with self.turns.given_up():
-            if not self.hashing.acquire(timeout=HASH_WAIT_SECONDS):
-                raise ApiError(503, "busy", "the server is busy checking passwords; try again in a few seconds",
-                               headers={"Retry-After": str(HASH_WAIT_SECONDS)})
-            try:
-                yield
-            finally:
-                self.hashing.release()
+        """A turn to hash a password, waited for at most HASH_WAIT_SECONDS (then 503)."""
+        if not self.hashing.acquire(timeout=HASH_WAIT_SECONDS):
+            raise ApiError(503, "busy", "the server is busy checking passwords; try again in a few seconds",
+                           headers={"Retry-After": str(HASH_WAIT_SECONDS)})
+        try:
+            yield
+        finally:
+            self.hashing.release()
 
     def wake_waiters(self):
         """Wake every agent waiting on ?wait=: some pause left 'pending' (or we are stopping)."""
@@ -2753,7 +2710,7 @@ class Runtime:
         if not self.wait_slots.acquire(blocking=False):
             return load()     # every waiting slot is taken: answer now rather than starve the API
         try:
-            with parked(), self.turns.given_up():
+            with parked():
                 while True:
                     with self.decisions:
                         seen = self.decision_count
@@ -3436,8 +3393,7 @@ class Handlers:
 
         def handler(**path):
             try:
-                with self.rt.turns.taken():
-                    answer = callback(**path, **self.given(spec, wanted, schema, validators))
+                answer = callback(**path, **self.given(spec, wanted, schema, validators))
             except ApiError as e:
                 return error_response(e, spec.page)
             except bottle.HTTPResponse:

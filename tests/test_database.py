@@ -287,35 +287,3 @@ def test_the_wal_is_checkpointed_by_its_job_never_inside_a_request(running_api, 
 def test_the_checkpoint_job_runs_every_second(running_api):
     job = running_api().app.runtime.scheduler.get_job("run_checkpoint")
     assert job.trigger.interval == dt.timedelta(seconds=1)
-
-
-def test_at_most_so_many_requests_run_at_once_and_a_waiting_one_gives_its_turn_up():
-    turns, lock, running, most = pausepoint.Turns(2), threading.Lock(), [0], [0]
-    release, waiting = threading.Event(), threading.Event()
-
-    def request(waits):
-        with turns.taken():
-            with lock:
-                running[0] += 1
-                most[0] = max(most[0], running[0])
-            if waits:
-                with turns.given_up():            # a long poll, or the write lock's queue
-                    waiting.set()
-                    release.wait(10)
-            else:
-                release.wait(0.05)
-            with lock:
-                running[0] -= 1
-
-    waiter = threading.Thread(target=request, args=(True,))
-    waiter.start()
-    waiting.wait(10)
-    others = [threading.Thread(target=request, args=(False,)) for _ in range(6)]
-    for thread in others:
-        thread.start()
-    for thread in others:
-        thread.join(10)
-    assert not any(thread.is_alive() for thread in others)      # they ran while the waiter waited
-    release.set()
-    waiter.join(10)
-    assert most[0] == 2 + 1                                     # two with turns, and the one that gave its up
