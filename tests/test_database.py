@@ -264,7 +264,7 @@ def test_every_connection_keeps_a_small_page_cache_of_its_own(running_api):
 def test_the_wal_is_checkpointed_by_its_job_never_inside_a_request(running_api, tmp_path):
     api = running_api(jobs=False)
     key = api.register()["test_api_key"]
-    assert api.app.runtime.db().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    assert api.app.runtime.db().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == pausepoint.WAL_CHECKPOINT_PAGES
     for _ in range(150):                                     # well past SQLite's 1,000-page automatic checkpoint
         api.create_pause(key, metadata={"note": "x" * 3000})
     wal = api.config["database.path"] + "-wal"
@@ -287,3 +287,20 @@ def test_the_wal_is_checkpointed_by_its_job_never_inside_a_request(running_api, 
 def test_the_checkpoint_job_runs_every_second(running_api):
     job = running_api().app.runtime.scheduler.get_job("run_checkpoint")
     assert job.trigger.interval == dt.timedelta(seconds=1)
+
+
+def test_the_checkpoint_finishes_under_the_write_lock_so_the_wal_starts_over(running_api):
+    # Racing the jobs' commits, a checkpoint never copied the last frames, so the WAL was
+    # never started over and grew by megabytes a second under steady writes.
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    for _ in range(20):
+        api.create_pause(key)
+    runtime = api.app.runtime
+    with runtime.write_lock:                              # a writer is committing
+        checkpoint = threading.Thread(target=runtime.run_checkpoint)
+        checkpoint.start()
+        wait_until(lambda: runtime.write_lock.waiting() == 1)     # its last step waits for the lock
+    checkpoint.join(10)
+    api.create_pause(key)                                 # the first commit after a whole checkpoint
+    assert stored(api.config, "PRAGMA wal_checkpoint(PASSIVE)")[0][1] < 100   # the WAL started over (20 creates: 400+)
