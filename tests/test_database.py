@@ -304,3 +304,111 @@ def test_the_checkpoint_finishes_under_the_write_lock_so_the_wal_starts_over(run
     checkpoint.join(10)
     api.create_pause(key)                                 # the first commit after a whole checkpoint
     assert stored(api.config, "PRAGMA wal_checkpoint(PASSIVE)")[0][1] < 100   # the WAL started over (20 creates: 400+)
+
+
+def test_at_most_so_many_requests_run_at_once_and_a_waiting_one_gives_its_turn_up():
+    turns, lock, running, most = pausepoint.Turns(2), threading.Lock(), [0], [0]
+    release, waiting = threading.Event(), threading.Event()
+
+    def request(waits):
+        with turns.taken("192.0.2.1"):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            if waits:
+                with turns.given_up():            # a long poll, or the write lock's queue
+                    waiting.set()
+                    release.wait(10)
+            else:
+                release.wait(0.05)
+            with lock:
+                running[0] -= 1
+
+    waiter = threading.Thread(target=request, args=(True,))
+    waiter.start()
+    waiting.wait(10)
+    others = [threading.Thread(target=request, args=(False,)) for _ in range(6)]
+    for thread in others:
+        thread.start()
+    for thread in others:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in others)      # they ran while the waiter waited
+    release.set()
+    waiter.join(10)
+    assert most[0] == 2 + 1                                     # two with turns, and the one that gave its up
+
+
+def test_one_address_with_many_requests_waiting_holds_another_address_back_one_turn_at_most(running_api):
+    assert isinstance(running_api(jobs=False).app.runtime.turns, pausepoint.Turns)
+    turns, order, held, release, lock = pausepoint.Turns(1), [], threading.Event(), threading.Event(), threading.Lock()
+
+    def request(address, name, hold=False):
+        with turns.taken(address):
+            with lock:
+                order.append(name)
+            if hold:
+                held.set()
+                release.wait(10)
+
+    threads = [threading.Thread(target=request, args=("198.51.100.1", "flood 0", True))]
+    threads[0].start()
+    held.wait(10)
+    for n, (address, name) in enumerate([("198.51.100.1", f"flood {n}") for n in range(1, 6)]
+                                        + [("203.0.113.7", "health check")], start=1):
+        threads.append(threading.Thread(target=request, args=(address, name)))
+        threads[-1].start()
+        wait_until(lambda: turns.waiting() == n)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert len(order) == 7 and order.index("health check") <= 2     # not behind the flood's five waiting
+
+
+def test_a_request_gives_its_turn_up_while_it_waits_for_the_write_lock(running_api):
+    runtime = running_api(jobs=False).app.runtime
+    turns, taken, release = runtime.turns, threading.Semaphore(0), threading.Event()
+
+    def write():
+        with turns.taken("198.51.100.9"), pausepoint.transaction(runtime.db()):
+            pass
+
+    def hold_a_turn():
+        with turns.taken("203.0.113.7"):
+            taken.release()
+            release.wait(10)
+
+    writer = threading.Thread(target=write)
+    try:
+        with runtime.write_lock:                                # another write is under way
+            writer.start()
+            wait_until(lambda: runtime.write_lock.waiting() == 1)
+            for _ in range(turns.size):                         # every turn is free for others meanwhile
+                threading.Thread(target=hold_a_turn).start()
+                assert taken.acquire(timeout=10)
+    finally:
+        release.set()
+    writer.join(10)
+    assert not writer.is_alive()
+
+
+def test_every_request_waits_for_a_turn_when_all_are_taken(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    turns, taken, release = api.app.runtime.turns, threading.Semaphore(0), threading.Event()
+
+    def hold_a_turn():
+        with turns.taken("203.0.113.7"):
+            taken.release()
+            release.wait(10)
+
+    try:
+        for _ in range(turns.size):
+            threading.Thread(target=hold_a_turn).start()
+            assert taken.acquire(timeout=10)
+        listing = threading.Thread(target=api.get, args=("/v1/pause",), kwargs={"headers": api.as_key(key)})
+        listing.start()
+        wait_until(lambda: turns.waiting() == 1)
+    finally:
+        release.set()
+    listing.join(10)
+    assert not listing.is_alive() and turns.waiting() == 0
