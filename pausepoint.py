@@ -2569,7 +2569,9 @@ def prune_expired_data(conn, config, now=None):
 
 JOB_INTERVAL_SECONDS = 0.25
 CHECKPOINT_INTERVAL_SECONDS = 1.0
-WAL_CHECKPOINT_PAGES = 16_000           # 64 MB of 4 KiB pages
+WAL_CHECKPOINT_PAGES = 250_000          # about 1 GB of 4 KiB pages: only if the job could not keep up
+CHECKPOINT_PASSES = 5
+CHECKPOINT_TAIL_FRAMES = 1_000          # left for the pass under the write lock
 HASH_WAIT_SECONDS = 5
 PRUNE_INTERVAL = dt.timedelta(days=1)
 
@@ -2787,12 +2789,16 @@ class Runtime:
     @one_round_at_a_time
     def run_checkpoint(self):
         """Copy what the WAL holds into the database file, off every request's path (see db()).
-        The bulk goes while writers go on appending; the rest under the write lock, so that
-        it is all copied and the next commit starts the WAL over. (Left to race the jobs'
-        commits, the copy never caught up and the WAL grew by megabytes a second.)"""
+        The bulk goes while writers go on appending, in passes until little is left; that
+        rest under the write lock, so that it is all copied and the next commit starts the
+        WAL over. (Left to race the jobs' commits, the copy never caught up and the WAL
+        grew by megabytes a second.)"""
         conn = self.db()
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        with self.write_lock:
+        for _ in range(CHECKPOINT_PASSES):        # each pass copies what was written during the last
+            busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if frames - copied < CHECKPOINT_TAIL_FRAMES:
+                break
+        with self.write_lock:                     # a short tail: writers wait for it only briefly
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     @one_round_at_a_time
