@@ -2798,8 +2798,13 @@ class Runtime:
             busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             if frames - copied < CHECKPOINT_TAIL_FRAMES:
                 break
-        with self.write_lock:                     # a short tail: writers wait for it only briefly
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        else:
+            return      # a reader holds the rest back, or writes outpace the copy: try again next second
+        with self.write_lock:                     # a short tail, so writers wait for it only briefly
+            for _ in range(CHECKPOINT_PASSES):    # a reader on an older snapshot may hold a frame back a moment
+                busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if frames == copied:
+                    break
 
     @one_round_at_a_time
     def run_pruning(self):

@@ -412,3 +412,23 @@ def test_every_request_waits_for_a_turn_when_all_are_taken(running_api):
         release.set()
     listing.join(10)
     assert not listing.is_alive() and turns.waiting() == 0
+
+
+def test_a_checkpoint_held_back_by_a_reader_leaves_the_write_lock_alone(running_api):
+    # With a long backlog the step under the lock would copy all of it while every writer waits.
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    runtime = api.app.runtime
+    reader = sqlite3.connect(api.config["database.path"], isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM pauses").fetchone()       # a read snapshot from before the backlog
+    for _ in range(120):
+        api.create_pause(key, metadata={"note": "x" * 2000})
+    try:
+        with runtime.write_lock:
+            checkpoint = threading.Thread(target=runtime.run_checkpoint)
+            checkpoint.start()
+            checkpoint.join(5)
+            assert not checkpoint.is_alive() and runtime.write_lock.waiting() == 0
+    finally:
+        reader.close()
