@@ -584,15 +584,19 @@ def require_transaction(conn):
 JOB_BATCH = 500
 
 
-def in_batches(conn, change):
-    """change(now) in a transaction of its own, again while it changed a whole JOB_BATCH
-    of rows; returns how many it changed in all."""
-    changed = JOB_BATCH
+def in_batches(conn, claim, then):
+    """Run `claim` (an UPDATE … RETURNING * of at most :batch rows due by :now) and
+    then(rows, now) in a transaction of their own, again while a whole JOB_BATCH came
+    back; returns how many rows were claimed in all."""
+    claimed = JOB_BATCH
     total = 0
-    while changed == JOB_BATCH:
+    while claimed == JOB_BATCH:
         with transaction(conn):
-            changed = change(db_time())
-        total += changed
+            now = db_time()
+            rows = conn.execute(claim, {"now": now, "batch": JOB_BATCH}).fetchall()
+            then(rows, now)
+        claimed = len(rows)
+        total += claimed
     return total
 
 
@@ -1350,21 +1354,15 @@ def owned_pause(conn, caller, pause_id):
     return pause
 
 
-
-
 def expire_due_pauses(conn, config):
     """Time out every pending pause past its expires_at, the earliest first; returns how many."""
-    def expire(now):
-        # Compare-and-set for the whole batch: only rows still 'pending' change, and a
-        # timeout's choice is each pause's own timeout_default.
-        decided = conn.execute(
-            "UPDATE pauses SET status = 'timed_out', choice = timeout_default, comment = NULL, decided_at = :now,"
-            " decided_by = 'timeout' WHERE id IN (SELECT id FROM pauses WHERE status = 'pending'"
-            " AND expires_at <= :now ORDER BY expires_at LIMIT :batch) RETURNING *",
-            {"now": now, "batch": JOB_BATCH}).fetchall()
-        record_decisions(conn, config, decided, None, now)
-        return len(decided)
-    return in_batches(conn, expire)
+    # Compare-and-set for the whole batch: only rows still 'pending' change, and a
+    # timeout's choice is each pause's own timeout_default.
+    return in_batches(conn, "UPDATE pauses SET status = 'timed_out', choice = timeout_default, comment = NULL,"
+                            " decided_at = :now, decided_by = 'timeout' WHERE id IN (SELECT id FROM pauses"
+                            " WHERE status = 'pending' AND expires_at <= :now ORDER BY expires_at LIMIT :batch)"
+                            " RETURNING *",
+                      lambda decided, now: record_decisions(conn, config, decided, None, now))
 
 
 def pause_json(pause, config, notification=None):
@@ -1952,17 +1950,14 @@ NOTIFICATION_CLAIM_SECONDS = 120           # a 'sending' claim older than this w
 def simulate_due_notifications(conn):
     """Test mode: record each due notification as simulated, with its exact text; returns
     how many. Nothing leaves the process, so no worker is needed."""
-    def simulate(now):
-        rows = conn.execute(
-            "UPDATE notifications SET status = 'simulated', attempts = attempts + 1, updated_at = :now"
-            " WHERE id IN (SELECT id FROM notifications WHERE status IN ('queued', 'sending') AND livemode = 0"
-            " AND next_attempt_at <= :now ORDER BY next_attempt_at LIMIT :batch) RETURNING *",
-            {"now": now, "batch": JOB_BATCH}).fetchall()
+    def record(rows, now):
         for row in rows:
             record_event(conn, row["developer_id"], 0, "system", "notification.simulated", row["pause_id"],
                          {"channel": row["channel"], "recipient": row["recipient"], "text": row["text"]}, when=now)
-        return len(rows)
-    return in_batches(conn, simulate)
+    return in_batches(conn, "UPDATE notifications SET status = 'simulated', attempts = attempts + 1, updated_at = :now"
+                            " WHERE id IN (SELECT id FROM notifications WHERE status IN ('queued', 'sending')"
+                            " AND livemode = 0 AND next_attempt_at <= :now ORDER BY next_attempt_at LIMIT :batch)"
+                            " RETURNING *", record)
 
 
 def due_live_notifications(conn, per_developer):
