@@ -86,8 +86,9 @@ CREATE INDEX pauses_pending_by_recipient ON pauses(recipient, seq) WHERE status 
 CREATE UNIQUE INDEX pauses_pending_reply_code ON pauses(recipient, livemode, reply_code)
     WHERE status = 'pending' AND reply_code IS NOT NULL;
 -- New codes also avoid those of the number's pauses decided in the last week, so a late reply to
--- a decided pause never names a newer one.
-CREATE INDEX pauses_recent_reply_codes ON pauses(recipient, livemode, decided_at) WHERE reply_code IS NOT NULL;
+-- a decided pause never names a newer one: one seek tells whether a code was.
+CREATE INDEX pauses_recent_reply_codes ON pauses(recipient, livemode, reply_code, decided_at)
+    WHERE reply_code IS NOT NULL;
 -- Pruning: decided test-mode pauses, oldest decision first.
 CREATE INDEX pauses_decided_test ON pauses(decided_at) WHERE livemode = 0 AND status != 'pending';
 -- Quota: live pauses a developer created since the start of the month.

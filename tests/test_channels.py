@@ -587,13 +587,28 @@ def test_a_text_not_yet_sent_when_its_pause_is_decided_is_never_sent(sms_setup, 
     assert twilio.messages == []
 
 
-def test_a_number_with_most_short_codes_pending_gets_three_character_ones(sms_setup):
+def test_a_number_with_every_short_code_pending_gets_three_character_ones(sms_setup):
     api, config, keys = sms_setup
     key = keys["test_api_key"]
     api.create_pause(key)               # a developer, and a pause to copy
-    copies_with_codes(config, "pending", "a.c || d", "b.c = 'A' AND a.c NOT IN ('I', 'L', 'O') AND a.c < 'Q'")
+    copies_with_codes(config, "pending", "a.c || d", "b.c = 'A' AND a.c NOT IN ('I', 'L', 'O')")
     taken = {code for (code,) in stored(config, "SELECT reply_code FROM pauses WHERE status = 'pending'")}
-    assert len([code for code in taken if len(code) == 2]) > len(pausepoint.SHORT_REPLY_CODES) // 2
+    assert set(pausepoint.SHORT_REPLY_CODES) <= taken
     codes = [stored(config, "SELECT reply_code FROM pauses WHERE id = ?", api.create_pause(key)["pause_id"])[0][0]
              for _ in range(30)]
     assert all(len(code) == 3 for code in codes) and len(set(codes)) == 30 and not set(codes) & taken
+
+
+def test_when_random_draws_keep_missing_the_few_free_codes_are_found(sms_setup):
+    api, config, keys = sms_setup
+    key = keys["test_api_key"]
+    api.create_pause(key)               # a developer, and a pause to copy
+    stored(config, "UPDATE pauses SET reply_code = NULL")     # its code may be one of the free ones
+    real = "a.c NOT IN ('I', 'L', 'O') AND b.c NOT IN ('I', 'L', 'O')"
+    copies_with_codes(config, "pending", "a.c || d", f"b.c = 'A' AND {real}")
+    copies_with_codes(config, "pending", "a.c || d || b.c", f"{real} AND NOT (a.c = 'K' AND d = 7)")
+    free = {code for code in pausepoint.LONG_REPLY_CODES if code.startswith("K7")}
+    assert stored(config, "SELECT count(*) FROM pauses WHERE status = 'pending'") == [(1 + 4232 - 23 + 184,)]
+    codes = [stored(config, "SELECT reply_code FROM pauses WHERE id = ?", api.create_pause(key)["pause_id"])[0][0]
+             for _ in range(5)]
+    assert set(codes) <= free and len(set(codes)) == 5

@@ -703,3 +703,29 @@ def test_a_claim_outlasts_the_calls_deadline_however_long_it_is(running_api):
     api = running_api(**{"outbound.deadline_seconds": 200})
     lapses = pausepoint.parse_db_time(pausepoint.claim_expiry(api.config, 30))
     assert (lapses - pausepoint.utcnow()).total_seconds() > 200 + 60
+
+
+def test_a_pause_reads_the_same_in_its_page_its_list_and_its_webhook(hooks_api, keys, receiver):
+    key = keys["test_api_key"]
+    add_webhook(hooks_api, key, receiver.url, events=["pause.cancelled"])
+    metadata = {"payee": "Société Générale \u2028 \"quoted\" \\ \t", "amount": 340.25, "big": 12345678901234567890,
+                "tiny": 1e-300, "none": None, "nested": {"ok": [True, False, []]}, "emoji": "\U0001F4B8"}
+    created = hooks_api.create_pause(key, metadata=metadata)
+    hooks_api.step("notifications")
+    hooks_api.post(f"/v1/pause/{created['pause_id']}/cancel", headers=hooks_api.as_key(key))
+    hooks_api.step("webhooks")
+    page = hooks_api.pause(key, created["pause_id"])
+    listed = hooks_api.get("/v1/pause", headers=hooks_api.as_key(key)).json["pauses"]
+    sent = receiver.wait_for(1)[0]["json"]["data"]
+    assert listed == [page] and sent == page
+    notification = stored(hooks_api.config, "SELECT text FROM notifications")[0][0]
+    decided_at = stored(hooks_api.config, "SELECT decided_at FROM pauses")[0][0]
+    assert page == {
+        "pause_id": created["pause_id"], "status": "cancelled", "recipient": WIRE["recipient"], "channel": "sms",
+        "message": WIRE["message"], "options": WIRE["options"], "timeout_default": "Reject", "choice": None,
+        "comment": None, "decided_at": decided_at[:19] + "Z", "decided_by": page["decided_by"], "metadata": metadata,
+        "respond_url": created["respond_url"], "livemode": False, "expires_at": created["expires_at"],
+        "created_at": created["created_at"],
+        "notification": {"channel": "sms", "status": "simulated", "attempts": 1, "provider_message_id": None,
+                         "last_error": None, "text": notification}}
+    assert page["decided_by"].startswith("api:")
