@@ -121,7 +121,7 @@ SETTINGS = [
     Setting("smtp.ca_file", "", "PEM file of CA certificates to trust for SMTP TLS instead of the system's (for a private CA)."),
     Setting("webhooks.allow_private", False, "Allow webhook URLs on loopback, private or link-local addresses (for agents on your LAN)."),
     Setting("webhooks.max_per_developer", 16, "Webhook endpoints one developer may have (test and live together)."),
-    Setting("webhooks.per_endpoint", 2, "Deliveries to one endpoint in flight at once (within outbound.per_developer). More keeps a slow receiver's backlog moving; with more than 1, events to an endpoint may arrive out of order."),
+    Setting("webhooks.per_endpoint", 2, "Deliveries to one endpoint in flight at once (within outbound.per_developer), and connections kept alive to it between them. More keeps a slow receiver's backlog moving; with more than 1, events to an endpoint may arrive out of order."),
     Setting("outbound.workers", 16, "Threads for outbound calls: webhook deliveries and notification sends."),
     Setting("outbound.deadline_seconds", 10.0, "Seconds one outbound call (a webhook delivery or a notification send) may take in all, from the name lookup to the last byte of the answer; a slower one is cut off and retried later."),
     Setting("outbound.per_developer", 4, "Outbound calls one developer's work may have in flight at once, so one tenant's slow receivers cannot hold every worker."),
@@ -1603,26 +1603,54 @@ def open_connection(deadline, host, port, allow_private=True):
 
 class _DeadlineAdapter(requests.adapters.HTTPAdapter):
     """Opens every connection with open_connection(), so connecting and the SSRF check
-    happen within the call's deadline and its sockets are watched by it."""
+    happen within the call's deadline and its sockets are watched by it. With `keep`
+    above one, up to that many connections are kept alive between calls: one taken
+    from the pool is watched by the deadline of the call that takes it (set per
+    thread in .calls), and one idle for KEEP_ALIVE_IDLE is closed, not reused."""
 
-    def __init__(self, deadline, allow_private):
-        self.deadline, self.allow_private = deadline, allow_private
-        super().__init__()
+    def __init__(self, deadline=None, allow_private=True, keep=1):
+        self.fixed_deadline, self.allow_private = deadline, allow_private
+        self.calls = threading.local()
+        super().__init__(pool_connections=1, pool_maxsize=keep)
+
+    def deadline(self):
+        return self.fixed_deadline or self.calls.deadline
 
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
-        deadline, allow_private = self.deadline, self.allow_private
+        adapter = self
 
         def watched(connection_class):
             return type("Deadline" + connection_class.__name__, (connection_class,), {
-                "_new_conn": lambda conn: open_connection(deadline, conn._dns_host, conn.port, allow_private)})
+                "_new_conn": lambda conn: open_connection(adapter.deadline(), conn._dns_host, conn.port,
+                                                          adapter.allow_private)})
+
+        class KeptAlive:
+            def _get_conn(self, timeout=None):
+                conn = super()._get_conn(timeout)
+                if conn.sock is not None:
+                    if time.monotonic() - conn.idle_since > KEEP_ALIVE_IDLE:
+                        conn.close()            # the server may be closing it right now
+                    else:
+                        adapter.deadline().guard(conn.sock)
+                return conn
+
+            def _put_conn(self, conn):
+                if conn is not None:
+                    conn.idle_since = time.monotonic()
+                super()._put_conn(conn)
 
         self.poolmanager.pool_classes_by_scheme = {
-            "http": type("DeadlineHTTPPool", (urllib3.HTTPConnectionPool,),
+            "http": type("DeadlineHTTPPool", (KeptAlive, urllib3.HTTPConnectionPool),
                          {"ConnectionCls": watched(urllib3.connection.HTTPConnection)}),
-            "https": type("DeadlineHTTPSPool", (urllib3.HTTPSConnectionPool,),
+            "https": type("DeadlineHTTPSPool", (KeptAlive, urllib3.HTTPSConnectionPool),
                           {"ConnectionCls": watched(urllib3.connection.HTTPSConnection)}),
         }
+
+
+# A kept-alive connection is reused only this long after its last answer: servers close idle
+# ones after 5 s (Node) to 75 s (nginx), and a request sent as the server closes is lost.
+KEEP_ALIVE_IDLE = 4.0
 
 
 def under_deadline(session, deadline, allow_private=True):
@@ -2150,12 +2178,56 @@ def is_public_address(address):
     return all(each.is_global and not each.is_multicast for each in [ip, *embedded_ipv4(ip)])
 
 
-def webhook_session(allow_private, deadline):
-    """A session for one delivery attempt: every connection is made within the attempt's
-    deadline, to public addresses only unless private ones are allowed."""
-    session = requests.Session()
-    session.trust_env = False       # an environment proxy would hide the real destination from the guard
-    return under_deadline(session, deadline, allow_private)
+class EndpointConnections:
+    """Kept-alive connections per webhook endpoint, so a burst to one endpoint does not
+    open (and for https, handshake) a connection per delivery. Each call still runs
+    within its own deadline, and connections are only opened by open_connection(),
+    which checks the address. Bounded: webhooks.per_endpoint idle connections per
+    endpoint, for as many of the endpoints used most recently as KEPT_ALIVE_SOCKETS allows."""
+
+    def __init__(self, allow_private, per_endpoint):
+        self.allow_private, self.per_endpoint = allow_private, per_endpoint
+        self._lock = threading.Lock()
+        self._sessions = collections.OrderedDict()      # webhook id -> (session, adapter), least recent first
+
+    def post(self, webhook_id, deadline, url, **kwargs):
+        session, adapter = self._session(webhook_id)
+        adapter.calls.deadline = deadline
+        try:
+            response = session.post(url, stream=True, allow_redirects=False, **kwargs)
+            # Read a short answer whole, so its connection can carry the next call.
+            response.raw.read(ANSWER_KEPT_BYTES, decode_content=False)
+            response.close()
+            return response
+        finally:
+            adapter.calls.deadline = None
+
+    def _session(self, webhook_id):
+        with self._lock:
+            if webhook_id in self._sessions:
+                self._sessions.move_to_end(webhook_id)
+                return self._sessions[webhook_id]
+            session = requests.Session()
+            session.trust_env = False       # an environment proxy would hide the real destination from the guard
+            adapter = _DeadlineAdapter(allow_private=self.allow_private, keep=self.per_endpoint)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._sessions[webhook_id] = session, adapter
+            while len(self._sessions) > max(1, KEPT_ALIVE_SOCKETS // self.per_endpoint):
+                self._sessions.popitem(last=False)[1][0].close()
+            return session, adapter
+
+    def close(self):
+        with self._lock:
+            for session, _ in self._sessions.values():
+                session.close()
+            self._sessions.clear()
+
+
+# Idle webhook connections kept at most (descriptors, counted in fitted_connection_limit).
+KEPT_ALIVE_SOCKETS = 256
+# An answer longer than this is not read: its connection is closed rather than kept.
+ANSWER_KEPT_BYTES = 64 * 1024
 
 
 def webhook_fields(body, allow_private):
@@ -2400,7 +2472,7 @@ def claim_delivery(conn, config, row):
     return claim_until if won else None
 
 
-def attempt_delivery(conn, config, deadlines, delivery_id, attempt, claim_until):
+def attempt_delivery(conn, config, deadlines, connections, delivery_id, attempt, claim_until):
     """POST one claimed delivery and record the outcome; returns the HTTP status or None.
     The attempt, from connecting to the last byte of the answer, ends after
     outbound.deadline_seconds however slowly the receiver trickles."""
@@ -2423,10 +2495,9 @@ def attempt_delivery(conn, config, deadlines, delivery_id, attempt, claim_until)
     status_code, error, retry_after = None, None, None
     deadline = deadlines.deadline(config["outbound.deadline_seconds"], owner=row["developer_id"])
     try:
-        with webhook_session(config["webhooks.allow_private"], deadline) as session, deadline:
-            response = session.post(row["url"], data=body, headers=headers, allow_redirects=False, stream=True,
-                                    timeout=(deadline.remaining(), deadline.remaining()))
-            response.close()
+        with deadline:
+            response = connections.post(row["webhook_id"], deadline, row["url"], data=body, headers=headers,
+                                        timeout=(deadline.remaining(), deadline.remaining()))
         if deadline.expired:
             # The socket was shut down mid-answer: what arrived is not an answer.
             raise requests.Timeout(f"timed out after {deadline}")
@@ -2611,6 +2682,7 @@ class Runtime:
         # slow receiver or provider holds a worker, never the scheduler or an API thread.
         self.outbound = OutboundPool(config["outbound.workers"], config["outbound.per_developer"],
                                      config["outbound.deadline_seconds"])
+        self.webhook_connections = EndpointConnections(config["webhooks.allow_private"], config["webhooks.per_endpoint"])
         self.wake_lock = threading.Lock()
         self.webhooks_woken = threading.Event()
         # As many requests run at once as there are cores (at least two), so one that waits
@@ -2699,6 +2771,7 @@ class Runtime:
             self.scheduler.shutdown(wait=True)
         # Calls under way finish and are recorded; claims not yet started expire and are retried.
         self.outbound.shutdown()
+        self.webhook_connections.close()
 
     def run_once(self, job):
         """Run one job ("timeouts", "notifications", "webhooks", "pruning", "checkpoint") now, on this
@@ -2782,7 +2855,8 @@ class Runtime:
         return started
 
     def _deliver(self, delivery_id, attempt, claim_until):
-        attempt_delivery(self.db(), self.config, self.outbound.deadlines, delivery_id, attempt, claim_until)
+        attempt_delivery(self.db(), self.config, self.outbound.deadlines, self.webhook_connections, delivery_id,
+                         attempt, claim_until)
 
     @one_round_at_a_time
     def run_checkpoint(self):
@@ -3736,8 +3810,8 @@ ACCEPTS_PER_WAKE = 256          # drain the listen backlog quickly, so a flood d
 # this at net.core.somaxconn).
 LISTEN_BACKLOG = 4096
 # Descriptors besides client connections: a SQLite connection (database, WAL,
-# shared memory) per thread that touches the database, the outbound sockets,
-# the scheduler's threads, log files and the like.
+# shared memory) per thread that touches the database, the outbound sockets in
+# use and kept alive, the scheduler's threads, log files and the like.
 FDS_PER_THREAD, SCHEDULER_THREADS, SPARE_FDS = 3, 10, 64
 WAITRESS_ERROR_CODES = {400: "bad_request", 413: "payload_too_large", 431: "headers_too_large",
                         501: "not_implemented"}
@@ -4129,7 +4203,7 @@ def fitted_connection_limit(config):
     and the threads' SQLite files; lowered, with a warning, when the hard limit is lower.
     Running out of descriptors would make accept() fail on every loop."""
     threads = config["server.threads"] + config["outbound.workers"] + SCHEDULER_THREADS
-    others = threads * FDS_PER_THREAD + config["outbound.workers"] + SPARE_FDS
+    others = threads * FDS_PER_THREAD + config["outbound.workers"] + KEPT_ALIVE_SOCKETS + SPARE_FDS
     wanted = config["server.connection_limit"] + others
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < wanted:

@@ -132,15 +132,13 @@ class WebhookReceiver:
         stop_http(self.server)
 
 
-class TrickleReceiver:
-    """A receiver that reads a request, then answers one byte every `interval`
-    seconds, for as long as the sender waits: each read finishes quickly, the whole
-    answer never does. Counts the connections it holds at once."""
+class LoopbackServer:
+    """A TCP server on a free loopback port that hands each connection to
+    self._serve(conn) on a thread of its own, counting them in `accepted`."""
 
-    def __init__(self, interval=1.0):
-        self.interval = interval
+    def __init__(self):
         self.lock = threading.Lock()
-        self.open = self.most_open = self.accepted = 0
+        self.accepted = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.closed = threading.Event()
@@ -152,12 +150,28 @@ class TrickleReceiver:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+            with self.lock:
+                self.accepted += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
-    def _trickle(self, conn):
+    def close(self):
+        self.closed.set()
+        self.listener.close()
+
+
+class TrickleReceiver(LoopbackServer):
+    """A receiver that reads a request, then answers one byte every `interval`
+    seconds, for as long as the sender waits: each read finishes quickly, the whole
+    answer never does. Counts the connections it holds at once."""
+
+    def __init__(self, interval=1.0):
+        self.interval = interval
+        self.open = self.most_open = 0
+        super().__init__()
+
+    def _serve(self, conn):
         with self.lock:
             self.open += 1
-            self.accepted += 1
             self.most_open = max(self.most_open, self.open)
         try:
             conn.recv(65536)
@@ -171,10 +185,6 @@ class TrickleReceiver:
             conn.close()
             with self.lock:
                 self.open -= 1
-
-    def close(self):
-        self.closed.set()
-        self.listener.close()
 
 
 class Tarpit:
@@ -228,10 +238,9 @@ class Blackhole:
 class StallingReceiver(TrickleReceiver):
     """Sends a status line, then nothing: an answer that never finishes."""
 
-    def _trickle(self, conn):
+    def _serve(self, conn):
         with self.lock:
             self.open += 1
-            self.accepted += 1
         try:
             conn.recv(65536)
             conn.sendall(b"HTTP/1.1 200 OK\r\n")
@@ -242,3 +251,50 @@ class StallingReceiver(TrickleReceiver):
             conn.close()
             with self.lock:
                 self.open -= 1
+
+
+class KeepAliveReceiver(LoopbackServer):
+    """An HTTP/1.1 receiver that keeps connections open between requests and counts
+    them. `plan` says what each request gets, in order, then "ok" for the rest:
+    "ok" answers 200; "close" answers 200, then closes the connection without saying
+    so (a server's idle timeout racing the next request); "trickle" answers one byte
+    every 0.2 s, 8 s for the whole answer."""
+
+    def __init__(self, plan=()):
+        self.plan = list(plan)
+        self.requests = 0
+        super().__init__()
+
+    def _serve(self, conn):
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        with conn, conn.makefile("rb") as incoming:
+            try:
+                while self._read_request(incoming):
+                    with self.lock:
+                        self.requests += 1
+                        what = self.plan.pop(0) if self.plan else "ok"
+                    if what == "trickle":
+                        for byte in answer:
+                            if self.closed.wait(0.2):
+                                return
+                            conn.sendall(bytes([byte]))
+                        return
+                    conn.sendall(answer)
+                    if what == "close":
+                        return
+            except OSError:
+                pass            # the sender gave up
+
+    @staticmethod
+    def _read_request(incoming):
+        length = None
+        line = incoming.readline()
+        if not line:
+            return False
+        while line not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+            line = incoming.readline()
+        incoming.read(length or 0)
+        return True

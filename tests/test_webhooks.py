@@ -13,7 +13,8 @@ import pytest
 import requests
 
 from conftest import stored, ROOT, WIRE, Api, make_config, run_out, token_of, wait_until
-from stubs import Blackhole, StallingReceiver, TrickleReceiver, WebhookReceiver, serve_http, stop_http
+from stubs import (Blackhole, KeepAliveReceiver, StallingReceiver, TrickleReceiver, WebhookReceiver, serve_http,
+                   stop_http)
 import pausepoint
 
 SECRET = "whsec_test_secret_0123456789"
@@ -517,6 +518,49 @@ def test_an_attempt_ends_at_its_deadline_however_slowly_the_receiver_answers(hoo
     assert attempt["error"] == "timed out after 1 s" and attempt["status_code"] is None     # outbound.deadline_seconds
     assert 1_000 <= attempt["duration_ms"] < 3_000          # cut at the deadline, with room for a busy machine
     assert delivery["status"] == "pending" and delivery["next_attempt_at"]
+
+
+# -- kept-alive connections ---------------------------------------------------------
+
+def send_test_events(api, key, webhook_id, count):
+    for _ in range(count):
+        api.post(f"/v1/webhooks/{webhook_id}/test", headers=api.as_key(key), status=202)
+
+
+def attempts_made(config):
+    return stored(config, "SELECT status_code, error FROM webhook_attempts ORDER BY started_at")
+
+
+def test_deliveries_to_one_endpoint_reuse_its_connections(hooks_api, keys, stubs):
+    kept = stubs(KeepAliveReceiver)
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, kept.url)["webhook_id"]
+    send_test_events(hooks_api, key, webhook_id, 20)
+    hooks_api.step("webhooks")
+    assert attempts_made(hooks_api.config) == [(200, None)] * 20 and kept.requests == 20
+    assert kept.accepted <= hooks_api.config["webhooks.per_endpoint"]       # not one per delivery
+
+
+def test_a_kept_connection_the_receiver_closed_costs_no_failed_attempt(hooks_api, keys, stubs):
+    kept = stubs(KeepAliveReceiver, plan=["close"] * 6)
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, kept.url)["webhook_id"]
+    for _ in range(6):                   # one at a time: each finds the connection the last one was answered on
+        send_test_events(hooks_api, key, webhook_id, 1)
+        hooks_api.step("webhooks")
+    assert attempts_made(hooks_api.config) == [(200, None)] * 6 and kept.accepted == 6
+
+
+@pytest.mark.deadline(1)
+def test_a_kept_connection_is_held_to_the_deadline_of_the_call_that_reuses_it(hooks_api, keys, stubs):
+    kept = stubs(KeepAliveReceiver, plan=["ok", "trickle"])     # the second answer would take 8 s
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, kept.url)["webhook_id"]
+    for _ in range(2):
+        send_test_events(hooks_api, key, webhook_id, 1)
+        hooks_api.step("webhooks")
+    assert kept.accepted == 1
+    assert attempts_made(hooks_api.config) == [(200, None), (None, "timed out after 1 s")]
 
 
 def test_a_disabled_endpoint_gets_no_test_events_or_redeliveries(hooks_api, keys, receiver):
