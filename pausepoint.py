@@ -15,6 +15,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import csv
 import dataclasses
 import datetime as dt
 import email.message
@@ -25,6 +26,7 @@ import hashlib
 import heapq
 import hmac
 import inspect
+import io
 import ipaddress
 import itertools
 import json
@@ -105,6 +107,8 @@ SETTINGS = [
     Setting("database.path", "pausepoint.db", "SQLite database file. Created from schema.sql on first start."),
     Setting("database.cache_kib", 128, "SQLite's page cache per connection, in KiB. Every thread has its own connection (about 90 with the defaults), so this counts that many times; the operating system's file cache, shared by all, holds the rest."),
     Setting("registration.open", True, "Whether POST /v1/auth/register is open. When false, the operator adds developers with `create-developer`."),
+    Setting("dashboard.session_idle_minutes", 60, "Minutes a dashboard sign-in lasts without use."),
+    Setting("dashboard.session_max_hours", 168, "Hours a dashboard sign-in lasts at most, however often it is used."),
     Setting("security.bcrypt_rounds", 12, "bcrypt cost factor for passwords (4-16). Each step doubles the work."),
     Setting("pauses.max_timeout_hours", 720.0, "Longest timeout_hours a pause may ask for."),
     Setting("twilio.account_sid", "", "Twilio account SID (AC…), for the sms channel."),
@@ -127,6 +131,7 @@ SETTINGS = [
     Setting("outbound.per_developer", 4, "Outbound calls one developer's work may have in flight at once, so one tenant's slow receivers cannot hold every worker."),
     Setting("ratelimit.enabled", True, "Rate-limit registration, key rotation and failed respond-token lookups per client IP."),
     Setting("ratelimit.register_per_hour", 20, "Registrations allowed per client IP per hour."),
+    Setting("ratelimit.login_per_hour", 20, "Dashboard sign-in attempts allowed per client IP per hour, and failed ones per email."),
     Setting("ratelimit.rotate_per_hour", 20, "Key rotations (attempts, right or wrong) allowed per client IP per hour."),
     Setting("ratelimit.respond_failures_per_hour", 30, "Unknown respond tokens allowed per client IP per hour; beyond it unknown tokens get 429 (valid ones always work)."),
     Setting("ratelimit.webhook_changes_per_hour", 200, "Webhook creations, changes, deletions, tests and redeliveries one developer may make per hour (each writes an audit event that is kept)."),
@@ -312,6 +317,9 @@ SETTING_CHECKS = {
     "retention.delivery_log_days": lambda v: None if v >= 4 else "must be at least 4 (retries run for about 3 days)",
     "ratelimit.register_per_hour": lambda v: None if v >= 1 else "must be at least 1",
     "ratelimit.rotate_per_hour": lambda v: None if v >= 1 else "must be at least 1",
+    "ratelimit.login_per_hour": lambda v: None if v >= 1 else "must be at least 1",
+    "dashboard.session_idle_minutes": lambda v: None if 1 <= v <= 43200 else "must be between 1 and 43200 (30 days)",
+    "dashboard.session_max_hours": lambda v: None if 1 <= v <= 8760 else "must be between 1 and 8760 (a year)",
     "ratelimit.respond_failures_per_hour": lambda v: None if v >= 1 else "must be at least 1",
 }
 
@@ -392,6 +400,18 @@ MIGRATIONS = [
         DROP INDEX pauses_recent_reply_codes;
         CREATE INDEX pauses_recent_reply_codes ON pauses(recipient, livemode, reply_code, decided_at)
             WHERE reply_code IS NOT NULL;
+    """),
+    (4, """
+        CREATE TABLE dashboard_sessions (
+            token_hash    TEXT PRIMARY KEY,
+            developer_id  TEXT NOT NULL REFERENCES developers(id),
+            csrf_token    TEXT NOT NULL,
+            livemode      INTEGER NOT NULL DEFAULT 0 CHECK (livemode IN (0, 1)),
+            created_at    TEXT NOT NULL,
+            last_seen_at  TEXT NOT NULL
+        );
+        CREATE INDEX dashboard_sessions_by_developer ON dashboard_sessions(developer_id);
+        CREATE INDEX dashboard_sessions_by_last_seen ON dashboard_sessions(last_seen_at);
     """),
 ]
 
@@ -615,6 +635,15 @@ def query_db(conn, sql, args=(), one=False):
     """Rows of a query, or with one=True its first row (None if there is none)."""
     cursor = conn.execute(sql, args)
     return cursor.fetchone() if one else cursor.fetchall()
+
+
+def newest_first(conn, sql, args, limit, cursor, table=""):
+    """Rows newest first by `table`'s seq (which `sql` selects), after `cursor`;
+    returns (rows, next_cursor). `args` are named."""
+    if cursor is not None:
+        sql, args = sql + f" AND {table}seq < :cursor", {**args, "cursor": int(cursor)}
+    rows = conn.execute(sql + f" ORDER BY {table}seq DESC LIMIT :limit", {**args, "limit": limit + 1}).fetchall()
+    return rows[:limit], (str(rows[limit - 1]["seq"]) if len(rows) > limit else None)
 
 
 def rows_in(conn, table, column, values):
@@ -849,6 +878,12 @@ def check_password(conn, config, email, password):
     return row if bcrypt.checkpw(secret, row["password_hash"].encode()) else None
 
 
+def working_key_hints(conn, developer_id):
+    """{livemode: the hint of that mode's working key}."""
+    return {row["livemode"]: row["hint"] for row in query_db(
+        conn, "SELECT livemode, hint FROM api_keys WHERE developer_id = ? AND revoked_at IS NULL", (developer_id,))}
+
+
 def rotate_key(conn, developer, livemode):
     """Revoke the working key of one mode and return its replacement, in one transaction."""
     with transaction(conn):
@@ -865,15 +900,17 @@ def rotate_key(conn, developer, livemode):
 
 @dataclasses.dataclass(frozen=True)
 class Caller:
-    """Who an API request speaks for: a developer, in one mode, through one key."""
+    """Who a request speaks for: a developer, in one mode, through one API key or
+    (with key_hint None) signed in to the dashboard as `email`."""
     developer_id: str
     livemode: int
     key_hint: str
     plan: str
+    email: str = None
 
     @property
     def actor(self):
-        return f"api:{self.key_hint}"
+        return f"api:{self.key_hint}" if self.key_hint else f"dashboard:{self.email}"
 
 
 def authenticate(conn, authorization):
@@ -895,6 +932,66 @@ def authenticate(conn, authorization):
 
 
 ###############################################################################
+# Dashboard sign-ins and passwords
+###############################################################################
+
+# A sign-in's last_seen_at is written at most this often, so reading pages is not a write each.
+SESSION_TOUCH_EVERY = dt.timedelta(minutes=1)
+
+
+def start_session(conn, developer, livemode=0):
+    """Sign a developer in: (cookie token, CSRF token). Only the token's digest is stored."""
+    token, csrf, now = secrets.token_urlsafe(32), secrets.token_urlsafe(32), db_time()
+    with transaction(conn):
+        conn.execute("INSERT INTO dashboard_sessions (token_hash, developer_id, csrf_token, livemode, created_at,"
+                     " last_seen_at) VALUES (?, ?, ?, ?, ?, ?)", (key_digest(token), developer["id"], csrf, livemode,
+                                                                  now, now))
+    return token, csrf
+
+
+def session_for(conn, config, token):
+    """The sign-in behind a cookie token, joined with its developer, or None: unknown,
+    ended, or past the idle or absolute limit (then deleted)."""
+    if not token:
+        return None
+    digest, now = key_digest(token), utcnow()
+    row = query_db(conn, "SELECT s.*, d.email, d.name, d.plan FROM dashboard_sessions s"
+                         " JOIN developers d ON d.id = s.developer_id WHERE s.token_hash = ?", (digest,), one=True)
+    if row is None or not hmac.compare_digest(row["token_hash"], digest):
+        return None
+    idle = dt.timedelta(minutes=config["dashboard.session_idle_minutes"])
+    lifetime = dt.timedelta(hours=config["dashboard.session_max_hours"])
+    if parse_db_time(row["last_seen_at"]) + idle <= now or parse_db_time(row["created_at"]) + lifetime <= now:
+        end_session(conn, token)
+        return None
+    if parse_db_time(row["last_seen_at"]) + SESSION_TOUCH_EVERY <= now:
+        with transaction(conn):
+            conn.execute("UPDATE dashboard_sessions SET last_seen_at = ? WHERE token_hash = ?", (db_time(now), digest))
+    return row
+
+
+def end_session(conn, token):
+    with transaction(conn):
+        conn.execute("DELETE FROM dashboard_sessions WHERE token_hash = ?", (key_digest(token),))
+
+
+def set_session_mode(conn, token, livemode):
+    with transaction(conn):
+        conn.execute("UPDATE dashboard_sessions SET livemode = ? WHERE token_hash = ?", (livemode, key_digest(token)))
+
+
+def change_password(conn, config, developer, new_password):
+    """Set a new password (the old one already checked) and end every sign-in of the developer."""
+    check_registration(developer["email"], developer["name"], new_password)
+    password_hash = bcrypt.hashpw(new_password.encode("utf-8"), bcrypt.gensalt(config["security.bcrypt_rounds"]))
+    with transaction(conn):
+        conn.execute("UPDATE developers SET password_hash = ? WHERE id = ?", (password_hash.decode(), developer["id"]))
+        conn.execute("DELETE FROM dashboard_sessions WHERE developer_id = ?", (developer["id"],))
+        for livemode in (0, 1):
+            record_event(conn, developer["id"], livemode, f"developer:{developer['email']}", "password.changed")
+
+
+###############################################################################
 # The audit log
 ###############################################################################
 
@@ -906,6 +1003,34 @@ def record_event(conn, developer_id, livemode, actor, event_type, pause_id=None,
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         (developer_id, livemode, when or db_time(), actor, event_type, pause_id,
          json.dumps(data or {}, separators=(",", ":"))))
+
+
+def audit_page(conn, caller, event_type=None, pause_id=None, limit=50, cursor=None):
+    """The caller's audit events, newest first, optionally of one type or pause:
+    (rows, next_cursor)."""
+    # One pause's events are a handful: their own index, whatever the statistics say
+    # (a guess from stale ones could read the owner's millions of rows instead).
+    table = "audit_events INDEXED BY audit_by_pause" if pause_id else "audit_events"
+    sql = f"SELECT * FROM {table} WHERE developer_id = :developer AND livemode = :livemode"
+    args = {"developer": caller.developer_id, "livemode": caller.livemode}
+    for name, value in (("event_type", event_type), ("pause_id", pause_id)):
+        if value:
+            sql, args[name] = sql + f" AND {name} = :{name}", value
+    return newest_first(conn, sql, args, limit, cursor)
+
+
+def all_audit_events(conn, caller, event_type=None, pause_id=None):
+    """Every such event, newest first, read a page at a time: a download of a year's
+    events holds neither them all in memory nor one read transaction throughout."""
+    cursor = None
+    while True:
+        rows, cursor = audit_page(conn, caller, event_type, pause_id, AUDIT_READ_PAGE, cursor)
+        yield from rows
+        if cursor is None:
+            return
+
+
+AUDIT_READ_PAGE = 1000
 
 
 def audit_event_json(row):
@@ -1092,12 +1217,59 @@ def check_quota(conn, config, caller, now):
     allowed = plans(config).get(caller.plan)
     if allowed is None:
         raise ApiError(403, "unknown_plan", f"your plan {caller.plan!r} is not configured on this server; ask the operator")
-    used = conn.execute("SELECT count(*) FROM pauses WHERE developer_id = ? AND livemode = 1 AND created_at >= ?",
-                        (caller.developer_id, db_time(month_start(now)))).fetchone()[0]
+    used = live_pauses_this_month(conn, caller.developer_id, now)
     if used >= allowed:
         raise ApiError(429, "quota_exceeded",
                        f"the {caller.plan} plan allows {allowed} live pauses per month and this month's are used;"
                        " test keys are not counted, and the operator can change your plan")
+
+
+def live_pauses_this_month(conn, developer_id, now):
+    return query_db(conn, "SELECT count(*) FROM pauses WHERE developer_id = ? AND livemode = 1 AND created_at >= ?",
+                    (developer_id, db_time(month_start(now))), one=True)[0]
+
+
+OVERVIEW_DAYS = 30
+OUTCOMES = ("approved", "rejected", "timed_out", "cancelled", "pending")
+
+
+def overview_figures(conn, config, caller, now=None):
+    """The dashboard's overview of the caller's last OVERVIEW_DAYS days of pauses, by the
+    day they were created: per day and outcome (a human's answer counts as approved
+    when it is the first option, the affirmative one by convention, else rejected);
+    seconds from creation to a human's answer (median, p90); the share of decided
+    pauses decided by their timeout; live pauses this month against the plan."""
+    now = now or utcnow()
+    first_day = (now - dt.timedelta(days=OVERVIEW_DAYS - 1)).date()
+    since = db_time(dt.datetime.combine(first_day, dt.time(), dt.timezone.utc))
+    owner = {"developer": caller.developer_id, "livemode": caller.livemode, "since": since}
+    per_day = {first_day + dt.timedelta(days=n): dict.fromkeys(OUTCOMES, 0) for n in range(OVERVIEW_DAYS)}
+    for row in query_db(conn, """
+            SELECT substr(created_at, 1, 10) AS day,
+                   CASE status WHEN 'responded' THEN
+                       CASE WHEN choice = json_extract(options, '$[0]') THEN 'approved' ELSE 'rejected' END
+                   ELSE status END AS outcome, count(*) AS n
+            FROM pauses WHERE developer_id = :developer AND livemode = :livemode AND created_at >= :since
+            GROUP BY day, outcome""", owner):
+        per_day[dt.date.fromisoformat(row["day"])][row["outcome"]] += row["n"]
+    answered = "FROM pauses WHERE developer_id = :developer AND livemode = :livemode AND created_at >= :since" \
+               " AND status = 'responded'"
+    count = query_db(conn, f"SELECT count(*) {answered}", owner, one=True)[0]
+
+    def seconds_at(share):          # nearest-rank percentile, read from the sorted durations
+        if not count:
+            return None
+        return query_db(conn, f"SELECT (julianday(decided_at) - julianday(created_at)) * 86400 AS s {answered}"
+                              " ORDER BY s LIMIT 1 OFFSET :n", {**owner, "n": math.ceil(share * count) - 1},
+                        one=True)[0]
+
+    totals = {outcome: sum(day[outcome] for day in per_day.values()) for outcome in OUTCOMES}
+    decided = sum(totals.values()) - totals["pending"]
+    return {"per_day": per_day, "totals": totals, "answered": count,
+            "median_seconds": seconds_at(0.5), "p90_seconds": seconds_at(0.9),
+            "timed_out_share": totals["timed_out"] / decided if decided else None,
+            "live_this_month": live_pauses_this_month(conn, caller.developer_id, now),
+            "live_allowed": plans(config).get(caller.plan)}
 
 
 def respond_url(config, token):
@@ -3179,6 +3351,9 @@ WAIT_QUERY = {"type": "integer", "minimum": 0, "maximum": WAIT_LIMIT_SECONDS, "d
 AUDIT_QUERY = {"event_type": {"type": "string", "maxLength": 100, "x-message": "event_type must be an event name"},
                "pause_id": {"type": "string", "maxLength": 100, "x-message": "pause_id must be a pause id"},
                **PAGE_QUERY}
+DASHBOARD_AUDIT_QUERY = {name: AUDIT_QUERY[name] for name in ("event_type", "pause_id", "cursor")}
+LOGIN_QUERY = {"next": {"type": "string", "maxLength": 500, "x-message": "next must be a dashboard path"},
+               "notice": {"type": "string", "enum": ["password"], "x-message": "notice is not known"}}
 
 
 def read_json(config):
@@ -3234,15 +3409,6 @@ def client_ip():
 def client_facts():
     """Who is on the other end, for rate limits and the audit log."""
     return {"ip": client_ip(), "user_agent": UNSAFE_TEXT.sub("\ufffd", request_header("User-Agent") or "")[:300]}
-
-
-def newest_first(conn, sql, args, limit, cursor, table=""):
-    """Rows newest first by `table`'s seq (which `sql` selects), after `cursor`;
-    returns (rows, next_cursor). `args` are named."""
-    if cursor is not None:
-        sql, args = sql + f" AND {table}seq < :cursor", {**args, "cursor": int(cursor)}
-    rows = conn.execute(sql + f" ORDER BY {table}seq DESC LIMIT :limit", {**args, "limit": limit + 1}).fetchall()
-    return rows[:limit], (str(rows[limit - 1]["seq"]) if len(rows) > limit else None)
 
 
 def json_answer(text):
@@ -3394,15 +3560,8 @@ def list_channels(rt, caller):
 
 def get_audit(rt, caller, query):
     """The caller's audit log, newest first, optionally of one event type or pause."""
-    # One pause's events are a handful: their own index, whatever the statistics say
-    # (a guess from stale ones could read the owner's millions of rows instead).
-    table = "audit_events INDEXED BY audit_by_pause" if query["pause_id"] else "audit_events"
-    sql = f"SELECT * FROM {table} WHERE developer_id = :developer AND livemode = :livemode"
-    args = {"developer": caller.developer_id, "livemode": caller.livemode}
-    for name in ("event_type", "pause_id"):
-        if query[name]:
-            sql, args[name] = sql + f" AND {name} = :{name}", query[name]
-    rows, next_cursor = newest_first(rt.db(), sql, args, query["limit"], query["cursor"])
+    rows, next_cursor = audit_page(rt.db(), caller, query["event_type"], query["pause_id"], query["limit"],
+                                   query["cursor"])
     return {"events": [audit_event_json(row) for row in rows], "next_cursor": next_cursor}
 
 
@@ -3417,6 +3576,13 @@ def read_form():
                 for name in form.keys()}
     except (UnicodeError, ValueError):
         raise ApiError(400, "bad_request", "the form is not UTF-8 text") from None
+
+
+def read_page_form(config):
+    """A page's form, as read_form(), after refusing one over the body size limit."""
+    if bottle.request.content_length > config["server.max_body_bytes"]:
+        raise ApiError(413, "payload_too_large", "the form is too large")
+    return read_form()
 
 
 def twilio_inbound(rt):
@@ -3474,9 +3640,7 @@ def get_respond_page(rt, client, query, token):
 
 def post_respond_page(rt, client, token):
     """The page's form: record the choice, then show it (Post/Redirect/Get)."""
-    if bottle.request.content_length > rt.config["server.max_body_bytes"]:
-        raise ApiError(413, "payload_too_large", "the form is too large")
-    form = read_form()
+    form = read_page_form(rt.config)
     try:
         guard_respond_link(rt, lambda: respond_to_pause(rt.db(), rt.config, token, form.get("choice"),
                                                         form.get("comment"), client))
@@ -3494,9 +3658,268 @@ def respond_page(pause, token, error=None, picked=None, status=200):
                      picked=picked, times=times)
 
 
-def static_css(name):
-    """The pages' stylesheet."""
-    return bottle.static_file(name, root=STATIC_DIR, mimetype="text/css")
+def static_file(name):
+    """The pages' stylesheet and their one small script (copy buttons)."""
+    return bottle.static_file(name, root=STATIC_DIR,
+                              mimetype="text/css" if name.endswith(".css") else "text/javascript")
+
+
+###############################################################################
+# HTTP: the dashboard
+###############################################################################
+
+# The dashboard's pages call the same domain functions as the API, as the signed-in
+# developer in the mode the sign-in shows. The sign-in cookie goes only to /dashboard;
+# the sign-up and log-in forms, which come before any sign-in, are guarded by a
+# token both in a cookie and in the form (a cross-site form can set neither).
+SESSION_COOKIE, FORM_COOKIE = "pp_session", "pp_form"
+DASHBOARD_PAGE = 25
+
+
+@dataclasses.dataclass(frozen=True)
+class SignedIn:
+    """A dashboard request's sign-in: its row (with the developer's email, name, plan) and cookie token."""
+    row: sqlite3.Row
+    token: str
+
+    @property
+    def caller(self):
+        return Caller(self.row["developer_id"], self.row["livemode"], None, self.row["plan"], self.row["email"])
+
+
+def signed_in(rt):
+    """The SignedIn behind this request's cookie; otherwise a redirect to the log-in page."""
+    token = bottle.request.get_cookie(SESSION_COOKIE)
+    row = session_for(rt.db(), rt.config, token)
+    if row is None:
+        query = bottle.request.query_string
+        back = bottle.request.fullpath + ("?" + query if query else "") if bottle.request.method == "GET" else "/dashboard"
+        raise redirect(f"/dashboard/login?{urllib.parse.urlencode({'next': back})}")
+    return SignedIn(row, token)
+
+
+def check_form_token(expected, form):
+    """403 unless the form carries `expected`: a form from another site cannot."""
+    if not expected or not hmac.compare_digest(expected.encode(), (form.get("csrf") or "").encode()):
+        raise ApiError(403, "forbidden", "this form has expired or did not come from this site;"
+                                         " go back, reload the page and try again")
+
+
+def cookie_options(config, **more):
+    return {"path": "/dashboard", "httponly": True, "samesite": "lax",
+            "secure": base_url(config).startswith("https://"), **more}
+
+
+def redirect(location, **cookies):
+    """A 303 to `location`, setting (value) or deleting (None) cookies given as name=(value, options)."""
+    response = bottle.HTTPResponse(status=303, headers={"Location": location, **PAGE_HEADERS})
+    for name, (value, options) in cookies.items():
+        if value is None:
+            response.delete_cookie(name, **options)
+        else:
+            response.set_cookie(name, value, **options)
+    return response
+
+
+def safe_next(target):
+    """Where to go after logging in: a dashboard path of this site, never another site."""
+    target = target or ""
+    if re.fullmatch(r"/dashboard(/[\w\-./?=&%]*)?", target) and "//" not in target and ".." not in target:
+        return target
+    return "/dashboard"
+
+
+# The dashboard's pages may run its one script (copy buttons); the respond page runs none.
+DASHBOARD_HEADERS = {"Cache-Control": "no-store", "Content-Security-Policy":
+                     PAGE_HEADERS["Content-Security-Policy"] + "; script-src 'self'"}
+
+
+def dashboard_page(name, session, status=200, **values):
+    return html_page(name, status=status, headers=DASHBOARD_HEADERS, session=session,
+                     caller=session.caller, csrf=session.row["csrf_token"], **values)
+
+
+def form_page(rt, name, status=200, **values):
+    """A sign-up or log-in page, with the form token it must post back (a new one if needed)."""
+    token = bottle.request.get_cookie(FORM_COOKIE) or secrets.token_urlsafe(32)
+    page = html_page(name, status=status, headers={"Cache-Control": "no-store"}, csrf=token,
+                     registration_open=rt.config["registration.open"], **values)
+    page.set_cookie(FORM_COOKIE, token, **cookie_options(rt.config, samesite="strict"))
+    return page
+
+
+def home(rt):
+    """The front page: where the dashboard and the API's description are."""
+    return html_page("home", registration_open=rt.config["registration.open"])
+
+
+def dashboard_home(rt, session):
+    return redirect("/dashboard/overview")
+
+
+def signup_form(rt):
+    """Sign up: a developer and both API keys."""
+    return form_page(rt, "signup", status=200 if rt.config["registration.open"] else 403, error=None, values={})
+
+
+def signup(rt, form):
+    """Create the developer, sign them in, and show their keys this once."""
+    if not rt.config["registration.open"]:
+        return form_page(rt, "signup", status=403, error=None, values={})
+    try:
+        registration_allowed(rt, None)
+        with rt.hashing_turn():
+            keys = register_developer(rt.db(), rt.config, form.get("email"), form.get("name"), form.get("password"))
+    except ApiError as e:
+        if e.status not in (409, 422):
+            raise
+        return form_page(rt, "signup", status=e.status, error=e.message, values=form)
+    token, _ = start_session(rt.db(), {"id": keys["developer_id"]})
+    session = SignedIn(session_for(rt.db(), rt.config, token), token)
+    page = dashboard_page("keys_shown", session, status=201, keys=[("Live key", keys["api_key"]),
+                                                                     ("Test key", keys["test_api_key"])])
+    page.set_cookie(SESSION_COOKIE, token, **cookie_options(rt.config, max_age=rt.config["dashboard.session_max_hours"] * 3600))
+    return page
+
+
+def login_form(rt, query):
+    return form_page(rt, "login", error=None, email="", next=safe_next(query["next"]), notice=query["notice"])
+
+
+def login(rt, form):
+    """Sign in. A wrong email and a wrong password get the same answer in the same time."""
+    email = (form.get("email") or "").strip().lower()
+    per_hour = rt.config["ratelimit.login_per_hour"]
+    rt.limiter.limit("login", client_ip(), per_hour, "sign-in attempts from your address")
+    rt.limiter.refuse_if_exhausted("login_email", email, per_hour, "failed sign-ins for this email")
+    with rt.hashing_turn():
+        developer = check_password(rt.db(), rt.config, email, form.get("password") or "")
+    if developer is None:
+        rt.limiter.spend("login_email", email, per_hour)
+        return form_page(rt, "login", status=401, error="Email or password is wrong.", email=form.get("email") or "",
+                         next=safe_next(form.get("next")), notice=None)
+    token, _ = start_session(rt.db(), developer)
+    return redirect(safe_next(form.get("next")),
+                    **{SESSION_COOKIE: (token, cookie_options(rt.config,
+                                                              max_age=rt.config["dashboard.session_max_hours"] * 3600))})
+
+
+def logout(rt, session):
+    end_session(rt.db(), session.token)
+    return redirect("/dashboard/login", **{SESSION_COOKIE: (None, cookie_options(rt.config))})
+
+
+def switch_mode(rt, session, form):
+    """Show test or live data from now on."""
+    set_session_mode(rt.db(), session.token, 1 if form.get("mode") == "live" else 0)
+    return redirect(safe_next(form.get("back")))
+
+
+def pauses_page(rt, session, query):
+    """The signed-in developer's pauses in the shown mode, newest first."""
+    page = json.loads(pauses_json(rt.db(), rt.config, session.caller, query["status"], DASHBOARD_PAGE,
+                                  query["cursor"]))
+    return dashboard_page("pauses", session, page=page, status_filter=query["status"])
+
+
+def pause_page(rt, session, pause_id):
+    """One pause: what was asked, of whom, what happened, and its timeline."""
+    pause = owned_pause(rt.db(), session.caller, pause_id)
+    events, _ = audit_page(rt.db(), session.caller, pause_id=pause["id"], limit=200)
+    return dashboard_page("pause", session, pause=json.loads(pause_json(rt.db(), rt.config, pause["id"])),
+                          timeline=[audit_event_json(row) for row in reversed(events)])
+
+
+def cancel_from_dashboard(rt, session, pause_id):
+    cancel_pause(rt.db(), rt.config, session.caller, pause_id)
+    return redirect(f"/dashboard/pauses/{pause_id}")
+
+
+def audit_log_page(rt, session, query):
+    rows, next_cursor = audit_page(rt.db(), session.caller, query["event_type"], query["pause_id"], DASHBOARD_PAGE,
+                                   query["cursor"])
+    return dashboard_page("audit", session, events=[audit_event_json(row) for row in rows], next_cursor=next_cursor,
+                          filters={name: query[name] or "" for name in ("event_type", "pause_id")})
+
+
+# Cells a spreadsheet would run as a formula (an agent's metadata could carry one).
+SPREADSHEET_FORMULA = re.compile(r"[=+\-@\t\r]")
+
+
+def audit_csv(rt, session, query):
+    """The audit log as CSV, written as it is read."""
+    caller = session.caller
+
+    def lines():
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["id", "timestamp", "actor", "event_type", "pause_id", "livemode", "data"])
+        for row in all_audit_events(rt.db(), caller, query["event_type"], query["pause_id"]):
+            event = audit_event_json(row)
+            cells = [event["id"], event["timestamp"], event["actor"], event["event_type"], event["pause_id"] or "",
+                     "true" if event["livemode"] else "false", compact_json(event["data"])]
+            writer.writerow(["'" + cell if SPREADSHEET_FORMULA.match(cell) else cell for cell in cells])
+            if out.tell() > 16384:
+                yield out.getvalue().encode()
+                out.seek(0)
+                out.truncate()
+        yield out.getvalue().encode()
+
+    mode = "live" if caller.livemode else "test"
+    return bottle.HTTPResponse(lines(), headers={
+        "Content-Type": "text/csv; charset=utf-8", "Cache-Control": "no-store", **PAGE_HEADERS,
+        "Content-Disposition": f'attachment; filename="pausepoint-audit-{mode}.csv"'})
+
+
+def keys_page(rt, session, error=None, status=200):
+    """The working keys (their hints), rotation and the password."""
+    return dashboard_page("keys", session, status=status, hints=working_key_hints(rt.db(), session.row["developer_id"]),
+                          error=error)
+
+
+def with_password(rt, session, form):
+    """The developer, if the form's password is theirs; None otherwise (rate-limited)."""
+    rotation_allowed(rt, None)
+    with rt.hashing_turn():
+        return check_password(rt.db(), rt.config, session.row["email"], form.get("password") or "")
+
+
+def rotate_from_dashboard(rt, session, form):
+    """Replace the live or test key, after the password is confirmed; the new key is shown once."""
+    developer = with_password(rt, session, form)
+    if developer is None:
+        return keys_page(rt, session, error="That password is wrong; no key was changed.", status=401)
+    livemode = 1 if form.get("key") == "live" else 0
+    key = rotate_key(rt.db(), developer, livemode)
+    return dashboard_page("keys_shown", session, keys=[("New live key" if livemode else "New test key", key)])
+
+
+def password_from_dashboard(rt, session, form):
+    """A new password; every sign-in ends, this one too."""
+    developer = with_password(rt, session, form)
+    if developer is None:
+        return keys_page(rt, session, error="That password is wrong; the password was not changed.", status=401)
+    try:
+        change_password(rt.db(), rt.config, developer, form.get("new_password") or "")
+    except ApiError as e:
+        return keys_page(rt, session, error=e.message, status=e.status)
+    return redirect("/dashboard/login?notice=password", **{SESSION_COOKIE: (None, cookie_options(rt.config))})
+
+
+def overview_page(rt, session):
+    """The last 30 days in figures and a chart."""
+    return dashboard_page("overview", session, figures=overview_figures(rt.db(), rt.config, session.caller),
+                          duration=human_duration)
+
+
+def human_duration(seconds):
+    if seconds is None:
+        return "—"
+    seconds = round(seconds)            # julianday() arithmetic is a few microseconds off
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 ###############################################################################
@@ -3510,7 +3933,9 @@ class Route:
     path: str                   # Bottle's form: /v1/pause/<pause_id>
     handler: object
     status: int = 200           # the answer's status when all goes well
-    auth: str = "key"           # 'key': Authorization: Bearer pp_…; 'none'; 'twilio': X-Twilio-Signature
+    auth: str = "key"           # 'key': Authorization: Bearer pp_…; 'none'; 'twilio': X-Twilio-Signature;
+                                # 'session': a dashboard sign-in (and on a POST its form's CSRF token);
+                                # 'form': a POST whose form carries the form cookie's token (sign-up, log-in)
     body: object = None         # the request body's JSON Schema, or config -> schema
     query: dict = dataclasses.field(default_factory=dict)      # name -> JSON Schema of each query parameter
     answer: dict = None         # the JSON Schema of a 2xx answer; None: no body
@@ -3549,7 +3974,25 @@ ROUTES = [
     Route("POST", "/v1/respond/<token>", post_respond_json, auth="none", body=RESPONSE_SCHEMA, answer=RESPOND_FACTS),
     Route("GET", "/respond/<token>", get_respond_page, auth="none", page=True),
     Route("POST", "/respond/<token>", post_respond_page, auth="none", page=True),
-    Route("GET", "/static/<name:re:[a-z]+\\.css>", static_css, auth="none", page=True),
+    Route("GET", "/static/<name:re:[a-z]+\\.(css|js)>", static_file, auth="none", page=True),
+    Route("GET", "/", home, auth="none", page=True),
+    Route("GET", "/dashboard", dashboard_home, auth="session", page=True),
+    Route("GET", "/dashboard/signup", signup_form, auth="none", page=True),
+    Route("POST", "/dashboard/signup", signup, auth="form", page=True),
+    Route("GET", "/dashboard/login", login_form, auth="none", page=True, query=LOGIN_QUERY),
+    Route("POST", "/dashboard/login", login, auth="form", page=True),
+    Route("POST", "/dashboard/logout", logout, auth="session", page=True),
+    Route("POST", "/dashboard/mode", switch_mode, auth="session", page=True),
+    Route("GET", "/dashboard/overview", overview_page, auth="session", page=True),
+    Route("GET", "/dashboard/pauses", pauses_page, auth="session", page=True,
+          query={"status": STATUS_QUERY, "cursor": CURSOR}),
+    Route("GET", "/dashboard/pauses/<pause_id>", pause_page, auth="session", page=True),
+    Route("POST", "/dashboard/pauses/<pause_id>/cancel", cancel_from_dashboard, auth="session", page=True),
+    Route("GET", "/dashboard/audit", audit_log_page, auth="session", page=True, query=DASHBOARD_AUDIT_QUERY),
+    Route("GET", "/dashboard/audit.csv", audit_csv, auth="session", page=True, query=DASHBOARD_AUDIT_QUERY),
+    Route("GET", "/dashboard/keys", keys_page, auth="session", page=True),
+    Route("POST", "/dashboard/keys/rotate", rotate_from_dashboard, auth="session", page=True),
+    Route("POST", "/dashboard/password", password_from_dashboard, auth="session", page=True),
 ]
 
 
@@ -3598,6 +4041,12 @@ class Handlers:
             given["rt"] = rt
         if "caller" in wanted:
             given["caller"] = authenticate(rt.db(), request_header("Authorization"))
+        if spec.auth == "session":
+            session = given["session"] = signed_in(rt)
+        if spec.method == "POST" and spec.auth in ("session", "form"):
+            form = given["form"] = read_page_form(rt.config)
+            check_form_token(session.row["csrf_token"] if spec.auth == "session" else
+                             bottle.request.get_cookie(FORM_COOKIE), form)
         if spec.guard is not None:
             spec.guard(rt, given.get("caller"))
         if "body" in wanted:
@@ -3611,7 +4060,7 @@ class Handlers:
             given["query"] = read_query(spec.query, validators[1])
         if "client" in wanted:
             given["client"] = client_facts()
-        return given
+        return {name: value for name, value in given.items() if name in wanted}
 
 
 def create_app(config):
@@ -3636,8 +4085,13 @@ BOTTLE_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_all
                       413: "payload_too_large", 500: "internal_error"}
 
 
+# What templates may call besides the values a page hands them.
+TEMPLATE_HELPERS = {"urlencode": urllib.parse.urlencode,
+                    "json_text": lambda value: json.dumps(value, indent=2, ensure_ascii=False)}
+
+
 def html_page(name, status=200, headers=None, **values):
-    body = bottle.template(name, template_lookup=[TEMPLATES_DIR], **values)
+    body = bottle.template(name, template_lookup=[TEMPLATES_DIR], **TEMPLATE_HELPERS, **values)
     return bottle.HTTPResponse(body, status=status, headers={
         "Content-Type": "text/html; charset=utf-8", **PAGE_HEADERS, **(headers or {})})
 
@@ -3645,21 +4099,26 @@ def html_page(name, status=200, headers=None, **values):
 def error_response(e, page):
     """An ApiError as the one JSON error shape, or as a page for a person."""
     if page:
-        message = e.message if e.status != 500 else UNEXPECTED.capitalize() + "."
+        message = sentence(e.message if e.status != 500 else UNEXPECTED)
         return html_page("respond_error", status=e.status, message=message, headers=e.headers)
     return bottle.HTTPResponse(error_body(e.status, e.code, e.message, e.field), status=e.status,
                                headers={"Content-Type": "application/json", **e.headers})
 
 
+def sentence(text):
+    """'the link has expired' -> 'The link has expired.'"""
+    return text[:1].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
+
+
 def is_page_path(path):
     """Pages a person opens get their errors as a page; everything else as JSON. For the
     errors Bottle and waitress answer before any route is found."""
-    return path.startswith("/respond/")
+    return path.startswith(("/respond/", "/dashboard")) or path == "/"
 
 
 def error_page(message):
     """The error page's HTML for a refusal whose message is not yet a sentence."""
-    return bottle.template("respond_error", template_lookup=[TEMPLATES_DIR], message=message.capitalize() + ".")
+    return bottle.template("respond_error", template_lookup=[TEMPLATES_DIR], message=sentence(message))
 
 
 class ErrorLog:

@@ -49,6 +49,21 @@ CREATE TABLE api_keys (
 -- At most one working key per developer and mode; rotation revokes before it inserts.
 CREATE UNIQUE INDEX api_keys_one_active ON api_keys(developer_id, livemode) WHERE revoked_at IS NULL;
 
+-- Dashboard sign-ins. The cookie carries a 256-bit token; only its SHA-256 is
+-- kept, as for API keys. Logging out deletes the row; changing the password
+-- deletes all of a developer's. A row past either limit (dashboard.session_*)
+-- is refused and deleted when next used, and pruned daily once idle.
+CREATE TABLE dashboard_sessions (
+    token_hash    TEXT PRIMARY KEY,                  -- hex SHA-256 of the cookie's token; serves the lookup
+    developer_id  TEXT NOT NULL REFERENCES developers(id),
+    csrf_token    TEXT NOT NULL,                     -- every form of the session carries it back
+    livemode      INTEGER NOT NULL DEFAULT 0 CHECK (livemode IN (0, 1)),   -- the mode its pages show
+    created_at    TEXT NOT NULL,                     -- the absolute limit counts from here
+    last_seen_at  TEXT NOT NULL                      -- the idle limit from here (updated once a minute at most)
+);
+CREATE INDEX dashboard_sessions_by_developer ON dashboard_sessions(developer_id);
+CREATE INDEX dashboard_sessions_by_last_seen ON dashboard_sessions(last_seen_at);
+
 -- A pause: one question put to one human, and its outcome.
 CREATE TABLE pauses (
     seq              INTEGER PRIMARY KEY AUTOINCREMENT, -- creation order; list and cursor order

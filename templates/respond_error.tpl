@@ -1,2 +1,2 @@
-% rebase('base.tpl', title='Cannot respond')
+% rebase('base.tpl', title=get('title', 'Cannot continue'))
 <p class="outcome" id="outcome">{{message}}</p>

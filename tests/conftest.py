@@ -7,6 +7,7 @@ same app over real HTTP with waitress on a loopback port; `spawn_server` runs
 
 import datetime as dt
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -257,3 +258,26 @@ def spawn_server(tmp_path):
         if server.proc.poll() is None:
             server.proc.kill()
             server.proc.wait()
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+# CI installs Chromium, so there a missing browser is a failure, not a skip.
+needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"),
+                                    reason="needs Debian's chromium and chromium-driver")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium, phone-sized (390 x 844) until a test resizes it."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=390,844", f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()

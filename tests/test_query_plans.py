@@ -61,6 +61,9 @@ def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver):
         fill(api.config, f"dev_small_{n}", 100)
     pausepoint.refresh_statistics(api.app.runtime.db())  # as the server does at start and daily
 
+    token, _ = pausepoint.start_session(api.app.runtime.db(), {"id": keys["developer_id"]})
+    api.set_cookie("pp_session", token)
+
     statements = []
     api.app.runtime.db().set_trace_callback(statements.append)
     api.pause(key, created["pause_id"])
@@ -73,6 +76,9 @@ def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver):
     api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve"})
     api.create_pause(key, **{"recipient": WIRE["recipient"]})
     api.get(f"/v1/webhooks/{webhook_id}/deliveries", headers=auth)
+    for page in ("overview", "pauses", f"pauses/{created['pause_id']}", "audit", "keys",
+                 f"audit.csv?pause_id={created['pause_id']}"):
+        assert api.get(f"/dashboard/{page}").status_code == 200
     for job in ("timeouts", "notifications", "webhooks"):
         api.step(job)
     api.app.runtime.db().set_trace_callback(None)

@@ -1,35 +1,12 @@
 """The respond page as a human gets it: real headless Chromium against the real server."""
 
-import os
-import shutil
-
-import pytest
 import requests
 
-from conftest import WIRE, token_of
+from conftest import WIRE, needs_chromium, token_of
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-# CI installs Chromium, so there a missing browser is a failure, not a skip.
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"),
-                                reason="needs Debian's chromium and chromium-driver")
+pytestmark = needs_chromium
 
 XSS = '<img src=x onerror="document.title=\'pwned\'"><script>document.title="pwned"</script>'
-
-
-@pytest.fixture
-def browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=390,844", f"--user-data-dir={tmp_path / 'chromium'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
 
 
 def test_a_human_taps_a_choice_on_a_phone_sized_page_and_sees_it_recorded(live_server, browser, tmp_path):

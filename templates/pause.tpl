@@ -1,0 +1,41 @@
+% rebase('dashboard.tpl', title='Pause', here='pauses', back='/dashboard/pauses')
+<p><a href="/dashboard/pauses">← All pauses</a></p>
+<h1>Pause <code>{{pause['pause_id']}}</code></h1>
+<p><span class="status {{pause['status']}}" id="status">{{pause['status'].replace('_', ' ')}}</span>
+% if pause['choice']:
+ · choice <strong id="choice">{{pause['choice']}}</strong>
+% end
+% if pause['decided_by']:
+ · by {{pause['decided_by']}} at {{pause['decided_at']}}
+% end
+</p>
+<blockquote class="message">{{pause['message']}}</blockquote>
+<dl class="facts">
+  <dt>Options</dt><dd>{{', '.join(pause['options'])}}</dd>
+  <dt>Recipient</dt><dd>{{pause['recipient']}} over {{pause['channel']}}</dd>
+  <dt>If nobody answers</dt><dd>{{pause['timeout_default'] or 'nothing is decided'}} at {{pause['expires_at']}}</dd>
+% if pause['comment']:
+  <dt>Comment</dt><dd class="text">{{pause['comment']}}</dd>
+% end
+% if pause['notification']:
+  <dt>Notification</dt><dd>{{pause['notification']['status']}} after {{pause['notification']['attempts']}} attempt(s){{(': ' + pause['notification']['last_error']) if pause['notification']['last_error'] else ''}}</dd>
+  <dt>Text sent</dt><dd class="text">{{pause['notification']['text']}}</dd>
+% else:
+  <dt>Notification</dt><dd>none: the agent delivers the respond link</dd>
+% end
+% if pause['metadata'] is not None:
+  <dt>Metadata</dt><dd><pre class="text">{{json_text(pause['metadata'])}}</pre></dd>
+% end
+</dl>
+% if pause['status'] == 'pending':
+<form method="post" action="/dashboard/pauses/{{pause['pause_id']}}/cancel">
+  <input type="hidden" name="csrf" value="{{csrf}}">
+  <button type="submit" class="danger">Cancel this pause</button>
+</form>
+% end
+<h2>Timeline</h2>
+<ol class="timeline" id="timeline">
+% for event in timeline:
+  <li><time>{{event['timestamp']}}</time> <strong>{{event['event_type']}}</strong> <span class="muted">by {{event['actor']}}</span></li>
+% end
+</ol>

@@ -1,0 +1,35 @@
+% rebase('dashboard.tpl', title='Pauses', here='pauses')
+<h1>Pauses</h1>
+<form method="get" action="/dashboard/pauses" class="filters">
+  <label for="status">Status</label>
+  <select id="status" name="status">
+    <option value="">any</option>
+% for name in ('pending', 'responded', 'timed_out', 'cancelled'):
+    <option value="{{name}}"{{!' selected' if status_filter == name else ''}}>{{name.replace('_', ' ')}}</option>
+% end
+  </select>
+  <button type="submit" class="secondary">Filter</button>
+</form>
+% if not page['pauses']:
+<p id="empty">No pauses{{' with this status' if status_filter else ''}} yet. Create one with your {{'live' if caller.livemode else 'test'}} key: <code>POST /v1/pause</code>.</p>
+% else:
+<div class="scroll">
+<table id="pauses">
+  <thead><tr><th scope="col">Created (UTC)</th><th scope="col">Message</th><th scope="col">Recipient</th><th scope="col">Status</th><th scope="col">Choice</th></tr></thead>
+  <tbody>
+% for pause in page['pauses']:
+    <tr>
+      <td><a href="/dashboard/pauses/{{pause['pause_id']}}">{{pause['created_at'].replace('T', ' ').rstrip('Z')}}</a></td>
+      <td class="text">{{pause['message'] if len(pause['message']) <= 90 else pause['message'][:89] + '…'}}</td>
+      <td>{{pause['recipient']}} <span class="muted">({{pause['channel']}})</span></td>
+      <td><span class="status {{pause['status']}}">{{pause['status'].replace('_', ' ')}}</span></td>
+      <td>{{pause['choice'] or ''}}</td>
+    </tr>
+% end
+  </tbody>
+</table>
+</div>
+% end
+% if page['next_cursor']:
+<p><a href="/dashboard/pauses?{{!urlencode(dict(cursor=page['next_cursor'], **({'status': status_filter} if status_filter else {})))}}" rel="next">Older pauses</a></p>
+% end

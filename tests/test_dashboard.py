@@ -1,0 +1,307 @@
+"""The dashboard, through its forms as a browser posts them (WebTest keeps the cookies)."""
+
+import re
+import urllib.parse
+
+import pytest
+
+from conftest import PASSWORD, WIRE, stored, token_of
+import pausepoint
+
+XSS = '<script>alert(1)</script><img src=x onerror=alert(2)>'
+
+
+def sign_up(api, email="dev@example.com", name="Dev", password=PASSWORD):
+    """Sign up through the form; returns (the page that shows the keys, {label: key})."""
+    form = api.get("/dashboard/signup").forms[0]
+    form["email"], form["name"], form["password"] = email, name, password
+    page = form.submit(status=201)
+    keys = {field["id"]: field["value"] for field in page.html.select("input.secret")}
+    return page, {"live": keys["key-0"], "test": keys["key-1"]}
+
+
+def log_in(api, email="dev@example.com", password=PASSWORD, status=303, start="/dashboard/login"):
+    form = api.get(start).maybe_follow().forms[0]
+    form["email"], form["password"] = email, password
+    return form.submit(status=status)
+
+
+def timeline(page):
+    return [item.select_one("strong").text for item in page.html.select("#timeline li")]
+
+
+def post_form(api, page, action, **fields):
+    """Submit the form of `page` that posts to `action`, with these fields changed."""
+    form = next(f for f in page.forms.values() if f.action == action)
+    for name, value in fields.items():
+        form[name] = value
+    return form.submit(status="*")
+
+
+def test_signing_up_shows_both_keys_once_and_signs_in(api):
+    page, keys = sign_up(api)
+    assert keys["live"].startswith("pp_live_") and keys["test"].startswith("pp_test_")
+    assert "you will not see these again" in page.text and page.headers["Cache-Control"] == "no-store"
+    assert api.get("/v1/pause", headers=api.as_key(keys["test"])).status_code == 200     # the keys work
+    cookie = next(c for c in page.headers.getall("Set-Cookie") if c.startswith("pp_session="))
+    assert "HttpOnly" in cookie and "samesite=lax" in cookie.lower() and "Path=/dashboard" in cookie
+    assert "Secure" not in cookie                                   # base_url is http here
+    overview = api.get("/dashboard/overview")
+    assert overview.status_code == 200 and "dev@example.com" in overview.text
+    assert api.get("/dashboard/keys").text.count(keys["test"]) == 0      # never shown again
+
+
+def test_the_cookie_is_secure_when_the_server_is_https(running_api):
+    api = running_api(**{"server.base_url": "https://approvals.example.com"})
+    api.extra_environ["wsgi.url_scheme"] = "https"             # as the browser sees it, behind the TLS proxy
+    page = api.get("/dashboard/signup")
+    assert "Secure" in page.headers["Set-Cookie"]
+    form = page.forms[0]
+    form["email"], form["name"], form["password"] = "s@example.com", "S", PASSWORD
+    signed_up = form.submit(status=201)
+    cookie = next(c for c in signed_up.headers.getall("Set-Cookie") if c.startswith("pp_session="))
+    assert "Secure" in cookie
+
+
+def test_logging_out_ends_the_session_and_logging_in_starts_one(api):
+    page, _ = sign_up(api)
+    token = api.cookies["pp_session"]
+    post_form(api, api.get("/dashboard/overview"), "/dashboard/logout")
+    assert stored(api.config, "SELECT count(*) FROM dashboard_sessions") == [(0,)]
+    api.set_cookie("pp_session", token)                         # the old cookie, replayed
+    assert api.get("/dashboard/pauses").status_code == 303
+    api.reset()
+    answer = log_in(api, start="/dashboard/login?next=/dashboard/pauses")
+    assert answer.headers["Location"].endswith("/dashboard/pauses")
+    assert api.get("/dashboard/pauses").status_code == 200
+
+
+def test_a_logged_out_visitor_is_sent_to_log_in_and_back(api):
+    sign_up(api)
+    api.reset()
+    answer = api.get("/dashboard/pauses?status=pending")
+    assert answer.status_code == 303 and answer.headers["Location"].endswith(
+        "/dashboard/login?next=%2Fdashboard%2Fpauses%3Fstatus%3Dpending")
+    assert log_in(api, start=answer.headers["Location"]).headers["Location"].endswith("/dashboard/pauses?status=pending")
+
+
+@pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example/x", "/dashboard/../v1/pause",
+                                    "/dashboard\\@evil.example", "javascript:alert(1)"])
+def test_after_logging_in_only_dashboard_paths_are_followed(api, target):
+    sign_up(api)
+    api.reset()
+    location = urllib.parse.urlsplit(log_in(api, start=f"/dashboard/login?{urllib.parse.urlencode({'next': target})}")
+                                     .headers["Location"])
+    assert location.netloc in ("", "localhost", "localhost:80") and (location.path, location.query) == ("/dashboard", "")
+
+
+def test_a_wrong_password_and_an_unknown_email_get_the_same_answer(api):
+    sign_up(api)
+    api.reset()
+    wrong = log_in(api, password="wrong password", status=401)
+    unknown = log_in(api, email="nobody@example.com", status=401)
+    assert "Email or password is wrong." in wrong.text and "Email or password is wrong." in unknown.text
+    assert "pp_session" not in api.cookies
+
+
+def test_logins_are_rate_limited_per_address(running_api):
+    api = running_api(**{"ratelimit.login_per_hour": 3})
+    sign_up(api)
+    api.reset()
+    for _ in range(3):
+        log_in(api, password="wrong password", status=401)
+    assert "too many sign-in attempts" in log_in(api, status=429).text.lower()     # even the right password
+
+
+def test_failed_logins_for_one_email_are_limited_from_any_address(running_api):
+    api = running_api(**{"ratelimit.login_per_hour": 2})
+    sign_up(api)
+    for n in range(2):
+        api.reset()
+        api.extra_environ["REMOTE_ADDR"] = f"192.0.2.{100 + n}"
+        log_in(api, password="wrong password", status=401)
+    api.reset()
+    api.extra_environ["REMOTE_ADDR"] = "192.0.2.200"
+    assert "failed sign-ins for this email" in log_in(api, status=429).text
+
+
+def test_forms_without_the_csrf_token_are_refused_and_change_nothing(api):
+    _, keys = sign_up(api)
+    created = api.create_pause(keys["test"])
+    page = api.get(f"/dashboard/pauses/{created['pause_id']}")
+    for token in ("", "x" * 43):
+        answer = post_form(api, page, f"/dashboard/pauses/{created['pause_id']}/cancel", csrf=token)
+        assert answer.status_code == 403 and "did not come from this site" in answer.text
+    assert api.pause(keys["test"], created["pause_id"])["status"] == "pending"
+    login_page = api.get("/dashboard/login")
+    api.reset()                                                  # a form from another site: no form cookie
+    assert post_form(api, login_page, "/dashboard/login", email="dev@example.com", password=PASSWORD).status_code == 403
+
+
+def test_sessions_end_when_idle_and_at_their_absolute_limit(running_api):
+    api = running_api(**{"dashboard.session_idle_minutes": 30, "dashboard.session_max_hours": 24})
+    sign_up(api)
+    assert api.get("/dashboard/pauses").status_code == 200
+    stored(api.config, "UPDATE dashboard_sessions SET last_seen_at = ?",
+           pausepoint.db_time(pausepoint.utcnow() - pausepoint.dt.timedelta(minutes=31)))
+    assert api.get("/dashboard/pauses").status_code == 303
+    assert stored(api.config, "SELECT count(*) FROM dashboard_sessions") == [(0,)]
+    log_in(api)
+    stored(api.config, "UPDATE dashboard_sessions SET created_at = ?",
+           pausepoint.db_time(pausepoint.utcnow() - pausepoint.dt.timedelta(hours=24, seconds=1)))
+    assert api.get("/dashboard/pauses").status_code == 303
+
+
+def test_a_pause_appears_in_the_list_and_its_page_and_can_be_cancelled_there(running_api):
+    api = running_api(jobs=False)
+    _, keys = sign_up(api)
+    created = api.create_pause(keys["test"], message=f"Wire $340? {XSS}", metadata={"note": XSS})
+    listing = api.get("/dashboard/pauses")
+    assert created["pause_id"] in listing.text and XSS not in listing.text and "&lt;script&gt;" in listing.text
+    assert listing.html.select_one("#test-mode") is not None           # the test-mode badge
+    page = api.get(f"/dashboard/pauses/{created['pause_id']}")
+    assert XSS not in page.text and timeline(page) == ["pause.created"]
+    api.step("notifications")
+    page = api.get(f"/dashboard/pauses/{created['pause_id']}")
+    post_form(api, page, f"/dashboard/pauses/{created['pause_id']}/cancel")
+    assert api.pause(keys["test"], created["pause_id"])["status"] == "cancelled"
+    page = api.get(f"/dashboard/pauses/{created['pause_id']}")
+    assert timeline(page) == ["pause.created", "notification.simulated", "pause.cancelled"]
+    assert re.search(r"by dashboard:dev@example.com", page.text)
+    assert api.get("/dashboard/pauses?status=pending").html.select_one("#empty") is not None
+
+
+def test_the_mode_switch_shows_live_or_test_data_never_both(running_api, twilio):
+    api = running_api(**twilio.settings())
+    _, keys = sign_up(api)
+    test_pause = api.create_pause(keys["test"])
+    live_pause = api.create_pause(keys["live"])
+    listing = api.get("/dashboard/pauses")
+    assert test_pause["pause_id"] in listing.text and live_pause["pause_id"] not in listing.text
+    listing = post_form(api, listing, "/dashboard/mode").maybe_follow()
+    assert live_pause["pause_id"] in listing.text and test_pause["pause_id"] not in listing.text
+    assert listing.html.select_one("#test-mode") is None
+    assert api.get(f"/dashboard/pauses/{test_pause['pause_id']}", status=404)
+
+
+def test_a_second_developer_sees_none_of_the_firsts_data_even_by_url(api):
+    _, keys = sign_up(api)
+    created = api.create_pause(keys["test"])
+    api.reset()
+    sign_up(api, email="other@example.com")
+    assert created["pause_id"] not in api.get("/dashboard/pauses").text
+    assert api.get(f"/dashboard/pauses/{created['pause_id']}", status=404)
+    assert created["pause_id"] not in api.get("/dashboard/audit").text
+    assert created["pause_id"] not in api.get(f"/dashboard/audit.csv?pause_id={created['pause_id']}").text
+    other_page = api.get("/dashboard/overview")
+    cancel = api.post(f"/dashboard/pauses/{created['pause_id']}/cancel",
+                      {"csrf": other_page.html.select_one("input[name=csrf]")["value"]}, status=404)
+    assert cancel.status_code == 404 and stored(api.config, "SELECT status FROM pauses") == [("pending",)]
+
+
+def test_the_audit_log_filters_and_downloads_as_csv_safe_for_spreadsheets(running_api):
+    api = running_api(jobs=False)
+    _, keys = sign_up(api)
+    first = api.create_pause(keys["test"], metadata={"cell": "=HYPERLINK(\"http://evil\")"})
+    second = api.create_pause(keys["test"])
+    api.post(f"/v1/pause/{first['pause_id']}/cancel", headers=api.as_key(keys["test"]))
+    page = api.get("/dashboard/audit", {"event_type": "pause.cancelled"})
+    assert [td.text for td in page.html.select("#events tbody tr td:nth-of-type(2)")] == ["pause.cancelled"]
+    download = api.get("/dashboard/audit.csv")
+    assert download.headers["Content-Type"] == "text/csv; charset=utf-8"
+    assert "attachment" in download.headers["Content-Disposition"]
+    rows = list(pausepoint.csv.reader(download.text.splitlines()))
+    assert rows[0][:4] == ["id", "timestamp", "actor", "event_type"]
+    assert [row[3] for row in rows[1:]] == ["pause.cancelled", "pause.created", "pause.created"]
+    assert {row[4] for row in rows[1:]} == {first["pause_id"], second["pause_id"]}
+    assert not any(cell.startswith(("=", "+", "-", "@")) for row in rows for cell in row)
+
+
+def test_the_audit_csv_is_streamed_a_page_at_a_time(live_server):
+    """Over real HTTP: no Content-Length, chunked, and more rows than one read page."""
+    import requests
+    session = requests.Session()
+    page = session.get(f"{live_server.url}/dashboard/signup")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    signed_up = session.post(f"{live_server.url}/dashboard/signup",
+                             data={"csrf": csrf, "email": "csv@example.com", "name": "C", "password": PASSWORD})
+    key = re.search(r'value="(pp_test_[^"]+)"', signed_up.text).group(1)
+    developer = stored(live_server.app.runtime.config, "SELECT id FROM developers")[0][0]
+    stored(live_server.app.runtime.config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2500)"
+                               " INSERT INTO audit_events (timestamp, developer_id, livemode, actor, event_type, data)"
+                               " SELECT '2026-01-01T00:00:00.000Z', ?, 0, 'api:x', 'test.event', '{}' FROM n", developer)
+    answer = session.get(f"{live_server.url}/dashboard/audit.csv", stream=True)
+    assert answer.headers.get("Transfer-Encoding") == "chunked" and "Content-Length" not in answer.headers
+    assert len(answer.text.splitlines()) == 1 + 2500            # the header, then every event
+    assert key.startswith("pp_test_")
+
+
+def test_rotating_a_key_needs_the_password_and_shows_the_new_key_once(api):
+    _, keys = sign_up(api)
+    page = api.get("/dashboard/keys")
+    wrong = post_form(api, page, "/dashboard/keys/rotate", key="test", password="not my password")
+    assert wrong.status_code == 401 and api.get("/v1/pause", headers=api.as_key(keys["test"])).status_code == 200
+    shown = post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test", password=PASSWORD)
+    new_key = shown.html.select_one("input.secret")["value"]
+    assert new_key.startswith("pp_test_") and new_key != keys["test"]
+    assert api.get("/v1/pause", headers=api.as_key(keys["test"]), status=401)
+    assert api.get("/v1/pause", headers=api.as_key(new_key)).status_code == 200
+    assert api.get("/v1/pause", headers=api.as_key(keys["live"])).status_code == 200    # the other mode's key stays
+    assert new_key not in api.get("/dashboard/keys").text
+
+
+def test_changing_the_password_ends_every_session(api):
+    sign_up(api)
+    other_browser = api.cookies["pp_session"]
+    log_in(api)                                                   # a second sign-in
+    assert stored(api.config, "SELECT count(*) FROM dashboard_sessions") == [(2,)]
+    answer = post_form(api, api.get("/dashboard/keys"), "/dashboard/password", password=PASSWORD,
+                       new_password="a brand new passphrase")
+    assert answer.headers["Location"].endswith("/dashboard/login?notice=password")
+    assert stored(api.config, "SELECT count(*) FROM dashboard_sessions") == [(0,)]
+    api.set_cookie("pp_session", other_browser)
+    assert api.get("/dashboard/pauses").status_code == 303
+    log_in(api, password=PASSWORD, status=401)
+    log_in(api, password="a brand new passphrase")
+
+
+def test_when_registration_is_closed_the_page_says_how_developers_are_added(running_api):
+    api = running_api(**{"registration.open": False})
+    page = api.get("/dashboard/signup", status=403)
+    assert "create-developer" in page.text and not page.forms
+    csrf_page = api.get("/dashboard/login")
+    answer = api.post("/dashboard/signup", {"csrf": csrf_page.html.select_one("input[name=csrf]")["value"],
+                                            "email": "x@example.com", "name": "X", "password": PASSWORD}, status=403)
+    assert "create-developer" in answer.text and stored(api.config, "SELECT count(*) FROM developers") == [(0,)]
+
+
+def test_the_overview_counts_outcomes_times_and_usage(running_api, twilio):
+    api = running_api(**twilio.settings())
+    _, keys = sign_up(api)
+    key = keys["test"]
+    approved, rejected, timed_out, cancelled, pending = (api.create_pause(key)["pause_id"] for _ in range(5))
+    tokens = dict(stored(api.config, "SELECT id, respond_token FROM pauses"))
+    api.post_json(f"/v1/respond/{tokens[approved]}", {"choice": "Approve"})
+    api.post_json(f"/v1/respond/{tokens[rejected]}", {"choice": "Reject"})
+    api.post(f"/v1/pause/{cancelled}/cancel", headers=api.as_key(key))
+    stored(api.config, "UPDATE pauses SET expires_at = '2000-01-01T00:00:00.000Z' WHERE id = ?", timed_out)
+    api.step("timeouts")
+    # Answers 60 s and 600 s after creation: median 60 s (nearest rank), p90 600 s.
+    stored(api.config, "UPDATE pauses SET decided_at = strftime('%Y-%m-%dT%H:%M:%fZ', created_at, '+60 seconds')"
+                       " WHERE id = ?", approved)
+    stored(api.config, "UPDATE pauses SET decided_at = strftime('%Y-%m-%dT%H:%M:%fZ', created_at, '+600 seconds')"
+                       " WHERE id = ?", rejected)
+    api.create_pause(keys["live"])
+    page = api.get("/dashboard/overview").html
+    assert page.select_one("#total").text == "5"
+    assert page.select_one("#median").text == "1.0 min" and page.select_one("#p90").text == "10.0 min"
+    assert page.select_one("#timeout-share").text == "25%"                       # 1 of 4 decided
+    assert page.select_one("#usage").text == "1 of 100"
+    titles = sorted(t.text.split(": ")[1] for t in page.select("#chart rect title"))
+    assert titles == ["1 approved", "1 cancelled", "1 pending", "1 rejected", "1 timed out"]
+    assert pending
+
+
+def test_the_front_page_links_to_the_dashboard_and_the_api_description(api):
+    page = api.get("/")
+    assert {a["href"] for a in page.html.select("a")} >= {"/dashboard", "/dashboard/signup", "/v1/openapi.json"}

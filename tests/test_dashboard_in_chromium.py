@@ -1,0 +1,88 @@
+"""The dashboard as a developer uses it, and the respond page as their human does:
+real headless Chromium against the real server. Screenshots go to docs/screenshots."""
+
+import os
+
+import requests
+
+from conftest import ROOT, WIRE, needs_chromium
+
+pytestmark = needs_chromium
+
+SCREENSHOTS = os.path.join(ROOT, "docs", "screenshots")
+
+
+def fill(browser, **fields):
+    from selenium.webdriver.common.by import By
+    for name, value in fields.items():
+        field = browser.find_element(By.NAME, name)
+        field.clear()
+        field.send_keys(value)
+
+
+def click(browser, selector):
+    """Click, and wait for the page it leads to."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+    element = browser.find_element(By.CSS_SELECTOR, selector)
+    element.click()
+    WebDriverWait(browser, 10).until(expected_conditions.staleness_of(element))
+
+
+def test_sign_up_log_in_watch_a_pause_get_answered_and_see_it_counted(live_server, browser):
+    from selenium.webdriver.common.by import By
+
+    url = live_server.url
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    browser.set_window_size(1280, 900)
+
+    browser.get(url + "/")
+    click(browser, "a[href='/dashboard/signup']")
+    fill(browser, email="dana@example.com", name="Dana's agents", password="correct horse battery")
+    click(browser, "form button[type=submit]")
+    assert "you will not see these again" in browser.page_source
+    keys = [field.get_attribute("value") for field in browser.find_elements(By.CSS_SELECTOR, "input.secret")]
+    assert keys[0].startswith("pp_live_") and keys[1].startswith("pp_test_")
+    copy = browser.find_elements(By.CSS_SELECTOR, "button[data-copy]")
+    assert len(copy) == 2 and all(button.is_displayed() for button in copy)     # the script ran under the CSP
+
+    click(browser, "form.logout button")
+    assert browser.current_url.endswith("/dashboard/login")
+    browser.get(url + "/dashboard/pauses")                                     # logged out: sent to log in
+    assert "/dashboard/login?next=" in browser.current_url
+    fill(browser, email="dana@example.com", password="correct horse battery")
+    click(browser, "form.stack button")
+    assert browser.current_url.endswith("/dashboard/pauses")
+    assert browser.find_element(By.ID, "test-mode").is_displayed()
+
+    headers = {"Authorization": f"Bearer {keys[1]}"}
+    created = requests.post(f"{url}/v1/pause", json={**WIRE, "message": "Wire $340 to Acme Corp for invoice 7?"},
+                            headers=headers).json()
+    browser.refresh()
+    row = browser.find_element(By.CSS_SELECTOR, "#pauses tbody tr")
+    assert "Wire $340" in row.text and "pending" in row.text
+    browser.save_screenshot(os.path.join(SCREENSHOTS, "pauses.png"))
+
+    dashboard = browser.current_window_handle
+    browser.switch_to.new_window("window")
+    browser.set_window_size(375, 812)
+    browser.get(created["respond_url"].replace("http://127.0.0.1:8080", url))
+    browser.save_screenshot(os.path.join(SCREENSHOTS, "respond-375px.png"))
+    assert browser.find_element(By.CSS_SELECTOR, "button[name=choice]").size["width"] >= 300
+    click(browser, "button[name=choice]")
+    assert browser.find_element(By.ID, "outcome").text.startswith("Recorded: Approve")
+    browser.close()
+    browser.switch_to.window(dashboard)
+
+    browser.get(f"{url}/dashboard/pauses/{created['pause_id']}")
+    assert browser.find_element(By.ID, "status").text == "responded"
+    assert browser.find_element(By.ID, "choice").text == "Approve"
+    timeline = [item.find_element(By.TAG_NAME, "strong").text
+                for item in browser.find_elements(By.CSS_SELECTOR, "#timeline li")]
+    assert timeline[0] == "pause.created" and timeline[-1] == "pause.responded"     # the simulated text between
+    browser.get(url + "/dashboard/overview")
+    assert browser.find_element(By.ID, "total").text == "1"
+    assert browser.find_element(By.ID, "timeout-share").text == "0%"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#chart rect.approved")) == 1
+    browser.save_screenshot(os.path.join(SCREENSHOTS, "overview.png"))
