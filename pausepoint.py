@@ -1055,6 +1055,16 @@ IDEMPOTENCY_WINDOW = dt.timedelta(hours=24)
 MIN_TIMEOUT_SECONDS = 1.0
 
 
+# Deeper than anyone writes by hand, well inside what SQLite's JSON functions read (1,000).
+MAX_METADATA_NESTING = 32
+
+
+def nesting(value):
+    """How deep objects and arrays go in a JSON value: 0 for a scalar."""
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    return 0 if children is None else 1 + max(map(nesting, children), default=0)
+
+
 def pause_fields(body, config):
     """What pause_request_schema cannot say about a POST /v1/pause body already checked
     against it; returns the clean fields or raises 422 naming the field."""
@@ -1066,6 +1076,8 @@ def pause_fields(body, config):
     metadata = body.get("metadata")
     if metadata is not None and len(compact_json(metadata).encode("utf-8")) > MAX_METADATA_BYTES:
         raise invalid("metadata", f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON")
+    if metadata is not None and nesting(metadata) > MAX_METADATA_NESTING:
+        raise invalid("metadata", f"metadata must be nested at most {MAX_METADATA_NESTING} levels deep")
     return {"recipient": recipient, "channel": body["channel"], "message": message, "options": options,
             "timeout_seconds": body["timeout_hours"] * 3600,
             "timeout_default": default.strip() if default is not None else None, "metadata": metadata}
@@ -1526,7 +1538,7 @@ def owned_pause(conn, caller, pause_id):
     pause = conn.execute("SELECT * FROM pauses WHERE id = ? AND developer_id = ? AND livemode = ?",
                          (pause_id, caller.developer_id, caller.livemode)).fetchone()
     if pause is None:
-        raise ApiError(404, "not_found", f"no pause {pause_id!r} for this API key")
+        raise ApiError(404, "not_found", f"no pause {shorten(pause_id)!r} for this API key")
     return pause
 
 
@@ -2160,8 +2172,13 @@ def simulate_due_notifications(conn):
                          {"channel": row["channel"], "recipient": row["recipient"], "text": row["text"]}, when=now)
     return in_batches(conn, "UPDATE notifications SET status = 'simulated', attempts = attempts + 1, updated_at = :now"
                             " WHERE id IN (SELECT id FROM notifications WHERE status IN ('queued', 'sending')"
-                            " AND livemode = 0 AND next_attempt_at <= :now ORDER BY next_attempt_at LIMIT :batch)"
-                            " RETURNING *", record)
+                            " AND livemode = 0 AND next_attempt_at <= :now AND " + STILL_OPEN +
+                            " ORDER BY next_attempt_at LIMIT :batch) RETURNING *", record)
+
+
+# A notification is sent only while its pause can still be answered. One whose pause ran
+# out (while the server was down, say) waits for the timeout job, which cancels it.
+STILL_OPEN = "(SELECT expires_at FROM pauses p WHERE p.id = notifications.pause_id) > :now"
 
 
 def due_live_notifications(conn, per_developer):
@@ -2197,9 +2214,10 @@ def claim_notification(conn, config, row):
     claim_until = claim_expiry(config, NOTIFICATION_CLAIM_SECONDS)
     with transaction(conn):
         claimed = conn.execute(
-            "UPDATE notifications SET status = 'sending', attempts = attempts + 1, next_attempt_at = ?, updated_at = ?"
-            " WHERE id = ? AND status = ? AND next_attempt_at = ?",
-            (claim_until, db_time(), row["id"], row["status"], row["next_attempt_at"])).rowcount
+            "UPDATE notifications SET status = 'sending', attempts = attempts + 1, next_attempt_at = :until,"
+            " updated_at = :now WHERE id = :id AND status = :status AND next_attempt_at = :due AND " + STILL_OPEN,
+            {"until": claim_until, "now": db_time(), "id": row["id"], "status": row["status"],
+             "due": row["next_attempt_at"]}).rowcount
     return claim_until if claimed else None
 
 
@@ -2307,6 +2325,10 @@ def url_problem(url, allow_private):
         return "url must be an http:// or https:// URL"
     if parts.username or parts.password:
         return "url must not contain credentials; receivers authenticate calls by their signature"
+    try:
+        parts.hostname.encode("idna")       # what a connection will need: labels of 1-63 characters
+    except UnicodeError:
+        return f"url's host {parts.hostname[:100]} is not a valid host name"
     address = literal_address(parts.hostname)
     if not allow_private and (address and not is_public_address(address) or LOCAL_NAMES.search(parts.hostname)):
         return (f"url's host {parts.hostname} is a loopback, private or otherwise non-public address;"
@@ -2480,7 +2502,7 @@ def delete_webhook(conn, caller, webhook_id):
         now = db_time()
         conn.execute("UPDATE webhooks SET deleted_at = ?, updated_at = ? WHERE id = ?", (now, now, webhook_id))
         conn.execute("UPDATE webhook_deliveries SET status = 'cancelled', next_attempt_at = NULL, updated_at = ?"
-                     " WHERE webhook_id = ? AND status = 'pending'", (now, webhook_id))
+                     " WHERE webhook_id = ? AND status IN ('pending', 'delivering')", (now, webhook_id))
         record_event(conn, caller.developer_id, caller.livemode, caller.actor, "webhook.deleted",
                      data={"webhook_id": webhook_id, "url": webhook["url"]}, when=now)
 
@@ -2501,7 +2523,7 @@ def owned_webhook(conn, caller, webhook_id):
     webhook = conn.execute("SELECT * FROM webhooks WHERE id = ? AND developer_id = ? AND livemode = ?"
                            " AND deleted_at IS NULL", (webhook_id, caller.developer_id, caller.livemode)).fetchone()
     if webhook is None:
-        raise ApiError(404, "not_found", f"no webhook {webhook_id!r} for this API key")
+        raise ApiError(404, "not_found", f"no webhook {shorten(webhook_id)!r} for this API key")
     return webhook
 
 
@@ -2559,7 +2581,7 @@ def send_test_event(conn, caller, webhook_id):
     with transaction(conn):
         refuse_if_disabled(owned_webhook(conn, caller, webhook_id))
         [delivery_id] = queue_event(conn, caller.developer_id, caller.livemode, "webhook.test",
-                                    {"webhook_id": webhook_id, "message": "A test event from PausePoint."},
+                                    {"webhook_id": webhook_id, "message": "A test event from PausePoint."},  # TEST_EVENT_DATA
                                     [webhook_id])
         return conn.execute("SELECT * FROM webhook_deliveries WHERE id = ?", (delivery_id,)).fetchone()
 
@@ -2576,7 +2598,7 @@ def redeliver(conn, caller, webhook_id, delivery_id):
             exists = conn.execute("SELECT 1 FROM webhook_deliveries WHERE id = ? AND webhook_id = ?",
                                   (delivery_id, webhook_id)).fetchone()
             if not exists:
-                raise ApiError(404, "not_found", f"no delivery {delivery_id!r} for this webhook")
+                raise ApiError(404, "not_found", f"no delivery {shorten(delivery_id)!r} for this webhook")
             raise ApiError(409, "delivery_in_progress", "this delivery is being attempted right now")
         wake_after_commit(conn, "webhooks")
         return conn.execute("SELECT * FROM webhook_deliveries WHERE id = ?", (delivery_id,)).fetchone()
@@ -2620,7 +2642,8 @@ def due_deliveries(conn, per_webhook):
         " SELECT min(webhook_id) FROM webhook_deliveries WHERE status IN ('pending', 'delivering')"
         " UNION ALL SELECT (SELECT min(webhook_id) FROM webhook_deliveries WHERE status IN ('pending', 'delivering')"
         "  AND webhook_id > waiting.webhook_id) FROM waiting WHERE webhook_id IS NOT NULL)"
-        " SELECT w.id, w.developer_id FROM waiting JOIN webhooks w ON w.id = waiting.webhook_id").fetchall()
+        " SELECT w.id, w.developer_id FROM waiting JOIN webhooks w ON w.id = waiting.webhook_id"
+        " WHERE w.status = 'enabled' AND w.deleted_at IS NULL").fetchall()
     by_developer = {}
     for webhook_id, developer_id in waiting:
         rows = conn.execute(
@@ -2639,7 +2662,8 @@ def claim_delivery(conn, config, row):
     with transaction(conn):
         won = conn.execute(
             "UPDATE webhook_deliveries SET status = 'delivering', attempts = attempts + 1, next_attempt_at = ?,"
-            " updated_at = ? WHERE id = ? AND status = ? AND next_attempt_at = ?",
+            " updated_at = ? WHERE id = ? AND status = ? AND next_attempt_at = ? AND EXISTS (SELECT 1 FROM webhooks w"
+            " WHERE w.id = webhook_deliveries.webhook_id AND w.status = 'enabled' AND w.deleted_at IS NULL)",
             (claim_until, db_time(), row["id"], row["status"], row["next_attempt_at"])).rowcount
     return claim_until if won else None
 
@@ -2664,7 +2688,7 @@ def attempt_delivery(conn, config, deadlines, connections, delivery_id, attempt,
         "X-PausePoint-Signature": signature_header(signing, int(time.time()), body),
     }
     started_at, started = db_time(), time.monotonic()
-    status_code, error, retry_after = None, None, None
+    status_code, error, retry_after, final = None, None, None, False
     deadline = deadlines.deadline(config["outbound.deadline_seconds"], owner=row["developer_id"])
     try:
         with deadline:
@@ -2677,11 +2701,13 @@ def attempt_delivery(conn, config, deadlines, connections, delivery_id, attempt,
         if not 200 <= status_code < 300:
             error = f"HTTP {status_code}" + (" (redirects are not followed)" if 300 <= status_code < 400 else "")
             retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-    except requests.RequestException as e:
+    except Exception as e:      # whatever failed (a host name IDNA cannot encode, say), the attempt is recorded
         error = f"timed out after {deadline}" if deadline.passed() else describe_request_error(e, deadline)
+        # An address the server may not call will not become one by retrying for three days.
+        final = find_cause(e, PrivateAddressRefused) is not None
     duration_ms = round((time.monotonic() - started) * 1000)
     record_attempt(conn, delivery_id, row["webhook_id"], attempt, claim_until, started_at, status_code, error,
-                   duration_ms, retry_after)
+                   duration_ms, retry_after, final)
     return status_code
 
 
@@ -2717,14 +2743,14 @@ def retry_after_seconds(value):
 
 
 def record_attempt(conn, delivery_id, webhook_id, attempt, claim_until, started_at, status_code, error,
-                   duration_ms, retry_after):
+                   duration_ms, retry_after, final=False):
     with transaction(conn):
         now = utcnow()
         webhook = conn.execute("SELECT * FROM webhooks WHERE id = ?", (webhook_id,)).fetchone()
         next_at = None
         if error is None:
             status = "succeeded"
-        elif status_code == 410 or attempt > len(RETRY_DELAYS_SECONDS):
+        elif final or status_code == 410 or attempt > len(RETRY_DELAYS_SECONDS):
             status = "failed"
         else:
             status = "pending"
@@ -3285,6 +3311,8 @@ EVENT = {"type": "object", "required": ["id", "type", "created_at", "livemode", 
     "id": {"type": "string", "description": "The same on every retry: drop duplicates by it."},
     "type": {"type": "string", "enum": [*WEBHOOK_EVENTS, "webhook.test"]}, "created_at": TIME,
     "livemode": {"type": "boolean"}, "data": {"description": "The whole pause, as GET /v1/pause/{id} shows it."}}}
+TEST_EVENT_DATA = {"type": "object", "required": ["webhook_id", "message"],
+                   "properties": {"webhook_id": {"type": "string"}, "message": {"type": "string"}}}
 
 
 def page_of(name, item):
@@ -3369,7 +3397,9 @@ def read_json(config):
     try:
         body = json.loads(raw or b"null", parse_constant=not_json, parse_float=finite_float)
         where = lone_surrogate_at(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the request body is nested too deeply to read") from None
+    except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
     if where:
         raise ApiError(400, "invalid_json", "the request body holds a lone UTF-16 surrogate (like \\ud800),"
@@ -3941,20 +3971,22 @@ class Route:
     answer: dict = None         # the JSON Schema of a 2xx answer; None: no body
     guard: object = None        # (rt, caller) -> raises ApiError before the body is read (rate limits)
     page: bool = False          # a page a person opens: HTML errors, not in the API document
+    refusals: tuple = ()        # error statuses beyond those its auth, path, body and query imply
 
 
 ROUTES = [
     Route("GET", "/healthz", healthz, auth="none", answer=HEALTH),
     Route("GET", "/v1/openapi.json", get_openapi, auth="none", answer={"type": "object"}),
     Route("POST", "/v1/auth/register", register, 201, "none", REGISTRATION_SCHEMA, answer=REGISTERED,
-          guard=registration_allowed),
-    Route("POST", "/v1/auth/keys/rotate", rotate, 200, "none", ROTATION_SCHEMA, answer=ROTATED, guard=rotation_allowed),
-    Route("POST", "/v1/pause", post_pause, 201, body=pause_request_schema, answer=PAUSE_CREATED),
+          guard=registration_allowed, refusals=(403, 409)),
+    Route("POST", "/v1/auth/keys/rotate", rotate, 200, "none", ROTATION_SCHEMA, answer=ROTATED, guard=rotation_allowed,
+          refusals=(401,)),
+    Route("POST", "/v1/pause", post_pause, 201, body=pause_request_schema, answer=PAUSE_CREATED, refusals=(403,)),
     Route("GET", "/v1/pause", list_pauses, query={"status": STATUS_QUERY, **PAGE_QUERY}, answer=page_of("pauses", PAUSE)),
     Route("GET", "/v1/pause/<pause_id>", get_pause, query={"wait": WAIT_QUERY}, answer=PAUSE),
     Route("POST", "/v1/pause/<pause_id>/cancel", post_cancel, answer=PAUSE),
     Route("POST", "/v1/webhooks", post_webhook, 201, body=WEBHOOK_SCHEMA, answer=WEBHOOK,
-          guard=webhook_change_allowed),
+          guard=webhook_change_allowed, refusals=(409,)),
     Route("GET", "/v1/webhooks", list_webhooks, answer={
         "type": "object", "required": ["webhooks"], "properties": {"webhooks": {"type": "array", "items": WEBHOOK}}}),
     Route("GET", "/v1/webhooks/<webhook_id>", get_webhook, answer=WEBHOOK),
@@ -3969,7 +4001,8 @@ ROUTES = [
           answer=DELIVERY, guard=webhook_change_allowed),
     Route("GET", "/v1/channels", list_channels, answer=CHANNELS),
     Route("GET", "/v1/audit", get_audit, query=AUDIT_QUERY, answer=page_of("events", AUDIT_EVENT)),
-    Route("POST", "/v1/twilio/inbound", twilio_inbound, auth="twilio", answer={"type": "string"}),
+    Route("POST", "/v1/twilio/inbound", twilio_inbound, auth="twilio", answer={"type": "string"},
+          refusals=(400, 403, 413, 415)),
     Route("GET", "/v1/respond/<token>", get_respond_json, auth="none", answer=RESPOND_FACTS),
     Route("POST", "/v1/respond/<token>", post_respond_json, auth="none", body=RESPONSE_SCHEMA, answer=RESPOND_FACTS),
     Route("GET", "/respond/<token>", get_respond_page, auth="none", page=True),
@@ -4164,11 +4197,14 @@ def bottle_error(error):
 # HTTP: the OpenAPI document, built from the route table
 ###############################################################################
 
-ERROR_STATUSES = {400: "Malformed JSON, or a lone surrogate in it", 401: "No valid API key",
+ERROR_STATUSES = {400: "Malformed JSON, or a lone surrogate in it", 401: "No valid API key (or password)",
+                  403: "Not allowed on this server (registration closed, an unknown plan, a bad signature)",
                   404: "No such thing for this key", 409: "It is not in a state that allows this",
                   410: "The respond link expired", 413: "The body is over server.max_body_bytes",
                   415: "The body is not sent as application/json", 422: "A field is wrong; `field` names it",
-                  429: "A quota or rate limit; rate limits say when to come back in Retry-After"}
+                  429: "A quota or rate limit; rate limits say when to come back in Retry-After",
+                  500: "A fault in the server, logged there",
+                  503: "Busy (or starting): try again shortly, after Retry-After when given"}
 
 
 def openapi_document(config):
@@ -4187,8 +4223,6 @@ def openapi_document(config):
         "webhooks": {event: webhook_operation(event, config) for event in (*WEBHOOK_EVENTS, "webhook.test")},
         "components": {
             "schemas": {"Error": ERROR_SCHEMA, "Pause": PAUSE, "Event": EVENT},
-            "responses": {"Error": {"description": "Any refusal", "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
             "securitySchemes": {"apiKey": {
                 "type": "http", "scheme": "bearer",
                 "description": "pp_live_… or pp_test_…; each sees only its own mode's data."}},
@@ -4236,9 +4270,9 @@ def responses(route):
         possible.add(422)
     if route.method in ("POST", "PATCH", "DELETE") and "<" in route.path:
         possible |= {409, 410} if "respond" in route.path else {409}
+    possible |= {*route.refusals, 500, 503}
     return {str(route.status): success, **{str(code): {"description": ERROR_STATUSES[code], "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}} for code in sorted(possible)},
-        "default": {"$ref": "#/components/responses/Error"}}
+        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}} for code in sorted(possible)}}
 
 
 def webhook_operation(event, config):
@@ -4250,7 +4284,9 @@ def webhook_operation(event, config):
         "summary": f"{event}, signed",
         "parameters": [{"name": name, "in": "header", "required": True, "description": text,
                         "schema": {"type": "string"}} for name, text in headers],
-        "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Event"}}}},
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"allOf": [
+            {"$ref": "#/components/schemas/Event"},
+            {"properties": {"data": TEST_EVENT_DATA if event == "webhook.test" else {"$ref": "#/components/schemas/Pause"}}}]}}}},
         "responses": {"2XX": {"description": f"Received. Anything else, or no whole answer within"
                                              f" {config['outbound.deadline_seconds']:g} s, is retried for about"
                                              f" three days."}}}}

@@ -13,7 +13,7 @@ from aiosmtpd.controller import Controller
 from twilio.request_validator import RequestValidator
 
 from stubs import TrickleReceiver
-from conftest import stored, WIRE, Api, LiveServer, free_port, make_config, token_of, wait_until
+from conftest import stored, WIRE, Api, LiveServer, free_port, make_config, run_out, token_of, wait_until
 import pausepoint
 
 XSS = '<script>alert(1)</script>'
@@ -585,6 +585,21 @@ def test_a_text_not_yet_sent_when_its_pause_is_decided_is_never_sent(sms_setup, 
     assert api.pause(key, created["pause_id"])["notification"]["status"] == "cancelled"
     assert stored(config, "SELECT status, attempts FROM notifications") == [("cancelled", 0)]
     assert twilio.messages == []
+
+
+@pytest.mark.parametrize("mode", ["api_key", "test_api_key"])
+def test_a_text_whose_pause_ran_out_unanswered_is_never_sent(sms_setup, twilio, mode):
+    """As after a restart: the pause expired while the server was down, its text still queued."""
+    api, config, keys = sms_setup
+    created = Api(api.app).create_pause(keys[mode])
+    run_out(config, created["pause_id"])
+    api.step("notifications")
+    assert stored(config, "SELECT status, attempts FROM notifications") == [("queued", 0)] and twilio.messages == []
+    api.step("timeouts")
+    assert stored(config, "SELECT status, attempts FROM notifications") == [("cancelled", 0)]
+    api.step("notifications")
+    assert twilio.messages == [] and stored(config, "SELECT count(*) FROM audit_events"
+                                                    " WHERE event_type LIKE 'notification.%'") == [(0,)]
 
 
 def test_a_number_with_every_short_code_pending_gets_three_character_ones(sms_setup):

@@ -34,7 +34,12 @@ def test_the_document_is_valid_openapi_3_1_with_auth_errors_and_webhooks(api):
     assert "Idempotency-Key" in [p["name"] for p in create["parameters"]]
     assert create["requestBody"]["content"]["application/json"]["schema"]["required"] == [
         "channel", "recipient", "message", "options", "timeout_hours"]
-    assert "422" in create["responses"] and "default" in create["responses"]
+    # Every status the route can answer is listed, and nothing else: a status the server
+    # gives that is not here fails the fuzzing below.
+    assert set(create["responses"]) == {"201", "400", "401", "403", "413", "415", "422", "429", "500", "503"}
+    assert set(document["paths"]["/v1/auth/register"]["post"]["responses"]) >= {"403", "409"}
+    assert document["webhooks"]["pause.responded"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+        "allOf"][1]["properties"]["data"] == {"$ref": "#/components/schemas/Pause"}
     assert [p["name"] for p in document["paths"]["/v1/pause/{pause_id}"]["get"]["parameters"]] == ["pause_id", "wait"]
     signed = document["webhooks"]["pause.responded"]["post"]
     assert "X-PausePoint-Signature" in [p["name"] for p in signed["parameters"]]
@@ -92,7 +97,7 @@ def test_the_running_server_keeps_to_its_document(contract_server, method, path)
     operation = schemathesis.openapi.from_dict(DOCUMENT)[path][method]
 
     @given(case=operation.as_strategy())
-    @settings(max_examples=15, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=10, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
     def conforms(case):
         # Every response conforms: no 5xx; documented status, content type, headers and body;
         # and data the document calls invalid is refused. Not checked: that all data it calls

@@ -182,6 +182,10 @@ def test_a_backlog_of_test_mode_texts_is_simulated_in_one_run_each_exactly_once(
     api.create_pause(key)
     backlog = pausepoint.JOB_BATCH * 2 + 34
     stored(api.config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+                       " INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options,"
+                       " respond_token, created_at, expires_at) SELECT 'psr_' || i, developer_id, 0, recipient, channel,"
+                       " message, options, 'tok' || i, created_at, expires_at FROM n, (SELECT * FROM pauses)", backlog)
+    stored(api.config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
                        " INSERT INTO notifications (id, pause_id, developer_id, channel, recipient, livemode, text,"
                        " next_attempt_at, created_at, updated_at) SELECT 'ntf_' || i, 'psr_' || i, developer_id, channel,"
                        " recipient, 0, text, next_attempt_at, created_at, updated_at FROM n, (SELECT * FROM notifications)",

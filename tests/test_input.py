@@ -79,7 +79,7 @@ def quoted(text):
     return urllib.parse.quote_from_bytes(text.encode("utf-8", "surrogatepass"))
 
 
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
 @pytest.mark.parametrize("method, path, valid, keyed", JSON_ENDPOINTS, ids=[e[1] for e in JSON_ENDPOINTS])

@@ -260,7 +260,23 @@ def test_absurdly_nested_json_is_a_400_not_a_crash(api, developer):
     body = b"[" * 30_000 + b"]" * 30_000           # under the size limit, beyond the parser's depth
     response = api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
                                                     "Content-Type": "application/json"}, status=400)
-    assert response.json["error"]["code"] == "invalid_json"
+    assert response.json["error"]["code"] == "invalid_json" and "nested too deeply" in response.json["error"]["message"]
+
+
+def test_metadata_nested_past_32_levels_is_refused_and_32_are_kept(api, developer):
+    key = developer["test_api_key"]
+    deep = {"x": 1}
+    for _ in range(31):
+        deep = {"x": deep}
+    created = api.create_pause(key, metadata=deep)
+    assert api.pause(key, created["pause_id"])["metadata"] == deep
+    error = api.post_json("/v1/pause", {**WIRE, "metadata": {"x": deep}}, headers=api.as_key(key), status=422).json
+    assert error["error"]["field"] == "metadata" and "32 levels" in error["error"]["message"]
+
+
+def test_a_404_does_not_echo_a_long_id(api, developer):
+    error = api.get("/v1/pause/" + "p" * 10_000, headers=api.as_key(developer["test_api_key"]), status=404).json
+    assert len(error["error"]["message"]) < 200
 
 
 def test_test_pauses_are_rate_limited_per_developer_and_replays_cost_nothing(spawn_server, tmp_path):

@@ -134,8 +134,48 @@ def test_the_guard_checks_the_address_again_when_connecting(hooks_config, keys, 
                              d[0]["attempts"][0])
         assert "not a public address" in attempt["error"] and attempt["status_code"] is None
         assert receiver.calls == []
+        # Refused for good, not retried for three days.
+        [delivery] = deliveries(api, key, webhook["webhook_id"])
+        assert delivery["status"] == "failed" and len(delivery["attempts"]) == 1
     finally:
         strict.runtime.stop()
+
+
+def test_a_host_name_no_connection_could_use_is_refused(hooks_api, keys):
+    for host in ("a" * 64 + ".example.com", "a..example.com"):
+        error = add_webhook(hooks_api, keys["test_api_key"], f"https://{host}/hook", status=422)["error"]
+        assert error["field"] == "url" and "not a valid host name" in error["message"]
+
+
+def test_a_delivery_that_fails_in_an_unexpected_way_is_recorded_not_left_claimed(hooks_api, keys, receiver):
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+    stored(hooks_api.config, "UPDATE webhooks SET url = ?", f"https://{'a' * 64}.example.com/hook")   # an old row
+    hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+    hooks_api.step("webhooks")
+    [delivery] = deliveries(hooks_api, key, webhook_id)
+    assert delivery["status"] == "pending" and len(delivery["attempts"]) == 1
+    assert "UnicodeError" in delivery["attempts"][0]["error"]
+
+
+@pytest.mark.parametrize("change", ["delete", "disable"])
+def test_a_claim_that_lapsed_is_not_taken_up_for_a_deleted_or_disabled_endpoint(running_api, receiver, change):
+    hooks_api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    key = hooks_api.register()["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+    hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+    # As a crash mid-call leaves it: claimed, and the claim since lapsed.
+    stored(hooks_api.config, "UPDATE webhook_deliveries SET status = 'delivering', attempts = 1,"
+                             " next_attempt_at = '2000-01-01T00:00:00.000Z'")
+    if change == "delete":
+        hooks_api.delete(f"/v1/webhooks/{webhook_id}", headers=hooks_api.as_key(key), status=204)
+    else:
+        hooks_api.patch_json(f"/v1/webhooks/{webhook_id}", {"enabled": False}, headers=hooks_api.as_key(key))
+    hooks_api.step("webhooks")
+    assert stored(hooks_api.config, "SELECT attempts FROM webhook_deliveries") == [(1,)]      # not claimed again
+    assert stored(hooks_api.config, "SELECT count(*) FROM webhook_attempts") == [(0,)] and receiver.calls == []
+    if change == "delete":
+        assert stored(hooks_api.config, "SELECT status FROM webhook_deliveries") == [("cancelled",)]
 
 
 def test_patch_changes_events_and_url_and_delete_stops_everything(hooks_api, keys, receiver):
