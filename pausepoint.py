@@ -106,7 +106,7 @@ SETTINGS = [
     Setting("server.send_timeout", 20, "Seconds an answer may wait for the client to read it before the connection is closed."),
     Setting("database.path", "pausepoint.db", "SQLite database file. Created from schema.sql on first start."),
     Setting("database.cache_kib", 128, "SQLite's page cache per connection, in KiB. Every thread has its own connection (about 90 with the defaults), so this counts that many times; the operating system's file cache, shared by all, holds the rest."),
-    Setting("registration.open", True, "Whether POST /v1/auth/register is open. When false, the operator adds developers with `create-developer`."),
+    Setting("registration.open", True, "Whether registration (POST /v1/auth/register and the dashboard's sign-up) is open. When false, the operator adds developers with `create-developer`. The operator page's switch, once used, overrides this."),
     Setting("dashboard.session_idle_minutes", 60, "Minutes a dashboard sign-in lasts without use."),
     Setting("dashboard.session_max_hours", 168, "Hours a dashboard sign-in lasts at most, however often it is used."),
     Setting("security.bcrypt_rounds", 12, "bcrypt cost factor for passwords (4-16). Each step doubles the work."),
@@ -412,6 +412,16 @@ MIGRATIONS = [
         );
         CREATE INDEX dashboard_sessions_by_developer ON dashboard_sessions(developer_id);
         CREATE INDEX dashboard_sessions_by_last_seen ON dashboard_sessions(last_seen_at);
+    """),
+    (5, """
+        ALTER TABLE developers ADD COLUMN is_operator INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE pauses ADD COLUMN title TEXT;
+        CREATE TABLE server_settings (
+            key         TEXT PRIMARY KEY,
+            value       TEXT NOT NULL,
+            changed_by  TEXT NOT NULL,
+            changed_at  TEXT NOT NULL
+        );
     """),
 ]
 
@@ -955,7 +965,7 @@ def session_for(conn, config, token):
     if not token:
         return None
     digest, now = key_digest(token), utcnow()
-    row = query_db(conn, "SELECT s.*, d.email, d.name, d.plan FROM dashboard_sessions s"
+    row = query_db(conn, "SELECT s.*, d.email, d.name, d.plan, d.is_operator FROM dashboard_sessions s"
                          " JOIN developers d ON d.id = s.developer_id WHERE s.token_hash = ?", (digest,), one=True)
     if row is None or not hmac.compare_digest(row["token_hash"], digest):
         return None
@@ -989,6 +999,52 @@ def change_password(conn, config, developer, new_password):
         conn.execute("DELETE FROM dashboard_sessions WHERE developer_id = ?", (developer["id"],))
         for livemode in (0, 1):
             record_event(conn, developer["id"], livemode, f"developer:{developer['email']}", "password.changed")
+
+
+###############################################################################
+# The operator: plans, who may register, who operates
+###############################################################################
+
+def registration_open(conn, config):
+    """(open?, where that comes from: 'dashboard' when the operator set it there, else 'config')."""
+    row = query_db(conn, "SELECT value FROM server_settings WHERE key = 'registration.open'", one=True)
+    return (json.loads(row[0]), "dashboard") if row else (config["registration.open"], "config")
+
+
+def set_registration_open(conn, is_open, actor):
+    with transaction(conn):
+        conn.execute("INSERT INTO server_settings (key, value, changed_by, changed_at)"
+                     " VALUES ('registration.open', ?, ?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
+                     " changed_by = excluded.changed_by, changed_at = excluded.changed_at",
+                     (json.dumps(bool(is_open)), actor, db_time()))
+
+
+def change_plan(conn, config, email, plan, actor):
+    """Move a developer to another plan, noting it in their live audit log."""
+    if plan not in plans(config):
+        raise invalid("plan", f"unknown plan {plan!r}; the config defines: {', '.join(sorted(plans(config)))}")
+    with transaction(conn):
+        row = query_db(conn, "UPDATE developers SET plan = ? WHERE email = ? RETURNING id", (plan, email), one=True)
+        if row is None:
+            raise ApiError(404, "not_found", f"no developer with email {email}")
+        record_event(conn, row["id"], 1, actor, "plan.changed", data={"plan": plan})
+
+
+def set_operator(conn, email, is_operator):
+    with transaction(conn):
+        if conn.execute("UPDATE developers SET is_operator = ? WHERE email = ?", (int(is_operator), email)).rowcount != 1:
+            raise ApiError(404, "not_found", f"no developer with email {email}")
+
+
+def developers_with_usage(conn, limit, cursor, now=None):
+    """Developers, newest first, with their live and test pauses this month: (rows, next_cursor)."""
+    month = db_time(month_start(now or utcnow()))
+    return newest_first(conn, "SELECT rowid AS seq, id, email, name, plan, is_operator, created_at,"
+                              " (SELECT count(*) FROM pauses p WHERE p.developer_id = d.id AND p.livemode = 1"
+                              "  AND p.created_at >= :month) AS live_this_month,"
+                              " (SELECT count(*) FROM pauses p WHERE p.developer_id = d.id AND p.livemode = 0"
+                              "  AND p.created_at >= :month) AS test_this_month"
+                              " FROM developers d WHERE 1", {"month": month}, limit, cursor)
 
 
 ###############################################################################
@@ -1078,9 +1134,14 @@ def pause_fields(body, config):
         raise invalid("metadata", f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON")
     if metadata is not None and nesting(metadata) > MAX_METADATA_NESTING:
         raise invalid("metadata", f"metadata must be nested at most {MAX_METADATA_NESTING} levels deep")
+    shown = (metadata or {}).get("display", [])
+    if not (isinstance(shown, list) and len(shown) <= 10 and all(isinstance(key, str) and key in metadata
+                                                                  and key != "display" for key in shown)):
+        raise invalid("metadata", 'metadata\'s "display" must list up to 10 of its other keys, to show the human')
     return {"recipient": recipient, "channel": body["channel"], "message": message, "options": options,
             "timeout_seconds": body["timeout_hours"] * 3600,
-            "timeout_default": default.strip() if default is not None else None, "metadata": metadata}
+            "timeout_default": default.strip() if default is not None else None, "metadata": metadata,
+            "title": body.get("title")}
 
 
 # Alphabets with letters drawn alike; words mixing CJK and Latin ('OKです') are ordinary.
@@ -1159,8 +1220,8 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
     created_at = db_time(now)
     expires_at = db_time(now + dt.timedelta(seconds=fields["timeout_seconds"]))
     fingerprint = None if idempotency_key is None else request_fingerprint(body)
-    row = (pause_id, caller.developer_id, caller.livemode, fields["recipient"], fields["channel"], fields["message"],
-           compact_json(fields["options"]), fields["timeout_default"],
+    row = (pause_id, caller.developer_id, caller.livemode, fields["recipient"], fields["channel"], fields["title"],
+           fields["message"], compact_json(fields["options"]), fields["timeout_default"],
            None if fields["metadata"] is None else compact_json(fields["metadata"]), token)
     audited = {"recipient": fields["recipient"], "channel": fields["channel"], "options": fields["options"],
                "timeout_default": fields["timeout_default"], "expires_at": api_time(expires_at),
@@ -1179,8 +1240,9 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
         # SMS and WhatsApp replies name their pause by a code, unique among the number's pending pauses.
         reply_code = new_reply_code(conn, fields["recipient"], caller.livemode) if channel.kind == "twilio" else None
         pause = conn.execute(
-            "INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, timeout_default,"
-            " metadata, respond_token, reply_code, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO pauses (id, developer_id, livemode, recipient, channel, title, message, options,"
+            " timeout_default, metadata, respond_token, reply_code, created_at, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " RETURNING *", (*row, reply_code, created_at, expires_at)).fetchone()
         if channel.render is not None:      # the link channel sends nothing: the agent delivers respond_url
             conn.execute(
@@ -1557,7 +1619,8 @@ def expire_due_pauses(conn, config):
 # with :base the server's base URL: a page of 50 costs one query and no Python per row.
 # Times show whole seconds ('2026-05-08T18:00:00Z'); a notification being sent shows as queued.
 PAUSE_JSON = """json_object(
-    'pause_id', p.id, 'status', p.status, 'recipient', p.recipient, 'channel', p.channel, 'message', p.message,
+    'pause_id', p.id, 'status', p.status, 'recipient', p.recipient, 'channel', p.channel, 'title', p.title,
+    'message', p.message,
     'options', json(p.options), 'timeout_default', p.timeout_default, 'choice', p.choice, 'comment', p.comment,
     'decided_at', substr(p.decided_at, 1, 19) || 'Z', 'decided_by', p.decided_by, 'metadata', json(p.metadata),
     'respond_url', :base || '/respond/' || p.respond_token,
@@ -1597,10 +1660,21 @@ def created_json(pause, config):
     }
 
 
-def respond_facts(pause):
-    """What the holder of a respond link may see: the question and its outcome, not the agent's metadata."""
+def asker_name(conn, pause):
+    """Who is asking, as the respond page says it: the developer's name."""
+    return query_db(conn, "SELECT name FROM developers WHERE id = ?", (pause["developer_id"],), one=True)["name"]
+
+
+def respond_facts(pause, asked_by=None):
+    """What the holder of a respond link may see: who asks, the question and its outcome,
+    and of the agent's metadata only the keys it listed in "display"."""
+    metadata = json.loads(pause["metadata"]) if pause["metadata"] else {}
     return {
+        "asked_by": asked_by,
+        "title": pause["title"],
         "message": pause["message"],
+        "details": [{"name": key, "value": metadata[key] if isinstance(metadata[key], str) else compact_json(metadata[key])}
+                    for key in metadata.get("display", [])],
         "options": json.loads(pause["options"]),
         "status": pause["status"],
         "choice": pause["choice"],
@@ -2485,7 +2559,7 @@ def update_webhook(conn, config, caller, webhook_id, body):
                          " AND next_attempt_at IS NULL", (db_time(now), webhook_id))
             wake_after_commit(conn, "webhooks")
         if fields.get("enabled") is False and webhook["status"] == "enabled":
-            disable_webhook(conn, webhook, "disabled through the API", caller.actor)
+            disable_webhook(conn, webhook, f"disabled by {caller.actor}", caller.actor)
         if changes:
             changes["updated_at"] = db_time(now)
             conn.execute(f"UPDATE webhooks SET {', '.join(f'{k} = ?' for k in changes)} WHERE id = ?",
@@ -2538,6 +2612,20 @@ def webhook_json(webhook):
         "created_at": api_time(webhook["created_at"]),
         "updated_at": api_time(webhook["updated_at"]),
     }
+
+
+def webhooks_of(conn, caller):
+    """The caller's endpoints in its mode, newest first."""
+    return query_db(conn, "SELECT * FROM webhooks WHERE developer_id = ? AND livemode = ? AND deleted_at IS NULL"
+                          " ORDER BY seq DESC", (caller.developer_id, caller.livemode))
+
+
+def deliveries_page(conn, caller, webhook_id, limit, cursor):
+    """An endpoint's deliveries, newest first, each with every attempt: (list, next_cursor)."""
+    owned_webhook(conn, caller, webhook_id)
+    rows, next_cursor = newest_first(conn, "SELECT * FROM webhook_deliveries WHERE webhook_id = :webhook",
+                                     {"webhook": webhook_id}, limit, cursor)
+    return deliveries_json(conn, rows), next_cursor
 
 
 def enabled_webhooks(conn, developer_id, livemode):
@@ -3203,7 +3291,11 @@ def pause_request_schema(config):
                               "x-message": f"timeout_hours must be a number from one second (0.0003) to {limit:g}"},
             "timeout_default": {"type": ["string", "null"],
                                 "x-message": "timeout_default must be one of the options (or left out)"},
-            "metadata": {"type": ["object", "null"], "x-message": "metadata must be a JSON object"},
+            "metadata": {"type": ["object", "null"], "x-message": "metadata must be a JSON object; its \"display\""
+                                                                  " may list up to 10 of its keys to show the human"},
+            "title": {"type": ["string", "null"], "minLength": 1, "maxLength": 120, "pattern": VISIBLE_TEXT,
+                      "x-message": "title must be 1-120 characters of visible text: what the request is about,"
+                                   " shown above the question"},
         },
     }
 
@@ -3271,7 +3363,7 @@ NOTIFICATION = {"type": ["object", "null"], "properties": {
 PAUSE = {"type": "object", "required": ["pause_id", "status", "options", "livemode", "expires_at", "created_at"],
          "properties": {
              **PAUSE_CREATED["properties"], "recipient": {"type": "string"}, "channel": {"type": "string"},
-             "message": {"type": "string"}, "options": {"type": "array", "items": {"type": "string"}},
+             "title": {"type": ["string", "null"]}, "message": {"type": "string"}, "options": {"type": "array", "items": {"type": "string"}},
              "timeout_default": {"type": ["string", "null"]}, "choice": {"type": ["string", "null"]},
              "comment": {"type": ["string", "null"]}, "decided_at": nullable(TIME),
              "decided_by": {"type": ["string", "null"]}, "metadata": {"type": ["object", "null"]},
@@ -3293,8 +3385,11 @@ AUDIT_EVENT = {"type": "object", "required": ["id", "timestamp", "actor", "event
     "id": {"type": "string"}, "timestamp": TIME, "actor": {"type": "string"}, "event_type": {"type": "string"},
     "pause_id": {"type": ["string", "null"]}, "livemode": {"type": "boolean"}, "data": {"type": "object"}}}
 RESPOND_FACTS = {"type": "object", "required": ["message", "options", "status"], "properties": {
-    name: PAUSE["properties"][name] for name in ("message", "options", "status", "choice", "comment", "decided_at",
-                                                 "expires_at", "timeout_default")}}
+    "asked_by": {"type": ["string", "null"], "description": "The name of the developer whose agent asks"},
+    "details": {"type": "array", "description": "The metadata keys the agent listed in its \"display\"",
+                "items": {"type": "object", "properties": {"name": {"type": "string"}, "value": {"type": "string"}}}},
+    **{name: PAUSE["properties"][name] for name in ("title", "message", "options", "status", "choice", "comment",
+                                                    "decided_at", "expires_at", "timeout_default")}}}
 REGISTERED = {"type": "object", "required": ["developer_id", "api_key", "test_api_key", "plan", "message"],
               "properties": {"developer_id": {"type": "string"}, "api_key": {"type": "string"},
                              "test_api_key": {"type": "string"}, "plan": {"type": "string"}, "message": {"type": "string"}}}
@@ -3470,7 +3565,7 @@ def get_openapi(rt):
 
 
 def registration_allowed(rt, caller):
-    if not rt.config["registration.open"]:
+    if not registration_open(rt.db(), rt.config)[0]:
         raise ApiError(403, "registration_closed",
                        "registration is closed on this server; the operator adds developers with"
                        " `python pausepoint.py create-developer --email … --name …`")
@@ -3544,9 +3639,7 @@ def post_webhook(rt, caller, body):
 
 def list_webhooks(rt, caller):
     """The caller's webhook endpoints, newest first."""
-    rows = query_db(rt.db(), "SELECT * FROM webhooks WHERE developer_id = ? AND livemode = ? AND deleted_at IS NULL"
-                             " ORDER BY seq DESC", (caller.developer_id, caller.livemode))
-    return {"webhooks": [webhook_json(row) for row in rows]}
+    return {"webhooks": [webhook_json(row) for row in webhooks_of(rt.db(), caller)]}
 
 
 def get_webhook(rt, caller, webhook_id):
@@ -3571,10 +3664,8 @@ def post_webhook_test(rt, caller, webhook_id):
 
 def list_deliveries(rt, caller, query, webhook_id):
     """A webhook's deliveries, newest first, each with every attempt."""
-    owned_webhook(rt.db(), caller, webhook_id)
-    rows, next_cursor = newest_first(rt.db(), "SELECT * FROM webhook_deliveries WHERE webhook_id = :webhook", {"webhook": webhook_id},
-                                     query["limit"], query["cursor"])
-    return {"deliveries": deliveries_json(rt.db(), rows), "next_cursor": next_cursor}
+    deliveries, next_cursor = deliveries_page(rt.db(), caller, webhook_id, query["limit"], query["cursor"])
+    return {"deliveries": deliveries, "next_cursor": next_cursor}
 
 
 def post_redeliver(rt, caller, webhook_id, delivery_id):
@@ -3651,13 +3742,15 @@ def open_respond_link(rt, client, token, via):
 
 def get_respond_json(rt, client, token):
     """What the holder of a respond link may see: the question and its outcome."""
-    return respond_facts(open_respond_link(rt, client, token, "api"))
+    pause = open_respond_link(rt, client, token, "api")
+    return respond_facts(pause, asker_name(rt.db(), pause))
 
 
 def post_respond_json(rt, client, body, token):
     """Answer a pause, as its human: {"choice": …, "comment": …}."""
-    return respond_facts(guard_respond_link(rt, lambda: respond_to_pause(
-        rt.db(), rt.config, token, body["choice"], body.get("comment"), client)))
+    pause = guard_respond_link(rt, lambda: respond_to_pause(rt.db(), rt.config, token, body["choice"],
+                                                            body.get("comment"), client))
+    return respond_facts(pause, asker_name(rt.db(), pause))
 
 
 def get_respond_page(rt, client, query, token):
@@ -3665,7 +3758,7 @@ def get_respond_page(rt, client, query, token):
     pause = open_respond_link(rt, client, token, "page")
     # Email buttons arrive with ?choice=: show it picked, but only the POST decides.
     picked = bottle.request.query.getunicode("choice")
-    return respond_page(pause, token, picked=picked if picked in json.loads(pause["options"]) else None)
+    return respond_page(rt, pause, token, picked=picked if picked in json.loads(pause["options"]) else None)
 
 
 def post_respond_page(rt, client, token):
@@ -3677,15 +3770,16 @@ def post_respond_page(rt, client, token):
     except ApiError as e:
         if e.status != 422:
             raise
-        return respond_page(pause_by_token(rt.db(), token), token, error=e.message, status=422)
+        return respond_page(rt, pause_by_token(rt.db(), token), token, error=e.message, status=422)
     # A reload then shows the recorded decision instead of posting again.
     return bottle.HTTPResponse(status=303, headers={"Location": f"/respond/{token}", **PAGE_HEADERS})
 
 
-def respond_page(pause, token, error=None, picked=None, status=200):
+def respond_page(rt, pause, token, error=None, picked=None, status=200):
     times = {name: pause[name] and human_time(pause[name]) for name in ("expires_at", "decided_at")}
-    return html_page("respond", status=status, pause=respond_facts(pause), token=token, error=error,
-                     picked=picked, times=times)
+    left = parse_db_time(pause["expires_at"]) - utcnow()
+    return html_page("respond", status=status, pause=respond_facts(pause, asker_name(rt.db(), pause)), token=token,
+                     error=error, picked=picked, times=times, left=human_duration(left.total_seconds()))
 
 
 def static_file(name):
@@ -3773,14 +3867,14 @@ def form_page(rt, name, status=200, **values):
     """A sign-up or log-in page, with the form token it must post back (a new one if needed)."""
     token = bottle.request.get_cookie(FORM_COOKIE) or secrets.token_urlsafe(32)
     page = html_page(name, status=status, headers={"Cache-Control": "no-store"}, csrf=token,
-                     registration_open=rt.config["registration.open"], **values)
+                     registration_open=registration_open(rt.db(), rt.config)[0], **values)
     page.set_cookie(FORM_COOKIE, token, **cookie_options(rt.config, samesite="strict"))
     return page
 
 
 def home(rt):
     """The front page: where the dashboard and the API's description are."""
-    return html_page("home", registration_open=rt.config["registration.open"])
+    return html_page("home", registration_open=registration_open(rt.db(), rt.config)[0])
 
 
 def dashboard_home(rt, session):
@@ -3789,12 +3883,13 @@ def dashboard_home(rt, session):
 
 def signup_form(rt):
     """Sign up: a developer and both API keys."""
-    return form_page(rt, "signup", status=200 if rt.config["registration.open"] else 403, error=None, values={})
+    return form_page(rt, "signup", status=200 if registration_open(rt.db(), rt.config)[0] else 403, error=None,
+                     values={})
 
 
 def signup(rt, form):
     """Create the developer, sign them in, and show their keys this once."""
-    if not rt.config["registration.open"]:
+    if not registration_open(rt.db(), rt.config)[0]:
         return form_page(rt, "signup", status=403, error=None, values={})
     try:
         registration_allowed(rt, None)
@@ -3936,6 +4031,86 @@ def password_from_dashboard(rt, session, form):
     return redirect("/dashboard/login?notice=password", **{SESSION_COOKIE: (None, cookie_options(rt.config))})
 
 
+def webhooks_page(rt, session, error=None, status=200, values=None):
+    """The endpoints of the shown mode, and a form to add one."""
+    return dashboard_page("webhooks", session, status=status, error=error, values=values or {},
+                          webhooks=[webhook_json(row) for row in webhooks_of(rt.db(), session.caller)],
+                          events=WEBHOOK_EVENTS)
+
+
+def add_webhook_from_dashboard(rt, session, form):
+    """Add an endpoint; a secret made here is shown this once."""
+    webhook_change_allowed(rt, session.caller)
+    body = {"url": (form.get("url") or "").strip(),
+            "events": [event for event in WEBHOOK_EVENTS if form.get(f"event:{event}")]}
+    if form.get("secret"):
+        body["secret"] = form["secret"]
+    try:
+        webhook, secret = create_webhook(rt.db(), rt.config, session.caller, validate_body(WEBHOOK_SCHEMA, body))
+    except ApiError as e:
+        if e.status not in (409, 422):
+            raise
+        return webhooks_page(rt, session, error=e.message, status=e.status, values=form)
+    return webhook_page(rt, session, {"cursor": None}, webhook["id"], secret=secret, status=201)
+
+
+def webhook_page(rt, session, query, webhook_id, secret=None, status=200):
+    """One endpoint: its settings, its deliveries with every attempt."""
+    webhook = webhook_json(owned_webhook(rt.db(), session.caller, webhook_id))
+    deliveries, next_cursor = deliveries_page(rt.db(), session.caller, webhook_id, DASHBOARD_PAGE, query["cursor"])
+    return dashboard_page("webhook", session, status=status, webhook=webhook, secret=secret, deliveries=deliveries,
+                          next_cursor=next_cursor, back="/dashboard/webhooks")
+
+
+def change_webhook_from_dashboard(rt, session, form, webhook_id):
+    """Enable, disable, delete, send a test event."""
+    webhook_change_allowed(rt, session.caller)
+    action, caller = form.get("action"), session.caller
+    if action == "delete":
+        delete_webhook(rt.db(), caller, webhook_id)
+        return redirect("/dashboard/webhooks")
+    if action == "test":
+        send_test_event(rt.db(), caller, webhook_id)
+    elif action in ("enable", "disable"):
+        update_webhook(rt.db(), rt.config, caller, webhook_id, {"enabled": action == "enable"})
+    else:
+        raise invalid("action", "action must be enable, disable, delete or test")
+    return redirect(f"/dashboard/webhooks/{webhook_id}")
+
+
+def redeliver_from_dashboard(rt, session, webhook_id, delivery_id):
+    webhook_change_allowed(rt, session.caller)
+    redeliver(rt.db(), session.caller, webhook_id, delivery_id)
+    return redirect(f"/dashboard/webhooks/{webhook_id}")
+
+
+def operator_only(session):
+    """404 for a developer who is not an operator: the page is not theirs to know about."""
+    if not session.row["is_operator"]:
+        raise ApiError(404, "not_found", "no such page")
+
+
+def operator_page(rt, session, query):
+    """For operators: every developer with this month's usage, their plans, and registration."""
+    operator_only(session)
+    developers, next_cursor = developers_with_usage(rt.db(), DASHBOARD_PAGE * 4, query["cursor"])
+    is_open, source = registration_open(rt.db(), rt.config)
+    return dashboard_page("operator", session, developers=developers, next_cursor=next_cursor, plans=plans(rt.config),
+                          registration=is_open, registration_source=source)
+
+
+def change_plan_from_dashboard(rt, session, form):
+    operator_only(session)
+    change_plan(rt.db(), rt.config, form.get("email") or "", form.get("plan") or "", f"operator:{session.row['email']}")
+    return redirect("/dashboard/operator")
+
+
+def registration_from_dashboard(rt, session, form):
+    operator_only(session)
+    set_registration_open(rt.db(), form.get("open") == "true", f"operator:{session.row['email']}")
+    return redirect("/dashboard/operator")
+
+
 def overview_page(rt, session):
     """The last 30 days in figures and a chart."""
     return dashboard_page("overview", session, figures=overview_figures(rt.db(), rt.config, session.caller),
@@ -4023,6 +4198,15 @@ ROUTES = [
     Route("POST", "/dashboard/pauses/<pause_id>/cancel", cancel_from_dashboard, auth="session", page=True),
     Route("GET", "/dashboard/audit", audit_log_page, auth="session", page=True, query=DASHBOARD_AUDIT_QUERY),
     Route("GET", "/dashboard/audit.csv", audit_csv, auth="session", page=True, query=DASHBOARD_AUDIT_QUERY),
+    Route("GET", "/dashboard/webhooks", webhooks_page, auth="session", page=True),
+    Route("POST", "/dashboard/webhooks", add_webhook_from_dashboard, auth="session", page=True),
+    Route("GET", "/dashboard/webhooks/<webhook_id>", webhook_page, auth="session", page=True, query={"cursor": CURSOR}),
+    Route("POST", "/dashboard/webhooks/<webhook_id>", change_webhook_from_dashboard, auth="session", page=True),
+    Route("POST", "/dashboard/webhooks/<webhook_id>/deliveries/<delivery_id>/redeliver", redeliver_from_dashboard,
+          auth="session", page=True),
+    Route("GET", "/dashboard/operator", operator_page, auth="session", page=True, query={"cursor": CURSOR}),
+    Route("POST", "/dashboard/operator/plan", change_plan_from_dashboard, auth="session", page=True),
+    Route("POST", "/dashboard/operator/registration", registration_from_dashboard, auth="session", page=True),
     Route("GET", "/dashboard/keys", keys_page, auth="session", page=True),
     Route("POST", "/dashboard/keys/rotate", rotate_from_dashboard, auth="session", page=True),
     Route("POST", "/dashboard/password", password_from_dashboard, auth="session", page=True),
@@ -4801,6 +4985,9 @@ def main(argv=None):
     set_plan = commands.add_parser("set-plan", help="move a developer to another plan")
     set_plan.add_argument("--email", required=True)
     set_plan.add_argument("--plan", required=True)
+    operator = commands.add_parser("set-operator", help="let a developer use the dashboard's operator page")
+    operator.add_argument("--email", required=True)
+    operator.add_argument("--remove", action="store_true", help="take the operator page away instead")
     take_backup = commands.add_parser("backup", help="write an online backup of the database (safe while serving)")
     take_backup.add_argument("destination", help="file to write; must not exist yet")
     args = parser.parse_args(argv)
@@ -4819,18 +5006,8 @@ def main(argv=None):
                                                      "database.path": args.db, "server.base_url": args.base_url})
         if args.command in (None, "serve"):
             serve(config)
-        elif args.command == "create-developer":
-            # Never as an argument: it would show in `ps` and in shell history.
-            password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass("Password: ")
-            conn = connect(config["database.path"])
-            migrate(conn)
-            print(json.dumps(register_developer(conn, config, args.email, args.name, password, args.plan), indent=2))
-        elif args.command == "set-plan":
-            set_developer_plan(config, args.email, args.plan)
-            print(f"{args.email} is now on the {args.plan} plan")
-        elif args.command == "backup":
-            backup(config, args.destination)
-            print(f"backed up {config['database.path']} to {args.destination}")
+        else:
+            run_command(args, config)
     except ConfigError as e:
         print(f"pausepoint: {e}", file=sys.stderr)
         return 2
@@ -4840,14 +5017,26 @@ def main(argv=None):
     return 0
 
 
-def set_developer_plan(config, email, plan):
-    if plan not in plans(config):
-        raise ConfigError(f"unknown plan {plan!r}; the config defines: {', '.join(sorted(plans(config)))}")
+def run_command(args, config):
+    """The operator's commands besides serving."""
+    if args.command == "backup":
+        backup(config, args.destination)
+        print(f"backed up {config['database.path']} to {args.destination}")
+        return
     conn = connect(config["database.path"])
     migrate(conn)
-    with transaction(conn):
-        if conn.execute("UPDATE developers SET plan = ? WHERE email = ?", (plan, email)).rowcount != 1:
-            raise ApiError(404, "not_found", f"no developer with email {email}")
+    if args.command == "create-developer":
+        # Never as an argument: it would show in `ps` and in shell history.
+        password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass("Password: ")
+        print(json.dumps(register_developer(conn, config, args.email, args.name, password, args.plan), indent=2))
+    elif args.command == "set-plan":
+        if args.plan not in plans(config):
+            raise ConfigError(f"unknown plan {args.plan!r}; the config defines: {', '.join(sorted(plans(config)))}")
+        change_plan(conn, config, args.email, args.plan, "operator:command line")
+        print(f"{args.email} is now on the {args.plan} plan")
+    elif args.command == "set-operator":
+        set_operator(conn, args.email, not args.remove)
+        print(f"{args.email} {'may no longer' if args.remove else 'may now'} use the operator page (/dashboard/operator)")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,17 @@ CREATE TABLE developers (
     name           TEXT NOT NULL,
     password_hash  TEXT NOT NULL,                    -- bcrypt
     plan           TEXT NOT NULL DEFAULT 'free',     -- a name under [plans] in the config
-    created_at     TEXT NOT NULL
+    created_at     TEXT NOT NULL,
+    is_operator    INTEGER NOT NULL DEFAULT 0        -- 1: may use the dashboard's operator page (set-operator)
+);
+
+-- Settings the operator changed on the dashboard; each overrides the config file's value
+-- for as long as its row exists.
+CREATE TABLE server_settings (
+    key         TEXT PRIMARY KEY,                    -- a config key: 'registration.open'
+    value       TEXT NOT NULL,                       -- JSON
+    changed_by  TEXT NOT NULL,                       -- 'operator:<email>'
+    changed_at  TEXT NOT NULL
 );
 
 -- API keys. Only the SHA-256 digest of a key is kept: a copy of the database
@@ -88,7 +98,8 @@ CREATE TABLE pauses (
     reply_code       TEXT,                            -- sms/whatsapp: 'K7', names this pause in a text reply; unique
                                                       -- among the recipient's pending pauses (index below)
     created_at       TEXT NOT NULL,
-    expires_at       TEXT NOT NULL
+    expires_at       TEXT NOT NULL,
+    title            TEXT                             -- what it is about, shown above the question
 );
 -- The timeout job: "pending pauses whose expires_at has passed", oldest first.
 CREATE INDEX pauses_pending_by_expiry ON pauses(expires_at) WHERE status = 'pending';

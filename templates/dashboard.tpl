@@ -5,7 +5,11 @@
     <a href="/dashboard/overview"{{!' aria-current="page"' if here == 'overview' else ''}}>Overview</a>
     <a href="/dashboard/pauses"{{!' aria-current="page"' if here == 'pauses' else ''}}>Pauses</a>
     <a href="/dashboard/audit"{{!' aria-current="page"' if here == 'audit' else ''}}>Audit log</a>
+    <a href="/dashboard/webhooks"{{!' aria-current="page"' if here == 'webhooks' else ''}}>Webhooks</a>
     <a href="/dashboard/keys"{{!' aria-current="page"' if here == 'keys' else ''}}>Keys</a>
+% if session.row['is_operator']:
+    <a href="/dashboard/operator"{{!' aria-current="page"' if here == 'operator' else ''}}>Operator</a>
+% end
   </nav>
   <form method="post" action="/dashboard/mode" class="mode">
     <input type="hidden" name="csrf" value="{{csrf}}">

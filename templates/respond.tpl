@@ -1,6 +1,18 @@
 % rebase('base.tpl', title='Your decision')
-<p class="label">An agent is asking:</p>
+<p class="label">{{('Asked by ' + pause['asked_by']) if pause['asked_by'] else 'An agent is asking'}}:</p>
+% if pause['title']:
+<h1 class="title">{{pause['title']}}</h1>
+% end
 <blockquote class="message">{{pause['message']}}</blockquote>
+% if pause['details']:
+<table class="details" aria-label="Details">
+  <tbody>
+% for detail in pause['details']:
+    <tr><th scope="row">{{detail['name']}}</th><td>{{detail['value']}}</td></tr>
+% end
+  </tbody>
+</table>
+% end
 % if pause['status'] == 'pending':
   % if error:
 <p class="error" role="alert">{{error}}</p>
@@ -8,7 +20,7 @@
 <p class="picked">You picked <strong>{{picked}}</strong>. Tap it below to confirm.</p>
   % end
 <form method="post" action="/respond/{{token}}">
-  <div class="options">
+  <div class="options" role="group" aria-label="Your answer">
   % for option in pause['options']:
     <button type="submit" name="choice" value="{{option}}"{{!' class="picked"' if option == picked else ''}}>{{option}}</button>
   % end
@@ -16,7 +28,7 @@
   <label for="comment">Comment (optional)</label>
   <textarea id="comment" name="comment" rows="3" maxlength="2000"></textarea>
 </form>
-<p class="expiry">Open until {{times['expires_at']}}.
+<p class="expiry" id="expiry">Open until {{times['expires_at']}} ({{left}} left).
   % if pause['timeout_default']:
 If nobody answers, <strong>{{pause['timeout_default']}}</strong> applies.
   % end

@@ -30,12 +30,15 @@ def timeline(page):
     return [item.select_one("strong").text for item in page.html.select("#timeline li")]
 
 
-def post_form(api, page, action, **fields):
-    """Submit the form of `page` that posts to `action`, with these fields changed."""
-    form = next(f for f in page.forms.values() if f.action == action)
+def post_form(api, page, to, action=None, **fields):
+    """Submit the form of `page` that posts to `to`, with these fields changed, by its
+    button named action with this value (if it has several)."""
+    form = next(f for f in page.forms.values() if f.action == to)
     for name, value in fields.items():
         form[name] = value
-    return form.submit(status="*")
+    if action is None:
+        return form.submit(status="*")
+    return form.submit("action", value=action, status="*")
 
 
 def test_signing_up_shows_both_keys_once_and_signs_in(api):
@@ -305,3 +308,104 @@ def test_the_overview_counts_outcomes_times_and_usage(running_api, twilio):
 def test_the_front_page_links_to_the_dashboard_and_the_api_description(api):
     page = api.get("/")
     assert {a["href"] for a in page.html.select("a")} >= {"/dashboard", "/dashboard/signup", "/v1/openapi.json"}
+
+
+# -- webhooks --------------------------------------------------------------------------
+
+def test_webhooks_are_added_tested_disabled_redelivered_and_deleted_from_the_dashboard(running_api, receiver):
+    api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    sign_up(api)
+    page = post_form(api, api.get("/dashboard/webhooks"), "/dashboard/webhooks", url=receiver.url + "/hook")
+    assert page.status_code == 201 and "you will not see it again" in page.text
+    secret = page.html.select_one("#secret")["value"]
+    assert secret.startswith("whsec_")
+    webhook_id = stored(api.config, "SELECT id FROM webhooks")[0][0]
+    assert stored(api.config, "SELECT events FROM webhooks") == [
+        ('["pause.responded","pause.timed_out","pause.cancelled","pause.notification_failed"]',)]
+    page = api.get(f"/dashboard/webhooks/{webhook_id}")
+    assert secret not in page.text
+    post_form(api, page, f"/dashboard/webhooks/{webhook_id}", action="test")
+    api.step("webhooks")
+    call = receiver.wait_for(1)[0]
+    assert call["json"]["type"] == "webhook.test"
+    assert pausepoint.verify_signature(secret, call["headers"]["X-PausePoint-Signature"], call["body"])
+    page = api.get(f"/dashboard/webhooks/{webhook_id}")
+    assert "webhook.test" in page.html.select_one("#deliveries").text and "200" in page.text
+    delivery_id = stored(api.config, "SELECT id FROM webhook_deliveries")[0][0]
+    post_form(api, page, f"/dashboard/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver")
+    api.step("webhooks")
+    assert len(receiver.wait_for(2)) == 2 and receiver.calls[1]["json"]["id"] == call["json"]["id"]
+    page = post_form(api, api.get(f"/dashboard/webhooks/{webhook_id}"), f"/dashboard/webhooks/{webhook_id}",
+                     action="disable").maybe_follow()
+    assert page.html.select_one("#webhook-status").text.startswith("disabled: disabled by dashboard:dev@example.com")
+    page = post_form(api, page, f"/dashboard/webhooks/{webhook_id}", action="enable").maybe_follow()
+    assert page.html.select_one("#webhook-status").text == "enabled"
+    post_form(api, page, f"/dashboard/webhooks/{webhook_id}", action="delete")
+    assert api.get("/dashboard/webhooks").html.select_one("#empty") is not None
+    assert [row[0] for row in stored(api.config, "SELECT event_type FROM audit_events WHERE actor LIKE 'dashboard:%'"
+                                                 " ORDER BY seq")] == ["webhook.created", "webhook.disabled",
+                                                                       "webhook.updated", "webhook.updated",
+                                                                       "webhook.deleted"]
+
+
+def test_a_bad_webhook_url_is_explained_and_the_form_kept(api):
+    sign_up(api)
+    page = post_form(api, api.get("/dashboard/webhooks"), "/dashboard/webhooks", url="http://127.0.0.1:9/x")
+    assert page.status_code == 422 and "non-public address" in page.text
+    assert page.html.select_one("#url")["value"] == "http://127.0.0.1:9/x"
+    assert stored(api.config, "SELECT count(*) FROM webhooks") == [(0,)]
+
+
+def test_another_developers_webhook_cannot_be_seen_or_changed_by_url(running_api, receiver):
+    api = running_api(**{"webhooks.allow_private": True})
+    sign_up(api)
+    post_form(api, api.get("/dashboard/webhooks"), "/dashboard/webhooks", url=receiver.url)
+    webhook_id = stored(api.config, "SELECT id FROM webhooks")[0][0]
+    api.reset()
+    sign_up(api, email="other@example.com")
+    api.get(f"/dashboard/webhooks/{webhook_id}", status=404)
+    csrf = api.get("/dashboard/webhooks").html.select_one("input[name=csrf]")["value"]
+    api.post(f"/dashboard/webhooks/{webhook_id}", {"csrf": csrf, "action": "delete"}, status=404)
+    assert stored(api.config, "SELECT deleted_at FROM webhooks") == [(None,)]
+
+
+# -- the operator ---------------------------------------------------------------------------
+
+def test_only_operators_see_the_operator_page(api):
+    sign_up(api)
+    assert "Operator" not in api.get("/dashboard/overview").text
+    api.get("/dashboard/operator", status=404)
+    csrf = api.get("/dashboard/keys").html.select_one("input[name=csrf]")["value"]
+    api.post("/dashboard/operator/registration", {"csrf": csrf, "open": "false"}, status=404)
+    api.post("/dashboard/operator/plan", {"csrf": csrf, "email": "dev@example.com", "plan": "team"}, status=404)
+    assert stored(api.config, "SELECT count(*) FROM server_settings") == [(0,)]
+
+
+def test_the_operator_sees_usage_changes_plans_and_closes_registration(running_api, twilio):
+    api = running_api(**twilio.settings(), **{"plans.team.monthly_pauses": 5000})
+    _, keys = sign_up(api, email="ops@example.com")
+    api.reset()
+    _, customer = sign_up(api, email="customer@example.com")
+    for _ in range(2):
+        api.create_pause(customer["live"])
+    api.create_pause(customer["test"])
+    assert pausepoint.main(["--db", api.config["database.path"], "set-operator", "--email", "ops@example.com"]) == 0
+    api.reset()
+    log_in(api, email="ops@example.com")
+    page = api.get("/dashboard/operator")
+    rows = {tr.select("td")[0].text: [td.text.strip() for td in tr.select("td")[1:4]]
+            for tr in page.html.select("#developers tbody tr")}
+    assert rows == {"customer@example.com": ["Dev", "2 of 100", "1"], "ops@example.com (operator)": ["Dev", "0 of 100", "0"]}
+    post_form(api, page, "/dashboard/operator/plan", email="customer@example.com", plan="team")
+    assert stored(api.config, "SELECT plan FROM developers WHERE email = 'customer@example.com'") == [("team",)]
+    assert stored(api.config, "SELECT actor, event_type FROM audit_events WHERE event_type = 'plan.changed'") == [
+        ("operator:ops@example.com", "plan.changed")]
+
+    assert "as registration.open in the config says" in page.text
+    page = post_form(api, api.get("/dashboard/operator"), "/dashboard/operator/registration").maybe_follow()
+    assert "Registration is closed" in page.html.select_one("#registration").text
+    assert "as set here on the dashboard" in page.text
+    assert api.post_json("/v1/auth/register", {"email": "new@example.com", "name": "N", "password": PASSWORD},
+                         status=403).json["error"]["code"] == "registration_closed"
+    api.reset()
+    assert "create-developer" in api.get("/dashboard/signup", status=403).text

@@ -57,8 +57,10 @@ def test_sign_up_log_in_watch_a_pause_get_answered_and_see_it_counted(live_serve
     assert browser.find_element(By.ID, "test-mode").is_displayed()
 
     headers = {"Authorization": f"Bearer {keys[1]}"}
-    created = requests.post(f"{url}/v1/pause", json={**WIRE, "message": "Wire $340 to Acme Corp for invoice 7?"},
-                            headers=headers).json()
+    created = requests.post(f"{url}/v1/pause", headers=headers, json={
+        **WIRE, "title": "Wire to Acme Corp", "message": "Wire $340 to Acme Corp for invoice 7?",
+        "metadata": {"amount": "$340.00", "payee": "Acme Corp", "invoice": "INV-7", "display": ["amount", "payee", "invoice"]},
+    }).json()
     browser.refresh()
     row = browser.find_element(By.CSS_SELECTOR, "#pauses tbody tr")
     assert "Wire $340" in row.text and "pending" in row.text

@@ -188,7 +188,7 @@ def test_a_plan_change_by_the_operator_raises_the_quota(tmp_path, twilio):
     keys = api.register()
     api.create_pause(keys["api_key"])
     api.post_json("/v1/pause", WIRE, headers=api.as_key(keys["api_key"]), status=429)
-    pausepoint.set_developer_plan(config, "dev@example.com", "team")
+    pausepoint.change_plan(api.app.runtime.db(), config, "dev@example.com", "team", "operator:test")
     api.create_pause(keys["api_key"])
 
 

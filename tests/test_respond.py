@@ -1,4 +1,5 @@
 import concurrent.futures
+import re
 import sqlite3
 
 import requests
@@ -132,7 +133,8 @@ def test_the_page_sends_noindex_no_referrer_and_a_strict_csp(api, developer):
 
 
 def test_everything_the_agent_wrote_is_escaped_on_the_page(api, developer):
-    created = api.create_pause(developer["test_api_key"], message=f"Wire? {XSS}",
+    created = api.create_pause(developer["test_api_key"], message=f"Wire? {XSS}", title=f"T {XSS}",
+                               metadata={f"k {XSS}": XSS, "display": [f"k {XSS}"]},
                                options=[f"Yes {XSS}", '"><b>No</b>'], timeout_default='"><b>No</b>')
     page = api.get(respond_path(created, page=True))
     page.mustcontain("&lt;script&gt;alert(", "&lt;img src=x onerror=alert(1)&gt;", no=["<script>", "<img", "<b>No"])
@@ -197,3 +199,29 @@ def test_an_unexpected_error_shows_a_person_a_page_and_an_agent_json(api, develo
     assert api.get(respond_path(created), status=500).json["error"]["code"] == "internal_error"
     missing = api.get("/respond/", status=404)
     assert missing.content_type == "text/html"
+
+
+def test_the_page_says_who_asks_about_what_with_the_details_the_agent_chose(api):
+    key = api.register(name="Acme Finance Bot")["test_api_key"]
+    created = api.create_pause(key, title="Wire to Acme Corp", timeout_hours=4, metadata={
+        "amount": "$340.00", "payee": "Acme Corp", "invoice": {"id": 7}, "internal_ref": "secret-123",
+        "display": ["amount", "payee", "invoice"]})
+    page = api.get(respond_path(created, page=True)).html
+    assert page.select_one(".label").text == "Asked by Acme Finance Bot:"
+    assert page.select_one("h1.title").text == "Wire to Acme Corp"
+    assert [(row.th.text, row.td.text) for row in page.select("table.details tr")] == [
+        ("amount", "$340.00"), ("payee", "Acme Corp"), ("invoice", '{"id":7}')]
+    assert "secret-123" not in str(page)                          # only what "display" names
+    expiry = page.select_one("#expiry").text
+    assert re.search(r"Open until \w{3} \d\d \d\d:\d\d UTC \((3\.9|4\.0) h left\)", expiry), expiry
+    facts = api.get(respond_path(created)).json
+    assert facts["asked_by"] == "Acme Finance Bot" and facts["title"] == "Wire to Acme Corp"
+    assert facts["details"][0] == {"name": "amount", "value": "$340.00"} and "metadata" not in facts
+    assert api.pause(key, created["pause_id"])["title"] == "Wire to Acme Corp"
+
+
+def test_display_must_name_keys_of_the_metadata(api, developer):
+    for display in (["missing"], "amount", ["display"], [1], ["amount"] * 11):
+        error = api.post_json("/v1/pause", {**WIRE, "metadata": {"amount": 1, "display": display}},
+                              headers=api.as_key(developer["test_api_key"]), status=422).json["error"]
+        assert error["field"] == "metadata" and "display" in error["message"]

@@ -36,3 +36,28 @@ def test_a_human_taps_a_choice_on_a_phone_sized_page_and_sees_it_recorded(live_s
     assert browser.current_url.endswith(token_of(created["respond_url"]))   # redirected back: a reload cannot re-post
     pause = requests.get(f"{url}/v1/pause/{created['pause_id']}", headers=headers).json()
     assert pause["choice"] == "Approve" and pause["comment"] == "Known vendor, invoice matches."
+
+
+def test_the_page_reads_at_320_px_and_in_dark_mode(live_server, browser):
+    from selenium.webdriver.common.by import By
+
+    url = live_server.url
+    keys = requests.post(f"{url}/v1/auth/register",
+                         json={"email": "d@example.com", "name": "Acme Finance Bot", "password": "password123"}).json()
+    created = requests.post(f"{url}/v1/pause", headers={"Authorization": f"Bearer {keys['test_api_key']}"}, json={
+        **WIRE, "title": "Wire to Acme Corp", "options": ["Approve the wire", "Reject", "Ask me tomorrow"],
+        "metadata": {"amount": "$340.00", "payee": "Acme Corporation International Holdings", "display": ["amount", "payee"]},
+    }).json()
+    browser.set_window_size(320, 700)
+    browser.get(f"{url}/respond/{token_of(created['respond_url'])}")
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= 320      # nothing runs off the side
+    for button in browser.find_elements(By.CSS_SELECTOR, "button[name=choice]"):
+        assert button.size["height"] >= 44 and button.size["width"] >= 250                    # thumb-sized
+    assert browser.find_element(By.CSS_SELECTOR, "label[for=comment]").text == "Comment (optional)"
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                            {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    body = browser.find_element(By.TAG_NAME, "body")
+    assert body.value_of_css_property("background-color") == "rgba(0, 0, 0, 1)"
+    assert body.value_of_css_property("color") == "rgba(245, 245, 247, 1)"
+    button = browser.find_element(By.CSS_SELECTOR, "button[name=choice]")
+    assert button.value_of_css_property("background-color") == "rgba(10, 88, 202, 1)"           # white on it: 6.5:1

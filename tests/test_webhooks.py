@@ -805,7 +805,7 @@ def test_a_pause_reads_the_same_in_its_page_its_list_and_its_webhook(hooks_api, 
     notification = stored(hooks_api.config, "SELECT text FROM notifications")[0][0]
     decided_at = stored(hooks_api.config, "SELECT decided_at FROM pauses")[0][0]
     assert page == {
-        "pause_id": created["pause_id"], "status": "cancelled", "recipient": WIRE["recipient"], "channel": "sms",
+        "pause_id": created["pause_id"], "status": "cancelled", "recipient": WIRE["recipient"], "channel": "sms", "title": None,
         "message": WIRE["message"], "options": WIRE["options"], "timeout_default": "Reject", "choice": None,
         "comment": None, "decided_at": decided_at[:19] + "Z", "decided_by": page["decided_by"], "metadata": metadata,
         "respond_url": created["respond_url"], "livemode": False, "expires_at": created["expires_at"],
