@@ -2913,6 +2913,12 @@ def prune_expired_data(conn, config, now=None):
     in_batches("idempotency keys",
                "SELECT rowid FROM idempotency_keys WHERE created_at < ?", (db_time(now - IDEMPOTENCY_WINDOW),),
                ["DELETE FROM idempotency_keys WHERE rowid = ?"])
+    # Sign-ins past either limit, which session_for() would refuse anyway.
+    in_batches("dashboard sign-ins",
+               "SELECT token_hash FROM dashboard_sessions WHERE last_seen_at < ? OR created_at < ?",
+               (db_time(now - dt.timedelta(minutes=config["dashboard.session_idle_minutes"])),
+                db_time(now - dt.timedelta(hours=config["dashboard.session_max_hours"]))),
+               ["DELETE FROM dashboard_sessions WHERE token_hash = ?"])
     if any(deleted.values()):
         log.info("pruned past retention: %s", ", ".join(f"{n} {kind}" for kind, n in deleted.items() if n))
     return dict(deleted)

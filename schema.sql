@@ -62,7 +62,7 @@ CREATE UNIQUE INDEX api_keys_one_active ON api_keys(developer_id, livemode) WHER
 -- Dashboard sign-ins. The cookie carries a 256-bit token; only its SHA-256 is
 -- kept, as for API keys. Logging out deletes the row; changing the password
 -- deletes all of a developer's. A row past either limit (dashboard.session_*)
--- is refused and deleted when next used, and pruned daily once idle.
+-- is refused and deleted when next used, or else by the daily pruning.
 CREATE TABLE dashboard_sessions (
     token_hash    TEXT PRIMARY KEY,                  -- hex SHA-256 of the cookie's token; serves the lookup
     developer_id  TEXT NOT NULL REFERENCES developers(id),

@@ -5,7 +5,7 @@ import os
 
 import requests
 
-from conftest import ROOT, WIRE, needs_chromium
+from conftest import ROOT, WIRE, needs_chromium, stored
 
 pytestmark = needs_chromium
 
@@ -23,11 +23,14 @@ def fill(browser, **fields):
 def click(browser, selector):
     """Click, and wait for the page it leads to."""
     from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
     element = browser.find_element(By.CSS_SELECTOR, selector)
     element.click()
-    WebDriverWait(browser, 10).until(expected_conditions.staleness_of(element))
+    # Asked mid-navigation, Chromium may answer that the node left the document: ask again.
+    WebDriverWait(browser, 10, ignored_exceptions=(WebDriverException,)).until(
+        expected_conditions.staleness_of(element))
 
 
 def test_sign_up_log_in_watch_a_pause_get_answered_and_see_it_counted(live_server, browser):
@@ -88,3 +91,36 @@ def test_sign_up_log_in_watch_a_pause_get_answered_and_see_it_counted(live_serve
     assert browser.find_element(By.ID, "timeout-share").text == "0%"
     assert len(browser.find_elements(By.CSS_SELECTOR, "#chart rect.approved")) == 1
     browser.save_screenshot(os.path.join(SCREENSHOTS, "overview.png"))
+
+
+def test_in_the_browser_forged_forms_lapsed_sign_ins_and_other_tenants_get_nowhere(live_server, browser):
+    from selenium.webdriver.common.by import By
+
+    url, config = live_server.url, live_server.app.runtime.config
+    browser.get(url + "/dashboard/signup")
+    fill(browser, email="first@example.com", name="First", password="correct horse battery")
+    click(browser, "form button[type=submit]")
+    test_key = browser.find_elements(By.CSS_SELECTOR, "input.secret")[1].get_attribute("value")
+    created = requests.post(f"{url}/v1/pause", json=WIRE, headers={"Authorization": f"Bearer {test_key}"}).json()
+
+    browser.get(f"{url}/dashboard/pauses/{created['pause_id']}")             # a form whose token is gone
+    browser.execute_script("document.querySelector('form.logout input[name=csrf]').value = 'forged'")
+    click(browser, "form.logout button")
+    assert "did not come from this site" in browser.find_element(By.ID, "outcome").text
+    browser.get(f"{url}/dashboard/pauses/{created['pause_id']}")
+    assert browser.find_element(By.ID, "status").text == "pending"           # still signed in, nothing changed
+
+    stored(config, "UPDATE dashboard_sessions SET last_seen_at = '2000-01-01T00:00:00.000Z'")
+    browser.get(f"{url}/dashboard/pauses")                                    # the sign-in lapsed
+    assert "/dashboard/login?next=" in browser.current_url
+
+    browser.delete_all_cookies()
+    browser.get(url + "/dashboard/signup")
+    fill(browser, email="second@example.com", name="Second", password="correct horse battery")
+    click(browser, "form button[type=submit]")
+    for path in (f"audit?pause_id={created['pause_id']}", "pauses", "audit"):
+        browser.get(f"{url}/dashboard/{path}")
+        assert created["pause_id"] not in browser.find_element(By.TAG_NAME, "main").text
+    browser.get(f"{url}/dashboard/pauses/{created['pause_id']}")             # by URL: as if it did not exist
+    assert browser.find_element(By.ID, "outcome").text.startswith("No pause")
+    assert WIRE["message"] not in browser.page_source

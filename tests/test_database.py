@@ -436,3 +436,18 @@ def test_a_checkpoint_held_back_by_a_reader_leaves_the_write_lock_alone(running_
             assert not checkpoint.is_alive() and runtime.write_lock.waiting() == 0
     finally:
         reader.close()
+
+
+def test_pruning_deletes_sign_ins_past_either_limit(running_api):
+    api = running_api(jobs=False, **{"dashboard.session_idle_minutes": 60, "dashboard.session_max_hours": 24})
+    developer = {"id": api.register()["developer_id"]}
+    conn = api.app.runtime.db()
+    tokens = [pausepoint.start_session(conn, developer)[0] for _ in range(3)]
+    now = pausepoint.utcnow()
+    digest = [pausepoint.key_digest(token) for token in tokens]
+    stored(api.config, "UPDATE dashboard_sessions SET last_seen_at = ? WHERE token_hash = ?",
+           pausepoint.db_time(now - dt.timedelta(minutes=61)), digest[0])              # idle too long
+    stored(api.config, "UPDATE dashboard_sessions SET created_at = ? WHERE token_hash = ?",
+           pausepoint.db_time(now - dt.timedelta(hours=25)), digest[1])                # too old, though in use
+    assert pausepoint.prune_expired_data(conn, api.config)["dashboard sign-ins"] == 2
+    assert stored(api.config, "SELECT token_hash FROM dashboard_sessions") == [(digest[2],)]
