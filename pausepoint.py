@@ -1442,8 +1442,9 @@ def new_reply_code(conn, recipient, livemode):
     unreachable."""
     require_transaction(conn)
     week_ago = db_time(utcnow() - REPLY_CODE_QUARANTINE)
-    candidates = [secrets.choice(codes) for codes in (SHORT_REPLY_CODES, LONG_REPLY_CODES)
-                  for _ in range(REPLY_CODE_DRAWS)]
+    # Not secrets (a reply counts only from the number the pause was sent to), so the
+    # fast generator: the system one cost a fifth of a create.
+    candidates = [*random.sample(SHORT_REPLY_CODES, REPLY_CODE_DRAWS), *random.sample(LONG_REPLY_CODES, REPLY_CODE_DRAWS)]
     free = query_db(conn, FIRST_FREE_REPLY_CODE, {"candidates": json.dumps(candidates), "recipient": recipient,
                                                   "livemode": livemode, "week_ago": week_ago}, one=True)
     if free is not None:
