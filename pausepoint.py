@@ -131,7 +131,7 @@ SETTINGS = [
     Setting("outbound.per_developer", 4, "Outbound calls one developer's work may have in flight at once, so one tenant's slow receivers cannot hold every worker."),
     Setting("ratelimit.enabled", True, "Rate-limit registration, key rotation and failed respond-token lookups per client IP."),
     Setting("ratelimit.register_per_hour", 20, "Registrations allowed per client IP per hour."),
-    Setting("ratelimit.login_per_hour", 20, "Dashboard sign-in attempts allowed per client IP per hour, and failed ones per email."),
+    Setting("ratelimit.login_per_hour", 20, "Failed password checks (dashboard sign-in, key rotation) allowed per hour per client IP, and per email (or, for a browser that signed in as that developer before, per browser)."),
     Setting("ratelimit.rotate_per_hour", 20, "Key rotations (attempts, right or wrong) allowed per client IP per hour."),
     Setting("ratelimit.respond_failures_per_hour", 30, "Unknown respond tokens allowed per client IP per hour; beyond it unknown tokens get 429 (valid ones always work)."),
     Setting("ratelimit.webhook_changes_per_hour", 200, "Webhook creations, changes, deletions, tests and redeliveries one developer may make per hour (each writes an audit event that is kept)."),
@@ -422,6 +422,14 @@ MIGRATIONS = [
             changed_by  TEXT NOT NULL,
             changed_at  TEXT NOT NULL
         );
+    """),
+    (6, """
+        CREATE TABLE dashboard_devices (
+            token_hash    TEXT PRIMARY KEY,
+            developer_id  TEXT NOT NULL REFERENCES developers(id),
+            created_at    TEXT NOT NULL
+        );
+        CREATE INDEX dashboard_devices_by_age ON dashboard_devices(created_at);
     """),
 ]
 
@@ -988,6 +996,27 @@ def end_session(conn, token):
 def set_session_mode(conn, token, livemode):
     with transaction(conn):
         conn.execute("UPDATE dashboard_sessions SET livemode = ? WHERE token_hash = ?", (livemode, key_digest(token)))
+
+
+DEVICE_LIFETIME = dt.timedelta(days=365)
+
+
+def remember_device(conn, developer_id):
+    """A device cookie's token for a browser that just signed in; only its digest is kept."""
+    token = secrets.token_urlsafe(32)
+    with transaction(conn):
+        conn.execute("INSERT INTO dashboard_devices (token_hash, developer_id, created_at) VALUES (?, ?, ?)",
+                     (key_digest(token), developer_id, db_time()))
+    return token
+
+
+def device_knows(conn, token, email):
+    """Whether the device cookie `token` signed in as the developer with this email before."""
+    if not token:
+        return False
+    return query_db(conn, "SELECT 1 FROM dashboard_devices v JOIN developers d ON d.id = v.developer_id"
+                          " WHERE v.token_hash = ? AND d.email = ? AND v.created_at > ?",
+                    (key_digest(token), email.strip(), db_time(utcnow() - DEVICE_LIFETIME)), one=True) is not None
 
 
 def change_password(conn, config, developer, new_password):
@@ -2914,6 +2943,8 @@ def prune_expired_data(conn, config, now=None):
     in_batches("idempotency keys",
                "SELECT rowid FROM idempotency_keys WHERE created_at < ?", (db_time(now - IDEMPOTENCY_WINDOW),),
                ["DELETE FROM idempotency_keys WHERE rowid = ?"])
+    in_batches("dashboard devices", "SELECT token_hash FROM dashboard_devices WHERE created_at < ?",
+               (db_time(now - DEVICE_LIFETIME),), ["DELETE FROM dashboard_devices WHERE token_hash = ?"])
     # Sign-ins past either limit, which session_for() would refuse anyway.
     in_batches("dashboard sign-ins",
                "SELECT token_hash FROM dashboard_sessions WHERE last_seen_at < ? OR created_at < ?",
@@ -2981,6 +3012,7 @@ class Runtime:
         # As many requests run at once as there are cores (at least two), so one that waits
         # on the database's disk still leaves a turn for another.
         self.turns = Turns(max(2, os.cpu_count() or 2))
+        self.shown_once = ShownOnce()
         self.round_locks = {f"run_{job}": threading.Lock()
                             for job in ("timeouts", "notifications", "webhooks", "pruning", "checkpoint")}
         migrate(self.db())
@@ -3197,6 +3229,29 @@ class Runtime:
                             self.decisions.wait(remaining)
         finally:
             self.wait_slots.release()
+
+
+class ShownOnce:
+    """Secrets a dashboard page shows once (new keys, a generated webhook secret), held in
+    memory from a form's POST to the GET it redirects to, so reloading the page cannot
+    repeat the POST; by sign-in, for at most SHOWN_ONCE_FOR, never written anywhere."""
+
+    def __init__(self):
+        self.lock, self.held = threading.Lock(), {}
+
+    def put(self, session_token, what):
+        with self.lock:
+            now = time.monotonic()
+            self.held = {k: v for k, v in self.held.items() if v[0] > now}
+            self.held[key_digest(session_token)] = (now + SHOWN_ONCE_FOR, what)
+
+    def take(self, session_token):
+        with self.lock:
+            until, what = self.held.pop(key_digest(session_token), (0, None))
+        return what if until > time.monotonic() else None
+
+
+SHOWN_ONCE_FOR = 600
 
 
 class RateLimiter:
@@ -3585,14 +3640,36 @@ def register(rt, body):
         return register_developer(rt.db(), rt.config, body["email"], body["name"], body["password"])
 
 
+def password_of(rt, email, password, device=None):
+    """The developer if the password is theirs, else None, wherever a password is checked
+    (sign-in, key rotation, the password form). Failures only are limited, per address
+    and per email (ratelimit.login_per_hour each), so many addresses cannot guess at one
+    account; a browser whose device cookie signed in as this developer before is held to
+    its own budget instead of the email's, so failing on purpose cannot lock anyone out
+    of the browser they use."""
+    per_hour, email = rt.config["ratelimit.login_per_hour"], (email or "").strip().lower()
+    budgets = [("password_failures", client_ip(), "failed sign-ins from your address")]
+    if device_knows(rt.db(), device, email):
+        budgets.append(("password_failures_device", key_digest(device), "failed sign-ins from this browser"))
+    else:
+        budgets.append(("password_failures_email", email, "failed sign-ins for this email"))
+    for name, who, what in budgets:
+        rt.limiter.refuse_if_exhausted(name, who, per_hour, what)
+    with rt.hashing_turn():
+        developer = check_password(rt.db(), rt.config, email, password or "")
+    if developer is None:
+        for name, who, _ in budgets:
+            rt.limiter.spend(name, who, per_hour)
+    return developer
+
+
 def rotation_allowed(rt, caller):
     rt.limiter.limit("rotate", client_ip(), rt.config["ratelimit.rotate_per_hour"], "key rotations from your address")
 
 
 def rotate(rt, body):
     """Replace the live or the test key; the old one stops working at once."""
-    with rt.hashing_turn():
-        developer = check_password(rt.db(), rt.config, body["email"], body["password"])
+    developer = password_of(rt, body["email"], body["password"])
     if developer is None:
         raise ApiError(401, "unauthorized", "email or password is wrong")
     key = rotate_key(rt.db(), developer, MODES[body["key"]])
@@ -3802,8 +3879,9 @@ def static_file(name):
 # The dashboard's pages call the same domain functions as the API, as the signed-in
 # developer in the mode the sign-in shows. The sign-in cookie goes only to /dashboard;
 # the sign-up and log-in forms, which come before any sign-in, are guarded by a
-# token both in a cookie and in the form (a cross-site form can set neither).
-SESSION_COOKIE, FORM_COOKIE = "pp_session", "pp_form"
+# token both in a cookie and in the form (a cross-site form can set neither). A
+# third cookie marks a browser that has signed in before (see password_of).
+SESSION_COOKIE, FORM_COOKIE, DEVICE_COOKIE = "pp_session", "pp_form", "pp_device"
 DASHBOARD_PAGE = 25
 
 
@@ -3906,34 +3984,38 @@ def signup(rt, form):
         if e.status not in (409, 422):
             raise
         return form_page(rt, "signup", status=e.status, error=e.message, values=form)
-    token, _ = start_session(rt.db(), {"id": keys["developer_id"]})
-    session = SignedIn(session_for(rt.db(), rt.config, token), token)
-    page = dashboard_page("keys_shown", session, status=201, keys=[("Live key", keys["api_key"]),
-                                                                     ("Test key", keys["test_api_key"])])
-    page.set_cookie(SESSION_COOKIE, token, **cookie_options(rt.config, max_age=rt.config["dashboard.session_max_hours"] * 3600))
-    return page
+    return signed_in_redirect(rt, keys["developer_id"], "/dashboard/keys/shown",
+                              shown={"keys": [("Live key", keys["api_key"]), ("Test key", keys["test_api_key"])]})
 
 
 def login_form(rt, query):
+    if session_for(rt.db(), rt.config, bottle.request.get_cookie(SESSION_COOKIE)) is not None:
+        return redirect(safe_next(query["next"]))         # signed in already
     return form_page(rt, "login", error=None, email="", next=safe_next(query["next"]), notice=query["notice"])
 
 
 def login(rt, form):
     """Sign in. A wrong email and a wrong password get the same answer in the same time."""
-    email = (form.get("email") or "").strip().lower()
-    per_hour = rt.config["ratelimit.login_per_hour"]
-    rt.limiter.limit("login", client_ip(), per_hour, "sign-in attempts from your address")
-    rt.limiter.refuse_if_exhausted("login_email", email, per_hour, "failed sign-ins for this email")
-    with rt.hashing_turn():
-        developer = check_password(rt.db(), rt.config, email, form.get("password") or "")
+    device = bottle.request.get_cookie(DEVICE_COOKIE)
+    developer = password_of(rt, form.get("email"), form.get("password"), device)
     if developer is None:
-        rt.limiter.spend("login_email", email, per_hour)
         return form_page(rt, "login", status=401, error="Email or password is wrong.", email=form.get("email") or "",
                          next=safe_next(form.get("next")), notice=None)
-    token, _ = start_session(rt.db(), developer)
-    return redirect(safe_next(form.get("next")),
-                    **{SESSION_COOKIE: (token, cookie_options(rt.config,
-                                                              max_age=rt.config["dashboard.session_max_hours"] * 3600))})
+    return signed_in_redirect(rt, developer["id"], safe_next(form.get("next")),
+                              None if device_knows(rt.db(), device, developer["email"]) else device)
+
+
+def signed_in_redirect(rt, developer_id, location, known_device=None, shown=None):
+    """Start a sign-in and go to `location`, remembering this browser unless it is
+    `known_device`, with `shown` for the sign-in's next page to show once."""
+    token, _ = start_session(rt.db(), {"id": developer_id})
+    if shown:
+        rt.shown_once.put(token, shown)
+    cookies = {SESSION_COOKIE: (token, cookie_options(rt.config, max_age=rt.config["dashboard.session_max_hours"] * 3600))}
+    if known_device is None:
+        cookies[DEVICE_COOKIE] = (remember_device(rt.db(), developer_id),
+                                  cookie_options(rt.config, max_age=int(DEVICE_LIFETIME.total_seconds())))
+    return redirect(location, **cookies)
 
 
 def logout(rt, session):
@@ -3974,10 +4056,6 @@ def audit_log_page(rt, session, query):
                           filters={name: query[name] or "" for name in ("event_type", "pause_id")})
 
 
-# Cells a spreadsheet would run as a formula (an agent's metadata could carry one).
-SPREADSHEET_FORMULA = re.compile(r"[=+\-@\t\r]")
-
-
 def audit_csv(rt, session, query):
     """The audit log as CSV, written as it is read."""
     caller = session.caller
@@ -3990,7 +4068,7 @@ def audit_csv(rt, session, query):
             event = audit_event_json(row)
             cells = [event["id"], event["timestamp"], event["actor"], event["event_type"], event["pause_id"] or "",
                      "true" if event["livemode"] else "false", compact_json(event["data"])]
-            writer.writerow(["'" + cell if SPREADSHEET_FORMULA.match(cell) else cell for cell in cells])
+            writer.writerow(cells)      # what anyone wrote is inside the JSON: no cell can start a formula
             if out.tell() > 16384:
                 yield out.getvalue().encode()
                 out.seek(0)
@@ -4012,8 +4090,7 @@ def keys_page(rt, session, error=None, status=200):
 def with_password(rt, session, form):
     """The developer, if the form's password is theirs; None otherwise (rate-limited)."""
     rotation_allowed(rt, None)
-    with rt.hashing_turn():
-        return check_password(rt.db(), rt.config, session.row["email"], form.get("password") or "")
+    return password_of(rt, session.row["email"], form.get("password"), bottle.request.get_cookie(DEVICE_COOKIE))
 
 
 def rotate_from_dashboard(rt, session, form):
@@ -4023,7 +4100,17 @@ def rotate_from_dashboard(rt, session, form):
         return keys_page(rt, session, error="That password is wrong; no key was changed.", status=401)
     livemode = 1 if form.get("key") == "live" else 0
     key = rotate_key(rt.db(), developer, livemode)
-    return dashboard_page("keys_shown", session, keys=[("New live key" if livemode else "New test key", key)])
+    rt.shown_once.put(session.token, {"keys": [("New live key" if livemode else "New test key", key)]})
+    return redirect("/dashboard/keys/shown")
+
+
+def keys_shown_page(rt, session):
+    """New keys, this once; a reload finds them gone and goes back to the keys page."""
+    shown = rt.shown_once.take(session.token)
+    if not shown or "keys" not in shown:
+        return redirect("/dashboard/keys")
+    test_key = next((key for label, key in shown["keys"] if key.startswith("pp_test_")), None)
+    return dashboard_page("keys_shown", session, keys=shown["keys"], base=base_url(rt.config), test_key=test_key)
 
 
 def password_from_dashboard(rt, session, form):
@@ -4058,14 +4145,19 @@ def add_webhook_from_dashboard(rt, session, form):
         if e.status not in (409, 422):
             raise
         return webhooks_page(rt, session, error=e.message, status=e.status, values=form)
-    return webhook_page(rt, session, {"cursor": None}, webhook["id"], secret=secret, status=201)
+    if secret:
+        rt.shown_once.put(session.token, {"webhook_id": webhook["id"], "secret": secret})
+    return redirect(f"/dashboard/webhooks/{webhook['id']}")
 
 
-def webhook_page(rt, session, query, webhook_id, secret=None, status=200):
-    """One endpoint: its settings, its deliveries with every attempt."""
+def webhook_page(rt, session, query, webhook_id):
+    """One endpoint: its settings, its deliveries with every attempt (and a secret made
+    for it just now, this once)."""
     webhook = webhook_json(owned_webhook(rt.db(), session.caller, webhook_id))
+    shown = rt.shown_once.take(session.token) or {}
+    secret = shown.get("secret") if shown.get("webhook_id") == webhook_id else None
     deliveries, next_cursor = deliveries_page(rt.db(), session.caller, webhook_id, DASHBOARD_PAGE, query["cursor"])
-    return dashboard_page("webhook", session, status=status, webhook=webhook, secret=secret, deliveries=deliveries,
+    return dashboard_page("webhook", session, webhook=webhook, secret=secret, deliveries=deliveries,
                           next_cursor=next_cursor, back="/dashboard/webhooks")
 
 
@@ -4215,6 +4307,7 @@ ROUTES = [
     Route("POST", "/dashboard/operator/plan", change_plan_from_dashboard, auth="session", page=True),
     Route("POST", "/dashboard/operator/registration", registration_from_dashboard, auth="session", page=True),
     Route("GET", "/dashboard/keys", keys_page, auth="session", page=True),
+    Route("GET", "/dashboard/keys/shown", keys_shown_page, auth="session", page=True),
     Route("POST", "/dashboard/keys/rotate", rotate_from_dashboard, auth="session", page=True),
     Route("POST", "/dashboard/password", password_from_dashboard, auth="session", page=True),
 ]
@@ -4324,7 +4417,8 @@ def error_response(e, page):
     """An ApiError as the one JSON error shape, or as a page for a person."""
     if page:
         message = sentence(e.message if e.status != 500 else UNEXPECTED)
-        return html_page("respond_error", status=e.status, message=message, headers=e.headers)
+        back = "/dashboard" if bottle.request.path.startswith("/dashboard") else None
+        return html_page("respond_error", status=e.status, message=message, headers=e.headers, back=back)
     return bottle.HTTPResponse(error_body(e.status, e.code, e.message, e.field), status=e.status,
                                headers={"Content-Type": "application/json", **e.headers})
 

@@ -23,7 +23,7 @@
     <button type="submit" class="secondary">Log out {{session.row['email']}}</button>
   </form>
 </header>
-% if not live:
-<p class="badge" id="test-mode">Test mode: test keys' data only. Nothing here was sent to anyone.</p>
+% if not live and here in ('overview', 'pauses', 'audit', 'webhooks'):
+<p class="badge" id="test-mode">Test mode: your test key's data. Test pauses never text or email anyone; test webhooks are sent.</p>
 % end
 {{!base}}

@@ -9,5 +9,12 @@ Only a digest is stored; if you lose a key, rotate it.</p>
   <button type="button" class="copy secondary" data-copy="key-{{n}}" hidden>Copy</button>
 </div>
 % end
-<p>Try it: <code>curl -H "Authorization: Bearer pp_test_…" {{get('base', '')}}/v1/pause</code>. Test keys never send anything.</p>
+% if test_key:
+<p>Try it: ask for an approval with the test key (test pauses never text or email anyone; open the
+<code>respond_url</code> it returns to answer as the human would):</p>
+<pre class="text" id="try-it">curl -X POST {{base}}/v1/pause \
+  -H "Authorization: Bearer {{test_key}}" \
+  -H "Content-Type: application/json" \
+  -d '{"recipient": "+15550100", "channel": "sms", "message": "Your agent wants to send a $340 wire to Acme Corp. Approve?", "options": ["Approve", "Reject"], "timeout_hours": 4, "timeout_default": "Reject"}'</pre>
+% end
 <p><a href="/dashboard/overview">Go to the dashboard</a></p>

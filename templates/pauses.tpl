@@ -15,15 +15,15 @@
 % else:
 <div class="scroll">
 <table id="pauses">
-  <thead><tr><th scope="col">Created (UTC)</th><th scope="col">Message</th><th scope="col">Recipient</th><th scope="col">Status</th><th scope="col">Choice</th></tr></thead>
+  <thead><tr><th scope="col">Created (UTC)</th><th scope="col">Message</th><th scope="col" class="wide-only">Recipient</th><th scope="col">Status</th><th scope="col" class="wide-only">Choice</th></tr></thead>
   <tbody>
 % for pause in page['pauses']:
     <tr>
       <td><a href="/dashboard/pauses/{{pause['pause_id']}}">{{pause['created_at'].replace('T', ' ').rstrip('Z')}}</a></td>
       <td class="text">{{pause['message'] if len(pause['message']) <= 90 else pause['message'][:89] + '…'}}</td>
-      <td>{{pause['recipient']}} <span class="muted">({{pause['channel']}})</span></td>
-      <td><span class="status {{pause['status']}}">{{pause['status'].replace('_', ' ')}}</span></td>
-      <td>{{pause['choice'] or ''}}</td>
+      <td class="wide-only">{{pause['recipient']}} <span class="muted">({{pause['channel']}})</span></td>
+      <td><span class="status {{pause['status']}}">{{pause['status'].replace('_', ' ')}}</span>{{!'<br><span class="narrow-only">' if pause['choice'] else ''}}{{pause['choice'] or ''}}{{!'</span>' if pause['choice'] else ''}}</td>
+      <td class="wide-only">{{pause['choice'] or ''}}</td>
     </tr>
 % end
   </tbody>

@@ -5,7 +5,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import PASSWORD, WIRE, stored, token_of
+from conftest import PASSWORD, WIRE, Api, stored, token_of
 import pausepoint
 
 XSS = '<script>alert(1)</script><img src=x onerror=alert(2)>'
@@ -15,7 +15,7 @@ def sign_up(api, email="dev@example.com", name="Dev", password=PASSWORD):
     """Sign up through the form; returns (the page that shows the keys, {label: key})."""
     form = api.get("/dashboard/signup").forms[0]
     form["email"], form["name"], form["password"] = email, name, password
-    page = form.submit(status=201)
+    page = form.submit(status=303).follow()
     keys = {field["id"]: field["value"] for field in page.html.select("input.secret")}
     return page, {"live": keys["key-0"], "test": keys["key-1"]}
 
@@ -42,16 +42,29 @@ def post_form(api, page, to, action=None, **fields):
 
 
 def test_signing_up_shows_both_keys_once_and_signs_in(api):
-    page, keys = sign_up(api)
-    assert keys["live"].startswith("pp_live_") and keys["test"].startswith("pp_test_")
-    assert "you will not see these again" in page.text and page.headers["Cache-Control"] == "no-store"
-    assert api.get("/v1/pause", headers=api.as_key(keys["test"])).status_code == 200     # the keys work
-    cookie = next(c for c in page.headers.getall("Set-Cookie") if c.startswith("pp_session="))
+    form = api.get("/dashboard/signup").forms[0]
+    form["email"], form["name"], form["password"] = "dev@example.com", "Dev", PASSWORD
+    answer = form.submit(status=303)                 # to a page of its own: a reload cannot sign up twice
+    cookie = next(c for c in answer.headers.getall("Set-Cookie") if c.startswith("pp_session="))
     assert "HttpOnly" in cookie and "samesite=lax" in cookie.lower() and "Path=/dashboard" in cookie
     assert "Secure" not in cookie                                   # base_url is http here
+    page = answer.follow()
+    keys = [field["value"] for field in page.html.select("input.secret")]
+    assert keys[0].startswith("pp_live_") and keys[1].startswith("pp_test_")
+    assert "you will not see these again" in page.text and page.headers["Cache-Control"] == "no-store"
+    assert keys[1] in page.html.select_one("#try-it").text and "http://127.0.0.1:8080/v1/pause" in page.text
+    assert api.get("/v1/pause", headers=api.as_key(keys[1])).status_code == 200     # the keys work
+    again = api.get("/dashboard/keys/shown")                        # a reload: gone
+    assert again.status_code == 303 and again.headers["Location"].endswith("/dashboard/keys")
     overview = api.get("/dashboard/overview")
     assert overview.status_code == 200 and "dev@example.com" in overview.text
-    assert api.get("/dashboard/keys").text.count(keys["test"]) == 0      # never shown again
+    assert keys[1] not in api.get("/dashboard/keys").text
+
+
+def test_the_form_cookie_is_strict_and_only_for_the_dashboard(api):
+    cookie = api.get("/dashboard/login").headers["Set-Cookie"]
+    assert cookie.startswith("pp_form=") and "HttpOnly" in cookie and "samesite=strict" in cookie.lower()
+    assert "Path=/dashboard" in cookie
 
 
 def test_the_cookie_is_secure_when_the_server_is_https(running_api):
@@ -61,9 +74,8 @@ def test_the_cookie_is_secure_when_the_server_is_https(running_api):
     assert "Secure" in page.headers["Set-Cookie"]
     form = page.forms[0]
     form["email"], form["name"], form["password"] = "s@example.com", "S", PASSWORD
-    signed_up = form.submit(status=201)
-    cookie = next(c for c in signed_up.headers.getall("Set-Cookie") if c.startswith("pp_session="))
-    assert "Secure" in cookie
+    cookies = form.submit(status=303).headers.getall("Set-Cookie")
+    assert {c.split("=")[0] for c in cookies} == {"pp_session", "pp_device"} and all("Secure" in c for c in cookies)
 
 
 def test_logging_out_ends_the_session_and_logging_in_starts_one(api):
@@ -107,13 +119,17 @@ def test_a_wrong_password_and_an_unknown_email_get_the_same_answer(api):
     assert "pp_session" not in api.cookies
 
 
-def test_logins_are_rate_limited_per_address(running_api):
+def test_failed_logins_are_limited_per_address_and_successful_ones_are_not(running_api):
     api = running_api(**{"ratelimit.login_per_hour": 3})
     sign_up(api)
+    for _ in range(5):                                # an office behind one address signs in all day
+        api.reset()
+        log_in(api)
+    sign_up(api, email="other@example.com")
     api.reset()
-    for _ in range(3):
-        log_in(api, password="wrong password", status=401)
-    assert "too many sign-in attempts" in log_in(api, status=429).text.lower()     # even the right password
+    for email in ("dev@example.com", "other@example.com", "nobody@example.com"):
+        log_in(api, email=email, password="wrong password", status=401)
+    assert "too many failed sign-ins from your address" in log_in(api, status=429).text.lower()
 
 
 def test_failed_logins_for_one_email_are_limited_from_any_address(running_api):
@@ -129,16 +145,26 @@ def test_failed_logins_for_one_email_are_limited_from_any_address(running_api):
 
 
 def test_forms_without_the_csrf_token_are_refused_and_change_nothing(api):
+    login_page = api.get("/dashboard/login")
     _, keys = sign_up(api)
     created = api.create_pause(keys["test"])
     page = api.get(f"/dashboard/pauses/{created['pause_id']}")
     for token in ("", "x" * 43):
         answer = post_form(api, page, f"/dashboard/pauses/{created['pause_id']}/cancel", csrf=token)
         assert answer.status_code == 403 and "did not come from this site" in answer.text
+        assert answer.html.select_one("a[href='/dashboard']").text == "Back to the dashboard"
     assert api.pause(keys["test"], created["pause_id"])["status"] == "pending"
-    login_page = api.get("/dashboard/login")
     api.reset()                                                  # a form from another site: no form cookie
     assert post_form(api, login_page, "/dashboard/login", email="dev@example.com", password=PASSWORD).status_code == 403
+
+
+def test_the_mode_switch_goes_back_only_to_a_dashboard_page(api):
+    sign_up(api)
+    page = api.get("/dashboard/pauses")
+    form = next(f for f in page.forms.values() if f.action == "/dashboard/mode")
+    for back, landing in (("https://evil.example/", "/dashboard"), ("/dashboard/audit", "/dashboard/audit")):
+        form["back"] = back
+        assert urllib.parse.urlsplit(form.submit(status=303).headers["Location"]).path == landing
 
 
 def test_sessions_end_when_idle_and_at_their_absolute_limit(running_api):
@@ -202,7 +228,7 @@ def test_a_second_developer_sees_none_of_the_firsts_data_even_by_url(api):
     assert cancel.status_code == 404 and stored(api.config, "SELECT status FROM pauses") == [("pending",)]
 
 
-def test_the_audit_log_filters_and_downloads_as_csv_safe_for_spreadsheets(running_api):
+def test_the_audit_log_filters_and_downloads_as_csv(running_api):
     api = running_api(jobs=False)
     _, keys = sign_up(api)
     first = api.create_pause(keys["test"], metadata={"cell": "=HYPERLINK(\"http://evil\")"})
@@ -214,29 +240,31 @@ def test_the_audit_log_filters_and_downloads_as_csv_safe_for_spreadsheets(runnin
     assert download.headers["Content-Type"] == "text/csv; charset=utf-8"
     assert "attachment" in download.headers["Content-Disposition"]
     rows = list(pausepoint.csv.reader(download.text.splitlines()))
-    assert rows[0][:4] == ["id", "timestamp", "actor", "event_type"]
+    assert rows[0] == ["id", "timestamp", "actor", "event_type", "pause_id", "livemode", "data"]
     assert [row[3] for row in rows[1:]] == ["pause.cancelled", "pause.created", "pause.created"]
     assert {row[4] for row in rows[1:]} == {first["pause_id"], second["pause_id"]}
-    assert not any(cell.startswith(("=", "+", "-", "@")) for row in rows for cell in row)
+    # What a developer's agent wrote is only ever inside the JSON of the last cell, which
+    # opens with "{": no cell can start a spreadsheet formula.
+    assert all(row[6].startswith("{") for row in rows[1:]) and '=HYPERLINK' in rows[3][6]
 
 
-def test_the_audit_csv_is_streamed_a_page_at_a_time(live_server):
-    """Over real HTTP: no Content-Length, chunked, and more rows than one read page."""
-    import requests
-    session = requests.Session()
-    page = session.get(f"{live_server.url}/dashboard/signup")
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
-    signed_up = session.post(f"{live_server.url}/dashboard/signup",
-                             data={"csrf": csrf, "email": "csv@example.com", "name": "C", "password": PASSWORD})
-    key = re.search(r'value="(pp_test_[^"]+)"', signed_up.text).group(1)
-    developer = stored(live_server.app.runtime.config, "SELECT id FROM developers")[0][0]
-    stored(live_server.app.runtime.config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2500)"
-                               " INSERT INTO audit_events (timestamp, developer_id, livemode, actor, event_type, data)"
-                               " SELECT '2026-01-01T00:00:00.000Z', ?, 0, 'api:x', 'test.event', '{}' FROM n", developer)
-    answer = session.get(f"{live_server.url}/dashboard/audit.csv", stream=True)
-    assert answer.headers.get("Transfer-Encoding") == "chunked" and "Content-Length" not in answer.headers
-    assert len(answer.text.splitlines()) == 1 + 2500            # the header, then every event
-    assert key.startswith("pp_test_")
+def test_the_audit_csv_is_read_a_page_at_a_time_as_it_is_sent(running_api):
+    api = running_api(jobs=False)
+    sign_up(api)
+    developer = stored(api.config, "SELECT id FROM developers")[0][0]
+    stored(api.config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2500)"
+                       " INSERT INTO audit_events (timestamp, developer_id, livemode, actor, event_type, data)"
+                       " SELECT '2026-01-01T00:00:00.000Z', ?, 0, 'api:x', 'test.event', '{}' FROM n", developer)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/dashboard/audit.csv", "SERVER_NAME": "localhost",
+               "SERVER_PORT": "80", "wsgi.url_scheme": "http", "REMOTE_ADDR": "192.0.2.10",
+               "HTTP_COOKIE": f"pp_session={api.cookies['pp_session']}", "wsgi.input": pausepoint.io.BytesIO(),
+               "wsgi.errors": pausepoint.io.StringIO()}
+    body = api.app(environ, lambda status, headers, exc_info=None: None)
+    first = next(iter(body))                       # the first page of 1,000 is read; the rest not yet
+    stored(api.config, "DELETE FROM audit_events WHERE seq <= 1500")
+    rest = b"".join(body)
+    lines = (first + rest).decode().splitlines()
+    assert lines[0].startswith("id,") and len(lines) == 1 + 1000   # built in memory, it would hold all 2,500
 
 
 def test_rotating_a_key_needs_the_password_and_shows_the_new_key_once(api):
@@ -244,9 +272,12 @@ def test_rotating_a_key_needs_the_password_and_shows_the_new_key_once(api):
     page = api.get("/dashboard/keys")
     wrong = post_form(api, page, "/dashboard/keys/rotate", key="test", password="not my password")
     assert wrong.status_code == 401 and api.get("/v1/pause", headers=api.as_key(keys["test"])).status_code == 200
-    shown = post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test", password=PASSWORD)
+    answer = post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test", password=PASSWORD)
+    assert answer.status_code == 303                 # a reload shows the page, not the form again
+    shown = answer.follow()
     new_key = shown.html.select_one("input.secret")["value"]
     assert new_key.startswith("pp_test_") and new_key != keys["test"]
+    assert api.get("/dashboard/keys/shown").status_code == 303    # once
     assert api.get("/v1/pause", headers=api.as_key(keys["test"]), status=401)
     assert api.get("/v1/pause", headers=api.as_key(new_key)).status_code == 200
     assert api.get("/v1/pause", headers=api.as_key(keys["live"])).status_code == 200    # the other mode's key stays
@@ -255,15 +286,15 @@ def test_rotating_a_key_needs_the_password_and_shows_the_new_key_once(api):
 
 def test_changing_the_password_ends_every_session(api):
     sign_up(api)
-    other_browser = api.cookies["pp_session"]
-    log_in(api)                                                   # a second sign-in
+    other_browser = Api(api.app, extra_environ=api.extra_environ)
+    log_in(other_browser)                                        # a second sign-in
     assert stored(api.config, "SELECT count(*) FROM dashboard_sessions") == [(2,)]
     answer = post_form(api, api.get("/dashboard/keys"), "/dashboard/password", password=PASSWORD,
                        new_password="a brand new passphrase")
     assert answer.headers["Location"].endswith("/dashboard/login?notice=password")
     assert stored(api.config, "SELECT count(*) FROM dashboard_sessions") == [(0,)]
-    api.set_cookie("pp_session", other_browser)
-    assert api.get("/dashboard/pauses").status_code == 303
+    assert other_browser.get("/dashboard/pauses").status_code == 303
+    api.reset()
     log_in(api, password=PASSWORD, status=401)
     log_in(api, password="a brand new passphrase")
 
@@ -302,7 +333,7 @@ def test_the_overview_counts_outcomes_times_and_usage(running_api, twilio):
     assert page.select_one("#usage").text == "1 of 100"
     titles = sorted(t.text.split(": ")[1] for t in page.select("#chart rect title"))
     assert titles == ["1 approved", "1 cancelled", "1 pending", "1 rejected", "1 timed out"]
-    assert pending
+    assert pending in {row[0] for row in stored(api.config, "SELECT id FROM pauses WHERE status = 'pending'")}
 
 
 def test_the_front_page_links_to_the_dashboard_and_the_api_description(api):
@@ -315,8 +346,9 @@ def test_the_front_page_links_to_the_dashboard_and_the_api_description(api):
 def test_webhooks_are_added_tested_disabled_redelivered_and_deleted_from_the_dashboard(running_api, receiver):
     api = running_api(jobs=False, **{"webhooks.allow_private": True})
     sign_up(api)
-    page = post_form(api, api.get("/dashboard/webhooks"), "/dashboard/webhooks", url=receiver.url + "/hook")
-    assert page.status_code == 201 and "you will not see it again" in page.text
+    answer = post_form(api, api.get("/dashboard/webhooks"), "/dashboard/webhooks", url=receiver.url + "/hook")
+    page = answer.follow()
+    assert answer.status_code == 303 and "you will not see it again" in page.text
     secret = page.html.select_one("#secret")["value"]
     assert secret.startswith("whsec_")
     webhook_id = stored(api.config, "SELECT id FROM webhooks")[0][0]
@@ -409,3 +441,45 @@ def test_the_operator_sees_usage_changes_plans_and_closes_registration(running_a
                          status=403).json["error"]["code"] == "registration_closed"
     api.reset()
     assert "create-developer" in api.get("/dashboard/signup", status=403).text
+
+
+# -- guessing passwords, and locking people out ---------------------------------------------
+
+def from_address(api, address):
+    """A new browser (no cookies) at another address."""
+    api.reset()
+    api.extra_environ["REMOTE_ADDR"] = address
+
+
+def test_nobody_can_lock_a_developer_out_of_the_browser_they_signed_in_with(running_api):
+    api = running_api(**{"ratelimit.login_per_hour": 3})
+    sign_up(api)                                   # this browser is now known for dev@example.com
+    usual = Api(api.app, extra_environ={"REMOTE_ADDR": "192.0.2.50"})
+    log_in(usual)
+    post_form(usual, usual.get("/dashboard/overview"), "/dashboard/logout")
+    for n in range(3):                             # an attacker fails on purpose, from three addresses
+        from_address(api, f"198.51.100.{n}")
+        log_in(api, password="guess", status=401)
+    from_address(api, "203.0.113.9")               # a browser never used before is refused, even with the password
+    assert "failed sign-ins for this email" in log_in(api, status=429).text
+    assert log_in(usual).headers["Location"].endswith("/dashboard")    # the usual browser still gets in
+
+
+def test_api_key_rotation_spends_the_same_per_email_budget(running_api):
+    api = running_api(**{"ratelimit.login_per_hour": 3})
+    api.register()
+    for n in range(3):
+        api.extra_environ["REMOTE_ADDR"] = f"198.51.100.{n}"
+        api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": "guess", "key": "live"},
+                      status=401)
+    api.extra_environ["REMOTE_ADDR"] = "198.51.100.99"
+    refused = api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": PASSWORD, "key": "live"},
+                            status=429).json["error"]
+    assert "failed sign-ins for this email" in refused["message"]
+    from_address(api, "203.0.113.9")
+    assert log_in(api, status=429).status_code == 429
+
+
+def test_a_signed_in_visitor_to_the_login_page_goes_to_the_dashboard(api):
+    sign_up(api)
+    assert api.get("/dashboard/login?next=/dashboard/audit").headers["Location"].endswith("/dashboard/audit")

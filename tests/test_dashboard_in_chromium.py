@@ -102,6 +102,8 @@ def test_in_the_browser_forged_forms_lapsed_sign_ins_and_other_tenants_get_nowhe
     click(browser, "form button[type=submit]")
     test_key = browser.find_elements(By.CSS_SELECTOR, "input.secret")[1].get_attribute("value")
     created = requests.post(f"{url}/v1/pause", json=WIRE, headers={"Authorization": f"Bearer {test_key}"}).json()
+    hook = requests.post(f"{url}/v1/webhooks", json={"url": "https://hooks.example.com/first", "events": ["pause.created"]},
+                         headers={"Authorization": f"Bearer {test_key}"}).json()
 
     browser.get(f"{url}/dashboard/pauses/{created['pause_id']}")             # a form whose token is gone
     browser.execute_script("document.querySelector('form.logout input[name=csrf]').value = 'forged'")
@@ -118,9 +120,12 @@ def test_in_the_browser_forged_forms_lapsed_sign_ins_and_other_tenants_get_nowhe
     browser.get(url + "/dashboard/signup")
     fill(browser, email="second@example.com", name="Second", password="correct horse battery")
     click(browser, "form button[type=submit]")
-    for path in (f"audit?pause_id={created['pause_id']}", "pauses", "audit"):
+    for path in (f"audit?pause_id={created['pause_id']}", "pauses", "audit", "webhooks"):
         browser.get(f"{url}/dashboard/{path}")
-        assert created["pause_id"] not in browser.find_element(By.TAG_NAME, "main").text
+        main = browser.find_element(By.TAG_NAME, "main").text
+        assert created["pause_id"] not in main and "hooks.example.com" not in main
+    browser.get(f"{url}/dashboard/webhooks/{hook['webhook_id']}")
+    assert browser.find_element(By.ID, "outcome").text.startswith("No webhook")
     browser.get(f"{url}/dashboard/pauses/{created['pause_id']}")             # by URL: as if it did not exist
     assert browser.find_element(By.ID, "outcome").text.startswith("No pause")
     assert WIRE["message"] not in browser.page_source
