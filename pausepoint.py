@@ -431,6 +431,18 @@ MIGRATIONS = [
         );
         CREATE INDEX dashboard_devices_by_age ON dashboard_devices(created_at);
     """),
+    # Devices once per developer they signed in as (browsers re-register at their next sign-in).
+    (7, """
+        DROP TABLE dashboard_devices;
+        CREATE TABLE dashboard_devices (
+            token_hash    TEXT NOT NULL,
+            developer_id  TEXT NOT NULL REFERENCES developers(id),
+            created_at    TEXT NOT NULL,
+            PRIMARY KEY (token_hash, developer_id)
+        );
+        CREATE INDEX dashboard_devices_by_developer ON dashboard_devices(developer_id, created_at);
+        CREATE INDEX dashboard_devices_by_age ON dashboard_devices(created_at);
+    """),
 ]
 
 
@@ -1001,13 +1013,24 @@ def set_session_mode(conn, token, livemode):
 DEVICE_LIFETIME = dt.timedelta(days=365)
 
 
-def remember_device(conn, developer_id):
-    """A device cookie's token for a browser that just signed in; only its digest is kept."""
-    token = secrets.token_urlsafe(32)
+def remember_device(conn, token, developer_id):
+    """Note that the browser with device cookie `token` (a new one if None) signed in as
+    this developer; returns the token. Only its digest is kept, and only the developer's
+    newest DEVICES_PER_DEVELOPER: a stolen cookie cannot be multiplied into budgets."""
     with transaction(conn):
-        conn.execute("INSERT INTO dashboard_devices (token_hash, developer_id, created_at) VALUES (?, ?, ?)",
-                     (key_digest(token), developer_id, db_time()))
+        # Only a token this server gave out is kept: not one from elsewhere, or long forgotten.
+        if not (token and query_db(conn, "SELECT 1 FROM dashboard_devices WHERE token_hash = ?",
+                                   (key_digest(token),), one=True)):
+            token = secrets.token_urlsafe(32)
+        conn.execute("INSERT INTO dashboard_devices (token_hash, developer_id, created_at) VALUES (?, ?, ?)"
+                     " ON CONFLICT DO NOTHING", (key_digest(token), developer_id, db_time()))
+        conn.execute("DELETE FROM dashboard_devices WHERE developer_id = :developer AND token_hash NOT IN"
+                     " (SELECT token_hash FROM dashboard_devices WHERE developer_id = :developer"
+                     "  ORDER BY created_at DESC LIMIT :kept)", {"developer": developer_id, "kept": DEVICES_PER_DEVELOPER})
     return token
+
+
+DEVICES_PER_DEVELOPER = 10
 
 
 def device_knows(conn, token, email):
@@ -1020,12 +1043,15 @@ def device_knows(conn, token, email):
 
 
 def change_password(conn, config, developer, new_password):
-    """Set a new password (the old one already checked) and end every sign-in of the developer."""
+    """Set a new password (the old one already checked), end every sign-in of the developer
+    and forget the browsers they used."""
     check_registration(developer["email"], developer["name"], new_password)
     password_hash = bcrypt.hashpw(new_password.encode("utf-8"), bcrypt.gensalt(config["security.bcrypt_rounds"]))
     with transaction(conn):
         conn.execute("UPDATE developers SET password_hash = ? WHERE id = ?", (password_hash.decode(), developer["id"]))
         conn.execute("DELETE FROM dashboard_sessions WHERE developer_id = ?", (developer["id"],))
+        # Browsers that knew the old password start again with the email's budget.
+        conn.execute("DELETE FROM dashboard_devices WHERE developer_id = ?", (developer["id"],))
         for livemode in (0, 1):
             record_event(conn, developer["id"], livemode, f"developer:{developer['email']}", "password.changed")
 
@@ -2943,8 +2969,8 @@ def prune_expired_data(conn, config, now=None):
     in_batches("idempotency keys",
                "SELECT rowid FROM idempotency_keys WHERE created_at < ?", (db_time(now - IDEMPOTENCY_WINDOW),),
                ["DELETE FROM idempotency_keys WHERE rowid = ?"])
-    in_batches("dashboard devices", "SELECT token_hash FROM dashboard_devices WHERE created_at < ?",
-               (db_time(now - DEVICE_LIFETIME),), ["DELETE FROM dashboard_devices WHERE token_hash = ?"])
+    in_batches("dashboard devices", "SELECT rowid FROM dashboard_devices WHERE created_at < ?",
+               (db_time(now - DEVICE_LIFETIME),), ["DELETE FROM dashboard_devices WHERE rowid = ?"])
     # Sign-ins past either limit, which session_for() would refuse anyway.
     in_batches("dashboard sign-ins",
                "SELECT token_hash FROM dashboard_sessions WHERE last_seen_at < ? OR created_at < ?",
@@ -3234,21 +3260,22 @@ class Runtime:
 class ShownOnce:
     """Secrets a dashboard page shows once (new keys, a generated webhook secret), held in
     memory from a form's POST to the GET it redirects to, so reloading the page cannot
-    repeat the POST; by sign-in, for at most SHOWN_ONCE_FOR, never written anywhere."""
+    repeat the POST; by sign-in and kind ('keys', 'webhook:<id>'), so pages in two tabs
+    keep their own, for at most SHOWN_ONCE_FOR seconds, and never written anywhere."""
 
     def __init__(self):
         self.lock, self.held = threading.Lock(), {}
 
-    def put(self, session_token, what):
+    def put(self, session_token, kind, value):
         with self.lock:
             now = time.monotonic()
             self.held = {k: v for k, v in self.held.items() if v[0] > now}
-            self.held[key_digest(session_token)] = (now + SHOWN_ONCE_FOR, what)
+            self.held[(key_digest(session_token), kind)] = (now + SHOWN_ONCE_FOR, value)
 
-    def take(self, session_token):
+    def take(self, session_token, kind):
         with self.lock:
-            until, what = self.held.pop(key_digest(session_token), (0, None))
-        return what if until > time.monotonic() else None
+            until, value = self.held.pop((key_digest(session_token), kind), (0, None))
+        return value if until > time.monotonic() else None
 
 
 SHOWN_ONCE_FOR = 600
@@ -3287,6 +3314,14 @@ class RateLimiter:
             if len(self.buckets) > 100_000:     # forget the fullest buckets rather than grow without bound
                 for key in [k for k, (t, _) in self.buckets.items() if t >= per_hour - 1][:50_000]:
                     del self.buckets[key]
+
+    def give_back(self, name, who, per_hour):
+        """Undo one spend() (an attempt that turned out not to count)."""
+        if not self.enabled:
+            return
+        with self.lock:
+            now = time.monotonic()
+            self.buckets[(name, who)] = (min(per_hour, self._level(name, who, per_hour, now) + 1), now)
 
     def refuse_if_exhausted(self, name, who, per_hour, what="attempts"):
         """429 with Retry-After if (name, who) has nothing left."""
@@ -3651,15 +3686,19 @@ def password_of(rt, email, password, device=None):
     budgets = [("password_failures", client_ip(), "failed sign-ins from your address")]
     if device_knows(rt.db(), device, email):
         budgets.append(("password_failures_device", key_digest(device), "failed sign-ins from this browser"))
-    else:
-        budgets.append(("password_failures_email", email, "failed sign-ins for this email"))
+    else:       # by digest: a bucket per email costs the same memory whatever was typed
+        budgets.append(("password_failures_email", key_digest(email), "failed sign-ins for this email"))
     for name, who, what in budgets:
         rt.limiter.refuse_if_exhausted(name, who, per_hour, what)
+    # Counted as a failure before the check and given back after a success, so guesses
+    # sent all at once cannot each pass the check above before any is counted.
+    for name, who, _ in budgets:
+        rt.limiter.spend(name, who, per_hour)
     with rt.hashing_turn():
         developer = check_password(rt.db(), rt.config, email, password or "")
-    if developer is None:
+    if developer is not None:
         for name, who, _ in budgets:
-            rt.limiter.spend(name, who, per_hour)
+            rt.limiter.give_back(name, who, per_hour)
     return developer
 
 
@@ -3881,7 +3920,7 @@ def static_file(name):
 # the sign-up and log-in forms, which come before any sign-in, are guarded by a
 # token both in a cookie and in the form (a cross-site form can set neither). A
 # third cookie marks a browser that has signed in before (see password_of).
-SESSION_COOKIE, FORM_COOKIE, DEVICE_COOKIE = "pp_session", "pp_form", "pp_device"
+SESSION_COOKIE, FORM_COOKIE, DEVICE_COOKIE, SHOWN_COOKIE = "pp_session", "pp_form", "pp_device", "pp_shown"
 DASHBOARD_PAGE = 25
 
 
@@ -3943,9 +3982,16 @@ DASHBOARD_HEADERS = {"Cache-Control": "no-store", "Content-Security-Policy":
                      PAGE_HEADERS["Content-Security-Policy"] + "; script-src 'self'"}
 
 
-def dashboard_page(name, session, status=200, **values):
-    return html_page(name, status=status, headers=DASHBOARD_HEADERS, session=session,
+def dashboard_page(name, session, status=200, secret_shown=False, **values):
+    page = html_page(name, status=status, headers=DASHBOARD_HEADERS, session=session,
                      caller=session.caller, csrf=session.row["csrf_token"], **values)
+    # Chromium keeps even no-store pages for the Back button unless a cookie changed since:
+    # a page that shows a secret sets one, and the next page clears it.
+    if secret_shown:
+        page.set_cookie(SHOWN_COOKIE, "1", path="/dashboard", httponly=True, samesite="lax")
+    elif bottle.request.get_cookie(SHOWN_COOKIE):
+        page.delete_cookie(SHOWN_COOKIE, path="/dashboard", httponly=True, samesite="lax")
+    return page
 
 
 def form_page(rt, name, status=200, **values):
@@ -4001,21 +4047,20 @@ def login(rt, form):
     if developer is None:
         return form_page(rt, "login", status=401, error="Email or password is wrong.", email=form.get("email") or "",
                          next=safe_next(form.get("next")), notice=None)
-    return signed_in_redirect(rt, developer["id"], safe_next(form.get("next")),
-                              None if device_knows(rt.db(), device, developer["email"]) else device)
+    return signed_in_redirect(rt, developer["id"], safe_next(form.get("next")))
 
 
-def signed_in_redirect(rt, developer_id, location, known_device=None, shown=None):
-    """Start a sign-in and go to `location`, remembering this browser unless it is
-    `known_device`, with `shown` for the sign-in's next page to show once."""
+def signed_in_redirect(rt, developer_id, location, shown=None):
+    """Start a sign-in and go to `location`, remembering this browser (its device cookie,
+    made now if it has none) as one the developer uses; `shown` is for the sign-in's next
+    page to show once."""
     token, _ = start_session(rt.db(), {"id": developer_id})
-    if shown:
-        rt.shown_once.put(token, shown)
-    cookies = {SESSION_COOKIE: (token, cookie_options(rt.config, max_age=rt.config["dashboard.session_max_hours"] * 3600))}
-    if known_device is None:
-        cookies[DEVICE_COOKIE] = (remember_device(rt.db(), developer_id),
-                                  cookie_options(rt.config, max_age=int(DEVICE_LIFETIME.total_seconds())))
-    return redirect(location, **cookies)
+    for kind, value in (shown or {}).items():
+        rt.shown_once.put(token, kind, value)
+    device = remember_device(rt.db(), bottle.request.get_cookie(DEVICE_COOKIE), developer_id)
+    return redirect(location, **{
+        SESSION_COOKIE: (token, cookie_options(rt.config, max_age=rt.config["dashboard.session_max_hours"] * 3600)),
+        DEVICE_COOKIE: (device, cookie_options(rt.config, max_age=int(DEVICE_LIFETIME.total_seconds())))})
 
 
 def logout(rt, session):
@@ -4100,17 +4145,18 @@ def rotate_from_dashboard(rt, session, form):
         return keys_page(rt, session, error="That password is wrong; no key was changed.", status=401)
     livemode = 1 if form.get("key") == "live" else 0
     key = rotate_key(rt.db(), developer, livemode)
-    rt.shown_once.put(session.token, {"keys": [("New live key" if livemode else "New test key", key)]})
+    rt.shown_once.put(session.token, "keys", [("New live key" if livemode else "New test key", key)])
     return redirect("/dashboard/keys/shown")
 
 
 def keys_shown_page(rt, session):
     """New keys, this once; a reload finds them gone and goes back to the keys page."""
-    shown = rt.shown_once.take(session.token)
-    if not shown or "keys" not in shown:
+    keys = rt.shown_once.take(session.token, "keys") if bottle.request.method == "GET" else None
+    if not keys:
         return redirect("/dashboard/keys")
-    test_key = next((key for label, key in shown["keys"] if key.startswith("pp_test_")), None)
-    return dashboard_page("keys_shown", session, keys=shown["keys"], base=base_url(rt.config), test_key=test_key)
+    test_key = next((key for label, key in keys if key.startswith("pp_test_")), None)
+    return dashboard_page("keys_shown", session, secret_shown=True, keys=keys, base=base_url(rt.config),
+                          test_key=test_key)
 
 
 def password_from_dashboard(rt, session, form):
@@ -4146,7 +4192,7 @@ def add_webhook_from_dashboard(rt, session, form):
             raise
         return webhooks_page(rt, session, error=e.message, status=e.status, values=form)
     if secret:
-        rt.shown_once.put(session.token, {"webhook_id": webhook["id"], "secret": secret})
+        rt.shown_once.put(session.token, f"webhook:{webhook['id']}", secret)
     return redirect(f"/dashboard/webhooks/{webhook['id']}")
 
 
@@ -4154,11 +4200,10 @@ def webhook_page(rt, session, query, webhook_id):
     """One endpoint: its settings, its deliveries with every attempt (and a secret made
     for it just now, this once)."""
     webhook = webhook_json(owned_webhook(rt.db(), session.caller, webhook_id))
-    shown = rt.shown_once.take(session.token) or {}
-    secret = shown.get("secret") if shown.get("webhook_id") == webhook_id else None
+    secret = rt.shown_once.take(session.token, f"webhook:{webhook_id}") if bottle.request.method == "GET" else None
     deliveries, next_cursor = deliveries_page(rt.db(), session.caller, webhook_id, DASHBOARD_PAGE, query["cursor"])
-    return dashboard_page("webhook", session, webhook=webhook, secret=secret, deliveries=deliveries,
-                          next_cursor=next_cursor, back="/dashboard/webhooks")
+    return dashboard_page("webhook", session, secret_shown=bool(secret), webhook=webhook, secret=secret,
+                          deliveries=deliveries, next_cursor=next_cursor, back="/dashboard/webhooks")
 
 
 def change_webhook_from_dashboard(rt, session, form, webhook_id):

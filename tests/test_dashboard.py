@@ -1,5 +1,6 @@
 """The dashboard, through its forms as a browser posts them (WebTest keeps the cookies)."""
 
+import concurrent.futures
 import re
 import urllib.parse
 
@@ -483,3 +484,69 @@ def test_api_key_rotation_spends_the_same_per_email_budget(running_api):
 def test_a_signed_in_visitor_to_the_login_page_goes_to_the_dashboard(api):
     sign_up(api)
     assert api.get("/dashboard/login?next=/dashboard/audit").headers["Location"].endswith("/dashboard/audit")
+
+
+def test_a_browser_is_remembered_once_per_developer_whatever_cookie_it_brought(running_api):
+    api = running_api(**{"ratelimit.login_per_hour": 3})
+    sign_up(api)
+    api.reset()
+    sign_up(api, email="second@example.com")
+    shared = Api(api.app, extra_environ={"REMOTE_ADDR": "192.0.2.50"})
+    log_in(shared)
+    post_form(shared, shared.get("/dashboard/overview"), "/dashboard/logout")
+    stale = shared.cookies["pp_device"]
+    stored(api.config, "DELETE FROM dashboard_devices")     # a cookie the server no longer knows
+    for _ in range(3):                             # one browser, two accounts, signing in again and again
+        for email in ("dev@example.com", "second@example.com"):
+            log_in(shared, email=email)
+            post_form(shared, shared.get("/dashboard/overview"), "/dashboard/logout")
+    device = shared.cookies["pp_device"]
+    assert device != stale
+    assert stored(api.config, "SELECT count(*) FROM dashboard_devices WHERE token_hash = ?",
+                  pausepoint.key_digest(device)) == [(2,)]
+    for n in range(3):                             # both accounts' email budgets spent by an attacker
+        for email in ("dev@example.com", "second@example.com"):
+            from_address(api, f"198.51.100.{n}")
+            log_in(api, email=email, password="guess", status=401)
+    for email in ("dev@example.com", "second@example.com"):
+        log_in(shared, email=email)                # still gets in to both
+        post_form(shared, shared.get("/dashboard/overview"), "/dashboard/logout")
+
+
+def test_a_password_change_forgets_browsers_and_a_developer_keeps_ten(running_api):
+    api = running_api()
+    sign_up(api)
+    developer = stored(api.config, "SELECT id FROM developers")[0][0]
+    for _ in range(12):
+        log_in(Api(api.app, extra_environ=api.extra_environ))
+    assert stored(api.config, "SELECT count(*) FROM dashboard_devices") == [(10,)]
+    post_form(api, api.get("/dashboard/keys"), "/dashboard/password", password=PASSWORD,
+              new_password="a brand new passphrase")
+    assert stored(api.config, "SELECT count(*) FROM dashboard_devices WHERE developer_id = ?", developer) == [(0,)]
+
+
+def test_guesses_sent_all_at_once_stay_within_the_budget(running_api):
+    api = running_api(**{"ratelimit.login_per_hour": 3, "security.bcrypt_rounds": 8})
+    api.register()
+
+    def guess(n):
+        client = Api(api.app, extra_environ={"REMOTE_ADDR": f"198.51.100.{n}"})
+        return client.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": f"guess {n}",
+                                                         "key": "live"}, status="*").status_code
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(guess, range(12)))
+    assert answers.count(401) <= 3 and answers.count(401) + answers.count(429) == 12
+
+
+def test_secrets_shown_once_wait_for_their_own_page(running_api, receiver):
+    api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    sign_up(api)
+    first = post_form(api, api.get("/dashboard/webhooks"), "/dashboard/webhooks", url=receiver.url + "/a")
+    second = post_form(api, api.get("/dashboard/webhooks"), "/dashboard/webhooks", url=receiver.url + "/b")
+    rotated = post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test", password=PASSWORD)
+    assert api.head("/dashboard/keys/shown").status_code == 303         # a HEAD takes nothing
+    secrets_shown = [page.follow().html.select_one("#secret")["value"] for page in (second, first)]
+    assert len(set(secrets_shown)) == 2 and all(s.startswith("whsec_") for s in secrets_shown)
+    assert rotated.follow().html.select_one("input.secret")["value"].startswith("pp_test_")
+    assert first.follow().html.select_one("#secret") is None             # once

@@ -49,6 +49,9 @@ def test_sign_up_log_in_watch_a_pause_get_answered_and_see_it_counted(live_serve
     assert keys[0].startswith("pp_live_") and keys[1].startswith("pp_test_")
     copy = browser.find_elements(By.CSS_SELECTOR, "button[data-copy]")
     assert len(copy) == 2 and all(button.is_displayed() for button in copy)     # the script ran under the CSP
+    click(browser, "a[href='/dashboard/overview']")
+    browser.back()                                 # not kept for the Back button: asked again, and gone
+    assert browser.current_url.endswith("/dashboard/keys") and not browser.find_elements(By.CSS_SELECTOR, "input.secret")
 
     click(browser, "form.logout button")
     assert browser.current_url.endswith("/dashboard/login")
