@@ -443,6 +443,7 @@ MIGRATIONS = [
         CREATE INDEX dashboard_devices_by_developer ON dashboard_devices(developer_id, created_at);
         CREATE INDEX dashboard_devices_by_age ON dashboard_devices(created_at);
     """),
+    (8, "CREATE INDEX webhook_events_feed ON webhook_events(developer_id, livemode);"),
 ]
 
 
@@ -2692,20 +2693,21 @@ def enabled_webhooks(conn, developer_id, livemode):
 
 
 def emit_pause_event(conn, config, pause, event_type, when=None, endpoints=None):
-    """Queue `event_type` about `pause` for every enabled endpoint of its owner, in its
-    mode, that subscribed to it, inside the transaction of the change. `endpoints`:
+    """Record `event_type` about `pause` (for the event feed) and queue it for every enabled
+    endpoint of its owner, in its mode, that subscribed to it, inside the transaction of
+    the change. `endpoints`:
     the owner's enabled_webhooks(), when the caller has them already."""
     if endpoints is None:
         endpoints = enabled_webhooks(conn, pause["developer_id"], pause["livemode"])
     targets = [webhook_id for webhook_id, events in endpoints if event_type in events]
-    if targets:
-        queue_event(conn, pause["developer_id"], pause["livemode"], event_type,
-                    json.loads(pause_json(conn, config, pause["id"])), targets, pause["id"], when)
+    queue_event(conn, pause["developer_id"], pause["livemode"], event_type,
+                json.loads(pause_json(conn, config, pause["id"])), targets, pause["id"], when)
 
 
 def queue_event(conn, developer_id, livemode, event_type, data, webhook_ids, pause_id=None, when=None):
     """Write an event and one due delivery per endpoint (the outbox); returns the delivery
-    ids. The delivery job is woken once the transaction commits."""
+    ids. The delivery job and the feed's waiting readers are woken once the transaction
+    commits."""
     require_transaction(conn)
     event_id, now = new_id("evt_"), when or db_time()
     body = compact_json({"id": event_id, "type": event_type, "created_at": api_time(now),
@@ -2717,8 +2719,30 @@ def queue_event(conn, developer_id, livemode, event_type, data, webhook_ids, pau
         delivery_ids.append(new_id("whd_"))
         conn.execute("INSERT INTO webhook_deliveries (id, webhook_id, event_id, next_attempt_at, created_at, updated_at)"
                      " VALUES (?, ?, ?, ?, ?, ?)", (delivery_ids[-1], webhook_id, event_id, now, now, now))
-    wake_after_commit(conn, "webhooks")
+    if delivery_ids:
+        wake_after_commit(conn, "webhooks")
+    wake_after_commit(conn, "events")
     return delivery_ids
+
+
+def events_after(conn, caller, after, types, limit):
+    """The caller's events (their bodies, as JSON text) after the event `after` (None: from
+    the oldest kept), oldest first, of `types` (None: all)."""
+    since = 0
+    if after is not None:
+        row = query_db(conn, "SELECT rowid FROM webhook_events WHERE id = ? AND developer_id = ? AND livemode = ?",
+                       (after, caller.developer_id, caller.livemode), one=True)
+        if row is None:
+            raise ApiError(404, "not_found", f"no event {shorten(after)!r} for this API key; events are kept"
+                                             " retention.delivery_log_days after their deliveries end: read again"
+                                             " without after", field="after")
+        since = row[0]
+    sql = ("SELECT body FROM webhook_events INDEXED BY webhook_events_feed WHERE developer_id = :developer"
+           " AND livemode = :livemode AND rowid > :since")
+    args = {"developer": caller.developer_id, "livemode": caller.livemode, "since": since, "limit": limit}
+    if types:
+        sql, args["types"] = sql + " AND type IN (SELECT value FROM json_each(:types))", json.dumps(types)
+    return [row[0] for row in query_db(conn, sql + " ORDER BY rowid LIMIT :limit", args)]
 
 
 def send_test_event(conn, caller, webhook_id):
@@ -3061,7 +3085,7 @@ class Runtime:
 
     def on_commit(self, woken):
         """What a committed transaction registered with wake_after_commit()."""
-        if "decisions" in woken:
+        if "decisions" in woken or "events" in woken:
             self.wake_waiters()
         if "webhooks" in woken:
             self.wake_webhooks()
@@ -3080,7 +3104,8 @@ class Runtime:
                 self.hashing.release()
 
     def wake_waiters(self):
-        """Wake every agent waiting on ?wait=: some pause left 'pending' (or we are stopping)."""
+        """Wake every agent waiting on ?wait=: some pause left 'pending', an event was
+        recorded, or we are stopping."""
         with self.decisions:
             self.decision_count += 1
             self.decisions.notify_all()
@@ -3234,10 +3259,10 @@ class Runtime:
         prune_expired_data(self.db(), self.config)
         refresh_statistics(self.db())
 
-    def wait_for_decision(self, load, seconds, parked=contextlib.nullcontext):
-        """Call load() until the pause leaves 'pending' or `seconds` pass, waking on each
-        decision. While it waits the request is parked(): it holds a waiting slot, not a
-        share of its client address's working threads."""
+    def wait_for(self, load, done, seconds, parked=contextlib.nullcontext):
+        """Call load() until done(what it returned) or `seconds` pass, looking again at each
+        decision or event. While it waits the request is parked(): it holds a waiting slot,
+        not a share of its client address's working threads."""
         deadline = time.monotonic() + seconds
         if not self.wait_slots.acquire(blocking=False):
             return load()     # every waiting slot is taken: answer now rather than starve the API
@@ -3246,10 +3271,10 @@ class Runtime:
                 while True:
                     with self.decisions:
                         seen = self.decision_count
-                    pause = load()
+                    found = load()
                     remaining = deadline - time.monotonic()
-                    if pause["status"] != "pending" or remaining <= 0 or self.stopping:
-                        return pause
+                    if done(found) or remaining <= 0 or self.stopping:
+                        return found
                     with self.decisions:
                         if self.decision_count == seen and not self.stopping:
                             self.decisions.wait(remaining)
@@ -3499,9 +3524,10 @@ CHANNELS = {"type": "object", "required": ["channels"], "properties": {"channels
 HEALTH = {"type": "object", "required": ["status"], "properties": {
     "status": {"type": "string"}, "version": {"type": "string"}, "database": {"type": "string"},
     "scheduler": {"type": "string"}}}
+EVENT_TYPES = (*WEBHOOK_EVENTS, "webhook.test")
 EVENT = {"type": "object", "required": ["id", "type", "created_at", "livemode", "data"], "properties": {
     "id": {"type": "string", "description": "The same on every retry: drop duplicates by it."},
-    "type": {"type": "string", "enum": [*WEBHOOK_EVENTS, "webhook.test"]}, "created_at": TIME,
+    "type": {"type": "string", "enum": list(EVENT_TYPES)}, "created_at": TIME,
     "livemode": {"type": "boolean"}, "data": {"description": "The whole pause, as GET /v1/pause/{id} shows it."}}}
 TEST_EVENT_DATA = {"type": "object", "required": ["webhook_id", "message"],
                    "properties": {"webhook_id": {"type": "string"}, "message": {"type": "string"}}}
@@ -3571,6 +3597,10 @@ WAIT_QUERY = {"type": "integer", "minimum": 0, "maximum": WAIT_LIMIT_SECONDS, "d
 AUDIT_QUERY = {"event_type": {"type": "string", "maxLength": 100, "x-message": "event_type must be an event name"},
                "pause_id": {"type": "string", "maxLength": 100, "x-message": "pause_id must be a pause id"},
                **PAGE_QUERY}
+EVENTS_QUERY = {"after": {"type": "string", "maxLength": 100, "x-message": "after must be an event id (evt_…)"},
+                "types": {"type": "string", "maxLength": 500,
+                          "x-message": "types must be a comma-separated list of event types"},
+                "limit": LIMIT, "wait": WAIT_QUERY}
 DASHBOARD_AUDIT_QUERY = {name: AUDIT_QUERY[name] for name in ("event_type", "pause_id", "cursor")}
 LOGIN_QUERY = {"next": {"type": "string", "maxLength": 500, "x-message": "next must be a dashboard path"},
                "notice": {"type": "string", "enum": ["password"], "x-message": "notice is not known"}}
@@ -3733,8 +3763,8 @@ def get_pause(rt, caller, query, pause_id):
     """One pause; with ?wait=N, answered as soon as it is decided or after N seconds."""
     pause = owned_pause(rt.db(), caller, pause_id)
     if query["wait"] and pause["status"] == "pending":
-        pause = rt.wait_for_decision(lambda: owned_pause(rt.db(), caller, pause_id), query["wait"],
-                                     bottle.request.environ.get("pausepoint.parked", contextlib.nullcontext))
+        pause = rt.wait_for(lambda: owned_pause(rt.db(), caller, pause_id), lambda found: found["status"] != "pending",
+                            query["wait"], bottle.request.environ.get("pausepoint.parked", contextlib.nullcontext))
     return json_answer(pause_json(rt.db(), rt.config, pause["id"]))
 
 
@@ -3794,6 +3824,23 @@ def list_deliveries(rt, caller, query, webhook_id):
 def post_redeliver(rt, caller, webhook_id, delivery_id):
     """Send a delivery again now, with the same event id."""
     return deliveries_json(rt.db(), [redeliver(rt.db(), caller, webhook_id, delivery_id)])[0]
+
+
+def list_events(rt, caller, query):
+    """Your events after a given one, oldest first, as webhooks send them; with ?wait=N,
+    answered as soon as there is one or after N seconds."""
+    types = None
+    if query["types"]:
+        types = query["types"].split(",")
+        unknown = sorted(set(types) - set(EVENT_TYPES))
+        if unknown:
+            raise invalid("types", f"types must be a comma-separated list drawn from: {', '.join(EVENT_TYPES)}")
+    read = functools.partial(events_after, rt.db(), caller, query["after"], types, query["limit"])
+    events = read()
+    if query["wait"] and not events:
+        events = rt.wait_for(read, bool, query["wait"],
+                             bottle.request.environ.get("pausepoint.parked", contextlib.nullcontext))
+    return json_answer('{"events": [%s]}' % ", ".join(events))
 
 
 def list_channels(rt, caller):
@@ -4319,6 +4366,8 @@ ROUTES = [
     Route("POST", "/v1/webhooks/<webhook_id>/deliveries/<delivery_id>/redeliver", post_redeliver, 202,
           answer=DELIVERY, guard=webhook_change_allowed),
     Route("GET", "/v1/channels", list_channels, answer=CHANNELS),
+    Route("GET", "/v1/events", list_events, query=EVENTS_QUERY, refusals=(404,), answer={
+        "type": "object", "required": ["events"], "properties": {"events": {"type": "array", "items": EVENT}}}),
     Route("GET", "/v1/audit", get_audit, query=AUDIT_QUERY, answer=page_of("events", AUDIT_EVENT)),
     Route("POST", "/v1/twilio/inbound", twilio_inbound, auth="twilio", answer={"type": "string"},
           refusals=(400, 403, 413, 415)),
@@ -4550,7 +4599,7 @@ def openapi_document(config):
                                 " outcome by webhook or by polling. Every error has the shape of Error."},
         "servers": [{"url": base_url(config)}],
         "paths": paths,
-        "webhooks": {event: webhook_operation(event, config) for event in (*WEBHOOK_EVENTS, "webhook.test")},
+        "webhooks": {event: webhook_operation(event, config) for event in EVENT_TYPES},
         "components": {
             "schemas": {"Error": ERROR_SCHEMA, "Pause": PAUSE, "Event": EVENT},
             "securitySchemes": {"apiKey": {

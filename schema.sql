@@ -226,6 +226,8 @@ CREATE INDEX webhooks_by_owner ON webhooks(developer_id, livemode, seq) WHERE de
 
 -- Events for webhooks: the exact JSON body, so every retry sends the same bytes.
 -- Written in the same transaction as the state change it reports (the outbox).
+-- Every event about a pause is recorded here, with or without an endpoint to send it to:
+-- GET /v1/events reads them too.
 CREATE TABLE webhook_events (
     id            TEXT PRIMARY KEY,                  -- 'evt_' + 32 hex; X-PausePoint-Event-Id
     developer_id  TEXT NOT NULL REFERENCES developers(id),
@@ -237,6 +239,9 @@ CREATE TABLE webhook_events (
 );
 -- Pruning: events past retention.delivery_log_days, oldest first.
 CREATE INDEX webhook_events_by_age ON webhook_events(created_at);
+-- GET /v1/events: a developer's events in one mode after a given one, in rowid order, which is commit
+-- order (one writer at a time, and the newest row is never pruned while newer ones are being written).
+CREATE INDEX webhook_events_feed ON webhook_events(developer_id, livemode);
 
 -- One event to one endpoint, retried until it succeeds or the schedule ends.
 CREATE TABLE webhook_deliveries (

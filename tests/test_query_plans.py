@@ -79,6 +79,8 @@ def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver):
     api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve"})
     api.create_pause(key, **{"recipient": WIRE["recipient"]})
     api.get(f"/v1/webhooks/{webhook_id}/deliveries", headers=auth)
+    first_event = api.get("/v1/events", {"limit": 1}, headers=auth).json["events"][0]["id"]
+    api.get("/v1/events", {"after": first_event, "types": "pause.created"}, headers=auth)
     for page in ("overview", "pauses", f"pauses/{created['pause_id']}", "audit", "keys", "webhooks",
                  f"webhooks/{webhook_id}", "operator", f"audit.csv?pause_id={created['pause_id']}"):
         assert api.get(f"/dashboard/{page}").status_code == 200

@@ -1,0 +1,97 @@
+"""GET /v1/events: the webhook-shaped events of agents that cannot receive webhooks."""
+
+import concurrent.futures
+import time
+
+import requests
+
+from conftest import PASSWORD, WIRE, run_out, stored, token_of
+
+
+def events(api, key, status=200, **params):
+    return api.get("/v1/events", params, headers=api.as_key(key), status=status).json
+
+
+def test_every_event_is_in_the_feed_oldest_first_as_a_webhook_would_carry_it(running_api, receiver):
+    api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    key = api.register()["test_api_key"]
+    api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.responded"]}, headers=api.as_key(key))
+    answered, cancelled, expired = (api.create_pause(key) for _ in range(3))
+    api.post_json(f"/v1/respond/{token_of(answered['respond_url'])}", {"choice": "Approve"})
+    api.post(f"/v1/pause/{cancelled['pause_id']}/cancel", headers=api.as_key(key))
+    run_out(api.config, expired["pause_id"])
+    api.step("timeouts")
+    api.step("webhooks")
+    feed = events(api, key, limit=100)["events"]
+    assert [(e["type"], e["data"]["pause_id"]) for e in feed] == [
+        ("pause.created", answered["pause_id"]), ("pause.created", cancelled["pause_id"]),
+        ("pause.created", expired["pause_id"]), ("pause.responded", answered["pause_id"]),
+        ("pause.cancelled", cancelled["pause_id"]), ("pause.timed_out", expired["pause_id"])]
+    assert receiver.wait_for(1)[0]["json"] == feed[3]             # the same id, type and body as the webhook
+    assert events(api, key, types="pause.cancelled,pause.timed_out")["events"] == feed[4:]
+    assert events(api, key, after=feed[3]["id"], limit=1)["events"] == [feed[4]]
+
+
+def test_the_feed_keeps_developers_and_modes_apart(running_api):
+    api = running_api(jobs=False)
+    mine, other = api.register(), api.register(email="other@example.com")
+    created = api.create_pause(mine["test_api_key"])
+    [event] = events(api, mine["test_api_key"])["events"]
+    assert event["data"]["pause_id"] == created["pause_id"]
+    for key in (other["test_api_key"], mine["api_key"]):
+        assert events(api, key)["events"] == []
+        error = events(api, key, status=404, after=event["id"])["error"]
+        assert error["field"] == "after"
+
+
+def test_bad_feed_queries_are_422_naming_the_parameter(api, developer):
+    key = developer["test_api_key"]
+    for params, field in (({"types": "pause.created,pause.exploded"}, "types"), ({"limit": 0}, "limit"),
+                          ({"wait": 61}, "wait"), ({"after": "e" * 101}, "after")):
+        assert events(api, key, status=422, **params)["error"]["field"] == field
+
+
+def test_a_waiting_reader_gets_the_next_event_as_it_is_recorded(live_server):
+    url = live_server.url
+    keys = requests.post(f"{url}/v1/auth/register", json={"email": "w@example.com", "name": "W",
+                                                          "password": PASSWORD}).json()
+    auth = {"Authorization": f"Bearer {keys['test_api_key']}"}
+    first = requests.post(f"{url}/v1/pause", json=WIRE, headers=auth).json()
+    [seen] = requests.get(f"{url}/v1/events", headers=auth).json()["events"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(requests.get, f"{url}/v1/events", params={"after": seen["id"], "wait": 30},
+                              headers=auth, timeout=40)
+        time.sleep(0.3)                            # it is waiting now (were it not, it would answer [] at once)
+        requests.post(f"{url}/v1/pause/{first['pause_id']}/cancel", headers=auth)
+        started = time.monotonic()
+        answer = waiting.result()
+    assert [e["type"] for e in answer.json()["events"]] == ["pause.cancelled"]
+    assert time.monotonic() - started < 10        # woken by the event, not by the end of the wait
+    empty = requests.get(f"{url}/v1/events", params={"after": answer.json()["events"][0]["id"], "wait": 1},
+                         headers=auth)
+    assert empty.json() == {"events": []}
+
+
+def test_a_reader_misses_and_repeats_nothing_across_a_restart(spawn_server, tmp_path):
+    server = spawn_server()
+    keys = requests.post(f"{server.url}/v1/auth/register", json={"email": "r@example.com", "name": "R",
+                                                                 "password": PASSWORD}).json()
+    auth = {"Authorization": f"Bearer {keys['test_api_key']}"}
+    session = requests.Session()
+    for _ in range(500):                           # 1,000 events: each pause created, then cancelled
+        pause = session.post(f"{server.url}/v1/pause", json=WIRE, headers=auth).json()
+        session.post(f"{server.url}/v1/pause/{pause['pause_id']}/cancel", headers=auth)
+
+    seen, after = [], None
+    for page in range(20):
+        if page == 4:                              # the server restarts while the reader is half-way
+            server.stop()
+            server = spawn_server(db_path=tmp_path / "pausepoint.db")
+        params = {"limit": 100, **({"after": after} if after else {})}
+        batch = requests.get(f"{server.url}/v1/events", params=params, headers=auth).json()["events"]
+        if not batch:
+            break
+        seen.extend(event["id"] for event in batch)
+        after = batch[-1]["id"]
+    recorded = [row[0] for row in stored(tmp_path / "pausepoint.db", "SELECT id FROM webhook_events ORDER BY rowid")]
+    assert len(recorded) == 1000 and seen == recorded
