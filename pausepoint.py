@@ -444,6 +444,14 @@ MIGRATIONS = [
         CREATE INDEX dashboard_devices_by_age ON dashboard_devices(created_at);
     """),
     (8, "CREATE INDEX webhook_events_feed ON webhook_events(developer_id, livemode);"),
+    # A browser is kept for a year after it last signed in, and the last ten are kept.
+    (9, """
+        ALTER TABLE dashboard_devices RENAME COLUMN created_at TO signed_in_at;
+        DROP INDEX dashboard_devices_by_developer;
+        DROP INDEX dashboard_devices_by_age;
+        CREATE INDEX dashboard_devices_by_developer ON dashboard_devices(developer_id, signed_in_at);
+        CREATE INDEX dashboard_devices_by_age ON dashboard_devices(signed_in_at);
+    """),
 ]
 
 
@@ -1017,17 +1025,18 @@ DEVICE_LIFETIME = dt.timedelta(days=365)
 def remember_device(conn, token, developer_id):
     """Note that the browser with device cookie `token` (a new one if None) signed in as
     this developer; returns the token. Only its digest is kept, and only the developer's
-    newest DEVICES_PER_DEVELOPER: a stolen cookie cannot be multiplied into budgets."""
+    DEVICES_PER_DEVELOPER that signed in last: a stolen cookie cannot be multiplied into budgets."""
     with transaction(conn):
         # Only a token this server gave out is kept: not one from elsewhere, or long forgotten.
         if not (token and query_db(conn, "SELECT 1 FROM dashboard_devices WHERE token_hash = ?",
                                    (key_digest(token),), one=True)):
             token = secrets.token_urlsafe(32)
-        conn.execute("INSERT INTO dashboard_devices (token_hash, developer_id, created_at) VALUES (?, ?, ?)"
-                     " ON CONFLICT DO NOTHING", (key_digest(token), developer_id, db_time()))
+        conn.execute("INSERT INTO dashboard_devices (token_hash, developer_id, signed_in_at) VALUES (?, ?, ?)"
+                     " ON CONFLICT DO UPDATE SET signed_in_at = excluded.signed_in_at",
+                     (key_digest(token), developer_id, db_time()))
         conn.execute("DELETE FROM dashboard_devices WHERE developer_id = :developer AND token_hash NOT IN"
                      " (SELECT token_hash FROM dashboard_devices WHERE developer_id = :developer"
-                     "  ORDER BY created_at DESC LIMIT :kept)", {"developer": developer_id, "kept": DEVICES_PER_DEVELOPER})
+                     "  ORDER BY signed_in_at DESC LIMIT :kept)", {"developer": developer_id, "kept": DEVICES_PER_DEVELOPER})
     return token
 
 
@@ -1039,20 +1048,21 @@ def device_knows(conn, token, email):
     if not token:
         return False
     return query_db(conn, "SELECT 1 FROM dashboard_devices v JOIN developers d ON d.id = v.developer_id"
-                          " WHERE v.token_hash = ? AND d.email = ? AND v.created_at > ?",
+                          " WHERE v.token_hash = ? AND d.email = ? AND v.signed_in_at > ?",
                     (key_digest(token), email.strip(), db_time(utcnow() - DEVICE_LIFETIME)), one=True) is not None
 
 
-def change_password(conn, config, developer, new_password):
+def change_password(conn, config, developer, new_password, device=None):
     """Set a new password (the old one already checked), end every sign-in of the developer
-    and forget the browsers they used."""
+    and forget the browsers they used but `device`, the one that changed it."""
     check_registration(developer["email"], developer["name"], new_password)
     password_hash = bcrypt.hashpw(new_password.encode("utf-8"), bcrypt.gensalt(config["security.bcrypt_rounds"]))
     with transaction(conn):
         conn.execute("UPDATE developers SET password_hash = ? WHERE id = ?", (password_hash.decode(), developer["id"]))
         conn.execute("DELETE FROM dashboard_sessions WHERE developer_id = ?", (developer["id"],))
         # Browsers that knew the old password start again with the email's budget.
-        conn.execute("DELETE FROM dashboard_devices WHERE developer_id = ?", (developer["id"],))
+        conn.execute("DELETE FROM dashboard_devices WHERE developer_id = ? AND token_hash != ?",
+                     (developer["id"], key_digest(device or "")))
         for livemode in (0, 1):
             record_event(conn, developer["id"], livemode, f"developer:{developer['email']}", "password.changed")
 
@@ -2993,7 +3003,7 @@ def prune_expired_data(conn, config, now=None):
     in_batches("idempotency keys",
                "SELECT rowid FROM idempotency_keys WHERE created_at < ?", (db_time(now - IDEMPOTENCY_WINDOW),),
                ["DELETE FROM idempotency_keys WHERE rowid = ?"])
-    in_batches("dashboard devices", "SELECT rowid FROM dashboard_devices WHERE created_at < ?",
+    in_batches("dashboard devices", "SELECT rowid FROM dashboard_devices WHERE signed_in_at < ?",
                (db_time(now - DEVICE_LIFETIME),), ["DELETE FROM dashboard_devices WHERE rowid = ?"])
     # Sign-ins past either limit, which session_for() would refuse anyway.
     in_batches("dashboard sign-ins",
@@ -3296,6 +3306,12 @@ class ShownOnce:
             now = time.monotonic()
             self.held = {k: v for k, v in self.held.items() if v[0] > now}
             self.held[(key_digest(session_token), kind)] = (now + SHOWN_ONCE_FOR, value)
+
+    def add(self, session_token, kind, items):
+        """Put `items` after those of `kind` not yet shown (two rotations before the page loads)."""
+        with self.lock:
+            _, held = self.held.get((key_digest(session_token), kind), (0, []))
+        self.put(session_token, kind, [*held, *items])
 
     def take(self, session_token, kind):
         with self.lock:
@@ -3710,14 +3726,14 @@ def password_of(rt, email, password, device=None):
     (sign-in, key rotation, the password form). Failures only are limited, per address
     and per email (ratelimit.login_per_hour each), so many addresses cannot guess at one
     account; a browser whose device cookie signed in as this developer before is held to
-    its own budget instead of the email's, so failing on purpose cannot lock anyone out
-    of the browser they use."""
+    its own budget instead, so failing on purpose (from anywhere, or from its own office's
+    address) cannot lock anyone out of the browser they use."""
     per_hour, email = rt.config["ratelimit.login_per_hour"], (email or "").strip().lower()
-    budgets = [("password_failures", client_ip(), "failed sign-ins from your address")]
     if device_knows(rt.db(), device, email):
-        budgets.append(("password_failures_device", key_digest(device), "failed sign-ins from this browser"))
-    else:       # by digest: a bucket per email costs the same memory whatever was typed
-        budgets.append(("password_failures_email", key_digest(email), "failed sign-ins for this email"))
+        budgets = [("password_failures_device", key_digest(device), "failed sign-ins from this browser")]
+    else:       # the email by digest: a bucket costs the same memory whatever was typed
+        budgets = [("password_failures", client_ip(), "failed sign-ins from your address"),
+                   ("password_failures_email", key_digest(email), "failed sign-ins for this email")]
     for name, who, what in budgets:
         rt.limiter.refuse_if_exhausted(name, who, per_hour, what)
     # Counted as a failure before the check and given back after a success, so guesses
@@ -4112,7 +4128,8 @@ def signed_in_redirect(rt, developer_id, location, shown=None):
 
 def logout(rt, session):
     end_session(rt.db(), session.token)
-    return redirect("/dashboard/login", **{SESSION_COOKIE: (None, cookie_options(rt.config))})
+    return redirect("/dashboard/login", **{SESSION_COOKIE: (None, cookie_options(rt.config)),
+                                           SHOWN_COOKIE: (None, cookie_options(rt.config))})
 
 
 def switch_mode(rt, session, form):
@@ -4190,9 +4207,11 @@ def rotate_from_dashboard(rt, session, form):
     developer = with_password(rt, session, form)
     if developer is None:
         return keys_page(rt, session, error="That password is wrong; no key was changed.", status=401)
-    livemode = 1 if form.get("key") == "live" else 0
+    if form.get("key") not in MODES:
+        raise invalid("key", "key must be 'live' or 'test': which key to replace")
+    livemode = MODES[form["key"]]
     key = rotate_key(rt.db(), developer, livemode)
-    rt.shown_once.put(session.token, "keys", [("New live key" if livemode else "New test key", key)])
+    rt.shown_once.add(session.token, "keys", [("New live key" if livemode else "New test key", key)])
     return redirect("/dashboard/keys/shown")
 
 
@@ -4212,7 +4231,8 @@ def password_from_dashboard(rt, session, form):
     if developer is None:
         return keys_page(rt, session, error="That password is wrong; the password was not changed.", status=401)
     try:
-        change_password(rt.db(), rt.config, developer, form.get("new_password") or "")
+        change_password(rt.db(), rt.config, developer, form.get("new_password") or "",
+                        bottle.request.get_cookie(DEVICE_COOKIE))
     except ApiError as e:
         return keys_page(rt, session, error=e.message, status=e.status)
     return redirect("/dashboard/login?notice=password", **{SESSION_COOKIE: (None, cookie_options(rt.config))})

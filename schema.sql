@@ -77,16 +77,17 @@ CREATE INDEX dashboard_sessions_by_last_seen ON dashboard_sessions(last_seen_at)
 -- Browsers that have signed in: the digest of a long-lived device cookie, once per
 -- developer it signed in as. Failed sign-ins for an email are not held against a
 -- browser that signed in as that developer before, so failing on purpose cannot lock
--- anyone out of their usual browser. At most DEVICES_PER_DEVELOPER per developer (the
--- newest), all deleted when the password changes, and each a year at most.
+-- anyone out of their usual browser. At most DEVICES_PER_DEVELOPER per developer (those
+-- that signed in last), all but the changing one deleted when the password changes, and
+-- each a year after it last signed in.
 CREATE TABLE dashboard_devices (
     token_hash    TEXT NOT NULL,                     -- hex SHA-256 of the cookie's token
     developer_id  TEXT NOT NULL REFERENCES developers(id),
-    created_at    TEXT NOT NULL,
+    signed_in_at  TEXT NOT NULL,                     -- its last sign-in as this developer
     PRIMARY KEY (token_hash, developer_id)
 );
-CREATE INDEX dashboard_devices_by_developer ON dashboard_devices(developer_id, created_at);
-CREATE INDEX dashboard_devices_by_age ON dashboard_devices(created_at);
+CREATE INDEX dashboard_devices_by_developer ON dashboard_devices(developer_id, signed_in_at);
+CREATE INDEX dashboard_devices_by_age ON dashboard_devices(signed_in_at);
 
 -- A pause: one question put to one human, and its outcome.
 CREATE TABLE pauses (

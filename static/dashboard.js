@@ -8,3 +8,16 @@ document.querySelectorAll("button[data-copy]").forEach(function (button) {
                                                     function () { document.execCommand("copy"); button.textContent = "Copied"; });
   });
 });
+
+// A page showing a secret never comes back with the Back button: the secret is wiped as
+// the page is left (so a copy kept for Back holds none), and a page that comes back is
+// asked for again (which shows nothing twice). The server's no-store and cookie do the
+// same without scripts, for navigation within the dashboard.
+if (document.querySelector(".secret")) {
+  window.addEventListener("pagehide", function () {
+    document.querySelectorAll(".secret").forEach(function (field) { field.value = ""; field.remove(); });
+  });
+  window.addEventListener("pageshow", function (event) {
+    if (event.persisted) { location.reload(); }
+  });
+}

@@ -550,3 +550,52 @@ def test_secrets_shown_once_wait_for_their_own_page(running_api, receiver):
     assert len(set(secrets_shown)) == 2 and all(s.startswith("whsec_") for s in secrets_shown)
     assert rotated.follow().html.select_one("input.secret")["value"].startswith("pp_test_")
     assert first.follow().html.select_one("#secret") is None             # once
+
+
+def test_failures_from_a_shared_address_do_not_lock_out_a_browser_that_signed_in_before(running_api):
+    api = running_api(**{"ratelimit.login_per_hour": 3})
+    sign_up(api)                                   # this browser, at the office's address, is known
+    post_form(api, api.get("/dashboard/overview"), "/dashboard/logout")
+    coworker = Api(api.app, extra_environ=dict(api.extra_environ))
+    for email in ("a@example.com", "b@example.com", "c@example.com"):
+        log_in(coworker, email=email, password="guess", status=401)
+    assert log_in(coworker, status=429).status_code == 429       # the address's budget is spent
+    assert log_in(api).headers["Location"].endswith("/dashboard")     # but not this browser's
+
+
+def test_the_browser_that_changes_the_password_stays_known(running_api):
+    api = running_api(**{"ratelimit.login_per_hour": 3})
+    sign_up(api)
+    for n in range(3):                             # someone is spending the email's budget
+        attacker = Api(api.app, extra_environ={"REMOTE_ADDR": f"198.51.100.{n}"})
+        log_in(attacker, password="guess", status=401)
+    post_form(api, api.get("/dashboard/keys"), "/dashboard/password", password=PASSWORD,
+              new_password="a brand new passphrase")
+    assert log_in(api, password="a brand new passphrase").headers["Location"].endswith("/dashboard")
+
+
+def test_the_browsers_kept_are_those_that_signed_in_last(running_api):
+    api = running_api()
+    sign_up(api)
+    everyday = api.cookies["pp_device"]
+    post_form(api, api.get("/dashboard/overview"), "/dashboard/logout")
+    for n in range(12):
+        log_in(Api(api.app, extra_environ=api.extra_environ))
+        if n == 5:
+            log_in(api)                            # the everyday browser signs in again
+            post_form(api, api.get("/dashboard/overview"), "/dashboard/logout")
+    kept = {row[0] for row in stored(api.config, "SELECT token_hash FROM dashboard_devices")}
+    assert len(kept) == 10 and pausepoint.key_digest(everyday) in kept        # the first seen, but used since
+
+
+def test_rotating_needs_a_real_mode_and_two_rotations_show_both_keys(api):
+    sign_up(api)
+    page = api.get("/dashboard/keys")
+    form = next(f for f in page.forms.values() if f.action == "/dashboard/keys/rotate")
+    csrf = form["csrf"].value
+    refused = api.post("/dashboard/keys/rotate", {"csrf": csrf, "key": "bogus", "password": PASSWORD}, status=422)
+    assert "Key must be" in refused.text
+    for mode in ("live", "test"):
+        api.post("/dashboard/keys/rotate", {"csrf": csrf, "key": mode, "password": PASSWORD}, status=303)
+    shown = [field["value"][:8] for field in api.get("/dashboard/keys/shown").html.select("input.secret")]
+    assert shown == ["pp_live_", "pp_test_"]

@@ -52,6 +52,14 @@ def test_sign_up_log_in_watch_a_pause_get_answered_and_see_it_counted(live_serve
     click(browser, "a[href='/dashboard/overview']")
     browser.back()                                 # not kept for the Back button: asked again, and gone
     assert browser.current_url.endswith("/dashboard/keys") and not browser.find_elements(By.CSS_SELECTOR, "input.secret")
+    from selenium.webdriver.support.ui import Select
+    Select(browser.find_element(By.ID, "key")).select_by_value("live")
+    fill(browser, password="correct horse battery")
+    click(browser, "form[action='/dashboard/keys/rotate'] button")
+    assert browser.find_element(By.CSS_SELECTOR, "input.secret").get_attribute("value").startswith("pp_live_")
+    browser.get("data:text/html,elsewhere")        # leaving the dashboard altogether, then Back
+    browser.back()
+    assert not [field for field in browser.find_elements(By.CSS_SELECTOR, "input.secret") if field.get_attribute("value")]
 
     click(browser, "form.logout button")
     assert browser.current_url.endswith("/dashboard/login")
