@@ -77,10 +77,14 @@ def test_a_reader_misses_and_repeats_nothing_across_a_restart(spawn_server, tmp_
     keys = requests.post(f"{server.url}/v1/auth/register", json={"email": "r@example.com", "name": "R",
                                                                  "password": PASSWORD}).json()
     auth = {"Authorization": f"Bearer {keys['test_api_key']}"}
-    session = requests.Session()
-    for _ in range(500):                           # 1,000 events: each pause created, then cancelled
-        pause = session.post(f"{server.url}/v1/pause", json=WIRE, headers=auth).json()
-        session.post(f"{server.url}/v1/pause/{pause['pause_id']}/cancel", headers=auth)
+    pause = requests.post(f"{server.url}/v1/pause", json=WIRE, headers=auth).json()
+    requests.post(f"{server.url}/v1/pause/{pause['pause_id']}/cancel", headers=auth)
+    # 998 more like them, written as the server writes them, one commit each.
+    db = tmp_path / "pausepoint.db"
+    for n in range(998):
+        stored(db, "INSERT INTO webhook_events (id, developer_id, livemode, type, pause_id, body, created_at)"
+                   " SELECT ?1, developer_id, livemode, type, pause_id, json_set(body, '$.id', ?1), created_at"
+                   " FROM webhook_events WHERE rowid = ?2", f"evt_copy{n:04d}", 1 + n % 2)
 
     seen, after = [], None
     for page in range(20):
