@@ -1,0 +1,233 @@
+"""PausePoint's Python client: ask a human before your agent acts.
+
+One file, the standard library only: copy it into your project. Python 3.9+.
+
+    from pausepoint_client import PausePoint
+
+    pp = PausePoint("http://127.0.0.1:8080", "pp_test_…")
+    result = pp.request_approval(recipient="+15550100", channel="sms",
+                                 message="Wire $340 to Acme Corp?", options=["Approve", "Reject"],
+                                 timeout_hours=4, timeout_default="Reject")
+    if result.approved:
+        ...
+
+Only an explicit approval is permission: `result.approved` is False for a rejection,
+a timeout (whatever its default) and a cancellation.
+"""
+
+import hashlib
+import hmac
+import http.client
+import json
+import random
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+__all__ = ["PausePoint", "Approval", "verify_webhook", "PausePointError", "BadRequest", "Unauthorized", "NotFound",
+           "Conflict", "Gone", "PayloadTooLarge", "UnsupportedMediaType", "InvalidRequest", "RateLimited",
+           "ServerError", "Unreachable"]
+
+LONGEST_WAIT = 60           # the server answers ?wait= after at most this many seconds
+
+
+###############################################################################
+# Errors: one class per status, each with the server's code, message and field
+###############################################################################
+
+class PausePointError(Exception):
+    """An answer that was not a success: status, code, message and field as the server gave them."""
+
+    def __init__(self, status, code, message, field=None, retry_after=None):
+        super().__init__(f"{status} {code}: {message}" + (f" (field: {field})" if field else ""))
+        self.status, self.code, self.message, self.field, self.retry_after = status, code, message, field, retry_after
+
+
+class BadRequest(PausePointError): """400: the body is not valid JSON."""
+class Unauthorized(PausePointError): """401: the API key is wrong or was rotated."""
+class NotFound(PausePointError): """404: no such thing for this key."""
+class Conflict(PausePointError): """409: not in a state that allows this (already decided, say)."""
+class Gone(PausePointError): """410: the respond link expired."""
+class PayloadTooLarge(PausePointError): """413: the body is over the server's limit."""
+class UnsupportedMediaType(PausePointError): """415: not sent as JSON."""
+class InvalidRequest(PausePointError): """422: a field is wrong; .field names it."""
+class RateLimited(PausePointError): """429: a quota or rate limit; .retry_after says when to come back."""
+class ServerError(PausePointError): """5xx: the server could not answer (retried first, for safe calls)."""
+class Unreachable(PausePointError): """No answer at all: connection refused or reset, or timed out (retried first)."""
+
+
+ERRORS = {400: BadRequest, 401: Unauthorized, 404: NotFound, 409: Conflict, 410: Gone, 413: PayloadTooLarge,
+          415: UnsupportedMediaType, 422: InvalidRequest, 429: RateLimited}
+
+
+###############################################################################
+# The outcome of an approval
+###############################################################################
+
+class Approval:
+    """A decided (or still pending) pause, read the safe way round."""
+
+    def __init__(self, pause, approve_option=None):
+        self.pause = pause
+        self.approve_option = approve_option or pause["options"][0]
+
+    pause_id = property(lambda self: self.pause["pause_id"])
+    status = property(lambda self: self.pause["status"])
+    choice = property(lambda self: self.pause.get("choice"))
+    comment = property(lambda self: self.pause.get("comment"))
+    decided_by = property(lambda self: self.pause.get("decided_by"))
+    pending = property(lambda self: self.status == "pending")
+    timed_out = property(lambda self: self.status == "timed_out")
+    cancelled = property(lambda self: self.status == "cancelled")
+
+    @property
+    def approved(self):
+        """True only when a person chose the approving option (by default the first)."""
+        return self.status == "responded" and self.choice == self.approve_option
+
+    def __repr__(self):
+        return f"Approval({self.pause_id}, status={self.status!r}, choice={self.choice!r})"
+
+
+###############################################################################
+# The client
+###############################################################################
+
+class PausePoint:
+    """Calls to one PausePoint server with one API key.
+
+    Safe calls (reads, and creates, which always carry an Idempotency-Key) are retried
+    with growing, jittered waits on no answer, 5xx and 429 (after Retry-After when the
+    server gives it), up to `retries` times."""
+
+    def __init__(self, base_url, api_key, timeout=10.0, retries=6, backoff=0.5):
+        self.base_url, self.api_key = base_url.rstrip("/"), api_key
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+
+    # -- the API ---------------------------------------------------------------------------
+
+    def pause(self, recipient, channel, message, options, timeout_hours, timeout_default=None, metadata=None,
+              title=None, idempotency_key=None):
+        """Create a pause; returns the server's answer (pause_id, status, respond_url, …).
+        A retried create never asks twice: the same Idempotency-Key returns the first pause."""
+        body = {"recipient": recipient, "channel": channel, "message": message, "options": list(options),
+                "timeout_hours": timeout_hours}
+        for name, value in (("timeout_default", timeout_default), ("metadata", metadata), ("title", title)):
+            if value is not None:
+                body[name] = value
+        key = idempotency_key or f"pp-client-{uuid.uuid4()}"
+        return self._call("POST", "/v1/pause", body, headers={"Idempotency-Key": key}, safe=True)
+
+    def get(self, pause_id, wait=0):
+        """The whole pause; with wait=N seconds (up to 60), answered when it is decided or after N."""
+        return self._call("GET", f"/v1/pause/{_quote(pause_id)}", query={"wait": wait} if wait else None,
+                          safe=True, extra_time=wait)
+
+    def wait(self, pause_id, timeout=None):
+        """The pause once decided, or as it stands after `timeout` seconds (None: until decided).
+        Rides out dropped connections and server restarts."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = LONGEST_WAIT if deadline is None else deadline - time.monotonic()
+            pause = self.get(pause_id, wait=max(0, min(LONGEST_WAIT, int(left))))
+            if pause["status"] != "pending" or (deadline is not None and time.monotonic() >= deadline - 0.5):
+                return pause
+
+    def cancel(self, pause_id):
+        """Cancel a pending pause; returns it. Cancelling one already cancelled returns it too."""
+        try:
+            return self._call("POST", f"/v1/pause/{_quote(pause_id)}/cancel", safe=True)
+        except Conflict:
+            pause = self.get(pause_id)
+            if pause["status"] == "cancelled":
+                return pause            # our own cancel, retried after its answer was lost
+            raise
+
+    def request_approval(self, recipient, channel, message, options=("Approve", "Reject"), timeout_hours=1,
+                         timeout_default=None, metadata=None, title=None, idempotency_key=None, wait_timeout=None,
+                         approve_option=None):
+        """Ask, then wait for the answer: an Approval (check .approved)."""
+        created = self.pause(recipient, channel, message, options, timeout_hours, timeout_default, metadata, title,
+                             idempotency_key)
+        return Approval(self.wait(created["pause_id"], wait_timeout), approve_option)
+
+    def audit(self, pause_id=None, event_type=None, limit=50, cursor=None):
+        """A page of the audit log, newest first: {"events": [...], "next_cursor": …}."""
+        query = {"pause_id": pause_id, "event_type": event_type, "limit": limit, "cursor": cursor}
+        return self._call("GET", "/v1/audit", query={k: v for k, v in query.items() if v is not None}, safe=True)
+
+    def events(self, after=None, types=None, wait=30):
+        """Every event after the one with id `after`, oldest first, as webhooks carry them,
+        waiting for new ones for ever. Store the last id you handled to resume after it."""
+        while True:
+            query = {"limit": 100, "wait": wait}
+            if after:
+                query["after"] = after
+            if types:
+                query["types"] = ",".join(types)
+            for event in self._call("GET", "/v1/events", query=query, safe=True, extra_time=wait)["events"]:
+                after = event["id"]
+                yield event
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def _call(self, method, path, body=None, query=None, headers=None, safe=False, extra_time=0):
+        url = self.base_url + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        headers = {"Authorization": f"Bearer {self.api_key}", "Accept": "application/json",
+                   "User-Agent": "pausepoint-client/1", **(headers or {})}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        for attempt in range(self.retries + 1):
+            try:
+                request = urllib.request.Request(url, data=data, headers=headers, method=method)
+                with urllib.request.urlopen(request, timeout=self.timeout + extra_time) as answer:
+                    raw = answer.read()
+                return json.loads(raw) if raw else None
+            except urllib.error.HTTPError as e:
+                error = _error_from(e)
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:     # no whole answer
+                reason = getattr(e, "reason", e)
+                error = Unreachable(0, "unreachable", f"no answer from {self.base_url}: {reason}")
+            retryable = isinstance(error, (Unreachable, ServerError, RateLimited))
+            if not (safe and retryable) or attempt == self.retries:
+                raise error
+            pause = error.retry_after or self.backoff * 2 ** attempt
+            time.sleep(min(pause, 30) * random.uniform(0.8, 1.2))
+        raise AssertionError("unreachable")
+
+
+def _quote(part):
+    return urllib.parse.quote(str(part), safe="")
+
+
+def _error_from(http_error):
+    try:
+        detail = json.loads(http_error.read() or b"{}").get("error", {})
+    except (ValueError, AttributeError):
+        detail = {}
+    status = http_error.code
+    retry_after = http_error.headers.get("Retry-After")
+    kind = ERRORS.get(status, ServerError if status >= 500 else PausePointError)
+    return kind(status, detail.get("code", "error"), detail.get("message", http_error.reason), detail.get("field"),
+                int(retry_after) if retry_after and retry_after.isdigit() else None)
+
+
+###############################################################################
+# Receiving webhooks
+###############################################################################
+
+def verify_webhook(secret, header, body, tolerance=300):
+    """Whether an X-PausePoint-Signature `header` signs the raw `body` (bytes) with your
+    endpoint's `secret`, made within `tolerance` seconds. During the day after a secret
+    changes the header carries a signature by each; either will do."""
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    fields = [part.strip().partition("=") for part in (header or "").split(",")]
+    stamps = [value for name, _, value in fields if name == "t" and value.isdigit() and len(value) <= 12]
+    if len(stamps) != 1 or abs(time.time() - int(stamps[0])) > tolerance:
+        return False
+    mac = hmac.new(secret.encode("utf-8"), stamps[0].encode() + b"." + body, hashlib.sha256).hexdigest()
+    return any(hmac.compare_digest(mac, value) for name, _, value in fields if name == "v1")

@@ -1,0 +1,188 @@
+"""client/pausepoint_client.py against a live PausePoint on loopback, with a test key."""
+
+import ast
+import concurrent.futures
+import contextlib
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from conftest import PASSWORD, ROOT, WIRE, free_port, stored, token_of, wait_until
+import pausepoint
+
+sys.path.insert(0, os.path.join(ROOT, "client"))
+import pausepoint_client  # noqa: E402
+from pausepoint_client import PausePoint  # noqa: E402
+
+ASK = {key: WIRE[key] for key in ("recipient", "channel", "message", "options", "timeout_hours", "timeout_default")}
+
+
+def register(url, email="client@example.com"):
+    return requests.post(f"{url}/v1/auth/register", json={"email": email, "name": "C", "password": PASSWORD}).json()
+
+
+@pytest.fixture
+def client(live_server):
+    return PausePoint(live_server.url, register(live_server.url)["test_api_key"], backoff=0.05)
+
+
+def answer_when_asked(url, key, choice, comment=None):
+    """A person who answers the first pending pause they get, on a thread of their own."""
+    def person():
+        auth = {"Authorization": f"Bearer {key}"}
+        pending = wait_until(lambda: requests.get(f"{url}/v1/pause", params={"status": "pending"},
+                                                  headers=auth).json()["pauses"])
+        requests.post(f"{url}/v1/respond/{token_of(pending[0]['respond_url'])}",
+                      json={"choice": choice, "comment": comment})
+    thread = threading.Thread(target=person)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("choice, approved", [("Approve", True), ("Reject", False)])
+def test_request_approval_waits_for_the_persons_answer(live_server, client, choice, approved):
+    person = answer_when_asked(live_server.url, client.api_key, choice, "checked the invoice")
+    result = client.request_approval(**ASK)
+    person.join()
+    assert result.approved is approved and result.choice == choice and result.comment == "checked the invoice"
+    assert result.decided_by == "recipient:+15550100" and not result.timed_out and not result.pending
+
+
+def test_a_timeout_default_is_never_an_approval(client):
+    result = client.request_approval(**{**ASK, "timeout_hours": 0.0003, "timeout_default": "Approve"})
+    assert result.timed_out and result.choice == "Approve" and result.approved is False
+
+
+def test_a_cancelled_pause_is_not_approved_and_cancelling_twice_is_harmless(client):
+    created = client.pause(**ASK)
+    assert client.cancel(created["pause_id"])["status"] == "cancelled"
+    assert client.cancel(created["pause_id"])["status"] == "cancelled"          # a retried cancel
+    assert pausepoint_client.Approval(client.get(created["pause_id"])).approved is False
+
+
+def test_a_pending_pause_can_be_waited_for_again_later(live_server, client):
+    created = client.pause(**ASK)
+    started = time.monotonic()
+    assert client.wait(created["pause_id"], timeout=1)["status"] == "pending"
+    assert time.monotonic() - started < 5
+    person = answer_when_asked(live_server.url, client.api_key, "Approve")
+    assert client.wait(created["pause_id"])["choice"] == "Approve"
+    person.join()
+
+
+def test_waiting_rides_out_a_server_restart(spawn_server, tmp_path):
+    port = free_port()
+    server = spawn_server(port=port)
+    key = register(server.url)["test_api_key"]
+    client = PausePoint(server.url, key, backoff=0.2)
+    created = client.pause(**ASK)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(client.wait, created["pause_id"])
+        time.sleep(0.5)                            # the client is in a long poll now
+        server.stop()
+        server = spawn_server(port=port)           # the same database, the same address
+        requests.post(f"{server.url}/v1/respond/{token_of(created['respond_url'])}", json={"choice": "Reject"})
+        assert waiting.result(timeout=60)["choice"] == "Reject"
+
+
+class DropFirstAnswer:
+    """A TCP proxy to `target_port` that passes the first connection's request on, then
+    resets that connection as the answer arrives: the server acted, the client cannot
+    know. Later connections are relayed whole."""
+
+    def __init__(self, target_port):
+        self.target_port, self.dropped = target_port, threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            if not self.dropped.is_set():
+                self.dropped.set()
+                threading.Thread(target=self._drop, args=(conn, upstream), daemon=True).start()
+                continue
+            for source, sink in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _drop(conn, upstream):
+        with conn, upstream:
+            upstream.sendall(conn.recv(65536))
+            upstream.recv(65536)                    # the answer begins: the pause exists
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # close with a reset
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_create_retried_after_a_lost_answer_asks_the_person_once(live_server, stubs):
+    key = register(live_server.url)["test_api_key"]
+    proxy = stubs(DropFirstAnswer, int(live_server.url.rsplit(":", 1)[1]))
+    created = PausePoint(proxy.url, key, backoff=0.05).pause(**ASK)
+    assert proxy.dropped.is_set()
+    config = live_server.app.runtime.config
+    assert stored(config, "SELECT id FROM pauses") == [(created["pause_id"],)]
+    assert stored(config, "SELECT count(*) FROM notifications") == [(1,)]
+
+
+def test_refusals_are_typed_and_carry_the_servers_words(live_server, client):
+    with pytest.raises(pausepoint_client.InvalidRequest) as refused:
+        client.pause(**{**ASK, "options": ["Only one"]})
+    assert refused.value.status == 422 and refused.value.field == "options" and "options" in refused.value.message
+    with pytest.raises(pausepoint_client.Unauthorized) as unauthorized:
+        PausePoint(live_server.url, "pp_test_not_a_key").get("psr_x")
+    assert unauthorized.value.code == "unauthorized"
+    with pytest.raises(pausepoint_client.NotFound):
+        client.get("psr_nothing_here")
+
+
+def test_the_event_feed_and_the_audit_log(client):
+    created = client.pause(**ASK)
+    client.cancel(created["pause_id"])
+    feed = client.events(wait=0)
+    assert [next(feed)["type"], next(feed)["type"]] == ["pause.created", "pause.cancelled"]
+    assert [e["event_type"] for e in client.audit(pause_id=created["pause_id"])["events"]][0] == "pause.cancelled"
+
+
+def test_verify_webhook_accepts_what_the_server_signs_and_nothing_else():
+    body, now = b'{"id": "evt_1"}', int(time.time())
+    header = pausepoint.signature_header(["whsec_new_secret_000", "whsec_old_secret_000"], now, body)
+    assert pausepoint_client.verify_webhook("whsec_old_secret_000", header, body)
+    assert pausepoint_client.verify_webhook("whsec_new_secret_000", header, body.decode())
+    assert not pausepoint_client.verify_webhook("whsec_new_secret_000", header, body + b" ")
+    assert not pausepoint_client.verify_webhook("whsec_wrong_secret_0", header, body)
+    stale = pausepoint.signature_header(["whsec_new_secret_000"], now - 301, body)
+    assert not pausepoint_client.verify_webhook("whsec_new_secret_000", stale, body)
+
+
+def test_the_client_needs_only_the_standard_library():
+    with open(pausepoint_client.__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= set(sys.stdlib_module_names)
