@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""A Claude Code PreToolUse hook: ask a person on their phone before a tool runs.
+
+Claude Code runs this with the tool call as JSON on stdin; it creates a pause that
+says in one line what is about to run and where, waits for the answer, and prints
+the hook's decision as JSON: allow on Allow, deny (with the person's comment as the
+reason) on Deny. When nobody answers in time it hands the call back to Claude Code's
+own prompt ("ask", the default) or denies it, as PAUSEPOINT_HOOK_ON_TIMEOUT says,
+and cancels the pause so a late answer decides nothing. If PausePoint cannot be
+reached it asks locally: it never allows on its own.
+
+Configured by the environment, like the MCP server:
+  PAUSEPOINT_URL, PAUSEPOINT_API_KEY     the server and a key (pp_live_… to really text)
+  PAUSEPOINT_RECIPIENT, PAUSEPOINT_CHANNEL   who to ask and how (default channel: sms)
+  PAUSEPOINT_HOOK_WAIT                   seconds to wait for the answer (default 50; keep it
+                                         below the hook's own timeout in settings.json)
+  PAUSEPOINT_HOOK_ON_TIMEOUT             ask (default) or deny
+
+Standard library only, with pausepoint_client.py beside it.
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pausepoint_client import PausePoint, PausePointError  # noqa: E402
+
+LONGEST_LINE = 160          # a text message's worth of the command
+METADATA_LIMIT = 12000      # the tool input kept in metadata (the server takes 16 KB in all)
+
+
+def shorten(text, limit=LONGEST_LINE):
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def home_relative(path):
+    home = os.path.expanduser("~")
+    return "~" + path[len(home):] if path and path.startswith(home + os.sep) else path
+
+
+def describe(call):
+    """One line: what Claude Code is about to do, and where."""
+    tool, given, where = call.get("tool_name", "a tool"), call.get("tool_input") or {}, home_relative(call.get("cwd", ""))
+    if tool == "Bash" and "command" in given:
+        what = f"run: {shorten(given['command'])}"
+    elif tool in ("Write", "Edit", "MultiEdit", "NotebookEdit") and given.get("file_path"):
+        what = f"{'write' if tool == 'Write' else 'edit'} {home_relative(given['file_path'])}"
+    else:
+        what = f"use {tool}: {shorten(json.dumps(given, ensure_ascii=False), 100)}"
+    return f"Claude Code wants to {what}" + (f" (in {where})" if where else "")
+
+
+def decision(kind, reason):
+    return {"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": kind,
+                                   "permissionDecisionReason": reason}}
+
+
+def ask_person(call, environ):
+    """The hook's answer for one tool call."""
+    client = PausePoint(environ["PAUSEPOINT_URL"], environ["PAUSEPOINT_API_KEY"], retries=2)
+    wait = float(environ.get("PAUSEPOINT_HOOK_WAIT", "50"))
+    on_timeout = "deny" if environ.get("PAUSEPOINT_HOOK_ON_TIMEOUT") == "deny" else "ask"
+    tool_input = json.dumps(call.get("tool_input"), ensure_ascii=False)
+    metadata = {"tool_name": call.get("tool_name"), "cwd": call.get("cwd"), "session_id": call.get("session_id"),
+                "tool_input": tool_input if len(tool_input) <= METADATA_LIMIT else shorten(tool_input, METADATA_LIMIT),
+                "display": ["tool_name", "cwd"]}
+    created = client.pause(
+        recipient=environ["PAUSEPOINT_RECIPIENT"], channel=environ.get("PAUSEPOINT_CHANNEL", "sms"),
+        message=describe(call), options=["Allow", "Deny"], timeout_hours=max(wait, 60) / 3600,
+        timeout_default="Deny", metadata=metadata, title="Claude Code",
+        # The same call asked again (the hook re-run) finds the same pause.
+        idempotency_key="claude-code-" + hashlib.sha256(json.dumps(
+            [call.get("tool_use_id"), call.get("session_id"), tool_input]).encode()).hexdigest()[:40])
+    pause = client.wait(created["pause_id"], timeout=wait)
+    if pause["status"] == "responded" and pause["choice"] == "Allow":
+        return decision("allow", f"allowed on PausePoint by {pause['decided_by']}")
+    if pause["status"] == "responded":
+        return decision("deny", pause.get("comment") or f"denied on PausePoint by {pause['decided_by']}")
+    if pause["status"] == "pending":
+        client.cancel(pause["pause_id"])        # a late answer must decide nothing
+    reason = f"no answer on PausePoint within {wait:g} s"
+    return decision(on_timeout, reason if on_timeout == "deny" else reason + "; asking here instead")
+
+
+def main(stdin=sys.stdin, stdout=sys.stdout, environ=os.environ):
+    try:
+        call = json.load(stdin)
+        answer = ask_person(call, environ)
+    except (PausePointError, KeyError, ValueError, OSError) as e:
+        print(f"pausepoint hook: {e}", file=sys.stderr)
+        answer = decision("ask", f"PausePoint could not be asked ({e}); asking here instead")
+    json.dump(answer, stdout)
+    stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""client/pausepoint_claude_hook.py as Claude Code runs it: JSON in on stdin, JSON out on stdout."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import requests
+
+from conftest import PASSWORD, ROOT, stored, token_of, wait_until
+
+HOOK = os.path.join(ROOT, "client", "pausepoint_claude_hook.py")
+CALL = {"session_id": "abc123", "transcript_path": "/tmp/t.jsonl", "cwd": os.path.expanduser("~/src/app"),
+        "hook_event_name": "PreToolUse", "tool_name": "Bash", "tool_use_id": "toolu_01",
+        "tool_input": {"command": "rm -rf build/", "description": "Clean the build"}}
+
+
+def run_hook(url, key, call=CALL, **env):
+    settings = {"PAUSEPOINT_URL": url, "PAUSEPOINT_API_KEY": key, "PAUSEPOINT_RECIPIENT": "+15550100",
+                "PAUSEPOINT_CHANNEL": "sms", "PAUSEPOINT_HOOK_WAIT": "20", **env}
+    done = subprocess.run([sys.executable, HOOK], input=json.dumps(call), capture_output=True, text=True,
+                          env={**os.environ, **settings}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["hookSpecificOutput"]
+
+
+def new_test_key(url):
+    return requests.post(f"{url}/v1/auth/register", json={"email": "hook@example.com", "name": "Hook",
+                                                          "password": PASSWORD}).json()["test_api_key"]
+
+
+def answer(url, key, choice, comment=None):
+    def person():
+        auth = {"Authorization": f"Bearer {key}"}
+        pending = wait_until(lambda: requests.get(f"{url}/v1/pause", params={"status": "pending"},
+                                                  headers=auth).json()["pauses"])
+        requests.post(f"{url}/v1/respond/{token_of(pending[0]['respond_url'])}", json={"choice": choice,
+                                                                                     "comment": comment})
+    thread = threading.Thread(target=person)
+    thread.start()
+    return thread
+
+
+def test_an_allow_on_the_phone_lets_the_command_run(live_server):
+    key = new_test_key(live_server.url)
+    person = answer(live_server.url, key, "Allow")
+    out = run_hook(live_server.url, key)
+    person.join()
+    assert out["hookEventName"] == "PreToolUse" and out["permissionDecision"] == "allow"
+    pause = requests.get(f"{live_server.url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).json()["pauses"][0]
+    assert pause["message"] == "Claude Code wants to run: rm -rf build/ (in ~/src/app)"
+    assert json.loads(pause["metadata"]["tool_input"]) == CALL["tool_input"] and pause["options"] == ["Allow", "Deny"]
+
+
+def test_a_deny_gives_claude_the_persons_reason(live_server):
+    key = new_test_key(live_server.url)
+    person = answer(live_server.url, key, "Deny", "not on main, please")
+    out = run_hook(live_server.url, key)
+    person.join()
+    assert out["permissionDecision"] == "deny" and out["permissionDecisionReason"] == "not on main, please"
+
+
+def test_no_answer_hands_back_to_the_local_prompt_and_cancels_the_pause(live_server):
+    key = new_test_key(live_server.url)
+    out = run_hook(live_server.url, key, PAUSEPOINT_HOOK_WAIT="1")
+    assert out["permissionDecision"] == "ask" and "no answer" in out["permissionDecisionReason"]
+    assert stored(live_server.app.runtime.config, "SELECT status FROM pauses") == [("cancelled",)]
+    denied = run_hook(live_server.url, key, {**CALL, "tool_use_id": "toolu_02"}, PAUSEPOINT_HOOK_WAIT="1",
+                      PAUSEPOINT_HOOK_ON_TIMEOUT="deny")
+    assert denied["permissionDecision"] == "deny"
+
+
+def test_a_file_write_is_described_by_its_path(live_server):
+    key = new_test_key(live_server.url)
+    call = {**CALL, "tool_name": "Write", "tool_input": {"file_path": os.path.expanduser("~/src/app/.env"),
+                                                         "content": "SECRET=1\n" * 5000}}
+    run_hook(live_server.url, key, call, PAUSEPOINT_HOOK_WAIT="1")
+    [(message, metadata)] = stored(live_server.app.runtime.config, "SELECT message, metadata FROM pauses")
+    assert message == "Claude Code wants to write ~/src/app/.env (in ~/src/app)"
+    assert len(metadata) < 16384                    # the long content shortened to fit
+
+
+def test_when_pausepoint_cannot_be_reached_it_asks_locally_and_never_allows(live_server):
+    out = run_hook("http://127.0.0.1:9", "pp_test_x")
+    assert out["permissionDecision"] == "ask" and "could not be asked" in out["permissionDecisionReason"]
