@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""PausePoint as an MCP server (stdio): lets any MCP host's model ask a person first.
+
+Tools: request_approval (ask, then wait a bounded time), wait_for_approval (wait
+again) and cancel_approval. MCP hosts cut tool calls off after about a minute, so a
+call waits at most PAUSEPOINT_MCP_WAIT seconds (45) and then answers "pending" with
+what to call next; while it waits it reports progress about every 10 s to a host
+that asked for it.
+
+Configured by the environment, like the Claude Code hook:
+  PAUSEPOINT_URL, PAUSEPOINT_API_KEY          the server and a key
+  PAUSEPOINT_RECIPIENT, PAUSEPOINT_CHANNEL    who to ask and how, unless a call says (channel default: sms)
+  PAUSEPOINT_MCP_WAIT                         seconds one call waits for the answer (default 45)
+  PAUSEPOINT_MCP_PROGRESS_EVERY               seconds between progress reports while it waits (default 10)
+
+Needs the `mcp` package (>=2,<3) and pausepoint_client.py beside it. Logs go to stderr.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pausepoint_client import Approval, PausePoint, PausePointError  # noqa: E402
+
+log = logging.getLogger("pausepoint-mcp")
+
+ONLY_APPROVAL_IS_PERMISSION = (
+    " Only an explicit approval is permission: proceed only when the result says approved is true. A rejection,"
+    " a timeout (whatever its default), a cancellation or a pending answer all mean: do not proceed.")
+
+server = MCPServer("PausePoint", instructions=(
+    "Ask a person before doing anything risky (spending money, deleting data, contacting people)."
+    + ONLY_APPROVAL_IS_PERMISSION))
+
+# This process serves one session: a question asked again while its pause is pending
+# finds that pause rather than asking the person twice.
+asked = {}
+
+
+def settings():
+    return {"url": os.environ["PAUSEPOINT_URL"], "key": os.environ["PAUSEPOINT_API_KEY"],
+            "recipient": os.environ.get("PAUSEPOINT_RECIPIENT"), "channel": os.environ.get("PAUSEPOINT_CHANNEL", "sms"),
+            "wait": float(os.environ.get("PAUSEPOINT_MCP_WAIT", "45")),
+            "progress_every": float(os.environ.get("PAUSEPOINT_MCP_PROGRESS_EVERY", "10"))}
+
+
+def client():
+    return PausePoint(settings()["url"], settings()["key"], retries=3)
+
+
+def outcome(pause):
+    """What a tool answers about a pause."""
+    if pause["status"] == "pending":
+        return {"status": "pending", "approved": False, "pause_id": pause["pause_id"],
+                "respond_url": pause["respond_url"], "expires_at": pause["expires_at"],
+                "next": "call wait_for_approval with this pause_id to keep waiting; do not proceed meanwhile"}
+    result = Approval(pause)
+    return {"status": result.status, "approved": result.approved, "pause_id": result.pause_id, "choice": result.choice,
+            "comment": result.comment, "decided_by": result.decided_by}
+
+
+async def wait_reporting(pause_id, ctx):
+    """The pause once decided, or as it stands after PAUSEPOINT_MCP_WAIT seconds, with
+    progress every PAUSEPOINT_MCP_PROGRESS_EVERY seconds meanwhile."""
+    config, started = settings(), time.monotonic()
+    total = config["wait"]
+    while True:
+        left = total - (time.monotonic() - started)
+        step = max(0, min(config["progress_every"], left))
+        pause = await anyio.to_thread.run_sync(client().get, pause_id, max(1, round(step)) if step >= 0.5 else 0)
+        if pause["status"] != "pending" or left <= 1:
+            return pause
+        elapsed = time.monotonic() - started
+        await ctx.report_progress(elapsed, total, f"waiting for {pause['recipient']} to answer")
+
+
+@server.tool(description="Ask a person to approve something before you do it, and wait for the answer (up to"
+                         " about 45 s; if it is still pending, call wait_for_approval)." + ONLY_APPROVAL_IS_PERMISSION)
+async def request_approval(question: str, ctx: Context, options: list[str] | None = None,
+                           recipient: str | None = None, channel: str | None = None, timeout_hours: float = 1.0,
+                           default: str | None = None) -> dict:
+    config = settings()
+    options = options or ["Approve", "Reject"]
+    recipient, channel = recipient or config["recipient"], channel or config["channel"]
+    if not recipient:
+        return {"status": "error", "approved": False,
+                "error": "no recipient: pass one, or set PAUSEPOINT_RECIPIENT for this server"}
+    fingerprint = hashlib.sha256(json.dumps([question, options, recipient, channel]).encode()).hexdigest()
+    try:
+        earlier = asked.get(fingerprint)
+        if earlier is not None and (await anyio.to_thread.run_sync(client().get, earlier))["status"] == "pending":
+            pause_id = earlier
+        else:
+            created = await anyio.to_thread.run_sync(lambda: client().pause(
+                recipient, channel, question, options, timeout_hours, default))
+            pause_id = asked[fingerprint] = created["pause_id"]
+        return outcome(await wait_reporting(pause_id, ctx))
+    except PausePointError as e:
+        log.warning("request_approval failed: %s", e)
+        return {"status": "error", "approved": False, "error": e.message, "field": e.field}
+
+
+@server.tool(description="Keep waiting (up to about 45 s) for the answer to an earlier request_approval."
+                         + ONLY_APPROVAL_IS_PERMISSION)
+async def wait_for_approval(pause_id: str, ctx: Context) -> dict:
+    try:
+        return outcome(await wait_reporting(pause_id, ctx))
+    except PausePointError as e:
+        return {"status": "error", "approved": False, "error": e.message}
+
+
+@server.tool(description="Withdraw a request for approval that is no longer needed.")
+async def cancel_approval(pause_id: str) -> dict:
+    try:
+        return outcome(await anyio.to_thread.run_sync(client().cancel, pause_id))
+    except PausePointError as e:
+        return {"status": "error", "approved": False, "error": e.message}
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    server.run()
