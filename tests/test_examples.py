@@ -1,0 +1,57 @@
+"""The examples in examples/, run offline against a live PausePoint with a test key."""
+
+import os
+import sys
+import threading
+
+import pytest
+import requests
+
+from conftest import PASSWORD, ROOT, token_of, wait_until
+
+sys.path.insert(0, os.path.join(ROOT, "client"))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from pausepoint_client import PausePoint  # noqa: E402
+
+
+@pytest.fixture
+def pp(live_server):
+    keys = requests.post(f"{live_server.url}/v1/auth/register", json={"email": "ex@example.com", "name": "Ex",
+                                                                     "password": PASSWORD}).json()
+    return PausePoint(live_server.url, keys["test_api_key"], backoff=0.05)
+
+
+def person(pp, choice):
+    """Answers the first pending pause, on a thread of its own."""
+    def answer():
+        auth = {"Authorization": f"Bearer {pp.api_key}"}
+        pending = wait_until(lambda: requests.get(f"{pp.base_url}/v1/pause", params={"status": "pending"},
+                                                  headers=auth).json()["pauses"])
+        requests.post(f"{pp.base_url}/v1/respond/{token_of(pending[0]['respond_url'])}", json={"choice": choice})
+    thread = threading.Thread(target=answer)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("choice, sent", [("Approve", True), ("Reject", False)])
+def test_the_plain_agent_wires_only_with_approval(pp, choice, sent):
+    import plain_agent
+    wires = []
+    answering = person(pp, choice)
+    outcome = plain_agent.pay_invoice(pp, {"number": "INV-7", "amount": "340.00", "payee": "Acme Corp"},
+                                      "+15550100", send_wire=wires.append)
+    answering.join()
+    assert bool(wires) is sent and outcome.startswith("sent" if sent else "not sent")
+
+
+@pytest.mark.parametrize("choice, result", [("Approve", "did: delete the staging database"), ("Reject", "not done (Reject)")])
+def test_the_langgraph_thread_stops_at_the_interrupt_and_resumes_on_the_answer(pp, choice, result):
+    import langgraph_agent
+    done = []
+    graph = langgraph_agent.build_graph(lambda action: done.append(action) or f"did: {action}")
+    pause = langgraph_agent.start(graph, pp, "thread-42", "delete the staging database", "+15550100")
+    assert pause["status"] == "pending" and done == []            # stopped at the interrupt, nothing done
+    person(pp, choice).join()
+    [(thread_id, state)] = list(langgraph_agent.resume_from_events(graph, pp, wait=5, once=True))
+    assert thread_id == "thread-42" and state["result"] == result
+    assert done == (["delete the staging database"] if choice == "Approve" else [])
