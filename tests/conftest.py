@@ -6,6 +6,7 @@ same app over real HTTP with waitress on a loopback port; `spawn_server` runs
 """
 
 import datetime as dt
+import gc
 import os
 import shutil
 import socket
@@ -86,6 +87,7 @@ def running_api(tmp_path):
     yield build
     for app in built:
         app.runtime.stop()
+    collect_descriptors()
 
 
 class Api(webtest.TestApp):
@@ -134,6 +136,14 @@ def developer(api):
     return api.register()
 
 
+def collect_descriptors(most=256):
+    """A stopped app's SQLite connections sit in reference cycles until the collector
+    runs; when many descriptors are open, run it, so a test process never reaches its
+    limit (a full collection costs tens of milliseconds, too much after every test)."""
+    if len(os.listdir("/proc/self/fd")) > most:
+        gc.collect()
+
+
 def stored(where, sql, *args):
     """Run one statement on the database file (a path, or a config naming it) and return its rows."""
     db = sqlite3.connect(where["database.path"] if isinstance(where, dict) else where)
@@ -180,8 +190,13 @@ class LiveServer:
 
     def _run(self):
         while not self.stopped.is_set():
-            self.server.asyncore.loop(timeout=0.05, map=self.server._map, count=1)
-        self.server.close()
+            # poll(), as the server itself uses: select() fails on descriptors past 1,024.
+            self.server.asyncore.loop(timeout=0.05, use_poll=True, map=self.server._map, count=1)
+        # Everything a serving process would give back when it exits: the clients'
+        # connections, and the worker threads with their SQLite connections.
+        for channel in list(self.server._map.values()):
+            channel.close()
+        self.server.task_dispatcher.shutdown()
 
     def __enter__(self):
         self.thread.start()
@@ -191,6 +206,7 @@ class LiveServer:
         self.app.runtime.stop()
         self.stopped.set()
         self.thread.join(timeout=30)
+        collect_descriptors()
 
 
 @pytest.fixture
