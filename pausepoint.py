@@ -2731,7 +2731,7 @@ def queue_event(conn, developer_id, livemode, event_type, data, webhook_ids, pau
                      " VALUES (?, ?, ?, ?, ?, ?)", (delivery_ids[-1], webhook_id, event_id, now, now, now))
     if delivery_ids:
         wake_after_commit(conn, "webhooks")
-    wake_after_commit(conn, "events")
+    wake_after_commit(conn, "events", (developer_id, livemode))
     return delivery_ids
 
 
@@ -3048,8 +3048,7 @@ class Runtime:
         self.config = config
         self._local = threading.local()
         self.write_lock = FairLock()
-        self.decisions = threading.Condition()
-        self.decision_count = 0
+        self.topics = Topics()
         self.stopping = False
         waiters = config["server.threads"] - THREADS_KEPT_FOR_OTHER_REQUESTS
         self.wait_slots = threading.BoundedSemaphore(waiters)
@@ -3095,8 +3094,8 @@ class Runtime:
 
     def on_commit(self, woken):
         """What a committed transaction registered with wake_after_commit()."""
-        if "decisions" in woken or "events" in woken:
-            self.wake_waiters()
+        self.topics.changed([f"pause:{pause_id}" for pause_id in woken.get("decisions", ())]
+                            + [f"events:{developer}:{mode}" for developer, mode in woken.get("events", ())])
         if "webhooks" in woken:
             self.wake_webhooks()
 
@@ -3114,11 +3113,8 @@ class Runtime:
                 self.hashing.release()
 
     def wake_waiters(self):
-        """Wake every agent waiting on ?wait=: some pause left 'pending', an event was
-        recorded, or we are stopping."""
-        with self.decisions:
-            self.decision_count += 1
-            self.decisions.notify_all()
+        """Wake every agent waiting on ?wait=: we are stopping."""
+        self.topics.wake_all()
 
     def wake_webhooks(self):
         """Run the delivery job now rather than at its next tick. Only a hint: the
@@ -3269,27 +3265,72 @@ class Runtime:
         prune_expired_data(self.db(), self.config)
         refresh_statistics(self.db())
 
-    def wait_for(self, load, done, seconds, parked=contextlib.nullcontext):
-        """Call load() until done(what it returned) or `seconds` pass, looking again at each
-        decision or event. While it waits the request is parked(): it holds a waiting slot,
-        not a share of its client address's working threads."""
+    def wait_for(self, topic, load, done, seconds, parked=contextlib.nullcontext):
+        """Call load() until done(what it returned) or `seconds` pass, looking again each time
+        `topic` changes. While it waits the request is parked(): it holds a waiting slot, not a
+        share of its client address's working threads."""
         deadline = time.monotonic() + seconds
         if not self.wait_slots.acquire(blocking=False):
             return load()     # every waiting slot is taken: answer now rather than starve the API
         try:
-            with parked(), self.turns.given_up():
+            with parked(), self.turns.given_up(), self.topics.watching(topic) as (changes, wait):
                 while True:
-                    with self.decisions:
-                        seen = self.decision_count
+                    seen = changes()        # watched before the read: a change after it is not missed
                     found = load()
                     remaining = deadline - time.monotonic()
                     if done(found) or remaining <= 0 or self.stopping:
                         return found
-                    with self.decisions:
-                        if self.decision_count == seen and not self.stopping:
-                            self.decisions.wait(remaining)
+                    wait(seen, remaining, lambda: self.stopping)
         finally:
             self.wait_slots.release()
+
+
+class Topics:
+    """What long-polling requests wait for, by topic ('pause:<id>', 'events:<developer>:<mode>'):
+    a change to a topic wakes only its own waiters, not every waiting agent, so a decision
+    costs one wake-up however many agents wait on other pauses. A topic has a count of its
+    changes and a condition on one shared lock, kept while anyone watches it."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.topics = {}            # topic -> [condition, changes, watchers]
+
+    @contextlib.contextmanager
+    def watching(self, topic):
+        """Count `topic`'s changes from now on: yields changes() and wait(seen, timeout, stopping)."""
+        with self.lock:
+            entry = self.topics.setdefault(topic, [threading.Condition(self.lock), 0, 0])
+            entry[2] += 1
+
+        def changes():
+            with self.lock:
+                return entry[1]
+
+        def wait(seen, timeout, stopping):
+            with self.lock:
+                entry[0].wait_for(lambda: entry[1] != seen or stopping(), timeout)
+
+        try:
+            yield changes, wait
+        finally:
+            with self.lock:
+                entry[2] -= 1
+                if not entry[2]:
+                    del self.topics[topic]
+
+    def changed(self, topics):
+        with self.lock:
+            for topic in topics:
+                entry = self.topics.get(topic)
+                if entry:
+                    entry[1] += 1
+                    entry[0].notify_all()
+
+    def wake_all(self):
+        """Every watcher looks again (we are stopping)."""
+        with self.lock:
+            topics = list(self.topics)
+        self.changed(topics)
 
 
 class ShownOnce:
@@ -3779,8 +3820,9 @@ def get_pause(rt, caller, query, pause_id):
     """One pause; with ?wait=N, answered as soon as it is decided or after N seconds."""
     pause = owned_pause(rt.db(), caller, pause_id)
     if query["wait"] and pause["status"] == "pending":
-        pause = rt.wait_for(lambda: owned_pause(rt.db(), caller, pause_id), lambda found: found["status"] != "pending",
-                            query["wait"], bottle.request.environ.get("pausepoint.parked", contextlib.nullcontext))
+        pause = rt.wait_for(f"pause:{pause['id']}", lambda: owned_pause(rt.db(), caller, pause_id),
+                            lambda found: found["status"] != "pending", query["wait"],
+                            bottle.request.environ.get("pausepoint.parked", contextlib.nullcontext))
     return json_answer(pause_json(rt.db(), rt.config, pause["id"]))
 
 
@@ -3854,7 +3896,7 @@ def list_events(rt, caller, query):
     read = functools.partial(events_after, rt.db(), caller, query["after"], types, query["limit"])
     events = read()
     if query["wait"] and not events:
-        events = rt.wait_for(read, bool, query["wait"],
+        events = rt.wait_for(f"events:{caller.developer_id}:{caller.livemode}", read, bool, query["wait"],
                              bottle.request.environ.get("pausepoint.parked", contextlib.nullcontext))
     return json_answer('{"events": [%s]}' % ", ".join(events))
 
