@@ -7,9 +7,10 @@ from conftest import stored, WIRE, token_of
 import pausepoint
 
 # A query may read from end to end only what it made itself: a recursive CTE's rows or a JSON list.
-# Scans that read little: a JSON array, a CTE's rows, a constant, and the operator's list of
-# developers (`d`), newest first by rowid, which stops after a page.
-SMALL = ("json_each", "waiting", "CONSTANT ROW", "d")
+# Scans that read little: a JSON array (`batch` when it is a job's batch of ids), a CTE's
+# rows, a constant, and the operator's list of developers (`d`), newest first by rowid,
+# which stops after a page.
+SMALL = ("json_each", "batch", "waiting", "CONSTANT ROW", "d")
 
 
 def fill(config, developer_id, pauses):
@@ -35,7 +36,7 @@ def plans(config, statements):
     """{statement: its query plan}, for the statements that read tables."""
     found = {}
     for sql in statements:
-        if re.match(r"\s*(SELECT|WITH|UPDATE|DELETE)", sql, re.I) and "sqlite_master" not in sql:
+        if re.match(r"\s*(SELECT|WITH|UPDATE|DELETE|INSERT .* SELECT)", sql, re.I | re.S) and "sqlite_master" not in sql:
             found[sql] = " / ".join(row[3] for row in stored(config, "EXPLAIN QUERY PLAN " + sql))
     return found
 
