@@ -760,6 +760,13 @@ def new_id(prefix):
     return prefix + uuid.uuid4().hex
 
 
+def new_ordered_id(prefix):
+    """An id of the same form whose first 12 hex digits are the time in milliseconds (the
+    other 80 bits random): for rows written in bursts, each new key lands at the end of
+    its index instead of on a random page of it."""
+    return f"{prefix}{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
+
+
 ###############################################################################
 # Errors
 ###############################################################################
@@ -2700,7 +2707,7 @@ def emit_pause_events(conn, config, pauses, event_type=None, when=None):
     if not pauses:
         return
     now = when or db_time()
-    events = json.dumps({pause["id"]: new_id("evt_") for pause in pauses})
+    events = json.dumps({pause["id"]: new_ordered_id("evt_") for pause in pauses})
     kind = "coalesce(:type, 'pause.' || p.status)"
     conn.execute(
         "INSERT INTO webhook_events (id, developer_id, livemode, type, pause_id, body, created_at)"
@@ -2729,7 +2736,7 @@ def queue_event(conn, developer_id, livemode, event_type, data, webhook_ids, pau
     ids. The delivery job and the feed's waiting readers are woken once the transaction
     commits."""
     require_transaction(conn)
-    event_id, now = new_id("evt_"), when or db_time()
+    event_id, now = new_ordered_id("evt_"), when or db_time()
     body = compact_json({"id": event_id, "type": event_type, "created_at": api_time(now),
                          "livemode": bool(livemode), "data": data})
     conn.execute("INSERT INTO webhook_events (id, developer_id, livemode, type, pause_id, body, created_at)"
