@@ -55,3 +55,17 @@ def test_the_langgraph_thread_stops_at_the_interrupt_and_resumes_on_the_answer(p
     [(thread_id, state)] = list(langgraph_agent.resume_from_events(graph, pp, wait=5, once=True))
     assert thread_id == "thread-42" and state["result"] == result
     assert done == (["delete the staging database"] if choice == "Approve" else [])
+
+
+@pytest.mark.parametrize("choice", ["Approve", "Reject"])
+def test_the_pydantic_ai_tool_runs_only_when_a_person_approves(pp, choice):
+    from pydantic_ai.models.test import TestModel
+    import pydantic_ai_agent
+    deleted = []
+    agent = pydantic_ai_agent.build_agent(TestModel(), lambda name: deleted.append(name) or f"deleted {name}")
+    answering = person(pp, choice)
+    output = pydantic_ai_agent.run_with_approvals(agent, pp, "Drop the staging database.", "+15550100")
+    answering.join()
+    assert bool(deleted) is (choice == "Approve") and isinstance(output, str)
+    pauses = requests.get(f"{pp.base_url}/v1/pause", headers={"Authorization": f"Bearer {pp.api_key}"}).json()["pauses"]
+    assert len(pauses) == 1 and pauses[0]["message"].startswith("Your agent wants to call drop_database(")
