@@ -1670,8 +1670,12 @@ def owned_pause(conn, caller, pause_id):
     pause = conn.execute("SELECT * FROM pauses WHERE id = ? AND developer_id = ? AND livemode = ?",
                          (pause_id, caller.developer_id, caller.livemode)).fetchone()
     if pause is None:
-        raise ApiError(404, "not_found", f"no pause {shorten(pause_id)!r} for this API key")
+        raise no_such_pause(pause_id)
     return pause
+
+
+def no_such_pause(pause_id):
+    return ApiError(404, "not_found", f"no pause {shorten(pause_id)!r} for this API key")
 
 
 def expire_due_pauses(conn, config):
@@ -1702,10 +1706,18 @@ PAUSE_JSON = """json_object(
         'text', n.text) END))"""
 
 
-def pause_json(conn, config, pause_id):
-    """The whole pause as GET /v1/pause/{id} shows it, as JSON text."""
-    return query_db(conn, f"SELECT {PAUSE_JSON} FROM pauses p LEFT JOIN notifications n ON n.pause_id = p.id"
-                          " WHERE p.id = :id", {"base": base_url(config), "id": pause_id}, one=True)[0]
+def pause_json(conn, config, pause_id, caller=None):
+    """The whole pause as GET /v1/pause/{id} shows it, as JSON text; with `caller`, only
+    if it is the caller's pause in the caller's mode (else 404, as owned_pause())."""
+    sql, args = (f"SELECT {PAUSE_JSON} FROM pauses p LEFT JOIN notifications n ON n.pause_id = p.id"
+                 " WHERE p.id = :id"), {"base": base_url(config), "id": pause_id}
+    if caller is not None:
+        sql += " AND p.developer_id = :developer AND p.livemode = :livemode"
+        args.update(developer=caller.developer_id, livemode=caller.livemode)
+    row = query_db(conn, sql, args, one=True)
+    if row is None:
+        raise no_such_pause(pause_id)
+    return row[0]
 
 
 def pauses_json(conn, config, caller, status, limit, cursor):
@@ -3360,16 +3372,18 @@ class ShownOnce:
         self.lock, self.held = threading.Lock(), {}
 
     def put(self, session_token, kind, value):
-        with self.lock:
-            now = time.monotonic()
-            self.held = {k: v for k, v in self.held.items() if v[0] > now}
-            self.held[(key_digest(session_token), kind)] = (now + SHOWN_ONCE_FOR, value)
+        self._hold(session_token, kind, lambda held: value)
 
     def add(self, session_token, kind, items):
         """Put `items` after those of `kind` not yet shown (two rotations before the page loads)."""
+        self._hold(session_token, kind, lambda held: [*(held or []), *items])
+
+    def _hold(self, session_token, kind, value_from):
         with self.lock:
-            _, held = self.held.get((key_digest(session_token), kind), (0, []))
-        self.put(session_token, kind, [*held, *items])
+            now = time.monotonic()
+            self.held = {k: v for k, v in self.held.items() if v[0] > now}
+            key = (key_digest(session_token), kind)
+            self.held[key] = (now + SHOWN_ONCE_FOR, value_from(self.held.get(key, (0, None))[1]))
 
     def take(self, session_token, kind):
         with self.lock:
@@ -3835,12 +3849,13 @@ def list_pauses(rt, caller, query):
 
 def get_pause(rt, caller, query, pause_id):
     """One pause; with ?wait=N, answered as soon as it is decided or after N seconds."""
-    pause = owned_pause(rt.db(), caller, pause_id)
-    if query["wait"] and pause["status"] == "pending":
-        pause = rt.wait_for(f"pause:{pause['id']}", lambda: owned_pause(rt.db(), caller, pause_id),
-                            lambda found: found["status"] != "pending", query["wait"],
-                            bottle.request.environ.get("pausepoint.parked", contextlib.nullcontext))
-    return json_answer(pause_json(rt.db(), rt.config, pause["id"]))
+    if query["wait"]:
+        pause = owned_pause(rt.db(), caller, pause_id)
+        if pause["status"] == "pending":
+            rt.wait_for(f"pause:{pause['id']}", lambda: owned_pause(rt.db(), caller, pause_id),
+                        lambda found: found["status"] != "pending", query["wait"],
+                        bottle.request.environ.get("pausepoint.parked", contextlib.nullcontext))
+    return json_answer(pause_json(rt.db(), rt.config, pause_id, caller))       # one read when not waiting
 
 
 def post_cancel(rt, caller, pause_id):
