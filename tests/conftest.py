@@ -144,6 +144,27 @@ def collect_descriptors(most=256):
         gc.collect()
 
 
+def register_over_http(url, email="dev@example.com", name="Dev"):
+    """A developer registered through the real API: the keys it answers with."""
+    response = requests.post(f"{url}/v1/auth/register", json={"email": email, "name": name, "password": PASSWORD})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def answer_first_pending(url, key, choice, comment=None, timeout=30):
+    """A person who answers the first pending pause they are sent, through its respond
+    link, on a thread of their own; join the thread returned."""
+    def answer():
+        auth = {"Authorization": f"Bearer {key}"}
+        pending = wait_until(lambda: requests.get(f"{url}/v1/pause", params={"status": "pending"},
+                                                  headers=auth).json()["pauses"], timeout=timeout)
+        requests.post(f"{url}/v1/respond/{token_of(pending[0]['respond_url'])}",
+                      json={"choice": choice, "comment": comment})
+    thread = threading.Thread(target=answer)
+    thread.start()
+    return thread
+
+
 def stored(where, sql, *args):
     """Run one statement on the database file (a path, or a config naming it) and return its rows."""
     db = sqlite3.connect(where["database.path"] if isinstance(where, dict) else where)

@@ -4,11 +4,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
 
 import requests
 
-from conftest import PASSWORD, ROOT, stored, token_of, wait_until
+from conftest import answer_first_pending, register_over_http, ROOT, stored
 
 HOOK = os.path.join(ROOT, "client", "pausepoint_claude_hook.py")
 CALL = {"session_id": "abc123", "transcript_path": "/tmp/t.jsonl", "cwd": os.path.expanduser("~/src/app"),
@@ -26,25 +25,12 @@ def run_hook(url, key, call=CALL, **env):
 
 
 def new_test_key(url):
-    return requests.post(f"{url}/v1/auth/register", json={"email": "hook@example.com", "name": "Hook",
-                                                          "password": PASSWORD}).json()["test_api_key"]
-
-
-def answer(url, key, choice, comment=None):
-    def person():
-        auth = {"Authorization": f"Bearer {key}"}
-        pending = wait_until(lambda: requests.get(f"{url}/v1/pause", params={"status": "pending"},
-                                                  headers=auth).json()["pauses"])
-        requests.post(f"{url}/v1/respond/{token_of(pending[0]['respond_url'])}", json={"choice": choice,
-                                                                                     "comment": comment})
-    thread = threading.Thread(target=person)
-    thread.start()
-    return thread
+    return register_over_http(url, "hook@example.com", "Hook")["test_api_key"]
 
 
 def test_an_allow_on_the_phone_lets_the_command_run(live_server):
     key = new_test_key(live_server.url)
-    person = answer(live_server.url, key, "Allow")
+    person = answer_first_pending(live_server.url, key, "Allow")
     out = run_hook(live_server.url, key)
     person.join()
     assert out["hookEventName"] == "PreToolUse" and out["permissionDecision"] == "allow"
@@ -55,7 +41,7 @@ def test_an_allow_on_the_phone_lets_the_command_run(live_server):
 
 def test_a_deny_gives_claude_the_persons_reason(live_server):
     key = new_test_key(live_server.url)
-    person = answer(live_server.url, key, "Deny", "not on main, please")
+    person = answer_first_pending(live_server.url, key, "Deny", "not on main, please")
     out = run_hook(live_server.url, key)
     person.join()
     assert out["permissionDecision"] == "deny" and out["permissionDecisionReason"] == "not on main, please"

@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from conftest import PASSWORD, ROOT, WIRE, free_port, stored, token_of, wait_until
+from conftest import answer_first_pending, register_over_http, ROOT, WIRE, free_port, stored, token_of
 import pausepoint
 
 sys.path.insert(0, os.path.join(ROOT, "client"))
@@ -23,8 +23,8 @@ from pausepoint_client import PausePoint  # noqa: E402
 ASK = {key: WIRE[key] for key in ("recipient", "channel", "message", "options", "timeout_hours", "timeout_default")}
 
 
-def register(url, email="client@example.com"):
-    return requests.post(f"{url}/v1/auth/register", json={"email": email, "name": "C", "password": PASSWORD}).json()
+def register(url):
+    return register_over_http(url, "client@example.com", "C")
 
 
 @pytest.fixture
@@ -32,22 +32,9 @@ def client(live_server):
     return PausePoint(live_server.url, register(live_server.url)["test_api_key"], backoff=0.05)
 
 
-def answer_when_asked(url, key, choice, comment=None):
-    """A person who answers the first pending pause they get, on a thread of their own."""
-    def person():
-        auth = {"Authorization": f"Bearer {key}"}
-        pending = wait_until(lambda: requests.get(f"{url}/v1/pause", params={"status": "pending"},
-                                                  headers=auth).json()["pauses"])
-        requests.post(f"{url}/v1/respond/{token_of(pending[0]['respond_url'])}",
-                      json={"choice": choice, "comment": comment})
-    thread = threading.Thread(target=person)
-    thread.start()
-    return thread
-
-
 @pytest.mark.parametrize("choice, approved", [("Approve", True), ("Reject", False)])
 def test_request_approval_waits_for_the_persons_answer(live_server, client, choice, approved):
-    person = answer_when_asked(live_server.url, client.api_key, choice, "checked the invoice")
+    person = answer_first_pending(live_server.url, client.api_key, choice, "checked the invoice")
     result = client.request_approval(**ASK)
     person.join()
     assert result.approved is approved and result.choice == choice and result.comment == "checked the invoice"
@@ -71,7 +58,7 @@ def test_a_pending_pause_can_be_waited_for_again_later(live_server, client):
     started = time.monotonic()
     assert client.wait(created["pause_id"], timeout=1)["status"] == "pending"
     assert time.monotonic() - started < 5
-    person = answer_when_asked(live_server.url, client.api_key, "Approve")
+    person = answer_first_pending(live_server.url, client.api_key, "Approve")
     assert client.wait(created["pause_id"])["choice"] == "Approve"
     person.join()
 

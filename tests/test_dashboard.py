@@ -6,7 +6,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import PASSWORD, WIRE, Api, stored, token_of
+from conftest import PASSWORD, Api, stored
 import pausepoint
 
 XSS = '<script>alert(1)</script><img src=x onerror=alert(2)>'

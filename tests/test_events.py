@@ -6,7 +6,7 @@ import time
 
 import requests
 
-from conftest import PASSWORD, WIRE, run_out, stored, token_of
+from conftest import register_over_http, WIRE, run_out, stored, token_of
 
 
 def events(api, key, status=200, **params):
@@ -54,8 +54,7 @@ def test_bad_feed_queries_are_422_naming_the_parameter(api, developer):
 
 def test_a_waiting_reader_gets_the_next_event_as_it_is_recorded(live_server):
     url = live_server.url
-    keys = requests.post(f"{url}/v1/auth/register", json={"email": "w@example.com", "name": "W",
-                                                          "password": PASSWORD}).json()
+    keys = register_over_http(url, "w@example.com", "W")
     auth = {"Authorization": f"Bearer {keys['test_api_key']}"}
     first = requests.post(f"{url}/v1/pause", json=WIRE, headers=auth).json()
     [seen] = requests.get(f"{url}/v1/events", headers=auth).json()["events"]
@@ -75,8 +74,7 @@ def test_a_waiting_reader_gets_the_next_event_as_it_is_recorded(live_server):
 
 def test_a_reader_misses_and_repeats_nothing_across_a_restart(spawn_server, tmp_path):
     server = spawn_server()
-    keys = requests.post(f"{server.url}/v1/auth/register", json={"email": "r@example.com", "name": "R",
-                                                                 "password": PASSWORD}).json()
+    keys = register_over_http(server.url, "r@example.com", "R")
     auth = {"Authorization": f"Bearer {keys['test_api_key']}"}
     pause = requests.post(f"{server.url}/v1/pause", json=WIRE, headers=auth).json()
     requests.post(f"{server.url}/v1/pause/{pause['pause_id']}/cancel", headers=auth)

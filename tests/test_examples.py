@@ -2,12 +2,11 @@
 
 import os
 import sys
-import threading
 
 import pytest
 import requests
 
-from conftest import PASSWORD, ROOT, token_of, wait_until
+from conftest import answer_first_pending, register_over_http, ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "client"))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -16,21 +15,12 @@ from pausepoint_client import PausePoint  # noqa: E402
 
 @pytest.fixture
 def pp(live_server):
-    keys = requests.post(f"{live_server.url}/v1/auth/register", json={"email": "ex@example.com", "name": "Ex",
-                                                                     "password": PASSWORD}).json()
+    keys = register_over_http(live_server.url, "ex@example.com", "Ex")
     return PausePoint(live_server.url, keys["test_api_key"], backoff=0.05)
 
 
 def person(pp, choice):
-    """Answers the first pending pause, on a thread of its own."""
-    def answer():
-        auth = {"Authorization": f"Bearer {pp.api_key}"}
-        pending = wait_until(lambda: requests.get(f"{pp.base_url}/v1/pause", params={"status": "pending"},
-                                                  headers=auth).json()["pauses"])
-        requests.post(f"{pp.base_url}/v1/respond/{token_of(pending[0]['respond_url'])}", json={"choice": choice})
-    thread = threading.Thread(target=answer)
-    thread.start()
-    return thread
+    return answer_first_pending(pp.base_url, pp.api_key, choice)
 
 
 @pytest.mark.parametrize("choice, sent", [("Approve", True), ("Reject", False)])

@@ -3,13 +3,12 @@
 import json
 import os
 import sys
-import threading
 
 import anyio
 import pytest
 import requests
 
-from conftest import PASSWORD, ROOT, token_of, wait_until
+from conftest import answer_first_pending, register_over_http, ROOT
 
 MCP_SERVER = os.path.join(ROOT, "client", "pausepoint_mcp.py")
 
@@ -33,20 +32,7 @@ def with_mcp(url, key, steps, **env):
 
 @pytest.fixture
 def setup(live_server):
-    keys = requests.post(f"{live_server.url}/v1/auth/register", json={"email": "mcp@example.com", "name": "M",
-                                                                     "password": PASSWORD}).json()
-    return live_server.url, keys["test_api_key"]
-
-
-def person_answers(url, key, choice):
-    def answer():
-        auth = {"Authorization": f"Bearer {key}"}
-        pending = wait_until(lambda: requests.get(f"{url}/v1/pause", params={"status": "pending"},
-                                                  headers=auth).json()["pauses"], timeout=30)
-        requests.post(f"{url}/v1/respond/{token_of(pending[0]['respond_url'])}", json={"choice": choice})
-    thread = threading.Thread(target=answer)
-    thread.start()
-    return thread
+    return live_server.url, register_over_http(live_server.url, "mcp@example.com", "M")["test_api_key"]
 
 
 def test_the_tools_are_listed_with_their_schemas_and_the_warning(setup):
@@ -62,7 +48,7 @@ def test_the_tools_are_listed_with_their_schemas_and_the_warning(setup):
 @pytest.mark.parametrize("choice, approved", [("Approve", True), ("Reject", False)])
 def test_a_request_is_answered_while_the_tool_waits(setup, choice, approved):
     url, key = setup
-    person = person_answers(url, key, choice)
+    person = answer_first_pending(url, key, choice)
 
     async def steps(call, mcp):
         return await call("request_approval", {"question": "Wire $340 to Acme Corp?"})
@@ -77,7 +63,7 @@ def test_a_pending_request_is_waited_for_again_and_asked_only_once(setup):
     async def steps(call, mcp):
         first = await call("request_approval", {"question": "Delete the staging database?"})
         again = await call("request_approval", {"question": "Delete the staging database?"})   # re-attaches
-        person_answers(url, key, "Approve").join()       # answered while the agent was away
+        answer_first_pending(url, key, "Approve").join()       # answered while the agent was away
         decided = await call("wait_for_approval", {"pause_id": first["pause_id"]})
         return first, again, decided
     first, again, decided = with_mcp(url, key, steps, PAUSEPOINT_MCP_WAIT="1")

@@ -13,14 +13,12 @@ import time
 import pytest
 import requests
 
-from conftest import stored, PASSWORD, ROOT, WIRE, LiveServer, make_config, run_out, token_of, wait_until
+from conftest import (register_over_http, stored, PASSWORD, ROOT, WIRE, LiveServer, make_config, run_out, token_of,
+                      wait_until)
 import pausepoint
 
 
-def register(url, email="dev@example.com"):
-    response = requests.post(f"{url}/v1/auth/register", json={"email": email, "name": "Dev", "password": PASSWORD})
-    assert response.status_code == 201, response.text
-    return response.json()
+register = register_over_http
 
 
 def bearer(key):
