@@ -2203,6 +2203,17 @@ def reply_options(pause):
     return "Reply " + ", ".join(f"{code}{n} for {option}" for n, option in enumerate(options, 1))
 
 
+def human_duration(seconds):
+    """'1.5 h', '12.0 min', '40 s': the overview's times and the respond page's time left."""
+    if seconds is None:
+        return "—"
+    seconds = round(seconds)            # julianday() arithmetic is a few microseconds off
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
 def human_time(db_text):
     """'Nov 28 23:51 UTC': short enough for an SMS, plain enough for anyone."""
     return parse_db_time(db_text).strftime("%b %d %H:%M UTC")
@@ -4400,16 +4411,6 @@ def overview_page(rt, session):
     """The last 30 days in figures and a chart."""
     return dashboard_page("overview", session, figures=overview_figures(rt.db(), rt.config, session.caller),
                           duration=human_duration)
-
-
-def human_duration(seconds):
-    if seconds is None:
-        return "—"
-    seconds = round(seconds)            # julianday() arithmetic is a few microseconds off
-    for unit, size in (("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}"
-    return f"{seconds:.0f} s"
 
 
 ###############################################################################
