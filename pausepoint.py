@@ -95,7 +95,9 @@ SETTINGS = [
     Setting("server.host", "127.0.0.1", "Address to listen on. Use 0.0.0.0 to accept connections from other machines."),
     Setting("server.port", 8080, "TCP port to listen on."),
     Setting("server.base_url", "", "Public URL of this server, used to build respond_url links. Empty: http://<host>:<port>."),
-    Setting("server.threads", 64, "Worker threads. Long-polling agents (?wait=) hold one each; 8 are always kept for other requests."),
+    Setting("server.threads", 64, "Worker threads. One client address may use all but 8 of them at once. Long-polling agents (?wait=) hold none while they wait."),
+    Setting("server.waiting_limit", 2000, "Long polls (?wait=) that may wait at once, all developers together. Each holds a connection, not a thread; beyond the limit they get 429 with Retry-After."),
+    Setting("server.waiting_per_developer", 1000, "Long polls one developer's agents may have waiting at once."),
     Setting("server.trusted_proxy", "", "IP address of a reverse proxy whose X-Forwarded-For/-Proto headers are believed. Empty: none."),
     Setting("server.max_body_bytes", 65536, "Largest request body accepted; larger ones are refused with 413 as soon as their size is known."),
     Setting("server.connection_limit", 4096, "Open client connections at most. Near the limit, the quietest connections that are not being served are closed to make room."),
@@ -149,9 +151,11 @@ PLAN_KEY = re.compile(r"^plans\.([a-z][a-z0-9_-]{0,31})\.monthly_pauses$")
 CHANNEL_KEY = re.compile(r"^channels\.([a-z][a-z0-9_-]{0,31})\.url$")
 BUILT_IN_CHANNELS = ("sms", "whatsapp", "email", "link")
 
-# Long-polling agents may hold at most this many fewer threads than there are,
-# so creating and answering pauses always has threads to run on.
+# One client address may hold at most this many fewer threads than there are, so
+# everyone else's requests always have threads to run on.
 THREADS_KEPT_FOR_OTHER_REQUESTS = 8
+# When to come back, said to an agent whose developer has their share of long polls waiting.
+WAITING_FULL_RETRY_SECONDS = 5
 
 
 class ConfigError(Exception):
@@ -289,6 +293,8 @@ def _check_trusted_proxy(value):
 SETTING_CHECKS = {
     "server.port": lambda v: None if 1 <= v <= 65535 else "must be between 1 and 65535",
     "server.threads": lambda v: None if 12 <= v <= 1000 else "must be between 12 and 1000",
+    "server.waiting_limit": lambda v: None if 0 <= v <= 100_000 else "must be between 0 and 100000",
+    "server.waiting_per_developer": lambda v: None if 0 <= v <= 100_000 else "must be between 0 and 100000",
     "server.base_url": _check_base_url,
     "server.trusted_proxy": _check_trusted_proxy,
     "twilio.api_base": lambda v: None if re.fullmatch(r"https?://[^\s/?#]+/?", v) else "must be an http:// or https:// URL with no path",
@@ -3081,17 +3087,15 @@ def one_round_at_a_time(job):
 
 class Runtime:
     """Everything one running PausePoint holds besides its config: per-thread
-    database connections, the condition long-polling agents wait on, the rate
+    database connections, the long polls waiting (see Waiting), the rate
     limiter, the scheduler and the outbound pool."""
 
     def __init__(self, config):
         self.config = config
         self._local = threading.local()
         self.write_lock = FairLock()
-        self.topics = Topics()
+        self.waiting = Waiting(config["server.waiting_limit"], config["server.waiting_per_developer"])
         self.stopping = False
-        waiters = config["server.threads"] - THREADS_KEPT_FOR_OTHER_REQUESTS
-        self.wait_slots = threading.BoundedSemaphore(waiters)
         self.limiter = RateLimiter(enabled=config["ratelimit.enabled"])
         self.error_log = ErrorLog()
         # bcrypt is the one costly thing a client without a key can make us compute: at most
@@ -3134,7 +3138,7 @@ class Runtime:
 
     def on_commit(self, woken):
         """What a committed transaction registered with wake_after_commit()."""
-        self.topics.changed([f"pause:{pause_id}" for pause_id in woken.get("decisions", ())]
+        self.waiting.changed([f"pause:{pause_id}" for pause_id in woken.get("decisions", ())]
                             + [f"events:{developer}:{mode}" for developer, mode in woken.get("events", ())])
         if "webhooks" in woken:
             self.wake_webhooks()
@@ -3154,7 +3158,7 @@ class Runtime:
 
     def wake_waiters(self):
         """Wake every agent waiting on ?wait=: we are stopping."""
-        self.topics.wake_all()
+        self.waiting.close()
 
     def wake_webhooks(self):
         """Run the delivery job now rather than at its next tick. Only a hint: the
@@ -3305,72 +3309,199 @@ class Runtime:
         prune_expired_data(self.db(), self.config)
         refresh_statistics(self.db())
 
-    def wait_for(self, topic, load, done, seconds, parked=contextlib.nullcontext):
+    def wait_for(self, caller, topic, load, done, seconds, environ):
         """Call load() until done(what it returned) or `seconds` pass, looking again each time
-        `topic` changes. While it waits the request is parked(): it holds a waiting slot, not a
-        share of its client address's working threads."""
-        deadline = time.monotonic() + seconds
-        if not self.wait_slots.acquire(blocking=False):
-            return load()     # every waiting slot is taken: answer now rather than starve the API
+        `topic` changes. Under waitress the request parks meanwhile (see Waiting) and is
+        served again with the same deadline; elsewhere it waits on this thread. A developer
+        with their share of requests waiting already is told when to come back (429 with
+        Retry-After), rather than answered at once, which would make a fleet poll."""
+        park, wait_until = environ.get("pausepoint.park"), environ.get("pausepoint.wait_until")
+        served_before = wait_until is not None
+        wait_until = wait_until or time.monotonic() + seconds
+        watch = self.waiting.watch(topic)      # before the read: a change after it is not missed
         try:
-            with parked(), self.turns.given_up(), self.topics.watching(topic) as (changes, wait):
-                while True:
-                    seen = changes()        # watched before the read: a change after it is not missed
-                    found = load()
-                    remaining = deadline - time.monotonic()
-                    if done(found) or remaining <= 0 or self.stopping:
-                        return found
-                    wait(seen, remaining, lambda: self.stopping)
+            found = load()
+            if done(found) or self.stopping or time.monotonic() >= wait_until:
+                return found
+            if not self.waiting.admit(caller.developer_id, first=not served_before):
+                raise ApiError(429, "too_many_waiting",
+                               "too many requests are waiting already (server.waiting_per_developer, "
+                               f"server.waiting_limit); try again in {WAITING_FULL_RETRY_SECONDS} seconds",
+                               headers={"Retry-After": str(WAITING_FULL_RETRY_SECONDS)})
+            if park is not None:
+                park(wait_until, functools.partial(self.waiting.park, watch, caller.developer_id, wait_until))
+                watch = None                    # the parked request's now
+                raise Parked()
+            try:
+                with self.turns.given_up():
+                    while not (done(found) or self.stopping) and (left := wait_until - time.monotonic()) > 0:
+                        self.waiting.wait(watch, left)
+                        found = load()
+                return found
+            finally:
+                self.waiting.leave(caller.developer_id)
         finally:
-            self.wait_slots.release()
+            if watch is not None:
+                self.waiting.unwatch(watch)
 
 
-class Topics:
-    """What long-polling requests wait for, by topic ('pause:<id>', 'events:<developer>:<mode>'):
-    a change to a topic wakes only its own waiters, not every waiting agent, so a decision
-    costs one wake-up however many agents wait on other pauses. A topic has a count of its
-    changes and a condition on one shared lock, kept while anyone watches it."""
+class Parked(bottle.HTTPResponse):
+    """What a request that parked answers for now: nothing, which ParkableTask does not send.
+    The request is served again later, and that answer is the one the client gets."""
 
-    def __init__(self):
+
+class Waiting:
+    """Long polls (?wait=) waiting for a topic ('pause:<id>', 'events:<developer>:<mode>') to
+    change. Under waitress a waiting request is parked: it gives its thread back and keeps
+    only its connection and a record here, and it is served again when its topic changes
+    or its time runs out, so a thousand agents can wait while the threads serve everyone
+    else. A change wakes only its own topic's waiters. Under a WSGI server that cannot park,
+    a waiting request holds its thread and waits on its topic's condition.
+
+    Each developer may have server.waiting_per_developer requests waiting, and all together
+    server.waiting_limit; one over its share is told when to come back (see wait_for)."""
+
+    class Topic:
+        __slots__ = ("changes", "watchers", "parked", "condition")
+
+        def __init__(self):
+            self.changes, self.watchers, self.parked, self.condition = 0, 0, [], None
+
+    class Watch:
+        """One request's look at a topic: the changes it had seen when it last read."""
+        __slots__ = ("name", "topic", "seen", "developer", "resume", "done")
+
+        def __init__(self, name, topic):
+            self.name, self.topic, self.seen = name, topic, topic.changes
+            self.developer = self.resume = None
+            self.done = False
+
+    def __init__(self, limit, per_developer):
+        self.limit, self.per_developer = limit, per_developer
         self.lock = threading.Lock()
-        self.topics = {}            # topic -> [condition, changes, watchers]
+        self.topics = {}                                # name -> Topic, while anyone watches it
+        self.waiting = collections.Counter()            # developer -> requests waiting
+        self.count = 0                                  # all developers' together
+        self.deadlines = []                             # heap of (monotonic time, sequence, Watch) parked
+        self.sequence = itertools.count()
+        self.clock = threading.Condition(self.lock)     # the deadline thread sleeps on it
+        self.clock_thread = None
+        self.closed = False
 
-    @contextlib.contextmanager
-    def watching(self, topic):
-        """Count `topic`'s changes from now on: yields changes() and wait(seen, timeout, stopping)."""
+    def watch(self, name):
+        """Start counting `name`'s changes; before a read, so a change after the read is not missed."""
         with self.lock:
-            entry = self.topics.setdefault(topic, [threading.Condition(self.lock), 0, 0])
-            entry[2] += 1
+            topic = self.topics.get(name)
+            if topic is None:
+                topic = self.topics[name] = self.Topic()
+            topic.watchers += 1
+            return self.Watch(name, topic)
 
-        def changes():
-            with self.lock:
-                return entry[1]
-
-        def wait(seen, timeout, stopping):
-            with self.lock:
-                entry[0].wait_for(lambda: entry[1] != seen or stopping(), timeout)
-
-        try:
-            yield changes, wait
-        finally:
-            with self.lock:
-                entry[2] -= 1
-                if not entry[2]:
-                    del self.topics[topic]
-
-    def changed(self, topics):
+    def unwatch(self, watch):
         with self.lock:
-            for topic in topics:
-                entry = self.topics.get(topic)
-                if entry:
-                    entry[1] += 1
-                    entry[0].notify_all()
+            self._unwatch(watch)
 
-    def wake_all(self):
-        """Every watcher looks again (we are stopping)."""
+    def _unwatch(self, watch):
+        watch.topic.watchers -= 1
+        if not watch.topic.watchers:
+            del self.topics[watch.name]
+
+    def admit(self, developer, first=True):
+        """Count one more waiting request of `developer`, if within both limits. One served
+        again after waiting (not `first`) is counted again whatever the limits: it was
+        counted a moment ago, and its client is owed the rest of its wait."""
         with self.lock:
-            topics = list(self.topics)
-        self.changed(topics)
+            if first and (self.waiting[developer] >= self.per_developer or self.count >= self.limit):
+                return False
+            self.waiting[developer] += 1
+            self.count += 1
+            return True
+
+    def leave(self, developer):
+        with self.lock:
+            self._leave(developer)
+
+    def _leave(self, developer):
+        self.count -= 1
+        self.waiting[developer] -= 1
+        if not self.waiting[developer]:
+            del self.waiting[developer]
+
+    def wait(self, watch, timeout):
+        """Block this thread until the watched topic changes, `timeout` passes or we close."""
+        with self.lock:
+            topic = watch.topic
+            topic.condition = topic.condition or threading.Condition(self.lock)
+            topic.condition.wait_for(lambda: topic.changes != watch.seen or self.closed, timeout)
+            watch.seen = topic.changes
+
+    def park(self, watch, developer, wait_until, resume):
+        """Hold an admitted request until its topic changes or `wait_until` (time.monotonic()),
+        then call resume(), once, on some other thread. Takes over the watch and the count."""
+        with self.lock:
+            watch.developer, watch.resume = developer, resume
+            if watch.topic.changes == watch.seen and not self.closed:
+                watch.topic.parked.append(watch)
+                heapq.heappush(self.deadlines, (wait_until, next(self.sequence), watch))
+                if self.clock_thread is None:
+                    self.clock_thread = threading.Thread(target=self._tick, name="pausepoint-waiting", daemon=True)
+                    self.clock_thread.start()
+                elif self.deadlines[0][2] is watch:
+                    self.clock.notify()
+                return
+            self._release(watch)                # it changed while the request was parking
+        resume()
+
+    def _release(self, watch):
+        watch.done = True
+        self._unwatch(watch)
+        self._leave(watch.developer)
+
+    def changed(self, names):
+        """Wake the waiters of each topic named."""
+        woken = []
+        with self.lock:
+            for name in names:
+                topic = self.topics.get(name)
+                if topic is None:
+                    continue
+                topic.changes += 1
+                if topic.condition is not None:
+                    topic.condition.notify_all()
+                for watch in topic.parked:
+                    self._release(watch)
+                    woken.append(watch.resume)
+                    watch.resume = None         # its deadline stays in the heap a while: not the connection
+                topic.parked = []
+        for resume in woken:
+            resume()
+
+    def close(self):
+        """Wake every waiter, who answers as things stand (we are stopping)."""
+        with self.lock:
+            self.closed = True
+            self.clock.notify()
+            names = list(self.topics)
+        self.changed(names)
+
+    def _tick(self):
+        """Serve again each parked request whose time has run out."""
+        while True:
+            due = []
+            with self.lock:
+                while not self.closed and (not self.deadlines or self.deadlines[0][0] > time.monotonic()):
+                    self.clock.wait(self.deadlines[0][0] - time.monotonic() if self.deadlines else None)
+                if self.closed:
+                    return
+                while self.deadlines and self.deadlines[0][0] <= time.monotonic():
+                    watch = heapq.heappop(self.deadlines)[2]
+                    if not watch.done:
+                        watch.topic.parked.remove(watch)
+                        self._release(watch)
+                        due.append(watch.resume)
+                        watch.resume = None
+            for resume in due:
+                resume()
 
 
 class ShownOnce:
@@ -3863,9 +3994,8 @@ def get_pause(rt, caller, query, pause_id):
     if query["wait"]:
         pause = owned_pause(rt.db(), caller, pause_id)
         if pause["status"] == "pending":
-            rt.wait_for(f"pause:{pause['id']}", lambda: owned_pause(rt.db(), caller, pause_id),
-                        lambda found: found["status"] != "pending", query["wait"],
-                        bottle.request.environ.get("pausepoint.parked", contextlib.nullcontext))
+            rt.wait_for(caller, f"pause:{pause['id']}", lambda: owned_pause(rt.db(), caller, pause_id),
+                        lambda found: found["status"] != "pending", query["wait"], bottle.request.environ)
     return json_answer(pause_json(rt.db(), rt.config, pause_id, caller))       # one read when not waiting
 
 
@@ -3939,8 +4069,8 @@ def list_events(rt, caller, query):
     read = functools.partial(events_after, rt.db(), caller, query["after"], types, query["limit"])
     events = read()
     if query["wait"] and not events:
-        events = rt.wait_for(f"events:{caller.developer_id}:{caller.livemode}", read, bool, query["wait"],
-                             bottle.request.environ.get("pausepoint.parked", contextlib.nullcontext))
+        events = rt.wait_for(caller, f"events:{caller.developer_id}:{caller.livemode}", read, bool, query["wait"],
+                             bottle.request.environ)
     return json_answer('{"events": [%s]}' % ", ".join(events))
 
 
@@ -4815,14 +4945,32 @@ class JsonErrorTask(waitress.task.ErrorTask):
 
 
 class ParkableTask(waitress.task.WSGITask):
-    """Hands the app environ['pausepoint.parked'], for requests that wait on a decision."""
+    """A request that can park: a long poll that must wait calls environ['pausepoint.park'],
+    answers Parked, and gives its thread back. Nothing is sent for it; its connection keeps
+    the request, and HardenedChannel.resume() serves it again later, when the app's
+    environ['pausepoint.wait_until'] is the deadline it parked with."""
+
+    register = None         # set when the request parked: called with resume() once waitress is done with it
 
     def get_environment(self):
         environ = super().get_environment()
-        dispatcher = self.channel.server.task_dispatcher
-        if isinstance(dispatcher, FairTaskDispatcher):
-            environ["pausepoint.parked"] = functools.partial(dispatcher.parked, self.channel.addr[0])
+        environ["pausepoint.park"] = self.park
+        environ["pausepoint.wait_until"] = getattr(self.request, "wait_until", None)
         return environ
+
+    def park(self, wait_until, register):
+        self.request.wait_until, self.register = wait_until, register
+        self.channel.parked_request = self.request     # from now on nothing more is read from this client
+
+    def write(self, data):
+        if self.register is None:
+            super().write(data)
+
+    def finish(self):
+        if self.register is None:
+            super().finish()
+        else:
+            self.channel.register_parked = self.register
 
 
 class HardenedChannel(waitress.channel.HTTPChannel):
@@ -4835,6 +4983,37 @@ class HardenedChannel(waitress.channel.HTTPChannel):
     queued = False              # a whole request waits in the dispatcher for a thread
     request_start = b""
     served = False              # has sent at least one whole request: a kept-alive client, not a trickler
+    parked_request = None       # a long poll waiting without a thread (see ParkableTask)
+    register_parked = None
+    resumed = False             # queued for a thread by resume(), not by its client
+
+    def service(self):
+        super().service()
+        self.resumed = False
+        register, self.register_parked = self.register_parked, None
+        if register is not None:
+            # Out of the main loop's map while it waits: the loop asks every connection in its
+            # map whether to poll it, on every turn, and a thousand parked ones halved throughput.
+            self.server.parked[self._fileno] = self
+            self._map.pop(self._fileno, None)
+            register(self.resume)   # only now: waitress is done with the request, so another thread may take it
+
+    def resume(self):
+        """Serve the parked request again (its topic changed or its time ran out); any thread."""
+        with self.requests_lock:
+            request, self.parked_request = self.parked_request, None
+            if request is None:
+                return
+            self.server.parked.pop(self._fileno, None)
+            if not self.connected:
+                return
+            self._map[self._fileno] = self
+            self.requests.insert(0, request)
+            self.resumed = True
+        self.server.add_task(self)
+
+    def readable(self):
+        return self.parked_request is None and super().readable()
 
     def __init__(self, server, sock, addr, adj, map=None):
         super().__init__(server, sock, addr, adj, map=map)
@@ -4890,8 +5069,9 @@ class HardenedChannel(waitress.channel.HTTPChannel):
 
     def waiting(self):
         """Holding the connection without a thread serving it: idle, still sending, or with a
-        whole request still waiting for a thread."""
-        return not self.will_close and (not self.requests or self.queued)
+        whole request still waiting for a thread. A parked long poll is not: it waits for us."""
+        return (not self.will_close and self.parked_request is None
+                and (not self.requests or (self.queued and not self.resumed)))
 
     def fresh(self, now):
         """Made a moment ago, with nothing sent yet: it has had no time to."""
@@ -4909,8 +5089,8 @@ class HardenedChannel(waitress.channel.HTTPChannel):
                 return True
         else:
             self.output_waiting_since = 0.0
-        if self.requests:
-            return False                    # being served (long polls included)
+        if self.requests or self.parked_request is not None:
+            return False                    # being served, or a long poll waiting
         if self.request is None:
             return now - self.last_activity > limits["server.idle_timeout"]
         if not self.request.headers_finished:
@@ -4960,8 +5140,9 @@ class HardenedServer(waitress.server.TcpWSGIServer):
 
     channel_class = HardenedChannel
 
-    def __init__(self, *args, limits, **kwargs):
+    def __init__(self, *args, limits, parked, **kwargs):
         self.limits = limits
+        self.parked = parked        # fd -> channel of a parked long poll, out of the loop's map (shared by servers)
         self.max_body_bytes = limits["server.max_body_bytes"]
         self.by_ip = collections.defaultdict(set)
         self.accept_errors_logged_at = self.full_logged_at = 0.0
@@ -4990,14 +5171,19 @@ class HardenedServer(waitress.server.TcpWSGIServer):
             self.maintenance(now)
         if not self.accepting:
             return False
-        if len(self._map) > self.adj.connection_limit * SHED_ABOVE:
-            self.shed(len(self._map) - int(self.adj.connection_limit * SHED_TO))
-        full = len(self._map) >= self.adj.connection_limit
+        connections = self.connections()
+        if connections > self.adj.connection_limit * SHED_ABOVE:
+            self.shed(connections - int(self.adj.connection_limit * SHED_TO))
+        full = connections >= self.adj.connection_limit
         if full and time.monotonic() - self.full_logged_at > 60:
             self.full_logged_at = time.monotonic()
             log.warning("server.connection_limit (%d) reached: new connections wait until some close",
                         self.adj.connection_limit)
         return not full
+
+    def connections(self):
+        """Open sockets, as waitress counts them (its own too), parked long polls included."""
+        return len(self._map) + len(self.parked)
 
     def shed(self, count):
         """Close the `count` unproductive connections that have been quiet longest."""
@@ -5007,7 +5193,7 @@ class HardenedServer(waitress.server.TcpWSGIServer):
 
     def handle_accept(self):
         counted = {}
-        for _ in range(min(ACCEPTS_PER_WAKE, self.adj.connection_limit - len(self._map))):
+        for _ in range(min(ACCEPTS_PER_WAKE, self.adj.connection_limit - self.connections())):
             try:
                 pair = self.accept()
             except OSError as e:            # EMFILE and the like: the descriptor budget is spent
@@ -5103,7 +5289,8 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
                     self.active_count -= 1
                     self.queue_cv.wait()
                     self.active_count += 1
-                if self.stop_count > 0:
+                # Stopping: a parked long poll woken to answer how things stand is still served.
+                if self.stop_count > 0 and not (taken is not None and taken[1].resumed):
                     if taken is not None:
                         self._give_back(*taken)
                     self.active_count -= 1
@@ -5121,18 +5308,6 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
                     self.running[address] -= 1
                     self.running += collections.Counter()
                     self.queue_cv.notify()          # the address's next request may run now
-
-    @contextlib.contextmanager
-    def parked(self, address):
-        """A request waiting (a long poll) counts against the waiting slots, not its address's threads."""
-        with self.lock:
-            self.running[address] -= 1
-            self.queue_cv.notify()
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.running[address] += 1
 
     def _give_back(self, address, channel):
         channel.queued = True
@@ -5220,8 +5395,9 @@ def make_server(app, config, port=None):
     queue_log = logging.getLogger("waitress.queue")
     if not any(isinstance(f, QueueDepthSummary) for f in queue_log.filters):
         queue_log.addFilter(QueueDepthSummary())
-    shared_map = {}
-    servers = [HardenedServer(app, shared_map, dispatcher=dispatcher, adj=adjustments, sockinfo=info, limits=config)
+    shared_map, parked = {}, {}
+    servers = [HardenedServer(app, shared_map, dispatcher=dispatcher, adj=adjustments, sockinfo=info, limits=config,
+                              parked=parked)
                for info in adjustments.listen]
     if len(servers) == 1:
         return servers[0]

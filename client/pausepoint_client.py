@@ -131,7 +131,14 @@ class PausePoint:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = LONGEST_WAIT if deadline is None else deadline - time.monotonic()
-            pause = self.get(pause_id, wait=max(0, min(LONGEST_WAIT, int(left))))
+            try:
+                pause = self.get(pause_id, wait=max(0, min(LONGEST_WAIT, int(left))))
+            except RateLimited:
+                # As many agents wait as the server takes: get() came back when it was told
+                # to, several times over. Keep at it, within our own deadline.
+                if deadline is not None and time.monotonic() >= deadline:
+                    return self.get(pause_id)
+                continue
             if pause["status"] != "pending" or (deadline is not None and time.monotonic() >= deadline - 0.5):
                 return pause
 

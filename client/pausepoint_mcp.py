@@ -27,7 +27,7 @@ import anyio
 from mcp.server.mcpserver import Context, MCPServer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pausepoint_client import Approval, PausePoint, PausePointError  # noqa: E402
+from pausepoint_client import Approval, PausePoint, PausePointError, RateLimited  # noqa: E402
 
 log = logging.getLogger("pausepoint-mcp")
 
@@ -74,7 +74,10 @@ async def wait_reporting(pause_id, ctx):
     while True:
         left = total - (time.monotonic() - started)
         step = max(0, min(config["progress_every"], left))
-        pause = await anyio.to_thread.run_sync(client().get, pause_id, max(1, round(step)) if step >= 0.5 else 0)
+        try:
+            pause = await anyio.to_thread.run_sync(client().get, pause_id, max(1, round(step)) if step >= 0.5 else 0)
+        except RateLimited:     # the server has as many agents waiting as it takes, and get() came back as told
+            pause = await anyio.to_thread.run_sync(client().get, pause_id)
         if pause["status"] != "pending" or left <= 1:
             return pause
         elapsed = time.monotonic() - started

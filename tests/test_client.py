@@ -13,7 +13,8 @@ import time
 import pytest
 import requests
 
-from conftest import answer_first_pending, register_over_http, ROOT, WIRE, free_port, stored, token_of
+from conftest import (answer_first_pending, register_over_http, ROOT, WIRE, LiveServer, free_port, make_config, stored,
+                      token_of, wait_until)
 import pausepoint
 
 sys.path.insert(0, os.path.join(ROOT, "client"))
@@ -61,6 +62,27 @@ def test_a_pending_pause_can_be_waited_for_again_later(live_server, client):
     person = answer_first_pending(live_server.url, client.api_key, "Approve")
     assert client.wait(created["pause_id"])["choice"] == "Approve"
     person.join()
+
+
+def test_waiting_comes_back_when_told_while_the_server_has_as_many_waiting_as_it_takes(tmp_path):
+    config = make_config(tmp_path, **{"server.waiting_per_developer": 1, "ratelimit.enabled": False})
+    app = pausepoint.create_app(config)
+    app.runtime.start()
+    with LiveServer(app, config) as server:
+        client = PausePoint(server.url, register(server.url)["test_api_key"], backoff=0.05)
+        first, second = client.pause(**ASK), client.pause(**ASK)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            waiting = pool.submit(client.wait, first["pause_id"])
+            wait_until(lambda: app.runtime.waiting.count == 1)
+            told = pool.submit(client.wait, second["pause_id"])
+            wait_until(lambda: stored(config["database.path"], "SELECT count(*) FROM pauses")[0][0] == 2)
+            with pytest.raises(pausepoint_client.RateLimited) as refused:
+                PausePoint(server.url, client.api_key, retries=0).get(second["pause_id"], wait=30)     # what told() hears
+            assert refused.value.retry_after == 5
+            requests.post(f"{server.url}/v1/respond/{token_of(second['respond_url'])}", json={"choice": "Approve"})
+            assert told.result(timeout=30)["status"] == "responded"
+            requests.post(f"{server.url}/v1/respond/{token_of(first['respond_url'])}", json={"choice": "Reject"})
+            assert waiting.result(timeout=30)["status"] == "responded"
 
 
 def test_waiting_rides_out_a_server_restart(spawn_server, tmp_path):

@@ -1,7 +1,6 @@
 """The database layer: migrations, transactions and what they wake, retention."""
 
 import concurrent.futures
-import contextlib
 import datetime as dt
 import os
 import shutil
@@ -254,11 +253,10 @@ def test_nothing_due_wakes_no_waiting_agent(running_api):
     pending = api.create_pause(key)
     developer = stored(api.config, "SELECT id FROM developers")[0][0]
     topics = [f"pause:{decided['pause_id']}", f"pause:{pending['pause_id']}", f"events:{developer}:0"]
-    with contextlib.ExitStack() as stack:
-        changes = [stack.enter_context(api.app.runtime.topics.watching(topic))[0] for topic in topics]
-        api.step("timeouts")                                        # nothing is due
-        api.post_json(f"/v1/respond/{token_of(decided['respond_url'])}", {"choice": "Approve"}, status=409)
-        assert [count() for count in changes] == [0, 0, 0]          # so no waiting agent was made to look
+    watches = [api.app.runtime.waiting.watch(topic) for topic in topics]
+    api.step("timeouts")                                        # nothing is due
+    api.post_json(f"/v1/respond/{token_of(decided['respond_url'])}", {"choice": "Approve"}, status=409)
+    assert [watch.topic.changes for watch in watches] == [0, 0, 0]      # so no waiting agent was made to look
 
 
 def test_every_connection_keeps_a_small_page_cache_of_its_own(running_api):

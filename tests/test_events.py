@@ -1,7 +1,6 @@
 """GET /v1/events: the webhook-shaped events of agents that cannot receive webhooks."""
 
 import concurrent.futures
-import contextlib
 import time
 
 import requests
@@ -104,14 +103,15 @@ def test_a_change_wakes_only_those_waiting_on_it(running_api):
     api = running_api(jobs=False)
     mine, other = api.register(), api.register(email="other@example.com")
     first, second = api.create_pause(mine["test_api_key"]), api.create_pause(mine["test_api_key"])
-    topics = api.app.runtime.topics
+    waiting = api.app.runtime.waiting
     watched = [f"pause:{first['pause_id']}", f"pause:{second['pause_id']}",
                f"events:{mine['developer_id']}:0", f"events:{other['developer_id']}:0", f"events:{mine['developer_id']}:1"]
-    with contextlib.ExitStack() as stack:
-        changes = [stack.enter_context(topics.watching(topic))[0] for topic in watched]
-        api.post_json(f"/v1/respond/{token_of(first['respond_url'])}", {"choice": "Approve"})
-        # Counted as the decision committed: the first pause and its owner's test-mode feed, nothing else.
-        assert [count() for count in changes] == [1, 0, 1, 0, 0]
-        api.post(f"/v1/pause/{second['pause_id']}/cancel", headers=api.as_key(mine["test_api_key"]))
-        assert [count() for count in changes] == [1, 1, 2, 0, 0]
-    assert topics.topics == {}                      # nobody watches: nothing kept
+    watches = [waiting.watch(topic) for topic in watched]
+    api.post_json(f"/v1/respond/{token_of(first['respond_url'])}", {"choice": "Approve"})
+    # Counted as the decision committed: the first pause and its owner's test-mode feed, nothing else.
+    assert [watch.topic.changes for watch in watches] == [1, 0, 1, 0, 0]
+    api.post(f"/v1/pause/{second['pause_id']}/cancel", headers=api.as_key(mine["test_api_key"]))
+    assert [watch.topic.changes for watch in watches] == [1, 1, 2, 0, 0]
+    for watch in watches:
+        waiting.unwatch(watch)
+    assert waiting.topics == {}                     # nobody watches: nothing kept

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -104,47 +105,124 @@ def test_a_long_poll_returns_pending_when_its_wait_runs_out(live_server):
                         headers=bearer(key)).status_code == 422
 
 
-def test_fifty_waiting_agents_do_not_starve_creating_and_answering(live_server):
-    url = live_server.url
-    key = register(url)["test_api_key"]
-    waiting = [create(url, key) for _ in range(50)]
-
-    def wait_for(created):
-        return requests.get(f"{url}/v1/pause/{created['pause_id']}", params={"wait": 40},
-                            headers=bearer(key), timeout=60).json()["status"]
-
-    with concurrent.futures.ThreadPoolExecutor(50) as pool:
-        waiters = [pool.submit(wait_for, created) for created in waiting]
-        wait_until(lambda: live_server.app.runtime.wait_slots._value <= 56 - 50, timeout=20)
-        # With every waiter parked, the API still creates and records decisions.
-        fresh = create(url, key)
-        answered = requests.post(f"{url}/v1/respond/{token_of(fresh['respond_url'])}", json={"choice": "Approve"},
-                                 timeout=5)
-        assert answered.status_code == 200
-        assert not any(w.done() for w in waiters)
-        for created in waiting:
-            requests.post(f"{url}/v1/respond/{token_of(created['respond_url'])}", json={"choice": "Reject"}, timeout=5)
-        assert [w.result(timeout=30) for w in waiters] == ["responded"] * 50
+def ask(server, path, key):
+    """Send a GET on a connection of its own; read its answer later with answer_to()."""
+    sock = socket.create_connection(("127.0.0.1", server.server.effective_port), timeout=60)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: pausepoint\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
+    return sock
 
 
-def test_agents_beyond_the_waiting_slots_get_an_immediate_answer(tmp_path):
-    config = make_config(tmp_path, **{"server.threads": 12, "ratelimit.enabled": False})
-    app = pausepoint.create_app(config)
-    app.runtime.start()
-    with LiveServer(app, config) as server:
-        key = register(server.url)["test_api_key"]
-        pauses = [create(server.url, key) for _ in range(5)]
-        with concurrent.futures.ThreadPoolExecutor(5) as pool:
-            parked = [pool.submit(requests.get, f"{server.url}/v1/pause/{p['pause_id']}", params={"wait": 30},
-                                  headers=bearer(key)) for p in pauses[:4]]
-            wait_until(lambda: app.runtime.wait_slots._value == 0)
-            started = time.monotonic()
-            extra = requests.get(f"{server.url}/v1/pause/{pauses[4]['pause_id']}", params={"wait": 30},
-                                 headers=bearer(key))
-            assert extra.json()["status"] == "pending" and time.monotonic() - started < 10
-            for p in pauses[:4]:
-                requests.post(f"{server.url}/v1/respond/{token_of(p['respond_url'])}", json={"choice": "Approve"})
-            assert all(f.result().json()["status"] == "responded" for f in parked)
+def answer_to(sock):
+    """The status, headers and JSON body of the one answer on `sock`, which it then closes."""
+    with sock, sock.makefile("rb") as stream:
+        status = int(stream.readline().split()[1])
+        headers = dict(line.decode().rstrip().split(": ", 1) for line in iter(stream.readline, b"\r\n"))
+        return status, headers, json.loads(stream.read(int(headers["Content-Length"])))
+
+
+@pytest.fixture
+def small_server(tmp_path):
+    """A live server with 12 threads, so a few long polls would hold every one if they held threads."""
+    def start(**settings):
+        config = make_config(tmp_path, **{"server.threads": 12, "ratelimit.enabled": False, **settings})
+        app = pausepoint.create_app(config)
+        app.runtime.start()
+        servers.append(LiveServer(app, config).__enter__())
+        return servers[-1]
+    servers = []
+    yield start
+    for server in servers:
+        server.__exit__(None, None, None)
+
+
+def test_a_hundred_waiting_agents_hold_no_thread_and_each_wakes_on_its_own_decision(small_server):
+    server = small_server(**{"server.connections_per_ip": 256})     # all from one address, as fast as it can
+    key = register(server.url)["test_api_key"]
+    pauses = [create(server.url, key) for _ in range(100)]
+    waiters = [ask(server, f"/v1/pause/{p['pause_id']}?wait=50", key) for p in pauses]
+    waiting, dispatcher = server.app.runtime.waiting, server.server.task_dispatcher
+    wait_until(lambda: waiting.count == 100 and dispatcher.active_count == 0, timeout=20)
+    # All 12 threads are free: the API still creates and decides, and wakes that one waiter alone.
+    fresh = create(server.url, key)
+    assert requests.post(f"{server.url}/v1/respond/{token_of(pauses[7]['respond_url'])}",
+                         json={"choice": "Approve"}, timeout=5).status_code == 200
+    status, _, pause = answer_to(waiters[7])
+    assert status == 200 and pause["pause_id"] == pauses[7]["pause_id"] and pause["choice"] == "Approve"
+    assert waiting.count == 99 and stored(server.app.runtime.config["database.path"],
+                                          "SELECT status FROM pauses WHERE id = ?", fresh["pause_id"]) == [("pending",)]
+    for p in pauses[:7] + pauses[8:]:
+        requests.post(f"{server.url}/v1/respond/{token_of(p['respond_url'])}", json={"choice": "Reject"}, timeout=5)
+    answers = [answer_to(sock) for sock in waiters[:7] + waiters[8:]]
+    assert [(status, pause["status"], pause["choice"]) for status, _, pause in answers] == [(200, "responded", "Reject")] * 99
+    assert waiting.count == 0 and waiting.topics == {}
+
+
+def test_a_developer_past_their_share_of_waiting_is_told_when_to_come_back(small_server):
+    server = small_server(**{"server.waiting_per_developer": 3, "server.waiting_limit": 5})
+    mine = register(server.url)["test_api_key"]
+    theirs = register(server.url, email="other@example.com")["test_api_key"]
+    my_pauses, their_pauses = [create(server.url, mine) for _ in range(4)], [create(server.url, theirs) for _ in range(3)]
+    waiting = server.app.runtime.waiting
+    parked = [ask(server, f"/v1/pause/{p['pause_id']}?wait=50", mine) for p in my_pauses[:3]]
+    wait_until(lambda: waiting.count == 3)
+    status, headers, body = answer_to(ask(server, f"/v1/pause/{my_pauses[3]['pause_id']}?wait=50", mine))
+    assert status == 429 and body["error"]["code"] == "too_many_waiting" and headers["Retry-After"] == "5"
+    # Another developer still waits, up to what is left of the server's limit.
+    parked += [ask(server, f"/v1/pause/{p['pause_id']}?wait=50", theirs) for p in their_pauses[:2]]
+    wait_until(lambda: waiting.count == 5)
+    assert answer_to(ask(server, f"/v1/pause/{their_pauses[2]['pause_id']}?wait=50", theirs))[0] == 429
+    # A decision frees its waiter's place, and the next one waits.
+    requests.post(f"{server.url}/v1/respond/{token_of(my_pauses[0]['respond_url'])}", json={"choice": "Approve"})
+    assert answer_to(parked[0])[2]["status"] == "responded"
+    parked.append(ask(server, f"/v1/pause/{my_pauses[3]['pause_id']}?wait=50", mine))
+    wait_until(lambda: waiting.count == 5)
+    for p in my_pauses[1:] + their_pauses[:2]:
+        requests.post(f"{server.url}/v1/respond/{token_of(p['respond_url'])}", json={"choice": "Approve"})
+    assert [answer_to(sock)[2]["status"] for sock in parked[1:]] == ["responded"] * 5
+
+
+def test_a_parked_long_poll_is_neither_an_idle_connection_nor_one_waiting_for_a_thread(small_server):
+    server = small_server(**{"server.idle_timeout": 1, "server.connections_per_ip": 4})
+    key = register(server.url)["test_api_key"]
+    pauses = [create(server.url, key) for _ in range(10)]
+    started = time.monotonic()
+    waiters = []
+    for group in (pauses[:4], pauses[4:8], pauses[8:]):       # a burst of new connections has its own limit
+        waiters += [ask(server, f"/v1/pause/{p['pause_id']}?wait=3", key) for p in group]
+        wait_until(lambda: server.app.runtime.waiting.count == len(waiters))
+    # Ten parked from one address, over its share of 4: it may still connect, and nobody is closed as idle.
+    assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
+    answers = [answer_to(sock) for sock in waiters]
+    assert [(status, pause["status"]) for status, _, pause in answers] == [(200, "pending")] * 10
+    assert time.monotonic() - started >= 3
+
+
+def test_a_waiter_that_hangs_up_is_forgotten_at_its_deadline(small_server, caplog):
+    server = small_server()
+    key = register(server.url)["test_api_key"]
+    pause = create(server.url, key)
+    latest = requests.get(f"{server.url}/v1/events", headers=bearer(key)).json()["events"][-1]["id"]
+    gone = [ask(server, f"/v1/pause/{pause['pause_id']}?wait=1", key), ask(server, f"/v1/events?wait=1&after={latest}", key)]
+    wait_until(lambda: server.app.runtime.waiting.count == 2)
+    gone[0].close()
+    gone[1].shutdown(socket.SHUT_RDWR)
+    gone[1].close()
+    wait_until(lambda: server.app.runtime.waiting.count == 0)
+    assert server.app.runtime.waiting.topics == {}
+    assert requests.get(f"{server.url}/v1/pause/{pause['pause_id']}", headers=bearer(key)).json()["status"] == "pending"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_without_waitress_a_long_poll_waits_on_its_thread(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiter = pool.submit(api.pause, key, created["pause_id"], wait=30)
+        wait_until(lambda: api.app.runtime.waiting.count == 1)
+        api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve"})
+        assert waiter.result(timeout=10)["status"] == "responded"
+    assert api.app.runtime.waiting.count == 0
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
