@@ -3823,6 +3823,9 @@ PAGE_HEADERS = {
 }
 STATUS_QUERY = {"type": "string", "enum": list(STATUSES), "x-message": f"status must be one of: {', '.join(STATUSES)}"}
 WAIT_QUERY = {"type": "integer", "minimum": 0, "maximum": WAIT_LIMIT_SECONDS, "default": 0,
+              "description": "Seconds to wait for a change before answering (a long poll). Beyond the server's"
+                             " share of waiting requests for your account, 429 too_many_waiting says in"
+                             " Retry-After when to come back.",
               "x-message": f"wait must be a whole number of seconds from 0 to {WAIT_LIMIT_SECONDS}"}
 AUDIT_QUERY = {"event_type": {"type": "string", "maxLength": 100, "x-message": "event_type must be an event name"},
                "pause_id": {"type": "string", "maxLength": 100, "x-message": "pause_id must be a pause id"},
