@@ -458,6 +458,10 @@ MIGRATIONS = [
         CREATE INDEX dashboard_devices_by_developer ON dashboard_devices(developer_id, signed_in_at);
         CREATE INDEX dashboard_devices_by_age ON dashboard_devices(signed_in_at);
     """),
+    (10, """
+        ALTER TABLE pauses ADD COLUMN fields TEXT;
+        ALTER TABLE pauses ADD COLUMN edited TEXT;
+    """),
 ]
 
 
@@ -1220,7 +1224,81 @@ def pause_fields(body, config):
     return {"recipient": recipient, "channel": body["channel"], "message": message, "options": options,
             "timeout_seconds": body["timeout_hours"] * 3600,
             "timeout_default": default.strip() if default is not None else None, "metadata": metadata,
-            "title": body.get("title")}
+            "title": body.get("title"), "fields": declared_fields(body.get("fields"))}
+
+
+def declared_fields(fields):
+    """A pause's fields as FIELDS_SCHEMA lets them through, checked for what it cannot say:
+    limits that fit the type, and values within them. Returns them with `editable` said."""
+    if not fields:
+        return None
+    for name, field in fields.items():
+        wrong = sorted(set(field) - {"type", "value", "editable", "label"} - FIELD_LIMITS[field["type"]])
+        if wrong:
+            raise invalid(f"fields.{name}", f"fields.{name}: a {field['type']} field takes no {', '.join(wrong)}")
+        if field["type"] == "enum" and "choices" not in field:
+            raise invalid(f"fields.{name}", f"fields.{name}: an enum field needs its choices")
+        if field.get("min", -math.inf) > field.get("max", math.inf):
+            raise invalid(f"fields.{name}", f"fields.{name}: min must not be above max")
+        problem = field_value_problem(field, field["value"])
+        if problem:
+            raise invalid(f"fields.{name}", f"fields.{name}: value {problem}")
+    return {name: {**field, "value": typed_value(field, field["value"]), "editable": field.get("editable", False)}
+            for name, field in fields.items()}
+
+
+def field_value_problem(field, value):
+    """What is wrong with `value` for `field`, as the end of a sentence, or None."""
+    kind = field["type"]
+    if kind == "boolean":
+        return None if isinstance(value, bool) else "must be true or false"
+    if kind == "enum":
+        return None if value in field["choices"] else f"must be one of: {', '.join(field['choices'])}"
+    if kind == "string":
+        limit = field.get("max_length", MAX_FIELD_TEXT)
+        if not isinstance(value, str) or len(value) > limit or UNSAFE_TEXT.search(value):
+            return f"must be text of at most {limit} characters, without control characters"
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or (kind == "integer" and value != int(value)):
+        return "must be a whole number" if kind == "integer" else "must be a number"
+    low, high = field.get("min"), field.get("max")
+    if (low is not None and value < low) or (high is not None and value > high):
+        if low is not None and high is not None:
+            return f"must be from {plain_number(low)} to {plain_number(high)}"
+        return f"must be at least {plain_number(low)}" if low is not None else f"must be at most {plain_number(high)}"
+    return None
+
+
+def plain_number(number):
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+def typed_value(field, value):
+    """A number's 300.0 (from a form, say) is 300."""
+    numeric = field["type"] in ("number", "integer") and isinstance(value, float) and value.is_integer()
+    return int(value) if numeric else value
+
+
+def edit_fields(fields, edits):
+    """The fields after the approver's `edits` ({name: value}), and what changed
+    ({name: {"old", "new"}}); 422 naming the field for a field that is not there or
+    not editable, or a value outside its bounds."""
+    final, edited = {name: dict(field) for name, field in (fields or {}).items()}, {}
+    for name, value in (edits or {}).items():
+        field = final.get(name)
+        if field is None:
+            raise invalid(f"fields.{name}", f"this request has no field {name!r}")
+        problem = field_value_problem(field, value)
+        if not problem and typed_value(field, value) == field["value"]:
+            continue                    # sent back as it was: no change, whether it may change or not
+        if not field["editable"]:
+            raise invalid(f"fields.{name}", f"{field.get('label', name)} may not be changed")
+        if problem:
+            raise invalid(f"fields.{name}", f"{field.get('label', name)} {problem}")
+        edited[name] = {"old": field["value"], "new": typed_value(field, value)}
+        field["value"] = edited[name]["new"]
+    return final, edited
 
 
 # Alphabets with letters drawn alike; words mixing CJK and Latin ('OKです') are ordinary.
@@ -1288,8 +1366,8 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
     Returns (pause row, replayed): replayed is True when an Idempotency-Key
     matched an earlier identical request and nothing new was created.
     """
-    fields = pause_fields(body, config)
-    channel = usable_channel(config, caller, fields["channel"])
+    asked = pause_fields(body, config)
+    channel = usable_channel(config, caller, asked["channel"])
     if idempotency_key is not None and not re.fullmatch("[\x20-\x7e]{1,255}", idempotency_key):
         raise invalid("Idempotency-Key", "the Idempotency-Key header must be 1-255 printable ASCII characters")
     # Everything that needs no database is done before the write lock is taken: other
@@ -1297,14 +1375,15 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
     now = utcnow()
     pause_id, token = new_id("psr_"), secrets.token_urlsafe(32)
     created_at = db_time(now)
-    expires_at = db_time(now + dt.timedelta(seconds=fields["timeout_seconds"]))
+    expires_at = db_time(now + dt.timedelta(seconds=asked["timeout_seconds"]))
     fingerprint = None if idempotency_key is None else request_fingerprint(body)
-    row = (pause_id, caller.developer_id, caller.livemode, fields["recipient"], fields["channel"], fields["title"],
-           fields["message"], compact_json(fields["options"]), fields["timeout_default"],
-           None if fields["metadata"] is None else compact_json(fields["metadata"]), token)
-    audited = {"recipient": fields["recipient"], "channel": fields["channel"], "options": fields["options"],
-               "timeout_default": fields["timeout_default"], "expires_at": api_time(expires_at),
-               "metadata": fields["metadata"]}
+    row = (pause_id, caller.developer_id, caller.livemode, asked["recipient"], asked["channel"], asked["title"],
+           asked["message"], compact_json(asked["options"]), asked["timeout_default"],
+           None if asked["metadata"] is None else compact_json(asked["metadata"]),
+           None if asked["fields"] is None else compact_json(asked["fields"]), token)
+    audited = {"recipient": asked["recipient"], "channel": asked["channel"], "options": asked["options"],
+               "timeout_default": asked["timeout_default"], "expires_at": api_time(expires_at),
+               "metadata": asked["metadata"], **({"fields": asked["fields"]} if asked["fields"] else {})}
     with transaction(conn):
         if idempotency_key is not None:
             earlier = earlier_idempotent_pause(conn, caller, idempotency_key, fingerprint, now)
@@ -1317,17 +1396,17 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
             limiter.limit("test_pauses", caller.developer_id, config["ratelimit.test_pauses_per_hour"],
                           "test pauses for this developer (ratelimit.test_pauses_per_hour)")
         # SMS and WhatsApp replies name their pause by a code, unique among the number's pending pauses.
-        reply_code = new_reply_code(conn, fields["recipient"], caller.livemode) if channel.kind == "twilio" else None
+        reply_code = new_reply_code(conn, asked["recipient"], caller.livemode) if channel.kind == "twilio" else None
         pause = conn.execute(
             "INSERT INTO pauses (id, developer_id, livemode, recipient, channel, title, message, options,"
-            " timeout_default, metadata, respond_token, reply_code, created_at, expires_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " timeout_default, metadata, fields, respond_token, reply_code, created_at, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " RETURNING *", (*row, reply_code, created_at, expires_at)).fetchone()
         if channel.render is not None:      # the link channel sends nothing: the agent delivers respond_url
             conn.execute(
                 "INSERT INTO notifications (id, pause_id, developer_id, channel, recipient, livemode, text,"
                 " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (new_id("ntf_"), pause_id, caller.developer_id, fields["channel"], fields["recipient"], caller.livemode,
+                (new_id("ntf_"), pause_id, caller.developer_id, asked["channel"], asked["recipient"], caller.livemode,
                  channel.render(pause, respond_url(config, token)), created_at, created_at, created_at))
         if idempotency_key is not None:
             conn.execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?)",
@@ -1429,8 +1508,15 @@ def respond_url(config, token):
     return f"{base_url(config)}/respond/{token}"
 
 
-def decide_pause(conn, config, pause_id, status, decided_by, choice=None, comment=None, data=None, now=None):
-    """Move a pending pause to a final status, inside the caller's transaction.
+# What a decision that changed no fields (a timeout, a cancel, an answer without edits)
+# says was edited: nothing, or NULL for a pause without fields.
+EDITED_NOTHING = "CASE WHEN fields IS NULL THEN NULL ELSE '{}' END"
+
+
+def decide_pause(conn, config, pause_id, status, decided_by, choice=None, comment=None, data=None, now=None,
+                 edits=None):
+    """Move a pending pause to a final status, inside the caller's transaction; `edits`,
+    from edit_fields(), are the approver's changes to its fields.
 
     Compare-and-set: only a pause still 'pending' changes, and a response only
     before expires_at, a timeout only after it. Returns True if this call won;
@@ -1438,12 +1524,14 @@ def decide_pause(conn, config, pause_id, status, decided_by, choice=None, commen
     """
     require_transaction(conn)
     now = now or db_time()
+    final, edited = edits or (None, None)
     time_rule = {"responded": "AND expires_at > :now", "cancelled": ""}[status]
     decided = conn.execute(
         f"UPDATE pauses SET status = :status, choice = :choice, comment = :comment, decided_at = :now,"
-        f" decided_by = :decided_by WHERE id = :id AND status = 'pending' {time_rule} RETURNING *",
+        f" decided_by = :decided_by, fields = coalesce(:fields, fields), edited = coalesce(:edited, {EDITED_NOTHING})"
+        f" WHERE id = :id AND status = 'pending' {time_rule} RETURNING *",
         {"status": status, "choice": choice, "comment": comment, "now": now, "decided_by": decided_by,
-         "id": pause_id}).fetchall()
+         "id": pause_id, "fields": final and compact_json(final), "edited": compact_json(edited) if edited else None}).fetchall()
     record_decisions(conn, config, decided, data, now)
     return bool(decided)
 
@@ -1465,9 +1553,10 @@ def record_decisions(conn, config, decided, data, now):
     wake_after_commit(conn, "decisions", *ids)
 
 
-def respond_to_pause(conn, config, token, choice, comment, client):
-    """A human's decision through the respond link: 200 facts, or 404/409/410/422.
-    An unknown token is 404 whatever else is wrong, so every guess counts as one."""
+def respond_to_pause(conn, config, token, choice, comment, client, edits=None):
+    """A human's decision through the respond link, with their `edits` to the pause's
+    fields ({name: value}): 200 facts, or 404/409/410/422. An unknown token is 404
+    whatever else is wrong, so every guess counts as one."""
     pause_by_token(conn, token)
     validate_body(COMMENT_SCHEMA, {"comment": comment})     # the page's form comes unchecked
     comment = comment.strip() or None if comment else None
@@ -1476,8 +1565,12 @@ def respond_to_pause(conn, config, token, choice, comment, client):
         refuse_if_decided(pause)
         if not isinstance(choice, str) or choice.strip() not in json.loads(pause["options"]):
             raise invalid("choice", f"choice must be one of: {', '.join(json.loads(pause['options']))}")
+        final, edited = edit_fields(json.loads(pause["fields"] or "null"), edits)
+        if edited:
+            client = {**client, "edited": edited}
         decided_by = f"recipient:{pause['recipient']}"
-        if not decide_pause(conn, config, pause["id"], "responded", decided_by, choice.strip(), comment, data=client):
+        if not decide_pause(conn, config, pause["id"], "responded", decided_by, choice.strip(), comment, data=client,
+                            edits=(final if pause["fields"] else None, edited)):
             # Between the read and the write nothing can change (we hold the write
             # lock), so losing here means the pause expired at this very instant.
             refuse_if_decided(pause_by_id(conn, pause["id"]), expired=True)
@@ -1689,7 +1782,7 @@ def expire_due_pauses(conn, config):
     # Compare-and-set for the whole batch: only rows still 'pending' change, and a
     # timeout's choice is each pause's own timeout_default.
     return in_batches(conn, "UPDATE pauses SET status = 'timed_out', choice = timeout_default, comment = NULL,"
-                            " decided_at = :now, decided_by = 'timeout' WHERE id IN (SELECT id FROM pauses"
+                            f" decided_at = :now, decided_by = 'timeout', edited = {EDITED_NOTHING} WHERE id IN (SELECT id FROM pauses"
                             " WHERE status = 'pending' AND expires_at <= :now ORDER BY expires_at LIMIT :batch)"
                             " RETURNING *",
                       lambda decided, now: record_decisions(conn, config, decided, None, now))
@@ -1698,7 +1791,7 @@ def expire_due_pauses(conn, config):
 # A pause as the API shows it, written by SQLite from `pauses p LEFT JOIN notifications n`
 # with :base the server's base URL: a page of 50 costs one query and no Python per row.
 # Times show whole seconds ('2026-05-08T18:00:00Z'); a notification being sent shows as queued.
-PAUSE_JSON = """json_object(
+PAUSE_OBJECT = """json_object(
     'pause_id', p.id, 'status', p.status, 'recipient', p.recipient, 'channel', p.channel, 'title', p.title,
     'message', p.message,
     'options', json(p.options), 'timeout_default', p.timeout_default, 'choice', p.choice, 'comment', p.comment,
@@ -1710,6 +1803,10 @@ PAUSE_JSON = """json_object(
         'channel', n.channel, 'status', CASE n.status WHEN 'sending' THEN 'queued' ELSE n.status END,
         'attempts', n.attempts, 'provider_message_id', n.provider_message_id, 'last_error', n.last_error,
         'text', n.text) END))"""
+# A pause with fields also shows them, and once decided what the approver changed; one
+# without is shown exactly as before fields existed.
+PAUSE_JSON = (f"CASE WHEN p.fields IS NULL THEN {PAUSE_OBJECT} ELSE json_patch({PAUSE_OBJECT},"
+              " json_object('fields', json(p.fields), 'edited', json(p.edited))) END")
 
 
 def pause_json(conn, config, pause_id, caller=None):
@@ -1770,6 +1867,8 @@ def respond_facts(pause, asked_by=None):
         "decided_at": api_time(pause["decided_at"]),
         "expires_at": api_time(pause["expires_at"]),
         "timeout_default": pause["timeout_default"],
+        **({"fields": json.loads(pause["fields"]), "edited": json.loads(pause["edited"] or "null")}
+           if pause["fields"] else {}),
     }
 
 
@@ -3648,8 +3747,31 @@ def pause_request_schema(config):
             "title": {"type": ["string", "null"], "minLength": 1, "maxLength": 120, "pattern": VISIBLE_TEXT,
                       "x-message": "title must be 1-120 characters of visible text: what the request is about,"
                                    " shown above the question"},
+            "fields": FIELDS_SCHEMA,
         },
     }
+
+
+# Named values the approver sees and may change before approving (the amount, the payee).
+FIELD_TYPES = ("string", "number", "integer", "boolean", "enum")
+FIELD_LIMITS = {"string": {"max_length"}, "number": {"min", "max"}, "integer": {"min", "max"}, "boolean": set(),
+                "enum": {"choices"}}
+MAX_FIELD_TEXT = 1000
+FIELDS_SCHEMA = {
+    "type": ["object", "null"], "maxProperties": 10, "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,39}$"},
+    "additionalProperties": {
+        "type": "object", "required": ["type", "value"], "additionalProperties": False,
+        "properties": {
+            "type": {"enum": list(FIELD_TYPES)}, "value": {"type": ["string", "number", "boolean"]},
+            "editable": {"type": "boolean"},
+            "label": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": VISIBLE_TEXT},
+            "min": {"type": "number"}, "max": {"type": "number"},
+            "max_length": {"type": "integer", "minimum": 1, "maximum": MAX_FIELD_TEXT},
+            "choices": {"type": "array", "minItems": 1, "maxItems": 20, "uniqueItems": True,
+                        "items": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": VISIBLE_TEXT}}}},
+    "x-message": "fields must be an object of up to 10 named values (names of letters, digits and _), each like"
+                 ' {"type": "number", "value": 340, "min": 0, "max": 500, "editable": true, "label": "Amount"};'
+                 " type is string (max_length), number or integer (min, max), boolean or enum (choices)"}
 
 
 REGISTRATION_SCHEMA = {
@@ -3691,6 +3813,8 @@ RESPONSE_SCHEMA = {
         "choice": {"type": "string", "x-message": "choice must be one of the pause's options"},
         "comment": {"type": ["string", "null"], "maxLength": 2000, "pattern": SAFE_TEXT,
                     "x-message": "comment must be text of at most 2000 characters, without control characters"},
+        "fields": {"type": "object", "maxProperties": 10, "additionalProperties": {"type": ["string", "number", "boolean"]},
+                   "x-message": 'fields must be an object of the changed values, like {"amount": 300}'},
     },
 }
 
@@ -3719,7 +3843,10 @@ PAUSE = {"type": "object", "required": ["pause_id", "status", "options", "livemo
              "timeout_default": {"type": ["string", "null"]}, "choice": {"type": ["string", "null"]},
              "comment": {"type": ["string", "null"]}, "decided_at": nullable(TIME),
              "decided_by": {"type": ["string", "null"]}, "metadata": {"type": ["object", "null"]},
-             "livemode": {"type": "boolean"}, "notification": NOTIFICATION}}
+             "livemode": {"type": "boolean"}, "notification": NOTIFICATION,
+             "fields": {"type": "object", "description": "Only when the pause has fields: each with its final value."},
+             "edited": {"type": "object", "description": "Only once a pause with fields is decided: the fields the"
+                                                         " approver changed, each {\"old\": …, \"new\": …}."}}}
 WEBHOOK = {"type": "object", "required": ["webhook_id", "url", "events", "status", "livemode"], "properties": {
     "webhook_id": {"type": "string"}, "url": {"type": "string"}, "events": {"type": "array", "items": {"type": "string"}},
     "status": {"type": "string", "enum": ["enabled", "disabled"]}, "disabled_reason": {"type": ["string", "null"]},
@@ -4153,7 +4280,7 @@ def get_respond_json(rt, client, token):
 def post_respond_json(rt, client, body, token):
     """Answer a pause, as its human: {"choice": …, "comment": …}."""
     pause = guard_respond_link(rt, lambda: respond_to_pause(rt.db(), rt.config, token, body["choice"],
-                                                            body.get("comment"), client))
+                                                            body.get("comment"), client, body.get("fields")))
     return respond_facts(pause, asker_name(rt.db(), pause))
 
 
@@ -4170,13 +4297,32 @@ def post_respond_page(rt, client, token):
     form = read_page_form(rt.config)
     try:
         guard_respond_link(rt, lambda: respond_to_pause(rt.db(), rt.config, token, form.get("choice"),
-                                                        form.get("comment"), client))
+                                                        form.get("comment"), client,
+                                                        form_edits(pause_by_token(rt.db(), token), form)))
     except ApiError as e:
         if e.status != 422:
             raise
         return respond_page(rt, pause_by_token(rt.db(), token), token, error=e.message, status=422)
     # A reload then shows the recorded decision instead of posting again.
     return bottle.HTTPResponse(status=303, headers={"Location": f"/respond/{token}", **PAGE_HEADERS})
+
+
+def form_edits(pause, form):
+    """The page form's values of the pause's editable fields ('field.<name>'), typed as the
+    field is; text that is no number stays text, for edit_fields() to refuse by name."""
+    edits = {}
+    for name, field in json.loads(pause["fields"] or "{}").items():
+        text = form.get(f"field.{name}")
+        if not field["editable"] or text is None:
+            continue
+        value = text.strip()
+        if field["type"] in ("number", "integer"):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        elif field["type"] == "boolean":
+            value = {"true": True, "false": False}.get(value, value)
+        edits[name] = value
+    return edits
 
 
 def respond_page(rt, pause, token, error=None, picked=None, status=200):
@@ -4726,7 +4872,8 @@ BOTTLE_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_all
 
 # What templates may call besides the values a page hands them.
 TEMPLATE_HELPERS = {"urlencode": urllib.parse.urlencode,
-                    "json_text": lambda value: json.dumps(value, indent=2, ensure_ascii=False)}
+                    "json_text": lambda value: json.dumps(value, indent=2, ensure_ascii=False),
+                    "field_text": lambda value: ("Yes" if value else "No") if isinstance(value, bool) else value}
 
 
 def html_page(name, status=200, headers=None, **values):

@@ -114,7 +114,12 @@ CREATE TABLE pauses (
                                                       -- among the recipient's pending pauses (index below)
     created_at       TEXT NOT NULL,
     expires_at       TEXT NOT NULL,
-    title            TEXT                             -- what it is about, shown above the question
+    title            TEXT,                            -- what it is about, shown above the question
+    fields           TEXT,                            -- JSON object of named values the approver sees and may
+                                                      -- change ({"amount": {"type": "number", "value": 340, …}});
+                                                      -- the decision writes the final values here. NULL: none.
+    edited           TEXT                             -- once a pause with fields is decided: JSON object of the
+                                                      -- ones the approver changed, {"amount": {"old": 340, "new": 300}}
 );
 -- The timeout job: "pending pauses whose expires_at has passed", oldest first.
 CREATE INDEX pauses_pending_by_expiry ON pauses(expires_at) WHERE status = 'pending';

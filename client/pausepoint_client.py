@@ -81,6 +81,9 @@ class Approval:
     pending = property(lambda self: self.status == "pending")
     timed_out = property(lambda self: self.status == "timed_out")
     cancelled = property(lambda self: self.status == "cancelled")
+    # With fields: their values as decided (the approver may have changed some), and which changed.
+    values = property(lambda self: {name: field["value"] for name, field in (self.pause.get("fields") or {}).items()})
+    edited = property(lambda self: self.pause.get("edited") or {})
 
     @property
     def approved(self):
@@ -109,12 +112,13 @@ class PausePoint:
     # -- the API ---------------------------------------------------------------------------
 
     def pause(self, recipient, channel, message, options, timeout_hours, timeout_default=None, metadata=None,
-              title=None, idempotency_key=None):
+              title=None, idempotency_key=None, fields=None):
         """Create a pause; returns the server's answer (pause_id, status, respond_url, …).
         A retried create never asks twice: the same Idempotency-Key returns the first pause."""
         body = {"recipient": recipient, "channel": channel, "message": message, "options": list(options),
                 "timeout_hours": timeout_hours}
-        for name, value in (("timeout_default", timeout_default), ("metadata", metadata), ("title", title)):
+        for name, value in (("timeout_default", timeout_default), ("metadata", metadata), ("title", title),
+                            ("fields", fields)):
             if value is not None:
                 body[name] = value
         key = idempotency_key or f"pp-client-{uuid.uuid4()}"
@@ -154,10 +158,10 @@ class PausePoint:
 
     def request_approval(self, recipient, channel, message, options=("Approve", "Reject"), timeout_hours=1,
                          timeout_default=None, metadata=None, title=None, idempotency_key=None, wait_timeout=None,
-                         approve_option=None):
-        """Ask, then wait for the answer: an Approval (check .approved)."""
+                         approve_option=None, fields=None):
+        """Ask, then wait for the answer: an Approval (check .approved, then use .values)."""
         created = self.pause(recipient, channel, message, options, timeout_hours, timeout_default, metadata, title,
-                             idempotency_key)
+                             idempotency_key, fields)
         return Approval(self.wait(created["pause_id"], wait_timeout), approve_option)
 
     def audit(self, pause_id=None, event_type=None, limit=50, cursor=None):

@@ -23,6 +23,9 @@
 % else:
   <dt>Notification</dt><dd>none: the agent delivers the respond link</dd>
 % end
+% for name, field in (pause.get('fields') or {}).items():
+  <dt>{{field.get('label', name)}}</dt><dd>{{field_text(field['value'])}}{{' (may be changed by the approver)' if field['editable'] and pause['status'] == 'pending' else ''}}{{(', changed from ' + str(field_text(pause['edited'][name]['old']))) if name in (pause.get('edited') or {}) else ''}}</dd>
+% end
 % if pause['metadata'] is not None:
   <dt>Metadata</dt><dd><pre class="text">{{json_text(pause['metadata'])}}</pre></dd>
 % end

@@ -20,6 +20,29 @@
 <p class="picked">You picked <strong>{{picked}}</strong>. Tap it below to confirm.</p>
   % end
 <form method="post" action="/respond/{{token}}">
+  % if pause.get('fields'):
+  <div class="fields">
+    % for name, field in pause['fields'].items():
+    %   label, value, kind = field.get('label', name), field['value'], field['type']
+    %   if not field['editable']:
+    <p class="field"><span class="field-label">{{label}}</span> <strong>{{field_text(value)}}</strong></p>
+    %   elif kind in ('boolean', 'enum'):
+    <label for="field-{{name}}">{{label}}</label>
+    <select id="field-{{name}}" name="field.{{name}}">
+    %     for choice, shown in ([('true', 'Yes'), ('false', 'No')] if kind == 'boolean' else [(c, c) for c in field['choices']]):
+      <option value="{{choice}}"{{!' selected' if choice == (('true' if value else 'false') if kind == 'boolean' else value) else ''}}>{{shown}}</option>
+    %     end
+    </select>
+    %   elif kind == 'string':
+    <label for="field-{{name}}">{{label}}</label>
+    <input id="field-{{name}}" name="field.{{name}}" type="text" value="{{value}}" maxlength="{{field.get('max_length', 1000)}}">
+    %   else:
+    <label for="field-{{name}}">{{label}}</label>
+    <input id="field-{{name}}" name="field.{{name}}" type="number" inputmode="decimal" value="{{value}}" step="{{'1' if kind == 'integer' else 'any'}}"{{!''.join(f' {bound}="{field[bound]}"' for bound in ('min', 'max') if bound in field)}}>
+    %   end
+    % end
+  </div>
+  % end
   <div class="options" role="group" aria-label="Your answer">
   % for option in pause['options']:
     <button type="submit" name="choice" value="{{option}}"{{!' class="picked"' if option == picked else ''}}>{{option}}</button>
@@ -37,6 +60,9 @@ If nobody answers, <strong>{{pause['timeout_default']}}</strong> applies.
 <p class="outcome" id="outcome">Recorded: <strong>{{pause['choice']}}</strong> at {{times['decided_at']}}.</p>
   % if pause['comment']:
 <p class="comment">Comment: {{pause['comment']}}</p>
+  % end
+  % for name, change in (pause.get('edited') or {}).items():
+<p class="comment">{{pause['fields'][name].get('label', name)}} changed from {{field_text(change['old'])}} to <strong>{{field_text(change['new'])}}</strong>.</p>
   % end
 % elif pause['status'] == 'timed_out':
 <p class="outcome" id="outcome">This request expired at {{times['decided_at']}}.

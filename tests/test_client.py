@@ -195,3 +195,12 @@ def test_the_client_needs_only_the_standard_library():
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported <= set(sys.stdlib_module_names)
+
+
+def test_an_approval_carries_the_values_as_the_approver_left_them(live_server, client):
+    fields = {"amount": {"type": "number", "value": 340, "max": 500, "editable": True}}
+    created = client.pause(**ASK, fields=fields)
+    requests.post(f"{live_server.url}/v1/respond/{token_of(created['respond_url'])}",
+                  json={"choice": "Approve", "fields": {"amount": 300}}).raise_for_status()
+    result = pausepoint_client.Approval(client.wait(created["pause_id"]))
+    assert result.approved and result.values == {"amount": 300} and result.edited == {"amount": {"old": 340, "new": 300}}

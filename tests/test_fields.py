@@ -1,0 +1,156 @@
+"""Fields: named values the approver sees and may change before approving (approve with edits)."""
+
+import json
+import re
+
+import pytest
+
+from conftest import WIRE, run_out, stored, token_of
+
+XSS = '<script>alert("pwned")</script>'
+FIELDS = {"amount": {"type": "number", "value": 340, "min": 0, "max": 500, "editable": True, "label": "Amount (USD)"},
+          "payee": {"type": "string", "value": "Acme Corp", "editable": False}}
+
+# What a pause without fields looked like before fields existed, byte for byte, with the
+# parts that differ from run to run as {placeholders}: created, then pending, then decided.
+RECORDED = [
+    '{"pause_id": "{pause_id}", "status": "pending", "respond_url": "http://127.0.0.1:8080/respond/{token}",'
+    ' "expires_at": "{expires_at}", "created_at": "{created_at}"}',
+    '{"pause_id":"{pause_id}","status":"pending","recipient":"+15550100","channel":"sms","title":null,'
+    '"message":"Your agent wants to send a $340 wire to Acme Corp. Approve?","options":["Approve","Reject"],'
+    '"timeout_default":"Reject","choice":null,"comment":null,"decided_at":null,"decided_by":null,"metadata":{"k":1},'
+    '"respond_url":"http://127.0.0.1:8080/respond/{token}","livemode":false,"expires_at":"{expires_at}",'
+    '"created_at":"{created_at}","notification":{"channel":"sms","status":"queued","attempts":0,'
+    '"provider_message_id":null,"last_error":null,"text":"Your agent wants to send a $340 wire to Acme Corp.'
+    ' Approve?\\nReply {code} 1 for Approve, {code} 2 for Reject, or open http://127.0.0.1:8080/respond/{token}'
+    '\\nExpires {expires_text} UTC"}}',
+    '{"pause_id":"{pause_id}","status":"responded","recipient":"+15550100","channel":"sms","title":null,'
+    '"message":"Your agent wants to send a $340 wire to Acme Corp. Approve?","options":["Approve","Reject"],'
+    '"timeout_default":"Reject","choice":"Approve","comment":"ok","decided_at":"{decided_at}",'
+    '"decided_by":"recipient:+15550100","metadata":{"k":1},"respond_url":"http://127.0.0.1:8080/respond/{token}",'
+    '"livemode":false,"expires_at":"{expires_at}","created_at":"{created_at}","notification":{"channel":"sms",'
+    '"status":"simulated","attempts":1,"provider_message_id":null,"last_error":null,"text":"Your agent wants to'
+    ' send a $340 wire to Acme Corp. Approve?\\nReply {code} 1 for Approve, {code} 2 for Reject, or open'
+    ' http://127.0.0.1:8080/respond/{token}\\nExpires {expires_text} UTC"}}',
+]
+
+
+def filled(template, values):
+    for name, value in values.items():
+        template = template.replace("{" + name + "}", value)
+    return template
+
+
+def test_a_pause_without_fields_is_shown_byte_for_byte_as_before(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    created = api.post_json("/v1/pause", {**WIRE, "metadata": {"k": 1}}, headers=api.as_key(key))
+    pending = api.get(f"/v1/pause/{created.json['pause_id']}", headers=api.as_key(key)).text
+    api.step("notifications")
+    api.post_json(f"/v1/respond/{token_of(created.json['respond_url'])}", {"choice": "Approve", "comment": "ok"})
+    decided = api.get(f"/v1/pause/{created.json['pause_id']}", headers=api.as_key(key))
+    values = {"pause_id": created.json["pause_id"], "token": token_of(created.json["respond_url"]),
+              "expires_at": created.json["expires_at"], "created_at": created.json["created_at"],
+              "decided_at": decided.json["decided_at"], "code": re.search(r"Reply (\w+) 1", pending).group(1),
+              "expires_text": re.search(r"Expires (.+?) UTC", pending).group(1)}
+    assert [created.text, pending, decided.text] == [filled(template, values) for template in RECORDED]
+
+
+def test_an_edit_within_bounds_reaches_the_agent_with_what_changed(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key, fields=FIELDS)
+    assert api.pause(key, created["pause_id"])["fields"] == {**FIELDS, "payee": {**FIELDS["payee"]}}
+    assert "edited" not in api.pause(key, created["pause_id"])          # nothing decided yet
+    facts = api.post_json(f"/v1/respond/{token_of(created['respond_url'])}",
+                          {"choice": "Approve", "fields": {"amount": 300, "payee": "Acme Corp"}}).json
+    edited = {"amount": {"old": 340, "new": 300}}
+    assert facts["fields"]["amount"]["value"] == 300 and facts["edited"] == edited
+    pause = api.pause(key, created["pause_id"])
+    assert pause["fields"]["amount"]["value"] == 300 and pause["fields"]["payee"]["value"] == "Acme Corp"
+    assert pause["edited"] == edited            # an unchanged value, even if sent, is not an edit
+    event = api.get("/v1/events", params={"types": "pause.responded"}, headers=api.as_key(key)).json["events"][0]
+    assert event["data"]["fields"] == pause["fields"] and event["data"]["edited"] == edited
+    audited = stored(api.config, "SELECT data FROM audit_events WHERE event_type = 'pause.responded'")
+    assert json.loads(audited[0][0])["edited"] == edited
+
+
+@pytest.mark.parametrize("edits, field, says", [
+    ({"amount": 501}, "fields.amount", "Amount (USD) must be from 0 to 500"),
+    ({"amount": "300"}, "fields.amount", "Amount (USD) must be a number"),
+    ({"payee": "Mallory"}, "fields.payee", "payee may not be changed"),
+    ({"iban": "X"}, "fields.iban", "this request has no field 'iban'"),
+])
+def test_an_edit_out_of_bounds_or_to_a_fixed_field_is_refused_by_name(running_api, edits, field, says):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key, fields=FIELDS)
+    refused = api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve", "fields": edits},
+                            status=422).json["error"]
+    assert refused["field"] == field and refused["message"] == says
+    assert api.pause(key, created["pause_id"])["status"] == "pending"
+    assert stored(api.config, "SELECT count(*) FROM audit_events WHERE event_type = 'pause.responded'") == [(0,)]
+
+
+@pytest.mark.parametrize("fields, field, says", [
+    ({"n": {"type": "number", "value": 5, "max_length": 3}}, "fields.n", "a number field takes no max_length"),
+    ({"n": {"type": "enum", "value": "a"}}, "fields.n", "an enum field needs its choices"),
+    ({"n": {"type": "enum", "value": "c", "choices": ["a", "b"]}}, "fields.n", "value must be one of: a, b"),
+    ({"n": {"type": "integer", "value": 2.5}}, "fields.n", "value must be a whole number"),
+    ({"n": {"type": "number", "value": 5, "min": 6}}, "fields.n", "value must be at least 6"),
+    ({"n": {"type": "number", "value": 1, "min": 3, "max": 2}}, "fields.n", "min must not be above max"),
+    ({"n": {"type": "string", "value": "abcd", "max_length": 3}}, "fields.n", "value must be text of at most 3"),
+    ({"n": {"type": "boolean", "value": "yes"}}, "fields.n", "value must be true or false"),
+    ({"a b": {"type": "boolean", "value": True}}, "fields", "fields must be an object of up to 10 named values"),
+    ({f"f{n}": {"type": "boolean", "value": True} for n in range(11)}, "fields", "up to 10"),
+    ({"n": {"type": "date", "value": "2026-01-01"}}, "fields", "type is string (max_length)"),
+])
+def test_fields_are_declared_with_types_and_bounds_that_fit(api, developer, fields, field, says):
+    refused = api.post_json("/v1/pause", {**WIRE, "fields": fields}, headers=api.as_key(developer["test_api_key"]),
+                            status=422).json["error"]
+    assert refused["field"] == field and says in refused["message"]
+
+
+def test_the_respond_page_lets_the_approver_change_what_may_change(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    fields = {**FIELDS, "rush": {"type": "boolean", "value": False, "editable": True, "label": XSS},
+              "tier": {"type": "enum", "value": "b", "choices": ["a", "b"], "editable": True}}
+    created = api.create_pause(key, fields=fields)
+    page = api.get(f"/respond/{token_of(created['respond_url'])}")
+    assert XSS not in page.text and "&lt;script&gt;" in page.text
+    form = page.forms[0]
+    assert "field.payee" not in form.fields and "Acme Corp" in page.text         # shown, not offered
+    form["field.amount"] = "lots"
+    refused = form.submit("choice", value="Approve", status=422)
+    assert "Amount (USD) must be a number" in refused.text
+    form = refused.forms[0]
+    form["field.amount"], form["field.rush"] = "250.0", "true"
+    shown = form.submit("choice", value="Approve", status=303).follow()
+    assert "Amount (USD) changed from 340 to <strong>250</strong>." in shown.text
+    assert api.pause(key, created["pause_id"])["edited"] == {"amount": {"old": 340, "new": 250},
+                                                            "rush": {"old": False, "new": True}}
+
+
+def test_a_decision_that_is_not_the_approvers_keeps_the_fields_as_asked(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    expiring, cancelled = api.create_pause(key, fields=FIELDS), api.create_pause(key, fields=FIELDS)
+    run_out(api.config["database.path"], expiring["pause_id"])
+    api.step("timeouts")
+    api.post(f"/v1/pause/{cancelled['pause_id']}/cancel", headers=api.as_key(key))
+    for created in (expiring, cancelled):
+        pause = api.pause(key, created["pause_id"])
+        assert pause["fields"] == {name: {**field} for name, field in FIELDS.items()} and pause["edited"] == {}
+
+
+def test_the_dashboard_shows_the_fields_and_what_the_approver_changed(running_api):
+    api = running_api(jobs=False)
+    signed_up = api.get("/dashboard/signup").forms[0]
+    signed_up["email"], signed_up["name"], signed_up["password"] = "ada@example.com", "Ada", "correct horse battery"
+    key = re.search(r"pp_test_[A-Za-z0-9_-]+", signed_up.submit().follow().text).group(0)
+    created = api.create_pause(key, fields={**FIELDS, "memo": {"type": "string", "value": XSS, "editable": True}})
+    api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve", "fields": {"amount": 300}})
+    page = api.get(f"/dashboard/pauses/{created['pause_id']}").text
+    assert "<dt>Amount (USD)</dt><dd>300, changed from 340</dd>" in page and "<dt>payee</dt><dd>Acme Corp</dd>" in page
+    assert XSS not in page
