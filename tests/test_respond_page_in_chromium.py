@@ -61,3 +61,38 @@ def test_the_page_reads_at_320_px_and_in_dark_mode(live_server, browser):
     assert body.value_of_css_property("color") == "rgba(245, 245, 247, 1)"
     button = browser.find_element(By.CSS_SELECTOR, "button[name=choice]")
     assert button.value_of_css_property("background-color") == "rgba(10, 88, 202, 1)"           # white on it: 6.5:1
+
+
+def test_an_approver_lowers_the_amount_in_the_browser_within_its_bounds(live_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url = live_server.url
+    keys = requests.post(f"{url}/v1/auth/register",
+                         json={"email": "f@example.com", "name": "F", "password": "password123"}).json()
+    headers = {"Authorization": f"Bearer {keys['test_api_key']}"}
+    created = requests.post(f"{url}/v1/pause", headers=headers, json={**WIRE, "fields": {
+        "amount": {"type": "number", "value": 340, "min": 0, "max": 500, "editable": True, "label": "Amount (USD)"},
+        "payee": {"type": "string", "value": "Acme Corporation International Holdings", "editable": False},
+        "rush": {"type": "boolean", "value": False, "editable": True, "label": XSS}}}).json()
+    browser.set_window_size(320, 700)
+    browser.get(f"{url}/respond/{token_of(created['respond_url'])}")
+    assert browser.title == "Your decision · PausePoint"
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= 320
+    amount = browser.find_element(By.ID, "field-amount")
+    assert amount.size["height"] >= 44 and not browser.find_elements(By.ID, "field-payee")    # fixed: shown, not asked
+    amount.clear()
+    amount.send_keys("600")
+    browser.find_element(By.CSS_SELECTOR, "button[value=Approve]").click()
+    # The browser itself holds back a value above max; nothing was sent.
+    assert browser.execute_script("return document.getElementById('field-amount').validity.rangeOverflow")
+    assert requests.get(f"{url}/v1/pause/{created['pause_id']}", headers=headers).json()["status"] == "pending"
+    amount = browser.find_element(By.ID, "field-amount")
+    amount.clear()
+    amount.send_keys("300")
+    Select(browser.find_element(By.ID, "field-rush")).select_by_visible_text("Yes")
+    browser.find_element(By.CSS_SELECTOR, "button[value=Approve]").click()
+    WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "outcome"))
+    assert "Amount (USD) changed from 340 to 300." in browser.find_element(By.TAG_NAME, "main").text
+    pause = requests.get(f"{url}/v1/pause/{created['pause_id']}", headers=headers).json()
+    assert pause["edited"] == {"amount": {"old": 340, "new": 300}, "rush": {"old": False, "new": True}}
