@@ -1224,27 +1224,56 @@ def pause_fields(body, config):
     return {"recipient": recipient, "channel": body["channel"], "message": message, "options": options,
             "timeout_seconds": body["timeout_hours"] * 3600,
             "timeout_default": default.strip() if default is not None else None, "metadata": metadata,
-            "title": body.get("title"), "fields": declared_fields(body.get("fields"))}
+            "title": body.get("title"), "fields": declared_fields(body.get("fields"), config)}
 
 
-def declared_fields(fields):
+def declared_fields(fields, config):
     """A pause's fields as FIELDS_SCHEMA lets them through, checked for what it cannot say:
-    limits that fit the type, and values within them. Returns them with `editable` said."""
+    limits that fit the type, values within them, and a respond form that fits in a
+    request. Returns them with `editable` said."""
     if not fields:
         return None
     for name, field in fields.items():
+        def refuse(problem):
+            return invalid(f"fields.{name}", f"fields.{name}: {problem}")
         wrong = sorted(set(field) - {"type", "value", "editable", "label"} - FIELD_LIMITS[field["type"]])
         if wrong:
-            raise invalid(f"fields.{name}", f"fields.{name}: a {field['type']} field takes no {', '.join(wrong)}")
+            raise refuse(f"a {field['type']} field takes no {', '.join(wrong)}")
         if field["type"] == "enum" and "choices" not in field:
-            raise invalid(f"fields.{name}", f"fields.{name}: an enum field needs its choices")
+            raise refuse("an enum field needs its choices")
+        if any(choice != choice.strip() for choice in field.get("choices", ())):
+            raise refuse("choices must not begin or end with spaces")
+        for bound in ("min", "max"):
+            if bound in field and number_problem(field["type"], field[bound]):
+                raise refuse(f"{bound} {number_problem(field['type'], field[bound])}")
         if field.get("min", -math.inf) > field.get("max", math.inf):
-            raise invalid(f"fields.{name}", f"fields.{name}: min must not be above max")
+            raise refuse("min must not be above max")
         problem = field_value_problem(field, field["value"])
         if problem:
-            raise invalid(f"fields.{name}", f"fields.{name}: value {problem}")
-    return {name: {**field, "value": typed_value(field, field["value"]), "editable": field.get("editable", False)}
-            for name, field in fields.items()}
+            raise refuse(f"value {problem}")
+    fields = {name: {**field, "value": typed_value(field, field["value"]), "editable": field.get("editable", False)}
+              for name, field in fields.items()}
+    if respond_form_bytes(fields) > config["server.max_body_bytes"]:
+        raise invalid("fields", "fields: the respond page's form for these fields could be larger than the server"
+                                f" takes ({config['server.max_body_bytes']} bytes); give editable text fields a"
+                                " smaller max_length, or fewer of them")
+    return fields
+
+
+# Whole numbers a field may hold: the ones a double, and so any JSON reader, holds exactly.
+MAX_SAFE_INTEGER = 2 ** 53 - 1
+
+
+def number_problem(kind, value):
+    """What is wrong with `value` as a number of a field of type `kind`, or None."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if whole and abs(value) > MAX_SAFE_INTEGER:
+        return f"must be a number between -{MAX_SAFE_INTEGER} and {MAX_SAFE_INTEGER}"
+    if not whole and not (isinstance(value, float) and math.isfinite(value)):
+        return "must be a whole number" if kind == "integer" else "must be a number"
+    if kind == "integer" and not (whole or (value.is_integer() and abs(value) <= MAX_SAFE_INTEGER)):
+        return "must be a whole number"
+    return None
 
 
 def field_value_problem(field, value):
@@ -1259,9 +1288,9 @@ def field_value_problem(field, value):
         if not isinstance(value, str) or len(value) > limit or UNSAFE_TEXT.search(value):
             return f"must be text of at most {limit} characters, without control characters"
         return None
-    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not number or (kind == "integer" and value != int(value)):
-        return "must be a whole number" if kind == "integer" else "must be a number"
+    problem = number_problem(kind, value)
+    if problem:
+        return problem
     low, high = field.get("min"), field.get("max")
     if (low is not None and value < low) or (high is not None and value > high):
         if low is not None and high is not None:
@@ -1271,13 +1300,35 @@ def field_value_problem(field, value):
 
 
 def plain_number(number):
-    return str(int(number)) if float(number).is_integer() else str(number)
+    return str(typed_value({"type": "number"}, number))
 
 
 def typed_value(field, value):
-    """A number's 300.0 (from a form, say) is 300."""
-    numeric = field["type"] in ("number", "integer") and isinstance(value, float) and value.is_integer()
-    return int(value) if numeric else value
+    """A number's 300.0 (from a form, say) is 300, while it is a whole number a double holds exactly."""
+    numeric = field["type"] in ("number", "integer") and isinstance(value, float)
+    return int(value) if numeric and value.is_integer() and abs(value) <= MAX_SAFE_INTEGER else value
+
+
+def form_text(value):
+    """A field's value as the respond page's form carries it."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+# The most a browser sends for one character of a text field: a 3-byte UTF-8 character, percent-encoded.
+FORM_BYTES_PER_CHARACTER = 9
+# The rest of the respond form: a choice, a comment of up to 2,000 characters, the separators.
+RESPOND_FORM_BYTES = 2000 * FORM_BYTES_PER_CHARACTER + 1024
+
+
+def respond_form_bytes(fields):
+    """The most the respond page's form can weigh with these fields, as a browser encodes it."""
+    total = RESPOND_FORM_BYTES
+    for name, field in fields.items():
+        if field["editable"]:
+            longest = max(map(len, [form_text(field["value"]), *field.get("choices", ())])) + 30
+            text = field.get("max_length", MAX_FIELD_TEXT) if field["type"] == "string" else longest
+            total += len(urllib.parse.quote(f"field.{name}")) + 2 + text * FORM_BYTES_PER_CHARACTER
+    return total
 
 
 def edit_fields(fields, edits):
@@ -1867,8 +1918,8 @@ def respond_facts(pause, asked_by=None):
         "decided_at": api_time(pause["decided_at"]),
         "expires_at": api_time(pause["expires_at"]),
         "timeout_default": pause["timeout_default"],
-        **({"fields": json.loads(pause["fields"]), "edited": json.loads(pause["edited"] or "null")}
-           if pause["fields"] else {}),
+        **({"fields": json.loads(pause["fields"])} if pause["fields"] else {}),
+        **({"edited": json.loads(pause["edited"])} if pause["edited"] else {}),
     }
 
 
@@ -2328,14 +2379,26 @@ def expiry_text(pause):
     return human_time(pause["expires_at"])
 
 
+def fields_text(pause):
+    """A line for each of the pause's fields, so whoever answers from a text sees what they
+    approve; the respond page is where editable ones change."""
+    fields = json.loads(pause["fields"] or "{}")
+    return "".join(f"{field.get('label', name)}: {field_display(field['value'])}\n" for name, field in fields.items())
+
+
+def field_display(value):
+    return ("Yes" if value else "No") if isinstance(value, bool) else value
+
+
 def sms_text(pause, url):
     """As few segments as possible: no decoration, GSM-7 characters only in what we add."""
-    return f"{pause['message']}\n{reply_options(pause)}, or open {url}\nExpires {expiry_text(pause)}"
+    return f"{pause['message']}\n{fields_text(pause)}{reply_options(pause)}, or open {url}\nExpires {expiry_text(pause)}"
 
 
 def push_text(pause, url):
     options = " / ".join(json.loads(pause["options"]))
-    return f"{pause['message']}\n\nOptions: {options}\nAnswer: {url}\nExpires {expiry_text(pause)}"
+    return (f"{pause['message']}\n\n{fields_text(pause)}Options: {options}\nAnswer: {url}\n"
+            f"Expires {expiry_text(pause)}")
 
 
 def email_subject(pause):
@@ -2346,8 +2409,9 @@ def email_subject(pause):
 def email_text(pause, url):
     options = "\n".join(f"  {option}: {url}?choice={urllib.parse.quote(option)}"
                         for option in json.loads(pause["options"]))
-    return (f"Subject: {email_subject(pause)}\n\n{pause['message']}\n\nChoose one (each link opens a page where"
-            f" you confirm):\n{options}\n\nThis request expires {expiry_text(pause)}.")
+    fields = fields_text(pause) and f"\n\n{fields_text(pause).rstrip()}"
+    return (f"Subject: {email_subject(pause)}\n\n{pause['message']}{fields}\n\nChoose one (each link opens a page"
+            f" where you confirm):\n{options}\n\nThis request expires {expiry_text(pause)}.")
 
 
 def send_twilio(config, notification, pause, deadline):
@@ -3868,7 +3932,7 @@ RESPOND_FACTS = {"type": "object", "required": ["message", "options", "status"],
     "details": {"type": "array", "description": "The metadata keys the agent listed in its \"display\"",
                 "items": {"type": "object", "properties": {"name": {"type": "string"}, "value": {"type": "string"}}}},
     **{name: PAUSE["properties"][name] for name in ("title", "message", "options", "status", "choice", "comment",
-                                                    "decided_at", "expires_at", "timeout_default")}}}
+                                                    "decided_at", "expires_at", "timeout_default", "fields", "edited")}}}
 REGISTERED = {"type": "object", "required": ["developer_id", "api_key", "test_api_key", "plan", "message"],
               "properties": {"developer_id": {"type": "string"}, "api_key": {"type": "string"},
                              "test_api_key": {"type": "string"}, "plan": {"type": "string"}, "message": {"type": "string"}}}
@@ -4302,34 +4366,42 @@ def post_respond_page(rt, client, token):
     except ApiError as e:
         if e.status != 422:
             raise
-        return respond_page(rt, pause_by_token(rt.db(), token), token, error=e.message, status=422)
+        return respond_page(rt, pause_by_token(rt.db(), token), token, error=e.message, status=422, entered=form)
     # A reload then shows the recorded decision instead of posting again.
     return bottle.HTTPResponse(status=303, headers={"Location": f"/respond/{token}", **PAGE_HEADERS})
 
 
+# A number as a person types it: ASCII digits, an optional fraction and exponent.
+NUMBER_TEXT = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
 def form_edits(pause, form):
     """The page form's values of the pause's editable fields ('field.<name>'), typed as the
-    field is; text that is no number stays text, for edit_fields() to refuse by name."""
+    field is, without losing a digit or a space: a form sent back untouched edits nothing.
+    Text that is no number stays text, for edit_fields() to refuse by name."""
     edits = {}
     for name, field in json.loads(pause["fields"] or "{}").items():
         text = form.get(f"field.{name}")
         if not field["editable"] or text is None:
             continue
-        value = text.strip()
-        if field["type"] in ("number", "integer"):
-            with contextlib.suppress(ValueError):
-                value = float(value)
+        if field["type"] == "string":
+            text = text.replace("\r\n", "\n")         # a textarea sends its line breaks as CRLF
+        value = text
+        if field["type"] in ("number", "integer") and NUMBER_TEXT.fullmatch(text.strip()):
+            value = float(text)             # exact for every whole number a field may hold
         elif field["type"] == "boolean":
-            value = {"true": True, "false": False}.get(value, value)
+            value = {"true": True, "false": False}.get(text, text)
         edits[name] = value
     return edits
 
 
-def respond_page(rt, pause, token, error=None, picked=None, status=200):
+def respond_page(rt, pause, token, error=None, picked=None, status=200, entered=None):
+    """The respond page; after a refused form, `entered` keeps what the person typed."""
     times = {name: pause[name] and human_time(pause[name]) for name in ("expires_at", "decided_at")}
     left = parse_db_time(pause["expires_at"]) - utcnow()
     return html_page("respond", status=status, pause=respond_facts(pause, asker_name(rt.db(), pause)), token=token,
-                     error=error, picked=picked, times=times, left=human_duration(left.total_seconds()))
+                     error=error, picked=picked, times=times, left=human_duration(left.total_seconds()),
+                     entered=entered or {})
 
 
 def static_file(name):
@@ -4873,7 +4945,7 @@ BOTTLE_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_all
 # What templates may call besides the values a page hands them.
 TEMPLATE_HELPERS = {"urlencode": urllib.parse.urlencode,
                     "json_text": lambda value: json.dumps(value, indent=2, ensure_ascii=False),
-                    "field_text": lambda value: ("Yes" if value else "No") if isinstance(value, bool) else value}
+                    "field_text": field_display, "form_text": form_text}
 
 
 def html_page(name, status=200, headers=None, **values):

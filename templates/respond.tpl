@@ -23,22 +23,26 @@
   % if pause.get('fields'):
   <div class="fields">
     % for name, field in pause['fields'].items():
-    %   label, value, kind = field.get('label', name), field['value'], field['type']
+    %   label, kind, shown = field.get('label', name), field['type'], entered.get('field.' + name, form_text(field['value']))
     %   if not field['editable']:
-    <p class="field"><span class="field-label">{{label}}</span> <strong>{{field_text(value)}}</strong></p>
+    <p class="field"><span class="field-label">{{label}}</span> <strong>{{field_text(field['value'])}}</strong></p>
     %   elif kind in ('boolean', 'enum'):
     <label for="field-{{name}}">{{label}}</label>
     <select id="field-{{name}}" name="field.{{name}}">
-    %     for choice, shown in ([('true', 'Yes'), ('false', 'No')] if kind == 'boolean' else [(c, c) for c in field['choices']]):
-      <option value="{{choice}}"{{!' selected' if choice == (('true' if value else 'false') if kind == 'boolean' else value) else ''}}>{{shown}}</option>
+    %     for choice, text in ([('true', 'Yes'), ('false', 'No')] if kind == 'boolean' else [(c, c) for c in field['choices']]):
+      <option value="{{choice}}"{{!' selected' if choice == shown else ''}}>{{text}}</option>
     %     end
     </select>
+    %   elif kind == 'string' and '\n' in field['value']:
+    <label for="field-{{name}}">{{label}}</label>
+    <textarea id="field-{{name}}" name="field.{{name}}" rows="3" maxlength="{{field.get('max_length', 1000)}}">
+{{shown}}</textarea>
     %   elif kind == 'string':
     <label for="field-{{name}}">{{label}}</label>
-    <input id="field-{{name}}" name="field.{{name}}" type="text" value="{{value}}" maxlength="{{field.get('max_length', 1000)}}">
+    <input id="field-{{name}}" name="field.{{name}}" type="text" value="{{shown}}" maxlength="{{field.get('max_length', 1000)}}">
     %   else:
     <label for="field-{{name}}">{{label}}</label>
-    <input id="field-{{name}}" name="field.{{name}}" type="number" inputmode="decimal" value="{{value}}" step="{{'1' if kind == 'integer' else 'any'}}"{{!''.join(f' {bound}="{field[bound]}"' for bound in ('min', 'max') if bound in field)}}>
+    <input id="field-{{name}}" name="field.{{name}}" type="number" inputmode="decimal" value="{{shown}}" step="{{'1' if kind == 'integer' else 'any'}}"{{!''.join(f' {bound}="{field[bound]}"' for bound in ('min', 'max') if bound in field)}}>
     %   end
     % end
   </div>

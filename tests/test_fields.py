@@ -154,3 +154,72 @@ def test_the_dashboard_shows_the_fields_and_what_the_approver_changed(running_ap
     page = api.get(f"/dashboard/pauses/{created['pause_id']}").text
     assert "<dt>Amount (USD)</dt><dd>300, changed from 340</dd>" in page and "<dt>payee</dt><dd>Acme Corp</dd>" in page
     assert XSS not in page
+
+
+def test_a_form_sent_back_untouched_changes_nothing(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    fields = {"account": {"type": "integer", "value": 2 ** 53 - 1, "editable": True},
+              "ratio": {"type": "number", "value": 0.1, "editable": True},
+              "invoice": {"type": "string", "value": " INV-1 ", "editable": True},
+              "address": {"type": "string", "value": "\nAcme Corp\nSuite 5", "editable": True},
+              "tier": {"type": "enum", "value": "b", "choices": ["a", "b"], "editable": True},
+              "rush": {"type": "boolean", "value": True, "editable": True}}
+    created = api.create_pause(key, fields=fields)
+    page = api.get(f"/respond/{token_of(created['respond_url'])}")
+    page.forms[0].submit("choice", value="Approve", status=303)
+    pause = api.pause(key, created["pause_id"])
+    assert pause["edited"] == {} and {name: f["value"] for name, f in pause["fields"].items()} == {
+        name: field["value"] for name, field in fields.items()}
+
+
+def test_a_refused_form_comes_back_with_what_the_person_typed(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key, fields={**FIELDS, "note": {"type": "string", "value": "", "max_length": 5,
+                                                               "editable": True}})
+    form = api.get(f"/respond/{token_of(created['respond_url'])}").forms[0]
+    form["field.amount"], form["field.note"] = "300", "far too long"
+    again = form.submit("choice", value="Approve", status=422).forms[0]
+    assert again["field.amount"].value == "300" and again["field.note"].value == "far too long"
+
+
+@pytest.mark.parametrize("fields, says", [
+    ({"n": {"type": "number", "value": 10 ** 400}}, "value must be a number between"),
+    ({"n": {"type": "number", "value": 1, "max": 10 ** 400}}, "max must be a number between"),
+    ({"n": {"type": "integer", "value": 2 ** 53}}, "value must be a number between"),
+    ({"n": {"type": "integer", "value": 3, "min": 0.5}}, "min must be a whole number"),
+    ({"n": {"type": "enum", "value": "sp", "choices": [" sp ", "sp"]}}, "choices must not begin or end with spaces"),
+])
+def test_declarations_a_page_or_a_reader_could_not_hold_are_refused(api, developer, fields, says):
+    refused = api.post_json("/v1/pause", {**WIRE, "fields": fields}, headers=api.as_key(developer["test_api_key"]),
+                            status=422).json["error"]
+    assert refused["field"] == "fields.n" and says in refused["message"]
+
+
+def test_fields_whose_form_could_outgrow_a_request_are_refused(api, developer):
+    many = {f"text{n}": {"type": "string", "value": "", "editable": True} for n in range(6)}
+    refused = api.post_json("/v1/pause", {**WIRE, "fields": many}, headers=api.as_key(developer["test_api_key"]),
+                            status=422).json["error"]
+    assert refused["field"] == "fields" and "smaller max_length" in refused["message"]
+    fitting = {name: {**field, "max_length": 200} for name, field in many.items()}
+    api.post_json("/v1/pause", {**WIRE, "fields": fitting}, headers=api.as_key(developer["test_api_key"]))
+
+
+def test_a_huge_number_as_an_edit_is_refused_by_name(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key, fields=FIELDS)
+    body = '{"choice": "Approve", "fields": {"payee": %s}}' % ("9" * 400)
+    refused = api.post(f"/v1/respond/{token_of(created['respond_url'])}", body,
+                       content_type="application/json", status=422).json["error"]
+    assert refused["field"] == "fields.payee"
+
+
+def test_whoever_answers_by_text_is_shown_the_fields(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key, fields={**FIELDS, "rush": {"type": "boolean", "value": True}})
+    text = api.pause(key, created["pause_id"])["notification"]["text"]
+    assert text.startswith(f"{WIRE['message']}\nAmount (USD): 340\npayee: Acme Corp\nrush: Yes\nReply ")
+    assert "edited" not in api.get(f"/v1/respond/{token_of(created['respond_url'])}").json      # nothing decided yet
