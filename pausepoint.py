@@ -3995,7 +3995,11 @@ def schema_error(schema, error):
         return invalid(None, schema.get("x-message", "the request body must be a JSON object"))
     # A conditional (the recipient for this channel) says what it wants itself.
     message = error.schema.get("x-message") if isinstance(error.schema, dict) and len(error.absolute_path) == 1 else None
-    return invalid(field, message or properties.get(field, {}).get("x-message", f"{field} is not valid"))
+    message = message or properties.get(field, {}).get("x-message", f"{field} is not valid")
+    # In a map of named entries (fields), name the entry too.
+    if isinstance(properties.get(field, {}).get("additionalProperties"), dict) and len(error.absolute_path) > 1:
+        field = f"{field}.{error.absolute_path[1]}"
+    return invalid(field, message)
 
 
 ###############################################################################

@@ -103,7 +103,8 @@ def test_an_edit_out_of_bounds_or_to_a_fixed_field_is_refused_by_name(running_ap
     ({"n": {"type": "boolean", "value": "yes"}}, "fields.n", "value must be true or false"),
     ({"a b": {"type": "boolean", "value": True}}, "fields", "fields must be an object of up to 10 named values"),
     ({f"f{n}": {"type": "boolean", "value": True} for n in range(11)}, "fields", "up to 10"),
-    ({"n": {"type": "date", "value": "2026-01-01"}}, "fields", "type is string (max_length)"),
+    ({"n": {"type": "date", "value": "2026-01-01"}}, "fields.n", "type is string (max_length)"),
+    ({"n": {"type": "enum", "value": "a", "choices": ["a", "b" * 101]}}, "fields.n", "each like"),
 ])
 def test_fields_are_declared_with_types_and_bounds_that_fit(api, developer, fields, field, says):
     refused = api.post_json("/v1/pause", {**WIRE, "fields": fields}, headers=api.as_key(developer["test_api_key"]),
