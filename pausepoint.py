@@ -5476,9 +5476,10 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
     its own turn while everyone else's requests keep being taken. The trusted proxy,
     behind which every client shares one address, is exempt."""
 
-    def __init__(self, per_address, exempt):
+    def __init__(self, per_address, exempt, wake_waiters=lambda: None):
         super().__init__()
         self.per_address, self.exempt = per_address, exempt
+        self.wake_waiters = wake_waiters              # at shutdown, so parked long polls get their answer
         self.waiting = collections.OrderedDict()    # address -> its channels with a request; order is turn order
         self.running = collections.Counter()        # address -> threads serving it now
         self.queued = 0                             # channels in `waiting`, all addresses together
@@ -5515,10 +5516,13 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
                     self.active_count -= 1
                     self.queue_cv.wait()
                     self.active_count += 1
-                # Stopping: a parked long poll woken to answer how things stand is still served.
+                # Stopping: the parked long polls woken to answer how things stand are still
+                # served, wherever they queue; other requests are left.
                 if self.stop_count > 0 and not (taken is not None and taken[1].resumed):
                     if taken is not None:
                         self._give_back(*taken)
+                    taken = self._take_resumed()
+                if self.stop_count > 0 and taken is None:
                     self.active_count -= 1
                     self.stop_count -= 1
                     self.threads.discard(thread_no)
@@ -5535,6 +5539,20 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
                     self.running += collections.Counter()
                     self.queue_cv.notify()          # the address's next request may run now
 
+    def _take_resumed(self):
+        """A woken long poll from anywhere in the queue, or None."""
+        for address, channels in self.waiting.items():
+            for channel in channels:
+                if channel.resumed:
+                    channels.remove(channel)
+                    if not channels:
+                        del self.waiting[address]
+                    channel.queued = False
+                    self.queued -= 1
+                    self.running[address] += 1
+                    return address, channel
+        return None
+
     def _give_back(self, address, channel):
         channel.queued = True
         self.queued += 1
@@ -5544,6 +5562,9 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
         self.waiting.move_to_end(address, last=False)
 
     def shutdown(self, cancel_pending=True, timeout=5):
+        # Here, not in the signal handler: that runs on the main thread, which may be inside
+        # add_task() holding self.lock, and waking a waiter takes it.
+        self.wake_waiters()
         done = super().shutdown(cancel_pending, timeout)
         if cancel_pending:
             with self.lock:
@@ -5616,7 +5637,7 @@ def make_server(app, config, port=None):
                        trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
     adjustments = waitress.adjustments.Adjustments(**options)
     dispatcher = FairTaskDispatcher(config["server.threads"] - THREADS_KEPT_FOR_OTHER_REQUESTS,
-                                    config["server.trusted_proxy"])
+                                    config["server.trusted_proxy"], app.runtime.wake_waiters)
     dispatcher.set_thread_count(adjustments.threads)
     queue_log = logging.getLogger("waitress.queue")
     if not any(isinstance(f, QueueDepthSummary) for f in queue_log.filters):
@@ -5638,10 +5659,9 @@ def serve(config):
     app.runtime.start()
 
     def stop(signum, frame):
-        # Wake long-polling agents first, so waitress's wait for in-flight
-        # requests is not spent on them; then let waitress finish the rest.
+        # waitress then shuts its threads down, first waking long-polling agents (see
+        # FairTaskDispatcher.shutdown), who answer at once from now on.
         app.runtime.stopping = True
-        app.runtime.wake_waiters()
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
