@@ -124,10 +124,11 @@ class PausePoint:
         key = idempotency_key or f"pp-client-{uuid.uuid4()}"
         return self._call("POST", "/v1/pause", body, headers={"Idempotency-Key": key}, safe=True)
 
-    def get(self, pause_id, wait=0):
-        """The whole pause; with wait=N seconds (up to 60), answered when it is decided or after N."""
+    def get(self, pause_id, wait=0, deadline=None):
+        """The whole pause; with wait=N seconds (up to 60), answered when it is decided or after N.
+        With a `deadline` (a time.monotonic() value), retries never wait past it."""
         return self._call("GET", f"/v1/pause/{_quote(pause_id)}", query={"wait": wait} if wait else None,
-                          safe=True, extra_time=wait)
+                          safe=True, extra_time=wait, deadline=deadline)
 
     def wait(self, pause_id, timeout=None):
         """The pause once decided, or as it stands after `timeout` seconds (None: until decided).
@@ -136,12 +137,13 @@ class PausePoint:
         while True:
             left = LONGEST_WAIT if deadline is None else deadline - time.monotonic()
             try:
-                pause = self.get(pause_id, wait=max(0, min(LONGEST_WAIT, int(left))))
-            except RateLimited:
-                # As many agents wait as the server takes: get() came back when it was told
-                # to, several times over. Keep at it, within our own deadline.
-                if deadline is not None and time.monotonic() >= deadline:
+                pause = self.get(pause_id, wait=max(0, min(LONGEST_WAIT, int(left))), deadline=deadline)
+            except RateLimited as e:
+                # As many agents wait as the server takes: come back when told, within our deadline.
+                later = e.retry_after or self.backoff
+                if deadline is not None and time.monotonic() + later >= deadline:
                     return self.get(pause_id)
+                time.sleep(later)
                 continue
             if pause["status"] != "pending" or (deadline is not None and time.monotonic() >= deadline - 0.5):
                 return pause
@@ -184,7 +186,7 @@ class PausePoint:
 
     # -- HTTP ------------------------------------------------------------------------------
 
-    def _call(self, method, path, body=None, query=None, headers=None, safe=False, extra_time=0):
+    def _call(self, method, path, body=None, query=None, headers=None, safe=False, extra_time=0, deadline=None):
         url = self.base_url + path + ("?" + urllib.parse.urlencode(query) if query else "")
         data = None if body is None else json.dumps(body).encode("utf-8")
         headers = {"Authorization": f"Bearer {self.api_key}", "Accept": "application/json",
@@ -203,10 +205,11 @@ class PausePoint:
                 reason = getattr(e, "reason", e)
                 error = Unreachable(0, "unreachable", f"no answer from {self.base_url}: {reason}")
             retryable = isinstance(error, (Unreachable, ServerError, RateLimited))
-            if not (safe and retryable) or attempt == self.retries:
+            pause = min(error.retry_after or self.backoff * 2 ** attempt, 30) * random.uniform(0.8, 1.2)
+            late = deadline is not None and time.monotonic() + pause >= deadline
+            if not (safe and retryable) or attempt == self.retries or late:
                 raise error
-            pause = error.retry_after or self.backoff * 2 ** attempt
-            time.sleep(min(pause, 30) * random.uniform(0.8, 1.2))
+            time.sleep(pause)
         raise AssertionError("unreachable")
 
 

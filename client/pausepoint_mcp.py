@@ -75,8 +75,9 @@ async def wait_reporting(pause_id, ctx):
         left = total - (time.monotonic() - started)
         step = max(0, min(config["progress_every"], left))
         try:
-            pause = await anyio.to_thread.run_sync(client().get, pause_id, max(1, round(step)) if step >= 0.5 else 0)
-        except RateLimited:     # the server has as many agents waiting as it takes, and get() came back as told
+            pause = await anyio.to_thread.run_sync(client().get, pause_id, max(1, round(step)) if step >= 0.5 else 0,
+                                                   time.monotonic() + step)
+        except RateLimited:     # the server has as many agents waiting as it takes: read it as it stands
             pause = await anyio.to_thread.run_sync(client().get, pause_id)
         if pause["status"] != "pending" or left <= 1:
             return pause

@@ -75,10 +75,12 @@ def test_waiting_comes_back_when_told_while_the_server_has_as_many_waiting_as_it
             waiting = pool.submit(client.wait, first["pause_id"])
             wait_until(lambda: app.runtime.waiting.count == 1)
             told = pool.submit(client.wait, second["pause_id"])
-            wait_until(lambda: stored(config["database.path"], "SELECT count(*) FROM pauses")[0][0] == 2)
             with pytest.raises(pausepoint_client.RateLimited) as refused:
                 PausePoint(server.url, client.api_key, retries=0).get(second["pause_id"], wait=30)     # what told() hears
             assert refused.value.retry_after == 5
+            started = time.monotonic()
+            assert client.wait(second["pause_id"], timeout=2)["status"] == "pending"
+            assert time.monotonic() - started < 4       # its own deadline, though told to come back in 5 s
             requests.post(f"{server.url}/v1/respond/{token_of(second['respond_url'])}", json={"choice": "Approve"})
             assert told.result(timeout=30)["status"] == "responded"
             requests.post(f"{server.url}/v1/respond/{token_of(first['respond_url'])}", json={"choice": "Reject"})
