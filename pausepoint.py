@@ -97,7 +97,8 @@ SETTINGS = [
     Setting("server.base_url", "", "Public URL of this server, used to build respond_url links. Empty: http://<host>:<port>."),
     Setting("server.threads", 64, "Worker threads. One client address may use all but 8 of them at once. Long-polling agents (?wait=) hold none while they wait."),
     Setting("server.waiting_limit", 2000, "Long polls (?wait=) that may wait at once, all developers together. Each holds a connection, not a thread; beyond the limit they get 429 with Retry-After."),
-    Setting("server.waiting_per_developer", 1000, "Long polls one developer's agents may have waiting at once."),
+    Setting("server.waiting_per_developer", 1000, "Long polls one developer's agents may have waiting at once (test and live keys together)."),
+    Setting("server.waiting_per_ip", 1000, "Long polls one client address may have waiting at once, whatever accounts they use (server.trusted_proxy is exempt)."),
     Setting("server.trusted_proxy", "", "IP address of a reverse proxy whose X-Forwarded-For/-Proto headers are believed. Empty: none."),
     Setting("server.max_body_bytes", 65536, "Largest request body accepted; larger ones are refused with 413 as soon as their size is known."),
     Setting("server.connection_limit", 4096, "Open client connections at most. Near the limit, the quietest connections that are not being served are closed to make room."),
@@ -295,6 +296,7 @@ SETTING_CHECKS = {
     "server.threads": lambda v: None if 12 <= v <= 1000 else "must be between 12 and 1000",
     "server.waiting_limit": lambda v: None if 0 <= v <= 100_000 else "must be between 0 and 100000",
     "server.waiting_per_developer": lambda v: None if 0 <= v <= 100_000 else "must be between 0 and 100000",
+    "server.waiting_per_ip": lambda v: None if 0 <= v <= 100_000 else "must be between 0 and 100000",
     "server.base_url": _check_base_url,
     "server.trusted_proxy": _check_trusted_proxy,
     "twilio.api_base": lambda v: None if re.fullmatch(r"https?://[^\s/?#]+/?", v) else "must be an http:// or https:// URL with no path",
@@ -2920,7 +2922,8 @@ def emit_pause_events(conn, config, pauses, event_type=None, when=None):
         {"events": events, "type": event_type, "now": now}).rowcount
     if queued:
         wake_after_commit(conn, "webhooks")
-    wake_after_commit(conn, "events", *{(pause["developer_id"], pause["livemode"]) for pause in pauses})
+    wake_after_commit(conn, "events", *{(pause["developer_id"], pause["livemode"], event_type or f"pause.{pause['status']}")
+                                        for pause in pauses})
 
 
 def queue_event(conn, developer_id, livemode, event_type, data, webhook_ids, pause_id=None, when=None):
@@ -2940,7 +2943,7 @@ def queue_event(conn, developer_id, livemode, event_type, data, webhook_ids, pau
                      " VALUES (?, ?, ?, ?, ?, ?)", (delivery_ids[-1], webhook_id, event_id, now, now, now))
     if delivery_ids:
         wake_after_commit(conn, "webhooks")
-    wake_after_commit(conn, "events", (developer_id, livemode))
+    wake_after_commit(conn, "events", (developer_id, livemode, event_type))
     return delivery_ids
 
 
@@ -3257,7 +3260,8 @@ class Runtime:
         self.config = config
         self._local = threading.local()
         self.write_lock = FairLock()
-        self.waiting = Waiting(config["server.waiting_limit"], config["server.waiting_per_developer"])
+        self.waiting = Waiting(config["server.waiting_limit"], config["server.waiting_per_developer"],
+                               config["server.waiting_per_ip"], config["server.trusted_proxy"] or None)
         self.stopping = False
         self.limiter = RateLimiter(enabled=config["ratelimit.enabled"])
         self.error_log = ErrorLog()
@@ -3301,8 +3305,10 @@ class Runtime:
 
     def on_commit(self, woken):
         """What a committed transaction registered with wake_after_commit()."""
-        self.waiting.changed([f"pause:{pause_id}" for pause_id in woken.get("decisions", ())]
-                            + [f"events:{developer}:{mode}" for developer, mode in woken.get("events", ())])
+        feeds = collections.defaultdict(set)       # each feed's new event types
+        for developer, mode, event_type in woken.get("events", ()):
+            feeds[f"events:{developer}:{mode}"].add(event_type)
+        self.waiting.changed([f"pause:{pause_id}" for pause_id in woken.get("decisions", ())] + list(feeds), feeds)
         if "webhooks" in woken:
             self.wake_webhooks()
 
@@ -3472,27 +3478,29 @@ class Runtime:
         prune_expired_data(self.db(), self.config)
         refresh_statistics(self.db())
 
-    def wait_for(self, caller, topic, load, done, seconds, environ):
+    def wait_for(self, caller, topic, load, done, seconds, environ, wants=None):
         """Call load() until done(what it returned) or `seconds` pass, looking again each time
         `topic` changes. Under waitress the request parks meanwhile (see Waiting) and is
         served again with the same deadline; elsewhere it waits on this thread. A developer
         with their share of requests waiting already is told when to come back (429 with
-        Retry-After), rather than answered at once, which would make a fleet poll."""
+        Retry-After), rather than answered at once, which would make a fleet poll. With
+        `wants`, only changes of those kinds (see Waiting.changed) wake a parked request."""
         park, wait_until = environ.get("pausepoint.park"), environ.get("pausepoint.wait_until")
-        served_before = wait_until is not None
+        served_before, who = wait_until is not None, (caller.developer_id, environ.get("REMOTE_ADDR"))
         wait_until = wait_until or time.monotonic() + seconds
-        watch = self.waiting.watch(topic)      # before the read: a change after it is not missed
+        watch = self.waiting.watch(topic, wants)       # before the read: a change after it is not missed
         try:
             found = load()
             if done(found) or self.stopping or time.monotonic() >= wait_until:
                 return found
-            if not self.waiting.admit(caller.developer_id, first=not served_before):
+            if not self.waiting.admit(who, first=not served_before):
                 raise ApiError(429, "too_many_waiting",
-                               "too many requests are waiting already (server.waiting_per_developer, "
-                               f"server.waiting_limit); try again in {WAITING_FULL_RETRY_SECONDS} seconds",
+                               "as many long polls wait already as this server takes from your account, your"
+                               " address or everyone (server.waiting_per_developer, server.waiting_per_ip,"
+                               f" server.waiting_limit); try again in {WAITING_FULL_RETRY_SECONDS} seconds",
                                headers={"Retry-After": str(WAITING_FULL_RETRY_SECONDS)})
             if park is not None:
-                park(wait_until, functools.partial(self.waiting.park, watch, caller.developer_id, wait_until))
+                park(wait_until, functools.partial(self.waiting.park, watch, who, wait_until))
                 watch = None                    # the parked request's now
                 raise Parked()
             try:
@@ -3502,7 +3510,7 @@ class Runtime:
                         found = load()
                 return found
             finally:
-                self.waiting.leave(caller.developer_id)
+                self.waiting.leave(who)
         finally:
             if watch is not None:
                 self.waiting.unwatch(watch)
@@ -3532,33 +3540,36 @@ class Waiting:
 
     class Watch:
         """One request's look at a topic: the changes it had seen when it last read."""
-        __slots__ = ("name", "topic", "seen", "developer", "resume", "done")
+        __slots__ = ("name", "topic", "seen", "wants", "who", "resume", "done")
 
-        def __init__(self, name, topic):
-            self.name, self.topic, self.seen = name, topic, topic.changes
-            self.developer = self.resume = None
+        def __init__(self, name, topic, wants):
+            self.name, self.topic, self.seen, self.wants = name, topic, topic.changes, wants
+            self.who = self.resume = None
             self.done = False
 
-    def __init__(self, limit, per_developer):
-        self.limit, self.per_developer = limit, per_developer
+    def __init__(self, limit, per_developer, per_address, exempt_address=None):
+        self.limit, self.per_developer, self.per_address = limit, per_developer, per_address
+        self.exempt_address = exempt_address            # server.trusted_proxy: every client's address, behind it
         self.lock = threading.Lock()
         self.topics = {}                                # name -> Topic, while anyone watches it
-        self.waiting = collections.Counter()            # developer -> requests waiting
-        self.count = 0                                  # all developers' together
+        self.waiting = collections.Counter()            # (developer, None) and (None, address) -> requests waiting
+        self.count = 0                                  # all of them together
         self.deadlines = []                             # heap of (monotonic time, sequence, Watch) parked
         self.sequence = itertools.count()
         self.clock = threading.Condition(self.lock)     # the deadline thread sleeps on it
         self.clock_thread = None
         self.closed = False
 
-    def watch(self, name):
-        """Start counting `name`'s changes; before a read, so a change after the read is not missed."""
+    def watch(self, name, wants=None):
+        """Start counting `name`'s changes; before a read, so a change after the read is not
+        missed. A parked watcher that `wants` some kinds of change only (event types) is not
+        woken by others."""
         with self.lock:
             topic = self.topics.get(name)
             if topic is None:
                 topic = self.topics[name] = self.Topic()
             topic.watchers += 1
-            return self.Watch(name, topic)
+            return self.Watch(name, topic, wants)
 
     def unwatch(self, watch):
         with self.lock:
@@ -3569,26 +3580,31 @@ class Waiting:
         if not watch.topic.watchers:
             del self.topics[watch.name]
 
-    def admit(self, developer, first=True):
-        """Count one more waiting request of `developer`, if within both limits. One served
-        again after waiting (not `first`) is counted again whatever the limits: it was
-        counted a moment ago, and its client is owed the rest of its wait."""
+    def admit(self, who, first=True):
+        """Count one more waiting request of `who` (developer, client address), if within the
+        limits: per developer, per address (so accounts made by one client cannot take every
+        place) and in all. One served again after waiting (not `first`) is counted again
+        whatever the limits: it was counted a moment ago, and its client is owed the rest."""
+        developer, address = who
         with self.lock:
-            if first and (self.waiting[developer] >= self.per_developer or self.count >= self.limit):
+            crowded = (self.waiting[(developer, None)] >= self.per_developer or self.count >= self.limit
+                       or (address != self.exempt_address and self.waiting[(None, address)] >= self.per_address))
+            if first and crowded:
                 return False
-            self.waiting[developer] += 1
+            self.waiting.update([(developer, None), (None, address)])
             self.count += 1
             return True
 
-    def leave(self, developer):
+    def leave(self, who):
         with self.lock:
-            self._leave(developer)
+            self._leave(who)
 
-    def _leave(self, developer):
+    def _leave(self, who):
         self.count -= 1
-        self.waiting[developer] -= 1
-        if not self.waiting[developer]:
-            del self.waiting[developer]
+        self.waiting.subtract([(who[0], None), (None, who[1])])
+        for key in ((who[0], None), (None, who[1])):
+            if not self.waiting[key]:
+                del self.waiting[key]
 
     def wait(self, watch, timeout):
         """Block this thread until the watched topic changes, `timeout` passes or we close."""
@@ -3598,11 +3614,11 @@ class Waiting:
             topic.condition.wait_for(lambda: topic.changes != watch.seen or self.closed, timeout)
             watch.seen = topic.changes
 
-    def park(self, watch, developer, wait_until, resume):
+    def park(self, watch, who, wait_until, resume):
         """Hold an admitted request until its topic changes or `wait_until` (time.monotonic()),
         then call resume(), once, on some other thread. Takes over the watch and the count."""
         with self.lock:
-            watch.developer, watch.resume = developer, resume
+            watch.who, watch.resume = who, resume
             if watch.topic.changes == watch.seen and not self.closed:
                 watch.topic.parked.append(watch)
                 heapq.heappush(self.deadlines, (wait_until, next(self.sequence), watch))
@@ -3618,10 +3634,12 @@ class Waiting:
     def _release(self, watch):
         watch.done = True
         self._unwatch(watch)
-        self._leave(watch.developer)
+        self._leave(watch.who)
 
-    def changed(self, names):
-        """Wake the waiters of each topic named."""
+    def changed(self, names, kinds=None):
+        """Wake the waiters of each topic named; with `kinds` ({name: event types}), not the
+        parked ones that want none of those (a feed reader asking for pause.responded only
+        is not made to look again at every pause.created)."""
         woken = []
         with self.lock:
             for name in names:
@@ -3631,11 +3649,15 @@ class Waiting:
                 topic.changes += 1
                 if topic.condition is not None:
                     topic.condition.notify_all()
+                change, still = (kinds or {}).get(name), []
                 for watch in topic.parked:
+                    if change and watch.wants and not change & watch.wants:
+                        still.append(watch)
+                        continue
                     self._release(watch)
                     woken.append(watch.resume)
                     watch.resume = None         # its deadline stays in the heap a while: not the connection
-                topic.parked = []
+                topic.parked = still
         for resume in woken:
             resume()
 
@@ -4268,7 +4290,7 @@ def list_events(rt, caller, query):
     events = read()
     if query["wait"] and not events:
         events = rt.wait_for(caller, f"events:{caller.developer_id}:{caller.livemode}", read, bool, query["wait"],
-                             bottle.request.environ)
+                             bottle.request.environ, wants=set(types or ()))
     return json_answer('{"events": [%s]}' % ", ".join(events))
 
 
@@ -5636,6 +5658,12 @@ def make_server(app, config, port=None):
         options.update(trusted_proxy=config["server.trusted_proxy"],
                        trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
     adjustments = waitress.adjustments.Adjustments(**options)
+    # Parked long polls hold connections that are never shed to make room: at most half of
+    # them, so the respond page still opens for the people they wait on.
+    app.runtime.waiting.limit = min(config["server.waiting_limit"], adjustments.connection_limit // 2)
+    if app.runtime.waiting.limit < config["server.waiting_limit"]:
+        log.warning("server.waiting_limit lowered to %d, half the connections there is room for",
+                    app.runtime.waiting.limit)
     dispatcher = FairTaskDispatcher(config["server.threads"] - THREADS_KEPT_FOR_OTHER_REQUESTS,
                                     config["server.trusted_proxy"], app.runtime.wake_waiters)
     dispatcher.set_thread_count(adjustments.threads)

@@ -181,6 +181,49 @@ def test_a_developer_past_their_share_of_waiting_is_told_when_to_come_back(small
     assert [answer_to(sock)[2]["status"] for sock in parked[1:]] == ["responded"] * 5
 
 
+def test_one_address_cannot_take_every_waiting_place_with_many_accounts(small_server):
+    server = small_server(**{"server.waiting_per_ip": 2})
+    keys = [register(server.url, email=f"dev{n}@example.com")["test_api_key"] for n in range(2)]
+    pauses = [create(server.url, keys[n % 2]) for n in range(4)]
+    parked = [ask(server, f"/v1/pause/{p['pause_id']}?wait=50", keys[0]) for p in pauses[::2]]
+    wait_until(lambda: server.app.runtime.waiting.count == 2)
+    # The second account has its whole share, but its address has not.
+    status, _, body = answer_to(ask(server, f"/v1/pause/{pauses[1]['pause_id']}?wait=50", keys[1]))
+    assert status == 429 and "server.waiting_per_ip" in body["error"]["message"]
+    elsewhere = socket.socket()
+    elsewhere.bind(("127.0.0.2", 0))
+    elsewhere.connect(("127.0.0.1", int(server.server.effective_port)))
+    elsewhere.sendall(f"GET /v1/pause/{pauses[3]['pause_id']}?wait=50 HTTP/1.1\r\nHost: x\r\n"
+                      f"Authorization: Bearer {keys[1]}\r\n\r\n".encode())
+    wait_until(lambda: server.app.runtime.waiting.count == 3)
+    for p in pauses[::2] + pauses[3:]:
+        requests.post(f"{server.url}/v1/respond/{token_of(p['respond_url'])}", json={"choice": "Approve"})
+    assert [answer_to(sock)[0] for sock in parked + [elsewhere]] == [200] * 3
+
+
+def test_waiting_places_are_at_most_half_the_connections(small_server):
+    server = small_server(**{"server.connection_limit": 100})
+    assert server.app.runtime.waiting.limit == 50
+
+
+def test_a_feed_reader_waiting_for_some_event_types_is_not_woken_by_others(small_server):
+    server = small_server()
+    key = register(server.url)["test_api_key"]
+    first = create(server.url, key)
+    latest = requests.get(f"{server.url}/v1/events", headers=bearer(key)).json()["events"][-1]["id"]
+    reader = ask(server, f"/v1/events?after={latest}&types=pause.responded&wait=50", key)
+    waiting = server.app.runtime.waiting
+    wait_until(lambda: waiting.count == 1)
+    [feed] = [topic for name, topic in waiting.topics.items() if name.startswith("events:")]
+    parked = feed.parked[0]
+    for _ in range(5):
+        create(server.url, key)                 # pause.created, five times
+    assert feed.changes == 5 and feed.parked == [parked] and not parked.done     # never woken to look
+    requests.post(f"{server.url}/v1/respond/{token_of(first['respond_url'])}", json={"choice": "Approve"})
+    status, _, body = answer_to(reader)
+    assert status == 200 and [event["type"] for event in body["events"]] == ["pause.responded"]
+
+
 def test_a_parked_long_poll_is_neither_an_idle_connection_nor_one_waiting_for_a_thread(small_server):
     server = small_server(**{"server.idle_timeout": 1, "server.connections_per_ip": 4})
     key = register(server.url)["test_api_key"]
