@@ -139,9 +139,11 @@ class PausePoint:
             try:
                 pause = self.get(pause_id, wait=max(0, min(LONGEST_WAIT, int(left))), deadline=deadline)
             except RateLimited as e:
-                # As many agents wait as the server takes: come back when told, within our deadline.
+                # As many agents wait as the server takes: come back when told or, if that is
+                # past our deadline, at the deadline for one last look; never sooner.
                 later = e.retry_after or self.backoff
                 if deadline is not None and time.monotonic() + later >= deadline:
+                    time.sleep(max(0.0, deadline - time.monotonic()))
                     return self.get(pause_id)
                 time.sleep(later)
                 continue

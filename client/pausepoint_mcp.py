@@ -74,10 +74,12 @@ async def wait_reporting(pause_id, ctx):
     while True:
         left = total - (time.monotonic() - started)
         step = max(0, min(config["progress_every"], left))
+        step_ends = time.monotonic() + step
         try:
             pause = await anyio.to_thread.run_sync(client().get, pause_id, max(1, round(step)) if step >= 0.5 else 0,
-                                                   time.monotonic() + step)
-        except RateLimited:     # the server has as many agents waiting as it takes: read it as it stands
+                                                   step_ends)
+        except RateLimited:     # the server has as many agents waiting as it takes: look again at the step's end
+            await anyio.sleep(max(0.0, step_ends - time.monotonic()))
             pause = await anyio.to_thread.run_sync(client().get, pause_id)
         if pause["status"] != "pending" or left <= 1:
             return pause

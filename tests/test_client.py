@@ -80,7 +80,8 @@ def test_waiting_comes_back_when_told_while_the_server_has_as_many_waiting_as_it
             assert refused.value.retry_after == 5
             started = time.monotonic()
             assert client.wait(second["pause_id"], timeout=2)["status"] == "pending"
-            assert time.monotonic() - started < 4       # its own deadline, though told to come back in 5 s
+            # Its own deadline, though told to come back in 5 s; and not at once, which makes a caller spin.
+            assert 1.9 <= time.monotonic() - started < 4
             requests.post(f"{server.url}/v1/respond/{token_of(second['respond_url'])}", json={"choice": "Approve"})
             assert told.result(timeout=30)["status"] == "responded"
             requests.post(f"{server.url}/v1/respond/{token_of(first['respond_url'])}", json={"choice": "Reject"})
