@@ -5688,7 +5688,10 @@ def serve(config):
 
     def stop(signum, frame):
         # waitress then shuts its threads down, first waking long-polling agents (see
-        # FairTaskDispatcher.shutdown), who answer at once from now on.
+        # FairTaskDispatcher.shutdown), who answer at once from now on. A second signal
+        # meanwhile would cut that short and abort the process: the first one is enough.
+        if app.runtime.stopping:
+            return
         app.runtime.stopping = True
         raise SystemExit(0)
 

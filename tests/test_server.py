@@ -317,6 +317,28 @@ def test_at_a_stop_every_parked_waiter_is_answered_even_behind_queued_requests(s
     assert answers == [[b"200"]] * 30
 
 
+def test_a_second_stop_signal_while_stopping_changes_nothing(spawn_server):
+    server = spawn_server()
+    key = register(server.url)["test_api_key"]
+    pauses = [create(server.url, key) for _ in range(20)]
+    port = int(server.url.rsplit(":", 1)[1])
+    waiters = []
+    for p in pauses:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(f"GET /v1/pause/{p['pause_id']}?wait=50 HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {key}\r\n\r\n".encode())
+        waiters.append(sock)
+    time.sleep(1)           # parked by now
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.send_signal(signal.SIGINT)          # impatient: a second signal at once
+    assert server.proc.wait(timeout=20) == 0
+    statuses = []
+    for sock in waiters:
+        with sock, sock.makefile("rb") as stream:
+            statuses.append(stream.readline().split(b" ")[1:2])
+    assert statuses == [[b"200"]] * 20
+
+
 def run_cli(tmp_path, *args, env=None, stdin=None):
     return subprocess.run([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db", str(tmp_path / "pausepoint.db"),
                            *args], capture_output=True, text=True, timeout=60, cwd=tmp_path, input=stdin,
