@@ -188,6 +188,8 @@ def main():
         wake = summary([answered[n][0] - decided_at[n] for n in pauses if n in answered] or [0.0])
         statuses = sorted(json.loads(body).get("status", "?") for n, (_, _, body) in answered.items() if n in pauses)
         decided = sum(status == "responded" for status in statuses)
+        readers = [answered.get(n) for n in range(args.waiters) if n not in pauses]
+        fed = sum(1 for reader in readers if reader and reader[1] == 200 and json.loads(reader[2])["events"])
 
         print("again with nobody waiting", file=sys.stderr)
         after_load = load(url, other, args.seconds)
@@ -208,7 +210,8 @@ def main():
     print("| server threads | %d | %d | %d |" % tuple(f["threads"] for f in (idle, waiting, gone)))
     print(f"\nWaiters answered before their decision: {len(early)}. Their {len(pauses)} pauses decided at"
           f" {decisions['per_second']:.0f}/s: {decided} waiters answered 'responded', {len(pauses) - len(answered.keys() & pauses.keys())}"
-          f" not answered; from the respond call to the waiter's answer: {latency(wake)}, max {wake['max']:.1f} ms.")
+          f" not answered; from the respond call to the waiter's answer: {latency(wake)}, max {wake['max']:.1f} ms."
+          f" Feed readers answered with events: {fed} of {len(readers)}.")
 
 
 if __name__ == "__main__":
