@@ -268,6 +268,13 @@ def test_every_connection_keeps_a_small_page_cache_of_its_own(running_api):
         assert set(caches) == {-kib}
 
 
+def test_the_timeout_job_has_a_connection_with_a_page_cache_of_its_own(running_api):
+    api = running_api(jobs=False)
+    api.step("timeouts")
+    assert api.app.runtime.timeouts_db.execute("PRAGMA cache_size").fetchone()[0] == -pausepoint.TIMEOUTS_CACHE_KIB
+    assert api.app.runtime.db().execute("PRAGMA cache_size").fetchone()[0] == -128
+
+
 def test_the_wal_is_checkpointed_by_its_job_never_inside_a_request(running_api, tmp_path):
     api = running_api(jobs=False)
     key = api.register()["test_api_key"]
