@@ -3505,7 +3505,7 @@ class Runtime:
         `wants`, only changes of those kinds (see Waiting.changed) wake a parked request."""
         park, wait_until = environ.get("pausepoint.park"), environ.get("pausepoint.wait_until")
         served_before, who = wait_until is not None, (caller.developer_id, environ.get("REMOTE_ADDR"))
-        wait_until = wait_until or time.monotonic() + seconds
+        wait_until = time.monotonic() + seconds if wait_until is None else wait_until
         watch = self.waiting.watch(topic, wants)       # before the read: a change after it is not missed
         try:
             found = load()
@@ -3572,6 +3572,7 @@ class Waiting:
         self.topics = {}                                # name -> Topic, while anyone watches it
         self.waiting = collections.Counter()            # (developer, None) and (None, address) -> requests waiting
         self.count = 0                                  # all of them together
+        self.parked_of = {}                             # developer -> its parked watches, oldest first
         self.deadlines = []                             # heap of (monotonic time, sequence, Watch) parked
         self.sequence = itertools.count()
         self.clock = threading.Condition(self.lock)     # the deadline thread sleeps on it
@@ -3601,17 +3602,38 @@ class Waiting:
     def admit(self, who, first=True):
         """Count one more waiting request of `who` (developer, client address), if within the
         limits: per developer, per address (so accounts made by one client cannot take every
-        place) and in all. One served again after waiting (not `first`) is counted again
-        whatever the limits: it was counted a moment ago, and its client is owed the rest."""
+        place) and in all. When every place is taken, the developer holding the most gives
+        one up (see _make_room), so no tenant can keep the others out. One served again after
+        waiting (not `first`) is counted whatever the limits: it was counted a moment ago,
+        and its client is owed the rest of its wait."""
         developer, address = who
+        evicted = None
         with self.lock:
-            crowded = (self.waiting[(developer, None)] >= self.per_developer or self.count >= self.limit
-                       or (address != self.exempt_address and self.waiting[(None, address)] >= self.per_address))
-            if first and crowded:
+            if first and (self.waiting[(developer, None)] >= self.per_developer
+                          or (address != self.exempt_address and self.waiting[(None, address)] >= self.per_address)):
                 return False
+            if first and self.count >= self.limit:
+                evicted = self._make_room(developer)
+                if evicted is None:
+                    return False
             self.waiting.update([(developer, None), (None, address)])
             self.count += 1
-            return True
+        if evicted is not None:
+            evicted(end_now=True)
+        return True
+
+    def _make_room(self, developer):
+        """The oldest parked waiter of the developer holding the most, released, if they hold
+        at least two more than `developer`; returns its resume(), for it to answer now as
+        things stand (its agent asks again, and then waits its turn)."""
+        holder = max(self.parked_of, key=lambda name: len(self.parked_of[name]), default=None)
+        if holder is None or len(self.parked_of[holder]) < self.waiting[(developer, None)] + 2:
+            return None
+        watch = next(iter(self.parked_of[holder]))
+        watch.topic.parked.remove(watch)
+        self._release(watch)
+        evicted, watch.resume = watch.resume, None
+        return evicted
 
     def leave(self, who):
         with self.lock:
@@ -3639,6 +3661,7 @@ class Waiting:
             watch.who, watch.resume = who, resume
             if watch.topic.changes == watch.seen and not self.closed:
                 watch.topic.parked.append(watch)
+                self.parked_of.setdefault(who[0], {})[watch] = None
                 heapq.heappush(self.deadlines, (wait_until, next(self.sequence), watch))
                 if self.clock_thread is None:
                     self.clock_thread = threading.Thread(target=self._tick, name="pausepoint-waiting", daemon=True)
@@ -3653,6 +3676,10 @@ class Waiting:
         watch.done = True
         self._unwatch(watch)
         self._leave(watch.who)
+        parked = self.parked_of.get(watch.who[0], {})
+        parked.pop(watch, None)
+        if not parked:
+            self.parked_of.pop(watch.who[0], None)
 
     def changed(self, names, kinds=None):
         """Wake the waiters of each topic named; with `kinds` ({name: event types}), not the
@@ -5264,12 +5291,15 @@ class HardenedChannel(waitress.channel.HTTPChannel):
             self._map.pop(self._fileno, None)
             register(self.resume)   # only now: waitress is done with the request, so another thread may take it
 
-    def resume(self):
-        """Serve the parked request again (its topic changed or its time ran out); any thread."""
+    def resume(self, end_now=False):
+        """Serve the parked request again (its topic changed or its time ran out); any thread.
+        With end_now it answers as things stand, whatever is left of its wait."""
         with self.requests_lock:
             request, self.parked_request = self.parked_request, None
             if request is None:
                 return
+            if end_now:
+                request.wait_until = -math.inf
             self.server.parked.pop(self._fileno, None)
             if not self.connected:
                 return

@@ -201,6 +201,30 @@ def test_one_address_cannot_take_every_waiting_place_with_many_accounts(small_se
     assert [answer_to(sock)[0] for sock in parked + [elsewhere]] == [200] * 3
 
 
+def test_when_every_place_is_taken_the_biggest_holder_gives_one_up(small_server):
+    server = small_server(**{"server.waiting_limit": 4, "server.waiting_per_ip": 100})
+    mine, theirs = (register(server.url, email=f"{name}@example.com")["test_api_key"] for name in ("mine", "theirs"))
+    my_pauses, their_pause = [create(server.url, mine) for _ in range(5)], create(server.url, theirs)
+    waiting = server.app.runtime.waiting
+    parked = []
+    for p in my_pauses[:4]:
+        parked.append(ask(server, f"/v1/pause/{p['pause_id']}?wait=50", mine))
+        wait_until(lambda: waiting.count == len(parked))
+    # Every place is mine; another developer's long poll still waits, and my oldest answers now.
+    theirs_waiting = ask(server, f"/v1/pause/{their_pause['pause_id']}?wait=50", theirs)
+    status, _, pause = answer_to(parked[0])
+    assert status == 200 and pause["status"] == "pending" and pause["pause_id"] == my_pauses[0]["pause_id"]
+    wait_until(lambda: waiting.count == 4)
+    assert waiting.waiting[(stored(server.app.runtime.config["database.path"],
+                                   "SELECT developer_id FROM pauses WHERE id = ?", their_pause["pause_id"])[0][0], None)] == 1
+    # I hold the most: asking for more gets me told to come back, not someone else's place.
+    assert answer_to(ask(server, f"/v1/pause/{my_pauses[4]['pause_id']}?wait=50", mine))[0] == 429
+    for p in my_pauses[1:4] + [their_pause]:
+        requests.post(f"{server.url}/v1/respond/{token_of(p['respond_url'])}", json={"choice": "Approve"})
+    assert [answer_to(sock)[0] for sock in parked[1:] + [theirs_waiting]] == [200] * 4
+    assert waiting.count == 0 and waiting.parked_of == {}
+
+
 def test_waiting_places_are_at_most_half_the_connections(small_server):
     server = small_server(**{"server.connection_limit": 100})
     assert server.app.runtime.waiting.limit == 50
