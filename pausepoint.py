@@ -3629,11 +3629,7 @@ class Waiting:
         holder = max(self.parked_of, key=lambda name: len(self.parked_of[name]), default=None)
         if holder is None or len(self.parked_of[holder]) < self.waiting[(developer, None)] + 2:
             return None
-        watch = next(iter(self.parked_of[holder]))
-        watch.topic.parked.remove(watch)
-        self._release(watch)
-        evicted, watch.resume = watch.resume, None
-        return evicted
+        return self._unpark(next(iter(self.parked_of[holder])))
 
     def leave(self, who):
         with self.lock:
@@ -3672,6 +3668,16 @@ class Waiting:
             self._release(watch)                # it changed while the request was parking
         resume()
 
+    def _unpark(self, watch, listed=True):
+        """Release a parked watch (taking it off its topic's list, unless the caller does);
+        returns its resume(), cleared from the watch, whose entry in the deadline heap stays
+        a while and must not hold the connection."""
+        if listed:
+            watch.topic.parked.remove(watch)
+        self._release(watch)
+        resume, watch.resume = watch.resume, None
+        return resume
+
     def _release(self, watch):
         watch.done = True
         self._unwatch(watch)
@@ -3699,9 +3705,7 @@ class Waiting:
                     if change and watch.wants and not change & watch.wants:
                         still.append(watch)
                         continue
-                    self._release(watch)
-                    woken.append(watch.resume)
-                    watch.resume = None         # its deadline stays in the heap a while: not the connection
+                    woken.append(self._unpark(watch, listed=False))
                 topic.parked = still
         for resume in woken:
             resume()
@@ -3726,10 +3730,7 @@ class Waiting:
                 while self.deadlines and self.deadlines[0][0] <= time.monotonic():
                     watch = heapq.heappop(self.deadlines)[2]
                     if not watch.done:
-                        watch.topic.parked.remove(watch)
-                        self._release(watch)
-                        due.append(watch.resume)
-                        watch.resume = None
+                        due.append(self._unpark(watch))
             for resume in due:
                 resume()
 
