@@ -3572,7 +3572,7 @@ class Waiting:
         self.topics = {}                                # name -> Topic, while anyone watches it
         self.waiting = collections.Counter()            # (developer, None) and (None, address) -> requests waiting
         self.count = 0                                  # all of them together
-        self.parked_of = {}                             # developer -> its parked watches, oldest first
+        self.parked_of = {}                             # holder (see _holder) -> its parked watches, oldest first
         self.deadlines = []                             # heap of (monotonic time, sequence, Watch) parked
         self.sequence = itertools.count()
         self.clock = threading.Condition(self.lock)     # the deadline thread sleeps on it
@@ -3602,8 +3602,8 @@ class Waiting:
     def admit(self, who, first=True):
         """Count one more waiting request of `who` (developer, client address), if within the
         limits: per developer, per address (so accounts made by one client cannot take every
-        place) and in all. When every place is taken, the developer holding the most gives
-        one up (see _make_room), so no tenant can keep the others out. One served again after
+        place) and in all. When every place is taken, the client holding the most gives one
+        up (see _make_room), so no tenant can keep the others out. One served again after
         waiting (not `first`) is counted whatever the limits: it was counted a moment ago,
         and its client is owed the rest of its wait."""
         developer, address = who
@@ -3613,7 +3613,7 @@ class Waiting:
                           or (address != self.exempt_address and self.waiting[(None, address)] >= self.per_address)):
                 return False
             if first and self.count >= self.limit:
-                evicted = self._make_room(developer)
+                evicted = self._make_room(who)
                 if evicted is None:
                     return False
             self.waiting.update([(developer, None), (None, address)])
@@ -3622,12 +3622,18 @@ class Waiting:
             evicted(end_now=True)
         return True
 
-    def _make_room(self, developer):
-        """The oldest parked waiter of the developer holding the most, released, if they hold
-        at least two more than `developer`; returns its resume(), for it to answer now as
-        things stand (its agent asks again, and then waits its turn)."""
+    def _holder(self, who):
+        """Whom places are levelled between: client addresses, which cost more to come by
+        than accounts; developers behind the trusted proxy, where every client has its address."""
+        developer, address = who
+        return (developer, None) if address == self.exempt_address else (None, address)
+
+    def _make_room(self, who):
+        """The oldest parked waiter of the holder with the most, released, if it holds at least
+        two more than `who`'s; returns its resume(), for it to answer now as things stand
+        (its agent asks again, and then waits its turn)."""
         holder = max(self.parked_of, key=lambda name: len(self.parked_of[name]), default=None)
-        if holder is None or len(self.parked_of[holder]) < self.waiting[(developer, None)] + 2:
+        if holder is None or len(self.parked_of[holder]) < self.waiting[self._holder(who)] + 2:
             return None
         return self._unpark(next(iter(self.parked_of[holder])))
 
@@ -3657,7 +3663,7 @@ class Waiting:
             watch.who, watch.resume = who, resume
             if watch.topic.changes == watch.seen and not self.closed:
                 watch.topic.parked.append(watch)
-                self.parked_of.setdefault(who[0], {})[watch] = None
+                self.parked_of.setdefault(self._holder(who), {})[watch] = None
                 heapq.heappush(self.deadlines, (wait_until, next(self.sequence), watch))
                 if self.clock_thread is None:
                     self.clock_thread = threading.Thread(target=self._tick, name="pausepoint-waiting", daemon=True)
@@ -3682,10 +3688,11 @@ class Waiting:
         watch.done = True
         self._unwatch(watch)
         self._leave(watch.who)
-        parked = self.parked_of.get(watch.who[0], {})
+        holder = self._holder(watch.who)
+        parked = self.parked_of.get(holder, {})
         parked.pop(watch, None)
         if not parked:
-            self.parked_of.pop(watch.who[0], None)
+            self.parked_of.pop(holder, None)
 
     def changed(self, names, kinds=None):
         """Wake the waiters of each topic named; with `kinds` ({name: event types}), not the

@@ -105,9 +105,9 @@ def test_a_long_poll_returns_pending_when_its_wait_runs_out(live_server):
                         headers=bearer(key)).status_code == 422
 
 
-def ask(server, path, key):
-    """Send a GET on a connection of its own; read its answer later with answer_to()."""
-    sock = socket.create_connection(("127.0.0.1", server.server.effective_port), timeout=60)
+def ask(server, path, key, source="127.0.0.1"):
+    """Send a GET on a connection of its own, from a loopback address; read its answer later with answer_to()."""
+    sock = socket.create_connection(("127.0.0.1", server.server.effective_port), timeout=60, source_address=(source, 0))
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: pausepoint\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
     return sock
 
@@ -190,11 +190,7 @@ def test_one_address_cannot_take_every_waiting_place_with_many_accounts(small_se
     # The second account has its whole share, but its address has not.
     status, _, body = answer_to(ask(server, f"/v1/pause/{pauses[1]['pause_id']}?wait=50", keys[1]))
     assert status == 429 and "server.waiting_per_ip" in body["error"]["message"]
-    elsewhere = socket.socket()
-    elsewhere.bind(("127.0.0.2", 0))
-    elsewhere.connect(("127.0.0.1", int(server.server.effective_port)))
-    elsewhere.sendall(f"GET /v1/pause/{pauses[3]['pause_id']}?wait=50 HTTP/1.1\r\nHost: x\r\n"
-                      f"Authorization: Bearer {keys[1]}\r\n\r\n".encode())
+    elsewhere = ask(server, f"/v1/pause/{pauses[3]['pause_id']}?wait=50", keys[1], source="127.0.0.2")
     wait_until(lambda: server.app.runtime.waiting.count == 3)
     for p in pauses[::2] + pauses[3:]:
         requests.post(f"{server.url}/v1/respond/{token_of(p['respond_url'])}", json={"choice": "Approve"})
@@ -203,15 +199,19 @@ def test_one_address_cannot_take_every_waiting_place_with_many_accounts(small_se
 
 def test_when_every_place_is_taken_the_biggest_holder_gives_one_up(small_server):
     server = small_server(**{"server.waiting_limit": 4, "server.waiting_per_ip": 100})
-    mine, theirs = (register(server.url, email=f"{name}@example.com")["test_api_key"] for name in ("mine", "theirs"))
+    mine, theirs, my_other = (register(server.url, email=f"{name}@example.com")["test_api_key"]
+                              for name in ("mine", "theirs", "my-other"))
     my_pauses, their_pause = [create(server.url, mine) for _ in range(5)], create(server.url, theirs)
     waiting = server.app.runtime.waiting
     parked = []
     for p in my_pauses[:4]:
         parked.append(ask(server, f"/v1/pause/{p['pause_id']}?wait=50", mine))
         wait_until(lambda: waiting.count == len(parked))
-    # Every place is mine; another developer's long poll still waits, and my oldest answers now.
-    theirs_waiting = ask(server, f"/v1/pause/{their_pause['pause_id']}?wait=50", theirs)
+    # Places are levelled between addresses: another account of mine from my address gets none…
+    other_pause = create(server.url, my_other)
+    assert answer_to(ask(server, f"/v1/pause/{other_pause['pause_id']}?wait=50", my_other))[0] == 429
+    # …while another client's long poll still waits, and my oldest answers now.
+    theirs_waiting = ask(server, f"/v1/pause/{their_pause['pause_id']}?wait=50", theirs, source="127.0.0.2")
     status, _, pause = answer_to(parked[0])
     assert status == 200 and pause["status"] == "pending" and pause["pause_id"] == my_pauses[0]["pause_id"]
     wait_until(lambda: waiting.count == 4)
