@@ -155,7 +155,7 @@ BUILT_IN_CHANNELS = ("sms", "whatsapp", "email", "link")
 # One client address may hold at most this many fewer threads than there are, so
 # everyone else's requests always have threads to run on.
 THREADS_KEPT_FOR_OTHER_REQUESTS = 8
-# When to come back, said to an agent whose developer has their share of long polls waiting.
+# When to come back, said to an agent whose long poll finds every place it may take taken.
 WAITING_FULL_RETRY_SECONDS = 5
 
 
@@ -1585,7 +1585,8 @@ def decide_pause(conn, config, pause_id, status, decided_by, choice=None, commen
         f" decided_by = :decided_by, fields = coalesce(:fields, fields), edited = coalesce(:edited, {EDITED_NOTHING})"
         f" WHERE id = :id AND status = 'pending' {time_rule} RETURNING *",
         {"status": status, "choice": choice, "comment": comment, "now": now, "decided_by": decided_by,
-         "id": pause_id, "fields": final and compact_json(final), "edited": compact_json(edited) if edited else None}).fetchall()
+         "id": pause_id, "fields": final and compact_json(final),
+         "edited": compact_json(edited) if edited else None}).fetchall()
     record_decisions(conn, config, decided, data, now)
     return bool(decided)
 
@@ -1836,7 +1837,8 @@ def expire_due_pauses(conn, config):
     # Compare-and-set for the whole batch: only rows still 'pending' change, and a
     # timeout's choice is each pause's own timeout_default.
     return in_batches(conn, "UPDATE pauses SET status = 'timed_out', choice = timeout_default, comment = NULL,"
-                            f" decided_at = :now, decided_by = 'timeout', edited = {EDITED_NOTHING} WHERE id IN (SELECT id FROM pauses"
+                            f" decided_at = :now, decided_by = 'timeout', edited = {EDITED_NOTHING}"
+                            " WHERE id IN (SELECT id FROM pauses"
                             " WHERE status = 'pending' AND expires_at <= :now ORDER BY expires_at LIMIT :batch)"
                             " RETURNING *",
                       lambda decided, now: record_decisions(conn, config, decided, None, now))
@@ -2395,7 +2397,8 @@ def field_display(value):
 
 def sms_text(pause, url):
     """As few segments as possible: no decoration, GSM-7 characters only in what we add."""
-    return f"{pause['message']}\n{fields_text(pause)}{reply_options(pause)}, or open {url}\nExpires {expiry_text(pause)}"
+    return (f"{pause['message']}\n{fields_text(pause)}{reply_options(pause)}, or open {url}\n"
+            f"Expires {expiry_text(pause)}")
 
 
 def push_text(pause, url):
@@ -2412,7 +2415,8 @@ def email_subject(pause):
 def email_text(pause, url):
     options = "\n".join(f"  {option}: {url}?choice={urllib.parse.quote(option)}"
                         for option in json.loads(pause["options"]))
-    fields = fields_text(pause) and f"\n\n{fields_text(pause).rstrip()}"
+    listed = fields_text(pause).rstrip()
+    fields = listed and f"\n\n{listed}"
     return (f"Subject: {email_subject(pause)}\n\n{pause['message']}{fields}\n\nChoose one (each link opens a page"
             f" where you confirm):\n{options}\n\nThis request expires {expiry_text(pause)}.")
 
@@ -2923,8 +2927,8 @@ def emit_pause_events(conn, config, pauses, event_type=None, when=None):
         {"events": events, "type": event_type, "now": now}).rowcount
     if queued:
         wake_after_commit(conn, "webhooks")
-    wake_after_commit(conn, "events", *{(pause["developer_id"], pause["livemode"], event_type or f"pause.{pause['status']}")
-                                        for pause in pauses})
+    wake_after_commit(conn, "events", *{(pause["developer_id"], pause["livemode"],
+                                         event_type or f"pause.{pause['status']}") for pause in pauses})
 
 
 def queue_event(conn, developer_id, livemode, event_type, data, webhook_ids, pause_id=None, when=None):

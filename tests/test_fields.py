@@ -6,6 +6,7 @@ import re
 import pytest
 
 from conftest import WIRE, run_out, stored, token_of
+import pausepoint
 
 XSS = '<script>alert("pwned")</script>'
 FIELDS = {"amount": {"type": "number", "value": 340, "min": 0, "max": 500, "editable": True, "label": "Amount (USD)"},
@@ -224,3 +225,16 @@ def test_whoever_answers_by_text_is_shown_the_fields(running_api):
     text = api.pause(key, created["pause_id"])["notification"]["text"]
     assert text.startswith(f"{WIRE['message']}\nAmount (USD): 340\npayee: Acme Corp\nrush: Yes\nReply ")
     assert "edited" not in api.get(f"/v1/respond/{token_of(created['respond_url'])}").json      # nothing decided yet
+
+
+def test_emails_and_pushes_list_the_fields_too(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key, fields=FIELDS)
+    conn = api.app.runtime.db()
+    pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
+    email = pausepoint.email_text(pause, created["respond_url"])
+    assert f"{WIRE['message']}\n\nAmount (USD): 340\npayee: Acme Corp\n\nChoose one" in email
+    assert f"{WIRE['message']}\n\nAmount (USD): 340\npayee: Acme Corp\nOptions: " in pausepoint.push_text(pause, "u")
+    plain = conn.execute("SELECT * FROM pauses WHERE id = ?", (api.create_pause(key)["pause_id"],)).fetchone()
+    assert f"{WIRE['message']}\n\nChoose one" in pausepoint.email_text(plain, "u")
