@@ -107,7 +107,8 @@ def test_a_long_poll_returns_pending_when_its_wait_runs_out(live_server):
 
 def ask(server, path, key, source="127.0.0.1"):
     """Send a GET on a connection of its own, from a loopback address; read its answer later with answer_to()."""
-    sock = socket.create_connection(("127.0.0.1", server.server.effective_port), timeout=60, source_address=(source, 0))
+    port = int(server.url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60, source_address=(source, 0))
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: pausepoint\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
     return sock
 
@@ -313,14 +314,8 @@ def test_at_a_stop_every_parked_waiter_is_answered_even_behind_queued_requests(s
     server = spawn_server(env={"PAUSEPOINT_SERVER_THREADS": "12", "PAUSEPOINT_RATELIMIT_ENABLED": "false",
                                "PAUSEPOINT_SECURITY_BCRYPT_ROUNDS": "12"})
     key = register(server.url)["test_api_key"]
-    pauses = [create(server.url, key) for _ in range(30)]
+    waiters = [ask(server, f"/v1/pause/{create(server.url, key)['pause_id']}?wait=50", key) for _ in range(30)]
     port = int(server.url.rsplit(":", 1)[1])
-    waiters = []
-    for p in pauses:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        sock.sendall(f"GET /v1/pause/{p['pause_id']}?wait=50 HTTP/1.1\r\nHost: x\r\n"
-                     f"Authorization: Bearer {key}\r\n\r\n".encode())
-        waiters.append(sock)
     time.sleep(1)           # parked by now (a waiter answered early would fail the check below anyway)
     # Registrations (a password hash each, one at a time) hold every thread: at the stop more are queued
     # ahead of the woken waiters, and all are done within waitress's five seconds for stopping.
@@ -332,35 +327,21 @@ def test_at_a_stop_every_parked_waiter_is_answered_even_behind_queued_requests(s
     time.sleep(0.5)         # the first are hashing, the rest queued
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=20) == 0
-    answers = []
-    for sock in waiters:
-        with sock, sock.makefile("rb") as stream:
-            answers.append(stream.readline().split(b" ")[1:2])
+    answers = [answer_to(sock)[0] for sock in waiters]
     for sock in slow:
         sock.close()
-    assert answers == [[b"200"]] * 30
+    assert answers == [200] * 30
 
 
 def test_a_second_stop_signal_while_stopping_changes_nothing(spawn_server):
     server = spawn_server()
     key = register(server.url)["test_api_key"]
-    pauses = [create(server.url, key) for _ in range(20)]
-    port = int(server.url.rsplit(":", 1)[1])
-    waiters = []
-    for p in pauses:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        sock.sendall(f"GET /v1/pause/{p['pause_id']}?wait=50 HTTP/1.1\r\nHost: x\r\n"
-                     f"Authorization: Bearer {key}\r\n\r\n".encode())
-        waiters.append(sock)
+    waiters = [ask(server, f"/v1/pause/{create(server.url, key)['pause_id']}?wait=50", key) for _ in range(20)]
     time.sleep(1)           # parked by now
     server.proc.send_signal(signal.SIGTERM)
     server.proc.send_signal(signal.SIGINT)          # impatient: a second signal at once
     assert server.proc.wait(timeout=20) == 0
-    statuses = []
-    for sock in waiters:
-        with sock, sock.makefile("rb") as stream:
-            statuses.append(stream.readline().split(b" ")[1:2])
-    assert statuses == [[b"200"]] * 20
+    assert [answer_to(sock)[0] for sock in waiters] == [200] * 20
 
 
 def run_cli(tmp_path, *args, env=None, stdin=None):
