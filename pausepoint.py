@@ -464,6 +464,74 @@ MIGRATIONS = [
         ALTER TABLE pauses ADD COLUMN fields TEXT;
         ALTER TABLE pauses ADD COLUMN edited TEXT;
     """),
+    # Teams: several people per pause, so notifications are no longer one per pause.
+    (11, """
+        ALTER TABLE pauses ADD COLUMN team INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE pauses ADD COLUMN quorum TEXT;
+        CREATE TABLE pause_recipients (
+            pause_id       TEXT NOT NULL REFERENCES pauses(id),
+            position       INTEGER NOT NULL,
+            livemode       INTEGER NOT NULL CHECK (livemode IN (0, 1)),
+            recipient      TEXT NOT NULL,
+            channel        TEXT NOT NULL,
+            respond_token  TEXT NOT NULL UNIQUE,
+            reply_code     TEXT,
+            added_by       TEXT NOT NULL CHECK (added_by IN ('request', 'escalation')),
+            added_at       TEXT NOT NULL,
+            opened_at      TEXT,
+            choice         TEXT,
+            comment        TEXT,
+            edits          TEXT,
+            voted_at       TEXT,
+            PRIMARY KEY (pause_id, position)
+        );
+        CREATE INDEX pause_recipients_by_number ON pause_recipients(recipient, livemode, reply_code)
+            WHERE position > 0 AND reply_code IS NOT NULL;
+        CREATE TABLE pause_steps (
+            id           INTEGER PRIMARY KEY,
+            pause_id     TEXT NOT NULL REFERENCES pauses(id),
+            kind         TEXT NOT NULL CHECK (kind IN ('reminder', 'escalation')),
+            due_at       TEXT NOT NULL,
+            recipient    TEXT,
+            channel      TEXT,
+            status       TEXT NOT NULL DEFAULT 'scheduled' CHECK (status IN ('scheduled', 'done', 'skipped')),
+            done_at      TEXT
+        );
+        CREATE INDEX pause_steps_due ON pause_steps(due_at) WHERE status = 'scheduled';
+        CREATE INDEX pause_steps_by_pause ON pause_steps(pause_id);
+        -- schema.sql's notifications; a rebuild, since SQLite cannot drop a UNIQUE.
+        CREATE TABLE notifications_rebuilt (
+            id                   TEXT PRIMARY KEY,
+            pause_id             TEXT NOT NULL REFERENCES pauses(id),
+            position             INTEGER NOT NULL DEFAULT 0,
+            kind                 TEXT NOT NULL DEFAULT 'ask' CHECK (kind IN ('ask', 'reminder')),
+            developer_id         TEXT NOT NULL REFERENCES developers(id),
+            channel              TEXT NOT NULL,
+            recipient            TEXT NOT NULL,
+            livemode             INTEGER NOT NULL CHECK (livemode IN (0, 1)),
+            text                 TEXT NOT NULL,
+            status               TEXT NOT NULL DEFAULT 'queued'
+                                 CHECK (status IN ('queued', 'sending', 'sent', 'simulated', 'failed', 'cancelled')),
+            attempts             INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at      TEXT NOT NULL,
+            provider_message_id  TEXT,
+            last_error           TEXT,
+            created_at           TEXT NOT NULL,
+            updated_at           TEXT NOT NULL
+        );
+        INSERT INTO notifications_rebuilt (id, pause_id, developer_id, channel, recipient, livemode, text, status,
+                                           attempts, next_attempt_at, provider_message_id, last_error, created_at,
+                                           updated_at)
+            SELECT id, pause_id, developer_id, channel, recipient, livemode, text, status, attempts, next_attempt_at,
+                   provider_message_id, last_error, created_at, updated_at FROM notifications;
+        DROP TABLE notifications;
+        ALTER TABLE notifications_rebuilt RENAME TO notifications;
+        CREATE INDEX notifications_by_pause ON notifications(pause_id, position);
+        CREATE INDEX notifications_due_test ON notifications(next_attempt_at)
+            WHERE status IN ('queued', 'sending') AND livemode = 0;
+        CREATE INDEX notifications_due_live ON notifications(channel, developer_id, next_attempt_at)
+            WHERE status IN ('queued', 'sending') AND livemode = 1;
+    """),
 ]
 
 
@@ -1844,9 +1912,10 @@ def expire_due_pauses(conn, config):
                       lambda decided, now: record_decisions(conn, config, decided, None, now))
 
 
-# A pause as the API shows it, written by SQLite from `pauses p LEFT JOIN notifications n`
+# A pause as the API shows it, written by SQLite from `pauses p {FIRST_ASKED}`
 # with :base the server's base URL: a page of 50 costs one query and no Python per row.
 # Times show whole seconds ('2026-05-08T18:00:00Z'); a notification being sent shows as queued.
+FIRST_ASKED = "LEFT JOIN notifications n ON n.pause_id = p.id AND n.position = 0 AND n.kind = 'ask'"
 PAUSE_OBJECT = """json_object(
     'pause_id', p.id, 'status', p.status, 'recipient', p.recipient, 'channel', p.channel, 'title', p.title,
     'message', p.message,
@@ -1868,7 +1937,7 @@ PAUSE_JSON = (f"CASE WHEN p.fields IS NULL THEN {PAUSE_OBJECT} ELSE json_patch({
 def pause_json(conn, config, pause_id, caller=None):
     """The whole pause as GET /v1/pause/{id} shows it, as JSON text; with `caller`, only
     if it is the caller's pause in the caller's mode (else 404, as owned_pause())."""
-    sql, args = (f"SELECT {PAUSE_JSON} FROM pauses p LEFT JOIN notifications n ON n.pause_id = p.id"
+    sql, args = (f"SELECT {PAUSE_JSON} FROM pauses p {FIRST_ASKED}"
                  " WHERE p.id = :id"), {"base": base_url(config), "id": pause_id}
     if caller is not None:
         sql += " AND p.developer_id = :developer AND p.livemode = :livemode"
@@ -1881,7 +1950,7 @@ def pause_json(conn, config, pause_id, caller=None):
 
 def pauses_json(conn, config, caller, status, limit, cursor):
     """A page of the caller's pauses, newest first, after `cursor`, as GET /v1/pause shows it."""
-    sql = (f"SELECT p.seq, {PAUSE_JSON} FROM pauses p LEFT JOIN notifications n ON n.pause_id = p.id"
+    sql = (f"SELECT p.seq, {PAUSE_JSON} FROM pauses p {FIRST_ASKED}"
            " WHERE p.developer_id = :developer AND p.livemode = :livemode")
     args = {"base": base_url(config), "developer": caller.developer_id, "livemode": caller.livemode}
     if status:
@@ -2914,8 +2983,7 @@ def emit_pause_events(conn, config, pauses, event_type=None, when=None):
         "  'created_at', :shown_now, 'livemode', json(CASE p.livemode WHEN 1 THEN 'true' ELSE 'false' END),"
         f"  'data', json({PAUSE_JSON})), :now"
         # CROSS JOIN: the batch's few ids drive the lookups, whatever the statistics suggest.
-        " FROM json_each(:events) batch CROSS JOIN pauses p ON p.id = batch.key"
-        " LEFT JOIN notifications n ON n.pause_id = p.id ORDER BY batch.id",
+        f" FROM json_each(:events) batch CROSS JOIN pauses p ON p.id = batch.key {FIRST_ASKED} ORDER BY batch.id",
         {"events": events, "type": event_type, "now": now, "shown_now": api_time(now), "base": base_url(config)})
     queued = conn.execute(
         "INSERT INTO webhook_deliveries (id, webhook_id, event_id, next_attempt_at, created_at, updated_at)"

@@ -12,7 +12,7 @@
 --   * What may be deleted, and by whom: only the pruning job in pausepoint.py
 --     (prune_expired_data) deletes, and only what is past its retention
 --     (retention.* settings): decided test-mode pauses with their notifications,
---     idempotency keys and test-mode audit events; finished webhook events with
+--     people, steps, idempotency keys and test-mode audit events; finished webhook events with
 --     their deliveries and attempts; idempotency keys older than 24 hours. Live
 --     pauses and live audit events are never deleted (a trigger enforces the latter).
 -- Later changes are numbered migrations in pausepoint.py (MIGRATIONS), each
@@ -89,7 +89,7 @@ CREATE TABLE dashboard_devices (
 CREATE INDEX dashboard_devices_by_developer ON dashboard_devices(developer_id, signed_in_at);
 CREATE INDEX dashboard_devices_by_age ON dashboard_devices(signed_in_at);
 
--- A pause: one question put to one human, and its outcome.
+-- A pause: one question put to one human (recipient, channel), or to a team (pause_recipients), and its outcome.
 CREATE TABLE pauses (
     seq              INTEGER PRIMARY KEY AUTOINCREMENT, -- creation order; list and cursor order
     id               TEXT NOT NULL UNIQUE,            -- 'psr_' + 32 hex
@@ -118,8 +118,13 @@ CREATE TABLE pauses (
     fields           TEXT,                            -- JSON object of named values the approver sees and may
                                                       -- change ({"amount": {"type": "number", "value": 340, …}});
                                                       -- the decision writes the final values here. NULL: none.
-    edited           TEXT                             -- once a pause with fields is decided: JSON object of the
+    edited           TEXT,                            -- once a pause with fields is decided: JSON object of the
                                                       -- ones the approver changed, {"amount": {"old": 340, "new": 300}}
+    team             INTEGER NOT NULL DEFAULT 0,      -- 1: asked with recipients, a quorum or an escalation; its
+                                                      -- people and their votes are in pause_recipients
+    quorum           TEXT                             -- JSON {"choice": "Approve", "count": 2}: decided that choice once
+                                                      -- `count` people chose it, anything else at its first vote. NULL:
+                                                      -- the first answer decides.
 );
 -- The timeout job: "pending pauses whose expires_at has passed", oldest first.
 CREATE INDEX pauses_pending_by_expiry ON pauses(expires_at) WHERE status = 'pending';
@@ -140,11 +145,56 @@ CREATE INDEX pauses_decided_test ON pauses(decided_at) WHERE livemode = 0 AND st
 -- Quota: live pauses a developer created since the start of the month.
 CREATE INDEX pauses_by_owner_created ON pauses(developer_id, livemode, created_at);
 
--- The notification outbox: one row per pause, written in the same transaction
--- as the pause, sent later by the scheduler so the API never waits on a provider.
+-- The people a team pause asks, one row each in the order they were asked, and each one's vote.
+-- A pause asking one person has no rows here (the pause row says whom it asks). A team pause's
+-- first person (position 0) is the pause's own recipient, with the pause's own token and code.
+CREATE TABLE pause_recipients (
+    pause_id       TEXT NOT NULL REFERENCES pauses(id),
+    position       INTEGER NOT NULL,                  -- 0, 1, …: the order asked in; escalations come last
+    livemode       INTEGER NOT NULL CHECK (livemode IN (0, 1)),
+    recipient      TEXT NOT NULL,
+    channel        TEXT NOT NULL,
+    respond_token  TEXT NOT NULL UNIQUE,              -- this person's 256-bit link secret; the index serves lookups
+    reply_code     TEXT,                              -- sms/whatsapp: as pauses.reply_code, among this number's codes
+    added_by       TEXT NOT NULL CHECK (added_by IN ('request', 'escalation')),
+    added_at       TEXT NOT NULL,
+    opened_at      TEXT,                              -- when their link was first opened
+    choice         TEXT,                              -- their vote, once they cast it (at most one each)…
+    comment        TEXT,
+    edits          TEXT,                              -- …with the fields they changed, JSON {"amount": 300}, or NULL
+    voted_at       TEXT,
+    PRIMARY KEY (pause_id, position)
+);
+-- SMS replies and reply codes: the people after the first asked on a number (the first is in pauses).
+CREATE INDEX pause_recipients_by_number ON pause_recipients(recipient, livemode, reply_code)
+    WHERE position > 0 AND reply_code IS NOT NULL;
+
+-- What a pending pause does later: each reminder and escalation it asked for, due at a time.
+-- The step job claims due rows by compare-and-set, so each is done once, after a restart too,
+-- and marks 'skipped' those whose pause was decided first.
+CREATE TABLE pause_steps (
+    id           INTEGER PRIMARY KEY,
+    pause_id     TEXT NOT NULL REFERENCES pauses(id),
+    kind         TEXT NOT NULL CHECK (kind IN ('reminder', 'escalation')),
+    due_at       TEXT NOT NULL,
+    recipient    TEXT,                                -- an escalation's target…
+    channel      TEXT,                                -- …and its channel
+    status       TEXT NOT NULL DEFAULT 'scheduled' CHECK (status IN ('scheduled', 'done', 'skipped')),
+    done_at      TEXT
+);
+-- The step job: scheduled steps, earliest first.
+CREATE INDEX pause_steps_due ON pause_steps(due_at) WHERE status = 'scheduled';
+-- Pruning: a pause's steps.
+CREATE INDEX pause_steps_by_pause ON pause_steps(pause_id);
+
+-- The notification outbox: each message to a person about a pause (the question, and any
+-- reminders), written in the same transaction as what caused it, sent later by the
+-- scheduler so the API never waits on a provider.
 CREATE TABLE notifications (
     id                   TEXT PRIMARY KEY,            -- 'ntf_' + 32 hex
-    pause_id             TEXT NOT NULL UNIQUE REFERENCES pauses(id),
+    pause_id             TEXT NOT NULL REFERENCES pauses(id),
+    position             INTEGER NOT NULL DEFAULT 0,  -- whom of the pause's people (pause_recipients.position)
+    kind                 TEXT NOT NULL DEFAULT 'ask' CHECK (kind IN ('ask', 'reminder')),
     developer_id         TEXT NOT NULL REFERENCES developers(id),  -- the pause's owner: sends are shared fairly by owner
     channel              TEXT NOT NULL,
     recipient            TEXT NOT NULL,
@@ -159,6 +209,9 @@ CREATE TABLE notifications (
     created_at           TEXT NOT NULL,
     updated_at           TEXT NOT NULL
 );
+-- A pause's messages: the API's notification (the first person's question), decisions cancelling
+-- unsent ones, SMS replies checking that the question reached the number, pruning.
+CREATE INDEX notifications_by_pause ON notifications(pause_id, position);
 -- The send job, test mode: queued rows that are due (simulated in one batch).
 CREATE INDEX notifications_due_test ON notifications(next_attempt_at) WHERE status IN ('queued', 'sending') AND livemode = 0;
 -- The send job, live: each channel and developer with unsent notifications (skip-scans), then their

@@ -18,22 +18,60 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def shape(path):
-    """Tables with their columns (in any order: ALTER TABLE appends), and the names of indexes and triggers."""
+    """What a database's model is made of: each table's columns (name, type, NOT NULL,
+    default, key; in any order, since ALTER TABLE appends), CHECK constraints, foreign
+    keys and unique constraints; each index's table, columns, uniqueness and WHERE; each
+    trigger's SQL."""
     db = sqlite3.connect(path)
     try:
-        objects = db.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name").fetchall()
-        return {(kind, name, tuple(sorted(row[1] for row in db.execute(f"PRAGMA table_info({name})"))) if kind == "table" else ())
-                for kind, name in objects}
+        found = {}
+        for kind, name, table, sql in db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"
+                                                 " WHERE name NOT LIKE 'sqlite_%'"):
+            if kind == "table":
+                found[name] = (sorted(tuple(row[1:]) for row in db.execute(f"PRAGMA table_info({name})")),
+                               checks(sql),
+                               sorted(tuple(row[2:5]) for row in db.execute(f"PRAGMA foreign_key_list({name})")),
+                               sorted(tuple(row[1] for row in db.execute(f"PRAGMA index_info({index[1]})"))
+                                      for index in db.execute(f"PRAGMA index_list({name})") if index[3] == "u"))
+            elif kind == "index":
+                unique = next(row[2] for row in db.execute(f"PRAGMA index_list({table})") if row[1] == name)
+                where = " ".join(sql.split(" WHERE ", 1)[1].split()) if " WHERE " in sql else None
+                found[name] = (table, [row[2] for row in db.execute(f"PRAGMA index_xinfo({name})") if row[5]],
+                               unique, where)
+            else:
+                found[name] = (kind, table, " ".join(sql.split()))
+        return found
     finally:
         db.close()
 
 
+def checks(sql):
+    """The CHECK constraints in a CREATE TABLE, whitespace and comments aside."""
+    sql = " ".join(line.split("--")[0] for line in sql.splitlines())
+    found, start = [], 0
+    while (start := sql.find("CHECK (", start)) >= 0:
+        depth, end = 0, start + len("CHECK ")
+        for end in range(end, len(sql)):
+            depth += {"(": 1, ")": -1}.get(sql[end], 0)
+            if depth == 0:
+                break
+        found.append(" ".join(sql[start:end + 1].split()))
+        start = end
+    return sorted(found)
+
+
+def make_database(path, schema_file, version):
+    """A database as an earlier release made it, from its recorded schema."""
+    db = sqlite3.connect(path)
+    with open(os.path.join(HERE, schema_file), encoding="utf-8") as f:
+        db.executescript(f.read())
+    db.execute("INSERT INTO schema_migrations VALUES (?, '2026-01-01T00:00:00.000Z')", (version,))
+    return db
+
+
 def test_a_database_made_by_the_first_release_migrates_to_the_same_model_as_a_fresh_one(tmp_path):
     old = str(tmp_path / "old.db")
-    db = sqlite3.connect(old)
-    with open(os.path.join(HERE, "schema_v1.sql"), encoding="utf-8") as f:
-        db.executescript(f.read())
-    db.execute("INSERT INTO schema_migrations VALUES (1, '2026-01-01T00:00:00.000Z')")
+    db = make_database(old, "schema_v1.sql", 1)
     db.execute("INSERT INTO developers VALUES ('dev_1', 'a@example.com', 'A', 'x', 'free', '2026-01-01T00:00:00.000Z')")
     db.execute("INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, respond_token,"
                " created_at, expires_at) VALUES ('psr_1', 'dev_1', 1, '+15550100', 'sms', 'Old?', '[\"Yes\",\"No\"]',"
@@ -49,6 +87,27 @@ def test_a_database_made_by_the_first_release_migrates_to_the_same_model_as_a_fr
     assert stored(old, "SELECT developer_id FROM notifications") == [("dev_1",)]
     # The old pending pause has no reply code, and still answers to a bare reply.
     assert stored(old, "SELECT reply_code, status FROM pauses") == [(None, "pending")]
+
+
+def test_a_database_from_before_teams_migrates_to_the_same_model_as_a_fresh_one_keeping_its_texts(tmp_path):
+    old = str(tmp_path / "old.db")
+    db = make_database(old, "schema_v10.sql", 10)
+    db.execute("INSERT INTO developers (id, email, name, password_hash, created_at)"
+               " VALUES ('dev_1', 'a@example.com', 'A', 'x', '2026-01-01T00:00:00.000Z')")
+    db.execute("INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, respond_token,"
+               " created_at, expires_at) VALUES ('psr_1', 'dev_1', 1, '+15550100', 'sms', 'Old?', '[\"Yes\",\"No\"]',"
+               " 'tok', '2026-01-01T00:00:00.000Z', '2999-01-01T00:00:00.000Z')")
+    db.execute("INSERT INTO notifications (id, pause_id, developer_id, channel, recipient, livemode, text, status,"
+               " next_attempt_at, created_at, updated_at) VALUES ('ntf_1', 'psr_1', 'dev_1', 'sms', '+15550100', 1,"
+               " 'Old?', 'sent', 'x', 'x', 'x')")
+    db.commit()
+    db.close()
+    pausepoint.migrate(pausepoint.connect(old))
+    pausepoint.migrate(pausepoint.connect(str(tmp_path / "fresh.db")))
+    assert shape(old) == shape(str(tmp_path / "fresh.db"))
+    assert stored(old, "SELECT id, pause_id, position, kind, status, text FROM notifications") == \
+        [("ntf_1", "psr_1", 0, "ask", "sent", "Old?")]
+    assert stored(old, "SELECT team, quorum FROM pauses") == [(0, None)]
 
 
 def test_a_nested_transaction_raises_instead_of_waiting_on_itself(tmp_path):
