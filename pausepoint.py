@@ -1278,7 +1278,7 @@ def nesting(value):
 def pause_fields(body, config):
     """What pause_request_schema cannot say about a POST /v1/pause body already checked
     against it; returns the clean fields or raises 422 naming the field."""
-    recipient, message = body["recipient"].strip(), body["message"]
+    message = body["message"]
     options = distinct_options(body["options"])
     default = body.get("timeout_default")
     if default is not None and default.strip() not in options:
@@ -1292,10 +1292,67 @@ def pause_fields(body, config):
     if not (isinstance(shown, list) and len(shown) <= 10 and all(isinstance(key, str) and key in metadata
                                                                   and key != "display" for key in shown)):
         raise invalid("metadata", 'metadata\'s "display" must list up to 10 of its other keys, to show the human')
-    return {"recipient": recipient, "channel": body["channel"], "message": message, "options": options,
+    minutes = body["timeout_hours"] * 60
+    people, escalations = asked_people(body, config), escalation_steps(body.get("escalation"), config, minutes)
+    everyone = [*people, *((recipient, channel) for _, recipient, channel in escalations)]
+    different_people(everyone, "escalation" if escalations else "recipients")
+    quorum = body.get("quorum")
+    if quorum is not None:
+        quorum = {"choice": quorum["choice"].strip(), "count": quorum["count"]}
+        if quorum["choice"] not in options:
+            raise invalid("quorum", "quorum's choice must be one of the options")
+        if quorum["count"] > len(everyone):
+            raise invalid("quorum", f"quorum's count must be at most the {len(everyone)} people asked"
+                                    " (escalation targets included)")
+    reminders = sorted(set(body.get("remind_after_minutes") or ()))
+    if reminders and reminders[-1] >= minutes:
+        raise invalid("remind_after_minutes", "remind_after_minutes must each be before the timeout"
+                                              f" ({minutes:g} minutes)")
+    return {"recipient": people[0][0], "channel": people[0][1], "message": message, "options": options,
             "timeout_seconds": body["timeout_hours"] * 3600,
             "timeout_default": default.strip() if default is not None else None, "metadata": metadata,
-            "title": body.get("title"), "fields": declared_fields(body.get("fields"), config)}
+            "title": body.get("title"), "fields": declared_fields(body.get("fields"), config),
+            # A team pause keeps its people, and their votes, in pause_recipients.
+            "team": "recipients" in body or quorum is not None or bool(escalations),
+            "people": people, "quorum": quorum, "reminders": reminders, "escalations": escalations}
+
+
+def asked_people(body, config):
+    """[(recipient, channel)]: the one person a pause asks, or its `recipients`."""
+    if "recipients" not in body:
+        return [(body["recipient"].strip(), body["channel"])]
+    if "recipient" in body or "channel" in body:
+        raise invalid("recipients", "give recipient and channel, or recipients, not both")
+    return [checked_person(person, config, f"recipients[{n}]") for n, person in enumerate(body["recipients"])]
+
+
+def escalation_steps(escalation, config, minutes):
+    """[(after_minutes, recipient, channel)], earliest first, each before the timeout."""
+    steps = []
+    for n, step in enumerate(escalation or ()):
+        if step["after_minutes"] >= minutes:
+            raise invalid(f"escalation[{n}].after_minutes", f"an escalation must come before the timeout ({minutes:g}"
+                                                            " minutes)")
+        steps.append((step["after_minutes"], *checked_person(step, config, f"escalation[{n}]")))
+    return sorted(steps, key=lambda step: step[0])
+
+
+def checked_person(person, config, where):
+    """(recipient, channel) of one of a list's people, checked as a lone recipient is."""
+    try:
+        validate_body(person_schema(config), person)
+    except ApiError as e:
+        raise invalid(f"{where}.{e.field}", e.message) from None
+    return person["recipient"].strip(), person["channel"]
+
+
+def different_people(people, field):
+    """Refuse the same recipient twice: one person must not cast two votes."""
+    seen = set()
+    for recipient, _ in people:
+        if recipient.casefold() in seen:
+            raise invalid(field, f"{recipient} is asked twice; each person may be asked once")
+        seen.add(recipient.casefold())
 
 
 def declared_fields(fields, config):
@@ -1489,7 +1546,8 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
     matched an earlier identical request and nothing new was created.
     """
     asked = pause_fields(body, config)
-    channel = usable_channel(config, caller, asked["channel"])
+    for _, name in asked["people"] + [step[1:] for step in asked["escalations"]]:
+        usable_channel(config, caller, name)
     if idempotency_key is not None and not re.fullmatch("[\x20-\x7e]{1,255}", idempotency_key):
         raise invalid("Idempotency-Key", "the Idempotency-Key header must be 1-255 printable ASCII characters")
     # Everything that needs no database is done before the write lock is taken: other
@@ -1502,10 +1560,14 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
     row = (pause_id, caller.developer_id, caller.livemode, asked["recipient"], asked["channel"], asked["title"],
            asked["message"], compact_json(asked["options"]), asked["timeout_default"],
            None if asked["metadata"] is None else compact_json(asked["metadata"]),
-           None if asked["fields"] is None else compact_json(asked["fields"]), token)
+           None if asked["fields"] is None else compact_json(asked["fields"]), token, int(asked["team"]),
+           None if asked["quorum"] is None else compact_json(asked["quorum"]))
     audited = {"recipient": asked["recipient"], "channel": asked["channel"], "options": asked["options"],
                "timeout_default": asked["timeout_default"], "expires_at": api_time(expires_at),
-               "metadata": asked["metadata"], **({"fields": asked["fields"]} if asked["fields"] else {})}
+               "metadata": asked["metadata"], **team_request(asked)}
+    steps = [(db_time(now + dt.timedelta(minutes=after)), "reminder", None, None) for after in asked["reminders"]]
+    steps += [(db_time(now + dt.timedelta(minutes=after)), "escalation", recipient, channel_name)
+              for after, recipient, channel_name in asked["escalations"]]
     with transaction(conn):
         if idempotency_key is not None:
             earlier = earlier_idempotent_pause(conn, caller, idempotency_key, fingerprint, now)
@@ -1518,18 +1580,17 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
             limiter.limit("test_pauses", caller.developer_id, config["ratelimit.test_pauses_per_hour"],
                           "test pauses for this developer (ratelimit.test_pauses_per_hour)")
         # SMS and WhatsApp replies name their pause by a code, unique among the number's pending pauses.
-        reply_code = new_reply_code(conn, asked["recipient"], caller.livemode) if channel.kind == "twilio" else None
+        reply_code = (new_reply_code(conn, asked["recipient"], caller.livemode)
+                      if channels(config)[asked["channel"]].kind == "twilio" else None)
         pause = conn.execute(
             "INSERT INTO pauses (id, developer_id, livemode, recipient, channel, title, message, options,"
-            " timeout_default, metadata, fields, respond_token, reply_code, created_at, expires_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " timeout_default, metadata, fields, respond_token, team, quorum, reply_code, created_at, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " RETURNING *", (*row, reply_code, created_at, expires_at)).fetchone()
-        if channel.render is not None:      # the link channel sends nothing: the agent delivers respond_url
-            conn.execute(
-                "INSERT INTO notifications (id, pause_id, developer_id, channel, recipient, livemode, text,"
-                " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (new_id("ntf_"), pause_id, caller.developer_id, asked["channel"], asked["recipient"], caller.livemode,
-                 channel.render(pause, respond_url(config, token)), created_at, created_at, created_at))
+        for position, (recipient, channel_name) in enumerate(asked["people"]):
+            ask_person(conn, config, pause, position, recipient, channel_name, "request", created_at)
+        conn.executemany("INSERT INTO pause_steps (pause_id, due_at, kind, recipient, channel) VALUES (?, ?, ?, ?, ?)",
+                         [(pause_id, *step) for step in steps])
         if idempotency_key is not None:
             conn.execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?)",
                          (caller.developer_id, caller.livemode, idempotency_key, fingerprint, pause_id, created_at))
@@ -1537,6 +1598,66 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
                      when=created_at)
         emit_pause_events(conn, config, [pause], "pause.created", when=created_at)
     return pause, False
+
+
+def team_request(asked):
+    """What a pause asked for beyond one question to one person, as its audit event says it."""
+    return {**({"fields": asked["fields"]} if asked["fields"] else {}),
+            **({"recipients": [{"recipient": r, "channel": c} for r, c in asked["people"]],
+                "quorum": asked["quorum"]} if asked["team"] else {}),
+            **({"remind_after_minutes": asked["reminders"]} if asked["reminders"] else {}),
+            **({"escalation": [{"after_minutes": after, "recipient": r, "channel": c}
+                               for after, r, c in asked["escalations"]]} if asked["escalations"] else {})}
+
+
+def ask_person(conn, config, pause, position, recipient, channel_name, added_by, now):
+    """Ask one of a pause's people, inside the caller's transaction: a team pause gets their
+    row (the first person's link and code are the pause's own), and their question is
+    queued unless the channel is the link the agent delivers itself."""
+    require_transaction(conn)
+    if position == 0:
+        token, code = pause["respond_token"], pause["reply_code"]
+    else:
+        token = secrets.token_urlsafe(32)
+        code = new_reply_code(conn, recipient, pause["livemode"]) if channels(config)[channel_name].kind == "twilio" else None
+    if pause["team"]:
+        conn.execute("INSERT INTO pause_recipients (pause_id, position, livemode, recipient, channel, respond_token,"
+                     " reply_code, added_by, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     (pause["id"], position, pause["livemode"], recipient, channel_name, token, code, added_by, now))
+    person = {**dict(pause), "recipient": recipient, "channel": channel_name, "respond_token": token,
+              "reply_code": code, "position": position}
+    queue_notification(conn, config, person, "ask", now)
+    return person
+
+
+def queue_notification(conn, config, person, kind, now, render=None):
+    """Queue a message to one of a pause's people (as asked_of() shows them): the question,
+    or what render(channel, person, url) makes of it. Returns False, having queued nothing,
+    for the link channel, which the agent delivers itself."""
+    channel = channels(config)[person["channel"]]
+    if channel.render is None:
+        return False
+    url = respond_url(config, person["respond_token"])
+    text = render(channel, person, url) if render else channel.render(person, url)
+    conn.execute("INSERT INTO notifications (id, pause_id, position, kind, developer_id, channel, recipient, livemode,"
+                 " text, next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (new_id("ntf_"), person["id"], person["position"], kind, person["developer_id"], person["channel"],
+                  person["recipient"], person["livemode"], text, now, now, now))
+    return True
+
+
+def asked_of(conn, pause, position):
+    """The pause as its person at `position` was asked it (a dict): their recipient, channel,
+    link and reply code in place of the first person's, and for a team pause their `vote`
+    ({choice, voted_at} or None)."""
+    asked = {**dict(pause), "position": position}
+    if not pause["team"]:
+        return asked
+    person = query_db(conn, "SELECT * FROM pause_recipients WHERE pause_id = ? AND position = ?",
+                      (pause["id"], position), one=True)
+    asked.update({name: person[name] for name in ("recipient", "channel", "respond_token", "reply_code")},
+                 vote=person["voted_at"] and {"choice": person["choice"], "voted_at": person["voted_at"]})
+    return asked
 
 
 def usable_channel(config, caller, name):
@@ -1677,27 +1798,91 @@ def record_decisions(conn, config, decided, data, now):
 
 
 def respond_to_pause(conn, config, token, choice, comment, client, edits=None):
-    """A human's decision through the respond link, with their `edits` to the pause's
-    fields ({name: value}): 200 facts, or 404/409/410/422. An unknown token is 404
-    whatever else is wrong, so every guess counts as one."""
+    """A human's answer through their respond link, with their `edits` to the pause's
+    fields ({name: value}): the pause as they were asked it (asked_of()), or 404/409/410/422.
+    An unknown token is 404 whatever else is wrong, so every guess counts as one."""
     pause_by_token(conn, token)
     validate_body(COMMENT_SCHEMA, {"comment": comment})     # the page's form comes unchecked
     comment = comment.strip() or None if comment else None
     with transaction(conn):
         pause = pause_by_token(conn, token)
         refuse_if_decided(pause)
+        refuse_if_voted(pause)
         if not isinstance(choice, str) or choice.strip() not in json.loads(pause["options"]):
             raise invalid("choice", f"choice must be one of: {', '.join(json.loads(pause['options']))}")
-        final, edited = edit_fields(json.loads(pause["fields"] or "null"), edits)
-        if edited:
-            client = {**client, "edited": edited}
-        decided_by = f"recipient:{pause['recipient']}"
-        if not decide_pause(conn, config, pause["id"], "responded", decided_by, choice.strip(), comment, data=client,
-                            edits=(final if pause["fields"] else None, edited)):
+        if not answer_pause(conn, config, pause, choice.strip(), comment, client, edits):
             # Between the read and the write nothing can change (we hold the write
             # lock), so losing here means the pause expired at this very instant.
             refuse_if_decided(pause_by_id(conn, pause["id"]), expired=True)
-        return pause_by_id(conn, pause["id"])
+        return pause_by_token(conn, token)
+
+
+def answer_pause(conn, config, pause, choice, comment, data, edits=None, now=None):
+    """One of a pause's people (`pause` as asked_of() shows it) chooses, inside the caller's
+    transaction, the pause read under it and still pending. A pause asking one person is
+    decided; a team pause records the vote, then is decided when the quorum rule says so.
+    Returns False when the pause could no longer be answered: it expired at this instant."""
+    now = now or db_time()
+    declared = json.loads(pause["fields"] or "null")
+    final, edited = edit_fields(declared, edits)            # 422 for an edit out of bounds, before anything
+    decided_by = f"recipient:{pause['recipient']}"
+    if edited:
+        data = {**data, "edited": edited}
+    if not pause["team"]:
+        return decide_pause(conn, config, pause["id"], "responded", decided_by, choice, comment, data=data, now=now,
+                            edits=(final if declared else None, edited))
+    if pause["expires_at"] <= now:
+        return False
+    record_vote(conn, config, pause, choice, comment, edited, data, now)
+    votes = deciding_votes(conn, pause, choice)
+    if votes is None:
+        return True                 # the quorum waits for more
+    # The final fields: the declared ones with each deciding vote's changes, in the order they came.
+    changes = {}
+    for vote in votes:
+        changes.update(json.loads(vote["edits"] or "{}"))
+    final, edited = edit_fields(declared, changes)
+    data = {**data, "votes": [{"recipient": vote["recipient"], "choice": vote["choice"],
+                               "voted_at": api_time(vote["voted_at"])} for vote in votes]}
+    return decide_pause(conn, config, pause["id"], "responded", decided_by, choice, comment, data=data, now=now,
+                        edits=(final if declared else None, edited))
+
+
+def record_vote(conn, config, pause, choice, comment, edited, data, now):
+    """A team pause's person votes (once: refuse_if_voted() came first), with the audit event
+    and the pause.vote event in the same transaction."""
+    edits = {name: change["new"] for name, change in edited.items()} if edited else None
+    voted = conn.execute("UPDATE pause_recipients SET choice = ?, comment = ?, edits = ?, voted_at = ?"
+                         " WHERE pause_id = ? AND position = ? AND voted_at IS NULL",
+                         (choice, comment, edits and compact_json(edits), now, pause["id"], pause["position"])).rowcount
+    if not voted:
+        raise RuntimeError(f"{pause['id']} position {pause['position']} voted twice")
+    # A reminder not sent yet would ask them a question they answered.
+    conn.execute("UPDATE notifications SET status = 'cancelled', updated_at = ? WHERE pause_id = ? AND position = ?"
+                 " AND status = 'queued'", (now, pause["id"], pause["position"]))
+    record_event(conn, pause["developer_id"], pause["livemode"], f"recipient:{pause['recipient']}", "pause.vote",
+                 pause["id"], {"recipient": pause["recipient"], "channel": pause["channel"], "choice": choice,
+                               "comment": comment, **data}, when=now)
+    emit_pause_events(conn, config, [pause], "pause.vote", when=now)
+
+
+def deciding_votes(conn, pause, choice):
+    """The votes that decide a team pause on this vote, oldest first, or None while its quorum
+    waits for more: without a quorum the first vote decides; with one, `count` votes for its
+    choice, or at once any vote for something else (a veto)."""
+    quorum = json.loads(pause["quorum"] or "null")
+    votes = query_db(conn, "SELECT * FROM pause_recipients WHERE pause_id = ? AND choice = ? AND voted_at IS NOT NULL"
+                           " ORDER BY voted_at, position", (pause["id"], choice))
+    if quorum is None or choice != quorum["choice"]:
+        return [vote for vote in votes if vote["position"] == pause["position"]]
+    return votes if len(votes) >= quorum["count"] else None
+
+
+def refuse_if_voted(pause):
+    """409 for one of a team pause's people answering again."""
+    if pause.get("vote"):
+        raise ApiError(409, "already_voted", f"you already chose {pause['vote']['choice']!r} at"
+                                             f" {api_time(pause['vote']['voted_at'])}; the request waits for the others")
 
 
 # Reply codes name one pause in an SMS conversation: a letter and a digit ('K7'),
@@ -1716,12 +1901,22 @@ REPLY_CODE_QUARANTINE = dt.timedelta(days=7)
 # Random codes tried, this many short then as many long, in one query, before the number's
 # codes are all read: while at most half of a length are taken, its draws all miss one time in 256.
 REPLY_CODE_DRAWS = 8
+# A number's codes in use (pending, or decided in the last week): those of pauses that asked
+# it first, and of team pauses that asked it later (read from the number's people: CROSS JOIN).
+NUMBER_CODES = (
+    "SELECT reply_code, status, decided_at FROM pauses WHERE recipient = :recipient AND livemode = :livemode"
+    " AND reply_code IS NOT NULL AND (status = 'pending' OR decided_at > :week_ago) UNION ALL"
+    " SELECT r.reply_code, p.status, p.decided_at FROM pause_recipients r CROSS JOIN pauses p ON p.id = r.pause_id"
+    " WHERE r.recipient = :recipient AND r.livemode = :livemode AND r.position > 0 AND r.reply_code IS NOT NULL"
+    " AND (p.status = 'pending' OR p.decided_at > :week_ago)")
 # The first of some candidate codes (a JSON array) that is free for a number, or none.
 FIRST_FREE_REPLY_CODE = (
     "SELECT value FROM json_each(:candidates) WHERE NOT EXISTS (SELECT 1 FROM pauses WHERE recipient = :recipient"
     " AND livemode = :livemode AND reply_code = value AND status = 'pending') AND NOT EXISTS (SELECT 1 FROM pauses"
     " WHERE recipient = :recipient AND livemode = :livemode AND reply_code = value AND reply_code IS NOT NULL"
-    " AND decided_at > :week_ago) ORDER BY key LIMIT 1")
+    " AND decided_at > :week_ago) AND NOT EXISTS (SELECT 1 FROM pause_recipients r CROSS JOIN pauses p ON p.id = r.pause_id"
+    " WHERE r.recipient = :recipient AND r.livemode = :livemode AND r.reply_code = value AND r.position > 0"
+    " AND (p.status = 'pending' OR p.decided_at > :week_ago)) ORDER BY key LIMIT 1")
 
 
 def new_reply_code(conn, recipient, livemode):
@@ -1755,12 +1950,12 @@ def new_reply_code(conn, recipient, livemode):
 def reply_codes_in_use(conn, recipient, livemode, week_ago):
     """The number's codes: ({those of pending pauses}, {code: when a pause with it was last
     decided, for those decided in the last week})."""
-    pending = {row[0] for row in query_db(
-        conn, "SELECT reply_code FROM pauses WHERE recipient = ? AND livemode = ? AND status = 'pending'"
-              " AND reply_code IS NOT NULL", (recipient, livemode))}
-    recent = {row[0]: row[1] for row in query_db(
-        conn, "SELECT reply_code, max(decided_at) FROM pauses WHERE recipient = ? AND livemode = ?"
-              " AND reply_code IS NOT NULL AND decided_at > ? GROUP BY reply_code", (recipient, livemode, week_ago))}
+    codes = query_db(conn, NUMBER_CODES, {"recipient": recipient, "livemode": livemode, "week_ago": week_ago})
+    pending = {code for code, status, _ in codes if status == "pending"}
+    recent = {}
+    for code, status, decided_at in codes:
+        if status != "pending":
+            recent[code] = max(recent.get(code, decided_at), decided_at)
     return pending, recent
 
 
@@ -1779,8 +1974,9 @@ def split_reply_code(text):
 def record_sms_reply(conn, config, sender, text, message_sid=None):
     """An SMS or WhatsApp reply; returns the text to send back.
 
-    A reply naming a pause's code decides that pause. A bare reply decides only
-    when exactly one live pause is pending in this conversation, whoever sent it;
+    A reply naming a pause's code answers that pause: decides it, or for a team
+    pause casts the number's vote. A bare reply answers only when exactly one
+    live pause awaits this number's answer in this conversation, whoever sent it;
     otherwise it decides nothing and lists the codes. Only pauses whose message
     was sent to this number, on this channel, count: one whose send failed or is
     still queued was never read, whatever its code."""
@@ -1789,10 +1985,8 @@ def record_sms_reply(conn, config, sender, text, message_sid=None):
     code, answer = split_reply_code(text)
     with transaction(conn):
         now = db_time()
-        pending = conn.execute(
-            "SELECT * FROM pauses WHERE recipient = ? AND status = 'pending' AND channel = ? AND livemode = 1"
-            " AND expires_at > ? AND EXISTS (SELECT 1 FROM notifications n WHERE n.pause_id = pauses.id"
-            " AND n.status = 'sent') ORDER BY seq DESC", (number, channel, now)).fetchall()
+        pending = [person for person in (asked_of(conn, row, row["position"]) for row in conn.execute(
+            ASKED_ON_NUMBER, {"number": number, "channel": channel, "now": now})) if not person.get("vote")]
         if not pending:
             return "PausePoint: there is no open request for this number."
         if code is not None:
@@ -1806,9 +2000,23 @@ def record_sms_reply(conn, config, sender, text, message_sid=None):
         choice = reply_choice(answer, json.loads(pause["options"]))
         if choice is None:
             return f"PausePoint: {reply_options(pause)}. ({shorten(pause['message'])})"
-        decide_pause(conn, config, pause["id"], "responded", f"recipient:{number}", choice, now=now,
+        answer_pause(conn, config, pause, choice, None, now=now,
                      data={"via": channel, "message_sid": message_sid, "reply_code": pause["reply_code"]})
     return f"PausePoint: recorded {choice} for \"{shorten(pause['message'])}\""
+
+
+# The live pending pauses whose question reached a number on a channel, newest first, each
+# with the position it asked the number at: as a pause's first person, or later in a team.
+# (CROSS JOIN, and + to keep the pending pauses' indexes out: from the number's few people to
+# their pauses by id, never through every pending pause.)
+ASKED_ON_NUMBER = (
+    "SELECT p.*, 0 AS position FROM pauses p WHERE p.recipient = :number AND p.status = 'pending'"
+    " AND p.channel = :channel AND p.livemode = 1 AND p.expires_at > :now AND EXISTS (SELECT 1 FROM notifications n"
+    " WHERE n.pause_id = p.id AND n.position = 0 AND n.kind = 'ask' AND n.status = 'sent')"
+    " UNION ALL SELECT p.*, r.position FROM pause_recipients r CROSS JOIN pauses p ON p.id = r.pause_id"
+    " WHERE r.recipient = :number AND r.livemode = 1 AND r.position > 0 AND r.reply_code IS NOT NULL"
+    " AND r.channel = :channel AND +p.status = 'pending' AND +p.expires_at > :now AND EXISTS (SELECT 1 FROM notifications n"
+    " WHERE n.pause_id = p.id AND n.position = r.position AND n.kind = 'ask' AND n.status = 'sent') ORDER BY seq DESC")
 
 
 def open_codes(pending):
@@ -1835,10 +2043,14 @@ def shorten(text, limit=60):
 
 
 def pause_by_token(conn, token):
+    """The pause behind a respond link, as its person was asked it (asked_of()); 404 for none."""
     pause = conn.execute("SELECT * FROM pauses WHERE respond_token = ?", (token,)).fetchone()
-    if pause is None:
+    if pause is not None:
+        return asked_of(conn, pause, 0)
+    person = conn.execute("SELECT pause_id, position FROM pause_recipients WHERE respond_token = ?", (token,)).fetchone()
+    if person is None:
         raise ApiError(404, "not_found", "this respond link is not valid")
-    return pause
+    return asked_of(conn, pause_by_id(conn, person["pause_id"]), person["position"])
 
 
 def refuse_if_decided(pause, expired=False):
@@ -1860,7 +2072,8 @@ LINK_OPENINGS_RECORDED = 100    # per pause: from ever new addresses, openings w
 def record_link_opened(conn, pause, via, client):
     """Audit that a respond link was opened: once per pause, client address and minute, and
     LINK_OPENINGS_RECORDED times per pause at most, so reloads, scanners and floods from
-    many addresses cannot grow the log without bound."""
+    many addresses cannot grow the log without bound. A team pause's person (`pause` as
+    asked_of() shows it) also has the first opening of their link noted."""
     def recorded_lately():
         return conn.execute(
             "SELECT 1 FROM audit_events WHERE pause_id = ? AND event_type = 'respond_page.opened' AND timestamp > ?"
@@ -1871,9 +2084,15 @@ def record_link_opened(conn, pause, via, client):
         return query_db(conn, "SELECT count(*) FROM audit_events WHERE pause_id = ? AND event_type = 'respond_page.opened'",
                         (pause["id"],), one=True)[0] >= LINK_OPENINGS_RECORDED
 
-    if recorded_lately():       # the common reload: no write lock needed
+    first_time = pause["team"] and not query_db(
+        conn, "SELECT opened_at FROM pause_recipients WHERE pause_id = ? AND position = ?",
+        (pause["id"], pause["position"]), one=True)[0]
+    if recorded_lately() and not first_time:       # the common reload: no write lock needed
         return
     with transaction(conn):
+        if first_time:
+            conn.execute("UPDATE pause_recipients SET opened_at = ? WHERE pause_id = ? AND position = ?"
+                         " AND opened_at IS NULL", (db_time(), pause["id"], pause["position"]))
         if not recorded_lately() and not recorded_enough():
             record_event(conn, pause["developer_id"], pause["livemode"], "respond_link", "respond_page.opened",
                          pause["id"], {"via": via, **client})
@@ -1912,6 +2131,69 @@ def expire_due_pauses(conn, config):
                       lambda decided, now: record_decisions(conn, config, decided, None, now))
 
 
+def take_due_steps(conn, config):
+    """Do every reminder and escalation that fell due, the earliest first; returns how many
+    were claimed. Each is claimed once by compare-and-set, so one that fell due while the
+    server was down happens once at the next start. One whose pause was decided (or ran
+    out) is skipped, and so is a reminder when a later one is due too: one is enough."""
+    def take(steps, now):
+        for step in steps:
+            pause = pause_by_id(conn, step["pause_id"])
+            reminded_later = step["kind"] == "reminder" and query_db(
+                conn, "SELECT 1 FROM pause_steps WHERE pause_id = ? AND kind = 'reminder' AND (due_at, id) > (?, ?)"
+                      " AND due_at <= ?", (pause["id"], step["due_at"], step["id"], now), one=True)
+            if pause["status"] != "pending" or pause["expires_at"] <= now or reminded_later:
+                conn.execute("UPDATE pause_steps SET status = 'skipped' WHERE id = ?", (step["id"],))
+            elif step["kind"] == "reminder":
+                remind(conn, config, pause, now)
+            else:
+                escalate(conn, config, pause, step, now)
+
+    return in_batches(conn, "UPDATE pause_steps SET status = 'done', done_at = :now WHERE id IN (SELECT id FROM"
+                            " pause_steps WHERE status = 'scheduled' AND due_at <= :now ORDER BY due_at LIMIT :batch)"
+                            " RETURNING *", take)
+
+
+def remind(conn, config, pause, now):
+    """Remind each of a pending pause's people who has not answered, on the channel that
+    asked them, saying how long is left."""
+    if pause["team"]:
+        people = [asked_of(conn, pause, row[0]) for row in query_db(
+            conn, "SELECT position FROM pause_recipients WHERE pause_id = ? AND voted_at IS NULL ORDER BY position",
+            (pause["id"],))]
+    else:
+        people = [asked_of(conn, pause, 0)]
+    left = human_duration((parse_db_time(pause["expires_at"]) - parse_db_time(now)).total_seconds())
+    reminded = [person["recipient"] for person in people
+                if queue_notification(conn, config, person, "reminder", now,
+                                      render=lambda channel, person, url: reminder_text(channel.render(person, url), left))]
+    if reminded:
+        record_event(conn, pause["developer_id"], pause["livemode"], "system", "pause.reminded", pause["id"],
+                     {"recipients": reminded, "left": left}, when=now)
+
+
+def reminder_text(text, left):
+    """The question again, saying first that it is a reminder and how long is left."""
+    said = f"Reminder, {left} left: "
+    return "Subject: " + said + text.removeprefix("Subject: ") if text.startswith("Subject: ") else said + text
+
+
+def escalate(conn, config, pause, step, now):
+    """Add an escalation's target to a pending team pause's people and ask them too."""
+    position = query_db(conn, "SELECT max(position) + 1 FROM pause_recipients WHERE pause_id = ?", (pause["id"],),
+                        one=True)[0]
+    try:
+        ask_person(conn, config, pause, position, step["recipient"], step["channel"], "escalation", now)
+    except ApiError as e:           # every reply code of that number is taken by pending pauses
+        conn.execute("UPDATE pause_steps SET status = 'skipped' WHERE id = ?", (step["id"],))
+        log.warning("escalation of %s to %s skipped: %s", pause["id"], step["recipient"], e.message)
+        return
+    record_event(conn, pause["developer_id"], pause["livemode"], "system", "pause.escalated", pause["id"],
+                 {"recipient": step["recipient"], "channel": step["channel"], "due_at": api_time(step["due_at"])},
+                 when=now)
+    emit_pause_events(conn, config, [pause], "pause.escalated", when=now)
+
+
 # A pause as the API shows it, written by SQLite from `pauses p {FIRST_ASKED}`
 # with :base the server's base URL: a page of 50 costs one query and no Python per row.
 # Times show whole seconds ('2026-05-08T18:00:00Z'); a notification being sent shows as queued.
@@ -1930,8 +2212,24 @@ PAUSE_OBJECT = """json_object(
         'text', n.text) END))"""
 # A pause with fields also shows them, and once decided what the approver changed; one
 # without is shown exactly as before fields existed.
-PAUSE_JSON = (f"CASE WHEN p.fields IS NULL THEN {PAUSE_OBJECT} ELSE json_patch({PAUSE_OBJECT},"
-              " json_object('fields', json(p.fields), 'edited', json(p.edited))) END")
+PAUSE_WITH_FIELDS = (f"CASE WHEN p.fields IS NULL THEN {PAUSE_OBJECT} ELSE json_patch({PAUSE_OBJECT},"
+                     " json_object('fields', json(p.fields), 'edited', json(p.edited))) END")
+# A team pause also shows its quorum, its people (whether their question was sent, when they
+# opened their link and answered) and the votes cast, oldest first.
+SHOWN_TIME = "substr({0}, 1, 19) || 'Z'"
+TEAM_PARTS = f"""'$.quorum', json(coalesce(p.quorum, 'null')),
+    '$.recipients', (SELECT json_group_array(json_object(
+        'recipient', r.recipient, 'channel', r.channel, 'respond_url', :base || '/respond/' || r.respond_token,
+        'added_by', r.added_by, 'added_at', {SHOWN_TIME.format('r.added_at')},
+        'notification_status', (SELECT CASE status WHEN 'sending' THEN 'queued' ELSE status END FROM notifications
+                                WHERE pause_id = r.pause_id AND position = r.position AND kind = 'ask'),
+        'opened_at', {SHOWN_TIME.format('r.opened_at')}, 'answered_at', {SHOWN_TIME.format('r.voted_at')},
+        'choice', r.choice)) FROM (SELECT * FROM pause_recipients WHERE pause_id = p.id ORDER BY position) r),
+    '$.votes', (SELECT json_group_array(json_object(
+        'recipient', recipient, 'choice', choice, 'comment', comment, 'edits', json(edits),
+        'voted_at', {SHOWN_TIME.format('voted_at')})) FROM (SELECT * FROM pause_recipients
+        WHERE pause_id = p.id AND voted_at IS NOT NULL ORDER BY voted_at, position))"""
+PAUSE_JSON = f"CASE WHEN p.team THEN json_set({PAUSE_WITH_FIELDS}, {TEAM_PARTS}) ELSE {PAUSE_WITH_FIELDS} END"
 
 
 def pause_json(conn, config, pause_id, caller=None):
@@ -1959,15 +2257,23 @@ def pauses_json(conn, config, caller, status, limit, cursor):
     return '{"pauses": [%s], "next_cursor": %s}' % (", ".join(row[1] for row in rows), json.dumps(next_cursor))
 
 
-def created_json(pause, config):
-    """POST /v1/pause's answer: exactly the quickstart's fields."""
-    return {
+def created_json(conn, pause, config):
+    """POST /v1/pause's answer: exactly the quickstart's fields, and a team pause's people
+    with a respond_url each."""
+    created = {
         "pause_id": pause["id"],
         "status": pause["status"],
         "respond_url": respond_url(config, pause["respond_token"]),
         "expires_at": api_time(pause["expires_at"]),
         "created_at": api_time(pause["created_at"]),
     }
+    if pause["team"]:
+        created["recipients"] = [
+            {"recipient": person["recipient"], "channel": person["channel"],
+             "respond_url": respond_url(config, person["respond_token"])}
+            for person in query_db(conn, "SELECT * FROM pause_recipients WHERE pause_id = ? AND added_by = 'request'"
+                                         " ORDER BY position", (pause["id"],))]
+    return created
 
 
 def asker_name(conn, pause):
@@ -1994,6 +2300,8 @@ def respond_facts(pause, asked_by=None):
         "timeout_default": pause["timeout_default"],
         **({"fields": json.loads(pause["fields"])} if pause["fields"] else {}),
         **({"edited": json.loads(pause["edited"])} if pause["edited"] else {}),
+        **({"your_vote": {"choice": pause["vote"]["choice"], "voted_at": api_time(pause["vote"]["voted_at"])}}
+           if pause.get("vote") else {}),
     }
 
 
@@ -2517,13 +2825,14 @@ def send_email(config, notification, pause, deadline):
     """A plain-text and an HTML part; every button opens the respond page, none decides on GET."""
     url = respond_url(config, pause["respond_token"])
     message = email.message.EmailMessage()
-    message["Subject"] = email_subject(pause)
+    message["Subject"] = notification["text"].split("\n", 1)[0].removeprefix("Subject: ")
     message["From"] = config["smtp.from_address"]
     message["To"] = notification["recipient"]
     message["Message-ID"] = email.utils.make_msgid(idstring=notification["id"])
     message.set_content(notification["text"].split("\n\n", 1)[1])
     message.add_alternative(bottle.template("email", template_lookup=[TEMPLATES_DIR], url=url,
                                             pause=respond_facts(pause), expires=expiry_text(pause),
+                                            reminder=notification["kind"] == "reminder",
                                             quote=urllib.parse.quote), subtype="html")
     security, host, port = config["smtp.security"], config["smtp.host"], config["smtp.port"]
     try:
@@ -2640,7 +2949,7 @@ def send_notification(conn, config, deadlines, row, claim_until):
     try:
         if channel is None or channel.send is None or channel.missing_settings(config):
             raise ChannelError(f"channel {row['channel']!r} is not configured on this server")
-        pause = pause_by_id(conn, row["pause_id"])
+        pause = asked_of(conn, pause_by_id(conn, row["pause_id"]), row["position"])
         with deadlines.deadline(config["outbound.deadline_seconds"], owner=("channel", row["channel"])) as deadline:
             provider_id, error = channel.send(config, row, pause, deadline), None
     except ChannelError as e:
@@ -2675,7 +2984,9 @@ def send_notification(conn, config, deadlines, row, claim_until):
 ###############################################################################
 
 WEBHOOK_EVENTS = ("pause.created", "pause.responded", "pause.timed_out", "pause.cancelled",
-                  "pause.notification_failed")
+                  "pause.notification_failed", "pause.vote", "pause.escalated")
+# What the dashboard's form ticks for a new endpoint: the outcomes, not every step on the way.
+OUTCOME_EVENTS = ("pause.responded", "pause.timed_out", "pause.cancelled", "pause.notification_failed")
 MIN_SECRET_LENGTH = 16
 SECRET_ROTATION_OVERLAP = dt.timedelta(hours=24)
 # Delays before attempts 2..10: about three days in all.
@@ -3273,6 +3584,8 @@ def prune_expired_data(conn, config, now=None):
     in_batches("test pauses",
                "SELECT id FROM pauses WHERE livemode = 0 AND status != 'pending' AND decided_at < ?", (test_cutoff,),
                ["DELETE FROM notifications WHERE pause_id = ?",
+                "DELETE FROM pause_recipients WHERE pause_id = ?",
+                "DELETE FROM pause_steps WHERE pause_id = ?",
                 "DELETE FROM idempotency_keys WHERE pause_id = ?",
                 "DELETE FROM audit_events WHERE pause_id = ? AND livemode = 0",
                 "DELETE FROM pauses WHERE id = ? AND livemode = 0"])
@@ -3359,7 +3672,7 @@ class Runtime:
         self.shown_once = ShownOnce()
         self.timeouts_db = None
         self.round_locks = {f"run_{job}": threading.Lock()
-                            for job in ("timeouts", "notifications", "webhooks", "pruning", "checkpoint")}
+                            for job in ("timeouts", "steps", "notifications", "webhooks", "pruning", "checkpoint")}
         migrate(self.db())
         refresh_statistics(self.db())
 
@@ -3424,7 +3737,7 @@ class Runtime:
         """Start the jobs. The first run is immediate, so pauses that fell due while
         the process was down time out within moments of the start."""
         now = utcnow()
-        for job in (self.run_timeouts, self.run_notifications, self.run_webhooks):
+        for job in (self.run_timeouts, self.run_steps, self.run_notifications, self.run_webhooks):
             self.scheduler.add_job(job, "interval", seconds=JOB_INTERVAL_SECONDS, id=job.__name__, next_run_time=now)
         self.scheduler.add_job(self.run_checkpoint, "interval", seconds=CHECKPOINT_INTERVAL_SECONDS,
                                id="run_checkpoint", next_run_time=now)
@@ -3452,7 +3765,7 @@ class Runtime:
         self.webhook_connections.close()
 
     def run_once(self, job):
-        """Run one job ("timeouts", "notifications", "webhooks", "pruning", "checkpoint") now, on this
+        """Run one job ("timeouts", "steps", "notifications", "webhooks", "pruning", "checkpoint") now, on this
         thread, after the outbound calls under way, and wait for the calls it starts; again
         while it starts some (only a few per target go at once). A step of the server that
         a test can take instead of waiting for ticks, and then see exactly what it did."""
@@ -3479,6 +3792,12 @@ class Runtime:
         if self.timeouts_db is None:
             self.timeouts_db = self.connect(TIMEOUTS_CACHE_KIB, same_thread=False)
         return expire_due_pauses(self.timeouts_db, self.config)
+
+    @one_round_at_a_time
+    def run_steps(self):
+        """Reminders and escalations that fell due; what they send goes out with the next
+        round of notifications."""
+        return take_due_steps(self.db(), self.config)
 
     @one_round_at_a_time
     def run_notifications(self):
@@ -3924,16 +4243,14 @@ def nullable(schema):
     return {**schema, "type": [schema["type"], "null"]}
 
 
-def pause_request_schema(config):
-    """POST /v1/pause. Channels, what each takes as a recipient, and the longest timeout
-    come from the server's config."""
-    known, limit = channels(config), config["pauses.max_timeout_hours"]
+def person_schema(config):
+    """Whom to ask: a channel this server knows and a recipient as that channel takes it."""
+    known = channels(config)
     by_kind = collections.defaultdict(list)
     for channel in known.values():
         by_kind[json.dumps(channel.recipient, sort_keys=True)].append(channel.name)
     return {
-        "type": "object", "additionalProperties": False,
-        "required": ["channel", "recipient", "message", "options", "timeout_hours"],
+        "type": "object",
         "allOf": [{"if": {"required": ["channel"], "properties": {"channel": {"enum": names}}},
                    "then": {"properties": {"recipient": json.loads(recipient)}}} for recipient, names in by_kind.items()],
         "properties": {
@@ -3942,6 +4259,28 @@ def pause_request_schema(config):
             "recipient": {"type": "string", "minLength": 1, "pattern": VISIBLE_TEXT,
                           "x-message": "recipient is required: who answers, as the channel takes it, in visible text"
                                        " without control or bidirectional-override characters"},
+        },
+    }
+
+
+MAX_PEOPLE = 10             # per pause, escalation targets included
+MAX_REMINDERS = 5
+
+
+def pause_request_schema(config):
+    """POST /v1/pause. Channels, what each takes as a recipient, and the longest timeout
+    come from the server's config."""
+    person, limit = person_schema(config), config["pauses.max_timeout_hours"]
+    someone = {"type": "object", "required": ["recipient", "channel"],
+               "properties": {"recipient": {"type": "string"}, "channel": {"type": "string"}}}
+    return {
+        "type": "object", "additionalProperties": False,
+        "required": ["message", "options", "timeout_hours"],
+        # recipient and channel, unless recipients names everyone
+        "allOf": [*person["allOf"], {"if": {"not": {"required": ["recipients"]}},
+                                     "then": {"required": ["channel", "recipient"]}}],
+        "properties": {
+            **person["properties"],
             "message": {"type": "string", "minLength": 1, "maxLength": 1600, "pattern": VISIBLE_TEXT,
                         "x-message": "message must be 1-1600 characters of visible text; newlines and tabs are fine,"
                                      " other control and bidirectional-override characters are not"},
@@ -3959,6 +4298,26 @@ def pause_request_schema(config):
                       "x-message": "title must be 1-120 characters of visible text: what the request is about,"
                                    " shown above the question"},
             "fields": FIELDS_SCHEMA,
+            "recipients": {"type": "array", "minItems": 1, "maxItems": MAX_PEOPLE,
+                           "items": {**someone, "additionalProperties": False},
+                           "x-message": f"recipients must be a list of 1-{MAX_PEOPLE} people, each"
+                                        ' {"recipient": …, "channel": …}, given instead of recipient and channel'},
+            "quorum": {"type": ["object", "null"], "required": ["choice", "count"], "additionalProperties": False,
+                       "properties": {"choice": {"type": "string"},
+                                      "count": {"type": "integer", "minimum": 1, "maximum": MAX_PEOPLE}},
+                       "x-message": 'quorum must be like {"choice": "Approve", "count": 2}: the option, and how many'
+                                    " different people must choose it; anyone choosing otherwise decides at once"},
+            "remind_after_minutes": {"type": ["array", "null"], "maxItems": MAX_REMINDERS,
+                                     "items": {"type": "number", "exclusiveMinimum": 0},
+                                     "x-message": f"remind_after_minutes must be a list of up to {MAX_REMINDERS}"
+                                                  " numbers of minutes after creation, each before the timeout"},
+            "escalation": {"type": ["array", "null"], "maxItems": MAX_PEOPLE - 1, "items": {
+                               **someone, "additionalProperties": False,
+                               "required": ["after_minutes", *someone["required"]],
+                               "properties": {**someone["properties"],
+                                              "after_minutes": {"type": "number", "exclusiveMinimum": 0}}},
+                           "x-message": 'escalation must be a list like [{"after_minutes": 60, "recipient":'
+                                        ' "+15550199", "channel": "sms"}]: whom to ask too while still pending'},
         },
     }
 
@@ -4041,12 +4400,28 @@ PAGE_QUERY = {"limit": LIMIT, "cursor": CURSOR}
 # Answers.
 PAUSE_CREATED = {"type": "object", "required": ["pause_id", "status", "respond_url", "expires_at", "created_at"],
                  "properties": {"pause_id": {"type": "string"}, "status": {"type": "string", "enum": list(STATUSES)},
-                                "respond_url": {"type": "string"}, "expires_at": TIME, "created_at": TIME}}
+                                "respond_url": {"type": "string", "description": "The first person's link."},
+                                "expires_at": TIME, "created_at": TIME,
+                                "recipients": {"type": "array", "description": "Only for a team pause: each person"
+                                                                               " asked, with their own link.",
+                                               "items": {"type": "object", "properties": {
+                                                   name: {"type": "string"}
+                                                   for name in ("recipient", "channel", "respond_url")}}}}}
 NOTIFICATION = {"type": ["object", "null"], "properties": {
     "channel": {"type": "string"},
     "status": {"type": "string", "enum": ["queued", "sent", "simulated", "failed", "cancelled"]},
     "attempts": {"type": "integer"}, "provider_message_id": {"type": ["string", "null"]},
     "last_error": {"type": ["string", "null"]}, "text": {"type": "string"}}}
+PERSON_ASKED = {"type": "object", "required": ["recipient", "channel", "respond_url", "added_by"], "properties": {
+    "recipient": {"type": "string"}, "channel": {"type": "string"}, "respond_url": {"type": "string"},
+    "added_by": {"type": "string", "enum": ["request", "escalation"]}, "added_at": TIME,
+    "notification_status": {"type": ["string", "null"], "enum": ["queued", "sent", "simulated", "failed", "cancelled",
+                                                                 None]},
+    "opened_at": nullable(TIME), "answered_at": nullable(TIME), "choice": {"type": ["string", "null"]}}}
+VOTE = {"type": "object", "required": ["recipient", "choice", "voted_at"], "properties": {
+    "recipient": {"type": "string"}, "choice": {"type": "string"}, "comment": {"type": ["string", "null"]},
+    "edits": {"type": ["object", "null"], "description": "The fields this vote changed: {name: new value}."},
+    "voted_at": TIME}}
 PAUSE = {"type": "object", "required": ["pause_id", "status", "options", "livemode", "expires_at", "created_at"],
          "properties": {
              **PAUSE_CREATED["properties"], "recipient": {"type": "string"}, "channel": {"type": "string"},
@@ -4057,7 +4432,14 @@ PAUSE = {"type": "object", "required": ["pause_id", "status", "options", "livemo
              "livemode": {"type": "boolean"}, "notification": NOTIFICATION,
              "fields": {"type": "object", "description": "Only when the pause has fields: each with its final value."},
              "edited": {"type": "object", "description": "Only once a pause with fields is decided: the fields the"
-                                                         " approver changed, each {\"old\": …, \"new\": …}."}}}
+                                                         " approver changed, each {\"old\": …, \"new\": …}."},
+             "quorum": {"type": ["object", "null"], "description": "Only for a team pause (asked with recipients,"
+                                                                   " a quorum or an escalation).",
+                        "properties": {"choice": {"type": "string"}, "count": {"type": "integer"}}},
+             "recipients": {"type": "array", "description": "Only for a team pause: everyone asked, in order.",
+                            "items": PERSON_ASKED},
+             "votes": {"type": "array", "description": "Only for a team pause: the votes cast, oldest first.",
+                       "items": VOTE}}}
 WEBHOOK = {"type": "object", "required": ["webhook_id", "url", "events", "status", "livemode"], "properties": {
     "webhook_id": {"type": "string"}, "url": {"type": "string"}, "events": {"type": "array", "items": {"type": "string"}},
     "status": {"type": "string", "enum": ["enabled", "disabled"]}, "disabled_reason": {"type": ["string", "null"]},
@@ -4079,7 +4461,9 @@ RESPOND_FACTS = {"type": "object", "required": ["message", "options", "status"],
     "details": {"type": "array", "description": "The metadata keys the agent listed in its \"display\"",
                 "items": {"type": "object", "properties": {"name": {"type": "string"}, "value": {"type": "string"}}}},
     **{name: PAUSE["properties"][name] for name in ("title", "message", "options", "status", "choice", "comment",
-                                                    "decided_at", "expires_at", "timeout_default", "fields", "edited")}}}
+                                                    "decided_at", "expires_at", "timeout_default", "fields", "edited")},
+    "your_vote": {"type": "object", "description": "Only for a team pause's person who voted: their choice and when.",
+                  "properties": {"choice": {"type": "string"}, "voted_at": TIME}}}}
 REGISTERED = {"type": "object", "required": ["developer_id", "api_key", "test_api_key", "plan", "message"],
               "properties": {"developer_id": {"type": "string"}, "api_key": {"type": "string"},
                              "test_api_key": {"type": "string"}, "plan": {"type": "string"}, "message": {"type": "string"}}}
@@ -4326,7 +4710,7 @@ def post_pause(rt, caller, body):
     pause, replayed = create_pause(rt.db(), rt.config, caller, body, request_header("Idempotency-Key"), rt.limiter)
     if replayed:
         bottle.response.set_header("Idempotent-Replayed", "true")
-    return created_json(pause, rt.config)
+    return created_json(rt.db(), pause, rt.config)
 
 
 def list_pauses(rt, caller, query):
@@ -4829,7 +5213,7 @@ def webhooks_page(rt, session, error=None, status=200, values=None):
     """The endpoints of the shown mode, and a form to add one."""
     return dashboard_page("webhooks", session, status=status, error=error, values=values or {},
                           webhooks=[webhook_json(row) for row in webhooks_of(rt.db(), session.caller)],
-                          events=WEBHOOK_EVENTS)
+                          events=WEBHOOK_EVENTS, ticked=OUTCOME_EVENTS)
 
 
 def add_webhook_from_dashboard(rt, session, form):

@@ -2,6 +2,9 @@
 <html lang="en">
 <body style="margin:0;padding:24px;background:#f5f5f7;font:16px/1.45 -apple-system,'Segoe UI',Roboto,sans-serif;color:#1d1d1f">
 <div style="max-width:480px;margin:0 auto">
+% if reminder:
+<p style="margin:0 0 6px"><strong>Reminder:</strong> this request is still waiting for your answer.</p>
+% end
 <p style="color:#6e6e73;margin:0 0 6px">An agent is asking:</p>
 <div style="background:#fff;border-radius:12px;padding:16px;white-space:pre-wrap">{{pause['message']}}</div>
 <p style="color:#6e6e73">Choose one. Each button opens a page where you confirm; nothing is decided until you do.</p>

@@ -12,7 +12,18 @@
 <blockquote class="message">{{pause['message']}}</blockquote>
 <dl class="facts">
   <dt>Options</dt><dd>{{', '.join(pause['options'])}}</dd>
+% if 'recipients' in pause:
+  <dt>Asked</dt><dd><ul class="people" id="people">
+%   for person in pause['recipients']:
+    <li>{{person['recipient']}} over {{person['channel']}}{{' (escalation)' if person['added_by'] == 'escalation' else ''}}: {{('chose ' + person['choice']) if person['choice'] else ('opened the link' if person['opened_at'] else (person['notification_status'] or 'link only'))}}</li>
+%   end
+  </ul></dd>
+%   if pause['quorum']:
+  <dt>Quorum</dt><dd>{{pause['quorum']['count']}} × {{pause['quorum']['choice']}}; anything else decides at once</dd>
+%   end
+% else:
   <dt>Recipient</dt><dd>{{pause['recipient']}} over {{pause['channel']}}</dd>
+% end
   <dt>If nobody answers</dt><dd>{{pause['timeout_default'] or 'nothing is decided'}} at {{pause['expires_at']}}</dd>
 % if pause['comment']:
   <dt>Comment</dt><dd class="text">{{pause['comment']}}</dd>

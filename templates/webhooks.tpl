@@ -30,7 +30,7 @@
   <fieldset>
     <legend>Events</legend>
 % for event in events:
-    <label class="check"><input type="checkbox" name="event:{{event}}" value="on"{{!' checked' if values.get('event:' + event) or (not values and event != 'pause.created') else ''}}> {{event}}</label>
+    <label class="check"><input type="checkbox" name="event:{{event}}" value="on"{{!' checked' if values.get('event:' + event) or (not values and event in ticked) else ''}}> {{event}}</label>
 % end
   </fieldset>
   <label for="secret">Signing secret (optional: leave empty and one is made and shown once)</label>

@@ -8,9 +8,10 @@ import pausepoint
 
 # A query may read from end to end only what it made itself: a recursive CTE's rows or a JSON list.
 # Scans that read little: a JSON array (`batch` when it is a job's batch of ids), a CTE's
-# rows, a constant, and the operator's list of developers (`d`), newest first by rowid,
-# which stops after a page.
-SMALL = ("json_each", "batch", "waiting", "CONSTANT ROW", "d")
+# rows, a constant, the operator's list of developers (`d`), newest first by rowid,
+# which stops after a page, and a team pause's few people (`r`, or a subquery's), read
+# through an index first.
+SMALL = ("json_each", "batch", "waiting", "CONSTANT ROW", "d", "r", r"\(subquery-[0-9]+")
 
 
 def fill(config, developer_id, pauses):
@@ -85,12 +86,25 @@ def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver):
     for page in ("overview", "pauses", f"pauses/{created['pause_id']}", "audit", "keys", "webhooks",
                  f"webhooks/{webhook_id}", "operator", f"audit.csv?pause_id={created['pause_id']}"):
         assert api.get(f"/dashboard/{page}").status_code == 200
-    for job in ("timeouts", "notifications", "webhooks"):
+    team = api.post_json("/v1/pause", {
+        **{name: value for name, value in WIRE.items() if name not in ("recipient", "channel")},
+        "recipients": [{"recipient": "+15550101", "channel": "sms"}, {"recipient": "+15550102", "channel": "sms"}],
+        "quorum": {"choice": "Approve", "count": 2}, "remind_after_minutes": [1],
+        "escalation": [{"after_minutes": 2, "recipient": "+15550103", "channel": "sms"}]}, headers=auth).json
+    second = token_of(team["recipients"][1]["respond_url"])
+    api.get(f"/v1/respond/{second}")
+    api.post_json(f"/v1/respond/{second}", {"choice": "Approve"})
+    stored(api.config, "UPDATE pause_steps SET due_at = '2000-01-01T00:00:00.000Z'")
+    api.pause(key, team["pause_id"])
+    pausepoint.record_sms_reply(api.app.runtime.db(), api.config, "+15550101", "1")
+    for job in ("timeouts", "steps", "notifications", "webhooks"):
         api.step(job)
     api.app.runtime.db().set_trace_callback(None)
 
     scans = {sql: plan for sql, plan in plans(api.config, statements).items()
              if re.search(r"\bSCAN (?!(%s)\b)" % "|".join(SMALL), plan)
-             or re.search(r"\bUSING (COVERING )?INDEX audit_by_owner\b", plan) and "pause_id =" in sql}
+             or re.search(r"\bUSING (COVERING )?INDEX audit_by_owner\b", plan) and "pause_id =" in sql
+             # a number's people lead to their pauses by id, not through every pending one
+             or "pauses_pending_by_expiry" in plan and "pause_recipients" in sql}
     assert scans == {}
     assert len(statements) > 30

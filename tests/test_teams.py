@@ -1,0 +1,331 @@
+"""Team pauses: several people, each with their own link; quorum and veto; reminders and
+escalation, claimed from the database like every other job."""
+
+import concurrent.futures
+import json
+
+import pytest
+import requests
+
+from conftest import WIRE, LiveServer, make_config, run_out, stored, token_of
+from test_channels import SmsApi, inbound
+import pausepoint
+
+TEAM = [{"recipient": "+15550101", "channel": "sms"}, {"recipient": "+15550102", "channel": "sms"},
+        {"recipient": "ops-lead", "channel": "link"}]
+BODY = {name: value for name, value in WIRE.items() if name not in ("recipient", "channel")}
+TWO_APPROVALS = {**BODY, "recipients": TEAM, "quorum": {"choice": "Approve", "count": 2}}
+
+
+@pytest.fixture
+def team(running_api, receiver):
+    """An api with its jobs stepped by hand, a test key, and an endpoint taking every event."""
+    api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    key = api.register()["test_api_key"]
+    api.post_json("/v1/webhooks", {"url": receiver.url, "events": list(pausepoint.WEBHOOK_EVENTS)},
+                  headers=api.as_key(key))
+    return api, key
+
+
+def answer(api, person, choice, status=200, **more):
+    return api.post_json(f"/v1/respond/{token_of(person['respond_url'])}", {"choice": choice, **more}, status=status)
+
+
+def audited(api, pause_id, event_type):
+    return [json.loads(row[0]) for row in stored(api.config, "SELECT data FROM audit_events WHERE pause_id = ?"
+                                                             " AND event_type = ? ORDER BY seq", pause_id, event_type)]
+
+
+def fall_due(api, pause_id, kind):
+    """Move a pause's scheduled steps of one kind into the past, as if their time had come."""
+    stored(api.config, "UPDATE pause_steps SET due_at = ? WHERE pause_id = ? AND kind = ? AND status = 'scheduled'",
+           pausepoint.db_time(pausepoint.utcnow() - pausepoint.dt.timedelta(seconds=1)), pause_id, kind)
+
+
+def texts(api, pause_id, kind):
+    return stored(api.config, "SELECT position, recipient, text FROM notifications WHERE pause_id = ? AND kind = ?"
+                              " ORDER BY position, created_at", pause_id, kind)
+
+
+def test_each_person_gets_their_own_message_and_link_and_the_first_link_stays_on_top(team):
+    api, key = team
+    created = api.post_json("/v1/pause", TWO_APPROVALS, headers=api.as_key(key)).json
+    people = created["recipients"]
+    assert [(p["recipient"], p["channel"]) for p in people] == [(p["recipient"], p["channel"]) for p in TEAM]
+    assert created["respond_url"] == people[0]["respond_url"]
+    assert len({token_of(p["respond_url"]) for p in people}) == 3
+    assert all(len(token_of(p["respond_url"])) >= 43 for p in people)        # 256 bits each
+    api.step("notifications")
+    sent = texts(api, created["pause_id"], "ask")
+    # The link person is told by the agent; each texted person's message carries their own link and code.
+    assert [(position, recipient) for position, recipient, _ in sent] == [(0, "+15550101"), (1, "+15550102")]
+    for (position, _, text), person in zip(sent, people):
+        assert token_of(person["respond_url"]) in text
+    codes = [row[0] for row in stored(api.config, "SELECT reply_code FROM pause_recipients WHERE channel = 'sms'")]
+    assert codes[0] == stored(api.config, "SELECT reply_code FROM pauses")[0][0] and all(codes)
+    shown = api.pause(key, created["pause_id"])
+    assert shown["quorum"] == {"choice": "Approve", "count": 2} and shown["votes"] == []
+    assert [(p["respond_url"], p["added_by"], p["notification_status"]) for p in shown["recipients"]] == [
+        (people[0]["respond_url"], "request", "simulated"), (people[1]["respond_url"], "request", "simulated"),
+        (people[2]["respond_url"], "request", None)]
+
+
+def test_two_of_three_approvals_decide_it_naming_the_votes_that_made_it(team, receiver):
+    api, key = team
+    created = api.post_json("/v1/pause", TWO_APPROVALS, headers=api.as_key(key)).json
+    first, second, third = created["recipients"]
+    voted = answer(api, first, "Approve", comment="fine by me").json
+    assert voted["status"] == "pending" and voted["your_vote"]["choice"] == "Approve"
+    assert api.pause(key, created["pause_id"])["status"] == "pending"
+    answer(api, second, "Approve")
+    decided = api.pause(key, created["pause_id"])
+    assert (decided["status"], decided["choice"], decided["decided_by"]) == ("responded", "Approve",
+                                                                             "recipient:+15550102")
+    assert [(v["recipient"], v["choice"], v["comment"]) for v in decided["votes"]] == [
+        ("+15550101", "Approve", "fine by me"), ("+15550102", "Approve", None)]
+    assert [p["choice"] for p in decided["recipients"]] == ["Approve", "Approve", None]
+    assert answer(api, third, "Reject", status=409).json["error"]["code"] == "already_decided"
+    [decision] = audited(api, created["pause_id"], "pause.responded")
+    assert [vote["recipient"] for vote in decision["votes"]] == ["+15550101", "+15550102"]
+    assert [vote["recipient"] for vote in audited(api, created["pause_id"], "pause.vote")] == ["+15550101",
+                                                                                              "+15550102"]
+    events = api.get("/v1/events", headers=api.as_key(key)).json["events"]
+    assert [event["type"] for event in events] == ["pause.created", "pause.vote", "pause.vote", "pause.responded"]
+    assert [len(event["data"]["votes"]) for event in events] == [0, 1, 2, 2]
+    api.step("webhooks")
+    assert sorted(json.loads(call["body"])["id"] for call in receiver.calls) == sorted(e["id"] for e in events)
+
+
+def test_one_veto_among_three_decides_at_once(team):
+    api, key = team
+    created = api.post_json("/v1/pause", TWO_APPROVALS, headers=api.as_key(key)).json
+    first, second, _ = created["recipients"]
+    answer(api, first, "Approve")
+    answer(api, second, "Reject", comment="not this vendor")
+    decided = api.pause(key, created["pause_id"])
+    assert (decided["status"], decided["choice"], decided["comment"]) == ("responded", "Reject", "not this vendor")
+    [decision] = audited(api, created["pause_id"], "pause.responded")
+    assert [(vote["recipient"], vote["choice"]) for vote in decision["votes"]] == [("+15550102", "Reject")]
+
+
+def test_without_a_quorum_the_first_answer_of_a_team_decides(team):
+    api, key = team
+    created = api.post_json("/v1/pause", {**BODY, "recipients": TEAM}, headers=api.as_key(key)).json
+    answer(api, created["recipients"][2], "Reject")
+    decided = api.pause(key, created["pause_id"])
+    assert (decided["status"], decided["choice"], decided["decided_by"]) == ("responded", "Reject", "recipient:ops-lead")
+    assert decided["quorum"] is None and [v["recipient"] for v in decided["votes"]] == ["ops-lead"]
+
+
+def test_a_person_votes_once_and_their_page_says_so(team):
+    api, key = team
+    created = api.post_json("/v1/pause", TWO_APPROVALS, headers=api.as_key(key)).json
+    first = created["recipients"][0]
+    answer(api, first, "Approve")
+    assert answer(api, first, "Reject", status=409).json["error"]["code"] == "already_voted"
+    page = api.get(f"/respond/{token_of(first['respond_url'])}")
+    assert "Your vote, <strong>Approve</strong>, is recorded" in page.text and "<form" not in page.text
+    # The others still see the question.
+    assert "<form" in api.get(f"/respond/{token_of(created['recipients'][1]['respond_url'])}").text
+    assert stored(api.config, "SELECT count(*) FROM pause_recipients WHERE voted_at IS NOT NULL") == [(1,)]
+
+
+def test_opening_a_link_is_noted_for_that_person_only(team):
+    api, key = team
+    created = api.post_json("/v1/pause", TWO_APPROVALS, headers=api.as_key(key)).json
+    api.get(f"/respond/{token_of(created['recipients'][1]['respond_url'])}")
+    opened = [p["opened_at"] for p in api.pause(key, created["pause_id"])["recipients"]]
+    assert opened[0] is None and opened[1] is not None and opened[2] is None
+
+
+def test_votes_with_edits_make_the_final_fields_in_the_order_they_came(team):
+    api, key = team
+    fields = {"amount": {"type": "number", "value": 340, "min": 0, "max": 500, "editable": True}}
+    created = api.post_json("/v1/pause", {**TWO_APPROVALS, "fields": fields}, headers=api.as_key(key)).json
+    first, second, _ = created["recipients"]
+    refused = answer(api, first, "Approve", status=422, fields={"amount": 900}).json["error"]
+    assert refused["field"] == "fields.amount"
+    assert stored(api.config, "SELECT count(*) FROM pause_recipients WHERE voted_at IS NOT NULL") == [(0,)]
+    answer(api, first, "Approve", fields={"amount": 300})
+    answer(api, second, "Approve")
+    decided = api.pause(key, created["pause_id"])
+    assert decided["fields"]["amount"]["value"] == 300 and decided["edited"] == {"amount": {"old": 340, "new": 300}}
+    assert [vote["edits"] for vote in decided["votes"]] == [{"amount": 300}, None]
+
+
+def test_a_reminder_goes_to_exactly_those_who_have_not_answered_and_never_after_the_decision(team):
+    api, key = team
+    created = api.post_json("/v1/pause", {**TWO_APPROVALS, "quorum": {"choice": "Approve", "count": 3},
+                                          "remind_after_minutes": [30, 120]}, headers=api.as_key(key)).json
+    first, second, third = created["recipients"]
+    answer(api, first, "Approve")
+    stored(api.config, "UPDATE pause_steps SET due_at = ? WHERE due_at = (SELECT min(due_at) FROM pause_steps)",
+           pausepoint.db_time(pausepoint.utcnow() - pausepoint.dt.timedelta(seconds=1)))
+    api.step("steps")
+    reminded = texts(api, created["pause_id"], "reminder")
+    assert [(position, recipient) for position, recipient, _ in reminded] == [(1, "+15550102")]   # not the link
+    assert reminded[0][2].startswith("Reminder, ") and " left: " in reminded[0][2]
+    assert audited(api, created["pause_id"], "pause.reminded")[0]["recipients"] == ["+15550102"]
+    answer(api, second, "Reject")
+    fall_due(api, created["pause_id"], "reminder")
+    api.step("steps")
+    assert len(texts(api, created["pause_id"], "reminder")) == 1
+    assert stored(api.config, "SELECT status FROM pause_steps ORDER BY due_at") == [("done",), ("skipped",)]
+    assert len(audited(api, created["pause_id"], "pause.reminded")) == 1
+
+
+def test_a_lone_recipient_is_reminded_and_the_pause_reads_as_before(team):
+    api, key = team
+    created = api.post_json("/v1/pause", {**WIRE, "remind_after_minutes": [0.5]}, headers=api.as_key(key)).json
+    fall_due(api, created["pause_id"], "reminder")
+    api.step("steps")
+    assert [recipient for _, recipient, _ in texts(api, created["pause_id"], "reminder")] == ["+15550100"]
+    shown = api.pause(key, created["pause_id"])
+    assert "recipients" not in shown and "votes" not in shown and not shown["notification"]["text"].startswith("Rem")
+
+
+def test_an_escalation_adds_and_asks_the_deputy_whose_vote_then_counts(team, receiver):
+    api, key = team
+    body = {**BODY, "recipients": TEAM[:1], "quorum": {"choice": "Approve", "count": 2},
+            "escalation": [{"after_minutes": 60, "recipient": "+15550199", "channel": "sms"}]}
+    created = api.post_json("/v1/pause", body, headers=api.as_key(key)).json
+    answer(api, created["recipients"][0], "Approve")
+    fall_due(api, created["pause_id"], "escalation")
+    api.step("steps")
+    shown = api.pause(key, created["pause_id"])
+    deputy = shown["recipients"][1]
+    assert (deputy["recipient"], deputy["added_by"], shown["status"]) == ("+15550199", "escalation", "pending")
+    assert [recipient for _, recipient, _ in texts(api, created["pause_id"], "ask")] == ["+15550101", "+15550199"]
+    assert audited(api, created["pause_id"], "pause.escalated")[0]["recipient"] == "+15550199"
+    answer(api, deputy, "Approve")
+    decided = api.pause(key, created["pause_id"])
+    assert decided["status"] == "responded" and [v["recipient"] for v in decided["votes"]] == ["+15550101",
+                                                                                               "+15550199"]
+    api.step("webhooks")
+    assert "pause.escalated" in [json.loads(call["body"])["type"] for call in receiver.calls]
+
+
+def test_a_reminder_and_an_escalation_due_while_the_server_was_down_each_happen_once(running_api, tmp_path):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    body = {**BODY, "recipients": TEAM[:2], "remind_after_minutes": [10, 20],
+            "escalation": [{"after_minutes": 30, "recipient": "+15550199", "channel": "sms"}]}
+    created = api.post_json("/v1/pause", body, headers=api.as_key(key)).json
+    api.app.runtime.stop()
+    for kind in ("reminder", "escalation"):
+        fall_due(api, created["pause_id"], kind)
+    # The server starts again on the same database, and its jobs run several times.
+    restarted = running_api(jobs=False)
+    for _ in range(3):
+        restarted.step("steps")
+    reminders = texts(restarted, created["pause_id"], "reminder")
+    assert sorted(recipient for _, recipient, _ in reminders) == ["+15550101", "+15550102"]     # one reminder
+    assert len(audited(restarted, created["pause_id"], "pause.escalated")) == 1
+    assert stored(restarted.config, "SELECT kind, status FROM pause_steps ORDER BY due_at") == [
+        ("reminder", "skipped"), ("reminder", "done"), ("escalation", "done")]
+    assert [recipient for _, recipient, _ in texts(restarted, created["pause_id"], "ask")] == [
+        "+15550101", "+15550102", "+15550199"]
+
+
+def test_ten_people_answering_at_once_with_a_quorum_of_three_decide_it_once(tmp_path):
+    config = make_config(tmp_path, **{"server.host": "127.0.0.1", "ratelimit.enabled": False})
+    app = pausepoint.create_app(config)
+    with LiveServer(app, config) as server:
+        key = requests.post(f"{server.url}/v1/auth/register", json={"email": "t@example.com", "name": "T",
+                                                                   "password": "correct horse battery"}).json()
+        auth = {"Authorization": f"Bearer {key['test_api_key']}"}
+        people = [{"recipient": f"person-{n}", "channel": "link"} for n in range(10)]
+        outcomes = []
+        for _ in range(3):
+            created = requests.post(f"{server.url}/v1/pause", headers=auth, json={
+                **BODY, "recipients": people, "quorum": {"choice": "Approve", "count": 3}}).json()
+            with concurrent.futures.ThreadPoolExecutor(10) as pool:
+                answers = list(pool.map(lambda person: requests.post(
+                    f"{server.url}/v1/respond/{token_of(person['respond_url'])}", json={"choice": "Approve"}),
+                    created["recipients"]))
+            outcomes.append(sorted(a.status_code for a in answers))
+            pause_id = created["pause_id"]
+            votes = stored(config, "SELECT recipient FROM pause_recipients WHERE pause_id = ? AND voted_at IS NOT NULL"
+                                   " ORDER BY voted_at, position", pause_id)
+            [decision] = audited_in(config, pause_id, "pause.responded")
+            assert [vote["recipient"] for vote in decision["votes"]] == [row[0] for row in votes]
+            assert len(votes) == 3 and len(audited_in(config, pause_id, "pause.vote")) == 3
+            assert stored(config, "SELECT count(*) FROM webhook_events WHERE pause_id = ? AND type = 'pause.responded'",
+                          pause_id) == [(1,)]
+        assert outcomes == [[200] * 3 + [409] * 7] * 3
+
+
+def audited_in(config, pause_id, event_type):
+    return [json.loads(row[0]) for row in stored(config, "SELECT data FROM audit_events WHERE pause_id = ?"
+                                                         " AND event_type = ? ORDER BY seq", pause_id, event_type)]
+
+
+def test_a_vote_racing_the_timeout_either_counts_or_is_refused_never_both(team):
+    api, key = team
+    created = api.post_json("/v1/pause", {**TWO_APPROVALS, "timeout_default": "Reject"},
+                            headers=api.as_key(key)).json
+    first, second, _ = created["recipients"]
+    answer(api, first, "Approve")                       # counts: the timeout applies the default over it
+    run_out(api.config, created["pause_id"])
+    assert answer(api, second, "Approve", status=410).json["error"]["code"] == "expired"
+    api.step("timeouts")
+    timed_out = api.pause(key, created["pause_id"])
+    assert (timed_out["status"], timed_out["choice"]) == ("timed_out", "Reject")
+    assert [v["recipient"] for v in timed_out["votes"]] == ["+15550101"]
+    # Many at once: each vote either stands with the pause undecided by it, or was refused and left no trace.
+    races = []
+    for _ in range(20):
+        pause = api.post_json("/v1/pause", {**TWO_APPROVALS, "timeout_hours": 0.0003},
+                              headers=api.as_key(key)).json
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            vote = pool.submit(lambda: api.post_json(f"/v1/respond/{token_of(pause['recipients'][0]['respond_url'])}",
+                                                     {"choice": "Approve"}, expect_errors=True).status_code)
+            pool.submit(lambda: api.step("timeouts"))
+        races.append((pause["pause_id"], vote.result()))
+    for pause_id, status in races:
+        counted = stored(api.config, "SELECT count(*) FROM pause_recipients WHERE pause_id = ? AND voted_at IS NOT NULL",
+                         pause_id)[0][0]
+        assert (status, counted) in ((200, 1), (410, 0))
+
+
+def test_an_sms_reply_votes_for_the_number_that_replied(running_api, twilio):
+    api = SmsApi(running_api(jobs=False, **twilio.settings(), **{"server.base_url": "https://pp.example.org"}).app)
+    key = api.register()["api_key"]
+    created = api.post_json("/v1/pause", TWO_APPROVALS, headers=api.as_key(key)).json
+    api.step("notifications")
+    assert len(twilio.messages) == 2
+    assert "no open request" not in inbound(api, api.config, "1", sender="+15550102").text
+    shown = api.pause(key, created["pause_id"])
+    assert shown["status"] == "pending" and [v["recipient"] for v in shown["votes"]] == ["+15550102"]
+    assert "no open request" in inbound(api, api.config, "1", sender="+15550102").text       # voted already
+    inbound(api, api.config, "1", sender="+15550101")
+    assert api.pause(key, created["pause_id"])["status"] == "responded"
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"recipient": "+15550100"}, "recipients"),
+    ({"recipients": [TEAM[0], {"recipient": "12", "channel": "sms"}]}, "recipients[1].recipient"),
+    ({"recipients": [TEAM[0], {"recipient": "x", "channel": "fax"}]}, "recipients[1].channel"),
+    ({"recipients": [TEAM[0], TEAM[0]]}, "recipients"),
+    ({"quorum": {"choice": "Approve", "count": 4}}, "quorum"),
+    ({"quorum": {"choice": "Maybe", "count": 2}}, "quorum"),
+    ({"remind_after_minutes": [10, 240]}, "remind_after_minutes"),
+    ({"remind_after_minutes": [0]}, "remind_after_minutes"),
+    ({"escalation": [{"after_minutes": 300, "recipient": "+15550199", "channel": "sms"}]}, "escalation[0].after_minutes"),
+    ({"escalation": [{"after_minutes": 30, "recipient": "+15550101", "channel": "sms"}]}, "escalation"),
+    ({"recipients": []}, "recipients"),
+])
+def test_a_team_request_that_cannot_work_is_refused_naming_the_field(team, change, field):
+    api, key = team
+    refused = api.post_json("/v1/pause", {**TWO_APPROVALS, **change}, headers=api.as_key(key), status=422).json
+    assert refused["error"]["field"] == field
+    assert stored(api.config, "SELECT count(*) FROM pauses") == [(0,)]
+
+
+def test_decided_test_team_pauses_are_pruned_with_their_people_and_steps(team):
+    api, key = team
+    created = api.post_json("/v1/pause", {**TWO_APPROVALS, "remind_after_minutes": [5]}, headers=api.as_key(key)).json
+    api.post(f"/v1/pause/{created['pause_id']}/cancel", headers=api.as_key(key))
+    pausepoint.prune_expired_data(api.app.runtime.db(), api.config, now=pausepoint.utcnow() + pausepoint.dt.timedelta(days=400))
+    assert stored(api.config, "SELECT (SELECT count(*) FROM pause_recipients) + (SELECT count(*) FROM pause_steps)"
+                              " + (SELECT count(*) FROM pauses)") == [(0,)]
