@@ -84,6 +84,8 @@ class Approval:
     # With fields: their values as decided (the approver may have changed some), and which changed.
     values = property(lambda self: {name: field["value"] for name, field in (self.pause.get("fields") or {}).items()})
     edited = property(lambda self: self.pause.get("edited") or {})
+    # For a team pause: who chose what, oldest first ([] otherwise).
+    votes = property(lambda self: self.pause.get("votes") or [])
 
     @property
     def approved(self):
@@ -111,16 +113,18 @@ class PausePoint:
 
     # -- the API ---------------------------------------------------------------------------
 
-    def pause(self, recipient, channel, message, options, timeout_hours, timeout_default=None, metadata=None,
-              title=None, idempotency_key=None, fields=None):
+    def pause(self, recipient=None, channel=None, message=None, options=None, timeout_hours=None, timeout_default=None,
+              metadata=None, title=None, idempotency_key=None, fields=None, recipients=None, quorum=None,
+              remind_after_minutes=None, escalation=None):
         """Create a pause; returns the server's answer (pause_id, status, respond_url, …).
+        Ask a team with `recipients` ([{"recipient", "channel"}, …]) instead of recipient and channel.
         A retried create never asks twice: the same Idempotency-Key returns the first pause."""
-        body = {"recipient": recipient, "channel": channel, "message": message, "options": list(options),
-                "timeout_hours": timeout_hours}
-        for name, value in (("timeout_default", timeout_default), ("metadata", metadata), ("title", title),
-                            ("fields", fields)):
-            if value is not None:
-                body[name] = value
+        given = {"recipient": recipient, "channel": channel, "message": message,
+                 "options": None if options is None else list(options), "timeout_hours": timeout_hours,
+                 "timeout_default": timeout_default, "metadata": metadata, "title": title, "fields": fields,
+                 "recipients": recipients, "quorum": quorum, "remind_after_minutes": remind_after_minutes,
+                 "escalation": escalation}
+        body = {name: value for name, value in given.items() if value is not None}
         key = idempotency_key or f"pp-client-{uuid.uuid4()}"
         return self._call("POST", "/v1/pause", body, headers={"Idempotency-Key": key}, safe=True)
 
@@ -160,12 +164,13 @@ class PausePoint:
                 return pause            # our own cancel, retried after its answer was lost
             raise
 
-    def request_approval(self, recipient, channel, message, options=("Approve", "Reject"), timeout_hours=1,
-                         timeout_default=None, metadata=None, title=None, idempotency_key=None, wait_timeout=None,
-                         approve_option=None, fields=None):
-        """Ask, then wait for the answer: an Approval (check .approved, then use .values)."""
+    def request_approval(self, recipient=None, channel=None, message=None, options=("Approve", "Reject"),
+                         timeout_hours=1, timeout_default=None, metadata=None, title=None, idempotency_key=None,
+                         wait_timeout=None, approve_option=None, fields=None, **team):
+        """Ask, then wait for the answer: an Approval (check .approved, then use .values).
+        `team` takes pause()'s recipients, quorum, remind_after_minutes and escalation."""
         created = self.pause(recipient, channel, message, options, timeout_hours, timeout_default, metadata, title,
-                             idempotency_key, fields)
+                             idempotency_key, fields, **team)
         return Approval(self.wait(created["pause_id"], wait_timeout), approve_option)
 
     def audit(self, pause_id=None, event_type=None, limit=50, cursor=None):

@@ -147,6 +147,28 @@ def test_email_has_a_subject_naming_the_question_and_plain_and_html_parts(runnin
     assert pause["notification"]["provider_message_id"] == message["Message-ID"]
 
 
+def test_each_team_member_is_mailed_their_own_link_and_a_reminder_says_what_it_is(running_api, smtp_server):
+    api = running_api(jobs=False, **smtp_settings(smtp_server))
+    key = api.register()["api_key"]
+    team = [{"recipient": "ada@example.com", "channel": "email"}, {"recipient": "bo@example.com", "channel": "email"}]
+    body = {name: value for name, value in WIRE.items() if name not in ("recipient", "channel")}
+    created = api.post_json("/v1/pause", {**body, "recipients": team, "remind_after_minutes": [60]},
+                            headers=api.as_key(key)).json
+    api.step("notifications")
+    stored(api.config, "UPDATE pause_steps SET due_at = ?", pausepoint.db_time())
+    api.step("steps")
+    api.step("notifications")
+    asked, _, reminded, _ = sorted(smtp_server.messages, key=lambda m: (m["Subject"].startswith("Reminder"), m["To"]))
+    for message, person in ((asked, created["recipients"][0]), (reminded, created["recipients"][0])):
+        assert message["To"] == "ada@example.com"
+        assert f'href="{person["respond_url"]}?choice=Approve"' in message.get_body(("html",)).get_content()
+    assert reminded["Subject"].startswith("Reminder, ") and reminded["Subject"].endswith(" left: Approval needed: Your"
+                                                                                       " agent wants to send a $340"
+                                                                                       " wire to Acme Corp. Approve?")
+    assert "<strong>Reminder:</strong>" in reminded.get_body(("html",)).get_content()
+    assert "Reminder" not in asked.get_body(("html",)).get_content()
+
+
 @pytest.fixture
 def certificate(tmp_path):
     """A self-signed certificate for 127.0.0.1, made with the openssl command."""

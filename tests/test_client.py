@@ -207,3 +207,14 @@ def test_an_approval_carries_the_values_as_the_approver_left_them(live_server, c
                   json={"choice": "Approve", "fields": {"amount": 300}}).raise_for_status()
     result = pausepoint_client.Approval(client.wait(created["pause_id"]))
     assert result.approved and result.values == {"amount": 300} and result.edited == {"amount": {"old": 340, "new": 300}}
+
+
+def test_a_team_is_asked_and_its_votes_come_back_with_the_approval(live_server, client):
+    team = [{"recipient": "+15550101", "channel": "sms"}, {"recipient": "+15550102", "channel": "sms"}]
+    ask = {name: value for name, value in ASK.items() if name not in ("recipient", "channel")}
+    created = client.pause(**ask, recipients=team, quorum={"choice": "Approve", "count": 2})
+    for person in created["recipients"]:
+        requests.post(f"{live_server.url}/v1/respond/{token_of(person['respond_url'])}",
+                      json={"choice": "Approve"}).raise_for_status()
+    result = pausepoint_client.Approval(client.wait(created["pause_id"]))
+    assert result.approved and [vote["recipient"] for vote in result.votes] == ["+15550101", "+15550102"]
