@@ -329,3 +329,19 @@ def test_decided_test_team_pauses_are_pruned_with_their_people_and_steps(team):
     pausepoint.prune_expired_data(api.app.runtime.db(), api.config, now=pausepoint.utcnow() + pausepoint.dt.timedelta(days=400))
     assert stored(api.config, "SELECT (SELECT count(*) FROM pause_recipients) + (SELECT count(*) FROM pause_steps)"
                               " + (SELECT count(*) FROM pauses)") == [(0,)]
+
+
+def test_the_dashboard_shows_who_was_asked_and_what_each_chose_escaped(running_api):
+    from test_dashboard import sign_up
+    api = running_api(jobs=False)
+    _, keys = sign_up(api)
+    xss = '<script>alert("pwned")</script>'
+    created = api.post_json("/v1/pause", {**TWO_APPROVALS, "recipients": [*TEAM[:2], {"recipient": xss,
+                                                                                      "channel": "link"}]},
+                            headers=api.as_key(keys["test"])).json
+    answer(api, created["recipients"][2], "Approve")
+    api.get(f"/respond/{token_of(created['recipients'][1]['respond_url'])}")
+    people = [item.text for item in api.get(f"/dashboard/pauses/{created['pause_id']}").html.select("#people li")]
+    assert people == ["+15550101 over sms: queued", "+15550102 over sms: opened the link",
+                      f"{xss} over link: chose Approve"]
+    assert "<script>alert" not in api.get(f"/dashboard/pauses/{created['pause_id']}").text
