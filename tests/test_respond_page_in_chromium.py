@@ -98,3 +98,28 @@ def test_an_approver_lowers_the_amount_in_the_browser_within_its_bounds(live_ser
     pause = requests.get(f"{url}/v1/pause/{created['pause_id']}", headers=headers).json()
     # The address went back untouched: a browser sends its line break as CRLF, and that is no edit.
     assert pause["edited"] == {"amount": {"old": 340, "new": 300}, "rush": {"old": False, "new": True}}
+
+
+def test_a_team_member_votes_on_the_page_and_it_then_says_the_others_decide(live_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = live_server.url
+    keys = requests.post(f"{url}/v1/auth/register",
+                         json={"email": "t@example.com", "name": "T", "password": "password123"}).json()
+    headers = {"Authorization": f"Bearer {keys['test_api_key']}"}
+    body = {name: value for name, value in WIRE.items() if name not in ("recipient", "channel")}
+    created = requests.post(f"{url}/v1/pause", headers=headers, json={
+        **body, "recipients": [{"recipient": "ana", "channel": "link"}, {"recipient": "bo", "channel": "link"}],
+        "quorum": {"choice": "Approve", "count": 2}}).json()
+    first, second = (token_of(person["respond_url"]) for person in created["recipients"])
+
+    browser.get(f"{url}/respond/{first}")
+    browser.find_elements(By.CSS_SELECTOR, "button[name=choice]")[0].click()
+    outcome = WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "outcome"))[0].text
+    assert outcome.startswith("Your vote, Approve, is recorded.") and not browser.find_elements(By.TAG_NAME, "form")
+    browser.get(f"{url}/respond/{second}")
+    browser.find_elements(By.CSS_SELECTOR, "button[name=choice]")[0].click()
+    outcome = WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "outcome"))[0].text
+    assert outcome.startswith("Recorded: Approve")
+    assert requests.get(f"{url}/v1/pause/{created['pause_id']}", headers=headers).json()["status"] == "responded"
