@@ -532,6 +532,14 @@ MIGRATIONS = [
         CREATE INDEX notifications_due_live ON notifications(channel, developer_id, next_attempt_at)
             WHERE status IN ('queued', 'sending') AND livemode = 1;
     """),
+    # A number's people of pending team pauses, found without reading its whole history.
+    (12, """
+        ALTER TABLE pause_recipients ADD COLUMN pause_decided_at TEXT;
+        UPDATE pause_recipients SET pause_decided_at = (SELECT decided_at FROM pauses WHERE id = pause_id);
+        DROP INDEX pause_recipients_by_number;
+        CREATE INDEX pause_recipients_by_number ON pause_recipients(recipient, livemode, pause_decided_at)
+            WHERE position > 0 AND reply_code IS NOT NULL;
+    """),
 ]
 
 
@@ -1295,10 +1303,13 @@ def pause_fields(body, config):
     minutes = body["timeout_hours"] * 60
     people, escalations = asked_people(body, config), escalation_steps(body.get("escalation"), config, minutes)
     everyone = [*people, *((recipient, channel) for _, recipient, channel in escalations)]
-    different_people(everyone, "escalation" if escalations else "recipients")
+    different_people(people, "recipients")
+    different_people(everyone, "escalation")
+    if len(everyone) > MAX_PEOPLE:
+        raise invalid("escalation", f"a pause may ask at most {MAX_PEOPLE} people, escalation targets included")
     quorum = body.get("quorum")
     if quorum is not None:
-        quorum = {"choice": quorum["choice"].strip(), "count": quorum["count"]}
+        quorum = {"choice": quorum["choice"].strip(), "count": int(quorum["count"])}
         if quorum["choice"] not in options:
             raise invalid("quorum", "quorum's choice must be one of the options")
         if quorum["count"] > len(everyone):
@@ -1333,7 +1344,11 @@ def escalation_steps(escalation, config, minutes):
         if step["after_minutes"] >= minutes:
             raise invalid(f"escalation[{n}].after_minutes", f"an escalation must come before the timeout ({minutes:g}"
                                                             " minutes)")
-        steps.append((step["after_minutes"], *checked_person(step, config, f"escalation[{n}]")))
+        recipient, channel = checked_person(step, config, f"escalation[{n}]")
+        if channels(config)[channel].render is None:
+            raise invalid(f"escalation[{n}].channel", "an escalation must send its target the question; the link"
+                                                      " channel sends nothing")
+        steps.append((step["after_minutes"], recipient, channel))
     return sorted(steps, key=lambda step: step[0])
 
 
@@ -1619,7 +1634,7 @@ def ask_person(conn, config, pause, position, recipient, channel_name, added_by,
         token, code = pause["respond_token"], pause["reply_code"]
     else:
         token = secrets.token_urlsafe(32)
-        code = new_reply_code(conn, recipient, pause["livemode"]) if channels(config)[channel_name].kind == "twilio" else None
+        code = new_reply_code(conn, recipient, pause["livemode"]) if known_channel(config, channel_name).kind == "twilio" else None
     if pause["team"]:
         conn.execute("INSERT INTO pause_recipients (pause_id, position, livemode, recipient, channel, respond_token,"
                      " reply_code, added_by, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1634,7 +1649,7 @@ def queue_notification(conn, config, person, kind, now, render=None):
     """Queue a message to one of a pause's people (as asked_of() shows them): the question,
     or what render(channel, person, url) makes of it. Returns False, having queued nothing,
     for the link channel, which the agent delivers itself."""
-    channel = channels(config)[person["channel"]]
+    channel = known_channel(config, person["channel"])
     if channel.render is None:
         return False
     url = respond_url(config, person["respond_token"])
@@ -1786,6 +1801,10 @@ def record_decisions(conn, config, decided, data, now):
     if not decided:
         return              # nothing changed: nobody to wake (a wake-up makes every waiting agent look)
     ids = [pause["id"] for pause in decided]
+    teams = [pause["id"] for pause in decided if pause["team"]]
+    if teams:               # their people no longer await an answer (see schema.sql)
+        conn.execute("UPDATE pause_recipients SET pause_decided_at = ? WHERE pause_id IN (SELECT value FROM json_each(?))",
+                     (now, json.dumps(teams)))
     # A text not sent yet would ask a question that is already answered.
     conn.execute("UPDATE notifications SET status = 'cancelled', updated_at = ? WHERE status = 'queued'"
                  " AND pause_id IN (SELECT value FROM json_each(?))", (now, json.dumps(ids)))
@@ -1834,14 +1853,9 @@ def answer_pause(conn, config, pause, choice, comment, data, edits=None, now=Non
     if pause["expires_at"] <= now:
         return False
     record_vote(conn, config, pause, choice, comment, edited, data, now)
-    votes = deciding_votes(conn, pause, choice)
+    votes = deciding_votes(conn, pause, choice, edited)
     if votes is None:
         return True                 # the quorum waits for more
-    # The final fields: the declared ones with each deciding vote's changes, in the order they came.
-    changes = {}
-    for vote in votes:
-        changes.update(json.loads(vote["edits"] or "{}"))
-    final, edited = edit_fields(declared, changes)
     data = {**data, "votes": [{"recipient": vote["recipient"], "choice": vote["choice"],
                                "voted_at": api_time(vote["voted_at"])} for vote in votes]}
     return decide_pause(conn, config, pause["id"], "responded", decided_by, choice, comment, data=data, now=now,
@@ -1851,7 +1865,7 @@ def answer_pause(conn, config, pause, choice, comment, data, edits=None, now=Non
 def record_vote(conn, config, pause, choice, comment, edited, data, now):
     """A team pause's person votes (once: refuse_if_voted() came first), with the audit event
     and the pause.vote event in the same transaction."""
-    edits = {name: change["new"] for name, change in edited.items()} if edited else None
+    edits = approved_changes(edited)
     voted = conn.execute("UPDATE pause_recipients SET choice = ?, comment = ?, edits = ?, voted_at = ?"
                          " WHERE pause_id = ? AND position = ? AND voted_at IS NULL",
                          (choice, comment, edits and compact_json(edits), now, pause["id"], pause["position"])).rowcount
@@ -1866,16 +1880,36 @@ def record_vote(conn, config, pause, choice, comment, edited, data, now):
     emit_pause_events(conn, config, [pause], "pause.vote", when=now)
 
 
-def deciding_votes(conn, pause, choice):
-    """The votes that decide a team pause on this vote, oldest first, or None while its quorum
-    waits for more: without a quorum the first vote decides; with one, `count` votes for its
-    choice, or at once any vote for something else (a veto)."""
+def deciding_votes(conn, pause, choice, edited):
+    """The votes that decide a team pause on this vote (`edited`: its changes to the fields),
+    oldest first, or None while its quorum waits for more: without a quorum the first vote
+    decides; with one, `count` votes for its choice that approved the same values (so every
+    value decided was approved by that many people), or at once any vote for something else
+    (a veto)."""
     quorum = json.loads(pause["quorum"] or "null")
     votes = query_db(conn, "SELECT * FROM pause_recipients WHERE pause_id = ? AND choice = ? AND voted_at IS NOT NULL"
                            " ORDER BY voted_at, position", (pause["id"], choice))
     if quorum is None or choice != quorum["choice"]:
         return [vote for vote in votes if vote["position"] == pause["position"]]
-    return votes if len(votes) >= quorum["count"] else None
+    changes = approved_changes(edited) or {}
+    alike = [vote for vote in votes if json.loads(vote["edits"] or "{}") == changes]
+    return alike if len(alike) >= quorum["count"] else None
+
+
+def latest_approved_changes(conn, pause):
+    """For a pending team pause with fields and a quorum: the changes the latest vote for the
+    quorum's choice made ({name: new value}; {} for none, or no such vote)."""
+    if not (pause["team"] and pause["quorum"] and pause["fields"] and pause["status"] == "pending"):
+        return {}
+    latest = query_db(conn, "SELECT edits FROM pause_recipients WHERE pause_id = ? AND choice = ?"
+                            " ORDER BY voted_at DESC, position DESC LIMIT 1",
+                      (pause["id"], json.loads(pause["quorum"])["choice"]), one=True)
+    return json.loads(latest["edits"] or "{}") if latest else {}
+
+
+def approved_changes(edited):
+    """{name: new value} from edit_fields()'s record of changes; None for none."""
+    return {name: change["new"] for name, change in edited.items()} if edited else None
 
 
 def refuse_if_voted(pause):
@@ -1902,21 +1936,23 @@ REPLY_CODE_QUARANTINE = dt.timedelta(days=7)
 # codes are all read: while at most half of a length are taken, its draws all miss one time in 256.
 REPLY_CODE_DRAWS = 8
 # A number's codes in use (pending, or decided in the last week): those of pauses that asked
-# it first, and of team pauses that asked it later (read from the number's people: CROSS JOIN).
+# it first, and of team pauses that asked it later.
 NUMBER_CODES = (
     "SELECT reply_code, status, decided_at FROM pauses WHERE recipient = :recipient AND livemode = :livemode"
     " AND reply_code IS NOT NULL AND (status = 'pending' OR decided_at > :week_ago) UNION ALL"
-    " SELECT r.reply_code, p.status, p.decided_at FROM pause_recipients r CROSS JOIN pauses p ON p.id = r.pause_id"
-    " WHERE r.recipient = :recipient AND r.livemode = :livemode AND r.position > 0 AND r.reply_code IS NOT NULL"
-    " AND (p.status = 'pending' OR p.decided_at > :week_ago)")
+    " SELECT reply_code, 'pending', NULL FROM pause_recipients WHERE recipient = :recipient AND livemode = :livemode"
+    " AND position > 0 AND reply_code IS NOT NULL AND pause_decided_at IS NULL UNION ALL"
+    " SELECT reply_code, 'decided', pause_decided_at FROM pause_recipients WHERE recipient = :recipient"
+    " AND livemode = :livemode AND position > 0 AND reply_code IS NOT NULL AND pause_decided_at > :week_ago")
 # The first of some candidate codes (a JSON array) that is free for a number, or none.
 FIRST_FREE_REPLY_CODE = (
     "SELECT value FROM json_each(:candidates) WHERE NOT EXISTS (SELECT 1 FROM pauses WHERE recipient = :recipient"
     " AND livemode = :livemode AND reply_code = value AND status = 'pending') AND NOT EXISTS (SELECT 1 FROM pauses"
     " WHERE recipient = :recipient AND livemode = :livemode AND reply_code = value AND reply_code IS NOT NULL"
-    " AND decided_at > :week_ago) AND NOT EXISTS (SELECT 1 FROM pause_recipients r CROSS JOIN pauses p ON p.id = r.pause_id"
-    " WHERE r.recipient = :recipient AND r.livemode = :livemode AND r.reply_code = value AND r.position > 0"
-    " AND (p.status = 'pending' OR p.decided_at > :week_ago)) ORDER BY key LIMIT 1")
+    " AND decided_at > :week_ago) AND NOT EXISTS (SELECT 1 FROM pause_recipients WHERE recipient = :recipient"
+    " AND livemode = :livemode AND position > 0 AND reply_code = value AND pause_decided_at IS NULL)"
+    " AND NOT EXISTS (SELECT 1 FROM pause_recipients WHERE recipient = :recipient AND livemode = :livemode"
+    " AND position > 0 AND reply_code = value AND pause_decided_at > :week_ago) ORDER BY key LIMIT 1")
 
 
 def new_reply_code(conn, recipient, livemode):
@@ -2015,7 +2051,7 @@ ASKED_ON_NUMBER = (
     " WHERE n.pause_id = p.id AND n.position = 0 AND n.kind = 'ask' AND n.status = 'sent')"
     " UNION ALL SELECT p.*, r.position FROM pause_recipients r CROSS JOIN pauses p ON p.id = r.pause_id"
     " WHERE r.recipient = :number AND r.livemode = 1 AND r.position > 0 AND r.reply_code IS NOT NULL"
-    " AND r.channel = :channel AND +p.status = 'pending' AND +p.expires_at > :now AND EXISTS (SELECT 1 FROM notifications n"
+    " AND r.pause_decided_at IS NULL AND r.channel = :channel AND +p.status = 'pending' AND +p.expires_at > :now AND EXISTS (SELECT 1 FROM notifications n"
     " WHERE n.pause_id = p.id AND n.position = r.position AND n.kind = 'ask' AND n.status = 'sent') ORDER BY seq DESC")
 
 
@@ -2137,24 +2173,36 @@ def take_due_steps(conn, config):
     server was down happens once at the next start. One whose pause was decided (or ran
     out) is skipped, and so is a reminder when a later one is due too: one is enough."""
     def take(steps, now):
-        for step in steps:
+        for step in sorted(steps, key=lambda step: (step["due_at"], step["id"])):   # RETURNING keeps no order
             pause = pause_by_id(conn, step["pause_id"])
             reminded_later = step["kind"] == "reminder" and query_db(
                 conn, "SELECT 1 FROM pause_steps WHERE pause_id = ? AND kind = 'reminder' AND (due_at, id) > (?, ?)"
                       " AND due_at <= ?", (pause["id"], step["due_at"], step["id"], now), one=True)
             if pause["status"] != "pending" or pause["expires_at"] <= now or reminded_later:
                 conn.execute("UPDATE pause_steps SET status = 'skipped' WHERE id = ?", (step["id"],))
-            elif step["kind"] == "reminder":
-                remind(conn, config, pause, now)
             else:
-                escalate(conn, config, pause, step, now)
+                take_step(conn, config, pause, step, now)
 
     return in_batches(conn, "UPDATE pause_steps SET status = 'done', done_at = :now WHERE id IN (SELECT id FROM"
                             " pause_steps WHERE status = 'scheduled' AND due_at <= :now ORDER BY due_at LIMIT :batch)"
                             " RETURNING *", take)
 
 
-def remind(conn, config, pause, now):
+def take_step(conn, config, pause, step, now):
+    """Remind or escalate. A step that fails (its channel was removed from the config, say)
+    is undone and skipped alone, so it never holds back the others due with it."""
+    conn.execute("SAVEPOINT step")
+    try:
+        (remind if step["kind"] == "reminder" else escalate)(conn, config, pause, step, now)
+    except Exception as e:
+        conn.execute("ROLLBACK TO step")
+        conn.execute("UPDATE pause_steps SET status = 'skipped' WHERE id = ?", (step["id"],))
+        log.warning("the %s of %s due at %s was skipped: %s", step["kind"], pause["id"], step["due_at"],
+                    getattr(e, "message", None) or repr(e))
+    conn.execute("RELEASE step")
+
+
+def remind(conn, config, pause, step, now):
     """Remind each of a pending pause's people who has not answered, on the channel that
     asked them, saying how long is left."""
     if pause["team"]:
@@ -2164,12 +2212,17 @@ def remind(conn, config, pause, now):
     else:
         people = [asked_of(conn, pause, 0)]
     left = human_duration((parse_db_time(pause["expires_at"]) - parse_db_time(now)).total_seconds())
-    reminded = [person["recipient"] for person in people
-                if queue_notification(conn, config, person, "reminder", now,
-                                      render=lambda channel, person, url: reminder_text(channel.render(person, url), left))]
-    if reminded:
+    reminded, missed = [], []
+    for person in people:
+        try:
+            if queue_notification(conn, config, person, "reminder", now,
+                                  render=lambda channel, person, url: reminder_text(channel.render(person, url), left)):
+                reminded.append(person["recipient"])
+        except ChannelError as e:       # their channel was removed from the config since
+            missed.append({"recipient": person["recipient"], "error": str(e)})
+    if reminded or missed:
         record_event(conn, pause["developer_id"], pause["livemode"], "system", "pause.reminded", pause["id"],
-                     {"recipients": reminded, "left": left}, when=now)
+                     {"recipients": reminded, "left": left, **({"not_reminded": missed} if missed else {})}, when=now)
 
 
 def reminder_text(text, left):
@@ -2182,12 +2235,7 @@ def escalate(conn, config, pause, step, now):
     """Add an escalation's target to a pending team pause's people and ask them too."""
     position = query_db(conn, "SELECT max(position) + 1 FROM pause_recipients WHERE pause_id = ?", (pause["id"],),
                         one=True)[0]
-    try:
-        ask_person(conn, config, pause, position, step["recipient"], step["channel"], "escalation", now)
-    except ApiError as e:           # every reply code of that number is taken by pending pauses
-        conn.execute("UPDATE pause_steps SET status = 'skipped' WHERE id = ?", (step["id"],))
-        log.warning("escalation of %s to %s skipped: %s", pause["id"], step["recipient"], e.message)
-        return
+    ask_person(conn, config, pause, position, step["recipient"], step["channel"], "escalation", now)
     record_event(conn, pause["developer_id"], pause["livemode"], "system", "pause.escalated", pause["id"],
                  {"recipient": step["recipient"], "channel": step["channel"], "due_at": api_time(step["due_at"])},
                  when=now)
@@ -2723,6 +2771,14 @@ EMAIL_RECIPIENT = {"type": "string", "maxLength": 254, "pattern": EMAIL.pattern,
 LABEL_RECIPIENT = {"type": "string", "maxLength": 200, "x-message": "recipient must be at most 200 characters"}
 
 
+def known_channel(config, name):
+    """The named channel; ChannelError once the operator has removed it from the config."""
+    channel = channels(config).get(name)
+    if channel is None:
+        raise ChannelError(f"channel {name!r} is not configured on this server")
+    return channel
+
+
 def twilio_missing(config):
     missing = [key for key in ("twilio.account_sid", "twilio.auth_token") if not config[key]]
     if not config["twilio.from_number"] and not config["twilio.messaging_service_sid"]:
@@ -2945,9 +3001,10 @@ def claim_notification(conn, config, row):
 def send_notification(conn, config, deadlines, row, claim_until):
     """Send a claimed live notification (outside any transaction) and record the outcome."""
     attempt = row["attempts"] + 1
-    channel, permanent = channels(config).get(row["channel"]), False
+    permanent = False
     try:
-        if channel is None or channel.send is None or channel.missing_settings(config):
+        channel = known_channel(config, row["channel"])
+        if channel.send is None or channel.missing_settings(config):
             raise ChannelError(f"channel {row['channel']!r} is not configured on this server")
         pause = asked_of(conn, pause_by_id(conn, row["pause_id"]), row["position"])
         with deadlines.deadline(config["outbound.deadline_seconds"], owner=("channel", row["channel"])) as deadline:
@@ -2973,8 +3030,10 @@ def send_notification(conn, config, deadlines, row, claim_until):
         if changed and event:
             record_event(conn, row["developer_id"], 1, "system", event, row["pause_id"],
                          {"channel": row["channel"], "recipient": row["recipient"], "attempts": attempt,
-                          "provider_message_id": provider_id, "error": error}, when=now)
-        if changed and status == "failed":
+                          "provider_message_id": provider_id, "error": error,
+                          **({"kind": row["kind"]} if row["kind"] != "ask" else {})}, when=now)
+        # Agents hear of a question that could not be asked; a lost reminder is in the audit log.
+        if changed and status == "failed" and row["kind"] == "ask":
             pause = pause_by_id(conn, row["pause_id"])
             emit_pause_events(conn, config, [pause], "pause.notification_failed", when=now)
 
@@ -4934,9 +4993,11 @@ def respond_page(rt, pause, token, error=None, picked=None, status=200, entered=
     """The respond page; after a refused form, `entered` keeps what the person typed."""
     times = {name: pause[name] and human_time(pause[name]) for name in ("expires_at", "decided_at")}
     left = parse_db_time(pause["expires_at"]) - utcnow()
+    # A quorum counts approvals of the same values: offer the values the last approval chose.
+    proposed = {f"field.{name}": form_text(value) for name, value in latest_approved_changes(rt.db(), pause).items()}
     return html_page("respond", status=status, pause=respond_facts(pause, asker_name(rt.db(), pause)), token=token,
                      error=error, picked=picked, times=times, left=human_duration(left.total_seconds()),
-                     entered=entered or {})
+                     entered={**proposed, **(entered or {})}, proposed=bool(proposed))
 
 
 def static_file(name):

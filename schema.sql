@@ -163,10 +163,13 @@ CREATE TABLE pause_recipients (
     comment        TEXT,
     edits          TEXT,                              -- …with the fields they changed, JSON {"amount": 300}, or NULL
     voted_at       TEXT,
+    pause_decided_at TEXT,                            -- the pause's decided_at, NULL while it is pending: a copy,
+                                                      -- so a number's open and recent codes are one index range
     PRIMARY KEY (pause_id, position)
 );
--- SMS replies and reply codes: the people after the first asked on a number (the first is in pauses).
-CREATE INDEX pause_recipients_by_number ON pause_recipients(recipient, livemode, reply_code)
+-- SMS replies and reply codes: the people after the first asked on a number (the first is in
+-- pauses), those of pending pauses (NULL) and of the pauses decided lately.
+CREATE INDEX pause_recipients_by_number ON pause_recipients(recipient, livemode, pause_decided_at)
     WHERE position > 0 AND reply_code IS NOT NULL;
 
 -- What a pending pause does later: each reminder and escalation it asked for, due at a time.

@@ -23,6 +23,9 @@
   % end
 <form method="post" action="/respond/{{token}}">
   % if pause.get('fields'):
+  %   if proposed:
+  <p class="picked" id="proposed">An earlier approval changed some values; they are filled in below. Your approval counts with theirs when the values are the same.</p>
+  %   end
   <div class="fields">
     % for name, field in pause['fields'].items():
     %   label, kind, shown = field.get('label', name), field['type'], entered.get('field.' + name, form_text(field['value']))

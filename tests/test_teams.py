@@ -37,9 +37,10 @@ def audited(api, pause_id, event_type):
 
 
 def fall_due(api, pause_id, kind):
-    """Move a pause's scheduled steps of one kind into the past, as if their time had come."""
-    stored(api.config, "UPDATE pause_steps SET due_at = ? WHERE pause_id = ? AND kind = ? AND status = 'scheduled'",
-           pausepoint.db_time(pausepoint.utcnow() - pausepoint.dt.timedelta(seconds=1)), pause_id, kind)
+    """Move a pause's scheduled steps of one kind a day back, as if their time had come (in the
+    order they were due)."""
+    stored(api.config, "UPDATE pause_steps SET due_at = strftime('%Y-%m-%dT%H:%M:%fZ', due_at, '-1 days')"
+                       " WHERE pause_id = ? AND kind = ? AND status = 'scheduled'", pause_id, kind)
 
 
 def texts(api, pause_id, kind):
@@ -138,19 +139,28 @@ def test_opening_a_link_is_noted_for_that_person_only(team):
     assert opened[0] is None and opened[1] is not None and opened[2] is None
 
 
-def test_votes_with_edits_make_the_final_fields_in_the_order_they_came(team):
+def test_a_quorum_decides_only_values_that_many_people_approved(team):
     api, key = team
     fields = {"amount": {"type": "number", "value": 340, "min": 0, "max": 500, "editable": True}}
     created = api.post_json("/v1/pause", {**TWO_APPROVALS, "fields": fields}, headers=api.as_key(key)).json
-    first, second, _ = created["recipients"]
+    first, second, third = created["recipients"]
     refused = answer(api, first, "Approve", status=422, fields={"amount": 900}).json["error"]
     assert refused["field"] == "fields.amount"
     assert stored(api.config, "SELECT count(*) FROM pause_recipients WHERE voted_at IS NOT NULL") == [(0,)]
     answer(api, first, "Approve", fields={"amount": 300})
-    answer(api, second, "Approve")
+    # The next approver is offered the amount the first one approved…
+    page = api.get(f"/respond/{token_of(second['respond_url'])}")
+    assert page.html.select_one("#field-amount")["value"] == "300" and page.html.select_one("#proposed")
+    # …and approving the amount asked instead is a different approval: no quorum yet.
+    answer(api, second, "Approve", fields={"amount": 340})
+    assert api.pause(key, created["pause_id"])["status"] == "pending"
+    answer(api, third, "Approve", fields={"amount": 300})
     decided = api.pause(key, created["pause_id"])
-    assert decided["fields"]["amount"]["value"] == 300 and decided["edited"] == {"amount": {"old": 340, "new": 300}}
-    assert [vote["edits"] for vote in decided["votes"]] == [{"amount": 300}, None]
+    assert decided["status"] == "responded" and decided["fields"]["amount"]["value"] == 300
+    assert decided["edited"] == {"amount": {"old": 340, "new": 300}}
+    assert [vote["edits"] for vote in decided["votes"]] == [{"amount": 300}, None, {"amount": 300}]
+    [decision] = audited(api, created["pause_id"], "pause.responded")
+    assert [vote["recipient"] for vote in decision["votes"]] == ["+15550101", "ops-lead"]
 
 
 def test_a_reminder_goes_to_exactly_those_who_have_not_answered_and_never_after_the_decision(team):
@@ -170,7 +180,7 @@ def test_a_reminder_goes_to_exactly_those_who_have_not_answered_and_never_after_
     fall_due(api, created["pause_id"], "reminder")
     api.step("steps")
     assert len(texts(api, created["pause_id"], "reminder")) == 1
-    assert stored(api.config, "SELECT status FROM pause_steps ORDER BY due_at") == [("done",), ("skipped",)]
+    assert stored(api.config, "SELECT status FROM pause_steps ORDER BY id") == [("done",), ("skipped",)]
     assert len(audited(api, created["pause_id"], "pause.reminded")) == 1
 
 
@@ -314,6 +324,11 @@ def test_an_sms_reply_votes_for_the_number_that_replied(running_api, twilio):
     ({"escalation": [{"after_minutes": 300, "recipient": "+15550199", "channel": "sms"}]}, "escalation[0].after_minutes"),
     ({"escalation": [{"after_minutes": 30, "recipient": "+15550101", "channel": "sms"}]}, "escalation"),
     ({"recipients": []}, "recipients"),
+    ({"recipients": [TEAM[0], TEAM[0]], "escalation": [{"after_minutes": 9, "recipient": "+15550199",
+                                                        "channel": "sms"}]}, "recipients"),
+    ({"recipients": [{"recipient": f"p{n}", "channel": "link"} for n in range(10)],
+      "escalation": [{"after_minutes": 9, "recipient": "+15550199", "channel": "sms"}]}, "escalation"),
+    ({"escalation": [{"after_minutes": 9, "recipient": "deputy", "channel": "link"}]}, "escalation[0].channel"),
 ])
 def test_a_team_request_that_cannot_work_is_refused_naming_the_field(team, change, field):
     api, key = team
@@ -345,3 +360,62 @@ def test_the_dashboard_shows_who_was_asked_and_what_each_chose_escaped(running_a
     assert people == ["+15550101 over sms: queued", "+15550102 over sms: opened the link",
                       f"{xss} over link: chose Approve"]
     assert "<script>alert" not in api.get(f"/dashboard/pauses/{created['pause_id']}").text
+
+
+def test_a_quorum_count_is_kept_as_a_whole_number(team):
+    api, key = team
+    created = api.post_json("/v1/pause", {**TWO_APPROVALS, "quorum": {"choice": "Approve", "count": 2.0}},
+                            headers=api.as_key(key)).json
+    assert json.dumps(api.pause(key, created["pause_id"])["quorum"]) == '{"choice": "Approve", "count": 2}'
+
+
+def test_steps_due_together_are_taken_in_the_order_they_fell_due(team):
+    api, key = team
+    body = {**BODY, "recipients": TEAM[:1], "remind_after_minutes": [20],
+            "escalation": [{"after_minutes": 10, "recipient": "+15550199", "channel": "sms"}]}
+    created = api.post_json("/v1/pause", body, headers=api.as_key(key)).json
+    for kind in ("reminder", "escalation"):
+        fall_due(api, created["pause_id"], kind)
+    api.step("steps")
+    # The deputy, added first, is reminded with the others, as if the server had been up.
+    assert [recipient for _, recipient, _ in texts(api, created["pause_id"], "reminder")] == ["+15550101",
+                                                                                              "+15550199"]
+
+
+def test_a_step_on_a_channel_since_removed_holds_back_no_other(running_api):
+    chat = {"channels.chat.url": "json://127.0.0.1:9/hook"}
+    api = running_api(jobs=False, **chat)
+    mine, theirs = api.register()["test_api_key"], api.register(email="other@example.com")["test_api_key"]
+    reminded = api.post_json("/v1/pause", {**BODY, "recipient": "ops", "channel": "chat",
+                                           "remind_after_minutes": [5]}, headers=api.as_key(mine)).json
+    escalated = api.post_json("/v1/pause", {**BODY, "recipients": TEAM[:1], "escalation": [
+        {"after_minutes": 5, "recipient": "ops", "channel": "chat"}]}, headers=api.as_key(mine)).json
+    other = api.post_json("/v1/pause", {**WIRE, "remind_after_minutes": [5]}, headers=api.as_key(theirs)).json
+    api.app.runtime.stop()
+    restarted = running_api(jobs=False)                   # the operator removed [channels.chat]
+    for pause in (reminded, escalated, other):
+        fall_due(restarted, pause["pause_id"], "reminder")
+        fall_due(restarted, pause["pause_id"], "escalation")
+    restarted.step("steps")
+    assert [recipient for _, recipient, _ in texts(restarted, other["pause_id"], "reminder")] == ["+15550100"]
+    [missed] = audited(restarted, reminded["pause_id"], "pause.reminded")
+    assert missed["recipients"] == [] and missed["not_reminded"][0]["recipient"] == "ops"
+    assert stored(restarted.config, "SELECT pause_id, status FROM pause_steps WHERE kind = 'escalation'") == [
+        (escalated["pause_id"], "skipped")]
+    assert audited(restarted, escalated["pause_id"], "pause.escalated") == []
+    assert len(restarted.pause(mine, escalated["pause_id"])["recipients"]) == 1
+
+
+def test_a_reminder_that_cannot_be_sent_is_audited_but_is_no_failed_question(running_api, twilio):
+    api = running_api(jobs=False, **twilio.settings())
+    key = api.register()["api_key"]
+    created = api.post_json("/v1/pause", {**WIRE, "remind_after_minutes": [5]}, headers=api.as_key(key)).json
+    api.step("notifications")
+    twilio.fail_next = [400]
+    fall_due(api, created["pause_id"], "reminder")
+    api.step("steps")
+    api.step("notifications")
+    assert [kind for kind, in stored(api.config, "SELECT kind FROM notifications WHERE status = 'failed'")] == ["reminder"]
+    assert audited(api, created["pause_id"], "notification.failed")[0]["kind"] == "reminder"
+    assert stored(api.config, "SELECT count(*) FROM webhook_events WHERE type = 'pause.notification_failed'") == [(0,)]
+    assert api.pause(key, created["pause_id"])["notification"]["status"] == "sent"

@@ -1,0 +1,100 @@
+"""What a phone number's history costs an incoming SMS and a new pause asking it.
+
+An incoming SMS (record_sms_reply) and every new pause texting a number (new_reply_code)
+read that number's open and recent codes while holding the write lock, so their cost must
+not grow with how many pauses ever asked it. Baseline: the same number with no history.
+Then `--history` decided pauses asking it first (single-recipient), then as many decided
+team pauses asking it second. Each figure is the median and p99 of `--runs` calls, on a
+real SQLite file, through the server's own functions.
+
+Usage: python bench/sms_history.py [--history 100000] [--runs 200]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pausepoint  # noqa: E402
+
+NUMBER = "+15550102"
+QUESTION = {"message": "Wire $340 to Acme Corp?", "options": ["Approve", "Reject"], "timeout_hours": 4}
+
+
+def timed(call, runs):
+    took = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        call()
+        took.append((time.perf_counter() - started) * 1000)
+    took.sort()
+    return statistics.median(took), took[int(len(took) * 0.99) - 1]
+
+
+def add_history(conn, developer_id, count, as_team):
+    """`count` decided live pauses that texted NUMBER: first (as_team false) or second in a team."""
+    codes = json.dumps(pausepoint.SHORT_REPLY_CODES + pausepoint.LONG_REPLY_CODES)
+    tag = "t" if as_team else "s"
+    with pausepoint.transaction(conn):
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :count)"
+            " INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, status, choice,"
+            " decided_at, decided_by, respond_token, reply_code, team, created_at, expires_at)"
+            " SELECT 'psr_' || :tag || i, :developer, 1, CASE WHEN :team THEN '+15550101' ELSE :number END, 'sms',"
+            " 'm', '[\"Approve\",\"Reject\"]', 'responded', 'Approve', '2025-01-01T00:00:00.000Z', 'x',"
+            " 'tok' || :tag || i, json_extract(:codes, '$[' || (i % 4416) || ']'), :team,"
+            " '2025-01-01T00:00:00.000Z', '2025-01-01T04:00:00.000Z' FROM n",
+            {"count": count, "tag": tag, "developer": developer_id, "team": int(as_team), "number": NUMBER,
+             "codes": codes})
+        if as_team:
+            # (pause_decided_at only where the schema has it, so the script also measures older code.)
+            copied = {row[1] for row in conn.execute("PRAGMA table_info(pause_recipients)")} & {"pause_decided_at"}
+            conn.execute(
+                "INSERT INTO pause_recipients (pause_id, position, livemode, recipient, channel, respond_token,"
+                f" reply_code, added_by, added_at{''.join(', ' + c for c in copied)}) SELECT id, 1, 1, :number, 'sms',"
+                " 'r' || id, json_extract(:codes, '$[' || (seq % 4416) || ']'), 'request', created_at"
+                f"{', decided_at' * len(copied)} FROM pauses WHERE id LIKE 'psr_t%'", {"number": NUMBER, "codes": codes})
+    pausepoint.refresh_statistics(conn)
+
+
+def measure(conn, config, label, runs):
+    def sms():
+        pausepoint.record_sms_reply(conn, config, NUMBER, "1")
+
+    def code():
+        with pausepoint.transaction(conn):
+            pausepoint.new_reply_code(conn, NUMBER, 1)
+
+    sms_p50, sms_p99 = timed(sms, runs)
+    code_p50, code_p99 = timed(code, runs)
+    print(f"| {label} | {sms_p50:.2f} / {sms_p99:.2f} | {code_p50:.2f} / {code_p99:.2f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--history", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as workdir:
+        config = pausepoint.load_config(environ={}, overrides={
+            "database.path": os.path.join(workdir, "bench.db"), "security.bcrypt_rounds": 4})
+        app = pausepoint.create_app(config)
+        conn = app.runtime.db()
+        developer = pausepoint.register_developer(conn, config, "bench@example.com", "Bench", "correct horse battery")
+        developer_id = developer["developer_id"]
+        print("| the number's history | incoming SMS, ms p50 / p99 | new reply code, ms p50 / p99 |")
+        print("|---|---|---|")
+        measure(conn, config, "none (baseline)", args.runs)
+        add_history(conn, developer_id, args.history, as_team=False)
+        measure(conn, config, f"{args.history:,} decided pauses asking it first", args.runs)
+        add_history(conn, developer_id, args.history, as_team=True)
+        measure(conn, config, f"and {args.history:,} decided team pauses asking it second", args.runs)
+        app.runtime.stop()
+
+
+if __name__ == "__main__":
+    main()
