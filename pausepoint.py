@@ -12,6 +12,8 @@ HTTP API and pages, and the command line.
 """
 
 import argparse
+import base64
+import binascii
 import collections
 import concurrent.futures
 import contextlib
@@ -3060,6 +3062,25 @@ def sign(secret, timestamp, body):
     return hmac.new(secret.encode("utf-8"), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
 
 
+def standard_webhook_key(secret):
+    """The key the Standard Webhooks signature uses for `secret`: the bytes a `whsec_<base64>`
+    secret stands for, or else the secret's own UTF-8 bytes (which verifiers are given as
+    `whsec_` + their base64)."""
+    if secret.startswith("whsec_"):
+        encoded = secret.removeprefix("whsec_").rstrip("=")
+        with contextlib.suppress(binascii.Error, ValueError):      # padding optional, as the verifiers take it
+            return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    return secret.encode("utf-8")
+
+
+def standard_signature(secrets_, message_id, timestamp, body):
+    """'v1,<base64>[ v1,<base64>]': the Standard Webhooks webhook-signature header, one per
+    secret in force, over '<webhook-id>.<webhook-timestamp>.<raw body>'."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    return " ".join("v1," + base64.b64encode(hmac.new(standard_webhook_key(secret), signed, hashlib.sha256).digest())
+                    .decode() for secret in secrets_)
+
+
 def signature_header(secrets_, timestamp, body):
     """'t=<unix seconds>,v1=<hex>[,v1=<hex>]': one v1 per secret in force."""
     return ",".join([f"t={timestamp}"] + [f"v1={sign(s, timestamp, body)}" for s in secrets_])
@@ -3229,7 +3250,8 @@ def create_webhook(conn, config, caller, body):
     fields = webhook_fields(body, config["webhooks.allow_private"])
     generated = None
     if "secret" not in fields:
-        generated = fields["secret"] = "whsec_" + secrets.token_urlsafe(32)
+        # whsec_ and base64, as Standard Webhooks verifiers take a secret, of 256 random bits
+        generated = fields["secret"] = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     webhook_id, now = new_id("wh_"), db_time()
     with transaction(conn):
         limit = config["webhooks.max_per_developer"]
@@ -3513,12 +3535,17 @@ def attempt_delivery(conn, config, deadlines, connections, delivery_id, attempt,
     signing = [row["secret"]]
     if row["previous_secret"] and row["previous_secret_expires_at"] > db_time():
         signing.append(row["previous_secret"])
+    timestamp = int(time.time())
     headers = {
         "Content-Type": "application/json",
         "User-Agent": f"PausePoint-Webhooks/{VERSION}",
         "X-PausePoint-Event": row["type"],
         "X-PausePoint-Event-Id": row["event_id"],
-        "X-PausePoint-Signature": signature_header(signing, int(time.time()), body),
+        "X-PausePoint-Signature": signature_header(signing, timestamp, body),
+        # The same signed, as Standard Webhooks says, for its maintained verifiers.
+        "webhook-id": row["event_id"],
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": standard_signature(signing, row["event_id"], timestamp, body),
     }
     started_at, started = db_time(), time.monotonic()
     status_code, error, retry_after, final = None, None, None, False
@@ -5701,7 +5728,12 @@ def webhook_operation(event, config):
     """What PausePoint POSTs to an endpoint for `event`."""
     headers = [("X-PausePoint-Signature", "t=<unix seconds>,v1=<hex HMAC-SHA256 of '<t>.<raw body>' keyed with the"
                                           " secret>; a second v1 for 24 h after the secret changes"),
-               ("X-PausePoint-Event", f"{event}"), ("X-PausePoint-Event-Id", "The event's id, the same on every retry")]
+               ("X-PausePoint-Event", f"{event}"), ("X-PausePoint-Event-Id", "The event's id, the same on every retry"),
+               ("webhook-id", "Standard Webhooks: the event's id"),
+               ("webhook-timestamp", "Standard Webhooks: the unix seconds signed"),
+               ("webhook-signature", "Standard Webhooks: v1,<base64 HMAC-SHA256 of '<id>.<timestamp>.<raw body>'"
+                                     " keyed with the secret's bytes (see the README)>; a second for 24 h after the"
+                                     " secret changes")]
     return {"post": {
         "summary": f"{event}, signed",
         "parameters": [{"name": name, "in": "header", "required": True, "description": text,

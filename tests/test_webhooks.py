@@ -1,5 +1,6 @@
 """Webhooks against real receivers on loopback, over real HTTP."""
 
+import base64
 import concurrent.futures
 import datetime as dt
 import itertools
@@ -82,7 +83,7 @@ def test_registering_returns_the_webhook_but_never_the_secret(hooks_api, keys, r
 def test_an_omitted_secret_is_generated_and_shown_once(hooks_api, keys, receiver):
     key = keys["test_api_key"]
     webhook = add_webhook(hooks_api, key, receiver.url, secret=None)
-    assert re.fullmatch(r"whsec_[A-Za-z0-9_-]{43}", webhook["secret"])
+    assert re.fullmatch(r"whsec_[A-Za-z0-9+/]{43}=", webhook["secret"])      # 256 bits, base64
     assert webhook["secret"] not in hooks_api.get(f"/v1/webhooks/{webhook['webhook_id']}",
                                                   headers=hooks_api.as_key(key)).text
     hooks_api.post(f"/v1/webhooks/{webhook['webhook_id']}/test", headers=hooks_api.as_key(key), status=202)
@@ -282,6 +283,44 @@ def test_during_secret_rotation_both_secrets_sign_for_24_hours(hooks_api, keys, 
     hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
     later = receiver.wait_for(2)[1]["headers"]["X-PausePoint-Signature"]
     assert later.count("v1=") == 1 and not pausepoint.verify_signature(SECRET, later, receiver.calls[1]["body"])
+
+
+def test_deliveries_verify_with_the_standard_webhooks_library_and_the_pausepoint_scheme(hooks_api, keys, receiver):
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+    key = keys["test_api_key"]
+    generated = add_webhook(hooks_api, key, receiver.url + "/generated", secret=None)
+    chosen = add_webhook(hooks_api, key, receiver.url + "/chosen", secret=SECRET)     # not base64 after whsec_
+    for webhook in (generated, chosen):
+        hooks_api.post(f"/v1/webhooks/{webhook['webhook_id']}/test", headers=hooks_api.as_key(key), status=202)
+    calls = {call["path"]: call for call in receiver.wait_for(2)}
+    generated_call, chosen_call = calls["/generated"], calls["/chosen"]
+    # A generated secret is given to either verifier as it is.
+    assert Webhook(generated["secret"]).verify(generated_call["body"], generated_call["headers"])["type"] == "webhook.test"
+    assert pausepoint.verify_signature(generated["secret"], generated_call["headers"]["X-PausePoint-Signature"],
+                                       generated_call["body"])
+    assert generated_call["headers"]["webhook-id"] == generated_call["json"]["id"]
+    # A chosen secret: its own bytes, which a Standard Webhooks verifier takes as whsec_ and their base64.
+    as_standard = "whsec_" + base64.b64encode(SECRET.encode()).decode()
+    assert Webhook(as_standard).verify(chosen_call["body"], chosen_call["headers"])["type"] == "webhook.test"
+    assert pausepoint.verify_signature(SECRET, chosen_call["headers"]["X-PausePoint-Signature"], chosen_call["body"])
+    with pytest.raises(WebhookVerificationError):
+        Webhook(generated["secret"]).verify(chosen_call["body"], chosen_call["headers"])
+    tampered = chosen_call["body"].replace(b"webhook.test", b"webhook.tEst")
+    with pytest.raises(WebhookVerificationError):
+        Webhook(as_standard).verify(tampered, chosen_call["headers"])
+
+
+def test_during_rotation_standard_webhooks_verifiers_accept_either_secret(hooks_api, keys, receiver):
+    from standardwebhooks.webhooks import Webhook
+    key = keys["test_api_key"]
+    webhook = add_webhook(hooks_api, key, receiver.url, secret=None)
+    rotated = "whsec_" + base64.b64encode(b"r" * 32).decode()
+    hooks_api.patch_json(f"/v1/webhooks/{webhook['webhook_id']}", {"secret": rotated}, headers=hooks_api.as_key(key))
+    hooks_api.post(f"/v1/webhooks/{webhook['webhook_id']}/test", headers=hooks_api.as_key(key), status=202)
+    call = receiver.wait_for(1)[0]
+    assert len(call["headers"]["webhook-signature"].split(" ")) == 2
+    for secret in (webhook["secret"], rotated):
+        assert Webhook(secret).verify(call["body"], call["headers"])["type"] == "webhook.test"
 
 
 def test_test_mode_webhooks_never_see_live_events_and_live_ones_never_see_test_events(running_api, receiver, twilio):
