@@ -1666,14 +1666,16 @@ def queue_notification(conn, config, person, kind, now, render=None):
 def asked_of(conn, pause, position):
     """The pause as its person at `position` was asked it (a dict): their recipient, channel,
     link and reply code in place of the first person's, and for a team pause their `vote`
-    ({choice, voted_at} or None)."""
+    ({choice, voted_at} or None) and what the latest approval `proposed` (see
+    latest_approved_changes())."""
     asked = {**dict(pause), "position": position}
     if not pause["team"]:
         return asked
     person = query_db(conn, "SELECT * FROM pause_recipients WHERE pause_id = ? AND position = ?",
                       (pause["id"], position), one=True)
     asked.update({name: person[name] for name in ("recipient", "channel", "respond_token", "reply_code")},
-                 vote=person["voted_at"] and {"choice": person["choice"], "voted_at": person["voted_at"]})
+                 vote=person["voted_at"] and {"choice": person["choice"], "voted_at": person["voted_at"]},
+                 proposed=latest_approved_changes(conn, pause))
     return asked
 
 
@@ -2199,8 +2201,11 @@ def take_step(conn, config, pause, step, now):
     except Exception as e:
         conn.execute("ROLLBACK TO step")
         conn.execute("UPDATE pause_steps SET status = 'skipped' WHERE id = ?", (step["id"],))
-        log.warning("the %s of %s due at %s was skipped: %s", step["kind"], pause["id"], step["due_at"],
-                    getattr(e, "message", None) or repr(e))
+        why = getattr(e, "message", None) or str(e) or repr(e)
+        record_event(conn, pause["developer_id"], pause["livemode"], "system", f"pause.{step['kind']}_skipped",
+                     pause["id"], {"due_at": api_time(step["due_at"]), "recipient": step["recipient"], "error": why},
+                     when=now)
+        log.warning("the %s of %s due at %s was skipped: %s", step["kind"], pause["id"], step["due_at"], why)
     conn.execute("RELEASE step")
 
 
@@ -2352,6 +2357,8 @@ def respond_facts(pause, asked_by=None):
         **({"edited": json.loads(pause["edited"])} if pause["edited"] else {}),
         **({"your_vote": {"choice": pause["vote"]["choice"], "voted_at": api_time(pause["vote"]["voted_at"])}}
            if pause.get("vote") else {}),
+        # With a quorum, approvals count together only with the same values: these are the latest's.
+        **({"proposed_fields": pause["proposed"]} if pause.get("proposed") else {}),
     }
 
 
@@ -2888,7 +2895,7 @@ def send_email(config, notification, pause, deadline):
     message["To"] = notification["recipient"]
     message["Message-ID"] = email.utils.make_msgid(idstring=notification["id"])
     message.set_content(notification["text"].split("\n\n", 1)[1])
-    message.add_alternative(bottle.template("email", template_lookup=[TEMPLATES_DIR], url=url,
+    message.add_alternative(bottle.template("email", template_lookup=[TEMPLATES_DIR], **TEMPLATE_HELPERS, url=url,
                                             pause=respond_facts(pause), expires=expiry_text(pause),
                                             reminder=notification["kind"] == "reminder",
                                             quote=urllib.parse.quote), subtype="html")
@@ -4983,7 +4990,7 @@ def post_respond_page(rt, client, token):
     try:
         guard_respond_link(rt, lambda: respond_to_pause(rt.db(), rt.config, token, form.get("choice"),
                                                         form.get("comment"), client,
-                                                        form_edits(pause_by_token(rt.db(), token), form)))
+                                                        page_edits(pause_by_token(rt.db(), token), form)))
     except ApiError as e:
         if e.status != 422:
             raise
@@ -4994,6 +5001,19 @@ def post_respond_page(rt, client, token):
 
 # A number as a person types it: ASCII digits, an optional fraction and exponent.
 NUMBER_TEXT = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
+def page_edits(pause, form):
+    """The respond page's edits (form_edits()), less the values it filled in from the latest
+    approval when the person chose something else: those are not their changes."""
+    edits = form_edits(pause, form)
+    proposed = pause.get("proposed") or {}
+    if not proposed or form.get("choice") == json.loads(pause["quorum"])["choice"]:
+        return edits
+    fields = json.loads(pause["fields"])
+    return {name: value for name, value in edits.items()
+            if not (name in proposed and not field_value_problem(fields[name], value)
+                    and typed_value(fields[name], value) == proposed[name])}
 
 
 def form_edits(pause, form):
@@ -5021,10 +5041,10 @@ def respond_page(rt, pause, token, error=None, picked=None, status=200, entered=
     times = {name: pause[name] and human_time(pause[name]) for name in ("expires_at", "decided_at")}
     left = parse_db_time(pause["expires_at"]) - utcnow()
     # A quorum counts approvals of the same values: offer the values the last approval chose.
-    proposed = {f"field.{name}": form_text(value) for name, value in latest_approved_changes(rt.db(), pause).items()}
+    proposed = {f"field.{name}": form_text(value) for name, value in (pause.get("proposed") or {}).items()}
     return html_page("respond", status=status, pause=respond_facts(pause, asker_name(rt.db(), pause)), token=token,
                      error=error, picked=picked, times=times, left=human_duration(left.total_seconds()),
-                     entered={**proposed, **(entered or {})}, proposed=bool(proposed))
+                     entered={**proposed, **(entered or {})})
 
 
 def static_file(name):

@@ -7,6 +7,9 @@
 % end
 <p style="color:#6e6e73;margin:0 0 6px">An agent is asking:</p>
 <div style="background:#fff;border-radius:12px;padding:16px;white-space:pre-wrap">{{pause['message']}}</div>
+% for name, field in (pause.get('fields') or {}).items():
+<p style="margin:8px 0 0"><span style="color:#6e6e73">{{field.get('label', name)}}:</span> <strong>{{field_text(field['value'])}}</strong></p>
+% end
 <p style="color:#6e6e73">Choose one. Each button opens a page where you confirm; nothing is decided until you do.</p>
 % for option in pause['options']:
 <p style="margin:0 0 10px"><a href="{{url}}?choice={{quote(option)}}" style="display:block;text-align:center;background:#0a58ca;color:#fff;font-weight:600;text-decoration:none;padding:14px;border-radius:12px">{{option}}</a></p>

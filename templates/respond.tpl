@@ -23,8 +23,8 @@
   % end
 <form method="post" action="/respond/{{token}}">
   % if pause.get('fields'):
-  %   if proposed:
-  <p class="picked" id="proposed">An earlier approval changed some values; they are filled in below. Your approval counts with theirs when the values are the same.</p>
+  %   if pause.get('proposed_fields'):
+  <p class="picked" id="proposed">An earlier approval changed {{'; '.join(f"{pause['fields'][name].get('label', name)} from {field_text(pause['fields'][name]['value'])} to {field_text(value)}" for name, value in pause['proposed_fields'].items())}}. Those values are filled in below: your approval counts with theirs when the values are the same.</p>
   %   end
   <div class="fields">
     % for name, field in pause['fields'].items():
@@ -38,7 +38,7 @@
       <option value="{{choice}}"{{!' selected' if choice == shown else ''}}>{{text}}</option>
     %     end
     </select>
-    %   elif kind == 'string' and '\n' in field['value']:
+    %   elif kind == 'string' and ('\n' in field['value'] or '\n' in shown):
     <label for="field-{{name}}">{{label}}</label>
     <textarea id="field-{{name}}" name="field.{{name}}" rows="3" maxlength="{{field.get('max_length', 1000)}}">
 {{shown}}</textarea>

@@ -169,6 +169,19 @@ def test_each_team_member_is_mailed_their_own_link_and_a_reminder_says_what_it_i
     assert "Reminder" not in asked.get_body(("html",)).get_content()
 
 
+def test_the_email_html_lists_the_fields_as_the_text_does(running_api, smtp_server):
+    api = running_api(**smtp_settings(smtp_server))
+    key = api.register()["api_key"]
+    fields = {"amount": {"type": "number", "value": 340, "label": f"Amount {XSS}"}, "rush": {"type": "boolean",
+                                                                                            "value": True}}
+    created = api.create_pause(key, channel="email", recipient="ada@example.com", fields=fields)
+    sent(api, key, created["pause_id"], "sent")
+    html = smtp_server.messages[0].get_body(("html",)).get_content()
+    assert "&lt;script&gt;" in html and "<script>" not in html
+    assert re.search(r"Amount &lt;script&gt;.*?:</span> <strong>340</strong>", html)
+    assert "rush:</span> <strong>Yes</strong>" in html
+
+
 @pytest.fixture
 def certificate(tmp_path):
     """A self-signed certificate for 127.0.0.1, made with the openssl command."""

@@ -148,9 +148,11 @@ def test_a_quorum_decides_only_values_that_many_people_approved(team):
     assert refused["field"] == "fields.amount"
     assert stored(api.config, "SELECT count(*) FROM pause_recipients WHERE voted_at IS NOT NULL") == [(0,)]
     answer(api, first, "Approve", fields={"amount": 300})
-    # The next approver is offered the amount the first one approved…
+    # The next approvers are offered the amount the first one approved, on the page and in the JSON…
     page = api.get(f"/respond/{token_of(second['respond_url'])}")
-    assert page.html.select_one("#field-amount")["value"] == "300" and page.html.select_one("#proposed")
+    assert page.html.select_one("#field-amount")["value"] == "300"
+    assert "changed amount from 340 to 300" in page.html.select_one("#proposed").text
+    assert api.get(f"/v1/respond/{token_of(third['respond_url'])}").json["proposed_fields"] == {"amount": 300}
     # …and approving the amount asked instead is a different approval: no quorum yet.
     answer(api, second, "Approve", fields={"amount": 340})
     assert api.pause(key, created["pause_id"])["status"] == "pending"
@@ -403,6 +405,8 @@ def test_a_step_on_a_channel_since_removed_holds_back_no_other(running_api):
     assert stored(restarted.config, "SELECT pause_id, status FROM pause_steps WHERE kind = 'escalation'") == [
         (escalated["pause_id"], "skipped")]
     assert audited(restarted, escalated["pause_id"], "pause.escalated") == []
+    [skipped] = audited(restarted, escalated["pause_id"], "pause.escalation_skipped")
+    assert skipped["recipient"] == "ops" and "'chat' is not configured" in skipped["error"]
     assert len(restarted.pause(mine, escalated["pause_id"])["recipients"]) == 1
 
 
@@ -419,3 +423,19 @@ def test_a_reminder_that_cannot_be_sent_is_audited_but_is_no_failed_question(run
     assert audited(api, created["pause_id"], "notification.failed")[0]["kind"] == "reminder"
     assert stored(api.config, "SELECT count(*) FROM webhook_events WHERE type = 'pause.notification_failed'") == [(0,)]
     assert api.pause(key, created["pause_id"])["notification"]["status"] == "sent"
+
+
+def test_a_veto_on_the_filled_in_page_is_not_an_edit_by_the_person_who_vetoed(team):
+    api, key = team
+    fields = {"amount": {"type": "number", "value": 340, "max": 500, "editable": True},
+              "memo": {"type": "string", "value": "Invoice 1", "editable": True}}
+    created = api.post_json("/v1/pause", {**TWO_APPROVALS, "fields": fields}, headers=api.as_key(key)).json
+    first, second, _ = created["recipients"]
+    answer(api, first, "Approve", fields={"amount": 300, "memo": "Invoice 1\nAttn: Billing"})
+    form = api.get(f"/respond/{token_of(second['respond_url'])}").forms[0]
+    assert form["field.memo"].value == "Invoice 1\nAttn: Billing"       # a text area keeps the line break
+    assert api.get(f"/respond/{token_of(second['respond_url'])}").html.select_one("textarea#field-memo")
+    form.submit("choice", value="Reject", status=303)
+    decided = api.pause(key, created["pause_id"])
+    assert (decided["status"], decided["choice"], decided["edited"]) == ("responded", "Reject", {})
+    assert decided["fields"]["amount"]["value"] == 340 and decided["votes"][1]["edits"] is None
