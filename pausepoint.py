@@ -542,6 +542,8 @@ MIGRATIONS = [
         CREATE INDEX pause_recipients_by_number ON pause_recipients(recipient, livemode, pause_decided_at)
             WHERE position > 0 AND reply_code IS NOT NULL;
     """),
+    # The audit log becomes tamper-evident: each event chained to the one before (Python: SHA-256).
+    (13, lambda conn: chain_audit_events(conn)),
 ]
 
 
@@ -801,10 +803,14 @@ def migrate(conn):
             return
         done = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
         for number, sql in MIGRATIONS:
-            if number > done:
+            if number <= done:
+                continue
+            if callable(sql):           # one that SQL alone cannot do
+                sql(conn)
+            else:
                 for statement in split_sql(sql):
                     conn.execute(statement)
-                conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (number, db_time()))
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (number, db_time()))
 
 
 def refresh_statistics(conn):
@@ -1216,13 +1222,88 @@ def developers_with_usage(conn, limit, cursor, now=None):
 ###############################################################################
 
 def record_event(conn, developer_id, livemode, actor, event_type, pause_id=None, data=None, when=None):
-    """Append one audit event, inside the transaction of the change it records."""
+    """Append one audit event, inside the transaction of the change it records, chained to
+    the developer's previous event in that mode (see audit_hash())."""
     require_transaction(conn)
+    event = (developer_id, livemode, when or db_time(), actor, event_type, pause_id,
+             json.dumps(data or {}, separators=(",", ":")))
+    prev_hash = audit_chain_head(conn, developer_id, livemode)
     conn.execute(
-        "INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (developer_id, livemode, when or db_time(), actor, event_type, pause_id,
-         json.dumps(data or {}, separators=(",", ":"))))
+        "INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data, prev_hash,"
+        " hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (*event, prev_hash, audit_hash(prev_hash, *event)))
+
+
+# Each developer's events in each mode form one chain: every event carries the hash of the one
+# before it (the first, this) and its own, so a changed, removed or reordered event breaks the
+# chain where it was, and a truncated log no longer reaches a head noted earlier.
+AUDIT_GENESIS = "0" * 64
+
+
+def audit_hash(prev_hash, developer_id, livemode, timestamp, actor, event_type, pause_id, data):
+    """An audit event's hash: the hex SHA-256 of the ASCII bytes of the JSON array
+    [prev_hash, developer_id, livemode (1 or 0), timestamp (as stored: '2026-11-29T15:04:05.123Z'),
+    actor, event_type, pause_id (or null), data (the event's JSON text, as a string)], written
+    without spaces (separators ',' and ':') and with every non-ASCII character escaped as
+    \\uXXXX: Python's json.dumps(array, separators=(",", ":")). The data text is written the same
+    way, keys in the order they were recorded, so json.dumps(data, separators=(",", ":")) of an
+    exported event's data gives it back."""
+    canonical = json.dumps([prev_hash, developer_id, livemode, timestamp, actor, event_type, pause_id, data],
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def audit_chain_head(conn, developer_id, livemode):
+    """The hash of the chain's latest event, or AUDIT_GENESIS before its first."""
+    latest = query_db(conn, "SELECT hash FROM audit_events WHERE developer_id = ? AND livemode = ?"
+                            " ORDER BY seq DESC LIMIT 1", (developer_id, livemode), one=True)
+    return latest[0] if latest else AUDIT_GENESIS
+
+
+def chain_audit_events(conn):
+    """Migration 13: give every existing audit event its place in its chain, oldest first."""
+    conn.execute("ALTER TABLE audit_events ADD COLUMN prev_hash TEXT")
+    conn.execute("ALTER TABLE audit_events ADD COLUMN hash TEXT")
+    conn.execute("DROP TRIGGER audit_events_are_never_updated")
+    heads, after = {}, 0
+    while rows := conn.execute("SELECT seq, developer_id, livemode, timestamp, actor, event_type, pause_id, data"
+                               " FROM audit_events WHERE seq > ? ORDER BY seq LIMIT 10000", (after,)).fetchall():
+        chained = []
+        for seq, *event in rows:
+            prev_hash = heads.get(tuple(event[:2]), AUDIT_GENESIS)
+            heads[tuple(event[:2])] = audit_hash(prev_hash, *event)
+            chained.append((prev_hash, heads[tuple(event[:2])], seq))
+        conn.executemany("UPDATE audit_events SET prev_hash = ?, hash = ? WHERE seq = ?", chained)
+        after = rows[-1][0]
+    conn.execute("CREATE TRIGGER audit_events_are_never_updated BEFORE UPDATE ON audit_events"
+                 " BEGIN SELECT RAISE(ABORT, 'audit events are append-only'); END")
+    # Test-mode events are now pruned as the oldest part of their chain (prune_expired_data).
+    conn.execute("DROP INDEX audit_test_without_pause")
+    conn.execute("CREATE INDEX audit_test_by_age ON audit_events(timestamp) WHERE livemode = 0")
+
+
+def audit_chain_breaks(conn):
+    """Check every chain in the database: [(seq, developer_id, livemode, why)] for the first
+    event that breaks each broken one; empty when all hold. A live chain must start at
+    AUDIT_GENESIS; a test chain may start later, its oldest events pruned past retention."""
+    breaks, heads, broken, after = [], {}, set(), 0
+    while rows := query_db(conn, "SELECT * FROM audit_events WHERE seq > ? ORDER BY seq LIMIT 10000", (after,)):
+        for row in rows:
+            chain = (row["developer_id"], row["livemode"])
+            if chain in broken:
+                continue
+            expected = heads.get(chain, AUDIT_GENESIS if row["livemode"] else row["prev_hash"])
+            event = (row["developer_id"], row["livemode"], row["timestamp"], row["actor"], row["event_type"],
+                     row["pause_id"], row["data"])
+            why = ("its prev_hash is not the hash of the event before it: an event was removed or moved"
+                   if row["prev_hash"] != expected else
+                   "its content does not give its hash: it was changed" if audit_hash(row["prev_hash"], *event) != row["hash"]
+                   else None)
+            if why:
+                breaks.append((row["seq"], *chain, why))
+                broken.add(chain)
+            heads[chain] = row["hash"]
+        after = rows[-1]["seq"]
+    return breaks
 
 
 def audit_page(conn, caller, event_type=None, pause_id=None, limit=50, cursor=None):
@@ -1262,6 +1343,8 @@ def audit_event_json(row):
         "pause_id": row["pause_id"],
         "livemode": bool(row["livemode"]),
         "data": json.loads(row["data"]),
+        "prev_hash": row["prev_hash"],
+        "hash": row["hash"],
     }
 
 
@@ -3680,11 +3763,16 @@ def prune_expired_data(conn, config, now=None):
                 "DELETE FROM pause_recipients WHERE pause_id = ?",
                 "DELETE FROM pause_steps WHERE pause_id = ?",
                 "DELETE FROM idempotency_keys WHERE pause_id = ?",
-                "DELETE FROM audit_events WHERE pause_id = ? AND livemode = 0",
                 "DELETE FROM pauses WHERE id = ? AND livemode = 0"])
-    in_batches("test audit events",
-               "SELECT seq FROM audit_events WHERE livemode = 0 AND pause_id IS NULL AND timestamp < ?", (test_cutoff,),
-               ["DELETE FROM audit_events WHERE seq = ? AND livemode = 0"])
+    # A test chain loses only its oldest events, up to the first one still within retention, so
+    # what is kept still verifies link by link (audit_chain_breaks()).
+    for developer_id, in query_db(conn, "SELECT DISTINCT developer_id FROM audit_events INDEXED BY audit_test_by_age"
+                                        " WHERE livemode = 0 AND timestamp < ?", (test_cutoff,)):
+        kept = query_db(conn, "SELECT seq FROM audit_events WHERE developer_id = ? AND livemode = 0 AND timestamp >= ?"
+                              " ORDER BY seq LIMIT 1", (developer_id, test_cutoff), one=True)
+        in_batches("test audit events", "SELECT seq FROM audit_events WHERE developer_id = ? AND livemode = 0"
+                                        " AND seq < ?", (developer_id, kept[0] if kept else math.inf),
+                   ["DELETE FROM audit_events WHERE seq = ? AND livemode = 0"])
     in_batches("webhook events",
                "SELECT id FROM webhook_events e WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d"
                " WHERE d.event_id = e.id AND d.status IN ('pending', 'delivering'))", (log_cutoff,),
@@ -4548,7 +4636,14 @@ DELIVERY = {"type": "object", "required": ["delivery_id", "event_id", "event_typ
         "next_attempt_at": nullable(TIME)}}}}}
 AUDIT_EVENT = {"type": "object", "required": ["id", "timestamp", "actor", "event_type", "livemode", "data"], "properties": {
     "id": {"type": "string"}, "timestamp": TIME, "actor": {"type": "string"}, "event_type": {"type": "string"},
-    "pause_id": {"type": ["string", "null"]}, "livemode": {"type": "boolean"}, "data": {"type": "object"}}}
+    "pause_id": {"type": ["string", "null"]}, "livemode": {"type": "boolean"}, "data": {"type": "object"},
+    "prev_hash": {"type": "string", "description": "The hash of the event before it in this developer's and mode's"
+                                                   " chain (64 zeros for the first)."},
+    "hash": {"type": "string", "description": "SHA-256 of this event chained to prev_hash: see the README."}}}
+AUDIT_HEAD = {"type": "object", "required": ["livemode", "hash", "count"], "properties": {
+    "livemode": {"type": "boolean"}, "hash": {"type": "string", "description": "The latest event's hash"},
+    "count": {"type": "integer", "description": "Events in the chain (test chains lose their oldest to retention)"},
+    "at": TIME}}
 RESPOND_FACTS = {"type": "object", "required": ["message", "options", "status"], "properties": {
     "asked_by": {"type": ["string", "null"], "description": "The name of the developer whose agent asks"},
     "details": {"type": "array", "description": "The metadata keys the agent listed in its \"display\"",
@@ -4653,6 +4748,12 @@ EVENTS_QUERY = {"after": {"type": "string", "maxLength": 100, "x-message": "afte
                 "types": {"type": "string", "maxLength": 500,
                           "x-message": "types must be a comma-separated list of event types"},
                 "limit": LIMIT, "wait": WAIT_QUERY}
+EXPORT_QUERY = {"format": {"type": "string", "enum": ["jsonl", "csv"], "default": "jsonl",
+                           "x-message": "format must be jsonl or csv"},
+                "since": {"type": "string", "maxLength": 40, "description": "Events at or after this time",
+                          "x-message": "since must be a time like 2026-11-29T00:00:00Z"},
+                "until": {"type": "string", "maxLength": 40, "description": "Events before this time",
+                          "x-message": "until must be a time like 2026-11-29T00:00:00Z"}}
 DASHBOARD_AUDIT_QUERY = {name: AUDIT_QUERY[name] for name in ("event_type", "pause_id", "cursor")}
 LOGIN_QUERY = {"next": {"type": "string", "maxLength": 500, "x-message": "next must be a dashboard path"},
                "notice": {"type": "string", "enum": ["password"], "x-message": "notice is not known"}}
@@ -4907,6 +5008,83 @@ def get_audit(rt, caller, query):
     rows, next_cursor = audit_page(rt.db(), caller, query["event_type"], query["pause_id"], query["limit"],
                                    query["cursor"])
     return {"events": [audit_event_json(row) for row in rows], "next_cursor": next_cursor}
+
+
+def export_audit(rt, caller, query):
+    """The caller's audit events, oldest first, with their hashes, as JSON lines or CSV,
+    written as they are read."""
+    since, until = (query_time(query, name) for name in ("since", "until"))
+
+    def events():
+        after = 0
+        while rows := query_db(rt.db(), "SELECT * FROM audit_events WHERE developer_id = ? AND livemode = ? AND seq > ?"
+                                        " AND timestamp >= ? AND timestamp < ? ORDER BY seq LIMIT ?",
+                               (caller.developer_id, caller.livemode, after, since, until, AUDIT_READ_PAGE)):
+            yield from rows
+            after = rows[-1]["seq"]
+
+    def chunks(lines):
+        out = []
+        for line in lines:
+            out.append(line)
+            if len(out) >= 200:
+                yield "".join(out).encode()
+                out = []
+        yield "".join(out).encode()
+
+    if query["format"] == "csv":
+        def lines():
+            yield csv_line(EXPORT_COLUMNS)
+            for row in events():
+                yield csv_line([f"aud_{row['seq']}", row["seq"], row["developer_id"], row["livemode"],
+                                *(row[name] for name in EXPORT_COLUMNS[4:])])
+        media = "text/csv; charset=utf-8"
+    else:
+        def lines():
+            for row in events():
+                yield compact_json({"id": f"aud_{row['seq']}", "seq": row["seq"], "developer_id": row["developer_id"],
+                                    "livemode": bool(row["livemode"]),
+                                    **{name: row[name] for name in EXPORT_COLUMNS[4:-3]},
+                                    "data": json.loads(row["data"]), "prev_hash": row["prev_hash"],
+                                    "hash": row["hash"]}) + "\n"
+        media = "application/x-ndjson"
+    mode = "live" if caller.livemode else "test"
+    return bottle.HTTPResponse(chunks(lines()), headers={
+        "Content-Type": media, "Cache-Control": "no-store",
+        "Content-Disposition": f'attachment; filename="pausepoint-audit-{mode}.{query["format"]}"'})
+
+
+# An exported event: its chain's fields exactly as stored and hashed (timestamp to the millisecond).
+EXPORT_COLUMNS = ("id", "seq", "developer_id", "livemode", "timestamp", "actor", "event_type", "pause_id", "data",
+                  "prev_hash", "hash")
+
+
+def csv_line(cells):
+    """One CSV row. What anyone wrote is inside the JSON data cell: no cell can start a formula."""
+    out = io.StringIO()
+    csv.writer(out).writerow(["" if cell is None else cell for cell in cells])
+    return out.getvalue()
+
+
+def query_time(query, name):
+    """A since/until query parameter as stored time (the earliest or latest there is if absent)."""
+    if query[name] is None:
+        return "0000" if name == "since" else "9999"
+    try:
+        moment = dt.datetime.fromisoformat(query[name].replace("Z", "+00:00"))
+    except ValueError:
+        raise invalid(name, f"{name} must be a time like 2026-11-29T00:00:00Z") from None
+    return db_time(moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc))
+
+
+def get_audit_head(rt, caller):
+    """The latest hash of the caller's audit chain and how many events it holds: note it
+    somewhere else, and an export can later prove that nothing before it changed."""
+    conn = rt.db()
+    count = query_db(conn, "SELECT count(*) FROM audit_events WHERE developer_id = ? AND livemode = ?",
+                     (caller.developer_id, caller.livemode), one=True)[0]
+    return {"livemode": bool(caller.livemode), "hash": audit_chain_head(conn, caller.developer_id, caller.livemode),
+            "count": count, "at": api_time(db_time())}
 
 
 def read_form():
@@ -5427,6 +5605,7 @@ class Route:
     guard: object = None        # (rt, caller) -> raises ApiError before the body is read (rate limits)
     page: bool = False          # a page a person opens: HTML errors, not in the API document
     refusals: tuple = ()        # error statuses beyond those its auth, path, body and query imply
+    media: tuple = ("application/json",)    # what a 2xx answer's body may be
 
 
 ROUTES = [
@@ -5458,6 +5637,9 @@ ROUTES = [
     Route("GET", "/v1/events", list_events, query=EVENTS_QUERY, refusals=(404,), answer={
         "type": "object", "required": ["events"], "properties": {"events": {"type": "array", "items": EVENT}}}),
     Route("GET", "/v1/audit", get_audit, query=AUDIT_QUERY, answer=page_of("events", AUDIT_EVENT)),
+    Route("GET", "/v1/audit/export", export_audit, query=EXPORT_QUERY, answer={"type": "string"},
+          media=("application/x-ndjson", "text/csv")),
+    Route("GET", "/v1/audit/head", get_audit_head, answer=AUDIT_HEAD),
     Route("POST", "/v1/twilio/inbound", twilio_inbound, auth="twilio", answer={"type": "string"},
           refusals=(400, 403, 413, 415)),
     Route("GET", "/v1/respond/<token>", get_respond_json, auth="none", answer=RESPOND_FACTS),
@@ -5728,10 +5910,10 @@ def operation(route, config):
 
 def responses(route):
     """The success answer, the error answers this route can give, and any other as Error."""
-    content = "application/xml" if route.auth == "twilio" else "application/json"
+    media = ("application/xml",) if route.auth == "twilio" else route.media
     success = {"description": "Done"}
     if route.answer is not None:
-        success["content"] = {content: {"schema": route.answer}}
+        success["content"] = {content: {"schema": route.answer} for content in media}
     possible = {429} | ({401} if route.auth == "key" else set()) | ({404} if "<" in route.path else set())
     if route.body is not None:
         possible |= {400, 413, 415, 422}
@@ -6370,6 +6552,7 @@ def main(argv=None):
     operator.add_argument("--remove", action="store_true", help="take the operator page away instead")
     take_backup = commands.add_parser("backup", help="write an online backup of the database (safe while serving)")
     take_backup.add_argument("destination", help="file to write; must not exist yet")
+    commands.add_parser("verify-audit", help="check every audit chain; exits 1 naming the first event that breaks each")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -6387,7 +6570,7 @@ def main(argv=None):
         if args.command in (None, "serve"):
             serve(config)
         else:
-            run_command(args, config)
+            return run_command(args, config)
     except ConfigError as e:
         print(f"pausepoint: {e}", file=sys.stderr)
         return 2
@@ -6398,7 +6581,7 @@ def main(argv=None):
 
 
 def run_command(args, config):
-    """The operator's commands besides serving."""
+    """The operator's commands besides serving; returns the exit status."""
     if args.command == "backup":
         backup(config, args.destination)
         print(f"backed up {config['database.path']} to {args.destination}")
@@ -6417,6 +6600,16 @@ def run_command(args, config):
     elif args.command == "set-operator":
         set_operator(conn, args.email, not args.remove)
         print(f"{args.email} {'may no longer' if args.remove else 'may now'} use the operator page (/dashboard/operator)")
+    elif args.command == "verify-audit":
+        breaks = audit_chain_breaks(conn)
+        for seq, developer_id, livemode, why in breaks:
+            print(f"aud_{seq} ({developer_id}, {'live' if livemode else 'test'}): {why}")
+        if breaks:
+            return 1
+        chains, events = query_db(conn, "SELECT count(DISTINCT developer_id || livemode), count(*) FROM audit_events",
+                                  one=True)
+        print(f"every audit chain holds: {events} events in {chains} chains")
+    return 0
 
 
 if __name__ == "__main__":

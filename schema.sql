@@ -12,8 +12,9 @@
 --   * What may be deleted, and by whom: only the pruning job in pausepoint.py
 --     (prune_expired_data) deletes, and only what is past its retention
 --     (retention.* settings): decided test-mode pauses with their notifications,
---     people, steps, idempotency keys and test-mode audit events; finished webhook events with
---     their deliveries and attempts; idempotency keys older than 24 hours. Live
+--     people, steps and idempotency keys; the oldest test-mode audit events of each
+--     developer's chain, up to the first one within retention; finished webhook events
+--     with their deliveries and attempts; idempotency keys older than 24 hours. Live
 --     pauses and live audit events are never deleted (a trigger enforces the latter).
 -- Later changes are numbered migrations in pausepoint.py (MIGRATIONS), each
 -- recorded in schema_migrations.
@@ -235,14 +236,19 @@ CREATE TABLE audit_events (
                                                       -- 'timeout', 'system', 'respond_link', 'developer:<email>'
     event_type    TEXT NOT NULL,                      -- 'pause.created', 'pause.responded', …
     pause_id      TEXT,                               -- the pause it concerns, if any
-    data          TEXT NOT NULL DEFAULT '{}'          -- JSON object with the event's details
+    data          TEXT NOT NULL DEFAULT '{}',         -- JSON object with the event's details
+    prev_hash     TEXT,                               -- the hash of the event before it in its chain (one chain per
+                                                      -- developer and mode; 64 zeros for the first)
+    hash          TEXT                                -- SHA-256 of this event and prev_hash (audit_hash() in
+                                                      -- pausepoint.py says exactly what), so a changed, removed or
+                                                      -- reordered event breaks the chain
 );
 -- GET /v1/audit, newest first, with its optional filters.
 CREATE INDEX audit_by_owner ON audit_events(developer_id, livemode, seq);
 CREATE INDEX audit_by_owner_type ON audit_events(developer_id, livemode, event_type, seq);
 CREATE INDEX audit_by_pause ON audit_events(pause_id, seq) WHERE pause_id IS NOT NULL;
--- Pruning: test-mode events not about a pause (key rotations, webhook changes), oldest first.
-CREATE INDEX audit_test_without_pause ON audit_events(timestamp) WHERE livemode = 0 AND pause_id IS NULL;
+-- Pruning: test-mode events past retention, oldest first (each chain loses only its oldest part).
+CREATE INDEX audit_test_by_age ON audit_events(timestamp) WHERE livemode = 0;
 
 CREATE TRIGGER audit_events_are_never_updated BEFORE UPDATE ON audit_events
 BEGIN SELECT RAISE(ABORT, 'audit events are append-only'); END;

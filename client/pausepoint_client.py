@@ -252,3 +252,55 @@ def verify_webhook(secret, header, body, tolerance=300):
         return False
     mac = hmac.new(secret.encode("utf-8"), stamps[0].encode() + b"." + body, hashlib.sha256).hexdigest()
     return any(hmac.compare_digest(mac, value) for name, _, value in fields if name == "v1")
+
+
+###############################################################################
+# Checking an exported audit log
+###############################################################################
+
+AUDIT_GENESIS = "0" * 64
+
+
+class AuditChainBroken(Exception):
+    """An exported audit log that does not hold: the message names the first event that breaks."""
+
+
+def audit_event_hash(event):
+    """The hash an exported audit event must carry, computed as the README says: SHA-256 of
+    the ASCII JSON array [prev_hash, developer_id, livemode (1/0), timestamp, actor,
+    event_type, pause_id, data as compact JSON text], written without spaces."""
+    data = json.dumps(event["data"], separators=(",", ":"))
+    chained = [event["prev_hash"], event["developer_id"], 1 if event["livemode"] else 0, event["timestamp"],
+               event["actor"], event["event_type"], event["pause_id"], data]
+    return hashlib.sha256(json.dumps(chained, separators=(",", ":")).encode("ascii")).hexdigest()
+
+
+def verify_audit_export(path, head=None):
+    """Check a JSON-lines export (GET /v1/audit/export): every event's hash, and that each
+    links to the one before it. With `head` ({"hash", "count"} as GET /v1/audit/head gave it,
+    noted somewhere safe earlier), also that the export still reaches that event, and, for an
+    export from the chain's start, that exactly `count` events lead up to it: nothing before
+    the head was removed or cut off. Returns how many events were checked; raises
+    AuditChainBroken naming the first that breaks."""
+    previous, checked, starts_chain, reached = None, 0, False, head is None
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            event = json.loads(line)
+            where = f"{event.get('id')} (line {number})"
+            if previous is None:
+                starts_chain = event["prev_hash"] == AUDIT_GENESIS
+            elif event["prev_hash"] != previous:
+                raise AuditChainBroken(f"{where}: its prev_hash is not the hash of the event before it:"
+                                       " an event was removed or moved")
+            if audit_event_hash(event) != event["hash"]:
+                raise AuditChainBroken(f"{where}: its content does not give its hash: it was changed")
+            previous, checked = event["hash"], checked + 1
+            if head is not None and event["hash"] == head["hash"]:
+                reached = True
+                if starts_chain and checked != head["count"]:
+                    raise AuditChainBroken(f"{where} is the noted head, but {checked} events lead up to it, not"
+                                           f" {head['count']}")
+    if not reached:
+        raise AuditChainBroken(f"the export never reaches the noted head {head['hash']}: events up to it were"
+                               " cut off")
+    return checked

@@ -100,6 +100,10 @@ def test_a_database_from_before_teams_migrates_to_the_same_model_as_a_fresh_one_
     db.execute("INSERT INTO notifications (id, pause_id, developer_id, channel, recipient, livemode, text, status,"
                " next_attempt_at, created_at, updated_at) VALUES ('ntf_1', 'psr_1', 'dev_1', 'sms', '+15550100', 1,"
                " 'Old?', 'sent', 'x', 'x', 'x')")
+    for livemode, event_type in ((1, "pause.created"), (0, "webhook.created"), (1, "pause.responded")):
+        db.execute("INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, data)"
+                   " VALUES ('dev_1', ?, '2026-01-01T00:00:00.000Z', 'system', ?, '{\"k\":\"caf\\u00e9\"}')",
+                   (livemode, event_type))
     db.commit()
     db.close()
     pausepoint.migrate(pausepoint.connect(old))
@@ -108,6 +112,10 @@ def test_a_database_from_before_teams_migrates_to_the_same_model_as_a_fresh_one_
     assert stored(old, "SELECT id, pause_id, position, kind, status, text FROM notifications") == \
         [("ntf_1", "psr_1", 0, "ask", "sent", "Old?")]
     assert stored(old, "SELECT team, quorum FROM pauses") == [(0, None)]
+    # The events it had are chained, each developer's mode apart, in order.
+    chained = stored(old, "SELECT livemode, prev_hash, hash FROM audit_events ORDER BY seq")
+    assert [prev for _, prev, _ in chained] == ["0" * 64, "0" * 64, chained[0][2]]
+    assert pausepoint.audit_chain_breaks(pausepoint.connect(old)) == []
 
 
 def test_a_nested_transaction_raises_instead_of_waiting_on_itself(tmp_path):

@@ -97,6 +97,8 @@ def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver):
     stored(api.config, "UPDATE pause_steps SET due_at = '2000-01-01T00:00:00.000Z'")
     api.pause(key, team["pause_id"])
     pausepoint.record_sms_reply(api.app.runtime.db(), api.config, "+15550101", "1")
+    api.get("/v1/audit/export", {"since": "2000-01-01T00:00:00Z"}, headers=auth)
+    api.get("/v1/audit/head", headers=auth)
     for job in ("timeouts", "steps", "notifications", "webhooks"):
         api.step(job)
     api.app.runtime.db().set_trace_callback(None)

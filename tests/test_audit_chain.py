@@ -1,0 +1,166 @@
+"""The audit log as a hash chain: whoever changes, removes, reorders or cuts off events is caught,
+by the server's verify-audit command and by the client's check of an export."""
+
+import contextlib
+import io
+import json
+import os
+import sqlite3
+import sys
+
+import pytest
+
+from conftest import ROOT, WIRE, stored, token_of
+import pausepoint
+
+sys.path.insert(0, os.path.join(ROOT, "client"))
+from pausepoint_client import AuditChainBroken, verify_audit_export  # noqa: E402
+
+
+@pytest.fixture
+def logged(running_api):
+    """An api whose live and test chains hold a few events each, and the live key."""
+    api = running_api(jobs=False)
+    keys = api.register()
+    for key in (keys["api_key"], keys["test_api_key"]):
+        for _ in range(3):
+            created = api.post_json("/v1/pause", {**WIRE, "channel": "link", "recipient": "ops",
+                                                  "metadata": {"note": "café ✓"}}, headers=api.as_key(key)).json
+            api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve"})
+    return api, keys["api_key"]
+
+
+def export(api, key, tmp_path, **query):
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(api.get("/v1/audit/export", query, headers=api.as_key(key)).body)
+    return str(path)
+
+
+def tamper(config, sql, *args):
+    """Change the log behind the server's back, its append-only triggers dropped first."""
+    db = sqlite3.connect(config["database.path"])
+    with db:
+        db.execute("DROP TRIGGER IF EXISTS audit_events_are_never_updated")
+        db.execute("DROP TRIGGER IF EXISTS live_audit_events_are_never_deleted")
+        db.execute(sql, args)
+    db.close()
+
+
+def verify_audit(config):
+    """The operator's command, run as the command line runs it: (exit status, what it printed)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = pausepoint.main(["--db", config["database.path"], "verify-audit"])
+    return status, printed.getvalue()
+
+
+def live_seqs(config):
+    return [seq for seq, in stored(config, "SELECT seq FROM audit_events WHERE livemode = 1 ORDER BY seq")]
+
+
+def test_every_event_is_chained_to_the_one_before_in_its_developers_chain_for_its_mode(logged, tmp_path):
+    api, key = logged
+    events = [json.loads(line) for line in open(export(api, key, tmp_path), encoding="utf-8")]
+    assert events[0]["prev_hash"] == "0" * 64 and all(e["livemode"] for e in events)
+    assert [e["prev_hash"] for e in events[1:]] == [e["hash"] for e in events[:-1]]
+    assert verify_audit_export(export(api, key, tmp_path)) == len(events) == len(live_seqs(api.config))
+    listed = api.get("/v1/audit", headers=api.as_key(key)).json["events"][0]
+    assert (listed["hash"], listed["prev_hash"]) == (events[-1]["hash"], events[-1]["prev_hash"])
+    assert verify_audit(api.config) == (0, "every audit chain holds: 12 events in 2 chains\n")
+
+
+def test_a_changed_event_is_caught_and_named(logged, tmp_path):
+    api, key = logged
+    changed = live_seqs(api.config)[2]
+    tamper(api.config, "UPDATE audit_events SET data = replace(data, 'Approve', 'Reject') WHERE seq = ?", changed)
+    status, said = verify_audit(api.config)
+    assert status == 1 and said.startswith(f"aud_{changed} (") and "it was changed" in said
+    with pytest.raises(AuditChainBroken, match=f"aud_{changed} .*it was changed"):
+        verify_audit_export(export(api, key, tmp_path))
+
+
+def test_a_removed_event_is_caught_at_the_one_after_it(logged, tmp_path):
+    api, key = logged
+    seqs = live_seqs(api.config)
+    tamper(api.config, "DELETE FROM audit_events WHERE seq = ?", seqs[3])
+    status, said = verify_audit(api.config)
+    assert status == 1 and f"aud_{seqs[4]} (" in said and "removed or moved" in said
+    with pytest.raises(AuditChainBroken, match=f"aud_{seqs[4]} .*removed or moved"):
+        verify_audit_export(export(api, key, tmp_path))
+
+
+def test_two_events_swapped_are_caught(logged, tmp_path):
+    api, key = logged
+    first, second = live_seqs(api.config)[1:3]
+    columns = "timestamp, actor, event_type, pause_id, data, prev_hash, hash"
+    rows = stored(api.config, f"SELECT seq, {columns} FROM audit_events WHERE seq IN (?, ?) ORDER BY seq", first, second)
+    for seq, (_, *content) in zip((first, second), reversed(rows)):
+        tamper(api.config, "UPDATE audit_events SET timestamp = ?, actor = ?, event_type = ?, pause_id = ?, data = ?,"
+                           " prev_hash = ?, hash = ? WHERE seq = ?", *content, seq)
+    status, said = verify_audit(api.config)
+    assert status == 1 and said.startswith(f"aud_{first} (") and "removed or moved" in said
+    with pytest.raises(AuditChainBroken, match=f"aud_{first} "):
+        verify_audit_export(export(api, key, tmp_path))
+
+
+def test_a_tail_cut_off_is_caught_against_a_head_noted_earlier(logged, tmp_path):
+    api, key = logged
+    noted = api.get("/v1/audit/head", headers=api.as_key(key)).json
+    assert noted["count"] == len(live_seqs(api.config)) and noted["livemode"] is True
+    api.post_json("/v1/pause", {**WIRE, "channel": "link", "recipient": "ops"}, headers=api.as_key(key))
+    assert verify_audit_export(export(api, key, tmp_path), head=noted) == noted["count"] + 1
+    # Everything from the noted head on is cut off: what is left still chains, but misses the head.
+    tamper(api.config, "DELETE FROM audit_events WHERE livemode = 1 AND seq >= ?", live_seqs(api.config)[-2])
+    assert verify_audit(api.config)[0] == 0
+    with pytest.raises(AuditChainBroken, match="never reaches the noted head"):
+        verify_audit_export(export(api, key, tmp_path), head=noted)
+    # Without the noted head, what is left looks whole: the head is what proves the cut.
+    assert verify_audit_export(export(api, key, tmp_path)) == noted["count"] - 1
+
+
+def test_an_export_streams_a_window_as_json_lines_or_csv(logged, tmp_path):
+    api, key = logged
+    everything = [json.loads(line) for line in open(export(api, key, tmp_path), encoding="utf-8")]
+    middle = everything[3]["timestamp"]
+    later = [json.loads(line) for line in open(export(api, key, tmp_path, since=middle), encoding="utf-8")]
+    assert later == [e for e in everything if e["timestamp"] >= middle] and len(later) < len(everything)
+    assert verify_audit_export(export(api, key, tmp_path, since=middle)) == len(later)
+    earlier = [json.loads(line) for line in open(export(api, key, tmp_path, until=middle), encoding="utf-8")]
+    assert earlier == [e for e in everything if e["timestamp"] < middle]
+    csv_lines = api.get("/v1/audit/export", {"format": "csv"}, headers=api.as_key(key)).text.splitlines()
+    assert csv_lines[0] == "id,seq,developer_id,livemode,timestamp,actor,event_type,pause_id,data,prev_hash,hash"
+    assert len(csv_lines) == len(everything) + 1 and csv_lines[-1].endswith(everything[-1]["hash"])
+    refused = api.get("/v1/audit/export", {"since": "yesterday"}, headers=api.as_key(key), status=422).json
+    assert refused["error"]["field"] == "since"
+
+
+def test_each_developer_and_mode_sees_only_its_own_chain(logged, tmp_path):
+    api, key = logged
+    other = api.register(email="other@example.com")["api_key"]
+    assert api.get("/v1/audit/export", headers=api.as_key(other)).body == b""
+    assert api.get("/v1/audit/head", headers=api.as_key(other)).json["hash"] == "0" * 64
+    test_events = [json.loads(line) for line in open(export(api, api.register(email="x@example.com")["test_api_key"],
+                                                            tmp_path), encoding="utf-8")]
+    assert test_events == []
+
+
+def test_pruning_takes_only_the_oldest_part_of_a_test_chain_so_the_rest_still_verifies(running_api, tmp_path):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    for _ in range(4):
+        api.post_json("/v1/pause", {**WIRE, "channel": "link", "recipient": "ops"}, headers=api.as_key(key))
+    seqs = [seq for seq, in stored(api.config, "SELECT seq FROM audit_events ORDER BY seq")]
+    # The first two events are past retention, the rest not.
+    stored(api.config, "DROP TRIGGER audit_events_are_never_updated")
+    stored(api.config, "UPDATE audit_events SET timestamp = '2000-01-01T00:00:00.000Z' WHERE seq IN (?, ?)", *seqs[:2])
+    pausepoint.prune_expired_data(api.app.runtime.db(), api.config)
+    assert [seq for seq, in stored(api.config, "SELECT seq FROM audit_events ORDER BY seq")] == seqs[2:]
+    assert pausepoint.audit_chain_breaks(api.app.runtime.db()) == []
+
+
+def test_a_live_chain_missing_its_first_event_is_caught(logged):
+    api, _ = logged
+    first = live_seqs(api.config)[0]
+    tamper(api.config, "DELETE FROM audit_events WHERE seq = ?", first)
+    status, said = verify_audit(api.config)
+    assert status == 1 and f"aud_{live_seqs(api.config)[0]} (" in said and "(dev_" in said and ", live)" in said
