@@ -69,6 +69,8 @@ import waitress.channel
 import waitress.server
 import waitress.task
 from apscheduler.schedulers.background import BackgroundScheduler
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 VERSION = "0.1.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -544,6 +546,7 @@ MIGRATIONS = [
     """),
     # The audit log becomes tamper-evident: each event chained to the one before (Python: SHA-256).
     (13, lambda conn: chain_audit_events(conn)),
+    (14, "ALTER TABLE pauses ADD COLUMN receipt TEXT;"),
 ]
 
 
@@ -1888,6 +1891,9 @@ def record_decisions(conn, config, decided, data, now):
     if not decided:
         return              # nothing changed: nobody to wake (a wake-up makes every waiting agent look)
     ids = [pause["id"] for pause in decided]
+    if getattr(conn, "signer", None) is not None:
+        conn.executemany("UPDATE pauses SET receipt = ? WHERE id = ?",
+                         [(conn.signer.sign(receipt_claims(conn, pause)), pause["id"]) for pause in decided])
     teams = [pause["id"] for pause in decided if pause["team"]]
     if teams:               # their people no longer await an answer (see schema.sql)
         conn.execute("UPDATE pause_recipients SET pause_decided_at = ? WHERE pause_id IN (SELECT value FROM json_each(?))",
@@ -1901,6 +1907,22 @@ def record_decisions(conn, config, decided, data, now):
                                    "decided_by": pause["decided_by"], **(data or {})}, when=now)
     emit_pause_events(conn, config, decided, when=now)
     wake_after_commit(conn, "decisions", *ids)
+
+
+def receipt_claims(conn, pause):
+    """What a decided pause's receipt says: which question (by the SHA-256 of its message),
+    the options, the outcome with its final fields, changes and votes, who decided it and
+    when, and in which mode."""
+    votes = [] if not pause["team"] else [
+        {"recipient": vote["recipient"], "choice": vote["choice"], "edits": json.loads(vote["edits"] or "null"),
+         "voted_at": api_time(vote["voted_at"])}
+        for vote in query_db(conn, "SELECT * FROM pause_recipients WHERE pause_id = ? AND voted_at IS NOT NULL"
+                                   " ORDER BY voted_at, position", (pause["id"],))]
+    return {"pause_id": pause["id"], "message_sha256": hashlib.sha256(pause["message"].encode()).hexdigest(),
+            "options": json.loads(pause["options"]), "status": pause["status"], "choice": pause["choice"],
+            "fields": json.loads(pause["fields"] or "null"), "edited": json.loads(pause["edited"] or "null"),
+            "votes": votes, "decided_by": pause["decided_by"], "decided_at": api_time(pause["decided_at"]),
+            "livemode": bool(pause["livemode"])}
 
 
 def respond_to_pause(conn, config, token, choice, comment, client, edits=None):
@@ -2347,7 +2369,7 @@ PAUSE_OBJECT = """json_object(
     'notification', json(CASE WHEN n.id IS NOT NULL THEN json_object(
         'channel', n.channel, 'status', CASE n.status WHEN 'sending' THEN 'queued' ELSE n.status END,
         'attempts', n.attempts, 'provider_message_id', n.provider_message_id, 'last_error', n.last_error,
-        'text', n.text) END))"""
+        'text', n.text) END), 'receipt', p.receipt)"""
 # A pause with fields also shows them, and once decided what the approver changed; one
 # without is shown exactly as before fields existed.
 PAUSE_WITH_FIELDS = (f"CASE WHEN p.fields IS NULL THEN {PAUSE_OBJECT} ELSE json_patch({PAUSE_OBJECT},"
@@ -3796,6 +3818,87 @@ def prune_expired_data(conn, config, now=None):
 
 
 ###############################################################################
+# Signed receipts: the server's Ed25519 keys
+###############################################################################
+
+def signing_keys_path(database_path):
+    """The server's signing keys live beside its database, and go with it into a backup."""
+    return database_path + ".keys.json"
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class Signer:
+    """Compact JWS (EdDSA) with the server's Ed25519 key. The keys file (mode 0600) is made
+    on first start; `rotate-signing-key` adds a new key and keeps only the public half of
+    the old, still published in the JWKS, so receipts signed before stay checkable. A
+    rotation made while the server runs is picked up at its next signature."""
+
+    def __init__(self, path):
+        self.path, self.read_at, self.keys = path, None, []
+        if not os.path.exists(path):
+            with contextlib.suppress(FileExistsError):      # another process made it first
+                write_signing_keys(path, [new_signing_key()], exclusive=True)
+        self.reload()
+
+    def reload(self):
+        changed = os.stat(self.path).st_mtime_ns
+        if changed != self.read_at:
+            with open(self.path, encoding="utf-8") as f:
+                self.keys = json.load(f)["keys"]
+            current = next(key for key in self.keys if key.get("private"))
+            self.kid = current["kid"]
+            self.private = Ed25519PrivateKey.from_private_bytes(base64.urlsafe_b64decode(current["private"] + "=="))
+            self.read_at = changed
+
+    def sign(self, claims):
+        self.reload()
+        header = b64url(compact_json({"alg": "EdDSA", "kid": self.kid, "typ": "JWT"}).encode())
+        signed = f"{header}.{b64url(compact_json(claims).encode())}"
+        return f"{signed}.{b64url(self.private.sign(signed.encode('ascii')))}"
+
+    def jwks(self):
+        self.reload()
+        return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": key["public"], "kid": key["kid"], "use": "sig",
+                          "alg": "EdDSA"} for key in self.keys]}
+
+
+def new_signing_key():
+    private = Ed25519PrivateKey.generate()
+    public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                serialization.NoEncryption())
+    return {"kid": "ppk_" + hashlib.sha256(public).hexdigest()[:16], "public": b64url(public), "private": b64url(raw),
+            "created_at": api_time(db_time())}
+
+
+def write_signing_keys(path, keys, exclusive=False):
+    """Write the keys file readable by its owner only, whole or not at all."""
+    target = path if exclusive else path + ".new"
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    with open(os.open(target, flags, 0o600), "w", encoding="utf-8") as f:
+        json.dump({"keys": keys}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    if not exclusive:
+        os.replace(target, path)
+
+
+def rotate_signing_key(path):
+    """A new signing key; the old ones keep only their public half. Returns the new kid."""
+    with open(path, encoding="utf-8") as f:
+        keys = json.load(f)["keys"]
+    retired = [{name: value for name, value in key.items() if name != "private"} for key in keys]
+    for key in retired:
+        key.setdefault("retired_at", api_time(db_time()))
+    fresh = new_signing_key()
+    write_signing_keys(path, retired + [fresh])
+    return fresh["kid"]
+
+
+###############################################################################
 # Runtime: connections, waiting agents, the scheduler
 ###############################################################################
 
@@ -3852,6 +3955,7 @@ class Runtime:
         self.turns = Turns(max(2, os.cpu_count() or 2))
         self.shown_once = ShownOnce()
         self.timeouts_db = None
+        self.signer = Signer(signing_keys_path(config["database.path"]))
         self.round_locks = {f"run_{job}": threading.Lock()
                             for job in ("timeouts", "steps", "notifications", "webhooks", "pruning", "checkpoint")}
         migrate(self.db())
@@ -3868,6 +3972,7 @@ class Runtime:
         """A new connection to the database, its commits waking what they registered."""
         conn = connect(self.config["database.path"], self.write_lock, cache_kib, same_thread)
         conn.turns = self.turns
+        conn.signer = self.signer
         # SQLite checkpoints the WAL inside whichever COMMIT fills it past 1,000 pages,
         # holding the write lock: a create's commit averaged 2.4 ms with that, 0.5 ms
         # without. The checkpoint job does it instead, every second; a commit still
@@ -4620,7 +4725,9 @@ PAUSE = {"type": "object", "required": ["pause_id", "status", "options", "livemo
              "recipients": {"type": "array", "description": "Only for a team pause: everyone asked, in order.",
                             "items": PERSON_ASKED},
              "votes": {"type": "array", "description": "Only for a team pause: the votes cast, oldest first.",
-                       "items": VOTE}}}
+                       "items": VOTE},
+             "receipt": {"type": ["string", "null"], "description": "Once decided: a compact JWS (EdDSA) of the"
+                                                                    " outcome, checkable with /.well-known/jwks.json"}}}
 WEBHOOK = {"type": "object", "required": ["webhook_id", "url", "events", "status", "livemode"], "properties": {
     "webhook_id": {"type": "string"}, "url": {"type": "string"}, "events": {"type": "array", "items": {"type": "string"}},
     "status": {"type": "string", "enum": ["enabled", "disabled"]}, "disabled_reason": {"type": ["string", "null"]},
@@ -4640,10 +4747,15 @@ AUDIT_EVENT = {"type": "object", "required": ["id", "timestamp", "actor", "event
     "prev_hash": {"type": "string", "description": "The hash of the event before it in this developer's and mode's"
                                                    " chain (64 zeros for the first)."},
     "hash": {"type": "string", "description": "SHA-256 of this event chained to prev_hash: see the README."}}}
-AUDIT_HEAD = {"type": "object", "required": ["livemode", "hash", "count"], "properties": {
-    "livemode": {"type": "boolean"}, "hash": {"type": "string", "description": "The latest event's hash"},
+AUDIT_HEAD = {"type": "object", "required": ["livemode", "hash", "count", "signature"], "properties": {
+    "developer_id": {"type": "string"}, "livemode": {"type": "boolean"},
+    "hash": {"type": "string", "description": "The latest event's hash"},
     "count": {"type": "integer", "description": "Events in the chain (test chains lose their oldest to retention)"},
-    "at": TIME}}
+    "at": TIME, "signature": {"type": "string", "description": "A compact JWS (EdDSA) of the other fields, with the"
+                                                                " server's key (/.well-known/jwks.json)"}}}
+JWKS = {"type": "object", "required": ["keys"], "properties": {"keys": {"type": "array", "items": {
+    "type": "object", "required": ["kty", "crv", "x", "kid"], "properties": {
+        name: {"type": "string"} for name in ("kty", "crv", "x", "kid", "use", "alg")}}}}}
 RESPOND_FACTS = {"type": "object", "required": ["message", "options", "status"], "properties": {
     "asked_by": {"type": ["string", "null"], "description": "The name of the developer whose agent asks"},
     "details": {"type": "array", "description": "The metadata keys the agent listed in its \"display\"",
@@ -5083,8 +5195,14 @@ def get_audit_head(rt, caller):
     conn = rt.db()
     count = query_db(conn, "SELECT count(*) FROM audit_events WHERE developer_id = ? AND livemode = ?",
                      (caller.developer_id, caller.livemode), one=True)[0]
-    return {"livemode": bool(caller.livemode), "hash": audit_chain_head(conn, caller.developer_id, caller.livemode),
-            "count": count, "at": api_time(db_time())}
+    head = {"developer_id": caller.developer_id, "livemode": bool(caller.livemode),
+            "hash": audit_chain_head(conn, caller.developer_id, caller.livemode), "count": count, "at": api_time(db_time())}
+    return {**head, "signature": rt.signer.sign(head)}
+
+
+def get_jwks(rt):
+    """The public keys that sign receipts and audit heads, retired ones included."""
+    return rt.signer.jwks()
 
 
 def read_form():
@@ -5640,6 +5758,7 @@ ROUTES = [
     Route("GET", "/v1/audit/export", export_audit, query=EXPORT_QUERY, answer={"type": "string"},
           media=("application/x-ndjson", "text/csv")),
     Route("GET", "/v1/audit/head", get_audit_head, answer=AUDIT_HEAD),
+    Route("GET", "/.well-known/jwks.json", get_jwks, auth="none", answer=JWKS),
     Route("POST", "/v1/twilio/inbound", twilio_inbound, auth="twilio", answer={"type": "string"},
           refusals=(400, 403, 413, 415)),
     Route("GET", "/v1/respond/<token>", get_respond_json, auth="none", answer=RESPOND_FACTS),
@@ -6525,6 +6644,10 @@ def backup(config, destination):
         source.backup(target)
     target.close()
     source.close()
+    keys = signing_keys_path(config["database.path"])
+    if os.path.exists(keys):        # without them, receipts could no longer be signed by the same key
+        with open(keys, encoding="utf-8") as f:
+            write_signing_keys(signing_keys_path(destination), json.load(f)["keys"], exclusive=True)
 
 
 def main(argv=None):
@@ -6553,6 +6676,7 @@ def main(argv=None):
     take_backup = commands.add_parser("backup", help="write an online backup of the database (safe while serving)")
     take_backup.add_argument("destination", help="file to write; must not exist yet")
     commands.add_parser("verify-audit", help="check every audit chain; exits 1 naming the first event that breaks each")
+    commands.add_parser("rotate-signing-key", help="sign from now on with a new key; old public keys stay published")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -6584,8 +6708,13 @@ def run_command(args, config):
     """The operator's commands besides serving; returns the exit status."""
     if args.command == "backup":
         backup(config, args.destination)
-        print(f"backed up {config['database.path']} to {args.destination}")
-        return
+        print(f"backed up {config['database.path']} to {args.destination} (its signing keys to"
+              f" {signing_keys_path(args.destination)})")
+        return 0
+    if args.command == "rotate-signing-key":
+        kid = rotate_signing_key(Signer(signing_keys_path(config["database.path"])).path)
+        print(f"receipts are now signed with {kid}; earlier keys stay in /.well-known/jwks.json")
+        return 0
     conn = connect(config["database.path"])
     migrate(conn)
     if args.command == "create-developer":

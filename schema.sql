@@ -123,9 +123,11 @@ CREATE TABLE pauses (
                                                       -- ones the approver changed, {"amount": {"old": 340, "new": 300}}
     team             INTEGER NOT NULL DEFAULT 0,      -- 1: asked with recipients, a quorum or an escalation; its
                                                       -- people and their votes are in pause_recipients
-    quorum           TEXT                             -- JSON {"choice": "Approve", "count": 2}: decided that choice once
+    quorum           TEXT,                            -- JSON {"choice": "Approve", "count": 2}: decided that choice once
                                                       -- `count` people chose it, anything else at its first vote. NULL:
                                                       -- the first answer decides.
+    receipt          TEXT                             -- once decided: a compact JWS (EdDSA) of the outcome, signed with
+                                                      -- the server's key (see receipt_claims() and Signer)
 );
 -- The timeout job: "pending pauses whose expires_at has passed", oldest first.
 CREATE INDEX pauses_pending_by_expiry ON pauses(expires_at) WHERE status = 'pending';

@@ -12,8 +12,9 @@ XSS = '<script>alert("pwned")</script>'
 FIELDS = {"amount": {"type": "number", "value": 340, "min": 0, "max": 500, "editable": True, "label": "Amount (USD)"},
           "payee": {"type": "string", "value": "Acme Corp", "editable": False}}
 
-# What a pause without fields looked like before fields existed, byte for byte, with the
-# parts that differ from run to run as {placeholders}: created, then pending, then decided.
+# What a pause without fields looked like before fields existed, byte for byte (with the receipt
+# every pause has had since, null until decided), the parts that differ from run to run as
+# {placeholders}: created, then pending, then decided.
 RECORDED = [
     '{"pause_id": "{pause_id}", "status": "pending", "respond_url": "http://127.0.0.1:8080/respond/{token}",'
     ' "expires_at": "{expires_at}", "created_at": "{created_at}"}',
@@ -24,7 +25,7 @@ RECORDED = [
     '"created_at":"{created_at}","notification":{"channel":"sms","status":"queued","attempts":0,'
     '"provider_message_id":null,"last_error":null,"text":"Your agent wants to send a $340 wire to Acme Corp.'
     ' Approve?\\nReply {code} 1 for Approve, {code} 2 for Reject, or open http://127.0.0.1:8080/respond/{token}'
-    '\\nExpires {expires_text} UTC"}}',
+    '\\nExpires {expires_text} UTC"},"receipt":null}',
     '{"pause_id":"{pause_id}","status":"responded","recipient":"+15550100","channel":"sms","title":null,'
     '"message":"Your agent wants to send a $340 wire to Acme Corp. Approve?","options":["Approve","Reject"],'
     '"timeout_default":"Reject","choice":"Approve","comment":"ok","decided_at":"{decided_at}",'
@@ -32,7 +33,7 @@ RECORDED = [
     '"livemode":false,"expires_at":"{expires_at}","created_at":"{created_at}","notification":{"channel":"sms",'
     '"status":"simulated","attempts":1,"provider_message_id":null,"last_error":null,"text":"Your agent wants to'
     ' send a $340 wire to Acme Corp. Approve?\\nReply {code} 1 for Approve, {code} 2 for Reject, or open'
-    ' http://127.0.0.1:8080/respond/{token}\\nExpires {expires_text} UTC"}}',
+    ' http://127.0.0.1:8080/respond/{token}\\nExpires {expires_text} UTC"},"receipt":"{receipt}"}',
 ]
 
 
@@ -53,7 +54,7 @@ def test_a_pause_without_fields_is_shown_byte_for_byte_as_before(running_api):
     values = {"pause_id": created.json["pause_id"], "token": token_of(created.json["respond_url"]),
               "expires_at": created.json["expires_at"], "created_at": created.json["created_at"],
               "decided_at": decided.json["decided_at"], "code": re.search(r"Reply (\w+) 1", pending).group(1),
-              "expires_text": re.search(r"Expires (.+?) UTC", pending).group(1)}
+              "expires_text": re.search(r"Expires (.+?) UTC", pending).group(1), "receipt": decided.json["receipt"]}
     assert [created.text, pending, decided.text] == [filled(template, values) for template in RECORDED]
 
 

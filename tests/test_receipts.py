@@ -1,0 +1,118 @@
+"""Signed decision receipts and audit heads, checked with a standard JOSE library (PyJWT),
+never with our own code."""
+
+import base64
+import hashlib
+import json
+import os
+import stat
+
+import jwt
+import pytest
+
+from conftest import WIRE, stored, token_of
+import pausepoint
+
+TEAM = {**{name: value for name, value in WIRE.items() if name not in ("recipient", "channel")},
+        "recipients": [{"recipient": "ana", "channel": "link"}, {"recipient": "bo", "channel": "link"}],
+        "quorum": {"choice": "Approve", "count": 2}}
+
+
+def checked(api, token):
+    """A receipt's claims, as anyone can check them: PyJWT, with the key the server publishes."""
+    keys = jwt.PyJWKSet.from_dict(api.get("/.well-known/jwks.json").json)
+    kid = jwt.get_unverified_header(token)["kid"]
+    return jwt.decode(token, key=keys[kid].key, algorithms=["EdDSA"])
+
+
+def forged(token, **changes):
+    """The same receipt with some claims changed and the original signature kept."""
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    changed = base64.urlsafe_b64encode(json.dumps({**claims, **changes}).encode()).rstrip(b"=").decode()
+    return f"{header}.{changed}.{signature}"
+
+
+def test_a_decided_pause_carries_a_receipt_anyone_can_check_and_no_one_can_alter(api):
+    key = api.register()["test_api_key"]
+    fields = {"amount": {"type": "number", "value": 340, "max": 500, "editable": True}}
+    created = api.create_pause(key, fields=fields)
+    assert api.pause(key, created["pause_id"])["receipt"] is None           # nothing decided yet
+    api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve", "fields": {"amount": 300}})
+    pause = api.pause(key, created["pause_id"])
+    claims = checked(api, pause["receipt"])
+    assert claims == {
+        "pause_id": pause["pause_id"], "message_sha256": hashlib.sha256(WIRE["message"].encode()).hexdigest(),
+        "options": WIRE["options"], "status": "responded", "choice": "Approve", "fields": pause["fields"],
+        "edited": {"amount": {"old": 340, "new": 300}}, "votes": [], "decided_by": pause["decided_by"],
+        "decided_at": pause["decided_at"], "livemode": False}
+    for change in ({"choice": "Reject"}, {"fields": {"amount": {"value": 500}}}, {"livemode": True},
+                   {"decided_by": "recipient:someone-else"}, {"pause_id": "psr_other"}):
+        with pytest.raises(jwt.InvalidSignatureError):
+            checked(api, forged(pause["receipt"], **change))
+
+
+def test_timeouts_cancels_and_team_decisions_are_signed_too(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    timed_out, cancelled = api.create_pause(key), api.create_pause(key)
+    stored(api.config, "UPDATE pauses SET expires_at = '2000-01-01T00:00:00.000Z' WHERE id = ?", timed_out["pause_id"])
+    api.step("timeouts")
+    api.post(f"/v1/pause/{cancelled['pause_id']}/cancel", headers=api.as_key(key))
+    assert checked(api, api.pause(key, timed_out["pause_id"])["receipt"])["choice"] == "Reject"
+    assert checked(api, api.pause(key, cancelled["pause_id"])["receipt"])["status"] == "cancelled"
+    team = api.post_json("/v1/pause", TEAM, headers=api.as_key(key)).json
+    for person in team["recipients"]:
+        api.post_json(f"/v1/respond/{token_of(person['respond_url'])}", {"choice": "Approve"})
+    votes = checked(api, api.pause(key, team["pause_id"])["receipt"])["votes"]
+    assert [(vote["recipient"], vote["choice"]) for vote in votes] == [("ana", "Approve"), ("bo", "Approve")]
+
+
+def test_the_key_is_made_once_kept_beside_the_database_for_its_owner_only(running_api):
+    api = running_api(jobs=False)
+    path = pausepoint.signing_keys_path(api.config["database.path"])
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    first = api.get("/.well-known/jwks.json").json
+    api.app.runtime.stop()
+    assert running_api(jobs=False).get("/.well-known/jwks.json").json == first       # the same key after a restart
+    [published] = first["keys"]
+    assert (published["kty"], published["crv"], published["alg"]) == ("OKP", "Ed25519", "EdDSA")
+    assert "d" not in published                                                        # never the private half
+
+
+def test_after_a_rotation_old_receipts_still_check_and_new_ones_use_the_new_key(running_api, capsys):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    before = api.create_pause(key)
+    api.post(f"/v1/pause/{before['pause_id']}/cancel", headers=api.as_key(key))
+    assert pausepoint.main(["--db", api.config["database.path"], "rotate-signing-key"]) == 0
+    after = api.create_pause(key)
+    api.post(f"/v1/pause/{after['pause_id']}/cancel", headers=api.as_key(key))
+    old, new = (api.pause(key, p["pause_id"])["receipt"] for p in (before, after))
+    assert jwt.get_unverified_header(old)["kid"] != jwt.get_unverified_header(new)["kid"]
+    assert checked(api, old)["pause_id"] == before["pause_id"] and checked(api, new)["pause_id"] == after["pause_id"]
+    with open(pausepoint.signing_keys_path(api.config["database.path"]), encoding="utf-8") as f:
+        kept = json.load(f)["keys"]
+    assert ["private" in k for k in kept] == [False, True] and kept[0]["retired_at"]
+
+
+def test_a_backup_takes_the_signing_keys_with_it(running_api, tmp_path):
+    api = running_api(jobs=False)
+    destination = str(tmp_path / "backup.db")
+    assert pausepoint.main(["--db", api.config["database.path"], "backup", destination]) == 0
+    copied = pausepoint.signing_keys_path(destination)
+    assert stat.S_IMODE(os.stat(copied).st_mode) == 0o600
+    with open(copied, encoding="utf-8") as f, open(pausepoint.signing_keys_path(api.config["database.path"]),
+                                                   encoding="utf-8") as g:
+        assert json.load(f) == json.load(g)
+
+
+def test_the_audit_head_is_signed(api):
+    key = api.register()["api_key"]
+    api.create_pause(key, channel="link", recipient="ops")
+    head = api.get("/v1/audit/head", headers=api.as_key(key)).json
+    claims = checked(api, head["signature"])
+    assert claims == {name: head[name] for name in ("developer_id", "livemode", "hash", "count", "at")}
+    assert claims["count"] == 1 and claims["livemode"] is True
+    with pytest.raises(jwt.InvalidSignatureError):
+        checked(api, forged(head["signature"], count=0))
