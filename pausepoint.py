@@ -69,6 +69,8 @@ import waitress.channel
 import waitress.server
 import waitress.task
 from apscheduler.schedulers.background import BackgroundScheduler
+import prometheus_client
+import prometheus_client.core
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -143,6 +145,9 @@ SETTINGS = [
     Setting("ratelimit.respond_failures_per_hour", 30, "Unknown respond tokens allowed per client IP per hour; beyond it unknown tokens get 429 (valid ones always work)."),
     Setting("ratelimit.webhook_changes_per_hour", 200, "Webhook creations, changes, deletions, tests and redeliveries one developer may make per hour (each writes an audit event that is kept)."),
     Setting("ratelimit.test_pauses_per_hour", 1000, "Test-mode pauses one developer may create per hour (the first hour's worth at once, then evenly)."),
+    Setting("metrics.enabled", False, "Serve Prometheus metrics (see metrics.listen)."),
+    Setting("metrics.listen", "127.0.0.1:9464", "Where metrics are served, host:port, apart from the API; empty:"
+            " at /metrics on the API's own address, where anyone who reaches it can read them."),
     Setting("retention.test_days", 30, "Days test-mode pauses, notifications and audit events are kept after they are decided; a daily job deletes older ones."),
     Setting("retention.delivery_log_days", 30, "Days webhook events, deliveries and attempts are kept after they finish."),
     Setting("plans.free.monthly_pauses", 100, "Live pauses a developer on the free plan may create per calendar month (UTC). Add plans as [plans.NAME]."),
@@ -1668,9 +1673,6 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
     audited = {"recipient": asked["recipient"], "channel": asked["channel"], "options": asked["options"],
                "timeout_default": asked["timeout_default"], "expires_at": api_time(expires_at),
                "metadata": asked["metadata"], **team_request(asked)}
-    steps = [(db_time(now + dt.timedelta(minutes=after)), "reminder", None, None) for after in asked["reminders"]]
-    steps += [(db_time(now + dt.timedelta(minutes=after)), "escalation", recipient, channel_name)
-              for after, recipient, channel_name in asked["escalations"]]
     with transaction(conn):
         if idempotency_key is not None:
             earlier = earlier_idempotent_pause(conn, caller, idempotency_key, fingerprint, now)
@@ -1693,14 +1695,22 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
         for position, (recipient, channel_name) in enumerate(asked["people"]):
             ask_person(conn, config, pause, position, recipient, channel_name, "request", created_at)
         conn.executemany("INSERT INTO pause_steps (pause_id, due_at, kind, recipient, channel) VALUES (?, ?, ?, ?, ?)",
-                         [(pause_id, *step) for step in steps])
+                         [(pause_id, *step) for step in scheduled_steps(asked, now)])
         if idempotency_key is not None:
             conn.execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?)",
                          (caller.developer_id, caller.livemode, idempotency_key, fingerprint, pause_id, created_at))
         record_event(conn, caller.developer_id, caller.livemode, caller.actor, "pause.created", pause_id, audited,
                      when=created_at)
+        wake_after_commit(conn, "created", (pause_id, caller.livemode))
         emit_pause_events(conn, config, [pause], "pause.created", when=created_at)
     return pause, False
+
+
+def scheduled_steps(asked, now):
+    """[(due_at, kind, recipient, channel)]: the reminders and escalations a pause asked for."""
+    return [*((db_time(now + dt.timedelta(minutes=after)), "reminder", None, None) for after in asked["reminders"]),
+            *((db_time(now + dt.timedelta(minutes=after)), "escalation", recipient, channel)
+              for after, recipient, channel in asked["escalations"])]
 
 
 def team_request(asked):
@@ -1907,6 +1917,8 @@ def record_decisions(conn, config, decided, data, now):
                                    "decided_by": pause["decided_by"], **(data or {})}, when=now)
     emit_pause_events(conn, config, decided, when=now)
     wake_after_commit(conn, "decisions", *ids)
+    wake_after_commit(conn, "decided", *((pause["id"], pause["status"], pause["livemode"], pause["created_at"],
+                                          pause["decided_at"], pause["expires_at"]) for pause in decided))
 
 
 def receipt_claims(conn, pause):
@@ -3059,6 +3071,7 @@ def simulate_due_notifications(conn):
     how many. Nothing leaves the process, so no worker is needed."""
     def record(rows, now):
         for row in rows:
+            wake_after_commit(conn, "notified", (row["id"], row["attempts"], row["channel"], "simulated"))
             record_event(conn, row["developer_id"], 0, "system", "notification.simulated", row["pause_id"],
                          {"channel": row["channel"], "recipient": row["recipient"], "text": row["text"]}, when=now)
     return in_batches(conn, "UPDATE notifications SET status = 'simulated', attempts = attempts + 1, updated_at = :now"
@@ -3141,6 +3154,9 @@ def send_notification(conn, config, deadlines, row, claim_until):
             "UPDATE notifications SET status = ?, next_attempt_at = ?, provider_message_id = ?, last_error = ?,"
             " updated_at = ? WHERE id = ? AND status = 'sending' AND next_attempt_at = ?",
             (status, next_at, provider_id, error, now, row["id"], claim_until)).rowcount
+        if changed:
+            wake_after_commit(conn, "notified", (row["id"], attempt, row["channel"],
+                                                 "retried" if status == "queued" else status))
         if changed and event:
             record_event(conn, row["developer_id"], 1, "system", event, row["pause_id"],
                          {"channel": row["channel"], "recipient": row["recipient"], "attempts": attempt,
@@ -3734,6 +3750,8 @@ def record_attempt(conn, delivery_id, webhook_id, attempt, claim_until, started_
             (status, next_at, db_time(now), delivery_id, claim_until)).rowcount
         if not changed:
             return      # the claim expired and another worker took the delivery over; its outcome counts
+        wake_after_commit(conn, "attempted", (delivery_id, attempt, "succeeded" if error is None else
+                                              "failed" if status == "failed" else "retried"))
         conn.execute("INSERT INTO webhook_attempts VALUES (?, ?, ?, ?, ?, ?, ?)",
                      (delivery_id, attempt, started_at, status_code, error, duration_ms, next_at))
         if error is None:
@@ -3899,6 +3917,96 @@ def rotate_signing_key(path):
 
 
 ###############################################################################
+# Metrics for operators (Prometheus)
+###############################################################################
+
+class Metrics:
+    """What an operator graphs and alerts on, in a registry of this runtime's own: counts
+    taken from what each committed transaction registered (so a rolled-back change is never
+    counted), request times from the route plugin, and the backlogs read from the database
+    at each scrape."""
+
+    def __init__(self, rt):
+        self.rt = rt
+        self.registry = registry = prometheus_client.CollectorRegistry()
+        counter, histogram = (functools.partial(kind, registry=registry)
+                              for kind in (prometheus_client.Counter, prometheus_client.Histogram))
+        self.created = counter("pausepoint_pauses_created", "Pauses created", ["mode"])
+        self.decided = counter("pausepoint_pauses_decided", "Pauses decided, by outcome", ["outcome", "mode"])
+        self.decision_seconds = histogram("pausepoint_decision_seconds", "From a pause's creation to a person's answer",
+                                          ["mode"], buckets=(10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 24 * 3600))
+        self.lateness = histogram("pausepoint_timeout_lateness_seconds", "How long after its expiry a timeout was applied",
+                                  buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
+        self.notifications = counter("pausepoint_notification_attempts", "Notification sends, by channel and result"
+                                     " (sent, retried, failed, simulated)", ["channel", "result"])
+        self.webhooks = counter("pausepoint_webhook_attempts", "Webhook delivery attempts, by result"
+                                " (succeeded, retried, failed)", ["result"])
+        self.rate_limited = counter("pausepoint_rate_limit_refusals", "Requests refused by a rate limit", ["limit"])
+        self.requests = histogram("pausepoint_request_seconds", "Time to answer a request, by route",
+                                  ["method", "route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+        registry.register(self)
+
+    def committed(self, woken):
+        for _, mode in woken.get("created", ()):
+            self.created.labels(MODE_NAMES[mode]).inc()
+        for _, status, mode, created_at, decided_at, expires_at in woken.get("decided", ()):
+            self.decided.labels(status, MODE_NAMES[mode]).inc()
+            if status == "responded":
+                self.decision_seconds.labels(MODE_NAMES[mode]).observe(seconds_between(created_at, decided_at))
+            elif status == "timed_out":
+                self.lateness.observe(max(0.0, seconds_between(expires_at, decided_at)))
+        for _, _, channel, result in woken.get("notified", ()):
+            self.notifications.labels(channel, result).inc()
+        for _, _, result in woken.get("attempted", ()):
+            self.webhooks.labels(result).inc()
+
+    def collect(self):
+        """The backlogs, read at each scrape through the indexes the jobs use."""
+        conn, now = self.rt.db(), utcnow()
+        pending = prometheus_client.core.GaugeMetricFamily("pausepoint_pauses_pending", "Pauses waiting for an answer")
+        pending.add_metric([], query_db(conn, "SELECT count(*) FROM pauses WHERE status = 'pending'", one=True)[0])
+        depth = prometheus_client.core.GaugeMetricFamily("pausepoint_outbox_depth", "Messages and deliveries not"
+                                                          " sent yet", labels=["outbox"])
+        oldest = prometheus_client.core.GaugeMetricFamily("pausepoint_outbox_oldest_due_seconds", "How long the"
+                                                          " oldest due one has waited", labels=["outbox"])
+        for outbox, sql in (("notifications", "SELECT count(*), min(next_attempt_at) FROM notifications"
+                                              " WHERE status IN ('queued', 'sending') AND livemode = {mode}"),
+                            ("webhooks", "SELECT count(*), min(next_attempt_at) FROM webhook_deliveries"
+                                         " WHERE status IN ('pending', 'delivering'){mode:.0}")):
+            rows = [query_db(conn, sql.format(mode=mode), one=True) for mode in ((0, 1) if outbox == "notifications"
+                                                                                 else ("",))]
+            due = [first for _, first in rows if first and first <= db_time(now)]
+            depth.add_metric([outbox], sum(count for count, _ in rows))
+            oldest.add_metric([outbox], seconds_between(min(due), db_time(now)) if due else 0)
+        return [pending, depth, oldest]
+
+    def timed(self, method, route, started):
+        self.requests.labels(method, route).observe(time.monotonic() - started)
+
+    def page(self):
+        return bottle.HTTPResponse(prometheus_client.generate_latest(self.registry),
+                                   headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+
+MODE_NAMES = {0: "test", 1: "live"}
+
+
+def metrics_address(config):
+    """(host, port) of metrics.listen, or None to serve them at /metrics on the API's address."""
+    listen = config["metrics.listen"].strip()
+    if not listen:
+        return None
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"metrics.listen must be host:port, like 127.0.0.1:9464 (or empty), not {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def seconds_between(earlier, later):
+    return (parse_db_time(later) - parse_db_time(earlier)).total_seconds()
+
+
+###############################################################################
 # Runtime: connections, waiting agents, the scheduler
 ###############################################################################
 
@@ -3956,6 +4064,11 @@ class Runtime:
         self.shown_once = ShownOnce()
         self.timeouts_db = None
         self.signer = Signer(signing_keys_path(config["database.path"]))
+        self.metrics = Metrics(self) if config["metrics.enabled"] else None
+        self.metrics_address, self.metrics_server = None, None
+        if self.metrics is not None:
+            self.limiter.refused = self.metrics.rate_limited.labels
+            self.metrics_address = metrics_address(config)
         self.round_locks = {f"run_{job}": threading.Lock()
                             for job in ("timeouts", "steps", "notifications", "webhooks", "pruning", "checkpoint")}
         migrate(self.db())
@@ -3983,6 +4096,8 @@ class Runtime:
 
     def on_commit(self, woken):
         """What a committed transaction registered with wake_after_commit()."""
+        if self.metrics is not None:
+            self.metrics.committed(woken)
         feeds = collections.defaultdict(set)       # each feed's new event types
         for developer, mode, event_type in woken.get("events", ()):
             feeds[f"events:{developer}:{mode}"].add(event_type)
@@ -4032,6 +4147,9 @@ class Runtime:
         self.scheduler.add_job(self.run_pruning, "interval", seconds=PRUNE_INTERVAL.total_seconds(),
                                id="run_pruning", next_run_time=now + dt.timedelta(seconds=5))
         self.scheduler.start()
+        if self.metrics_address:
+            self.metrics_server, _ = prometheus_client.start_http_server(
+                self.metrics_address[1], self.metrics_address[0], registry=self.metrics.registry)
 
     def stop(self):
         # APScheduler's shutdown holds its job-store lock while it waits for running
@@ -4046,6 +4164,9 @@ class Runtime:
             if self.timeouts_db is not None:
                 self.timeouts_db.close()
                 self.timeouts_db = None
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         # Calls under way finish and are recorded; claims not yet started expire and are retried.
         self.outbound.shutdown()
         self.webhook_connections.close()
@@ -4462,6 +4583,7 @@ class RateLimiter:
         self.enabled = enabled
         self.buckets = {}
         self.lock = threading.Lock()
+        self.refused = None         # name -> a counter of refusals, when metrics are on
 
     def _level(self, name, who, per_hour, now):
         tokens, then = self.buckets.get((name, who), (per_hour, now))
@@ -4497,6 +4619,8 @@ class RateLimiter:
         """429 with Retry-After if (name, who) has nothing left."""
         wait = self.retry_after(name, who, per_hour)
         if wait:
+            if self.refused is not None:
+                self.refused(name).inc()
             raise ApiError(429, "rate_limited", f"too many {what}; try again in {wait} seconds",
                            headers={"Retry-After": str(wait)})
 
@@ -5819,6 +5943,7 @@ class Handlers:
                       jsonschema.Draft202012Validator({"type": "object", "properties": spec.query}))
 
         def handler(**path):
+            started = time.monotonic()
             try:
                 with self.rt.turns.taken(bottle.request.environ.get("REMOTE_ADDR", "")):
                     answer = callback(**path, **self.given(spec, wanted, schema, validators))
@@ -5829,6 +5954,9 @@ class Handlers:
             except Exception as e:
                 self.rt.error_log.error(bottle.request.method, spec.path, e)
                 return error_response(ApiError(500, "internal_error", UNEXPECTED), spec.page)
+            finally:
+                if self.rt.metrics is not None:
+                    self.rt.metrics.timed(spec.method, spec.path, started)
             if spec.status != 200:
                 bottle.response.status = spec.status
             return answer
@@ -5874,6 +6002,8 @@ def create_app(config):
         app.error(status)(bottle_error)
     for spec in ROUTES:
         app.route(spec.path, spec.method, spec.handler, spec=spec)
+    if rt.metrics is not None and rt.metrics_address is None:
+        app.route("/metrics", "GET", rt.metrics.page)
     return app
 
 

@@ -1,0 +1,84 @@
+"""Prometheus metrics for operators, read with Prometheus's own parser."""
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import WIRE, free_port, stored, token_of
+import pausepoint
+
+
+def scraped(text):
+    """{(sample name, frozenset of labels): value}."""
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(samples, name, **labels):
+    return samples.get((name, frozenset(labels.items())), 0)
+
+
+def test_metrics_are_off_unless_enabled(api):
+    assert api.get("/metrics", status=404)
+
+
+def test_the_figures_move_as_pauses_are_created_and_decided(running_api, receiver):
+    api = running_api(jobs=False, **{"metrics.enabled": True, "metrics.listen": "", "webhooks.allow_private": True})
+    key = api.register()["test_api_key"]
+    api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.responded"]}, headers=api.as_key(key))
+    before = scraped(api.get("/metrics").text)
+    assert value(before, "pausepoint_pauses_pending") == 0
+    answered, expired, pending = (api.create_pause(key) for _ in range(3))
+    api.post_json(f"/v1/respond/{token_of(answered['respond_url'])}", {"choice": "Approve"})
+    stored(api.config, "UPDATE pauses SET expires_at = ? WHERE id = ?",
+           pausepoint.db_time(pausepoint.utcnow() - pausepoint.dt.timedelta(seconds=3)), expired["pause_id"])
+    middle = scraped(api.get("/metrics").text)
+    assert value(middle, "pausepoint_outbox_depth", outbox="notifications") == 2      # the answered one's cancelled
+    assert value(middle, "pausepoint_outbox_depth", outbox="webhooks") == 1
+    stored(api.config, "UPDATE notifications SET next_attempt_at = ? WHERE pause_id = ?",
+           pausepoint.db_time(pausepoint.utcnow() - pausepoint.dt.timedelta(seconds=100)), pending["pause_id"])
+    assert 100 <= value(scraped(api.get("/metrics").text), "pausepoint_outbox_oldest_due_seconds",
+                        outbox="notifications") < 200
+    api.step("timeouts")
+    api.step("notifications")
+    api.step("webhooks")
+    after = scraped(api.get("/metrics").text)
+    assert value(after, "pausepoint_pauses_created_total", mode="test") == 3
+    assert value(after, "pausepoint_pauses_decided_total", outcome="responded", mode="test") == 1
+    assert value(after, "pausepoint_pauses_decided_total", outcome="timed_out", mode="test") == 1
+    assert value(after, "pausepoint_pauses_pending") == 1
+    assert value(after, "pausepoint_decision_seconds_count", mode="test") == 1
+    assert value(after, "pausepoint_timeout_lateness_seconds_count") == 1
+    assert 3 <= value(after, "pausepoint_timeout_lateness_seconds_sum") < 60
+    # The decided pauses' unsent texts were cancelled; the pending one's was simulated.
+    assert value(after, "pausepoint_notification_attempts_total", channel="sms", result="simulated") == 1
+    assert value(after, "pausepoint_webhook_attempts_total", result="succeeded") == 1
+    assert value(after, "pausepoint_outbox_depth", outbox="notifications") == 0
+    assert value(after, "pausepoint_request_seconds_count", method="POST", route="/v1/pause") == 3
+    assert pending["status"] == "pending"
+
+
+def test_a_rolled_back_change_is_never_counted_and_refusals_are(running_api):
+    api = running_api(jobs=False, **{"metrics.enabled": True, "metrics.listen": "",
+                                     "ratelimit.test_pauses_per_hour": 1})
+    key = api.register()["test_api_key"]
+    api.create_pause(key)
+    api.post_json("/v1/pause", WIRE, headers=api.as_key(key), status=429)
+    samples = scraped(api.get("/metrics").text)
+    assert value(samples, "pausepoint_pauses_created_total", mode="test") == 1
+    assert value(samples, "pausepoint_rate_limit_refusals_total", limit="test_pauses") == 1
+
+
+def test_metrics_can_be_served_on_an_address_of_their_own(running_api):
+    port = free_port()
+    api = running_api(**{"metrics.enabled": True, "metrics.listen": f"127.0.0.1:{port}"})
+    api.create_pause(api.register()["test_api_key"])
+    samples = scraped(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+    assert value(samples, "pausepoint_pauses_created_total", mode="test") == 1
+    api.get("/metrics", status=404)             # not on the API's address
+
+
+def test_a_metrics_address_that_is_not_host_and_port_stops_start_up_with_a_sentence(tmp_path):
+    from conftest import make_config
+    with pytest.raises(pausepoint.ConfigError, match="metrics.listen must be host:port"):
+        pausepoint.create_app(make_config(tmp_path, **{"metrics.enabled": True, "metrics.listen": "9464"}))
