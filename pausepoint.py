@@ -69,8 +69,6 @@ import waitress.channel
 import waitress.server
 import waitress.task
 from apscheduler.schedulers.background import BackgroundScheduler
-import prometheus_client
-import prometheus_client.core
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -234,6 +232,12 @@ def setting_type(key):
     if key not in SETTINGS_BY_KEY:
         raise ConfigError(f"unknown setting: {key}")
     return type(SETTINGS_BY_KEY[key].default)
+
+
+def load_prometheus():
+    """prometheus_client, imported only when metrics are enabled: 5 MB most servers never use."""
+    import prometheus_client.core
+    return prometheus_client
 
 
 def load_apprise():
@@ -3928,6 +3932,7 @@ class Metrics:
 
     def __init__(self, rt):
         self.rt = rt
+        self.prometheus = prometheus_client = load_prometheus()
         self.registry = registry = prometheus_client.CollectorRegistry()
         counter, histogram = (functools.partial(kind, registry=registry)
                               for kind in (prometheus_client.Counter, prometheus_client.Histogram))
@@ -3962,13 +3967,12 @@ class Metrics:
 
     def collect(self):
         """The backlogs, read at each scrape through the indexes the jobs use."""
-        conn, now = self.rt.db(), utcnow()
-        pending = prometheus_client.core.GaugeMetricFamily("pausepoint_pauses_pending", "Pauses waiting for an answer")
+        conn, now, gauge = self.rt.db(), utcnow(), self.prometheus.core.GaugeMetricFamily
+        pending = gauge("pausepoint_pauses_pending", "Pauses waiting for an answer")
         pending.add_metric([], query_db(conn, "SELECT count(*) FROM pauses WHERE status = 'pending'", one=True)[0])
-        depth = prometheus_client.core.GaugeMetricFamily("pausepoint_outbox_depth", "Messages and deliveries not"
-                                                          " sent yet", labels=["outbox"])
-        oldest = prometheus_client.core.GaugeMetricFamily("pausepoint_outbox_oldest_due_seconds", "How long the"
-                                                          " oldest due one has waited", labels=["outbox"])
+        depth = gauge("pausepoint_outbox_depth", "Messages and deliveries not sent yet", labels=["outbox"])
+        oldest = gauge("pausepoint_outbox_oldest_due_seconds", "How long the oldest due one has waited",
+                       labels=["outbox"])
         for outbox, sql in (("notifications", "SELECT count(*), min(next_attempt_at) FROM notifications"
                                               " WHERE status IN ('queued', 'sending') AND livemode = {mode}"),
                             ("webhooks", "SELECT count(*), min(next_attempt_at) FROM webhook_deliveries"
@@ -3984,8 +3988,8 @@ class Metrics:
         self.requests.labels(method, route).observe(time.monotonic() - started)
 
     def page(self):
-        return bottle.HTTPResponse(prometheus_client.generate_latest(self.registry),
-                                   headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+        return bottle.HTTPResponse(self.prometheus.generate_latest(self.registry),
+                                   headers={"Content-Type": self.prometheus.CONTENT_TYPE_LATEST})
 
 
 MODE_NAMES = {0: "test", 1: "live"}
@@ -4148,7 +4152,7 @@ class Runtime:
                                id="run_pruning", next_run_time=now + dt.timedelta(seconds=5))
         self.scheduler.start()
         if self.metrics_address:
-            self.metrics_server, _ = prometheus_client.start_http_server(
+            self.metrics_server, _ = self.metrics.prometheus.start_http_server(
                 self.metrics_address[1], self.metrics_address[0], registry=self.metrics.registry)
 
     def stop(self):
