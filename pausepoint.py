@@ -22,6 +22,7 @@ import dataclasses
 import datetime as dt
 import email.message
 import email.utils
+import fcntl
 import functools
 import getpass
 import hashlib
@@ -45,6 +46,7 @@ import socket
 import sqlite3
 import ssl
 import string
+import tempfile
 import sys
 import threading
 import time
@@ -1237,9 +1239,11 @@ def record_event(conn, developer_id, livemode, actor, event_type, pause_id=None,
     """Append one audit event, inside the transaction of the change it records, chained to
     the developer's previous event in that mode (see audit_hash())."""
     require_transaction(conn)
-    event = (developer_id, livemode, when or db_time(), actor, event_type, pause_id,
+    prev_hash, prev_time = audit_chain_head(conn, developer_id, livemode)
+    # Never before the event before it (a create reads the clock before it takes the write
+    # lock), so a window of time is always an unbroken stretch of the chain.
+    event = (developer_id, livemode, max(when or db_time(), prev_time or ""), actor, event_type, pause_id,
              json.dumps(data or {}, separators=(",", ":")))
-    prev_hash = audit_chain_head(conn, developer_id, livemode)
     conn.execute(
         "INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data, prev_hash,"
         " hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (*event, prev_hash, audit_hash(prev_hash, *event)))
@@ -1252,23 +1256,22 @@ AUDIT_GENESIS = "0" * 64
 
 
 def audit_hash(prev_hash, developer_id, livemode, timestamp, actor, event_type, pause_id, data):
-    """An audit event's hash: the hex SHA-256 of the ASCII bytes of the JSON array
-    [prev_hash, developer_id, livemode (1 or 0), timestamp (as stored: '2026-11-29T15:04:05.123Z'),
-    actor, event_type, pause_id (or null), data (the event's JSON text, as a string)], written
-    without spaces (separators ',' and ':') and with every non-ASCII character escaped as
-    \\uXXXX: Python's json.dumps(array, separators=(",", ":")). The data text is written the same
-    way, keys in the order they were recorded, so json.dumps(data, separators=(",", ":")) of an
-    exported event's data gives it back."""
-    canonical = json.dumps([prev_hash, developer_id, livemode, timestamp, actor, event_type, pause_id, data],
-                           separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+    """An audit event's hash: the hex SHA-256 of its fields as netstrings, one after another:
+    each field's UTF-8 bytes preceded by their length in decimal and ':' and followed by ','
+    ('5:hello,'), in this order: prev_hash, developer_id, livemode ('1' or '0'), timestamp (as
+    stored and exported: '2026-11-29T15:04:05.123Z'), actor, event_type, pause_id ('' for none),
+    data (the event's JSON text exactly as stored, exported as data_json). Any language can
+    rebuild it from an export, and no two different events give the same bytes."""
+    fields = (prev_hash, developer_id, str(livemode), timestamp, actor, event_type, pause_id or "", data)
+    encoded = [field.encode("utf-8", "surrogatepass") for field in fields]
+    return hashlib.sha256(b"".join(b"%d:%s," % (len(field), field) for field in encoded)).hexdigest()
 
 
 def audit_chain_head(conn, developer_id, livemode):
-    """The hash of the chain's latest event, or AUDIT_GENESIS before its first."""
-    latest = query_db(conn, "SELECT hash FROM audit_events WHERE developer_id = ? AND livemode = ?"
+    """(The hash of the chain's latest event, or AUDIT_GENESIS before its first; its time)."""
+    latest = query_db(conn, "SELECT hash, timestamp FROM audit_events WHERE developer_id = ? AND livemode = ?"
                             " ORDER BY seq DESC LIMIT 1", (developer_id, livemode), one=True)
-    return latest[0] if latest else AUDIT_GENESIS
+    return (latest[0], latest[1]) if latest else (AUDIT_GENESIS, None)
 
 
 def chain_audit_events(conn):
@@ -3856,35 +3859,65 @@ class Signer:
     """Compact JWS (EdDSA) with the server's Ed25519 key. The keys file (mode 0600) is made
     on first start; `rotate-signing-key` adds a new key and keeps only the public half of
     the old, still published in the JWKS, so receipts signed before stay checkable. A
-    rotation made while the server runs is picked up at its next signature."""
+    rotation made while the server runs is picked up at its next signature; a keys file
+    that becomes unreadable meanwhile leaves the server signing with the key it has, since
+    a decision must never wait on it."""
 
-    def __init__(self, path):
-        self.path, self.read_at, self.keys = path, None, []
+    def __init__(self, path, signed_before=lambda: False):
+        self.path, self.read_at = path, None
         if not os.path.exists(path):
-            with contextlib.suppress(FileExistsError):      # another process made it first
-                write_signing_keys(path, [new_signing_key()], exclusive=True)
-        self.reload()
+            if signed_before():
+                raise ConfigError(f"{path} is missing, but this database holds receipts signed with the keys it"
+                                  " held: restore it from the backup beside the database's (see the README)")
+            create_signing_keys(path)
+        self.keys, self.current = self.read()
+
+    def read(self):
+        """(keys, (kid, private key) of the one that signs); ConfigError naming the file if unusable."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                keys = json.load(f)["keys"]
+            signing = next(key for key in reversed(keys) if key.get("private"))
+            private = Ed25519PrivateKey.from_private_bytes(base64.urlsafe_b64decode(signing["private"] + "=="))
+        except (OSError, ValueError, KeyError, TypeError, StopIteration) as e:
+            raise ConfigError(f"the signing keys file {self.path} cannot be used ({type(e).__name__}: {e}); restore"
+                              " it from a backup") from None
+        return keys, (signing["kid"], private)
 
     def reload(self):
-        changed = os.stat(self.path).st_mtime_ns
-        if changed != self.read_at:
-            with open(self.path, encoding="utf-8") as f:
-                self.keys = json.load(f)["keys"]
-            current = next(key for key in self.keys if key.get("private"))
-            self.kid = current["kid"]
-            self.private = Ed25519PrivateKey.from_private_bytes(base64.urlsafe_b64decode(current["private"] + "=="))
-            self.read_at = changed
+        try:
+            changed = os.stat(self.path).st_mtime_ns
+            if changed != self.read_at:
+                self.keys, self.current = self.read()       # one assignment: a kid never meets another's key
+                self.read_at = changed
+        except (OSError, ConfigError) as e:
+            if self.read_at is not None:
+                log.error("signing with the key already loaded: %s", getattr(e, "args", [e])[0])
+                self.read_at = None
 
     def sign(self, claims):
         self.reload()
-        header = b64url(compact_json({"alg": "EdDSA", "kid": self.kid, "typ": "JWT"}).encode())
+        kid, private = self.current
+        header = b64url(compact_json({"alg": "EdDSA", "kid": kid, "typ": "JWT"}).encode())
         signed = f"{header}.{b64url(compact_json(claims).encode())}"
-        return f"{signed}.{b64url(self.private.sign(signed.encode('ascii')))}"
+        return f"{signed}.{b64url(private.sign(signed.encode('ascii')))}"
 
     def jwks(self):
         self.reload()
         return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": key["public"], "kid": key["kid"], "use": "sig",
                           "alg": "EdDSA"} for key in self.keys]}
+
+
+def holds_receipts(database_path):
+    """Whether the database holds receipts already (read before any migration: a database
+    from before receipts holds none)."""
+    db = sqlite3.connect(database_path)
+    try:
+        return db.execute("SELECT 1 FROM pauses WHERE receipt IS NOT NULL LIMIT 1").fetchone() is not None
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        db.close()
 
 
 def new_signing_key():
@@ -3896,27 +3929,43 @@ def new_signing_key():
             "created_at": api_time(db_time())}
 
 
-def write_signing_keys(path, keys, exclusive=False):
-    """Write the keys file readable by its owner only, whole or not at all."""
-    target = path if exclusive else path + ".new"
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-    with open(os.open(target, flags, 0o600), "w", encoding="utf-8") as f:
-        json.dump({"keys": keys}, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    if not exclusive:
-        os.replace(target, path)
+def write_signing_keys(path, keys, replace=True):
+    """Write the keys file readable by its owner only, whole or not at all: to a file of its
+    own first, then moved into place (or, with replace=False, linked there only if nothing
+    is there yet: two processes starting at once end up with one file, whole)."""
+    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".keys-")
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)
+            json.dump({"keys": keys}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
+def create_signing_keys(path):
+    with contextlib.suppress(FileExistsError):      # another process made it first
+        write_signing_keys(path, [new_signing_key()], replace=False)
 
 
 def rotate_signing_key(path):
-    """A new signing key; the old ones keep only their public half. Returns the new kid."""
-    with open(path, encoding="utf-8") as f:
-        keys = json.load(f)["keys"]
-    retired = [{name: value for name, value in key.items() if name != "private"} for key in keys]
-    for key in retired:
-        key.setdefault("retired_at", api_time(db_time()))
-    fresh = new_signing_key()
-    write_signing_keys(path, retired + [fresh])
+    """A new signing key; the old ones keep only their public half. Returns the new kid.
+    One rotation at a time (a lock beside the file), so none is lost."""
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(path, encoding="utf-8") as f:
+            keys = json.load(f)["keys"]
+        retired = [{name: value for name, value in key.items() if name != "private"} for key in keys]
+        for key in retired:
+            key.setdefault("retired_at", api_time(db_time()))
+        fresh = new_signing_key()
+        write_signing_keys(path, retired + [fresh])
     return fresh["kid"]
 
 
@@ -4067,7 +4116,8 @@ class Runtime:
         self.turns = Turns(max(2, os.cpu_count() or 2))
         self.shown_once = ShownOnce()
         self.timeouts_db = None
-        self.signer = Signer(signing_keys_path(config["database.path"]))
+        self.signer = Signer(signing_keys_path(config["database.path"]),
+                             functools.partial(holds_receipts, config["database.path"]))
         self.metrics = Metrics(self) if config["metrics.enabled"] else None
         self.metrics_address, self.metrics_server = None, None
         if self.metrics is not None:
@@ -5282,11 +5332,11 @@ def export_audit(rt, caller, query):
     else:
         def lines():
             for row in events():
-                yield compact_json({"id": f"aud_{row['seq']}", "seq": row["seq"], "developer_id": row["developer_id"],
-                                    "livemode": bool(row["livemode"]),
-                                    **{name: row[name] for name in EXPORT_COLUMNS[4:-3]},
-                                    "data": json.loads(row["data"]), "prev_hash": row["prev_hash"],
-                                    "hash": row["hash"]}) + "\n"
+                # ASCII, so data an older version let through (a lone surrogate) still exports
+                yield json.dumps({"id": f"aud_{row['seq']}", "seq": row["seq"], "developer_id": row["developer_id"],
+                                  "livemode": bool(row["livemode"]), **{name: row[name] for name in EXPORT_COLUMNS[4:-3]},
+                                  "data": json.loads(row["data"]), "data_json": row["data"], "prev_hash": row["prev_hash"],
+                                  "hash": row["hash"]}, separators=(",", ":")) + "\n"
         media = "application/x-ndjson"
     mode = "live" if caller.livemode else "test"
     return bottle.HTTPResponse(chunks(lines()), headers={
@@ -5294,7 +5344,8 @@ def export_audit(rt, caller, query):
         "Content-Disposition": f'attachment; filename="pausepoint-audit-{mode}.{query["format"]}"'})
 
 
-# An exported event: its chain's fields exactly as stored and hashed (timestamp to the millisecond).
+# An exported event: its chain's fields exactly as stored and hashed (timestamp to the millisecond;
+# in CSV, data is the hashed JSON text, which JSON lines give as data_json beside the parsed data).
 EXPORT_COLUMNS = ("id", "seq", "developer_id", "livemode", "timestamp", "actor", "event_type", "pause_id", "data",
                   "prev_hash", "hash")
 
@@ -5312,19 +5363,22 @@ def query_time(query, name):
         return "0000" if name == "since" else "9999"
     try:
         moment = dt.datetime.fromisoformat(query[name].replace("Z", "+00:00"))
-    except ValueError:
+        moment = (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
+    except (ValueError, OverflowError):
         raise invalid(name, f"{name} must be a time like 2026-11-29T00:00:00Z") from None
-    return db_time(moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc))
+    return db_time(moment) if moment.year >= 1000 else "0000"       # stored times compare as text
 
 
 def get_audit_head(rt, caller):
     """The latest hash of the caller's audit chain and how many events it holds: note it
     somewhere else, and an export can later prove that nothing before it changed."""
-    conn = rt.db()
-    count = query_db(conn, "SELECT count(*) FROM audit_events WHERE developer_id = ? AND livemode = ?",
-                     (caller.developer_id, caller.livemode), one=True)[0]
-    head = {"developer_id": caller.developer_id, "livemode": bool(caller.livemode),
-            "hash": audit_chain_head(conn, caller.developer_id, caller.livemode), "count": count, "at": api_time(db_time())}
+    # One statement, so the count and the hash are of the same moment.
+    count, latest = query_db(rt.db(), "SELECT count(*), (SELECT hash FROM audit_events WHERE developer_id = :developer"
+                                      " AND livemode = :livemode ORDER BY seq DESC LIMIT 1) FROM audit_events"
+                                      " WHERE developer_id = :developer AND livemode = :livemode",
+                             {"developer": caller.developer_id, "livemode": caller.livemode}, one=True)
+    head = {"developer_id": caller.developer_id, "livemode": bool(caller.livemode), "hash": latest or AUDIT_GENESIS,
+            "count": count, "at": api_time(db_time())}
     return {**head, "signature": rt.signer.sign(head)}
 
 
@@ -6781,7 +6835,7 @@ def backup(config, destination):
     keys = signing_keys_path(config["database.path"])
     if os.path.exists(keys):        # without them, receipts could no longer be signed by the same key
         with open(keys, encoding="utf-8") as f:
-            write_signing_keys(signing_keys_path(destination), json.load(f)["keys"], exclusive=True)
+            write_signing_keys(signing_keys_path(destination), json.load(f)["keys"], replace=False)
 
 
 def main(argv=None):
@@ -6840,6 +6894,10 @@ def main(argv=None):
 
 def run_command(args, config):
     """The operator's commands besides serving; returns the exit status."""
+    if args.command != "create-developer" and not os.path.exists(config["database.path"]):
+        # A mistyped path would otherwise get a new, empty database that "verifies".
+        raise ConfigError(f"there is no database at {config['database.path']}; name the server's with --db or"
+                          " database.path")
     if args.command == "backup":
         backup(config, args.destination)
         print(f"backed up {config['database.path']} to {args.destination} (its signing keys to"

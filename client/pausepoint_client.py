@@ -267,28 +267,37 @@ class AuditChainBroken(Exception):
 
 def audit_event_hash(event):
     """The hash an exported audit event must carry, computed as the README says: SHA-256 of
-    the ASCII JSON array [prev_hash, developer_id, livemode (1/0), timestamp, actor,
-    event_type, pause_id, data as compact JSON text], written without spaces."""
-    data = json.dumps(event["data"], separators=(",", ":"))
-    chained = [event["prev_hash"], event["developer_id"], 1 if event["livemode"] else 0, event["timestamp"],
-               event["actor"], event["event_type"], event["pause_id"], data]
-    return hashlib.sha256(json.dumps(chained, separators=(",", ":")).encode("ascii")).hexdigest()
+    its fields as netstrings (length in UTF-8 bytes, ':', the bytes, ','), in the order
+    prev_hash, developer_id, livemode ('1'/'0'), timestamp, actor, event_type, pause_id ('' for
+    none), data_json."""
+    fields = (event["prev_hash"], event["developer_id"], "1" if event["livemode"] else "0", event["timestamp"],
+              event["actor"], event["event_type"], event["pause_id"] or "", event["data_json"])
+    encoded = [field.encode("utf-8", "surrogatepass") for field in fields]
+    return hashlib.sha256(b"".join(b"%d:%s," % (len(field), field) for field in encoded)).hexdigest()
 
 
 def verify_audit_export(path, head=None):
     """Check a JSON-lines export (GET /v1/audit/export): every event's hash, and that each
     links to the one before it. With `head` ({"hash", "count"} as GET /v1/audit/head gave it,
-    noted somewhere safe earlier), also that the export still reaches that event, and, for an
-    export from the chain's start, that exactly `count` events lead up to it: nothing before
-    the head was removed or cut off. Returns how many events were checked; raises
-    AuditChainBroken naming the first that breaks."""
+    noted somewhere safe earlier), also that the export still reaches that event and that
+    exactly `count` events lead up to it from the chain's first: nothing up to the head was
+    changed, removed or cut off (a live chain's export must then be whole, without since; a
+    test chain's oldest events go with retention, so only its reaching the head is checked).
+    Returns how many events were checked; raises AuditChainBroken naming the first that
+    breaks."""
     previous, checked, starts_chain, reached = None, 0, False, head is None
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             event = json.loads(line)
             where = f"{event.get('id')} (line {number})"
+            if json.loads(event["data_json"]) != event["data"]:
+                raise AuditChainBroken(f"{where}: its data is not the data it was hashed with")
             if previous is None:
                 starts_chain = event["prev_hash"] == AUDIT_GENESIS
+                if head is not None and event["livemode"] and not starts_chain:
+                    raise AuditChainBroken(f"{where}: the export does not start at the chain's first event, so it"
+                                           " cannot be checked against a head: export the whole log, or events"
+                                           " before it were removed")
             elif event["prev_hash"] != previous:
                 raise AuditChainBroken(f"{where}: its prev_hash is not the hash of the event before it:"
                                        " an event was removed or moved")

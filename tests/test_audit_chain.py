@@ -2,11 +2,13 @@
 by the server's verify-audit command and by the client's check of an export."""
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import sqlite3
 import sys
+import threading
 
 import pytest
 
@@ -164,3 +166,85 @@ def test_a_live_chain_missing_its_first_event_is_caught(logged):
     tamper(api.config, "DELETE FROM audit_events WHERE seq = ?", first)
     status, said = verify_audit(api.config)
     assert status == 1 and f"aud_{live_seqs(api.config)[0]} (" in said and "(dev_" in said and ", live)" in said
+
+
+def netstring_hash(event):
+    """The README's hash, written here from its words alone, as another language would."""
+    fields = [event["prev_hash"], event["developer_id"], "1" if event["livemode"] else "0", event["timestamp"],
+              event["actor"], event["event_type"], event["pause_id"] or "", event["data_json"]]
+    return hashlib.sha256(b"".join(b"%d:%s," % (len(f.encode()), f.encode()) for f in fields)).hexdigest()
+
+
+def test_the_documented_hash_rebuilds_every_exported_event_whatever_its_data(running_api, tmp_path):
+    api = running_api(jobs=False)
+    key = api.register()["api_key"]
+    metadata = {"small": 0.00001, "whole": 1.0, "big": 12345678901234567890, "10": "numeric key", "emoji": "💸",
+                "separator": "\u2028", "nested": {"a": [1, None, True]}}
+    api.post_json("/v1/pause", {**WIRE, "channel": "link", "recipient": "ops\nline two", "metadata": metadata},
+                  headers=api.as_key(key))
+    events = [json.loads(line) for line in open(export(api, key, tmp_path), encoding="utf-8")]
+    assert events and all(netstring_hash(event) == event["hash"] for event in events)
+
+
+def test_a_head_and_its_count_are_read_at_one_moment_while_events_are_written(running_api):
+    api = running_api(jobs=False)
+    keys = api.register()
+    writer = pausepoint.connect(api.config["database.path"], api.app.runtime.write_lock, same_thread=False)
+    stop = threading.Event()
+
+    def write():
+        while not stop.is_set():
+            with pausepoint.transaction(writer):
+                pausepoint.record_event(writer, keys["developer_id"], 1, "system", "load.test")
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        heads = [api.get("/v1/audit/head", headers=api.as_key(keys["api_key"])).json for _ in range(200)]
+    finally:
+        stop.set()
+        thread.join()
+    positions = {row[0]: n for n, row in enumerate(stored(api.config, "SELECT hash FROM audit_events WHERE livemode = 1"
+                                                                      " ORDER BY seq"), 1)}
+    assert len({head["count"] for head in heads}) > 5            # the log grew while the heads were read
+    assert [head["count"] for head in heads] == [positions.get(head["hash"], 0) for head in heads]
+
+
+def test_a_live_export_missing_its_oldest_events_fails_against_a_head(logged, tmp_path):
+    api, key = logged
+    noted = api.get("/v1/audit/head", headers=api.as_key(key)).json
+    tamper(api.config, "DELETE FROM audit_events WHERE seq IN (SELECT seq FROM audit_events WHERE livemode = 1"
+                       " ORDER BY seq LIMIT 3)")
+    assert verify_audit_export(export(api, key, tmp_path)) == noted["count"] - 3      # alone, it looks whole
+    with pytest.raises(AuditChainBroken, match="does not start at the chain's first event"):
+        verify_audit_export(export(api, key, tmp_path), head=noted)
+
+
+def test_times_never_go_back_along_a_chain_so_any_window_verifies(running_api, tmp_path):
+    api = running_api(jobs=False)
+    keys = api.register()
+    conn = api.app.runtime.db()
+    with pausepoint.transaction(conn):
+        pausepoint.record_event(conn, keys["developer_id"], 1, "system", "first", when="2026-11-29T12:00:00.500Z")
+        pausepoint.record_event(conn, keys["developer_id"], 1, "system", "late", when="2026-11-29T12:00:00.100Z")
+        pausepoint.record_event(conn, keys["developer_id"], 1, "system", "third", when="2026-11-29T12:00:00.700Z")
+    assert [t for t, in stored(api.config, "SELECT timestamp FROM audit_events ORDER BY seq")] == [
+        "2026-11-29T12:00:00.500Z", "2026-11-29T12:00:00.500Z", "2026-11-29T12:00:00.700Z"]
+    window = export(api, keys["api_key"], tmp_path, since="2026-11-29T17:00:00.600+05:00")      # 12:00:00.6 UTC
+    assert [json.loads(line)["event_type"] for line in open(window, encoding="utf-8")] == ["third"]
+    assert verify_audit_export(export(api, keys["api_key"], tmp_path, since="2026-11-29T12:00:00.300Z")) == 3
+
+
+def test_data_an_older_version_let_through_still_exports_and_verifies(running_api, tmp_path):
+    api = running_api(jobs=False)
+    keys = api.register()
+    conn = api.app.runtime.db()
+    with pausepoint.transaction(conn):
+        pausepoint.record_event(conn, keys["developer_id"], 1, "system", "old", data={"note": "\ud800 alone"})
+    assert verify_audit_export(export(api, keys["api_key"], tmp_path)) == 1
+
+
+def test_verify_audit_on_a_path_with_no_database_says_so_instead_of_making_one(tmp_path, capsys):
+    missing = str(tmp_path / "typo.db")
+    assert pausepoint.main(["--db", missing, "verify-audit"]) == 2
+    assert "there is no database at" in capsys.readouterr().err and not os.path.exists(missing)

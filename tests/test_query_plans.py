@@ -27,8 +27,9 @@ def fill(config, developer_id, pauses):
                    " next_attempt_at, created_at, updated_at) SELECT 'ntf_' || id, id, developer_id, channel, recipient,"
                    " 0, 'text', 'simulated', created_at, created_at, created_at FROM pauses WHERE developer_id = ?"
                    " AND id LIKE 'psr\\_%' ESCAPE '\\' AND seq > 1", developer_id)
-    stored(config, "INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data)"
-                   " SELECT developer_id, 0, created_at, 'system', kind, id, '{}' FROM pauses, (SELECT 'pause.created'"
+    stored(config, "INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data,"
+                   " prev_hash, hash) SELECT developer_id, 0, created_at, 'system', kind, id, '{}', 'copied', 'copied'"
+                   " FROM pauses, (SELECT 'pause.created'"
                    " AS kind UNION ALL SELECT 'notification.simulated' UNION ALL SELECT 'pause.responded')"
                    " WHERE developer_id = ? AND seq > 1", developer_id)
 

@@ -116,3 +116,55 @@ def test_the_audit_head_is_signed(api):
     assert claims["count"] == 1 and claims["livemode"] is True
     with pytest.raises(jwt.InvalidSignatureError):
         checked(api, forged(head["signature"], count=0))
+
+
+def test_a_keys_file_gone_while_serving_never_stops_a_decision(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    os.chmod(pausepoint.signing_keys_path(api.config["database.path"]), 0)       # unreadable (not as root)
+    os.rename(pausepoint.signing_keys_path(api.config["database.path"]), str(api.config["database.path"]) + ".moved")
+    created = api.create_pause(key)
+    stored(api.config, "UPDATE pauses SET expires_at = '2000-01-01T00:00:00.000Z' WHERE id = ?", created["pause_id"])
+    api.step("timeouts")
+    assert checked(api, api.pause(key, created["pause_id"])["receipt"])["status"] == "timed_out"
+
+
+def test_a_database_with_receipts_never_starts_with_a_new_key_by_mistake(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    api.post(f"/v1/pause/{api.create_pause(key)['pause_id']}/cancel", headers=api.as_key(key))
+    api.app.runtime.stop()
+    os.remove(pausepoint.signing_keys_path(api.config["database.path"]))
+    with pytest.raises(pausepoint.ConfigError, match="keys.json is missing, but this database holds receipts"):
+        pausepoint.create_app(api.config)
+
+
+@pytest.mark.parametrize("content", ["", "{", '{"keys": []}', '{"keys": [{"kid": "k", "public": "x"}]}'])
+def test_an_unusable_keys_file_stops_start_up_with_a_sentence_naming_it(tmp_path, content):
+    from conftest import make_config
+    config = make_config(tmp_path)
+    with open(pausepoint.signing_keys_path(config["database.path"]), "w") as f:
+        f.write(content)
+    with pytest.raises(pausepoint.ConfigError, match=r"the signing keys file .*keys\.json cannot be used"):
+        pausepoint.create_app(config)
+
+
+def test_processes_starting_at_once_end_up_with_one_whole_keys_file(tmp_path):
+    import concurrent.futures
+    path = str(tmp_path / "race.db.keys.json")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        kids = set(pool.map(lambda _: pausepoint.Signer(path).current[0], range(40)))
+    assert len(kids) == 1
+    assert [name for name in os.listdir(tmp_path) if name.startswith(".keys-")] == []
+
+
+def test_rotations_at_once_lose_no_key(tmp_path):
+    import concurrent.futures
+    path = str(tmp_path / "rotate.db.keys.json")
+    first = pausepoint.Signer(path).current[0]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        made = set(pool.map(lambda _: pausepoint.rotate_signing_key(path), range(16)))
+    with open(path, encoding="utf-8") as f:
+        keys = json.load(f)["keys"]
+    assert {key["kid"] for key in keys} == made | {first} and len(keys) == 17
+    assert sum("private" in key for key in keys) == 1
