@@ -118,10 +118,11 @@ COPY_NOTIFICATIONS = """
            t.status, t.attempts, t.next_attempt_at, t.created_at, t.updated_at
     FROM pauses p, notifications t WHERE t.pause_id = :template AND p.seq > :after
 """
-# Each copy's 'pause.created' audit event, so the owner's audit log is as long as their pauses.
+# Each copy's 'pause.created' audit event, so the owner's audit log is as long as their pauses
+# (with a stand-in for the chain's hashes: computing them is the server's job, not the copy's).
 COPY_AUDIT = """
-    INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data)
-    SELECT developer_id, livemode, created_at, 'api_key:test', 'pause.created', id, '{}'
+    INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data, prev_hash, hash)
+    SELECT developer_id, livemode, created_at, 'api_key:test', 'pause.created', id, '{}', 'copied', 'copied'
     FROM pauses WHERE seq > :after
 """
 SPREAD_EXPIRY = """

@@ -248,3 +248,15 @@ def test_verify_audit_on_a_path_with_no_database_says_so_instead_of_making_one(t
     missing = str(tmp_path / "typo.db")
     assert pausepoint.main(["--db", missing, "verify-audit"]) == 2
     assert "there is no database at" in capsys.readouterr().err and not os.path.exists(missing)
+
+
+def test_an_event_written_around_the_server_breaks_the_chain_visibly_but_stops_nothing(running_api):
+    api = running_api(jobs=False)
+    keys = api.register()
+    stored(api.config, "INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, data)"
+                       " VALUES (?, 1, '2026-01-01T00:00:00.000Z', 'someone', 'by.hand', '{}')", keys["developer_id"])
+    created = api.create_pause(keys["api_key"], channel="link", recipient="ops")      # still recorded, chained on
+    assert api.pause(keys["api_key"], created["pause_id"])["status"] == "pending"
+    [by_hand] = stored(api.config, "SELECT seq FROM audit_events WHERE event_type = 'by.hand'")
+    status, said = verify_audit(api.config)
+    assert status == 1 and said.startswith(f"aud_{by_hand[0]} (")
