@@ -731,7 +731,7 @@ def transaction(conn):
         raise RuntimeError("transaction() called inside a transaction on the same connection")
     with conn.turns.given_up(), conn.write_lock or contextlib.nullcontext():
         conn.execute("BEGIN IMMEDIATE")
-        conn._woken = {}
+        conn._woken, conn.audit_heads = {}, {}      # audit_heads: each chain's head as this transaction leaves it
         try:
             yield conn
         except BaseException:
@@ -1239,14 +1239,18 @@ def record_event(conn, developer_id, livemode, actor, event_type, pause_id=None,
     """Append one audit event, inside the transaction of the change it records, chained to
     the developer's previous event in that mode (see audit_hash())."""
     require_transaction(conn)
-    prev_hash, prev_time = audit_chain_head(conn, developer_id, livemode)
+    chain = (developer_id, livemode)
+    # A batch (a round of timeouts) writes many events to one chain: the head is read once.
+    prev_hash, prev_time = conn.audit_heads.get(chain) or audit_chain_head(conn, developer_id, livemode)
     # Never before the event before it (a create reads the clock before it takes the write
     # lock), so a window of time is always an unbroken stretch of the chain.
     event = (developer_id, livemode, max(when or db_time(), prev_time or ""), actor, event_type, pause_id,
              json.dumps(data or {}, separators=(",", ":")))
+    event_hash = audit_hash(prev_hash, *event)
     conn.execute(
         "INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data, prev_hash,"
-        " hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (*event, prev_hash, audit_hash(prev_hash, *event)))
+        " hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (*event, prev_hash, event_hash))
+    conn.audit_heads[chain] = (event_hash, event[2])
 
 
 # Each developer's events in each mode form one chain: every event carries the hash of the one
@@ -1913,8 +1917,9 @@ def record_decisions(conn, config, decided, data, now):
         return              # nothing changed: nobody to wake (a wake-up makes every waiting agent look)
     ids = [pause["id"] for pause in decided]
     if getattr(conn, "signer", None) is not None:
+        receipts = conn.signer.sign_all([receipt_claims(conn, pause) for pause in decided])
         conn.executemany("UPDATE pauses SET receipt = ? WHERE id = ?",
-                         [(conn.signer.sign(receipt_claims(conn, pause)), pause["id"]) for pause in decided])
+                         zip(receipts, (pause["id"] for pause in decided)))
     teams = [pause["id"] for pause in decided if pause["team"]]
     if teams:               # their people no longer await an answer (see schema.sql)
         conn.execute("UPDATE pause_recipients SET pause_decided_at = ? WHERE pause_id IN (SELECT value FROM json_each(?))",
@@ -3850,6 +3855,9 @@ def prune_expired_data(conn, config, now=None):
 # Signed receipts: the server's Ed25519 keys
 ###############################################################################
 
+SIGN_IN_PARALLEL = 32          # receipts in one round from which a second thread helps sign them
+
+
 def signing_keys_path(database_path):
     """The server's signing keys live beside its database, and go with it into a backup."""
     return database_path + ".keys.json"
@@ -3869,6 +3877,7 @@ class Signer:
 
     def __init__(self, path, signed_before=lambda: False):
         self.path, self.read_at = path, None
+        self.helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="signing")
         if not os.path.exists(path):
             if signed_before():
                 raise ConfigError(f"{path} is missing, but this database holds receipts signed with the keys it"
@@ -3900,11 +3909,24 @@ class Signer:
                 self.read_at = None
 
     def sign(self, claims):
+        return self.sign_all([claims])[0]
+
+    def sign_all(self, many):
+        """A compact JWS of each of `many` claims. A round of timeouts signs hundreds under the
+        write lock: beyond a few, two threads share them (the signing releases the GIL)."""
         self.reload()
         kid, private = self.current
         header = b64url(compact_json({"alg": "EdDSA", "kid": kid, "typ": "JWT"}).encode())
-        signed = f"{header}.{b64url(compact_json(claims).encode())}"
-        return f"{signed}.{b64url(private.sign(signed.encode('ascii')))}"
+        signed = [f"{header}.{b64url(compact_json(claims).encode())}" for claims in many]
+
+        def finish(part):
+            return [f"{text}.{b64url(private.sign(text.encode('ascii')))}" for text in part]
+
+        if len(signed) < SIGN_IN_PARALLEL:
+            return finish(signed)
+        half = len(signed) // 2
+        other = self.helper.submit(finish, signed[half:])
+        return finish(signed[:half]) + other.result()
 
     def jwks(self):
         self.reload()
@@ -4225,6 +4247,7 @@ class Runtime:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
+        self.signer.helper.shutdown()
         # Calls under way finish and are recorded; claims not yet started expire and are retried.
         self.outbound.shutdown()
         self.webhook_connections.close()

@@ -168,3 +168,14 @@ def test_rotations_at_once_lose_no_key(tmp_path):
         keys = json.load(f)["keys"]
     assert {key["kid"] for key in keys} == made | {first} and len(keys) == 17
     assert sum("private" in key for key in keys) == 1
+
+
+def test_a_round_of_many_timeouts_signs_each_its_own_receipt(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    created = [api.create_pause(key, channel="link", recipient="ops") for _ in range(pausepoint.SIGN_IN_PARALLEL + 9)]
+    stored(api.config, "UPDATE pauses SET expires_at = '2000-01-01T00:00:00.000Z'")
+    api.step("timeouts")
+    for pause in created:
+        claims = checked(api, api.pause(key, pause["pause_id"])["receipt"])
+        assert (claims["pause_id"], claims["status"]) == (pause["pause_id"], "timed_out")
