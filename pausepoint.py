@@ -4048,12 +4048,13 @@ class Metrics:
         depth = gauge("pausepoint_outbox_depth", "Messages and deliveries not sent yet", labels=["outbox"])
         oldest = gauge("pausepoint_outbox_oldest_due_seconds", "How long the oldest due one has waited",
                        labels=["outbox"])
-        for outbox, sql in (("notifications", "SELECT count(*), min(next_attempt_at) FROM notifications"
-                                              " WHERE status IN ('queued', 'sending') AND livemode = {mode}"),
-                            ("webhooks", "SELECT count(*), min(next_attempt_at) FROM webhook_deliveries"
-                                         " WHERE status IN ('pending', 'delivering'){mode:.0}")):
-            rows = [query_db(conn, sql.format(mode=mode), one=True) for mode in ((0, 1) if outbox == "notifications"
-                                                                                 else ("",))]
+        # (Each mode's notifications apart: each has a partial index of its own.)
+        backlogs = {"notifications": [query_db(conn, "SELECT count(*), min(next_attempt_at) FROM notifications WHERE"
+                                                     " status IN ('queued', 'sending') AND livemode = ?", (mode,), one=True)
+                                      for mode in (0, 1)],
+                    "webhooks": [query_db(conn, "SELECT count(*), min(next_attempt_at) FROM webhook_deliveries"
+                                                " WHERE status IN ('pending', 'delivering')", one=True)]}
+        for outbox, rows in backlogs.items():
             due = [first for _, first in rows if first and first <= db_time(now)]
             depth.add_metric([outbox], sum(count for count, _ in rows))
             oldest.add_metric([outbox], seconds_between(min(due), db_time(now)) if due else 0)
