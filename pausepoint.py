@@ -2329,10 +2329,12 @@ def take_step(conn, config, pause, step, now):
     """Remind or escalate. A step that fails (its channel was removed from the config, say)
     is undone and skipped alone, so it never holds back the others due with it."""
     conn.execute("SAVEPOINT step")
+    heads = dict(conn.audit_heads)
     try:
         (remind if step["kind"] == "reminder" else escalate)(conn, config, pause, step, now)
     except Exception as e:
         conn.execute("ROLLBACK TO step")
+        conn.audit_heads = heads            # the events the step wrote are gone: so are the heads they made
         conn.execute("UPDATE pause_steps SET status = 'skipped' WHERE id = ?", (step["id"],))
         why = getattr(e, "message", None) or str(e) or repr(e)
         record_event(conn, pause["developer_id"], pause["livemode"], "system", f"pause.{step['kind']}_skipped",
@@ -3875,11 +3877,11 @@ class Signer:
     that becomes unreadable meanwhile leaves the server signing with the key it has, since
     a decision must never wait on it."""
 
-    def __init__(self, path, signed_before=lambda: False):
-        self.path, self.read_at = path, None
+    def __init__(self, path, signed_by=lambda: None):
+        self.path, self.read_at, self.signed_by = path, None, signed_by()
         self.helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="signing")
         if not os.path.exists(path):
-            if signed_before():
+            if self.signed_by:
                 raise ConfigError(f"{path} is missing, but this database holds receipts signed with the keys it"
                                   " held: restore it from the backup beside the database's (see the README)")
             create_signing_keys(path)
@@ -3890,11 +3892,15 @@ class Signer:
         try:
             with open(self.path, encoding="utf-8") as f:
                 keys = json.load(f)["keys"]
+            published = {key["kid"]: key["public"] for key in keys}
             signing = next(key for key in reversed(keys) if key.get("private"))
             private = Ed25519PrivateKey.from_private_bytes(base64.urlsafe_b64decode(signing["private"] + "=="))
-        except (OSError, ValueError, KeyError, TypeError, StopIteration) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration) as e:
             raise ConfigError(f"the signing keys file {self.path} cannot be used ({type(e).__name__}: {e}); restore"
                               " it from a backup") from None
+        if self.signed_by and self.signed_by not in published:
+            raise ConfigError(f"the signing keys file {self.path} does not hold the key {self.signed_by} that signed"
+                              " this database's receipts: restore the keys file from the database's backup")
         return keys, (signing["kid"], private)
 
     def reload(self):
@@ -3916,8 +3922,9 @@ class Signer:
         write lock: beyond a few, two threads share them (the signing releases the GIL)."""
         self.reload()
         kid, private = self.current
-        header = b64url(compact_json({"alg": "EdDSA", "kid": kid, "typ": "JWT"}).encode())
-        signed = [f"{header}.{b64url(compact_json(claims).encode())}" for claims in many]
+        # ASCII JSON: a lone surrogate an older version let into a pause's fields still signs.
+        header = b64url(json.dumps({"alg": "EdDSA", "kid": kid, "typ": "JWT"}, separators=(",", ":")).encode())
+        signed = [f"{header}.{b64url(json.dumps(claims, separators=(',', ':')).encode())}" for claims in many]
 
         def finish(part):
             return [f"{text}.{b64url(private.sign(text.encode('ascii')))}" for text in part]
@@ -3934,16 +3941,18 @@ class Signer:
                           "alg": "EdDSA"} for key in self.keys]}
 
 
-def holds_receipts(database_path):
-    """Whether the database holds receipts already (read before any migration: a database
-    from before receipts holds none)."""
+def latest_receipt_kid(database_path):
+    """The kid that signed the database's latest receipt, or None when it holds none (read
+    before any migration: a database from before receipts holds none). Newest first, so a
+    busy database answers from its last few decisions."""
     db = sqlite3.connect(database_path)
     try:
-        return db.execute("SELECT 1 FROM pauses WHERE receipt IS NOT NULL LIMIT 1").fetchone() is not None
+        row = db.execute("SELECT receipt FROM pauses WHERE receipt IS NOT NULL ORDER BY seq DESC LIMIT 1").fetchone()
     except sqlite3.OperationalError:
-        return False
+        return None
     finally:
         db.close()
+    return row and json.loads(base64.urlsafe_b64decode(row[0].split(".")[0] + "==")).get("kid")
 
 
 def new_signing_key():
@@ -4144,7 +4153,7 @@ class Runtime:
         self.shown_once = ShownOnce()
         self.timeouts_db = None
         self.signer = Signer(signing_keys_path(config["database.path"]),
-                             functools.partial(holds_receipts, config["database.path"]))
+                             functools.partial(latest_receipt_kid, config["database.path"]))
         self.metrics = Metrics(self) if config["metrics.enabled"] else None
         self.metrics_address, self.metrics_server = None, None
         if self.metrics is not None:

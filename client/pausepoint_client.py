@@ -285,7 +285,8 @@ def verify_audit_export(path, head=None):
     test chain's oldest events go with retention, so only its reaching the head is checked).
     Returns how many events were checked; raises AuditChainBroken naming the first that
     breaks."""
-    previous, checked, starts_chain, reached = None, 0, False, head is None
+    empty_head = head is not None and head["hash"] == AUDIT_GENESIS and head["count"] == 0
+    previous, checked, starts_chain, reached = None, 0, False, head is None or empty_head
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             event = json.loads(line)

@@ -260,3 +260,29 @@ def test_an_event_written_around_the_server_breaks_the_chain_visibly_but_stops_n
     [by_hand] = stored(api.config, "SELECT seq FROM audit_events WHERE event_type = 'by.hand'")
     status, said = verify_audit(api.config)
     assert status == 1 and said.startswith(f"aud_{by_hand[0]} (")
+
+
+def test_a_step_undone_after_writing_its_event_leaves_the_chain_whole(running_api):
+    api = running_api(jobs=False)
+    keys = api.register()
+    body = {name: value for name, value in WIRE.items() if name not in ("recipient", "channel")}
+    created = api.post_json("/v1/pause", {**body, "recipients": [{"recipient": "+15550101", "channel": "sms"}],
+                                          "escalation": [{"after_minutes": 5, "recipient": "+15550199",
+                                                          "channel": "sms"}]},
+                            headers=api.as_key(keys["test_api_key"])).json
+    # The database refuses the escalation's webhook event, after its audit event was written.
+    stored(api.config, "CREATE TRIGGER no_escalation_events BEFORE INSERT ON webhook_events"
+                       " WHEN NEW.type = 'pause.escalated' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    stored(api.config, "UPDATE pause_steps SET due_at = '2000-01-01T00:00:00.000Z'")
+    api.step("steps")
+    assert [e for e, in stored(api.config, "SELECT event_type FROM audit_events WHERE pause_id = ? ORDER BY seq",
+                                created["pause_id"])] == ["pause.created", "pause.escalation_skipped"]
+    assert verify_audit(api.config)[0] == 0
+
+
+def test_an_empty_chain_checks_against_its_empty_head(logged, tmp_path):
+    api, _ = logged
+    newcomer = api.register(email="new@example.com")["api_key"]
+    head = api.get("/v1/audit/head", headers=api.as_key(newcomer)).json
+    assert (head["hash"], head["count"]) == ("0" * 64, 0)
+    assert verify_audit_export(export(api, newcomer, tmp_path), head=head) == 0

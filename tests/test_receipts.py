@@ -139,7 +139,8 @@ def test_a_database_with_receipts_never_starts_with_a_new_key_by_mistake(running
         pausepoint.create_app(api.config)
 
 
-@pytest.mark.parametrize("content", ["", "{", '{"keys": []}', '{"keys": [{"kid": "k", "public": "x"}]}'])
+@pytest.mark.parametrize("content", ["", "{", '{"keys": []}', '{"keys": [{"kid": "k", "public": "x"}]}', '{"keys": [1]}',
+                                     '{"keys": "abc"}', '{"keys": [{"kid": "k", "private": "eA"}]}'])
 def test_an_unusable_keys_file_stops_start_up_with_a_sentence_naming_it(tmp_path, content):
     from conftest import make_config
     config = make_config(tmp_path)
@@ -179,3 +180,26 @@ def test_a_round_of_many_timeouts_signs_each_its_own_receipt(running_api):
     for pause in created:
         claims = checked(api, api.pause(key, pause["pause_id"])["receipt"])
         assert (claims["pause_id"], claims["status"]) == (pause["pause_id"], "timed_out")
+
+
+def test_a_database_with_receipts_never_starts_with_another_keys_file(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    api.post(f"/v1/pause/{api.create_pause(key)['pause_id']}/cancel", headers=api.as_key(key))
+    api.app.runtime.stop()
+    path = pausepoint.signing_keys_path(api.config["database.path"])
+    os.remove(path)
+    pausepoint.create_signing_keys(path)                # someone else's, or a fresh one
+    with pytest.raises(pausepoint.ConfigError, match="does not hold the key ppk_"):
+        pausepoint.create_app(api.config)
+
+
+def test_a_pause_with_a_lone_surrogate_from_an_older_version_is_decided_and_signed(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    old, other = api.create_pause(key), api.create_pause(key)
+    stored(api.config, "UPDATE pauses SET fields = ?, expires_at = '2000-01-01T00:00:00.000Z'",
+           '{"memo":{"type":"string","value":"\\ud800 alone","editable":false}}')
+    api.step("timeouts")
+    for pause in (old, other):
+        assert checked(api, api.pause(key, pause["pause_id"])["receipt"])["status"] == "timed_out"
