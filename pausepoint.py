@@ -1287,16 +1287,16 @@ def chain_audit_events(conn):
     conn.execute("ALTER TABLE audit_events ADD COLUMN prev_hash TEXT")
     conn.execute("ALTER TABLE audit_events ADD COLUMN hash TEXT")
     conn.execute("DROP TRIGGER audit_events_are_never_updated")
-    heads, after = {}, 0
-    while rows := conn.execute("SELECT seq, developer_id, livemode, timestamp, actor, event_type, pause_id, data"
-                               " FROM audit_events WHERE seq > ? ORDER BY seq LIMIT 10000", (after,)).fetchall():
-        chained = []
-        for seq, *event in rows:
-            prev_hash = heads.get(tuple(event[:2]), AUDIT_GENESIS)
-            heads[tuple(event[:2])] = audit_hash(prev_hash, *event)
-            chained.append((prev_hash, heads[tuple(event[:2])], seq))
-        conn.executemany("UPDATE audit_events SET prev_hash = ?, hash = ? WHERE seq = ?", chained)
-        after = rows[-1][0]
+    heads, chained = {}, []
+    for row in audit_events_in_order(conn):
+        chain = (row["developer_id"], row["livemode"])
+        prev_hash = heads.get(chain, AUDIT_GENESIS)
+        heads[chain] = audit_hash(prev_hash, *hashed_fields(row))
+        chained.append((prev_hash, heads[chain], row["seq"]))
+        if len(chained) >= AUDIT_READ_PAGE:
+            conn.executemany("UPDATE audit_events SET prev_hash = ?, hash = ? WHERE seq = ?", chained)
+            chained = []
+    conn.executemany("UPDATE audit_events SET prev_hash = ?, hash = ? WHERE seq = ?", chained)
     conn.execute("CREATE TRIGGER audit_events_are_never_updated BEFORE UPDATE ON audit_events"
                  " BEGIN SELECT RAISE(ABORT, 'audit events are append-only'); END")
     # Test-mode events are now pruned as the oldest part of their chain (prune_expired_data).
@@ -1308,25 +1308,37 @@ def audit_chain_breaks(conn):
     """Check every chain in the database: [(seq, developer_id, livemode, why)] for the first
     event that breaks each broken one; empty when all hold. A live chain must start at
     AUDIT_GENESIS; a test chain may start later, its oldest events pruned past retention."""
-    breaks, heads, broken, after = [], {}, set(), 0
-    while rows := query_db(conn, "SELECT * FROM audit_events WHERE seq > ? ORDER BY seq LIMIT 10000", (after,)):
-        for row in rows:
-            chain = (row["developer_id"], row["livemode"])
-            if chain in broken:
-                continue
-            expected = heads.get(chain, AUDIT_GENESIS if row["livemode"] else row["prev_hash"])
-            event = (row["developer_id"], row["livemode"], row["timestamp"], row["actor"], row["event_type"],
-                     row["pause_id"], row["data"])
-            why = ("its prev_hash is not the hash of the event before it: an event was removed or moved"
-                   if row["prev_hash"] != expected else
-                   "its content does not give its hash: it was changed" if audit_hash(row["prev_hash"], *event) != row["hash"]
-                   else None)
-            if why:
-                breaks.append((row["seq"], *chain, why))
-                broken.add(chain)
-            heads[chain] = row["hash"]
-        after = rows[-1]["seq"]
+    breaks, heads, broken = [], {}, set()
+    for row in audit_events_in_order(conn):
+        chain = (row["developer_id"], row["livemode"])
+        if chain in broken:
+            continue
+        expected = heads.get(chain, AUDIT_GENESIS if row["livemode"] else row["prev_hash"])
+        why = ("its prev_hash is not the hash of the event before it: an event was removed or moved"
+               if row["prev_hash"] != expected else
+               "its content does not give its hash: it was changed"
+               if audit_hash(row["prev_hash"], *hashed_fields(row)) != row["hash"] else None)
+        if why:
+            breaks.append((row["seq"], *chain, why))
+            broken.add(chain)
+        heads[chain] = row["hash"]
     return breaks
+
+
+def hashed_fields(row):
+    """An audit row's fields that audit_hash() takes after prev_hash, in its order."""
+    return tuple(row[name] for name in ("developer_id", "livemode", "timestamp", "actor", "event_type", "pause_id",
+                                        "data"))
+
+
+def audit_events_in_order(conn, where="1", args=()):
+    """The audit events matching `where`, oldest first, read a page at a time: a whole log is
+    never held in memory, nor one read kept open while it is written out."""
+    after = 0
+    while rows := query_db(conn, f"SELECT * FROM audit_events WHERE {where} AND seq > ? ORDER BY seq LIMIT ?",
+                           (*args, after, AUDIT_READ_PAGE)):
+        yield from rows
+        after = rows[-1]["seq"]
 
 
 def audit_page(conn, caller, event_type=None, pause_id=None, limit=50, cursor=None):
@@ -1777,16 +1789,14 @@ def queue_notification(conn, config, person, kind, now, render=None):
 def asked_of(conn, pause, position):
     """The pause as its person at `position` was asked it (a dict): their recipient, channel,
     link and reply code in place of the first person's, and for a team pause their `vote`
-    ({choice, voted_at} or None) and what the latest approval `proposed` (see
-    latest_approved_changes())."""
+    ({choice, voted_at} or None)."""
     asked = {**dict(pause), "position": position}
     if not pause["team"]:
         return asked
     person = query_db(conn, "SELECT * FROM pause_recipients WHERE pause_id = ? AND position = ?",
                       (pause["id"], position), one=True)
     asked.update({name: person[name] for name in ("recipient", "channel", "respond_token", "reply_code")},
-                 vote=person["voted_at"] and {"choice": person["choice"], "voted_at": person["voted_at"]},
-                 proposed=latest_approved_changes(conn, pause))
+                 vote=person["voted_at"] and {"choice": person["choice"], "voted_at": person["voted_at"]})
     return asked
 
 
@@ -2216,14 +2226,17 @@ def shorten(text, limit=60):
 
 
 def pause_by_token(conn, token):
-    """The pause behind a respond link, as its person was asked it (asked_of()); 404 for none."""
+    """The pause behind a respond link, as its person was asked it (asked_of()), with what the
+    latest approval `proposed` for them to approve too (latest_approved_changes()); 404 for none."""
     pause = conn.execute("SELECT * FROM pauses WHERE respond_token = ?", (token,)).fetchone()
-    if pause is not None:
-        return asked_of(conn, pause, 0)
-    person = conn.execute("SELECT pause_id, position FROM pause_recipients WHERE respond_token = ?", (token,)).fetchone()
-    if person is None:
-        raise ApiError(404, "not_found", "this respond link is not valid")
-    return asked_of(conn, pause_by_id(conn, person["pause_id"]), person["position"])
+    position = 0
+    if pause is None:
+        person = conn.execute("SELECT pause_id, position FROM pause_recipients WHERE respond_token = ?",
+                              (token,)).fetchone()
+        if person is None:
+            raise ApiError(404, "not_found", "this respond link is not valid")
+        pause, position = pause_by_id(conn, person["pause_id"]), person["position"]
+    return {**asked_of(conn, pause, position), "proposed": latest_approved_changes(conn, pause)}
 
 
 def refuse_if_decided(pause, expired=False):
@@ -5343,21 +5356,8 @@ def export_audit(rt, caller, query):
     since, until = (query_time(query, name) for name in ("since", "until"))
 
     def events():
-        after = 0
-        while rows := query_db(rt.db(), "SELECT * FROM audit_events WHERE developer_id = ? AND livemode = ? AND seq > ?"
-                                        " AND timestamp >= ? AND timestamp < ? ORDER BY seq LIMIT ?",
-                               (caller.developer_id, caller.livemode, after, since, until, AUDIT_READ_PAGE)):
-            yield from rows
-            after = rows[-1]["seq"]
-
-    def chunks(lines):
-        out = []
-        for line in lines:
-            out.append(line)
-            if len(out) >= 200:
-                yield "".join(out).encode()
-                out = []
-        yield "".join(out).encode()
+        return audit_events_in_order(rt.db(), "developer_id = ? AND livemode = ? AND timestamp >= ? AND timestamp < ?",
+                                     (caller.developer_id, caller.livemode, since, until))
 
     if query["format"] == "csv":
         def lines():
@@ -5376,7 +5376,7 @@ def export_audit(rt, caller, query):
                                   "hash": row["hash"]}, separators=(",", ":")) + "\n"
         media = "application/x-ndjson"
     mode = "live" if caller.livemode else "test"
-    return bottle.HTTPResponse(chunks(lines()), headers={
+    return bottle.HTTPResponse(in_chunks(lines()), headers={
         "Content-Type": media, "Cache-Control": "no-store",
         "Content-Disposition": f'attachment; filename="pausepoint-audit-{mode}.{query["format"]}"'})
 
@@ -5392,6 +5392,18 @@ def csv_line(cells):
     out = io.StringIO()
     csv.writer(out).writerow(["" if cell is None else cell for cell in cells])
     return out.getvalue()
+
+
+def in_chunks(lines, size=16384):
+    """A download's lines as UTF-8 chunks of about `size` bytes, written as they are read."""
+    out, held = [], 0
+    for line in lines:
+        out.append(line)
+        held += len(line)
+        if held > size:
+            yield "".join(out).encode()
+            out, held = [], 0
+    yield "".join(out).encode()
 
 
 def query_time(query, name):
@@ -5764,22 +5776,14 @@ def audit_csv(rt, session, query):
     caller = session.caller
 
     def lines():
-        out = io.StringIO()
-        writer = csv.writer(out)
-        writer.writerow(["id", "timestamp", "actor", "event_type", "pause_id", "livemode", "data"])
+        yield csv_line(["id", "timestamp", "actor", "event_type", "pause_id", "livemode", "data"])
         for row in all_audit_events(rt.db(), caller, query["event_type"], query["pause_id"]):
             event = audit_event_json(row)
-            cells = [event["id"], event["timestamp"], event["actor"], event["event_type"], event["pause_id"] or "",
-                     "true" if event["livemode"] else "false", compact_json(event["data"])]
-            writer.writerow(cells)      # what anyone wrote is inside the JSON: no cell can start a formula
-            if out.tell() > 16384:
-                yield out.getvalue().encode()
-                out.seek(0)
-                out.truncate()
-        yield out.getvalue().encode()
+            yield csv_line([event["id"], event["timestamp"], event["actor"], event["event_type"], event["pause_id"],
+                            "true" if event["livemode"] else "false", compact_json(event["data"])])
 
     mode = "live" if caller.livemode else "test"
-    return bottle.HTTPResponse(lines(), headers={
+    return bottle.HTTPResponse(in_chunks(lines()), headers={
         "Content-Type": "text/csv; charset=utf-8", "Cache-Control": "no-store", **PAGE_HEADERS,
         "Content-Disposition": f'attachment; filename="pausepoint-audit-{mode}.csv"'})
 
