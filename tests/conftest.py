@@ -35,6 +35,8 @@ WIRE = {
     "timeout_hours": 4,
     "timeout_default": "Reject",
 }
+# The same question without whom to ask, for a team's `recipients`.
+QUESTION = {name: value for name, value in WIRE.items() if name not in ("recipient", "channel")}
 
 
 def make_config(tmp_path, **overrides):

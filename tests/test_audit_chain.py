@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from conftest import ROOT, WIRE, stored, token_of
+from conftest import QUESTION, ROOT, WIRE, stored, token_of
 import pausepoint
 
 sys.path.insert(0, os.path.join(ROOT, "client"))
@@ -265,8 +265,7 @@ def test_an_event_written_around_the_server_breaks_the_chain_visibly_but_stops_n
 def test_a_step_undone_after_writing_its_event_leaves_the_chain_whole(running_api):
     api = running_api(jobs=False)
     keys = api.register()
-    body = {name: value for name, value in WIRE.items() if name not in ("recipient", "channel")}
-    created = api.post_json("/v1/pause", {**body, "recipients": [{"recipient": "+15550101", "channel": "sms"}],
+    created = api.post_json("/v1/pause", {**QUESTION, "recipients": [{"recipient": "+15550101", "channel": "sms"}],
                                           "escalation": [{"after_minutes": 5, "recipient": "+15550199",
                                                           "channel": "sms"}]},
                             headers=api.as_key(keys["test_api_key"])).json

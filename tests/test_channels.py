@@ -13,7 +13,7 @@ from aiosmtpd.controller import Controller
 from twilio.request_validator import RequestValidator
 
 from stubs import TrickleReceiver
-from conftest import stored, WIRE, Api, LiveServer, free_port, make_config, run_out, token_of, wait_until
+from conftest import stored, QUESTION, WIRE, Api, LiveServer, free_port, make_config, run_out, token_of, wait_until
 import pausepoint
 
 XSS = '<script>alert(1)</script>'
@@ -151,8 +151,7 @@ def test_each_team_member_is_mailed_their_own_link_and_a_reminder_says_what_it_i
     api = running_api(jobs=False, **smtp_settings(smtp_server))
     key = api.register()["api_key"]
     team = [{"recipient": "ada@example.com", "channel": "email"}, {"recipient": "bo@example.com", "channel": "email"}]
-    body = {name: value for name, value in WIRE.items() if name not in ("recipient", "channel")}
-    created = api.post_json("/v1/pause", {**body, "recipients": team, "remind_after_minutes": [60]},
+    created = api.post_json("/v1/pause", {**QUESTION, "recipients": team, "remind_after_minutes": [60]},
                             headers=api.as_key(key)).json
     api.step("notifications")
     stored(api.config, "UPDATE pause_steps SET due_at = ?", pausepoint.db_time())

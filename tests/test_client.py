@@ -13,8 +13,8 @@ import time
 import pytest
 import requests
 
-from conftest import (answer_first_pending, register_over_http, ROOT, WIRE, LiveServer, free_port, make_config, stored,
-                      token_of, wait_until)
+from conftest import (QUESTION, answer_first_pending, register_over_http, ROOT, WIRE, LiveServer, free_port,
+                      make_config, stored, token_of, wait_until)
 import pausepoint
 
 sys.path.insert(0, os.path.join(ROOT, "client"))
@@ -211,8 +211,7 @@ def test_an_approval_carries_the_values_as_the_approver_left_them(live_server, c
 
 def test_a_team_is_asked_and_its_votes_come_back_with_the_approval(live_server, client):
     team = [{"recipient": "+15550101", "channel": "sms"}, {"recipient": "+15550102", "channel": "sms"}]
-    ask = {name: value for name, value in ASK.items() if name not in ("recipient", "channel")}
-    created = client.pause(**ask, recipients=team, quorum={"choice": "Approve", "count": 2})
+    created = client.pause(**QUESTION, recipients=team, quorum={"choice": "Approve", "count": 2})
     for person in created["recipients"]:
         requests.post(f"{live_server.url}/v1/respond/{token_of(person['respond_url'])}",
                       json={"choice": "Approve"}).raise_for_status()

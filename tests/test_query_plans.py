@@ -3,7 +3,7 @@ planner's choice to matter: read from the statements the server really executes.
 
 import re
 
-from conftest import stored, WIRE, token_of
+from conftest import stored, QUESTION, WIRE, token_of
 import pausepoint
 
 # A query may read from end to end only what it made itself: a recursive CTE's rows or a JSON list.
@@ -88,7 +88,7 @@ def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver):
                  f"webhooks/{webhook_id}", "operator", f"audit.csv?pause_id={created['pause_id']}"):
         assert api.get(f"/dashboard/{page}").status_code == 200
     team = api.post_json("/v1/pause", {
-        **{name: value for name, value in WIRE.items() if name not in ("recipient", "channel")},
+        **QUESTION,
         "recipients": [{"recipient": "+15550101", "channel": "sms"}, {"recipient": "+15550102", "channel": "sms"}],
         "quorum": {"choice": "Approve", "count": 2}, "remind_after_minutes": [1],
         "escalation": [{"after_minutes": 2, "recipient": "+15550103", "channel": "sms"}]}, headers=auth).json

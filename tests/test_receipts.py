@@ -10,10 +10,10 @@ import stat
 import jwt
 import pytest
 
-from conftest import WIRE, stored, token_of
+from conftest import QUESTION, WIRE, stored, token_of
 import pausepoint
 
-TEAM = {**{name: value for name, value in WIRE.items() if name not in ("recipient", "channel")},
+TEAM = {**QUESTION,
         "recipients": [{"recipient": "ana", "channel": "link"}, {"recipient": "bo", "channel": "link"}],
         "quorum": {"choice": "Approve", "count": 2}}
 

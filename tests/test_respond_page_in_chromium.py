@@ -2,7 +2,7 @@
 
 import requests
 
-from conftest import WIRE, needs_chromium, token_of
+from conftest import QUESTION, WIRE, needs_chromium, token_of
 
 pytestmark = needs_chromium
 
@@ -108,9 +108,8 @@ def test_a_team_member_votes_on_the_page_and_it_then_says_the_others_decide(live
     keys = requests.post(f"{url}/v1/auth/register",
                          json={"email": "t@example.com", "name": "T", "password": "password123"}).json()
     headers = {"Authorization": f"Bearer {keys['test_api_key']}"}
-    body = {name: value for name, value in WIRE.items() if name not in ("recipient", "channel")}
     created = requests.post(f"{url}/v1/pause", headers=headers, json={
-        **body, "recipients": [{"recipient": "ana", "channel": "link"}, {"recipient": "bo", "channel": "link"}],
+        **QUESTION, "recipients": [{"recipient": "ana", "channel": "link"}, {"recipient": "bo", "channel": "link"}],
         "quorum": {"choice": "Approve", "count": 2}}).json()
     first, second = (token_of(person["respond_url"]) for person in created["recipients"])
 

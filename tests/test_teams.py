@@ -7,14 +7,13 @@ import json
 import pytest
 import requests
 
-from conftest import WIRE, LiveServer, make_config, run_out, stored, token_of
+from conftest import QUESTION, WIRE, LiveServer, make_config, run_out, stored, token_of
 from test_channels import SmsApi, inbound
 import pausepoint
 
 TEAM = [{"recipient": "+15550101", "channel": "sms"}, {"recipient": "+15550102", "channel": "sms"},
         {"recipient": "ops-lead", "channel": "link"}]
-BODY = {name: value for name, value in WIRE.items() if name not in ("recipient", "channel")}
-TWO_APPROVALS = {**BODY, "recipients": TEAM, "quorum": {"choice": "Approve", "count": 2}}
+TWO_APPROVALS = {**QUESTION, "recipients": TEAM, "quorum": {"choice": "Approve", "count": 2}}
 
 
 @pytest.fixture
@@ -32,8 +31,7 @@ def answer(api, person, choice, status=200, **more):
 
 
 def audited(api, pause_id, event_type):
-    return [json.loads(row[0]) for row in stored(api.config, "SELECT data FROM audit_events WHERE pause_id = ?"
-                                                             " AND event_type = ? ORDER BY seq", pause_id, event_type)]
+    return audited_in(api.config, pause_id, event_type)
 
 
 def fall_due(api, pause_id, kind):
@@ -111,7 +109,7 @@ def test_one_veto_among_three_decides_at_once(team):
 
 def test_without_a_quorum_the_first_answer_of_a_team_decides(team):
     api, key = team
-    created = api.post_json("/v1/pause", {**BODY, "recipients": TEAM}, headers=api.as_key(key)).json
+    created = api.post_json("/v1/pause", {**QUESTION, "recipients": TEAM}, headers=api.as_key(key)).json
     answer(api, created["recipients"][2], "Reject")
     decided = api.pause(key, created["pause_id"])
     assert (decided["status"], decided["choice"], decided["decided_by"]) == ("responded", "Reject", "recipient:ops-lead")
@@ -198,7 +196,7 @@ def test_a_lone_recipient_is_reminded_and_the_pause_reads_as_before(team):
 
 def test_an_escalation_adds_and_asks_the_deputy_whose_vote_then_counts(team, receiver):
     api, key = team
-    body = {**BODY, "recipients": TEAM[:1], "quorum": {"choice": "Approve", "count": 2},
+    body = {**QUESTION, "recipients": TEAM[:1], "quorum": {"choice": "Approve", "count": 2},
             "escalation": [{"after_minutes": 60, "recipient": "+15550199", "channel": "sms"}]}
     created = api.post_json("/v1/pause", body, headers=api.as_key(key)).json
     answer(api, created["recipients"][0], "Approve")
@@ -220,7 +218,7 @@ def test_an_escalation_adds_and_asks_the_deputy_whose_vote_then_counts(team, rec
 def test_a_reminder_and_an_escalation_due_while_the_server_was_down_each_happen_once(running_api, tmp_path):
     api = running_api(jobs=False)
     key = api.register()["test_api_key"]
-    body = {**BODY, "recipients": TEAM[:2], "remind_after_minutes": [10, 20],
+    body = {**QUESTION, "recipients": TEAM[:2], "remind_after_minutes": [10, 20],
             "escalation": [{"after_minutes": 30, "recipient": "+15550199", "channel": "sms"}]}
     created = api.post_json("/v1/pause", body, headers=api.as_key(key)).json
     api.app.runtime.stop()
@@ -250,7 +248,7 @@ def test_ten_people_answering_at_once_with_a_quorum_of_three_decide_it_once(tmp_
         outcomes = []
         for _ in range(3):
             created = requests.post(f"{server.url}/v1/pause", headers=auth, json={
-                **BODY, "recipients": people, "quorum": {"choice": "Approve", "count": 3}}).json()
+                **QUESTION, "recipients": people, "quorum": {"choice": "Approve", "count": 3}}).json()
             with concurrent.futures.ThreadPoolExecutor(10) as pool:
                 answers = list(pool.map(lambda person: requests.post(
                     f"{server.url}/v1/respond/{token_of(person['respond_url'])}", json={"choice": "Approve"}),
@@ -373,7 +371,7 @@ def test_a_quorum_count_is_kept_as_a_whole_number(team):
 
 def test_steps_due_together_are_taken_in_the_order_they_fell_due(team):
     api, key = team
-    body = {**BODY, "recipients": TEAM[:1], "remind_after_minutes": [20],
+    body = {**QUESTION, "recipients": TEAM[:1], "remind_after_minutes": [20],
             "escalation": [{"after_minutes": 10, "recipient": "+15550199", "channel": "sms"}]}
     created = api.post_json("/v1/pause", body, headers=api.as_key(key)).json
     for kind in ("reminder", "escalation"):
@@ -388,9 +386,9 @@ def test_a_step_on_a_channel_since_removed_holds_back_no_other(running_api):
     chat = {"channels.chat.url": "json://127.0.0.1:9/hook"}
     api = running_api(jobs=False, **chat)
     mine, theirs = api.register()["test_api_key"], api.register(email="other@example.com")["test_api_key"]
-    reminded = api.post_json("/v1/pause", {**BODY, "recipient": "ops", "channel": "chat",
+    reminded = api.post_json("/v1/pause", {**QUESTION, "recipient": "ops", "channel": "chat",
                                            "remind_after_minutes": [5]}, headers=api.as_key(mine)).json
-    escalated = api.post_json("/v1/pause", {**BODY, "recipients": TEAM[:1], "escalation": [
+    escalated = api.post_json("/v1/pause", {**QUESTION, "recipients": TEAM[:1], "escalation": [
         {"after_minutes": 5, "recipient": "ops", "channel": "chat"}]}, headers=api.as_key(mine)).json
     other = api.post_json("/v1/pause", {**WIRE, "remind_after_minutes": [5]}, headers=api.as_key(theirs)).json
     api.app.runtime.stop()
