@@ -1688,7 +1688,7 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
     # Everything that needs no database is done before the write lock is taken: other
     # writers wait for it, so only the reads and writes that must be atomic go inside.
     now = utcnow()
-    pause_id, token = new_id("psr_"), secrets.token_urlsafe(32)
+    pause_id, token = new_ordered_id("psr_"), secrets.token_urlsafe(32)
     created_at = db_time(now)
     expires_at = db_time(now + dt.timedelta(seconds=asked["timeout_seconds"]))
     fingerprint = None if idempotency_key is None else request_fingerprint(body)

@@ -93,7 +93,7 @@ CREATE INDEX dashboard_devices_by_age ON dashboard_devices(signed_in_at);
 -- A pause: one question put to one human (recipient, channel), or to a team (pause_recipients), and its outcome.
 CREATE TABLE pauses (
     seq              INTEGER PRIMARY KEY AUTOINCREMENT, -- creation order; list and cursor order
-    id               TEXT NOT NULL UNIQUE,            -- 'psr_' + 32 hex
+    id               TEXT NOT NULL UNIQUE,            -- 'psr_' + 32 hex, the first 12 the creation time (ms)
     developer_id     TEXT NOT NULL REFERENCES developers(id),
     livemode         INTEGER NOT NULL CHECK (livemode IN (0, 1)),
     recipient        TEXT NOT NULL,

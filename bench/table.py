@@ -105,7 +105,9 @@ COPY_PAUSES = """
     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :count)
     INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, timeout_default, metadata,
                         status, choice, decided_at, decided_by, respond_token, reply_code, created_at, expires_at)
-    SELECT 'psr_' || lower(hex(randomblob(16))), developer_id, livemode, printf('+1555%07d', :first + i), channel,
+    -- Ordered ids, as the server makes them: each copy's stands for one made a millisecond after the last.
+    SELECT 'psr_' || printf('%012x', :first + i) || lower(hex(randomblob(10))), developer_id, livemode,
+           printf('+1555%07d', :first + i), channel,
            message, options, timeout_default, metadata, :status, :choice, :decided_at,
            CASE WHEN :choice IS NOT NULL THEN 'recipient:' || printf('+1555%07d', :first + i) END,
            lower(hex(randomblob(32))), reply_code, created_at, expires_at
