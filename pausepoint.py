@@ -1922,14 +1922,16 @@ def decide_pause(conn, config, pause_id, status, decided_by, choice=None, commen
 
 def record_decisions(conn, config, decided, data, now):
     """What follows pauses leaving 'pending', inside the transaction that decided them:
-    their unsent texts cancelled, an audit event each, webhook events, waiters woken."""
+    their receipts (but for those signed ahead), their unsent texts cancelled, an audit
+    event each, webhook events, waiters woken."""
     if not decided:
         return              # nothing changed: nobody to wake (a wake-up makes every waiting agent look)
     ids = [pause["id"] for pause in decided]
-    if getattr(conn, "signer", None) is not None:
-        receipts = conn.signer.sign_all([receipt_claims(conn, pause) for pause in decided])
+    unsigned = [pause for pause in decided if pause["receipt"] is None]
+    if unsigned and getattr(conn, "signer", None) is not None:
+        receipts = conn.signer.sign_all([receipt_claims(pause, votes_of(conn, pause)) for pause in unsigned])
         conn.executemany("UPDATE pauses SET receipt = ? WHERE id = ?",
-                         zip(receipts, (pause["id"] for pause in decided)))
+                         zip(receipts, (pause["id"] for pause in unsigned)))
     teams = [pause["id"] for pause in decided if pause["team"]]
     if teams:               # their people no longer await an answer (see schema.sql)
         conn.execute("UPDATE pause_recipients SET pause_decided_at = ? WHERE pause_id IN (SELECT value FROM json_each(?))",
@@ -1947,20 +1949,26 @@ def record_decisions(conn, config, decided, data, now):
                                           pause["decided_at"], pause["expires_at"]) for pause in decided))
 
 
-def receipt_claims(conn, pause):
+def receipt_claims(pause, votes=()):
     """What a decided pause's receipt says: which question (by the SHA-256 of its message),
-    the options, the outcome with its final fields, changes and votes, who decided it and
-    when, and in which mode."""
-    votes = [] if not pause["team"] else [
-        {"recipient": vote["recipient"], "choice": vote["choice"], "edits": json.loads(vote["edits"] or "null"),
-         "voted_at": api_time(vote["voted_at"])}
-        for vote in query_db(conn, "SELECT * FROM pause_recipients WHERE pause_id = ? AND voted_at IS NOT NULL"
-                                   " ORDER BY voted_at, position", (pause["id"],))]
+    the options, the outcome with its final fields, changes and `votes` (votes_of()), who
+    decided it and when, and in which mode."""
     return {"pause_id": pause["id"], "message_sha256": hashlib.sha256(pause["message"].encode()).hexdigest(),
             "options": json.loads(pause["options"]), "status": pause["status"], "choice": pause["choice"],
             "fields": json.loads(pause["fields"] or "null"), "edited": json.loads(pause["edited"] or "null"),
-            "votes": votes, "decided_by": pause["decided_by"], "decided_at": api_time(pause["decided_at"]),
+            "votes": list(votes), "decided_by": pause["decided_by"], "decided_at": api_time(pause["decided_at"]),
             "livemode": bool(pause["livemode"])}
+
+
+def votes_of(conn, pause):
+    """A team pause's votes as its receipt lists them, in the order they came; none for a
+    pause asking one person."""
+    if not pause["team"]:
+        return []
+    return [{"recipient": vote["recipient"], "choice": vote["choice"], "edits": json.loads(vote["edits"] or "null"),
+             "voted_at": api_time(vote["voted_at"])}
+            for vote in query_db(conn, "SELECT * FROM pause_recipients WHERE pause_id = ? AND voted_at IS NOT NULL"
+                                       " ORDER BY voted_at, position", (pause["id"],))]
 
 
 def respond_to_pause(conn, config, token, choice, comment, client, edits=None):
@@ -2305,16 +2313,75 @@ def no_such_pause(pause_id):
     return ApiError(404, "not_found", f"no pause {shorten(pause_id)!r} for this API key")
 
 
+# What a timeout sets: its claim writes it, and the batch read ahead reads it as it will be.
+TIMED_OUT = {"status": "'timed_out'", "choice": "timeout_default", "comment": "NULL", "decided_at": ":now",
+             "decided_by": "'timeout'", "edited": EDITED_NOTHING}
+
+# A batch of due pauses read ahead of its transaction: the rows as timing out at `now` will
+# leave them, and a future of their receipts, {pause id: receipt, or None to sign in the
+# transaction}.
+DueBatch = collections.namedtuple("DueBatch", "rows now receipts")
+
+
 def expire_due_pauses(conn, config):
-    """Time out every pending pause past its expires_at, the earliest first; returns how many."""
-    # Compare-and-set for the whole batch: only rows still 'pending' change, and a
-    # timeout's choice is each pause's own timeout_default.
-    return in_batches(conn, "UPDATE pauses SET status = 'timed_out', choice = timeout_default, comment = NULL,"
-                            f" decided_at = :now, decided_by = 'timeout', edited = {EDITED_NOTHING}"
-                            " WHERE id IN (SELECT id FROM pauses"
-                            " WHERE status = 'pending' AND expires_at <= :now ORDER BY expires_at LIMIT :batch)"
-                            " RETURNING *",
-                      lambda decided, now: record_decisions(conn, config, decided, None, now))
+    """Time out every pending pause past its expires_at, the earliest first, batch after batch
+    in a transaction each; returns how many.
+
+    A receipt's Ed25519 signature costs more than the rest of a timeout, so the signer's own
+    thread signs each batch's receipts while the batch before it is written: only the
+    writing holds the write lock. A batch is read before the one ahead of it commits, so it
+    starts after that one's last pause; whatever that leaves behind, the next round finds.
+    Its decided_at, the time its receipts say, is when it was read: up to one batch's
+    writing (about 50 ms) before it commits."""
+    total, batch = 0, due_batch(conn, ("", 0))
+    while batch.rows:
+        last = batch.rows[-1]
+        following = due_batch(conn, (last["expires_at"], last["seq"])) if len(batch.rows) == JOB_BATCH else None
+        total += time_out(conn, config, batch)
+        if following is None:
+            break
+        batch = following
+    return total
+
+
+def due_batch(conn, after):
+    """Up to JOB_BATCH pending pauses due now, after (expires_at, seq) `after`, earliest first,
+    with their receipts as timed out now being signed. A team pause's receipt lists its
+    votes, and one may still come in before its timeout commits: it is signed then."""
+    now = db_time()
+    rows = query_db(conn, f"SELECT seq, id, team, expires_at, message, options, fields, livemode,"
+                          f" {', '.join(f'{value} AS {column}' for column, value in TIMED_OUT.items())}"
+                          f" FROM pauses WHERE status = 'pending' AND expires_at <= :now"
+                          f" AND (expires_at, seq) > (:after_expiry, :after_seq) ORDER BY expires_at, seq LIMIT :batch",
+                    {"now": now, "after_expiry": after[0], "after_seq": after[1], "batch": JOB_BATCH})
+    signer, alone = getattr(conn, "signer", None), [row for row in rows if not row["team"]]
+
+    def receipts():
+        signed = signer.sign_all([receipt_claims(row) for row in alone]) if signer and alone else []
+        return {**{row["id"]: None for row in rows}, **dict(zip((row["id"] for row in alone), signed))}
+
+    return DueBatch(rows, now, signer.helper.submit(receipts) if signer else completed(receipts()))
+
+
+def completed(result):
+    """A future already holding `result`."""
+    future = concurrent.futures.Future()
+    future.set_result(result)
+    return future
+
+
+def time_out(conn, config, batch):
+    """Time out those of `batch` still pending, by compare-and-set in one transaction, with the
+    receipts signed ahead; a pause decided since it was read keeps its own decision and
+    receipt. Returns how many."""
+    with transaction(conn):
+        decided = conn.execute(
+            f"UPDATE pauses SET {', '.join(f'{column} = {value}' for column, value in TIMED_OUT.items())},"
+            " receipt = signed.value FROM json_each(:signed) AS signed"
+            " WHERE pauses.id = signed.key AND status = 'pending' AND expires_at <= :now RETURNING *",
+            {"signed": json.dumps(batch.receipts.result()), "now": batch.now}).fetchall()
+        record_decisions(conn, config, decided, None, batch.now)
+    return len(decided)
 
 
 def take_due_steps(conn, config):
@@ -3870,9 +3937,6 @@ def prune_expired_data(conn, config, now=None):
 # Signed receipts: the server's Ed25519 keys
 ###############################################################################
 
-SIGN_IN_PARALLEL = 32          # receipts in one round from which a second thread helps sign them
-
-
 def signing_keys_path(database_path):
     """The server's signing keys live beside its database, and go with it into a backup."""
     return database_path + ".keys.json"
@@ -3892,6 +3956,7 @@ class Signer:
 
     def __init__(self, path, signed_by=lambda: None):
         self.path, self.read_at, self.signed_by = path, None, signed_by()
+        # Signs a round of timeouts' receipts while the timeout job writes (expire_due_pauses()).
         self.helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="signing")
         if not os.path.exists(path):
             if self.signed_by:
@@ -3931,22 +3996,13 @@ class Signer:
         return self.sign_all([claims])[0]
 
     def sign_all(self, many):
-        """A compact JWS of each of `many` claims. A round of timeouts signs hundreds under the
-        write lock: beyond a few, two threads share them (the signing releases the GIL)."""
+        """A compact JWS of each of `many` claims."""
         self.reload()
         kid, private = self.current
         # ASCII JSON: a lone surrogate an older version let into a pause's fields still signs.
         header = b64url(json.dumps({"alg": "EdDSA", "kid": kid, "typ": "JWT"}, separators=(",", ":")).encode())
         signed = [f"{header}.{b64url(json.dumps(claims, separators=(',', ':')).encode())}" for claims in many]
-
-        def finish(part):
-            return [f"{text}.{b64url(private.sign(text.encode('ascii')))}" for text in part]
-
-        if len(signed) < SIGN_IN_PARALLEL:
-            return finish(signed)
-        half = len(signed) // 2
-        other = self.helper.submit(finish, signed[half:])
-        return finish(signed[:half]) + other.result()
+        return [f"{text}.{b64url(private.sign(text.encode('ascii')))}" for text in signed]
 
     def jwks(self):
         self.reload()

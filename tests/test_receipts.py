@@ -171,15 +171,63 @@ def test_rotations_at_once_lose_no_key(tmp_path):
     assert sum("private" in key for key in keys) == 1
 
 
-def test_a_round_of_many_timeouts_signs_each_its_own_receipt(running_api):
+def test_a_burst_of_timeouts_signs_each_its_own_receipt_saying_what_the_pause_says(running_api):
     api = running_api(jobs=False)
     key = api.register()["test_api_key"]
-    created = [api.create_pause(key, channel="link", recipient="ops") for _ in range(pausepoint.SIGN_IN_PARALLEL + 9)]
+    api.create_pause(key, fields={"amount": {"type": "number", "value": 340, "editable": True}})
+    team = api.post_json("/v1/pause", TEAM, headers=api.as_key(key)).json
+    api.post_json(f"/v1/respond/{token_of(team['recipients'][0]['respond_url'])}", {"choice": "Approve"})
+    burst = pausepoint.JOB_BATCH + 34                   # signed ahead, batch after batch
+    stored(api.config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+                       " INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options,"
+                       " timeout_default, fields, respond_token, created_at, expires_at)"
+                       " SELECT 'psr_' || i, developer_id, 0, recipient, channel, message, options, timeout_default,"
+                       " fields, 'tok' || i, created_at, expires_at FROM n, pauses WHERE pauses.seq = 1", burst)
     stored(api.config, "UPDATE pauses SET expires_at = '2000-01-01T00:00:00.000Z'")
     api.step("timeouts")
-    for pause in created:
-        claims = checked(api, api.pause(key, pause["pause_id"])["receipt"])
-        assert (claims["pause_id"], claims["status"]) == (pause["pause_id"], "timed_out")
+    pauses = [api.pause(key, pause_id) for (pause_id,) in stored(api.config, "SELECT id FROM pauses")]
+    assert len(pauses) == burst + 2
+    for pause in pauses:
+        claims = checked(api, pause["receipt"])
+        assert claims == {
+            "pause_id": pause["pause_id"], "message_sha256": hashlib.sha256(WIRE["message"].encode()).hexdigest(),
+            "options": WIRE["options"], "status": "timed_out", "choice": "Reject", "fields": pause.get("fields"),
+            "edited": pause.get("edited"), "votes": claims["votes"], "decided_by": "timeout",
+            "decided_at": pause["decided_at"], "livemode": False}
+    assert [vote["recipient"] for vote in checked(api, api.pause(key, team["pause_id"])["receipt"])["votes"]] == ["ana"]
+
+
+def test_a_pause_decided_after_its_timeout_was_signed_ahead_keeps_its_own_decision(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    timed_out, cancelled = api.create_pause(key), api.create_pause(key)
+    stored(api.config, "UPDATE pauses SET expires_at = '2000-01-01T00:00:00.000Z'")
+    conn = api.app.runtime.db()
+    batch = pausepoint.due_batch(conn, ("", 0))         # read and signed as timing out…
+    api.post(f"/v1/pause/{cancelled['pause_id']}/cancel", headers=api.as_key(key))     # …then cancelled
+    assert pausepoint.time_out(conn, api.config, batch) == 1
+    assert checked(api, api.pause(key, cancelled["pause_id"])["receipt"])["status"] == "cancelled"
+    assert checked(api, api.pause(key, timed_out["pause_id"])["receipt"])["status"] == "timed_out"
+    assert stored(api.config, "SELECT event_type FROM audit_events WHERE pause_id = ? AND event_type != 'pause.created'",
+                  cancelled["pause_id"]) == [("pause.cancelled",)]
+
+
+def test_a_vote_that_lands_after_a_team_pause_was_read_for_its_timeout_is_in_its_receipt(running_api):
+    api = running_api(jobs=False)
+    key = api.register()["test_api_key"]
+    three = {**TEAM, "recipients": [*TEAM["recipients"], {"recipient": "cy", "channel": "link"}],
+             "quorum": {"choice": "Approve", "count": 3}}
+    team = api.post_json("/v1/pause", three, headers=api.as_key(key)).json
+    api.post_json(f"/v1/respond/{token_of(team['recipients'][0]['respond_url'])}", {"choice": "Approve"})
+    stored(api.config, "UPDATE pauses SET expires_at = '2000-01-01T00:00:00.000Z'")
+    conn = api.app.runtime.db()
+    batch = pausepoint.due_batch(conn, ("", 0))
+    # bo's vote, its clock read before the expiry, commits only now (as a racing answer can)
+    stored(api.config, "UPDATE pause_recipients SET choice = 'Approve', voted_at = '1999-12-31T23:59:59.000Z'"
+                       " WHERE pause_id = ? AND recipient = 'bo'", team["pause_id"])
+    assert pausepoint.time_out(conn, api.config, batch) == 1
+    votes = checked(api, api.pause(key, team["pause_id"])["receipt"])["votes"]
+    assert [vote["recipient"] for vote in votes] == ["bo", "ana"]
 
 
 def test_a_database_with_receipts_never_starts_with_another_keys_file(running_api):
