@@ -455,3 +455,26 @@ def test_stopping_never_deadlocks_with_a_job_that_is_waking_the_delivery_job(tmp
         stopper.start()
         stopper.join(timeout=10)
         assert not stopper.is_alive(), f"stop() hung in cycle {cycle}"
+
+
+def test_request_threads_keep_as_many_database_connections_as_requests_ran_at_once(tmp_path):
+    config = make_config(tmp_path, **{"server.host": "127.0.0.1", "ratelimit.enabled": False})
+    app = pausepoint.create_app(config)                 # no jobs: only requests open connections
+
+    def connections():
+        """The process's descriptors on the database file: one per SQLite connection."""
+        opened = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                opened += os.readlink(f"/proc/self/fd/{fd}") == config["database.path"]
+            except OSError:
+                pass                                    # closed meanwhile
+        return opened
+
+    with LiveServer(app, config) as server:
+        before = connections()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            for _ in range(25):                         # 100 requests, 4 at a time, over 64 threads
+                assert set(pool.map(lambda _: requests.get(server.url + "/v1/pause", headers={
+                    "Authorization": "Bearer pp_test_" + "0" * 43}).status_code, range(4))) == {401}
+        assert connections() - before <= 4
