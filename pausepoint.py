@@ -18,6 +18,8 @@ import collections
 import concurrent.futures
 import contextlib
 import csv
+import ctypes
+import ctypes.util
 import dataclasses
 import datetime as dt
 import email.message
@@ -6910,6 +6912,7 @@ def make_server(app, config, port=None):
 
 
 def serve(config):
+    fewer_malloc_arenas()
     app = create_app(config)
     server = make_server(app, config)
     app.runtime.start()
@@ -6934,6 +6937,21 @@ def serve(config):
     finally:
         app.runtime.stop()
         log.info("PausePoint stopped")
+
+
+# glibc's mallopt() option for the most arenas it makes.
+M_ARENA_MAX = -8
+
+
+def fewer_malloc_arenas():
+    """glibc gives threads that allocate at once arenas of their own, up to eight per core,
+    and each keeps what was freed in it: the server's 64 request threads held 8 MB more
+    after a load than with two (102 MB against 94). Set before the threads start; a libc
+    without the option (musl) has no such arenas."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_ARENA_MAX, 2)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def backup(config, destination):
