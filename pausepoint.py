@@ -6380,9 +6380,9 @@ ACCEPTS_PER_WAKE = 256          # drain the listen backlog quickly, so a flood d
 # SYN of whoever comes next, who then waits out TCP's one-second retry (the kernel caps
 # this at net.core.somaxconn).
 LISTEN_BACKLOG = 4096
-# Descriptors besides client connections: a SQLite connection (database, WAL,
-# shared memory) per thread that touches the database, the outbound sockets in
-# use and kept alive, the scheduler's threads, log files and the like.
+# Descriptors besides client connections: at most a SQLite connection (database, WAL,
+# shared memory) per thread that touches the database, the outbound sockets in use and
+# kept alive, the scheduler's threads, log files and the like.
 FDS_PER_THREAD, SCHEDULER_THREADS, SPARE_FDS = 3, 10, 64
 WAITRESS_ERROR_CODES = {400: "bad_request", 413: "payload_too_large", 431: "headers_too_large",
                         501: "not_implemented"}
