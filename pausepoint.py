@@ -654,12 +654,14 @@ class Connection(sqlite3.Connection):
     turns = Turns(1)        # command-line connections: one thread, never holding a turn
     on_commit = None        # the runtime's on_commit({what: {ids}}); None for command-line connections
     _woken = None           # what the open transaction will wake once it commits
+    borrower = None         # the thread a request connection is lent to (Runtime.db())
 
 
 def connect(path, write_lock=None, cache_kib=128, same_thread=True):
     """A connection in autocommit mode: transactions are explicit (see transaction()).
-    Each thread opens its own, so sqlite3's same-thread check stays on, but for a job's
-    own connection, which its round lock keeps to one thread at a time."""
+    sqlite3's same-thread check stays on, but for a job's own connection, which its round
+    lock keeps to one thread at a time, and those lent to request threads one request at a
+    time (Runtime.db())."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=30, factory=Connection, check_same_thread=same_thread)
     conn.write_lock = write_lock
     conn.row_factory = sqlite3.Row
@@ -2333,8 +2335,9 @@ def expire_due_pauses(conn, config):
     thread signs each batch's receipts while the batch before it is written: only the
     writing holds the write lock. A batch is read before the one ahead of it commits, so it
     starts after that one's last pause; whatever that leaves behind, the next round finds.
-    Its decided_at, the time its receipts say, is when it was read: up to one batch's
-    writing (about 50 ms) before it commits."""
+    Its decided_at, the time its receipts say, is when it was read: before it commits by
+    the writing of the batch ahead of it and any wait for the write lock (tens of
+    milliseconds, hundreds behind a slow writer)."""
     total, batch = 0, due_batch(conn, ("", 0))
     while batch.rows:
         last = batch.rows[-1]
@@ -2376,12 +2379,13 @@ def time_out(conn, config, batch):
     """Time out those of `batch` still pending, by compare-and-set in one transaction, with the
     receipts signed ahead; a pause decided since it was read keeps its own decision and
     receipt. Returns how many."""
+    signed = json.dumps(batch.receipts.result())        # before the write lock: it never waits on signing
     with transaction(conn):
         decided = conn.execute(
             f"UPDATE pauses SET {', '.join(f'{column} = {value}' for column, value in TIMED_OUT.items())},"
             " receipt = signed.value FROM json_each(:signed) AS signed"
             " WHERE pauses.id = signed.key AND status = 'pending' AND expires_at <= :now RETURNING *",
-            {"signed": json.dumps(batch.receipts.result()), "now": batch.now}).fetchall()
+            {"signed": signed, "now": batch.now}).fetchall()
         record_decisions(conn, config, decided, None, batch.now)
     return len(decided)
 
@@ -4107,6 +4111,7 @@ class Metrics:
         registry.register(self)
 
     def committed(self, woken):
+        now = db_time()
         for _, mode in woken.get("created", ()):
             self.created.labels(MODE_NAMES[mode]).inc()
         for _, status, mode, created_at, decided_at, expires_at in woken.get("decided", ()):
@@ -4114,7 +4119,8 @@ class Metrics:
             if status == "responded":
                 self.decision_seconds.labels(MODE_NAMES[mode]).observe(seconds_between(created_at, decided_at))
             elif status == "timed_out":
-                self.lateness.observe(max(0.0, seconds_between(expires_at, decided_at)))
+                # At the commit: a batch of timeouts says the time it was read (expire_due_pauses()).
+                self.lateness.observe(max(0.0, seconds_between(expires_at, now)))
         for _, _, channel, result in woken.get("notified", ()):
             self.notifications.labels(channel, result).inc()
         for _, _, result in woken.get("attempted", ()):
@@ -4237,22 +4243,36 @@ class Runtime:
         refresh_statistics(self.db())
 
     def db(self):
-        """This thread's connection. A job's thread keeps its own; a request thread is lent
-        one for the request, given back after it (give_back_db()): each warm connection
-        holds about 0.8 MB of page cache and prepared statements, and the server needs as
-        many as requests run at once, not one for every thread. Never two threads at once."""
+        """This thread's connection. A job's thread keeps its own, which sqlite3 keeps to
+        it. A request thread (serves_requests()) is lent one for the request and gives it
+        back after (give_back_db()): a warm connection holds about 0.8 MB of page cache and
+        prepared statements, and the server needs as many as requests run at once, not one
+        for every thread."""
         conn = getattr(self._local, "conn", None)
-        if conn is None:
+        if conn is None and getattr(self._local, "lent", False):
             with self.idle_lock:
                 conn = self.idle_connections.pop() if self.idle_connections else None
-            self._local.conn = conn = conn or self.connect(self.config["database.cache_kib"], same_thread=False)
+            conn = conn or self.connect(self.config["database.cache_kib"], same_thread=False)
+            conn.borrower = threading.get_ident()
+            self._local.conn = conn
+        elif conn is None:
+            conn = self._local.conn = self.connect(self.config["database.cache_kib"])
+        elif conn.borrower not in (None, threading.get_ident()):
+            # A lent connection is one thread's until given back; two at once would corrupt
+            # both requests' statements (sqlite3's same-thread check is off for these).
+            raise RuntimeError("a database connection lent to another thread")
         return conn
+
+    def serves_requests(self):
+        """Called on each request thread as it starts: its connections are lent (see db())."""
+        self._local.lent = True
 
     def give_back_db(self):
         """After a request: the thread's connection, if it took one, goes back to be lent
         again, the last given back first (its cache is the warmest)."""
         conn, self._local.conn = getattr(self._local, "conn", None), None
         if conn is not None:
+            conn.borrower = None
             with self.idle_lock:
                 self.idle_connections.append(conn)
 
@@ -6725,10 +6745,12 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
     its own turn while everyone else's requests keep being taken. The trusted proxy,
     behind which every client shares one address, is exempt."""
 
-    def __init__(self, per_address, exempt, wake_waiters=lambda: None, after_task=lambda: None):
+    def __init__(self, per_address, exempt, wake_waiters=lambda: None, thread_started=lambda: None,
+                 after_task=lambda: None):
         super().__init__()
         self.per_address, self.exempt = per_address, exempt
         self.wake_waiters = wake_waiters              # at shutdown, so parked long polls get their answer
+        self.thread_started = thread_started          # on each worker thread, before its first channel
         self.after_task = after_task                  # on the thread, once it has served a channel
         self.waiting = collections.OrderedDict()    # address -> its channels with a request; order is turn order
         self.running = collections.Counter()        # address -> threads serving it now
@@ -6760,6 +6782,7 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
         return None
 
     def handler_thread(self, thread_no):
+        self.thread_started()
         while True:
             with self.lock:
                 while (taken := self._take()) is None and self.stop_count == 0:
@@ -6895,7 +6918,7 @@ def make_server(app, config, port=None):
                     app.runtime.waiting.limit)
     dispatcher = FairTaskDispatcher(config["server.threads"] - THREADS_KEPT_FOR_OTHER_REQUESTS,
                                     config["server.trusted_proxy"], app.runtime.wake_waiters,
-                                    app.runtime.give_back_db)
+                                    app.runtime.serves_requests, app.runtime.give_back_db)
     dispatcher.set_thread_count(adjustments.threads)
     queue_log = logging.getLogger("waitress.queue")
     if not any(isinstance(f, QueueDepthSummary) for f in queue_log.filters):
@@ -6946,8 +6969,11 @@ M_ARENA_MAX = -8
 def fewer_malloc_arenas():
     """glibc gives threads that allocate at once arenas of their own, up to eight per core,
     and each keeps what was freed in it: the server's 64 request threads held 8 MB more
-    after a load than with two (102 MB against 94). Set before the threads start; a libc
-    without the option (musl) has no such arenas."""
+    after a load than with two (102 MB against 94). Set before the threads start, unless
+    the operator chose with MALLOC_ARENA_MAX; a libc without the option (musl) has no
+    such arenas."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
     try:
         ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_ARENA_MAX, 2)
     except (OSError, AttributeError, TypeError):

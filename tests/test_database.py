@@ -231,7 +231,8 @@ def test_a_burst_of_due_pauses_all_time_out_in_one_run_each_exactly_once(running
     stored(api.config, "INSERT INTO notifications (id, pause_id, developer_id, channel, recipient, livemode, text,"
                        " next_attempt_at, created_at, updated_at) SELECT 'ntf_' || id, id, developer_id, channel,"
                        " recipient, 0, 'text', '2999-01-01T00:00:00.000Z', created_at, created_at FROM pauses WHERE seq > 1")
-    assert api.app.runtime.run_timeouts() == burst             # one run, batch after batch
+    conn = api.app.runtime.connect(128)
+    assert pausepoint.expire_due_pauses(conn, api.config) == burst     # one call, batch after batch
     assert stored(api.config, "SELECT status, choice, count(*) FROM pauses WHERE seq > 1 GROUP BY 1, 2") == [
         ("timed_out", "Reject", burst)]
     assert stored(api.config, "SELECT count(*), count(DISTINCT pause_id) FROM audit_events"

@@ -478,3 +478,19 @@ def test_request_threads_keep_as_many_database_connections_as_requests_ran_at_on
                 assert set(pool.map(lambda _: requests.get(server.url + "/v1/pause", headers={
                     "Authorization": "Bearer pp_test_" + "0" * 43}).status_code, range(4))) == {401}
         assert connections() - before <= 4
+
+
+def test_a_lent_connection_serves_one_request_at_a_time(live_server):
+    auth = {"Authorization": f"Bearer {register_over_http(live_server.url)['test_api_key']}"}
+
+    def client(_):
+        with requests.Session() as session:
+            statuses = set()
+            for _ in range(25):                 # write, then read what was written
+                created = session.post(f"{live_server.url}/v1/pause", json=WIRE, headers=auth)
+                statuses |= {created.status_code,
+                             session.get(f"{live_server.url}/v1/pause/{created.json()['pause_id']}", headers=auth).status_code}
+            return statuses
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert set().union(*pool.map(client, range(8))) == {200, 201}
