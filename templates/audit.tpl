@@ -22,7 +22,7 @@
       <td>{{event['actor']}}</td>
       <td>
 % if event['pause_id']:
-        <a href="/dashboard/pauses/{{event['pause_id']}}"><code>{{event['pause_id'][:12]}}…</code></a>
+        <a href="/dashboard/pauses/{{event['pause_id']}}"><code>psr_…{{event['pause_id'][-8:]}}</code></a>
 % end
       </td>
       <td class="text"><code>{{json_text(event['data'])}}</code></td>

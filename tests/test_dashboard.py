@@ -237,6 +237,10 @@ def test_the_audit_log_filters_and_downloads_as_csv(running_api):
     api.post(f"/v1/pause/{first['pause_id']}/cancel", headers=api.as_key(keys["test"]))
     page = api.get("/dashboard/audit", {"event_type": "pause.cancelled"})
     assert [td.text for td in page.html.select("#events tbody tr td:nth-of-type(2)")] == ["pause.cancelled"]
+    # Pause ids made in the same minute share their first digits (the time): each one's
+    # short form tells them apart.
+    shown = [code.text for code in api.get("/dashboard/audit").html.select("#events tbody tr td:nth-of-type(4) code")]
+    assert len(set(shown)) == 2 and len(shown) == 3
     download = api.get("/dashboard/audit.csv")
     assert download.headers["Content-Type"] == "text/csv; charset=utf-8"
     assert "attachment" in download.headers["Content-Disposition"]
