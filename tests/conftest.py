@@ -23,10 +23,12 @@ import webtest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # A run starts dozens of Python processes (servers, clients, the MCP server, the hook), each
-# compiling the same modules: they cache their bytecode (__pycache__, which git ignores)
-# even where the environment asks Python not to. It saved a fifth of the suite's CPU time.
-sys.dont_write_bytecode = False
-os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+# compiling the same modules. Where the environment asks Python not to write bytecode beside
+# the sources, they cache it under .pytest_cache (which git ignores) instead, so nothing is
+# written into the interpreter's own trees. It saved a fifth of the suite's CPU time.
+if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
+    sys.dont_write_bytecode = False
+    sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(ROOT, ".pytest_cache", "bytecode")
 
 import pausepoint  # noqa: E402
 from stubs import TwilioStub, WebhookReceiver  # noqa: E402
