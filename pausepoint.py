@@ -2354,10 +2354,10 @@ def due_batch(conn, after):
     with their receipts as timed out now being signed. A team pause's receipt lists its
     votes, and one may still come in before its timeout commits: it is signed then."""
     now = db_time()
-    rows = query_db(conn, f"SELECT seq, id, team, expires_at, message, options, fields, livemode,"
+    rows = query_db(conn, "SELECT seq, id, team, expires_at, message, options, fields, livemode,"
                           f" {', '.join(f'{value} AS {column}' for column, value in TIMED_OUT.items())}"
-                          f" FROM pauses WHERE status = 'pending' AND expires_at <= :now"
-                          f" AND (expires_at, seq) > (:after_expiry, :after_seq) ORDER BY expires_at, seq LIMIT :batch",
+                          " FROM pauses WHERE status = 'pending' AND expires_at <= :now"
+                          " AND (expires_at, seq) > (:after_expiry, :after_seq) ORDER BY expires_at, seq LIMIT :batch",
                     {"now": now, "after_expiry": after[0], "after_seq": after[1], "batch": JOB_BATCH})
     signer, alone = getattr(conn, "signer", None), [row for row in rows if not row["team"]]
 
@@ -4249,18 +4249,19 @@ class Runtime:
         prepared statements, and the server needs as many as requests run at once, not one
         for every thread."""
         conn = getattr(self._local, "conn", None)
-        if conn is None and getattr(self._local, "lent", False):
-            with self.idle_lock:
-                conn = self.idle_connections.pop() if self.idle_connections else None
-            conn = conn or self.connect(self.config["database.cache_kib"], same_thread=False)
-            conn.borrower = threading.get_ident()
-            self._local.conn = conn
-        elif conn is None:
+        if conn is not None:
+            if conn.borrower not in (None, threading.get_ident()):
+                # A lent connection is one thread's until given back; two at once would corrupt
+                # both requests' statements (sqlite3's same-thread check is off for these).
+                raise RuntimeError("a database connection lent to another thread")
+            return conn
+        if not getattr(self._local, "lent", False):
             conn = self._local.conn = self.connect(self.config["database.cache_kib"])
-        elif conn.borrower not in (None, threading.get_ident()):
-            # A lent connection is one thread's until given back; two at once would corrupt
-            # both requests' statements (sqlite3's same-thread check is off for these).
-            raise RuntimeError("a database connection lent to another thread")
+            return conn
+        with self.idle_lock:
+            conn = self.idle_connections.pop() if self.idle_connections else None
+        conn = self._local.conn = conn or self.connect(self.config["database.cache_kib"], same_thread=False)
+        conn.borrower = threading.get_ident()
         return conn
 
     def serves_requests(self):
