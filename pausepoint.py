@@ -738,11 +738,12 @@ def transaction(conn):
         conn._woken, conn.audit_heads = {}, {}      # audit_heads: each chain's head as this transaction leaves it
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:     # a COMMIT that failed leaves it open: never to the next user
+                conn.execute("ROLLBACK")
             conn._woken = None
             raise
-        conn.execute("COMMIT")
     woken, conn._woken = conn._woken, None
     if woken and conn.on_commit is not None:
         conn.on_commit(woken)
@@ -4364,6 +4365,10 @@ class Runtime:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
         self.signer.helper.shutdown()
+        with self.idle_lock:
+            for conn in self.idle_connections:
+                conn.close()
+            self.idle_connections.clear()
         # Calls under way finish and are recorded; claims not yet started expire and are retried.
         self.outbound.shutdown()
         self.webhook_connections.close()
@@ -6971,9 +6976,9 @@ def fewer_malloc_arenas():
     """glibc gives threads that allocate at once arenas of their own, up to eight per core,
     and each keeps what was freed in it: the server's 64 request threads held 8 MB more
     after a load than with two (102 MB against 94). Set before the threads start, unless
-    the operator chose with MALLOC_ARENA_MAX; a libc without the option (musl) has no
-    such arenas."""
-    if "MALLOC_ARENA_MAX" in os.environ:
+    the operator chose (MALLOC_ARENA_MAX, or glibc.malloc.arena_max in GLIBC_TUNABLES); a
+    libc without the option (musl) has no such arenas."""
+    if os.environ.get("MALLOC_ARENA_MAX") or "glibc.malloc.arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
         return
     try:
         ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_ARENA_MAX, 2)

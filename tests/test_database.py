@@ -1,6 +1,7 @@
 """The database layer: migrations, transactions and what they wake, retention."""
 
 import concurrent.futures
+import contextlib
 import datetime as dt
 import os
 import shutil
@@ -231,8 +232,8 @@ def test_a_burst_of_due_pauses_all_time_out_in_one_run_each_exactly_once(running
     stored(api.config, "INSERT INTO notifications (id, pause_id, developer_id, channel, recipient, livemode, text,"
                        " next_attempt_at, created_at, updated_at) SELECT 'ntf_' || id, id, developer_id, channel,"
                        " recipient, 0, 'text', '2999-01-01T00:00:00.000Z', created_at, created_at FROM pauses WHERE seq > 1")
-    conn = api.app.runtime.connect(128)
-    assert pausepoint.expire_due_pauses(conn, api.config) == burst     # one call, batch after batch
+    with contextlib.closing(api.app.runtime.connect(128)) as conn:
+        assert pausepoint.expire_due_pauses(conn, api.config) == burst     # one call, batch after batch
     assert stored(api.config, "SELECT status, choice, count(*) FROM pauses WHERE seq > 1 GROUP BY 1, 2") == [
         ("timed_out", "Reject", burst)]
     assert stored(api.config, "SELECT count(*), count(DISTINCT pause_id) FROM audit_events"
@@ -529,3 +530,16 @@ def test_pruning_deletes_sign_ins_past_either_limit(running_api):
            pausepoint.db_time(now - dt.timedelta(hours=25)), digest[1])                # too old, though in use
     assert pausepoint.prune_expired_data(conn, api.config)["dashboard sign-ins"] == 2
     assert stored(api.config, "SELECT token_hash FROM dashboard_sessions") == [(digest[2],)]
+
+
+def test_a_commit_that_fails_leaves_no_transaction_open_for_the_next_user(app):
+    conn = app.runtime.db()
+    with pytest.raises(sqlite3.IntegrityError):
+        with pausepoint.transaction(conn):
+            conn.execute("PRAGMA defer_foreign_keys = ON")         # the constraint is checked at COMMIT
+            conn.execute("INSERT INTO dashboard_sessions (token_hash, developer_id, csrf_token, created_at,"
+                         " last_seen_at) VALUES ('t', 'dev_nobody', 'c', 'now', 'now')")
+    assert not conn.in_transaction
+    with pausepoint.transaction(conn):                              # the connection is good for the next
+        conn.execute("DELETE FROM dashboard_sessions")
+    assert stored(app.runtime.config, "SELECT count(*) FROM dashboard_sessions") == [(0,)]

@@ -494,3 +494,53 @@ def test_a_lent_connection_serves_one_request_at_a_time(live_server):
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         assert set().union(*pool.map(client, range(8))) == {200, 201}
+
+
+def test_a_job_thread_opens_its_own_connection_and_takes_none_lent_to_requests(tmp_path):
+    config = make_config(tmp_path, **{"server.host": "127.0.0.1", "ratelimit.enabled": False})
+    app = pausepoint.create_app(config)
+    with LiveServer(app, config) as server:
+        for _ in range(3):
+            requests.get(server.url + "/v1/pause", headers={"Authorization": "Bearer pp_test_" + "0" * 43})
+        idle = list(app.runtime.idle_connections)
+        used = []
+
+        def job():
+            app.runtime.run_once("steps")                 # on a thread that serves no requests
+            used.append(app.runtime.db())
+
+        thread = threading.Thread(target=job)
+        thread.start()
+        thread.join()
+        assert idle and app.runtime.idle_connections == idle
+        assert used[0] not in idle and used[0].borrower is None
+
+
+ARENAS_AFTER_EIGHT_THREADS_ALLOCATE = """
+import ctypes, sys, threading
+sys.path.insert(0, sys.argv[1])
+import pausepoint
+pausepoint.fewer_malloc_arenas()
+start = threading.Barrier(8)
+
+def allocate():
+    start.wait()
+    kept = [ctypes.create_string_buffer(4096) for _ in range(2000)]
+
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+ctypes.CDLL(None).malloc_stats()                # glibc's report, on stderr: a line per arena
+"""
+
+
+@pytest.mark.parametrize("env, arenas", [({}, 2), ({"MALLOC_ARENA_MAX": "6"}, 6),
+                                         ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=5"}, 5)],
+                         ids=["ours", "the operator's variable", "the operator's tunable"])
+def test_the_server_keeps_two_malloc_arenas_unless_the_operator_chose(env, arenas):
+    report = subprocess.run([sys.executable, "-c", ARENAS_AFTER_EIGHT_THREADS_ALLOCATE, ROOT], capture_output=True,
+                            text=True, timeout=60, env={**{name: value for name, value in os.environ.items()
+                                                           if name not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}, **env})
+    assert sum(line.startswith("Arena ") for line in report.stderr.splitlines()) == arenas
