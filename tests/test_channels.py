@@ -566,7 +566,9 @@ def test_a_second_developers_wire_is_never_approved_by_a_reply_meant_for_the_fir
                          json={**WIRE, "recipient": "+15550123", "message": "send $10 to the office fund?"}).json()
     wire = requests.post(f"{server.url}/v1/pause", headers=b,
                          json={**WIRE, "recipient": "+15550123", "message": "wire $50,000 to account 998877?"}).json()
-    wait_until(lambda: len(twilio.messages) == 2)
+    # Both texts delivered, and recorded as sent (a text still being sent counts for no reply).
+    wait_until(lambda: all(requests.get(f"{server.url}/v1/pause/{pause['pause_id']}", headers=who).json()
+                           ["notification"]["status"] == "sent" for pause, who in ((fund, a), (wire, b))))
     fund_text = next(m["Body"] for m in twilio.messages if "office fund" in m["Body"])
     code = re.search(r"Reply ([A-Z][2-9]) 1 for Approve", fund_text).group(1)
     assert "2 requests are open" in reply("1")                  # the person answers the first text, bare
