@@ -116,7 +116,7 @@ SETTINGS = [
     Setting("server.idle_timeout", 60, "Seconds an idle keep-alive connection stays open."),
     Setting("server.send_timeout", 20, "Seconds an answer may wait for the client to read it before the connection is closed."),
     Setting("database.path", "pausepoint.db", "SQLite database file. Created from schema.sql on first start."),
-    Setting("database.cache_kib", 128, "SQLite's page cache per connection, in KiB. Every thread has its own connection (about 90 with the defaults), so this counts that many times; the operating system's file cache, shared by all, holds the rest."),
+    Setting("database.cache_kib", 128, "SQLite's page cache per connection, in KiB. There is a connection for each request running at once and for each job thread (at most about 90 with the defaults), so this counts that many times; the operating system's file cache, shared by all, holds the rest."),
     Setting("registration.open", True, "Whether registration (POST /v1/auth/register and the dashboard's sign-up) is open. When false, the operator adds developers with `create-developer`. The operator page's switch, once used, overrides this."),
     Setting("dashboard.session_idle_minutes", 60, "Minutes a dashboard sign-in lasts without use."),
     Setting("dashboard.session_max_hours", 168, "Hours a dashboard sign-in lasts at most, however often it is used."),
