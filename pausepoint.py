@@ -4116,7 +4116,7 @@ class Metrics:
         registry.register(self)
 
     def committed(self, woken):
-        now = db_time()
+        now = None
         for _, mode in woken.get("created", ()):
             self.created.labels(MODE_NAMES[mode]).inc()
         for _, status, mode, created_at, decided_at, expires_at in woken.get("decided", ()):
@@ -4125,6 +4125,7 @@ class Metrics:
                 self.decision_seconds.labels(MODE_NAMES[mode]).observe(seconds_between(created_at, decided_at))
             elif status == "timed_out":
                 # At the commit: a batch of timeouts says the time it was read (expire_due_pauses()).
+                now = now or db_time()          # read only for commits with timeouts
                 self.lateness.observe(max(0.0, seconds_between(expires_at, now)))
         for _, _, channel, result in woken.get("notified", ()):
             self.notifications.labels(channel, result).inc()

@@ -457,27 +457,37 @@ def test_stopping_never_deadlocks_with_a_job_that_is_waking_the_delivery_job(tmp
         assert not stopper.is_alive(), f"stop() hung in cycle {cycle}"
 
 
-def test_request_threads_keep_as_many_database_connections_as_requests_ran_at_once(tmp_path):
+# A request that reads the database (to look the key up) and is refused.
+UNKNOWN_KEY = {"Authorization": "Bearer pp_test_" + "0" * 43}
+
+
+@pytest.fixture
+def server_without_jobs(tmp_path):
+    """A live server (64 request threads) whose jobs never run: only requests open connections."""
     config = make_config(tmp_path, **{"server.host": "127.0.0.1", "ratelimit.enabled": False})
-    app = pausepoint.create_app(config)                 # no jobs: only requests open connections
+    with LiveServer(pausepoint.create_app(config), config) as server:
+        yield server
+
+
+def test_request_threads_keep_as_many_database_connections_as_requests_ran_at_once(server_without_jobs):
+    database = server_without_jobs.app.runtime.config["database.path"]
 
     def connections():
         """The process's descriptors on the database file: one per SQLite connection."""
         opened = 0
         for fd in os.listdir("/proc/self/fd"):
             try:
-                opened += os.readlink(f"/proc/self/fd/{fd}") == config["database.path"]
+                opened += os.readlink(f"/proc/self/fd/{fd}") == database
             except OSError:
                 pass                                    # closed meanwhile
         return opened
 
-    with LiveServer(app, config) as server:
-        before = connections()
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            for _ in range(25):                         # 100 requests, 4 at a time, over 64 threads
-                assert set(pool.map(lambda _: requests.get(server.url + "/v1/pause", headers={
-                    "Authorization": "Bearer pp_test_" + "0" * 43}).status_code, range(4))) == {401}
-        assert connections() - before <= 4
+    before = connections()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for _ in range(25):                             # 100 requests, 4 at a time, over 64 threads
+            assert set(pool.map(lambda _: requests.get(server_without_jobs.url + "/v1/pause",
+                                                       headers=UNKNOWN_KEY).status_code, range(4))) == {401}
+    assert connections() - before <= 4
 
 
 def test_a_lent_connection_serves_one_request_at_a_time(live_server):
@@ -496,24 +506,22 @@ def test_a_lent_connection_serves_one_request_at_a_time(live_server):
         assert set().union(*pool.map(client, range(8))) == {200, 201}
 
 
-def test_a_job_thread_opens_its_own_connection_and_takes_none_lent_to_requests(tmp_path):
-    config = make_config(tmp_path, **{"server.host": "127.0.0.1", "ratelimit.enabled": False})
-    app = pausepoint.create_app(config)
-    with LiveServer(app, config) as server:
-        for _ in range(3):
-            requests.get(server.url + "/v1/pause", headers={"Authorization": "Bearer pp_test_" + "0" * 43})
-        idle = list(app.runtime.idle_connections)
-        used = []
+def test_a_job_thread_opens_its_own_connection_and_takes_none_lent_to_requests(server_without_jobs):
+    runtime = server_without_jobs.app.runtime
+    for _ in range(3):
+        requests.get(server_without_jobs.url + "/v1/pause", headers=UNKNOWN_KEY)
+    idle = list(runtime.idle_connections)
+    used = []
 
-        def job():
-            app.runtime.run_once("steps")                 # on a thread that serves no requests
-            used.append(app.runtime.db())
+    def job():
+        runtime.run_once("steps")                       # on a thread that serves no requests
+        used.append(runtime.db())
 
-        thread = threading.Thread(target=job)
-        thread.start()
-        thread.join()
-        assert idle and app.runtime.idle_connections == idle
-        assert used[0] not in idle and used[0].borrower is None
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join()
+    assert idle and runtime.idle_connections == idle
+    assert used[0] not in idle and used[0].borrower is None
 
 
 ARENAS_AFTER_EIGHT_THREADS_ALLOCATE = """
