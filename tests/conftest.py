@@ -2,7 +2,8 @@
 
 `api` drives the WSGI app in-process through WebTest; `live_server` serves the
 same app over real HTTP with waitress on a loopback port; `spawn_server` runs
-`python pausepoint.py` as its own process, for restarts, signals and the CLI.
+`python pausepoint.py` as its own process (forked, see launcher.py), for restarts,
+signals and the CLI.
 """
 
 import datetime as dt
@@ -11,7 +12,6 @@ import os
 import shutil
 import socket
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -31,6 +31,7 @@ if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
     sys.pycache_prefix = os.environ.setdefault("PYTHONPYCACHEPREFIX", os.path.join(ROOT, ".pytest_cache", "bytecode"))
 
 import pausepoint  # noqa: E402
+import launcher  # noqa: E402
 from stubs import TwilioStub, WebhookReceiver  # noqa: E402
 
 PASSWORD = "correct horse battery"
@@ -255,18 +256,24 @@ def free_port():
         return s.getsockname()[1]
 
 
+def process_env(env=None):
+    """The environment of a pausepoint process a test starts: fast password hashing unless it says."""
+    return {**os.environ, "PAUSEPOINT_SECURITY_BCRYPT_ROUNDS": "4", **(env or {})}
+
+
+def run_cli(cwd, *args, env=None, stdin=None):
+    """`python pausepoint.py --db <cwd>/pausepoint.db ARGS`, its output captured."""
+    return launcher.run(["--db", str(cwd / "pausepoint.db"), *args], cwd, process_env(env), stdin=stdin)
+
+
 class ServerProcess:
     """`python pausepoint.py` in its own process, on a given database and port."""
 
     def __init__(self, db_path, port, *extra_args, env=None):
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = f"{db_path}.{port}.log"
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db", str(db_path), "--port", str(port),
-             "--host", "127.0.0.1", *extra_args],
-            cwd=os.path.dirname(str(db_path)), stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PAUSEPOINT_SECURITY_BCRYPT_ROUNDS": "4", **(env or {})})
+        self.proc = launcher.Launched(["--db", str(db_path), "--port", str(port), "--host", "127.0.0.1", *extra_args],
+                                      os.path.dirname(str(db_path)), process_env(env), self.log_path)
         wait_until(self.healthy, timeout=20)
 
     def healthy(self):
@@ -278,15 +285,12 @@ class ServerProcess:
             return False
 
     def output(self):
-        self.log.flush()
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
+        return launcher.read(self.log_path)
 
     def stop(self):
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=20)
-        self.log.close()
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import time
 import pytest
 import requests
 
-from conftest import (register_over_http, stored, PASSWORD, ROOT, WIRE, LiveServer, make_config, run_out, token_of,
-                      wait_until)
+from conftest import (register_over_http, stored, PASSWORD, ROOT, WIRE, LiveServer, make_config, run_cli, run_out,
+                      token_of, wait_until)
 import pausepoint
 
 
@@ -343,12 +343,6 @@ def test_a_second_stop_signal_while_stopping_changes_nothing(spawn_server):
     server.proc.send_signal(signal.SIGINT)          # impatient: a second signal at once
     assert server.proc.wait(timeout=20) == 0
     assert [answer_to(sock)[0] for sock in waiters] == [200] * 20
-
-
-def run_cli(tmp_path, *args, env=None, stdin=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db", str(tmp_path / "pausepoint.db"),
-                           *args], capture_output=True, text=True, timeout=60, cwd=tmp_path, input=stdin,
-                          env={**os.environ, "PAUSEPOINT_SECURITY_BCRYPT_ROUNDS": "4", **(env or {})})
 
 
 def test_the_operator_adds_developers_when_registration_is_closed(spawn_server, tmp_path):
