@@ -316,9 +316,9 @@ needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and not os.e
                                     reason="needs Debian's chromium and chromium-driver")
 
 
-@pytest.fixture
-def browser(tmp_path):
-    """Headless Chromium, phone-sized (390 x 844) until a test resizes it."""
+@pytest.fixture(scope="session")
+def chromium(tmp_path_factory):
+    """Headless Chromium, started once per test process: a start costs about 2 s of CPU."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -326,8 +326,25 @@ def browser(tmp_path):
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=390,844", f"--user-data-dir={tmp_path / 'chromium'}"):
+                 "--window-size=390,844", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
     driver.quit()
+
+
+@pytest.fixture
+def browser(chromium):
+    """A fresh window of that Chromium, phone-sized (390 x 844) until a test resizes it: no
+    history, emulation or cookies from an earlier test (each test's server has its own port,
+    so its own origin for everything else, but cookies are shared by every port of a host)."""
+    earlier = chromium.window_handles
+    chromium.switch_to.new_window("window")
+    fresh = chromium.current_window_handle
+    for handle in earlier:
+        chromium.switch_to.window(handle)
+        chromium.close()
+    chromium.switch_to.window(fresh)
+    chromium.execute_cdp_cmd("Network.clearBrowserCookies", {})
+    chromium.set_window_size(390, 844)
+    return chromium
