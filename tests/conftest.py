@@ -251,6 +251,13 @@ class LiveServer:
         self.thread.start()
         return self
 
+    def quiet(self):
+        """No request is being served. A request's thread gives back its database connection
+        after the answer is sent, so a client can have its answer a moment before that."""
+        dispatcher = self.server.task_dispatcher
+        with dispatcher.lock:
+            return not dispatcher.running
+
     def __exit__(self, *exc):
         self.app.runtime.stop()
         self.stopped.set()

@@ -481,6 +481,7 @@ def test_request_threads_keep_as_many_database_connections_as_requests_ran_at_on
         for _ in range(25):                             # 100 requests, 4 at a time, over 64 threads
             assert set(pool.map(lambda _: requests.get(server_without_jobs.url + "/v1/pause",
                                                        headers=UNKNOWN_KEY).status_code, range(4))) == {401}
+            wait_until(server_without_jobs.quiet)       # the four connections given back
     assert connections() - before <= 4
 
 
@@ -504,6 +505,7 @@ def test_a_job_thread_opens_its_own_connection_and_takes_none_lent_to_requests(s
     runtime = server_without_jobs.app.runtime
     for _ in range(3):
         requests.get(server_without_jobs.url + "/v1/pause", headers=UNKNOWN_KEY)
+    wait_until(server_without_jobs.quiet)
     idle = list(runtime.idle_connections)
     used = []
 
