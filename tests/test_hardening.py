@@ -276,12 +276,12 @@ def test_a_person_gets_waitress_refusals_as_a_page(plain_server, request_bytes, 
 
 
 def test_requests_waiting_for_a_thread_count_toward_the_addresses_share(spawn_server):
-    server = spawn_server(env=settings(**{"server.threads": 12, "security.bcrypt_rounds": 10,
+    server = spawn_server(env=settings(**{"server.threads": 12, "security.bcrypt_rounds": 11,
                                           "ratelimit.enabled": "false"}))
     body = b'{"email": "n@example.com", "password": "password1", "key": "live"}'
     rotate = (b"POST /v1/auth/keys/rotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
               + str(len(body)).encode() + b"\r\n\r\n" + body)
-    flood = [connect_from(ATTACKER, port_of(server), rotate) for _ in range(150)]   # each hashes for ~60 ms
+    flood = [connect_from(ATTACKER, port_of(server), rotate) for _ in range(150)]   # each hashes for ~120 ms
     try:
         time.sleep(0.5)                         # read by now; its threads take seconds to work through the rest
         still_serves_others(server)
