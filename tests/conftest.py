@@ -2,8 +2,8 @@
 
 `api` drives the WSGI app in-process through WebTest; `live_server` serves the
 same app over real HTTP with waitress on a loopback port; `spawn_server` runs
-`python pausepoint.py` as its own process (forked, see launcher.py), for restarts,
-signals and the CLI.
+`python pausepoint.py` as its own process (forked, see launcher.py, unless a test asks
+for a fresh interpreter), for restarts, signals and the CLI.
 """
 
 import contextlib
@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -97,12 +98,13 @@ def running_api(tmp_path, first_start):
     database with those settings, its jobs running; every one is stopped after the
     test. With jobs=False the scheduler stays off and the test steps the jobs itself
     with api.step("timeouts"), so it sees exactly what one run did. The database
-    starts as a copy of first_start's."""
+    starts as a copy of first_start's; with fresh=True the app makes it, as a first
+    start does."""
     built = []
 
-    def build(jobs=True, remote_addr="192.0.2.10", **settings):
+    def build(jobs=True, remote_addr="192.0.2.10", fresh=False, **settings):
         config = make_config(tmp_path, **settings)
-        if not os.path.exists(config["database.path"]):
+        if not fresh and not os.path.exists(config["database.path"]):
             for made, path in zip(first_start, (config["database.path"],
                                                 pausepoint.signing_keys_path(config["database.path"]))):
                 shutil.copy(made, path)         # its mode too: the keys are 0600
@@ -295,18 +297,25 @@ def process_env(env=None):
 
 
 def run_cli(cwd, *args, env=None, stdin=None):
-    """`python pausepoint.py --db <cwd>/pausepoint.db ARGS`, its output captured."""
+    """What `python pausepoint.py --db <cwd>/pausepoint.db ARGS` does, forked (launcher.py), its output captured."""
     return launcher.run(["--db", str(cwd / "pausepoint.db"), *args], cwd, process_env(env), stdin=stdin)
 
 
 class ServerProcess:
-    """`python pausepoint.py` in its own process, on a given database and port."""
+    """A server in its own process, on a given database and port: pausepoint.main() forked
+    (launcher.py), or with fresh_interpreter `python pausepoint.py` itself."""
 
-    def __init__(self, db_path, port, *extra_args, env=None):
+    def __init__(self, db_path, port, *extra_args, env=None, fresh_interpreter=False):
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = f"{db_path}.{port}.log"
-        self.proc = launcher.Launched(["--db", str(db_path), "--port", str(port), "--host", "127.0.0.1", *extra_args],
-                                      os.path.dirname(str(db_path)), process_env(env), self.log_path)
+        argv = ["--db", str(db_path), "--port", str(port), "--host", "127.0.0.1", *extra_args]
+        cwd, env = os.path.dirname(str(db_path)), process_env(env)
+        if fresh_interpreter:
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pausepoint.py"), *argv],
+                                             cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        else:
+            self.proc = launcher.Launched(argv, cwd, env, self.log_path)
         wait_until(self.healthy, timeout=20)
 
     def healthy(self):
@@ -331,8 +340,9 @@ def spawn_server(tmp_path):
     """Start real server processes; every one still running is stopped after the test."""
     started = []
 
-    def spawn(*extra_args, db_path=None, port=None, env=None):
-        server = ServerProcess(db_path or tmp_path / "pausepoint.db", port or free_port(), *extra_args, env=env)
+    def spawn(*extra_args, db_path=None, port=None, env=None, fresh_interpreter=False):
+        server = ServerProcess(db_path or tmp_path / "pausepoint.db", port or free_port(), *extra_args, env=env,
+                               fresh_interpreter=fresh_interpreter)
         started.append(server)
         return server
 
@@ -349,9 +359,8 @@ needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and not os.e
                                     reason="needs Debian's chromium and chromium-driver")
 
 
-@pytest.fixture(scope="session")
-def chromium(tmp_path_factory):
-    """Headless Chromium, started once per test process: a start costs about 2 s of CPU."""
+def start_chromium(profile):
+    """Headless Chromium: a start costs about 2 s of CPU."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -359,25 +368,55 @@ def chromium(tmp_path_factory):
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=390,844", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+                 "--window-size=390,844", f"--user-data-dir={profile}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@pytest.fixture(scope="session")
+def chromium(tmp_path_factory):
+    """The Chromium of this test process: chromium() is the one running, or a new one if a
+    test ended it (closing its last window, say)."""
+    from selenium.common.exceptions import WebDriverException
+
+    running = []
+
+    def current():
+        if running:
+            try:
+                running[-1].window_handles
+                return running[-1]
+            except WebDriverException:
+                with contextlib.suppress(WebDriverException):
+                    running[-1].quit()
+        running.append(start_chromium(tmp_path_factory.mktemp("chromium")))
+        return running[-1]
+
+    yield current
+    for driver in running:
+        with contextlib.suppress(Exception):
+            driver.quit()
 
 
 @pytest.fixture
 def browser(chromium):
-    """A fresh window of that Chromium, phone-sized (390 x 844) until a test resizes it: no
-    history, emulation or cookies from an earlier test (each test's server has its own port,
-    so its own origin for everything else, but cookies are shared by every port of a host)."""
-    earlier = chromium.window_handles
-    chromium.switch_to.new_window("window")
-    fresh = chromium.current_window_handle
+    """A fresh window of this process's Chromium, phone-sized (390 x 844) until a test
+    resizes it: no history, emulation, dialog or cookies from an earlier test (each test's
+    server has its own port, so its own origin for everything else, but cookies are shared
+    by every port of a host)."""
+    from selenium.common.exceptions import NoAlertPresentException
+
+    driver = chromium()
+    with contextlib.suppress(NoAlertPresentException):
+        driver.switch_to.alert.dismiss()            # an alert left open refuses every other command
+    earlier = driver.window_handles
+    driver.switch_to.new_window("window")
+    fresh = driver.current_window_handle
     for handle in earlier:
-        chromium.switch_to.window(handle)
-        chromium.close()
-    chromium.switch_to.window(fresh)
-    chromium.execute_cdp_cmd("Network.clearBrowserCookies", {})
-    chromium.set_window_size(390, 844)
-    return chromium
+        driver.switch_to.window(handle)
+        driver.close()
+    driver.switch_to.window(fresh)
+    driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
+    driver.set_window_size(390, 844)
+    driver.implicitly_wait(0)
+    return driver

@@ -3,9 +3,13 @@
 Importing pausepoint and its libraries costs a new interpreter about 0.3 s of CPU, and the suite
 starts dozens of servers and commands. Each one here is forked instead from a helper process that
 imported pausepoint once (multiprocessing's fork server), then runs `pausepoint.main()` with its own
-arguments, environment, working directory and output file: its own pid, signals, database handles
-and exit code, as the command line gives it. The tests that are about the command line itself
-still start a fresh interpreter.
+arguments, environment, working directory and output files: its own pid, signals, database handles
+and exit code, and its threads are joined before it exits.
+
+What a fork does not do as the command line would: the interpreter's own shutdown is skipped
+(atexit handlers, and the SQLite connections Python closes as it exits), settings read only as a
+process starts (MALLOC_ARENA_MAX, PYTHONHASHSEED, TZ) come from the fork server, and every child
+has the same hash seed. test_server.py's test of the real script covers what that leaves out.
 """
 
 import multiprocessing
@@ -15,34 +19,48 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 
 import pausepoint
 
 FORK_SERVER = multiprocessing.get_context("forkserver")
 FORK_SERVER.set_forkserver_preload([__name__])
+FORK_SERVER_STARTING, FORK_SERVER_STARTED = threading.Lock(), []
 
 
 def start_fork_server():
-    """Python 3.11's fork server starts with the default sys.path, not the tests' (later versions
-    pass it on), and a preload it cannot import is skipped in silence: every child would then
-    import pausepoint itself. So it starts with this module's directory and pausepoint's on
-    PYTHONPATH; each child then sets its own environment."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    given = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([here, os.path.dirname(here)] + ([given] if given else []))
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        if given is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = given
+    """Python 3.11's fork server starts with the default sys.path (later versions take the
+    tests'), whose first entry is the directory pytest ran in, and a preload it cannot import
+    is skipped in silence: it could preload another checkout's pausepoint, or none. So it
+    starts without that entry (PYTHONSAFEPATH) and with this module's directory and
+    pausepoint's on PYTHONPATH, set only while it starts; each child sets its own environment."""
+    with FORK_SERVER_STARTING:
+        if FORK_SERVER_STARTED:
+            return
+        here = os.path.dirname(os.path.abspath(__file__))
+        given = {name: os.environ.get(name) for name in ("PYTHONPATH", "PYTHONSAFEPATH")}
+        paths = [here, os.path.dirname(here)] + ([given["PYTHONPATH"]] if given["PYTHONPATH"] else [])
+        os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+        os.environ["PYTHONSAFEPATH"] = "1"
+        try:
+            multiprocessing.forkserver.ensure_running()
+            FORK_SERVER_STARTED.append(True)
+        finally:
+            for name, value in given.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
 
 
-def run_main(argv, cwd, env, stdout_path, stderr_path, stdin_path):
+def run_main(expected_file, argv, cwd, env, stdout_path, stderr_path, stdin_path):
     """In the forked child: what `python pausepoint.py argv` does, its output appended to the files."""
+    if pausepoint.__file__ != expected_file:
+        raise RuntimeError(f"the fork server loaded {pausepoint.__file__}, not {expected_file}")
     for fd, path in ((1, stdout_path), (2, stderr_path)):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), fd)
+        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(opened, fd)
+        os.close(opened)
     sys.stdin = open(stdin_path or os.devnull, encoding="utf-8")
     os.chdir(cwd)
     os.environ.clear()
@@ -58,7 +76,7 @@ class Launched:
         self.args = argv
         start_fork_server()
         self.process = FORK_SERVER.Process(target=run_main, args=(
-            argv, str(cwd), env, stdout_path, stderr_path or stdout_path, stdin_path))
+            pausepoint.__file__, argv, str(cwd), env, stdout_path, stderr_path or stdout_path, stdin_path))
         self.process.start()
         self.pid = self.process.pid
 

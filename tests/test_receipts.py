@@ -69,7 +69,7 @@ def test_timeouts_cancels_and_team_decisions_are_signed_too(running_api):
 
 
 def test_the_key_is_made_once_kept_beside_the_database_for_its_owner_only(running_api):
-    api = running_api(jobs=False)
+    api = running_api(jobs=False, fresh=True)
     path = pausepoint.signing_keys_path(api.config["database.path"])
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     first = api.get("/.well-known/jwks.json").json
