@@ -376,19 +376,19 @@ def start_chromium(profile):
 @pytest.fixture(scope="session")
 def chromium(tmp_path_factory):
     """The Chromium of this test process: chromium() is the one running, or a new one if a
-    test ended it (closing its last window, say)."""
-    from selenium.common.exceptions import WebDriverException
-
+    test ended it; chromium(restart=True) is a new one whatever state the last was left in."""
     running = []
 
-    def current():
-        if running:
+    def current(restart=False):
+        if running and not restart:
             try:
                 running[-1].window_handles
                 return running[-1]
-            except WebDriverException:
-                with contextlib.suppress(WebDriverException):
-                    running[-1].quit()
+            except Exception:       # WebDriverException, or urllib3's once chromedriver is gone
+                pass
+        if running:
+            with contextlib.suppress(Exception):
+                running[-1].quit()
         running.append(start_chromium(tmp_path_factory.mktemp("chromium")))
         return running[-1]
 
@@ -401,14 +401,23 @@ def chromium(tmp_path_factory):
 @pytest.fixture
 def browser(chromium):
     """A fresh window of this process's Chromium, phone-sized (390 x 844) until a test
-    resizes it: no history, emulation, dialog or cookies from an earlier test (each test's
-    server has its own port, so its own origin for everything else, but cookies are shared
-    by every port of a host)."""
-    from selenium.common.exceptions import NoAlertPresentException
+    resizes it: no history, emulation, dialog, timeouts or cookies from an earlier test
+    (each test's server has its own port, so its own origin for everything else, but
+    cookies are shared by every port of a host). If what an earlier test left refuses
+    that (a dialog in another window, say), a new Chromium."""
+    try:
+        return fresh_window(chromium())
+    except Exception:
+        return fresh_window(chromium(restart=True))
 
-    driver = chromium()
+
+def fresh_window(driver):
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.timeouts import Timeouts
+
     with contextlib.suppress(NoAlertPresentException):
         driver.switch_to.alert.dismiss()            # an alert left open refuses every other command
+    driver.timeouts = Timeouts(implicit_wait=0, page_load=300, script=30)      # WebDriver's defaults
     earlier = driver.window_handles
     driver.switch_to.new_window("window")
     fresh = driver.current_window_handle
@@ -418,5 +427,4 @@ def browser(chromium):
     driver.switch_to.window(fresh)
     driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
     driver.set_window_size(390, 844)
-    driver.implicitly_wait(0)
     return driver

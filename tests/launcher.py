@@ -55,12 +55,12 @@ def start_fork_server():
 
 def run_main(expected_file, argv, cwd, env, stdout_path, stderr_path, stdin_path):
     """In the forked child: what `python pausepoint.py argv` does, its output appended to the files."""
-    if pausepoint.__file__ != expected_file:
-        raise RuntimeError(f"the fork server loaded {pausepoint.__file__}, not {expected_file}")
     for fd, path in ((1, stdout_path), (2, stderr_path)):
         opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(opened, fd)
         os.close(opened)
+    if pausepoint.__file__ != expected_file:        # said in the output the test reports
+        raise RuntimeError(f"the fork server loaded {pausepoint.__file__}, not {expected_file}")
     sys.stdin = open(stdin_path or os.devnull, encoding="utf-8")
     os.chdir(cwd)
     os.environ.clear()
@@ -119,5 +119,9 @@ def run(argv, cwd, env, stdin=None, timeout=60):
 
 
 def read(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
+    """A process's output so far ('' before it wrote any)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
