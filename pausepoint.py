@@ -19,7 +19,6 @@ import concurrent.futures
 import contextlib
 import csv
 import ctypes
-import ctypes.util
 import dataclasses
 import datetime as dt
 import email.message
@@ -6990,7 +6989,7 @@ def fewer_malloc_arenas():
     if os.environ.get("MALLOC_ARENA_MAX") or "glibc.malloc.arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
         return
     try:
-        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_ARENA_MAX, 2)
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 2)      # the C library this process runs on
     except (OSError, AttributeError, TypeError):
         pass
 
