@@ -89,7 +89,7 @@ def first_start(tmp_path_factory):
     pausepoint.create_app(config).runtime.stop()
     with contextlib.closing(sqlite3.connect(config["database.path"])) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")        # all of it in the main file
-    return config["database.path"], pausepoint.signing_keys_path(config["database.path"])
+    return config["database.path"]
 
 
 @pytest.fixture
@@ -104,10 +104,10 @@ def running_api(tmp_path, first_start):
 
     def build(jobs=True, remote_addr="192.0.2.10", fresh=False, **settings):
         config = make_config(tmp_path, **settings)
-        if not fresh and not os.path.exists(config["database.path"]):
-            for made, path in zip(first_start, (config["database.path"],
-                                                pausepoint.signing_keys_path(config["database.path"]))):
-                shutil.copy(made, path)         # its mode too: the keys are 0600
+        path = config["database.path"]
+        if not fresh and not os.path.exists(path):
+            shutil.copy(first_start, path)
+            shutil.copy(pausepoint.signing_keys_path(first_start), pausepoint.signing_keys_path(path))  # 0600 too
         app = pausepoint.create_app(config)
         built.append(app)
         if jobs:

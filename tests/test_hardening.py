@@ -47,12 +47,7 @@ def port_of(server):
 
 def closed_by_server(sock):
     """True once the server has closed this connection, after whatever it said first
-    (a 503 to a client over its address's share), without blocking."""
-    return drained_to_the_end(sock)
-
-
-def drained_to_the_end(sock):
-    """Read what is buffered; True if the server had closed the connection after it."""
+    (a 503 to a client over its address's share): what is buffered is read, without blocking."""
     sock.setblocking(False)
     try:
         while sock.recv(65536):
