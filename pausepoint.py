@@ -4193,7 +4193,7 @@ TIMEOUTS_CACHE_KIB = 4096                   # the timeout job's page cache (see 
 
 def one_round_at_a_time(job):
     """A job method whose runs on one Runtime never overlap, whether the scheduler or
-    run_once() runs it."""
+    run_once() runs it (run_once() holds the lock across all its rounds, so it is re-entrant)."""
     @functools.wraps(job)
     def run(self):
         with self.round_locks[job.__name__]:
@@ -4242,7 +4242,7 @@ class Runtime:
         if self.metrics is not None:
             self.limiter.refused = self.metrics.rate_limited.labels
             self.metrics_address = metrics_address(config)
-        self.round_locks = {f"run_{job}": threading.Lock()
+        self.round_locks = {f"run_{job}": threading.RLock()
                             for job in ("timeouts", "steps", "notifications", "webhooks", "pruning", "checkpoint")}
         migrate(self.db())
         refresh_statistics(self.db())
@@ -4393,12 +4393,16 @@ class Runtime:
             if not self.outbound.wait_idle(patience):
                 raise TimeoutError(f"outbound calls still running {patience:g} s into {job}")
 
-        wait_for_calls()
-        while True:
-            started = getattr(self, f"run_{job}")()   # after a scheduled round under way, if any
+        # The scheduler's rounds of the job wait until this returns: one that took the work
+        # between two rounds here would leave the next starting nothing (its calls busy
+        # every slot), and this returning while work was still due.
+        with self.round_locks[f"run_{job}"]:            # after a scheduled round under way, if any
             wait_for_calls()
-            if not started:
-                return
+            while True:
+                started = getattr(self, f"run_{job}")()
+                wait_for_calls()
+                if not started:
+                    return
 
     @one_round_at_a_time
     def run_timeouts(self):

@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -618,6 +619,29 @@ def test_deliveries_to_one_endpoint_reuse_its_connections(hooks_api, keys, stubs
     hooks_api.step("webhooks")
     assert attempts_made(hooks_api.config) == [(200, None)] * 20 and kept.requests == 20
     assert kept.accepted <= hooks_api.config["webhooks.per_endpoint"]       # not one per delivery
+
+
+def test_a_step_returns_only_when_nothing_is_due_though_other_rounds_run_meanwhile(running_api, stubs):
+    # Rounds of the same job on another thread, as the scheduler runs them when a call ends:
+    # a step must not return because one of them took the work its next round would have.
+    api = running_api(jobs=False, **{"webhooks.allow_private": True, "webhooks.per_endpoint": 1})
+    key = api.register()["test_api_key"]
+    send_test_events(api, key, add_webhook(api, key, stubs(WebhookReceiver, delay=0.01).url)["webhook_id"], 30)
+    stop = threading.Event()
+
+    def other_rounds():
+        while not stop.is_set():
+            api.app.runtime.run_webhooks()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as other:
+        rounds = other.submit(other_rounds)
+        try:
+            api.step("webhooks")
+            attempted = len(attempts_made(api.config))
+        finally:
+            stop.set()
+        rounds.result()
+    assert attempted == 30
 
 
 def test_a_kept_connection_the_receiver_closed_costs_no_failed_attempt(hooks_api, keys, stubs):
