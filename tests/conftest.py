@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -164,6 +165,14 @@ def config(api):
 def developer(api):
     """A registered developer: {'developer_id', 'api_key', 'test_api_key', …}."""
     return api.register()
+
+
+def pytest_configure(config):
+    """Test files go to tmpfs when the machine has one with room: the databases are still
+    real SQLite files, but their fsyncs cost no disk writes (2.5 s of the run's CPU here)."""
+    shm = "/dev/shm"
+    if os.path.ismount(shm) and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= 4 << 30:
+        tempfile.tempdir = shm
 
 
 def pytest_collection_finish(session):
