@@ -2788,11 +2788,13 @@ class _DeadlineAdapter(requests.adapters.HTTPAdapter):
         class KeptAlive:
             def _get_conn(self, timeout=None):
                 conn = super()._get_conn(timeout)
+                adapter.calls.reused = False
                 if conn.sock is not None:
                     if time.monotonic() - conn.idle_since > KEEP_ALIVE_IDLE:
                         conn.close()            # the server may be closing it right now
                     else:
                         adapter.deadline().guard(conn.sock)
+                        adapter.calls.reused = True
                 return conn
 
             def _put_conn(self, conn):
@@ -3427,7 +3429,16 @@ class EndpointConnections:
         session, adapter = self._session(webhook_id)
         adapter.calls.deadline = deadline
         try:
-            response = session.post(url, stream=True, allow_redirects=False, **kwargs)
+            try:
+                response = session.post(url, stream=True, allow_redirects=False, **kwargs)
+            except requests.ConnectionError as e:
+                # A kept connection can be closed by the receiver (its idle timeout) just as a
+                # call goes out on it, unanswered: that call goes once more, on a new connection,
+                # rather than as a failed attempt retried minutes later. (Had the receiver acted
+                # on it before closing, that retry would have repeated it just the same.)
+                if not getattr(adapter.calls, "reused", False) or isinstance(e, requests.Timeout) or deadline.passed():
+                    raise
+                response = session.post(url, stream=True, allow_redirects=False, **kwargs)
             # Read a short answer whole, so its connection can carry the next call.
             response.raw.read(ANSWER_KEPT_BYTES, decode_content=False)
             response.close()

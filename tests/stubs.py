@@ -257,22 +257,31 @@ class KeepAliveReceiver(LoopbackServer):
     """An HTTP/1.1 receiver that keeps connections open between requests and counts
     them. `plan` says what each request gets, in order, then "ok" for the rest:
     "ok" answers 200; "close" answers 200, then closes the connection without saying
-    so (a server's idle timeout racing the next request); "trickle" answers one byte
-    every 0.2 s, 8 s for the whole answer."""
+    so; "drop" answers 200, then closes the connection, unanswered, as the next request
+    arrives on it (a server's idle timeout firing just as a client reuses it: counted in
+    .dropped, not .requests); "hangup" closes the connection unanswered; "trickle" answers
+    one byte every 0.2 s, 8 s for the whole answer."""
 
     def __init__(self, plan=()):
         self.plan = list(plan)
-        self.requests = 0
+        self.requests = self.dropped = 0
         super().__init__()
 
     def _serve(self, conn):
         answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
         with conn, conn.makefile("rb") as incoming:
             try:
+                dropping = False
                 while self._read_request(incoming):
                     with self.lock:
+                        if dropping:
+                            self.dropped += 1
+                            return
                         self.requests += 1
                         what = self.plan.pop(0) if self.plan else "ok"
+                        dropping = what == "drop"
+                    if what == "hangup":
+                        return
                     if what == "trickle":
                         for byte in answer:
                             if self.closed.wait(0.2):

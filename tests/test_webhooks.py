@@ -644,14 +644,26 @@ def test_a_step_returns_only_when_nothing_is_due_though_other_rounds_run_meanwhi
     assert attempted == 30
 
 
-def test_a_kept_connection_the_receiver_closed_costs_no_failed_attempt(hooks_api, keys, stubs):
-    kept = stubs(KeepAliveReceiver, plan=["close"] * 6)
+@pytest.mark.parametrize("close", ["close", "drop"])
+def test_a_kept_connection_the_receiver_closed_costs_no_failed_attempt(hooks_api, keys, stubs, close):
+    # Closed after an answer: whether the close has arrived or not when the next call takes
+    # the connection ("close"), or the close comes as the next call arrives ("drop").
+    kept = stubs(KeepAliveReceiver, plan=[close] * 6)
     key = keys["test_api_key"]
     webhook_id = add_webhook(hooks_api, key, kept.url)["webhook_id"]
     for _ in range(6):                   # one at a time: each finds the connection the last one was answered on
         send_test_events(hooks_api, key, webhook_id, 1)
         hooks_api.step("webhooks")
     assert attempts_made(hooks_api.config) == [(200, None)] * 6 and kept.accepted == 6
+    assert kept.dropped == (5 if close == "drop" else 0)      # with "drop", each call after the first was sent twice
+
+
+def test_a_call_hung_up_on_over_a_new_connection_is_a_failed_attempt_not_sent_again_at_once(hooks_api, keys, stubs):
+    kept = stubs(KeepAliveReceiver, plan=["hangup"])
+    key = keys["test_api_key"]
+    send_test_events(hooks_api, key, add_webhook(hooks_api, key, kept.url)["webhook_id"], 1)
+    hooks_api.step("webhooks")
+    assert attempts_made(hooks_api.config) == [(None, "could not connect")] and kept.requests == 1
 
 
 @pytest.mark.deadline(1)
