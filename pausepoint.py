@@ -2788,7 +2788,6 @@ class _DeadlineAdapter(requests.adapters.HTTPAdapter):
         class KeptAlive:
             def _get_conn(self, timeout=None):
                 conn = super()._get_conn(timeout)
-                adapter.calls.reused = False
                 if conn.sock is not None:
                     if time.monotonic() - conn.idle_since > KEEP_ALIVE_IDLE:
                         conn.close()            # the server may be closing it right now
@@ -3425,18 +3424,22 @@ class EndpointConnections:
         self._lock = threading.Lock()
         self._sessions = collections.OrderedDict()      # webhook id -> (session, adapter), least recent first
 
-    def post(self, webhook_id, deadline, url, **kwargs):
+    def post(self, webhook_id, deadline, url, resend_lost=True, **kwargs):
+        """POST within the deadline over the endpoint's kept connections. With resend_lost, a
+        call lost to a kept connection the receiver closed as it went out goes once more."""
         session, adapter = self._session(webhook_id)
-        adapter.calls.deadline = deadline
+        adapter.calls.deadline, adapter.calls.reused, sent = deadline, False, time.monotonic()
         try:
             try:
                 response = session.post(url, stream=True, allow_redirects=False, **kwargs)
             except requests.ConnectionError as e:
-                # A kept connection can be closed by the receiver (its idle timeout) just as a
-                # call goes out on it, unanswered: that call goes once more, on a new connection,
-                # rather than as a failed attempt retried minutes later. (Had the receiver acted
-                # on it before closing, that retry would have repeated it just the same.)
-                if not getattr(adapter.calls, "reused", False) or isinstance(e, requests.Timeout) or deadline.passed():
+                # A receiver's idle timeout can close a kept connection just as a call goes out
+                # on it: the call is hung up on at once, not a byte answered, and goes once more
+                # (on the new connection urllib3 puts in the dead one's place) rather than as a
+                # failed attempt. Not when the hang-up came late or after part of an answer (the
+                # receiver may have acted on it), nor when the failed attempt would be the last.
+                if not (resend_lost and adapter.calls.reused and time.monotonic() - sent < LOST_CALL_SECONDS
+                        and find_cause(e, (ConnectionResetError, BrokenPipeError))):
                     raise
                 response = session.post(url, stream=True, allow_redirects=False, **kwargs)
             # Read a short answer whole, so its connection can carry the next call.
@@ -3472,6 +3475,9 @@ class EndpointConnections:
 KEPT_ALIVE_SOCKETS = 256
 # An answer longer than this is not read: its connection is closed rather than kept.
 ANSWER_KEPT_BYTES = 64 * 1024
+# A call on a kept connection hung up on sooner than this was lost to the receiver's idle
+# timeout (which closes at once), not cut off while the receiver worked on it.
+LOST_CALL_SECONDS = 1.0
 
 
 def webhook_fields(body, allow_private):
@@ -3800,7 +3806,8 @@ def attempt_delivery(conn, config, deadlines, connections, delivery_id, attempt,
     try:
         with deadline:
             response = connections.post(row["webhook_id"], deadline, row["url"], data=body, headers=headers,
-                                        timeout=(deadline.remaining(), deadline.remaining()))
+                                        timeout=(deadline.remaining(), deadline.remaining()),
+                                        resend_lost=attempt <= len(RETRY_DELAYS_SECONDS))
         if deadline.expired:
             # The socket was shut down mid-answer: what arrived is not an answer.
             raise requests.Timeout(f"timed out after {deadline}")

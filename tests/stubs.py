@@ -259,15 +259,24 @@ class KeepAliveReceiver(LoopbackServer):
     "ok" answers 200; "close" answers 200, then closes the connection without saying
     so; "drop" answers 200, then closes the connection, unanswered, as the next request
     arrives on it (a server's idle timeout firing just as a client reuses it: counted in
-    .dropped, not .requests); "hangup" closes the connection unanswered; "trickle" answers
-    one byte every 0.2 s, 8 s for the whole answer."""
+    .dropped, not .requests); "hangup" closes the connection unanswered, and ("hangup", s)
+    does after s seconds; "partial" sends the start of a status line and closes; "trickle"
+    answers one byte every 0.2 s, 8 s for the whole answer. .ended counts the
+    connections it has closed."""
 
     def __init__(self, plan=()):
         self.plan = list(plan)
-        self.requests = self.dropped = 0
+        self.requests = self.dropped = self.ended = 0
         super().__init__()
 
     def _serve(self, conn):
+        try:
+            self._answer(conn)
+        finally:
+            with self.lock:
+                self.ended += 1
+
+    def _answer(self, conn):
         answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
         with conn, conn.makefile("rb") as incoming:
             try:
@@ -280,7 +289,11 @@ class KeepAliveReceiver(LoopbackServer):
                         self.requests += 1
                         what = self.plan.pop(0) if self.plan else "ok"
                         dropping = what == "drop"
-                    if what == "hangup":
+                    if what == "hangup" or what[0] == "hangup":
+                        self.closed.wait(0 if what == "hangup" else what[1])
+                        return
+                    if what == "partial":
+                        conn.sendall(answer[:10])
                         return
                     if what == "trickle":
                         for byte in answer:

@@ -658,6 +658,58 @@ def test_a_kept_connection_the_receiver_closed_costs_no_failed_attempt(hooks_api
     assert kept.dropped == (5 if close == "drop" else 0)      # with "drop", each call after the first was sent twice
 
 
+@pytest.mark.parametrize("second", ["partial", ("hangup", pausepoint.LOST_CALL_SECONDS + 0.2)],
+                         ids=["after part of an answer", "late"])
+def test_a_call_on_a_kept_connection_hung_up_on_after_it_may_have_been_acted_on_is_not_sent_again(
+        hooks_api, keys, stubs, second):
+    kept = stubs(KeepAliveReceiver, plan=["ok", second])
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, kept.url)["webhook_id"]
+    for _ in range(2):
+        send_test_events(hooks_api, key, webhook_id, 1)
+        hooks_api.step("webhooks")
+    assert [status for status, _ in attempts_made(hooks_api.config)] == [200, None]
+    assert kept.requests == 2 and kept.accepted == 1
+
+
+def test_the_last_attempt_lost_to_a_closing_kept_connection_is_not_sent_again(running_api, stubs):
+    api = running_api(jobs=False, **{"webhooks.allow_private": True})      # nothing delivers until stepped
+    kept = stubs(KeepAliveReceiver, plan=["drop"])
+    key = api.register()["test_api_key"]
+    webhook_id = add_webhook(api, key, kept.url)["webhook_id"]
+    send_test_events(api, key, webhook_id, 1)
+    api.step("webhooks")
+    send_test_events(api, key, webhook_id, 1)
+    # Skip the three days: this delivery has had all but its last attempt.
+    stored(api.config, "UPDATE webhook_deliveries SET attempts = ? WHERE status = 'pending'",
+           len(pausepoint.RETRY_DELAYS_SECONDS))
+    api.step("webhooks")
+    assert attempts_made(api.config) == [(200, None), (None, "could not connect")]
+    assert kept.dropped == 1 and kept.accepted == 1
+
+
+def call_endpoint(api, url):
+    """One call straight through the server's kept connections to webhook "whk_one", on this
+    thread: the HTTP status, or None if the connection failed."""
+    runtime = api.app.runtime
+    deadline = runtime.outbound.deadlines.deadline(5)
+    with deadline:
+        try:
+            return runtime.webhook_connections.post("whk_one", deadline, url, data=b"{}").status_code
+        except requests.ConnectionError:
+            return None
+
+
+def test_a_call_on_a_new_connection_after_a_kept_one_on_the_same_thread_is_not_sent_again(hooks_api, stubs):
+    # The second call reuses the first's connection, which the receiver then closes; the
+    # third, on the same thread, needs a new one and is hung up on.
+    kept = stubs(KeepAliveReceiver, plan=["ok", "close", "hangup"])
+    outcomes = [call_endpoint(hooks_api, kept.url) for _ in range(2)]
+    wait_until(lambda: kept.ended == 1)          # its close has reached this side
+    outcomes.append(call_endpoint(hooks_api, kept.url))
+    assert outcomes == [200, 200, None] and kept.requests == 3 and kept.accepted == 2
+
+
 def test_a_call_hung_up_on_over_a_new_connection_is_a_failed_attempt_not_sent_again_at_once(hooks_api, keys, stubs):
     kept = stubs(KeepAliveReceiver, plan=["hangup"])
     key = keys["test_api_key"]
