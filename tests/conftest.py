@@ -117,8 +117,17 @@ def running_api(tmp_path, first_start):
 
     yield build
     for app in built:
+        assert_no_write_lock_left(app.runtime.config["database.path"])
         app.runtime.stop()
     collect_descriptors()
+
+
+def assert_no_write_lock_left(path):
+    """Fail a test that left a write transaction open on its database (a refused statement
+    outside autocommit, say), rather than leave the server's jobs waiting out 30 s for it."""
+    with contextlib.closing(sqlite3.connect(path, timeout=5, isolation_level=None)) as db:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ROLLBACK")
 
 
 class Api(webtest.TestApp):

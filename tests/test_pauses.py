@@ -1,3 +1,4 @@
+import contextlib
 import datetime as dt
 import sqlite3
 
@@ -248,12 +249,14 @@ def test_the_notification_is_simulated_with_the_exact_text_and_audited(api, deve
 def test_live_audit_rows_can_never_be_updated_or_deleted(api, developer, config):
     api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": PASSWORD, "key": "live"})
     api.create_pause(developer["test_api_key"])
-    db = sqlite3.connect(config["database.path"])
-    for statement in ("UPDATE audit_events SET actor = 'someone else'", "DELETE FROM audit_events WHERE livemode = 1",
-                      "DELETE FROM audit_events"):
-        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-            db.execute(statement)
-    assert db.execute("SELECT count(*) FROM audit_events WHERE livemode = 1").fetchone()[0] == 1
+    # In autocommit, so that a refused statement leaves no transaction open: one left open
+    # would hold the write lock, and the server's jobs would wait out their 30 s for it.
+    with contextlib.closing(sqlite3.connect(config["database.path"], isolation_level=None)) as db:
+        for statement in ("UPDATE audit_events SET actor = 'someone else'",
+                          "DELETE FROM audit_events WHERE livemode = 1", "DELETE FROM audit_events"):
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                db.execute(statement)
+        assert db.execute("SELECT count(*) FROM audit_events WHERE livemode = 1").fetchone()[0] == 1
 
 
 def test_absurdly_nested_json_is_a_400_not_a_crash(api, developer):
