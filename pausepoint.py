@@ -3424,7 +3424,7 @@ class EndpointConnections:
         self._lock = threading.Lock()
         self._sessions = collections.OrderedDict()      # webhook id -> (session, adapter), least recent first
 
-    def post(self, webhook_id, deadline, url, resend_lost=True, **kwargs):
+    def post(self, webhook_id, deadline, url, *, resend_lost, **kwargs):
         """POST within the deadline over the endpoint's kept connections. With resend_lost, a
         call lost to a kept connection the receiver closed as it went out goes once more."""
         session, adapter = self._session(webhook_id)
@@ -3434,12 +3434,14 @@ class EndpointConnections:
                 response = session.post(url, stream=True, allow_redirects=False, **kwargs)
             except requests.ConnectionError as e:
                 # A receiver's idle timeout can close a kept connection just as a call goes out
-                # on it: the call is hung up on at once, not a byte answered, and goes once more
-                # (on the new connection urllib3 puts in the dead one's place) rather than as a
-                # failed attempt. Not when the hang-up came late or after part of an answer (the
-                # receiver may have acted on it), nor when the failed attempt would be the last.
+                # on it: the call is hung up on (closed or reset) at once, and goes once more (on
+                # the new connection urllib3 puts in the dead one's place) rather than as a failed
+                # attempt. Delivery is at-least-once, and that attempt would have been retried
+                # anyway; but not the last attempt, nor a call hung up on late or after a status
+                # line began (the receiver was working on it), nor past the deadline. (A reset
+                # after part of a status line looks like an idle close: it is sent once more.)
                 if not (resend_lost and adapter.calls.reused and time.monotonic() - sent < LOST_CALL_SECONDS
-                        and find_cause(e, (ConnectionResetError, BrokenPipeError))):
+                        and not deadline.passed() and find_cause(e, (ConnectionResetError, BrokenPipeError))):
                     raise
                 response = session.post(url, stream=True, allow_redirects=False, **kwargs)
             # Read a short answer whole, so its connection can carry the next call.

@@ -672,7 +672,11 @@ def test_a_call_on_a_kept_connection_hung_up_on_after_it_may_have_been_acted_on_
     assert kept.requests == 2 and kept.accepted == 1
 
 
-def test_the_last_attempt_lost_to_a_closing_kept_connection_is_not_sent_again(running_api, stubs):
+@pytest.mark.parametrize("earlier, second", [(len(pausepoint.RETRY_DELAYS_SECONDS) - 1, (200, None)),
+                                             (len(pausepoint.RETRY_DELAYS_SECONDS), (None, "could not connect"))],
+                         ids=["the last but one", "the last"])
+def test_a_call_lost_to_a_closing_kept_connection_goes_again_unless_it_was_the_last_attempt(
+        running_api, stubs, earlier, second):
     api = running_api(jobs=False, **{"webhooks.allow_private": True})      # nothing delivers until stepped
     kept = stubs(KeepAliveReceiver, plan=["drop"])
     key = api.register()["test_api_key"]
@@ -680,12 +684,11 @@ def test_the_last_attempt_lost_to_a_closing_kept_connection_is_not_sent_again(ru
     send_test_events(api, key, webhook_id, 1)
     api.step("webhooks")
     send_test_events(api, key, webhook_id, 1)
-    # Skip the three days: this delivery has had all but its last attempt.
-    stored(api.config, "UPDATE webhook_deliveries SET attempts = ? WHERE status = 'pending'",
-           len(pausepoint.RETRY_DELAYS_SECONDS))
+    # Skip the days of retries: this delivery has had `earlier` attempts.
+    stored(api.config, "UPDATE webhook_deliveries SET attempts = ? WHERE status = 'pending'", earlier)
     api.step("webhooks")
-    assert attempts_made(api.config) == [(200, None), (None, "could not connect")]
-    assert kept.dropped == 1 and kept.accepted == 1
+    assert attempts_made(api.config) == [(200, None), second]
+    assert kept.dropped == 1 and kept.accepted == (2 if second[0] == 200 else 1)
 
 
 def call_endpoint(api, url):
@@ -695,7 +698,7 @@ def call_endpoint(api, url):
     deadline = runtime.outbound.deadlines.deadline(5)
     with deadline:
         try:
-            return runtime.webhook_connections.post("whk_one", deadline, url, data=b"{}").status_code
+            return runtime.webhook_connections.post("whk_one", deadline, url, data=b"{}", resend_lost=True).status_code
         except requests.ConnectionError:
             return None
 
