@@ -290,7 +290,7 @@ def test_requests_waiting_for_a_thread_count_toward_the_addresses_share(spawn_se
             return [answer for answer in answers.values() if answer.startswith(b"HTTP/1.1 503")]
 
         # Past its share waiting and its threads: 503, not queued.
-        turned_away = wait_until(lambda: len(refusals()) >= 150 - 64 - 4 - 1 and refusals(), timeout=10)
+        turned_away = wait_until(lambda: len(found := refusals()) >= 150 - 64 - 4 - 1 and found, timeout=10)
         assert b'"code": "busy"' in turned_away[0] and b"Retry-After: 1" in turned_away[0]
     finally:
         for sock in flood:
