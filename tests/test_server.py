@@ -207,7 +207,9 @@ def test_when_every_place_is_taken_the_biggest_holder_gives_one_up(small_server)
     parked = []
     for p in my_pauses[:4]:
         parked.append(ask(server, f"/v1/pause/{p['pause_id']}?wait=50", mine))
-        wait_until(lambda: waiting.count == len(parked))
+        # Parked, not only counted: a request parks once its thread is done with it, so the
+        # one asked first could park second, and the oldest parked is the one to give way.
+        wait_until(lambda: sum(map(len, list(waiting.parked_of.values()))) == len(parked))
     # Places are levelled between addresses: another account of mine from my address gets none…
     other_pause = create(server.url, my_other)
     assert answer_to(ask(server, f"/v1/pause/{other_pause['pause_id']}?wait=50", my_other))[0] == 429
