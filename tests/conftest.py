@@ -96,14 +96,15 @@ def first_start(tmp_path_factory):
 @pytest.fixture
 def running_api(tmp_path, first_start):
     """Build apps: running_api(**settings) is an Api over a new app on this test's
-    database with those settings, its jobs running; every one is stopped after the
-    test. With jobs=False the scheduler stays off and the test steps the jobs itself
-    with api.step("timeouts"), so it sees exactly what one run did. The database
-    starts as a copy of first_start's; with fresh=True the app makes it, as a first
-    start does."""
+    database with those settings; every one is stopped after the test. Its scheduler
+    stays off and the test steps the jobs itself with api.step("timeouts"), so it sees
+    exactly what one run did (and no job runs, on a tick, between its requests); with
+    jobs=True the app starts as a server does, jobs and metrics address included. The
+    database starts as a copy of first_start's; with fresh=True the app makes it, as a
+    first start does."""
     built = []
 
-    def build(jobs=True, remote_addr="192.0.2.10", fresh=False, **settings):
+    def build(jobs=False, remote_addr="192.0.2.10", fresh=False, **settings):
         config = make_config(tmp_path, **settings)
         path = config["database.path"]
         if not fresh and not os.path.exists(path):

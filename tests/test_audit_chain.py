@@ -22,7 +22,7 @@ from pausepoint_client import AuditChainBroken, verify_audit_export  # noqa: E40
 @pytest.fixture
 def logged(running_api):
     """An api whose live and test chains hold a few events each, and the live key."""
-    api = running_api(jobs=False)
+    api = running_api()
     keys = api.register()
     for key in (keys["api_key"], keys["test_api_key"]):
         for _ in range(3):
@@ -147,7 +147,7 @@ def test_each_developer_and_mode_sees_only_its_own_chain(logged, tmp_path):
 
 
 def test_pruning_takes_only_the_oldest_part_of_a_test_chain_so_the_rest_still_verifies(running_api, tmp_path):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     for _ in range(4):
         api.post_json("/v1/pause", {**WIRE, "channel": "link", "recipient": "ops"}, headers=api.as_key(key))
@@ -176,7 +176,7 @@ def netstring_hash(event):
 
 
 def test_the_documented_hash_rebuilds_every_exported_event_whatever_its_data(running_api, tmp_path):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["api_key"]
     metadata = {"small": 0.00001, "whole": 1.0, "big": 12345678901234567890, "10": "numeric key", "emoji": "💸",
                 "separator": "\u2028", "nested": {"a": [1, None, True]}}
@@ -187,7 +187,7 @@ def test_the_documented_hash_rebuilds_every_exported_event_whatever_its_data(run
 
 
 def test_a_head_and_its_count_are_read_at_one_moment_while_events_are_written(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     keys = api.register()
     writer = pausepoint.connect(api.config["database.path"], api.app.runtime.write_lock, same_thread=False)
     stop = threading.Event()
@@ -221,7 +221,7 @@ def test_a_live_export_missing_its_oldest_events_fails_against_a_head(logged, tm
 
 
 def test_times_never_go_back_along_a_chain_so_any_window_verifies(running_api, tmp_path):
-    api = running_api(jobs=False)
+    api = running_api()
     keys = api.register()
     conn = api.app.runtime.db()
     with pausepoint.transaction(conn):
@@ -236,7 +236,7 @@ def test_times_never_go_back_along_a_chain_so_any_window_verifies(running_api, t
 
 
 def test_data_an_older_version_let_through_still_exports_and_verifies(running_api, tmp_path):
-    api = running_api(jobs=False)
+    api = running_api()
     keys = api.register()
     conn = api.app.runtime.db()
     with pausepoint.transaction(conn):
@@ -251,7 +251,7 @@ def test_verify_audit_on_a_path_with_no_database_says_so_instead_of_making_one(t
 
 
 def test_an_event_written_around_the_server_breaks_the_chain_visibly_but_stops_nothing(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     keys = api.register()
     stored(api.config, "INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, data)"
                        " VALUES (?, 1, '2026-01-01T00:00:00.000Z', 'someone', 'by.hand', '{}')", keys["developer_id"])
@@ -263,7 +263,7 @@ def test_an_event_written_around_the_server_breaks_the_chain_visibly_but_stops_n
 
 
 def test_a_step_undone_after_writing_its_event_leaves_the_chain_whole(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     keys = api.register()
     created = api.post_json("/v1/pause", {**QUESTION, "recipients": [{"recipient": "+15550101", "channel": "sms"}],
                                           "escalation": [{"after_minutes": 5, "recipient": "+15550199",

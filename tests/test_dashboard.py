@@ -183,7 +183,7 @@ def test_sessions_end_when_idle_and_at_their_absolute_limit(running_api):
 
 
 def test_a_pause_appears_in_the_list_and_its_page_and_can_be_cancelled_there(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     _, keys = sign_up(api)
     created = api.create_pause(keys["test"], message=f"Wire $340? {XSS}", metadata={"note": XSS})
     listing = api.get("/dashboard/pauses")
@@ -230,7 +230,7 @@ def test_a_second_developer_sees_none_of_the_firsts_data_even_by_url(api):
 
 
 def test_the_audit_log_filters_and_downloads_as_csv(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     _, keys = sign_up(api)
     first = api.create_pause(keys["test"], metadata={"cell": "=HYPERLINK(\"http://evil\")"})
     second = api.create_pause(keys["test"])
@@ -254,7 +254,7 @@ def test_the_audit_log_filters_and_downloads_as_csv(running_api):
 
 
 def test_the_audit_csv_is_read_a_page_at_a_time_as_it_is_sent(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     sign_up(api)
     developer = stored(api.config, "SELECT id FROM developers")[0][0]
     stored(api.config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2500)"
@@ -349,7 +349,7 @@ def test_the_front_page_links_to_the_dashboard_and_the_api_description(api):
 # -- webhooks --------------------------------------------------------------------------
 
 def test_webhooks_are_added_tested_disabled_redelivered_and_deleted_from_the_dashboard(running_api, receiver):
-    api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    api = running_api(**{"webhooks.allow_private": True})
     sign_up(api)
     answer = post_form(api, api.get("/dashboard/webhooks"), "/dashboard/webhooks", url=receiver.url + "/hook")
     page = answer.follow()
@@ -544,7 +544,7 @@ def test_guesses_sent_all_at_once_stay_within_the_budget(running_api):
 
 
 def test_secrets_shown_once_wait_for_their_own_page(running_api, receiver):
-    api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    api = running_api(**{"webhooks.allow_private": True})
     sign_up(api)
     first = post_form(api, api.get("/dashboard/webhooks"), "/dashboard/webhooks", url=receiver.url + "/a")
     second = post_form(api, api.get("/dashboard/webhooks"), "/dashboard/webhooks", url=receiver.url + "/b")

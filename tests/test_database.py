@@ -157,7 +157,7 @@ def test_wake_ups_run_after_commit_and_never_after_a_rollback(tmp_path):
 # -- retention ------------------------------------------------------------------------------
 
 def test_the_daily_job_deletes_only_what_is_past_its_retention(running_api, receiver):
-    api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    api = running_api(**{"webhooks.allow_private": True})
     config, app = api.config, api.app
     keys = api.register()
     test, live = api.as_key(keys["test_api_key"]), api.as_key(keys["api_key"])
@@ -200,7 +200,7 @@ def test_the_daily_job_deletes_only_what_is_past_its_retention(running_api, rece
 
 
 def test_pruning_works_through_any_backlog_in_batches(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     config, app = api.config, api.app
     api.register()
     stored(config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1234)"
@@ -212,13 +212,13 @@ def test_pruning_works_through_any_backlog_in_batches(running_api):
     assert stored(config, "SELECT count(*) FROM pauses") == [(0,)]
 
 
-def test_pruning_is_scheduled_daily(app):
-    job = app.runtime.scheduler.get_job("run_pruning")
+def test_pruning_is_scheduled_daily(running_api):
+    job = running_api(jobs=True).app.runtime.scheduler.get_job("run_pruning")
     assert job.trigger.interval == dt.timedelta(days=1)
 
 
 def test_a_burst_of_due_pauses_all_time_out_in_one_run_each_exactly_once(running_api, receiver):
-    api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    api = running_api(**{"webhooks.allow_private": True})
     key = api.register()["test_api_key"]
     api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.timed_out"]}, headers=api.as_key(key))
     api.create_pause(key)
@@ -247,7 +247,7 @@ def test_a_burst_of_due_pauses_all_time_out_in_one_run_each_exactly_once(running
 
 
 def test_a_backlog_of_test_mode_texts_is_simulated_in_one_run_each_exactly_once(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     api.create_pause(key)
     backlog = pausepoint.JOB_BATCH * 2 + 34
@@ -288,7 +288,7 @@ def test_the_write_lock_goes_to_waiters_in_the_order_they_asked():
 
 
 def test_a_writer_interrupted_while_waiting_for_the_lock_does_not_take_it_with_it(running_api):
-    assert isinstance(running_api(jobs=False).app.runtime.write_lock, pausepoint.FairLock)
+    assert isinstance(running_api().app.runtime.write_lock, pausepoint.FairLock)
     lock, held, release = pausepoint.FairLock(), threading.Event(), threading.Event()
 
     def holder():
@@ -315,7 +315,7 @@ def test_a_writer_interrupted_while_waiting_for_the_lock_does_not_take_it_with_i
 
 
 def test_nothing_due_wakes_no_waiting_agent(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     decided = api.create_pause(key)
     api.post(f"/v1/pause/{decided['pause_id']}/cancel", headers=api.as_key(key))
@@ -331,21 +331,21 @@ def test_nothing_due_wakes_no_waiting_agent(running_api):
 def test_every_connection_keeps_a_small_page_cache_of_its_own(running_api):
     # Each of the ~90 threads has a connection: SQLite's 2 MB default each was most of the memory.
     for settings, kib in (({}, 128), ({"database.cache_kib": 512}, 512)):
-        api = running_api(jobs=False, **settings)
+        api = running_api(**settings)
         caches = concurrent.futures.ThreadPoolExecutor(4).map(
             lambda _: api.app.runtime.db().execute("PRAGMA cache_size").fetchone()[0], range(4))
         assert set(caches) == {-kib}
 
 
 def test_the_timeout_job_has_a_connection_with_a_page_cache_of_its_own(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     api.step("timeouts")
     assert api.app.runtime.timeouts_db.execute("PRAGMA cache_size").fetchone()[0] == -pausepoint.TIMEOUTS_CACHE_KIB
     assert api.app.runtime.db().execute("PRAGMA cache_size").fetchone()[0] == -128
 
 
 def test_the_wal_is_checkpointed_by_its_job_never_inside_a_request(running_api, tmp_path):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     assert api.app.runtime.db().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == pausepoint.WAL_CHECKPOINT_PAGES
     for _ in range(150):                                     # well past SQLite's 1,000-page automatic checkpoint
@@ -368,14 +368,14 @@ def test_the_wal_is_checkpointed_by_its_job_never_inside_a_request(running_api, 
 
 
 def test_the_checkpoint_job_runs_every_second(running_api):
-    job = running_api().app.runtime.scheduler.get_job("run_checkpoint")
+    job = running_api(jobs=True).app.runtime.scheduler.get_job("run_checkpoint")
     assert job.trigger.interval == dt.timedelta(seconds=1)
 
 
 def test_the_checkpoint_finishes_under_the_write_lock_so_the_wal_starts_over(running_api):
     # Racing the jobs' commits, a checkpoint never copied the last frames, so the WAL was
     # never started over and grew by megabytes a second under steady writes.
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     for _ in range(20):
         api.create_pause(key)
@@ -422,7 +422,7 @@ def test_at_most_so_many_requests_run_at_once_and_a_waiting_one_gives_its_turn_u
 
 
 def test_one_address_with_many_requests_waiting_holds_another_address_back_one_turn_at_most(running_api):
-    assert isinstance(running_api(jobs=False).app.runtime.turns, pausepoint.Turns)
+    assert isinstance(running_api().app.runtime.turns, pausepoint.Turns)
     turns, order, held, release, lock = pausepoint.Turns(1), [], threading.Event(), threading.Event(), threading.Lock()
 
     def request(address, name, hold=False):
@@ -448,7 +448,7 @@ def test_one_address_with_many_requests_waiting_holds_another_address_back_one_t
 
 
 def test_a_request_gives_its_turn_up_while_it_waits_for_the_write_lock(running_api):
-    runtime = running_api(jobs=False).app.runtime
+    runtime = running_api().app.runtime
     turns, taken, release = runtime.turns, threading.Semaphore(0), threading.Event()
 
     def write():
@@ -475,7 +475,7 @@ def test_a_request_gives_its_turn_up_while_it_waits_for_the_write_lock(running_a
 
 
 def test_every_request_waits_for_a_turn_when_all_are_taken(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     turns, taken, release = api.app.runtime.turns, threading.Semaphore(0), threading.Event()
 
@@ -499,7 +499,7 @@ def test_every_request_waits_for_a_turn_when_all_are_taken(running_api):
 
 def test_a_checkpoint_held_back_by_a_reader_leaves_the_write_lock_alone(running_api):
     # With a long backlog the step under the lock would copy all of it while every writer waits.
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     runtime = api.app.runtime
     reader = sqlite3.connect(api.config["database.path"], isolation_level=None)
@@ -518,7 +518,7 @@ def test_a_checkpoint_held_back_by_a_reader_leaves_the_write_lock_alone(running_
 
 
 def test_pruning_deletes_sign_ins_past_either_limit(running_api):
-    api = running_api(jobs=False, **{"dashboard.session_idle_minutes": 60, "dashboard.session_max_hours": 24})
+    api = running_api(**{"dashboard.session_idle_minutes": 60, "dashboard.session_max_hours": 24})
     developer = {"id": api.register()["developer_id"]}
     conn = api.app.runtime.db()
     tokens = [pausepoint.start_session(conn, developer)[0] for _ in range(3)]

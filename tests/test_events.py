@@ -13,7 +13,7 @@ def events(api, key, status=200, **params):
 
 
 def test_every_event_is_in_the_feed_oldest_first_as_a_webhook_would_carry_it(running_api, receiver):
-    api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    api = running_api(**{"webhooks.allow_private": True})
     key = api.register()["test_api_key"]
     api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.responded"]}, headers=api.as_key(key))
     answered, cancelled, expired = (api.create_pause(key) for _ in range(3))
@@ -33,7 +33,7 @@ def test_every_event_is_in_the_feed_oldest_first_as_a_webhook_would_carry_it(run
 
 
 def test_the_feed_keeps_developers_and_modes_apart(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     mine, other = api.register(), api.register(email="other@example.com")
     created = api.create_pause(mine["test_api_key"])
     [event] = events(api, mine["test_api_key"])["events"]
@@ -100,7 +100,7 @@ def test_a_reader_misses_and_repeats_nothing_across_a_restart(spawn_server, tmp_
 
 
 def test_a_change_wakes_only_those_waiting_on_it(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     mine, other = api.register(), api.register(email="other@example.com")
     first, second = api.create_pause(mine["test_api_key"]), api.create_pause(mine["test_api_key"])
     waiting = api.app.runtime.waiting

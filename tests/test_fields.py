@@ -44,7 +44,7 @@ def filled(template, values):
 
 
 def test_a_pause_without_fields_is_shown_byte_for_byte_as_before(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     created = api.post_json("/v1/pause", {**WIRE, "metadata": {"k": 1}}, headers=api.as_key(key))
     pending = api.get(f"/v1/pause/{created.json['pause_id']}", headers=api.as_key(key)).text
@@ -59,7 +59,7 @@ def test_a_pause_without_fields_is_shown_byte_for_byte_as_before(running_api):
 
 
 def test_an_edit_within_bounds_reaches_the_agent_with_what_changed(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     created = api.create_pause(key, fields=FIELDS)
     assert api.pause(key, created["pause_id"])["fields"] == {**FIELDS, "payee": {**FIELDS["payee"]}}
@@ -84,7 +84,7 @@ def test_an_edit_within_bounds_reaches_the_agent_with_what_changed(running_api):
     ({"iban": "X"}, "fields.iban", "this request has no field 'iban'"),
 ])
 def test_an_edit_out_of_bounds_or_to_a_fixed_field_is_refused_by_name(running_api, edits, field, says):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     created = api.create_pause(key, fields=FIELDS)
     refused = api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve", "fields": edits},
@@ -115,7 +115,7 @@ def test_fields_are_declared_with_types_and_bounds_that_fit(api, developer, fiel
 
 
 def test_the_respond_page_lets_the_approver_change_what_may_change(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     fields = {**FIELDS, "rush": {"type": "boolean", "value": False, "editable": True, "label": XSS},
               "tier": {"type": "enum", "value": "b", "choices": ["a", "b"], "editable": True}}
@@ -136,7 +136,7 @@ def test_the_respond_page_lets_the_approver_change_what_may_change(running_api):
 
 
 def test_a_decision_that_is_not_the_approvers_keeps_the_fields_as_asked(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     expiring, cancelled = api.create_pause(key, fields=FIELDS), api.create_pause(key, fields=FIELDS)
     run_out(api.config["database.path"], expiring["pause_id"])
@@ -148,7 +148,7 @@ def test_a_decision_that_is_not_the_approvers_keeps_the_fields_as_asked(running_
 
 
 def test_the_dashboard_shows_the_fields_and_what_the_approver_changed(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     signed_up = api.get("/dashboard/signup").forms[0]
     signed_up["email"], signed_up["name"], signed_up["password"] = "ada@example.com", "Ada", "correct horse battery"
     key = re.search(r"pp_test_[A-Za-z0-9_-]+", signed_up.submit().follow().text).group(0)
@@ -160,7 +160,7 @@ def test_the_dashboard_shows_the_fields_and_what_the_approver_changed(running_ap
 
 
 def test_a_form_sent_back_untouched_changes_nothing(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     fields = {"account": {"type": "integer", "value": 2 ** 53 - 1, "editable": True},
               "ratio": {"type": "number", "value": 0.1, "editable": True},
@@ -177,7 +177,7 @@ def test_a_form_sent_back_untouched_changes_nothing(running_api):
 
 
 def test_a_refused_form_comes_back_with_what_the_person_typed(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     created = api.create_pause(key, fields={**FIELDS, "note": {"type": "string", "value": "", "max_length": 5,
                                                                "editable": True}})
@@ -210,7 +210,7 @@ def test_fields_whose_form_could_outgrow_a_request_are_refused(api, developer):
 
 
 def test_a_huge_number_as_an_edit_is_refused_by_name(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     created = api.create_pause(key, fields=FIELDS)
     body = '{"choice": "Approve", "fields": {"payee": %s}}' % ("9" * 400)
@@ -220,7 +220,7 @@ def test_a_huge_number_as_an_edit_is_refused_by_name(running_api):
 
 
 def test_whoever_answers_by_text_is_shown_the_fields(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     created = api.create_pause(key, fields={**FIELDS, "rush": {"type": "boolean", "value": True}})
     text = api.pause(key, created["pause_id"])["notification"]["text"]
@@ -229,7 +229,7 @@ def test_whoever_answers_by_text_is_shown_the_fields(running_api):
 
 
 def test_emails_and_pushes_list_the_fields_too(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     created = api.create_pause(key, fields=FIELDS)
     conn = api.app.runtime.db()

@@ -23,7 +23,7 @@ def test_metrics_are_off_unless_enabled(api):
 
 
 def test_the_figures_move_as_pauses_are_created_and_decided(running_api, receiver):
-    api = running_api(jobs=False, **{"metrics.enabled": True, "metrics.listen": "", "webhooks.allow_private": True})
+    api = running_api(**{"metrics.enabled": True, "metrics.listen": "", "webhooks.allow_private": True})
     key = api.register()["test_api_key"]
     api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.responded"]}, headers=api.as_key(key))
     before = scraped(api.get("/metrics").text)
@@ -59,7 +59,7 @@ def test_the_figures_move_as_pauses_are_created_and_decided(running_api, receive
 
 
 def test_a_rolled_back_change_is_never_counted_and_refusals_are(running_api):
-    api = running_api(jobs=False, **{"metrics.enabled": True, "metrics.listen": "",
+    api = running_api(**{"metrics.enabled": True, "metrics.listen": "",
                                      "ratelimit.test_pauses_per_hour": 1})
     key = api.register()["test_api_key"]
     api.create_pause(key)
@@ -71,7 +71,7 @@ def test_a_rolled_back_change_is_never_counted_and_refusals_are(running_api):
 
 def test_metrics_can_be_served_on_an_address_of_their_own(running_api):
     port = free_port()
-    api = running_api(**{"metrics.enabled": True, "metrics.listen": f"127.0.0.1:{port}"})
+    api = running_api(jobs=True, **{"metrics.enabled": True, "metrics.listen": f"127.0.0.1:{port}"})
     api.create_pause(api.register()["test_api_key"])
     samples = scraped(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
     assert value(samples, "pausepoint_pauses_created_total", mode="test") == 1

@@ -7,7 +7,7 @@ from stubs import Tarpit
 
 @pytest.fixture
 def sms_api(running_api, twilio):
-    return running_api(jobs=False, **twilio.settings())
+    return running_api(**twilio.settings())
 
 
 def test_a_live_sms_pause_is_sent_through_twilio_off_the_request_path(sms_api, twilio):

@@ -5,7 +5,7 @@ import sqlite3
 import pytest
 import requests
 
-from conftest import PASSWORD, WIRE, Api, make_config, run_out, stored, token_of, wait_until
+from conftest import PASSWORD, WIRE, Api, make_config, run_out, stored, token_of
 import pausepoint
 
 
@@ -26,7 +26,9 @@ def test_creating_a_pause_returns_exactly_the_quickstarts_fields(api, developer)
 def test_the_whole_pause_shows_status_choice_metadata_and_notification(api, developer):
     key = developer["test_api_key"]
     created = api.create_pause(key, metadata={"invoice": "INV-7", "amount_cents": 34000})
-    pause = wait_until(lambda: (p := api.pause(key, created["pause_id"]))["notification"]["status"] == "simulated" and p)
+    api.step("notifications")
+    pause = api.pause(key, created["pause_id"])
+    assert pause["notification"]["status"] == "simulated"
     assert pause["status"] == "pending" and pause["choice"] is None and pause["decided_by"] is None
     assert pause["metadata"] == {"invoice": "INV-7", "amount_cents": 34000}
     assert pause["livemode"] is False
@@ -239,8 +241,8 @@ def test_the_audit_log_is_newest_first_filterable_and_paginated(api, developer):
 def test_the_notification_is_simulated_with_the_exact_text_and_audited(api, developer):
     key = developer["test_api_key"]
     created = api.create_pause(key)
-    events = wait_until(lambda: api.get("/v1/audit", {"event_type": "notification.simulated"},
-                                        headers=api.as_key(key)).json["events"])
+    api.step("notifications")
+    events = api.get("/v1/audit", {"event_type": "notification.simulated"}, headers=api.as_key(key)).json["events"]
     pause = api.pause(key, created["pause_id"])
     assert events[0]["data"]["text"] == pause["notification"]["text"]
     assert created["respond_url"] in events[0]["data"]["text"]

@@ -46,7 +46,7 @@ def plans(config, statements):
 def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver):
     # 30,000 pauses and 90,000 audit events of one developer, 5,000 other developers with a
     # webhook each, 40 of them with 100 pauses.
-    api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    api = running_api(**{"webhooks.allow_private": True})
     keys = api.register()
     key, auth = keys["test_api_key"], api.as_key(keys["test_api_key"])
     webhook_id = api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.responded"]},

@@ -53,7 +53,7 @@ def test_a_decided_pause_carries_a_receipt_anyone_can_check_and_no_one_can_alter
 
 
 def test_timeouts_cancels_and_team_decisions_are_signed_too(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     timed_out, cancelled = api.create_pause(key), api.create_pause(key)
     stored(api.config, "UPDATE pauses SET expires_at = '2000-01-01T00:00:00.000Z' WHERE id = ?", timed_out["pause_id"])
@@ -69,19 +69,19 @@ def test_timeouts_cancels_and_team_decisions_are_signed_too(running_api):
 
 
 def test_the_key_is_made_once_kept_beside_the_database_for_its_owner_only(running_api):
-    api = running_api(jobs=False, fresh=True)
+    api = running_api(fresh=True)
     path = pausepoint.signing_keys_path(api.config["database.path"])
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     first = api.get("/.well-known/jwks.json").json
     api.app.runtime.stop()
-    assert running_api(jobs=False).get("/.well-known/jwks.json").json == first       # the same key after a restart
+    assert running_api().get("/.well-known/jwks.json").json == first       # the same key after a restart
     [published] = first["keys"]
     assert (published["kty"], published["crv"], published["alg"]) == ("OKP", "Ed25519", "EdDSA")
     assert "d" not in published                                                        # never the private half
 
 
 def test_after_a_rotation_old_receipts_still_check_and_new_ones_use_the_new_key(running_api, capsys):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     before = api.create_pause(key)
     api.post(f"/v1/pause/{before['pause_id']}/cancel", headers=api.as_key(key))
@@ -97,7 +97,7 @@ def test_after_a_rotation_old_receipts_still_check_and_new_ones_use_the_new_key(
 
 
 def test_a_backup_takes_the_signing_keys_with_it(running_api, tmp_path):
-    api = running_api(jobs=False)
+    api = running_api()
     destination = str(tmp_path / "backup.db")
     assert pausepoint.main(["--db", api.config["database.path"], "backup", destination]) == 0
     copied = pausepoint.signing_keys_path(destination)
@@ -119,7 +119,7 @@ def test_the_audit_head_is_signed(api):
 
 
 def test_a_keys_file_gone_while_serving_never_stops_a_decision(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     os.chmod(pausepoint.signing_keys_path(api.config["database.path"]), 0)       # unreadable (not as root)
     os.rename(pausepoint.signing_keys_path(api.config["database.path"]), str(api.config["database.path"]) + ".moved")
@@ -130,7 +130,7 @@ def test_a_keys_file_gone_while_serving_never_stops_a_decision(running_api):
 
 
 def test_a_database_with_receipts_never_starts_with_a_new_key_by_mistake(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     api.post(f"/v1/pause/{api.create_pause(key)['pause_id']}/cancel", headers=api.as_key(key))
     api.app.runtime.stop()
@@ -172,7 +172,7 @@ def test_rotations_at_once_lose_no_key(tmp_path):
 
 
 def test_a_burst_of_timeouts_signs_each_its_own_receipt_saying_what_the_pause_says(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     api.create_pause(key, fields={"amount": {"type": "number", "value": 340, "editable": True}})
     team = api.post_json("/v1/pause", TEAM, headers=api.as_key(key)).json
@@ -198,7 +198,7 @@ def test_a_burst_of_timeouts_signs_each_its_own_receipt_saying_what_the_pause_sa
 
 
 def test_a_pause_decided_after_its_timeout_was_signed_ahead_keeps_its_own_decision(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     timed_out, cancelled = api.create_pause(key), api.create_pause(key)
     stored(api.config, "UPDATE pauses SET expires_at = '2000-01-01T00:00:00.000Z'")
@@ -213,7 +213,7 @@ def test_a_pause_decided_after_its_timeout_was_signed_ahead_keeps_its_own_decisi
 
 
 def test_a_vote_that_lands_after_a_team_pause_was_read_for_its_timeout_is_in_its_receipt(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     three = {**TEAM, "recipients": [*TEAM["recipients"], {"recipient": "cy", "channel": "link"}],
              "quorum": {"choice": "Approve", "count": 3}}
@@ -231,7 +231,7 @@ def test_a_vote_that_lands_after_a_team_pause_was_read_for_its_timeout_is_in_its
 
 
 def test_a_database_with_receipts_never_starts_with_another_keys_file(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     api.post(f"/v1/pause/{api.create_pause(key)['pause_id']}/cancel", headers=api.as_key(key))
     api.app.runtime.stop()
@@ -243,7 +243,7 @@ def test_a_database_with_receipts_never_starts_with_another_keys_file(running_ap
 
 
 def test_a_pause_with_a_lone_surrogate_from_an_older_version_is_decided_and_signed(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     old, other = api.create_pause(key), api.create_pause(key)
     stored(api.config, "UPDATE pauses SET fields = ?, expires_at = '2000-01-01T00:00:00.000Z'",

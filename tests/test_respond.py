@@ -83,7 +83,7 @@ def test_a_cancelled_pause_cannot_be_answered(api, developer):
 
 
 def test_an_expired_pause_is_410_even_before_the_timeout_job_runs(running_api):
-    api = running_api(jobs=False)           # the pause stays 'pending' in the database, but past expires_at
+    api = running_api()           # the pause stays 'pending' in the database, but past expires_at
     key = api.register()["test_api_key"]
     created = api.create_pause(key)
     run_out(api.config, created["pause_id"])
@@ -93,7 +93,7 @@ def test_an_expired_pause_is_410_even_before_the_timeout_job_runs(running_api):
 
 
 def test_a_timed_out_pause_is_410(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     created = api.create_pause(key)
     run_out(api.config, created["pause_id"])

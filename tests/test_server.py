@@ -285,7 +285,7 @@ def test_a_waiter_that_hangs_up_is_forgotten_at_its_deadline(small_server, caplo
 
 
 def test_without_waitress_a_long_poll_waits_on_its_thread(running_api):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     created = api.create_pause(key)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

@@ -19,7 +19,7 @@ TWO_APPROVALS = {**QUESTION, "recipients": TEAM, "quorum": {"choice": "Approve",
 @pytest.fixture
 def team(running_api, receiver):
     """An api with its jobs stepped by hand, a test key, and an endpoint taking every event."""
-    api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    api = running_api(**{"webhooks.allow_private": True})
     key = api.register()["test_api_key"]
     api.post_json("/v1/webhooks", {"url": receiver.url, "events": list(pausepoint.WEBHOOK_EVENTS)},
                   headers=api.as_key(key))
@@ -216,7 +216,7 @@ def test_an_escalation_adds_and_asks_the_deputy_whose_vote_then_counts(team, rec
 
 
 def test_a_reminder_and_an_escalation_due_while_the_server_was_down_each_happen_once(running_api, tmp_path):
-    api = running_api(jobs=False)
+    api = running_api()
     key = api.register()["test_api_key"]
     body = {**QUESTION, "recipients": TEAM[:2], "remind_after_minutes": [10, 20],
             "escalation": [{"after_minutes": 30, "recipient": "+15550199", "channel": "sms"}]}
@@ -225,7 +225,7 @@ def test_a_reminder_and_an_escalation_due_while_the_server_was_down_each_happen_
     for kind in ("reminder", "escalation"):
         fall_due(api, created["pause_id"], kind)
     # The server starts again on the same database, and its jobs run several times.
-    restarted = running_api(jobs=False)
+    restarted = running_api()
     for _ in range(3):
         restarted.step("steps")
     reminders = texts(restarted, created["pause_id"], "reminder")
@@ -299,7 +299,7 @@ def test_a_vote_racing_the_timeout_either_counts_or_is_refused_never_both(team):
 
 
 def test_an_sms_reply_votes_for_the_number_that_replied(running_api, twilio):
-    api = SmsApi(running_api(jobs=False, **twilio.settings(), **{"server.base_url": "https://pp.example.org"}).app)
+    api = SmsApi(running_api(**twilio.settings(), **{"server.base_url": "https://pp.example.org"}).app)
     key = api.register()["api_key"]
     created = api.post_json("/v1/pause", TWO_APPROVALS, headers=api.as_key(key)).json
     api.step("notifications")
@@ -348,7 +348,7 @@ def test_decided_test_team_pauses_are_pruned_with_their_people_and_steps(team):
 
 def test_the_dashboard_shows_who_was_asked_and_what_each_chose_escaped(running_api):
     from test_dashboard import sign_up
-    api = running_api(jobs=False)
+    api = running_api()
     _, keys = sign_up(api)
     xss = '<script>alert("pwned")</script>'
     created = api.post_json("/v1/pause", {**TWO_APPROVALS, "recipients": [*TEAM[:2], {"recipient": xss,
@@ -384,7 +384,7 @@ def test_steps_due_together_are_taken_in_the_order_they_fell_due(team):
 
 def test_a_step_on_a_channel_since_removed_holds_back_no_other(running_api):
     chat = {"channels.chat.url": "json://127.0.0.1:9/hook"}
-    api = running_api(jobs=False, **chat)
+    api = running_api(**chat)
     mine, theirs = api.register()["test_api_key"], api.register(email="other@example.com")["test_api_key"]
     reminded = api.post_json("/v1/pause", {**QUESTION, "recipient": "ops", "channel": "chat",
                                            "remind_after_minutes": [5]}, headers=api.as_key(mine)).json
@@ -392,7 +392,7 @@ def test_a_step_on_a_channel_since_removed_holds_back_no_other(running_api):
         {"after_minutes": 5, "recipient": "ops", "channel": "chat"}]}, headers=api.as_key(mine)).json
     other = api.post_json("/v1/pause", {**WIRE, "remind_after_minutes": [5]}, headers=api.as_key(theirs)).json
     api.app.runtime.stop()
-    restarted = running_api(jobs=False)                   # the operator removed [channels.chat]
+    restarted = running_api()                   # the operator removed [channels.chat]
     for pause in (reminded, escalated, other):
         fall_due(restarted, pause["pause_id"], "reminder")
         fall_due(restarted, pause["pause_id"], "escalation")
@@ -409,7 +409,7 @@ def test_a_step_on_a_channel_since_removed_holds_back_no_other(running_api):
 
 
 def test_a_reminder_that_cannot_be_sent_is_audited_but_is_no_failed_question(running_api, twilio):
-    api = running_api(jobs=False, **twilio.settings())
+    api = running_api(**twilio.settings())
     key = api.register()["api_key"]
     created = api.post_json("/v1/pause", {**WIRE, "remind_after_minutes": [5]}, headers=api.as_key(key)).json
     api.step("notifications")

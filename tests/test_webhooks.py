@@ -27,7 +27,8 @@ QUICKSTART_EVENTS = ["pause.responded", "pause.timed_out", "pause.cancelled"]
 def hooks_api(running_api, request):
     # Tests of slow receivers mark a short outbound deadline, to wait out 1 s rather than 10.
     deadline = request.node.get_closest_marker("deadline")
-    return running_api(remote_addr="192.0.2.20", **{"webhooks.allow_private": True,
+    # Its jobs run, as a server's do: these tests wait for deliveries the way a receiver does.
+    return running_api(jobs=True, remote_addr="192.0.2.20", **{"webhooks.allow_private": True,
                                                      "outbound.deadline_seconds": deadline.args[0] if deadline else 10})
 
 
@@ -162,7 +163,7 @@ def test_a_delivery_that_fails_in_an_unexpected_way_is_recorded_not_left_claimed
 
 @pytest.mark.parametrize("change", ["delete", "disable"])
 def test_a_claim_that_lapsed_is_not_taken_up_for_a_deleted_or_disabled_endpoint(running_api, receiver, change):
-    hooks_api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    hooks_api = running_api(**{"webhooks.allow_private": True})
     key = hooks_api.register()["test_api_key"]
     webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
     hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
@@ -325,7 +326,7 @@ def test_during_rotation_standard_webhooks_verifiers_accept_either_secret(hooks_
 
 
 def test_test_mode_webhooks_never_see_live_events_and_live_ones_never_see_test_events(running_api, receiver, twilio):
-    api = running_api(**{"webhooks.allow_private": True}, **twilio.settings())
+    api = running_api(jobs=True, **{"webhooks.allow_private": True}, **twilio.settings())
     keys = api.register()
     add_webhook(api, keys["test_api_key"], receiver.url + "/test-mode", events=["pause.created"])
     add_webhook(api, keys["api_key"], receiver.url + "/live-mode", events=["pause.created"])
@@ -341,7 +342,7 @@ def test_test_mode_webhooks_never_see_live_events_and_live_ones_never_see_test_e
 # -- delivery guarantees ----------------------------------------------------------------
 
 def test_a_receiver_answering_500_is_retried_with_the_same_event_id(running_api, stubs):
-    api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    api = running_api(**{"webhooks.allow_private": True})
     receiver = stubs(WebhookReceiver, answers=[(500, {})])
     key = api.register()["test_api_key"]
     webhook_id = add_webhook(api, key, receiver.url)["webhook_id"]
@@ -624,7 +625,7 @@ def test_deliveries_to_one_endpoint_reuse_its_connections(hooks_api, keys, stubs
 def test_a_step_returns_only_when_nothing_is_due_though_other_rounds_run_meanwhile(running_api, stubs):
     # Rounds of the same job on another thread, as the scheduler runs them when a call ends:
     # a step must not return because one of them took the work its next round would have.
-    api = running_api(jobs=False, **{"webhooks.allow_private": True, "webhooks.per_endpoint": 1})
+    api = running_api(**{"webhooks.allow_private": True, "webhooks.per_endpoint": 1})
     key = api.register()["test_api_key"]
     send_test_events(api, key, add_webhook(api, key, stubs(WebhookReceiver, delay=0.01).url)["webhook_id"], 30)
     stop = threading.Event()
@@ -677,7 +678,7 @@ def test_a_call_on_a_kept_connection_hung_up_on_after_it_may_have_been_acted_on_
                          ids=["the last but one", "the last"])
 def test_a_call_lost_to_a_closing_kept_connection_goes_again_unless_it_was_the_last_attempt(
         running_api, stubs, earlier, second):
-    api = running_api(jobs=False, **{"webhooks.allow_private": True})      # nothing delivers until stepped
+    api = running_api(**{"webhooks.allow_private": True})      # nothing delivers until stepped
     kept = stubs(KeepAliveReceiver, plan=["drop"])
     key = api.register()["test_api_key"]
     webhook_id = add_webhook(api, key, kept.url)["webhook_id"]
@@ -872,7 +873,7 @@ def test_a_signature_timestamp_with_thousands_of_digits_is_refused_not_a_crash()
 
 def test_an_endpoint_gets_as_many_calls_at_once_as_webhooks_per_endpoint(running_api, stubs):
     trickler = stubs(TrickleReceiver, interval=0.2)        # holds every call it gets until the deadline
-    api = running_api(jobs=False, **{"webhooks.allow_private": True, "webhooks.per_endpoint": 3,
+    api = running_api(**{"webhooks.allow_private": True, "webhooks.per_endpoint": 3,
                                      "outbound.deadline_seconds": 1})
     key = api.register()["test_api_key"]
     add_webhook(api, key, trickler.url, events=["pause.created"])
@@ -889,7 +890,7 @@ def test_an_endpoint_gets_as_many_calls_at_once_as_webhooks_per_endpoint(running
 
 
 def test_a_wake_up_during_the_delivery_round_is_not_lost(running_api, receiver):
-    api = running_api(jobs=False, **{"webhooks.allow_private": True})
+    api = running_api(**{"webhooks.allow_private": True})
     key = api.register()["test_api_key"]
     webhook_id = add_webhook(api, key, receiver.url, events=["pause.created"])["webhook_id"]
     first = api.create_pause(key)
