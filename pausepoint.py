@@ -720,6 +720,57 @@ class FairLock:
         return len(self._waiters)
 
 
+class TurnsByClient:
+    """`slots` turns at once, given round the clients waiting: while one client has many
+    requests waiting, each other client's next waits for at most one of them. (A semaphore
+    serves them in the order they asked, so a flood from one address made everyone else's
+    sign-in wait behind all of it, and give up.)"""
+
+    def __init__(self, slots):
+        self._guard = threading.Lock()
+        self._free = slots
+        self._waiting = collections.OrderedDict()       # client -> its waiters' events; the next client first
+
+    def acquire(self, client, timeout):
+        """Whether `client` got a turn within `timeout` seconds; if so, release() it after."""
+        with self._guard:
+            if self._free:
+                self._free -= 1
+                return True
+            turn = threading.Event()
+            self._waiting.setdefault(client, collections.deque()).append(turn)
+        if turn.wait(timeout):
+            return True
+        with self._guard:
+            if turn.is_set():           # handed over just as the wait ran out
+                return True
+            self._drop(client, turn)
+            return False
+
+    def release(self):
+        with self._guard:
+            if not self._waiting:
+                self._free += 1
+                return
+            client, turns = next(iter(self._waiting.items()))
+            turn = turns[0]
+            self._drop(client, turn)
+            if client in self._waiting:
+                self._waiting.move_to_end(client)      # its next waits for every other client's
+            turn.set()                  # the turn passes straight to it
+
+    def _drop(self, client, turn):
+        turns = self._waiting[client]
+        turns.remove(turn)
+        if not turns:
+            del self._waiting[client]
+
+    def waiting(self, client=None):
+        """How many wait for a turn (of `client`, if given)."""
+        with self._guard:
+            return sum(len(turns) for who, turns in self._waiting.items() if client in (None, who))
+
+
 @contextlib.contextmanager
 def transaction(conn):
     """A write transaction. BEGIN IMMEDIATE takes SQLite's write lock up front, so
@@ -4237,8 +4288,9 @@ class Runtime:
         self.limiter = RateLimiter(enabled=config["ratelimit.enabled"])
         self.error_log = ErrorLog()
         # bcrypt is the one costly thing a client without a key can make us compute: at most
-        # half the cores hash at once, so the other half keep answering everyone else.
-        self.hashing = threading.BoundedSemaphore(max(1, (os.cpu_count() or 2) // 2))
+        # half the cores hash at once, so the other half keep answering everyone else, and
+        # client addresses take turns (see TurnsByClient).
+        self.hashing = TurnsByClient(max(1, (os.cpu_count() or 2) // 2))
         stand_in_password_hash(config["security.bcrypt_rounds"])      # now, not on the first unknown email
         self.scheduler = BackgroundScheduler(timezone=dt.timezone.utc,
                                              job_defaults={"coalesce": True, "max_instances": 1,
@@ -4332,11 +4384,12 @@ class Runtime:
             self.wake_webhooks()
 
     @contextlib.contextmanager
-    def hashing_turn(self):
-        """A turn to hash a password, waited for at most HASH_WAIT_SECONDS (then 503). Hashing
-        has its own bound on the cores it takes, so it gives the request's turn up."""
+    def hashing_turn(self, client):
+        """A turn for `client` (an address) to hash a password, waited for at most
+        HASH_WAIT_SECONDS (then 503). Hashing has its own bound on the cores it takes, so it
+        gives the request's turn up."""
         with self.turns.given_up():
-            if not self.hashing.acquire(timeout=HASH_WAIT_SECONDS):
+            if not self.hashing.acquire(client, HASH_WAIT_SECONDS):
                 raise ApiError(503, "busy", "the server is busy checking passwords; try again in a few seconds",
                                headers={"Retry-After": str(HASH_WAIT_SECONDS)})
             try:
@@ -5325,7 +5378,7 @@ def registration_allowed(rt, caller):
 
 def register(rt, body):
     """Register a developer: a live key and a test key, shown this once."""
-    with rt.hashing_turn():
+    with rt.hashing_turn(client_ip()):
         return register_developer(rt.db(), rt.config, body["email"], body["name"], body["password"])
 
 
@@ -5348,7 +5401,7 @@ def password_of(rt, email, password, device=None):
     # sent all at once cannot each pass the check above before any is counted.
     for name, who, _ in budgets:
         rt.limiter.spend(name, who, per_hour)
-    with rt.hashing_turn():
+    with rt.hashing_turn(client_ip()):
         developer = check_password(rt.db(), rt.config, email, password or "")
     if developer is not None:
         for name, who, _ in budgets:
@@ -5824,7 +5877,7 @@ def signup(rt, form):
         return form_page(rt, "signup", status=403, error=None, values={})
     try:
         registration_allowed(rt, None)
-        with rt.hashing_turn():
+        with rt.hashing_turn(client_ip()):
             keys = register_developer(rt.db(), rt.config, form.get("email"), form.get("name"), form.get("password"))
     except ApiError as e:
         if e.status not in (409, 422):

@@ -287,11 +287,13 @@ def test_requests_waiting_for_a_thread_count_toward_the_addresses_share(spawn_se
                 if sock not in answers:
                     with contextlib.suppress(BlockingIOError):
                         answers[sock] = sock.recv(200, socket.MSG_DONTWAIT)
-            return [answer for answer in answers.values() if answer.startswith(b"HTTP/1.1 503")]
+            # Not those that got a thread and, on a slow machine, were told hashing is busy (Retry-After: 5).
+            return [answer for answer in answers.values()
+                    if answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 1\r\n" in answer]
 
         # Past its share waiting and its threads: 503, not queued.
         turned_away = wait_until(lambda: len(found := refusals()) >= 150 - 64 - 4 - 1 and found, timeout=10)
-        assert b'"code": "busy"' in turned_away[0] and b"Retry-After: 1" in turned_away[0]
+        assert b'"code": "busy"' in turned_away[0]
     finally:
         for sock in flood:
             sock.close()
