@@ -215,6 +215,7 @@ def test_when_every_place_is_taken_the_biggest_holder_gives_one_up(small_server)
     assert answer_to(ask(server, f"/v1/pause/{other_pause['pause_id']}?wait=50", my_other))[0] == 429
     # …while another client's long poll still waits, and my oldest answers now.
     theirs_waiting = ask(server, f"/v1/pause/{their_pause['pause_id']}?wait=50", theirs, source="127.0.0.2")
+    parked[0].settimeout(10)                    # now, not when its own 50 s run out
     status, _, pause = answer_to(parked[0])
     assert status == 200 and pause["status"] == "pending" and pause["pause_id"] == my_pauses[0]["pause_id"]
     wait_until(lambda: waiting.count == 4)
