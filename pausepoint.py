@@ -572,7 +572,8 @@ class Turns:
     Turns go to the waiting client addresses in rotation, as threads do, so one
     address's many slow requests hold nobody else's for longer than one of them takes.
     A thread gives its turn up while it waits on something else (the write lock, a
-    commit's fsync, a password hash, a long poll): only one writes at a time anyway."""
+    commit's fsync, a password hash, a long poll): only one writes at a time anyway.
+    (Password hashes have turns of their own, taken with take() and give().)"""
 
     def __init__(self, size):
         self.size = size
@@ -581,28 +582,38 @@ class Turns:
         self._waiting = collections.OrderedDict()   # address -> its threads' turn locks; order is turn order
         self._mine = threading.local()              # .address: the client this thread holds a turn for
 
-    def _take(self, address):
+    def take(self, address, timeout=None):
+        """Whether `address` got a turn (within `timeout` seconds, if given); give() it back."""
         with self._guard:
             if self._running < self.size and not self._waiting:
                 self._running += 1
-                return
+                return True
             turn = threading.Lock()
             turn.acquire()
             self._waiting.setdefault(address, collections.deque()).append(turn)
         try:
-            turn.acquire()              # released by a thread handing its turn over to us
+            # released by a thread handing its turn over to us
+            if turn.acquire(timeout=-1 if timeout is None else timeout):
+                return True
         except BaseException:           # interrupted while waiting (a signal): give up our place
-            with self._guard:
-                queue = self._waiting.get(address)
-                if queue is not None and turn in queue:
-                    queue.remove(turn)
-                    if not queue:
-                        del self._waiting[address]
-                    raise
-            self._give()                # it was handed to us meanwhile: pass it on
+            if self._leave(address, turn):
+                raise
+            self.give()                 # it was handed to us meanwhile: pass it on
             raise
+        return not self._leave(address, turn)      # still queued: none came; else one just did
 
-    def _give(self):
+    def _leave(self, address, turn):
+        """Take a waiter's turn lock out of the queue; False if a giver took it out first."""
+        with self._guard:
+            queue = self._waiting.get(address)
+            if queue is None or turn not in queue:
+                return False
+            queue.remove(turn)
+            if not queue:
+                del self._waiting[address]
+            return True
+
+    def give(self):
         with self._guard:
             if not self._waiting:
                 self._running -= 1
@@ -615,20 +626,21 @@ class Turns:
                 del self._waiting[address]
         turn.release()                  # handed over: as many run as before
 
-    def waiting(self):
+    def waiting(self, address=None):
+        """How many wait for a turn (of `address`, if given)."""
         with self._guard:
-            return sum(len(queue) for queue in self._waiting.values())
+            return sum(len(queue) for who, queue in self._waiting.items() if address in (None, who))
 
     @contextlib.contextmanager
     def taken(self, address):
-        self._take(address)
+        self.take(address)
         self._mine.address = address
         try:
             yield
         finally:
             if self._mine.address is not None:      # None: taking it back after a give-up was interrupted
                 self._mine.address = None
-                self._give()
+                self.give()
 
     @contextlib.contextmanager
     def given_up(self):
@@ -638,11 +650,11 @@ class Turns:
             yield
             return
         self._mine.address = None
-        self._give()
+        self.give()
         try:
             yield
         finally:
-            self._take(address)
+            self.take(address)
             self._mine.address = address
 
 
@@ -718,57 +730,6 @@ class FairLock:
 
     def waiting(self):
         return len(self._waiters)
-
-
-class TurnsByClient:
-    """`slots` turns at once, given round the clients waiting: while one client has many
-    requests waiting, each other client's next waits for at most one of them. (A semaphore
-    serves them in the order they asked, so a flood from one address made everyone else's
-    sign-in wait behind all of it, and give up.)"""
-
-    def __init__(self, slots):
-        self._guard = threading.Lock()
-        self._free = slots
-        self._waiting = collections.OrderedDict()       # client -> its waiters' events; the next client first
-
-    def acquire(self, client, timeout):
-        """Whether `client` got a turn within `timeout` seconds; if so, release() it after."""
-        with self._guard:
-            if self._free:
-                self._free -= 1
-                return True
-            turn = threading.Event()
-            self._waiting.setdefault(client, collections.deque()).append(turn)
-        if turn.wait(timeout):
-            return True
-        with self._guard:
-            if turn.is_set():           # handed over just as the wait ran out
-                return True
-            self._drop(client, turn)
-            return False
-
-    def release(self):
-        with self._guard:
-            if not self._waiting:
-                self._free += 1
-                return
-            client, turns = next(iter(self._waiting.items()))
-            turn = turns[0]
-            self._drop(client, turn)
-            if client in self._waiting:
-                self._waiting.move_to_end(client)      # its next waits for every other client's
-            turn.set()                  # the turn passes straight to it
-
-    def _drop(self, client, turn):
-        turns = self._waiting[client]
-        turns.remove(turn)
-        if not turns:
-            del self._waiting[client]
-
-    def waiting(self, client=None):
-        """How many wait for a turn (of `client`, if given)."""
-        with self._guard:
-            return sum(len(turns) for who, turns in self._waiting.items() if client in (None, who))
 
 
 @contextlib.contextmanager
@@ -4289,8 +4250,9 @@ class Runtime:
         self.error_log = ErrorLog()
         # bcrypt is the one costly thing a client without a key can make us compute: at most
         # half the cores hash at once, so the other half keep answering everyone else, and
-        # client addresses take turns (see TurnsByClient).
-        self.hashing = TurnsByClient(max(1, (os.cpu_count() or 2) // 2))
+        # client addresses take those turns in rotation (a flood from one, in the order it
+        # asked, made every other address's sign-in wait behind all of it and give up).
+        self.hashing = Turns(max(1, (os.cpu_count() or 2) // 2))
         stand_in_password_hash(config["security.bcrypt_rounds"])      # now, not on the first unknown email
         self.scheduler = BackgroundScheduler(timezone=dt.timezone.utc,
                                              job_defaults={"coalesce": True, "max_instances": 1,
@@ -4389,13 +4351,13 @@ class Runtime:
         HASH_WAIT_SECONDS (then 503). Hashing has its own bound on the cores it takes, so it
         gives the request's turn up."""
         with self.turns.given_up():
-            if not self.hashing.acquire(client, HASH_WAIT_SECONDS):
+            if not self.hashing.take(client, HASH_WAIT_SECONDS):
                 raise ApiError(503, "busy", "the server is busy checking passwords; try again in a few seconds",
                                headers={"Retry-After": str(HASH_WAIT_SECONDS)})
             try:
                 yield
             finally:
-                self.hashing.release()
+                self.hashing.give()
 
     def wake_waiters(self):
         """Wake every agent waiting on ?wait=: we are stopping."""
