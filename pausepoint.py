@@ -5975,8 +5975,9 @@ def password_from_dashboard(rt, session, form):
     if developer is None:
         return keys_page(rt, session, error="That password is wrong; the password was not changed.", status=401)
     try:
-        change_password(rt.db(), rt.config, developer, form.get("new_password") or "",
-                        bottle.request.get_cookie(DEVICE_COOKIE))
+        with rt.hashing_turn(client_ip()):
+            change_password(rt.db(), rt.config, developer, form.get("new_password") or "",
+                            bottle.request.get_cookie(DEVICE_COOKIE))
     except ApiError as e:
         return keys_page(rt, session, error=e.message, status=e.status)
     return redirect("/dashboard/login?notice=password", **{SESSION_COOKIE: (None, cookie_options(rt.config))})

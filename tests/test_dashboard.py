@@ -4,9 +4,10 @@ import concurrent.futures
 import re
 import urllib.parse
 
+import bcrypt
 import pytest
 
-from conftest import PASSWORD, Api, stored
+from conftest import PASSWORD, Api, stored, wait_until
 import pausepoint
 
 XSS = '<script>alert(1)</script><img src=x onerror=alert(2)>'
@@ -603,3 +604,39 @@ def test_rotating_needs_a_real_mode_and_two_rotations_show_both_keys(api):
         api.post("/dashboard/keys/rotate", {"csrf": csrf, "key": mode, "password": PASSWORD}, status=303)
     shown = [field["value"][:8] for field in api.get("/dashboard/keys/shown").html.select("input.secret")]
     assert shown == ["pp_live_", "pp_test_"]
+
+
+HASHING_FLOWS = {       # each: what it needs first, then the request that checks or sets a password
+    "API registration": (lambda api: None, lambda api: api.post_json(
+        "/v1/auth/register", {"email": "new@example.com", "name": "New", "password": PASSWORD})),
+    "API key rotation": (Api.register, lambda api: api.post_json(
+        "/v1/auth/keys/rotate", {"email": "dev@example.com", "password": PASSWORD, "key": "live"})),
+    "sign-up": (lambda api: None, sign_up),
+    "sign-in": (Api.register, log_in),
+    "password change": (sign_up, lambda api: post_form(api, api.get("/dashboard/keys"), "/dashboard/password",
+                                                       password=PASSWORD, new_password="a brand new passphrase")),
+}
+
+
+@pytest.mark.parametrize("flow", HASHING_FLOWS)
+def test_every_password_hash_takes_a_hashing_turn_as_the_clients_address(running_api, monkeypatch, flow):
+    api = running_api(remote_addr="192.0.2.55")
+    api.extra_environ["HTTP_X_FORWARDED_FOR"] = "203.0.113.99"     # believed only from a trusted proxy
+    before, request = HASHING_FLOWS[flow]
+    before(api)
+    hashing = api.app.runtime.hashing = pausepoint.Turns(1)
+    outside = []                    # hashes made while a turn was free: outside any turn
+    for name in ("hashpw", "checkpw"):
+        def hash_in_turn(*args, real=getattr(bcrypt, name)):
+            if hashing.take("probe", timeout=0):
+                hashing.give()
+                outside.append(real.__name__)
+            return real(*args)
+        monkeypatch.setattr(bcrypt, name, hash_in_turn)
+    assert hashing.take("198.51.100.7", timeout=0)         # the one turn, held by another address
+    with concurrent.futures.ThreadPoolExecutor(1) as browser:
+        answer = browser.submit(request, api)
+        wait_until(lambda: hashing.waiting("192.0.2.55") == 1)
+        hashing.give()
+        answer.result()
+    assert outside == [] and hashing.waiting() == 0
