@@ -766,6 +766,21 @@ def require_transaction(conn):
         raise RuntimeError("this must run inside transaction()")
 
 
+@contextlib.contextmanager
+def snapshot(conn):
+    """Reads that must agree with one another: in one read transaction, a write committed
+    between two of them is seen by both or neither. (In WAL mode a reader never waits
+    for the writer, nor the writer for it.)"""
+    if conn.in_transaction:
+        yield conn
+        return
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    finally:
+        conn.execute("COMMIT")
+
+
 # Rows a job changes in one transaction; it takes batch after batch while work is
 # due, and API writers get the write lock between them.
 JOB_BATCH = 500
@@ -3618,11 +3633,13 @@ def webhooks_of(conn, caller):
 
 
 def deliveries_page(conn, caller, webhook_id, limit, cursor):
-    """An endpoint's deliveries, newest first, each with every attempt: (list, next_cursor)."""
-    owned_webhook(conn, caller, webhook_id)
-    rows, next_cursor = newest_first(conn, "SELECT * FROM webhook_deliveries WHERE webhook_id = :webhook",
-                                     {"webhook": webhook_id}, limit, cursor)
-    return deliveries_json(conn, rows), next_cursor
+    """An endpoint's deliveries, newest first, each with every attempt: (list, next_cursor),
+    read at one moment (an attempt recorded meanwhile must not join a delivery read before it)."""
+    with snapshot(conn):
+        owned_webhook(conn, caller, webhook_id)
+        rows, next_cursor = newest_first(conn, "SELECT * FROM webhook_deliveries WHERE webhook_id = :webhook",
+                                         {"webhook": webhook_id}, limit, cursor)
+        return deliveries_json(conn, rows), next_cursor
 
 
 def emit_pause_events(conn, config, pauses, event_type=None, when=None):

@@ -150,6 +150,27 @@ def test_a_host_name_no_connection_could_use_is_refused(hooks_api, keys):
         assert error["field"] == "url" and "not a valid host name" in error["message"]
 
 
+def test_a_delivery_and_its_attempts_are_read_at_one_moment(running_api, receiver):
+    api = running_api(**{"webhooks.allow_private": True})
+    key = api.register()["test_api_key"]
+    webhook_id = add_webhook(api, key, receiver.url)["webhook_id"]
+    api.post(f"/v1/webhooks/{webhook_id}/test", headers=api.as_key(key))
+
+    def deliver_meanwhile(statement):       # the attempt lands after the delivery was read, before its attempts
+        if "FROM webhook_attempts" in statement and not receiver.calls:
+            step = threading.Thread(target=api.app.runtime.run_once, args=("webhooks",))
+            step.start()
+            step.join()
+
+    api.app.runtime.db().set_trace_callback(deliver_meanwhile)
+    [delivery] = deliveries(api, key, webhook_id)
+    api.app.runtime.db().set_trace_callback(None)
+    assert len(receiver.calls) == 1                 # delivered while the list was read
+    assert (delivery["status"], len(delivery["attempts"])) == ("pending", 0)
+    [delivery] = deliveries(api, key, webhook_id)
+    assert (delivery["status"], len(delivery["attempts"])) == ("succeeded", 1)
+
+
 def test_a_delivery_that_fails_in_an_unexpected_way_is_recorded_not_left_claimed(hooks_api, keys, receiver):
     key = keys["test_api_key"]
     webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
