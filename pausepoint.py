@@ -615,6 +615,8 @@ class Turns:
 
     def give(self):
         with self._guard:
+            if not self._running:
+                raise RuntimeError("give() without a turn taken")
             if not self._waiting:
                 self._running -= 1
                 return
@@ -1201,11 +1203,13 @@ def device_knows(conn, token, email):
                     (key_digest(token), email.strip(), db_time(utcnow() - DEVICE_LIFETIME)), one=True) is not None
 
 
-def change_password(conn, config, developer, new_password, device=None):
+def change_password(conn, config, developer, new_password, device=None, turn=None):
     """Set a new password (the old one already checked), end every sign-in of the developer
-    and forget the browsers they used but `device`, the one that changed it."""
+    and forget the browsers they used but `device`, the one that changed it. The hash is
+    made in `turn` (a context manager: a server's hashing turn), the checks before it."""
     check_registration(developer["email"], developer["name"], new_password)
-    password_hash = bcrypt.hashpw(new_password.encode("utf-8"), bcrypt.gensalt(config["security.bcrypt_rounds"]))
+    with turn or contextlib.nullcontext():
+        password_hash = bcrypt.hashpw(new_password.encode("utf-8"), bcrypt.gensalt(config["security.bcrypt_rounds"]))
     with transaction(conn):
         conn.execute("UPDATE developers SET password_hash = ? WHERE id = ?", (password_hash.decode(), developer["id"]))
         conn.execute("DELETE FROM dashboard_sessions WHERE developer_id = ?", (developer["id"],))
@@ -5987,16 +5991,18 @@ def keys_shown_page(rt, session):
 
 
 def password_from_dashboard(rt, session, form):
-    """A new password; every sign-in ends, this one too."""
+    """A new password; every sign-in ends, this one too. One that could not be is said so
+    at once, without waiting for a turn to check the old one."""
+    new_password = form.get("new_password") or ""
+    try:
+        check_registration(session.row["email"], session.row["name"], new_password)
+    except ApiError as e:
+        return keys_page(rt, session, error=e.message, status=e.status)
     developer = with_password(rt, session, form)
     if developer is None:
         return keys_page(rt, session, error="That password is wrong; the password was not changed.", status=401)
-    try:
-        with rt.hashing_turn(client_ip()):
-            change_password(rt.db(), rt.config, developer, form.get("new_password") or "",
-                            bottle.request.get_cookie(DEVICE_COOKIE))
-    except ApiError as e:
-        return keys_page(rt, session, error=e.message, status=e.status)
+    change_password(rt.db(), rt.config, developer, new_password, bottle.request.get_cookie(DEVICE_COOKIE),
+                    turn=rt.hashing_turn(client_ip()))
     return redirect("/dashboard/login?notice=password", **{SESSION_COOKIE: (None, cookie_options(rt.config))})
 
 

@@ -148,6 +148,8 @@ def test_hashing_turns_given_up_and_handed_over_at_once_are_never_lost_or_double
                 with guard:
                     holding[0] += 1
                     most[0] = max(most[0], holding[0])
+                sum(range(1000))            # holding it a moment, while others come and go
+                with guard:
                     holding[0] -= 1
                 turns.give()
 
@@ -163,3 +165,7 @@ def test_hashing_turns_given_up_and_handed_over_at_once_are_never_lost_or_double
         sys.setswitchinterval(switching)
     assert most[0] <= 2 and turns.waiting() == 0
     assert [turns.take("192.0.2.1", timeout=0) for _ in range(3)] == [True, True, False]
+    for _ in range(2):
+        turns.give()
+    with pytest.raises(RuntimeError):
+        turns.give()                        # one more than were taken

@@ -606,6 +606,15 @@ def test_rotating_needs_a_real_mode_and_two_rotations_show_both_keys(api):
     assert shown == ["pp_live_", "pp_test_"]
 
 
+def change_the_password(api, new_password="a brand new passphrase"):
+    return post_form(api, api.get("/dashboard/keys"), "/dashboard/password", password=PASSWORD,
+                     new_password=new_password)
+
+
+def password_changed(api):
+    assert change_the_password(api).headers["Location"].endswith("/dashboard/login?notice=password")
+
+
 HASHING_FLOWS = {       # each: what it needs first, then the request that checks or sets a password
     "API registration": (lambda api: None, lambda api: api.post_json(
         "/v1/auth/register", {"email": "new@example.com", "name": "New", "password": PASSWORD})),
@@ -613,8 +622,7 @@ HASHING_FLOWS = {       # each: what it needs first, then the request that check
         "/v1/auth/keys/rotate", {"email": "dev@example.com", "password": PASSWORD, "key": "live"})),
     "sign-up": (lambda api: None, sign_up),
     "sign-in": (Api.register, log_in),
-    "password change": (sign_up, lambda api: post_form(api, api.get("/dashboard/keys"), "/dashboard/password",
-                                                       password=PASSWORD, new_password="a brand new passphrase")),
+    "password change": (sign_up, password_changed),
 }
 
 
@@ -625,10 +633,12 @@ def test_every_password_hash_takes_a_hashing_turn_as_the_clients_address(running
     before, request = HASHING_FLOWS[flow]
     before(api)
     hashing = api.app.runtime.hashing = pausepoint.Turns(1)
-    outside = []                    # hashes made while a turn was free: outside any turn
+    outside, held = [], [True]      # hashes made while the test held the one turn, or while it was free
     for name in ("hashpw", "checkpw"):
         def hash_in_turn(*args, real=getattr(bcrypt, name)):
-            if hashing.take("probe", timeout=0):
+            if held[0]:
+                outside.append(real.__name__)
+            elif hashing.take("probe", timeout=0):
                 hashing.give()
                 outside.append(real.__name__)
             return real(*args)
@@ -637,6 +647,22 @@ def test_every_password_hash_takes_a_hashing_turn_as_the_clients_address(running
     with concurrent.futures.ThreadPoolExecutor(1) as browser:
         answer = browser.submit(request, api)
         wait_until(lambda: hashing.waiting("192.0.2.55") == 1)
+        held[0] = False
         hashing.give()
         answer.result()
     assert outside == [] and hashing.waiting() == 0
+
+
+def test_with_hashing_busy_a_bad_new_password_is_refused_at_once_and_a_good_one_told_when_to_retry(
+        running_api, monkeypatch):
+    api = running_api()
+    sign_up(api)
+    hashing = api.app.runtime.hashing = pausepoint.Turns(1)
+    assert hashing.take("198.51.100.7", timeout=0)         # another address holds the one turn throughout
+    monkeypatch.setattr(pausepoint, "HASH_WAIT_SECONDS", 0.2)
+    refused = change_the_password(api, new_password="short")
+    assert refused.status_code == 422 and "at least 8 characters" in refused.text
+    busy = change_the_password(api)
+    assert busy.status_code == 503 and busy.headers["Retry-After"]
+    hashing.give()
+    password_changed(api)
