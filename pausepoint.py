@@ -3646,6 +3646,12 @@ def deliveries_page(conn, caller, webhook_id, limit, cursor):
         return deliveries_json(conn, rows), next_cursor
 
 
+def delivery_as_it_stands(conn, delivery_id):
+    """One delivery with its attempts, read at one moment (the job may be sending it already)."""
+    with snapshot(conn):
+        return deliveries_json(conn, query_db(conn, "SELECT * FROM webhook_deliveries WHERE id = ?", (delivery_id,)))[0]
+
+
 def emit_pause_events(conn, config, pauses, event_type=None, when=None):
     """Record the event about each of `pauses` (of `event_type`, or 'pause.<its status>'),
     for the feed, and queue it for every enabled endpoint of its owner, in its mode, that
@@ -5473,7 +5479,7 @@ def remove_webhook(rt, caller, webhook_id):
 
 def post_webhook_test(rt, caller, webhook_id):
     """Send a signed webhook.test event to the endpoint."""
-    return deliveries_json(rt.db(), [send_test_event(rt.db(), caller, webhook_id)])[0]
+    return delivery_as_it_stands(rt.db(), send_test_event(rt.db(), caller, webhook_id)["id"])
 
 
 def list_deliveries(rt, caller, query, webhook_id):
@@ -5484,7 +5490,7 @@ def list_deliveries(rt, caller, query, webhook_id):
 
 def post_redeliver(rt, caller, webhook_id, delivery_id):
     """Send a delivery again now, with the same event id."""
-    return deliveries_json(rt.db(), [redeliver(rt.db(), caller, webhook_id, delivery_id)])[0]
+    return delivery_as_it_stands(rt.db(), redeliver(rt.db(), caller, webhook_id, delivery_id)["id"])
 
 
 def list_events(rt, caller, query):
@@ -6034,9 +6040,11 @@ def add_webhook_from_dashboard(rt, session, form):
 def webhook_page(rt, session, query, webhook_id):
     """One endpoint: its settings, its deliveries with every attempt (and a secret made
     for it just now, this once)."""
-    webhook = webhook_json(owned_webhook(rt.db(), session.caller, webhook_id))
+    with snapshot(rt.db()):
+        webhook = webhook_json(owned_webhook(rt.db(), session.caller, webhook_id))
+        deliveries, next_cursor = deliveries_page(rt.db(), session.caller, webhook_id, DASHBOARD_PAGE, query["cursor"])
+    # Only once the page can be shown: a secret taken for a page that failed would be lost.
     secret = rt.shown_once.take(session.token, f"webhook:{webhook_id}") if bottle.request.method == "GET" else None
-    deliveries, next_cursor = deliveries_page(rt.db(), session.caller, webhook_id, DASHBOARD_PAGE, query["cursor"])
     return dashboard_page("webhook", session, secret_shown=bool(secret), webhook=webhook, secret=secret,
                           deliveries=deliveries, next_cursor=next_cursor, back="/dashboard/webhooks")
 

@@ -3,6 +3,7 @@
 import base64
 import concurrent.futures
 import datetime as dt
+import functools
 import itertools
 import os
 import re
@@ -150,11 +151,14 @@ def test_a_host_name_no_connection_could_use_is_refused(hooks_api, keys):
         assert error["field"] == "url" and "not a valid host name" in error["message"]
 
 
-def test_a_delivery_and_its_attempts_are_read_at_one_moment(running_api, receiver):
+@pytest.mark.parametrize("read", ["the list", "the test event's answer"])
+def test_a_delivery_and_its_attempts_are_read_at_one_moment(running_api, receiver, read):
     api = running_api(**{"webhooks.allow_private": True})
     key = api.register()["test_api_key"]
     webhook_id = add_webhook(api, key, receiver.url)["webhook_id"]
-    api.post(f"/v1/webhooks/{webhook_id}/test", headers=api.as_key(key))
+    send_test = functools.partial(api.post, f"/v1/webhooks/{webhook_id}/test", headers=api.as_key(key))
+    if read == "the list":
+        send_test()
 
     def deliver_meanwhile(statement):       # the attempt lands after the delivery was read, before its attempts
         if "FROM webhook_attempts" in statement and not receiver.calls:
@@ -163,7 +167,7 @@ def test_a_delivery_and_its_attempts_are_read_at_one_moment(running_api, receive
             step.join()
 
     api.app.runtime.db().set_trace_callback(deliver_meanwhile)
-    [delivery] = deliveries(api, key, webhook_id)
+    delivery = deliveries(api, key, webhook_id)[0] if read == "the list" else send_test().json
     api.app.runtime.db().set_trace_callback(None)
     assert len(receiver.calls) == 1                 # delivered while the list was read
     assert (delivery["status"], len(delivery["attempts"])) == ("pending", 0)
