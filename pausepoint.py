@@ -3460,9 +3460,10 @@ class EndpointConnections:
         call lost to a kept connection the receiver closed as it went out goes once more."""
         session, adapter = self._session(webhook_id)
         adapter.calls.deadline, adapter.calls.reused, sent = deadline, False, time.monotonic()
+        send = functools.partial(session.post, url, stream=True, allow_redirects=False, **kwargs)
         try:
             try:
-                response = session.post(url, stream=True, allow_redirects=False, **kwargs)
+                response = send()
             except requests.ConnectionError as e:
                 # A receiver's idle timeout can close a kept connection just as a call goes out
                 # on it: the call is hung up on (closed or reset) at once, and goes once more (on
@@ -3474,7 +3475,7 @@ class EndpointConnections:
                 if not (resend_lost and adapter.calls.reused and time.monotonic() - sent < LOST_CALL_SECONDS
                         and not deadline.passed() and find_cause(e, (ConnectionResetError, BrokenPipeError))):
                     raise
-                response = session.post(url, stream=True, allow_redirects=False, **kwargs)
+                response = send()
             # Read a short answer whole, so its connection can carry the next call.
             response.raw.read(ANSWER_KEPT_BYTES, decode_content=False)
             response.close()

@@ -43,6 +43,11 @@ def post_form(api, page, to, action=None, **fields):
     return form.submit("action", value=action, status="*")
 
 
+def change_the_password(api, new_password="a brand new passphrase"):
+    return post_form(api, api.get("/dashboard/keys"), "/dashboard/password", password=PASSWORD,
+                     new_password=new_password)
+
+
 def test_signing_up_shows_both_keys_once_and_signs_in(api):
     form = api.get("/dashboard/signup").forms[0]
     form["email"], form["name"], form["password"] = "dev@example.com", "Dev", PASSWORD
@@ -295,8 +300,7 @@ def test_changing_the_password_ends_every_session(api):
     other_browser = Api(api.app, extra_environ=api.extra_environ)
     log_in(other_browser)                                        # a second sign-in
     assert stored(api.config, "SELECT count(*) FROM dashboard_sessions") == [(2,)]
-    answer = post_form(api, api.get("/dashboard/keys"), "/dashboard/password", password=PASSWORD,
-                       new_password="a brand new passphrase")
+    answer = change_the_password(api)
     assert answer.headers["Location"].endswith("/dashboard/login?notice=password")
     assert stored(api.config, "SELECT count(*) FROM dashboard_sessions") == [(0,)]
     assert other_browser.get("/dashboard/pauses").status_code == 303
@@ -525,8 +529,7 @@ def test_a_password_change_forgets_browsers_and_a_developer_keeps_ten(running_ap
     for _ in range(12):
         log_in(Api(api.app, extra_environ=api.extra_environ))
     assert stored(api.config, "SELECT count(*) FROM dashboard_devices") == [(10,)]
-    post_form(api, api.get("/dashboard/keys"), "/dashboard/password", password=PASSWORD,
-              new_password="a brand new passphrase")
+    change_the_password(api)
     assert stored(api.config, "SELECT count(*) FROM dashboard_devices WHERE developer_id = ?", developer) == [(0,)]
 
 
@@ -574,8 +577,7 @@ def test_the_browser_that_changes_the_password_stays_known(running_api):
     for n in range(3):                             # someone is spending the email's budget
         attacker = Api(api.app, extra_environ={"REMOTE_ADDR": f"198.51.100.{n}"})
         log_in(attacker, password="guess", status=401)
-    post_form(api, api.get("/dashboard/keys"), "/dashboard/password", password=PASSWORD,
-              new_password="a brand new passphrase")
+    change_the_password(api)
     assert log_in(api, password="a brand new passphrase").headers["Location"].endswith("/dashboard")
 
 
@@ -604,11 +606,6 @@ def test_rotating_needs_a_real_mode_and_two_rotations_show_both_keys(api):
         api.post("/dashboard/keys/rotate", {"csrf": csrf, "key": mode, "password": PASSWORD}, status=303)
     shown = [field["value"][:8] for field in api.get("/dashboard/keys/shown").html.select("input.secret")]
     assert shown == ["pp_live_", "pp_test_"]
-
-
-def change_the_password(api, new_password="a brand new passphrase"):
-    return post_form(api, api.get("/dashboard/keys"), "/dashboard/password", password=PASSWORD,
-                     new_password=new_password)
 
 
 def password_changed(api):
