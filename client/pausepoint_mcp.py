@@ -7,9 +7,15 @@ call waits at most PAUSEPOINT_MCP_WAIT seconds (45) and then answers "pending" w
 what to call next; while it waits it reports progress about every 10 s to a host
 that asked for it.
 
+The model these tools gate must not be able to approve itself, so it never sees a
+respond link, cannot choose who is asked or how, and cannot choose which option
+approves: the operator names the person, the first option is always "Approve", and
+only that choice, made by that person, is an approval.
+
 Configured by the environment, like the Claude Code hook:
   PAUSEPOINT_URL, PAUSEPOINT_API_KEY          the server and a key
-  PAUSEPOINT_RECIPIENT, PAUSEPOINT_CHANNEL    who to ask and how, unless a call says (channel default: sms)
+  PAUSEPOINT_RECIPIENT, PAUSEPOINT_CHANNEL    who is asked and how (channel default: sms; never link,
+                                              whose respond link would go to the model)
   PAUSEPOINT_MCP_WAIT                         seconds one call waits for the answer (default 45)
   PAUSEPOINT_MCP_PROGRESS_EVERY               seconds between progress reports while it waits (default 10)
 
@@ -34,6 +40,7 @@ log = logging.getLogger("pausepoint-mcp")
 ONLY_APPROVAL_IS_PERMISSION = (
     " Only an explicit approval is permission: proceed only when the result says approved is true. A rejection,"
     " a timeout (whatever its default), a cancellation or a pending answer all mean: do not proceed.")
+APPROVE = "Approve"
 
 server = MCPServer("PausePoint", instructions=(
     "Ask a person before doing anything risky (spending money, deleting data, contacting people)."
@@ -55,15 +62,37 @@ def client():
     return PausePoint(settings()["url"], settings()["key"], retries=3)
 
 
+def asked_person():
+    """(recipient, channel) from the environment, or an error for the model to read."""
+    config = settings()
+    if not config["recipient"]:
+        return None, "no recipient: the operator sets PAUSEPOINT_RECIPIENT for this server"
+    if config["channel"] == "link":
+        return None, ("PAUSEPOINT_CHANNEL=link would give the respond link to the model, which could answer it"
+                      " itself: the operator sets sms, whatsapp, email or a push channel")
+    return (config["recipient"], config["channel"]), None
+
+
 def outcome(pause):
-    """What a tool answers about a pause."""
+    """What a tool answers about a pause: never its respond link, and approved only when the
+    operator's person chose "Approve" on a pause asked of them with that as its first option."""
+    person, error = asked_person()
+    if error:
+        return {"status": "error", "approved": False, "error": error}
+    if (pause["recipient"], pause["channel"]) != person or pause["options"][0] != APPROVE:
+        return {"status": "error", "approved": False, "pause_id": pause["pause_id"],
+                "error": "this pause was not asked of this server's person by request_approval"}
     if pause["status"] == "pending":
         return {"status": "pending", "approved": False, "pause_id": pause["pause_id"],
-                "respond_url": pause["respond_url"], "expires_at": pause["expires_at"],
+                "expires_at": pause["expires_at"],
                 "next": "call wait_for_approval with this pause_id to keep waiting; do not proceed meanwhile"}
-    result = Approval(pause)
+    result = Approval(pause, APPROVE)
     return {"status": result.status, "approved": result.approved, "pause_id": result.pause_id, "choice": result.choice,
             "comment": result.comment, "decided_by": result.decided_by}
+
+
+async def as_it_stands(pause_id):
+    return outcome(await anyio.to_thread.run_sync(client().get, pause_id))
 
 
 async def wait_reporting(pause_id, ctx):
@@ -88,16 +117,14 @@ async def wait_reporting(pause_id, ctx):
 
 
 @server.tool(description="Ask a person to approve something before you do it, and wait for the answer (up to"
-                         " about 45 s; if it is still pending, call wait_for_approval)." + ONLY_APPROVAL_IS_PERMISSION)
-async def request_approval(question: str, ctx: Context, options: list[str] | None = None,
-                           recipient: str | None = None, channel: str | None = None, timeout_hours: float = 1.0,
-                           default: str | None = None) -> dict:
-    config = settings()
-    options = options or ["Approve", "Reject"]
-    recipient, channel = recipient or config["recipient"], channel or config["channel"]
-    if not recipient:
-        return {"status": "error", "approved": False,
-                "error": "no recipient: pass one, or set PAUSEPOINT_RECIPIENT for this server"}
+                         " about 45 s; if it is still pending, call wait_for_approval). The person is offered"
+                         " \"Approve\" and other_options (default: Reject)." + ONLY_APPROVAL_IS_PERMISSION)
+async def request_approval(question: str, ctx: Context, other_options: list[str] | None = None,
+                           timeout_hours: float = 1.0, default: str | None = None) -> dict:
+    person, error = asked_person()
+    if error:
+        return {"status": "error", "approved": False, "error": error}
+    (recipient, channel), options = person, [APPROVE, *(other_options or ["Reject"])]
     fingerprint = hashlib.sha256(json.dumps([question, options, recipient, channel]).encode()).hexdigest()
     try:
         earlier = asked.get(fingerprint)
@@ -117,6 +144,9 @@ async def request_approval(question: str, ctx: Context, options: list[str] | Non
                          + ONLY_APPROVAL_IS_PERMISSION)
 async def wait_for_approval(pause_id: str, ctx: Context) -> dict:
     try:
+        answer = await as_it_stands(pause_id)
+        if answer["status"] != "pending":       # decided already, or not this server's to wait for
+            return answer
         return outcome(await wait_reporting(pause_id, ctx))
     except PausePointError as e:
         return {"status": "error", "approved": False, "error": e.message}
@@ -125,6 +155,9 @@ async def wait_for_approval(pause_id: str, ctx: Context) -> dict:
 @server.tool(description="Withdraw a request for approval that is no longer needed.")
 async def cancel_approval(pause_id: str) -> dict:
     try:
+        answer = await as_it_stands(pause_id)
+        if answer["status"] != "pending":       # decided already, or not this server's to cancel
+            return answer
         return outcome(await anyio.to_thread.run_sync(client().cancel, pause_id))
     except PausePointError as e:
         return {"status": "error", "approved": False, "error": e.message}

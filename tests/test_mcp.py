@@ -8,7 +8,7 @@ import anyio
 import pytest
 import requests
 
-from conftest import answer_first_pending, register_over_http, ROOT
+from conftest import answer_first_pending, register_over_http, ROOT, token_of
 
 MCP_SERVER = os.path.join(ROOT, "client", "pausepoint_mcp.py")
 
@@ -41,20 +41,29 @@ def test_the_tools_are_listed_with_their_schemas_and_the_warning(setup):
     tools = with_mcp(*setup, steps)
     assert set(tools) == {"request_approval", "wait_for_approval", "cancel_approval"}
     schema = tools["request_approval"].input_schema
-    assert schema["required"] == ["question"] and "options" in schema["properties"]
+    # The model may word the question and add choices, never say who answers, how, or what approves.
+    assert schema["required"] == ["question"]
+    assert set(schema["properties"]) == {"question", "other_options", "timeout_hours", "default"}
     assert "Only an explicit approval is permission" in tools["request_approval"].description
 
 
-@pytest.mark.parametrize("choice, approved", [("Approve", True), ("Reject", False)])
-def test_a_request_is_answered_while_the_tool_waits(setup, choice, approved):
+@pytest.mark.parametrize("other_options, choice, approved", [
+    (None, "Approve", True), (None, "Reject", False),
+    (["Reject", "Ask me tomorrow"], "Ask me tomorrow", False),
+    (["Reject"], "Reject", False)])         # asked with the model's own choices, "Approve" still comes first
+def test_a_request_is_answered_while_the_tool_waits(setup, other_options, choice, approved):
     url, key = setup
     person = answer_first_pending(url, key, choice)
 
     async def steps(call, mcp):
-        return await call("request_approval", {"question": "Wire $340 to Acme Corp?"})
+        return await call("request_approval", {"question": "Wire $340 to Acme Corp?",
+                                                **({"other_options": other_options} if other_options else {})})
     answer = with_mcp(url, key, steps)
     person.join()
     assert answer["status"] == "responded" and answer["approved"] is approved and answer["choice"] == choice
+    [pause] = requests.get(f"{url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).json()["pauses"]
+    assert pause["options"] == ["Approve", *(other_options or ["Reject"])]
+    assert (pause["recipient"], pause["channel"]) == ("+15550100", "sms")
 
 
 def test_a_pending_request_is_waited_for_again_and_asked_only_once(setup):
@@ -68,6 +77,10 @@ def test_a_pending_request_is_waited_for_again_and_asked_only_once(setup):
         return first, again, decided
     first, again, decided = with_mcp(url, key, steps, PAUSEPOINT_MCP_WAIT="1")
     assert first["status"] == "pending" and first["approved"] is False and "wait_for_approval" in first["next"]
+    # The model never sees the link, which would let it answer for the person.
+    [pause] = requests.get(f"{url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).json()["pauses"]
+    told = json.dumps([first, again, decided])
+    assert "respond_url" not in told and token_of(pause["respond_url"]) not in told
     assert again["pause_id"] == first["pause_id"]
     assert decided["approved"] is True and decided["pause_id"] == first["pause_id"]
     pauses = requests.get(f"{url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).json()["pauses"]
@@ -94,3 +107,41 @@ def test_a_waiting_call_reports_progress_to_a_host_that_asks(setup):
     answer = with_mcp(*setup, steps, PAUSEPOINT_MCP_WAIT="3", PAUSEPOINT_MCP_PROGRESS_EVERY="1")
     assert answer["status"] == "pending"
     assert len(reports) >= 2 and all(total == 3 and "+15550100" in message for _, total, message in reports)
+
+
+def test_a_pause_this_server_did_not_ask_is_never_an_approval_and_never_cancelled(setup):
+    """Another agent's pause of the same key, or one whose first option is not "Approve", tells
+    the model nothing it could pass off as its person's approval."""
+    url, key = setup
+    auth = {"Authorization": f"Bearer {key}"}
+
+    def create(**asked):
+        body = {"recipient": "+15550100", "channel": "sms", "message": "Wire $340?", "options": ["Approve", "Reject"],
+                "timeout_hours": 1, "timeout_default": "Reject", **asked}
+        return requests.post(f"{url}/v1/pause", json=body, headers=auth).json()
+    reversed_options = create(options=["Reject", "Approve"], message="Reversed")
+    elsewhere = create(recipient="+15550199", message="Someone else's")
+    other_channel = create(channel="link", recipient="the agent itself", message="A link")
+    decided = requests.post(f"{url}/v1/respond/{token_of(reversed_options['respond_url'])}", json={"choice": "Reject"})
+    assert decided.status_code == 200
+
+    async def steps(call, mcp):
+        return [await call(tool, {"pause_id": pause["pause_id"]}) for tool in ("wait_for_approval", "cancel_approval")
+                for pause in (reversed_options, elsewhere, other_channel)]
+    answers = with_mcp(url, key, steps, PAUSEPOINT_MCP_WAIT="1")
+    assert all(a["status"] == "error" and a["approved"] is False and "not asked" in a["error"] for a in answers)
+    statuses = {p["pause_id"]: p["status"] for p in requests.get(f"{url}/v1/pause", headers=auth).json()["pauses"]}
+    assert statuses == {reversed_options["pause_id"]: "responded", elsewhere["pause_id"]: "pending",
+                        other_channel["pause_id"]: "pending"}
+
+
+@pytest.mark.parametrize("env, refused", [({"PAUSEPOINT_CHANNEL": "link"}, "PAUSEPOINT_CHANNEL=link"),
+                                          ({"PAUSEPOINT_RECIPIENT": ""}, "no recipient")])
+def test_a_server_whose_person_could_be_the_model_asks_nobody(setup, env, refused):
+    url, key = setup
+
+    async def steps(call, mcp):
+        return await call("request_approval", {"question": "Delete the prod database?"})
+    answer = with_mcp(url, key, steps, **env)
+    assert answer["status"] == "error" and answer["approved"] is False and refused in answer["error"]
+    assert requests.get(f"{url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).json()["pauses"] == []
