@@ -5384,7 +5384,9 @@ def password_of(rt, email, password, device=None):
         budgets = [("password_failures_device", key_digest(device), "failed sign-ins from this browser")]
     else:       # the email by digest: a bucket costs the same memory whatever was typed
         budgets = [("password_failures", client_ip(), "failed sign-ins from your address"),
-                   ("password_failures_email", key_digest(email), "failed sign-ins for this email")]
+                   ("password_failures_email", key_digest(email),
+                    "failed sign-ins for this email (a browser that has signed in as you before is not held to"
+                    " this: sign in or rotate keys there)")]
     for name, who, what in budgets:
         rt.limiter.refuse_if_exhausted(name, who, per_hour, what)
     # Counted as a failure before the check and given back after a success, so guesses

@@ -486,6 +486,7 @@ def test_api_key_rotation_spends_the_same_per_email_budget(running_api):
     refused = api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": PASSWORD, "key": "live"},
                             status=429).json["error"]
     assert "failed sign-ins for this email" in refused["message"]
+    assert "a browser that has signed in as you before is not held to this" in refused["message"]     # the way out
     from_address(api, "203.0.113.9")
     assert log_in(api, status=429).status_code == 429
 
