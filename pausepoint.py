@@ -5033,7 +5033,7 @@ FIELDS_SCHEMA = {
 
 
 REGISTRATION_SCHEMA = {
-    "type": "object", "required": ["email", "name", "password"],
+    "type": "object", "additionalProperties": False, "required": ["email", "name", "password"],
     "x-message": "the request body must be a JSON object with email, name and password",
     "properties": {
         "email": {"type": "string", "maxLength": 254, "pattern": EMAIL.pattern,
@@ -5045,7 +5045,7 @@ REGISTRATION_SCHEMA = {
     },
 }
 ROTATION_SCHEMA = {
-    "type": "object", "required": ["key", "email", "password"],
+    "type": "object", "additionalProperties": False, "required": ["key", "email", "password"],
     "x-message": "the request body must be a JSON object with email, password and key",
     "properties": {
         "key": {"type": "string", "enum": list(MODES), "x-message": "key must be 'live' or 'test': which key to replace"},
@@ -5066,7 +5066,8 @@ WEBHOOK_SCHEMA = {"type": "object", "additionalProperties": False, "required": [
 WEBHOOK_CHANGE_SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
     **WEBHOOK_PROPERTIES, "enabled": {"type": "boolean", "x-message": "enabled must be true or false"}}}
 RESPONSE_SCHEMA = {
-    "type": "object", "required": ["choice"], "x-message": 'the request body must be a JSON object like {"choice": "Approve"}',
+    "type": "object", "additionalProperties": False, "required": ["choice"],
+    "x-message": 'the request body must be a JSON object like {"choice": "Approve"}',
     "properties": {
         "choice": {"type": "string", "x-message": "choice must be one of the pause's options"},
         "comment": {"type": ["string", "null"], "maxLength": 2000, "pattern": SAFE_TEXT,

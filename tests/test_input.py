@@ -94,6 +94,17 @@ def test_no_json_body_gets_a_5xx_and_every_error_has_the_one_shape(fuzz, method,
     check()
 
 
+@pytest.mark.parametrize("method, path, valid, keyed", [e for e in JSON_ENDPOINTS if e[2] is not None],
+                         ids=[e[1] for e in JSON_ENDPOINTS if e[2] is not None])
+def test_a_field_no_endpoint_knows_is_422_naming_it_before_anything_happens(fuzz, method, path, valid, keyed):
+    """A misspelt or invented field is a mistake the caller wants to hear about: a "plan" given at
+    registration, a "reason" given with a choice, would otherwise be dropped in silence."""
+    raw = json.dumps({**valid, "zzz_surprise": 1}).encode()
+    headers = {**(fuzz["auth"] if keyed else {}), "Content-Type": "application/json"}
+    error = fuzz["api"].request(path.format(**fuzz), method=method, body=raw, headers=headers, status=422).json["error"]
+    assert error["field"] == "zzz_surprise" and "unknown field" in error["message"]
+
+
 @pytest.mark.parametrize("path, names", QUERY_ENDPOINTS, ids=[e[0] for e in QUERY_ENDPOINTS])
 def test_no_query_gets_a_5xx_and_every_error_has_the_one_shape(fuzz, path, names):
     @FUZZ
