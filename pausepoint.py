@@ -6443,11 +6443,10 @@ def responses(route):
     success = {"description": "Done"}
     if route.answer is not None:
         success["content"] = {content: {"schema": route.answer} for content in media}
-    possible = {429} | ({401} if route.auth == "key" else set()) | ({404} if "<" in route.path else set())
+    # 422 on every route: each refuses query parameters it does not declare.
+    possible = {422, 429} | ({401} if route.auth == "key" else set()) | ({404} if "<" in route.path else set())
     if route.body is not None:
-        possible |= {400, 413, 415, 422}
-    if route.query:
-        possible.add(422)
+        possible |= {400, 413, 415}
     if route.method in ("POST", "PATCH", "DELETE") and "<" in route.path:
         possible |= {409, 410} if "respond" in route.path else {409}
     possible |= {*route.refusals, 500, 503}

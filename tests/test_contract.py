@@ -47,6 +47,18 @@ def test_the_document_is_valid_openapi_3_1_with_auth_errors_and_webhooks(api):
     assert document["paths"]["/v1/auth/register"]["post"]["security"] == []
 
 
+def test_every_route_refuses_a_query_parameter_it_does_not_declare_and_says_so(api, developer):
+    """Any route answers 422 to a query parameter it does not take, so every route lists 422."""
+    document = api.get("/v1/openapi.json").json
+    for route in (r for r in pausepoint.ROUTES if not r.page):
+        assert "422" in document["paths"][openapi_path(route.path)][route.method.lower()]["responses"], route.path
+        if route.body is None and route.auth in ("key", "none"):
+            path = re.sub(r"<(\w+)>", "x", route.path)
+            error = api.request(f"{path}?zzz_surprise=1", method=route.method, status=422,
+                                headers=api.as_key(developer["test_api_key"])).json["error"]
+            assert error["field"] == "zzz_surprise", route.path
+
+
 def test_the_document_names_this_servers_channels(tmp_path):
     app = pausepoint.create_app(pausepoint.load_config(environ={}, overrides={
         "database.path": str(tmp_path / "db"), "channels.ops.url": "json://127.0.0.1:9/hook"}))
