@@ -3398,7 +3398,8 @@ def url_problem(url, allow_private):
         return "url must not contain credentials; receivers authenticate calls by their signature"
     try:
         parts.hostname.encode("idna")       # what a connection will need: labels of 1-63 characters
-    except UnicodeError:
+        requests.Request("POST", url.strip()).prepare()    # and the stricter IDNA 2008 that deliveries use
+    except (UnicodeError, requests.RequestException):
         return f"url's host {parts.hostname[:100]} is not a valid host name"
     address = literal_address(parts.hostname)
     if not allow_private and (address and not is_public_address(address) or LOCAL_NAMES.search(parts.hostname)):
