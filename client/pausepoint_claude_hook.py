@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pausepoint_client import PausePoint, PausePointError  # noqa: E402
 
 LONGEST_LINE = 160          # a text message's worth of the command
-METADATA_LIMIT = 12000      # the tool input kept in metadata (the server takes 16 KB in all)
+METADATA_BYTES = 15000      # the metadata as UTF-8 JSON, as the server counts it (it takes 16 KB)
 
 
 def shorten(text, limit=LONGEST_LINE):
@@ -53,6 +53,19 @@ def describe(call):
     return f"Claude Code wants to {what}" + (f" (in {where})" if where else "")
 
 
+def fitted(metadata):
+    """The metadata with its tool_input shortened until the whole fits METADATA_BYTES:
+    counted in bytes of JSON, since an accent takes two and a quote, escaped inside a
+    JSON string inside JSON, four."""
+    def size(given):
+        return len(json.dumps(given, separators=(",", ":"), ensure_ascii=False).encode())
+    whole, limit = metadata["tool_input"], len(metadata["tool_input"])
+    while size(metadata) > METADATA_BYTES and limit > 1:
+        limit = max(1, min(limit - 1, limit * METADATA_BYTES // size(metadata)))
+        metadata = {**metadata, "tool_input": shorten(whole, limit)}
+    return metadata
+
+
 def decision(kind, reason):
     return {"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": kind,
                                    "permissionDecisionReason": reason}}
@@ -64,9 +77,8 @@ def ask_person(call, environ):
     wait = float(environ.get("PAUSEPOINT_HOOK_WAIT", "50"))
     on_timeout = "deny" if environ.get("PAUSEPOINT_HOOK_ON_TIMEOUT") == "deny" else "ask"
     tool_input = json.dumps(call.get("tool_input"), ensure_ascii=False)
-    metadata = {"tool_name": call.get("tool_name"), "cwd": call.get("cwd"), "session_id": call.get("session_id"),
-                "tool_input": tool_input if len(tool_input) <= METADATA_LIMIT else shorten(tool_input, METADATA_LIMIT),
-                "display": ["tool_name", "cwd"]}
+    metadata = fitted({"tool_name": call.get("tool_name"), "cwd": call.get("cwd"), "session_id": call.get("session_id"),
+                       "tool_input": tool_input, "display": ["tool_name", "cwd"]})
     created = client.pause(
         recipient=environ["PAUSEPOINT_RECIPIENT"], channel=environ.get("PAUSEPOINT_CHANNEL", "sms"),
         message=describe(call), options=["Allow", "Deny"], timeout_hours=max(wait, 60) / 3600,

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import requests
 
 from conftest import answer_first_pending, register_over_http, ROOT, stored
@@ -57,14 +58,17 @@ def test_no_answer_hands_back_to_the_local_prompt_and_cancels_the_pause(live_ser
     assert denied["permissionDecision"] == "deny"
 
 
-def test_a_file_write_is_described_by_its_path(live_server):
+# Long contents, and contents whose characters take 2 bytes, or 4 once escaped twice (as JSON
+# inside JSON): each must be shortened to fit the server's 16 KB, not refused there.
+@pytest.mark.parametrize("content", ["SECRET=1\n" * 5000, "é" * 9000, '"' * 9000], ids=["lines", "accents", "quotes"])
+def test_a_file_write_is_described_by_its_path(live_server, content):
     key = new_test_key(live_server.url)
     call = {**CALL, "tool_name": "Write", "tool_input": {"file_path": os.path.expanduser("~/src/app/.env"),
-                                                         "content": "SECRET=1\n" * 5000}}
+                                                         "content": content}}
     run_hook(live_server.url, key, call, PAUSEPOINT_HOOK_WAIT="1")
     [(message, metadata)] = stored(live_server.app.runtime.config, "SELECT message, metadata FROM pauses")
     assert message == "Claude Code wants to write ~/src/app/.env (in ~/src/app)"
-    assert len(metadata) < 16384                    # the long content shortened to fit
+    assert 8000 < len(metadata.encode()) <= 16384   # the long content shortened to fit, and no more than that
 
 
 def test_when_pausepoint_cannot_be_reached_it_asks_locally_and_never_allows(live_server):
