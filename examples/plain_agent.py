@@ -2,7 +2,10 @@
 
     PAUSEPOINT_URL=http://127.0.0.1:8080 PAUSEPOINT_API_KEY=pp_test_… python examples/plain_agent.py
 
-With a test key nothing is texted: open the printed respond_url to answer as the person would.
+With a test key nothing is texted. While it waits, answer as the person would: open the
+respond_url of the pending pause, which this lists:
+
+    curl -H "Authorization: Bearer $PAUSEPOINT_API_KEY" "$PAUSEPOINT_URL/v1/pause?status=pending"
 """
 
 import os
