@@ -1565,11 +1565,12 @@ MAX_SAFE_INTEGER = 2 ** 53 - 1
 def number_problem(kind, value):
     """What is wrong with `value` as a number of a field of type `kind`, or None."""
     whole = isinstance(value, int) and not isinstance(value, bool)
-    if whole and abs(value) > MAX_SAFE_INTEGER:
-        return f"must be a number between -{MAX_SAFE_INTEGER} and {MAX_SAFE_INTEGER}"
     if not whole and not (isinstance(value, float) and math.isfinite(value)):
         return "must be a whole number" if kind == "integer" else "must be a number"
-    if kind == "integer" and not (whole or (value.is_integer() and abs(value) <= MAX_SAFE_INTEGER)):
+    # A whole number too big to hold exactly, as given or as a form's text read into a double.
+    if abs(value) > MAX_SAFE_INTEGER and (whole or kind == "integer" and value.is_integer()):
+        return f"must be a number between -{MAX_SAFE_INTEGER} and {MAX_SAFE_INTEGER}"
+    if kind == "integer" and not (whole or value.is_integer()):
         return "must be a whole number"
     return None
 

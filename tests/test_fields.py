@@ -187,6 +187,18 @@ def test_a_refused_form_comes_back_with_what_the_person_typed(running_api):
     assert again["field.amount"].value == "300" and again["field.note"].value == "far too long"
 
 
+def test_a_whole_number_too_big_to_hold_exactly_is_told_so_not_called_fractional(running_api):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key, fields={"account": {"type": "integer", "value": 7, "editable": True}})
+    form = api.get(f"/respond/{token_of(created['respond_url'])}").forms[0]
+    form["field.account"] = str(2 ** 53 + 1)
+    assert "must be a number between" in form.submit("choice", value="Approve", status=422).text
+    refused = api.post_json(f"/v1/respond/{token_of(created['respond_url'])}",
+                            {"choice": "Approve", "fields": {"account": float(2 ** 53 + 2)}}, status=422).json["error"]
+    assert "must be a number between" in refused["message"]
+
+
 @pytest.mark.parametrize("fields, says", [
     ({"n": {"type": "number", "value": 10 ** 400}}, "value must be a number between"),
     ({"n": {"type": "number", "value": 1, "max": 10 ** 400}}, "max must be a number between"),
