@@ -49,8 +49,7 @@ def test_the_tools_are_listed_with_their_schemas_and_the_warning(setup):
 
 @pytest.mark.parametrize("other_options, choice, approved", [
     (None, "Approve", True), (None, "Reject", False),
-    (["Reject", "Ask me tomorrow"], "Ask me tomorrow", False),
-    (["Reject"], "Reject", False)])         # asked with the model's own choices, "Approve" still comes first
+    (["Reject", "Ask me tomorrow"], "Ask me tomorrow", False)])     # the model's own choices come after "Approve"
 def test_a_request_is_answered_while_the_tool_waits(setup, other_options, choice, approved):
     url, key = setup
     person = answer_first_pending(url, key, choice)
@@ -137,11 +136,14 @@ def test_a_pause_this_server_did_not_ask_is_never_an_approval_and_never_cancelle
 
 @pytest.mark.parametrize("env, refused", [({"PAUSEPOINT_CHANNEL": "link"}, "PAUSEPOINT_CHANNEL=link"),
                                           ({"PAUSEPOINT_RECIPIENT": ""}, "no recipient")])
-def test_a_server_whose_person_could_be_the_model_asks_nobody(setup, env, refused):
+def test_a_server_whose_person_could_be_the_model_asks_nobody(setup, monkeypatch, env, refused):
+    """The tool itself, called in this process: it refuses before it would use the protocol."""
     url, key = setup
-
-    async def steps(call, mcp):
-        return await call("request_approval", {"question": "Delete the prod database?"})
-    answer = with_mcp(url, key, steps, **env)
+    for name, value in {"PAUSEPOINT_URL": url, "PAUSEPOINT_API_KEY": key, "PAUSEPOINT_RECIPIENT": "+15550100",
+                        **env}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.syspath_prepend(os.path.dirname(MCP_SERVER))
+    import pausepoint_mcp
+    answer = anyio.run(pausepoint_mcp.request_approval, "Delete the prod database?", None)
     assert answer["status"] == "error" and answer["approved"] is False and refused in answer["error"]
     assert requests.get(f"{url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).json()["pauses"] == []
