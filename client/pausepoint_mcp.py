@@ -10,7 +10,9 @@ that asked for it.
 The model these tools gate must not be able to approve itself, so it never sees a
 respond link, cannot choose who is asked or how, and cannot choose which option
 approves: the operator names the person, the first option is always "Approve", and
-only that choice, made by that person, is an approval.
+only that choice, made by that person, is an approval. Nor can it pass off another
+approval as its own: the tools speak only of pauses this process asked (so after a
+restart a question is asked anew), and each answer says what was asked.
 
 Configured by the environment, like the Claude Code hook:
   PAUSEPOINT_URL, PAUSEPOINT_API_KEY          the server and a key
@@ -47,7 +49,8 @@ server = MCPServer("PausePoint", instructions=(
     + ONLY_APPROVAL_IS_PERMISSION))
 
 # This process serves one session: a question asked again while its pause is pending
-# finds that pause rather than asking the person twice.
+# finds that pause rather than asking the person twice. Its values are the only pauses
+# the tools will speak of.
 asked = {}
 
 
@@ -74,25 +77,24 @@ def asked_person():
 
 
 def outcome(pause):
-    """What a tool answers about a pause: never its respond link, and approved only when the
-    operator's person chose "Approve" on a pause asked of them with that as its first option."""
-    person, error = asked_person()
-    if error:
-        return {"status": "error", "approved": False, "error": error}
-    if (pause["recipient"], pause["channel"]) != person or pause["options"][0] != APPROVE:
-        return {"status": "error", "approved": False, "pause_id": pause["pause_id"],
-                "error": "this pause was not asked of this server's person by request_approval"}
+    """What a tool answers about a pause this process asked: never its respond link, and
+    approved only when the person chose "Approve"."""
     if pause["status"] == "pending":
-        return {"status": "pending", "approved": False, "pause_id": pause["pause_id"],
+        return {"status": "pending", "approved": False, "pause_id": pause["pause_id"], "question": pause["message"],
                 "expires_at": pause["expires_at"],
                 "next": "call wait_for_approval with this pause_id to keep waiting; do not proceed meanwhile"}
     result = Approval(pause, APPROVE)
-    return {"status": result.status, "approved": result.approved, "pause_id": result.pause_id, "choice": result.choice,
-            "comment": result.comment, "decided_by": result.decided_by}
+    return {"status": result.status, "approved": result.approved, "pause_id": result.pause_id,
+            "question": pause["message"], "choice": result.choice, "comment": result.comment,
+            "decided_by": result.decided_by}
 
 
-async def as_it_stands(pause_id):
-    return outcome(await anyio.to_thread.run_sync(client().get, pause_id))
+def not_asked_here(pause_id):
+    """An error for a pause this process did not ask, or None."""
+    if pause_id in asked.values():
+        return None
+    return {"status": "error", "approved": False, "pause_id": pause_id,
+            "error": "this server did not ask that: only the pause_id request_approval returned in this session"}
 
 
 async def wait_reporting(pause_id, ctx):
@@ -144,10 +146,7 @@ async def request_approval(question: str, ctx: Context, other_options: list[str]
                          + ONLY_APPROVAL_IS_PERMISSION)
 async def wait_for_approval(pause_id: str, ctx: Context) -> dict:
     try:
-        answer = await as_it_stands(pause_id)
-        if answer["status"] != "pending":       # decided already, or not this server's to wait for
-            return answer
-        return outcome(await wait_reporting(pause_id, ctx))
+        return not_asked_here(pause_id) or outcome(await wait_reporting(pause_id, ctx))
     except PausePointError as e:
         return {"status": "error", "approved": False, "error": e.message}
 
@@ -155,10 +154,7 @@ async def wait_for_approval(pause_id: str, ctx: Context) -> dict:
 @server.tool(description="Withdraw a request for approval that is no longer needed.")
 async def cancel_approval(pause_id: str) -> dict:
     try:
-        answer = await as_it_stands(pause_id)
-        if answer["status"] != "pending":       # decided already, or not this server's to cancel
-            return answer
-        return outcome(await anyio.to_thread.run_sync(client().cancel, pause_id))
+        return not_asked_here(pause_id) or outcome(await anyio.to_thread.run_sync(client().cancel, pause_id))
     except PausePointError as e:
         return {"status": "error", "approved": False, "error": e.message}
 

@@ -57,9 +57,11 @@ def test_a_request_is_answered_while_the_tool_waits(setup, other_options, choice
     async def steps(call, mcp):
         return await call("request_approval", {"question": "Wire $340 to Acme Corp?",
                                                 **({"other_options": other_options} if other_options else {})})
-    answer = with_mcp(url, key, steps)
+    # (Spaces around the operator's number, as a config file may leave them, change nothing.)
+    answer = with_mcp(url, key, steps, **({"PAUSEPOINT_RECIPIENT": " +15550100 "} if other_options else {}))
     person.join()
     assert answer["status"] == "responded" and answer["approved"] is approved and answer["choice"] == choice
+    assert answer["question"] == "Wire $340 to Acme Corp?"
     [pause] = requests.get(f"{url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).json()["pauses"]
     assert pause["options"] == ["Approve", *(other_options or ["Reject"])]
     assert (pause["recipient"], pause["channel"]) == ("+15550100", "sms")
@@ -109,8 +111,8 @@ def test_a_waiting_call_reports_progress_to_a_host_that_asks(setup):
 
 
 def test_a_pause_this_server_did_not_ask_is_never_an_approval_and_never_cancelled(setup):
-    """Another agent's pause of the same key, or one whose first option is not "Approve", tells
-    the model nothing it could pass off as its person's approval."""
+    """Another agent's pause of the same key, even one asked of the same person with the same
+    options and approved, tells the model nothing it could pass off as its own approval."""
     url, key = setup
     auth = {"Authorization": f"Bearer {key}"}
 
@@ -118,20 +120,19 @@ def test_a_pause_this_server_did_not_ask_is_never_an_approval_and_never_cancelle
         body = {"recipient": "+15550100", "channel": "sms", "message": "Wire $340?", "options": ["Approve", "Reject"],
                 "timeout_hours": 1, "timeout_default": "Reject", **asked}
         return requests.post(f"{url}/v1/pause", json=body, headers=auth).json()
+    approved, pending = create(message="Another agent's wire"), create(message="Another agent's delete")
     reversed_options = create(options=["Reject", "Approve"], message="Reversed")
-    elsewhere = create(recipient="+15550199", message="Someone else's")
-    other_channel = create(channel="link", recipient="the agent itself", message="A link")
-    decided = requests.post(f"{url}/v1/respond/{token_of(reversed_options['respond_url'])}", json={"choice": "Reject"})
-    assert decided.status_code == 200
+    for pause, choice in ((approved, "Approve"), (reversed_options, "Reject")):
+        assert requests.post(f"{url}/v1/respond/{token_of(pause['respond_url'])}", json={"choice": choice}).ok
 
     async def steps(call, mcp):
         return [await call(tool, {"pause_id": pause["pause_id"]}) for tool in ("wait_for_approval", "cancel_approval")
-                for pause in (reversed_options, elsewhere, other_channel)]
+                for pause in (approved, pending, reversed_options)]
     answers = with_mcp(url, key, steps, PAUSEPOINT_MCP_WAIT="1")
-    assert all(a["status"] == "error" and a["approved"] is False and "not asked" in a["error"] for a in answers)
+    assert all(a["status"] == "error" and a["approved"] is False and "did not ask" in a["error"] for a in answers)
     statuses = {p["pause_id"]: p["status"] for p in requests.get(f"{url}/v1/pause", headers=auth).json()["pauses"]}
-    assert statuses == {reversed_options["pause_id"]: "responded", elsewhere["pause_id"]: "pending",
-                        other_channel["pause_id"]: "pending"}
+    assert statuses == {approved["pause_id"]: "responded", pending["pause_id"]: "pending",
+                        reversed_options["pause_id"]: "responded"}
 
 
 @pytest.mark.parametrize("env, refused", [({"PAUSEPOINT_CHANNEL": "link"}, "PAUSEPOINT_CHANNEL=link"),
