@@ -22,18 +22,29 @@ Standard library only, with pausepoint_client.py beside it.
 import hashlib
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pausepoint_client import PausePoint, PausePointError  # noqa: E402
 
 LONGEST_LINE = 160          # a text message's worth of the command
+LONGEST_PLACE = 200         # of a path, or of the directory it runs in
 METADATA_BYTES = 15000      # the metadata as UTF-8 JSON, as the server counts it (it takes 16 KB)
+# What the server refuses in text a person reads (C0 and C1 controls but newline and tab,
+# line and paragraph separators, bidirectional controls, tag characters), and lone
+# surrogates, which no JSON reader takes: each shown as U+FFFD, so the person is still asked.
+UNREADABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+                        "\U000e0000-\U000e007f\ud800-\udfff]")
 
 
 def shorten(text, limit=LONGEST_LINE):
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def readable(text):
+    return UNREADABLE.sub("\ufffd", str(text))
 
 
 def home_relative(path):
@@ -42,15 +53,21 @@ def home_relative(path):
 
 
 def describe(call):
-    """One line: what Claude Code is about to do, and where."""
-    tool, given, where = call.get("tool_name", "a tool"), call.get("tool_input") or {}, home_relative(call.get("cwd", ""))
+    """One line: what Claude Code is about to do, and where. A person may answer by text
+    message without opening the page, which shows the whole tool input, so a line cut
+    short says so: a harmless start must not hide what follows it."""
+    tool, given = str(call.get("tool_name", "a tool")), call.get("tool_input") or {}
     if tool == "Bash" and "command" in given:
-        what = f"run: {shorten(given['command'])}"
+        verb, what, limit = "run:", given["command"], LONGEST_LINE
     elif tool in ("Write", "Edit", "MultiEdit", "NotebookEdit") and given.get("file_path"):
-        what = f"{'write' if tool == 'Write' else 'edit'} {home_relative(given['file_path'])}"
+        verb, what, limit = "write" if tool == "Write" else "edit", home_relative(given["file_path"]), LONGEST_PLACE
     else:
-        what = f"use {tool}: {shorten(json.dumps(given, ensure_ascii=False), 100)}"
-    return f"Claude Code wants to {what}" + (f" (in {where})" if where else "")
+        verb, what, limit = f"use {shorten(tool, 60)}:", json.dumps(given, ensure_ascii=False), 100
+    where = home_relative(str(call.get("cwd", "")))
+    cut = any(len(" ".join(str(text).split())) > most for text, most in ((what, limit), (where, LONGEST_PLACE)))
+    line = (f"Claude Code wants to {verb} {shorten(what, limit)}" + (f" (in {shorten(where, LONGEST_PLACE)})" if where else "")
+            + (" [cut short: the link shows all of it]" if cut else ""))
+    return readable(line)
 
 
 def fitted(metadata):
@@ -77,8 +94,9 @@ def ask_person(call, environ):
     wait = float(environ.get("PAUSEPOINT_HOOK_WAIT", "50"))
     on_timeout = "deny" if environ.get("PAUSEPOINT_HOOK_ON_TIMEOUT") == "deny" else "ask"
     tool_input = json.dumps(call.get("tool_input"), ensure_ascii=False)
-    metadata = fitted({"tool_name": call.get("tool_name"), "cwd": call.get("cwd"), "session_id": call.get("session_id"),
-                       "tool_input": tool_input, "display": ["tool_name", "cwd"]})
+    metadata = fitted({name: None if call.get(name) is None else readable(call[name])
+                       for name in ("tool_name", "cwd", "session_id")}
+                      | {"tool_input": readable(tool_input), "display": ["tool_name", "cwd", "tool_input"]})
     created = client.pause(
         recipient=environ["PAUSEPOINT_RECIPIENT"], channel=environ.get("PAUSEPOINT_CHANNEL", "sms"),
         message=describe(call), options=["Allow", "Deny"], timeout_hours=max(wait, 60) / 3600,
