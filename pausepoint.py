@@ -2595,13 +2595,15 @@ def asker_name(conn, pause):
 
 def respond_facts(pause, asked_by=None):
     """What the holder of a respond link may see: who asks, the question and its outcome,
-    and of the agent's metadata only the keys it listed in "display"."""
+    and of the agent's metadata only the keys it listed in "display": free-form, so shown with
+    what would make it read as something else (UNSAFE_TEXT) as U+FFFD, as the question cannot hold."""
     metadata = json.loads(pause["metadata"]) if pause["metadata"] else {}
     return {
         "asked_by": asked_by,
         "title": pause["title"],
         "message": pause["message"],
-        "details": [{"name": key, "value": metadata[key] if isinstance(metadata[key], str) else compact_json(metadata[key])}
+        "details": [{"name": UNSAFE_TEXT.sub("\ufffd", key), "value": UNSAFE_TEXT.sub(
+                        "\ufffd", metadata[key] if isinstance(metadata[key], str) else compact_json(metadata[key]))}
                     for key in metadata.get("display", [])],
         "options": json.loads(pause["options"]),
         "status": pause["status"],
@@ -6300,7 +6302,8 @@ BOTTLE_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_all
 
 # What templates may call besides the values a page hands them.
 TEMPLATE_HELPERS = {"urlencode": urllib.parse.urlencode,
-                    "json_text": lambda value: json.dumps(value, indent=2, ensure_ascii=False),
+                    "json_text": lambda value: UNSAFE_TEXT.sub(lambda character: json.dumps(character[0])[1:-1],
+                                                               json.dumps(value, indent=2, ensure_ascii=False)),
                     "field_text": field_display, "form_text": form_text}
 
 

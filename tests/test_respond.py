@@ -220,6 +220,17 @@ def test_the_page_says_who_asks_about_what_with_the_details_the_agent_chose(api)
     assert api.pause(key, created["pause_id"])["title"] == "Wire to Acme Corp"
 
 
+def test_details_cannot_be_made_to_read_as_something_else(api):
+    """Metadata is free-form, unlike the question: what it shows is made plain instead of refused."""
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key, metadata={"amount\u202e": "\u202e043$", "note": "a\x1b[8mhidden\tb\nc",
+                                              "display": ["amount\u202e", "note"]})
+    for details in (api.get(respond_path(created)).json["details"],
+                    [{"name": row.th.text, "value": row.td.text}
+                     for row in api.get(respond_path(created, page=True)).html.select("table.details tr")]):
+        assert details == [{"name": "amount\ufffd", "value": "\ufffd043$"}, {"name": "note", "value": "a\ufffd[8mhidden\tb\nc"}]
+
+
 def test_display_must_name_keys_of_the_metadata(api, developer):
     for display in (["missing"], "amount", ["display"], [1], ["amount"] * 11):
         error = api.post_json("/v1/pause", {**WIRE, "metadata": {"amount": 1, "display": display}},
