@@ -3401,12 +3401,13 @@ def url_problem(url, allow_private):
         return "url must not contain credentials; receivers authenticate calls by their signature"
     try:
         parts.hostname.encode("idna")       # what a connection will need: labels of 1-63 characters
-        requests.Request("POST", url.strip()).prepare()    # and the stricter IDNA 2008 that deliveries use
+        # The host as deliveries will reach it: requests decodes %-escapes and applies IDNA 2008.
+        host = urllib.parse.urlsplit(requests.Request("POST", url.strip()).prepare().url).hostname
     except (UnicodeError, requests.RequestException):
         return f"url's host {parts.hostname[:100]} is not a valid host name"
-    address = literal_address(parts.hostname)
-    if not allow_private and (address and not is_public_address(address) or LOCAL_NAMES.search(parts.hostname)):
-        return (f"url's host {parts.hostname} is a loopback, private or otherwise non-public address;"
+    address = literal_address(host.removesuffix("."))      # '127.0.0.1.' is that address, named from the root
+    if not allow_private and (address and not is_public_address(address) or LOCAL_NAMES.search(host)):
+        return (f"url's host {host} is a loopback, private or otherwise non-public address;"
                 " the operator can allow these with webhooks.allow_private = true")
     return None
 
