@@ -48,7 +48,7 @@ def test_the_tools_are_listed_with_their_schemas_and_the_warning(setup):
 
 
 @pytest.mark.parametrize("other_options, choice, approved", [
-    (None, "Approve", True), (None, "Reject", False),
+    (None, "Approve", True),
     (["Reject", "Ask me tomorrow"], "Ask me tomorrow", False)])     # the model's own choices come after "Approve"
 def test_a_request_is_answered_while_the_tool_waits(setup, other_options, choice, approved):
     url, key = setup
