@@ -49,9 +49,9 @@ server = MCPServer("PausePoint", instructions=(
     + ONLY_APPROVAL_IS_PERMISSION))
 
 # This process serves one session: a question asked again while its pause is pending
-# finds that pause rather than asking the person twice. Its values are the only pauses
-# the tools will speak of.
-asked = {}
+# finds that pause rather than asking the person twice (asked: the question's latest
+# pause), and the tools speak only of the pauses it asked (asked_here).
+asked, asked_here = {}, set()
 
 
 def settings():
@@ -91,7 +91,7 @@ def outcome(pause):
 
 def not_asked_here(pause_id):
     """An error for a pause this process did not ask, or None."""
-    if pause_id in asked.values():
+    if pause_id in asked_here:
         return None
     return {"status": "error", "approved": False, "pause_id": pause_id,
             "error": "this server did not ask that: only the pause_id request_approval returned in this session"}
@@ -136,6 +136,7 @@ async def request_approval(question: str, ctx: Context, other_options: list[str]
             created = await anyio.to_thread.run_sync(lambda: client().pause(
                 recipient, channel, question, options, timeout_hours, default))
             pause_id = asked[fingerprint] = created["pause_id"]
+            asked_here.add(pause_id)
         return outcome(await wait_reporting(pause_id, ctx))
     except PausePointError as e:
         log.warning("request_approval failed: %s", e)

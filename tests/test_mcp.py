@@ -75,17 +75,19 @@ def test_a_pending_request_is_waited_for_again_and_asked_only_once(setup):
         again = await call("request_approval", {"question": "Delete the staging database?"})   # re-attaches
         answer_first_pending(url, key, "Approve").join()       # answered while the agent was away
         decided = await call("wait_for_approval", {"pause_id": first["pause_id"]})
-        return first, again, decided
-    first, again, decided = with_mcp(url, key, steps, PAUSEPOINT_MCP_WAIT="1")
+        # Once decided, the same question is a new request; the first is still this server's.
+        later = await call("request_approval", {"question": "Delete the staging database?"})
+        return first, again, decided, later, await call("wait_for_approval", {"pause_id": first["pause_id"]})
+    first, again, decided, later, first_again = with_mcp(url, key, steps, PAUSEPOINT_MCP_WAIT="1")
     assert first["status"] == "pending" and first["approved"] is False and "wait_for_approval" in first["next"]
     # The model never sees the link, which would let it answer for the person.
-    [pause] = requests.get(f"{url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).json()["pauses"]
-    told = json.dumps([first, again, decided])
-    assert "respond_url" not in told and token_of(pause["respond_url"]) not in told
+    pauses = requests.get(f"{url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).json()["pauses"]
+    told = json.dumps([first, again, decided, later, first_again])
+    assert "respond_url" not in told and not any(token_of(p["respond_url"]) in told for p in pauses)
     assert again["pause_id"] == first["pause_id"]
     assert decided["approved"] is True and decided["pause_id"] == first["pause_id"]
-    pauses = requests.get(f"{url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).json()["pauses"]
-    assert len(pauses) == 1
+    assert later["status"] == "pending" and later["pause_id"] != first["pause_id"] and len(pauses) == 2
+    assert first_again == decided
 
 
 def test_a_cancelled_request_is_not_an_approval(setup):
