@@ -65,7 +65,8 @@ def describe(call):
         verb, what, limit = f"use {shorten(tool, 60)}:", json.dumps(given, ensure_ascii=False), 100
     where = home_relative(str(call.get("cwd", "")))
     cut = any(len(" ".join(str(text).split())) > most for text, most in ((what, limit), (where, LONGEST_PLACE)))
-    line = (f"Claude Code wants to {verb} {shorten(what, limit)}" + (f" (in {shorten(where, LONGEST_PLACE)})" if where else "")
+    line = (f"Claude Code wants to {verb} {shorten(what, limit)}"
+            + (f" (in {shorten(where, LONGEST_PLACE)})" if where else "")
             + (" [cut short: the link shows all of it]" if cut else ""))
     return readable(line)
 

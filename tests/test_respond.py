@@ -228,7 +228,8 @@ def test_details_cannot_be_made_to_read_as_something_else(api):
     for details in (api.get(respond_path(created)).json["details"],
                     [{"name": row.th.text, "value": row.td.text}
                      for row in api.get(respond_path(created, page=True)).html.select("table.details tr")]):
-        assert details == [{"name": "amount\ufffd", "value": "\ufffd043$"}, {"name": "note", "value": "a\ufffd[8mhidden\tb\nc"}]
+        assert details == [{"name": "amount\ufffd", "value": "\ufffd043$"},
+                           {"name": "note", "value": "a\ufffd[8mhidden\tb\nc"}]
 
 
 def test_display_must_name_keys_of_the_metadata(api, developer):
