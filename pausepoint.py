@@ -3400,10 +3400,13 @@ def url_problem(url, allow_private):
     if parts.username or parts.password:
         return "url must not contain credentials; receivers authenticate calls by their signature"
     try:
-        parts.hostname.encode("idna")       # what a connection will need: labels of 1-63 characters
-        # The host as deliveries will reach it: requests decodes %-escapes and applies IDNA 2008.
+        # The host as deliveries will reach it: requests decodes some %-escapes and applies
+        # IDNA 2008; then labels of 1-63 characters, and nothing left of an escape or a space.
         host = urllib.parse.urlsplit(requests.Request("POST", url.strip()).prepare().url).hostname
+        host.encode("idna")
     except (UnicodeError, requests.RequestException):
+        host = None
+    if host is None or not (":" in host or re.fullmatch("[a-z0-9_.-]+", host)):
         return f"url's host {parts.hostname[:100]} is not a valid host name"
     address = literal_address(host.removesuffix("."))      # '127.0.0.1.' is that address, named from the root
     if not allow_private and (address and not is_public_address(address) or LOCAL_NAMES.search(host)):

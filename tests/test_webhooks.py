@@ -150,7 +150,8 @@ def test_the_guard_checks_the_address_again_when_connecting(hooks_config, keys, 
 def test_a_host_name_no_connection_could_use_is_refused(hooks_api, keys):
     # Too long, empty, and (valid to Python's IDNA 2003 codec, not to the IDNA 2008 that
     # deliveries use) full-width letters, ideographic full stops and circled digits.
-    for host in ("a" * 64 + ".example.com", "a..example.com", "ｌｏｃａｌｈｏｓｔ", "127。0。0。1", "①②⑦.0.0.1"):
+    for host in ("a" * 64 + ".example.com", "a..example.com", "ｌｏｃａｌｈｏｓｔ", "127。0。0。1", "①②⑦.0.0.1",
+                 "127.0.0.1%2e%2e", "example.com%20", "localhost%23", "x%40127.0.0.1"):       # escapes, decoded or not
         error = add_webhook(hooks_api, keys["test_api_key"], f"https://{host}/hook", status=422)["error"]
         assert error["field"] == "url" and "not a valid host name" in error["message"]
     add_webhook(hooks_api, keys["test_api_key"], "https://bücher.example/hook")      # a name IDNA 2008 spells
