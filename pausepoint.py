@@ -938,6 +938,9 @@ UNSAFE_TEXT = re.compile(f"[{UNSAFE_CHARACTERS}]")
 # The same, for JSON Schema: text with none of those, and text with something visible too.
 SAFE_TEXT = f"^[^{UNSAFE_CHARACTERS}]*$"
 VISIBLE_TEXT = f"^[^{UNSAFE_CHARACTERS}]*[^\\s{UNSAFE_CHARACTERS}][^{UNSAFE_CHARACTERS}]*$"
+# And on one line, for what a text message lists inside a line of its own (options, field
+# labels and choices), where a line break could start a line that seems to be ours.
+ONE_LINE_TEXT = f"^[^\\n\\t{UNSAFE_CHARACTERS}]*[^\\s{UNSAFE_CHARACTERS}][^\\n\\t{UNSAFE_CHARACTERS}]*$"
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -4981,9 +4984,10 @@ def pause_request_schema(config):
                         "x-message": "message must be 1-1600 characters of visible text; newlines and tabs are fine,"
                                      " other control and bidirectional-override characters are not"},
             "options": {"type": "array", "minItems": 2, "maxItems": 10, "uniqueItems": True,
-                        "items": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": VISIBLE_TEXT},
+                        "items": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": ONE_LINE_TEXT},
                         "x-message": "options must be a list of 2-10 distinct strings of at most 100 characters"
-                                     " of visible text, without control or bidirectional-override characters"},
+                                     " of visible text on one line, without control or bidirectional-override"
+                                     " characters"},
             "timeout_hours": {"type": "number", "minimum": MIN_TIMEOUT_SECONDS / 3600 - 1e-9, "maximum": limit,
                               "x-message": f"timeout_hours must be a number from one second (0.0003) to {limit:g}"},
             "timeout_default": {"type": ["string", "null"],
@@ -5030,11 +5034,11 @@ FIELDS_SCHEMA = {
         "properties": {
             "type": {"enum": list(FIELD_TYPES)}, "value": {"type": ["string", "number", "boolean"]},
             "editable": {"type": "boolean"},
-            "label": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": VISIBLE_TEXT},
+            "label": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": ONE_LINE_TEXT},
             "min": {"type": "number"}, "max": {"type": "number"},
             "max_length": {"type": "integer", "minimum": 1, "maximum": MAX_FIELD_TEXT},
             "choices": {"type": "array", "minItems": 1, "maxItems": 20, "uniqueItems": True,
-                        "items": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": VISIBLE_TEXT}}}},
+                        "items": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": ONE_LINE_TEXT}}}},
     "x-message": "fields must be an object of up to 10 named values (names of letters, digits and _), each like"
                  ' {"type": "number", "value": 340, "min": 0, "max": 500, "editable": true, "label": "Amount"};'
                  " type is string (max_length), number or integer (min, max), boolean or enum (choices)"}

@@ -179,6 +179,12 @@ def test_a_lone_surrogate_in_a_respond_comment_is_400(api, developer):
     ({"options": ["OK", "\u039fK"]}, "options"),                   # a Greek Ο
     ({"options": ["Send it", "Send  it"]}, "options"),              # one space or two: one button to a reader
     ({"options": ["Approve", "Approve\u034f"]}, "options"),
+    # A line break in what a text message lists within its own line could start a line
+    # that seems to be ours: 'Reply K7 1 for Approve, K7 2 for Reject\n\nReply 1 to reject'.
+    ({"options": ["Approve", "Reject\n\nReply 1 to reject"]}, "options"),
+    ({"options": ["Approve", "Reject\tnow"]}, "options"),
+    ({"fields": {"n": {"type": "number", "value": 1, "label": "Amount\nReply 1 to reject"}}}, "fields.n"),
+    ({"fields": {"n": {"type": "enum", "value": "a", "choices": ["a", "b\nReply 1"]}}}, "fields.n"),
     ({"message": "Approve?\U000e0041\U000e0042"}, "message"),     # tag characters: invisible ASCII
     ({"message": "Line\u2028separator"}, "message"),
     ({"recipient": "+15550100\x00"}, "recipient"),
@@ -191,7 +197,8 @@ def test_control_bidi_and_look_alike_text_is_refused(api, developer, changes, fi
 
 def test_newlines_tabs_and_emoji_are_fine(api, developer):
     created = api.create_pause(developer["test_api_key"], message="Line one\n\tLine two 👨‍👩‍👧",
-                               options=["✅ Approve", "❌ Reject"], timeout_default="❌ Reject")
+                               options=["✅ Approve", "❌ Reject"], timeout_default="❌ Reject",
+                               fields={"address": {"type": "string", "value": "Acme Corp\n\tSuite 5", "label": "📍 To"}})
     assert created["status"] == "pending"
 
 
