@@ -26,10 +26,11 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pausepoint_client import PausePoint, PausePointError  # noqa: E402
+from pausepoint_client import PausePoint  # noqa: E402
 
 LONGEST_LINE = 160          # a text message's worth of the command
 LONGEST_PLACE = 200         # of a path, or of the directory it runs in
+LONGEST_TOOL = 60           # of a tool's name
 METADATA_BYTES = 15000      # the metadata as UTF-8 JSON, as the server counts it (it takes 16 KB)
 # What the server refuses in text a person reads (C0 and C1 controls but newline and tab,
 # line and paragraph separators, bidirectional controls, tag characters), and lone
@@ -58,13 +59,15 @@ def describe(call):
     short says so: a harmless start must not hide what follows it."""
     tool, given = str(call.get("tool_name", "a tool")), call.get("tool_input") or {}
     if tool == "Bash" and "command" in given:
-        verb, what, limit = "run:", given["command"], LONGEST_LINE
+        # A line break starts another command: shown as one, not folded into a space.
+        verb, what, limit = "run:", str(given["command"]).replace("\r\n", "\n").replace("\n", " ⏎ "), LONGEST_LINE
     elif tool in ("Write", "Edit", "MultiEdit", "NotebookEdit") and given.get("file_path"):
         verb, what, limit = "write" if tool == "Write" else "edit", home_relative(given["file_path"]), LONGEST_PLACE
     else:
-        verb, what, limit = f"use {shorten(tool, 60)}:", json.dumps(given, ensure_ascii=False), 100
+        verb, what, limit = f"use {shorten(tool, LONGEST_TOOL)}:", json.dumps(given, ensure_ascii=False), 100
     where = home_relative(str(call.get("cwd", "")))
-    cut = any(len(" ".join(str(text).split())) > most for text, most in ((what, limit), (where, LONGEST_PLACE)))
+    cut = any(len(" ".join(str(text).split())) > most
+              for text, most in ((what, limit), (where, LONGEST_PLACE), (tool, LONGEST_TOOL)))
     line = (f"Claude Code wants to {verb} {shorten(what, limit)}"
             + (f" (in {shorten(where, LONGEST_PLACE)})" if where else "")
             + (" [cut short: the link shows all of it]" if cut else ""))
@@ -120,8 +123,8 @@ def main(stdin=sys.stdin, stdout=sys.stdout, environ=os.environ):
     try:
         call = json.load(stdin)
         answer = ask_person(call, environ)
-    except (PausePointError, KeyError, ValueError, OSError) as e:
-        print(f"pausepoint hook: {e}", file=sys.stderr)
+    except Exception as e:      # whatever it was (a call nested too deep to read, say): never Claude Code's own rules
+        print(f"pausepoint hook: {e!r}", file=sys.stderr)
         answer = decision("ask", f"PausePoint could not be asked ({e}); asking here instead")
     json.dump(answer, stdout)
     stdout.write("\n")
