@@ -1705,6 +1705,13 @@ def compact_json(value):
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def json_for_reading(value, indent=None):
+    """JSON a person reads: other scripts as themselves, but what would make it read as
+    something else (UNSAFE_TEXT) as its escape, which says the same and is not obeyed."""
+    text = json.dumps(value, indent=indent, separators=None if indent else (",", ":"), ensure_ascii=False)
+    return UNSAFE_TEXT.sub(lambda character: json.dumps(character[0])[1:-1], text)
+
+
 def request_fingerprint(body):
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -5969,7 +5976,7 @@ def audit_csv(rt, session, query):
         for row in all_audit_events(rt.db(), caller, query["event_type"], query["pause_id"]):
             event = audit_event_json(row)
             yield csv_line([event["id"], event["timestamp"], event["actor"], event["event_type"], event["pause_id"],
-                            "true" if event["livemode"] else "false", compact_json(event["data"])])
+                            "true" if event["livemode"] else "false", json_for_reading(event["data"])])
 
     mode = "live" if caller.livemode else "test"
     return bottle.HTTPResponse(in_chunks(lines()), headers={
@@ -6310,8 +6317,7 @@ BOTTLE_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_all
 
 # What templates may call besides the values a page hands them.
 TEMPLATE_HELPERS = {"urlencode": urllib.parse.urlencode,
-                    "json_text": lambda value: UNSAFE_TEXT.sub(lambda character: json.dumps(character[0])[1:-1],
-                                                               json.dumps(value, indent=2, ensure_ascii=False)),
+                    "json_text": functools.partial(json_for_reading, indent=2),
                     "field_text": field_display, "form_text": form_text}
 
 

@@ -1,6 +1,7 @@
 """The dashboard, through its forms as a browser posts them (WebTest keeps the cookies)."""
 
 import concurrent.futures
+import json
 import re
 import urllib.parse
 
@@ -240,7 +241,7 @@ def test_a_second_developer_sees_none_of_the_firsts_data_even_by_url(api):
 def test_the_audit_log_filters_and_downloads_as_csv(running_api):
     api = running_api()
     _, keys = sign_up(api)
-    first = api.create_pause(keys["test"], metadata={"cell": "=HYPERLINK(\"http://evil\")"})
+    first = api.create_pause(keys["test"], metadata={"cell": "=HYPERLINK(\"http://evil\")", "to": "\u202e043$"})
     second = api.create_pause(keys["test"])
     api.post(f"/v1/pause/{first['pause_id']}/cancel", headers=api.as_key(keys["test"]))
     page = api.get("/dashboard/audit", {"event_type": "pause.cancelled"})
@@ -259,6 +260,8 @@ def test_the_audit_log_filters_and_downloads_as_csv(running_api):
     # What a developer's agent wrote is only ever inside the JSON of the last cell, which
     # opens with "{": no cell can start a spreadsheet formula.
     assert all(row[6].startswith("{") for row in rows[1:]) and '=HYPERLINK' in rows[3][6]
+    # A bidirectional override is written as its escape: the same JSON, not obeyed by a viewer.
+    assert "\u202e" not in download.text and json.loads(rows[3][6])["metadata"]["to"] == "\u202e043$"
 
 
 def test_the_audit_csv_is_read_a_page_at_a_time_as_it_is_sent(running_api):
