@@ -1,8 +1,11 @@
-"""client/pausepoint_mcp.py through the MCP SDK's own client, over stdio, against a live server."""
+"""client/pausepoint_mcp.py through the MCP SDK's own client against a live server: once over
+stdio, as a host launches it, and otherwise through the SDK's in-memory transport in this
+process (the same protocol, without the 0.9 s of CPU a launch costs)."""
 
 import json
 import os
 import sys
+import unittest.mock
 
 import anyio
 import pytest
@@ -13,21 +16,31 @@ from conftest import answer_first_pending, register_over_http, ROOT, token_of
 MCP_SERVER = os.path.join(ROOT, "client", "pausepoint_mcp.py")
 
 
-def with_mcp(url, key, steps, **env):
-    """Run `steps(call)` against the MCP server; call(tool, arguments) returns the tool's JSON answer."""
+def with_mcp(url, key, steps, over_stdio=False, **env):
+    """Run `steps(call, mcp)` against a fresh MCP server; call(tool, arguments) returns the
+    tool's JSON answer. In this process the server reads these settings from the environment
+    while the steps run, and starts its session empty, as a new process would."""
     from mcp import Client, StdioServerParameters
 
     settings = {"PAUSEPOINT_URL": url, "PAUSEPOINT_API_KEY": key, "PAUSEPOINT_RECIPIENT": "+15550100",
-                "PAUSEPOINT_MCP_WAIT": "20", **env}
+                "PAUSEPOINT_CHANNEL": "sms", "PAUSEPOINT_MCP_WAIT": "20", "PAUSEPOINT_MCP_PROGRESS_EVERY": "10",
+                **env}
 
-    async def session():
-        async with Client(StdioServerParameters(command=sys.executable, args=[MCP_SERVER], env=settings)) as mcp:
+    async def session(server):
+        async with Client(server) as mcp:
             async def call(tool, arguments):
                 result = await mcp.call_tool(tool, arguments)
                 return json.loads(result.content[0].text)
             return await steps(call, mcp)
 
-    return anyio.run(session)
+    if over_stdio:
+        return anyio.run(session, StdioServerParameters(command=sys.executable, args=[MCP_SERVER], env=settings))
+    sys.path.insert(0, os.path.dirname(MCP_SERVER))
+    import pausepoint_mcp
+    pausepoint_mcp.asked.clear()
+    pausepoint_mcp.asked_here.clear()
+    with unittest.mock.patch.dict(os.environ, settings):
+        return anyio.run(session, pausepoint_mcp.server)
 
 
 @pytest.fixture
@@ -38,7 +51,7 @@ def setup(live_server):
 def test_the_tools_are_listed_with_their_schemas_and_the_warning(setup):
     async def steps(call, mcp):
         return {tool.name: tool for tool in (await mcp.list_tools()).tools}
-    tools = with_mcp(*setup, steps)
+    tools = with_mcp(*setup, steps, over_stdio=True)
     assert set(tools) == {"request_approval", "wait_for_approval", "cancel_approval"}
     schema = tools["request_approval"].input_schema
     # The model may word the question and add choices, never say who answers, how, or what approves.
@@ -139,14 +152,11 @@ def test_a_pause_this_server_did_not_ask_is_never_an_approval_and_never_cancelle
 
 @pytest.mark.parametrize("env, refused", [({"PAUSEPOINT_CHANNEL": "link"}, "PAUSEPOINT_CHANNEL=link"),
                                           ({"PAUSEPOINT_RECIPIENT": ""}, "no recipient")])
-def test_a_server_whose_person_could_be_the_model_asks_nobody(setup, monkeypatch, env, refused):
-    """The tool itself, called in this process: it refuses before it would use the protocol."""
+def test_a_server_whose_person_could_be_the_model_asks_nobody(setup, env, refused):
     url, key = setup
-    for name, value in {"PAUSEPOINT_URL": url, "PAUSEPOINT_API_KEY": key, "PAUSEPOINT_RECIPIENT": "+15550100",
-                        **env}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.syspath_prepend(os.path.dirname(MCP_SERVER))
-    import pausepoint_mcp
-    answer = anyio.run(pausepoint_mcp.request_approval, "Delete the prod database?", None)
+
+    async def steps(call, mcp):
+        return await call("request_approval", {"question": "Delete the prod database?"})
+    answer = with_mcp(url, key, steps, **env)
     assert answer["status"] == "error" and answer["approved"] is False and refused in answer["error"]
     assert requests.get(f"{url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).json()["pauses"] == []
