@@ -23,8 +23,7 @@ def with_mcp(url, key, steps, over_stdio=False, **env):
     from mcp import Client, StdioServerParameters
 
     settings = {"PAUSEPOINT_URL": url, "PAUSEPOINT_API_KEY": key, "PAUSEPOINT_RECIPIENT": "+15550100",
-                "PAUSEPOINT_CHANNEL": "sms", "PAUSEPOINT_MCP_WAIT": "20", "PAUSEPOINT_MCP_PROGRESS_EVERY": "10",
-                **env}
+                "PAUSEPOINT_MCP_WAIT": "20", **env}
 
     async def session(server):
         async with Client(server) as mcp:
@@ -39,7 +38,9 @@ def with_mcp(url, key, steps, over_stdio=False, **env):
     import pausepoint_mcp
     pausepoint_mcp.asked.clear()
     pausepoint_mcp.asked_here.clear()
-    with unittest.mock.patch.dict(os.environ, settings):
+    with unittest.mock.patch.dict(os.environ, settings):      # restored afterwards, whatever it held
+        for name in [name for name in os.environ if name.startswith("PAUSEPOINT_") and name not in settings]:
+            del os.environ[name]                                # so the server's defaults apply
         return anyio.run(session, pausepoint_mcp.server)
 
 
