@@ -48,6 +48,15 @@ def readable(text):
     return UNREADABLE.sub("\ufffd", str(text))
 
 
+def as_a_shell_reads(text):
+    """Text for one line, before shorten() folds what Python counts as space into plain
+    spaces: a line break as ⏎ (to a shell, another command), and every other such
+    character that a shell does not take for a space (a lone carriage return, a form feed,
+    a no-break space…) as U+FFFD, so '#' after one does not seem to start a comment."""
+    text = str(text).replace("\r\n", "\n").replace("\n", " ⏎ ")
+    return "".join("\ufffd" if character.isspace() and character not in " \t" else character for character in text)
+
+
 def home_relative(path):
     home = os.path.expanduser("~")
     return "~" + path[len(home):] if path and path.startswith(home + os.sep) else path
@@ -59,13 +68,12 @@ def describe(call):
     short says so: a harmless start must not hide what follows it."""
     tool, given = str(call.get("tool_name", "a tool")), call.get("tool_input") or {}
     if tool == "Bash" and "command" in given:
-        # A line break starts another command: shown as one, not folded into a space.
-        verb, what, limit = "run:", str(given["command"]).replace("\r\n", "\n").replace("\n", " ⏎ "), LONGEST_LINE
+        verb, what, limit = "run:", given["command"], LONGEST_LINE
     elif tool in ("Write", "Edit", "MultiEdit", "NotebookEdit") and given.get("file_path"):
         verb, what, limit = "write" if tool == "Write" else "edit", home_relative(given["file_path"]), LONGEST_PLACE
     else:
         verb, what, limit = f"use {shorten(tool, LONGEST_TOOL)}:", json.dumps(given, ensure_ascii=False), 100
-    where = home_relative(str(call.get("cwd", "")))
+    what, where = as_a_shell_reads(what), as_a_shell_reads(home_relative(str(call.get("cwd", ""))))
     cut = any(len(" ".join(str(text).split())) > most
               for text, most in ((what, limit), (where, LONGEST_PLACE), (tool, LONGEST_TOOL)))
     line = (f"Claude Code wants to {verb} {shorten(what, limit)}"
