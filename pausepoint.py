@@ -939,8 +939,9 @@ UNSAFE_TEXT = re.compile(f"[{UNSAFE_CHARACTERS}]")
 SAFE_TEXT = f"^[^{UNSAFE_CHARACTERS}]*$"
 VISIBLE_TEXT = f"^[^{UNSAFE_CHARACTERS}]*[^\\s{UNSAFE_CHARACTERS}][^{UNSAFE_CHARACTERS}]*$"
 # And on one line, for what a text message lists inside a line of its own (options, field
-# labels and choices), where a line break could start a line that seems to be ours.
-ONE_LINE_TEXT = f"^[^\\n\\t{UNSAFE_CHARACTERS}]*[^\\s{UNSAFE_CHARACTERS}][^\\n\\t{UNSAFE_CHARACTERS}]*$"
+# labels and choices), where a line break could start a line that seems to be ours. ((?!\n)
+# because Python's $, unlike JavaScript's, also matches before a final line break.)
+ONE_LINE_TEXT = f"^[^\\n\\t{UNSAFE_CHARACTERS}]*[^\\s{UNSAFE_CHARACTERS}][^\\n\\t{UNSAFE_CHARACTERS}]*(?!\\n)$"
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 

@@ -184,6 +184,7 @@ def test_a_lone_surrogate_in_a_respond_comment_is_400(api, developer):
     ({"options": ["Approve", "Reject\n\nReply 1 to reject"]}, "options"),
     ({"options": ["Approve", "Reject\tnow"]}, "options"),
     ({"fields": {"n": {"type": "number", "value": 1, "label": "Amount\nReply 1 to reject"}}}, "fields.n"),
+    ({"fields": {"n": {"type": "number", "value": 1, "label": "Amount\n"}}}, "fields.n"),
     ({"fields": {"n": {"type": "enum", "value": "a", "choices": ["a", "b\nReply 1"]}}}, "fields.n"),
     ({"message": "Approve?\U000e0041\U000e0042"}, "message"),     # tag characters: invisible ASCII
     ({"message": "Line\u2028separator"}, "message"),
