@@ -34,7 +34,8 @@ def with_mcp(url, key, steps, over_stdio=False, **env):
 
     if over_stdio:
         return anyio.run(session, StdioServerParameters(command=sys.executable, args=[MCP_SERVER], env=settings))
-    sys.path.insert(0, os.path.dirname(MCP_SERVER))
+    if os.path.dirname(MCP_SERVER) not in sys.path:
+        sys.path.insert(0, os.path.dirname(MCP_SERVER))
     import pausepoint_mcp
     pausepoint_mcp.asked.clear()
     pausepoint_mcp.asked_here.clear()
