@@ -24,6 +24,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pausepoint_client import PausePoint  # noqa: E402
@@ -35,6 +36,9 @@ METADATA_BYTES = 15000      # the metadata as UTF-8 JSON, as the server counts i
 # What the server refuses in text a person reads (C0 and C1 controls but newline and tab,
 # line and paragraph separators, bidirectional controls, tag characters), and lone
 # surrogates, which no JSON reader takes: each shown as U+FFFD, so the person is still asked.
+# Drawn as nothing, though neither spaces nor format characters: fillers, blanks, selectors.
+DRAWN_AS_NOTHING = {*"\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180e\u180f\u2800\u3164\uffa0",
+                    *map(chr, range(0xFE00, 0xFE10))}
 UNREADABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
                         "\U000e0000-\U000e007f\ud800-\udfff]")
 
@@ -49,12 +53,19 @@ def readable(text):
 
 
 def as_a_shell_reads(text):
-    """Text for one line, before shorten() folds what Python counts as space into plain
-    spaces: a line break as ⏎ (to a shell, another command), and every other such
-    character that a shell does not take for a space (a lone carriage return, a form feed,
-    a no-break space…) as U+FFFD, so '#' after one does not seem to start a comment."""
-    text = str(text).replace("\r\n", "\n").replace("\n", " ⏎ ")
-    return "".join("\ufffd" if character.isspace() and character not in " \t" else character for character in text)
+    """Text for one line: a line break as ⏎ (to a shell, another command), and as U+FFFD
+    each character a shell reads as one but a person would not: those shorten() would fold
+    into a space (a carriage return, a no-break space…), those drawn as nothing (a
+    zero-width space…), and a ⏎ already there. So a '#' after one does not seem to start
+    a comment, a backslash before '\\r\\n' does not seem to join two lines, and no line
+    break is forged."""
+    return "".join(" ⏎ " if character == "\n" else "\ufffd" if character == "⏎" or unseen(character) else character
+                   for character in str(text))
+
+
+def unseen(character):
+    return (character.isspace() and character not in " \t" or unicodedata.category(character) == "Cf"
+            or character in DRAWN_AS_NOTHING)
 
 
 def home_relative(path):
