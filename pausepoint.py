@@ -559,6 +559,7 @@ MIGRATIONS = [
     # The audit log becomes tamper-evident: each event chained to the one before (Python: SHA-256).
     (13, lambda conn: chain_audit_events(conn)),
     (14, "ALTER TABLE pauses ADD COLUMN receipt TEXT;"),
+    (15, "CREATE TABLE sms_replies (message_sid TEXT PRIMARY KEY, received_at TEXT NOT NULL) WITHOUT ROWID;"),
 ]
 
 
@@ -2213,7 +2214,7 @@ def split_reply_code(text):
     return None, text
 
 
-def record_sms_reply(conn, config, sender, text, message_sid=None):
+def record_sms_reply(conn, config, sender, text, message_sid):
     """An SMS or WhatsApp reply; returns the text to send back.
 
     A reply naming a pause's code answers that pause: decides it, or for a team
@@ -2221,12 +2222,17 @@ def record_sms_reply(conn, config, sender, text, message_sid=None):
     live pause awaits this number's answer in this conversation, whoever sent it;
     otherwise it decides nothing and lists the codes. Only pauses whose message
     was sent to this number, on this channel, count: one whose send failed or is
-    still queued was never read, whatever its code."""
+    still queued was never read, whatever its code. A message is taken once, by
+    Twilio's id for it (see sms_replies)."""
     channel = "whatsapp" if sender.startswith("whatsapp:") else "sms"
     number = sender.removeprefix("whatsapp:")
     code, answer = split_reply_code(text)
     with transaction(conn):
         now = db_time()
+        if not message_sid:
+            return "PausePoint: this message came without its MessageSid, so it was not recorded."
+        if not conn.execute("INSERT INTO sms_replies VALUES (?, ?) ON CONFLICT DO NOTHING", (message_sid, now)).rowcount:
+            return "PausePoint: this message was received already; it records nothing again."
         pending = [person for person in (asked_of(conn, row, row["position"]) for row in conn.execute(
             ASKED_ON_NUMBER, {"number": number, "channel": channel, "now": now})) if not person.get("vote")]
         if not pending:

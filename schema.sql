@@ -226,6 +226,15 @@ CREATE INDEX notifications_due_test ON notifications(next_attempt_at) WHERE stat
 CREATE INDEX notifications_due_live ON notifications(channel, developer_id, next_attempt_at)
     WHERE status IN ('queued', 'sending') AND livemode = 1;
 
+-- Text replies taken from Twilio's webhook, by its MessageSid. A signed webhook carries no
+-- time, so one sent again (Twilio retrying, or anyone who saw it replaying it to answer a
+-- newer pause) is known only by its id: it decides nothing a second time. Live only (test
+-- pauses are never answered by text), and kept, like the live audit log.
+CREATE TABLE sms_replies (
+    message_sid  TEXT PRIMARY KEY,
+    received_at  TEXT NOT NULL
+) WITHOUT ROWID;
+
 -- The audit log: one row per thing that happened, written in the same
 -- transaction as the change it records. Append-only (see the triggers below);
 -- only test-mode rows past retention.test_days are ever deleted, by the pruning job.

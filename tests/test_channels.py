@@ -6,6 +6,7 @@ import email.policy
 import re
 import ssl
 import subprocess
+import uuid
 
 import pytest
 import requests
@@ -324,8 +325,10 @@ def test_the_channel_list_names_kinds_and_readiness_but_never_credentials(runnin
 INBOUND_PATH = "/v1/twilio/inbound"
 
 
-def inbound(api, config, body, sender="+15550100", token=None, signature=None):
-    params = {"From": sender, "To": "+15559990000", "Body": body, "MessageSid": "SM" + "9" * 32}
+def inbound(api, config, body, sender="+15550100", token=None, signature=None, message_sid=None):
+    """Twilio's signed webhook for a text; message_sid is its id for it (a new one unless given, "" for none)."""
+    params = {"From": sender, "To": "+15559990000", "Body": body,
+              **({"MessageSid": message_sid or "SM" + uuid.uuid4().hex} if message_sid != "" else {})}
     url = pausepoint.base_url(config) + INBOUND_PATH
     if signature is None:
         signature = RequestValidator(token or config["twilio.auth_token"]).compute_signature(url, params)
@@ -365,6 +368,22 @@ def test_a_bare_reply_decides_the_only_pending_pause_for_that_number(sms_setup):
     event = api.get("/v1/audit", {"event_type": "pause.responded"}, headers=api.as_key(keys["api_key"])).json["events"][0]
     assert event["data"]["via"] == "sms" and event["data"]["message_sid"].startswith("SM")
     assert event["data"]["reply_code"] == reply_code(api, keys["api_key"], created)
+
+
+def test_a_message_sent_again_decides_nothing_even_for_a_newer_pause(sms_setup):
+    """Twilio's signature carries no time: the same signed message, retried by Twilio or replayed
+    by anyone who saw it, is known by its MessageSid, and never answers a pause asked later."""
+    api, config, keys = sms_setup
+    other = api.register(email="b@example.com")
+    first = api.create_pause(keys["api_key"], message="send $10 to the office fund?")
+    assert "recorded Approve" in inbound(api, config, "1", message_sid="SM" + "7" * 32).text
+    wire = api.create_pause(other["api_key"], message="wire $50,000 to account 998877?")
+    again = inbound(api, config, "1", message_sid="SM" + "7" * 32)
+    assert again.status_code == 200 and "received already" in again.text
+    assert api.pause(other["api_key"], wire["pause_id"])["status"] == "pending"
+    assert api.pause(keys["api_key"], first["pause_id"])["choice"] == "Approve"
+    unnamed = inbound(api, config, "1", message_sid="")          # Twilio always names it: no id, no decision
+    assert "without its MessageSid" in unnamed.text and api.pause(other["api_key"], wire["pause_id"])["status"] == "pending"
 
 
 def test_a_reply_may_name_the_option_instead_of_its_number(sms_setup):
@@ -502,12 +521,10 @@ def test_exactly_one_decision_wins_between_sms_replies_and_the_respond_page(tmp_
         auth = {"Authorization": f"Bearer {keys['api_key']}"}
         created = requests.post(f"{server.url}/v1/pause", json=WIRE, headers=auth).json()
         token = token_of(created["respond_url"])
-        params = {"From": "+15550100", "To": "+15559990000", "Body": "2"}
-        # Signed for the URL the server believes it has (server.base_url), as Twilio would be configured.
-        signature = RequestValidator(config["twilio.auth_token"]).compute_signature(
-            pausepoint.base_url(config) + INBOUND_PATH, params)
-
-        def by_sms(_):
+        def by_sms(_):      # eight messages, each signed for the URL the server believes it has (server.base_url)
+            params = {"From": "+15550100", "To": "+15559990000", "Body": "2", "MessageSid": "SM" + uuid.uuid4().hex}
+            signature = RequestValidator(config["twilio.auth_token"]).compute_signature(
+                pausepoint.base_url(config) + INBOUND_PATH, params)
             answer = requests.post(server.url + INBOUND_PATH, data=params, headers={"X-Twilio-Signature": signature})
             assert answer.status_code == 200, answer.text
             return answer.text
@@ -556,7 +573,7 @@ def test_a_second_developers_wire_is_never_approved_by_a_reply_meant_for_the_fir
         return {"Authorization": f"Bearer {keys['api_key']}"}
 
     def reply(body):
-        params = {"From": "+15550123", "To": "+15559990000", "Body": body, "MessageSid": "SM" + "1" * 32}
+        params = {"From": "+15550123", "To": "+15559990000", "Body": body, "MessageSid": "SM" + uuid.uuid4().hex}
         signature = RequestValidator(twilio.auth_token).compute_signature(settings["server.base_url"] + INBOUND_PATH,
                                                                           params)
         return requests.post(server.url + INBOUND_PATH, data=params, headers={"X-Twilio-Signature": signature}).text

@@ -99,7 +99,7 @@ def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver):
     api.post_json(f"/v1/respond/{second}", {"choice": "Approve"})
     stored(api.config, "UPDATE pause_steps SET due_at = '2000-01-01T00:00:00.000Z'")
     api.pause(key, team["pause_id"])
-    pausepoint.record_sms_reply(api.app.runtime.db(), api.config, "+15550101", "1")
+    pausepoint.record_sms_reply(api.app.runtime.db(), api.config, "+15550101", "1", "SM" + "0" * 32)
     # The export's statement whatever its window (without STAT4 statistics, which the server's
     # limited ANALYZE leaves none of even where SQLite can keep them, a bound's value never
     # changes a plan), over the events since the fill, not 90,000.
