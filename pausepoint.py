@@ -3241,8 +3241,9 @@ def simulate_due_notifications(conn):
 
 
 # A notification is sent only while its pause can still be answered. One whose pause ran
-# out (while the server was down, say) waits for the timeout job, which cancels it.
-STILL_OPEN = "(SELECT expires_at FROM pauses p WHERE p.id = notifications.pause_id) > :now"
+# out (while the server was down, say) waits for the timeout job, which cancels it; one
+# whose pause was decided while it was being sent is cancelled when next claimed.
+STILL_OPEN = "(SELECT expires_at > :now AND status = 'pending' FROM pauses p WHERE p.id = notifications.pause_id)"
 
 
 def due_live_notifications(conn, per_developer):
@@ -3276,12 +3277,16 @@ def claim_notification(conn, config, row):
     """Compare-and-set a due notification to 'sending'; returns the claim's expiry, or
     None when another worker got there first."""
     claim_until = claim_expiry(config, NOTIFICATION_CLAIM_SECONDS)
+    as_read = {"until": claim_until, "now": db_time(), "id": row["id"], "status": row["status"],
+               "due": row["next_attempt_at"]}
+    unchanged = "WHERE id = :id AND status = :status AND next_attempt_at = :due"
     with transaction(conn):
-        claimed = conn.execute(
-            "UPDATE notifications SET status = 'sending', attempts = attempts + 1, next_attempt_at = :until,"
-            " updated_at = :now WHERE id = :id AND status = :status AND next_attempt_at = :due AND " + STILL_OPEN,
-            {"until": claim_until, "now": db_time(), "id": row["id"], "status": row["status"],
-             "due": row["next_attempt_at"]}).rowcount
+        claimed = conn.execute("UPDATE notifications SET status = 'sending', attempts = attempts + 1,"
+                               f" next_attempt_at = :until, updated_at = :now {unchanged} AND {STILL_OPEN}",
+                               as_read).rowcount
+        if not claimed:     # decided while it was being sent: its send failed, or a crash left the claim
+            conn.execute(f"UPDATE notifications SET status = 'cancelled', updated_at = :now {unchanged} AND"
+                         " (SELECT status FROM pauses p WHERE p.id = notifications.pause_id) != 'pending'", as_read)
     return claim_until if claimed else None
 
 

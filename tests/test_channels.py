@@ -111,6 +111,19 @@ def test_transient_failures_are_retried_with_backoff_and_the_third_failure_is_fi
     assert twilio.messages == []
 
 
+@pytest.mark.parametrize("left", ["queued", "sending"], ids=["a send that failed as it was decided", "a lost claim"])
+def test_a_text_whose_pause_was_decided_while_it_was_sent_is_cancelled_not_sent_again(running_api, twilio, left):
+    api = running_api(**twilio.settings())
+    key = api.register()["api_key"]
+    created = api.create_pause(key)
+    api.post(f"/v1/pause/{created['pause_id']}/cancel", headers=api.as_key(key))
+    # What a race leaves: a decision cancels the texts still queued, not one being sent, which
+    # its failure then queues again (or a crash leaves claimed), due by now.
+    stored(api.config, "UPDATE notifications SET status = ?, next_attempt_at = '2000-01-01T00:00:00.000Z'", left)
+    pause = sent(api, key, created["pause_id"], "cancelled")
+    assert pause["status"] == "cancelled" and twilio.messages == []
+
+
 def test_a_retry_that_succeeds_records_the_message(running_api, twilio):
     twilio.fail_next = [500]
     api = running_api(**twilio.settings())
