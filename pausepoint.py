@@ -2253,18 +2253,19 @@ def record_sms_reply(conn, config, sender, text, message_sid):
     return f"PausePoint: recorded {choice} for \"{shorten(pause['message'])}\""
 
 
-# The live pending pauses whose question reached a number on a channel, newest first, each
-# with the position it asked the number at: as a pause's first person, or later in a team.
+# The live pending pauses whose question reached a number on a channel (a text sent: the
+# question itself, or a reminder, which repeats it and its code), newest first, each with the
+# position it asked the number at: as a pause's first person, or later in a team.
 # (CROSS JOIN, and + to keep the pending pauses' indexes out: from the number's few people to
 # their pauses by id, never through every pending pause.)
 ASKED_ON_NUMBER = (
     "SELECT p.*, 0 AS position FROM pauses p WHERE p.recipient = :number AND p.status = 'pending'"
     " AND p.channel = :channel AND p.livemode = 1 AND p.expires_at > :now AND EXISTS (SELECT 1 FROM notifications n"
-    " WHERE n.pause_id = p.id AND n.position = 0 AND n.kind = 'ask' AND n.status = 'sent')"
+    " WHERE n.pause_id = p.id AND n.position = 0 AND n.status = 'sent')"
     " UNION ALL SELECT p.*, r.position FROM pause_recipients r CROSS JOIN pauses p ON p.id = r.pause_id"
     " WHERE r.recipient = :number AND r.livemode = 1 AND r.position > 0 AND r.reply_code IS NOT NULL"
     " AND r.pause_decided_at IS NULL AND r.channel = :channel AND +p.status = 'pending' AND +p.expires_at > :now AND EXISTS (SELECT 1 FROM notifications n"
-    " WHERE n.pause_id = p.id AND n.position = r.position AND n.kind = 'ask' AND n.status = 'sent') ORDER BY seq DESC")
+    " WHERE n.pause_id = p.id AND n.position = r.position AND n.status = 'sent') ORDER BY seq DESC")
 
 
 def open_codes(pending):

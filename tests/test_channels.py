@@ -399,6 +399,23 @@ def test_a_message_sent_again_decides_nothing_even_for_a_newer_pause(sms_setup):
     assert "without its MessageSid" in unnamed.text and api.pause(other["api_key"], wire["pause_id"])["status"] == "pending"
 
 
+def test_a_reply_to_a_reminder_counts_when_the_first_text_failed(running_api, twilio):
+    """The reminder carries the question and its code: once it was sent, the question reached the number."""
+    api = running_api(**twilio.settings())
+    key = api.register()["api_key"]
+    twilio.fail_next = [400]                                        # the first text is refused for good
+    created = api.post_json("/v1/pause", {**WIRE, "remind_after_minutes": [30]}, headers=api.as_key(key)).json
+    assert sent(api, key, created["pause_id"], "failed")["status"] == "pending"
+    stored(api.config, "UPDATE pause_steps SET due_at = '2000-01-01T00:00:00.000Z' WHERE pause_id = ?",
+           created["pause_id"])
+    api.step("steps")
+    api.step("notifications")
+    [reminder] = [m["Body"] for m in twilio.messages]
+    code = re.search(r"Reply ([A-Z][2-9][A-Z]?) 1 for Approve", reminder).group(1)
+    assert "recorded Approve" in inbound(api, api.config, f"{code} 1").text
+    assert api.pause(key, created["pause_id"])["choice"] == "Approve"
+
+
 def test_a_reply_may_name_the_option_instead_of_its_number(sms_setup):
     api, config, keys = sms_setup
     created = api.create_pause(keys["api_key"])
