@@ -2232,7 +2232,7 @@ def record_sms_reply(conn, config, sender, text, message_sid):
         if not message_sid:
             return "PausePoint: this message came without its MessageSid, so it was not recorded."
         if not conn.execute("INSERT INTO sms_replies VALUES (?, ?) ON CONFLICT DO NOTHING", (message_sid, now)).rowcount:
-            return "PausePoint: this message was received already; it records nothing again."
+            return "PausePoint: this message was received already; it counts once."
         pending = [person for person in (asked_of(conn, row, row["position"]) for row in conn.execute(
             ASKED_ON_NUMBER, {"number": number, "channel": channel, "now": now})) if not person.get("vote")]
         if not pending:

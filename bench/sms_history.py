@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pausepoint  # noqa: E402
@@ -62,8 +63,8 @@ def add_history(conn, developer_id, count, as_team):
 
 
 def measure(conn, config, label, runs):
-    def sms():
-        pausepoint.record_sms_reply(conn, config, NUMBER, "1")
+    def sms():      # each a new message: the same one again is taken once and decides nothing
+        pausepoint.record_sms_reply(conn, config, NUMBER, "1", "SM" + uuid.uuid4().hex)
 
     def code():
         with pausepoint.transaction(conn):
