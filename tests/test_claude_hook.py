@@ -128,7 +128,8 @@ def test_a_call_it_cannot_read_is_asked_about_locally_not_left_to_claude_codes_r
      "Claude Code wants to use mcp__acme-production-postgres-admin__tables_drop_everything…: {} (in ~/src/app)"
      " [cut short: the link shows all of it]"),
 ], ids=["line breaks", "other spaces", "forged and hidden", "a long tool name"])
-def test_the_line_shows_what_runs(live_server, call, shown):
-    key = new_test_key(live_server.url)
-    run_hook(live_server.url, key, call, PAUSEPOINT_HOOK_WAIT="1")
-    assert stored(live_server.app.runtime.config, "SELECT message FROM pauses") == [(shown,)]
+def test_the_line_shows_what_runs(call, shown):
+    """The line itself, as the hook writes it for its pause (the tests above take such lines end to end)."""
+    sys.path.insert(0, os.path.dirname(HOOK))
+    import pausepoint_claude_hook
+    assert pausepoint_claude_hook.describe(call) == shown
