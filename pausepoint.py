@@ -3241,10 +3241,14 @@ def simulate_due_notifications(conn):
                             " ORDER BY next_attempt_at LIMIT :batch) RETURNING *", record)
 
 
-# A notification is sent only while its pause can still be answered. One whose pause ran
-# out (while the server was down, say) waits for the timeout job, which cancels it; one
-# whose pause was decided while it was being sent is cancelled when next claimed.
-STILL_OPEN = "(SELECT expires_at > :now AND status = 'pending' FROM pauses p WHERE p.id = notifications.pause_id)"
+# A notification is sent only while its pause can still be answered, by its person: one
+# whose pause ran out (while the server was down, say) waits for the timeout job, which
+# cancels it; one whose pause was decided, or whose person voted, while it was being sent
+# is cancelled when next claimed.
+STILL_AWAITED = ("(SELECT status = 'pending' FROM pauses p WHERE p.id = notifications.pause_id) AND NOT EXISTS"
+                 " (SELECT 1 FROM pause_recipients r WHERE r.pause_id = notifications.pause_id"
+                 " AND r.position = notifications.position AND r.voted_at IS NOT NULL)")
+STILL_OPEN = f"(SELECT expires_at FROM pauses p WHERE p.id = notifications.pause_id) > :now AND {STILL_AWAITED}"
 
 
 def due_live_notifications(conn, per_developer):
@@ -3285,9 +3289,9 @@ def claim_notification(conn, config, row):
         claimed = conn.execute("UPDATE notifications SET status = 'sending', attempts = attempts + 1,"
                                f" next_attempt_at = :until, updated_at = :now {unchanged} AND {STILL_OPEN}",
                                as_read).rowcount
-        if not claimed:     # decided while it was being sent: its send failed, or a crash left the claim
-            conn.execute(f"UPDATE notifications SET status = 'cancelled', updated_at = :now {unchanged} AND"
-                         " (SELECT status FROM pauses p WHERE p.id = notifications.pause_id) != 'pending'", as_read)
+        if not claimed:     # answered while it was being sent: its send failed, or a crash left the claim
+            conn.execute(f"UPDATE notifications SET status = 'cancelled', updated_at = :now {unchanged} AND NOT"
+                         f" ({STILL_AWAITED})", as_read)
     return claim_until if claimed else None
 
 

@@ -124,6 +124,23 @@ def test_a_text_whose_pause_was_decided_while_it_was_sent_is_cancelled_not_sent_
     assert pause["status"] == "cancelled" and twilio.messages == []
 
 
+def test_a_text_to_a_team_member_who_voted_while_it_was_sent_is_cancelled_not_sent_again(running_api, twilio):
+    api = running_api(**twilio.settings())
+    key = api.register()["api_key"]
+    team = [{"recipient": "+15550101", "channel": "sms"}, {"recipient": "+15550102", "channel": "sms"}]
+    created = api.post_json("/v1/pause", {**QUESTION, "recipients": team, "quorum": {"choice": "Approve", "count": 2}},
+                            headers=api.as_key(key)).json
+    api.post_json(f"/v1/respond/{token_of(created['recipients'][1]['respond_url'])}", {"choice": "Approve"})
+    # As a send that failed as they voted leaves it: queued again, and due.
+    stored(api.config, "UPDATE notifications SET status = 'queued', next_attempt_at = '2000-01-01T00:00:00.000Z'"
+                       " WHERE position = 1")
+    api.step("notifications")
+    assert stored(api.config, "SELECT position, status FROM notifications ORDER BY position") == [
+        (0, "sent"), (1, "cancelled")]
+    assert [m["To"] for m in twilio.messages] == ["+15550101"]
+    assert api.pause(key, created["pause_id"])["status"] == "pending"
+
+
 def test_a_retry_that_succeeds_records_the_message(running_api, twilio):
     twilio.fail_next = [500]
     api = running_api(**twilio.settings())
@@ -396,7 +413,8 @@ def test_a_message_sent_again_decides_nothing_even_for_a_newer_pause(sms_setup):
     assert api.pause(other["api_key"], wire["pause_id"])["status"] == "pending"
     assert api.pause(keys["api_key"], first["pause_id"])["choice"] == "Approve"
     unnamed = inbound(api, config, "1", message_sid="")          # Twilio always names it: no id, no decision
-    assert "without its MessageSid" in unnamed.text and api.pause(other["api_key"], wire["pause_id"])["status"] == "pending"
+    assert "without its MessageSid" in unnamed.text
+    assert api.pause(other["api_key"], wire["pause_id"])["status"] == "pending"
 
 
 def test_a_reply_to_a_reminder_counts_when_the_first_text_failed(running_api, twilio):
