@@ -1707,6 +1707,12 @@ def compact_json(value):
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def readable_text(text):
+    """Free-form text a person reads, with what would make it read as something else
+    (UNSAFE_TEXT) shown as U+FFFD."""
+    return UNSAFE_TEXT.sub("\ufffd", text)
+
+
 def json_for_reading(value, indent=None):
     """JSON a person reads: other scripts as themselves, but what would make it read as
     something else (UNSAFE_TEXT) as its escape, which says the same and is not obeyed."""
@@ -2613,15 +2619,15 @@ def asker_name(conn, pause):
 
 def respond_facts(pause, asked_by=None):
     """What the holder of a respond link may see: who asks, the question and its outcome,
-    and of the agent's metadata only the keys it listed in "display": free-form, so shown with
-    what would make it read as something else (UNSAFE_TEXT) as U+FFFD, as the question cannot hold."""
+    and of the agent's metadata only the keys it listed in "display": free-form, so made
+    readable_text(), as the question already is by refusing what it would replace."""
     metadata = json.loads(pause["metadata"]) if pause["metadata"] else {}
     return {
         "asked_by": asked_by,
         "title": pause["title"],
         "message": pause["message"],
-        "details": [{"name": UNSAFE_TEXT.sub("\ufffd", key), "value": UNSAFE_TEXT.sub(
-                        "\ufffd", metadata[key] if isinstance(metadata[key], str) else compact_json(metadata[key]))}
+        "details": [{"name": readable_text(key), "value": readable_text(
+                        metadata[key] if isinstance(metadata[key], str) else compact_json(metadata[key]))}
                     for key in metadata.get("display", [])],
         "options": json.loads(pause["options"]),
         "status": pause["status"],
@@ -5364,7 +5370,7 @@ def client_ip():
 
 def client_facts():
     """Who is on the other end, for rate limits and the audit log."""
-    return {"ip": client_ip(), "user_agent": UNSAFE_TEXT.sub("\ufffd", request_header("User-Agent") or "")[:300]}
+    return {"ip": client_ip(), "user_agent": readable_text(request_header("User-Agent") or "")[:300]}
 
 
 def json_answer(text):

@@ -100,8 +100,8 @@ def fitted(metadata):
     def size(given):
         return len(json.dumps(given, separators=(",", ":"), ensure_ascii=False).encode())
     whole, limit = metadata["tool_input"], len(metadata["tool_input"])
-    while size(metadata) > METADATA_BYTES and limit > 1:
-        limit = max(1, min(limit - 1, limit * METADATA_BYTES // size(metadata)))
+    while (measured := size(metadata)) > METADATA_BYTES and limit > 1:
+        limit = max(1, min(limit - 1, limit * METADATA_BYTES // measured))
         metadata = {**metadata, "tool_input": shorten(whole, limit)}
     return metadata
 
