@@ -6266,19 +6266,24 @@ class Handlers:
                       jsonschema.Draft202012Validator({"type": "object", "properties": spec.query}))
 
         def handler(**path):
-            started = time.monotonic()
+            # A long poll that parks is served again later: it is timed once, when answered,
+            # from when it was first served.
+            started, answered = bottle.request.environ.get("pausepoint.started") or time.monotonic(), True
             try:
                 with self.rt.turns.taken(bottle.request.environ.get("REMOTE_ADDR", "")):
                     answer = callback(**path, **self.given(spec, wanted, schema, validators))
             except ApiError as e:
                 return error_response(e, spec.page)
+            except Parked:
+                answered = False
+                raise
             except bottle.HTTPResponse:
                 raise
             except Exception as e:
                 self.rt.error_log.error(bottle.request.method, spec.path, e)
                 return error_response(ApiError(500, "internal_error", UNEXPECTED), spec.page)
             finally:
-                if self.rt.metrics is not None:
+                if self.rt.metrics is not None and answered:
                     self.rt.metrics.timed(spec.method, spec.path, started)
             if spec.status != 200:
                 bottle.response.status = spec.status
@@ -6570,7 +6575,8 @@ class ParkableTask(waitress.task.WSGITask):
     """A request that can park: a long poll that must wait calls environ['pausepoint.park'],
     answers Parked, and gives its thread back. Nothing is sent for it; its connection keeps
     the request, and HardenedChannel.resume() serves it again later, when the app's
-    environ['pausepoint.wait_until'] is the deadline it parked with."""
+    environ['pausepoint.wait_until'] is the deadline it parked with and
+    environ['pausepoint.started'] when it was first served."""
 
     register = None         # set when the request parked: called with resume() once waitress is done with it
 
@@ -6578,6 +6584,7 @@ class ParkableTask(waitress.task.WSGITask):
         environ = super().get_environment()
         environ["pausepoint.park"] = self.park
         environ["pausepoint.wait_until"] = getattr(self.request, "wait_until", None)
+        environ["pausepoint.started"] = vars(self.request).setdefault("started", time.monotonic())
         return environ
 
     def park(self, wait_until, register):
