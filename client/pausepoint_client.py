@@ -140,18 +140,20 @@ class PausePoint:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = LONGEST_WAIT if deadline is None else deadline - time.monotonic()
+            if left < 1:
+                # The server waits whole seconds, and a wait of 0 answers at once: asked again
+                # and again, it would be hundreds of calls a second. Sleep out the fraction instead.
+                time.sleep(max(0.0, left))
+                return self.get(pause_id)
             try:
-                pause = self.get(pause_id, wait=max(0, min(LONGEST_WAIT, int(left))), deadline=deadline)
+                pause = self.get(pause_id, wait=min(LONGEST_WAIT, int(left)), deadline=deadline)
             except RateLimited as e:
                 # As many agents wait as the server takes: come back when told or, if that is
                 # past our deadline, at the deadline for one last look; never sooner.
                 later = e.retry_after or self.backoff
-                if deadline is not None and time.monotonic() + later >= deadline:
-                    time.sleep(max(0.0, deadline - time.monotonic()))
-                    return self.get(pause_id)
-                time.sleep(later)
+                time.sleep(later if deadline is None else max(0.0, min(later, deadline - time.monotonic())))
                 continue
-            if pause["status"] != "pending" or (deadline is not None and time.monotonic() >= deadline - 0.5):
+            if pause["status"] != "pending":
                 return pause
 
     def cancel(self, pause_id):

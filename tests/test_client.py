@@ -15,6 +15,7 @@ import requests
 
 from conftest import (QUESTION, answer_first_pending, register_over_http, ROOT, WIRE, LiveServer, free_port,
                       make_config, stored, token_of, wait_until)
+from test_metrics import scraped, value
 import pausepoint
 
 sys.path.insert(0, os.path.join(ROOT, "client"))
@@ -62,6 +63,28 @@ def test_a_pending_pause_can_be_waited_for_again_later(live_server, client):
     person = answer_first_pending(live_server.url, client.api_key, "Approve")
     assert client.wait(created["pause_id"])["choice"] == "Approve"
     person.join()
+
+
+def test_a_wait_that_runs_out_asks_the_server_once_a_wait_not_hundreds_of_times(tmp_path):
+    """The server waits whole seconds: a wait with a fraction of a second left must not
+    become a stream of answers-at-once (400 calls in half a second, counted before)."""
+    config = make_config(tmp_path, **{"ratelimit.enabled": False, "metrics.enabled": True, "metrics.listen": ""})
+    app = pausepoint.create_app(config)
+    app.runtime.start()
+    with LiveServer(app, config) as server:
+        client = PausePoint(server.url, register(server.url)["test_api_key"])
+        created = client.pause(**ASK)
+        for timeout, calls in ((0.9, 1), (2.7, 2)):
+            before, started = reads_of_one_pause(server.url), time.monotonic()
+            assert client.wait(created["pause_id"], timeout=timeout)["status"] == "pending"
+            assert time.monotonic() - started >= timeout
+            assert reads_of_one_pause(server.url) - before == calls
+
+
+def reads_of_one_pause(url):
+    """How many GET /v1/pause/{id} the server has answered, from its own metrics."""
+    return value(scraped(requests.get(f"{url}/metrics", timeout=10).text), "pausepoint_request_seconds_count",
+                 method="GET", route="/v1/pause/<pause_id>")
 
 
 def test_waiting_comes_back_when_told_while_the_server_has_as_many_waiting_as_it_takes(tmp_path):
