@@ -2177,10 +2177,11 @@ def new_reply_code(conn, recipient, livemode):
     week_ago = db_time(utcnow() - REPLY_CODE_QUARANTINE)
     # Not secrets (a reply counts only from the number the pause was sent to), so the
     # fast generator: the system one cost a fifth of a create.
-    for candidates in ([*random.sample(SHORT_REPLY_CODES, REPLY_CODE_DRAWS),
-                        *random.sample(LONG_REPLY_CODES, REPLY_CODE_DRAWS)],
-                       random.sample(LONG_REPLY_CODES, MORE_REPLY_CODE_DRAWS)):
-        free = query_db(conn, FIRST_FREE_REPLY_CODE, {"candidates": json.dumps(candidates), "recipient": recipient,
+    # The second draw only when the first found nothing: drawn up front, it cost 27 µs a create.
+    for draw in (lambda: [*random.sample(SHORT_REPLY_CODES, REPLY_CODE_DRAWS),
+                          *random.sample(LONG_REPLY_CODES, REPLY_CODE_DRAWS)],
+                 lambda: random.sample(LONG_REPLY_CODES, MORE_REPLY_CODE_DRAWS)):
+        free = query_db(conn, FIRST_FREE_REPLY_CODE, {"candidates": json.dumps(draw()), "recipient": recipient,
                                                       "livemode": livemode, "week_ago": week_ago}, one=True)
         if free is not None:
             return free[0]
