@@ -560,6 +560,8 @@ MIGRATIONS = [
     (13, lambda conn: chain_audit_events(conn)),
     (14, "ALTER TABLE pauses ADD COLUMN receipt TEXT;"),
     (15, "CREATE TABLE sms_replies (message_sid TEXT PRIMARY KEY, received_at TEXT NOT NULL) WITHOUT ROWID;"),
+    (16, "ALTER TABLE notifications ADD COLUMN may_have_reached INTEGER NOT NULL DEFAULT 0"
+         " CHECK (may_have_reached IN (0, 1));"),
 ]
 
 
@@ -2260,19 +2262,21 @@ def record_sms_reply(conn, config, sender, text, message_sid):
     return f"PausePoint: recorded {choice} for \"{shorten(pause['message'])}\""
 
 
-# The live pending pauses whose question reached a number on a channel (a text sent: the
-# question itself, or a reminder, which repeats it and its code), newest first, each with the
-# position it asked the number at: as a pause's first person, or later in a team.
+# The live pending pauses whose question reached a number on a channel (a text sent, or one
+# that may have been: the question itself, or a reminder, which repeats it and its code),
+# newest first, each with the position it asked the number at: as a pause's first person, or
+# later in a team.
 # (CROSS JOIN, and + to keep the pending pauses' indexes out: from the number's few people to
 # their pauses by id, never through every pending pause.)
 ASKED_ON_NUMBER = (
     "SELECT p.*, 0 AS position FROM pauses p WHERE p.recipient = :number AND p.status = 'pending'"
     " AND p.channel = :channel AND p.livemode = 1 AND p.expires_at > :now AND EXISTS (SELECT 1 FROM notifications n"
-    " WHERE n.pause_id = p.id AND n.position = 0 AND n.status = 'sent')"
+    " WHERE n.pause_id = p.id AND n.position = 0 AND (n.status = 'sent' OR n.may_have_reached))"
     " UNION ALL SELECT p.*, r.position FROM pause_recipients r CROSS JOIN pauses p ON p.id = r.pause_id"
     " WHERE r.recipient = :number AND r.livemode = 1 AND r.position > 0 AND r.reply_code IS NOT NULL"
     " AND r.pause_decided_at IS NULL AND r.channel = :channel AND +p.status = 'pending' AND +p.expires_at > :now AND EXISTS (SELECT 1 FROM notifications n"
-    " WHERE n.pause_id = p.id AND n.position = r.position AND n.status = 'sent') ORDER BY seq DESC")
+    " WHERE n.pause_id = p.id AND n.position = r.position AND (n.status = 'sent' OR n.may_have_reached))"
+    " ORDER BY seq DESC")
 
 
 def open_codes(pending):
@@ -2723,6 +2727,7 @@ class Deadline:
         self.watch, self.seconds, self.owner = watch, seconds, owner    # owner: whose lookups may hang
         self.at = time.monotonic() + seconds
         self.expired = False
+        self.began_sending = False      # part of a request went out: the far end may act on it, answered or not
         self._keys = []
 
     def __str__(self):
@@ -2840,9 +2845,16 @@ class _DeadlineAdapter(requests.adapters.HTTPAdapter):
         adapter = self
 
         def watched(connection_class):
-            return type("Deadline" + connection_class.__name__, (connection_class,), {
-                "_new_conn": lambda conn: open_connection(adapter.deadline(), conn._dns_host, conn.port,
-                                                          adapter.allow_private)})
+            class Watched(connection_class):
+                def _new_conn(self):
+                    return open_connection(adapter.deadline(), self._dns_host, self.port, adapter.allow_private)
+
+                def send(self, data):
+                    super().send(data)          # connecting first, if it has not yet
+                    adapter.deadline().began_sending = True
+
+            Watched.__name__ = "Deadline" + connection_class.__name__
+            return Watched
 
         class KeptAlive:
             def _get_conn(self, timeout=None):
@@ -3033,11 +3045,13 @@ class Channel:
 
 class ChannelError(Exception):
     """A send failed. A transient failure is retried until NOTIFICATION_ATTEMPTS are
-    used; a permanent one (the provider refused this message) fails at once."""
+    used; a permanent one (the provider refused this message) fails at once. One that
+    may_have_reached the person failed after the provider had the message and before
+    it answered: it may have sent it."""
 
-    def __init__(self, message, permanent=False):
+    def __init__(self, message, permanent=False, may_have_reached=False):
         super().__init__(message)
-        self.permanent = permanent
+        self.permanent, self.may_have_reached = permanent, may_have_reached
 
 
 def channels(config):
@@ -3165,9 +3179,13 @@ def send_twilio(config, notification, pause, deadline):
         raise ChannelError(f"Twilio answered HTTP {e.status}: {e.msg}",
                            permanent=400 <= e.status < 500 and e.status != 429) from None
     except (twilio.base.exceptions.TwilioException, requests.RequestException) as e:
+        # Twilio's API takes no idempotency key, so a message sent but unanswered cannot be
+        # asked about: the person may have it, and a retry may send it again.
+        unanswered = "; Twilio may have sent it" if deadline.began_sending else ""
         if deadline.passed():
-            raise ChannelError(f"Twilio did not answer within {deadline}") from None
-        raise ChannelError(f"could not reach Twilio: {e}") from None
+            raise ChannelError(f"Twilio did not answer within {deadline}{unanswered}",
+                               may_have_reached=deadline.began_sending) from None
+        raise ChannelError(f"could not reach Twilio: {e}{unanswered}", may_have_reached=deadline.began_sending) from None
     return message.sid
 
 
@@ -3305,7 +3323,7 @@ def claim_notification(conn, config, row):
 def send_notification(conn, config, deadlines, row, claim_until):
     """Send a claimed live notification (outside any transaction) and record the outcome."""
     attempt = row["attempts"] + 1
-    permanent = False
+    permanent = may_have_reached = False
     try:
         channel = known_channel(config, row["channel"])
         if channel.send is None or channel.missing_settings(config):
@@ -3314,7 +3332,7 @@ def send_notification(conn, config, deadlines, row, claim_until):
         with deadlines.deadline(config["outbound.deadline_seconds"], owner=("channel", row["channel"])) as deadline:
             provider_id, error = channel.send(config, row, pause, deadline), None
     except ChannelError as e:
-        provider_id, error, permanent = None, str(e)[:500], e.permanent
+        provider_id, error, permanent, may_have_reached = None, str(e)[:500], e.permanent, e.may_have_reached
     except Exception as e:      # a provider library's surprise must not kill the worker
         log.exception("sending notification %s failed", row["id"])
         provider_id, error = None, f"{type(e).__name__}: {e}"[:500]
@@ -3329,8 +3347,9 @@ def send_notification(conn, config, deadlines, row, claim_until):
             status, next_at, event = "failed", now, "notification.failed"
         changed = conn.execute(
             "UPDATE notifications SET status = ?, next_attempt_at = ?, provider_message_id = ?, last_error = ?,"
-            " updated_at = ? WHERE id = ? AND status = 'sending' AND next_attempt_at = ?",
-            (status, next_at, provider_id, error, now, row["id"], claim_until)).rowcount
+            " may_have_reached = may_have_reached OR ?, updated_at = ? WHERE id = ? AND status = 'sending'"
+            " AND next_attempt_at = ?",
+            (status, next_at, provider_id, error, may_have_reached, now, row["id"], claim_until)).rowcount
         if changed:
             wake_after_commit(conn, "notified", (row["id"], attempt, row["channel"],
                                                  "retried" if status == "queued" else status))

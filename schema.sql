@@ -213,7 +213,10 @@ CREATE TABLE notifications (
     provider_message_id  TEXT,
     last_error           TEXT,
     created_at           TEXT NOT NULL,
-    updated_at           TEXT NOT NULL
+    updated_at           TEXT NOT NULL,
+    -- 1 once an attempt failed after the provider had the message and before it answered (a
+    -- deadline, a dropped connection): it may have been sent, so a reply to it counts.
+    may_have_reached     INTEGER NOT NULL DEFAULT 0 CHECK (may_have_reached IN (0, 1))
 );
 -- A pause's messages: the API's notification (the first person's question), decisions cancelling
 -- unsent ones, SMS replies checking that the question reached the number, pruning.

@@ -27,12 +27,14 @@ def stop_http(server):
 class TwilioStub:
     """A local HTTP server that speaks enough of Twilio's Messages API for the
     real twilio library: it checks HTTP Basic auth, records each message and
-    answers like Twilio, or fails on demand (`fail_next`)."""
+    answers like Twilio, or fails on demand (`fail_next`), or takes a message and
+    answers only after a while (`answer_late`)."""
 
     def __init__(self, account_sid="AC" + "0" * 32, auth_token="stub-auth-token"):
         self.account_sid, self.auth_token = account_sid, auth_token
         self.messages = []
         self.fail_next = []            # HTTP statuses to answer with, one per coming request
+        self.answer_late = []          # seconds to wait before answering a message taken, one per coming message
         self.lock = threading.Lock()
         stub = self
 
@@ -53,8 +55,10 @@ class TwilioStub:
                     if failure is None:
                         sid = "SM" + uuid.uuid4().hex
                         stub.messages.append({**form, "sid": sid})
+                        late = stub.answer_late.pop(0) if stub.answer_late else 0
                 if failure is not None:
                     return self.answer(failure, {"code": 30001, "message": "Queue overflow", "status": failure})
+                time.sleep(late)
                 self.answer(201, {"sid": sid, "account_sid": stub.account_sid, "to": form.get("To"),
                                   "from": form.get("From"), "body": form.get("Body"), "status": "queued",
                                   "num_segments": "1", "direction": "outbound-api", "api_version": "2010-04-01"})

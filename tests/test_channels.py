@@ -480,13 +480,16 @@ def test_a_reply_never_decides_a_pause_whose_message_went_to_another_number(sms_
     assert stored(config, "SELECT count(*) FROM pauses WHERE status = 'pending'") == [(2,)]
 
 
-@pytest.mark.parametrize("failure", [400, 503])
+@pytest.mark.parametrize("failure", [400, 503, "unreachable"])
 def test_a_reply_never_decides_a_pause_whose_text_was_not_sent(sms_setup, twilio, failure):
     api, config, keys = sms_setup
     other = api.register(email="b@example.com")
     answered = api.create_pause(keys["api_key"], message="A: order lunch?")
     api.post_json(f"/v1/respond/{token_of(answered['respond_url'])}", {"choice": "Approve"})
-    twilio.fail_next = [failure]                # refused for good, or failed and waiting for its retry
+    if failure == "unreachable":
+        twilio.close()                          # nothing listens: no message went anywhere
+    else:
+        twilio.fail_next = [failure]            # refused for good, or failed and waiting for its retry
     unsent = api.create_pause(other["api_key"], message="B: delete production database?")
     assert api.pause(other["api_key"], unsent["pause_id"])["notification"]["status"] in ("failed", "queued")
     queued = Api(api.app).create_pause(other["api_key"], message="B: and the backups?")   # never sent at all
@@ -495,6 +498,32 @@ def test_a_reply_never_decides_a_pause_whose_text_was_not_sent(sms_setup, twilio
         assert api.pause(other["api_key"], pause["pause_id"])["status"] == "pending"
     assert stored(config, "SELECT count(*) FROM audit_events WHERE event_type = 'pause.responded'"
                           " AND actor LIKE 'recipient:%' AND data LIKE '%\"via\":\"sms\"%'") == [(0,)]
+
+
+@pytest.mark.parametrize("people", [["+15550100"], ["+15550101", "+15550102"]],
+                         ids=["its person", "a team's second person"])
+def test_a_text_twilio_took_but_answered_too_late_may_still_be_answered(running_api, twilio, people):
+    """Twilio's API takes no idempotency key, so a message it answered past the deadline cannot be
+    asked about: it may have been sent, and its reply counts, though the send ends failed."""
+    api = running_api(**twilio.settings(), **{"outbound.deadline_seconds": 1})
+    key = api.register()["api_key"]
+    asked = WIRE if len(people) == 1 else {**QUESTION, "quorum": {"choice": "Approve", "count": 2},
+                                           "recipients": [{"recipient": number, "channel": "sms"} for number in people]}
+    twilio.answer_late = [1.5] * len(people)
+    created = api.post_json("/v1/pause", asked, headers=api.as_key(key)).json
+    api.step("notifications")
+    assert [(status, "Twilio may have sent it" in error) for status, error in
+            stored(api.config, "SELECT status, last_error FROM notifications")] == [("queued", True)] * len(people)
+    twilio.fail_next = [400] * len(people)        # and the retries are refused for good
+    skip_the_backoff(api.config)
+    api.step("notifications")
+    assert stored(api.config, "SELECT DISTINCT status FROM notifications") == [("failed",)]
+    [text] = [m["Body"] for m in twilio.messages if m["To"] == people[-1]]       # the person has it
+    code = re.search(r"Reply ([A-Z][2-9][A-Z]?) 1 for Approve", text).group(1)
+    assert "recorded Approve" in inbound(api, api.config, f"{code} 1", sender=people[-1]).text
+    pause = api.pause(key, created["pause_id"])
+    voted = [(vote["recipient"], vote["choice"]) for vote in pause.get("votes", [])]
+    assert (pause["status"], voted) == (("responded", []) if len(people) == 1 else ("pending", [(people[1], "Approve")]))
 
 
 def test_codes_are_unique_among_a_numbers_pending_pauses(sms_setup):
