@@ -2665,6 +2665,7 @@ class DeadlineWatch:
         self._watched = {}          # key -> (monotonic deadline, fd, inode, Deadline)
         self._keys = itertools.count()
         self._thread = None
+        self._closed = False
         # Calls that cannot be interrupted (a name lookup, a library that opens its own
         # sockets) run on threads of their own; those that outlive their deadline are
         # counted here, by owner, until they end.
@@ -2692,9 +2693,15 @@ class DeadlineWatch:
             for key in keys:
                 self._watched.pop(key, None)
 
+    def close(self):
+        """The thread ends once no call is watched (a call after this starts another)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+
     def _run(self):
         with self._changed:
-            while True:
+            while self._watched or not self._closed:
                 now = time.monotonic()
                 for key, (at, fd, inode, deadline) in list(self._watched.items()):
                     if at <= now:
@@ -2703,6 +2710,7 @@ class DeadlineWatch:
                         shut_down_socket(fd, inode)
                 soonest = min((entry[0] for entry in self._watched.values()), default=None)
                 self._changed.wait(None if soonest is None else soonest - now)
+            self._thread = None
 
 
 def shut_down_socket(fd, inode):
@@ -3017,6 +3025,7 @@ class OutboundPool:
     def shutdown(self):
         # Calls under way finish (each is bounded by its deadline) and are recorded.
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.deadlines.close()
 
 
 ###############################################################################

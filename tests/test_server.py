@@ -14,8 +14,9 @@ import time
 import pytest
 import requests
 
-from conftest import (register_over_http, stored, PASSWORD, ROOT, WIRE, LiveServer, make_config, run_cli, run_out,
-                      token_of, wait_until)
+from conftest import (register_over_http, stored, PASSWORD, ROOT, WIRE, LiveServer, free_port, make_config, run_cli,
+                      run_out, token_of, wait_until)
+from test_webhooks import add_webhook, send_test_events
 import pausepoint
 
 
@@ -452,6 +453,21 @@ def test_stopping_never_deadlocks_with_a_job_that_is_waking_the_delivery_job(tmp
         stopper.start()
         stopper.join(timeout=10)
         assert not stopper.is_alive(), f"stop() hung in cycle {cycle}"
+
+
+def test_a_stopped_app_leaves_no_thread_behind(running_api, receiver):
+    """A process that goes on after an app (a library user's, a test run) gets back every thread
+    the app started: its jobs', its outbound calls' and their deadline watch, its metrics'."""
+    before = set(threading.enumerate())
+    api = running_api(jobs=True, **{"webhooks.allow_private": True, "metrics.enabled": True,
+                                    "metrics.listen": f"127.0.0.1:{free_port()}"})
+    key = api.register()["test_api_key"]
+    webhook_id = add_webhook(api, key, receiver.url)["webhook_id"]
+    send_test_events(api, key, webhook_id, 1)
+    api.step("webhooks")
+    assert len(receiver.calls) == 1          # a call was made, under a watched deadline
+    api.app.runtime.stop()
+    wait_until(lambda: not set(threading.enumerate()) - before, timeout=10)
 
 
 # A request that reads the database (to look the key up) and is refused.
