@@ -1109,6 +1109,11 @@ class Caller:
     def actor(self):
         return f"api:{self.key_hint}" if self.key_hint else f"dashboard:{self.email}"
 
+    @property
+    def whose(self):
+        """Where a 404 looked, as the caller knows it."""
+        return "for this API key" if self.key_hint else f"in your account's {MODE_NAMES[self.livemode]} mode"
+
 
 def authenticate(conn, authorization):
     """The Caller for an 'Authorization: Bearer pp_…' header, or ApiError 401."""
@@ -2374,12 +2379,12 @@ def owned_pause(conn, caller, pause_id):
     pause = conn.execute("SELECT * FROM pauses WHERE id = ? AND developer_id = ? AND livemode = ?",
                          (pause_id, caller.developer_id, caller.livemode)).fetchone()
     if pause is None:
-        raise no_such_pause(pause_id)
+        raise no_such_pause(pause_id, caller)
     return pause
 
 
-def no_such_pause(pause_id):
-    return ApiError(404, "not_found", f"no pause {shorten(pause_id)!r} for this API key")
+def no_such_pause(pause_id, caller=None):
+    return ApiError(404, "not_found", f"no pause {shorten(pause_id)!r}" + (f" {caller.whose}" if caller else ""))
 
 
 # What a timeout sets: its claim writes it, and the batch read ahead reads it as it will be.
@@ -2583,7 +2588,7 @@ def pause_json(conn, config, pause_id, caller=None):
         args.update(developer=caller.developer_id, livemode=caller.livemode)
     row = query_db(conn, sql, args, one=True)
     if row is None:
-        raise no_such_pause(pause_id)
+        raise no_such_pause(pause_id, caller)
     return row[0]
 
 
@@ -3684,7 +3689,7 @@ def owned_webhook(conn, caller, webhook_id):
     webhook = conn.execute("SELECT * FROM webhooks WHERE id = ? AND developer_id = ? AND livemode = ?"
                            " AND deleted_at IS NULL", (webhook_id, caller.developer_id, caller.livemode)).fetchone()
     if webhook is None:
-        raise ApiError(404, "not_found", f"no webhook {shorten(webhook_id)!r} for this API key")
+        raise ApiError(404, "not_found", f"no webhook {shorten(webhook_id)!r} {caller.whose}")
     return webhook
 
 
@@ -3785,7 +3790,7 @@ def events_after(conn, caller, after, types, limit):
         row = query_db(conn, "SELECT rowid FROM webhook_events WHERE id = ? AND developer_id = ? AND livemode = ?",
                        (after, caller.developer_id, caller.livemode), one=True)
         if row is None:
-            raise ApiError(404, "not_found", f"no event {shorten(after)!r} for this API key; events are kept"
+            raise ApiError(404, "not_found", f"no event {shorten(after)!r} {caller.whose}; events are kept"
                                              " retention.delivery_log_days after their deliveries end: read again"
                                              " without after", field="after")
         since = row[0]

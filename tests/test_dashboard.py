@@ -220,7 +220,8 @@ def test_the_mode_switch_shows_live_or_test_data_never_both(running_api, twilio)
     listing = post_form(api, listing, "/dashboard/mode").maybe_follow()
     assert live_pause["pause_id"] in listing.text and test_pause["pause_id"] not in listing.text
     assert listing.html.select_one("#test-mode") is None
-    assert api.get(f"/dashboard/pauses/{test_pause['pause_id']}", status=404)
+    missing = api.get(f"/dashboard/pauses/{test_pause['pause_id']}", status=404)
+    assert "in your account's live mode" in missing.html.get_text() and "API key" not in missing.text
 
 
 def test_a_second_developer_sees_none_of_the_firsts_data_even_by_url(api):
