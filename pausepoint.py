@@ -2706,16 +2706,18 @@ class DeadlineWatch:
 
     def _run(self):
         with self._changed:
-            while self._watched or not self._closed:
+            while True:
                 now = time.monotonic()
                 for key, (at, fd, inode, deadline) in list(self._watched.items()):
                     if at <= now:
                         del self._watched[key]
                         deadline.expired = True
                         shut_down_socket(fd, inode)
+                if self._closed and not self._watched:
+                    self._thread = None
+                    return
                 soonest = min((entry[0] for entry in self._watched.values()), default=None)
                 self._changed.wait(None if soonest is None else soonest - now)
-            self._thread = None
 
 
 def shut_down_socket(fd, inode):

@@ -468,6 +468,11 @@ def test_a_stopped_app_leaves_no_thread_behind(running_api, receiver):
     assert len(receiver.calls) == 1          # a call was made, under a watched deadline
     api.app.runtime.stop()
     wait_until(lambda: not set(threading.enumerate()) - before, timeout=10)
+    # A call after the stop (a stopped app stepped by a test, say) that its deadline cuts off.
+    mine, theirs = socket.socketpair()
+    with mine, theirs, api.app.runtime.outbound.deadlines.deadline(0.2) as deadline:
+        assert deadline.guard(mine).recv(1) == b""
+    wait_until(lambda: not set(threading.enumerate()) - before, timeout=10)
 
 
 # A request that reads the database (to look the key up) and is refused.
