@@ -130,31 +130,41 @@ class PausePoint:
 
     def get(self, pause_id, wait=0, deadline=None):
         """The whole pause; with wait=N seconds (up to 60), answered when it is decided or after N.
-        With a `deadline` (a time.monotonic() value), retries never wait past it."""
-        return self._call("GET", f"/v1/pause/{_quote(pause_id)}", query={"wait": wait} if wait else None,
-                          safe=True, extra_time=wait, deadline=deadline)
+        With a `deadline` (a time.monotonic() value), retries never wait past it, and no attempt
+        asks the server to wait past it (by more than half a second: it waits whole seconds)."""
+        def query():
+            asked = wait if deadline is None else min(wait, max(0, round(deadline - time.monotonic())))
+            return {"wait": asked} if asked else None
+        return self._call("GET", f"/v1/pause/{_quote(pause_id)}", query=query, safe=True, extra_time=wait,
+                          deadline=deadline)
 
     def wait(self, pause_id, timeout=None):
         """The pause once decided, or as it stands after `timeout` seconds (None: until decided).
         Rides out dropped connections and server restarts."""
         deadline = None if timeout is None else time.monotonic() + timeout
+
+        def rest(seconds):
+            time.sleep(seconds if deadline is None else max(0.0, min(seconds, deadline - time.monotonic())))
+
+        # Never a question asked again at once: the server waits whole seconds and answers a
+        # wait of 0 at once, so asking again and again would be hundreds of calls a second.
         while True:
             left = LONGEST_WAIT if deadline is None else deadline - time.monotonic()
             if left < 1:
-                # The server waits whole seconds, and a wait of 0 answers at once: asked again
-                # and again, it would be hundreds of calls a second. Sleep out the fraction instead.
-                time.sleep(max(0.0, left))
-                return self.get(pause_id)
+                rest(left)          # the fraction of a second left, then one last look
+                return self.get(pause_id, deadline=deadline)
+            asked, asked_at = min(LONGEST_WAIT, int(left)), time.monotonic()
             try:
-                pause = self.get(pause_id, wait=min(LONGEST_WAIT, int(left)), deadline=deadline)
+                pause = self.get(pause_id, wait=asked, deadline=deadline)
             except RateLimited as e:
                 # As many agents wait as the server takes: come back when told or, if that is
                 # past our deadline, at the deadline for one last look; never sooner.
-                later = e.retry_after or self.backoff
-                time.sleep(later if deadline is None else max(0.0, min(later, deadline - time.monotonic())))
+                rest(e.retry_after or self.backoff)
                 continue
             if pause["status"] != "pending":
                 return pause
+            if time.monotonic() - asked_at < asked / 2:
+                rest(self.backoff)  # answered long before its wait (a server stopping answers every waiter)
 
     def cancel(self, pause_id):
         """Cancel a pending pause; returns it. Cancelling one already cancelled returns it too."""
@@ -196,13 +206,15 @@ class PausePoint:
     # -- HTTP ------------------------------------------------------------------------------
 
     def _call(self, method, path, body=None, query=None, headers=None, safe=False, extra_time=0, deadline=None):
-        url = self.base_url + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        """`query`: a dict, or a function giving each attempt's."""
         data = None if body is None else json.dumps(body).encode("utf-8")
         headers = {"Authorization": f"Bearer {self.api_key}", "Accept": "application/json",
                    "User-Agent": "pausepoint-client/1", **(headers or {})}
         if data is not None:
             headers["Content-Type"] = "application/json"
         for attempt in range(self.retries + 1):
+            asked = query() if callable(query) else query
+            url = self.base_url + path + ("?" + urllib.parse.urlencode(asked) if asked else "")
             try:
                 request = urllib.request.Request(url, data=data, headers=headers, method=method)
                 with urllib.request.urlopen(request, timeout=self.timeout + extra_time) as answer:

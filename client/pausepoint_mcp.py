@@ -19,7 +19,7 @@ Configured by the environment, like the Claude Code hook:
   PAUSEPOINT_RECIPIENT, PAUSEPOINT_CHANNEL    who is asked and how (channel default: sms; never link,
                                               whose respond link would go to the model)
   PAUSEPOINT_MCP_WAIT                         seconds one call waits for the answer (default 45)
-  PAUSEPOINT_MCP_PROGRESS_EVERY               seconds between progress reports while it waits (default 10)
+  PAUSEPOINT_MCP_PROGRESS_EVERY               seconds between progress reports while it waits (default 10, at least 1)
 
 Needs the `mcp` package (>=2,<3) and pausepoint_client.py beside it. Logs go to stderr.
 """
@@ -58,7 +58,8 @@ def settings():
     return {"url": os.environ["PAUSEPOINT_URL"], "key": os.environ["PAUSEPOINT_API_KEY"],
             "recipient": os.environ.get("PAUSEPOINT_RECIPIENT"), "channel": os.environ.get("PAUSEPOINT_CHANNEL", "sms"),
             "wait": float(os.environ.get("PAUSEPOINT_MCP_WAIT", "45")),
-            "progress_every": float(os.environ.get("PAUSEPOINT_MCP_PROGRESS_EVERY", "10"))}
+            # At least a second: the server waits whole seconds, and a wait of 0 answers at once.
+            "progress_every": max(1.0, float(os.environ.get("PAUSEPOINT_MCP_PROGRESS_EVERY", "10")))}
 
 
 def client():

@@ -81,6 +81,32 @@ def test_a_wait_that_runs_out_asks_the_server_once_a_wait_not_hundreds_of_times(
             assert reads_of_one_pause(server.url) - before == calls
 
 
+def test_a_server_that_answers_waits_at_once_is_not_asked_again_at_once(tmp_path):
+    """A stopping server answers each long poll at once, as things stand, until it closes."""
+    config = make_config(tmp_path, **{"ratelimit.enabled": False, "metrics.enabled": True, "metrics.listen": ""})
+    app = pausepoint.create_app(config)
+    app.runtime.start()
+    with LiveServer(app, config) as server:
+        client = PausePoint(server.url, register(server.url)["test_api_key"])
+        created = client.pause(**ASK)
+        app.runtime.stop()                      # its requests are still answered meanwhile
+        before = reads_of_one_pause(server.url)
+        assert client.wait(created["pause_id"], timeout=2)["status"] == "pending"
+        assert reads_of_one_pause(server.url) - before <= 6
+
+
+def test_no_wait_asks_past_its_deadline_or_retries_past_it(live_server, client):
+    created = client.pause(**ASK)
+    started = time.monotonic()
+    assert client.get(created["pause_id"], wait=30, deadline=started + 1.5)["status"] == "pending"
+    assert time.monotonic() - started < 10          # the server was asked to wait 1 s, not 30
+    nowhere = PausePoint(f"http://127.0.0.1:{free_port()}", client.api_key)     # retries 6 times, 31 s in all
+    started = time.monotonic()
+    with pytest.raises(pausepoint_client.Unreachable):
+        nowhere.wait(created["pause_id"], timeout=0.5)                      # its last look, at the deadline
+    assert time.monotonic() - started < 10
+
+
 def reads_of_one_pause(url):
     """How many GET /v1/pause/{id} the server has answered, from its own metrics."""
     return value(scraped(requests.get(f"{url}/metrics", timeout=10).text), "pausepoint_request_seconds_count",
