@@ -317,11 +317,22 @@ class LiveServer:
 @pytest.fixture
 def live_server(tmp_path):
     """The app on a real loopback port, served by waitress exactly as in production."""
-    config = make_config(tmp_path, **{"server.host": "127.0.0.1", "ratelimit.enabled": False})
+    with serving(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def metered_server(tmp_path):
+    """A live_server with its metrics at /metrics, which count what clients asked of it."""
+    with serving(tmp_path, **{"metrics.enabled": True, "metrics.listen": ""}) as server:
+        yield server
+
+
+def serving(tmp_path, **settings):
+    config = make_config(tmp_path, **{"server.host": "127.0.0.1", "ratelimit.enabled": False, **settings})
     app = pausepoint.create_app(config)
     app.runtime.start()
-    with LiveServer(app, config) as server:
-        yield server
+    return LiveServer(app, config)
 
 
 def free_port():

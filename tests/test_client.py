@@ -65,34 +65,26 @@ def test_a_pending_pause_can_be_waited_for_again_later(live_server, client):
     person.join()
 
 
-def test_a_wait_that_runs_out_asks_the_server_once_a_wait_not_hundreds_of_times(tmp_path):
+def test_a_wait_that_runs_out_asks_the_server_once_a_wait_not_hundreds_of_times(metered_server):
     """The server waits whole seconds: a wait with a fraction of a second left must not
     become a stream of answers-at-once (400 calls in half a second, counted before)."""
-    config = make_config(tmp_path, **{"ratelimit.enabled": False, "metrics.enabled": True, "metrics.listen": ""})
-    app = pausepoint.create_app(config)
-    app.runtime.start()
-    with LiveServer(app, config) as server:
-        client = PausePoint(server.url, register(server.url)["test_api_key"])
-        created = client.pause(**ASK)
-        for timeout, calls in ((0.4, 1), (1.6, 2)):
-            before, started = reads_of_one_pause(server.url), time.monotonic()
-            assert client.wait(created["pause_id"], timeout=timeout)["status"] == "pending"
-            assert time.monotonic() - started >= timeout
-            assert reads_of_one_pause(server.url) - before == calls
+    client = PausePoint(metered_server.url, register(metered_server.url)["test_api_key"])
+    created = client.pause(**ASK)
+    for timeout, calls in ((0.4, 1), (1.6, 2)):
+        before, started = reads_of_one_pause(metered_server.url), time.monotonic()
+        assert client.wait(created["pause_id"], timeout=timeout)["status"] == "pending"
+        assert time.monotonic() - started >= timeout
+        assert reads_of_one_pause(metered_server.url) - before == calls
 
 
-def test_a_server_that_answers_waits_at_once_is_not_asked_again_at_once(tmp_path):
+def test_a_server_that_answers_waits_at_once_is_not_asked_again_at_once(metered_server):
     """A stopping server answers each long poll at once, as things stand, until it closes."""
-    config = make_config(tmp_path, **{"ratelimit.enabled": False, "metrics.enabled": True, "metrics.listen": ""})
-    app = pausepoint.create_app(config)
-    app.runtime.start()
-    with LiveServer(app, config) as server:
-        client = PausePoint(server.url, register(server.url)["test_api_key"])
-        created = client.pause(**ASK)
-        app.runtime.stop()                      # its requests are still answered meanwhile
-        before = reads_of_one_pause(server.url)
-        assert client.wait(created["pause_id"], timeout=2)["status"] == "pending"
-        assert reads_of_one_pause(server.url) - before <= 6
+    client = PausePoint(metered_server.url, register(metered_server.url)["test_api_key"])
+    created = client.pause(**ASK)
+    metered_server.app.runtime.stop()           # its requests are still answered meanwhile
+    before = reads_of_one_pause(metered_server.url)
+    assert client.wait(created["pause_id"], timeout=2)["status"] == "pending"
+    assert reads_of_one_pause(metered_server.url) - before <= 6
 
 
 def test_no_wait_asks_past_its_deadline_or_retries_past_it(live_server, client):

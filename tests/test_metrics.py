@@ -4,7 +4,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import WIRE, LiveServer, free_port, make_config, register_over_http, stored, token_of
+from conftest import WIRE, free_port, register_over_http, stored, token_of
 import pausepoint
 
 
@@ -69,18 +69,15 @@ def test_a_rolled_back_change_is_never_counted_and_refusals_are(running_api):
     assert value(samples, "pausepoint_rate_limit_refusals_total", limit="test_pauses") == 1
 
 
-def test_a_long_poll_is_timed_once_for_its_whole_wait(tmp_path):
+def test_a_long_poll_is_timed_once_for_its_whole_wait(metered_server):
     """A long poll gives its thread back while it waits and is served again when its time
     runs out: one request, not one per time it was served, and timed from its start."""
-    config = make_config(tmp_path, **{"ratelimit.enabled": False, "metrics.enabled": True, "metrics.listen": ""})
-    app = pausepoint.create_app(config)
-    app.runtime.start()
-    with LiveServer(app, config) as server:
-        headers = {"Authorization": f"Bearer {register_over_http(server.url)['test_api_key']}"}
-        pause = requests.post(f"{server.url}/v1/pause", json=WIRE, headers=headers, timeout=10).json()
-        waited = requests.get(f"{server.url}/v1/pause/{pause['pause_id']}?wait=1", headers=headers, timeout=10)
-        assert waited.json()["status"] == "pending"
-        samples = scraped(requests.get(f"{server.url}/metrics", timeout=10).text)
+    url = metered_server.url
+    headers = {"Authorization": f"Bearer {register_over_http(url)['test_api_key']}"}
+    pause = requests.post(f"{url}/v1/pause", json=WIRE, headers=headers, timeout=10).json()
+    waited = requests.get(f"{url}/v1/pause/{pause['pause_id']}?wait=1", headers=headers, timeout=10)
+    assert waited.json()["status"] == "pending"
+    samples = scraped(requests.get(f"{url}/metrics", timeout=10).text)
     route = {"method": "GET", "route": "/v1/pause/<pause_id>"}
     assert value(samples, "pausepoint_request_seconds_count", **route) == 1
     assert 1 <= value(samples, "pausepoint_request_seconds_sum", **route) < 10
