@@ -2555,6 +2555,7 @@ PAUSE_OBJECT = """json_object(
     'notification', json(CASE WHEN n.id IS NOT NULL THEN json_object(
         'channel', n.channel, 'status', CASE n.status WHEN 'sending' THEN 'queued' ELSE n.status END,
         'attempts', n.attempts, 'provider_message_id', n.provider_message_id, 'last_error', n.last_error,
+        'may_have_reached', json(CASE n.may_have_reached WHEN 1 THEN 'true' ELSE 'false' END),
         'text', n.text) END), 'receipt', p.receipt)"""
 # A pause with fields also shows them, and once decided what the approver changed; one
 # without is shown exactly as before fields existed.
@@ -3197,11 +3198,12 @@ def send_twilio(config, notification, pause, deadline):
     except (twilio.base.exceptions.TwilioException, requests.RequestException) as e:
         # Twilio's API takes no idempotency key, so a message sent but unanswered cannot be
         # asked about: the person may have it, and a retry may send it again.
-        unanswered = "; Twilio may have sent it" if deadline.began_sending else ""
         if deadline.passed():
-            raise ChannelError(f"Twilio did not answer within {deadline}{unanswered}",
-                               may_have_reached=deadline.began_sending) from None
-        raise ChannelError(f"could not reach Twilio: {e}{unanswered}", may_have_reached=deadline.began_sending) from None
+            what = f"Twilio did not answer within {deadline}"
+        else:
+            what = f"no answer from Twilio: {e}" if deadline.began_sending else f"could not reach Twilio: {e}"
+        raise ChannelError(what + ("; Twilio may have sent it" if deadline.began_sending else ""),
+                           may_have_reached=deadline.began_sending) from None
     return message.sid
 
 
@@ -3373,8 +3375,11 @@ def send_notification(conn, config, deadlines, row, claim_until):
             record_event(conn, row["developer_id"], 1, "system", event, row["pause_id"],
                          {"channel": row["channel"], "recipient": row["recipient"], "attempts": attempt,
                           "provider_message_id": provider_id, "error": error,
-                          **({"kind": row["kind"]} if row["kind"] != "ask" else {})}, when=now)
-        # Agents hear of a question that could not be asked; a lost reminder is in the audit log.
+                          **({"kind": row["kind"]} if row["kind"] != "ask" else {}),
+                          **({"may_have_reached": True} if error and (may_have_reached or row["may_have_reached"])
+                             else {})}, when=now)
+        # Agents hear of a question that could not be asked (or may not have been: the pause's
+        # notification says which); a lost reminder is in the audit log.
         if changed and status == "failed" and row["kind"] == "ask":
             pause = pause_by_id(conn, row["pause_id"])
             emit_pause_events(conn, config, [pause], "pause.notification_failed", when=now)
@@ -5178,7 +5183,9 @@ NOTIFICATION = {"type": ["object", "null"], "properties": {
     "channel": {"type": "string"},
     "status": {"type": "string", "enum": ["queued", "sent", "simulated", "failed", "cancelled"]},
     "attempts": {"type": "integer"}, "provider_message_id": {"type": ["string", "null"]},
-    "last_error": {"type": ["string", "null"]}, "text": {"type": "string"}}}
+    "last_error": {"type": ["string", "null"]}, "text": {"type": "string"},
+    "may_have_reached": {"type": "boolean", "description": "An attempt failed after the provider had the message and"
+                                                          " before it answered: the person may have it."}}}
 PERSON_ASKED = {"type": "object", "required": ["recipient", "channel", "respond_url", "added_by"], "properties": {
     "recipient": {"type": "string"}, "channel": {"type": "string"}, "respond_url": {"type": "string"},
     "added_by": {"type": "string", "enum": ["request", "escalation"]}, "added_at": TIME,

@@ -518,6 +518,10 @@ def test_a_text_twilio_took_but_answered_too_late_may_still_be_answered(running_
     skip_the_backoff(api.config)
     api.step("notifications")
     assert stored(api.config, "SELECT DISTINCT status FROM notifications") == [("failed",)]
+    # The agent is told the question failed, and that it may have reached the person all the same.
+    failed = api.get("/v1/audit", {"event_type": "notification.failed"}, headers=api.as_key(key)).json["events"]
+    assert [(e["data"]["may_have_reached"], "HTTP 400" in e["data"]["error"]) for e in failed] == [(True, True)] * len(people)
+    assert api.pause(key, created["pause_id"])["notification"]["may_have_reached"] is True
     [text] = [m["Body"] for m in twilio.messages if m["To"] == people[-1]]       # the person has it
     code = re.search(r"Reply ([A-Z][2-9][A-Z]?) 1 for Approve", text).group(1)
     assert "recorded Approve" in inbound(api, api.config, f"{code} 1", sender=people[-1]).text

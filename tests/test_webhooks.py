@@ -973,5 +973,6 @@ def test_a_pause_reads_the_same_in_its_page_its_list_and_its_webhook(hooks_api, 
         "respond_url": created["respond_url"], "livemode": False, "expires_at": created["expires_at"],
         "created_at": created["created_at"],
         "notification": {"channel": "sms", "status": "simulated", "attempts": 1, "provider_message_id": None,
-                         "last_error": None, "text": notification}, "receipt": page["receipt"]}
+                         "last_error": None, "may_have_reached": False, "text": notification},
+        "receipt": page["receipt"]}
     assert page["decided_by"].startswith("api:") and page["receipt"].count(".") == 2
