@@ -2895,6 +2895,13 @@ class _DeadlineAdapter(requests.adapters.HTTPAdapter):
                           {"ConnectionCls": watched(urllib3.connection.HTTPSConnection)}),
         }
 
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        # An outbound proxy from the environment (Twilio's library honours HTTPS_PROXY): its
+        # connections, to the proxy, are made and watched the same way.
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = self.poolmanager.pool_classes_by_scheme
+        return manager
+
 
 # A kept-alive connection is reused only this long after its last answer: servers close idle
 # ones after 5 s (Node) to 75 s (nginx), and a request sent as the server closes is lost.

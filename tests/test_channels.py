@@ -627,6 +627,20 @@ def test_exactly_one_decision_wins_between_sms_replies_and_the_respond_page(tmp_
         assert len(responded) == 1
 
 
+def test_a_text_through_an_outbound_proxy_is_held_to_the_deadline(running_api, twilio, stubs, monkeypatch):
+    """Twilio's library takes its proxy from the environment; a proxy that answers a byte at a
+    time, each within the socket timeout, must not hold a send past its deadline."""
+    proxy = stubs(TrickleReceiver, interval=0.2)
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)        # the stub Twilio is plain http
+    api = running_api(**twilio.settings(), **{"outbound.deadline_seconds": 1})
+    key = api.register()["api_key"]
+    pause = sent(api, key, api.create_pause(key)["pause_id"], "queued")
+    assert pause["notification"]["last_error"] == "Twilio did not answer within 1 s; Twilio may have sent it"
+    assert proxy.most_open == 1 and twilio.messages == []           # it went to the proxy, which kept it
+
+
 def test_a_message_twilio_refuses_fails_at_once_without_retries(running_api, twilio):
     twilio.fail_next = [400]
     api = running_api(**twilio.settings())
