@@ -23,7 +23,8 @@ RECORDED = [
     '"timeout_default":"Reject","choice":null,"comment":null,"decided_at":null,"decided_by":null,"metadata":{"k":1},'
     '"respond_url":"http://127.0.0.1:8080/respond/{token}","livemode":false,"expires_at":"{expires_at}",'
     '"created_at":"{created_at}","notification":{"channel":"sms","status":"queued","attempts":0,'
-    '"provider_message_id":null,"last_error":null,"text":"Your agent wants to send a $340 wire to Acme Corp.'
+    '"provider_message_id":null,"last_error":null,"may_have_reached":false,"text":"Your agent wants to send a'
+    ' $340 wire to Acme Corp.'
     ' Approve?\\nReply {code} 1 for Approve, {code} 2 for Reject, or open http://127.0.0.1:8080/respond/{token}'
     '\\nExpires {expires_text} UTC"},"receipt":null}',
     '{"pause_id":"{pause_id}","status":"responded","recipient":"+15550100","channel":"sms","title":null,'
@@ -31,7 +32,8 @@ RECORDED = [
     '"timeout_default":"Reject","choice":"Approve","comment":"ok","decided_at":"{decided_at}",'
     '"decided_by":"recipient:+15550100","metadata":{"k":1},"respond_url":"http://127.0.0.1:8080/respond/{token}",'
     '"livemode":false,"expires_at":"{expires_at}","created_at":"{created_at}","notification":{"channel":"sms",'
-    '"status":"simulated","attempts":1,"provider_message_id":null,"last_error":null,"text":"Your agent wants to'
+    '"status":"simulated","attempts":1,"provider_message_id":null,"last_error":null,"may_have_reached":false,'
+    '"text":"Your agent wants to'
     ' send a $340 wire to Acme Corp. Approve?\\nReply {code} 1 for Approve, {code} 2 for Reject, or open'
     ' http://127.0.0.1:8080/respond/{token}\\nExpires {expires_text} UTC"},"receipt":"{receipt}"}',
 ]
