@@ -2570,6 +2570,9 @@ TEAM_PARTS = f"""'$.quorum', json(coalesce(p.quorum, 'null')),
         'added_by', r.added_by, 'added_at', {SHOWN_TIME.format('r.added_at')},
         'notification_status', (SELECT CASE status WHEN 'sending' THEN 'queued' ELSE status END FROM notifications
                                 WHERE pause_id = r.pause_id AND position = r.position AND kind = 'ask'),
+        'notification_may_have_reached', json((SELECT CASE may_have_reached WHEN 1 THEN 'true' ELSE 'false' END
+                                               FROM notifications WHERE pause_id = r.pause_id
+                                               AND position = r.position AND kind = 'ask')),
         'opened_at', {SHOWN_TIME.format('r.opened_at')}, 'answered_at', {SHOWN_TIME.format('r.voted_at')},
         'choice', r.choice)) FROM (SELECT * FROM pause_recipients WHERE pause_id = p.id ORDER BY position) r),
     '$.votes', (SELECT json_group_array(json_object(
@@ -2862,12 +2865,22 @@ class _DeadlineAdapter(requests.adapters.HTTPAdapter):
 
         def watched(connection_class):
             class Watched(connection_class):
+                tunnelling = False
+
                 def _new_conn(self):
                     return open_connection(adapter.deadline(), self._dns_host, self.port, adapter.allow_private)
 
+                def _tunnel(self):
+                    self.tunnelling = True      # a CONNECT to a proxy: nothing went to the far end yet
+                    try:
+                        super()._tunnel()
+                    finally:
+                        self.tunnelling = False
+
                 def send(self, data):
                     super().send(data)          # connecting first, if it has not yet
-                    adapter.deadline().began_sending = True
+                    if not self.tunnelling:
+                        adapter.deadline().began_sending = True
 
             Watched.__name__ = "Deadline" + connection_class.__name__
             return Watched
@@ -2897,9 +2910,11 @@ class _DeadlineAdapter(requests.adapters.HTTPAdapter):
 
     def proxy_manager_for(self, proxy, **proxy_kwargs):
         # An outbound proxy from the environment (Twilio's library honours HTTPS_PROXY): its
-        # connections, to the proxy, are made and watched the same way.
+        # connections, to the proxy, are made and watched the same way. (Not a SOCKS proxy's,
+        # whose connections are of a kind of their own.)
         manager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        manager.pool_classes_by_scheme = self.poolmanager.pool_classes_by_scheme
+        if isinstance(manager, urllib3.ProxyManager):
+            manager.pool_classes_by_scheme = self.poolmanager.pool_classes_by_scheme
         return manager
 
 
@@ -5198,6 +5213,8 @@ PERSON_ASKED = {"type": "object", "required": ["recipient", "channel", "respond_
     "added_by": {"type": "string", "enum": ["request", "escalation"]}, "added_at": TIME,
     "notification_status": {"type": ["string", "null"], "enum": ["queued", "sent", "simulated", "failed", "cancelled",
                                                                  None]},
+    "notification_may_have_reached": {"type": ["boolean", "null"], "description": "As a notification's"
+                                                                                  " may_have_reached."},
     "opened_at": nullable(TIME), "answered_at": nullable(TIME), "choice": {"type": ["string", "null"]}}}
 VOTE = {"type": "object", "required": ["recipient", "choice", "voted_at"], "properties": {
     "recipient": {"type": "string"}, "choice": {"type": "string"}, "comment": {"type": ["string", "null"]},

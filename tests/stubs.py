@@ -28,13 +28,14 @@ class TwilioStub:
     """A local HTTP server that speaks enough of Twilio's Messages API for the
     real twilio library: it checks HTTP Basic auth, records each message and
     answers like Twilio, or fails on demand (`fail_next`), or takes a message and
-    answers only after a while (`answer_late`)."""
+    answers only after a while (`answer_late`) or not at all (`hang_up`)."""
 
     def __init__(self, account_sid="AC" + "0" * 32, auth_token="stub-auth-token"):
         self.account_sid, self.auth_token = account_sid, auth_token
         self.messages = []
         self.fail_next = []            # HTTP statuses to answer with, one per coming request
         self.answer_late = []          # seconds to wait before answering a message taken, one per coming message
+        self.hang_up = 0               # how many coming messages to take and then hang up on, unanswered
         self.lock = threading.Lock()
         stub = self
 
@@ -56,8 +57,12 @@ class TwilioStub:
                         sid = "SM" + uuid.uuid4().hex
                         stub.messages.append({**form, "sid": sid})
                         late = stub.answer_late.pop(0) if stub.answer_late else 0
+                        hang_up, stub.hang_up = stub.hang_up > 0, max(0, stub.hang_up - 1)
                 if failure is not None:
                     return self.answer(failure, {"code": 30001, "message": "Queue overflow", "status": failure})
+                if hang_up:
+                    self.close_connection = True
+                    return
                 time.sleep(late)
                 self.answer(201, {"sid": sid, "account_sid": stub.account_sid, "to": form.get("To"),
                                   "from": form.get("From"), "body": form.get("Body"), "status": "queued",
@@ -161,6 +166,19 @@ class LoopbackServer:
     def close(self):
         self.closed.set()
         self.listener.close()
+
+
+class RefusingProxy(LoopbackServer):
+    """An outbound proxy that refuses every CONNECT (403), recording the request lines."""
+
+    def __init__(self):
+        self.asked = []
+        super().__init__()
+
+    def _serve(self, conn):
+        with conn:
+            self.asked.append(conn.recv(65536).split(b"\r\n")[0].decode())
+            conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
 
 
 class TrickleReceiver(LoopbackServer):

@@ -13,7 +13,7 @@ import requests
 from aiosmtpd.controller import Controller
 from twilio.request_validator import RequestValidator
 
-from stubs import TrickleReceiver
+from stubs import RefusingProxy, TrickleReceiver
 from conftest import stored, QUESTION, WIRE, Api, LiveServer, free_port, make_config, run_out, token_of, wait_until
 import pausepoint
 
@@ -500,19 +500,25 @@ def test_a_reply_never_decides_a_pause_whose_text_was_not_sent(sms_setup, twilio
                           " AND actor LIKE 'recipient:%' AND data LIKE '%\"via\":\"sms\"%'") == [(0,)]
 
 
-@pytest.mark.parametrize("people", [["+15550100"], ["+15550101", "+15550102"]],
-                         ids=["its person", "a team's second person"])
-def test_a_text_twilio_took_but_answered_too_late_may_still_be_answered(running_api, twilio, people):
-    """Twilio's API takes no idempotency key, so a message it answered past the deadline cannot be
-    asked about: it may have been sent, and its reply counts, though the send ends failed."""
+@pytest.mark.parametrize("people, unanswered", [
+    (["+15550100"], "late"), (["+15550101", "+15550102"], "late"), (["+15550100"], "hung up")],
+    ids=["its person", "a team's second person", "hung up on"])
+def test_a_text_twilio_took_but_never_answered_may_still_be_answered(running_api, twilio, people, unanswered):
+    """Twilio's API takes no idempotency key, so a message it took but did not answer for (past the
+    deadline, or hanging up) cannot be asked about: it may have been sent, and its reply counts,
+    though the send ends failed."""
     api = running_api(**twilio.settings(), **{"outbound.deadline_seconds": 1})
     key = api.register()["api_key"]
     asked = WIRE if len(people) == 1 else {**QUESTION, "quorum": {"choice": "Approve", "count": 2},
                                            "recipients": [{"recipient": number, "channel": "sms"} for number in people]}
-    twilio.answer_late = [1.5] * len(people)
+    if unanswered == "late":
+        twilio.answer_late = [1.5] * len(people)
+    else:
+        twilio.hang_up = len(people)
     created = api.post_json("/v1/pause", asked, headers=api.as_key(key)).json
     api.step("notifications")
-    assert [(status, "Twilio may have sent it" in error) for status, error in
+    said = "Twilio did not answer within 1 s" if unanswered == "late" else "no answer from Twilio: "
+    assert [(status, error.startswith(said) and error.endswith("; Twilio may have sent it")) for status, error in
             stored(api.config, "SELECT status, last_error FROM notifications")] == [("queued", True)] * len(people)
     twilio.fail_next = [400] * len(people)        # and the retries are refused for good
     skip_the_backoff(api.config)
@@ -521,7 +527,10 @@ def test_a_text_twilio_took_but_answered_too_late_may_still_be_answered(running_
     # The agent is told the question failed, and that it may have reached the person all the same.
     failed = api.get("/v1/audit", {"event_type": "notification.failed"}, headers=api.as_key(key)).json["events"]
     assert [(e["data"]["may_have_reached"], "HTTP 400" in e["data"]["error"]) for e in failed] == [(True, True)] * len(people)
-    assert api.pause(key, created["pause_id"])["notification"]["may_have_reached"] is True
+    shown = api.pause(key, created["pause_id"])
+    assert shown["notification"]["may_have_reached"] is True
+    assert [person["notification_may_have_reached"] for person in shown.get("recipients", [])] == (
+        [True] * len(people) if len(people) > 1 else [])                 # a team shows each person's
     [text] = [m["Body"] for m in twilio.messages if m["To"] == people[-1]]       # the person has it
     code = re.search(r"Reply ([A-Z][2-9][A-Z]?) 1 for Approve", text).group(1)
     assert "recorded Approve" in inbound(api, api.config, f"{code} 1", sender=people[-1]).text
@@ -627,18 +636,37 @@ def test_exactly_one_decision_wins_between_sms_replies_and_the_respond_page(tmp_
         assert len(responded) == 1
 
 
+def through_proxy(monkeypatch, scheme, url):
+    """Outbound calls to `scheme` URLs go through the proxy at `url`, as the environment says."""
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(f"{scheme.upper()}_PROXY", url)
+
+
 def test_a_text_through_an_outbound_proxy_is_held_to_the_deadline(running_api, twilio, stubs, monkeypatch):
     """Twilio's library takes its proxy from the environment; a proxy that answers a byte at a
     time, each within the socket timeout, must not hold a send past its deadline."""
     proxy = stubs(TrickleReceiver, interval=0.2)
-    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", proxy.url)        # the stub Twilio is plain http
+    through_proxy(monkeypatch, "http", proxy.url)       # the stub Twilio is plain http
     api = running_api(**twilio.settings(), **{"outbound.deadline_seconds": 1})
     key = api.register()["api_key"]
     pause = sent(api, key, api.create_pause(key)["pause_id"], "queued")
     assert pause["notification"]["last_error"] == "Twilio did not answer within 1 s; Twilio may have sent it"
     assert proxy.most_open == 1 and twilio.messages == []           # it went to the proxy, which kept it
+
+
+def test_a_text_a_proxy_would_not_tunnel_never_went_out_and_its_reply_decides_nothing(running_api, twilio, stubs,
+                                                                                      monkeypatch):
+    """The CONNECT line goes to the proxy, not to Twilio: refused there, nothing was sent."""
+    proxy = stubs(RefusingProxy)
+    through_proxy(monkeypatch, "https", proxy.url)
+    api = running_api(**{**twilio.settings(), "twilio.api_base": "https://api.twilio.example"})
+    key = api.register()["api_key"]
+    created = api.create_pause(key)
+    notification = sent(api, key, created["pause_id"], "queued")["notification"]
+    assert proxy.asked == ["CONNECT api.twilio.example:443 HTTP/1.0"]
+    assert not notification["may_have_reached"] and "could not reach Twilio" in notification["last_error"]
+    assert "no open request" in inbound(api, api.config, "1").text
 
 
 def test_a_message_twilio_refuses_fails_at_once_without_retries(running_api, twilio):
