@@ -135,8 +135,7 @@ class PausePoint:
         def query():
             asked = wait if deadline is None else min(wait, max(0, round(deadline - time.monotonic())))
             return {"wait": asked} if asked else None
-        return self._call("GET", f"/v1/pause/{_quote(pause_id)}", query=query, safe=True, extra_time=wait,
-                          deadline=deadline)
+        return self._call("GET", f"/v1/pause/{_quote(pause_id)}", query=query, safe=True, deadline=deadline)
 
     def wait(self, pause_id, timeout=None):
         """The pause once decided, or as it stands after `timeout` seconds (None: until decided).
@@ -199,14 +198,15 @@ class PausePoint:
                 query["after"] = after
             if types:
                 query["types"] = ",".join(types)
-            for event in self._call("GET", "/v1/events", query=query, safe=True, extra_time=wait)["events"]:
+            for event in self._call("GET", "/v1/events", query=query, safe=True)["events"]:
                 after = event["id"]
                 yield event
 
     # -- HTTP ------------------------------------------------------------------------------
 
-    def _call(self, method, path, body=None, query=None, headers=None, safe=False, extra_time=0, deadline=None):
-        """`query`: a dict, or a function giving each attempt's."""
+    def _call(self, method, path, body=None, query=None, headers=None, safe=False, deadline=None):
+        """`query`: a dict, or a function giving each attempt's. Each attempt may take `timeout`
+        seconds beyond the wait it asks for, and with a `deadline` at most 2 s past it."""
         data = None if body is None else json.dumps(body).encode("utf-8")
         headers = {"Authorization": f"Bearer {self.api_key}", "Accept": "application/json",
                    "User-Agent": "pausepoint-client/1", **(headers or {})}
@@ -217,7 +217,10 @@ class PausePoint:
             url = self.base_url + path + ("?" + urllib.parse.urlencode(asked) if asked else "")
             try:
                 request = urllib.request.Request(url, data=data, headers=headers, method=method)
-                with urllib.request.urlopen(request, timeout=self.timeout + extra_time) as answer:
+                limit = self.timeout + (asked or {}).get("wait", 0)
+                if deadline is not None:
+                    limit = min(limit, max(0.0, deadline - time.monotonic()) + 2)
+                with urllib.request.urlopen(request, timeout=limit) as answer:
                     raw = answer.read()
                 return json.loads(raw) if raw else None
             except urllib.error.HTTPError as e:

@@ -115,6 +115,8 @@ async def wait_reporting(pause_id, ctx):
             pause = await anyio.to_thread.run_sync(client().get, pause_id)
         if pause["status"] != "pending" or left <= 1:
             return pause
+        # Each step lasts its time: a server answering at once (one stopping does) is not asked again at once.
+        await anyio.sleep(max(0.0, step_ends - time.monotonic()))
         elapsed = time.monotonic() - started
         await ctx.report_progress(elapsed, total, f"waiting for {pause['recipient']} to answer")
 

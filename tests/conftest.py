@@ -24,6 +24,7 @@ import time
 import pytest
 import requests
 import webtest
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -326,6 +327,22 @@ def metered_server(tmp_path):
     """A live_server with its metrics at /metrics, which count what clients asked of it."""
     with serving(tmp_path, **{"metrics.enabled": True, "metrics.listen": ""}) as server:
         yield server
+
+
+def scraped(text):
+    """Prometheus metrics, read with Prometheus's own parser: {(sample name, frozenset of labels): value}."""
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(samples, name, **labels):
+    return samples.get((name, frozenset(labels.items())), 0)
+
+
+def reads_of_one_pause(url):
+    """How many GET /v1/pause/{id} a metered_server has answered, from its own metrics."""
+    return value(scraped(requests.get(f"{url}/metrics", timeout=10).text), "pausepoint_request_seconds_count",
+                 method="GET", route="/v1/pause/<pause_id>")
 
 
 def serving(tmp_path, **settings):

@@ -11,7 +11,7 @@ import anyio
 import pytest
 import requests
 
-from conftest import answer_first_pending, register_over_http, ROOT, token_of
+from conftest import answer_first_pending, reads_of_one_pause, register_over_http, ROOT, token_of
 
 MCP_SERVER = os.path.join(ROOT, "client", "pausepoint_mcp.py")
 
@@ -126,6 +126,17 @@ def test_a_waiting_call_reports_progress_to_a_host_that_asks(setup):
     answer = with_mcp(*setup, steps, PAUSEPOINT_MCP_WAIT="3", PAUSEPOINT_MCP_PROGRESS_EVERY="0.2")
     assert answer["status"] == "pending"
     assert 2 <= len(reports) <= 4 and all(total == 3 and "+15550100" in message for _, total, message in reports)
+
+
+def test_a_server_that_answers_waits_at_once_is_not_asked_again_at_once(metered_server):
+    """A stopping server answers each long poll at once, as things stand, until it closes."""
+    key = register_over_http(metered_server.url, "mcp@example.com", "M")["test_api_key"]
+    metered_server.app.runtime.stop()           # its requests are still answered meanwhile
+
+    async def steps(call, mcp):
+        return await call("request_approval", {"question": "Rotate the prod database password?"})
+    answer = with_mcp(metered_server.url, key, steps, PAUSEPOINT_MCP_WAIT="3", PAUSEPOINT_MCP_PROGRESS_EVERY="1")
+    assert answer["status"] == "pending" and reads_of_one_pause(metered_server.url) <= 5
 
 
 def test_a_pause_this_server_did_not_ask_is_never_an_approval_and_never_cancelled(setup):

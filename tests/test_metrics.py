@@ -2,20 +2,9 @@
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import WIRE, free_port, register_over_http, stored, token_of
+from conftest import WIRE, free_port, register_over_http, scraped, stored, token_of, value
 import pausepoint
-
-
-def scraped(text):
-    """{(sample name, frozenset of labels): value}."""
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def value(samples, name, **labels):
-    return samples.get((name, frozenset(labels.items())), 0)
 
 
 def test_metrics_are_off_unless_enabled(api):
