@@ -135,8 +135,8 @@ def test_a_server_that_answers_waits_at_once_is_not_asked_again_at_once(metered_
 
     async def steps(call, mcp):
         return await call("request_approval", {"question": "Rotate the prod database password?"})
-    answer = with_mcp(metered_server.url, key, steps, PAUSEPOINT_MCP_WAIT="3", PAUSEPOINT_MCP_PROGRESS_EVERY="1")
-    assert answer["status"] == "pending" and reads_of_one_pause(metered_server.url) <= 5
+    answer = with_mcp(metered_server.url, key, steps, PAUSEPOINT_MCP_WAIT="2", PAUSEPOINT_MCP_PROGRESS_EVERY="1")
+    assert answer["status"] == "pending" and reads_of_one_pause(metered_server.url) <= 4
 
 
 def test_a_pause_this_server_did_not_ask_is_never_an_approval_and_never_cancelled(setup):
