@@ -3085,8 +3085,8 @@ class Channel:
 class ChannelError(Exception):
     """A send failed. A transient failure is retried until NOTIFICATION_ATTEMPTS are
     used; a permanent one (the provider refused this message) fails at once. One that
-    may_have_reached the person failed after the provider had the message and before
-    it answered: it may have sent it."""
+    may_have_reached the person failed after its request went out and before the
+    provider answered: the provider may have sent it."""
 
     def __init__(self, message, permanent=False, may_have_reached=False):
         super().__init__(message)
@@ -5206,8 +5206,8 @@ NOTIFICATION = {"type": ["object", "null"], "properties": {
     "status": {"type": "string", "enum": ["queued", "sent", "simulated", "failed", "cancelled"]},
     "attempts": {"type": "integer"}, "provider_message_id": {"type": ["string", "null"]},
     "last_error": {"type": ["string", "null"]}, "text": {"type": "string"},
-    "may_have_reached": {"type": "boolean", "description": "An attempt failed after the provider had the message and"
-                                                          " before it answered: the person may have it."}}}
+    "may_have_reached": {"type": "boolean", "description": "An attempt failed after its request went out and before"
+                                                          " the provider answered: the person may have it."}}}
 PERSON_ASKED = {"type": "object", "required": ["recipient", "channel", "respond_url", "added_by"], "properties": {
     "recipient": {"type": "string"}, "channel": {"type": "string"}, "respond_url": {"type": "string"},
     "added_by": {"type": "string", "enum": ["request", "escalation"]}, "added_at": TIME,

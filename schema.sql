@@ -214,7 +214,7 @@ CREATE TABLE notifications (
     last_error           TEXT,
     created_at           TEXT NOT NULL,
     updated_at           TEXT NOT NULL,
-    -- 1 once an attempt failed after the provider had the message and before it answered (a
+    -- 1 once an attempt failed after its request went out and before the provider answered (a
     -- deadline, a dropped connection): it may have been sent, so a reply to it counts.
     may_have_reached     INTEGER NOT NULL DEFAULT 0 CHECK (may_have_reached IN (0, 1))
 );

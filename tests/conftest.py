@@ -346,6 +346,7 @@ def reads_of_one_pause(url):
 
 
 def serving(tmp_path, **settings):
+    """A LiveServer, to enter, for a new app with these settings, its jobs running."""
     config = make_config(tmp_path, **{"server.host": "127.0.0.1", "ratelimit.enabled": False, **settings})
     app = pausepoint.create_app(config)
     app.runtime.start()
