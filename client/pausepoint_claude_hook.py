@@ -113,7 +113,9 @@ def decision(kind, reason):
 
 def ask_person(call, environ):
     """The hook's answer for one tool call."""
-    client = PausePoint(environ["PAUSEPOINT_URL"], environ["PAUSEPOINT_API_KEY"], retries=2)
+    # A server that stops answering holds a call at most 5 s past the wait: within the 60 s
+    # hook timeout the README suggests, with the default wait of 50 s.
+    client = PausePoint(environ["PAUSEPOINT_URL"], environ["PAUSEPOINT_API_KEY"], timeout=5, retries=2)
     wait = float(environ.get("PAUSEPOINT_HOOK_WAIT", "50"))
     on_timeout = "deny" if environ.get("PAUSEPOINT_HOOK_ON_TIMEOUT") == "deny" else "ask"
     tool_input = json.dumps(call.get("tool_input"), ensure_ascii=False)
