@@ -9,6 +9,8 @@ for a fresh interpreter), for restarts, signals and the CLI.
 import contextlib
 import datetime as dt
 import gc
+import glob
+import importlib
 import importlib.util
 import json
 import os
@@ -204,6 +206,18 @@ def pytest_configure(config):
         on_tmpfs = any(line.split()[1:3] == [shm, "tmpfs"] for line in mounts)
         if on_tmpfs and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= 4 << 30:
             tempfile.tempdir = shm
+    if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
+        rewrite_test_modules_once()
+
+
+def rewrite_test_modules_once():
+    """In the process that starts the test processes, before it starts them: import each test
+    module, so that pytest's assertion rewriting writes its bytecode once. On a fresh checkout
+    each of the six test processes otherwise rewrote every module itself, all at once on two
+    cores: a fresh checkout's whole first run, start-up included, took 41.6-42.5 s against
+    38.8-39.3 s (three of each; a warm run costs the same either way)."""
+    for path in sorted(glob.glob(os.path.join(ROOT, "tests", "test_*.py"))):
+        importlib.import_module(os.path.basename(path)[:-3])
 
 
 def pytest_collection_finish(session):
