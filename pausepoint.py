@@ -2273,15 +2273,15 @@ def record_sms_reply(conn, config, sender, text, message_sid):
 # later in a team.
 # (CROSS JOIN, and + to keep the pending pauses' indexes out: from the number's few people to
 # their pauses by id, never through every pending pause.)
+REACHED = "(n.status = 'sent' OR n.may_have_reached)"
 ASKED_ON_NUMBER = (
     "SELECT p.*, 0 AS position FROM pauses p WHERE p.recipient = :number AND p.status = 'pending'"
     " AND p.channel = :channel AND p.livemode = 1 AND p.expires_at > :now AND EXISTS (SELECT 1 FROM notifications n"
-    " WHERE n.pause_id = p.id AND n.position = 0 AND (n.status = 'sent' OR n.may_have_reached))"
+    f" WHERE n.pause_id = p.id AND n.position = 0 AND {REACHED})"
     " UNION ALL SELECT p.*, r.position FROM pause_recipients r CROSS JOIN pauses p ON p.id = r.pause_id"
     " WHERE r.recipient = :number AND r.livemode = 1 AND r.position > 0 AND r.reply_code IS NOT NULL"
     " AND r.pause_decided_at IS NULL AND r.channel = :channel AND +p.status = 'pending' AND +p.expires_at > :now AND EXISTS (SELECT 1 FROM notifications n"
-    " WHERE n.pause_id = p.id AND n.position = r.position AND (n.status = 'sent' OR n.may_have_reached))"
-    " ORDER BY seq DESC")
+    f" WHERE n.pause_id = p.id AND n.position = r.position AND {REACHED}) ORDER BY seq DESC")
 
 
 def open_codes(pending):
@@ -2544,18 +2544,21 @@ def escalate(conn, config, pause, step, now):
 # with :base the server's base URL: a page of 50 costs one query and no Python per row.
 # Times show whole seconds ('2026-05-08T18:00:00Z'); a notification being sent shows as queued.
 FIRST_ASKED = "LEFT JOIN notifications n ON n.pause_id = p.id AND n.position = 0 AND n.kind = 'ask'"
-PAUSE_OBJECT = """json_object(
+SHOWN_TIME = "substr({0}, 1, 19) || 'Z'"
+SHOWN_BOOL = "json(CASE {0} WHEN 1 THEN 'true' WHEN 0 THEN 'false' END)"      # NULL stays null
+SHOWN_SENDING = "CASE {0} WHEN 'sending' THEN 'queued' ELSE {0} END"
+PAUSE_OBJECT = f"""json_object(
     'pause_id', p.id, 'status', p.status, 'recipient', p.recipient, 'channel', p.channel, 'title', p.title,
     'message', p.message,
     'options', json(p.options), 'timeout_default', p.timeout_default, 'choice', p.choice, 'comment', p.comment,
-    'decided_at', substr(p.decided_at, 1, 19) || 'Z', 'decided_by', p.decided_by, 'metadata', json(p.metadata),
+    'decided_at', {SHOWN_TIME.format('p.decided_at')}, 'decided_by', p.decided_by, 'metadata', json(p.metadata),
     'respond_url', :base || '/respond/' || p.respond_token,
-    'livemode', json(CASE p.livemode WHEN 1 THEN 'true' ELSE 'false' END),
-    'expires_at', substr(p.expires_at, 1, 19) || 'Z', 'created_at', substr(p.created_at, 1, 19) || 'Z',
+    'livemode', {SHOWN_BOOL.format('p.livemode')},
+    'expires_at', {SHOWN_TIME.format('p.expires_at')}, 'created_at', {SHOWN_TIME.format('p.created_at')},
     'notification', json(CASE WHEN n.id IS NOT NULL THEN json_object(
-        'channel', n.channel, 'status', CASE n.status WHEN 'sending' THEN 'queued' ELSE n.status END,
+        'channel', n.channel, 'status', {SHOWN_SENDING.format('n.status')},
         'attempts', n.attempts, 'provider_message_id', n.provider_message_id, 'last_error', n.last_error,
-        'may_have_reached', json(CASE n.may_have_reached WHEN 1 THEN 'true' ELSE 'false' END),
+        'may_have_reached', {SHOWN_BOOL.format('n.may_have_reached')},
         'text', n.text) END), 'receipt', p.receipt)"""
 # A pause with fields also shows them, and once decided what the approver changed; one
 # without is shown exactly as before fields existed.
@@ -2563,18 +2566,15 @@ PAUSE_WITH_FIELDS = (f"CASE WHEN p.fields IS NULL THEN {PAUSE_OBJECT} ELSE json_
                      " json_object('fields', json(p.fields), 'edited', json(p.edited))) END")
 # A team pause also shows its quorum, its people (whether their question was sent, when they
 # opened their link and answered) and the votes cast, oldest first.
-SHOWN_TIME = "substr({0}, 1, 19) || 'Z'"
 TEAM_PARTS = f"""'$.quorum', json(coalesce(p.quorum, 'null')),
     '$.recipients', (SELECT json_group_array(json_object(
         'recipient', r.recipient, 'channel', r.channel, 'respond_url', :base || '/respond/' || r.respond_token,
         'added_by', r.added_by, 'added_at', {SHOWN_TIME.format('r.added_at')},
-        'notification_status', (SELECT CASE status WHEN 'sending' THEN 'queued' ELSE status END FROM notifications
-                                WHERE pause_id = r.pause_id AND position = r.position AND kind = 'ask'),
-        'notification_may_have_reached', json((SELECT CASE may_have_reached WHEN 1 THEN 'true' ELSE 'false' END
-                                               FROM notifications WHERE pause_id = r.pause_id
-                                               AND position = r.position AND kind = 'ask')),
+        'notification_status', {SHOWN_SENDING.format('rn.status')},
+        'notification_may_have_reached', {SHOWN_BOOL.format('rn.may_have_reached')},
         'opened_at', {SHOWN_TIME.format('r.opened_at')}, 'answered_at', {SHOWN_TIME.format('r.voted_at')},
-        'choice', r.choice)) FROM (SELECT * FROM pause_recipients WHERE pause_id = p.id ORDER BY position) r),
+        'choice', r.choice)) FROM (SELECT * FROM pause_recipients WHERE pause_id = p.id ORDER BY position) r
+        LEFT JOIN notifications rn ON rn.pause_id = r.pause_id AND rn.position = r.position AND rn.kind = 'ask'),
     '$.votes', (SELECT json_group_array(json_object(
         'recipient', recipient, 'choice', choice, 'comment', comment, 'edits', json(edits),
         'voted_at', {SHOWN_TIME.format('voted_at')})) FROM (SELECT * FROM pause_recipients
@@ -3771,7 +3771,7 @@ def emit_pause_events(conn, config, pauses, event_type=None, when=None):
     conn.execute(
         "INSERT INTO webhook_events (id, developer_id, livemode, type, pause_id, body, created_at)"
         f" SELECT batch.value, p.developer_id, p.livemode, {kind}, p.id, json_object('id', batch.value, 'type', {kind},"
-        "  'created_at', :shown_now, 'livemode', json(CASE p.livemode WHEN 1 THEN 'true' ELSE 'false' END),"
+        f"  'created_at', :shown_now, 'livemode', {SHOWN_BOOL.format('p.livemode')},"
         f"  'data', json({PAUSE_JSON})), :now"
         # CROSS JOIN: the batch's few ids drive the lookups, whatever the statistics suggest.
         f" FROM json_each(:events) batch CROSS JOIN pauses p ON p.id = batch.key {FIRST_ASKED} ORDER BY batch.id",

@@ -35,7 +35,7 @@ import anyio
 from mcp.server.mcpserver import Context, MCPServer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pausepoint_client import Approval, PausePoint, PausePointError, RateLimited  # noqa: E402
+from pausepoint_client import LONGEST_WAIT, Approval, PausePoint, PausePointError, RateLimited  # noqa: E402
 
 log = logging.getLogger("pausepoint-mcp")
 
@@ -108,8 +108,8 @@ async def wait_reporting(pause_id, ctx):
         step = max(0, min(config["progress_every"], left))
         step_ends = time.monotonic() + step
         try:
-            pause = await anyio.to_thread.run_sync(client().get, pause_id, max(1, round(step)) if step >= 0.5 else 0,
-                                                   step_ends)
+            # As long a wait as there is, to the step's end: the client asks for no more than that.
+            pause = await anyio.to_thread.run_sync(client().get, pause_id, LONGEST_WAIT, step_ends)
         except RateLimited:     # the server has as many agents waiting as it takes: look again at the step's end
             await anyio.sleep(max(0.0, step_ends - time.monotonic()))
             pause = await anyio.to_thread.run_sync(client().get, pause_id)
