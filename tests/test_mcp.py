@@ -93,7 +93,7 @@ def test_a_pending_request_is_waited_for_again_and_asked_only_once(setup):
         # Once decided, the same question is a new request; the first is still this server's.
         later = await call("request_approval", {"question": "Delete the staging database?"})
         return first, again, decided, later, await call("wait_for_approval", {"pause_id": first["pause_id"]})
-    first, again, decided, later, first_again = with_mcp(url, key, steps, PAUSEPOINT_MCP_WAIT="1")
+    first, again, decided, later, first_again = with_mcp(url, key, steps, PAUSEPOINT_MCP_WAIT="0.3")
     assert first["status"] == "pending" and first["approved"] is False and "wait_for_approval" in first["next"]
     # The model never sees the link, which would let it answer for the person.
     pauses = requests.get(f"{url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).json()["pauses"]
@@ -109,7 +109,7 @@ def test_a_cancelled_request_is_not_an_approval(setup):
     async def steps(call, mcp):
         pending = await call("request_approval", {"question": "Email 1,200 customers?"})
         return await call("cancel_approval", {"pause_id": pending["pause_id"]})
-    answer = with_mcp(*setup, steps, PAUSEPOINT_MCP_WAIT="1")
+    answer = with_mcp(*setup, steps, PAUSEPOINT_MCP_WAIT="0.3")
     assert answer["status"] == "cancelled" and answer["approved"] is False
 
 
