@@ -29,7 +29,7 @@ def click(browser, selector):
     element = browser.find_element(By.CSS_SELECTOR, selector)
     element.click()
     # Asked mid-navigation, Chromium may answer that the node left the document: ask again.
-    WebDriverWait(browser, 10, ignored_exceptions=(WebDriverException,)).until(
+    WebDriverWait(browser, 10, poll_frequency=0.05, ignored_exceptions=(WebDriverException,)).until(
         expected_conditions.staleness_of(element))
 
 

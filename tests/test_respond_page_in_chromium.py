@@ -31,7 +31,7 @@ def test_a_human_taps_a_choice_on_a_phone_sized_page_and_sees_it_recorded(live_s
 
     browser.find_element(By.ID, "comment").send_keys("Known vendor, invoice matches.")
     buttons[0].click()
-    outcome = WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "outcome"))[0].text
+    outcome = WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda b: b.find_elements(By.ID, "outcome"))[0].text
     assert outcome.startswith("Recorded: Approve")
     assert browser.current_url.endswith(token_of(created["respond_url"]))   # redirected back: a reload cannot re-post
     pause = requests.get(f"{url}/v1/pause/{created['pause_id']}", headers=headers).json()
@@ -93,7 +93,7 @@ def test_an_approver_lowers_the_amount_in_the_browser_within_its_bounds(live_ser
     amount.send_keys("300")
     Select(browser.find_element(By.ID, "field-rush")).select_by_visible_text("Yes")
     browser.find_element(By.CSS_SELECTOR, "button[value=Approve]").click()
-    WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "outcome"))
+    WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda b: b.find_elements(By.ID, "outcome"))
     assert "Amount (USD) changed from 340 to 300." in browser.find_element(By.TAG_NAME, "main").text
     pause = requests.get(f"{url}/v1/pause/{created['pause_id']}", headers=headers).json()
     # The address went back untouched: a browser sends its line break as CRLF, and that is no edit.
@@ -115,10 +115,10 @@ def test_a_team_member_votes_on_the_page_and_it_then_says_the_others_decide(live
 
     browser.get(f"{url}/respond/{first}")
     browser.find_elements(By.CSS_SELECTOR, "button[name=choice]")[0].click()
-    outcome = WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "outcome"))[0].text
+    outcome = WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda b: b.find_elements(By.ID, "outcome"))[0].text
     assert outcome.startswith("Your vote, Approve, is recorded.") and not browser.find_elements(By.TAG_NAME, "form")
     browser.get(f"{url}/respond/{second}")
     browser.find_elements(By.CSS_SELECTOR, "button[name=choice]")[0].click()
-    outcome = WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "outcome"))[0].text
+    outcome = WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda b: b.find_elements(By.ID, "outcome"))[0].text
     assert outcome.startswith("Recorded: Approve")
     assert requests.get(f"{url}/v1/pause/{created['pause_id']}", headers=headers).json()["status"] == "responded"
