@@ -69,8 +69,10 @@ import urllib3
 import waitress
 import waitress.adjustments
 import waitress.channel
+import waitress.parser
 import waitress.server
 import waitress.task
+import waitress.utilities
 from apscheduler.schedulers.background import BackgroundScheduler
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -108,6 +110,7 @@ SETTINGS = [
     Setting("server.waiting_per_ip", 1000, "Long polls one client address may have waiting at once, whatever accounts they use (server.trusted_proxy is exempt)."),
     Setting("server.trusted_proxy", "", "IP address of a reverse proxy whose X-Forwarded-For/-Proto headers are believed. Empty: none."),
     Setting("server.max_body_bytes", 65536, "Largest request body accepted; larger ones are refused with 413 as soon as their size is known."),
+    Setting("server.max_header_bytes", 32768, "Largest request line and headers accepted, in bytes (as nginx's default); larger ones, or more than 100 header lines, get 431."),
     Setting("server.connection_limit", 4096, "Open client connections at most. Near the limit, the quietest connections that are not being served are closed to make room."),
     Setting("server.connections_per_ip", 64, "Connections one client address may hold open while not being served (idle, or still sending); beyond it its new connections are closed at once, or its quietest idle keep-alive one makes room. server.trusted_proxy is exempt."),
     Setting("server.header_timeout", 10, "Seconds a client has to send a request's headers in full once it starts; slower ones are disconnected."),
@@ -317,6 +320,7 @@ SETTING_CHECKS = {
     "server.trusted_proxy": _check_trusted_proxy,
     "twilio.api_base": lambda v: None if re.fullmatch(r"https?://[^\s/?#]+/?", v) else "must be an http:// or https:// URL with no path",
     "server.max_body_bytes": lambda v: None if 1024 <= v <= 16 * 1024 * 1024 else "must be between 1024 and 16777216",
+    "server.max_header_bytes": lambda v: None if 4096 <= v <= 262_144 else "must be between 4096 and 262144",
     "database.path": lambda v: None if v else "must not be empty",
     "database.cache_kib": lambda v: None if 64 <= v <= 1_048_576 else "must be between 64 and 1048576",
     "security.bcrypt_rounds": lambda v: None if 4 <= v <= 16 else "must be between 4 and 16",
@@ -6649,7 +6653,8 @@ class JsonErrorTask(waitress.task.ErrorTask):
     def execute(self):
         error = self.request.error
         messages = {413: f"request bodies are limited to {self.channel.server.max_body_bytes} bytes",
-                    431: "the request's headers are too large",
+                    431: f"the request's headers are too large: at most {self.channel.adj.max_request_header_size}"
+                         f" bytes in {MAX_HEADER_LINES} lines",
                     400: f"malformed HTTP request: {error.body}"}
         message = messages.get(error.code, str(error.body))
         # For headers too large to read, waitress invents the request "GET /"; the real
@@ -6701,12 +6706,30 @@ class ParkableTask(waitress.task.WSGITask):
             self.channel.register_parked = self.register
 
 
+# Apache's default, and http.client's: a browser sends some twenty.
+MAX_HEADER_LINES = 100
+
+
+class BoundedRequestParser(waitress.parser.HTTPRequestParser):
+    """waitress's request parser, refusing more than MAX_HEADER_LINES header lines with 431.
+    It joins a repeated header's values by copying the whole value so far, on the main loop
+    that serves every connection: 65,000 empty ones (260 KB) cost it 189 ms, 8,000 (32 KB) 19 ms."""
+
+    def parse_header(self, header_plus):
+        if header_plus.rstrip().count(b"\n") > MAX_HEADER_LINES:      # one before each header line
+            super().parse_header(b"GET / HTTP/1.0\r\n")      # as waitress does for headers too large
+            self.error = waitress.utilities.RequestHeaderFieldsTooLarge(f"more than {MAX_HEADER_LINES} lines")
+            return
+        super().parse_header(header_plus)
+
+
 class HardenedChannel(waitress.channel.HTTPChannel):
     """A client connection that knows when its current request began, so the server
     can drop clients that send headers or bodies too slowly."""
 
     error_task_class = JsonErrorTask
     task_class = ParkableTask
+    parser_class = BoundedRequestParser
     request_began = request_headers_done = output_waiting_since = 0.0
     queued = False              # a whole request waits in the dispatcher for a thread
     request_start = b""
@@ -7140,6 +7163,7 @@ def make_server(app, config, port=None):
                    channel_timeout=config["server.idle_timeout"], cleanup_interval=1,
                    # Refused from the Content-Length (or the chunked size so far), before upload.
                    max_request_body_size=config["server.max_body_bytes"] + 1,
+                   max_request_header_size=config["server.max_header_bytes"],
                    # A reset from each of a flood of clients would log a traceback apiece.
                    log_socket_errors=False, backlog=LISTEN_BACKLOG)
     if config["server.trusted_proxy"]:
