@@ -942,6 +942,11 @@ def invalid(field, message):
 UNSAFE_CHARACTERS = ("\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
                      "\U000e0000-\U000e007f")
 UNSAFE_TEXT = re.compile(f"[{UNSAFE_CHARACTERS}]")
+# Each of them as its JSON escape (\\u007f), for str.translate(): a call per character
+# took an audit export with 16 KB of DEL characters in each pause's metadata 11.5 s of CPU.
+UNSAFE_ESCAPES = {code: json.dumps(chr(code))[1:-1]
+                  for first, last in re.findall("(.)(?:-(.))?", UNSAFE_CHARACTERS, re.DOTALL)
+                  for code in range(ord(first), ord(last or first) + 1)}
 # The same, for JSON Schema: text with none of those, and text with something visible too.
 SAFE_TEXT = f"^[^{UNSAFE_CHARACTERS}]*$"
 VISIBLE_TEXT = f"^[^{UNSAFE_CHARACTERS}]*[^\\s{UNSAFE_CHARACTERS}][^{UNSAFE_CHARACTERS}]*$"
@@ -1728,7 +1733,7 @@ def json_for_reading(value, indent=None):
     """JSON a person reads: other scripts as themselves, but what would make it read as
     something else (UNSAFE_TEXT) as its escape, which says the same and is not obeyed."""
     text = json.dumps(value, indent=indent, separators=None if indent else (",", ":"), ensure_ascii=False)
-    return UNSAFE_TEXT.sub(lambda character: json.dumps(character[0])[1:-1], text)
+    return text.translate(UNSAFE_ESCAPES)
 
 
 def request_fingerprint(body):
