@@ -317,6 +317,15 @@ def test_a_repeated_unexpected_error_logs_one_traceback_a_minute(api, developer,
     assert len(tracebacks) == 1
 
 
+@pytest.mark.parametrize("depth", [33, 500, 700, 800, 900, 5_000])
+def test_metadata_nested_however_deep_is_a_4xx(api, developer, depth):
+    """422 past 32 levels; 400 when too deep for Python's JSON reader (near a thousand)."""
+    body = json.dumps(WIRE)[:-1] + ', "metadata": {"a": ' + "[" * depth + "]" * depth + "}}"
+    response = api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
+                                                    "Content-Type": "application/json"}, status="*")
+    assert response.status_int in (400, 422) and "nested" in response.json["error"]["message"]
+
+
 def test_metadata_numbers_too_large_to_be_finite_are_400(api, developer):
     body = json.dumps(WIRE)[:-1] + ', "metadata": {"a": 1e400}}'
     response = api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
