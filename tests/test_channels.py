@@ -570,6 +570,19 @@ def test_a_reply_matching_nothing_gets_help_and_decides_nothing(sms_setup):
     assert "no open request" in inbound(api, config, "1", sender="+15550199").text
 
 
+@pytest.mark.timeout(3)
+def test_a_reply_built_to_be_slow_to_split_is_answered_at_once(sms_setup):
+    """Splitting a reply's code from its answer took 30,000 spaces 6.2 s of CPU, holding the
+    interpreter: no reply that long can name an option, so it is not split."""
+    api, config, keys = sms_setup
+    created = api.create_pause(keys["api_key"])
+    code = reply_code(api, keys["api_key"], created)
+    for text in ("a" + " " * 29_998 + "x", code + " " * 29_998 + "a\nb"):
+        response = inbound(api, config, text)
+        assert response.status_code == 200 and f"Reply {code} 1 for Approve" in response.text
+    assert api.pause(keys["api_key"], created["pause_id"])["status"] == "pending"
+
+
 def test_test_mode_pauses_are_never_decided_by_sms(sms_setup):
     api, config, keys = sms_setup
     created = api.create_pause(keys["test_api_key"])
