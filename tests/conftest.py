@@ -453,8 +453,11 @@ def start_chromium(profile):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    # One renderer process for every page (the tests' pages are all loopback ones): the browser
+    # tests took 10.3-10.8 s of the machine's CPU instead of 11.2-12.1 s (three runs, five).
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--renderer-process-limit=1", "--disable-site-isolation-trials",
                  "--window-size=390,844", f"--user-data-dir={profile}"):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
