@@ -947,13 +947,16 @@ UNSAFE_TEXT = re.compile(f"[{UNSAFE_CHARACTERS}]")
 UNSAFE_ESCAPES = {code: json.dumps(chr(code))[1:-1]
                   for first, last in re.findall("(.)(?:-(.))?", UNSAFE_CHARACTERS, re.DOTALL)
                   for code in range(ord(first), ord(last or first) + 1)}
-# The same, for JSON Schema: text with none of those, and text with something visible too.
+# The same, for JSON Schema: text with none of those, and text with something visible too
+# (its first character that is not a space, looked for ahead: a visible one between two runs,
+# as these were written before, took time quadratic in the length of a string that then
+# failed, 27 s of CPU for an option of 60,000 characters).
 SAFE_TEXT = f"^[^{UNSAFE_CHARACTERS}]*$"
-VISIBLE_TEXT = f"^[^{UNSAFE_CHARACTERS}]*[^\\s{UNSAFE_CHARACTERS}][^{UNSAFE_CHARACTERS}]*$"
+VISIBLE_TEXT = f"^(?=\\s*[^\\s{UNSAFE_CHARACTERS}])[^{UNSAFE_CHARACTERS}]*$"
 # And on one line, for what a text message lists inside a line of its own (options, field
 # labels and choices), where a line break could start a line that seems to be ours. ((?!\n)
 # because Python's $, unlike JavaScript's, also matches before a final line break.)
-ONE_LINE_TEXT = f"^[^\\n\\t{UNSAFE_CHARACTERS}]*[^\\s{UNSAFE_CHARACTERS}][^\\n\\t{UNSAFE_CHARACTERS}]*(?!\\n)$"
+ONE_LINE_TEXT = f"^(?=\\s*[^\\s{UNSAFE_CHARACTERS}])[^\\n\\t{UNSAFE_CHARACTERS}]*(?!\\n)$"
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -3128,7 +3131,7 @@ def channels(config):
     return found
 
 
-PHONE_RECIPIENT = {"type": "string", "pattern": "^\\s*" + E164.pattern[1:-1] + "\\s*$",
+PHONE_RECIPIENT = {"type": "string", "maxLength": 320, "pattern": "^\\s*" + E164.pattern[1:-1] + "\\s*$",
                    "x-message": "recipient must be a phone number in E.164 form, like +15550100 (a + and 7-15 digits)"}
 EMAIL_RECIPIENT = {"type": "string", "maxLength": 254, "pattern": EMAIL.pattern,
                    "x-message": "recipient must be an email address like ada@example.com"}
@@ -5082,7 +5085,7 @@ def person_schema(config):
         "properties": {
             "channel": {"type": "string", "enum": list(known),
                         "x-message": f"channel must be one of the channels this server knows: {', '.join(known)}"},
-            "recipient": {"type": "string", "minLength": 1, "pattern": VISIBLE_TEXT,
+            "recipient": {"type": "string", "minLength": 1, "maxLength": 320, "pattern": VISIBLE_TEXT,
                           "x-message": "recipient is required: who answers, as the channel takes it, in visible text"
                                        " without control or bidirectional-override characters"},
         },
@@ -5155,7 +5158,7 @@ FIELD_LIMITS = {"string": {"max_length"}, "number": {"min", "max"}, "integer": {
                 "enum": {"choices"}}
 MAX_FIELD_TEXT = 1000
 FIELDS_SCHEMA = {
-    "type": ["object", "null"], "maxProperties": 10, "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,39}$"},
+    "type": ["object", "null"], "maxProperties": 10, "propertyNames": {"maxLength": 40, "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,39}$"},
     "additionalProperties": {
         "type": "object", "required": ["type", "value"], "additionalProperties": False,
         "properties": {
@@ -5179,8 +5182,9 @@ REGISTRATION_SCHEMA = {
                   "x-message": "email must be an email address like you@example.com"},
         "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": VISIBLE_TEXT,
                  "x-message": "name must be 1-200 characters of visible text, without control characters"},
-        "password": {"type": "string", "minLength": 8, "pattern": SAFE_TEXT,
-                     "x-message": "password must be at least 8 characters, without control characters"},
+        "password": {"type": "string", "minLength": 8, "maxLength": 72, "pattern": SAFE_TEXT,
+                     "x-message": "password must be at least 8 characters and at most 72 bytes (bcrypt's limit),"
+                                  " without control characters"},
     },
 }
 ROTATION_SCHEMA = {
@@ -5222,7 +5226,7 @@ COMMENT_SCHEMA = {"type": "object", "properties": {"comment": RESPONSE_SCHEMA["p
 # Query parameters: the same, with whole numbers arriving as text.
 LIMIT = {"type": "integer", "minimum": 1, "maximum": 100, "default": 20,
          "x-message": "limit must be a whole number from 1 to 100"}
-CURSOR = {"type": "string", "pattern": "^[0-9]{1,18}$",
+CURSOR = {"type": "string", "maxLength": 18, "pattern": "^[0-9]{1,18}$",
           "x-message": "cursor must be a next_cursor value from an earlier page"}
 PAGE_QUERY = {"limit": LIMIT, "cursor": CURSOR}
 
@@ -5337,20 +5341,24 @@ def page_of(name, item):
             "properties": {name: {"type": "array", "items": item}, "next_cursor": {"type": ["string", "null"]}}}
 
 
-def bounded_by_max_items(check):
-    """A JSON Schema keyword check that passes over an array longer than its maxItems, an
-    error reported anyway: uniqueItems compares every pair of items (58 KB of options took
-    36 s of CPU), and items checks each of thousands."""
+def within_limits(check):
+    """A JSON Schema keyword check that passes over an array longer than its maxItems, or a
+    string longer than its maxLength, errors reported anyway: uniqueItems compares every
+    pair of items (58 KB of options took 36 s of CPU), items checks each of thousands, and
+    a pattern reads every character, or worse."""
     def bounded(validator, value, instance, schema):
-        if not (validator.is_type(instance, "array") and len(instance) > schema.get("maxItems", len(instance))):
+        too_long = (len(instance) > schema.get("maxItems", math.inf) if validator.is_type(instance, "array") else
+                    len(instance) > schema.get("maxLength", math.inf) if validator.is_type(instance, "string") else False)
+        if not too_long:
             yield from check(validator, value, instance, schema)
     return bounded
 
 
-# Every array in a request body's schema has a maxItems, and nothing is checked past it.
+# Every array in a request body's schema has a maxItems, and every string with a pattern a
+# maxLength; nothing is checked past them.
 SchemaValidator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {
-    keyword: bounded_by_max_items(jsonschema.Draft202012Validator.VALIDATORS[keyword])
-    for keyword in ("uniqueItems", "items")})
+    keyword: within_limits(jsonschema.Draft202012Validator.VALIDATORS[keyword])
+    for keyword in ("uniqueItems", "items", "pattern")})
 
 
 def validate_body(schema, body, validator=None):
