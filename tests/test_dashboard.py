@@ -140,20 +140,41 @@ def test_failed_logins_are_limited_per_address_and_successful_ones_are_not(runni
     assert "too many failed sign-ins from your address" in log_in(api, status=429).text.lower()
 
 
-def test_rate_limit_buckets_stay_bounded_and_a_flood_of_one_limit_forgets_no_other():
+def test_rate_limit_buckets_stay_bounded_and_no_flood_makes_an_exhausted_one_forgotten():
     """Before, once 100,000 addresses had come, each new one cost a look through all of the
     buckets (4.6 ms, under the lock), and it forgot any limit's buckets by the current one's rate."""
     limiter, most = pausepoint.RateLimiter(True), pausepoint.RateLimiter.MAX_BUCKETS
-    for _ in range(5):
-        limiter.spend("password_failures_email", "victim", 5)
+    for _ in range(20):
+        limiter.spend("password_failures_email", "victim", 20)
     for n in range(most + 5_000):                               # every one of them spent at once
         limiter.spend("respond", f"2001:db8::{n:x}", 1)
-    assert limiter.retry_after("password_failures_email", "victim", 5) > 0
-    assert len(limiter.buckets["respond"]) == most
+    for n in range(most + 5_000):                               # other emails, each guessed at once
+        limiter.spend("password_failures_email", f"someone{n}", 20)
+    assert limiter.retry_after("password_failures_email", "victim", 20) > 0
+    assert len(limiter.buckets["respond"]) == len(limiter.buckets["password_failures_email"]) == most
     assert limiter.retry_after("respond", f"2001:db8::{most + 4_999:x}", 1) > 0
     limiter.spend("fast", "refilled", 3.6e12)                   # full again a nanosecond later
     limiter.spend("fast", "next", 3.6e12)
     assert list(limiter.buckets["fast"]) == ["next"]
+
+
+def test_sign_ins_refused_for_want_of_a_hashing_turn_spend_no_budget(running_api, monkeypatch):
+    """A 503 checked no password: were it a failure, anyone could use up an email's budget
+    without a single hash, by keeping the hashing turns busy."""
+    api = running_api(**{"ratelimit.login_per_hour": 2})
+    sign_up(api)
+    hashing = api.app.runtime.hashing = pausepoint.Turns(1)
+    assert hashing.take("198.51.100.7", timeout=0)         # another address holds the one turn throughout
+    monkeypatch.setattr(pausepoint, "HASH_WAIT_SECONDS", 0.01)
+    for n in range(5):
+        from_address(api, f"192.0.2.{100 + n}")
+        log_in(api, password="wrong password", status=503)
+    hashing.give()
+    for n in range(2):                                      # the email's two failures are all still there
+        from_address(api, f"192.0.2.{110 + n}")
+        log_in(api, password="wrong password", status=401)
+    from_address(api, "192.0.2.200")
+    assert "failed sign-ins for this email" in log_in(api, status=429).text
 
 
 def test_failed_logins_for_one_email_are_limited_from_any_address(running_api):
