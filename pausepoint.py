@@ -5208,7 +5208,7 @@ WEBHOOK_PROPERTIES = {
             "x-message": "url must be an http:// or https:// URL of at most 2048 characters"},
     "events": {"type": "array", "minItems": 1, "maxItems": len(WEBHOOK_EVENTS),
                "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
-               "x-message": f"events must be a non-empty list drawn from: {', '.join(WEBHOOK_EVENTS)}"},
+               "x-message": f"events must be a list of 1-{len(WEBHOOK_EVENTS)} drawn from: {', '.join(WEBHOOK_EVENTS)}"},
     "secret": {"type": ["string", "null"], "minLength": MIN_SECRET_LENGTH, "maxLength": 256, "pattern": SAFE_TEXT,
                "x-message": f"secret must be {MIN_SECRET_LENGTH}-256 characters (or left out to have one made)"},
 }
@@ -5372,9 +5372,14 @@ def validate_body(schema, body, validator=None):
     """`body` if it fits `schema`; else the 422 for the first way it does not, naming the
     field. Fields are taken in the schema's order, so the same body always gets the same
     answer whatever order the library finds the errors in."""
-    errors = list((validator or SchemaValidator(schema)).iter_errors(body))
+    try:
+        errors = list((validator or SchemaValidator(schema)).iter_errors(body))
+    except RecursionError:      # comparing deeply nested items for uniqueItems
+        raise ApiError(400, "invalid_json", "the request body is nested too deeply to read") from None
     if errors:
-        raise schema_error(schema, min(errors, key=lambda e: schema_error_rank(schema, e)))
+        # By where it is too: fields' entries come in the order of a set, which varies by process.
+        raise schema_error(schema, min(errors, key=lambda e: (schema_error_rank(schema, e),
+                                                             [str(step) for step in e.absolute_path])))
     return body
 
 
@@ -5496,17 +5501,19 @@ def request_header(name):
 
 
 def request_cookie(name):
-    """The value of this request's cookie `name` (the first, if it came twice), or None.
+    """The value of this request's cookie `name` (the first that is a token, if it came
+    twice), or None.
     Read here, not by Bottle, whose parser (http.cookies) takes time quadratic in the
     backslashes of a quoted value on Pythons before 3.11.10 and 3.12.6: one 120 KB Cookie
     header held a thread and a core for 20 s, four froze every other request for 80 s.
     PausePoint's cookies hold URL-safe tokens, so a value with anything else is not one
-    (a client may send one in double quotes, which the cookie syntax allows)."""
-    for pair in (request_header("Cookie") or "").split(";"):
+    (a client may send one in double quotes, which the cookie syntax allows). Pairs are
+    split at commas too: waitress joins two Cookie headers with one."""
+    for pair in re.split("[;,]", request_header("Cookie") or ""):
         key, _, value = pair.partition("=")
-        if key.strip() == name:
-            token = re.fullmatch(r'\s*("?)([\w-]{1,128})\1\s*', value, re.ASCII)
-            return token and token[2]
+        token = re.fullmatch(r'\s*("?)([\w-]{1,128})\1\s*', value, re.ASCII) if key.strip() == name else None
+        if token:
+            return token[2]
     return None
 
 
@@ -6702,7 +6709,7 @@ class JsonErrorTask(waitress.task.ErrorTask):
     def execute(self):
         error = self.request.error
         messages = {413: f"request bodies are limited to {self.channel.server.max_body_bytes} bytes",
-                    431: f"the request's headers are too large: at most {self.channel.adj.max_request_header_size}"
+                    431: f"the request's headers are too large: at most {self.channel.server.limits['server.max_header_bytes']}"
                          f" bytes in {MAX_HEADER_LINES} lines",
                     400: f"malformed HTTP request: {error.body}"}
         message = messages.get(error.code, str(error.body))
@@ -7212,7 +7219,7 @@ def make_server(app, config, port=None):
                    channel_timeout=config["server.idle_timeout"], cleanup_interval=1,
                    # Refused from the Content-Length (or the chunked size so far), before upload.
                    max_request_body_size=config["server.max_body_bytes"] + 1,
-                   max_request_header_size=config["server.max_header_bytes"],
+                   max_request_header_size=config["server.max_header_bytes"] + 1,
                    # A reset from each of a flood of clients would log a traceback apiece.
                    log_socket_errors=False, backlog=LISTEN_BACKLOG)
     if config["server.trusted_proxy"]:

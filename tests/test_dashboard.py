@@ -86,6 +86,20 @@ def test_the_cookie_is_secure_when_the_server_is_https(running_api):
     assert {c.split("=")[0] for c in cookies} == {"pp_session", "pp_device"} and all("Secure" in c for c in cookies)
 
 
+@pytest.mark.parametrize("cookie", [
+    "_ga=GA1.2.3; pp_session={token}",
+    "_ga=GA1.2.3, pp_session={token}",                  # two Cookie headers, as waitress joins them
+    'pp_session="{token}"',                             # quoted, as the cookie syntax allows
+    "pp_session=a%20b; pp_session={token}",             # another path's cookie of that name first
+])
+def test_the_sign_in_cookie_is_found_however_the_browser_sends_it(api, cookie):
+    sign_up(api)
+    token = api.cookies["pp_session"]
+    api.reset()
+    page = api.get("/dashboard/overview", headers={"Cookie": cookie.format(token=token)})
+    assert page.status_code == 200
+
+
 def test_logging_out_ends_the_session_and_logging_in_starts_one(api):
     page, _ = sign_up(api)
     token = api.cookies["pp_session"]

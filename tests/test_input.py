@@ -367,6 +367,23 @@ def test_json_a_person_reads_escapes_each_unsafe_character_without_python_work_f
     assert json.loads(text) == value and pausepoint.UNSAFE_TEXT.search(text) is None and "é\\n" in text
 
 
+def test_distinct_items_nested_too_deep_to_compare_are_400_not_500(api, developer):
+    deep = "[" * 400 + "]" * 400
+    body = json.dumps(WIRE)[:-1].replace('"options": ["Approve", "Reject"]', f'"options": [{deep}, {deep}]') + "}"
+    response = api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
+                                                    "Content-Type": "application/json"}, status=400)
+    assert "nested too deeply" in response.json["error"]["message"]
+
+
+def test_of_several_bad_entries_the_422_names_the_first_by_name(api, developer):
+    """Whichever the library found first, which went by the order of a set, and so changed
+    from one run of the server to the next."""
+    fields = {f"f{n}": {"type": "no such type", "value": 1} for n in (3, 5, 0, 4, 1, 2)}
+    response = api.post_json("/v1/pause", {**WIRE, "fields": fields}, headers=api.as_key(developer["test_api_key"]),
+                             status=422)
+    assert response.json["error"]["field"] == "fields.f0"
+
+
 def test_past_its_limit_a_list_or_text_is_checked_for_nothing_else():
     validator = pausepoint.SchemaValidator({
         "type": "object", "properties": {
