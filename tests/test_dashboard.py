@@ -172,6 +172,18 @@ def test_rate_limit_buckets_stay_bounded_and_no_flood_makes_an_exhausted_one_for
     assert list(limiter.buckets["fast"]) == ["next"]
 
 
+def test_a_rate_limit_full_of_spent_buckets_still_counts_a_new_one():
+    """The bucket being spent was once the one soonest full, so forgotten at once: with the
+    table full of buckets spent twice, a new email could be guessed at without limit."""
+    limiter = pausepoint.RateLimiter(True)
+    for n in range(pausepoint.RateLimiter.MAX_BUCKETS):
+        for _ in range(2):
+            limiter.spend("password_failures_email", f"someone{n}", 20)
+    for _ in range(20):
+        limiter.spend("password_failures_email", "new", 20)
+    assert limiter.retry_after("password_failures_email", "new", 20) > 0
+
+
 def test_sign_ins_refused_for_want_of_a_hashing_turn_spend_no_budget(running_api, monkeypatch):
     """A 503 checked no password: were it a failure, anyone could use up an email's budget
     without a single hash, by keeping the hashing turns busy."""
