@@ -296,11 +296,17 @@ def test_a_webhook_url_that_does_not_parse_is_422(api, developer, url):
     assert response.json["error"]["field"] == "url"
 
 
+def post_pause_text(api, developer, body, status):
+    """POST /v1/pause with `body` as JSON text just as written (Python's JSON writer would
+    refuse to write some of it, or write it otherwise)."""
+    return api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
+                                                "Content-Type": "application/json"}, status=status)
+
+
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_infinity_are_not_json(api, developer, constant):
     body = json.dumps(WIRE)[:-1] + f', "metadata": {{"x": {constant}}}}}'
-    response = api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
-                                                    "Content-Type": "application/json"}, status=400)
+    response = post_pause_text(api, developer, body, 400)
     assert response.json["error"]["code"] == "invalid_json"
 
 
@@ -322,15 +328,13 @@ def test_a_repeated_unexpected_error_logs_one_traceback_a_minute(api, developer,
 def test_metadata_nested_however_deep_is_a_4xx(api, developer, depth):
     """422 past 32 levels; 400 when too deep for Python's JSON reader (near a thousand)."""
     body = json.dumps(WIRE)[:-1] + ', "metadata": {"a": ' + "[" * depth + "]" * depth + "}}"
-    response = api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
-                                                    "Content-Type": "application/json"}, status="*")
+    response = post_pause_text(api, developer, body, "*")
     assert response.status_int in (400, 422) and "nested" in response.json["error"]["message"]
 
 
 def test_metadata_numbers_too_large_to_be_finite_are_400(api, developer):
     body = json.dumps(WIRE)[:-1] + ', "metadata": {"a": 1e400}}'
-    response = api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
-                                                    "Content-Type": "application/json"}, status=400)
+    response = post_pause_text(api, developer, body, 400)
     assert response.json["error"]["code"] == "invalid_json"
 
 
@@ -348,8 +352,7 @@ def test_metadata_numbers_too_large_to_be_finite_are_400(api, developer):
 ])
 def test_a_list_or_text_far_past_its_limit_is_refused_without_reading_it_through(api, developer, changes, field):
     body = json.dumps({**WIRE, **changes}, separators=(",", ":"))
-    response = api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
-                                                    "Content-Type": "application/json"}, status=422)
+    response = post_pause_text(api, developer, body, 422)
     assert response.json["error"]["field"] == field
 
 
@@ -365,8 +368,7 @@ def test_json_a_person_reads_escapes_each_unsafe_character_without_python_work_f
 def test_options_nested_deep_are_refused_not_compared_until_the_stack_runs_out(api, developer):
     deep = "[" * 400 + "]" * 400
     body = json.dumps(WIRE)[:-1].replace('"options": ["Approve", "Reject"]', f'"options": [{deep}, {deep}]') + "}"
-    response = api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
-                                                    "Content-Type": "application/json"}, status=422)
+    response = post_pause_text(api, developer, body, 422)
     assert response.json["error"]["field"] == "options"
 
 
@@ -452,6 +454,7 @@ def test_every_list_text_with_a_pattern_and_object_of_entries_a_request_may_hold
     schemas = [*(route.body(config) if callable(route.body) else route.body for route in pausepoint.ROUTES),
                *(query for route in pausepoint.ROUTES for query in route.query.values())]
     assert [where for schema in schemas if schema for where in unbounded(schema, "body")] == []
+
 
 @pytest.mark.parametrize("options", [["Approve", "Approve\u2800"], ["Approve", "Appr\u0585ve"], ["\u0410pprove", "Reject"]])
 def test_blank_characters_and_words_mixing_alphabets_are_refused_in_options(api, developer, options):
