@@ -4984,13 +4984,14 @@ class RateLimiter:
     Held in memory on purpose: limits protect against guessing and floods, and
     losing them on restart loses nothing a client is owed. Each limit's buckets are
     kept with a heap of when each will be full again: a full one is forgotten (it says
-    nothing an absent one does not), and past MAX_BUCKETS the one soonest full, so ever
-    new addresses cannot grow them without bound, and forgetting gives away the least.
-    A flood of lightly spent buckets cannot make an exhausted one be forgotten, nor one
-    limit's flood another's. (Looking through all of them for full ones took 4.8 ms a
-    request, under the lock, once 100,000 addresses had come; forgetting the least
-    recently spent instead gave an exhausted email 20 more guesses after a flood of
-    20,000 others.)"""
+    nothing an absent one does not). A new bucket past MAX_BUCKETS makes room by
+    forgetting the one soonest full, so ever new addresses cannot grow a limit without
+    bound, nor one limit's flood touch another's. Not so for limits spent with
+    make_room=False, the password failures: forgetting any spent bucket there gives a
+    guesser budget back (whichever goes, a flood can make it the one being guessed
+    at), and each bucket costs a password hash to make, which bounds how many there
+    can be. (Looking through all buckets for full ones took 4.8 ms a request, under
+    the lock, once 100,000 addresses had come.)"""
 
     MAX_BUCKETS = 20_000        # per limit: about 5 MB
 
@@ -5005,14 +5006,15 @@ class RateLimiter:
         tokens, then = self.buckets[name].get(who, (per_hour, now))
         return min(per_hour, tokens + (now - then) * per_hour / 3600)
 
-    def _set(self, name, who, tokens, per_hour, now):
+    def _set(self, name, who, tokens, per_hour, now, make_room):
         def full_at(tokens, then):
             return then + (per_hour - tokens) * 3600 / per_hour
         buckets, refills = self.buckets[name], self.refills[name]
+        make_room = make_room and tokens < per_hour
         # Out while room is made: the bucket being spent is never the one forgotten for it
         # (or a table full of buckets spent twice left every new one unlimited).
         buckets.pop(who, None)
-        while refills and (refills[0][0] <= now or len(buckets) >= self.MAX_BUCKETS):
+        while refills and (refills[0][0] <= now or make_room and len(buckets) >= self.MAX_BUCKETS):
             full, soonest = heapq.heappop(refills)
             if soonest in buckets and full_at(*buckets[soonest]) == full:      # else spent since: stale
                 del buckets[soonest]
@@ -5031,12 +5033,12 @@ class RateLimiter:
             tokens = self._level(name, who, per_hour, time.monotonic())
         return 0 if tokens >= 1 else math.ceil((1 - tokens) * 3600 / per_hour)
 
-    def spend(self, name, who, per_hour):
+    def spend(self, name, who, per_hour, make_room=True):
         if not self.enabled:
             return
         with self.lock:
             now = time.monotonic()
-            self._set(name, who, self._level(name, who, per_hour, now) - 1, per_hour, now)
+            self._set(name, who, self._level(name, who, per_hour, now) - 1, per_hour, now, make_room)
 
     def give_back(self, name, who, per_hour):
         """Undo one spend() (an attempt that turned out not to count)."""
@@ -5044,7 +5046,8 @@ class RateLimiter:
             return
         with self.lock:
             now = time.monotonic()
-            self._set(name, who, min(per_hour, self._level(name, who, per_hour, now) + 1), per_hour, now)
+            self._set(name, who, min(per_hour, self._level(name, who, per_hour, now) + 1), per_hour, now,
+                      make_room=False)
 
     def refuse_if_exhausted(self, name, who, per_hour, what="attempts"):
         """429 with Retry-After if (name, who) has nothing left."""
@@ -5372,7 +5375,8 @@ def unique_texts(check):
     """uniqueItems for lists of texts (all of ours): a list holding anything else is refused
     by its items anyway, and comparing nested items pair by pair went on for 0.67 s."""
     def unique(validator, value, instance, schema):
-        if all(isinstance(item, (str, int, float, bool)) or item is None for item in instance):
+        if not validator.is_type(instance, "array") or all(
+                isinstance(item, (str, int, float, bool)) or item is None for item in instance):
             yield from check(validator, value, instance, schema)
     return unique
 
@@ -5606,7 +5610,7 @@ def password_of(rt, email, password, device=None):
     # Counted as a failure before the check and given back after a success, so guesses
     # sent all at once cannot each pass the check above before any is counted.
     for name, who, _ in budgets:
-        rt.limiter.spend(name, who, per_hour)
+        rt.limiter.spend(name, who, per_hour, make_room=False)
     failed = False      # given back unless the password was checked and was wrong (a 503 checked none)
     try:
         with rt.hashing_turn(client_ip()):

@@ -365,6 +365,13 @@ def test_json_a_person_reads_escapes_each_unsafe_character_without_python_work_f
     assert json.loads(text) == value and pausepoint.UNSAFE_TEXT.search(text) is None and "é\\n" in text
 
 
+@pytest.mark.parametrize("options", [5, None, True, "Approve"])
+def test_options_that_are_not_a_list_are_422(api, developer, options):
+    response = api.post_json("/v1/pause", {**WIRE, "options": options}, headers=api.as_key(developer["test_api_key"]),
+                             status=422)
+    assert response.json["error"]["field"] == "options"
+
+
 def test_options_nested_deep_are_refused_not_compared_until_the_stack_runs_out(api, developer):
     deep = "[" * 400 + "]" * 400
     body = json.dumps(WIRE)[:-1].replace('"options": ["Approve", "Reject"]', f'"options": [{deep}, {deep}]') + "}"
