@@ -5395,7 +5395,7 @@ def validate_body(schema, body, validator=None):
     answer whatever order the library finds the errors in."""
     try:
         errors = list((validator or SchemaValidator(schema)).iter_errors(body))
-    except RecursionError:      # comparing deeply nested items for uniqueItems
+    except RecursionError:      # jsonschema writes a refused value into its message with repr(), which recurses
         raise ApiError(400, "invalid_json", "the request body is nested too deeply to read") from None
     if errors:
         # By where it is too: fields' entries come in the order of a set, which varies by process.
@@ -6728,9 +6728,10 @@ class JsonErrorTask(waitress.task.ErrorTask):
 
     def execute(self):
         error = self.request.error
-        messages = {413: f"request bodies are limited to {self.channel.server.max_body_bytes} bytes",
-                    431: f"the request's headers are too large: at most {self.channel.server.limits['server.max_header_bytes']}"
-                         f" bytes in {MAX_HEADER_LINES} lines",
+        limits = self.channel.server.limits
+        messages = {413: f"request bodies are limited to {limits['server.max_body_bytes']} bytes",
+                    431: f"the request's headers are too large: at most {limits['server.max_header_bytes']} bytes"
+                         f" in {MAX_HEADER_LINES} lines",
                     400: f"malformed HTTP request: {error.body}"}
         message = messages.get(error.code, str(error.body))
         # For headers too large to read, waitress invents the request "GET /"; the real
@@ -6973,7 +6974,6 @@ class HardenedServer(waitress.server.TcpWSGIServer):
     def __init__(self, *args, limits, parked, **kwargs):
         self.limits = limits
         self.parked = parked        # fd -> channel of a parked long poll, out of the loop's map (shared by servers)
-        self.max_body_bytes = limits["server.max_body_bytes"]
         self.by_ip = collections.defaultdict(set)
         self.accept_errors_logged_at = self.full_logged_at = 0.0
         super().__init__(*args, **kwargs)
