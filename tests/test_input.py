@@ -379,6 +379,18 @@ def test_options_nested_deep_are_refused_not_compared_until_the_stack_runs_out(a
     assert response.json["error"]["field"] == "options"
 
 
+@pytest.mark.parametrize("field", ["recipient", "channel", "options", "recipients", "remind_after_minutes"])
+def test_a_value_nested_up_to_the_json_readers_limit_where_another_is_expected_is_a_4xx(api, developer, field):
+    """jsonschema writes the refused value into its message, which recursed out of stack (a 500)
+    for values the JSON reader had just managed to read: some depth below a thousand, which
+    depends on how deep the request already is."""
+    answers = set()
+    for depth in range(800, 1000, 5):
+        body = json.dumps({**WIRE, field: 0}).replace(f'"{field}": 0', f'"{field}": ' + "[" * depth + "]" * depth)
+        answers.add(post_pause_text(api, developer, body, "*").status_int)
+    assert answers <= {400, 422}
+
+
 def test_of_several_bad_entries_the_422_names_the_first_by_name(api, developer):
     """Whichever the library found first, which went by the order of a set, and so changed
     from one run of the server to the next."""
