@@ -566,6 +566,21 @@ MIGRATIONS = [
     (15, "CREATE TABLE sms_replies (message_sid TEXT PRIMARY KEY, received_at TEXT NOT NULL) WITHOUT ROWID;"),
     (16, "ALTER TABLE notifications ADD COLUMN may_have_reached INTEGER NOT NULL DEFAULT 0"
          " CHECK (may_have_reached IN (0, 1));"),
+    # Test-mode reply codes are each developer's own (see CODE_SCOPE): another tenant's test
+    # pauses to a number took its codes from everyone's.
+    (17, """
+        ALTER TABLE pause_recipients ADD COLUMN developer_id TEXT REFERENCES developers(id);
+        UPDATE pause_recipients SET developer_id = (SELECT developer_id FROM pauses WHERE id = pause_id);
+        DROP INDEX pauses_pending_reply_code;
+        CREATE UNIQUE INDEX pauses_pending_reply_code ON pauses(recipient, livemode, iif(livemode, '', developer_id), reply_code)
+            WHERE status = 'pending' AND reply_code IS NOT NULL;
+        DROP INDEX pauses_recent_reply_codes;
+        CREATE INDEX pauses_recent_reply_codes ON pauses(recipient, livemode, iif(livemode, '', developer_id), reply_code, decided_at)
+            WHERE reply_code IS NOT NULL;
+        DROP INDEX pause_recipients_by_number;
+        CREATE INDEX pause_recipients_by_number ON pause_recipients(recipient, livemode, iif(livemode, '', developer_id), pause_decided_at)
+            WHERE position > 0 AND reply_code IS NOT NULL;
+    """),
 ]
 
 
@@ -1790,7 +1805,7 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
             limiter.limit("test_pauses", caller.developer_id, config["ratelimit.test_pauses_per_hour"],
                           "test pauses for this developer (ratelimit.test_pauses_per_hour)")
         # SMS and WhatsApp replies name their pause by a code, unique among the number's pending pauses.
-        reply_code = (new_reply_code(conn, asked["recipient"], caller.livemode)
+        reply_code = (new_reply_code(conn, asked["recipient"], caller.livemode, caller.developer_id)
                       if channels(config)[asked["channel"]].kind == "twilio" else None)
         pause = conn.execute(
             "INSERT INTO pauses (id, developer_id, livemode, recipient, channel, title, message, options,"
@@ -1837,11 +1852,13 @@ def ask_person(conn, config, pause, position, recipient, channel_name, added_by,
         token, code = pause["respond_token"], pause["reply_code"]
     else:
         token = secrets.token_urlsafe(32)
-        code = new_reply_code(conn, recipient, pause["livemode"]) if known_channel(config, channel_name).kind == "twilio" else None
+        code = (new_reply_code(conn, recipient, pause["livemode"], pause["developer_id"])
+                if known_channel(config, channel_name).kind == "twilio" else None)
     if pause["team"]:
-        conn.execute("INSERT INTO pause_recipients (pause_id, position, livemode, recipient, channel, respond_token,"
-                     " reply_code, added_by, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                     (pause["id"], position, pause["livemode"], recipient, channel_name, token, code, added_by, now))
+        conn.execute("INSERT INTO pause_recipients (pause_id, developer_id, position, livemode, recipient, channel,"
+                     " respond_token, reply_code, added_by, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     (pause["id"], pause["developer_id"], position, pause["livemode"], recipient, channel_name, token,
+                      code, added_by, now))
     person = {**dict(pause), "recipient": recipient, "channel": channel_name, "respond_token": token,
               "reply_code": code, "position": position}
     queue_notification(conn, config, person, "ask", now)
@@ -2173,61 +2190,68 @@ REPLY_CODE_QUARANTINE = dt.timedelta(days=7)
 # are all read (13 ms for a number with 3,000 pending, under the write lock), this many more
 # long ones: while five in six are taken, they all miss one time in 100,000.
 REPLY_CODE_DRAWS, MORE_REPLY_CODE_DRAWS = 8, 64
+# Whose codes a new one must differ from: for a live pause, those of every developer's live
+# pauses to the number, since replies from it come to the server's one Twilio number; for a
+# test pause, only those of its own developer's test pauses, which no reply ever answers, so
+# another tenant's test pauses can never use up a number's codes. (The expression of the
+# indexes that serve it: ':scope' is '' for live, else the developer's id.)
+CODE_SCOPE = "recipient = :recipient AND livemode = :livemode AND iif(livemode, '', developer_id) = :scope"
 # A number's codes in use (pending, or decided in the last week): those of pauses that asked
 # it first, and of team pauses that asked it later.
 NUMBER_CODES = (
-    "SELECT reply_code, status, decided_at FROM pauses WHERE recipient = :recipient AND livemode = :livemode"
+    f"SELECT reply_code, status, decided_at FROM pauses WHERE {CODE_SCOPE}"
     " AND reply_code IS NOT NULL AND (status = 'pending' OR decided_at > :week_ago) UNION ALL"
-    " SELECT reply_code, 'pending', NULL FROM pause_recipients WHERE recipient = :recipient AND livemode = :livemode"
+    f" SELECT reply_code, 'pending', NULL FROM pause_recipients WHERE {CODE_SCOPE}"
     " AND position > 0 AND reply_code IS NOT NULL AND pause_decided_at IS NULL UNION ALL"
-    " SELECT reply_code, 'decided', pause_decided_at FROM pause_recipients WHERE recipient = :recipient"
-    " AND livemode = :livemode AND position > 0 AND reply_code IS NOT NULL AND pause_decided_at > :week_ago")
+    f" SELECT reply_code, 'decided', pause_decided_at FROM pause_recipients WHERE {CODE_SCOPE}"
+    " AND position > 0 AND reply_code IS NOT NULL AND pause_decided_at > :week_ago")
 # The first of some candidate codes (a JSON array) that is free for a number, or none.
 FIRST_FREE_REPLY_CODE = (
-    "SELECT value FROM json_each(:candidates) WHERE NOT EXISTS (SELECT 1 FROM pauses WHERE recipient = :recipient"
-    " AND livemode = :livemode AND reply_code = value AND status = 'pending') AND NOT EXISTS (SELECT 1 FROM pauses"
-    " WHERE recipient = :recipient AND livemode = :livemode AND reply_code = value AND reply_code IS NOT NULL"
-    " AND decided_at > :week_ago) AND NOT EXISTS (SELECT 1 FROM pause_recipients WHERE recipient = :recipient"
-    " AND livemode = :livemode AND position > 0 AND reply_code = value AND pause_decided_at IS NULL)"
-    " AND NOT EXISTS (SELECT 1 FROM pause_recipients WHERE recipient = :recipient AND livemode = :livemode"
+    f"SELECT value FROM json_each(:candidates) WHERE NOT EXISTS (SELECT 1 FROM pauses WHERE {CODE_SCOPE}"
+    " AND reply_code = value AND status = 'pending') AND NOT EXISTS (SELECT 1 FROM pauses"
+    f" WHERE {CODE_SCOPE} AND reply_code = value AND reply_code IS NOT NULL"
+    f" AND decided_at > :week_ago) AND NOT EXISTS (SELECT 1 FROM pause_recipients WHERE {CODE_SCOPE}"
+    " AND position > 0 AND reply_code = value AND pause_decided_at IS NULL)"
+    f" AND NOT EXISTS (SELECT 1 FROM pause_recipients WHERE {CODE_SCOPE}"
     " AND position > 0 AND reply_code = value AND pause_decided_at > :week_ago) ORDER BY key LIMIT 1")
 
 
-def new_reply_code(conn, recipient, livemode):
-    """A code no pending pause for this number uses, preferring one no pause sent to it was
-    decided with in the last week, so a late reply to a decided pause names no newer one.
-    Short codes while a few random draws find one free, then long ones; only when the
-    draws keep failing are the number's codes read. When every code is taken that way,
-    the one decided longest ago: a flood of pauses to a number must never make it
-    unreachable."""
+def new_reply_code(conn, recipient, livemode, developer_id):
+    """A code no pending pause for this number uses (of those in CODE_SCOPE), preferring
+    one no pause sent to it was decided with in the last week, so a late reply to a decided
+    pause names no newer one. Short codes while a few random draws find one free, then long
+    ones; only when the draws keep failing are the number's codes read. When every code is
+    taken that way, the one decided longest ago: a flood of pauses to a number must never
+    make it unreachable."""
     require_transaction(conn)
-    week_ago = db_time(utcnow() - REPLY_CODE_QUARANTINE)
+    scope = {"recipient": recipient, "livemode": livemode, "scope": "" if livemode else developer_id,
+             "week_ago": db_time(utcnow() - REPLY_CODE_QUARANTINE)}
     # Not secrets (a reply counts only from the number the pause was sent to), so the
     # fast generator: the system one cost a fifth of a create.
     # The second draw only when the first found nothing: drawn up front, it cost 27 µs a create.
     for draw in (lambda: [*random.sample(SHORT_REPLY_CODES, REPLY_CODE_DRAWS),
                           *random.sample(LONG_REPLY_CODES, REPLY_CODE_DRAWS)],
                  lambda: random.sample(LONG_REPLY_CODES, MORE_REPLY_CODE_DRAWS)):
-        free = query_db(conn, FIRST_FREE_REPLY_CODE, {"candidates": json.dumps(draw()), "recipient": recipient,
-                                                      "livemode": livemode, "week_ago": week_ago}, one=True)
+        free = query_db(conn, FIRST_FREE_REPLY_CODE, {"candidates": json.dumps(draw()), **scope}, one=True)
         if free is not None:
             return free[0]
-    pending, recent = reply_codes_in_use(conn, recipient, livemode, week_ago)
+    pending, recent = reply_codes_in_use(conn, scope)
     for codes in (SHORT_REPLY_CODES, LONG_REPLY_CODES):
         unused = [code for code in codes if code not in pending and code not in recent]
         if unused:
             return secrets.choice(unused)
     reusable = [code for code in recent if code not in pending]
     if not reusable:
-        raise ApiError(429, "too_many_pending", f"{recipient} has too many pending pauses; wait for some to be decided",
+        held = "pending pauses" if livemode else "of your test pauses pending"
+        raise ApiError(429, "too_many_pending", f"{recipient} has too many {held}; wait for some to be decided",
                        field="recipient")
     return min(reusable, key=recent.get)
 
 
-def reply_codes_in_use(conn, recipient, livemode, week_ago):
-    """The number's codes: ({those of pending pauses}, {code: when a pause with it was last
-    decided, for those decided in the last week})."""
-    codes = query_db(conn, NUMBER_CODES, {"recipient": recipient, "livemode": livemode, "week_ago": week_ago})
+def reply_codes_in_use(conn, scope):
+    """The number's codes in a scope (new_reply_code()'s): ({those of pending pauses}, {code:
+    when a pause with it was last decided, for those decided in the last week})."""
+    codes = query_db(conn, NUMBER_CODES, scope)
     pending = {code for code, status, _ in codes if status == "pending"}
     recent = {}
     for code, status, decided_at in codes:
@@ -2295,14 +2319,16 @@ def record_sms_reply(conn, config, sender, text, message_sid):
 # newest first, each with the position it asked the number at: as a pause's first person, or
 # later in a team.
 # (CROSS JOIN, and + to keep the pending pauses' indexes out: from the number's few people to
-# their pauses by id, never through every pending pause.)
+# their pauses by id, never through every pending pause. The live CODE_SCOPE, '', lets the
+# number's index reach past it to the pending ones.)
 REACHED = "(n.status = 'sent' OR n.may_have_reached)"
 ASKED_ON_NUMBER = (
     "SELECT p.*, 0 AS position FROM pauses p WHERE p.recipient = :number AND p.status = 'pending'"
     " AND p.channel = :channel AND p.livemode = 1 AND p.expires_at > :now AND EXISTS (SELECT 1 FROM notifications n"
     f" WHERE n.pause_id = p.id AND n.position = 0 AND {REACHED})"
     " UNION ALL SELECT p.*, r.position FROM pause_recipients r CROSS JOIN pauses p ON p.id = r.pause_id"
-    " WHERE r.recipient = :number AND r.livemode = 1 AND r.position > 0 AND r.reply_code IS NOT NULL"
+    " WHERE r.recipient = :number AND r.livemode = 1 AND iif(r.livemode, '', r.developer_id) = ''"
+    " AND r.position > 0 AND r.reply_code IS NOT NULL"
     " AND r.pause_decided_at IS NULL AND r.channel = :channel AND +p.status = 'pending' AND +p.expires_at > :now AND EXISTS (SELECT 1 FROM notifications n"
     f" WHERE n.pause_id = p.id AND n.position = r.position AND {REACHED}) ORDER BY seq DESC")
 

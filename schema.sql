@@ -136,12 +136,16 @@ CREATE INDEX pauses_by_owner ON pauses(developer_id, livemode, seq);
 CREATE INDEX pauses_by_owner_status ON pauses(developer_id, livemode, status, seq);
 -- SMS replies: the pending pauses sent to a phone number.
 CREATE INDEX pauses_pending_by_recipient ON pauses(recipient, seq) WHERE status = 'pending';
--- A reply code names exactly one pending pause per number and mode.
-CREATE UNIQUE INDEX pauses_pending_reply_code ON pauses(recipient, livemode, reply_code)
+-- A reply code names exactly one pending pause to a number among those of its scope: every
+-- developer's live pauses (the iif() is ''), or one developer's test pauses (their id), since no
+-- reply answers a test pause (CODE_SCOPE in pausepoint.py). No other tenant's test pauses can use
+-- up a number's codes.
+CREATE UNIQUE INDEX pauses_pending_reply_code ON pauses(recipient, livemode, iif(livemode, '', developer_id), reply_code)
     WHERE status = 'pending' AND reply_code IS NOT NULL;
--- New codes also avoid those of the number's pauses decided in the last week, so a late reply to
--- a decided pause never names a newer one: one seek tells whether a code was.
-CREATE INDEX pauses_recent_reply_codes ON pauses(recipient, livemode, reply_code, decided_at)
+-- New codes also avoid those of the number's pauses (in the same scope) decided in the last week,
+-- so a late reply to a decided pause never names a newer one: one seek tells whether a code was.
+CREATE INDEX pauses_recent_reply_codes ON pauses(recipient, livemode, iif(livemode, '', developer_id), reply_code,
+                                                 decided_at)
     WHERE reply_code IS NOT NULL;
 -- Pruning: decided test-mode pauses, oldest decision first.
 CREATE INDEX pauses_decided_test ON pauses(decided_at) WHERE livemode = 0 AND status != 'pending';
@@ -168,11 +172,15 @@ CREATE TABLE pause_recipients (
     voted_at       TEXT,
     pause_decided_at TEXT,                            -- the pause's decided_at, NULL while it is pending: a copy,
                                                       -- so a number's open and recent codes are one index range
+    developer_id   TEXT REFERENCES developers(id),    -- the pause's: a copy, for the reply codes' index (set on
+                                                      -- every row; it may be NULL only as a later column)
     PRIMARY KEY (pause_id, position)
 );
 -- SMS replies and reply codes: the people after the first asked on a number (the first is in
--- pauses), those of pending pauses (NULL) and of the pauses decided lately.
-CREATE INDEX pause_recipients_by_number ON pause_recipients(recipient, livemode, pause_decided_at)
+-- pauses), in a reply code's scope (as pauses_pending_reply_code), those of pending pauses (NULL)
+-- and of the pauses decided lately.
+CREATE INDEX pause_recipients_by_number ON pause_recipients(recipient, livemode, iif(livemode, '', developer_id),
+                                                            pause_decided_at)
     WHERE position > 0 AND reply_code IS NOT NULL;
 
 -- What a pending pause does later: each reminder and escalation it asked for, due at a time.

@@ -739,17 +739,70 @@ def test_a_push_target_that_never_finishes_answering_is_given_up_at_the_deadline
     assert "no answer within 1 s" in pause["notification"]["last_error"]
 
 
+# Every letter A-Z as `c`, and every digit 2-9 as `d`, to make codes of.
+LETTERS_AND_DIGITS = ("WITH RECURSIVE letter(c, n) AS (SELECT 'A', 0 UNION ALL SELECT char(unicode(c) + 1), n + 1"
+                      " FROM letter WHERE n < 25), digit(d) AS (SELECT 2 UNION ALL SELECT d + 1 FROM digit WHERE d < 9)")
+
+
 def copies_with_codes(config, status, code, where="1"):
-    """Copies of the first pause to +15550100 in `status`, one per reply code that the SQL
-    expression `code` makes of a letter a.c, a digit d and a letter b.c (rows `where` allows)."""
-    stored(config, "WITH RECURSIVE letter(c, n) AS (SELECT 'A', 0 UNION ALL SELECT char(unicode(c) + 1), n + 1"
-                   " FROM letter WHERE n < 25), digit(d) AS (SELECT 2 UNION ALL SELECT d + 1 FROM digit WHERE d < 9)"
-                   " INSERT OR IGNORE INTO pauses (id, developer_id, livemode, recipient, channel, message, options,"
-                   " status, decided_at, respond_token, reply_code, created_at, expires_at)"
-                   f" SELECT 'psr_' || {code}, developer_id, 0, '+15550100', 'sms', 'm', options, ?,"
+    """Copies of the first pause in `status`, one per reply code that the SQL expression
+    `code` makes of a letter a.c, a digit d and a letter b.c (rows `where` allows)."""
+    stored(config, f"{LETTERS_AND_DIGITS} INSERT OR IGNORE INTO pauses (id, developer_id, livemode, recipient, channel,"
+                   " message, options, status, decided_at, respond_token, reply_code, created_at, expires_at)"
+                   f" SELECT 'psr_' || {code}, developer_id, livemode, recipient, 'sms', 'm', options, ?,"
                    f" CASE ? WHEN 'pending' THEN NULL ELSE datetime('now') END, 'tok' || {code}, {code}, created_at,"
                    f" expires_at FROM letter a, digit, letter b, pauses WHERE pauses.seq = 1 AND ({where})",
            status, status)
+
+
+def members_with_codes(config, code, where="1"):
+    """Copies of the first team pause's second person, one per code as copies_with_codes() makes them."""
+    stored(config, f"{LETTERS_AND_DIGITS} INSERT OR IGNORE INTO pause_recipients (pause_id, developer_id, position,"
+                   " livemode, recipient, channel, respond_token, reply_code, added_by, added_at)"
+                   f" SELECT pause_id, developer_id, 2 + unicode(a.c) * 1000 + d * 100 + unicode(b.c), livemode,"
+                   f" recipient, channel, 'tok' || {code}, {code}, added_by, added_at"
+                   f" FROM letter a, digit, letter b, pause_recipients WHERE position = 1 AND ({where})")
+
+
+# Codes of two characters, each once (those made of the letters codes use).
+SHORT_CODES = ("a.c || d", "b.c = 'A' AND a.c NOT IN ('I', 'L', 'O')")
+
+
+def code_of(config, created):
+    return stored(config, "SELECT reply_code FROM pauses WHERE id = ?", created["pause_id"])[0][0]
+
+
+@pytest.mark.parametrize("mode", ["api_key", "test_api_key"])
+@pytest.mark.parametrize("held_by", ["pauses", "team members"])
+def test_a_live_code_differs_from_every_developers_but_a_test_code_only_from_its_own(sms_setup, mode, held_by):
+    """Replies from a number all come to the server's one Twilio number, so live codes are
+    shared by every tenant. No reply answers a test pause: another tenant's test pauses to
+    a number hold none of its codes."""
+    api, config, keys = sms_setup
+    other = api.register(email="other@example.com")
+    if held_by == "pauses":             # the other developer's pauses hold every short code
+        api.create_pause(other[mode])
+        copies_with_codes(config, "pending", *SHORT_CODES)
+    else:                               # the second person of their team pauses does
+        api.post_json("/v1/pause", {**QUESTION, "recipients": [{"recipient": "+15550199", "channel": "sms"},
+                                                               {"recipient": WIRE["recipient"], "channel": "sms"}]},
+                      headers=api.as_key(other[mode]))
+        members_with_codes(config, *SHORT_CODES)
+    held = stored(config, "SELECT reply_code FROM pauses UNION SELECT reply_code FROM pause_recipients")
+    assert set(pausepoint.SHORT_REPLY_CODES) <= {code for (code,) in held}
+    mine = code_of(config, api.create_pause(keys[mode]))
+    assert len(mine) == (3 if mode == "api_key" else 2)
+
+
+def test_another_developers_test_pauses_never_use_up_a_numbers_codes(sms_setup):
+    api, config, keys = sms_setup
+    other = api.register(email="other@example.com")["test_api_key"]
+    api.create_pause(other)
+    copies_with_codes(config, "pending", "a.c || d || b.c")
+    copies_with_codes(config, "pending", *SHORT_CODES)
+    refused = api.post_json("/v1/pause", WIRE, headers=api.as_key(other), status=429).json["error"]
+    assert refused["code"] == "too_many_pending" and "of your test pauses" in refused["message"]
+    assert len(code_of(config, api.create_pause(keys["test_api_key"]))) == 2
 
 
 def test_a_number_flooded_with_decided_pauses_still_gets_codes(sms_setup):

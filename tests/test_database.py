@@ -70,6 +70,17 @@ def make_database(path, schema_file, version):
     return db
 
 
+def migrate_like_fresh(db, old, tmp_path):
+    """Migrate the earlier release's database at `old` (`db`, its connection, is closed
+    first), and check that it comes out with a fresh database's model."""
+    db.commit()
+    db.close()
+    pausepoint.migrate(pausepoint.connect(old))
+    fresh = str(tmp_path / "fresh.db")
+    pausepoint.migrate(pausepoint.connect(fresh))
+    assert shape(old) == shape(fresh)
+
+
 def test_a_database_made_by_the_first_release_migrates_to_the_same_model_as_a_fresh_one(tmp_path):
     old = str(tmp_path / "old.db")
     db = make_database(old, "schema_v1.sql", 1)
@@ -79,11 +90,7 @@ def test_a_database_made_by_the_first_release_migrates_to_the_same_model_as_a_fr
                " 'tok', '2026-01-01T00:00:00.000Z', '2999-01-01T00:00:00.000Z')")
     db.execute("INSERT INTO notifications (id, pause_id, channel, recipient, livemode, text, next_attempt_at, created_at,"
                " updated_at) VALUES ('ntf_1', 'psr_1', 'sms', '+15550100', 1, 'Old?', 'x', 'x', 'x')")
-    db.commit()
-    db.close()
-    pausepoint.migrate(pausepoint.connect(old))
-    pausepoint.migrate(pausepoint.connect(str(tmp_path / "fresh.db")))
-    assert shape(old) == shape(str(tmp_path / "fresh.db"))
+    migrate_like_fresh(db, old, tmp_path)
     assert stored(old, "SELECT max(version) FROM schema_migrations") == [(pausepoint.MIGRATIONS[-1][0],)]
     assert stored(old, "SELECT developer_id FROM notifications") == [("dev_1",)]
     # The old pending pause has no reply code, and still answers to a bare reply.
@@ -105,11 +112,7 @@ def test_a_database_from_before_teams_migrates_to_the_same_model_as_a_fresh_one_
         db.execute("INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, data)"
                    " VALUES ('dev_1', ?, '2026-01-01T00:00:00.000Z', 'system', ?, '{\"k\":\"caf\\u00e9\"}')",
                    (livemode, event_type))
-    db.commit()
-    db.close()
-    pausepoint.migrate(pausepoint.connect(old))
-    pausepoint.migrate(pausepoint.connect(str(tmp_path / "fresh.db")))
-    assert shape(old) == shape(str(tmp_path / "fresh.db"))
+    migrate_like_fresh(db, old, tmp_path)
     assert stored(old, "SELECT id, pause_id, position, kind, status, text FROM notifications") == \
         [("ntf_1", "psr_1", 0, "ask", "sent", "Old?")]
     assert stored(old, "SELECT team, quorum FROM pauses") == [(0, None)]
@@ -117,6 +120,29 @@ def test_a_database_from_before_teams_migrates_to_the_same_model_as_a_fresh_one_
     chained = stored(old, "SELECT livemode, prev_hash, hash FROM audit_events ORDER BY seq")
     assert [prev for _, prev, _ in chained] == ["0" * 64, "0" * 64, chained[0][2]]
     assert pausepoint.audit_chain_breaks(pausepoint.connect(old)) == []
+
+
+def test_a_database_from_before_test_codes_were_each_developers_own_migrates_to_the_same_model(tmp_path):
+    old = str(tmp_path / "old.db")
+    db = make_database(old, "schema_v16.sql", 16)
+    for developer in ("dev_1", "dev_2"):
+        db.execute("INSERT INTO developers (id, email, name, password_hash, created_at)"
+                   " VALUES (?, ?, 'A', 'x', '2026-01-01T00:00:00.000Z')", (developer, developer + "@example.com"))
+        db.execute("INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, respond_token,"
+                   " reply_code, team, created_at, expires_at) VALUES (?, ?, 0, '+15550199', 'sms', 'Old?',"
+                   " '[\"Yes\",\"No\"]', ?, ?, 1, '2026-01-01T00:00:00.000Z', '2999-01-01T00:00:00.000Z')",
+                   ("psr_" + developer, developer, "tok_" + developer, "K" + developer[-1]))
+        db.execute("INSERT INTO pause_recipients (pause_id, position, livemode, recipient, channel, respond_token,"
+                   " reply_code, added_by, added_at) VALUES (?, 1, 0, '+15550100', 'sms', ?, ?, 'request',"
+                   " '2026-01-01T00:00:00.000Z')", ("psr_" + developer, "second_" + developer, "M" + developer[-1]))
+    migrate_like_fresh(db, old, tmp_path)
+    assert stored(old, "SELECT pause_id, developer_id FROM pause_recipients ORDER BY pause_id") == \
+        [("psr_dev_1", "dev_1"), ("psr_dev_2", "dev_2")]
+    # Each developer's test codes are their own now: the second's pending pause may have the first's.
+    stored(old, "UPDATE pauses SET reply_code = 'K7'")
+    assert stored(old, "SELECT count(DISTINCT developer_id) FROM pauses WHERE reply_code = 'K7'") == [(2,)]
+    with pytest.raises(sqlite3.IntegrityError):     # live codes are still every developer's
+        stored(old, "UPDATE pauses SET livemode = 1")
 
 
 def test_a_nested_transaction_raises_instead_of_waiting_on_itself(tmp_path):
