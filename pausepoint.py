@@ -580,6 +580,10 @@ MIGRATIONS = [
         DROP INDEX pause_recipients_by_number;
         CREATE INDEX pause_recipients_by_number ON pause_recipients(recipient, livemode, iif(livemode, '', developer_id), pause_decided_at)
             WHERE position > 0 AND reply_code IS NOT NULL;
+        -- Which also lets any tenant keep thousands of test pauses pending to a number: a text
+        -- from it, looking for its pauses under the write lock, must not read through them.
+        DROP INDEX pauses_pending_by_recipient;
+        CREATE INDEX pauses_pending_by_recipient ON pauses(recipient, seq) WHERE status = 'pending' AND livemode = 1;
     """),
 ]
 
@@ -2318,12 +2322,14 @@ def record_sms_reply(conn, config, sender, text, message_sid):
 # that may have been: the question itself, or a reminder, which repeats it and its code),
 # newest first, each with the position it asked the number at: as a pause's first person, or
 # later in a team.
-# (CROSS JOIN, and + to keep the pending pauses' indexes out: from the number's few people to
-# their pauses by id, never through every pending pause. The live CODE_SCOPE, '', lets the
-# number's index reach past it to the pending ones.)
+# (INDEXED BY: the planner took the pending pauses by expiry, all of them, when no live ones
+# were pending as statistics were last gathered. CROSS JOIN, and + to keep the pending pauses'
+# indexes out: from the number's few people to their pauses by id, never through every pending
+# pause. The live CODE_SCOPE, '', lets the number's index reach past it to the pending ones.)
 REACHED = "(n.status = 'sent' OR n.may_have_reached)"
 ASKED_ON_NUMBER = (
-    "SELECT p.*, 0 AS position FROM pauses p WHERE p.recipient = :number AND p.status = 'pending'"
+    "SELECT p.*, 0 AS position FROM pauses p INDEXED BY pauses_pending_by_recipient WHERE p.recipient = :number"
+    " AND p.status = 'pending'"
     " AND p.channel = :channel AND p.livemode = 1 AND p.expires_at > :now AND EXISTS (SELECT 1 FROM notifications n"
     f" WHERE n.pause_id = p.id AND n.position = 0 AND {REACHED})"
     " UNION ALL SELECT p.*, r.position FROM pause_recipients r CROSS JOIN pauses p ON p.id = r.pause_id"

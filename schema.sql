@@ -134,8 +134,9 @@ CREATE INDEX pauses_pending_by_expiry ON pauses(expires_at) WHERE status = 'pend
 -- GET /v1/pause: a developer's pauses in one mode, newest first, optionally by status.
 CREATE INDEX pauses_by_owner ON pauses(developer_id, livemode, seq);
 CREATE INDEX pauses_by_owner_status ON pauses(developer_id, livemode, status, seq);
--- SMS replies: the pending pauses sent to a phone number.
-CREATE INDEX pauses_pending_by_recipient ON pauses(recipient, seq) WHERE status = 'pending';
+-- SMS replies: the pending live pauses sent to a phone number (no reply answers a test pause, and
+-- any tenant may have thousands of those pending to a number: see pauses_pending_reply_code).
+CREATE INDEX pauses_pending_by_recipient ON pauses(recipient, seq) WHERE status = 'pending' AND livemode = 1;
 -- A reply code names exactly one pending pause to a number among those of its scope: every
 -- developer's live pauses (the iif() is ''), or one developer's test pauses (their id), since no
 -- reply answers a test pause (CODE_SCOPE in pausepoint.py). No other tenant's test pauses can use

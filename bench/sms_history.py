@@ -4,10 +4,11 @@ An incoming SMS (record_sms_reply) and every new pause texting a number (new_rep
 read that number's open and recent codes while holding the write lock, so their cost must
 not grow with how many pauses ever asked it. Baseline: the same number with no history.
 Then `--history` decided pauses asking it first (single-recipient), then as many decided
-team pauses asking it second. Each figure is the median and p99 of `--runs` calls, on a
+team pauses asking it second, then `--test-tenants` other developers' pending test pauses
+to it, as many as each may have (no text answers those). Each figure is the median and p99 of `--runs` calls, on a
 real SQLite file, through the server's own functions.
 
-Usage: python bench/sms_history.py [--history 100000] [--runs 200]
+Usage: python bench/sms_history.py [--history 100000] [--runs 200] [--test-tenants 10]
 """
 
 import argparse
@@ -63,6 +64,20 @@ def add_history(conn, developer_id, count, as_team):
     pausepoint.refresh_statistics(conn)
 
 
+def add_pending_tests(conn, developer_id):
+    """A developer's 4,416 pending test pauses to NUMBER, one with each code (the most a
+    developer can have: each developer's test codes are their own)."""
+    codes = json.dumps(pausepoint.SHORT_REPLY_CODES + pausepoint.LONG_REPLY_CODES)
+    with pausepoint.transaction(conn):
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 4415)"
+            " INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, respond_token,"
+            " reply_code, created_at, expires_at) SELECT 'psr_' || :developer || i, :developer, 0, :number, 'sms', 'm',"
+            " '[\"Approve\",\"Reject\"]', 'tok' || :developer || i, json_extract(:codes, '$[' || i || ']'),"
+            " '2025-01-01T00:00:00.000Z', '2999-01-01T00:00:00.000Z' FROM n",
+            {"developer": developer_id, "number": NUMBER, "codes": codes})
+
+
 def measure(conn, config, label, runs):
     def sms():      # each a new message: the same one again is taken once and decides nothing
         pausepoint.record_sms_reply(conn, config, NUMBER, "1", "SM" + uuid.uuid4().hex)
@@ -83,6 +98,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--history", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--test-tenants", type=int, default=10)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         config = pausepoint.load_config(environ={}, overrides={
@@ -98,6 +114,11 @@ def main():
         measure(conn, config, f"{args.history:,} decided pauses asking it first", args.runs)
         add_history(conn, developer_id, args.history, as_team=True)
         measure(conn, config, f"and {args.history:,} decided team pauses asking it second", args.runs)
+        for n in range(args.test_tenants):
+            add_pending_tests(conn, pausepoint.register_developer(conn, config, f"test{n}@example.com", "Test",
+                                                                  "correct horse battery")["developer_id"])
+        measure(conn, config, f"and {args.test_tenants * 4416:,} pending test pauses to it, of {args.test_tenants}"
+                              " other developers", args.runs)
         app.runtime.stop()
 
 

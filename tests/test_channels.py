@@ -788,6 +788,7 @@ def test_a_live_code_differs_from_every_developers_but_a_test_code_only_from_its
                                                                {"recipient": WIRE["recipient"], "channel": "sms"}]},
                       headers=api.as_key(other[mode]))
         members_with_codes(config, *SHORT_CODES)
+        assert len(code_of(config, api.create_pause(other[mode]))) == 3      # theirs, in either mode
     held = stored(config, "SELECT reply_code FROM pauses UNION SELECT reply_code FROM pause_recipients")
     assert set(pausepoint.SHORT_REPLY_CODES) <= {code for (code,) in held}
     mine = code_of(config, api.create_pause(keys[mode]))
@@ -816,6 +817,30 @@ def test_a_number_flooded_with_decided_pauses_still_gets_codes(sms_setup):
                    " WHERE reply_code = 'K7M'")
     created = api.create_pause(key)      # every code was used this week: the one decided longest ago is reused
     assert stored(config, "SELECT reply_code FROM pauses WHERE id = ?", created["pause_id"]) == [("K7M",)]
+
+
+def test_an_incoming_text_reads_none_of_the_test_pauses_pending_for_its_number(sms_setup):
+    """No text answers a test pause, and any tenant may keep thousands of them pending to a
+    number: a text from it, looking for its pauses under the write lock, must not read them."""
+    api, config, keys = sms_setup
+    api.create_pause(keys["test_api_key"])
+    conn = api.app.runtime.db()
+
+    def work():
+        """The SQLite instructions one incoming text runs, in thousands."""
+        counted = []
+        conn.set_progress_handler(lambda: counted.append(1), 1000)
+        try:
+            assert "no open request" in pausepoint.record_sms_reply(conn, config, WIRE["recipient"], "1",
+                                                                    "SM" + uuid.uuid4().hex)
+        finally:
+            conn.set_progress_handler(None, 0)
+        return len(counted)
+
+    alone = work()
+    copies_with_codes(config, "pending", "a.c || d || b.c")
+    assert stored(config, "SELECT count(*) FROM pauses WHERE status = 'pending'") == [(5409,)]
+    assert work() <= alone + 1
 
 
 def test_a_text_not_yet_sent_when_its_pause_is_decided_is_never_sent(sms_setup, twilio):

@@ -21,8 +21,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def shape(path):
     """What a database's model is made of: each table's columns (name, type, NOT NULL,
     default, key; in any order, since ALTER TABLE appends), CHECK constraints, foreign
-    keys and unique constraints; each index's table, columns, uniqueness and WHERE; each
-    trigger's SQL."""
+    keys and unique constraints; each index's table, columns (or expressions), uniqueness
+    and WHERE; each trigger's SQL."""
     db = sqlite3.connect(path)
     try:
         found = {}
@@ -36,9 +36,9 @@ def shape(path):
                                       for index in db.execute(f"PRAGMA index_list({name})") if index[3] == "u"))
             elif kind == "index":
                 unique = next(row[2] for row in db.execute(f"PRAGMA index_list({table})") if row[1] == name)
-                where = " ".join(sql.split(" WHERE ", 1)[1].split()) if " WHERE " in sql else None
-                found[name] = (table, [row[2] for row in db.execute(f"PRAGMA index_xinfo({name})") if row[5]],
-                               unique, where)
+                head, _, where = sql.partition(" WHERE ")
+                # The columns as written, whitespace aside: an expression's is named only there.
+                found[name] = (table, "".join(head.split(" ON ", 1)[1].split()), unique, " ".join(where.split()) or None)
             else:
                 found[name] = (kind, table, " ".join(sql.split()))
         return found
