@@ -119,6 +119,7 @@ SETTINGS = [
     Setting("server.send_timeout", 20, "Seconds an answer may wait for the client to read it before the connection is closed."),
     Setting("database.path", "pausepoint.db", "SQLite database file. Created from schema.sql on first start."),
     Setting("database.cache_kib", 128, "SQLite's page cache per connection, in KiB. There is a connection for each request running at once and for each job thread (at most about 90 with the defaults), so this counts that many times; the operating system's file cache, shared by all, holds the rest."),
+    Setting("database.min_free_mb", 256, "Free space, in MiB, kept on the database's disk for the pauses already made: below it, new pauses and registrations get 507, while decisions, timeouts and sends go on. 0: no reserve."),
     Setting("registration.open", True, "Whether registration (POST /v1/auth/register and the dashboard's sign-up) is open. When false, the operator adds developers with `create-developer`. The operator page's switch, once used, overrides this."),
     Setting("dashboard.session_idle_minutes", 60, "Minutes a dashboard sign-in lasts without use."),
     Setting("dashboard.session_max_hours", 168, "Hours a dashboard sign-in lasts at most, however often it is used."),
@@ -323,6 +324,7 @@ SETTING_CHECKS = {
     "server.max_header_bytes": lambda v: None if 4096 <= v <= 262_144 else "must be between 4096 and 262144",
     "database.path": lambda v: None if v else "must not be empty",
     "database.cache_kib": lambda v: None if 64 <= v <= 1_048_576 else "must be between 64 and 1048576",
+    "database.min_free_mb": lambda v: None if v >= 0 else "must be 0 or more",
     "security.bcrypt_rounds": lambda v: None if 4 <= v <= 16 else "must be between 4 and 16",
     "pauses.max_timeout_hours": lambda v: None if 0 < v <= 24 * 366 else "must be above 0 and at most 8784 (a year)",
     "smtp.security": lambda v: None if v in ("starttls", "tls", "none") else "must be starttls, tls or none",
@@ -893,6 +895,21 @@ def refresh_statistics(conn):
     with transaction(conn):
         conn.execute("PRAGMA analysis_limit = 1000")
         conn.execute("ANALYZE")
+
+
+def disk_short_of_room(config):
+    """Whether the database's disk has less free space than database.min_free_mb."""
+    disk = os.statvfs(os.path.dirname(os.path.abspath(config["database.path"])))
+    return disk.f_bavail * disk.f_frsize < config["database.min_free_mb"] * 2**20
+
+
+def require_room(config):
+    """Refuse (507) what would add lasting data while the disk is short of room. What is left
+    is kept for the pauses already made: a full disk fails every write, a decision's too."""
+    if disk_short_of_room(config):
+        raise ApiError(507, "storage_low", "the server's disk is nearly full, so it takes no new pauses or accounts"
+                                           " until its operator frees space (database.min_free_mb); pauses already"
+                                           " made are still decided", headers={"Retry-After": "60"})
 
 
 def split_sql(script):
@@ -1802,6 +1819,7 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
             earlier = earlier_idempotent_pause(conn, caller, idempotency_key, fingerprint, now)
             if earlier is not None:
                 return earlier, True
+        require_room(config)        # after the replay: a client whose answer was lost still learns its pause
         if caller.livemode:
             check_quota(conn, config, caller, now)
         elif limiter is not None:
@@ -5373,7 +5391,9 @@ CHANNELS = {"type": "object", "required": ["channels"], "properties": {"channels
                                      "configured": {"type": "boolean"}}}}}}
 HEALTH = {"type": "object", "required": ["status"], "properties": {
     "status": {"type": "string"}, "version": {"type": "string"}, "database": {"type": "string"},
-    "scheduler": {"type": "string"}}}
+    "scheduler": {"type": "string"}, "disk": {
+        "enum": ["ok", "short of room"],
+        "description": "short of room: less free than database.min_free_mb, so new pauses and accounts get 507"}}}
 EVENT_TYPES = (*WEBHOOK_EVENTS, "webhook.test")
 EVENT = {"type": "object", "required": ["id", "type", "created_at", "livemode", "data"], "properties": {
     "id": {"type": "string", "description": "The same on every retry: drop duplicates by it."},
@@ -5600,7 +5620,8 @@ def healthz(rt):
     rt.db().execute("SELECT 1 FROM schema_migrations LIMIT 1").fetchone()
     if not rt.scheduler.running:
         raise ApiError(503, "starting", "the scheduler is not running")
-    return {"status": "ok", "version": VERSION, "database": "ok", "scheduler": "running"}
+    return {"status": "ok", "version": VERSION, "database": "ok", "scheduler": "running",
+            "disk": "short of room" if disk_short_of_room(rt.config) else "ok"}
 
 
 def get_openapi(rt):
@@ -5613,6 +5634,7 @@ def registration_allowed(rt, caller):
         raise ApiError(403, "registration_closed",
                        "registration is closed on this server; the operator adds developers with"
                        " `python pausepoint.py create-developer --email … --name …`")
+    require_room(rt.config)
     rt.limiter.limit("register", client_ip(), rt.config["ratelimit.register_per_hour"], "registrations from your address")
 
 
@@ -6126,7 +6148,7 @@ def signup(rt, form):
         with rt.hashing_turn(client_ip()):
             keys = register_developer(rt.db(), rt.config, form.get("email"), form.get("name"), form.get("password"))
     except ApiError as e:
-        if e.status not in (409, 422):
+        if e.status not in (409, 422, 507):
             raise
         return form_page(rt, "signup", status=e.status, error=e.message, values=form)
     return signed_in_redirect(rt, keys["developer_id"], "/dashboard/keys/shown",
@@ -6388,10 +6410,11 @@ ROUTES = [
     Route("GET", "/healthz", healthz, auth="none", answer=HEALTH),
     Route("GET", "/v1/openapi.json", get_openapi, auth="none", answer={"type": "object"}),
     Route("POST", "/v1/auth/register", register, 201, "none", REGISTRATION_SCHEMA, answer=REGISTERED,
-          guard=registration_allowed, refusals=(403, 409)),
+          guard=registration_allowed, refusals=(403, 409, 507)),
     Route("POST", "/v1/auth/keys/rotate", rotate, 200, "none", ROTATION_SCHEMA, answer=ROTATED, guard=rotation_allowed,
           refusals=(401,)),
-    Route("POST", "/v1/pause", post_pause, 201, body=pause_request_schema, answer=PAUSE_CREATED, refusals=(403,)),
+    Route("POST", "/v1/pause", post_pause, 201, body=pause_request_schema, answer=PAUSE_CREATED,
+          refusals=(403, 507)),
     Route("GET", "/v1/pause", list_pauses, query={"status": STATUS_QUERY, **PAGE_QUERY}, answer=page_of("pauses", PAUSE)),
     Route("GET", "/v1/pause/<pause_id>", get_pause, query={"wait": WAIT_QUERY}, answer=PAUSE),
     Route("POST", "/v1/pause/<pause_id>/cancel", post_cancel, answer=PAUSE),
@@ -6642,7 +6665,8 @@ ERROR_STATUSES = {400: "Malformed JSON, or a lone surrogate in it", 401: "No val
                   415: "The body is not sent as application/json", 422: "A field is wrong; `field` names it",
                   429: "A quota or rate limit; rate limits say when to come back in Retry-After",
                   500: "A fault in the server, logged there",
-                  503: "Busy (or starting): try again shortly, after Retry-After when given"}
+                  503: "Busy (or starting): try again shortly, after Retry-After when given",
+                  507: "The server's disk is short of room (database.min_free_mb): no new pauses or accounts for now"}
 
 
 def openapi_document(config):

@@ -37,7 +37,7 @@ def test_the_document_is_valid_openapi_3_1_with_auth_errors_and_webhooks(api):
     assert {"if": {"not": {"required": ["recipients"]}}, "then": {"required": ["channel", "recipient"]}} in body["allOf"]
     # Every status the route can answer is listed, and nothing else: a status the server
     # gives that is not here fails the fuzzing below.
-    assert set(create["responses"]) == {"201", "400", "401", "403", "413", "415", "422", "429", "500", "503"}
+    assert set(create["responses"]) == {"201", "400", "401", "403", "413", "415", "422", "429", "500", "503", "507"}
     assert set(document["paths"]["/v1/auth/register"]["post"]["responses"]) >= {"403", "409"}
     assert document["webhooks"]["pause.responded"]["post"]["requestBody"]["content"]["application/json"]["schema"][
         "allOf"][1]["properties"]["data"] == {"$ref": "#/components/schemas/Pause"}

@@ -1,5 +1,6 @@
 import contextlib
 import datetime as dt
+import shutil
 import sqlite3
 
 import pytest
@@ -303,3 +304,34 @@ def test_test_pauses_are_rate_limited_per_developer_and_replays_cost_nothing(spa
     assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
     assert requests.post(f"{server.url}/v1/pause", json=WIRE, headers=other).status_code == 201
     assert stored(str(tmp_path / "pausepoint.db"), "SELECT count(*) FROM pauses") == [(6,)]
+
+
+def test_a_disk_short_of_room_takes_no_new_pauses_or_accounts_but_decides_those_it_has(running_api, tmp_path):
+    """Its free space is kept for the pauses already made: a full disk would fail every write,
+    a decision's too."""
+    roomy = running_api()
+    keys = roomy.register()
+    key, auth = keys["test_api_key"], roomy.as_key(keys["test_api_key"])
+    answered, running_out = roomy.create_pause(key), roomy.create_pause(key)
+    replayed = roomy.post_json("/v1/pause", WIRE, headers={**auth, "Idempotency-Key": "k1"}).json
+    # The same database, served with a reserve bigger than its whole disk.
+    short = running_api(jobs=True, **{"database.min_free_mb": shutil.disk_usage(tmp_path).total // 2**20 + 1})
+    before = stored(short.config, "SELECT count(*) FROM pauses"), stored(short.config, "SELECT count(*) FROM developers")
+
+    refused = short.post_json("/v1/pause", WIRE, headers=auth, status=507)
+    assert refused.json["error"]["code"] == "storage_low" and refused.headers["Retry-After"] == "60"
+    assert "min_free_mb" in short.post_json("/v1/auth/register", {"email": "new@example.com", "name": "N",
+                                                                  "password": PASSWORD}, status=507).json["error"]["message"]
+    form = short.get("/dashboard/signup").forms[0]
+    form["email"], form["name"], form["password"] = "new@example.com", "N", PASSWORD
+    assert "nearly full" in form.submit(status=507).text
+    assert short.get("/healthz").json["disk"] == "short of room"
+    assert (stored(short.config, "SELECT count(*) FROM pauses"), stored(short.config, "SELECT count(*) FROM developers")) \
+        == before
+    # What was made before is answered, replayed, decided and timed out as ever.
+    again = short.post_json("/v1/pause", WIRE, headers={**auth, "Idempotency-Key": "k1"}, status=201)
+    assert again.json["pause_id"] == replayed["pause_id"] and again.headers["Idempotent-Replayed"] == "true"
+    short.post_json(f"/v1/respond/{token_of(answered['respond_url'])}", {"choice": "Approve"})
+    run_out(short.config, running_out["pause_id"])
+    short.step("timeouts")
+    assert [short.pause(key, p["pause_id"])["status"] for p in (answered, running_out)] == ["responded", "timed_out"]

@@ -37,7 +37,7 @@ def create(url, key, **changes):
 def test_healthz_answers_once_the_database_and_scheduler_are_up(spawn_server):
     server = spawn_server()
     body = requests.get(f"{server.url}/healthz").json()
-    assert body["status"] == "ok" and body["scheduler"] == "running" and body["database"] == "ok"
+    assert body["status"] == "ok" and body["scheduler"] == "running" and body["database"] == "ok" and body["disk"] == "ok"
 
 
 def test_a_pause_times_out_to_its_default_within_a_second_of_expiring(live_server):
