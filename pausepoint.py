@@ -125,6 +125,7 @@ SETTINGS = [
     Setting("dashboard.session_max_hours", 168, "Hours a dashboard sign-in lasts at most, however often it is used."),
     Setting("security.bcrypt_rounds", 12, "bcrypt cost factor for passwords (4-16). Each step doubles the work."),
     Setting("pauses.max_timeout_hours", 720.0, "Longest timeout_hours a pause may ask for."),
+    Setting("pauses.max_test_pending", 5000, "Test-mode pauses one developer may have pending at once; beyond it, new ones get 429 until some are decided, cancelled or time out."),
     Setting("twilio.account_sid", "", "Twilio account SID (AC…), for the sms channel."),
     Setting("twilio.auth_token", "", "Twilio auth token, for the sms channel."),
     Setting("twilio.from_number", "", "The Twilio phone number SMS and WhatsApp messages are sent from, in E.164 form (+15550100)."),
@@ -153,7 +154,8 @@ SETTINGS = [
     Setting("metrics.enabled", False, "Serve Prometheus metrics (see metrics.listen)."),
     Setting("metrics.listen", "127.0.0.1:9464", "Where metrics are served, host:port, apart from the API; empty:"
             " at /metrics on the API's own address, where anyone who reaches it can read them."),
-    Setting("retention.test_days", 30, "Days test-mode pauses, notifications and audit events are kept after they are decided; a daily job deletes older ones."),
+    Setting("retention.test_days", 30, "Days test-mode pauses, notifications and audit events are kept after they are decided; an hourly job deletes older ones."),
+    Setting("retention.test_pauses_kept", 5000, "Test-mode pauses kept per developer, newest first: the hourly job deletes their older decided ones sooner than retention.test_days, with the older part of their test audit log and event feed."),
     Setting("retention.delivery_log_days", 30, "Days webhook events, deliveries and attempts are kept after they finish."),
     Setting("plans.free.monthly_pauses", 100, "Live pauses a developer on the free plan may create per calendar month (UTC). Add plans as [plans.NAME]."),
 ]
@@ -327,6 +329,7 @@ SETTING_CHECKS = {
     "database.min_free_mb": lambda v: None if v >= 0 else "must be 0 or more",
     "security.bcrypt_rounds": lambda v: None if 4 <= v <= 16 else "must be between 4 and 16",
     "pauses.max_timeout_hours": lambda v: None if 0 < v <= 24 * 366 else "must be above 0 and at most 8784 (a year)",
+    "pauses.max_test_pending": lambda v: None if v >= 1 else "must be at least 1",
     "smtp.security": lambda v: None if v in ("starttls", "tls", "none") else "must be starttls, tls or none",
     "smtp.port": lambda v: None if 1 <= v <= 65535 else "must be between 1 and 65535",
     "server.connection_limit": lambda v: None if 100 <= v <= 100_000 else "must be between 100 and 100000",
@@ -344,6 +347,7 @@ SETTING_CHECKS = {
     "ratelimit.webhook_changes_per_hour": lambda v: None if v >= 1 else "must be at least 1",
     # Retries run for about three days: a shorter log would delete deliveries still being retried.
     "retention.test_days": lambda v: None if v >= 1 else "must be at least 1",
+    "retention.test_pauses_kept": lambda v: None if v >= 1 else "must be at least 1",
     "retention.delivery_log_days": lambda v: None if v >= 4 else "must be at least 4 (retries run for about 3 days)",
     "ratelimit.register_per_hour": lambda v: None if v >= 1 else "must be at least 1",
     "ratelimit.rotate_per_hour": lambda v: None if v >= 1 else "must be at least 1",
@@ -1820,12 +1824,11 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
             if earlier is not None:
                 return earlier, True
         require_room(config)        # after the replay: a client whose answer was lost still learns its pause
+        # Live pauses are bounded by the plan's quota, test pauses otherwise; replays by neither.
         if caller.livemode:
             check_quota(conn, config, caller, now)
-        elif limiter is not None:
-            # Live pauses are bounded by the plan's quota, test pauses by this rate; replays by neither.
-            limiter.limit("test_pauses", caller.developer_id, config["ratelimit.test_pauses_per_hour"],
-                          "test pauses for this developer (ratelimit.test_pauses_per_hour)")
+        else:
+            check_test_allowance(conn, config, caller, limiter)
         # SMS and WhatsApp replies name their pause by a code, unique among the number's pending pauses.
         reply_code = (new_reply_code(conn, asked["recipient"], caller.livemode, caller.developer_id)
                       if channels(config)[asked["channel"]].kind == "twilio" else None)
@@ -1954,6 +1957,23 @@ def check_quota(conn, config, caller, now):
         raise ApiError(429, "quota_exceeded",
                        f"the {caller.plan} plan allows {allowed} live pauses per month and this month's are used;"
                        " test keys are not counted, and the operator can change your plan")
+
+
+def check_test_allowance(conn, config, caller, limiter=None):
+    """429 past the developer's test-pause rate (ratelimit.test_pauses_per_hour), or with
+    pauses.max_test_pending test pauses pending: those are never pruned, and may wait up to
+    pauses.max_timeout_hours. The rate first: counting the pending takes up to 0.7 ms of the
+    write lock (at 5,000), so a refusal for them spends the rate too."""
+    if limiter is not None:
+        limiter.limit("test_pauses", caller.developer_id, config["ratelimit.test_pauses_per_hour"],
+                      "test pauses for this developer (ratelimit.test_pauses_per_hour)")
+    allowed = config["pauses.max_test_pending"]
+    pending = query_db(conn, "SELECT count(*) FROM (SELECT 1 FROM pauses WHERE developer_id = ? AND livemode = 0"
+                             " AND status = 'pending' LIMIT ?)", (caller.developer_id, allowed), one=True)[0]
+    if pending >= allowed:
+        raise ApiError(429, "too_many_pending",
+                       f"you have {allowed} test pauses pending, the most allowed (pauses.max_test_pending);"
+                       " cancel some, or wait for them to be decided or to time out")
 
 
 def live_pauses_this_month(conn, developer_id, now):
@@ -4122,6 +4142,15 @@ def record_attempt(conn, delivery_id, webhook_id, attempt, claim_until, started_
 ###############################################################################
 
 PRUNE_BATCH = 500       # rows per transaction, so writers never wait long behind the pruning job
+# What goes with a test pause (by its id), and with a webhook event (by its id).
+PAUSE_ROWS = ["DELETE FROM notifications WHERE pause_id = ?", "DELETE FROM pause_recipients WHERE pause_id = ?",
+              "DELETE FROM pause_steps WHERE pause_id = ?", "DELETE FROM idempotency_keys WHERE pause_id = ?",
+              "DELETE FROM pauses WHERE id = ? AND livemode = 0"]
+EVENT_ROWS = ["DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries WHERE event_id = ?)",
+              "DELETE FROM webhook_deliveries WHERE event_id = ?", "DELETE FROM webhook_events WHERE id = ?"]
+# An event whose deliveries are all finished (its alias is e).
+NO_DELIVERY_UNDER_WAY = ("NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id"
+                         " AND d.status IN ('pending', 'delivering'))")
 
 
 def prune_expired_data(conn, config, now=None):
@@ -4131,53 +4160,72 @@ def prune_expired_data(conn, config, now=None):
     test_cutoff = db_time(now - dt.timedelta(days=config["retention.test_days"]))
     log_cutoff = db_time(now - dt.timedelta(days=config["retention.delivery_log_days"]))
     deleted = collections.Counter()
-
-    def in_batches(kind, select, args, delete):
-        while True:
-            with transaction(conn):
-                ids = [row[0] for row in conn.execute(select + " LIMIT ?", (*args, PRUNE_BATCH))]
-                for statement in delete:
-                    conn.executemany(statement, [(i,) for i in ids])
-            deleted[kind] += len(ids)
-            if len(ids) < PRUNE_BATCH:
-                return
-
-    in_batches("test pauses",
-               "SELECT id FROM pauses WHERE livemode = 0 AND status != 'pending' AND decided_at < ?", (test_cutoff,),
-               ["DELETE FROM notifications WHERE pause_id = ?",
-                "DELETE FROM pause_recipients WHERE pause_id = ?",
-                "DELETE FROM pause_steps WHERE pause_id = ?",
-                "DELETE FROM idempotency_keys WHERE pause_id = ?",
-                "DELETE FROM pauses WHERE id = ? AND livemode = 0"])
-    # A test chain loses only its oldest events, up to the first one still within retention, so
-    # what is kept still verifies link by link (audit_chain_breaks()).
-    for developer_id, in query_db(conn, "SELECT DISTINCT developer_id FROM audit_events INDEXED BY audit_test_by_age"
-                                        " WHERE livemode = 0 AND timestamp < ?", (test_cutoff,)):
+    delete = functools.partial(delete_in_batches, conn, deleted)
+    delete("test pauses", "SELECT id FROM pauses WHERE livemode = 0 AND status != 'pending' AND decided_at < ?",
+           (test_cutoff,), PAUSE_ROWS)
+    audit_since = {developer_id: test_cutoff for developer_id, in query_db(
+        conn, "SELECT DISTINCT developer_id FROM audit_events INDEXED BY audit_test_by_age"
+              " WHERE livemode = 0 AND timestamp < ?", (test_cutoff,))}
+    for developer_id, since in prune_test_pauses_past_kept(conn, config, delete):
+        audit_since[developer_id] = max(audit_since.get(developer_id, test_cutoff), since)
+    # A test chain loses only its oldest events, up to the first one it keeps, so what is kept
+    # still verifies link by link (audit_chain_breaks()).
+    for developer_id, since in audit_since.items():
         kept = query_db(conn, "SELECT seq FROM audit_events WHERE developer_id = ? AND livemode = 0 AND timestamp >= ?"
-                              " ORDER BY seq LIMIT 1", (developer_id, test_cutoff), one=True)
-        in_batches("test audit events", "SELECT seq FROM audit_events WHERE developer_id = ? AND livemode = 0"
-                                        " AND seq < ?", (developer_id, kept[0] if kept else math.inf),
-                   ["DELETE FROM audit_events WHERE seq = ? AND livemode = 0"])
-    in_batches("webhook events",
-               "SELECT id FROM webhook_events e WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d"
-               " WHERE d.event_id = e.id AND d.status IN ('pending', 'delivering'))", (log_cutoff,),
-               ["DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries WHERE event_id = ?)",
-                "DELETE FROM webhook_deliveries WHERE event_id = ?",
-                "DELETE FROM webhook_events WHERE id = ?"])
-    in_batches("idempotency keys",
-               "SELECT rowid FROM idempotency_keys WHERE created_at < ?", (db_time(now - IDEMPOTENCY_WINDOW),),
-               ["DELETE FROM idempotency_keys WHERE rowid = ?"])
-    in_batches("dashboard devices", "SELECT rowid FROM dashboard_devices WHERE signed_in_at < ?",
-               (db_time(now - DEVICE_LIFETIME),), ["DELETE FROM dashboard_devices WHERE rowid = ?"])
+                              " ORDER BY seq LIMIT 1", (developer_id, since), one=True)
+        delete("test audit events", "SELECT seq FROM audit_events WHERE developer_id = ? AND livemode = 0 AND seq < ?",
+               (developer_id, kept[0] if kept else math.inf), ["DELETE FROM audit_events WHERE seq = ? AND livemode = 0"])
+    delete("webhook events", f"SELECT id FROM webhook_events e WHERE created_at < ? AND {NO_DELIVERY_UNDER_WAY}",
+           (log_cutoff,), EVENT_ROWS)
+    delete("idempotency keys", "SELECT rowid FROM idempotency_keys WHERE created_at < ?",
+           (db_time(now - IDEMPOTENCY_WINDOW),), ["DELETE FROM idempotency_keys WHERE rowid = ?"])
+    delete("dashboard devices", "SELECT rowid FROM dashboard_devices WHERE signed_in_at < ?",
+           (db_time(now - DEVICE_LIFETIME),), ["DELETE FROM dashboard_devices WHERE rowid = ?"])
     # Sign-ins past either limit, which session_for() would refuse anyway.
-    in_batches("dashboard sign-ins",
-               "SELECT token_hash FROM dashboard_sessions WHERE last_seen_at < ? OR created_at < ?",
-               (db_time(now - dt.timedelta(minutes=config["dashboard.session_idle_minutes"])),
-                db_time(now - dt.timedelta(hours=config["dashboard.session_max_hours"]))),
-               ["DELETE FROM dashboard_sessions WHERE token_hash = ?"])
+    delete("dashboard sign-ins", "SELECT token_hash FROM dashboard_sessions WHERE last_seen_at < ? OR created_at < ?",
+           (db_time(now - dt.timedelta(minutes=config["dashboard.session_idle_minutes"])),
+            db_time(now - dt.timedelta(hours=config["dashboard.session_max_hours"]))),
+           ["DELETE FROM dashboard_sessions WHERE token_hash = ?"])
     if any(deleted.values()):
         log.info("pruned past retention: %s", ", ".join(f"{n} {kind}" for kind, n in deleted.items() if n))
     return dict(deleted)
+
+
+def prune_test_pauses_past_kept(conn, config, delete):
+    """Past retention.test_pauses_kept, a developer's oldest decided test pauses go before their
+    time, and their test event feed from before the oldest test pause kept, so one developer's
+    test data is bounded by a count, not only by their rate times retention.test_days. Yields
+    (developer, when the oldest test pause kept was made), for their audit chain."""
+    kept = config["retention.test_pauses_kept"]
+    for developer_id, in query_db(conn, "SELECT developer_id FROM pauses WHERE livemode = 0 GROUP BY developer_id"
+                                        " HAVING count(*) > ?", (kept,)):
+        oldest_kept = query_db(conn, "SELECT seq, created_at FROM pauses WHERE developer_id = ? AND livemode = 0"
+                                     " ORDER BY seq DESC LIMIT 1 OFFSET ?", (developer_id, kept - 1), one=True)
+        delete("test pauses", "SELECT id FROM pauses WHERE developer_id = ? AND livemode = 0 AND seq < ?"
+                              " AND status != 'pending'", (developer_id, oldest_kept["seq"]), PAUSE_ROWS)
+        # The feed's newest row stays (see webhook_events_feed), and with it every later one.
+        feed_kept = query_db(conn, "SELECT coalesce((SELECT rowid FROM webhook_events WHERE developer_id = :developer"
+                                   " AND livemode = 0 AND created_at >= :since ORDER BY rowid LIMIT 1),"
+                                   " (SELECT max(rowid) FROM webhook_events WHERE developer_id = :developer"
+                                   " AND livemode = 0))", {"developer": developer_id, "since": oldest_kept["created_at"]},
+                             one=True)[0]
+        delete("webhook events", f"SELECT id FROM webhook_events e WHERE developer_id = ? AND livemode = 0"
+                                 f" AND rowid < ? AND {NO_DELIVERY_UNDER_WAY}",
+               (developer_id, feed_kept if feed_kept is not None else -1), EVENT_ROWS)
+        yield developer_id, oldest_kept["created_at"]
+
+
+def delete_in_batches(conn, deleted, kind, select, args, delete):
+    """Run `select` (… LIMIT ? appended) for ids, and each `delete` statement for each id, a
+    transaction a batch, until a batch comes short; counts them in deleted[kind]."""
+    while True:
+        with transaction(conn):
+            ids = [row[0] for row in conn.execute(select + " LIMIT ?", (*args, PRUNE_BATCH))]
+            for statement in delete:
+                conn.executemany(statement, [(i,) for i in ids])
+        deleted[kind] += len(ids)
+        if len(ids) < PRUNE_BATCH:
+            return
 
 
 ###############################################################################
@@ -4424,7 +4472,9 @@ WAL_CHECKPOINT_PAGES = 250_000          # about 1 GB of 4 KiB pages: only if the
 CHECKPOINT_PASSES = 5
 CHECKPOINT_TAIL_FRAMES = 1_000          # left for the pass under the write lock
 HASH_WAIT_SECONDS = 5
-PRUNE_INTERVAL = dt.timedelta(days=1)
+# Hourly: test data is bounded by a count (retention.test_pauses_kept), which a developer
+# at the test-pause rate could pass 24 times over in a day.
+PRUNE_INTERVAL = dt.timedelta(hours=1)
 TIMEOUTS_CACHE_KIB = 4096                   # the timeout job's page cache (see run_timeouts)
 
 

@@ -14,8 +14,10 @@
 --     (retention.* settings): decided test-mode pauses with their notifications,
 --     people, steps and idempotency keys; the oldest test-mode audit events of each
 --     developer's chain, up to the first one within retention; finished webhook events
---     with their deliveries and attempts; idempotency keys older than 24 hours. Live
---     pauses and live audit events are never deleted (a trigger enforces the latter).
+--     with their deliveries and attempts; idempotency keys older than 24 hours. Past
+--     retention.test_pauses_kept test pauses, a developer's older decided ones go
+--     sooner, with their chain's and test event feed's part from before the oldest kept.
+--     Live pauses and live audit events are never deleted (a trigger enforces the latter).
 -- Later changes are numbered migrations in pausepoint.py (MIGRATIONS), each
 -- recorded in schema_migrations.
 
@@ -63,7 +65,7 @@ CREATE UNIQUE INDEX api_keys_one_active ON api_keys(developer_id, livemode) WHER
 -- Dashboard sign-ins. The cookie carries a 256-bit token; only its SHA-256 is
 -- kept, as for API keys. Logging out deletes the row; changing the password
 -- deletes all of a developer's. A row past either limit (dashboard.session_*)
--- is refused and deleted when next used, or else by the daily pruning.
+-- is refused and deleted when next used, or else by the hourly pruning.
 CREATE TABLE dashboard_sessions (
     token_hash    TEXT PRIMARY KEY,                  -- hex SHA-256 of the cookie's token; serves the lookup
     developer_id  TEXT NOT NULL REFERENCES developers(id),

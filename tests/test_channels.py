@@ -764,8 +764,10 @@ def members_with_codes(config, code, where="1"):
                    f" FROM letter a, digit, letter b, pause_recipients WHERE position = 1 AND ({where})")
 
 
-# Codes of two characters, each once (those made of the letters codes use).
-SHORT_CODES = ("a.c || d", "b.c = 'A' AND a.c NOT IN ('I', 'L', 'O')")
+# Rows of letters that codes use (no I, L or O).
+REAL_LETTERS = "a.c NOT IN ('I', 'L', 'O') AND b.c NOT IN ('I', 'L', 'O')"
+# Codes of two characters, each once.
+SHORT_CODES = ("a.c || d", f"b.c = 'A' AND {REAL_LETTERS}")
 
 
 def code_of(config, created):
@@ -799,8 +801,9 @@ def test_another_developers_test_pauses_never_use_up_a_numbers_codes(sms_setup):
     api, config, keys = sms_setup
     other = api.register(email="other@example.com")["test_api_key"]
     api.create_pause(other)
-    copies_with_codes(config, "pending", "a.c || d || b.c")
+    copies_with_codes(config, "pending", "a.c || d || b.c", REAL_LETTERS)
     copies_with_codes(config, "pending", *SHORT_CODES)
+    assert stored(config, "SELECT count(*) FROM pauses WHERE status = 'pending'") == [(4416,)]      # every code
     refused = api.post_json("/v1/pause", WIRE, headers=api.as_key(other), status=429).json["error"]
     assert refused["code"] == "too_many_pending" and "of your test pauses" in refused["message"]
     assert len(code_of(config, api.create_pause(keys["test_api_key"]))) == 2
@@ -886,9 +889,8 @@ def test_when_random_draws_keep_missing_the_few_free_codes_are_found(sms_setup):
     key = keys["test_api_key"]
     api.create_pause(key)               # a developer, and a pause to copy
     stored(config, "UPDATE pauses SET reply_code = NULL")     # its code may be one of the free ones
-    real = "a.c NOT IN ('I', 'L', 'O') AND b.c NOT IN ('I', 'L', 'O')"
-    copies_with_codes(config, "pending", "a.c || d", f"b.c = 'A' AND {real}")
-    copies_with_codes(config, "pending", "a.c || d || b.c", f"{real} AND NOT (a.c = 'K' AND d = 7)")
+    copies_with_codes(config, "pending", *SHORT_CODES)
+    copies_with_codes(config, "pending", "a.c || d || b.c", f"{REAL_LETTERS} AND NOT (a.c = 'K' AND d = 7)")
     free = {code for code in pausepoint.LONG_REPLY_CODES if code.startswith("K7")}
     assert stored(config, "SELECT count(*) FROM pauses WHERE status = 'pending'") == [(1 + 4232 - 23 + 184,)]
     codes = [stored(config, "SELECT reply_code FROM pauses WHERE id = ?", api.create_pause(key)["pause_id"])[0][0]

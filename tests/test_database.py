@@ -238,9 +238,53 @@ def test_pruning_works_through_any_backlog_in_batches(running_api):
     assert stored(config, "SELECT count(*) FROM pauses") == [(0,)]
 
 
-def test_pruning_is_scheduled_daily(running_api):
+def test_pruning_is_scheduled_hourly(running_api):
     job = running_api(jobs=True).app.runtime.scheduler.get_job("run_pruning")
-    assert job.trigger.interval == dt.timedelta(days=1)
+    assert job.trigger.interval == dt.timedelta(hours=1)
+
+
+def test_each_developer_keeps_their_newest_test_pauses_and_what_goes_with_them(running_api, receiver):
+    api = running_api(**{"webhooks.allow_private": True, "retention.test_pauses_kept": 3})
+    config = api.config
+
+    def developer(email, decided):
+        """A developer's pauses: [a pending test one, then `decided` cancelled ones], and a cancelled live one."""
+        keys = api.register(email=email)
+        test, live = api.as_key(keys["test_api_key"]), api.as_key(keys["api_key"])
+        api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.created"]}, headers=test)
+        made = [api.post_json("/v1/pause", {**WIRE, "timeout_hours": 720}, headers=test).json["pause_id"]]
+        for _ in range(decided):
+            made.append(api.post_json("/v1/pause", WIRE, headers=test).json["pause_id"])
+            api.post(f"/v1/pause/{made[-1]}/cancel", headers=test)
+        kept_live = api.post_json("/v1/pause", {**WIRE, "channel": "link", "recipient": "ops"}, headers=live).json
+        api.post(f"/v1/pause/{kept_live['pause_id']}/cancel", headers=live)
+        return keys["developer_id"], made, kept_live["pause_id"]
+
+    busy, busy_pauses, busy_live = developer("busy@example.com", decided=5)
+    quiet, quiet_pauses, quiet_live = developer("quiet@example.com", decided=2)
+    api.step("notifications")
+    api.step("webhooks")
+    oldest_kept = stored(config, "SELECT created_at FROM pauses WHERE id = ?", busy_pauses[-3])[0][0]
+    untouched = "SELECT count(*) FROM audit_events WHERE developer_id = ? OR livemode = 1"
+    before = stored(config, untouched, quiet)
+
+    deleted = pausepoint.prune_expired_data(api.app.runtime.db(), config)
+
+    # The busy developer's newest three and the pending one stay; nobody else's are touched.
+    assert {row[0] for row in stored(config, "SELECT id FROM pauses")} == {
+        busy_pauses[0], *busy_pauses[-3:], busy_live, *quiet_pauses, quiet_live}
+    assert deleted["test pauses"] == 2
+    assert stored(config, "SELECT count(*) FROM notifications WHERE pause_id NOT IN (SELECT id FROM pauses)") == [(0,)]
+    # Their test audit chain and event feed lose what came before the oldest pause kept; the
+    # rest of the chain still verifies, and the live chain and the quiet developer's are whole.
+    assert stored(config, "SELECT min(timestamp) FROM audit_events WHERE developer_id = ? AND livemode = 0",
+                  busy) == [(oldest_kept,)]
+    assert stored(config, "SELECT min(created_at) FROM webhook_events WHERE developer_id = ? AND livemode = 0",
+                  busy) == [(oldest_kept,)]
+    assert stored(config, "SELECT count(*) FROM webhook_deliveries WHERE event_id NOT IN"
+                          " (SELECT id FROM webhook_events)") == [(0,)]
+    assert pausepoint.audit_chain_breaks(api.app.runtime.db()) == []
+    assert stored(config, untouched, quiet) == before
 
 
 def test_a_burst_of_due_pauses_all_time_out_in_one_run_each_exactly_once(running_api, receiver):

@@ -335,3 +335,21 @@ def test_a_disk_short_of_room_takes_no_new_pauses_or_accounts_but_decides_those_
     run_out(short.config, running_out["pause_id"])
     short.step("timeouts")
     assert [short.pause(key, p["pause_id"])["status"] for p in (answered, running_out)] == ["responded", "timed_out"]
+
+
+def test_a_developer_with_as_many_test_pauses_pending_as_allowed_gets_429_for_another(running_api):
+    """Pending pauses are never pruned, so the count pending is what bounds them."""
+    api = running_api(**{"pauses.max_test_pending": 2})
+    keys, other = api.register(), api.register(email="other@example.com")
+    test = api.as_key(keys["test_api_key"])
+    first = api.post_json("/v1/pause", WIRE, headers={**test, "Idempotency-Key": "k1"}).json
+    api.create_pause(keys["test_api_key"])
+    refused = api.post_json("/v1/pause", WIRE, headers=test, status=429).json["error"]
+    assert refused["code"] == "too_many_pending" and "pauses.max_test_pending" in refused["message"]
+    assert api.post_json("/v1/pause", WIRE, headers={**test, "Idempotency-Key": "k1"}).json == first    # a replay
+    api.create_pause(keys["api_key"], channel="link", recipient="ops")       # live pauses have their quota instead
+    api.create_pause(other["test_api_key"])                                  # another developer's count is theirs
+    api.post(f"/v1/pause/{first['pause_id']}/cancel", headers=test)
+    api.create_pause(keys["test_api_key"])
+    assert stored(api.config, "SELECT count(*) FROM pauses WHERE developer_id = ? AND livemode = 0 AND status = ?",
+                  keys["developer_id"], "pending") == [(2,)]
