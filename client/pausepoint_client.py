@@ -54,7 +54,7 @@ class PayloadTooLarge(PausePointError): """413: the body is over the server's li
 class UnsupportedMediaType(PausePointError): """415: not sent as JSON."""
 class InvalidRequest(PausePointError): """422: a field is wrong; .field names it."""
 class RateLimited(PausePointError): """429: a quota or rate limit; .retry_after says when to come back."""
-class ServerError(PausePointError): """5xx: the server could not answer (retried first, for safe calls)."""
+class ServerError(PausePointError): """5xx: the server could not answer (retried first, for safe calls, but 507)."""
 class Unreachable(PausePointError): """No answer at all: connection refused or reset, or timed out (retried first)."""
 
 
@@ -104,8 +104,8 @@ class PausePoint:
     """Calls to one PausePoint server with one API key.
 
     Safe calls (reads, and creates, which always carry an Idempotency-Key) are retried
-    with growing, jittered waits on no answer, 5xx and 429 (after Retry-After when the
-    server gives it), up to `retries` times."""
+    with growing, jittered waits on no answer and 5xx, and after its Retry-After on a 429
+    that gives one (a rate limit), up to `retries` times; not on a quota or a full disk."""
 
     def __init__(self, base_url, api_key, timeout=10.0, retries=6, backoff=0.5):
         self.base_url, self.api_key = base_url.rstrip("/"), api_key
@@ -226,7 +226,10 @@ class PausePoint:
             except (urllib.error.URLError, http.client.HTTPException, OSError) as e:     # no whole answer
                 reason = getattr(e, "reason", e)
                 error = Unreachable(0, "unreachable", f"no answer from {self.base_url}: {reason}")
-            retryable = isinstance(error, (Unreachable, ServerError, RateLimited))
+            # A quota, a cap on pending pauses or a full disk (507) does not clear in seconds: what
+            # may is tried again (no answer, a server fault, a rate limit, which says when).
+            retryable = (isinstance(error, (Unreachable, ServerError)) and error.status != 507
+                         or isinstance(error, RateLimited) and error.retry_after is not None)
             pause = min(error.retry_after or self.backoff * 2 ** attempt, 30) * random.uniform(0.8, 1.2)
             late = deadline is not None and time.monotonic() + pause >= deadline
             if not (safe and retryable) or attempt == self.retries or late:

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from conftest import (QUESTION, answer_first_pending, reads_of_one_pause, register_over_http, ROOT, WIRE, LiveServer,
-                      free_port, make_config, stored, token_of, wait_until)
+                      free_port, make_config, scraped, serving, stored, token_of, value, wait_until)
 import pausepoint
 
 sys.path.insert(0, os.path.join(ROOT, "client"))
@@ -204,6 +204,23 @@ def test_refusals_are_typed_and_carry_the_servers_words(live_server, client):
     assert unauthorized.value.code == "unauthorized"
     with pytest.raises(pausepoint_client.NotFound):
         client.get("psr_nothing_here")
+
+
+@pytest.mark.parametrize("settings, code", [({"pauses.max_test_pending": 1}, "too_many_pending"),
+                                            ({"database.min_free_mb": 2**40}, "storage_low")])
+def test_a_refusal_that_will_not_clear_in_seconds_is_not_asked_again(tmp_path, settings, code):
+    """Unlike a rate limit's 429, which says when to come back: retried, the hook would outlast its 60 s."""
+    with serving(tmp_path, **{"metrics.enabled": True, "metrics.listen": ""}, **settings) as server:
+        keys = pausepoint.register_developer(server.app.runtime.db(), server.app.runtime.config, "c@example.com", "C",
+                                             "correct horse battery")
+        client = PausePoint(server.url, keys["test_api_key"], backoff=0.01)
+        made = 0 if code == "storage_low" else len([client.pause(**ASK)])
+        with pytest.raises(pausepoint_client.PausePointError) as refused:
+            client.pause(**ASK)
+        assert refused.value.code == code
+        posts = value(scraped(requests.get(f"{server.url}/metrics", timeout=10).text), "pausepoint_request_seconds_count",
+                      method="POST", route="/v1/pause")
+        assert posts == made + 1
 
 
 def test_the_event_feed_and_the_audit_log(client):
