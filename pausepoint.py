@@ -125,7 +125,7 @@ SETTINGS = [
     Setting("dashboard.session_max_hours", 168, "Hours a dashboard sign-in lasts at most, however often it is used."),
     Setting("security.bcrypt_rounds", 12, "bcrypt cost factor for passwords (4-16). Each step doubles the work."),
     Setting("pauses.max_timeout_hours", 720.0, "Longest timeout_hours a pause may ask for."),
-    Setting("pauses.max_test_pending", 5000, "Test-mode pauses one developer may have pending at once; beyond it, new ones get 429 until some are decided, cancelled or time out."),
+    Setting("pauses.max_test_pending", 1000, "Test-mode pauses one developer may have pending at once; beyond it, new ones get 429 until some are decided, cancelled or time out."),
     Setting("twilio.account_sid", "", "Twilio account SID (AC…), for the sms channel."),
     Setting("twilio.auth_token", "", "Twilio auth token, for the sms channel."),
     Setting("twilio.from_number", "", "The Twilio phone number SMS and WhatsApp messages are sent from, in E.164 form (+15550100)."),
@@ -155,7 +155,7 @@ SETTINGS = [
     Setting("metrics.listen", "127.0.0.1:9464", "Where metrics are served, host:port, apart from the API; empty:"
             " at /metrics on the API's own address, where anyone who reaches it can read them."),
     Setting("retention.test_days", 30, "Days test-mode pauses, notifications and audit events are kept after they are decided; an hourly job deletes older ones."),
-    Setting("retention.test_pauses_kept", 5000, "Test-mode pauses kept per developer, newest first: the hourly job deletes their older decided ones sooner than retention.test_days, with the older part of their test audit log and event feed."),
+    Setting("retention.test_pauses_kept", 2000, "Test-mode pauses kept per developer, newest first: the hourly job deletes their older ones sooner than retention.test_days, an hour after their decision at the earliest, with the older part of their test audit log and event feed."),
     Setting("retention.delivery_log_days", 30, "Days webhook events, deliveries and attempts are kept after they finish."),
     Setting("plans.free.monthly_pauses", 100, "Live pauses a developer on the free plan may create per calendar month (UTC). Add plans as [plans.NAME]."),
 ]
@@ -903,7 +903,7 @@ def refresh_statistics(conn):
 
 def disk_short_of_room(config):
     """Whether the database's disk has less free space than database.min_free_mb."""
-    disk = os.statvfs(os.path.dirname(os.path.abspath(config["database.path"])))
+    disk = os.statvfs(os.path.dirname(os.path.realpath(config["database.path"])))     # where SQLite writes
     return disk.f_bavail * disk.f_frsize < config["database.min_free_mb"] * 2**20
 
 
@@ -1962,8 +1962,8 @@ def check_quota(conn, config, caller, now):
 def check_test_allowance(conn, config, caller, limiter=None):
     """429 past the developer's test-pause rate (ratelimit.test_pauses_per_hour), or with
     pauses.max_test_pending test pauses pending: those are never pruned, and may wait up to
-    pauses.max_timeout_hours. The rate first: counting the pending takes up to 0.7 ms of the
-    write lock (at 5,000), so a refusal for them spends the rate too."""
+    pauses.max_timeout_hours. The rate first: counting the pending takes the write lock for
+    about 0.13 ms a thousand of them, so a refusal for them spends the rate too."""
     if limiter is not None:
         limiter.limit("test_pauses", caller.developer_id, config["ratelimit.test_pauses_per_hour"],
                       "test pauses for this developer (ratelimit.test_pauses_per_hour)")
@@ -1972,7 +1972,7 @@ def check_test_allowance(conn, config, caller, limiter=None):
                              " AND status = 'pending' LIMIT ?)", (caller.developer_id, allowed), one=True)[0]
     if pending >= allowed:
         raise ApiError(429, "too_many_pending",
-                       f"you have {allowed} test pauses pending, the most allowed (pauses.max_test_pending);"
+                       f"you have as many test pauses pending as allowed ({allowed}, pauses.max_test_pending);"
                        " cancel some, or wait for them to be decided or to time out")
 
 
@@ -3913,8 +3913,9 @@ def events_after(conn, caller, after, types, limit):
                        (after, caller.developer_id, caller.livemode), one=True)
         if row is None:
             raise ApiError(404, "not_found", f"no event {shorten(after)!r} {caller.whose}; events are kept"
-                                             " retention.delivery_log_days after their deliveries end: read again"
-                                             " without after", field="after")
+                                             " retention.delivery_log_days after their deliveries end (test events"
+                                             " also go with test pauses past retention.test_pauses_kept): read"
+                                             " again without after", field="after")
         since = row[0]
     sql = ("SELECT body FROM webhook_events INDEXED BY webhook_events_feed WHERE developer_id = :developer"
            " AND livemode = :livemode AND rowid > :since")
@@ -4142,15 +4143,15 @@ def record_attempt(conn, delivery_id, webhook_id, attempt, claim_until, started_
 ###############################################################################
 
 PRUNE_BATCH = 500       # rows per transaction, so writers never wait long behind the pruning job
+# A test pause past retention.test_pauses_kept stays this long after its decision, for the agent
+# that asked to learn it (and a retried create to replay it) before it goes.
+KEPT_AFTER_DECISION = dt.timedelta(hours=1)
 # What goes with a test pause (by its id), and with a webhook event (by its id).
 PAUSE_ROWS = ["DELETE FROM notifications WHERE pause_id = ?", "DELETE FROM pause_recipients WHERE pause_id = ?",
               "DELETE FROM pause_steps WHERE pause_id = ?", "DELETE FROM idempotency_keys WHERE pause_id = ?",
               "DELETE FROM pauses WHERE id = ? AND livemode = 0"]
 EVENT_ROWS = ["DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries WHERE event_id = ?)",
               "DELETE FROM webhook_deliveries WHERE event_id = ?", "DELETE FROM webhook_events WHERE id = ?"]
-# An event whose deliveries are all finished (its alias is e).
-NO_DELIVERY_UNDER_WAY = ("NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id"
-                         " AND d.status IN ('pending', 'delivering'))")
 
 
 def prune_expired_data(conn, config, now=None):
@@ -4166,16 +4167,20 @@ def prune_expired_data(conn, config, now=None):
     audit_since = {developer_id: test_cutoff for developer_id, in query_db(
         conn, "SELECT DISTINCT developer_id FROM audit_events INDEXED BY audit_test_by_age"
               " WHERE livemode = 0 AND timestamp < ?", (test_cutoff,))}
-    for developer_id, since in prune_test_pauses_past_kept(conn, config, delete):
+    for developer_id, since in prune_test_pauses_past_kept(conn, config, delete, now):
         audit_since[developer_id] = max(audit_since.get(developer_id, test_cutoff), since)
     # A test chain loses only its oldest events, up to the first one it keeps, so what is kept
     # still verifies link by link (audit_chain_breaks()).
     for developer_id, since in audit_since.items():
-        kept = query_db(conn, "SELECT seq FROM audit_events WHERE developer_id = ? AND livemode = 0 AND timestamp >= ?"
-                              " ORDER BY seq LIMIT 1", (developer_id, since), one=True)
+        # (With none kept, up to the newest one now: not one written while the batches run.)
+        kept = query_db(conn, "SELECT coalesce((SELECT seq FROM audit_events WHERE developer_id = :developer"
+                              " AND livemode = 0 AND timestamp >= :since ORDER BY seq LIMIT 1), (SELECT max(seq) + 1"
+                              " FROM audit_events WHERE developer_id = :developer AND livemode = 0))",
+                        {"developer": developer_id, "since": since}, one=True)[0]
         delete("test audit events", "SELECT seq FROM audit_events WHERE developer_id = ? AND livemode = 0 AND seq < ?",
-               (developer_id, kept[0] if kept else math.inf), ["DELETE FROM audit_events WHERE seq = ? AND livemode = 0"])
-    delete("webhook events", f"SELECT id FROM webhook_events e WHERE created_at < ? AND {NO_DELIVERY_UNDER_WAY}",
+               (developer_id, kept if kept is not None else 0), ["DELETE FROM audit_events WHERE seq = ? AND livemode = 0"])
+    delete("webhook events", "SELECT id FROM webhook_events e WHERE created_at < ? AND NOT EXISTS (SELECT 1"
+                             " FROM webhook_deliveries d WHERE d.event_id = e.id AND d.status IN ('pending', 'delivering'))",
            (log_cutoff,), EVENT_ROWS)
     delete("idempotency keys", "SELECT rowid FROM idempotency_keys WHERE created_at < ?",
            (db_time(now - IDEMPOTENCY_WINDOW),), ["DELETE FROM idempotency_keys WHERE rowid = ?"])
@@ -4191,26 +4196,30 @@ def prune_expired_data(conn, config, now=None):
     return dict(deleted)
 
 
-def prune_test_pauses_past_kept(conn, config, delete):
-    """Past retention.test_pauses_kept, a developer's oldest decided test pauses go before their
-    time, and their test event feed from before the oldest test pause kept, so one developer's
-    test data is bounded by a count, not only by their rate times retention.test_days. Yields
-    (developer, when the oldest test pause kept was made), for their audit chain."""
-    kept = config["retention.test_pauses_kept"]
+def prune_test_pauses_past_kept(conn, config, delete, now):
+    """Past retention.test_pauses_kept, a developer's oldest test pauses decided at least
+    KEPT_AFTER_DECISION ago go before their time, and their test event feed from before the
+    oldest test pause kept (deliveries still pending with it, as to a disabled endpoint, which
+    would keep it for good), so one developer's test data is bounded by a count, not only by
+    their rate times retention.test_days. Yields (developer, when the oldest test pause kept
+    was made), for their audit chain."""
+    kept, decided_before = config["retention.test_pauses_kept"], db_time(now - KEPT_AFTER_DECISION)
     for developer_id, in query_db(conn, "SELECT developer_id FROM pauses WHERE livemode = 0 GROUP BY developer_id"
                                         " HAVING count(*) > ?", (kept,)):
         oldest_kept = query_db(conn, "SELECT seq, created_at FROM pauses WHERE developer_id = ? AND livemode = 0"
                                      " ORDER BY seq DESC LIMIT 1 OFFSET ?", (developer_id, kept - 1), one=True)
         delete("test pauses", "SELECT id FROM pauses WHERE developer_id = ? AND livemode = 0 AND seq < ?"
-                              " AND status != 'pending'", (developer_id, oldest_kept["seq"]), PAUSE_ROWS)
+                              " AND status != 'pending' AND decided_at < ?",
+               (developer_id, oldest_kept["seq"], decided_before), PAUSE_ROWS)
         # The feed's newest row stays (see webhook_events_feed), and with it every later one.
         feed_kept = query_db(conn, "SELECT coalesce((SELECT rowid FROM webhook_events WHERE developer_id = :developer"
                                    " AND livemode = 0 AND created_at >= :since ORDER BY rowid LIMIT 1),"
                                    " (SELECT max(rowid) FROM webhook_events WHERE developer_id = :developer"
                                    " AND livemode = 0))", {"developer": developer_id, "since": oldest_kept["created_at"]},
                              one=True)[0]
-        delete("webhook events", f"SELECT id FROM webhook_events e WHERE developer_id = ? AND livemode = 0"
-                                 f" AND rowid < ? AND {NO_DELIVERY_UNDER_WAY}",
+        delete("webhook events", "SELECT id FROM webhook_events e WHERE developer_id = ? AND livemode = 0 AND rowid < ?"
+                                 " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id"
+                                 " AND d.status = 'delivering')",
                (developer_id, feed_kept if feed_kept is not None else -1), EVENT_ROWS)
         yield developer_id, oldest_kept["created_at"]
 

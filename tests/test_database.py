@@ -7,12 +7,13 @@ import os
 import shutil
 import signal
 import sqlite3
+import sys
 import threading
 import time
 
 import pytest
 
-from conftest import WIRE, stored, token_of, wait_until
+from conftest import QUESTION, WIRE, stored, token_of, wait_until
 import pausepoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -243,48 +244,95 @@ def test_pruning_is_scheduled_hourly(running_api):
     assert job.trigger.interval == dt.timedelta(hours=1)
 
 
+# Rows that belong to a pause, or to an event, whose pause or event is gone.
+ORPHANS = ["SELECT count(*) FROM {table} WHERE pause_id NOT IN (SELECT id FROM pauses)".format(table=table)
+           for table in ("notifications", "pause_recipients", "pause_steps", "idempotency_keys")] + [
+    "SELECT count(*) FROM webhook_deliveries WHERE event_id NOT IN (SELECT id FROM webhook_events)",
+    "SELECT count(*) FROM webhook_attempts WHERE delivery_id NOT IN (SELECT id FROM webhook_deliveries)"]
+
+
 def test_each_developer_keeps_their_newest_test_pauses_and_what_goes_with_them(running_api, receiver):
     api = running_api(**{"webhooks.allow_private": True, "retention.test_pauses_kept": 3})
     config = api.config
 
     def developer(email, decided):
-        """A developer's pauses: [a pending test one, then `decided` cancelled ones], and a cancelled live one."""
+        """A cancelled live pause, then test pauses: a pending one, then `decided` cancelled
+        ones (the first a team pause with a reminder), each with an Idempotency-Key."""
         keys = api.register(email=email)
         test, live = api.as_key(keys["test_api_key"]), api.as_key(keys["api_key"])
-        api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.created"]}, headers=test)
-        made = [api.post_json("/v1/pause", {**WIRE, "timeout_hours": 720}, headers=test).json["pause_id"]]
-        for _ in range(decided):
-            made.append(api.post_json("/v1/pause", WIRE, headers=test).json["pause_id"])
-            api.post(f"/v1/pause/{made[-1]}/cancel", headers=test)
         kept_live = api.post_json("/v1/pause", {**WIRE, "channel": "link", "recipient": "ops"}, headers=live).json
         api.post(f"/v1/pause/{kept_live['pause_id']}/cancel", headers=live)
+        api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.created"]}, headers=test)
+        bodies = [{**WIRE, "timeout_hours": 720}, {**QUESTION, "remind_after_minutes": [60], "recipients": [
+            {"recipient": "+15550101", "channel": "sms"}, {"recipient": "+15550102", "channel": "sms"}]}]
+        made = []
+        for n, body in enumerate(bodies + [WIRE] * (decided - 1)):
+            made.append(api.post_json("/v1/pause", body, headers={**test, "Idempotency-Key": f"{email}{n}"}).json["pause_id"])
+            if n:
+                api.post(f"/v1/pause/{made[-1]}/cancel", headers=test)
         return keys["developer_id"], made, kept_live["pause_id"]
 
-    busy, busy_pauses, busy_live = developer("busy@example.com", decided=5)
+    def theirs(developer_id):
+        """Every row of a developer's, and every live row."""
+        return [stored(config, f"SELECT count(*) FROM {table} WHERE developer_id = ? OR livemode = 1", developer_id)
+                for table in ("pauses", "notifications", "audit_events", "webhook_events")]
+
     quiet, quiet_pauses, quiet_live = developer("quiet@example.com", decided=2)
+    busy, busy_pauses, busy_live = developer("busy@example.com", decided=6)
     api.step("notifications")
     api.step("webhooks")
+    pending, first, second, third = busy_pauses[:4]
+    event_of = "SELECT id FROM webhook_events WHERE pause_id = ?"
+    # The first's delivery waits on a disabled endpoint, the second's is being made, the third
+    # was decided half an hour before the job runs.
+    stored(config, "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = NULL WHERE event_id = ?",
+           stored(config, event_of, first)[0][0])
+    stored(config, "UPDATE webhook_deliveries SET status = 'delivering' WHERE event_id = ?",
+           stored(config, event_of, second)[0][0])
+    later = pausepoint.utcnow() + dt.timedelta(hours=2)
+    stored(config, "UPDATE pauses SET decided_at = ? WHERE id = ?",
+           pausepoint.db_time(later - dt.timedelta(minutes=30)), third)
     oldest_kept = stored(config, "SELECT created_at FROM pauses WHERE id = ?", busy_pauses[-3])[0][0]
-    untouched = "SELECT count(*) FROM audit_events WHERE developer_id = ? OR livemode = 1"
-    before = stored(config, untouched, quiet)
+    before = theirs(quiet)
 
-    deleted = pausepoint.prune_expired_data(api.app.runtime.db(), config)
+    deleted = pausepoint.prune_expired_data(api.app.runtime.db(), config, now=later)
 
-    # The busy developer's newest three and the pending one stay; nobody else's are touched.
+    # The busy developer's newest three, the pending one and the one decided within the hour stay.
     assert {row[0] for row in stored(config, "SELECT id FROM pauses")} == {
-        busy_pauses[0], *busy_pauses[-3:], busy_live, *quiet_pauses, quiet_live}
-    assert deleted["test pauses"] == 2
-    assert stored(config, "SELECT count(*) FROM notifications WHERE pause_id NOT IN (SELECT id FROM pauses)") == [(0,)]
-    # Their test audit chain and event feed lose what came before the oldest pause kept; the
-    # rest of the chain still verifies, and the live chain and the quiet developer's are whole.
+        *quiet_pauses, quiet_live, busy_live, pending, third, *busy_pauses[-3:]}
+    assert deleted["test pauses"] == 2 and theirs(quiet) == before
+    assert [stored(config, sql) for sql in ORPHANS] == [[(0,)]] * len(ORPHANS)
+    # Their test event feed and audit chain lose what came before the oldest pause kept, but for
+    # an event still being delivered; a delivery waiting on a disabled endpoint goes with its event.
+    assert stored(config, "SELECT pause_id FROM webhook_events WHERE developer_id = ? AND livemode = 0"
+                          " AND created_at < ?", busy, oldest_kept) == [(second,)]
+    assert stored(config, "SELECT status FROM webhook_deliveries WHERE status != 'succeeded'") == [("delivering",)]
     assert stored(config, "SELECT min(timestamp) FROM audit_events WHERE developer_id = ? AND livemode = 0",
                   busy) == [(oldest_kept,)]
-    assert stored(config, "SELECT min(created_at) FROM webhook_events WHERE developer_id = ? AND livemode = 0",
-                  busy) == [(oldest_kept,)]
-    assert stored(config, "SELECT count(*) FROM webhook_deliveries WHERE event_id NOT IN"
-                          " (SELECT id FROM webhook_events)") == [(0,)]
     assert pausepoint.audit_chain_breaks(api.app.runtime.db()) == []
-    assert stored(config, untouched, quiet) == before
+
+
+def test_events_written_while_a_chain_is_pruned_are_not_pruned_with_it(running_api):
+    """A chain with no event left within retention is deleted up to its newest event when the
+    job looked, not up to whatever is newest batch after batch: an API write may come between."""
+    api = running_api()
+    key = api.register()["test_api_key"]
+    api.create_pause(key)
+    written = []
+
+    def write_between(frame, event, arg):      # as an API write taking the lock before the job's first batch
+        if event == "call" and frame.f_code.co_name == "delete_in_batches" and not written \
+                and frame.f_locals.get("kind") == "test audit events":
+            written.append(api.create_pause(key)["pause_id"])
+
+    sys.setprofile(write_between)
+    try:
+        pausepoint.prune_expired_data(api.app.runtime.db(), api.config,
+                                      now=pausepoint.utcnow() + dt.timedelta(days=31))
+    finally:
+        sys.setprofile(None)
+    assert stored(api.config, "SELECT event_type FROM audit_events WHERE pause_id = ?", written[0]) == [
+        ("pause.created",)]
 
 
 def test_a_burst_of_due_pauses_all_time_out_in_one_run_each_exactly_once(running_api, receiver):

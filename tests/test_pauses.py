@@ -1,7 +1,9 @@
 import contextlib
 import datetime as dt
+import os
 import shutil
 import sqlite3
+import tempfile
 
 import pytest
 import requests
@@ -335,6 +337,23 @@ def test_a_disk_short_of_room_takes_no_new_pauses_or_accounts_but_decides_those_
     run_out(short.config, running_out["pause_id"])
     short.step("timeouts")
     assert [short.pause(key, p["pause_id"])["status"] for p in (answered, running_out)] == ["responded", "timed_out"]
+
+
+def test_the_disk_watched_is_the_one_a_linked_database_is_written_on(running_api, tmp_path):
+    """SQLite follows a symbolic link to write the database and its WAL beside the file it names."""
+    homes = sorted({tmp_path, "/dev/shm", "/var/tmp"}, key=lambda home: shutil.disk_usage(home).total)
+    small, large = homes[0], homes[-1]
+    reserve = shutil.disk_usage(small).total // 2**20 + 1          # more than all of the small disk
+    if shutil.disk_usage(large).free // 2**20 <= reserve:
+        pytest.skip("no two disks here of which one has more free than the other holds")
+    with tempfile.TemporaryDirectory(dir=small) as on_small, tempfile.TemporaryDirectory(dir=large) as on_large:
+        link = os.path.join(on_large, "pausepoint.db")
+        os.symlink(os.path.join(on_small, "pausepoint.db"), link)
+        api = running_api(fresh=True, **{"database.path": link, "database.min_free_mb": reserve})
+        refused = api.post_json("/v1/auth/register", {"email": "a@example.com", "name": "A", "password": PASSWORD},
+                                status=507)
+        assert refused.json["error"]["code"] == "storage_low"
+        api.app.runtime.stop()
 
 
 def test_a_developer_with_as_many_test_pauses_pending_as_allowed_gets_429_for_another(running_api):
