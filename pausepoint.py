@@ -125,7 +125,7 @@ SETTINGS = [
     Setting("dashboard.session_max_hours", 168, "Hours a dashboard sign-in lasts at most, however often it is used."),
     Setting("security.bcrypt_rounds", 12, "bcrypt cost factor for passwords (4-16). Each step doubles the work."),
     Setting("pauses.max_timeout_hours", 720.0, "Longest timeout_hours a pause may ask for."),
-    Setting("pauses.max_test_pending", 1000, "Test-mode pauses one developer may have pending at once; beyond it, new ones get 429 until some are decided, cancelled or time out."),
+    Setting("pauses.max_test_pending", 1000, "Test-mode pauses one developer may have pending at once; beyond it, new ones get 429 until some are decided, cancelled or time out. 0: no limit."),
     Setting("twilio.account_sid", "", "Twilio account SID (AC…), for the sms channel."),
     Setting("twilio.auth_token", "", "Twilio auth token, for the sms channel."),
     Setting("twilio.from_number", "", "The Twilio phone number SMS and WhatsApp messages are sent from, in E.164 form (+15550100)."),
@@ -329,7 +329,7 @@ SETTING_CHECKS = {
     "database.min_free_mb": lambda v: None if v >= 0 else "must be 0 or more",
     "security.bcrypt_rounds": lambda v: None if 4 <= v <= 16 else "must be between 4 and 16",
     "pauses.max_timeout_hours": lambda v: None if 0 < v <= 24 * 366 else "must be above 0 and at most 8784 (a year)",
-    "pauses.max_test_pending": lambda v: None if v >= 1 else "must be at least 1",
+    "pauses.max_test_pending": lambda v: None if v >= 0 else "must be 0 (no limit) or more",
     "smtp.security": lambda v: None if v in ("starttls", "tls", "none") else "must be starttls, tls or none",
     "smtp.port": lambda v: None if 1 <= v <= 65535 else "must be between 1 and 65535",
     "server.connection_limit": lambda v: None if 100 <= v <= 100_000 else "must be between 100 and 100000",
@@ -1968,6 +1968,8 @@ def check_test_allowance(conn, config, caller, limiter=None):
         limiter.limit("test_pauses", caller.developer_id, config["ratelimit.test_pauses_per_hour"],
                       "test pauses for this developer (ratelimit.test_pauses_per_hour)")
     allowed = config["pauses.max_test_pending"]
+    if not allowed:
+        return
     pending = query_db(conn, "SELECT count(*) FROM (SELECT 1 FROM pauses WHERE developer_id = ? AND livemode = 0"
                              " AND status = 'pending' LIMIT ?)", (caller.developer_id, allowed), one=True)[0]
     if pending >= allowed:

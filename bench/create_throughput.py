@@ -115,7 +115,7 @@ def pausepoint_server(workdir, **settings):
     """`python pausepoint.py` on a fresh database with rate limits off; yields (url, test key)."""
     port = free_port()
     env = {**os.environ, "PAUSEPOINT_RATELIMIT_ENABLED": "false", "PAUSEPOINT_SECURITY_BCRYPT_ROUNDS": "4",
-           "PAUSEPOINT_PAUSES_MAX_TEST_PENDING": "100000000", **settings}
+           "PAUSEPOINT_PAUSES_MAX_TEST_PENDING": "0", **settings}
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db",
                              os.path.join(workdir, "pausepoint.db"), "--port", str(port)],
                             env=env, cwd=workdir, stderr=subprocess.DEVNULL)

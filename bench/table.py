@@ -50,7 +50,7 @@ LONG_POLLERS = 10           # agents waiting at once in the long-poll row
 # texts a number of its own, so the create row's number starts with one pending, not thousands.
 OTHER_NUMBER = {**PAUSE, "recipient": "+15550199"}
 PAUSEPOINT_ENV = {"PAUSEPOINT_RATELIMIT_ENABLED": "false", "PAUSEPOINT_SECURITY_BCRYPT_ROUNDS": "4",
-                  "PAUSEPOINT_WEBHOOKS_ALLOW_PRIVATE": "true", "PAUSEPOINT_PAUSES_MAX_TEST_PENDING": "100000000"}
+                  "PAUSEPOINT_WEBHOOKS_ALLOW_PRIVATE": "true", "PAUSEPOINT_PAUSES_MAX_TEST_PENDING": "0"}
 
 
 # Seconds of each load row; decisions timed in the webhook and long-poll rows; preloaded pauses

@@ -372,3 +372,5 @@ def test_a_developer_with_as_many_test_pauses_pending_as_allowed_gets_429_for_an
     api.create_pause(keys["test_api_key"])
     assert stored(api.config, "SELECT count(*) FROM pauses WHERE developer_id = ? AND livemode = 0 AND status = ?",
                   keys["developer_id"], "pending") == [(2,)]
+    unlimited = running_api(**{"pauses.max_test_pending": 0})             # the same database, no limit
+    unlimited.create_pause(keys["test_api_key"])
