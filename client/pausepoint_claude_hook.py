@@ -24,6 +24,7 @@ import json
 import os
 import re
 import sys
+import time
 import unicodedata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -122,14 +123,16 @@ def ask_person(call, environ):
     metadata = fitted({name: None if call.get(name) is None else readable(call[name])
                        for name in ("tool_name", "cwd", "session_id")}
                       | {"tool_input": readable(tool_input), "display": ["tool_name", "cwd", "tool_input"]})
+    deadline = time.monotonic() + wait        # for the create's retries and the wait together
     created = client.pause(
         recipient=environ["PAUSEPOINT_RECIPIENT"], channel=environ.get("PAUSEPOINT_CHANNEL", "sms"),
         message=describe(call), options=["Allow", "Deny"], timeout_hours=max(wait, 60) / 3600,
         timeout_default="Deny", metadata=metadata, title="Claude Code",
         # The same call asked again (the hook re-run) finds the same pause.
         idempotency_key="claude-code-" + hashlib.sha256(json.dumps(
-            [call.get("tool_use_id"), call.get("session_id"), tool_input]).encode()).hexdigest()[:40])
-    pause = client.wait(created["pause_id"], timeout=wait)
+            [call.get("tool_use_id"), call.get("session_id"), tool_input]).encode()).hexdigest()[:40],
+        deadline=deadline)
+    pause = client.wait(created["pause_id"], timeout=max(0.0, deadline - time.monotonic()))
     if pause["status"] == "responded" and pause["choice"] == "Allow":
         return decision("allow", f"allowed on PausePoint by {pause['decided_by']}")
     if pause["status"] == "responded":

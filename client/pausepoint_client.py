@@ -31,6 +31,7 @@ __all__ = ["PausePoint", "Approval", "verify_webhook", "PausePointError", "BadRe
            "ServerError", "Unreachable"]
 
 LONGEST_WAIT = 60           # the server answers ?wait= after at most this many seconds
+LONGEST_RETRY_WAIT = 30     # seconds between tries at most; a 429 asking for longer is not retried
 
 
 ###############################################################################
@@ -115,10 +116,11 @@ class PausePoint:
 
     def pause(self, recipient=None, channel=None, message=None, options=None, timeout_hours=None, timeout_default=None,
               metadata=None, title=None, idempotency_key=None, fields=None, recipients=None, quorum=None,
-              remind_after_minutes=None, escalation=None):
+              remind_after_minutes=None, escalation=None, deadline=None):
         """Create a pause; returns the server's answer (pause_id, status, respond_url, …).
         Ask a team with `recipients` ([{"recipient", "channel"}, …]) instead of recipient and channel.
-        A retried create never asks twice: the same Idempotency-Key returns the first pause."""
+        A retried create never asks twice: the same Idempotency-Key returns the first pause. With
+        a `deadline` (a time.monotonic() value), it is not retried past it."""
         given = {"recipient": recipient, "channel": channel, "message": message,
                  "options": None if options is None else list(options), "timeout_hours": timeout_hours,
                  "timeout_default": timeout_default, "metadata": metadata, "title": title, "fields": fields,
@@ -126,7 +128,7 @@ class PausePoint:
                  "escalation": escalation}
         body = {name: value for name, value in given.items() if value is not None}
         key = idempotency_key or f"pp-client-{uuid.uuid4()}"
-        return self._call("POST", "/v1/pause", body, headers={"Idempotency-Key": key}, safe=True)
+        return self._call("POST", "/v1/pause", body, headers={"Idempotency-Key": key}, safe=True, deadline=deadline)
 
     def get(self, pause_id, wait=0, deadline=None):
         """The whole pause; with wait=N seconds (up to 60), answered when it is decided or after N.
@@ -227,10 +229,12 @@ class PausePoint:
                 reason = getattr(e, "reason", e)
                 error = Unreachable(0, "unreachable", f"no answer from {self.base_url}: {reason}")
             # A quota, a cap on pending pauses or a full disk (507) does not clear in seconds: what
-            # may is tried again (no answer, a server fault, a rate limit, which says when).
+            # may is tried again (no answer, a server fault, a rate limit that says when, within
+            # the longest wait between tries).
             retryable = (isinstance(error, (Unreachable, ServerError)) and error.status != 507
-                         or isinstance(error, RateLimited) and error.retry_after is not None)
-            pause = min(error.retry_after or self.backoff * 2 ** attempt, 30) * random.uniform(0.8, 1.2)
+                         or isinstance(error, RateLimited) and error.retry_after is not None
+                         and error.retry_after <= LONGEST_RETRY_WAIT)
+            pause = min(error.retry_after or self.backoff * 2 ** attempt, LONGEST_RETRY_WAIT) * random.uniform(0.8, 1.2)
             late = deadline is not None and time.monotonic() + pause >= deadline
             if not (safe and retryable) or attempt == self.retries or late:
                 raise error

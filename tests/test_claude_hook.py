@@ -1,14 +1,17 @@
 """client/pausepoint_claude_hook.py as Claude Code runs it: JSON in on stdin, JSON out on stdout."""
 
+import http.server
 import json
 import os
 import subprocess
 import sys
+import urllib.parse
 
 import pytest
 import requests
 
 from conftest import answer_first_pending, register_over_http, ROOT, stored, token_of
+from stubs import serve_http, stop_http
 
 HOOK = os.path.join(ROOT, "client", "pausepoint_claude_hook.py")
 CALL = {"session_id": "abc123", "transcript_path": "/tmp/t.jsonl", "cwd": os.path.expanduser("~/src/app"),
@@ -104,6 +107,42 @@ def test_any_tool_call_reaches_the_person(live_server, call):
 def test_when_pausepoint_cannot_be_reached_it_asks_locally_and_never_allows(live_server):
     out = run_hook("http://127.0.0.1:9", "pp_test_x")
     assert out["permissionDecision"] == "ask" and "could not be asked" in out["permissionDecisionReason"]
+
+
+def test_the_time_a_create_takes_comes_out_of_the_wait_so_the_hook_keeps_within_its_own():
+    """Against a stand-in that rate-limits the first create for two seconds, then never sees
+    an answer: the waits asked for after it leave room for them (with 3 s to wait, 1 s at most)."""
+    asked_waits, creates = [], []
+    pending = json.dumps({"pause_id": "psr_1", "status": "pending", "choice": None, "decided_by": None})
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def answer(self, status, body, **headers):
+            self.send_response(status)
+            for name, value in {**headers, "Content-Type": "application/json", "Content-Length": str(len(body))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path == "/v1/pause" and not creates:
+                creates.append(1)
+                return self.answer(429, '{"error": {"code": "rate_limited", "message": "later"}}', **{"Retry-After": "2"})
+            self.answer(201, pending)
+
+        def do_GET(self):
+            asked_waits.append(int(urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query).get("wait", ["0"])[0]))
+            self.answer(200, pending)
+
+        def log_message(self, *args):
+            pass
+
+    server, url = serve_http(Server)
+    try:
+        out = run_hook(url, "pp_test_x", PAUSEPOINT_HOOK_WAIT="3")
+    finally:
+        stop_http(server)
+    assert out["permissionDecision"] == "ask" and creates and max(asked_waits) <= 1
 
 
 def test_a_call_it_cannot_read_is_asked_about_locally_not_left_to_claude_codes_rules(live_server):
