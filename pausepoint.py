@@ -4201,10 +4201,10 @@ def prune_expired_data(conn, config, now=None):
 def prune_test_pauses_past_kept(conn, config, delete, now):
     """Past retention.test_pauses_kept, a developer's oldest test pauses decided at least
     KEPT_AFTER_DECISION ago go before their time, and their test event feed from before the
-    oldest test pause kept (deliveries still pending with it, as to a disabled endpoint, which
-    would keep it for good), so one developer's test data is bounded by a count, not only by
-    their rate times retention.test_days. Yields (developer, when the oldest test pause kept
-    was made), for their audit chain."""
+    oldest decided test pause kept (deliveries still pending with it, as to a disabled
+    endpoint, which would keep it for good), so one developer's test data is bounded by a
+    count, not only by their rate times retention.test_days. Yields (developer, the time from
+    which their events are kept), for their audit chain."""
     kept, decided_before = config["retention.test_pauses_kept"], db_time(now - KEPT_AFTER_DECISION)
     for developer_id, in query_db(conn, "SELECT developer_id FROM pauses WHERE livemode = 0 GROUP BY developer_id"
                                         " HAVING count(*) > ?", (kept,)):
@@ -4213,17 +4213,27 @@ def prune_test_pauses_past_kept(conn, config, delete, now):
         delete("test pauses", "SELECT id FROM pauses WHERE developer_id = ? AND livemode = 0 AND seq < ?"
                               " AND status != 'pending' AND decided_at < ?",
                (developer_id, oldest_kept["seq"], decided_before), PAUSE_ROWS)
-        # The feed's newest row stays (see webhook_events_feed), and with it every later one.
-        feed_kept = query_db(conn, "SELECT coalesce((SELECT rowid FROM webhook_events WHERE developer_id = :developer"
-                                   " AND livemode = 0 AND created_at >= :since ORDER BY rowid LIMIT 1),"
-                                   " (SELECT max(rowid) FROM webhook_events WHERE developer_id = :developer"
-                                   " AND livemode = 0))", {"developer": developer_id, "since": oldest_kept["created_at"]},
-                             one=True)[0]
+        # A pause kept for the hour after its decision keeps its events, its decision's above all.
+        # What goes is a prefix of the feed, so a reader's cursor is either kept with everything
+        # after it or gone (404), never past a gap: it ends before an event being delivered, which
+        # stays, and before the feed's newest (webhook_events_feed).
+        since = query_db(conn, "SELECT min(created_at) FROM pauses WHERE developer_id = ? AND livemode = 0"
+                               " AND (seq >= ? OR status != 'pending')", (developer_id, oldest_kept["seq"]),
+                         one=True)[0]
+        feed_kept = query_db(conn, """
+            SELECT min(coalesce((SELECT rowid FROM webhook_events WHERE developer_id = :developer AND livemode = 0
+                                 AND created_at >= :since ORDER BY rowid LIMIT 1),
+                                (SELECT max(rowid) FROM webhook_events WHERE developer_id = :developer
+                                 AND livemode = 0)),
+                       coalesce((SELECT min(e.rowid) FROM webhook_events e JOIN webhook_deliveries d
+                                 ON d.event_id = e.id WHERE e.developer_id = :developer AND e.livemode = 0
+                                 AND d.status = 'delivering'), 9e18))""",
+                             {"developer": developer_id, "since": since}, one=True)[0]
         delete("webhook events", "SELECT id FROM webhook_events e WHERE developer_id = ? AND livemode = 0 AND rowid < ?"
                                  " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id"
                                  " AND d.status = 'delivering')",
                (developer_id, feed_kept if feed_kept is not None else -1), EVENT_ROWS)
-        yield developer_id, oldest_kept["created_at"]
+        yield developer_id, since
 
 
 def delete_in_batches(conn, deleted, kind, select, args, delete):

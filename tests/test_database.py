@@ -281,35 +281,80 @@ def test_each_developer_keeps_their_newest_test_pauses_and_what_goes_with_them(r
     busy, busy_pauses, busy_live = developer("busy@example.com", decided=6)
     api.step("notifications")
     api.step("webhooks")
-    pending, first, second, third = busy_pauses[:4]
-    event_of = "SELECT id FROM webhook_events WHERE pause_id = ?"
-    # The first's delivery waits on a disabled endpoint, the second's is being made, the third
-    # was decided half an hour before the job runs.
+    pending, first, answered, delivering = busy_pauses[:4]
+    created_event = "SELECT id, created_at FROM webhook_events WHERE pause_id = ? AND type = 'pause.created'"
+    # The first's delivery waits on a disabled endpoint; one was answered half an hour before
+    # the job runs; one's delivery is being made.
     stored(config, "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = NULL WHERE event_id = ?",
-           stored(config, event_of, first)[0][0])
+           stored(config, created_event, first)[0][0])
     stored(config, "UPDATE webhook_deliveries SET status = 'delivering' WHERE event_id = ?",
-           stored(config, event_of, second)[0][0])
+           stored(config, created_event, delivering)[0][0])
     later = pausepoint.utcnow() + dt.timedelta(hours=2)
     stored(config, "UPDATE pauses SET decided_at = ? WHERE id = ?",
-           pausepoint.db_time(later - dt.timedelta(minutes=30)), third)
-    oldest_kept = stored(config, "SELECT created_at FROM pauses WHERE id = ?", busy_pauses[-3])[0][0]
+           pausepoint.db_time(later - dt.timedelta(minutes=30)), answered)
     before = theirs(quiet)
 
+    def feed_from(pause_id):
+        """The busy developer's test events from the creation of `pause_id` on."""
+        return stored(config, "SELECT id FROM webhook_events WHERE developer_id = ? AND livemode = 0 AND rowid >="
+                              " (SELECT rowid FROM webhook_events WHERE pause_id = ? AND type = 'pause.created')"
+                              " ORDER BY rowid", busy, pause_id)
+
+    def audit_from(pause_id):
+        return stored(config, "SELECT min(timestamp) FROM audit_events WHERE developer_id = ? AND livemode = 0",
+                      busy) == [(stored(config, "SELECT created_at FROM pauses WHERE id = ?", pause_id)[0][0],)]
+
+    kept_feed = feed_from(answered)
     deleted = pausepoint.prune_expired_data(api.app.runtime.db(), config, now=later)
 
-    # The busy developer's newest three, the pending one and the one decided within the hour stay.
+    # The busy developer's newest three, the pending one and the one answered within the hour stay,
+    # and their feed and audit chain from the answered one's creation: its answer with them.
     assert {row[0] for row in stored(config, "SELECT id FROM pauses")} == {
-        *quiet_pauses, quiet_live, busy_live, pending, third, *busy_pauses[-3:]}
+        *quiet_pauses, quiet_live, busy_live, pending, answered, *busy_pauses[-3:]}
     assert deleted["test pauses"] == 2 and theirs(quiet) == before
     assert [stored(config, sql) for sql in ORPHANS] == [[(0,)]] * len(ORPHANS)
-    # Their test event feed and audit chain lose what came before the oldest pause kept, but for
-    # an event still being delivered; a delivery waiting on a disabled endpoint goes with its event.
-    assert stored(config, "SELECT pause_id FROM webhook_events WHERE developer_id = ? AND livemode = 0"
-                          " AND created_at < ?", busy, oldest_kept) == [(second,)]
+    assert stored(config, "SELECT id FROM webhook_events WHERE developer_id = ? AND livemode = 0 ORDER BY rowid",
+                  busy) == kept_feed and audit_from(answered)
     assert stored(config, "SELECT status FROM webhook_deliveries WHERE status != 'succeeded'") == [("delivering",)]
-    assert stored(config, "SELECT min(timestamp) FROM audit_events WHERE developer_id = ? AND livemode = 0",
-                  busy) == [(oldest_kept,)]
+
+    # An hour on, the answered one goes too, and the feed now stops at the event being delivered.
+    kept_feed = feed_from(delivering)
+    pausepoint.prune_expired_data(api.app.runtime.db(), config, now=later + dt.timedelta(hours=1))
+    assert answered not in {row[0] for row in stored(config, "SELECT id FROM pauses")}
+    assert stored(config, "SELECT id FROM webhook_events WHERE developer_id = ? AND livemode = 0 ORDER BY rowid",
+                  busy) == kept_feed
+    assert [stored(config, sql) for sql in ORPHANS] == [[(0,)]] * len(ORPHANS)
     assert pausepoint.audit_chain_breaks(api.app.runtime.db()) == []
+
+
+def test_an_event_whose_delivery_starts_while_the_feed_is_pruned_stays(running_api, receiver):
+    """The delivery job may claim an event's delivery between the job's look at the feed and its
+    batches: its event and delivery must stay for the attempt to be recorded."""
+    api = running_api(**{"webhooks.allow_private": True, "retention.test_pauses_kept": 1})
+    auth = api.as_key(api.register()["test_api_key"])
+    api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.created"]}, headers=auth)
+    made = [api.post_json("/v1/pause", WIRE, headers=auth).json["pause_id"] for _ in range(3)]
+    for pause_id in made:
+        api.post(f"/v1/pause/{pause_id}/cancel", headers=auth)
+    api.step("webhooks")
+    [(event,)] = stored(api.config, "SELECT id FROM webhook_events WHERE pause_id = ? AND type = 'pause.created'",
+                        made[0])
+    stored(api.config, "UPDATE webhook_deliveries SET status = 'pending' WHERE event_id = ?", event)
+    claimed = []
+
+    def claim_between(frame, what, arg):
+        if what == "call" and frame.f_code.co_name == "delete_in_batches" and not claimed \
+                and frame.f_locals.get("kind") == "webhook events":
+            claimed.append(stored(api.config, "UPDATE webhook_deliveries SET status = 'delivering' WHERE event_id = ?",
+                                  event))
+
+    sys.setprofile(claim_between)
+    try:
+        pausepoint.prune_expired_data(api.app.runtime.db(), api.config, now=pausepoint.utcnow() + dt.timedelta(hours=2))
+    finally:
+        sys.setprofile(None)
+    assert claimed and stored(api.config, "SELECT status FROM webhook_deliveries WHERE event_id = ?", event) == [
+        ("delivering",)]
 
 
 def test_events_written_while_a_chain_is_pruned_are_not_pruned_with_it(running_api):
