@@ -4215,37 +4215,36 @@ def prune_test_pauses_past_kept(conn, config, delete, now):
                (developer_id, oldest_kept["seq"], decided_before), PAUSE_ROWS)
         # A pause kept for the hour after its decision keeps its events, its decision's above all.
         # What goes is a prefix of the feed, so a reader's cursor is either kept with everything
-        # after it or gone (404), never past a gap: it ends before an event being delivered, which
-        # stays, and before the feed's newest (webhook_events_feed).
+        # after it or gone (404), never past a gap: it stops at an event being delivered, looked
+        # at batch by batch under the write lock the delivery job claims with, and before the
+        # feed's newest (webhook_events_feed).
         since = query_db(conn, "SELECT min(created_at) FROM pauses WHERE developer_id = ? AND livemode = 0"
                                " AND (seq >= ? OR status != 'pending')", (developer_id, oldest_kept["seq"]),
                          one=True)[0]
-        feed_kept = query_db(conn, """
-            SELECT min(coalesce((SELECT rowid FROM webhook_events WHERE developer_id = :developer AND livemode = 0
-                                 AND created_at >= :since ORDER BY rowid LIMIT 1),
-                                (SELECT max(rowid) FROM webhook_events WHERE developer_id = :developer
-                                 AND livemode = 0)),
-                       coalesce((SELECT min(e.rowid) FROM webhook_events e JOIN webhook_deliveries d
-                                 ON d.event_id = e.id WHERE e.developer_id = :developer AND e.livemode = 0
-                                 AND d.status = 'delivering'), 9e18))""",
-                             {"developer": developer_id, "since": since}, one=True)[0]
-        delete("webhook events", "SELECT id FROM webhook_events e WHERE developer_id = ? AND livemode = 0 AND rowid < ?"
-                                 " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id"
-                                 " AND d.status = 'delivering')",
+        feed_kept = query_db(conn, "SELECT coalesce((SELECT rowid FROM webhook_events WHERE developer_id = :developer"
+                                   " AND livemode = 0 AND created_at >= :since ORDER BY rowid LIMIT 1),"
+                                   " (SELECT max(rowid) FROM webhook_events WHERE developer_id = :developer"
+                                   " AND livemode = 0))", {"developer": developer_id, "since": since}, one=True)[0]
+        delete("webhook events", "SELECT id, EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id"
+                                 " AND d.status = 'delivering') FROM webhook_events e WHERE developer_id = ?"
+                                 " AND livemode = 0 AND rowid < ? ORDER BY rowid",
                (developer_id, feed_kept if feed_kept is not None else -1), EVENT_ROWS)
         yield developer_id, since
 
 
 def delete_in_batches(conn, deleted, kind, select, args, delete):
     """Run `select` (… LIMIT ? appended) for ids, and each `delete` statement for each id, a
-    transaction a batch, until a batch comes short; counts them in deleted[kind]."""
+    transaction a batch, until a batch comes short; counts them in deleted[kind]. A second
+    column the select gives, true, stops it at that row, which is kept."""
     while True:
         with transaction(conn):
-            ids = [row[0] for row in conn.execute(select + " LIMIT ?", (*args, PRUNE_BATCH))]
+            rows = conn.execute(select + " LIMIT ?", (*args, PRUNE_BATCH)).fetchall()
+            stop = next((n for n, row in enumerate(rows) if len(row) > 1 and row[1]), None)
+            ids = [row[0] for row in rows[:stop]]
             for statement in delete:
                 conn.executemany(statement, [(i,) for i in ids])
         deleted[kind] += len(ids)
-        if len(ids) < PRUNE_BATCH:
+        if stop is not None or len(rows) < PRUNE_BATCH:
             return
 
 

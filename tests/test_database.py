@@ -329,7 +329,8 @@ def test_each_developer_keeps_their_newest_test_pauses_and_what_goes_with_them(r
 
 def test_an_event_whose_delivery_starts_while_the_feed_is_pruned_stays(running_api, receiver):
     """The delivery job may claim an event's delivery between the job's look at the feed and its
-    batches: its event and delivery must stay for the attempt to be recorded."""
+    batches: its event and delivery must stay for the attempt to be recorded, and with them every
+    later event, so that a reader whose cursor is that event misses none."""
     api = running_api(**{"webhooks.allow_private": True, "retention.test_pauses_kept": 1})
     auth = api.as_key(api.register()["test_api_key"])
     api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.created"]}, headers=auth)
@@ -340,6 +341,8 @@ def test_an_event_whose_delivery_starts_while_the_feed_is_pruned_stays(running_a
     [(event,)] = stored(api.config, "SELECT id FROM webhook_events WHERE pause_id = ? AND type = 'pause.created'",
                         made[0])
     stored(api.config, "UPDATE webhook_deliveries SET status = 'pending' WHERE event_id = ?", event)
+    feed = "SELECT id FROM webhook_events ORDER BY rowid"
+    from_the_claimed_one = stored(api.config, feed)
     claimed = []
 
     def claim_between(frame, what, arg):
@@ -355,6 +358,7 @@ def test_an_event_whose_delivery_starts_while_the_feed_is_pruned_stays(running_a
         sys.setprofile(None)
     assert claimed and stored(api.config, "SELECT status FROM webhook_deliveries WHERE event_id = ?", event) == [
         ("delivering",)]
+    assert stored(api.config, feed) == from_the_claimed_one          # it is the first: nothing before it to go
 
 
 def test_events_written_while_a_chain_is_pruned_are_not_pruned_with_it(running_api):
