@@ -34,6 +34,8 @@ LONGEST_LINE = 160          # a text message's worth of the command
 LONGEST_PLACE = 200         # of a path, or of the directory it runs in
 LONGEST_TOOL = 60           # of a tool's name
 METADATA_BYTES = 15000      # the metadata as UTF-8 JSON, as the server counts it (it takes 16 KB)
+CALL_SECONDS = 5            # the longest one call to the server may take…
+CANCEL_SECONDS = 2          # …and the cancel after the wait (and the read it makes if it was answered meanwhile)
 # What the server refuses in text a person reads (C0 and C1 controls but newline and tab,
 # line and paragraph separators, bidirectional controls, tag characters), and lone
 # surrogates, which no JSON reader takes: each shown as U+FFFD, so the person is still asked.
@@ -114,16 +116,17 @@ def decision(kind, reason):
 
 def ask_person(call, environ):
     """The hook's answer for one tool call."""
-    # A server that stops answering holds a call at most 5 s past the wait: within the 60 s
-    # hook timeout the README suggests, with the default wait of 50 s.
-    client = PausePoint(environ["PAUSEPOINT_URL"], environ["PAUSEPOINT_API_KEY"], timeout=5, retries=2)
+    # The create and the wait end by the wait's end, their last call included, and one try at a
+    # cancel comes after: 54 s at most with the default wait of 50 s, within the 60 s hook
+    # timeout the README suggests. (Past it Claude Code goes on under its own rules.)
+    client = PausePoint(environ["PAUSEPOINT_URL"], environ["PAUSEPOINT_API_KEY"], timeout=CALL_SECONDS, retries=2)
     wait = float(environ.get("PAUSEPOINT_HOOK_WAIT", "50"))
     on_timeout = "deny" if environ.get("PAUSEPOINT_HOOK_ON_TIMEOUT") == "deny" else "ask"
     tool_input = json.dumps(call.get("tool_input"), ensure_ascii=False)
     metadata = fitted({name: None if call.get(name) is None else readable(call[name])
                        for name in ("tool_name", "cwd", "session_id")}
                       | {"tool_input": readable(tool_input), "display": ["tool_name", "cwd", "tool_input"]})
-    deadline = time.monotonic() + wait        # for the create's retries and the wait together
+    deadline = time.monotonic() + wait - CALL_SECONDS       # for the create's tries and the wait's together
     created = client.pause(
         recipient=environ["PAUSEPOINT_RECIPIENT"], channel=environ.get("PAUSEPOINT_CHANNEL", "sms"),
         message=describe(call), options=["Allow", "Deny"], timeout_hours=max(wait, 60) / 3600,
@@ -137,8 +140,8 @@ def ask_person(call, environ):
         return decision("allow", f"allowed on PausePoint by {pause['decided_by']}")
     if pause["status"] == "responded":
         return decision("deny", pause.get("comment") or f"denied on PausePoint by {pause['decided_by']}")
-    if pause["status"] == "pending":
-        client.cancel(pause["pause_id"])        # a late answer must decide nothing
+    if pause["status"] == "pending":            # a late answer must decide nothing: one try at cancelling it
+        PausePoint(client.base_url, client.api_key, timeout=CANCEL_SECONDS, retries=0).cancel(pause["pause_id"])
     reason = f"no answer on PausePoint within {wait:g} s"
     return decision(on_timeout, reason if on_timeout == "deny" else reason + "; asking here instead")
 

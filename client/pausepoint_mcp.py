@@ -98,10 +98,11 @@ def not_asked_here(pause_id):
             "error": "this server did not ask that: only the pause_id request_approval returned in this session"}
 
 
-async def wait_reporting(pause_id, ctx):
-    """The pause once decided, or as it stands after PAUSEPOINT_MCP_WAIT seconds, with
-    progress every PAUSEPOINT_MCP_PROGRESS_EVERY seconds meanwhile."""
-    config, started = settings(), time.monotonic()
+async def wait_reporting(pause_id, ctx, started=None):
+    """The pause once decided, or as it stands PAUSEPOINT_MCP_WAIT seconds after the call
+    `started` (a time.monotonic() value; now if None), with progress every
+    PAUSEPOINT_MCP_PROGRESS_EVERY seconds meanwhile."""
+    config, started = settings(), started or time.monotonic()
     total = config["wait"]
     while True:
         left = total - (time.monotonic() - started)
@@ -131,16 +132,18 @@ async def request_approval(question: str, ctx: Context, other_options: list[str]
         return {"status": "error", "approved": False, "error": error}
     (recipient, channel), options = person, [APPROVE, *(other_options or ["Reject"])]
     fingerprint = hashlib.sha256(json.dumps([question, options, recipient, channel]).encode()).hexdigest()
+    started = time.monotonic()      # the create's tries and the wait share the call's time
     try:
         earlier = asked.get(fingerprint)
         if earlier is not None and (await anyio.to_thread.run_sync(client().get, earlier))["status"] == "pending":
             pause_id = earlier
         else:
             created = await anyio.to_thread.run_sync(lambda: client().pause(
-                recipient, channel, question, options, timeout_hours, default))
+                recipient, channel, question, options, timeout_hours, default,
+                deadline=started + settings()["wait"]))
             pause_id = asked[fingerprint] = created["pause_id"]
             asked_here.add(pause_id)
-        return outcome(await wait_reporting(pause_id, ctx))
+        return outcome(await wait_reporting(pause_id, ctx, started))
     except PausePointError as e:
         log.warning("request_approval failed: %s", e)
         return {"status": "error", "approved": False, "error": e.message, "field": e.field}

@@ -342,3 +342,43 @@ class KeepAliveReceiver(LoopbackServer):
             line = incoming.readline()
         incoming.read(length or 0)
         return True
+
+
+class PausePointStandIn(http.server.BaseHTTPRequestHandler):
+    """A PausePoint as its clients meet it, for the clients' own tests: each create answered in
+    turn from `creates`, as (status, error code, headers), then 201; reads answered at once; a
+    cancel with the status `cancel`; every pause pending. `asked` records each request as
+    (method, path, the wait asked for, its Idempotency-Key). serve_stand_in() sets these."""
+    creates, cancel, asked = [], 200, []
+    pending = json.dumps({"pause_id": "psr_1", "status": "pending", "choice": None, "decided_by": None})
+
+    def answer(self, status, code=None, headers=None):
+        body = self.pending if status < 300 else json.dumps({"error": {"code": code or "refused", "message": "no"}})
+        self.send_response(status)
+        for name, value in {**(headers or {}), "Content-Type": "application/json",
+                            "Content-Length": str(len(body))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.asked.append(("POST", self.path, None, self.headers.get("Idempotency-Key")))
+        if self.path.endswith("/cancel"):
+            return self.answer(self.cancel)
+        self.answer(*(self.creates.pop(0) if self.creates else (201,)))
+
+    def do_GET(self):
+        query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+        self.asked.append(("GET", self.path, int(query.get("wait", ["0"])[0]), None))
+        self.answer(200)
+
+    def log_message(self, *args):
+        pass
+
+
+def serve_stand_in(creates=(), cancel=200):
+    """A PausePointStandIn on loopback: (server, its URL, what it was asked); stop_http() it."""
+    handler = type("StandIn", (PausePointStandIn,), {"creates": list(creates), "cancel": cancel, "asked": []})
+    server, url = serve_http(handler)
+    return server, url, handler.asked

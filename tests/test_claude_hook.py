@@ -1,17 +1,15 @@
 """client/pausepoint_claude_hook.py as Claude Code runs it: JSON in on stdin, JSON out on stdout."""
 
-import http.server
 import json
 import os
 import subprocess
 import sys
-import urllib.parse
 
 import pytest
 import requests
 
 from conftest import answer_first_pending, register_over_http, ROOT, stored, token_of
-from stubs import serve_http, stop_http
+from stubs import serve_stand_in, stop_http
 
 HOOK = os.path.join(ROOT, "client", "pausepoint_claude_hook.py")
 CALL = {"session_id": "abc123", "transcript_path": "/tmp/t.jsonl", "cwd": os.path.expanduser("~/src/app"),
@@ -109,40 +107,34 @@ def test_when_pausepoint_cannot_be_reached_it_asks_locally_and_never_allows(live
     assert out["permissionDecision"] == "ask" and "could not be asked" in out["permissionDecisionReason"]
 
 
-def test_the_time_a_create_takes_comes_out_of_the_wait_so_the_hook_keeps_within_its_own():
-    """Against a stand-in that rate-limits the first create for two seconds, then never sees
-    an answer: the waits asked for after it leave room for them (with 3 s to wait, 1 s at most)."""
-    asked_waits, creates = [], []
-    pending = json.dumps({"pause_id": "psr_1", "status": "pending", "choice": None, "decided_by": None})
-
-    class Server(http.server.BaseHTTPRequestHandler):
-        def answer(self, status, body, **headers):
-            self.send_response(status)
-            for name, value in {**headers, "Content-Type": "application/json", "Content-Length": str(len(body))}.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body.encode())
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if self.path == "/v1/pause" and not creates:
-                creates.append(1)
-                return self.answer(429, '{"error": {"code": "rate_limited", "message": "later"}}', **{"Retry-After": "2"})
-            self.answer(201, pending)
-
-        def do_GET(self):
-            asked_waits.append(int(urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query).get("wait", ["0"])[0]))
-            self.answer(200, pending)
-
-        def log_message(self, *args):
-            pass
-
-    server, url = serve_http(Server)
+def hook_against(wait, creates=(), cancel=200):
+    """The hook's answer, waiting `wait` seconds, against a PausePointStandIn; and what it asked."""
+    server, url, asked = serve_stand_in(creates, cancel)
     try:
-        out = run_hook(url, "pp_test_x", PAUSEPOINT_HOOK_WAIT="3")
+        return run_hook(url, "pp_test_x", PAUSEPOINT_HOOK_WAIT=str(wait)), asked
     finally:
         stop_http(server)
-    assert out["permissionDecision"] == "ask" and creates and max(asked_waits) <= 1
+
+
+def test_the_time_a_create_takes_comes_out_of_the_wait_so_the_hook_keeps_within_its_own():
+    """The create held back 2 s, the waits asked after it leave room for those and for the last
+    call's 5 s: with 8.5 s to wait, 1 s at most (6 s before)."""
+    out, asked = hook_against(8.5, creates=[(429, "rate_limited", {"Retry-After": "2"})])
+    assert out["permissionDecision"] == "ask" and [a[:2] for a in asked[:2]] == [("POST", "/v1/pause")] * 2
+    assert max(wait for method, _, wait, _ in asked if method == "GET") <= 1
+
+
+def test_a_create_refused_for_longer_than_the_wait_is_not_tried_again():
+    out, asked = hook_against(3, creates=[(429, "rate_limited", {"Retry-After": "2"})] * 2)
+    assert out["permissionDecision"] == "ask" and "could not be asked" in out["permissionDecisionReason"]
+    assert [a[:2] for a in asked] == [("POST", "/v1/pause")]
+
+
+def test_the_cancel_after_the_wait_is_tried_once():
+    """A server refusing it (the write lock busy, say) would hold the hook past its own timeout."""
+    out, asked = hook_against(0.2, cancel=503)
+    assert out["permissionDecision"] == "ask"
+    assert [path for _, path, _, _ in asked if path.endswith("/cancel")] == ["/v1/pause/psr_1/cancel"]
 
 
 def test_a_call_it_cannot_read_is_asked_about_locally_not_left_to_claude_codes_rules(live_server):

@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from conftest import answer_first_pending, reads_of_one_pause, register_over_http, ROOT, token_of
+from stubs import serve_stand_in, stop_http
 
 MCP_SERVER = os.path.join(ROOT, "client", "pausepoint_mcp.py")
 
@@ -103,6 +104,20 @@ def test_a_pending_request_is_waited_for_again_and_asked_only_once(setup):
     assert decided["approved"] is True and decided["pause_id"] == first["pause_id"]
     assert later["status"] == "pending" and later["pause_id"] != first["pause_id"] and len(pauses) == 2
     assert first_again == decided
+
+
+def test_a_create_refused_again_and_again_is_tried_only_within_the_wait():
+    """A rate limit's short Retry-After is tried again, but only while the tool's own wait lasts:
+    a host gives a tool call about a minute (three tries, 30 s apart, took 92 s)."""
+    async def steps(call, mcp):
+        return await call("request_approval", {"question": "Deploy to production?"})
+
+    server, url, asked = serve_stand_in([(429, "rate_limited", {"Retry-After": "2"})] * 5)
+    try:
+        answer = with_mcp(url, "pp_test_x", steps, PAUSEPOINT_MCP_WAIT="3")
+    finally:
+        stop_http(server)
+    assert answer["status"] == "error" and [what[:2] for what in asked] == [("POST", "/v1/pause")] * 2
 
 
 def test_a_cancelled_request_is_not_an_approval(setup):
