@@ -24,6 +24,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 import unicodedata
 
@@ -36,6 +37,7 @@ LONGEST_TOOL = 60           # of a tool's name
 METADATA_BYTES = 15000      # the metadata as UTF-8 JSON, as the server counts it (it takes 16 KB)
 CALL_SECONDS = 5            # the longest one call to the server may take…
 CANCEL_SECONDS = 2          # …and the cancel after the wait (and the read it makes if it was answered meanwhile)
+OVERRUN_SECONDS = 6         # past the wait, whatever the server does, the hook answers "ask" and ends
 # What the server refuses in text a person reads (C0 and C1 controls but newline and tab,
 # line and paragraph separators, bidirectional controls, tag characters), and lone
 # surrogates, which no JSON reader takes: each shown as U+FFFD, so the person is still asked.
@@ -114,13 +116,18 @@ def decision(kind, reason):
                                    "permissionDecisionReason": reason}}
 
 
+def hook_wait(environ):
+    return float(environ.get("PAUSEPOINT_HOOK_WAIT", "50"))
+
+
 def ask_person(call, environ):
     """The hook's answer for one tool call."""
     # The create and the wait end by the wait's end, their last call included, and one try at a
     # cancel comes after: 54 s at most with the default wait of 50 s, within the 60 s hook
-    # timeout the README suggests. (Past it Claude Code goes on under its own rules.)
+    # timeout the README suggests (past it Claude Code goes on under its own rules), unless a
+    # server holds a call past its socket timeouts: main()'s watchdog answers at 56 s.
     client = PausePoint(environ["PAUSEPOINT_URL"], environ["PAUSEPOINT_API_KEY"], timeout=CALL_SECONDS, retries=2)
-    wait = float(environ.get("PAUSEPOINT_HOOK_WAIT", "50"))
+    wait = hook_wait(environ)
     on_timeout = "deny" if environ.get("PAUSEPOINT_HOOK_ON_TIMEOUT") == "deny" else "ask"
     tool_input = json.dumps(call.get("tool_input"), ensure_ascii=False)
     metadata = fitted({name: None if call.get(name) is None else readable(call[name])
@@ -147,14 +154,38 @@ def ask_person(call, environ):
 
 
 def main(stdin=sys.stdin, stdout=sys.stdout, environ=os.environ):
+    answered = threading.Lock()
+
+    def give(answer):
+        """Write the hook's one answer; False if one was written already."""
+        if not answered.acquire(blocking=False):
+            return False
+        json.dump(answer, stdout)
+        stdout.write("\n")
+        stdout.flush()
+        return True
+
+    def too_late():
+        # A server can hold a call far past its socket timeouts (a body sent a byte every few
+        # seconds): past the hook's own limit, ask here, and end the process with its calls.
+        if give(decision("ask", "PausePoint took too long to answer; asking here instead")):
+            os._exit(0)
+
+    try:
+        limit = hook_wait(environ) + OVERRUN_SECONDS
+    except ValueError:
+        limit = OVERRUN_SECONDS         # ask_person() answers the bad setting at once
+    watchdog = threading.Timer(limit, too_late)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         call = json.load(stdin)
         answer = ask_person(call, environ)
     except Exception as e:      # whatever it was (a call nested too deep to read, say): never Claude Code's own rules
         print(f"pausepoint hook: {e!r}", file=sys.stderr)
         answer = decision("ask", f"PausePoint could not be asked ({e}); asking here instead")
-    json.dump(answer, stdout)
-    stdout.write("\n")
+    watchdog.cancel()
+    give(answer)
     return 0
 
 

@@ -133,9 +133,9 @@ class PausePoint:
     def get(self, pause_id, wait=0, deadline=None):
         """The whole pause; with wait=N seconds (up to 60), answered when it is decided or after N.
         With a `deadline` (a time.monotonic() value), retries never wait past it, and no attempt
-        asks the server to wait past it (by more than half a second: it waits whole seconds)."""
+        asks the server to wait past it (it waits whole seconds: the seconds left, rounded down)."""
         def query():
-            asked = wait if deadline is None else min(wait, max(0, round(deadline - time.monotonic())))
+            asked = wait if deadline is None else min(wait, max(0, int(deadline - time.monotonic())))
             return {"wait": asked} if asked else None
         return self._call("GET", f"/v1/pause/{_quote(pause_id)}", query=query, safe=True, deadline=deadline)
 
@@ -164,6 +164,8 @@ class PausePoint:
                 continue
             if pause["status"] != "pending":
                 return pause
+            if deadline is not None and time.monotonic() >= deadline:
+                return pause        # answered at the deadline or after it: as fresh as a last look would be
             if time.monotonic() - asked_at < asked / 2:
                 rest(self.backoff)  # answered long before its wait (a server stopping answers every waiter)
 

@@ -113,7 +113,7 @@ async def wait_reporting(pause_id, ctx, started=None):
             pause = await anyio.to_thread.run_sync(client().get, pause_id, LONGEST_WAIT, step_ends)
         except RateLimited:     # the server has as many agents waiting as it takes: look again at the step's end
             await anyio.sleep(max(0.0, step_ends - time.monotonic()))
-            pause = await anyio.to_thread.run_sync(client().get, pause_id)
+            pause = await anyio.to_thread.run_sync(client().get, pause_id, 0, started + total)
         if pause["status"] != "pending" or left <= 1:
             return pause
         # Each step lasts its time: a server answering at once (one stopping does) is not asked again at once.
@@ -132,15 +132,18 @@ async def request_approval(question: str, ctx: Context, other_options: list[str]
         return {"status": "error", "approved": False, "error": error}
     (recipient, channel), options = person, [APPROVE, *(other_options or ["Reject"])]
     fingerprint = hashlib.sha256(json.dumps([question, options, recipient, channel]).encode()).hexdigest()
-    started = time.monotonic()      # the create's tries and the wait share the call's time
+    # The reads and the create's tries share the call's time with the wait, and end within it,
+    # their last call included: a host gives a tool call about a minute.
+    started, calls = time.monotonic(), client()
+    calls_end = started + settings()["wait"] - calls.timeout
     try:
         earlier = asked.get(fingerprint)
-        if earlier is not None and (await anyio.to_thread.run_sync(client().get, earlier))["status"] == "pending":
+        if earlier is not None and (await anyio.to_thread.run_sync(
+                calls.get, earlier, 0, calls_end))["status"] == "pending":
             pause_id = earlier
         else:
-            created = await anyio.to_thread.run_sync(lambda: client().pause(
-                recipient, channel, question, options, timeout_hours, default,
-                deadline=started + settings()["wait"]))
+            created = await anyio.to_thread.run_sync(lambda: calls.pause(
+                recipient, channel, question, options, timeout_hours, default, deadline=calls_end))
             pause_id = asked[fingerprint] = created["pause_id"]
             asked_here.add(pause_id)
         return outcome(await wait_reporting(pause_id, ctx, started))

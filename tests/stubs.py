@@ -346,39 +346,49 @@ class KeepAliveReceiver(LoopbackServer):
 
 class PausePointStandIn(http.server.BaseHTTPRequestHandler):
     """A PausePoint as its clients meet it, for the clients' own tests: each create answered in
-    turn from `creates`, as (status, error code, headers), then 201; reads answered at once; a
+    turn from `creates`, as (status, error code, headers), then 201, its body a byte every
+    `trickle` seconds; reads in turn from `reads`, then 200 after the wait they ask for and
+    `late` seconds more; a
     cancel with the status `cancel`; every pause pending. `asked` records each request as
     (method, path, the wait asked for, its Idempotency-Key). serve_stand_in() sets these."""
-    creates, cancel, asked = [], 200, []
+    creates, reads, cancel, asked, late, trickle = [], [], 200, [], 0, 0
     pending = json.dumps({"pause_id": "psr_1", "status": "pending", "choice": None, "decided_by": None})
 
-    def answer(self, status, code=None, headers=None):
+    def answer(self, status, code=None, headers=None, trickle=0):
         body = self.pending if status < 300 else json.dumps({"error": {"code": code or "refused", "message": "no"}})
         self.send_response(status)
         for name, value in {**(headers or {}), "Content-Type": "application/json",
                             "Content-Length": str(len(body))}.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body.encode())
+        for start in range(0, len(body), 1 if trickle else len(body)):
+            self.wfile.write(body[start:start + (1 if trickle else len(body))].encode())
+            self.wfile.flush()
+            time.sleep(trickle)
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.asked.append(("POST", self.path, None, self.headers.get("Idempotency-Key")))
         if self.path.endswith("/cancel"):
             return self.answer(self.cancel)
-        self.answer(*(self.creates.pop(0) if self.creates else (201,)))
+        self.answer(*(self.creates.pop(0) if self.creates else (201,)), trickle=self.trickle)
 
     def do_GET(self):
         query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
-        self.asked.append(("GET", self.path, int(query.get("wait", ["0"])[0]), None))
+        wait = int(query.get("wait", ["0"])[0])
+        self.asked.append(("GET", self.path, wait, None))
+        if self.reads:
+            return self.answer(*self.reads.pop(0))
+        time.sleep(wait + self.late if wait else 0)
         self.answer(200)
 
     def log_message(self, *args):
         pass
 
 
-def serve_stand_in(creates=(), cancel=200):
+def serve_stand_in(creates=(), reads=(), cancel=200, late=0, trickle=0):
     """A PausePointStandIn on loopback: (server, its URL, what it was asked); stop_http() it."""
-    handler = type("StandIn", (PausePointStandIn,), {"creates": list(creates), "cancel": cancel, "asked": []})
+    handler = type("StandIn", (PausePointStandIn,), {"creates": list(creates), "reads": list(reads),
+                                                     "cancel": cancel, "asked": [], "late": late, "trickle": trickle})
     server, url = serve_http(handler)
     return server, url, handler.asked

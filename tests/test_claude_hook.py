@@ -107,9 +107,10 @@ def test_when_pausepoint_cannot_be_reached_it_asks_locally_and_never_allows(live
     assert out["permissionDecision"] == "ask" and "could not be asked" in out["permissionDecisionReason"]
 
 
-def hook_against(wait, creates=(), cancel=200):
-    """The hook's answer, waiting `wait` seconds, against a PausePointStandIn; and what it asked."""
-    server, url, asked = serve_stand_in(creates, cancel)
+def hook_against(wait, **stand_in):
+    """The hook's answer, waiting `wait` seconds, against a PausePointStandIn (serve_stand_in()
+    takes `stand_in`); and what it asked."""
+    server, url, asked = serve_stand_in(**stand_in)
     try:
         return run_hook(url, "pp_test_x", PAUSEPOINT_HOOK_WAIT=str(wait)), asked
     finally:
@@ -128,6 +129,19 @@ def test_a_create_refused_for_longer_than_the_wait_is_not_tried_again():
     out, asked = hook_against(3, creates=[(429, "rate_limited", {"Retry-After": "2"})] * 2)
     assert out["permissionDecision"] == "ask" and "could not be asked" in out["permissionDecisionReason"]
     assert [a[:2] for a in asked] == [("POST", "/v1/pause")]
+
+
+def test_a_long_poll_answered_at_the_deadline_is_the_last_look():
+    """Another look after it would take one more call's time past the deadline."""
+    out, asked = hook_against(8.5, late=1)          # asks 3 s of its 3.5 s, answered after 4 s
+    assert out["permissionDecision"] == "ask" and [what[:3:2] for what in asked if what[0] == "GET"] == [("GET", 3)]
+
+
+def test_a_server_holding_a_call_past_its_socket_timeouts_is_given_up_on_when_the_hook_runs_out():
+    """A body sent a byte a second never trips a 5 s socket timeout: the hook's own limit does."""
+    out, asked = hook_against(0.2, trickle=1)
+    assert out["permissionDecision"] == "ask" and "took too long" in out["permissionDecisionReason"]
+    assert [what[:2] for what in asked] == [("POST", "/v1/pause")]
 
 
 def test_the_cancel_after_the_wait_is_tried_once():

@@ -107,17 +107,30 @@ def test_a_pending_request_is_waited_for_again_and_asked_only_once(setup):
 
 
 def test_a_create_refused_again_and_again_is_tried_only_within_the_wait():
-    """A rate limit's short Retry-After is tried again, but only while the tool's own wait lasts:
-    a host gives a tool call about a minute (three tries, 30 s apart, took 92 s)."""
+    """A rate limit's short Retry-After is tried again, but only while the tool's own wait lasts
+    (less the 10 s the last try may take): a host gives a tool call about a minute (three tries,
+    30 s apart, took 92 s)."""
     async def steps(call, mcp):
         return await call("request_approval", {"question": "Deploy to production?"})
 
     server, url, asked = serve_stand_in([(429, "rate_limited", {"Retry-After": "2"})] * 5)
     try:
-        answer = with_mcp(url, "pp_test_x", steps, PAUSEPOINT_MCP_WAIT="3")
+        answer = with_mcp(url, "pp_test_x", steps, PAUSEPOINT_MCP_WAIT="13")
     finally:
         stop_http(server)
     assert answer["status"] == "error" and [what[:2] for what in asked] == [("POST", "/v1/pause")] * 2
+
+
+def test_reads_refused_again_and_again_are_tried_only_within_the_wait():
+    async def steps(call, mcp):
+        return await call("request_approval", {"question": "Deploy to production?"})
+
+    server, url, asked = serve_stand_in(reads=[(429, "too_many_waiting", {"Retry-After": "5"})] * 9)
+    try:
+        answer = with_mcp(url, "pp_test_x", steps, PAUSEPOINT_MCP_WAIT="3")
+    finally:
+        stop_http(server)
+    assert answer["status"] == "error" and [what[0] for what in asked] == ["POST", "GET", "GET"]
 
 
 def test_a_cancelled_request_is_not_an_approval(setup):
