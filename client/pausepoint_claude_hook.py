@@ -117,13 +117,16 @@ def decision(kind, reason):
 
 
 def hook_wait(environ):
-    return float(environ.get("PAUSEPOINT_HOOK_WAIT", "50"))
+    wait = float(environ.get("PAUSEPOINT_HOOK_WAIT", "50"))
+    if not 0 <= wait <= 3600:           # nan and inf too: the watchdog needs a time
+        raise ValueError(f"PAUSEPOINT_HOOK_WAIT must be between 0 and 3600 seconds, not {wait}")
+    return wait
 
 
 def ask_person(call, environ):
     """The hook's answer for one tool call."""
     # The create and the wait end by the wait's end, their last call included, and one try at a
-    # cancel comes after: 54 s at most with the default wait of 50 s, within the 60 s hook
+    # cancel comes after: about 55 s at most with the default wait of 50 s, within the 60 s hook
     # timeout the README suggests (past it Claude Code goes on under its own rules), unless a
     # server holds a call past its socket timeouts: main()'s watchdog answers at 56 s.
     client = PausePoint(environ["PAUSEPOINT_URL"], environ["PAUSEPOINT_API_KEY"], timeout=CALL_SECONDS, retries=2)
@@ -156,9 +159,10 @@ def ask_person(call, environ):
 def main(stdin=sys.stdin, stdout=sys.stdout, environ=os.environ):
     answered = threading.Lock()
 
-    def give(answer):
-        """Write the hook's one answer; False if one was written already."""
-        if not answered.acquire(blocking=False):
+    def give(answer, blocking):
+        """Write the hook's one answer; False if one was (or is being) written already. The
+        watchdog's is final: it keeps the lock, and a blocking give() waits for its exit."""
+        if not answered.acquire(blocking=blocking):
             return False
         json.dump(answer, stdout)
         stdout.write("\n")
@@ -168,7 +172,7 @@ def main(stdin=sys.stdin, stdout=sys.stdout, environ=os.environ):
     def too_late():
         # A server can hold a call far past its socket timeouts (a body sent a byte every few
         # seconds): past the hook's own limit, ask here, and end the process with its calls.
-        if give(decision("ask", "PausePoint took too long to answer; asking here instead")):
+        if give(decision("ask", "PausePoint took too long to answer; asking here instead"), blocking=False):
             os._exit(0)
 
     try:
@@ -185,7 +189,7 @@ def main(stdin=sys.stdin, stdout=sys.stdout, environ=os.environ):
         print(f"pausepoint hook: {e!r}", file=sys.stderr)
         answer = decision("ask", f"PausePoint could not be asked ({e}); asking here instead")
     watchdog.cancel()
-    give(answer)
+    give(answer, blocking=True)     # (and keep the lock: a watchdog already running writes nothing)
     return 0
 
 

@@ -133,9 +133,9 @@ class PausePoint:
     def get(self, pause_id, wait=0, deadline=None):
         """The whole pause; with wait=N seconds (up to 60), answered when it is decided or after N.
         With a `deadline` (a time.monotonic() value), retries never wait past it, and no attempt
-        asks the server to wait past it (it waits whole seconds: the seconds left, rounded down)."""
+        asks the server to wait past it (by more than half a second: it waits whole seconds)."""
         def query():
-            asked = wait if deadline is None else min(wait, max(0, int(deadline - time.monotonic())))
+            asked = wait if deadline is None else min(wait, max(0, round(deadline - time.monotonic())))
             return {"wait": asked} if asked else None
         return self._call("GET", f"/v1/pause/{_quote(pause_id)}", query=query, safe=True, deadline=deadline)
 

@@ -133,9 +133,10 @@ async def request_approval(question: str, ctx: Context, other_options: list[str]
     (recipient, channel), options = person, [APPROVE, *(other_options or ["Reject"])]
     fingerprint = hashlib.sha256(json.dumps([question, options, recipient, channel]).encode()).hexdigest()
     # The reads and the create's tries share the call's time with the wait, and end within it,
-    # their last call included: a host gives a tool call about a minute.
-    started, calls = time.monotonic(), client()
-    calls_end = started + settings()["wait"] - calls.timeout
+    # their last call included (a host gives a tool call about a minute), but for a short wait,
+    # which keeps half of it for them.
+    started, calls, wait = time.monotonic(), client(), settings()["wait"]
+    calls_end = started + max(wait - calls.timeout, wait / 2)
     try:
         earlier = asked.get(fingerprint)
         if earlier is not None and (await anyio.to_thread.run_sync(

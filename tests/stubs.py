@@ -352,7 +352,8 @@ class PausePointStandIn(http.server.BaseHTTPRequestHandler):
     cancel with the status `cancel`; every pause pending. `asked` records each request as
     (method, path, the wait asked for, its Idempotency-Key). serve_stand_in() sets these."""
     creates, reads, cancel, asked, late, trickle = [], [], 200, [], 0, 0
-    pending = json.dumps({"pause_id": "psr_1", "status": "pending", "choice": None, "decided_by": None})
+    pending = json.dumps({"pause_id": "psr_1", "status": "pending", "choice": None, "decided_by": None,
+                          "recipient": "+15550100", "message": "Deploy?", "expires_at": "2999-01-01T00:00:00.000Z"})
 
     def answer(self, status, code=None, headers=None, trickle=0):
         body = self.pending if status < 300 else json.dumps({"error": {"code": code or "refused", "message": "no"}})

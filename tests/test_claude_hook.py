@@ -144,6 +144,13 @@ def test_a_server_holding_a_call_past_its_socket_timeouts_is_given_up_on_when_th
     assert [what[:2] for what in asked] == [("POST", "/v1/pause")]
 
 
+@pytest.mark.parametrize("wait", ["inf", "nan", "-1", "soon"])
+def test_a_wait_that_is_no_number_of_seconds_is_asked_about_here_at_once(wait):
+    out, asked = hook_against(wait)
+    assert out["permissionDecision"] == "ask" and "could not be asked" in out["permissionDecisionReason"]
+    assert asked == []
+
+
 def test_the_cancel_after_the_wait_is_tried_once():
     """A server refusing it (the write lock busy, say) would hold the hook past its own timeout."""
     out, asked = hook_against(0.2, cancel=503)

@@ -108,17 +108,32 @@ def test_a_pending_request_is_waited_for_again_and_asked_only_once(setup):
 
 def test_a_create_refused_again_and_again_is_tried_only_within_the_wait():
     """A rate limit's short Retry-After is tried again, but only while the tool's own wait lasts
-    (less the 10 s the last try may take): a host gives a tool call about a minute (three tries,
-    30 s apart, took 92 s)."""
+    (less the 10 s the last try may take, or half of it): a host gives a tool call about a minute
+    (three tries, 30 s apart, took 92 s)."""
     async def steps(call, mcp):
         return await call("request_approval", {"question": "Deploy to production?"})
 
-    server, url, asked = serve_stand_in([(429, "rate_limited", {"Retry-After": "2"})] * 5)
+    server, url, asked = serve_stand_in([(429, "rate_limited", {"Retry-After": "5"})] * 5)
     try:
-        answer = with_mcp(url, "pp_test_x", steps, PAUSEPOINT_MCP_WAIT="13")
+        answer = with_mcp(url, "pp_test_x", steps, PAUSEPOINT_MCP_WAIT="13")       # tries until 6.5 s in
     finally:
         stop_http(server)
     assert answer["status"] == "error" and [what[:2] for what in asked] == [("POST", "/v1/pause")] * 2
+
+
+def test_with_a_short_wait_a_create_is_still_tried_again_and_every_step_still_waits():
+    """Half of a wait shorter than a call's timeout is kept for the create's tries; and a step of
+    a second asks the server to wait that second, not to answer at once."""
+    async def steps(call, mcp):
+        return await call("request_approval", {"question": "Deploy to production?"})
+
+    server, url, asked = serve_stand_in(creates=[(503, "busy", {})])
+    try:
+        answer = with_mcp(url, "pp_test_x", steps, PAUSEPOINT_MCP_WAIT="4", PAUSEPOINT_MCP_PROGRESS_EVERY="1")
+    finally:
+        stop_http(server)
+    assert answer["status"] == "pending" and [what[0] for what in asked[:2]] == ["POST", "POST"]
+    assert sum(wait == 0 for method, _, wait, _ in asked if method == "GET") <= 1      # at most the last look
 
 
 def test_reads_refused_again_and_again_are_tried_only_within_the_wait():
