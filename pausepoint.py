@@ -1974,7 +1974,7 @@ def check_test_allowance(conn, config, caller, limiter=None):
                              " AND status = 'pending' LIMIT ?)", (caller.developer_id, allowed), one=True)[0]
     if pending >= allowed:
         raise ApiError(429, "too_many_pending",
-                       f"you have as many test pauses pending as allowed ({allowed}, pauses.max_test_pending);"
+                       f"you have {allowed} or more test pauses pending, the most allowed (pauses.max_test_pending):"
                        " cancel some, or wait for them to be decided or to time out")
 
 
@@ -4488,6 +4488,7 @@ def seconds_between(earlier, later):
 
 JOB_INTERVAL_SECONDS = 0.25
 CHECKPOINT_INTERVAL_SECONDS = 1.0
+DISK_CHECK_SECONDS = 10
 WAL_CHECKPOINT_PAGES = 250_000          # about 1 GB of 4 KiB pages: only if the job could not keep up
 CHECKPOINT_PASSES = 5
 CHECKPOINT_TAIL_FRAMES = 1_000          # left for the pass under the write lock
@@ -4521,6 +4522,7 @@ class Runtime:
         self.waiting = Waiting(config["server.waiting_limit"], config["server.waiting_per_developer"],
                                config["server.waiting_per_ip"], config["server.trusted_proxy"] or None)
         self.stopping = False
+        self.disk_short = False         # as run_disk() last found it
         self.limiter = RateLimiter(enabled=config["ratelimit.enabled"])
         self.error_log = ErrorLog()
         # bcrypt is the one costly thing a client without a key can make us compute: at most
@@ -4552,7 +4554,8 @@ class Runtime:
             self.limiter.refused = self.metrics.rate_limited.labels
             self.metrics_address = metrics_address(config)
         self.round_locks = {f"run_{job}": threading.RLock()
-                            for job in ("timeouts", "steps", "notifications", "webhooks", "pruning", "checkpoint")}
+                            for job in ("timeouts", "steps", "notifications", "webhooks", "pruning", "checkpoint",
+                                        "disk")}
         migrate(self.db())
         refresh_statistics(self.db())
 
@@ -4658,6 +4661,7 @@ class Runtime:
             self.scheduler.add_job(job, "interval", seconds=JOB_INTERVAL_SECONDS, id=job.__name__, next_run_time=now)
         self.scheduler.add_job(self.run_checkpoint, "interval", seconds=CHECKPOINT_INTERVAL_SECONDS,
                                id="run_checkpoint", next_run_time=now)
+        self.scheduler.add_job(self.run_disk, "interval", seconds=DISK_CHECK_SECONDS, id="run_disk", next_run_time=now)
         # Pruning deletes only what is past its retention, so a run missed while the
         # process was down is simply done at the next start.
         self.scheduler.add_job(self.run_pruning, "interval", seconds=PRUNE_INTERVAL.total_seconds(),
@@ -4693,10 +4697,10 @@ class Runtime:
         self.webhook_connections.close()
 
     def run_once(self, job):
-        """Run one job ("timeouts", "steps", "notifications", "webhooks", "pruning", "checkpoint") now, on this
-        thread, after the outbound calls under way, and wait for the calls it starts; again
-        while it starts some (only a few per target go at once). A step of the server that
-        a test can take instead of waiting for ticks, and then see exactly what it did."""
+        """Run one job ("timeouts", "steps", "notifications", "webhooks", "pruning", "checkpoint",
+        "disk") now, on this thread, after the outbound calls under way, and wait for the calls it
+        starts; again while it starts some (only a few per target go at once). A step of the server
+        that a test can take instead of waiting for ticks, and then see exactly what it did."""
         patience = self.config["outbound.deadline_seconds"] * 3 + 5
 
         def wait_for_calls():
@@ -4813,6 +4817,18 @@ class Runtime:
                 busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 if frames == copied:
                     break
+
+    @one_round_at_a_time
+    def run_disk(self):
+        """Say in the log when the database's disk falls short of database.min_free_mb, and when
+        it has room again: meanwhile new pauses and registrations get 507."""
+        short = disk_short_of_room(self.config)
+        if short and not self.disk_short:
+            log.warning("the database's disk has less than database.min_free_mb (%s MiB) free: new pauses and"
+                        " registrations get 507 until there is room again", self.config["database.min_free_mb"])
+        elif self.disk_short and not short:
+            log.info("the database's disk has room again: new pauses and registrations are taken")
+        self.disk_short = short
 
     @one_round_at_a_time
     def run_pruning(self):
@@ -6733,10 +6749,12 @@ ERROR_STATUSES = {400: "Malformed JSON, or a lone surrogate in it", 401: "No val
                   404: "No such thing for this key", 409: "It is not in a state that allows this",
                   410: "The respond link expired", 413: "The body is over server.max_body_bytes",
                   415: "The body is not sent as application/json", 422: "A field is wrong; `field` names it",
-                  429: "A quota or rate limit; rate limits say when to come back in Retry-After",
+                  429: "A quota, a rate limit or too many pending (too_many_pending); rate limits say when to"
+                       " come back in Retry-After",
                   500: "A fault in the server, logged there",
                   503: "Busy (or starting): try again shortly, after Retry-After when given",
-                  507: "The server's disk is short of room (database.min_free_mb): no new pauses or accounts for now"}
+                  507: "The server's disk is short of room (storage_low, database.min_free_mb): no new pauses or"
+                       " accounts for now"}
 
 
 def openapi_document(config):

@@ -1,5 +1,6 @@
 import contextlib
 import datetime as dt
+import logging
 import os
 import shutil
 import sqlite3
@@ -337,6 +338,18 @@ def test_a_disk_short_of_room_takes_no_new_pauses_or_accounts_but_decides_those_
     run_out(short.config, running_out["pause_id"])
     short.step("timeouts")
     assert [short.pause(key, p["pause_id"])["status"] for p in (answered, running_out)] == ["responded", "timed_out"]
+
+
+def test_the_log_says_once_when_the_disk_falls_short_of_room_and_when_it_has_room_again(running_api, tmp_path,
+                                                                                         caplog):
+    api = running_api(**{"database.min_free_mb": shutil.disk_usage(tmp_path).total // 2**20 + 1})
+    with caplog.at_level(logging.INFO, logger="pausepoint"):
+        api.step("disk")
+        api.step("disk")
+        api.config["database.min_free_mb"] = 0              # the operator made room
+        api.step("disk")
+    said = [record.getMessage() for record in caplog.records if "disk" in record.getMessage()]
+    assert len(said) == 2 and "get 507" in said[0] and "room again" in said[1]
 
 
 def test_the_disk_watched_is_the_one_a_linked_database_is_written_on(running_api, tmp_path):
