@@ -907,10 +907,11 @@ def disk_short_of_room(config):
     return disk.f_bavail * disk.f_frsize < config["database.min_free_mb"] * 2**20
 
 
-def require_room(config):
-    """Refuse (507) what would add lasting data while the disk is short of room. What is left
-    is kept for the pauses already made: a full disk fails every write, a decision's too."""
-    if disk_short_of_room(config):
+def require_room(short_of_room):
+    """Refuse (507) what would add lasting data while the disk is short of room (as
+    disk_short_of_room() found it). What is left is kept for the pauses already made: a full
+    disk fails every write, a decision's too."""
+    if short_of_room:
         raise ApiError(507, "storage_low", "the server's disk is nearly full, so it takes no new pauses or accounts"
                                            " until its operator frees space (database.min_free_mb); pauses already"
                                            " made are still decided", headers={"Retry-After": "60"})
@@ -1810,6 +1811,7 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
     created_at = db_time(now)
     expires_at = db_time(now + dt.timedelta(seconds=asked["timeout_seconds"]))
     fingerprint = None if idempotency_key is None else request_fingerprint(body)
+    short_of_room = disk_short_of_room(config)      # a system call, kept off the write lock too
     row = (pause_id, caller.developer_id, caller.livemode, asked["recipient"], asked["channel"], asked["title"],
            asked["message"], compact_json(asked["options"]), asked["timeout_default"],
            None if asked["metadata"] is None else compact_json(asked["metadata"]),
@@ -1823,7 +1825,7 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
             earlier = earlier_idempotent_pause(conn, caller, idempotency_key, fingerprint, now)
             if earlier is not None:
                 return earlier, True
-        require_room(config)        # after the replay: a client whose answer was lost still learns its pause
+        require_room(short_of_room)     # after the replay: a client whose answer was lost still learns its pause
         # Live pauses are bounded by the plan's quota, test pauses otherwise; replays by neither.
         if caller.livemode:
             check_quota(conn, config, caller, now)
@@ -5720,7 +5722,7 @@ def registration_allowed(rt, caller):
         raise ApiError(403, "registration_closed",
                        "registration is closed on this server; the operator adds developers with"
                        " `python pausepoint.py create-developer --email … --name …`")
-    require_room(rt.config)
+    require_room(disk_short_of_room(rt.config))
     rt.limiter.limit("register", client_ip(), rt.config["ratelimit.register_per_hour"], "registrations from your address")
 
 
