@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -316,21 +317,26 @@ def test_a_stop_signal_finishes_in_flight_requests_and_stops_cleanly(spawn_serve
 
 
 def test_at_a_stop_every_parked_waiter_is_answered_even_behind_queued_requests(spawn_server, tmp_path):
-    server = spawn_server(env={"PAUSEPOINT_SERVER_THREADS": "12", "PAUSEPOINT_RATELIMIT_ENABLED": "false",
-                               "PAUSEPOINT_SECURITY_BCRYPT_ROUNDS": "12"})
+    server = spawn_server(env={"PAUSEPOINT_SERVER_THREADS": "12", "PAUSEPOINT_RATELIMIT_ENABLED": "false"})
     key = register(server.url)["test_api_key"]
     waiters = [ask(server, f"/v1/pause/{create(server.url, key)['pause_id']}?wait=50", key) for _ in range(30)]
     port = int(server.url.rsplit(":", 1)[1])
     time.sleep(1)           # parked by now (a waiter answered early would fail the check below anyway)
-    # Registrations (a password hash each, one at a time) hold every thread: at the stop more are queued
-    # ahead of the woken waiters, and all are done within waitress's five seconds for stopping.
+    # Registrations wait for the write lock this test holds: they fill the four threads one
+    # address may use, and at the stop the other twelve are queued ahead of the woken waiters.
+    held = sqlite3.connect(tmp_path / "pausepoint.db", isolation_level=None)
+    held.execute("BEGIN IMMEDIATE")
     slow = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(16)]
     for n, sock in enumerate(slow):
         body = json.dumps({"email": f"q{n}@example.com", "name": "Q", "password": PASSWORD})
         sock.sendall(f"POST /v1/auth/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
-    time.sleep(0.5)         # the first are hashing, the rest queued
+    time.sleep(0.5)         # four waiting for the lock, the rest queued: none can finish while it is held
+    assert stored(tmp_path / "pausepoint.db", "SELECT count(*) FROM developers") == [(1,)]
     server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    held.rollback()
+    held.close()
     assert server.proc.wait(timeout=20) == 0
     answers = [answer_to(sock)[0] for sock in waiters]
     for sock in slow:
