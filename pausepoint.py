@@ -591,6 +591,9 @@ MIGRATIONS = [
         DROP INDEX pauses_pending_by_recipient;
         CREATE INDEX pauses_pending_by_recipient ON pauses(recipient, seq) WHERE status = 'pending' AND livemode = 1;
     """),
+    # A reply without a code looks for the number's requests that closed lately (BARE_REPLY_QUIET).
+    (18, "CREATE INDEX pauses_closed_by_recipient ON pauses(recipient, decided_at)"
+         " WHERE livemode = 1 AND reply_code IS NOT NULL;"),
 ]
 
 
@@ -2326,8 +2329,9 @@ def record_sms_reply(conn, config, sender, text, message_sid):
 
     A reply naming a pause's code answers that pause: decides it, or for a team
     pause casts the number's vote. A bare reply answers only when exactly one
-    live pause awaits this number's answer in this conversation, whoever sent it;
-    otherwise it decides nothing and lists the codes. Only pauses whose message
+    live pause awaits this number's answer in this conversation, whoever sent it,
+    and no other closed lately (another_closed_lately()); otherwise it decides
+    nothing and lists the codes. Only pauses whose message
     was sent to this number, on this channel, count: one whose send failed or is
     still queued was never read, whatever its code. A message is taken once, by
     Twilio's id for it (see sms_replies)."""
@@ -2340,18 +2344,23 @@ def record_sms_reply(conn, config, sender, text, message_sid):
             return "PausePoint: this message came without its MessageSid, so it was not recorded."
         if not conn.execute("INSERT INTO sms_replies VALUES (?, ?) ON CONFLICT DO NOTHING", (message_sid, now)).rowcount:
             return "PausePoint: this message was received already; it counts once."
-        pending = [person for person in (asked_of(conn, row, row["position"]) for row in conn.execute(
-            ASKED_ON_NUMBER, {"number": number, "channel": channel, "now": now})) if not person.get("vote")]
+        asked = [asked_of(conn, row, row["position"]) for row in conn.execute(
+            ASKED_ON_NUMBER, {"number": number, "channel": channel, "now": now})]
+        pending = [person for person in asked if not person.get("vote")]
+        voted = [person for person in asked if person.get("vote")]
         if not pending:
             return "PausePoint: there is no open request for this number."
         if code is not None:
             pause = next((p for p in pending if p["reply_code"] == code), None)
             if pause is None:
                 return f"PausePoint: no open request has the code {code}. " + open_codes(pending)
-        elif len(pending) == 1:
-            pause = pending[0]
-        else:
+        elif len(pending) > 1:
             return f"PausePoint: {len(pending)} requests are open; start your reply with its code. " + open_codes(pending)
+        elif another_closed_lately(conn, pending[0], voted, number, channel):
+            return ("PausePoint: another request to this number closed lately, so start your reply with the"
+                    " open one's code. " + open_codes(pending))
+        else:
+            pause = pending[0]
         choice = reply_choice(answer, json.loads(pause["options"]))
         if choice is None:
             return f"PausePoint: {reply_options(pause)}. ({shorten(pause['message'])})"
@@ -2379,6 +2388,38 @@ ASKED_ON_NUMBER = (
     " AND r.position > 0 AND r.reply_code IS NOT NULL"
     " AND r.pause_decided_at IS NULL AND r.channel = :channel AND +p.status = 'pending' AND +p.expires_at > :now AND EXISTS (SELECT 1 FROM notifications n"
     f" WHERE n.pause_id = p.id AND n.position = r.position AND {REACHED}) ORDER BY seq DESC")
+
+
+# A reply without a code is meant for the last question the person read, which may not be the
+# one now open: another to the same number may have timed out, or been answered on its page,
+# just before this one arrived, or while it waited. So a bare reply answers the open request
+# only when no other in the conversation closed (or took this number's vote) after a time this
+# long before the open one was asked; otherwise the person is asked for its code, which every
+# text gives. (A late reply naming a code cannot go astray: codes are not reused for a week.)
+BARE_REPLY_QUIET = dt.timedelta(minutes=15)
+# Whether a live pause whose question reached a number on a channel was decided since a time:
+# one that asked it first (pauses_closed_by_recipient), or later in a team.
+CLOSED_ON_NUMBER = (
+    "SELECT 1 FROM pauses p INDEXED BY pauses_closed_by_recipient WHERE p.recipient = :number"
+    " AND p.livemode = 1 AND p.reply_code IS NOT NULL AND p.decided_at > :since AND p.channel = :channel"
+    f" AND EXISTS (SELECT 1 FROM notifications n WHERE n.pause_id = p.id AND n.position = 0 AND {REACHED})"
+    " UNION ALL SELECT 1 FROM pause_recipients r WHERE r.recipient = :number AND r.livemode = 1"
+    " AND iif(r.livemode, '', r.developer_id) = '' AND r.position > 0 AND r.reply_code IS NOT NULL"
+    " AND r.pause_decided_at > :since AND r.channel = :channel AND EXISTS (SELECT 1 FROM notifications n"
+    f" WHERE n.pause_id = r.pause_id AND n.position = r.position AND {REACHED}) LIMIT 1")
+
+
+def another_closed_lately(conn, person, voted, number, channel):
+    """Whether a bare reply from `number` could be meant for a request other than the one open
+    pause that `person` (as asked_of() shows it) was asked: one of the conversation's others
+    closed, or had this number's vote (`voted`), after BARE_REPLY_QUIET before it was asked."""
+    asked_at = person["created_at"] if person["position"] == 0 else query_db(
+        conn, "SELECT added_at FROM pause_recipients WHERE pause_id = ? AND position = ?",
+        (person["id"], person["position"]), one=True)[0]
+    since = db_time(parse_db_time(asked_at) - BARE_REPLY_QUIET)
+    return (any(other["vote"]["voted_at"] > since for other in voted)
+            or query_db(conn, CLOSED_ON_NUMBER, {"number": number, "channel": channel, "since": since}, one=True)
+            is not None)
 
 
 def open_codes(pending):

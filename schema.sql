@@ -150,6 +150,9 @@ CREATE UNIQUE INDEX pauses_pending_reply_code ON pauses(recipient, livemode, iif
 CREATE INDEX pauses_recent_reply_codes ON pauses(recipient, livemode, iif(livemode, '', developer_id), reply_code,
                                                  decided_at)
     WHERE reply_code IS NOT NULL;
+-- SMS replies: the live pauses to a number decided lately (a reply without a code is not taken
+-- as an answer to the one open while another in the conversation closed shortly before it).
+CREATE INDEX pauses_closed_by_recipient ON pauses(recipient, decided_at) WHERE livemode = 1 AND reply_code IS NOT NULL;
 -- Pruning: decided test-mode pauses, oldest decision first.
 CREATE INDEX pauses_decided_test ON pauses(decided_at) WHERE livemode = 0 AND status != 'pending';
 -- Quota: live pauses a developer created since the start of the month.

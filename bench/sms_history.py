@@ -5,8 +5,9 @@ read that number's open and recent codes while holding the write lock, so their 
 not grow with how many pauses ever asked it. Baseline: the same number with no history.
 Then `--history` decided pauses asking it first (single-recipient), then as many decided
 team pauses asking it second, then `--test-tenants` other developers' pending test pauses
-to it, as many as each may have (no text answers those). Each figure is the median and p99 of `--runs` calls, on a
-real SQLite file, through the server's own functions.
+to it, as many as each may have (no text answers those). The SMS is a reply without a code
+while one live pause is open on the number. Each figure is the median and p99 of `--runs`
+calls, on a real SQLite file, through the server's own functions.
 
 Usage: python bench/sms_history.py [--history 100000] [--runs 200] [--test-tenants 10]
 """
@@ -78,9 +79,24 @@ def add_pending_tests(conn, developer_id):
             {"developer": developer_id, "number": NUMBER, "codes": codes})
 
 
+def add_open_pause(conn, developer_id):
+    """The one live pause open on NUMBER, its text sent: a reply without a code is weighed for it."""
+    with pausepoint.transaction(conn):
+        conn.execute("INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options,"
+                     " respond_token, reply_code, created_at, expires_at) VALUES ('psr_open', ?, 1, ?, 'sms', 'm',"
+                     " '[\"Approve\",\"Reject\"]', 'tok_open', 'Z9', ?, '2999-01-01T00:00:00.000Z')",
+                     (developer_id, NUMBER, pausepoint.db_time()))
+        conn.execute("INSERT INTO notifications (id, pause_id, developer_id, channel, recipient, livemode, text,"
+                     " status, next_attempt_at, created_at, updated_at) VALUES ('ntf_open', 'psr_open', ?, 'sms', ?,"
+                     " 1, 'm', 'sent', '2025-01-01T00:00:00.000Z', '2025-01-01T00:00:00.000Z',"
+                     " '2025-01-01T00:00:00.000Z')", (developer_id, NUMBER))
+
+
 def measure(conn, config, label, runs):
-    def sms():      # each a new message: the same one again is taken once and decides nothing
-        pausepoint.record_sms_reply(conn, config, NUMBER, "1", "SM" + uuid.uuid4().hex)
+    # Each a new message (the same one again is taken once): no code, and an option the open
+    # pause lacks, so it reads all a bare reply reads and decides nothing.
+    def sms():
+        pausepoint.record_sms_reply(conn, config, NUMBER, "9", "SM" + uuid.uuid4().hex)
 
     # A live code's scope is every developer's (older code took no developer at all).
     for_developer = [None][:len(inspect.signature(pausepoint.new_reply_code).parameters) - 3]
@@ -107,6 +123,7 @@ def main():
         conn = app.runtime.db()
         developer = pausepoint.register_developer(conn, config, "bench@example.com", "Bench", "correct horse battery")
         developer_id = developer["developer_id"]
+        add_open_pause(conn, developer_id)
         print("| the number's history | incoming SMS, ms p50 / p99 | new reply code, ms p50 / p99 |")
         print("|---|---|---|")
         measure(conn, config, "none (baseline)", args.runs)

@@ -470,6 +470,76 @@ def test_a_bare_reply_with_several_pending_decides_nothing_and_lists_the_codes(s
     assert stored(config, "SELECT count(*) FROM audit_events WHERE event_type = 'pause.responded'") == [(0,)]
 
 
+OURS, THEIRS = {"recipient": "+15550100", "channel": "sms"}, {"recipient": "+15550101", "channel": "sms"}
+# Earlier team pauses that asked +15550100: their people, the approvals they need, and who answered
+# by text (None: the first person, on their page).
+EARLIER_TEAMS = {
+    "vote on a team pause still pending": ([OURS, THEIRS], 2, "+15550100"),
+    "later person of a team pause": ([THEIRS, OURS], 1, "+15550101"),
+    "later person of a team pause, never sent": ([{"recipient": "ops-lead", "channel": "link"}, OURS], 1, None),
+}
+
+
+def close_earlier(api, twilio, keys, how):
+    """A pause that asked +15550100, closed (or given its vote) `how`."""
+    if how.endswith("never sent"):
+        twilio.fail_next = [400]                    # refused for good: the text never went out
+    if how in EARLIER_TEAMS:
+        people, count, replier = EARLIER_TEAMS[how]
+        team = {**QUESTION, "recipients": people, "quorum": {"choice": "Approve", "count": count}}
+        earlier = api.post_json("/v1/pause", team, headers=api.as_key(keys["api_key"])).json
+        api.step("notifications")
+        if replier:
+            assert "recorded Approve" in inbound(api, api.config, "1", sender=replier).text
+        else:
+            api.post_json(f"/v1/respond/{token_of(earlier['recipients'][0]['respond_url'])}", {"choice": "Approve"})
+        return
+    earlier = api.create_pause(keys["test_api_key" if how == "in test mode" else "api_key"],
+                               message="send $10 to the office fund?", channel="whatsapp" if how == "on whatsapp" else "sms")
+    if how == "timed out":
+        run_out(api.config, earlier["pause_id"])
+        api.step("timeouts")
+    else:
+        api.post_json(f"/v1/respond/{token_of(earlier['respond_url'])}", {"choice": "Approve"})
+
+
+@pytest.mark.parametrize("how, in_the_conversation", [
+    ("timed out", True), ("answered on its page", True), ("later person of a team pause", True),
+    ("vote on a team pause still pending", True), ("never sent", False),
+    ("later person of a team pause, never sent", False), ("on whatsapp", False), ("in test mode", False)])
+def test_a_bare_reply_answers_the_open_request_only_when_no_other_in_the_conversation_closed_lately(
+        sms_setup, twilio, how, in_the_conversation):
+    """Just after another closed, the person may be answering that one, late: the reply must name a code."""
+    api, config, keys = sms_setup
+    close_earlier(api, twilio, keys, how)
+    wire = api.create_pause(keys["api_key"], message="wire $50,000 to account 998877?")
+    if in_the_conversation:
+        response = inbound(api, config, "1")
+        assert "another request to this number closed lately" in response.text
+        assert f"{reply_code(api, keys['api_key'], wire)}: wire $50,000 to account 998877?" in response.text
+        assert stored(config, "SELECT count(*) FROM audit_events WHERE pause_id = ? AND event_type = 'pause.responded'",
+                      wire["pause_id"]) == [(0,)]
+        # Asked long enough after the other closed, it is the only request in the conversation.
+        stored(config, "UPDATE pauses SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+16 minutes')"
+                       " WHERE id = ?", wire["pause_id"])
+    assert 'recorded Reject for "wire $50,000' in inbound(api, config, "2").text
+    assert stored(config, "SELECT choice FROM pauses WHERE id = ?", wire["pause_id"]) == [("Reject",)]
+
+
+def test_a_bare_reply_is_not_taken_for_a_request_open_while_another_closed(sms_setup):
+    """Asked an hour ago, and open while another to the number closed: which one is meant is unknown."""
+    api, config, keys = sms_setup
+    wire = api.create_pause(keys["api_key"], message="wire $50,000 to account 998877?")
+    stored(config, "UPDATE pauses SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-60 minutes') WHERE id = ?",
+           wire["pause_id"])
+    office_fund = api.create_pause(keys["api_key"], message="send $10 to the office fund?")
+    inbound(api, config, f"{reply_code(api, keys['api_key'], office_fund)} 1")
+    assert "closed lately" in inbound(api, config, "1").text
+    assert stored(config, "SELECT status FROM pauses WHERE id = ?", wire["pause_id"]) == [("pending",)]
+    code = reply_code(api, keys["api_key"], wire)
+    assert 'recorded Approve for "wire $50,000' in inbound(api, config, f"{code} 1").text
+
+
 def test_a_reply_never_decides_a_pause_whose_message_went_to_another_number(sms_setup):
     api, config, keys = sms_setup
     theirs = api.create_pause(keys["api_key"])

@@ -44,10 +44,10 @@ def plans(config, statements):
     return found
 
 
-def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver):
+def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver, twilio):
     # 30,000 pauses and 90,000 audit events of one developer, 5,000 other developers with a
     # webhook each, 40 of them with 100 pauses.
-    api = running_api(**{"webhooks.allow_private": True})
+    api = running_api(**{"webhooks.allow_private": True}, **twilio.settings())
     keys = api.register()
     key, auth = keys["test_api_key"], api.as_key(keys["test_api_key"])
     webhook_id = api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.responded"]},
@@ -100,6 +100,13 @@ def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver):
     stored(api.config, "UPDATE pause_steps SET due_at = '2000-01-01T00:00:00.000Z'")
     api.pause(key, team["pause_id"])
     pausepoint.record_sms_reply(api.app.runtime.db(), api.config, "+15550101", "1", "SM" + "0" * 32)
+    answered = api.create_pause(keys["api_key"], recipient="+15550109")        # live texts, then a bare reply
+    api.step("notifications")
+    api.post_json(f"/v1/respond/{token_of(answered['respond_url'])}", {"choice": "Approve"})
+    api.create_pause(keys["api_key"], recipient="+15550109")
+    api.step("notifications")
+    assert "closed lately" in pausepoint.record_sms_reply(api.app.runtime.db(), api.config, "+15550109", "1",
+                                                          "SM" + "1" * 32)
     # The export's statement whatever its window (without STAT4 statistics, which the server's
     # limited ANALYZE leaves none of even where SQLite can keep them, a bound's value never
     # changes a plan), over the events since the fill, not 90,000.
