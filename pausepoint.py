@@ -7519,33 +7519,45 @@ def backup(config, destination):
             write_signing_keys(signing_keys_path(destination), json.load(f)["keys"], replace=False)
 
 
+def add_server_options(parser, default):
+    """The options every command takes, before the command or after it."""
+    parser.add_argument("--config", default=default, help="TOML config file (default: ./config.toml if present)")
+    parser.add_argument("--host", default=default, help="address to listen on (server.host)")
+    parser.add_argument("--port", default=default, type=int, help="port to listen on (server.port)")
+    parser.add_argument("--db", default=default, help="SQLite database file (database.path)")
+    parser.add_argument("--base-url", default=default, help="public URL for respond links (server.base_url)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="pausepoint.py",
         description="PausePoint: human approval for AI agents. With no command, serves the API.")
-    parser.add_argument("--config", help="TOML config file (default: ./config.toml if present)")
-    parser.add_argument("--host", help="address to listen on (server.host)")
-    parser.add_argument("--port", type=int, help="port to listen on (server.port)")
-    parser.add_argument("--db", help="SQLite database file (database.path)")
-    parser.add_argument("--base-url", help="public URL for respond links (server.base_url)")
+    add_server_options(parser, None)
+    # After a command too (`verify-audit --db x.db`); given there, they leave those given before alone.
+    after_command = argparse.ArgumentParser(add_help=False)
+    add_server_options(after_command, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("serve", help="serve the API and respond pages (the default)")
-    create = commands.add_parser("create-developer", help="add a developer and print their API keys (works when registration is closed)")
+
+    def command(name, help):
+        return commands.add_parser(name, help=help, parents=[after_command])
+
+    command("serve", help="serve the API and respond pages (the default)")
+    create = command("create-developer", help="add a developer and print their API keys (works when registration is closed)")
     create.add_argument("--email", required=True)
     create.add_argument("--name", required=True)
     create.add_argument("--plan", default="free", help="a plan named in the config (default: free)")
     create.add_argument("--password-stdin", action="store_true",
                         help="read the developer's password from standard input (default: asked for at a prompt)")
-    set_plan = commands.add_parser("set-plan", help="move a developer to another plan")
+    set_plan = command("set-plan", help="move a developer to another plan")
     set_plan.add_argument("--email", required=True)
     set_plan.add_argument("--plan", required=True)
-    operator = commands.add_parser("set-operator", help="let a developer use the dashboard's operator page")
+    operator = command("set-operator", help="let a developer use the dashboard's operator page")
     operator.add_argument("--email", required=True)
     operator.add_argument("--remove", action="store_true", help="take the operator page away instead")
-    take_backup = commands.add_parser("backup", help="write an online backup of the database (safe while serving)")
+    take_backup = command("backup", help="write an online backup of the database (safe while serving)")
     take_backup.add_argument("destination", help="file to write; must not exist yet")
-    commands.add_parser("verify-audit", help="check every audit chain; exits 1 naming the first event that breaks each")
-    commands.add_parser("rotate-signing-key", help="sign from now on with a new key; old public keys stay published")
+    command("verify-audit", help="check every audit chain; exits 1 naming the first event that breaks each")
+    command("rotate-signing-key", help="sign from now on with a new key; old public keys stay published")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -250,6 +250,15 @@ def test_verify_audit_on_a_path_with_no_database_says_so_instead_of_making_one(t
     assert "there is no database at" in capsys.readouterr().err and not os.path.exists(missing)
 
 
+def test_the_database_may_be_named_after_the_command_too(logged, tmp_path, capsys):
+    path, typo = logged[0].config["database.path"], str(tmp_path / "typo.db")
+    assert pausepoint.main(["verify-audit", "--db", path]) == 0
+    assert pausepoint.main(["verify-audit", "--db", typo]) == 2
+    assert pausepoint.main(["--db", typo, "verify-audit", "--db", path]) == 0         # the later one
+    assert pausepoint.main(["--db", path, "verify-audit"]) == 0                       # not undone by the command's
+    assert capsys.readouterr().err.count("there is no database at") == 1
+
+
 def test_an_event_written_around_the_server_breaks_the_chain_visibly_but_stops_nothing(running_api):
     api = running_api()
     keys = api.register()
