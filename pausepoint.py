@@ -280,7 +280,8 @@ def parse_text_value(key, raw, where):
         try:
             return kind(raw)
         except ValueError:
-            raise ConfigError(f"{key} must be a number ({where} is {raw!r})") from None
+            expected = "a whole number" if kind is int else "a number"
+            raise ConfigError(f"{key} must be {expected} ({where} is {raw!r})") from None
     return raw
 
 

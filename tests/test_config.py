@@ -47,20 +47,21 @@ def test_file_then_environment_then_flags_overlay_the_defaults(tmp_path):
     assert pausepoint.base_url(config) == "https://pp.example.org"
 
 
-@pytest.mark.parametrize("text, environ, named", [
+@pytest.mark.parametrize("text, environ, said", [
     ("[server]\nprot = 1\n", {}, "server.prot"),
-    ("[server]\nport = 'eighty'\n", {}, "server.port"),
+    ("[server]\nport = 'eighty'\n", {}, "server.port must be a whole number"),
     ("[server]\nport = 70000\n", {}, "server.port"),
     ("[server]\nbase_url = 'ftp://x'\n", {}, "server.base_url"),
     ("[plans.team]\nmonthly_pauses = -1\n", {}, "plans.team.monthly_pauses"),
-    ("", {"PAUSEPOINT_SERVER_THREADS": "many"}, "server.threads"),
+    ("", {"PAUSEPOINT_SERVER_THREADS": "many"}, "server.threads must be a whole number"),
+    ("", {"PAUSEPOINT_SERVER_THREADS": "12.5"}, "server.threads must be a whole number"),
     ("", {"PAUSEPOINT_SERVER_COLOUR": "red"}, "PAUSEPOINT_SERVER_COLOUR"),
     ("", {"PAUSEPOINT_RATELIMIT_ENABLED": "maybe"}, "ratelimit.enabled"),
 ])
-def test_a_bad_setting_stops_start_up_with_one_sentence_naming_the_key(tmp_path, text, environ, named):
+def test_a_bad_setting_stops_start_up_with_one_sentence_naming_the_key(tmp_path, text, environ, said):
     with pytest.raises(ConfigError) as error:
         load_config(write(tmp_path, text), environ=environ)
-    assert named in str(error.value)
+    assert said in str(error.value)
     assert "\n" not in str(error.value)
 
 
