@@ -148,6 +148,23 @@ def test_reads_refused_again_and_again_are_tried_only_within_the_wait():
     assert answer["status"] == "error" and [what[0] for what in asked] == ["POST", "GET", "GET"]
 
 
+def test_the_read_of_an_earlier_request_is_tried_only_within_the_wait():
+    """Asked again, the tool first reads the earlier pause: refused, that read too ends within the call's time."""
+    async def steps(call, mcp):
+        first = await call("request_approval", {"question": "Deploy to production?"})
+        server.RequestHandlerClass.reads[:] = [(429, "too_many_waiting", {"Retry-After": "5"})] * 9
+        del asked[:]
+        return first, await call("request_approval", {"question": "Deploy to production?"})
+
+    server, url, asked = serve_stand_in()
+    try:
+        first, again = with_mcp(url, "pp_test_x", steps, PAUSEPOINT_MCP_WAIT="3")     # reads until 1.5 s in
+    finally:
+        stop_http(server)
+    assert first["status"] == "pending" and again["status"] == "error"
+    assert [what[:3] for what in asked] == [("GET", "/v1/pause/psr_1", 0)]
+
+
 def test_a_cancelled_request_is_not_an_approval(setup):
     async def steps(call, mcp):
         pending = await call("request_approval", {"question": "Email 1,200 customers?"})
