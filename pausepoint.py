@@ -594,7 +594,7 @@ MIGRATIONS = [
     """),
     # A reply without a code looks for the number's requests that closed lately (BARE_REPLY_QUIET).
     (18, "CREATE INDEX pauses_closed_by_recipient ON pauses(recipient, decided_at)"
-         " WHERE livemode = 1 AND reply_code IS NOT NULL;"),
+         " WHERE livemode = 1 AND channel IN ('sms', 'whatsapp');"),
 ]
 
 
@@ -2331,7 +2331,7 @@ def record_sms_reply(conn, config, sender, text, message_sid):
     A reply naming a pause's code answers that pause: decides it, or for a team
     pause casts the number's vote. A bare reply answers only when exactly one
     live pause awaits this number's answer in this conversation, whoever sent it,
-    and no other closed lately (another_closed_lately()); otherwise it decides
+    and no other is in the way (bare_reply_unclear()); otherwise it decides
     nothing and lists the codes. Only pauses whose message
     was sent to this number, on this channel, count: one whose send failed or is
     still queued was never read, whatever its code. A message is taken once, by
@@ -2346,9 +2346,9 @@ def record_sms_reply(conn, config, sender, text, message_sid):
         if not conn.execute("INSERT INTO sms_replies VALUES (?, ?) ON CONFLICT DO NOTHING", (message_sid, now)).rowcount:
             return "PausePoint: this message was received already; it counts once."
         asked = [asked_of(conn, row, row["position"]) for row in conn.execute(
-            ASKED_ON_NUMBER, {"number": number, "channel": channel, "now": now})]
-        pending = [person for person in asked if not person.get("vote")]
-        voted = [person for person in asked if person.get("vote")]
+            ASKED_ON_NUMBER, {"number": number, "channel": channel})]
+        pending = [person for person in asked if person["reached"] and person["expires_at"] > now
+                   and not person.get("vote")]
         if not pending:
             return "PausePoint: there is no open request for this number."
         if code is not None:
@@ -2357,9 +2357,10 @@ def record_sms_reply(conn, config, sender, text, message_sid):
                 return f"PausePoint: no open request has the code {code}. " + open_codes(pending)
         elif len(pending) > 1:
             return f"PausePoint: {len(pending)} requests are open; start your reply with its code. " + open_codes(pending)
-        elif another_closed_lately(conn, pending[0], voted, number, channel):
-            return ("PausePoint: another request to this number closed lately, so start your reply with the"
-                    " open one's code. " + open_codes(pending))
+        elif bare_reply_unclear(conn, pending[0], [other for other in asked if other is not pending[0]],
+                                number, channel, now):
+            return ("PausePoint: a reply without a code could be meant for another request to this number,"
+                    " so start it with the open one's code. " + open_codes(pending))
         else:
             pause = pending[0]
         choice = reply_choice(answer, json.loads(pause["options"]))
@@ -2371,56 +2372,69 @@ def record_sms_reply(conn, config, sender, text, message_sid):
 
 
 # The live pending pauses whose question reached a number on a channel (a text sent, or one
-# that may have been: the question itself, or a reminder, which repeats it and its code),
-# newest first, each with the position it asked the number at: as a pause's first person, or
-# later in a team.
+# that may have been: the question itself, or a reminder, which repeats it and its code), or is
+# being sent now, newest first, each with the position it asked the number at (as a pause's
+# first person, or later in a team) and whether it `reached` the number (0: only being sent).
+# Those past their expiry that the timeout job has yet to close are among them.
 # (INDEXED BY: the planner took the pending pauses by expiry, all of them, when no live ones
 # were pending as statistics were last gathered. CROSS JOIN, and + to keep the pending pauses'
 # indexes out: from the number's few people to their pauses by id, never through every pending
 # pause. The live CODE_SCOPE, '', lets the number's index reach past it to the pending ones.)
 REACHED = "(n.status = 'sent' OR n.may_have_reached)"
+SENT_TO = ("(SELECT max({reached}) FROM notifications n WHERE n.pause_id = p.id AND n.position = {position}"
+           " AND (n.status = 'sending' OR {reached}))")
 ASKED_ON_NUMBER = (
-    "SELECT p.*, 0 AS position FROM pauses p INDEXED BY pauses_pending_by_recipient WHERE p.recipient = :number"
-    " AND p.status = 'pending'"
-    " AND p.channel = :channel AND p.livemode = 1 AND p.expires_at > :now AND EXISTS (SELECT 1 FROM notifications n"
-    f" WHERE n.pause_id = p.id AND n.position = 0 AND {REACHED})"
-    " UNION ALL SELECT p.*, r.position FROM pause_recipients r CROSS JOIN pauses p ON p.id = r.pause_id"
+    f"SELECT p.*, 0 AS position, {SENT_TO.format(reached=REACHED, position='0')} AS reached"
+    " FROM pauses p INDEXED BY pauses_pending_by_recipient WHERE p.recipient = :number AND p.status = 'pending'"
+    " AND p.channel = :channel AND p.livemode = 1 AND reached IS NOT NULL"
+    f" UNION ALL SELECT p.*, r.position, {SENT_TO.format(reached=REACHED, position='r.position')} AS reached"
+    " FROM pause_recipients r CROSS JOIN pauses p ON p.id = r.pause_id"
     " WHERE r.recipient = :number AND r.livemode = 1 AND iif(r.livemode, '', r.developer_id) = ''"
-    " AND r.position > 0 AND r.reply_code IS NOT NULL"
-    " AND r.pause_decided_at IS NULL AND r.channel = :channel AND +p.status = 'pending' AND +p.expires_at > :now AND EXISTS (SELECT 1 FROM notifications n"
-    f" WHERE n.pause_id = p.id AND n.position = r.position AND {REACHED}) ORDER BY seq DESC")
+    " AND r.position > 0 AND r.reply_code IS NOT NULL AND r.pause_decided_at IS NULL AND r.channel = :channel"
+    " AND +p.status = 'pending' AND reached IS NOT NULL ORDER BY seq DESC")
 
 
 # A reply without a code is meant for the last question the person read, which may not be the
 # one now open: another to the same number may have timed out, or been answered on its page,
-# just before this one arrived, or while it waited. So a bare reply answers the open request
-# only when no other in the conversation closed (or took this number's vote) after a time this
-# long before the open one was asked; otherwise the person is asked for its code, which every
-# text gives. (A late reply naming a code cannot go astray: codes are not reused for a week.)
+# just before this one arrived, or while it waited; or another's text may be arriving as the
+# person writes. So a bare reply answers the open request only when no other in the
+# conversation closed (or took this number's vote, or ran out of time) after a time this long
+# before the open one was asked, and none is being sent; otherwise the person is asked for its
+# code, which every text gives. (A late reply naming a code cannot go astray: codes are not
+# reused for a week.)
 BARE_REPLY_QUIET = dt.timedelta(minutes=15)
-# Whether a live pause whose question reached a number on a channel was decided since a time:
-# one that asked it first (pauses_closed_by_recipient), or later in a team.
+# Of the live pauses that asked a number and were decided since a time, whether each one's
+# question reached it on a channel: those that asked it first (pauses_closed_by_recipient),
+# then those that asked it later in a team, at most :most of each. Only that many are read
+# under the write lock, whatever a tenant does to the number (paused and cancelled before any
+# text went out, say): a full count is taken as "closed lately", the safe side.
 CLOSED_ON_NUMBER = (
-    "SELECT 1 FROM pauses p INDEXED BY pauses_closed_by_recipient WHERE p.recipient = :number"
-    " AND p.livemode = 1 AND p.reply_code IS NOT NULL AND p.decided_at > :since AND p.channel = :channel"
-    f" AND EXISTS (SELECT 1 FROM notifications n WHERE n.pause_id = p.id AND n.position = 0 AND {REACHED})"
-    " UNION ALL SELECT 1 FROM pause_recipients r WHERE r.recipient = :number AND r.livemode = 1"
-    " AND iif(r.livemode, '', r.developer_id) = '' AND r.position > 0 AND r.reply_code IS NOT NULL"
-    " AND r.pause_decided_at > :since AND r.channel = :channel AND EXISTS (SELECT 1 FROM notifications n"
-    f" WHERE n.pause_id = r.pause_id AND n.position = r.position AND {REACHED}) LIMIT 1")
+    f"SELECT * FROM (SELECT p.channel = :channel AND EXISTS (SELECT 1 FROM notifications n WHERE n.pause_id = p.id"
+    f" AND n.position = 0 AND {REACHED}) AS reached FROM pauses p INDEXED BY pauses_closed_by_recipient"
+    " WHERE p.recipient = :number AND p.livemode = 1 AND p.channel IN ('sms', 'whatsapp') AND p.decided_at > :since"
+    " LIMIT :most) UNION ALL SELECT * FROM (SELECT r.channel = :channel AND EXISTS (SELECT 1 FROM notifications n"
+    f" WHERE n.pause_id = r.pause_id AND n.position = r.position AND {REACHED}) AS reached FROM pause_recipients r"
+    " WHERE r.recipient = :number AND r.livemode = 1 AND iif(r.livemode, '', r.developer_id) = ''"
+    " AND r.position > 0 AND r.reply_code IS NOT NULL AND r.pause_decided_at > :since LIMIT :most)")
+CLOSED_READ_AT_MOST = 50
 
 
-def another_closed_lately(conn, person, voted, number, channel):
-    """Whether a bare reply from `number` could be meant for a request other than the one open
-    pause that `person` (as asked_of() shows it) was asked: one of the conversation's others
-    closed, or had this number's vote (`voted`), after BARE_REPLY_QUIET before it was asked."""
+def bare_reply_unclear(conn, person, others, number, channel, now):
+    """Whether a reply without a code from `number` could be meant for another request than
+    the one open pause `person` (as asked_of() shows it) was asked: `others` (the rest of
+    ASKED_ON_NUMBER's pauses) hold one being sent, or one that had this number's vote or
+    ran out of time after BARE_REPLY_QUIET before `person` was asked; or one decided since
+    then had reached the number."""
     asked_at = person["created_at"] if person["position"] == 0 else query_db(
         conn, "SELECT added_at FROM pause_recipients WHERE pause_id = ? AND position = ?",
         (person["id"], person["position"]), one=True)[0]
     since = db_time(parse_db_time(asked_at) - BARE_REPLY_QUIET)
-    return (any(other["vote"]["voted_at"] > since for other in voted)
-            or query_db(conn, CLOSED_ON_NUMBER, {"number": number, "channel": channel, "since": since}, one=True)
-            is not None)
+    if any(not other["reached"] or since < other["expires_at"] <= now
+           or other.get("vote") and other["vote"]["voted_at"] > since for other in others):
+        return True
+    closed = query_db(conn, CLOSED_ON_NUMBER, {"number": number, "channel": channel, "since": since,
+                                               "most": CLOSED_READ_AT_MOST})
+    return any(row["reached"] for row in closed) or len(closed) >= CLOSED_READ_AT_MOST
 
 
 def open_codes(pending):

@@ -152,7 +152,8 @@ CREATE INDEX pauses_recent_reply_codes ON pauses(recipient, livemode, iif(livemo
     WHERE reply_code IS NOT NULL;
 -- SMS replies: the live pauses to a number decided lately (a reply without a code is not taken
 -- as an answer to the one open while another in the conversation closed shortly before it).
-CREATE INDEX pauses_closed_by_recipient ON pauses(recipient, decided_at) WHERE livemode = 1 AND reply_code IS NOT NULL;
+CREATE INDEX pauses_closed_by_recipient ON pauses(recipient, decided_at)
+    WHERE livemode = 1 AND channel IN ('sms', 'whatsapp');
 -- Pruning: decided test-mode pauses, oldest decision first.
 CREATE INDEX pauses_decided_test ON pauses(decided_at) WHERE livemode = 0 AND status != 'pending';
 -- Quota: live pauses a developer created since the start of the month.

@@ -5,11 +5,12 @@ read that number's open and recent codes while holding the write lock, so their 
 not grow with how many pauses ever asked it. Baseline: the same number with no history.
 Then `--history` decided pauses asking it first (single-recipient), then as many decided
 team pauses asking it second, then `--test-tenants` other developers' pending test pauses
-to it, as many as each may have (no text answers those). The SMS is a reply without a code
+to it, as many as each may have (no text answers those), then `--closed-unsent` live pauses
+to it cancelled a minute ago before their texts went out. The SMS is a reply without a code
 while one live pause is open on the number. Each figure is the median and p99 of `--runs`
 calls, on a real SQLite file, through the server's own functions.
 
-Usage: python bench/sms_history.py [--history 100000] [--runs 200] [--test-tenants 10]
+Usage: python bench/sms_history.py [--history 100000] [--runs 200] [--test-tenants 10] [--closed-unsent 10000]
 """
 
 import argparse
@@ -92,6 +93,21 @@ def add_open_pause(conn, developer_id):
                      " '2025-01-01T00:00:00.000Z')", (developer_id, NUMBER))
 
 
+def add_closed_unsent(conn, developer_id, count):
+    """`count` live pauses to NUMBER cancelled a minute ago, before their texts went out: all
+    within the time a bare reply looks back over, none of them a question the person read."""
+    with pausepoint.transaction(conn):
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :count)"
+            " INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, status,"
+            " decided_at, respond_token, reply_code, created_at, expires_at) SELECT 'psr_c' || i, :developer, 1,"
+            " :number, 'sms', 'm', '[\"Approve\",\"Reject\"]', 'cancelled', :minute_ago, 'tokc' || i,"
+            " json_extract(:codes, '$[' || (i % 4416) || ']'), :minute_ago, '2999-01-01T00:00:00.000Z' FROM n",
+            {"count": count, "developer": developer_id, "number": NUMBER,
+             "codes": json.dumps(pausepoint.SHORT_REPLY_CODES + pausepoint.LONG_REPLY_CODES),
+             "minute_ago": pausepoint.db_time(pausepoint.utcnow() - pausepoint.dt.timedelta(minutes=1))})
+
+
 def measure(conn, config, label, runs):
     # Each a new message (the same one again is taken once): no code, and an option the open
     # pause lacks, so it reads all a bare reply reads and decides nothing.
@@ -115,6 +131,7 @@ def main():
     parser.add_argument("--history", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--test-tenants", type=int, default=10)
+    parser.add_argument("--closed-unsent", type=int, default=10_000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         config = pausepoint.load_config(environ={}, overrides={
@@ -136,6 +153,9 @@ def main():
                                                                   "correct horse battery")["developer_id"])
         measure(conn, config, f"and {args.test_tenants * 4416:,} pending test pauses to it, of {args.test_tenants}"
                               " other developers", args.runs)
+        add_closed_unsent(conn, developer_id, args.closed_unsent)
+        measure(conn, config, f"and {args.closed_unsent:,} live pauses to it cancelled a minute ago, their texts"
+                              " unsent", args.runs)
         app.runtime.stop()
 
 

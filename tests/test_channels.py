@@ -477,6 +477,7 @@ EARLIER_TEAMS = {
     "vote on a team pause still pending": ([OURS, THEIRS], 2, "+15550100"),
     "later person of a team pause": ([THEIRS, OURS], 1, "+15550101"),
     "later person of a team pause, never sent": ([{"recipient": "ops-lead", "channel": "link"}, OURS], 1, None),
+    "later person of a team pause, on whatsapp": ([THEIRS, {**OURS, "channel": "whatsapp"}], 1, "+15550101"),
 }
 
 
@@ -496,17 +497,22 @@ def close_earlier(api, twilio, keys, how):
         return
     earlier = api.create_pause(keys["test_api_key" if how == "in test mode" else "api_key"],
                                message="send $10 to the office fund?", channel="whatsapp" if how == "on whatsapp" else "sms")
-    if how == "timed out":
+    if how == "from before reply codes":
+        stored(api.config, "UPDATE pauses SET reply_code = NULL WHERE id = ?", earlier["pause_id"])
+    if how in ("timed out", "out of time, its timeout not yet run"):
         run_out(api.config, earlier["pause_id"])
-        api.step("timeouts")
+        if how == "timed out":
+            api.step("timeouts")
     else:
         api.post_json(f"/v1/respond/{token_of(earlier['respond_url'])}", {"choice": "Approve"})
 
 
 @pytest.mark.parametrize("how, in_the_conversation", [
-    ("timed out", True), ("answered on its page", True), ("later person of a team pause", True),
+    ("timed out", True), ("out of time, its timeout not yet run", True), ("answered on its page", True),
+    ("from before reply codes", True), ("later person of a team pause", True),
     ("vote on a team pause still pending", True), ("never sent", False),
-    ("later person of a team pause, never sent", False), ("on whatsapp", False), ("in test mode", False)])
+    ("later person of a team pause, never sent", False), ("on whatsapp", False),
+    ("later person of a team pause, on whatsapp", False), ("in test mode", False)])
 def test_a_bare_reply_answers_the_open_request_only_when_no_other_in_the_conversation_closed_lately(
         sms_setup, twilio, how, in_the_conversation):
     """Just after another closed, the person may be answering that one, late: the reply must name a code."""
@@ -515,7 +521,7 @@ def test_a_bare_reply_answers_the_open_request_only_when_no_other_in_the_convers
     wire = api.create_pause(keys["api_key"], message="wire $50,000 to account 998877?")
     if in_the_conversation:
         response = inbound(api, config, "1")
-        assert "another request to this number closed lately" in response.text
+        assert "could be meant for another request to this number" in response.text
         assert f"{reply_code(api, keys['api_key'], wire)}: wire $50,000 to account 998877?" in response.text
         assert stored(config, "SELECT count(*) FROM audit_events WHERE pause_id = ? AND event_type = 'pause.responded'",
                       wire["pause_id"]) == [(0,)]
@@ -526,6 +532,75 @@ def test_a_bare_reply_answers_the_open_request_only_when_no_other_in_the_convers
     assert stored(config, "SELECT choice FROM pauses WHERE id = ?", wire["pause_id"]) == [("Reject",)]
 
 
+def test_a_bare_reply_is_not_taken_for_the_open_request_while_another_text_to_the_number_is_being_sent(sms_setup):
+    """The person may be answering the text arriving now, whose pause a reply cannot decide yet."""
+    api, config, keys = sms_setup
+    api.create_pause(keys["api_key"], message="wire $50,000 to account 998877?")
+    arriving = api.post_json("/v1/pause", {**WIRE, "message": "send $10 to the office fund?"},
+                             headers=api.as_key(keys["api_key"])).json
+    stored(config, "UPDATE notifications SET status = 'sending' WHERE pause_id = ?", arriving["pause_id"])
+    assert "could be meant for another request" in inbound(api, config, "1").text
+    stored(config, "UPDATE notifications SET status = 'queued' WHERE pause_id = ?", arriving["pause_id"])
+    assert 'recorded Approve for "wire $50,000' in inbound(api, config, "1").text       # not yet on its way
+
+
+def thousands_of_instructions(conn, reply, answered):
+    """The SQLite instructions (in thousands) that `reply()` runs on `conn`; its answer must say `answered`."""
+    counted = []
+    conn.set_progress_handler(lambda: counted.append(1), 1000)
+    try:
+        assert answered in reply()
+    finally:
+        conn.set_progress_handler(None, 0)
+    return len(counted)
+
+
+def closed_unsent(config, pause_id, count, team_people=False):
+    """`count` more live pauses to the pause's number, like it, cancelled now before any text went
+    out (no notification reached the number); with team_people, each with a later person there too."""
+    stored(config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) INSERT INTO pauses"
+                   " (id, developer_id, livemode, recipient, channel, message, options, status, decided_at,"
+                   " respond_token, created_at, expires_at) SELECT id || '_' || i, developer_id, 1, recipient, channel,"
+                   " message, options, 'cancelled', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), respond_token || '_' || i,"
+                   " created_at, expires_at FROM n, pauses WHERE id = ?", count, pause_id)
+    if team_people:
+        stored(config, "INSERT INTO pause_recipients (pause_id, developer_id, position, livemode, recipient, channel,"
+                       " respond_token, reply_code, added_by, added_at, pause_decided_at) SELECT id, developer_id, 1,"
+                       " 1, recipient, channel, 'r' || respond_token, 'Z9', 'request', created_at, decided_at"
+                       " FROM pauses WHERE id LIKE ? || '\\_%' ESCAPE '\\'", pause_id)
+
+
+@pytest.mark.parametrize("cancelled, unclear", [(pausepoint.CLOSED_READ_AT_MOST - 1, False),
+                                                (pausepoint.CLOSED_READ_AT_MOST, True)])
+def test_past_a_bound_of_closed_requests_to_the_number_a_bare_reply_is_asked_for_its_code(sms_setup, cancelled,
+                                                                                          unclear):
+    """Requests to the number closed before their texts went out never reached the person; but
+    past a bound they are not all read under the write lock, and the reply is asked for its code."""
+    api, config, keys = sms_setup
+    wire = api.create_pause(keys["api_key"], message="wire $50,000 to account 998877?")
+    closed_unsent(config, wire["pause_id"], cancelled)
+    assert ("could be meant for another request" in inbound(api, config, "1").text) is unclear
+    assert stored(config, "SELECT status FROM pauses WHERE id = ?", wire["pause_id"]) == [
+        ("pending" if unclear else "responded",)]
+
+
+def test_a_bare_reply_reads_no_more_of_the_numbers_closed_requests_than_the_bound(sms_setup):
+    api, config, keys = sms_setup
+    wire = api.create_pause(keys["api_key"], message="wire $50,000 to account 998877?")
+    conn = api.app.runtime.db()
+
+    def work():         # a bare reply that decides nothing whatever it finds: no option 9
+        return thousands_of_instructions(conn, lambda: pausepoint.record_sms_reply(
+            conn, config, WIRE["recipient"], "9", "SM" + uuid.uuid4().hex), "could be meant")
+
+    closed_unsent(config, wire["pause_id"], pausepoint.CLOSED_READ_AT_MOST, team_people=True)
+    at_the_bound = work()
+    stored(config, "DELETE FROM pause_recipients")
+    stored(config, "DELETE FROM pauses WHERE id != ?", wire["pause_id"])
+    closed_unsent(config, wire["pause_id"], 20 * pausepoint.CLOSED_READ_AT_MOST, team_people=True)
+    assert work() <= at_the_bound + 1
+
+
 def test_a_bare_reply_is_not_taken_for_a_request_open_while_another_closed(sms_setup):
     """Asked an hour ago, and open while another to the number closed: which one is meant is unknown."""
     api, config, keys = sms_setup
@@ -534,7 +609,7 @@ def test_a_bare_reply_is_not_taken_for_a_request_open_while_another_closed(sms_s
            wire["pause_id"])
     office_fund = api.create_pause(keys["api_key"], message="send $10 to the office fund?")
     inbound(api, config, f"{reply_code(api, keys['api_key'], office_fund)} 1")
-    assert "closed lately" in inbound(api, config, "1").text
+    assert "could be meant for another request" in inbound(api, config, "1").text
     assert stored(config, "SELECT status FROM pauses WHERE id = ?", wire["pause_id"]) == [("pending",)]
     code = reply_code(api, keys["api_key"], wire)
     assert 'recorded Approve for "wire $50,000' in inbound(api, config, f"{code} 1").text
@@ -902,15 +977,8 @@ def test_an_incoming_text_reads_none_of_the_test_pauses_pending_for_its_number(s
     conn = api.app.runtime.db()
 
     def work():
-        """The SQLite instructions one incoming text runs, in thousands."""
-        counted = []
-        conn.set_progress_handler(lambda: counted.append(1), 1000)
-        try:
-            assert "no open request" in pausepoint.record_sms_reply(conn, config, WIRE["recipient"], "1",
-                                                                    "SM" + uuid.uuid4().hex)
-        finally:
-            conn.set_progress_handler(None, 0)
-        return len(counted)
+        return thousands_of_instructions(conn, lambda: pausepoint.record_sms_reply(
+            conn, config, WIRE["recipient"], "1", "SM" + uuid.uuid4().hex), "no open request")
 
     alone = work()
     copies_with_codes(config, "pending", "a.c || d || b.c")

@@ -105,7 +105,7 @@ def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver, tw
     api.post_json(f"/v1/respond/{token_of(answered['respond_url'])}", {"choice": "Approve"})
     api.create_pause(keys["api_key"], recipient="+15550109")
     api.step("notifications")
-    assert "closed lately" in pausepoint.record_sms_reply(api.app.runtime.db(), api.config, "+15550109", "1",
+    assert "could be meant" in pausepoint.record_sms_reply(api.app.runtime.db(), api.config, "+15550109", "1",
                                                           "SM" + "1" * 32)
     # The export's statement whatever its window (without STAT4 statistics, which the server's
     # limited ANALYZE leaves none of even where SQLite can keep them, a bound's value never
