@@ -2246,15 +2246,24 @@ REPLY_CODE_DRAWS, MORE_REPLY_CODE_DRAWS = 8, 64
 # another tenant's test pauses can never use up a number's codes. (The expression of the
 # indexes that serve it: ':scope' is '' for live, else the developer's id.)
 CODE_SCOPE = "recipient = :recipient AND livemode = :livemode AND iif(livemode, '', developer_id) = :scope"
-# A number's codes in use (pending, or decided in the last week): those of pauses that asked
-# it first, and of team pauses that asked it later.
-NUMBER_CODES = (
-    f"SELECT reply_code, status, decided_at FROM pauses WHERE {CODE_SCOPE}"
-    " AND reply_code IS NOT NULL AND (status = 'pending' OR decided_at > :week_ago) UNION ALL"
+# A number's codes in use (pending, or decided in the last week), by mode: those of pauses
+# that asked it first, and of team pauses that asked it later. Those of live pauses decided
+# lately are found by decision time (pauses_closed_by_recipient), and pending ones through
+# their own index, not by reading every code of the number's history (INDEXED BY: the
+# planner chose that): with 100,000 decided pauses to it, that took 375 ms.
+NUMBER_CODES = {livemode: (
+    f"SELECT reply_code, status, decided_at FROM pauses INDEXED BY pauses_pending_reply_code WHERE {CODE_SCOPE}"
+    f" AND reply_code IS NOT NULL AND status = 'pending' UNION ALL {decided_lately} UNION ALL"
     f" SELECT reply_code, 'pending', NULL FROM pause_recipients WHERE {CODE_SCOPE}"
     " AND position > 0 AND reply_code IS NOT NULL AND pause_decided_at IS NULL UNION ALL"
     f" SELECT reply_code, 'decided', pause_decided_at FROM pause_recipients WHERE {CODE_SCOPE}"
     " AND position > 0 AND reply_code IS NOT NULL AND pause_decided_at > :week_ago")
+    for livemode, decided_lately in (
+        (1, "SELECT reply_code, status, decided_at FROM pauses INDEXED BY pauses_closed_by_recipient"
+            " WHERE recipient = :recipient AND livemode = 1 AND channel IN ('sms', 'whatsapp')"
+            " AND reply_code IS NOT NULL AND decided_at > :week_ago"),
+        (0, f"SELECT reply_code, status, decided_at FROM pauses WHERE {CODE_SCOPE}"
+            " AND reply_code IS NOT NULL AND decided_at > :week_ago"))}
 # The first of some candidate codes (a JSON array) that is free for a number, or none.
 FIRST_FREE_REPLY_CODE = (
     f"SELECT value FROM json_each(:candidates) WHERE NOT EXISTS (SELECT 1 FROM pauses WHERE {CODE_SCOPE}"
@@ -2301,7 +2310,7 @@ def new_reply_code(conn, recipient, livemode, developer_id):
 def reply_codes_in_use(conn, scope):
     """The number's codes in a scope (new_reply_code()'s): ({those of pending pauses}, {code:
     when a pause with it was last decided, for those decided in the last week})."""
-    codes = query_db(conn, NUMBER_CODES, scope)
+    codes = query_db(conn, NUMBER_CODES[scope["livemode"]], scope)
     pending = {code for code, status, _ in codes if status == "pending"}
     recent = {}
     for code, status, decided_at in codes:

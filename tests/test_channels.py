@@ -544,12 +544,12 @@ def test_a_bare_reply_is_not_taken_for_the_open_request_while_another_text_to_th
     assert 'recorded Approve for "wire $50,000' in inbound(api, config, "1").text       # not yet on its way
 
 
-def thousands_of_instructions(conn, reply, answered):
-    """The SQLite instructions (in thousands) that `reply()` runs on `conn`; its answer must say `answered`."""
+def thousands_of_instructions(conn, work):
+    """The SQLite instructions (in thousands) that `work()` runs on `conn`."""
     counted = []
     conn.set_progress_handler(lambda: counted.append(1), 1000)
     try:
-        assert answered in reply()
+        work()
     finally:
         conn.set_progress_handler(None, 0)
     return len(counted)
@@ -589,9 +589,12 @@ def test_a_bare_reply_reads_no_more_of_the_numbers_closed_requests_than_the_boun
     wire = api.create_pause(keys["api_key"], message="wire $50,000 to account 998877?")
     conn = api.app.runtime.db()
 
-    def work():         # a bare reply that decides nothing whatever it finds: no option 9
-        return thousands_of_instructions(conn, lambda: pausepoint.record_sms_reply(
-            conn, config, WIRE["recipient"], "9", "SM" + uuid.uuid4().hex), "could be meant")
+    def reply():        # a bare reply that decides nothing whatever it finds: no option 9
+        assert "could be meant" in pausepoint.record_sms_reply(conn, config, WIRE["recipient"], "9",
+                                                               "SM" + uuid.uuid4().hex)
+
+    def work():
+        return thousands_of_instructions(conn, reply)
 
     closed_unsent(config, wire["pause_id"], pausepoint.CLOSED_READ_AT_MOST, team_people=True)
     at_the_bound = work()
@@ -969,6 +972,31 @@ def test_a_number_flooded_with_decided_pauses_still_gets_codes(sms_setup):
     assert stored(config, "SELECT reply_code FROM pauses WHERE id = ?", created["pause_id"]) == [("K7M",)]
 
 
+def test_a_new_live_code_for_a_flooded_number_reads_none_of_its_older_history(sms_setup):
+    """With every code decided this week, a new live code reads the number's codes in use, under
+    the write lock: those pending or decided this week, not its pauses decided before."""
+    api, config, keys = sms_setup
+    api.create_pause(keys["api_key"])                                   # a live pause to copy
+    copies_with_codes(config, "cancelled", "a.c || d || b.c")
+    copies_with_codes(config, "cancelled", "a.c || d", "b.c = 'A'")
+    conn = api.app.runtime.db()
+
+    def new_live_code():
+        with pausepoint.transaction(conn):
+            assert pausepoint.new_reply_code(conn, WIRE["recipient"], 1, keys["developer_id"])
+
+    def work():
+        return thousands_of_instructions(conn, new_live_code)
+
+    this_week = work()
+    stored(config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000) INSERT INTO pauses"
+                   " (id, developer_id, livemode, recipient, channel, message, options, status, decided_at,"
+                   " respond_token, reply_code, created_at, expires_at) SELECT 'psr_old' || i, developer_id, 1,"
+                   " recipient, channel, message, options, 'responded', '2025-01-01T00:00:00.000Z', 'old' || i,"
+                   " reply_code, created_at, expires_at FROM n, pauses WHERE seq = 1")
+    assert work() <= this_week + 1
+
+
 def test_an_incoming_text_reads_none_of_the_test_pauses_pending_for_its_number(sms_setup):
     """No text answers a test pause, and any tenant may keep thousands of them pending to a
     number: a text from it, looking for its pauses under the write lock, must not read them."""
@@ -976,9 +1004,12 @@ def test_an_incoming_text_reads_none_of_the_test_pauses_pending_for_its_number(s
     api.create_pause(keys["test_api_key"])
     conn = api.app.runtime.db()
 
+    def reply():
+        assert "no open request" in pausepoint.record_sms_reply(conn, config, WIRE["recipient"], "1",
+                                                                "SM" + uuid.uuid4().hex)
+
     def work():
-        return thousands_of_instructions(conn, lambda: pausepoint.record_sms_reply(
-            conn, config, WIRE["recipient"], "1", "SM" + uuid.uuid4().hex), "no open request")
+        return thousands_of_instructions(conn, reply)
 
     alone = work()
     copies_with_codes(config, "pending", "a.c || d || b.c")
