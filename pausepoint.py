@@ -1615,6 +1615,9 @@ def declared_fields(fields, config):
             raise refuse("an enum field needs its choices")
         if any(choice != choice.strip() for choice in field.get("choices", ())):
             raise refuse("choices must not begin or end with spaces")
+        problem = look_alike_problem(field.get("choices", ()), "choices")
+        if problem:
+            raise refuse(problem)
         for bound in ("min", "max"):
             if bound in field and number_problem(field["type"], field[bound]):
                 raise refuse(f"{bound} {number_problem(field['type'], field[bound])}")
@@ -1742,17 +1745,25 @@ def mixed_script_word(text):
 def distinct_options(options):
     """The options, stripped, if each shows something in one script a word and no two
     look alike; else 422."""
-    seen = [option_identity(option) for option in options]
-    if not all(seen):
-        raise invalid("options", "options must be visible text, not only invisible characters")
-    mixed = next(filter(None, map(mixed_script_word, options)), None)
-    if mixed:
-        raise invalid("options", f"options must not mix alphabets within a word ({mixed!r} does), which makes"
-                                 " look-alikes")
-    if len(set(seen)) != len(seen):
-        raise invalid("options", "options must be distinct, and look distinct: they may not differ only in case,"
-                                 " invisible characters or Unicode look-alike forms")
+    problem = look_alike_problem(options, "options")
+    if problem:
+        raise invalid("options", problem)
     return [option.strip() for option in options]
+
+
+def look_alike_problem(texts, what):
+    """Why some of `texts` (`what`: the options, or a field's choices) would not each show
+    something, in one script a word, unlike the others; or None."""
+    seen = [option_identity(text) for text in texts]
+    if not all(seen):
+        return f"{what} must be visible text, not only invisible characters"
+    mixed = next(filter(None, map(mixed_script_word, texts)), None)
+    if mixed:
+        return f"{what} must not mix alphabets within a word ({mixed!r} does), which makes look-alikes"
+    if len(set(seen)) != len(seen):
+        return (f"{what} must be distinct, and look distinct: they may not differ only in case, invisible"
+                " characters or Unicode look-alike forms")
+    return None
 
 
 # Characters drawn as nothing that are not format characters (the rest of Unicode's

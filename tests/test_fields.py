@@ -207,6 +207,12 @@ def test_a_whole_number_too_big_to_hold_exactly_is_told_so_not_called_fractional
     ({"n": {"type": "integer", "value": 2 ** 53}}, "value must be a number between"),
     ({"n": {"type": "integer", "value": 3, "min": 0.5}}, "min must be a whole number"),
     ({"n": {"type": "enum", "value": "sp", "choices": [" sp ", "sp"]}}, "choices must not begin or end with spaces"),
+    # Choices an approver could take for one another, as options may not be.
+    ({"n": {"type": "enum", "value": "a", "choices": ["a", "A"]}}, "choices must be distinct, and look distinct"),
+    ({"n": {"type": "enum", "value": "Ace", "choices": ["Ace", "\u0410\u0441\u0435"]}}, "look distinct"),
+    ({"n": {"type": "enum", "value": "Ok", "choices": ["Ok", "Ok\u200b"]}}, "look distinct"),
+    ({"n": {"type": "enum", "value": "x", "choices": ["x", "\u200b"]}}, "choices must be visible text"),
+    ({"n": {"type": "enum", "value": "x", "choices": ["x", "Appr\u0585ve"]}}, "must not mix alphabets"),
 ])
 def test_declarations_a_page_or_a_reader_could_not_hold_are_refused(api, developer, fields, says):
     refused = api.post_json("/v1/pause", {**WIRE, "fields": fields}, headers=api.as_key(developer["test_api_key"]),
