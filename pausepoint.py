@@ -2401,13 +2401,14 @@ def record_sms_reply(conn, config, sender, text, message_sid):
 # indexes out: from the number's few people to their pauses by id, never through every pending
 # pause. The live CODE_SCOPE, '', lets the number's index reach past it to the pending ones.)
 REACHED = "(n.status = 'sent' OR n.may_have_reached)"
-SENT_TO = ("(SELECT max({reached}) FROM notifications n WHERE n.pause_id = p.id AND n.position = {position}"
-           " AND (n.status = 'sending' OR {reached}))")
+REACHED_OR_SENDING = f"(n.status = 'sending' OR {REACHED})"
+SENT_TO = (f"(SELECT max({REACHED}) FROM notifications n WHERE n.pause_id = p.id AND n.position = {{position}}"
+           f" AND {REACHED_OR_SENDING})")
 ASKED_ON_NUMBER = (
-    f"SELECT p.*, 0 AS position, {SENT_TO.format(reached=REACHED, position='0')} AS reached"
+    f"SELECT p.*, 0 AS position, {SENT_TO.format(position='0')} AS reached"
     " FROM pauses p INDEXED BY pauses_pending_by_recipient WHERE p.recipient = :number AND p.status = 'pending'"
     " AND p.channel = :channel AND p.livemode = 1 AND reached IS NOT NULL"
-    f" UNION ALL SELECT p.*, r.position, {SENT_TO.format(reached=REACHED, position='r.position')} AS reached"
+    f" UNION ALL SELECT p.*, r.position, {SENT_TO.format(position='r.position')} AS reached"
     " FROM pause_recipients r CROSS JOIN pauses p ON p.id = r.pause_id"
     " WHERE r.recipient = :number AND r.livemode = 1 AND iif(r.livemode, '', r.developer_id) = ''"
     " AND r.position > 0 AND r.reply_code IS NOT NULL AND r.pause_decided_at IS NULL AND r.channel = :channel"
@@ -2420,20 +2421,23 @@ ASKED_ON_NUMBER = (
 # person writes. So a bare reply answers the open request only when no other in the
 # conversation closed (or took this number's vote, or ran out of time) after a time this long
 # before the open one was asked, and none is being sent; otherwise the person is asked for its
-# code, which every text gives. (A late reply naming a code cannot go astray: codes are not
-# reused for a week.)
+# code, which every text gives. (A late reply naming a code does not go astray: a code is
+# not given again for a week, unless every one of the number's codes was in use that week.)
 BARE_REPLY_QUIET = dt.timedelta(minutes=15)
 # Of the live pauses that asked a number and were decided since a time, whether each one's
-# question reached it on a channel: those that asked it first (pauses_closed_by_recipient),
+# question reached it on a channel (or is reaching it: a text in flight as its pause was
+# decided still goes out): those that asked it first (pauses_closed_by_recipient),
 # then those that asked it later in a team, at most :most of each. Only that many are read
 # under the write lock, whatever a tenant does to the number (paused and cancelled before any
 # text went out, say): a full count is taken as "closed lately", the safe side.
 CLOSED_ON_NUMBER = (
     f"SELECT * FROM (SELECT p.channel = :channel AND EXISTS (SELECT 1 FROM notifications n WHERE n.pause_id = p.id"
-    f" AND n.position = 0 AND {REACHED}) AS reached FROM pauses p INDEXED BY pauses_closed_by_recipient"
-    " WHERE p.recipient = :number AND p.livemode = 1 AND p.channel IN ('sms', 'whatsapp') AND p.decided_at > :since"
-    " LIMIT :most) UNION ALL SELECT * FROM (SELECT r.channel = :channel AND EXISTS (SELECT 1 FROM notifications n"
-    f" WHERE n.pause_id = r.pause_id AND n.position = r.position AND {REACHED}) AS reached FROM pause_recipients r"
+    f" AND n.position = 0 AND {REACHED_OR_SENDING}) AS reached FROM pauses p"
+    " INDEXED BY pauses_closed_by_recipient WHERE p.recipient = :number AND p.livemode = 1"
+    " AND p.channel IN ('sms', 'whatsapp') AND p.decided_at > :since LIMIT :most)"
+    " UNION ALL SELECT * FROM (SELECT r.channel = :channel AND EXISTS (SELECT 1 FROM notifications n"
+    f" WHERE n.pause_id = r.pause_id AND n.position = r.position AND {REACHED_OR_SENDING})"
+    " AS reached FROM pause_recipients r"
     " WHERE r.recipient = :number AND r.livemode = 1 AND iif(r.livemode, '', r.developer_id) = ''"
     " AND r.position > 0 AND r.reply_code IS NOT NULL AND r.pause_decided_at > :since LIMIT :most)")
 CLOSED_READ_AT_MOST = 50

@@ -540,8 +540,10 @@ def test_a_bare_reply_is_not_taken_for_the_open_request_while_another_text_to_th
                              headers=api.as_key(keys["api_key"])).json
     stored(config, "UPDATE notifications SET status = 'sending' WHERE pause_id = ?", arriving["pause_id"])
     assert "could be meant for another request" in inbound(api, config, "1").text
-    stored(config, "UPDATE notifications SET status = 'queued' WHERE pause_id = ?", arriving["pause_id"])
-    assert 'recorded Approve for "wire $50,000' in inbound(api, config, "1").text       # not yet on its way
+    api.post_json(f"/v1/pause/{arriving['pause_id']}/cancel", {}, headers=api.as_key(keys["api_key"]))
+    assert "could be meant for another request" in inbound(api, config, "1").text       # a text in flight goes out
+    stored(config, "UPDATE notifications SET status = 'cancelled' WHERE pause_id = ?", arriving["pause_id"])
+    assert 'recorded Approve for "wire $50,000' in inbound(api, config, "1").text       # it never did
 
 
 def thousands_of_instructions(conn, work):
