@@ -3532,8 +3532,9 @@ def claim_notification(conn, config, row):
                                f" next_attempt_at = :until, updated_at = :now {unchanged} AND {STILL_OPEN}",
                                as_read).rowcount
         if not claimed:     # answered while it was being sent: its send failed, or a crash left the claim
-            conn.execute(f"UPDATE notifications SET status = 'cancelled', updated_at = :now {unchanged} AND NOT"
-                         f" ({STILL_AWAITED})", as_read)
+            # (and then the text may have gone out, which holds bare replies: see CLOSED_ON_NUMBER)
+            conn.execute("UPDATE notifications SET status = 'cancelled', may_have_reached = may_have_reached"
+                         f" OR status = 'sending', updated_at = :now {unchanged} AND NOT ({STILL_AWAITED})", as_read)
     return claim_until if claimed else None
 
 

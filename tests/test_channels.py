@@ -1,6 +1,7 @@
 """Notification channels against real loopback peers: Twilio's API, an SMTP server, an Apprise target."""
 
 import concurrent.futures
+import datetime as dt
 import email
 import email.policy
 import re
@@ -570,6 +571,21 @@ def closed_unsent(config, pause_id, count, team_people=False):
                        " respond_token, reply_code, added_by, added_at, pause_decided_at) SELECT id, developer_id, 1,"
                        " 1, recipient, channel, 'r' || respond_token, 'Z9', 'request', created_at, decided_at"
                        " FROM pauses WHERE id LIKE ? || '\\_%' ESCAPE '\\'", pause_id)
+
+
+def test_a_text_whose_sending_a_crash_cut_short_may_have_reached_the_person(sms_setup):
+    """Its pause closed before the claim lapsed: the text is not sent again, but it may have gone out."""
+    api, config, keys = sms_setup
+    api.create_pause(keys["api_key"], message="wire $50,000 to account 998877?")
+    crashed = api.post_json("/v1/pause", {**WIRE, "message": "send $10 to the office fund?"},
+                            headers=api.as_key(keys["api_key"])).json
+    stored(config, "UPDATE notifications SET status = 'sending', attempts = 1, next_attempt_at = ? WHERE pause_id = ?",
+           pausepoint.db_time(pausepoint.utcnow() - dt.timedelta(seconds=1)), crashed["pause_id"])
+    api.post_json(f"/v1/pause/{crashed['pause_id']}/cancel", {}, headers=api.as_key(keys["api_key"]))
+    api.step("notifications")
+    assert stored(config, "SELECT status, may_have_reached FROM notifications WHERE pause_id = ?",
+                  crashed["pause_id"]) == [("cancelled", 1)]
+    assert "could be meant for another request" in inbound(api, config, "1").text
 
 
 @pytest.mark.parametrize("cancelled, unclear", [(pausepoint.CLOSED_READ_AT_MOST - 1, False),
