@@ -1814,18 +1814,18 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
     Returns (pause row, replayed): replayed is True when an Idempotency-Key
     matched an earlier identical request and nothing new was created.
     """
+    fingerprint, replayed = idempotent_replay(conn, caller, idempotency_key, body)
+    if replayed is not None:
+        return replayed, True
     asked = pause_fields(body, config)
     for _, name in asked["people"] + [step[1:] for step in asked["escalations"]]:
         usable_channel(config, caller, name)
-    if idempotency_key is not None and not re.fullmatch("[\x20-\x7e]{1,255}", idempotency_key):
-        raise invalid("Idempotency-Key", "the Idempotency-Key header must be 1-255 printable ASCII characters")
     # Everything that needs no database is done before the write lock is taken: other
     # writers wait for it, so only the reads and writes that must be atomic go inside.
     now = utcnow()
     pause_id, token = new_ordered_id("psr_"), secrets.token_urlsafe(32)
     created_at = db_time(now)
     expires_at = db_time(now + dt.timedelta(seconds=asked["timeout_seconds"]))
-    fingerprint = None if idempotency_key is None else request_fingerprint(body)
     short_of_room = disk_short_of_room(config)      # a system call, kept off the write lock too
     row = (pause_id, caller.developer_id, caller.livemode, asked["recipient"], asked["channel"], asked["title"],
            asked["message"], compact_json(asked["options"]), asked["timeout_default"],
@@ -1948,10 +1948,31 @@ def usable_channel(config, caller, name):
     return channel
 
 
+def idempotency_key_row(conn, caller, key):
+    return conn.execute("SELECT * FROM idempotency_keys WHERE developer_id = ? AND livemode = ? AND key = ?",
+                        (caller.developer_id, caller.livemode, key)).fetchone()
+
+
+def idempotent_replay(conn, caller, key, body):
+    """For a create with an Idempotency-Key `key` (or None): the body's fingerprint, and the
+    pause an identical request with it made in the last 24 h, or None. Looked up before the
+    body is checked: a retry gets its pause even where this server would now refuse the
+    request (its channel since unconfigured, say), since the person was asked. Reads only:
+    a request racing its retry is settled under the write lock (earlier_idempotent_pause())."""
+    if key is None:
+        return None, None
+    if not re.fullmatch("[\x20-\x7e]{1,255}", key):
+        raise invalid("Idempotency-Key", "the Idempotency-Key header must be 1-255 printable ASCII characters")
+    fingerprint, row = request_fingerprint(body), idempotency_key_row(conn, caller, key)
+    if row is None or parse_db_time(row["created_at"]) < utcnow() - IDEMPOTENCY_WINDOW \
+            or not hmac.compare_digest(row["request_hash"], fingerprint):
+        return fingerprint, None
+    return fingerprint, pause_by_id(conn, row["pause_id"])
+
+
 def earlier_idempotent_pause(conn, caller, key, fingerprint, now):
     """The pause an identical request with this key made in the last 24 h; 422 if the body differs."""
-    row = conn.execute("SELECT * FROM idempotency_keys WHERE developer_id = ? AND livemode = ? AND key = ?",
-                       (caller.developer_id, caller.livemode, key)).fetchone()
+    row = idempotency_key_row(conn, caller, key)
     if row is None:
         return None
     if parse_db_time(row["created_at"]) < now - IDEMPOTENCY_WINDOW:

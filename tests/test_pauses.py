@@ -148,6 +148,22 @@ def test_the_same_idempotency_key_and_body_replays_the_original_pause(api, devel
     assert different.json["error"]["code"] == "idempotency_key_reused"
 
 
+def test_a_retry_gets_its_pause_even_where_the_server_would_now_refuse_the_request(running_api, twilio):
+    """Its text went out under the settings of the first try: a 422 now would tell the agent
+    nothing was asked, while the person was."""
+    api = running_api(**twilio.settings())
+    key = api.register()["api_key"]
+    headers = {**api.as_key(key), "Idempotency-Key": "wire-340-acme"}
+    first = api.post_json("/v1/pause", WIRE, headers=headers, status=201)
+    restarted = running_api()                                   # the operator took Twilio's settings out
+    retried = restarted.post_json("/v1/pause", WIRE, headers=headers, status=201)
+    assert retried.json == first.json and retried.headers["Idempotent-Replayed"] == "true"
+    refused = restarted.post_json("/v1/pause", WIRE, headers={**headers, "Idempotency-Key": "new"}, status=422)
+    assert refused.json["error"]["code"] == "channel_not_configured"
+    other_body = restarted.post_json("/v1/pause", {**WIRE, "message": "Wire $3400?"}, headers=headers, status=422)
+    assert other_body.json["error"]["code"] == "channel_not_configured"     # another body: a new request
+
+
 def test_an_idempotency_key_can_be_reused_after_24_hours(api, developer, config):
     key = developer["test_api_key"]
     headers = {**api.as_key(key), "Idempotency-Key": "daily-report"}
@@ -157,6 +173,11 @@ def test_an_idempotency_key_can_be_reused_after_24_hours(api, developer, config)
         db.execute("UPDATE idempotency_keys SET created_at = '2000-01-01T00:00:00.000Z'")
     second = api.post_json("/v1/pause", {**WIRE, "message": "another day"}, headers=headers, status=201).json
     assert second["pause_id"] != first["pause_id"]
+    with db:
+        db.execute("UPDATE idempotency_keys SET created_at = '2000-01-01T00:00:00.000Z'")
+    third = api.post_json("/v1/pause", {**WIRE, "message": "another day"}, headers=headers, status=201)
+    assert third.json["pause_id"] not in (first["pause_id"], second["pause_id"])      # the same body, a new day
+    assert "Idempotent-Replayed" not in third.headers
 
 
 def test_idempotency_keys_are_per_developer(api, developer):
