@@ -1859,7 +1859,8 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
         conn.executemany("INSERT INTO pause_steps (pause_id, due_at, kind, recipient, channel) VALUES (?, ?, ?, ?, ?)",
                          [(pause_id, *step) for step in scheduled_steps(asked, now)])
         if idempotency_key is not None:
-            conn.execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?)",
+            # (Replacing the record of a request made with the key more than 24 hours ago.)
+            conn.execute("INSERT OR REPLACE INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?)",
                          (caller.developer_id, caller.livemode, idempotency_key, fingerprint, pause_id, created_at))
         record_event(conn, caller.developer_id, caller.livemode, caller.actor, "pause.created", pause_id, audited,
                      when=created_at)
@@ -1948,9 +1949,11 @@ def usable_channel(config, caller, name):
     return channel
 
 
-def idempotency_key_row(conn, caller, key):
-    return conn.execute("SELECT * FROM idempotency_keys WHERE developer_id = ? AND livemode = ? AND key = ?",
-                        (caller.developer_id, caller.livemode, key)).fetchone()
+def current_idempotency_key(conn, caller, key, now):
+    """The record of the request made with this key in the last 24 h, or None."""
+    row = conn.execute("SELECT * FROM idempotency_keys WHERE developer_id = ? AND livemode = ? AND key = ?",
+                       (caller.developer_id, caller.livemode, key)).fetchone()
+    return row if row is not None and parse_db_time(row["created_at"]) >= now - IDEMPOTENCY_WINDOW else None
 
 
 def idempotent_replay(conn, caller, key, body):
@@ -1963,21 +1966,16 @@ def idempotent_replay(conn, caller, key, body):
         return None, None
     if not re.fullmatch("[\x20-\x7e]{1,255}", key):
         raise invalid("Idempotency-Key", "the Idempotency-Key header must be 1-255 printable ASCII characters")
-    fingerprint, row = request_fingerprint(body), idempotency_key_row(conn, caller, key)
-    if row is None or parse_db_time(row["created_at"]) < utcnow() - IDEMPOTENCY_WINDOW \
-            or not hmac.compare_digest(row["request_hash"], fingerprint):
+    fingerprint, row = request_fingerprint(body), current_idempotency_key(conn, caller, key, utcnow())
+    if row is None or not hmac.compare_digest(row["request_hash"], fingerprint):
         return fingerprint, None
     return fingerprint, pause_by_id(conn, row["pause_id"])
 
 
 def earlier_idempotent_pause(conn, caller, key, fingerprint, now):
     """The pause an identical request with this key made in the last 24 h; 422 if the body differs."""
-    row = idempotency_key_row(conn, caller, key)
+    row = current_idempotency_key(conn, caller, key, now)
     if row is None:
-        return None
-    if parse_db_time(row["created_at"]) < now - IDEMPOTENCY_WINDOW:
-        conn.execute("DELETE FROM idempotency_keys WHERE developer_id = ? AND livemode = ? AND key = ?",
-                     (caller.developer_id, caller.livemode, key))
         return None
     if not hmac.compare_digest(row["request_hash"], fingerprint):
         raise ApiError(422, "idempotency_key_reused",
