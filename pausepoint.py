@@ -1817,9 +1817,7 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
     fingerprint, replayed = idempotent_replay(conn, caller, idempotency_key, body)
     if replayed is not None:
         return replayed, True
-    asked = pause_fields(body, config)
-    for _, name in asked["people"] + [step[1:] for step in asked["escalations"]]:
-        usable_channel(config, caller, name)
+    asked = checked_request(config, caller, body, idempotency_key)
     # Everything that needs no database is done before the write lock is taken: other
     # writers wait for it, so only the reads and writes that must be atomic go inside.
     now = utcnow()
@@ -1956,17 +1954,31 @@ def current_idempotency_key(conn, caller, key, now):
     return row if row is not None and parse_db_time(row["created_at"]) >= now - IDEMPOTENCY_WINDOW else None
 
 
+def checked_request(config, caller, body, idempotency_key):
+    """A create's body as pause_fields() makes it, once its channels are usable by the caller
+    and its Idempotency-Key (or None) is one the header may carry; else 422."""
+    asked = pause_fields(body, config)
+    for _, name in asked["people"] + [step[1:] for step in asked["escalations"]]:
+        usable_channel(config, caller, name)
+    if idempotency_key is not None and not re.fullmatch("[\x20-\x7e]{1,255}", idempotency_key):
+        raise invalid("Idempotency-Key", "the Idempotency-Key header must be 1-255 printable ASCII characters")
+    return asked
+
+
 def idempotent_replay(conn, caller, key, body):
     """For a create with an Idempotency-Key `key` (or None): the body's fingerprint, and the
     pause an identical request with it made in the last 24 h, or None. Looked up before the
     body is checked: a retry gets its pause even where this server would now refuse the
     request (its channel since unconfigured, say), since the person was asked. Reads only:
-    a request racing its retry is settled under the write lock (earlier_idempotent_pause())."""
+    a request racing its retry is settled under the write lock (earlier_idempotent_pause()).
+    A key or body no pause could have been made with finds none, and is refused afterwards."""
     if key is None:
         return None, None
-    if not re.fullmatch("[\x20-\x7e]{1,255}", key):
-        raise invalid("Idempotency-Key", "the Idempotency-Key header must be 1-255 printable ASCII characters")
-    fingerprint, row = request_fingerprint(body), current_idempotency_key(conn, caller, key, utcnow())
+    try:
+        fingerprint = request_fingerprint(body)
+    except RecursionError:      # nested past what the JSON writer takes, so past pause_fields()'s limit
+        return None, None
+    row = current_idempotency_key(conn, caller, key, utcnow())
     if row is None or not hmac.compare_digest(row["request_hash"], fingerprint):
         return fingerprint, None
     return fingerprint, pause_by_id(conn, row["pause_id"])

@@ -332,6 +332,24 @@ def test_metadata_nested_however_deep_is_a_4xx(api, developer, depth):
     assert response.status_int in (400, 422) and "nested" in response.json["error"]["message"]
 
 
+def test_metadata_nested_near_the_json_readers_limit_is_a_4xx_with_an_idempotency_key_too(api, developer):
+    """A keyed create is looked up by its body's fingerprint before the body is checked: the
+    JSON writer making it runs out of stack a little before the reader does."""
+    headers = {**api.as_key(developer["test_api_key"]), "Content-Type": "application/json"}
+    for depth in range(880, 1000):
+        body = json.dumps(WIRE)[:-1] + ', "metadata": ' + '{"x":' * depth + "1" + "}" * depth + "}"
+        response = api.post("/v1/pause", body, headers={**headers, "Idempotency-Key": f"k{depth}"}, status="*")
+        assert response.status_int in (400, 422), depth
+
+
+def test_a_bad_idempotency_key_is_named_after_what_is_wrong_with_the_body(api, developer):
+    headers = {**api.as_key(developer["test_api_key"]), "Idempotency-Key": "x" * 256}
+    refused = api.post_json("/v1/pause", {**WIRE, "timeout_default": "Maybe"}, headers=headers, status=422)
+    assert refused.json["error"]["field"] == "timeout_default"
+    refused = api.post_json("/v1/pause", WIRE, headers=headers, status=422)
+    assert refused.json["error"]["field"] == "Idempotency-Key"
+
+
 def test_metadata_numbers_too_large_to_be_finite_are_400(api, developer):
     body = json.dumps(WIRE)[:-1] + ', "metadata": {"a": 1e400}}'
     response = post_pause_text(api, developer, body, 400)
