@@ -7600,17 +7600,19 @@ def add_server_options(parser, default):
 
 
 def main(argv=None):
+    # No abbreviated options: an abbreviation in an operator's script would change its
+    # meaning, or stop working, when a later release adds an option sharing its start.
     parser = argparse.ArgumentParser(
-        prog="pausepoint.py",
+        prog="pausepoint.py", allow_abbrev=False,
         description="PausePoint: human approval for AI agents. With no command, serves the API.")
     add_server_options(parser, None)
     # After a command too (`verify-audit --db x.db`); given there, they leave those given before alone.
-    after_command = argparse.ArgumentParser(add_help=False)
+    after_command = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     add_server_options(after_command, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name, help):
-        return commands.add_parser(name, help=help, parents=[after_command])
+        return commands.add_parser(name, help=help, parents=[after_command], allow_abbrev=False)
 
     command("serve", help="serve the API and respond pages (the default)")
     create = command("create-developer", help="add a developer and print their API keys (works when registration is closed)")

@@ -294,3 +294,13 @@ def test_an_empty_chain_checks_against_its_empty_head(logged, tmp_path):
     head = api.get("/v1/audit/head", headers=api.as_key(newcomer)).json
     assert (head["hash"], head["count"]) == ("0" * 64, 0)
     assert verify_audit_export(export(api, newcomer, tmp_path), head=head) == 0
+
+
+def test_options_are_taken_only_whole(logged, capsys):
+    path = logged[0].config["database.path"]
+    with pytest.raises(SystemExit) as refused:
+        pausepoint.main(["verify-audit", "--d", path])
+    assert refused.value.code == 2 and "unrecognized arguments: --d" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        pausepoint.main(["--d", path, "verify-audit"])     # before the command: path is taken as the command
+    assert refused.value.code == 2 and "invalid choice" in capsys.readouterr().err
