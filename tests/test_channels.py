@@ -533,13 +533,17 @@ def test_a_bare_reply_answers_the_open_request_only_when_no_other_in_the_convers
     assert stored(config, "SELECT choice FROM pauses WHERE id = ?", wire["pause_id"]) == [("Reject",)]
 
 
-def test_a_bare_reply_is_not_taken_for_the_open_request_while_another_text_to_the_number_is_being_sent(sms_setup):
+@pytest.mark.parametrize("asked_as", [OURS, {"recipients": [THEIRS, OURS]}], ids=["first", "later person of a team"])
+def test_a_bare_reply_is_not_taken_for_the_open_request_while_another_text_to_the_number_is_being_sent(sms_setup,
+                                                                                                       asked_as):
     """The person may be answering the text arriving now, whose pause a reply cannot decide yet."""
     api, config, keys = sms_setup
     api.create_pause(keys["api_key"], message="wire $50,000 to account 998877?")
-    arriving = api.post_json("/v1/pause", {**WIRE, "message": "send $10 to the office fund?"},
+    arriving = api.post_json("/v1/pause", {**QUESTION, "message": "send $10 to the office fund?", **asked_as},
                              headers=api.as_key(keys["api_key"])).json
-    stored(config, "UPDATE notifications SET status = 'sending' WHERE pause_id = ?", arriving["pause_id"])
+    api.step("notifications")                                       # to the team's first person, if any
+    stored(config, "UPDATE notifications SET status = 'sending' WHERE pause_id = ? AND recipient = ?",
+           arriving["pause_id"], OURS["recipient"])
     assert "could be meant for another request" in inbound(api, config, "1").text
     api.post_json(f"/v1/pause/{arriving['pause_id']}/cancel", {}, headers=api.as_key(keys["api_key"]))
     assert "could be meant for another request" in inbound(api, config, "1").text       # a text in flight goes out
