@@ -1809,15 +1809,16 @@ def month_start(moment):
 
 
 def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None):
-    """Store a pause, its notification and its audit event in one transaction.
+    """Store a pause, its notification and its audit event in one transaction; `body` is
+    the request's UncheckedBody.
 
     Returns (pause row, replayed): replayed is True when an Idempotency-Key
     matched an earlier identical request and nothing new was created.
     """
-    fingerprint, replayed = idempotent_replay(conn, caller, idempotency_key, body)
+    fingerprint, replayed = idempotent_replay(conn, caller, idempotency_key, body.value)
     if replayed is not None:
         return replayed, True
-    asked = checked_request(config, caller, body, idempotency_key)
+    asked = checked_request(config, caller, body.check(), idempotency_key)
     # Everything that needs no database is done before the write lock is taken: other
     # writers wait for it, so only the reads and writes that must be atomic go inside.
     now = utcnow()
@@ -1967,9 +1968,10 @@ def checked_request(config, caller, body, idempotency_key):
 
 def idempotent_replay(conn, caller, key, body):
     """For a create with an Idempotency-Key `key` (or None): the body's fingerprint, and the
-    pause an identical request with it made in the last 24 h, or None. Looked up before the
-    body is checked: a retry gets its pause even where this server would now refuse the
-    request (its channel since unconfigured, say), since the person was asked. Reads only:
+    pause an identical request with it made in the last 24 h, or None. Looked up before any
+    check of the body, its schema's included: a retry gets its pause even where this server
+    would now refuse the request (its channel since unconfigured, or its timeout past a
+    lowered pauses.max_timeout_hours, say), since the person was asked. Reads only:
     a request racing its retry is settled under the write lock (earlier_idempotent_pause()).
     A key or body no pause could have been made with finds none, and is refused afterwards."""
     if key is None:
@@ -5891,9 +5893,10 @@ def rotate(rt, body):
             "message": "Save this key — it will not be shown again. The old key has stopped working."}
 
 
-def post_pause(rt, caller, body):
+def post_pause(rt, caller, unchecked_body):
     """Ask a human: create a pause and send its notification."""
-    pause, replayed = create_pause(rt.db(), rt.config, caller, body, request_header("Idempotency-Key"), rt.limiter)
+    pause, replayed = create_pause(rt.db(), rt.config, caller, unchecked_body, request_header("Idempotency-Key"),
+                                   rt.limiter)
     if replayed:
         bottle.response.set_header("Idempotent-Replayed", "true")
     return created_json(rt.db(), pause, rt.config)
@@ -6678,12 +6681,18 @@ ROUTES = [
 ]
 
 
+# A request body as sent, for a handler that must look at it before it is checked: its
+# value, and check(), which gives the value if it fits the route's schema, else the 422.
+UncheckedBody = collections.namedtuple("UncheckedBody", "value check")
+
+
 class Handlers:
     """The Bottle plugin between each route and its handler. It hands the handler what
     its parameters name, as bottle-sqlite hands `db`: rt; caller, from the API key;
-    body, the JSON body checked against the route's schema; query, the route's
-    parameters, checked; client, the address and user agent. A refusal becomes the
-    one JSON error shape (or a page, on pages); anything unexpected a logged 500."""
+    body, the JSON body checked against the route's schema (or unchecked_body, an
+    UncheckedBody); query, the route's parameters, checked; client, the address and user
+    agent. A refusal becomes the one JSON error shape (or a page, on pages); anything
+    unexpected a logged 500."""
 
     name, api = "pausepoint", 2
 
@@ -6742,6 +6751,9 @@ class Handlers:
             spec.guard(rt, given.get("caller"))
         if "body" in wanted:
             given["body"] = validate_body(schema, read_json(rt.config), validators[0])
+        if "unchecked_body" in wanted:
+            body = read_json(rt.config)
+            given["unchecked_body"] = UncheckedBody(body, lambda: validate_body(schema, body, validators[0]))
         if not spec.page:
             unknown = sorted(set(bottle.request.query) - set(spec.query))
             if unknown:

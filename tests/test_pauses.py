@@ -164,6 +164,25 @@ def test_a_retry_gets_its_pause_even_where_the_server_would_now_refuse_the_reque
     assert other_body.json["error"]["code"] == "channel_not_configured"     # another body: a new request
 
 
+@pytest.mark.parametrize("asked, restarted_with, refused_field", [
+    ({"timeout_hours": 48}, {"pauses.max_timeout_hours": 24}, "timeout_hours"),
+    ({"recipient": "ops-room", "channel": "ops"}, {}, "channel")], ids=["timeout since lowered", "channel since removed"])
+def test_a_retry_gets_its_pause_even_where_the_servers_schema_would_now_refuse_it(running_api, asked, restarted_with,
+                                                                                  refused_field):
+    """The request schema comes from the config too: a retry is looked up before it is checked against it."""
+    api = running_api(**{"channels.ops.url": "json://127.0.0.1:9/x"})
+    headers = {**api.as_key(api.register()["test_api_key"]), "Idempotency-Key": "wire-340-acme"}
+    first = api.post_json("/v1/pause", {**WIRE, **asked}, headers=headers, status=201)
+    restarted = running_api(**restarted_with)
+    retried = restarted.post_json("/v1/pause", {**WIRE, **asked}, headers=headers, status=201)
+    assert retried.json == first.json and retried.headers["Idempotent-Replayed"] == "true"
+    for refused in ({**headers, "Idempotency-Key": "new"}, {name: value for name, value in headers.items()
+                                                            if name != "Idempotency-Key"}):
+        answer = restarted.post_json("/v1/pause", {**WIRE, **asked}, headers=refused, status=422)
+        assert answer.json["error"]["field"] == refused_field
+    assert stored(api.config, "SELECT count(*) FROM pauses") == [(1,)]
+
+
 def test_an_idempotency_key_can_be_reused_after_24_hours(api, developer, config):
     key = developer["test_api_key"]
     headers = {**api.as_key(key), "Idempotency-Key": "daily-report"}
