@@ -195,7 +195,7 @@ def load_config(path=None, environ=None, overrides=None):
             key = renamed_setting(key, f"in {path}")
             config[key] = check_setting(key, value, f"in {path}")
     for name, raw in sorted((environ if environ is not None else os.environ).items()):
-        if name.startswith("PAUSEPOINT_"):
+        if name.startswith("PAUSEPOINT_") and name not in AGENT_SIDE_VARIABLES:
             key = env_name_to_key(name)
             config[key] = check_setting(key, parse_text_value(key, raw, name), f"in ${name}")
     for key, value in (overrides or {}).items():
@@ -218,6 +218,15 @@ def renamed_setting(key, where):
         log.warning("setting %s (%s) is now called %s; please rename it", key, where, RENAMED_SETTINGS[key])
         return RENAMED_SETTINGS[key]
     return key
+
+
+# What the agents' tools beside the server (client/, examples/) are configured by: an
+# operator may well have them set where the server runs too, and they are no misspelt
+# settings. (tests/test_config.py checks this against every name those tools read.)
+AGENT_SIDE_VARIABLES = frozenset({"PAUSEPOINT_URL", "PAUSEPOINT_API_KEY", "PAUSEPOINT_TEST_KEY",
+                                  "PAUSEPOINT_RECIPIENT", "PAUSEPOINT_CHANNEL", "PAUSEPOINT_HOOK_WAIT",
+                                  "PAUSEPOINT_HOOK_ON_TIMEOUT", "PAUSEPOINT_MCP_WAIT",
+                                  "PAUSEPOINT_MCP_PROGRESS_EVERY"})
 
 
 def env_name_to_key(name):

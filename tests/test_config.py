@@ -65,6 +65,21 @@ def test_a_bad_setting_stops_start_up_with_one_sentence_naming_the_key(tmp_path,
     assert "\n" not in str(error.value)
 
 
+def test_the_agent_side_tools_variables_are_no_misspelt_settings():
+    """An operator who runs an agent's tools where the server runs has their variables set."""
+    read = set()
+    for folder in ("client", "examples"):
+        for name in os.listdir(os.path.join(ROOT, folder)):
+            if name.endswith((".py", ".md")):
+                with open(os.path.join(ROOT, folder, name), encoding="utf-8") as f:
+                    read |= set(re.findall(r"PAUSEPOINT_[A-Z0-9_]*[A-Z0-9]", f.read()))
+    assert read - set(pausepoint.AGENT_SIDE_VARIABLES) == set()
+    assert {"PAUSEPOINT_URL", "PAUSEPOINT_HOOK_WAIT", "PAUSEPOINT_MCP_WAIT"} <= read       # the search finds them
+    assert load_config(environ={name: "x" for name in pausepoint.AGENT_SIDE_VARIABLES}) == load_config(environ={})
+    with pytest.raises(ConfigError, match="PAUSEPOINT_URLS names no setting"):
+        load_config(environ={"PAUSEPOINT_URLS": "x"})
+
+
 def test_the_server_refuses_to_start_on_a_bad_setting(tmp_path):
     import subprocess, sys
     path = write(tmp_path, "[server]\nthreads = 2\n")
