@@ -4793,8 +4793,13 @@ class Runtime:
                                id="run_pruning", next_run_time=now + dt.timedelta(seconds=5))
         self.scheduler.start()
         if self.metrics_address:
-            self.metrics_server, _ = self.metrics.prometheus.start_http_server(
-                self.metrics_address[1], self.metrics_address[0], registry=self.metrics.registry)
+            host, port = self.metrics_address
+            try:
+                self.metrics_server, _ = self.metrics.prometheus.start_http_server(port, host,
+                                                                                    registry=self.metrics.registry)
+            except OSError as e:
+                self.stop()
+                raise ConfigError(f"cannot serve metrics on {host}:{port} (metrics.listen): {e.strerror}") from None
 
     def stop(self):
         # APScheduler's shutdown holds its job-store lock while it waits for running
@@ -7539,9 +7544,13 @@ def make_server(app, config, port=None):
     if not any(isinstance(f, QueueDepthSummary) for f in queue_log.filters):
         queue_log.addFilter(QueueDepthSummary())
     shared_map, parked = {}, {}
-    servers = [HardenedServer(app, shared_map, dispatcher=dispatcher, adj=adjustments, sockinfo=info, limits=config,
-                              parked=parked)
-               for info in adjustments.listen]
+    try:
+        servers = [HardenedServer(app, shared_map, dispatcher=dispatcher, adj=adjustments, sockinfo=info,
+                                  limits=config, parked=parked)
+                   for info in adjustments.listen]
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {options['host']}:{options['port']} (server.host, server.port):"
+                          f" {e.strerror}") from None
     if len(servers) == 1:
         return servers[0]
     return waitress.server.MultiSocketServer(shared_map, adjustments,
@@ -7600,7 +7609,10 @@ def backup(config, destination):
     if os.path.exists(destination):
         raise ConfigError(f"{destination} already exists; choose a new file name")
     source = connect(config["database.path"])
-    target = sqlite3.connect(destination)
+    try:
+        target = sqlite3.connect(destination)
+    except sqlite3.Error as e:
+        raise ConfigError(f"cannot write {destination}: {e}") from None
     with target:
         source.backup(target)
     target.close()
@@ -7673,10 +7685,22 @@ def main(argv=None):
     except ConfigError as e:
         print(f"pausepoint: {e}", file=sys.stderr)
         return 2
+    except sqlite3.DatabaseError as e:      # only starting or a command gets here: requests and jobs catch theirs
+        hint = "; does its directory exist, and may this user write there?" if "unable to open" in str(e) else ""
+        print(f"pausepoint: cannot use the database {config['database.path']}: {e}{hint}", file=sys.stderr)
+        return 2
     except ApiError as e:
         print(f"pausepoint: {e.message}", file=sys.stderr)
         return 1
     return 0
+
+
+def asked_password():
+    try:
+        return getpass.getpass("Password: ")
+    except EOFError:        # no terminal to ask at, and nothing on standard input
+        print(file=sys.stderr)      # ends the prompt's line
+        raise ConfigError("no password was typed; with no terminal, give it with --password-stdin") from None
 
 
 def run_command(args, config):
@@ -7698,7 +7722,7 @@ def run_command(args, config):
     migrate(conn)
     if args.command == "create-developer":
         # Never as an argument: it would show in `ps` and in shell history.
-        password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass("Password: ")
+        password = sys.stdin.readline().rstrip("\n") if args.password_stdin else asked_password()
         print(json.dumps(register_developer(conn, config, args.email, args.name, password, args.plan), indent=2))
     elif args.command == "set-plan":
         if args.plan not in plans(config):

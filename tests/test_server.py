@@ -393,6 +393,54 @@ def test_a_backup_taken_while_serving_holds_every_committed_pause(spawn_server, 
     assert run_cli(tmp_path, "backup", str(tmp_path / "copy.db")).returncode == 2    # never overwrites
 
 
+@pytest.fixture
+def listening():
+    """A port something else already listens on."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def one_sentence(result, *said):
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    line = next(line for line in result.stderr.splitlines() if line.startswith("pausepoint: "))
+    assert all(part in line for part in said), line
+
+
+@pytest.mark.parametrize("mistake", ["port taken", "metrics port taken", "no such directory", "not a database",
+                                     "a directory"])
+def test_a_server_that_cannot_start_says_why_in_one_sentence(tmp_path, listening, mistake):
+    (tmp_path / "config.toml").write_text("[server]\nport = 8080\n")
+    db, env, said = str(tmp_path / "pausepoint.db"), {}, ()
+    if mistake == "port taken":
+        said = (f"cannot listen on 127.0.0.1:{listening} (server.host, server.port): Address already in use",)
+    elif mistake == "metrics port taken":
+        env = {"PAUSEPOINT_METRICS_ENABLED": "true", "PAUSEPOINT_METRICS_LISTEN": f"127.0.0.1:{listening}"}
+        said = (f"cannot serve metrics on 127.0.0.1:{listening} (metrics.listen): Address already in use",)
+    else:
+        db = {"no such directory": str(tmp_path / "no" / "such.db"), "a directory": str(tmp_path),
+              "not a database": str(tmp_path / "config.toml")}[mistake]
+        said = (f"cannot use the database {db}: ", "not a database" if mistake == "not a database" else
+                "unable to open database file; does its directory exist, and may this user write there?")
+    port = listening if mistake == "port taken" else free_port()
+    one_sentence(run_cli(tmp_path, "--db", db, "--port", str(port), env=env), *said)
+    assert (tmp_path / "config.toml").read_text() == "[server]\nport = 8080\n"
+
+
+def test_a_command_that_cannot_do_its_work_says_why_in_one_sentence(tmp_path):
+    assert run_cli(tmp_path, "verify-audit").returncode == 2                    # no database yet
+    assert run_cli(tmp_path, "create-developer", "--email", "ops@example.com", "--name", "Ops", "--password-stdin",
+                   stdin=PASSWORD + "\n").returncode == 0
+    one_sentence(run_cli(tmp_path, "backup", str(tmp_path / "no" / "copy.db")),
+                 f"cannot write {tmp_path / 'no' / 'copy.db'}: unable to open database file")
+    # With no terminal to ask at (cron, docker exec without -t): no session, so no /dev/tty.
+    asked = subprocess.run([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db", str(tmp_path / "pausepoint.db"),
+                            "create-developer", "--email", "b@example.com", "--name", "B"], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=60, start_new_session=True)
+    one_sentence(asked, "no password was typed; with no terminal, give it with --password-stdin")
+
+
 def test_help_explains_each_command():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--help"],
                             capture_output=True, text=True, timeout=30)
