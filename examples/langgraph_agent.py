@@ -1,9 +1,11 @@
 """A LangGraph agent that stops for a person's approval and is resumed by PausePoint.
 
 The graph's `approve` node calls interrupt(); the runner then creates a pause whose
-metadata carries the LangGraph thread id, and the run ends there (no process waits). A
-consumer of PausePoint's event feed (or a webhook receiver) resumes the thread with
-Command(resume=...) when the person answers, whichever process that is.
+metadata names the LangGraph thread and the interrupt, and the run ends there (no
+process waits). A consumer of PausePoint's event feed (or a webhook receiver) resumes
+the thread with Command(resume=...) when the person answers, whichever process that is,
+but only while the thread still waits on that very interrupt: an answer to an earlier
+question (a run before, on the same thread id) never resumes a later one.
 
     pip install -r examples/requirements.txt
     PAUSEPOINT_URL=… PAUSEPOINT_API_KEY=pp_test_… python examples/langgraph_agent.py
@@ -11,6 +13,7 @@ Command(resume=...) when the person answers, whichever process that is.
 
 import os
 import sys
+import uuid
 from typing import TypedDict
 
 from langgraph.checkpoint.memory import InMemorySaver
@@ -58,15 +61,19 @@ def start(graph, pausepoint, thread_id, action, recipient):
     [pending] = graph.get_state(config).interrupts
     return pausepoint.pause(recipient=recipient, channel="sms", message=pending.value["question"],
                             options=["Approve", "Reject"], timeout_hours=1, timeout_default="Reject",
-                            metadata={"langgraph_thread_id": thread_id}, idempotency_key=f"langgraph-{thread_id}")
+                            metadata={"langgraph_thread_id": thread_id, "langgraph_interrupt_id": pending.id},
+                            idempotency_key=f"langgraph-{thread_id}-{pending.id}")
 
 
 def resume_from_events(graph, pausepoint, after=None, wait=30, once=False):
-    """Resume each waiting thread as its pause is decided; yields (thread id, final state)."""
+    """Resume each thread as the pause for the interrupt it waits on is decided; yields
+    (thread id, final state)."""
     for event in pausepoint.events(after=after, wait=wait,
                                    types=["pause.responded", "pause.timed_out", "pause.cancelled"]):
-        thread_id = (event["data"].get("metadata") or {}).get("langgraph_thread_id")
-        if thread_id is not None:
+        metadata = event["data"].get("metadata") or {}
+        thread_id, interrupt_id = metadata.get("langgraph_thread_id"), metadata.get("langgraph_interrupt_id")
+        waiting_on = [] if thread_id is None else graph.get_state({"configurable": {"thread_id": thread_id}}).interrupts
+        if any(pending.id == interrupt_id for pending in waiting_on):
             decision = event["data"]["choice"] if event["type"] != "pause.cancelled" else "Cancelled"
             config = {"configurable": {"thread_id": thread_id}}
             yield thread_id, graph.invoke(Command(resume=decision or "Reject"), config)
@@ -77,7 +84,8 @@ def resume_from_events(graph, pausepoint, after=None, wait=30, once=False):
 if __name__ == "__main__":
     pp = PausePoint(os.environ["PAUSEPOINT_URL"], os.environ["PAUSEPOINT_API_KEY"])
     graph = build_graph(lambda action: f"did: {action}")
-    pause = start(graph, pp, "thread-1", "delete the staging database", os.environ.get("PAUSEPOINT_RECIPIENT", "+15550100"))
+    pause = start(graph, pp, f"thread-{uuid.uuid4().hex[:12]}", "delete the staging database",
+                  os.environ.get("PAUSEPOINT_RECIPIENT", "+15550100"))
     print("asked:", pause["respond_url"])
     for thread_id, state in resume_from_events(graph, pp, once=True):
         print(thread_id, "->", state["result"])

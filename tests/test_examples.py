@@ -47,6 +47,23 @@ def test_the_langgraph_thread_stops_at_the_interrupt_and_resumes_on_the_answer(p
     assert done == (["delete the staging database"] if choice == "Approve" else [])
 
 
+def test_an_answer_to_an_earlier_question_on_the_thread_id_never_resumes_a_later_one(pp):
+    """A second run on the same thread id (a new process, so a new checkpointer) asks again."""
+    import langgraph_agent
+    earlier = langgraph_agent.build_graph(lambda action: f"did: {action}")
+    langgraph_agent.start(earlier, pp, "thread-7", "delete the staging database", "+15550100")
+    person(pp, "Reject").join()
+    assert [state["result"] for _, state in langgraph_agent.resume_from_events(earlier, pp, wait=5, once=True)] == [
+        "not done (Reject)"]
+    done = []
+    later = langgraph_agent.build_graph(lambda action: done.append(action) or f"did: {action}")
+    pause = langgraph_agent.start(later, pp, "thread-7", "delete the staging database", "+15550100")
+    assert pause["status"] == "pending"                 # asked anew, not the earlier answer replayed
+    person(pp, "Approve").join()
+    [(_, state)] = list(langgraph_agent.resume_from_events(later, pp, wait=5, once=True))    # the feed from the start
+    assert state["result"] == "did: delete the staging database" and done == ["delete the staging database"]
+
+
 @pytest.mark.parametrize("choice", ["Approve", "Reject"])
 def test_the_pydantic_ai_tool_runs_only_when_a_person_approves(pp, choice):
     from pydantic_ai.models.test import TestModel
