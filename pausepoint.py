@@ -352,6 +352,7 @@ SETTING_CHECKS = {
     "webhooks.per_endpoint": lambda v: None if 1 <= v <= 64 else "must be between 1 and 64",
     "outbound.workers": lambda v: None if 2 <= v <= 256 else "must be between 2 and 256",
     "outbound.per_developer": lambda v: None if v >= 1 else "must be at least 1",
+    "smtp.ca_file": lambda v: v and ca_file_problem(v),
     "outbound.deadline_seconds": lambda v: None if 1 <= v <= 300 else "must be between 1 and 300",
     "ratelimit.test_pauses_per_hour": lambda v: None if v >= 1 else "must be at least 1",
     "ratelimit.webhook_changes_per_hour": lambda v: None if v >= 1 else "must be at least 1",
@@ -366,6 +367,16 @@ SETTING_CHECKS = {
     "dashboard.session_max_hours": lambda v: None if 1 <= v <= 8760 else "must be between 1 and 8760 (a year)",
     "ratelimit.respond_failures_per_hour": lambda v: None if v >= 1 else "must be at least 1",
 }
+
+
+def ca_file_problem(path):
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError:        # (an OSError too)
+        return "holds no PEM certificate"
+    except OSError as e:
+        return f"cannot be read: {e.strerror}"
+    return None
 
 
 def plans(config):
@@ -7558,6 +7569,17 @@ def make_server(app, config, port=None):
                                              dispatcher, servers[0].log_info)
 
 
+def start_up_warnings(config):
+    """Settings that work, but likely not as the operator meant."""
+    if not config["server.base_url"] and config["server.host"] not in ("127.0.0.1", "localhost", "::1"):
+        yield (f"server.base_url is not set: respond links will say {base_url(config)}, which humans elsewhere"
+               " cannot open")
+    if config["webhooks.per_endpoint"] > config["outbound.per_developer"]:
+        yield (f"webhooks.per_endpoint = {config['webhooks.per_endpoint']} is more than outbound.per_developer ="
+               f" {config['outbound.per_developer']}: at most {config['outbound.per_developer']} deliveries to one"
+               " endpoint run at once")
+
+
 def serve(config):
     fewer_malloc_arenas()
     app = create_app(config)
@@ -7576,9 +7598,8 @@ def serve(config):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("PausePoint %s serving on %s (database %s)", VERSION, base_url(config), config["database.path"])
-    if not config["server.base_url"] and config["server.host"] not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("server.base_url is not set: respond links will say %s, which humans elsewhere cannot open",
-                    base_url(config))
+    for warning in start_up_warnings(config):
+        log.warning(warning)
     try:
         server.run()        # returns after SIGTERM/SIGINT, once in-flight requests finished
     finally:

@@ -57,6 +57,8 @@ def test_file_then_environment_then_flags_overlay_the_defaults(tmp_path):
     ("", {"PAUSEPOINT_SERVER_THREADS": "12.5"}, "server.threads must be a whole number"),
     ("", {"PAUSEPOINT_SERVER_COLOUR": "red"}, "PAUSEPOINT_SERVER_COLOUR"),
     ("", {"PAUSEPOINT_RATELIMIT_ENABLED": "maybe"}, "ratelimit.enabled"),
+    ("[smtp]\nca_file = '/nonexistent/ca.pem'\n", {}, "smtp.ca_file cannot be read: No such file or directory"),
+    (f"[smtp]\nca_file = '{os.path.join(ROOT, 'README.md')}'\n", {}, "smtp.ca_file holds no PEM certificate"),
 ])
 def test_a_bad_setting_stops_start_up_with_one_sentence_naming_the_key(tmp_path, text, environ, said):
     with pytest.raises(ConfigError) as error:
@@ -102,3 +104,12 @@ def test_a_config_file_in_the_working_directory_is_read_by_the_command_line_only
 def test_a_renamed_setting_still_works_under_its_old_name(tmp_path):
     assert load_config(write(tmp_path, "[webhooks]\nworkers = 12\n"), environ={})["outbound.workers"] == 12
     assert load_config(environ={"PAUSEPOINT_WEBHOOKS_WORKERS": "6"})["outbound.workers"] == 6
+
+
+def test_settings_that_work_but_likely_not_as_meant_are_warned_of_at_start():
+    assert list(pausepoint.start_up_warnings(load_config(environ={}))) == []
+    config = load_config(environ={"PAUSEPOINT_WEBHOOKS_PER_ENDPOINT": "8", "PAUSEPOINT_SERVER_HOST": "0.0.0.0"})
+    assert list(pausepoint.start_up_warnings(config)) == [
+        "server.base_url is not set: respond links will say http://localhost:8080, which humans elsewhere cannot open",
+        "webhooks.per_endpoint = 8 is more than outbound.per_developer = 4: at most 4 deliveries to one endpoint run"
+        " at once"]
