@@ -21,8 +21,9 @@ USER pausepoint
 VOLUME /data
 EXPOSE 8080
 
+# On the port the server was given (PAUSEPOINT_SERVER_PORT), if not 8080.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4).status != 200)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('PAUSEPOINT_SERVER_PORT', '8080'); sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4).status != 200)"]
 
 # Set PAUSEPOINT_SERVER_BASE_URL to the public URL humans open respond links on.
 CMD ["python", "pausepoint.py"]

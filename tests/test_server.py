@@ -4,6 +4,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -626,3 +627,16 @@ def test_the_server_keeps_two_malloc_arenas_unless_the_operator_chose(env, arena
                             text=True, timeout=60, env={**{name: value for name, value in os.environ.items()
                                                            if name not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}, **env})
     assert sum(line.startswith("Arena ") for line in report.stderr.splitlines()) == arenas
+
+
+def test_the_images_health_check_asks_the_server_on_the_port_it_was_given(spawn_server):
+    with open(os.path.join(ROOT, "Dockerfile"), encoding="utf-8") as f:
+        check = json.loads(re.search(r"HEALTHCHECK[^\n]*\\\n\s*CMD (\[.*\])", f.read()).group(1))
+    server = spawn_server()
+    port = server.url.rsplit(":", 1)[1]
+
+    def health(port):
+        return subprocess.run([sys.executable, *check[1:]], env={**os.environ, "PAUSEPOINT_SERVER_PORT": port},
+                              capture_output=True, timeout=30).returncode
+    assert check[0] == "python" and health(port) == 0
+    assert health(str(free_port())) != 0                # nothing listens there
