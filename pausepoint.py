@@ -2025,7 +2025,8 @@ def check_quota(conn, config, caller, now):
     used = live_pauses_this_month(conn, caller.developer_id, now)
     if used >= allowed:
         raise ApiError(429, "quota_exceeded",
-                       f"the {caller.plan} plan allows {allowed} live pauses per month and this month's are used;"
+                       f"the {caller.plan} plan allows {allowed} live pause{'' if allowed == 1 else 's'} per month"
+                       " and this month's are used;"
                        " test keys are not counted, and the operator can change your plan")
 
 
@@ -7670,16 +7671,16 @@ def main(argv=None):
 
     command("serve", help="serve the API and respond pages (the default)")
     create = command("create-developer", help="add a developer and print their API keys (works when registration is closed)")
-    create.add_argument("--email", required=True)
-    create.add_argument("--name", required=True)
+    create.add_argument("--email", required=True, help="their sign-in email")
+    create.add_argument("--name", required=True, help="their name, which people asked see as who asks")
     create.add_argument("--plan", default="free", help="a plan named in the config (default: free)")
     create.add_argument("--password-stdin", action="store_true",
                         help="read the developer's password from standard input (default: asked for at a prompt)")
     set_plan = command("set-plan", help="move a developer to another plan")
-    set_plan.add_argument("--email", required=True)
-    set_plan.add_argument("--plan", required=True)
+    set_plan.add_argument("--email", required=True, help="the developer's sign-in email")
+    set_plan.add_argument("--plan", required=True, help="a plan named in the config")
     operator = command("set-operator", help="let a developer use the dashboard's operator page")
-    operator.add_argument("--email", required=True)
+    operator.add_argument("--email", required=True, help="the developer's sign-in email")
     operator.add_argument("--remove", action="store_true", help="take the operator page away instead")
     take_backup = command("backup", help="write an online backup of the database (safe while serving)")
     take_backup.add_argument("destination", help="file to write; must not exist yet")

@@ -234,7 +234,8 @@ def test_a_plan_change_by_the_operator_raises_the_quota(tmp_path, twilio):
     api = Api(pausepoint.create_app(config))
     keys = api.register()
     api.create_pause(keys["api_key"])
-    api.post_json("/v1/pause", WIRE, headers=api.as_key(keys["api_key"]), status=429)
+    refused = api.post_json("/v1/pause", WIRE, headers=api.as_key(keys["api_key"]), status=429).json["error"]
+    assert "the free plan allows 1 live pause per month and" in refused["message"]
     pausepoint.change_plan(api.app.runtime.db(), config, "dev@example.com", "team", "operator:test")
     api.create_pause(keys["api_key"])
 
