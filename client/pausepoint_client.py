@@ -26,9 +26,9 @@ import urllib.parse
 import urllib.request
 import uuid
 
-__all__ = ["PausePoint", "Approval", "verify_webhook", "PausePointError", "BadRequest", "Unauthorized", "NotFound",
-           "Conflict", "Gone", "PayloadTooLarge", "UnsupportedMediaType", "InvalidRequest", "RateLimited",
-           "ServerError", "Unreachable"]
+__all__ = ["PausePoint", "Approval", "verify_webhook", "verify_audit_export", "audit_event_hash", "AuditChainBroken",
+           "PausePointError", "BadRequest", "Unauthorized", "NotFound", "Conflict", "Gone", "PayloadTooLarge",
+           "UnsupportedMediaType", "InvalidRequest", "RateLimited", "ServerError", "Unreachable"]
 
 LONGEST_WAIT = 60           # the server answers ?wait= after at most this many seconds
 LONGEST_RETRY_WAIT = 30     # seconds between tries at most; a 429 asking for longer is not retried

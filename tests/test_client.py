@@ -25,6 +25,12 @@ from pausepoint_client import PausePoint  # noqa: E402
 ASK = {key: WIRE[key] for key in ("recipient", "channel", "message", "options", "timeout_hours", "timeout_default")}
 
 
+def test_every_public_class_and_function_is_exported():
+    public = {name for name, value in vars(pausepoint_client).items() if not name.startswith("_")
+              and getattr(value, "__module__", None) == pausepoint_client.__name__}
+    assert sorted(public - set(pausepoint_client.__all__)) == [] and "verify_audit_export" in public
+
+
 def register(url):
     return register_over_http(url, "client@example.com", "C")
 
