@@ -7654,9 +7654,10 @@ def add_server_options(parser, default):
     parser.add_argument("--base-url", default=default, help="public URL for respond links (server.base_url)")
 
 
-def main(argv=None):
-    # No abbreviated options: an abbreviation in an operator's script would change its
-    # meaning, or stop working, when a later release adds an option sharing its start.
+def command_line():
+    """The parser of the command line: server options, then a command and its own options.
+    No abbreviated options: an abbreviation in an operator's script would change its
+    meaning, or stop working, when a later release adds an option sharing its start."""
     parser = argparse.ArgumentParser(
         prog="pausepoint.py", allow_abbrev=False,
         description="PausePoint: human approval for AI agents. With no command, serves the API.")
@@ -7686,7 +7687,11 @@ def main(argv=None):
     take_backup.add_argument("destination", help="file to write; must not exist yet")
     command("verify-audit", help="check every audit chain; exits 1 naming the first event that breaks each")
     command("rotate-signing-key", help="sign from now on with a new key; old public keys stay published")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = command_line().parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The delivery job is woken on demand; APScheduler warns when a wake-up finds it
