@@ -307,6 +307,20 @@ def check_setting(key, value, where):
     return value
 
 
+HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _check_host(value):
+    """An address or a name to listen on, not a URL or host:port (which would otherwise be
+    looked up as a name, and fail only after the lookup)."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(value)
+        return None
+    if HOST_NAME.fullmatch(value) and len(value) <= 253:
+        return None
+    return "must be an address or a host name, without a port or scheme (e.g. 127.0.0.1, 0.0.0.0 or ::)"
+
+
 def _check_base_url(value):
     if value and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
         return "must be empty or an http:// or https:// URL without query"
@@ -324,6 +338,7 @@ def _check_trusted_proxy(value):
 
 
 SETTING_CHECKS = {
+    "server.host": _check_host,
     "server.port": lambda v: None if 1 <= v <= 65535 else "must be between 1 and 65535",
     "server.threads": lambda v: None if 12 <= v <= 1000 else "must be between 12 and 1000",
     "server.waiting_limit": lambda v: None if 0 <= v <= 100_000 else "must be between 0 and 100000",
@@ -4791,8 +4806,16 @@ class Runtime:
                 self.scheduler.modify_job("run_webhooks", next_run_time=utcnow())
 
     def start(self):
-        """Start the jobs. The first run is immediate, so pauses that fell due while
+        """Start the jobs, once the metrics' address (if any) is ours: a start that fails
+        runs none of them. The first run is immediate, so pauses that fell due while
         the process was down time out within moments of the start."""
+        if self.metrics_address:
+            host, port = self.metrics_address
+            try:
+                self.metrics_server, _ = self.metrics.prometheus.start_http_server(port, host,
+                                                                                    registry=self.metrics.registry)
+            except OSError as e:
+                raise ConfigError(f"cannot serve metrics on {host}:{port} (metrics.listen): {e.strerror}") from None
         now = utcnow()
         for job in (self.run_timeouts, self.run_steps, self.run_notifications, self.run_webhooks):
             self.scheduler.add_job(job, "interval", seconds=JOB_INTERVAL_SECONDS, id=job.__name__, next_run_time=now)
@@ -4804,14 +4827,6 @@ class Runtime:
         self.scheduler.add_job(self.run_pruning, "interval", seconds=PRUNE_INTERVAL.total_seconds(),
                                id="run_pruning", next_run_time=now + dt.timedelta(seconds=5))
         self.scheduler.start()
-        if self.metrics_address:
-            host, port = self.metrics_address
-            try:
-                self.metrics_server, _ = self.metrics.prometheus.start_http_server(port, host,
-                                                                                    registry=self.metrics.registry)
-            except OSError as e:
-                self.stop()
-                raise ConfigError(f"cannot serve metrics on {host}:{port} (metrics.listen): {e.strerror}") from None
 
     def stop(self):
         # APScheduler's shutdown holds its job-store lock while it waits for running
@@ -7541,7 +7556,11 @@ def make_server(app, config, port=None):
     if config["server.trusted_proxy"]:
         options.update(trusted_proxy=config["server.trusted_proxy"],
                        trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
-    adjustments = waitress.adjustments.Adjustments(**options)
+    try:
+        adjustments = waitress.adjustments.Adjustments(**options)
+    except ValueError as e:     # a name that could not be looked up: waitress's own words
+        raise ConfigError(f"cannot listen on {options['host']}:{options['port']} (server.host, server.port): {e}"
+                          ) from None
     # Parked long polls hold connections that are never shed to make room: at most half of
     # them, so the respond page still opens for the people they wait on.
     app.runtime.waiting.limit = min(config["server.waiting_limit"], adjustments.connection_limit // 2)

@@ -57,6 +57,8 @@ def test_file_then_environment_then_flags_overlay_the_defaults(tmp_path):
     ("", {"PAUSEPOINT_SERVER_THREADS": "12.5"}, "server.threads must be a whole number"),
     ("", {"PAUSEPOINT_SERVER_COLOUR": "red"}, "PAUSEPOINT_SERVER_COLOUR"),
     ("", {"PAUSEPOINT_RATELIMIT_ENABLED": "maybe"}, "ratelimit.enabled"),
+    ("[server]\nhost = '0.0.0.0:8080'\n", {}, "server.host must be an address or a host name, without a port"),
+    ("", {"PAUSEPOINT_SERVER_HOST": "http://localhost"}, "server.host must be an address or a host name"),
     ("[smtp]\nca_file = '/nonexistent/ca.pem'\n", {}, "smtp.ca_file cannot be read: No such file or directory"),
     (f"[smtp]\nca_file = '{os.path.join(ROOT, 'README.md')}'\n", {}, "smtp.ca_file holds no PEM certificate"),
 ])

@@ -16,8 +16,8 @@ import time
 import pytest
 import requests
 
-from conftest import (register_over_http, stored, PASSWORD, ROOT, WIRE, LiveServer, free_port, make_config, run_cli,
-                      run_out, token_of, wait_until)
+from conftest import (register_over_http, stored, PASSWORD, ROOT, WIRE, Api, LiveServer, free_port, make_config,
+                      run_cli, run_out, token_of, wait_until)
 from test_webhooks import add_webhook, send_test_events
 import pausepoint
 
@@ -409,13 +409,16 @@ def one_sentence(result, *said):
     assert all(part in line for part in said), line
 
 
-@pytest.mark.parametrize("mistake", ["port taken", "metrics port taken", "no such directory", "not a database",
-                                     "a directory"])
+@pytest.mark.parametrize("mistake", ["port taken", "metrics port taken", "no such host", "no such directory",
+                                     "not a database", "a directory"])
 def test_a_server_that_cannot_start_says_why_in_one_sentence(tmp_path, listening, mistake):
     (tmp_path / "config.toml").write_text("[server]\nport = 8080\n")
     db, env, said = str(tmp_path / "pausepoint.db"), {}, ()
     if mistake == "port taken":
         said = (f"cannot listen on 127.0.0.1:{listening} (server.host, server.port): Address already in use",)
+    elif mistake == "no such host":         # (.invalid names never resolve)
+        env = {"PAUSEPOINT_SERVER_HOST": "nosuch.invalid"}
+        said = ("cannot listen on nosuch.invalid:", " (server.host, server.port): Invalid host/port specified.")
     elif mistake == "metrics port taken":
         env = {"PAUSEPOINT_METRICS_ENABLED": "true", "PAUSEPOINT_METRICS_LISTEN": f"127.0.0.1:{listening}"}
         said = (f"cannot serve metrics on 127.0.0.1:{listening} (metrics.listen): Address already in use",)
@@ -424,9 +427,18 @@ def test_a_server_that_cannot_start_says_why_in_one_sentence(tmp_path, listening
               "not a database": str(tmp_path / "config.toml")}[mistake]
         said = (f"cannot use the database {db}: ", "not a database" if mistake == "not a database" else
                 "unable to open database file; does its directory exist, and may this user write there?")
+    due = None
+    if "port taken" in mistake:             # a pause that fell due while the server was down
+        api = Api(pausepoint.create_app(make_config(tmp_path)))
+        due = api.create_pause(api.register()["test_api_key"])["pause_id"]
+        run_out(api.config, due)
+        api.app.runtime.stop()
     port = listening if mistake == "port taken" else free_port()
     one_sentence(run_cli(tmp_path, "--db", db, "--port", str(port), env=env), *said)
     assert (tmp_path / "config.toml").read_text() == "[server]\nport = 8080\n"
+    if due:                                 # a start that fails runs no job
+        assert stored(db, "SELECT status FROM pauses WHERE id = ?", due) == [("pending",)]
+        assert stored(db, "SELECT count(*) FROM audit_events WHERE event_type != 'pause.created'") == [(0,)]
 
 
 def test_a_command_that_cannot_do_its_work_says_why_in_one_sentence(tmp_path):
