@@ -7646,18 +7646,32 @@ def fewer_malloc_arenas():
 
 
 def backup(config, destination):
-    """An online copy of the database through SQLite's backup API, safe while the server runs."""
+    """An online copy of the database through SQLite's backup API, safe while the server runs.
+    Written beside `destination` and linked there once whole: a failed backup (a full disk,
+    say) leaves nothing behind under that name to be taken for a backup, or to refuse the next."""
+    if not destination or os.path.isdir(destination):
+        raise ConfigError(f"name a new file to write the backup to, not {destination!r}")
     if os.path.exists(destination):
         raise ConfigError(f"{destination} already exists; choose a new file name")
-    source = connect(config["database.path"])
     try:
-        target = sqlite3.connect(destination)
-    except sqlite3.Error as e:
-        raise ConfigError(f"cannot write {destination}: {e}") from None
-    with target:
-        source.backup(target)
-    target.close()
-    source.close()
+        fd, partial = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(destination)), prefix=".backup-")
+    except OSError as e:
+        raise ConfigError(f"cannot write {destination}: {e.strerror}") from None
+    os.close(fd)
+    source, target = connect(config["database.path"]), sqlite3.connect(partial)
+    try:
+        with target:
+            source.backup(target)
+        target.close()
+        os.link(partial, destination)
+    except (sqlite3.Error, OSError) as e:
+        raise ConfigError(f"the backup to {destination} failed: {e}") from None
+    finally:
+        target.close()
+        source.close()
+        for leftover in (partial, partial + "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
     keys = signing_keys_path(config["database.path"])
     if os.path.exists(keys):        # without them, receipts could no longer be signed by the same key
         with open(keys, encoding="utf-8") as f:
@@ -7732,9 +7746,14 @@ def main(argv=None):
         print(f"pausepoint: {e}", file=sys.stderr)
         return 2
     except sqlite3.DatabaseError as e:      # only starting or a command gets here: requests and jobs catch theirs
-        hint = "; does its directory exist, and may this user write there?" if "unable to open" in str(e) else ""
-        print(f"pausepoint: cannot use the database {config['database.path']}: {e}{hint}", file=sys.stderr)
+        path = config["database.path"]
+        hint = ("" if "unable to open" not in str(e) else "; it is a directory: name a file" if os.path.isdir(path)
+                else "; does its directory exist, and may this user write there?")
+        print(f"pausepoint: cannot use the database {path}: {e}{hint}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:               # Ctrl-C at a prompt, or before the server took its signals
+        print(file=sys.stderr)
+        return 130
     except ApiError as e:
         print(f"pausepoint: {e.message}", file=sys.stderr)
         return 1
@@ -7744,9 +7763,10 @@ def main(argv=None):
 def asked_password():
     try:
         return getpass.getpass("Password: ")
-    except EOFError:        # no terminal to ask at, and nothing on standard input
+    except EOFError:        # Ctrl-D, or no terminal to ask at and nothing on standard input
         print(file=sys.stderr)      # ends the prompt's line
-        raise ConfigError("no password was typed; with no terminal, give it with --password-stdin") from None
+        raise ConfigError("no password was given: type it at the prompt, or give it on standard input with"
+                          " --password-stdin") from None
 
 
 def run_command(args, config):

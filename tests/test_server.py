@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import sqlite3
@@ -425,8 +426,11 @@ def test_a_server_that_cannot_start_says_why_in_one_sentence(tmp_path, listening
     else:
         db = {"no such directory": str(tmp_path / "no" / "such.db"), "a directory": str(tmp_path),
               "not a database": str(tmp_path / "config.toml")}[mistake]
-        said = (f"cannot use the database {db}: ", "not a database" if mistake == "not a database" else
-                "unable to open database file; does its directory exist, and may this user write there?")
+        said = (f"cannot use the database {db}: ", {
+            "not a database": "file is not a database",
+            "a directory": "unable to open database file; it is a directory: name a file",
+            "no such directory": "unable to open database file; does its directory exist, and may this user write"
+                                 " there?"}[mistake])
     due = None
     if "port taken" in mistake:             # a pause that fell due while the server was down
         api = Api(pausepoint.create_app(make_config(tmp_path)))
@@ -441,17 +445,50 @@ def test_a_server_that_cannot_start_says_why_in_one_sentence(tmp_path, listening
         assert stored(db, "SELECT count(*) FROM audit_events WHERE event_type != 'pause.created'") == [(0,)]
 
 
+def test_a_backup_that_fails_leaves_nothing_to_be_taken_for_one(tmp_path):
+    """A full disk (here: the file size limit) cuts the copy short: no half copy under its name."""
+    assert run_cli(tmp_path, "create-developer", "--email", "ops@example.com", "--name", "Ops", "--password-stdin",
+                   stdin=PASSWORD + "\n").returncode == 0
+    stored(tmp_path / "pausepoint.db", "CREATE TABLE filler AS SELECT randomblob(400000) AS x")
+    copy = tmp_path / "backups" / "copy.db"
+    copy.parent.mkdir()
+    command = [sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db", str(tmp_path / "pausepoint.db"), "backup"]
+    limited = subprocess.run([*command, str(copy)], capture_output=True, text=True, timeout=60,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)))
+    one_sentence(limited, f"the backup to {copy} failed: ")
+    assert os.listdir(copy.parent) == []
+    assert subprocess.run([*command, str(copy)], capture_output=True, timeout=60).returncode == 0     # room again
+    assert stored(copy, "SELECT length(x) FROM filler") == [(400000,)]
+    one_sentence(run_cli(tmp_path, "backup", ""), "name a new file to write the backup to, not ''")
+    one_sentence(run_cli(tmp_path, "backup", str(copy.parent)), "name a new file to write the backup to")
+
+
 def test_a_command_that_cannot_do_its_work_says_why_in_one_sentence(tmp_path):
     assert run_cli(tmp_path, "verify-audit").returncode == 2                    # no database yet
     assert run_cli(tmp_path, "create-developer", "--email", "ops@example.com", "--name", "Ops", "--password-stdin",
                    stdin=PASSWORD + "\n").returncode == 0
     one_sentence(run_cli(tmp_path, "backup", str(tmp_path / "no" / "copy.db")),
-                 f"cannot write {tmp_path / 'no' / 'copy.db'}: unable to open database file")
+                 f"cannot write {tmp_path / 'no' / 'copy.db'}: No such file or directory")
     # With no terminal to ask at (cron, docker exec without -t): no session, so no /dev/tty.
     asked = subprocess.run([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db", str(tmp_path / "pausepoint.db"),
                             "create-developer", "--email", "b@example.com", "--name", "B"], stdin=subprocess.DEVNULL,
                            capture_output=True, text=True, timeout=60, start_new_session=True)
-    one_sentence(asked, "no password was typed; with no terminal, give it with --password-stdin")
+    one_sentence(asked, "no password was given: type it at the prompt, or give it on standard input with"
+                        " --password-stdin")
+
+
+def test_ctrl_c_at_the_password_prompt_ends_the_command_without_a_traceback(tmp_path):
+    asking = subprocess.Popen([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db", str(tmp_path / "p.db"),
+                               "create-developer", "--email", "b@example.com", "--name", "B"], stdin=subprocess.PIPE,
+                              stderr=subprocess.PIPE, start_new_session=True)
+    said = b""
+    while b"Password: " not in said:
+        said += os.read(asking.stderr.fileno(), 4096) or pytest.fail(f"no prompt: {said!r}")
+    asking.send_signal(signal.SIGINT)
+    said += asking.stderr.read()
+    assert asking.wait(timeout=30) == 130 and b"Traceback" not in said, said
+    asking.stdin.close()
+    asking.stderr.close()
 
 
 def test_help_explains_each_command():
