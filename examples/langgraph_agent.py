@@ -55,9 +55,12 @@ def build_graph(do_action, checkpointer=None):
 
 
 def start(graph, pausepoint, thread_id, action, recipient):
-    """Run the graph until it asks; create the pause for that question. Returns the pause."""
+    """Run the graph until it asks; create the pause for that question. Returns the pause.
+    Called again for a thread already waiting (a retry after a lost answer, or a crash once
+    the pause was made), it asks about the same interrupt, so the same pause comes back."""
     config = {"configurable": {"thread_id": thread_id}}
-    graph.invoke({"action": action}, config)
+    if not graph.get_state(config).interrupts:
+        graph.invoke({"action": action}, config)
     [pending] = graph.get_state(config).interrupts
     return pausepoint.pause(recipient=recipient, channel="sms", message=pending.value["question"],
                             options=["Approve", "Reject"], timeout_hours=1, timeout_default="Reject",

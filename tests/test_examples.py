@@ -41,6 +41,8 @@ def test_the_langgraph_thread_stops_at_the_interrupt_and_resumes_on_the_answer(p
     graph = langgraph_agent.build_graph(lambda action: done.append(action) or f"did: {action}")
     pause = langgraph_agent.start(graph, pp, "thread-42", "delete the staging database", "+15550100")
     assert pause["status"] == "pending" and done == []            # stopped at the interrupt, nothing done
+    retried = langgraph_agent.start(graph, pp, "thread-42", "delete the staging database", "+15550100")
+    assert retried["pause_id"] == pause["pause_id"]              # the same question: asked once
     person(pp, choice).join()
     [(thread_id, state)] = list(langgraph_agent.resume_from_events(graph, pp, wait=5, once=True))
     assert thread_id == "thread-42" and state["result"] == result
