@@ -182,7 +182,7 @@ class ConfigError(Exception):
 def load_config(path=None, environ=None, overrides=None):
     """Defaults, overlaid by the TOML file at `path` (if any), then PAUSEPOINT_*
     variables, then CLI flags. Only main() looks for ./config.toml."""
-    config = {s.key: s.default for s in SETTINGS}
+    config, in_file = {s.key: s.default for s in SETTINGS}, {}
     if path is not None:
         try:
             with open(path, "rb") as f:
@@ -193,11 +193,14 @@ def load_config(path=None, environ=None, overrides=None):
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
         for key, value in flatten(table):
             key = renamed_setting(key, f"in {path}")
-            config[key] = check_setting(key, value, f"in {path}")
+            config[key] = in_file[key] = check_setting(key, value, f"in {path}")
     for name, raw in sorted((environ if environ is not None else os.environ).items()):
         if name.startswith("PAUSEPOINT_") and name not in AGENT_SIDE_VARIABLES:
             key = env_name_to_key(name)
             config[key] = check_setting(key, parse_text_value(key, raw, name), f"in ${name}")
+            if key in in_file and in_file[key] != config[key]:
+                # Said, since it may not be meant: a container's image sets some by its environment.
+                log.warning("%s in %s is overridden by $%s (%r)", key, path, name, config[key])
     for key, value in (overrides or {}).items():
         if value is not None:
             config[key] = check_setting(key, value, "on the command line")

@@ -115,3 +115,14 @@ def test_settings_that_work_but_likely_not_as_meant_are_warned_of_at_start():
         "server.base_url is not set: respond links will say http://localhost:8080, which humans elsewhere cannot open",
         "webhooks.per_endpoint = 8 is more than outbound.per_developer = 4: at most 4 deliveries to one endpoint run"
         " at once"]
+
+
+def test_a_variable_overriding_the_config_files_value_is_said(tmp_path, caplog):
+    """As in a container, whose image sets database.path and server.host by its environment."""
+    path = write(tmp_path, "[database]\npath = '/srv/pp.db'\n[server]\nhost = '0.0.0.0'\n")
+    with caplog.at_level("WARNING", logger="pausepoint"):
+        config = load_config(path, environ={"PAUSEPOINT_DATABASE_PATH": "/data/pausepoint.db",
+                                            "PAUSEPOINT_SERVER_HOST": "0.0.0.0", "PAUSEPOINT_SERVER_PORT": "9000"})
+    assert config["database.path"] == "/data/pausepoint.db" and config["server.port"] == 9000
+    assert [record.getMessage() for record in caplog.records] == [
+        f"database.path in {path} is overridden by $PAUSEPOINT_DATABASE_PATH ('/data/pausepoint.db')"]
