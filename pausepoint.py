@@ -6779,7 +6779,8 @@ class Handlers:
 
     def given(self, spec, wanted, schema, validators):
         """What the handler's parameters name, in the order refusals should come: an
-        unknown key (401) before a rate limit (429) before a bad body (4xx)."""
+        unknown key (401) before a rate limit (429) before an unknown query parameter
+        before a bad body (4xx), on every route."""
         rt, given = self.rt, {}
         if "rt" in wanted:
             given["rt"] = rt
@@ -6793,16 +6794,16 @@ class Handlers:
                              request_cookie(FORM_COOKIE), form)
         if spec.guard is not None:
             spec.guard(rt, given.get("caller"))
-        if "body" in wanted:
-            given["body"] = validate_body(schema, read_json(rt.config), validators[0])
-        if "unchecked_body" in wanted:
-            body = read_json(rt.config)
-            given["unchecked_body"] = UncheckedBody(body, lambda: validate_body(schema, body, validators[0]))
         if not spec.page:
             unknown = sorted(set(bottle.request.query) - set(spec.query))
             if unknown:
                 raise invalid(unknown[0], f"unknown query parameter {unknown[0]!r}"
                                           + (f"; allowed: {', '.join(spec.query)}" if spec.query else "; this takes none"))
+        if "body" in wanted:
+            given["body"] = validate_body(schema, read_json(rt.config), validators[0])
+        if "unchecked_body" in wanted:      # checked by the handler, after what it must do first
+            body = read_json(rt.config)
+            given["unchecked_body"] = UncheckedBody(body, lambda: validate_body(schema, body, validators[0]))
         if "query" in wanted:
             given["query"] = read_query(spec.query, validators[1])
         if "client" in wanted:
