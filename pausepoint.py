@@ -3594,13 +3594,15 @@ def taking_turns(lists):
 
 def claim_notification(conn, config, row):
     """Compare-and-set a due notification to 'sending'; returns the claim's expiry, or
-    None when another worker got there first."""
+    None when another worker got there first. A claim taken over from a crash (still
+    'sending') may have sent the text already: it is marked as having may_have_reached."""
     claim_until = claim_expiry(config, NOTIFICATION_CLAIM_SECONDS)
     as_read = {"until": claim_until, "now": db_time(), "id": row["id"], "status": row["status"],
                "due": row["next_attempt_at"]}
     unchanged = "WHERE id = :id AND status = :status AND next_attempt_at = :due"
     with transaction(conn):
         claimed = conn.execute("UPDATE notifications SET status = 'sending', attempts = attempts + 1,"
+                               " may_have_reached = may_have_reached OR status = 'sending',"
                                f" next_attempt_at = :until, updated_at = :now {unchanged} AND {STILL_OPEN}",
                                as_read).rowcount
         if not claimed:     # answered while it was being sent: its send failed, or a crash left the claim
@@ -3614,6 +3616,7 @@ def send_notification(conn, config, deadlines, row, claim_until):
     """Send a claimed live notification (outside any transaction) and record the outcome."""
     attempt = row["attempts"] + 1
     permanent = may_have_reached = False
+    reached_before = row["may_have_reached"] or row["status"] == "sending"     # as claim_notification() marked it
     try:
         channel = known_channel(config, row["channel"])
         if channel.send is None or channel.missing_settings(config):
@@ -3648,7 +3651,7 @@ def send_notification(conn, config, deadlines, row, claim_until):
                          {"channel": row["channel"], "recipient": row["recipient"], "attempts": attempt,
                           "provider_message_id": provider_id, "error": error,
                           **({"kind": row["kind"]} if row["kind"] != "ask" else {}),
-                          **({"may_have_reached": True} if error and (may_have_reached or row["may_have_reached"])
+                          **({"may_have_reached": True} if error and (may_have_reached or reached_before)
                              else {})}, when=now)
         # Agents hear of a question that could not be asked (or may not have been: the pause's
         # notification says which); a lost reminder is in the audit log.

@@ -4,6 +4,7 @@ import concurrent.futures
 import datetime as dt
 import email
 import email.policy
+import json
 import re
 import ssl
 import subprocess
@@ -575,6 +576,23 @@ def closed_unsent(config, pause_id, count, team_people=False):
                        " respond_token, reply_code, added_by, added_at, pause_decided_at) SELECT id, developer_id, 1,"
                        " 1, recipient, channel, 'r' || respond_token, 'Z9', 'request', created_at, decided_at"
                        " FROM pauses WHERE id LIKE ? || '\\_%' ESCAPE '\\'", pause_id)
+
+
+def test_a_text_sent_again_after_a_crash_cut_its_first_send_short_may_have_reached_the_person(sms_setup, twilio):
+    """The first send may have gone out before the crash: a later refusal does not undo it,
+    and the person's reply counts."""
+    api, config, keys = sms_setup
+    wire = api.post_json("/v1/pause", WIRE, headers=api.as_key(keys["api_key"])).json
+    stored(config, "UPDATE notifications SET status = 'sending', attempts = 1, next_attempt_at = ? WHERE pause_id = ?",
+           pausepoint.db_time(pausepoint.utcnow() - dt.timedelta(seconds=1)), wire["pause_id"])
+    twilio.fail_next = [400]                                        # the text sent again is refused for good
+    api.step("notifications")
+    assert stored(config, "SELECT status, attempts, may_have_reached FROM notifications WHERE pause_id = ?",
+                  wire["pause_id"]) == [("failed", 2, 1)]
+    [failed] = stored(config, "SELECT data FROM audit_events WHERE event_type = 'notification.failed'")
+    assert json.loads(failed[0])["may_have_reached"] is True
+    assert api.pause(keys["api_key"], wire["pause_id"])["notification"]["may_have_reached"] is True
+    assert 'recorded Approve for "' in inbound(api, config, "1").text
 
 
 def test_a_text_whose_sending_a_crash_cut_short_may_have_reached_the_person(sms_setup):
