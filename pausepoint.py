@@ -3180,11 +3180,14 @@ def under_deadline(session, deadline, allow_private=True):
     return session
 
 
-def claim_expiry(config, at_least_seconds):
-    """When a claim on a send or a delivery lapses, so that it may be claimed again: well
+def claim_length(config, at_least_seconds):
+    """How long a claim on a send or a delivery holds before it may be claimed again: well
     past the call's whole deadline, so only a crash ever leaves one to be taken twice."""
-    seconds = max(at_least_seconds, 3 * config["outbound.deadline_seconds"])
-    return db_time(utcnow() + dt.timedelta(seconds=seconds))
+    return dt.timedelta(seconds=max(at_least_seconds, 3 * config["outbound.deadline_seconds"]))
+
+
+def claim_expiry(config, at_least_seconds):
+    return db_time(utcnow() + claim_length(config, at_least_seconds))
 
 
 SLOW_FOR = dt.timedelta(minutes=10)
@@ -4176,6 +4179,19 @@ def claim_delivery(conn, config, row):
     return claim_until if won else None
 
 
+INTERRUPTED = "the server stopped during this attempt (it may have been delivered)"
+
+
+def record_interrupted_attempt(conn, config, row):
+    """A lapsed claim (`row`, from due_deliveries()) is an attempt whose outcome nobody
+    saw: recorded as one that failed, and tried again on the retry schedule. Taken up at
+    once instead, every crash during a call to a slow receiver spent one of its attempts
+    within a minute, and the schedule's three days could end after a few restarts."""
+    claimed_at = parse_db_time(row["next_attempt_at"]) - claim_length(config, DELIVERY_CLAIM_SECONDS)
+    record_attempt(conn, row["id"], row["webhook_id"], row["attempts"], row["next_attempt_at"], db_time(claimed_at),
+                   None, INTERRUPTED, 0, None)
+
+
 def attempt_delivery(conn, config, deadlines, connections, delivery_id, attempt, claim_until):
     """POST one claimed delivery and record the outcome; returns the HTTP status or None.
     The attempt, from connecting to the last byte of the answer, ends after
@@ -4943,6 +4959,9 @@ class Runtime:
             return started
         conn, per_endpoint = self.db(), self.config["webhooks.per_endpoint"]
         for row in self.outbound.fair_order(due_deliveries(conn, per_endpoint)):
+            if row["status"] == "delivering":       # a claim a crash left mid-call
+                record_interrupted_attempt(conn, self.config, row)
+                continue
             if not self.outbound.free():
                 break
             slot = (row["developer_id"], ("webhook", row["webhook_id"]), self.config["outbound.per_developer"])

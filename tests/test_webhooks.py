@@ -192,6 +192,32 @@ def test_a_delivery_that_fails_in_an_unexpected_way_is_recorded_not_left_claimed
     assert "UnicodeError" in delivery["attempts"][0]["error"]
 
 
+def test_a_call_a_crash_cut_short_counts_as_an_attempt_and_the_next_waits_its_turn(running_api, receiver):
+    """Crashes during calls to a slow receiver spend its attempts no faster than the retry
+    schedule: taken up at once, a few restarts could end its three days in minutes."""
+    hooks_api = running_api(**{"webhooks.allow_private": True})
+    key = hooks_api.register()["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+    hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+    lapsed = pausepoint.db_time(pausepoint.utcnow() - dt.timedelta(seconds=1))
+    for attempts in (1, len(pausepoint.RETRY_DELAYS_SECONDS)):
+        # As a crash mid-call leaves it: claimed, and the claim since lapsed.
+        stored(hooks_api.config, "UPDATE webhook_deliveries SET status = 'delivering', attempts = ?,"
+                                 " next_attempt_at = ?", attempts, lapsed)
+        before = pausepoint.utcnow()
+        hooks_api.step("webhooks")
+        [delivery] = deliveries(hooks_api, key, webhook_id)
+        assert delivery["status"] == "pending" and receiver.calls == []         # not called again at once
+        recorded = delivery["attempts"][-1]
+        assert (recorded["attempt"], recorded["error"]) == (attempts, pausepoint.INTERRUPTED)
+        delay = pausepoint.RETRY_DELAYS_SECONDS[attempts - 1] * (1 - pausepoint.RETRY_JITTER)
+        [(due,)] = stored(hooks_api.config, "SELECT next_attempt_at FROM webhook_deliveries")
+        assert pausepoint.parse_db_time(due) >= before + dt.timedelta(seconds=delay)
+    stored(hooks_api.config, "UPDATE webhook_deliveries SET next_attempt_at = ?", lapsed)
+    hooks_api.step("webhooks")
+    assert [d["status"] for d in deliveries(hooks_api, key, webhook_id)] == ["succeeded"] and len(receiver.calls) == 1
+
+
 @pytest.mark.parametrize("change", ["delete", "disable"])
 def test_a_claim_that_lapsed_is_not_taken_up_for_a_deleted_or_disabled_endpoint(running_api, receiver, change):
     hooks_api = running_api(**{"webhooks.allow_private": True})
