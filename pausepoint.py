@@ -937,16 +937,27 @@ def migrate(conn):
 def refresh_statistics(conn):
     """ANALYZE, each index sampled rather than read whole (milliseconds, even for
     millions of rows). Without statistics the planner guesses, and on a big database
-    it guessed a developer's whole audit log over the index of one pause."""
-    with transaction(conn):
-        conn.execute("PRAGMA analysis_limit = 1000")
-        conn.execute("ANALYZE")
+    it guessed a developer's whole audit log over the index of one pause. A failure (a
+    full disk) is logged, not raised: the statistics help, and the server is needed more."""
+    try:
+        with transaction(conn):
+            conn.execute("PRAGMA analysis_limit = 1000")
+            conn.execute("ANALYZE")
+    except sqlite3.OperationalError as e:
+        log.warning("the query planner's statistics were not refreshed: %s", e)
 
 
 def disk_short_of_room(config):
-    """Whether the database's disk has less free space than database.min_free_mb."""
-    disk = os.statvfs(os.path.dirname(os.path.realpath(config["database.path"])))     # where SQLite writes
-    return disk.f_bavail * disk.f_frsize < config["database.min_free_mb"] * 2**20
+    """Whether the database's disk has less free space than database.min_free_mb, once
+    the WAL is copied into the database file: the checkpoint may need as much again
+    for pages new to the file, and a full disk fails every write."""
+    database = os.path.realpath(config["database.path"])         # where SQLite writes
+    disk = os.statvfs(os.path.dirname(database))
+    try:
+        wal = os.stat(database + "-wal").st_size
+    except FileNotFoundError:
+        wal = 0
+    return disk.f_bavail * disk.f_frsize - wal < config["database.min_free_mb"] * 2**20
 
 
 def require_room(short_of_room):

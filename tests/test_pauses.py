@@ -410,6 +410,38 @@ def test_the_disk_watched_is_the_one_a_linked_database_is_written_on(running_api
         api.app.runtime.stop()
 
 
+def test_the_reserve_keeps_room_for_the_wal_to_be_copied_into_the_database(running_api):
+    """A checkpoint may grow the database file by as much as the WAL holds: the reserve must
+    still be there after it, or the server fills the disk itself and decisions fail."""
+    api = running_api()
+    key, path = api.register()["test_api_key"], api.config["database.path"]
+    held = sqlite3.connect(path)                            # a WAL nothing copies: 32 MiB of rows
+    held.execute("PRAGMA wal_autocheckpoint = 0")
+    with held:
+        held.execute("CREATE TABLE filler AS WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n"
+                     " WHERE i < 8192) SELECT randomblob(4000) AS x FROM n")
+    wal = os.path.getsize(path + "-wal")
+    assert wal > 32 * 2**20
+    # Free space now, less half the WAL: enough left as free space goes, not once the WAL is copied.
+    reserve = (shutil.disk_usage(path).free - wal // 2) // 2**20
+    short = running_api(**{"database.min_free_mb": reserve})
+    assert short.post_json("/v1/pause", WIRE, headers=short.as_key(key), status=507).json["error"]["code"] == \
+        "storage_low"
+    held.close()
+
+
+def test_a_failed_refresh_of_the_planners_statistics_is_logged_not_raised(running_api, caplog):
+    """At start on a full disk, say: the server is needed to answer more than the statistics are."""
+    conn = pausepoint.connect(running_api().config["database.path"])
+    conn.execute("DROP TABLE sqlite_stat1")
+    conn.execute("VACUUM")
+    conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")     # no room to grow
+    with caplog.at_level("WARNING", logger="pausepoint"):
+        pausepoint.refresh_statistics(conn)
+    assert "statistics were not refreshed: database or disk is full" in caplog.text
+    conn.close()
+
+
 def test_a_developer_with_as_many_test_pauses_pending_as_allowed_gets_429_for_another(running_api):
     """Pending pauses are never pruned, so the count pending is what bounds them."""
     api = running_api(**{"pauses.max_test_pending": 2})
