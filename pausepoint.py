@@ -7593,11 +7593,11 @@ def make_server(app, config, port=None):
     if config["server.trusted_proxy"]:
         options.update(trusted_proxy=config["server.trusted_proxy"],
                        trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+    cannot_listen = f"cannot listen on {options['host']}:{options['port']} (server.host, server.port)"
     try:
         adjustments = waitress.adjustments.Adjustments(**options)
     except ValueError as e:     # a name that could not be looked up: waitress's own words
-        raise ConfigError(f"cannot listen on {options['host']}:{options['port']} (server.host, server.port): {e}"
-                          ) from None
+        raise ConfigError(f"{cannot_listen}: {e}") from None
     # Parked long polls hold connections that are never shed to make room: at most half of
     # them, so the respond page still opens for the people they wait on.
     app.runtime.waiting.limit = min(config["server.waiting_limit"], adjustments.connection_limit // 2)
@@ -7617,8 +7617,7 @@ def make_server(app, config, port=None):
                                   limits=config, parked=parked)
                    for info in adjustments.listen]
     except OSError as e:
-        raise ConfigError(f"cannot listen on {options['host']}:{options['port']} (server.host, server.port):"
-                          f" {e.strerror}") from None
+        raise ConfigError(f"{cannot_listen}: {e.strerror}") from None
     if len(servers) == 1:
         return servers[0]
     return waitress.server.MultiSocketServer(shared_map, adjustments,
