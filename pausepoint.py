@@ -3607,30 +3607,43 @@ def taking_turns(lists):
 
 
 def claim_notification(conn, config, row):
-    """Compare-and-set a due notification to 'sending'; returns the claim's expiry, or
-    None when another worker got there first. A claim taken over from a crash (still
-    'sending') may have sent the text already: it is marked as having may_have_reached."""
+    """Compare-and-set a due queued notification to 'sending'; returns the claim's expiry,
+    or None when another worker got there first, or its pause was answered meanwhile (its
+    send failed, and is not made again)."""
     claim_until = claim_expiry(config, NOTIFICATION_CLAIM_SECONDS)
-    as_read = {"until": claim_until, "now": db_time(), "id": row["id"], "status": row["status"],
-               "due": row["next_attempt_at"]}
-    unchanged = "WHERE id = :id AND status = :status AND next_attempt_at = :due"
+    as_read = {"until": claim_until, "now": db_time(), "id": row["id"], "due": row["next_attempt_at"]}
+    unchanged = "WHERE id = :id AND status = 'queued' AND next_attempt_at = :due"
     with transaction(conn):
         claimed = conn.execute("UPDATE notifications SET status = 'sending', attempts = attempts + 1,"
-                               " may_have_reached = may_have_reached OR status = 'sending',"
                                f" next_attempt_at = :until, updated_at = :now {unchanged} AND {STILL_OPEN}",
                                as_read).rowcount
-        if not claimed:     # answered while it was being sent: its send failed, or a crash left the claim
-            # (and then the text may have gone out, which holds bare replies: see CLOSED_ON_NUMBER)
-            conn.execute("UPDATE notifications SET status = 'cancelled', may_have_reached = may_have_reached"
-                         f" OR status = 'sending', updated_at = :now {unchanged} AND NOT ({STILL_AWAITED})", as_read)
+        if not claimed:
+            conn.execute(f"UPDATE notifications SET status = 'cancelled', updated_at = :now {unchanged}"
+                         f" AND NOT ({STILL_AWAITED})", as_read)
     return claim_until if claimed else None
+
+
+INTERRUPTED_SEND = "the server stopped during this attempt (the message may have gone out)"
+
+
+def record_interrupted_send(conn, config, row):
+    """A lapsed claim (`row`, still 'sending') is a send a crash cut short: the message may
+    have gone out, which holds bare replies (see CLOSED_ON_NUMBER) and lets the person's
+    reply count. Cancelled if its pause was answered meanwhile; else recorded as an attempt
+    that failed, and made again after the backoff within NOTIFICATION_ATTEMPTS, as after
+    any failure. (Taken up at once, a crash loop sent the message again and again.)"""
+    with transaction(conn):
+        if conn.execute("UPDATE notifications SET status = 'cancelled', may_have_reached = 1, updated_at = ?"
+                        f" WHERE id = ? AND status = 'sending' AND next_attempt_at = ? AND NOT ({STILL_AWAITED})",
+                        (db_time(), row["id"], row["next_attempt_at"])).rowcount:
+            return
+    record_send(conn, config, row, row["next_attempt_at"], row["attempts"],
+                (None, INTERRUPTED_SEND, False, True))
 
 
 def send_notification(conn, config, deadlines, row, claim_until):
     """Send a claimed live notification (outside any transaction) and record the outcome."""
-    attempt = row["attempts"] + 1
     permanent = may_have_reached = False
-    reached_before = row["may_have_reached"] or row["status"] == "sending"     # as claim_notification() marked it
     try:
         channel = known_channel(config, row["channel"])
         if channel.send is None or channel.missing_settings(config):
@@ -3643,6 +3656,14 @@ def send_notification(conn, config, deadlines, row, claim_until):
     except Exception as e:      # a provider library's surprise must not kill the worker
         log.exception("sending notification %s failed", row["id"])
         provider_id, error = None, f"{type(e).__name__}: {e}"[:500]
+    record_send(conn, config, row, claim_until, row["attempts"] + 1, (provider_id, error, permanent, may_have_reached))
+
+
+def record_send(conn, config, row, claim_until, attempt, outcome):
+    """Record how the send `attempt` of a notification (`row`, as due) went, if its claim
+    (ending `claim_until`) still holds: outcome is (provider's id, error, permanent,
+    may_have_reached). Sent, queued again after the backoff, or failed for good."""
+    provider_id, error, permanent, may_have_reached = outcome
     with transaction(conn):
         now = db_time()
         if error is None:
@@ -3665,7 +3686,7 @@ def send_notification(conn, config, deadlines, row, claim_until):
                          {"channel": row["channel"], "recipient": row["recipient"], "attempts": attempt,
                           "provider_message_id": provider_id, "error": error,
                           **({"kind": row["kind"]} if row["kind"] != "ask" else {}),
-                          **({"may_have_reached": True} if error and (may_have_reached or reached_before)
+                          **({"may_have_reached": True} if error and (may_have_reached or row["may_have_reached"])
                              else {})}, when=now)
         # Agents hear of a question that could not be asked (or may not have been: the pause's
         # notification says which); a lost reminder is in the audit log.
@@ -4935,6 +4956,9 @@ class Runtime:
             return started
         due = due_live_notifications(conn, self.config["outbound.per_developer"])
         for row in self.outbound.fair_order(due):
+            if row["status"] == "sending":      # a claim a crash left mid-send
+                record_interrupted_send(conn, self.config, row)
+                continue
             if not self.outbound.free():
                 break
             slot = (row["developer_id"], ("channel", row["channel"]))

@@ -578,17 +578,31 @@ def closed_unsent(config, pause_id, count, team_people=False):
                        " FROM pauses WHERE id LIKE ? || '\\_%' ESCAPE '\\'", pause_id)
 
 
-def test_a_text_sent_again_after_a_crash_cut_its_first_send_short_may_have_reached_the_person(sms_setup, twilio):
+@pytest.mark.parametrize("then", ["refused", "cut short each time"])
+def test_a_send_a_crash_cut_short_may_have_reached_the_person_and_is_made_again_in_its_turn(sms_setup, twilio, then):
     """The first send may have gone out before the crash: a later refusal does not undo it,
-    and the person's reply counts."""
+    and the person's reply counts. Nor does a crash loop send the text again and again: a
+    cut-short send counts as an attempt, and the next waits out the backoff."""
     api, config, keys = sms_setup
     wire = api.post_json("/v1/pause", WIRE, headers=api.as_key(keys["api_key"])).json
-    stored(config, "UPDATE notifications SET status = 'sending', attempts = 1, next_attempt_at = ? WHERE pause_id = ?",
-           pausepoint.db_time(pausepoint.utcnow() - dt.timedelta(seconds=1)), wire["pause_id"])
-    twilio.fail_next = [400]                                        # the text sent again is refused for good
-    api.step("notifications")
-    assert stored(config, "SELECT status, attempts, may_have_reached FROM notifications WHERE pause_id = ?",
-                  wire["pause_id"]) == [("failed", 2, 1)]
+    lapsed = pausepoint.db_time(pausepoint.utcnow() - dt.timedelta(seconds=1))
+    for attempt in range(1, pausepoint.NOTIFICATION_ATTEMPTS + 1 if then == "cut short each time" else 2):
+        stored(config, "UPDATE notifications SET status = 'sending', attempts = ?, next_attempt_at = ?", attempt, lapsed)
+        before = pausepoint.utcnow() - dt.timedelta(milliseconds=1)         # (stored to the millisecond)
+        api.step("notifications")
+        [(status, reached, due, error)] = stored(
+            config, "SELECT status, may_have_reached, next_attempt_at, last_error FROM notifications")
+        assert (reached, error) == (1, pausepoint.INTERRUPTED_SEND) and twilio.messages == []
+        if attempt < pausepoint.NOTIFICATION_ATTEMPTS:
+            backoff = dt.timedelta(seconds=pausepoint.NOTIFICATION_BACKOFF_SECONDS[attempt - 1])
+            assert status == "queued" and pausepoint.parse_db_time(due) >= before + backoff
+    if then == "refused":
+        twilio.fail_next = [400]                            # the text sent again is refused for good
+        stored(config, "UPDATE notifications SET next_attempt_at = ?", lapsed)
+        api.step("notifications")
+    expected_attempts = 2 if then == "refused" else pausepoint.NOTIFICATION_ATTEMPTS
+    assert stored(config, "SELECT status, attempts, may_have_reached FROM notifications") == [
+        ("failed", expected_attempts, 1)]
     [failed] = stored(config, "SELECT data FROM audit_events WHERE event_type = 'notification.failed'")
     assert json.loads(failed[0])["may_have_reached"] is True
     assert api.pause(keys["api_key"], wire["pause_id"])["notification"]["may_have_reached"] is True
