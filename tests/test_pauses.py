@@ -411,23 +411,35 @@ def test_the_disk_watched_is_the_one_a_linked_database_is_written_on(running_api
 
 
 def test_the_reserve_keeps_room_for_the_wal_to_be_copied_into_the_database(running_api):
-    """A checkpoint may grow the database file by as much as the WAL holds: the reserve must
-    still be there after it, or the server fills the disk itself and decisions fail."""
+    """A checkpoint may grow the database file by as much as the WAL holds uncopied: the reserve
+    must still be there after it, or the server fills the disk itself and decisions fail. Once
+    copied, the WAL's frames are written over, so the file's size no longer counts."""
     api = running_api()
     key, path = api.register()["test_api_key"], api.config["database.path"]
-    held = sqlite3.connect(path)                            # a WAL nothing copies: 32 MiB of rows
-    held.execute("PRAGMA wal_autocheckpoint = 0")
-    with held:
-        held.execute("CREATE TABLE filler AS WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n"
-                     " WHERE i < 8192) SELECT randomblob(4000) AS x FROM n")
+    reader = sqlite3.connect(path, isolation_level=None)    # a snapshot from before: nothing after is copied
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM pauses").fetchone()
+    with contextlib.closing(sqlite3.connect(path)) as writer, writer:      # 32 MiB of rows into the WAL
+        writer.execute("CREATE TABLE filler AS WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n"
+                       " WHERE i < 8192) SELECT randomblob(4000) AS x FROM n")
     wal = os.path.getsize(path + "-wal")
     assert wal > 32 * 2**20
-    # Free space now, less half the WAL: enough left as free space goes, not once the WAL is copied.
+    # Free space now, less half the WAL: enough as free space goes, not once the WAL is copied.
     reserve = (shutil.disk_usage(path).free - wal // 2) // 2**20
-    short = running_api(**{"database.min_free_mb": reserve})
-    assert short.post_json("/v1/pause", WIRE, headers=short.as_key(key), status=507).json["error"]["code"] == \
-        "storage_low"
-    held.close()
+    short = running_api(jobs=True, **{"database.min_free_mb": reserve})
+    short.step("checkpoint")
+    assert short.app.runtime.wal_backlog >= 32 * 2**20
+    refused = short.post_json("/v1/pause", WIRE, headers=short.as_key(key), status=507).json["error"]
+    assert refused["code"] == "storage_low" and short.get("/healthz").json["disk"] == "short of room"
+    reader.execute("COMMIT")                                # now it can all be copied
+    reader.close()
+    short.step("checkpoint")
+    # Copied, the WAL is written over from its start: the file's size says nothing of what is left.
+    roomy = running_api(jobs=True, **{"database.min_free_mb": (shutil.disk_usage(path).free - wal // 2) // 2**20})
+    roomy.step("checkpoint")
+    assert roomy.app.runtime.wal_backlog == 0 and os.path.getsize(path + "-wal") >= wal
+    roomy.create_pause(key)
+    assert roomy.get("/healthz").json["disk"] == "ok"
 
 
 def test_a_failed_refresh_of_the_planners_statistics_is_logged_not_raised(running_api, caplog):
