@@ -3187,14 +3187,11 @@ def under_deadline(session, deadline, allow_private=True):
     return session
 
 
-def claim_length(config, at_least_seconds):
-    """How long a claim on a send or a delivery holds before it may be claimed again: well
-    past the call's whole deadline, so only a crash ever leaves one to be taken twice."""
-    return dt.timedelta(seconds=max(at_least_seconds, 3 * config["outbound.deadline_seconds"]))
-
-
 def claim_expiry(config, at_least_seconds):
-    return db_time(utcnow() + claim_length(config, at_least_seconds))
+    """When a claim on a send or a delivery lapses, so that it may be claimed again: well
+    past the call's whole deadline, so only a crash ever leaves one to be taken twice."""
+    seconds = max(at_least_seconds, 3 * config["outbound.deadline_seconds"])
+    return db_time(utcnow() + dt.timedelta(seconds=seconds))
 
 
 SLOW_FOR = dt.timedelta(minutes=10)
@@ -4186,7 +4183,8 @@ def due_deliveries(conn, per_webhook):
     by_developer = {}
     for webhook_id, developer_id in waiting:
         rows = conn.execute(
-            "SELECT id, status, attempts, next_attempt_at, webhook_id, ? AS developer_id FROM webhook_deliveries"
+            "SELECT id, status, attempts, next_attempt_at, updated_at, webhook_id, ? AS developer_id"
+            " FROM webhook_deliveries"
             " WHERE webhook_id = ? AND status IN ('pending', 'delivering') AND next_attempt_at <= ?"
             " ORDER BY next_attempt_at LIMIT ?", (developer_id, webhook_id, now, per_webhook)).fetchall()
         if rows:
@@ -4210,14 +4208,13 @@ def claim_delivery(conn, config, row):
 INTERRUPTED = "the server stopped during this attempt (it may have been delivered)"
 
 
-def record_interrupted_attempt(conn, config, row):
+def record_interrupted_attempt(conn, row):
     """A lapsed claim (`row`, from due_deliveries()) is an attempt whose outcome nobody
     saw: recorded as one that failed, and tried again on the retry schedule. Taken up at
     once instead, every crash during a call to a slow receiver spent one of its attempts
     within a minute, and the schedule's three days could end after a few restarts."""
-    claimed_at = parse_db_time(row["next_attempt_at"]) - claim_length(config, DELIVERY_CLAIM_SECONDS)
-    record_attempt(conn, row["id"], row["webhook_id"], row["attempts"], row["next_attempt_at"], db_time(claimed_at),
-                   None, INTERRUPTED, 0, None)
+    record_attempt(conn, row["id"], row["webhook_id"], row["attempts"], row["next_attempt_at"],
+                   row["updated_at"], None, INTERRUPTED, 0, None)      # (updated as it was claimed)
 
 
 def attempt_delivery(conn, config, deadlines, connections, delivery_id, attempt, claim_until):
@@ -4993,7 +4990,7 @@ class Runtime:
         conn, per_endpoint = self.db(), self.config["webhooks.per_endpoint"]
         for row in self.outbound.fair_order(due_deliveries(conn, per_endpoint)):
             if row["status"] == "delivering":       # a claim a crash left mid-call
-                record_interrupted_attempt(conn, self.config, row)
+                record_interrupted_attempt(conn, row)
                 continue
             if not self.outbound.free():
                 break

@@ -203,13 +203,15 @@ def test_a_call_a_crash_cut_short_counts_as_an_attempt_and_the_next_waits_its_tu
     for attempts in (1, len(pausepoint.RETRY_DELAYS_SECONDS)):
         # As a crash mid-call leaves it: claimed, and the claim since lapsed.
         stored(hooks_api.config, "UPDATE webhook_deliveries SET status = 'delivering', attempts = ?,"
-                                 " next_attempt_at = ?", attempts, lapsed)
+                                 " next_attempt_at = ?, updated_at = '2026-01-02T03:04:05.678Z'", attempts, lapsed)
         before = pausepoint.utcnow()
         hooks_api.step("webhooks")
         [delivery] = deliveries(hooks_api, key, webhook_id)
         assert delivery["status"] == "pending" and receiver.calls == []         # not called again at once
         recorded = delivery["attempts"][-1]
         assert (recorded["attempt"], recorded["error"]) == (attempts, pausepoint.INTERRUPTED)
+        assert stored(hooks_api.config, "SELECT started_at FROM webhook_attempts WHERE attempt = ?", attempts) == [
+            ("2026-01-02T03:04:05.678Z",)]                                   # when it was claimed
         delay = pausepoint.RETRY_DELAYS_SECONDS[attempts - 1] * (1 - pausepoint.RETRY_JITTER)
         [(due,)] = stored(hooks_api.config, "SELECT next_attempt_at FROM webhook_deliveries")
         assert pausepoint.parse_db_time(due) >= before + dt.timedelta(seconds=delay)
