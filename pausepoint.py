@@ -47,7 +47,6 @@ import socket
 import sqlite3
 import ssl
 import string
-import struct
 import tempfile
 import sys
 import threading
@@ -948,41 +947,13 @@ def refresh_statistics(conn):
         log.warning("the query planner's statistics were not refreshed: %s", e)
 
 
-def disk_short_of_room(config):
-    """Whether the database's disk has less free space than database.min_free_mb, once what
-    the WAL holds uncopied is in the database file: the checkpoint may need that much for
-    pages new to the file, and a full disk fails every write."""
-    database = os.path.realpath(config["database.path"])         # where SQLite writes
-    disk = os.statvfs(os.path.dirname(database))
-    return disk.f_bavail * disk.f_frsize - wal_uncopied_bytes(database) < config["database.min_free_mb"] * 2**20
-
-
-# The head of the wal-index (the -shm file beside the database: sqlite.org/walformat.html), in
-# the machine's byte order: its version, then at byte 14 the page size (1 for 65536) and the
-# WAL's frame count (mxFrame), this first copy of the header repeated at 48, and at 96 the
-# frames already copied into the database file (nBackfill).
-WAL_INDEX_VERSION, WAL_INDEX_HEAD_BYTES = 3007000, 100
-WAL_FRAME_HEADER_BYTES = 24             # before each page in the WAL
-
-
-def wal_uncopied_bytes(database):
-    """The bytes of WAL frames the checkpoint has yet to copy into `database` (a real path),
-    from the wal-index, read as SQLite's readers read it: the header's two copies alike.
-    (Not the WAL file's size: once copied, its frames are written over, and the file keeps
-    its size.) Should the copies keep differing, or the index be of another version, the
-    WAL file's whole size is taken instead: the safe side."""
-    try:
-        with open(database + "-shm", "rb") as index:
-            for _ in range(3):          # a commit writing the header as it is read
-                head = os.pread(index.fileno(), WAL_INDEX_HEAD_BYTES, 0)
-                if len(head) == WAL_INDEX_HEAD_BYTES and head[:48] == head[48:96] and \
-                        struct.unpack_from("=I", head)[0] == WAL_INDEX_VERSION:
-                    page, frames = struct.unpack_from("=HI", head, 14)
-                    copied = struct.unpack_from("=I", head, 96)[0]
-                    return max(frames - copied, 0) * ((page if page != 1 else 65536) + WAL_FRAME_HEADER_BYTES)
-        return os.path.getsize(database + "-wal")
-    except FileNotFoundError:           # no WAL at all
-        return 0
+def disk_short_of_room(config, wal_backlog=0):
+    """Whether the database's disk has less free space than database.min_free_mb, once the
+    WAL's `wal_backlog` bytes not yet copied into the database file are: the checkpoint may
+    need that much for pages new to the file, and a full disk fails every write. (Not the
+    WAL file's size: once copied, its frames are written over.)"""
+    disk = os.statvfs(os.path.dirname(os.path.realpath(config["database.path"])))     # where SQLite writes
+    return disk.f_bavail * disk.f_frsize - wal_backlog < config["database.min_free_mb"] * 2**20
 
 
 def require_room(short_of_room):
@@ -1882,9 +1853,9 @@ def month_start(moment):
     return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
-def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None):
+def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None, wal_backlog=0):
     """Store a pause, its notification and its audit event in one transaction; `body` is
-    the request's UncheckedBody.
+    the request's UncheckedBody, wal_backlog what the WAL holds uncopied (Runtime.wal_backlog).
 
     Returns (pause row, replayed): replayed is True when an Idempotency-Key
     matched an earlier identical request and nothing new was created.
@@ -1899,7 +1870,7 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None)
     pause_id, token = new_ordered_id("psr_"), secrets.token_urlsafe(32)
     created_at = db_time(now)
     expires_at = db_time(now + dt.timedelta(seconds=asked["timeout_seconds"]))
-    short_of_room = disk_short_of_room(config)      # system calls, kept off the write lock too
+    short_of_room = disk_short_of_room(config, wal_backlog)     # a system call, kept off the write lock too
     row = (pause_id, caller.developer_id, caller.livemode, asked["recipient"], asked["channel"], asked["title"],
            asked["message"], compact_json(asked["options"]), asked["timeout_default"],
            None if asked["metadata"] is None else compact_json(asked["metadata"]),
@@ -4720,6 +4691,7 @@ DISK_CHECK_SECONDS = 10
 WAL_CHECKPOINT_PAGES = 250_000          # about 1 GB of 4 KiB pages: only if the job could not keep up
 CHECKPOINT_PASSES = 5
 CHECKPOINT_TAIL_FRAMES = 1_000          # left for the pass under the write lock
+WAL_FRAME_HEADER_BYTES = 24             # before each page in the WAL
 HASH_WAIT_SECONDS = 5
 # Hourly: test data is bounded by a count (retention.test_pauses_kept), which a developer
 # at the test-pause rate could pass 24 times over in a day.
@@ -4751,6 +4723,7 @@ class Runtime:
                                config["server.waiting_per_ip"], config["server.trusted_proxy"] or None)
         self.stopping = False
         self.disk_short = False         # as run_disk() last found it
+        self.wal_backlog = 0            # bytes of WAL not yet in the database file, as run_checkpoint() last found
         self.limiter = RateLimiter(enabled=config["ratelimit.enabled"])
         self.error_log = ErrorLog()
         # bcrypt is the one costly thing a client without a key can make us compute: at most
@@ -5045,23 +5018,28 @@ class Runtime:
         WAL over. (Left to race the jobs' commits, the copy never caught up and the WAL
         grew by megabytes a second.)"""
         conn = self.db()
-        for _ in range(CHECKPOINT_PASSES):        # each pass copies what was written during the last
+        frame_bytes = conn.execute("PRAGMA page_size").fetchone()[0] + WAL_FRAME_HEADER_BYTES
+
+        def checkpoint():
             busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if frames - copied < CHECKPOINT_TAIL_FRAMES:
+            self.wal_backlog = max(frames - copied, 0) * frame_bytes        # for the disk's reserve
+            return frames - copied
+
+        for _ in range(CHECKPOINT_PASSES):        # each pass copies what was written during the last
+            if checkpoint() < CHECKPOINT_TAIL_FRAMES:
                 break
         else:
             return      # a reader holds the rest back, or writes outpace the copy: try again next second
         with self.write_lock:                     # a short tail, so writers wait for it only briefly
             for _ in range(CHECKPOINT_PASSES):    # a reader on an older snapshot may hold a frame back a moment
-                busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                if frames == copied:
+                if checkpoint() == 0:
                     break
 
     @one_round_at_a_time
     def run_disk(self):
         """Say in the log when the database's disk falls short of database.min_free_mb, and when
         it has room again: meanwhile new pauses and registrations get 507."""
-        short = disk_short_of_room(self.config)
+        short = disk_short_of_room(self.config, self.wal_backlog)
         if short and not self.disk_short:
             log.warning("the database's disk has less than database.min_free_mb (%s MiB) free: new pauses and"
                         " registrations get 507 until there is room again", self.config["database.min_free_mb"])
@@ -5946,7 +5924,7 @@ def healthz(rt):
     if not rt.scheduler.running:
         raise ApiError(503, "starting", "the scheduler is not running")
     return {"status": "ok", "version": VERSION, "database": "ok", "scheduler": "running",
-            "disk": "short of room" if disk_short_of_room(rt.config) else "ok"}
+            "disk": "short of room" if disk_short_of_room(rt.config, rt.wal_backlog) else "ok"}
 
 
 def get_openapi(rt):
@@ -5959,7 +5937,7 @@ def registration_allowed(rt, caller):
         raise ApiError(403, "registration_closed",
                        "registration is closed on this server; the operator adds developers with"
                        " `python pausepoint.py create-developer --email … --name …`")
-    require_room(disk_short_of_room(rt.config))
+    require_room(disk_short_of_room(rt.config, rt.wal_backlog))
     rt.limiter.limit("register", client_ip(), rt.config["ratelimit.register_per_hour"], "registrations from your address")
 
 
@@ -6019,7 +5997,7 @@ def rotate(rt, body):
 def post_pause(rt, caller, unchecked_body):
     """Ask a human: create a pause and send its notification."""
     pause, replayed = create_pause(rt.db(), rt.config, caller, unchecked_body, request_header("Idempotency-Key"),
-                                   rt.limiter)
+                                   rt.limiter, rt.wal_backlog)
     if replayed:
         bottle.response.set_header("Idempotent-Replayed", "true")
     return created_json(rt.db(), pause, rt.config)
