@@ -3622,16 +3622,10 @@ INTERRUPTED_SEND = "the server stopped during this attempt (the message may have
 def record_interrupted_send(conn, config, row):
     """A lapsed claim (`row`, still 'sending') is a send a crash cut short: the message may
     have gone out, which holds bare replies (see CLOSED_ON_NUMBER) and lets the person's
-    reply count. Cancelled if its pause was answered meanwhile; else recorded as an attempt
-    that failed, and made again after the backoff within NOTIFICATION_ATTEMPTS, as after
-    any failure. (Taken up at once, a crash loop sent the message again and again.)"""
-    with transaction(conn):
-        if conn.execute("UPDATE notifications SET status = 'cancelled', may_have_reached = 1, updated_at = ?"
-                        f" WHERE id = ? AND status = 'sending' AND next_attempt_at = ? AND NOT ({STILL_AWAITED})",
-                        (db_time(), row["id"], row["next_attempt_at"])).rowcount:
-            return
-    record_send(conn, config, row, row["next_attempt_at"], row["attempts"],
-                (None, INTERRUPTED_SEND, False, True))
+    reply count. Recorded as an attempt that failed (record_send()), so the message is made
+    again after the backoff within NOTIFICATION_ATTEMPTS, as after any failure. (Taken up
+    at once, a crash loop sent the message again and again.)"""
+    record_send(conn, config, row, row["next_attempt_at"], row["attempts"], (None, INTERRUPTED_SEND, False, True))
 
 
 def send_notification(conn, config, deadlines, row, claim_until):
@@ -3655,12 +3649,20 @@ def send_notification(conn, config, deadlines, row, claim_until):
 def record_send(conn, config, row, claim_until, attempt, outcome):
     """Record how the send `attempt` of a notification (`row`, as due) went, if its claim
     (ending `claim_until`) still holds: outcome is (provider's id, error, permanent,
-    may_have_reached). Sent, queued again after the backoff, or failed for good."""
+    may_have_reached). Sent; or, failed, cancelled if its pause no longer awaits this
+    person (answered meanwhile); left queued for the timeout job if it ran out of time;
+    queued again after the backoff; or failed for good."""
     provider_id, error, permanent, may_have_reached = outcome
     with transaction(conn):
         now = db_time()
+        awaited, still_open = conn.execute(f"SELECT {STILL_AWAITED}, {STILL_OPEN} FROM notifications WHERE id = :id",
+                                           {"id": row["id"], "now": now}).fetchone()
         if error is None:
             status, next_at, event = "sent", now, "notification.sent"
+        elif not awaited:
+            status, next_at, event = "cancelled", now, None
+        elif not still_open:            # claimed by no one now: the timeout job cancels it with its pause
+            status, next_at, event = "queued", now, None
         elif attempt < NOTIFICATION_ATTEMPTS and not permanent:
             status, event = "queued", None
             next_at = db_time(utcnow() + dt.timedelta(seconds=NOTIFICATION_BACKOFF_SECONDS[attempt - 1]))

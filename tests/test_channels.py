@@ -126,6 +126,23 @@ def test_a_text_whose_pause_was_decided_while_it_was_sent_is_cancelled_not_sent_
     assert pause["status"] == "cancelled" and twilio.messages == []
 
 
+def test_a_send_that_fails_after_its_pause_was_decided_ends_cancelled_and_tells_no_one_it_failed(running_api,
+                                                                                                   twilio):
+    """The decision came while the text was on its way: the agent has its answer, and no
+    pause.notification_failed after it."""
+    api = running_api(**twilio.settings())
+    key = api.register()["api_key"]
+    created = api.create_pause(key)
+    conn = api.app.runtime.db()
+    [row] = conn.execute("SELECT * FROM notifications").fetchall()
+    claim_until = pausepoint.claim_notification(conn, api.config, row)
+    api.post(f"/v1/pause/{created['pause_id']}/cancel", headers=api.as_key(key))
+    pausepoint.record_send(conn, api.config, row, claim_until, 1, (None, "no answer", False, True))
+    assert stored(api.config, "SELECT status, may_have_reached FROM notifications") == [("cancelled", 1)]
+    assert stored(api.config, "SELECT count(*) FROM audit_events WHERE event_type = 'notification.failed'") == [(0,)]
+    assert stored(api.config, "SELECT count(*) FROM webhook_events WHERE type = 'pause.notification_failed'") == [(0,)]
+
+
 def test_a_text_to_a_team_member_who_voted_while_it_was_sent_is_cancelled_not_sent_again(running_api, twilio):
     api = running_api(**twilio.settings())
     key = api.register()["api_key"]
@@ -607,6 +624,22 @@ def test_a_send_a_crash_cut_short_may_have_reached_the_person_and_is_made_again_
     assert json.loads(failed[0])["may_have_reached"] is True
     assert api.pause(keys["api_key"], wire["pause_id"])["notification"]["may_have_reached"] is True
     assert 'recorded Approve for "' in inbound(api, config, "1").text
+
+
+def test_a_last_send_a_crash_cut_short_for_a_pause_that_ran_out_meanwhile_waits_for_the_timeout(sms_setup):
+    """The pause ran out while the server was down: the timeout comes first, and the text's
+    end is its pause's, not a pause.notification_failed beside pause.timed_out."""
+    api, config, keys = sms_setup
+    wire = api.post_json("/v1/pause", WIRE, headers=api.as_key(keys["api_key"])).json
+    stored(config, "UPDATE notifications SET status = 'sending', attempts = ?, next_attempt_at = ?",
+           pausepoint.NOTIFICATION_ATTEMPTS, pausepoint.db_time(pausepoint.utcnow() - dt.timedelta(seconds=1)))
+    run_out(config, wire["pause_id"])
+    api.step("notifications")
+    assert stored(config, "SELECT status, may_have_reached FROM notifications") == [("queued", 1)]
+    api.step("timeouts")
+    assert stored(config, "SELECT status, may_have_reached FROM notifications") == [("cancelled", 1)]
+    assert stored(config, "SELECT count(*) FROM audit_events WHERE event_type = 'notification.failed'") == [(0,)]
+    assert api.pause(keys["api_key"], wire["pause_id"])["status"] == "timed_out"
 
 
 def test_a_text_whose_sending_a_crash_cut_short_may_have_reached_the_person(sms_setup):
