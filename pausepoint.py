@@ -947,13 +947,40 @@ def refresh_statistics(conn):
         log.warning("the query planner's statistics were not refreshed: %s", e)
 
 
-def disk_short_of_room(config, wal_backlog=0):
+def disk_short_of_room(config, wal_uncopied=0):
     """Whether the database's disk has less free space than database.min_free_mb, once the
-    WAL's `wal_backlog` bytes not yet copied into the database file are: the checkpoint may
-    need that much for pages new to the file, and a full disk fails every write. (Not the
-    WAL file's size: once copied, its frames are written over.)"""
+    WAL's `wal_uncopied` bytes (WalBacklog) are in the database file: the checkpoint may
+    need that much for pages new to the file, and a full disk fails every write."""
     disk = os.statvfs(os.path.dirname(os.path.realpath(config["database.path"])))     # where SQLite writes
-    return disk.f_bavail * disk.f_frsize - wal_backlog < config["database.min_free_mb"] * 2**20
+    return disk.f_bavail * disk.f_frsize - wal_uncopied < config["database.min_free_mb"] * 2**20
+
+
+class WalBacklog:
+    """What the database's WAL holds not yet copied into the database file: as the
+    checkpoint job last found it (wal_checkpoint's frame counts), plus what the WAL file
+    has grown by since; before any checkpoint, the whole file. Not the file's size alone:
+    once copied, its frames are written over and it keeps its size. (Nor the wal-index in
+    the -shm file: opening and closing it in this process would release SQLite's locks on
+    it.) Frames written over the WAL's start after a checkpoint are counted at the next,
+    a second later: so the reserve should exceed a second of writes, as 256 MiB does."""
+
+    def __init__(self, database_path):
+        self.path = os.path.realpath(database_path) + "-wal"
+        self.uncopied, self.size_then = None, 0
+
+    def size(self):
+        try:
+            return os.stat(self.path).st_size
+        except FileNotFoundError:
+            return 0
+
+    def checkpointed(self, size_before, frames, copied, frame_bytes):
+        """What a checkpoint left, the file's size taken before it (so growth meanwhile counts)."""
+        self.uncopied, self.size_then = max(frames - copied, 0) * frame_bytes, size_before
+
+    def bytes(self):
+        size = self.size()
+        return size if self.uncopied is None else self.uncopied + max(0, size - self.size_then)
 
 
 def require_room(short_of_room):
@@ -1853,9 +1880,9 @@ def month_start(moment):
     return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
-def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None, wal_backlog=0):
+def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None, wal=None):
     """Store a pause, its notification and its audit event in one transaction; `body` is
-    the request's UncheckedBody, wal_backlog what the WAL holds uncopied (Runtime.wal_backlog).
+    the request's UncheckedBody, `wal` the database's WalBacklog (None: not counted).
 
     Returns (pause row, replayed): replayed is True when an Idempotency-Key
     matched an earlier identical request and nothing new was created.
@@ -1870,7 +1897,7 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None,
     pause_id, token = new_ordered_id("psr_"), secrets.token_urlsafe(32)
     created_at = db_time(now)
     expires_at = db_time(now + dt.timedelta(seconds=asked["timeout_seconds"]))
-    short_of_room = disk_short_of_room(config, wal_backlog)     # a system call, kept off the write lock too
+    short_of_room = disk_short_of_room(config, wal.bytes() if wal else 0)    # system calls, off the write lock too
     row = (pause_id, caller.developer_id, caller.livemode, asked["recipient"], asked["channel"], asked["title"],
            asked["message"], compact_json(asked["options"]), asked["timeout_default"],
            None if asked["metadata"] is None else compact_json(asked["metadata"]),
@@ -4725,7 +4752,7 @@ class Runtime:
                                config["server.waiting_per_ip"], config["server.trusted_proxy"] or None)
         self.stopping = False
         self.disk_short = False         # as run_disk() last found it
-        self.wal_backlog = 0            # bytes of WAL not yet in the database file, as run_checkpoint() last found
+        self.wal = WalBacklog(config["database.path"])         # for the disk's reserve
         self.limiter = RateLimiter(enabled=config["ratelimit.enabled"])
         self.error_log = ErrorLog()
         # bcrypt is the one costly thing a client without a key can make us compute: at most
@@ -5023,8 +5050,9 @@ class Runtime:
         frame_bytes = conn.execute("PRAGMA page_size").fetchone()[0] + WAL_FRAME_HEADER_BYTES
 
         def checkpoint():
+            size_before = self.wal.size()
             busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            self.wal_backlog = max(frames - copied, 0) * frame_bytes        # for the disk's reserve
+            self.wal.checkpointed(size_before, frames, copied, frame_bytes)
             return frames - copied
 
         for _ in range(CHECKPOINT_PASSES):        # each pass copies what was written during the last
@@ -5041,7 +5069,7 @@ class Runtime:
     def run_disk(self):
         """Say in the log when the database's disk falls short of database.min_free_mb, and when
         it has room again: meanwhile new pauses and registrations get 507."""
-        short = disk_short_of_room(self.config, self.wal_backlog)
+        short = disk_short_of_room(self.config, self.wal.bytes())
         if short and not self.disk_short:
             log.warning("the database's disk has less than database.min_free_mb (%s MiB) free: new pauses and"
                         " registrations get 507 until there is room again", self.config["database.min_free_mb"])
@@ -5926,7 +5954,7 @@ def healthz(rt):
     if not rt.scheduler.running:
         raise ApiError(503, "starting", "the scheduler is not running")
     return {"status": "ok", "version": VERSION, "database": "ok", "scheduler": "running",
-            "disk": "short of room" if disk_short_of_room(rt.config, rt.wal_backlog) else "ok"}
+            "disk": "short of room" if disk_short_of_room(rt.config, rt.wal.bytes()) else "ok"}
 
 
 def get_openapi(rt):
@@ -5939,7 +5967,7 @@ def registration_allowed(rt, caller):
         raise ApiError(403, "registration_closed",
                        "registration is closed on this server; the operator adds developers with"
                        " `python pausepoint.py create-developer --email … --name …`")
-    require_room(disk_short_of_room(rt.config, rt.wal_backlog))
+    require_room(disk_short_of_room(rt.config, rt.wal.bytes()))
     rt.limiter.limit("register", client_ip(), rt.config["ratelimit.register_per_hour"], "registrations from your address")
 
 
@@ -5999,7 +6027,7 @@ def rotate(rt, body):
 def post_pause(rt, caller, unchecked_body):
     """Ask a human: create a pause and send its notification."""
     pause, replayed = create_pause(rt.db(), rt.config, caller, unchecked_body, request_header("Idempotency-Key"),
-                                   rt.limiter, rt.wal_backlog)
+                                   rt.limiter, rt.wal)
     if replayed:
         bottle.response.set_header("Idempotent-Replayed", "true")
     return created_json(rt.db(), pause, rt.config)

@@ -413,33 +413,55 @@ def test_the_disk_watched_is_the_one_a_linked_database_is_written_on(running_api
 def test_the_reserve_keeps_room_for_the_wal_to_be_copied_into_the_database(running_api):
     """A checkpoint may grow the database file by as much as the WAL holds uncopied: the reserve
     must still be there after it, or the server fills the disk itself and decisions fail. Once
-    copied, the WAL's frames are written over, so the file's size no longer counts."""
+    copied, the WAL's frames are written over, so the file's size no longer counts; what it
+    grew by since the last checkpoint does."""
     api = running_api()
     key, path = api.register()["test_api_key"], api.config["database.path"]
-    reader = sqlite3.connect(path, isolation_level=None)    # a snapshot from before: nothing after is copied
-    reader.execute("BEGIN")
-    reader.execute("SELECT count(*) FROM pauses").fetchone()
-    with contextlib.closing(sqlite3.connect(path)) as writer, writer:      # 32 MiB of rows into the WAL
-        writer.execute("CREATE TABLE filler AS WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n"
-                       " WHERE i < 8192) SELECT randomblob(4000) AS x FROM n")
+
+    def held_back_and_filled(rows):
+        """A reader's snapshot from before (nothing after it is copied, and the WAL is not begun
+        again from its start under it), then rows of 4,000 bytes."""
+        with contextlib.closing(sqlite3.connect(path)) as writer, writer:
+            writer.execute("CREATE TABLE IF NOT EXISTS filler (x)")
+            writer.execute("INSERT INTO filler VALUES (NULL)")
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM pauses").fetchone()
+        with contextlib.closing(sqlite3.connect(path)) as writer, writer:
+            writer.execute("INSERT INTO filler WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n"
+                           " WHERE i < ?) SELECT randomblob(4000) FROM n", (rows,))
+        return reader
+
+    def reserve_for(wal):
+        """Free space now, less half the WAL: enough as free space goes, not once the WAL is copied."""
+        return (shutil.disk_usage(path).free - wal // 2) // 2**20
+
+    def uncopied_as_sqlite_says():
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            _, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return (frames - copied) * (conn.execute("PRAGMA page_size").fetchone()[0] + 24)
+
+    reader = held_back_and_filled(8192)                     # 32 MiB
     wal = os.path.getsize(path + "-wal")
-    assert wal > 32 * 2**20
-    # Free space now, less half the WAL: enough as free space goes, not once the WAL is copied.
-    reserve = (shutil.disk_usage(path).free - wal // 2) // 2**20
-    short = running_api(jobs=True, **{"database.min_free_mb": reserve})
-    short.step("checkpoint")
-    assert short.app.runtime.wal_backlog >= 32 * 2**20
-    refused = short.post_json("/v1/pause", WIRE, headers=short.as_key(key), status=507).json["error"]
-    assert refused["code"] == "storage_low" and short.get("/healthz").json["disk"] == "short of room"
+    server = running_api(**{"database.min_free_mb": reserve_for(wal)})     # its checkpoints stepped here
+    refused = server.post_json("/v1/pause", WIRE, headers=server.as_key(key), status=507).json["error"]
+    assert refused["code"] == "storage_low"                 # before any checkpoint: the whole WAL counts
+    server.step("checkpoint")
+    assert server.app.runtime.wal.bytes() == uncopied_as_sqlite_says() > 32 * 2**20
+    server.post_json("/v1/pause", WIRE, headers=server.as_key(key), status=507)
     reader.execute("COMMIT")                                # now it can all be copied
     reader.close()
-    short.step("checkpoint")
-    # Copied, the WAL is written over from its start: the file's size says nothing of what is left.
-    roomy = running_api(jobs=True, **{"database.min_free_mb": (shutil.disk_usage(path).free - wal // 2) // 2**20})
-    roomy.step("checkpoint")
-    assert roomy.app.runtime.wal_backlog == 0 and os.path.getsize(path + "-wal") >= wal
-    roomy.create_pause(key)
-    assert roomy.get("/healthz").json["disk"] == "ok"
+    server.step("checkpoint")
+    assert server.app.runtime.wal.bytes() == 0 and os.path.getsize(path + "-wal") >= wal   # the file stays as big
+    server.config["database.min_free_mb"] = reserve_for(wal)
+    server.create_pause(key)
+    # Written over from the WAL's start, 64 MiB more between two checkpoints: the file grows by half.
+    reader = held_back_and_filled(16384)
+    grown = os.path.getsize(path + "-wal") - wal
+    assert grown > 16 * 2**20
+    server.config["database.min_free_mb"] = reserve_for(grown)
+    server.post_json("/v1/pause", WIRE, headers=server.as_key(key), status=507)
+    reader.close()
 
 
 def test_a_failed_refresh_of_the_planners_statistics_is_logged_not_raised(running_api, caplog):
