@@ -974,9 +974,11 @@ class WalBacklog:
         except FileNotFoundError:
             return 0
 
-    def checkpointed(self, size_before, frames, copied, frame_bytes):
-        """What a checkpoint left, the file's size taken before it (so growth meanwhile counts)."""
-        self.uncopied, self.size_then = max(frames - copied, 0) * frame_bytes, size_before
+    def checkpointed(self, size_before, busy, frames, copied, frame_bytes):
+        """What a checkpoint left, the file's size taken before it (so growth meanwhile counts).
+        One that another connection's checkpoint kept from running (-1 frames) says nothing."""
+        if not busy and frames >= 0:
+            self.uncopied, self.size_then = max(frames - copied, 0) * frame_bytes, size_before
 
     def bytes(self):
         size = self.size()
@@ -3689,7 +3691,7 @@ def record_send(conn, config, row, claim_until, attempt, outcome):
         elif not awaited:
             status, next_at, event = "cancelled", now, None
         elif not still_open:            # claimed by no one now: the timeout job cancels it with its pause
-            status, next_at, event = "queued", now, None
+            status, next_at, event = "out of time", now, None
         elif attempt < NOTIFICATION_ATTEMPTS and not permanent:
             status, event = "queued", None
             next_at = db_time(utcnow() + dt.timedelta(seconds=NOTIFICATION_BACKOFF_SECONDS[attempt - 1]))
@@ -3699,10 +3701,11 @@ def record_send(conn, config, row, claim_until, attempt, outcome):
             "UPDATE notifications SET status = ?, next_attempt_at = ?, provider_message_id = ?, last_error = ?,"
             " may_have_reached = may_have_reached OR ?, updated_at = ? WHERE id = ? AND status = 'sending'"
             " AND next_attempt_at = ?",
-            (status, next_at, provider_id, error, may_have_reached, now, row["id"], claim_until)).rowcount
-        if changed:
-            wake_after_commit(conn, "notified", (row["id"], attempt, row["channel"],
-                                                 "retried" if status == "queued" else status))
+            ("queued" if status == "out of time" else status, next_at, provider_id, error, may_have_reached, now,
+             row["id"], claim_until)).rowcount
+        if changed:     # (the metric's result)
+            wake_after_commit(conn, "notified", (row["id"], attempt, row["channel"], {
+                "queued": "retried", "out of time": "cancelled"}.get(status, status)))
         if changed and event:
             record_event(conn, row["developer_id"], 1, "system", event, row["pause_id"],
                          {"channel": row["channel"], "recipient": row["recipient"], "attempts": attempt,
@@ -4639,7 +4642,8 @@ class Metrics:
         self.lateness = histogram("pausepoint_timeout_lateness_seconds", "How long after its expiry a timeout was applied",
                                   buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
         self.notifications = counter("pausepoint_notification_attempts", "Notification sends, by channel and result"
-                                     " (sent, retried, failed, simulated)", ["channel", "result"])
+                                     " (sent, retried, failed, simulated; cancelled: failed once its pause was"
+                                     " answered or out of time)", ["channel", "result"])
         self.webhooks = counter("pausepoint_webhook_attempts", "Webhook delivery attempts, by result"
                                 " (succeeded, retried, failed)", ["result"])
         self.rate_limited = counter("pausepoint_rate_limit_refusals", "Requests refused by a rate limit", ["limit"])
@@ -5052,7 +5056,7 @@ class Runtime:
         def checkpoint():
             size_before = self.wal.size()
             busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            self.wal.checkpointed(size_before, frames, copied, frame_bytes)
+            self.wal.checkpointed(size_before, busy, frames, copied, frame_bytes)
             return frames - copied
 
         for _ in range(CHECKPOINT_PASSES):        # each pass copies what was written during the last

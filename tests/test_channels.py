@@ -16,7 +16,8 @@ from aiosmtpd.controller import Controller
 from twilio.request_validator import RequestValidator
 
 from stubs import RefusingProxy, TrickleReceiver
-from conftest import stored, QUESTION, WIRE, Api, LiveServer, free_port, make_config, run_out, token_of, wait_until
+from conftest import (stored, QUESTION, WIRE, Api, LiveServer, free_port, make_config, run_out, scraped, token_of,
+                      value, wait_until)
 import pausepoint
 
 XSS = '<script>alert(1)</script>'
@@ -130,7 +131,7 @@ def test_a_send_that_fails_after_its_pause_was_decided_ends_cancelled_and_tells_
                                                                                                    twilio):
     """The decision came while the text was on its way: the agent has its answer, and no
     pause.notification_failed after it."""
-    api = running_api(**twilio.settings())
+    api = running_api(**twilio.settings(), **{"metrics.enabled": True, "metrics.listen": ""})
     key = api.register()["api_key"]
     created = api.create_pause(key)
     conn = api.app.runtime.db()
@@ -141,6 +142,8 @@ def test_a_send_that_fails_after_its_pause_was_decided_ends_cancelled_and_tells_
     assert stored(api.config, "SELECT status, may_have_reached FROM notifications") == [("cancelled", 1)]
     assert stored(api.config, "SELECT count(*) FROM audit_events WHERE event_type = 'notification.failed'") == [(0,)]
     assert stored(api.config, "SELECT count(*) FROM webhook_events WHERE type = 'pause.notification_failed'") == [(0,)]
+    samples = scraped(api.get("/metrics").text)
+    assert value(samples, "pausepoint_notification_attempts_total", channel="sms", result="cancelled") == 1
 
 
 def test_a_text_to_a_team_member_who_voted_while_it_was_sent_is_cancelled_not_sent_again(running_api, twilio):

@@ -464,6 +464,19 @@ def test_the_reserve_keeps_room_for_the_wal_to_be_copied_into_the_database(runni
     reader.close()
 
 
+def test_a_checkpoint_that_another_kept_from_running_leaves_the_wal_backlog_as_it_was(tmp_path):
+    """Another connection checkpointing at the time answers (1, -1, -1): it says nothing of what is left."""
+    (tmp_path / "p.db-wal").write_bytes(b"w" * 10_000)
+    backlog = pausepoint.WalBacklog(str(tmp_path / "p.db"))
+    assert backlog.bytes() == 10_000                                # before any checkpoint: the whole file
+    backlog.checkpointed(10_000, 0, 100, 40, 100)
+    assert backlog.bytes() == 6_000
+    backlog.checkpointed(10_000, 1, -1, -1, 100)
+    assert backlog.bytes() == 6_000
+    (tmp_path / "p.db-wal").write_bytes(b"w" * 12_000)
+    assert backlog.bytes() == 8_000                                 # and what the file grew by since
+
+
 def test_a_failed_refresh_of_the_planners_statistics_is_logged_not_raised(running_api, caplog):
     """At start on a full disk, say: the server is needed to answer more than the statistics are."""
     conn = pausepoint.connect(running_api().config["database.path"])
