@@ -29,7 +29,7 @@ import time
 import unicodedata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pausepoint_client import PausePoint  # noqa: E402
+from pausepoint_client import PausePoint, PausePointError  # noqa: E402
 
 LONGEST_LINE = 160          # a text message's worth of the command
 LONGEST_PLACE = 200         # of a path, or of the directory it runs in
@@ -150,9 +150,12 @@ def ask_person(call, environ):
         return decision("allow", f"allowed on PausePoint by {pause['decided_by']}")
     if pause["status"] == "responded":
         return decision("deny", pause.get("comment") or f"denied on PausePoint by {pause['decided_by']}")
-    if pause["status"] == "pending":            # a late answer must decide nothing: one try at cancelling it
-        PausePoint(client.base_url, client.api_key, timeout=CANCEL_SECONDS, retries=0).cancel(pause["pause_id"])
     reason = f"no answer on PausePoint within {wait:g} s"
+    if pause["status"] == "pending":            # a late answer must decide nothing: one try at cancelling it
+        try:
+            PausePoint(client.base_url, client.api_key, timeout=CANCEL_SECONDS, retries=0).cancel(pause["pause_id"])
+        except PausePointError as e:            # answered as the wait ran out, or the server not answering
+            reason += f" (nor could it be cancelled: {e}; an answer given there now is used by nothing)"
     return decision(on_timeout, reason if on_timeout == "deny" else reason + "; asking here instead")
 
 

@@ -151,10 +151,17 @@ def test_a_wait_that_is_no_number_of_seconds_is_asked_about_here_at_once(wait):
     assert asked == []
 
 
-def test_the_cancel_after_the_wait_is_tried_once():
-    """A server refusing it (the write lock busy, say) would hold the hook past its own timeout."""
-    out, asked = hook_against(0.2, cancel=503)
-    assert out["permissionDecision"] == "ask"
+@pytest.mark.parametrize("on_timeout", ["ask", "deny"])
+def test_the_cancel_after_the_wait_is_tried_once_and_its_failure_said(on_timeout):
+    """A server refusing it (the write lock busy, say) would hold the hook past its own timeout;
+    refused, the hook still answers as it was set to for no answer."""
+    server, url, asked = serve_stand_in(cancel=503)
+    try:
+        out = run_hook(url, "pp_test_x", PAUSEPOINT_HOOK_WAIT="0.2", PAUSEPOINT_HOOK_ON_TIMEOUT=on_timeout)
+    finally:
+        stop_http(server)
+    assert out["permissionDecision"] == on_timeout
+    assert out["permissionDecisionReason"].startswith("no answer on PausePoint within 0.2 s (nor could it be cancelled")
     assert [path for _, path, _, _ in asked if path.endswith("/cancel")] == ["/v1/pause/psr_1/cancel"]
 
 
