@@ -947,12 +947,12 @@ def refresh_statistics(conn):
         log.warning("the query planner's statistics were not refreshed: %s", e)
 
 
-def disk_short_of_room(config, wal_uncopied=0):
-    """Whether the database's disk has less free space than database.min_free_mb, once the
-    WAL's `wal_uncopied` bytes (WalBacklog) are in the database file: the checkpoint may
+def disk_short_of_room(config, wal):
+    """Whether the database's disk has less free space than database.min_free_mb, once what
+    its WAL holds uncopied (`wal`, a WalBacklog) is in the database file: the checkpoint may
     need that much for pages new to the file, and a full disk fails every write."""
     disk = os.statvfs(os.path.dirname(os.path.realpath(config["database.path"])))     # where SQLite writes
-    return disk.f_bavail * disk.f_frsize - wal_uncopied < config["database.min_free_mb"] * 2**20
+    return disk.f_bavail * disk.f_frsize - wal.bytes() < config["database.min_free_mb"] * 2**20
 
 
 class WalBacklog:
@@ -1882,9 +1882,9 @@ def month_start(moment):
     return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
-def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None, wal=None):
+def create_pause(conn, config, caller, body, idempotency_key, limiter, wal):
     """Store a pause, its notification and its audit event in one transaction; `body` is
-    the request's UncheckedBody, `wal` the database's WalBacklog (None: not counted).
+    the request's UncheckedBody, `wal` the database's WalBacklog.
 
     Returns (pause row, replayed): replayed is True when an Idempotency-Key
     matched an earlier identical request and nothing new was created.
@@ -1899,7 +1899,7 @@ def create_pause(conn, config, caller, body, idempotency_key=None, limiter=None,
     pause_id, token = new_ordered_id("psr_"), secrets.token_urlsafe(32)
     created_at = db_time(now)
     expires_at = db_time(now + dt.timedelta(seconds=asked["timeout_seconds"]))
-    short_of_room = disk_short_of_room(config, wal.bytes() if wal else 0)    # system calls, off the write lock too
+    short_of_room = disk_short_of_room(config, wal)     # system calls, kept off the write lock too
     row = (pause_id, caller.developer_id, caller.livemode, asked["recipient"], asked["channel"], asked["title"],
            asked["message"], compact_json(asked["options"]), asked["timeout_default"],
            None if asked["metadata"] is None else compact_json(asked["metadata"]),
@@ -3684,28 +3684,28 @@ def record_send(conn, config, row, claim_until, attempt, outcome):
     provider_id, error, permanent, may_have_reached = outcome
     with transaction(conn):
         now = db_time()
-        awaited, still_open = conn.execute(f"SELECT {STILL_AWAITED}, {STILL_OPEN} FROM notifications WHERE id = :id",
-                                           {"id": row["id"], "now": now}).fetchone()
+        # (status, the metric's result, the next attempt's time, the audit event)
         if error is None:
-            status, next_at, event = "sent", now, "notification.sent"
-        elif not awaited:
-            status, next_at, event = "cancelled", now, None
-        elif not still_open:            # claimed by no one now: the timeout job cancels it with its pause
-            status, next_at, event = "out of time", now, None
-        elif attempt < NOTIFICATION_ATTEMPTS and not permanent:
-            status, event = "queued", None
-            next_at = db_time(utcnow() + dt.timedelta(seconds=NOTIFICATION_BACKOFF_SECONDS[attempt - 1]))
+            status, result, next_at, event = "sent", "sent", now, "notification.sent"
         else:
-            status, next_at, event = "failed", now, "notification.failed"
+            awaited, still_open = conn.execute(f"SELECT {STILL_AWAITED}, {STILL_OPEN} FROM notifications"
+                                               " WHERE id = :id", {"id": row["id"], "now": now}).fetchone()
+            if not awaited:
+                status, result, next_at, event = "cancelled", "cancelled", now, None
+            elif not still_open:        # claimed by no one now: the timeout job cancels it with its pause
+                status, result, next_at, event = "queued", "cancelled", now, None
+            elif attempt < NOTIFICATION_ATTEMPTS and not permanent:
+                next_at = db_time(utcnow() + dt.timedelta(seconds=NOTIFICATION_BACKOFF_SECONDS[attempt - 1]))
+                status, result, event = "queued", "retried", None
+            else:
+                status, result, next_at, event = "failed", "failed", now, "notification.failed"
         changed = conn.execute(
             "UPDATE notifications SET status = ?, next_attempt_at = ?, provider_message_id = ?, last_error = ?,"
             " may_have_reached = may_have_reached OR ?, updated_at = ? WHERE id = ? AND status = 'sending'"
             " AND next_attempt_at = ?",
-            ("queued" if status == "out of time" else status, next_at, provider_id, error, may_have_reached, now,
-             row["id"], claim_until)).rowcount
-        if changed:     # (the metric's result)
-            wake_after_commit(conn, "notified", (row["id"], attempt, row["channel"], {
-                "queued": "retried", "out of time": "cancelled"}.get(status, status)))
+            (status, next_at, provider_id, error, may_have_reached, now, row["id"], claim_until)).rowcount
+        if changed:
+            wake_after_commit(conn, "notified", (row["id"], attempt, row["channel"], result))
         if changed and event:
             record_event(conn, row["developer_id"], 1, "system", event, row["pause_id"],
                          {"channel": row["channel"], "recipient": row["recipient"], "attempts": attempt,
@@ -5073,7 +5073,7 @@ class Runtime:
     def run_disk(self):
         """Say in the log when the database's disk falls short of database.min_free_mb, and when
         it has room again: meanwhile new pauses and registrations get 507."""
-        short = disk_short_of_room(self.config, self.wal.bytes())
+        short = disk_short_of_room(self.config, self.wal)
         if short and not self.disk_short:
             log.warning("the database's disk has less than database.min_free_mb (%s MiB) free: new pauses and"
                         " registrations get 507 until there is room again", self.config["database.min_free_mb"])
@@ -5958,7 +5958,7 @@ def healthz(rt):
     if not rt.scheduler.running:
         raise ApiError(503, "starting", "the scheduler is not running")
     return {"status": "ok", "version": VERSION, "database": "ok", "scheduler": "running",
-            "disk": "short of room" if disk_short_of_room(rt.config, rt.wal.bytes()) else "ok"}
+            "disk": "short of room" if disk_short_of_room(rt.config, rt.wal) else "ok"}
 
 
 def get_openapi(rt):
@@ -5971,7 +5971,7 @@ def registration_allowed(rt, caller):
         raise ApiError(403, "registration_closed",
                        "registration is closed on this server; the operator adds developers with"
                        " `python pausepoint.py create-developer --email … --name …`")
-    require_room(disk_short_of_room(rt.config, rt.wal.bytes()))
+    require_room(disk_short_of_room(rt.config, rt.wal))
     rt.limiter.limit("register", client_ip(), rt.config["ratelimit.register_per_hour"], "registrations from your address")
 
 
@@ -7756,7 +7756,6 @@ def backup(config, destination):
     try:
         with target:
             source.backup(target)
-        target.close()
         os.link(partial, destination)
     except (sqlite3.Error, OSError) as e:
         raise ConfigError(f"the backup to {destination} failed: {e}") from None
