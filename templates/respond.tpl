@@ -58,7 +58,7 @@
   % end
   </div>
   <label for="comment">Comment (optional)</label>
-  <textarea id="comment" name="comment" rows="3" maxlength="2000"></textarea>
+  <textarea id="comment" name="comment" rows="3" maxlength="2000">{{entered.get('comment', '')}}</textarea>
 </form>
 <p class="expiry" id="expiry">Open until {{times['expires_at']}} ({{left}} left).
   % if pause['timeout_default']:

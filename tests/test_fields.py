@@ -184,9 +184,10 @@ def test_a_refused_form_comes_back_with_what_the_person_typed(running_api):
     created = api.create_pause(key, fields={**FIELDS, "note": {"type": "string", "value": "", "max_length": 5,
                                                                "editable": True}})
     form = api.get(f"/respond/{token_of(created['respond_url'])}").forms[0]
-    form["field.amount"], form["field.note"] = "300", "far too long"
+    form["field.amount"], form["field.note"], form["comment"] = "300", "far too long", "Checked <the> invoice\ntwice"
     again = form.submit("choice", value="Approve", status=422).forms[0]
     assert again["field.amount"].value == "300" and again["field.note"].value == "far too long"
+    assert again["comment"].value == "Checked <the> invoice\ntwice"
 
 
 def test_a_whole_number_too_big_to_hold_exactly_is_told_so_not_called_fractional(running_api):
