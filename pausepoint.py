@@ -5582,8 +5582,10 @@ REGISTRATION_SCHEMA = {
     "properties": {
         "email": {"type": "string", "maxLength": 254, "pattern": EMAIL.pattern,
                   "x-message": "email must be an email address like you@example.com"},
-        "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": VISIBLE_TEXT,
-                 "x-message": "name must be 1-200 characters of visible text, without control characters"},
+        # Shown as "Asked by …" on every respond page: one line, as the sign-up form takes it.
+        "name": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": ONE_LINE_TEXT,
+                 "x-message": "name must be 1-100 characters of visible text on one line, without control"
+                              " characters"},
         "password": {"type": "string", "minLength": 8, "maxLength": 72, "pattern": SAFE_TEXT,
                      "x-message": "password must be at least 8 characters and at most 72 bytes (bcrypt's limit),"
                                   " without control characters"},

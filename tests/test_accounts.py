@@ -31,6 +31,11 @@ def test_only_digests_of_keys_and_a_bcrypt_hash_of_the_password_are_stored(api, 
     assert password_hash.startswith("$2b$") and PASSWORD not in password_hash
 
 
+def test_a_name_as_long_as_the_sign_up_form_takes_is_fine(api):
+    assert api.post_json("/v1/auth/register", {"email": "a@example.com", "name": "x" * 100, "password": PASSWORD},
+                         status=201).json["plan"] == "free"
+
+
 def test_a_duplicate_email_is_refused_with_409_whatever_its_case(api, developer):
     body = api.post_json("/v1/auth/register", {"email": "DEV@example.com", "name": "X", "password": PASSWORD},
                          status=409).json
@@ -41,6 +46,9 @@ def test_a_duplicate_email_is_refused_with_409_whatever_its_case(api, developer)
     ({"email": "not-an-email"}, "email"),
     ({"email": None}, "email"),
     ({"name": "  "}, "name"),
+    ({"name": "Acme\nBank"}, "name"),
+    ({"name": "Acme\tBank"}, "name"),
+    ({"name": "x" * 101}, "name"),
     ({"password": "short"}, "password"),
     ({"password": "x" * 73}, "password"),
 ])
