@@ -18,6 +18,20 @@
     <li>{{person['recipient']}} over {{person['channel']}}{{' (escalation)' if person['added_by'] == 'escalation' else ''}}: {{('chose ' + person['choice']) if person['choice'] else ('opened the link' if person['opened_at'] else (person['notification_status'] or 'link only'))}}</li>
 %   end
   </ul></dd>
+%   if pause['votes']:
+  <dt>Votes</dt><dd><ol class="people" id="votes">
+%     for vote in pause['votes']:
+    <li>{{vote['recipient']}} chose {{vote['choice']}} at {{vote['voted_at']}}
+%       for name, value in (vote['edits'] or {}).items():
+      · {{pause['fields'][name].get('label', name)}} set to {{field_text(value)}}
+%       end
+%       if vote['comment']:
+      <div class="text">{{vote['comment']}}</div>
+%       end
+    </li>
+%     end
+  </ol></dd>
+%   end
 %   if pause['quorum']:
   <dt>Quorum</dt><dd>{{pause['quorum']['count']}} × {{pause['quorum']['choice']}}; anything else decides at once</dd>
 %   end

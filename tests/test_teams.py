@@ -352,14 +352,21 @@ def test_the_dashboard_shows_who_was_asked_and_what_each_chose_escaped(running_a
     _, keys = sign_up(api)
     xss = '<script>alert("pwned")</script>'
     created = api.post_json("/v1/pause", {**TWO_APPROVALS, "recipients": [*TEAM[:2], {"recipient": xss,
-                                                                                      "channel": "link"}]},
+                                                                                      "channel": "link"}],
+                                          "fields": {"amount": {"type": "number", "value": 340, "editable": True,
+                                                                "label": "Amount"}}},
                             headers=api.as_key(keys["test"])).json
-    answer(api, created["recipients"][2], "Approve")
+    answer(api, created["recipients"][2], "Approve", comment=f"Fine by me {xss}", fields={"amount": 300})
     api.get(f"/respond/{token_of(created['recipients'][1]['respond_url'])}")
-    people = [item.text for item in api.get(f"/dashboard/pauses/{created['pause_id']}").html.select("#people li")]
+    page = api.get(f"/dashboard/pauses/{created['pause_id']}")
+    people = [item.text for item in page.html.select("#people li")]
     assert people == ["+15550101 over sms: queued", "+15550102 over sms: opened the link",
                       f"{xss} over link: chose Approve"]
-    assert "<script>alert" not in api.get(f"/dashboard/pauses/{created['pause_id']}").text
+    # Each vote with its comment and changes: the pause's own comment is only the deciding one's.
+    votes = [" ".join(item.text.split()) for item in page.html.select("#votes li")]
+    assert len(votes) == 1 and votes[0].startswith(f"{xss} chose Approve at ")
+    assert votes[0].endswith(f"· Amount set to 300 Fine by me {xss}")
+    assert "<script>alert" not in page.text
 
 
 def test_a_quorum_count_is_kept_as_a_whole_number(team):
