@@ -6433,7 +6433,10 @@ def redirect(location, **cookies):
 def safe_next(target):
     """Where to go after logging in: a dashboard path of this site, never another site."""
     target = target or ""
-    if re.fullmatch(r"/dashboard(/[\w\-./?=&%]*)?", target) and "//" not in target and ".." not in target:
+    # Checked as the browser will read it too: %2e%2e is a '..' once it is decoded.
+    decoded = urllib.parse.unquote(target)
+    if re.fullmatch(r"/dashboard(/[\w\-./?=&%]*)?", target, re.ASCII) and not any(
+            step in decoded for step in ("//", "..", "\\")):
         return target
     return "/dashboard"
 

@@ -123,7 +123,8 @@ def test_a_logged_out_visitor_is_sent_to_log_in_and_back(api):
 
 
 @pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example/x", "/dashboard/../v1/pause",
-                                    "/dashboard\\@evil.example", "javascript:alert(1)"])
+                                    "/dashboard\\@evil.example", "javascript:alert(1)", "/dashboard/%2e%2e/v1/pause",
+                                    "/dashboard/%2E%2E/v1/pause", "/dashboard/%2f%2fevil.example", "/dashboard/pauses?é"])
 def test_after_logging_in_only_dashboard_paths_are_followed(api, target):
     sign_up(api)
     api.reset()
@@ -241,7 +242,8 @@ def test_the_mode_switch_goes_back_only_to_a_dashboard_page(api):
     sign_up(api)
     page = api.get("/dashboard/pauses")
     form = next(f for f in page.forms.values() if f.action == "/dashboard/mode")
-    for back, landing in (("https://evil.example/", "/dashboard"), ("/dashboard/audit", "/dashboard/audit")):
+    for back, landing in (("https://evil.example/", "/dashboard"), ("/dashboard/%2e%2e/v1/pause", "/dashboard"),
+                          ("/dashboard/audité", "/dashboard"), ("/dashboard/audit", "/dashboard/audit")):
         form["back"] = back
         assert urllib.parse.urlsplit(form.submit(status=303).headers["Location"]).path == landing
 
