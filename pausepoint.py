@@ -2965,6 +2965,11 @@ class DeadlineWatch:
         # counted here, by owner, until they end.
         self.stragglers = collections.Counter()
 
+    def hanging(self, key):
+        """How many calls for `key` outlived their deadline and still run."""
+        with self._changed:
+            return self.stragglers[key]
+
     def deadline(self, seconds, owner=None):
         return Deadline(self, seconds, owner)
 
@@ -3022,6 +3027,14 @@ def shut_down_socket(fd, inode):
                 sock.shutdown(socket.SHUT_RDWR)
 
 
+LOOKUPS_LEFT_HANGING = 4      # per owner: a developer's endpoints, or a channel's provider
+HANGING_CALLS_MOST = 2        # other calls that cannot be interrupted, per key (a push channel)
+
+
+class StillHanging(TimeoutError):
+    """A call not made: too many earlier ones like it still run past their deadline."""
+
+
 class Deadline:
     """The time limit of one outbound call, from the name lookup to the last byte.
     Sockets passed to guard() are shut down if the call is still running when it
@@ -3057,13 +3070,13 @@ class Deadline:
         return self.run_abandonable(("lookup", self.owner), socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM,
                                     most=LOOKUPS_LEFT_HANGING, doing=f"looking up {host}")
 
-    def run_abandonable(self, key, call, *args, most=2, doing="the call"):
+    def run_abandonable(self, key, call, *args, most=HANGING_CALLS_MOST, doing="the call"):
         """call(*args) on a thread of its own, waited for until the deadline: for what cannot
         be interrupted. Past the deadline the thread is left to end on its own, and while
-        `most` such threads for `key` still run, no new call for it starts."""
+        `most` such threads for `key` still run, no new call for it starts (StillHanging)."""
         with self.watch._changed:
             if self.watch.stragglers[key] >= most:
-                raise TimeoutError(f"earlier calls like {doing} are still hanging after {self.seconds} s")
+                raise StillHanging(f"earlier calls like {doing} are still hanging after {self.seconds} s")
         outcome = {}
 
         def run():
@@ -3096,9 +3109,6 @@ class Deadline:
 
     def __exit__(self, *exc):
         self.watch._forget(self._keys)
-
-
-LOOKUPS_LEFT_HANGING = 4      # per owner: a developer's endpoints, or a channel's provider
 
 
 class PrivateAddressRefused(OSError):
@@ -3557,15 +3567,19 @@ def send_email(config, notification, pause, deadline):
 def send_apprise(target_url, config, notification, pause, deadline):
     """A push or chat message to an operator-named target (ntfy, Slack, Gotify, Matrix, …).
     Apprise opens its own connections, out of the deadline's reach, so it runs on a
-    thread of its own that is waited for only until the deadline."""
+    thread of its own that is waited for only until the deadline: a push still running
+    then may yet arrive."""
     notifier = load_apprise().Apprise()
     if not notifier.add(target_url):
         raise ChannelError(f"channel {notification['channel']!r} has a URL Apprise does not understand")
     try:
-        delivered = deadline.run_abandonable(("apprise", notification["channel"]), notifier.notify,
+        delivered = deadline.run_abandonable(("channel", notification["channel"]), notifier.notify,
                                              notification["text"], "Approval needed", doing="the push")
-    except TimeoutError as e:
+    except StillHanging as e:
         raise ChannelError(f"channel {notification['channel']!r}: {e}") from None
+    except TimeoutError as e:
+        raise ChannelError(f"channel {notification['channel']!r}: {e}; the target may have it",
+                           may_have_reached=True) from None
     if not delivered:
         scheme = target_url.split("://", 1)[0]
         raise ChannelError(f"Apprise could not deliver to the {scheme}:// target (see the server log)")
@@ -4990,6 +5004,10 @@ class Runtime:
             if not self.outbound.free():
                 break
             slot = (row["developer_id"], ("channel", row["channel"]))
+            # A channel whose earlier calls still hang past their deadline would refuse
+            # this one: it waits, queued, without spending one of its attempts.
+            if self.outbound.deadlines.hanging(slot[1]) >= HANGING_CALLS_MOST:
+                continue
             if not self.outbound.reserve(*slot, self.outbound.per_channel):
                 continue
             claim_until = claim_notification(conn, self.config, row)

@@ -979,6 +979,27 @@ def test_a_push_target_that_never_finishes_answering_is_given_up_at_the_deadline
     assert "no answer within 1 s" in pause["notification"]["last_error"]
 
 
+def test_pushes_left_hanging_may_have_arrived_and_the_next_wait_without_spending_attempts(running_api, stubs):
+    trickler = stubs(TrickleReceiver, interval=0.2)     # takes each push and holds its answer for 20 s
+    api = running_api(**{"channels.ops.url": "json://" + trickler.url.removeprefix("http://"),
+                         "outbound.deadline_seconds": 1})
+    key = api.register()["api_key"]
+    for _ in range(3):
+        api.create_pause(key, channel="ops", recipient="on-call")
+    api.step("notifications")
+    # Given up at the deadline, still running: the target has each push, and may act on it.
+    assert stored(api.config, "SELECT status, attempts, may_have_reached FROM notifications") == [("queued", 1, 1)] * 3
+    assert all(error.endswith("; the target may have it") for [error] in
+               stored(api.config, "SELECT last_error FROM notifications"))
+    skip_the_backoff(api.config)
+    api.step("notifications")           # all three still hang: nothing is tried, nothing spent
+    assert stored(api.config, "SELECT status, attempts FROM notifications") == [("queued", 1)] * 3
+    trickler.close()
+    wait_until(lambda: api.app.runtime.outbound.deadlines.hanging(("channel", "ops")) == 0)
+    api.step("notifications")
+    assert stored(api.config, "SELECT attempts FROM notifications") == [(2,)] * 3
+
+
 # Every letter A-Z as `c`, and every digit 2-9 as `d`, to make codes of.
 LETTERS_AND_DIGITS = ("WITH RECURSIVE letter(c, n) AS (SELECT 'A', 0 UNION ALL SELECT char(unicode(c) + 1), n + 1"
                       " FROM letter WHERE n < 25), digit(d) AS (SELECT 2 UNION ALL SELECT d + 1 FROM digit WHERE d < 9)")
