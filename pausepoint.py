@@ -3531,7 +3531,9 @@ def send_email(config, notification, pause, deadline):
     message["Subject"] = notification["text"].split("\n", 1)[0].removeprefix("Subject: ")
     message["From"] = config["smtp.from_address"]
     message["To"] = notification["recipient"]
-    message["Message-ID"] = email.utils.make_msgid(idstring=notification["id"])
+    # The same on every attempt, so a mail system that got an earlier one can tell this is it again.
+    sender_domain = email.utils.parseaddr(config["smtp.from_address"])[1].rpartition("@")[2] or "pausepoint.invalid"
+    message["Message-ID"] = f"<{notification['id']}@{sender_domain}>"
     message.set_content(notification["text"].split("\n\n", 1)[1])
     message.add_alternative(bottle.template("email", template_lookup=[TEMPLATES_DIR], **TEMPLATE_HELPERS, url=url,
                                             pause=respond_facts(pause), expires=expiry_text(pause),
@@ -3547,20 +3549,35 @@ def send_email(config, notification, pause, deadline):
                 sock = open_connection(deadline, host, port)
                 return context.wrap_socket(sock, server_hostname=host) if security == "tls" else sock
 
+            def data(self, msg):
+                deadline.began_sending = True       # from here the server may take the message, answered or not
+                return super().data(msg)
+
         server = DeadlineSMTP(host, port, timeout=deadline.remaining(),
                               **({"context": context} if security == "tls" else {}))
-        with server:
+        try:
             if security == "starttls":
                 server.starttls(context=context)
             if config["smtp.username"]:
                 server.login(config["smtp.username"], config["smtp.password"])
             server.send_message(message)
-    except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused) as e:
-        raise ChannelError(f"SMTP {host}:{port} refused the message: {e}", permanent=True) from None
+        finally:
+            # Once the server answered the message with 250 it is sent: how QUIT goes changes nothing.
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                server.quit()
+            server.close()
+    except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as e:
+        # 5xx refuses this message for good; 4xx (greylisting, a mailbox full for now) asks for another try.
+        codes = [code for code, _ in e.recipients.values()] if isinstance(e, smtplib.SMTPRecipientsRefused) else [
+            e.smtp_code]
+        raise ChannelError(f"SMTP {host}:{port} refused the message: {e}", permanent=min(codes) >= 500) from None
     except (smtplib.SMTPException, OSError) as e:
+        # The message went out (or was going) and no answer came: the server may have taken it.
+        unanswered = "; the mail server may have taken it" if deadline.began_sending else ""
         if deadline.passed() or isinstance(e, TimeoutError):
-            raise ChannelError(f"SMTP {host}:{port}: no answer within {deadline}") from None
-        raise ChannelError(f"SMTP {host}:{port}: {e}") from None
+            raise ChannelError(f"SMTP {host}:{port}: no answer within {deadline}{unanswered}",
+                               may_have_reached=deadline.began_sending) from None
+        raise ChannelError(f"SMTP {host}:{port}: {e}{unanswered}", may_have_reached=deadline.began_sending) from None
     return message["Message-ID"]
 
 

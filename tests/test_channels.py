@@ -1,5 +1,6 @@
 """Notification channels against real loopback peers: Twilio's API, an SMTP server, an Apprise target."""
 
+import asyncio
 import concurrent.futures
 import datetime as dt
 import email
@@ -24,14 +25,31 @@ XSS = '<script>alert(1)</script>'
 
 
 class Mailbox:
-    """aiosmtpd handler keeping every message it is handed."""
+    """aiosmtpd handler keeping every message it is handed. It answers the next recipients
+    and messages with what is put in refuse_recipients and refuse_messages, waits
+    answer_late seconds before answering a message it kept, and answers QUIT with
+    quit_answer."""
 
     def __init__(self):
         self.messages = []
+        self.refuse_recipients, self.refuse_messages = [], []
+        self.answer_late, self.quit_answer = 0, "221 Bye"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if self.refuse_recipients:
+            return self.refuse_recipients.pop(0)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if self.refuse_messages:
+            return self.refuse_messages.pop(0)
         self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+        await asyncio.sleep(self.answer_late)
         return "250 OK"
+
+    async def handle_QUIT(self, server, session, envelope):
+        return self.quit_answer
 
 
 @pytest.fixture
@@ -304,6 +322,47 @@ def test_email_without_smtp_settings_is_refused_for_live_keys(api, developer):
 
 
 # -- push and chat through Apprise ----------------------------------------------------------
+
+@pytest.mark.parametrize("refused", ["recipient", "message"])
+def test_a_mail_server_refusing_for_now_is_tried_again_and_one_refusing_for_good_is_not(running_api, smtp_server,
+                                                                                        refused):
+    api = running_api(**smtp_settings(smtp_server))
+    key = api.register()["api_key"]
+    refusals = smtp_server.refuse_recipients if refused == "recipient" else smtp_server.refuse_messages
+    refusals.append("451 4.7.1 Greylisted, try again later")
+    greylisted = api.create_pause(key, channel="email", recipient="ada@example.com")["pause_id"]
+    assert "451" in sent(api, key, greylisted, "queued")["notification"]["last_error"]
+    skip_the_backoff(api.config)
+    sent(api, key, greylisted, "sent")
+    refusals.append("550 5.1.1 No such mailbox" if refused == "recipient" else "554 5.7.1 Message refused")
+    refused_for_good = sent(api, key, api.create_pause(key, channel="email", recipient="bob@example.com")["pause_id"],
+                            "failed")["notification"]
+    assert refused_for_good["attempts"] == 1 and refused_for_good["may_have_reached"] is False
+    assert [message["To"] for message in smtp_server.messages] == ["ada@example.com"]
+
+
+def test_a_message_the_mail_server_took_but_answered_too_late_may_have_reached_the_person(running_api, smtp_server):
+    smtp_server.answer_late = 3
+    api = running_api(**smtp_settings(smtp_server), **{"outbound.deadline_seconds": 1})
+    key = api.register()["api_key"]
+    pause_id = api.create_pause(key, channel="email", recipient="ada@example.com")["pause_id"]
+    unanswered = sent(api, key, pause_id, "queued")["notification"]
+    assert unanswered["may_have_reached"] is True and unanswered["last_error"].endswith("may have taken it")
+    smtp_server.answer_late = 0
+    skip_the_backoff(api.config)
+    notification = sent(api, key, pause_id, "sent")["notification"]
+    # Sent twice; the second time as the same message, which mail systems can tell.
+    assert [m["Message-ID"] for m in smtp_server.messages] == [notification["provider_message_id"]] * 2
+
+
+def test_a_message_the_mail_server_took_is_sent_however_it_answers_quit(running_api, smtp_server):
+    smtp_server.quit_answer = "500 Not now"
+    api = running_api(**smtp_settings(smtp_server))
+    key = api.register()["api_key"]
+    notification = sent(api, key, api.create_pause(key, channel="email", recipient="ada@example.com")["pause_id"],
+                        "sent")["notification"]
+    assert notification["attempts"] == 1 and len(smtp_server.messages) == 1
+
 
 def test_an_operator_named_push_target_receives_the_question(running_api, receiver):
     target = receiver.url.replace("http://", "json://") + "/ntfy"
