@@ -4,6 +4,7 @@ import ast
 import concurrent.futures
 import contextlib
 import os
+import re
 import socket
 import struct
 import sys
@@ -144,6 +145,23 @@ def test_waiting_rides_out_a_server_restart(spawn_server, tmp_path):
         assert waiting.result(timeout=60)["choice"] == "Reject"
 
 
+def whole_request(conn):
+    """One HTTP request with a Content-Length body, read in full from `conn`."""
+    def more():
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ConnectionError("the client hung up mid-request")
+        return chunk
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += more()
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+    while len(body) < length:
+        body += more()
+    return head + b"\r\n\r\n" + body
+
+
 class DropFirstAnswer:
     """A TCP proxy to `target_port` that passes the first connection's request on, then
     resets that connection as the answer arrives: the server acted, the client cannot
@@ -172,7 +190,7 @@ class DropFirstAnswer:
     @staticmethod
     def _drop(conn, upstream):
         with conn, upstream:
-            upstream.sendall(conn.recv(65536))
+            upstream.sendall(whole_request(conn))   # all of it, however it arrives: the server must act on it
             upstream.recv(65536)                    # the answer begins: the pause exists
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # close with a reset
 
