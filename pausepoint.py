@@ -1161,6 +1161,14 @@ def issue_key(conn, developer_id, livemode):
 def check_registration(email, name, password):
     """REGISTRATION_SCHEMA, and what it cannot say: bcrypt reads 72 bytes at most."""
     validate_body(REGISTRATION_SCHEMA, {"email": email, "name": name, "password": password})
+    check_new_password(password)
+
+
+def check_new_password(password):
+    """A password as registration takes it. One that replaces another is checked alone: the
+    developer's name and email met the rules of the day they registered."""
+    validate_body({"type": "object", "properties": {"password": REGISTRATION_SCHEMA["properties"]["password"]}},
+                  {"password": password})
     if len(password.encode("utf-8")) > 72:
         raise invalid("password", "password must be at most 72 bytes (bcrypt's limit)")
 
@@ -1351,7 +1359,7 @@ def change_password(conn, config, developer, new_password, device=None, turn=Non
     """Set a new password (the old one already checked), end every sign-in of the developer
     and forget the browsers they used but `device`, the one that changed it. The hash is
     made in `turn` (a context manager: a server's hashing turn), the checks before it."""
-    check_registration(developer["email"], developer["name"], new_password)
+    check_new_password(new_password)
     with turn or contextlib.nullcontext():
         password_hash = bcrypt.hashpw(new_password.encode("utf-8"), bcrypt.gensalt(config["security.bcrypt_rounds"]))
     with transaction(conn):
@@ -6658,7 +6666,7 @@ def password_from_dashboard(rt, session, form):
     at once, without waiting for a turn to check the old one."""
     new_password = form.get("new_password") or ""
     try:
-        check_registration(session.row["email"], session.row["name"], new_password)
+        check_new_password(new_password)
     except ApiError as e:
         return keys_page(rt, session, error=e.message, status=e.status)
     developer = with_password(rt, session, form)

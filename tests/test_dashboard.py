@@ -388,6 +388,14 @@ def test_changing_the_password_ends_every_session(api):
     log_in(api, password="a brand new passphrase")
 
 
+@pytest.mark.parametrize("name", ["Acme\nBank", "x" * 150], ids=["two lines", "150 characters"])
+def test_a_developer_whose_name_an_older_release_took_can_still_change_the_password(api, name):
+    sign_up(api)
+    stored(api.config, "UPDATE developers SET name = ?", name)
+    assert change_the_password(api).headers["Location"].endswith("/dashboard/login?notice=password")
+    log_in(api, password="a brand new passphrase")
+
+
 def test_when_registration_is_closed_the_page_says_how_developers_are_added(running_api):
     api = running_api(**{"registration.open": False})
     page = api.get("/dashboard/signup", status=403)
