@@ -2973,11 +2973,6 @@ class DeadlineWatch:
         # counted here, by owner, until they end.
         self.stragglers = collections.Counter()
 
-    def hanging(self, key):
-        """How many calls for `key` outlived their deadline and still run."""
-        with self._changed:
-            return self.stragglers[key]
-
     def deadline(self, seconds, owner=None):
         return Deadline(self, seconds, owner)
 
@@ -3041,6 +3036,10 @@ HANGING_CALLS_MOST = 2        # other calls that cannot be interrupted, per key 
 
 class StillHanging(TimeoutError):
     """A call not made: too many earlier ones like it still run past their deadline."""
+
+
+class Abandoned(TimeoutError):
+    """A call given up on at its deadline, still running: it may yet do what it was for."""
 
 
 class Deadline:
@@ -3107,7 +3106,7 @@ class Deadline:
                 outcome["abandoned"] = True
                 self.watch.stragglers[key] += 1
                 self.expired = True
-                raise TimeoutError(f"no answer within {self} ({doing})")
+                raise Abandoned(f"no answer within {self} ({doing})")
         if "error" in outcome:
             raise outcome["error"]
         return outcome["value"]
@@ -3602,7 +3601,7 @@ def send_apprise(target_url, config, notification, pause, deadline):
                                              notification["text"], "Approval needed", doing="the push")
     except StillHanging as e:
         raise ChannelError(f"channel {notification['channel']!r}: {e}") from None
-    except TimeoutError as e:
+    except Abandoned as e:
         raise ChannelError(f"channel {notification['channel']!r}: {e}; the target may have it",
                            may_have_reached=True) from None
     if not delivered:
@@ -5029,10 +5028,6 @@ class Runtime:
             if not self.outbound.free():
                 break
             slot = (row["developer_id"], ("channel", row["channel"]))
-            # A channel whose earlier calls still hang past their deadline would refuse
-            # this one: it waits, queued, without spending one of its attempts.
-            if self.outbound.deadlines.hanging(slot[1]) >= HANGING_CALLS_MOST:
-                continue
             if not self.outbound.reserve(*slot, self.outbound.per_channel):
                 continue
             claim_until = claim_notification(conn, self.config, row)
