@@ -3532,20 +3532,8 @@ def send_twilio(config, notification, pause, deadline):
 
 
 def send_email(config, notification, pause, deadline):
-    """A plain-text and an HTML part; every button opens the respond page, none decides on GET."""
-    url = respond_url(config, pause["respond_token"])
-    message = email.message.EmailMessage()
-    message["Subject"] = notification["text"].split("\n", 1)[0].removeprefix("Subject: ")
-    message["From"] = config["smtp.from_address"]
-    message["To"] = notification["recipient"]
-    # The same on every attempt, so a mail system that got an earlier one can tell this is it again.
-    sender_domain = email.utils.parseaddr(config["smtp.from_address"])[1].rpartition("@")[2] or "pausepoint.invalid"
-    message["Message-ID"] = f"<{notification['id']}@{sender_domain}>"
-    message.set_content(notification["text"].split("\n\n", 1)[1])
-    message.add_alternative(bottle.template("email", template_lookup=[TEMPLATES_DIR], **TEMPLATE_HELPERS, url=url,
-                                            pause=respond_facts(pause), expires=expiry_text(pause),
-                                            reminder=notification["kind"] == "reminder",
-                                            quote=urllib.parse.quote), subtype="html")
+    """The question by email (email_message()), under the deadline from the moment it connects."""
+    message = email_message(config, notification, pause)
     security, host, port = config["smtp.security"], config["smtp.host"], config["smtp.port"]
     try:
         context = ssl.create_default_context(cafile=config["smtp.ca_file"] or None)
@@ -3556,9 +3544,11 @@ def send_email(config, notification, pause, deadline):
                 sock = open_connection(deadline, host, port)
                 return context.wrap_socket(sock, server_hostname=host) if security == "tls" else sock
 
-            def data(self, msg):
-                deadline.began_sending = True       # from here the server may take the message, answered or not
-                return super().data(msg)
+            def getreply(self):
+                code, text = super().getreply()
+                if code == 354:     # DATA's go-ahead: from here the server may take the message, answered or not
+                    deadline.began_sending = True
+                return code, text
 
         server = DeadlineSMTP(host, port, timeout=deadline.remaining(),
                               **({"context": context} if security == "tls" else {}))
@@ -3573,19 +3563,42 @@ def send_email(config, notification, pause, deadline):
             with contextlib.suppress(smtplib.SMTPException, OSError):
                 server.quit()
             server.close()
-    except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as e:
-        # 5xx refuses this message for good; 4xx (greylisting, a mailbox full for now) asks for another try.
-        codes = [code for code, _ in e.recipients.values()] if isinstance(e, smtplib.SMTPRecipientsRefused) else [
-            e.smtp_code]
-        raise ChannelError(f"SMTP {host}:{port} refused the message: {e}", permanent=min(codes) >= 500) from None
     except (smtplib.SMTPException, OSError) as e:
-        # The message went out (or was going) and no answer came: the server may have taken it.
-        unanswered = "; the mail server may have taken it" if deadline.began_sending else ""
-        if deadline.passed() or isinstance(e, TimeoutError):
-            raise ChannelError(f"SMTP {host}:{port}: no answer within {deadline}{unanswered}",
-                               may_have_reached=deadline.began_sending) from None
-        raise ChannelError(f"SMTP {host}:{port}: {e}{unanswered}", may_have_reached=deadline.began_sending) from None
+        raise smtp_failure(e, f"SMTP {host}:{port}", deadline) from None
     return message["Message-ID"]
+
+
+def email_message(config, notification, pause):
+    """A plain-text and an HTML part; every button opens the respond page, none decides on GET."""
+    message = email.message.EmailMessage()
+    message["Subject"] = notification["text"].split("\n", 1)[0].removeprefix("Subject: ")
+    message["From"] = config["smtp.from_address"]
+    message["To"] = notification["recipient"]
+    # The same on every attempt, so a mail system that got an earlier one can tell this is it again.
+    sender = email.utils.parseaddr(config["smtp.from_address"])[1]
+    message["Message-ID"] = f"<{notification['id']}@{sender.rpartition('@')[2] or 'pausepoint.invalid'}>"
+    message.set_content(notification["text"].split("\n\n", 1)[1])
+    message.add_alternative(bottle.template("email", template_lookup=[TEMPLATES_DIR], **TEMPLATE_HELPERS,
+                                            url=respond_url(config, pause["respond_token"]),
+                                            pause=respond_facts(pause), expires=expiry_text(pause),
+                                            reminder=notification["kind"] == "reminder",
+                                            quote=urllib.parse.quote), subtype="html")
+    return message
+
+
+def smtp_failure(e, server, deadline):
+    """The ChannelError for how a send to a mail server failed. A refusal (4xx, 5xx) is an
+    answer: 5xx refuses the message for good (or the sign-in: the operator's to mend), 4xx
+    (greylisting, a mailbox full for now) asks for another try. Anything else after DATA's
+    go-ahead (no answer, a broken connection, a reply that is no SMTP code) leaves the
+    message perhaps taken."""
+    codes = ([code for code, _ in e.recipients.values()] if isinstance(e, smtplib.SMTPRecipientsRefused) else
+             [e.smtp_code] if isinstance(e, smtplib.SMTPResponseException) else [])
+    if codes and all(400 <= code < 600 for code in codes):
+        return ChannelError(f"{server} refused: {e}", permanent=min(codes) >= 500)
+    unanswered = "; the mail server may have taken it" if deadline.began_sending else ""
+    what = f"no answer within {deadline}" if deadline.passed() or isinstance(e, TimeoutError) else str(e)
+    return ChannelError(f"{server}: {what}{unanswered}", may_have_reached=deadline.began_sending)
 
 
 def send_apprise(target_url, config, notification, pause, deadline):

@@ -14,6 +14,7 @@ import uuid
 import pytest
 import requests
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 from twilio.request_validator import RequestValidator
 
 from stubs import RefusingProxy, TrickleReceiver
@@ -353,6 +354,32 @@ def test_a_message_the_mail_server_took_but_answered_too_late_may_have_reached_t
     notification = sent(api, key, pause_id, "sent")["notification"]
     # Sent twice; the second time as the same message, which mail systems can tell.
     assert [m["Message-ID"] for m in smtp_server.messages] == [notification["provider_message_id"]] * 2
+
+
+@pytest.mark.parametrize("answer", ["25O queued", "220 queued"])
+def test_a_message_answered_with_no_reply_code_may_have_reached_the_person(running_api, smtp_server, answer):
+    smtp_server.refuse_messages.append(answer)
+    api = running_api(**smtp_settings(smtp_server))
+    key = api.register()["api_key"]
+    pause_id = api.create_pause(key, channel="email", recipient="ada@example.com")["pause_id"]
+    notification = sent(api, key, pause_id, "queued")["notification"]
+    assert notification["may_have_reached"] is True and notification["last_error"].endswith("may have taken it")
+
+
+def test_a_mail_server_refusing_the_sign_in_fails_the_notification_at_once(running_api):
+    mailbox = Mailbox()
+    mailbox.port = free_port()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=mailbox.port, auth_require_tls=False,
+                            authenticator=lambda *asked: AuthResult(success=False, handled=False))
+    controller.start()
+    try:
+        api = running_api(**smtp_settings(mailbox), **{"smtp.username": "approvals", "smtp.password": "wrong"})
+        key = api.register()["api_key"]
+        pause_id = api.create_pause(key, channel="email", recipient="ada@example.com")["pause_id"]
+        notification = sent(api, key, pause_id, "failed")["notification"]
+    finally:
+        controller.stop()
+    assert notification["attempts"] == 1 and "535" in notification["last_error"] and mailbox.messages == []
 
 
 def test_a_message_the_mail_server_took_is_sent_however_it_answers_quit(running_api, smtp_server):
