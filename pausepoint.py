@@ -3575,8 +3575,8 @@ def email_message(config, notification, pause):
     message["From"] = config["smtp.from_address"]
     message["To"] = notification["recipient"]
     # The same on every attempt, so a mail system that got an earlier one can tell this is it again.
-    sender = email.utils.parseaddr(config["smtp.from_address"])[1]
-    message["Message-ID"] = f"<{notification['id']}@{sender.rpartition('@')[2] or 'pausepoint.invalid'}>"
+    _, at, domain = email.utils.parseaddr(config["smtp.from_address"])[1].rpartition("@")
+    message["Message-ID"] = f"<{notification['id']}@{domain if at and domain else 'pausepoint.invalid'}>"
     message.set_content(notification["text"].split("\n\n", 1)[1])
     message.add_alternative(bottle.template("email", template_lookup=[TEMPLATES_DIR], **TEMPLATE_HELPERS,
                                             url=respond_url(config, pause["respond_token"]),

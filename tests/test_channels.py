@@ -382,6 +382,16 @@ def test_a_mail_server_refusing_the_sign_in_fails_the_notification_at_once(runni
     assert notification["attempts"] == 1 and "535" in notification["last_error"] and mailbox.messages == []
 
 
+@pytest.mark.parametrize("sender, domain", [("PausePoint <approvals@example.org>", "example.org"),
+                                            ("approvals", "pausepoint.invalid")])
+def test_the_message_id_names_the_notification_at_the_senders_domain(running_api, smtp_server, sender, domain):
+    api = running_api(**{**smtp_settings(smtp_server), "smtp.from_address": sender})
+    key = api.register()["api_key"]
+    sent(api, key, api.create_pause(key, channel="email", recipient="ada@example.com")["pause_id"])
+    [(notification_id,)] = stored(api.config, "SELECT id FROM notifications")
+    assert smtp_server.messages[0]["Message-ID"] == f"<{notification_id}@{domain}>"
+
+
 def test_a_message_the_mail_server_took_is_sent_however_it_answers_quit(running_api, smtp_server):
     smtp_server.quit_answer = "500 Not now"
     api = running_api(**smtp_settings(smtp_server))
