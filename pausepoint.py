@@ -1491,16 +1491,22 @@ def chain_audit_events(conn):
     conn.execute("CREATE INDEX audit_test_by_age ON audit_events(timestamp) WHERE livemode = 0")
 
 
-def audit_chain_breaks(conn):
-    """Check every chain in the database: [(seq, developer_id, livemode, why)] for the first
-    event that breaks each broken one; empty when all hold. A live chain must start at
-    AUDIT_GENESIS; a test chain may start later, its oldest events pruned past retention."""
+def audit_chain_breaks(conn, events=None):
+    """Check every chain in the database (or `events`, as audit_events_in_order() reads
+    them): [(seq, developer_id, livemode, why)] for the first event that breaks each broken
+    one; empty when all hold. A live chain must start at AUDIT_GENESIS; a test chain may
+    start later, its oldest events pruned past retention, also while it is read."""
     breaks, heads, broken = [], {}, set()
-    for row in audit_events_in_order(conn):
+    for row in audit_events_in_order(conn) if events is None else events:
         chain = (row["developer_id"], row["livemode"])
         if chain in broken:
             continue
-        expected = heads.get(chain, AUDIT_GENESIS if row["livemode"] else row["prev_hash"])
+        expected, before = heads.get(chain, (AUDIT_GENESIS if row["livemode"] else row["prev_hash"], None))
+        if row["prev_hash"] != expected and not row["livemode"] and before is not None and query_db(
+                conn, "SELECT 1 FROM audit_events WHERE seq = ?", (before,), one=True) is None:
+            # The event read before is gone too: pruning took the chain's oldest part while it
+            # was read in pages (a prefix: had it taken only what came after, that would be here).
+            expected = row["prev_hash"]
         why = ("its prev_hash is not the hash of the event before it: an event was removed or moved"
                if row["prev_hash"] != expected else
                "its content does not give its hash: it was changed"
@@ -1508,7 +1514,7 @@ def audit_chain_breaks(conn):
         if why:
             breaks.append((row["seq"], *chain, why))
             broken.add(chain)
-        heads[chain] = row["hash"]
+        heads[chain] = (row["hash"], row["seq"])
     return breaks
 
 

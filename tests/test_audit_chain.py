@@ -4,6 +4,7 @@ by the server's verify-audit command and by the client's check of an export."""
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import os
 import sqlite3
@@ -158,6 +159,35 @@ def test_pruning_takes_only_the_oldest_part_of_a_test_chain_so_the_rest_still_ve
     pausepoint.prune_expired_data(api.app.runtime.db(), api.config)
     assert [seq for seq, in stored(api.config, "SELECT seq FROM audit_events ORDER BY seq")] == seqs[2:]
     assert pausepoint.audit_chain_breaks(api.app.runtime.db()) == []
+
+
+def one_by_one(config):
+    """The events as a reader that pages through them sees them: each read anew."""
+    with contextlib.closing(sqlite3.connect(config["database.path"])) as conn:
+        conn.row_factory = sqlite3.Row
+        after = 0
+        while row := conn.execute("SELECT * FROM audit_events WHERE seq > ? ORDER BY seq LIMIT 1", (after,)).fetchone():
+            yield row
+            after = row["seq"]
+
+
+def test_a_test_chain_pruned_while_it_is_verified_still_verifies_and_a_gap_still_breaks_it(running_api):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    for _ in range(8):
+        api.post_json("/v1/pause", {**WIRE, "channel": "link", "recipient": "ops"}, headers=api.as_key(key))
+    seqs = [seq for seq, in stored(api.config, "SELECT seq FROM audit_events WHERE livemode = 0 ORDER BY seq")]
+    events = one_by_one(api.config)
+    read = [next(events)]           # the verifier has read the oldest event when the hourly prune runs
+    stored(api.config, "DROP TRIGGER audit_events_are_never_updated")
+    stored(api.config, "UPDATE audit_events SET timestamp = '2000-01-01T00:00:00.000Z' WHERE seq <= ? AND livemode = 0",
+           seqs[3])
+    pausepoint.prune_expired_data(api.app.runtime.db(), api.config)
+    assert stored(api.config, "SELECT min(seq) FROM audit_events WHERE livemode = 0") == [(seqs[4],)]
+    assert pausepoint.audit_chain_breaks(api.app.runtime.db(), itertools.chain(read, events)) == []
+    stored(api.config, "DELETE FROM audit_events WHERE seq = ?", seqs[6])       # not a prefix: a gap
+    [(seq, _, livemode, why)] = pausepoint.audit_chain_breaks(api.app.runtime.db())
+    assert (seq, livemode) == (seqs[7], 0) and "removed or moved" in why
 
 
 def test_a_live_chain_missing_its_first_event_is_caught(logged):
