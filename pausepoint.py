@@ -4181,13 +4181,16 @@ def queue_event(conn, developer_id, livemode, event_type, data, webhook_ids, pau
     return delivery_ids
 
 
-def events_after(conn, caller, after, types, limit):
+def events_after(conn, config, caller, after, types, limit):
     """The caller's events (their bodies, as JSON text) after the event `after` (None: from
-    the oldest kept), oldest first, of `types` (None: all)."""
+    the oldest kept), oldest first, of `types` (None: all). An `after` older than the
+    delivery log is refused as if it were gone: the prune may have taken events after it
+    (it keeps one with a delivery still pending, as to a disabled endpoint)."""
     since = 0
     if after is not None:
-        row = query_db(conn, "SELECT rowid FROM webhook_events WHERE id = ? AND developer_id = ? AND livemode = ?",
-                       (after, caller.developer_id, caller.livemode), one=True)
+        row = query_db(conn, "SELECT rowid FROM webhook_events WHERE id = ? AND developer_id = ? AND livemode = ?"
+                             " AND created_at >= ?", (after, caller.developer_id, caller.livemode,
+                                                      db_time(utcnow() - delivery_log_kept(config))), one=True)
         if row is None:
             raise ApiError(404, "not_found", f"no event {shorten(after)!r} {caller.whose}; events are kept"
                                              " retention.delivery_log_days after their deliveries end (test events"
@@ -4444,12 +4447,19 @@ EVENT_ROWS = ["DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM
               "DELETE FROM webhook_deliveries WHERE event_id = ?", "DELETE FROM webhook_events WHERE id = ?"]
 
 
+FEED_MARGIN = dt.timedelta(hours=1)
+
+
+def delivery_log_kept(config):
+    return dt.timedelta(days=config["retention.delivery_log_days"])
+
+
 def prune_expired_data(conn, config, now=None):
     """Delete what is past its retention (see schema.sql); returns {kind: rows deleted}.
     Live pauses and live audit events are never deleted."""
     now = now or utcnow()
     test_cutoff = db_time(now - dt.timedelta(days=config["retention.test_days"]))
-    log_cutoff = db_time(now - dt.timedelta(days=config["retention.delivery_log_days"]))
+    log_cutoff = db_time(now - delivery_log_kept(config))
     deleted = collections.Counter()
     delete = functools.partial(delete_in_batches, conn, deleted)
     delete("test pauses", "SELECT id FROM pauses WHERE livemode = 0 AND status != 'pending' AND decided_at < ?",
@@ -4469,9 +4479,12 @@ def prune_expired_data(conn, config, now=None):
                         {"developer": developer_id, "since": since}, one=True)[0]
         delete("test audit events", "SELECT seq FROM audit_events WHERE developer_id = ? AND livemode = 0 AND seq < ?",
                (developer_id, kept if kept is not None else 0), ["DELETE FROM audit_events WHERE seq = ? AND livemode = 0"])
-    delete("webhook events", "SELECT id FROM webhook_events e WHERE created_at < ? AND NOT EXISTS (SELECT 1"
-                             " FROM webhook_deliveries d WHERE d.event_id = e.id AND d.status IN ('pending', 'delivering'))",
-           (log_cutoff,), EVENT_ROWS)
+    # An event goes once its deliveries ended that long ago, and an hour more than that after it
+    # was made, so it is surely older than any cursor the event feed still takes (events_after()).
+    delete("webhook events", "SELECT id FROM webhook_events e WHERE created_at < ? AND NOT EXISTS"
+                             " (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id"
+                             " AND (d.status IN ('pending', 'delivering') OR d.updated_at >= ?))",
+           (db_time(now - delivery_log_kept(config) - FEED_MARGIN), log_cutoff), EVENT_ROWS)
     delete("idempotency keys", "SELECT rowid FROM idempotency_keys WHERE created_at < ?",
            (db_time(now - IDEMPOTENCY_WINDOW),), ["DELETE FROM idempotency_keys WHERE rowid = ?"])
     delete("dashboard devices", "SELECT rowid FROM dashboard_devices WHERE signed_in_at < ?",
@@ -6178,7 +6191,7 @@ def list_events(rt, caller, query):
         unknown = sorted(set(types) - set(EVENT_TYPES))
         if unknown:
             raise invalid("types", f"types must be a comma-separated list drawn from: {', '.join(EVENT_TYPES)}")
-    read = functools.partial(events_after, rt.db(), caller, query["after"], types, query["limit"])
+    read = functools.partial(events_after, rt.db(), rt.config, caller, query["after"], types, query["limit"])
     events = read()
     if query["wait"] and not events:
         events = rt.wait_for(caller, f"events:{caller.developer_id}:{caller.livemode}", read, bool, query["wait"],

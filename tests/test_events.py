@@ -1,11 +1,13 @@
 """GET /v1/events: the webhook-shaped events of agents that cannot receive webhooks."""
 
 import concurrent.futures
+import datetime as dt
 import time
 
 import requests
 
 from conftest import register_over_http, WIRE, run_out, stored, token_of
+import pausepoint
 
 
 def events(api, key, status=200, **params):
@@ -115,3 +117,32 @@ def test_a_change_wakes_only_those_waiting_on_it(running_api):
     for watch in watches:
         waiting.unwatch(watch)
     assert waiting.topics == {}                     # nobody watches: nothing kept
+
+
+def test_an_event_goes_a_delivery_log_after_its_deliveries_end_and_older_cursors_are_refused(running_api):
+    api = running_api(**{"webhooks.allow_private": True})
+    key = api.register()["test_api_key"]
+    api.post_json("/v1/webhooks", {"url": "http://127.0.0.1:9/hook", "events": ["pause.created"]},
+                  headers=api.as_key(key))
+    pending, just_delivered, failed_long_ago = (api.create_pause(key, channel="link", recipient="ops")
+                                                for _ in range(3))
+    for pause in (pending, just_delivered, failed_long_ago):
+        api.post(f"/v1/pause/{pause['pause_id']}/cancel", headers=api.as_key(key))     # events without deliveries
+    month_ago = pausepoint.db_time(pausepoint.utcnow() - dt.timedelta(days=40))
+    stored(api.config, "UPDATE webhook_events SET created_at = ?", month_ago)
+    for pause, status, ended in ((just_delivered, "succeeded", pausepoint.db_time()),
+                                 (failed_long_ago, "failed", month_ago)):
+        stored(api.config, "UPDATE webhook_deliveries SET status = ?, updated_at = ? WHERE event_id ="
+                           " (SELECT id FROM webhook_events WHERE pause_id = ? AND type = 'pause.created')",
+               status, ended, pause["pause_id"])
+    pausepoint.prune_expired_data(api.app.runtime.db(), api.config)
+    # Kept: the one still to deliver, and the one whose delivery ended lately; the rest went.
+    kept = events(api, key)["events"]
+    assert [(e["type"], e["data"]["pause_id"]) for e in kept] == [
+        ("pause.created", pending["pause_id"]), ("pause.created", just_delivered["pause_id"])]
+    # A reader there would be led past what went after it, silently: it is told to start again.
+    for event in kept:
+        assert events(api, key, status=404, after=event["id"])["error"]["field"] == "after"
+    fresh = api.create_pause(key, channel="link", recipient="ops")
+    [event] = [e for e in events(api, key)["events"] if e["data"]["pause_id"] == fresh["pause_id"]]
+    assert events(api, key, after=event["id"])["events"] == []
