@@ -4435,7 +4435,12 @@ def record_attempt(conn, delivery_id, webhook_id, attempt, claim_until, started_
 # Retention: what may be deleted, and when
 ###############################################################################
 
-PRUNE_BATCH = 500       # rows per transaction, so writers never wait long behind the pruning job
+# The pruning job deletes in batches, a transaction each, so other writers never wait long for it.
+# A batch's size is counted in what it selects (pauses, events), and what goes with one varies
+# (a ten-person test pause with reminders takes some 50 rows with it): so sizes adapt, halving
+# while a batch holds the write lock longer than PRUNE_BATCH_SECONDS and doubling while it
+# takes under half that, from PRUNE_BATCH_FIRST up to PRUNE_BATCH.
+PRUNE_BATCH, PRUNE_BATCH_FIRST, PRUNE_BATCH_SECONDS = 500, 16, 0.05
 # A test pause past retention.test_pauses_kept stays this long after its decision, for the agent
 # that asked to learn it (and a retried create to replay it) before it goes.
 KEPT_AFTER_DECISION = dt.timedelta(hours=1)
@@ -4535,18 +4540,24 @@ def prune_test_pauses_past_kept(conn, config, delete, now):
 
 def delete_in_batches(conn, deleted, kind, select, args, delete):
     """Run `select` (… LIMIT ? appended) for ids, and each `delete` statement for each id, a
-    transaction a batch, until a batch comes short; counts them in deleted[kind]. A second
-    column the select gives, true, stops it at that row, which is kept."""
+    transaction a batch (sized as PRUNE_BATCH says), until a batch comes short; counts them
+    in deleted[kind]. A second column the select gives, true, stops it at that row, which is
+    kept."""
+    size = PRUNE_BATCH_FIRST
     while True:
         with transaction(conn):
-            rows = conn.execute(select + " LIMIT ?", (*args, PRUNE_BATCH)).fetchall()
+            started = time.monotonic()
+            rows = conn.execute(select + " LIMIT ?", (*args, size)).fetchall()
             stop = next((n for n, row in enumerate(rows) if len(row) > 1 and row[1]), None)
             ids = [row[0] for row in rows[:stop]]
             for statement in delete:
                 conn.executemany(statement, [(i,) for i in ids])
+        took = time.monotonic() - started       # its COMMIT too, which writes what it changed
         deleted[kind] += len(ids)
-        if stop is not None or len(rows) < PRUNE_BATCH:
+        if stop is not None or len(rows) < size:
             return
+        size = (max(1, size // 2) if took > PRUNE_BATCH_SECONDS else
+                min(PRUNE_BATCH, size * 2) if took < PRUNE_BATCH_SECONDS / 2 else size)
 
 
 ###############################################################################
