@@ -4452,10 +4452,14 @@ EVENT_ROWS = ["DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM
               "DELETE FROM webhook_deliveries WHERE event_id = ?", "DELETE FROM webhook_events WHERE id = ?"]
 
 
+# The event feed refuses a cursor older than the delivery log (events_after()); the prune takes
+# events this much older still, so no cursor the feed takes has anything taken after it, even
+# where events were committed in another order than they were dated.
 FEED_MARGIN = dt.timedelta(hours=1)
 
 
 def delivery_log_kept(config):
+    """How long webhook events, deliveries and attempts are kept after their deliveries end."""
     return dt.timedelta(days=config["retention.delivery_log_days"])
 
 
@@ -4484,8 +4488,7 @@ def prune_expired_data(conn, config, now=None):
                         {"developer": developer_id, "since": since}, one=True)[0]
         delete("test audit events", "SELECT seq FROM audit_events WHERE developer_id = ? AND livemode = 0 AND seq < ?",
                (developer_id, kept if kept is not None else 0), ["DELETE FROM audit_events WHERE seq = ? AND livemode = 0"])
-    # An event goes once its deliveries ended that long ago, and an hour more than that after it
-    # was made, so it is surely older than any cursor the event feed still takes (events_after()).
+    # An event goes once its deliveries ended that long ago, and FEED_MARGIN more after it was made.
     delete("webhook events", "SELECT id FROM webhook_events e WHERE created_at < ? AND NOT EXISTS"
                              " (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id"
                              " AND (d.status IN ('pending', 'delivering') OR d.updated_at >= ?))",
