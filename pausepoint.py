@@ -7047,9 +7047,9 @@ def is_page_path(path):
     return path.startswith(("/respond/", "/dashboard")) or path == "/"
 
 
-def error_page(message):
+def error_page(message, back=None):
     """The error page's HTML for a refusal whose message is not yet a sentence."""
-    return bottle.template("respond_error", template_lookup=[TEMPLATES_DIR], message=sentence(message))
+    return bottle.template("respond_error", template_lookup=[TEMPLATES_DIR], message=sentence(message), back=back)
 
 
 class ErrorLog:
@@ -7086,7 +7086,8 @@ def bottle_error(error):
         bottle.response.content_type = "text/html; charset=utf-8"
         for name, value in PAGE_HEADERS.items():
             bottle.response.set_header(name, value)
-        return error_page(str(message))
+        # A mistyped dashboard address (/dashboard/, say) still leads back to it.
+        return error_page(str(message), back="/dashboard" if bottle.request.path.startswith("/dashboard") else None)
     bottle.response.content_type = "application/json"
     return error_body(error.status_code, BOTTLE_ERROR_CODES.get(error.status_code, "error"), str(message))
 

@@ -297,6 +297,12 @@ def test_the_mode_switch_shows_live_or_test_data_never_both(running_api, twilio)
     assert "in your account's live mode" in missing.html.get_text() and "API key" not in missing.text
 
 
+@pytest.mark.parametrize("path", ["/dashboard/", "/dashboard/nothing-here"])
+def test_a_mistyped_dashboard_address_is_a_page_that_leads_back_to_the_dashboard(api, path):
+    page = api.get(path, status=404)
+    assert page.content_type == "text/html" and page.html.select_one("a[href='/dashboard']") is not None
+
+
 def test_a_second_developer_sees_none_of_the_firsts_data_even_by_url(api):
     _, keys = sign_up(api)
     created = api.create_pause(keys["test"])
