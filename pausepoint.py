@@ -633,6 +633,10 @@ MIGRATIONS = [
     # A reply without a code looks for the number's requests that closed lately (BARE_REPLY_QUIET).
     (18, "CREATE INDEX pauses_closed_by_recipient ON pauses(recipient, decided_at)"
          " WHERE livemode = 1 AND channel IN ('sms', 'whatsapp');"),
+    # The event feed starts after the newest event pruned from it (schema.sql).
+    (19, "CREATE TABLE event_feed_pruned (developer_id TEXT NOT NULL REFERENCES developers(id),"
+         " livemode INTEGER NOT NULL CHECK (livemode IN (0, 1)), through_rowid INTEGER NOT NULL,"
+         " PRIMARY KEY (developer_id, livemode)) WITHOUT ROWID;"),
 ]
 
 
@@ -4181,21 +4185,23 @@ def queue_event(conn, developer_id, livemode, event_type, data, webhook_ids, pau
     return delivery_ids
 
 
-def events_after(conn, config, caller, after, types, limit):
+def events_after(conn, caller, after, types, limit):
     """The caller's events (their bodies, as JSON text) after the event `after` (None: from
-    the oldest kept), oldest first, of `types` (None: all). An `after` older than the
-    delivery log is refused as if it were gone: the prune may have taken events after it
-    (it keeps one with a delivery still pending, as to a disabled endpoint)."""
-    since = 0
+    the oldest kept), oldest first, of `types` (None: all). The feed starts after the newest
+    event pruned from it (event_feed_pruned): one kept from before that (for a delivery still
+    pending) is no longer in it, and an `after` from before that is refused as if it were
+    gone, since events after it went."""
+    pruned = query_db(conn, "SELECT through_rowid FROM event_feed_pruned WHERE developer_id = ? AND livemode = ?",
+                      (caller.developer_id, caller.livemode), one=True)
+    since = pruned[0] if pruned else 0
     if after is not None:
         row = query_db(conn, "SELECT rowid FROM webhook_events WHERE id = ? AND developer_id = ? AND livemode = ?"
-                             " AND created_at >= ?", (after, caller.developer_id, caller.livemode,
-                                                      db_time(utcnow() - delivery_log_kept(config))), one=True)
+                             " AND rowid > ?", (after, caller.developer_id, caller.livemode, since), one=True)
         if row is None:
-            raise ApiError(404, "not_found", f"no event {shorten(after)!r} {caller.whose}; events are kept"
-                                             " retention.delivery_log_days after their deliveries end (test events"
-                                             " also go with test pauses past retention.test_pauses_kept): read"
-                                             " again without after", field="after")
+            raise ApiError(404, "not_found", f"no event {shorten(after)!r} in the feed {caller.whose}, or events"
+                                             " after it are gone; events are kept retention.delivery_log_days after"
+                                             " their deliveries end (test events also go with test pauses past"
+                                             " retention.test_pauses_kept): read again without after", field="after")
         since = row[0]
     sql = ("SELECT body FROM webhook_events INDEXED BY webhook_events_feed WHERE developer_id = :developer"
            " AND livemode = :livemode AND rowid > :since")
@@ -4448,14 +4454,10 @@ KEPT_AFTER_DECISION = dt.timedelta(hours=1)
 PAUSE_ROWS = ["DELETE FROM notifications WHERE pause_id = ?", "DELETE FROM pause_recipients WHERE pause_id = ?",
               "DELETE FROM pause_steps WHERE pause_id = ?", "DELETE FROM idempotency_keys WHERE pause_id = ?",
               "DELETE FROM pauses WHERE id = ? AND livemode = 0"]
-EVENT_ROWS = ["DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries WHERE event_id = ?)",
+EVENT_ROWS = ["INSERT INTO event_feed_pruned SELECT developer_id, livemode, rowid FROM webhook_events WHERE id = ?"
+              " ON CONFLICT DO UPDATE SET through_rowid = max(through_rowid, excluded.through_rowid)",
+              "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries WHERE event_id = ?)",
               "DELETE FROM webhook_deliveries WHERE event_id = ?", "DELETE FROM webhook_events WHERE id = ?"]
-
-
-# The event feed refuses a cursor older than the delivery log (events_after()); the prune takes
-# events this much older still, so no cursor the feed takes has anything taken after it, even
-# where events were committed in another order than they were dated.
-FEED_MARGIN = dt.timedelta(hours=1)
 
 
 def delivery_log_kept(config):
@@ -4488,11 +4490,16 @@ def prune_expired_data(conn, config, now=None):
                         {"developer": developer_id, "since": since}, one=True)[0]
         delete("test audit events", "SELECT seq FROM audit_events WHERE developer_id = ? AND livemode = 0 AND seq < ?",
                (developer_id, kept if kept is not None else 0), ["DELETE FROM audit_events WHERE seq = ? AND livemode = 0"])
-    # An event goes once its deliveries ended that long ago, and FEED_MARGIN more after it was made.
-    delete("webhook events", "SELECT id FROM webhook_events e WHERE created_at < ? AND NOT EXISTS"
-                             " (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id"
-                             " AND (d.status IN ('pending', 'delivering') OR d.updated_at >= ?))",
-           (db_time(now - delivery_log_kept(config) - FEED_MARGIN), log_cutoff), EVENT_ROWS)
+    # An event goes once its deliveries ended that long ago. Those it keeps (a delivery still
+    # pending, as to a disabled endpoint) are passed over once, batch after batch resuming after
+    # the last row it read, not read again by each.
+    newest_old = query_db(conn, "SELECT max(rowid) FROM webhook_events WHERE created_at < ?", (log_cutoff,),
+                          one=True)[0]
+    delete("webhook events", "SELECT id, 0, rowid FROM webhook_events e WHERE rowid > ? AND rowid <= ?"
+                             " AND created_at < ? AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d"
+                             " WHERE d.event_id = e.id AND (d.status IN ('pending', 'delivering') OR d.updated_at >= ?))"
+                             " ORDER BY rowid",
+           lambda last: (last[2] if last else 0, newest_old or 0, log_cutoff, log_cutoff), EVENT_ROWS)
     delete("idempotency keys", "SELECT rowid FROM idempotency_keys WHERE created_at < ?",
            (db_time(now - IDEMPOTENCY_WINDOW),), ["DELETE FROM idempotency_keys WHERE rowid = ?"])
     delete("dashboard devices", "SELECT rowid FROM dashboard_devices WHERE signed_in_at < ?",
@@ -4545,18 +4552,20 @@ def delete_in_batches(conn, deleted, kind, select, args, delete):
     """Run `select` (… LIMIT ? appended) for ids, and each `delete` statement for each id, a
     transaction a batch (sized as PRUNE_BATCH says), until a batch comes short; counts them
     in deleted[kind]. A second column the select gives, true, stops it at that row, which is
-    kept."""
-    size = PRUNE_BATCH_FIRST
+    kept. `args` may be a function of the last row the batch before read (None at first),
+    for a select that resumes after it."""
+    size, last = PRUNE_BATCH_FIRST, None
     while True:
         with transaction(conn):
             started = time.monotonic()
-            rows = conn.execute(select + " LIMIT ?", (*args, size)).fetchall()
+            rows = conn.execute(select + " LIMIT ?", (*(args(last) if callable(args) else args), size)).fetchall()
             stop = next((n for n, row in enumerate(rows) if len(row) > 1 and row[1]), None)
             ids = [row[0] for row in rows[:stop]]
             for statement in delete:
                 conn.executemany(statement, [(i,) for i in ids])
         took = time.monotonic() - started       # its COMMIT too, which writes what it changed
         deleted[kind] += len(ids)
+        last = rows[-1] if rows else last
         if stop is not None or len(rows) < size:
             return
         size = (max(1, size // 2) if took > PRUNE_BATCH_SECONDS else
@@ -6205,7 +6214,7 @@ def list_events(rt, caller, query):
         unknown = sorted(set(types) - set(EVENT_TYPES))
         if unknown:
             raise invalid("types", f"types must be a comma-separated list drawn from: {', '.join(EVENT_TYPES)}")
-    read = functools.partial(events_after, rt.db(), rt.config, caller, query["after"], types, query["limit"])
+    read = functools.partial(events_after, rt.db(), caller, query["after"], types, query["limit"])
     events = read()
     if query["wait"] and not events:
         events = rt.wait_for(caller, f"events:{caller.developer_id}:{caller.livemode}", read, bool, query["wait"],

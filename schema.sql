@@ -340,6 +340,16 @@ CREATE INDEX webhook_events_by_age ON webhook_events(created_at);
 -- order (one writer at a time, and the newest row is never pruned while newer ones are being written).
 CREATE INDEX webhook_events_feed ON webhook_events(developer_id, livemode);
 
+-- The newest event pruned from each developer's feed in each mode. The feed starts after it:
+-- an event kept from before it (for a delivery still pending, as to a disabled endpoint) is no
+-- longer in the feed, and a reader whose cursor is older gets 404, since events after it went.
+CREATE TABLE event_feed_pruned (
+    developer_id   TEXT NOT NULL REFERENCES developers(id),
+    livemode       INTEGER NOT NULL CHECK (livemode IN (0, 1)),
+    through_rowid  INTEGER NOT NULL,                  -- webhook_events.rowid of the newest one pruned
+    PRIMARY KEY (developer_id, livemode)
+) WITHOUT ROWID;
+
 -- One event to one endpoint, retried until it succeeds or the schedule ends.
 CREATE TABLE webhook_deliveries (
     seq              INTEGER PRIMARY KEY AUTOINCREMENT, -- list order and cursor
