@@ -4190,25 +4190,28 @@ def events_after(conn, caller, after, types, limit):
     the oldest kept), oldest first, of `types` (None: all). The feed starts after the newest
     event pruned from it (event_feed_pruned): one kept from before that (for a delivery still
     pending) is no longer in it, and an `after` from before that is refused as if it were
-    gone, since events after it went."""
-    pruned = query_db(conn, "SELECT through_rowid FROM event_feed_pruned WHERE developer_id = ? AND livemode = ?",
-                      (caller.developer_id, caller.livemode), one=True)
-    since = pruned[0] if pruned else 0
-    if after is not None:
-        row = query_db(conn, "SELECT rowid FROM webhook_events WHERE id = ? AND developer_id = ? AND livemode = ?"
-                             " AND rowid > ?", (after, caller.developer_id, caller.livemode, since), one=True)
-        if row is None:
-            raise ApiError(404, "not_found", f"no event {shorten(after)!r} in the feed {caller.whose}, or events"
-                                             " after it are gone; events are kept retention.delivery_log_days after"
-                                             " their deliveries end (test events also go with test pauses past"
-                                             " retention.test_pauses_kept): read again without after", field="after")
-        since = row[0]
-    sql = ("SELECT body FROM webhook_events INDEXED BY webhook_events_feed WHERE developer_id = :developer"
-           " AND livemode = :livemode AND rowid > :since")
-    args = {"developer": caller.developer_id, "livemode": caller.livemode, "since": since, "limit": limit}
-    if types:
-        sql, args["types"] = sql + " AND type IN (SELECT value FROM json_each(:types))", json.dumps(types)
-    return [row[0] for row in query_db(conn, sql + " ORDER BY rowid LIMIT :limit", args)]
+    gone, since events after it went. Read at one moment: a prune between its reads would
+    lead a reader past a gap."""
+    with snapshot(conn):
+        pruned = query_db(conn, "SELECT through_rowid FROM event_feed_pruned WHERE developer_id = ?"
+                                " AND livemode = ?", (caller.developer_id, caller.livemode), one=True)
+        since = pruned[0] if pruned else 0
+        if after is not None:
+            row = query_db(conn, "SELECT rowid FROM webhook_events WHERE id = ? AND developer_id = ? AND livemode = ?"
+                                 " AND rowid > ?", (after, caller.developer_id, caller.livemode, since), one=True)
+            if row is None:
+                raise ApiError(404, "not_found", f"no event {shorten(after)!r} in the feed {caller.whose}, or"
+                                                 " events after it are gone; events are kept"
+                                                 " retention.delivery_log_days after their deliveries end (test events"
+                                                 " also go with test pauses past retention.test_pauses_kept): read"
+                                                 " again without after", field="after")
+            since = row[0]
+        sql = ("SELECT body FROM webhook_events INDEXED BY webhook_events_feed WHERE developer_id = :developer"
+               " AND livemode = :livemode AND rowid > :since")
+        args = {"developer": caller.developer_id, "livemode": caller.livemode, "since": since, "limit": limit}
+        if types:
+            sql, args["types"] = sql + " AND type IN (SELECT value FROM json_each(:types))", json.dumps(types)
+        return [row[0] for row in query_db(conn, sql + " ORDER BY rowid LIMIT :limit", args)]
 
 
 def send_test_event(conn, caller, webhook_id):
@@ -4493,7 +4496,10 @@ def prune_expired_data(conn, config, now=None):
     # An event goes once its deliveries ended that long ago. Those it keeps (a delivery still
     # pending, as to a disabled endpoint) are passed over once, batch after batch resuming after
     # the last row it read, not read again by each.
-    newest_old = query_db(conn, "SELECT max(rowid) FROM webhook_events WHERE created_at < ?", (log_cutoff,),
+    # Never the table's newest row: rowids are max + 1, so a later event would take its rowid,
+    # at or below the feed's new start (event_feed_pruned), and never be seen in the feed.
+    newest_old = query_db(conn, "SELECT min((SELECT max(rowid) FROM webhook_events INDEXED BY webhook_events_by_age"
+                                " WHERE created_at < ?), (SELECT max(rowid) - 1 FROM webhook_events))", (log_cutoff,),
                           one=True)[0]
     delete("webhook events", "SELECT id, 0, rowid FROM webhook_events e WHERE rowid > ? AND rowid <= ?"
                              " AND created_at < ? AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d"

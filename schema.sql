@@ -337,7 +337,7 @@ CREATE TABLE webhook_events (
 -- Pruning: events past retention.delivery_log_days, oldest first.
 CREATE INDEX webhook_events_by_age ON webhook_events(created_at);
 -- GET /v1/events: a developer's events in one mode after a given one, in rowid order, which is commit
--- order (one writer at a time, and the newest row is never pruned while newer ones are being written).
+-- order (one writer at a time, and the table's newest row is never pruned, so no rowid is used twice).
 CREATE INDEX webhook_events_feed ON webhook_events(developer_id, livemode);
 
 -- The newest event pruned from each developer's feed in each mode. The feed starts after it:

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import datetime as dt
+import json
 import time
 
 import requests
@@ -148,3 +149,43 @@ def test_events_go_a_delivery_log_after_their_deliveries_end_and_the_feed_starts
         assert events(api, key, status=404, after=event["id"])["error"]["field"] == "after"
     # However old, a cursor with nothing gone after it reads on.
     assert events(api, key, after=after_the_gap["id"])["events"] == []
+
+
+def test_when_every_event_is_past_retention_the_newest_stays_and_later_ones_are_all_in_the_feed(running_api):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    *_, newest = [api.create_pause(key, channel="link", recipient="ops")["pause_id"] for _ in range(3)]
+    stored(api.config, "UPDATE webhook_events SET created_at = ?",
+           pausepoint.db_time(pausepoint.utcnow() - dt.timedelta(days=40)))
+    pausepoint.prune_expired_data(api.app.runtime.db(), api.config)
+    # A later event would take a pruned newest row's rowid, at the feed's new start, and never be seen.
+    assert stored(api.config, "SELECT pause_id FROM webhook_events") == [(newest,)]
+    later = [api.create_pause(key, channel="link", recipient="ops")["pause_id"] for _ in range(3)]
+    assert [e["data"]["pause_id"] for e in events(api, key)["events"]] == [newest, *later]
+
+
+def test_a_prune_between_the_reads_of_one_page_never_leads_a_reader_past_a_gap(running_api):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    for _ in range(2):
+        api.create_pause(key, channel="link", recipient="ops")
+    cursor, following = events(api, key)["events"]
+    stored(api.config, "UPDATE webhook_events SET created_at = ?",
+           pausepoint.db_time(pausepoint.utcnow() - dt.timedelta(days=40)))
+    newer = api.create_pause(key, channel="link", recipient="ops")
+    reader, pruner = (pausepoint.connect(api.config["database.path"]) for _ in range(2))
+    caller = pausepoint.authenticate(reader, f"Bearer {key}")
+
+    def prune_before_the_page_is_read(sql):     # SQLite's own hook: as the reader's last statement starts
+        if "webhook_events_feed" in sql and not pruner.in_transaction:
+            reader.set_trace_callback(None)
+            pausepoint.prune_expired_data(pruner, api.config)
+    reader.set_trace_callback(prune_before_the_page_is_read)
+    page = [json.loads(body)["id"] for body in pausepoint.events_after(reader, caller, cursor["id"], None, 50)]
+    assert stored(api.config, "SELECT count(*) FROM webhook_events WHERE id IN (?, ?)", cursor["id"],
+                  following["id"]) == [(0,)]          # the prune ran, taking the cursor and the event after it
+    # The page as it stood when the read began: the event after the cursor is in it, not skipped.
+    assert page[0] == following["id"] and json.loads(stored(api.config, "SELECT body FROM webhook_events WHERE"
+                                                            " pause_id = ?", newer["pause_id"])[0][0])["id"] == page[1]
+    reader.close()
+    pruner.close()
