@@ -4493,18 +4493,18 @@ def prune_expired_data(conn, config, now=None):
                         {"developer": developer_id, "since": since}, one=True)[0]
         delete("test audit events", "SELECT seq FROM audit_events WHERE developer_id = ? AND livemode = 0 AND seq < ?",
                (developer_id, kept if kept is not None else 0), ["DELETE FROM audit_events WHERE seq = ? AND livemode = 0"])
-    # An event goes once its deliveries ended that long ago. Those it keeps (a delivery still
+    # An event goes once its deliveries ended that long ago, but never its feed's newest: a reader
+    # whose cursor it is has missed nothing (a 404 would tell it otherwise, event_feed_pruned), and
+    # the table's newest stays, so no later event takes its rowid. Those it keeps (a delivery still
     # pending, as to a disabled endpoint) are passed over once, batch after batch resuming after
     # the last row it read, not read again by each.
-    # Never the table's newest row: rowids are max + 1, so a later event would take its rowid,
-    # at or below the feed's new start (event_feed_pruned), and never be seen in the feed.
-    newest_old = query_db(conn, "SELECT min((SELECT max(rowid) FROM webhook_events INDEXED BY webhook_events_by_age"
-                                " WHERE created_at < ?), (SELECT max(rowid) - 1 FROM webhook_events))", (log_cutoff,),
-                          one=True)[0]
+    newest_old = query_db(conn, "SELECT max(rowid) FROM webhook_events INDEXED BY webhook_events_by_age"
+                                " WHERE created_at < ?", (log_cutoff,), one=True)[0]
     delete("webhook events", "SELECT id, 0, rowid FROM webhook_events e WHERE rowid > ? AND rowid <= ?"
-                             " AND created_at < ? AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d"
-                             " WHERE d.event_id = e.id AND (d.status IN ('pending', 'delivering') OR d.updated_at >= ?))"
-                             " ORDER BY rowid",
+                             " AND created_at < ? AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE"
+                             " d.event_id = e.id AND (d.status IN ('pending', 'delivering') OR d.updated_at >= ?))"
+                             " AND rowid < (SELECT max(rowid) FROM webhook_events f INDEXED BY webhook_events_feed"
+                             " WHERE f.developer_id = e.developer_id AND f.livemode = e.livemode) ORDER BY rowid",
            lambda last: (last[2] if last else 0, newest_old or 0, log_cutoff, log_cutoff), EVENT_ROWS)
     delete("idempotency keys", "SELECT rowid FROM idempotency_keys WHERE created_at < ?",
            (db_time(now - IDEMPOTENCY_WINDOW),), ["DELETE FROM idempotency_keys WHERE rowid = ?"])

@@ -337,12 +337,14 @@ CREATE TABLE webhook_events (
 -- Pruning: events past retention.delivery_log_days, oldest first.
 CREATE INDEX webhook_events_by_age ON webhook_events(created_at);
 -- GET /v1/events: a developer's events in one mode after a given one, in rowid order, which is commit
--- order (one writer at a time, and the table's newest row is never pruned, so no rowid is used twice).
+-- order (one writer at a time, and no feed's newest row is ever pruned, so no rowid is used twice).
 CREATE INDEX webhook_events_feed ON webhook_events(developer_id, livemode);
 
 -- The newest event pruned from each developer's feed in each mode. The feed starts after it:
 -- an event kept from before it (for a delivery still pending, as to a disabled endpoint) is no
 -- longer in the feed, and a reader whose cursor is older gets 404, since events after it went.
+-- (So rowids are part of the data: copy the file, or use the backup command; a text dump
+-- renumbers them unless made with --preserve-rowids.)
 CREATE TABLE event_feed_pruned (
     developer_id   TEXT NOT NULL REFERENCES developers(id),
     livemode       INTEGER NOT NULL CHECK (livemode IN (0, 1)),

@@ -189,3 +189,18 @@ def test_a_prune_between_the_reads_of_one_page_never_leads_a_reader_past_a_gap(r
                                                             " pause_id = ?", newer["pause_id"])[0][0])["id"] == page[1]
     reader.close()
     pruner.close()
+
+
+def test_a_quiet_reader_whose_last_event_is_past_retention_reads_on_while_others_write(running_api):
+    api = running_api()
+    quiet, busy = api.register()["test_api_key"], api.register(email="busy@example.com")["test_api_key"]
+    api.create_pause(quiet, channel="link", recipient="ops")
+    [last_handled] = events(api, quiet)["events"]
+    for _ in range(2):
+        api.create_pause(busy, channel="link", recipient="ops")
+    stored(api.config, "UPDATE webhook_events SET created_at = ?",
+           pausepoint.db_time(pausepoint.utcnow() - dt.timedelta(days=40)))
+    pausepoint.prune_expired_data(api.app.runtime.db(), api.config)
+    # Each feed keeps its newest event: nothing after the quiet reader's went, so it is not told so.
+    assert stored(api.config, "SELECT count(*) FROM webhook_events") == [(2,)]
+    assert events(api, quiet, after=last_handled["id"])["events"] == []
