@@ -4601,6 +4601,7 @@ class Signer:
 
     def __init__(self, path, signed_by=lambda: None):
         self.path, self.read_at, self.signed_by = path, None, signed_by()
+        self.keys, self.current = [], None
         # Signs a round of timeouts' receipts while the timeout job writes (expire_due_pauses()).
         self.helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="signing")
         if not os.path.exists(path):
@@ -4609,9 +4610,13 @@ class Signer:
                                   " held: restore it from the backup beside the database's (see the README)")
             create_signing_keys(path)
         self.keys, self.current = self.read()
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_mode & 0o077:
+                log.warning("the signing keys file %s can be read by others than its owner: chmod 600 it", path)
 
     def read(self):
-        """(keys, (kid, private key) of the one that signs); ConfigError naming the file if unusable."""
+        """(keys, (kid, private key) of the one that signs); ConfigError naming the file if unusable,
+        or if it would unpublish a key this process published or signs with (an older copy put back)."""
         try:
             with open(self.path, encoding="utf-8") as f:
                 keys = json.load(f)["keys"]
@@ -4621,9 +4626,18 @@ class Signer:
         except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration) as e:
             raise ConfigError(f"the signing keys file {self.path} cannot be used ({type(e).__name__}: {e}); restore"
                               " it from a backup") from None
-        if self.signed_by and self.signed_by not in published:
-            raise ConfigError(f"the signing keys file {self.path} does not hold the key {self.signed_by} that signed"
-                              " this database's receipts: restore the keys file from the database's backup")
+        public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        if (b64url(public), signing_key_id(public)) != (signing["public"], signing["kid"]):
+            raise ConfigError(f"in the signing keys file {self.path}, the private key of {signing['kid']} is not the"
+                              " one its public key and kid name: restore the file from a backup")
+        lost = [kid for kid in [self.signed_by, *(key["kid"] for key in self.keys)] if kid and kid not in published]
+        if lost:
+            raise ConfigError(f"the signing keys file {self.path} does not hold the key {lost[0]}, which signed this"
+                              " database's receipts or was published: restore the keys file from the database's"
+                              " backup")
+        if self.current and signing["kid"] != self.current[0] and signing["kid"] in {key["kid"] for key in self.keys}:
+            raise ConfigError(f"the signing keys file {self.path} would sign again with {signing['kid']}, a key"
+                              " already retired: restore the keys file from the database's backup")
         return keys, (signing["kid"], private)
 
     def reload(self):
@@ -4674,8 +4688,12 @@ def new_signing_key():
     public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     raw = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                 serialization.NoEncryption())
-    return {"kid": "ppk_" + hashlib.sha256(public).hexdigest()[:16], "public": b64url(public), "private": b64url(raw),
+    return {"kid": signing_key_id(public), "public": b64url(public), "private": b64url(raw),
             "created_at": api_time(db_time())}
+
+
+def signing_key_id(public):
+    return "ppk_" + hashlib.sha256(public).hexdigest()[:16]
 
 
 def write_signing_keys(path, keys, replace=True):

@@ -251,3 +251,45 @@ def test_a_pause_with_a_lone_surrogate_from_an_older_version_is_decided_and_sign
     api.step("timeouts")
     for pause in (old, other):
         assert checked(api, api.pause(key, pause["pause_id"])["receipt"])["status"] == "timed_out"
+
+
+@pytest.mark.parametrize("put_back", ["an older copy", "the retired key's private half"])
+def test_a_keys_file_that_would_unpublish_or_go_back_to_a_key_is_refused_while_serving(running_api, caplog, put_back):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    path = pausepoint.signing_keys_path(api.config["database.path"])
+    with open(path, encoding="utf-8") as f:
+        older = json.load(f)["keys"]
+    assert pausepoint.main(["--db", api.config["database.path"], "rotate-signing-key"]) == 0
+    first = api.create_pause(key)
+    api.post(f"/v1/pause/{first['pause_id']}/cancel", headers=api.as_key(key))
+    with open(path, encoding="utf-8") as f:
+        retired, newest = json.load(f)["keys"]
+    keys = older if put_back == "an older copy" else [older[0], {n: v for n, v in newest.items() if n != "private"}]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"keys": keys}, f)
+    second = api.create_pause(key)
+    api.post(f"/v1/pause/{second['pause_id']}/cancel", headers=api.as_key(key))
+    # Still the newest key, still published: every receipt issued stays checkable.
+    receipts = [api.pause(key, p["pause_id"])["receipt"] for p in (first, second)]
+    assert [jwt.get_unverified_header(r)["kid"] for r in receipts] == [newest["kid"]] * 2
+    assert [checked(api, r)["pause_id"] for r in receipts] == [first["pause_id"], second["pause_id"]]
+    assert "signing with the key already loaded" in caplog.text
+
+
+def test_a_keys_file_whose_private_key_is_not_its_public_ones_stops_start_up(tmp_path):
+    from conftest import make_config
+    config = make_config(tmp_path)
+    mine, other = pausepoint.new_signing_key(), pausepoint.new_signing_key()
+    pausepoint.write_signing_keys(pausepoint.signing_keys_path(config["database.path"]),
+                                  [{**mine, "public": other["public"]}])
+    with pytest.raises(pausepoint.ConfigError, match="is not the one its public key and kid name"):
+        pausepoint.create_app(config)
+
+
+def test_a_keys_file_others_can_read_is_warned_of_at_start(running_api, caplog):
+    api = running_api()
+    api.app.runtime.stop()
+    os.chmod(pausepoint.signing_keys_path(api.config["database.path"]), 0o644)
+    pausepoint.create_app(api.config).runtime.stop()
+    assert "can be read by others than its owner: chmod 600 it" in caplog.text
