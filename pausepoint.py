@@ -7863,13 +7863,22 @@ def fewer_malloc_arenas():
 
 
 def backup(config, destination):
-    """An online copy of the database through SQLite's backup API, safe while the server runs.
-    Written beside `destination` and linked there once whole: a failed backup (a full disk,
-    say) leaves nothing behind under that name to be taken for a backup, or to refuse the next."""
+    """An online copy of the database through SQLite's backup API, safe while the server runs,
+    and of its signing keys; returns whether there were keys to copy. Written beside
+    `destination` and linked there once whole: a failed backup (a full disk, say) leaves
+    nothing behind under that name to be taken for a backup, or to refuse the next."""
     if not destination or os.path.isdir(destination):
         raise ConfigError(f"name a new file to write the backup to, not {destination!r}")
-    if os.path.exists(destination):
-        raise ConfigError(f"{destination} already exists; choose a new file name")
+    keys, keys_copy = signing_keys_path(config["database.path"]), signing_keys_path(destination)
+    for taken in (destination, keys_copy):
+        if os.path.lexists(taken):
+            raise ConfigError(f"{taken} already exists; choose a new file name")
+    # Without the keys that signed its receipts a backup could not be started. (A database
+    # without receipts, made by create-developer before the first start, has none yet.)
+    with_keys = os.path.exists(keys)
+    if not with_keys and latest_receipt_kid(config["database.path"]):
+        raise ConfigError(f"the signing keys beside the database ({keys}) are missing, and it holds receipts signed"
+                          " with them: restore them from a backup first")
     try:
         fd, partial = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(destination)), prefix=".backup-")
     except OSError as e:
@@ -7888,10 +7897,15 @@ def backup(config, destination):
         for leftover in (partial, partial + "-journal"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
-    keys = signing_keys_path(config["database.path"])
-    if os.path.exists(keys):        # without them, receipts could no longer be signed by the same key
+    if not with_keys:
+        return False
+    try:
         with open(keys, encoding="utf-8") as f:
-            write_signing_keys(signing_keys_path(destination), json.load(f)["keys"], replace=False)
+            write_signing_keys(keys_copy, json.load(f)["keys"], replace=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        os.unlink(destination)      # a backup that could not be started is no backup
+        raise ConfigError(f"the backup's signing keys could not be copied from {keys}: {e}") from None
+    return True
 
 
 def add_server_options(parser, default):
@@ -7992,9 +8006,10 @@ def run_command(args, config):
         raise ConfigError(f"there is no database at {config['database.path']}; name the server's with --db or"
                           " database.path")
     if args.command == "backup":
-        backup(config, args.destination)
-        print(f"backed up {config['database.path']} to {args.destination} (its signing keys to"
-              f" {signing_keys_path(args.destination)})")
+        with_keys = backup(config, args.destination)
+        print(f"backed up {config['database.path']} to {args.destination}"
+              + (f" (its signing keys to {signing_keys_path(args.destination)})" if with_keys else
+                 " (no signing keys yet: the server makes them at its first start)"))
         return 0
     if args.command == "rotate-signing-key":
         kid = rotate_signing_key(Signer(signing_keys_path(config["database.path"])).path)

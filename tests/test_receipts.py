@@ -107,6 +107,26 @@ def test_a_backup_takes_the_signing_keys_with_it(running_api, tmp_path):
         assert json.load(f) == json.load(g)
 
 
+def test_a_backup_that_could_not_be_started_is_refused_before_anything_is_written(running_api, tmp_path, capsys):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    api.post(f"/v1/pause/{api.create_pause(key)['pause_id']}/cancel", headers=api.as_key(key))
+    db, keys = api.config["database.path"], pausepoint.signing_keys_path(api.config["database.path"])
+    # A keys file already where the copy's would go (an older backup's, its database deleted).
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    destination = str(backups / "backup.db")
+    with open(pausepoint.signing_keys_path(destination), "w") as f:
+        f.write('{"keys": []}')
+    assert pausepoint.main(["--db", db, "backup", destination]) == 2
+    assert "backup.db.keys.json already exists; choose a new file name" in capsys.readouterr().err
+    # The database's own keys gone: its receipts could no longer be checked from the copy.
+    os.rename(keys, keys + ".elsewhere")
+    assert pausepoint.main(["--db", db, "backup", str(backups / "other.db")]) == 2
+    assert "are missing, and it holds receipts signed with them" in capsys.readouterr().err
+    assert os.listdir(backups) == ["backup.db.keys.json"]
+
+
 def test_the_audit_head_is_signed(api):
     key = api.register()["api_key"]
     api.create_pause(key, channel="link", recipient="ops")
