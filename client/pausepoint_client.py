@@ -300,6 +300,10 @@ def audit_event_hash(event):
     return hashlib.sha256(b"".join(b"%d:%s," % (len(field), field) for field in encoded)).hexdigest()
 
 
+def _as_json_text(value):
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
 def verify_audit_export(path, head=None):
     """Check a JSON-lines export (GET /v1/audit/export): every event's hash, and that each
     links to the one before it. With `head` ({"hash", "count"} as GET /v1/audit/head gave it,
@@ -315,7 +319,9 @@ def verify_audit_export(path, head=None):
         for number, line in enumerate(lines, 1):
             event = json.loads(line)
             where = f"{event.get('id')} (line {number})"
-            if json.loads(event["data_json"]) != event["data"]:
+            # Compared as JSON text: as Python values 1, 1.0 and true are equal, and a reader of data would
+            # take one for another.
+            if _as_json_text(json.loads(event["data_json"])) != _as_json_text(event["data"]):
                 raise AuditChainBroken(f"{where}: its data is not the data it was hashed with")
             if previous is None:
                 starts_chain = event["prev_hash"] == AUDIT_GENESIS

@@ -82,6 +82,24 @@ def test_a_changed_event_is_caught_and_named(logged, tmp_path):
         verify_audit_export(export(api, key, tmp_path))
 
 
+@pytest.mark.parametrize("shown", [True, 1.0, "1"])
+def test_an_export_whose_data_shows_another_value_than_was_hashed_fails_even_if_python_calls_them_equal(
+        running_api, tmp_path, shown):
+    api = running_api()
+    key = api.register()["api_key"]
+    api.post_json("/v1/pause", {**WIRE, "channel": "link", "recipient": "ops", "metadata": {"n": 1}},
+                  headers=api.as_key(key))
+    path = export(api, key, tmp_path)
+    assert verify_audit_export(path) == 1
+    with open(path, encoding="utf-8") as f:
+        [event] = [json.loads(line) for line in f]
+    event["data"]["metadata"]["n"] = shown
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(event) + "\n")
+    with pytest.raises(AuditChainBroken, match="its data is not the data it was hashed with"):
+        verify_audit_export(path)
+
+
 def test_a_removed_event_is_caught_at_the_one_after_it(logged, tmp_path):
     api, key = logged
     seqs = live_seqs(api.config)
