@@ -4642,7 +4642,8 @@ class Signer:
 
     def reload(self):
         try:
-            changed = os.stat(self.path).st_mtime_ns
+            found = os.stat(self.path)
+            changed = (found.st_ino, found.st_mtime_ns)      # a rotation replaces the file: a new inode
             if changed != self.read_at:
                 self.keys, self.current = self.read()       # one assignment: a kid never meets another's key
                 self.read_at = changed
@@ -4699,11 +4700,16 @@ def signing_key_id(public):
 def write_signing_keys(path, keys, replace=True):
     """Write the keys file readable by its owner only, whole or not at all: to a file of its
     own first, then moved into place (or, with replace=False, linked there only if nothing
-    is there yet: two processes starting at once end up with one file, whole)."""
+    is there yet: two processes starting at once end up with one file, whole). A file it
+    replaces keeps its owner: `sudo … rotate-signing-key` must not leave the server's keys
+    to root."""
     fd, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".keys-")
     try:
         with open(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), 0o600)
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                owner = os.stat(path)
+                os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
             json.dump({"keys": keys}, f, indent=2)
             f.flush()
             os.fsync(f.fileno())

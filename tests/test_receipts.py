@@ -313,3 +313,13 @@ def test_a_keys_file_others_can_read_is_warned_of_at_start(running_api, caplog):
     os.chmod(pausepoint.signing_keys_path(api.config["database.path"]), 0o644)
     pausepoint.create_app(api.config).runtime.stop()
     assert "can be read by others than its owner: chmod 600 it" in caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_a_rotation_run_as_root_leaves_the_keys_file_to_its_owner(running_api):
+    api = running_api()
+    path = pausepoint.signing_keys_path(api.config["database.path"])
+    os.chown(path, 12345, 12346)            # the service's user, say
+    assert pausepoint.main(["--db", api.config["database.path"], "rotate-signing-key"]) == 0
+    assert (os.stat(path).st_uid, os.stat(path).st_gid) == (12345, 12346)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
