@@ -4600,8 +4600,8 @@ class Signer:
     a decision must never wait on it."""
 
     def __init__(self, path, signed_by=lambda: None):
-        self.path, self.read_at, self.signed_by = path, None, signed_by()
-        self.keys, self.current = [], None
+        self.path, self.signed_by = path, signed_by()
+        self.keys, self.current, self.looked_at = [], None, None     # looked_at: the file as last read (stamp())
         # Signs a round of timeouts' receipts while the timeout job writes (expire_due_pauses()).
         self.helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="signing")
         if not os.path.exists(path):
@@ -4609,10 +4609,21 @@ class Signer:
                 raise ConfigError(f"{path} is missing, but this database holds receipts signed with the keys it"
                                   " held: restore it from the backup beside the database's (see the README)")
             create_signing_keys(path)
+        self.looked_at = self.stamp()
         self.keys, self.current = self.read()
         with contextlib.suppress(OSError):
             if os.stat(path).st_mode & 0o077:
-                log.warning("the signing keys file %s can be read by others than its owner: chmod 600 it", path)
+                log.warning("others than its owner may read or write the signing keys file %s: chmod 600 it", path)
+
+    def stamp(self):
+        """What tells one version of the keys file from another: a rotation writes a new
+        file, with a new inode (which a filesystem may hand back two rotations later), a
+        new time (coarse on some filesystems) and one key more."""
+        try:
+            found = os.stat(self.path)
+        except OSError as e:
+            return e.strerror
+        return found.st_ino, found.st_mtime_ns, found.st_size
 
     def read(self):
         """(keys, (kid, private key) of the one that signs); ConfigError naming the file if unusable,
@@ -4630,27 +4641,34 @@ class Signer:
         if (b64url(public), signing_key_id(public)) != (signing["public"], signing["kid"]):
             raise ConfigError(f"in the signing keys file {self.path}, the private key of {signing['kid']} is not the"
                               " one its public key and kid name: restore the file from a backup")
-        lost = [kid for kid in [self.signed_by, *(key["kid"] for key in self.keys)] if kid and kid not in published]
+        if any(kid != signing_key_id(base64.urlsafe_b64decode(public + "==")) for kid, public in published.items()):
+            raise ConfigError(f"in the signing keys file {self.path}, a kid does not name its public key: restore"
+                              " the file from a backup")
+        if self.signed_by and self.signed_by not in published:
+            raise ConfigError(f"the signing keys file {self.path} does not hold the key {self.signed_by} that signed"
+                              " this database's latest receipt: restore the keys file from a backup made after that"
+                              " key was made (or add the key's public half from /.well-known/jwks.json)")
+        lost = [key["kid"] for key in self.keys if published.get(key["kid"]) != key["public"]]
         if lost:
-            raise ConfigError(f"the signing keys file {self.path} does not hold the key {lost[0]}, which signed this"
-                              " database's receipts or was published: restore the keys file from the database's"
-                              " backup")
+            raise ConfigError(f"the signing keys file {self.path} does not hold the key {lost[0]} as this server"
+                              " published it: put the file back as it was (the server would not start with it:"
+                              " its receipts need that key)")
         if self.current and signing["kid"] != self.current[0] and signing["kid"] in {key["kid"] for key in self.keys}:
             raise ConfigError(f"the signing keys file {self.path} would sign again with {signing['kid']}, a key"
                               " already retired: restore the keys file from the database's backup")
         return keys, (signing["kid"], private)
 
     def reload(self):
+        """Take up a changed keys file; one that cannot be taken is logged once, and the
+        keys already loaded go on signing."""
+        stamp = self.stamp()
+        if stamp == self.looked_at:
+            return
+        self.looked_at = stamp
         try:
-            found = os.stat(self.path)
-            changed = (found.st_ino, found.st_mtime_ns)      # a rotation replaces the file: a new inode
-            if changed != self.read_at:
-                self.keys, self.current = self.read()       # one assignment: a kid never meets another's key
-                self.read_at = changed
-        except (OSError, ConfigError) as e:
-            if self.read_at is not None:
-                log.error("signing with the key already loaded: %s", getattr(e, "args", [e])[0])
-                self.read_at = None
+            self.keys, self.current = self.read()       # one assignment: a kid never meets another's key
+        except ConfigError as e:
+            log.error("signing with the key already loaded: %s", e)
 
     def sign(self, claims):
         return self.sign_all([claims])[0]

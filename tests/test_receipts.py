@@ -273,7 +273,8 @@ def test_a_pause_with_a_lone_surrogate_from_an_older_version_is_decided_and_sign
         assert checked(api, api.pause(key, pause["pause_id"])["receipt"])["status"] == "timed_out"
 
 
-@pytest.mark.parametrize("put_back", ["an older copy", "the retired key's private half"])
+@pytest.mark.parametrize("put_back", ["an older copy", "the retired key's private half",
+                                      "the retired key's public half changed"])
 def test_a_keys_file_that_would_unpublish_or_go_back_to_a_key_is_refused_while_serving(running_api, caplog, put_back):
     api = running_api()
     key = api.register()["test_api_key"]
@@ -285,7 +286,10 @@ def test_a_keys_file_that_would_unpublish_or_go_back_to_a_key_is_refused_while_s
     api.post(f"/v1/pause/{first['pause_id']}/cancel", headers=api.as_key(key))
     with open(path, encoding="utf-8") as f:
         retired, newest = json.load(f)["keys"]
-    keys = older if put_back == "an older copy" else [older[0], {n: v for n, v in newest.items() if n != "private"}]
+    keys = {"an older copy": older,
+            "the retired key's private half": [older[0], {n: v for n, v in newest.items() if n != "private"}],
+            "the retired key's public half changed": [{**retired, "public": pausepoint.new_signing_key()["public"]},
+                                                      newest]}[put_back]
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"keys": keys}, f)
     second = api.create_pause(key)
@@ -312,7 +316,7 @@ def test_a_keys_file_others_can_read_is_warned_of_at_start(running_api, caplog):
     api.app.runtime.stop()
     os.chmod(pausepoint.signing_keys_path(api.config["database.path"]), 0o644)
     pausepoint.create_app(api.config).runtime.stop()
-    assert "can be read by others than its owner: chmod 600 it" in caplog.text
+    assert "others than its owner may read or write the signing keys file" in caplog.text
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
@@ -323,3 +327,17 @@ def test_a_rotation_run_as_root_leaves_the_keys_file_to_its_owner(running_api):
     assert pausepoint.main(["--db", api.config["database.path"], "rotate-signing-key"]) == 0
     assert (os.stat(path).st_uid, os.stat(path).st_gid) == (12345, 12346)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_a_keys_file_changed_before_the_first_signature_is_refused_and_logged_too(running_api, caplog):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    path = pausepoint.signing_keys_path(api.config["database.path"])
+    with open(path, encoding="utf-8") as f:
+        [loaded] = json.load(f)["keys"]
+    pausepoint.write_signing_keys(path, [pausepoint.new_signing_key()])      # another server's, say
+    created = api.create_pause(key)
+    api.post(f"/v1/pause/{created['pause_id']}/cancel", headers=api.as_key(key))
+    receipt = api.pause(key, created["pause_id"])["receipt"]
+    assert jwt.get_unverified_header(receipt)["kid"] == loaded["kid"] and checked(api, receipt)
+    assert "signing with the key already loaded" in caplog.text
