@@ -4725,9 +4725,7 @@ def write_signing_keys(path, keys, replace=True):
     try:
         with open(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), 0o600)
-            with contextlib.suppress(FileNotFoundError, PermissionError):
-                owner = os.stat(path)
-                os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
+            take_owner(f.fileno(), path)
             json.dump({"keys": keys}, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
@@ -4740,6 +4738,18 @@ def write_signing_keys(path, keys, replace=True):
             os.unlink(temporary)
 
 
+def take_owner(fd, path):
+    """Give `fd` the owner of the file at `path`, or else of the database beside which the
+    keys file at `path` is: a command run with sudo must not leave the server's files to
+    root. (Not root: nothing to give, and the file is the caller's own.)"""
+    for owner in (path, path.removesuffix(".keys.json")):
+        with contextlib.suppress(OSError):
+            found = os.stat(owner)
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, found.st_uid, found.st_gid)
+            return
+
+
 def create_signing_keys(path):
     with contextlib.suppress(FileExistsError):      # another process made it first
         write_signing_keys(path, [new_signing_key()], replace=False)
@@ -4749,6 +4759,7 @@ def rotate_signing_key(path):
     """A new signing key; the old ones keep only their public half. Returns the new kid.
     One rotation at a time (a lock beside the file), so none is lost."""
     with open(path + ".lock", "a") as lock:
+        take_owner(lock.fileno(), path)
         fcntl.flock(lock, fcntl.LOCK_EX)
         with open(path, encoding="utf-8") as f:
             keys = json.load(f)["keys"]
@@ -7897,12 +7908,6 @@ def backup(config, destination):
     for taken in (destination, keys_copy):
         if os.path.lexists(taken):
             raise ConfigError(f"{taken} already exists; choose a new file name")
-    # Without the keys that signed its receipts a backup could not be started. (A database
-    # without receipts, made by create-developer before the first start, has none yet.)
-    with_keys = os.path.exists(keys)
-    if not with_keys and latest_receipt_kid(config["database.path"]):
-        raise ConfigError(f"the signing keys beside the database ({keys}) are missing, and it holds receipts signed"
-                          " with them: restore them from a backup first")
     try:
         fd, partial = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(destination)), prefix=".backup-")
     except OSError as e:
@@ -7921,14 +7926,33 @@ def backup(config, destination):
         for leftover in (partial, partial + "-journal"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
-    if not with_keys:
+    try:
+        return backup_signing_keys(keys, keys_copy, destination)
+    except ConfigError:
+        for made in (destination, keys_copy):       # a backup that could not be started is no backup
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(made)
+        raise
+
+
+def backup_signing_keys(keys, keys_copy, destination):
+    """Copy the signing keys beside the backup `destination`, and check them as its start
+    would: they must be whole and hold the key of its latest receipt. Returns False for a
+    database with neither keys nor receipts (create-developer before the first start)."""
+    if not os.path.exists(keys):
+        if latest_receipt_kid(destination):
+            raise ConfigError(f"the signing keys beside the database ({keys}) are missing, and it holds receipts"
+                              " signed with them: restore them from a backup first")
         return False
     try:
         with open(keys, encoding="utf-8") as f:
             write_signing_keys(keys_copy, json.load(f)["keys"], replace=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        os.unlink(destination)      # a backup that could not be started is no backup
         raise ConfigError(f"the backup's signing keys could not be copied from {keys}: {e}") from None
+    try:
+        Signer(keys_copy, functools.partial(latest_receipt_kid, destination)).helper.shutdown()
+    except ConfigError as e:
+        raise ConfigError(f"the backup would not start with the signing keys beside the database: {e}") from None
     return True
 
 
@@ -8033,10 +8057,13 @@ def run_command(args, config):
         with_keys = backup(config, args.destination)
         print(f"backed up {config['database.path']} to {args.destination}"
               + (f" (its signing keys to {signing_keys_path(args.destination)})" if with_keys else
-                 " (no signing keys yet: the server makes them at its first start)"))
+                 " (no signing keys beside it: the server makes them at its next start)"))
         return 0
     if args.command == "rotate-signing-key":
-        kid = rotate_signing_key(Signer(signing_keys_path(config["database.path"])).path)
+        signer = Signer(signing_keys_path(config["database.path"]),
+                        functools.partial(latest_receipt_kid, config["database.path"]))   # checked as a start would
+        signer.helper.shutdown()
+        kid = rotate_signing_key(signer.path)
         print(f"receipts are now signed with {kid}; earlier keys stay in /.well-known/jwks.json")
         return 0
     conn = connect(config["database.path"])

@@ -341,3 +341,31 @@ def test_a_keys_file_changed_before_the_first_signature_is_refused_and_logged_to
     receipt = api.pause(key, created["pause_id"])["receipt"]
     assert jwt.get_unverified_header(receipt)["kid"] == loaded["kid"] and checked(api, receipt)
     assert "signing with the key already loaded" in caplog.text
+
+
+def test_a_backup_or_rotation_whose_keys_would_not_start_the_server_is_refused(running_api, tmp_path, capsys):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    api.post(f"/v1/pause/{api.create_pause(key)['pause_id']}/cancel", headers=api.as_key(key))
+    db, path = api.config["database.path"], pausepoint.signing_keys_path(api.config["database.path"])
+    os.rename(path, path + ".elsewhere")
+    assert pausepoint.main(["--db", db, "rotate-signing-key"]) == 2           # it would invent a key
+    assert "is missing, but this database holds receipts" in capsys.readouterr().err and not os.path.exists(path)
+    pausepoint.write_signing_keys(path, [pausepoint.new_signing_key()])       # another server's keys
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    assert pausepoint.main(["--db", db, "backup", str(backups / "copy.db")]) == 2
+    assert "the backup would not start with the signing keys" in capsys.readouterr().err
+    assert os.listdir(backups) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_files_a_rotation_run_as_root_makes_belong_to_the_databases_owner(running_api):
+    api = running_api()
+    db, path = api.config["database.path"], pausepoint.signing_keys_path(api.config["database.path"])
+    api.app.runtime.stop()
+    os.remove(path)                         # no receipts yet: a rotation makes the file
+    os.chown(db, 12345, 12346)
+    assert pausepoint.main(["--db", db, "rotate-signing-key"]) == 0
+    for made in (path, path + ".lock"):
+        assert (os.stat(made).st_uid, os.stat(made).st_gid) == (12345, 12346), made
