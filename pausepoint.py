@@ -4601,7 +4601,8 @@ class Signer:
 
     def __init__(self, path, signed_by=lambda: None):
         self.path, self.signed_by = path, signed_by()
-        self.keys, self.current, self.looked_at = [], None, None     # looked_at: the file as last read (stamp())
+        # The file as last read, and as last refused (stamp()): a refusal is logged once a version.
+        self.keys, self.current, self.read_at, self.refused_at = [], None, None, None
         # Signs a round of timeouts' receipts while the timeout job writes (expire_due_pauses()).
         self.helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="signing")
         if not os.path.exists(path):
@@ -4609,7 +4610,7 @@ class Signer:
                 raise ConfigError(f"{path} is missing, but this database holds receipts signed with the keys it"
                                   " held: restore it from the backup beside the database's (see the README)")
             create_signing_keys(path)
-        self.looked_at = self.stamp()
+        self.read_at = self.stamp()
         self.keys, self.current = self.read()
         with contextlib.suppress(OSError):
             if os.stat(path).st_mode & 0o077:
@@ -4618,12 +4619,13 @@ class Signer:
     def stamp(self):
         """What tells one version of the keys file from another: a rotation writes a new
         file, with a new inode (which a filesystem may hand back two rotations later), a
-        new time (coarse on some filesystems) and one key more."""
+        new time (coarse on some filesystems) and one key more; a chmod or chown that makes
+        it readable changes its ctime."""
         try:
             found = os.stat(self.path)
         except OSError as e:
             return e.strerror
-        return found.st_ino, found.st_mtime_ns, found.st_size
+        return found.st_ino, found.st_mtime_ns, found.st_ctime_ns, found.st_size
 
     def read(self):
         """(keys, (kid, private key) of the one that signs); ConfigError naming the file if unusable,
@@ -4632,6 +4634,8 @@ class Signer:
             with open(self.path, encoding="utf-8") as f:
                 keys = json.load(f)["keys"]
             published = {key["kid"]: key["public"] for key in keys}
+            named = all(kid == signing_key_id(base64.urlsafe_b64decode(public + "=="))
+                        for kid, public in published.items())
             signing = next(key for key in reversed(keys) if key.get("private"))
             private = Ed25519PrivateKey.from_private_bytes(base64.urlsafe_b64decode(signing["private"] + "=="))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration) as e:
@@ -4641,13 +4645,14 @@ class Signer:
         if (b64url(public), signing_key_id(public)) != (signing["public"], signing["kid"]):
             raise ConfigError(f"in the signing keys file {self.path}, the private key of {signing['kid']} is not the"
                               " one its public key and kid name: restore the file from a backup")
-        if any(kid != signing_key_id(base64.urlsafe_b64decode(public + "==")) for kid, public in published.items()):
+        if not named:
             raise ConfigError(f"in the signing keys file {self.path}, a kid does not name its public key: restore"
                               " the file from a backup")
         if self.signed_by and self.signed_by not in published:
             raise ConfigError(f"the signing keys file {self.path} does not hold the key {self.signed_by} that signed"
                               " this database's latest receipt: restore the keys file from a backup made after that"
-                              " key was made (or add the key's public half from /.well-known/jwks.json)")
+                              " key was made (or add {\"kid\": that kid, \"public\": its \"x\" in"
+                              " /.well-known/jwks.json} to its keys)")
         lost = [key["kid"] for key in self.keys if published.get(key["kid"]) != key["public"]]
         if lost:
             raise ConfigError(f"the signing keys file {self.path} does not hold the key {lost[0]} as this server"
@@ -4662,13 +4667,15 @@ class Signer:
         """Take up a changed keys file; one that cannot be taken is logged once, and the
         keys already loaded go on signing."""
         stamp = self.stamp()
-        if stamp == self.looked_at:
+        if stamp == self.read_at:
             return
-        self.looked_at = stamp
         try:
             self.keys, self.current = self.read()       # one assignment: a kid never meets another's key
-        except ConfigError as e:
-            log.error("signing with the key already loaded: %s", e)
+            self.read_at = stamp
+        except ConfigError as e:        # read again next time: it may be a moment's trouble (EMFILE, say)
+            if stamp != self.refused_at:
+                log.error("signing with the key already loaded: %s", e)
+                self.refused_at = stamp
 
     def sign(self, claims):
         return self.sign_all([claims])[0]
@@ -7928,10 +7935,8 @@ def backup(config, destination):
                 os.unlink(leftover)
     try:
         return backup_signing_keys(keys, keys_copy, destination)
-    except ConfigError:
-        for made in (destination, keys_copy):       # a backup that could not be started is no backup
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(made)
+    except BaseException:
+        os.unlink(destination)      # a backup that could not be started is no backup
         raise
 
 
@@ -7951,8 +7956,11 @@ def backup_signing_keys(keys, keys_copy, destination):
         raise ConfigError(f"the backup's signing keys could not be copied from {keys}: {e}") from None
     try:
         Signer(keys_copy, functools.partial(latest_receipt_kid, destination)).helper.shutdown()
-    except ConfigError as e:
-        raise ConfigError(f"the backup would not start with the signing keys beside the database: {e}") from None
+    except BaseException as e:
+        os.unlink(keys_copy)
+        if isinstance(e, ConfigError):
+            raise ConfigError(f"the backup would not start with {keys}: {str(e).replace(keys_copy, 'them')}") from None
+        raise
     return True
 
 

@@ -355,7 +355,7 @@ def test_a_backup_or_rotation_whose_keys_would_not_start_the_server_is_refused(r
     backups = tmp_path / "backups"
     backups.mkdir()
     assert pausepoint.main(["--db", db, "backup", str(backups / "copy.db")]) == 2
-    assert "the backup would not start with the signing keys" in capsys.readouterr().err
+    assert "the backup would not start with " in capsys.readouterr().err
     assert os.listdir(backups) == []
 
 
@@ -369,3 +369,12 @@ def test_files_a_rotation_run_as_root_makes_belong_to_the_databases_owner(runnin
     assert pausepoint.main(["--db", db, "rotate-signing-key"]) == 0
     for made in (path, path + ".lock"):
         assert (os.stat(made).st_uid, os.stat(made).st_gid) == (12345, 12346), made
+
+
+def test_a_keys_file_with_a_public_half_that_is_no_key_stops_start_up_with_a_sentence(tmp_path):
+    from conftest import make_config
+    config = make_config(tmp_path)
+    pausepoint.write_signing_keys(pausepoint.signing_keys_path(config["database.path"]),
+                                  [{"kid": "ppk_pasted", "public": "AAAAA"}, pausepoint.new_signing_key()])
+    with pytest.raises(pausepoint.ConfigError, match=r"the signing keys file .*keys\.json cannot be used"):
+        pausepoint.create_app(config)
