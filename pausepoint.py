@@ -4463,17 +4463,12 @@ EVENT_ROWS = ["INSERT INTO event_feed_pruned SELECT developer_id, livemode, rowi
               "DELETE FROM webhook_deliveries WHERE event_id = ?", "DELETE FROM webhook_events WHERE id = ?"]
 
 
-def delivery_log_kept(config):
-    """How long webhook events, deliveries and attempts are kept after their deliveries end."""
-    return dt.timedelta(days=config["retention.delivery_log_days"])
-
-
 def prune_expired_data(conn, config, now=None):
     """Delete what is past its retention (see schema.sql); returns {kind: rows deleted}.
     Live pauses and live audit events are never deleted."""
     now = now or utcnow()
     test_cutoff = db_time(now - dt.timedelta(days=config["retention.test_days"]))
-    log_cutoff = db_time(now - delivery_log_kept(config))
+    log_cutoff = db_time(now - dt.timedelta(days=config["retention.delivery_log_days"]))
     deleted = collections.Counter()
     delete = functools.partial(delete_in_batches, conn, deleted)
     delete("test pauses", "SELECT id FROM pauses WHERE livemode = 0 AND status != 'pending' AND decided_at < ?",
@@ -4642,7 +4637,7 @@ class Signer:
             raise ConfigError(f"the signing keys file {self.path} cannot be used ({type(e).__name__}: {e}); restore"
                               " it from a backup") from None
         public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        if (b64url(public), signing_key_id(public)) != (signing["public"], signing["kid"]):
+        if b64url(public) != signing["public"]:         # (its kid names its public key: `named`)
             raise ConfigError(f"in the signing keys file {self.path}, the private key of {signing['kid']} is not the"
                               " one its public key and kid name: restore the file from a backup")
         if not named:
