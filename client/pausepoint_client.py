@@ -111,6 +111,7 @@ class PausePoint:
     def __init__(self, base_url, api_key, timeout=10.0, retries=6, backoff=0.5):
         self.base_url, self.api_key = base_url.rstrip("/"), api_key
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self._opener = urllib.request.build_opener(_RedirectsRefused)
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -141,7 +142,7 @@ class PausePoint:
 
     def wait(self, pause_id, timeout=None):
         """The pause once decided, or as it stands after `timeout` seconds (None: until decided).
-        Rides out dropped connections and server restarts."""
+        Rides out dropped connections and server restarts, however long, until then."""
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def rest(seconds):
@@ -161,6 +162,13 @@ class PausePoint:
                 # As many agents wait as the server takes: come back when told or, if that is
                 # past our deadline, at the deadline for one last look; never sooner.
                 rest(e.retry_after or self.backoff)
+                continue
+            except (Unreachable, ServerError) as e:
+                # get() gave up after its retries (a restart can take longer): the pause is still
+                # there to wait for, until the deadline; a full disk (507) does not clear so.
+                if e.status == 507 or deadline is not None and time.monotonic() >= deadline:
+                    raise
+                rest(self.backoff)
                 continue
             if pause["status"] != "pending":
                 return pause
@@ -222,7 +230,7 @@ class PausePoint:
             try:
                 request = urllib.request.Request(url, data=data, headers=headers, method=method)
                 limit = self.timeout + (asked or {}).get("wait", 0)
-                with urllib.request.urlopen(request, timeout=limit) as answer:
+                with self._opener.open(request, timeout=limit) as answer:
                     raw = answer.read()
                 return json.loads(raw) if raw else None
             except urllib.error.HTTPError as e:
@@ -248,16 +256,33 @@ def _quote(part):
     return urllib.parse.quote(str(part), safe="")
 
 
+class _RedirectsRefused(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as an error, not followed: urllib would send the API key on to
+    wherever it points (another host too), turn a POST into a GET there, and hand back that
+    host's answer as the server's."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
 def _error_from(http_error):
+    """The typed error for a non-2xx answer, whatever its body: the server's one error shape,
+    or anything else something in between answered with."""
     try:
-        detail = json.loads(http_error.read() or b"{}").get("error", {})
-    except (ValueError, AttributeError):
+        detail = json.loads(http_error.read() or b"{}")["error"]
+    except (ValueError, KeyError, TypeError, IndexError, OSError, http.client.HTTPException):
         detail = {}
-    status = http_error.code
-    retry_after = http_error.headers.get("Retry-After")
+    detail = detail if isinstance(detail, dict) else {}
+    status, headers = http_error.code, http_error.headers
+    if 300 <= status < 400:
+        return PausePointError(status, "redirect", f"the server answered with a redirect to {headers.get('Location')};"
+                               " the client does not follow one (your key would go with it): use the address it"
+                               " names as the base URL if it is your server's")
+    retry_after = headers.get("Retry-After")
     kind = ERRORS.get(status, ServerError if status >= 500 else PausePointError)
-    return kind(status, detail.get("code", "error"), detail.get("message", http_error.reason), detail.get("field"),
-                int(retry_after) if retry_after and retry_after.isdigit() else None)
+    return kind(status, str(detail.get("code") or "error"), str(detail.get("message") or http_error.reason),
+                detail.get("field"),
+                int(retry_after) if retry_after and retry_after.isascii() and retry_after.isdigit() else None)
 
 
 ###############################################################################

@@ -3,6 +3,7 @@
 import ast
 import concurrent.futures
 import contextlib
+import http.server
 import os
 import re
 import socket
@@ -16,7 +17,7 @@ import requests
 
 from conftest import (QUESTION, answer_first_pending, reads_of_one_pause, register_over_http, ROOT, WIRE, LiveServer,
                       free_port, make_config, scraped, serving, stored, token_of, value, wait_until)
-from stubs import serve_stand_in, stop_http
+from stubs import serve_http, serve_stand_in, stop_http
 import pausepoint
 
 sys.path.insert(0, os.path.join(ROOT, "client"))
@@ -131,15 +132,17 @@ def test_waiting_comes_back_when_told_while_the_server_has_as_many_waiting_as_it
 
 
 def test_waiting_rides_out_a_server_restart(spawn_server, tmp_path):
+    """However long the restart takes: here longer than the client's retries of one call."""
     port = free_port()
     server = spawn_server(port=port)
     key = register(server.url)["test_api_key"]
-    client = PausePoint(server.url, key, backoff=0.2)
+    client = PausePoint(server.url, key, retries=1, backoff=0.05)
     created = client.pause(**ASK)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(client.wait, created["pause_id"])
         time.sleep(0.5)                            # the client is in a long poll now
         server.stop()
+        time.sleep(1)                              # its call's one retry, 0.05 s later, found nobody
         server = spawn_server(port=port)           # the same database, the same address
         requests.post(f"{server.url}/v1/respond/{token_of(created['respond_url'])}", json={"choice": "Reject"})
         assert waiting.result(timeout=60)["choice"] == "Reject"
@@ -269,6 +272,66 @@ def test_a_create_is_tried_again_only_when_trying_again_can_work(answers, posts,
         assert len(keys) == posts and len(set(keys)) == 1          # one Idempotency-Key throughout
     finally:
         stop_http(server)
+
+
+class AnswersInTurn(http.server.BaseHTTPRequestHandler):
+    """Something at the server's address answering each request with the next of `answers`
+    (status, headers, body bytes), and noting what it was sent."""
+    answers, seen = [], []
+
+    def do_GET(self):
+        self.seen.append((self.command, self.path, self.headers.get("Authorization")))
+        status, headers, body = self.answers.pop(0) if self.answers else (200, {}, b"{}")
+        self.send_response(status)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+def answering(*answers):
+    """(server, its URL, what it was sent) for an AnswersInTurn with these answers; stop_http() it."""
+    handler = type("Answers", (AnswersInTurn,), {"answers": list(answers), "seen": []})
+    server, url = serve_http(handler)
+    return server, url, handler.seen
+
+
+def test_a_redirect_is_refused_and_the_key_never_follows_it():
+    elsewhere, elsewhere_url, reached = answering((200, {}, b'{"pause_id": "psr_1", "status": "responded"}'))
+    server, url, seen = answering((302, {"Location": elsewhere_url + "/v1/pause"}, b""))
+    try:
+        with pytest.raises(pausepoint_client.PausePointError) as refused:
+            PausePoint(url, "pp_test_secret", backoff=0.01).pause(**ASK)
+    finally:
+        stop_http(server)
+        stop_http(elsewhere)
+    assert refused.value.code == "redirect" and elsewhere_url in refused.value.message
+    assert [what[0] for what in seen] == ["POST"] and reached == []
+
+
+@pytest.mark.parametrize("body, retry_after, kind, tries", [
+    (b'{"error": "Unauthorized"}', None, "Unauthorized", 1),        # a proxy's own shape
+    (b'{"error": null}', None, "ServerError", 2),
+    (b'["error"]', None, "ServerError", 2),
+    (b"<html>Bad gateway</html>", "\u00b2", "ServerError", 2),    # superscript two: a digit to str.isdigit()
+], ids=["error a string", "error null", "a list", "html and a retry-after of no ascii digits"])
+def test_an_answer_in_any_other_shape_is_still_a_typed_error(body, retry_after, kind, tries):
+    status = 401 if kind == "Unauthorized" else 503
+    headers = {"Retry-After": retry_after} if retry_after else {}      # sent as Latin-1, as HTTP headers are
+    server, url, seen = answering(*[(status, headers, body)] * tries)
+    try:
+        with pytest.raises(getattr(pausepoint_client, kind)) as refused:
+            PausePoint(url, "pp_test_x", retries=tries - 1, backoff=0.01).get("psr_1")
+    finally:
+        stop_http(server)
+    assert refused.value.status == status and refused.value.retry_after is None and len(seen) == tries
 
 
 def test_the_event_feed_and_the_audit_log(client):
