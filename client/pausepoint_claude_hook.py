@@ -16,6 +16,9 @@ Configured by the environment, like the MCP server:
                                          below the hook's own timeout in settings.json)
   PAUSEPOINT_HOOK_ON_TIMEOUT             ask (default) or deny
 
+A call whose tool input is too long for the page to show whole (about 15 KB) is asked
+about here, not on PausePoint: a person must see all of what they allow.
+
 Standard library only, with pausepoint_client.py beside it.
 """
 
@@ -29,7 +32,11 @@ import time
 import unicodedata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pausepoint_client import PausePoint, PausePointError  # noqa: E402
+try:
+    from pausepoint_client import PausePoint, PausePointError  # noqa: E402
+    CLIENT_MISSING = None
+except ImportError as e:        # copied without it: main() asks here, never leaves the call to Claude Code's rules
+    CLIENT_MISSING = e
 
 LONGEST_LINE = 160          # a text message's worth of the command
 LONGEST_PLACE = 200         # of a path, or of the directory it runs in
@@ -80,8 +87,9 @@ def home_relative(path):
 
 def describe(call):
     """One line: what Claude Code is about to do, and where. A person may answer by text
-    message without opening the page, which shows the whole tool input, so a line cut
-    short says so: a harmless start must not hide what follows it."""
+    message without opening the page, which shows the whole tool input (ask_person() asks
+    nobody a call too long for it), so a line cut short says so: a harmless start must not
+    hide what follows it."""
     tool, given = str(call.get("tool_name", "a tool")), call.get("tool_input") or {}
     if tool == "Bash" and "command" in given:
         verb, what, limit = "run:", given["command"], LONGEST_LINE
@@ -98,17 +106,10 @@ def describe(call):
     return readable(line)
 
 
-def fitted(metadata):
-    """The metadata with its tool_input shortened until the whole fits METADATA_BYTES:
-    counted in bytes of JSON, since an accent takes two and a quote, escaped inside a
-    JSON string inside JSON, four."""
-    def size(given):
-        return len(json.dumps(given, separators=(",", ":"), ensure_ascii=False).encode())
-    whole, limit = metadata["tool_input"], len(metadata["tool_input"])
-    while (measured := size(metadata)) > METADATA_BYTES and limit > 1:
-        limit = max(1, min(limit - 1, limit * METADATA_BYTES // measured))
-        metadata = {**metadata, "tool_input": shorten(whole, limit)}
-    return metadata
+def metadata_bytes(metadata):
+    """The metadata's size as the server counts it: bytes of JSON, since an accent takes
+    two and a quote, escaped inside a JSON string inside JSON, four."""
+    return len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode())
 
 
 def decision(kind, reason):
@@ -123,6 +124,18 @@ def hook_wait(environ):
     return wait
 
 
+def hook_settings(environ):
+    """(channel, what to answer on no answer), or ValueError naming the setting: a mistyped
+    one is not taken for another."""
+    channel = environ.get("PAUSEPOINT_CHANNEL", "sms")
+    if channel.strip().lower() == "link":
+        raise ValueError("PAUSEPOINT_CHANNEL=link notifies nobody: set sms, whatsapp, email or a push channel")
+    on_timeout = environ.get("PAUSEPOINT_HOOK_ON_TIMEOUT", "ask").strip().lower()
+    if on_timeout not in ("ask", "deny"):
+        raise ValueError(f"PAUSEPOINT_HOOK_ON_TIMEOUT must be ask or deny, not {on_timeout!r}")
+    return channel, on_timeout
+
+
 def ask_person(call, environ):
     """The hook's answer for one tool call."""
     # The create and the wait end by the wait's end, their last call included, and one try at a
@@ -131,14 +144,17 @@ def ask_person(call, environ):
     # server holds a call past its socket timeouts: main()'s watchdog answers at 56 s.
     client = PausePoint(environ["PAUSEPOINT_URL"], environ["PAUSEPOINT_API_KEY"], timeout=CALL_SECONDS, retries=2)
     wait = hook_wait(environ)
-    on_timeout = "deny" if environ.get("PAUSEPOINT_HOOK_ON_TIMEOUT") == "deny" else "ask"
+    channel, on_timeout = hook_settings(environ)
     tool_input = json.dumps(call.get("tool_input"), ensure_ascii=False)
-    metadata = fitted({name: None if call.get(name) is None else readable(call[name])
-                       for name in ("tool_name", "cwd", "session_id")}
-                      | {"tool_input": readable(tool_input), "display": ["tool_name", "cwd", "tool_input"]})
+    metadata = ({name: None if call.get(name) is None else readable(call[name])
+                 for name in ("tool_name", "cwd", "session_id")}
+                | {"tool_input": readable(tool_input), "display": ["tool_name", "cwd", "tool_input"]})
+    if (size := metadata_bytes(metadata)) > METADATA_BYTES:     # the page would show a part: a harmless start, say
+        return decision("ask", f"the call is too long to show whole on PausePoint ({size} bytes, {METADATA_BYTES}"
+                               " at most); asking here instead")
     deadline = time.monotonic() + wait - CALL_SECONDS       # for the create's tries and the wait's together
     created = client.pause(
-        recipient=environ["PAUSEPOINT_RECIPIENT"], channel=environ.get("PAUSEPOINT_CHANNEL", "sms"),
+        recipient=environ["PAUSEPOINT_RECIPIENT"], channel=channel,
         message=describe(call), options=["Allow", "Deny"], timeout_hours=max(wait, 60) / 3600,
         timeout_default="Deny", metadata=metadata, title="Claude Code",
         # The same call asked again (the hook re-run) finds the same pause.
@@ -150,7 +166,8 @@ def ask_person(call, environ):
         return decision("allow", f"allowed on PausePoint by {pause['decided_by']}")
     if pause["status"] == "responded":
         return decision("deny", pause.get("comment") or f"denied on PausePoint by {pause['decided_by']}")
-    reason = f"no answer on PausePoint within {wait:g} s"
+    reason = ("the pause was cancelled on PausePoint" if pause["status"] == "cancelled"
+              else f"no answer on PausePoint within {wait:g} s")
     if pause["status"] == "pending":            # a late answer must decide nothing: one try at cancelling it
         try:
             PausePoint(client.base_url, client.api_key, timeout=CANCEL_SECONDS, retries=0).cancel(pause["pause_id"])
@@ -186,6 +203,8 @@ def main(stdin=sys.stdin, stdout=sys.stdout, environ=os.environ):
     watchdog.daemon = True
     watchdog.start()
     try:
+        if CLIENT_MISSING is not None:
+            raise CLIENT_MISSING
         call = json.load(stdin)
         answer = ask_person(call, environ)
     except Exception as e:      # whatever it was (a call nested too deep to read, say): never Claude Code's own rules
