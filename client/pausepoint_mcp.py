@@ -55,11 +55,27 @@ asked, asked_here = {}, set()
 
 
 def settings():
+    """The operator's settings; ValueError naming one that is missing or no number of seconds
+    (checked as the server starts: a tool would only tell the model it failed)."""
+    missing = [name for name in ("PAUSEPOINT_URL", "PAUSEPOINT_API_KEY") if not os.environ.get(name)]
+    if missing:
+        raise ValueError(f"{missing[0]} is not set: set it in this server's env in the MCP host's configuration")
     return {"url": os.environ["PAUSEPOINT_URL"], "key": os.environ["PAUSEPOINT_API_KEY"],
             "recipient": os.environ.get("PAUSEPOINT_RECIPIENT"), "channel": os.environ.get("PAUSEPOINT_CHANNEL", "sms"),
-            "wait": float(os.environ.get("PAUSEPOINT_MCP_WAIT", "45")),
+            "wait": seconds("PAUSEPOINT_MCP_WAIT", "45"),
             # At least a second: the server waits whole seconds, and a wait of 0 answers at once.
-            "progress_every": max(1.0, float(os.environ.get("PAUSEPOINT_MCP_PROGRESS_EVERY", "10")))}
+            "progress_every": max(1.0, seconds("PAUSEPOINT_MCP_PROGRESS_EVERY", "10"))}
+
+
+def seconds(name, default):
+    given = os.environ.get(name, default)
+    try:
+        value = float(given)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 3600:          # nan and inf too
+        raise ValueError(f"{name} must be a number of seconds from 0 to 3600, not {given!r}")
+    return value
 
 
 def client():
@@ -172,4 +188,8 @@ async def cancel_approval(pause_id: str) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        settings()
+    except ValueError as e:
+        sys.exit(f"pausepoint-mcp: {e}")
     server.run()

@@ -4,6 +4,7 @@ process (the same protocol, without the 0.9 s of CPU a launch costs)."""
 
 import json
 import os
+import subprocess
 import sys
 import unittest.mock
 
@@ -234,3 +235,14 @@ def test_a_server_whose_person_could_be_the_model_asks_nobody(setup, env, refuse
     answer = with_mcp(url, key, steps, **env)
     assert answer["status"] == "error" and answer["approved"] is False and refused in answer["error"]
     assert requests.get(f"{url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).json()["pauses"] == []
+
+
+@pytest.mark.parametrize("env, named", [({"PAUSEPOINT_URL": ""}, "PAUSEPOINT_URL is not set"),
+                                        ({"PAUSEPOINT_MCP_WAIT": "abc"}, "PAUSEPOINT_MCP_WAIT must be a number"),
+                                        ({"PAUSEPOINT_MCP_PROGRESS_EVERY": "inf"}, "PAUSEPOINT_MCP_PROGRESS_EVERY")])
+def test_a_setting_it_cannot_take_stops_it_at_start_naming_the_setting(env, named):
+    """Found only by a tool, the model would read that the tool failed, and not why."""
+    settings = {"PAUSEPOINT_URL": "http://127.0.0.1:9", "PAUSEPOINT_API_KEY": "pp_test_x", **env}
+    done = subprocess.run([sys.executable, MCP_SERVER], input="", capture_output=True, text=True, timeout=60,
+                          env={**{k: v for k, v in os.environ.items() if not k.startswith("PAUSEPOINT_")}, **settings})
+    assert done.returncode == 1 and named in done.stderr and "Traceback" not in done.stderr
