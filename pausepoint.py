@@ -106,7 +106,7 @@ SETTINGS = [
     Setting("server.base_url", "", "Public URL of this server, used to build respond_url links. Empty: http://<host>:<port>."),
     Setting("server.threads", 64, "Worker threads. One client address may use all but 8 of them at once. Long-polling agents (?wait=) hold none while they wait."),
     Setting("server.waiting_limit", 2000, "Long polls (?wait=) that may wait at once, all developers together. Each holds a connection, not a thread; beyond the limit they get 429 with Retry-After."),
-    Setting("server.waiting_per_developer", 1000, "Long polls one developer's agents may have waiting at once (test and live keys together)."),
+    Setting("server.waiting_per_developer", 1000, "Long polls one developer's agents may have waiting at once in each mode (test and live keys apart, so a test key cannot crowd out live agents)."),
     Setting("server.waiting_per_ip", 1000, "Long polls one client address may have waiting at once, whatever accounts they use (server.trusted_proxy is exempt)."),
     Setting("server.trusted_proxy", "", "IP address of a reverse proxy whose X-Forwarded-For/-Proto headers are believed. Empty: none."),
     Setting("server.max_body_bytes", 65536, "Largest request body accepted; larger ones are refused with 413 as soon as their size is known."),
@@ -139,7 +139,7 @@ SETTINGS = [
     Setting("smtp.from_address", "", "The From address of approval emails, e.g. PausePoint <approvals@example.com>."),
     Setting("smtp.ca_file", "", "PEM file of CA certificates to trust for SMTP TLS instead of the system's (for a private CA)."),
     Setting("webhooks.allow_private", False, "Allow webhook URLs on loopback, private or link-local addresses (for agents on your LAN)."),
-    Setting("webhooks.max_per_developer", 16, "Webhook endpoints one developer may have (test and live together)."),
+    Setting("webhooks.max_per_developer", 16, "Webhook endpoints one developer may have in each mode (test and live apart)."),
     Setting("webhooks.per_endpoint", 2, "Deliveries to one endpoint in flight at once (within outbound.per_developer), and connections kept alive to it between them. More keeps a slow receiver's backlog moving; with more than 1, events to an endpoint may arrive out of order."),
     Setting("outbound.workers", 16, "Threads for outbound calls: webhook deliveries and notification sends."),
     Setting("outbound.deadline_seconds", 10.0, "Seconds one outbound call (a webhook delivery or a notification send) may take in all, from the name lookup to the last byte of the answer; a slower one is cut off and retried later."),
@@ -149,7 +149,7 @@ SETTINGS = [
     Setting("ratelimit.login_per_hour", 20, "Failed password checks (dashboard sign-in, key rotation) allowed per hour per client IP, and per email (or, for a browser that signed in as that developer before, per browser)."),
     Setting("ratelimit.rotate_per_hour", 20, "Key rotations (attempts, right or wrong) allowed per client IP per hour."),
     Setting("ratelimit.respond_failures_per_hour", 30, "Unknown respond tokens allowed per client IP per hour; beyond it unknown tokens get 429 (valid ones always work)."),
-    Setting("ratelimit.webhook_changes_per_hour", 200, "Webhook creations, changes, deletions, tests and redeliveries one developer may make per hour (each writes an audit event that is kept)."),
+    Setting("ratelimit.webhook_changes_per_hour", 200, "Webhook creations, changes, deletions, tests and redeliveries one developer may make per hour in each mode (each writes an audit event that is kept)."),
     Setting("ratelimit.test_pauses_per_hour", 1000, "Test-mode pauses one developer may create per hour (the first hour's worth at once, then evenly)."),
     Setting("metrics.enabled", False, "Serve Prometheus metrics (see metrics.listen)."),
     Setting("metrics.listen", "127.0.0.1:9464", "Where metrics are served, host:port, apart from the API; empty:"
@@ -1134,6 +1134,12 @@ def error_body(status, code, message, field=None):
 KEY_ALPHABET = string.ascii_letters + string.digits
 KEY_RANDOM_CHARS = 48                      # 48 * log2(62) = 285 bits
 MODES = {"live": 1, "test": 0}
+
+
+def mode_name(livemode):
+    return "live" if livemode else "test"
+
+
 # One plain address: no display names, groups, comments or lists, which mail headers
 # would read as several recipients or none.
 EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -1234,7 +1240,7 @@ def rotate_key(conn, developer, livemode):
                      (db_time(), developer["id"], livemode))
         key = issue_key(conn, developer["id"], livemode)
         record_event(conn, developer["id"], livemode, f"developer:{developer['email']}", "key.rotated",
-                     data={"mode": "live" if livemode else "test",
+                     data={"mode": mode_name(livemode),
                            "revoked_key": old["hint"] if old else None, "new_key": key_hint(key)})
     return key
 
@@ -4020,11 +4026,12 @@ def create_webhook(conn, config, caller, body):
     webhook_id, now = new_id("wh_"), db_time()
     with transaction(conn):
         limit = config["webhooks.max_per_developer"]
-        held = conn.execute("SELECT count(*) FROM webhooks WHERE developer_id = ? AND deleted_at IS NULL",
-                            (caller.developer_id,)).fetchone()[0]
+        # Counted in the caller's mode: a key must never be stopped by webhooks it cannot see.
+        held = conn.execute("SELECT count(*) FROM webhooks WHERE developer_id = ? AND livemode = ?"
+                            " AND deleted_at IS NULL", (caller.developer_id, caller.livemode)).fetchone()[0]
         if held >= limit:
             raise ApiError(409, "webhook_limit_reached",
-                           f"a developer may have at most {limit} webhooks (test and live together); delete one first")
+                           f"a developer may have at most {limit} {mode_name(caller.livemode)} webhooks; delete one first")
         conn.execute("INSERT INTO webhooks (id, developer_id, livemode, url, events, secret, created_at, updated_at)"
                      " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                      (webhook_id, caller.developer_id, caller.livemode, fields["url"], compact_json(fields["events"]),
@@ -5248,7 +5255,9 @@ class Runtime:
         Retry-After), rather than answered at once, which would make a fleet poll. With
         `wants`, only changes of those kinds (see Waiting.changed) wake a parked request."""
         park, wait_until = environ.get("pausepoint.park"), environ.get("pausepoint.wait_until")
-        served_before, who = wait_until is not None, (caller.developer_id, environ.get("REMOTE_ADDR"))
+        # Places are a developer's in each mode: a test key must not crowd out live agents.
+        served_before = wait_until is not None
+        who = ((caller.developer_id, caller.livemode), environ.get("REMOTE_ADDR"))
         wait_until = time.monotonic() + seconds if wait_until is None else wait_until
         watch = self.waiting.watch(topic, wants)       # before the read: a change after it is not missed
         try:
@@ -5291,7 +5300,7 @@ class Waiting:
     else. A change wakes only its own topic's waiters. Under a WSGI server that cannot park,
     a waiting request holds its thread and waits on its topic's condition.
 
-    Each developer may have server.waiting_per_developer requests waiting, and all together
+    Each developer may have server.waiting_per_developer requests waiting in each mode, and all together
     server.waiting_limit; one over its share is told when to come back (see wait_for)."""
 
     class Topic:
@@ -6217,8 +6226,10 @@ def post_cancel(rt, caller, pause_id):
 def webhook_change_allowed(rt, caller):
     """Every webhook change writes an audit event that is kept for good (in live mode): a
     developer makes so many an hour."""
-    rt.limiter.limit("webhook_changes", caller.developer_id, rt.config["ratelimit.webhook_changes_per_hour"],
-                     "webhook changes for this developer (ratelimit.webhook_changes_per_hour)")
+    rt.limiter.limit("webhook_changes", (caller.developer_id, caller.livemode),
+                     rt.config["ratelimit.webhook_changes_per_hour"],
+                     f"{mode_name(caller.livemode)} webhook changes for this developer"
+                     " (ratelimit.webhook_changes_per_hour)")
 
 
 def post_webhook(rt, caller, body):
@@ -6321,7 +6332,7 @@ def export_audit(rt, caller, query):
                                   "data": json.loads(row["data"]), "data_json": row["data"], "prev_hash": row["prev_hash"],
                                   "hash": row["hash"]}, separators=(",", ":")) + "\n"
         media = "application/x-ndjson"
-    mode = "live" if caller.livemode else "test"
+    mode = mode_name(caller.livemode)
     return bottle.HTTPResponse(in_chunks(lines()), headers={
         "Content-Type": media, "Cache-Control": "no-store",
         "Content-Disposition": f'attachment; filename="pausepoint-audit-{mode}.{query["format"]}"'})
@@ -6731,7 +6742,7 @@ def audit_csv(rt, session, query):
             yield csv_line([event["id"], event["timestamp"], event["actor"], event["event_type"], event["pause_id"],
                             "true" if event["livemode"] else "false", json_for_reading(event["data"])])
 
-    mode = "live" if caller.livemode else "test"
+    mode = mode_name(caller.livemode)
     return bottle.HTTPResponse(in_chunks(lines()), headers={
         "Content-Type": "text/csv; charset=utf-8", "Cache-Control": "no-store", **PAGE_HEADERS,
         "Content-Disposition": f'attachment; filename="pausepoint-audit-{mode}.csv"'})

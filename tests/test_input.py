@@ -564,3 +564,13 @@ def test_webhook_changes_are_rate_limited_per_developer(tmp_path):
     refused = api.patch_json(f"/v1/webhooks/{webhook}", {"enabled": False}, headers=auth, status=429)
     assert refused.json["error"]["code"] == "rate_limited" and int(refused.headers["Retry-After"]) > 0
     assert api.get(f"/v1/webhooks/{webhook}", headers=auth).json["status"] == "enabled"
+
+
+def test_test_webhook_changes_spend_none_of_the_live_keys_budget(tmp_path):
+    app = pausepoint.create_app(make_config(tmp_path, **{"ratelimit.webhook_changes_per_hour": 1,
+                                                         "webhooks.allow_private": True}))
+    api = Api(app)
+    keys = api.register()
+    api.post_json("/v1/webhooks", HOOK, headers=api.as_key(keys["test_api_key"]))
+    api.post_json("/v1/webhooks", HOOK, headers=api.as_key(keys["test_api_key"]), status=429)
+    api.post_json("/v1/webhooks", HOOK, headers=api.as_key(keys["api_key"]))

@@ -186,6 +186,20 @@ def test_a_developer_past_their_share_of_waiting_is_told_when_to_come_back(small
     assert [answer_to(sock)[2]["status"] for sock in parked[1:]] == ["responded"] * 5
 
 
+def test_a_test_key_waiting_leaves_the_live_agents_their_places(small_server):
+    """Places are counted in each mode: a test key holding its developer's share must not
+    keep the live agents from waiting."""
+    server = small_server(**{"server.waiting_per_developer": 1})
+    keys = register(server.url)
+    parked = ask(server, "/v1/events?wait=50", keys["test_api_key"])
+    wait_until(lambda: server.app.runtime.waiting.count == 1)
+    assert answer_to(ask(server, "/v1/events?wait=50", keys["test_api_key"]))[0] == 429
+    live = ask(server, "/v1/events?wait=50", keys["api_key"], source="127.0.0.2")
+    wait_until(lambda: server.app.runtime.waiting.count == 2)
+    server.app.runtime.stop()                   # a stop answers every waiter
+    assert [answer_to(sock)[0] for sock in (parked, live)] == [200, 200]
+
+
 def test_one_address_cannot_take_every_waiting_place_with_many_accounts(small_server):
     server = small_server(**{"server.waiting_per_ip": 2})
     keys = [register(server.url, email=f"dev{n}@example.com")["test_api_key"] for n in range(2)]

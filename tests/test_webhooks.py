@@ -805,6 +805,20 @@ def test_a_disabled_endpoint_gets_no_test_events_or_redeliveries(hooks_api, keys
     assert queued(hooks_api.config, webhook_id=webhook_id) == 1 and len(receiver.calls) == 1
 
 
+def test_a_developers_webhooks_are_counted_in_each_mode_apart(running_api):
+    """A test key's endpoints, which the live key cannot see or delete, must not stop it."""
+    api = running_api(**{"webhooks.max_per_developer": 2})
+    developer = api.register()
+    test, live = api.as_key(developer["test_api_key"]), api.as_key(developer["api_key"])
+    for n in range(2):
+        api.post_json("/v1/webhooks", {"url": f"https://hooks.example.com/{n}", "events": ["pause.created"]},
+                      headers=test)
+    refused = api.post_json("/v1/webhooks", {"url": "https://hooks.example.com/t", "events": ["pause.created"]},
+                            headers=test, status=409)
+    assert refused.json["error"]["message"] == "a developer may have at most 2 test webhooks; delete one first"
+    api.post_json("/v1/webhooks", {"url": "https://hooks.example.com/live", "events": ["pause.created"]}, headers=live)
+
+
 # -- one tenant's slow receivers against everyone else -----------------------------
 
 def register_on(url, email):
