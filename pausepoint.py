@@ -7868,6 +7868,7 @@ def start_up_warnings(config):
 def serve(config):
     fewer_malloc_arenas()
     app = create_app(config)
+    held = only_server(config["database.path"])      # noqa: F841 (held open until the process ends)
     server = make_server(app, config)
     app.runtime.start()
 
@@ -7890,6 +7891,26 @@ def serve(config):
     finally:
         app.runtime.stop()
         log.info("PausePoint stopped")
+
+
+def only_server(database_path):
+    """The lock that makes this the one server on its database, held by the open file it
+    returns until the process ends (a crash or kill -9 too). Two would each wake only their
+    own long polls, hold their own limits, and apply their own settings to work the other
+    made; the database keeps a decision from being taken twice, not those."""
+    path = database_path + ".server.lock"
+    try:
+        held = open(path, "a")
+    except OSError as e:
+        raise ConfigError(f"cannot make the lock file {path}: {e.strerror}") from None
+    take_owner(held.fileno(), database_path)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.close()
+        raise ConfigError(f"another PausePoint server is running on {database_path}: stop it first, or give this one"
+                          " a database of its own") from None
+    return held
 
 
 # glibc's mallopt() option for the most arenas it makes.

@@ -70,20 +70,36 @@ def test_it_times_out_to_the_default_after_a_restart(spawn_server, tmp_path):
     assert stored(db_path, "SELECT count(*) FROM audit_events WHERE event_type = 'pause.timed_out'") == [(1,)]
 
 
-def test_two_processes_on_one_database_never_double_fire_a_timeout(spawn_server, tmp_path):
-    db_path = tmp_path / "pausepoint.db"
+def test_a_second_server_on_a_database_is_refused_and_the_first_serves_on(spawn_server, tmp_path):
     first = spawn_server()
-    second = spawn_server()
-    key = register(first.url)["test_api_key"]
-    ids = [create(first.url if n % 2 else second.url, key)["pause_id"] for n in range(40)]
-    simulated = "SELECT count(*) FROM audit_events WHERE event_type = 'notification.simulated'"
-    wait_until(lambda: stored(db_path, simulated) == [(40,)])       # each text once, by one of the two
-    stored(db_path, "UPDATE pauses SET expires_at = ?", pausepoint.db_time())     # all fall due at once, in both
-    wait_until(lambda: stored(db_path, "SELECT count(*) FROM pauses WHERE status = 'timed_out'") == [(40,)], timeout=20)
-    per_pause = dict(stored(db_path, "SELECT pause_id, count(*) FROM audit_events WHERE event_type = 'pause.timed_out'"
-                                     " GROUP BY pause_id"))
-    assert per_pause == {pause_id: 1 for pause_id in ids}
-    assert stored(db_path, simulated) == [(40,)]
+    second = run_cli(tmp_path, "--port", str(free_port()), "serve")
+    assert second.returncode == 2
+    assert second.stderr.strip() == (f"pausepoint: another PausePoint server is running on {tmp_path / 'pausepoint.db'}:"
+                                     " stop it first, or give this one a database of its own")
+    assert register(first.url)["test_api_key"].startswith("pp_test_")
+    first.stop()
+    assert register(spawn_server().url, email="again@example.com")["test_api_key"]     # the lock went with the first
+
+
+def test_two_runtimes_on_one_database_never_double_fire_a_timeout(running_api, tmp_path):
+    """Each runtime's jobs claim work in the database, so two at once (or a job started
+    again while one still runs) never send or time out anything twice."""
+    first, second = running_api(), running_api()
+    key = first.register()["test_api_key"]
+    ids = [(first if n % 2 else second).create_pause(key)["pause_id"] for n in range(40)]
+
+    def both(job):
+        start = threading.Barrier(2)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda api: (start.wait(), api.step(job)), (first, second)))
+    both("notifications")
+    stored(first.config, "UPDATE pauses SET expires_at = ?", pausepoint.db_time())     # all fall due at once, in both
+    both("timeouts")
+    events = dict(stored(first.config, "SELECT event_type, count(*) FROM audit_events WHERE event_type IN"
+                                       " ('notification.simulated', 'pause.timed_out') GROUP BY event_type"))
+    assert events == {"notification.simulated": 40, "pause.timed_out": 40}
+    assert stored(first.config, "SELECT count(DISTINCT pause_id) FROM audit_events WHERE event_type = 'pause.timed_out'") \
+        == [(40,)] and len(ids) == 40
 
 
 def test_a_long_poll_wakes_as_soon_as_the_human_decides(live_server):
@@ -237,8 +253,9 @@ def test_when_every_place_is_taken_the_biggest_holder_gives_one_up(small_server)
     status, _, pause = answer_to(parked[0])
     assert status == 200 and pause["status"] == "pending" and pause["pause_id"] == my_pauses[0]["pause_id"]
     wait_until(lambda: waiting.count == 4)
-    assert waiting.waiting[(stored(server.app.runtime.config["database.path"],
-                                   "SELECT developer_id FROM pauses WHERE id = ?", their_pause["pause_id"])[0][0], None)] == 1
+    [(their_developer,)] = stored(server.app.runtime.config, "SELECT developer_id FROM pauses WHERE id = ?",
+                                  their_pause["pause_id"])
+    assert waiting.waiting[((their_developer, 0), None)] == 1         # in test mode
     # I hold the most: asking for more gets me told to come back, not someone else's place.
     assert answer_to(ask(server, f"/v1/pause/{my_pauses[4]['pause_id']}?wait=50", mine))[0] == 429
     for p in my_pauses[1:4] + [their_pause]:
