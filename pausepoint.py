@@ -7868,7 +7868,7 @@ def start_up_warnings(config):
 def serve(config):
     fewer_malloc_arenas()
     app = create_app(config)
-    held = only_server(config["database.path"])      # noqa: F841 (held open until the process ends)
+    lock = only_server(config["database.path"])
     server = make_server(app, config)
     app.runtime.start()
 
@@ -7890,6 +7890,7 @@ def serve(config):
         server.run()        # returns after SIGTERM/SIGINT, once in-flight requests finished
     finally:
         app.runtime.stop()
+        lock.close()            # only now may another server start on the database
         log.info("PausePoint stopped")
 
 
