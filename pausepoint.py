@@ -4914,7 +4914,7 @@ class Runtime:
         self.idle_connections, self.idle_lock = [], threading.Lock()    # see db()
         self.write_lock = FairLock()
         self.waiting = Waiting(config["server.waiting_limit"], config["server.waiting_per_developer"],
-                               config["server.waiting_per_ip"], config["server.trusted_proxy"] or None)
+                               config["server.waiting_per_ip"], limited_as(config["server.trusted_proxy"]) or None)
         self.stopping = False
         self.disk_short = False         # as run_disk() last found it
         self.wal = WalBacklog(config["database.path"])         # for the disk's reserve
@@ -5257,7 +5257,7 @@ class Runtime:
         park, wait_until = environ.get("pausepoint.park"), environ.get("pausepoint.wait_until")
         # Places are a developer's in each mode: a test key must not crowd out live agents.
         served_before = wait_until is not None
-        who = ((caller.developer_id, caller.livemode), environ.get("REMOTE_ADDR"))
+        who = ((caller.developer_id, caller.livemode), limited_as(environ.get("REMOTE_ADDR")))
         wait_until = time.monotonic() + seconds if wait_until is None else wait_until
         watch = self.waiting.watch(topic, wants)       # before the read: a change after it is not missed
         try:
@@ -6097,6 +6097,25 @@ def client_ip():
     return bottle.request.environ.get("REMOTE_ADDR") or "unknown"
 
 
+def limited_as(address):
+    """Whom a per-address limit counts `address` as: an IPv6 address by its /64, which is one
+    subscriber's (a provider hands out at least that, and its holder may use any address in
+    it), so one client cannot take a budget per address; any other address as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:              # an IPv4 client of a dual-stack listener
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
+def client_limited_as():
+    return limited_as(client_ip())
+
+
 def client_facts():
     """Who is on the other end, for rate limits and the audit log."""
     return {"ip": client_ip(), "user_agent": readable_text(request_header("User-Agent") or "")[:300]}
@@ -6137,12 +6156,12 @@ def registration_allowed(rt, caller):
                        "registration is closed on this server; the operator adds developers with"
                        " `python pausepoint.py create-developer --email … --name …`")
     require_room(disk_short_of_room(rt.config, rt.wal))
-    rt.limiter.limit("register", client_ip(), rt.config["ratelimit.register_per_hour"], "registrations from your address")
+    rt.limiter.limit("register", client_limited_as(), rt.config["ratelimit.register_per_hour"], "registrations from your address")
 
 
 def register(rt, body):
     """Register a developer: a live key and a test key, shown this once."""
-    with rt.hashing_turn(client_ip()):
+    with rt.hashing_turn(client_limited_as()):
         return register_developer(rt.db(), rt.config, body["email"], body["name"], body["password"])
 
 
@@ -6157,7 +6176,7 @@ def password_of(rt, email, password, device=None):
     if device_knows(rt.db(), device, email):
         budgets = [("password_failures_device", key_digest(device), "failed sign-ins from this browser")]
     else:       # the email by digest: a bucket costs the same memory whatever was typed
-        budgets = [("password_failures", client_ip(), "failed sign-ins from your address"),
+        budgets = [("password_failures", client_limited_as(), "failed sign-ins from your address"),
                    ("password_failures_email", key_digest(email),
                     "failed sign-ins for this email (a browser that has signed in as you before is not held to"
                     " this: sign in or rotate keys there)")]
@@ -6169,7 +6188,7 @@ def password_of(rt, email, password, device=None):
         rt.limiter.spend(name, who, per_hour, make_room=False)
     failed = False      # given back unless the password was checked and was wrong (a 503 checked none)
     try:
-        with rt.hashing_turn(client_ip()):
+        with rt.hashing_turn(client_limited_as()):
             developer = check_password(rt.db(), rt.config, email, password or "")
             failed = developer is None
     finally:
@@ -6180,7 +6199,7 @@ def password_of(rt, email, password, device=None):
 
 
 def rotation_allowed(rt, caller):
-    rt.limiter.limit("rotate", client_ip(), rt.config["ratelimit.rotate_per_hour"], "key rotations from your address")
+    rt.limiter.limit("rotate", client_limited_as(), rt.config["ratelimit.rotate_per_hour"], "key rotations from your address")
 
 
 def rotate(rt, body):
@@ -6435,7 +6454,7 @@ def guard_respond_link(rt, lookup):
         return lookup()
     except ApiError as e:
         if e.status == 404:
-            rt.limiter.limit("respond", client_ip(), rt.config["ratelimit.respond_failures_per_hour"],
+            rt.limiter.limit("respond", client_limited_as(), rt.config["ratelimit.respond_failures_per_hour"],
                              "unknown respond links from your address")
         raise
 
@@ -6653,7 +6672,7 @@ def signup(rt, form):
         return form_page(rt, "signup", status=403, error=None, values={})
     try:
         registration_allowed(rt, None)
-        with rt.hashing_turn(client_ip()):
+        with rt.hashing_turn(client_limited_as()):
             keys = register_developer(rt.db(), rt.config, form.get("email"), form.get("name"), form.get("password"))
     except ApiError as e:
         if e.status not in (409, 422, 507):
@@ -6795,7 +6814,7 @@ def password_from_dashboard(rt, session, form):
     if developer is None:
         return keys_page(rt, session, error="That password is wrong; the password was not changed.", status=401)
     change_password(rt.db(), rt.config, developer, new_password, request_cookie(DEVICE_COOKIE),
-                    turn=rt.hashing_turn(client_ip()))
+                    turn=rt.hashing_turn(client_limited_as()))
     return redirect("/dashboard/login?notice=password", **{SESSION_COOKIE: (None, cookie_options(rt.config))})
 
 
@@ -7018,7 +7037,7 @@ class Handlers:
             # from when it was first served.
             started, answered = bottle.request.environ.get("pausepoint.started") or time.monotonic(), True
             try:
-                with self.rt.turns.taken(bottle.request.environ.get("REMOTE_ADDR", "")):
+                with self.rt.turns.taken(limited_as(bottle.request.environ.get("REMOTE_ADDR", ""))):
                     answer = callback(**path, **self.given(spec, wanted, schema, validators))
             except ApiError as e:
                 return error_response(e, spec.page)

@@ -79,6 +79,23 @@ def test_registration_is_rate_limited_per_client_ip(tmp_path):
     other_ip.register(email="d10@example.com")
 
 
+def test_an_ipv6_client_is_limited_by_its_slash_64_not_by_each_address_in_it(tmp_path):
+    """Its holder may use any of the 2^64 addresses in it: counted apart, each would bring a
+    budget of its own. An IPv4 address on a dual-stack listener counts as itself."""
+    app = pausepoint.create_app(make_config(tmp_path, **{"ratelimit.register_per_hour": 2}))
+
+    def register_from(address, n, status=201):
+        return Api(app, extra_environ={"REMOTE_ADDR": address}).post_json(
+            "/v1/auth/register", {"email": f"v{n}@example.com", "name": "V", "password": PASSWORD}, status=status)
+    register_from("2001:db8:1:2::1", 1)
+    register_from("2001:db8:1:2:ffff::9", 2)
+    assert register_from("2001:db8:1:2:abcd::7", 3, status=429).json["error"]["code"] == "rate_limited"
+    register_from("2001:db8:1:3::1", 4)                         # the next /64: another subscriber's
+    register_from("::ffff:198.51.100.7", 5)
+    register_from("198.51.100.7", 6)
+    register_from("::ffff:198.51.100.7", 7, status=429)
+
+
 def test_rotating_a_key_returns_a_new_one_and_the_old_one_stops_at_once(api, developer):
     old = developer["api_key"]
     api.get("/v1/pause", headers=api.as_key(old), status=200)
