@@ -23,6 +23,7 @@ import dataclasses
 import datetime as dt
 import email.message
 import email.utils
+import errno
 import fcntl
 import functools
 import getpass
@@ -997,6 +998,39 @@ def require_room(short_of_room):
         raise ApiError(507, "storage_low", "the server's disk is nearly full, so it takes no new pauses or accounts"
                                            " until its operator frees space (database.min_free_mb); pauses already"
                                            " made are still decided", headers={"Retry-After": "60"})
+
+
+def disk_is_full(error):
+    """Whether `error` is a write refused for want of room: SQLite's SQLITE_FULL ("database
+    or disk is full") or the system's ENOSPC. Not a bug to trace back, and it passes once the
+    operator frees space."""
+    if isinstance(error, sqlite3.Error):
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(error)
+    return isinstance(error, OSError) and error.errno == errno.ENOSPC
+
+
+class DiskFullEpisodes:
+    """Which of the server's jobs are failing for a full disk. Each says so in one line when it
+    starts failing and one when it can write again, not a traceback a tick: on a full disk
+    the log is often on that disk too."""
+
+    def __init__(self):
+        self.failing, self.lock = set(), threading.Lock()
+
+    def failed(self, what, error):
+        with self.lock:
+            new = what not in self.failing
+            self.failing.add(what)
+        if new:
+            log.warning("%s cannot write, the database's disk is full (%s): it tries again each time and says"
+                        " here when it can", what, error)
+
+    def succeeded(self, what):
+        with self.lock:
+            recovered = what in self.failing
+            self.failing.discard(what)
+        if recovered:
+            log.warning("%s can write again: the database's disk has room", what)
 
 
 def split_sql(script):
@@ -3282,6 +3316,7 @@ class OutboundPool:
         self.per_channel = max(1, workers // 2)
         self.kept_for_newcomers = max(1, workers // 4)
         self.executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="outbound")
+        self.disk_full = None       # a DiskFullEpisodes, to say once when calls cannot record for a full disk
         self.deadlines = DeadlineWatch()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -3359,10 +3394,17 @@ class OutboundPool:
         """Run call(*args) on a worker in a slot taken with reserve(*slot); the slot is freed after, then then()."""
         def work():
             started = time.monotonic()
+            name = getattr(call, "__name__", call)
             try:
                 call(*args)
-            except Exception:
-                log.exception("outbound call %s failed unexpectedly", getattr(call, "__name__", call))
+            except Exception as e:
+                if not disk_is_full(e):
+                    log.exception("outbound call %s failed unexpectedly", name)
+                elif self.disk_full is not None:
+                    self.disk_full.failed(f"outbound call {name}", e)
+            else:
+                if self.disk_full is not None:
+                    self.disk_full.succeeded(f"outbound call {name}")
             finally:
                 self.took(slot[1], time.monotonic() - started)
                 self.release(*slot)
@@ -4895,11 +4937,23 @@ TIMEOUTS_CACHE_KIB = 4096                   # the timeout job's page cache (see 
 
 def one_round_at_a_time(job):
     """A job method whose runs on one Runtime never overlap, whether the scheduler or
-    run_once() runs it (run_once() holds the lock across all its rounds, so it is re-entrant)."""
+    run_once() runs it (run_once() holds the lock across all its rounds, so it is re-entrant).
+
+    A round that fails for a full disk is logged once for the episode (see DiskFullEpisodes)
+    and counts as a round that started nothing."""
     @functools.wraps(job)
     def run(self):
+        what = f"the {job.__name__.removeprefix('run_')} job"
         with self.round_locks[job.__name__]:
-            return job(self)
+            try:
+                started = job(self)
+            except Exception as e:
+                if not disk_is_full(e):
+                    raise
+                self.disk_full.failed(what, e)
+                return 0
+            self.disk_full.succeeded(what)
+            return started
     return run
 
 
@@ -4917,6 +4971,7 @@ class Runtime:
                                config["server.waiting_per_ip"], limited_as(config["server.trusted_proxy"]) or None)
         self.stopping = False
         self.disk_short = False         # as run_disk() last found it
+        self.disk_full = DiskFullEpisodes()
         self.wal = WalBacklog(config["database.path"])         # for the disk's reserve
         self.limiter = RateLimiter(enabled=config["ratelimit.enabled"])
         self.error_log = ErrorLog()
@@ -4933,6 +4988,7 @@ class Runtime:
         # slow receiver or provider holds a worker, never the scheduler or an API thread.
         self.outbound = OutboundPool(config["outbound.workers"], config["outbound.per_developer"],
                                      config["outbound.deadline_seconds"])
+        self.outbound.disk_full = self.disk_full
         self.webhook_connections = EndpointConnections(config["webhooks.allow_private"], config["webhooks.per_endpoint"])
         self.wake_lock = threading.Lock()
         self.webhooks_woken = threading.Event()

@@ -335,6 +335,29 @@ class LiveServer:
 
 
 @pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a disk of its own, 4 MiB of tmpfs, that a test may fill (fill_disk()):
+    what a full disk does to SQLite is only seen on one. Mounting needs root; without it, skip."""
+    directory = tmp_path / "small-disk"
+    directory.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(directory)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs is not permitted here")
+    yield directory
+    subprocess.run(["umount", "--lazy", str(directory)], check=True)
+
+
+def fill_disk(directory):
+    """Fill the disk `directory` is on with one file, up to the last byte; its path, to free the room."""
+    filler = os.path.join(directory, "filler")
+    with open(filler, "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"x" * 4096)
+    return filler
+
+
+@pytest.fixture
 def live_server(tmp_path):
     """The app on a real loopback port, served by waitress exactly as in production."""
     with serving(tmp_path) as server:

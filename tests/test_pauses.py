@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import requests
 
-from conftest import PASSWORD, WIRE, Api, make_config, run_out, stored, token_of
+from conftest import PASSWORD, WIRE, Api, fill_disk, make_config, run_out, stored, token_of
 import pausepoint
 
 
@@ -475,6 +475,25 @@ def test_a_checkpoint_that_another_kept_from_running_leaves_the_wal_backlog_as_i
     assert backlog.bytes() == 6_000
     (tmp_path / "p.db-wal").write_bytes(b"w" * 12_000)
     assert backlog.bytes() == 8_000                                 # and what the file grew by since
+
+
+def test_a_job_that_cannot_write_for_a_full_disk_says_so_once_and_again_when_it_can(running_api, small_disk,
+                                                                                     caplog):
+    """Not a traceback a tick through the scheduler: on a full disk the log is often on that disk too."""
+    api = running_api(fresh=True, **{"database.path": str(small_disk / "pausepoint.db"), "database.min_free_mb": 0})
+    key = api.register()["test_api_key"]
+    for _ in range(10):                 # pages the checkpoint must add to the database file, sends to simulate
+        api.create_pause(key)
+    filler = fill_disk(small_disk)
+    with caplog.at_level("INFO", logger="pausepoint"):
+        for job in ("checkpoint", "checkpoint", "notifications", "notifications"):
+            api.step(job)
+        os.remove(filler)
+        api.step("checkpoint")
+    said = [record.getMessage() for record in caplog.records]
+    assert [line.split(",")[0].split(":")[0] for line in said] == [
+        "the checkpoint job cannot write", "the notifications job cannot write", "the checkpoint job can write again"]
+    assert "database or disk is full" in said[0] and not any(record.exc_info for record in caplog.records)
 
 
 def test_a_failed_refresh_of_the_planners_statistics_is_logged_not_raised(running_api, caplog):
