@@ -6993,11 +6993,11 @@ ROUTES = [
     Route("GET", "/healthz", healthz, auth="none", answer=HEALTH),
     Route("GET", "/v1/openapi.json", get_openapi, auth="none", answer={"type": "object"}),
     Route("POST", "/v1/auth/register", register, 201, "none", REGISTRATION_SCHEMA, answer=REGISTERED,
-          guard=registration_allowed, refusals=(403, 409, 507)),
+          guard=registration_allowed, refusals=(403, 409)),
     Route("POST", "/v1/auth/keys/rotate", rotate, 200, "none", ROTATION_SCHEMA, answer=ROTATED, guard=rotation_allowed,
           refusals=(401,)),
     Route("POST", "/v1/pause", post_pause, 201, body=pause_request_schema, answer=PAUSE_CREATED,
-          refusals=(403, 507)),
+          refusals=(403,)),
     Route("GET", "/v1/pause", list_pauses, query={"status": STATUS_QUERY, **PAGE_QUERY}, answer=page_of("pauses", PAUSE)),
     Route("GET", "/v1/pause/<pause_id>", get_pause, query={"wait": WAIT_QUERY}, answer=PAUSE),
     Route("POST", "/v1/pause/<pause_id>/cancel", post_cancel, answer=PAUSE),
@@ -7103,6 +7103,8 @@ class Handlers:
             except bottle.HTTPResponse:
                 raise
             except Exception as e:
+                if disk_is_full(e):         # the scheduler's jobs say so in the log, once
+                    return error_response(disk_full_refusal(bottle.request.path), spec.page)
                 self.rt.error_log.error(bottle.request.method, spec.path, e)
                 return error_response(ApiError(500, "internal_error", UNEXPECTED), spec.page)
             finally:
@@ -7174,6 +7176,15 @@ BOTTLE_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_all
 TEMPLATE_HELPERS = {"urlencode": urllib.parse.urlencode,
                     "json_text": functools.partial(json_for_reading, indent=2),
                     "field_text": field_display, "form_text": form_text}
+
+
+def disk_full_refusal(path):
+    """What a write that failed for a full disk answers: 507, as the reserve's refusals do, and
+    not a fault in the server. Nothing of it was stored, so the same request may be sent again
+    once the operator frees space; a person answering is told their answer was not recorded."""
+    what = "your answer was not recorded" if path.startswith(("/respond/", "/v1/respond/")) else "nothing was stored"
+    return ApiError(507, "storage_low", f"{what}, because the server's disk is full; try again in a few minutes",
+                    headers={"Retry-After": "60"})
 
 
 def html_page(name, status=200, headers=None, **values):
@@ -7262,7 +7273,8 @@ ERROR_STATUSES = {400: "Malformed JSON, or a lone surrogate in it", 401: "No val
                   500: "A fault in the server, logged there",
                   503: "Busy (or starting): try again shortly, after Retry-After when given",
                   507: "The server's disk is short of room (storage_low, database.min_free_mb): no new pauses or"
-                       " accounts for now"}
+                       " accounts for now; or full, and nothing of this request was stored. Try again after"
+                       " Retry-After"}
 
 
 def openapi_document(config):
@@ -7327,7 +7339,7 @@ def responses(route):
         possible |= {400, 413, 415}
     if route.method in ("POST", "PATCH", "DELETE") and "<" in route.path:
         possible |= {409, 410} if "respond" in route.path else {409}
-    possible |= {*route.refusals, 500, 503}
+    possible |= {*route.refusals, 500, 503, 507}      # any write, a read's audit event too, may find the disk full
     return {str(route.status): success, **{str(code): {"description": ERROR_STATUSES[code], "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}} for code in sorted(possible)}}
 

@@ -1,10 +1,11 @@
 import concurrent.futures
+import os
 import re
 import sqlite3
 
 import requests
 
-from conftest import WIRE, Api, make_config, run_out, stored, token_of
+from conftest import WIRE, Api, fill_disk, make_config, run_out, stored, token_of
 import pausepoint
 
 XSS = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
@@ -199,6 +200,24 @@ def test_an_unexpected_error_shows_a_person_a_page_and_an_agent_json(api, develo
     assert api.get(respond_path(created), status=500).json["error"]["code"] == "internal_error"
     missing = api.get("/respond/", status=404)
     assert missing.content_type == "text/html"
+
+
+def test_an_answer_the_full_disk_cannot_store_is_507_and_the_person_is_told_to_try_again(running_api, small_disk):
+    """Not 500 "something went wrong": the answer was not recorded, and may be sent again once there is room."""
+    api = running_api(fresh=True, **{"database.path": str(small_disk / "pausepoint.db"), "database.min_free_mb": 0})
+    key = api.register()["test_api_key"]
+    created = [api.create_pause(key) for _ in range(2)]
+    form = api.get(respond_path(created[1], page=True)).forms[0]
+    filler = fill_disk(small_disk)
+    refused = api.post_json(respond_path(created[0]), {"choice": "Approve"}, status=507)
+    assert refused.json["error"]["code"] == "storage_low" and refused.headers["Retry-After"] == "60"
+    assert "not recorded" in refused.json["error"]["message"]
+    page = form.submit("choice", index=0, status=507)
+    assert page.content_type == "text/html" and "Your answer was not recorded" in page.text
+    assert "try again in a few minutes" in page.text
+    os.remove(filler)
+    api.post_json(respond_path(created[0]), {"choice": "Approve"})
+    assert [api.pause(key, p["pause_id"])["status"] for p in created] == ["responded", "pending"]
 
 
 def test_the_page_says_who_asks_about_what_with_the_details_the_agent_chose(api):
