@@ -120,7 +120,7 @@ SETTINGS = [
     Setting("server.send_timeout", 20, "Seconds an answer may wait for the client to read it before the connection is closed."),
     Setting("database.path", "pausepoint.db", "SQLite database file. Created from schema.sql on first start."),
     Setting("database.cache_kib", 128, "SQLite's page cache per connection, in KiB. There is a connection for each request running at once and for each job thread (at most about 90 with the defaults), so this counts that many times; the operating system's file cache, shared by all, holds the rest."),
-    Setting("database.min_free_mb", 256, "Free space, in MiB, kept on the database's disk for the pauses already made, counted once the WAL is copied into the database file: below it, new pauses and registrations get 507, while decisions, timeouts and sends go on. 0: only the room the WAL needs."),
+    Setting("database.min_free_mb", 256, "Free space, in MiB, kept on the database's disk for the pauses already made, counted once the WAL is copied into the database file: below it, new pauses and registrations get 507, while decisions, timeouts and sends go on. 0: only the room the WAL needs (a disk with none left is short of it still)."),
     Setting("registration.open", True, "Whether registration (POST /v1/auth/register and the dashboard's sign-up) is open. When false, the operator adds developers with `create-developer`. The operator page's switch, once used, overrides this."),
     Setting("dashboard.session_idle_minutes", 60, "Minutes a dashboard sign-in lasts without use."),
     Setting("dashboard.session_max_hours", 168, "Hours a dashboard sign-in lasts at most, however often it is used."),
@@ -955,9 +955,11 @@ def refresh_statistics(conn):
 def disk_short_of_room(config, wal):
     """Whether the database's disk has less free space than database.min_free_mb, once what
     its WAL holds uncopied (`wal`, a WalBacklog) is in the database file: the checkpoint may
-    need that much for pages new to the file, and a full disk fails every write."""
+    need that much for pages new to the file, and a full disk fails every write. No room at
+    all is short of it whatever the reserve, 0 included."""
     disk = os.statvfs(os.path.dirname(os.path.realpath(config["database.path"])))     # where SQLite writes
-    return disk.f_bavail * disk.f_frsize - wal.bytes() < config["database.min_free_mb"] * 2**20
+    room = disk.f_bavail * disk.f_frsize - wal.bytes()
+    return room <= 0 or room < config["database.min_free_mb"] * 2**20
 
 
 class WalBacklog:

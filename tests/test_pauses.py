@@ -496,6 +496,17 @@ def test_a_job_that_cannot_write_for_a_full_disk_says_so_once_and_again_when_it_
     assert "database or disk is full" in said[0] and not any(record.exc_info for record in caplog.records)
 
 
+def test_health_says_the_disk_is_short_of_room_when_it_is_full_even_with_no_reserve(running_api, small_disk):
+    """A reserve of 0 keeps no room beyond the WAL's, but a disk with no room at all is not ok."""
+    api = running_api(jobs=True, fresh=True, **{"database.path": str(small_disk / "pausepoint.db"),
+                                                "database.min_free_mb": 0})
+    api.step("checkpoint")                  # the WAL all copied: it needs no room in the database file
+    assert api.get("/healthz").json["disk"] == "ok"
+    fill_disk(small_disk)
+    assert shutil.disk_usage(small_disk).free == 0
+    assert api.get("/healthz").json["disk"] == "short of room"
+
+
 def test_a_failed_refresh_of_the_planners_statistics_is_logged_not_raised(running_api, caplog):
     """At start on a full disk, say: the server is needed to answer more than the statistics are."""
     conn = pausepoint.connect(running_api().config["database.path"])
