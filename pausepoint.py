@@ -7954,6 +7954,18 @@ def start_up_warnings(config):
                " endpoint run at once")
 
 
+def stored_state_warnings(conn, config):
+    """What the database holds that the config does not say, where the operator should know."""
+    is_open, source = registration_open(conn, config)
+    if source == "dashboard" and is_open != config["registration.open"]:
+        row = query_db(conn, "SELECT changed_by, changed_at FROM server_settings WHERE key = 'registration.open'",
+                       one=True)
+        yield (f"registration.open is {str(config['registration.open']).lower()} in the config, but the switch on the"
+               f" dashboard's operator page ({row['changed_by']}, {api_time(row['changed_at'])}) has registration"
+               f" {'open' if is_open else 'closed'}, and the switch wins: change it there (/dashboard/operator),"
+               " not in the config")
+
+
 def serve(config):
     fewer_malloc_arenas()
     app = create_app(config)
@@ -7973,7 +7985,9 @@ def serve(config):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("PausePoint %s serving on %s (database %s)", VERSION, base_url(config), config["database.path"])
-    for warning in start_up_warnings(config):
+    with contextlib.closing(connect(config["database.path"])) as conn:
+        stored = list(stored_state_warnings(conn, config))
+    for warning in [*start_up_warnings(config), *stored]:
         log.warning(warning)
     try:
         server.run()        # returns after SIGTERM/SIGINT, once in-flight requests finished

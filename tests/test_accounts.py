@@ -66,6 +66,22 @@ def test_closed_registration_says_how_the_operator_adds_developers(tmp_path):
     assert "create-developer" in error["message"]
 
 
+def test_a_start_warns_when_the_dashboards_registration_switch_overrides_the_config(tmp_path, spawn_server):
+    """registration.open = false in the config reads as closed; a switch flipped on the dashboard
+    long ago may have it open, and that is a security setting: say so, which wins, and where to change it."""
+    app = pausepoint.create_app(make_config(tmp_path))
+    pausepoint.set_registration_open(app.runtime.db(), True, "operator:ops@example.com")
+    app.runtime.stop()
+    server = spawn_server(env={"PAUSEPOINT_REGISTRATION_OPEN": "false"})
+    warned = [line for line in server.output().splitlines() if "registration.open" in line]
+    assert len(warned) == 1 and "WARNING" in warned[0]
+    assert "false in the config" in warned[0] and "operator:ops@example.com" in warned[0]
+    assert "has registration open, and the switch wins: change it there (/dashboard/operator)" in warned[0]
+    server.stop()
+    agreeing = spawn_server(env={"PAUSEPOINT_REGISTRATION_OPEN": "true"})
+    assert "registration.open" not in agreeing.output()
+
+
 def test_registration_is_rate_limited_per_client_ip(tmp_path):
     app = pausepoint.create_app(make_config(tmp_path, **{"ratelimit.register_per_hour": 2}))
     api = Api(app, extra_environ={"REMOTE_ADDR": "198.51.100.7"})
