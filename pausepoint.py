@@ -7964,6 +7964,14 @@ def stored_state_warnings(conn, config):
                f" dashboard's operator page ({row['changed_by']}, {api_time(row['changed_at'])}) has registration"
                f" {'open' if is_open else 'closed'}, and the switch wins: change it there (/dashboard/operator),"
                " not in the config")
+    unconfigured = query_db(conn, "SELECT plan, count(*) AS developers FROM developers GROUP BY plan")
+    unconfigured = [row for row in unconfigured if row["plan"] not in plans(config)]
+    if unconfigured:
+        named = ", ".join(f"{row['plan']} ({row['developers']} developer{'s' * (row['developers'] != 1)})"
+                          for row in unconfigured)
+        yield (f"developers are on plans this config does not define: {named}. Their live pauses get 403"
+               " unknown_plan until the config defines each again (plans.<name>.monthly_pauses) or set-plan"
+               " moves them to a plan it does")
 
 
 def serve(config):

@@ -21,7 +21,11 @@ Add developers with <code>python pausepoint.py create-developer --email … --na
     <tr>
       <td>{{developer['email']}}{{' (operator)' if developer['is_operator'] else ''}}</td>
       <td>{{developer['name']}}</td>
-      <td>{{developer['live_this_month']}} of {{plans.get(developer['plan'], '—')}}</td>
+% if developer['plan'] in plans:
+      <td>{{developer['live_this_month']}} of {{plans[developer['plan']]}}</td>
+% else:
+      <td>{{developer['live_this_month']}} (plan <strong>{{developer['plan']}}</strong> is not configured: live pauses are refused)</td>
+% end
       <td>{{developer['test_this_month']}}</td>
       <td>
         <form method="post" action="/dashboard/operator/plan" class="inline">
@@ -29,6 +33,9 @@ Add developers with <code>python pausepoint.py create-developer --email … --na
           <input type="hidden" name="email" value="{{developer['email']}}">
           <label class="visually-hidden" for="plan-{{developer['id']}}">Plan of {{developer['email']}}</label>
           <select id="plan-{{developer['id']}}" name="plan">
+% if developer['plan'] not in plans:
+            <option value="{{developer['plan']}}" selected>{{developer['plan']}} (not configured)</option>
+% end
 % for plan in sorted(plans):
             <option value="{{plan}}"{{!' selected' if plan == developer['plan'] else ''}}>{{plan}} ({{plans[plan]}} a month)</option>
 % end

@@ -546,6 +546,35 @@ def test_the_operator_sees_usage_changes_plans_and_closes_registration(running_a
     assert "create-developer" in api.get("/dashboard/signup", status=403).text
 
 
+def test_the_operator_page_names_a_developers_plan_the_config_no_longer_defines(running_api):
+    """Not "0 of —" and a dropdown that only offers the plans there are: the plan, and that it is missing."""
+    with_team = running_api(**{"plans.team.monthly_pauses": 5000})
+    sign_up(with_team, email="ops@example.com")
+    with_team.reset()
+    sign_up(with_team, email="customer@example.com")
+    pausepoint.change_plan(with_team.app.runtime.db(), with_team.config, "customer@example.com", "team", "cli")
+    assert pausepoint.main(["--db", with_team.config["database.path"], "set-operator", "--email", "ops@example.com"]) == 0
+    api = running_api()                     # the same database, started without plans.team
+    log_in(api, email="ops@example.com")
+    page = api.get("/dashboard/operator")
+    row = next(tr for tr in page.html.select("#developers tbody tr") if "customer@" in tr.select("td")[0].text)
+    assert "plan team is not configured" in " ".join(row.select("td")[2].text.split())
+    chosen = row.select_one("select option[selected]")
+    assert chosen["value"] == "team" and chosen.text == "team (not configured)"
+
+
+def test_a_start_warns_of_developers_on_plans_the_config_no_longer_defines(running_api, spawn_server):
+    """Their live pauses are all refused 403 unknown_plan: the operator should hear of it at once."""
+    api = running_api(**{"plans.team.monthly_pauses": 5000})
+    for email in ("a@example.com", "b@example.com"):
+        api.register(email=email)
+        pausepoint.change_plan(api.app.runtime.db(), api.config, email, "team", "cli")
+    api.app.runtime.stop()
+    warned = [line for line in spawn_server().output().splitlines() if "plans this config does not define" in line]
+    assert len(warned) == 1 and "WARNING" in warned[0] and "team (2 developers)" in warned[0]
+    assert "403 unknown_plan" in warned[0] and "set-plan" in warned[0]
+
+
 # -- guessing passwords, and locking people out ---------------------------------------------
 
 def from_address(api, address):
