@@ -283,8 +283,8 @@ class AnswersInTurn(http.server.BaseHTTPRequestHandler):
         self.seen.append((self.command, self.path, self.headers.get("Authorization")))
         status, headers, body = self.answers.pop(0) if self.answers else (200, {}, b"{}")
         self.send_response(status)
-        for name, value in {**headers, "Content-Length": str(len(body))}.items():
-            self.send_header(name, value)
+        for name, text in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(name, text)
         self.end_headers()
         self.wfile.write(body)
 
