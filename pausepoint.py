@@ -7342,8 +7342,17 @@ def responses(route):
     if route.method in ("POST", "PATCH", "DELETE") and "<" in route.path:
         possible |= {409, 410} if "respond" in route.path else {409}
     possible |= {*route.refusals, 500, 503, 507}      # any write, a read's audit event too, may find the disk full
-    return {str(route.status): success, **{str(code): {"description": ERROR_STATUSES[code], "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}} for code in sorted(possible)}}
+    return {str(route.status): success, **{str(code): error_answer(code) for code in sorted(possible)}}
+
+
+# Error answers that say when to come back (a quota's 429 does not: it does not clear in seconds).
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before asking again", "schema": {"type": "integer"}}}
+
+
+def error_answer(code):
+    answer = {"description": ERROR_STATUSES[code],
+              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {**answer, "headers": RETRY_AFTER} if code in (429, 503, 507) else answer
 
 
 def webhook_operation(event, config):

@@ -39,6 +39,8 @@ def test_the_document_is_valid_openapi_3_1_with_auth_errors_and_webhooks(api):
     # gives that is not here fails the fuzzing below.
     assert set(create["responses"]) == {"201", "400", "401", "403", "413", "415", "422", "429", "500", "503", "507"}
     assert set(document["paths"]["/v1/auth/register"]["post"]["responses"]) >= {"403", "409"}
+    assert [code for code, answer in create["responses"].items() if "Retry-After" in answer.get("headers", {})] \
+        == ["429", "503", "507"]                    # the README's promise, in the document clients are made from
     assert document["webhooks"]["pause.responded"]["post"]["requestBody"]["content"]["application/json"]["schema"][
         "allOf"][1]["properties"]["data"] == {"$ref": "#/components/schemas/Pause"}
     assert [p["name"] for p in document["paths"]["/v1/pause/{pause_id}"]["get"]["parameters"]] == ["pause_id", "wait"]
