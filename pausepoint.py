@@ -770,6 +770,15 @@ def connect(path, write_lock=None, cache_kib=128, same_thread=True):
     return conn
 
 
+def connect_read_only(path):
+    """A connection that cannot write to the database (SQLite's mode=ro): not even the
+    journal mode, as connect() sets it."""
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30, factory=Connection)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
 class FairLock:
     """A lock handed to its waiters in the order they asked. threading.Lock favours the
     thread that just released it, so a job writing batch after batch took it straight
@@ -919,15 +928,13 @@ def pause_by_id(conn, pause_id):
 def migrate(conn):
     """Create the schema on a fresh database, or apply the migrations it lacks."""
     with transaction(conn):
-        fresh = not conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_migrations'").fetchone()
-        if fresh:
+        done = applied_schema(conn)
+        if done is None:
             with open(SCHEMA_PATH, encoding="utf-8") as f:
                 for statement in split_sql(f.read()):
                     conn.execute(statement)
             conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (MIGRATIONS[-1][0], db_time()))
             return
-        done = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
         for number, sql in MIGRATIONS:
             if number <= done:
                 continue
@@ -937,6 +944,33 @@ def migrate(conn):
                 for statement in split_sql(sql):
                     conn.execute(statement)
             conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (number, db_time()))
+
+
+def applied_schema(conn):
+    """The newest migration the database has had, or None for a fresh one. One a newer
+    PausePoint has migrated is refused: this code would misread tables it does not know,
+    and write rows the newer one would misread in turn."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_migrations'").fetchone():
+        return None
+    done = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
+    if done > MIGRATIONS[-1][0]:
+        raise ConfigError(f"{database_file(conn)} was last opened by a newer PausePoint (schema {done}; this one"
+                          f" knows up to {MIGRATIONS[-1][0]}): run that version, or restore a backup made by this one")
+    return done
+
+
+def check_database(path):
+    """applied_schema() of the database at `path` (None if there is none yet), read without
+    changing it: before anything is made beside it, or a command copies or rotates for it."""
+    if not os.path.isfile(path):       # none yet, or a directory: opening it says so (main())
+        return None
+    with contextlib.closing(connect_read_only(path)) as conn:
+        return applied_schema(conn)
+
+
+def database_file(conn):
+    """The file `conn` has open."""
+    return conn.execute("PRAGMA database_list").fetchone()[2]
 
 
 def refresh_statistics(conn):
@@ -4965,6 +4999,7 @@ class Runtime:
     limiter, the scheduler and the outbound pool."""
 
     def __init__(self, config):
+        check_database(config["database.path"])        # before anything starts, or is made beside it
         self.config = config
         self._local = threading.local()
         self.idle_connections, self.idle_lock = [], threading.Lock()    # see db()
@@ -8209,6 +8244,7 @@ def run_command(args, config):
         # A mistyped path would otherwise get a new, empty database that "verifies".
         raise ConfigError(f"there is no database at {config['database.path']}; name the server's with --db or"
                           " database.path")
+    check_database(config["database.path"])
     if args.command == "backup":
         with_keys = backup(config, args.destination)
         print(f"backed up {config['database.path']} to {args.destination}"

@@ -720,3 +720,28 @@ def test_the_images_health_check_asks_the_server_on_the_port_it_was_given(spawn_
                               capture_output=True, timeout=30).returncode
     assert check[0] == "python" and health(port) == 0
     assert health(str(free_port())) != 0                # nothing listens there
+
+
+def operators_database(tmp_path):
+    """The path of a database as `create-developer` makes it, with a developer ops@example.com."""
+    assert run_cli(tmp_path, "create-developer", "--email", "ops@example.com", "--name", "Ops", "--password-stdin",
+                   stdin=PASSWORD + "\n").returncode == 0
+    return tmp_path / "pausepoint.db"
+
+
+# Every way to use a database: serving, and each command.
+EVERY_START = [("serve",), ("verify-audit",), ("backup", "copy.db"), ("rotate-signing-key",),
+               ("set-plan", "--email", "ops@example.com", "--plan", "team"),
+               ("set-operator", "--email", "ops@example.com"),
+               ("create-developer", "--email", "b@example.com", "--name", "B", "--password-stdin")]
+
+
+def test_a_database_from_a_newer_version_is_refused_naming_both_versions(tmp_path):
+    db = operators_database(tmp_path)
+    stored(db, "INSERT INTO schema_migrations VALUES (99, '2027-01-01T00:00:00.000Z')")
+    for start in EVERY_START:
+        one_sentence(run_cli(tmp_path, *start, "--port", str(free_port()), stdin=PASSWORD + "\n"),
+                     f"{db} was last opened by a newer PausePoint (schema 99; this one knows up to"
+                     f" {pausepoint.MIGRATIONS[-1][0]}): run that version, or restore a backup made by this one")
+    assert not {"copy.db", "pausepoint.db.keys.json"} & set(os.listdir(tmp_path))     # nothing copied nor made
+    assert stored(db, "SELECT max(version) FROM schema_migrations") == [(99,)]
