@@ -949,8 +949,13 @@ def migrate(conn):
 def applied_schema(conn):
     """The newest migration the database has had, or None for a fresh one. One a newer
     PausePoint has migrated is refused: this code would misread tables it does not know,
-    and write rows the newer one would misread in turn."""
+    and write rows the newer one would misread in turn. So is another application's: every
+    PausePoint database has had schema_migrations since the first (migration 1), so one
+    with tables but not that one is not ours to write our tables into."""
     if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_migrations'").fetchone():
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchone():
+            raise ConfigError(f"{database_file(conn)} is not a PausePoint database (it has tables, but not"
+                              " schema_migrations): name the server's with --db or database.path")
         return None
     done = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
     if done > MIGRATIONS[-1][0]:

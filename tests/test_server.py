@@ -745,3 +745,15 @@ def test_a_database_from_a_newer_version_is_refused_naming_both_versions(tmp_pat
                      f" {pausepoint.MIGRATIONS[-1][0]}): run that version, or restore a backup made by this one")
     assert not {"copy.db", "pausepoint.db.keys.json"} & set(os.listdir(tmp_path))     # nothing copied nor made
     assert stored(db, "SELECT max(version) FROM schema_migrations") == [(99,)]
+
+
+@pytest.mark.parametrize("tables", ["customers", "developers"])
+def test_another_applications_database_is_refused_and_left_as_it_was(tmp_path, tables):
+    db = tmp_path / "pausepoint.db"
+    stored(db, f"CREATE TABLE {tables} (id INTEGER PRIMARY KEY, email TEXT)")
+    for start in EVERY_START:
+        one_sentence(run_cli(tmp_path, *start, "--port", str(free_port()), stdin=PASSWORD + "\n"),
+                     f"{db} is not a PausePoint database (it has tables, but not schema_migrations): name the"
+                     " server's with --db or database.path")
+    assert stored(db, "SELECT name FROM sqlite_master") == [(tables,)]
+    assert not {"copy.db", "pausepoint.db.keys.json"} & set(os.listdir(tmp_path))
