@@ -8221,9 +8221,7 @@ def main(argv=None):
         return 2
     except sqlite3.DatabaseError as e:      # only starting or a command gets here: requests and jobs catch theirs
         path = config["database.path"]
-        hint = ("" if "unable to open" not in str(e) else "; it is a directory: name a file" if os.path.isdir(path)
-                else "; does its directory exist, and may this user write there?")
-        print(f"pausepoint: cannot use the database {path}: {e}{hint}", file=sys.stderr)
+        print(f"pausepoint: cannot use the database {path}: {e}{open_failure_hint(path, e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:               # Ctrl-C at a prompt, or before the server took its signals
         print(file=sys.stderr)
@@ -8232,6 +8230,21 @@ def main(argv=None):
         print(f"pausepoint: {e.message}", file=sys.stderr)
         return 1
     return 0
+
+
+def open_failure_hint(path, error):
+    """What likely kept SQLite from opening the database at `path`, after `error`'s text."""
+    if "unable to open" not in str(error):
+        return ""
+    if os.path.isdir(path):
+        return "; it is a directory: name a file"
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(path) and not os.path.exists(path + "-shm") and not os.access(directory, os.W_OK):
+        # A reader of a database in WAL mode shares its wal-index (the -shm file) with the
+        # other connections: a first reader makes it, in the database's directory.
+        return (f"; reading it needs {path}-shm, which only a server that has it open, or a user who may write"
+                " to its directory, provides: copy it somewhere writable")
+    return "; does its directory exist, and may this user write there?"
 
 
 def asked_password():
@@ -8256,6 +8269,8 @@ def run_command(args, config):
               + (f" (its signing keys to {signing_keys_path(args.destination)})" if with_keys else
                  " (no signing keys beside it: the server makes them at its next start)"))
         return 0
+    if args.command == "verify-audit":
+        return verify_audit(config["database.path"])
     if args.command == "rotate-signing-key":
         signer = Signer(signing_keys_path(config["database.path"]),
                         functools.partial(latest_receipt_kid, config["database.path"]))   # checked as a start would
@@ -8277,7 +8292,19 @@ def run_command(args, config):
     elif args.command == "set-operator":
         set_operator(conn, args.email, not args.remove)
         print(f"{args.email} {'may no longer' if args.remove else 'may now'} use the operator page (/dashboard/operator)")
-    elif args.command == "verify-audit":
+    return 0
+
+
+def verify_audit(path):
+    """The verify-audit command; returns its exit status. It reads the database without
+    changing it, a read-only copy too, and never migrates it: migration 13 would chain a
+    log from before chaining as it stands now, tampered or not, and then find it holds."""
+    with contextlib.closing(connect_read_only(path)) as conn:
+        applied = applied_schema(conn)
+        if applied != MIGRATIONS[-1][0]:
+            raise ConfigError(f"{path} has schema {applied or 0}, older than this PausePoint's"
+                              f" {MIGRATIONS[-1][0]}: start the server on it (or on a copy of it) first, which"
+                              " migrates it, then verify it")
         breaks = audit_chain_breaks(conn)
         for seq, developer_id, livemode, why in breaks:
             print(f"aud_{seq} ({developer_id}, {'live' if livemode else 'test'}): {why}")
@@ -8285,7 +8312,7 @@ def run_command(args, config):
             return 1
         chains, events = query_db(conn, "SELECT count(DISTINCT developer_id || livemode), count(*) FROM audit_events",
                                   one=True)
-        print(f"every audit chain holds: {events} events in {chains} chains")
+    print(f"every audit chain holds: {events} events in {chains} chains")
     return 0
 
 

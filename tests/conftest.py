@@ -411,6 +411,23 @@ def run_cli(cwd, *args, env=None, stdin=None):
     return launcher.run(["--db", str(cwd / "pausepoint.db"), *args], cwd, process_env(env), stdin=stdin)
 
 
+@contextlib.contextmanager
+def read_only_view(directory, view):
+    """`directory` seen at `view` through a read-only bind mount, as an operator without write
+    permission sees a server's directory (the tests run as root, whom chmod does not stop).
+    Skips the test where mounting is not permitted."""
+    os.makedirs(view)
+    bound = subprocess.run(["mount", "--bind", str(directory), str(view)], capture_output=True, text=True)
+    if bound.returncode:
+        pytest.skip(f"cannot bind-mount here: {bound.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True, capture_output=True)
+        yield view
+    finally:
+        # Lazily: a connection the test left to the collector may still hold a file there.
+        subprocess.run(["umount", "--lazy", str(view)], check=True)
+
+
 class ServerProcess:
     """A server in its own process, on a given database and port: pausepoint.main() forked
     (launcher.py), or with fresh_interpreter `python pausepoint.py` itself."""

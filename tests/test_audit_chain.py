@@ -13,7 +13,8 @@ import threading
 
 import pytest
 
-from conftest import QUESTION, ROOT, WIRE, stored, token_of
+from conftest import QUESTION, ROOT, WIRE, read_only_view, stored, token_of
+from test_database import make_database
 import pausepoint
 
 sys.path.insert(0, os.path.join(ROOT, "client"))
@@ -352,3 +353,42 @@ def test_options_are_taken_only_whole(logged, capsys):
     with pytest.raises(SystemExit) as refused:
         pausepoint.main(["--d", path, "verify-audit"])     # before the command: path is taken as the command
     assert refused.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_verify_audit_never_migrates_an_older_database_and_says_to_start_the_server_first(tmp_path, capsys):
+    old = str(tmp_path / "old.db")
+    db = make_database(old, "schema_v10.sql", 10)      # from before the chain, which migrating would build
+    db.execute("INSERT INTO developers (id, email, name, password_hash, created_at)"
+               " VALUES ('dev_1', 'a@example.com', 'A', 'x', '2026-01-01T00:00:00.000Z')")
+    db.execute("INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, data)"
+               " VALUES ('dev_1', 1, '2026-01-01T00:00:00.000Z', 'system', 'pause.created', '{}')")
+    db.commit()
+    db.close()
+    with open(old, "rb") as f:
+        before = hashlib.sha256(f.read()).hexdigest()
+    assert pausepoint.main(["--db", old, "verify-audit"]) == 2
+    assert capsys.readouterr().err == (
+        f"pausepoint: {old} has schema 10, older than this PausePoint's {pausepoint.MIGRATIONS[-1][0]}: start the"
+        " server on it (or on a copy of it) first, which migrates it, then verify it\n")
+    with open(old, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == before
+    assert stored(old, "SELECT max(version) FROM schema_migrations") == [(10,)]
+
+
+def test_verify_audit_reads_a_database_it_may_not_write(logged, tmp_path, capsys):
+    (tmp_path / "backups").mkdir()
+    backup = str(tmp_path / "backups" / "copy.db")
+    assert pausepoint.main(["--db", logged[0].config["database.path"], "backup", backup]) == 0
+    with read_only_view(tmp_path / "backups", tmp_path / "read-only") as view:
+        seen = str(view / "copy.db")
+        # While a connection has it open (a server's, say), its -shm file is there to share.
+        with contextlib.closing(sqlite3.connect(tmp_path / "backups" / "copy.db")) as db:
+            db.execute("SELECT count(*) FROM audit_events").fetchone()
+            assert pausepoint.main(["--db", seen, "verify-audit"]) == 0
+        assert "every audit chain holds: 12 events in 2 chains" in capsys.readouterr().out
+        assert not os.path.exists(seen + "-shm")        # the last connection took it away
+        assert pausepoint.main(["--db", seen, "verify-audit"]) == 2
+    assert capsys.readouterr().err == (
+        f"pausepoint: cannot use the database {seen}: unable to open database file; reading it needs {seen}-shm,"
+        " which only a server that has it open, or a user who may write to its directory, provides: copy it"
+        " somewhere writable\n")
