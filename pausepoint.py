@@ -4849,17 +4849,21 @@ def create_signing_keys(path):
 
 def rotate_signing_key(path):
     """A new signing key; the old ones keep only their public half. Returns the new kid.
-    One rotation at a time (a lock beside the file), so none is lost."""
-    with open(path + ".lock", "a") as lock:
-        take_owner(lock.fileno(), path)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        with open(path, encoding="utf-8") as f:
-            keys = json.load(f)["keys"]
-        retired = [{name: value for name, value in key.items() if name != "private"} for key in keys]
-        for key in retired:
-            key.setdefault("retired_at", api_time(db_time()))
-        fresh = new_signing_key()
-        write_signing_keys(path, retired + [fresh])
+    One rotation at a time (a lock beside the file), so none is lost. A directory this user
+    may not write to (the lock, the new file) leaves the old file as it was."""
+    try:
+        with open(path + ".lock", "a") as lock:
+            take_owner(lock.fileno(), path)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with open(path, encoding="utf-8") as f:
+                keys = json.load(f)["keys"]
+            retired = [{name: value for name, value in key.items() if name != "private"} for key in keys]
+            for key in retired:
+                key.setdefault("retired_at", api_time(db_time()))
+            fresh = new_signing_key()
+            write_signing_keys(path, retired + [fresh])
+    except OSError as e:
+        raise ConfigError(f"the signing keys file {path} was not rotated: {e.filename or path}: {e.strerror}") from None
     return fresh["kid"]
 
 

@@ -2,15 +2,17 @@
 never with our own code."""
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import sqlite3
 import stat
 
 import jwt
 import pytest
 
-from conftest import QUESTION, WIRE, stored, token_of
+from conftest import QUESTION, WIRE, read_only_view, stored, token_of
 import pausepoint
 
 TEAM = {**QUESTION,
@@ -378,3 +380,22 @@ def test_a_keys_file_with_a_public_half_that_is_no_key_stops_start_up_with_a_sen
                                   [{"kid": "ppk_pasted", "public": "AAAAA"}, pausepoint.new_signing_key()])
     with pytest.raises(pausepoint.ConfigError, match=r"the signing keys file .*keys\.json cannot be used"):
         pausepoint.create_app(config)
+
+
+def test_a_rotation_in_a_directory_it_may_not_write_says_why_in_one_sentence(running_api, tmp_path, capsys):
+    api = running_api()
+    (tmp_path / "served").mkdir()
+    assert pausepoint.main(["--db", api.config["database.path"], "backup", str(tmp_path / "served" / "copy.db")]) == 0
+    with read_only_view(tmp_path / "served", tmp_path / "read-only") as view:
+        seen = str(view / "copy.db")
+        keys = pausepoint.signing_keys_path(seen)
+        with open(keys, "rb") as f:
+            before = f.read()
+        # A server has it open, so its -shm file is there: the rotation gets as far as its lock.
+        with contextlib.closing(sqlite3.connect(tmp_path / "served" / "copy.db")) as db:
+            db.execute("SELECT count(*) FROM pauses").fetchone()
+            assert pausepoint.main(["--db", seen, "rotate-signing-key"]) == 2
+        with open(keys, "rb") as f:
+            assert f.read() == before
+    assert capsys.readouterr().err == (f"pausepoint: the signing keys file {keys} was not rotated: {keys}.lock:"
+                                       " Read-only file system\n")
