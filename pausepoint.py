@@ -754,6 +754,7 @@ def connect(path, write_lock=None, cache_kib=128, same_thread=True):
     sqlite3's same-thread check stays on, but for a job's own connection, which its round
     lock keeps to one thread at a time, and those lent to request threads one request at a
     time (Runtime.db())."""
+    create_private(path)
     conn = sqlite3.connect(path, isolation_level=None, timeout=30, factory=Connection, check_same_thread=same_thread)
     conn.write_lock = write_lock
     conn.row_factory = sqlite3.Row
@@ -768,6 +769,24 @@ def connect(path, write_lock=None, cache_kib=128, same_thread=True):
     # Once checkpointed, a WAL grown by a burst is cut back to this size rather than kept.
     conn.execute(f"PRAGMA journal_size_limit = {64 * 1024 * 1024}")
     return conn
+
+
+def create_private(path):
+    """A new database file, made readable and writable by its owner only before SQLite makes
+    it as the umask has it (0644, as a rule): it holds respond tokens, each enough to decide
+    a pause. SQLite gives the -wal and -shm files the database file's mode."""
+    if path in ("", ":memory:"):
+        return
+    with contextlib.suppress(OSError):      # there already, or no directory for it: SQLite says which
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def warn_if_others_may_read(path, what, also=""):
+    """Log that the file at `path` (`what`, named) is readable or writable by others; `also`
+    ends the advice."""
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_mode & 0o077:
+            log.warning("others than its owner may read or write %s %s: chmod 600 it%s", what, path, also)
 
 
 def connect_read_only(path):
@@ -4697,9 +4716,7 @@ class Signer:
             create_signing_keys(path)
         self.read_at = self.stamp()
         self.keys, self.current = self.read()
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_mode & 0o077:
-                log.warning("others than its owner may read or write the signing keys file %s: chmod 600 it", path)
+        warn_if_others_may_read(path, "the signing keys file")
 
     def stamp(self):
         """What tells one version of the keys file from another: a rotation writes a new
@@ -5008,7 +5025,11 @@ class Runtime:
     limiter, the scheduler and the outbound pool."""
 
     def __init__(self, config):
-        check_database(config["database.path"])        # before anything starts, or is made beside it
+        # Made (as its owner's alone) and checked before anything starts, or reads it, or is made beside it.
+        create_private(config["database.path"])
+        check_database(config["database.path"])
+        warn_if_others_may_read(config["database.path"], "the database",
+                                ", and its -wal and -shm files (a respond token in them decides a pause)")
         self.config = config
         self._local = threading.local()
         self.idle_connections, self.idle_lock = [], threading.Lock()    # see db()

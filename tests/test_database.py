@@ -7,13 +7,14 @@ import os
 import shutil
 import signal
 import sqlite3
+import stat
 import sys
 import threading
 import time
 
 import pytest
 
-from conftest import QUESTION, WIRE, stored, token_of, wait_until
+from conftest import PASSWORD, QUESTION, WIRE, run_cli, stored, token_of, wait_until
 import pausepoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -712,3 +713,29 @@ def test_a_commit_that_fails_leaves_no_transaction_open_for_the_next_user(app):
     with pausepoint.transaction(conn):                              # the connection is good for the next
         conn.execute("DELETE FROM dashboard_sessions")
     assert stored(app.runtime.config, "SELECT count(*) FROM dashboard_sessions") == [(0,)]
+
+
+def test_a_new_database_and_its_wal_files_are_readable_by_their_owner_only(running_api, tmp_path):
+    umask = os.umask(0o022)         # as most systems have it: SQLite alone would make them 0644
+    try:
+        api = running_api(fresh=True)
+        api.register()
+        path = api.config["database.path"]
+        assert {name: stat.S_IMODE(os.stat(path + name).st_mode) for name in ("", "-wal", "-shm")} == \
+            {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+        (tmp_path / "by-command").mkdir()
+        assert run_cli(tmp_path / "by-command", "create-developer", "--email", "ops@example.com", "--name", "Ops",
+                       "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
+        assert stat.S_IMODE(os.stat(tmp_path / "by-command" / "pausepoint.db").st_mode) == 0o600
+    finally:
+        os.umask(umask)
+
+
+def test_a_database_others_may_read_is_warned_of_once_at_start(running_api, caplog):
+    api = running_api()
+    api.app.runtime.stop()
+    os.chmod(api.config["database.path"], 0o644)
+    pausepoint.create_app(api.config).runtime.stop()
+    warned = [record.getMessage() for record in caplog.records if "the database" in record.getMessage()]
+    assert warned == [f"others than its owner may read or write the database {api.config['database.path']}: chmod 600"
+                      " it, and its -wal and -shm files (a respond token in them decides a pause)"]
