@@ -8332,7 +8332,7 @@ def verify_audit(path):
                               " migrates it, then verify it")
         breaks = audit_chain_breaks(conn)
         for seq, developer_id, livemode, why in breaks:
-            print(f"aud_{seq} ({developer_id}, {'live' if livemode else 'test'}): {why}")
+            print(f"aud_{seq} ({developer_id}, {mode_name(livemode)}): {why}")
         if breaks:
             return 1
         chains, events = query_db(conn, "SELECT count(DISTINCT developer_id || livemode), count(*) FROM audit_events",
