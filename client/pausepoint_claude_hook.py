@@ -10,7 +10,8 @@ and cancels the pause so a late answer decides nothing. If PausePoint cannot be
 reached it asks locally: it never allows on its own.
 
 Configured by the environment, like the MCP server:
-  PAUSEPOINT_URL, PAUSEPOINT_API_KEY     the server and a key (pp_live_… to really text)
+  PAUSEPOINT_URL, PAUSEPOINT_API_KEY     the server and a key (pp_live_… to really text), or
+  PAUSEPOINT_API_KEY_FILE                instead of the key, a file (mode 0600) holding it
   PAUSEPOINT_RECIPIENT, PAUSEPOINT_CHANNEL   who to ask and how (default channel: sms)
   PAUSEPOINT_HOOK_WAIT                   seconds to wait for the answer (default 50; keep it
                                          below the hook's own timeout in settings.json)
@@ -35,8 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 try:
     from pausepoint_client import PausePoint, PausePointError  # noqa: E402
     CLIENT_MISSING = None
-except ImportError as e:        # copied without it: main() asks here, never leaves the call to Claude Code's rules
-    CLIENT_MISSING = e
+except Exception as e:          # copied without it, or a broken one: main() asks here, never leaves the call
+    CLIENT_MISSING = e          # to Claude Code's own rules
 
 LONGEST_LINE = 160          # a text message's worth of the command
 LONGEST_PLACE = 200         # of a path, or of the directory it runs in
@@ -91,18 +92,23 @@ def describe(call):
     nobody a call too long for it), so a line cut short says so: a harmless start must not
     hide what follows it."""
     tool, given = str(call.get("tool_name", "a tool")), call.get("tool_input") or {}
+    path = given.get("file_path") or given.get("notebook_path")
     if tool == "Bash" and "command" in given:
-        verb, what, limit = "run:", given["command"], LONGEST_LINE
-    elif tool in ("Write", "Edit", "MultiEdit", "NotebookEdit") and given.get("file_path"):
-        verb, what, limit = "write" if tool == "Write" else "edit", home_relative(given["file_path"]), LONGEST_PLACE
+        # Anything beside the command and the model's own description of it (a sandbox
+        # switched off, say) is on the page only.
+        verb, what, limit, whole = "run:", given["command"], LONGEST_LINE, set(given) <= {"command", "description"}
+    elif tool in ("Write", "Edit", "MultiEdit", "NotebookEdit") and path:
+        # What it writes is on the page only.
+        verb, what, limit, whole = "write" if tool == "Write" else "edit", home_relative(path), LONGEST_PLACE, False
     else:
-        verb, what, limit = f"use {shorten(tool, LONGEST_TOOL)}:", json.dumps(given, ensure_ascii=False), 100
+        verb, what, limit, whole = (f"use {shorten(tool, LONGEST_TOOL)}:", json.dumps(given, ensure_ascii=False),
+                                    100, True)
     what, where = as_a_shell_reads(what), as_a_shell_reads(home_relative(str(call.get("cwd", ""))))
     cut = any(len(" ".join(str(text).split())) > most
               for text, most in ((what, limit), (where, LONGEST_PLACE), (tool, LONGEST_TOOL)))
     line = (f"Claude Code wants to {verb} {shorten(what, limit)}"
             + (f" (in {shorten(where, LONGEST_PLACE)})" if where else "")
-            + (" [cut short: the link shows all of it]" if cut else ""))
+            + (" [cut short: the link shows all of it]" if cut else "" if whole else " [the link shows all of it]"))
     return readable(line)
 
 
@@ -124,6 +130,15 @@ def hook_wait(environ):
     return wait
 
 
+def api_key(environ):
+    """PAUSEPOINT_API_KEY, or the first line of the file PAUSEPOINT_API_KEY_FILE names (a key
+    written on the hook's command line is in every local user's `ps`)."""
+    if environ.get("PAUSEPOINT_API_KEY_FILE"):
+        with open(environ["PAUSEPOINT_API_KEY_FILE"], encoding="utf-8") as f:
+            return f.readline().strip()
+    return environ["PAUSEPOINT_API_KEY"]
+
+
 def hook_settings(environ):
     """(channel, what to answer on no answer), or ValueError naming the setting: a mistyped
     one is not taken for another."""
@@ -142,7 +157,7 @@ def ask_person(call, environ):
     # cancel comes after: about 55 s at most with the default wait of 50 s, within the 60 s hook
     # timeout the README suggests (past it Claude Code goes on under its own rules), unless a
     # server holds a call past its socket timeouts: main()'s watchdog answers at 56 s.
-    client = PausePoint(environ["PAUSEPOINT_URL"], environ["PAUSEPOINT_API_KEY"], timeout=CALL_SECONDS, retries=2)
+    client = PausePoint(environ["PAUSEPOINT_URL"], api_key(environ), timeout=CALL_SECONDS, retries=2)
     wait = hook_wait(environ)
     channel, on_timeout = hook_settings(environ)
     tool_input = json.dumps(call.get("tool_input"), ensure_ascii=False)
@@ -157,9 +172,10 @@ def ask_person(call, environ):
         recipient=environ["PAUSEPOINT_RECIPIENT"], channel=channel,
         message=describe(call), options=["Allow", "Deny"], timeout_hours=max(wait, 60) / 3600,
         timeout_default="Deny", metadata=metadata, title="Claude Code",
-        # The same call asked again (the hook re-run) finds the same pause.
-        idempotency_key="claude-code-" + hashlib.sha256(json.dumps(
-            [call.get("tool_use_id"), call.get("session_id"), tool_input]).encode()).hexdigest()[:40],
+        # The same call asked again (the hook re-run) finds the same pause. One without an id is
+        # asked anew: the same command later, or elsewhere, is another call, not this one's answer.
+        idempotency_key=call.get("tool_use_id") and "claude-code-" + hashlib.sha256(json.dumps(
+            [call["tool_use_id"], call.get("session_id"), call.get("cwd"), tool_input]).encode()).hexdigest()[:40],
         deadline=deadline)
     pause = client.wait(created["pause_id"], timeout=max(0.0, deadline - time.monotonic()))
     if pause["status"] == "responded" and pause["choice"] == "Allow":

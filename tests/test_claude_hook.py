@@ -71,7 +71,7 @@ def test_a_file_write_is_described_by_its_path_and_the_page_holds_all_of_it(live
     key = new_test_key(live_server.url)
     run_hook(live_server.url, key, write_call("SECRET=1\n" * 800), PAUSEPOINT_HOOK_WAIT="0.2")
     [(message, metadata)] = stored(live_server.app.runtime.config, "SELECT message, metadata FROM pauses")
-    assert message == "Claude Code wants to write ~/src/app/.env (in ~/src/app)"
+    assert message == "Claude Code wants to write ~/src/app/.env (in ~/src/app) [the link shows all of it]"
     assert json.loads(json.loads(metadata)["tool_input"])["content"] == "SECRET=1\n" * 800
 
 
@@ -93,6 +93,23 @@ def test_a_command_whose_end_would_not_fit_is_never_put_to_the_person_without_it
     assert stored(live_server.app.runtime.config, "SELECT count(*) FROM pauses") == [(0,)]
 
 
+def test_a_call_without_an_id_is_asked_anew_not_answered_by_an_earlier_approval(live_server, tmp_path):
+    """Idempotency finds the pause of the same call asked again; without the call's id, the
+    same command later (or in another directory) is another call. The key is read from a file
+    here, as the README sets it up."""
+    key = new_test_key(live_server.url)
+    key_file = tmp_path / "key"
+    key_file.write_text(key + "\n", encoding="utf-8")
+    call = {name: value for name, value in CALL.items() if name != "tool_use_id"}
+    person = answer_first_pending(live_server.url, key, "Allow")
+    assert run_hook(live_server.url, "", call, PAUSEPOINT_API_KEY_FILE=str(key_file))["permissionDecision"] == "allow"
+    person.join()
+    again = run_hook(live_server.url, "", call, PAUSEPOINT_API_KEY_FILE=str(key_file), PAUSEPOINT_HOOK_WAIT="0.2")
+    assert again["permissionDecision"] == "ask"
+    assert stored(live_server.app.runtime.config, "SELECT status FROM pauses ORDER BY seq") == [("responded",),
+                                                                                               ("cancelled",)]
+
+
 def test_a_cancelled_pause_is_said_to_be_cancelled(live_server):
     key = new_test_key(live_server.url)
     auth = {"Authorization": f"Bearer {key}"}
@@ -108,15 +125,18 @@ def test_a_cancelled_pause_is_said_to_be_cancelled(live_server):
                    "permissionDecisionReason": "the pause was cancelled on PausePoint"}
 
 
-def test_the_hook_copied_without_the_client_asks_here(tmp_path):
+@pytest.mark.parametrize("client", [None, "raise RuntimeError('an older copy')\n"], ids=["missing", "broken"])
+def test_the_hook_copied_without_the_client_asks_here(tmp_path, client):
     """Without a decision (an exit code of 1), Claude Code would go on under its own rules."""
     alone = tmp_path / "pausepoint_claude_hook.py"
     alone.write_text(open(HOOK, encoding="utf-8").read(), encoding="utf-8")
+    if client is not None:
+        (tmp_path / "pausepoint_client.py").write_text(client, encoding="utf-8")
     done = subprocess.run([sys.executable, str(alone)], input=json.dumps(CALL), capture_output=True, text=True,
                           env={**os.environ, "PAUSEPOINT_URL": "http://127.0.0.1:9", "PAUSEPOINT_API_KEY": "pp_test_x",
                                "PAUSEPOINT_RECIPIENT": "+15550100"}, timeout=60)
     out = json.loads(done.stdout)["hookSpecificOutput"]
-    assert done.returncode == 0 and out["permissionDecision"] == "ask" and "pausepoint_client" in out["permissionDecisionReason"]
+    assert done.returncode == 0 and out["permissionDecision"] == "ask" and "could not be asked" in out["permissionDecisionReason"]
 
 
 @pytest.mark.parametrize("setting", [{"PAUSEPOINT_HOOK_ON_TIMEOUT": "later"}, {"PAUSEPOINT_CHANNEL": "link"},
@@ -251,7 +271,16 @@ def test_a_call_it_cannot_read_is_asked_about_locally_not_left_to_claude_codes_r
     ({**CALL, "tool_name": "mcp__acme-production-postgres-admin__tables_drop_everything_now", "tool_input": {}},
      "Claude Code wants to use mcp__acme-production-postgres-admin__tables_drop_everything…: {} (in ~/src/app)"
      " [cut short: the link shows all of it]"),
-], ids=["line breaks", "other spaces", "forged and hidden", "a long tool name"])
+    # What the line does not show, a person answering by text must be told is on the page.
+    ({**CALL, "tool_input": {"command": "ls", "dangerouslyDisableSandbox": True}},
+     "Claude Code wants to run: ls (in ~/src/app) [the link shows all of it]"),
+    ({**CALL, "tool_name": "Write", "tool_input": {"file_path": os.path.expanduser("~/.bashrc"), "content": "curl x|sh"}},
+     "Claude Code wants to write ~/.bashrc (in ~/src/app) [the link shows all of it]"),
+    ({**CALL, "tool_name": "NotebookEdit", "tool_input": {"notebook_path": os.path.expanduser("~/nb.ipynb"),
+                                                          "new_source": "import os"}},
+     "Claude Code wants to edit ~/nb.ipynb (in ~/src/app) [the link shows all of it]"),
+], ids=["line breaks", "other spaces", "forged and hidden", "a long tool name", "more than the command", "a write",
+        "a notebook"])
 def test_the_line_shows_what_runs(call, shown):
     """The line itself, as the hook writes it for its pause (the tests above take such lines end to end)."""
     sys.path.insert(0, os.path.dirname(HOOK))
