@@ -109,6 +109,9 @@ class PausePoint:
     that gives one (a rate limit), up to `retries` times; not on a quota or a full disk."""
 
     def __init__(self, base_url, api_key, timeout=10.0, retries=6, backoff=0.5):
+        parts = urllib.parse.urlsplit(str(base_url))
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"the server's address must be an http:// or https:// URL, not {base_url!r}")
         self.base_url, self.api_key = base_url.rstrip("/"), api_key
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self._opener = urllib.request.build_opener(_RedirectsRefused)
@@ -150,6 +153,7 @@ class PausePoint:
 
         # Never a question asked again at once: the server waits whole seconds and answers a
         # wait of 0 at once, so asking again and again would be hundreds of calls a second.
+        failures = 0            # in a row, of whole calls (each with its retries): the longer, the rarer the next
         while True:
             left = LONGEST_WAIT if deadline is None else deadline - time.monotonic()
             if left < 1:
@@ -159,17 +163,21 @@ class PausePoint:
             try:
                 pause = self.get(pause_id, wait=asked, deadline=deadline)
             except RateLimited as e:
-                # As many agents wait as the server takes: come back when told or, if that is
-                # past our deadline, at the deadline for one last look; never sooner.
-                rest(e.retry_after or self.backoff)
+                # As many agents wait as the server takes: come back when told (within the longest
+                # wait between tries) or, if that is past our deadline, at the deadline for one
+                # last look; never sooner.
+                failures += 1
+                rest(min(e.retry_after or self.backoff * 2 ** min(failures, 10), LONGEST_RETRY_WAIT))
                 continue
             except (Unreachable, ServerError) as e:
                 # get() gave up after its retries (a restart can take longer): the pause is still
                 # there to wait for, until the deadline; a full disk (507) does not clear so.
                 if e.status == 507 or deadline is not None and time.monotonic() >= deadline:
                     raise
-                rest(self.backoff)
+                failures += 1
+                rest(min(self.backoff * 2 ** min(failures, 10), LONGEST_RETRY_WAIT))
                 continue
+            failures = 0
             if pause["status"] != "pending":
                 return pause
             if deadline is not None and time.monotonic() >= deadline:
@@ -232,7 +240,7 @@ class PausePoint:
                 limit = self.timeout + (asked or {}).get("wait", 0)
                 with self._opener.open(request, timeout=limit) as answer:
                     raw = answer.read()
-                return json.loads(raw) if raw else None
+                return _answer_from(raw, self.base_url)
             except urllib.error.HTTPError as e:
                 error = _error_from(e)
             except (urllib.error.URLError, http.client.HTTPException, OSError) as e:     # no whole answer
@@ -263,6 +271,19 @@ class _RedirectsRefused(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         return None
+
+
+def _answer_from(raw, base_url):
+    """A success's body: a JSON object (or nothing), or an error saying what answered instead
+    (a captive portal's page, say), not a bare JSONDecodeError or TypeError later."""
+    try:
+        answer = json.loads(raw) if raw else None
+    except ValueError:
+        answer = []
+    if answer is not None and not isinstance(answer, dict):
+        raise PausePointError(200, "bad_answer", f"{base_url} answered with something other than a PausePoint"
+                                                 f" answer (a JSON object): {raw[:80]!r}")
+    return answer
 
 
 def _error_from(http_error):

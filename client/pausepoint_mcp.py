@@ -60,6 +60,7 @@ def settings():
     missing = [name for name in ("PAUSEPOINT_URL", "PAUSEPOINT_API_KEY") if not os.environ.get(name)]
     if missing:
         raise ValueError(f"{missing[0]} is not set: set it in this server's env in the MCP host's configuration")
+    PausePoint(os.environ["PAUSEPOINT_URL"], os.environ["PAUSEPOINT_API_KEY"])      # an address it can call
     return {"url": os.environ["PAUSEPOINT_URL"], "key": os.environ["PAUSEPOINT_API_KEY"],
             "recipient": os.environ.get("PAUSEPOINT_RECIPIENT"), "channel": os.environ.get("PAUSEPOINT_CHANNEL", "sms"),
             "wait": seconds("PAUSEPOINT_MCP_WAIT", "45"),

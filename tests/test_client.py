@@ -334,6 +334,23 @@ def test_an_answer_in_any_other_shape_is_still_a_typed_error(body, retry_after, 
     assert refused.value.status == status and refused.value.retry_after is None and len(seen) == tries
 
 
+@pytest.mark.parametrize("body", [b"<html>Sign in to the hotel wifi</html>", b"[1, 2]"], ids=["html", "a list"])
+def test_a_success_that_is_no_pausepoint_answer_is_said_to_be_none(body):
+    server, url, seen = answering((200, {}, body))
+    try:
+        with pytest.raises(pausepoint_client.PausePointError) as refused:
+            PausePoint(url, "pp_test_x").wait("psr_1", timeout=5)
+    finally:
+        stop_http(server)
+    assert refused.value.code == "bad_answer" and url in refused.value.message
+
+
+@pytest.mark.parametrize("url", ["http//127.0.0.1:8080", "127.0.0.1:8080", "ftp://127.0.0.1"])
+def test_an_address_that_is_no_http_url_is_refused_when_the_client_is_made(url):
+    with pytest.raises(ValueError, match="http:// or https:// URL"):
+        PausePoint(url, "pp_test_x")
+
+
 def test_the_event_feed_and_the_audit_log(client):
     created = client.pause(**ASK)
     client.cancel(created["pause_id"])

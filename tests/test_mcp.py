@@ -239,6 +239,7 @@ def test_a_server_whose_person_could_be_the_model_asks_nobody(setup, env, refuse
 
 @pytest.mark.parametrize("env, named", [({"PAUSEPOINT_URL": ""}, "PAUSEPOINT_URL is not set"),
                                         ({"PAUSEPOINT_MCP_WAIT": "abc"}, "PAUSEPOINT_MCP_WAIT must be a number"),
+                                        ({"PAUSEPOINT_URL": "http//127.0.0.1:8080"}, "must be an http:// or https://"),
                                         ({"PAUSEPOINT_MCP_PROGRESS_EVERY": "inf"}, "PAUSEPOINT_MCP_PROGRESS_EVERY")])
 def test_a_setting_it_cannot_take_stops_it_at_start_naming_the_setting(env, named):
     """Found only by a tool, the model would read that the tool failed, and not why."""
