@@ -7171,7 +7171,7 @@ class Handlers:
                 raise
             except Exception as e:
                 if disk_is_full(e):         # the scheduler's jobs say so in the log, once
-                    return error_response(disk_full_refusal(bottle.request.path), spec.page)
+                    return error_response(disk_full_refusal(bottle.request.method, bottle.request.path), spec.page)
                 self.rt.error_log.error(bottle.request.method, spec.path, e)
                 return error_response(ApiError(500, "internal_error", UNEXPECTED), spec.page)
             finally:
@@ -7245,11 +7245,14 @@ TEMPLATE_HELPERS = {"urlencode": urllib.parse.urlencode,
                     "field_text": field_display, "form_text": form_text}
 
 
-def disk_full_refusal(path):
+def disk_full_refusal(method, path):
     """What a write that failed for a full disk answers: 507, as the reserve's refusals do, and
     not a fault in the server. Nothing of it was stored, so the same request may be sent again
-    once the operator frees space; a person answering is told their answer was not recorded."""
-    what = "your answer was not recorded" if path.startswith(("/respond/", "/v1/respond/")) else "nothing was stored"
+    once the operator frees space; a person answering is told their answer was not recorded,
+    and one opening the page (whose opening is recorded) that it cannot be shown."""
+    respond = path.startswith(("/respond/", "/v1/respond/"))
+    what = ("this question cannot be shown now" if respond and method == "GET" else
+            "your answer was not recorded" if respond else "nothing was stored")
     return ApiError(507, "storage_low", f"{what}, because the server's disk is full; try again in a few minutes",
                     headers={"Retry-After": "60"})
 
@@ -8050,8 +8053,8 @@ def stored_state_warnings(conn, config):
 
 def serve(config):
     fewer_malloc_arenas()
+    lock = only_server(config["database.path"])     # before anything reads or migrates the database
     app = create_app(config)
-    lock = only_server(config["database.path"])
     server = make_server(app, config)
     app.runtime.start()
 
@@ -8083,12 +8086,14 @@ def only_server(database_path):
     """The lock that makes this the one server on its database, held by the open file it
     returns until the process ends (a crash or kill -9 too). Two would each wake only their
     own long polls, hold their own limits, and apply their own settings to work the other
-    made; the database keeps a decision from being taken twice, not those."""
-    path = database_path + ".server.lock"
+    made; the database keeps a decision from being taken twice, not those. Beside the file
+    itself, so another name for it (a symbolic link) finds the same lock."""
+    path = os.path.realpath(database_path) + ".server.lock"
     try:
         held = open(path, "a")
     except OSError as e:
-        raise ConfigError(f"cannot make the lock file {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot use the database {database_path}: cannot make {path} beside it ({e.strerror});"
+                          " does its directory exist, and may this user write there?") from None
     take_owner(held.fileno(), database_path)
     try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)

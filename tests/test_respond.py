@@ -215,6 +215,8 @@ def test_an_answer_the_full_disk_cannot_store_is_507_and_the_person_is_told_to_t
     page = form.submit("choice", index=0, status=507)
     assert page.content_type == "text/html" and "Your answer was not recorded" in page.text
     assert "try again in a few minutes" in page.text
+    opened = api.get(respond_path(created[0], page=True), status=507)          # its first opening is recorded
+    assert "This question cannot be shown now" in opened.text and "answer" not in opened.text
     os.remove(filler)
     api.post_json(respond_path(created[0]), {"choice": "Approve"})
     assert [api.pause(key, p["pause_id"])["status"] for p in created] == ["responded", "pending"]

@@ -72,11 +72,14 @@ def test_it_times_out_to_the_default_after_a_restart(spawn_server, tmp_path):
 
 def test_a_second_server_on_a_database_is_refused_and_the_first_serves_on(spawn_server, tmp_path):
     first = spawn_server()
+    stored(tmp_path / "pausepoint.db", "DELETE FROM sqlite_stat1")      # what a start writes first (ANALYZE)
     second = run_cli(tmp_path, "--port", str(free_port()), "serve")
-    assert second.returncode == 2
+    assert second.returncode == 2 and stored(tmp_path / "pausepoint.db", "SELECT count(*) FROM sqlite_stat1") == [(0,)]
     assert second.stderr.strip() == (f"pausepoint: another PausePoint server is running on {tmp_path / 'pausepoint.db'}:"
                                      " stop it first, or give this one a database of its own")
     assert register(first.url)["test_api_key"].startswith("pp_test_")
+    (tmp_path / "another-name.db").symlink_to(tmp_path / "pausepoint.db")
+    assert run_cli(tmp_path, "--db", str(tmp_path / "another-name.db"), "--port", str(free_port()), "serve").returncode == 2
     first.stop()
     assert register(spawn_server().url, email="again@example.com")["test_api_key"]     # the lock went with the first
 
@@ -460,7 +463,7 @@ def test_a_server_that_cannot_start_says_why_in_one_sentence(tmp_path, listening
         said = (f"cannot use the database {db}: ", {
             "not a database": "file is not a database",
             "a directory": "unable to open database file; it is a directory: name a file",
-            "no such directory": "unable to open database file; does its directory exist, and may this user write"
+            "no such directory": "(No such file or directory); does its directory exist, and may this user write"
                                  " there?"}[mistake])
     due = None
     if "port taken" in mistake:             # a pause that fell due while the server was down
