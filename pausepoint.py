@@ -6222,6 +6222,10 @@ def client_ip():
     return bottle.request.environ.get("REMOTE_ADDR") or "unknown"
 
 
+# Where a NAT64 gateway puts each IPv4 address it stands for (RFC 6052's well-known prefix).
+NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
+
+
 def limited_as(address):
     """Whom a per-address limit counts `address` as: an IPv6 address by its /64, which is one
     subscriber's (a provider hands out at least that, and its holder may use any address in
@@ -6234,6 +6238,8 @@ def limited_as(address):
         return str(ip)
     if ip.ipv4_mapped is not None:              # an IPv4 client of a dual-stack listener
         return str(ip.ipv4_mapped)
+    if ip in NAT64_PREFIX:                      # an IPv4 client through a NAT64 gateway: its /64 is everyone's
+        return str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
     return str(ipaddress.ip_network(f"{ip}/64", strict=False))
 
 

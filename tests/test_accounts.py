@@ -110,6 +110,9 @@ def test_an_ipv6_client_is_limited_by_its_slash_64_not_by_each_address_in_it(tmp
     register_from("::ffff:198.51.100.7", 5)
     register_from("198.51.100.7", 6)
     register_from("::ffff:198.51.100.7", 7, status=429)
+    register_from("64:ff9b::c633:6408", 8)                      # 198.51.100.8 through NAT64: not one of the /64
+    register_from("64:ff9b::c633:6409", 9)
+    register_from("64:ff9b::c633:640a", 10)                     # a third IPv4 client, so not one budget of two
 
 
 def test_rotating_a_key_returns_a_new_one_and_the_old_one_stops_at_once(api, developer):
