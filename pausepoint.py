@@ -227,9 +227,9 @@ def renamed_setting(key, where):
 # What the agents' tools beside the server (client/, examples/) are configured by: an
 # operator may well have them set where the server runs too, and they are no misspelt
 # settings. (tests/test_config.py checks this against every name those tools read.)
-AGENT_SIDE_VARIABLES = frozenset({"PAUSEPOINT_URL", "PAUSEPOINT_API_KEY", "PAUSEPOINT_TEST_KEY",
-                                  "PAUSEPOINT_RECIPIENT", "PAUSEPOINT_CHANNEL", "PAUSEPOINT_HOOK_WAIT",
-                                  "PAUSEPOINT_HOOK_ON_TIMEOUT", "PAUSEPOINT_MCP_WAIT",
+AGENT_SIDE_VARIABLES = frozenset({"PAUSEPOINT_URL", "PAUSEPOINT_API_KEY", "PAUSEPOINT_API_KEY_FILE",
+                                  "PAUSEPOINT_TEST_KEY", "PAUSEPOINT_RECIPIENT", "PAUSEPOINT_CHANNEL",
+                                  "PAUSEPOINT_HOOK_WAIT", "PAUSEPOINT_HOOK_ON_TIMEOUT", "PAUSEPOINT_MCP_WAIT",
                                   "PAUSEPOINT_MCP_PROGRESS_EVERY"})
 
 
