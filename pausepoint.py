@@ -4133,7 +4133,8 @@ def create_webhook(conn, config, caller, body):
                             " AND deleted_at IS NULL", (caller.developer_id, caller.livemode)).fetchone()[0]
         if held >= limit:
             raise ApiError(409, "webhook_limit_reached",
-                           f"a developer may have at most {limit} {mode_name(caller.livemode)} webhooks; delete one first")
+                           f"a developer may have at most {limit} {mode_name(caller.livemode)} webhooks; delete one"
+                           " first")
         conn.execute("INSERT INTO webhooks (id, developer_id, livemode, url, events, secret, created_at, updated_at)"
                      " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                      (webhook_id, caller.developer_id, caller.livemode, fields["url"], compact_json(fields["events"]),
@@ -6287,7 +6288,8 @@ def registration_allowed(rt, caller):
                        "registration is closed on this server; the operator adds developers with"
                        " `python pausepoint.py create-developer --email … --name …`")
     require_room(disk_short_of_room(rt.config, rt.wal))
-    rt.limiter.limit("register", client_limited_as(), rt.config["ratelimit.register_per_hour"], "registrations from your address")
+    rt.limiter.limit("register", client_limited_as(), rt.config["ratelimit.register_per_hour"],
+                     "registrations from your address")
 
 
 def register(rt, body):
@@ -6330,7 +6332,8 @@ def password_of(rt, email, password, device=None):
 
 
 def rotation_allowed(rt, caller):
-    rt.limiter.limit("rotate", client_limited_as(), rt.config["ratelimit.rotate_per_hour"], "key rotations from your address")
+    rt.limiter.limit("rotate", client_limited_as(), rt.config["ratelimit.rotate_per_hour"],
+                     "key rotations from your address")
 
 
 def rotate(rt, body):
