@@ -144,7 +144,7 @@ SETTINGS = [
     Setting("webhooks.per_endpoint", 2, "Deliveries to one endpoint in flight at once (within outbound.per_developer), and connections kept alive to it between them. More keeps a slow receiver's backlog moving; with more than 1, events to an endpoint may arrive out of order."),
     Setting("outbound.workers", 16, "Threads for outbound calls: webhook deliveries and notification sends."),
     Setting("outbound.deadline_seconds", 10.0, "Seconds one outbound call (a webhook delivery or a notification send) may take in all, from the name lookup to the last byte of the answer; a slower one is cut off and retried later."),
-    Setting("outbound.per_developer", 4, "Outbound calls one developer's work may have in flight at once (webhook deliveries: in each mode), so one tenant's slow receivers cannot hold every worker."),
+    Setting("outbound.per_developer", 4, "Outbound calls one developer's work may have in flight at once, so one tenant's slow receivers cannot hold every worker."),
     Setting("ratelimit.enabled", True, "Rate-limit registration, key rotation and failed respond-token lookups per client IP."),
     Setting("ratelimit.register_per_hour", 20, "Registrations allowed per client IP per hour."),
     Setting("ratelimit.login_per_hour", 20, "Failed password checks (dashboard sign-in, key rotation) allowed per hour per client IP, and per email (or, for a browser that signed in as that developer before, per browser)."),
@@ -4389,15 +4389,15 @@ def due_deliveries(conn, per_webhook):
         " SELECT min(webhook_id) FROM webhook_deliveries WHERE status IN ('pending', 'delivering')"
         " UNION ALL SELECT (SELECT min(webhook_id) FROM webhook_deliveries WHERE status IN ('pending', 'delivering')"
         "  AND webhook_id > waiting.webhook_id) FROM waiting WHERE webhook_id IS NOT NULL)"
-        " SELECT w.id, w.developer_id, w.livemode FROM waiting JOIN webhooks w ON w.id = waiting.webhook_id"
+        " SELECT w.id, w.developer_id FROM waiting JOIN webhooks w ON w.id = waiting.webhook_id"
         " WHERE w.status = 'enabled' AND w.deleted_at IS NULL").fetchall()
     by_developer = {}
-    for webhook_id, developer_id, livemode in waiting:
+    for webhook_id, developer_id in waiting:
         rows = conn.execute(
-            "SELECT id, status, attempts, next_attempt_at, updated_at, webhook_id, ? AS developer_id, ? AS livemode"
+            "SELECT id, status, attempts, next_attempt_at, updated_at, webhook_id, ? AS developer_id"
             " FROM webhook_deliveries"
             " WHERE webhook_id = ? AND status IN ('pending', 'delivering') AND next_attempt_at <= ?"
-            " ORDER BY next_attempt_at LIMIT ?", (developer_id, livemode, webhook_id, now, per_webhook)).fetchall()
+            " ORDER BY next_attempt_at LIMIT ?", (developer_id, webhook_id, now, per_webhook)).fetchall()
         if rows:
             by_developer.setdefault(developer_id, []).append(rows)
     return {developer_id: taking_turns(lists) for developer_id, lists in by_developer.items()}
@@ -5312,9 +5312,7 @@ class Runtime:
                 continue
             if not self.outbound.free():
                 break
-            # Test and live deliveries are capped apart: a test backlog must not hold up live events.
-            kind = "webhook" if row["livemode"] else "test webhook"
-            slot = (row["developer_id"], (kind, row["webhook_id"]), self.config["outbound.per_developer"])
+            slot = (row["developer_id"], ("webhook", row["webhook_id"]), self.config["outbound.per_developer"])
             if not self.outbound.reserve(slot[0], slot[1], per_endpoint, slot[2]):
                 continue
             claim_until = claim_delivery(conn, self.config, row)

@@ -856,30 +856,6 @@ def test_one_developers_trickling_receivers_never_delay_anothers_delivery(spawn_
         receiver.close()
 
 
-def test_a_developers_stalled_test_deliveries_never_hold_up_their_live_ones(spawn_server):
-    trickler, receiver = TrickleReceiver(interval=1.0), WebhookReceiver()
-    try:
-        server = spawn_server(env={"PAUSEPOINT_WEBHOOKS_ALLOW_PRIVATE": "true", "PAUSEPOINT_OUTBOUND_DEADLINE_SECONDS": "60"})
-        keys = requests.post(f"{server.url}/v1/auth/register",
-                             json={"email": "a@example.com", "name": "N", "password": "password123"}).json()
-        test, live = ({"Authorization": f"Bearer {keys[name]}"} for name in ("test_api_key", "api_key"))
-        for n in range(2):                          # webhooks.per_endpoint (2) each: outbound.per_developer (4) in all
-            requests.post(f"{server.url}/v1/webhooks", headers=test,
-                          json={"url": f"{trickler.url}/{n}", "events": ["pause.created"]}).raise_for_status()
-        for _ in range(3):
-            requests.post(f"{server.url}/v1/pause", json=WIRE, headers=test).raise_for_status()
-        wait_until(lambda: trickler.open >= 4)      # held for up to a minute each
-        requests.post(f"{server.url}/v1/webhooks", headers=live,
-                      json={"url": receiver.url, "events": ["pause.created"]}).raise_for_status()
-        created = requests.post(f"{server.url}/v1/pause", headers=live,
-                                json={**WIRE, "channel": "link", "recipient": "ops"}).json()
-        [call] = receiver.wait_for(1, timeout=20)
-        assert call["json"]["data"]["pause_id"] == created["pause_id"] and trickler.open == 4
-    finally:
-        trickler.close()
-        receiver.close()
-
-
 @pytest.mark.deadline(1)
 def test_an_attempt_to_a_name_with_many_unreachable_addresses_still_ends_at_its_deadline(hooks_api, keys, monkeypatch):
     holes = [Blackhole(f"127.0.0.{n}") for n in (1, 2, 3, 4)]     # each would take a whole connect timeout
