@@ -47,6 +47,7 @@ import smtplib
 import socket
 import sqlite3
 import ssl
+import stat
 import string
 import tempfile
 import sys
@@ -778,7 +779,8 @@ def create_private(path):
     if path in ("", ":memory:"):
         return
     with contextlib.suppress(OSError):      # there already, or no directory for it: SQLite says which
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        # The file a symbolic link names: O_EXCL would not make it through the link.
+        os.close(os.open(os.path.realpath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def warn_if_others_may_read(path, what, also=""):
@@ -4860,6 +4862,21 @@ def take_owner(fd, path):
             return
 
 
+def open_lock_file(path, owner):
+    """The lock file at `path`, made if need be, with the owner of the file at `owner` (see
+    take_owner()). Never through a symbolic link, nor one with other names (a hard link):
+    whoever may write the directory could otherwise have root, running a command with sudo,
+    open and hand them any file. OSError if it cannot be had."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)      # ELOOP for a symbolic link
+    found = os.fstat(fd)
+    if stat.S_ISREG(found.st_mode) and found.st_nlink == 1:
+        take_owner(fd, owner)
+    return os.fdopen(fd, "a")
+
+
 def create_signing_keys(path):
     with contextlib.suppress(FileExistsError):      # another process made it first
         write_signing_keys(path, [new_signing_key()], replace=False)
@@ -4870,8 +4887,7 @@ def rotate_signing_key(path):
     One rotation at a time (a lock beside the file), so none is lost. A directory this user
     may not write to (the lock, the new file) leaves the old file as it was."""
     try:
-        with open(path + ".lock", "a") as lock:
-            take_owner(lock.fileno(), path)
+        with open_lock_file(path + ".lock", path) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             with open(path, encoding="utf-8") as f:
                 keys = json.load(f)["keys"]
@@ -8099,11 +8115,10 @@ def only_server(database_path):
     itself, so another name for it (a symbolic link) finds the same lock."""
     path = os.path.realpath(database_path) + ".server.lock"
     try:
-        held = open(path, "a")
+        held = open_lock_file(path, database_path)
     except OSError as e:
         raise ConfigError(f"cannot use the database {database_path}: cannot make {path} beside it ({e.strerror});"
                           " does its directory exist, and may this user write there?") from None
-    take_owner(held.fileno(), database_path)
     try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -91,9 +91,10 @@ def describe(call):
     message without opening the page, which shows the whole tool input (ask_person() asks
     nobody a call too long for it), so a line cut short says so: a harmless start must not
     hide what follows it."""
-    tool, given = str(call.get("tool_name", "a tool")), call.get("tool_input") or {}
-    path = given.get("file_path") or given.get("notebook_path")
-    if tool == "Bash" and "command" in given:
+    tool, given = str(call.get("tool_name", "a tool")), call.get("tool_input", {})
+    fields = given if isinstance(given, dict) else {}
+    path = fields.get("file_path") or fields.get("notebook_path")
+    if tool == "Bash" and isinstance(fields.get("command"), str):
         # Anything beside the command and the model's own description of it (a sandbox
         # switched off, say) is on the page only.
         verb, what, limit, whole = "run:", given["command"], LONGEST_LINE, set(given) <= {"command", "description"}
@@ -134,8 +135,11 @@ def api_key(environ):
     """PAUSEPOINT_API_KEY, or the first line of the file PAUSEPOINT_API_KEY_FILE names (a key
     written on the hook's command line is in every local user's `ps`)."""
     if environ.get("PAUSEPOINT_API_KEY_FILE"):
-        with open(environ["PAUSEPOINT_API_KEY_FILE"], encoding="utf-8") as f:
-            return f.readline().strip()
+        with open(environ["PAUSEPOINT_API_KEY_FILE"], encoding="utf-8-sig") as f:
+            key = f.readline(200).strip()
+        if not key:
+            raise ValueError(f"{environ['PAUSEPOINT_API_KEY_FILE']} holds no key on its first line")
+        return key
     return environ["PAUSEPOINT_API_KEY"]
 
 

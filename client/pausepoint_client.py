@@ -110,7 +110,7 @@ class PausePoint:
 
     def __init__(self, base_url, api_key, timeout=10.0, retries=6, backoff=0.5):
         parts = urllib.parse.urlsplit(str(base_url))
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             raise ValueError(f"the server's address must be an http:// or https:// URL, not {base_url!r}")
         self.base_url, self.api_key = base_url.rstrip("/"), api_key
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
@@ -274,13 +274,13 @@ class _RedirectsRefused(urllib.request.HTTPRedirectHandler):
 
 
 def _answer_from(raw, base_url):
-    """A success's body: a JSON object (or nothing), or an error saying what answered instead
-    (a captive portal's page, say), not a bare JSONDecodeError or TypeError later."""
+    """A success's body, a JSON object as every PausePoint answer is, or an error saying what
+    answered instead (a captive portal's page, say), not a bare JSONDecodeError or TypeError later."""
     try:
-        answer = json.loads(raw) if raw else None
+        answer = json.loads(raw)
     except ValueError:
-        answer = []
-    if answer is not None and not isinstance(answer, dict):
+        answer = None
+    if not isinstance(answer, dict):
         raise PausePointError(200, "bad_answer", f"{base_url} answered with something other than a PausePoint"
                                                  f" answer (a JSON object): {raw[:80]!r}")
     return answer

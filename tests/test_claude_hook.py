@@ -150,6 +150,16 @@ def test_a_setting_it_cannot_take_is_named_and_nobody_is_asked(setting):
     assert out["permissionDecision"] == "ask" and [*setting][0] in out["permissionDecisionReason"] and asked == []
 
 
+def test_a_key_file_with_no_key_is_named_and_nobody_is_asked(tmp_path):
+    (tmp_path / "key").write_text("\n", encoding="utf-8")
+    server, url, asked = serve_stand_in()
+    try:
+        out = run_hook(url, "", PAUSEPOINT_API_KEY_FILE=str(tmp_path / "key"))
+    finally:
+        stop_http(server)
+    assert out["permissionDecision"] == "ask" and "holds no key" in out["permissionDecisionReason"] and asked == []
+
+
 def test_deny_on_timeout_may_be_written_in_capitals():
     server, url, asked = serve_stand_in()
     try:
@@ -279,8 +289,12 @@ def test_a_call_it_cannot_read_is_asked_about_locally_not_left_to_claude_codes_r
     ({**CALL, "tool_name": "NotebookEdit", "tool_input": {"notebook_path": os.path.expanduser("~/nb.ipynb"),
                                                           "new_source": "import os"}},
      "Claude Code wants to edit ~/nb.ipynb (in ~/src/app) [the link shows all of it]"),
+    # Input that is no object at all is shown as it is.
+    ({**CALL, "tool_name": "WebFetch", "tool_input": "https://example.com/x"},
+     'Claude Code wants to use WebFetch: "https://example.com/x" (in ~/src/app)'),
+    ({**CALL, "tool_name": "Probe", "tool_input": []}, "Claude Code wants to use Probe: [] (in ~/src/app)"),
 ], ids=["line breaks", "other spaces", "forged and hidden", "a long tool name", "more than the command", "a write",
-        "a notebook"])
+        "a notebook", "a string", "an empty list"])
 def test_the_line_shows_what_runs(call, shown):
     """The line itself, as the hook writes it for its pause (the tests above take such lines end to end)."""
     sys.path.insert(0, os.path.dirname(HOOK))

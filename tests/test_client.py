@@ -334,7 +334,8 @@ def test_an_answer_in_any_other_shape_is_still_a_typed_error(body, retry_after, 
     assert refused.value.status == status and refused.value.retry_after is None and len(seen) == tries
 
 
-@pytest.mark.parametrize("body", [b"<html>Sign in to the hotel wifi</html>", b"[1, 2]"], ids=["html", "a list"])
+@pytest.mark.parametrize("body", [b"<html>Sign in to the hotel wifi</html>", b"[1, 2]", b"null", b""],
+                         ids=["html", "a list", "null", "nothing"])
 def test_a_success_that_is_no_pausepoint_answer_is_said_to_be_none(body):
     server, url, seen = answering((200, {}, body))
     try:
@@ -345,7 +346,8 @@ def test_a_success_that_is_no_pausepoint_answer_is_said_to_be_none(body):
     assert refused.value.code == "bad_answer" and url in refused.value.message
 
 
-@pytest.mark.parametrize("url", ["http//127.0.0.1:8080", "127.0.0.1:8080", "ftp://127.0.0.1"])
+@pytest.mark.parametrize("url", ["http//127.0.0.1:8080", "127.0.0.1:8080", "ftp://127.0.0.1", "http://:8080",
+                                 "http://127.0.0.1:8080/?x=1"])
 def test_an_address_that_is_no_http_url_is_refused_when_the_client_is_made(url):
     with pytest.raises(ValueError, match="http:// or https:// URL"):
         PausePoint(url, "pp_test_x")

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import PASSWORD, QUESTION, WIRE, run_cli, stored, token_of, wait_until
+from conftest import PASSWORD, QUESTION, WIRE, make_config, run_cli, stored, token_of, wait_until
 import pausepoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -727,6 +727,10 @@ def test_a_new_database_and_its_wal_files_are_readable_by_their_owner_only(runni
         assert run_cli(tmp_path / "by-command", "create-developer", "--email", "ops@example.com", "--name", "Ops",
                        "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
         assert stat.S_IMODE(os.stat(tmp_path / "by-command" / "pausepoint.db").st_mode) == 0o600
+        (tmp_path / "real").mkdir()
+        (tmp_path / "linked.db").symlink_to(tmp_path / "real" / "pausepoint.db")      # to a file not made yet
+        pausepoint.create_app(make_config(tmp_path, **{"database.path": str(tmp_path / "linked.db")})).runtime.stop()
+        assert stat.S_IMODE(os.stat(tmp_path / "real" / "pausepoint.db").st_mode) == 0o600
     finally:
         os.umask(umask)
 

@@ -12,7 +12,7 @@ import stat
 import jwt
 import pytest
 
-from conftest import QUESTION, WIRE, read_only_view, stored, token_of
+from conftest import QUESTION, WIRE, free_port, read_only_view, stored, token_of
 import pausepoint
 
 TEAM = {**QUESTION,
@@ -371,6 +371,25 @@ def test_files_a_rotation_run_as_root_makes_belong_to_the_databases_owner(runnin
     assert pausepoint.main(["--db", db, "rotate-signing-key"]) == 0
     for made in (path, path + ".lock"):
         assert (os.stat(made).st_uid, os.stat(made).st_gid) == (12345, 12346), made
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+@pytest.mark.parametrize("lock", [".keys.json.lock", ".server.lock"])
+def test_a_lock_file_that_is_a_link_to_another_file_is_never_opened_nor_given_away(running_api, tmp_path, lock):
+    """Whoever may write the database's directory could otherwise have root, running the
+    server or a rotation with sudo, hand them any file: /etc/shadow, say."""
+    api = running_api()
+    db = api.config["database.path"]
+    api.app.runtime.stop()
+    victim = tmp_path / "elsewhere" / "root-only"
+    victim.parent.mkdir()
+    victim.write_text("secret")
+    os.chmod(victim, 0o600)
+    os.chown(db, 12345, 12346)              # the directory's owner, say
+    os.symlink(victim, db + lock)
+    argv = ["rotate-signing-key"] if lock == ".keys.json.lock" else ["--port", str(free_port()), "serve"]
+    assert pausepoint.main(["--db", db, *argv]) == 2
+    assert (os.stat(victim).st_uid, stat.S_IMODE(os.stat(victim).st_mode), victim.read_text()) == (0, 0o600, "secret")
 
 
 def test_a_keys_file_with_a_public_half_that_is_no_key_stops_start_up_with_a_sentence(tmp_path):
