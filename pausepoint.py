@@ -4864,16 +4864,19 @@ def take_owner(fd, path):
 
 def open_lock_file(path, owner):
     """The lock file at `path`, made if need be, with the owner of the file at `owner` (see
-    take_owner()). Never through a symbolic link, nor one with other names (a hard link):
-    whoever may write the directory could otherwise have root, running a command with sudo,
-    open and hand them any file. OSError if it cannot be had."""
+    take_owner()) when this call made it. Never through a symbolic link, never a file that
+    was there given away, nor anything but a plain file waited on: whoever may write the
+    directory could otherwise have root, running a command with sudo, hand them any file (a
+    hard link to it), or hang (a FIFO). OSError if it cannot be had."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)      # ELOOP for a symbolic link
-    found = os.fstat(fd)
-    if stat.S_ISREG(found.st_mode) and found.st_nlink == 1:
         take_owner(fd, owner)
+    except FileExistsError:
+        # ELOOP for a symbolic link; ENXIO at once for a FIFO nobody reads.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a plain file") from None
     return os.fdopen(fd, "a")
 
 

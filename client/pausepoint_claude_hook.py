@@ -136,8 +136,9 @@ def api_key(environ):
     written on the hook's command line is in every local user's `ps`)."""
     if environ.get("PAUSEPOINT_API_KEY_FILE"):
         with open(environ["PAUSEPOINT_API_KEY_FILE"], encoding="utf-8-sig") as f:
-            key = f.readline(200).strip()
-        if not key:
+            line = f.readline(201)
+        key = line.strip()
+        if not key or len(line) > 200:
             raise ValueError(f"{environ['PAUSEPOINT_API_KEY_FILE']} holds no key on its first line")
         return key
     return environ["PAUSEPOINT_API_KEY"]

@@ -110,7 +110,7 @@ class PausePoint:
 
     def __init__(self, base_url, api_key, timeout=10.0, retries=6, backoff=0.5):
         parts = urllib.parse.urlsplit(str(base_url))
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        if parts.scheme not in ("http", "https") or not parts.hostname or "?" in base_url or "#" in base_url:
             raise ValueError(f"the server's address must be an http:// or https:// URL, not {base_url!r}")
         self.base_url, self.api_key = base_url.rstrip("/"), api_key
         self.timeout, self.retries, self.backoff = timeout, retries, backoff

@@ -150,8 +150,9 @@ def test_a_setting_it_cannot_take_is_named_and_nobody_is_asked(setting):
     assert out["permissionDecision"] == "ask" and [*setting][0] in out["permissionDecisionReason"] and asked == []
 
 
-def test_a_key_file_with_no_key_is_named_and_nobody_is_asked(tmp_path):
-    (tmp_path / "key").write_text("\n", encoding="utf-8")
+@pytest.mark.parametrize("text", ["\n", "pp_test_" + "x" * 300], ids=["empty", "too long for a key"])
+def test_a_key_file_with_no_key_is_named_and_nobody_is_asked(tmp_path, text):
+    (tmp_path / "key").write_text(text, encoding="utf-8")
     server, url, asked = serve_stand_in()
     try:
         out = run_hook(url, "", PAUSEPOINT_API_KEY_FILE=str(tmp_path / "key"))

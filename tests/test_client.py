@@ -347,7 +347,7 @@ def test_a_success_that_is_no_pausepoint_answer_is_said_to_be_none(body):
 
 
 @pytest.mark.parametrize("url", ["http//127.0.0.1:8080", "127.0.0.1:8080", "ftp://127.0.0.1", "http://:8080",
-                                 "http://127.0.0.1:8080/?x=1"])
+                                 "http://127.0.0.1:8080/?x=1", "http://127.0.0.1:8080?", "http://127.0.0.1:8080#"])
 def test_an_address_that_is_no_http_url_is_refused_when_the_client_is_made(url):
     with pytest.raises(ValueError, match="http:// or https:// URL"):
         PausePoint(url, "pp_test_x")

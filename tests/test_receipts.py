@@ -374,10 +374,12 @@ def test_files_a_rotation_run_as_root_makes_belong_to_the_databases_owner(runnin
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+@pytest.mark.parametrize("planted", ["symbolic link", "hard link", "fifo"])
 @pytest.mark.parametrize("lock", [".keys.json.lock", ".server.lock"])
-def test_a_lock_file_that_is_a_link_to_another_file_is_never_opened_nor_given_away(running_api, tmp_path, lock):
+def test_a_lock_file_planted_beside_the_database_is_never_given_away_nor_waited_on(running_api, tmp_path, lock,
+                                                                                    planted):
     """Whoever may write the database's directory could otherwise have root, running the
-    server or a rotation with sudo, hand them any file: /etc/shadow, say."""
+    server or a rotation with sudo, hand them any file (/etc/shadow, say), or hang."""
     api = running_api()
     db = api.config["database.path"]
     api.app.runtime.stop()
@@ -386,9 +388,14 @@ def test_a_lock_file_that_is_a_link_to_another_file_is_never_opened_nor_given_aw
     victim.write_text("secret")
     os.chmod(victim, 0o600)
     os.chown(db, 12345, 12346)              # the directory's owner, say
-    os.symlink(victim, db + lock)
+    {"symbolic link": os.symlink, "hard link": os.link}.get(planted, lambda _, path: os.mkfifo(path))(victim, db + lock)
     argv = ["rotate-signing-key"] if lock == ".keys.json.lock" else ["--port", str(free_port()), "serve"]
-    assert pausepoint.main(["--db", db, *argv]) == 2
+    if planted == "hard link" and lock == ".server.lock":     # a plain file, there before: used, not given away
+        pausepoint.only_server(db).close()
+    elif planted == "hard link":
+        assert pausepoint.main(["--db", db, *argv]) == 0
+    else:
+        assert pausepoint.main(["--db", db, *argv]) == 2
     assert (os.stat(victim).st_uid, stat.S_IMODE(os.stat(victim).st_mode), victim.read_text()) == (0, 0o600, "secret")
 
 
