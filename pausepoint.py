@@ -145,7 +145,7 @@ SETTINGS = [
     Setting("webhooks.per_endpoint", 2, "Deliveries to one endpoint in flight at once (within outbound.per_developer), and connections kept alive to it between them. More keeps a slow receiver's backlog moving; with more than 1, events to an endpoint may arrive out of order."),
     Setting("outbound.workers", 16, "Threads for outbound calls: webhook deliveries and notification sends."),
     Setting("outbound.deadline_seconds", 10.0, "Seconds one outbound call (a webhook delivery or a notification send) may take in all, from the name lookup to the last byte of the answer; a slower one is cut off and retried later."),
-    Setting("outbound.per_developer", 4, "Outbound calls one developer's work may have in flight at once, so one tenant's slow receivers cannot hold every worker."),
+    Setting("outbound.per_developer", 4, "Outbound calls one developer's work may have in flight at once, so one tenant's slow receivers cannot hold every worker (test webhook deliveries one fewer, so they never hold up live ones)."),
     Setting("ratelimit.enabled", True, "Rate-limit registration, key rotation and failed respond-token lookups per client IP."),
     Setting("ratelimit.register_per_hour", 20, "Registrations allowed per client IP per hour."),
     Setting("ratelimit.login_per_hour", 20, "Failed password checks (dashboard sign-in, key rotation) allowed per hour per client IP, and per email (or, for a browser that signed in as that developer before, per browser)."),
@@ -3353,6 +3353,8 @@ def claim_expiry(config, at_least_seconds):
 
 
 SLOW_FOR = dt.timedelta(minutes=10)
+# The kind of outbound call a test-mode webhook delivery is (a live one's is "webhook").
+TEST_WEBHOOK = "test webhook"
 
 
 class OutboundPool:
@@ -3410,27 +3412,40 @@ class OutboundPool:
         """Take a slot for one call if the pool and the target have room and, for a call
         with a developer_limit, the developer's calls of that kind have room too."""
         with self._lock:
-            capped = (developer_id, target[0])
+            caps = self._caps(developer_id, target, developer_limit)
             newcomer = not self._by_developer[developer_id] and not self._by_target[target]
             free = self.workers - self._busy
             slow = self._slow_until.get(target, 0) > time.monotonic()
             if (free <= (0 if newcomer else self.kept_for_newcomers) or self._by_target[target] >= target_limit
-                    or developer_limit is not None and self._capped[capped] >= developer_limit
+                    or any(self._capped[key] >= limit for key, limit in caps)
                     or slow and sum(self._slow_calls.values()) >= self.slow_share):
                 return False
             self._slow_calls[target] += slow
             self._busy += 1
             self._by_developer[developer_id] += 1
             self._by_target[target] += 1
-            self._capped[capped] += developer_limit is not None
+            self._capped.update(key for key, _ in caps)
             return True
+
+    @staticmethod
+    def _caps(developer_id, target, developer_limit):
+        """The developer's counts a call with a developer_limit counts in, with their limits:
+        its kind's (a test webhook's are a webhook's too), and for a test webhook, its own,
+        one short of that, so a developer's stalled test endpoints always leave their live
+        events a call."""
+        if developer_limit is None:
+            return []
+        if target[0] != TEST_WEBHOOK:
+            return [((developer_id, target[0]), developer_limit)]
+        return [((developer_id, "webhook"), developer_limit),
+                ((developer_id, TEST_WEBHOOK), max(1, developer_limit - 1))]
 
     def release(self, developer_id, target, developer_limit=None):
         with self._lock:
             self._busy -= 1
             self._by_developer[developer_id] -= 1
             self._by_target[target] -= 1
-            self._capped[(developer_id, target[0])] -= developer_limit is not None
+            self._capped.subtract(key for key, _ in self._caps(developer_id, target, developer_limit))
             self._slow_calls[target] -= self._slow_calls[target] > 0
             for counter in (self._by_developer, self._by_target, self._capped, self._slow_calls):
                 counter += collections.Counter()        # drop zero counts
@@ -4391,15 +4406,15 @@ def due_deliveries(conn, per_webhook):
         " SELECT min(webhook_id) FROM webhook_deliveries WHERE status IN ('pending', 'delivering')"
         " UNION ALL SELECT (SELECT min(webhook_id) FROM webhook_deliveries WHERE status IN ('pending', 'delivering')"
         "  AND webhook_id > waiting.webhook_id) FROM waiting WHERE webhook_id IS NOT NULL)"
-        " SELECT w.id, w.developer_id FROM waiting JOIN webhooks w ON w.id = waiting.webhook_id"
+        " SELECT w.id, w.developer_id, w.livemode FROM waiting JOIN webhooks w ON w.id = waiting.webhook_id"
         " WHERE w.status = 'enabled' AND w.deleted_at IS NULL").fetchall()
     by_developer = {}
-    for webhook_id, developer_id in waiting:
+    for webhook_id, developer_id, livemode in waiting:
         rows = conn.execute(
-            "SELECT id, status, attempts, next_attempt_at, updated_at, webhook_id, ? AS developer_id"
+            "SELECT id, status, attempts, next_attempt_at, updated_at, webhook_id, ? AS developer_id, ? AS livemode"
             " FROM webhook_deliveries"
             " WHERE webhook_id = ? AND status IN ('pending', 'delivering') AND next_attempt_at <= ?"
-            " ORDER BY next_attempt_at LIMIT ?", (developer_id, webhook_id, now, per_webhook)).fetchall()
+            " ORDER BY next_attempt_at LIMIT ?", (developer_id, livemode, webhook_id, now, per_webhook)).fetchall()
         if rows:
             by_developer.setdefault(developer_id, []).append(rows)
     return {developer_id: taking_turns(lists) for developer_id, lists in by_developer.items()}
@@ -5331,7 +5346,8 @@ class Runtime:
                 continue
             if not self.outbound.free():
                 break
-            slot = (row["developer_id"], ("webhook", row["webhook_id"]), self.config["outbound.per_developer"])
+            kind = "webhook" if row["livemode"] else TEST_WEBHOOK
+            slot = (row["developer_id"], (kind, row["webhook_id"]), self.config["outbound.per_developer"])
             if not self.outbound.reserve(slot[0], slot[1], per_endpoint, slot[2]):
                 continue
             claim_until = claim_delivery(conn, self.config, row)

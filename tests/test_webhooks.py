@@ -839,7 +839,7 @@ def test_one_developers_trickling_receivers_never_delay_anothers_delivery(spawn_
         assert refused.status_code == 409 and refused.json()["error"]["code"] == "webhook_limit_reached"
         for _ in range(3):                         # 48 deliveries, every one of which will stall
             requests.post(f"{server.url}/v1/pause", json=WIRE, headers=stalling).raise_for_status()
-        wait_until(lambda: trickler.open >= 4)
+        wait_until(lambda: trickler.open >= 3)      # its test deliveries: one short of its share
         requests.post(f"{server.url}/v1/webhooks", headers=other,
                       json={"url": receiver.url, "events": ["pause.responded"]}).raise_for_status()
         created = requests.post(f"{server.url}/v1/pause", json=WIRE, headers=other).json()
@@ -850,7 +850,44 @@ def test_one_developers_trickling_receivers_never_delay_anothers_delivery(spawn_
         db = {"database.path": str(tmp_path / "pausepoint.db")}
         assert stored(db, "SELECT count(*) FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id"
                           " WHERE d.event_id IN (SELECT id FROM webhook_events WHERE type = 'pause.created')") == [(0,)]
-        assert trickler.most_open == 4             # outbound.per_developer: the stalling tenant's share, no more
+        assert trickler.most_open == 3             # outbound.per_developer (4), one kept for the tenant's live events
+    finally:
+        trickler.close()
+        receiver.close()
+
+
+def test_a_developers_test_and_live_deliveries_share_one_share_with_one_call_kept_for_live():
+    pool = pausepoint.OutboundPool(16, 4)
+    try:
+        test = [pool.reserve("dev_a", (pausepoint.TEST_WEBHOOK, f"wh_{n}"), 2, 4) for n in range(4)]
+        live = [pool.reserve("dev_a", ("webhook", f"wh_live_{n}"), 2, 4) for n in range(2)]
+        assert (test, live) == ([True, True, True, False], [True, False])        # 4 in all, as before
+        assert pool.reserve("dev_b", ("webhook", "wh_b"), 2, 4)
+    finally:
+        pool.executor.shutdown()
+
+
+def test_a_developers_stalled_test_deliveries_never_hold_up_their_live_ones(spawn_server):
+    """Test deliveries take one call fewer than the developer's share, which live and test
+    deliveries together never pass: one is always left for the live events."""
+    trickler, receiver = TrickleReceiver(interval=1.0), WebhookReceiver()
+    try:
+        server = spawn_server(env={"PAUSEPOINT_WEBHOOKS_ALLOW_PRIVATE": "true", "PAUSEPOINT_OUTBOUND_DEADLINE_SECONDS": "60"})
+        keys = requests.post(f"{server.url}/v1/auth/register",
+                             json={"email": "a@example.com", "name": "N", "password": "password123"}).json()
+        test, live = ({"Authorization": f"Bearer {keys[name]}"} for name in ("test_api_key", "api_key"))
+        for n in range(2):                          # webhooks.per_endpoint (2) each: outbound.per_developer (4) in all
+            requests.post(f"{server.url}/v1/webhooks", headers=test,
+                          json={"url": f"{trickler.url}/{n}", "events": ["pause.created"]}).raise_for_status()
+        for _ in range(3):
+            requests.post(f"{server.url}/v1/pause", json=WIRE, headers=test).raise_for_status()
+        wait_until(lambda: trickler.open >= 3)      # held for up to a minute each
+        requests.post(f"{server.url}/v1/webhooks", headers=live,
+                      json={"url": receiver.url, "events": ["pause.created"]}).raise_for_status()
+        created = requests.post(f"{server.url}/v1/pause", headers=live,
+                                json={**WIRE, "channel": "link", "recipient": "ops"}).json()
+        [call] = receiver.wait_for(1, timeout=20)
+        assert call["json"]["data"]["pause_id"] == created["pause_id"] and trickler.most_open == 3
     finally:
         trickler.close()
         receiver.close()
@@ -917,7 +954,7 @@ def test_one_developers_slow_name_lookups_hold_nobody_elses(hooks_api, keys, rec
     webhook_id = add_webhook(hooks_api, other, receiver.url.replace("127.0.0.1", "localhost"),
                              events=["pause.created"])["webhook_id"]
     wait_until(lambda: stored(hooks_api.config, "SELECT count(*) FROM webhook_deliveries WHERE status = 'delivering'")
-               == [(4,)])                           # the slow developer's four calls are stuck in their lookups
+               == [(3,)])                           # the slow developer's test calls (one short of 4) are stuck
     hooks_api.create_pause(other)
     [call] = receiver.wait_for(1, timeout=5)        # its own lookup, not queued behind theirs
     assert call["json"]["type"] == "pause.created"
