@@ -145,7 +145,7 @@ SETTINGS = [
     Setting("webhooks.per_endpoint", 2, "Deliveries to one endpoint in flight at once (within outbound.per_developer), and connections kept alive to it between them. More keeps a slow receiver's backlog moving; with more than 1, events to an endpoint may arrive out of order."),
     Setting("outbound.workers", 16, "Threads for outbound calls: webhook deliveries and notification sends."),
     Setting("outbound.deadline_seconds", 10.0, "Seconds one outbound call (a webhook delivery or a notification send) may take in all, from the name lookup to the last byte of the answer; a slower one is cut off and retried later."),
-    Setting("outbound.per_developer", 4, "Outbound calls one developer's work may have in flight at once, so one tenant's slow receivers cannot hold every worker (test webhook deliveries one fewer, so they never hold up live ones)."),
+    Setting("outbound.per_developer", 4, "Outbound calls one developer's work may have in flight at once, so one tenant's slow receivers cannot hold every worker (test webhook deliveries one fewer, so they leave live ones a call, unless this is 1)."),
     Setting("ratelimit.enabled", True, "Rate-limit registration, key rotation and failed respond-token lookups per client IP."),
     Setting("ratelimit.register_per_hour", 20, "Registrations allowed per client IP per hour."),
     Setting("ratelimit.login_per_hour", 20, "Failed password checks (dashboard sign-in, key rotation) allowed per hour per client IP, and per email (or, for a browser that signed in as that developer before, per browser)."),
