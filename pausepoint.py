@@ -6144,6 +6144,10 @@ def schema_error(schema, error):
     # A conditional (the recipient for this channel) says what it wants itself.
     message = error.schema.get("x-message") if isinstance(error.schema, dict) and len(error.absolute_path) == 1 else None
     message = message or properties.get(field, {}).get("x-message", f"{field} is not valid")
+    if error.validator == "required" and not message.startswith(f"{field} is required"):
+        # Missing, not wrong: "channel must be one of …" alone reads as if a value had been given.
+        message = f"{field} is required" + (f", and {message.removeprefix(field + ' ')}"
+                                            if message.startswith(field + " ") else f": {message}")
     # In a map of named entries (fields), name the entry too.
     if isinstance(properties.get(field, {}).get("additionalProperties"), dict) and len(error.absolute_path) > 1:
         field = f"{field}.{error.absolute_path[1]}"
@@ -6173,7 +6177,8 @@ WAIT_QUERY = {"type": "integer", "minimum": 0, "maximum": WAIT_LIMIT_SECONDS, "d
 AUDIT_QUERY = {"event_type": {"type": "string", "maxLength": 100, "x-message": "event_type must be an event name"},
                "pause_id": {"type": "string", "maxLength": 100, "x-message": "pause_id must be a pause id"},
                **PAGE_QUERY}
-EVENTS_QUERY = {"after": {"type": "string", "maxLength": 100, "x-message": "after must be an event id (evt_…)"},
+EVENTS_QUERY = {"after": {"type": "string", "minLength": 1, "maxLength": 100,
+                          "x-message": "after must be an event id (evt_…)"},
                 "types": {"type": "string", "maxLength": 500,
                           "x-message": "types must be a comma-separated list of event types"},
                 "limit": LIMIT, "wait": WAIT_QUERY}

@@ -574,3 +574,18 @@ def test_test_webhook_changes_spend_none_of_the_live_keys_budget(tmp_path):
     api.post_json("/v1/webhooks", HOOK, headers=api.as_key(keys["test_api_key"]))
     api.post_json("/v1/webhooks", HOOK, headers=api.as_key(keys["test_api_key"]), status=429)
     api.post_json("/v1/webhooks", HOOK, headers=api.as_key(keys["api_key"]))
+
+
+def test_a_field_left_out_is_said_to_be_required_not_wrong(api, developer):
+    """"channel must be one of …" alone reads as though a wrong one had been given."""
+    key = api.as_key(developer["test_api_key"])
+    body = {name: value for name, value in WIRE.items() if name not in ("channel", "recipient")}
+    error = api.post_json("/v1/pause", body, headers=key, status=422).json["error"]
+    assert error["field"] == "channel" and error["message"].startswith("channel is required, and must be one of")
+    wrong = api.post_json("/v1/pause", {**WIRE, "channel": "pigeon"}, headers=key, status=422).json["error"]
+    assert wrong["message"].startswith("channel must be one of")
+
+
+def test_an_empty_cursor_for_the_feed_is_refused_as_no_event_id(api, developer):
+    error = api.get("/v1/events?after=", headers=api.as_key(developer["test_api_key"]), status=422).json["error"]
+    assert error == {"code": "invalid_request", "message": "after must be an event id (evt_…)", "field": "after"}
