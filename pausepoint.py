@@ -965,6 +965,8 @@ def migrate(conn):
                 for statement in split_sql(sql):
                     conn.execute(statement)
             conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (number, db_time()))
+    if done < MIGRATIONS[-1][0]:        # once it is committed: an operator looking back finds when, and from what
+        log.warning("upgraded the database %s from schema %d to %d", database_file(conn), done, MIGRATIONS[-1][0])
 
 
 def applied_schema(conn):
@@ -8336,10 +8338,14 @@ def asked_password():
 
 def run_command(args, config):
     """The operator's commands besides serving; returns the exit status."""
-    if args.command != "create-developer" and not os.path.exists(config["database.path"]):
+    new = not os.path.exists(config["database.path"])
+    if args.command != "create-developer" and new:
         # A mistyped path would otherwise get a new, empty database that "verifies".
         raise ConfigError(f"there is no database at {config['database.path']}; name the server's with --db or"
                           " database.path")
+    if new:         # on standard error: the keys on standard output stay JSON for scripts
+        print(f"pausepoint: there was no database at {config['database.path']}: a new one is made for this"
+              " developer (if the server's is elsewhere, name it with --db or database.path)", file=sys.stderr)
     check_database(config["database.path"])
     if args.command == "backup":
         with_keys = backup(config, args.destination)

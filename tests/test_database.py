@@ -83,7 +83,7 @@ def migrate_like_fresh(db, old, tmp_path):
     assert shape(old) == shape(fresh)
 
 
-def test_a_database_made_by_the_first_release_migrates_to_the_same_model_as_a_fresh_one(tmp_path):
+def test_a_database_made_by_the_first_release_migrates_to_the_same_model_as_a_fresh_one(tmp_path, caplog):
     old = str(tmp_path / "old.db")
     db = make_database(old, "schema_v1.sql", 1)
     db.execute("INSERT INTO developers VALUES ('dev_1', 'a@example.com', 'A', 'x', 'free', '2026-01-01T00:00:00.000Z')")
@@ -94,6 +94,9 @@ def test_a_database_made_by_the_first_release_migrates_to_the_same_model_as_a_fr
                " updated_at) VALUES ('ntf_1', 'psr_1', 'sms', '+15550100', 1, 'Old?', 'x', 'x', 'x')")
     migrate_like_fresh(db, old, tmp_path)
     assert stored(old, "SELECT max(version) FROM schema_migrations") == [(pausepoint.MIGRATIONS[-1][0],)]
+    # Said once, and only of the upgraded database (the fresh one beside it was made, not upgraded).
+    assert [r.getMessage() for r in caplog.records if "upgraded" in r.getMessage()] == [
+        f"upgraded the database {old} from schema 1 to {pausepoint.MIGRATIONS[-1][0]}"]
     assert stored(old, "SELECT developer_id FROM notifications") == [("dev_1",)]
     # The old pending pause has no reply code, and still answers to a bare reply.
     assert stored(old, "SELECT reply_code, status FROM pauses") == [(None, "pending")]

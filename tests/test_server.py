@@ -397,13 +397,21 @@ def test_the_operator_adds_developers_when_registration_is_closed(spawn_server, 
                          json={"email": "a@example.com", "name": "A", "password": PASSWORD}).status_code == 403
     result = run_cli(tmp_path, "create-developer", "--email", "a@example.com", "--name", "Ada", "--password-stdin",
                      stdin=PASSWORD + "\n")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0 and "there was no database" not in result.stderr, result.stderr
     keys = json.loads(result.stdout)
     assert keys["api_key"].startswith("pp_live_") and keys["plan"] == "free"
     create(server.url, keys["test_api_key"])
     again = run_cli(tmp_path, "create-developer", "--email", "a@example.com", "--name", "Ada", "--password-stdin",
                     stdin=PASSWORD)
     assert again.returncode == 1 and "already registered" in again.stderr
+
+
+def test_a_developer_made_where_there_was_no_database_is_said_to_be_in_a_new_one(tmp_path):
+    """A mistyped --db would otherwise print keys that work on no server."""
+    result = run_cli(tmp_path, "--db", str(tmp_path / "mistyped.db"), "create-developer", "--email", "a@example.com",
+                     "--name", "Ada", "--password-stdin", stdin=PASSWORD)
+    assert result.returncode == 0 and json.loads(result.stdout)["api_key"].startswith("pp_live_")
+    assert f"there was no database at {tmp_path / 'mistyped.db'}: a new one is made" in result.stderr
 
 
 def test_the_operator_sets_a_developers_plan(tmp_path):
