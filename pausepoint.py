@@ -3375,14 +3375,14 @@ class OutboundPool:
     deadline or more is slow for SLOW_FOR: all slow targets together get half the
     workers, so many accounts with stalling receivers cannot take the rest."""
 
-    def __init__(self, workers, per_developer, deadline_seconds=10.0):
+    def __init__(self, workers, per_developer, deadline_seconds=10.0, disk_full=None):
         self.workers, self.per_developer = workers, per_developer
         self.slow_call_seconds = deadline_seconds / 2
         # A hung provider may hold half the workers; the rest keep other channels and webhooks moving.
         self.per_channel = max(1, workers // 2)
         self.kept_for_newcomers = max(1, workers // 4)
         self.executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="outbound")
-        self.disk_full = None       # a DiskFullEpisodes, to say once when calls cannot record for a full disk
+        self.disk_full = disk_full or DiskFullEpisodes()    # to say once when calls cannot record for a full disk
         self.deadlines = DeadlineWatch()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -3479,11 +3479,10 @@ class OutboundPool:
             except Exception as e:
                 if not disk_is_full(e):
                     log.exception("outbound call %s failed unexpectedly", name)
-                elif self.disk_full is not None:
+                else:
                     self.disk_full.failed(f"outbound call {name}", e)
             else:
-                if self.disk_full is not None:
-                    self.disk_full.succeeded(f"outbound call {name}")
+                self.disk_full.succeeded(f"outbound call {name}")
             finally:
                 self.took(slot[1], time.monotonic() - started)
                 self.release(*slot)
@@ -5091,8 +5090,7 @@ class Runtime:
         # Webhook calls and notification sends run on their own bounded pool, so a
         # slow receiver or provider holds a worker, never the scheduler or an API thread.
         self.outbound = OutboundPool(config["outbound.workers"], config["outbound.per_developer"],
-                                     config["outbound.deadline_seconds"])
-        self.outbound.disk_full = self.disk_full
+                                     config["outbound.deadline_seconds"], self.disk_full)
         self.webhook_connections = EndpointConnections(config["webhooks.allow_private"], config["webhooks.per_endpoint"])
         self.wake_lock = threading.Lock()
         self.webhooks_woken = threading.Event()
@@ -8346,6 +8344,8 @@ def run_command(args, config):
     if new:         # on standard error: the keys on standard output stay JSON for scripts
         print(f"pausepoint: there was no database at {config['database.path']}: a new one is made for this"
               " developer (if the server's is elsewhere, name it with --db or database.path)", file=sys.stderr)
+    if args.command == "verify-audit":       # it checks the schema itself, read-only
+        return verify_audit(config["database.path"])
     check_database(config["database.path"])
     if args.command == "backup":
         with_keys = backup(config, args.destination)
@@ -8353,8 +8353,6 @@ def run_command(args, config):
               + (f" (its signing keys to {signing_keys_path(args.destination)})" if with_keys else
                  " (no signing keys beside it: the server makes them at its next start)"))
         return 0
-    if args.command == "verify-audit":
-        return verify_audit(config["database.path"])
     if args.command == "rotate-signing-key":
         signer = Signer(signing_keys_path(config["database.path"]),
                         functools.partial(latest_receipt_kid, config["database.path"]))   # checked as a start would

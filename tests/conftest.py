@@ -340,11 +340,22 @@ def small_disk(tmp_path):
     what a full disk does to SQLite is only seen on one. Mounting needs root; without it, skip."""
     directory = tmp_path / "small-disk"
     directory.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(directory)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs is not permitted here")
-    yield directory
-    subprocess.run(["umount", "--lazy", str(directory)], check=True)
+    with mounted(directory, "-t", "tmpfs", "-o", "size=4m", "tmpfs"):
+        yield directory
+
+
+@contextlib.contextmanager
+def mounted(target, *how):
+    """`mount *how target` for the time of the block, unmounted lazily after (a connection
+    the test left to the collector may still hold a file there). Skips the test where
+    mounting is not permitted."""
+    done = subprocess.run(["mount", *how, str(target)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "--lazy", str(target)], check=True)
 
 
 def fill_disk(directory):
@@ -417,15 +428,9 @@ def read_only_view(directory, view):
     permission sees a server's directory (the tests run as root, whom chmod does not stop).
     Skips the test where mounting is not permitted."""
     os.makedirs(view)
-    bound = subprocess.run(["mount", "--bind", str(directory), str(view)], capture_output=True, text=True)
-    if bound.returncode:
-        pytest.skip(f"cannot bind-mount here: {bound.stderr.strip()}")
-    try:
+    with mounted(view, "--bind", str(directory)):
         subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True, capture_output=True)
         yield view
-    finally:
-        # Lazily: a connection the test left to the collector may still hold a file there.
-        subprocess.run(["umount", "--lazy", str(view)], check=True)
 
 
 class ServerProcess:
