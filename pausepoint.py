@@ -6177,16 +6177,20 @@ WAIT_QUERY = {"type": "integer", "minimum": 0, "maximum": WAIT_LIMIT_SECONDS, "d
 AUDIT_QUERY = {"event_type": {"type": "string", "maxLength": 100, "x-message": "event_type must be an event name"},
                "pause_id": {"type": "string", "maxLength": 100, "x-message": "pause_id must be a pause id"},
                **PAGE_QUERY}
+# Event types joined by commas (or none: every type).
+EVENT_TYPE_LIST = "^(?:{0}(?:,{0})*)?$".format("(?:" + "|".join(re.escape(name) for name in EVENT_TYPES) + ")")
 EVENTS_QUERY = {"after": {"type": "string", "minLength": 1, "maxLength": 100,
                           "x-message": "after must be an event id (evt_…)"},
-                "types": {"type": "string", "maxLength": 500,
-                          "x-message": "types must be a comma-separated list of event types"},
+                "types": {"type": "string", "maxLength": 500, "pattern": EVENT_TYPE_LIST,
+                          "x-message": f"types must be a comma-separated list drawn from: {', '.join(EVENT_TYPES)}"},
                 "limit": LIMIT, "wait": WAIT_QUERY}
 EXPORT_QUERY = {"format": {"type": "string", "enum": ["jsonl", "csv"], "default": "jsonl",
                            "x-message": "format must be jsonl or csv"},
-                "since": {"type": "string", "maxLength": 40, "description": "Events at or after this time",
+                "since": {"type": "string", "format": "date-time", "maxLength": 40,
+                          "description": "Events at or after this time (RFC 3339)",
                           "x-message": "since must be a time like 2026-11-29T00:00:00Z"},
-                "until": {"type": "string", "maxLength": 40, "description": "Events before this time",
+                "until": {"type": "string", "format": "date-time", "maxLength": 40,
+                          "description": "Events before this time (RFC 3339)",
                           "x-message": "until must be a time like 2026-11-29T00:00:00Z"}}
 DASHBOARD_AUDIT_QUERY = {name: AUDIT_QUERY[name] for name in ("event_type", "pause_id", "cursor")}
 LOGIN_QUERY = {"next": {"type": "string", "maxLength": 500, "x-message": "next must be a dashboard path"},
@@ -6471,12 +6475,7 @@ def post_redeliver(rt, caller, webhook_id, delivery_id):
 def list_events(rt, caller, query):
     """Your events after a given one, oldest first, as webhooks send them; with ?wait=N,
     answered as soon as there is one or after N seconds."""
-    types = None
-    if query["types"]:
-        types = query["types"].split(",")
-        unknown = sorted(set(types) - set(EVENT_TYPES))
-        if unknown:
-            raise invalid("types", f"types must be a comma-separated list drawn from: {', '.join(EVENT_TYPES)}")
+    types = query["types"].split(",") if query["types"] else None
     read = functools.partial(events_after, rt.db(), caller, query["after"], types, query["limit"])
     events = read()
     if query["wait"] and not events:
@@ -6558,11 +6557,19 @@ def query_time(query, name):
     """A since/until query parameter as stored time (the earliest or latest there is if absent)."""
     if query[name] is None:
         return "0000" if name == "since" else "9999"
+    # RFC 3339 allows a lower-case t and z, and a leap second: 23:59:60 is the moment the
+    # next minute starts, as no stored time falls within it.
+    text = query[name].upper().replace("Z", "+00:00")
+    leap_second = re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:60", text) is not None
     try:
-        moment = dt.datetime.fromisoformat(query[name].replace("Z", "+00:00"))
-        moment = (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
-    except (ValueError, OverflowError):
+        moment = dt.datetime.fromisoformat(text[:17] + "59" + text[19:] if leap_second else text)
+    except ValueError:
         raise invalid(name, f"{name} must be a time like 2026-11-29T00:00:00Z") from None
+    try:
+        moment = (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
+        moment += dt.timedelta(seconds=leap_second)
+    except OverflowError:       # in UTC, before year 1 or after 9999: before or after every stored time
+        return "0000" if moment.year < 5000 else "9999"
     return db_time(moment) if moment.year >= 1000 else "0000"       # stored times compare as text
 
 

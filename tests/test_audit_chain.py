@@ -282,6 +282,15 @@ def test_times_never_go_back_along_a_chain_so_any_window_verifies(running_api, t
     window = export(api, keys["api_key"], tmp_path, since="2026-11-29T17:00:00.600+05:00")      # 12:00:00.6 UTC
     assert [json.loads(line)["event_type"] for line in open(window, encoding="utf-8")] == ["third"]
     assert verify_audit_export(export(api, keys["api_key"], tmp_path, since="2026-11-29T12:00:00.300Z")) == 3
+    # Any RFC 3339 time, as the document says: a lower-case t and z, a leap second (the moment the
+    # next minute starts), and offsets that take a time past the years there are.
+    for window, expected in (({"since": "2026-11-29t12:00:00.600z"}, ["third"]),
+                             ({"since": "2026-11-29T11:59:60.600Z"}, ["third"]),
+                             ({"until": "2026-11-29T11:59:60.600Z"}, ["first", "late"]),
+                             ({"since": "0001-01-01T00:00:00+05:00", "until": "9999-12-31T23:59:59-23:59"},
+                              ["first", "late", "third"])):
+        lines = open(export(api, keys["api_key"], tmp_path, **window), encoding="utf-8")
+        assert [json.loads(line)["event_type"] for line in lines] == expected, window
 
 
 def test_data_an_older_version_let_through_still_exports_and_verifies(running_api, tmp_path):

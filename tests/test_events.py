@@ -32,6 +32,7 @@ def test_every_event_is_in_the_feed_oldest_first_as_a_webhook_would_carry_it(run
         ("pause.cancelled", cancelled["pause_id"]), ("pause.timed_out", expired["pause_id"])]
     assert receiver.wait_for(1)[0]["json"] == feed[3]             # the same id, type and body as the webhook
     assert events(api, key, types="pause.cancelled,pause.timed_out")["events"] == feed[4:]
+    assert events(api, key, types="", limit=100)["events"] == feed       # no types named: all of them
     assert events(api, key, after=feed[3]["id"], limit=1)["events"] == [feed[4]]
 
 
