@@ -114,7 +114,7 @@ SETTINGS = [
     Setting("server.max_body_bytes", 65536, "Largest request body accepted; larger ones are refused with 413 as soon as their size is known."),
     Setting("server.max_header_bytes", 32768, "Largest request line and headers accepted, in bytes (as nginx's default); larger ones, or more than 100 header lines, get 431."),
     Setting("server.connection_limit", 4096, "Open client connections at most. Near the limit, the quietest connections that are not being served are closed to make room."),
-    Setting("server.connections_per_ip", 64, "Connections one client address may hold open while not being served (idle, or still sending); beyond it its new connections are closed at once, or its quietest idle keep-alive one makes room. server.trusted_proxy is exempt."),
+    Setting("server.connections_per_ip", 64, "Connections one client address (an IPv6 one by its /64) may hold open while not being served (idle, or still sending); beyond it its new connections are closed at once, or its quietest idle keep-alive one makes room. server.trusted_proxy is exempt."),
     Setting("server.header_timeout", 10, "Seconds a client has to send a request's headers in full once it starts; slower ones are disconnected."),
     Setting("server.body_timeout", 30, "Seconds a client has to send a request's body in full after its headers."),
     Setting("server.idle_timeout", 60, "Seconds an idle keep-alive connection stays open."),
@@ -6288,6 +6288,21 @@ def limited_as(address):
     return str(ipaddress.ip_network(f"{ip}/64", strict=False))
 
 
+# The client a connection from the trusted proxy is counted as, which has no share to keep
+# to (no address is written so).
+TRUSTED_PROXY = "server.trusted_proxy"
+
+
+def connection_client(address, trusted_proxy):
+    """Whose shares of connections and threads a connection from `address` takes: those of
+    limited_as(address), or none if it is the trusted proxy (TRUSTED_PROXY), behind which
+    every client has its one address."""
+    with contextlib.suppress(ValueError):
+        if trusted_proxy and ipaddress.ip_address(address) == ipaddress.ip_address(trusted_proxy):
+            return TRUSTED_PROXY
+    return limited_as(address)
+
+
 def client_limited_as():
     return limited_as(client_ip())
 
@@ -7649,7 +7664,8 @@ class HardenedChannel(waitress.channel.HTTPChannel):
 
     def __init__(self, server, sock, addr, adj, map=None):
         super().__init__(server, sock, addr, adj, map=map)
-        server.by_ip[addr[0]].add(self)
+        self.client = connection_client(addr[0], server.limits["server.trusted_proxy"])
+        server.by_client[self.client].add(self)
 
     def writable(self):
         # While its task runs, output the main loop could not send now is not asked about:
@@ -7692,11 +7708,11 @@ class HardenedChannel(waitress.channel.HTTPChannel):
             super().send_continue()
 
     def del_channel(self, map=None):
-        peers = self.server.by_ip.get(self.addr[0])
+        peers = self.server.by_client.get(self.client)
         if peers is not None:
             peers.discard(self)
             if not peers:
-                del self.server.by_ip[self.addr[0]]
+                del self.server.by_client[self.client]
         super().del_channel(map)
 
     def waiting(self):
@@ -7775,7 +7791,7 @@ class HardenedServer(waitress.server.TcpWSGIServer):
     def __init__(self, *args, limits, parked, **kwargs):
         self.limits = limits
         self.parked = parked        # fd -> channel of a parked long poll, out of the loop's map (shared by servers)
-        self.by_ip = collections.defaultdict(set)
+        self.by_client = collections.defaultdict(set)         # connection_client() -> its connections
         self.accept_errors_logged_at = self.full_logged_at = 0.0
         super().__init__(*args, **kwargs)
 
@@ -7787,8 +7803,8 @@ class HardenedServer(waitress.server.TcpWSGIServer):
             if channel.overdue(now, self.limits):
                 drop(channel)
         share = self.limits["server.connections_per_ip"]
-        for address, peers in list(self.by_ip.items()):
-            if len(peers) > share and address != self.limits["server.trusted_proxy"]:
+        for client, peers in list(self.by_client.items()):
+            if len(peers) > share and client != TRUSTED_PROXY:
                 waiting = [channel for channel in peers if channel.unproductive(now)]
                 for channel in heapq.nsmallest(len(waiting) - share, waiting, key=lambda c: c.last_activity):
                     drop(channel, busy=True)
@@ -7841,32 +7857,32 @@ class HardenedServer(waitress.server.TcpWSGIServer):
                 sock.close()
                 continue
             addr = self.fix_addr(addr)
-            if not self.room_for(addr[0], counted):
+            if not self.room_for(connection_client(addr[0], self.limits["server.trusted_proxy"]), counted):
                 say_busy(sock)          # cheaper than a channel: this address holds its share already
                 sock.close()
                 continue
             self.channel_class(self, sock, addr, self.adj, map=self._map)
 
-    def room_for(self, address, counted):
-        """Whether `address` may open another connection: it holds fewer than
-        server.connections_per_ip that no thread serves (counting only a second share of
-        ones too new to have sent anything), or one of those is a kept-alive client's
-        idle connection, which is closed to make room. An address whose connections are
-        all unfinished requests waits for their deadlines. `counted` keeps each address's
+    def room_for(self, client, counted):
+        """Whether `client` (a connection_client()) may open another connection: it holds
+        fewer than server.connections_per_ip that no thread serves (counting only a second
+        share of ones too new to have sent anything), or one of those is a kept-alive
+        client's idle connection, which is closed to make room. A client whose connections
+        are all unfinished requests waits for their deadlines. `counted` keeps each client's
         counts for one round of accepts, so a flood costs one look at its connections a
         round, not one a connection."""
-        if address == self.limits["server.trusted_proxy"]:
+        if client == TRUSTED_PROXY:
             return True
         now, share = time.time(), self.limits["server.connections_per_ip"]
-        if address not in counted:
-            waiting = [channel for channel in self.by_ip.get(address, ()) if channel.waiting()]
-            counted[address] = [len(waiting), sum(not channel.fresh(now) for channel in waiting)]
-        waiting, settled = counted[address]
+        if client not in counted:
+            waiting = [channel for channel in self.by_client.get(client, ()) if channel.waiting()]
+            counted[client] = [len(waiting), sum(not channel.fresh(now) for channel in waiting)]
+        waiting, settled = counted[client]
         # A burst of new connections may take a second share for a second; no more.
         if waiting < 2 * share and settled < share:
-            counted[address][0] += 1
+            counted[client][0] += 1
             return True
-        idle = [channel for channel in self.by_ip.get(address, ())
+        idle = [channel for channel in self.by_client.get(client, ())
                 if channel.waiting() and channel.served and channel.request is None and not channel.requests]
         if not idle:
             return False
@@ -7875,26 +7891,26 @@ class HardenedServer(waitress.server.TcpWSGIServer):
 
 
 class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
-    """waitress's worker threads, shared out by client address. Waiting requests are
-    taken one address at a time, and one address holds at most `per_address` threads
-    (as many as long polls may take), so one client sending many requests waits for
-    its own turn while everyone else's requests keep being taken. The trusted proxy,
-    behind which every client shares one address, is exempt."""
+    """waitress's worker threads, shared out by client (connection_client()). Waiting
+    requests are taken one client at a time, and one client holds at most `per_address`
+    threads (as many as long polls may take), so one sending many requests waits for its
+    own turn while everyone else's requests keep being taken. The trusted proxy, behind
+    which every client shares one address, is exempt."""
 
-    def __init__(self, per_address, exempt, wake_waiters=lambda: None, thread_started=lambda: None,
+    def __init__(self, per_address, wake_waiters=lambda: None, thread_started=lambda: None,
                  after_task=lambda: None):
         super().__init__()
-        self.per_address, self.exempt = per_address, exempt
+        self.per_address = per_address
         self.wake_waiters = wake_waiters              # at shutdown, so parked long polls get their answer
         self.thread_started = thread_started          # on each worker thread, before its first channel
         self.after_task = after_task                  # on the thread, once it has served a channel
-        self.waiting = collections.OrderedDict()    # address -> its channels with a request; order is turn order
-        self.running = collections.Counter()        # address -> threads serving it now
+        self.waiting = collections.OrderedDict()    # client -> its channels with a request; order is turn order
+        self.running = collections.Counter()        # client -> threads serving it now
         self.queued = 0                             # channels in `waiting`, all addresses together
 
     def add_task(self, channel):
         with self.lock:
-            self.waiting.setdefault(channel.addr[0], collections.deque()).append(channel)
+            self.waiting.setdefault(channel.client, collections.deque()).append(channel)
             channel.queued = True
             self.queued += 1
             self.queue_cv.notify()
@@ -7903,18 +7919,18 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
                 self.queue_logger.warning("Task queue depth is %d", self.queued - idle)
 
     def _take(self):
-        """The next channel to serve, from the first address in turn that has a thread to spare."""
-        for address, channels in self.waiting.items():
-            if address == self.exempt or self.running[address] < self.per_address:
+        """The next channel to serve, from the first client in turn that has a thread to spare."""
+        for client, channels in self.waiting.items():
+            if client == TRUSTED_PROXY or self.running[client] < self.per_address:
                 channel = channels.popleft()
                 channel.queued = False
                 self.queued -= 1
                 if channels:
-                    self.waiting.move_to_end(address)       # its next request waits for the others' turn
+                    self.waiting.move_to_end(client)        # its next request waits for the others' turn
                 else:
-                    del self.waiting[address]
-                self.running[address] += 1
-                return address, channel
+                    del self.waiting[client]
+                self.running[client] += 1
+                return client, channel
         return None
 
     def handler_thread(self, thread_no):
@@ -7937,7 +7953,7 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
                     self.threads.discard(thread_no)
                     self.thread_exit_cv.notify()
                     break
-            address, channel = taken
+            client, channel = taken
             try:
                 channel.service()
             except BaseException:
@@ -7945,31 +7961,31 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
             finally:
                 self.after_task()
                 with self.lock:
-                    self.running[address] -= 1
+                    self.running[client] -= 1
                     self.running += collections.Counter()
-                    self.queue_cv.notify()          # the address's next request may run now
+                    self.queue_cv.notify()          # the client's next request may run now
 
     def _take_resumed(self):
         """A woken long poll from anywhere in the queue, or None."""
-        for address, channels in self.waiting.items():
+        for client, channels in self.waiting.items():
             for channel in channels:
                 if channel.resumed:
                     channels.remove(channel)
                     if not channels:
-                        del self.waiting[address]
+                        del self.waiting[client]
                     channel.queued = False
                     self.queued -= 1
-                    self.running[address] += 1
-                    return address, channel
+                    self.running[client] += 1
+                    return client, channel
         return None
 
-    def _give_back(self, address, channel):
+    def _give_back(self, client, channel):
         channel.queued = True
         self.queued += 1
-        self.running[address] -= 1
+        self.running[client] -= 1
         self.running += collections.Counter()
-        self.waiting.setdefault(address, collections.deque()).appendleft(channel)
-        self.waiting.move_to_end(address, last=False)
+        self.waiting.setdefault(client, collections.deque()).appendleft(channel)
+        self.waiting.move_to_end(client, last=False)
 
     def shutdown(self, cancel_pending=True, timeout=5):
         # Here, not in the signal handler: that runs on the main thread, which may be inside
@@ -8058,7 +8074,7 @@ def make_server(app, config, port=None):
         log.warning("server.waiting_limit lowered to %d, half the connections there is room for",
                     app.runtime.waiting.limit)
     dispatcher = FairTaskDispatcher(config["server.threads"] - THREADS_KEPT_FOR_OTHER_REQUESTS,
-                                    config["server.trusted_proxy"], app.runtime.wake_waiters,
+                                    app.runtime.wake_waiters,
                                     app.runtime.serves_requests, app.runtime.give_back_db)
     dispatcher.set_thread_count(adjustments.threads)
     queue_log = logging.getLogger("waitress.queue")

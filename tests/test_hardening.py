@@ -4,15 +4,21 @@ requests waitress refuses before the app sees them."""
 
 import concurrent.futures
 import contextlib
+import ctypes
 import json
+import os
 import resource
+import shutil
 import socket
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
 import requests
 
-from conftest import WIRE, ServerProcess, free_port, token_of, wait_until
+from conftest import ROOT, WIRE, ServerProcess, free_port, process_env, token_of, wait_until
 
 ATTACKER = "127.0.0.2"          # one address for the attack; the well-behaved client stays on 127.0.0.1
 
@@ -357,3 +363,105 @@ def test_the_smaller_findings_hold_against_a_real_server_process(spawn_server, t
     opened = requests.get(f"{server.url}/v1/audit", params={"event_type": "respond_page.opened"}, headers=auth)
     assert len(opened.json()["events"]) == 1
     assert server.proc.poll() is None and "Traceback" not in server.output()
+
+
+CLONE_NEWNET = 0x40000000
+IPV6_FREEBIND = 78              # Linux: bind an address no interface has (the namespace's loopback takes it)
+
+
+@contextlib.contextmanager
+def server_on_a_network_of_its_own(tmp_path, **values):
+    """`python pausepoint.py` on [::1] in a network namespace of its own, whose loopback takes
+    every address in 2001:db8:1::/64, 2001:db8:2::/64 and 2001:db8:3::/64 as its own, so
+    clients can come from many IPv6 addresses;
+    yields (in_its_network, port): in_its_network(fn) runs fn on a thread that joined the
+    namespace, where the sockets it makes stay. Skips where namespaces are not permitted."""
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        pytest.skip("needs unshare and ip (util-linux, iproute2)")
+    port, log_path = free_port(), tmp_path / "server.log"
+    setup = "ip link set lo up && " + "".join(f"ip -6 route add local 2001:db8:{n}::/64 dev lo && " for n in (1, 2, 3))
+    setup += 'exec "$0" "$@"'
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["unshare", "--net", "sh", "-c", setup, sys.executable, os.path.join(ROOT, "pausepoint.py"),
+                                 "--db", str(tmp_path / "pausepoint.db"), "--host", "::1", "--port", str(port)],
+                                env=process_env(settings(**values)), stdout=log, stderr=subprocess.STDOUT)
+
+    def in_its_network(fn):
+        outcome = {}
+
+        def run():
+            try:
+                with open(f"/proc/{proc.pid}/ns/net") as namespace:
+                    if ctypes.CDLL(None, use_errno=True).setns(namespace.fileno(), CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), "setns")
+                outcome["value"] = fn()
+            except BaseException as e:
+                outcome["error"] = e
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    def in_its_own_network():      # not before unshare has made it
+        with contextlib.suppress(FileNotFoundError):
+            return os.readlink(f"/proc/{proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+
+    def healthy():
+        if proc.poll() is not None:
+            output = log_path.read_text()
+            if "unshare failed" in output or "Operation not permitted" in output:
+                pytest.skip(f"cannot make a network namespace here: {output.strip()}")
+            raise AssertionError(f"server exited with {proc.returncode}: {output}")
+        return b" 200 " in answer_from("2001:db8:2::1", port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+
+    try:
+        wait_until(lambda: in_its_own_network() and in_its_network(healthy), timeout=20)
+        yield in_its_network, port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def connect_v6(address, port, first_bytes=b""):
+    sock = socket.socket(socket.AF_INET6)
+    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+    sock.bind((address, 0))
+    sock.settimeout(5)
+    sock.connect(("::1", port))
+    sock.sendall(first_bytes)
+    return sock
+
+
+def answer_from(address, port, request):
+    """What the server answers `request` from `address` (b"" if it cannot be reached)."""
+    try:
+        with connect_v6(address, port, request) as sock:
+            return sock.recv(200)
+    except OSError:
+        return b""
+
+
+def test_an_ipv6_client_has_one_share_of_connections_however_many_of_its_addresses_it_uses(tmp_path):
+    with server_on_a_network_of_its_own(tmp_path, **{"server.connections_per_ip": 4,
+                                                     "server.trusted_proxy": "2001:db8:3::1"}) as (in_its_network, port):
+        def attack():
+            started = b"GET / HTTP/1.1\r\n"
+            one_subscriber = [connect_v6(f"2001:db8:1::{n:x}", port, started) for n in range(1, 41)]
+            proxy = [connect_v6("2001:db8:3::1", port, started) for _ in range(40)]
+            beside_proxy = [connect_v6("2001:db8:3::2", port, started) for _ in range(40)]
+            try:
+                # Forty addresses of one /64 keep one share of connections between them, as one address does,
+                held = wait_until(lambda: (n := sum(not closed_by_server(s) for s in one_subscriber)) <= 4 and n)
+                assert held == 4
+                healthz = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                assert answer_from("2001:db8:1::ff", port, healthz).startswith(b"HTTP/1.1 503")
+                # and another /64 is served. The trusted proxy is exempt; the rest of its /64 is not.
+                assert answer_from("2001:db8:2::1", port, healthz).startswith(b"HTTP/1.1 200")
+                assert sum(not closed_by_server(s) for s in beside_proxy) <= 4
+                assert sum(not closed_by_server(s) for s in proxy) == 40
+            finally:
+                for sock in one_subscriber + proxy + beside_proxy:
+                    sock.close()
+        in_its_network(attack)
