@@ -2577,6 +2577,14 @@ def split_reply_code(text):
     return None, text
 
 
+# The id Twilio gives a message: SM (MM for a picture) and 32 hex digits; a compatible provider's
+# may be a UUID. Only ids of a fixed form are taken: the signature runs the form's names and values
+# together without separators, so whoever holds one signed post can move the end of MessageSid's
+# value into the next parameter's name ('MessageSid=SM…&NumMedia=0' signs as 'MessageSid=SM…NumMedia0')
+# and post the same reply, still signed, under an id never seen, to answer a pause asked since.
+MESSAGE_SID = re.compile("[SM]M[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def record_sms_reply(conn, config, sender, text, message_sid):
     """An SMS or WhatsApp reply; returns the text to send back.
 
@@ -2595,6 +2603,8 @@ def record_sms_reply(conn, config, sender, text, message_sid):
         now = db_time()
         if not message_sid:
             return "PausePoint: this message came without its MessageSid, so it was not recorded."
+        if not MESSAGE_SID.fullmatch(message_sid):
+            return "PausePoint: this message's MessageSid is not one Twilio gives, so it was not recorded."
         if not conn.execute("INSERT INTO sms_replies VALUES (?, ?) ON CONFLICT DO NOTHING", (message_sid, now)).rowcount:
             return "PausePoint: this message was received already; it counts once."
         asked = [asked_of(conn, row, row["position"]) for row in conn.execute(

@@ -537,6 +537,28 @@ def test_a_message_sent_again_decides_nothing_even_for_a_newer_pause(sms_setup):
     assert api.pause(other["api_key"], wire["pause_id"])["status"] == "pending"
 
 
+def test_a_signed_message_posted_again_with_its_id_run_into_the_next_parameter_decides_nothing(sms_setup):
+    """Twilio signs a form's names and values run together: MessageSid=SM…&NumMedia=0 signs as
+    MessageSid=SM…NumMedia0 does, the same reply under an id never seen, still signed."""
+    api, config, keys = sms_setup
+    other = api.register(email="b@example.com")
+    api.create_pause(keys["api_key"], message="send $10 to the office fund?")
+    url, sid = pausepoint.base_url(config) + INBOUND_PATH, "SM" + uuid.uuid4().hex
+    params = {"Body": "1", "From": "+15550100", "MessageSid": sid, "NumMedia": "0", "To": "+15559990000"}
+    signature = RequestValidator(config["twilio.auth_token"]).compute_signature(url, params)
+    assert "recorded Approve" in api.post(INBOUND_PATH, params, headers={"X-Twilio-Signature": signature}).text
+    stored(config, "UPDATE pauses SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', created_at, '-1 hours'),"
+                   " decided_at = strftime('%Y-%m-%dT%H:%M:%fZ', decided_at, '-1 hours')")     # long settled
+    wire = api.create_pause(other["api_key"], message="wire $50,000 to account 998877?")
+    shifted = {"Body": "1", "From": "+15550100", "MessageSid": sid + "NumMedia0", "To": "+15559990000"}
+    again = api.post(INBOUND_PATH, shifted, headers={"X-Twilio-Signature": signature})
+    assert again.status_code == 200 and "not one Twilio gives" in again.text
+    assert api.pause(other["api_key"], wire["pause_id"])["status"] == "pending"
+    assert stored(config, "SELECT message_sid FROM sms_replies") == [(sid,)]
+    assert inbound(api, config, "1", message_sid="3f2b8c1e-9d4a-4e7b-8a1c-2b3d4e5f6a7b").status_code == 200
+    assert api.pause(other["api_key"], wire["pause_id"])["choice"] == "Approve"        # a compatible provider's id
+
+
 def test_a_reply_to_a_reminder_counts_when_the_first_text_failed(running_api, twilio):
     """The reminder carries the question and its code: once it was sent, the question reached the number."""
     api = running_api(**twilio.settings())
