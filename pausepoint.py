@@ -1732,6 +1732,8 @@ def pause_fields(body, config):
     everyone = [*people, *((recipient, channel) for _, recipient, channel in escalations)]
     different_people(people, "recipients")
     different_people(everyone, "escalation")
+    if any(channels(config)[channel].kind == "twilio" for _, channel in everyone):
+        refuse_options_a_reply_misreads(options)
     if len(everyone) > MAX_PEOPLE:
         raise invalid("escalation", f"a pause may ask at most {MAX_PEOPLE} people, escalation targets included")
     quorum = body.get("quorum")
@@ -1777,6 +1779,18 @@ def escalation_steps(escalation, config, minutes):
                                                       " channel sends nothing")
         steps.append((step["after_minutes"], recipient, channel))
     return sorted(steps, key=lambda step: step[0])
+
+
+def refuse_options_a_reply_misreads(options):
+    """422 for options that a text reply naming one would take for another (reply_choice()):
+    a reply of '3' is the third option, so with options '3', '2', '1' the person who texts
+    back 3 gets 1; and 'Go!' is read as 'Go'."""
+    for option in options:
+        taken = reply_choice(option, options)
+        if taken is not None and taken != option:
+            raise invalid("options", f"a text reply of {option!r} would choose {taken!r}: an option that is a"
+                                     f" number must be in its own place (\"1\" first), and none may differ from"
+                                     " another only by a final . or !")
 
 
 def checked_person(person, config, where):

@@ -583,6 +583,23 @@ def test_a_reply_may_name_the_option_instead_of_its_number(sms_setup):
     assert api.pause(keys["api_key"], created["pause_id"])["choice"] == "Approve"
 
 
+@pytest.mark.parametrize("options, texted", [(["3", "2", "1"], "3"), (["Go", "Go!"], "Go!"), (["Yes", "1."], "1.")])
+def test_options_a_text_reply_would_take_for_another_are_refused_where_someone_may_text_back(api, developer, options,
+                                                                                             texted):
+    key, asked = developer["test_api_key"], {**WIRE, "options": options, "timeout_default": None}
+    error = api.post_json("/v1/pause", asked, headers=api.as_key(key), status=422).json["error"]
+    assert error["field"] == "options" and f"a text reply of {texted!r} would choose" in error["message"]
+    escalated = {**QUESTION, "options": options, "timeout_default": None,
+                 "recipients": [{"recipient": "ada@example.com", "channel": "email"}],
+                 "escalation": [{"after_minutes": 5, "recipient": "+15550199", "channel": "whatsapp"}]}
+    assert api.post_json("/v1/pause", escalated, headers=api.as_key(key), status=422).json["error"]["field"] == "options"
+    assert stored(api.config, "SELECT count(*) FROM pauses") == [(0,)]
+    # Only a text reply reads them so: by email, or in their own places, they are fine.
+    api.post_json("/v1/pause", {**asked, "channel": "email", "recipient": "ada@example.com"}, headers=api.as_key(key))
+    api.post_json("/v1/pause", {**asked, "options": ["1", "2", "3"]}, headers=api.as_key(key))
+    assert stored(api.config, "SELECT count(*) FROM pauses") == [(2,)]
+
+
 @pytest.mark.parametrize("reply", ["{code} 1", "1 {code}", "{lower} approve", "{code}: 1", "Approve {lower}."])
 def test_a_reply_naming_a_code_decides_exactly_that_pause_whoever_asked_later(sms_setup, reply):
     api, config, keys = sms_setup
