@@ -2464,6 +2464,19 @@ def latest_approved_changes(conn, pause):
     return json.loads(latest["edits"] or "{}") if latest else {}
 
 
+def approved_values(conn, pause):
+    """For a pending team pause with fields and a quorum: {name: [each value an approval for the
+    quorum's choice gave it]}, those the respond page may have filled in since."""
+    if not (pause["team"] and pause["quorum"] and pause["fields"] and pause["status"] == "pending"):
+        return {}
+    offered = collections.defaultdict(list)
+    for row in query_db(conn, "SELECT edits FROM pause_recipients WHERE pause_id = ? AND choice = ?"
+                              " AND edits IS NOT NULL", (pause["id"], json.loads(pause["quorum"])["choice"])):
+        for name, value in json.loads(row["edits"]).items():
+            offered[name].append(value)
+    return offered
+
+
 def approved_changes(edited):
     """{name: new value} from edit_fields()'s record of changes; None for none."""
     return {name: change["new"] for name, change in edited.items()} if edited else None
@@ -6713,7 +6726,7 @@ def post_respond_page(rt, client, token):
     try:
         guard_respond_link(rt, lambda: respond_to_pause(rt.db(), rt.config, token, form.get("choice"),
                                                         form.get("comment"), client,
-                                                        page_edits(pause_by_token(rt.db(), token), form)))
+                                                        page_edits(rt.db(), pause_by_token(rt.db(), token), form)))
     except ApiError as e:
         if e.status != 422:
             raise
@@ -6726,17 +6739,18 @@ def post_respond_page(rt, client, token):
 NUMBER_TEXT = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
 
-def page_edits(pause, form):
-    """The respond page's edits (form_edits()), less the values it filled in from the latest
-    approval when the person chose something else: those are not their changes."""
+def page_edits(conn, pause, form):
+    """The respond page's edits (form_edits()), less the values it may have filled in from an
+    approval when the person chose something else: those are not their changes. Any
+    approval's, not only the latest's: another may have come since the page was shown."""
     edits = form_edits(pause, form)
-    proposed = pause.get("proposed") or {}
-    if not proposed or form.get("choice") == json.loads(pause["quorum"])["choice"]:
+    offered = approved_values(conn, pause)
+    if not offered or form.get("choice") == json.loads(pause["quorum"])["choice"]:
         return edits
     fields = json.loads(pause["fields"])
     return {name: value for name, value in edits.items()
-            if not (name in proposed and not field_value_problem(fields[name], value)
-                    and typed_value(fields[name], value) == proposed[name])}
+            if not (name in offered and not field_value_problem(fields[name], value)
+                    and typed_value(fields[name], value) in offered[name])}
 
 
 def form_edits(pause, form):

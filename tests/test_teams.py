@@ -444,3 +444,20 @@ def test_a_veto_on_the_filled_in_page_is_not_an_edit_by_the_person_who_vetoed(te
     decided = api.pause(key, created["pause_id"])
     assert (decided["status"], decided["choice"], decided["edited"]) == ("responded", "Reject", {})
     assert decided["fields"]["amount"]["value"] == 340 and decided["votes"][1]["edits"] is None
+
+
+def test_a_veto_on_a_page_filled_in_before_another_approval_is_not_an_edit_either(team):
+    api, key = team
+    fields = {"amount": {"type": "number", "value": 340, "max": 500, "editable": True}}
+    created = api.post_json("/v1/pause", {**TWO_APPROVALS, "fields": fields}, headers=api.as_key(key)).json
+    first, second, third = created["recipients"]
+    answer(api, first, "Approve", fields={"amount": 300})
+    form = api.get(f"/respond/{token_of(second['respond_url'])}").forms[0]
+    assert form["field.amount"].value == "300"
+    answer(api, third, "Approve", fields={"amount": 250})        # while the page is open: 250 is the latest
+    form.submit("choice", value="Reject", status=303)
+    decided = api.pause(key, created["pause_id"])
+    assert (decided["status"], decided["choice"], decided["edited"]) == ("responded", "Reject", {})
+    assert decided["fields"]["amount"]["value"] == 340 and decided["votes"][2]["edits"] is None
+    [decision] = audited(api, created["pause_id"], "pause.responded")
+    assert "edited" not in decision
