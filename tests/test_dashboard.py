@@ -694,6 +694,33 @@ def test_failures_from_a_shared_address_do_not_lock_out_a_browser_that_signed_in
     assert log_in(api).headers["Location"].endswith("/dashboard")     # but not this browser's
 
 
+def test_nobody_sharing_the_address_can_stop_a_signed_in_developer_rotating_or_changing_the_password(running_api):
+    api = running_api(**{"ratelimit.rotate_per_hour": 3})
+    sign_up(api)
+    stranger = Api(api.app, extra_environ=dict(api.extra_environ))     # the same office, no account at all
+    for n in range(3):
+        stranger.post_json("/v1/auth/keys/rotate", {"email": f"x{n}@example.org", "password": "guess-guess",
+                                                    "key": "live"}, status=401)
+    assert stranger.post_json("/v1/auth/keys/rotate", {"email": "x@example.org", "password": "guess-guess",
+                                                       "key": "live"}, status=429)     # the address's budget is spent
+    rotated = post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="live", password=PASSWORD)
+    assert rotated.headers["Location"].endswith("/dashboard/keys/shown")
+    assert change_the_password(api).headers["Location"].endswith("/dashboard/login?notice=password")
+
+
+def test_a_signed_in_developer_has_a_budget_of_rotations_and_password_changes(running_api):
+    api = running_api(**{"ratelimit.rotate_per_hour": 3})
+    sign_up(api)
+    for _ in range(2):
+        post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test", password=PASSWORD)
+    post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test", password="not my password")
+    refused = post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test", password=PASSWORD)
+    assert refused.status_code == 429 and "key rotations and password changes for your account" in refused.text
+    other_browser = Api(api.app, extra_environ={"REMOTE_ADDR": "203.0.113.7"})
+    log_in(other_browser)                          # the budget is the account's, wherever it signs in
+    assert change_the_password(other_browser).status_code == 429
+
+
 def test_the_browser_that_changes_the_password_stays_known(running_api):
     api = running_api(**{"ratelimit.login_per_hour": 3})
     sign_up(api)
