@@ -7336,8 +7336,9 @@ def create_app(config):
     app = bottle.Bottle()
     rt = app.runtime = Runtime(config)
     app.install(Handlers(rt))
-    for status in (400, 404, 405, 413, 500):
-        app.error(status)(bottle_error)
+    # Every error Bottle makes itself, not only the usual ones: its own page for the rest
+    # (static_file()'s 416 for a Range past the end, say) has none of the pages' headers.
+    app.default_error_handler = bottle_error
     for spec in ROUTES:
         app.route(spec.path, spec.method, spec.handler, spec=spec)
     if rt.metrics is not None and rt.metrics_address is None:
@@ -7350,8 +7351,8 @@ def create_app(config):
 ###############################################################################
 
 UNEXPECTED = "something went wrong on the server; it has been logged"
-BOTTLE_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
-                      413: "payload_too_large", 500: "internal_error"}
+BOTTLE_ERROR_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+                      413: "payload_too_large", 416: "range_not_satisfiable", 500: "internal_error"}
 
 
 # What templates may call besides the values a page hands them.

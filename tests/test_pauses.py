@@ -106,6 +106,13 @@ def test_unknown_endpoints_and_methods_answer_in_the_json_error_shape(api):
     assert api.delete("/v1/pause", status=405).json["error"]["code"] == "method_not_allowed"
 
 
+@pytest.mark.parametrize("path", ["/static/pausepoint.css", "/static/dashboard.js"])
+def test_a_range_past_the_end_of_a_static_file_answers_in_the_json_error_shape(api, path):
+    refused = api.get(path, headers={"Range": "bytes=999999-"}, status=416)
+    assert refused.content_type == "application/json" and "<html" not in refused.text
+    assert refused.json["error"]["code"] == "range_not_satisfiable"
+
+
 def test_listing_is_newest_first_filtered_by_status_and_paginated(api, developer):
     key = developer["test_api_key"]
     ids = [api.create_pause(key, message=f"question {n}")["pause_id"] for n in range(5)]
