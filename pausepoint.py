@@ -7274,6 +7274,8 @@ class Handlers:
             # A long poll that parks is served again later: it is timed once, when answered,
             # from when it was first served.
             started, answered = bottle.request.environ.get("pausepoint.started") or time.monotonic(), True
+            if not spec.page:       # API keys, webhook secrets, respond links: for the caller only, kept nowhere
+                bottle.response.set_header("Cache-Control", "no-store")
             try:
                 with self.rt.turns.taken(limited_as(bottle.request.environ.get("REMOTE_ADDR", ""))):
                     answer = callback(**path, **self.given(spec, wanted, schema, validators))

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from conftest import PASSWORD, Api, make_config, wait_until
+from conftest import PASSWORD, WIRE, Api, make_config, wait_until
 import pausepoint
 
 
@@ -137,6 +137,19 @@ def test_rotation_refuses_a_wrong_password_or_an_unknown_key_name(api, developer
     assert api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": PASSWORD, "key": "prod"},
                          status=422).json["error"]["field"] == "key"
     api.get("/v1/pause", headers=api.as_key(developer["api_key"]), status=200)
+
+
+def test_answers_holding_keys_secrets_or_respond_links_are_never_stored(api):
+    registered = api.post_json("/v1/auth/register", {"email": "dev@example.com", "name": "Dev", "password": PASSWORD})
+    rotated = api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": PASSWORD, "key": "test"})
+    key = rotated.json["test_api_key"]
+    created = api.post_json("/v1/pause", WIRE, headers=api.as_key(key))
+    read = api.get(f"/v1/pause/{created.json['pause_id']}", headers=api.as_key(key))
+    listed = api.get("/v1/pause", headers=api.as_key(key))
+    webhook = api.post_json("/v1/webhooks", {"url": "https://example.com/hook", "events": ["pause.responded"]},
+                            headers=api.as_key(key))
+    for answer in (registered, rotated, created, read, listed, webhook):
+        assert answer.headers["Cache-Control"] == "no-store"
 
 
 def test_rotation_is_rate_limited_per_client_ip(tmp_path):
