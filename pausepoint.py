@@ -1319,10 +1319,16 @@ def check_password(conn, config, email, password):
         return None
     row = conn.execute("SELECT * FROM developers WHERE email = ?", (email.strip(),)).fetchone()
     secret = password.encode("utf-8")[:72]
-    if row is None:
+    if row is None or bcrypt_cost(row["password_hash"]) != config["security.bcrypt_rounds"]:
+        # A hash made before security.bcrypt_rounds was raised checks faster than the stand-in:
+        # such a developer takes the stand-in's time too, or the time would tell who has an account.
         bcrypt.checkpw(secret, stand_in_password_hash(config["security.bcrypt_rounds"]))
-        return None
-    return row if bcrypt.checkpw(secret, row["password_hash"].encode()) else None
+    return row if row is not None and bcrypt.checkpw(secret, row["password_hash"].encode()) else None
+
+
+def bcrypt_cost(password_hash):
+    """The cost factor a bcrypt hash was made with ('$2b$12$…' -> 12)."""
+    return int(password_hash.split("$")[2])
 
 
 def working_key_hints(conn, developer_id):

@@ -3,6 +3,7 @@
 import concurrent.futures
 import json
 import re
+import time
 import urllib.parse
 
 import bcrypt
@@ -140,6 +141,24 @@ def test_a_wrong_password_and_an_unknown_email_get_the_same_answer(api):
     unknown = log_in(api, email="nobody@example.com", status=401)
     assert "Email or password is wrong." in wrong.text and "Email or password is wrong." in unknown.text
     assert "pp_session" not in api.cookies
+
+
+def test_a_developer_whose_password_was_hashed_at_a_lower_cost_is_not_told_apart_by_time(running_api):
+    api = running_api(**{"security.bcrypt_rounds": 10, "ratelimit.enabled": False})
+    sign_up(api)
+    cheaper = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()     # as an older, lower setting made it
+    stored(api.config, "UPDATE developers SET password_hash = ?", cheaper)
+    api.reset()
+
+    def fastest(email):
+        times = []
+        for _ in range(3):
+            started = time.monotonic()
+            log_in(api, email=email, password="wrong password", status=401)
+            times.append(time.monotonic() - started)
+        return min(times)
+    assert fastest("dev@example.com") > fastest("nobody@example.com") / 2      # 1 ms against 60 ms before
+    assert log_in(api).headers["Location"].endswith("/dashboard")                # and the password still works
 
 
 def test_failed_logins_are_limited_per_address_and_successful_ones_are_not(running_api):
