@@ -125,7 +125,7 @@ SETTINGS = [
     Setting("registration.open", True, "Whether registration (POST /v1/auth/register and the dashboard's sign-up) is open. When false, the operator adds developers with `create-developer`. The operator page's switch, once used, overrides this."),
     Setting("dashboard.session_idle_minutes", 60, "Minutes a dashboard sign-in lasts without use."),
     Setting("dashboard.session_max_hours", 168, "Hours a dashboard sign-in lasts at most, however often it is used."),
-    Setting("security.bcrypt_rounds", 12, "bcrypt cost factor for passwords (4-16). Each step doubles the work."),
+    Setting("security.bcrypt_rounds", 12, "bcrypt cost factor for passwords (4-16). Each step doubles the work. A password hashed at another cost is hashed again at this one when next given."),
     Setting("pauses.max_timeout_hours", 720.0, "Longest timeout_hours a pause may ask for."),
     Setting("pauses.max_test_pending", 1000, "Test-mode pauses one developer may have pending at once; beyond it, new ones get 429 until some are decided, cancelled or time out. 0: no limit."),
     Setting("twilio.account_sid", "", "Twilio account SID (AC…), for the sms channel."),
@@ -1323,7 +1323,21 @@ def check_password(conn, config, email, password):
         # A hash made before security.bcrypt_rounds was raised checks faster than the stand-in:
         # such a developer takes the stand-in's time too, or the time would tell who has an account.
         bcrypt.checkpw(secret, stand_in_password_hash(config["security.bcrypt_rounds"]))
-    return row if row is not None and bcrypt.checkpw(secret, row["password_hash"].encode()) else None
+    if row is None or not bcrypt.checkpw(secret, row["password_hash"].encode()):
+        return None
+    if bcrypt_cost(row["password_hash"]) != config["security.bcrypt_rounds"]:
+        rehash_password(conn, config, row, secret)
+    return row
+
+
+def rehash_password(conn, config, developer, secret):
+    """Hash a developer's password again at security.bcrypt_rounds, once they have given
+    it: a raised cost then protects them too, and their checks take the stand-in's time
+    alone. Unless the password changed meanwhile."""
+    password_hash = bcrypt.hashpw(secret, bcrypt.gensalt(config["security.bcrypt_rounds"])).decode()
+    with transaction(conn):
+        conn.execute("UPDATE developers SET password_hash = ? WHERE id = ? AND password_hash = ?",
+                     (password_hash, developer["id"], developer["password_hash"]))
 
 
 def bcrypt_cost(password_hash):
