@@ -2372,11 +2372,14 @@ def record_decisions(conn, config, decided, data, now):
 
 
 def receipt_claims(pause, votes=()):
-    """What a decided pause's receipt says: which question (by the SHA-256 of its message),
-    the options, the outcome with its final fields, changes and `votes` (votes_of()), who
-    decided it and when, and in which mode."""
-    return {"pause_id": pause["id"], "message_sha256": hashlib.sha256(pause["message"].encode()).hexdigest(),
-            "options": json.loads(pause["options"]), "status": pause["status"], "choice": pause["choice"],
+    """What a decided pause's receipt says: that it is one (type), which question (by the
+    SHA-256 of its message), its title and the details the respond page showed beside it,
+    the options and any quorum, the outcome with its final fields, changes and `votes`
+    (votes_of()), who decided it and when, and in which mode."""
+    return {"type": "receipt", "pause_id": pause["id"],
+            "message_sha256": hashlib.sha256(pause["message"].encode()).hexdigest(), "title": pause["title"],
+            "details": shown_details(pause), "options": json.loads(pause["options"]),
+            "quorum": json.loads(pause["quorum"] or "null"), "status": pause["status"], "choice": pause["choice"],
             "fields": json.loads(pause["fields"] or "null"), "edited": json.loads(pause["edited"] or "null"),
             "votes": list(votes), "decided_by": pause["decided_by"], "decided_at": api_time(pause["decided_at"]),
             "livemode": bool(pause["livemode"])}
@@ -2890,7 +2893,7 @@ def due_batch(conn, after):
     with their receipts as timed out now being signed. A team pause's receipt lists its
     votes, and one may still come in before its timeout commits: it is signed then."""
     now = db_time()
-    rows = query_db(conn, "SELECT seq, id, team, expires_at, message, options, fields, livemode,"
+    rows = query_db(conn, "SELECT seq, id, team, expires_at, message, title, metadata, options, quorum, fields, livemode,"
                           f" {', '.join(f'{value} AS {column}' for column, value in TIMED_OUT.items())}"
                           " FROM pauses WHERE status = 'pending' AND expires_at <= :now"
                           " AND (expires_at, seq) > (:after_expiry, :after_seq) ORDER BY expires_at, seq LIMIT :batch",
@@ -3092,6 +3095,15 @@ def created_json(conn, pause, config):
     return created
 
 
+def shown_details(pause):
+    """The metadata a respond page shows: the keys the agent listed in its "display", each
+    [{name, value}] as text."""
+    metadata = json.loads(pause["metadata"]) if pause["metadata"] else {}
+    return [{"name": readable_text(key), "value": readable_text(
+                metadata[key] if isinstance(metadata[key], str) else compact_json(metadata[key]))}
+            for key in metadata.get("display", [])]
+
+
 def asker_name(conn, pause):
     """Who is asking, as the respond page says it: the developer's name."""
     return query_db(conn, "SELECT name FROM developers WHERE id = ?", (pause["developer_id"],), one=True)["name"]
@@ -3101,14 +3113,11 @@ def respond_facts(pause, asked_by=None):
     """What the holder of a respond link may see: who asks, the question and its outcome,
     and of the agent's metadata only the keys it listed in "display": free-form, so made
     readable_text(), as the question already is by refusing what it would replace."""
-    metadata = json.loads(pause["metadata"]) if pause["metadata"] else {}
     return {
         "asked_by": asked_by,
         "title": pause["title"],
         "message": pause["message"],
-        "details": [{"name": readable_text(key), "value": readable_text(
-                        metadata[key] if isinstance(metadata[key], str) else compact_json(metadata[key]))}
-                    for key in metadata.get("display", [])],
+        "details": shown_details(pause),
         "options": json.loads(pause["options"]),
         "status": pause["status"],
         "choice": pause["choice"],
@@ -6084,6 +6093,7 @@ AUDIT_EVENT = {"type": "object", "required": ["id", "timestamp", "actor", "event
                                                    " chain (64 zeros for the first)."},
     "hash": {"type": "string", "description": "SHA-256 of this event chained to prev_hash: see the README."}}}
 AUDIT_HEAD = {"type": "object", "required": ["livemode", "hash", "count", "signature"], "properties": {
+    "type": {"const": "audit_head", "description": "So the signature cannot pass for a receipt's"},
     "developer_id": {"type": "string"}, "livemode": {"type": "boolean"},
     "hash": {"type": "string", "description": "The latest event's hash"},
     "count": {"type": "integer", "description": "Events in the chain (test chains lose their oldest to retention)"},
@@ -6655,7 +6665,8 @@ def get_audit_head(rt, caller):
                                       " AND livemode = :livemode ORDER BY seq DESC LIMIT 1) FROM audit_events"
                                       " WHERE developer_id = :developer AND livemode = :livemode",
                              {"developer": caller.developer_id, "livemode": caller.livemode}, one=True)
-    head = {"developer_id": caller.developer_id, "livemode": bool(caller.livemode), "hash": latest or AUDIT_GENESIS,
+    head = {"type": "audit_head", "developer_id": caller.developer_id, "livemode": bool(caller.livemode),
+            "hash": latest or AUDIT_GENESIS,
             "count": count, "at": api_time(db_time())}
     return {**head, "signature": rt.signer.sign(head)}
 

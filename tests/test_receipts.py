@@ -44,8 +44,9 @@ def test_a_decided_pause_carries_a_receipt_anyone_can_check_and_no_one_can_alter
     pause = api.pause(key, created["pause_id"])
     claims = checked(api, pause["receipt"])
     assert claims == {
-        "pause_id": pause["pause_id"], "message_sha256": hashlib.sha256(WIRE["message"].encode()).hexdigest(),
-        "options": WIRE["options"], "status": "responded", "choice": "Approve", "fields": pause["fields"],
+        "type": "receipt", "pause_id": pause["pause_id"],
+        "message_sha256": hashlib.sha256(WIRE["message"].encode()).hexdigest(), "title": None, "details": [],
+        "options": WIRE["options"], "quorum": None, "status": "responded", "choice": "Approve", "fields": pause["fields"],
         "edited": {"amount": {"old": 340, "new": 300}}, "votes": [], "decided_by": pause["decided_by"],
         "decided_at": pause["decided_at"], "livemode": False}
     for change in ({"choice": "Reject"}, {"fields": {"amount": {"value": 500}}}, {"livemode": True},
@@ -134,7 +135,8 @@ def test_the_audit_head_is_signed(api):
     api.create_pause(key, channel="link", recipient="ops")
     head = api.get("/v1/audit/head", headers=api.as_key(key)).json
     claims = checked(api, head["signature"])
-    assert claims == {name: head[name] for name in ("developer_id", "livemode", "hash", "count", "at")}
+    assert claims == {name: head[name] for name in ("type", "developer_id", "livemode", "hash", "count", "at")}
+    assert claims["type"] == "audit_head"       # so it cannot pass for a receipt, nor a receipt for it
     assert claims["count"] == 1 and claims["livemode"] is True
     with pytest.raises(jwt.InvalidSignatureError):
         checked(api, forged(head["signature"], count=0))
@@ -196,15 +198,17 @@ def test_rotations_at_once_lose_no_key(tmp_path):
 def test_a_burst_of_timeouts_signs_each_its_own_receipt_saying_what_the_pause_says(running_api):
     api = running_api()
     key = api.register()["test_api_key"]
-    api.create_pause(key, fields={"amount": {"type": "number", "value": 340, "editable": True}})
+    api.create_pause(key, fields={"amount": {"type": "number", "value": 340, "editable": True}}, title="Wire",
+                     metadata={"payee": "ACME", "display": ["payee"]})
     team = api.post_json("/v1/pause", TEAM, headers=api.as_key(key)).json
     api.post_json(f"/v1/respond/{token_of(team['recipients'][0]['respond_url'])}", {"choice": "Approve"})
     burst = pausepoint.JOB_BATCH + 34                   # signed ahead, batch after batch
     stored(api.config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
-                       " INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options,"
-                       " timeout_default, fields, respond_token, created_at, expires_at)"
-                       " SELECT 'psr_' || i, developer_id, 0, recipient, channel, message, options, timeout_default,"
-                       " fields, 'tok' || i, created_at, expires_at FROM n, pauses WHERE pauses.seq = 1", burst)
+                       " INSERT INTO pauses (id, developer_id, livemode, recipient, channel, title, message, options,"
+                       " timeout_default, metadata, fields, respond_token, created_at, expires_at)"
+                       " SELECT 'psr_' || i, developer_id, 0, recipient, channel, title, message, options,"
+                       " timeout_default, metadata, fields, 'tok' || i, created_at, expires_at"
+                       " FROM n, pauses WHERE pauses.seq = 1", burst)
     stored(api.config, "UPDATE pauses SET expires_at = '2000-01-01T00:00:00.000Z'")
     api.step("timeouts")
     pauses = [api.pause(key, pause_id) for (pause_id,) in stored(api.config, "SELECT id FROM pauses")]
@@ -212,8 +216,11 @@ def test_a_burst_of_timeouts_signs_each_its_own_receipt_saying_what_the_pause_sa
     for pause in pauses:
         claims = checked(api, pause["receipt"])
         assert claims == {
-            "pause_id": pause["pause_id"], "message_sha256": hashlib.sha256(WIRE["message"].encode()).hexdigest(),
-            "options": WIRE["options"], "status": "timed_out", "choice": "Reject", "fields": pause.get("fields"),
+            "type": "receipt", "pause_id": pause["pause_id"],
+            "message_sha256": hashlib.sha256(WIRE["message"].encode()).hexdigest(), "title": pause.get("title"),
+            "details": [{"name": "payee", "value": "ACME"}] if pause.get("title") else [],     # as the page shows
+            "options": WIRE["options"], "quorum": pause.get("quorum"), "status": "timed_out", "choice": "Reject",
+            "fields": pause.get("fields"),
             "edited": pause.get("edited"), "votes": claims["votes"], "decided_by": "timeout",
             "decided_at": pause["decided_at"], "livemode": False}
     assert [vote["recipient"] for vote in checked(api, api.pause(key, team["pause_id"])["receipt"])["votes"]] == ["ana"]
