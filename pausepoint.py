@@ -149,7 +149,7 @@ SETTINGS = [
     Setting("ratelimit.enabled", True, "Rate-limit registration, key rotation and failed respond-token lookups per client IP."),
     Setting("ratelimit.register_per_hour", 20, "Registrations allowed per client IP per hour."),
     Setting("ratelimit.login_per_hour", 20, "Failed password checks (dashboard sign-in, key rotation) allowed per hour per client IP, and per email (or, for a browser that signed in as that developer before, per browser)."),
-    Setting("ratelimit.rotate_per_hour", 20, "Key rotations (attempts, right or wrong) allowed per client IP per hour through the API, and per developer from the dashboard (password changes included)."),
+    Setting("ratelimit.rotate_per_hour", 20, "Key rotations (attempts, right or wrong) allowed per client IP per hour through the API, and per developer from the dashboard (password changes and webhook endpoints added there included)."),
     Setting("ratelimit.respond_failures_per_hour", 30, "Unknown respond tokens allowed per client IP per hour; beyond it unknown tokens get 429 (valid ones always work)."),
     Setting("ratelimit.webhook_changes_per_hour", 200, "Webhook creations, changes, deletions, tests and redeliveries one developer may make per hour in each mode (each writes an audit event that is kept)."),
     Setting("ratelimit.test_pauses_per_hour", 1000, "Test-mode pauses one developer may create per hour (the first hour's worth at once, then evenly)."),
@@ -7044,7 +7044,7 @@ def with_password(rt, session, form):
     address (an office, a carrier's NAT) could spend that one with bogus API rotations and
     so stop a developer replacing a leaked key or password in the browser they use."""
     rt.limiter.limit("rotate_signed_in", session.row["developer_id"], rt.config["ratelimit.rotate_per_hour"],
-                     "key rotations and password changes for your account")
+                     "key rotations, password changes and endpoints added for your account")
     return password_of(rt, session.row["email"], form.get("password"), request_cookie(DEVICE_COOKIE))
 
 
@@ -7095,8 +7095,13 @@ def webhooks_page(rt, session, error=None, status=200, values=None):
 
 
 def add_webhook_from_dashboard(rt, session, form):
-    """Add an endpoint; a secret made here is shown this once."""
+    """Add an endpoint, after the password is confirmed: it will be sent respond links, so a
+    sign-in someone took over must not leave one behind that outlives a password change.
+    A secret made here is shown this once."""
     webhook_change_allowed(rt, session.caller)
+    if with_password(rt, session, form) is None:
+        return webhooks_page(rt, session, error="That password is wrong; no endpoint was added.", status=401,
+                             values=form)
     body = {"url": (form.get("url") or "").strip(),
             "events": [event for event in WEBHOOK_EVENTS if form.get(f"event:{event}")]}
     if form.get("secret"):

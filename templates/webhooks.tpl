@@ -35,5 +35,7 @@
   </fieldset>
   <label for="secret">Signing secret (optional: leave empty and one is made and shown once)</label>
   <input id="secret" name="secret" autocomplete="off" minlength="16" maxlength="256">
+  <label for="webhook-password">Your password (an endpoint is sent the links that answer your pauses)</label>
+  <input id="webhook-password" name="password" type="password" autocomplete="current-password" required>
   <button type="submit">Add endpoint</button>
 </form>

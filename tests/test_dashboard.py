@@ -33,6 +33,11 @@ def timeline(page):
     return [item.select_one("strong").text for item in page.html.select("#timeline li")]
 
 
+def add_endpoint(api, url, password=PASSWORD):
+    """The dashboard's form adding a webhook endpoint, submitted."""
+    return post_form(api, api.get("/dashboard/webhooks"), "/dashboard/webhooks", url=url, password=password)
+
+
 def post_form(api, page, to, action=None, **fields):
     """Submit the form of `page` that posts to `to`, with these fields changed, by its
     button named action with this value (if it has several)."""
@@ -473,7 +478,7 @@ def test_the_front_page_links_to_the_dashboard_and_the_api_description(api):
 def test_webhooks_are_added_tested_disabled_redelivered_and_deleted_from_the_dashboard(running_api, receiver):
     api = running_api(**{"webhooks.allow_private": True})
     sign_up(api)
-    answer = post_form(api, api.get("/dashboard/webhooks"), "/dashboard/webhooks", url=receiver.url + "/hook")
+    answer = add_endpoint(api, receiver.url + "/hook")
     page = answer.follow()
     assert answer.status_code == 303 and "you will not see it again" in page.text
     secret = page.html.select_one("#secret")["value"]
@@ -509,16 +514,28 @@ def test_webhooks_are_added_tested_disabled_redelivered_and_deleted_from_the_das
 
 def test_a_bad_webhook_url_is_explained_and_the_form_kept(api):
     sign_up(api)
-    page = post_form(api, api.get("/dashboard/webhooks"), "/dashboard/webhooks", url="http://127.0.0.1:9/x")
+    page = add_endpoint(api, "http://127.0.0.1:9/x")
     assert page.status_code == 422 and "non-public address" in page.text
     assert page.html.select_one("#url")["value"] == "http://127.0.0.1:9/x"
     assert stored(api.config, "SELECT count(*) FROM webhooks") == [(0,)]
 
 
+def test_an_endpoint_is_added_only_with_the_password_so_a_taken_over_sign_in_leaves_none_behind(running_api,
+                                                                                               receiver):
+    api = running_api(**{"webhooks.allow_private": True})
+    sign_up(api)
+    page = add_endpoint(api, receiver.url, password="not my password")
+    assert page.status_code == 401 and "no endpoint was added" in page.text
+    assert page.html.select_one("#url")["value"] == receiver.url and "not my password" not in page.text
+    assert stored(api.config, "SELECT count(*) FROM webhooks") == [(0,)]
+    assert stored(api.config, "SELECT count(*) FROM audit_events WHERE event_type = 'webhook.created'") == [(0,)]
+    assert add_endpoint(api, receiver.url).status_code == 303
+
+
 def test_another_developers_webhook_cannot_be_seen_or_changed_by_url(running_api, receiver):
     api = running_api(**{"webhooks.allow_private": True})
     sign_up(api)
-    post_form(api, api.get("/dashboard/webhooks"), "/dashboard/webhooks", url=receiver.url)
+    add_endpoint(api, receiver.url)
     webhook_id = stored(api.config, "SELECT id FROM webhooks")[0][0]
     api.reset()
     sign_up(api, email="other@example.com")
@@ -697,8 +714,8 @@ def test_guesses_sent_all_at_once_stay_within_the_budget(running_api):
 def test_secrets_shown_once_wait_for_their_own_page(running_api, receiver):
     api = running_api(**{"webhooks.allow_private": True})
     sign_up(api)
-    first = post_form(api, api.get("/dashboard/webhooks"), "/dashboard/webhooks", url=receiver.url + "/a")
-    second = post_form(api, api.get("/dashboard/webhooks"), "/dashboard/webhooks", url=receiver.url + "/b")
+    first = add_endpoint(api, receiver.url + "/a")
+    second = add_endpoint(api, receiver.url + "/b")
     rotated = post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test", password=PASSWORD)
     assert api.head("/dashboard/keys/shown").status_code == 303         # a HEAD takes nothing
     secrets_shown = [page.follow().html.select_one("#secret")["value"] for page in (second, first)]
@@ -739,7 +756,7 @@ def test_a_signed_in_developer_has_a_budget_of_rotations_and_password_changes(ru
         post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test", password=PASSWORD)
     post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test", password="not my password")
     refused = post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test", password=PASSWORD)
-    assert refused.status_code == 429 and "key rotations and password changes for your account" in refused.text
+    assert refused.status_code == 429 and "key rotations, password changes and endpoints added for your account" in refused.text
     other_browser = Api(api.app, extra_environ={"REMOTE_ADDR": "203.0.113.7"})
     log_in(other_browser)                          # the budget is the account's, wherever it signs in
     assert change_the_password(other_browser).status_code == 429
