@@ -1512,8 +1512,11 @@ def registration_open(conn, config):
     return (json.loads(row[0]), "dashboard") if row else (config["registration.open"], "config")
 
 
-def set_registration_open(conn, is_open, actor):
+def set_registration_open(conn, is_open, operator_id, operator_email):
+    """Open or close sign-up, as the operator did on the dashboard, noting it in their live audit log."""
+    actor = f"operator:{operator_email}"
     with transaction(conn):
+        record_event(conn, operator_id, 1, actor, "registration.changed", data={"open": bool(is_open)})
         conn.execute("INSERT INTO server_settings (key, value, changed_by, changed_at)"
                      " VALUES ('registration.open', ?, ?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
                      " changed_by = excluded.changed_by, changed_at = excluded.changed_at",
@@ -7174,7 +7177,7 @@ def change_plan_from_dashboard(rt, session, form):
 
 def registration_from_dashboard(rt, session, form):
     operator_only(session)
-    set_registration_open(rt.db(), form.get("open") == "true", f"operator:{session.row['email']}")
+    set_registration_open(rt.db(), form.get("open") == "true", session.row["developer_id"], session.row["email"])
     return redirect("/dashboard/operator")
 
 

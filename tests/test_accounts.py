@@ -70,7 +70,8 @@ def test_a_start_warns_when_the_dashboards_registration_switch_overrides_the_con
     """registration.open = false in the config reads as closed; a switch flipped on the dashboard
     long ago may have it open, and that is a security setting: say so, which wins, and where to change it."""
     app = pausepoint.create_app(make_config(tmp_path))
-    pausepoint.set_registration_open(app.runtime.db(), True, "operator:ops@example.com")
+    ops = pausepoint.register_developer(app.runtime.db(), app.runtime.config, "ops@example.com", "Ops", "password123")
+    pausepoint.set_registration_open(app.runtime.db(), True, ops["developer_id"], "ops@example.com")
     app.runtime.stop()
     server = spawn_server(env={"PAUSEPOINT_REGISTRATION_OPEN": "false"})
     warned = [line for line in server.output().splitlines() if "registration.open" in line]

@@ -580,6 +580,9 @@ def test_the_operator_sees_usage_changes_plans_and_closes_registration(running_a
     assert "as registration.open in the config says" in page.text
     page = post_form(api, api.get("/dashboard/operator"), "/dashboard/operator/registration").maybe_follow()
     assert "Registration is closed" in page.html.select_one("#registration").text
+    assert stored(api.config, "SELECT d.email, a.livemode, a.actor, a.data FROM audit_events a JOIN developers d"
+                              " ON d.id = a.developer_id WHERE event_type = 'registration.changed'") == [
+        ("ops@example.com", 1, "operator:ops@example.com", '{"open":false}')]
     assert "as set here on the dashboard" in page.text
     assert api.post_json("/v1/auth/register", {"email": "new@example.com", "name": "N", "password": PASSWORD},
                          status=403).json["error"]["code"] == "registration_closed"
