@@ -31,27 +31,10 @@ import os
 import sys
 import time
 
-import anyio
-from mcp.server.mcpserver import Context, MCPServer
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pausepoint_client import LONGEST_WAIT, Approval, PausePoint, PausePointError, RateLimited  # noqa: E402
 
 log = logging.getLogger("pausepoint-mcp")
-
-ONLY_APPROVAL_IS_PERMISSION = (
-    " Only an explicit approval is permission: proceed only when the result says approved is true. A rejection,"
-    " a timeout (whatever its default), a cancellation or a pending answer all mean: do not proceed.")
-APPROVE = "Approve"
-
-server = MCPServer("PausePoint", instructions=(
-    "Ask a person before doing anything risky (spending money, deleting data, contacting people)."
-    + ONLY_APPROVAL_IS_PERMISSION))
-
-# This process serves one session: a question asked again while its pause is pending
-# finds that pause rather than asking the person twice (asked: the question's latest
-# pause), and the tools speak only of the pauses it asked (asked_here).
-asked, asked_here = {}, set()
 
 
 def settings():
@@ -77,6 +60,32 @@ def seconds(name, default):
     if not 0 <= value <= 3600:          # nan and inf too
         raise ValueError(f"{name} must be a number of seconds from 0 to 3600, not {given!r}")
     return value
+
+
+# A setting it cannot take stops the server before the SDK is imported, which takes over a
+# second: the host shows the operator the refusal at once, not after the import.
+if __name__ == "__main__":
+    try:
+        settings()
+    except ValueError as e:
+        sys.exit(f"pausepoint-mcp: {e}")
+
+import anyio  # noqa: E402
+from mcp.server.mcpserver import Context, MCPServer  # noqa: E402
+
+ONLY_APPROVAL_IS_PERMISSION = (
+    " Only an explicit approval is permission: proceed only when the result says approved is true. A rejection,"
+    " a timeout (whatever its default), a cancellation or a pending answer all mean: do not proceed.")
+APPROVE = "Approve"
+
+server = MCPServer("PausePoint", instructions=(
+    "Ask a person before doing anything risky (spending money, deleting data, contacting people)."
+    + ONLY_APPROVAL_IS_PERMISSION))
+
+# This process serves one session: a question asked again while its pause is pending
+# finds that pause rather than asking the person twice (asked: the question's latest
+# pause), and the tools speak only of the pauses it asked (asked_here).
+asked, asked_here = {}, set()
 
 
 def client():
@@ -189,8 +198,4 @@ async def cancel_approval(pause_id: str) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        settings()
-    except ValueError as e:
-        sys.exit(f"pausepoint-mcp: {e}")
     server.run()
