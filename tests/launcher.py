@@ -10,11 +10,17 @@ What a fork does not do as the command line would: the interpreter's own shutdow
 (atexit handlers, and the SQLite connections Python closes as it exits), settings read only as a
 process starts (MALLOC_ARENA_MAX, PYTHONHASHSEED, TZ) come from the fork server, and every child
 has the same hash seed. test_server.py's test of the real script covers what that leaves out.
+
+The scripts in client/ (the Claude Code hook) are launched the same way, as `python script …`
+runs them (runpy, as __main__), without the 0.1 s of CPU their interpreter and its imports
+of http.client and json cost: test_claude_hook.py still runs the real script for what a fork
+cannot show (the script's imports, as a copy of it alone finds them).
 """
 
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -53,8 +59,9 @@ def start_fork_server():
                     os.environ[name] = value
 
 
-def run_main(expected_file, argv, cwd, env, stdout_path, stderr_path, stdin_path):
-    """In the forked child: what `python pausepoint.py argv` does, its output appended to the files."""
+def run_main(expected_file, argv, cwd, env, stdout_path, stderr_path, stdin_path, script=None):
+    """In the forked child: what `python pausepoint.py argv` (or `python script argv`) does,
+    its output appended to the files."""
     for fd, path in ((1, stdout_path), (2, stderr_path)):
         opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(opened, fd)
@@ -65,18 +72,21 @@ def run_main(expected_file, argv, cwd, env, stdout_path, stderr_path, stdin_path
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
-    sys.argv = [pausepoint.__file__, *argv]
+    sys.argv = [script or pausepoint.__file__, *argv]
+    if script:
+        runpy.run_path(script, run_name="__main__")
+        return
     sys.exit(pausepoint.main(argv))
 
 
 class Launched:
-    """The part of subprocess.Popen's interface the tests use, for a forked pausepoint."""
+    """The part of subprocess.Popen's interface the tests use, for a forked pausepoint (or script)."""
 
-    def __init__(self, argv, cwd, env, stdout_path, stderr_path=None, stdin_path=None):
+    def __init__(self, argv, cwd, env, stdout_path, stderr_path=None, stdin_path=None, script=None):
         self.args = argv
         start_fork_server()
         self.process = FORK_SERVER.Process(target=run_main, args=(
-            pausepoint.__file__, argv, str(cwd), env, stdout_path, stderr_path or stdout_path, stdin_path))
+            pausepoint.__file__, argv, str(cwd), env, stdout_path, stderr_path or stdout_path, stdin_path, script))
         self.process.start()
         self.pid = self.process.pid
 
@@ -104,13 +114,13 @@ class Launched:
         self.send_signal(signal.SIGKILL)
 
 
-def run(argv, cwd, env, stdin=None, timeout=60):
-    """Like subprocess.run(capture_output=True, text=True) for a forked pausepoint."""
+def run(argv, cwd, env, stdin=None, timeout=60, script=None):
+    """Like subprocess.run(capture_output=True, text=True) for a forked pausepoint (or script)."""
     with tempfile.TemporaryDirectory() as files:
         paths = [os.path.join(files, name) for name in ("stdin", "stdout", "stderr")]
         with open(paths[0], "w", encoding="utf-8") as f:
             f.write(stdin or "")
-        launched = Launched(argv, cwd, env, paths[1], paths[2], paths[0])
+        launched = Launched(argv, cwd, env, paths[1], paths[2], paths[0], script)
         try:
             launched.wait(timeout)
         finally:

@@ -9,6 +9,7 @@ import threading
 import pytest
 import requests
 
+import launcher
 from conftest import answer_first_pending, register_over_http, ROOT, stored, token_of, wait_until
 from stubs import serve_stand_in, stop_http
 
@@ -18,13 +19,17 @@ CALL = {"session_id": "abc123", "transcript_path": "/tmp/t.jsonl", "cwd": os.pat
         "tool_input": {"command": "rm -rf build/", "description": "Clean the build"}}
 
 
-def run_hook(url, key, call=CALL, **env):
-    """The hook's answer to `call` (a dict, or the JSON text itself)."""
+def run_hook(url, key, call=CALL, fresh_interpreter=False, **env):
+    """The hook's answer to `call` (a dict, or the JSON text itself): the script run in a
+    process of its own, forked (launcher.py) unless the test asks for a fresh interpreter."""
     settings = {"PAUSEPOINT_URL": url, "PAUSEPOINT_API_KEY": key, "PAUSEPOINT_RECIPIENT": "+15550100",
                 "PAUSEPOINT_CHANNEL": "sms", "PAUSEPOINT_HOOK_WAIT": "20", **env}
     text = call if isinstance(call, str) else json.dumps(call)
-    done = subprocess.run([sys.executable, HOOK], input=text, capture_output=True, text=True,
-                          env={**os.environ, **settings}, timeout=60)
+    if fresh_interpreter:
+        done = subprocess.run([sys.executable, HOOK], input=text, capture_output=True, text=True,
+                              env={**os.environ, **settings}, timeout=60)
+    else:
+        done = launcher.run([], os.getcwd(), {**os.environ, **settings}, stdin=text, script=HOOK)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)["hookSpecificOutput"]
 
@@ -36,7 +41,7 @@ def new_test_key(url):
 def test_an_allow_on_the_phone_lets_the_command_run(live_server):
     key = new_test_key(live_server.url)
     person = answer_first_pending(live_server.url, key, "Allow")
-    out = run_hook(live_server.url, key)
+    out = run_hook(live_server.url, key, fresh_interpreter=True)       # the script as Claude Code runs it
     person.join()
     assert out["hookEventName"] == "PreToolUse" and out["permissionDecision"] == "allow"
     pause = requests.get(f"{live_server.url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).json()["pauses"][0]
