@@ -417,9 +417,10 @@ def process_env(env=None):
     return {**os.environ, "PAUSEPOINT_SECURITY_BCRYPT_ROUNDS": "4", **(env or {})}
 
 
-def run_cli(cwd, *args, env=None, stdin=None):
-    """What `python pausepoint.py --db <cwd>/pausepoint.db ARGS` does, forked (launcher.py), its output captured."""
-    return launcher.run(["--db", str(cwd / "pausepoint.db"), *args], cwd, process_env(env), stdin=stdin)
+def run_cli(cwd, *args, env=None, stdin=None, setup=None):
+    """What `python pausepoint.py --db <cwd>/pausepoint.db ARGS` does, forked (launcher.py), its output
+    captured; setup() runs in the child first (a module-level function: it is pickled to the fork server)."""
+    return launcher.run(["--db", str(cwd / "pausepoint.db"), *args], cwd, process_env(env), stdin=stdin, setup=setup)
 
 
 @contextlib.contextmanager

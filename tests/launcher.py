@@ -59,9 +59,11 @@ def start_fork_server():
                     os.environ[name] = value
 
 
-def run_main(expected_file, argv, cwd, env, stdout_path, stderr_path, stdin_path, script=None):
+def run_main(expected_file, argv, cwd, env, stdout_path, stderr_path, stdin_path, script=None, setup=None):
     """In the forked child: what `python pausepoint.py argv` (or `python script argv`) does,
-    its output appended to the files."""
+    its output appended to the files; setup() first, as subprocess's preexec_fn would."""
+    if setup is not None:
+        setup()
     for fd, path in ((1, stdout_path), (2, stderr_path)):
         opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(opened, fd)
@@ -82,11 +84,11 @@ def run_main(expected_file, argv, cwd, env, stdout_path, stderr_path, stdin_path
 class Launched:
     """The part of subprocess.Popen's interface the tests use, for a forked pausepoint (or script)."""
 
-    def __init__(self, argv, cwd, env, stdout_path, stderr_path=None, stdin_path=None, script=None):
+    def __init__(self, argv, cwd, env, stdout_path, stderr_path=None, stdin_path=None, script=None, setup=None):
         self.args = argv
         start_fork_server()
         self.process = FORK_SERVER.Process(target=run_main, args=(
-            pausepoint.__file__, argv, str(cwd), env, stdout_path, stderr_path or stdout_path, stdin_path, script))
+            pausepoint.__file__, argv, str(cwd), env, stdout_path, stderr_path or stdout_path, stdin_path, script, setup))
         self.process.start()
         self.pid = self.process.pid
 
@@ -114,13 +116,13 @@ class Launched:
         self.send_signal(signal.SIGKILL)
 
 
-def run(argv, cwd, env, stdin=None, timeout=60, script=None):
+def run(argv, cwd, env, stdin=None, timeout=60, script=None, setup=None):
     """Like subprocess.run(capture_output=True, text=True) for a forked pausepoint (or script)."""
     with tempfile.TemporaryDirectory() as files:
         paths = [os.path.join(files, name) for name in ("stdin", "stdout", "stderr")]
         with open(paths[0], "w", encoding="utf-8") as f:
             f.write(stdin or "")
-        launched = Launched(argv, cwd, env, paths[1], paths[2], paths[0], script)
+        launched = Launched(argv, cwd, env, paths[1], paths[2], paths[0], script, setup)
         try:
             launched.wait(timeout)
         finally:

@@ -1,6 +1,7 @@
 """The real process: timeouts across restarts, long polls, signals and the operator's commands."""
 
 import concurrent.futures
+import functools
 import json
 import logging
 import os
@@ -494,12 +495,11 @@ def test_a_backup_that_fails_leaves_nothing_to_be_taken_for_one(tmp_path):
     stored(tmp_path / "pausepoint.db", "CREATE TABLE filler AS SELECT randomblob(400000) AS x")
     copy = tmp_path / "backups" / "copy.db"
     copy.parent.mkdir()
-    command = [sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db", str(tmp_path / "pausepoint.db"), "backup"]
-    limited = subprocess.run([*command, str(copy)], capture_output=True, text=True, timeout=60,
-                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)))
+    limited = run_cli(tmp_path, "backup", str(copy),
+                      setup=functools.partial(resource.setrlimit, resource.RLIMIT_FSIZE, (100_000, 100_000)))
     one_sentence(limited, f"the backup to {copy} failed: ")
     assert os.listdir(copy.parent) == []
-    assert subprocess.run([*command, str(copy)], capture_output=True, timeout=60).returncode == 0     # room again
+    assert run_cli(tmp_path, "backup", str(copy)).returncode == 0     # room again
     assert stored(copy, "SELECT length(x) FROM filler") == [(400000,)]
     one_sentence(run_cli(tmp_path, "backup", ""), "name a new file to write the backup to, not ''")
     one_sentence(run_cli(tmp_path, "backup", str(copy.parent)), "name a new file to write the backup to")
@@ -512,9 +512,7 @@ def test_a_command_that_cannot_do_its_work_says_why_in_one_sentence(tmp_path):
     one_sentence(run_cli(tmp_path, "backup", str(tmp_path / "no" / "copy.db")),
                  f"cannot write {tmp_path / 'no' / 'copy.db'}: No such file or directory")
     # With no terminal to ask at (cron, docker exec without -t): no session, so no /dev/tty.
-    asked = subprocess.run([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db", str(tmp_path / "pausepoint.db"),
-                            "create-developer", "--email", "b@example.com", "--name", "B"], stdin=subprocess.DEVNULL,
-                           capture_output=True, text=True, timeout=60, start_new_session=True)
+    asked = run_cli(tmp_path, "create-developer", "--email", "b@example.com", "--name", "B", setup=os.setsid)
     one_sentence(asked, "no password was given: type it at the prompt, or give it on standard input with"
                         " --password-stdin")
 
@@ -533,9 +531,8 @@ def test_ctrl_c_at_the_password_prompt_ends_the_command_without_a_traceback(tmp_
     asking.stderr.close()
 
 
-def test_help_explains_each_command():
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--help"],
-                            capture_output=True, text=True, timeout=30)
+def test_help_explains_each_command(tmp_path):
+    result = run_cli(tmp_path, "--help")
     for command in ("serve", "create-developer", "set-plan", "backup"):
         assert command in result.stdout
 
