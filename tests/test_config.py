@@ -5,7 +5,8 @@ import tomllib
 import pytest
 import requests
 
-from conftest import ROOT
+import launcher
+from conftest import ROOT, process_env
 import pausepoint
 from pausepoint import ConfigError, load_config
 
@@ -85,10 +86,8 @@ def test_the_agent_side_tools_variables_are_no_misspelt_settings():
 
 
 def test_the_server_refuses_to_start_on_a_bad_setting(tmp_path):
-    import subprocess, sys
     path = write(tmp_path, "[server]\nthreads = 2\n")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--config", path],
-                            capture_output=True, text=True, timeout=30)
+    result = launcher.run(["--config", path], tmp_path, process_env())     # `python pausepoint.py --config path`
     assert result.returncode == 2
     assert re.search(r"server\.threads must be between", result.stderr)
 
