@@ -255,9 +255,11 @@ def test_the_email_html_lists_the_fields_as_the_text_does(running_api, smtp_serv
 
 @pytest.fixture
 def certificate(tmp_path):
-    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
+    """A self-signed certificate for 127.0.0.1, made with the openssl command. Its key is an
+    EC P-256 one: making an RSA-2048 key cost 0.25-0.5 s of CPU, this one 0.01 s."""
     cert, key = tmp_path / "smtp-cert.pem", tmp_path / "smtp-key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "1", "-subj", "/CN=127.0.0.1",
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
