@@ -83,6 +83,10 @@ VERSION = "0.1.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEMA_PATH = os.path.join(HERE, "schema.sql")
 TEMPLATES_DIR = os.path.join(HERE, "templates")
+# Bottle caches a compiled template under the id of the lookup list it was given: one list for
+# every render, or each render reads, parses and compiles its template again (and the cache
+# gains an entry each time).
+TEMPLATE_LOOKUP = [TEMPLATES_DIR]
 STATIC_DIR = os.path.join(HERE, "static")
 
 log = logging.getLogger("pausepoint")
@@ -3785,7 +3789,7 @@ def email_message(config, notification, pause):
     _, at, domain = email.utils.parseaddr(config["smtp.from_address"])[1].rpartition("@")
     message["Message-ID"] = f"<{notification['id']}@{domain if at and domain else 'pausepoint.invalid'}>"
     message.set_content(notification["text"].split("\n\n", 1)[1])
-    message.add_alternative(bottle.template("email", template_lookup=[TEMPLATES_DIR], **TEMPLATE_HELPERS,
+    message.add_alternative(bottle.template("email", template_lookup=TEMPLATE_LOOKUP, **TEMPLATE_HELPERS,
                                             url=respond_url(config, pause["respond_token"]),
                                             pause=respond_facts(pause), expires=expiry_text(pause),
                                             reminder=notification["kind"] == "reminder",
@@ -7415,7 +7419,7 @@ def disk_full_refusal(method, path):
 
 
 def html_page(name, status=200, headers=None, **values):
-    body = bottle.template(name, template_lookup=[TEMPLATES_DIR], **TEMPLATE_HELPERS, **values)
+    body = bottle.template(name, template_lookup=TEMPLATE_LOOKUP, **TEMPLATE_HELPERS, **values)
     return bottle.HTTPResponse(body, status=status, headers={
         "Content-Type": "text/html; charset=utf-8", **PAGE_HEADERS, **(headers or {})})
 
@@ -7443,7 +7447,7 @@ def is_page_path(path):
 
 def error_page(message, back=None):
     """The error page's HTML for a refusal whose message is not yet a sentence."""
-    return bottle.template("respond_error", template_lookup=[TEMPLATES_DIR], message=sentence(message), back=back)
+    return bottle.template("respond_error", template_lookup=TEMPLATE_LOOKUP, message=sentence(message), back=back)
 
 
 class ErrorLog:
