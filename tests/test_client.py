@@ -236,9 +236,9 @@ def test_refusals_are_typed_and_carry_the_servers_words(live_server, client):
 
 @pytest.mark.parametrize("settings, code", [({"pauses.max_test_pending": 1}, "too_many_pending"),
                                             ({"database.min_free_mb": 2**40}, "storage_low")])
-def test_a_refusal_that_will_not_clear_in_seconds_is_not_asked_again(tmp_path, settings, code):
+def test_a_refusal_that_will_not_clear_in_seconds_is_not_asked_again(tmp_path, first_start, settings, code):
     """Unlike a rate limit's 429, which says when to come back: retried, the hook would outlast its 60 s."""
-    with serving(tmp_path, **{"metrics.enabled": True, "metrics.listen": ""}, **settings) as server:
+    with serving(tmp_path, first_start, **{"metrics.enabled": True, "metrics.listen": ""}, **settings) as server:
         keys = pausepoint.register_developer(server.app.runtime.db(), server.app.runtime.config, "c@example.com", "C",
                                              "correct horse battery")
         client = PausePoint(server.url, keys["test_api_key"], backoff=0.01)
