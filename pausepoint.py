@@ -6253,8 +6253,9 @@ WAIT_QUERY = {"type": "integer", "minimum": 0, "maximum": WAIT_LIMIT_SECONDS, "d
 AUDIT_QUERY = {"event_type": {"type": "string", "maxLength": 100, "x-message": "event_type must be an event name"},
                "pause_id": {"type": "string", "maxLength": 100, "x-message": "pause_id must be a pause id"},
                **PAGE_QUERY}
-# Event types joined by commas (or none: every type).
-EVENT_TYPE_LIST = "^(?:{0}(?:,{0})*)?$".format("(?:" + "|".join(re.escape(name) for name in EVENT_TYPES) + ")")
+# Event types joined by commas (or none: every type). (?!\n) as in ONE_LINE_TEXT: Python's $
+# also matches before a final newline, which the document's (ECMA-262) $ does not.
+EVENT_TYPE_LIST = "^(?:{0}(?:,{0})*)?(?!\\n)$".format("(?:" + "|".join(re.escape(name) for name in EVENT_TYPES) + ")")
 EVENTS_QUERY = {"after": {"type": "string", "minLength": 1, "maxLength": 100,
                           "x-message": "after must be an event id (evt_…)"},
                 "types": {"type": "string", "maxLength": 500, "pattern": EVENT_TYPE_LIST,

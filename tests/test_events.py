@@ -55,6 +55,14 @@ def test_bad_feed_queries_are_422_naming_the_parameter(api, developer):
         assert events(api, key, status=422, **params)["error"]["field"] == field
 
 
+def test_a_type_with_a_newline_after_it_is_refused_as_the_document_refuses_it(api, developer):
+    # The document's pattern is ECMA-262, whose $ is the end of the text; Python's $ also
+    # matches before a final newline, which once read no event at all for an answer.
+    key = developer["test_api_key"]
+    assert events(api, key, status=422, types="pause.created\n")["error"]["field"] == "types"
+    assert events(api, key, status=422, types="pause.created,pause.cancelled\n")["error"]["field"] == "types"
+
+
 def test_a_waiting_reader_gets_the_next_event_as_it_is_recorded(live_server):
     url = live_server.url
     keys = register_over_http(url, "w@example.com", "W")
