@@ -6651,12 +6651,18 @@ def query_time(query, name):
         return "0000" if name == "since" else "9999"
     # RFC 3339 allows a lower-case t and z, and a leap second: 23:59:60 is the moment the
     # next minute starts, as no stored time falls within it.
+    # So is year 0000, which Python has not: read as 2000, of the same calendar (a leap year),
+    # to check the date; whatever its offset, it is before every stored time.
     text = query[name].upper().replace("Z", "+00:00")
+    year_zero = text.startswith("0000")
+    text = "2000" + text[4:] if year_zero else text
     leap_second = re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:60", text) is not None
     try:
         moment = dt.datetime.fromisoformat(text[:17] + "59" + text[19:] if leap_second else text)
     except ValueError:
         raise invalid(name, f"{name} must be a time like 2026-11-29T00:00:00Z") from None
+    if year_zero:
+        return "0000"
     try:
         moment = (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
         moment += dt.timedelta(seconds=leap_second)

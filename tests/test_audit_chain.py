@@ -293,6 +293,22 @@ def test_times_never_go_back_along_a_chain_so_any_window_verifies(running_api, t
         assert [json.loads(line)["event_type"] for line in lines] == expected, window
 
 
+def test_year_0000_which_rfc_3339_has_is_before_every_event(running_api, tmp_path):
+    api = running_api()
+    keys = api.register()
+    conn = api.app.runtime.db()
+    with pausepoint.transaction(conn):
+        pausepoint.record_event(conn, keys["developer_id"], 1, "system", "only", when="2026-11-29T12:00:00.500Z")
+    for window, expected in (({"since": "0000-01-01T00:00:00Z"}, ["only"]),
+                             ({"since": "0000-02-29T23:59:60+23:59", "until": "2026-11-30T00:00:00Z"}, ["only"]),
+                             ({"until": "0000-12-31T23:59:59-23:59"}, [])):
+        lines = open(export(api, keys["api_key"], tmp_path, **window), encoding="utf-8")
+        assert [json.loads(line)["event_type"] for line in lines] == expected, window
+    refused = api.get("/v1/audit/export", {"since": "0000-02-30T00:00:00Z"}, headers=api.as_key(keys["api_key"]),
+                      status=422).json
+    assert refused["error"]["field"] == "since"
+
+
 def test_data_an_older_version_let_through_still_exports_and_verifies(running_api, tmp_path):
     api = running_api()
     keys = api.register()
