@@ -1323,11 +1323,17 @@ def check_password(conn, config, email, password):
         return None
     row = conn.execute("SELECT * FROM developers WHERE email = ?", (email.strip(),)).fetchone()
     secret = password.encode("utf-8")[:72]
-    if row is None or bcrypt_cost(row["password_hash"]) != config["security.bcrypt_rounds"]:
-        # A hash made before security.bcrypt_rounds was raised checks faster than the stand-in:
-        # such a developer takes the stand-in's time too, or the time would tell who has an account.
+    if row is None:
         bcrypt.checkpw(secret, stand_in_password_hash(config["security.bcrypt_rounds"]))
-    if row is None or not bcrypt.checkpw(secret, row["password_hash"].encode()):
+        return None
+    # A hash made before security.bcrypt_rounds was raised checks faster than the stand-in, or
+    # the time would tell who has an account. Stand-ins at each cost from its own up to the
+    # setting's make up the difference exactly (2^c + 2^c + 2^(c+1) + … + 2^(s-1) = 2^s): one at
+    # the setting's cost on top took half as long again as an unknown email (c = s - 1). One made
+    # at a higher cost still takes longer, until its password is next given and hashed again.
+    for cost in range(bcrypt_cost(row["password_hash"]), config["security.bcrypt_rounds"]):
+        bcrypt.checkpw(secret, stand_in_password_hash(cost))
+    if not bcrypt.checkpw(secret, row["password_hash"].encode()):
         return None
     if bcrypt_cost(row["password_hash"]) != config["security.bcrypt_rounds"]:
         rehash_password(conn, config, row, secret)
