@@ -1335,19 +1335,27 @@ def check_password(conn, config, email, password):
         bcrypt.checkpw(secret, stand_in_password_hash(cost))
     if not bcrypt.checkpw(secret, row["password_hash"].encode()):
         return None
-    if bcrypt_cost(row["password_hash"]) != config["security.bcrypt_rounds"]:
-        rehash_password(conn, config, row, secret)
+    if bcrypt_cost(row["password_hash"]) != config["security.bcrypt_rounds"] and not rehash_password(
+            conn, config, row, secret):
+        return None
     return row
 
 
 def rehash_password(conn, config, developer, secret):
     """Hash a developer's password again at security.bcrypt_rounds, once they have given
     it: a raised cost then protects them too, and their checks take the stand-in's time
-    alone. Unless the password changed meanwhile."""
+    alone. Unless the hash changed meanwhile; returns whether `secret` still opens the
+    account: a password change made while this one was hashed ended every sign-in, and the
+    old password must not make a new one."""
     password_hash = bcrypt.hashpw(secret, bcrypt.gensalt(config["security.bcrypt_rounds"])).decode()
     with transaction(conn):
-        conn.execute("UPDATE developers SET password_hash = ? WHERE id = ? AND password_hash = ?",
-                     (password_hash, developer["id"], developer["password_hash"]))
+        if conn.execute("UPDATE developers SET password_hash = ? WHERE id = ? AND password_hash = ?",
+                        (password_hash, developer["id"], developer["password_hash"])).rowcount:
+            return True
+        current = query_db(conn, "SELECT password_hash FROM developers WHERE id = ?", (developer["id"],), one=True)
+    # By a password change, or by another sign-in hashing the same password again: only the
+    # first turns it away.
+    return current is not None and bcrypt.checkpw(secret, current["password_hash"].encode())
 
 
 def bcrypt_cost(password_hash):

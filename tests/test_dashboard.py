@@ -175,6 +175,28 @@ def test_a_password_hashed_at_another_cost_is_checked_as_long_as_an_unknown_emai
     assert log_in(api).headers["Location"].endswith("/dashboard") and costs == [6]
 
 
+def test_the_old_password_makes_no_sign_in_once_a_change_commits_while_it_is_hashed_again(
+        running_api, monkeypatch):
+    api = running_api(**{"security.bcrypt_rounds": 5, "ratelimit.enabled": False})
+    sign_up(api)
+    stored(api.config, "UPDATE developers SET password_hash = ?",
+           bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode())     # as an older, lower setting made it
+    api.reset()
+    conn, hashpw = api.app.runtime.db(), bcrypt.hashpw
+
+    def changed_meanwhile(secret, salt):
+        # The sign-in hashes the old password again at cost 5; the developer changes it elsewhere now.
+        monkeypatch.setattr(bcrypt, "hashpw", hashpw)
+        pausepoint.change_password(conn, api.config, conn.execute("SELECT * FROM developers").fetchone(),
+                                   "a new password")
+        return hashpw(secret, salt)
+    monkeypatch.setattr(bcrypt, "hashpw", changed_meanwhile)
+    log_in(api, status=401)
+    assert "pp_session" not in api.cookies
+    assert stored(api.config, "SELECT count(*) FROM dashboard_sessions") == [(0,)]
+    assert log_in(api, password="a new password").headers["Location"].endswith("/dashboard")
+
+
 def test_failed_logins_are_limited_per_address_and_successful_ones_are_not(running_api):
     api = running_api(**{"ratelimit.login_per_hour": 3})
     sign_up(api)
