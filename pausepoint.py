@@ -7451,8 +7451,9 @@ def error_response(e, page):
         message = sentence(e.message if e.status != 500 else UNEXPECTED)
         back = "/dashboard" if bottle.request.path.startswith("/dashboard") else None
         return html_page("respond_error", status=e.status, message=message, headers=e.headers, back=back)
+    # A response of its own, so the handler's Cache-Control is not on it: said again here.
     return bottle.HTTPResponse(error_body(e.status, e.code, e.message, e.field), status=e.status,
-                               headers={"Content-Type": "application/json", **e.headers})
+                               headers={"Content-Type": "application/json", "Cache-Control": "no-store", **e.headers})
 
 
 def sentence(text):
@@ -7508,6 +7509,7 @@ def bottle_error(error):
         # A mistyped dashboard address (/dashboard/, say) still leads back to it.
         return error_page(str(message), back="/dashboard" if bottle.request.path.startswith("/dashboard") else None)
     bottle.response.content_type = "application/json"
+    bottle.response.set_header("Cache-Control", "no-store")
     return error_body(error.status_code, BOTTLE_ERROR_CODES.get(error.status_code, "error"), str(message))
 
 

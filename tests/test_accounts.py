@@ -153,6 +153,18 @@ def test_answers_holding_keys_secrets_or_respond_links_are_never_stored(api):
         assert answer.headers["Cache-Control"] == "no-store"
 
 
+def test_refusals_are_never_stored_either(api, developer):
+    key = api.as_key(developer["test_api_key"])
+    refusals = (api.get("/v1/pause/psr_nothing", headers=key, status=404),
+                api.post_json("/v1/pause", {}, headers=key, status=422),
+                api.get("/v1/audit/export", {"since": "yesterday"}, headers=key, status=422),
+                api.get("/v1/pause", status=401),
+                api.get("/v1/no-such-endpoint", status=404),           # refused by Bottle, not a route
+                api.delete("/v1/pause", status=405))
+    for answer in refusals:
+        assert answer.headers["Cache-Control"] == "no-store", answer.request.path
+
+
 def test_rotation_is_rate_limited_per_client_ip(tmp_path):
     app = pausepoint.create_app(make_config(tmp_path, **{"ratelimit.rotate_per_hour": 3}))
     api = Api(app, extra_environ={"REMOTE_ADDR": "198.51.100.9"})
