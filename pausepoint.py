@@ -210,6 +210,10 @@ def load_config(path=None, environ=None, overrides=None):
     for key, value in (overrides or {}).items():
         if value is not None:
             config[key] = check_setting(key, value, "on the command line")
+    if config["server.trusted_proxy"]:
+        # As the socket writes it: waitress believes the proxy's headers only from that text, and
+        # "2001:DB8::1" was exempt from the per-client shares here but never believed there.
+        config["server.trusted_proxy"] = str(ipaddress.ip_address(config["server.trusted_proxy"]))
     return config
 
 

@@ -560,6 +560,22 @@ def test_behind_a_trusted_proxy_the_forwarded_client_address_is_recorded(tmp_pat
         assert opened[0]["data"]["ip"] == "203.0.113.5"
 
 
+def test_a_trusted_proxy_written_another_way_is_believed_all_the_same(tmp_path):
+    config = make_config(tmp_path, **{"server.host": "::1", "server.trusted_proxy": "0:0:0:0:0:0:0:1",
+                                      "ratelimit.enabled": False})
+    assert config["server.trusted_proxy"] == "::1"
+    app = pausepoint.create_app(config)
+    app.runtime.start()
+    with LiveServer(app, config) as server:
+        url = f"http://[::1]:{server.server.effective_port}"
+        key = register(url)["test_api_key"]
+        created = create(url, key)
+        requests.get(f"{url}/v1/respond/{token_of(created['respond_url'])}", headers={"X-Forwarded-For": "203.0.113.5"})
+        opened = requests.get(f"{url}/v1/audit", params={"event_type": "respond_page.opened"},
+                              headers=bearer(key)).json()["events"]
+        assert opened[0]["data"]["ip"] == "203.0.113.5"
+
+
 def test_without_a_trusted_proxy_forwarded_headers_are_ignored(live_server):
     key = register(live_server.url)["test_api_key"]
     created = create(live_server.url, key)
