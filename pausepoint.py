@@ -5164,7 +5164,7 @@ class Runtime:
         self.idle_connections, self.idle_lock = [], threading.Lock()    # see db()
         self.write_lock = FairLock()
         self.waiting = Waiting(config["server.waiting_limit"], config["server.waiting_per_developer"],
-                               config["server.waiting_per_ip"], limited_as(config["server.trusted_proxy"]) or None)
+                               config["server.waiting_per_ip"], TRUSTED_PROXY)
         self.stopping = False
         self.disk_short = False         # as run_disk() last found it
         self.disk_full = DiskFullEpisodes()
@@ -5509,7 +5509,9 @@ class Runtime:
         park, wait_until = environ.get("pausepoint.park"), environ.get("pausepoint.wait_until")
         # Places are a developer's in each mode: a test key must not crowd out live agents.
         served_before = wait_until is not None
-        who = ((caller.developer_id, caller.livemode), limited_as(environ.get("REMOTE_ADDR")))
+        # The trusted proxy by its own address only: its /64 holds others (a neighbour on its subnet).
+        who = ((caller.developer_id, caller.livemode),
+               connection_client(environ.get("REMOTE_ADDR"), self.config["server.trusted_proxy"]))
         wait_until = time.monotonic() + seconds if wait_until is None else wait_until
         watch = self.waiting.watch(topic, wants)       # before the read: a change after it is not missed
         try:
@@ -5572,7 +5574,7 @@ class Waiting:
 
     def __init__(self, limit, per_developer, per_address, exempt_address=None):
         self.limit, self.per_developer, self.per_address = limit, per_developer, per_address
-        self.exempt_address = exempt_address            # server.trusted_proxy: every client's address, behind it
+        self.exempt_address = exempt_address            # TRUSTED_PROXY: every client's address, behind it
         self.lock = threading.Lock()
         self.topics = {}                                # name -> Topic, while anyone watches it
         self.waiting = collections.Counter()            # (developer, None) and (None, address) -> requests waiting

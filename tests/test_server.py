@@ -220,6 +220,20 @@ def test_a_test_key_waiting_leaves_the_live_agents_their_places(small_server):
     assert [answer_to(sock)[0] for sock in (parked, live)] == [200, 200]
 
 
+def test_only_the_trusted_proxy_itself_is_exempt_from_the_waiting_share_of_its_64(tmp_path):
+    app = pausepoint.create_app(make_config(tmp_path, **{"server.trusted_proxy": "2001:db8::1",
+                                                         "server.waiting_per_ip": 0}))
+
+    def poll(address, email):
+        api = Api(app, extra_environ={"REMOTE_ADDR": address})
+        key = api.register(email=email)["test_api_key"]
+        return api.get("/v1/events", {"wait": 1}, headers=api.as_key(key), expect_errors=True)
+    # A neighbour on the proxy's subnet is a client of its own, held to server.waiting_per_ip.
+    refused = poll("2001:db8::2", "neighbour@example.com")
+    assert refused.status_int == 429 and "server.waiting_per_ip" in refused.json["error"]["message"]
+    assert poll("2001:db8::1", "behind@example.com").json == {"events": []}      # waited its second
+
+
 def test_one_address_cannot_take_every_waiting_place_with_many_accounts(small_server):
     server = small_server(**{"server.waiting_per_ip": 2})
     keys = [register(server.url, email=f"dev{n}@example.com")["test_api_key"] for n in range(2)]
