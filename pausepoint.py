@@ -153,7 +153,7 @@ SETTINGS = [
     Setting("ratelimit.enabled", True, "Rate-limit registration, key rotation and failed respond-token lookups per client IP."),
     Setting("ratelimit.register_per_hour", 20, "Registrations allowed per client IP per hour."),
     Setting("ratelimit.login_per_hour", 20, "Failed password checks (dashboard sign-in, key rotation) allowed per hour per client IP, and per email (or, for a browser that signed in as that developer before, per browser)."),
-    Setting("ratelimit.rotate_per_hour", 20, "Key rotations (attempts, right or wrong) allowed per client IP per hour through the API, and per developer from the dashboard (password changes and webhook endpoints added there included)."),
+    Setting("ratelimit.rotate_per_hour", 20, "Key rotations (attempts, right or wrong) allowed per client IP per hour through the API, and per developer from the dashboard (password changes and webhook endpoints added there included; there, only those with the right password count)."),
     Setting("ratelimit.respond_failures_per_hour", 30, "Unknown respond tokens allowed per client IP per hour; beyond it unknown tokens get 429 (valid ones always work)."),
     Setting("ratelimit.webhook_changes_per_hour", 200, "Webhook creations, changes, deletions, tests and redeliveries one developer may make per hour in each mode (each writes an audit event that is kept)."),
     Setting("ratelimit.test_pauses_per_hour", 1000, "Test-mode pauses one developer may create per hour (the first hour's worth at once, then evenly)."),
@@ -7076,10 +7076,21 @@ def with_password(rt, session, form):
     """The developer, if the form's password is theirs; None otherwise (rate-limited). The
     rotate budget is the signed-in developer's here, not the address's: anyone sharing the
     address (an office, a carrier's NAT) could spend that one with bogus API rotations and
-    so stop a developer replacing a leaked key or password in the browser they use."""
-    rt.limiter.limit("rotate_signed_in", session.row["developer_id"], rt.config["ratelimit.rotate_per_hour"],
-                     "key rotations, password changes and endpoints added for your account")
-    return password_of(rt, session.row["email"], form.get("password"), request_cookie(DEVICE_COOKIE))
+    so stop a developer replacing a leaked key or password in the browser they use. Only
+    a right password spends it (wrong ones have password_of()'s budgets): whoever took a
+    sign-in could otherwise spend it with wrong ones, and keep the developer from the
+    password change that ends that sign-in."""
+    budget = ("rotate_signed_in", session.row["developer_id"], rt.config["ratelimit.rotate_per_hour"])
+    # Spent before the check and given back after a wrong password, as password_of() does,
+    # so right ones sent all at once cannot each pass before any is counted.
+    rt.limiter.limit(*budget, "key rotations, password changes and endpoints added for your account")
+    developer = None
+    try:
+        developer = password_of(rt, session.row["email"], form.get("password"), request_cookie(DEVICE_COOKIE))
+    finally:
+        if developer is None:
+            rt.limiter.give_back(*budget)
+    return developer
 
 
 def rotate_from_dashboard(rt, session, form):

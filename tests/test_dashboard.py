@@ -784,11 +784,25 @@ def test_a_signed_in_developer_has_a_budget_of_rotations_and_password_changes(ru
     for _ in range(2):
         post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test", password=PASSWORD)
     post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test", password="not my password")
+    post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test", password=PASSWORD)
     refused = post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test", password=PASSWORD)
     assert refused.status_code == 429 and "key rotations, password changes and endpoints added for your account" in refused.text
     other_browser = Api(api.app, extra_environ={"REMOTE_ADDR": "203.0.113.7"})
     log_in(other_browser)                          # the budget is the account's, wherever it signs in
     assert change_the_password(other_browser).status_code == 429
+
+
+def test_whoever_took_a_sign_in_cannot_spend_the_budget_that_the_password_change_ending_it_needs(running_api):
+    api = running_api(**{"ratelimit.rotate_per_hour": 3})
+    sign_up(api)
+    taker = Api(api.app, extra_environ={"REMOTE_ADDR": "203.0.113.66"})
+    taker.set_cookie("pp_session", api.cookies["pp_session"])       # the sign-in's cookie, copied
+    for _ in range(5):
+        wrong = post_form(taker, taker.get("/dashboard/keys"), "/dashboard/password", password="a guess at it",
+                          new_password="the taker's own password")
+        assert wrong.status_code == 401
+    assert change_the_password(api).headers["Location"].endswith("/dashboard/login?notice=password")
+    assert taker.get("/dashboard/keys", status=303).headers["Location"].startswith("/dashboard/login")   # ended
 
 
 def test_the_browser_that_changes_the_password_stays_known(running_api):
