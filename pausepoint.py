@@ -1829,13 +1829,20 @@ def escalation_steps(escalation, config, minutes):
 def refuse_options_a_reply_misreads(options):
     """422 for options that a text reply naming one would take for another (reply_choice()):
     a reply of '3' is the third option, so with options '3', '2', '1' the person who texts
-    back 3 gets 1; and 'Go!' is read as 'Go'."""
+    back 3 gets 1; and 'Go!' is read as 'Go'. Nor may one begin or end with what reads as a
+    reply code (split_reply_code()): 'Deny B5' texted back is 'Deny' for the pause coded B5,
+    which may be another's."""
     for option in options:
         taken = reply_choice(option, options)
         if taken is not None and taken != option:
             raise invalid("options", f"a text reply of {option!r} would choose {taken!r}: an option that is a"
                                      f" number must be in its own place (\"1\" first), and none may differ from"
                                      " another only by a final . or !")
+        code, rest = split_reply_code(option)
+        if code is not None:
+            raise invalid("options", f"a text reply of {option!r} would be read as {rest!r} for the pause whose"
+                                     f" reply code is {code}: an option may not begin or end with a letter and a"
+                                     " digit standing apart, as reply codes do")
 
 
 def checked_person(person, config, where):
