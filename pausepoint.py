@@ -2925,8 +2925,8 @@ def due_batch(conn, after):
     with their receipts as timed out now being signed. A team pause's receipt lists its
     votes, and one may still come in before its timeout commits: it is signed then."""
     now = db_time()
-    rows = query_db(conn, "SELECT seq, id, team, expires_at, message, title, metadata, options, quorum, fields, livemode,"
-                          f" {', '.join(f'{value} AS {column}' for column, value in TIMED_OUT.items())}"
+    rows = query_db(conn, "SELECT seq, id, team, expires_at, message, title, metadata, options, quorum, fields,"
+                          f" livemode, {', '.join(f'{value} AS {column}' for column, value in TIMED_OUT.items())}"
                           " FROM pauses WHERE status = 'pending' AND expires_at <= :now"
                           " AND (expires_at, seq) > (:after_expiry, :after_seq) ORDER BY expires_at, seq LIMIT :batch",
                     {"now": now, "after_expiry": after[0], "after_seq": after[1], "batch": JOB_BATCH})
