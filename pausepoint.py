@@ -1339,27 +1339,31 @@ def check_password(conn, config, email, password):
         bcrypt.checkpw(secret, stand_in_password_hash(cost))
     if not bcrypt.checkpw(secret, row["password_hash"].encode()):
         return None
-    if bcrypt_cost(row["password_hash"]) != config["security.bcrypt_rounds"] and not rehash_password(
-            conn, config, row, secret):
-        return None
-    return row
+    checked = row["password_hash"]
+    if bcrypt_cost(checked) != config["security.bcrypt_rounds"]:
+        checked = rehash_password(conn, config, row, secret)
+    # With the hash the password was checked against: a sign-in made with it holds only while
+    # it is still the developer's (start_session()).
+    return None if checked is None else {**dict(row), "password_hash": checked}
 
 
 def rehash_password(conn, config, developer, secret):
     """Hash a developer's password again at security.bcrypt_rounds, once they have given
     it: a raised cost then protects them too, and their checks take the stand-in's time
-    alone. Unless the hash changed meanwhile; returns whether `secret` still opens the
-    account: a password change made while this one was hashed ended every sign-in, and the
-    old password must not make a new one."""
+    alone. Unless the hash changed meanwhile; returns the hash `secret` opens the account
+    with now, or None: a password change made while this one was hashed ended every
+    sign-in, and the old password must not make a new one."""
     password_hash = bcrypt.hashpw(secret, bcrypt.gensalt(config["security.bcrypt_rounds"])).decode()
     with transaction(conn):
         if conn.execute("UPDATE developers SET password_hash = ? WHERE id = ? AND password_hash = ?",
                         (password_hash, developer["id"], developer["password_hash"])).rowcount:
-            return True
+            return password_hash
         current = query_db(conn, "SELECT password_hash FROM developers WHERE id = ?", (developer["id"],), one=True)
     # By a password change, or by another sign-in hashing the same password again: only the
     # first turns it away.
-    return current is not None and bcrypt.checkpw(secret, current["password_hash"].encode())
+    if current is None or not bcrypt.checkpw(secret, current["password_hash"].encode()):
+        return None
+    return current["password_hash"]
 
 
 def bcrypt_cost(password_hash):
@@ -1433,10 +1437,16 @@ def authenticate(conn, authorization):
 SESSION_TOUCH_EVERY = dt.timedelta(minutes=1)
 
 
-def start_session(conn, developer, livemode=0):
-    """Sign a developer in: (cookie token, CSRF token). Only the token's digest is stored."""
+def start_session(conn, developer, livemode=0, password_hash=None):
+    """Sign a developer in: (cookie token, CSRF token). Given the password_hash a password
+    was checked against, None unless it is still theirs: a password change committed while
+    the old one was checked ended every sign-in, this one too. Only the token's digest is stored."""
     token, csrf, now = secrets.token_urlsafe(32), secrets.token_urlsafe(32), db_time()
     with transaction(conn):
+        if password_hash is not None and not conn.execute(
+                "SELECT 1 FROM developers WHERE id = ? AND password_hash = ?",
+                (developer["id"], password_hash)).fetchone():
+            return None
         conn.execute("INSERT INTO dashboard_sessions (token_hash, developer_id, csrf_token, livemode, created_at,"
                      " last_seen_at) VALUES (?, ?, ?, ?, ?, ?)", (key_digest(token), developer["id"], csrf, livemode,
                                                                   now, now))
@@ -6998,17 +7008,22 @@ def login(rt, form):
     """Sign in. A wrong email and a wrong password get the same answer in the same time."""
     device = request_cookie(DEVICE_COOKIE)
     developer = password_of(rt, form.get("email"), form.get("password"), device)
-    if developer is None:
+    signed_in = None if developer is None else signed_in_redirect(
+        rt, developer["id"], safe_next(form.get("next")), password_hash=developer["password_hash"])
+    if signed_in is None:
         return form_page(rt, "login", status=401, error="Email or password is wrong.", email=form.get("email") or "",
                          next=safe_next(form.get("next")), notice=None)
-    return signed_in_redirect(rt, developer["id"], safe_next(form.get("next")))
+    return signed_in
 
 
-def signed_in_redirect(rt, developer_id, location, shown=None):
+def signed_in_redirect(rt, developer_id, location, shown=None, password_hash=None):
     """Start a sign-in and go to `location`, remembering this browser (its device cookie,
     made now if it has none) as one the developer uses; `shown` is for the sign-in's next
-    page to show once."""
-    token, _ = start_session(rt.db(), {"id": developer_id})
+    page to show once. None if the password checked (its password_hash) was changed since."""
+    started = start_session(rt.db(), {"id": developer_id}, password_hash=password_hash)
+    if started is None:
+        return None
+    token, _ = started
     for kind, value in (shown or {}).items():
         rt.shown_once.put(token, kind, value)
     device = remember_device(rt.db(), request_cookie(DEVICE_COOKIE), developer_id)

@@ -197,6 +197,26 @@ def test_the_old_password_makes_no_sign_in_once_a_change_commits_while_it_is_has
     assert log_in(api, password="a new password").headers["Location"].endswith("/dashboard")
 
 
+def test_the_old_password_makes_no_sign_in_once_a_change_commits_while_it_is_checked(running_api, monkeypatch):
+    api = running_api(**{"ratelimit.enabled": False})      # hashed at the setting's cost: nothing to hash again
+    sign_up(api)
+    api.reset()
+    conn, checkpw = api.app.runtime.db(), bcrypt.checkpw
+
+    def changed_meanwhile(secret, hashed):
+        # The sign-in has read the old hash and checks the old password; the developer changes it elsewhere now.
+        monkeypatch.setattr(bcrypt, "checkpw", checkpw)
+        right = checkpw(secret, hashed)
+        pausepoint.change_password(conn, api.config, conn.execute("SELECT * FROM developers").fetchone(),
+                                   "a new password")
+        return right
+    monkeypatch.setattr(bcrypt, "checkpw", changed_meanwhile)
+    log_in(api, status=401)
+    assert "pp_session" not in api.cookies
+    assert stored(api.config, "SELECT count(*) FROM dashboard_sessions") == [(0,)]
+    assert log_in(api, password="a new password").headers["Location"].endswith("/dashboard")
+
+
 def test_failed_logins_are_limited_per_address_and_successful_ones_are_not(running_api):
     api = running_api(**{"ratelimit.login_per_hour": 3})
     sign_up(api)
