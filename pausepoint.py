@@ -213,8 +213,18 @@ def load_config(path=None, environ=None, overrides=None):
     if config["server.trusted_proxy"]:
         # As the socket writes it: waitress believes the proxy's headers only from that text, and
         # "2001:DB8::1" was exempt from the per-client shares here but never believed there.
-        config["server.trusted_proxy"] = str(ipaddress.ip_address(config["server.trusted_proxy"]))
+        config["server.trusted_proxy"] = as_a_socket_writes(config["server.trusted_proxy"])
     return config
+
+
+def as_a_socket_writes(address):
+    """An IP address as the socket writes a peer's: an IPv4 client of a dual-stack listener
+    as '::ffff:10.0.0.1', which Python's ipaddress writes '::ffff:a00:1' (before 3.13)."""
+    ip = ipaddress.ip_address(address)
+    if ip.version == 4:
+        return str(ip)
+    text = socket.inet_ntop(socket.AF_INET6, ip.packed)
+    return f"{text}%{ip.scope_id}" if ip.scope_id else text
 
 
 def flatten(table, prefix=""):

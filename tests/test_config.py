@@ -1,5 +1,6 @@
 import os
 import re
+import socket
 import tomllib
 
 import pytest
@@ -83,6 +84,21 @@ def test_the_agent_side_tools_variables_are_no_misspelt_settings():
     assert load_config(environ={name: "x" for name in pausepoint.AGENT_SIDE_VARIABLES}) == load_config(environ={})
     with pytest.raises(ConfigError, match="PAUSEPOINT_URLS names no setting"):
         load_config(environ={"PAUSEPOINT_URLS": "x"})
+
+
+def test_a_trusted_proxy_is_kept_as_a_dual_stack_listener_writes_an_ipv4_one():
+    # Waitress believes the proxy's headers only when the peer's address, as the socket wrote
+    # it, is server.trusted_proxy's text: a dual-stack listener writes an IPv4 proxy so.
+    with socket.socket(socket.AF_INET6) as listener:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listener.bind(("::ffff:127.0.0.1", 0))
+        listener.listen()
+        with socket.create_connection(("127.0.0.1", listener.getsockname()[1])):
+            peer, (written, *_) = listener.accept()
+            peer.close()
+    assert written == "::ffff:127.0.0.1"
+    for spelling in ("::ffff:127.0.0.1", "::FFFF:7f00:1", "0:0:0:0:0:ffff:127.0.0.1"):    # Python writes ::ffff:7f00:1
+        assert load_config(environ={}, overrides={"server.trusted_proxy": spelling})["server.trusted_proxy"] == written
 
 
 def test_the_server_refuses_to_start_on_a_bad_setting(tmp_path):
