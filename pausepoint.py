@@ -1376,6 +1376,22 @@ def rehash_password(conn, config, developer, secret):
     return current["password_hash"]
 
 
+def password_unchanged(conn, developer_id, password_hash):
+    """Whether the developer's password is still the one hashed as `password_hash`: a change
+    committed while the old one was checked (bcrypt takes its time) ended every sign-in, and
+    what the old password was given for must not come after it."""
+    return conn.execute("SELECT 1 FROM developers WHERE id = ? AND password_hash = ?",
+                        (developer_id, password_hash)).fetchone() is not None
+
+
+def require_password_unchanged(conn, developer):
+    """401, inside the caller's transaction, unless `developer` (as check_password() returned
+    it) still has the password that was checked."""
+    require_transaction(conn)
+    if not password_unchanged(conn, developer["id"], developer["password_hash"]):
+        raise ApiError(401, "unauthorized", "email or password is wrong")
+
+
 def bcrypt_cost(password_hash):
     """The cost factor a bcrypt hash was made with ('$2b$12$…' -> 12)."""
     return int(password_hash.split("$")[2])
@@ -1388,8 +1404,10 @@ def working_key_hints(conn, developer_id):
 
 
 def rotate_key(conn, developer, livemode):
-    """Revoke the working key of one mode and return its replacement, in one transaction."""
+    """Revoke the working key of one mode and return its replacement, in one transaction;
+    401 if the password checked for it (`developer`'s password_hash) was changed since."""
     with transaction(conn):
+        require_password_unchanged(conn, developer)
         old = conn.execute("SELECT hint FROM api_keys WHERE developer_id = ? AND livemode = ? AND revoked_at IS NULL",
                            (developer["id"], livemode)).fetchone()
         conn.execute("UPDATE api_keys SET revoked_at = ? WHERE developer_id = ? AND livemode = ? AND revoked_at IS NULL",
@@ -1453,9 +1471,7 @@ def start_session(conn, developer, livemode=0, password_hash=None):
     the old one was checked ended every sign-in, this one too. Only the token's digest is stored."""
     token, csrf, now = secrets.token_urlsafe(32), secrets.token_urlsafe(32), db_time()
     with transaction(conn):
-        if password_hash is not None and not conn.execute(
-                "SELECT 1 FROM developers WHERE id = ? AND password_hash = ?",
-                (developer["id"], password_hash)).fetchone():
+        if password_hash is not None and not password_unchanged(conn, developer["id"], password_hash):
             return None
         conn.execute("INSERT INTO dashboard_sessions (token_hash, developer_id, csrf_token, livemode, created_at,"
                      " last_seen_at) VALUES (?, ?, ?, ?, ?, ?)", (key_digest(token), developer["id"], csrf, livemode,
@@ -1535,6 +1551,7 @@ def change_password(conn, config, developer, new_password, device=None, turn=Non
     with turn or contextlib.nullcontext():
         password_hash = bcrypt.hashpw(new_password.encode("utf-8"), bcrypt.gensalt(config["security.bcrypt_rounds"]))
     with transaction(conn):
+        require_password_unchanged(conn, developer)
         conn.execute("UPDATE developers SET password_hash = ? WHERE id = ?", (password_hash.decode(), developer["id"]))
         conn.execute("DELETE FROM dashboard_sessions WHERE developer_id = ?", (developer["id"],))
         # Browsers that knew the old password start again with the email's budget.

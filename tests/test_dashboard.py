@@ -217,6 +217,36 @@ def test_the_old_password_makes_no_sign_in_once_a_change_commits_while_it_is_che
     assert log_in(api, password="a new password").headers["Location"].endswith("/dashboard")
 
 
+@pytest.mark.parametrize("then", ["rotate", "change"])
+def test_the_old_password_rotates_no_key_and_sets_no_password_once_a_change_commits_while_it_is_checked(
+        running_api, monkeypatch, then):
+    api = running_api(**{"ratelimit.enabled": False})
+    _, keys = sign_up(api)                          # signed in, as whoever holds the old password may be
+    conn, checkpw = api.app.runtime.db(), bcrypt.checkpw
+
+    def changed_meanwhile(secret, hashed):
+        # The old password is being checked; the developer changes it elsewhere now.
+        monkeypatch.setattr(bcrypt, "checkpw", checkpw)
+        right = checkpw(secret, hashed)
+        pausepoint.change_password(conn, api.config, conn.execute("SELECT * FROM developers").fetchone(),
+                                   "a new password")
+        return right
+    keys_page = api.get("/dashboard/keys")
+    monkeypatch.setattr(bcrypt, "checkpw", changed_meanwhile)
+    if then == "rotate":
+        api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": PASSWORD, "key": "live"},
+                      status=401)
+        api.get("/v1/pause", headers=api.as_key(keys["live"]))        # the key it would have replaced still works
+    else:
+        refused = post_form(api, keys_page, "/dashboard/password", password=PASSWORD, new_password="the thief's one")
+        assert refused.status_code == 401
+    assert stored(api.config, "SELECT count(*) FROM audit_events WHERE event_type IN ('key.rotated',"
+                              " 'password.changed')") == [(2,)]      # the developer's own change, in each mode
+    api.reset()
+    log_in(api, password="the thief's one", status=401)
+    assert log_in(api, password="a new password").headers["Location"].endswith("/dashboard")
+
+
 def test_failed_logins_are_limited_per_address_and_successful_ones_are_not(running_api):
     api = running_api(**{"ratelimit.login_per_hour": 3})
     sign_up(api)
