@@ -175,6 +175,21 @@ def test_a_password_hashed_at_another_cost_is_checked_as_long_as_an_unknown_emai
     assert log_in(api).headers["Location"].endswith("/dashboard") and costs == [6]
 
 
+def change_the_password_during_the_next(api, monkeypatch, call):
+    """bcrypt's `call` (checkpw or hashpw: the library, patched) made such that while it next
+    runs, as a request spends its time on the old password, the developer changes the
+    password to "a new password" elsewhere."""
+    conn, real = api.app.runtime.db(), getattr(bcrypt, call)
+
+    def changed_meanwhile(*args):
+        monkeypatch.setattr(bcrypt, call, real)
+        answer = real(*args)
+        pausepoint.change_password(conn, api.config, conn.execute("SELECT * FROM developers").fetchone(),
+                                   "a new password")
+        return answer
+    monkeypatch.setattr(bcrypt, call, changed_meanwhile)
+
+
 def test_the_old_password_makes_no_sign_in_once_a_change_commits_while_it_is_hashed_again(
         running_api, monkeypatch):
     api = running_api(**{"security.bcrypt_rounds": 5, "ratelimit.enabled": False})
@@ -182,35 +197,39 @@ def test_the_old_password_makes_no_sign_in_once_a_change_commits_while_it_is_has
     stored(api.config, "UPDATE developers SET password_hash = ?",
            bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode())     # as an older, lower setting made it
     api.reset()
-    conn, hashpw = api.app.runtime.db(), bcrypt.hashpw
-
-    def changed_meanwhile(secret, salt):
-        # The sign-in hashes the old password again at cost 5; the developer changes it elsewhere now.
-        monkeypatch.setattr(bcrypt, "hashpw", hashpw)
-        pausepoint.change_password(conn, api.config, conn.execute("SELECT * FROM developers").fetchone(),
-                                   "a new password")
-        return hashpw(secret, salt)
-    monkeypatch.setattr(bcrypt, "hashpw", changed_meanwhile)
+    change_the_password_during_the_next(api, monkeypatch, "hashpw")     # the sign-in's, at cost 5
     log_in(api, status=401)
     assert "pp_session" not in api.cookies
     assert stored(api.config, "SELECT count(*) FROM dashboard_sessions") == [(0,)]
     assert log_in(api, password="a new password").headers["Location"].endswith("/dashboard")
 
 
+def test_two_sign_ins_hashing_the_same_password_again_at_once_both_sign_in(running_api, monkeypatch):
+    api = running_api(**{"security.bcrypt_rounds": 5, "ratelimit.enabled": False})
+    sign_up(api)
+    stored(api.config, "UPDATE developers SET password_hash = ?",
+           bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode())     # as an older, lower setting made it
+    api.reset()
+    api.app.runtime.hashing = pausepoint.Turns(2)        # two hashes at once, as on four cores
+    other, hashpw = Api(api.app, extra_environ={"REMOTE_ADDR": "203.0.113.7"}), bcrypt.hashpw
+
+    def other_signs_in_meanwhile(*args):
+        monkeypatch.setattr(bcrypt, "hashpw", hashpw)
+        answer = hashpw(*args)
+        with concurrent.futures.ThreadPoolExecutor(1) as another_thread:      # and hashes it again first
+            signed_in = another_thread.submit(log_in, other).result()
+        assert signed_in.headers["Location"].endswith("/dashboard")
+        return answer
+    monkeypatch.setattr(bcrypt, "hashpw", other_signs_in_meanwhile)
+    assert log_in(api).headers["Location"].endswith("/dashboard")
+    assert stored(api.config, "SELECT count(*) FROM dashboard_sessions") == [(3,)]     # the sign-up's, and these
+
+
 def test_the_old_password_makes_no_sign_in_once_a_change_commits_while_it_is_checked(running_api, monkeypatch):
     api = running_api(**{"ratelimit.enabled": False})      # hashed at the setting's cost: nothing to hash again
     sign_up(api)
     api.reset()
-    conn, checkpw = api.app.runtime.db(), bcrypt.checkpw
-
-    def changed_meanwhile(secret, hashed):
-        # The sign-in has read the old hash and checks the old password; the developer changes it elsewhere now.
-        monkeypatch.setattr(bcrypt, "checkpw", checkpw)
-        right = checkpw(secret, hashed)
-        pausepoint.change_password(conn, api.config, conn.execute("SELECT * FROM developers").fetchone(),
-                                   "a new password")
-        return right
-    monkeypatch.setattr(bcrypt, "checkpw", changed_meanwhile)
+    change_the_password_during_the_next(api, monkeypatch, "checkpw")
     log_in(api, status=401)
     assert "pp_session" not in api.cookies
     assert stored(api.config, "SELECT count(*) FROM dashboard_sessions") == [(0,)]
@@ -222,17 +241,8 @@ def test_the_old_password_rotates_no_key_and_sets_no_password_once_a_change_comm
         running_api, monkeypatch, then):
     api = running_api(**{"ratelimit.enabled": False})
     _, keys = sign_up(api)                          # signed in, as whoever holds the old password may be
-    conn, checkpw = api.app.runtime.db(), bcrypt.checkpw
-
-    def changed_meanwhile(secret, hashed):
-        # The old password is being checked; the developer changes it elsewhere now.
-        monkeypatch.setattr(bcrypt, "checkpw", checkpw)
-        right = checkpw(secret, hashed)
-        pausepoint.change_password(conn, api.config, conn.execute("SELECT * FROM developers").fetchone(),
-                                   "a new password")
-        return right
     keys_page = api.get("/dashboard/keys")
-    monkeypatch.setattr(bcrypt, "checkpw", changed_meanwhile)
+    change_the_password_during_the_next(api, monkeypatch, "checkpw")
     if then == "rotate":
         api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": PASSWORD, "key": "live"},
                       status=401)
