@@ -12,11 +12,13 @@ process starts (MALLOC_ARENA_MAX, PYTHONHASHSEED, TZ) come from the fork server,
 has the same hash seed. test_server.py's test of the real script covers what that leaves out.
 
 The scripts in client/ (the Claude Code hook) are launched the same way, as `python script …`
-runs them (runpy, as __main__), without the 0.1 s of CPU their interpreter and its imports
-of http.client and json cost: test_claude_hook.py still runs the real script for what a fork
-cannot show (the script's imports, as a copy of it alone finds them).
+runs them (runpy, as __main__, its directory first on the path, its input on descriptor 0),
+without the 0.1 s of CPU their interpreter and its imports of http.client and json cost. What
+the fork server imported is already loaded, so test_claude_hook.py still runs the real script
+for what a fork cannot show (the script's imports, as a copy of it alone finds them).
 """
 
+import locale
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -64,18 +66,27 @@ def run_main(expected_file, argv, cwd, env, stdout_path, stderr_path, stdin_path
     its output appended to the files; setup() first, as subprocess's preexec_fn would."""
     if setup is not None:
         setup()
-    for fd, path in ((1, stdout_path), (2, stderr_path)):
-        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for fd, path, flags in ((0, stdin_path or os.devnull, os.O_RDONLY),
+                            (1, stdout_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND),
+                            (2, stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)):
+        opened = os.open(path, flags, 0o644)
         os.dup2(opened, fd)
         os.close(opened)
     if pausepoint.__file__ != expected_file:        # said in the output the test reports
         raise RuntimeError(f"the fork server loaded {pausepoint.__file__}, not {expected_file}")
-    sys.stdin = open(stdin_path or os.devnull, encoding="utf-8")
+    # Standard input as a new interpreter reads it: from descriptor 0, in the locale's encoding,
+    # undecodable bytes kept (surrogateescape) in UTF-8 mode or the C locale, as Python does.
+    plain = sys.flags.utf8_mode or locale.setlocale(locale.LC_CTYPE) in ("C", "POSIX")
+    sys.stdin = open(0, closefd=False, errors="surrogateescape" if plain else "strict")
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
     sys.argv = [script or pausepoint.__file__, *argv]
     if script:
+        # Its own directory first on the path, as `python script` puts it, not the tests'.
+        here = os.path.dirname(os.path.abspath(__file__))
+        sys.path[:] = [os.path.dirname(os.path.abspath(script))] + [
+            entry for entry in sys.path if entry not in ("", here, os.path.dirname(here))]
         runpy.run_path(script, run_name="__main__")
         return
     sys.exit(pausepoint.main(argv))
