@@ -1543,10 +1543,11 @@ def device_knows(conn, token, email):
                     (key_digest(token), email.strip(), db_time(utcnow() - DEVICE_LIFETIME)), one=True) is not None
 
 
-def change_password(conn, config, developer, new_password, device=None, turn=None):
+def change_password(conn, config, developer, new_password, device=None, turn=None, actor=None):
     """Set a new password (the old one already checked), end every sign-in of the developer
-    and forget the browsers they used but `device`, the one that changed it. The hash is
-    made in `turn` (a context manager: a server's hashing turn), the checks before it."""
+    and forget the browsers they used but `device`, the one that changed it; `actor` says
+    who, if not the developer. The hash is made in `turn` (a context manager: a server's
+    hashing turn), the checks before it."""
     check_new_password(new_password)
     with turn or contextlib.nullcontext():
         password_hash = bcrypt.hashpw(new_password.encode("utf-8"), bcrypt.gensalt(config["security.bcrypt_rounds"]))
@@ -1558,7 +1559,8 @@ def change_password(conn, config, developer, new_password, device=None, turn=Non
         conn.execute("DELETE FROM dashboard_devices WHERE developer_id = ? AND token_hash != ?",
                      (developer["id"], key_digest(device or "")))
         for livemode in (0, 1):
-            record_event(conn, developer["id"], livemode, f"developer:{developer['email']}", "password.changed")
+            record_event(conn, developer["id"], livemode, actor or f"developer:{developer['email']}",
+                         "password.changed")
 
 
 ###############################################################################
@@ -8467,6 +8469,11 @@ def command_line():
     set_plan = command("set-plan", help="move a developer to another plan")
     set_plan.add_argument("--email", required=True, help="the developer's sign-in email")
     set_plan.add_argument("--plan", required=True, help="a plan named in the config")
+    new_password = command("set-password", help="give a developer a new password (one forgotten, or in someone"
+                                                " else's hands): every sign-in of theirs ends")
+    new_password.add_argument("--email", required=True, help="the developer's sign-in email")
+    new_password.add_argument("--password-stdin", action="store_true",
+                              help="read the new password from standard input (default: asked for at a prompt)")
     operator = command("set-operator", help="let a developer use the dashboard's operator page")
     operator.add_argument("--email", required=True, help="the developer's sign-in email")
     operator.add_argument("--remove", action="store_true", help="take the operator page away instead")
@@ -8564,10 +8571,17 @@ def run_command(args, config):
         return 0
     conn = connect(config["database.path"])
     migrate(conn)
+    # A password is never an argument: it would show in `ps` and in shell history.
+    password = (sys.stdin.readline().rstrip("\n") if args.password_stdin else asked_password()) if (
+        args.command in ("create-developer", "set-password")) else None
     if args.command == "create-developer":
-        # Never as an argument: it would show in `ps` and in shell history.
-        password = sys.stdin.readline().rstrip("\n") if args.password_stdin else asked_password()
         print(json.dumps(register_developer(conn, config, args.email, args.name, password, args.plan), indent=2))
+    elif args.command == "set-password":
+        developer = query_db(conn, "SELECT * FROM developers WHERE email = ?", (args.email,), one=True)
+        if developer is None:
+            raise ApiError(404, "not_found", f"no developer with email {args.email}")
+        change_password(conn, config, developer, password, actor="operator:command line")
+        print(f"{args.email} has a new password; every sign-in of theirs has ended")
     elif args.command == "set-plan":
         if args.plan not in plans(config):
             raise ConfigError(f"unknown plan {args.plan!r}; the config defines: {', '.join(sorted(plans(config)))}")

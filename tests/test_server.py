@@ -441,6 +441,29 @@ def test_the_operator_sets_a_developers_plan(tmp_path):
     assert nobody.returncode == 1 and "no developer" in nobody.stderr
 
 
+def test_the_operator_gives_a_developer_a_new_password_and_every_sign_in_of_theirs_ends(tmp_path):
+    run_cli(tmp_path, "create-developer", "--email", "a@example.com", "--name", "Ada", "--password-stdin", stdin=PASSWORD)
+    api = Api(pausepoint.create_app(make_config(tmp_path)))
+    form = api.get("/dashboard/login").forms[0]
+    form["email"], form["password"] = "a@example.com", PASSWORD
+    form.submit(status=303)
+    assert api.get("/dashboard/overview").status_code == 200
+    result = run_cli(tmp_path, "set-password", "--email", "a@example.com", "--password-stdin", stdin="a new password\n")
+    assert result.returncode == 0 and "a@example.com has a new password" in result.stdout, result.stderr
+    assert api.get("/dashboard/overview").status_code == 303            # that sign-in ended
+    assert stored(tmp_path / "pausepoint.db", "SELECT actor FROM audit_events WHERE event_type = 'password.changed'"
+                                              " ORDER BY livemode") == [("operator:command line",)] * 2
+    for password, status in ((PASSWORD, 401), ("a new password", 303)):
+        form = api.get("/dashboard/login").forms[0]
+        form["email"], form["password"] = "a@example.com", password
+        form.submit(status=status)
+    short = run_cli(tmp_path, "set-password", "--email", "a@example.com", "--password-stdin", stdin="short\n")
+    nobody = run_cli(tmp_path, "set-password", "--email", "b@example.com", "--password-stdin", stdin="long enough\n")
+    assert short.returncode == 1 and "password" in short.stderr
+    assert nobody.returncode == 1 and "no developer" in nobody.stderr
+    api.app.runtime.stop()
+
+
 def test_a_backup_taken_while_serving_holds_every_committed_pause(spawn_server, tmp_path):
     server = spawn_server()
     key = register(server.url)["test_api_key"]
