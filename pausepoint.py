@@ -4275,8 +4275,10 @@ def webhook_fields(body, allow_private):
     return fields
 
 
-def create_webhook(conn, config, caller, body):
-    """Register an endpoint; returns (row, secret if it was generated here)."""
+def create_webhook(conn, config, caller, body, password_checked=None):
+    """Register an endpoint; returns (row, secret if it was generated here). 401 if given
+    `password_checked` (the developer as check_password() returned them) and that password
+    was changed since."""
     fields = webhook_fields(body, config["webhooks.allow_private"])
     generated = None
     if "secret" not in fields:
@@ -4284,6 +4286,8 @@ def create_webhook(conn, config, caller, body):
         generated = fields["secret"] = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     webhook_id, now = new_id("wh_"), db_time()
     with transaction(conn):
+        if password_checked is not None:
+            require_password_unchanged(conn, password_checked)
         limit = config["webhooks.max_per_developer"]
         # Counted in the caller's mode: a key must never be stopped by webhooks it cannot see.
         held = conn.execute("SELECT count(*) FROM webhooks WHERE developer_id = ? AND livemode = ?"
@@ -7195,19 +7199,23 @@ def add_webhook_from_dashboard(rt, session, form):
     sign-in someone took over must not leave one behind that outlives a password change.
     A secret made here is shown this once."""
     webhook_change_allowed(rt, session.caller)
-    if with_password(rt, session, form) is None:
-        return webhooks_page(rt, session, error="That password is wrong; no endpoint was added.", status=401,
-                             values=form)
+    developer = with_password(rt, session, form)
     body = {"url": (form.get("url") or "").strip(),
             "events": [event for event in WEBHOOK_EVENTS if form.get(f"event:{event}")]}
     if form.get("secret"):
         body["secret"] = form["secret"]
     try:
-        webhook, secret = create_webhook(rt.db(), rt.config, session.caller, validate_body(WEBHOOK_SCHEMA, body))
+        if developer is None:
+            raise ApiError(401, "unauthorized", "email or password is wrong")
+        # Added only while the password checked is still the developer's: a change committed
+        # meanwhile ended this sign-in, and an endpoint added after it would outlive that.
+        webhook, secret = create_webhook(rt.db(), rt.config, session.caller, validate_body(WEBHOOK_SCHEMA, body),
+                                         password_checked=developer)
     except ApiError as e:
-        if e.status not in (409, 422):
+        if e.status not in (401, 409, 422):
             raise
-        return webhooks_page(rt, session, error=e.message, status=e.status, values=form)
+        error = "That password is wrong; no endpoint was added." if e.status == 401 else e.message
+        return webhooks_page(rt, session, error=error, status=e.status, values=form)
     if secret:
         rt.shown_once.put(session.token, f"webhook:{webhook['id']}", secret)
     return redirect(f"/dashboard/webhooks/{webhook['id']}")

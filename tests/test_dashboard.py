@@ -257,6 +257,18 @@ def test_the_old_password_rotates_no_key_and_sets_no_password_once_a_change_comm
     assert log_in(api, password="a new password").headers["Location"].endswith("/dashboard")
 
 
+def test_the_old_password_adds_no_endpoint_once_a_change_commits_while_it_is_checked(running_api, monkeypatch):
+    api = running_api(**{"ratelimit.enabled": False})
+    sign_up(api)                                    # signed in, as whoever holds the old password may be
+    webhooks_page = api.get("/dashboard/webhooks")
+    change_the_password_during_the_next(api, monkeypatch, "checkpw")
+    refused = post_form(api, webhooks_page, "/dashboard/webhooks", url="https://thief.example/hook",
+                        password=PASSWORD)
+    assert refused.status_code == 401 and "no endpoint was added" in refused.text
+    assert stored(api.config, "SELECT count(*) FROM webhooks") == [(0,)]
+    assert stored(api.config, "SELECT count(*) FROM audit_events WHERE event_type = 'webhook.created'") == [(0,)]
+
+
 def test_failed_logins_are_limited_per_address_and_successful_ones_are_not(running_api):
     api = running_api(**{"ratelimit.login_per_hour": 3})
     sign_up(api)
