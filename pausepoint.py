@@ -1513,11 +1513,15 @@ def set_session_mode(conn, token, livemode):
 DEVICE_LIFETIME = dt.timedelta(days=365)
 
 
-def remember_device(conn, token, developer_id):
+def remember_device(conn, token, developer_id, password_hash=None):
     """Note that the browser with device cookie `token` (a new one if None) signed in as
     this developer; returns the token. Only its digest is kept, and only the developer's
-    DEVICES_PER_DEVELOPER that signed in last: a stolen cookie cannot be multiplied into budgets."""
+    DEVICES_PER_DEVELOPER that signed in last: a stolen cookie cannot be multiplied into budgets.
+    Given the password_hash a password was checked against, None unless it is still theirs:
+    a change committed since the sign-in started forgot their browsers, and ended that sign-in."""
     with transaction(conn):
+        if password_hash is not None and not password_unchanged(conn, developer_id, password_hash):
+            return None
         # Only a token this server gave out is kept: not one from elsewhere, or long forgotten.
         if not (token and query_db(conn, "SELECT 1 FROM dashboard_devices WHERE token_hash = ?",
                                    (key_digest(token),), one=True)):
@@ -7057,9 +7061,11 @@ def signed_in_redirect(rt, developer_id, location, shown=None, password_hash=Non
     if started is None:
         return None
     token, _ = started
+    device = remember_device(rt.db(), request_cookie(DEVICE_COOKIE), developer_id, password_hash=password_hash)
+    if device is None:
+        return None
     for kind, value in (shown or {}).items():
         rt.shown_once.put(token, kind, value)
-    device = remember_device(rt.db(), request_cookie(DEVICE_COOKIE), developer_id)
     return redirect(location, **{
         SESSION_COOKIE: (token, cookie_options(rt.config, max_age=rt.config["dashboard.session_max_hours"] * 3600)),
         DEVICE_COOKIE: (device, cookie_options(rt.config, max_age=int(DEVICE_LIFETIME.total_seconds())))})

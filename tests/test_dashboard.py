@@ -269,6 +269,33 @@ def test_the_old_password_adds_no_endpoint_once_a_change_commits_while_it_is_che
     assert stored(api.config, "SELECT count(*) FROM audit_events WHERE event_type = 'webhook.created'") == [(0,)]
 
 
+def test_a_sign_in_remembers_no_browser_once_a_change_commits_after_its_session_started(running_api):
+    api = running_api(**{"ratelimit.enabled": False})
+    sign_up(api)
+    api.reset()                                     # whoever holds the old password, in a browser of their own
+    conn, elsewhere = api.app.runtime.db(), pausepoint.connect(api.config["database.path"])
+    steps = []
+
+    def change_between_the_session_and_the_browser(sql):
+        """SQLite's trace: the developer's change commits as the sign-in, its session
+        written, begins the transaction that remembers its browser."""
+        if "INSERT INTO dashboard_sessions" in sql:
+            steps.append("session started")
+        elif steps == ["session started"] and sql.startswith("BEGIN"):
+            steps.append("password changed")
+            pausepoint.change_password(elsewhere, api.config, elsewhere.execute("SELECT * FROM developers").fetchone(),
+                                       "a new password")
+    conn.set_trace_callback(change_between_the_session_and_the_browser)
+    try:
+        log_in(api, status=401)
+    finally:
+        conn.set_trace_callback(None)
+        elsewhere.close()
+    assert steps == ["session started", "password changed"] and "pp_device" not in api.cookies
+    assert stored(api.config, "SELECT count(*) FROM dashboard_devices") == [(0,)]     # none knew the new password
+    assert stored(api.config, "SELECT count(*) FROM dashboard_sessions") == [(0,)]
+
+
 def test_failed_logins_are_limited_per_address_and_successful_ones_are_not(running_api):
     api = running_api(**{"ratelimit.login_per_hour": 3})
     sign_up(api)
