@@ -32,6 +32,9 @@ import threading
 import pausepoint
 
 FORK_SERVER = multiprocessing.get_context("forkserver")
+# The locales Python 3.7+ coerces the C locale to (PEP 538), in which it reads standard input
+# with surrogateescape as in the C locale itself.
+COERCED_C_LOCALES = ("C.UTF-8", "C.utf8", "UTF-8")
 FORK_SERVER.set_forkserver_preload([__name__])
 FORK_SERVER_STARTING, FORK_SERVER_STARTED = threading.Lock(), []
 
@@ -75,8 +78,9 @@ def run_main(expected_file, argv, cwd, env, stdout_path, stderr_path, stdin_path
     if pausepoint.__file__ != expected_file:        # said in the output the test reports
         raise RuntimeError(f"the fork server loaded {pausepoint.__file__}, not {expected_file}")
     # Standard input as a new interpreter reads it: from descriptor 0, in the locale's encoding,
-    # undecodable bytes kept (surrogateescape) in UTF-8 mode or the C locale, as Python does.
-    plain = sys.flags.utf8_mode or locale.setlocale(locale.LC_CTYPE) in ("C", "POSIX")
+    # undecodable bytes kept (surrogateescape) in UTF-8 mode, in the C locale and in the ones
+    # Python coerces that to (C.UTF-8, as containers set it), as Python does.
+    plain = sys.flags.utf8_mode or locale.setlocale(locale.LC_CTYPE) in ("C", "POSIX", *COERCED_C_LOCALES)
     sys.stdin = open(0, closefd=False, errors="surrogateescape" if plain else "strict")
     os.chdir(cwd)
     os.environ.clear()

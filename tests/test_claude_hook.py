@@ -306,3 +306,16 @@ def test_the_line_shows_what_runs(call, shown):
     sys.path.insert(0, os.path.dirname(HOOK))
     import pausepoint_claude_hook
     assert pausepoint_claude_hook.describe(call) == shown
+
+
+def test_a_forked_script_reads_bytes_its_locale_cannot_decode_as_a_fresh_interpreter_does(tmp_path):
+    # The hook's input is what Claude Code writes; a byte that is not UTF-8 must fail (or not)
+    # here as it does in `python script`, whose C.UTF-8 locale keeps it as a surrogate.
+    script, given, output = tmp_path / "echo.py", tmp_path / "stdin", str(tmp_path / "stdout")
+    script.write_text("import sys\nprint(ascii(sys.stdin.read()))\n", encoding="utf-8")
+    given.write_bytes(b"ab\xffcd")
+    with open(given, "rb") as stdin:
+        fresh = subprocess.run([sys.executable, str(script)], stdin=stdin, capture_output=True, text=True, timeout=60)
+    forked = launcher.Launched([], tmp_path, dict(os.environ), output, stdin_path=str(given), script=str(script))
+    assert forked.wait(60) == fresh.returncode
+    assert launcher.read(output) == fresh.stdout
