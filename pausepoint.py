@@ -1556,7 +1556,8 @@ def change_password(conn, config, developer, new_password, device=None, turn=Non
     with turn or contextlib.nullcontext():
         password_hash = bcrypt.hashpw(new_password.encode("utf-8"), bcrypt.gensalt(config["security.bcrypt_rounds"]))
     with transaction(conn):
-        require_password_unchanged(conn, developer)
+        if actor is None:       # the developer, by their old password; an operator's change needs none
+            require_password_unchanged(conn, developer)
         conn.execute("UPDATE developers SET password_hash = ? WHERE id = ?", (password_hash.decode(), developer["id"]))
         conn.execute("DELETE FROM dashboard_sessions WHERE developer_id = ?", (developer["id"],))
         # Browsers that knew the old password start again with the email's budget.
@@ -8591,7 +8592,7 @@ def run_command(args, config):
     if args.command == "create-developer":
         print(json.dumps(register_developer(conn, config, args.email, args.name, password, args.plan), indent=2))
     elif args.command == "set-password":
-        developer = query_db(conn, "SELECT * FROM developers WHERE email = ?", (args.email,), one=True)
+        developer = query_db(conn, "SELECT * FROM developers WHERE email = ?", (args.email.strip(),), one=True)
         if developer is None:
             raise ApiError(404, "not_found", f"no developer with email {args.email}")
         change_password(conn, config, developer, password, actor="operator:command line")

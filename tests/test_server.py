@@ -448,7 +448,7 @@ def test_the_operator_gives_a_developer_a_new_password_and_every_sign_in_of_thei
     form["email"], form["password"] = "a@example.com", PASSWORD
     form.submit(status=303)
     assert api.get("/dashboard/overview").status_code == 200
-    result = run_cli(tmp_path, "set-password", "--email", "a@example.com", "--password-stdin", stdin="a new password\n")
+    result = run_cli(tmp_path, "set-password", "--email", " a@example.com", "--password-stdin", stdin="a new password\n")
     assert result.returncode == 0 and "a@example.com has a new password" in result.stdout, result.stderr
     assert api.get("/dashboard/overview").status_code == 303            # that sign-in ended
     assert stored(tmp_path / "pausepoint.db", "SELECT actor FROM audit_events WHERE event_type = 'password.changed'"
@@ -461,6 +461,14 @@ def test_the_operator_gives_a_developer_a_new_password_and_every_sign_in_of_thei
     nobody = run_cli(tmp_path, "set-password", "--email", "b@example.com", "--password-stdin", stdin="long enough\n")
     assert short.returncode == 1 and "password" in short.stderr
     assert nobody.returncode == 1 and "no developer" in nobody.stderr
+    # Needing no old password, the operator's change holds even if the developer's changed meanwhile.
+    conn = api.app.runtime.db()
+    read_before = conn.execute("SELECT * FROM developers").fetchone()
+    pausepoint.change_password(conn, api.config, read_before, "changed meanwhile")
+    pausepoint.change_password(conn, api.config, read_before, "the operator's", actor="operator:command line")
+    form = api.get("/dashboard/login").forms[0]
+    form["email"], form["password"] = "a@example.com", "the operator's"
+    form.submit(status=303)
     api.app.runtime.stop()
 
 
