@@ -79,9 +79,10 @@ def run_main(expected_file, argv, cwd, env, stdout_path, stderr_path, stdin_path
         raise RuntimeError(f"the fork server loaded {pausepoint.__file__}, not {expected_file}")
     # Standard input as a new interpreter reads it: from descriptor 0, in the locale's encoding,
     # undecodable bytes kept (surrogateescape) in UTF-8 mode, in the C locale and in the ones
-    # Python coerces that to (C.UTF-8, as containers set it), as Python does.
+    # Python coerces that to (C.UTF-8, as containers set it), as Python does; and with its line
+    # endings as they are (newline="\n", as Python opens it outside Windows): "\r\n" stays "\r\n".
     plain = sys.flags.utf8_mode or locale.setlocale(locale.LC_CTYPE) in ("C", "POSIX", *COERCED_C_LOCALES)
-    sys.stdin = open(0, closefd=False, errors="surrogateescape" if plain else "strict")
+    sys.stdin = open(0, closefd=False, newline="\n", errors="surrogateescape" if plain else "strict")
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)

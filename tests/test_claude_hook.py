@@ -308,12 +308,15 @@ def test_the_line_shows_what_runs(call, shown):
     assert pausepoint_claude_hook.describe(call) == shown
 
 
-def test_a_forked_script_reads_bytes_its_locale_cannot_decode_as_a_fresh_interpreter_does(tmp_path):
+@pytest.mark.parametrize("given_bytes", [b"ab\xffcd", b"a line\r\nand a carriage return\r"],
+                         ids=["not UTF-8", "carriage returns"])
+def test_a_forked_script_reads_its_input_as_a_fresh_interpreter_does(tmp_path, given_bytes):
     # The hook's input is what Claude Code writes; a byte that is not UTF-8 must fail (or not)
-    # here as it does in `python script`, whose C.UTF-8 locale keeps it as a surrogate.
+    # here as it does in `python script`, whose C.UTF-8 locale keeps it as a surrogate, and a
+    # carriage return must reach the script as it does there, untranslated.
     script, given, output = tmp_path / "echo.py", tmp_path / "stdin", str(tmp_path / "stdout")
     script.write_text("import sys\nprint(ascii(sys.stdin.read()))\n", encoding="utf-8")
-    given.write_bytes(b"ab\xffcd")
+    given.write_bytes(given_bytes)
     with open(given, "rb") as stdin:
         fresh = subprocess.run([sys.executable, str(script)], stdin=stdin, capture_output=True, text=True, timeout=60)
     forked = launcher.Launched([], tmp_path, dict(os.environ), output, stdin_path=str(given), script=str(script))
