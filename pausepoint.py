@@ -8586,8 +8586,9 @@ def run_command(args, config):
         return 0
     conn = connect(config["database.path"])
     migrate(conn)
-    # A password is never an argument: it would show in `ps` and in shell history.
-    password = (sys.stdin.readline().rstrip("\n") if args.password_stdin else asked_password()) if (
+    # A password is never an argument: it would show in `ps` and in shell history. Its line ends
+    # in "\n" or, from a file saved on Windows or PowerShell's pipe, "\r\n": neither is part of it.
+    password = (sys.stdin.readline().rstrip("\r\n") if args.password_stdin else asked_password()) if (
         args.command in ("create-developer", "set-password")) else None
     if args.command == "create-developer":
         print(json.dumps(register_developer(conn, config, args.email, args.name, password, args.plan), indent=2))

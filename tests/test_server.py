@@ -441,6 +441,21 @@ def test_the_operator_sets_a_developers_plan(tmp_path):
     assert nobody.returncode == 1 and "no developer" in nobody.stderr
 
 
+def test_a_password_piped_with_a_windows_line_ending_is_the_password_without_it(tmp_path):
+    # A file saved on Windows, or PowerShell's pipe, ends its line with "\r\n": the "\r" is no
+    # part of a password, and none with it could ever be typed into the sign-in form.
+    run_cli(tmp_path, "create-developer", "--email", "a@example.com", "--name", "Ada", "--password-stdin",
+            stdin=PASSWORD + "\r\n")
+    result = run_cli(tmp_path, "set-password", "--email", "a@example.com", "--password-stdin",
+                     stdin="a new password\r\n")
+    assert result.returncode == 0, result.stderr
+    api = Api(pausepoint.create_app(make_config(tmp_path)))
+    form = api.get("/dashboard/login").forms[0]
+    form["email"], form["password"] = "a@example.com", "a new password"
+    form.submit(status=303)
+    api.app.runtime.stop()
+
+
 def test_the_operator_gives_a_developer_a_new_password_and_every_sign_in_of_theirs_ends(tmp_path):
     run_cli(tmp_path, "create-developer", "--email", "a@example.com", "--name", "Ada", "--password-stdin", stdin=PASSWORD)
     api = Api(pausepoint.create_app(make_config(tmp_path)))
