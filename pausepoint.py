@@ -8474,23 +8474,27 @@ def command_line():
     def command(name, help):
         return commands.add_parser(name, help=help, parents=[after_command], allow_abbrev=False)
 
+    def developer_email(parser, help="the developer's sign-in email"):
+        # Without the spaces around it, as sign-in takes it: a pasted " a@example.com" is theirs.
+        parser.add_argument("--email", required=True, type=str.strip, help=help)
+
     command("serve", help="serve the API and respond pages (the default)")
     create = command("create-developer", help="add a developer and print their API keys (works when registration is closed)")
-    create.add_argument("--email", required=True, help="their sign-in email")
+    developer_email(create, help="their sign-in email")
     create.add_argument("--name", required=True, help="their name, which people asked see as who asks")
     create.add_argument("--plan", default="free", help="a plan named in the config (default: free)")
     create.add_argument("--password-stdin", action="store_true",
                         help="read the developer's password from standard input (default: asked for at a prompt)")
     set_plan = command("set-plan", help="move a developer to another plan")
-    set_plan.add_argument("--email", required=True, help="the developer's sign-in email")
+    developer_email(set_plan)
     set_plan.add_argument("--plan", required=True, help="a plan named in the config")
     new_password = command("set-password", help="give a developer a new password (one forgotten, or in someone"
                                                 " else's hands): every sign-in of theirs ends")
-    new_password.add_argument("--email", required=True, help="the developer's sign-in email")
+    developer_email(new_password)
     new_password.add_argument("--password-stdin", action="store_true",
                               help="read the new password from standard input (default: asked for at a prompt)")
     operator = command("set-operator", help="let a developer use the dashboard's operator page")
-    operator.add_argument("--email", required=True, help="the developer's sign-in email")
+    developer_email(operator)
     operator.add_argument("--remove", action="store_true", help="take the operator page away instead")
     take_backup = command("backup", help="write an online backup of the database (safe while serving)")
     take_backup.add_argument("destination", help="file to write; must not exist yet")
@@ -8593,7 +8597,7 @@ def run_command(args, config):
     if args.command == "create-developer":
         print(json.dumps(register_developer(conn, config, args.email, args.name, password, args.plan), indent=2))
     elif args.command == "set-password":
-        developer = query_db(conn, "SELECT * FROM developers WHERE email = ?", (args.email.strip(),), one=True)
+        developer = query_db(conn, "SELECT * FROM developers WHERE email = ?", (args.email,), one=True)
         if developer is None:
             raise ApiError(404, "not_found", f"no developer with email {args.email}")
         change_password(conn, config, developer, password, actor="operator:command line")

@@ -456,6 +456,18 @@ def test_a_password_piped_with_a_windows_line_ending_is_the_password_without_it(
     api.app.runtime.stop()
 
 
+def test_the_operators_commands_take_the_email_without_the_spaces_around_it(tmp_path):
+    run_cli(tmp_path, "create-developer", "--email", "a@example.com", "--name", "Ada", "--password-stdin", stdin=PASSWORD)
+    env = {"PAUSEPOINT_PLANS_TEAM_MONTHLY_PAUSES": "5000"}
+    plan = run_cli(tmp_path, "set-plan", "--email", " a@example.com ", "--plan", "team", env=env)
+    operator = run_cli(tmp_path, "set-operator", "--email", " a@example.com")
+    password = run_cli(tmp_path, "set-password", "--email", "a@example.com ", "--password-stdin", stdin="long enough\n")
+    assert plan.returncode == 0 and "a@example.com is now on the team plan" in plan.stdout, plan.stderr
+    assert operator.returncode == 0 and operator.stdout.startswith("a@example.com may now"), operator.stderr
+    assert password.returncode == 0 and password.stdout.startswith("a@example.com has a new password"), password.stderr
+    assert stored(tmp_path / "pausepoint.db", "SELECT plan, is_operator FROM developers") == [("team", 1)]
+
+
 def test_the_operator_gives_a_developer_a_new_password_and_every_sign_in_of_theirs_ends(tmp_path):
     run_cli(tmp_path, "create-developer", "--email", "a@example.com", "--name", "Ada", "--password-stdin", stdin=PASSWORD)
     api = Api(pausepoint.create_app(make_config(tmp_path)))
