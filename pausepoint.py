@@ -8554,12 +8554,17 @@ def open_failure_hint(path, error):
 
 
 def asked_password():
+    """A new password typed twice at the prompt: a typo, unseen, would set one nobody knows."""
     try:
-        return getpass.getpass("Password: ")
+        password = getpass.getpass("Password: ")
+        again = getpass.getpass("The same again: ")
     except EOFError:        # Ctrl-D, or no terminal to ask at and nothing on standard input
         print(file=sys.stderr)      # ends the prompt's line
         raise ConfigError("no password was given: type it at the prompt, or give it on standard input with"
                           " --password-stdin") from None
+    if password != again:
+        raise ConfigError("the two passwords typed differ; nothing was changed")
+    return password
 
 
 def run_command(args, config):

@@ -488,6 +488,15 @@ def test_the_operator_gives_a_developer_a_new_password_and_every_sign_in_of_thei
     nobody = run_cli(tmp_path, "set-password", "--email", "b@example.com", "--password-stdin", stdin="long enough\n")
     assert short.returncode == 1 and "password" in short.stderr
     assert nobody.returncode == 1 and "no developer" in nobody.stderr
+    # At the prompt (here with no terminal: from standard input) the password is typed twice.
+    mistyped = run_cli(tmp_path, "set-password", "--email", "a@example.com", stdin="one password\nanother one\n",
+                       setup=os.setsid)
+    assert mistyped.returncode == 2 and "the two passwords typed differ; nothing was changed" in mistyped.stderr
+    assert run_cli(tmp_path, "set-password", "--email", "a@example.com", stdin="typed twice\ntyped twice\n",
+                   setup=os.setsid).returncode == 0
+    form = api.get("/dashboard/login").forms[0]
+    form["email"], form["password"] = "a@example.com", "typed twice"
+    form.submit(status=303)
     # Needing no old password, the operator's change holds even if the developer's changed meanwhile.
     conn = api.app.runtime.db()
     read_before = conn.execute("SELECT * FROM developers").fetchone()
