@@ -18,7 +18,7 @@ import time
 import pytest
 import requests
 
-from conftest import ROOT, WIRE, ServerProcess, free_port, process_env, token_of, wait_until
+from conftest import ROOT, WIRE, ServerProcess, cannot_run_here, free_port, process_env, token_of, wait_until
 
 ATTACKER = "127.0.0.2"          # one address for the attack; the well-behaved client stays on 127.0.0.1
 
@@ -377,7 +377,7 @@ def server_on_a_network_of_its_own(tmp_path, **values):
     yields (in_its_network, port): in_its_network(fn) runs fn on a thread that joined the
     namespace, where the sockets it makes stay. Skips where namespaces are not permitted."""
     if not (shutil.which("unshare") and shutil.which("ip")):
-        pytest.skip("needs unshare and ip (util-linux, iproute2)")
+        cannot_run_here("needs unshare and ip (util-linux, iproute2)")
     port, log_path = free_port(), tmp_path / "server.log"
     setup = "ip link set lo up && " + "".join(f"ip -6 route add local 2001:db8:{n}::/64 dev lo && " for n in (1, 2, 3))
     setup += 'exec "$0" "$@"'
@@ -412,7 +412,7 @@ def server_on_a_network_of_its_own(tmp_path, **values):
         if proc.poll() is not None:
             output = log_path.read_text()
             if "unshare failed" in output or "Operation not permitted" in output:
-                pytest.skip(f"cannot make a network namespace here: {output.strip()}")
+                cannot_run_here(f"cannot make a network namespace here: {output.strip()}")
             raise AssertionError(f"server exited with {proc.returncode}: {output}")
         return b" 200 " in answer_from("2001:db8:2::1", port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
 

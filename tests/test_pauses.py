@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import requests
 
-from conftest import PASSWORD, WIRE, Api, fill_disk, make_config, run_out, stored, token_of
+from conftest import PASSWORD, WIRE, Api, cannot_run_here, fill_disk, make_config, run_out, stored, token_of
 import pausepoint
 
 
@@ -406,7 +406,7 @@ def test_the_disk_watched_is_the_one_a_linked_database_is_written_on(running_api
     small, large = homes[0], homes[-1]
     reserve = shutil.disk_usage(small).total // 2**20 + 1          # more than all of the small disk
     if shutil.disk_usage(large).free // 2**20 <= reserve:
-        pytest.skip("no two disks here of which one has more free than the other holds")
+        cannot_run_here("no two disks here of which one has more free than the other holds")
     with tempfile.TemporaryDirectory(dir=small) as on_small, tempfile.TemporaryDirectory(dir=large) as on_large:
         link = os.path.join(on_large, "pausepoint.db")
         os.symlink(os.path.join(on_small, "pausepoint.db"), link)
