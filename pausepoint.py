@@ -5219,7 +5219,7 @@ class Runtime:
         self.idle_connections, self.idle_lock = [], threading.Lock()    # see db()
         self.write_lock = FairLock()
         self.waiting = Waiting(config["server.waiting_limit"], config["server.waiting_per_developer"],
-                               config["server.waiting_per_ip"], TRUSTED_PROXY)
+                               config["server.waiting_per_ip"])
         self.stopping = False
         self.disk_short = False         # as run_disk() last found it
         self.disk_full = DiskFullEpisodes()
@@ -5627,9 +5627,8 @@ class Waiting:
             self.who = self.resume = None
             self.done = False
 
-    def __init__(self, limit, per_developer, per_address, exempt_address=None):
+    def __init__(self, limit, per_developer, per_address):
         self.limit, self.per_developer, self.per_address = limit, per_developer, per_address
-        self.exempt_address = exempt_address            # TRUSTED_PROXY: every client's address, behind it
         self.lock = threading.Lock()
         self.topics = {}                                # name -> Topic, while anyone watches it
         self.waiting = collections.Counter()            # (developer, None) and (None, address) -> requests waiting
@@ -5672,7 +5671,7 @@ class Waiting:
         evicted = None
         with self.lock:
             if first and (self.waiting[(developer, None)] >= self.per_developer
-                          or (address != self.exempt_address and self.waiting[(None, address)] >= self.per_address)):
+                          or (address != TRUSTED_PROXY and self.waiting[(None, address)] >= self.per_address)):
                 return False
             if first and self.count >= self.limit:
                 evicted = self._make_room(who)
@@ -5688,7 +5687,7 @@ class Waiting:
         """Whom places are levelled between: client addresses, which cost more to come by
         than accounts; developers behind the trusted proxy, where every client has its address."""
         developer, address = who
-        return (developer, None) if address == self.exempt_address else (None, address)
+        return (developer, None) if address == TRUSTED_PROXY else (None, address)
 
     def _make_room(self, who):
         """The oldest parked waiter of the holder with the most, released, if it holds at least
@@ -6446,11 +6445,9 @@ TRUSTED_PROXY = "server.trusted_proxy"
 def connection_client(address, trusted_proxy):
     """Whose shares of connections and threads a connection from `address` takes: those of
     limited_as(address), or none if it is the trusted proxy (TRUSTED_PROXY), behind which
-    every client has its one address."""
-    with contextlib.suppress(ValueError):
-        if trusted_proxy and ipaddress.ip_address(address) == ipaddress.ip_address(trusted_proxy):
-            return TRUSTED_PROXY
-    return limited_as(address)
+    every client has its one address. Compared as text, as waitress does to believe its
+    headers: load_config() writes the setting as the socket writes addresses."""
+    return TRUSTED_PROXY if trusted_proxy and address == trusted_proxy else limited_as(address)
 
 
 def client_limited_as():
