@@ -12,6 +12,7 @@ import gc
 import glob
 import importlib
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -472,10 +473,12 @@ def read_only_view(directory, view):
 class ServerProcess:
     """A server in its own process, on a given database and port: pausepoint.main() forked
     (launcher.py), or with fresh_interpreter `python pausepoint.py` itself."""
+    started = itertools.count()
 
     def __init__(self, db_path, port, *extra_args, env=None, fresh_interpreter=False):
         self.url = f"http://127.0.0.1:{port}"
-        self.log_path = f"{db_path}.{port}.log"
+        # Its own log: a later server on the same database may well be given the same free port.
+        self.log_path = f"{db_path}.{port}.{next(self.started)}.log"
         argv = ["--db", str(db_path), "--port", str(port), "--host", "127.0.0.1", *extra_args]
         cwd, env = os.path.dirname(str(db_path)), process_env(env)
         if fresh_interpreter:
