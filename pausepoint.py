@@ -809,10 +809,10 @@ def warn_if_others_may_read(path, what, also=""):
             log.warning("others than its owner may read or write %s %s: chmod 600 it%s", what, path, also)
 
 
-def connect_read_only(path):
+def connect_read_only(path, immutable=False):
     """A connection that cannot write to the database (SQLite's mode=ro): not even the
-    journal mode, as connect() sets it."""
-    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+    journal mode, as connect() sets it. An immutable one takes no locks and reads no WAL."""
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro{'&immutable=1' * immutable}"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30, factory=Connection)
     conn.row_factory = sqlite3.Row
     return conn
@@ -8619,21 +8619,35 @@ def verify_audit(path):
     """The verify-audit command; returns its exit status. It reads the database without
     changing it, a read-only copy too, and never migrates it: migration 13 would chain a
     log from before chaining as it stands now, tampered or not, and then find it holds."""
-    with contextlib.closing(connect_read_only(path)) as conn:
+    immutable = whole_in_its_file(path)
+    with contextlib.closing(connect_read_only(path, immutable)) as conn:
         applied = applied_schema(conn)
         if applied != MIGRATIONS[-1][0]:
             raise ConfigError(f"{path} has schema {applied or 0}, older than this PausePoint's"
                               f" {MIGRATIONS[-1][0]}: start the server on it (or on a copy of it) first, which"
                               " migrates it, then verify it")
         breaks = audit_chain_breaks(conn)
-        for seq, developer_id, livemode, why in breaks:
-            print(f"aud_{seq} ({developer_id}, {mode_name(livemode)}): {why}")
-        if breaks:
-            return 1
         chains, events = query_db(conn, "SELECT count(DISTINCT developer_id || livemode), count(*) FROM audit_events",
                                   one=True)
+    if immutable and os.path.exists(path + "-wal"):     # what it read may have changed under it
+        raise ConfigError(f"{path} was opened by a server while it was being read: run verify-audit again")
+    for seq, developer_id, livemode, why in breaks:
+        print(f"aud_{seq} ({developer_id}, {mode_name(livemode)}): {why}")
+    if breaks:
+        return 1
     print(f"every audit chain holds: {events} events in {chains} chains")
     return 0
+
+
+def whole_in_its_file(path):
+    """Whether the database at `path` can be read without SQLite's shared wal-index (the -shm
+    file), in a directory this user may not write, where a first reader could not make one:
+    when it has no write-ahead log, nothing is waiting to be copied into the file and no
+    connection has it open (a backup, or a copy a stopped server left), so the file is all
+    of it. Read as immutable then: SQLite takes no locks and looks for no -shm."""
+    directory = os.path.dirname(os.path.abspath(path))
+    return (os.path.isfile(path) and not os.access(directory, os.W_OK)
+            and not os.path.exists(path + "-shm") and not os.path.exists(path + "-wal"))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import sqlite3
 import sys
 import threading
@@ -403,6 +404,25 @@ def test_verify_audit_reads_a_database_it_may_not_write(logged, tmp_path, capsys
             assert pausepoint.main(["--db", seen, "verify-audit"]) == 0
         assert "every audit chain holds: 12 events in 2 chains" in capsys.readouterr().out
         assert not os.path.exists(seen + "-shm")        # the last connection took it away
+        # With no write-ahead log either, the file holds it all and is read as it is.
+        assert pausepoint.main(["--db", seen, "verify-audit"]) == 0
+        assert "every audit chain holds: 12 events in 2 chains" in capsys.readouterr().out
+
+
+def test_verify_audit_refuses_a_read_only_copy_with_a_write_ahead_log_it_cannot_share(logged, tmp_path, capsys):
+    """A copy taken beside a writer holds changes in its -wal that only a wal-index (-shm) finds:
+    reading the file alone would check an older log and say it holds."""
+    (tmp_path / "copied").mkdir()
+    with contextlib.closing(sqlite3.connect(logged[0].config["database.path"])) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.execute("INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data,"
+                   " prev_hash, hash) SELECT developer_id, livemode, timestamp, 'forged', event_type, pause_id, data,"
+                   " hash, 'forged' FROM audit_events ORDER BY seq DESC LIMIT 1")
+        db.commit()
+        for name in ("pausepoint.db", "pausepoint.db-wal"):
+            shutil.copy(os.path.join(os.path.dirname(logged[0].config["database.path"]), name), tmp_path / "copied")
+    with read_only_view(tmp_path / "copied", tmp_path / "read-only") as view:
+        seen = str(view / "pausepoint.db")
         assert pausepoint.main(["--db", seen, "verify-audit"]) == 2
     assert capsys.readouterr().err == (
         f"pausepoint: cannot use the database {seen}: unable to open database file; reading it needs {seen}-shm,"
