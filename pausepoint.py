@@ -7069,6 +7069,15 @@ def signed_in_redirect(rt, developer_id, location, shown=None, password_hash=Non
         DEVICE_COOKIE: (device, cookie_options(rt.config, max_age=int(DEVICE_LIFETIME.total_seconds())))})
 
 
+def logout_page(rt):
+    """A link or a typed address cannot sign anyone out (a GET changes nothing): it asks."""
+    token = request_cookie(SESSION_COOKIE)
+    row = session_for(rt.db(), rt.config, token)
+    if row is None:
+        return redirect("/dashboard/login")
+    return dashboard_page("logout", SignedIn(row, token))
+
+
 def logout(rt, session):
     end_session(rt.db(), session.token)
     return redirect("/dashboard/login", **{SESSION_COOKIE: (None, cookie_options(rt.config)),
@@ -7362,6 +7371,7 @@ ROUTES = [
     Route("POST", "/dashboard/signup", signup, auth="form", page=True),
     Route("GET", "/dashboard/login", login_form, auth="none", page=True, query=LOGIN_QUERY),
     Route("POST", "/dashboard/login", login, auth="form", page=True),
+    Route("GET", "/dashboard/logout", logout_page, auth="none", page=True),
     Route("POST", "/dashboard/logout", logout, auth="session", page=True),
     Route("POST", "/dashboard/mode", switch_mode, auth="session", page=True),
     Route("GET", "/dashboard/overview", overview_page, auth="session", page=True),

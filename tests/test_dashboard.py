@@ -118,6 +118,16 @@ def test_logging_out_ends_the_session_and_logging_in_starts_one(api):
     assert api.get("/dashboard/pauses").status_code == 200
 
 
+def test_the_log_out_address_typed_or_followed_asks_before_logging_out(api):
+    sign_up(api)
+    page = api.get("/dashboard/logout")
+    assert page.status_code == 200 and "Log out dev@example.com in this browser?" in page
+    assert stored(api.config, "SELECT count(*) FROM dashboard_sessions") == [(1,)]
+    post_form(api, page, "/dashboard/logout")
+    assert stored(api.config, "SELECT count(*) FROM dashboard_sessions") == [(0,)]
+    assert api.get("/dashboard/logout").headers["Location"].endswith("/dashboard/login")
+
+
 def test_a_logged_out_visitor_is_sent_to_log_in_and_back(api):
     sign_up(api)
     api.reset()
