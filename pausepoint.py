@@ -1621,6 +1621,16 @@ def developers_with_usage(conn, limit, cursor, now=None):
 # The audit log
 ###############################################################################
 
+# Every event_type record_event() writes, for the audit log's filter: a misspelt one is
+# refused, not answered with no events. (tests/test_audit_chain.py checks the calls.)
+AUDIT_EVENT_TYPES = (
+    "pause.created", "pause.responded", "pause.timed_out", "pause.cancelled", "pause.vote", "pause.reminded",
+    "pause.escalated", "pause.reminder_skipped", "pause.escalation_skipped", "respond_page.opened",
+    "notification.sent", "notification.failed", "notification.simulated", "webhook.created", "webhook.updated",
+    "webhook.deleted", "webhook.disabled", "webhook.delivery_failed", "key.rotated", "password.changed",
+    "registration.changed", "plan.changed")
+
+
 def record_event(conn, developer_id, livemode, actor, event_type, pause_id=None, data=None, when=None):
     """Append one audit event, inside the transaction of the change it records, chained to
     the developer's previous event in that mode (see audit_hash())."""
@@ -6324,7 +6334,8 @@ WAIT_QUERY = {"type": "integer", "minimum": 0, "maximum": WAIT_LIMIT_SECONDS, "d
                              " share of waiting requests for your account, 429 too_many_waiting says in"
                              " Retry-After when to come back.",
               "x-message": f"wait must be a whole number of seconds from 0 to {WAIT_LIMIT_SECONDS}"}
-AUDIT_QUERY = {"event_type": {"type": "string", "maxLength": 100, "x-message": "event_type must be an event name"},
+AUDIT_QUERY = {"event_type": {"type": "string", "enum": ["", *AUDIT_EVENT_TYPES],
+                              "x-message": f"event_type must be one of: {', '.join(AUDIT_EVENT_TYPES)}"},
                "pause_id": {"type": "string", "maxLength": 100, "x-message": "pause_id must be a pause id"},
                **PAGE_QUERY}
 # Event types joined by commas (or none: every type). (?!\n) as in ONE_LINE_TEXT: Python's $
@@ -7114,7 +7125,8 @@ def audit_log_page(rt, session, query):
     rows, next_cursor = audit_page(rt.db(), session.caller, query["event_type"], query["pause_id"], DASHBOARD_PAGE,
                                    query["cursor"])
     return dashboard_page("audit", session, events=[audit_event_json(row) for row in rows], next_cursor=next_cursor,
-                          filters={name: query[name] or "" for name in ("event_type", "pause_id")})
+                          filters={name: query[name] or "" for name in ("event_type", "pause_id")},
+                          event_types=AUDIT_EVENT_TYPES)
 
 
 def audit_csv(rt, session, query):

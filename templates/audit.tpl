@@ -2,7 +2,12 @@
 <h1>Audit log</h1>
 <form method="get" action="/dashboard/audit" class="filters">
   <label for="event_type">Event</label>
-  <input id="event_type" name="event_type" value="{{filters['event_type']}}" placeholder="pause.responded">
+  <select id="event_type" name="event_type">
+    <option value="">any</option>
+% for event_type in event_types:
+    <option{{!' selected' if event_type == filters['event_type'] else ''}}>{{event_type}}</option>
+% end
+  </select>
   <label for="pause_id">Pause</label>
   <input id="pause_id" name="pause_id" value="{{filters['pause_id']}}" placeholder="psr_…">
   <button type="submit" class="secondary">Filter</button>

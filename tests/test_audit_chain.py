@@ -1,6 +1,7 @@
 """The audit log as a hash chain: whoever changes, removes, reorders or cuts off events is caught,
 by the server's verify-audit command and by the client's check of an export."""
 
+import ast
 import contextlib
 import hashlib
 import io
@@ -155,6 +156,31 @@ def test_an_export_streams_a_window_as_json_lines_or_csv(logged, tmp_path):
     assert len(csv_lines) == len(everything) + 1 and csv_lines[-1].endswith(everything[-1]["hash"])
     refused = api.get("/v1/audit/export", {"since": "yesterday"}, headers=api.as_key(key), status=422).json
     assert refused["error"]["field"] == "since"
+
+
+def test_a_misspelt_event_type_is_refused_naming_the_ones_there_are(logged):
+    api, key = logged
+    error = api.get("/v1/audit", {"event_type": "pause.approved"}, headers=api.as_key(key), status=422).json["error"]
+    assert error["field"] == "event_type" and "pause.responded, pause.timed_out" in error["message"]
+    assert len(api.get("/v1/audit", {"event_type": "pause.responded"}, headers=api.as_key(key)).json["events"]) == 3
+    assert len(api.get("/v1/audit", {"event_type": ""}, headers=api.as_key(key)).json["events"]) == 6
+
+
+# What f-strings and names given to record_event() stand for: a pause's end, a step's kind.
+WRITTEN_AS = {"f\"pause.{pause['status']}\"": {"pause.responded", "pause.timed_out", "pause.cancelled"},
+              "f\"pause.{step['kind']}_skipped\"": {"pause.reminder_skipped", "pause.escalation_skipped"},
+              "event": {"notification.sent", "notification.failed"}}
+
+
+def test_the_audit_filter_knows_every_event_type_the_server_writes():
+    with open(pausepoint.__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    written = set()
+    for call in ast.walk(tree):
+        if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "record_event":
+            given = ast.unparse(call.args[4])
+            written |= WRITTEN_AS[given] if given in WRITTEN_AS else {ast.literal_eval(call.args[4])}
+    assert written == set(pausepoint.AUDIT_EVENT_TYPES)
 
 
 def test_each_developer_and_mode_sees_only_its_own_chain(logged, tmp_path):

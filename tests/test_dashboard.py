@@ -490,6 +490,8 @@ def test_the_audit_log_filters_and_downloads_as_csv(running_api):
     api.post(f"/v1/pause/{first['pause_id']}/cancel", headers=api.as_key(keys["test"]))
     page = api.get("/dashboard/audit", {"event_type": "pause.cancelled"})
     assert [td.text for td in page.html.select("#events tbody tr td:nth-of-type(2)")] == ["pause.cancelled"]
+    shown = next(form for form in page.forms.values() if form.action == "/dashboard/audit")["event_type"]
+    assert shown.value == "pause.cancelled" and shown.options[0] == ("", False, "any")    # as applied; or none
     # Pause ids made in the same minute share their first digits (the time): each one's
     # short form tells them apart.
     shown = [code.text for code in api.get("/dashboard/audit").html.select("#events tbody tr td:nth-of-type(4) code")]
