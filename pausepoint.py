@@ -1010,6 +1010,12 @@ def check_database(path):
     changing it: before anything is made beside it, or a command copies or rotates for it."""
     if not os.path.isfile(path):       # none yet, or a directory: opening it says so (main())
         return None
+    if os.path.exists(path + "-journal"):
+        # A process stopped in the middle of a write in rollback-journal mode (a first start's
+        # switch to WAL, killed) left its journal: only a connection that may write rolls it
+        # back, as SQLite does on first reading the file. Read-only, every start failed.
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     with contextlib.closing(connect_read_only(path)) as conn:
         return applied_schema(conn)
 
@@ -8559,6 +8565,9 @@ def main(argv=None):
 
 def open_failure_hint(path, error):
     """What likely kept SQLite from opening the database at `path`, after `error`'s text."""
+    if "readonly database" in str(error) and os.path.exists(path + "-journal"):     # verify-audit only reads
+        return (f"; a process stopped while writing it left {path}-journal, which only one that may write it"
+                " undoes: start the server on it once")
     if "unable to open" not in str(error):
         return ""
     if os.path.isdir(path):

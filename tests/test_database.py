@@ -8,13 +8,14 @@ import shutil
 import signal
 import sqlite3
 import stat
+import subprocess
 import sys
 import threading
 import time
 
 import pytest
 
-from conftest import PASSWORD, QUESTION, WIRE, make_config, run_cli, stored, token_of, wait_until
+from conftest import PASSWORD, QUESTION, WIRE, Api, make_config, run_cli, stored, token_of, wait_until
 import pausepoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -746,3 +747,33 @@ def test_a_database_others_may_read_is_warned_of_once_at_start(running_api, capl
     warned = [record.getMessage() for record in caplog.records if "the database" in record.getMessage()]
     assert warned == [f"others than its owner may read or write the database {api.config['database.path']}: chmod 600"
                       " it, and its -wal and -shm files (a respond token in them decides a pause)"]
+
+
+# A process that dies halfway through a write in rollback-journal mode, as a first start does
+# while it switches the new file to WAL.
+KILLED_MIDWAY = """
+import os, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA cache_size = 1")             # so the change reaches the file before a commit
+db.execute("BEGIN")
+db.execute("CREATE TABLE half_written (x)")
+for _ in range(50):
+    db.execute("INSERT INTO half_written VALUES (randomblob(3000))")
+os._exit(9)
+"""
+
+
+def test_a_write_killed_halfway_is_undone_by_the_next_start_which_then_serves(tmp_path, capsys):
+    path = str(tmp_path / "pausepoint.db")
+    subprocess.run([sys.executable, "-c", KILLED_MIDWAY, path], timeout=60)
+    assert os.path.getsize(path + "-journal") > 0 and os.path.getsize(path) > 4096
+    assert pausepoint.main(["--db", path, "verify-audit"]) == 2           # it only reads: it cannot undo it
+    assert capsys.readouterr().err == (
+        f"pausepoint: cannot use the database {path}: attempt to write a readonly database; a process stopped while"
+        f" writing it left {path}-journal, which only one that may write it undoes: start the server on it once\n")
+    app = pausepoint.create_app(make_config(tmp_path))
+    try:
+        assert Api(app).register()["api_key"].startswith("pp_live_")
+    finally:
+        app.runtime.stop()
+    assert not stored(path, "SELECT 1 FROM sqlite_master WHERE name = 'half_written'")
