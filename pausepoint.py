@@ -3514,6 +3514,22 @@ def claim_expiry(config, at_least_seconds):
     return db_time(utcnow() + dt.timedelta(seconds=seconds))
 
 
+def lapse_claims_of_a_stopped_server(conn):
+    """At a start, under only_server()'s lock: every claim still held on a send or a delivery
+    was held by a server that stopped without finishing it (a crash, a kill), as no other
+    serves this database. Lapsed now, the jobs record each as cut short and try it again on
+    its schedule, seconds later instead of after the rest of the claim: a kill during a
+    slow send left the person unasked for two minutes, and a short pause timed out first."""
+    now = db_time()
+    with transaction(conn):
+        # Each written with its partial index's own terms, so that is the index scanned.
+        for livemode in (0, 1):
+            conn.execute("UPDATE notifications SET next_attempt_at = ? WHERE status IN ('queued', 'sending')"
+                         f" AND livemode = {livemode} AND status = 'sending' AND next_attempt_at > ?", (now, now))
+        conn.execute("UPDATE webhook_deliveries SET next_attempt_at = ? WHERE status IN ('pending', 'delivering')"
+                     " AND status = 'delivering' AND next_attempt_at > ?", (now, now))
+
+
 SLOW_FOR = dt.timedelta(minutes=10)
 # The kind of outbound call a test-mode webhook delivery is (a live one's is "webhook").
 TEST_WEBHOOK = "test webhook"
@@ -8349,6 +8365,7 @@ def serve(config):
     lock = only_server(config["database.path"])     # before anything reads or migrates the database
     app = create_app(config)
     server = make_server(app, config)
+    lapse_claims_of_a_stopped_server(app.runtime.db())
     app.runtime.start()
 
     def stop(signum, frame):

@@ -2,7 +2,8 @@ import pytest
 import requests
 
 from conftest import WIRE, stored, wait_until
-from stubs import Tarpit
+from stubs import StallingReceiver, Tarpit
+import pausepoint
 
 
 @pytest.fixture
@@ -75,3 +76,33 @@ def test_a_hung_mail_server_never_delays_sms(spawn_server, tmp_path, twilio):
                    [0][0] >= 8)
     finally:
         tarpit.close()
+
+
+def test_a_send_and_a_delivery_a_kill_cut_short_are_taken_up_again_just_after_the_next_start(spawn_server, tmp_path):
+    """Their claims would hold them for minutes (a crash's claim cannot be told from a slow
+    call's): a start, the only server on its database, knows every claim left is a crash's."""
+    tarpit, stalling = Tarpit(), StallingReceiver()     # a mail server and a receiver that never finish
+    try:
+        env = {"PAUSEPOINT_SMTP_HOST": "127.0.0.1", "PAUSEPOINT_SMTP_PORT": str(tarpit.port),
+               "PAUSEPOINT_SMTP_SECURITY": "none", "PAUSEPOINT_SMTP_FROM_ADDRESS": "approvals@example.org",
+               "PAUSEPOINT_WEBHOOKS_ALLOW_PRIVATE": "true"}
+        server = spawn_server(env=env)
+        keys = requests.post(f"{server.url}/v1/auth/register",
+                             json={"email": "k@example.com", "name": "K", "password": "password123"}).json()
+        auth = {"Authorization": f"Bearer {keys['api_key']}"}
+        requests.post(f"{server.url}/v1/webhooks", headers=auth,
+                      json={"url": stalling.url, "events": ["pause.created"]}).raise_for_status()
+        requests.post(f"{server.url}/v1/pause", headers=auth,
+                      json={**WIRE, "channel": "email", "recipient": "person@example.com"}).raise_for_status()
+        db = {"database.path": str(tmp_path / "pausepoint.db")}
+        claimed = ("SELECT (SELECT status FROM notifications), (SELECT status FROM webhook_deliveries),"
+                   " (SELECT last_error FROM notifications), (SELECT count(*) FROM webhook_attempts)")
+        wait_until(lambda: stored(db, claimed) == [("sending", "delivering", None, 0)])
+        server.proc.kill()
+        server.proc.wait()
+        spawn_server(env=env)
+        wait_until(lambda: stored(db, claimed)[0][2:] == (pausepoint.INTERRUPTED_SEND, 1), timeout=8)
+        assert stored(db, "SELECT error FROM webhook_attempts") == [(pausepoint.INTERRUPTED,)]
+    finally:
+        tarpit.close()
+        stalling.close()

@@ -116,10 +116,13 @@ def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver, tw
     api.get("/v1/audit/head", headers=auth)
     for job in ("timeouts", "steps", "notifications", "webhooks"):
         api.step(job)
+    pausepoint.lapse_claims_of_a_stopped_server(api.app.runtime.db())
     api.app.runtime.db().set_trace_callback(None)
 
     scans = {sql: plan for sql, plan in plans(api.config, statements).items()
+             # (a partial index of the sends and deliveries not yet done holds only those)
              if re.search(r"\bSCAN (?!(%s)\b)" % "|".join(SMALL), plan)
+             and not re.search(r"\bUSING INDEX (notifications_due_live|webhook_deliveries_due)$", plan)
              or re.search(r"\bUSING (COVERING )?INDEX audit_by_owner\b", plan) and "pause_id =" in sql
              # the audit log, the largest table, is read through its owner's or its pause's index,
              # never from some seq on through every developer's events, nor by age
