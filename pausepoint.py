@@ -8442,8 +8442,12 @@ def backup(config, destination):
     for taken in (destination, keys_copy):
         if os.path.lexists(taken):
             raise ConfigError(f"{taken} already exists; choose a new file name")
+    directory = os.path.dirname(os.path.abspath(destination))
     try:
-        fd, partial = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(destination)), prefix=".backup-")
+        fd, partial = tempfile.mkstemp(dir=directory, prefix=".backup-")
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(f"cannot write {destination}: the directory {directory} does not exist; make it first,"
+                          " or name a file in one that does") from None
     except OSError as e:
         raise ConfigError(f"cannot write {destination}: {e.strerror}") from None
     os.close(fd)

@@ -591,7 +591,7 @@ def test_a_command_that_cannot_do_its_work_says_why_in_one_sentence(tmp_path):
     assert run_cli(tmp_path, "create-developer", "--email", "ops@example.com", "--name", "Ops", "--password-stdin",
                    stdin=PASSWORD + "\n").returncode == 0
     one_sentence(run_cli(tmp_path, "backup", str(tmp_path / "no" / "copy.db")),
-                 f"cannot write {tmp_path / 'no' / 'copy.db'}: No such file or directory")
+                 f"cannot write {tmp_path / 'no' / 'copy.db'}: the directory {tmp_path / 'no'} does not exist")
     # With no terminal to ask at (cron, docker exec without -t): no session, so no /dev/tty.
     asked = run_cli(tmp_path, "create-developer", "--email", "b@example.com", "--name", "B", setup=os.setsid)
     one_sentence(asked, "no password was given: type it at the prompt, or give it on standard input with"
