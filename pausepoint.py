@@ -8379,7 +8379,8 @@ def serve(config):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("PausePoint %s serving on %s (database %s)", VERSION, base_url(config), config["database.path"])
+    log.info("PausePoint %s listening on %s, public URL %s (database %s)", VERSION, listening_on(server),
+             base_url(config), config["database.path"])
     with contextlib.closing(connect(config["database.path"])) as conn:
         stored = list(stored_state_warnings(conn, config))
     for warning in [*start_up_warnings(config), *stored]:
@@ -8390,6 +8391,13 @@ def serve(config):
         app.runtime.stop()
         lock.close()            # only now may another server start on the database
         log.info("PausePoint stopped")
+
+
+def listening_on(server):
+    """Where the server listens, as host:port (a name may give more than one address): with
+    server.base_url set, respond links name the proxy instead, and say nothing of it."""
+    addresses = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
+    return ", ".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in addresses)
 
 
 def only_server(database_path):

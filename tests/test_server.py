@@ -44,6 +44,13 @@ def test_healthz_answers_once_the_database_and_scheduler_are_up(spawn_server):
     assert body["status"] == "ok" and body["scheduler"] == "running" and body["database"] == "ok" and body["disk"] == "ok"
 
 
+def test_the_start_logs_where_it_listens_and_the_public_url_behind_a_proxy(spawn_server):
+    port = free_port()
+    server = spawn_server("--base-url", "https://pausepoint.example.org", port=port)
+    assert (f"listening on 127.0.0.1:{port}, public URL https://pausepoint.example.org (database"
+            in server.output()), server.output()
+
+
 def test_a_pause_times_out_to_its_default_within_a_second_of_expiring(live_server):
     key = register(live_server.url)["test_api_key"]
     created = create(live_server.url, key, timeout_hours=1 / 3600)
