@@ -2268,7 +2268,7 @@ def usable_channel(config, caller, name):
     if missing:
         raise ApiError(422, "channel_not_configured",
                        f"channel {name!r} is not configured on this server for live pauses;"
-                       f" the operator must set {', '.join(missing)} (test keys work without them)", field="channel")
+                       f" the operator must set {all_of(missing)} (test keys work without them)", field="channel")
     return channel
 
 
@@ -3743,8 +3743,13 @@ def known_channel(config, name):
 def twilio_missing(config):
     missing = [key for key in ("twilio.account_sid", "twilio.auth_token") if not config[key]]
     if not config["twilio.from_number"] and not config["twilio.messaging_service_sid"]:
-        missing.append("twilio.from_number or twilio.messaging_service_sid")
+        missing.append("either twilio.from_number or twilio.messaging_service_sid")
     return missing
+
+
+def all_of(needed):
+    """'a', 'a and b', 'a, b and c': settings that are each needed, not one of them."""
+    return " and ".join(filter(None, [", ".join(needed[:-1]), needed[-1]]))
 
 
 def smtp_missing(config):

@@ -321,7 +321,7 @@ def test_a_bad_email_recipient_is_422(api, developer):
 def test_email_without_smtp_settings_is_refused_for_live_keys(api, developer):
     error = api.post_json("/v1/pause", {**WIRE, "channel": "email", "recipient": "ada@example.com"},
                           headers=api.as_key(developer["api_key"]), status=422).json["error"]
-    assert error["code"] == "channel_not_configured" and "smtp.host" in error["message"]
+    assert error["code"] == "channel_not_configured" and "must set smtp.host and smtp.from_address (" in error["message"]
 
 
 # -- push and chat through Apprise ----------------------------------------------------------

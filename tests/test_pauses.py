@@ -216,7 +216,9 @@ def test_idempotency_keys_are_per_developer(api, developer):
 def test_a_live_pause_on_an_unconfigured_channel_is_refused_and_stores_nothing(api, developer, config):
     error = api.post_json("/v1/pause", WIRE, headers=api.as_key(developer["api_key"]), status=422).json["error"]
     assert error["code"] == "channel_not_configured" and error["field"] == "channel"
-    assert "twilio.account_sid" in error["message"] and "twilio.auth_token" in error["message"]
+    assert error["message"].endswith("the operator must set twilio.account_sid, twilio.auth_token and either"
+                                     " twilio.from_number or twilio.messaging_service_sid (test keys work without"
+                                     " them)")
     db = sqlite3.connect(config["database.path"])
     assert db.execute("SELECT count(*) FROM pauses").fetchone()[0] == 0
     assert db.execute("SELECT count(*) FROM audit_events WHERE event_type = 'pause.created'").fetchone()[0] == 0
