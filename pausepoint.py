@@ -6824,7 +6824,10 @@ def twilio_inbound(rt):
     """An SMS or WhatsApp reply, as Twilio posts it (signed); answered in TwiML."""
     form = read_form()
     token, url = rt.config["twilio.auth_token"], base_url(rt.config) + bottle.request.fullpath
-    if not token or not twilio.request_validator.RequestValidator(token).validate(
+    if not token:       # nothing could be signed for this server: say so, not that the signature is wrong
+        raise ApiError(403, "twilio_not_configured", "Twilio is not configured on this server: it takes no text"
+                                                     " replies until the operator sets the twilio settings")
+    if not twilio.request_validator.RequestValidator(token).validate(
             url, form, request_header("X-Twilio-Signature") or ""):
         raise ApiError(403, "bad_signature", "X-Twilio-Signature is missing or wrong for this server's"
                                              " twilio.auth_token and server.base_url")

@@ -989,7 +989,8 @@ def test_unsigned_or_wrongly_signed_replies_are_refused(sms_setup, signature, to
 
 def test_replies_are_refused_when_twilio_is_not_configured(api, developer, config):
     response = inbound(api, {**config, "twilio.auth_token": "anything"}, "1")
-    assert response.status_code == 403
+    assert response.status_code == 403 and response.json["error"]["code"] == "twilio_not_configured"
+    assert response.json["error"]["message"].startswith("Twilio is not configured on this server")
 
 
 def test_exactly_one_decision_wins_between_sms_replies_and_the_respond_page(tmp_path, twilio):
