@@ -214,6 +214,7 @@ def load_config(path=None, environ=None, overrides=None):
         # As the socket writes it: waitress believes the proxy's headers only from that text, and
         # "2001:DB8::1" was exempt from the per-client shares here but never believed there.
         config["server.trusted_proxy"] = as_a_socket_writes(config["server.trusted_proxy"])
+    twilio_complete(config)
     return config
 
 
@@ -350,6 +351,44 @@ def _check_base_url(value):
     return None
 
 
+# Twilio's ids: AC (an account) or MG (a Messaging Service) and 32 hex digits. A compatible
+# provider at twilio.api_base may name its accounts by UUID (as it may its messages: MESSAGE_SID).
+TWILIO_ACCOUNT_SID = re.compile("AC[0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+TWILIO_MESSAGING_SERVICE_SID = re.compile("MG[0-9a-fA-F]{32}")
+# Those that together let the server send a text: set some without the rest, and every text fails.
+TWILIO_SENDING = ("twilio.account_sid", "twilio.auth_token", "twilio.from_number", "twilio.messaging_service_sid")
+
+
+def _check_from_number(value):
+    if value and not E164.fullmatch(value):
+        return ("must be empty or a phone number in E.164 form, like +15550100 (a + and 7-15 digits; without"
+                " whatsapp:, which WhatsApp messages get added)")
+    return None
+
+
+def _check_from_address(value):
+    """One address, a display name allowed: the From header of every approval email."""
+    if not value:
+        return None
+    header = email.message.EmailMessage()
+    with contextlib.suppress(ValueError, LookupError, email.errors.MessageError):    # a line break; 'a@'
+        header["From"] = value
+    parsed = header["From"]
+    # An address, not a list of them nor a group ('Team: a@example.org;'), read without a flaw.
+    if parsed is not None and not parsed.defects and [group.display_name for group in parsed.groups] == [None]:
+        if parsed.addresses[0].username and parsed.addresses[0].domain:
+            return None
+    return "must be empty or one email address, like approvals@example.org or PausePoint <approvals@example.org>"
+
+
+def twilio_complete(config):
+    """Some of Twilio's settings without the rest would start, and then fail every text as it is sent."""
+    given, missing = [key for key in TWILIO_SENDING if config[key]], twilio_missing(config)
+    if given and missing:
+        raise ConfigError(f"the Twilio settings are incomplete: with {all_of(given)} set, the sms and whatsapp"
+                          f" channels also need {all_of(missing)}")
+
+
 def _check_trusted_proxy(value):
     if not value:
         return None
@@ -369,6 +408,12 @@ SETTING_CHECKS = {
     "server.waiting_per_ip": lambda v: None if 0 <= v <= 100_000 else "must be between 0 and 100000",
     "server.base_url": _check_base_url,
     "server.trusted_proxy": _check_trusted_proxy,
+    "twilio.account_sid": lambda v: None if not v or TWILIO_ACCOUNT_SID.fullmatch(v) else (
+        "must be empty or Twilio's account SID, AC and 32 hex digits"),
+    "twilio.from_number": _check_from_number,
+    "twilio.messaging_service_sid": lambda v: None if not v or TWILIO_MESSAGING_SERVICE_SID.fullmatch(v) else (
+        "must be empty or a Twilio Messaging Service SID, MG and 32 hex digits"),
+    "smtp.from_address": _check_from_address,
     "twilio.api_base": lambda v: None if re.fullmatch(r"https?://[^\s/?#]+/?", v) else "must be an http:// or https:// URL with no path",
     "server.max_body_bytes": lambda v: None if 1024 <= v <= 16 * 1024 * 1024 else "must be between 1024 and 16777216",
     "server.max_header_bytes": lambda v: None if 4096 <= v <= 262_144 else "must be between 4096 and 262144",
@@ -3892,8 +3937,7 @@ def email_message(config, notification, pause):
     message["From"] = config["smtp.from_address"]
     message["To"] = notification["recipient"]
     # The same on every attempt, so a mail system that got an earlier one can tell this is it again.
-    _, at, domain = email.utils.parseaddr(config["smtp.from_address"])[1].rpartition("@")
-    message["Message-ID"] = f"<{notification['id']}@{domain if at and domain else 'pausepoint.invalid'}>"
+    message["Message-ID"] = f"<{notification['id']}@{message['From'].addresses[0].domain}>"
     message.set_content(notification["text"].split("\n\n", 1)[1])
     message.add_alternative(bottle.template("email", template_lookup=TEMPLATE_LOOKUP, **TEMPLATE_HELPERS,
                                             url=respond_url(config, pause["respond_token"]),

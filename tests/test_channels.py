@@ -385,7 +385,7 @@ def test_a_mail_server_refusing_the_sign_in_fails_the_notification_at_once(runni
 
 
 @pytest.mark.parametrize("sender, domain", [("PausePoint <approvals@example.org>", "example.org"),
-                                            ("approvals", "pausepoint.invalid")])
+                                            ("approvals@mail.example.net", "mail.example.net")])
 def test_the_message_id_names_the_notification_at_the_senders_domain(running_api, smtp_server, sender, domain):
     api = running_api(**{**smtp_settings(smtp_server), "smtp.from_address": sender})
     key = api.register()["api_key"]
