@@ -202,7 +202,7 @@ def load_config(path=None, environ=None, overrides=None):
             config[key] = in_file[key] = check_setting(key, value, f"in {path}")
     for name, raw in sorted((environ if environ is not None else os.environ).items()):
         if name.startswith("PAUSEPOINT_") and name not in AGENT_SIDE_VARIABLES:
-            key = env_name_to_key(name)
+            key = as_named_in_file(env_name_to_key(name), in_file, name, path)
             config[key] = check_setting(key, parse_text_value(key, raw, name), f"in ${name}")
             if key in in_file and in_file[key] != config[key]:
                 # Said, since it may not be meant: a container's image sets some by its environment.
@@ -264,6 +264,17 @@ def env_name_to_key(name):
         if match:
             return f"{section.lower()}.{match.group(1).lower()}.{leaf.lower()}"
     raise ConfigError(f"unknown setting: environment variable {name} names no setting")
+
+
+def as_named_in_file(key, in_file, name, path):
+    """A variable's name has no hyphen: $PAUSEPOINT_CHANNELS_TEAM_CHAT_URL sets the file's
+    [channels.team-chat] where the file defines it, not a second channel team_chat."""
+    if not (PLAN_KEY.match(key) or CHANNEL_KEY.match(key)):
+        return key
+    spellings = sorted(written for written in in_file if written.replace("-", "_") == key)
+    if len(spellings) > 1:
+        raise ConfigError(f"${name} could set {' or '.join(spellings)} in {path}: rename one of them")
+    return spellings[0] if spellings else key
 
 
 def setting_type(key):

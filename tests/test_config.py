@@ -138,6 +138,28 @@ def test_a_config_file_in_the_working_directory_is_read_by_the_command_line_only
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "registration_closed"
 
 
+def test_a_hyphenated_channel_is_overridden_by_its_environment_variable(tmp_path):
+    path = write(tmp_path, '[channels.team-chat]\nurl = "ntfy://ntfy.example.org/team"\n'
+                           '[plans.big-team]\nmonthly_pauses = 5000\n')
+    config = load_config(path, environ={"PAUSEPOINT_CHANNELS_TEAM_CHAT_URL": "ntfy://x.example/y",
+                                        "PAUSEPOINT_PLANS_BIG_TEAM_MONTHLY_PAUSES": "9000"})
+    assert config["channels.team-chat.url"] == "ntfy://x.example/y" and "channels.team_chat.url" not in config
+    assert set(pausepoint.channels(config)) == {*pausepoint.BUILT_IN_CHANNELS, "team-chat"}
+    assert pausepoint.plans(config) == {"free": 100, "big-team": 9000}
+    alone = load_config(environ={"PAUSEPOINT_CHANNELS_TEAM_CHAT_URL": "ntfy://x.example/y"})     # no file to match
+    assert set(pausepoint.channels(alone)) == {*pausepoint.BUILT_IN_CHANNELS, "team_chat"}
+
+
+def test_a_variable_that_could_name_two_channels_stops_start_up_naming_both(tmp_path):
+    path = write(tmp_path, '[channels.team-chat]\nurl = "ntfy://ntfy.example.org/a"\n'
+                           '[channels.team_chat]\nurl = "ntfy://ntfy.example.org/b"\n')
+    assert set(pausepoint.channels(load_config(path, environ={}))) >= {"team-chat", "team_chat"}
+    with pytest.raises(ConfigError) as error:
+        load_config(path, environ={"PAUSEPOINT_CHANNELS_TEAM_CHAT_URL": "ntfy://x.example/y"})
+    assert str(error.value) == (f"$PAUSEPOINT_CHANNELS_TEAM_CHAT_URL could set channels.team-chat.url or"
+                                f" channels.team_chat.url in {path}: rename one of them")
+
+
 def test_a_renamed_setting_still_works_under_its_old_name(tmp_path):
     assert load_config(write(tmp_path, "[webhooks]\nworkers = 12\n"), environ={})["outbound.workers"] == 12
     assert load_config(environ={"PAUSEPOINT_WEBHOOKS_WORKERS": "6"})["outbound.workers"] == 6
