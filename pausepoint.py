@@ -8469,7 +8469,7 @@ def only_server(database_path):
     own long polls, hold their own limits, and apply their own settings to work the other
     made; the database keeps a decision from being taken twice, not those. Beside the file
     itself, so another name for it (a symbolic link) finds the same lock."""
-    path = os.path.realpath(database_path) + ".server.lock"
+    path = server_lock_path(database_path)
     try:
         held = open_lock_file(path, database_path)
     except OSError as e:
@@ -8482,6 +8482,41 @@ def only_server(database_path):
         raise ConfigError(f"another PausePoint server is running on {database_path}: stop it first, or give this one"
                           " a database of its own") from None
     return held
+
+
+def server_lock_path(database_path):
+    return os.path.realpath(database_path) + ".server.lock"
+
+
+def server_running(database_path):
+    """Whether a server holds the database's lock (see only_server()); None where its lock
+    file cannot be read to tell. The lock is tried, shared, and let go at once: a server
+    starting in that instant is refused, and says so."""
+    try:
+        fd = os.open(server_lock_path(database_path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return False            # no server ever ran on it
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)            # which lets go of the lock, if it was had
+    return False
+
+
+def say_a_running_server_may_not_know(database_path, plan):
+    """A server reads its config once, as it starts: a plan added to it since is one the server
+    does not know, and moving a developer to it gets their live pauses 403 unknown_plan."""
+    running = plan != "free" and server_running(database_path)        # free is always defined
+    if running is False:
+        return
+    server = (f"a server is running on {database_path}" if running else
+              f"a server may be running on {database_path} (its lock file cannot be read to tell)")
+    print(f"pausepoint: {server}, with the config it read when it started: if plan {plan!r} was added since,"
+          " restart the server, or this developer's live pauses get 403 unknown_plan until then", file=sys.stderr)
 
 
 # glibc's mallopt() option for the most arenas it makes.
@@ -8721,6 +8756,7 @@ def run_command(args, config):
         args.command in ("create-developer", "set-password")) else None
     if args.command == "create-developer":
         print(json.dumps(register_developer(conn, config, args.email, args.name, password, args.plan), indent=2))
+        say_a_running_server_may_not_know(config["database.path"], args.plan)
     elif args.command == "set-password":
         developer = query_db(conn, "SELECT * FROM developers WHERE email = ?", (args.email,), one=True)
         if developer is None:
@@ -8732,6 +8768,7 @@ def run_command(args, config):
             raise ConfigError(f"unknown plan {args.plan!r}; the config defines: {', '.join(sorted(plans(config)))}")
         change_plan(conn, config, args.email, args.plan, "operator:command line")
         print(f"{args.email} is now on the {args.plan} plan")
+        say_a_running_server_may_not_know(config["database.path"], args.plan)
     elif args.command == "set-operator":
         set_operator(conn, args.email, not args.remove)
         print(f"{args.email} {'may no longer' if args.remove else 'may now'} use the operator page (/dashboard/operator)")

@@ -448,6 +448,28 @@ def test_the_operator_sets_a_developers_plan(tmp_path):
     assert nobody.returncode == 1 and "no developer" in nobody.stderr
 
 
+def test_set_plan_beside_a_running_server_says_it_must_be_restarted_to_know_a_new_plan(spawn_server, tmp_path):
+    """The server read its config as it started: a plan added since is unknown to it."""
+    server = spawn_server()
+    key = register(server.url)["api_key"]
+    env = {"PAUSEPOINT_PLANS_TEAM_MONTHLY_PAUSES": "5000"}
+    result = run_cli(tmp_path, "set-plan", "--email", "dev@example.com", "--plan", "team", env=env)
+    assert result.returncode == 0 and "dev@example.com is now on the team plan" in result.stdout, result.stderr
+    assert (f"pausepoint: a server is running on {tmp_path / 'pausepoint.db'}, with the config it read when it"
+            " started: if plan 'team' was added since, restart the server, or this developer's live pauses get 403"
+            " unknown_plan until then") in result.stderr
+    refused = requests.post(f"{server.url}/v1/pause", json={**WIRE, "channel": "link"}, headers=bearer(key))
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "unknown_plan"      # as it said
+    made = run_cli(tmp_path, "create-developer", "--email", "b@example.com", "--name", "B", "--plan", "team",
+                   "--password-stdin", stdin=PASSWORD, env=env)
+    assert made.returncode == 0 and "if plan 'team' was added since, restart the server" in made.stderr
+    server.stop()
+    again = run_cli(tmp_path, "set-plan", "--email", "dev@example.com", "--plan", "team", env=env)
+    assert again.returncode == 0 and again.stderr == ""
+    started = spawn_server(env=env)
+    assert requests.post(f"{started.url}/v1/pause", json={**WIRE, "channel": "link"}, headers=bearer(key)).status_code == 201
+
+
 def test_a_password_piped_with_a_windows_line_ending_is_the_password_without_it(tmp_path):
     # A file saved on Windows, or PowerShell's pipe, ends its line with "\r\n": the "\r" is no
     # part of a password, and none with it could ever be typed into the sign-in form.
