@@ -21,6 +21,7 @@ import csv
 import ctypes
 import dataclasses
 import datetime as dt
+import email.errors
 import email.message
 import email.utils
 import errno
