@@ -34,7 +34,7 @@ import unicodedata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 try:
-    from pausepoint_client import PausePoint, PausePointError  # noqa: E402
+    from pausepoint_client import PausePoint, PausePointError, api_key_from, setting_from  # noqa: E402
     CLIENT_MISSING = None
 except Exception as e:          # copied without it, or a broken one: main() asks here, never leaves the call
     CLIENT_MISSING = e          # to Claude Code's own rules
@@ -131,19 +131,6 @@ def hook_wait(environ):
     return wait
 
 
-def api_key(environ):
-    """PAUSEPOINT_API_KEY, or the first line of the file PAUSEPOINT_API_KEY_FILE names (a key
-    written on the hook's command line is in every local user's `ps`)."""
-    if environ.get("PAUSEPOINT_API_KEY_FILE"):
-        with open(environ["PAUSEPOINT_API_KEY_FILE"], encoding="utf-8-sig") as f:
-            line = f.readline(201)
-        key = line.strip()
-        if not key or len(line) > 200:
-            raise ValueError(f"{environ['PAUSEPOINT_API_KEY_FILE']} holds no key on its first line")
-        return key
-    return environ["PAUSEPOINT_API_KEY"]
-
-
 def hook_settings(environ):
     """(channel, what to answer on no answer), or ValueError naming the setting: a mistyped
     one is not taken for another."""
@@ -162,7 +149,9 @@ def ask_person(call, environ):
     # cancel comes after: about 55 s at most with the default wait of 50 s, within the 60 s hook
     # timeout the README suggests (past it Claude Code goes on under its own rules), unless a
     # server holds a call past its socket timeouts: main()'s watchdog answers at 56 s.
-    client = PausePoint(environ["PAUSEPOINT_URL"], api_key(environ), timeout=CALL_SECONDS, retries=2)
+    recipient = setting_from(environ, "PAUSEPOINT_RECIPIENT")
+    client = PausePoint(setting_from(environ, "PAUSEPOINT_URL"), api_key_from(environ), timeout=CALL_SECONDS,
+                        retries=2)
     wait = hook_wait(environ)
     channel, on_timeout = hook_settings(environ)
     tool_input = json.dumps(call.get("tool_input"), ensure_ascii=False)
@@ -174,7 +163,7 @@ def ask_person(call, environ):
                                " at most); asking here instead")
     deadline = time.monotonic() + wait - CALL_SECONDS       # for the create's tries and the wait's together
     created = client.pause(
-        recipient=environ["PAUSEPOINT_RECIPIENT"], channel=channel,
+        recipient=recipient, channel=channel,
         message=describe(call), options=["Allow", "Deny"], timeout_hours=max(wait, 60) / 3600,
         timeout_default="Deny", metadata=metadata, title="Claude Code",
         # The same call asked again (the hook re-run) finds the same pause. One without an id is

@@ -26,7 +26,7 @@ import urllib.parse
 import urllib.request
 import uuid
 
-__all__ = ["PausePoint", "Approval", "verify_webhook", "verify_audit_export", "audit_event_hash", "AuditChainBroken",
+__all__ = ["PausePoint", "Approval", "setting_from", "api_key_from", "verify_webhook", "verify_audit_export", "audit_event_hash", "AuditChainBroken",
            "PausePointError", "BadRequest", "Unauthorized", "NotFound", "Conflict", "Gone", "PayloadTooLarge",
            "UnsupportedMediaType", "InvalidRequest", "RateLimited", "ServerError", "Unreachable"]
 
@@ -304,6 +304,38 @@ def _error_from(http_error):
     return kind(status, str(detail.get("code") or "error"), str(detail.get("message") or http_error.reason),
                 detail.get("field"),
                 int(retry_after) if retry_after and retry_after.isascii() and retry_after.isdigit() else None)
+
+
+###############################################################################
+# Settings from the environment, as the Claude Code hook and the MCP server read them
+###############################################################################
+
+def setting_from(environ, name):
+    """The value of the variable `name` in `environ`; ValueError saying it is not set when it is
+    missing or blank."""
+    if not environ.get(name, "").strip():
+        raise ValueError(f"{name} is not set")
+    return environ[name]
+
+
+def api_key_from(environ):
+    """The first line of the file PAUSEPOINT_API_KEY_FILE names, or else PAUSEPOINT_API_KEY;
+    ValueError saying which to set, or what is wrong with the file. A file keeps the key off
+    command lines, which every local user sees in `ps`."""
+    path = environ.get("PAUSEPOINT_API_KEY_FILE", "")
+    if not path:
+        if not environ.get("PAUSEPOINT_API_KEY", "").strip():
+            raise ValueError("no API key: set PAUSEPOINT_API_KEY_FILE to a file holding it (or PAUSEPOINT_API_KEY)")
+        return environ["PAUSEPOINT_API_KEY"]
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            line = f.readline(201)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"PAUSEPOINT_API_KEY_FILE: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    key = line.strip()
+    if not key or len(line) > 200:
+        raise ValueError(f"{path} holds no key on its first line")
+    return key
 
 
 ###############################################################################

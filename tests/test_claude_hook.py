@@ -21,15 +21,17 @@ CALL = {"session_id": "abc123", "transcript_path": "/tmp/t.jsonl", "cwd": os.pat
 
 def run_hook(url, key, call=CALL, fresh_interpreter=False, **env):
     """The hook's answer to `call` (a dict, or the JSON text itself): the script run in a
-    process of its own, forked (launcher.py) unless the test asks for a fresh interpreter."""
+    process of its own, forked (launcher.py) unless the test asks for a fresh interpreter. A
+    setting given as None is not set at all."""
     settings = {"PAUSEPOINT_URL": url, "PAUSEPOINT_API_KEY": key, "PAUSEPOINT_RECIPIENT": "+15550100",
                 "PAUSEPOINT_CHANNEL": "sms", "PAUSEPOINT_HOOK_WAIT": "20", **env}
+    environ = {name: value for name, value in {**os.environ, **settings}.items() if value is not None}
     text = call if isinstance(call, str) else json.dumps(call)
     if fresh_interpreter:
         done = subprocess.run([sys.executable, HOOK], input=text, capture_output=True, text=True,
-                              env={**os.environ, **settings}, timeout=60)
+                              env=environ, timeout=60)
     else:
-        done = launcher.run([], os.getcwd(), {**os.environ, **settings}, stdin=text, script=HOOK)
+        done = launcher.run([], os.getcwd(), environ, stdin=text, script=HOOK)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)["hookSpecificOutput"]
 
@@ -153,6 +155,30 @@ def test_a_setting_it_cannot_take_is_named_and_nobody_is_asked(setting):
     finally:
         stop_http(server)
     assert out["permissionDecision"] == "ask" and [*setting][0] in out["permissionDecisionReason"] and asked == []
+
+
+@pytest.mark.parametrize("unset, named", [
+    ("PAUSEPOINT_RECIPIENT", "PAUSEPOINT_RECIPIENT is not set"), ("PAUSEPOINT_URL", "PAUSEPOINT_URL is not set"),
+    ("PAUSEPOINT_API_KEY", "no API key: set PAUSEPOINT_API_KEY_FILE to a file holding it (or PAUSEPOINT_API_KEY)")])
+def test_a_setting_left_unset_is_named_plainly_and_nobody_is_asked(unset, named):
+    server, url, asked = serve_stand_in()
+    try:
+        out = run_hook(url, "pp_test_x", **{"PAUSEPOINT_API_KEY_FILE": None, unset: None})
+    finally:
+        stop_http(server)
+    assert out == {"hookEventName": "PreToolUse", "permissionDecision": "ask",
+                   "permissionDecisionReason": f"PausePoint could not be asked ({named}); asking here instead"}
+    assert asked == []
+
+
+def test_a_key_file_it_cannot_read_is_named_and_nobody_is_asked(tmp_path):
+    server, url, asked = serve_stand_in()
+    try:
+        out = run_hook(url, "", PAUSEPOINT_API_KEY_FILE=str(tmp_path / "key"))
+    finally:
+        stop_http(server)
+    assert out["permissionDecision"] == "ask" and asked == []
+    assert f"PAUSEPOINT_API_KEY_FILE: cannot read {tmp_path / 'key'}: No such file" in out["permissionDecisionReason"]
 
 
 @pytest.mark.parametrize("text", ["\n", "pp_test_" + "x" * 300], ids=["empty", "too long for a key"])
