@@ -15,7 +15,8 @@ approval as its own: the tools speak only of pauses this process asked (so after
 restart a question is asked anew), and each answer says what was asked.
 
 Configured by the environment, like the Claude Code hook:
-  PAUSEPOINT_URL, PAUSEPOINT_API_KEY          the server and a key
+  PAUSEPOINT_URL, PAUSEPOINT_API_KEY          the server and a key, or
+  PAUSEPOINT_API_KEY_FILE                     instead of the key, a file (mode 0600) holding it
   PAUSEPOINT_RECIPIENT, PAUSEPOINT_CHANNEL    who is asked and how (channel default: sms; never link,
                                               whose respond link would go to the model)
   PAUSEPOINT_MCP_WAIT                         seconds one call waits for the answer (default 45)
@@ -32,7 +33,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pausepoint_client import LONGEST_WAIT, Approval, PausePoint, PausePointError, RateLimited  # noqa: E402
+from pausepoint_client import (LONGEST_WAIT, Approval, PausePoint, PausePointError, RateLimited,  # noqa: E402
+                               api_key_from, setting_from)
 
 log = logging.getLogger("pausepoint-mcp")
 
@@ -40,11 +42,12 @@ log = logging.getLogger("pausepoint-mcp")
 def settings():
     """The operator's settings; ValueError naming one that is missing or no number of seconds
     (checked as the server starts: a tool would only tell the model it failed)."""
-    missing = [name for name in ("PAUSEPOINT_URL", "PAUSEPOINT_API_KEY") if not os.environ.get(name)]
-    if missing:
-        raise ValueError(f"{missing[0]} is not set: set it in this server's env in the MCP host's configuration")
-    PausePoint(os.environ["PAUSEPOINT_URL"], os.environ["PAUSEPOINT_API_KEY"])      # an address it can call
-    return {"url": os.environ["PAUSEPOINT_URL"], "key": os.environ["PAUSEPOINT_API_KEY"],
+    try:
+        url, key = setting_from(os.environ, "PAUSEPOINT_URL"), api_key_from(os.environ)
+    except ValueError as e:
+        raise ValueError(f"{e} (in this server's env, in the MCP host's configuration)") from None
+    PausePoint(url, key)        # an address it can call
+    return {"url": url, "key": key,
             "recipient": os.environ.get("PAUSEPOINT_RECIPIENT"), "channel": os.environ.get("PAUSEPOINT_CHANNEL", "sms"),
             "wait": seconds("PAUSEPOINT_MCP_WAIT", "45"),
             # At least a second: the server waits whole seconds, and a wait of 0 answers at once.
@@ -89,7 +92,8 @@ asked, asked_here = {}, set()
 
 
 def client():
-    return PausePoint(settings()["url"], settings()["key"], retries=3)
+    config = settings()
+    return PausePoint(config["url"], config["key"], retries=3)
 
 
 def asked_person():

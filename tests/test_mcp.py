@@ -21,11 +21,13 @@ MCP_SERVER = os.path.join(ROOT, "client", "pausepoint_mcp.py")
 def with_mcp(url, key, steps, over_stdio=False, **env):
     """Run `steps(call, mcp)` against a fresh MCP server; call(tool, arguments) returns the
     tool's JSON answer. In this process the server reads these settings from the environment
-    while the steps run, and starts its session empty, as a new process would."""
+    while the steps run, and starts its session empty, as a new process would. A setting given
+    as None is not set at all."""
     from mcp import Client, StdioServerParameters
 
-    settings = {"PAUSEPOINT_URL": url, "PAUSEPOINT_API_KEY": key, "PAUSEPOINT_RECIPIENT": "+15550100",
-                "PAUSEPOINT_MCP_WAIT": "20", **env}
+    settings = {name: value for name, value in {"PAUSEPOINT_URL": url, "PAUSEPOINT_API_KEY": key,
+                                                "PAUSEPOINT_RECIPIENT": "+15550100", "PAUSEPOINT_MCP_WAIT": "20",
+                                                **env}.items() if value is not None}
 
     async def session(server):
         async with Client(server) as mcp:
@@ -82,6 +84,20 @@ def test_a_request_is_answered_while_the_tool_waits(setup, other_options, choice
     [pause] = requests.get(f"{url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).json()["pauses"]
     assert pause["options"] == ["Approve", *(other_options or ["Reject"])]
     assert (pause["recipient"], pause["channel"]) == ("+15550100", "sms")
+
+
+def test_it_reads_the_key_from_the_file_the_hook_reads_it_from(setup, tmp_path):
+    url, key = setup
+    key_file = tmp_path / "key"
+    key_file.write_text(key + "\n", encoding="utf-8")
+    key_file.chmod(0o600)
+    person = answer_first_pending(url, key, "Approve")
+
+    async def steps(call, mcp):
+        return await call("request_approval", {"question": "Wire $340 to Acme Corp?"})
+    answer = with_mcp(url, None, steps, over_stdio=True, PAUSEPOINT_API_KEY_FILE=str(key_file))
+    person.join()
+    assert answer["status"] == "responded" and answer["approved"] is True
 
 
 def test_a_pending_request_is_waited_for_again_and_asked_only_once(setup):
@@ -238,12 +254,17 @@ def test_a_server_whose_person_could_be_the_model_asks_nobody(setup, env, refuse
 
 
 @pytest.mark.parametrize("env, named", [({"PAUSEPOINT_URL": ""}, "PAUSEPOINT_URL is not set"),
+                                        ({"PAUSEPOINT_API_KEY": None}, "no API key: set PAUSEPOINT_API_KEY_FILE"),
+                                        ({"PAUSEPOINT_API_KEY": None, "PAUSEPOINT_API_KEY_FILE": "/nonexistent/key"},
+                                         "PAUSEPOINT_API_KEY_FILE: cannot read /nonexistent/key"),
                                         ({"PAUSEPOINT_MCP_WAIT": "abc"}, "PAUSEPOINT_MCP_WAIT must be a number"),
                                         ({"PAUSEPOINT_URL": "http//127.0.0.1:8080"}, "must be an http:// or https://"),
                                         ({"PAUSEPOINT_MCP_PROGRESS_EVERY": "inf"}, "PAUSEPOINT_MCP_PROGRESS_EVERY")])
 def test_a_setting_it_cannot_take_stops_it_at_start_naming_the_setting(env, named):
     """Found only by a tool, the model would read that the tool failed, and not why."""
     settings = {"PAUSEPOINT_URL": "http://127.0.0.1:9", "PAUSEPOINT_API_KEY": "pp_test_x", **env}
+    environ = {**{k: v for k, v in os.environ.items() if not k.startswith("PAUSEPOINT_")},
+               **{k: v for k, v in settings.items() if v is not None}}
     done = subprocess.run([sys.executable, MCP_SERVER], input="", capture_output=True, text=True, timeout=60,
-                          env={**{k: v for k, v in os.environ.items() if not k.startswith("PAUSEPOINT_")}, **settings})
+                          env=environ)
     assert done.returncode == 1 and named in done.stderr and "Traceback" not in done.stderr
