@@ -475,11 +475,11 @@ class ServerProcess:
     (launcher.py), or with fresh_interpreter `python pausepoint.py` itself."""
     started = itertools.count()
 
-    def __init__(self, db_path, port, *extra_args, env=None, fresh_interpreter=False):
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, db_path, port, *extra_args, env=None, fresh_interpreter=False, host="127.0.0.1"):
+        self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         # Its own log: a later server on the same database may well be given the same free port.
         self.log_path = f"{db_path}.{port}.{next(self.started)}.log"
-        argv = ["--db", str(db_path), "--port", str(port), "--host", "127.0.0.1", *extra_args]
+        argv = ["--db", str(db_path), "--port", str(port), "--host", host, *extra_args]
         cwd, env = os.path.dirname(str(db_path)), process_env(env)
         if fresh_interpreter:
             with open(self.log_path, "ab") as log:
@@ -511,9 +511,9 @@ def spawn_server(tmp_path):
     """Start real server processes; every one still running is stopped after the test."""
     started = []
 
-    def spawn(*extra_args, db_path=None, port=None, env=None, fresh_interpreter=False):
+    def spawn(*extra_args, db_path=None, port=None, env=None, fresh_interpreter=False, host="127.0.0.1"):
         server = ServerProcess(db_path or tmp_path / "pausepoint.db", port or free_port(), *extra_args, env=env,
-                               fresh_interpreter=fresh_interpreter)
+                               fresh_interpreter=fresh_interpreter, host=host)
         started.append(server)
         return server
 

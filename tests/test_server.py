@@ -843,15 +843,22 @@ def test_the_server_keeps_two_malloc_arenas_unless_the_operator_chose(env, arena
     assert sum(line.startswith("Arena ") for line in report.stderr.splitlines()) == arenas
 
 
-def test_the_images_health_check_asks_the_server_on_the_port_it_was_given(spawn_server):
+@pytest.mark.parametrize("listening_on, host_given", [("127.0.0.1", None), ("127.0.0.1", "0.0.0.0"), ("::1", "::"),
+                                                      ("127.0.0.2", "127.0.0.2"), ("::1", "::1")],
+                         ids=["unset", "every IPv4 address", "every IPv6 address", "one address", "one IPv6 address"])
+def test_the_images_health_check_asks_the_server_on_the_address_and_port_it_was_given(spawn_server, listening_on,
+                                                                                        host_given):
+    """Every address is asked on loopback; one address, on that one (127.0.0.2 is not 127.0.0.1)."""
     with open(os.path.join(ROOT, "Dockerfile"), encoding="utf-8") as f:
         check = json.loads(re.search(r"HEALTHCHECK[^\n]*\\\n\s*CMD (\[.*\])", f.read()).group(1))
-    server = spawn_server()
+    server = spawn_server(host=listening_on)
     port = server.url.rsplit(":", 1)[1]
 
     def health(port):
-        return subprocess.run([sys.executable, *check[1:]], env={**os.environ, "PAUSEPOINT_SERVER_PORT": port},
-                              capture_output=True, timeout=30).returncode
+        env = {name: value for name, value in os.environ.items() if not name.startswith("PAUSEPOINT_")}
+        return subprocess.run([sys.executable, *check[1:]], capture_output=True, timeout=30,
+                              env={**env, "PAUSEPOINT_SERVER_PORT": port,
+                                   **({"PAUSEPOINT_SERVER_HOST": host_given} if host_given else {})}).returncode
     assert check[0] == "python" and health(port) == 0
     assert health(str(free_port())) != 0                # nothing listens there
 
