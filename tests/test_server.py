@@ -1,6 +1,7 @@
 """The real process: timeouts across restarts, long polls, signals and the operator's commands."""
 
 import concurrent.futures
+import fnmatch
 import functools
 import json
 import logging
@@ -861,6 +862,27 @@ def test_the_images_health_check_asks_the_server_on_the_address_and_port_it_was_
                                    **({"PAUSEPOINT_SERVER_HOST": host_given} if host_given else {})}).returncode
     assert check[0] == "python" and health(port) == 0
     assert health(str(free_port())) != 0                # nothing listens there
+
+
+def ignored_by(ignore_file, name):
+    """Whether `ignore_file` leaves out a file called `name` wherever it is: by a pattern
+    without a slash, as .gitignore reads one, or one starting **/, as .dockerignore needs."""
+    with open(os.path.join(ROOT, ignore_file), encoding="utf-8") as f:
+        patterns = [line.strip().removeprefix("**/") for line in f if line.strip() and not line.startswith("#")]
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns if "/" not in pattern)
+
+
+def test_nothing_a_local_run_leaves_beside_its_database_goes_into_git_or_a_docker_build(spawn_server, tmp_path):
+    """Its signing key above all: a private key in a commit or a build context is out of its hands."""
+    server = spawn_server()
+    register(server.url)
+    assert run_cli(tmp_path, "backup", str(tmp_path / "pausepoint-backup.db")).returncode == 0
+    server.stop()
+    left = sorted(name for name in os.listdir(tmp_path) if not name.endswith(".log"))   # (the test's own logs)
+    assert {"pausepoint.db", "pausepoint.db.keys.json", "pausepoint.db.server.lock",
+            "pausepoint-backup.db.keys.json"} <= set(left)
+    for ignore_file in (".gitignore", ".dockerignore"):
+        assert [name for name in left if not ignored_by(ignore_file, name)] == [], ignore_file
 
 
 def operators_database(tmp_path):
