@@ -8709,8 +8709,22 @@ def open_failure_hint(path, error):
     return "; does its directory exist, and may this user write there?"
 
 
+def terminal_to_ask_at():
+    """Whether getpass can ask without showing what is typed: the process has a terminal, or
+    standard input is one. Without either it would read standard input, warning that it may
+    echo (GetPassWarning), and take two lines of whatever is piped there as the password."""
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+        return True
+    except OSError:
+        return sys.stdin is not None and sys.stdin.isatty()
+
+
 def asked_password():
     """A new password typed twice at the prompt: a typo, unseen, would set one nobody knows."""
+    if not terminal_to_ask_at():     # cron, a pipe, docker exec without -t
+        raise ConfigError("no password was given, and there is no terminal to ask for one at: give it on standard"
+                          " input with --password-stdin")
     try:
         password = getpass.getpass("Password: ")
         again = getpass.getpass("The same again: ")
@@ -8756,7 +8770,9 @@ def run_command(args, config):
     password = (sys.stdin.readline().rstrip("\r\n") if args.password_stdin else asked_password()) if (
         args.command in ("create-developer", "set-password")) else None
     if args.command == "create-developer":
-        print(json.dumps(register_developer(conn, config, args.email, args.name, password, args.plan), indent=2))
+        # As written, not escaped: the keys' message has a dash, a name may have accents.
+        print(json.dumps(register_developer(conn, config, args.email, args.name, password, args.plan), indent=2,
+                         ensure_ascii=False))
         say_a_running_server_may_not_know(config["database.path"], args.plan)
     elif args.command == "set-password":
         developer = query_db(conn, "SELECT * FROM developers WHERE email = ?", (args.email,), one=True)

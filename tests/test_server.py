@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from conftest import (register_over_http, stored, PASSWORD, ROOT, WIRE, Api, LiveServer, free_port, make_config,
-                      run_cli, run_out, token_of, wait_until)
+                      process_env, run_cli, run_out, token_of, wait_until)
 from test_webhooks import add_webhook, send_test_events
 import pausepoint
 
@@ -498,6 +498,25 @@ def test_the_operators_commands_take_the_email_without_the_spaces_around_it(tmp_
     assert stored(tmp_path / "pausepoint.db", "SELECT plan, is_operator FROM developers") == [("team", 1)]
 
 
+def typed_at_a_terminal(tmp_path, *args, typed):
+    """What `python pausepoint.py --db <tmp_path>/pausepoint.db ARGS` does with a terminal for its
+    standard input, each line of `typed` typed there once a prompt asks for it: getpass drops what
+    was typed before it asks."""
+    terminal, its_end = os.openpty()
+    command = subprocess.Popen([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db",
+                                str(tmp_path / "pausepoint.db"), *args], stdin=its_end, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True, env=process_env())
+    os.close(its_end)
+    said = b""
+    for prompt, line in zip((b"Password: ", b"The same again: "), typed):
+        while prompt not in said:
+            said += os.read(command.stderr.fileno(), 4096) or pytest.fail(f"no prompt: {said!r}")
+        os.write(terminal, line.encode() + b"\n")
+    out, rest = command.communicate(timeout=60)
+    os.close(terminal)
+    return subprocess.CompletedProcess(args, command.returncode, out.decode(), (said + rest).decode())
+
+
 def test_the_operator_gives_a_developer_a_new_password_and_every_sign_in_of_theirs_ends(tmp_path):
     run_cli(tmp_path, "create-developer", "--email", "a@example.com", "--name", "Ada", "--password-stdin", stdin=PASSWORD)
     api = Api(pausepoint.create_app(make_config(tmp_path)))
@@ -518,12 +537,12 @@ def test_the_operator_gives_a_developer_a_new_password_and_every_sign_in_of_thei
     nobody = run_cli(tmp_path, "set-password", "--email", "b@example.com", "--password-stdin", stdin="long enough\n")
     assert short.returncode == 1 and "password" in short.stderr
     assert nobody.returncode == 1 and "no developer" in nobody.stderr
-    # At the prompt (here with no terminal: from standard input) the password is typed twice.
-    mistyped = run_cli(tmp_path, "set-password", "--email", "a@example.com", stdin="one password\nanother one\n",
-                       setup=os.setsid)
+    # At the prompt the password is typed twice.
+    mistyped = typed_at_a_terminal(tmp_path, "set-password", "--email", "a@example.com",
+                                   typed=["one password", "another one"])
     assert mistyped.returncode == 2 and "the two passwords typed differ; nothing was changed" in mistyped.stderr
-    assert run_cli(tmp_path, "set-password", "--email", "a@example.com", stdin="typed twice\ntyped twice\n",
-                   setup=os.setsid).returncode == 0
+    assert typed_at_a_terminal(tmp_path, "set-password", "--email", "a@example.com",
+                               typed=["typed twice", "typed twice"]).returncode == 0
     form = api.get("/dashboard/login").forms[0]
     form["email"], form["password"] = "a@example.com", "typed twice"
     form.submit(status=303)
@@ -624,21 +643,41 @@ def test_a_command_that_cannot_do_its_work_says_why_in_one_sentence(tmp_path):
                  f"cannot write {tmp_path / 'no' / 'copy.db'}: the directory {tmp_path / 'no'} does not exist")
     # With no terminal to ask at (cron, docker exec without -t): no session, so no /dev/tty.
     asked = run_cli(tmp_path, "create-developer", "--email", "b@example.com", "--name", "B", setup=os.setsid)
-    one_sentence(asked, "no password was given: type it at the prompt, or give it on standard input with"
-                        " --password-stdin")
+    one_sentence(asked, "no password was given, and there is no terminal to ask for one at: give it on standard"
+                        " input with --password-stdin")
+    assert "GetPassWarning" not in asked.stderr and "Password:" not in asked.stderr, asked.stderr
+
+
+def test_a_password_piped_in_without_password_stdin_is_refused_not_read_as_typed(tmp_path):
+    """Without a terminal getpass would warn that the input may be echoed, then take the lines piped in."""
+    operators_database(tmp_path)
+    asked = run_cli(tmp_path, "create-developer", "--email", "b@example.com", "--name", "B",
+                    stdin=f"{PASSWORD}\n{PASSWORD}\n", setup=os.setsid)
+    one_sentence(asked, "there is no terminal to ask for one at: give it on standard input with --password-stdin")
+    assert "Warning" not in asked.stderr and asked.stdout == "", asked.stderr
+
+
+def test_the_keys_are_printed_as_written(tmp_path):
+    made = run_cli(tmp_path, "create-developer", "--email", "zoe@example.com", "--name", "Zoë", "--password-stdin",
+                   stdin=PASSWORD + "\n")
+    assert made.returncode == 0 and "\\u" not in made.stdout, made.stdout
+    assert "Save your API keys — they will not be shown again." in made.stdout
+    assert json.loads(made.stdout)["message"] == "Save your API keys — they will not be shown again."
 
 
 def test_ctrl_c_at_the_password_prompt_ends_the_command_without_a_traceback(tmp_path):
+    terminal, its_end = os.openpty()            # typed at: standard input is a terminal
     asking = subprocess.Popen([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db", str(tmp_path / "p.db"),
-                               "create-developer", "--email", "b@example.com", "--name", "B"], stdin=subprocess.PIPE,
+                               "create-developer", "--email", "b@example.com", "--name", "B"], stdin=its_end,
                               stderr=subprocess.PIPE, start_new_session=True)
+    os.close(its_end)
     said = b""
     while b"Password: " not in said:
         said += os.read(asking.stderr.fileno(), 4096) or pytest.fail(f"no prompt: {said!r}")
     asking.send_signal(signal.SIGINT)
     said += asking.stderr.read()
     assert asking.wait(timeout=30) == 130 and b"Traceback" not in said, said
-    asking.stdin.close()
+    os.close(terminal)
     asking.stderr.close()
 
 
