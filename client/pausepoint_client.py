@@ -26,7 +26,8 @@ import urllib.parse
 import urllib.request
 import uuid
 
-__all__ = ["PausePoint", "Approval", "setting_from", "api_key_from", "verify_webhook", "verify_audit_export", "audit_event_hash", "AuditChainBroken",
+__all__ = ["PausePoint", "Approval", "verify_webhook", "verify_audit_export", "audit_event_hash", "AuditChainBroken",
+           "setting_from", "api_key_from",
            "PausePointError", "BadRequest", "Unauthorized", "NotFound", "Conflict", "Gone", "PayloadTooLarge",
            "UnsupportedMediaType", "InvalidRequest", "RateLimited", "ServerError", "Unreachable"]
 
