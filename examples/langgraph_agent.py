@@ -7,8 +7,8 @@ the thread with Command(resume=...) when the person answers, whichever process t
 but only while the thread still waits on that very interrupt: an answer to an earlier
 question (a run before, on the same thread id) never resumes a later one.
 
-    pip install -r examples/requirements.txt
-    PAUSEPOINT_URL=… PAUSEPOINT_API_KEY=pp_test_… python examples/langgraph_agent.py
+    python3 -m venv .venv-examples && .venv-examples/bin/pip install -r examples/requirements.txt
+    PAUSEPOINT_URL=http://127.0.0.1:8080 PAUSEPOINT_API_KEY=pp_test_… .venv-examples/bin/python examples/langgraph_agent.py
 """
 
 import os

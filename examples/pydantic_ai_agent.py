@@ -5,8 +5,8 @@ wants approved (DeferredToolRequests); each becomes a pause, and the run continu
 the answers (DeferredToolResults): the tool runs only for an approval, and a rejection's
 comment goes back to the model as the reason.
 
-    pip install -r examples/requirements.txt
-    PAUSEPOINT_URL=… PAUSEPOINT_API_KEY=pp_test_… python examples/pydantic_ai_agent.py
+    python3 -m venv .venv-examples && .venv-examples/bin/pip install -r examples/requirements.txt
+    PAUSEPOINT_URL=http://127.0.0.1:8080 PAUSEPOINT_API_KEY=pp_test_… .venv-examples/bin/python examples/pydantic_ai_agent.py
 """
 
 import json
