@@ -2472,14 +2472,16 @@ def decide_pause(conn, config, pause_id, status, decided_by, choice=None, commen
     """Move a pending pause to a final status, inside the caller's transaction; `edits`,
     from edit_fields(), are the approver's changes to its fields.
 
-    Compare-and-set: only a pause still 'pending' changes, and a response only
-    before expires_at, a timeout only after it. Returns True if this call won;
+    Compare-and-set: only a pause still 'pending' changes, and a response or a cancel
+    only before expires_at, a timeout only after it. Returns True if this call won;
     agents waiting on the pause wake once the transaction commits.
     """
     require_transaction(conn)
     now = now or db_time()
     final, edited = edits or (None, None)
-    time_rule = {"responded": "AND expires_at > :now", "cancelled": ""}[status]
+    # Past expires_at the timeout is the outcome, as the person is told (refuse_if_decided()),
+    # though the timeout job may not have recorded it yet: nothing else may decide it then.
+    time_rule = "AND expires_at > :now"
     decided = conn.execute(
         f"UPDATE pauses SET status = :status, choice = :choice, comment = :comment, decided_at = :now,"
         f" decided_by = :decided_by, fields = coalesce(:fields, fields), edited = coalesce(:edited, {EDITED_NOTHING})"
@@ -2988,6 +2990,10 @@ def cancel_pause(conn, config, caller, pause_id):
     with transaction(conn):
         pause = owned_pause(conn, caller, pause_id)
         if not decide_pause(conn, config, pause_id, "cancelled", caller.actor):
+            if pause["status"] == "pending":        # expired, its timeout about to be recorded
+                default = f"its default {pause['timeout_default']!r}" if pause["timeout_default"] else "no choice"
+                raise ApiError(409, "not_pending", f"the pause expired at {api_time(pause['expires_at'])} and times"
+                                                   f" out to {default}; only pending pauses can be cancelled")
             raise ApiError(409, "not_pending", f"the pause is already {pause['status']}; only pending pauses can be cancelled")
         return pause_by_id(conn, pause_id)
 

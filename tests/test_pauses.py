@@ -141,6 +141,20 @@ def test_cancelling_decides_a_pending_pause_once(api, developer):
     api.post("/v1/pause/psr_nope/cancel", headers=api.as_key(key), status=404)
 
 
+def test_a_cancel_after_the_deadline_is_refused_and_the_timeout_the_person_was_told_of_decides(api, developer):
+    """Between expires_at and the timeout job's next run, the person's answer is refused as
+    expired, the default applying: a cancel then must not become the outcome instead."""
+    key = developer["test_api_key"]
+    pause_id = api.create_pause(key)["pause_id"]
+    run_out(api.config, pause_id)
+    refused = api.post(f"/v1/pause/{pause_id}/cancel", headers=api.as_key(key), status=409).json["error"]
+    assert refused["code"] == "not_pending" and "times out to its default 'Reject'" in refused["message"]
+    api.step("timeouts")
+    assert api.pause(key, pause_id)["status"] == "timed_out"
+    assert stored(api.config, "SELECT event_type FROM audit_events WHERE pause_id = ? AND event_type LIKE 'pause.%'"
+                              " AND event_type != 'pause.created'", pause_id) == [("pause.timed_out",)]
+
+
 def test_the_same_idempotency_key_and_body_replays_the_original_pause(api, developer, config):
     key = developer["test_api_key"]
     headers = {**api.as_key(key), "Idempotency-Key": "wire-340-acme"}

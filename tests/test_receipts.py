@@ -233,7 +233,9 @@ def test_a_pause_decided_after_its_timeout_was_signed_ahead_keeps_its_own_decisi
     stored(api.config, "UPDATE pauses SET expires_at = '2000-01-01T00:00:00.000Z'")
     conn = api.app.runtime.db()
     batch = pausepoint.due_batch(conn, ("", 0))         # read and signed as timing out…
-    api.post(f"/v1/pause/{cancelled['pause_id']}/cancel", headers=api.as_key(key))     # …then cancelled
+    with pausepoint.transaction(conn):          # …then cancelled, its clock read before the expiry
+        assert pausepoint.decide_pause(conn, api.config, cancelled["pause_id"], "cancelled", "api:pp_test_…",
+                                       now="1999-12-31T23:59:59.000Z")
     assert pausepoint.time_out(conn, api.config, batch) == 1
     assert checked(api, api.pause(key, cancelled["pause_id"])["receipt"])["status"] == "cancelled"
     assert checked(api, api.pause(key, timed_out["pause_id"])["receipt"])["status"] == "timed_out"
