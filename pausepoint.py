@@ -5108,9 +5108,22 @@ def write_signing_keys(path, keys, replace=True):
             os.replace(temporary, path)
         else:
             os.link(temporary, path)
+        sync_directory(path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+
+
+def sync_directory(path):
+    """Make the name `path` was just given last through a power cut, as the file's own fsync
+    does not: a database kept by the disk with receipts signed by a key file the disk lost
+    would refuse to start. (Where a file system cannot sync a directory, it does not need to.)"""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def take_owner(fd, path):
@@ -8569,6 +8582,7 @@ def backup(config, destination):
         with target:
             source.backup(target)
         os.link(partial, destination)
+        sync_directory(destination)
     except (sqlite3.Error, OSError) as e:
         raise ConfigError(f"the backup to {destination} failed: {e}") from None
     finally:
