@@ -371,11 +371,18 @@ TWILIO_MESSAGING_SERVICE_SID = re.compile("MG[0-9a-fA-F]{32}")
 TWILIO_SENDING = ("twilio.account_sid", "twilio.auth_token", "twilio.from_number", "twilio.messaging_service_sid")
 
 
+# What else Twilio sends texts from: a short code, or an alphanumeric sender ID (one way: a
+# reply cannot reach it, but the link in the text can be tapped). A number without its +
+# (5550100) is the mistake to catch: it is neither.
+SHORT_CODE = re.compile("[0-9]{3,6}")
+ALPHANUMERIC_SENDER = re.compile("(?=[0-9 ]*[A-Za-z])[A-Za-z0-9 ]{1,11}")
+
+
 def _check_from_number(value):
-    if value and not E164.fullmatch(value):
-        return ("must be empty or a phone number in E.164 form, like +15550100 (a + and 7-15 digits; without"
-                " whatsapp:, which WhatsApp messages get added)")
-    return None
+    if not value or E164.fullmatch(value) or SHORT_CODE.fullmatch(value) or ALPHANUMERIC_SENDER.fullmatch(value):
+        return None
+    return ("must be empty, a phone number in E.164 form like +15550100 (a + and 7-15 digits; without whatsapp:,"
+            " which WhatsApp messages get added), a short code or an alphanumeric sender ID")
 
 
 def _check_from_address(value):
@@ -388,8 +395,13 @@ def _check_from_address(value):
     parsed = header["From"]
     # An address, not a list of them nor a group ('Team: a@example.org;'), read without a flaw.
     if parsed is not None and not parsed.defects and [group.display_name for group in parsed.groups] == [None]:
-        if parsed.addresses[0].username and parsed.addresses[0].domain:
+        address = parsed.addresses[0]
+        if address.username and address.domain and address.addr_spec.isascii():
             return None
+        if address.username.isascii() and address.domain:
+            # Sent as is, it needs a mail server that takes SMTPUTF8, and most refuse it.
+            with contextlib.suppress(UnicodeError):
+                return f"must name its domain as DNS does: {address.domain.encode('idna').decode()}"
     return "must be empty or one email address, like approvals@example.org or PausePoint <approvals@example.org>"
 
 
@@ -1067,7 +1079,7 @@ def check_database(path):
     changing it: before anything is made beside it, or a command copies or rotates for it."""
     if not os.path.isfile(path):       # none yet, or a directory: opening it says so (main())
         return None
-    if os.path.exists(path + "-journal"):
+    if os.path.exists(os.path.realpath(path) + "-journal"):     # beside the file, whatever link names it
         # A process stopped in the middle of a write in rollback-journal mode (a first start's
         # switch to WAL, killed) left its journal: only a connection that may write rolls it
         # back, as SQLite does on first reading the file. Read-only, every start failed.
@@ -5118,12 +5130,12 @@ def sync_directory(path):
     """Make the name `path` was just given last through a power cut, as the file's own fsync
     does not: a database kept by the disk with receipts signed by a key file the disk lost
     would refuse to start. (Where a file system cannot sync a directory, it does not need to.)"""
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):      # nor where this user may write it but not read it
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
             os.fsync(fd)
-    finally:
-        os.close(fd)
+        finally:
+            os.close(fd)
 
 
 def take_owner(fd, path):
@@ -8495,13 +8507,20 @@ def only_server(database_path):
     except OSError as e:
         raise ConfigError(f"cannot use the database {database_path}: cannot make {path} beside it ({e.strerror});"
                           " does its directory exist, and may this user write there?") from None
-    try:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        held.close()
-        raise ConfigError(f"another PausePoint server is running on {database_path}: stop it first, or give this one"
-                          " a database of its own") from None
-    return held
+    # A command checking whether a server runs (server_running()) holds the lock for an instant:
+    # only a lock still held after a second is another server's.
+    for _ in range(ONLY_SERVER_TRIES):
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return held
+        except BlockingIOError:
+            time.sleep(1 / ONLY_SERVER_TRIES)
+    held.close()
+    raise ConfigError(f"another PausePoint server is running on {database_path}: stop it first, or give this one"
+                      " a database of its own")
+
+
+ONLY_SERVER_TRIES = 20
 
 
 def server_lock_path(database_path):
@@ -8510,8 +8529,8 @@ def server_lock_path(database_path):
 
 def server_running(database_path):
     """Whether a server holds the database's lock (see only_server()); None where its lock
-    file cannot be read to tell. The lock is tried, shared, and let go at once: a server
-    starting in that instant is refused, and says so."""
+    file cannot be read to tell. The lock is tried, shared, and let go at once (a server
+    starting in that instant waits for it)."""
     try:
         fd = os.open(server_lock_path(database_path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -8713,8 +8732,9 @@ def main(argv=None):
 
 def open_failure_hint(path, error):
     """What likely kept SQLite from opening the database at `path`, after `error`'s text."""
-    if "readonly database" in str(error) and os.path.exists(path + "-journal"):     # verify-audit only reads
-        return (f"; a process stopped while writing it left {path}-journal, which only one that may write it"
+    journal = os.path.realpath(path) + "-journal"
+    if "readonly database" in str(error) and os.path.exists(journal):      # verify-audit only reads
+        return (f"; a process stopped while writing it left {journal}, which only one that may write it"
                 " undoes: start the server on it once")
     if "unable to open" not in str(error):
         return ""
@@ -8816,8 +8836,8 @@ def verify_audit(path):
     """The verify-audit command; returns its exit status. It reads the database without
     changing it, a read-only copy too, and never migrates it: migration 13 would chain a
     log from before chaining as it stands now, tampered or not, and then find it holds."""
-    immutable = whole_in_its_file(path)
-    with contextlib.closing(connect_read_only(path, immutable)) as conn:
+    read_whole = whole_in_its_file(path)
+    with contextlib.closing(connect_read_only(path, immutable=read_whole is not None)) as conn:
         applied = applied_schema(conn)
         if applied != MIGRATIONS[-1][0]:
             raise ConfigError(f"{path} has schema {applied or 0}, older than this PausePoint's"
@@ -8826,8 +8846,8 @@ def verify_audit(path):
         breaks = audit_chain_breaks(conn)
         chains, events = query_db(conn, "SELECT count(DISTINCT developer_id || livemode), count(*) FROM audit_events",
                                   one=True)
-    if immutable and os.path.exists(path + "-wal"):     # what it read may have changed under it
-        raise ConfigError(f"{path} was opened by a server while it was being read: run verify-audit again")
+    if read_whole is not None and whole_in_its_file(path) != read_whole:    # what it read may have changed under it
+        raise ConfigError(f"{path} was written to while it was being read: run verify-audit again")
     for seq, developer_id, livemode, why in breaks:
         print(f"aud_{seq} ({developer_id}, {mode_name(livemode)}): {why}")
     if breaks:
@@ -8839,12 +8859,22 @@ def verify_audit(path):
 def whole_in_its_file(path):
     """Whether the database at `path` can be read without SQLite's shared wal-index (the -shm
     file), in a directory this user may not write, where a first reader could not make one:
-    when it has no write-ahead log, nothing is waiting to be copied into the file and no
-    connection has it open (a backup, or a copy a stopped server left), so the file is all
-    of it. Read as immutable then: SQLite takes no locks and looks for no -shm."""
-    directory = os.path.dirname(os.path.abspath(path))
-    return (os.path.isfile(path) and not os.access(directory, os.W_OK)
-            and not os.path.exists(path + "-shm") and not os.path.exists(path + "-wal"))
+    when it has no write-ahead log (nor a rollback journal), nothing is waiting to be copied
+    into the file and no connection has it open (a backup, or a copy a stopped server left),
+    so the file is all of it. Then the file's state (inode, size, times), to compare after a
+    read as immutable, which takes no locks and looks for no -shm; else None. Looked for
+    beside the file itself, where SQLite keeps them, whatever link names it; a file with
+    other names (hard links) may have its log beside one of those."""
+    real = os.path.realpath(path)
+    try:
+        found = os.stat(real)
+    except OSError:
+        return None
+    if not stat.S_ISREG(found.st_mode) or found.st_nlink > 1 or os.access(os.path.dirname(real), os.W_OK):
+        return None
+    if any(os.path.lexists(real + suffix) for suffix in ("-wal", "-shm", "-journal")):
+        return None
+    return found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns
 
 
 if __name__ == "__main__":

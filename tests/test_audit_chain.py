@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
 import sqlite3
 import sys
@@ -435,21 +436,33 @@ def test_verify_audit_reads_a_database_it_may_not_write(logged, tmp_path, capsys
         assert "every audit chain holds: 12 events in 2 chains" in capsys.readouterr().out
 
 
-def test_verify_audit_refuses_a_read_only_copy_with_a_write_ahead_log_it_cannot_share(logged, tmp_path, capsys):
-    """A copy taken beside a writer holds changes in its -wal that only a wal-index (-shm) finds:
-    reading the file alone would check an older log and say it holds."""
-    (tmp_path / "copied").mkdir()
-    with contextlib.closing(sqlite3.connect(logged[0].config["database.path"])) as db:
+@pytest.mark.parametrize("named_by", ["a copy", "a symbolic link", "a hard link"])
+def test_verify_audit_never_reads_the_file_alone_of_a_database_with_a_write_ahead_log(logged, tmp_path, capsys,
+                                                                                     named_by):
+    """A copy taken beside a writer, or a live database named by a link, holds changes in its
+    -wal that only a wal-index (-shm) finds: reading the file alone would check an older log
+    and say it holds. A symbolic link leads SQLite to the log beside the file; a hard link or
+    a copy whose directory it may not write is refused."""
+    live = logged[0].config["database.path"]
+    with contextlib.closing(sqlite3.connect(live)) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         db.execute("INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data,"
                    " prev_hash, hash) SELECT developer_id, livemode, timestamp, 'forged', event_type, pause_id, data,"
                    " hash, 'forged' FROM audit_events ORDER BY seq DESC LIMIT 1")
         db.commit()
-        for name in ("pausepoint.db", "pausepoint.db-wal"):
-            shutil.copy(os.path.join(os.path.dirname(logged[0].config["database.path"]), name), tmp_path / "copied")
-    with read_only_view(tmp_path / "copied", tmp_path / "read-only") as view:
-        seen = str(view / "pausepoint.db")
-        assert pausepoint.main(["--db", seen, "verify-audit"]) == 2
+        (tmp_path / "named").mkdir()
+        if named_by == "a copy":
+            for name in ("pausepoint.db", "pausepoint.db-wal"):
+                shutil.copy(os.path.join(os.path.dirname(live), name), tmp_path / "named")
+        else:
+            (os.symlink if named_by == "a symbolic link" else os.link)(live, tmp_path / "named" / "pausepoint.db")
+        with read_only_view(tmp_path / "named", tmp_path / "read-only") as view:
+            seen = str(view / "pausepoint.db")
+            assert pausepoint.main(["--db", seen, "verify-audit"]) == (1 if named_by == "a symbolic link" else 2)
+    if named_by == "a symbolic link":       # the forged event, in the log only, was read and caught
+        assert re.fullmatch(r"aud_\d+ \(dev_\w+, test\): its content does not give its hash: it was changed\n",
+                            capsys.readouterr().out)
+        return
     assert capsys.readouterr().err == (
         f"pausepoint: cannot use the database {seen}: unable to open database file; reading it needs {seen}-shm,"
         " which only a server that has it open, or a user who may write to its directory, provides: copy it"

@@ -63,12 +63,15 @@ def test_file_then_environment_then_flags_overlay_the_defaults(tmp_path):
     ("", {"PAUSEPOINT_SERVER_HOST": "http://localhost"}, "server.host must be an address or a host name"),
     ("[smtp]\nca_file = '/nonexistent/ca.pem'\n", {}, "smtp.ca_file cannot be read: No such file or directory"),
     (f"[smtp]\nca_file = '{os.path.join(ROOT, 'README.md')}'\n", {}, "smtp.ca_file holds no PEM certificate"),
-    ("", {"PAUSEPOINT_TWILIO_FROM_NUMBER": "5550100"}, "twilio.from_number must be empty or a phone number in E.164"),
-    ("[twilio]\nfrom_number = 'whatsapp:+15550100'\n", {}, "twilio.from_number must be empty or a phone number"),
+    ("", {"PAUSEPOINT_TWILIO_FROM_NUMBER": "5550100"}, "twilio.from_number must be empty, a phone number in E.164"),
+    ("[twilio]\nfrom_number = 'whatsapp:+15550100'\n", {}, "twilio.from_number must be empty, a phone number"),
     ("", {"PAUSEPOINT_TWILIO_ACCOUNT_SID": "my-account"}, "twilio.account_sid must be empty or Twilio's account SID"),
     ("[twilio]\nmessaging_service_sid = 'MG123'\n", {}, "twilio.messaging_service_sid must be empty or a Twilio"),
     ("", {"PAUSEPOINT_SMTP_FROM_ADDRESS": "notanemail"}, "smtp.from_address must be empty or one email address"),
     ("[smtp]\nfrom_address = 'a@example.org, b@example.org'\n", {}, "smtp.from_address must be empty or one email"),
+    ("", {"PAUSEPOINT_SMTP_FROM_ADDRESS": "PausePoint <approvals@bücher.de>"},
+     "smtp.from_address must name its domain as DNS does: xn--bcher-kva.de"),
+    ("", {"PAUSEPOINT_TWILIO_FROM_NUMBER": "15550100"}, "twilio.from_number must be empty, a phone number in E.164"),
     (f"[twilio]\naccount_sid = 'AC{'0' * 32}'\n", {},
      "the Twilio settings are incomplete: with twilio.account_sid set, the sms and whatsapp channels also need"
      " twilio.auth_token and either twilio.from_number or twilio.messaging_service_sid"),
@@ -84,10 +87,12 @@ def test_a_bad_setting_stops_start_up_with_one_sentence_naming_the_key(tmp_path,
 
 def test_twilio_and_smtp_settings_of_every_accepted_form_start():
     """A Twilio-compatible provider may name its account by UUID; a From address may carry a name."""
-    for twilio in ({"twilio.from_number": "+15550100"}, {"twilio.messaging_service_sid": "MG" + "a1" * 16}):
+    for twilio in ({"twilio.from_number": "+15550100"}, {"twilio.messaging_service_sid": "MG" + "a1" * 16},
+                   {"twilio.from_number": "12345"}, {"twilio.from_number": "PausePoint"}):     # short code, sender ID
         for account_sid in ("AC" + "0f" * 16, "3f2b8c1e-9d4a-4e7b-8a1c-2b3d4e5f6a7b"):
             load_config(environ={}, overrides={"twilio.account_sid": account_sid, "twilio.auth_token": "t", **twilio})
-    for sender in ("approvals@example.org", "PausePoint <approvals@example.org>", '"Ops, Team" <ops@example.org>'):
+    for sender in ("approvals@example.org", "PausePoint <approvals@example.org>", '"Ops, Team" <ops@example.org>',
+                   "Bücher GmbH <approvals@xn--bcher-kva.de>"):
         assert load_config(environ={"PAUSEPOINT_SMTP_FROM_ADDRESS": sender})["smtp.from_address"] == sender
 
 

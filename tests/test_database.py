@@ -763,14 +763,18 @@ os._exit(9)
 """
 
 
-def test_a_write_killed_halfway_is_undone_by_the_next_start_which_then_serves(tmp_path, capsys):
+@pytest.mark.parametrize("named_by", ["its own name", "a symbolic link"])
+def test_a_write_killed_halfway_is_undone_by_the_next_start_which_then_serves(tmp_path, capsys, named_by):
     path = str(tmp_path / "pausepoint.db")
-    subprocess.run([sys.executable, "-c", KILLED_MIDWAY, path], timeout=60)
-    assert os.path.getsize(path + "-journal") > 0 and os.path.getsize(path) > 4096
+    real = path if named_by == "its own name" else str(tmp_path / "real.db")
+    if real != path:
+        os.symlink(real, path)                      # the journal is beside the file SQLite opens
+    subprocess.run([sys.executable, "-c", KILLED_MIDWAY, real], timeout=60)
+    assert os.path.getsize(real + "-journal") > 0 and os.path.getsize(real) > 4096
     assert pausepoint.main(["--db", path, "verify-audit"]) == 2           # it only reads: it cannot undo it
     assert capsys.readouterr().err == (
         f"pausepoint: cannot use the database {path}: attempt to write a readonly database; a process stopped while"
-        f" writing it left {path}-journal, which only one that may write it undoes: start the server on it once\n")
+        f" writing it left {real}-journal, which only one that may write it undoes: start the server on it once\n")
     app = pausepoint.create_app(make_config(tmp_path))
     try:
         assert Api(app).register()["api_key"].startswith("pp_live_")

@@ -1,6 +1,7 @@
 """The real process: timeouts across restarts, long polls, signals and the operator's commands."""
 
 import concurrent.futures
+import fcntl
 import fnmatch
 import functools
 import json
@@ -91,6 +92,19 @@ def test_a_second_server_on_a_database_is_refused_and_the_first_serves_on(spawn_
     assert run_cli(tmp_path, "--db", str(tmp_path / "another-name.db"), "--port", str(free_port()), "serve").returncode == 2
     first.stop()
     assert register(spawn_server().url, email="again@example.com")["test_api_key"]     # the lock went with the first
+
+
+def test_a_start_waits_out_a_command_looking_at_the_lock_but_not_another_server(tmp_path):
+    """set-plan asks whether a server runs by taking the lock, shared, for an instant: a server
+    starting in that instant is no second server."""
+    db = str(tmp_path / "pausepoint.db")
+    with open(pausepoint.server_lock_path(db), "w") as looking:
+        fcntl.flock(looking, fcntl.LOCK_SH)
+        threading.Timer(0.3, fcntl.flock, (looking, fcntl.LOCK_UN)).start()
+        pausepoint.only_server(db).close()
+    with pausepoint.only_server(db):
+        with pytest.raises(pausepoint.ConfigError, match="another PausePoint server is running"):
+            pausepoint.only_server(db)
 
 
 def test_two_runtimes_on_one_database_never_double_fire_a_timeout(running_api, tmp_path):
