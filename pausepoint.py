@@ -7230,7 +7230,8 @@ def pause_page(rt, session, pause_id):
     pause = owned_pause(rt.db(), session.caller, pause_id)
     events, _ = audit_page(rt.db(), session.caller, pause_id=pause["id"], limit=200)
     return dashboard_page("pause", session, pause=json.loads(pause_json(rt.db(), rt.config, pause["id"])),
-                          timeline=[audit_event_json(row) for row in reversed(events)])
+                          timeline=[audit_event_json(row) for row in reversed(events)],
+                          expired=pause["expires_at"] <= db_time())     # (its timeout then decides: no cancel)
 
 
 def cancel_from_dashboard(rt, session, pause_id):

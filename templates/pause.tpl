@@ -55,7 +55,7 @@
   <dt>Metadata</dt><dd><pre class="text">{{json_text(pause['metadata'])}}</pre></dd>
 % end
 </dl>
-% if pause['status'] == 'pending':
+% if pause['status'] == 'pending' and not expired:
 <form method="post" action="/dashboard/pauses/{{pause['pause_id']}}/cancel">
   <input type="hidden" name="csrf" value="{{csrf}}">
   <button type="submit" class="danger">Cancel this pause</button>

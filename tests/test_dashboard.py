@@ -8,7 +8,7 @@ import urllib.parse
 import bcrypt
 import pytest
 
-from conftest import PASSWORD, Api, stored, wait_until
+from conftest import PASSWORD, Api, run_out, stored, wait_until
 import pausepoint
 
 XSS = '<script>alert(1)</script><img src=x onerror=alert(2)>'
@@ -445,6 +445,9 @@ def test_a_pause_appears_in_the_list_and_its_page_and_can_be_cancelled_there(run
     assert timeline(page) == ["pause.created", "notification.simulated", "pause.cancelled"]
     assert re.search(r"by dashboard:dev@example.com", page.text)
     assert api.get("/dashboard/pauses?status=pending").html.select_one("#empty") is not None
+    expired = api.create_pause(keys["test"])["pause_id"]
+    run_out(api.config, expired)            # pending until the timeout job runs, which then decides it
+    assert not [form for form in api.get(f"/dashboard/pauses/{expired}").forms.values() if "cancel" in form.action]
 
 
 def test_the_mode_switch_shows_live_or_test_data_never_both(running_api, twilio):
