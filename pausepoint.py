@@ -50,6 +50,7 @@ import sqlite3
 import ssl
 import stat
 import string
+import struct
 import tempfile
 import sys
 import threading
@@ -375,7 +376,7 @@ TWILIO_SENDING = ("twilio.account_sid", "twilio.auth_token", "twilio.from_number
 # reply cannot reach it, but the link in the text can be tapped). A number without its +
 # (5550100) is the mistake to catch: it is neither.
 SHORT_CODE = re.compile("[0-9]{3,6}")
-ALPHANUMERIC_SENDER = re.compile("(?=[0-9 ]*[A-Za-z])[A-Za-z0-9 ]{1,11}")
+ALPHANUMERIC_SENDER = re.compile("(?=[^A-Za-z]*[A-Za-z])[A-Za-z0-9 +_&-]{1,11}")
 
 
 def _check_from_number(value):
@@ -399,9 +400,9 @@ def _check_from_address(value):
         if address.username and address.domain and address.addr_spec.isascii():
             return None
         if address.username.isascii() and address.domain:
-            # Sent as is, it needs a mail server that takes SMTPUTF8, and most refuse it.
-            with contextlib.suppress(UnicodeError):
-                return f"must name its domain as DNS does: {address.domain.encode('idna').decode()}"
+            # Sent as is, it needs a mail server that takes SMTPUTF8, and most refuse it. (Not
+            # converted here: Python's codec follows IDNA 2003, which makes straße.de strasse.de.)
+            return "must name its domain as DNS does, in ASCII: a name with other letters in its xn-- form"
     return "must be empty or one email address, like approvals@example.org or PausePoint <approvals@example.org>"
 
 
@@ -876,6 +877,22 @@ def warn_if_others_may_read(path, what, also=""):
     with contextlib.suppress(OSError):
         if os.stat(path).st_mode & 0o077:
             log.warning("others than its owner may read or write %s %s: chmod 600 it%s", what, path, also)
+
+
+# The bytes of a database file on which each connection to it in WAL mode holds a shared lock
+# for as long as it is open (SQLite's unix VFS: past its pending byte, 0x40000000).
+SQLITE_SHARED_BYTES = (0x40000002, 510)
+
+
+def held_open(path):
+    """Whether another process has the SQLite database at `path` open in WAL mode. A lock
+    belongs to the file itself: this sees one taken through any name, bind mount or link."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        asked = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, *SQLITE_SHARED_BYTES, 0)
+        return struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, asked))[0] != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
 
 
 def connect_read_only(path, immutable=False):
@@ -3785,8 +3802,9 @@ class ChannelError(Exception):
 def channels(config):
     """The channels this server offers: the built-in ones and one per [channels.NAME] target."""
     found = {
-        "sms": Channel("sms", "twilio", PHONE_RECIPIENT, twilio_missing, sms_text, send_twilio),
-        "whatsapp": Channel("whatsapp", "twilio", PHONE_RECIPIENT, twilio_missing, sms_text, send_twilio),
+        "sms": Channel("sms", "twilio", PHONE_RECIPIENT, twilio_missing,
+                       sms_text if takes_replies(config) else functools.partial(sms_text, replies=False), send_twilio),
+        "whatsapp": Channel("whatsapp", "twilio", PHONE_RECIPIENT, whatsapp_missing, sms_text, send_twilio),
         "email": Channel("email", "email", EMAIL_RECIPIENT, smtp_missing, email_text, send_email),
         "link": Channel("link", "link", LABEL_RECIPIENT, lambda config: []),
     }
@@ -3819,6 +3837,22 @@ def twilio_missing(config):
     missing = [key for key in ("twilio.account_sid", "twilio.auth_token") if not config[key]]
     if not config["twilio.from_number"] and not config["twilio.messaging_service_sid"]:
         missing.append("either twilio.from_number or twilio.messaging_service_sid")
+    return missing
+
+
+def takes_replies(config):
+    """Whether texts go out from something a person can text back: a number or a short code,
+    not an alphanumeric sender ID (a Messaging Service is taken to)."""
+    return bool(config["twilio.messaging_service_sid"]
+                or not ALPHANUMERIC_SENDER.fullmatch(config["twilio.from_number"]))
+
+
+def whatsapp_missing(config):
+    """WhatsApp sends only from a number: a short code or sender ID set for texts is none."""
+    missing = twilio_missing(config)
+    if not missing and not config["twilio.messaging_service_sid"] and not E164.fullmatch(config["twilio.from_number"]):
+        missing.append("twilio.from_number as a WhatsApp-enabled number in E.164 form (or"
+                       " twilio.messaging_service_sid)")
     return missing
 
 
@@ -3869,10 +3903,11 @@ def field_display(value):
     return ("Yes" if value else "No") if isinstance(value, bool) else value
 
 
-def sms_text(pause, url):
-    """As few segments as possible: no decoration, GSM-7 characters only in what we add."""
-    return (f"{pause['message']}\n{fields_text(pause)}{reply_options(pause)}, or open {url}\n"
-            f"Expires {expiry_text(pause)}")
+def sms_text(pause, url, replies=True):
+    """As few segments as possible: no decoration, GSM-7 characters only in what we add. From
+    a sender that takes no replies, only the link."""
+    answer = f"{reply_options(pause)}, or open {url}" if replies else f"Open {url}"
+    return f"{pause['message']}\n{fields_text(pause)}{answer}\nExpires {expiry_text(pause)}"
 
 
 def push_text(pause, url):
@@ -8837,8 +8872,14 @@ def verify_audit(path):
     """The verify-audit command; returns its exit status. It reads the database without
     changing it, a read-only copy too, and never migrates it: migration 13 would chain a
     log from before chaining as it stands now, tampered or not, and then find it holds."""
-    read_whole = whole_in_its_file(path)
-    with contextlib.closing(connect_read_only(path, immutable=read_whole is not None)) as conn:
+    real = os.path.realpath(path)       # as checked, not as abspath() reads "link/.." (the link's parent)
+    if os.path.isfile(real) and held_open(real) and not os.path.exists(real + "-wal"):
+        # Its log is beside the name its server opened, which this one is not (a file mounted
+        # on its own into a container, say): read here, the newest events would go unseen.
+        raise ConfigError(f"{path} is open in a server that reaches it by another name, with its write-ahead log"
+                          " beside that name: verify it there")
+    read_whole = whole_in_its_file(real)
+    with contextlib.closing(connect_read_only(real, immutable=read_whole is not None)) as conn:
         applied = applied_schema(conn)
         if applied != MIGRATIONS[-1][0]:
             raise ConfigError(f"{path} has schema {applied or 0}, older than this PausePoint's"
@@ -8847,7 +8888,7 @@ def verify_audit(path):
         breaks = audit_chain_breaks(conn)
         chains, events = query_db(conn, "SELECT count(DISTINCT developer_id || livemode), count(*) FROM audit_events",
                                   one=True)
-    if read_whole is not None and whole_in_its_file(path) != read_whole:    # what it read may have changed under it
+    if read_whole is not None and whole_in_its_file(real) != read_whole:    # what it read may have changed under it
         raise ConfigError(f"{path} was written to while it was being read: run verify-audit again")
     for seq, developer_id, livemode, why in breaks:
         print(f"aud_{seq} ({developer_id}, {mode_name(livemode)}): {why}")
@@ -8873,7 +8914,7 @@ def whole_in_its_file(path):
         return None
     if not stat.S_ISREG(found.st_mode) or found.st_nlink > 1 or os.access(os.path.dirname(real), os.W_OK):
         return None
-    if any(os.path.lexists(real + suffix) for suffix in ("-wal", "-shm", "-journal")):
+    if any(os.path.lexists(real + suffix) for suffix in ("-wal", "-shm", "-journal")) or held_open(real):
         return None
     return found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns
 

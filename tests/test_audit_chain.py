@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from conftest import QUESTION, ROOT, WIRE, read_only_view, stored, token_of
+from conftest import QUESTION, ROOT, WIRE, mounted, read_only_view, run_cli, stored, token_of
 from test_database import make_database
 import pausepoint
 
@@ -436,6 +436,46 @@ def test_verify_audit_reads_a_database_it_may_not_write(logged, tmp_path, capsys
         assert "every audit chain holds: 12 events in 2 chains" in capsys.readouterr().out
 
 
+@contextlib.contextmanager
+def forged_in_the_log_only(path):
+    """An event forged into the database at `path`, kept in its write-ahead log (not yet in the
+    file) for the block: the file alone says every chain holds, only the log says otherwise."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.execute("INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data,"
+                   " prev_hash, hash) SELECT developer_id, livemode, timestamp, 'forged', event_type, pause_id, data,"
+                   " hash, 'forged' FROM audit_events ORDER BY seq DESC LIMIT 1")
+        db.commit()
+        yield
+
+
+def test_verify_audit_refuses_a_database_its_server_reaches_by_another_name(logged, tmp_path):
+    """A database file mounted on its own (into a container, say) has its write-ahead log beside
+    the name its server opened: verified here, the file alone would be read."""
+    live = logged[0].config["database.path"]
+    (tmp_path / "mounted").mkdir()
+    seen = tmp_path / "mounted" / "pausepoint.db"
+    seen.touch()
+    with forged_in_the_log_only(live), mounted(seen, "--bind", live):
+        # From a process of its own, as an operator's command is: a lock is seen by other processes.
+        refused = run_cli(tmp_path, "--db", str(seen), "verify-audit")
+    assert refused.returncode == 2 and refused.stderr == (
+        f"pausepoint: {seen} is open in a server that reaches it by another name, with its write-ahead log beside"
+        " that name: verify it there\n")
+
+
+def test_verify_audit_reads_the_file_a_path_through_a_link_leads_to(logged, tmp_path, capsys):
+    """"link/../x.db" is, to the kernel, x.db beside what the link points to, not beside the link."""
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "a" / "sub")
+    assert pausepoint.main(["--db", logged[0].config["database.path"], "backup", str(tmp_path / "a" / "x.db")]) == 0
+    stored(str(tmp_path / "a" / "x.db"), "CREATE TABLE not_ours (x)")        # so the other is ...
+    shutil.copy(tmp_path / "a" / "x.db", tmp_path / "x.db")
+    stored(str(tmp_path / "x.db"), "DELETE FROM schema_migrations")         # ... told apart
+    assert pausepoint.main(["--db", str(tmp_path / "link" / ".." / "x.db"), "verify-audit"]) == 0
+    assert "every audit chain holds: 12 events in 2 chains" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("named_by", ["a copy", "a symbolic link", "a hard link"])
 def test_verify_audit_never_reads_the_file_alone_of_a_database_with_a_write_ahead_log(logged, tmp_path, capsys,
                                                                                      named_by):
@@ -444,12 +484,7 @@ def test_verify_audit_never_reads_the_file_alone_of_a_database_with_a_write_ahea
     and say it holds. A symbolic link leads SQLite to the log beside the file; a hard link or
     a copy whose directory it may not write is refused."""
     live = logged[0].config["database.path"]
-    with contextlib.closing(sqlite3.connect(live)) as db:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        db.execute("INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data,"
-                   " prev_hash, hash) SELECT developer_id, livemode, timestamp, 'forged', event_type, pause_id, data,"
-                   " hash, 'forged' FROM audit_events ORDER BY seq DESC LIMIT 1")
-        db.commit()
+    with forged_in_the_log_only(live):
         (tmp_path / "named").mkdir()
         if named_by == "a copy":
             for name in ("pausepoint.db", "pausepoint.db-wal"):

@@ -94,6 +94,23 @@ def test_the_sms_invites_a_coded_reply_and_fits_in_two_segments(running_api, twi
     assert len(body) <= 2 * 153               # two concatenated GSM-7 segments
 
 
+@pytest.mark.parametrize("sender, replies", [("PausePoint", False), ("12345", True)])
+def test_texts_from_a_sender_id_offer_only_the_link_and_whatsapp_needs_a_number(running_api, twilio, sender,
+                                                                                  replies):
+    """Nobody can text back a sender ID (a two-way short code takes replies), and WhatsApp
+    sends only from a number."""
+    api = running_api(**{**twilio.settings(), "twilio.from_number": sender})
+    key = api.register()["api_key"]
+    created = api.create_pause(key)
+    sent(api, key, created["pause_id"], "sent")
+    message = twilio.messages[0]
+    assert message["From"] == sender and message["Body"].count("Reply ") == replies
+    assert f"\n{'Reply' if replies else 'Open'} " in message["Body"] and created["respond_url"] in message["Body"]
+    error = api.post_json("/v1/pause", {**WIRE, "channel": "whatsapp"}, headers=api.as_key(key), status=422).json["error"]
+    assert error["code"] == "channel_not_configured" and "twilio.from_number as a WhatsApp-enabled number" in (
+        error["message"])
+
+
 def test_whatsapp_goes_through_twilio_with_the_whatsapp_prefix(running_api, twilio):
     api = running_api(**twilio.settings())
     key = api.register()["api_key"]

@@ -70,7 +70,7 @@ def test_file_then_environment_then_flags_overlay_the_defaults(tmp_path):
     ("", {"PAUSEPOINT_SMTP_FROM_ADDRESS": "notanemail"}, "smtp.from_address must be empty or one email address"),
     ("[smtp]\nfrom_address = 'a@example.org, b@example.org'\n", {}, "smtp.from_address must be empty or one email"),
     ("", {"PAUSEPOINT_SMTP_FROM_ADDRESS": "PausePoint <approvals@bücher.de>"},
-     "smtp.from_address must name its domain as DNS does: xn--bcher-kva.de"),
+     "smtp.from_address must name its domain as DNS does, in ASCII: a name with other letters in its xn-- form"),
     ("", {"PAUSEPOINT_TWILIO_FROM_NUMBER": "15550100"}, "twilio.from_number must be empty, a phone number in E.164"),
     (f"[twilio]\naccount_sid = 'AC{'0' * 32}'\n", {},
      "the Twilio settings are incomplete: with twilio.account_sid set, the sms and whatsapp channels also need"
@@ -88,7 +88,8 @@ def test_a_bad_setting_stops_start_up_with_one_sentence_naming_the_key(tmp_path,
 def test_twilio_and_smtp_settings_of_every_accepted_form_start():
     """A Twilio-compatible provider may name its account by UUID; a From address may carry a name."""
     for twilio in ({"twilio.from_number": "+15550100"}, {"twilio.messaging_service_sid": "MG" + "a1" * 16},
-                   {"twilio.from_number": "12345"}, {"twilio.from_number": "PausePoint"}):     # short code, sender ID
+                   {"twilio.from_number": "12345"}, *({"twilio.from_number": sender_id}      # a short code, sender IDs
+                                                       for sender_id in ("PausePoint", "AT&T", "Acme-Corp", "B+Q"))):
         for account_sid in ("AC" + "0f" * 16, "3f2b8c1e-9d4a-4e7b-8a1c-2b3d4e5f6a7b"):
             load_config(environ={}, overrides={"twilio.account_sid": account_sid, "twilio.auth_token": "t", **twilio})
     for sender in ("approvals@example.org", "PausePoint <approvals@example.org>", '"Ops, Team" <ops@example.org>',
