@@ -875,7 +875,8 @@ def warn_if_others_may_read(path, what, also=""):
     """Log that the file at `path` (`what`, named) is readable or writable by others; `also`
     ends the advice."""
     with contextlib.suppress(OSError):
-        if os.stat(path).st_mode & 0o077:
+        mode = os.stat(path).st_mode
+        if stat.S_ISREG(mode) and mode & 0o077:        # (a directory named by mistake is refused after)
             log.warning("others than its owner may read or write %s %s: chmod 600 it%s", what, path, also)
 
 

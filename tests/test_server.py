@@ -611,7 +611,8 @@ def test_a_server_that_cannot_start_says_why_in_one_sentence(tmp_path, listening
         env = {"PAUSEPOINT_METRICS_ENABLED": "true", "PAUSEPOINT_METRICS_LISTEN": f"127.0.0.1:{listening}"}
         said = (f"cannot serve metrics on 127.0.0.1:{listening} (metrics.listen): Address already in use",)
     else:
-        db = {"no such directory": str(tmp_path / "no" / "such.db"), "a directory": str(tmp_path),
+        (tmp_path / "adir.db").mkdir(mode=0o755)
+        db = {"no such directory": str(tmp_path / "no" / "such.db"), "a directory": str(tmp_path / "adir.db"),
               "not a database": str(tmp_path / "config.toml")}[mistake]
         said = (f"cannot use the database {db}: ", {
             "not a database": "file is not a database",
@@ -625,7 +626,9 @@ def test_a_server_that_cannot_start_says_why_in_one_sentence(tmp_path, listening
         run_out(api.config, due)
         api.app.runtime.stop()
     port = listening if mistake == "port taken" else free_port()
-    one_sentence(run_cli(tmp_path, "--db", db, "--port", str(port), env=env), *said)
+    started = run_cli(tmp_path, "--db", db, "--port", str(port), env=env)
+    one_sentence(started, *said)
+    assert "chmod" not in started.stderr          # (a directory's mode is no database file's)
     assert (tmp_path / "config.toml").read_text() == "[server]\nport = 8080\n"
     if due:                                 # a start that fails runs no job
         assert stored(db, "SELECT status FROM pauses WHERE id = ?", due) == [("pending",)]
