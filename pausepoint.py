@@ -376,7 +376,7 @@ TWILIO_SENDING = ("twilio.account_sid", "twilio.auth_token", "twilio.from_number
 # reply cannot reach it, but the link in the text can be tapped). A number without its +
 # (5550100) is the mistake to catch: it is neither.
 SHORT_CODE = re.compile("[0-9]{3,6}")
-ALPHANUMERIC_SENDER = re.compile("(?=[^A-Za-z]*[A-Za-z])[A-Za-z0-9 +_&-]{1,11}")
+ALPHANUMERIC_SENDER = re.compile("(?!\\+)(?=[^A-Za-z]*[A-Za-z])[A-Za-z0-9 +_&-]{1,11}")     # (+1555O100: a typo)
 
 
 def _check_from_number(value):
@@ -880,20 +880,40 @@ def warn_if_others_may_read(path, what, also=""):
             log.warning("others than its owner may read or write %s %s: chmod 600 it%s", what, path, also)
 
 
-# The bytes of a database file on which each connection to it in WAL mode holds a shared lock
-# for as long as it is open (SQLite's unix VFS: past its pending byte, 0x40000000).
-SQLITE_SHARED_BYTES = (0x40000002, 510)
+# Locks of SQLite's (its unix VFS's) that a connection to a database in WAL mode holds, shared,
+# for as long as it is open: on bytes of the database file past its pending byte (0x40000000),
+# and on a byte of the wal-index (-shm) beside the name it opened the file by.
+SQLITE_OPEN_BYTES = (0x40000002, 510)
+SQLITE_SHM_IN_USE_BYTE = (128, 1)
 
 
-def held_open(path):
-    """Whether another process has the SQLite database at `path` open in WAL mode. A lock
+def locked_by_another(path, span):
+    """Whether another process holds a lock on the bytes `span` (start, length) of the file at
+    `path`; None where this cannot tell (no file to open, a file system without locks). A lock
     belongs to the file itself: this sees one taken through any name, bind mount or link."""
-    fd = os.open(path, os.O_RDONLY)
     try:
-        asked = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, *SQLITE_SHARED_BYTES, 0)
-        return struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, asked))[0] != fcntl.F_UNLCK
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        asked = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, *span, 0)      # Linux's struct flock
+        return struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, asked))[0] != fcntl.F_UNLCK
+    except OSError:
+        return None
     finally:
         os.close(fd)
+
+
+def refuse_if_open_by_another_name(path):
+    """Refuse the database at `path` if a process has it open by another name (a file mounted
+    on its own into a container, a hard link): its connections hold the file's lock but not
+    that of the wal-index beside this name, since theirs is beside the name they opened. Used
+    by this name, its newest writes (in the log beside that one) would go unseen, and a write
+    would start a second log of the same file."""
+    real = os.path.realpath(path)
+    if locked_by_another(real, SQLITE_OPEN_BYTES) and not locked_by_another(real + "-shm", SQLITE_SHM_IN_USE_BYTE):
+        raise ConfigError(f"{path} is open in a process that reaches it by another name (a file mounted on its own,"
+                          " a hard link), with its write-ahead log beside that name: use the database by that name")
 
 
 def connect_read_only(path, immutable=False):
@@ -1097,6 +1117,7 @@ def check_database(path):
     changing it: before anything is made beside it, or a command copies or rotates for it."""
     if not os.path.isfile(path):       # none yet, or a directory: opening it says so (main())
         return None
+    refuse_if_open_by_another_name(path)
     if os.path.exists(os.path.realpath(path) + "-journal"):     # beside the file, whatever link names it
         # A process stopped in the middle of a write in rollback-journal mode (a first start's
         # switch to WAL, killed) left its journal: only a connection that may write rolls it
@@ -3907,7 +3928,8 @@ def field_display(value):
 def sms_text(pause, url, replies=True):
     """As few segments as possible: no decoration, GSM-7 characters only in what we add. From
     a sender that takes no replies, only the link."""
-    answer = f"{reply_options(pause)}, or open {url}" if replies else f"Open {url}"
+    answer = (f"{reply_options(pause)}, or open {url}" if replies
+              else f"{' / '.join(json.loads(pause['options']))}: open {url}")
     return f"{pause['message']}\n{fields_text(pause)}{answer}\nExpires {expiry_text(pause)}"
 
 
@@ -8874,11 +8896,7 @@ def verify_audit(path):
     changing it, a read-only copy too, and never migrates it: migration 13 would chain a
     log from before chaining as it stands now, tampered or not, and then find it holds."""
     real = os.path.realpath(path)       # as checked, not as abspath() reads "link/.." (the link's parent)
-    if os.path.isfile(real) and held_open(real) and not os.path.exists(real + "-wal"):
-        # Its log is beside the name its server opened, which this one is not (a file mounted
-        # on its own into a container, say): read here, the newest events would go unseen.
-        raise ConfigError(f"{path} is open in a server that reaches it by another name, with its write-ahead log"
-                          " beside that name: verify it there")
+    refuse_if_open_by_another_name(path)
     read_whole = whole_in_its_file(real)
     with contextlib.closing(connect_read_only(real, immutable=read_whole is not None)) as conn:
         applied = applied_schema(conn)
@@ -8915,7 +8933,9 @@ def whole_in_its_file(path):
         return None
     if not stat.S_ISREG(found.st_mode) or found.st_nlink > 1 or os.access(os.path.dirname(real), os.W_OK):
         return None
-    if any(os.path.lexists(real + suffix) for suffix in ("-wal", "-shm", "-journal")) or held_open(real):
+    if any(os.path.lexists(real + suffix) for suffix in ("-wal", "-shm", "-journal")):
+        return None
+    if locked_by_another(real, SQLITE_OPEN_BYTES) is not False:     # open somewhere, or no telling
         return None
     return found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns
 

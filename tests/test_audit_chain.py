@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from conftest import QUESTION, ROOT, WIRE, mounted, read_only_view, run_cli, stored, token_of
+from conftest import QUESTION, ROOT, WIRE, free_port, mounted, read_only_view, run_cli, stored, token_of
 from test_database import make_database
 import pausepoint
 
@@ -449,19 +449,26 @@ def forged_in_the_log_only(path):
         yield
 
 
-def test_verify_audit_refuses_a_database_its_server_reaches_by_another_name(logged, tmp_path):
+@pytest.mark.parametrize("left_beside_it", [(), ("-wal", "-shm")])
+def test_nothing_uses_a_database_its_server_reaches_by_another_name(logged, tmp_path, left_beside_it):
     """A database file mounted on its own (into a container, say) has its write-ahead log beside
-    the name its server opened: verified here, the file alone would be read."""
+    the name its server opened: used by this name, the file alone would be read (an earlier
+    reader's empty log and wal-index left beside it change nothing), and a second server or a
+    command's write would start a second log of the same file."""
     live = logged[0].config["database.path"]
     (tmp_path / "mounted").mkdir()
     seen = tmp_path / "mounted" / "pausepoint.db"
     seen.touch()
+    for suffix in left_beside_it:
+        (tmp_path / "mounted" / f"pausepoint.db{suffix}").touch()
     with forged_in_the_log_only(live), mounted(seen, "--bind", live):
-        # From a process of its own, as an operator's command is: a lock is seen by other processes.
-        refused = run_cli(tmp_path, "--db", str(seen), "verify-audit")
-    assert refused.returncode == 2 and refused.stderr == (
-        f"pausepoint: {seen} is open in a server that reaches it by another name, with its write-ahead log beside"
-        " that name: verify it there\n")
+        # From processes of their own, as an operator's are: a lock is seen by other processes.
+        for command in (["verify-audit"], ["backup", str(tmp_path / "copy.db")], ["--port", str(free_port())]):
+            refused = run_cli(tmp_path, "--db", str(seen), *command)
+            assert refused.returncode == 2 and refused.stderr.endswith(
+                f"pausepoint: {seen} is open in a process that reaches it by another name (a file mounted on its own,"
+                " a hard link), with its write-ahead log beside that name: use the database by that name\n"), command
+    assert not (tmp_path / "copy.db").exists()
 
 
 def test_verify_audit_reads_the_file_a_path_through_a_link_leads_to(logged, tmp_path, capsys):

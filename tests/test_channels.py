@@ -105,7 +105,8 @@ def test_texts_from_a_sender_id_offer_only_the_link_and_whatsapp_needs_a_number(
     sent(api, key, created["pause_id"], "sent")
     message = twilio.messages[0]
     assert message["From"] == sender and message["Body"].count("Reply ") == replies
-    assert f"\n{'Reply' if replies else 'Open'} " in message["Body"] and created["respond_url"] in message["Body"]
+    assert f"\n{'Reply' if replies else 'Approve / Reject: open'} " in message["Body"]
+    assert created["respond_url"] in message["Body"]
     error = api.post_json("/v1/pause", {**WIRE, "channel": "whatsapp"}, headers=api.as_key(key), status=422).json["error"]
     assert error["code"] == "channel_not_configured" and "twilio.from_number as a WhatsApp-enabled number" in (
         error["message"])

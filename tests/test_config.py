@@ -72,6 +72,7 @@ def test_file_then_environment_then_flags_overlay_the_defaults(tmp_path):
     ("", {"PAUSEPOINT_SMTP_FROM_ADDRESS": "PausePoint <approvals@bücher.de>"},
      "smtp.from_address must name its domain as DNS does, in ASCII: a name with other letters in its xn-- form"),
     ("", {"PAUSEPOINT_TWILIO_FROM_NUMBER": "15550100"}, "twilio.from_number must be empty, a phone number in E.164"),
+    ("", {"PAUSEPOINT_TWILIO_FROM_NUMBER": "+1555O100"}, "twilio.from_number must be empty, a phone number in E.164"),
     (f"[twilio]\naccount_sid = 'AC{'0' * 32}'\n", {},
      "the Twilio settings are incomplete: with twilio.account_sid set, the sms and whatsapp channels also need"
      " twilio.auth_token and either twilio.from_number or twilio.messaging_service_sid"),
