@@ -492,6 +492,10 @@ class ServerProcess:
     def healthy(self):
         if self.proc.poll() is not None:
             raise AssertionError(f"server exited with {self.proc.returncode}: {self.output()}")
+        # Its own start line first: a free port can be handed to two test processes at once, and
+        # the other's server answer on it while this one fails to listen there.
+        if " listening on " not in self.output():
+            return False
         try:
             return requests.get(self.url + "/healthz", timeout=1).status_code == 200
         except requests.ConnectionError:

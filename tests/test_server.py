@@ -4,6 +4,7 @@ import concurrent.futures
 import fcntl
 import fnmatch
 import functools
+import http.server
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import requests
 
 from conftest import (register_over_http, stored, PASSWORD, ROOT, WIRE, Api, LiveServer, free_port, make_config,
                       process_env, run_cli, run_out, token_of, wait_until)
+from stubs import serve_http, stop_http
 from test_webhooks import add_webhook, send_test_events
 import pausepoint
 
@@ -92,6 +94,24 @@ def test_a_second_server_on_a_database_is_refused_and_the_first_serves_on(spawn_
     assert run_cli(tmp_path, "--db", str(tmp_path / "another-name.db"), "--port", str(free_port()), "serve").returncode == 2
     first.stop()
     assert register(spawn_server().url, email="again@example.com")["test_api_key"]     # the lock went with the first
+
+
+class AlwaysHealthy(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_a_server_process_that_cannot_listen_is_not_taken_for_another_that_answers_on_its_port(spawn_server):
+    """Two test processes may be handed one free port: the server that gets it answers /healthz
+    for the one that could not listen there, which must fail, not go on as if started."""
+    other, url = serve_http(AlwaysHealthy)
+    try:
+        with pytest.raises(AssertionError, match="Address already in use"):
+            spawn_server(port=int(url.rsplit(":", 1)[1]))
+    finally:
+        stop_http(other)
 
 
 def test_a_start_waits_out_a_command_looking_at_the_lock_but_not_another_server(tmp_path):
