@@ -8655,33 +8655,45 @@ def backup(config, destination):
     except OSError as e:
         raise ConfigError(f"cannot write {destination}: {e.strerror}") from None
     os.close(fd)
-    source, target = connect(config["database.path"]), sqlite3.connect(partial)
     try:
-        with target:
-            source.backup(target)
-        os.link(partial, destination)
+        copy_database(config["database.path"], partial)
+        # Its keys before its name, checked against the copy: a backup by that name has them,
+        # whenever the command is stopped (a kill, a power cut) or fails.
+        copied_keys = backup_signing_keys(keys, keys_copy, partial)
+        try:
+            os.link(partial, destination)
+        except OSError:
+            if copied_keys:
+                os.unlink(keys_copy)
+            raise
         sync_directory(destination)
+        return copied_keys
     except (sqlite3.Error, OSError) as e:
         raise ConfigError(f"the backup to {destination} failed: {e}") from None
     finally:
-        target.close()
-        source.close()
         for leftover in (partial, partial + "-journal"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
+
+
+def copy_database(path, partial):
+    """The database at `path` copied into the file `partial`, through SQLite's backup API."""
+    source, target = connect(path), sqlite3.connect(partial)
     try:
-        return backup_signing_keys(keys, keys_copy, destination)
-    except BaseException:
-        os.unlink(destination)      # a backup that could not be started is no backup
-        raise
+        with target:
+            source.backup(target)
+    finally:
+        target.close()
+        source.close()
 
 
-def backup_signing_keys(keys, keys_copy, destination):
-    """Copy the signing keys beside the backup `destination`, and check them as its start
-    would: they must be whole and hold the key of its latest receipt. Returns False for a
-    database with neither keys nor receipts (create-developer before the first start)."""
+def backup_signing_keys(keys, keys_copy, copy):
+    """Copy the signing keys to `keys_copy`, beside the backup, and check them as a start on
+    the database's `copy` would: they must be whole and hold the key of its latest receipt.
+    Returns False for a database with neither keys nor receipts (create-developer before the
+    first start)."""
     if not os.path.exists(keys):
-        if latest_receipt_kid(destination):
+        if latest_receipt_kid(copy):
             raise ConfigError(f"the signing keys beside the database ({keys}) are missing, and it holds receipts"
                               " signed with them: restore them from a backup first")
         return False
@@ -8691,7 +8703,7 @@ def backup_signing_keys(keys, keys_copy, destination):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"the backup's signing keys could not be copied from {keys}: {e}") from None
     try:
-        Signer(keys_copy, functools.partial(latest_receipt_kid, destination)).helper.shutdown()
+        Signer(keys_copy, functools.partial(latest_receipt_kid, copy)).helper.shutdown()
     except BaseException as e:
         os.unlink(keys_copy)
         if isinstance(e, ConfigError):
