@@ -8712,6 +8712,16 @@ def backup_signing_keys(keys, keys_copy, copy):
     return True
 
 
+def refuse_an_unknown_option_first(parser, argv):
+    """`--bind 0.0.0.0` (an option no command takes) is said to be one: argparse would take its
+    value for the command, and answer that 0.0.0.0 is no command."""
+    server_options = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_server_options(server_options, None)
+    rest = server_options.parse_known_args(argv)[1]
+    if rest and rest[0].startswith("-") and rest[0] not in ("-h", "--help"):
+        parser.error(f"unrecognized option {rest[0]} (the options, and the commands: --help)")
+
+
 def add_server_options(parser, default):
     """The options every command takes, before the command or after it."""
     parser.add_argument("--config", default=default, help="TOML config file (default: ./config.toml if present)")
@@ -8767,7 +8777,9 @@ def command_line():
 
 
 def main(argv=None):
-    args = command_line().parse_args(argv)
+    parser = command_line()
+    refuse_an_unknown_option_first(parser, sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The delivery job is woken on demand; APScheduler warns when a wake-up finds it

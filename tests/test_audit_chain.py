@@ -395,8 +395,9 @@ def test_options_are_taken_only_whole(logged, capsys):
         pausepoint.main(["verify-audit", "--d", path])
     assert refused.value.code == 2 and "unrecognized arguments: --d" in capsys.readouterr().err
     with pytest.raises(SystemExit) as refused:
-        pausepoint.main(["--d", path, "verify-audit"])     # before the command: path is taken as the command
-    assert refused.value.code == 2 and "invalid choice" in capsys.readouterr().err
+        pausepoint.main(["--d", path, "verify-audit"])     # before the command: its value is no command either
+    assert refused.value.code == 2 and "unrecognized option --d (the options, and the commands: --help)" in (
+        capsys.readouterr().err)
 
 
 def test_verify_audit_never_migrates_an_older_database_and_says_to_start_the_server_first(tmp_path, capsys):
