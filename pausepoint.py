@@ -888,14 +888,18 @@ SQLITE_SHM_IN_USE_BYTE = (128, 1)
 
 
 def locked_by_another(path, span):
-    """Whether another process holds a lock on the bytes `span` (start, length) of the file at
-    `path`; None where this cannot tell (no file to open, a file system without locks). A lock
-    belongs to the file itself: this sees one taken through any name, bind mount or link."""
+    """Whether another process holds a lock on the bytes `span` (start, length) of the regular
+    file at `path`; None where this cannot tell (no such file to open, a file system without
+    locks). A lock belongs to the file itself: this sees one taken through any name, bind
+    mount or link. Closing a descriptor of a file lets go of every lock this process holds
+    on it, its SQLite connections' too: never called where one is open."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)     # (a FIFO named by mistake opens at once)
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         asked = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, *span, 0)      # Linux's struct flock
         return struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, asked))[0] != fcntl.F_UNLCK
     except OSError:
@@ -909,11 +913,29 @@ def refuse_if_open_by_another_name(path):
     on its own into a container, a hard link): its connections hold the file's lock but not
     that of the wal-index beside this name, since theirs is beside the name they opened. Used
     by this name, its newest writes (in the log beside that one) would go unseen, and a write
-    would start a second log of the same file."""
+    would start a second log of the same file. A connection opening or closing by this name
+    holds the first lock a moment before (or after) the second, so only a state that lasts is
+    refused. Called as a process starts or a command begins, before it opens the database."""
     real = os.path.realpath(path)
-    if locked_by_another(real, SQLITE_OPEN_BYTES) and not locked_by_another(real + "-shm", SQLITE_SHM_IN_USE_BYTE):
-        raise ConfigError(f"{path} is open in a process that reaches it by another name (a file mounted on its own,"
-                          " a hard link), with its write-ahead log beside that name: use the database by that name")
+    for _ in range(OPEN_ELSEWHERE_LOOKS):
+        # No wal-index here is one not used by this name; one that cannot be read tells nothing.
+        here = locked_by_another(real + "-shm", SQLITE_SHM_IN_USE_BYTE) if os.path.lexists(real + "-shm") else False
+        if not (here is False and locked_by_another(real, SQLITE_OPEN_BYTES)):
+            return
+        time.sleep(0.02)
+    raise ConfigError(f"{path} is open in a process that reaches it by another name (a file mounted on its own,"
+                      " a hard link), with its write-ahead log beside that name: use the database by that name")
+
+
+OPEN_ELSEWHERE_LOOKS = 10
+
+
+def refuse_if_no_file(path):
+    """A named pipe or a device given as the database: SQLite would wait on it for ever."""
+    with contextlib.suppress(OSError):
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):     # (a directory gets its own answer)
+            raise ConfigError(f"{path} is no database file: name the server's with --db or database.path")
 
 
 def connect_read_only(path, immutable=False):
@@ -1117,7 +1139,6 @@ def check_database(path):
     changing it: before anything is made beside it, or a command copies or rotates for it."""
     if not os.path.isfile(path):       # none yet, or a directory: opening it says so (main())
         return None
-    refuse_if_open_by_another_name(path)
     if os.path.exists(os.path.realpath(path) + "-journal"):     # beside the file, whatever link names it
         # A process stopped in the middle of a write in rollback-journal mode (a first start's
         # switch to WAL, killed) left its journal: only a connection that may write rolls it
@@ -8517,6 +8538,8 @@ def stored_state_warnings(conn, config):
 def serve(config):
     fewer_malloc_arenas()
     lock = only_server(config["database.path"])     # before anything reads or migrates the database
+    refuse_if_no_file(config["database.path"])
+    refuse_if_open_by_another_name(config["database.path"])
     app = create_app(config)
     server = make_server(app, config)
     lapse_claims_of_a_stopped_server(app.runtime.db())
@@ -8662,7 +8685,7 @@ def backup(config, destination):
         copied_keys = backup_signing_keys(keys, keys_copy, partial)
         try:
             os.link(partial, destination)
-        except OSError:
+        except BaseException:           # (Ctrl-C too)
             if copied_keys:
                 os.unlink(keys_copy)
             raise
@@ -8715,10 +8738,11 @@ def backup_signing_keys(keys, keys_copy, copy):
 def refuse_an_unknown_option_first(parser, argv):
     """`--bind 0.0.0.0` (an option no command takes) is said to be one: argparse would take its
     value for the command, and answer that 0.0.0.0 is no command."""
-    server_options = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    server_options = argparse.ArgumentParser(prog=parser.prog, usage=parser.format_usage()[len("usage: "):],
+                                             add_help=False, allow_abbrev=False)
     add_server_options(server_options, None)
     rest = server_options.parse_known_args(argv)[1]
-    if rest and rest[0].startswith("-") and rest[0] not in ("-h", "--help"):
+    if rest and rest[0].startswith("-") and rest[0] not in ("-", "--", "-h", "--help"):
         parser.error(f"unrecognized option {rest[0]} (the options, and the commands: --help)")
 
 
@@ -8870,6 +8894,8 @@ def run_command(args, config):
     if new:         # on standard error: the keys on standard output stay JSON for scripts
         print(f"pausepoint: there was no database at {config['database.path']}: a new one is made for this"
               " developer (if the server's is elsewhere, name it with --db or database.path)", file=sys.stderr)
+    refuse_if_no_file(config["database.path"])
+    refuse_if_open_by_another_name(config["database.path"])
     if args.command == "verify-audit":       # it checks the schema itself, read-only
         return verify_audit(config["database.path"])
     check_database(config["database.path"])
@@ -8920,7 +8946,6 @@ def verify_audit(path):
     changing it, a read-only copy too, and never migrates it: migration 13 would chain a
     log from before chaining as it stands now, tampered or not, and then find it holds."""
     real = os.path.realpath(path)       # as checked, not as abspath() reads "link/.." (the link's parent)
-    refuse_if_open_by_another_name(path)
     read_whole = whole_in_its_file(real)
     with contextlib.closing(connect_read_only(real, immutable=read_whole is not None)) as conn:
         applied = applied_schema(conn)

@@ -655,6 +655,13 @@ def test_a_server_that_cannot_start_says_why_in_one_sentence(tmp_path, listening
         assert stored(db, "SELECT count(*) FROM audit_events WHERE event_type != 'pause.created'") == [(0,)]
 
 
+def test_a_named_pipe_given_as_the_database_is_refused_not_waited_on(tmp_path):
+    os.mkfifo(tmp_path / "pipe.db")
+    for command in (["verify-audit"], ["--port", str(free_port())]):
+        one_sentence(run_cli(tmp_path, "--db", str(tmp_path / "pipe.db"), *command),
+                     f"{tmp_path / 'pipe.db'} is no database file")
+
+
 def test_a_backup_that_fails_leaves_nothing_to_be_taken_for_one(tmp_path):
     """A full disk (here: the file size limit) cuts the copy short: no half copy under its name."""
     assert run_cli(tmp_path, "create-developer", "--email", "ops@example.com", "--name", "Ops", "--password-stdin",
