@@ -487,7 +487,12 @@ class ServerProcess:
                                              cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         else:
             self.proc = launcher.Launched(argv, cwd, env, self.log_path)
-        wait_until(self.healthy, timeout=20)
+        try:
+            wait_until(self.healthy, timeout=20)
+        except BaseException:           # not started in time: it is no test's to stop later
+            if self.proc.poll() is None:
+                self.proc.kill()
+            raise
 
     def healthy(self):
         if self.proc.poll() is not None:
