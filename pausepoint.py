@@ -919,8 +919,10 @@ def refuse_if_open_by_another_name(path):
     real = os.path.realpath(path)
     for _ in range(OPEN_ELSEWHERE_LOOKS):
         # No wal-index here is one not used by this name; one that cannot be read tells nothing.
+        # A log here with frames in it is this name's (a reader that may not write the wal-index
+        # reads it without locking that): nothing says the file is used by another.
         here = locked_by_another(real + "-shm", SQLITE_SHM_IN_USE_BYTE) if os.path.lexists(real + "-shm") else False
-        if not (here is False and locked_by_another(real, SQLITE_OPEN_BYTES)):
+        if not (here is False and not log_with_frames(real + "-wal") and locked_by_another(real, SQLITE_OPEN_BYTES)):
             return
         time.sleep(0.02)
     raise ConfigError(f"{path} is open in a process that reaches it by another name (a file mounted on its own,"
@@ -928,6 +930,14 @@ def refuse_if_open_by_another_name(path):
 
 
 OPEN_ELSEWHERE_LOOKS = 10
+WAL_HEADER_BYTES = 32
+
+
+def log_with_frames(wal):
+    """Whether the write-ahead log at `wal` holds frames (more than its header)."""
+    with contextlib.suppress(OSError):
+        return os.stat(wal).st_size > WAL_HEADER_BYTES
+    return False
 
 
 def refuse_if_no_file(path):

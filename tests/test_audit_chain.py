@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import sqlite3
+import subprocess
 import sys
 import threading
 
@@ -470,6 +471,36 @@ def test_nothing_uses_a_database_its_server_reaches_by_another_name(logged, tmp_
                 f"pausepoint: {seen} is open in a process that reaches it by another name (a file mounted on its own,"
                 " a hard link), with its write-ahead log beside that name: use the database by that name\n"), command
     assert not (tmp_path / "copy.db").exists()
+
+
+# A reader that may not write the wal-index beside the database: it holds the file's lock
+# and none on the wal-index (SQLite reads the log without one then).
+READER_WITHOUT_A_WAL_INDEX = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.lockf(fd, fcntl.LOCK_SH, 510, 0x40000002, os.SEEK_SET)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_reader_by_the_same_name_that_shares_no_wal_index_is_not_taken_for_another_name(logged, tmp_path):
+    """Its log is beside this name, with the frames in it: a command by this name reads them."""
+    live = logged[0].config["database.path"]
+    (tmp_path / "stopped").mkdir()
+    with forged_in_the_log_only(live):
+        for name in ("pausepoint.db", "pausepoint.db-wal"):
+            shutil.copy(os.path.join(os.path.dirname(live), name), tmp_path / "stopped")
+    copy = tmp_path / "stopped" / "pausepoint.db"
+    reader = subprocess.Popen([sys.executable, "-c", READER_WITHOUT_A_WAL_INDEX, str(copy)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert reader.stdout.readline() == "held\n"
+        verified = run_cli(tmp_path, "--db", str(copy), "verify-audit")
+    finally:
+        reader.kill()
+        reader.wait()
+    assert verified.returncode == 1 and "it was changed" in verified.stdout, verified.stderr      # the log was read
 
 
 def test_verify_audit_reads_the_file_a_path_through_a_link_leads_to(logged, tmp_path, capsys):
