@@ -941,11 +941,15 @@ def log_with_frames(wal):
 
 
 def refuse_if_no_file(path):
-    """A named pipe or a device given as the database: SQLite would wait on it for ever."""
-    with contextlib.suppress(OSError):
-        mode = os.stat(path).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):     # (a directory gets its own answer)
-            raise ConfigError(f"{path} is no database file: name the server's with --db or database.path")
+    """A named pipe or a device given as the database, or put where its log, wal-index, journal
+    or keys file go: SQLite (or the keys' reader) would wait on it for ever."""
+    real = os.path.realpath(path)
+    for name in (path, real + "-wal", real + "-shm", real + "-journal", signing_keys_path(path)):
+        with contextlib.suppress(OSError):
+            mode = os.stat(name).st_mode
+            if not (stat.S_ISREG(mode) or name == path and stat.S_ISDIR(mode)):    # (a directory: its own answer)
+                raise ConfigError(f"{name} is no file the database may use: name the server's with --db or"
+                                  " database.path, or remove it")
 
 
 def connect_read_only(path, immutable=False):

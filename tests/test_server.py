@@ -655,11 +655,15 @@ def test_a_server_that_cannot_start_says_why_in_one_sentence(tmp_path, listening
         assert stored(db, "SELECT count(*) FROM audit_events WHERE event_type != 'pause.created'") == [(0,)]
 
 
-def test_a_named_pipe_given_as_the_database_is_refused_not_waited_on(tmp_path):
-    os.mkfifo(tmp_path / "pipe.db")
+@pytest.mark.parametrize("pipe", ["pipe.db", "pausepoint.db-journal", "pausepoint.db.keys.json"])
+def test_a_named_pipe_as_the_database_or_beside_it_is_refused_not_waited_on(tmp_path, pipe):
+    db = tmp_path / ("pipe.db" if pipe == "pipe.db" else "pausepoint.db")
+    if pipe != "pipe.db":
+        assert run_cli(tmp_path, "create-developer", "--email", "ops@example.com", "--name", "Ops", "--password-stdin",
+                       stdin=PASSWORD + "\n").returncode == 0
+    os.mkfifo(tmp_path / pipe)
     for command in (["verify-audit"], ["--port", str(free_port())]):
-        one_sentence(run_cli(tmp_path, "--db", str(tmp_path / "pipe.db"), *command),
-                     f"{tmp_path / 'pipe.db'} is no database file")
+        one_sentence(run_cli(tmp_path, "--db", str(db), *command), f"{tmp_path / pipe} is no file the database may use")
 
 
 def test_a_backup_that_fails_leaves_nothing_to_be_taken_for_one(tmp_path):
