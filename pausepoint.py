@@ -940,11 +940,23 @@ def log_with_frames(wal):
     return False
 
 
+# What SQLite keeps beside a database file: its write-ahead log, wal-index and rollback journal.
+BESIDE_A_DATABASE = ("-wal", "-shm", "-journal")
+
+
+def refuse_before_opening(path):
+    """What a process checks before it first opens the database at `path` (a server as it
+    starts, a command as it begins): no process may have it open by another name, and none of
+    its files may be a pipe to wait on."""
+    refuse_if_no_file(path)
+    refuse_if_open_by_another_name(path)
+
+
 def refuse_if_no_file(path):
     """A named pipe or a device given as the database, or put where its log, wal-index, journal
     or keys file go: SQLite (or the keys' reader) would wait on it for ever."""
     real = os.path.realpath(path)
-    for name in (path, real + "-wal", real + "-shm", real + "-journal", signing_keys_path(path)):
+    for name in (path, *(real + suffix for suffix in BESIDE_A_DATABASE), signing_keys_path(path)):
         with contextlib.suppress(OSError):
             mode = os.stat(name).st_mode
             if not (stat.S_ISREG(mode) or name == path and stat.S_ISDIR(mode)):    # (a directory: its own answer)
@@ -8552,8 +8564,7 @@ def stored_state_warnings(conn, config):
 def serve(config):
     fewer_malloc_arenas()
     lock = only_server(config["database.path"])     # before anything reads or migrates the database
-    refuse_if_no_file(config["database.path"])
-    refuse_if_open_by_another_name(config["database.path"])
+    refuse_before_opening(config["database.path"])
     app = create_app(config)
     server = make_server(app, config)
     lapse_claims_of_a_stopped_server(app.runtime.db())
@@ -8908,8 +8919,7 @@ def run_command(args, config):
     if new:         # on standard error: the keys on standard output stay JSON for scripts
         print(f"pausepoint: there was no database at {config['database.path']}: a new one is made for this"
               " developer (if the server's is elsewhere, name it with --db or database.path)", file=sys.stderr)
-    refuse_if_no_file(config["database.path"])
-    refuse_if_open_by_another_name(config["database.path"])
+    refuse_before_opening(config["database.path"])
     if args.command == "verify-audit":       # it checks the schema itself, read-only
         return verify_audit(config["database.path"])
     check_database(config["database.path"])
@@ -8996,7 +9006,7 @@ def whole_in_its_file(path):
         return None
     if not stat.S_ISREG(found.st_mode) or found.st_nlink > 1 or os.access(os.path.dirname(real), os.W_OK):
         return None
-    if any(os.path.lexists(real + suffix) for suffix in ("-wal", "-shm", "-journal")):
+    if any(os.path.lexists(real + suffix) for suffix in BESIDE_A_DATABASE):
         return None
     if locked_by_another(real, SQLITE_OPEN_BYTES) is not False:     # open somewhere, or no telling
         return None
