@@ -113,6 +113,12 @@ class PausePoint:
         parts = urllib.parse.urlsplit(str(base_url))
         if parts.scheme not in ("http", "https") or not parts.hostname or "?" in base_url or "#" in base_url:
             raise ValueError(f"the server's address must be an http:// or https:// URL, not {base_url!r}")
+        api_key = str(api_key).strip()
+        # Checked here, not left to http.client, whose refusal of a line break in a header quotes
+        # the header, key and all, into errors that reach logs and a hook's answer.
+        if not api_key.isascii() or not api_key.isprintable() or " " in api_key:
+            raise ValueError("the API key holds a character no key has (a line break, a space or a non-ASCII"
+                             " character): copy it again from where it was first shown")
         self.base_url, self.api_key = base_url.rstrip("/"), api_key
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self._opener = urllib.request.build_opener(_RedirectsRefused)
@@ -327,7 +333,7 @@ def api_key_from(environ):
     if not path:
         if not environ.get("PAUSEPOINT_API_KEY", "").strip():
             raise ValueError("no API key: set PAUSEPOINT_API_KEY_FILE to a file holding it (or PAUSEPOINT_API_KEY)")
-        return environ["PAUSEPOINT_API_KEY"]
+        return environ["PAUSEPOINT_API_KEY"].strip()
     try:
         with open(path, encoding="utf-8-sig") as f:
             line = f.readline(201)

@@ -192,6 +192,19 @@ def test_a_key_file_with_no_key_is_named_and_nobody_is_asked(tmp_path, text):
     assert out["permissionDecision"] == "ask" and "holds no key" in out["permissionDecisionReason"] and asked == []
 
 
+def test_a_key_with_a_line_break_is_used_without_it_at_its_ends_and_never_quoted(live_server):
+    """A key set with $(cat key) from a file saved on Windows ends in a carriage return; one with
+    a line break inside is refused, and the answer, which Claude Code records, does not hold it."""
+    key = new_test_key(live_server.url)
+    person = answer_first_pending(live_server.url, key, "Allow")
+    out = run_hook(live_server.url, key + "\r")
+    person.join()
+    assert out["permissionDecision"] == "allow"
+    out = run_hook(live_server.url, key[:30] + "\r\n" + key[30:])
+    assert out["permissionDecision"] == "ask" and "no key has" in out["permissionDecisionReason"]
+    assert key[8:30] not in out["permissionDecisionReason"] and key[30:] not in out["permissionDecisionReason"]
+
+
 def test_deny_on_timeout_may_be_written_in_capitals():
     server, url, asked = serve_stand_in()
     try:
