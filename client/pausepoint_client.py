@@ -148,7 +148,8 @@ class PausePoint:
         def query():
             asked = wait if deadline is None else min(wait, max(0, round(deadline - time.monotonic())))
             return {"wait": asked} if asked else None
-        return self._call("GET", f"/v1/pause/{_quote(pause_id)}", query=query, safe=True, deadline=deadline)
+        pause = self._call("GET", f"/v1/pause/{_quote(pause_id)}", query=query, safe=True, deadline=deadline)
+        return _the_pause_asked_about(pause, pause_id, self.base_url)
 
     def wait(self, pause_id, timeout=None):
         """The pause once decided, or as it stands after `timeout` seconds (None: until decided).
@@ -195,7 +196,8 @@ class PausePoint:
     def cancel(self, pause_id):
         """Cancel a pending pause; returns it. Cancelling one already cancelled returns it too."""
         try:
-            return self._call("POST", f"/v1/pause/{_quote(pause_id)}/cancel", safe=True)
+            pause = self._call("POST", f"/v1/pause/{_quote(pause_id)}/cancel", safe=True)
+            return _the_pause_asked_about(pause, pause_id, self.base_url)
         except Conflict:
             pause = self.get(pause_id)
             if pause["status"] == "cancelled":
@@ -291,6 +293,15 @@ def _answer_from(raw, base_url):
         raise PausePointError(200, "bad_answer", f"{base_url} answered with something other than a PausePoint"
                                                  f" answer (a JSON object): {raw[:80]!r}")
     return answer
+
+
+def _the_pause_asked_about(pause, pause_id, base_url):
+    """`pause`, when it is the one asked about: an answer about another (a cache or a proxy
+    mixing up answers, a server that is not ours) must not decide this one, whatever it says."""
+    if pause.get("pause_id") != str(pause_id):
+        raise PausePointError(200, "bad_answer", f"{base_url} answered about {pause.get('pause_id')!r} when asked"
+                                                 f" about {str(pause_id)!r}")
+    return pause
 
 
 def _error_from(http_error):

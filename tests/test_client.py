@@ -346,6 +346,18 @@ def test_a_success_that_is_no_pausepoint_answer_is_said_to_be_none(body):
     assert refused.value.code == "bad_answer" and url in refused.value.message
 
 
+def test_an_answer_about_another_pause_never_decides_the_one_waited_for():
+    other = b'{"pause_id": "psr_2", "status": "responded", "choice": "Approve", "options": ["Approve", "Reject"]}'
+    server, url, seen = answering((200, {}, b'{"pause_id": "psr_1", "status": "pending"}'), (200, {}, other))
+    try:
+        with pytest.raises(pausepoint_client.PausePointError) as refused:
+            PausePoint(url, "pp_test_x").request_approval(**ASK)
+    finally:
+        stop_http(server)
+    assert refused.value.code == "bad_answer" and "'psr_2'" in refused.value.message
+    assert [what[0] for what in seen] == ["POST", "GET"]
+
+
 @pytest.mark.parametrize("url", ["http//127.0.0.1:8080", "127.0.0.1:8080", "ftp://127.0.0.1", "http://:8080",
                                  "http://127.0.0.1:8080/?x=1", "http://127.0.0.1:8080?", "http://127.0.0.1:8080#"])
 def test_an_address_that_is_no_http_url_is_refused_when_the_client_is_made(url):
