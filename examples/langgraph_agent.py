@@ -54,7 +54,7 @@ def build_graph(do_action, checkpointer=None):
     return graph.compile(checkpointer=checkpointer or InMemorySaver())
 
 
-def start(graph, pausepoint, thread_id, action, recipient):
+def start(graph, pausepoint, thread_id, action, recipient, timeout_hours=1, timeout_default="Reject"):
     """Run the graph until it asks; create the pause for that question. Returns the pause.
     Called again for a thread already waiting (a retry after a lost answer, or a crash once
     the pause was made), it asks about the same interrupt, so the same pause comes back."""
@@ -63,7 +63,7 @@ def start(graph, pausepoint, thread_id, action, recipient):
         graph.invoke({"action": action}, config)
     [pending] = graph.get_state(config).interrupts
     return pausepoint.pause(recipient=recipient, channel="sms", message=pending.value["question"],
-                            options=["Approve", "Reject"], timeout_hours=1, timeout_default="Reject",
+                            options=["Approve", "Reject"], timeout_hours=timeout_hours, timeout_default=timeout_default,
                             metadata={"langgraph_thread_id": thread_id, "langgraph_interrupt_id": pending.id},
                             idempotency_key=f"langgraph-{thread_id}-{pending.id}")
 
@@ -77,7 +77,9 @@ def resume_from_events(graph, pausepoint, after=None, wait=30, once=False):
         thread_id, interrupt_id = metadata.get("langgraph_thread_id"), metadata.get("langgraph_interrupt_id")
         waiting_on = [] if thread_id is None else graph.get_state({"configurable": {"thread_id": thread_id}}).interrupts
         if any(pending.id == interrupt_id for pending in waiting_on):
-            decision = event["data"]["choice"] if event["type"] != "pause.cancelled" else "Cancelled"
+            # Only a person's choice decides: a timed-out pause's event carries its timeout_default
+            # as its choice, which must not pass for an approval when that default is "Approve".
+            decision = event["data"]["choice"] if event["type"] == "pause.responded" else event["data"]["status"]
             config = {"configurable": {"thread_id": thread_id}}
             yield thread_id, graph.invoke(Command(resume=decision or "Reject"), config)
             if once:

@@ -66,6 +66,16 @@ def test_an_answer_to_an_earlier_question_on_the_thread_id_never_resumes_a_later
     assert state["result"] == "did: delete the staging database" and done == ["delete the staging database"]
 
 
+def test_a_langgraph_question_nobody_answered_is_never_acted_on_whatever_its_default(pp):
+    import langgraph_agent
+    done = []
+    graph = langgraph_agent.build_graph(lambda action: done.append(action) or f"did: {action}")
+    langgraph_agent.start(graph, pp, "thread-9", "delete the staging database", "+15550100",
+                          timeout_hours=0.0003, timeout_default="Approve")     # about a second
+    [(_, state)] = list(langgraph_agent.resume_from_events(graph, pp, wait=10, once=True))
+    assert state["result"] == "not done (timed_out)" and done == []
+
+
 @pytest.mark.parametrize("choice", ["Approve", "Reject"])
 def test_the_pydantic_ai_tool_runs_only_when_a_person_approves(pp, choice):
     from pydantic_ai.models.test import TestModel
