@@ -18,6 +18,7 @@ a timeout (whatever its default) and a cancellation.
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import random
 import time
@@ -121,7 +122,10 @@ class PausePoint:
                              " character): copy it again from where it was first shown")
         self.base_url, self.api_key = base_url.rstrip("/"), api_key
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self._opener = urllib.request.build_opener(_RedirectsRefused)
+        # A server on this machine is never reached through a proxy from http_proxy: the
+        # proxy would be sent the key (over plain HTTP, in the clear) and could answer for it.
+        direct = [urllib.request.ProxyHandler({})] if _is_loopback(parts.hostname) else []
+        self._opener = urllib.request.build_opener(_RedirectsRefused, *direct)
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -267,6 +271,13 @@ class PausePoint:
                 raise error
             time.sleep(pause)
         raise AssertionError("unreachable")
+
+
+def _is_loopback(hostname):
+    try:
+        return hostname == "localhost" or ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
 
 
 def _quote(part):

@@ -346,6 +346,22 @@ def test_a_success_that_is_no_pausepoint_answer_is_said_to_be_none(body):
     assert refused.value.code == "bad_answer" and url in refused.value.message
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_server_on_this_machine_is_called_directly_not_through_a_proxy(live_server, monkeypatch, host):
+    """A proxy named for plain HTTP would be sent the key in the clear, and answer for the server."""
+    key = register(live_server.url)["test_api_key"]
+    proxy, proxy_url, seen = answering((200, {}, b'{"pause_id": "psr_1", "status": "responded"}'))
+    monkeypatch.setenv("http_proxy", proxy_url)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    try:
+        url = live_server.url.replace("127.0.0.1", host)
+        created = PausePoint(url, key, retries=0).pause(**ASK)
+    finally:
+        stop_http(proxy)
+    assert created["status"] == "pending" and seen == []
+
+
 def test_an_answer_about_another_pause_never_decides_the_one_waited_for():
     other = b'{"pause_id": "psr_2", "status": "responded", "choice": "Approve", "options": ["Approve", "Reject"]}'
     server, url, seen = answering((200, {}, b'{"pause_id": "psr_1", "status": "pending"}'), (200, {}, other))
