@@ -6,7 +6,7 @@ import sys
 import pytest
 import requests
 
-from conftest import answer_first_pending, register_over_http, ROOT
+from conftest import answer_first_pending, register_over_http, ROOT, run_out
 
 sys.path.insert(0, os.path.join(ROOT, "client"))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -66,12 +66,14 @@ def test_an_answer_to_an_earlier_question_on_the_thread_id_never_resumes_a_later
     assert state["result"] == "did: delete the staging database" and done == ["delete the staging database"]
 
 
-def test_a_langgraph_question_nobody_answered_is_never_acted_on_whatever_its_default(pp):
+def test_a_langgraph_question_nobody_answered_is_never_acted_on_whatever_its_default(pp, live_server):
     import langgraph_agent
     done = []
     graph = langgraph_agent.build_graph(lambda action: done.append(action) or f"did: {action}")
-    langgraph_agent.start(graph, pp, "thread-9", "delete the staging database", "+15550100",
-                          timeout_hours=0.0003, timeout_default="Approve")     # about a second
+    asked = langgraph_agent.start(graph, pp, "thread-9", "delete the staging database", "+15550100",
+                                  timeout_default="Approve")
+    run_out(live_server.app.runtime.config, asked["pause_id"])
+    live_server.app.runtime.run_once("timeouts")
     [(_, state)] = list(langgraph_agent.resume_from_events(graph, pp, wait=10, once=True))
     assert state["result"] == "not done (timed_out)" and done == []
 
