@@ -124,7 +124,7 @@ SETTINGS = [
     Setting("server.header_timeout", 10, "Seconds a client has to send a request's headers in full once it starts; slower ones are disconnected."),
     Setting("server.body_timeout", 30, "Seconds a client has to send a request's body in full after its headers."),
     Setting("server.idle_timeout", 60, "Seconds an idle keep-alive connection stays open."),
-    Setting("server.send_timeout", 20, "Seconds an answer may wait for the client to read it before the connection is closed."),
+    Setting("server.send_timeout", 20, "Seconds an answer may wait for the client to read another 64 KiB of it before the connection is closed."),
     Setting("database.path", "pausepoint.db", "SQLite database file. Created from schema.sql on first start."),
     Setting("database.cache_kib", 128, "SQLite's page cache per connection, in KiB. There is a connection for each request running at once and for each job thread (at most about 90 with the defaults), so this counts that many times; the operating system's file cache, shared by all, holds the rest."),
     Setting("database.min_free_mb", 256, "Free space, in MiB, kept on the database's disk for the pauses already made, counted once the WAL is copied into the database file: below it, new pauses and registrations get 507, while decisions, timeouts and sends go on. 0: only the room the WAL needs (a disk with none left is short of it still)."),
@@ -8066,6 +8066,7 @@ class HardenedChannel(waitress.channel.HTTPChannel):
     parked_request = None       # a long poll waiting without a thread (see ParkableTask)
     register_parked = None
     resumed = False             # queued for a thread by resume(), not by its client
+    sent_unclocked = 0          # bytes the client has taken since its send deadline last started again
 
     def service(self):
         super().service()
@@ -8114,6 +8115,16 @@ class HardenedChannel(waitress.channel.HTTPChannel):
                 return False
             self.outbuf_lock.release()
         return super().writable()
+
+    def send(self, data, do_close=True):
+        sent = super().send(data, do_close=do_close)
+        # A client taking a long answer slowly is still reading it: server.send_timeout counts
+        # from the last SEND_PROGRESS_BYTES it took, not from when output began to wait, or
+        # every answer bigger than the socket buffers that takes longer to read is cut off.
+        self.sent_unclocked += sent or 0
+        if self.sent_unclocked >= SEND_PROGRESS_BYTES:
+            self.sent_unclocked, self.output_waiting_since = 0, time.time()
+        return sent
 
     def received(self, data):
         before, now = self.request, time.time()
@@ -8185,6 +8196,9 @@ class HardenedChannel(waitress.channel.HTTPChannel):
 BUSY_ANSWER = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
                "Connection: close\r\nContent-Length: {length}\r\n\r\n{body}")
 FRESH_SECONDS = 1.0             # a new connection's grace to start sending before it counts as waiting
+# What a client must take of an answer within server.send_timeout to keep its connection: a
+# trickle of a segment now and then does not hold a thread that waits to write more.
+SEND_PROGRESS_BYTES = 64 * 1024
 
 
 def say_busy(sock):

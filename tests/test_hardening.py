@@ -274,6 +274,29 @@ def test_clients_that_pipeline_requests_and_never_read_hold_no_thread(spawn_serv
             sock.close()
 
 
+def test_a_client_reading_a_long_export_steadily_gets_all_of_it(spawn_server):
+    """server.send_timeout is for clients that stop reading: one taking an 8 MB export at
+    1 MB/s, four times the timeout and past what the socket buffers hold, is not cut off."""
+    server = spawn_server(env=settings(**{"server.send_timeout": 2}))
+    keys = requests.post(f"{server.url}/v1/auth/register",
+                         json={"email": "export@example.com", "name": "E", "password": "password123"}).json()
+    auth = f"Bearer {keys['test_api_key']}"
+    for _ in range(250):                        # a pause.created event of ~32 KB each in the export
+        requests.post(f"{server.url}/v1/pause", json={**WIRE, "metadata": {"x": "v" * 15_000}},
+                      headers={"Authorization": auth}).raise_for_status()
+    sock = connect_from(ATTACKER, port_of(server), f"GET /v1/audit/export HTTP/1.1\r\nHost: x\r\n"
+                        f"Authorization: {auth}\r\nConnection: close\r\n\r\n".encode(), receive_buffer=4096)
+    got, started = bytearray(), time.monotonic()
+    with sock:
+        sock.settimeout(10)
+        while data := sock.recv(16384):
+            got += data
+            time.sleep(len(data) / 1_000_000)
+    assert time.monotonic() - started > 6       # well past server.send_timeout, reading all along
+    assert got.endswith(b"\r\n0\r\n\r\n")         # the last chunk: the answer is whole
+    assert got.count(b'"event_type":"pause.created"') == 250
+
+
 def test_a_client_asking_to_upload_too_much_is_told_no_before_it_sends_anything(plain_server):
     status, headers, body = raw_request(plain_server, b"POST /v1/auth/register HTTP/1.1\r\nHost: x\r\n"
                                                       b"Expect: 100-continue\r\nContent-Type: application/json\r\n"
