@@ -22,6 +22,9 @@
 <p class="picked">You picked <strong>{{picked}}</strong>. Tap it below to confirm.</p>
   % end
 <form method="post" action="/respond/{{token}}">
+  % # Enter in a field submits the form with its first submit button: that would choose the first
+  % # option unseen, while typing an amount. This disabled one comes first, so Enter submits nothing.
+  <button type="submit" disabled hidden aria-hidden="true" tabindex="-1"></button>
   % if pause.get('fields'):
   %   if pause.get('proposed_fields'):
   <p class="picked" id="proposed">An earlier approval changed {{'; '.join(f"{pause['fields'][name].get('label', name)} from {field_text(pause['fields'][name]['value'])} to {field_text(value)}" for name, value in pause['proposed_fields'].items())}}. Those values are filled in below: your approval counts with theirs when the values are the same.</p>

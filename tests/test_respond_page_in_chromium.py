@@ -122,3 +122,29 @@ def test_a_team_member_votes_on_the_page_and_it_then_says_the_others_decide(live
     outcome = WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda b: b.find_elements(By.ID, "outcome"))[0].text
     assert outcome.startswith("Recorded: Approve")
     assert requests.get(f"{url}/v1/pause/{created['pause_id']}", headers=headers).json()["status"] == "responded"
+
+
+def test_enter_in_an_amount_field_approves_nothing(live_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = live_server.url
+    keys = requests.post(f"{url}/v1/auth/register",
+                         json={"email": "e@example.com", "name": "E", "password": "password123"}).json()
+    headers = {"Authorization": f"Bearer {keys['test_api_key']}"}
+    created = requests.post(f"{url}/v1/pause", headers=headers, json={**WIRE, "fields": {
+        "amount": {"type": "number", "value": 340, "min": 0, "max": 500, "editable": True},
+        "memo": {"type": "string", "value": "Invoice 7", "editable": True}}}).json()
+    browser.get(f"{url}/respond/{token_of(created['respond_url'])}")
+    amount = browser.find_element(By.ID, "field-amount")
+    amount.clear()
+    amount.send_keys("300" + Keys.ENTER)
+    browser.find_element(By.ID, "field-memo").send_keys(Keys.ENTER)
+    # Had Enter submitted the form, the page would now be another load, its fields as they were.
+    assert browser.find_element(By.ID, "field-amount").get_attribute("value") == "300"
+    assert requests.get(f"{url}/v1/pause/{created['pause_id']}", headers=headers).json()["status"] == "pending"
+    assert not browser.find_element(By.CSS_SELECTOR, "form button:not([name])").is_displayed()
+    browser.find_element(By.CSS_SELECTOR, "button[value=Reject]").click()
+    outcome = WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda b: b.find_elements(By.ID, "outcome"))[0].text
+    assert outcome.startswith("Recorded: Reject")
