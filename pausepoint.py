@@ -7073,9 +7073,11 @@ def get_respond_page(rt, client, query, token):
 def post_respond_page(rt, client, token):
     """The page's form: record the choice, then show it (Post/Redirect/Get)."""
     form = read_page_form(rt.config)
+    # A textarea sends its line breaks as CRLF, and a lone carriage return is a control character.
+    comment = form.get("comment") and form["comment"].replace("\r\n", "\n")
     try:
         guard_respond_link(rt, lambda: respond_to_pause(rt.db(), rt.config, token, form.get("choice"),
-                                                        form.get("comment"), client,
+                                                        comment, client,
                                                         page_edits(rt.db(), pause_by_token(rt.db(), token), form)))
     except ApiError as e:
         if e.status != 422:

@@ -122,6 +122,14 @@ def test_the_page_posts_the_choice_and_then_shows_what_was_recorded(api, develop
     assert api.pause(developer["test_api_key"], created["pause_id"])["choice"] == "Reject"
 
 
+def test_a_comment_of_several_lines_typed_on_the_page_is_recorded(api, developer):
+    created = api.create_pause(developer["test_api_key"])
+    # A browser sends a textarea's line breaks as CRLF, and a carriage return alone is a control character.
+    api.post(respond_path(created, page=True), {"choice": "Reject", "comment": "Not this week.\r\nAsk again Monday."},
+             status=303).follow().mustcontain("Recorded: <strong>Reject</strong>")
+    assert api.pause(developer["test_api_key"], created["pause_id"])["comment"] == "Not this week.\nAsk again Monday."
+
+
 def test_the_page_sends_noindex_no_referrer_and_a_strict_csp(api, developer):
     created = api.create_pause(developer["test_api_key"])
     for response in (api.get(respond_path(created, page=True)), api.get("/respond/bad-token", status=404)):
