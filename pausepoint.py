@@ -7127,11 +7127,17 @@ def form_edits(pause, form):
 
 def respond_page(rt, pause, token, error=None, picked=None, status=200, entered=None):
     """The respond page; after a refused form, `entered` keeps what the person typed."""
+    facts = respond_facts(pause, asker_name(rt.db(), pause))
+    if pause["status"] == "pending" and pause["expires_at"] <= db_time():
+        # Its timeout is the outcome (refuse_if_decided()), though the job may not have recorded it
+        # yet: offering the options would ask for an answer that can no longer count.
+        facts.update(status="timed_out", choice=pause["timeout_default"])
+        pause = {**pause, "decided_at": pause["expires_at"]}
     times = {name: pause[name] and human_time(pause[name]) for name in ("expires_at", "decided_at")}
     left = parse_db_time(pause["expires_at"]) - utcnow()
     # A quorum counts approvals of the same values: offer the values the last approval chose.
     proposed = {f"field.{name}": form_text(value) for name, value in (pause.get("proposed") or {}).items()}
-    return html_page("respond", status=status, pause=respond_facts(pause, asker_name(rt.db(), pause)), token=token,
+    return html_page("respond", status=status, pause=facts, token=token,
                      error=error, picked=picked, times=times, left=human_duration(left.total_seconds()),
                      entered={**proposed, **(entered or {})})
 

@@ -93,6 +93,17 @@ def test_an_expired_pause_is_410_even_before_the_timeout_job_runs(running_api):
     assert api.pause(key, created["pause_id"])["status"] == "pending"
 
 
+def test_the_page_of_a_pause_past_its_expiry_offers_no_options_before_the_timeout_job_runs(running_api):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key)
+    run_out(api.config, created["pause_id"])
+    page = api.get(respond_path(created, page=True))
+    assert not page.html.select("button[name=choice]") and "left)" not in page.text
+    assert "This request expired at" in page.text and "The default <strong>Reject</strong> was applied." in page.text
+    assert api.pause(key, created["pause_id"])["status"] == "pending"
+
+
 def test_a_timed_out_pause_is_410(running_api):
     api = running_api()
     key = api.register()["test_api_key"]
