@@ -4102,12 +4102,16 @@ def send_apprise(target_url, config, notification, pause, deadline):
     Apprise opens its own connections, out of the deadline's reach, so it runs on a
     thread of its own that is waited for only until the deadline: a push still running
     then may yet arrive."""
-    notifier = load_apprise().Apprise()
+    apprise = load_apprise()
+    notifier = apprise.Apprise()
     if not notifier.add(target_url):
         raise ChannelError(f"channel {notification['channel']!r} has a URL Apprise does not understand")
     try:
-        delivered = deadline.run_abandonable(("channel", notification["channel"]), notifier.notify,
-                                             notification["text"], "Approval needed", doing="the push")
+        # Said to be text, or a target that reads HTML or Markdown (mailto://, Telegram) would take
+        # the agent's message as markup: a link of its own choosing drawn as an "Approve" button.
+        delivered = deadline.run_abandonable(("channel", notification["channel"]), functools.partial(
+            notifier.notify, body_format=apprise.NotifyFormat.TEXT), notification["text"], "Approval needed",
+            doing="the push")
     except StillHanging as e:
         raise ChannelError(f"channel {notification['channel']!r}: {e}") from None
     except Abandoned as e:

@@ -432,6 +432,20 @@ def test_an_operator_named_push_target_receives_the_question(running_api, receiv
     assert WIRE["message"] in call["json"]["message"] and created["respond_url"] in call["json"]["message"]
 
 
+def test_markup_in_the_question_reaches_a_push_target_that_reads_html_as_text(running_api, smtp_server):
+    # Apprise's mailto:// (like Telegram) sends HTML: the agent's text must not become a link there.
+    target = f"mailto://127.0.0.1:{smtp_server.port}?from=approvals@example.org&to=ada@example.com&secure=no"
+    api = running_api(**{"channels.ops.url": target})
+    key = api.register()["api_key"]
+    link = '<a href="https://evil.example/approve">Approve here</a>'
+    created = api.create_pause(key, channel="ops", recipient="on-call engineer", message=f"Wire $340? {link}")
+    sent(api, key, created["pause_id"], "sent")
+    [message] = smtp_server.messages
+    parts = {part.get_content_type(): part.get_content() for part in message.walk() if not part.is_multipart()}
+    assert "<a " not in parts.get("text/html", "")
+    assert link in parts["text/plain"] and created["respond_url"] in parts["text/plain"]
+
+
 def test_an_unreachable_push_target_is_recorded_as_a_failed_attempt(running_api):
     api = running_api(**{"channels.ops.url": "json://127.0.0.1:9/nothing-listens"})
     key = api.register()["api_key"]
