@@ -21,6 +21,12 @@
   % elif picked:
 <p class="picked">You picked <strong>{{picked}}</strong>. Tap it below to confirm.</p>
   % end
+  % # Several people are asked: say what one answer does, which the question alone does not.
+  % if quorum:
+<p class="expiry" id="quorum">Others are asked too. It takes {{quorum['count']}} {{'person' if quorum['count'] == 1 else 'people'}} choosing <strong>{{quorum['choice']}}</strong>{{' with the same values' if pause.get('fields') else ''}} to decide it that way; any other answer, from anyone asked, decides it at once.</p>
+  % elif team:
+<p class="expiry" id="quorum">Others are asked too: the first answer, yours or theirs, decides it for everyone.</p>
+  % end
 <form method="post" action="/respond/{{token}}">
   % # Enter in a field submits the form with its first submit button: that would choose the first
   % # option unseen, while typing an amount. This disabled one comes first, so Enter submits nothing.

@@ -129,6 +129,19 @@ def test_a_person_votes_once_and_their_page_says_so(team):
     assert stored(api.config, "SELECT count(*) FROM pause_recipients WHERE voted_at IS NOT NULL") == [(1,)]
 
 
+def test_a_team_members_page_says_what_their_answer_does(team):
+    api, key = team
+    quorum = api.post_json("/v1/pause", TWO_APPROVALS, headers=api.as_key(key)).json
+    page = api.get(f"/respond/{token_of(quorum['recipients'][1]['respond_url'])}")
+    assert ("It takes 2 people choosing <strong>Approve</strong> to decide it that way; any other answer, from anyone"
+            " asked, decides it at once.") in page.text
+    first_decides = api.post_json("/v1/pause", {**QUESTION, "recipients": TEAM}, headers=api.as_key(key)).json
+    page = api.get(f"/respond/{token_of(first_decides['recipients'][2]['respond_url'])}")
+    assert "the first answer, yours or theirs, decides it for everyone" in page.text
+    alone = api.post_json("/v1/pause", WIRE, headers=api.as_key(key)).json
+    assert 'id="quorum"' not in api.get(f"/respond/{token_of(alone['respond_url'])}").text
+
+
 def test_opening_a_link_is_noted_for_that_person_only(team):
     api, key = team
     created = api.post_json("/v1/pause", TWO_APPROVALS, headers=api.as_key(key)).json
