@@ -111,7 +111,7 @@ class Setting:
 SETTINGS = [
     Setting("server.host", "127.0.0.1", "Address to listen on. Use 0.0.0.0 to accept connections from other machines."),
     Setting("server.port", 8080, "TCP port to listen on."),
-    Setting("server.base_url", "", "Public URL of this server, used to build respond_url links. Empty: http://<host>:<port>."),
+    Setting("server.base_url", "", "Public URL of this server (scheme, host and port, no path), used to build respond_url links. Empty: http://<host>:<port>."),
     Setting("server.threads", 64, "Worker threads. One client address may use all but 8 of them at once. Long-polling agents (?wait=) hold none while they wait."),
     Setting("server.waiting_limit", 2000, "Long polls (?wait=) that may wait at once, all developers together. Each holds a connection, not a thread; beyond the limit they get 429 with Retry-After."),
     Setting("server.waiting_per_developer", 1000, "Long polls one developer's agents may have waiting at once in each mode (test and live keys apart, so a test key cannot crowd out live agents)."),
@@ -359,8 +359,11 @@ def _check_host(value):
 
 
 def _check_base_url(value):
-    if value and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
-        return "must be empty or an http:// or https:// URL without query"
+    # No path: the pages' forms, links and redirects name paths from the root, so behind a
+    # proxy serving PausePoint under a path a tapped choice would go to whatever the root is.
+    if value and not re.fullmatch(r"https?://[^\s/?#]+/?", value):
+        return ("must be empty or an http:// or https:// address with no path, query or fragment"
+                " (https://approvals.example.org): serve PausePoint at the root of a host name, not under a path")
     return None
 
 
