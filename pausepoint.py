@@ -7191,6 +7191,16 @@ def signed_in(rt):
     return SignedIn(row, token)
 
 
+def refuse_a_form_from_another_site():
+    """403 for a form the browser says another site sent, a sibling host name included. The
+    form token cannot tell: a page on another name under the same domain may set this site's
+    form cookie (cookies are shared across a domain's names) and post the token it chose,
+    signing a victim in to an account of its own. Browsers without Sec-Fetch-Site rely on
+    the token alone."""
+    if request_header("Sec-Fetch-Site") not in (None, "same-origin", "none"):
+        raise ApiError(403, "forbidden", "this form did not come from this site; go back, reload the page and try again")
+
+
 def check_form_token(expected, form):
     """403 unless the form carries `expected`: a form from another site cannot."""
     if not expected or not hmac.compare_digest(expected.encode(), (form.get("csrf") or "").encode()):
@@ -7716,6 +7726,7 @@ class Handlers:
         if spec.auth == "session":
             session = given["session"] = signed_in(rt)
         if spec.method == "POST" and spec.auth in ("session", "form"):
+            refuse_a_form_from_another_site()
             form = given["form"] = read_page_form(rt.config)
             check_form_token(session.row["csrf_token"] if spec.auth == "session" else
                              request_cookie(FORM_COOKIE), form)

@@ -402,6 +402,23 @@ def test_forms_without_the_csrf_token_are_refused_and_change_nothing(api):
     assert post_form(api, login_page, "/dashboard/login", email="dev@example.com", password=PASSWORD).status_code == 403
 
 
+@pytest.mark.parametrize("sent_from", ["same-site", "cross-site"])
+def test_a_form_another_site_sent_is_refused_even_with_a_cookie_and_token_that_match(api, sent_from):
+    """A page on a sibling host name (evil.example.org beside approvals.example.org) may set this
+    site's form cookie to a token it chose and post that token: the browser says where it came from."""
+    _, keys = sign_up(api)
+    api.reset()
+    api.set_cookie("pp_form", "t" * 43)
+    tossed = {"email": "dev@example.com", "password": PASSWORD, "csrf": "t" * 43}
+    answer = api.post("/dashboard/login", tossed, headers={"Sec-Fetch-Site": sent_from}, status=403)
+    assert "did not come from this site" in answer.text and "pp_session" not in api.cookies
+    assert api.post("/dashboard/login", tossed, headers={"Sec-Fetch-Site": "same-origin"}, status=303)
+    form = next(f for f in api.get("/dashboard/webhooks").forms.values() if f.action == "/dashboard/webhooks")
+    signed_in = {"url": "https://example.org/hook", "password": PASSWORD, "csrf": form["csrf"].value}
+    api.post("/dashboard/webhooks", signed_in, headers={"Sec-Fetch-Site": sent_from}, status=403)
+    assert stored(api.config, "SELECT count(*) FROM webhooks") == [(0,)]
+
+
 def test_the_mode_switch_goes_back_only_to_a_dashboard_page(api):
     sign_up(api)
     page = api.get("/dashboard/pauses")
