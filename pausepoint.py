@@ -2443,9 +2443,37 @@ def checked_request(config, caller, body, idempotency_key):
     asked = pause_fields(body, config)
     for _, name in asked["people"] + [step[1:] for step in asked["escalations"]]:
         usable_channel(config, caller, name)
+        refuse_a_text_too_long(config, asked, name)
     if idempotency_key is not None and not re.fullmatch("[\x20-\x7e]{1,255}", idempotency_key):
         raise invalid("Idempotency-Key", "the Idempotency-Key header must be 1-255 printable ASCII characters")
     return asked
+
+
+# What Twilio takes in one message's body, in UTF-16 code units (an emoji counts two);
+# past it every send of the question is refused (error 21617) and nobody is asked.
+TEXT_MESSAGE_LIMIT = 1600
+
+
+def refuse_a_text_too_long(config, asked, channel_name):
+    """422 for a pause whose text on this SMS or WhatsApp channel, as sent with its options,
+    fields, link and the longest reply code, and as a reminder repeats it, would not fit in
+    one message: refused now, while the agent can shorten it, not at the send."""
+    channel = channels(config)[channel_name]
+    if channel.kind != "twilio":
+        return
+    timeout = dt.timedelta(seconds=asked["timeout_seconds"])
+    longest = {"message": asked["message"], "options": compact_json(asked["options"]), "reply_code": "X" * 3,
+               "fields": None if asked["fields"] is None else compact_json(asked["fields"]),
+               "expires_at": db_time(utcnow() + timeout)}
+    text = channel.render(longest, respond_url(config, "x" * 43))
+    if asked["reminders"]:
+        text = reminder_text(text, human_duration(timeout.total_seconds()))
+    length = len(text.encode("utf-16-le")) // 2
+    if length > TEXT_MESSAGE_LIMIT:
+        sent = "as a reminder repeats it" if asked["reminders"] else "as a text"
+        raise invalid("message", f"{sent} on {channel_name}, with its options, fields, link and reply instructions,"
+                                 f" this question takes {length} characters, and a text holds {TEXT_MESSAGE_LIMIT}:"
+                                 f" shorten the message by {length - TEXT_MESSAGE_LIMIT}")
 
 
 def idempotent_replay(conn, caller, key, body):

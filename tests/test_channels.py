@@ -94,6 +94,29 @@ def test_the_sms_invites_a_coded_reply_and_fits_in_two_segments(running_api, twi
     assert len(body) <= 2 * 153               # two concatenated GSM-7 segments
 
 
+def test_a_question_too_long_for_one_text_is_refused_when_asked_not_at_the_send(running_api, twilio):
+    """Twilio refuses a body past 1,600 characters (UTF-16 code units: an emoji is two), and
+    nobody would be asked: what the text adds to the message counts, and a reminder's opening."""
+    api = running_api(**twilio.settings(), **{"server.base_url": "https://pp.example.org"})
+    keys = api.register()
+    key = keys["api_key"]
+    created = api.create_pause(key, message="Short?")
+    sent(api, key, created["pause_id"], "sent")
+    # What the text adds, with the longest reply code (three characters, once per option; this one may have two):
+    added = len(twilio.messages[0]["Body"]) - len("Short?") + (3 - len(reply_code(api, key, created))) * 2
+    fits = "W" * (1600 - added)
+    created = api.create_pause(key, message=fits)
+    sent(api, key, created["pause_id"], "sent")
+    assert len(twilio.messages[-1]["Body"].encode("utf-16-le")) // 2 <= 1600
+    for message, more in ((fits + "W", {}), (fits[:-1] + "\U0001F4B8", {}), (fits, {"remind_after_minutes": [30]})):
+        error = api.post_json("/v1/pause", {**WIRE, "message": message, **more}, headers=api.as_key(key),
+                              status=422).json["error"]
+        assert error["field"] == "message" and "a text holds 1600: shorten the message by " in error["message"]
+    emailed = api.create_pause(keys["test_api_key"], message=fits + "W", channel="email", recipient="ada@example.com")
+    assert emailed["status"] == "pending"
+    assert stored(api.config, "SELECT count(*) FROM pauses") == [(3,)]
+
+
 @pytest.mark.parametrize("sender, replies", [("PausePoint", False), ("12345", True)])
 def test_texts_from_a_sender_id_offer_only_the_link_and_whatsapp_needs_a_number(running_api, twilio, sender,
                                                                                   replies):
