@@ -378,7 +378,10 @@ def verify_webhook(secret, header, body, tolerance=300):
     if isinstance(body, str):
         body = body.encode("utf-8")
     fields = [part.strip().partition("=") for part in (header or "").split(",")]
-    stamps = [value for name, _, value in fields if name == "t" and value.isdigit() and len(value) <= 12]
+    # isdigit() alone takes '²' and '١', which int() refuses or reads: a forged header must get
+    # False, not an exception in the receiver.
+    stamps = [value for name, _, value in fields
+              if name == "t" and value.isascii() and value.isdigit() and len(value) <= 12]
     if len(stamps) != 1 or abs(time.time() - int(stamps[0])) > tolerance:
         return False
     mac = hmac.new(secret.encode("utf-8"), stamps[0].encode() + b"." + body, hashlib.sha256).hexdigest()

@@ -400,6 +400,11 @@ def test_verify_webhook_accepts_what_the_server_signs_and_nothing_else():
     assert not pausepoint_client.verify_webhook("whsec_new_secret_000", stale, body)
 
 
+@pytest.mark.parametrize("header", ["t=\u00b2,v1=00", "t=\u0661\u0662,v1=00", "t=,v1=00", ""])
+def test_verify_webhook_refuses_a_header_with_an_odd_timestamp_rather_than_raising(header):
+    assert pausepoint_client.verify_webhook("whsec_new_secret_000", header, b"{}") is False
+
+
 def test_the_client_needs_only_the_standard_library():
     with open(pausepoint_client.__file__, encoding="utf-8") as f:
         tree = ast.parse(f.read())
