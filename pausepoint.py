@@ -4920,8 +4920,15 @@ def find_cause(error, kind, depth=0):
 
 
 def retry_after_seconds(value):
-    if value and re.fullmatch("[0-9]{1,12}", value.strip()):
-        return min(int(value.strip()), MAX_RETRY_AFTER_SECONDS)
+    """A Retry-After's delay: seconds, or an HTTP date (RFC 9110 allows either), up to a day."""
+    value = (value or "").strip()
+    if re.fullmatch("[0-9]{1,12}", value):
+        return min(int(value), MAX_RETRY_AFTER_SECONDS)
+    with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+        # Every HTTP date is GMT, asctime's form too, which names no zone (parsed as naive).
+        when = email.utils.parsedate_to_datetime(value)
+        when = when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+        return min(max(0, math.ceil((when - utcnow()).total_seconds())), MAX_RETRY_AFTER_SECONDS)
     return None
 
 

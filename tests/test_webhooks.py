@@ -3,6 +3,7 @@
 import base64
 import concurrent.futures
 import datetime as dt
+import email.utils
 import functools
 import itertools
 import os
@@ -447,6 +448,21 @@ def test_retry_after_is_honoured_when_it_is_a_number(hooks_api, keys, retry_afte
         assert due_within[0] <= wait <= due_within[1]         # a Retry-After that is no number: the usual ~5 s
     finally:
         receiver.close()
+
+
+def test_retry_after_is_honoured_when_it_is_a_date(running_api, stubs):
+    api = running_api(**{"webhooks.allow_private": True})
+    in_ten_minutes = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=10)
+    receiver = stubs(WebhookReceiver, answers=[(503, {"Retry-After": email.utils.format_datetime(in_ten_minutes,
+                                                                                               usegmt=True)})])
+    key = api.register()["test_api_key"]
+    webhook_id = add_webhook(api, key, receiver.url)["webhook_id"]
+    api.post(f"/v1/webhooks/{webhook_id}/test", headers=api.as_key(key))
+    api.step("webhooks")
+    [delivery] = deliveries(api, key, webhook_id)
+    assert delivery["attempts"][0]["status_code"] == 503 and delivery["status"] == "pending"
+    # when the receiver asked, not the usual ~5 s later
+    assert abs((parse_time(delivery["next_attempt_at"]) - in_ten_minutes).total_seconds()) <= 2
 
 
 def test_redirects_are_not_followed_and_count_as_failures(hooks_api, keys, receiver):
