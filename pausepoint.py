@@ -4433,11 +4433,18 @@ def embedded_ipv4(ip):
     return found
 
 
+# Not globally reachable, yet is_global to Python 3.11's ipaddress (which the image runs): site-local
+# addresses, deprecated but still routed inside networks that kept them (RFC 3879); SRv6
+# segment ids, which address nodes inside an operator's network (RFC 9602); and IPv6
+# documentation's second prefix (RFC 9637).
+NOT_GLOBAL = [ipaddress.ip_network(net) for net in ("fec0::/10", "5f00::/16", "3fff::/20")]
+
+
 def is_public_address(address):
     ip = ipaddress.ip_address(address.split("%")[0])
     if getattr(ip, "ipv4_mapped", None):
         ip = ip.ipv4_mapped
-    if ip.version == 6 and ip in NAT64_LOCAL:
+    if ip.version == 6 and (ip in NAT64_LOCAL or any(ip in net for net in NOT_GLOBAL)):
         return False
     return all(each.is_global and not each.is_multicast for each in [ip, *embedded_ipv4(ip)])
 

@@ -116,7 +116,9 @@ def test_bad_webhook_fields_get_422_naming_them(hooks_api, keys, body, field):
                                  "http://192.168.1.20/hook", "http://169.254.169.254/latest", "http://[::1]/hook",
                                  "http://[::ffff:127.0.0.1]/hook", "http://0.0.0.0/hook",
                                  # as requests reads them: escapes decoded, and an address named from the root
-                                 "http://%6c%6fcalhost/hook", "http://%31%32%37.0.0.1/hook", "http://127.0.0.1./hook"])
+                                 "http://%6c%6fcalhost/hook", "http://%31%32%37.0.0.1/hook", "http://127.0.0.1./hook",
+                                 # site-local and SRv6 addresses, which Python's ipaddress calls global
+                                 "http://[fec0::1]/hook", "http://[5f00::1]/hook"])
 def test_private_addresses_are_refused_by_default_naming_the_setting(api, developer, url):
     error = api.post_json("/v1/webhooks", {"url": url, "events": QUICKSTART_EVENTS, "secret": SECRET},
                           headers=api.as_key(developer["test_api_key"]), status=422).json["error"]
