@@ -632,13 +632,19 @@ def test_a_kill_between_decision_and_delivery_still_delivers_after_restart(spawn
         receiver.close()
 
 
-def test_the_readme_receiver_handles_what_the_server_sends(hooks_api, keys, monkeypatch):
+def readme_receiver(monkeypatch):
+    """The README's receiver.py, run with SECRET: its namespace."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     snippet = re.search(r"```python\n(# receiver\.py.*?)```", readme, re.S).group(1)
     namespace = {"__name__": "readme_receiver"}
     monkeypatch.setenv("WEBHOOK_SECRET", SECRET)
     exec(compile(snippet, "README receiver", "exec"), namespace)
+    return namespace
+
+
+def test_the_readme_receiver_handles_what_the_server_sends(hooks_api, keys, monkeypatch):
+    namespace = readme_receiver(monkeypatch)
     server, base_url = serve_http(namespace["Handler"])
     try:
         key = keys["test_api_key"]
@@ -657,6 +663,25 @@ def test_the_readme_receiver_handles_what_the_server_sends(hooks_api, keys, monk
     assert namespace["verify_signature"](SECRET, header, b"{}")
     assert not namespace["verify_signature"]("whsec_wrong_secret_00000000", header, b"{}")
     assert not namespace["verify_signature"](SECRET, header, b"{}tampered")
+
+
+def test_the_readme_receiver_handles_a_delivery_replayed_with_another_event_id_header_once(
+        running_api, receiver, monkeypatch, capsys):
+    api = running_api(**{"webhooks.allow_private": True})
+    key = api.register()["test_api_key"]
+    webhook_id = add_webhook(api, key, receiver.url)["webhook_id"]
+    api.post(f"/v1/webhooks/{webhook_id}/test", headers=api.as_key(key))
+    api.step("webhooks")
+    [sent] = receiver.calls
+    server, base_url = serve_http(readme_receiver(monkeypatch)["Handler"])
+    try:
+        # The signature covers the body alone: a replay may carry any X-PausePoint-Event-Id.
+        for event_id in (sent["headers"]["X-PausePoint-Event-Id"], "evt_" + "0" * 32):
+            headers = {**sent["headers"], "X-PausePoint-Event-Id": event_id}
+            assert requests.post(base_url, data=sent["body"], headers=headers, timeout=5).status_code == 204
+    finally:
+        stop_http(server)
+    assert capsys.readouterr().out.count("test event:") == 1
 
 
 @pytest.mark.deadline(1)
