@@ -9,7 +9,7 @@
  · by {{pause['decided_by']}} at {{pause['decided_at']}}
 % end
 </p>
-<blockquote class="message">{{pause['message']}}</blockquote>
+<blockquote class="message" dir="auto">{{pause['message']}}</blockquote>
 <dl class="facts">
   <dt>Options</dt><dd>{{', '.join(pause['options'])}}</dd>
 % if 'recipients' in pause:
@@ -40,11 +40,11 @@
 % end
   <dt>If nobody answers</dt><dd>{{pause['timeout_default'] or 'nothing is decided'}} at {{pause['expires_at']}}</dd>
 % if pause['comment']:
-  <dt>Comment</dt><dd class="text">{{pause['comment']}}</dd>
+  <dt>Comment</dt><dd class="text" dir="auto">{{pause['comment']}}</dd>
 % end
 % if pause['notification']:
   <dt>Notification</dt><dd>{{pause['notification']['status']}} after {{pause['notification']['attempts']}} attempt(s){{(': ' + pause['notification']['last_error']) if pause['notification']['last_error'] else ''}}</dd>
-  <dt>Text sent</dt><dd class="text">{{pause['notification']['text']}}</dd>
+  <dt>Text sent</dt><dd class="text" dir="auto">{{pause['notification']['text']}}</dd>
 % else:
   <dt>Notification</dt><dd>none: the agent delivers the respond link</dd>
 % end

@@ -20,7 +20,7 @@
 % for pause in page['pauses']:
     <tr>
       <td><a href="/dashboard/pauses/{{pause['pause_id']}}">{{pause['created_at'].replace('T', ' ').rstrip('Z')}}</a></td>
-      <td class="text">{{pause['message'] if len(pause['message']) <= 90 else pause['message'][:89] + '…'}}</td>
+      <td class="text" dir="auto">{{pause['message'] if len(pause['message']) <= 90 else pause['message'][:89] + '…'}}</td>
       <td class="wide-only">{{pause['recipient']}} <span class="muted">({{pause['channel']}})</span></td>
       <td><span class="status {{pause['status']}}">{{pause['status'].replace('_', ' ')}}</span>{{!'<br><span class="narrow-only">' if pause['choice'] else ''}}{{pause['choice'] or ''}}{{!'</span>' if pause['choice'] else ''}}</td>
       <td class="wide-only">{{pause['choice'] or ''}}</td>

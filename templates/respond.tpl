@@ -1,14 +1,21 @@
 % rebase('base.tpl', title='Your decision')
-<p class="label">{{('Asked by ' + pause['asked_by']) if pause['asked_by'] else 'An agent is asking'}}:</p>
-% if pause['title']:
-<h1 class="title">{{pause['title']}}</h1>
+% # Agent-written text takes its own direction (dir="auto", <bdi>, and the stylesheet for the
+% # values in a sentence): Arabic or Hebrew laid out left to right reorders its words and
+% # numbers, and can swap who pays whom.
+% if pause['asked_by']:
+<p class="label">Asked by <bdi>{{pause['asked_by']}}</bdi>:</p>
+% else:
+<p class="label">An agent is asking:</p>
 % end
-<blockquote class="message">{{pause['message']}}</blockquote>
+% if pause['title']:
+<h1 class="title" dir="auto">{{pause['title']}}</h1>
+% end
+<blockquote class="message" dir="auto">{{pause['message']}}</blockquote>
 % if pause['details']:
 <table class="details" aria-label="Details">
   <tbody>
 % for detail in pause['details']:
-    <tr><th scope="row">{{detail['name']}}</th><td>{{detail['value']}}</td></tr>
+    <tr><th scope="row" dir="auto">{{detail['name']}}</th><td dir="auto">{{detail['value']}}</td></tr>
 % end
   </tbody>
 </table>
@@ -39,23 +46,23 @@
     % for name, field in pause['fields'].items():
     %   label, kind, shown = field.get('label', name), field['type'], entered.get('field.' + name, form_text(field['value']))
     %   if not field['editable']:
-    <p class="field"><span class="field-label">{{label}}</span> <strong>{{field_text(field['value'])}}</strong></p>
+    <p class="field"><bdi class="field-label">{{label}}</bdi> <strong>{{field_text(field['value'])}}</strong></p>
     %   elif kind in ('boolean', 'enum'):
-    <label for="field-{{name}}">{{label}}</label>
+    <label for="field-{{name}}" dir="auto">{{label}}</label>
     <select id="field-{{name}}" name="field.{{name}}">
     %     for choice, text in ([('true', 'Yes'), ('false', 'No')] if kind == 'boolean' else [(c, c) for c in field['choices']]):
-      <option value="{{choice}}"{{!' selected' if choice == shown else ''}}>{{text}}</option>
+      <option value="{{choice}}" dir="auto"{{!' selected' if choice == shown else ''}}>{{text}}</option>
     %     end
     </select>
     %   elif kind == 'string' and ('\n' in field['value'] or '\n' in shown):
-    <label for="field-{{name}}">{{label}}</label>
-    <textarea id="field-{{name}}" name="field.{{name}}" rows="3" maxlength="{{field.get('max_length', 1000)}}">
+    <label for="field-{{name}}" dir="auto">{{label}}</label>
+    <textarea id="field-{{name}}" name="field.{{name}}" rows="3" dir="auto" maxlength="{{field.get('max_length', 1000)}}">
 {{shown}}</textarea>
     %   elif kind == 'string':
-    <label for="field-{{name}}">{{label}}</label>
-    <input id="field-{{name}}" name="field.{{name}}" type="text" value="{{shown}}" maxlength="{{field.get('max_length', 1000)}}">
+    <label for="field-{{name}}" dir="auto">{{label}}</label>
+    <input id="field-{{name}}" name="field.{{name}}" type="text" dir="auto" value="{{shown}}" maxlength="{{field.get('max_length', 1000)}}">
     %   else:
-    <label for="field-{{name}}">{{label}}</label>
+    <label for="field-{{name}}" dir="auto">{{label}}</label>
     <input id="field-{{name}}" name="field.{{name}}" type="number" inputmode="decimal" value="{{shown}}" step="{{'1' if kind == 'integer' else 'any'}}"{{!''.join(f' {bound}="{field[bound]}"' for bound in ('min', 'max') if bound in field)}}>
     %   end
     % end
@@ -63,11 +70,11 @@
   % end
   <div class="options" role="group" aria-label="Your answer">
   % for option in pause['options']:
-    <button type="submit" name="choice" value="{{option}}"{{!' class="picked"' if option == picked else ''}}>{{option}}</button>
+    <button type="submit" name="choice" value="{{option}}" dir="auto"{{!' class="picked"' if option == picked else ''}}>{{option}}</button>
   % end
   </div>
   <label for="comment">Comment (optional)</label>
-  <textarea id="comment" name="comment" rows="3" maxlength="2000">{{entered.get('comment', '')}}</textarea>
+  <textarea id="comment" name="comment" dir="auto" rows="3" maxlength="2000">{{entered.get('comment', '')}}</textarea>
 </form>
 <p class="expiry" id="expiry">Open until {{times['expires_at']}} ({{left}} left).
   % if pause['timeout_default']:
@@ -77,7 +84,7 @@ If nobody answers, <strong>{{pause['timeout_default']}}</strong> applies.
 % elif pause['status'] == 'responded':
 <p class="outcome" id="outcome">Recorded: <strong>{{pause['choice']}}</strong> at {{times['decided_at']}}.</p>
   % if pause['comment']:
-<p class="comment">Comment: {{pause['comment']}}</p>
+<p class="comment">Comment: <bdi>{{pause['comment']}}</bdi></p>
   % end
   % for name, change in (pause.get('edited') or {}).items():
 <p class="comment">{{pause['fields'][name].get('label', name)}} changed from {{field_text(change['old'])}} to <strong>{{field_text(change['new'])}}</strong>.</p>

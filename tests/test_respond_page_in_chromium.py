@@ -148,3 +148,26 @@ def test_enter_in_an_amount_field_approves_nothing(live_server, browser):
     browser.find_element(By.CSS_SELECTOR, "button[value=Reject]").click()
     outcome = WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda b: b.find_elements(By.ID, "outcome"))[0].text
     assert outcome.startswith("Recorded: Reject")
+
+
+def test_a_question_in_arabic_reads_right_to_left_with_its_latin_names_in_order(live_server, browser):
+    from selenium.webdriver.common.by import By
+
+    url = live_server.url
+    keys = requests.post(f"{url}/v1/auth/register",
+                         json={"email": "r@example.com", "name": "R", "password": "password123"}).json()
+    created = requests.post(f"{url}/v1/pause", headers={"Authorization": f"Bearer {keys['test_api_key']}"}, json={
+        **WIRE, "title": "تحويل 340 USD", "message": "تحويل من ACME إلى BOB؟", "options": ["موافقة", "رفض"],
+        "timeout_default": "رفض", "metadata": {"المستفيد": "شركة BOB", "display": ["المستفيد"]}}).json()
+    browser.set_window_size(360, 640)
+    browser.get(f"{url}/respond/{token_of(created['respond_url'])}")
+    for selector in (".title", ".message", ".details th", ".details td", "button[name=choice]"):
+        assert browser.find_element(By.CSS_SELECTOR, selector).value_of_css_property("direction") == "rtl", selector
+    # Read from the right, "from ACME to BOB": ACME stands right of BOB, not swapped with it.
+    left_of = browser.execute_script("""
+        const text = document.querySelector('.message').firstChild, range = document.createRange();
+        const left = word => { const at = text.data.indexOf(word); range.setStart(text, at);
+                               range.setEnd(text, at + word.length); return range.getBoundingClientRect().left; };
+        return [left('ACME'), left('BOB')];""")
+    assert left_of[0] > left_of[1]
+    assert browser.find_element(By.CSS_SELECTOR, "label[for=comment]").value_of_css_property("direction") == "ltr"
