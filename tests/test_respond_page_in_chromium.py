@@ -171,3 +171,40 @@ def test_a_question_in_arabic_reads_right_to_left_with_its_latin_names_in_order(
         return [left('ACME'), left('BOB')];""")
     assert left_of[0] > left_of[1]
     assert browser.find_element(By.CSS_SELECTOR, "label[for=comment]").value_of_css_property("direction") == "ltr"
+
+
+def contrast(color, ground):
+    """WCAG's contrast ratio of two 'rgba(r, g, b, 1)' colours."""
+    def luminance(css):
+        channels = [int(part) / 255 for part in css[css.index("(") + 1:].split(",")[:3]]
+        r, g, b = (c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+    lighter, darker = sorted((luminance(color), luminance(ground)), reverse=True)
+    return (lighter + 0.05) / (darker + 0.05)
+
+
+def test_in_dark_mode_the_error_the_labels_and_the_deadline_can_be_read(live_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = live_server.url
+    keys = requests.post(f"{url}/v1/auth/register",
+                         json={"email": "k@example.com", "name": "K", "password": "password123"}).json()
+    created = requests.post(f"{url}/v1/pause", headers={"Authorization": f"Bearer {keys['test_api_key']}"}, json={
+        **WIRE, "fields": {"amount": {"type": "number", "value": 340, "max": 500, "editable": True, "label": "Amount"},
+                           "payee": {"type": "string", "value": "Acme Corp", "editable": False}}}).json()
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                            {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    browser.get(f"{url}/respond/{token_of(created['respond_url'])}")
+    # As a browser that does not check the bounds itself sends it: the server refuses, the page says why.
+    browser.execute_script("document.forms[0].noValidate = true")
+    amount = browser.find_element(By.ID, "field-amount")
+    amount.clear()
+    amount.send_keys("600")
+    browser.find_element(By.CSS_SELECTOR, "button[value=Approve]").click()
+    error = WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".error"))[0]
+    assert error.text == "Amount must be at most 500"
+    ground = browser.find_element(By.TAG_NAME, "body").value_of_css_property("background-color")
+    for selector in (".error", ".label", "label[for=field-amount]", ".field-label", "label[for=comment]", ".expiry"):
+        color = browser.find_element(By.CSS_SELECTOR, selector).value_of_css_property("color")
+        assert contrast(color, ground) >= 4.5, selector           # WCAG AA for text of this size
