@@ -1,13 +1,14 @@
 % rebase('dashboard.tpl', title='Overview', here='overview')
 % days = list(figures['per_day'].items())
 % shown = ('approved', 'rejected', 'timed_out', 'cancelled', 'pending')
+% decided = sum(figures['totals'].values()) - figures['totals']['pending']
 % tallest = max([sum(counts[o] for o in shown) for _, counts in days] + [1])
 <h1>Last 30 days</h1>
 <dl class="figures" id="figures">
-  <div><dt>Pauses</dt><dd id="total">{{sum(figures['totals'].values())}}</dd></div>
-  <div><dt>Median time to answer</dt><dd id="median">{{duration(figures['median_seconds'])}}</dd></div>
-  <div><dt>p90 time to answer</dt><dd id="p90">{{duration(figures['p90_seconds'])}}</dd></div>
-  <div><dt>Decided by timeout</dt><dd id="timeout-share">{{'—' if figures['timed_out_share'] is None else '{:.0%}'.format(figures['timed_out_share'])}}</dd></div>
+  <div><dt>Pauses created</dt><dd id="total">{{sum(figures['totals'].values())}}</dd></div>
+  <div><dt>Median time to a person's answer</dt><dd id="median">{{duration(figures['median_seconds'])}}</dd></div>
+  <div><dt>p90 time to a person's answer</dt><dd id="p90">{{duration(figures['p90_seconds'])}}</dd></div>
+  <div><dt id="timeout-share-of">Timed out, of the {{decided}} decided</dt><dd id="timeout-share">{{'—' if figures['timed_out_share'] is None else '{:.0%}'.format(figures['timed_out_share'])}}</dd></div>
   <div><dt>Live pauses this month</dt><dd id="usage">{{figures['live_this_month']}} of {{figures['live_allowed'] if figures['live_allowed'] is not None else '—'}}</dd></div>
 </dl>
 <figure class="chart">
@@ -35,4 +36,5 @@
 % end
 </figcaption>
 </figure>
-<p class="muted">By the day each pause was created (UTC). A human's answer counts as approved when it is the first option, else rejected.</p>
+<p class="muted">By the day each pause was created (UTC). A human's answer counts as approved when it is the first option, else rejected.
+Times to answer run from creation to a person's answer; pauses still pending, timed out or cancelled have none.</p>

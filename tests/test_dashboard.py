@@ -625,6 +625,20 @@ def test_the_overview_counts_outcomes_times_and_usage(running_api, twilio):
     assert pending in {row[0] for row in stored(api.config, "SELECT id FROM pauses WHERE status = 'pending'")}
 
 
+def test_the_overview_says_what_its_timeout_share_is_a_share_of(running_api):
+    api = running_api()
+    _, keys = sign_up(api)
+    answered, timed_out, *still_pending = (api.create_pause(keys["test"])["pause_id"] for _ in range(4))
+    [(token,)] = stored(api.config, "SELECT respond_token FROM pauses WHERE id = ?", answered)
+    api.post_json(f"/v1/respond/{token}", {"choice": "Approve"})
+    stored(api.config, "UPDATE pauses SET expires_at = '2000-01-01T00:00:00.000Z' WHERE id = ?", timed_out)
+    api.step("timeouts")
+    page = api.get("/dashboard/overview").html
+    # 4 pauses, 1 timed out: 50% is of the 2 decided, which the page says, not of the 4.
+    assert page.select_one("#total").text == "4" and page.select_one("#timeout-share").text == "50%"
+    assert page.select_one("#timeout-share-of").text == "Timed out, of the 2 decided"
+
+
 def test_the_front_page_links_to_the_dashboard_and_the_api_description(api):
     page = api.get("/")
     assert {a["href"] for a in page.html.select("a")} >= {"/dashboard", "/dashboard/signup", "/v1/openapi.json"}
