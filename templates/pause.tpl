@@ -56,10 +56,15 @@
 % end
 </dl>
 % if pause['status'] == 'pending' and not expired:
-<form method="post" action="/dashboard/pauses/{{pause['pause_id']}}/cancel">
-  <input type="hidden" name="csrf" value="{{csrf}}">
-  <button type="submit" class="danger">Cancel this pause</button>
-</form>
+% # A cancel cannot be undone: the button is a second step, behind a line that says what it does.
+<details class="confirm" id="cancel">
+  <summary>Cancel this pause…</summary>
+  <form method="post" action="/dashboard/pauses/{{pause['pause_id']}}/cancel">
+    <input type="hidden" name="csrf" value="{{csrf}}">
+    <p>The agent is told it was cancelled and the person asked can no longer answer. This cannot be undone.</p>
+    <button type="submit" class="danger">Yes, cancel this pause</button>
+  </form>
+</details>
 % end
 <h2>Timeline</h2>
 <ol class="timeline" id="timeline">

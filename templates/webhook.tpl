@@ -22,7 +22,11 @@
 % else:
   <button type="submit" name="action" value="enable">Enable</button>
 % end
-  <button type="submit" name="action" value="delete" class="danger">Delete</button>
+  <details class="confirm" id="delete">
+    <summary>Delete…</summary>
+    <p>Deliveries still waiting are dropped, and a deleted endpoint cannot be brought back: Disable pauses it instead.</p>
+    <button type="submit" name="action" value="delete" class="danger">Yes, delete this endpoint</button>
+  </details>
 </form>
 <h2>Deliveries</h2>
 % if not deliveries:

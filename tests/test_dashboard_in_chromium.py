@@ -140,3 +140,32 @@ def test_in_the_browser_forged_forms_lapsed_sign_ins_and_other_tenants_get_nowhe
     browser.get(f"{url}/dashboard/pauses/{created['pause_id']}")             # by URL: as if it did not exist
     assert browser.find_element(By.ID, "outcome").text.startswith("No pause")
     assert WIRE["message"] not in browser.page_source
+
+
+def test_cancelling_a_pause_and_deleting_an_endpoint_take_a_second_tap_that_says_what_follows(live_server, browser):
+    from selenium.webdriver.common.by import By
+
+    url = live_server.url
+    browser.get(url + "/dashboard/signup")
+    fill(browser, email="careful@example.com", name="Careful", password="correct horse battery")
+    click(browser, "form button[type=submit]")
+    headers = {"Authorization": f"Bearer {browser.find_elements(By.CSS_SELECTOR, 'input.secret')[1].get_attribute('value')}"}
+    created = requests.post(f"{url}/v1/pause", json=WIRE, headers=headers).json()
+    hook = requests.post(f"{url}/v1/webhooks", json={"url": "https://hooks.example.com/h", "events": ["pause.created"]},
+                         headers=headers).json()
+
+    browser.get(f"{url}/dashboard/pauses/{created['pause_id']}")
+    cancel = browser.find_element(By.CSS_SELECTOR, "button.danger")
+    assert not cancel.is_displayed()                       # a stray tap on the page cannot reach it
+    browser.find_element(By.CSS_SELECTOR, "#cancel summary").click()
+    assert "cannot be undone" in browser.find_element(By.ID, "cancel").text and cancel.is_displayed()
+    click(browser, "#cancel button.danger")
+    assert browser.find_element(By.ID, "status").text == "cancelled"
+
+    browser.get(f"{url}/dashboard/webhooks/{hook['webhook_id']}")
+    delete = browser.find_element(By.CSS_SELECTOR, "button[value=delete]")
+    assert not delete.is_displayed()
+    browser.find_element(By.CSS_SELECTOR, "#delete summary").click()
+    assert "cannot be brought back" in browser.find_element(By.ID, "delete").text
+    click(browser, "button[value=delete]")
+    assert browser.current_url.endswith("/dashboard/webhooks") and "hooks.example.com" not in browser.page_source
