@@ -5,7 +5,7 @@ import os
 
 import requests
 
-from conftest import ROOT, WIRE, needs_chromium, stored
+from conftest import ROOT, WIRE, needs_chromium, stored, token_of
 
 pytestmark = needs_chromium
 
@@ -169,3 +169,23 @@ def test_cancelling_a_pause_and_deleting_an_endpoint_take_a_second_tap_that_says
     assert "cannot be brought back" in browser.find_element(By.ID, "delete").text
     click(browser, "button[value=delete]")
     assert browser.current_url.endswith("/dashboard/webhooks") and "hooks.example.com" not in browser.page_source
+
+
+def test_on_a_phone_each_audit_event_fits_on_the_screen(live_server, browser):
+    from selenium.webdriver.common.by import By
+
+    url = live_server.url
+    browser.set_window_size(360, 640)
+    browser.get(url + "/dashboard/signup")
+    fill(browser, email="phone@example.com", name="Phone", password="correct horse battery")
+    click(browser, "form button[type=submit]")
+    headers = {"Authorization": f"Bearer {browser.find_elements(By.CSS_SELECTOR, 'input.secret')[1].get_attribute('value')}"}
+    created = requests.post(f"{url}/v1/pause", json=WIRE, headers=headers).json()
+    browser.get(f"{url}/respond/{token_of(created['respond_url'])}")     # its event holds the long user agent
+
+    browser.get(url + "/dashboard/audit")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#events tbody tr")
+    assert "respond_page.opened" in rows[0].text
+    # Its data column was squeezed to a few letters a line: one event ran to two screens.
+    assert all(row.size["height"] < 640 for row in rows)
+    assert browser.find_element(By.CSS_SELECTOR, "#events td.text").size["width"] >= 250
