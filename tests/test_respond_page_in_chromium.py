@@ -208,3 +208,27 @@ def test_in_dark_mode_the_error_the_labels_and_the_deadline_can_be_read(live_ser
     for selector in (".error", ".label", "label[for=field-amount]", ".field-label", "label[for=comment]", ".expiry"):
         color = browser.find_element(By.CSS_SELECTOR, selector).value_of_css_property("color")
         assert contrast(color, ground) >= 4.5, selector           # WCAG AA for text of this size
+
+
+def test_long_unbroken_names_a_picked_option_and_an_error_stay_within_a_phone_screen(live_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = live_server.url
+    keys = requests.post(f"{url}/v1/auth/register", json={
+        "email": "w@example.com", "name": "AcmeFinanceReconciliationAgentForTheTreasury" * 2, "password": "password123"}).json()
+    option = "ApproveTheWireTransferToAcmeCorporationInternationalHoldings"
+    created = requests.post(f"{url}/v1/pause", headers={"Authorization": f"Bearer {keys['test_api_key']}"}, json={
+        **WIRE, "options": [option, "Reject"], "timeout_default": "Reject",
+        "fields": {"amount": {"type": "number", "value": 5, "max": 10, "editable": True,
+                              "label": "AmountInUnitsOfTheSettlementCurrencyAsAgreed"}}}).json()
+    browser.set_window_size(360, 640)
+    browser.get(f"{url}/respond/{token_of(created['respond_url'])}?choice={option}")     # an email's button
+    width = "return document.documentElement.scrollWidth"
+    assert browser.execute_script(width) <= 360
+    assert option in browser.find_element(By.CSS_SELECTOR, "p.picked").text
+    browser.execute_script("document.forms[0].noValidate = true; document.getElementById('field-amount').value = '50'")
+    browser.find_element(By.CSS_SELECTOR, "button[name=choice]").click()
+    error = WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".error"))[0]
+    assert "must be at most 10" in error.text
+    assert browser.execute_script(width) <= 360
