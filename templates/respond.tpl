@@ -9,6 +9,8 @@
 % end
 % if pause['title']:
 <h1 class="title" dir="auto">{{pause['title']}}</h1>
+% else:
+<h1 class="visually-hidden">Approval request</h1>
 % end
 <blockquote class="message" dir="auto">{{pause['message']}}</blockquote>
 % if pause['details']:
@@ -62,7 +64,11 @@
     <label for="field-{{name}}" dir="auto">{{label}}</label>
     <input id="field-{{name}}" name="field.{{name}}" type="text" dir="auto" value="{{shown}}" maxlength="{{field.get('max_length', 1000)}}">
     %   else:
-    <label for="field-{{name}}" dir="auto">{{label}}</label>
+    %     # The bounds said beside the label, before a typed value is refused for them.
+    %     low, high = (field_text(field[bound]) if bound in field else None for bound in ('min', 'max'))
+    %     bounds = (f'from {low} to {high}' if None not in (low, high) else f'at least {low}' if low is not None
+    %               else f'at most {high}' if high is not None else '')
+    <label for="field-{{name}}"><bdi>{{label}}</bdi>{{f' ({bounds})' if bounds else ''}}</label>
     <input id="field-{{name}}" name="field.{{name}}" type="number" inputmode="decimal" value="{{shown}}" step="{{'1' if kind == 'integer' else 'any'}}"{{!''.join(f' {bound}="{field[bound]}"' for bound in ('min', 'max') if bound in field)}}>
     %   end
     % end

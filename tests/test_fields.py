@@ -124,6 +124,7 @@ def test_the_respond_page_lets_the_approver_change_what_may_change(running_api):
     created = api.create_pause(key, fields=fields)
     page = api.get(f"/respond/{token_of(created['respond_url'])}")
     assert XSS not in page.text and "&lt;script&gt;" in page.text
+    assert page.html.select_one("label[for=field-amount]").text == "Amount (USD) (from 0 to 500)"
     form = page.forms[0]
     assert "field.payee" not in form.fields and "Acme Corp" in page.text         # shown, not offered
     form["field.amount"] = "lots"

@@ -133,6 +133,13 @@ def test_the_page_posts_the_choice_and_then_shows_what_was_recorded(api, develop
     assert api.pause(developer["test_api_key"], created["pause_id"])["choice"] == "Reject"
 
 
+def test_every_respond_page_has_one_heading_for_a_screen_reader_to_find(api, developer):
+    untitled = api.get(respond_path(api.create_pause(developer["test_api_key"]), page=True))
+    titled = api.get(respond_path(api.create_pause(developer["test_api_key"], title="Wire $340"), page=True))
+    assert [h.text for h in untitled.html.select("h1")] == ["Approval request"]
+    assert [h.text for h in titled.html.select("h1")] == ["Wire $340"]
+
+
 def test_a_comment_of_several_lines_typed_on_the_page_is_recorded(api, developer):
     created = api.create_pause(developer["test_api_key"])
     # A browser sends a textarea's line breaks as CRLF, and a carriage return alone is a control character.
