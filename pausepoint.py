@@ -7129,11 +7129,21 @@ def post_respond_page(rt, client, token):
                                                         comment, client,
                                                         page_edits(rt.db(), pause_by_token(rt.db(), token), form)))
     except ApiError as e:
+        if e.code in NOT_RECORDED:
+            # Decided meanwhile, or answered already: the page as it now stands, its times as a
+            # person reads them, saying that this answer did not count.
+            return respond_page(rt, pause_by_token(rt.db(), token), token, status=e.status,
+                                error=f"Your answer was not recorded: {NOT_RECORDED[e.code]}")
         if e.status != 422:
             raise
         return respond_page(rt, pause_by_token(rt.db(), token), token, error=e.message, status=422, entered=form)
     # A reload then shows the recorded decision instead of posting again.
     return bottle.HTTPResponse(status=303, headers={"Location": f"/respond/{token}", **PAGE_HEADERS})
+
+
+# Why an answer on the respond page did not count, by the refusal's code.
+NOT_RECORDED = {"already_decided": "the request had already been decided.",
+                "already_voted": "you had answered it already.", "expired": "the request had expired."}
 
 
 # A number as a person types it: ASCII digits, an optional fraction and exponent.

@@ -22,6 +22,9 @@
   </tbody>
 </table>
 % end
+% if error and (pause['status'] != 'pending' or pause.get('your_vote')):
+<p class="error" role="alert">{{error}}</p>
+% end
 % if pause['status'] == 'pending' and pause.get('your_vote'):
 <p class="outcome" id="outcome">Your vote, <strong>{{pause['your_vote']['choice']}}</strong>, is recorded. The request is open until the others answer, {{times['expires_at']}} at the latest.</p>
 % elif pause['status'] == 'pending':

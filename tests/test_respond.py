@@ -133,6 +133,22 @@ def test_the_page_posts_the_choice_and_then_shows_what_was_recorded(api, develop
     assert api.pause(developer["test_api_key"], created["pause_id"])["choice"] == "Reject"
 
 
+def test_an_answer_on_the_page_after_the_decision_shows_the_decision_and_that_it_did_not_count(running_api):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    decided, late = api.create_pause(key), api.create_pause(key)
+    forms = [api.get(respond_path(created, page=True)).forms[0] for created in (decided, late)]
+    api.post_json(respond_path(decided), {"choice": "Approve"})
+    run_out(api.config, late["pause_id"])
+    pages = []
+    for form, status, why in ((forms[0], 409, "had already been decided"), (forms[1], 410, "had expired")):
+        pages.append(form.submit("choice", value="Reject", status=status))
+        assert pages[-1].html.select_one("[role=alert]").text == f"Your answer was not recorded: the request {why}."
+        assert not pages[-1].html.select("button[name=choice]") and not re.search(r"\d\dT\d\d:", pages[-1].text)
+    assert "Recorded: <strong>Approve</strong> at " in pages[0].text and "The default <strong>Reject" in pages[1].text
+    assert [api.pause(key, p["pause_id"])["status"] for p in (decided, late)] == ["responded", "pending"]
+
+
 def test_every_respond_page_has_one_heading_for_a_screen_reader_to_find(api, developer):
     untitled = api.get(respond_path(api.create_pause(developer["test_api_key"]), page=True))
     titled = api.get(respond_path(api.create_pause(developer["test_api_key"], title="Wire $340"), page=True))
