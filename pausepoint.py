@@ -5323,8 +5323,14 @@ def open_lock_file(path, owner):
 
 
 def create_signing_keys(path):
-    with contextlib.suppress(FileExistsError):      # another process made it first
-        write_signing_keys(path, [new_signing_key()], replace=False)
+    """The first keys file. One that cannot be written (a full disk, a quota) stops start-up
+    with a sentence naming it, not a traceback: nothing has been signed yet, so nothing is lost."""
+    try:
+        with contextlib.suppress(FileExistsError):      # another process made it first
+            write_signing_keys(path, [new_signing_key()], replace=False)
+    except OSError as e:
+        raise ConfigError(f"the signing keys file {path} cannot be made ({e.strerror}): free space on its disk,"
+                          " or let this user write to its directory, then start again") from None
 
 
 def rotate_signing_key(path):

@@ -12,7 +12,7 @@ import stat
 import jwt
 import pytest
 
-from conftest import QUESTION, WIRE, free_port, read_only_view, stored, token_of
+from conftest import QUESTION, WIRE, fill_disk, free_port, read_only_view, run_cli, stored, token_of
 import pausepoint
 
 TEAM = {**QUESTION,
@@ -181,6 +181,14 @@ def test_processes_starting_at_once_end_up_with_one_whole_keys_file(tmp_path):
         kids = set(pool.map(lambda _: pausepoint.Signer(path).current[0], range(40)))
     assert len(kids) == 1
     assert [name for name in os.listdir(tmp_path) if name.startswith(".keys-")] == []
+
+
+def test_a_first_start_on_a_full_disk_says_in_a_sentence_why_it_cannot_start(small_disk):
+    """Where the keys file cannot be written, the operator is told what to free, not shown a traceback."""
+    fill_disk(small_disk)
+    done = run_cli(small_disk)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "pausepoint.db.keys.json cannot be made (No space left on device): free space on its disk" in done.stderr
 
 
 def test_rotations_at_once_lose_no_key(tmp_path):
