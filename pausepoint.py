@@ -1246,13 +1246,21 @@ def require_room(short_of_room):
                                            " made are still decided", headers={"Retry-After": "60"})
 
 
+# Why a write finds no room: a full disk (ENOSPC), a user's or a dataset's quota (EDQUOT: ZFS,
+# XFS project quotas, a sized volume), a file-size limit (EFBIG: ulimit -f, LimitFSIZE=).
+NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
 def disk_is_full(error):
     """Whether `error` is a write refused for want of room: SQLite's SQLITE_FULL ("database
-    or disk is full") or the system's ENOSPC. Not a bug to trace back, and it passes once the
-    operator frees space."""
+    or disk is full"), or its SQLITE_IOERR_WRITE ("disk I/O error"), which is all SQLite says
+    of a write refused by a quota or a file-size limit (only ENOSPC is SQLITE_FULL to it), or
+    the system's NO_ROOM_ERRNOS. Not a bug to trace back, and it passes once the operator
+    frees space (a failing disk says the same, and is better told in one line than a traceback a tick)."""
     if isinstance(error, sqlite3.Error):
-        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(error)
-    return isinstance(error, OSError) and error.errno == errno.ENOSPC
+        code = getattr(error, "sqlite_errorcode", None)
+        return code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_WRITE) or "disk is full" in str(error)
+    return isinstance(error, OSError) and error.errno in NO_ROOM_ERRNOS
 
 
 class DiskFullEpisodes:
@@ -1268,8 +1276,8 @@ class DiskFullEpisodes:
             new = what not in self.failing
             self.failing.add(what)
         if new:
-            log.warning("%s cannot write, the database's disk is full (%s): it tries again each time and says"
-                        " here when it can", what, error)
+            log.warning("%s cannot write, the database's disk is full or over a quota or file-size limit (%s): it"
+                        " tries again each time and says here when it can", what, error)
 
     def succeeded(self, what):
         with self.lock:

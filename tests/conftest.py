@@ -472,10 +472,10 @@ def read_only_view(directory, view):
 
 class ServerProcess:
     """A server in its own process, on a given database and port: pausepoint.main() forked
-    (launcher.py), or with fresh_interpreter `python pausepoint.py` itself."""
+    (launcher.py), setup() run in it first, or with fresh_interpreter `python pausepoint.py` itself."""
     started = itertools.count()
 
-    def __init__(self, db_path, port, *extra_args, env=None, fresh_interpreter=False, host="127.0.0.1"):
+    def __init__(self, db_path, port, *extra_args, env=None, fresh_interpreter=False, host="127.0.0.1", setup=None):
         self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         # Its own log: a later server on the same database may well be given the same free port.
         self.log_path = f"{db_path}.{port}.{next(self.started)}.log"
@@ -486,7 +486,7 @@ class ServerProcess:
                 self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pausepoint.py"), *argv],
                                              cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         else:
-            self.proc = launcher.Launched(argv, cwd, env, self.log_path)
+            self.proc = launcher.Launched(argv, cwd, env, self.log_path, setup=setup)
         try:
             wait_until(self.healthy, timeout=20)
         except BaseException:           # not started in time: it is no test's to stop later
@@ -520,11 +520,11 @@ def spawn_server(tmp_path):
     """Start real server processes; every one still running is stopped after the test."""
     started = []
 
-    def spawn(*extra_args, db_path=None, port=None, env=None, fresh_interpreter=False, host="127.0.0.1"):
+    def spawn(*extra_args, db_path=None, port=None, env=None, fresh_interpreter=False, host="127.0.0.1", setup=None):
         for tries_left in reversed(range(3)):
             try:
                 server = ServerProcess(db_path or tmp_path / "pausepoint.db", port or free_port(), *extra_args,
-                                       env=env, fresh_interpreter=fresh_interpreter, host=host)
+                                       env=env, fresh_interpreter=fresh_interpreter, host=host, setup=setup)
                 break
             except AssertionError as e:     # a free port another test process was handed too, and took
                 if port or not tries_left or "Address already in use" not in str(e):

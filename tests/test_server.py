@@ -55,6 +55,26 @@ def test_the_start_logs_where_it_listens_and_the_public_url_behind_a_proxy(spawn
             in server.output()), server.output()
 
 
+def limit_file_size():
+    """What a quota or `ulimit -f` does to the server's files: a write past 2 MiB is refused
+    (EFBIG; EDQUOT for a quota), which SQLite reports only as a "disk I/O error"."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 2**20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def test_a_quota_or_file_size_limit_is_a_full_disk_not_a_traceback_a_tick(spawn_server):
+    """507 for what cannot be stored and one line in the log, as on a disk with no room left."""
+    server = spawn_server(env={"PAUSEPOINT_DATABASE_MIN_FREE_MB": "0"}, setup=limit_file_size)
+    key = register(server.url)["test_api_key"]
+    answers = [requests.post(f"{server.url}/v1/pause", headers=bearer(key),
+                             json={**WIRE, "metadata": {"padding": "x" * 15_000}, "timeout_hours": 1 / 3600})
+               for _ in range(300)]             # on past the first refusal: the WAL and the file both fill
+    statuses = {answer.status_code for answer in answers}
+    assert answers[-1].json()["error"]["code"] == "storage_low", answers[-1].text
+    time.sleep(3)                   # the jobs' ticks: timeouts fall due, the checkpoint tries
+    assert statuses == {201, 507} and "Traceback" not in server.output(), server.output()
+    assert "cannot write, the database's disk is full or over a quota or file-size limit" in server.output()
+
+
 def test_a_pause_times_out_to_its_default_within_a_second_of_expiring(live_server):
     key = register(live_server.url)["test_api_key"]
     created = create(live_server.url, key, timeout_hours=1 / 3600)
