@@ -955,6 +955,31 @@ def refuse_before_opening(path):
     refuse_if_open_by_another_name(path)
 
 
+def refuse_if_mixed_with_another_wal(path):
+    """A non-empty WAL beside the database at a server's start means the last process did not
+    stop cleanly (a clean stop removes it) or that the file was replaced under it: a backup
+    copied over a database whose -wal was left, which SQLite reads into the copy as the copy's
+    own, so pages of two databases would be served and then checkpointed into one. Before
+    anything writes, SQLite's quick_check tells the two apart (it reads every page, 0.1 s for
+    20 MB, and only after such a stop), while the database file itself is still the backup
+    as copied."""
+    wal = os.path.realpath(path) + "-wal"
+    if not os.path.isfile(path) or not os.path.isfile(wal) or os.path.getsize(wal) == 0:
+        return
+    try:
+        with contextlib.closing(connect_read_only(path)) as conn:       # a reader never checkpoints
+            # Its problems, one a line, past the "*** in database main ***" heading it puts first.
+            found = [line for row in conn.execute("PRAGMA quick_check(2)") for line in row[0].splitlines()
+                     if not line.startswith("***")]
+    except sqlite3.DatabaseError as e:
+        found = [str(e)]
+    if found != ["ok"]:
+        raise ConfigError(f"the database {path} read with the {wal} beside it fails SQLite's check ({found[0]}): if a"
+                          " backup was just put in its place, that -wal and the -shm belong to the database it"
+                          " replaced; delete both and copy the backup in again (see the README on restoring)."
+                          " Otherwise restore the latest backup the same way")
+
+
 def refuse_if_no_file(path):
     """A named pipe or a device given as the database, or put where its log, wal-index, journal
     or keys file go: SQLite (or the keys' reader) would wait on it for ever."""
@@ -8672,6 +8697,7 @@ def serve(config):
     fewer_malloc_arenas()
     lock = only_server(config["database.path"])     # before anything reads or migrates the database
     refuse_before_opening(config["database.path"])
+    refuse_if_mixed_with_another_wal(config["database.path"])
     app = create_app(config)
     server = make_server(app, config)
     lapse_claims_of_a_stopped_server(app.runtime.db())

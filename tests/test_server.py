@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import sqlite3
@@ -620,6 +621,30 @@ def test_a_backup_taken_while_serving_holds_every_committed_pause(spawn_server, 
     assert {row[0] for row in stored(tmp_path / "copy.db", "SELECT id FROM pauses")} == ids
     assert stored(tmp_path / "copy.db", "PRAGMA integrity_check") == [("ok",)]
     assert run_cli(tmp_path, "backup", str(tmp_path / "copy.db")).returncode == 2    # never overwrites
+
+
+def test_a_backup_copied_over_a_database_whose_wal_was_left_is_refused_before_anything_is_mixed(spawn_server,
+                                                                                                  tmp_path):
+    """The README's restore without its first step, after a crash: SQLite would read the old -wal
+    into the copy. The start says what to do, and doing it gives the backup back whole."""
+    server = spawn_server()
+    key = register(server.url)["test_api_key"]
+    kept = {create(server.url, key)["pause_id"] for _ in range(5)}
+    assert run_cli(tmp_path, "backup", str(tmp_path / "copy.db")).returncode == 0
+    for _ in range(60):
+        create(server.url, key, metadata={"padding": "x" * 8_000})
+    time.sleep(1.5)                                 # the checkpoint job copies them into the file
+    create(server.url, key)                         # and this one is only in the WAL
+    server.proc.kill()                              # a crash: the -wal stays
+    server.proc.wait()
+    shutil.copyfile(tmp_path / "copy.db", tmp_path / "pausepoint.db")           # as `cp` does, in place
+    result = run_cli(tmp_path)
+    one_sentence(result, "fails SQLite's check", "delete both and copy the backup in again")
+    os.remove(tmp_path / "pausepoint.db-wal")
+    os.remove(tmp_path / "pausepoint.db-shm")
+    assert stored(tmp_path / "pausepoint.db", "PRAGMA integrity_check") == [("ok",)]
+    assert {row[0] for row in stored(tmp_path / "pausepoint.db", "SELECT id FROM pauses")} == kept
+    spawn_server()
 
 
 @pytest.fixture
