@@ -8786,6 +8786,22 @@ def server_running(database_path):
     return False
 
 
+def refuse_to_upgrade_under_a_server(database_path, applied, command):
+    """A command of a newer PausePoint, run before its server was restarted (`git pull`, then
+    set-plan), would upgrade the schema under the older server still serving: which then
+    writes on, by tables it does not know, what the newer one misreads, as a start refuses
+    to (applied_schema()). Only a start upgrades a database a server is serving. A server from
+    before the server lock holds none, but its connections hold SQLite's lock on the file."""
+    if applied is None or applied >= MIGRATIONS[-1][0]:
+        return
+    if not (server_running(database_path) or locked_by_another(os.path.realpath(database_path), SQLITE_OPEN_BYTES)):
+        return
+    raise ConfigError(f"{database_path} has schema {applied}, older than this PausePoint's {MIGRATIONS[-1][0]},"
+                      " and another process has it open, most likely an earlier version's server: stop it, take"
+                      f" a backup, start this version's server (which upgrades the database), then run {command}"
+                      " again")
+
+
 def say_a_running_server_may_not_know(database_path, plan):
     """A server reads its config once, as it starts: a plan added to it since is one the server
     does not know, and moving a developer to it gets their live pauses 403 unknown_plan."""
@@ -9055,7 +9071,7 @@ def run_command(args, config):
     refuse_before_opening(config["database.path"])
     if args.command == "verify-audit":       # it checks the schema itself, read-only
         return verify_audit(config["database.path"])
-    check_database(config["database.path"])
+    applied = check_database(config["database.path"])
     if args.command == "backup":
         with_keys = backup(config, args.destination)
         print(f"backed up {config['database.path']} to {args.destination}"
@@ -9069,6 +9085,7 @@ def run_command(args, config):
         kid = rotate_signing_key(signer.path)
         print(f"receipts are now signed with {kid}; earlier keys stay in /.well-known/jwks.json")
         return 0
+    refuse_to_upgrade_under_a_server(config["database.path"], applied, args.command)
     conn = connect(config["database.path"])
     migrate(conn)
     # A password is never an argument: it would show in `ps` and in shell history. Its line ends

@@ -103,6 +103,41 @@ def test_a_database_made_by_the_first_release_migrates_to_the_same_model_as_a_fr
     assert stored(old, "SELECT reply_code, status FROM pauses") == [(None, "pending")]
 
 
+@contextlib.contextmanager
+def serving_as_before_the_server_lock(path):
+    """What an older server's process holds: its connections to the database (in another
+    process, as a server is: SQLite's locks are per process), and no server lock."""
+    code = ("import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); db.execute('PRAGMA journal_mode = WAL');"
+            " db.execute('SELECT count(*) FROM developers').fetchone(); print('open', flush=True); sys.stdin.read()")
+    with subprocess.Popen([sys.executable, "-c", code, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as older:
+        assert older.stdout.readline() == "open\n"
+        yield
+        older.stdin.close()
+
+
+@pytest.mark.parametrize("older", ["with the server lock", "from before the server lock"])
+def test_a_command_never_upgrades_a_database_an_older_server_is_serving(tmp_path, older):
+    """The new version's set-plan, run before its server was restarted: the old server would go
+    on writing by a schema it does not know. Once the old one stops, the command upgrades it."""
+    old = str(tmp_path / "pausepoint.db")
+    db = make_database(old, "schema_v16.sql", 16)
+    db.execute("INSERT INTO developers (id, email, name, password_hash, created_at)"
+               " VALUES ('dev_1', 'a@example.com', 'A', 'x', '2026-01-01T00:00:00.000Z')")
+    db.commit()
+    db.close()
+    serving = pausepoint.only_server if older == "with the server lock" else serving_as_before_the_server_lock
+    with serving(old):
+        refused = run_cli(tmp_path, "set-plan", "--email", "a@example.com", "--plan", "free")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert ("has schema 16, older than this PausePoint's" in refused.stderr
+            and "an earlier version's server: stop it, take a backup, start this version's server" in refused.stderr), refused.stderr
+    assert stored(old, "SELECT max(version) FROM schema_migrations") == [(16,)]
+    done = run_cli(tmp_path, "set-plan", "--email", "a@example.com", "--plan", "free")
+    assert done.returncode == 0, done.stderr
+    assert stored(old, "SELECT max(version) FROM schema_migrations") == [(pausepoint.MIGRATIONS[-1][0],)]
+
+
 def test_a_database_from_before_teams_migrates_to_the_same_model_as_a_fresh_one_keeping_its_texts(tmp_path):
     old = str(tmp_path / "old.db")
     db = make_database(old, "schema_v10.sql", 10)
