@@ -5177,7 +5177,8 @@ class Signer:
         if not os.path.exists(path):
             if self.signed_by:
                 raise ConfigError(f"{path} is missing, but this database holds receipts signed with the keys it"
-                                  " held: restore it from the backup beside the database's (see the README)")
+                                  " held: restore it from the backup beside the database's (see the README); with"
+                                  " no backup that holds it, rotate-signing-key --keys-lost makes a new one")
             create_signing_keys(path)
         self.read_at = self.stamp()
         self.keys, self.current = self.read()
@@ -5200,7 +5201,8 @@ class Signer:
         try:
             with open(self.path, encoding="utf-8") as f:
                 keys = json.load(f)["keys"]
-            published = {key["kid"]: key["public"] for key in keys}
+            published = {key["kid"]: key["public"] for key in keys if "lost_at" not in key}
+            gone = {key["kid"] for key in keys if "lost_at" in key}      # replace_lost_signing_keys()
             named = all(kid == signing_key_id(base64.urlsafe_b64decode(public + "=="))
                         for kid, public in published.items())
             signing = next(key for key in reversed(keys) if key.get("private"))
@@ -5215,12 +5217,12 @@ class Signer:
         if not named:
             raise ConfigError(f"in the signing keys file {self.path}, a kid does not name its public key: restore"
                               " the file from a backup")
-        if self.signed_by and self.signed_by not in published:
+        if self.signed_by and self.signed_by not in published and self.signed_by not in gone:
             raise ConfigError(f"the signing keys file {self.path} does not hold the key {self.signed_by} that signed"
                               " this database's latest receipt: restore the keys file from a backup made after that"
                               " key was made (or add {\"kid\": that kid, \"public\": its \"x\" in"
                               " /.well-known/jwks.json} to its keys)")
-        lost = [key["kid"] for key in self.keys if published.get(key["kid"]) != key["public"]]
+        lost = [key["kid"] for key in self.keys if "lost_at" not in key and published.get(key["kid"]) != key["public"]]
         if lost:
             raise ConfigError(f"the signing keys file {self.path} does not hold the key {lost[0]} as this server"
                               " published it: put the file back as it was (the server would not start with it:"
@@ -5259,7 +5261,7 @@ class Signer:
     def jwks(self):
         self.reload()
         return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": key["public"], "kid": key["kid"], "use": "sig",
-                          "alg": "EdDSA"} for key in self.keys]}
+                          "alg": "EdDSA"} for key in self.keys if "lost_at" not in key]}
 
 
 def latest_receipt_kid(database_path):
@@ -5383,6 +5385,28 @@ def rotate_signing_key(path):
     except OSError as e:
         raise ConfigError(f"the signing keys file {path} was not rotated: {e.filename or path}: {e.strerror}") from None
     return fresh["kid"]
+
+
+def replace_lost_signing_keys(database_path):
+    """A new keys file for a database whose own is lost, with no backup to restore it from
+    (without one a start is refused for good). The key of the latest receipt is recorded as
+    lost, by its kid alone, and a new one signs from now on: receipts signed before can no
+    longer be checked against this server's keys. Returns (new kid, lost kid or None)."""
+    path = signing_keys_path(database_path)
+    if os.path.lexists(path):
+        raise ConfigError(f"{path} exists: --keys-lost makes a keys file only where there is none. Keep the one there"
+                          " (it may yet be mended) by moving it aside, then run this again")
+    if server_running(database_path):
+        raise ConfigError("a server is running on this database, signing with the keys it read as it started:"
+                          " stop it first, or its next receipts would be signed with a key no file holds")
+    lost = latest_receipt_kid(database_path)
+    fresh = new_signing_key()
+    try:
+        write_signing_keys(path, ([{"kid": lost, "lost_at": api_time(db_time())}] if lost else []) + [fresh],
+                           replace=False)
+    except OSError as e:
+        raise ConfigError(f"the signing keys file {path} cannot be made ({e.strerror})") from None
+    return fresh["kid"], lost
 
 
 ###############################################################################
@@ -8970,7 +8994,10 @@ def command_line():
     take_backup = command("backup", help="write an online backup of the database (safe while serving)")
     take_backup.add_argument("destination", help="file to write; must not exist yet")
     command("verify-audit", help="check every audit chain; exits 1 naming the first event that breaks each")
-    command("rotate-signing-key", help="sign from now on with a new key; old public keys stay published")
+    rotate = command("rotate-signing-key", help="sign from now on with a new key; old public keys stay published")
+    rotate.add_argument("--keys-lost", action="store_true",
+                        help="the keys file is gone and no backup holds it: make a new one (receipts signed before"
+                             " can no longer be checked)")
     return parser
 
 
@@ -9079,12 +9106,7 @@ def run_command(args, config):
                  " (no signing keys beside it: the server makes them at its next start)"))
         return 0
     if args.command == "rotate-signing-key":
-        signer = Signer(signing_keys_path(config["database.path"]),
-                        functools.partial(latest_receipt_kid, config["database.path"]))   # checked as a start would
-        signer.helper.shutdown()
-        kid = rotate_signing_key(signer.path)
-        print(f"receipts are now signed with {kid}; earlier keys stay in /.well-known/jwks.json")
-        return 0
+        return rotate_command(config["database.path"], args.keys_lost)
     refuse_to_upgrade_under_a_server(config["database.path"], applied, args.command)
     conn = connect(config["database.path"])
     migrate(conn)
@@ -9112,6 +9134,20 @@ def run_command(args, config):
     elif args.command == "set-operator":
         set_operator(conn, args.email, not args.remove)
         print(f"{args.email} {'may no longer' if args.remove else 'may now'} use the operator page (/dashboard/operator)")
+    return 0
+
+
+def rotate_command(database_path, keys_lost):
+    if keys_lost:
+        kid, lost = replace_lost_signing_keys(database_path)
+        print(f"receipts are now signed with {kid}" + (f"; those signed with {lost} and earlier keys can no longer be"
+                                                       " checked against /.well-known/jwks.json" if lost else ""))
+        return 0
+    signer = Signer(signing_keys_path(database_path),
+                    functools.partial(latest_receipt_kid, database_path))      # checked as a start would
+    signer.helper.shutdown()
+    kid = rotate_signing_key(signer.path)
+    print(f"receipts are now signed with {kid}; earlier keys stay in /.well-known/jwks.json")
     return 0
 
 

@@ -163,6 +163,33 @@ def test_a_database_with_receipts_never_starts_with_a_new_key_by_mistake(running
         pausepoint.create_app(api.config)
 
 
+def test_a_keys_file_lost_with_no_backup_can_be_replaced_and_says_what_is_lost(running_api, capsys):
+    api = running_api()
+    db, path = api.config["database.path"], pausepoint.signing_keys_path(api.config["database.path"])
+    key = api.register()["test_api_key"]
+    before = api.create_pause(key)
+    api.post(f"/v1/pause/{before['pause_id']}/cancel", headers=api.as_key(key))
+    lost = jwt.get_unverified_header(api.pause(key, before["pause_id"])["receipt"])["kid"]
+    api.app.runtime.stop()
+    with open(path, encoding="utf-8") as f:
+        kept = f.read()
+    assert pausepoint.main(["--db", db, "rotate-signing-key", "--keys-lost"]) == 2      # there is a file
+    assert "exists: --keys-lost makes a keys file only where there is none" in capsys.readouterr().err
+    os.remove(path)
+    with contextlib.closing(pausepoint.only_server(db)):                 # a server running on it
+        assert pausepoint.main(["--db", db, "rotate-signing-key", "--keys-lost"]) == 2
+    assert "a server is running on this database" in capsys.readouterr().err and not os.path.exists(path)
+    assert pausepoint.main(["--db", db, "rotate-signing-key", "--keys-lost"]) == 0
+    assert f"those signed with {lost} and earlier keys can no longer be checked" in capsys.readouterr().out
+    api = running_api(**{"database.path": db})                           # it starts again
+    after = api.create_pause(key)
+    api.post(f"/v1/pause/{after['pause_id']}/cancel", headers=api.as_key(key))
+    assert checked(api, api.pause(key, after["pause_id"])["receipt"])["pause_id"] == after["pause_id"]
+    assert lost not in {published["kid"] for published in api.get("/.well-known/jwks.json").json["keys"]}
+    assert pausepoint.main(["--db", db, "rotate-signing-key"]) == 0     # and rotates as ever
+    assert json.loads(kept)["keys"][0]["kid"] == lost
+
+
 @pytest.mark.parametrize("content", ["", "{", '{"keys": []}', '{"keys": [{"kid": "k", "public": "x"}]}', '{"keys": [1]}',
                                      '{"keys": "abc"}', '{"keys": [{"kid": "k", "private": "eA"}]}'])
 def test_an_unusable_keys_file_stops_start_up_with_a_sentence_naming_it(tmp_path, content):
