@@ -185,7 +185,8 @@ def test_on_a_phone_each_audit_event_fits_on_the_screen(live_server, browser):
 
     browser.get(url + "/dashboard/audit")
     rows = browser.find_elements(By.CSS_SELECTOR, "#events tbody tr")
-    assert "respond_page.opened" in rows[0].text
+    # (The notification job may have recorded its simulated send after the opening.)
+    assert any("respond_page.opened" in row.text for row in rows)
     # Its data column was squeezed to a few letters a line: one event ran to two screens.
     assert all(row.size["height"] < 640 for row in rows)
     assert browser.find_element(By.CSS_SELECTOR, "#events td.text").size["width"] >= 250
