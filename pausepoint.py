@@ -2495,8 +2495,9 @@ def refuse_a_text_too_long(config, asked, channel_name):
     if channel.kind != "twilio":
         return
     timeout = dt.timedelta(seconds=asked["timeout_seconds"])
-    longest = {"message": asked["message"], "options": compact_json(asked["options"]), "reply_code": "X" * 3,
-               "fields": None if asked["fields"] is None else compact_json(asked["fields"]),
+    longest = {"title": asked["title"], "message": asked["message"], "options": compact_json(asked["options"]),
+               "reply_code": "X" * 3, "fields": None if asked["fields"] is None else compact_json(asked["fields"]),
+               "metadata": None if asked["metadata"] is None else compact_json(asked["metadata"]),
                "expires_at": db_time(utcnow() + timeout)}
     text = channel.render(longest, respond_url(config, "x" * 43))
     if asked["reminders"]:
@@ -4032,6 +4033,17 @@ def fields_text(pause):
     return "".join(f"{field.get('label', name)}: {field_display(field['value'])}\n" for name, field in fields.items())
 
 
+def title_line(pause):
+    return f"{pause['title']}\n" if pause["title"] else ""
+
+
+def shown_lines(pause):
+    """What the respond page shows beside the question, a line each: the details its agent
+    listed in "display", then its fields. In every text too, so whoever answers from one
+    was shown what the page shows, as the pause's receipt says."""
+    return "".join(f"{detail['name']}: {detail['value']}\n" for detail in shown_details(pause)) + fields_text(pause)
+
+
 def field_display(value):
     return ("Yes" if value else "No") if isinstance(value, bool) else value
 
@@ -4041,12 +4053,12 @@ def sms_text(pause, url, replies=True):
     a sender that takes no replies, only the link."""
     answer = (f"{reply_options(pause)}, or open {url}" if replies
               else f"{' / '.join(json.loads(pause['options']))}: open {url}")
-    return f"{pause['message']}\n{fields_text(pause)}{answer}\nExpires {expiry_text(pause)}"
+    return f"{title_line(pause)}{pause['message']}\n{shown_lines(pause)}{answer}\nExpires {expiry_text(pause)}"
 
 
 def push_text(pause, url):
     options = " / ".join(json.loads(pause["options"]))
-    return (f"{pause['message']}\n\n{fields_text(pause)}Options: {options}\nAnswer: {url}\n"
+    return (f"{title_line(pause)}{pause['message']}\n\n{shown_lines(pause)}Options: {options}\nAnswer: {url}\n"
             f"Expires {expiry_text(pause)}")
 
 
@@ -4058,9 +4070,10 @@ def email_subject(pause):
 def email_text(pause, url):
     options = "\n".join(f"  {option}: {url}?choice={urllib.parse.quote(option)}"
                         for option in json.loads(pause["options"]))
-    listed = fields_text(pause).rstrip()
+    listed = shown_lines(pause).rstrip()
     fields = listed and f"\n\n{listed}"
-    return (f"Subject: {email_subject(pause)}\n\n{pause['message']}{fields}\n\nChoose one (each link opens a page"
+    title = title_line(pause) and title_line(pause) + "\n"
+    return (f"Subject: {email_subject(pause)}\n\n{title}{pause['message']}{fields}\n\nChoose one (each link opens a page"
             f" where you confirm):\n{options}\n\nThis request expires {expiry_text(pause)}.")
 
 

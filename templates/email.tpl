@@ -6,7 +6,13 @@
 <p style="margin:0 0 6px"><strong>Reminder:</strong> this request is still waiting for your answer.</p>
 % end
 <p style="color:#6e6e73;margin:0 0 6px">An agent is asking:</p>
+% if pause['title']:
+<h1 style="font-size:20px;margin:0 0 8px">{{pause['title']}}</h1>
+% end
 <div style="background:#fff;border-radius:12px;padding:16px;white-space:pre-wrap">{{pause['message']}}</div>
+% for detail in pause['details']:
+<p style="margin:8px 0 0"><span style="color:#6e6e73">{{detail['name']}}:</span> {{detail['value']}}</p>
+% end
 % for name, field in (pause.get('fields') or {}).items():
 <p style="margin:8px 0 0"><span style="color:#6e6e73">{{field.get('label', name)}}:</span> <strong>{{field_text(field['value'])}}</strong></p>
 % end
