@@ -2501,13 +2501,20 @@ def refuse_a_text_too_long(config, asked, channel_name):
                "expires_at": db_time(utcnow() + timeout)}
     text = channel.render(longest, respond_url(config, "x" * 43))
     if asked["reminders"]:
-        text = reminder_text(text, human_duration(timeout.total_seconds()))
+        # The first reminder says the most time left; the job may send it late, saying less.
+        text = reminder_text(text, longest_time_left(asked["timeout_seconds"] - 60 * min(asked["reminders"])))
     length = len(text.encode("utf-16-le")) // 2
     if length > TEXT_MESSAGE_LIMIT:
         sent = "as a reminder repeats it" if asked["reminders"] else "as a text"
         raise invalid("message", f"{sent} on {channel_name}, with its options, fields, link and reply instructions,"
                                  f" this question takes {length} characters, and a text holds {TEXT_MESSAGE_LIMIT}:"
                                  f" shorten the message by {length - TEXT_MESSAGE_LIMIT}")
+
+
+def longest_time_left(seconds):
+    """The longest human_duration() of any time up to `seconds`: less time can take more
+    characters ('60.0 min' is less than '1.0 h')."""
+    return max((human_duration(min(seconds, below)) for below in (seconds, 3599, 599, 59)), key=len)
 
 
 def idempotent_replay(conn, caller, key, body):

@@ -1372,3 +1372,22 @@ def test_when_random_draws_keep_missing_the_few_free_codes_are_found(sms_setup):
     codes = [stored(config, "SELECT reply_code FROM pauses WHERE id = ?", api.create_pause(key)["pause_id"])[0][0]
              for _ in range(5)]
     assert set(codes) <= free and len(set(codes)) == 5
+
+def test_a_question_that_fits_as_a_text_fits_in_each_reminder_whatever_time_it_says_is_left(running_api, twilio):
+    """A reminder says the time left as it is sent ('30.0 min' of a one-hour pause, longer than
+    '1.0 h'): a question accepted with reminders fits in every one of them."""
+    api = running_api(**twilio.settings(), **{"server.base_url": "https://pp.example.org"})
+    key = api.register()["api_key"]
+    asked = {**WIRE, "timeout_hours": 1, "remind_after_minutes": [30]}
+    error = api.post_json("/v1/pause", {**asked, "message": "W" * 1600}, headers=api.as_key(key), status=422).json
+    over = int(error["error"]["message"].rsplit(" ", 1)[1])
+    created = api.post_json("/v1/pause", {**asked, "message": "W" * (1600 - over)}, headers=api.as_key(key)).json
+    sent(api, key, created["pause_id"], "sent")
+    half_an_hour = pausepoint.db_time(pausepoint.utcnow() + dt.timedelta(minutes=30))
+    stored(api.config, "UPDATE pauses SET expires_at = ?", half_an_hour)
+    stored(api.config, "UPDATE pause_steps SET due_at = ?", pausepoint.db_time())
+    api.step("steps")
+    api.step("notifications")
+    reminder = twilio.messages[-1]["Body"]
+    assert reminder.startswith("Reminder, 30.0 min left: ")
+    assert len(reminder.encode("utf-16-le")) // 2 <= 1600
