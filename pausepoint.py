@@ -956,9 +956,10 @@ def refuse_before_opening(path):
 
 
 def refuse_if_mixed_with_another_wal(path):
-    """A non-empty WAL beside the database at a server's start means the last process did not
-    stop cleanly (a clean stop removes it) or that the file was replaced under it: a backup
-    copied over a database whose -wal was left, which SQLite reads into the copy as the copy's
+    """A non-empty WAL beside the database at a server's start, or at a command's with no
+    process on the database, means the last process did not stop cleanly (a clean stop
+    removes it) or that the file was replaced under it: a backup copied over a database
+    whose -wal was left, which SQLite reads into the copy as the copy's
     own, so pages of two databases would be served and then checkpointed into one. Before
     anything writes, SQLite's quick_check tells the two apart (it reads every page, 0.1 s for
     20 MB, and only after such a stop), while the database file itself is still the backup
@@ -9116,6 +9117,11 @@ def run_command(args, config):
         print(f"pausepoint: there was no database at {config['database.path']}: a new one is made for this"
               " developer (if the server's is elsewhere, name it with --db or database.path)", file=sys.stderr)
     refuse_before_opening(config["database.path"])
+    if not locked_by_another(os.path.realpath(config["database.path"]), SQLITE_OPEN_BYTES):
+        # With no process on it, a -wal is one left as a start finds it: a command's connection,
+        # closing last, would copy it into the file (a backup, into its copy), and the next
+        # start would find nothing amiss. While a server has it open the -wal is the server's.
+        refuse_if_mixed_with_another_wal(config["database.path"])
     if args.command == "verify-audit":       # it checks the schema itself, read-only
         return verify_audit(config["database.path"])
     applied = check_database(config["database.path"])

@@ -623,10 +623,14 @@ def test_a_backup_taken_while_serving_holds_every_committed_pause(spawn_server, 
     assert run_cli(tmp_path, "backup", str(tmp_path / "copy.db")).returncode == 2    # never overwrites
 
 
+@pytest.mark.parametrize("first", [(), ("backup", "after.db"), ("create-developer", "--email", "b@example.com",
+                                                                   "--name", "B", "--password-stdin")])
 def test_a_backup_copied_over_a_database_whose_wal_was_left_is_refused_before_anything_is_mixed(spawn_server,
-                                                                                                  tmp_path):
+                                                                                                  tmp_path, first):
     """The README's restore without its first step, after a crash: SQLite would read the old -wal
-    into the copy. The start says what to do, and doing it gives the backup back whole."""
+    into the copy. The start says what to do, and doing it gives the backup back whole. So does
+    a command run first, which would otherwise copy the mix into the file as it closes (or into
+    a backup), for the start after it to find nothing amiss."""
     server = spawn_server()
     key = register(server.url)["test_api_key"]
     kept = {create(server.url, key)["pause_id"] for _ in range(5)}
@@ -638,8 +642,9 @@ def test_a_backup_copied_over_a_database_whose_wal_was_left_is_refused_before_an
     server.proc.kill()                              # a crash: the -wal stays
     server.proc.wait()
     shutil.copyfile(tmp_path / "copy.db", tmp_path / "pausepoint.db")           # as `cp` does, in place
-    result = run_cli(tmp_path)
+    result = run_cli(tmp_path, *first, stdin=PASSWORD)
     one_sentence(result, "fails SQLite's check", "delete both and copy the backup in again")
+    assert not os.path.exists(tmp_path / "after.db")
     os.remove(tmp_path / "pausepoint.db-wal")
     os.remove(tmp_path / "pausepoint.db-shm")
     assert stored(tmp_path / "pausepoint.db", "PRAGMA integrity_check") == [("ok",)]
