@@ -5417,6 +5417,11 @@ def replace_lost_signing_keys(database_path):
     if os.path.lexists(path):
         raise ConfigError(f"{path} exists: --keys-lost makes a keys file only where there is none. Keep the one there"
                           " (it may yet be mended) by moving it aside, then run this again")
+    real = os.path.realpath(database_path)
+    if os.path.lexists(signing_keys_path(real)):
+        # Named by a link, the database looks for its keys beside the link: they are beside the file.
+        raise ConfigError(f"{path} is missing, but {signing_keys_path(real)}, beside the file this names, is there:"
+                          f" name the database {real} (--db or database.path), and its keys are not lost")
     if server_running(database_path):
         raise ConfigError("a server is running on this database, signing with the keys it read as it started:"
                           " stop it first, or its next receipts would be signed with a key no file holds")

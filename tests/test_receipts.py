@@ -190,6 +190,23 @@ def test_a_keys_file_lost_with_no_backup_can_be_replaced_and_says_what_is_lost(r
     assert json.loads(kept)["keys"][0]["kid"] == lost
 
 
+def test_keys_lost_is_refused_for_a_database_named_by_a_link_whose_own_keys_are_there(running_api, capsys):
+    """A database named by a symbolic link finds no keys beside the link's name: its own, beside
+    its real name, are not lost, and a new file would leave every receipt signed with them unchecked."""
+    api = running_api()
+    db = api.config["database.path"]
+    key = api.register()["test_api_key"]
+    api.post(f"/v1/pause/{api.create_pause(key)['pause_id']}/cancel", headers=api.as_key(key))
+    api.app.runtime.stop()
+    link = os.path.join(os.path.dirname(db), "linked.db")
+    os.symlink(db, link)
+    assert pausepoint.main(["--db", link, "rotate-signing-key", "--keys-lost"]) == 2
+    said = capsys.readouterr().err
+    real = os.path.realpath(db)
+    assert pausepoint.signing_keys_path(real) in said and f"name the database {real}" in said
+    assert not os.path.lexists(pausepoint.signing_keys_path(link))
+
+
 @pytest.mark.parametrize("content", ["", "{", '{"keys": []}', '{"keys": [{"kid": "k", "public": "x"}]}', '{"keys": [1]}',
                                      '{"keys": "abc"}', '{"keys": [{"kid": "k", "private": "eA"}]}'])
 def test_an_unusable_keys_file_stops_start_up_with_a_sentence_naming_it(tmp_path, content):
