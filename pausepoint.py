@@ -1302,8 +1302,8 @@ class DiskFullEpisodes:
             new = what not in self.failing
             self.failing.add(what)
         if new:
-            log.warning("%s cannot write, the database's disk is full or over a quota or file-size limit (%s): it"
-                        " tries again each time and says here when it can", what, error)
+            log.warning("%s cannot write, the database's disk is full or over a quota or file-size limit, or"
+                        " failing (%s): it tries again each time and says here when it can", what, error)
 
     def succeeded(self, what):
         with self.lock:
