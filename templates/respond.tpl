@@ -35,7 +35,7 @@
   % end
   % # Several people are asked: say what one answer does, which the question alone does not.
   % if quorum:
-<p class="expiry" id="quorum">Others are asked too. It takes {{quorum['count']}} {{'person' if quorum['count'] == 1 else 'people'}} choosing <strong>{{quorum['choice']}}</strong>{{' with the same values' if pause.get('fields') else ''}} to decide it that way; any other answer, from anyone asked, decides it at once.</p>
+<p class="expiry" id="quorum">Others are asked too. It takes {{quorum['count']}} {{'person' if quorum['count'] == 1 else 'people'}} choosing <strong>{{quorum['choice']}}</strong>{{' with the same values' if pause.get('fields') else ''}} to decide it that way{{' (one with other values starts a count of its own)' if pause.get('fields') else ''}}; any other choice, from anyone asked, decides it at once.</p>
   % elif team:
 <p class="expiry" id="quorum">Others are asked too: the first answer, yours or theirs, decides it for everyone.</p>
   % end
