@@ -5422,9 +5422,12 @@ def replace_lost_signing_keys(database_path):
         # Named by a link, the database looks for its keys beside the link: they are beside the file.
         raise ConfigError(f"{path} is missing, but {signing_keys_path(real)}, beside the file this names, is there:"
                           f" name the database {real} (--db or database.path), and its keys are not lost")
-    if server_running(database_path):
-        raise ConfigError("a server is running on this database, signing with the keys it read as it started:"
-                          " stop it first, or its next receipts would be signed with a key no file holds")
+    running = server_running(database_path)
+    if running is not False:        # None: its lock file cannot be read to tell
+        raise ConfigError(("a server is running on this database" if running else f"whether a server runs on this"
+                           f" database cannot be told ({server_lock_path(database_path)} cannot be read)")
+                          + ", signing with the keys it read as it started: stop it first (run this as the user the"
+                          " server runs as), or its next receipts would be signed with a key no file holds")
     lost = latest_receipt_kid(database_path)
     fresh = new_signing_key()
     try:

@@ -179,6 +179,13 @@ def test_a_keys_file_lost_with_no_backup_can_be_replaced_and_says_what_is_lost(r
     with contextlib.closing(pausepoint.only_server(db)):                 # a server running on it
         assert pausepoint.main(["--db", db, "rotate-signing-key", "--keys-lost"]) == 2
     assert "a server is running on this database" in capsys.readouterr().err and not os.path.exists(path)
+    lock = pausepoint.server_lock_path(db)
+    os.replace(lock, lock + ".kept")
+    os.symlink("/nonexistent", lock)                                     # a lock that cannot be read to tell
+    assert pausepoint.main(["--db", db, "rotate-signing-key", "--keys-lost"]) == 2
+    assert "whether a server runs on this database cannot be told" in capsys.readouterr().err
+    os.replace(lock + ".kept", lock)
+    assert not os.path.exists(path)
     assert pausepoint.main(["--db", db, "rotate-signing-key", "--keys-lost"]) == 0
     assert f"those signed with {lost} and earlier keys can no longer be checked" in capsys.readouterr().out
     api = running_api(**{"database.path": db})                           # it starts again
