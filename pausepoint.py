@@ -9125,13 +9125,14 @@ def run_command(args, config):
         print(f"pausepoint: there was no database at {config['database.path']}: a new one is made for this"
               " developer (if the server's is elsewhere, name it with --db or database.path)", file=sys.stderr)
     refuse_before_opening(config["database.path"])
+    if args.command == "verify-audit":       # it checks the schema itself, read-only
+        return verify_audit(config["database.path"])
     if not locked_by_another(os.path.realpath(config["database.path"]), SQLITE_OPEN_BYTES):
         # With no process on it, a -wal is one left as a start finds it: a command's connection,
         # closing last, would copy it into the file (a backup, into its copy), and the next
         # start would find nothing amiss. While a server has it open the -wal is the server's.
+        # (verify-audit only reads, and copies nothing into the file.)
         refuse_if_mixed_with_another_wal(config["database.path"])
-    if args.command == "verify-audit":       # it checks the schema itself, read-only
-        return verify_audit(config["database.path"])
     applied = check_database(config["database.path"])
     if args.command == "backup":
         with_keys = backup(config, args.destination)
