@@ -2498,7 +2498,6 @@ def refuse_a_text_too_long(config, asked, channel_name):
     timeout = dt.timedelta(seconds=asked["timeout_seconds"])
     longest = {"title": asked["title"], "message": asked["message"], "options": compact_json(asked["options"]),
                "reply_code": "X" * 3, "fields": None if asked["fields"] is None else compact_json(asked["fields"]),
-               "metadata": None if asked["metadata"] is None else compact_json(asked["metadata"]),
                "expires_at": db_time(utcnow() + timeout)}
     text = channel.render(longest, respond_url(config, "x" * 43))
     if asked["reminders"]:
@@ -4047,8 +4046,8 @@ def title_line(pause):
 
 def shown_lines(pause):
     """What the respond page shows beside the question, a line each: the details its agent
-    listed in "display", then its fields. In every text too, so whoever answers from one
-    was shown what the page shows, as the pause's receipt says."""
+    listed in "display", then its fields, for an email or a push. Not in a text message:
+    details may be up to 16 KB (a whole tool call, say), which no text holds; its link shows them."""
     return "".join(f"{detail['name']}: {detail['value']}\n" for detail in shown_details(pause)) + fields_text(pause)
 
 
@@ -4061,7 +4060,7 @@ def sms_text(pause, url, replies=True):
     a sender that takes no replies, only the link."""
     answer = (f"{reply_options(pause)}, or open {url}" if replies
               else f"{' / '.join(json.loads(pause['options']))}: open {url}")
-    return f"{title_line(pause)}{pause['message']}\n{shown_lines(pause)}{answer}\nExpires {expiry_text(pause)}"
+    return f"{title_line(pause)}{pause['message']}\n{fields_text(pause)}{answer}\nExpires {expiry_text(pause)}"
 
 
 def push_text(pause, url):

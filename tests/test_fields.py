@@ -250,15 +250,15 @@ def test_whoever_answers_by_text_is_shown_the_fields(running_api):
     assert "edited" not in api.get(f"/v1/respond/{token_of(created['respond_url'])}").json      # nothing decided yet
 
 
-def test_texts_show_the_title_and_details_the_page_shows_beside_the_question(running_api):
-    """A receipt says its title and details were shown with the question: so they are, in a text too."""
+def test_texts_show_the_title_and_emails_and_pushes_the_details_the_page_shows_beside_the_question(running_api):
+    """Details may be 16 KB (a whole tool call), which no text message holds: its link shows them."""
     api = running_api()
     key = api.register()["test_api_key"]
     created = api.create_pause(key, title="Wire $340", fields=FIELDS,
                                metadata={"invoice": "INV-7", "amount": 340, "display": ["invoice", "amount"]})
     shown = "invoice: INV-7\namount: 340\nAmount (USD): 340\npayee: Acme Corp\n"
     text = api.pause(key, created["pause_id"])["notification"]["text"]
-    assert text.startswith(f"Wire $340\n{WIRE['message']}\n{shown}Reply ")
+    assert text.startswith(f"Wire $340\n{WIRE['message']}\nAmount (USD): 340\npayee: Acme Corp\nReply ")
     pause = api.app.runtime.db().execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
     assert pausepoint.push_text(pause, "u").startswith(f"Wire $340\n{WIRE['message']}\n\n{shown}Options: ")
     email = pausepoint.email_text(pause, created["respond_url"])
