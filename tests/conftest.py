@@ -515,22 +515,25 @@ class ServerProcess:
             self.proc.wait(timeout=20)
 
 
+def start_server(db_path, *extra_args, port=None, **options):
+    """A ServerProcess on `port`, or on a free one: another, up to twice, when a port found free
+    was handed to another test process too, which took it first."""
+    for tries_left in reversed(range(3)):
+        try:
+            return ServerProcess(db_path, port or free_port(), *extra_args, **options)
+        except AssertionError as e:
+            if port or not tries_left or "Address already in use" not in str(e):
+                raise
+
+
 @pytest.fixture
 def spawn_server(tmp_path):
     """Start real server processes; every one still running is stopped after the test."""
     started = []
 
-    def spawn(*extra_args, db_path=None, port=None, env=None, fresh_interpreter=False, host="127.0.0.1", setup=None):
-        for tries_left in reversed(range(3)):
-            try:
-                server = ServerProcess(db_path or tmp_path / "pausepoint.db", port or free_port(), *extra_args,
-                                       env=env, fresh_interpreter=fresh_interpreter, host=host, setup=setup)
-                break
-            except AssertionError as e:     # a free port another test process was handed too, and took
-                if port or not tries_left or "Address already in use" not in str(e):
-                    raise
-        started.append(server)
-        return server
+    def spawn(*extra_args, db_path=None, port=None, **options):
+        started.append(start_server(db_path or tmp_path / "pausepoint.db", *extra_args, port=port, **options))
+        return started[-1]
 
     yield spawn
     for server in started:

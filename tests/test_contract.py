@@ -8,7 +8,7 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 
-from conftest import WIRE, ServerProcess, free_port
+from conftest import WIRE, start_server
 import pausepoint
 
 
@@ -83,8 +83,8 @@ def test_create_app_and_every_function_stay_under_60_lines():
 @pytest.fixture(scope="module")
 def contract_server(tmp_path_factory):
     """`python pausepoint.py` for the whole module, limits off, with a developer and a pause to find."""
-    server = ServerProcess(tmp_path_factory.mktemp("contract") / "pausepoint.db", free_port(),
-                           env={"PAUSEPOINT_RATELIMIT_ENABLED": "false", "PAUSEPOINT_WEBHOOKS_ALLOW_PRIVATE": "true"})
+    server = start_server(tmp_path_factory.mktemp("contract") / "pausepoint.db",
+                          env={"PAUSEPOINT_RATELIMIT_ENABLED": "false", "PAUSEPOINT_WEBHOOKS_ALLOW_PRIVATE": "true"})
     keys = requests.post(f"{server.url}/v1/auth/register",
                          json={"email": "contract@example.com", "name": "C", "password": "password123"}).json()
     auth = {"Authorization": f"Bearer {keys['test_api_key']}"}

@@ -18,7 +18,7 @@ import time
 import pytest
 import requests
 
-from conftest import ROOT, WIRE, ServerProcess, cannot_run_here, free_port, process_env, token_of, wait_until
+from conftest import ROOT, WIRE, cannot_run_here, free_port, process_env, start_server, token_of, wait_until
 
 ATTACKER = "127.0.0.2"          # one address for the attack; the well-behaved client stays on 127.0.0.1
 
@@ -193,7 +193,7 @@ def content_length(answer):
 def plain_server(tmp_path_factory):
     """One server with the default settings for the tests of single refused requests,
     which change nothing that another such test could see."""
-    server = ServerProcess(tmp_path_factory.mktemp("plain") / "pausepoint.db", free_port())
+    server = start_server(tmp_path_factory.mktemp("plain") / "pausepoint.db")
     yield server
     server.stop()
 
