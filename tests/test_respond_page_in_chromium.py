@@ -9,15 +9,21 @@ pytestmark = needs_chromium
 XSS = '<img src=x onerror="document.title=\'pwned\'"><script>document.title="pwned"</script>'
 
 
+def ask(url, body, name="Agent"):
+    """A developer signed up on the live server at `url` (shown to the person as `name`) and
+    their test pause of `body`; returns (the pause as created, the key's headers)."""
+    keys = requests.post(f"{url}/v1/auth/register",
+                         json={"email": "dev@example.com", "name": name, "password": "password123"}).json()
+    headers = {"Authorization": f"Bearer {keys['test_api_key']}"}
+    return requests.post(f"{url}/v1/pause", headers=headers, json=body).json(), headers
+
+
 def test_a_human_taps_a_choice_on_a_phone_sized_page_and_sees_it_recorded(live_server, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     url = live_server.url
-    keys = requests.post(f"{url}/v1/auth/register",
-                         json={"email": "b@example.com", "name": "B", "password": "password123"}).json()
-    headers = {"Authorization": f"Bearer {keys['test_api_key']}"}
-    created = requests.post(f"{url}/v1/pause", json={**WIRE, "message": f"Wire $340? {XSS}"}, headers=headers).json()
+    created, headers = ask(url, {**WIRE, "message": f"Wire $340? {XSS}"})
 
     browser.get(f"{url}/respond/{token_of(created['respond_url'])}")
     assert browser.title == "Your decision · PausePoint"          # the injected script never ran
@@ -42,12 +48,10 @@ def test_the_page_reads_at_320_px_and_in_dark_mode(live_server, browser):
     from selenium.webdriver.common.by import By
 
     url = live_server.url
-    keys = requests.post(f"{url}/v1/auth/register",
-                         json={"email": "d@example.com", "name": "Acme Finance Bot", "password": "password123"}).json()
-    created = requests.post(f"{url}/v1/pause", headers={"Authorization": f"Bearer {keys['test_api_key']}"}, json={
+    created, headers = ask(url, {
         **WIRE, "title": "Wire to Acme Corp", "options": ["Approve the wire", "Reject", "Ask me tomorrow"],
         "metadata": {"amount": "$340.00", "payee": "Acme Corporation International Holdings", "display": ["amount", "payee"]},
-    }).json()
+    }, name="Acme Finance Bot")
     browser.set_window_size(320, 700)
     browser.get(f"{url}/respond/{token_of(created['respond_url'])}")
     assert browser.execute_script("return document.documentElement.scrollWidth") <= 320      # nothing runs off the side
@@ -68,14 +72,11 @@ def test_an_approver_lowers_the_amount_in_the_browser_within_its_bounds(live_ser
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     url = live_server.url
-    keys = requests.post(f"{url}/v1/auth/register",
-                         json={"email": "f@example.com", "name": "F", "password": "password123"}).json()
-    headers = {"Authorization": f"Bearer {keys['test_api_key']}"}
-    created = requests.post(f"{url}/v1/pause", headers=headers, json={**WIRE, "fields": {
+    created, headers = ask(url, {**WIRE, "fields": {
         "amount": {"type": "number", "value": 340, "min": 0, "max": 500, "editable": True, "label": "Amount (USD)"},
         "payee": {"type": "string", "value": "Acme Corporation International Holdings", "editable": False},
         "rush": {"type": "boolean", "value": False, "editable": True, "label": XSS},
-        "address": {"type": "string", "value": "Acme Corp\nSuite 5", "editable": True}}}).json()
+        "address": {"type": "string", "value": "Acme Corp\nSuite 5", "editable": True}}})
     browser.set_window_size(320, 700)
     browser.get(f"{url}/respond/{token_of(created['respond_url'])}")
     assert browser.title == "Your decision · PausePoint"
@@ -105,12 +106,9 @@ def test_a_team_member_votes_on_the_page_and_it_then_says_the_others_decide(live
     from selenium.webdriver.support.ui import WebDriverWait
 
     url = live_server.url
-    keys = requests.post(f"{url}/v1/auth/register",
-                         json={"email": "t@example.com", "name": "T", "password": "password123"}).json()
-    headers = {"Authorization": f"Bearer {keys['test_api_key']}"}
-    created = requests.post(f"{url}/v1/pause", headers=headers, json={
+    created, headers = ask(url, {
         **QUESTION, "recipients": [{"recipient": "ana", "channel": "link"}, {"recipient": "bo", "channel": "link"}],
-        "quorum": {"choice": "Approve", "count": 2}}).json()
+        "quorum": {"choice": "Approve", "count": 2}})
     first, second = (token_of(person["respond_url"]) for person in created["recipients"])
 
     browser.get(f"{url}/respond/{first}")
@@ -130,12 +128,9 @@ def test_enter_in_an_amount_field_approves_nothing(live_server, browser):
     from selenium.webdriver.support.ui import WebDriverWait
 
     url = live_server.url
-    keys = requests.post(f"{url}/v1/auth/register",
-                         json={"email": "e@example.com", "name": "E", "password": "password123"}).json()
-    headers = {"Authorization": f"Bearer {keys['test_api_key']}"}
-    created = requests.post(f"{url}/v1/pause", headers=headers, json={**WIRE, "fields": {
+    created, headers = ask(url, {**WIRE, "fields": {
         "amount": {"type": "number", "value": 340, "min": 0, "max": 500, "editable": True},
-        "memo": {"type": "string", "value": "Invoice 7", "editable": True}}}).json()
+        "memo": {"type": "string", "value": "Invoice 7", "editable": True}}})
     browser.get(f"{url}/respond/{token_of(created['respond_url'])}")
     amount = browser.find_element(By.ID, "field-amount")
     amount.clear()
@@ -154,11 +149,9 @@ def test_a_question_in_arabic_reads_right_to_left_with_its_latin_names_in_order(
     from selenium.webdriver.common.by import By
 
     url = live_server.url
-    keys = requests.post(f"{url}/v1/auth/register",
-                         json={"email": "r@example.com", "name": "R", "password": "password123"}).json()
-    created = requests.post(f"{url}/v1/pause", headers={"Authorization": f"Bearer {keys['test_api_key']}"}, json={
+    created, headers = ask(url, {
         **WIRE, "title": "تحويل 340 USD", "message": "تحويل من ACME إلى BOB؟", "options": ["موافقة", "رفض"],
-        "timeout_default": "رفض", "metadata": {"المستفيد": "شركة BOB", "display": ["المستفيد"]}}).json()
+        "timeout_default": "رفض", "metadata": {"المستفيد": "شركة BOB", "display": ["المستفيد"]}})
     browser.set_window_size(360, 640)
     browser.get(f"{url}/respond/{token_of(created['respond_url'])}")
     for selector in (".title", ".message", ".details th", ".details td", "button[name=choice]"):
@@ -188,11 +181,9 @@ def test_in_dark_mode_the_error_the_labels_and_the_deadline_can_be_read(live_ser
     from selenium.webdriver.support.ui import WebDriverWait
 
     url = live_server.url
-    keys = requests.post(f"{url}/v1/auth/register",
-                         json={"email": "k@example.com", "name": "K", "password": "password123"}).json()
-    created = requests.post(f"{url}/v1/pause", headers={"Authorization": f"Bearer {keys['test_api_key']}"}, json={
+    created, headers = ask(url, {
         **WIRE, "fields": {"amount": {"type": "number", "value": 340, "max": 500, "editable": True, "label": "Amount"},
-                           "payee": {"type": "string", "value": "Acme Corp", "editable": False}}}).json()
+                           "payee": {"type": "string", "value": "Acme Corp", "editable": False}}})
     browser.execute_cdp_cmd("Emulation.setEmulatedMedia",
                             {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
     browser.get(f"{url}/respond/{token_of(created['respond_url'])}")
@@ -215,13 +206,11 @@ def test_long_unbroken_names_a_picked_option_and_an_error_stay_within_a_phone_sc
     from selenium.webdriver.support.ui import WebDriverWait
 
     url = live_server.url
-    keys = requests.post(f"{url}/v1/auth/register", json={
-        "email": "w@example.com", "name": "AcmeFinanceReconciliationAgentForTheTreasury" * 2, "password": "password123"}).json()
     option = "ApproveTheWireTransferToAcmeCorporationInternationalHoldings"
-    created = requests.post(f"{url}/v1/pause", headers={"Authorization": f"Bearer {keys['test_api_key']}"}, json={
+    created, headers = ask(url, {
         **WIRE, "options": [option, "Reject"], "timeout_default": "Reject",
         "fields": {"amount": {"type": "number", "value": 5, "max": 10, "editable": True,
-                              "label": "AmountInUnitsOfTheSettlementCurrencyAsAgreed"}}}).json()
+                              "label": "AmountInUnitsOfTheSettlementCurrencyAsAgreed"}}}, name="AcmeFinanceReconciliationAgentForTheTreasury" * 2)
     browser.set_window_size(360, 640)
     browser.get(f"{url}/respond/{token_of(created['respond_url'])}?choice={option}")     # an email's button
     width = "return document.documentElement.scrollWidth"
