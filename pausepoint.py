@@ -958,12 +958,12 @@ def refuse_before_opening(path):
 def refuse_if_mixed_with_another_wal(path):
     """A non-empty WAL beside the database at a server's start, or at a command's with no
     process on the database, means the last process did not stop cleanly (a clean stop
-    removes it) or that the file was replaced under it: a backup copied over a database
-    whose -wal was left, which SQLite reads into the copy as the copy's
-    own, so pages of two databases would be served and then checkpointed into one. Before
-    anything writes, SQLite's quick_check tells the two apart (it reads every page, 0.1 s for
-    20 MB, and only after such a stop), while the database file itself is still the backup
-    as copied."""
+    removes it) or that the file was replaced under it: a backup copied over a database whose
+    -wal was left, which SQLite reads into the copy as the copy's own, so pages of two
+    databases would be served and then checkpointed into one. Before anything writes, while
+    the file is still the backup as copied, SQLite's quick_check finds pages that do not fit
+    together (it reads every page, 0.1 s for 20 MB, and only after such a stop). Not every
+    mix: a -wal of the same database from after the backup may fit it page for page."""
     wal = os.path.realpath(path) + "-wal"
     if not os.path.isfile(path) or not os.path.isfile(wal) or os.path.getsize(wal) == 0:
         return
