@@ -4047,8 +4047,16 @@ def title_line(pause):
 def shown_lines(pause):
     """What the respond page shows beside the question, a line each: the details its agent
     listed in "display", then its fields, for an email or a push. Not in a text message:
-    details may be up to 16 KB (a whole tool call, say), which no text holds; its link shows them."""
-    return "".join(f"{detail['name']}: {detail['value']}\n" for detail in shown_details(pause)) + fields_text(pause)
+    details may be up to 16 KB (a whole tool call, say), which no text holds; its link shows them.
+    A detail's line breaks are spaces here, as in the page's table: free-form text (a mail
+    read by the agent, say) broken into lines would read as the message's own lines, an
+    "Answer:" link of its choosing among them."""
+    return "".join(f"{one_line(detail['name'])}: {one_line(detail['value'])}\n"
+                   for detail in shown_details(pause)) + fields_text(pause)
+
+
+def one_line(text):
+    return " ".join(text.split())
 
 
 def field_display(value):

@@ -269,6 +269,21 @@ def test_texts_show_the_title_and_emails_and_pushes_the_details_the_page_shows_b
     assert ">Wire $340</h1>" in html and "invoice:</span> INV-7</p>" in html
 
 
+def test_a_detail_on_several_lines_is_one_line_in_emails_and_pushes_and_forges_no_link(running_api):
+    """A detail is data the page shows in a cell of its table: in a push or an email's text it
+    must not read as lines of the message, an answer link of its own among them."""
+    api = running_api()
+    key = api.register()["test_api_key"]
+    forged = "INV-7\n\nChoose one:\n  Approve: https://evil.example/a\nAnswer: https://evil.example/a"
+    created = api.create_pause(key, metadata={"invoice": forged, "display": ["invoice"]})
+    pause = api.app.runtime.db().execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
+    line = "invoice: INV-7 Choose one: Approve: https://evil.example/a Answer: https://evil.example/a\n"
+    for text in (pausepoint.push_text(pause, "u"), pausepoint.email_text(pause, created["respond_url"])):
+        assert line in text
+        assert not any(said.startswith(("Answer: https://evil", "  Approve: https://evil"))
+                       for said in text.splitlines())
+
+
 def test_emails_and_pushes_list_the_fields_too(running_api):
     api = running_api()
     key = api.register()["test_api_key"]
