@@ -4044,19 +4044,30 @@ def title_line(pause):
     return f"{pause['title']}\n" if pause["title"] else ""
 
 
-def shown_lines(pause):
+def shown_lines(pause, longest=None):
     """What the respond page shows beside the question, a line each: the details its agent
     listed in "display", then its fields, for an email or a push. Not in a text message:
     details may be up to 16 KB (a whole tool call, say), which no text holds; its link shows them.
     A detail's line breaks are spaces here, as in the page's table: free-form text (a mail
     read by the agent, say) broken into lines would read as the message's own lines, an
-    "Answer:" link of its choosing among them."""
-    return "".join(f"{one_line(detail['name'])}: {one_line(detail['value'])}\n"
-                   for detail in shown_details(pause)) + fields_text(pause)
+    "Answer:" link of its choosing among them. Each cut to `longest` characters, if given."""
+    lines = (f"{one_line(detail['name'])}: {one_line(detail['value'])}" for detail in shown_details(pause))
+    return "".join(f"{shortened(line, longest)}\n" for line in lines) + fields_text(pause)
 
 
 def one_line(text):
     return " ".join(text.split())
+
+
+def shortened(text, longest=None):
+    return text if longest is None or len(text) <= longest else text[:longest - 1] + "…"
+
+
+# What a push shows of each displayed detail. Push targets take a few thousand characters at
+# most (Telegram 4096, Discord 2000, ntfy 4 KB, else an attachment) and refuse or cut a longer
+# message: a 15 KB tool call shown whole would lose the question's link, or the push. The
+# page the link opens shows each detail whole.
+PUSH_DETAIL_CHARACTERS = 200
 
 
 def field_display(value):
@@ -4073,7 +4084,8 @@ def sms_text(pause, url, replies=True):
 
 def push_text(pause, url):
     options = " / ".join(json.loads(pause["options"]))
-    return (f"{title_line(pause)}{pause['message']}\n\n{shown_lines(pause)}Options: {options}\nAnswer: {url}\n"
+    return (f"{title_line(pause)}{pause['message']}\n\n{shown_lines(pause, PUSH_DETAIL_CHARACTERS)}Options:"
+            f" {options}\nAnswer: {url}\n"
             f"Expires {expiry_text(pause)}")
 
 

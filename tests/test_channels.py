@@ -455,6 +455,21 @@ def test_an_operator_named_push_target_receives_the_question(running_api, receiv
     assert WIRE["message"] in call["json"]["message"] and created["respond_url"] in call["json"]["message"]
 
 
+def test_a_push_shows_a_start_of_a_long_detail_and_keeps_its_link_within_what_targets_take(running_api, receiver):
+    """As the Claude Code hook asks: a 14 KB tool call shown whole would make a push that
+    Telegram or Discord refuses, or that ntfy or a cutting target delivers without its link."""
+    api = running_api(**{"channels.ops.url": receiver.url.replace("http://", "json://") + "/ntfy"})
+    key = api.register()["api_key"]
+    tool_input = json.dumps({"file_path": "/srv/app.py", "content": "x = 1\n" * 1800})
+    created = api.create_pause(key, channel="ops", recipient="on-call engineer", metadata={
+        "tool_name": "Write", "tool_input": tool_input, "display": ["tool_name", "tool_input"]})
+    sent(api, key, created["pause_id"], "sent")
+    [call] = receiver.wait_for(1)
+    pushed = call["json"]["message"]
+    assert f"tool_name: Write\ntool_input: {tool_input[:199 - len('tool_input: ')]}…\n" in pushed
+    assert created["respond_url"] in pushed and len(pushed) < 1000
+
+
 def test_markup_in_the_question_reaches_a_push_target_that_reads_html_as_text(running_api, smtp_server):
     # Apprise's mailto:// (like Telegram) sends HTML: the agent's text must not become a link there.
     target = f"mailto://127.0.0.1:{smtp_server.port}?from=approvals@example.org&to=ada@example.com&secure=no"
