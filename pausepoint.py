@@ -973,6 +973,11 @@ def refuse_if_mixed_with_another_wal(path):
             found = [line for row in conn.execute("PRAGMA quick_check(2)") for line in row[0].splitlines()
                      if not line.startswith("***")]
     except sqlite3.DatabaseError as e:
+        if getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_CANTOPEN:
+            # Not this user's to read (a command run as another than the server's, which may be
+            # running): no sign of a mix, and deleting the -wal would lose what is only in it.
+            # The open that follows says what is wrong.
+            return
         found = [str(e)]
     if found != ["ok"]:
         raise ConfigError(f"the database {path} read with the {wal} beside it fails SQLite's check ({found[0]}): if a"

@@ -22,8 +22,8 @@ import time
 import pytest
 import requests
 
-from conftest import (register_over_http, stored, PASSWORD, ROOT, WIRE, Api, LiveServer, free_port, make_config,
-                      process_env, run_cli, run_out, token_of, wait_until)
+from conftest import (register_over_http, stored, PASSWORD, ROOT, WIRE, Api, LiveServer, cannot_run_here, free_port,
+                      make_config, process_env, run_cli, run_out, token_of, wait_until)
 from stubs import serve_http, stop_http
 from test_webhooks import add_webhook, send_test_events
 import pausepoint
@@ -650,6 +650,25 @@ def test_a_backup_copied_over_a_database_whose_wal_was_left_is_refused_before_an
     assert stored(tmp_path / "pausepoint.db", "PRAGMA integrity_check") == [("ok",)]
     assert {row[0] for row in stored(tmp_path / "pausepoint.db", "SELECT id FROM pauses")} == kept
     spawn_server()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_a_command_that_may_not_read_a_served_database_never_says_to_delete_its_wal(running_api, tmp_path):
+    """Run as another user than the server's: the -wal beside the database holds the server's
+    latest writes, and deleting it, as a restore is told to, would lose them."""
+    if not shutil.which("setpriv"):
+        cannot_run_here("no setpriv to run a command as root without its right to read every file")
+    api = running_api()                                 # serving, its newest rows in the -wal
+    api.register()
+    assert os.path.getsize(tmp_path / "pausepoint.db-wal") > 0
+    for name in ("pausepoint.db", "pausepoint.db-wal", "pausepoint.db-shm"):
+        os.chown(tmp_path / name, 12345, 12346)         # the service's user, say
+    unprivileged = "-dac_override,-dac_read_search"
+    result = subprocess.run(["setpriv", f"--inh-caps={unprivileged}", f"--bounding-set={unprivileged}", sys.executable,
+                             os.path.join(ROOT, "pausepoint.py"), "--db", str(tmp_path / "pausepoint.db"), "backup",
+                             str(tmp_path / "copy.db")], env=process_env(), capture_output=True, text=True)
+    one_sentence(result, "cannot use the database", "may this user")
+    assert "delete" not in result.stderr
 
 
 @pytest.fixture
