@@ -3098,8 +3098,9 @@ def reply_choice(text, options):
 
 
 def shorten(text, limit=60):
+    """`text` on one line, cut to `limit` characters (None: whole)."""
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
 
 
 def pause_by_token(conn, token):
@@ -4056,16 +4057,8 @@ def shown_lines(pause, longest=None):
     A detail's line breaks are spaces here, as in the page's table: free-form text (a mail
     read by the agent, say) broken into lines would read as the message's own lines, an
     "Answer:" link of its choosing among them. Each cut to `longest` characters, if given."""
-    lines = (f"{one_line(detail['name'])}: {one_line(detail['value'])}" for detail in shown_details(pause))
-    return "".join(f"{shortened(line, longest)}\n" for line in lines) + fields_text(pause)
-
-
-def one_line(text):
-    return " ".join(text.split())
-
-
-def shortened(text, longest=None):
-    return text if longest is None or len(text) <= longest else text[:longest - 1] + "…"
+    lines = (f"{shorten(detail['name'], None)}: {shorten(detail['value'], None)}" for detail in shown_details(pause))
+    return "".join(f"{shorten(line, longest)}\n" for line in lines) + fields_text(pause)
 
 
 # What a push shows of each displayed detail. Push targets take a few thousand characters at

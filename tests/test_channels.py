@@ -466,7 +466,7 @@ def test_a_push_shows_a_start_of_a_long_detail_and_keeps_its_link_within_what_ta
     sent(api, key, created["pause_id"], "sent")
     [call] = receiver.wait_for(1)
     pushed = call["json"]["message"]
-    assert f"tool_name: Write\ntool_input: {tool_input[:199 - len('tool_input: ')]}…\n" in pushed
+    assert f"tool_name: Write\ntool_input: {tool_input[:197 - len('tool_input: ')]}...\n" in pushed
     assert created["respond_url"] in pushed and len(pushed) < 1000
 
 
