@@ -35,7 +35,9 @@
   % end
   % # Several people are asked: say what one answer does, which the question alone does not.
   % if quorum:
-<p class="expiry" id="quorum">Others are asked too. It takes {{quorum['count']}} {{'person' if quorum['count'] == 1 else 'people'}} choosing <strong>{{quorum['choice']}}</strong>{{' with the same values' if pause.get('fields') else ''}} to decide it that way{{' (one with other values starts a count of its own)' if pause.get('fields') else ''}}; any other choice, from anyone asked, decides it at once.</p>
+  %   # Values differ only where someone may change them.
+  %   editable = any(field['editable'] for field in (pause.get('fields') or {}).values())
+<p class="expiry" id="quorum">Others are asked too. It takes {{quorum['count']}} {{'person' if quorum['count'] == 1 else 'people'}} choosing <strong>{{quorum['choice']}}</strong>{{' with the same values' if editable else ''}} to decide it that way{{' (one with other values starts a count of its own)' if editable else ''}}; any other choice, from anyone asked, decides it at once.</p>
   % elif team:
 <p class="expiry" id="quorum">Others are asked too: the first answer, yours or theirs, decides it for everyone.</p>
   % end

@@ -140,6 +140,10 @@ def test_a_team_members_page_says_what_their_answer_does(team):
     page = api.get(f"/respond/{token_of(with_fields['recipients'][1]['respond_url'])}")
     assert ("choosing <strong>Approve</strong> with the same values to decide it that way (one with other values"
             " starts a count of its own); any other choice") in page.text
+    fixed = {"amount": {**fields["amount"], "editable": False}}
+    fixed = api.post_json("/v1/pause", {**TWO_APPROVALS, "fields": fixed}, headers=api.as_key(key)).json
+    page = api.get(f"/respond/{token_of(fixed['recipients'][1]['respond_url'])}")
+    assert "choosing <strong>Approve</strong> to decide it that way; any other choice" in page.text
     first_decides = api.post_json("/v1/pause", {**QUESTION, "recipients": TEAM}, headers=api.as_key(key)).json
     page = api.get(f"/respond/{token_of(first_decides['recipients'][2]['respond_url'])}")
     assert "the first answer, yours or theirs, decides it for everyone" in page.text
