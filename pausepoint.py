@@ -4047,7 +4047,9 @@ def fields_text(pause):
 
 
 def title_line(pause):
-    return f"{pause['title']}\n" if pause["title"] else ""
+    """The title on one line, as the page's heading shows it: broken into lines, it could read
+    as lines the server wrote ("Reply K5 1 for Reject")."""
+    return f"{shorten(pause['title'], None)}\n" if pause["title"] else ""
 
 
 def shown_lines(pause, longest=None):

@@ -254,7 +254,7 @@ def test_texts_show_the_title_and_emails_and_pushes_the_details_the_page_shows_b
     """Details may be 16 KB (a whole tool call), which no text message holds: its link shows them."""
     api = running_api()
     key = api.register()["test_api_key"]
-    created = api.create_pause(key, title="Wire $340", fields=FIELDS,
+    created = api.create_pause(key, title="Wire\n$340", fields=FIELDS,
                                metadata={"invoice": "INV-7", "amount": 340, "display": ["invoice", "amount"]})
     shown = "invoice: INV-7\namount: 340\nAmount (USD): 340\npayee: Acme Corp\n"
     text = api.pause(key, created["pause_id"])["notification"]["text"]
@@ -266,7 +266,7 @@ def test_texts_show_the_title_and_emails_and_pushes_the_details_the_page_shows_b
     html = pausepoint.email_message({**api.config, "smtp.from_address": "pp@example.org"},
                                     {"id": "ntf_1", "recipient": "ada@example.com", "text": email, "kind": "ask"},
                                     dict(pause)).get_body(("html",)).get_content()
-    assert ">Wire $340</h1>" in html and "invoice:</span> INV-7</p>" in html
+    assert ">Wire\n$340</h1>" in html and "invoice:</span> INV-7</p>" in html
 
 
 def test_a_detail_on_several_lines_is_one_line_in_emails_and_pushes_and_forges_no_link(running_api):
