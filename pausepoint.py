@@ -6748,6 +6748,9 @@ def read_json(config):
     # A JSON body must say so: a page elsewhere can send text/plain without a CORS preflight.
     if raw and bottle.request.content_type.split(";")[0].strip().lower() != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with 'Content-Type: application/json'")
+    # Bodies are read as sent: a gzipped one would be "not valid JSON", one merely labelled so read as if plain.
+    if raw and bottle.request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        raise ApiError(415, "unsupported_media_type", "send the body uncompressed, without a Content-Encoding header")
     try:
         body = json.loads(raw or b"null", parse_constant=not_json, parse_float=finite_float)
         where = lone_surrogate_at(body)

@@ -1,6 +1,7 @@
 """Hostile input: whatever arrives, the answer is a 2xx or a 4xx in the one error shape,
 and text a person will read cannot be made to look like something else."""
 
+import gzip
 import json
 import re
 import socket
@@ -222,6 +223,16 @@ def test_json_bodies_must_say_they_are_json(live_server, content_type):
     ok = requests.post(f"{live_server.url}/v1/auth/register", data=body.encode(),
                        headers={"Content-Type": "application/json; charset=utf-8"})
     assert ok.status_code == 201
+
+
+@pytest.mark.parametrize("encoding, compress", [("gzip", gzip.compress), ("gzip", lambda b: b), ("br", lambda b: b)])
+def test_a_compressed_body_is_refused_by_its_content_encoding_not_read_as_if_plain(live_server, encoding, compress):
+    body = json.dumps({"email": "z@example.com", "name": "Z", "password": "password123"}).encode()
+    response = requests.post(f"{live_server.url}/v1/auth/register", data=compress(body),
+                             headers={"Content-Type": "application/json", "Content-Encoding": encoding})
+    assert response.status_code == 415 and "without a Content-Encoding" in response.json()["error"]["message"]
+    assert requests.post(f"{live_server.url}/v1/auth/register", data=body, headers={
+        "Content-Type": "application/json", "Content-Encoding": "identity"}).status_code == 201
 
 
 @pytest.mark.parametrize("address", [
