@@ -2480,7 +2480,8 @@ def checked_request(config, caller, body, idempotency_key):
     """A create's body as pause_fields() makes it, once its channels are usable by the caller
     and its Idempotency-Key (or None) is one the header may carry; else 422."""
     asked = pause_fields(body, config)
-    for _, name in asked["people"] + [step[1:] for step in asked["escalations"]]:
+    # Each channel once, in the order asked: the first refused is named.
+    for name in dict.fromkeys(name for _, name in asked["people"] + [step[1:] for step in asked["escalations"]]):
         usable_channel(config, caller, name)
         refuse_a_text_too_long(config, asked, name)
     if idempotency_key is not None and not re.fullmatch("[\x20-\x7e]{1,255}", idempotency_key):
@@ -7357,19 +7358,16 @@ def signed_in(rt):
     return SignedIn(row, token)
 
 
-def refuse_a_form_from_another_site():
-    """403 for a form the browser says another site sent, a sibling host name included. The
-    form token cannot tell: a page on another name under the same domain may set this site's
-    form cookie (cookies are shared across a domain's names) and post the token it chose,
-    signing a victim in to an account of its own. Browsers without Sec-Fetch-Site rely on
-    the token alone."""
-    if request_header("Sec-Fetch-Site") not in (None, "same-origin", "none"):
-        raise ApiError(403, "forbidden", "this form did not come from this site; go back, reload the page and try again")
-
-
 def check_form_token(expected, form):
-    """403 unless the form carries `expected`: a form from another site cannot."""
-    if not expected or not hmac.compare_digest(expected.encode(), (form.get("csrf") or "").encode()):
+    """403 unless the form carries `expected`, which a form from another site cannot, and the
+    browser does not say another site sent it (Sec-Fetch-Site), a sibling host name included:
+    the token alone cannot tell, since a page on another name under the same domain may set
+    this site's form cookie (cookies are shared across a domain's names) and post the token
+    it chose, signing a visitor in to an account of its own. Browsers that do not say rely
+    on the token alone."""
+    sent_from = request_header("Sec-Fetch-Site")
+    if (sent_from not in (None, "same-origin", "none") or not expected
+            or not hmac.compare_digest(expected.encode(), (form.get("csrf") or "").encode())):
         raise ApiError(403, "forbidden", "this form has expired or did not come from this site;"
                                          " go back, reload the page and try again")
 
@@ -7892,7 +7890,6 @@ class Handlers:
         if spec.auth == "session":
             session = given["session"] = signed_in(rt)
         if spec.method == "POST" and spec.auth in ("session", "form"):
-            refuse_a_form_from_another_site()
             form = given["form"] = read_page_form(rt.config)
             check_form_token(session.row["csrf_token"] if spec.auth == "session" else
                              request_cookie(FORM_COOKIE), form)
@@ -8861,15 +8858,16 @@ def server_running(database_path):
     return False
 
 
-def refuse_to_upgrade_under_a_server(database_path, applied, command):
+def refuse_to_upgrade_under_a_server(database_path, applied, command, open_elsewhere):
     """A command of a newer PausePoint, run before its server was restarted (`git pull`, then
     set-plan), would upgrade the schema under the older server still serving: which then
     writes on, by tables it does not know, what the newer one misreads, as a start refuses
     to (applied_schema()). Only a start upgrades a database a server is serving. A server from
-    before the server lock holds none, but its connections hold SQLite's lock on the file."""
+    before the server lock holds none, but its connections hold SQLite's lock on the file
+    (`open_elsewhere`, locked_by_another()'s answer)."""
     if applied is None or applied >= MIGRATIONS[-1][0]:
         return
-    if not (server_running(database_path) or locked_by_another(os.path.realpath(database_path), SQLITE_OPEN_BYTES)):
+    if not (server_running(database_path) or open_elsewhere):
         return
     raise ConfigError(f"{database_path} has schema {applied}, older than this PausePoint's {MIGRATIONS[-1][0]},"
                       " and another process has it open, most likely an earlier version's server: stop it, take"
@@ -9149,7 +9147,8 @@ def run_command(args, config):
     refuse_before_opening(config["database.path"])
     if args.command == "verify-audit":       # it checks the schema itself, read-only
         return verify_audit(config["database.path"])
-    if not locked_by_another(os.path.realpath(config["database.path"]), SQLITE_OPEN_BYTES):
+    open_elsewhere = locked_by_another(os.path.realpath(config["database.path"]), SQLITE_OPEN_BYTES)
+    if not open_elsewhere:
         # With no process on it, a -wal is one left as a start finds it: a command's connection,
         # closing last, would copy it into the file (a backup, into its copy), and the next
         # start would find nothing amiss. While a server has it open the -wal is the server's.
@@ -9164,7 +9163,7 @@ def run_command(args, config):
         return 0
     if args.command == "rotate-signing-key":
         return rotate_command(config["database.path"], args.keys_lost)
-    refuse_to_upgrade_under_a_server(config["database.path"], applied, args.command)
+    refuse_to_upgrade_under_a_server(config["database.path"], applied, args.command, open_elsewhere)
     conn = connect(config["database.path"])
     migrate(conn)
     # A password is never an argument: it would show in `ps` and in shell history. Its line ends
