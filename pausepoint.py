@@ -5616,6 +5616,7 @@ class Runtime:
         self.wal = WalBacklog(config["database.path"])         # for the disk's reserve
         self.limiter = RateLimiter(enabled=config["ratelimit.enabled"])
         self.error_log = ErrorLog()
+        self.cookies = DashboardCookies(secure=base_url(config).startswith("https://"))
         # bcrypt is the one costly thing a client without a key can make us compute: at most
         # half the cores hash at once, so the other half keep answering everyone else, and
         # client addresses take those turns in rotation (a flood from one, in the order it
@@ -7328,10 +7329,10 @@ def static_file(name):
 ###############################################################################
 
 # The dashboard's pages call the same domain functions as the API, as the signed-in
-# developer in the mode the sign-in shows. The sign-in cookie goes only to /dashboard;
-# the sign-up and log-in forms, which come before any sign-in, are guarded by a
-# token both in a cookie and in the form (a cross-site form can set neither). A
-# third cookie marks a browser that has signed in before (see password_of).
+# developer in the mode the sign-in shows. The sign-up and log-in forms, which come
+# before any sign-in, are guarded by a token both in a cookie and in the form (a
+# cross-site form can set neither). A third cookie marks a browser that has signed in
+# before (see password_of). Their names and scope: DashboardCookies.
 SESSION_COOKIE, FORM_COOKIE, DEVICE_COOKIE, SHOWN_COOKIE = "pp_session", "pp_form", "pp_device", "pp_shown"
 DASHBOARD_PAGE = 25
 
@@ -7349,7 +7350,7 @@ class SignedIn:
 
 def signed_in(rt):
     """The SignedIn behind this request's cookie; otherwise a redirect to the log-in page."""
-    token = request_cookie(SESSION_COOKIE)
+    token = rt.cookies.read(SESSION_COOKIE)
     row = session_for(rt.db(), rt.config, token)
     if row is None:
         query = bottle.request.query_string
@@ -7372,20 +7373,35 @@ def check_form_token(expected, form):
                                          " go back, reload the page and try again")
 
 
-def cookie_options(config, **more):
-    return {"path": "/dashboard", "httponly": True, "samesite": "lax",
-            "secure": base_url(config).startswith("https://"), **more}
+@dataclasses.dataclass(frozen=True)
+class DashboardCookies:
+    """The dashboard's cookies as this server names and scopes them. Over https each has the
+    __Host- prefix: a browser takes such a cookie only from this very host name, Secure, for
+    the whole site (Path=/) and with no Domain, so a page on a sibling host name, which may
+    set cookies for the whole domain, can plant neither a sign-in of its own (the visitor
+    would then work in its account) nor a form token. Over plain http no prefix can say
+    that, and they go only to /dashboard."""
+    secure: bool
+
+    def name(self, cookie):
+        return "__Host-" + cookie if self.secure else cookie
+
+    def read(self, cookie):
+        return request_cookie(self.name(cookie))
+
+    def set(self, response, cookie, value, samesite="lax", **more):
+        response.set_cookie(self.name(cookie), value, **self.scope(), samesite=samesite, httponly=True, **more)
+
+    def delete(self, response, cookie):
+        response.delete_cookie(self.name(cookie), **self.scope(), samesite="lax", httponly=True)
+
+    def scope(self):
+        return {"path": "/" if self.secure else "/dashboard", "secure": self.secure}
 
 
-def redirect(location, **cookies):
-    """A 303 to `location`, setting (value) or deleting (None) cookies given as name=(value, options)."""
-    response = bottle.HTTPResponse(status=303, headers={"Location": location, **PAGE_HEADERS})
-    for name, (value, options) in cookies.items():
-        if value is None:
-            response.delete_cookie(name, **options)
-        else:
-            response.set_cookie(name, value, **options)
-    return response
+def redirect(location):
+    """A 303 to `location` (DashboardCookies may set cookies on it)."""
+    return bottle.HTTPResponse(status=303, headers={"Location": location, **PAGE_HEADERS})
 
 
 def safe_next(target):
@@ -7399,29 +7415,36 @@ def safe_next(target):
     return "/dashboard"
 
 
+# A server whose base_url is https tells browsers to use nothing else for its host name for a
+# year (they heed it only over https): a typed address or an old http link is then never sent
+# in the clear, where a network could answer it in the server's place. Its sibling host names
+# are not the server's to speak for.
+HSTS = "max-age=31536000"
+
+
 # The dashboard's pages may run its one script (copy buttons); the respond page runs none.
 DASHBOARD_HEADERS = {"Cache-Control": "no-store", "Content-Security-Policy":
                      PAGE_HEADERS["Content-Security-Policy"] + "; script-src 'self'"}
 
 
-def dashboard_page(name, session, status=200, secret_shown=False, **values):
+def dashboard_page(rt, name, session, status=200, secret_shown=False, **values):
     page = html_page(name, status=status, headers=DASHBOARD_HEADERS, session=session,
                      caller=session.caller, csrf=session.row["csrf_token"], **values)
     # Chromium keeps even no-store pages for the Back button unless a cookie changed since:
     # a page that shows a secret sets one, and the next page clears it.
     if secret_shown:
-        page.set_cookie(SHOWN_COOKIE, "1", path="/dashboard", httponly=True, samesite="lax")
-    elif request_cookie(SHOWN_COOKIE):
-        page.delete_cookie(SHOWN_COOKIE, path="/dashboard", httponly=True, samesite="lax")
+        rt.cookies.set(page, SHOWN_COOKIE, "1")
+    elif rt.cookies.read(SHOWN_COOKIE):
+        rt.cookies.delete(page, SHOWN_COOKIE)
     return page
 
 
 def form_page(rt, name, status=200, **values):
     """A sign-up or log-in page, with the form token it must post back (a new one if needed)."""
-    token = request_cookie(FORM_COOKIE) or secrets.token_urlsafe(32)
+    token = rt.cookies.read(FORM_COOKIE) or secrets.token_urlsafe(32)
     page = html_page(name, status=status, headers={"Cache-Control": "no-store"}, csrf=token,
                      registration_open=registration_open(rt.db(), rt.config)[0], **values)
-    page.set_cookie(FORM_COOKIE, token, **cookie_options(rt.config, samesite="strict"))
+    rt.cookies.set(page, FORM_COOKIE, token, samesite="strict")
     return page
 
 
@@ -7457,14 +7480,14 @@ def signup(rt, form):
 
 
 def login_form(rt, query):
-    if session_for(rt.db(), rt.config, request_cookie(SESSION_COOKIE)) is not None:
+    if session_for(rt.db(), rt.config, rt.cookies.read(SESSION_COOKIE)) is not None:
         return redirect(safe_next(query["next"]))         # signed in already
     return form_page(rt, "login", error=None, email="", next=safe_next(query["next"]), notice=query["notice"])
 
 
 def login(rt, form):
     """Sign in. A wrong email and a wrong password get the same answer in the same time."""
-    device = request_cookie(DEVICE_COOKIE)
+    device = rt.cookies.read(DEVICE_COOKIE)
     developer = password_of(rt, form.get("email"), form.get("password"), device)
     signed_in = None if developer is None else signed_in_redirect(
         rt, developer["id"], safe_next(form.get("next")), password_hash=developer["password_hash"])
@@ -7482,29 +7505,32 @@ def signed_in_redirect(rt, developer_id, location, shown=None, password_hash=Non
     if started is None:
         return None
     token, _ = started
-    device = remember_device(rt.db(), request_cookie(DEVICE_COOKIE), developer_id, password_hash=password_hash)
+    device = remember_device(rt.db(), rt.cookies.read(DEVICE_COOKIE), developer_id, password_hash=password_hash)
     if device is None:
         return None
     for kind, value in (shown or {}).items():
         rt.shown_once.put(token, kind, value)
-    return redirect(location, **{
-        SESSION_COOKIE: (token, cookie_options(rt.config, max_age=rt.config["dashboard.session_max_hours"] * 3600)),
-        DEVICE_COOKIE: (device, cookie_options(rt.config, max_age=int(DEVICE_LIFETIME.total_seconds())))})
+    answer = redirect(location)
+    rt.cookies.set(answer, SESSION_COOKIE, token, max_age=rt.config["dashboard.session_max_hours"] * 3600)
+    rt.cookies.set(answer, DEVICE_COOKIE, device, max_age=int(DEVICE_LIFETIME.total_seconds()))
+    return answer
 
 
 def logout_page(rt):
     """A link or a typed address cannot sign anyone out (a GET changes nothing): it asks."""
-    token = request_cookie(SESSION_COOKIE)
+    token = rt.cookies.read(SESSION_COOKIE)
     row = session_for(rt.db(), rt.config, token)
     if row is None:
         return redirect("/dashboard/login")
-    return dashboard_page("logout", SignedIn(row, token))
+    return dashboard_page(rt, "logout", SignedIn(row, token))
 
 
 def logout(rt, session):
     end_session(rt.db(), session.token)
-    return redirect("/dashboard/login", **{SESSION_COOKIE: (None, cookie_options(rt.config)),
-                                           SHOWN_COOKIE: (None, cookie_options(rt.config))})
+    answer = redirect("/dashboard/login")
+    rt.cookies.delete(answer, SESSION_COOKIE)
+    rt.cookies.delete(answer, SHOWN_COOKIE)
+    return answer
 
 
 def switch_mode(rt, session, form):
@@ -7517,14 +7543,14 @@ def pauses_page(rt, session, query):
     """The signed-in developer's pauses in the shown mode, newest first."""
     page = json.loads(pauses_json(rt.db(), rt.config, session.caller, query["status"], DASHBOARD_PAGE,
                                   query["cursor"]))
-    return dashboard_page("pauses", session, page=page, status_filter=query["status"])
+    return dashboard_page(rt, "pauses", session, page=page, status_filter=query["status"])
 
 
 def pause_page(rt, session, pause_id):
     """One pause: what was asked, of whom, what happened, and its timeline."""
     pause = owned_pause(rt.db(), session.caller, pause_id)
     events, _ = audit_page(rt.db(), session.caller, pause_id=pause["id"], limit=200)
-    return dashboard_page("pause", session, pause=json.loads(pause_json(rt.db(), rt.config, pause["id"])),
+    return dashboard_page(rt, "pause", session, pause=json.loads(pause_json(rt.db(), rt.config, pause["id"])),
                           timeline=[audit_event_json(row) for row in reversed(events)],
                           expired=pause["expires_at"] <= db_time())     # (its timeout then decides: no cancel)
 
@@ -7537,7 +7563,7 @@ def cancel_from_dashboard(rt, session, pause_id):
 def audit_log_page(rt, session, query):
     rows, next_cursor = audit_page(rt.db(), session.caller, query["event_type"], query["pause_id"], DASHBOARD_PAGE,
                                    query["cursor"])
-    return dashboard_page("audit", session, events=[audit_event_json(row) for row in rows], next_cursor=next_cursor,
+    return dashboard_page(rt, "audit", session, events=[audit_event_json(row) for row in rows], next_cursor=next_cursor,
                           filters={name: query[name] or "" for name in ("event_type", "pause_id")},
                           event_types=AUDIT_EVENT_TYPES)
 
@@ -7561,8 +7587,8 @@ def audit_csv(rt, session, query):
 
 def keys_page(rt, session, error=None, status=200):
     """The working keys (their hints), rotation and the password."""
-    return dashboard_page("keys", session, status=status, hints=working_key_hints(rt.db(), session.row["developer_id"]),
-                          error=error)
+    return dashboard_page(rt, "keys", session, status=status,
+                          hints=working_key_hints(rt.db(), session.row["developer_id"]), error=error)
 
 
 def with_password(rt, session, form):
@@ -7579,7 +7605,7 @@ def with_password(rt, session, form):
     rt.limiter.limit(*budget, "key rotations, password changes and endpoints added for your account")
     developer = None
     try:
-        developer = password_of(rt, session.row["email"], form.get("password"), request_cookie(DEVICE_COOKIE))
+        developer = password_of(rt, session.row["email"], form.get("password"), rt.cookies.read(DEVICE_COOKIE))
     finally:
         if developer is None:
             rt.limiter.give_back(*budget)
@@ -7605,7 +7631,7 @@ def keys_shown_page(rt, session):
     if not keys:
         return redirect("/dashboard/keys")
     test_key = next((key for label, key in keys if key.startswith("pp_test_")), None)
-    return dashboard_page("keys_shown", session, secret_shown=True, keys=keys, base=base_url(rt.config),
+    return dashboard_page(rt, "keys_shown", session, secret_shown=True, keys=keys, base=base_url(rt.config),
                           test_key=test_key)
 
 
@@ -7620,14 +7646,16 @@ def password_from_dashboard(rt, session, form):
     developer = with_password(rt, session, form)
     if developer is None:
         return keys_page(rt, session, error="That password is wrong; the password was not changed.", status=401)
-    change_password(rt.db(), rt.config, developer, new_password, request_cookie(DEVICE_COOKIE),
+    change_password(rt.db(), rt.config, developer, new_password, rt.cookies.read(DEVICE_COOKIE),
                     turn=rt.hashing_turn(client_limited_as()))
-    return redirect("/dashboard/login?notice=password", **{SESSION_COOKIE: (None, cookie_options(rt.config))})
+    answer = redirect("/dashboard/login?notice=password")
+    rt.cookies.delete(answer, SESSION_COOKIE)
+    return answer
 
 
 def webhooks_page(rt, session, error=None, status=200, values=None):
     """The endpoints of the shown mode, and a form to add one."""
-    return dashboard_page("webhooks", session, status=status, error=error, values=values or {},
+    return dashboard_page(rt, "webhooks", session, status=status, error=error, values=values or {},
                           webhooks=[webhook_json(row) for row in webhooks_of(rt.db(), session.caller)],
                           events=WEBHOOK_EVENTS, ticked=OUTCOME_EVENTS)
 
@@ -7667,7 +7695,7 @@ def webhook_page(rt, session, query, webhook_id):
         deliveries, next_cursor = deliveries_page(rt.db(), session.caller, webhook_id, DASHBOARD_PAGE, query["cursor"])
     # Only once the page can be shown: a secret taken for a page that failed would be lost.
     secret = rt.shown_once.take(session.token, f"webhook:{webhook_id}") if bottle.request.method == "GET" else None
-    return dashboard_page("webhook", session, secret_shown=bool(secret), webhook=webhook, secret=secret,
+    return dashboard_page(rt, "webhook", session, secret_shown=bool(secret), webhook=webhook, secret=secret,
                           deliveries=deliveries, next_cursor=next_cursor, back="/dashboard/webhooks")
 
 
@@ -7704,8 +7732,8 @@ def operator_page(rt, session, query):
     operator_only(session)
     developers, next_cursor = developers_with_usage(rt.db(), DASHBOARD_PAGE * 4, query["cursor"])
     is_open, source = registration_open(rt.db(), rt.config)
-    return dashboard_page("operator", session, developers=developers, next_cursor=next_cursor, plans=plans(rt.config),
-                          registration=is_open, registration_source=source)
+    return dashboard_page(rt, "operator", session, developers=developers, next_cursor=next_cursor,
+                          plans=plans(rt.config), registration=is_open, registration_source=source)
 
 
 def change_plan_from_dashboard(rt, session, form):
@@ -7722,7 +7750,7 @@ def registration_from_dashboard(rt, session, form):
 
 def overview_page(rt, session):
     """The last 30 days in figures and a chart."""
-    return dashboard_page("overview", session, figures=overview_figures(rt.db(), rt.config, session.caller),
+    return dashboard_page(rt, "overview", session, figures=overview_figures(rt.db(), rt.config, session.caller),
                           duration=human_duration)
 
 
@@ -7892,7 +7920,7 @@ class Handlers:
         if spec.method == "POST" and spec.auth in ("session", "form"):
             form = given["form"] = read_page_form(rt.config)
             check_form_token(session.row["csrf_token"] if spec.auth == "session" else
-                             request_cookie(FORM_COOKIE), form)
+                             rt.cookies.read(FORM_COOKIE), form)
         if spec.guard is not None:
             spec.guard(rt, given.get("caller"))
         if not spec.page:
@@ -7922,6 +7950,9 @@ def create_app(config):
     app.default_error_handler = bottle_error
     for spec in ROUTES:
         app.route(spec.path, spec.method, spec.handler, spec=spec)
+    if rt.cookies.secure:
+        # Set on the answer Bottle sends, an error's or a redirect's too (it shares their headers).
+        app.add_hook("after_request", lambda: bottle.response.set_header("Strict-Transport-Security", HSTS))
     if rt.metrics is not None and rt.metrics_address is None:
         app.route("/metrics", "GET", rt.metrics.page)
     return app

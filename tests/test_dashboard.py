@@ -80,15 +80,63 @@ def test_the_form_cookie_is_strict_and_only_for_the_dashboard(api):
     assert "Path=/dashboard" in cookie
 
 
-def test_the_cookie_is_secure_when_the_server_is_https(running_api):
+def https_api(running_api):
     api = running_api(**{"server.base_url": "https://approvals.example.com"})
     api.extra_environ["wsgi.url_scheme"] = "https"             # as the browser sees it, behind the TLS proxy
-    page = api.get("/dashboard/signup")
-    assert "Secure" in page.headers["Set-Cookie"]
-    form = page.forms[0]
+    return api
+
+
+def test_over_https_every_cookie_is_one_only_this_host_name_can_set(running_api):
+    api = https_api(running_api)
+    form_page = api.get("/dashboard/signup")
+    sent = form_page.headers.getall("Set-Cookie")
+    form = form_page.forms[0]
     form["email"], form["name"], form["password"] = "s@example.com", "S", PASSWORD
-    cookies = form.submit(status=303).headers.getall("Set-Cookie")
-    assert {c.split("=")[0] for c in cookies} == {"pp_session", "pp_device"} and all("Secure" in c for c in cookies)
+    signed_up = form.submit(status=303)
+    sent += signed_up.headers.getall("Set-Cookie")
+    shown = signed_up.follow()                                  # the keys, once: marks the page
+    sent += shown.headers.getall("Set-Cookie") + api.get("/dashboard/keys").headers.getall("Set-Cookie")
+    names = [cookie.split("=")[0] for cookie in sent]
+    assert sorted(set(names)) == ["__Host-pp_device", "__Host-pp_form", "__Host-pp_session", "__Host-pp_shown"]
+    # What a browser requires of a __Host- cookie, or it drops it.
+    for cookie in sent:
+        attributes = [part.strip().lower() for part in cookie.split(";")[1:]]
+        assert "secure" in attributes and "path=/" in attributes, cookie
+        assert not any(part.startswith("domain") for part in attributes), cookie
+    assert shown.html.select("input.secret") and api.get("/dashboard/overview").status_code == 200
+
+
+def test_over_https_a_sign_in_or_form_token_planted_without_the_prefix_counts_for_nothing(running_api):
+    """A page on a sibling host name can set `pp_session` for the whole domain, but not a
+    __Host- cookie: the server reads only those."""
+    api = https_api(running_api)
+    sign_up(api, email="planter@example.com")
+    planted = api.cookies["__Host-pp_session"]
+    api.reset()
+    assert api.get("/dashboard/overview", headers={"Cookie": f"pp_session={planted}"}).status_code == 303
+    form = api.get("/dashboard/login").forms[0]
+    api.reset()
+    token = "t" * 43
+    answer = api.post("/dashboard/login", {"email": "planter@example.com", "password": PASSWORD, "csrf": token},
+                      headers={"Cookie": f"pp_form={token}"}, status="*")
+    assert answer.status_code == 403 and "__Host-pp_session" not in api.cookies
+    assert form["csrf"].value                                   # the real form carries a token of its own
+
+
+def test_over_https_every_answer_tells_browsers_to_keep_to_https(running_api):
+    api = https_api(running_api)
+    _, keys = sign_up(api)
+    answers = [api.get("/dashboard/login"), api.get("/dashboard"), api.get("/v1/pause", headers=api.as_key(keys["test"])),
+               api.get("/v1/pause", status=401), api.get("/no/such/page", status=404),
+               api.get("/respond/" + "x" * 43, status="*")]
+    assert [a.headers.get("Strict-Transport-Security") for a in answers] == ["max-age=31536000"] * len(answers)
+
+
+def test_over_plain_http_no_answer_pins_the_host_to_https(api):
+    _, keys = sign_up(api)
+    answers = [api.get("/dashboard/login"), api.get("/v1/pause", headers=api.as_key(keys["test"])),
+               api.get("/no/such/page", status=404)]
+    assert not any("Strict-Transport-Security" in a.headers for a in answers)
 
 
 @pytest.mark.parametrize("cookie", [

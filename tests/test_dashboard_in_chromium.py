@@ -5,7 +5,7 @@ import os
 
 import requests
 
-from conftest import ROOT, WIRE, needs_chromium, stored, token_of
+from conftest import ROOT, WIRE, needs_chromium, serving, stored, token_of
 
 pytestmark = needs_chromium
 
@@ -190,3 +190,19 @@ def test_on_a_phone_each_audit_event_fits_on_the_screen(live_server, browser):
     # Its data column was squeezed to a few letters a line: one event ran to two screens.
     assert all(row.size["height"] < 640 for row in rows)
     assert browser.find_element(By.CSS_SELECTOR, "#events td.text").size["width"] >= 250
+
+
+def test_behind_https_the_browser_keeps_the_host_only_cookies_and_stays_signed_in(tmp_path, first_start, browser):
+    """A server whose base_url is https sets __Host- cookies, which a browser drops unless they
+    are exactly as it requires. Chromium treats http://localhost as https for cookies."""
+    from selenium.webdriver.common.by import By
+
+    with serving(tmp_path, first_start, **{"server.base_url": "https://approvals.example.com"}) as server:
+        url = server.url.replace("127.0.0.1", "localhost")
+        browser.get(url + "/dashboard/signup")
+        fill(browser, email="tls@example.com", name="TLS", password="correct horse battery")
+        click(browser, "form button[type=submit]")
+        assert browser.find_elements(By.CSS_SELECTOR, "input.secret")
+        browser.get(url + "/dashboard/overview")
+        assert "tls@example.com" in browser.find_element(By.TAG_NAME, "body").text
+        assert {cookie["name"] for cookie in browser.get_cookies()} >= {"__Host-pp_session", "__Host-pp_device"}
