@@ -4040,11 +4040,34 @@ def expiry_text(pause):
     return human_time(pause["expires_at"])
 
 
-def fields_text(pause):
+# Long numbers are shown with their digits in threes, spaced as SI writes them, which no reader
+# takes for a decimal point: in much of Europe "340,000" is 340 and "340.000" is 340,000, and
+# an approver who misreads an amount approves the wrong one. Texts take a plain space (GSM-7).
+NARROW_SPACE = "\u202f"
+
+
+def field_display(value, separator=NARROW_SPACE):
+    """A field's value as a person reads it: Yes/No, 1250000 -> '1 250 000', text as it is."""
+    if isinstance(value, bool):
+        return "Yes" if value else "No"
+    return grouped_number(value, separator) if isinstance(value, (int, float)) else value
+
+
+def grouped_number(number, separator):
+    """12000000.5 -> '12 000 000.5'; numbers of four digits or fewer before the point as they are."""
+    text = str(number)
+    whole, point, fraction = text.partition(".")
+    if len(whole.lstrip("-")) < 5 or not whole.lstrip("-").isdigit():
+        return text
+    return f"{int(whole):,}".replace(",", separator) + point + fraction
+
+
+def fields_text(pause, separator=NARROW_SPACE):
     """A line for each of the pause's fields, so whoever answers from a text sees what they
     approve; the respond page is where editable ones change."""
     fields = json.loads(pause["fields"] or "{}")
-    return "".join(f"{field.get('label', name)}: {field_display(field['value'])}\n" for name, field in fields.items())
+    return "".join(f"{field.get('label', name)}: {field_display(field['value'], separator)}\n"
+                   for name, field in fields.items())
 
 
 def title_line(pause):
@@ -4071,16 +4094,12 @@ def shown_lines(pause, longest=None):
 PUSH_DETAIL_CHARACTERS = 200
 
 
-def field_display(value):
-    return ("Yes" if value else "No") if isinstance(value, bool) else value
-
-
 def sms_text(pause, url, replies=True):
     """As few segments as possible: no decoration, GSM-7 characters only in what we add. From
     a sender that takes no replies, only the link."""
     answer = (f"{reply_options(pause)}, or open {url}" if replies
               else f"{' / '.join(json.loads(pause['options']))}: open {url}")
-    return f"{title_line(pause)}{pause['message']}\n{fields_text(pause)}{answer}\nExpires {expiry_text(pause)}"
+    return f"{title_line(pause)}{pause['message']}\n{fields_text(pause, ' ')}{answer}\nExpires {expiry_text(pause)}"
 
 
 def push_text(pause, url):

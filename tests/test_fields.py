@@ -295,3 +295,26 @@ def test_emails_and_pushes_list_the_fields_too(running_api):
     assert f"{WIRE['message']}\n\nAmount (USD): 340\npayee: Acme Corp\nOptions: " in pausepoint.push_text(pause, "u")
     plain = conn.execute("SELECT * FROM pauses WHERE id = ?", (api.create_pause(key)["pause_id"],)).fetchone()
     assert f"{WIRE['message']}\n\nChoose one" in pausepoint.email_text(plain, "u")
+
+
+def test_long_numbers_are_shown_in_groups_of_three_no_reader_takes_for_a_decimal_point(running_api):
+    """In much of Europe "1,250,000" reads as 1.25 and "340.000" as 340,000: the digits are
+    spaced instead, as SI writes them (a narrow space; in texts a plain one, which GSM-7 has)."""
+    api = running_api()
+    key = api.register()["test_api_key"]
+    fields = {"amount": {"type": "integer", "value": 1250000, "min": 10000, "max": 2000000, "editable": True},
+              "rate": {"type": "number", "value": -12345.675}, "fee": {"type": "integer", "value": 9999}}
+    created = api.create_pause(key, fields=fields)
+    page = api.get(f"/respond/{token_of(created['respond_url'])}")
+    assert page.html.select_one("input[name='field.amount']")["value"] == "1250000"      # the form keeps the number
+    label = page.html.select_one("label[for='field-amount']").text
+    assert label == "amount (from 10\u202f000 to 2\u202f000\u202f000)"
+    assert [p.text for p in page.html.select("p.field strong")] == ["-12\u202f345.675", "9999"]
+    text = api.pause(key, created["pause_id"])["notification"]["text"]
+    assert "amount: 1 250 000\nrate: -12 345.675\nfee: 9999\n" in text
+    pause = api.app.runtime.db().execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
+    shown = "amount: 1\u202f250\u202f000\nrate: -12\u202f345.675\nfee: 9999\n"
+    assert shown in pausepoint.push_text(pause, "u") and shown in pausepoint.email_text(pause, "u")
+    api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve", "fields": {"amount": 1200000}})
+    decided = api.get(f"/respond/{token_of(created['respond_url'])}").text
+    assert "amount changed from 1\u202f250\u202f000 to <strong>1\u202f200\u202f000</strong>" in decided
