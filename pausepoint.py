@@ -3092,10 +3092,19 @@ def open_codes(pending):
 
 def reply_choice(text, options):
     """'2', '2.' or 'reject' -> the option meant, or None."""
-    answer = text.strip().rstrip(".!").strip()
+    answer = without_final_stop(text)
+    if not answer:          # a picture without words, or only '!': no option is nothing but stops
+        return None
     if re.fullmatch("[0-9]{1,3}", answer) and 1 <= int(answer) <= len(options):
         return options[int(answer) - 1]
-    return next((option for option in options if option.casefold() == answer.casefold()), None)
+    # An option's own final . or ! goes too: the reply loses it, so 'Ship it!' texted back
+    # as it was offered must still be 'Ship it!'.
+    return next((option for option in options if without_final_stop(option).casefold() == answer.casefold()), None)
+
+
+def without_final_stop(text):
+    """'Approve. ' -> 'Approve': how a reply ends says nothing about what it chose."""
+    return text.strip().rstrip(".!").strip()
 
 
 def shorten(text, limit=60):

@@ -655,6 +655,26 @@ def test_a_reply_may_name_the_option_instead_of_its_number(sms_setup):
     assert api.pause(keys["api_key"], created["pause_id"])["choice"] == "Approve"
 
 
+@pytest.mark.parametrize("texted", ["Ship it!", "ship it", "{code} ship it!", "Hold", "{code}: hold."])
+def test_an_option_ending_in_a_stop_or_a_bang_may_be_named_as_written_or_without_it(sms_setup, texted):
+    api, config, keys = sms_setup
+    created = api.create_pause(keys["api_key"], options=["Ship it!", "Hold."], timeout_default=None)
+    code = reply_code(api, keys["api_key"], created)
+    response = inbound(api, config, texted.format(code=code))
+    chosen = "Ship it!" if "ship" in texted.lower() else "Hold."
+    assert f'recorded {chosen} for "' in response.text
+    assert api.pause(keys["api_key"], created["pause_id"])["choice"] == chosen
+
+
+def test_a_text_without_words_never_chooses_an_option_made_of_stops(sms_setup):
+    api, config, keys = sms_setup
+    created = api.create_pause(keys["api_key"], options=["Go ahead", "!!!"], timeout_default=None)
+    code = reply_code(api, keys["api_key"], created)
+    for text in ("", " ", ".", f"{code} !"):
+        assert f"Reply {code} 1 for Go ahead" in inbound(api, config, text).text
+    assert api.pause(keys["api_key"], created["pause_id"])["status"] == "pending"
+
+
 @pytest.mark.parametrize("options, texted", [(["3", "2", "1"], "3"), (["Go", "Go!"], "Go!"), (["Yes", "1."], "1."),
                                             (["Approve", "Deny B5"], "Deny B5"), (["K7: go", "Stop"], "K7: go")])
 def test_options_a_text_reply_would_take_for_another_are_refused_where_someone_may_text_back(api, developer, options,
