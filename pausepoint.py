@@ -2962,8 +2962,22 @@ def split_reply_code(text):
 MESSAGE_SID = re.compile("[SM]M[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
+# Whether any live pause asked a number in the last week, or asks it now (its text perhaps
+# still being sent). A text from any other number gets no answer at all: each answer is a
+# paid message to whichever number texted, and answering every one would let whoever holds
+# premium-rate numbers earn from the operator's account a text at a time (SMS pumping).
+ASKED_LATELY = (
+    "SELECT EXISTS (SELECT 1 FROM pauses INDEXED BY pauses_pending_by_recipient WHERE recipient = :number"
+    "   AND status = 'pending' AND livemode = 1)"
+    " OR EXISTS (SELECT 1 FROM pauses INDEXED BY pauses_closed_by_recipient WHERE recipient = :number"
+    "   AND livemode = 1 AND channel IN ('sms', 'whatsapp') AND decided_at > :week_ago)"
+    " OR EXISTS (SELECT 1 FROM pause_recipients WHERE recipient = :number AND livemode = 1"
+    "   AND iif(livemode, '', developer_id) = '' AND position > 0 AND reply_code IS NOT NULL"
+    "   AND (pause_decided_at IS NULL OR pause_decided_at > :week_ago))")
+
+
 def record_sms_reply(conn, config, sender, text, message_sid):
-    """An SMS or WhatsApp reply; returns the text to send back.
+    """An SMS or WhatsApp reply; returns the text to send back, or None for none.
 
     A reply naming a pause's code answers that pause: decides it, or for a team
     pause casts the number's vote. A bare reply answers only when exactly one
@@ -2989,7 +3003,9 @@ def record_sms_reply(conn, config, sender, text, message_sid):
         pending = [person for person in asked if person["reached"] and person["expires_at"] > now
                    and not person.get("vote")]
         if not pending:
-            return "PausePoint: there is no open request for this number."
+            asked_lately = query_db(conn, ASKED_LATELY, {"number": number, "week_ago": db_time(
+                utcnow() - REPLY_CODE_QUARANTINE)}, one=True)[0]
+            return "PausePoint: there is no open request for this number." if asked_lately else None
         if code is not None:
             pause = next((p for p in pending if p["reply_code"] == code), None)
             if pause is None:
@@ -7218,7 +7234,8 @@ def twilio_inbound(rt):
                                              " twilio.auth_token and server.base_url")
     reply = record_sms_reply(rt.db(), rt.config, form.get("From") or "", form.get("Body") or "", form.get("MessageSid"))
     twiml = twilio.twiml.messaging_response.MessagingResponse()
-    twiml.message(reply)
+    if reply is not None:
+        twiml.message(reply)
     return bottle.HTTPResponse(str(twiml), status=200, headers={"Content-Type": "application/xml"})
 
 

@@ -573,6 +573,12 @@ def sms_setup(running_api, twilio):
     return api, api.config, api.register()
 
 
+def answered_nothing(response):
+    """Twilio's webhook answered with no message to send back."""
+    assert response.status_code == 200 and response.content_type == "application/xml"
+    return "<Message" not in response.text
+
+
 def reply_code(api, key, created):
     """The code the pause's SMS asks the human to reply with."""
     text = api.pause(key, created["pause_id"])["notification"]["text"]
@@ -940,7 +946,7 @@ def test_a_reply_never_decides_a_pause_whose_message_went_to_another_number(sms_
     api, config, keys = sms_setup
     theirs = api.create_pause(keys["api_key"])
     code = reply_code(api, keys["api_key"], theirs)
-    assert "no open request for this number" in inbound(api, config, f"{code} 1", sender="+15550199").text
+    assert answered_nothing(inbound(api, config, f"{code} 1", sender="+15550199"))      # never asked: not even told so
     mine = api.create_pause(keys["api_key"], recipient="+15550199")
     mine_code = reply_code(api, keys["api_key"], mine)
     if mine_code != code:       # codes are unique per number; another number may reuse one
@@ -1027,6 +1033,25 @@ def test_a_decided_pauses_code_is_not_given_to_the_next_pauses_for_a_week(sms_se
     assert codes[0] not in codes[1:] and len(set(codes)) == 91
 
 
+def test_a_text_from_a_number_no_live_pause_asked_lately_gets_no_answer(sms_setup):
+    """Every answer is a paid text to the number that wrote: answering strangers would let
+    whoever holds premium-rate numbers earn a text from the operator for each text they send."""
+    api, config, keys = sms_setup
+    assert answered_nothing(inbound(api, config, "hello", sender="+15550177"))
+    asked = api.create_pause(keys["api_key"], recipient="+15550177")
+    api.post_json(f"/v1/respond/{token_of(asked['respond_url'])}", {"choice": "Approve"})
+    assert "no open request for this number" in inbound(api, config, "1", sender="+15550177").text
+    stored(config, "UPDATE pauses SET decided_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-6 days') WHERE id = ?",
+           asked["pause_id"])
+    assert "no open request for this number" in inbound(api, config, "1", sender="+15550177").text
+    stored(config, "UPDATE pauses SET decided_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-8 days') WHERE id = ?",
+           asked["pause_id"])
+    assert answered_nothing(inbound(api, config, "1", sender="+15550177"))
+    Api(api.app).create_pause(keys["api_key"], recipient="+15550177")     # its text not sent yet: on its way
+    assert "no open request for this number" in inbound(api, config, "1", sender="+15550177").text
+    assert stored(config, "SELECT count(*) FROM sms_replies") == [(5,)]         # each taken once all the same
+
+
 def test_a_reply_matching_nothing_gets_help_and_decides_nothing(sms_setup):
     api, config, keys = sms_setup
     created = api.create_pause(keys["api_key"])
@@ -1035,7 +1060,7 @@ def test_a_reply_matching_nothing_gets_help_and_decides_nothing(sms_setup):
         response = inbound(api, config, text)
         assert response.status_code == 200 and f"Reply {code} 1 for Approve, {code} 2 for Reject" in response.text
     assert api.pause(keys["api_key"], created["pause_id"])["status"] == "pending"
-    assert "no open request" in inbound(api, config, "1", sender="+15550199").text
+    assert answered_nothing(inbound(api, config, "1", sender="+15550199"))
 
 
 @pytest.mark.timeout(3)
@@ -1054,7 +1079,7 @@ def test_a_reply_built_to_be_slow_to_split_is_answered_at_once(sms_setup):
 def test_test_mode_pauses_are_never_decided_by_sms(sms_setup):
     api, config, keys = sms_setup
     created = api.create_pause(keys["test_api_key"])
-    assert "no open request" in inbound(api, config, "1").text
+    assert answered_nothing(inbound(api, config, "1"))        # no live pause asked the number: nothing to say
     assert api.pause(keys["test_api_key"], created["pause_id"])["status"] == "pending"
 
 
@@ -1345,8 +1370,7 @@ def test_an_incoming_text_reads_none_of_the_test_pauses_pending_for_its_number(s
     conn = api.app.runtime.db()
 
     def reply():
-        assert "no open request" in pausepoint.record_sms_reply(conn, config, WIRE["recipient"], "1",
-                                                                "SM" + uuid.uuid4().hex)
+        assert pausepoint.record_sms_reply(conn, config, WIRE["recipient"], "1", "SM" + uuid.uuid4().hex) is None
 
     def work():
         return thousands_of_instructions(conn, reply)
@@ -1426,3 +1450,4 @@ def test_a_question_that_fits_as_a_text_fits_in_each_reminder_whatever_time_it_s
     reminder = twilio.messages[-1]["Body"]
     assert reminder.startswith("Reminder, 30.0 min left: ")
     assert len(reminder.encode("utf-16-le")) // 2 <= 1600
+
