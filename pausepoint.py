@@ -4149,6 +4149,14 @@ def email_text(pause, url):
             f" where you confirm):\n{options}\n\nThis request expires {expiry_text(pause)}.")
 
 
+# What Twilio's own words for an error leave the operator to find out.
+TWILIO_ERROR_HINTS = {
+    21610: "; the person texted STOP (or CANCEL, END, QUIT, UNSUBSCRIBE, STOPALL) to the server's number,"
+           " which Twilio and carriers take as unsubscribing them from it: nothing reaches them from it until"
+           " they text START",
+}
+
+
 def send_twilio(config, notification, pause, deadline):
     """One SMS or WhatsApp message through the Twilio REST API (or a compatible one at twilio.api_base)."""
     http_client = twilio.http.http_client.TwilioHttpClient(timeout=deadline.remaining())
@@ -4163,7 +4171,8 @@ def send_twilio(config, notification, pause, deadline):
             message = client.messages.create(to=prefix + notification["recipient"], body=notification["text"], **sender)
     except twilio.base.exceptions.TwilioRestException as e:
         # 4xx means Twilio refused this message (bad number, unverified sender…): retrying changes nothing.
-        raise ChannelError(f"Twilio answered HTTP {e.status}: {e.msg}",
+        said = f"Twilio answered HTTP {e.status}" + (f" (error {e.code})" if e.code else "") + f": {e.msg}"
+        raise ChannelError(said + TWILIO_ERROR_HINTS.get(e.code, ""),
                            permanent=400 <= e.status < 500 and e.status != 429) from None
     except (twilio.base.exceptions.TwilioException, requests.RequestException) as e:
         # Twilio's API takes no idempotency key, so a message sent but unanswered cannot be

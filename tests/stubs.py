@@ -36,6 +36,7 @@ class TwilioStub:
         self.fail_next = []            # HTTP statuses to answer with, one per coming request
         self.answer_late = []          # seconds to wait before answering a message taken, one per coming message
         self.hang_up = 0               # how many coming messages to take and then hang up on, unanswered
+        self.unsubscribed = set()      # numbers that texted STOP: Twilio refuses to send to them
         self.lock = threading.Lock()
         stub = self
 
@@ -51,6 +52,9 @@ class TwilioStub:
                     return self.answer(401, {"code": 20003, "message": "Authenticate", "status": 401})
                 if self.path != f"/2010-04-01/Accounts/{stub.account_sid}/Messages.json":
                     return self.answer(404, {"code": 20404, "message": "Not found", "status": 404})
+                if form.get("To") in stub.unsubscribed:
+                    return self.answer(400, {"code": 21610, "message": "Attempt to send to unsubscribed recipient",
+                                             "status": 400})
                 with stub.lock:
                     failure = stub.fail_next.pop(0) if stub.fail_next else None
                     if failure is None:

@@ -1451,3 +1451,18 @@ def test_a_question_that_fits_as_a_text_fits_in_each_reminder_whatever_time_it_s
     assert reminder.startswith("Reminder, 30.0 min left: ")
     assert len(reminder.encode("utf-16-le")) // 2 <= 1600
 
+
+def test_a_number_that_texted_stop_is_said_to_have_unsubscribed_when_its_texts_fail(sms_setup, twilio):
+    """A bare 'Cancel' chooses the option, and carriers take it as unsubscribing the number
+    from the server's: what fails after is explained, not only Twilio's 'unsubscribed recipient'."""
+    api, config, keys = sms_setup
+    first = api.create_pause(keys["api_key"], options=["Continue", "Cancel"], timeout_default="Cancel")
+    assert 'recorded Cancel for "' in inbound(api, config, "Cancel").text
+    assert api.pause(keys["api_key"], first["pause_id"])["choice"] == "Cancel"
+    twilio.unsubscribed.add(WIRE["recipient"])
+    later = api.create_pause(keys["api_key"])
+    notification = api.pause(keys["api_key"], later["pause_id"])["notification"]
+    assert notification["status"] == "failed" and notification["attempts"] == 1
+    assert notification["last_error"].startswith("Twilio answered HTTP 400 (error 21610): Unable to create record:"
+                                                 " Attempt to send to unsubscribed recipient; the person texted STOP")
+    assert notification["last_error"].endswith("until they text START")
