@@ -2971,9 +2971,9 @@ ASKED_LATELY = (
     "   AND status = 'pending' AND livemode = 1)"
     " OR EXISTS (SELECT 1 FROM pauses INDEXED BY pauses_closed_by_recipient WHERE recipient = :number"
     "   AND livemode = 1 AND channel IN ('sms', 'whatsapp') AND decided_at > :week_ago)"
-    " OR EXISTS (SELECT 1 FROM pause_recipients WHERE recipient = :number AND livemode = 1"
-    "   AND iif(livemode, '', developer_id) = '' AND position > 0 AND reply_code IS NOT NULL"
-    "   AND (pause_decided_at IS NULL OR pause_decided_at > :week_ago))")
+    + "".join(" OR EXISTS (SELECT 1 FROM pause_recipients WHERE recipient = :number AND livemode = 1"
+              "   AND iif(livemode, '', developer_id) = '' AND position > 0 AND reply_code IS NOT NULL"
+              f"   AND pause_decided_at {decided})" for decided in ("IS NULL", "> :week_ago")))
 
 
 def record_sms_reply(conn, config, sender, text, message_sid):

@@ -100,6 +100,7 @@ def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver, tw
     stored(api.config, "UPDATE pause_steps SET due_at = '2000-01-01T00:00:00.000Z'")
     api.pause(key, team["pause_id"])
     pausepoint.record_sms_reply(api.app.runtime.db(), api.config, "+15550101", "1", "SM" + "0" * 32)
+    assert pausepoint.record_sms_reply(api.app.runtime.db(), api.config, "+15550188", "hi", "SM" + "2" * 32) is None
     answered = api.create_pause(keys["api_key"], recipient="+15550109")        # live texts, then a bare reply
     api.step("notifications")
     api.post_json(f"/v1/respond/{token_of(answered['respond_url'])}", {"choice": "Approve"})
