@@ -1462,8 +1462,10 @@ def mode_name(livemode):
 
 
 # One plain address: no display names, groups, comments or lists, which mail headers
-# would read as several recipients or none.
-EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+# would read as several recipients or none. Nor "=?" in its local part: Python's mail
+# headers decode an RFC 2047 word there ('=?utf-8?q?eve=40evil.example=3E?=.b@example.com'
+# is mailed to eve@evil.example), which an address never holds.
+EMAIL = re.compile(r"^(?![^@]*=\?)[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
 
 

@@ -359,6 +359,24 @@ def test_a_bad_email_recipient_is_422(api, developer):
     assert error["field"] == "recipient"
 
 
+@pytest.mark.parametrize("recipient", ["=?utf-8?q?eve=40evil.example=3E?=.b@example.com",
+                                       "=?utf-8?q?bob=40example.com=22=2C_eve=40evil.example=2C_=22x?=@example.com"])
+def test_an_email_recipient_that_mail_headers_would_decode_into_other_addresses_is_refused(running_api, smtp_server,
+                                                                                          recipient):
+    # Mail headers decode an RFC 2047 word even in an address: the first would be mailed to
+    # eve@evil.example, the second's To header would list eve@evil.example among three.
+    api = running_api(**smtp_settings(smtp_server))
+    key = api.register()["api_key"]
+    for asked in ({"recipient": recipient, "channel": "email"},
+                  {"recipients": [{"recipient": recipient, "channel": "email"}]}):
+        body = {name: value for name, value in {**WIRE, **asked}.items() if name not in ("recipient", "channel")
+                or "recipients" not in asked}
+        error = api.post_json("/v1/pause", body, headers=api.as_key(key), status=422).json["error"]
+        assert error["field"].endswith("recipient")
+    api.step("notifications")
+    assert smtp_server.messages == []
+
+
 def test_email_without_smtp_settings_is_refused_for_live_keys(api, developer):
     error = api.post_json("/v1/pause", {**WIRE, "channel": "email", "recipient": "ada@example.com"},
                           headers=api.as_key(developer["api_key"]), status=422).json["error"]
