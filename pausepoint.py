@@ -4228,7 +4228,7 @@ def send_email(config, notification, pause, deadline):
 def email_message(config, notification, pause):
     """A plain-text and an HTML part; every button opens the respond page, none decides on GET."""
     message = email.message.EmailMessage()
-    message["Subject"] = notification["text"].split("\n", 1)[0].removeprefix("Subject: ")
+    message["Subject"] = as_header_text(notification["text"].split("\n", 1)[0].removeprefix("Subject: "))
     message["From"] = config["smtp.from_address"]
     message["To"] = notification["recipient"]
     # The same on every attempt, so a mail system that got an earlier one can tell this is it again.
@@ -4240,6 +4240,14 @@ def email_message(config, notification, pause):
                                             reminder=notification["kind"] == "reminder",
                                             quote=urllib.parse.quote), subtype="html")
     return message
+
+
+def as_header_text(text):
+    """`text` as a header value that reads as exactly that text. Mail headers decode an RFC 2047
+    word in what they are given: an agent's '=?utf-8?q?x=0D=0AReply-To=3A_eve=40evil.example?='
+    became a header line of its own on Python before 3.11.10 (and fails the send after). Given
+    as one word of our own, it decodes to the agent's characters, which are written out as such."""
+    return "=?utf-8?b?" + base64.b64encode(text.encode("utf-8")).decode("ascii") + "?="
 
 
 def smtp_failure(e, server, deadline):

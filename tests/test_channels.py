@@ -260,6 +260,18 @@ def test_email_has_a_subject_naming_the_question_and_plain_and_html_parts(runnin
     assert pause["notification"]["provider_message_id"] == message["Message-ID"]
 
 
+def test_an_encoded_word_in_the_question_writes_no_header_of_its_own(running_api, smtp_server):
+    # Decoded, it is a line break and headers of the agent's choosing in our Subject.
+    api = running_api(**smtp_settings(smtp_server))
+    key = api.register()["api_key"]
+    injected = "=?utf-8?q?x=0D=0AX-Injected=3A_yes=0D=0AReply-To=3A_eve=40evil.example?="
+    created = api.create_pause(key, channel="email", recipient="ada@example.com", message=f"Deploy? {injected}")
+    sent(api, key, created["pause_id"], "sent")
+    [message] = smtp_server.messages
+    assert "X-Injected" not in message and "Reply-To" not in message
+    assert len(message.get_all("Subject")) == 1 and message["Subject"].startswith("Approval needed: Deploy? ")
+
+
 def test_each_team_member_is_mailed_their_own_link_and_a_reminder_says_what_it_is(running_api, smtp_server):
     api = running_api(**smtp_settings(smtp_server))
     key = api.register()["api_key"]
