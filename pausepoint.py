@@ -4233,6 +4233,8 @@ def email_message(config, notification, pause):
     message["To"] = notification["recipient"]
     # The same on every attempt, so a mail system that got an earlier one can tell this is it again.
     message["Message-ID"] = f"<{notification['id']}@{message['From'].addresses[0].domain}>"
+    # Required of every message (RFC 5322), and added by no mail server to what a client relays.
+    message["Date"] = email.utils.format_datetime(parse_db_time(notification["created_at"]), usegmt=True)
     message.set_content(notification["text"].split("\n\n", 1)[1])
     message.add_alternative(bottle.template("email", template_lookup=TEMPLATE_LOOKUP, **TEMPLATE_HELPERS,
                                             url=respond_url(config, pause["respond_token"]),

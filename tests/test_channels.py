@@ -260,6 +260,22 @@ def test_email_has_a_subject_naming_the_question_and_plain_and_html_parts(runnin
     assert pause["notification"]["provider_message_id"] == message["Message-ID"]
 
 
+def test_an_email_is_dated_when_its_question_was_queued_on_every_attempt(running_api, smtp_server):
+    # A Date is one of the two headers every message must have (RFC 5322 3.6); mail servers
+    # add none to mail relayed for a client, and spam filters count its absence against it.
+    smtp_server.answer_late = 3
+    api = running_api(**smtp_settings(smtp_server), **{"outbound.deadline_seconds": 1})
+    key = api.register()["api_key"]
+    pause_id = api.create_pause(key, channel="email", recipient="ada@example.com")["pause_id"]
+    sent(api, key, pause_id, "queued")
+    smtp_server.answer_late = 0
+    skip_the_backoff(api.config)
+    sent(api, key, pause_id, "sent")
+    [(queued_at,)] = stored(api.config, "SELECT created_at FROM notifications")
+    dates = [message["Date"].datetime for message in smtp_server.messages]
+    assert dates == [pausepoint.parse_db_time(queued_at).replace(microsecond=0)] * 2
+
+
 def test_an_encoded_word_in_the_question_writes_no_header_of_its_own(running_api, smtp_server):
     # Decoded, it is a line break and headers of the agent's choosing in our Subject.
     api = running_api(**smtp_settings(smtp_server))

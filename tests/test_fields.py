@@ -264,7 +264,8 @@ def test_texts_show_the_title_and_emails_and_pushes_the_details_the_page_shows_b
     email = pausepoint.email_text(pause, created["respond_url"])
     assert f"Wire $340\n\n{WIRE['message']}\n\n{shown.rstrip()}\n\nChoose one" in email
     html = pausepoint.email_message({**api.config, "smtp.from_address": "pp@example.org"},
-                                    {"id": "ntf_1", "recipient": "ada@example.com", "text": email, "kind": "ask"},
+                                    {"id": "ntf_1", "recipient": "ada@example.com", "text": email, "kind": "ask",
+                                     "created_at": pause["created_at"]},
                                     dict(pause)).get_body(("html",)).get_content()
     assert ">Wire\n$340</h1>" in html and "invoice:</span> INV-7</p>" in html
 
