@@ -9233,6 +9233,9 @@ def asked_password():
 
 def run_command(args, config):
     """The operator's commands besides serving; returns the exit status."""
+    if os.path.isdir(config["database.path"]):     # opened, SQLite blames the disk, or a backup's copy
+        raise ConfigError(f"cannot use the database {config['database.path']}: it is a directory: name the"
+                          " database file in it")
     new = not os.path.exists(config["database.path"])
     if args.command != "create-developer" and new:
         # A mistyped path would otherwise get a new, empty database that "verifies".

@@ -752,6 +752,14 @@ def test_a_backup_that_fails_leaves_nothing_to_be_taken_for_one(tmp_path):
     one_sentence(run_cli(tmp_path, "backup", str(copy.parent)), "name a new file to write the backup to")
 
 
+@pytest.mark.parametrize("command", [["backup", "copy.db"], ["verify-audit"]])
+def test_a_command_given_a_directory_for_the_database_says_so_not_that_its_copy_failed(tmp_path, command):
+    # `--db /data` for `--db /data/pausepoint.db`: a backup said its copy could not be opened.
+    one_sentence(run_cli(tmp_path, "--db", str(tmp_path), *command),
+                 f"cannot use the database {tmp_path}: it is a directory: name the database file in it")
+    assert not os.path.exists(tmp_path / "copy.db")
+
+
 def test_a_command_that_cannot_do_its_work_says_why_in_one_sentence(tmp_path):
     assert run_cli(tmp_path, "verify-audit").returncode == 2                    # no database yet
     assert run_cli(tmp_path, "create-developer", "--email", "ops@example.com", "--name", "Ops", "--password-stdin",
