@@ -208,7 +208,7 @@ def load_config(path=None, environ=None, overrides=None):
             config[key] = check_setting(key, parse_text_value(key, raw, name), f"in ${name}")
             if key in in_file and in_file[key] != config[key]:
                 # Said, since it may not be meant: a container's image sets some by its environment.
-                log.warning("%s in %s is overridden by $%s (%r)", key, path, name, config[key])
+                log.warning("%s in %s is overridden by $%s (%s)", key, path, name, shown_value(key, config[key]))
     for key, value in (overrides or {}).items():
         if value is not None:
             config[key] = check_setting(key, value, "on the command line")
@@ -309,9 +309,36 @@ def open_setting_problem(key, value):
     channel = CHANNEL_KEY.match(key)
     if channel and channel.group(1) in BUILT_IN_CHANNELS:
         return f"names a built-in channel; choose another name than {', '.join(BUILT_IN_CHANNELS)}"
-    if channel and load_apprise().Apprise.instantiate(value) is None:
+    if channel and not apprise_understands(value):
         return "is not a notification URL Apprise understands (e.g. ntfy://host/topic, slack://…, gotify://…)"
     return None
+
+
+def apprise_understands(url):
+    """Whether Apprise makes a target of `url`, without its log: one it cannot read it logs
+    whole, tokens and passwords included ("Unparseable URL slak://T0k3n/…")."""
+    apprise_log = logging.getLogger("apprise")
+    was_disabled, apprise_log.disabled = apprise_log.disabled, True
+    try:
+        return load_apprise().Apprise.instantiate(url) is not None
+    finally:
+        apprise_log.disabled = was_disabled
+
+
+# Settings whose values are credentials, as are push targets' URLs (a Slack token, a mail
+# password): a message or the log names the key, and shows no more of the value than a
+# URL's scheme, which is what is usually mistyped. Logs and start-up errors are read and
+# kept by more people than the config file.
+SECRET_SETTINGS = frozenset({"smtp.password", "twilio.auth_token"})
+
+
+def shown_value(key, value):
+    """A setting's value as a message or the log may show it."""
+    if CHANNEL_KEY.match(key) and isinstance(value, str) and "://" in value:
+        return repr(value.split("://", 1)[0] + "://…")
+    if CHANNEL_KEY.match(key):
+        return "a value not shown, which may hold a credential"
+    return "a credential, not shown" if key in SECRET_SETTINGS else repr(value)
 
 
 def parse_text_value(key, raw, where):
@@ -337,10 +364,10 @@ def check_setting(key, value, where):
         value = float(value)
     if type(value) is not kind:
         expected = {str: "a string", int: "a whole number", float: "a number", bool: "true or false"}[kind]
-        raise ConfigError(f"{key} must be {expected} ({where} it is {value!r})")
+        raise ConfigError(f"{key} must be {expected} ({where} it is {shown_value(key, value)})")
     problem = SETTING_CHECKS.get(key, lambda v: None)(value) or open_setting_problem(key, value)
     if problem:
-        raise ConfigError(f"{key} {problem} ({where} it is {value!r})")
+        raise ConfigError(f"{key} {problem} ({where} it is {shown_value(key, value)})")
     return value
 
 

@@ -7,7 +7,7 @@ import pytest
 import requests
 
 import launcher
-from conftest import ROOT, process_env
+from conftest import ROOT, process_env, run_cli
 import pausepoint
 from pausepoint import ConfigError, load_config
 
@@ -193,3 +193,17 @@ def test_a_variable_overriding_the_config_files_value_is_said(tmp_path, caplog):
     assert config["database.path"] == "/data/pausepoint.db" and config["server.port"] == 9000
     assert [record.getMessage() for record in caplog.records] == [
         f"database.path in {path} is overridden by $PAUSEPOINT_DATABASE_PATH ('/data/pausepoint.db')"]
+
+
+@pytest.mark.parametrize("text, environ", [
+    ("[smtp]\npassword = 20242024\n", {}),                                       # digits, left unquoted
+    ("[channels.chat]\nurl = 'slak://hunter2/B7/C9'\n", {}),                      # a misspelt scheme
+    ("[twilio]\nauth_token = 20242024\n", {}),
+    ("[smtp]\npassword = 'placeholder'\n", {"PAUSEPOINT_SMTP_PASSWORD": "hunter2"}),     # overridden, and said
+])
+def test_a_credential_in_the_config_is_never_written_to_the_log_or_a_message(tmp_path, text, environ):
+    (tmp_path / "config.toml").write_text(text)
+    result = run_cli(tmp_path, "--config", str(tmp_path / "config.toml"), "verify-audit", env=environ)
+    key = re.search(r"\[([\w.]+)\]\n(\w+)", text).group(1, 2)
+    assert result.returncode == 2 and ".".join(key) in result.stderr, result.stderr
+    assert "hunter2" not in result.stderr and "20242024" not in result.stderr, result.stderr
