@@ -7400,7 +7400,6 @@ def respond_page(rt, pause, token, error=None, picked=None, status=200, entered=
         # Its timeout is the outcome (refuse_if_decided()), though the job may not have recorded it
         # yet: offering the options would ask for an answer that can no longer count.
         facts.update(status="timed_out", choice=pause["timeout_default"])
-        pause = {**pause, "decided_at": pause["expires_at"]}
     times = {name: pause[name] and human_time(pause[name]) for name in ("expires_at", "decided_at")}
     left = parse_db_time(pause["expires_at"]) - utcnow()
     # A quorum counts approvals of the same values: offer the values the last approval chose.

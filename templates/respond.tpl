@@ -101,7 +101,8 @@ If nobody answers, <strong>{{pause['timeout_default']}}</strong> applies.
 <p class="comment">{{pause['fields'][name].get('label', name)}} changed from {{field_text(change['old'])}} to <strong>{{field_text(change['new'])}}</strong>.</p>
   % end
 % elif pause['status'] == 'timed_out':
-<p class="outcome" id="outcome">This request expired at {{times['decided_at']}}.
+%   # When it ran out, not when the job recorded it: after a restart that is hours later.
+<p class="outcome" id="outcome">This request expired at {{times['expires_at']}}.
   % if pause['choice']:
 The default <strong>{{pause['choice']}}</strong> was applied.
   % end

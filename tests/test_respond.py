@@ -115,6 +115,21 @@ def test_a_timed_out_pause_is_410(running_api):
     assert "expired" in api.get(respond_path(created, page=True)).text
 
 
+def test_the_page_says_when_a_pause_expired_not_when_its_timeout_was_recorded(running_api):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key)
+    # It ran out three hours ago, while the server was down: the timeout is recorded only now.
+    expired_at = pausepoint.utcnow() - pausepoint.dt.timedelta(hours=3)
+    stored(api.config, "UPDATE pauses SET expires_at = ? WHERE id = ?", pausepoint.db_time(expired_at),
+           created["pause_id"])
+    before = api.get(respond_path(created, page=True)).html.select_one("#outcome").text
+    api.step("timeouts")
+    after = api.get(respond_path(created, page=True)).html.select_one("#outcome").text
+    assert f"expired at {expired_at.strftime('%b %d %H:%M UTC')}" in after
+    assert after == before
+
+
 def test_a_choice_not_among_the_options_is_422(api, developer):
     created = api.create_pause(developer["test_api_key"])
     for body in ({"choice": "Maybe"}, {"choice": None}, {}, {"choice": "Approve", "comment": 7}):
