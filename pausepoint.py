@@ -3498,15 +3498,18 @@ def asker_name(conn, pause):
 def respond_facts(pause, asked_by=None):
     """What the holder of a respond link may see: who asks, the question and its outcome,
     and of the agent's metadata only the keys it listed in "display": free-form, so made
-    readable_text(), as the question already is by refusing what it would replace."""
+    readable_text(), as the question already is by refusing what it would replace. Past
+    expires_at its timeout is the outcome (refuse_if_decided()), though the job may not have
+    recorded it yet: offering the options would ask for an answer that can no longer count."""
+    expired = pause["status"] == "pending" and pause["expires_at"] <= db_time()
     return {
         "asked_by": asked_by,
         "title": pause["title"],
         "message": pause["message"],
         "details": shown_details(pause),
         "options": json.loads(pause["options"]),
-        "status": pause["status"],
-        "choice": pause["choice"],
+        "status": "timed_out" if expired else pause["status"],
+        "choice": pause["timeout_default"] if expired else pause["choice"],
         "comment": pause["comment"],
         "decided_at": api_time(pause["decided_at"]),
         "expires_at": api_time(pause["expires_at"]),
@@ -7396,10 +7399,6 @@ def form_edits(pause, form):
 def respond_page(rt, pause, token, error=None, picked=None, status=200, entered=None):
     """The respond page; after a refused form, `entered` keeps what the person typed."""
     facts = respond_facts(pause, asker_name(rt.db(), pause))
-    if pause["status"] == "pending" and pause["expires_at"] <= db_time():
-        # Its timeout is the outcome (refuse_if_decided()), though the job may not have recorded it
-        # yet: offering the options would ask for an answer that can no longer count.
-        facts.update(status="timed_out", choice=pause["timeout_default"])
     times = {name: pause[name] and human_time(pause[name]) for name in ("expires_at", "decided_at")}
     left = parse_db_time(pause["expires_at"]) - utcnow()
     # A quorum counts approvals of the same values: offer the values the last approval chose.

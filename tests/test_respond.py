@@ -104,6 +104,19 @@ def test_the_page_of_a_pause_past_its_expiry_offers_no_options_before_the_timeou
     assert api.pause(key, created["pause_id"])["status"] == "pending"
 
 
+def test_the_links_json_reads_a_pause_past_its_expiry_as_timed_out_before_the_timeout_job_runs(running_api):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key)
+    run_out(api.config, created["pause_id"])
+    # What the page says, and what an answer would be told (410): not "pending", inviting one.
+    facts = api.get(respond_path(created)).json
+    assert (facts["status"], facts["choice"]) == ("timed_out", "Reject")
+    api.step("timeouts")
+    recorded = api.get(respond_path(created)).json
+    assert (recorded["status"], recorded["choice"]) == ("timed_out", "Reject")
+
+
 def test_a_timed_out_pause_is_410(running_api):
     api = running_api()
     key = api.register()["test_api_key"]
