@@ -4384,9 +4384,12 @@ def claim_notification(conn, config, row):
     or None when another worker got there first, or its pause was answered meanwhile (its
     send failed, and is not made again)."""
     claim_until = claim_expiry(config, NOTIFICATION_CLAIM_SECONDS)
-    as_read = {"until": claim_until, "now": db_time(), "id": row["id"], "due": row["next_attempt_at"]}
+    as_read = {"until": claim_until, "id": row["id"], "due": row["next_attempt_at"]}
     unchanged = "WHERE id = :id AND status = 'queued' AND next_attempt_at = :due"
     with transaction(conn):
+        # The time once the write lock is ours: read before a wait for it, a pause that ran out
+        # meanwhile would still look open, and its question go out after it expired.
+        as_read["now"] = db_time()
         claimed = conn.execute("UPDATE notifications SET status = 'sending', attempts = attempts + 1,"
                                f" next_attempt_at = :until, updated_at = :now {unchanged} AND {STILL_OPEN}",
                                as_read).rowcount

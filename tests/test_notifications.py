@@ -1,3 +1,6 @@
+import concurrent.futures
+import contextlib
+
 import pytest
 import requests
 
@@ -106,3 +109,30 @@ def test_a_send_and_a_delivery_a_kill_cut_short_are_taken_up_again_just_after_th
     finally:
         tarpit.close()
         stalling.close()
+
+
+def test_a_text_whose_pause_runs_out_while_its_claim_waits_for_the_write_lock_is_not_sent(sms_api, twilio):
+    key = sms_api.register()["api_key"]
+    created = sms_api.create_pause(key)
+    runtime = sms_api.app.runtime
+    [row] = runtime.db().execute("SELECT * FROM notifications WHERE pause_id = ?", (created["pause_id"],)).fetchall()
+
+    def claim_it():
+        with contextlib.closing(runtime.connect(128)) as conn:
+            return pausepoint.claim_notification(conn, sms_api.config, row)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with runtime.write_lock:                        # a long write holds it
+            claim = pool.submit(claim_it)
+            wait_until(runtime.write_lock.waiting)      # the claim is made and waits its turn to write
+            # The pause runs out meanwhile, a clock tick after the claim was made.
+            tick = pausepoint.db_time()
+            wait_until(lambda: pausepoint.db_time() > tick, interval=0)
+            ran_out = pausepoint.db_time()
+            stored(sms_api.config, "UPDATE pauses SET expires_at = ? WHERE id = ?", ran_out, created["pause_id"])
+            wait_until(lambda: pausepoint.db_time() > ran_out, interval=0)
+        assert claim.result() is None
+    assert stored(sms_api.config, "SELECT status, attempts FROM notifications") == [("queued", 0)]
+    sms_api.step("notifications")
+    sms_api.step("timeouts")
+    assert twilio.messages == [] and sms_api.pause(key, created["pause_id"])["notification"]["status"] == "cancelled"
