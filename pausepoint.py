@@ -4383,20 +4383,21 @@ def claim_notification(conn, config, row):
     """Compare-and-set a due queued notification to 'sending'; returns the claim's expiry,
     or None when another worker got there first, or its pause was answered meanwhile (its
     send failed, and is not made again)."""
-    claim_until = claim_expiry(config, NOTIFICATION_CLAIM_SECONDS)
-    as_read = {"until": claim_until, "id": row["id"], "due": row["next_attempt_at"]}
+    as_read = {"id": row["id"], "due": row["next_attempt_at"]}
     unchanged = "WHERE id = :id AND status = 'queued' AND next_attempt_at = :due"
     with transaction(conn):
         # The time once the write lock is ours: read before a wait for it, a pause that ran out
-        # meanwhile would still look open, and its question go out after it expired.
-        as_read["now"] = db_time()
+        # meanwhile would still look open, and its question go out after it expired; and a
+        # claim that waited longer than its length would be written lapsed, taken by the next
+        # round as a crash's while its send went on, and the message sent twice.
+        as_read.update(now=db_time(), until=claim_expiry(config, NOTIFICATION_CLAIM_SECONDS))
         claimed = conn.execute("UPDATE notifications SET status = 'sending', attempts = attempts + 1,"
                                f" next_attempt_at = :until, updated_at = :now {unchanged} AND {STILL_OPEN}",
                                as_read).rowcount
         if not claimed:
             conn.execute(f"UPDATE notifications SET status = 'cancelled', updated_at = :now {unchanged}"
                          f" AND NOT ({STILL_AWAITED})", as_read)
-    return claim_until if claimed else None
+    return as_read["until"] if claimed else None
 
 
 INTERRUPTED_SEND = "the server stopped during this attempt (the message may have gone out)"
@@ -5002,8 +5003,8 @@ def due_deliveries(conn, per_webhook):
 def claim_delivery(conn, config, row):
     """Compare-and-set a due delivery to 'delivering', so no row is sent twice at once;
     returns the claim's expiry, or None when another worker got there first."""
-    claim_until = claim_expiry(config, DELIVERY_CLAIM_SECONDS)
     with transaction(conn):
+        claim_until = claim_expiry(config, DELIVERY_CLAIM_SECONDS)    # from when the write lock is ours (as texts')
         won = conn.execute(
             "UPDATE webhook_deliveries SET status = 'delivering', attempts = attempts + 1, next_attempt_at = ?,"
             " updated_at = ? WHERE id = ? AND status = ? AND next_attempt_at = ? AND EXISTS (SELECT 1 FROM webhooks w"

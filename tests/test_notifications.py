@@ -1,5 +1,6 @@
 import concurrent.futures
 import contextlib
+import datetime as dt
 
 import pytest
 import requests
@@ -111,28 +112,59 @@ def test_a_send_and_a_delivery_a_kill_cut_short_are_taken_up_again_just_after_th
         stalling.close()
 
 
+def claimed_behind_a_long_write(runtime, claim, meanwhile=lambda: None):
+    """claim(conn), made while a long write holds the write lock: it waits its turn, the
+    clock moves on a tick (and meanwhile() runs), then the lock is let go. Its answer."""
+    def claim_it():
+        with contextlib.closing(runtime.connect(128)) as conn:
+            return claim(conn)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with runtime.write_lock:
+            claimed = pool.submit(claim_it)
+            wait_until(runtime.write_lock.waiting)      # the claim is made and waits its turn to write
+            tick = pausepoint.db_time()
+            wait_until(lambda: pausepoint.db_time() > tick, interval=0)
+            meanwhile()
+        return claimed.result()
+
+
 def test_a_text_whose_pause_runs_out_while_its_claim_waits_for_the_write_lock_is_not_sent(sms_api, twilio):
     key = sms_api.register()["api_key"]
     created = sms_api.create_pause(key)
-    runtime = sms_api.app.runtime
-    [row] = runtime.db().execute("SELECT * FROM notifications WHERE pause_id = ?", (created["pause_id"],)).fetchall()
+    [row] = sms_api.app.runtime.db().execute("SELECT * FROM notifications").fetchall()
 
-    def claim_it():
-        with contextlib.closing(runtime.connect(128)) as conn:
-            return pausepoint.claim_notification(conn, sms_api.config, row)
+    def run_out():                                      # a clock tick after the claim was made
+        ran_out = pausepoint.db_time()
+        stored(sms_api.config, "UPDATE pauses SET expires_at = ? WHERE id = ?", ran_out, created["pause_id"])
+        wait_until(lambda: pausepoint.db_time() > ran_out, interval=0)
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        with runtime.write_lock:                        # a long write holds it
-            claim = pool.submit(claim_it)
-            wait_until(runtime.write_lock.waiting)      # the claim is made and waits its turn to write
-            # The pause runs out meanwhile, a clock tick after the claim was made.
-            tick = pausepoint.db_time()
-            wait_until(lambda: pausepoint.db_time() > tick, interval=0)
-            ran_out = pausepoint.db_time()
-            stored(sms_api.config, "UPDATE pauses SET expires_at = ? WHERE id = ?", ran_out, created["pause_id"])
-            wait_until(lambda: pausepoint.db_time() > ran_out, interval=0)
-        assert claim.result() is None
+    assert claimed_behind_a_long_write(
+        sms_api.app.runtime, lambda conn: pausepoint.claim_notification(conn, sms_api.config, row), run_out) is None
     assert stored(sms_api.config, "SELECT status, attempts FROM notifications") == [("queued", 0)]
     sms_api.step("notifications")
     sms_api.step("timeouts")
     assert twilio.messages == [] and sms_api.pause(key, created["pause_id"])["notification"]["status"] == "cancelled"
+
+
+def test_a_claim_that_waited_for_the_write_lock_lasts_its_whole_length_from_when_it_was_written(
+        running_api, twilio, receiver):
+    """Measured from before the wait, a claim that waited longer than its length would be
+    written lapsed: the next round would take its send or delivery for a crash's, and make it
+    again while the first was still under way."""
+    api = running_api(**twilio.settings(), **{"webhooks.allow_private": True})
+    key = api.register()["api_key"]
+    api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.created"]}, headers=api.as_key(key))
+    api.create_pause(key)
+    length = max(pausepoint.DELIVERY_CLAIM_SECONDS, 3 * api.config["outbound.deadline_seconds"])
+    [send] = api.app.runtime.db().execute("SELECT * FROM notifications").fetchall()
+    [delivery] = api.app.runtime.db().execute("SELECT * FROM webhook_deliveries").fetchall()
+    for claim, table, seconds in (
+            (lambda conn: pausepoint.claim_notification(conn, api.config, send), "notifications",
+             max(pausepoint.NOTIFICATION_CLAIM_SECONDS, 3 * api.config["outbound.deadline_seconds"])),
+            (lambda conn: pausepoint.claim_delivery(conn, api.config, delivery), "webhook_deliveries", length)):
+        until = claimed_behind_a_long_write(api.app.runtime, claim)
+        [(written, lapses)] = stored(api.config, f"SELECT updated_at, next_attempt_at FROM {table}")
+        assert until == lapses
+        lasts = pausepoint.parse_db_time(lapses) - pausepoint.parse_db_time(written)    # (two readings of the clock)
+        assert dt.timedelta(seconds=seconds) <= lasts < dt.timedelta(seconds=seconds + 1)
