@@ -4328,6 +4328,11 @@ NOTIFICATION_BACKOFF_SECONDS = (5, 30)     # before the 2nd and the 3rd attempt
 NOTIFICATION_CLAIM_SECONDS = 120           # a 'sending' claim older than this was abandoned by a crash
 
 
+def notification_kind(row):
+    """What an audit event about a message says of its kind: nothing for the question itself."""
+    return {"kind": row["kind"]} if row["kind"] != "ask" else {}
+
+
 def simulate_due_notifications(conn):
     """Test mode: record each due notification as simulated, with its exact text; returns
     how many. Nothing leaves the process, so no worker is needed."""
@@ -4335,7 +4340,8 @@ def simulate_due_notifications(conn):
         for row in rows:
             wake_after_commit(conn, "notified", (row["id"], row["attempts"], row["channel"], "simulated"))
             record_event(conn, row["developer_id"], 0, "system", "notification.simulated", row["pause_id"],
-                         {"channel": row["channel"], "recipient": row["recipient"], "text": row["text"]}, when=now)
+                         {"channel": row["channel"], "recipient": row["recipient"], "text": row["text"],
+                          **notification_kind(row)}, when=now)
     return in_batches(conn, "UPDATE notifications SET status = 'simulated', attempts = attempts + 1, updated_at = :now"
                             " WHERE id IN (SELECT id FROM notifications WHERE status IN ('queued', 'sending')"
                             " AND livemode = 0 AND next_attempt_at <= :now AND " + STILL_OPEN +
@@ -4465,7 +4471,7 @@ def record_send(conn, config, row, claim_until, attempt, outcome):
             record_event(conn, row["developer_id"], 1, "system", event, row["pause_id"],
                          {"channel": row["channel"], "recipient": row["recipient"], "attempts": attempt,
                           "provider_message_id": provider_id, "error": error,
-                          **({"kind": row["kind"]} if row["kind"] != "ask" else {}),
+                          **notification_kind(row),
                           **({"may_have_reached": True} if error and (may_have_reached or row["may_have_reached"])
                              else {})}, when=now)
         # Agents hear of a question that could not be asked (or may not have been: the pause's

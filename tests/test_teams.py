@@ -483,3 +483,14 @@ def test_a_veto_on_a_page_filled_in_before_another_approval_is_not_an_edit_eithe
     assert decided["fields"]["amount"]["value"] == 340 and decided["votes"][2]["edits"] is None
     [decision] = audited(api, created["pause_id"], "pause.responded")
     assert "edited" not in decision
+
+
+def test_in_test_mode_a_reminders_simulated_text_is_audited_as_a_reminder_as_in_live_mode(team):
+    api, key = team
+    created = api.post_json("/v1/pause", {**WIRE, "remind_after_minutes": [5]}, headers=api.as_key(key)).json
+    api.step("notifications")
+    fall_due(api, created["pause_id"], "reminder")
+    api.step("steps")
+    api.step("notifications")
+    simulated = audited(api, created["pause_id"], "notification.simulated")
+    assert [event.get("kind") for event in simulated] == [None, "reminder"]
