@@ -9306,9 +9306,7 @@ def run_command(args, config):
     password = (sys.stdin.readline().rstrip("\r\n") if args.password_stdin else asked_password()) if (
         args.command in ("create-developer", "set-password")) else None
     if args.command == "create-developer":
-        # As written, not escaped: the keys' message has a dash, a name may have accents.
-        print(json.dumps(register_developer(conn, config, args.email, args.name, password, args.plan), indent=2,
-                         ensure_ascii=False))
+        print_new_keys(register_developer(conn, config, args.email, args.name, password, args.plan))
         say_a_running_server_may_not_know(config["database.path"], args.plan)
     elif args.command == "set-password":
         developer = query_db(conn, "SELECT * FROM developers WHERE email = ?", (args.email,), one=True)
@@ -9326,6 +9324,21 @@ def run_command(args, config):
         set_operator(conn, args.email, not args.remove)
         print(f"{args.email} {'may no longer' if args.remove else 'may now'} use the operator page (/dashboard/operator)")
     return 0
+
+
+def print_new_keys(registered):
+    """A new developer's keys on standard output, the one place they are shown. Where they
+    cannot be written (a full disk, a pipe closed early) the developer is made all the same
+    (the write lock is not held on a reader), and can sign in and rotate both keys."""
+    try:
+        # As written, not escaped: the keys' message has a dash, a name may have accents.
+        print(json.dumps(registered, indent=2, ensure_ascii=False), flush=True)
+    except OSError as e:
+        # What is still buffered goes nowhere, rather than failing again as the process exits.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise ConfigError(f"the developer was made, but its API keys could not be written to standard output"
+                          f" ({e.strerror}): sign in to the dashboard with its email and password and rotate both"
+                          " keys to get new ones") from None
 
 
 def rotate_command(database_path, keys_lost):

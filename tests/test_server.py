@@ -761,6 +761,30 @@ def test_a_command_given_a_directory_for_the_database_says_so_not_that_its_copy_
     assert not os.path.exists(tmp_path / "copy.db")
 
 
+@pytest.mark.parametrize("output", ["/dev/full", "a pipe closed unread"])
+def test_a_developer_whose_keys_cannot_be_written_out_is_told_how_to_get_keys(tmp_path, output):
+    """Keys are shown once, on standard output: where they cannot be written the command
+    says so in a sentence (not a traceback) and how the developer gets keys after all."""
+    command = [sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db", str(tmp_path / "pausepoint.db"),
+               "create-developer", "--email", "ops@example.com", "--name", "Ops", "--password-stdin"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open("/dev/full", "w") if output == "/dev/full" else open(write_end, "w") as out:
+        result = subprocess.run(command, input=PASSWORD + "\n", stdout=out, stderr=subprocess.PIPE, text=True,
+                                env=process_env())
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    said = result.stderr.splitlines()[-1]
+    assert "the developer was made, but its API keys could not be written to standard output" in said
+    assert "sign in to the dashboard with its email and password and rotate both keys" in said
+    api = Api(pausepoint.create_app(make_config(tmp_path)))
+    page = api.get("/dashboard/login").forms[0]
+    page["email"], page["password"] = "ops@example.com", PASSWORD
+    page.submit(status=303)
+    rotated = next(form for form in api.get("/dashboard/keys").forms.values() if form.action.endswith("/rotate"))
+    rotated["key"], rotated["password"] = "live", PASSWORD
+    assert rotated.submit(status=303).follow().html.select_one("input.secret")["value"].startswith("pp_live_")
+
+
 def test_a_command_that_cannot_do_its_work_says_why_in_one_sentence(tmp_path):
     assert run_cli(tmp_path, "verify-audit").returncode == 2                    # no database yet
     assert run_cli(tmp_path, "create-developer", "--email", "ops@example.com", "--name", "Ops", "--password-stdin",
