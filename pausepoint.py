@@ -9266,19 +9266,22 @@ def asked_password():
     return password
 
 
+def refuse_a_path_no_command_can_use(command, path):
+    """A command's database is a file that exists; only create-developer makes one, and says so."""
+    if os.path.isdir(path):     # opened, SQLite blames the disk, or a backup's copy
+        raise ConfigError(f"cannot use the database {path}: it is a directory: name the database file in it")
+    new = not os.path.exists(path)
+    if command != "create-developer" and new:
+        # A mistyped path would otherwise get a new, empty database that "verifies".
+        raise ConfigError(f"there is no database at {path}; name the server's with --db or database.path")
+    if new:         # on standard error: the keys on standard output stay JSON for scripts
+        print(f"pausepoint: there was no database at {path}: a new one is made for this developer (if the"
+              " server's is elsewhere, name it with --db or database.path)", file=sys.stderr)
+
+
 def run_command(args, config):
     """The operator's commands besides serving; returns the exit status."""
-    if os.path.isdir(config["database.path"]):     # opened, SQLite blames the disk, or a backup's copy
-        raise ConfigError(f"cannot use the database {config['database.path']}: it is a directory: name the"
-                          " database file in it")
-    new = not os.path.exists(config["database.path"])
-    if args.command != "create-developer" and new:
-        # A mistyped path would otherwise get a new, empty database that "verifies".
-        raise ConfigError(f"there is no database at {config['database.path']}; name the server's with --db or"
-                          " database.path")
-    if new:         # on standard error: the keys on standard output stay JSON for scripts
-        print(f"pausepoint: there was no database at {config['database.path']}: a new one is made for this"
-              " developer (if the server's is elsewhere, name it with --db or database.path)", file=sys.stderr)
+    refuse_a_path_no_command_can_use(args.command, config["database.path"])
     refuse_before_opening(config["database.path"])
     if args.command == "verify-audit":       # it checks the schema itself, read-only
         return verify_audit(config["database.path"])
