@@ -2995,9 +2995,11 @@ MESSAGE_SID = re.compile("[SM]M[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-
 # still being sent). A text from any other number gets no answer at all: each answer is a
 # paid message to whichever number texted, and answering every one would let whoever holds
 # premium-rate numbers earn from the operator's account a text at a time (SMS pumping).
+# Only by text: a link or push pause's recipient is a label the agent writes, which may be
+# any number, and costs nothing to hold pending for months.
 ASKED_LATELY = (
     "SELECT EXISTS (SELECT 1 FROM pauses INDEXED BY pauses_pending_by_recipient WHERE recipient = :number"
-    "   AND status = 'pending' AND livemode = 1)"
+    "   AND status = 'pending' AND livemode = 1 AND channel IN ('sms', 'whatsapp'))"
     " OR EXISTS (SELECT 1 FROM pauses INDEXED BY pauses_closed_by_recipient WHERE recipient = :number"
     "   AND livemode = 1 AND channel IN ('sms', 'whatsapp') AND decided_at > :week_ago)"
     + "".join(" OR EXISTS (SELECT 1 FROM pause_recipients WHERE recipient = :number AND livemode = 1"

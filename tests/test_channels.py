@@ -1098,6 +1098,15 @@ def test_a_text_from_a_number_no_live_pause_asked_lately_gets_no_answer(sms_setu
     assert stored(config, "SELECT count(*) FROM sms_replies") == [(5,)]         # each taken once all the same
 
 
+def test_a_pause_naming_a_number_on_a_channel_that_texts_nothing_does_not_make_it_answered(sms_setup):
+    """A link or push pause's recipient is a free label: one written as a premium-rate number
+    would otherwise earn that number an answer to each text it sends, and no text ever went to it."""
+    api, config, keys = sms_setup
+    api.create_pause(keys["api_key"], recipient="+15550177", channel="link", timeout_hours=24)
+    for text in ("hello", "1"):
+        assert answered_nothing(inbound(api, config, text, sender="+15550177"))
+
+
 def test_a_reply_matching_nothing_gets_help_and_decides_nothing(sms_setup):
     api, config, keys = sms_setup
     created = api.create_pause(keys["api_key"])
