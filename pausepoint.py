@@ -4260,7 +4260,8 @@ def send_email(config, notification, pause, deadline):
 def email_message(config, notification, pause):
     """A plain-text and an HTML part; every button opens the respond page, none decides on GET."""
     message = email.message.EmailMessage()
-    message["Subject"] = as_header_text(notification["text"].split("\n", 1)[0].removeprefix("Subject: "))
+    # Raw: given as text, it would be folded again, and the agent's characters written in the clear.
+    message.set_raw("Subject", as_header_text(notification["text"].split("\n", 1)[0].removeprefix("Subject: ")))
     message["From"] = config["smtp.from_address"]
     message["To"] = notification["recipient"]
     # The same on every attempt, so a mail system that got an earlier one can tell this is it again.
@@ -4276,12 +4277,27 @@ def email_message(config, notification, pause):
     return message
 
 
+# The most of a header's UTF-8 that one encoded word of ours holds: "Subject: =?utf-8?b?", 56
+# characters of base64 and "?=" make 77, within the 78 a header line keeps to (longer, Python
+# folds the header again, writing its text in the clear).
+HEADER_WORD_BYTES = 42
+
+
 def as_header_text(text):
-    """`text` as a header value that reads as exactly that text. Mail headers decode an RFC 2047
-    word in what they are given: an agent's '=?utf-8?q?x=0D=0AReply-To=3A_eve=40evil.example?='
-    became a header line of its own on Python before 3.11.10 (and fails the send after). Given
-    as one word of our own, it decodes to the agent's characters, which are written out as such."""
-    return "=?utf-8?b?" + base64.b64encode(text.encode("utf-8")).decode("ascii") + "?="
+    """`text` as a folded header value that every mail program reads as exactly that text:
+    all of it in RFC 2047 words of our own, one a line. Mail programs decode a word in what
+    they are sent: the agent's '=?utf-8?q?=E2=80=AE?=' left in the clear shows as a
+    right-to-left override, and '=?utf-8?q?x=0D=0AReply-To=3A_eve=40evil.example?=' as a line
+    break, which questions may not hold (and, given to Python's mail headers as text, became
+    a header line of its own before 3.11.10)."""
+    words, word = [], b""
+    for character in text:
+        encoded = character.encode("utf-8")
+        if len(word) + len(encoded) > HEADER_WORD_BYTES:       # a character is never split between words
+            words.append(word)
+            word = b""
+        word += encoded
+    return "\n ".join("=?utf-8?b?" + base64.b64encode(chunk).decode("ascii") + "?=" for chunk in words + [word])
 
 
 def smtp_failure(e, server, deadline):

@@ -288,6 +288,21 @@ def test_an_encoded_word_in_the_question_writes_no_header_of_its_own(running_api
     assert len(message.get_all("Subject")) == 1 and message["Subject"].startswith("Approval needed: Deploy? ")
 
 
+@pytest.mark.parametrize("word", ["=?utf-8?q?=E2=80=AEevif?=", "=?utf-8?q?x=0D=0AReply-To=3A_eve=40evil.example?=",
+                                  "=?utf-8?b?4oCu?="])
+def test_the_subject_a_mail_program_shows_is_the_question_as_written(running_api, smtp_server, word):
+    # Sent as it was written, such a word is decoded by the reader's mail program into what
+    # the server refuses in a question: a right-to-left override, a line break.
+    api = running_api(**smtp_settings(smtp_server))
+    key = api.register()["api_key"]
+    message = f"Pay invoice {word} for 2 {'€' * 60} now?"
+    created = api.create_pause(key, channel="email", recipient="ada@example.com", message=message)
+    sent(api, key, created["pause_id"], "sent")
+    [mailed] = smtp_server.messages
+    assert mailed["Subject"] == pausepoint.email_subject({"message": message})
+    assert all(len(line) <= 78 for line in mailed.as_bytes().split(b"\n"))
+
+
 def test_each_team_member_is_mailed_their_own_link_and_a_reminder_says_what_it_is(running_api, smtp_server):
     api = running_api(**smtp_settings(smtp_server))
     key = api.register()["api_key"]
