@@ -8337,6 +8337,8 @@ class JsonErrorTask(waitress.task.ErrorTask):
         else:
             body = error_body(error.code, WAITRESS_ERROR_CODES.get(error.code, "bad_request"), message)
             self.response_headers.append(("Content-Type", "application/json"))
+        if base_url(limits).startswith("https://"):       # as the app's answers say (create_app())
+            self.response_headers.append(("Strict-Transport-Security", HSTS))
         body = body.encode()
         self.status = f"{error.code} {error.reason}"
         self.set_close_on_finish()

@@ -3,12 +3,13 @@
 import concurrent.futures
 import json
 import re
+import socket
 import urllib.parse
 
 import bcrypt
 import pytest
 
-from conftest import PASSWORD, Api, run_out, stored, wait_until
+from conftest import PASSWORD, Api, run_out, serving, stored, wait_until
 import pausepoint
 
 XSS = '<script>alert(1)</script><img src=x onerror=alert(2)>'
@@ -130,6 +131,23 @@ def test_over_https_every_answer_tells_browsers_to_keep_to_https(running_api):
                api.get("/v1/pause", status=401), api.get("/no/such/page", status=404),
                api.get("/respond/" + "x" * 43, status="*")]
     assert [a.headers.get("Strict-Transport-Security") for a in answers] == ["max-age=31536000"] * len(answers)
+
+
+def test_over_https_the_errors_the_server_answers_before_the_app_tell_browsers_to_keep_to_https(
+        tmp_path, first_start):
+    """A form too large for server.max_body_bytes (a long comment pasted) is refused before
+    any route sees it: that answer too is one of the site's."""
+    with serving(tmp_path, first_start, **{"server.base_url": "https://approvals.example.com"}) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /respond/x HTTP/1.1\r\nHost: approvals.example.com\r\n"
+                         b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000000\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(65536) or b"\r\n\r\n"
+    lines = head.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    assert lines[0].split()[1] == "413"
+    assert "Strict-Transport-Security: max-age=31536000" in lines[1:]
 
 
 def test_over_plain_http_no_answer_pins_the_host_to_https(api):
