@@ -6881,8 +6881,14 @@ def read_json(config):
         where = lone_surrogate_at(body)
     except RecursionError:
         raise ApiError(400, "invalid_json", "the request body is nested too deeply to read") from None
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+    except json.JSONDecodeError as error:
+        # Say where, as a JSON reader would: a trailing comma or a single quote is then found at once.
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {error.msg} at line {error.lineno}"
+                                            f" column {error.colno}") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON: it is not UTF-8") from None
+    except ValueError as error:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {error}") from None
     if where:
         raise ApiError(400, "invalid_json", "the request body holds a lone UTF-16 surrogate (like \\ud800),"
                                             " which is not text", field=where)

@@ -93,6 +93,17 @@ def test_malformed_bodies_get_a_clear_4xx(api, developer, body, status, code):
     assert response.json["error"]["code"] == code
 
 
+@pytest.mark.parametrize("body, where", [
+    (b'{"recipient": "+15550100", "channel": "sms",}', "Expecting property name enclosed in double quotes at line 1 column 45"),
+    (b"{'recipient': '+15550100'}", "Expecting property name enclosed in double quotes at line 1 column 2"),
+    (b'{\n  "message": "wire $340"\n  "options": ["Approve", "Reject"]\n}', "Expecting ',' delimiter at line 3 column 3"),
+])
+def test_a_body_that_is_not_json_is_told_where_it_stops_being_json(api, developer, body, where):
+    response = api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
+                                                   "Content-Type": "application/json"}, status=400)
+    assert response.json["error"] == {"code": "invalid_json", "message": f"the request body is not valid JSON: {where}"}
+
+
 def test_bodies_over_the_configured_size_get_413(tmp_path):
     app = pausepoint.create_app(make_config(tmp_path, **{"server.max_body_bytes": 2048}))
     api = Api(app)
