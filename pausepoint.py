@@ -3236,12 +3236,21 @@ def owned_pause(conn, caller, pause_id):
     pause = conn.execute("SELECT * FROM pauses WHERE id = ? AND developer_id = ? AND livemode = ?",
                          (pause_id, caller.developer_id, caller.livemode)).fetchone()
     if pause is None:
-        raise no_such_pause(pause_id, caller)
+        raise no_such_pause(pause_id, caller, conn)
     return pause
 
 
-def no_such_pause(pause_id, caller=None):
-    return ApiError(404, "not_found", f"no pause {shorten(pause_id)!r}" + (f" {caller.whose}" if caller else ""))
+def no_such_pause(pause_id, caller=None, conn=None):
+    """The 404 for a pause the caller cannot see. One of their own in the other mode is named
+    as such (a test key's pause read with the live key, say): it is theirs to know of."""
+    message = f"no pause {shorten(pause_id)!r}" + (f" {caller.whose}" if caller else "")
+    if caller is not None and conn is not None and conn.execute(
+            "SELECT 1 FROM pauses WHERE id = ? AND developer_id = ? AND livemode = ?",
+            (pause_id, caller.developer_id, 1 - caller.livemode)).fetchone():
+        other = MODE_NAMES[1 - caller.livemode]
+        message += (f": it is one of your {other}-mode pauses, which only your pp_{other}_ key reads" if caller.key_hint
+                    else f": it is one of your {other}-mode pauses; switch to {other} data to see it")
+    return ApiError(404, "not_found", message)
 
 
 # What a timeout sets: its claim writes it, and the batch read ahead reads it as it will be.
@@ -3449,7 +3458,7 @@ def pause_json(conn, config, pause_id, caller=None):
         args.update(developer=caller.developer_id, livemode=caller.livemode)
     row = query_db(conn, sql, args, one=True)
     if row is None:
-        raise no_such_pause(pause_id, caller)
+        raise no_such_pause(pause_id, caller, conn)
     return row[0]
 
 

@@ -545,6 +545,7 @@ def test_the_mode_switch_shows_live_or_test_data_never_both(running_api, twilio)
     assert listing.html.select_one("#test-mode") is None
     missing = api.get(f"/dashboard/pauses/{test_pause['pause_id']}", status=404)
     assert "in your account's live mode" in missing.html.get_text() and "API key" not in missing.text
+    assert "one of your test-mode pauses; switch to test data to see it" in missing.html.get_text()
 
 
 @pytest.mark.parametrize("path", ["/dashboard/", "/dashboard/nothing-here"])

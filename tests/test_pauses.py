@@ -294,6 +294,22 @@ def test_test_and_live_keys_see_only_their_own_modes_data(api, developer):
     assert api.get("/v1/audit", headers=api.as_key(developer["test_api_key"])).json["events"]
 
 
+def test_a_pause_read_with_the_other_modes_key_is_404_naming_the_key_that_reads_it(api, developer):
+    test_pause = api.create_pause(developer["test_api_key"])["pause_id"]
+    live_pause = api.create_pause(developer["api_key"], recipient="ops", channel="link")["pause_id"]
+    error = api.get(f"/v1/pause/{test_pause}", headers=api.as_key(developer["api_key"]), status=404).json["error"]
+    assert error["message"] == (f"no pause {test_pause!r} for this API key: it is one of your test-mode pauses,"
+                                " which only your pp_test_ key reads")
+    error = api.post(f"/v1/pause/{live_pause}/cancel", headers=api.as_key(developer["test_api_key"]),
+                     status=404).json["error"]
+    assert error["message"].endswith("it is one of your live-mode pauses, which only your pp_live_ key reads")
+    assert api.pause(developer["api_key"], live_pause)["status"] == "pending"
+    # Another developer's pause stays as unknown as one that never was.
+    theirs = api.register(email="other@example.com")["api_key"]
+    error = api.get(f"/v1/pause/{test_pause}", headers=api.as_key(theirs), status=404).json["error"]
+    assert error["message"] == f"no pause {test_pause!r} for this API key"
+
+
 def test_the_audit_log_is_newest_first_filterable_and_paginated(api, developer):
     key = developer["test_api_key"]
     first = api.create_pause(key)
