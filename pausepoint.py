@@ -2048,7 +2048,8 @@ def pause_fields(body, config):
     options = distinct_options(body["options"])
     default = body.get("timeout_default")
     if default is not None and default.strip() not in options:
-        raise invalid("timeout_default", "timeout_default must be one of the options (or left out)")
+        raise invalid("timeout_default", f"timeout_default {shorten(default)!r} must be one of the options, exactly as"
+                                         f" written: {', '.join(options)} (or left out)")
     metadata = body.get("metadata")
     if metadata is not None and nesting(metadata) > MAX_METADATA_NESTING:     # first: writing JSON recurses
         raise invalid("metadata", f"metadata must be nested at most {MAX_METADATA_NESTING} levels deep")
@@ -2071,7 +2072,8 @@ def pause_fields(body, config):
     if quorum is not None:
         quorum = {"choice": quorum["choice"].strip(), "count": int(quorum["count"])}
         if quorum["choice"] not in options:
-            raise invalid("quorum", "quorum's choice must be one of the options")
+            raise invalid("quorum", f"quorum's choice {shorten(quorum['choice'])!r} must be one of the options, exactly"
+                                    f" as written: {', '.join(options)}")
         if quorum["count"] > len(everyone):
             raise invalid("quorum", f"quorum's count must be at most the {len(everyone)} people asked"
                                     " (escalation targets included)")

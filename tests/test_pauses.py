@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import requests
 
-from conftest import PASSWORD, WIRE, Api, cannot_run_here, fill_disk, make_config, run_out, stored, token_of
+from conftest import PASSWORD, QUESTION, WIRE, Api, cannot_run_here, fill_disk, make_config, run_out, stored, token_of
 import pausepoint
 
 
@@ -102,6 +102,20 @@ def test_a_body_that_is_not_json_is_told_where_it_stops_being_json(api, develope
     response = api.post("/v1/pause", body, headers={**api.as_key(developer["test_api_key"]),
                                                    "Content-Type": "application/json"}, status=400)
     assert response.json["error"] == {"code": "invalid_json", "message": f"the request body is not valid JSON: {where}"}
+
+
+def test_a_default_or_quorum_choice_not_among_the_options_is_refused_listing_them(api, developer):
+    headers = api.as_key(developer["test_api_key"])
+    error = api.post_json("/v1/pause", {**WIRE, "timeout_default": "reject"}, headers=headers, status=422).json["error"]
+    assert error == {"code": "invalid_request", "field": "timeout_default",
+                     "message": "timeout_default 'reject' must be one of the options, exactly as written: Approve, Reject"
+                                " (or left out)"}
+    team = {**QUESTION, "recipients": [{"recipient": "+15550101", "channel": "sms"},
+                                       {"recipient": "+15550102", "channel": "sms"}],
+            "quorum": {"choice": "approve", "count": 2}}
+    error = api.post_json("/v1/pause", team, headers=headers, status=422).json["error"]
+    assert error == {"code": "invalid_request", "field": "quorum",
+                     "message": "quorum's choice 'approve' must be one of the options, exactly as written: Approve, Reject"}
 
 
 def test_bodies_over_the_configured_size_get_413(tmp_path):
