@@ -5116,6 +5116,11 @@ def describe_request_error(e, deadline):
     if isinstance(e, requests.Timeout):
         return f"timed out after {deadline}"
     if isinstance(e, requests.ConnectionError):
+        # Which of the usual two it was tells the developer where to look: their DNS, or their receiver.
+        if find_cause(e, socket.gaierror) is not None:
+            return "could not connect: the host name did not resolve"
+        if find_cause(e, ConnectionRefusedError) is not None:
+            return "could not connect: connection refused (is the receiver running, on that port?)"
         return "could not connect"
     return f"{type(e).__name__}: {e}"[:300]
 

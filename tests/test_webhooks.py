@@ -1098,3 +1098,21 @@ def test_a_pause_reads_the_same_in_its_page_its_list_and_its_webhook(hooks_api, 
                          "last_error": None, "may_have_reached": False, "text": notification},
         "receipt": page["receipt"]}
     assert page["decided_by"].startswith("api:") and page["receipt"].count(".") == 2
+
+
+def test_a_delivery_that_cannot_connect_says_whether_the_name_or_the_receiver_failed(hooks_api, keys):
+    with socket.socket() as probe:          # a loopback port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    key = keys["test_api_key"]
+    unresolved = add_webhook(hooks_api, key, "https://no-such-host.invalid/hook")["webhook_id"]
+    refused = add_webhook(hooks_api, key, f"http://127.0.0.1:{closed_port}/hook")["webhook_id"]
+    for webhook_id in (unresolved, refused):
+        hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key), status=202)
+
+    def first_error(webhook_id):
+        attempts = deliveries(hooks_api, key, webhook_id)[0]["attempts"]
+        return attempts and attempts[0]["error"]
+    assert wait_until(lambda: first_error(unresolved)) == "could not connect: the host name did not resolve"
+    assert wait_until(lambda: first_error(refused)) == ("could not connect: connection refused"
+                                                        " (is the receiver running, on that port?)")
