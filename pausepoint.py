@@ -8195,6 +8195,12 @@ def bottle_error(error):
             bottle.response.set_header(name, value)
         # A mistyped dashboard address (/dashboard/, say) still leads back to it.
         return error_page(str(message), back="/dashboard" if bottle.request.path.startswith("/dashboard") else None)
+    asked = f"{bottle.request.method} {shorten(bottle.request.path, 200)}"
+    if error.status_code == 404:
+        # A client given a base URL ending in /v1, say, asks for /v1/v1/pause: show it what it asked for.
+        message = f"no such endpoint: {asked} (every path is listed in /v1/openapi.json)"
+    elif error.status_code == 405 and error.headers.get("Allow"):
+        message = f"method not allowed on this endpoint: {asked}; it takes {error.headers['Allow'].replace(',', ', ')}"
     bottle.response.content_type = "application/json"
     bottle.response.set_header("Cache-Control", "no-store")
     return error_body(error.status_code, BOTTLE_ERROR_CODES.get(error.status_code, "error"), str(message))

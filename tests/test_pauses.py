@@ -131,6 +131,14 @@ def test_unknown_endpoints_and_methods_answer_in_the_json_error_shape(api):
     assert api.delete("/v1/pause", status=405).json["error"]["code"] == "method_not_allowed"
 
 
+def test_an_unknown_endpoint_or_method_is_named_in_the_answer(api):
+    # As a client given "http://host:8080/v1" for its base URL asks.
+    assert api.get("/v1/v1/pause", status=404).json["error"]["message"] == (
+        "no such endpoint: GET /v1/v1/pause (every path is listed in /v1/openapi.json)")
+    assert api.delete("/v1/pause", status=405).json["error"]["message"] == (
+        "method not allowed on this endpoint: DELETE /v1/pause; it takes GET, POST")
+
+
 @pytest.mark.parametrize("path", ["/static/pausepoint.css", "/static/dashboard.js"])
 def test_a_range_past_the_end_of_a_static_file_answers_in_the_json_error_shape(api, path):
     refused = api.get(path, headers={"Range": "bytes=999999-"}, status=416)
