@@ -21,6 +21,7 @@ import csv
 import ctypes
 import dataclasses
 import datetime as dt
+import difflib
 import email.errors
 import email.message
 import email.utils
@@ -265,7 +266,14 @@ def env_name_to_key(name):
         match = re.fullmatch(f"PAUSEPOINT_{section}_([A-Z][A-Z0-9_]*)_{leaf}", name)
         if match:
             return f"{section.lower()}.{match.group(1).lower()}.{leaf.lower()}"
-    raise ConfigError(f"unknown setting: environment variable {name} names no setting")
+    raise ConfigError(f"unknown setting: environment variable {name} names no setting"
+                      + did_you_mean(name, ["PAUSEPOINT_" + s.key.replace(".", "_").upper() for s in SETTINGS]))
+
+
+def did_you_mean(name, known):
+    """" (did you mean X?)" for the known name closest to a misspelt one, or nothing."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def as_named_in_file(key, in_file, name, path):
@@ -285,7 +293,7 @@ def setting_type(key):
     if CHANNEL_KEY.match(key):
         return str
     if key not in SETTINGS_BY_KEY:
-        raise ConfigError(f"unknown setting: {key}")
+        raise ConfigError(f"unknown setting: {key}" + did_you_mean(key, list(SETTINGS_BY_KEY)))
     return type(SETTINGS_BY_KEY[key].default)
 
 

@@ -89,6 +89,19 @@ def test_a_bad_setting_stops_start_up_with_one_sentence_naming_the_key(tmp_path,
     assert "\n" not in str(error.value)
 
 
+def test_a_misspelt_setting_is_refused_naming_the_one_meant(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, "[webhooks]\nallow_privat = true\n"), environ={})
+    assert str(error.value) == "unknown setting: webhooks.allow_privat (did you mean webhooks.allow_private?)"
+    with pytest.raises(ConfigError) as error:
+        load_config(environ={"PAUSEPOINT_WEBHOOK_ALLOW_PRIVATE": "true"})
+    assert str(error.value) == ("unknown setting: environment variable PAUSEPOINT_WEBHOOK_ALLOW_PRIVATE names no"
+                                " setting (did you mean PAUSEPOINT_WEBHOOKS_ALLOW_PRIVATE?)")
+    with pytest.raises(ConfigError) as error:      # nothing near it: nothing suggested
+        load_config(write(tmp_path, "[server]\nfoo = 1\n"), environ={})
+    assert str(error.value) == "unknown setting: server.foo"
+
+
 def test_twilio_and_smtp_settings_of_every_accepted_form_start():
     """A Twilio-compatible provider may name its account by UUID; a From address may carry a name."""
     for twilio in ({"twilio.from_number": "+15550100"}, {"twilio.messaging_service_sid": "MG" + "a1" * 16},
