@@ -3254,13 +3254,20 @@ def no_such_pause(pause_id, caller=None, conn=None):
     """The 404 for a pause the caller cannot see. One of their own in the other mode is named
     as such (a test key's pause read with the live key, say): it is theirs to know of."""
     message = f"no pause {shorten(pause_id)!r}" + (f" {caller.whose}" if caller else "")
-    if caller is not None and conn is not None and conn.execute(
-            "SELECT 1 FROM pauses WHERE id = ? AND developer_id = ? AND livemode = ?",
-            (pause_id, caller.developer_id, 1 - caller.livemode)).fetchone():
-        other = MODE_NAMES[1 - caller.livemode]
-        message += (f": it is one of your {other}-mode pauses, which only your pp_{other}_ key reads" if caller.key_hint
-                    else f": it is one of your {other}-mode pauses; switch to {other} data to see it")
+    if caller is not None and conn is not None:
+        message += in_the_other_mode(conn, caller, "SELECT 1 FROM pauses WHERE id = ? AND developer_id = ?"
+                                     " AND livemode = ?", pause_id, "pauses")
     return ApiError(404, "not_found", message)
+
+
+def in_the_other_mode(conn, caller, sql, thing_id, things):
+    """What to add to a 404 when `sql` (taking the id, the developer and a mode) finds the
+    thing among the caller's own in the other mode: which key, or which dashboard data, shows it."""
+    if not conn.execute(sql, (thing_id, caller.developer_id, 1 - caller.livemode)).fetchone():
+        return ""
+    other = MODE_NAMES[1 - caller.livemode]
+    return (f": it is one of your {other}-mode {things}, which only your pp_{other}_ key reads" if caller.key_hint
+            else f": it is one of your {other}-mode {things}; switch to {other} data to see it")
 
 
 # What a timeout sets: its claim writes it, and the batch read ahead reads it as it will be.
@@ -4842,7 +4849,9 @@ def owned_webhook(conn, caller, webhook_id):
     webhook = conn.execute("SELECT * FROM webhooks WHERE id = ? AND developer_id = ? AND livemode = ?"
                            " AND deleted_at IS NULL", (webhook_id, caller.developer_id, caller.livemode)).fetchone()
     if webhook is None:
-        raise ApiError(404, "not_found", f"no webhook {shorten(webhook_id)!r} {caller.whose}")
+        raise ApiError(404, "not_found", f"no webhook {shorten(webhook_id)!r} {caller.whose}" + in_the_other_mode(
+            conn, caller, "SELECT 1 FROM webhooks WHERE id = ? AND developer_id = ? AND livemode = ?"
+                          " AND deleted_at IS NULL", webhook_id, "webhook endpoints"))
     return webhook
 
 

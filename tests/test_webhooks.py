@@ -1116,3 +1116,11 @@ def test_a_delivery_that_cannot_connect_says_whether_the_name_or_the_receiver_fa
     assert wait_until(lambda: first_error(unresolved)) == "could not connect: the host name did not resolve"
     assert wait_until(lambda: first_error(refused)) == ("could not connect: connection refused"
                                                         " (is the receiver running, on that port?)")
+
+
+def test_a_webhook_used_with_the_other_modes_key_is_404_naming_the_key_that_reads_it(hooks_api, keys):
+    webhook_id = add_webhook(hooks_api, keys["test_api_key"], "https://hooks.example.org/pp")["webhook_id"]
+    error = hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(keys["api_key"]),
+                           status=404).json["error"]
+    assert error["message"] == (f"no webhook {webhook_id!r} for this API key: it is one of your test-mode webhook"
+                                " endpoints, which only your pp_test_ key reads")
