@@ -4278,6 +4278,13 @@ def send_email(config, notification, pause, deadline):
             with contextlib.suppress(smtplib.SMTPException, OSError):
                 server.quit()
             server.close()
+    except smtplib.SMTPNotSupportedError as e:
+        if security != "starttls" or "STARTTLS" not in str(e):
+            raise smtp_failure(e, f"SMTP {host}:{port}", deadline) from None
+        # The default setting against a relay without TLS: say which setting to change.
+        raise ChannelError(f"SMTP {host}:{port}: {e} (smtp.security is \"starttls\"; set it to \"tls\" for a"
+                           " server that speaks TLS from the start, usually on port 465, or to \"none\" for a"
+                           " relay without TLS)") from None
     except (smtplib.SMTPException, OSError) as e:
         raise smtp_failure(e, f"SMTP {host}:{port}", deadline) from None
     return message["Message-ID"]

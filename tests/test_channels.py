@@ -387,6 +387,19 @@ def test_an_smtp_server_with_an_untrusted_certificate_is_refused(running_api, ce
         controller.stop()
 
 
+def test_starttls_against_a_relay_without_tls_says_which_setting_to_change(running_api, smtp_server):
+    # smtp.security is left at its default, "starttls"; the relay offers no TLS at all.
+    api = running_api(**{**smtp_settings(smtp_server), "smtp.security": "starttls"})
+    key = api.register()["api_key"]
+    pause_id = api.create_pause(key, channel="email", recipient="ada@example.com")["pause_id"]
+    notification = sent(api, key, pause_id, "queued")["notification"]
+    assert notification["last_error"] == (
+        f"SMTP 127.0.0.1:{smtp_server.port}: STARTTLS extension not supported by server. (smtp.security is"
+        ' "starttls"; set it to "tls" for a server that speaks TLS from the start, usually on port 465, or to'
+        ' "none" for a relay without TLS)')
+    assert smtp_server.messages == [] and notification["may_have_reached"] is False
+
+
 def test_an_email_button_opens_the_page_without_deciding(running_api, smtp_server):
     api = running_api(**smtp_settings(smtp_server))
     key = api.register()["api_key"]
