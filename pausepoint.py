@@ -8943,6 +8943,14 @@ def start_up_warnings(config):
     if not config["server.base_url"] and config["server.host"] not in ("127.0.0.1", "localhost", "::1"):
         yield (f"server.base_url is not set: respond links will say {base_url(config)}, which humans elsewhere"
                " cannot open")
+    elif not config["server.base_url"]:
+        # Listening on loopback is right behind a proxy, but the links sent must then name the proxy.
+        sending = [name for name, channel in channels(config).items()
+                   if channel.send is not None and not channel.missing_settings(config)]
+        if sending:
+            yield (f"server.base_url is not set: live {', '.join(sending)} messages will carry respond links to"
+                   f" {base_url(config)}, which only this machine can open; set it to the address people's"
+                   " phones reach")
     if config["webhooks.per_endpoint"] > config["outbound.per_developer"]:
         yield (f"webhooks.per_endpoint = {config['webhooks.per_endpoint']} is more than outbound.per_developer ="
                f" {config['outbound.per_developer']}: at most {config['outbound.per_developer']} deliveries to one"

@@ -197,6 +197,15 @@ def test_settings_that_work_but_likely_not_as_meant_are_warned_of_at_start():
         " at once"]
 
 
+def test_a_server_on_loopback_that_sends_links_without_a_base_url_is_warned_of_at_start():
+    smtp = {"PAUSEPOINT_SMTP_HOST": "127.0.0.1", "PAUSEPOINT_SMTP_FROM_ADDRESS": "approvals@example.org"}
+    assert list(pausepoint.start_up_warnings(load_config(environ=smtp))) == [
+        "server.base_url is not set: live email messages will carry respond links to http://127.0.0.1:8080, which"
+        " only this machine can open; set it to the address people's phones reach"]
+    with_base_url = {**smtp, "PAUSEPOINT_SERVER_BASE_URL": "https://pausepoint.example.org"}
+    assert list(pausepoint.start_up_warnings(load_config(environ=with_base_url))) == []
+
+
 def test_a_variable_overriding_the_config_files_value_is_said(tmp_path, caplog):
     """As in a container, whose image sets database.path and server.host by its environment."""
     path = write(tmp_path, "[database]\npath = '/srv/pp.db'\n[server]\nhost = '0.0.0.0'\n")
