@@ -396,6 +396,8 @@ def _check_host(value):
 def _check_base_url(value):
     # No path: the pages' forms, links and redirects name paths from the root, so behind a
     # proxy serving PausePoint under a path a tapped choice would go to whatever the root is.
+    if re.fullmatch(r"https?://[^\s/?#]+/?", value, re.IGNORECASE) and not value.startswith(("http://", "https://")):
+        return "must begin http:// or https:// in lower case (https://approvals.example.org)"
     if value and not re.fullmatch(r"https?://[^\s/?#]+/?", value):
         return ("must be empty or an http:// or https:// address with no path, query or fragment"
                 " (https://approvals.example.org): serve PausePoint at the root of a host name, not under a path")
@@ -5701,6 +5703,16 @@ class Metrics:
 MODE_NAMES = {0: "test", 1: "live"}
 
 
+def metrics_at(runtime):
+    """Where the start says its metrics are, if it serves them: their own address is not the API's."""
+    if runtime.metrics is None:
+        return ""
+    if runtime.metrics_address is None:
+        return "; metrics at /metrics on this address"
+    host, port = runtime.metrics_address
+    return f"; metrics at http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+
+
 def metrics_address(config):
     """(host, port) of metrics.listen, or None to serve them at /metrics on the API's address."""
     listen = config["metrics.listen"].strip()
@@ -8998,8 +9010,8 @@ def serve(config):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("PausePoint %s listening on %s, public URL %s (database %s)", VERSION, listening_on(server),
-             base_url(config), config["database.path"])
+    log.info("PausePoint %s listening on %s, public URL %s (database %s)%s", VERSION, listening_on(server),
+             base_url(config), config["database.path"], metrics_at(app.runtime))
     with contextlib.closing(connect(config["database.path"])) as conn:
         stored = list(stored_state_warnings(conn, config))
     for warning in [*start_up_warnings(config), *stored]:
@@ -9355,8 +9367,8 @@ def refuse_a_path_no_command_can_use(command, path):
         # A mistyped path would otherwise get a new, empty database that "verifies".
         raise ConfigError(f"there is no database at {path}; name the server's with --db or database.path")
     if new:         # on standard error: the keys on standard output stay JSON for scripts
-        print(f"pausepoint: there was no database at {path}: a new one is made for this developer (if the"
-              " server's is elsewhere, name it with --db or database.path)", file=sys.stderr)
+        print(f"pausepoint: there was no database at {os.path.abspath(path)}: a new one is made for this"
+              " developer (if the server's is elsewhere, name it with --db or database.path)", file=sys.stderr)
 
 
 def run_command(args, config):

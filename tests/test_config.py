@@ -57,6 +57,7 @@ def test_file_then_environment_then_flags_overlay_the_defaults(tmp_path):
     ("[server]\nbase_url = 'https://example.org/pausepoint'\n", {},
      "server.base_url must be empty or an http:// or https:// address with no path"),
     ("", {"PAUSEPOINT_SERVER_BASE_URL": "https://example.org/?x=1"}, "server.base_url must be empty"),
+    ("[server]\nbase_url = 'HTTPS://example.org'\n", {}, "server.base_url must begin http:// or https:// in lower case"),
     ("[plans.team]\nmonthly_pauses = -1\n", {}, "plans.team.monthly_pauses"),
     ("", {"PAUSEPOINT_SERVER_THREADS": "many"}, "server.threads must be a whole number"),
     ("", {"PAUSEPOINT_SERVER_THREADS": "12.5"}, "server.threads must be a whole number"),

@@ -56,6 +56,16 @@ def test_the_start_logs_where_it_listens_and_the_public_url_behind_a_proxy(spawn
             in server.output()), server.output()
 
 
+def test_the_start_logs_where_its_metrics_are_served(spawn_server, tmp_path):
+    port = free_port()
+    apart = spawn_server(env={"PAUSEPOINT_METRICS_ENABLED": "true", "PAUSEPOINT_METRICS_LISTEN": f"127.0.0.1:{port}"})
+    assert f"pausepoint.db); metrics at http://127.0.0.1:{port}/metrics\n" in apart.output(), apart.output()
+    assert requests.get(f"http://127.0.0.1:{port}/metrics").status_code == 200
+    along = spawn_server(env={"PAUSEPOINT_METRICS_ENABLED": "true", "PAUSEPOINT_METRICS_LISTEN": ""},
+                         db_path=tmp_path / "second.db")
+    assert "second.db); metrics at /metrics on this address\n" in along.output(), along.output()
+
+
 def limit_file_size():
     """What a quota or `ulimit -f` does to the server's files: a write past 2 MiB is refused
     (EFBIG; EDQUOT for a quota), which SQLite reports only as a "disk I/O error"."""
@@ -487,9 +497,10 @@ def test_the_operator_adds_developers_when_registration_is_closed(spawn_server, 
 
 def test_a_developer_made_where_there_was_no_database_is_said_to_be_in_a_new_one(tmp_path):
     """A mistyped --db would otherwise print keys that work on no server."""
-    result = run_cli(tmp_path, "--db", str(tmp_path / "mistyped.db"), "create-developer", "--email", "a@example.com",
+    result = run_cli(tmp_path, "--db", "mistyped.db", "create-developer", "--email", "a@example.com",
                      "--name", "Ada", "--password-stdin", stdin=PASSWORD)
     assert result.returncode == 0 and json.loads(result.stdout)["api_key"].startswith("pp_live_")
+    # Named in full: run from another directory than the server's, "pausepoint.db" alone says nothing.
     assert f"there was no database at {tmp_path / 'mistyped.db'}: a new one is made" in result.stderr
 
 
