@@ -3019,6 +3019,33 @@ ASKED_LATELY = (
               f"   AND pause_decided_at {decided})" for decided in ("IS NULL", "> :week_ago")))
 
 
+# The number's live pause decided in the last week with a code (its first person's, or a later
+# one's in a team): a late reply naming it is told how it ended, not that no request has its
+# code, which reads as if the question had been lost. Codes stay theirs that week (new_reply_code()).
+DECIDED_WITH_CODE = (
+    "SELECT status, choice, message FROM pauses INDEXED BY pauses_recent_reply_codes WHERE recipient = :number"
+    " AND livemode = 1 AND iif(livemode, '', developer_id) = '' AND reply_code = :code AND decided_at > :week_ago"
+    " UNION ALL SELECT p.status, p.choice, p.message FROM pause_recipients r CROSS JOIN pauses p ON p.id = r.pause_id"
+    " WHERE r.recipient = :number AND r.livemode = 1 AND iif(r.livemode, '', r.developer_id) = '' AND r.position > 0"
+    " AND r.reply_code = :code AND r.pause_decided_at > :week_ago LIMIT 1")
+
+
+def answered_already(conn, number, code, voted):
+    """What a reply naming `code`, of no open request to the number, is told when the code is
+    of one it voted on (`voted`, still open for others' votes) or of one decided lately; else None."""
+    vote = next((p for p in voted if p["reply_code"] == code), None)
+    if vote is not None:
+        return f"PausePoint: your answer to {code} was recorded already: {vote['vote']['choice']}."
+    closed = query_db(conn, DECIDED_WITH_CODE, {"number": number, "code": code, "week_ago": db_time(
+        utcnow() - REPLY_CODE_QUARANTINE)}, one=True)
+    if closed is None:
+        return None
+    choice = closed["choice"]
+    outcome = {"responded": f"answered {choice}", "cancelled": "cancelled by its sender",
+               "timed_out": f"timed out to {choice}" if choice else "timed out"}[closed["status"]]
+    return f"PausePoint: {code} is closed, {outcome}: \"{shorten(closed['message'])}\"."
+
+
 def record_sms_reply(conn, config, sender, text, message_sid):
     """An SMS or WhatsApp reply; returns the text to send back, or None for none.
 
@@ -3045,6 +3072,10 @@ def record_sms_reply(conn, config, sender, text, message_sid):
             ASKED_ON_NUMBER, {"number": number, "channel": channel})]
         pending = [person for person in asked if person["reached"] and person["expires_at"] > now
                    and not person.get("vote")]
+        answered = code is not None and not any(p["reply_code"] == code for p in pending) and answered_already(
+            conn, number, code, [p for p in asked if p.get("vote")])
+        if answered:
+            return answered + (" " + open_codes(pending) if pending else "")
         if not pending:
             asked_lately = query_db(conn, ASKED_LATELY, {"number": number, "week_ago": db_time(
                 utcnow() - REPLY_CODE_QUARANTINE)}, one=True)[0]

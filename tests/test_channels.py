@@ -1550,3 +1550,32 @@ def test_a_number_that_texted_stop_is_said_to_have_unsubscribed_when_its_texts_f
     assert notification["last_error"].startswith("Twilio answered HTTP 400 (error 21610): Unable to create record:"
                                                  " Attempt to send to unsubscribed recipient; the person texted STOP")
     assert notification["last_error"].endswith("until they text START")
+
+
+def test_a_late_reply_naming_a_closed_request_is_told_how_it_ended(sms_setup):
+    """'No open request has the code K5' read as if the question had been lost: the person
+    may then answer another thinking theirs vanished."""
+    api, config, keys = sms_setup
+    key = keys["api_key"]
+    answered = api.create_pause(key, message="Wire $340 to Acme?")
+    answered_code = reply_code(api, key, answered)
+    inbound(api, config, f"{answered_code} 1")
+    assert inbound(api, config, f"{answered_code} 2").text.endswith(
+        f"<Message>PausePoint: {answered_code} is closed, answered Approve: \"Wire $340 to Acme?\".</Message></Response>")
+    assert api.pause(key, answered["pause_id"])["choice"] == "Approve"           # the late 2 changed nothing
+    cancelled = api.create_pause(key, message="Delete the logs?")
+    cancelled_code = reply_code(api, key, cancelled)
+    api.post(f"/v1/pause/{cancelled['pause_id']}/cancel", headers=api.as_key(key))
+    timed_out = api.create_pause(key, message="Restart the cluster?")
+    timed_out_code = reply_code(api, key, timed_out)
+    run_out(config, timed_out["pause_id"])
+    api.step("timeouts")
+    still_open = api.create_pause(key, message="Order lunch?")
+    open_code = reply_code(api, key, still_open)
+    said = inbound(api, config, f"{cancelled_code} 1").text
+    assert f"{cancelled_code} is closed, cancelled by its sender: \"Delete the logs?\". E.g. {open_code} 1." in said
+    assert f"{timed_out_code} is closed, timed out to Reject" in inbound(api, config, f"{timed_out_code} yes").text
+    assert api.pause(key, still_open["pause_id"])["status"] == "pending"
+    stored(config, "UPDATE pauses SET decided_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-8 days')"
+                   " WHERE id = ?", answered["pause_id"])                          # its code is free again by now
+    assert f"no open request has the code {answered_code}" in inbound(api, config, f"{answered_code} 1").text
