@@ -5503,16 +5503,23 @@ class Signer:
 
 def latest_receipt_kid(database_path):
     """The kid that signed the database's latest receipt, or None when it holds none (read
-    before any migration: a database from before receipts holds none). Newest first, so a
-    busy database answers from its last few decisions."""
+    before any migration: a database from before receipts holds none). Latest as decided, not
+    as asked: a pause asked before a rotation may be decided after it, with the new key, while
+    the newest pause was decided before it. A decision's audit event is written with its receipt,
+    so the log, newest first, answers from a busy database's last few events (a test pause's
+    events may be pruned before the pause: then the newest pause with one)."""
     db = sqlite3.connect(database_path)
     try:
-        row = db.execute("SELECT receipt FROM pauses WHERE receipt IS NOT NULL ORDER BY seq DESC LIMIT 1").fetchone()
+        receipt = db.execute("SELECT coalesce((SELECT p.receipt FROM audit_events a CROSS JOIN pauses p"
+                             " ON p.id = a.pause_id WHERE a.event_type IN ('pause.responded', 'pause.timed_out',"
+                             " 'pause.cancelled') AND p.receipt IS NOT NULL ORDER BY a.seq DESC LIMIT 1),"
+                             " (SELECT receipt FROM pauses WHERE receipt IS NOT NULL ORDER BY seq DESC LIMIT 1))"
+                             ).fetchone()[0]
     except sqlite3.OperationalError:
         return None
     finally:
         db.close()
-    return row and json.loads(base64.urlsafe_b64decode(row[0].split(".")[0] + "==")).get("kid")
+    return receipt and json.loads(base64.urlsafe_b64decode(receipt.split(".")[0] + "==")).get("kid")
 
 
 def new_signing_key():

@@ -493,3 +493,22 @@ def test_a_rotation_in_a_directory_it_may_not_write_says_why_in_one_sentence(run
             assert f.read() == before
     assert capsys.readouterr().err == (f"pausepoint: the signing keys file {keys} was not rotated: {keys}.lock:"
                                        " Read-only file system\n")
+
+
+def test_a_keys_file_from_before_a_rotation_is_refused_though_an_older_pause_was_decided_since(running_api):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    asked_first, asked_later = api.create_pause(key), api.create_pause(key)
+    api.post(f"/v1/pause/{asked_later['pause_id']}/cancel", headers=api.as_key(key))
+    path = pausepoint.signing_keys_path(api.config["database.path"])
+    with open(path, encoding="utf-8") as f:
+        before_rotation = f.read()
+    assert pausepoint.main(["--db", api.config["database.path"], "rotate-signing-key"]) == 0
+    # The pause asked first is decided last, with the new key: the database's latest receipt.
+    api.post(f"/v1/pause/{asked_first['pause_id']}/cancel", headers=api.as_key(key))
+    newest = jwt.get_unverified_header(api.pause(key, asked_first["pause_id"])["receipt"])["kid"]
+    api.app.runtime.stop()
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(before_rotation)                        # a backup of the keys made before the rotation
+    with pytest.raises(pausepoint.ConfigError, match=f"does not hold the key {newest} that signed"):
+        pausepoint.create_app(api.config)
