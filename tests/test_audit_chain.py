@@ -541,3 +541,29 @@ def test_verify_audit_never_reads_the_file_alone_of_a_database_with_a_write_ahea
         f"pausepoint: cannot use the database {seen}: unable to open database file; reading it needs {seen}-shm,"
         " which only a server that has it open, or a user who may write to its directory, provides: copy it"
         " somewhere writable\n")
+
+
+def test_a_window_of_a_log_chained_on_upgrade_is_an_unbroken_stretch_though_its_older_times_went_back(
+        running_api, tmp_path):
+    old = str(tmp_path / "old.db")
+    db = make_database(old, "schema_v10.sql", 10)
+    db.execute("INSERT INTO developers (id, email, name, password_hash, created_at)"
+               " VALUES ('dev_1', 'a@example.com', 'A', 'x', '2026-01-01T00:00:00.000Z')")
+    # An older release stamped a create with the time it read before it waited for the write lock.
+    db.executemany("INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, data)"
+                   " VALUES ('dev_1', 1, ?, 'system', ?, '{}')",
+                   [("2026-11-29T12:00:00.500Z", "first"), ("2026-11-29T12:00:00.100Z", "late"),
+                    ("2026-11-29T12:00:00.700Z", "third"), ("2026-11-29T12:00:00.900Z", "fourth")])
+    db.commit()
+    db.close()
+    api = running_api(**{"database.path": old})
+    conn = api.app.runtime.db()
+    with pausepoint.transaction(conn):
+        key = pausepoint.issue_key(conn, "dev_1", 1)
+    for window, expected in (({"since": "2026-11-29T12:00:00.300Z"}, ["first", "late", "third", "fourth"]),
+                             ({"until": "2026-11-29T12:00:00.300Z"}, []),
+                             ({"until": "2026-11-29T12:00:00.600Z"}, ["first", "late"]),
+                             ({"since": "2026-11-29T12:00:00.600Z", "until": "2026-11-29T12:00:00.800Z"}, ["third"])):
+        path = export(api, key, tmp_path, **window)
+        assert [json.loads(line)["event_type"] for line in open(path, encoding="utf-8")] == expected, window
+        assert verify_audit_export(path) == len(expected)
