@@ -427,7 +427,11 @@ def verify_audit_export(path, head=None):
     previous, checked, starts_chain, reached = None, 0, False, head is None or empty_head
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
-            event = json.loads(line)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                # The server writes whole lines: a part of one is an export whose download was cut off.
+                raise AuditChainBroken(f"line {number} is not a whole event: the export was cut short") from None
             where = f"{event.get('id')} (line {number})"
             # Compared as JSON text: as Python values 1, 1.0 and true are equal, and a reader of data would
             # take one for another.

@@ -567,3 +567,17 @@ def test_a_window_of_a_log_chained_on_upgrade_is_an_unbroken_stretch_though_its_
         path = export(api, key, tmp_path, **window)
         assert [json.loads(line)["event_type"] for line in open(path, encoding="utf-8")] == expected, window
         assert verify_audit_export(path) == len(expected)
+
+
+def test_an_export_cut_short_in_the_middle_of_an_event_is_named_as_broken(logged, tmp_path):
+    api, key = logged
+    noted = api.get("/v1/audit/head", headers=api.as_key(key)).json
+    path = export(api, key, tmp_path)
+    with open(path, "rb") as f:
+        whole = f.read()
+    with open(path, "wb") as f:
+        f.write(whole[:len(whole) - 40])              # the connection dropped inside the last event
+    with pytest.raises(AuditChainBroken, match="line 6 is not a whole event: the export was cut short"):
+        verify_audit_export(path, head=noted)
+    with pytest.raises(AuditChainBroken, match="line 6 is not a whole event: the export was cut short"):
+        verify_audit_export(path)
