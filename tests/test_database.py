@@ -187,7 +187,7 @@ def test_a_database_from_before_test_codes_were_each_developers_own_migrates_to_
 
 
 def test_a_nested_transaction_raises_instead_of_waiting_on_itself(tmp_path):
-    conn = pausepoint.connect(str(tmp_path / "t.db"), threading.Lock())
+    conn = pausepoint.connect(str(tmp_path / "t.db"), pausepoint.FairLock())
     pausepoint.migrate(conn)
     with pausepoint.transaction(conn):
         with pytest.raises(RuntimeError, match="inside a transaction"):
@@ -494,6 +494,27 @@ def test_the_write_lock_goes_to_waiters_in_the_order_they_asked():
     for writer in writers:
         writer.join()
     assert order == ["create", "respond", "cancel", "the job's next batch"] and not lock.locked()
+
+
+def test_one_address_flooding_creates_holds_another_developers_create_back_one_write_at_most(running_api):
+    flood = running_api(remote_addr="198.51.100.1")
+    other = Api(flood.app, extra_environ={"REMOTE_ADDR": "203.0.113.7"})
+    flooder, victim = flood.register("flood@example.com")["test_api_key"], other.register()["test_api_key"]
+    lock, creates = flood.app.runtime.write_lock, []
+
+    def create(api, key, message):
+        creates.append(threading.Thread(target=api.create_pause, args=(key,), kwargs={"message": message}))
+        creates[-1].start()
+        wait_until(lambda: lock.waiting() == len(creates))
+
+    with lock:                                          # a write is under way
+        for n in range(5):
+            create(flood, flooder, f"flood {n}")
+        create(other, victim, "the other developer's")
+    for thread in creates:
+        thread.join(10)
+    written = [message for (message,) in stored(flood.config, "SELECT message FROM pauses ORDER BY rowid")]
+    assert len(written) == 6 and written.index("the other developer's") <= 1      # not behind the flood's five
 
 
 def test_a_writer_interrupted_while_waiting_for_the_lock_does_not_take_it_with_it(running_api):
