@@ -852,6 +852,24 @@ class Turns:
                 self._mine.address = None
                 self.give()
 
+    def each_in_turn(self, chunks, address):
+        """Each of `chunks` made in a turn of `address`'s, given back between them. A
+        download's body is made after its handler returns, while waitress writes it out:
+        without turns, 32 audit exports at once from one address made another
+        developer's create take 293 ms at the median instead of 5."""
+        chunks = iter(chunks)
+        try:
+            while True:
+                with self.taken(address):
+                    chunk = next(chunks, None)
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:       # a client that went away: the reads stop here
+                close()
+
     @contextlib.contextmanager
     def given_up(self):
         """The block runs without this thread's turn, if it held one, given whose turn it was (or None)."""
@@ -8142,9 +8160,12 @@ class Handlers:
             started, answered = bottle.request.environ.get("pausepoint.started") or time.monotonic(), True
             if not spec.page:       # API keys, webhook secrets, respond links: for the caller only, kept nowhere
                 bottle.response.set_header("Cache-Control", "no-store")
+            address = limited_as(bottle.request.environ.get("REMOTE_ADDR", ""))
             try:
-                with self.rt.turns.taken(limited_as(bottle.request.environ.get("REMOTE_ADDR", ""))):
+                with self.rt.turns.taken(address):
                     answer = callback(**path, **self.given(spec, wanted, schema, validators))
+                if isinstance(answer, bottle.HTTPResponse) and inspect.isgenerator(answer.body):
+                    answer.body = self.rt.turns.each_in_turn(answer.body, address)     # a download
             except ApiError as e:
                 return error_response(e, spec.page)
             except Parked:

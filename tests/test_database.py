@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+import webtest
 
 from conftest import PASSWORD, QUESTION, WIRE, Api, make_config, run_cli, stored, token_of, wait_until
 import pausepoint
@@ -725,6 +726,41 @@ def test_every_request_waits_for_a_turn_when_all_are_taken(running_api):
         release.set()
     listing.join(10)
     assert not listing.is_alive() and turns.waiting() == 0
+
+
+def test_a_download_is_written_out_in_turns_like_any_other_request(running_api):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    for _ in range(40):                                         # an export of several chunks
+        api.create_pause(key)
+    turns, taken, release = api.app.runtime.turns, threading.Semaphore(0), threading.Event()
+    environ = webtest.TestRequest.blank("/v1/audit/export", headers=api.as_key(key),
+                                        environ={"REMOTE_ADDR": "198.51.100.1"}).environ
+    body = iter(api.app(environ, lambda status, headers, exc_info=None: None))
+    chunks = [next(body)]                                       # its first chunk, made as the answer began
+
+    def hold_a_turn():
+        with turns.taken("203.0.113.7"):
+            taken.release()
+            release.wait(10)
+
+    def release_once_the_download_waits():
+        while not release.is_set():
+            if turns.waiting("198.51.100.1") == 1:
+                waited.append(True)
+                release.set()
+            time.sleep(0.01)
+
+    waited = []
+    for _ in range(turns.size):
+        threading.Thread(target=hold_a_turn).start()
+        assert taken.acquire(timeout=10)
+    threading.Thread(target=release_once_the_download_waits).start()
+    try:
+        chunks.extend(body)                                     # written out on the thread that began it
+    finally:
+        release.set()
+    assert waited and b"".join(chunks).count(b'"event_type":"pause.created"') == 40     # it waited for a turn
 
 
 def test_a_checkpoint_held_back_by_a_reader_leaves_the_write_lock_alone(running_api):
