@@ -7330,9 +7330,14 @@ def export_audit(rt, caller, query):
         # the events between the two times, as times never go back along a chain; but a log from
         # before the chain, chained on upgrade, may hold times that do (an older release stamped
         # a create before it waited for the write lock), and filtering those by time left gaps.
-        first, end = (first_event_at(rt.db(), caller, moment) for moment in (since, until))
-        return audit_events_in_order(rt.db(), "developer_id = ? AND livemode = ? AND seq >= ? AND seq < ?",
-                                     (caller.developer_id, caller.livemode, first or SEQ_BEYOND, end or SEQ_BEYOND))
+        # The end is found as the chain is read, not looked up first: with `until` still to come,
+        # none is there yet, and the events written after it while the export is read are not its.
+        first = first_event_at(rt.db(), caller, since)
+        for row in audit_events_in_order(rt.db(), "developer_id = ? AND livemode = ? AND seq >= ?",
+                                         (caller.developer_id, caller.livemode, first or SEQ_BEYOND)):
+            if row["timestamp"] >= until:
+                return
+            yield row
 
     if query["format"] == "csv":
         def lines():
@@ -7358,8 +7363,6 @@ def export_audit(rt, caller, query):
 
 def first_event_at(conn, caller, moment):
     """The seq of the caller's chain's first event at or after `moment` (stored time), or None."""
-    if moment == "9999":        # no `until`: nothing to look for
-        return None
     first = query_db(conn, "SELECT seq FROM audit_events WHERE developer_id = ? AND livemode = ? AND timestamp >= ?"
                            " ORDER BY seq LIMIT 1", (caller.developer_id, caller.livemode, moment), one=True)
     return first and first[0]

@@ -3,6 +3,7 @@ by the server's verify-audit command and by the client's check of an export."""
 
 import ast
 import contextlib
+import datetime as dt
 import hashlib
 import io
 import itertools
@@ -16,8 +17,9 @@ import sys
 import threading
 
 import pytest
+import webtest
 
-from conftest import QUESTION, ROOT, WIRE, free_port, mounted, read_only_view, run_cli, stored, token_of
+from conftest import QUESTION, ROOT, WIRE, free_port, mounted, read_only_view, run_cli, stored, token_of, wait_until
 from test_database import make_database
 import pausepoint
 
@@ -581,3 +583,21 @@ def test_an_export_cut_short_in_the_middle_of_an_event_is_named_as_broken(logged
         verify_audit_export(path, head=noted)
     with pytest.raises(AuditChainBroken, match="line 6 is not a whole event: the export was cut short"):
         verify_audit_export(path)
+
+
+def test_an_export_until_a_moment_to_come_leaves_out_events_written_after_it_while_it_is_read(running_api):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    for _ in range(40):                                         # an export of several chunks
+        api.create_pause(key)
+    until = pausepoint.utcnow() + dt.timedelta(milliseconds=300)
+    environ = webtest.TestRequest.blank(f"/v1/audit/export?until={pausepoint.db_time(until)}", headers=api.as_key(key),
+                                        environ={"REMOTE_ADDR": "198.51.100.1"}).environ
+    body = iter(api.app(environ, lambda status, headers, exc_info=None: None))
+    chunks = [next(body)]                                       # the export has begun: its window is set
+    wait_until(lambda: pausepoint.utcnow() > until, timeout=5)
+    late = api.create_pause(key, message="Asked after the window closed?")
+    chunks.extend(body)
+    events = [json.loads(line) for line in b"".join(chunks).decode().splitlines()]
+    assert late["pause_id"] not in {event["pause_id"] for event in events}
+    assert len(events) == 40 and all(event["timestamp"] < pausepoint.db_time(until) for event in events)
