@@ -5545,20 +5545,26 @@ class Signer:
                           "alg": "EdDSA"} for key in self.keys if "lost_at" not in key]}
 
 
+RECEIPT_LOOKBACK = 10_000       # audit events read for the latest decision: about 5 ms
+
+
 def latest_receipt_kid(database_path):
     """The kid that signed the database's latest receipt, or None when it holds none (read
     before any migration: a database from before receipts holds none). Latest as decided, not
     as asked: a pause asked before a rotation may be decided after it, with the new key, while
     the newest pause was decided before it. A decision's audit event is written with its receipt,
-    so the log, newest first, answers from a busy database's last few events (a test pause's
-    events may be pruned before the pause: then the newest pause with one)."""
+    so the log, newest first, answers from a busy database's last few events. It reads at most
+    RECEIPT_LOOKBACK of them, so a start never reads a whole log that has no decision lately
+    (20M events took 3 s); beyond them (or where a test pause's events were pruned before the
+    pause), the newest pause with a receipt."""
     db = sqlite3.connect(database_path)
     try:
-        receipt = db.execute("SELECT coalesce((SELECT p.receipt FROM audit_events a CROSS JOIN pauses p"
-                             " ON p.id = a.pause_id WHERE a.event_type IN ('pause.responded', 'pause.timed_out',"
-                             " 'pause.cancelled') AND p.receipt IS NOT NULL ORDER BY a.seq DESC LIMIT 1),"
-                             " (SELECT receipt FROM pauses WHERE receipt IS NOT NULL ORDER BY seq DESC LIMIT 1))"
-                             ).fetchone()[0]
+        receipt = db.execute("SELECT coalesce((SELECT p.receipt FROM (SELECT seq, pause_id, event_type"
+                             " FROM audit_events ORDER BY seq DESC LIMIT ?) a CROSS JOIN pauses p ON p.id = a.pause_id"
+                             " WHERE a.event_type IN ('pause.responded', 'pause.timed_out', 'pause.cancelled')"
+                             " AND p.receipt IS NOT NULL ORDER BY a.seq DESC LIMIT 1),"
+                             " (SELECT receipt FROM pauses WHERE receipt IS NOT NULL ORDER BY seq DESC LIMIT 1))",
+                             (RECEIPT_LOOKBACK,)).fetchone()[0]
     except sqlite3.OperationalError:
         return None
     finally:
