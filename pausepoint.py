@@ -7832,12 +7832,17 @@ def pauses_page(rt, session, query):
     return dashboard_page(rt, "pauses", session, page=page, status_filter=query["status"])
 
 
+# A pause's page shows its latest events; one with more (a team's many openings and reminders)
+# says so and links to its whole history in the audit log.
+TIMELINE_EVENTS = 200
+
+
 def pause_page(rt, session, pause_id):
     """One pause: what was asked, of whom, what happened, and its timeline."""
     pause = owned_pause(rt.db(), session.caller, pause_id)
-    events, _ = audit_page(rt.db(), session.caller, pause_id=pause["id"], limit=200)
+    events, earlier = audit_page(rt.db(), session.caller, pause_id=pause["id"], limit=TIMELINE_EVENTS)
     return dashboard_page(rt, "pause", session, pause=json.loads(pause_json(rt.db(), rt.config, pause["id"])),
-                          timeline=[audit_event_json(row) for row in reversed(events)],
+                          timeline=[audit_event_json(row) for row in reversed(events)], earlier=bool(earlier),
                           expired=pause["expires_at"] <= db_time())     # (its timeout then decides: no cancel)
 
 

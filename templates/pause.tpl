@@ -67,6 +67,9 @@
 </details>
 % end
 <h2>Timeline</h2>
+% if earlier:
+<p class="muted" id="timeline-earlier">Only its latest events are shown here: its whole history is in the <a href="/dashboard/audit?pause_id={{pause['pause_id']}}">audit log</a>.</p>
+% end
 <ol class="timeline" id="timeline">
 % for event in timeline:
   <li><time>{{event['timestamp']}}</time> <strong>{{event['event_type']}}</strong> <span class="muted">by {{event['actor']}}</span></li>

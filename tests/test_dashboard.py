@@ -1109,3 +1109,20 @@ def test_with_hashing_busy_a_bad_new_password_is_refused_at_once_and_a_good_one_
     assert busy.status_code == 503 and busy.headers["Retry-After"]
     hashing.give()
     password_changed(api)
+
+
+def test_a_pause_with_more_events_than_its_page_shows_says_so_and_links_to_them_all(running_api):
+    api = running_api()
+    _, keys = sign_up(api)
+    busy, quiet = (api.create_pause(keys["test"])["pause_id"] for _ in range(2))
+    stored(api.config, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+                       " INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data,"
+                       " prev_hash, hash) SELECT developer_id, livemode, timestamp, 'system', 'respond_page.opened',"
+                       " pause_id, data, prev_hash, hash FROM audit_events, n WHERE pause_id = ?",
+           pausepoint.TIMELINE_EVENTS, busy)              # as many openings as the page shows events
+    page = api.get(f"/dashboard/pauses/{busy}")
+    shown = timeline(page)
+    assert len(shown) == pausepoint.TIMELINE_EVENTS and "pause.created" not in shown
+    assert page.html.select_one("#timeline-earlier a")["href"] == f"/dashboard/audit?pause_id={busy}"
+    assert api.get(page.html.select_one("#timeline-earlier a")["href"]).status_code == 200
+    assert api.get(f"/dashboard/pauses/{quiet}").html.select_one("#timeline-earlier") is None
