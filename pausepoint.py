@@ -9594,19 +9594,20 @@ def verify_audit(path):
 
 def whole_in_its_file(path):
     """Whether the database at `path` can be read without SQLite's shared wal-index (the -shm
-    file), in a directory this user may not write, where a first reader could not make one:
-    when it has no write-ahead log (nor a rollback journal), nothing is waiting to be copied
-    into the file and no connection has it open (a backup, or a copy a stopped server left),
-    so the file is all of it. Then the file's state (inode, size, times), to compare after a
-    read as immutable, which takes no locks and looks for no -shm; else None. Looked for
-    beside the file itself, where SQLite keeps them, whatever link names it; a file with
-    other names (hard links) may have its log beside one of those."""
+    file), which a first reader makes beside it (and cannot, in a directory this user may not
+    write) and a reader that may not write leaves there, with an empty -wal: when it has no
+    write-ahead log (nor a rollback journal), nothing is waiting to be copied into the file
+    and no connection has it open (a backup, or a copy a stopped server left), so the file is
+    all of it. Then the file's state (inode, size, times), to compare after a read as
+    immutable, which takes no locks and looks for no -shm; else None. Looked for beside the
+    file itself, where SQLite keeps them, whatever link names it; a file with other names
+    (hard links) may have its log beside one of those."""
     real = os.path.realpath(path)
     try:
         found = os.stat(real)
     except OSError:
         return None
-    if not stat.S_ISREG(found.st_mode) or found.st_nlink > 1 or os.access(os.path.dirname(real), os.W_OK):
+    if not stat.S_ISREG(found.st_mode) or found.st_nlink > 1:
         return None
     if any(os.path.lexists(real + suffix) for suffix in BESIDE_A_DATABASE):
         return None

@@ -601,3 +601,15 @@ def test_an_export_until_a_moment_to_come_leaves_out_events_written_after_it_whi
     events = [json.loads(line) for line in b"".join(chunks).decode().splitlines()]
     assert late["pause_id"] not in {event["pause_id"] for event in events}
     assert len(events) == 40 and all(event["timestamp"] < pausepoint.db_time(until) for event in events)
+
+
+def test_verify_audit_leaves_nothing_beside_a_backup_it_checks(logged, tmp_path, capsys):
+    """Backups kept on storage that keeps every file once written would keep an empty -wal and
+    -shm beside each one checked: a database with no log, open nowhere, is read as its file."""
+    backup = str(tmp_path / "copy.db")
+    assert pausepoint.main(["--db", logged[0].config["database.path"], "backup", backup]) == 0
+    capsys.readouterr()
+    assert pausepoint.main(["--db", backup, "verify-audit"]) == 0
+    assert "every audit chain holds: 12 events in 2 chains" in capsys.readouterr().out
+    assert sorted(name for name in os.listdir(tmp_path) if name.startswith("copy.db")) == ["copy.db",
+                                                                                         "copy.db.keys.json"]
