@@ -83,21 +83,24 @@ def test_a_cancelled_pause_cannot_be_answered(api, developer):
     assert "cancelled" in api.post_json(respond_path(created), {"choice": "Approve"}, status=409).json["error"]["message"]
 
 
-def test_an_expired_pause_is_410_even_before_the_timeout_job_runs(running_api):
-    api = running_api()           # the pause stays 'pending' in the database, but past expires_at
+def run_out_before_the_timeout_job(running_api):
+    """(api, key, a pause past its expiry): still 'pending' in the database until the job runs."""
+    api = running_api()
     key = api.register()["test_api_key"]
     created = api.create_pause(key)
     run_out(api.config, created["pause_id"])
+    return api, key, created
+
+
+def test_an_expired_pause_is_410_even_before_the_timeout_job_runs(running_api):
+    api, key, created = run_out_before_the_timeout_job(running_api)
     error = api.post_json(respond_path(created), {"choice": "Approve"}, status=410).json["error"]
     assert error["code"] == "expired" and "'Reject'" in error["message"]
     assert api.pause(key, created["pause_id"])["status"] == "pending"
 
 
 def test_the_page_of_a_pause_past_its_expiry_offers_no_options_before_the_timeout_job_runs(running_api):
-    api = running_api()
-    key = api.register()["test_api_key"]
-    created = api.create_pause(key)
-    run_out(api.config, created["pause_id"])
+    api, key, created = run_out_before_the_timeout_job(running_api)
     page = api.get(respond_path(created, page=True))
     assert not page.html.select("button[name=choice]") and "left)" not in page.text
     assert "This request expired at" in page.text and "The default <strong>Reject</strong> was applied." in page.text
@@ -105,10 +108,7 @@ def test_the_page_of_a_pause_past_its_expiry_offers_no_options_before_the_timeou
 
 
 def test_the_links_json_reads_a_pause_past_its_expiry_as_timed_out_before_the_timeout_job_runs(running_api):
-    api = running_api()
-    key = api.register()["test_api_key"]
-    created = api.create_pause(key)
-    run_out(api.config, created["pause_id"])
+    api, key, created = run_out_before_the_timeout_job(running_api)
     # What the page says, and what an answer would be told (410): not "pending", inviting one.
     facts = api.get(respond_path(created)).json
     assert (facts["status"], facts["choice"]) == ("timed_out", "Reject")
