@@ -767,6 +767,13 @@ MIGRATIONS = [
     (19, "CREATE TABLE event_feed_pruned (developer_id TEXT NOT NULL REFERENCES developers(id),"
          " livemode INTEGER NOT NULL CHECK (livemode IN (0, 1)), through_rowid INTEGER NOT NULL,"
          " PRIMARY KEY (developer_id, livemode)) WITHOUT ROWID;"),
+    # Live pauses are counted per month as they are made (schema.sql), from the ones made so far.
+    (20, """
+        CREATE TABLE monthly_usage (developer_id TEXT NOT NULL REFERENCES developers(id), month TEXT NOT NULL,
+            live_pauses INTEGER NOT NULL, PRIMARY KEY (developer_id, month)) WITHOUT ROWID;
+        INSERT INTO monthly_usage SELECT developer_id, substr(created_at, 1, 7), count(*) FROM pauses
+            WHERE livemode = 1 GROUP BY developer_id, substr(created_at, 1, 7);
+    """),
 ]
 
 
@@ -1894,13 +1901,14 @@ def set_operator(conn, email, is_operator):
 
 def developers_with_usage(conn, limit, cursor, now=None):
     """Developers, newest first, with their live and test pauses this month: (rows, next_cursor)."""
-    month = db_time(month_start(now or utcnow()))
+    now = now or utcnow()
     return newest_first(conn, "SELECT rowid AS seq, id, email, name, plan, is_operator, created_at,"
-                              " (SELECT count(*) FROM pauses p WHERE p.developer_id = d.id AND p.livemode = 1"
-                              "  AND p.created_at >= :month) AS live_this_month,"
+                              " coalesce((SELECT live_pauses FROM monthly_usage u WHERE u.developer_id = d.id"
+                              "  AND u.month = :usage_month), 0) AS live_this_month,"
                               " (SELECT count(*) FROM pauses p WHERE p.developer_id = d.id AND p.livemode = 0"
                               "  AND p.created_at >= :month) AS test_this_month"
-                              " FROM developers d WHERE 1", {"month": month}, limit, cursor)
+                              " FROM developers d WHERE 1",
+                        {"month": db_time(month_start(now)), "usage_month": usage_month(now)}, limit, cursor)
 
 
 ###############################################################################
@@ -2448,7 +2456,7 @@ def create_pause(conn, config, caller, body, idempotency_key, limiter, wal):
         require_room(short_of_room)     # after the replay: a client whose answer was lost still learns its pause
         # Live pauses are bounded by the plan's quota, test pauses otherwise; replays by neither.
         if caller.livemode:
-            check_quota(conn, config, caller, now)
+            spend_quota(conn, config, caller, now)
         else:
             check_test_allowance(conn, config, caller, limiter)
         # SMS and WhatsApp replies name their pause by a code, unique among the number's pending pauses.
@@ -2640,7 +2648,9 @@ def earlier_idempotent_pause(conn, caller, key, fingerprint, now):
     return pause_by_id(conn, row["pause_id"])
 
 
-def check_quota(conn, config, caller, now):
+def spend_quota(conn, config, caller, now):
+    """Count one more live pause this month for the caller, or refuse it: 429 once its
+    plan's are used. Inside the create's transaction, so a create that fails counts none."""
     allowed = plans(config).get(caller.plan)
     if allowed is None:
         raise ApiError(403, "unknown_plan", f"your plan {caller.plan!r} is not configured on this server; ask the operator")
@@ -2650,6 +2660,8 @@ def check_quota(conn, config, caller, now):
                        f"the {caller.plan} plan allows {allowed} live pause{'' if allowed == 1 else 's'} per month"
                        " and this month's are used;"
                        " test keys are not counted, and the operator can change your plan")
+    conn.execute("INSERT INTO monthly_usage VALUES (?, ?, 1)"
+                 " ON CONFLICT DO UPDATE SET live_pauses = live_pauses + 1", (caller.developer_id, usage_month(now)))
 
 
 def check_test_allowance(conn, config, caller, limiter=None):
@@ -2672,8 +2684,14 @@ def check_test_allowance(conn, config, caller, limiter=None):
 
 
 def live_pauses_this_month(conn, developer_id, now):
-    return query_db(conn, "SELECT count(*) FROM pauses WHERE developer_id = ? AND livemode = 1 AND created_at >= ?",
-                    (developer_id, db_time(month_start(now))), one=True)[0]
+    counted = query_db(conn, "SELECT live_pauses FROM monthly_usage WHERE developer_id = ? AND month = ?",
+                       (developer_id, usage_month(now)), one=True)
+    return counted[0] if counted else 0
+
+
+def usage_month(moment):
+    """The calendar month (UTC) a usage count is kept under: '2026-05', as db_time() begins."""
+    return db_time(moment)[:7]
 
 
 OVERVIEW_DAYS = 30

@@ -156,8 +156,18 @@ CREATE INDEX pauses_closed_by_recipient ON pauses(recipient, decided_at)
     WHERE livemode = 1 AND channel IN ('sms', 'whatsapp');
 -- Pruning: decided test-mode pauses, oldest decision first.
 CREATE INDEX pauses_decided_test ON pauses(decided_at) WHERE livemode = 0 AND status != 'pending';
--- Quota: live pauses a developer created since the start of the month.
+-- The dashboard's overview: a developer's pauses created in its last 30 days.
 CREATE INDEX pauses_by_owner_created ON pauses(developer_id, livemode, created_at);
+
+-- Live pauses each developer created in each calendar month (UTC), counted by the create
+-- that makes each one. The plan's quota is checked under the write lock on every live
+-- create: counting the month's pauses there took 21 ms at 300,000 of them, one row is a seek.
+CREATE TABLE monthly_usage (
+    developer_id     TEXT NOT NULL REFERENCES developers(id),
+    month            TEXT NOT NULL,                   -- '2026-05', as created_at begins
+    live_pauses      INTEGER NOT NULL,
+    PRIMARY KEY (developer_id, month)
+) WITHOUT ROWID;
 
 -- The people a team pause asks, one row each in the order they were asked, and each one's vote.
 -- A pause asking one person has no rows here (the pause row says whom it asks). A team pause's

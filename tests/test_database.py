@@ -187,6 +187,34 @@ def test_a_database_from_before_test_codes_were_each_developers_own_migrates_to_
         stored(old, "UPDATE pauses SET livemode = 1")
 
 
+def test_a_database_from_before_usage_was_counted_keeps_this_months_live_pauses_against_the_plan(tmp_path):
+    """Live pauses are counted per month as they are made; an older database's count starts
+    from the pauses it holds, each in the month it was made, test pauses apart."""
+    old = str(tmp_path / "pausepoint.db")
+    db = make_database(old, "schema_v16.sql", 16)
+    db.execute("INSERT INTO developers (id, email, name, password_hash, created_at)"
+               " VALUES ('dev_1', 'dev@example.com', 'A', 'x', '2026-01-01T00:00:00.000Z')")
+    live_key = "pp_live_" + "k" * 43
+    db.execute("INSERT INTO api_keys VALUES (?, 'dev_1', 1, 'pp_live_…kkkk', '2026-01-01T00:00:00.000Z', NULL)",
+               (pausepoint.key_digest(live_key),))
+    this_month = pausepoint.db_time(pausepoint.month_start(pausepoint.utcnow()))
+    for number, (livemode, created_at) in enumerate([(1, this_month), (1, this_month), (0, this_month),
+                                                     (1, "2026-01-31T23:59:59.999Z")]):
+        db.execute("INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options, status,"
+                   " respond_token, created_at, expires_at) VALUES (?, 'dev_1', ?, 'ops', 'link', 'Old?',"
+                   " '[\"Yes\",\"No\"]', 'cancelled', ?, ?, ?)",
+                   (f"psr_{number}", livemode, f"tok_{number}", created_at, created_at))
+    migrate_like_fresh(db, old, tmp_path)
+    assert sorted(stored(old, "SELECT month, live_pauses FROM monthly_usage")) == [
+        ("2026-01", 1), (this_month[:7], 2)]
+    api = Api(pausepoint.create_app(make_config(tmp_path, **{"plans.free.monthly_pauses": 3})))
+    api.create_pause(live_key, channel="link", recipient="ops")
+    refused = api.post_json("/v1/pause", {**QUESTION, "channel": "link", "recipient": "ops"},
+                            headers=api.as_key(live_key), status=429).json["error"]
+    assert refused["code"] == "quota_exceeded"
+    assert stored(old, "SELECT live_pauses FROM monthly_usage WHERE month = ?", this_month[:7]) == [(3,)]
+
+
 def test_a_nested_transaction_raises_instead_of_waiting_on_itself(tmp_path):
     conn = pausepoint.connect(str(tmp_path / "t.db"), pausepoint.FairLock())
     pausepoint.migrate(conn)
