@@ -1,4 +1,5 @@
-% rebase('dashboard.tpl', title='Audit log', here='audit')
+% # Switching mode keeps the kind of event shown: a pause and a cursor are the shown mode's alone.
+% rebase('dashboard.tpl', title='Audit log', here='audit', back='/dashboard/audit' + ('?' + urlencode({'event_type': filters['event_type']}) if filters['event_type'] else ''))
 <h1>Audit log</h1>
 <form method="get" action="/dashboard/audit" class="filters">
   <label for="event_type">Event</label>

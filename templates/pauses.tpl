@@ -1,4 +1,5 @@
-% rebase('dashboard.tpl', title='Pauses', here='pauses')
+% # Switching mode keeps the filter: a page's cursor is the shown mode's alone.
+% rebase('dashboard.tpl', title='Pauses', here='pauses', back='/dashboard/pauses' + ('?status=' + status_filter if status_filter else ''))
 <h1>Pauses</h1>
 <form method="get" action="/dashboard/pauses" class="filters">
   <label for="status">Status</label>

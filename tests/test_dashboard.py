@@ -548,6 +548,23 @@ def test_the_mode_switch_shows_live_or_test_data_never_both(running_api, twilio)
     assert "one of your test-mode pauses; switch to test data to see it" in missing.html.get_text()
 
 
+def test_the_mode_switch_keeps_a_lists_filter_but_not_its_page(running_api, twilio):
+    api = running_api(**twilio.settings())
+    _, keys = sign_up(api)
+    live_pause, _ = api.create_pause(keys["live"]), api.create_pause(keys["live"])
+    cursors = {kind: api.get(f"/v1/{kind}?limit=1", headers=api.as_key(keys["live"])).json["next_cursor"]
+               for kind in ("pause", "audit")}
+    for page, landing in ((f"/dashboard/pauses?status=pending&cursor={cursors['pause']}",
+                           "/dashboard/pauses?status=pending"),
+                          (f"/dashboard/audit?event_type=pause.created&pause_id={live_pause['pause_id']}"
+                           f"&cursor={cursors['audit']}", "/dashboard/audit?event_type=pause.created")):
+        switched = post_form(api, api.get(page), "/dashboard/mode")
+        assert switched.headers["Location"].endswith(landing)
+        post_form(api, switched.follow(), "/dashboard/mode")        # back to test data for the next page
+    listing = post_form(api, api.get("/dashboard/pauses?status=pending"), "/dashboard/mode").follow()
+    assert live_pause["pause_id"] in listing.text and listing.html.select_one("option[selected]").text == "pending"
+
+
 @pytest.mark.parametrize("path", ["/dashboard/", "/dashboard/nothing-here"])
 def test_a_mistyped_dashboard_address_is_a_page_that_leads_back_to_the_dashboard(api, path):
     page = api.get(path, status=404)
