@@ -2124,8 +2124,8 @@ def pause_fields(body, config):
     minutes = body["timeout_hours"] * 60
     people, escalations = asked_people(body, config), escalation_steps(body.get("escalation"), config, minutes)
     everyone = [*people, *((recipient, channel) for _, recipient, channel in escalations)]
-    different_people(people, "recipients")
-    different_people(everyone, "escalation")
+    different_people(people, "recipients", config)
+    different_people(everyone, "escalation", config)
     if any(channels(config)[channel].kind == "twilio" for _, channel in everyone):
         refuse_options_a_reply_misreads(options)
     if len(everyone) > MAX_PEOPLE:
@@ -2204,13 +2204,19 @@ def checked_person(person, config, where):
     return person["recipient"].strip(), person["channel"]
 
 
-def different_people(people, field):
-    """Refuse the same recipient twice: one person must not cast two votes."""
+def different_people(people, field, config):
+    """Refuse the same person twice: one person must not cast two votes. A push target is
+    one place whoever reads it reads every link sent there, whatever recipient names
+    it: two people on it would be two votes in the hands of each of its readers."""
     seen = set()
-    for recipient, _ in people:
-        if recipient.casefold() in seen:
-            raise invalid(field, f"{recipient} is asked twice; each person may be asked once")
-        seen.add(recipient.casefold())
+    for recipient, channel in people:
+        pushed = channels(config)[channel].kind == "apprise"
+        reached = ("push", channel) if pushed else recipient.casefold()
+        if reached in seen:
+            raise invalid(field, f"push target {channel!r} is asked twice; whoever reads it would hold both links,"
+                                 " so it may be asked once" if pushed
+                          else f"{recipient} is asked twice; each person may be asked once")
+        seen.add(reached)
 
 
 def declared_fields(fields, config):

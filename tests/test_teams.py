@@ -497,3 +497,20 @@ def test_in_test_mode_a_reminders_simulated_text_is_audited_as_a_reminder_as_in_
     api.step("notifications")
     simulated = audited(api, created["pause_id"], "notification.simulated")
     assert [event.get("kind") for event in simulated] == [None, "reminder"]
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"recipients": [{"recipient": "alice", "channel": "ops"}, {"recipient": "bob", "channel": "ops"}]}, "recipients"),
+    ({"recipients": [TEAM[0], {"recipient": "alice", "channel": "ops"}],
+      "escalation": [{"after_minutes": 30, "recipient": "bob", "channel": "ops"}]}, "escalation"),
+])
+def test_a_push_target_is_one_person_however_many_names_it_is_given(running_api, change, field):
+    # Each message to a push target carries its own link, and whoever reads the target reads them all.
+    api = running_api(**{"channels.ops.url": "json://127.0.0.1:9/hook"})
+    key = api.register()["test_api_key"]
+    refused = api.post_json("/v1/pause", {**TWO_APPROVALS, **change}, headers=api.as_key(key), status=422).json
+    assert refused["error"]["field"] == field and "'ops' is asked twice" in refused["error"]["message"]
+    assert stored(api.config, "SELECT count(*) FROM pauses") == [(0,)]
+    # One person on it, among others, is asked as before.
+    api.post_json("/v1/pause", {**TWO_APPROVALS, "recipients": [TEAM[0], {"recipient": "alice", "channel": "ops"}]},
+                  headers=api.as_key(key), status=201)
