@@ -7491,17 +7491,24 @@ def read_page_form(config):
     return read_form()
 
 
-def twilio_inbound(rt):
-    """An SMS or WhatsApp reply, as Twilio posts it (signed); answered in TwiML."""
+def twilio_form(rt, what):
+    """The form Twilio posted, refused with 403 unless X-Twilio-Signature signs it for this
+    server's URL; `what` names what the route takes, for a server without Twilio settings."""
     form = read_form()
     token, url = rt.config["twilio.auth_token"], base_url(rt.config) + bottle.request.fullpath
     if not token:       # nothing could be signed for this server: say so, not that the signature is wrong
-        raise ApiError(403, "twilio_not_configured", "Twilio is not configured on this server: it takes no text"
-                                                     " replies until the operator sets the twilio settings")
+        raise ApiError(403, "twilio_not_configured", f"Twilio is not configured on this server: it takes no {what}"
+                                                     " until the operator sets the twilio settings")
     if not twilio.request_validator.RequestValidator(token).validate(
             url, form, request_header("X-Twilio-Signature") or ""):
         raise ApiError(403, "bad_signature", "X-Twilio-Signature is missing or wrong for this server's"
                                              " twilio.auth_token and server.base_url")
+    return form
+
+
+def twilio_inbound(rt):
+    """An SMS or WhatsApp reply, as Twilio posts it (signed); answered in TwiML."""
+    form = twilio_form(rt, "text replies")
     reply = record_sms_reply(rt.db(), rt.config, form.get("From") or "", form.get("Body") or "", form.get("MessageSid"))
     twiml = twilio.twiml.messaging_response.MessagingResponse()
     if reply is not None:
