@@ -774,6 +774,13 @@ MIGRATIONS = [
         INSERT INTO monthly_usage SELECT developer_id, substr(created_at, 1, 7), count(*) FROM pauses
             WHERE livemode = 1 GROUP BY developer_id, substr(created_at, 1, 7);
     """),
+    # Twilio's delivery reports: what became of a text it took, found by its MessageSid (schema.sql).
+    (21, """
+        ALTER TABLE notifications ADD COLUMN delivery_status TEXT
+            CHECK (delivery_status IN ('delivered', 'read', 'undelivered', 'failed'));
+        CREATE INDEX notifications_by_provider_message_id ON notifications(provider_message_id)
+            WHERE provider_message_id IS NOT NULL;
+    """),
 ]
 
 
@@ -4318,6 +4325,13 @@ TWILIO_ERROR_HINTS = {
 }
 
 
+def delivery_reports(config):
+    """Where Twilio is to report what became of a text (twilio_status()): Twilio takes a text
+    and may fail to deliver it later. Only to server.base_url: the address made up without it
+    is one Twilio cannot reach, nor sign for as it is checked."""
+    return {"status_callback": base_url(config) + TWILIO_STATUS_PATH} if config["server.base_url"] else {}
+
+
 def send_twilio(config, notification, pause, deadline):
     """One SMS or WhatsApp message through the Twilio REST API (or a compatible one at twilio.api_base)."""
     http_client = twilio.http.http_client.TwilioHttpClient(timeout=deadline.remaining())
@@ -4329,7 +4343,8 @@ def send_twilio(config, notification, pause, deadline):
               if config["twilio.messaging_service_sid"] else {"from_": prefix + config["twilio.from_number"]})
     try:
         with http_client.session:
-            message = client.messages.create(to=prefix + notification["recipient"], body=notification["text"], **sender)
+            message = client.messages.create(to=prefix + notification["recipient"], body=notification["text"],
+                                             **sender, **delivery_reports(config))
     except twilio.base.exceptions.TwilioRestException as e:
         # 4xx means Twilio refused this message (bad number, unverified sender…): retrying changes nothing.
         said = f"Twilio answered HTTP {e.status}" + (f" (error {e.code})" if e.code else "") + f": {e.msg}"
@@ -4631,6 +4646,81 @@ def record_send(conn, config, row, claim_until, attempt, outcome):
         if changed and status == "failed" and row["kind"] == "ask":
             pause = pause_by_id(conn, row["pause_id"])
             emit_pause_events(conn, config, [pause], "pause.notification_failed", when=now)
+
+
+# What Twilio's status callbacks say became of a text it took, in the words that are final.
+# The others ('queued', 'sending', 'sent', …) say no more than that it was taken, and may come
+# after a final one: they change nothing.
+DELIVERED = ("delivered", "read")           # 'read': WhatsApp's, after 'delivered'
+NOT_DELIVERED = ("undelivered", "failed")
+# What Twilio's error code in a report of a text not delivered means for the person asked.
+TWILIO_DELIVERY_ERRORS = {
+    30003: "the phone is unreachable (switched off, or out of coverage)",
+    30004: "the person, or their carrier, blocks texts from this number",
+    30005: "the number is unknown to its carrier, or no longer in service",
+    30006: "the number is a landline, or its carrier takes no texts",
+    30007: "the carrier filtered the text as spam",
+    30008: "the carrier gave no reason",
+}
+
+
+def record_delivery_report(conn, config, message_sid, reported, error_code):
+    """Record what Twilio's status callback says became of a live text (found by its
+    MessageSid; an unknown one changes nothing). Not delivered fails its notification, as a
+    failed send does (tell_undelivered()); delivered only notes it. The first final word
+    stands but for 'read' after 'delivered', set by compare-and-set, so a report that comes
+    again or out of order changes nothing and tells no one twice."""
+    if reported not in DELIVERED + NOT_DELIVERED:
+        return
+    with transaction(conn):
+        now = db_time()
+        row = query_db(conn, "SELECT * FROM notifications WHERE provider_message_id = ? AND livemode = 1"
+                             " AND channel IN ('sms', 'whatsapp')", (message_sid,), one=True)
+        if row is None:
+            return
+        was = row["delivery_status"]
+        if was in NOT_DELIVERED and reported in DELIVERED:
+            # Twilio said both: the person may have it after all, so their reply counts (REACHED).
+            # The agent was told of the failure once, and is not told again.
+            conn.execute("UPDATE notifications SET may_have_reached = 1, updated_at = ? WHERE id = ?"
+                         " AND NOT may_have_reached", (now, row["id"]))
+            return
+        if was is not None and (was, reported) != ("delivered", "read"):
+            return
+        failed = reported in NOT_DELIVERED
+        error = undelivered_error(reported, error_code) if failed else row["last_error"]
+        changed = conn.execute(
+            "UPDATE notifications SET delivery_status = ?, status = ?, last_error = ?, updated_at = ?"
+            " WHERE id = ? AND status = 'sent' AND delivery_status IS ?",
+            (reported, "failed" if failed else "sent", error, now, row["id"], was)).rowcount
+        if changed and failed:
+            tell_undelivered(conn, config, row, reported, error, now)
+
+
+def undelivered_error(reported, error_code):
+    """A notification's last_error for a text Twilio reports `reported` with its ErrorCode."""
+    code = int(error_code) if error_code.isdigit() else None
+    return (f"Twilio reported the text {reported}" + (f" (error {code})" if code else "")
+            + (f": {TWILIO_DELIVERY_ERRORS[code]}" if code in TWILIO_DELIVERY_ERRORS else ""))
+
+
+def tell_undelivered(conn, config, row, reported, error, now):
+    """The audit event of a sent text (`row`) that Twilio reports it did not deliver, and the
+    agent's pause.notification_failed, as a failed send gives them, when its pause is still
+    open and awaiting its person and nothing else sent to them may have reached them: the
+    question and its reminders each repeat it, so the agent hears when the last that may
+    have reached them fails."""
+    record_event(conn, row["developer_id"], 1, "system", "notification.failed", row["pause_id"],
+                 {"channel": row["channel"], "recipient": row["recipient"], "attempts": row["attempts"],
+                  "provider_message_id": row["provider_message_id"], "error": error, "reported": reported,
+                  **notification_kind(row), **({"may_have_reached": True} if row["may_have_reached"] else {})},
+                 when=now)
+    unreached = conn.execute(
+        f"SELECT {STILL_OPEN} AND NOT EXISTS (SELECT 1 FROM notifications n WHERE n.pause_id = notifications.pause_id"
+        f" AND n.position = notifications.position AND n.id != notifications.id AND {REACHED})"
+        " FROM notifications WHERE id = :id", {"id": row["id"], "now": now}).fetchone()[0]
+    if unreached:
+        emit_pause_events(conn, config, [pause_by_id(conn, row["pause_id"])], "pause.notification_failed", when=now)
 
 
 ###############################################################################
@@ -7516,6 +7606,21 @@ def twilio_inbound(rt):
     return bottle.HTTPResponse(str(twiml), status=200, headers={"Content-Type": "application/xml"})
 
 
+TWILIO_STATUS_PATH = "/v1/twilio/status"
+# What the API document says of the forms Twilio posts: the fields read of each (Twilio sends more).
+TWILIO_FORM_FIELDS = {"/v1/twilio/inbound": ("From", "To", "Body", "MessageSid"),
+                      TWILIO_STATUS_PATH: ("MessageSid", "MessageStatus", "ErrorCode")}
+
+
+def twilio_status(rt):
+    """Twilio's report of what became of a text it took (signed): one not delivered fails."""
+    form = twilio_form(rt, "delivery reports")
+    # Only an id of Twilio's form, as for a reply (MESSAGE_SID): anything else names no text of ours.
+    if MESSAGE_SID.fullmatch(form.get("MessageSid") or ""):
+        record_delivery_report(rt.db(), rt.config, form["MessageSid"], form.get("MessageStatus") or "",
+                               form.get("ErrorCode") or "")
+
+
 def guard_respond_link(rt, lookup):
     """Run lookup(). Only an unknown token spends the caller's guessing budget, and
     once it is spent unknown tokens get 429; a valid token always works, so
@@ -8135,6 +8240,7 @@ ROUTES = [
     Route("GET", "/.well-known/jwks.json", get_jwks, auth="none", answer=JWKS),
     Route("POST", "/v1/twilio/inbound", twilio_inbound, auth="twilio", answer={"type": "string"},
           refusals=(400, 403, 413, 415)),
+    Route("POST", TWILIO_STATUS_PATH, twilio_status, 204, auth="twilio", refusals=(400, 403, 413, 415)),
     Route("GET", "/v1/respond/<token>", get_respond_json, auth="none", answer=RESPOND_FACTS),
     Route("POST", "/v1/respond/<token>", post_respond_json, auth="none", body=RESPONSE_SCHEMA, answer=RESPOND_FACTS),
     Route("GET", "/respond/<token>", get_respond_page, auth="none", page=True),
@@ -8451,7 +8557,7 @@ def operation(route, config):
                                     "schema": {"type": "string"}})
         found["requestBody"] = {"required": True, "content": {"application/x-www-form-urlencoded": {
             "schema": {"type": "object", "properties": {name: {"type": "string"}
-                                                        for name in ("From", "To", "Body", "MessageSid")}}}}}
+                                                        for name in TWILIO_FORM_FIELDS[route.path]}}}}}
     if route.body is not None:
         schema = route.body(config) if callable(route.body) else route.body
         found["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}

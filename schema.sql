@@ -233,6 +233,7 @@ CREATE TABLE notifications (
     text                 TEXT NOT NULL,               -- exactly what is (or, in test mode, would be) sent
     status               TEXT NOT NULL DEFAULT 'queued'  -- 'cancelled': the pause was decided before it was sent
                          CHECK (status IN ('queued', 'sending', 'sent', 'simulated', 'failed', 'cancelled')),
+                                                      -- 'failed': never sent, or sent and reported undelivered
     attempts             INTEGER NOT NULL DEFAULT 0,
     next_attempt_at      TEXT NOT NULL,               -- when 'queued': due time; when 'sending': claim expiry
     provider_message_id  TEXT,
@@ -241,7 +242,12 @@ CREATE TABLE notifications (
     updated_at           TEXT NOT NULL,
     -- 1 once an attempt failed after its request went out and before the provider answered (a
     -- deadline, a dropped connection): it may have been sent, so a reply to it counts.
-    may_have_reached     INTEGER NOT NULL DEFAULT 0 CHECK (may_have_reached IN (0, 1))
+    may_have_reached     INTEGER NOT NULL DEFAULT 0 CHECK (may_have_reached IN (0, 1)),
+    -- What Twilio's status callback last said became of a text it took (provider_message_id):
+    -- 'delivered', 'read' (WhatsApp, after delivered), 'undelivered' or 'failed' (which fail the
+    -- notification after it was sent); NULL: no such word yet, or not a text. The first of
+    -- them stands but for 'read' after 'delivered': reports come again and out of order.
+    delivery_status      TEXT CHECK (delivery_status IN ('delivered', 'read', 'undelivered', 'failed'))
 );
 -- A pause's messages: the API's notification (the first person's question), decisions cancelling
 -- unsent ones, SMS replies checking that the question reached the number, pruning.
@@ -253,6 +259,9 @@ CREATE INDEX notifications_due_test ON notifications(next_attempt_at) WHERE stat
 -- a hung channel hides anything else.
 CREATE INDEX notifications_due_live ON notifications(channel, developer_id, next_attempt_at)
     WHERE status IN ('queued', 'sending') AND livemode = 1;
+-- Twilio's status callbacks: the text a delivery report is about, by its MessageSid.
+CREATE INDEX notifications_by_provider_message_id ON notifications(provider_message_id)
+    WHERE provider_message_id IS NOT NULL;
 
 -- Text replies taken from Twilio's webhook, by its MessageSid. A signed webhook carries no
 -- time, so one sent again (Twilio retrying, or anyone who saw it replaying it to answer a

@@ -9,6 +9,8 @@ import time
 import urllib.parse
 import uuid
 
+from twilio.request_validator import RequestValidator
+
 
 def serve_http(handler_class):
     """A threading HTTP server for handler_class on a free loopback port, serving on
@@ -28,7 +30,8 @@ class TwilioStub:
     """A local HTTP server that speaks enough of Twilio's Messages API for the
     real twilio library: it checks HTTP Basic auth, records each message and
     answers like Twilio, or fails on demand (`fail_next`), or takes a message and
-    answers only after a while (`answer_late`) or not at all (`hang_up`)."""
+    answers only after a while (`answer_late`) or not at all (`hang_up`); and makes
+    the signed status callbacks Twilio posts about a message (`status_callback`)."""
 
     def __init__(self, account_sid="AC" + "0" * 32, auth_token="stub-auth-token"):
         self.account_sid, self.auth_token = account_sid, auth_token
@@ -81,6 +84,18 @@ class TwilioStub:
                 self.wfile.write(data)
 
         self.server, self.url = serve_http(Handler)
+
+    def status_callback(self, sid, status, error_code=None, auth_token=None):
+        """What Twilio posts to report the message `sid`'s `status`, and where: (the StatusCallback
+        it was sent with, the form, the headers), signed as Twilio signs it, with the account's
+        auth token unless another is given."""
+        [message] = [message for message in self.messages if message["sid"] == sid]
+        url = message["StatusCallback"]
+        form = {"AccountSid": self.account_sid, "ApiVersion": "2010-04-01", "From": message.get("From", ""),
+                "To": message["To"], "MessageSid": sid, "SmsSid": sid, "MessageStatus": status, "SmsStatus": status,
+                **({"ErrorCode": str(error_code)} if error_code is not None else {})}
+        signature = RequestValidator(auth_token or self.auth_token).compute_signature(url, form)
+        return url, form, {"X-Twilio-Signature": signature}
 
     def settings(self, from_number="+15559990000"):
         """The PausePoint settings that point the sms channel at this stub."""

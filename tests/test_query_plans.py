@@ -111,6 +111,10 @@ def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver, tw
     [(closed_code,)] = stored(api.config, "SELECT reply_code FROM pauses WHERE id = ?", answered["pause_id"])
     assert "is closed" in pausepoint.record_sms_reply(api.app.runtime.db(), api.config, "+15550109",
                                                       f"{closed_code} 1", "SM" + "3" * 32)
+    # Twilio's report that a text went undelivered finds it by its id, among every notification.
+    [(sid,)] = stored(api.config, "SELECT provider_message_id FROM notifications WHERE provider_message_id IS NOT NULL"
+                                  " ORDER BY created_at DESC LIMIT 1")
+    pausepoint.record_delivery_report(api.app.runtime.db(), api.config, sid, "undelivered", "30003")
     # The export's statement whatever its window (without STAT4 statistics, which the server's
     # limited ANALYZE leaves none of even where SQLite can keep them, a bound's value never
     # changes a plan), over the events since the fill, not 90,000.
