@@ -4709,18 +4709,30 @@ def tell_undelivered(conn, config, row, reported, error, now):
     agent's pause.notification_failed, as a failed send gives them, when its pause is still
     open and awaiting its person and nothing else sent to them may have reached them: the
     question and its reminders each repeat it, so the agent hears when the last that may
-    have reached them fails."""
-    record_event(conn, row["developer_id"], 1, "system", "notification.failed", row["pause_id"],
-                 {"channel": row["channel"], "recipient": row["recipient"], "attempts": row["attempts"],
-                  "provider_message_id": row["provider_message_id"], "error": error, "reported": reported,
-                  **notification_kind(row), **({"may_have_reached": True} if row["may_have_reached"] else {})},
-                 when=now)
+    have reached them fails. Once per person: a reminder to a number that never took the
+    question fails as it did, and is news to no one."""
     unreached = conn.execute(
         f"SELECT {STILL_OPEN} AND NOT EXISTS (SELECT 1 FROM notifications n WHERE n.pause_id = notifications.pause_id"
         f" AND n.position = notifications.position AND n.id != notifications.id AND {REACHED})"
         " FROM notifications WHERE id = :id", {"id": row["id"], "now": now}).fetchone()[0]
-    if unreached:
+    tell = unreached and not conn.execute(TOLD_UNDELIVERED, {"pause": row["pause_id"],
+                                                             "recipient": row["recipient"]}).fetchone()[0]
+    record_event(conn, row["developer_id"], 1, "system", "notification.failed", row["pause_id"],
+                 {"channel": row["channel"], "recipient": row["recipient"], "attempts": row["attempts"],
+                  "provider_message_id": row["provider_message_id"], "error": error, "reported": reported,
+                  **notification_kind(row), **({"may_have_reached": True} if row["may_have_reached"] else {}),
+                  **({"agent_told": True} if tell else {})},
+                 when=now)
+    if tell:
         emit_pause_events(conn, config, [pause_by_id(conn, row["pause_id"])], "pause.notification_failed", when=now)
+
+
+# Whether the agent has heard that a person of a pause was not reached: from the failed send of
+# their question (record_send() tells it of every one), or from a report that says agent_told.
+TOLD_UNDELIVERED = ("SELECT EXISTS (SELECT 1 FROM audit_events WHERE pause_id = :pause"
+                    " AND event_type = 'notification.failed' AND json_extract(data, '$.recipient') = :recipient"
+                    " AND (json_extract(data, '$.agent_told')"
+                    "  OR (json_extract(data, '$.reported') IS NULL AND json_extract(data, '$.kind') IS NULL)))")
 
 
 ###############################################################################

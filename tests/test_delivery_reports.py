@@ -157,6 +157,41 @@ def test_the_agent_is_told_when_the_last_text_that_may_have_reached_the_person_f
     assert told(api) == (2, 1) and api.pause(key, pause_id)["status"] == "pending"
 
 
+def test_a_reminder_to_a_number_that_never_took_the_question_tells_the_agent_nothing_new(running_api, twilio):
+    """The question was reported undelivered and the agent told; the reminder fails as it
+    did (the same number): it is in the audit log, and the agent is not told again."""
+    api = running_api(**twilio.settings(), **{"server.base_url": BASE_URL})
+    key = api.register()["api_key"]
+    api.post_json("/v1/pause", {**WIRE, "remind_after_minutes": [30, 60]}, headers=api.as_key(key))
+    api.step("notifications")
+    report(api, twilio, twilio.messages[0]["sid"], "undelivered", 30003)
+    assert told(api) == (1, 1)
+    for reminder in (1, 2):
+        stored(api.config, "UPDATE pause_steps SET due_at = ? WHERE id = (SELECT min(id) FROM pause_steps"
+                           " WHERE status = 'scheduled')", pausepoint.db_time())
+        api.step("steps")
+        api.step("notifications")
+        report(api, twilio, twilio.messages[reminder]["sid"], "failed", 30003)
+    assert told(api) == (3, 1)
+
+
+def test_a_reminder_reported_undelivered_after_the_question_could_not_be_sent_tells_the_agent_nothing_new(
+        running_api, twilio):
+    api = running_api(**twilio.settings(), **{"server.base_url": BASE_URL})
+    key = api.register()["api_key"]
+    api.post_json("/v1/pause", {**WIRE, "remind_after_minutes": [30]}, headers=api.as_key(key))
+    twilio.fail_next = [400]                # Twilio refuses the question: failed for good, and the agent told
+    api.step("notifications")
+    assert told(api) == (1, 1)
+    stored(api.config, "UPDATE pause_steps SET due_at = ?", pausepoint.db_time())
+    api.step("steps")
+    api.step("notifications")
+    report(api, twilio, twilio.messages[-1]["sid"], "undelivered", 30003)
+    assert stored(api.config, "SELECT kind, status FROM notifications ORDER BY kind") == [
+        ("ask", "failed"), ("reminder", "failed")]
+    assert told(api) == (2, 1)
+
+
 def reply(api, twilio, body):
     """A signed text from the pause's number, as Twilio posts it to the inbound route."""
     form = {"From": WIRE["recipient"], "To": "+15559990000", "Body": body, "MessageSid": "SM" + uuid.uuid4().hex}
