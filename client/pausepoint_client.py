@@ -112,6 +112,11 @@ class PausePoint:
 
     def __init__(self, base_url, api_key, timeout=10.0, retries=6, backoff=0.5):
         parts = urllib.parse.urlsplit(str(base_url))
+        # A user name and password in the address is never quoted, nor sent: urllib would take
+        # "user:password@host" for the host's name and ask the resolver (over the network) for it.
+        if "@" in parts.netloc:
+            raise ValueError("the server's address holds a user name or password (before an '@'), which the client"
+                             " never sends: give the address without it")
         if parts.scheme not in ("http", "https") or not parts.hostname or "?" in base_url or "#" in base_url:
             raise ValueError(f"the server's address must be an http:// or https:// URL, not {base_url!r}")
         api_key = str(api_key).strip()

@@ -431,3 +431,10 @@ def test_a_team_is_asked_and_its_votes_come_back_with_the_approval(live_server, 
                       json={"choice": "Approve"}).raise_for_status()
     result = pausepoint_client.Approval(client.wait(created["pause_id"]))
     assert result.approved and [vote["recipient"] for vote in result.votes] == ["+15550101", "+15550102"]
+
+
+def test_an_address_holding_a_password_is_refused_without_quoting_it_or_looking_it_up():
+    """urllib would ask the resolver for 'user:password@host' as a name, and its error would quote it."""
+    with pytest.raises(ValueError) as refused:
+        PausePoint("http://operator:hunter2-secret@127.0.0.1:8080", "pp_test_x")
+    assert "hunter2" not in str(refused.value) and "user name or password" in str(refused.value)
