@@ -31,6 +31,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pausepoint_client import (LONGEST_WAIT, Approval, PausePoint, PausePointError, RateLimited,  # noqa: E402
@@ -89,6 +90,10 @@ server = MCPServer("PausePoint", instructions=(
 # finds that pause rather than asking the person twice (asked: the question's latest
 # pause), and the tools speak only of the pauses it asked (asked_here).
 asked, asked_here = {}, set()
+# A create whose answer never came (the tool answered with an error) may still have texted
+# the person: the same request asked again carries the same Idempotency-Key, so it finds that
+# pause instead of texting them twice. The key is forgotten once a create is answered.
+unanswered_creates = {}
 
 
 def client():
@@ -152,6 +157,20 @@ async def wait_reporting(pause_id, ctx, started=None):
         await ctx.report_progress(elapsed, total, f"waiting for {pause['recipient']} to answer")
 
 
+def create_once(calls, request, deadline):
+    """The pause for `request` (pause()'s first six arguments): the one an earlier try of it
+    made if that is still pending, else a new one. One decided since is never the answer: a
+    question asked again once decided is asked anew."""
+    fingerprint = hashlib.sha256(json.dumps(request).encode()).hexdigest()
+    for _ in range(2):
+        key = unanswered_creates.setdefault(fingerprint, f"pp-mcp-{uuid.uuid4()}")
+        created = calls.pause(*request, idempotency_key=key, deadline=deadline)
+        unanswered_creates.pop(fingerprint, None)      # (a call asking the same at once may have)
+        if created["status"] == "pending":
+            return created
+    raise PausePointError(200, "bad_answer", f"{calls.base_url} answered a new request with a decided pause")
+
+
 @server.tool(description="Ask a person to approve something before you do it, and wait for the answer (up to"
                          " about 45 s; if it is still pending, call wait_for_approval). The person is offered"
                          " \"Approve\" and other_options (default: Reject)." + ONLY_APPROVAL_IS_PERMISSION)
@@ -173,8 +192,8 @@ async def request_approval(question: str, ctx: Context, other_options: list[str]
                 calls.get, earlier, 0, calls_end))["status"] == "pending":
             pause_id = earlier
         else:
-            created = await anyio.to_thread.run_sync(lambda: calls.pause(
-                recipient, channel, question, options, timeout_hours, default, deadline=calls_end))
+            created = await anyio.to_thread.run_sync(lambda: create_once(
+                calls, (recipient, channel, question, options, timeout_hours, default), calls_end))
             pause_id = asked[fingerprint] = created["pause_id"]
             asked_here.add(pause_id)
         return outcome(await wait_reporting(pause_id, ctx, started))

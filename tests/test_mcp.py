@@ -43,6 +43,7 @@ def with_mcp(url, key, steps, over_stdio=False, **env):
     import pausepoint_mcp
     pausepoint_mcp.asked.clear()
     pausepoint_mcp.asked_here.clear()
+    pausepoint_mcp.unanswered_creates.clear()
     with unittest.mock.patch.dict(os.environ, settings):      # restored afterwards, whatever it held
         for name in [name for name in os.environ if name.startswith("PAUSEPOINT_") and name not in settings]:
             del os.environ[name]                                # so the server's defaults apply
@@ -180,6 +181,49 @@ def test_the_read_of_an_earlier_request_is_tried_only_within_the_wait():
         stop_http(server)
     assert first["status"] == "pending" and again["status"] == "error"
     assert [what[:3] for what in asked] == [("GET", "/v1/pause/psr_1", 0)]
+
+
+def test_a_request_asked_again_after_its_create_went_unanswered_texts_the_person_once():
+    """The server may have made the pause whose answer never came: the model's next try of the
+    same request carries the same Idempotency-Key, so it finds that pause."""
+    async def steps(call, mcp):
+        failed = await call("request_approval", {"question": "Deploy to production?"})
+        server.RequestHandlerClass.creates[:] = []
+        return failed, await call("request_approval", {"question": "Deploy to production?"})
+
+    server, url, asked = serve_stand_in(creates=[(503, "busy", {})] * 20)
+    try:
+        failed, again = with_mcp(url, "pp_test_x", steps, PAUSEPOINT_MCP_WAIT="1")
+    finally:
+        stop_http(server)
+    assert failed["status"] == "error" and again["status"] == "pending"
+    keys = {key for method, _, _, key in asked if method == "POST"}
+    assert len(keys) == 1 and len([what for what in asked if what[0] == "POST"]) >= 2
+
+
+def test_the_pause_of_an_unanswered_create_decided_since_is_never_the_answer(setup):
+    """A question asked again once its pause was decided is asked anew, even when that pause was
+    made by a create whose answer never came."""
+    url, key = setup
+
+    async def steps(call, mcp):
+        failed = await call("request_approval", {"question": "Deploy to production?"})
+        [(_, _, _, idempotency_key)] = [what for what in asked if what[0] == "POST"][:1]
+        made = requests.post(f"{url}/v1/pause", headers={"Authorization": f"Bearer {key}",
+                                                          "Idempotency-Key": idempotency_key},
+                             json={"recipient": "+15550100", "channel": "sms", "message": "Deploy to production?",
+                                   "options": ["Approve", "Reject"], "timeout_hours": 1.0}).json()
+        assert requests.post(f"{url}/v1/respond/{token_of(made['respond_url'])}", json={"choice": "Approve"}).ok
+        os.environ["PAUSEPOINT_URL"] = url          # the server whose answer was lost, reached again
+        return failed, made, await call("request_approval", {"question": "Deploy to production?"})
+
+    lost, lost_url, asked = serve_stand_in(creates=[(503, "busy", {})] * 20)
+    try:
+        failed, made, again = with_mcp(lost_url, key, steps, PAUSEPOINT_MCP_WAIT="0.3")
+    finally:
+        stop_http(lost)
+    assert failed["status"] == "error"
+    assert again["status"] == "pending" and again["approved"] is False and again["pause_id"] != made["pause_id"]
 
 
 def test_a_cancelled_request_is_not_an_approval(setup):
