@@ -74,8 +74,14 @@ if __name__ == "__main__":
     except ValueError as e:
         sys.exit(f"pausepoint-mcp: {e}")
 
-import anyio  # noqa: E402
-from mcp.server.mcpserver import Context, MCPServer  # noqa: E402
+try:
+    import anyio
+    from mcp.server.mcpserver import Context, MCPServer
+except ImportError as e:       # run with a Python that lacks the SDK, or holds its 1.x: say what to install
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"pausepoint-mcp: {e}: it needs the mcp package (>=2,<3): install client/requirements-mcp.txt in a"
+             " virtual environment and run this server with that environment's python")
 
 ONLY_APPROVAL_IS_PERMISSION = (
     " Only an explicit approval is permission: proceed only when the result says approved is true. A rejection,"

@@ -312,3 +312,12 @@ def test_a_setting_it_cannot_take_stops_it_at_start_naming_the_setting(env, name
     done = subprocess.run([sys.executable, MCP_SERVER], input="", capture_output=True, text=True, timeout=60,
                           env=environ)
     assert done.returncode == 1 and named in done.stderr and "Traceback" not in done.stderr
+
+
+def test_run_by_a_python_without_the_mcp_sdk_it_says_what_to_install():
+    """-S: the interpreter without its site-packages, as a system Python without the SDK is."""
+    environ = {**os.environ, "PAUSEPOINT_URL": "http://127.0.0.1:9", "PAUSEPOINT_API_KEY": "pp_test_x"}
+    done = subprocess.run([sys.executable, "-S", MCP_SERVER], input="", capture_output=True, text=True, timeout=60,
+                          env=environ)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "requirements-mcp.txt" in done.stderr and done.stderr.startswith("pausepoint-mcp: ")
