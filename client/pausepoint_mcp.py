@@ -126,8 +126,11 @@ def outcome(pause):
                 "expires_at": pause["expires_at"],
                 "next": "call wait_for_approval with this pause_id to keep waiting; do not proceed meanwhile"}
     result = Approval(pause, APPROVE)
+    # A pause that ran out carries its default as its choice: shown as one, "choice": "Approve"
+    # (a default the model may set) could be read as permission. Only a person chooses.
+    choice = result.choice if result.status == "responded" else None
     return {"status": result.status, "approved": result.approved, "pause_id": result.pause_id,
-            "question": pause["message"], "choice": result.choice, "comment": result.comment,
+            "question": pause["message"], "choice": choice, "comment": result.comment,
             "decided_by": result.decided_by}
 
 

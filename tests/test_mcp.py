@@ -12,7 +12,7 @@ import anyio
 import pytest
 import requests
 
-from conftest import answer_first_pending, reads_of_one_pause, register_over_http, ROOT, token_of
+from conftest import answer_first_pending, reads_of_one_pause, register_over_http, ROOT, run_out, token_of
 from stubs import serve_stand_in, stop_http
 
 MCP_SERVER = os.path.join(ROOT, "client", "pausepoint_mcp.py")
@@ -232,6 +232,19 @@ def test_a_cancelled_request_is_not_an_approval(setup):
         return await call("cancel_approval", {"pause_id": pending["pause_id"]})
     answer = with_mcp(*setup, steps, PAUSEPOINT_MCP_WAIT="0.3")
     assert answer["status"] == "cancelled" and answer["approved"] is False
+
+
+def test_a_request_that_ran_out_shows_no_choice_whatever_default_the_model_gave_it(setup, live_server):
+    """Its default is the server's choice, not the person's: "choice": "Approve" would read as permission."""
+    url, key = setup
+
+    async def steps(call, mcp):
+        pending = await call("request_approval", {"question": "Drop the prod database?", "default": "Approve"})
+        run_out(live_server.app.runtime.config, pending["pause_id"])
+        live_server.app.runtime.run_once("timeouts")
+        return await call("wait_for_approval", {"pause_id": pending["pause_id"]})
+    answer = with_mcp(url, key, steps, PAUSEPOINT_MCP_WAIT="0.3")
+    assert answer["status"] == "timed_out" and answer["approved"] is False and answer["choice"] is None
 
 
 def test_a_waiting_call_reports_progress_to_a_host_that_asks(setup):
