@@ -405,6 +405,10 @@ def test_verify_webhook_refuses_a_header_with_an_odd_timestamp_rather_than_raisi
     assert pausepoint_client.verify_webhook("whsec_new_secret_000", header, b"{}") is False
 
 
+def test_verify_webhook_refuses_a_signature_that_is_not_ascii_rather_than_raising():
+    assert pausepoint_client.verify_webhook("whsec_new_secret_000", f"t={int(time.time())},v1=\u00e9", b"{}") is False
+
+
 def test_the_client_needs_only_the_standard_library():
     with open(pausepoint_client.__file__, encoding="utf-8") as f:
         tree = ast.parse(f.read())

@@ -1018,6 +1018,13 @@ def test_calls_to_slow_targets_together_get_half_the_pool():
         pool.shutdown()
 
 
+def test_a_signature_that_is_not_ascii_is_refused_not_a_crash(monkeypatch):
+    # http.server (and most frameworks) hand a header over as Latin-1 text: a forged one may hold any of it.
+    header = f"t={int(time.time())},v1=\u00e9"
+    assert pausepoint.verify_signature(SECRET, header, b"{}") is False
+    assert readme_receiver(monkeypatch)["verify_signature"](SECRET, header, b"{}") is False
+
+
 def test_a_signature_timestamp_with_thousands_of_digits_is_refused_not_a_crash():
     assert pausepoint.verify_signature(SECRET, "t=" + "9" * 5000 + ",v1=00", b"{}") is False
 
