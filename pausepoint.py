@@ -5026,9 +5026,12 @@ def update_webhook(conn, config, caller, webhook_id, body):
             changes["updated_at"] = db_time(now)
             conn.execute(f"UPDATE webhooks SET {', '.join(f'{k} = ?' for k in changes)} WHERE id = ?",
                          (*changes.values(), webhook_id))
+        # The new URL, as webhook.created names the first: where respond links now go is what
+        # someone checking the log after a leaked key needs to see.
         record_event(conn, caller.developer_id, caller.livemode, caller.actor, "webhook.updated",
                      data={"webhook_id": webhook_id, "changed": sorted(set(fields) - {"secret"}) +
-                           (["secret"] if "secret" in changes else [])})
+                           (["secret"] if "secret" in changes else []),
+                           **({"url": fields["url"]} if "url" in fields else {})})
         return owned_webhook(conn, caller, webhook_id)
 
 

@@ -257,8 +257,11 @@ def test_patch_changes_events_and_url_and_delete_stops_everything(hooks_api, key
     after = hooks_api.create_pause(key)
     assert queued(hooks_api.config, after["pause_id"]) == 0
     assert len(receiver.calls) == 1
-    kinds = [e["event_type"] for e in hooks_api.get("/v1/audit", headers=hooks_api.as_key(key)).json["events"]]
-    assert {"webhook.created", "webhook.updated", "webhook.deleted"} <= set(kinds)
+    events = hooks_api.get("/v1/audit", headers=hooks_api.as_key(key)).json["events"]
+    assert {"webhook.created", "webhook.updated", "webhook.deleted"} <= {e["event_type"] for e in events}
+    # Where the events go now, not only that the URL changed: a key that leaked could have sent them anywhere.
+    [updated] = [e for e in events if e["event_type"] == "webhook.updated"]
+    assert updated["data"] == {"webhook_id": webhook_id, "changed": ["events", "url"], "url": receiver.url + "/new"}
 
 
 def test_tenants_never_see_or_trigger_each_others_webhooks(hooks_api, keys, receiver):
