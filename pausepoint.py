@@ -3836,8 +3836,10 @@ def open_connection(deadline, host, port, allow_private=True):
     last_error = None
     for family, kind, proto, _, address in deadline.resolve(host, port):
         if not allow_private and not is_public_address(address[0]):
-            last_error = PrivateAddressRefused(f"refused to connect to {address[0]}: not a public address"
-                                               " (webhooks.allow_private = false)")
+            # Not naming the address: whoever registers a URL reads this, and the names of the
+            # operator's own network would resolve for them here, one delivery at a time.
+            last_error = PrivateAddressRefused(f"refused to connect to {host}: it resolves to an address that is"
+                                               " not a public address (webhooks.allow_private = false)")
             continue
         if deadline.passed():
             raise TimeoutError(f"could not connect to {host} within {deadline}")

@@ -150,6 +150,24 @@ def test_the_guard_checks_the_address_again_when_connecting(hooks_config, keys, 
         strict.runtime.stop()
 
 
+def test_a_refused_name_does_not_say_which_address_of_the_servers_network_it_resolved_to(running_api, monkeypatch):
+    api = running_api()         # webhooks.allow_private as it comes: false
+    real_getaddrinfo = socket.getaddrinfo
+
+    def resolve(host, port, *args, **kwargs):       # a name only the server's own resolver knows
+        if host == "vault.corp.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.20.30.40", port))]
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    key = api.register()["test_api_key"]
+    webhook_id = add_webhook(api, key, "http://vault.corp.example/hook")["webhook_id"]
+    api.post(f"/v1/webhooks/{webhook_id}/test", headers=api.as_key(key), status=202)
+    api.step("webhooks")
+    [attempt] = deliveries(api, key, webhook_id)[0]["attempts"]
+    assert "not a public address" in attempt["error"] and "10.20.30.40" not in attempt["error"]
+
+
 def test_a_host_name_no_connection_could_use_is_refused(hooks_api, keys):
     # Too long, empty, and (valid to Python's IDNA 2003 codec, not to the IDNA 2008 that
     # deliveries use) full-width letters, ideographic full stops and circled digits.
