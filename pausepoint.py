@@ -147,7 +147,8 @@ SETTINGS = [
     Setting("smtp.password", "", "SMTP password."),
     Setting("smtp.from_address", "", "The From address of approval emails, e.g. PausePoint <approvals@example.com>."),
     Setting("smtp.ca_file", "", "PEM file of CA certificates to trust for SMTP TLS instead of the system's (for a private CA)."),
-    Setting("webhooks.allow_private", False, "Allow webhook URLs on loopback, private or link-local addresses (for agents on your LAN)."),
+    Setting("webhooks.allow_private", False, "Allow webhook URLs on loopback, private or link-local addresses, and http:// for live ones"
+            " (for agents on your LAN)."),
     Setting("webhooks.max_per_developer", 16, "Webhook endpoints one developer may have in each mode (test and live apart)."),
     Setting("webhooks.per_endpoint", 2, "Deliveries to one endpoint in flight at once (within outbound.per_developer), and connections kept alive to it between them. More keeps a slow receiver's backlog moving; with more than 1, events to an endpoint may arrive out of order."),
     Setting("outbound.workers", 16, "Threads for outbound calls: webhook deliveries and notification sends."),
@@ -4955,12 +4956,12 @@ ANSWER_KEPT_BYTES = 64 * 1024
 LOST_CALL_SECONDS = 1.0
 
 
-def webhook_fields(body, allow_private):
+def webhook_fields(body, allow_private, livemode):
     """What WEBHOOK_SCHEMA (or WEBHOOK_CHANGE_SCHEMA) cannot say about a body already checked
     against it: the URL is one we may call; returns the clean fields."""
     fields = {}
     if "url" in body:
-        problem = url_problem(body["url"], allow_private)
+        problem = url_problem(body["url"], allow_private) or cleartext_problem(body["url"], allow_private, livemode)
         if problem:
             raise invalid("url", problem)
         fields["url"] = body["url"].strip()
@@ -4973,11 +4974,21 @@ def webhook_fields(body, allow_private):
     return fields
 
 
+def cleartext_problem(url, allow_private, livemode):
+    """A live endpoint's events carry the respond links of live pauses, and whoever reads one
+    can answer its pause: plain http would show them to every network on the way. Receivers
+    on the operator's own network (webhooks.allow_private) may take them so."""
+    if livemode and not allow_private and urllib.parse.urlsplit(url.strip()).scheme != "https":
+        return ("a live endpoint's url must be https://: its events carry the links that answer live pauses,"
+                " which http:// would send readable to every network on the way")
+    return None
+
+
 def create_webhook(conn, config, caller, body, password_checked=None):
     """Register an endpoint; returns (row, secret if it was generated here). 401 if given
     `password_checked` (the developer as check_password() returned them) and that password
     was changed since."""
-    fields = webhook_fields(body, config["webhooks.allow_private"])
+    fields = webhook_fields(body, config["webhooks.allow_private"], caller.livemode)
     generated = None
     if "secret" not in fields:
         # whsec_ and base64, as Standard Webhooks verifiers take a secret, of 256 random bits
@@ -5005,7 +5016,7 @@ def create_webhook(conn, config, caller, body, password_checked=None):
 
 def update_webhook(conn, config, caller, webhook_id, body):
     """PATCH: change url or events, rotate the secret (the old one signs too for 24 h), enable or disable."""
-    fields = webhook_fields(body, config["webhooks.allow_private"])
+    fields = webhook_fields(body, config["webhooks.allow_private"], caller.livemode)
     now = utcnow()
     with transaction(conn):
         webhook = owned_webhook(conn, caller, webhook_id)

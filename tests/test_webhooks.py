@@ -125,6 +125,22 @@ def test_private_addresses_are_refused_by_default_naming_the_setting(api, develo
     assert error["field"] == "url" and "webhooks.allow_private" in error["message"]
 
 
+def test_a_live_endpoint_must_be_https_since_its_events_carry_live_respond_links(api, developer):
+    live, test = api.as_key(developer["api_key"]), api.as_key(developer["test_api_key"])
+    body = {"url": "http://hooks.example.com/pausepoint", "events": QUICKSTART_EVENTS, "secret": SECRET}
+    error = api.post_json("/v1/webhooks", body, headers=live, status=422).json["error"]
+    assert error["field"] == "url" and "https://" in error["message"]
+    webhook_id = api.post_json("/v1/webhooks", {**body, "url": "https://hooks.example.com/pausepoint"},
+                               headers=live).json["webhook_id"]
+    api.patch_json(f"/v1/webhooks/{webhook_id}", {"url": body["url"]}, headers=live, status=422)
+    assert api.get(f"/v1/webhooks/{webhook_id}", headers=live).json["url"] == "https://hooks.example.com/pausepoint"
+    api.post_json("/v1/webhooks", body, headers=test)          # a test link answers only a test pause
+
+
+def test_a_live_endpoint_on_the_operators_own_network_may_be_plain_http(hooks_api, keys, receiver):
+    add_webhook(hooks_api, keys["api_key"], receiver.url)
+
+
 def test_private_addresses_are_allowed_by_the_setting(hooks_api, keys):
     add_webhook(hooks_api, keys["test_api_key"], "http://192.168.1.20/hook")
 
