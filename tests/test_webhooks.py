@@ -17,8 +17,8 @@ import pytest
 import requests
 
 from conftest import stored, ROOT, WIRE, Api, make_config, run_out, token_of, wait_until
-from stubs import (Blackhole, KeepAliveReceiver, StallingReceiver, TrickleReceiver, WebhookReceiver, serve_http,
-                   stop_http)
+from stubs import (Blackhole, KeepAliveReceiver, RefusingProxy, StallingReceiver, TrickleReceiver, WebhookReceiver,
+                   serve_http, stop_http)
 import pausepoint
 
 SECRET = "whsec_test_secret_0123456789"
@@ -182,6 +182,20 @@ def test_a_refused_name_does_not_say_which_address_of_the_servers_network_it_res
     api.step("webhooks")
     [attempt] = deliveries(api, key, webhook_id)[0]["attempts"]
     assert "not a public address" in attempt["error"] and "10.20.30.40" not in attempt["error"]
+
+
+def test_deliveries_never_go_through_a_proxy_named_in_the_environment(hooks_api, keys, receiver, stubs, monkeypatch):
+    # A proxy would connect for us, past the guard's look at the addresses a name resolves to.
+    proxy = stubs(RefusingProxy)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, proxy.url)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+    hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key), status=202)
+    assert receiver.wait_for(1)[0]["json"]["type"] == "webhook.test"
+    assert proxy.asked == []
 
 
 def test_a_host_name_no_connection_could_use_is_refused(hooks_api, keys):
