@@ -4156,7 +4156,8 @@ def channels(config):
         match = CHANNEL_KEY.match(key)
         if match:
             found[match.group(1)] = Channel(match.group(1), "apprise", LABEL_RECIPIENT, lambda config: [],
-                                            push_text, functools.partial(send_apprise, url))
+                                            functools.partial(push_text, target_url=url),
+                                            functools.partial(send_apprise, url))
     return found
 
 
@@ -4298,11 +4299,42 @@ def sms_text(pause, url, replies=True):
     return f"{title_line(pause)}{pause['message']}\n{fields_text(pause, ' ')}{answer}\nExpires {expiry_text(pause)}"
 
 
-def push_text(pause, url):
+def push_text(pause, url, target_url=None):
+    """What the agent wrote, shown as written on the push target at target_url, then our link."""
     options = " / ".join(json.loads(pause["options"]))
-    return (f"{title_line(pause)}{pause['message']}\n\n{shown_lines(pause, PUSH_DETAIL_CHARACTERS)}Options:"
-            f" {options}\nAnswer: {url}\n"
-            f"Expires {expiry_text(pause)}")
+    asked = f"{title_line(pause)}{pause['message']}\n\n{shown_lines(pause, PUSH_DETAIL_CHARACTERS)}Options: {options}\n"
+    service = push_service(target_url) if target_url else None
+    return f"{as_written(service, asked)}Answer: {url}\nExpires {expiry_text(pause)}"
+
+
+# Chat services draw the text of a push. Discord, Mattermost and Zulip read it as Markdown, and
+# they, Rocket.Chat and Matrix notify whoever it mentions. Apprise escapes a plain-text body only
+# for a service it sends Markdown or HTML (Telegram, Rocket.Chat; Slack's &, < and >), so on
+# these an agent's "[Approve](https://evil.example)" would be a live link dressed as ours, and
+# its "@everyone" would ping a whole server (with ?format=markdown, Apprise's Discord plugin
+# itself turns each mention it finds in the body into a ping). The agent's text goes to them
+# with each character their Markdown reads escaped, and said to be Markdown, so that Apprise
+# escapes nothing twice; a zero-width space after each @ mentions no one.
+COMMONMARK_MARKUP = "\\`*_~|[]()<>#+-=.!{}"     # CommonMark and Discord take a backslash before any of them
+PYTHON_MARKDOWN_MARKUP = "\\`*_[]()>#+-.!{}"    # Zulip's Python-Markdown shows "\~" as written: not escaped
+MARKDOWN_PUSH_SERVICES = {"Discord": COMMONMARK_MARKUP, "Mattermost": COMMONMARK_MARKUP,
+                          "Zulip": PYTHON_MARKDOWN_MARKUP}
+MENTIONING_PUSH_SERVICES = {"Discord", "Mattermost", "Zulip", "Rocket.Chat", "Matrix"}
+
+
+@functools.lru_cache(maxsize=64)
+def push_service(target_url):
+    """'Discord', 'Zulip', …: the service Apprise sends target_url's pushes to, however the URL
+    names it (discord://… or https://discord.com/api/webhooks/…)."""
+    return str(load_apprise().Apprise.instantiate(target_url).service_name)
+
+
+def as_written(service, text):
+    """Text the agent wrote, such that `service` shows it as written (see MARKDOWN_PUSH_SERVICES)."""
+    markup = MARKDOWN_PUSH_SERVICES.get(service)
+    if markup:
+        text = re.sub(f"([{re.escape(markup)}])", r"\\\1", text)
+    return text.replace("@", "@\u200b") if service in MENTIONING_PUSH_SERVICES else text
 
 
 def email_subject(pause):
@@ -4476,12 +4508,14 @@ def send_apprise(target_url, config, notification, pause, deadline):
     notifier = apprise.Apprise()
     if not notifier.add(target_url):
         raise ChannelError(f"channel {notification['channel']!r} has a URL Apprise does not understand")
+    # Said to be text, or a target that reads HTML or Markdown (mailto://, Telegram) would take
+    # the agent's message as markup: a link of its own choosing drawn as an "Approve" button.
+    # Markdown for a service that reads text as Markdown: push_text escaped it for that.
+    escaped = push_service(target_url) in MARKDOWN_PUSH_SERVICES
+    body_format = apprise.NotifyFormat.MARKDOWN if escaped else apprise.NotifyFormat.TEXT
     try:
-        # Said to be text, or a target that reads HTML or Markdown (mailto://, Telegram) would take
-        # the agent's message as markup: a link of its own choosing drawn as an "Approve" button.
         delivered = deadline.run_abandonable(("channel", notification["channel"]), functools.partial(
-            notifier.notify, body_format=apprise.NotifyFormat.TEXT), notification["text"], "Approval needed",
-            doing="the push")
+            notifier.notify, body_format=body_format), notification["text"], "Approval needed", doing="the push")
     except StillHanging as e:
         raise ChannelError(f"channel {notification['channel']!r}: {e}") from None
     except Abandoned as e:

@@ -228,6 +228,39 @@ class TrickleReceiver(LoopbackServer):
                 self.open -= 1
 
 
+class HostedService(LoopbackServer):
+    """A chat service's own host (discord.com, say), reached as the sender reaches any
+    host through an outbound proxy: it takes the CONNECT, then speaks TLS with
+    `tls_context` (a certificate the sender is told to trust) as that host would. Records
+    each request as {"host", "path", "json"}, a form's fields as its JSON; answers 200 with `answer`."""
+
+    def __init__(self, tls_context, answer=b'{"id": "1", "result": "success"}'):
+        self.tls_context, self.answer = tls_context, answer
+        self.calls = []
+        super().__init__()
+
+    def _serve(self, conn):
+        try:
+            with conn, conn.makefile("rb") as incoming:
+                host = incoming.readline().split()[1].decode().rsplit(":", 1)[0]
+                while incoming.readline() not in (b"\r\n", b""):
+                    pass
+                conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                with self.tls_context.wrap_socket(conn, server_side=True) as tls, tls.makefile("rb") as request:
+                    path = request.readline().split()[1].decode()
+                    headers = dict(line.decode().split(":", 1) for line in iter(request.readline, b"\r\n"))
+                    headers = {name.strip().lower(): value.strip() for name, value in headers.items()}
+                    body = request.read(int(headers.get("content-length", 0))).decode()
+                    sent = (dict(urllib.parse.parse_qsl(body)) if "form" in headers.get("content-type", "")
+                            else json.loads(body))
+                    with self.lock:
+                        self.calls.append({"host": host, "path": path, "json": sent})
+                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                                + str(len(self.answer)).encode() + b"\r\nConnection: close\r\n\r\n" + self.answer)
+        except OSError:
+            pass            # the sender gave up
+
+
 class Tarpit:
     """A TCP server that accepts connections and never says a word (a hung SMTP host)."""
 

@@ -17,7 +17,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 from twilio.request_validator import RequestValidator
 
-from stubs import RefusingProxy, TrickleReceiver
+from stubs import HostedService, RefusingProxy, TrickleReceiver
 from conftest import (stored, QUESTION, WIRE, Api, LiveServer, free_port, make_config, run_out, scraped, token_of,
                       value, wait_until)
 import pausepoint
@@ -338,18 +338,24 @@ def test_the_email_html_lists_the_fields_as_the_text_does(running_api, smtp_serv
     assert "rush:</span> <strong>Yes</strong>" in html
 
 
-@pytest.fixture
-def certificate(tmp_path):
-    """A self-signed certificate for 127.0.0.1, made with the openssl command. Its key is an
-    EC P-256 one: making an RSA-2048 key cost 0.25-0.5 s of CPU, this one 0.01 s."""
-    cert, key = tmp_path / "smtp-cert.pem", tmp_path / "smtp-key.pem"
+def self_signed(tmp_path, *names):
+    """A self-signed certificate for `names` ("IP:127.0.0.1", "DNS:discord.com"), made with the
+    openssl command, and a server's TLS context that presents it. Its key is an EC P-256 one:
+    making an RSA-2048 key cost 0.25-0.5 s of CPU, this one 0.01 s."""
+    cert, key = tmp_path / "server-cert.pem", tmp_path / "server-key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                    "-days", "1", "-subj", "/CN=" + names[0].split(":", 1)[1],
+                    "-addext", "subjectAltName=" + ",".join(names), "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     return str(cert), context
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate for 127.0.0.1."""
+    return self_signed(tmp_path, "IP:127.0.0.1")
 
 
 @pytest.mark.parametrize("security", ["starttls", "tls"])
@@ -557,6 +563,111 @@ def test_markup_in_the_question_reaches_a_push_target_that_reads_html_as_text(ru
     parts = {part.get_content_type(): part.get_content() for part in message.walk() if not part.is_multipart()}
     assert "<a " not in parts.get("text/html", "")
     assert link in parts["text/plain"] and created["respond_url"] in parts["text/plain"]
+
+
+# What an agent might write to dress its own link as the approval link, or to ping a whole server.
+DRESSED = "Wire $340? [Approve](https://evil.example/approve) @everyone @here <@123> <!channel> @all @**all** @room"
+
+
+def as_drawn(text):
+    """What a Markdown chat target draws of `text`: a backslash shows the punctuation after it,
+    a zero-width space nothing."""
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", text).replace("\u200b", "")
+
+
+def assert_shown_as_written(text, created, title="**Wire** @here"):
+    """The agent's question reaches the target as it wrote it: no link, no mention, nothing
+    drawn as markup; the respond link goes as it is, the one link in the message."""
+    for markup in ("](", "@everyone", "@here", "<@123>", "@all", "@**all**", "@room", "**Wire**"):
+        assert markup not in text
+    assert f"{title}\n{DRESSED}\n" in as_drawn(text)
+    assert f"\nAnswer: {created['respond_url']}\n" in text
+
+
+@pytest.fixture
+def hosted(stubs, tmp_path, monkeypatch):
+    """A chat service at its real name (discord.com, say), reached through an outbound proxy on
+    loopback with a certificate the sender trusts: hosted("discord.com") starts one."""
+
+    def start(name):
+        cert, context = self_signed(tmp_path, f"DNS:{name}")
+        service = stubs(HostedService, context)
+        through_proxy(monkeypatch, "https", service.url)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", cert)
+        return service
+
+    return start
+
+
+def pushed_to(api, **question):
+    key = api.register()["api_key"]
+    created = api.create_pause(key, channel="ops", recipient="on-call engineer", **question)
+    sent(api, key, created["pause_id"], "sent")
+    return created
+
+
+@pytest.mark.parametrize("target", ["discord://1234/abcd", "discord://1234/abcd?format=markdown",
+                                    "https://discord.com/api/webhooks/1234/abcd"])
+def test_a_discord_push_shows_the_agents_markup_and_mentions_as_text_and_pings_no_one(running_api, hosted, target):
+    """Discord draws a message's Markdown and pings the mentions in it; with ?format=markdown
+    Apprise itself pings every mention it finds in the body."""
+    discord = hosted("discord.com")
+    created = pushed_to(running_api(**{"channels.ops.url": target}), message=DRESSED, title="**Wire** @here")
+    [call] = discord.calls
+    assert call["host"] == "discord.com" and call["path"].startswith("/api/webhooks/1234/abcd")
+    payload = call["json"]
+    assert "allow_mentions" not in payload and "allowed_mentions" not in payload
+    text = payload["embeds"][0]["description"] if "embeds" in payload else payload["content"]
+    assert payload.get("content", "").startswith("👉") is False
+    assert_shown_as_written(text, created)
+
+
+def test_a_mattermost_push_shows_the_agents_markup_and_mentions_as_text(running_api, receiver):
+    target = receiver.url.replace("http://", "mmost://") + "/hook-token"
+    created = pushed_to(running_api(**{"channels.ops.url": target}), message=DRESSED, title="**Wire** @here")
+    [call] = receiver.wait_for(1)
+    assert call["path"] == "/hooks/hook-token"
+    assert_shown_as_written(call["json"]["text"], created)
+
+
+def test_a_zulip_push_shows_the_agents_markup_and_mentions_as_text(running_api, hosted):
+    zulip = hosted("acme.zulipchat.com")
+    created = pushed_to(running_api(**{"channels.ops.url": "zulip://approvals-bot@acme/" + "t" * 32}),
+                        message=DRESSED, title="**Wire** @here")
+    [call] = zulip.calls
+    assert call["host"] == "acme.zulipchat.com" and call["path"] == "/api/v1/messages"
+    assert_shown_as_written(call["json"]["content"], created)
+
+
+def test_a_matrix_push_names_no_room_or_person_to_notify(running_api, receiver):
+    """Matrix sends plain text, but a client notifies the room of an "@room" in it."""
+    target = receiver.url.replace("http://", "matrix://hook-token@") + "/?mode=matrix"
+    created = pushed_to(running_api(**{"channels.ops.url": target}), message=DRESSED)
+    [call] = receiver.wait_for(1)
+    text = call["json"]["text"]
+    assert "@room" not in text and "@everyone" not in text and DRESSED in text.replace("\u200b", "")
+    assert created["respond_url"] in text
+
+
+def test_a_rocket_chat_push_mentions_no_one(running_api, receiver):
+    """Apprise escapes the Markdown for Rocket.Chat, but not its @all and @here."""
+    target = receiver.url.replace("http://", "rocket://hook/token@") + "/#approvals"
+    pushed_to(running_api(**{"channels.ops.url": target}), message=DRESSED)
+    [call] = receiver.wait_for(1)
+    assert call["path"] == "/hooks/hook/token"
+    text = call["json"]["text"]
+    assert "@all" not in text and "@here" not in text and "](" not in text
+
+
+def test_a_slack_push_shows_the_agents_links_and_mentions_as_text(running_api, hosted):
+    """Apprise escapes what Slack reads in plain text (&, <, >): kept so."""
+    slack = hosted("hooks.slack.com")
+    slack.answer = b"ok"
+    created = pushed_to(running_api(**{"channels.ops.url": "slack://T1/B1/C1"}), message=DRESSED)
+    [call] = slack.calls
+    [attachment] = call["json"]["attachments"]
+    assert "<@123>" not in attachment["text"] and "<!channel>" not in attachment["text"]
+    assert call["json"]["mrkdwn"] is False and created["respond_url"] in attachment["text"]
 
 
 def test_an_unreachable_push_target_is_recorded_as_a_failed_attempt(running_api):
