@@ -4303,8 +4303,8 @@ def push_text(pause, url, target_url=None):
     """What the agent wrote, shown as written on the push target at target_url, then our link."""
     options = " / ".join(json.loads(pause["options"]))
     asked = f"{title_line(pause)}{pause['message']}\n\n{shown_lines(pause, PUSH_DETAIL_CHARACTERS)}Options: {options}\n"
-    service = push_service(target_url) if target_url else None
-    return f"{as_written(service, asked)}Answer: {url}\nExpires {expiry_text(pause)}"
+    dialect = push_dialect(target_url) if target_url else ("", False)
+    return f"{as_written(dialect, asked)}Answer: {url}\nExpires {expiry_text(pause)}"
 
 
 # Chat services draw the text of a push. Discord, Mattermost and Zulip read it as Markdown, and
@@ -4315,7 +4315,11 @@ def push_text(pause, url, target_url=None):
 # itself turns each mention it finds in the body into a ping). The agent's text goes to them
 # with each character their Markdown reads escaped, and said to be Markdown, so that Apprise
 # escapes nothing twice; a zero-width space after each @ mentions no one.
-COMMONMARK_MARKUP = "\\`*_~|[]()<>#+-=.!{}"     # CommonMark and Discord take a backslash before any of them
+#   Where Apprise does escape for Markdown (Rocket.Chat, Google Chat, Teams, ntfy or Gotify with
+# ?format=markdown) it escapes the whole text, our link too: "https://pp\.example/respond/a\_b",
+# which an app that links bare addresses may cut at the first backslash, or keep the backslashes
+# in (Google Chat keeps "\_"). There too we escape only the agent's text; our link goes whole.
+COMMONMARK_MARKUP = "\\`*_~|[]()<>#+-=.!{}&"    # CommonMark and Discord take a backslash before any of them
 PYTHON_MARKDOWN_MARKUP = "\\`*_[]()>#+-.!{}"    # Zulip's Python-Markdown shows "\~" as written: not escaped
 MARKDOWN_PUSH_SERVICES = {"Discord": COMMONMARK_MARKUP, "Mattermost": COMMONMARK_MARKUP,
                           "Zulip": PYTHON_MARKDOWN_MARKUP}
@@ -4323,18 +4327,25 @@ MENTIONING_PUSH_SERVICES = {"Discord", "Mattermost", "Zulip", "Rocket.Chat", "Ma
 
 
 @functools.lru_cache(maxsize=64)
-def push_service(target_url):
-    """'Discord', 'Zulip', …: the service Apprise sends target_url's pushes to, however the URL
-    names it (discord://… or https://discord.com/api/webhooks/…)."""
-    return str(load_apprise().Apprise.instantiate(target_url).service_name)
-
-
-def as_written(service, text):
-    """Text the agent wrote, such that `service` shows it as written (see MARKDOWN_PUSH_SERVICES)."""
+def push_dialect(target_url):
+    """(markup, mentions): the characters the push target at target_url reads as Markdown in
+    what we send it ("" for none), and whether an @ there may notify people. By the service
+    Apprise picks, however the URL names it (discord://… or https://discord.com/api/webhooks/…)."""
+    apprise = load_apprise()
+    target = apprise.Apprise.instantiate(target_url)
+    service = str(target.service_name)
     markup = MARKDOWN_PUSH_SERVICES.get(service)
+    if markup is None and target.resolve_format(apprise.NotifyFormat.TEXT) == apprise.NotifyFormat.MARKDOWN:
+        markup = COMMONMARK_MARKUP
+    return markup or "", service in MENTIONING_PUSH_SERVICES
+
+
+def as_written(dialect, text):
+    """Text the agent wrote, such that a target of `dialect` (see push_dialect) shows it as written."""
+    markup, mentions = dialect
     if markup:
         text = re.sub(f"([{re.escape(markup)}])", r"\\\1", text)
-    return text.replace("@", "@\u200b") if service in MENTIONING_PUSH_SERVICES else text
+    return text.replace("@", "@\u200b") if mentions else text
 
 
 def email_subject(pause):
@@ -4510,8 +4521,8 @@ def send_apprise(target_url, config, notification, pause, deadline):
         raise ChannelError(f"channel {notification['channel']!r} has a URL Apprise does not understand")
     # Said to be text, or a target that reads HTML or Markdown (mailto://, Telegram) would take
     # the agent's message as markup: a link of its own choosing drawn as an "Approve" button.
-    # Markdown for a service that reads text as Markdown: push_text escaped it for that.
-    escaped = push_service(target_url) in MARKDOWN_PUSH_SERVICES
+    # Markdown for a target that reads Markdown: push_text escaped the agent's text for it.
+    escaped, _ = push_dialect(target_url)
     body_format = apprise.NotifyFormat.MARKDOWN if escaped else apprise.NotifyFormat.TEXT
     try:
         delivered = deadline.run_abandonable(("channel", notification["channel"]), functools.partial(

@@ -575,10 +575,11 @@ def as_drawn(text):
     return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", text).replace("\u200b", "")
 
 
-def assert_shown_as_written(text, created, title="**Wire** @here"):
-    """The agent's question reaches the target as it wrote it: no link, no mention, nothing
-    drawn as markup; the respond link goes as it is, the one link in the message."""
-    for markup in ("](", "@everyone", "@here", "<@123>", "@all", "@**all**", "@room", "**Wire**"):
+def assert_shown_as_written(text, created, title="**Wire** @here", mentions=True):
+    """The agent's question reaches the target as it wrote it: no link, nothing drawn as markup,
+    no mention where `mentions` notify people; the respond link goes as it is, the one link in
+    the message."""
+    for markup in ("](", "**Wire**") + (("@everyone", "@here", "<@123>", "@all", "@room") if mentions else ()):
         assert markup not in text
     assert f"{title}\n{DRESSED}\n" in as_drawn(text)
     assert f"\nAnswer: {created['respond_url']}\n" in text
@@ -649,14 +650,20 @@ def test_a_matrix_push_names_no_room_or_person_to_notify(running_api, receiver):
     assert created["respond_url"] in text
 
 
-def test_a_rocket_chat_push_mentions_no_one(running_api, receiver):
-    """Apprise escapes the Markdown for Rocket.Chat, but not its @all and @here."""
-    target = receiver.url.replace("http://", "rocket://hook/token@") + "/#approvals"
-    pushed_to(running_api(**{"channels.ops.url": target}), message=DRESSED)
+@pytest.mark.parametrize("target, path, field, mentions", [
+    ("rocket://hook/token@{}/#approvals", "/hooks/hook/token", "text", True),
+    ("ntfy://{}/approvals?format=markdown", "/", "message", False),
+])
+def test_a_push_apprise_sends_as_markdown_shows_the_agents_text_as_written_and_our_link_whole(running_api, receiver,
+                                                                                               target, path, field,
+                                                                                               mentions):
+    """Apprise escapes what Markdown reads when it sends Markdown, our link's dots and
+    underscores too; and not Rocket.Chat's @all and @here."""
+    target = target.format(receiver.url.removeprefix("http://"))
+    created = pushed_to(running_api(**{"channels.ops.url": target}), message=DRESSED, title="**Wire** @here")
     [call] = receiver.wait_for(1)
-    assert call["path"] == "/hooks/hook/token"
-    text = call["json"]["text"]
-    assert "@all" not in text and "@here" not in text and "](" not in text
+    assert call["path"] == path
+    assert_shown_as_written(call["json"][field], created, mentions=mentions)
 
 
 def test_a_slack_push_shows_the_agents_links_and_mentions_as_text(running_api, hosted):
