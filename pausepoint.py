@@ -4319,9 +4319,12 @@ def push_text(pause, url, target_url=None):
 # ?format=markdown) it escapes the whole text, our link too: "https://pp\.example/respond/a\_b",
 # which an app that links bare addresses may cut at the first backslash, or keep the backslashes
 # in (Google Chat keeps "\_"). There too we escape only the agent's text; our link goes whole.
-COMMONMARK_MARKUP = "\\`*_~|[]()<>#+-=.!{}&"    # CommonMark and Discord take a backslash before any of them
+COMMONMARK_MARKUP = "\\`*_~|[]()<>#+-=.!{}&"    # CommonMark takes a backslash before any of them
 PYTHON_MARKDOWN_MARKUP = "\\`*_[]()>#+-.!{}"    # Zulip's Python-Markdown shows "\~" as written: not escaped
-MARKDOWN_PUSH_SERVICES = {"Discord": COMMONMARK_MARKUP, "Mattermost": COMMONMARK_MARKUP,
+# Discord takes a backslash before any punctuation, but reads fewer of them, and every
+# backslash costs one of the 2000 characters a message may have: a tool call's JSON stays short.
+DISCORD_MARKUP = "\\`*_~|[]()<>#-"
+MARKDOWN_PUSH_SERVICES = {"Discord": DISCORD_MARKUP, "Mattermost": COMMONMARK_MARKUP,
                           "Zulip": PYTHON_MARKDOWN_MARKUP}
 MENTIONING_PUSH_SERVICES = {"Discord", "Mattermost", "Zulip", "Rocket.Chat", "Matrix"}
 

@@ -623,6 +623,17 @@ def test_a_discord_push_shows_the_agents_markup_and_mentions_as_text_and_pings_n
     assert_shown_as_written(text, created)
 
 
+def test_a_discord_push_escapes_only_what_discord_reads_so_a_tool_call_keeps_its_length(running_api, hosted):
+    """Discord refuses a message over 2000 characters: a backslash before each dot, brace and
+    quote of a tool call's JSON would cost a good part of them."""
+    discord = hosted("discord.com")
+    tool_call = '{"command": "rm -rf build/", "cwd": "/srv/app.example.org", "timeout": 1.5}'
+    created = pushed_to(running_api(**{"channels.ops.url": "discord://1234/abcd"}), message=f"Run {tool_call}?")
+    [call] = discord.calls
+    assert 'Run {"command": "rm \\-rf build/", "cwd": "/srv/app.example.org", "timeout": 1.5}?' in call["json"]["content"]
+    assert created["respond_url"] in call["json"]["content"]
+
+
 def test_a_mattermost_push_shows_the_agents_markup_and_mentions_as_text(running_api, receiver):
     target = receiver.url.replace("http://", "mmost://") + "/hook-token"
     created = pushed_to(running_api(**{"channels.ops.url": target}), message=DRESSED, title="**Wire** @here")
