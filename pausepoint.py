@@ -1705,8 +1705,9 @@ def working_key_hints(conn, developer_id):
 
 
 def rotate_key(conn, developer, livemode):
-    """Revoke the working key of one mode and return its replacement, in one transaction;
-    401 if the password checked for it (`developer`'s password_hash) was changed since."""
+    """Revoke the working key of one mode and return its replacement, in one transaction,
+    with the webhook endpoints the revoked key pointed (see endpoints_set_by()); 401 if
+    the password checked for it (`developer`'s password_hash) was changed since."""
     with transaction(conn):
         require_password_unchanged(conn, developer)
         old = conn.execute("SELECT hint FROM api_keys WHERE developer_id = ? AND livemode = ? AND revoked_at IS NULL",
@@ -1714,10 +1715,29 @@ def rotate_key(conn, developer, livemode):
         conn.execute("UPDATE api_keys SET revoked_at = ? WHERE developer_id = ? AND livemode = ? AND revoked_at IS NULL",
                      (db_time(), developer["id"], livemode))
         key = issue_key(conn, developer["id"], livemode)
+        endpoints = endpoints_set_by(conn, developer["id"], livemode, f"api:{old['hint']}") if old else []
         record_event(conn, developer["id"], livemode, f"developer:{developer['email']}", "key.rotated",
-                     data={"mode": mode_name(livemode),
-                           "revoked_key": old["hint"] if old else None, "new_key": key_hint(key)})
-    return key
+                     data={"mode": mode_name(livemode), "revoked_key": old["hint"] if old else None,
+                           "new_key": key_hint(key), "endpoints_it_set": [e["webhook_id"] for e in endpoints]})
+    return key, endpoints
+
+
+# The latest event that set each endpoint's URL (made it, or changed it to another), by its actor.
+ENDPOINTS_SET_BY = (
+    "SELECT w.id AS webhook_id, w.url FROM webhooks w WHERE w.developer_id = :developer AND w.livemode = :livemode"
+    " AND w.deleted_at IS NULL AND (SELECT a.actor FROM audit_events a WHERE a.developer_id = :developer"
+    "  AND a.livemode = :livemode AND a.event_type IN ('webhook.created', 'webhook.updated')"
+    "  AND json_extract(a.data, '$.webhook_id') = w.id AND (a.event_type = 'webhook.created'"
+    "   OR EXISTS (SELECT 1 FROM json_each(a.data, '$.changed') WHERE value = 'url'))"
+    "  ORDER BY a.seq DESC LIMIT 1) = :actor ORDER BY w.seq")
+
+
+def endpoints_set_by(conn, developer_id, livemode, actor):
+    """The developer's endpoints in a mode whose URL `actor` (an API key) set last: once that
+    key is rotated, perhaps because it leaked, whoever held it may have pointed them anywhere,
+    and they go on receiving the mode's events, with the links that answer its pauses."""
+    return [dict(row) for row in conn.execute(ENDPOINTS_SET_BY, {"developer": developer_id, "livemode": livemode,
+                                                                  "actor": actor})]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7038,8 +7058,10 @@ RESPOND_FACTS = {"type": "object", "required": ["message", "options", "status"],
 REGISTERED = {"type": "object", "required": ["developer_id", "api_key", "test_api_key", "plan", "message"],
               "properties": {"developer_id": {"type": "string"}, "api_key": {"type": "string"},
                              "test_api_key": {"type": "string"}, "plan": {"type": "string"}, "message": {"type": "string"}}}
-ROTATED = {"type": "object", "required": ["developer_id", "message"], "properties": {
+ROTATED = {"type": "object", "required": ["developer_id", "endpoints_to_check", "message"], "properties": {
     "developer_id": {"type": "string"}, "api_key": {"type": "string"}, "test_api_key": {"type": "string"},
+    "endpoints_to_check": {"type": "array", "items": {"type": "object", "required": ["webhook_id", "url"], "properties": {
+        "webhook_id": {"type": "string"}, "url": {"type": "string"}}}},
     "message": {"type": "string"}}}
 CHANNELS = {"type": "object", "required": ["channels"], "properties": {"channels": {"type": "array", "items": {
     "type": "object", "properties": {"name": {"type": "string"}, "kind": {"type": "string"},
@@ -7401,9 +7423,13 @@ def rotate(rt, body):
     developer = password_of(rt, body["email"], body["password"])
     if developer is None:
         raise ApiError(401, "unauthorized", "email or password is wrong")
-    key = rotate_key(rt.db(), developer, MODES[body["key"]])
+    key, endpoints = rotate_key(rt.db(), developer, MODES[body["key"]])
     return {"developer_id": developer["id"], ("api_key" if body["key"] == "live" else "test_api_key"): key,
-            "message": "Save this key — it will not be shown again. The old key has stopped working."}
+            "endpoints_to_check": endpoints,
+            "message": "Save this key — it will not be shown again. The old key has stopped working."
+                       + (f" It set {len(endpoints)} webhook endpoint{'s' if len(endpoints) > 1 else ''}"
+                          " (endpoints_to_check), which still receive your events and their respond links: if the"
+                          " key leaked, check where they point" if endpoints else "")}
 
 
 def post_pause(rt, caller, unchecked_body):
@@ -8123,8 +8149,9 @@ def rotate_from_dashboard(rt, session, form):
     if form.get("key") not in MODES:
         raise invalid("key", "key must be 'live' or 'test': which key to replace")
     livemode = MODES[form["key"]]
-    key = rotate_key(rt.db(), developer, livemode)
+    key, endpoints = rotate_key(rt.db(), developer, livemode)
     rt.shown_once.add(session.token, "keys", [("New live key" if livemode else "New test key", key)])
+    rt.shown_once.add(session.token, "endpoints", endpoints)
     return redirect("/dashboard/keys/shown")
 
 
@@ -8135,7 +8162,7 @@ def keys_shown_page(rt, session):
         return redirect("/dashboard/keys")
     test_key = next((key for label, key in keys if key.startswith("pp_test_")), None)
     return dashboard_page(rt, "keys_shown", session, secret_shown=True, keys=keys, base=base_url(rt.config),
-                          test_key=test_key)
+                          test_key=test_key, endpoints=rt.shown_once.take(session.token, "endpoints") or [])
 
 
 def password_from_dashboard(rt, session, form):

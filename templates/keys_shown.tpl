@@ -9,6 +9,18 @@ Only a digest is stored; if you lose a key, rotate it.</p>
   <button type="button" class="copy secondary" data-copy="key-{{n}}" hidden>Copy</button>
 </div>
 % end
+% if endpoints:
+<div id="endpoints-to-check">
+<p><strong>The old key set {{'this webhook endpoint' if len(endpoints) == 1 else 'these webhook endpoints'}}</strong>, which still
+receive{{'s' if len(endpoints) == 1 else ''}} your events and the links that answer your pauses. If the key leaked, check where
+{{'it points' if len(endpoints) == 1 else 'they point'}}:</p>
+<ul>
+% for endpoint in endpoints:
+  <li><a href="/dashboard/webhooks/{{endpoint['webhook_id']}}" class="text">{{endpoint['url']}}</a></li>
+% end
+</ul>
+</div>
+% end
 % if test_key:
 <p>Try it: ask for an approval with the test key (test pauses never text or email anyone; open the
 <code>respond_url</code> it returns to answer as the human would):</p>

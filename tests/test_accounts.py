@@ -130,6 +130,38 @@ def test_rotating_a_key_returns_a_new_one_and_the_old_one_stops_at_once(api, dev
     assert events[0]["data"]["revoked_key"].endswith(old[-4:])
 
 
+def test_a_rotation_names_the_endpoints_the_old_key_pointed_which_go_on_receiving_events(api, developer):
+    """Whoever held a leaked key may have pointed endpoints anywhere, and they keep receiving
+    the links that answer pauses: a rotation names those whose URL the old key set last."""
+    def rotate():
+        return api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": PASSWORD,
+                                                      "key": "live"}).json
+
+    def made(key, name):
+        return api.post_json("/v1/webhooks", {"url": f"https://hooks.example.com/{name}", "events": ["pause.created"]},
+                             headers=api.as_key(key)).json["webhook_id"]
+
+    first = developer["api_key"]
+    kept, repointed, deleted = made(first, "kept"), made(first, "repointed"), made(first, "deleted")
+    api.delete(f"/v1/webhooks/{deleted}", headers=api.as_key(first))
+    test_mode = made(developer["test_api_key"], "test")
+    rotated = rotate()
+    assert rotated["endpoints_to_check"] == [{"webhook_id": kept, "url": "https://hooks.example.com/kept"},
+                                             {"webhook_id": repointed, "url": "https://hooks.example.com/repointed"}]
+    assert "It set 2 webhook endpoints (endpoints_to_check)" in rotated["message"]
+    second = rotated["api_key"]
+    api.patch_json(f"/v1/webhooks/{kept}", {"events": ["pause.responded"]}, headers=api.as_key(second))
+    api.patch_json(f"/v1/webhooks/{repointed}", {"url": "https://elsewhere.example.com/"}, headers=api.as_key(second))
+    again = rotate()
+    assert again["endpoints_to_check"] == [{"webhook_id": repointed, "url": "https://elsewhere.example.com/"}]
+    assert test_mode not in str([rotated, again])
+    events = api.get("/v1/audit", {"event_type": "key.rotated"}, headers=api.as_key(again["api_key"])).json["events"]
+    assert [event["data"]["endpoints_it_set"] for event in events] == [[repointed], [kept, repointed]]
+    api.delete(f"/v1/webhooks/{repointed}", headers=api.as_key(again["api_key"]))
+    last = rotate()
+    assert last["endpoints_to_check"] == [] and "webhook" not in last["message"]
+
+
 def test_rotation_refuses_a_wrong_password_or_an_unknown_key_name(api, developer):
     api.post_json("/v1/auth/keys/rotate", {"email": "dev@example.com", "password": "wrong-password", "key": "live"},
                   status=401)

@@ -648,6 +648,18 @@ def test_rotating_a_key_needs_the_password_and_shows_the_new_key_once(api):
     assert api.get("/v1/pause", headers=api.as_key(new_key)).status_code == 200
     assert api.get("/v1/pause", headers=api.as_key(keys["live"])).status_code == 200    # the other mode's key stays
     assert new_key not in api.get("/dashboard/keys").text
+    assert shown.html.select_one("#endpoints-to-check") is None
+
+
+def test_a_rotation_in_the_dashboard_links_the_endpoints_the_old_key_pointed(api):
+    _, keys = sign_up(api)
+    url = "https://hooks.example.com/in?a=1&b=2"
+    webhook = api.post_json("/v1/webhooks", {"url": url, "events": ["pause.created"]},
+                            headers=api.as_key(keys["test"])).json
+    shown = post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test", password=PASSWORD).follow()
+    [link] = shown.html.select("#endpoints-to-check a")
+    assert link["href"] == f"/dashboard/webhooks/{webhook['webhook_id']}" and link.text == url
+    assert "in?a=1&amp;b=2" in shown.text
 
 
 def test_changing_the_password_ends_every_session(api):
