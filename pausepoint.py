@@ -47,6 +47,7 @@ import secrets
 import signal
 import smtplib
 import socket
+import socketserver
 import sqlite3
 import ssl
 import stat
@@ -60,6 +61,7 @@ import tomllib
 import unicodedata
 import urllib.parse
 import uuid
+import wsgiref.simple_server
 
 import bcrypt
 import bottle
@@ -6011,6 +6013,73 @@ def metrics_at(runtime):
     return f"; metrics at http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
 
 
+# The metrics' own address serves a scraper or two, not the world: this many connections at
+# once, each on a thread of its own, and a new one beyond them closed at once (the scraper tries
+# again at its next interval). prometheus_client's own server started a thread for every
+# connection and waited on it for ever: connections opened and left silent took a thread and a
+# descriptor each, until the API's connections and the database's files found none.
+METRICS_CONNECTIONS = 4
+# Seconds the metrics' address waits on a client to send more of its request or read more of the answer.
+METRICS_CLIENT_SECONDS = 10
+
+
+class MetricsRequest(wsgiref.simple_server.WSGIRequestHandler):
+    """One scrape: its socket times out (see METRICS_CLIENT_SECONDS), and it is not logged."""
+
+    timeout = METRICS_CLIENT_SECONDS
+
+    def log_message(self, format, *args):
+        pass
+
+
+class MetricsServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+    """The HTTP server at metrics.listen: at most METRICS_CONNECTIONS connections served at once."""
+
+    daemon_threads = True
+
+    def __init__(self, host, port, app):
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        self.address_family, self.places = family, threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        super().__init__(address[:2], MetricsRequest)
+        self.set_app(app)
+
+    def process_request(self, request, client_address):
+        if not self.places.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:       # no thread to give the place back
+            self.places.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.places.release()
+
+    def handle_error(self, request, client_address):
+        """A client that went silent or hung up: nothing for the operator's log."""
+
+
+def serve_metrics(runtime, host, port):
+    """The metrics at http://host:port/metrics, served on threads of their own; returns the server.
+    A scrape borrows a database connection as a request does, and gives it back."""
+    page = runtime.metrics.prometheus.make_wsgi_app(runtime.metrics.registry)
+
+    def app(environ, start_response):
+        runtime.serves_requests()
+        try:
+            return page(environ, start_response)
+        finally:
+            runtime.give_back_db()
+
+    server = MetricsServer(host, port, app)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
+
+
 def metrics_address(config):
     """(host, port) of metrics.listen, or None to serve them at /metrics on the API's address."""
     listen = config["metrics.listen"].strip()
@@ -6225,8 +6294,7 @@ class Runtime:
         if self.metrics_address:
             host, port = self.metrics_address
             try:
-                self.metrics_server, _ = self.metrics.prometheus.start_http_server(port, host,
-                                                                                    registry=self.metrics.registry)
+                self.metrics_server = serve_metrics(self, host, port)
             except OSError as e:
                 raise ConfigError(f"cannot serve metrics on {host}:{port} (metrics.listen): {e.strerror}") from None
         now = utcnow()

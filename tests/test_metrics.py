@@ -1,5 +1,8 @@
 """Prometheus metrics for operators, read with Prometheus's own parser."""
 
+import socket
+import threading
+
 import pytest
 import requests
 
@@ -79,6 +82,22 @@ def test_metrics_can_be_served_on_an_address_of_their_own(running_api):
     samples = scraped(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
     assert value(samples, "pausepoint_pauses_created_total", mode="test") == 1
     api.get("/metrics", status=404)             # not on the API's address
+
+
+def test_connections_left_silent_on_the_metrics_address_take_a_few_threads_not_one_each(running_api):
+    """Whoever reaches the metrics' address cannot spend the process's threads and descriptors."""
+    port = free_port()
+    running_api(jobs=True, **{"metrics.enabled": True, "metrics.listen": f"127.0.0.1:{port}"})
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(50)]
+    try:
+        # Accepted in turn: the first few are served (and wait to be sent a request), the rest closed.
+        for connection in silent[pausepoint.METRICS_CONNECTIONS:]:
+            assert connection.recv(1) == b""
+        serving = [thread for thread in threading.enumerate() if "process_request" in thread.name]
+        assert len(serving) <= pausepoint.METRICS_CONNECTIONS
+    finally:
+        for connection in silent:
+            connection.close()
 
 
 def test_a_metrics_address_that_is_not_host_and_port_stops_start_up_with_a_sentence(tmp_path):
