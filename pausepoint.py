@@ -6019,14 +6019,12 @@ def metrics_at(runtime):
 # connection and waited on it for ever: connections opened and left silent took a thread and a
 # descriptor each, until the API's connections and the database's files found none.
 METRICS_CONNECTIONS = 4
-# Seconds the metrics' address waits on a client to send more of its request or read more of the answer.
+# Seconds a connection to the metrics' address is served at most, however it trickles its request.
 METRICS_CLIENT_SECONDS = 10
 
 
 class MetricsRequest(wsgiref.simple_server.WSGIRequestHandler):
-    """One scrape: its socket times out (see METRICS_CLIENT_SECONDS), and it is not logged."""
-
-    timeout = METRICS_CLIENT_SECONDS
+    """One scrape, not logged."""
 
     def log_message(self, format, *args):
         pass
@@ -6040,6 +6038,7 @@ class MetricsServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServe
     def __init__(self, host, port, app):
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         self.address_family, self.places = family, threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        self.deadlines = DeadlineWatch()        # each connection's socket is shut down at its time
         super().__init__(address[:2], MetricsRequest)
         self.set_app(app)
 
@@ -6058,6 +6057,15 @@ class MetricsServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServe
             super().process_request_thread(request, client_address)
         finally:
             self.places.release()
+
+    def finish_request(self, request, client_address):
+        with self.deadlines.deadline(METRICS_CLIENT_SECONDS) as deadline:      # forgotten before it is closed
+            deadline.guard(request)
+            super().finish_request(request, client_address)
+
+    def server_close(self):
+        super().server_close()
+        self.deadlines.close()
 
     def handle_error(self, request, client_address):
         """A client that went silent or hung up: nothing for the operator's log."""

@@ -2,6 +2,7 @@
 
 import socket
 import threading
+import time
 
 import pytest
 import requests
@@ -98,6 +99,21 @@ def test_connections_left_silent_on_the_metrics_address_take_a_few_threads_not_o
     finally:
         for connection in silent:
             connection.close()
+
+
+def test_a_connection_trickling_its_request_to_the_metrics_address_is_cut_at_its_time(running_api, monkeypatch):
+    """Each byte in time for a read's timeout, so only a time for the whole connection ends it."""
+    monkeypatch.setattr(pausepoint, "METRICS_CLIENT_SECONDS", 1)
+    port = free_port()
+    running_api(jobs=True, **{"metrics.enabled": True, "metrics.listen": f"127.0.0.1:{port}"})
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as trickling:
+        trickling.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+        with pytest.raises(OSError):
+            while time.monotonic() - started < 10:
+                trickling.sendall(b"x")
+                time.sleep(0.2)
+    assert time.monotonic() - started < 5
 
 
 def test_a_metrics_address_that_is_not_host_and_port_stops_start_up_with_a_sentence(tmp_path):
