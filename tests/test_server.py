@@ -1050,18 +1050,33 @@ def test_the_server_keeps_two_malloc_arenas_unless_the_operator_chose(env, arena
 def test_the_images_health_check_asks_the_server_on_the_address_and_port_it_was_given(spawn_server, listening_on,
                                                                                         host_given):
     """Every address is asked on loopback; one address, on that one (127.0.0.2 is not 127.0.0.1)."""
-    with open(os.path.join(ROOT, "Dockerfile"), encoding="utf-8") as f:
-        check = json.loads(re.search(r"HEALTHCHECK[^\n]*\\\n\s*CMD (\[.*\])", f.read()).group(1))
     server = spawn_server(host=listening_on)
     port = server.url.rsplit(":", 1)[1]
 
     def health(port):
-        env = {name: value for name, value in os.environ.items() if not name.startswith("PAUSEPOINT_")}
-        return subprocess.run([sys.executable, *check[1:]], capture_output=True, timeout=30,
-                              env={**env, "PAUSEPOINT_SERVER_PORT": port,
-                                   **({"PAUSEPOINT_SERVER_HOST": host_given} if host_given else {})}).returncode
-    assert check[0] == "python" and health(port) == 0
+        return images_health_check({"PAUSEPOINT_SERVER_PORT": port,
+                                    **({"PAUSEPOINT_SERVER_HOST": host_given} if host_given else {})})
+    assert health(port) == 0
     assert health(str(free_port())) != 0                # nothing listens there
+
+
+def images_health_check(environ, cwd=None):
+    """The exit status of the Dockerfile's HEALTHCHECK, run in `cwd` with these PAUSEPOINT_* variables alone."""
+    with open(os.path.join(ROOT, "Dockerfile"), encoding="utf-8") as f:
+        check = json.loads(re.search(r"HEALTHCHECK[^\n]*\\\n\s*CMD (\[.*\])", f.read()).group(1))
+    assert check[0] == "python"
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PAUSEPOINT_")}
+    return subprocess.run([sys.executable, *check[1:]], capture_output=True, timeout=30, cwd=cwd,
+                          env={**env, **environ}).returncode
+
+
+def test_the_images_health_check_asks_where_the_mounted_config_file_says_the_server_listens(spawn_server, tmp_path):
+    """The image reads ./config.toml (the README mounts it at /app/config.toml); its check, too."""
+    server = spawn_server(host="127.0.0.3")
+    port = server.url.rsplit(":", 1)[1]
+    (tmp_path / "config.toml").write_text(f'[server]\nhost = "127.0.0.3"\nport = {port}\n')
+    assert images_health_check({}, cwd=tmp_path) == 0
+    assert images_health_check({"PAUSEPOINT_SERVER_PORT": str(free_port())}, cwd=tmp_path) != 0    # the variable wins
 
 
 def ignored_by(ignore_file, name):
