@@ -3698,13 +3698,27 @@ class DeadlineWatch:
         self._keys = itertools.count()
         self._thread = None
         self._closed = False
+        self._stop_at = None        # once the server stops: when every call ends at the latest
         # Calls that cannot be interrupted (a name lookup, a library that opens its own
         # sockets) run on threads of their own; those that outlive their deadline are
         # counted here, by owner, until they end.
         self.stragglers = collections.Counter()
 
     def deadline(self, seconds, owner=None):
-        return Deadline(self, seconds, owner)
+        deadline = Deadline(self, seconds, owner)
+        with self._changed:
+            if self._stop_at is not None:
+                deadline.end_by(self._stop_at)
+        return deadline
+
+    def end_by_stop(self, seconds):
+        """Every call, under way or still to start, ends within `seconds`: the server is stopping."""
+        with self._changed:
+            self._stop_at = time.monotonic() + seconds
+            for key, (at, fd, inode, deadline) in self._watched.items():
+                deadline.end_by(self._stop_at)
+                self._watched[key] = (deadline.at, fd, inode, deadline)
+            self._changed.notify()
 
     def _watch(self, deadline, sock):
         fd = sock.fileno()
@@ -3780,12 +3794,19 @@ class Deadline:
     def __init__(self, watch, seconds, owner=None):
         self.watch, self.seconds, self.owner = watch, seconds, owner    # owner: whose lookups may hang
         self.at = time.monotonic() + seconds
+        self.stopping = False           # cut short by the server's stop (DeadlineWatch.end_by_stop())
         self.expired = False
         self.began_sending = False      # part of a request went out: the far end may act on it, answered or not
         self._keys = []
 
     def __str__(self):
-        return f"{self.seconds:g} s"
+        return f"{self.seconds:g} s, as the server stopped" if self.stopping else f"{self.seconds:g} s"
+
+    def end_by(self, at):
+        """End at `at` if it is sooner than the deadline (its watch's lock held)."""
+        if at < self.at:
+            self.seconds = round(max(0.0, self.seconds - (self.at - at)), 1)
+            self.at, self.stopping = at, True
 
     def remaining(self):
         return max(0.001, self.at - time.monotonic())
@@ -6115,6 +6136,7 @@ CHECKPOINT_PASSES = 5
 CHECKPOINT_TAIL_FRAMES = 1_000          # left for the pass under the write lock
 WAL_FRAME_HEADER_BYTES = 24             # before each page in the WAL
 HASH_WAIT_SECONDS = 5
+STOP_CALLS_SECONDS = 2
 # Hourly: test data is bounded by a count (retention.test_pauses_kept), which a developer
 # at the test-pause rate could pass 24 times over in a day.
 PRUNE_INTERVAL = dt.timedelta(hours=1)
@@ -6324,6 +6346,11 @@ class Runtime:
         with self.wake_lock:
             self.stopping = True
         self.wake_waiters()
+        # Outbound calls under way, and any a job starts yet, end within STOP_CALLS_SECONDS, each
+        # recorded as cut at its deadline (and retried after the start): a receiver or provider that
+        # never answers would hold the stop for the rest of outbound.deadline_seconds, up to 300 s,
+        # and a container's stop kills the process 10 s after asking it to stop.
+        self.outbound.deadlines.end_by_stop(STOP_CALLS_SECONDS)
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         with self.round_locks["run_timeouts"]:

@@ -754,6 +754,22 @@ def test_an_attempt_ends_at_its_deadline_however_slowly_the_receiver_answers(hoo
     assert delivery["status"] == "pending" and delivery["next_attempt_at"]
 
 
+@pytest.mark.deadline(60)
+def test_a_stop_cuts_a_delivery_waiting_on_its_receiver_short_and_records_it_to_retry(hooks_api, keys, stubs):
+    """Not the rest of its deadline: a container's stop kills the process 10 s after asking it to stop."""
+    stalling = stubs(StallingReceiver)
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, stalling.url)["webhook_id"]
+    hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+    wait_until(lambda: stalling.open == 1)          # the delivery is under way, waiting for the rest of the answer
+    asked_to_stop = time.monotonic()
+    hooks_api.app.runtime.stop()
+    assert time.monotonic() - asked_to_stop < pausepoint.STOP_CALLS_SECONDS + 5      # not 60 s
+    [(error, status)] = stored(hooks_api.config, "SELECT a.error, d.status FROM webhook_attempts a"
+                                                 " JOIN webhook_deliveries d ON d.id = a.delivery_id")
+    assert re.fullmatch(r"timed out after [0-9.]+ s, as the server stopped", error) and status == "pending"
+
+
 # -- kept-alive connections ---------------------------------------------------------
 
 def send_test_events(api, key, webhook_id, count):
