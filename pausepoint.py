@@ -61,6 +61,7 @@ import tomllib
 import unicodedata
 import urllib.parse
 import uuid
+import weakref
 import wsgiref.simple_server
 
 import bcrypt
@@ -3699,6 +3700,7 @@ class DeadlineWatch:
         self._thread = None
         self._closed = False
         self._stop_at = None        # once the server stops: when every call ends at the latest
+        self._calls = weakref.WeakSet()     # the deadlines of calls under way, sockets guarded or not
         # Calls that cannot be interrupted (a name lookup, a library that opens its own
         # sockets) run on threads of their own; those that outlive their deadline are
         # counted here, by owner, until they end.
@@ -3707,6 +3709,7 @@ class DeadlineWatch:
     def deadline(self, seconds, owner=None):
         deadline = Deadline(self, seconds, owner)
         with self._changed:
+            self._calls.add(deadline)
             if self._stop_at is not None:
                 deadline.end_by(self._stop_at)
         return deadline
@@ -3715,8 +3718,9 @@ class DeadlineWatch:
         """Every call, under way or still to start, ends within `seconds`: the server is stopping."""
         with self._changed:
             self._stop_at = time.monotonic() + seconds
-            for key, (at, fd, inode, deadline) in self._watched.items():
+            for deadline in list(self._calls):
                 deadline.end_by(self._stop_at)
+            for key, (at, fd, inode, deadline) in self._watched.items():
                 self._watched[key] = (deadline.at, fd, inode, deadline)
             self._changed.notify()
 
@@ -3795,6 +3799,7 @@ class Deadline:
         self.watch, self.seconds, self.owner = watch, seconds, owner    # owner: whose lookups may hang
         self.at = time.monotonic() + seconds
         self.stopping = False           # cut short by the server's stop (DeadlineWatch.end_by_stop())
+        self.woken = threading.Event()  # set when `at` comes sooner, or a call run_abandonable() waits on ends
         self.expired = False
         self.began_sending = False      # part of a request went out: the far end may act on it, answered or not
         self._keys = []
@@ -3807,6 +3812,7 @@ class Deadline:
         if at < self.at:
             self.seconds = round(max(0.0, self.seconds - (self.at - at)), 1)
             self.at, self.stopping = at, True
+            self.woken.set()
 
     def remaining(self):
         return max(0.001, self.at - time.monotonic())
@@ -3848,10 +3854,13 @@ class Deadline:
                     if outcome.get("abandoned"):
                         self.watch.stragglers[key] -= 1
                         self.watch.stragglers += collections.Counter()
+                self.woken.set()
 
-        thread = threading.Thread(target=run, name="abandonable", daemon=True)
-        thread.start()
-        thread.join(self.remaining())
+        threading.Thread(target=run, name="abandonable", daemon=True).start()
+        # Until the call ends or the deadline passes, which a stop may bring closer (end_by()).
+        while not outcome.get("done") and not self.passed():
+            self.woken.wait(self.remaining())
+            self.woken.clear()
         with self.watch._changed:
             if not outcome.get("done"):
                 outcome["abandoned"] = True

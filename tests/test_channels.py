@@ -9,6 +9,7 @@ import json
 import re
 import ssl
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -1444,6 +1445,21 @@ def test_a_push_target_that_never_finishes_answering_is_given_up_at_the_deadline
     key = api.register()["api_key"]
     pause = sent(api, key, api.create_pause(key, channel="ops", recipient="on-call")["pause_id"], "queued")
     assert "no answer within 1 s" in pause["notification"]["last_error"]
+
+
+def test_a_stop_gives_up_a_push_left_hanging_within_moments_not_at_its_deadline(running_api, stubs):
+    """A push runs on a thread the server cannot interrupt, and the stop waited for it until its deadline."""
+    trickler = stubs(TrickleReceiver, interval=0.2)
+    api = running_api(jobs=True, **{"channels.ops.url": "json://" + trickler.url.removeprefix("http://"),
+                                    "outbound.deadline_seconds": 60})
+    key = api.register()["api_key"]
+    api.create_pause(key, channel="ops", recipient="on-call")
+    wait_until(lambda: trickler.open == 1)          # the push is under way
+    asked_to_stop = time.monotonic()
+    api.app.runtime.stop()
+    assert time.monotonic() - asked_to_stop < pausepoint.STOP_CALLS_SECONDS + 5       # not 60 s
+    [(status, error)] = stored(api.config, "SELECT status, last_error FROM notifications")
+    assert status == "queued" and "as the server stopped" in error
 
 
 def test_pushes_left_hanging_may_have_arrived_and_say_so_to_the_end(running_api, stubs):
