@@ -9709,7 +9709,9 @@ def command_line():
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name, help):
-        return commands.add_parser(name, help=help, parents=[after_command], allow_abbrev=False)
+        # Said again atop the command's own --help, which otherwise lists its options alone.
+        return commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                                   parents=[after_command], allow_abbrev=False)
 
     def developer_email(parser, help="the developer's sign-in email"):
         # Without the spaces around it, as sign-in takes it: a pasted " a@example.com" is theirs.

@@ -848,6 +848,13 @@ def test_help_explains_each_command(tmp_path):
         assert command in result.stdout
 
 
+@pytest.mark.parametrize("command, says", [("serve", "Serve the API and respond pages"),
+                                           ("set-password", "every sign-in of theirs ends"),
+                                           ("rotate-signing-key", "old public keys stay published")])
+def test_a_commands_own_help_says_what_it_does(tmp_path, command, says):
+    assert says in " ".join(run_cli(tmp_path, command, "--help").stdout.split())
+
+
 def test_a_fresh_database_records_its_schema_version_and_a_second_start_keeps_it(tmp_path):
     config = make_config(tmp_path)
     pausepoint.create_app(config)
