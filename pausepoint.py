@@ -5067,8 +5067,8 @@ def webhook_fields(body, allow_private, livemode):
         fields["url"] = body["url"].strip()
     if "events" in body:
         fields["events"] = sorted(set(body["events"]), key=WEBHOOK_EVENTS.index)
-    if body.get("secret") is not None:
-        fields["secret"] = body["secret"]
+    if "secret" in body:
+        fields["secret"] = body["secret"]       # None: one is to be made (new_webhook_secret())
     if "enabled" in body:
         fields["enabled"] = body["enabled"]
     return fields
@@ -5090,9 +5090,8 @@ def create_webhook(conn, config, caller, body, password_checked=None):
     was changed since."""
     fields = webhook_fields(body, config["webhooks.allow_private"], caller.livemode)
     generated = None
-    if "secret" not in fields:
-        # whsec_ and base64, as Standard Webhooks verifiers take a secret, of 256 random bits
-        generated = fields["secret"] = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    if fields.get("secret") is None:
+        generated = fields["secret"] = new_webhook_secret()
     webhook_id, now = new_id("wh_"), db_time()
     with transaction(conn):
         if password_checked is not None:
@@ -5114,9 +5113,18 @@ def create_webhook(conn, config, caller, body, password_checked=None):
         return owned_webhook(conn, caller, webhook_id), generated
 
 
+def new_webhook_secret():
+    """whsec_ and base64, as Standard Webhooks verifiers take a secret, of 256 random bits."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
 def update_webhook(conn, config, caller, webhook_id, body):
-    """PATCH: change url or events, rotate the secret (the old one signs too for 24 h), enable or disable."""
+    """PATCH: change url or events, rotate the secret (the old one signs too for 24 h; a null
+    one is made here), enable or disable; returns (row, the secret if it was made here)."""
     fields = webhook_fields(body, config["webhooks.allow_private"], caller.livemode)
+    generated = None
+    if "secret" in fields and fields["secret"] is None:
+        generated = fields["secret"] = new_webhook_secret()
     now = utcnow()
     with transaction(conn):
         webhook = owned_webhook(conn, caller, webhook_id)
@@ -5145,7 +5153,7 @@ def update_webhook(conn, config, caller, webhook_id, body):
                      data={"webhook_id": webhook_id, "changed": sorted(set(fields) - {"secret"}) +
                            (["secret"] if "secret" in changes else []),
                            **({"url": fields["url"]} if "url" in fields else {})})
-        return owned_webhook(conn, caller, webhook_id)
+        return owned_webhook(conn, caller, webhook_id), generated
 
 
 def delete_webhook(conn, caller, webhook_id):
@@ -7054,7 +7062,7 @@ WEBHOOK_PROPERTIES = {
                "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
                "x-message": f"events must be a list of 1-{len(WEBHOOK_EVENTS)} drawn from: {', '.join(WEBHOOK_EVENTS)}"},
     "secret": {"type": ["string", "null"], "minLength": MIN_SECRET_LENGTH, "maxLength": 256, "pattern": SAFE_TEXT,
-               "x-message": f"secret must be {MIN_SECRET_LENGTH}-256 characters (or left out to have one made)"},
+               "x-message": f"secret must be {MIN_SECRET_LENGTH}-256 characters (or null to have one made)"},
 }
 WEBHOOK_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["url", "events"],
                   "properties": WEBHOOK_PROPERTIES}
@@ -7585,7 +7593,10 @@ def webhook_change_allowed(rt, caller):
 
 def post_webhook(rt, caller, body):
     """Register a webhook endpoint; a generated secret is shown this once."""
-    webhook, generated_secret = create_webhook(rt.db(), rt.config, caller, body)
+    return webhook_with_secret(*create_webhook(rt.db(), rt.config, caller, body))
+
+
+def webhook_with_secret(webhook, generated_secret):
     answer = webhook_json(webhook)
     if generated_secret:
         answer["secret"] = generated_secret         # shown this once; PausePoint never shows a secret again
@@ -7604,7 +7615,7 @@ def get_webhook(rt, caller, webhook_id):
 
 def patch_webhook(rt, caller, body, webhook_id):
     """Change a webhook's url or events, rotate its secret, enable or disable it."""
-    return webhook_json(update_webhook(rt.db(), rt.config, caller, webhook_id, body))
+    return webhook_with_secret(*update_webhook(rt.db(), rt.config, caller, webhook_id, body))
 
 
 def remove_webhook(rt, caller, webhook_id):

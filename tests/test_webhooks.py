@@ -400,6 +400,22 @@ def test_during_secret_rotation_both_secrets_sign_for_24_hours(hooks_api, keys, 
     assert later.count("v1=") == 1 and not pausepoint.verify_signature(SECRET, later, receiver.calls[1]["body"])
 
 
+def test_a_null_secret_makes_a_new_one_shown_once_and_the_old_one_signs_beside_it_for_a_day(hooks_api, keys,
+                                                                                                 receiver):
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+    changed = hooks_api.patch_json(f"/v1/webhooks/{webhook_id}", {"secret": None}, headers=hooks_api.as_key(key)).json
+    assert re.fullmatch(r"whsec_[A-Za-z0-9+/]{43}=", changed["secret"])      # 256 bits, base64
+    assert changed["secret"] not in hooks_api.get(f"/v1/webhooks/{webhook_id}", headers=hooks_api.as_key(key)).text
+    untouched = hooks_api.patch_json(f"/v1/webhooks/{webhook_id}", {"events": ["pause.created"]},
+                                     headers=hooks_api.as_key(key)).json
+    assert "secret" not in untouched
+    hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+    call = receiver.wait_for(1)[0]
+    for secret in (changed["secret"], SECRET):
+        assert pausepoint.verify_signature(secret, call["headers"]["X-PausePoint-Signature"], call["body"])
+
+
 def test_deliveries_verify_with_the_standard_webhooks_library_and_the_pausepoint_scheme(hooks_api, keys, receiver):
     from standardwebhooks.webhooks import Webhook, WebhookVerificationError
     key = keys["test_api_key"]
