@@ -5129,8 +5129,10 @@ def update_webhook(conn, config, caller, webhook_id, body):
     with transaction(conn):
         webhook = owned_webhook(conn, caller, webhook_id)
         changes = {}
-        if "url" in fields:
-            changes["url"] = fields["url"]
+        if "url" in fields and fields["url"] != webhook["url"]:
+            # A new address starts with a clean record: the old one's failures must not
+            # disable it in its first hours (DISABLE_AFTER_FAILING).
+            changes.update(url=fields["url"], failing_since=None)
         if "events" in fields:
             changes["events"] = compact_json(fields["events"])
         if "secret" in fields and fields["secret"] != webhook["secret"]:

@@ -618,6 +618,16 @@ def test_a_success_clears_the_failing_streak(hooks_api, keys, hooks_config, rece
     wait_until(lambda: stored(hooks_config, "SELECT failing_since FROM webhooks") == [(None,)])
 
 
+def test_a_new_url_starts_without_the_old_ones_failing_streak(hooks_api, keys, hooks_config, receiver):
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+    stored(hooks_config, "UPDATE webhooks SET failing_since = '2026-01-01T00:00:00.000Z'")
+    hooks_api.patch_json(f"/v1/webhooks/{webhook_id}", {"url": receiver.url}, headers=hooks_api.as_key(key))
+    assert stored(hooks_config, "SELECT failing_since FROM webhooks") == [("2026-01-01T00:00:00.000Z",)]
+    hooks_api.patch_json(f"/v1/webhooks/{webhook_id}", {"url": receiver.url + "/fixed"}, headers=hooks_api.as_key(key))
+    assert stored(hooks_config, "SELECT failing_since FROM webhooks") == [(None,)]
+
+
 def test_redeliver_sends_a_delivery_again_with_the_same_event_id(hooks_api, keys, receiver):
     key = keys["test_api_key"]
     webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
