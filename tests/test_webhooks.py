@@ -414,6 +414,12 @@ def test_a_null_secret_makes_a_new_one_shown_once_and_the_old_one_signs_beside_i
     call = receiver.wait_for(1)[0]
     for secret in (changed["secret"], SECRET):
         assert pausepoint.verify_signature(secret, call["headers"]["X-PausePoint-Signature"], call["body"])
+    # Changed twice, the first secret (leaked, say) signs nothing more, at once.
+    again = hooks_api.patch_json(f"/v1/webhooks/{webhook_id}", {"secret": None}, headers=hooks_api.as_key(key)).json
+    hooks_api.post(f"/v1/webhooks/{webhook_id}/test", headers=hooks_api.as_key(key))
+    call = receiver.wait_for(2)[1]
+    assert pausepoint.verify_signature(again["secret"], call["headers"]["X-PausePoint-Signature"], call["body"])
+    assert not pausepoint.verify_signature(SECRET, call["headers"]["X-PausePoint-Signature"], call["body"])
 
 
 def test_deliveries_verify_with_the_standard_webhooks_library_and_the_pausepoint_scheme(hooks_api, keys, receiver):
