@@ -6,8 +6,9 @@ says in one line what is about to run and where, waits for the answer, and print
 the hook's decision as JSON: allow on Allow, deny (with the person's comment as the
 reason) on Deny. When nobody answers in time it hands the call back to Claude Code's
 own prompt ("ask", the default) or denies it, as PAUSEPOINT_HOOK_ON_TIMEOUT says,
-and cancels the pause so a late answer decides nothing. If PausePoint cannot be
-reached it asks locally: it never allows on its own.
+and cancels the pause so a late answer decides nothing. So it does when no person
+could be asked there (PausePoint unreachable or failing, a call too long to show):
+it never allows on its own.
 
 Configured by the environment, like the MCP server:
   PAUSEPOINT_URL, PAUSEPOINT_API_KEY     the server and a key (pp_live_… to really text), or
@@ -15,7 +16,8 @@ Configured by the environment, like the MCP server:
   PAUSEPOINT_RECIPIENT, PAUSEPOINT_CHANNEL   who to ask and how (default channel: sms)
   PAUSEPOINT_HOOK_WAIT                   seconds to wait for the answer (default 50; keep it
                                          below the hook's own timeout in settings.json)
-  PAUSEPOINT_HOOK_ON_TIMEOUT             ask (default) or deny
+  PAUSEPOINT_HOOK_ON_TIMEOUT             ask (default) or deny: the answer to a call no person
+                                         allowed or denied on PausePoint
 
 A call whose tool input is too long for the page to show whole (about 15 KB) is asked
 about here, not on PausePoint: a person must see all of what they allow.
@@ -159,8 +161,8 @@ def ask_person(call, environ):
                  for name in ("tool_name", "cwd", "session_id")}
                 | {"tool_input": readable(tool_input), "display": ["tool_name", "cwd", "tool_input"]})
     if (size := metadata_bytes(metadata)) > METADATA_BYTES:     # the page would show a part: a harmless start, say
-        return decision("ask", f"the call is too long to show whole on PausePoint ({size} bytes, {METADATA_BYTES}"
-                               " at most); asking here instead")
+        return unasked(on_timeout, f"the call is too long to show whole on PausePoint ({size} bytes,"
+                                   f" {METADATA_BYTES} at most)")
     deadline = time.monotonic() + wait - CALL_SECONDS       # for the create's tries and the wait's together
     created = client.pause(
         recipient=recipient, channel=channel,
@@ -183,7 +185,20 @@ def ask_person(call, environ):
             PausePoint(client.base_url, client.api_key, timeout=CANCEL_SECONDS, retries=0).cancel(pause["pause_id"])
         except PausePointError as e:            # answered as the wait ran out, or the server not answering
             reason += f" (nor could it be cancelled: {e}; an answer given there now is used by nothing)"
-    return decision(on_timeout, reason if on_timeout == "deny" else reason + "; asking here instead")
+    return unasked(on_timeout, reason)
+
+
+def unasked(on_timeout, reason):
+    """The answer to a call no person answered on PausePoint, for `reason`: asked here, or
+    denied (PAUSEPOINT_HOOK_ON_TIMEOUT). Where nobody is at hand to be asked (a headless run,
+    say), deny is what keeps such a call from running."""
+    return decision(on_timeout, reason + ("; asking here instead" if on_timeout == "ask" else ""))
+
+
+def unanswered_setting(environ):
+    """PAUSEPOINT_HOOK_ON_TIMEOUT as far as it can be read, for the answers given when asking
+    fails: ask unless it says deny (one it cannot take is named by ask_person(), asking here)."""
+    return "deny" if environ.get("PAUSEPOINT_HOOK_ON_TIMEOUT", "").strip().lower() == "deny" else "ask"
 
 
 def main(stdin=sys.stdin, stdout=sys.stdout, environ=os.environ):
@@ -202,9 +217,10 @@ def main(stdin=sys.stdin, stdout=sys.stdout, environ=os.environ):
     def too_late():
         # A server can hold a call far past its socket timeouts (a body sent a byte every few
         # seconds): past the hook's own limit, ask here, and end the process with its calls.
-        if give(decision("ask", "PausePoint took too long to answer; asking here instead"), blocking=False):
+        if give(unasked(on_timeout, "PausePoint took too long to answer"), blocking=False):
             os._exit(0)
 
+    on_timeout = unanswered_setting(environ)
     try:
         limit = hook_wait(environ) + OVERRUN_SECONDS
     except ValueError:
@@ -219,7 +235,7 @@ def main(stdin=sys.stdin, stdout=sys.stdout, environ=os.environ):
         answer = ask_person(call, environ)
     except Exception as e:      # whatever it was (a call nested too deep to read, say): never Claude Code's own rules
         print(f"pausepoint hook: {e!r}", file=sys.stderr)
-        answer = decision("ask", f"PausePoint could not be asked ({e}); asking here instead")
+        answer = unasked(on_timeout, f"PausePoint could not be asked ({e})")
     watchdog.cancel()
     give(answer, blocking=True)     # (and keep the lock: a watchdog already running writes nothing)
     return 0

@@ -247,6 +247,24 @@ def test_when_pausepoint_cannot_be_reached_it_asks_locally_and_never_allows(live
     assert out["permissionDecision"] == "ask" and "could not be asked" in out["permissionDecisionReason"]
 
 
+def test_set_to_deny_it_denies_too_whatever_kept_a_person_from_being_asked(live_server):
+    """Where nobody is at hand to answer a local prompt (a headless run), an "ask" could let the
+    call through: set to deny, no path short of a person's Allow lets it run."""
+    unreachable = run_hook("http://127.0.0.1:9", "pp_test_x", PAUSEPOINT_HOOK_ON_TIMEOUT="deny")
+    too_long = run_hook(live_server.url, new_test_key(live_server.url), write_call("SECRET=1\n" * 5000),
+                        PAUSEPOINT_HOOK_ON_TIMEOUT="deny")
+    unreadable = run_hook(live_server.url, "pp_test_x", "{not json", PAUSEPOINT_HOOK_ON_TIMEOUT="deny")
+    server, url, asked = serve_stand_in(trickle=1)
+    try:
+        held = run_hook(url, "pp_test_x", PAUSEPOINT_HOOK_WAIT="0.2", PAUSEPOINT_HOOK_ON_TIMEOUT="deny")
+    finally:
+        stop_http(server)
+    for out, said in ((unreachable, "could not be asked"), (too_long, "too long to show whole"),
+                      (unreadable, "could not be asked"), (held, "took too long")):
+        assert out["permissionDecision"] == "deny" and said in out["permissionDecisionReason"]
+        assert "asking here" not in out["permissionDecisionReason"]
+
+
 def hook_against(wait, **stand_in):
     """The hook's answer, waiting `wait` seconds, against a PausePointStandIn (serve_stand_in()
     takes `stand_in`); and what it asked."""
