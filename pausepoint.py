@@ -785,6 +785,12 @@ MIGRATIONS = [
         CREATE INDEX notifications_by_provider_message_id ON notifications(provider_message_id)
             WHERE provider_message_id IS NOT NULL;
     """),
+    # Twilio's reports on a text whose send is not recorded yet (schema.sql).
+    (22, """
+        CREATE TABLE early_delivery_reports (seq INTEGER PRIMARY KEY, message_sid TEXT NOT NULL,
+            reported TEXT NOT NULL, error_code TEXT NOT NULL, received_at TEXT NOT NULL);
+        CREATE INDEX early_delivery_reports_by_sid ON early_delivery_reports(message_sid);
+    """),
 ]
 
 
@@ -4749,6 +4755,8 @@ def record_send(conn, config, row, claim_until, attempt, outcome):
         if changed and status == "failed" and row["kind"] == "ask":
             pause = pause_by_id(conn, row["pause_id"])
             emit_pause_events(conn, config, [pause], "pause.notification_failed", when=now)
+        if changed and status == "sent" and provider_id:        # after its notification.sent
+            apply_early_delivery_reports(conn, config, provider_id, now)
 
 
 # What Twilio's status callbacks say became of a text it took, in the words that are final.
@@ -4756,6 +4764,9 @@ def record_send(conn, config, row, claim_until, attempt, outcome):
 # after a final one: they change nothing.
 DELIVERED = ("delivered", "read")           # 'read': WhatsApp's, after 'delivered'
 NOT_DELIVERED = ("undelivered", "failed")
+# A report on a text whose send is not recorded yet waits for it this long: the send's record
+# comes as soon as Twilio's answer, or its claim runs out, within minutes.
+EARLY_REPORT_KEPT = dt.timedelta(days=1)
 # What Twilio's error code in a report of a text not delivered means for the person asked.
 TWILIO_DELIVERY_ERRORS = {
     30003: "the phone is unreachable (switched off, or out of coverage)",
@@ -4769,35 +4780,55 @@ TWILIO_DELIVERY_ERRORS = {
 
 def record_delivery_report(conn, config, message_sid, reported, error_code):
     """Record what Twilio's status callback says became of a live text (found by its
-    MessageSid; an unknown one changes nothing). Not delivered fails its notification, as a
-    failed send does (tell_undelivered()); delivered only notes it. The first final word
-    stands but for 'read' after 'delivered', set by compare-and-set, so a report that comes
-    again or out of order changes nothing and tells no one twice."""
+    MessageSid). Not delivered fails its notification, as a failed send does
+    (tell_undelivered()); delivered only notes it. A report on an id not stored yet waits
+    for the send's record (record_send()): Twilio may post it before its answer to the
+    send reaches us, and posts it once."""
     if reported not in DELIVERED + NOT_DELIVERED:
         return
     with transaction(conn):
         now = db_time()
-        row = query_db(conn, "SELECT * FROM notifications WHERE provider_message_id = ? AND livemode = 1"
-                             " AND channel IN ('sms', 'whatsapp')", (message_sid,), one=True)
-        if row is None:
-            return
-        was = row["delivery_status"]
-        if was in NOT_DELIVERED and reported in DELIVERED:
-            # Twilio said both: the person may have it after all, so their reply counts (REACHED).
-            # The agent was told of the failure once, and is not told again.
-            conn.execute("UPDATE notifications SET may_have_reached = 1, updated_at = ? WHERE id = ?"
-                         " AND NOT may_have_reached", (now, row["id"]))
-            return
-        if was is not None and (was, reported) != ("delivered", "read"):
-            return
-        failed = reported in NOT_DELIVERED
-        error = undelivered_error(reported, error_code) if failed else row["last_error"]
-        changed = conn.execute(
-            "UPDATE notifications SET delivery_status = ?, status = ?, last_error = ?, updated_at = ?"
-            " WHERE id = ? AND status = 'sent' AND delivery_status IS ?",
-            (reported, "failed" if failed else "sent", error, now, row["id"], was)).rowcount
-        if changed and failed:
-            tell_undelivered(conn, config, row, reported, error, now)
+        if not apply_delivery_report(conn, config, message_sid, reported, error_code, now):
+            conn.execute("INSERT INTO early_delivery_reports (message_sid, reported, error_code, received_at)"
+                         " VALUES (?, ?, ?, ?)", (message_sid, reported, error_code, now))
+
+
+def apply_delivery_report(conn, config, message_sid, reported, error_code, now):
+    """Apply a final report to the live text it names, inside the caller's transaction;
+    False if no text of ours has that id (yet). The first final word stands but for 'read'
+    after 'delivered', set by compare-and-set, so a report that comes again or out of order
+    changes nothing and tells no one twice."""
+    row = query_db(conn, "SELECT * FROM notifications WHERE provider_message_id = ? AND livemode = 1"
+                         " AND channel IN ('sms', 'whatsapp')", (message_sid,), one=True)
+    if row is None:
+        return False
+    was = row["delivery_status"]
+    if was in NOT_DELIVERED and reported in DELIVERED:
+        # Twilio said both: the person may have it after all, so their reply counts (REACHED).
+        # The agent was told of the failure once, and is not told again.
+        conn.execute("UPDATE notifications SET may_have_reached = 1, updated_at = ? WHERE id = ?"
+                     " AND NOT may_have_reached", (now, row["id"]))
+        return True
+    if was is not None and (was, reported) != ("delivered", "read"):
+        return True
+    failed = reported in NOT_DELIVERED
+    error = undelivered_error(reported, error_code) if failed else row["last_error"]
+    changed = conn.execute(
+        "UPDATE notifications SET delivery_status = ?, status = ?, last_error = ?, updated_at = ?"
+        " WHERE id = ? AND status = 'sent' AND delivery_status IS ?",
+        (reported, "failed" if failed else "sent", error, now, row["id"], was)).rowcount
+    if changed and failed:
+        tell_undelivered(conn, config, row, reported, error, now)
+    return True
+
+
+def apply_early_delivery_reports(conn, config, message_sid, now):
+    """The reports that came for a text before its send was recorded, in the order they came
+    (inside record_send()'s transaction, once the text's id is stored)."""
+    for reported, error_code in conn.execute("SELECT reported, error_code FROM early_delivery_reports"
+                                             " WHERE message_sid = ? ORDER BY seq", (message_sid,)).fetchall():
+        apply_delivery_report(conn, config, message_sid, reported, error_code, now)
+    conn.execute("DELETE FROM early_delivery_reports WHERE message_sid = ?", (message_sid,))
 
 
 def undelivered_error(reported, error_code):
@@ -5608,6 +5639,9 @@ def prune_expired_data(conn, config, now=None):
                              " AND rowid < (SELECT max(rowid) FROM webhook_events f INDEXED BY webhook_events_feed"
                              " WHERE f.developer_id = e.developer_id AND f.livemode = e.livemode) ORDER BY rowid",
            lambda last: (last[2] if last else 0, newest_old or 0, log_cutoff, log_cutoff), EVENT_ROWS)
+    # A report no send claimed: for a text whose send's record was lost (a claim that ran out).
+    delete("early delivery reports", "SELECT seq FROM early_delivery_reports WHERE received_at < ?",
+           (db_time(now - EARLY_REPORT_KEPT),), ["DELETE FROM early_delivery_reports WHERE seq = ?"])
     delete("idempotency keys", "SELECT rowid FROM idempotency_keys WHERE created_at < ?",
            (db_time(now - IDEMPOTENCY_WINDOW),), ["DELETE FROM idempotency_keys WHERE rowid = ?"])
     delete("dashboard devices", "SELECT rowid FROM dashboard_devices WHERE signed_in_at < ?",

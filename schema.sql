@@ -263,6 +263,19 @@ CREATE INDEX notifications_due_live ON notifications(channel, developer_id, next
 CREATE INDEX notifications_by_provider_message_id ON notifications(provider_message_id)
     WHERE provider_message_id IS NOT NULL;
 
+-- Twilio's reports on texts whose id is not stored yet: Twilio may post one before its answer
+-- to the send reaches us, and posts each once. record_send() applies them, in the order they
+-- came, as it stores the text's id; one no send claims is pruned after EARLY_REPORT_KEPT.
+CREATE TABLE early_delivery_reports (
+    seq          INTEGER PRIMARY KEY,                 -- the order they came in
+    message_sid  TEXT NOT NULL,                       -- Twilio's id of the text
+    reported     TEXT NOT NULL,                       -- its MessageStatus: one DELIVERED or NOT_DELIVERED names
+    error_code   TEXT NOT NULL,                       -- its ErrorCode, '' for none
+    received_at  TEXT NOT NULL
+);
+-- record_send(): the reports waiting for the text it records.
+CREATE INDEX early_delivery_reports_by_sid ON early_delivery_reports(message_sid);
+
 -- Text replies taken from Twilio's webhook, by its MessageSid. A signed webhook carries no
 -- time, so one sent again (Twilio retrying, or anyone who saw it replaying it to answer a
 -- newer pause) is known only by its id: it decides nothing a second time. Live only (test

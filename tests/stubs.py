@@ -30,8 +30,10 @@ class TwilioStub:
     """A local HTTP server that speaks enough of Twilio's Messages API for the
     real twilio library: it checks HTTP Basic auth, records each message and
     answers like Twilio, or fails on demand (`fail_next`), or takes a message and
-    answers only after a while (`answer_late`) or not at all (`hang_up`); and makes
-    the signed status callbacks Twilio posts about a message (`status_callback`)."""
+    answers only after a while (`answer_late`) or not at all (`hang_up`), or does something
+    with a message taken before it answers (`before_answer`: Twilio's status callbacks do not
+    wait for its answer); and makes the signed status callbacks Twilio posts about a message
+    (`status_callback`)."""
 
     def __init__(self, account_sid="AC" + "0" * 32, auth_token="stub-auth-token"):
         self.account_sid, self.auth_token = account_sid, auth_token
@@ -40,6 +42,7 @@ class TwilioStub:
         self.answer_late = []          # seconds to wait before answering a message taken, one per coming message
         self.hang_up = 0               # how many coming messages to take and then hang up on, unanswered
         self.unsubscribed = set()      # numbers that texted STOP: Twilio refuses to send to them
+        self.before_answer = []        # callables, one per coming message taken, called with its sid
         self.lock = threading.Lock()
         stub = self
 
@@ -65,12 +68,15 @@ class TwilioStub:
                         stub.messages.append({**form, "sid": sid})
                         late = stub.answer_late.pop(0) if stub.answer_late else 0
                         hang_up, stub.hang_up = stub.hang_up > 0, max(0, stub.hang_up - 1)
+                        before = stub.before_answer.pop(0) if stub.before_answer else None
                 if failure is not None:
                     return self.answer(failure, {"code": 30001, "message": "Queue overflow", "status": failure})
                 if hang_up:
                     self.close_connection = True
                     return
                 time.sleep(late)
+                if before is not None:
+                    before(sid)
                 self.answer(201, {"sid": sid, "account_sid": stub.account_sid, "to": form.get("To"),
                                   "from": form.get("From"), "body": form.get("Body"), "status": "queued",
                                   "num_segments": "1", "direction": "outbound-api", "api_version": "2010-04-01"})

@@ -206,3 +206,32 @@ def test_a_reply_counts_for_a_text_reported_undelivered_only_once_it_is_reported
     report(api, twilio, sid, "delivered")
     assert "recorded Approve" in reply(api, twilio, "1")
     assert api.pause(key, pause_id)["choice"] == "Approve"
+
+
+def test_a_failure_reported_before_twilio_answers_the_send_fails_the_text_once_it_is_recorded(running_api, twilio):
+    """Twilio may post a text's report before its answer to the send reaches the server, when
+    the text's id is not stored yet: the report waits for the send's record, and is not lost."""
+    api = running_api(**twilio.settings(), **{"server.base_url": BASE_URL})
+    key = api.register()["api_key"]
+    pause_id = api.create_pause(key)["pause_id"]
+    answers = []
+    twilio.before_answer = [lambda sid: answers.append(report(api, twilio, sid, "undelivered", 30003).status_code)]
+    api.step("notifications")
+    assert answers == [204]
+    notification = api.pause(key, pause_id)["notification"]
+    assert notification["status"] == "failed" and notification["provider_message_id"] == twilio.messages[0]["sid"]
+    assert notification["last_error"].startswith("Twilio reported the text undelivered (error 30003)")
+    assert told(api) == (1, 1)
+    report(api, twilio, twilio.messages[0]["sid"], "undelivered", 30003)       # again, now on time
+    assert told(api) == (1, 1)
+
+
+def test_a_report_no_send_claims_is_kept_a_day_and_then_pruned(texted, twilio):
+    api, key, pause_id, sid = texted
+    twilio.messages.append({**twilio.messages[0], "sid": "SM" + "f" * 32})      # a send whose record was lost
+    report(api, twilio, "SM" + "f" * 32, "failed", 30003)
+    assert stored(api.config, "SELECT message_sid, reported FROM early_delivery_reports") == [("SM" + "f" * 32, "failed")]
+    db, now = api.app.runtime.db(), pausepoint.utcnow()
+    assert pausepoint.prune_expired_data(db, api.config, now=now)["early delivery reports"] == 0
+    pruned = pausepoint.prune_expired_data(db, api.config, now=now + pausepoint.dt.timedelta(days=1, seconds=1))
+    assert pruned["early delivery reports"] == 1 and stored(api.config, "SELECT * FROM early_delivery_reports") == []
