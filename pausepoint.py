@@ -3888,6 +3888,10 @@ class PrivateAddressRefused(OSError):
     """An outbound call's host resolved to a non-public address, and those are not allowed."""
 
 
+class CleartextRefused(OSError):
+    """A live endpoint's URL is http:// where it must be https:// (cleartext_problem())."""
+
+
 def open_connection(deadline, host, port, allow_private=True):
     """A TCP connection to host:port within the deadline: the name looked up with what
     time is left, each address tried in turn with what time is then left, and (unless
@@ -5449,7 +5453,7 @@ def attempt_delivery(conn, config, deadlines, connections, delivery_id, attempt,
     The attempt, from connecting to the last byte of the answer, ends after
     outbound.deadline_seconds however slowly the receiver trickles."""
     row = conn.execute(
-        "SELECT d.webhook_id, w.developer_id, w.url, w.secret, w.previous_secret, w.previous_secret_expires_at,"
+        "SELECT d.webhook_id, w.developer_id, w.livemode, w.url, w.secret, w.previous_secret, w.previous_secret_expires_at,"
         " e.id AS event_id, e.type, e.body FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id"
         " JOIN webhook_events e ON e.id = d.event_id WHERE d.id = ?", (delivery_id,)).fetchone()
     body = row["body"].encode("utf-8")
@@ -5471,7 +5475,12 @@ def attempt_delivery(conn, config, deadlines, connections, delivery_id, attempt,
     started_at, started = db_time(), time.monotonic()
     status_code, error, retry_after, final = None, None, None, False
     deadline = deadlines.deadline(config["outbound.deadline_seconds"], owner=row["developer_id"])
+    # An endpoint made before live ones had to be https keeps its URL through the upgrade: its
+    # respond links are not sent in the clear, and wait, retried, for a PATCH to https.
+    cleartext = cleartext_problem(row["url"], config["webhooks.allow_private"], row["livemode"])
     try:
+        if cleartext:
+            raise CleartextRefused(cleartext)
         with deadline:
             response = connections.post(row["webhook_id"], deadline, row["url"], data=body, headers=headers,
                                         timeout=(deadline.remaining(), deadline.remaining()),
@@ -5494,7 +5503,7 @@ def attempt_delivery(conn, config, deadlines, connections, delivery_id, attempt,
 
 
 def describe_request_error(e, deadline):
-    refused = find_cause(e, PrivateAddressRefused)
+    refused = find_cause(e, (PrivateAddressRefused, CleartextRefused))
     if refused is not None:
         return str(refused)
     if isinstance(e, requests.Timeout):

@@ -137,6 +137,20 @@ def test_a_live_endpoint_must_be_https_since_its_events_carry_live_respond_links
     api.post_json("/v1/webhooks", body, headers=test)          # a test link answers only a test pause
 
 
+def test_a_live_endpoint_made_plain_http_before_https_was_required_is_sent_nothing_in_the_clear(api, developer):
+    """An endpoint registered before live ones had to be https keeps its URL through the
+    upgrade: its events wait, retried, for the developer to PATCH it to https."""
+    key = developer["api_key"]
+    webhook_id = add_webhook(api, key, "https://hooks.example.com/pausepoint")["webhook_id"]
+    stored(api.config, "UPDATE webhooks SET url = 'http://hooks.example.invalid/pausepoint'")   # as it was made
+    api.post(f"/v1/webhooks/{webhook_id}/test", headers=api.as_key(key), status=202)
+    api.step("webhooks")
+    [delivery] = deliveries(api, key, webhook_id)
+    assert delivery["status"] == "pending"
+    [attempt] = delivery["attempts"]
+    assert "https://" in attempt["error"] and "did not resolve" not in attempt["error"]
+
+
 def test_a_live_endpoint_on_the_operators_own_network_may_be_plain_http(hooks_api, keys, receiver):
     add_webhook(hooks_api, keys["api_key"], receiver.url)
 
