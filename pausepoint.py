@@ -2248,12 +2248,20 @@ def different_people(people, field, config):
     seen = set()
     for recipient, channel in people:
         pushed = channels(config)[channel].kind == "apprise"
-        reached = ("push", channel) if pushed else recipient.casefold()
+        reached = ("push", push_target(config[f"channels.{channel}.url"])) if pushed else recipient.casefold()
         if reached in seen:
             raise invalid(field, f"push target {channel!r} is asked twice; whoever reads it would hold both links,"
                                  " so it may be asked once" if pushed
                           else f"{recipient} is asked twice; each person may be asked once")
         seen.add(reached)
+
+
+@functools.lru_cache(maxsize=64)
+def push_target(url):
+    """Where a push target's URL sends, however it is spelt: two channels the operator named
+    apart may be one place (discord://ID/TOKEN and https://discord.com/api/webhooks/ID/TOKEN
+    are one webhook). Apprise's own URL for it, without its options (?format=… and the like)."""
+    return load_apprise().Apprise.instantiate(url).url(privacy=False).partition("?")[0]
 
 
 def declared_fields(fields, config):

@@ -514,3 +514,16 @@ def test_a_push_target_is_one_person_however_many_names_it_is_given(running_api,
     # One person on it, among others, is asked as before.
     api.post_json("/v1/pause", {**TWO_APPROVALS, "recipients": [TEAM[0], {"recipient": "alice", "channel": "ops"}]},
                   headers=api.as_key(key), status=201)
+
+
+def test_a_push_target_under_two_channel_names_is_one_person(running_api):
+    """Two channels the operator pointed at the same target, however each URL spells it, are
+    one place: whoever reads it would hold both links."""
+    api = running_api(**{"channels.ops.url": "discord://4174216298/JHMHI8qBe7bk2ZwO5U711o3dV_js",
+                         "channels.oncall.url": "https://discord.com/api/webhooks/4174216298/JHMHI8qBe7bk2ZwO5U711o3dV_js"
+                                                "?format=markdown"})
+    key = api.register()["test_api_key"]
+    both = {"recipients": [{"recipient": "alice", "channel": "ops"}, {"recipient": "bob", "channel": "oncall"}]}
+    refused = api.post_json("/v1/pause", {**TWO_APPROVALS, **both}, headers=api.as_key(key), status=422).json
+    assert refused["error"]["field"] == "recipients" and "'oncall' is asked twice" in refused["error"]["message"]
+    assert stored(api.config, "SELECT count(*) FROM pauses") == [(0,)]
