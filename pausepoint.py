@@ -4378,7 +4378,7 @@ def push_text(pause, url, target_url=None):
 
 
 # Chat services draw the text of a push. Discord, Mattermost and Zulip read it as Markdown, and
-# they, Rocket.Chat and Matrix notify whoever it mentions. Apprise escapes a plain-text body only
+# they, Rocket.Chat, Matrix and Telegram notify whoever it mentions. Apprise escapes a plain-text body only
 # for a service it sends Markdown or HTML (Telegram, Rocket.Chat; Slack's &, < and >), so on
 # these an agent's "[Approve](https://evil.example)" would be a live link dressed as ours, and
 # its "@everyone" would ping a whole server (with ?format=markdown, Apprise's Discord plugin
@@ -4396,7 +4396,8 @@ PYTHON_MARKDOWN_MARKUP = "\\`*_[]()>#+-.!{}"    # Zulip's Python-Markdown shows 
 DISCORD_MARKUP = "\\`*_~|[]()<>#-"
 MARKDOWN_PUSH_SERVICES = {"Discord": DISCORD_MARKUP, "Mattermost": COMMONMARK_MARKUP,
                           "Zulip": PYTHON_MARKDOWN_MARKUP}
-MENTIONING_PUSH_SERVICES = {"Discord", "Mattermost", "Zulip", "Rocket.Chat", "Matrix"}
+# Telegram notifies a group's member named by @username, even where the group is muted.
+MENTIONING_PUSH_SERVICES = {"Discord", "Mattermost", "Zulip", "Rocket.Chat", "Matrix", "Telegram"}
 
 
 @functools.lru_cache(maxsize=64)

@@ -1724,3 +1724,12 @@ def test_a_late_reply_naming_a_closed_request_is_told_how_it_ended(sms_setup):
     stored(config, "UPDATE pauses SET decided_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-8 days')"
                    " WHERE id = ?", answered["pause_id"])                          # its code is free again by now
     assert f"no open request has the code {answered_code}" in inbound(api, config, f"{answered_code} 1").text
+
+
+def test_a_telegram_push_mentions_no_one(running_api):
+    """Telegram notifies a group's member named by their @username, even in a muted group."""
+    api = running_api(**{"channels.ops.url": "tgram://123456789:abcdefg_hijklmnop/12315544/"})
+    key = api.register()["test_api_key"]
+    api.create_pause(key, channel="ops", recipient="on-call engineer", message="@alice_admin approve the wire?")
+    [(text,)] = stored(api.config, "SELECT text FROM notifications")
+    assert "@alice_admin" not in text and "@\u200balice_admin approve the wire?" in text
