@@ -9521,6 +9521,17 @@ def stored_state_warnings(conn, config):
         yield (f"developers are on plans this config does not define: {named}. Their live pauses get 403"
                " unknown_plan until the config defines each again (plans.<name>.monthly_pauses) or set-plan"
                " moves them to a plan it does")
+    if not config["webhooks.allow_private"]:
+        endpoints, developers = conn.execute(
+            "SELECT count(*), count(DISTINCT developer_id) FROM webhooks WHERE livemode = 1 AND deleted_at IS NULL"
+            " AND url LIKE 'http://%'").fetchone()
+        if endpoints:
+            yield (f"{endpoints} live webhook endpoint{'s' * (endpoints != 1)} (of {developers}"
+                   f" developer{'s' * (developers != 1)}) {'have' if endpoints != 1 else 'has'} an http:// URL, made"
+                   " before live endpoints had to be https://: nothing is sent to them, since their events carry"
+                   " respond links, until each is changed to https:// (or webhooks.allow_private is set, for"
+                   " receivers on your own network); their deliveries are retried meanwhile, and an endpoint failing"
+                   " for three days is disabled")
 
 
 def serve(config):

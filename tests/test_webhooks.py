@@ -149,6 +149,10 @@ def test_a_live_endpoint_made_plain_http_before_https_was_required_is_sent_nothi
     assert delivery["status"] == "pending"
     [attempt] = delivery["attempts"]
     assert "https://" in attempt["error"] and "did not resolve" not in attempt["error"]
+    warned = list(pausepoint.stored_state_warnings(api.app.runtime.db(), api.config))
+    assert [warning for warning in warned if "1 live webhook endpoint (of 1 developer) has an http:// URL" in warning]
+    api.patch_json(f"/v1/webhooks/{webhook_id}", {"url": "https://hooks.example.com/fixed"}, headers=api.as_key(key))
+    assert not [w for w in pausepoint.stored_state_warnings(api.app.runtime.db(), api.config) if "http://" in w]
 
 
 def test_a_live_endpoint_on_the_operators_own_network_may_be_plain_http(hooks_api, keys, receiver):
