@@ -1731,20 +1731,23 @@ def rotate_key(conn, developer, livemode):
     return key, endpoints
 
 
-# The latest event that set each endpoint's URL (made it, or changed it to another), by its actor.
+# Who last set an endpoint's {field} (made the endpoint, or changed it), by the audit log.
+LAST_SET_BY = (
+    "(SELECT a.actor FROM audit_events a WHERE a.developer_id = :developer AND a.livemode = :livemode"
+    " AND a.event_type IN ('webhook.created', 'webhook.updated') AND json_extract(a.data, '$.webhook_id') = w.id"
+    " AND (a.event_type = 'webhook.created' OR EXISTS (SELECT 1 FROM json_each(a.data, '$.changed')"
+    "  WHERE value = '{field}')) ORDER BY a.seq DESC LIMIT 1)")
 ENDPOINTS_SET_BY = (
     "SELECT w.id AS webhook_id, w.url FROM webhooks w WHERE w.developer_id = :developer AND w.livemode = :livemode"
-    " AND w.deleted_at IS NULL AND (SELECT a.actor FROM audit_events a WHERE a.developer_id = :developer"
-    "  AND a.livemode = :livemode AND a.event_type IN ('webhook.created', 'webhook.updated')"
-    "  AND json_extract(a.data, '$.webhook_id') = w.id AND (a.event_type = 'webhook.created'"
-    "   OR EXISTS (SELECT 1 FROM json_each(a.data, '$.changed') WHERE value = 'url'))"
-    "  ORDER BY a.seq DESC LIMIT 1) = :actor ORDER BY w.seq")
+    f" AND w.deleted_at IS NULL AND :actor IN ({LAST_SET_BY.format(field='url')},"
+    f" {LAST_SET_BY.format(field='secret')}) ORDER BY w.seq")
 
 
 def endpoints_set_by(conn, developer_id, livemode, actor):
-    """The developer's endpoints in a mode whose URL `actor` (an API key) set last: once that
-    key is rotated, perhaps because it leaked, whoever held it may have pointed them anywhere,
-    and they go on receiving the mode's events, with the links that answer its pauses."""
+    """The developer's endpoints in a mode whose URL or secret `actor` (an API key) set last:
+    once that key is rotated, perhaps because it leaked, whoever held it may have pointed them
+    anywhere, where they go on receiving the mode's events with the links that answer its
+    pauses, or know the secret that signs them, and so send their receiver events of their own."""
     return [dict(row) for row in conn.execute(ENDPOINTS_SET_BY, {"developer": developer_id, "livemode": livemode,
                                                                   "actor": actor})]
 
@@ -7601,9 +7604,10 @@ def rotate(rt, body):
     return {"developer_id": developer["id"], ("api_key" if body["key"] == "live" else "test_api_key"): key,
             "endpoints_to_check": endpoints,
             "message": "Save this key — it will not be shown again. The old key has stopped working."
-                       + (f" It set {len(endpoints)} webhook endpoint{'s' if len(endpoints) > 1 else ''}"
-                          " (endpoints_to_check), which still receive your events and their respond links: if the"
-                          " key leaked, check where they point" if endpoints else "")}
+                       + (f" It set the URL or secret of {len(endpoints)} webhook endpoint"
+                          f"{'s' if len(endpoints) > 1 else ''} (endpoints_to_check), which still receive your events"
+                          " and their respond links: if the key leaked, check where they point and change their"
+                          " secrets" if endpoints else "")}
 
 
 def post_pause(rt, caller, unchecked_body):

@@ -11,9 +11,9 @@ Only a digest is stored; if you lose a key, rotate it.</p>
 % end
 % if endpoints:
 <div id="endpoints-to-check">
-<p><strong>The old key set {{'this webhook endpoint' if len(endpoints) == 1 else 'these webhook endpoints'}}</strong>, which still
-receive{{'s' if len(endpoints) == 1 else ''}} your events and the links that answer your pauses. If the key leaked, check where
-{{'it points' if len(endpoints) == 1 else 'they point'}}:</p>
+<p><strong>The old key set the address or secret of {{'this webhook endpoint' if len(endpoints) == 1 else 'these webhook endpoints'}}</strong>,
+which still receive{{'s' if len(endpoints) == 1 else ''}} your events and the links that answer your pauses. If the key leaked,
+check where {{'it points' if len(endpoints) == 1 else 'they point'}}, and change {{'its secret' if len(endpoints) == 1 else 'their secrets'}}:</p>
 <ul>
 % for endpoint in endpoints:
   <li><a href="/dashboard/webhooks/{{endpoint['webhook_id']}}" class="text">{{endpoint['url']}}</a></li>

@@ -148,16 +148,20 @@ def test_a_rotation_names_the_endpoints_the_old_key_pointed_which_go_on_receivin
     rotated = rotate()
     assert rotated["endpoints_to_check"] == [{"webhook_id": kept, "url": "https://hooks.example.com/kept"},
                                              {"webhook_id": repointed, "url": "https://hooks.example.com/repointed"}]
-    assert "It set 2 webhook endpoints (endpoints_to_check)" in rotated["message"]
+    assert "It set the URL or secret of 2 webhook endpoints (endpoints_to_check)" in rotated["message"]
     second = rotated["api_key"]
+    resecreted = made(second, "resecreted")
     api.patch_json(f"/v1/webhooks/{kept}", {"events": ["pause.responded"]}, headers=api.as_key(second))
     api.patch_json(f"/v1/webhooks/{repointed}", {"url": "https://elsewhere.example.com/"}, headers=api.as_key(second))
+    third = rotate()["api_key"]
+    api.patch_json(f"/v1/webhooks/{resecreted}", {"secret": "whsec_chosen_by_whoever_holds_it"},
+                   headers=api.as_key(third))     # whoever knows the secret can sign events of their own
     again = rotate()
-    assert again["endpoints_to_check"] == [{"webhook_id": repointed, "url": "https://elsewhere.example.com/"}]
+    assert again["endpoints_to_check"] == [{"webhook_id": resecreted, "url": "https://hooks.example.com/resecreted"}]
     assert test_mode not in str([rotated, again])
     events = api.get("/v1/audit", {"event_type": "key.rotated"}, headers=api.as_key(again["api_key"])).json["events"]
-    assert [event["data"]["endpoints_it_set"] for event in events] == [[repointed], [kept, repointed]]
-    api.delete(f"/v1/webhooks/{repointed}", headers=api.as_key(again["api_key"]))
+    assert [event["data"]["endpoints_it_set"] for event in events] == [[resecreted], [repointed, resecreted],
+                                                                       [kept, repointed]]
     last = rotate()
     assert last["endpoints_to_check"] == [] and "webhook" not in last["message"]
 
