@@ -4833,6 +4833,8 @@ def apply_delivery_report(conn, config, message_sid, reported, error_code, now):
         "UPDATE notifications SET delivery_status = ?, status = ?, last_error = ?, updated_at = ?"
         " WHERE id = ? AND status = 'sent' AND delivery_status IS ?",
         (reported, "failed" if failed else "sent", error, now, row["id"], was)).rowcount
+    if changed:
+        wake_after_commit(conn, "reported", (row["id"], row["channel"], reported))
     if changed and failed:
         tell_undelivered(conn, config, row, reported, error, now)
     return True
@@ -6045,6 +6047,9 @@ class Metrics:
                                      " answered or out of time)", ["channel", "result"])
         self.webhooks = counter("pausepoint_webhook_attempts", "Webhook delivery attempts, by result"
                                 " (succeeded, retried, failed)", ["result"])
+        self.reports = counter("pausepoint_delivery_reports", "Texts Twilio reported on after taking them, by the"
+                               " first final word for each (delivered, read, undelivered, failed)",
+                               ["channel", "status"])
         self.rate_limited = counter("pausepoint_rate_limit_refusals", "Requests refused by a rate limit", ["limit"])
         self.requests = histogram("pausepoint_request_seconds", "Time to answer a request, by route",
                                   ["method", "route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
@@ -6066,6 +6071,8 @@ class Metrics:
             self.notifications.labels(channel, result).inc()
         for _, _, result in woken.get("attempted", ()):
             self.webhooks.labels(result).inc()
+        for _, channel, status in woken.get("reported", ()):
+            self.reports.labels(channel, status).inc()
 
     def collect(self):
         """The backlogs, read at each scrape through the indexes the jobs use."""

@@ -7,7 +7,7 @@ import uuid
 import pytest
 from twilio.request_validator import RequestValidator
 
-from conftest import WIRE, stored
+from conftest import WIRE, scraped, stored, value
 import pausepoint
 
 STATUS_PATH = "/v1/twilio/status"
@@ -68,6 +68,25 @@ def test_a_text_twilio_could_not_deliver_fails_and_the_agent_is_told_once(texted
         assert report(api, twilio, sid, status, 30003).status_code == 204
     assert told(api) == (1, 1)
     assert api.pause(key, pause_id)["notification"]["last_error"] == notification["last_error"]
+
+
+def test_operators_count_the_reports_by_their_first_final_word(running_api, twilio):
+    api = running_api(**twilio.settings(), **{"server.base_url": BASE_URL, "metrics.enabled": True,
+                                              "metrics.listen": ""})
+    key = api.register()["api_key"]
+    for _ in range(3):
+        api.create_pause(key)
+    api.step("notifications")
+    first, second, third = (message["sid"] for message in twilio.messages)
+    for sid, statuses in ((first, ["undelivered", "failed", "delivered"]), (second, ["delivered", "read", "failed"]),
+                          (third, ["sent"])):
+        for status in statuses:
+            report(api, twilio, sid, status, 30003)
+    samples = scraped(api.get("/metrics").text)
+    assert value(samples, "pausepoint_delivery_reports_total", channel="sms", status="undelivered") == 1
+    assert value(samples, "pausepoint_delivery_reports_total", channel="sms", status="delivered") == 1
+    assert value(samples, "pausepoint_delivery_reports_total", channel="sms", status="read") == 1
+    assert value(samples, "pausepoint_delivery_reports_total", channel="sms", status="failed") == 0
 
 
 def test_a_delivered_text_changes_nothing_the_agent_sees_nor_does_a_failure_reported_after(texted, twilio):
