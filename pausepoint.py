@@ -9549,6 +9549,10 @@ def serve(config):
     fewer_malloc_arenas()
     lock = only_server(config["database.path"])     # before anything reads or migrates the database
     refuse_before_opening(config["database.path"])
+    # Looked for before this process opens the database: closing a connection would let go of its locks.
+    open_elsewhere = locked_by_another(os.path.realpath(config["database.path"]), SQLITE_OPEN_BYTES)
+    refuse_to_upgrade_under_a_server(config["database.path"], check_database(config["database.path"]),
+                                     open_elsewhere, "then start this version's server again")
     refuse_if_mixed_with_another_wal(config["database.path"])
     app = create_app(config)
     server = make_server(app, config)
@@ -9638,21 +9642,21 @@ def server_running(database_path):
     return False
 
 
-def refuse_to_upgrade_under_a_server(database_path, applied, command, open_elsewhere):
-    """A command of a newer PausePoint, run before its server was restarted (`git pull`, then
-    set-plan), would upgrade the schema under the older server still serving: which then
-    writes on, by tables it does not know, what the newer one misreads, as a start refuses
-    to (applied_schema()). Only a start upgrades a database a server is serving. A server from
-    before the server lock holds none, but its connections hold SQLite's lock on the file
-    (`open_elsewhere`, locked_by_another()'s answer)."""
+def refuse_to_upgrade_under_a_server(database_path, applied, open_elsewhere, then):
+    """A newer PausePoint would upgrade the schema under an older server still serving: which
+    then writes on, by tables it does not know, what the newer one misreads, as a start refuses
+    to (applied_schema()). So would its command, run before its server was restarted (`git
+    pull`, then set-plan), and so would its start while the older server still runs, if that
+    one is from before the server lock (only_server()), which it holds none of: but its
+    connections hold SQLite's lock on the file (`open_elsewhere`, locked_by_another()'s answer,
+    or for a command also whether a server holds the lock). `then` ends the advice."""
     if applied is None or applied >= MIGRATIONS[-1][0]:
         return
-    if not (server_running(database_path) or open_elsewhere):
+    if not open_elsewhere:
         return
     raise ConfigError(f"{database_path} has schema {applied}, older than this PausePoint's {MIGRATIONS[-1][0]},"
                       " and another process has it open, most likely an earlier version's server: stop it, take"
-                      f" a backup, start this version's server (which upgrades the database), then run {command}"
-                      " again")
+                      f" a backup, {then}")
 
 
 def say_a_running_server_may_not_know(database_path, plan):
@@ -9951,7 +9955,10 @@ def run_command(args, config):
         return 0
     if args.command == "rotate-signing-key":
         return rotate_command(config["database.path"], args.keys_lost)
-    refuse_to_upgrade_under_a_server(config["database.path"], applied, args.command, open_elsewhere)
+    refuse_to_upgrade_under_a_server(config["database.path"], applied,
+                                     server_running(config["database.path"]) or open_elsewhere,
+                                     f"start this version's server (which upgrades the database), then run"
+                                     f" {args.command} again")
     conn = connect(config["database.path"])
     migrate(conn)
     # A password is never an argument: it would show in `ps` and in shell history. Its line ends

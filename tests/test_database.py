@@ -16,7 +16,7 @@ import time
 import pytest
 import webtest
 
-from conftest import PASSWORD, QUESTION, WIRE, Api, make_config, run_cli, stored, token_of, wait_until
+from conftest import PASSWORD, QUESTION, WIRE, Api, free_port, make_config, run_cli, stored, token_of, wait_until
 import pausepoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -136,6 +136,27 @@ def test_a_command_never_upgrades_a_database_an_older_server_is_serving(tmp_path
     assert stored(old, "SELECT max(version) FROM schema_migrations") == [(16,)]
     done = run_cli(tmp_path, "set-plan", "--email", "a@example.com", "--plan", "free")
     assert done.returncode == 0, done.stderr
+    assert stored(old, "SELECT max(version) FROM schema_migrations") == [(pausepoint.MIGRATIONS[-1][0],)]
+
+
+def test_a_start_never_upgrades_a_database_an_older_server_from_before_the_server_lock_is_serving(tmp_path,
+                                                                                                  spawn_server):
+    """The new version started while the old one still serves (a second unit, a forgotten
+    terminal): that one takes no server lock to be found by, and would go on writing by a schema
+    it does not know, beside a second server. Once the old one stops, the start upgrades it."""
+    old = str(tmp_path / "pausepoint.db")
+    db = make_database(old, "schema_v16.sql", 16)
+    db.commit()
+    db.close()
+    with serving_as_before_the_server_lock(old):
+        refused = run_cli(tmp_path, "--port", str(free_port()), "serve")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.strip() == (
+        f"pausepoint: {old} has schema 16, older than this PausePoint's {pausepoint.MIGRATIONS[-1][0]}, and another"
+        " process has it open, most likely an earlier version's server: stop it, take a backup, then start this"
+        " version's server again")
+    assert stored(old, "SELECT max(version) FROM schema_migrations") == [(16,)]
+    spawn_server()
     assert stored(old, "SELECT max(version) FROM schema_migrations") == [(pausepoint.MIGRATIONS[-1][0],)]
 
 
