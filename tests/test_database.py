@@ -236,6 +236,50 @@ def test_a_database_from_before_usage_was_counted_keeps_this_months_live_pauses_
     assert stored(old, "SELECT live_pauses FROM monthly_usage WHERE month = ?", this_month[:7]) == [(3,)]
 
 
+def test_what_fell_due_under_an_older_server_happens_once_after_the_upgrade(tmp_path):
+    """An older server stopped with a pause past its deadline and a team pause's two reminders
+    due: the upgraded one times the first out to its default and sends the latest reminder
+    alone, each once, however often its jobs run."""
+    old = str(tmp_path / "pausepoint.db")
+    db = make_database(old, "schema_v16.sql", 16)
+    db.execute("INSERT INTO developers (id, email, name, password_hash, created_at)"
+               " VALUES ('dev_1', 'dev@example.com', 'A', 'x', '2026-01-01T00:00:00.000Z')")
+    test_key = "pp_test_" + "k" * 43
+    db.execute("INSERT INTO api_keys VALUES (?, 'dev_1', 0, 'pp_test_…kkkk', '2026-01-01T00:00:00.000Z', NULL)",
+               (pausepoint.key_digest(test_key),))
+    past, future = "2026-01-01T00:00:00.000Z", "2999-01-01T00:00:00.000Z"
+    for pause_id, team, expires_at in (("psr_due", 0, past), ("psr_team", 1, future)):
+        db.execute("INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options,"
+                   " timeout_default, respond_token, reply_code, team, created_at, expires_at) VALUES (?, 'dev_1', 0,"
+                   " '+15550100', 'sms', 'Old?', '[\"Yes\",\"No\"]', 'No', ?, ?, ?, ?, ?)",
+                   (pause_id, "tok_" + pause_id, f"K{team}", team, past, expires_at))
+    for position, recipient in enumerate(("+15550100", "+15550101")):
+        db.execute("INSERT INTO pause_recipients (pause_id, position, livemode, recipient, channel, respond_token,"
+                   " reply_code, added_by, added_at) VALUES ('psr_team', ?, 0, ?, 'sms', ?, 'K1', 'request', ?)",
+                   (position, recipient, f"tok_{position}", past))
+    for due_at in ("2026-01-01T00:30:00.000Z", "2026-01-01T01:00:00.000Z"):
+        db.execute("INSERT INTO pause_steps (pause_id, kind, due_at) VALUES ('psr_team', 'reminder', ?)", (due_at,))
+    db.commit()
+    db.close()
+    api = Api(pausepoint.create_app(make_config(tmp_path)))
+    try:
+        for _ in range(2):
+            for job in ("timeouts", "steps", "notifications"):
+                api.step(job)
+    finally:
+        api.app.runtime.stop()
+    due = api.pause(test_key, "psr_due")
+    assert (due["status"], due["choice"], due["decided_by"]) == ("timed_out", "No", "timeout") and due["receipt"]
+    assert stored(old, "SELECT event_type, count(*) FROM audit_events GROUP BY event_type ORDER BY 1") == [
+        ("notification.simulated", 2), ("pause.reminded", 1), ("pause.timed_out", 1)]
+    assert stored(old, "SELECT due_at, status FROM pause_steps ORDER BY due_at") == [
+        ("2026-01-01T00:30:00.000Z", "skipped"), ("2026-01-01T01:00:00.000Z", "done")]
+    assert stored(old, "SELECT recipient, status FROM notifications WHERE kind = 'reminder' ORDER BY 1") == [
+        ("+15550100", "simulated"), ("+15550101", "simulated")]
+    with contextlib.closing(pausepoint.connect(old)) as db:
+        assert pausepoint.audit_chain_breaks(db) == []
+
+
 def test_a_nested_transaction_raises_instead_of_waiting_on_itself(tmp_path):
     conn = pausepoint.connect(str(tmp_path / "t.db"), pausepoint.FairLock())
     pausepoint.migrate(conn)
