@@ -2601,7 +2601,8 @@ def asked_of(conn, pause, position):
     person = query_db(conn, "SELECT * FROM pause_recipients WHERE pause_id = ? AND position = ?",
                       (pause["id"], position), one=True)
     asked.update({name: person[name] for name in ("recipient", "channel", "respond_token", "reply_code")},
-                 vote=person["voted_at"] and {"choice": person["choice"], "voted_at": person["voted_at"]})
+                 vote=person["voted_at"] and {"choice": person["choice"], "comment": person["comment"],
+                                              "voted_at": person["voted_at"]})
     return asked
 
 
@@ -2886,7 +2887,7 @@ def respond_to_pause(conn, config, token, choice, comment, client, edits=None):
     An unknown token is 404 whatever else is wrong, so every guess counts as one."""
     pause_by_token(conn, token)
     validate_body(COMMENT_SCHEMA, {"comment": comment})     # the page's form comes unchecked
-    comment = comment.strip() or None if comment else None
+    comment = comment_kept(comment)
     with transaction(conn):
         pause = pause_by_token(conn, token)
         refuse_if_decided(pause)
@@ -2987,6 +2988,23 @@ def approved_values(conn, pause):
 def approved_changes(edited):
     """{name: new value} from edit_fields()'s record of changes; None for none."""
     return {name: change["new"] for name, change in edited.items()} if edited else None
+
+
+def comment_kept(comment):
+    """A human's comment as it is recorded: stripped, and None for none."""
+    return comment.strip() or None if comment else None
+
+
+def answered_alike(pause, choice, comment):
+    """Whether this link's own recorded answer (`pause` as asked_of() shows it) is `choice`
+    with `comment`: then an answer refused as too late repeats it (a double tap's second
+    post, one sent again after a lost reply), and the first counted."""
+    choice = choice.strip() if isinstance(choice, str) else choice
+    if pause["team"]:
+        mine = pause.get("vote")
+        return bool(mine) and (mine["choice"], mine["comment"]) == (choice, comment_kept(comment))
+    return (pause["status"] == "responded" and pause["decided_by"] == f"recipient:{pause['recipient']}"
+            and (pause["choice"], pause["comment"]) == (choice, comment_kept(comment)))
 
 
 def refuse_if_voted(pause):
@@ -7962,14 +7980,18 @@ def post_respond_page(rt, client, token):
                                                         comment, client,
                                                         page_edits(rt.db(), pause_by_token(rt.db(), token), form)))
     except ApiError as e:
-        if e.code in NOT_RECORDED:
+        if e.code not in NOT_RECORDED:
+            if e.status != 422:
+                raise
+            return respond_page(rt, pause_by_token(rt.db(), token), token, error=e.message, status=422, entered=form)
+        pause = pause_by_token(rt.db(), token)
+        # A double tap posts twice, and the browser shows the answer to the second: saying
+        # that did not count would tell the person their own first tap was someone else's.
+        if not answered_alike(pause, form.get("choice"), comment):
             # Decided meanwhile, or answered already: the page as it now stands, its times as a
             # person reads them, saying that this answer did not count.
-            return respond_page(rt, pause_by_token(rt.db(), token), token, status=e.status,
+            return respond_page(rt, pause, token, status=e.status,
                                 error=f"Your answer was not recorded: {NOT_RECORDED[e.code]}")
-        if e.status != 422:
-            raise
-        return respond_page(rt, pause_by_token(rt.db(), token), token, error=e.message, status=422, entered=form)
     # A reload then shows the recorded decision instead of posting again.
     return bottle.HTTPResponse(status=303, headers={"Location": f"/respond/{token}", **PAGE_HEADERS})
 

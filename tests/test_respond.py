@@ -5,7 +5,7 @@ import sqlite3
 
 import requests
 
-from conftest import WIRE, Api, fill_disk, make_config, run_out, stored, token_of
+from conftest import QUESTION, WIRE, Api, fill_disk, make_config, run_out, stored, token_of
 import pausepoint
 
 XSS = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
@@ -175,6 +175,30 @@ def test_an_answer_on_the_page_after_the_decision_shows_the_decision_and_that_it
         assert not pages[-1].html.select("button[name=choice]") and not re.search(r"\d\dT\d\d:", pages[-1].text)
     assert "Recorded: <strong>Approve</strong> at " in pages[0].text and "The default <strong>Reject" in pages[1].text
     assert [api.pause(key, p["pause_id"])["status"] for p in (decided, late)] == ["responded", "pending"]
+
+
+def test_a_double_tap_on_the_page_shows_the_answer_recorded_not_refused(api, developer):
+    key = developer["test_api_key"]
+    single = api.create_pause(key)
+    team = api.post_json("/v1/pause", {**QUESTION, "quorum": {"choice": "Approve", "count": 2}, "recipients": [
+        {"recipient": "+15550101", "channel": "sms"}, {"recipient": "+15550102", "channel": "sms"}]},
+        headers=api.as_key(key)).json
+    for path, says in ((respond_path(single, page=True), "Recorded: <strong>Approve</strong>"),
+                       (respond_path(team["recipients"][0], page=True), "Your vote, <strong>Approve</strong>, is")):
+        form = api.get(path).forms[0]
+        form["comment"] = "Known vendor. "
+        form.submit("choice", value="Approve", status=303)
+        # The second tap's post, whose answer the browser shows: the first tap counted.
+        again = form.submit("choice", value="Approve", status=303).follow()
+        again.mustcontain(says, no="not recorded")
+        assert not again.html.select("[role=alert]")
+    # Another answer, or the same choice with other words, is still told it did not count.
+    for choice, comment in (("Reject", "Known vendor."), ("Approve", "Changed my mind")):
+        api.post(respond_path(single, page=True), {"choice": choice, "comment": comment}, status=409).mustcontain(
+            "Your answer was not recorded: the request had already been decided.")
+    assert api.pause(key, single["pause_id"])["comment"] == "Known vendor."
+    assert stored(api.config, "SELECT count(*) FROM audit_events WHERE event_type IN ('pause.responded', 'pause.vote')"
+                              " AND pause_id IN (?, ?)", single["pause_id"], team["pause_id"]) == [(2,)]
 
 
 def test_every_respond_page_has_one_heading_for_a_screen_reader_to_find(api, developer):

@@ -221,3 +221,24 @@ def test_long_unbroken_names_a_picked_option_and_an_error_stay_within_a_phone_sc
     error = WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".error"))[0]
     assert "must be at most 10" in error.text
     assert browser.execute_script(width) <= 360
+
+
+def test_a_double_tap_on_a_slow_connection_shows_the_answer_recorded(live_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = live_server.url
+    created, headers = ask(url, WIRE)
+    browser.get(f"{url}/respond/{token_of(created['respond_url'])}")
+    # On a slow phone connection the page is still there for the second tap: two posts, and the
+    # browser shows the answer to the second.
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": False, "latency": 800,
+                                                                 "downloadThroughput": -1, "uploadThroughput": -1})
+    button = browser.find_element(By.CSS_SELECTOR, "button[name=choice]")
+    browser.execute_script("const tap = arguments[0]; tap.click(); setTimeout(() => tap.click(), 150);", button)
+    outcome = WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda b: b.find_elements(By.ID, "outcome"))[0]
+    assert outcome.text.startswith("Recorded: Approve")
+    assert not browser.find_elements(By.CSS_SELECTOR, "[role=alert]")
+    assert len(requests.get(f"{url}/v1/audit", params={"event_type": "pause.responded"},
+                            headers=headers).json()["events"]) == 1
