@@ -7945,7 +7945,10 @@ def guard_respond_link(rt, lookup):
 def open_respond_link(rt, client, token, via):
     """The pause behind a respond link, recording that it was opened (GET changes no state)."""
     pause = guard_respond_link(rt, lambda: pause_by_token(rt.db(), token))
-    record_link_opened(rt.db(), pause, via, client)
+    # No browser opens a page with HEAD; link checkers and mail scanners do, and would
+    # otherwise mark a team's person as having opened a link they never saw.
+    if bottle.request.method != "HEAD":
+        record_link_opened(rt.db(), pause, via, client)
     return pause
 
 

@@ -62,6 +62,19 @@ def test_opening_a_link_is_audited_once_per_client_and_minute(app, developer, co
     assert len(stored(config, "SELECT 1 FROM audit_events WHERE event_type = 'respond_page.opened'")) == 3
 
 
+def test_a_link_checkers_head_request_is_not_recorded_as_the_link_opened(api, developer, config):
+    team = api.post_json("/v1/pause", {**QUESTION, "recipients": [
+        {"recipient": "+15550101", "channel": "sms"}, {"recipient": "+15550102", "channel": "sms"}]},
+        headers=api.as_key(developer["test_api_key"])).json
+    person = team["recipients"][1]
+    api.head(respond_path(person, page=True))
+    api.head(respond_path(person))
+    assert stored(config, "SELECT opened_at FROM pause_recipients WHERE position = 1") == [(None,)]
+    assert stored(config, "SELECT count(*) FROM audit_events WHERE event_type = 'respond_page.opened'") == [(0,)]
+    api.get(respond_path(person, page=True))
+    assert stored(config, "SELECT opened_at IS NOT NULL FROM pause_recipients WHERE position = 1") == [(1,)]
+
+
 def test_an_unknown_token_is_404(api):
     assert api.get("/v1/respond/not-a-token", status=404).json["error"]["code"] == "not_found"
     assert api.post_json("/v1/respond/not-a-token", {"choice": "Approve"}, status=404).json["error"]["code"] == "not_found"
