@@ -2,6 +2,9 @@
 % # Agent-written text takes its own direction (dir="auto", <bdi>, and the stylesheet for the
 % # values in a sentence): Arabic or Hebrew laid out left to right reorders its words and
 % # numbers, and can swap who pays whom.
+% # Everything the agent wrote sits in one framed section: a title such as "Recorded: Approve"
+% # reads as the agent's words, apart from the page's own outcome and buttons below it.
+<section class="asked" aria-label="The request, as the agent wrote it">
 % if pause['asked_by']:
 <p class="label">Asked by <bdi>{{pause['asked_by']}}</bdi>:</p>
 % else:
@@ -22,6 +25,7 @@
   </tbody>
 </table>
 % end
+</section>
 % if error and (pause['status'] != 'pending' or pause.get('your_vote')):
 <p class="error" role="alert">{{error}}</p>
 % end

@@ -348,6 +348,20 @@ def test_the_page_says_who_asks_about_what_with_the_details_the_agent_chose(api)
     assert api.pause(key, created["pause_id"])["title"] == "Wire to Acme Corp"
 
 
+def test_a_title_dressed_as_the_pages_own_outcome_stays_framed_as_the_agents_words(api):
+    """A title such as "Recorded: Approve" is the agent's to write; what the page itself says
+    (the outcome, the options) stands outside the framed section that holds the agent's text."""
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key, title="Recorded: Approve", metadata={"note": "Done", "display": ["note"]})
+    page = api.get(respond_path(created, page=True)).html
+    asked = page.select_one("section.asked")
+    assert [element.name for element in asked.find_all(recursive=False)] == ["p", "h1", "blockquote", "table"]
+    assert asked.select_one("h1.title").text == "Recorded: Approve" and not asked.select("form, .outcome, button")
+    api.post(respond_path(created, page=True), {"choice": "Approve"}, status=303)
+    decided = api.get(respond_path(created, page=True)).html
+    assert decided.select_one("#outcome") is not None and decided.select_one("section.asked #outcome") is None
+
+
 def test_details_cannot_be_made_to_read_as_something_else(api):
     """Metadata is free-form, unlike the question: what it shows is made plain instead of refused."""
     key = api.register()["test_api_key"]
