@@ -179,20 +179,14 @@ class PausePoint:
             asked, asked_at = min(LONGEST_WAIT, int(left)), time.monotonic()
             try:
                 pause = self.get(pause_id, wait=asked, deadline=deadline)
-            except RateLimited as e:
-                # As many agents wait as the server takes: come back when told (within the longest
-                # wait between tries) or, if that is past our deadline, at the deadline for one
-                # last look; never sooner.
-                failures += 1
-                rest(min(e.retry_after or self.backoff * 2 ** min(failures, 10), LONGEST_RETRY_WAIT))
-                continue
-            except (Unreachable, ServerError) as e:
+            except (RateLimited, Unreachable, ServerError) as e:
                 # get() gave up after its retries (a restart can take longer): the pause is still
-                # there to wait for, until the deadline; a full disk (507) does not clear so.
-                if e.status == 507 or deadline is not None and time.monotonic() >= deadline:
+                # there to wait for, until the deadline. As many agents wait as the server takes:
+                # come back when told or, if that is past our deadline, at it for one last look.
+                if not isinstance(e, RateLimited) and deadline is not None and time.monotonic() >= deadline:
                     raise
                 failures += 1
-                rest(min(self.backoff * 2 ** min(failures, 10), LONGEST_RETRY_WAIT))
+                rest(self._time_to_come_back(e, failures))
                 continue
             failures = 0
             if pause["status"] != "pending":
@@ -229,16 +223,46 @@ class PausePoint:
 
     def events(self, after=None, types=None, wait=30):
         """Every event after the one with id `after`, oldest first, as webhooks carry them,
-        waiting for new ones for ever. Store the last id you handled to resume after it."""
+        waiting for new ones for ever: as wait() does, it rides out dropped connections, server
+        restarts and a server with every waiting place taken, however long. Store the last id
+        you handled to resume after it (an `after` the server no longer keeps is NotFound)."""
+        failures = 0            # in a row, of whole calls (each with its retries)
         while True:
             query = {"limit": 100, "wait": wait}
             if after:
                 query["after"] = after
             if types:
                 query["types"] = ",".join(types)
-            for event in self._call("GET", "/v1/events", query=query, safe=True)["events"]:
+            asked_at = time.monotonic()
+            try:
+                answer = self._call("GET", "/v1/events", query=query, safe=True)
+            except (RateLimited, Unreachable, ServerError) as e:
+                failures += 1
+                time.sleep(self._time_to_come_back(e, failures))
+                continue
+            failures = 0
+            events = answer.get("events")
+            if not isinstance(events, list):
+                raise PausePointError(200, "bad_answer", f"{self.base_url} answered the event feed without a list"
+                                                         f" of events: {str(answer)[:80]}")
+            for event in events:
                 after = event["id"]
                 yield event
+            # Never asked again at once: a stopping server answers every waiter at once, and with
+            # no wait asked the server answers at once too; hundreds of calls a second otherwise.
+            if not events and (not wait or time.monotonic() - asked_at < wait / 2):
+                time.sleep(self.backoff)
+
+    def _time_to_come_back(self, error, failures):
+        """Seconds to rest before a long poll is asked again, after a call that failed
+        `failures` times in a row, its retries spent (a restart can take longer than they
+        do, and every waiting place may stay taken): when a rate limit says, within the
+        longest wait between tries, else longer the more failed. Raises `error` when trying
+        again cannot work: a full disk (507) does not clear so."""
+        if error.status == 507:
+            raise error
+        told = error.retry_after if isinstance(error, RateLimited) else None
+        return min(told or self.backoff * 2 ** min(failures, 10), LONGEST_RETRY_WAIT)
 
     # -- HTTP ------------------------------------------------------------------------------
 

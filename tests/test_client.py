@@ -389,6 +389,70 @@ def test_the_event_feed_and_the_audit_log(client):
     assert [e["event_type"] for e in client.audit(pause_id=created["pause_id"])["events"]][0] == "pause.cancelled"
 
 
+FIRST_EVENT = (200, {}, b'{"events": [{"id": "evt_1", "type": "pause.created"}]}')
+
+
+@pytest.mark.parametrize("wait", [30, 0])
+def test_a_feed_answered_at_once_with_nothing_is_not_asked_again_at_once(wait):
+    """A stopping server answers each long poll at once, as things stand, until it closes;
+    with no wait asked, an empty feed is not asked again at once either."""
+    server, url, seen = answering(*[(200, {}, b'{"events": []}')] * 3, FIRST_EVENT)
+    try:
+        started = time.monotonic()
+        assert next(PausePoint(url, "pp_test_x", backoff=0.2).events(wait=wait))["id"] == "evt_1"
+    finally:
+        stop_http(server)
+    assert time.monotonic() - started >= 0.5 and len(seen) == 4
+
+
+def test_an_answer_without_a_list_of_events_is_said_to_be_none():
+    server, url, seen = answering((200, {}, b'{"pause_id": "psr_1"}'))
+    try:
+        with pytest.raises(pausepoint_client.PausePointError) as refused:
+            next(PausePoint(url, "pp_test_x").events())
+    finally:
+        stop_http(server)
+    assert refused.value.code == "bad_answer"
+
+
+def test_reading_the_feed_rides_out_a_server_restart(spawn_server):
+    """However long the restart takes: here longer than the client's retries of one call."""
+    port = free_port()
+    server = spawn_server(port=port)
+    client = PausePoint(server.url, register(server.url)["test_api_key"], retries=1, backoff=0.05)
+    created = client.pause(**ASK)
+    feed = client.events(after=next(client.events(wait=0))["id"])
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(next, feed)
+        time.sleep(0.5)                            # the client is in a long poll now
+        server.stop()
+        time.sleep(1)                              # its call's one retry, 0.05 s later, found nobody
+        server = spawn_server(port=port)           # the same database, the same address
+        client.cancel(created["pause_id"])
+        assert reading.result(timeout=60)["type"] == "pause.cancelled"
+
+
+@pytest.mark.parametrize("answers, kind", [
+    ([(503, {}, b"{}")] * 3, None),
+    ([(429, {"Retry-After": "1"}, b'{"error": {"code": "too_many_waiting"}}')] * 2, None),
+    ([(507, {"Retry-After": "60"}, b'{"error": {"code": "storage_low"}}')], "ServerError"),
+    ([(401, {}, b'{"error": {"code": "unauthorized"}}')], "Unauthorized"),
+    ([(404, {}, b'{"error": {"code": "not_found", "field": "after"}}')], "NotFound"),
+], ids=["a server fault", "all waiting places taken", "a full disk", "a rotated key", "an after gone"])
+def test_a_feed_reader_tries_again_only_when_trying_again_can_work(answers, kind):
+    server, url, seen = answering(*answers, FIRST_EVENT)
+    try:
+        feed = PausePoint(url, "pp_test_x", retries=0, backoff=0.01).events(after="evt_0")
+        if kind is None:
+            assert next(feed)["id"] == "evt_1"
+        else:
+            with pytest.raises(getattr(pausepoint_client, kind)):
+                next(feed)
+    finally:
+        stop_http(server)
+    assert len(seen) == (len(answers) + 1 if kind is None else 1)
+
+
 def test_verify_webhook_accepts_what_the_server_signs_and_nothing_else():
     body, now = b'{"id": "evt_1"}', int(time.time())
     header = pausepoint.signature_header(["whsec_new_secret_000", "whsec_old_secret_000"], now, body)
