@@ -241,7 +241,7 @@ class PausePoint:
                 time.sleep(self._time_to_come_back(e, failures))
                 continue
             failures = 0
-            events = answer.get("events")
+            events = answer.get("events") if isinstance(answer, dict) else None
             if not isinstance(events, list):
                 raise PausePointError(200, "bad_answer", f"{self.base_url} answered the event feed without a list"
                                                          f" of events: {str(answer)[:80]}")

@@ -405,8 +405,9 @@ def test_a_feed_answered_at_once_with_nothing_is_not_asked_again_at_once(wait):
     assert time.monotonic() - started >= 0.5 and len(seen) == 4
 
 
-def test_an_answer_without_a_list_of_events_is_said_to_be_none():
-    server, url, seen = answering((200, {}, b'{"pause_id": "psr_1"}'))
+@pytest.mark.parametrize("body", [b'{"pause_id": "psr_1"}', b'[{"id": "evt_1"}]'], ids=["object", "list"])
+def test_an_answer_without_a_list_of_events_is_said_to_be_none(body):
+    server, url, seen = answering((200, {}, body))
     try:
         with pytest.raises(pausepoint_client.PausePointError) as refused:
             next(PausePoint(url, "pp_test_x").events())
