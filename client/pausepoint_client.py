@@ -228,7 +228,7 @@ class PausePoint:
         you handled to resume after it (an `after` the server no longer keeps is NotFound)."""
         failures = 0            # in a row, of whole calls (each with its retries)
         while True:
-            query = {"limit": 100, "wait": wait}
+            query = {"limit": 100, "wait": min(wait, LONGEST_WAIT)}        # the longest the server waits
             if after:
                 query["after"] = after
             if types:

@@ -405,6 +405,15 @@ def test_a_feed_answered_at_once_with_nothing_is_not_asked_again_at_once(wait):
     assert time.monotonic() - started >= 0.5 and len(seen) == 4
 
 
+def test_a_feed_asked_to_wait_longer_than_the_server_does_asks_for_the_longest_it_does():
+    server, url, seen = answering(FIRST_EVENT)
+    try:
+        assert next(PausePoint(url, "pp_test_x").events(wait=90))["id"] == "evt_1"
+    finally:
+        stop_http(server)
+    assert [path for _, path, _ in seen] == ["/v1/events?limit=100&wait=60"]
+
+
 @pytest.mark.parametrize("body", [b'{"pause_id": "psr_1"}', b'[{"id": "evt_1"}]'], ids=["object", "list"])
 def test_an_answer_without_a_list_of_events_is_said_to_be_none(body):
     server, url, seen = answering((200, {}, body))
