@@ -2761,8 +2761,11 @@ def overview_figures(conn, config, caller, now=None):
     pauses decided by their timeout; live pauses this month against the plan."""
     now = now or utcnow()
     first_day = (now - dt.timedelta(days=OVERVIEW_DAYS - 1)).date()
-    since = db_time(dt.datetime.combine(first_day, dt.time(), dt.timezone.utc))
-    owner = {"developer": caller.developer_id, "livemode": caller.livemode, "since": since}
+    since, until = (db_time(dt.datetime.combine(day, dt.time(), dt.timezone.utc))
+                    for day in (first_day, now.date() + dt.timedelta(days=1)))
+    # Up to the end of now's day, and no further: a pause made just past midnight, or stamped
+    # ahead by a clock set back since, has no day of its own in the chart.
+    owner = {"developer": caller.developer_id, "livemode": caller.livemode, "since": since, "until": until}
     per_day = {first_day + dt.timedelta(days=n): dict.fromkeys(OUTCOMES, 0) for n in range(OVERVIEW_DAYS)}
     for row in query_db(conn, """
             SELECT substr(created_at, 1, 10) AS day,
@@ -2770,10 +2773,11 @@ def overview_figures(conn, config, caller, now=None):
                        CASE WHEN choice = json_extract(options, '$[0]') THEN 'approved' ELSE 'rejected' END
                    ELSE status END AS outcome, count(*) AS n
             FROM pauses WHERE developer_id = :developer AND livemode = :livemode AND created_at >= :since
+              AND created_at < :until
             GROUP BY day, outcome""", owner):
         per_day[dt.date.fromisoformat(row["day"])][row["outcome"]] += row["n"]
     answered = "FROM pauses WHERE developer_id = :developer AND livemode = :livemode AND created_at >= :since" \
-               " AND status = 'responded'"
+               " AND created_at < :until AND status = 'responded'"
     count = query_db(conn, f"SELECT count(*) {answered}", owner, one=True)[0]
 
     def seconds_at(share):          # nearest-rank percentile, read from the sorted durations

@@ -1,6 +1,7 @@
 """The dashboard, through its forms as a browser posts them (WebTest keeps the cookies)."""
 
 import concurrent.futures
+import datetime as dt
 import json
 import re
 import socket
@@ -733,6 +734,18 @@ def test_the_overview_says_what_its_timeout_share_is_a_share_of(running_api):
     # 4 pauses, 1 timed out: 50% is of the 2 decided, which the page says, not of the 4.
     assert page.select_one("#total").text == "4" and page.select_one("#timeout-share").text == "50%"
     assert page.select_one("#timeout-share-of").text == "Timed out, of the 2 decided"
+
+
+def test_the_overview_leaves_out_pauses_stamped_after_its_last_day(running_api):
+    api = running_api()
+    _, keys = sign_up(api)
+    today, ahead = (api.create_pause(keys["test"])["pause_id"] for _ in range(2))
+    # Made just past midnight while the page was being read, or stamped by a clock set back since.
+    tomorrow = pausepoint.db_time(pausepoint.utcnow() + dt.timedelta(days=1))
+    stored(api.config, "UPDATE pauses SET created_at = ? WHERE id = ?", tomorrow, ahead)
+    page = api.get("/dashboard/overview").html
+    assert page.select_one("#total").text == "1"
+    assert [t.text.split(": ")[1] for t in page.select("#chart rect title")] == ["1 pending"]
 
 
 def test_the_front_page_links_to_the_dashboard_and_the_api_description(api):
