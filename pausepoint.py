@@ -4323,6 +4323,17 @@ def human_duration(seconds):
     return f"{seconds:.0f} s"
 
 
+def human_share(share):
+    """'25%', '<1%', '>99%': the overview's timeout share, in whole percent. A share that is
+    neither none nor all never reads as 0% or 100%: one timeout in 300 is not none."""
+    if share is None:
+        return "—"
+    shown = f"{share:.0%}"
+    if shown == "0%" and share > 0:
+        return "<1%"
+    return ">99%" if shown == "100%" and share < 1 else shown
+
+
 def human_time(db_text):
     """'Nov 28 23:51 UTC': short enough for an SMS, plain enough for anyone."""
     return parse_db_time(db_text).strftime("%b %d %H:%M UTC")
@@ -8498,7 +8509,7 @@ def registration_from_dashboard(rt, session, form):
 def overview_page(rt, session):
     """The last 30 days in figures and a chart."""
     return dashboard_page(rt, "overview", session, figures=overview_figures(rt.db(), rt.config, session.caller),
-                          duration=human_duration)
+                          duration=human_duration, share=human_share)
 
 
 ###############################################################################

@@ -8,7 +8,7 @@
   <div><dt>Pauses created</dt><dd id="total">{{sum(figures['totals'].values())}}</dd></div>
   <div><dt>Median time to a person's answer</dt><dd id="median">{{duration(figures['median_seconds'])}}</dd></div>
   <div><dt>p90 time to a person's answer</dt><dd id="p90">{{duration(figures['p90_seconds'])}}</dd></div>
-  <div><dt id="timeout-share-of">Timed out, of the {{decided}} decided</dt><dd id="timeout-share">{{'—' if figures['timed_out_share'] is None else '{:.0%}'.format(figures['timed_out_share'])}}</dd></div>
+  <div><dt id="timeout-share-of">Timed out, of the {{decided}} decided</dt><dd id="timeout-share">{{share(figures['timed_out_share'])}}</dd></div>
   <div><dt>Live pauses this month</dt><dd id="usage">{{figures['live_this_month']}} of {{figures['live_allowed'] if figures['live_allowed'] is not None else '—'}}</dd></div>
 </dl>
 <figure class="chart">

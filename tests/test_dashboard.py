@@ -736,6 +736,17 @@ def test_the_overview_says_what_its_timeout_share_is_a_share_of(running_api):
     assert page.select_one("#timeout-share-of").text == "Timed out, of the 2 decided"
 
 
+@pytest.mark.parametrize("timed_out, shown", [(0, "0%"), (1, "<1%"), (100, "50%"), (199, ">99%"), (200, "100%")])
+def test_the_overview_shows_some_timeouts_as_neither_none_nor_all(running_api, timed_out, shown):
+    api = running_api(**{"ratelimit.test_pauses_per_hour": 1000})
+    _, keys = sign_up(api)
+    for _ in range(200):
+        api.create_pause(keys["test"])
+    stored(api.config, "UPDATE pauses SET status = CASE WHEN rowid <= ? THEN 'timed_out' ELSE 'cancelled' END,"
+                       " decided_at = created_at", timed_out)
+    assert api.get("/dashboard/overview").html.select_one("#timeout-share").text == shown
+
+
 def test_the_overview_leaves_out_pauses_stamped_after_its_last_day(running_api):
     api = running_api()
     _, keys = sign_up(api)
