@@ -7428,7 +7428,9 @@ EXPORT_QUERY = {"format": {"type": "string", "enum": ["jsonl", "csv"], "default"
                           "description": "Events before this time (RFC 3339)",
                           "x-message": "until must be a time like 2026-11-29T00:00:00Z"}}
 DASHBOARD_AUDIT_QUERY = {name: AUDIT_QUERY[name] for name in ("event_type", "pause_id", "cursor")}
-LOGIN_QUERY = {"next": {"type": "string", "maxLength": 500, "x-message": "next must be a dashboard path"},
+# The longest address the log-in page goes on to once signed in (its next=).
+LOGIN_NEXT_MOST = 500
+LOGIN_QUERY = {"next": {"type": "string", "maxLength": LOGIN_NEXT_MOST, "x-message": "next must be a dashboard path"},
                "notice": {"type": "string", "enum": ["password"], "x-message": "notice is not known"}}
 
 
@@ -8107,6 +8109,8 @@ def signed_in(rt):
     if row is None:
         query = bottle.request.query_string
         back = bottle.request.fullpath + ("?" + query if query else "") if bottle.request.method == "GET" else "/dashboard"
+        if len(back) > LOGIN_NEXT_MOST:     # the log-in page would refuse it, and show no form
+            back = "/dashboard"
         raise redirect(f"/dashboard/login?{urllib.parse.urlencode({'next': back})}")
     return SignedIn(row, token)
 

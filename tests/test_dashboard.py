@@ -215,6 +215,14 @@ def test_after_logging_in_only_dashboard_paths_are_followed(api, target):
     assert location.netloc in ("", "localhost", "localhost:80") and (location.path, location.query) == ("/dashboard", "")
 
 
+def test_a_logged_out_visitor_to_an_overlong_address_is_still_shown_the_log_in_form(api):
+    sign_up(api)
+    api.reset()
+    page = api.get("/dashboard/pauses/psr_" + "0" * 600).maybe_follow()
+    assert page.status_int == 200 and page.forms[0].action == "/dashboard/login"
+    assert log_in(api, start=page.request.url).headers["Location"].endswith("/dashboard")
+
+
 def test_a_wrong_password_and_an_unknown_email_get_the_same_answer(api):
     sign_up(api)
     api.reset()
