@@ -1798,14 +1798,18 @@ def authenticate(conn, authorization):
 SESSION_TOUCH_EVERY = dt.timedelta(minutes=1)
 
 
-def start_session(conn, developer, livemode=0, password_hash=None):
+def start_session(conn, developer, livemode=0, password_hash=None, replacing=None):
     """Sign a developer in: (cookie token, CSRF token). Given the password_hash a password
     was checked against, None unless it is still theirs: a password change committed while
-    the old one was checked ended every sign-in, this one too. Only the token's digest is stored."""
+    the old one was checked ended every sign-in, this one too. Only the token's digest is stored.
+    The sign-in whose token the browser held (`replacing`) ends: its cookie is overwritten, and
+    it would otherwise stay good, unseen, until its time ran out."""
     token, csrf, now = secrets.token_urlsafe(32), secrets.token_urlsafe(32), db_time()
     with transaction(conn):
         if password_hash is not None and not password_unchanged(conn, developer["id"], password_hash):
             return None
+        if replacing:
+            conn.execute("DELETE FROM dashboard_sessions WHERE token_hash = ?", (key_digest(replacing),))
         conn.execute("INSERT INTO dashboard_sessions (token_hash, developer_id, csrf_token, livemode, created_at,"
                      " last_seen_at) VALUES (?, ?, ?, ?, ?, ?)", (key_digest(token), developer["id"], csrf, livemode,
                                                                   now, now))
@@ -8257,7 +8261,8 @@ def signed_in_redirect(rt, developer_id, location, shown=None, password_hash=Non
     """Start a sign-in and go to `location`, remembering this browser (its device cookie,
     made now if it has none) as one the developer uses; `shown` is for the sign-in's next
     page to show once. None if the password checked (its password_hash) was changed since."""
-    started = start_session(rt.db(), {"id": developer_id}, password_hash=password_hash)
+    started = start_session(rt.db(), {"id": developer_id}, password_hash=password_hash,
+                            replacing=rt.cookies.read(SESSION_COOKIE))
     if started is None:
         return None
     token, _ = started

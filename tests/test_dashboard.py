@@ -671,6 +671,20 @@ def test_a_rotation_in_the_dashboard_links_the_endpoints_the_old_key_pointed(api
     assert "in?a=1&amp;b=2" in shown.text
 
 
+def test_signing_in_over_another_sign_in_ends_the_one_it_replaces(api):
+    """Its cookie is overwritten: left on the server, it would stay good, unseen, until its time ran out."""
+    api.register(email="other@example.com")
+    stale = api.get("/dashboard/login").forms[0]             # a tab left open on the log-in page
+    sign_up(api)
+    first = api.cookies["pp_session"]
+    stale["email"], stale["password"] = "other@example.com", PASSWORD
+    stale.submit(status=303)
+    assert api.cookies["pp_session"] != first
+    assert pausepoint.session_for(api.app.runtime.db(), api.config, first) is None
+    assert stored(api.config, "SELECT d.email FROM dashboard_sessions s JOIN developers d ON d.id = s.developer_id") \
+        == [("other@example.com",)]
+
+
 def test_changing_the_password_ends_every_session(api):
     sign_up(api)
     other_browser = Api(api.app, extra_environ=api.extra_environ)
