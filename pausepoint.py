@@ -8119,6 +8119,13 @@ def signed_in(rt):
     return SignedIn(row, token)
 
 
+def shows_secrets():
+    """Whether this request may take a secret held to be shown once: a GET that the browser
+    does not say another site started. A link from elsewhere, followed while the redirect
+    to the page was on its way, would use the secret up where nobody sees it."""
+    return bottle.request.method == "GET" and request_header("Sec-Fetch-Site") in (None, "same-origin", "none")
+
+
 def check_form_token(expected, form):
     """403 unless the form carries `expected`, which a form from another site cannot, and the
     browser does not say another site sent it (Sec-Fetch-Site), a sibling host name included:
@@ -8394,7 +8401,7 @@ def rotate_from_dashboard(rt, session, form):
 
 def keys_shown_page(rt, session):
     """New keys, this once; a reload finds them gone and goes back to the keys page."""
-    keys = rt.shown_once.take(session.token, "keys") if bottle.request.method == "GET" else None
+    keys = rt.shown_once.take(session.token, "keys") if shows_secrets() else None
     if not keys:
         return redirect("/dashboard/keys")
     test_key = next((key for label, key in keys if key.startswith("pp_test_")), None)
@@ -8461,7 +8468,7 @@ def webhook_page(rt, session, query, webhook_id):
         webhook = webhook_json(owned_webhook(rt.db(), session.caller, webhook_id))
         deliveries, next_cursor = deliveries_page(rt.db(), session.caller, webhook_id, DASHBOARD_PAGE, query["cursor"])
     # Only once the page can be shown: a secret taken for a page that failed would be lost.
-    secret = rt.shown_once.take(session.token, f"webhook:{webhook_id}") if bottle.request.method == "GET" else None
+    secret = rt.shown_once.take(session.token, f"webhook:{webhook_id}") if shows_secrets() else None
     return dashboard_page(rt, "webhook", session, secret_shown=bool(secret), webhook=webhook, secret=secret,
                           deliveries=deliveries, next_cursor=next_cursor, back="/dashboard/webhooks")
 

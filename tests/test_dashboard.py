@@ -685,6 +685,18 @@ def test_signing_in_over_another_sign_in_ends_the_one_it_replaces(api):
         == [("other@example.com",)]
 
 
+def test_a_link_from_another_site_never_uses_up_a_secret_shown_once(running_api):
+    """Followed while the redirect to the page is on its way, it would take the secret where nobody sees it."""
+    api = running_api(**{"webhooks.allow_private": True})
+    sign_up(api)
+    for answer, shown in ((post_form(api, api.get("/dashboard/keys"), "/dashboard/keys/rotate", key="test",
+                                     password=PASSWORD), "input.secret"),
+                          (add_endpoint(api, "http://127.0.0.1:9/hook"), "#secret")):
+        elsewhere = api.get(answer.headers["Location"], headers={"Sec-Fetch-Site": "cross-site"})
+        assert elsewhere.status_code == 303 or elsewhere.html.select_one(shown) is None
+        assert answer.follow(headers={"Sec-Fetch-Site": "same-origin"}).html.select_one(shown)["value"]
+
+
 def test_changing_the_password_ends_every_session(api):
     sign_up(api)
     other_browser = Api(api.app, extra_environ=api.extra_environ)
