@@ -6651,7 +6651,7 @@ class Runtime:
         served_before = wait_until is not None
         # The trusted proxy by its own address only: its /64 holds others (a neighbour on its subnet).
         who = ((caller.developer_id, caller.livemode),
-               connection_client(environ.get("REMOTE_ADDR"), self.config["server.trusted_proxy"]))
+               connection_client(client_address(environ), self.config["server.trusted_proxy"]))
         wait_until = time.monotonic() + seconds if wait_until is None else wait_until
         watch = self.waiting.watch(topic, wants)       # before the read: a change after it is not missed
         try:
@@ -7510,9 +7510,21 @@ def request_cookie(name):
 
 
 def client_ip():
-    # REMOTE_ADDR, not bottle's remote_addr: that one believes any client's
-    # X-Forwarded-For. waitress rewrites REMOTE_ADDR only for server.trusted_proxy.
-    return bottle.request.environ.get("REMOTE_ADDR") or "unknown"
+    return client_address(bottle.request.environ)
+
+
+# An IPv6 client as some proxies and load balancers forward it, with its source port.
+BRACKETED_ADDRESS = re.compile(r"\[([^\]]*)\](?::[0-9]*)?")
+
+
+def client_address(environ):
+    """The client's address: REMOTE_ADDR, not bottle's remote_addr, which believes any
+    client's X-Forwarded-For (waitress rewrites REMOTE_ADDR only for server.trusted_proxy).
+    waitress takes the port off a forwarded IPv4 address but leaves "[2001:db8::7]:40001"
+    whole, which would make each of a client's connections a client of its own."""
+    address = environ.get("REMOTE_ADDR") or "unknown"
+    bracketed = BRACKETED_ADDRESS.fullmatch(address)
+    return bracketed[1] if bracketed else address
 
 
 # Where a NAT64 gateway puts each IPv4 address it stands for (RFC 6052's well-known prefix).
@@ -8658,7 +8670,7 @@ class Handlers:
             started, answered = bottle.request.environ.get("pausepoint.started") or time.monotonic(), True
             if not spec.page:       # API keys, webhook secrets, respond links: for the caller only, kept nowhere
                 bottle.response.set_header("Cache-Control", "no-store")
-            address = limited_as(bottle.request.environ.get("REMOTE_ADDR", ""))
+            address = client_limited_as()
             try:
                 with self.rt.turns.taken(address):
                     answer = callback(**path, **self.given(spec, wanted, schema, validators))

@@ -1142,3 +1142,18 @@ def test_another_applications_database_is_refused_and_left_as_it_was(tmp_path, t
                      " server's with --db or database.path")
     assert stored(db, "SELECT name FROM sqlite_master") == [(tables,)]
     assert not {"copy.db", "pausepoint.db.keys.json"} & set(os.listdir(tmp_path))
+
+
+def test_a_proxy_writing_the_client_port_with_an_ipv6_address_does_not_make_each_connection_a_client(tmp_path):
+    # "[2001:db8::7]:40001", as some proxies and load balancers write an IPv6 client with its
+    # source port: each new connection has another port, and must not bring a fresh budget.
+    config = make_config(tmp_path, **{"server.trusted_proxy": "127.0.0.1", "ratelimit.respond_failures_per_hour": 2})
+    app = pausepoint.create_app(config)
+    app.runtime.start()
+    with LiveServer(app, config) as server:
+        def guess(n, forwarded_for):
+            return requests.get(f"{server.url}/v1/respond/guess{n}", headers={"X-Forwarded-For": forwarded_for})
+        assert [guess(n, f"[2001:db8::7]:{40000 + n}").status_code for n in range(2)] == [404, 404]
+        assert guess(2, "[2001:db8::7]:40002").status_code == 429
+        assert guess(3, "[2001:db8::8]:40003").status_code == 429           # the same /64, as unbracketed
+        assert guess(4, "203.0.113.5").status_code == 404
