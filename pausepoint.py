@@ -9123,6 +9123,18 @@ class HardenedChannel(waitress.channel.HTTPChannel):
         self.client = connection_client(addr[0], server.limits["server.trusted_proxy"])
         server.by_client[self.client].add(self)
 
+    def served_for(self):
+        """Whose share of worker threads serving this channel's request takes: its connection's
+        client, or behind the trusted proxy the client the request is forwarded for, read as
+        waitress reads it for the app; otherwise one client there could take every thread."""
+        forwarded = self.requests[0].headers.get("X_FORWARDED_FOR") if self.requests else None
+        if self.client != TRUSTED_PROXY or not forwarded:
+            return self.client
+        hop = forwarded.rsplit(",", 1)[-1].strip().strip('"')
+        if hop.count(":") == 1:                     # an IPv4 address with its port
+            hop = hop.partition(":")[0]
+        return connection_client(client_address({"REMOTE_ADDR": hop}), self.server.limits["server.trusted_proxy"])
+
     def writable(self):
         # While its task runs, output the main loop could not send now is not asked about:
         # less than send_bytes (waitress leaves that for the task to add to), or any while
@@ -9363,8 +9375,9 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
     """waitress's worker threads, shared out by client (connection_client()). Waiting
     requests are taken one client at a time, and one client holds at most `per_address`
     threads (as many as long polls may take), so one sending many requests waits for its
-    own turn while everyone else's requests keep being taken. The trusted proxy, behind
-    which every client shares one address, is exempt."""
+    own turn while everyone else's requests keep being taken. Behind the trusted proxy a
+    request counts as the client it is forwarded for (HardenedChannel.served_for); the
+    proxy's own, forwarded for no one, are exempt."""
 
     def __init__(self, per_address, wake_waiters=lambda: None, thread_started=lambda: None,
                  after_task=lambda: None):
@@ -9379,7 +9392,7 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
 
     def add_task(self, channel):
         with self.lock:
-            self.waiting.setdefault(channel.client, collections.deque()).append(channel)
+            self.waiting.setdefault(channel.served_for(), collections.deque()).append(channel)
             channel.queued = True
             self.queued += 1
             self.queue_cv.notify()

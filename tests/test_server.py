@@ -1,6 +1,7 @@
 """The real process: timeouts across restarts, long polls, signals and the operator's commands."""
 
 import concurrent.futures
+import contextlib
 import fcntl
 import fnmatch
 import functools
@@ -1157,3 +1158,30 @@ def test_a_proxy_writing_the_client_port_with_an_ipv6_address_does_not_make_each
         assert guess(2, "[2001:db8::7]:40002").status_code == 429
         assert guess(3, "[2001:db8::8]:40003").status_code == 429           # the same /64, as unbracketed
         assert guess(4, "203.0.113.5").status_code == 404
+
+
+def test_behind_a_trusted_proxy_one_client_cannot_take_every_thread(tmp_path):
+    config = make_config(tmp_path, **{"server.trusted_proxy": "127.0.0.1", "server.threads": 12,
+                                      "ratelimit.enabled": False})
+    app = pausepoint.create_app(config)
+    app.runtime.start()
+    sign_ups = []
+    with LiveServer(app, config) as server, contextlib.closing(
+            sqlite3.connect(config["database.path"], isolation_level=None)) as holder:
+        holder.execute("BEGIN IMMEDIATE")          # each sign-up then holds its thread until the rollback
+        try:
+            with concurrent.futures.ThreadPoolExecutor(14) as pool:
+                sign_ups = [pool.submit(requests.post, f"{server.url}/v1/auth/register",
+                                        json={"email": f"flood{n}@example.com", "name": "F", "password": PASSWORD},
+                                        headers={"X-Forwarded-For": "203.0.113.66"}) for n in range(14)]
+                dispatcher = server.server.task_dispatcher
+                wait_until(lambda: dispatcher.queued + sum(dispatcher.running.values()) == 14)
+                # Another client behind the same proxy is served while the first one's requests all
+                # still wait (they would give up on the write lock after a while, freeing threads).
+                health = requests.get(f"{server.url}/healthz", headers={"X-Forwarded-For": "198.51.100.7"})
+                assert health.status_code == 200 and not any(sign_up.done() for sign_up in sign_ups)
+                holder.execute("ROLLBACK")
+        finally:
+            if holder.in_transaction:
+                holder.execute("ROLLBACK")
+    assert [s.result().status_code for s in sign_ups] == [201] * 14
