@@ -1979,12 +1979,21 @@ def record_event(conn, developer_id, livemode, actor, event_type, pause_id=None,
     # Never before the event before it (a create reads the clock before it takes the write
     # lock), so a window of time is always an unbroken stretch of the chain.
     event = (developer_id, livemode, max(when or db_time(), prev_time or ""), actor, event_type, pause_id,
-             json.dumps(data or {}, separators=(",", ":")))
+             audit_data_json(data or {}))
     event_hash = audit_hash(prev_hash, *event)
     conn.execute(
         "INSERT INTO audit_events (developer_id, livemode, timestamp, actor, event_type, pause_id, data, prev_hash,"
         " hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (*event, prev_hash, event_hash))
     conn.audit_heads[chain] = (event_hash, event[2])
+
+
+def audit_data_json(data):
+    """An event's data as stored: other scripts as UTF-8, not as \\u escapes, which take an
+    emoji 12 bytes instead of 4 (a simulated email's event was three times its text), but what
+    would make an export read as something else still escaped (json_for_reading()). ASCII only
+    for a lone surrogate (an older version let some into pauses), which UTF-8 cannot hold."""
+    text = json_for_reading(data)
+    return json.dumps(data, separators=(",", ":")) if LONE_SURROGATE.search(text) else text
 
 
 # Each developer's events in each mode form one chain: every event carries the hash of the one

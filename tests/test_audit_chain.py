@@ -266,6 +266,25 @@ def test_the_documented_hash_rebuilds_every_exported_event_whatever_its_data(run
     assert events and all(netstring_hash(event) == event["hash"] for event in events)
 
 
+def test_an_events_data_stores_other_scripts_as_utf8_not_as_escapes_three_times_their_size(running_api, tmp_path):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    message = "💸" * 1600           # 6,400 bytes of UTF-8; escaped, each took 12
+    api.post_json("/v1/pause", {**WIRE, "channel": "email", "recipient": "ops@example.com", "message": message,
+                                "metadata": {"note": "‮evil"}}, headers=api.as_key(key))
+    api.step("notifications")
+    [(text_bytes, data_bytes)] = stored(api.config, "SELECT length(CAST(n.text AS BLOB)), length(CAST(a.data AS BLOB))"
+                                                    " FROM notifications n JOIN audit_events a ON a.pause_id = n.pause_id"
+                                                    " AND a.event_type = 'notification.simulated'")
+    assert data_bytes < text_bytes + 1000
+    # What would make an export read as something else is still escaped, and it all still verifies.
+    [(created,)] = stored(api.config, "SELECT data FROM audit_events WHERE event_type = 'pause.created'")
+    assert "\\u202e" in created and "\u202e" not in created
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(api.get("/v1/audit/export", headers=api.as_key(key)).body)
+    assert verify_audit_export(str(path)) == 2
+
+
 def test_a_head_and_its_count_are_read_at_one_moment_while_events_are_written(running_api):
     api = running_api()
     keys = api.register()
