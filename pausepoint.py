@@ -137,7 +137,7 @@ SETTINGS = [
     Setting("dashboard.session_max_hours", 168, "Hours a dashboard sign-in lasts at most, however often it is used."),
     Setting("security.bcrypt_rounds", 12, "bcrypt cost factor for passwords (4-16). Each step doubles the work. A password hashed at another cost is hashed again at this one when next given."),
     Setting("pauses.max_timeout_hours", 720.0, "Longest timeout_hours a pause may ask for."),
-    Setting("pauses.max_test_pending", 1000, "Test-mode pauses one developer may have pending at once; beyond it, new ones get 429 until some are decided, cancelled or time out. 0: no limit."),
+    Setting("pauses.max_test_pending", 1000, "Test-mode pauses one developer may have pending at once, each weighing the messages it may send times each 4 KiB the agent wrote (a question to one person weighs 1); beyond it, new ones get 429 until some are decided, cancelled or time out (one alone is always allowed). 0: no limit."),
     Setting("twilio.account_sid", "", "Twilio account SID (AC…), for the sms channel."),
     Setting("twilio.auth_token", "", "Twilio auth token, for the sms channel."),
     Setting("twilio.from_number", "", "The Twilio phone number SMS and WhatsApp messages are sent from, in E.164 form (+15550100)."),
@@ -163,12 +163,12 @@ SETTINGS = [
     Setting("ratelimit.rotate_per_hour", 20, "Key rotations (attempts, right or wrong) allowed per client IP per hour through the API, and per developer from the dashboard (password changes and webhook endpoints added there included; there, only those with the right password count)."),
     Setting("ratelimit.respond_failures_per_hour", 30, "Unknown respond tokens allowed per client IP per hour; beyond it unknown tokens get 429 (valid ones always work)."),
     Setting("ratelimit.webhook_changes_per_hour", 200, "Webhook creations, changes, deletions, tests and redeliveries one developer may make per hour in each mode (each writes an audit event that is kept)."),
-    Setting("ratelimit.test_pauses_per_hour", 1000, "Test-mode pauses one developer may create per hour (the first hour's worth at once, then evenly)."),
+    Setting("ratelimit.test_pauses_per_hour", 1000, "Test-mode pauses one developer may create per hour, by weight as pauses.max_test_pending (the first hour's worth at once, then evenly)."),
     Setting("metrics.enabled", False, "Serve Prometheus metrics (see metrics.listen)."),
     Setting("metrics.listen", "127.0.0.1:9464", "Where metrics are served, host:port, apart from the API; empty:"
             " at /metrics on the API's own address, where anyone who reaches it can read them."),
     Setting("retention.test_days", 30, "Days test-mode pauses, notifications and audit events are kept after they are decided; an hourly job deletes older ones."),
-    Setting("retention.test_pauses_kept", 2000, "Test-mode pauses kept per developer, newest first: the hourly job deletes their older ones sooner than retention.test_days, an hour after their decision at the earliest, with the older part of their test audit log and event feed."),
+    Setting("retention.test_pauses_kept", 2000, "Test-mode pauses kept per developer, newest first, by weight as pauses.max_test_pending: the hourly job deletes their older ones sooner than retention.test_days, an hour after their decision at the earliest, with the older part of their test audit log and event feed."),
     Setting("retention.delivery_log_days", 30, "Days webhook events, deliveries and attempts are kept after they finish."),
     Setting("plans.free.monthly_pauses", 100, "Live pauses a developer on the free plan may create per calendar month (UTC). Add plans as [plans.NAME]."),
 ]
@@ -790,6 +790,11 @@ MIGRATIONS = [
         CREATE TABLE early_delivery_reports (seq INTEGER PRIMARY KEY, message_sid TEXT NOT NULL,
             reported TEXT NOT NULL, error_code TEXT NOT NULL, received_at TEXT NOT NULL);
         CREATE INDEX early_delivery_reports_by_sid ON early_delivery_reports(message_sid);
+    """),
+    # Test pauses weighed by what they keep on disk, not counted (weight_in_test_mode(), schema.sql).
+    (23, """
+        ALTER TABLE pauses ADD COLUMN test_weight INTEGER NOT NULL DEFAULT 1;
+        CREATE INDEX pauses_test_weights ON pauses(developer_id, status, seq, test_weight) WHERE livemode = 0;
     """),
 ]
 
@@ -2512,6 +2517,7 @@ def create_pause(conn, config, caller, body, idempotency_key, limiter, wal):
            None if asked["metadata"] is None else compact_json(asked["metadata"]),
            None if asked["fields"] is None else compact_json(asked["fields"]), token, int(asked["team"]),
            None if asked["quorum"] is None else compact_json(asked["quorum"]))
+    weight = 1 if caller.livemode else weight_in_test_mode(asked, row)
     audited = {"recipient": asked["recipient"], "channel": asked["channel"], "options": asked["options"],
                "timeout_default": asked["timeout_default"], "expires_at": api_time(expires_at),
                "metadata": asked["metadata"], **team_request(asked)}
@@ -2525,15 +2531,15 @@ def create_pause(conn, config, caller, body, idempotency_key, limiter, wal):
         if caller.livemode:
             spend_quota(conn, config, caller, now)
         else:
-            check_test_allowance(conn, config, caller, limiter)
+            check_test_allowance(conn, config, caller, limiter, weight)
         # SMS and WhatsApp replies name their pause by a code, unique among the number's pending pauses.
         reply_code = (new_reply_code(conn, asked["recipient"], caller.livemode, caller.developer_id)
                       if channels(config)[asked["channel"]].kind == "twilio" else None)
         pause = conn.execute(
             "INSERT INTO pauses (id, developer_id, livemode, recipient, channel, title, message, options,"
-            " timeout_default, metadata, fields, respond_token, team, quorum, reply_code, created_at, expires_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " RETURNING *", (*row, reply_code, created_at, expires_at)).fetchone()
+            " timeout_default, metadata, fields, respond_token, team, quorum, reply_code, created_at, expires_at,"
+            " test_weight) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " RETURNING *", (*row, reply_code, created_at, expires_at, weight)).fetchone()
         for position, (recipient, channel_name) in enumerate(asked["people"]):
             ask_person(conn, config, pause, position, recipient, channel_name, "request", created_at)
         conn.executemany("INSERT INTO pause_steps (pause_id, due_at, kind, recipient, channel) VALUES (?, ?, ?, ?, ?)",
@@ -2547,6 +2553,24 @@ def create_pause(conn, config, caller, body, idempotency_key, limiter, wal):
         wake_after_commit(conn, "created", (pause_id, caller.livemode))
         emit_pause_events(conn, config, [pause], "pause.created", when=created_at)
     return pause, False
+
+
+# What one unit of a test pause's weight stands for: one message of up to this much of what
+# the agent wrote (its question, title, options, fields and metadata, as stored). Each message
+# is kept twice (its notification and its notification.simulated event), and an email shows
+# nearly all of it: a ten-person pause with five reminders and a full 64 KiB body kept 10 MB.
+TEST_WEIGHT_BYTES = 4 * 1024
+
+
+def weight_in_test_mode(asked, row):
+    """How much of a developer's test allowance a pause takes (pauses.max_test_pending,
+    retention.test_pauses_kept, ratelimit.test_pauses_per_hour): the messages it may send
+    (each person asked, escalations too, and reminded) times the 4 KiB units of what the
+    agent wrote, so those bound what a developer's test pauses keep on disk, not only their
+    count. A question to one person, reminded never, with under 4 KiB written weighs 1."""
+    messages = (len(asked["people"]) + len(asked["escalations"])) * (1 + len(asked["reminders"]))
+    written = sum(len(value.encode("utf-8")) for value in row if isinstance(value, str))
+    return messages * (1 + written // TEST_WEIGHT_BYTES)
 
 
 def scheduled_steps(asked, now):
@@ -2732,23 +2756,26 @@ def spend_quota(conn, config, caller, now):
                  " ON CONFLICT DO UPDATE SET live_pauses = live_pauses + 1", (caller.developer_id, usage_month(now)))
 
 
-def check_test_allowance(conn, config, caller, limiter=None):
+def check_test_allowance(conn, config, caller, limiter=None, weight=1):
     """429 past the developer's test-pause rate (ratelimit.test_pauses_per_hour), or with
     pauses.max_test_pending test pauses pending: those are never pruned, and may wait up to
-    pauses.max_timeout_hours. The rate first: counting the pending takes the write lock for
-    about 0.13 ms a thousand of them, so a refusal for them spends the rate too."""
+    pauses.max_timeout_hours. Both count a pause by its weight_in_test_mode(); one alone is always
+    allowed, however much it weighs. The rate first: summing the pending takes the write lock
+    for about 0.13 ms a thousand of them, so a refusal for them spends the rate too."""
     if limiter is not None:
         limiter.limit("test_pauses", caller.developer_id, config["ratelimit.test_pauses_per_hour"],
-                      "test pauses for this developer (ratelimit.test_pauses_per_hour)")
+                      "test pauses for this developer (ratelimit.test_pauses_per_hour)", cost=weight)
     allowed = config["pauses.max_test_pending"]
     if not allowed:
         return
-    pending = query_db(conn, "SELECT count(*) FROM (SELECT 1 FROM pauses WHERE developer_id = ? AND livemode = 0"
-                             " AND status = 'pending' LIMIT ?)", (caller.developer_id, allowed), one=True)[0]
-    if pending >= allowed:
+    pending = query_db(conn, "SELECT coalesce(sum(test_weight), 0) FROM pauses INDEXED BY pauses_test_weights"
+                             " WHERE developer_id = ? AND livemode = 0 AND status = 'pending'",
+                       (caller.developer_id,), one=True)[0]
+    if pending and pending + weight > allowed:
         raise ApiError(429, "too_many_pending",
-                       f"you have {allowed} or more test pauses pending, the most allowed (pauses.max_test_pending):"
-                       " cancel some, or wait for them to be decided or to time out")
+                       f"your test pauses pending weigh {pending}, and this one {weight}: more than the"
+                       f" {allowed} allowed (pauses.max_test_pending; a pause weighs the messages it may send"
+                       " times each 4 KiB it carries): cancel some, or wait for them to be decided or to time out")
 
 
 def live_pauses_this_month(conn, developer_id, now):
@@ -5730,13 +5757,18 @@ def prune_test_pauses_past_kept(conn, config, delete, now):
     KEPT_AFTER_DECISION ago go before their time, and their test event feed from before the
     oldest decided test pause kept (deliveries still pending with it, as to a disabled
     endpoint, which would keep it for good), so one developer's test data is bounded by a
-    count, not only by their rate times retention.test_days. Yields (developer, the time from
+    weight (weight_in_test_mode(): messages times what they carry), not only by their rate times
+    retention.test_days. Yields (developer, the time from
     which their events are kept), for their audit chain."""
     kept, decided_before = config["retention.test_pauses_kept"], db_time(now - KEPT_AFTER_DECISION)
     for developer_id, in query_db(conn, "SELECT developer_id FROM pauses WHERE livemode = 0 GROUP BY developer_id"
-                                        " HAVING count(*) > ?", (kept,)):
-        oldest_kept = query_db(conn, "SELECT seq, created_at FROM pauses WHERE developer_id = ? AND livemode = 0"
-                                     " ORDER BY seq DESC LIMIT 1 OFFSET ?", (developer_id, kept - 1), one=True)
+                                        " HAVING sum(test_weight) > ?", (kept,)):
+        # The newest pauses that begin within `kept` of weight, counted from the newest (which
+        # is always kept, however much it weighs).
+        oldest_kept = query_db(conn, "SELECT seq FROM (SELECT seq, test_weight, sum(test_weight) OVER (ORDER BY"
+                                     " seq DESC) AS heavier FROM pauses INDEXED BY pauses_test_weights"
+                                     " WHERE developer_id = ? AND livemode = 0) WHERE heavier - test_weight < ?"
+                                     " ORDER BY seq LIMIT 1", (developer_id, kept), one=True)
         delete("test pauses", "SELECT id FROM pauses WHERE developer_id = ? AND livemode = 0 AND seq < ?"
                               " AND status != 'pending' AND decided_at < ?",
                (developer_id, oldest_kept["seq"], decided_before), PAUSE_ROWS)
@@ -6264,7 +6296,7 @@ CHECKPOINT_TAIL_FRAMES = 1_000          # left for the pass under the write lock
 WAL_FRAME_HEADER_BYTES = 24             # before each page in the WAL
 HASH_WAIT_SECONDS = 5
 STOP_CALLS_SECONDS = 2
-# Hourly: test data is bounded by a count (retention.test_pauses_kept), which a developer
+# Hourly: test data is bounded by a weight (retention.test_pauses_kept), which a developer
 # at the test-pause rate could pass 24 times over in a day.
 PRUNE_INTERVAL = dt.timedelta(hours=1)
 TIMEOUTS_CACHE_KIB = 4096                   # the timeout job's page cache (see run_timeouts)
@@ -6985,12 +7017,13 @@ class RateLimiter:
             tokens = self._level(name, who, per_hour, time.monotonic())
         return 0 if tokens >= 1 else math.ceil((1 - tokens) * 3600 / per_hour)
 
-    def spend(self, name, who, per_hour, make_room=True):
+    def spend(self, name, who, per_hour, make_room=True, cost=1):
+        """Take `cost` from (name, who)'s bucket: past empty, it owes the rest, and waits for it."""
         if not self.enabled:
             return
         with self.lock:
             now = time.monotonic()
-            self._set(name, who, self._level(name, who, per_hour, now) - 1, per_hour, now, make_room)
+            self._set(name, who, self._level(name, who, per_hour, now) - cost, per_hour, now, make_room)
 
     def give_back(self, name, who, per_hour):
         """Undo one spend() (an attempt that turned out not to count)."""
@@ -7010,10 +7043,10 @@ class RateLimiter:
             raise ApiError(429, "rate_limited", f"too many {what}; try again in {wait} seconds",
                            headers={"Retry-After": str(wait)})
 
-    def limit(self, name, who, per_hour, what="attempts"):
-        """Refuse with 429 if (name, who) has nothing left; otherwise spend one."""
+    def limit(self, name, who, per_hour, what="attempts", cost=1):
+        """Refuse with 429 if (name, who) has nothing left; otherwise spend `cost`."""
         self.refuse_if_exhausted(name, who, per_hour, what)
-        self.spend(name, who, per_hour)
+        self.spend(name, who, per_hour, cost=cost)
 
 
 ###############################################################################

@@ -128,8 +128,11 @@ CREATE TABLE pauses (
     quorum           TEXT,                            -- JSON {"choice": "Approve", "count": 2}: decided that choice once
                                                       -- `count` people chose it, anything else at its first vote. NULL:
                                                       -- the first answer decides.
-    receipt          TEXT                             -- once decided: a compact JWS (EdDSA) of the outcome, signed with
+    receipt          TEXT,                            -- once decided: a compact JWS (EdDSA) of the outcome, signed with
                                                       -- the server's key (see receipt_claims() and Signer)
+    test_weight      INTEGER NOT NULL DEFAULT 1       -- a test pause's share of its developer's test allowance: the
+                                                      -- messages it may send times the 4 KiB units the agent wrote
+                                                      -- (weight_in_test_mode() in pausepoint.py); 1 for a live one
 );
 -- The timeout job: "pending pauses whose expires_at has passed", oldest first.
 CREATE INDEX pauses_pending_by_expiry ON pauses(expires_at) WHERE status = 'pending';
@@ -156,6 +159,9 @@ CREATE INDEX pauses_closed_by_recipient ON pauses(recipient, decided_at)
     WHERE livemode = 1 AND channel IN ('sms', 'whatsapp');
 -- Pruning: decided test-mode pauses, oldest decision first.
 CREATE INDEX pauses_decided_test ON pauses(decided_at) WHERE livemode = 0 AND status != 'pending';
+-- A developer's test pauses by weight: those pending, summed on each test create
+-- (pauses.max_test_pending), and all, newest first, for pruning (retention.test_pauses_kept).
+CREATE INDEX pauses_test_weights ON pauses(developer_id, status, seq, test_weight) WHERE livemode = 0;
 -- The dashboard's overview: a developer's pauses created in its last 30 days.
 CREATE INDEX pauses_by_owner_created ON pauses(developer_id, livemode, created_at);
 

@@ -3,6 +3,7 @@
 import concurrent.futures
 import contextlib
 import datetime as dt
+import json
 import os
 import shutil
 import signal
@@ -391,9 +392,10 @@ def test_each_developer_keeps_their_newest_test_pauses_and_what_goes_with_them(r
     api = running_api(**{"webhooks.allow_private": True, "retention.test_pauses_kept": 3})
     config = api.config
 
-    def developer(email, decided):
+    def developer(email, decided, team=True):
         """A cancelled live pause, then test pauses: a pending one, then `decided` cancelled
-        ones (the first a team pause with a reminder), each with an Idempotency-Key."""
+        ones (the first, if `team`, a team pause with a reminder, which weighs 4), each with an
+        Idempotency-Key."""
         keys = api.register(email=email)
         test, live = api.as_key(keys["test_api_key"]), api.as_key(keys["api_key"])
         kept_live = api.post_json("/v1/pause", {**WIRE, "channel": "link", "recipient": "ops"}, headers=live).json
@@ -402,7 +404,7 @@ def test_each_developer_keeps_their_newest_test_pauses_and_what_goes_with_them(r
         bodies = [{**WIRE, "timeout_hours": 720}, {**QUESTION, "remind_after_minutes": [60], "recipients": [
             {"recipient": "+15550101", "channel": "sms"}, {"recipient": "+15550102", "channel": "sms"}]}]
         made = []
-        for n, body in enumerate(bodies + [WIRE] * (decided - 1)):
+        for n, body in enumerate(bodies[:1 + team] + [WIRE] * (decided - team)):
             made.append(api.post_json("/v1/pause", body, headers={**test, "Idempotency-Key": f"{email}{n}"}).json["pause_id"])
             if n:
                 api.post(f"/v1/pause/{made[-1]}/cancel", headers=test)
@@ -413,7 +415,7 @@ def test_each_developer_keeps_their_newest_test_pauses_and_what_goes_with_them(r
         return [stored(config, f"SELECT count(*) FROM {table} WHERE developer_id = ? OR livemode = 1", developer_id)
                 for table in ("pauses", "notifications", "audit_events", "webhook_events")]
 
-    quiet, quiet_pauses, quiet_live = developer("quiet@example.com", decided=2)
+    quiet, quiet_pauses, quiet_live = developer("quiet@example.com", decided=2, team=False)      # weighs 3
     busy, busy_pauses, busy_live = developer("busy@example.com", decided=6)
     api.step("notifications")
     api.step("webhooks")
@@ -461,6 +463,61 @@ def test_each_developer_keeps_their_newest_test_pauses_and_what_goes_with_them(r
                   busy) == kept_feed
     assert [stored(config, sql) for sql in ORPHANS] == [[(0,)]] * len(ORPHANS)
     assert pausepoint.audit_chain_breaks(api.app.runtime.db()) == []
+
+
+def test_a_developer_keeps_their_newest_test_pauses_up_to_a_weight_not_a_count(running_api):
+    """Counted, three ten-person pauses with five reminders kept as much as 180 plain ones."""
+    api = running_api(**{"retention.test_pauses_kept": 10})
+    keys = api.register()
+    test = api.as_key(keys["test_api_key"])
+    team = {**QUESTION, "remind_after_minutes": [60, 120],       # nine messages: weighs 9
+            "recipients": [{"recipient": f"p{n}@example.com", "channel": "email"} for n in range(3)]}
+    made = [api.post_json("/v1/pause", body, headers=test).json["pause_id"] for body in (team, team, WIRE)]
+    for pause_id in made:
+        api.post(f"/v1/pause/{pause_id}/cancel", headers=test)
+    deleted = pausepoint.prune_expired_data(api.app.runtime.db(), api.config,
+                                            now=pausepoint.utcnow() + dt.timedelta(hours=2))
+    # The newest (1), and the one before, which begins within the 10 kept (1 + 9); not the first.
+    assert deleted["test pauses"] == 1
+    assert [row[0] for row in stored(api.config, "SELECT id FROM pauses ORDER BY seq")] == made[1:]
+    assert [stored(api.config, sql) for sql in ORPHANS] == [[(0,)]] * len(ORPHANS)
+
+
+EMOJI = "\U0001F600"
+
+
+@pytest.mark.parametrize("body", [
+    {**WIRE},
+    {**WIRE, "channel": "email", "recipient": "a@example.com", "metadata": {"a": EMOJI * 960, "display": ["a"]}},
+    {**QUESTION, "message": EMOJI * 1600, "options": [EMOJI * 99 + str(n) for n in range(10)], "timeout_default": None,
+     "recipients": [{"recipient": f"p{n}@example.com", "channel": "email"} for n in range(10)],
+     "remind_after_minutes": [1, 2, 3, 4, 5],
+     "metadata": {**{f"k{n}": EMOJI * 380 for n in range(10)}, "display": [f"k{n}" for n in range(10)]},
+     "fields": {f"f{n}": {"type": "string", "value": EMOJI * 840, "max_length": 1000, "label": EMOJI * 100}
+                for n in range(10)}},
+], ids=["plain", "one-email-just-under-a-unit", "ten-people-five-reminders-full-body"])
+def test_a_decided_test_pause_keeps_at_most_72_kib_on_disk_for_each_unit_of_its_weight(running_api, body):
+    """What bounds a developer's test data on disk: the weight allowed (pending, kept, and
+    created in the hour before pruning) times this. Counted by pauses, one of the last kind
+    kept 10 MB, and a developer's 6,000 some 60 GB."""
+    api = running_api()
+    key = api.register()["test_api_key"]
+    raw = json.dumps(body, ensure_ascii=False).encode()
+    created = api.post("/v1/pause", raw, headers={**api.as_key(key), "Content-Type": "application/json"}).json
+    api.step("notifications")
+    for step, in stored(api.config, "SELECT id FROM pause_steps ORDER BY id"):
+        stored(api.config, "UPDATE pause_steps SET due_at = ? WHERE id = ?",
+               pausepoint.db_time(pausepoint.utcnow()), step)
+        api.step("steps")
+        api.step("notifications")
+    api.post_json(f"/v1/respond/{created['respond_url'].rsplit('/', 1)[1]}", {"choice": body["options"][0]})
+    kept = 0
+    for table in ("pauses", "notifications", "audit_events", "webhook_events", "pause_recipients", "pause_steps"):
+        columns = [row[1] for row in stored(api.config, f"PRAGMA table_info({table})")]
+        row_bytes = " + ".join(f"coalesce(length(CAST({column} AS BLOB)), 0)" for column in columns)
+        kept += stored(api.config, f"SELECT coalesce(sum({row_bytes}), 0) FROM {table}")[0][0]
+    [(weight,)] = stored(api.config, "SELECT test_weight FROM pauses")
+    assert kept <= 72 * 1024 * weight
 
 
 def test_an_event_whose_delivery_starts_while_the_feed_is_pruned_stays(running_api, receiver):

@@ -609,3 +609,40 @@ def test_a_developer_with_as_many_test_pauses_pending_as_allowed_gets_429_for_an
                   keys["developer_id"], "pending") == [(2,)]
     unlimited = running_api(**{"pauses.max_test_pending": 0})             # the same database, no limit
     unlimited.create_pause(keys["test_api_key"])
+
+
+# Three people, each asked and reminded twice: nine messages of under 4 KiB each.
+TEAM_REMINDED = {**QUESTION, "remind_after_minutes": [60, 120],
+                 "recipients": [{"recipient": f"p{n}@example.com", "channel": "email"} for n in range(3)]}
+
+
+def test_a_test_pause_counts_against_the_pending_allowance_as_the_messages_it_may_send(running_api):
+    """What a test pause keeps on disk grows with its messages, each kept twice (its
+    notification and its simulated event): counted as one, ten-person pauses with five
+    reminders each kept 60 times what a plain one does within the same allowance."""
+    api = running_api(**{"pauses.max_test_pending": 20})
+    keys = api.register()
+    test = api.as_key(keys["test_api_key"])
+    for _ in range(2):
+        api.post_json("/v1/pause", TEAM_REMINDED, headers=test)
+    refused = api.post_json("/v1/pause", TEAM_REMINDED, headers=test, status=429).json["error"]
+    assert refused["code"] == "too_many_pending" and "weigh 18, and this one 9" in refused["message"]
+    api.create_pause(keys["test_api_key"])
+    assert stored(api.config, "SELECT test_weight FROM pauses ORDER BY seq") == [(9,), (9,), (1,)]
+    # One alone is allowed, whatever it weighs, and what it carries counts by the 4 KiB.
+    small = running_api(**{"pauses.max_test_pending": 5})
+    alone = small.register(email="alone@example.com")
+    small.post_json("/v1/pause", {**TEAM_REMINDED, "metadata": {"note": "x" * 5000}},
+                    headers=small.as_key(alone["test_api_key"]))
+    assert stored(api.config, "SELECT test_weight FROM pauses WHERE developer_id = ?", alone["developer_id"]) == [(18,)]
+
+
+def test_a_test_pause_spends_the_hourly_test_allowance_by_its_weight(running_api):
+    api = running_api(**{"ratelimit.test_pauses_per_hour": 10})
+    keys = api.register()
+    test = api.as_key(keys["test_api_key"])
+    api.post_json("/v1/pause", TEAM_REMINDED, headers=test)
+    api.create_pause(keys["test_api_key"])
+    refused = api.post_json("/v1/pause", WIRE, headers=test, status=429)
+    assert refused.json["error"]["code"] == "rate_limited" and int(refused.headers["Retry-After"]) > 0
+    assert stored(api.config, "SELECT count(*) FROM pauses") == [(2,)]
