@@ -496,7 +496,7 @@ EMOJI = "\U0001F600"
      "fields": {f"f{n}": {"type": "string", "value": EMOJI * 840, "max_length": 1000, "label": EMOJI * 100}
                 for n in range(10)}},
 ], ids=["plain", "one-email-just-under-a-unit", "ten-people-five-reminders-full-body"])
-def test_a_decided_test_pause_keeps_at_most_72_kib_on_disk_for_each_unit_of_its_weight(running_api, body):
+def test_a_decided_test_pause_keeps_at_most_48_kib_on_disk_for_each_unit_of_its_weight(running_api, body):
     """What bounds a developer's test data on disk: the weight allowed (pending, kept, and
     created in the hour before pruning) times this. Counted by pauses, one of the last kind
     kept 10 MB, and a developer's 6,000 some 60 GB."""
@@ -517,7 +517,7 @@ def test_a_decided_test_pause_keeps_at_most_72_kib_on_disk_for_each_unit_of_its_
         row_bytes = " + ".join(f"coalesce(length(CAST({column} AS BLOB)), 0)" for column in columns)
         kept += stored(api.config, f"SELECT coalesce(sum({row_bytes}), 0) FROM {table}")[0][0]
     [(weight,)] = stored(api.config, "SELECT test_weight FROM pauses")
-    assert kept <= 72 * 1024 * weight
+    assert kept <= 48 * 1024 * weight
 
 
 def test_an_event_whose_delivery_starts_while_the_feed_is_pruned_stays(running_api, receiver):

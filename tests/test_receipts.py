@@ -55,6 +55,19 @@ def test_a_decided_pause_carries_a_receipt_anyone_can_check_and_no_one_can_alter
             checked(api, forged(pause["receipt"], **change))
 
 
+def test_a_receipt_signs_other_scripts_as_utf8_and_checks_as_any_other(api):
+    """As ASCII escapes, an emoji took 16 bytes of a receipt, which is kept twice (in its pause
+    and in its decision's event): 3.6 KB of emoji in a field made two 15 KB receipts."""
+    key = api.register()["test_api_key"]
+    note = "💸" * 900
+    created = api.create_pause(key, channel="link", recipient="ops",
+                               fields={"note": {"type": "string", "value": note, "max_length": 1000}})
+    api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve"})
+    receipt = api.pause(key, created["pause_id"])["receipt"]
+    assert checked(api, receipt)["fields"]["note"]["value"] == note
+    assert len(receipt) < 2 * len(note.encode())              # its base64, and the rest of the receipt
+
+
 def test_timeouts_cancels_and_team_decisions_are_signed_too(running_api):
     api = running_api()
     key = api.register()["test_api_key"]
