@@ -5653,7 +5653,7 @@ def record_attempt(conn, delivery_id, webhook_id, attempt, claim_until, started_
         if not changed:
             return      # the claim expired and another worker took the delivery over; its outcome counts
         wake_after_commit(conn, "attempted", (delivery_id, attempt, "succeeded" if error is None else
-                                              "failed" if status == "failed" else "retried"))
+                                              "failed" if status == "failed" else "retried", webhook["livemode"]))
         conn.execute("INSERT INTO webhook_attempts VALUES (?, ?, ?, ?, ?, ?, ?)",
                      (delivery_id, attempt, started_at, status_code, error, duration_ms, next_at))
         if error is None:
@@ -6132,7 +6132,7 @@ class Metrics:
                                      " (sent, retried, failed, simulated; cancelled: failed once its pause was"
                                      " answered or out of time)", ["channel", "result"])
         self.webhooks = counter("pausepoint_webhook_attempts", "Webhook delivery attempts, by result"
-                                " (succeeded, retried, failed)", ["result"])
+                                " (succeeded, retried, failed) and mode", ["result", "mode"])
         self.reports = counter("pausepoint_delivery_reports", "Texts Twilio reported on after taking them, by the"
                                " first final word for each (delivered, read, undelivered, failed)",
                                ["channel", "status"])
@@ -6155,29 +6155,35 @@ class Metrics:
                 self.lateness.observe(max(0.0, seconds_between(expires_at, now)))
         for _, _, channel, result in woken.get("notified", ()):
             self.notifications.labels(channel, result).inc()
-        for _, _, result in woken.get("attempted", ()):
-            self.webhooks.labels(result).inc()
+        for _, _, result, mode in woken.get("attempted", ()):
+            self.webhooks.labels(result, MODE_NAMES[mode]).inc()
         for _, channel, status in woken.get("reported", ()):
             self.reports.labels(channel, status).inc()
 
     def collect(self):
-        """The backlogs, read at each scrape through the indexes the jobs use."""
-        conn, now, gauge = self.rt.db(), utcnow(), self.prometheus.core.GaugeMetricFamily
-        pending = gauge("pausepoint_pauses_pending", "Pauses waiting for an answer")
-        pending.add_metric([], query_db(conn, "SELECT count(*) FROM pauses WHERE status = 'pending'", one=True)[0])
-        depth = gauge("pausepoint_outbox_depth", "Messages and deliveries not sent yet", labels=["outbox"])
+        """The backlogs, read at each scrape through the indexes the jobs use, each mode apart:
+        any free account's test pauses and test endpoints would otherwise move what an operator
+        alerts on (a slow test receiver paging them for a webhook backlog live ones never had)."""
+        conn, now, gauge = self.rt.db(), db_time(), self.prometheus.core.GaugeMetricFamily
+        pending = gauge("pausepoint_pauses_pending", "Pauses waiting for an answer", labels=["mode"])
+        live = query_db(conn, "SELECT count(*) FROM pauses INDEXED BY pauses_pending_by_recipient"
+                              " WHERE status = 'pending' AND livemode = 1", one=True)[0]
+        every = query_db(conn, "SELECT count(*) FROM pauses WHERE status = 'pending'", one=True)[0]
+        pending.add_metric(["test"], every - live)
+        pending.add_metric(["live"], live)
+        depth = gauge("pausepoint_outbox_depth", "Messages and deliveries not sent yet", labels=["outbox", "mode"])
         oldest = gauge("pausepoint_outbox_oldest_due_seconds", "How long the oldest due one has waited",
-                       labels=["outbox"])
-        # (Each mode's notifications apart: each has a partial index of its own.)
-        backlogs = {"notifications": [query_db(conn, "SELECT count(*), min(next_attempt_at) FROM notifications WHERE"
-                                                     " status IN ('queued', 'sending') AND livemode = ?", (mode,), one=True)
-                                      for mode in (0, 1)],
-                    "webhooks": [query_db(conn, "SELECT count(*), min(next_attempt_at) FROM webhook_deliveries"
-                                                " WHERE status IN ('pending', 'delivering')", one=True)]}
-        for outbox, rows in backlogs.items():
-            due = [first for _, first in rows if first and first <= db_time(now)]
-            depth.add_metric([outbox], sum(count for count, _ in rows))
-            oldest.add_metric([outbox], seconds_between(min(due), db_time(now)) if due else 0)
+                       labels=["outbox", "mode"])
+        for mode in (0, 1):
+            backlogs = {"notifications": query_db(conn, "SELECT count(*), min(next_attempt_at) FROM notifications"
+                                                        " WHERE status IN ('queued', 'sending') AND livemode = ?",
+                                                  (mode,), one=True),
+                        "webhooks": query_db(conn, "SELECT count(*), min(d.next_attempt_at) FROM webhook_deliveries d"
+                                                   " JOIN webhooks w ON w.id = d.webhook_id WHERE d.status IN"
+                                                   " ('pending', 'delivering') AND w.livemode = ?", (mode,), one=True)}
+            for outbox, (count, first) in backlogs.items():
+                depth.add_metric([outbox, MODE_NAMES[mode]], count)
+                oldest.add_metric([outbox, MODE_NAMES[mode]], seconds_between(first, now) if first and first <= now else 0)
         return [pending, depth, oldest]
 
     def timed(self, method, route, started):

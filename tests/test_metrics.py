@@ -20,18 +20,23 @@ def test_the_figures_move_as_pauses_are_created_and_decided(running_api, receive
     key = api.register()["test_api_key"]
     api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.responded"]}, headers=api.as_key(key))
     before = scraped(api.get("/metrics").text)
-    assert value(before, "pausepoint_pauses_pending") == 0
+    assert value(before, "pausepoint_pauses_pending", mode="test") == 0
     answered, expired, pending = (api.create_pause(key) for _ in range(3))
     api.post_json(f"/v1/respond/{token_of(answered['respond_url'])}", {"choice": "Approve"})
     stored(api.config, "UPDATE pauses SET expires_at = ? WHERE id = ?",
            pausepoint.db_time(pausepoint.utcnow() - pausepoint.dt.timedelta(seconds=3)), expired["pause_id"])
     middle = scraped(api.get("/metrics").text)
-    assert value(middle, "pausepoint_outbox_depth", outbox="notifications") == 2      # the answered one's cancelled
-    assert value(middle, "pausepoint_outbox_depth", outbox="webhooks") == 1
+    assert value(middle, "pausepoint_outbox_depth", outbox="notifications", mode="test") == 2     # the answered one's cancelled
+    assert value(middle, "pausepoint_outbox_depth", outbox="webhooks", mode="test") == 1
+    # What a free account does with its test key never shows as the live figures operators alert on.
+    assert [value(middle, name, outbox=outbox, mode="live") for name in ("pausepoint_outbox_depth",
+            "pausepoint_outbox_oldest_due_seconds") for outbox in ("notifications", "webhooks")] == [0, 0, 0, 0]
+    assert (middle[("pausepoint_pauses_pending", frozenset({("mode", "live")}))],
+            value(middle, "pausepoint_pauses_pending", mode="test")) == (0, 2)
     stored(api.config, "UPDATE notifications SET next_attempt_at = ? WHERE pause_id = ?",
            pausepoint.db_time(pausepoint.utcnow() - pausepoint.dt.timedelta(seconds=100)), pending["pause_id"])
     assert 100 <= value(scraped(api.get("/metrics").text), "pausepoint_outbox_oldest_due_seconds",
-                        outbox="notifications") < 200
+                        outbox="notifications", mode="test") < 200
     api.step("timeouts")
     api.step("notifications")
     api.step("webhooks")
@@ -39,14 +44,15 @@ def test_the_figures_move_as_pauses_are_created_and_decided(running_api, receive
     assert value(after, "pausepoint_pauses_created_total", mode="test") == 3
     assert value(after, "pausepoint_pauses_decided_total", outcome="responded", mode="test") == 1
     assert value(after, "pausepoint_pauses_decided_total", outcome="timed_out", mode="test") == 1
-    assert value(after, "pausepoint_pauses_pending") == 1
+    assert value(after, "pausepoint_pauses_pending", mode="test") == 1
     assert value(after, "pausepoint_decision_seconds_count", mode="test") == 1
     assert value(after, "pausepoint_timeout_lateness_seconds_count") == 1
     assert 3 <= value(after, "pausepoint_timeout_lateness_seconds_sum") < 60
     # The decided pauses' unsent texts were cancelled; the pending one's was simulated.
     assert value(after, "pausepoint_notification_attempts_total", channel="sms", result="simulated") == 1
-    assert value(after, "pausepoint_webhook_attempts_total", result="succeeded") == 1
-    assert value(after, "pausepoint_outbox_depth", outbox="notifications") == 0
+    assert value(after, "pausepoint_webhook_attempts_total", result="succeeded", mode="test") == 1
+    assert value(after, "pausepoint_webhook_attempts_total", result="succeeded", mode="live") == 0
+    assert value(after, "pausepoint_outbox_depth", outbox="notifications", mode="test") == 0
     assert value(after, "pausepoint_request_seconds_count", method="POST", route="/v1/pause") == 3
     assert pending["status"] == "pending"
 
