@@ -75,7 +75,9 @@ def limit_file_size():
 
 def test_a_quota_or_file_size_limit_is_a_full_disk_not_a_traceback_a_tick(spawn_server):
     """507 for what cannot be stored and one line in the log, as on a disk with no room left."""
-    server = spawn_server(env={"PAUSEPOINT_DATABASE_MIN_FREE_MB": "0"}, setup=limit_file_size)
+    # Heavy test pauses would meet the test allowances first: this is about the disk alone.
+    server = spawn_server(env={"PAUSEPOINT_DATABASE_MIN_FREE_MB": "0", "PAUSEPOINT_RATELIMIT_ENABLED": "false",
+                               "PAUSEPOINT_PAUSES_MAX_TEST_PENDING": "0"}, setup=limit_file_size)
     key = register(server.url)["test_api_key"]
     answers = [requests.post(f"{server.url}/v1/pause", headers=bearer(key),
                              json={**WIRE, "metadata": {"padding": "x" * 15_000}, "timeout_hours": 1 / 3600})
