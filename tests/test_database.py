@@ -75,6 +75,16 @@ def make_database(path, schema_file, version):
     return db
 
 
+def v16_database_with_a_key(path, key):
+    """A database as schema 16 made it, with developer dev_1 and API key `key` (live or test by its prefix)."""
+    db = make_database(path, "schema_v16.sql", 16)
+    db.execute("INSERT INTO developers (id, email, name, password_hash, created_at)"
+               " VALUES ('dev_1', 'dev@example.com', 'A', 'x', '2026-01-01T00:00:00.000Z')")
+    db.execute("INSERT INTO api_keys VALUES (?, 'dev_1', ?, ?, '2026-01-01T00:00:00.000Z', NULL)",
+               (pausepoint.key_digest(key), int(key.startswith("pp_live_")), key[:8] + "…" + key[-4:]))
+    return db
+
+
 def migrate_like_fresh(db, old, tmp_path):
     """Migrate the earlier release's database at `old` (`db`, its connection, is closed
     first), and check that it comes out with a fresh database's model."""
@@ -213,12 +223,8 @@ def test_a_database_from_before_usage_was_counted_keeps_this_months_live_pauses_
     """Live pauses are counted per month as they are made; an older database's count starts
     from the pauses it holds, each in the month it was made, test pauses apart."""
     old = str(tmp_path / "pausepoint.db")
-    db = make_database(old, "schema_v16.sql", 16)
-    db.execute("INSERT INTO developers (id, email, name, password_hash, created_at)"
-               " VALUES ('dev_1', 'dev@example.com', 'A', 'x', '2026-01-01T00:00:00.000Z')")
     live_key = "pp_live_" + "k" * 43
-    db.execute("INSERT INTO api_keys VALUES (?, 'dev_1', 1, 'pp_live_…kkkk', '2026-01-01T00:00:00.000Z', NULL)",
-               (pausepoint.key_digest(live_key),))
+    db = v16_database_with_a_key(old, live_key)
     this_month = pausepoint.db_time(pausepoint.month_start(pausepoint.utcnow()))
     for number, (livemode, created_at) in enumerate([(1, this_month), (1, this_month), (0, this_month),
                                                      (1, "2026-01-31T23:59:59.999Z")]):
@@ -242,12 +248,8 @@ def test_what_fell_due_under_an_older_server_happens_once_after_the_upgrade(tmp_
     due: the upgraded one times the first out to its default and sends the latest reminder
     alone, each once, however often its jobs run."""
     old = str(tmp_path / "pausepoint.db")
-    db = make_database(old, "schema_v16.sql", 16)
-    db.execute("INSERT INTO developers (id, email, name, password_hash, created_at)"
-               " VALUES ('dev_1', 'dev@example.com', 'A', 'x', '2026-01-01T00:00:00.000Z')")
     test_key = "pp_test_" + "k" * 43
-    db.execute("INSERT INTO api_keys VALUES (?, 'dev_1', 0, 'pp_test_…kkkk', '2026-01-01T00:00:00.000Z', NULL)",
-               (pausepoint.key_digest(test_key),))
+    db = v16_database_with_a_key(old, test_key)
     past, future = "2026-01-01T00:00:00.000Z", "2999-01-01T00:00:00.000Z"
     for pause_id, team, expires_at in (("psr_due", 0, past), ("psr_team", 1, future)):
         db.execute("INSERT INTO pauses (id, developer_id, livemode, recipient, channel, message, options,"
