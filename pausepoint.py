@@ -13,6 +13,7 @@ HTTP API and pages, and the command line.
 
 import argparse
 import base64
+import bisect
 import binascii
 import collections
 import concurrent.futures
@@ -4446,11 +4447,35 @@ def sms_text(pause, url, replies=True):
 
 
 def push_text(pause, url, target_url=None):
-    """What the agent wrote, shown as written on the push target at target_url, then our link."""
-    options = " / ".join(json.loads(pause["options"]))
-    asked = f"{title_line(pause)}{pause['message']}\n\n{shown_lines(pause, PUSH_DETAIL_CHARACTERS)}Options: {options}\n"
-    dialect = push_dialect(target_url) if target_url else ("", False)
-    return f"{as_written(dialect, asked)}Answer: {url}\nExpires {expiry_text(pause)}"
+    """What the agent wrote, shown as written on the push target at target_url, then our link:
+    within what one message to the target may hold, the question cut short if it must be
+    (its options too, if they alone would leave it little room), never the link."""
+    options = f"Options: {' / '.join(json.loads(pause['options']))}\n"
+    asked = f"{title_line(pause)}{pause['message']}\n\n{shown_lines(pause, PUSH_DETAIL_CHARACTERS)}"
+    ours = f"Answer: {url}\nExpires {expiry_text(pause)}"
+    dialect = push_dialect(target_url) if target_url else PLAIN_PUSH
+    if dialect.longest is None:
+        return as_written(dialect, asked + options) + ours
+    room = dialect.longest - len(ours)
+    listed = as_written(dialect, options)
+    if len(listed) > room // 2:
+        return cut_to_fit(dialect, asked + options, room) + ours
+    return cut_to_fit(dialect, asked, room - len(listed)) + listed + ours
+
+
+# What ends a question cut short to fit a push target's longest message.
+CUT_SHORT = "…\n(cut short: the link shows all of it)\n"
+
+
+def cut_to_fit(dialect, text, room):
+    """`text` as written for `dialect`, in at most `room` characters: whole if it fits, else its
+    longest beginning that fits with CUT_SHORT after it."""
+    written = as_written(dialect, text)
+    if len(written) <= room:
+        return written
+    fits = bisect.bisect_right(range(len(text) + 1), room,
+                               key=lambda length: len(as_written(dialect, text[:length].rstrip() + CUT_SHORT)))
+    return as_written(dialect, text[:max(fits - 1, 0)].rstrip() + CUT_SHORT)
 
 
 # Chat services draw the text of a push. Discord, Mattermost and Zulip read it as Markdown, and
@@ -4476,26 +4501,37 @@ MARKDOWN_PUSH_SERVICES = {"Discord": DISCORD_MARKUP, "Mattermost": COMMONMARK_MA
 MENTIONING_PUSH_SERVICES = {"Discord", "Mattermost", "Zulip", "Rocket.Chat", "Matrix", "Telegram"}
 
 
+# How a push target draws what it is sent: `markup`, the characters it reads as Markdown ("" for
+# none); `mentions`, whether an @ there may notify people; `longest`, the most characters one
+# message to it may hold (None: no limit we know), which a longer one would be refused for.
+PushDialect = collections.namedtuple("PushDialect", "markup mentions longest")
+PLAIN_PUSH = PushDialect("", False, None)
+PUSH_TITLE = "Approval needed"
+
+
 @functools.lru_cache(maxsize=64)
 def push_dialect(target_url):
-    """(markup, mentions): the characters the push target at target_url reads as Markdown in
-    what we send it ("" for none), and whether an @ there may notify people. By the service
-    Apprise picks, however the URL names it (discord://… or https://discord.com/api/webhooks/…)."""
+    """The PushDialect of the push target at target_url. By the service Apprise picks, however
+    the URL names it (discord://… or https://discord.com/api/webhooks/…). Its longest message
+    is Apprise's figure for the service (Discord 2000, Pushover 1024, Rocket.Chat 1000,
+    Telegram 4096), less our title where Apprise puts that in the message or the service
+    counts it in."""
     apprise = load_apprise()
     target = apprise.Apprise.instantiate(target_url)
     service = str(target.service_name)
     markup = MARKDOWN_PUSH_SERVICES.get(service)
     if markup is None and target.resolve_format(apprise.NotifyFormat.TEXT) == apprise.NotifyFormat.MARKDOWN:
         markup = COMMONMARK_MARKUP
-    return markup or "", service in MENTIONING_PUSH_SERVICES
+    titled = target.title_maxlen <= 0 or target.overflow_amalgamate_title
+    longest = target.body_maxlen - (len(PUSH_TITLE) + len("# \n") if titled else 0) if target.body_maxlen else None
+    return PushDialect(markup or "", service in MENTIONING_PUSH_SERVICES, longest)
 
 
 def as_written(dialect, text):
-    """Text the agent wrote, such that a target of `dialect` (see push_dialect) shows it as written."""
-    markup, mentions = dialect
-    if markup:
-        text = re.sub(f"([{re.escape(markup)}])", r"\\\1", text)
-    return text.replace("@", "@\u200b") if mentions else text
+    """Text the agent wrote, such that a target of `dialect` (a PushDialect) shows it as written."""
+    if dialect.markup:
+        text = re.sub(f"([{re.escape(dialect.markup)}])", r"\\\1", text)
+    return text.replace("@", "@\u200b") if dialect.mentions else text
 
 
 def email_subject(pause):
@@ -4672,11 +4708,10 @@ def send_apprise(target_url, config, notification, pause, deadline):
     # Said to be text, or a target that reads HTML or Markdown (mailto://, Telegram) would take
     # the agent's message as markup: a link of its own choosing drawn as an "Approve" button.
     # Markdown for a target that reads Markdown: push_text escaped the agent's text for it.
-    escaped, _ = push_dialect(target_url)
-    body_format = apprise.NotifyFormat.MARKDOWN if escaped else apprise.NotifyFormat.TEXT
+    body_format = apprise.NotifyFormat.MARKDOWN if push_dialect(target_url).markup else apprise.NotifyFormat.TEXT
     try:
         delivered = deadline.run_abandonable(("channel", notification["channel"]), functools.partial(
-            notifier.notify, body_format=body_format), notification["text"], "Approval needed", doing="the push")
+            notifier.notify, body_format=body_format), notification["text"], PUSH_TITLE, doing="the push")
     except StillHanging as e:
         raise ChannelError(f"channel {notification['channel']!r}: {e}") from None
     except Abandoned as e:

@@ -238,11 +238,12 @@ class HostedService(LoopbackServer):
     """A chat service's own host (discord.com, say), reached as the sender reaches any
     host through an outbound proxy: it takes the CONNECT, then speaks TLS with
     `tls_context` (a certificate the sender is told to trust) as that host would. Records
-    each request as {"host", "path", "json"}, a form's fields as its JSON; answers 200 with `answer`."""
+    each request as {"host", "path", "json"}, a form's fields as its JSON; answers 200 with `answer`,
+    or 400, as the service refuses it, for a request holding a text longer than `longest` characters."""
 
     def __init__(self, tls_context, answer=b'{"id": "1", "result": "success"}'):
         self.tls_context, self.answer = tls_context, answer
-        self.calls = []
+        self.calls, self.longest = [], None
         super().__init__()
 
     def _serve(self, conn):
@@ -261,10 +262,20 @@ class HostedService(LoopbackServer):
                             else json.loads(body))
                     with self.lock:
                         self.calls.append({"host": host, "path": path, "json": sent})
-                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                    too_long = self.longest is not None and max(map(len, texts_in(sent))) > self.longest
+                    tls.sendall(b"HTTP/1.1 " + (b"400 Bad Request" if too_long else b"200 OK")
+                                + b"\r\nContent-Type: application/json\r\nContent-Length: "
                                 + str(len(self.answer)).encode() + b"\r\nConnection: close\r\n\r\n" + self.answer)
         except OSError:
             pass            # the sender gave up
+
+
+def texts_in(sent):
+    """Every string in a request's JSON."""
+    if isinstance(sent, str):
+        return [sent]
+    inside = sent.values() if isinstance(sent, dict) else sent if isinstance(sent, list) else []
+    return [text for value in inside for text in texts_in(value)] or [""]
 
 
 class Tarpit:

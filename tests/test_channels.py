@@ -635,6 +635,33 @@ def test_a_discord_push_escapes_only_what_discord_reads_so_a_tool_call_keeps_its
     assert created["respond_url"] in call["json"]["content"]
 
 
+LONG_QUESTION = (DRESSED + " ") * 20
+
+
+@pytest.mark.parametrize("host, target, longest, many_options", [
+    ("discord.com", "discord://1234/abcd", 2000, False),
+    ("api.pushover.net", "pover://" + "u" * 30 + "@" + "a" * 30, 1024, True),
+])
+def test_a_question_longer_than_a_push_target_takes_is_cut_short_keeping_the_link(running_api, hosted, host, target,
+                                                                                  longest, many_options):
+    """The service refuses a longer message (Discord 2000 characters, Pushover 1024): 1600 of
+    the agent's, each backslash or zero-width space made to show it as written costing one
+    more, would be no push at all. The question is cut short, its options kept while they
+    leave it room, and our link goes whole."""
+    service = hosted(host)
+    service.answer, service.longest = b'{"status": 1, "request": "r1"}', longest
+    options = [f"Option {n} " + "x" * 90 for n in range(10)] if many_options else ["Approve", "Reject"]
+    created = pushed_to(running_api(**{"channels.ops.url": target}), message=LONG_QUESTION[:1600],
+                        title="**Wire** @here", options=options, timeout_default=None)
+    [call] = service.calls
+    text = call["json"]["content"] if host == "discord.com" else call["json"]["message"]
+    assert len(text) <= longest             # Discord's counts the title Apprise puts in it
+    drawn = as_drawn(text).removeprefix("Approval needed\r\n")
+    assert drawn.startswith(f"**Wire** @here\n{DRESSED} ") and "…\n(cut short: the link shows all of it)\n" in drawn
+    assert re.search(r"\nAnswer: (\S+)\nExpires [^\n]+$", drawn).group(1) == created["respond_url"]
+    assert ("\nOptions: " in drawn) is not many_options
+
+
 def test_a_mattermost_push_shows_the_agents_markup_and_mentions_as_text(running_api, receiver):
     target = receiver.url.replace("http://", "mmost://") + "/hook-token"
     created = pushed_to(running_api(**{"channels.ops.url": target}), message=DRESSED, title="**Wire** @here")
