@@ -2568,10 +2568,28 @@ def weight_in_test_mode(asked, row):
     retention.test_pauses_kept, ratelimit.test_pauses_per_hour): the messages it may send
     (each person asked, escalations too, and reminded) times the 4 KiB units of what the
     agent wrote, so those bound what a developer's test pauses keep on disk, not only their
-    count. A question to one person, reminded never, with under 4 KiB written weighs 1."""
+    count, and the 4 KiB units its answers may write (answer_room()). A question to one
+    person, reminded never, with under 4 KiB written and no editable text field weighs 1."""
     messages = (len(asked["people"]) + len(asked["escalations"])) * (1 + len(asked["reminders"]))
     written = sum(len(value.encode("utf-8")) for value in row if isinstance(value, str))
-    return messages * (1 + written // TEST_WEIGHT_BYTES)
+    votes, room = answer_room(asked)
+    return messages * (1 + written // TEST_WEIGHT_BYTES) + votes * -(-room // TEST_WEIGHT_BYTES)
+
+
+def answer_room(asked):
+    """(answers, bytes each may write) for a pause's decision: whoever holds a test pause's
+    links, the agent that asked too, may answer it, filling each editable text field to its
+    max_length with 4-byte characters, and what they write is kept in the pause, its edits,
+    receipt, audit and webhook events (five nearly empty fields so filled kept 235 KiB of a
+    pause weighing 1). A quorum takes up to its count of votes, each kept with its comment,
+    and each vote's webhook event carries every vote before it (ten people commenting kept
+    776 KiB of a pause weighing 10); a lone answer's comment fits in its pause's first unit."""
+    fields = (asked["fields"] or {}).values()
+    room = sum(max(0, 4 * field.get("max_length", MAX_FIELD_TEXT) - len(field["value"].encode("utf-8")))
+               for field in fields if field["editable"] and field["type"] == "string")
+    if asked["quorum"] is None or asked["quorum"]["count"] == 1:
+        return 1, room
+    return asked["quorum"]["count"], room + 4 * RESPONSE_SCHEMA["properties"]["comment"]["maxLength"]
 
 
 def scheduled_steps(asked, now):

@@ -131,7 +131,8 @@ CREATE TABLE pauses (
     receipt          TEXT,                            -- once decided: a compact JWS (EdDSA) of the outcome, signed with
                                                       -- the server's key (see receipt_claims() and Signer)
     test_weight      INTEGER NOT NULL DEFAULT 1       -- a test pause's share of its developer's test allowance: the
-                                                      -- messages it may send times the 4 KiB units the agent wrote
+                                                      -- messages it may send times the 4 KiB units the agent wrote,
+                                                      -- plus those its answers may write
                                                       -- (weight_in_test_mode() in pausepoint.py); 1 for a live one
 );
 -- The timeout job: "pending pauses whose expires_at has passed", oldest first.

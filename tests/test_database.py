@@ -513,13 +513,45 @@ def test_a_decided_test_pause_keeps_at_most_48_kib_on_disk_for_each_unit_of_its_
         api.step("steps")
         api.step("notifications")
     api.post_json(f"/v1/respond/{created['respond_url'].rsplit('/', 1)[1]}", {"choice": body["options"][0]})
+    [(weight,)] = stored(api.config, "SELECT test_weight FROM pauses")
+    assert bytes_kept(api.config) <= 48 * 1024 * weight
+
+
+def bytes_kept(config):
+    """What a database's pauses and all that goes with them take, in bytes of their values."""
     kept = 0
     for table in ("pauses", "notifications", "audit_events", "webhook_events", "pause_recipients", "pause_steps"):
-        columns = [row[1] for row in stored(api.config, f"PRAGMA table_info({table})")]
+        columns = [row[1] for row in stored(config, f"PRAGMA table_info({table})")]
         row_bytes = " + ".join(f"coalesce(length(CAST({column} AS BLOB)), 0)" for column in columns)
-        kept += stored(api.config, f"SELECT coalesce(sum({row_bytes}), 0) FROM {table}")[0][0]
+        kept += stored(config, f"SELECT coalesce(sum({row_bytes}), 0) FROM {table}")[0][0]
+    return kept
+
+
+FILLABLE = {f"f{n}": {"type": "string", "value": "x", "max_length": 1000, "editable": True} for n in range(5)}
+
+
+@pytest.mark.parametrize("body", [
+    {**WIRE, "channel": "email", "recipient": "a@example.com", "fields": FILLABLE},
+    {**QUESTION, "recipients": [{"recipient": f"p{n}@example.com", "channel": "email"} for n in range(10)],
+     "quorum": {"choice": "Approve", "count": 10}},
+], ids=["editable-fields-filled", "ten-votes-each-commenting"])
+def test_a_test_pause_weighs_what_its_answers_may_write(running_api, body):
+    """Whoever holds a test pause's links, the agent that made it too, may answer it: weighed
+    by what the agent wrote alone, five nearly empty fields filled with emoji kept 235 KiB for
+    a weight of 1, and ten votes with a long comment each 776 KiB for a weight of 10."""
+    api = running_api()
+    key = api.register()["test_api_key"]
+    created = api.post_json("/v1/pause", body, headers=api.as_key(key)).json
+    api.step("notifications")
+    people = api.pause(key, created["pause_id"]).get("recipients") or [created]
+    answer = {"choice": "Approve", "comment": EMOJI * 2000, **({"fields": {name: EMOJI * 1000 for name in FILLABLE}}
+                                                               if "fields" in body else {})}
+    for person in people:
+        api.post(f"/v1/respond/{token_of(person['respond_url'])}", json.dumps(answer, ensure_ascii=False).encode(),
+                 headers={"Content-Type": "application/json"})
+    assert stored(api.config, "SELECT status FROM pauses") == [("responded",)]
     [(weight,)] = stored(api.config, "SELECT test_weight FROM pauses")
-    assert kept <= 48 * 1024 * weight
+    assert bytes_kept(api.config) <= 48 * 1024 * weight
 
 
 def test_an_event_whose_delivery_starts_while_the_feed_is_pruned_stays(running_api, receiver):
