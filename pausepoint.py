@@ -3428,13 +3428,21 @@ def refuse_if_decided(pause, expired=False):
 
 LINK_OPENED_EVERY = dt.timedelta(minutes=1)
 LINK_OPENINGS_RECORDED = 100    # per pause: from ever new addresses, openings would be endless
+# Per unit of a test pause's weight, whose agent may open its links as often: each opening kept
+# up to 1.2 KiB (a user agent of control characters, each shown as a 3-byte U+FFFD), and 100
+# kept 119 KiB of a pause weighing 1, past what a unit is meant to keep (weight_in_test_mode()).
+TEST_LINK_OPENINGS_PER_UNIT = 3
 
 
 def record_link_opened(conn, pause, via, client):
     """Audit that a respond link was opened: once per pause, client address and minute, and
     LINK_OPENINGS_RECORDED times per pause at most, so reloads, scanners and floods from
-    many addresses cannot grow the log without bound. A team pause's person (`pause` as
-    asked_of() shows it) also has the first opening of their link noted."""
+    many addresses cannot grow the log without bound; a test pause, TEST_LINK_OPENINGS_PER_UNIT
+    times its weight. A team pause's person (`pause` as asked_of() shows it) also has the
+    first opening of their link noted."""
+    most = LINK_OPENINGS_RECORDED if pause["livemode"] else min(
+        LINK_OPENINGS_RECORDED, TEST_LINK_OPENINGS_PER_UNIT * pause["test_weight"])
+
     def recorded_lately():
         return conn.execute(
             "SELECT 1 FROM audit_events WHERE pause_id = ? AND event_type = 'respond_page.opened' AND timestamp > ?"
@@ -3443,7 +3451,7 @@ def record_link_opened(conn, pause, via, client):
 
     def recorded_enough():
         return query_db(conn, "SELECT count(*) FROM audit_events WHERE pause_id = ? AND event_type = 'respond_page.opened'",
-                        (pause["id"],), one=True)[0] >= LINK_OPENINGS_RECORDED
+                        (pause["id"],), one=True)[0] >= most
 
     first_time = pause["team"] and not query_db(
         conn, "SELECT opened_at FROM pause_recipients WHERE pause_id = ? AND position = ?",

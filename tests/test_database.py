@@ -554,6 +554,25 @@ def test_a_test_pause_weighs_what_its_answers_may_write(running_api, body):
     assert bytes_kept(api.config) <= 48 * 1024 * weight
 
 
+def test_a_test_pause_opened_from_ever_new_addresses_keeps_its_openings_within_its_weight(running_api):
+    """Each opening of a link is audited with its client's address and user agent: at 100 a
+    pause, a plain test pause opened by its agent from new addresses, with a user agent of
+    control characters each kept as a 3-byte U+FFFD, kept 119 KiB for a weight of 1."""
+    api = running_api()
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key, channel="link", recipient="ops")
+    for n in range(130):
+        api.get(f"/v1/respond/{token_of(created['respond_url'])}", headers={"User-Agent": "\x85" * 400},
+                extra_environ={"REMOTE_ADDR": f"2001:db8::{n:x}"})
+    answer = {"choice": "Approve", "comment": EMOJI * 2000}
+    api.post(f"/v1/respond/{token_of(created['respond_url'])}", json.dumps(answer, ensure_ascii=False).encode(),
+             headers={"Content-Type": "application/json"})
+    [(weight,)] = stored(api.config, "SELECT test_weight FROM pauses")
+    assert weight == 1 and bytes_kept(api.config) <= 48 * 1024 * weight
+    assert stored(api.config, "SELECT count(*) FROM audit_events WHERE event_type = 'respond_page.opened'") == [
+        (pausepoint.TEST_LINK_OPENINGS_PER_UNIT,)]
+
+
 def test_an_event_whose_delivery_starts_while_the_feed_is_pruned_stays(running_api, receiver):
     """The delivery job may claim an event's delivery between the job's look at the feed and its
     batches: its event and delivery must stay for the attempt to be recorded, and with them every

@@ -558,7 +558,7 @@ def test_registering_a_webhook_never_waits_on_a_name_lookup(api, developer, monk
 
 
 def test_a_respond_link_opened_from_ever_new_addresses_is_recorded_a_bounded_number_of_times(app, developer, config):
-    created = Api(app).create_pause(developer["test_api_key"])
+    created = Api(app).create_pause(developer["api_key"], channel="link", recipient="ops")
     for n in range(130):
         Api(app, extra_environ={"REMOTE_ADDR": f"2001:db8::{n:x}"}).get(f"/v1/respond/{token_of(created['respond_url'])}")
     assert stored(config, "SELECT count(*) FROM audit_events WHERE event_type = 'respond_page.opened'") == [(100,)]
