@@ -4985,7 +4985,10 @@ def apply_early_delivery_reports(conn, config, message_sid, now):
 
 def undelivered_error(reported, error_code):
     """A notification's last_error for a text Twilio reports `reported` with its ErrorCode."""
-    code = int(error_code) if error_code.isdigit() else None
+    # Only ASCII digits, as Twilio's codes are: int() refuses '²', which isdigit() takes, and
+    # more than 4,300 digits; either failed the report with a 500, or the send of the text
+    # it waited for (apply_early_delivery_reports()).
+    code = int(error_code) if re.fullmatch("[0-9]{1,9}", error_code) else None
     return (f"Twilio reported the text {reported}" + (f" (error {code})" if code else "")
             + (f": {TWILIO_DELIVERY_ERRORS[code]}" if code in TWILIO_DELIVERY_ERRORS else ""))
 

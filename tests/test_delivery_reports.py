@@ -254,3 +254,22 @@ def test_a_report_no_send_claims_is_kept_a_day_and_then_pruned(texted, twilio):
     assert pausepoint.prune_expired_data(db, api.config, now=now)["early delivery reports"] == 0
     pruned = pausepoint.prune_expired_data(db, api.config, now=now + pausepoint.dt.timedelta(days=1, seconds=1))
     assert pruned["early delivery reports"] == 1 and stored(api.config, "SELECT * FROM early_delivery_reports") == []
+
+
+@pytest.mark.parametrize("error_code", ["²", "9" * 5000], ids=["superscript two", "5000 digits"])
+def test_an_error_code_that_is_not_a_number_fails_the_text_without_one(texted, twilio, error_code):
+    api, key, pause_id, sid = texted
+    assert report(api, twilio, sid, "undelivered", error_code).status_code == 204
+    assert api.pause(key, pause_id)["notification"]["last_error"] == "Twilio reported the text undelivered"
+    assert told(api) == (1, 1)
+
+
+def test_an_early_report_with_an_odd_error_code_does_not_stop_the_send_being_recorded(running_api, twilio):
+    api = running_api(**twilio.settings(), **{"server.base_url": BASE_URL})
+    key = api.register()["api_key"]
+    pause_id = api.create_pause(key)["pause_id"]
+    twilio.before_answer = [lambda sid: report(api, twilio, sid, "failed", "²")]
+    api.step("notifications")
+    notification = api.pause(key, pause_id)["notification"]
+    assert (notification["status"], notification["last_error"]) == ("failed", "Twilio reported the text failed")
+    assert notification["provider_message_id"] == twilio.messages[0]["sid"] and told(api) == (1, 1)
