@@ -797,6 +797,13 @@ MIGRATIONS = [
         ALTER TABLE pauses ADD COLUMN test_weight INTEGER NOT NULL DEFAULT 1;
         CREATE INDEX pauses_test_weights ON pauses(developer_id, status, seq, test_weight) WHERE livemode = 0;
     """),
+    # An early report is kept once per text and word (schema.sql): the first of those that came.
+    (24, """
+        DELETE FROM early_delivery_reports WHERE seq NOT IN
+            (SELECT min(seq) FROM early_delivery_reports GROUP BY message_sid, reported);
+        DROP INDEX early_delivery_reports_by_sid;
+        CREATE UNIQUE INDEX early_delivery_reports_by_sid ON early_delivery_reports(message_sid, reported);
+    """),
 ]
 
 
@@ -4940,7 +4947,7 @@ def record_delivery_report(conn, config, message_sid, reported, error_code):
         now = db_time()
         if not apply_delivery_report(conn, config, message_sid, reported, error_code, now):
             conn.execute("INSERT INTO early_delivery_reports (message_sid, reported, error_code, received_at)"
-                         " VALUES (?, ?, ?, ?)", (message_sid, reported, error_code, now))
+                         " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", (message_sid, reported, error_code, now))
 
 
 def apply_delivery_report(conn, config, message_sid, reported, error_code, now):

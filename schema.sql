@@ -273,6 +273,9 @@ CREATE INDEX notifications_by_provider_message_id ON notifications(provider_mess
 -- Twilio's reports on texts whose id is not stored yet: Twilio may post one before its answer
 -- to the send reaches us, and posts each once. record_send() applies them, in the order they
 -- came, as it stores the text's id; one no send claims is pruned after EARLY_REPORT_KEPT.
+-- Each text's word is kept once, the first that came (only the first final word counts, and
+-- 'read' after 'delivered'): a signed report posted again and again by whoever saw it, about a
+-- text no send claims, would otherwise add a row each time, for a day.
 CREATE TABLE early_delivery_reports (
     seq          INTEGER PRIMARY KEY,                 -- the order they came in
     message_sid  TEXT NOT NULL,                       -- Twilio's id of the text
@@ -280,8 +283,8 @@ CREATE TABLE early_delivery_reports (
     error_code   TEXT NOT NULL,                       -- its ErrorCode, '' for none
     received_at  TEXT NOT NULL
 );
--- record_send(): the reports waiting for the text it records.
-CREATE INDEX early_delivery_reports_by_sid ON early_delivery_reports(message_sid);
+-- record_send(): the reports waiting for the text it records; one row per text and word.
+CREATE UNIQUE INDEX early_delivery_reports_by_sid ON early_delivery_reports(message_sid, reported);
 
 -- Text replies taken from Twilio's webhook, by its MessageSid. A signed webhook carries no
 -- time, so one sent again (Twilio retrying, or anyone who saw it replaying it to answer a

@@ -243,6 +243,23 @@ def test_a_database_from_before_usage_was_counted_keeps_this_months_live_pauses_
     assert stored(old, "SELECT live_pauses FROM monthly_usage WHERE month = ?", this_month[:7]) == [(3,)]
 
 
+def test_a_database_from_before_early_reports_were_kept_once_keeps_the_first_of_each(tmp_path):
+    """Schema 23 kept a delivery report posted again as a row more; 24 keeps one per text and word."""
+    old = str(tmp_path / "pausepoint.db")
+    pausepoint.migrate(pausepoint.connect(old))
+    db = sqlite3.connect(old)
+    db.executescript("DROP INDEX early_delivery_reports_by_sid;"
+                     " CREATE INDEX early_delivery_reports_by_sid ON early_delivery_reports(message_sid);"
+                     " UPDATE schema_migrations SET version = 23;")
+    for sid, reported, code in (("SM1", "failed", "30003"), ("SM1", "failed", "30005"), ("SM2", "failed", ""),
+                                ("SM1", "delivered", ""), ("SM1", "failed", "30007")):
+        db.execute("INSERT INTO early_delivery_reports (message_sid, reported, error_code, received_at)"
+                   " VALUES (?, ?, ?, '2026-01-01T00:00:00.000Z')", (sid, reported, code))
+    migrate_like_fresh(db, old, tmp_path)
+    assert stored(old, "SELECT message_sid, reported, error_code FROM early_delivery_reports ORDER BY seq") == [
+        ("SM1", "failed", "30003"), ("SM2", "failed", ""), ("SM1", "delivered", "")]
+
+
 def test_what_fell_due_under_an_older_server_happens_once_after_the_upgrade(tmp_path):
     """An older server stopped with a pause past its deadline and a team pause's two reminders
     due: the upgraded one times the first out to its default and sends the latest reminder

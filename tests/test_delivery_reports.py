@@ -245,6 +245,16 @@ def test_a_failure_reported_before_twilio_answers_the_send_fails_the_text_once_i
     assert told(api) == (1, 1)
 
 
+def test_a_report_posted_again_and_again_about_a_text_no_send_claims_is_kept_once(texted, twilio):
+    """Whoever saw a signed report can post it again: each time it would wait for a send, a row more."""
+    api, key, pause_id, sid = texted
+    twilio.messages.append({**twilio.messages[0], "sid": "SM" + "f" * 32})
+    for status in ("failed", "failed", "delivered", "failed", "delivered"):
+        assert report(api, twilio, "SM" + "f" * 32, status, 30003).status_code == 204
+    assert stored(api.config, "SELECT message_sid, reported FROM early_delivery_reports ORDER BY seq") == [
+        ("SM" + "f" * 32, "failed"), ("SM" + "f" * 32, "delivered")]
+
+
 def test_a_report_no_send_claims_is_kept_a_day_and_then_pruned(texted, twilio):
     api, key, pause_id, sid = texted
     twilio.messages.append({**twilio.messages[0], "sid": "SM" + "f" * 32})      # a send whose record was lost
