@@ -3306,17 +3306,20 @@ def record_sms_reply(conn, config, sender, text, message_sid):
 
 # The live pending pauses whose question reached a number on a channel (a text sent, or one
 # that may have been: the question itself, or a reminder, which repeats it and its code), or is
-# being sent now, newest first, each with the position it asked the number at (as a pause's
-# first person, or later in a team) and whether it `reached` the number (0: only being sent).
-# Those past their expiry that the timeout job has yet to close are among them.
+# being sent now, or was reported not delivered, newest first, each with the position it asked
+# the number at (as a pause's first person, or later in a team) and whether it `reached` the
+# number (0: only being sent, or reported not delivered: a carrier's report can be wrong, and
+# 'delivered' come after it, so the person may be answering that text; it takes no reply, but
+# holds a bare one, as one being sent does). Those past their expiry that the timeout job has
+# yet to close are among them.
 # (INDEXED BY: the planner took the pending pauses by expiry, all of them, when no live ones
 # were pending as statistics were last gathered. CROSS JOIN, and + to keep the pending pauses'
 # indexes out: from the number's few people to their pauses by id, never through every pending
 # pause. The live CODE_SCOPE, '', lets the number's index reach past it to the pending ones.)
 REACHED = "(n.status = 'sent' OR n.may_have_reached)"
-REACHED_OR_SENDING = f"(n.status = 'sending' OR {REACHED})"
+MAY_BE_READ = f"(n.status = 'sending' OR {REACHED} OR n.delivery_status IS NOT NULL)"
 SENT_TO = (f"(SELECT max({REACHED}) FROM notifications n WHERE n.pause_id = p.id AND n.position = {{position}}"
-           f" AND {REACHED_OR_SENDING})")
+           f" AND {MAY_BE_READ})")
 ASKED_ON_NUMBER = (
     f"SELECT p.*, 0 AS position, {SENT_TO.format(position='0')} AS reached"
     " FROM pauses p INDEXED BY pauses_pending_by_recipient WHERE p.recipient = :number AND p.status = 'pending'"
@@ -3333,23 +3336,24 @@ ASKED_ON_NUMBER = (
 # just before this one arrived, or while it waited; or another's text may be arriving as the
 # person writes. So a bare reply answers the open request only when no other in the
 # conversation closed (or took this number's vote, or ran out of time) after a time this long
-# before the open one was asked, and none is being sent; otherwise the person is asked for its
+# before the open one was asked, and none is being sent or reported not delivered (which the
+# person may have read even so: see MAY_BE_READ); otherwise the person is asked for its
 # code, which every text gives. (A late reply naming a code does not go astray: a code is
 # not given again for a week, unless every one of the number's codes was in use that week.)
 BARE_REPLY_QUIET = dt.timedelta(minutes=15)
 # Of the live pauses that asked a number and were decided since a time, whether each one's
 # question reached it on a channel (or is reaching it: a text in flight as its pause was
-# decided still goes out): those that asked it first (pauses_closed_by_recipient),
+# decided still goes out; or may have, though reported not delivered): those that asked it first (pauses_closed_by_recipient),
 # then those that asked it later in a team, at most :most of each. Only that many are read
 # under the write lock, whatever a tenant does to the number (paused and cancelled before any
 # text went out, say): a full count is taken as "closed lately", the safe side.
 CLOSED_ON_NUMBER = (
     f"SELECT * FROM (SELECT p.channel = :channel AND EXISTS (SELECT 1 FROM notifications n WHERE n.pause_id = p.id"
-    f" AND n.position = 0 AND {REACHED_OR_SENDING}) AS reached FROM pauses p"
+    f" AND n.position = 0 AND {MAY_BE_READ}) AS reached FROM pauses p"
     " INDEXED BY pauses_closed_by_recipient WHERE p.recipient = :number AND p.livemode = 1"
     " AND p.channel IN ('sms', 'whatsapp') AND p.decided_at > :since LIMIT :most)"
     " UNION ALL SELECT * FROM (SELECT r.channel = :channel AND EXISTS (SELECT 1 FROM notifications n"
-    f" WHERE n.pause_id = r.pause_id AND n.position = r.position AND {REACHED_OR_SENDING})"
+    f" WHERE n.pause_id = r.pause_id AND n.position = r.position AND {MAY_BE_READ})"
     " AS reached FROM pause_recipients r"
     " WHERE r.recipient = :number AND r.livemode = 1 AND iif(r.livemode, '', r.developer_id) = ''"
     " AND r.position > 0 AND r.reply_code IS NOT NULL AND r.pause_decided_at > :since LIMIT :most)")
@@ -3359,7 +3363,7 @@ CLOSED_READ_AT_MOST = 50
 def bare_reply_unclear(conn, person, others, number, channel, now):
     """Whether a reply without a code from `number` could be meant for another request than
     the one open pause `person` (as asked_of() shows it) was asked: `others` (the rest of
-    ASKED_ON_NUMBER's pauses) hold one being sent, or one that had this number's vote or
+    ASKED_ON_NUMBER's pauses) hold one being sent or reported not delivered, or one that had this number's vote or
     ran out of time after BARE_REPLY_QUIET before `person` was asked; or one decided since
     then had reached the number."""
     asked_at = person["created_at"] if person["position"] == 0 else query_db(

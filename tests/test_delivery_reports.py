@@ -227,6 +227,24 @@ def test_a_reply_counts_for_a_text_reported_undelivered_only_once_it_is_reported
     assert api.pause(key, pause_id)["choice"] == "Approve"
 
 
+@pytest.mark.parametrize("decided", [False, True], ids=["still open", "cancelled since"])
+def test_a_bare_reply_decides_nothing_while_a_text_reported_undelivered_may_be_the_one_it_answers(
+        running_api, twilio, decided):
+    """A carrier's word can be wrong (Twilio may say 'delivered' after it): the person may have
+    read the text reported undelivered, and their bare '1' may answer it, not the other pause."""
+    api = running_api(**twilio.settings(), **{"server.base_url": BASE_URL})
+    key = api.register()["api_key"]
+    first, second = (api.create_pause(key)["pause_id"] for _ in range(2))
+    api.step("notifications")
+    report(api, twilio, twilio.messages[1]["sid"], "undelivered", 30008)
+    if decided:
+        api.post(f"/v1/pause/{second}/cancel", headers=api.as_key(key))
+    assert "could be meant for another request" in reply(api, twilio, "1")
+    assert api.pause(key, first)["status"] == "pending"
+    [(code,)] = stored(api.config, "SELECT reply_code FROM pauses WHERE id = ?", first)
+    assert "recorded Approve" in reply(api, twilio, code + " 1")
+
+
 def test_a_failure_reported_before_twilio_answers_the_send_fails_the_text_once_it_is_recorded(running_api, twilio):
     """Twilio may post a text's report before its answer to the send reaches the server, when
     the text's id is not stored yet: the report waits for the send's record, and is not lost."""
