@@ -8068,13 +8068,18 @@ def twilio_form(rt, what):
     return form
 
 
+# Visible text a pause may hold, which XML 1.0 has no character for: an answer quoting it
+# would not be XML, and Twilio, unable to read it, would text nothing back.
+NOT_IN_XML = {0xFFFE: "\ufffd", 0xFFFF: "\ufffd"}
+
+
 def twilio_inbound(rt):
     """An SMS or WhatsApp reply, as Twilio posts it (signed); answered in TwiML."""
     form = twilio_form(rt, "text replies")
     reply = record_sms_reply(rt.db(), rt.config, form.get("From") or "", form.get("Body") or "", form.get("MessageSid"))
     twiml = twilio.twiml.messaging_response.MessagingResponse()
     if reply is not None:
-        twiml.message(reply)
+        twiml.message(reply.translate(NOT_IN_XML))
     return bottle.HTTPResponse(str(twiml), status=200, headers={"Content-Type": "application/xml"})
 
 

@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import time
 import uuid
+import xml.etree.ElementTree
 
 import pytest
 import requests
@@ -828,6 +829,16 @@ def test_a_bare_reply_decides_the_only_pending_pause_for_that_number(sms_setup):
     event = api.get("/v1/audit", {"event_type": "pause.responded"}, headers=api.as_key(keys["api_key"])).json["events"][0]
     assert event["data"]["via"] == "sms" and event["data"]["message_sid"].startswith("SM")
     assert event["data"]["reply_code"] == reply_code(api, keys["api_key"], created)
+
+
+def test_an_answer_quoting_a_question_xml_cannot_carry_is_still_xml_twilio_can_read(sms_setup):
+    """U+FFFE and U+FFFF are text to JSON but no character to XML: Twilio could not read the
+    answer, and the person, or whoever texts the number about another tenant's pause, got none."""
+    api, config, keys = sms_setup
+    api.create_pause(keys["api_key"], message="Wire \ufffe\uffff now?")
+    response = inbound(api, config, "maybe")
+    [message] = xml.etree.ElementTree.fromstring(response.body).iter("Message")
+    assert message.text.endswith("(Wire \ufffd\ufffd now?)")
 
 
 def test_a_message_sent_again_decides_nothing_even_for_a_newer_pause(sms_setup):
