@@ -3343,10 +3343,11 @@ ASKED_ON_NUMBER = (
 BARE_REPLY_QUIET = dt.timedelta(minutes=15)
 # Of the live pauses that asked a number and were decided since a time, whether each one's
 # question reached it on a channel (or is reaching it: a text in flight as its pause was
-# decided still goes out; or may have, though reported not delivered): those that asked it first (pauses_closed_by_recipient),
-# then those that asked it later in a team, at most :most of each. Only that many are read
-# under the write lock, whatever a tenant does to the number (paused and cancelled before any
-# text went out, say): a full count is taken as "closed lately", the safe side.
+# decided still goes out; or may have, though reported not delivered): those that asked it
+# first (pauses_closed_by_recipient), then those that asked it later in a team, at most :most
+# of each. Only that many are read under the write lock, whatever a tenant does to the number
+# (paused and cancelled before any text went out, say): a full count is taken as "closed
+# lately", the safe side.
 CLOSED_ON_NUMBER = (
     f"SELECT * FROM (SELECT p.channel = :channel AND EXISTS (SELECT 1 FROM notifications n WHERE n.pause_id = p.id"
     f" AND n.position = 0 AND {MAY_BE_READ}) AS reached FROM pauses p"
@@ -3363,9 +3364,9 @@ CLOSED_READ_AT_MOST = 50
 def bare_reply_unclear(conn, person, others, number, channel, now):
     """Whether a reply without a code from `number` could be meant for another request than
     the one open pause `person` (as asked_of() shows it) was asked: `others` (the rest of
-    ASKED_ON_NUMBER's pauses) hold one being sent or reported not delivered, or one that had this number's vote or
-    ran out of time after BARE_REPLY_QUIET before `person` was asked; or one decided since
-    then had reached the number."""
+    ASKED_ON_NUMBER's pauses) hold one being sent or reported not delivered, or one that had
+    this number's vote or ran out of time after BARE_REPLY_QUIET before `person` was asked; or
+    one decided since then had reached the number."""
     asked_at = person["created_at"] if person["position"] == 0 else query_db(
         conn, "SELECT added_at FROM pause_recipients WHERE pause_id = ? AND position = ?",
         (person["id"], person["position"]), one=True)[0]
