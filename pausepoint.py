@@ -9514,7 +9514,10 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
     threads (as many as long polls may take), so one sending many requests waits for its
     own turn while everyone else's requests keep being taken. Behind the trusted proxy a
     request counts as the client it is forwarded for (HardenedChannel.served_for); the
-    proxy's own, forwarded for no one, are exempt."""
+    proxy's own, forwarded for no one, are exempt. Within a client's turns, the parties its
+    requests come from (the API key or sign-in each carries: several tenants' agents on one
+    host, say) take turns too, so one tenant flooding from a shared address delays another
+    there by a request at most, not by its whole queue."""
 
     def __init__(self, per_address, wake_waiters=lambda: None, thread_started=lambda: None,
                  after_task=lambda: None):
@@ -9523,33 +9526,62 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
         self.wake_waiters = wake_waiters              # at shutdown, so parked long polls get their answer
         self.thread_started = thread_started          # on each worker thread, before its first channel
         self.after_task = after_task                  # on the thread, once it has served a channel
-        self.waiting = collections.OrderedDict()    # client -> its channels with a request; order is turn order
+        # client -> party -> its channels with a request; each order is turn order
+        self.waiting = collections.OrderedDict()
         self.running = collections.Counter()        # client -> threads serving it now
         self.queued = 0                             # channels in `waiting`, all addresses together
 
+    @staticmethod
+    def party(channel):
+        """Whom a channel's request is on behalf of, as far as its headers say before anything
+        is checked: its credentials, the same each time for the same key or sign-in."""
+        headers = channel.requests[0].headers if channel.requests else {}
+        return headers.get("AUTHORIZATION") or headers.get("COOKIE") or ""
+
+    def _queue(self, client, channel, first=False):
+        """Put a channel in its client's and party's queue: last, or `first` (given back)."""
+        parties = self.waiting.setdefault(client, collections.OrderedDict())
+        channels = parties.setdefault(channel.party, collections.deque())
+        channels.appendleft(channel) if first else channels.append(channel)
+        channel.queued = True
+        self.queued += 1
+        if first:
+            parties.move_to_end(channel.party, last=False)
+            self.waiting.move_to_end(client, last=False)
+
+    def _unqueue(self, client, channel):
+        """Take a queued channel out; its party's and client's next wait for the others' turns."""
+        parties = self.waiting[client]
+        channels = parties[channel.party]
+        channels.remove(channel)
+        if channels:
+            parties.move_to_end(channel.party)
+        else:
+            del parties[channel.party]
+        if parties:
+            self.waiting.move_to_end(client)
+        else:
+            del self.waiting[client]
+        channel.queued = False
+        self.queued -= 1
+        self.running[client] += 1
+        return client, channel
+
     def add_task(self, channel):
         with self.lock:
-            self.waiting.setdefault(channel.served_for(), collections.deque()).append(channel)
-            channel.queued = True
-            self.queued += 1
+            channel.party = self.party(channel)
+            self._queue(channel.served_for(), channel)
             self.queue_cv.notify()
             idle = len(self.threads) - self.stop_count - self.active_count
             if self.queued > idle:
                 self.queue_logger.warning("Task queue depth is %d", self.queued - idle)
 
     def _take(self):
-        """The next channel to serve, from the first client in turn that has a thread to spare."""
-        for client, channels in self.waiting.items():
+        """The next channel to serve: of the first client in turn that has a thread to spare,
+        its first party's first."""
+        for client, parties in self.waiting.items():
             if client == TRUSTED_PROXY or self.running[client] < self.per_address:
-                channel = channels.popleft()
-                channel.queued = False
-                self.queued -= 1
-                if channels:
-                    self.waiting.move_to_end(client)        # its next request waits for the others' turn
-                else:
-                    del self.waiting[client]
-                self.running[client] += 1
-                return client, channel
+                return self._unqueue(client, next(iter(parties.values()))[0])
         return None
 
     def handler_thread(self, thread_no):
@@ -9586,25 +9618,17 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
 
     def _take_resumed(self):
         """A woken long poll from anywhere in the queue, or None."""
-        for client, channels in self.waiting.items():
-            for channel in channels:
-                if channel.resumed:
-                    channels.remove(channel)
-                    if not channels:
-                        del self.waiting[client]
-                    channel.queued = False
-                    self.queued -= 1
-                    self.running[client] += 1
-                    return client, channel
+        for client, parties in self.waiting.items():
+            for channels in parties.values():
+                for channel in channels:
+                    if channel.resumed:
+                        return self._unqueue(client, channel)
         return None
 
     def _give_back(self, client, channel):
-        channel.queued = True
-        self.queued += 1
         self.running[client] -= 1
         self.running += collections.Counter()
-        self.waiting.setdefault(client, collections.deque()).appendleft(channel)
-        self.waiting.move_to_end(client, last=False)
+        self._queue(client, channel, first=True)
 
     def shutdown(self, cancel_pending=True, timeout=5):
         # Here, not in the signal handler: that runs on the main thread, which may be inside
@@ -9613,9 +9637,10 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
         done = super().shutdown(cancel_pending, timeout)
         if cancel_pending:
             with self.lock:
-                for channels in self.waiting.values():
-                    for channel in channels:
-                        channel.cancel()
+                for parties in self.waiting.values():
+                    for channels in parties.values():
+                        for channel in channels:
+                            channel.cancel()
                 self.waiting.clear()
                 self.queued = 0
         return done

@@ -1162,6 +1162,40 @@ def test_a_proxy_writing_the_client_port_with_an_ipv6_address_does_not_make_each
         assert guess(4, "203.0.113.5").status_code == 404
 
 
+def test_one_tenant_flooding_from_a_shared_address_delays_another_there_by_a_turn_not_its_queue(tmp_path):
+    """Two developers' agents on one host, which may have one request served at a time: the
+    first's twelve creates wait on the write lock, one on the address's thread and eleven
+    queued, when the second's one comes. The second's is taken after the first's next, not
+    after all of them: it is stored third (taken in arrival order, it would be thirteenth)."""
+    config = make_config(tmp_path, **{"server.threads": 12, "ratelimit.enabled": False})
+    app = pausepoint.create_app(config)
+    app.runtime.start()
+    with LiveServer(app, config) as server, contextlib.closing(
+            sqlite3.connect(config["database.path"], isolation_level=None)) as holder:
+        flooding, other = (register_over_http(server.url, f"{name}@example.com")["test_api_key"] for name in "ab")
+        dispatcher, link = server.server.task_dispatcher, {**WIRE, "channel": "link", "recipient": "ops"}
+        # One thread for the address (four, as 12 threads give it, would leave the order in
+        # which those waiting on the write lock reach it to chance).
+        dispatcher.per_address = 1
+        holder.execute("BEGIN IMMEDIATE")          # each create then holds its thread until the rollback
+        try:
+            with concurrent.futures.ThreadPoolExecutor(13) as pool:
+                creates = [pool.submit(requests.post, f"{server.url}/v1/pause", json=link,
+                                       headers={"Authorization": f"Bearer {flooding}"}) for _ in range(12)]
+                wait_until(lambda: dispatcher.queued == 11 and sum(dispatcher.running.values()) == 1)
+                creates.append(pool.submit(requests.post, f"{server.url}/v1/pause", json=link,
+                                           headers={"Authorization": f"Bearer {other}"}))
+                wait_until(lambda: dispatcher.queued == 12)
+                holder.execute("ROLLBACK")
+                assert [create.result().status_code for create in creates] == [201] * 13
+        finally:
+            if holder.in_transaction:
+                holder.execute("ROLLBACK")
+    owners = [owner for owner, in stored(config["database.path"], "SELECT developer_id FROM pauses ORDER BY seq")]
+    [second] = [owner for owner in set(owners) if owners.count(owner) == 1]
+    assert owners.index(second) == 2, owners
+
+
 def test_behind_a_trusted_proxy_one_client_cannot_take_every_thread(tmp_path):
     config = make_config(tmp_path, **{"server.trusted_proxy": "127.0.0.1", "server.threads": 12,
                                       "ratelimit.enabled": False})
