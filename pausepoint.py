@@ -4492,28 +4492,26 @@ def push_text(pause, url, target_url=None):
     asked = f"{title_line(pause)}{pause['message']}\n\n{shown_lines(pause, PUSH_DETAIL_CHARACTERS)}"
     ours = f"Answer: {url}\nExpires {expiry_text(pause)}"
     dialect = push_dialect(target_url) if target_url else PLAIN_PUSH
-    if dialect.longest is None:
-        return as_written(dialect, asked + options) + ours
-    room = dialect.longest - len(ours)
+    whole = as_written(dialect, asked + options) + ours
+    if dialect.takes is None or dialect.takes(whole):
+        return whole
     listed = as_written(dialect, options)
-    if len(listed) > room // 2:
-        return cut_to_fit(dialect, asked + options, room) + ours
-    return cut_to_fit(dialect, asked, room - len(listed)) + listed + ours
+    if dialect.takes(listed + listed + ours):       # the options leave the question half the room or more
+        return cut_to_fit(dialect, asked, listed + ours)
+    return cut_to_fit(dialect, asked + options, ours)
 
 
 # What ends a question cut short to fit a push target's longest message.
 CUT_SHORT = "…\n(cut short: the link shows all of it)\n"
 
 
-def cut_to_fit(dialect, text, room):
-    """`text` as written for `dialect`, in at most `room` characters: whole if it fits, else its
-    longest beginning that fits with CUT_SHORT after it."""
-    written = as_written(dialect, text)
-    if len(written) <= room:
-        return written
-    fits = bisect.bisect_right(range(len(text) + 1), room,
-                               key=lambda length: len(as_written(dialect, text[:length].rstrip() + CUT_SHORT)))
-    return as_written(dialect, text[:max(fits - 1, 0)].rstrip() + CUT_SHORT)
+def cut_to_fit(dialect, text, after):
+    """The longest beginning of `text`, as written for `dialect`, with CUT_SHORT and then
+    `after` (ours, as it goes), that the target takes in one message."""
+    def message(length):
+        return as_written(dialect, text[:length].rstrip() + CUT_SHORT) + after
+    too_long = bisect.bisect_left(range(len(text) + 1), True, key=lambda length: not dialect.takes(message(length)))
+    return message(max(too_long - 1, 0))
 
 
 # Chat services draw the text of a push. Discord, Mattermost and Zulip read it as Markdown, and
@@ -4540,11 +4538,16 @@ MENTIONING_PUSH_SERVICES = {"Discord", "Mattermost", "Zulip", "Rocket.Chat", "Ma
 
 
 # How a push target draws what it is sent: `markup`, the characters it reads as Markdown ("" for
-# none); `mentions`, whether an @ there may notify people; `longest`, the most characters one
-# message to it may hold (None: no limit we know), which a longer one would be refused for.
-PushDialect = collections.namedtuple("PushDialect", "markup mentions longest")
+# none); `mentions`, whether an @ there may notify people; `takes`, whether one message to it
+# may hold a text we hand Apprise (None: any), which a longer one would be refused or cut for.
+PushDialect = collections.namedtuple("PushDialect", "markup mentions takes")
 PLAIN_PUSH = PushDialect("", False, None)
 PUSH_TITLE = "Approval needed"
+# ntfy makes a message of more than 4,096 bytes a file attached to the push, which the phone
+# shows as "attachment.txt": the question and its link out of sight. Apprise does the same
+# with one whose JSON runs past 8,000 characters, each character past ASCII a \u escape of six
+# (twelve for an emoji): 1,600 of Cyrillic are 9,600.
+NTFY_MESSAGE_BYTES = 4096
 
 
 @functools.lru_cache(maxsize=64)
@@ -4553,16 +4556,45 @@ def push_dialect(target_url):
     the URL names it (discord://… or https://discord.com/api/webhooks/…). Its longest message
     is Apprise's figure for the service (Discord 2000, Pushover 1024, Rocket.Chat 1000,
     Telegram 4096), less our title where Apprise puts that in the message or the service
-    counts it in."""
+    counts it in; on ntfy, 4,096 bytes too."""
     apprise = load_apprise()
     target = apprise.Apprise.instantiate(target_url)
     service = str(target.service_name)
     markup = MARKDOWN_PUSH_SERVICES.get(service)
     if markup is None and target.resolve_format(apprise.NotifyFormat.TEXT) == apprise.NotifyFormat.MARKDOWN:
         markup = COMMONMARK_MARKUP
+    mentions = service in MENTIONING_PUSH_SERVICES
+    if not target.body_maxlen:
+        return PushDialect(markup or "", mentions, None)
     titled = target.title_maxlen <= 0 or target.overflow_amalgamate_title
-    longest = target.body_maxlen - (len(PUSH_TITLE) + len("# \n") if titled else 0) if target.body_maxlen else None
-    return PushDialect(markup or "", service in MENTIONING_PUSH_SERVICES, longest)
+    longest = target.body_maxlen - (len(PUSH_TITLE) + len("# \n") if titled else 0)
+    limits = ((len, longest),) if service != "ntfy" else ((json_length, longest), (utf8_length, NTFY_MESSAGE_BYTES))
+    return PushDialect(markup or "", mentions, functools.partial(apprise_takes, target, push_format(markup), limits))
+
+
+def json_length(text):
+    """How long `text` is in JSON as Apprise writes it: past ASCII, a \\u escape of six a character."""
+    return len(json.dumps(text)) - 2
+
+
+def utf8_length(text):
+    return len(text.encode())
+
+
+def push_format(markup):
+    """The format a push's text is handed to Apprise in: Markdown where push_text escaped the
+    agent's text for a target that reads it, else text."""
+    return load_apprise().NotifyFormat.MARKDOWN if markup else load_apprise().NotifyFormat.TEXT
+
+
+def apprise_takes(target, body_format, limits, text):
+    """Whether `target` (an Apprise plugin) takes one message of `text`, handed to it in
+    body_format, within each of `limits` ((measure, most) pairs). Measured as Apprise sends
+    it: written in the service's format and dialect, which may be longer (Google Chat's
+    &lt; for <, Pushover's <br> for a line break when sent HTML)."""
+    sent_as = target.resolve_format(body_format)
+    sent = target.dialect_convert(load_apprise().conversion.convert_between(body_format, sent_as, text), sent_as)
+    return all(measure(sent) <= most for measure, most in limits)
 
 
 def as_written(dialect, text):
@@ -4746,7 +4778,7 @@ def send_apprise(target_url, config, notification, pause, deadline):
     # Said to be text, or a target that reads HTML or Markdown (mailto://, Telegram) would take
     # the agent's message as markup: a link of its own choosing drawn as an "Approve" button.
     # Markdown for a target that reads Markdown: push_text escaped the agent's text for it.
-    body_format = apprise.NotifyFormat.MARKDOWN if push_dialect(target_url).markup else apprise.NotifyFormat.TEXT
+    body_format = push_format(push_dialect(target_url).markup)
     try:
         delivered = deadline.run_abandonable(("channel", notification["channel"]), functools.partial(
             notifier.notify, body_format=body_format), notification["text"], PUSH_TITLE, doing="the push")

@@ -663,6 +663,38 @@ def test_a_question_longer_than_a_push_target_takes_is_cut_short_keeping_the_lin
     assert ("\nOptions: " in drawn) is not many_options
 
 
+@pytest.mark.parametrize("host, target, longest, field", [
+    ("chat.googleapis.com", "gchat://workspace/key/token", 4000, "text"),
+    ("api.pushover.net", "pover://" + "u" * 30 + "@" + "a" * 30 + "?format=html", 1024, "message"),
+])
+def test_a_question_apprise_writes_longer_still_fits_what_the_target_takes(running_api, hosted, host, target, longest,
+                                                                           field):
+    """Apprise writes each < and & for Google Chat, and for Pushover sent HTML, as &lt; and
+    &amp;: a question that fits as we wrote it would be four times too long as sent."""
+    service = hosted(host)
+    service.answer, service.longest = b'{"status": 1, "request": "r1"}', longest
+    created = pushed_to(running_api(**{"channels.ops.url": target}), message="<&>" * 533)
+    [call] = service.calls
+    text = call["json"][field]
+    assert len(text) <= longest and re.search(r"cut\sshort", text) and created["respond_url"] in text
+
+
+@pytest.mark.parametrize("question", [
+    {"message": "Перевести " * 160},
+    {"message": "x" * 1600, "fields": {name: {"type": "string", "value": "y" * 1000} for name in ("memo", "note", "terms")}},
+])
+def test_an_ntfy_push_is_text_the_phone_shows_never_a_file(running_api, receiver, question):
+    """ntfy turns a message over 4,096 bytes into an attached file, and Apprise one whose
+    JSON, each character past ASCII a \\u escape of six, runs past 8,000: the phone would say
+    a file arrived, the question and its link unseen."""
+    target = receiver.url.replace("http://", "ntfy://") + "/approvals"
+    created = pushed_to(running_api(**{"channels.ops.url": target}), **question)
+    [call] = receiver.wait_for(1)
+    message = call["json"]["message"]
+    assert len(message.encode()) <= 4096 and len(json.dumps(call["json"])) <= 8000
+    assert "cut short" in message and created["respond_url"] in message
+
+
 def test_a_mattermost_push_shows_the_agents_markup_and_mentions_as_text(running_api, receiver):
     target = receiver.url.replace("http://", "mmost://") + "/hook-token"
     created = pushed_to(running_api(**{"channels.ops.url": target}), message=DRESSED, title="**Wire** @here")
