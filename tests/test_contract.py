@@ -8,7 +8,8 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 
-from conftest import WIRE, start_server
+from conftest import WIRE, start_server, stored
+from test_dashboard import log_in, sign_up
 import pausepoint
 
 
@@ -129,3 +130,80 @@ def test_the_running_server_keeps_to_its_document(contract_server, method, path)
         case.call_and_validate(base_url=server.url, headers=auth, excluded_checks=excluded)
 
     conforms()
+
+
+# -- tenants and modes apart, route by route ----------------------------------------------------
+
+def owned_things(api, key):
+    """A pause, a webhook and one of its deliveries, made with `key`: their ids by the names
+    the routes give them."""
+    pause_id = api.create_pause(key, channel="link", recipient="ops")["pause_id"]
+    webhook_id = api.post_json("/v1/webhooks", {"url": "http://127.0.0.1:9/hook", "events": ["pause.responded"]},
+                               headers=api.as_key(key)).json["webhook_id"]
+    delivery_id = api.post(f"/v1/webhooks/{webhook_id}/test", headers=api.as_key(key), status=202).json["delivery_id"]
+    return {"pause_id": pause_id, "webhook_id": webhook_id, "delivery_id": delivery_id}
+
+
+def as_it_stands(config):
+    return [stored(config, "SELECT id, status, decided_at FROM pauses"),
+            stored(config, "SELECT id, url, status, secret, deleted_at FROM webhooks"),
+            stored(config, "SELECT id, status, attempts FROM webhook_deliveries ORDER BY id")]
+
+
+def sweep_named_routes(api, ids, as_whom, csrf):
+    """Every route naming one of `ids`, asked by each of `as_whom` ({name: headers, or None for
+    the signed-in session}): 404, however it is asked. Returns the routes asked."""
+    asked = []
+    for route in pausepoint.ROUTES:
+        names = re.findall(r"<(\w+)>", route.path)
+        if not names or not set(names) <= set(ids) or route.auth not in ("key", "session"):
+            continue
+        path = re.sub(r"<(\w+)>", lambda m: ids[m.group(1)], route.path)
+        for whom, headers in as_whom[route.auth].items():
+            if route.auth == "key":
+                body = {"body": b'{"url": "http://127.0.0.1:9/taken"}', "content_type": "application/json"} \
+                    if route.body else {}
+                answer = api.request(path, method=route.method, headers=headers, status="*", **body)
+            elif route.method == "GET":
+                answer = api.get(path, status="*")
+            else:
+                answer = api.post(path, {"csrf": csrf, "action": "delete"}, status="*")
+            assert answer.status_int == 404, (route.method, path, whom, answer.status)
+            asked.append((route.method, route.path))
+    return asked
+
+
+def test_no_route_shows_or_changes_one_developers_or_modes_data_to_another(running_api):
+    """Every route of the table that names a pause, webhook or delivery answers 404 to another
+    developer and to the same developer's other mode, and changes nothing; every list shows
+    them none of its ids. Swept from the table, so a route added to it is swept too."""
+    api = running_api(**{"webhooks.allow_private": True})
+    _, owner = sign_up(api)
+    api.reset()
+    _, stranger = sign_up(api, email="other@example.com")
+    ids = owned_things(api, owner["test"])
+    before = as_it_stands(api.config)
+    csrf = api.get("/dashboard/webhooks").html.select_one("input[name=csrf]")["value"]
+    others = {"key": {"another developer": api.as_key(stranger["test"]), "the live key": api.as_key(owner["live"])},
+              "session": {"another developer": None}}
+    swept = sweep_named_routes(api, ids, others, csrf)
+    assert len(swept) == 2 * 8 + 5         # the API's routes naming them, each asked twice; the dashboard's
+    lists = [route.path for route in pausepoint.ROUTES
+             if route.method == "GET" and "<" not in route.path and route.auth in ("key", "session")]
+    seen_by_owner = {path for path in lists if any(i in api.get(path, headers=api.as_key(owner["test"]),
+                                                                status="*").text for i in ids.values())}
+    assert {"/v1/pause", "/v1/webhooks", "/v1/events", "/v1/audit", "/v1/audit/export"} <= seen_by_owner
+    for path in lists:
+        for headers in others["key"].values():
+            shown = api.get(path, headers=headers, status="*").maybe_follow(status="*").text
+            assert not any(i in shown for i in ids.values()), path
+    # The owner, signed in, in live mode: the test-mode things are not there either.
+    api.reset()
+    log_in(api)
+    api.post("/dashboard/mode", {"csrf": api.get("/dashboard/webhooks").html.select_one("input[name=csrf]")["value"],
+                                 "mode": "live"}, status=303)
+    sweep_named_routes(api, ids, {"key": {}, "session": {"the live mode": None}},
+                       api.get("/dashboard/webhooks").html.select_one("input[name=csrf]")["value"])
+    for path in (p for p in lists if p.startswith("/dashboard")):
+        assert not any(i in api.get(path, status="*").maybe_follow(status="*").text for i in ids.values()), path
+    assert as_it_stands(api.config) == before
