@@ -1624,11 +1624,16 @@ def check_new_password(password):
         raise invalid("password", "password must be at most 72 bytes (bcrypt's limit)")
 
 
-def register_developer(conn, config, email, name, password, plan="free"):
-    """Create a developer with one live and one test key; returns the quickstart's response."""
+def check_new_developer(config, email, name, password, plan):
+    """What registering a developer refuses without looking at the database."""
     check_registration(email, name, password)
     if plan not in plans(config):
         raise invalid("plan", f"plan must be one of: {', '.join(sorted(plans(config)))}")
+
+
+def register_developer(conn, config, email, name, password, plan="free"):
+    """Create a developer with one live and one test key; returns the quickstart's response."""
+    check_new_developer(config, email, name, password, plan)
     password_hash = bcrypt.hashpw(password.encode("utf-8"),
                                   bcrypt.gensalt(config["security.bcrypt_rounds"])).decode()
     developer_id = new_id("dev_")
@@ -10196,21 +10201,40 @@ def asked_password():
 
 
 def refuse_a_path_no_command_can_use(command, path):
-    """A command's database is a file that exists; only create-developer makes one, and says so."""
+    """A command's database is a file that exists; only create-developer makes one. Whether
+    there is none yet."""
     if os.path.isdir(path):     # opened, SQLite blames the disk, or a backup's copy
         raise ConfigError(f"cannot use the database {path}: it is a directory: name the database file in it")
     new = not os.path.exists(path)
     if command != "create-developer" and new:
         # A mistyped path would otherwise get a new, empty database that "verifies".
         raise ConfigError(f"there is no database at {path}; name the server's with --db or database.path")
-    if new:         # on standard error: the keys on standard output stay JSON for scripts
-        print(f"pausepoint: there was no database at {os.path.abspath(path)}: a new one is made for this"
-              " developer (if the server's is elsewhere, name it with --db or database.path)", file=sys.stderr)
+    return new
+
+
+def password_given(args):
+    """The password of create-developer or set-password: from standard input, or asked for."""
+    # Its line ends in "\n" or, from a file saved on Windows or PowerShell's pipe, "\r\n": neither is part of it.
+    return sys.stdin.readline().rstrip("\r\n") if args.password_stdin else asked_password()
+
+
+def check_before_making_a_database(args, config):
+    """create-developer where there is no database: what it would refuse is refused before one is
+    made, or a mistyped path would keep an empty database, and the retry would not say it is new.
+    Returns the password."""
+    password = password_given(args)
+    check_new_developer(config, args.email, args.name, password, args.plan)
+    # On standard error: the keys on standard output stay JSON for scripts.
+    print(f"pausepoint: there was no database at {os.path.abspath(config['database.path'])}: a new one is made"
+          " for this developer (if the server's is elsewhere, name it with --db or database.path)", file=sys.stderr)
+    return password
 
 
 def run_command(args, config):
     """The operator's commands besides serving; returns the exit status."""
-    refuse_a_path_no_command_can_use(args.command, config["database.path"])
+    password = None
+    if refuse_a_path_no_command_can_use(args.command, config["database.path"]):
+        password = check_before_making_a_database(args, config)
     refuse_before_opening(config["database.path"])
     if args.command == "verify-audit":       # it checks the schema itself, read-only
         return verify_audit(config["database.path"])
@@ -10236,10 +10260,9 @@ def run_command(args, config):
                                      f" {args.command} again")
     conn = connect(config["database.path"])
     migrate(conn)
-    # A password is never an argument: it would show in `ps` and in shell history. Its line ends
-    # in "\n" or, from a file saved on Windows or PowerShell's pipe, "\r\n": neither is part of it.
-    password = (sys.stdin.readline().rstrip("\r\n") if args.password_stdin else asked_password()) if (
-        args.command in ("create-developer", "set-password")) else None
+    # A password is never an argument: it would show in `ps` and in shell history.
+    if password is None and args.command in ("create-developer", "set-password"):
+        password = password_given(args)
     if args.command == "create-developer":
         print_new_keys(register_developer(conn, config, args.email, args.name, password, args.plan))
         say_a_running_server_may_not_know(config["database.path"], args.plan)

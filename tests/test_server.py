@@ -507,6 +507,20 @@ def test_a_developer_made_where_there_was_no_database_is_said_to_be_in_a_new_one
     assert f"there was no database at {tmp_path / 'mistyped.db'}: a new one is made" in result.stderr
 
 
+@pytest.mark.parametrize("given", [["--plan", "team"], ["--email", "not an email"]])
+def test_a_developer_refused_where_there_was_no_database_leaves_none(tmp_path, given):
+    """Else the retry, given what was missing, would add the developer to the empty database the
+    refusal left at a mistyped path, without a word that it is new."""
+    refused = run_cli(tmp_path, "--db", "mistyped.db", "create-developer", "--email", "a@example.com",
+                      "--name", "Ada", *given, "--password-stdin", stdin=PASSWORD)
+    assert refused.returncode == 1 and refused.stdout == "", refused.stderr
+    assert "a new one is made" not in refused.stderr
+    assert sorted(os.listdir(tmp_path)) == []
+    again = run_cli(tmp_path, "--db", "mistyped.db", "create-developer", "--email", "a@example.com",
+                    "--name", "Ada", "--password-stdin", stdin=PASSWORD)
+    assert again.returncode == 0 and "there was no database" in again.stderr, again.stderr
+
+
 def test_the_operator_sets_a_developers_plan(tmp_path):
     run_cli(tmp_path, "create-developer", "--email", "a@example.com", "--name", "Ada", "--password-stdin", stdin=PASSWORD)
     env = {"PAUSEPOINT_PLANS_TEAM_MONTHLY_PAUSES": "5000"}
