@@ -10261,16 +10261,15 @@ def run_command(args, config):
     conn = connect(config["database.path"])
     migrate(conn)
     # A password is never an argument: it would show in `ps` and in shell history.
-    if password is None and args.command in ("create-developer", "set-password"):
-        password = password_given(args)
     if args.command == "create-developer":
+        password = password_given(args) if password is None else password
         print_new_keys(register_developer(conn, config, args.email, args.name, password, args.plan))
         say_a_running_server_may_not_know(config["database.path"], args.plan)
     elif args.command == "set-password":
         developer = query_db(conn, "SELECT * FROM developers WHERE email = ?", (args.email,), one=True)
-        if developer is None:
+        if developer is None:       # said before a new password is typed twice for nobody
             raise ApiError(404, "not_found", f"no developer with email {args.email}")
-        change_password(conn, config, developer, password, actor="operator:command line")
+        change_password(conn, config, developer, password_given(args), actor="operator:command line")
         print(f"{args.email} has a new password; every sign-in of theirs has ended")
     elif args.command == "set-plan":
         if args.plan not in plans(config):

@@ -641,6 +641,13 @@ def test_the_operator_gives_a_developer_a_new_password_and_every_sign_in_of_thei
     api.app.runtime.stop()
 
 
+def test_a_new_password_is_never_asked_for_a_developer_there_is_none_of(tmp_path):
+    run_cli(tmp_path, "create-developer", "--email", "a@example.com", "--name", "Ada", "--password-stdin", stdin=PASSWORD)
+    nobody = typed_at_a_terminal(tmp_path, "set-password", "--email", "b@example.com", typed=[])
+    assert nobody.returncode == 1 and "no developer with email b@example.com" in nobody.stderr
+    assert "Password" not in nobody.stderr
+
+
 def test_a_backup_taken_while_serving_holds_every_committed_pause(spawn_server, tmp_path):
     server = spawn_server()
     key = register(server.url)["test_api_key"]
