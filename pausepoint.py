@@ -3264,7 +3264,8 @@ def record_sms_reply(conn, config, sender, text, message_sid):
     and no other is in the way (bare_reply_unclear()); otherwise it decides
     nothing and lists the codes. Only pauses whose message
     was sent to this number, on this channel, count: one whose send failed or is
-    still queued was never read, whatever its code. A message is taken once, by
+    still queued was never read, whatever its code (one Twilio took but reported
+    not delivered may have been: its code counts). A message is taken once, by
     Twilio's id for it (see sms_replies)."""
     channel = "whatsapp" if sender.startswith("whatsapp:") else "sms"
     number = sender.removeprefix("whatsapp:")
@@ -3279,18 +3280,21 @@ def record_sms_reply(conn, config, sender, text, message_sid):
             return "PausePoint: this message was received already; it counts once."
         asked = [asked_of(conn, row, row["position"]) for row in conn.execute(
             ASKED_ON_NUMBER, {"number": number, "channel": channel})]
-        pending = [person for person in asked if person["reached"] and person["expires_at"] > now
-                   and not person.get("vote")]
-        answered = code is not None and not any(p["reply_code"] == code for p in pending) and answered_already(
+        awaiting = [person for person in asked if (person["reached"] or person["reported"])
+                    and person["expires_at"] > now and not person.get("vote")]
+        pending = [person for person in awaiting if person["reached"]]
+        # A text reported not delivered is answered by its code: the code came in that text.
+        coded = next((p for p in awaiting if p["reply_code"] == code), None) if code is not None else None
+        answered = code is not None and coded is None and answered_already(
             conn, number, code, [p for p in asked if p.get("vote")])
         if answered:
             return answered + (" " + open_codes(pending) if pending else "")
-        if not pending:
+        if not pending and coded is None:
             asked_lately = query_db(conn, ASKED_LATELY, {"number": number, "week_ago": db_time(
                 utcnow() - REPLY_CODE_QUARANTINE)}, one=True)[0]
             return "PausePoint: there is no open request for this number." if asked_lately else None
         if code is not None:
-            pause = next((p for p in pending if p["reply_code"] == code), None)
+            pause = coded
             if pause is None:
                 return f"PausePoint: no open request has the code {code}. " + open_codes(pending)
         elif len(pending) > 1:
@@ -3312,11 +3316,12 @@ def record_sms_reply(conn, config, sender, text, message_sid):
 # The live pending pauses whose question reached a number on a channel (a text sent, or one
 # that may have been: the question itself, or a reminder, which repeats it and its code), or is
 # being sent now, or was reported not delivered, newest first, each with the position it asked
-# the number at (as a pause's first person, or later in a team) and whether it `reached` the
-# number (0: only being sent, or reported not delivered: a carrier's report can be wrong, and
-# 'delivered' come after it, so the person may be answering that text; it takes no reply, but
-# holds a bare one, as one being sent does). Those past their expiry that the timeout job has
-# yet to close are among them.
+# the number at (as a pause's first person, or later in a team), whether it `reached` the
+# number (0: only being sent, or reported not delivered), and whether a text of it was
+# `reported` on. A carrier's report can be wrong, and 'delivered' come after it, so the person
+# may be answering a text reported not delivered: it takes a reply with its code (which only
+# that text gave them), not a bare one, and it holds a bare one, as one being sent does.
+# Those past their expiry that the timeout job has yet to close are among them.
 # (INDEXED BY: the planner took the pending pauses by expiry, all of them, when no live ones
 # were pending as statistics were last gathered. CROSS JOIN, and + to keep the pending pauses'
 # indexes out: from the number's few people to their pauses by id, never through every pending
@@ -3325,11 +3330,15 @@ REACHED = "(n.status = 'sent' OR n.may_have_reached)"
 MAY_BE_READ = f"(n.status = 'sending' OR {REACHED} OR n.delivery_status IS NOT NULL)"
 SENT_TO = (f"(SELECT max({REACHED}) FROM notifications n WHERE n.pause_id = p.id AND n.position = {{position}}"
            f" AND {MAY_BE_READ})")
+REPORTED_TO = ("EXISTS (SELECT 1 FROM notifications n WHERE n.pause_id = p.id AND n.position = {position}"
+               " AND n.delivery_status IS NOT NULL)")
 ASKED_ON_NUMBER = (
-    f"SELECT p.*, 0 AS position, {SENT_TO.format(position='0')} AS reached"
+    f"SELECT p.*, 0 AS position, {SENT_TO.format(position='0')} AS reached, {REPORTED_TO.format(position='0')}"
+    " AS reported"
     " FROM pauses p INDEXED BY pauses_pending_by_recipient WHERE p.recipient = :number AND p.status = 'pending'"
     " AND p.channel = :channel AND p.livemode = 1 AND reached IS NOT NULL"
-    f" UNION ALL SELECT p.*, r.position, {SENT_TO.format(position='r.position')} AS reached"
+    f" UNION ALL SELECT p.*, r.position, {SENT_TO.format(position='r.position')} AS reached,"
+    f" {REPORTED_TO.format(position='r.position')} AS reported"
     " FROM pause_recipients r CROSS JOIN pauses p ON p.id = r.pause_id"
     " WHERE r.recipient = :number AND r.livemode = 1 AND iif(r.livemode, '', r.developer_id) = ''"
     " AND r.position > 0 AND r.reply_code IS NOT NULL AND r.pause_decided_at IS NULL AND r.channel = :channel"

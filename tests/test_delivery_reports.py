@@ -227,6 +227,17 @@ def test_a_reply_counts_for_a_text_reported_undelivered_only_once_it_is_reported
     assert api.pause(key, pause_id)["choice"] == "Approve"
 
 
+@pytest.mark.parametrize("word", ["undelivered", "failed"])
+def test_a_reply_with_its_code_counts_for_a_text_reported_not_delivered(texted, twilio, word):
+    """The code came only in that text: whoever replies with it from the number read it,
+    whatever the carrier said."""
+    api, key, pause_id, sid = texted
+    report(api, twilio, sid, word, 30003)
+    [(code,)] = stored(api.config, "SELECT reply_code FROM pauses WHERE id = ?", pause_id)
+    assert "recorded Approve" in reply(api, twilio, f"{code} 1")
+    assert api.pause(key, pause_id)["choice"] == "Approve"
+
+
 @pytest.mark.parametrize("decided", [False, True], ids=["still open", "cancelled since"])
 def test_a_bare_reply_decides_nothing_while_a_text_reported_undelivered_may_be_the_one_it_answers(
         running_api, twilio, decided):
