@@ -4562,6 +4562,12 @@ PUSH_TITLE = "Approval needed"
 # with one whose JSON runs past 8,000 characters, each character past ASCII a \u escape of six
 # (twelve for an emoji): 1,600 of Cyrillic are 9,600.
 NTFY_MESSAGE_BYTES = 4096
+# Apprise's figure for an SMS service (Twilio, Vonage, ClickSend, Sinch and some twenty more)
+# is one segment, 160 characters (Plivo's 140 bytes): they send a longer text as joined
+# segments, as carriers do. Held to one segment, a push held the title, the link and the
+# expiry, and none of the question; it may hold six joined segments (153 characters each).
+SMS_SEGMENT_FIGURES = (140, 160)
+SMS_JOINED = 6 * 153
 
 
 @functools.lru_cache(maxsize=64)
@@ -4581,7 +4587,8 @@ def push_dialect(target_url):
     if not target.body_maxlen:
         return PushDialect(markup or "", mentions, None)
     titled = target.title_maxlen <= 0 or target.overflow_amalgamate_title
-    longest = target.body_maxlen - (len(PUSH_TITLE) + len("# \n") if titled else 0)
+    most = SMS_JOINED if SMS_SEGMENT_FIGURES[0] <= target.body_maxlen <= SMS_SEGMENT_FIGURES[1] else target.body_maxlen
+    longest = most - (len(PUSH_TITLE) + len("# \n") if titled else 0)
     limits = ((len, longest),) if service != "ntfy" else ((json_length, longest), (utf8_length, NTFY_MESSAGE_BYTES))
     return PushDialect(markup or "", mentions, functools.partial(apprise_takes, target, push_format(markup), limits))
 

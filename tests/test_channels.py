@@ -695,6 +695,24 @@ def test_an_ntfy_push_is_text_the_phone_shows_never_a_file(running_api, receiver
     assert "cut short" in message and created["respond_url"] in message
 
 
+def test_an_sms_service_through_apprise_is_sent_the_question_in_joined_segments(running_api, hosted):
+    """Apprise's figure for an SMS service is one segment, 160 characters, which the title, the
+    link and the expiry alone fill: a question of a few hundred characters goes whole, as
+    joined segments, and a longer one is cut to six of them."""
+    clicksend = hosted("rest.clicksend.com")
+    clicksend.answer = b'{"response_code": "SUCCESS", "data": {"messages": [{"status": "SUCCESS"}]}}'
+    api = running_api(**{"channels.ops.url": "clicksend://ops:apikey@15551234567"})
+    question = "Wire $340 to Acme Corp for invoice 2291? " * 10
+    key = api.register()["api_key"]
+    created, _ = (api.create_pause(key, channel="ops", recipient="on-call engineer", message=message)
+                  for message in (question.strip(), LONG_QUESTION[:1600]))
+    api.step("notifications")
+    [whole], [cut] = sorted(([message["body"] for message in call["json"]["messages"]] for call in clicksend.calls),
+                            key=lambda bodies: "invoice 2291" not in bodies[0])     # sent in either order
+    assert question.strip() in whole and created["respond_url"] in whole
+    assert len(cut) <= 6 * 153 and "(cut short: the link shows all of it)\nOptions: " in cut
+
+
 def test_a_mattermost_push_shows_the_agents_markup_and_mentions_as_text(running_api, receiver):
     target = receiver.url.replace("http://", "mmost://") + "/hook-token"
     created = pushed_to(running_api(**{"channels.ops.url": target}), message=DRESSED, title="**Wire** @here")
