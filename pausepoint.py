@@ -1790,11 +1790,16 @@ class Caller:
         return "for this API key" if self.key_hint else f"in your account's {MODE_NAMES[self.livemode]} mode"
 
 
+def bearer_key(authorization):
+    """The key an 'Authorization: Bearer pp_…' header carries (the scheme in any case), or ''."""
+    scheme, _, key = (authorization or "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else ""
+
+
 def authenticate(conn, authorization):
     """The Caller for an 'Authorization: Bearer pp_…' header, or ApiError 401."""
-    scheme, _, key = (authorization or "").partition(" ")
-    key = key.strip()
-    if scheme.lower() != "bearer" or not key:
+    key = bearer_key(authorization)
+    if not key:
         raise ApiError(401, "unauthorized", "send your API key as 'Authorization: Bearer pp_live_…' or 'pp_test_…'")
     digest = key_digest(key)
     row = conn.execute(
@@ -7686,7 +7691,12 @@ def request_cookie(name):
     request for 80 s. PausePoint's cookies hold URL-safe tokens, so a value with anything
     else is not one (a client may send one in double quotes, which the cookie syntax
     allows). Pairs are split at commas too: waitress joins two Cookie headers with one."""
-    for pair in re.split("[;,]", request_header("Cookie") or ""):
+    return cookie_token(request_header("Cookie"), name)
+
+
+def cookie_token(cookies, name):
+    """The token cookie `name` holds in a Cookie header, as request_cookie() reads it, or None."""
+    for pair in re.split("[;,]", cookies or ""):
         key, _, value = pair.partition("=")
         token = re.fullmatch(r'\s*("?)([\w-]{1,128})\1\s*', value, re.ASCII) if key.strip() == name else None
         if token:
@@ -9585,11 +9595,18 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
         self.queued = 0                             # channels in `waiting`, all addresses together
 
     @staticmethod
-    def party(channel):
-        """Whom a channel's request is on behalf of, as far as its headers say before anything
-        is checked: its credentials, the same each time for the same key or sign-in."""
-        headers = channel.requests[0].headers if channel.requests else {}
-        return headers.get("AUTHORIZATION") or headers.get("COOKIE") or ""
+    def party(headers):
+        """Whom a request with these headers is on behalf of, as far as its headers say before anything
+        is checked: the API key or sign-in it carries, read as the app reads them. Not the
+        headers as written: one key spelt anew each time (the scheme's case, the spaces before
+        it), or one sign-in sent with other cookies that change, would be a party a request."""
+        key = bearer_key(headers.get("AUTHORIZATION"))
+        if key:
+            return "key:" + key
+        cookies = headers.get("COOKIE")
+        sign_in = (cookie_token(cookies, DashboardCookies(secure=True).name(SESSION_COOKIE))
+                   or cookie_token(cookies, SESSION_COOKIE))
+        return "sign-in:" + sign_in if sign_in else ""
 
     def _queue(self, client, channel, first=False):
         """Put a channel in its client's and party's queue: last, or `first` (given back)."""
@@ -9622,7 +9639,7 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
 
     def add_task(self, channel):
         with self.lock:
-            channel.party = self.party(channel)
+            channel.party = self.party(channel.requests[0].headers)
             self._queue(channel.served_for(), channel)
             self.queue_cv.notify()
             idle = len(self.threads) - self.stop_count - self.active_count

@@ -1183,11 +1183,20 @@ def test_a_proxy_writing_the_client_port_with_an_ipv6_address_does_not_make_each
         assert guess(4, "203.0.113.5").status_code == 404
 
 
-def test_one_tenant_flooding_from_a_shared_address_delays_another_there_by_a_turn_not_its_queue(tmp_path):
+# How the flooding tenant writes its key each time: as sent by a client library, or spelt
+# twelve ways that all authenticate (the scheme's case, the spaces before the key).
+SAME_SPELLING = "Bearer {}".format
+EVERY_SPELLING = [lambda key, n=n: f"{('Bearer', 'bearer', 'BEARER')[n % 3]}{' ' * (1 + n // 3)}{key}"
+                  for n in range(12)]
+
+
+@pytest.mark.parametrize("spellings", [[SAME_SPELLING] * 12, EVERY_SPELLING], ids=["same", "respelt"])
+def test_one_tenant_flooding_from_a_shared_address_delays_another_there_by_a_turn_not_its_queue(tmp_path, spellings):
     """Two developers' agents on one host, which may have one request served at a time: the
     first's twelve creates wait on the write lock, one on the address's thread and eleven
     queued, when the second's one comes. The second's is taken after the first's next, not
-    after all of them: it is stored third (taken in arrival order, it would be thirteenth)."""
+    after all of them: it is stored third (taken in arrival order, it would be thirteenth).
+    Writing its one key differently each time does not make the flood twelve tenants."""
     config = make_config(tmp_path, **{"server.threads": 12, "ratelimit.enabled": False})
     app = pausepoint.create_app(config)
     app.runtime.start()
@@ -1202,7 +1211,7 @@ def test_one_tenant_flooding_from_a_shared_address_delays_another_there_by_a_tur
         try:
             with concurrent.futures.ThreadPoolExecutor(13) as pool:
                 creates = [pool.submit(requests.post, f"{server.url}/v1/pause", json=link,
-                                       headers={"Authorization": f"Bearer {flooding}"}) for _ in range(12)]
+                                       headers={"Authorization": spelt(flooding)}) for spelt in spellings]
                 wait_until(lambda: dispatcher.queued == 11 and sum(dispatcher.running.values()) == 1)
                 creates.append(pool.submit(requests.post, f"{server.url}/v1/pause", json=link,
                                            headers={"Authorization": f"Bearer {other}"}))
@@ -1215,6 +1224,17 @@ def test_one_tenant_flooding_from_a_shared_address_delays_another_there_by_a_tur
     owners = [owner for owner, in stored(config["database.path"], "SELECT developer_id FROM pauses ORDER BY seq")]
     [second] = [owner for owner in set(owners) if owners.count(owner) == 1]
     assert owners.index(second) == 2, owners
+
+
+def test_a_sign_in_is_one_party_whatever_other_cookies_come_with_it():
+    """A browser sends every cookie the site set (and a script may set more, a new one each
+    time): the sign-in's token is the party, as an API key is however its header is spelt."""
+    party = pausepoint.FairTaskDispatcher.party
+    signed_in = {party({"COOKIE": f"pp_session=abc; seen={n}"}) for n in range(3)}
+    signed_in |= {party({"COOKIE": '__Host-pp_form=x, __Host-pp_session="abc"'})}
+    keyed = {party({"AUTHORIZATION": spelt("pp_test_k"), "COOKIE": "pp_session=abc"}) for spelt in EVERY_SPELLING}
+    assert len(signed_in) == len(keyed) == 1 and signed_in != keyed
+    assert party({"COOKIE": "theme=dark"}) == party({"AUTHORIZATION": "Basic eDp5"}) == party({})
 
 
 def test_behind_a_trusted_proxy_one_client_cannot_take_every_thread(tmp_path):
