@@ -7053,12 +7053,16 @@ class Waiting:
             resume()
 
     def close(self):
-        """Wake every waiter, who answers as things stand (we are stopping)."""
+        """Wake every waiter, who answers as things stand (we are stopping). Returns once the
+        deadline thread has ended: it serves again outside the lock those whose time ran out,
+        and the stop, going on meanwhile, could end the worker threads before they came back."""
         with self.lock:
             self.closed = True
             self.clock.notify()
-            names = list(self.topics)
+            names, ticking = list(self.topics), self.clock_thread
         self.changed(names)
+        if ticking is not None and ticking is not threading.current_thread():
+            ticking.join()
 
     def _tick(self):
         """Serve again each parked request whose time has run out."""

@@ -472,6 +472,27 @@ def test_at_a_stop_every_parked_waiter_is_answered_even_behind_queued_requests(s
     assert answers == [200] * 30
 
 
+def test_a_stop_goes_on_only_once_each_waiter_whose_time_ran_out_is_queued_to_answer():
+    """The deadline thread serves a waiter again outside its lock: the stop (wake_waiters(), then
+    the threads told to end) must not get past it meanwhile, or the threads end before that
+    waiter reaches their queue, where the stop then drops it unanswered."""
+    waiting, who, order, release = pausepoint.Waiting(10, 10, 10), ("developer", "127.0.0.1"), [], threading.Event()
+
+    def resume():           # the connection's, held until the stop is under way
+        release.wait()
+        order.append("queued to answer")
+    watch = waiting.watch("pause:p")
+    assert waiting.admit(who)
+    waiting.park(watch, who, time.monotonic(), resume)          # its time has run out
+    wait_until(lambda: watch.done)                              # the deadline thread is in resume()
+    stopping = threading.Thread(target=lambda: (waiting.close(), order.append("stop goes on")))
+    stopping.start()
+    stopping.join(timeout=0.5)
+    release.set()
+    stopping.join()
+    assert order == ["queued to answer", "stop goes on"]
+
+
 def test_a_second_stop_signal_while_stopping_changes_nothing(spawn_server):
     server = spawn_server()
     key = register(server.url)["test_api_key"]
