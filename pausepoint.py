@@ -9251,6 +9251,16 @@ class ParkableTask(waitress.task.WSGITask):
         if self.register is None:
             super().write(data)
 
+    def build_response_header(self):
+        # Requests pipelined behind this one are dropped once the main loop has parsed all
+        # that came with it (HardenedChannel.received), and this answer may be begun before
+        # then: it would keep the connection open, and their client wait on it for answers
+        # that never come. The main loop holds the lock while it parses.
+        with self.channel.requests_lock:
+            if len(self.channel.requests) > 1:
+                self.request.headers["CONNECTION"] = "close"
+        return super().build_response_header()
+
     def finish(self):
         if self.register is None:
             super().finish()

@@ -383,6 +383,26 @@ def test_a_feed_reader_waiting_for_some_event_types_is_not_woken_by_others(small
     assert status == 200 and [event["type"] for event in body["events"]] == ["pause.responded"]
 
 
+def test_the_answer_to_requests_pipelined_together_says_the_connection_then_closes(live_server):
+    """Those behind the first are dropped, for their client to send again once the connection
+    closes. An answer begun while the main loop still parsed them kept the connection open,
+    and the client waited on it for answers that never came."""
+    first = b"GET /v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n"
+    behind = b"GET /v1/nothing HTTP/1.1\r\nHost: x\r\n" + b"A: b\r\n" * 90 + b"\r\n"   # slow to parse
+    port = int(live_server.url.rsplit(":", 1)[1])
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)     # threads take turns often, as on a busy machine with many threads
+    try:
+        answers = []
+        for _ in range(40):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(first + behind * 14)           # one read's worth, all parsed together
+            answers.append(answer_to(sock)[:2])
+    finally:
+        sys.setswitchinterval(interval)
+    assert {(status, headers.get("Connection")) for status, headers in answers} == {(404, "close")}
+
+
 def test_a_parked_long_poll_is_neither_an_idle_connection_nor_one_waiting_for_a_thread(small_server):
     server = small_server(**{"server.idle_timeout": 1, "server.connections_per_ip": 4})
     key = register(server.url)["test_api_key"]
