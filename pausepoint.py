@@ -9610,7 +9610,7 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
 
     @staticmethod
     def party(headers):
-        """Whom a request with these headers is on behalf of, as far as its headers say before anything
+        """Whom a request with these headers is on behalf of, as far as they say before anything
         is checked: the API key or sign-in it carries, read as the app reads them. Not the
         headers as written: one key spelt anew each time (the scheme's case, the spaces before
         it), or one sign-in sent with other cookies that change, would be a party a request."""
