@@ -6510,6 +6510,11 @@ class Runtime:
         self.outbound = OutboundPool(config["outbound.workers"], config["outbound.per_developer"],
                                      config["outbound.deadline_seconds"], self.disk_full)
         self.webhook_connections = EndpointConnections(config["webhooks.allow_private"], config["webhooks.per_endpoint"])
+        # The ids of the sends and deliveries this process has claimed and is making now. A claim
+        # lapses by the wall clock, but a claim held here is not a crash's, however long the call
+        # or whatever the clock did meanwhile (a step forward, a virtual machine resumed): taken as
+        # one, it was recorded as cut short, and the message made again.
+        self.claims_held = set()
         self.wake_lock = threading.Lock()
         self.webhooks_woken = threading.Event()
         # As many requests run at once as there are cores (at least two), so one that waits
@@ -6725,8 +6730,9 @@ class Runtime:
             return started
         due = due_live_notifications(conn, self.config["outbound.per_developer"])
         for row in self.outbound.fair_order(due):
-            if row["status"] == "sending":      # a claim a crash left mid-send
-                record_interrupted_send(conn, self.config, row)
+            if row["status"] == "sending":      # a claim past its time: a crash's, unless ours
+                if row["id"] not in self.claims_held:
+                    record_interrupted_send(conn, self.config, row)
                 continue
             if not self.outbound.free():
                 break
@@ -6737,12 +6743,16 @@ class Runtime:
             if claim_until is None:
                 self.outbound.release(*slot)
                 continue
+            self.claims_held.add(row["id"])
             self.outbound.run(slot, self._send_notification, row, claim_until, then=self.wake_webhooks)
             started += 1
         return started
 
     def _send_notification(self, row, claim_until):
-        send_notification(self.db(), self.config, self.outbound.deadlines, row, claim_until)
+        try:
+            send_notification(self.db(), self.config, self.outbound.deadlines, row, claim_until)
+        finally:
+            self.claims_held.discard(row["id"])
 
     @one_round_at_a_time
     def run_webhooks(self):
@@ -6763,8 +6773,9 @@ class Runtime:
             return started
         conn, per_endpoint = self.db(), self.config["webhooks.per_endpoint"]
         for row in self.outbound.fair_order(due_deliveries(conn, per_endpoint)):
-            if row["status"] == "delivering":       # a claim a crash left mid-call
-                record_interrupted_attempt(conn, row)
+            if row["status"] == "delivering":       # a claim past its time: a crash's, unless ours
+                if row["id"] not in self.claims_held:
+                    record_interrupted_attempt(conn, row)
                 continue
             if not self.outbound.free():
                 break
@@ -6777,13 +6788,17 @@ class Runtime:
                 self.outbound.release(*slot)
                 continue
             # When the worker is free, more may be due: look again at once.
+            self.claims_held.add(row["id"])
             self.outbound.run(slot, self._deliver, row["id"], row["attempts"] + 1, claim_until, then=self.wake_webhooks)
             started += 1
         return started
 
     def _deliver(self, delivery_id, attempt, claim_until):
-        attempt_delivery(self.db(), self.config, self.outbound.deadlines, self.webhook_connections, delivery_id,
-                         attempt, claim_until)
+        try:
+            attempt_delivery(self.db(), self.config, self.outbound.deadlines, self.webhook_connections, delivery_id,
+                             attempt, claim_until)
+        finally:
+            self.claims_held.discard(delivery_id)
 
     @one_round_at_a_time
     def run_checkpoint(self):

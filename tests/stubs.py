@@ -115,12 +115,14 @@ class TwilioStub:
 class WebhookReceiver:
     """A real HTTP receiver on loopback that records every call. `answers` is a
     list of (status, headers) to give, one per call, then 200s; `delay` seconds
-    are slept before answering."""
+    are slept before answering; `before_answer` holds callables, one per coming call, each
+    called (with the call's body) before it is answered."""
 
     def __init__(self, answers=(), delay=0.0):
         self.calls = []
         self.answers = list(answers)
         self.delay = delay
+        self.before_answer = []
         self.lock = threading.Lock()
         self.arrived = threading.Condition(self.lock)
         receiver = self
@@ -134,6 +136,10 @@ class WebhookReceiver:
                 arrived_at = time.monotonic()
                 if receiver.delay:
                     time.sleep(receiver.delay)
+                with receiver.lock:
+                    before = receiver.before_answer.pop(0) if receiver.before_answer else None
+                if before is not None:
+                    before(body)
                 with receiver.lock:
                     status, headers = receiver.answers.pop(0) if receiver.answers else (200, {})
                     receiver.calls.append({"path": self.path, "headers": dict(self.headers), "body": body,

@@ -1,6 +1,7 @@
 import concurrent.futures
 import contextlib
 import datetime as dt
+import threading
 
 import pytest
 import requests
@@ -168,3 +169,43 @@ def test_a_claim_that_waited_for_the_write_lock_lasts_its_whole_length_from_when
         assert until == lapses
         lasts = pausepoint.parse_db_time(lapses) - pausepoint.parse_db_time(written)    # (two readings of the clock)
         assert dt.timedelta(seconds=seconds) <= lasts < dt.timedelta(seconds=seconds + 1)
+
+
+def test_a_send_or_delivery_still_under_way_when_its_claim_runs_out_is_neither_cut_short_nor_made_again(
+        running_api, twilio, receiver):
+    """A claim runs out by the wall clock, which may step past it while the call is still under
+    way (a clock set forward, a virtual machine resumed): the server that holds it is still
+    making it, and the next rounds leave it be, rather than record it as a crash's and make it
+    again. Its outcome, when it comes, is the one recorded."""
+    api = running_api(**twilio.settings(), **{"webhooks.allow_private": True})
+    runtime, key = api.app.runtime, api.register()["api_key"]
+    api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.created"]}, headers=api.as_key(key))
+    api.create_pause(key)
+    arrived, answer = threading.Semaphore(0), threading.Event()
+
+    def hold(_):
+        arrived.release()
+        answer.wait(30)
+    twilio.before_answer.append(hold)
+    receiver.before_answer.append(hold)
+    assert runtime.run_notifications() == 1 and runtime.run_webhooks() == 1
+    assert arrived.acquire(timeout=10) and arrived.acquire(timeout=10)        # both calls under way
+    claims = {table: stored(api.config, f"SELECT next_attempt_at FROM {table}")[0][0]
+              for table in ("notifications", "webhook_deliveries")}
+    lapsed = pausepoint.db_time(pausepoint.utcnow() - dt.timedelta(seconds=1))
+    for table in claims:                        # as the clock reads them once it has stepped past them
+        stored(api.config, f"UPDATE {table} SET next_attempt_at = ?", lapsed)
+    runtime.run_notifications()
+    runtime.run_webhooks()
+    assert stored(api.config, "SELECT status, attempts, last_error FROM notifications") == [("sending", 1, None)]
+    assert stored(api.config, "SELECT status, attempts FROM webhook_deliveries") == [("delivering", 1)]
+    assert stored(api.config, "SELECT count(*) FROM webhook_attempts") == [(0,)]
+    for table, until in claims.items():         # and the clock back where it was
+        stored(api.config, f"UPDATE {table} SET next_attempt_at = ?", until)
+    answer.set()
+    assert runtime.outbound.wait_idle(30)
+    assert stored(api.config, "SELECT status, attempts, last_error, may_have_reached FROM notifications") == [
+        ("sent", 1, None, 0)]
+    assert stored(api.config, "SELECT d.status, a.attempt, a.error FROM webhook_deliveries d JOIN webhook_attempts a"
+                              " ON a.delivery_id = d.id") == [("succeeded", 1, None)]
+    assert len(twilio.messages) == 1 and len(receiver.calls) == 1
