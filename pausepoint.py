@@ -6450,6 +6450,35 @@ PRUNE_INTERVAL = dt.timedelta(hours=1)
 TIMEOUTS_CACHE_KIB = 4096                   # the timeout job's page cache (see run_timeouts)
 
 
+# How far the wall clock may fall behind the monotonic one between two looks of the scheduler
+# before it is taken to have been set back, and how long the scheduler sleeps at most.
+CLOCK_STEP_SECONDS = 1.0
+SCHEDULER_LOOK_SECONDS = 1.0
+
+
+class SteadyScheduler(BackgroundScheduler):
+    """APScheduler's background scheduler times each interval job's next run by the wall
+    clock: set back N minutes (an NTP step, a virtual machine restored from a snapshot), it
+    would run none for N minutes, timeouts included. This one looks at least every
+    SCHEDULER_LOOK_SECONDS, and when the wall clock has gone back against the monotonic one
+    since it last looked, runs every job now (the jobs find due work in the database, so a
+    run too many finds nothing to do)."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.clocks = None          # (wall, monotonic) as it last looked
+
+    def _process_jobs(self):
+        wall, steady = time.time(), time.monotonic()
+        if self.clocks is not None and wall - self.clocks[0] < steady - self.clocks[1] - CLOCK_STEP_SECONDS:
+            now = dt.datetime.now(dt.timezone.utc)
+            for job in self.get_jobs():
+                job.modify(next_run_time=now)
+        self.clocks = (wall, steady)
+        wait = super()._process_jobs()
+        return SCHEDULER_LOOK_SECONDS if wait is None else min(wait, SCHEDULER_LOOK_SECONDS)
+
+
 def one_round_at_a_time(job):
     """A job method whose runs on one Runtime never overlap, whether the scheduler or
     run_once() runs it (run_once() holds the lock across all its rounds, so it is re-entrant).
@@ -6502,9 +6531,8 @@ class Runtime:
         # asked, made every other address's sign-in wait behind all of it and give up).
         self.hashing = Turns(max(1, (os.cpu_count() or 2) // 2))
         stand_in_password_hash(config["security.bcrypt_rounds"])      # now, not on the first unknown email
-        self.scheduler = BackgroundScheduler(timezone=dt.timezone.utc,
-                                             job_defaults={"coalesce": True, "max_instances": 1,
-                                                           "misfire_grace_time": None})
+        self.scheduler = SteadyScheduler(timezone=dt.timezone.utc,
+                                         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None})
         # Webhook calls and notification sends run on their own bounded pool, so a
         # slow receiver or provider holds a worker, never the scheduler or an API thread.
         self.outbound = OutboundPool(config["outbound.workers"], config["outbound.per_developer"],

@@ -1,6 +1,7 @@
 """The real process: timeouts across restarts, long polls, signals and the operator's commands."""
 
 import concurrent.futures
+import datetime as dt
 import contextlib
 import fcntl
 import fnmatch
@@ -181,6 +182,23 @@ def test_two_runtimes_on_one_database_never_double_fire_a_timeout(running_api, t
     assert events == {"notification.simulated": 40, "pause.timed_out": 40}
     assert stored(first.config, "SELECT count(DISTINCT pause_id) FROM audit_events WHERE event_type = 'pause.timed_out'") \
         == [(40,)] and len(ids) == 40
+
+
+def test_a_clock_set_back_never_holds_the_jobs_back_for_as_long(running_api):
+    """Set back ten minutes, the wall clock puts every job's next run ten minutes off, as the
+    scheduler reckons it: a pause past its expiry would wait that long for its timeout. The
+    scheduler sees the wall clock fall behind the monotonic one and runs every job at once."""
+    api = running_api(jobs=True)
+    key = api.register()["test_api_key"]
+    pause_id = api.create_pause(key)["pause_id"]
+    scheduler = api.app.runtime.scheduler
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=10)
+    for job in scheduler.get_jobs():
+        job.modify(next_run_time=later)             # as a clock set back 10 minutes leaves them
+    run_out(api.config["database.path"], pause_id)
+    scheduler.clocks = (time.time() + 600, time.monotonic())      # the wall clock, as it last looked, 10 min ahead
+    wait_until(lambda: api.pause(key, pause_id)["status"] == "timed_out", timeout=5)
+    assert scheduler.get_job("run_timeouts").next_run_time < later         # on its 0.25 s round again
 
 
 def test_a_long_poll_wakes_as_soon_as_the_human_decides(live_server):
