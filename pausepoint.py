@@ -10136,6 +10136,141 @@ def backup_signing_keys(keys, keys_copy, copy):
     return True
 
 
+def restore(config, source):
+    """Put the backup at `source` in the database's place, with no server on it (its lock is
+    held meanwhile, so none starts). Returns (the name the database it replaced is kept under,
+    or None where there was none; whether the backup's keys were put in place)."""
+    database = config["database.path"]
+    real = os.path.realpath(database)
+    if os.path.isdir(real):
+        raise ConfigError(f"cannot use the database {database}: it is a directory: name the database file in it")
+    if not os.path.isfile(source):
+        raise ConfigError(f"there is no backup at {source}: name a file the backup command wrote")
+    if os.path.exists(real) and os.path.samefile(source, real):
+        raise ConfigError(f"{source} is the database itself: name a backup of it")
+    running = server_running(database)
+    if running is not False:
+        raise ConfigError((f"a server is running on {database}" if running else f"whether a server runs on {database}"
+                           f" cannot be told ({server_lock_path(database)} cannot be read)")
+                          + ": stop it first (run this as the user the server runs as); a backup put under a running"
+                          " server is mixed with what it writes")
+    with contextlib.closing(only_server(database)):
+        if locked_by_another(real, SQLITE_OPEN_BYTES):
+            raise ConfigError(f"another process has {database} open (a command, or a server of a version from before"
+                              " the lock that refuses a second server): stop it first")
+        fd, copy = tempfile.mkstemp(dir=os.path.dirname(real), prefix=".restore-")
+        try:
+            take_owner(fd, real)
+            os.close(fd)
+            return replace_with_copy(database, source, copy)
+        finally:
+            for leftover in (copy, *(copy + suffix for suffix in BESIDE_A_DATABASE)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+
+
+def replace_with_copy(database, source, copy):
+    """restore()'s work, the server's lock held: the backup copied whole into `copy`, beside
+    the database, and checked before it takes the database's name, so a copy cut short (a full
+    disk) or a damaged backup never does. The database it replaces, with its -wal (an unclean
+    stop's last writes) and its keys, is kept under a name of its own; its -shm goes, which
+    SQLite would otherwise read into the copy."""
+    aside = None
+    try:
+        copy_backup(source, copy)
+        checked_backup(copy, source)
+        keys = restored_keys(database, source, copy)
+        aside = put_aside(database)
+        if keys is not None:
+            write_signing_keys(signing_keys_path(database), keys)
+        os.replace(copy, os.path.realpath(database))
+        sync_directory(os.path.realpath(database))
+    except (sqlite3.Error, OSError) as e:
+        kept = f"; the database as it was is kept as {aside}" if aside else f"; {database} is as it was"
+        raise ConfigError(f"the restore of {source} failed: {e}{kept}") from None
+    return aside, keys is not None
+
+
+def copy_backup(source, copy):
+    """The backup at `source` copied into the file `copy` through SQLite's backup API: read as
+    immutable where it is whole in its file, as the backup command writes it, so that nothing
+    is made beside it, in a directory this user may not write to either."""
+    with (contextlib.closing(connect_read_only(source, immutable=whole_in_its_file(source) is not None)) as conn,
+          contextlib.closing(sqlite3.connect(copy)) as target):
+        conn.backup(target)
+
+
+def checked_backup(copy, source):
+    """Refuse a copy whose pages do not fit together (a backup cut short, or damaged since), or
+    that holds no PausePoint database this version may run."""
+    with contextlib.closing(sqlite3.connect(copy)) as conn:
+        try:
+            # Its problems, one a line, past the "*** in database main ***" heading it puts first.
+            found = [line for row in conn.execute("PRAGMA quick_check(1)") for line in row[0].splitlines()
+                     if not line.startswith("***")]
+        except sqlite3.DatabaseError as e:
+            found = [str(e)]
+        if found != ["ok"]:
+            raise ConfigError(f"the backup {source} fails SQLite's check ({found[0]}): restore an earlier one")
+        try:
+            applied = applied_schema(conn)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace(copy, source)) from None
+    if applied is None:
+        raise ConfigError(f"{source} is no backup of a PausePoint database: name a file the backup command wrote")
+
+
+def restored_keys(database, source, copy):
+    """The keys the restored database is to start with: None to keep the database's own, when
+    they hold every key the backup's do (and those made since, which receipts handed out since
+    the backup was taken were signed with), else the backup's. Either is checked against the
+    copy as a start would check them."""
+    own, theirs = signing_keys_path(database), signing_keys_path(source)
+    if os.path.exists(own) and published_keys(theirs).items() <= published_keys(own).items():
+        with contextlib.suppress(ConfigError):
+            Signer(own, functools.partial(latest_receipt_kid, copy)).helper.shutdown()
+            return None
+    if not os.path.exists(theirs):
+        if os.path.exists(own) or latest_receipt_kid(copy):
+            raise ConfigError(f"the backup's signing keys ({theirs}) are missing, and {own} is missing too or does"
+                              " not hold the key of its latest receipt: put the keys file that went with the backup"
+                              " beside it, then run this again")
+        return None         # neither has keys yet: the next start makes them
+    try:
+        Signer(theirs, functools.partial(latest_receipt_kid, copy)).helper.shutdown()
+    except ConfigError as e:
+        raise ConfigError(f"the backup would not start with its keys: {e}") from None
+    with open(theirs, encoding="utf-8") as f:
+        return json.load(f)["keys"]
+
+
+def published_keys(path):
+    """{kid: public key} of the keys file at `path` ({} if it cannot be read)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {key["kid"]: key["public"] for key in json.load(f)["keys"] if "lost_at" not in key}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def put_aside(database):
+    """Keep the database about to be replaced, its -wal and its keys, under a name of its own
+    beside it; returns that name, or None where there is no database."""
+    real = os.path.realpath(database)
+    if not os.path.exists(real):
+        return None
+    aside = f"{real}.replaced-{utcnow():%Y%m%dT%H%M%S.%fZ}"
+    os.link(real, aside)            # the file keeps its name until the copy takes it
+    for suffix in ("-wal", "-journal"):
+        if os.path.lexists(real + suffix):
+            os.rename(real + suffix, aside + suffix)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(real + "-shm")
+    if os.path.exists(signing_keys_path(database)):
+        os.link(signing_keys_path(database), signing_keys_path(aside))     # a rotation writes a new file
+    return aside
+
+
 def refuse_an_unknown_option_first(parser, argv):
     """`--bind 0.0.0.0` (an option no command takes) is said to be one: argparse would take its
     value for the command, and answer that 0.0.0.0 is no command."""
@@ -10198,6 +10333,9 @@ def command_line():
     operator.add_argument("--remove", action="store_true", help="take the operator page away instead")
     take_backup = command("backup", help="write an online backup of the database (safe while serving)")
     take_backup.add_argument("destination", help="file to write; must not exist yet")
+    put_back = command("restore", help="put a backup in the database's place, the server stopped; the database it"
+                                       " replaces is kept beside it")
+    put_back.add_argument("backup", help="a file the backup command wrote")
     command("verify-audit", help="check every audit chain; exits 1 naming the first event that breaks each")
     rotate = command("rotate-signing-key", help="sign from now on with a new key; old public keys stay published")
     rotate.add_argument("--keys-lost", action="store_true",
@@ -10323,6 +10461,8 @@ def check_before_making_a_database(args, config):
 def run_command(args, config):
     """The operator's commands besides serving; returns the exit status."""
     password = None
+    if args.command == "restore":       # over a database that may be gone, damaged or mixed: that is what it is for
+        return restore_command(config, args.backup)
     if refuse_a_path_no_command_can_use(args.command, config["database.path"]):
         password = check_before_making_a_database(args, config)
     refuse_before_opening(config["database.path"])
@@ -10386,6 +10526,15 @@ def print_new_keys(registered):
         raise ConfigError(f"the developer was made, but its API keys could not be written to standard output"
                           f" ({e.strerror}): sign in to the dashboard with its email and password and rotate both"
                           " keys to get new ones") from None
+
+
+def restore_command(config, source):
+    refuse_before_opening(config["database.path"])
+    aside, with_keys = restore(config, source)
+    print(f"restored {config['database.path']} from {source}"
+          + (f" and its signing keys from {signing_keys_path(source)}" if with_keys else ", keeping its signing keys")
+          + (f"; the database it replaced is kept as {aside}" if aside else "") + ": start the server")
+    return 0
 
 
 def rotate_command(database_path, keys_lost):

@@ -525,3 +525,36 @@ def test_a_keys_file_from_before_a_rotation_is_refused_though_an_older_pause_was
         f.write(before_rotation)                        # a backup of the keys made before the rotation
     with pytest.raises(pausepoint.ConfigError, match=f"does not hold the key {newest} that signed"):
         pausepoint.create_app(api.config)
+
+
+def test_a_restore_keeps_keys_made_since_the_backup_and_puts_the_backups_back_where_they_are_gone(running_api,
+                                                                                                 tmp_path, capsys):
+    """A rotation since the backup signed receipts handed out since: the keys beside the database
+    hold that key and every one before, so a restore keeps them; the backup's, without it, would
+    leave those receipts unchecked. Lost with the disk, the backup's are put in their place."""
+    api = running_api()
+    db, path = api.config["database.path"], pausepoint.signing_keys_path(api.config["database.path"])
+    key = api.register()["test_api_key"]
+    api.post(f"/v1/pause/{api.create_pause(key)['pause_id']}/cancel", headers=api.as_key(key))
+    api.app.runtime.stop()
+    (tmp_path / "backups").mkdir()
+    copy = str(tmp_path / "backups" / "copy.db")
+    assert pausepoint.main(["--db", db, "backup", copy]) == 0
+    assert pausepoint.main(["--db", db, "rotate-signing-key"]) == 0
+    with open(path, encoding="utf-8") as f:
+        rotated = json.load(f)
+    capsys.readouterr()
+    assert pausepoint.main(["--db", db, "restore", copy]) == 0
+    assert "keeping its signing keys" in capsys.readouterr().out
+    with open(path, encoding="utf-8") as f:
+        assert json.load(f) == rotated
+    os.remove(path)
+    assert pausepoint.main(["--db", db, "restore", copy]) == 0
+    assert f"and its signing keys from {copy}.keys.json" in capsys.readouterr().out
+    with open(path, encoding="utf-8") as f, open(pausepoint.signing_keys_path(copy), encoding="utf-8") as g:
+        assert json.load(f) == json.load(g)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    os.remove(path)
+    os.remove(pausepoint.signing_keys_path(copy))           # and the backup's are gone too
+    assert pausepoint.main(["--db", db, "restore", copy]) == 2
+    assert "the backup's signing keys" in capsys.readouterr().err and not os.path.exists(path)

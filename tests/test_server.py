@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -845,6 +846,59 @@ def test_a_backup_that_fails_leaves_nothing_to_be_taken_for_one(tmp_path):
     assert stored(copy, "SELECT length(x) FROM filler") == [(400000,)]
     one_sentence(run_cli(tmp_path, "backup", ""), "name a new file to write the backup to, not ''")
     one_sentence(run_cli(tmp_path, "backup", str(copy.parent)), "name a new file to write the backup to")
+
+
+def ids_in(path):
+    return {row[0] for row in stored(path, "SELECT id FROM pauses")}
+
+
+def test_a_restore_puts_the_backup_in_place_and_keeps_the_database_it_replaced(spawn_server, tmp_path):
+    """After a crash, as restores happen: the -wal left holds the latest writes, which the copy
+    must never read as its own, and which the database put aside keeps."""
+    server = spawn_server()
+    key = register(server.url)["test_api_key"]
+    kept = {create(server.url, key)["pause_id"] for _ in range(3)}
+    assert run_cli(tmp_path, "backup", str(tmp_path / "copy.db")).returncode == 0
+    later = {create(server.url, key)["pause_id"] for _ in range(3)}
+    server.proc.kill()                              # a crash: the -wal stays
+    server.proc.wait()
+    assert os.path.getsize(tmp_path / "pausepoint.db-wal") > 0
+    result = run_cli(tmp_path, "restore", str(tmp_path / "copy.db"))
+    assert result.returncode == 0, result.stderr
+    assert "keeping its signing keys" in result.stdout
+    [aside] = fnmatch.filter(os.listdir(tmp_path), "pausepoint.db.replaced-*Z")
+    assert ids_in(tmp_path / "pausepoint.db") == kept
+    assert ids_in(tmp_path / aside) == kept | later
+    assert stat.S_IMODE(os.stat(tmp_path / "pausepoint.db").st_mode) == 0o600
+    assert not fnmatch.filter(os.listdir(tmp_path), ".restore-*")
+    server = spawn_server()
+    assert requests.get(f"{server.url}/v1/pause/{min(later)}", headers=bearer(key)).status_code == 404
+    assert requests.get(f"{server.url}/v1/pause/{min(kept)}", headers=bearer(key)).status_code == 200
+
+
+def test_a_restore_under_a_running_server_is_refused_and_leaves_it_serving(spawn_server, tmp_path):
+    server = spawn_server()
+    key = register(server.url)["test_api_key"]
+    assert run_cli(tmp_path, "backup", str(tmp_path / "copy.db")).returncode == 0
+    later = create(server.url, key)["pause_id"]
+    one_sentence(run_cli(tmp_path, "restore", str(tmp_path / "copy.db")), "a server is running on", "stop it first")
+    assert requests.get(f"{server.url}/v1/pause/{later}", headers=bearer(key)).status_code == 200
+    assert not fnmatch.filter(os.listdir(tmp_path), "*.replaced-*")
+
+
+def test_a_damaged_backup_is_refused_and_the_database_is_left_as_it_was(tmp_path):
+    assert run_cli(tmp_path, "create-developer", "--email", "ops@example.com", "--name", "Ops", "--password-stdin",
+                   stdin=PASSWORD + "\n").returncode == 0
+    stored(tmp_path / "pausepoint.db", "CREATE TABLE filler AS SELECT randomblob(400000) AS x")
+    assert run_cli(tmp_path, "backup", str(tmp_path / "copy.db")).returncode == 0
+    with open(tmp_path / "copy.db", "r+b") as f:        # cut short, as a copy to a full disk is
+        f.truncate(os.path.getsize(tmp_path / "copy.db") // 2)
+    one_sentence(run_cli(tmp_path, "restore", str(tmp_path / "copy.db")), f"the restore of {tmp_path / 'copy.db'}"
+                 " failed: database disk image is malformed", "pausepoint.db is as it was")
+    assert sorted(os.listdir(tmp_path)) == ["copy.db", "pausepoint.db", "pausepoint.db.server.lock"]
+    assert stored(tmp_path / "pausepoint.db", "SELECT length(x) FROM filler") == [(400000,)]
+    (tmp_path / "other.db").write_bytes(b"")            # an empty file, which SQLite reads as an empty database
+    one_sentence(run_cli(tmp_path, "restore", str(tmp_path / "other.db")), "is no backup of a PausePoint database")
 
 
 @pytest.mark.parametrize("command", [["backup", "copy.db"], ["verify-audit"]])
