@@ -1073,9 +1073,9 @@ def refuse_if_mixed_with_another_wal(path):
         found = [str(e)]
     if found != ["ok"]:
         raise ConfigError(f"the database {path} read with the {wal} beside it fails SQLite's check ({found[0]}): if a"
-                          " backup was just put in its place, that -wal and the -shm belong to the database it"
-                          " replaced; delete both and copy the backup in again (see the README on restoring)."
-                          " Otherwise restore the latest backup the same way")
+                          " backup was just copied into its place, that -wal and the -shm belong to the database it"
+                          " replaced: put the backup in place with `pausepoint.py restore BACKUP`, which sets them"
+                          " aside. Otherwise restore the latest backup that way")
 
 
 def refuse_if_no_file(path):

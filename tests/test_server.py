@@ -723,7 +723,7 @@ def test_a_backup_taken_while_serving_holds_every_committed_pause(spawn_server, 
                                                                    "--name", "B", "--password-stdin")])
 def test_a_backup_copied_over_a_database_whose_wal_was_left_is_refused_before_anything_is_mixed(spawn_server,
                                                                                                   tmp_path, first):
-    """The README's restore without its first step, after a crash: SQLite would read the old -wal
+    """A backup copied over the database by hand after a crash: SQLite would read the old -wal
     into the copy. The start says what to do, and doing it gives the backup back whole. So does
     a command run first, which would otherwise copy the mix into the file as it closes (or into
     a backup), for the start after it to find nothing amiss."""
@@ -739,10 +739,11 @@ def test_a_backup_copied_over_a_database_whose_wal_was_left_is_refused_before_an
     server.proc.wait()
     shutil.copyfile(tmp_path / "copy.db", tmp_path / "pausepoint.db")           # as `cp` does, in place
     result = run_cli(tmp_path, *first, stdin=PASSWORD)
-    one_sentence(result, "fails SQLite's check", "delete both and copy the backup in again")
+    one_sentence(result, "fails SQLite's check", "put the backup in place with `pausepoint.py restore BACKUP`")
     assert not os.path.exists(tmp_path / "after.db")
-    os.remove(tmp_path / "pausepoint.db-wal")
-    os.remove(tmp_path / "pausepoint.db-shm")
+    restored = run_cli(tmp_path, "restore", str(tmp_path / "copy.db"))
+    assert restored.returncode == 0, restored.stderr
+    assert not os.path.exists(tmp_path / "pausepoint.db-wal") and not os.path.exists(tmp_path / "pausepoint.db-shm")
     assert stored(tmp_path / "pausepoint.db", "PRAGMA integrity_check") == [("ok",)]
     assert {row[0] for row in stored(tmp_path / "pausepoint.db", "SELECT id FROM pauses")} == kept
     spawn_server()
