@@ -132,6 +132,7 @@ SETTINGS = [
     Setting("server.send_timeout", 20, "Seconds an answer may wait for the client to read another 64 KiB of it before the connection is closed."),
     Setting("database.path", "pausepoint.db", "SQLite database file. Created from schema.sql on first start."),
     Setting("database.cache_kib", 128, "SQLite's page cache per connection, in KiB. There is a connection for each request running at once and for each job thread (at most about 90 with the defaults), so this counts that many times; the operating system's file cache, shared by all, holds the rest."),
+    Setting("database.lock_wait_seconds", 30, "How long a write waits for the database's write lock while another process holds it (a sqlite3 shell with a transaction open, a VACUUM): past it, an API write gets 503 database_busy and a job tries again on its next round, each job saying so once in the log."),
     Setting("database.min_free_mb", 256, "Free space, in MiB, kept on the database's disk for the pauses already made, counted once the WAL is copied into the database file: below it, new pauses and registrations get 507, while decisions, timeouts and sends go on. 0: only the room the WAL needs (a disk with none left is short of it still)."),
     Setting("registration.open", True, "Whether registration (POST /v1/auth/register and the dashboard's sign-up) is open. When false, the operator adds developers with `create-developer`. The operator page's switch, once used, overrides this."),
     Setting("dashboard.session_idle_minutes", 60, "Minutes a dashboard sign-in lasts without use."),
@@ -488,6 +489,7 @@ SETTING_CHECKS = {
     "server.max_body_bytes": lambda v: None if 1024 <= v <= 16 * 1024 * 1024 else "must be between 1024 and 16777216",
     "server.max_header_bytes": lambda v: None if 4096 <= v <= 262_144 else "must be between 4096 and 262144",
     "database.path": lambda v: None if v else "must not be empty",
+    "database.lock_wait_seconds": lambda v: None if 1 <= v <= 3600 else "must be between 1 and 3600",
     "database.cache_kib": lambda v: None if 64 <= v <= 1_048_576 else "must be between 64 and 1048576",
     "database.min_free_mb": lambda v: None if v >= 0 else "must be 0 or more",
     "security.bcrypt_rounds": lambda v: None if 4 <= v <= 16 else "must be between 4 and 16",
@@ -933,20 +935,21 @@ class Connection(sqlite3.Connection):
     borrower = None         # the thread a request connection is lent to (Runtime.db())
 
 
-def connect(path, write_lock=None, cache_kib=128, same_thread=True):
+def connect(path, write_lock=None, cache_kib=128, same_thread=True, lock_wait_seconds=30):
     """A connection in autocommit mode: transactions are explicit (see transaction()).
     sqlite3's same-thread check stays on, but for a job's own connection, which its round
     lock keeps to one thread at a time, and those lent to request threads one request at a
     time (Runtime.db())."""
     create_private(path)
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30, factory=Connection, check_same_thread=same_thread)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=lock_wait_seconds, factory=Connection,
+                           check_same_thread=same_thread)
     conn.write_lock = write_lock
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode = WAL")
     # A decision acknowledged to a human must survive a power cut, not only a crash.
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute(f"PRAGMA busy_timeout = {int(lock_wait_seconds * 1000)}")
     # SQLite's default 2 MB cache per connection, times every thread's connection, was most
     # of the server's memory (215 MB after load on a million pauses; 94 MB at 128 KiB).
     conn.execute(f"PRAGMA cache_size = -{int(cache_kib)}")
@@ -1412,28 +1415,48 @@ def disk_is_full(error):
     return isinstance(error, OSError) and error.errno in NO_ROOM_ERRNOS
 
 
-class DiskFullEpisodes:
-    """Which of the server's jobs are failing for a full disk. Each says so in one line when it
-    starts failing and one when it can write again, not a traceback a tick: on a full disk
-    the log is often on that disk too."""
+def database_locked(error):
+    """Whether `error` is a write that waited lock_wait_seconds for the database's write lock
+    while another process held it (a sqlite3 shell with a transaction open, a VACUUM): not a
+    bug to trace back, and it passes once that process lets go."""
+    return (isinstance(error, sqlite3.OperationalError)
+            and getattr(error, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED))
+
+
+def write_refused(error):
+    """Why the database refused a write, when that is no fault of ours: 'disk' (disk_is_full())
+    or 'locked' (database_locked()); None for anything else."""
+    return "disk" if disk_is_full(error) else "locked" if database_locked(error) else None
+
+
+class WriteRefusals:
+    """Which of the server's jobs cannot write, for a full disk or a write lock another
+    process holds (write_refused()). Each says so in one line when it starts failing and one
+    when it can write again, not a traceback a tick: on a full disk the log is often on that
+    disk too."""
+
+    FAILING = {"disk": "the database's disk is full or over a quota or file-size limit, or failing",
+               "locked": "another process holds the database's write lock (a sqlite3 shell with a transaction"
+                         " open, a VACUUM)"}
+    RECOVERED = {"disk": "the database's disk has room", "locked": "the other process let go of the database"}
 
     def __init__(self):
-        self.failing, self.lock = set(), threading.Lock()
+        self.failing, self.lock = {}, threading.Lock()
 
     def failed(self, what, error):
+        why = write_refused(error)
         with self.lock:
-            new = what not in self.failing
-            self.failing.add(what)
+            new = self.failing.get(what) != why
+            self.failing[what] = why
         if new:
-            log.warning("%s cannot write, the database's disk is full or over a quota or file-size limit, or"
-                        " failing (%s): it tries again each time and says here when it can", what, error)
+            log.warning("%s cannot write, %s (%s): it tries again each time and says here when it can",
+                        what, self.FAILING[why], error)
 
     def succeeded(self, what):
         with self.lock:
-            recovered = what in self.failing
-            self.failing.discard(what)
-        if recovered:
-            log.warning("%s can write again: the database's disk has room", what)
+            why = self.failing.pop(what, None)
+        if why is not None:
+            log.warning("%s can write again: %s", what, self.RECOVERED[why])
 
 
 def split_sql(script):
@@ -4187,7 +4210,7 @@ class OutboundPool:
         self.per_channel = max(1, workers // 2)
         self.kept_for_newcomers = max(1, workers // 4)
         self.executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="outbound")
-        self.disk_full = disk_full or DiskFullEpisodes()    # to say once when calls cannot record for a full disk
+        self.disk_full = disk_full or WriteRefusals()    # to say once when calls cannot record their end
         self.deadlines = DeadlineWatch()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -4282,7 +4305,7 @@ class OutboundPool:
             try:
                 call(*args)
             except Exception as e:
-                if not disk_is_full(e):
+                if not write_refused(e):
                     log.exception("outbound call %s failed unexpectedly", name)
                 else:
                     self.disk_full.failed(f"outbound call {name}", e)
@@ -6483,8 +6506,8 @@ def one_round_at_a_time(job):
     """A job method whose runs on one Runtime never overlap, whether the scheduler or
     run_once() runs it (run_once() holds the lock across all its rounds, so it is re-entrant).
 
-    A round that fails for a full disk is logged once for the episode (see DiskFullEpisodes)
-    and counts as a round that started nothing."""
+    A round that fails for a full disk or another process's write lock is logged once for the
+    episode (see WriteRefusals) and counts as a round that started nothing."""
     @functools.wraps(job)
     def run(self):
         what = f"the {job.__name__.removeprefix('run_')} job"
@@ -6492,7 +6515,7 @@ def one_round_at_a_time(job):
             try:
                 started = job(self)
             except Exception as e:
-                if not disk_is_full(e):
+                if not write_refused(e):
                     raise
                 self.disk_full.failed(what, e)
                 return 0
@@ -6520,7 +6543,7 @@ class Runtime:
                                config["server.waiting_per_ip"])
         self.stopping = False
         self.disk_short = False         # as run_disk() last found it
-        self.disk_full = DiskFullEpisodes()
+        self.disk_full = WriteRefusals()
         self.wal = WalBacklog(config["database.path"])         # for the disk's reserve
         self.limiter = RateLimiter(enabled=config["ratelimit.enabled"])
         self.error_log = ErrorLog()
@@ -6605,7 +6628,8 @@ class Runtime:
 
     def connect(self, cache_kib, same_thread=True):
         """A new connection to the database, its commits waking what they registered."""
-        conn = connect(self.config["database.path"], self.write_lock, cache_kib, same_thread)
+        conn = connect(self.config["database.path"], self.write_lock, cache_kib, same_thread,
+                       self.config["database.lock_wait_seconds"])
         conn.turns = self.turns
         conn.signer = self.signer
         # SQLite checkpoints the WAL inside whichever COMMIT fills it past 1,000 pages,
@@ -8931,8 +8955,9 @@ class Handlers:
             except bottle.HTTPResponse:
                 raise
             except Exception as e:
-                if disk_is_full(e):         # the scheduler's jobs say so in the log, once
-                    return error_response(disk_full_refusal(bottle.request.method, bottle.request.path), spec.page)
+                refused = write_refused(e)
+                if refused:                 # the scheduler's jobs say so in the log, once
+                    return error_response(write_refusal(refused, bottle.request.method, bottle.request.path), spec.page)
                 self.rt.error_log.error(bottle.request.method, spec.path, e)
                 return error_response(ApiError(500, "internal_error", UNEXPECTED), spec.page)
             finally:
@@ -9010,14 +9035,18 @@ TEMPLATE_HELPERS = {"urlencode": urllib.parse.urlencode,
                     "field_text": field_display, "form_text": form_text}
 
 
-def disk_full_refusal(method, path):
-    """What a write that failed for a full disk answers: 507, as the reserve's refusals do, and
-    not a fault in the server. Nothing of it was stored, so the same request may be sent again
-    once the operator frees space; a person answering is told their answer was not recorded,
-    and one opening the page (whose opening is recorded) that it cannot be shown."""
+def write_refusal(why, method, path):
+    """What a write the database refused (write_refused()'s `why`) answers, not a fault in the
+    server: for a full disk 507, as the reserve's refusals do; for another process's write
+    lock 503. Nothing of it was stored, so the same request may be sent again later; a person
+    answering is told their answer was not recorded, and one opening the page (whose opening
+    is recorded) that it cannot be shown."""
     respond = path.startswith(("/respond/", "/v1/respond/"))
     what = ("this question cannot be shown now" if respond and method == "GET" else
             "your answer was not recorded" if respond else "nothing was stored")
+    if why == "locked":
+        return ApiError(503, "database_busy", f"{what}, because the server's database is held by maintenance; try"
+                                              " again in a minute", headers={"Retry-After": "60"})
     return ApiError(507, "storage_low", f"{what}, because the server's disk is full; try again in a few minutes",
                     headers={"Retry-After": "60"})
 
@@ -9114,7 +9143,8 @@ ERROR_STATUSES = {400: "Malformed JSON, or a lone surrogate in it", 401: "No val
                   429: "A quota, a rate limit or too many pending (too_many_pending); rate limits say when to"
                        " come back in Retry-After",
                   500: "A fault in the server, logged there",
-                  503: "Busy (or starting): try again shortly, after Retry-After when given",
+                  503: "Busy (or starting, or its database held by maintenance: database_busy, nothing stored):"
+                       " try again shortly, after Retry-After when given",
                   507: "The server's disk is short of room (storage_low, database.min_free_mb): no new pauses or"
                        " accounts for now; or full, and nothing of this request was stored. Try again after"
                        " Retry-After"}

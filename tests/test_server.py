@@ -92,6 +92,30 @@ def test_a_quota_or_file_size_limit_is_a_full_disk_not_a_traceback_a_tick(spawn_
     assert statuses == {201, 507} and "Traceback" not in server.output(), server.output()
 
 
+def test_a_write_lock_another_process_holds_is_a_503_and_one_line_not_a_traceback_a_tick(spawn_server, tmp_path):
+    """A sqlite3 shell with a transaction open, a VACUUM: a write waits database.lock_wait_seconds
+    for the lock, then an API write gets 503 and nothing is stored, and a job that cannot write
+    says so once, and once when it can again; reads go on."""
+    server = spawn_server(env={"PAUSEPOINT_DATABASE_LOCK_WAIT_SECONDS": "1"})
+    key = register(server.url)["test_api_key"]
+    due = create(server.url, key, timeout_hours=1 / 3600)
+    with contextlib.closing(sqlite3.connect(tmp_path / "pausepoint.db", isolation_level=None)) as holder:
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            refused = requests.post(f"{server.url}/v1/pause", json=WIRE, headers=bearer(key))
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "60", refused.text
+            assert refused.json()["error"]["code"] == "database_busy"
+            wait_until(lambda: "the timeouts job cannot write, another process holds the database's write lock"
+                               in server.output())
+            assert requests.get(f"{server.url}/v1/pause/{due['pause_id']}", headers=bearer(key)).status_code == 200
+        finally:
+            holder.execute("ROLLBACK")
+    wait_until(lambda: "the timeouts job can write again: the other process let go of the database" in server.output())
+    assert requests.get(f"{server.url}/v1/pause/{due['pause_id']}", headers=bearer(key)).json()["status"] == "timed_out"
+    assert server.output().count("the timeouts job cannot write") == 1 and "Traceback" not in server.output()
+    assert stored(tmp_path / "pausepoint.db", "SELECT count(*) FROM pauses") == [(1,)]
+
+
 def test_a_pause_times_out_to_its_default_within_a_second_of_expiring(live_server):
     key = register(live_server.url)["test_api_key"]
     created = create(live_server.url, key, timeout_hours=1 / 3600)
