@@ -33,6 +33,7 @@ import getpass
 import hashlib
 import heapq
 import hmac
+import html
 import inspect
 import io
 import ipaddress
@@ -4617,7 +4618,8 @@ def push_dialect(target_url):
     titled = target.title_maxlen <= 0 or target.overflow_amalgamate_title
     most = SMS_JOINED if SMS_SEGMENT_FIGURES[0] <= target.body_maxlen <= SMS_SEGMENT_FIGURES[1] else target.body_maxlen
     longest = most - (len(PUSH_TITLE) + len("# \n") if titled else 0)
-    limits = ((len, longest),) if service != "ntfy" else ((json_length, longest), (utf8_length, NTFY_MESSAGE_BYTES))
+    limits = (((json_length, longest), (utf8_length, NTFY_MESSAGE_BYTES)) if service == "ntfy" else
+              ((shown_length, longest),) if service == "Telegram" else ((len, longest),))
     return PushDialect(markup or "", mentions, functools.partial(apprise_takes, target, push_format(markup), limits))
 
 
@@ -4628,6 +4630,12 @@ def json_length(text):
 
 def utf8_length(text):
     return len(text.encode())
+
+
+def shown_length(html_text):
+    """How long HTML is as shown, which Telegram counts its 4,096 characters by: Apprise sends it
+    each < of the agent's as &lt;, four characters that show as one."""
+    return len(html.unescape(re.sub("<[^>]*>", "", html_text)))
 
 
 def push_format(markup):

@@ -1814,6 +1814,17 @@ def test_a_late_reply_naming_a_closed_request_is_told_how_it_ended(sms_setup):
     assert f"no open request has the code {answered_code}" in inbound(api, config, f"{answered_code} 1").text
 
 
+def test_a_telegram_push_is_fitted_by_the_characters_it_shows(running_api):
+    """Telegram counts its 4,096 characters as it shows them; Apprise sends each < as &lt;. A
+    question of 1,600 characters full of < and & fits whole, though its HTML would not."""
+    api = running_api(**{"channels.ops.url": "tgram://123456789:abcdefg_hijklmnop/12315544/"})
+    key = api.register()["test_api_key"]
+    question = "if a<b&&c>d: " + "<&>" * 529
+    api.create_pause(key, channel="ops", recipient="on-call engineer", message=question)
+    [(text,)] = stored(api.config, "SELECT text FROM notifications")
+    assert question in text and "cut short" not in text
+
+
 def test_a_telegram_push_mentions_no_one(running_api):
     """Telegram notifies a group's member named by their @username, even in a muted group."""
     api = running_api(**{"channels.ops.url": "tgram://123456789:abcdefg_hijklmnop/12315544/"})
