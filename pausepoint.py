@@ -2963,14 +2963,17 @@ def record_decisions(conn, config, decided, data, now):
 def receipt_claims(pause, votes=()):
     """What a decided pause's receipt says: that it is one (type), which question (by the
     SHA-256 of its message), its title and the details the respond page showed beside it,
-    the options and any quorum, the outcome with its final fields, changes and `votes`
-    (votes_of()), who decided it and when, and in which mode."""
-    return {"type": "receipt", "pause_id": pause["id"],
+    the options and any quorum, the outcome with its final fields, changes, the comment
+    that came with it and `votes` (votes_of()), who decided it and when, and whose it is
+    (developer and mode). Whatever the agent reads as the answer is signed: a comment left
+    out could be rewritten in the database ("only for staging" taken away) and the receipt
+    would still check."""
+    return {"type": "receipt", "pause_id": pause["id"], "developer_id": pause["developer_id"],
             "message_sha256": hashlib.sha256(pause["message"].encode()).hexdigest(), "title": pause["title"],
             "details": shown_details(pause), "options": json.loads(pause["options"]),
             "quorum": json.loads(pause["quorum"] or "null"), "status": pause["status"], "choice": pause["choice"],
             "fields": json.loads(pause["fields"] or "null"), "edited": json.loads(pause["edited"] or "null"),
-            "votes": list(votes), "decided_by": pause["decided_by"], "decided_at": api_time(pause["decided_at"]),
+            "comment": pause["comment"], "votes": list(votes), "decided_by": pause["decided_by"], "decided_at": api_time(pause["decided_at"]),
             "livemode": bool(pause["livemode"])}
 
 
@@ -2980,7 +2983,7 @@ def votes_of(conn, pause):
     if not pause["team"]:
         return []
     return [{"recipient": vote["recipient"], "choice": vote["choice"], "edits": json.loads(vote["edits"] or "null"),
-             "voted_at": api_time(vote["voted_at"])}
+             "comment": vote["comment"], "voted_at": api_time(vote["voted_at"])}
             for vote in query_db(conn, "SELECT * FROM pause_recipients WHERE pause_id = ? AND voted_at IS NOT NULL"
                                        " ORDER BY voted_at, position", (pause["id"],))]
 
@@ -3600,8 +3603,8 @@ def due_batch(conn, after):
     with their receipts as timed out now being signed. A team pause's receipt lists its
     votes, and one may still come in before its timeout commits: it is signed then."""
     now = db_time()
-    rows = query_db(conn, "SELECT seq, id, team, expires_at, message, title, metadata, options, quorum, fields,"
-                          f" livemode, {', '.join(f'{value} AS {column}' for column, value in TIMED_OUT.items())}"
+    rows = query_db(conn, "SELECT seq, id, developer_id, team, expires_at, message, title, metadata, options,"
+                          f" quorum, fields, livemode, {', '.join(f'{value} AS {column}' for column, value in TIMED_OUT.items())}"
                           " FROM pauses WHERE status = 'pending' AND expires_at <= :now"
                           " AND (expires_at, seq) > (:after_expiry, :after_seq) ORDER BY expires_at, seq LIMIT :batch",
                     {"now": now, "after_expiry": after[0], "after_seq": after[1], "batch": JOB_BATCH})

@@ -40,17 +40,20 @@ def test_a_decided_pause_carries_a_receipt_anyone_can_check_and_no_one_can_alter
     fields = {"amount": {"type": "number", "value": 340, "max": 500, "editable": True}}
     created = api.create_pause(key, fields=fields)
     assert api.pause(key, created["pause_id"])["receipt"] is None           # nothing decided yet
-    api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve", "fields": {"amount": 300}})
+    api.post_json(f"/v1/respond/{token_of(created['respond_url'])}",
+                  {"choice": "Approve", "fields": {"amount": 300}, "comment": "only for staging"})
     pause = api.pause(key, created["pause_id"])
     claims = checked(api, pause["receipt"])
+    developer_id = api.get("/v1/audit/head", headers=api.as_key(key)).json["developer_id"]
     assert claims == {
-        "type": "receipt", "pause_id": pause["pause_id"],
+        "type": "receipt", "pause_id": pause["pause_id"], "developer_id": developer_id,
         "message_sha256": hashlib.sha256(WIRE["message"].encode()).hexdigest(), "title": None, "details": [],
         "options": WIRE["options"], "quorum": None, "status": "responded", "choice": "Approve", "fields": pause["fields"],
-        "edited": {"amount": {"old": 340, "new": 300}}, "votes": [], "decided_by": pause["decided_by"],
-        "decided_at": pause["decided_at"], "livemode": False}
+        "edited": {"amount": {"old": 340, "new": 300}}, "comment": "only for staging", "votes": [],
+        "decided_by": pause["decided_by"], "decided_at": pause["decided_at"], "livemode": False}
     for change in ({"choice": "Reject"}, {"fields": {"amount": {"value": 500}}}, {"livemode": True},
-                   {"decided_by": "recipient:someone-else"}, {"pause_id": "psr_other"}):
+                   {"decided_by": "recipient:someone-else"}, {"pause_id": "psr_other"}, {"comment": None},
+                   {"developer_id": "dev_other"}):
         with pytest.raises(jwt.InvalidSignatureError):
             checked(api, forged(pause["receipt"], **change))
 
@@ -78,10 +81,11 @@ def test_timeouts_cancels_and_team_decisions_are_signed_too(running_api):
     assert checked(api, api.pause(key, timed_out["pause_id"])["receipt"])["choice"] == "Reject"
     assert checked(api, api.pause(key, cancelled["pause_id"])["receipt"])["status"] == "cancelled"
     team = api.post_json("/v1/pause", TEAM, headers=api.as_key(key)).json
-    for person in team["recipients"]:
-        api.post_json(f"/v1/respond/{token_of(person['respond_url'])}", {"choice": "Approve"})
+    for person, comment in zip(team["recipients"], ("if it passes review", None)):
+        api.post_json(f"/v1/respond/{token_of(person['respond_url'])}", {"choice": "Approve", "comment": comment})
     votes = checked(api, api.pause(key, team["pause_id"])["receipt"])["votes"]
-    assert [(vote["recipient"], vote["choice"]) for vote in votes] == [("ana", "Approve"), ("bo", "Approve")]
+    assert [(vote["recipient"], vote["choice"], vote["comment"]) for vote in votes] == [
+        ("ana", "Approve", "if it passes review"), ("bo", "Approve", None)]
 
 
 def test_the_key_is_made_once_kept_beside_the_database_for_its_owner_only(running_api):
@@ -285,15 +289,17 @@ def test_a_burst_of_timeouts_signs_each_its_own_receipt_saying_what_the_pause_sa
     api.step("timeouts")
     pauses = [api.pause(key, pause_id) for (pause_id,) in stored(api.config, "SELECT id FROM pauses")]
     assert len(pauses) == burst + 2
+    assert {checked(api, pause["receipt"])["developer_id"] for pause in pauses} == {
+        api.get("/v1/audit/head", headers=api.as_key(key)).json["developer_id"]}
     for pause in pauses:
         claims = checked(api, pause["receipt"])
         assert claims == {
-            "type": "receipt", "pause_id": pause["pause_id"],
+            "type": "receipt", "pause_id": pause["pause_id"], "developer_id": claims["developer_id"],
             "message_sha256": hashlib.sha256(WIRE["message"].encode()).hexdigest(), "title": pause.get("title"),
             "details": [{"name": "payee", "value": "ACME"}] if pause.get("title") else [],     # as the page shows
             "options": WIRE["options"], "quorum": pause.get("quorum"), "status": "timed_out", "choice": "Reject",
             "fields": pause.get("fields"),
-            "edited": pause.get("edited"), "votes": claims["votes"], "decided_by": "timeout",
+            "edited": pause.get("edited"), "comment": None, "votes": claims["votes"], "decided_by": "timeout",
             "decided_at": pause["decided_at"], "livemode": False}
     assert [vote["recipient"] for vote in checked(api, api.pause(key, team["pause_id"])["receipt"])["votes"]] == ["ana"]
 
