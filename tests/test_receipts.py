@@ -6,13 +6,15 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import stat
 
 import jwt
 import pytest
 
-from conftest import QUESTION, WIRE, fill_disk, free_port, read_only_view, run_cli, stored, token_of
+from conftest import (QUESTION, WIRE, LiveServer, fill_disk, free_port, read_only_view, run_cli, run_out, stored,
+                      token_of)
 import pausepoint
 
 TEAM = {**QUESTION,
@@ -564,3 +566,36 @@ def test_a_restore_keeps_keys_made_since_the_backup_and_puts_the_backups_back_wh
     os.remove(pausepoint.signing_keys_path(copy))           # and the backup's are gone too
     assert pausepoint.main(["--db", db, "restore", copy]) == 2
     assert "the backup's signing keys" in capsys.readouterr().err and not os.path.exists(path)
+
+
+def readme_receipt_check(url):
+    """The README's receipt check, asking `url` for the keys: check(receipt, pause_id) runs it."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+              encoding="utf-8") as f:
+        snippet = re.search(r"```python\n(import jwt, requests.*?)```", f.read(), re.S).group(1)
+    code = compile(snippet.replace("https://pausepoint.example.org", url), "README receipt check", "exec")
+
+    def check(receipt, pause_id):
+        exec(code, {"receipt": receipt, "pause_id": pause_id})
+    return check
+
+
+def test_the_readme_receipt_check_takes_a_persons_approval_and_nothing_else(api):
+    key = api.register()["api_key"]
+    answered, timed_out, other = (api.create_pause(key, channel="link", recipient="ops", timeout_default="Approve")
+                                  for _ in range(3))
+    for pause in (answered, other):
+        api.post_json(f"/v1/respond/{token_of(pause['respond_url'])}", {"choice": "Approve"})
+    run_out(api.config, timed_out["pause_id"])
+    api.step("timeouts")
+    receipt = {pause["pause_id"]: api.pause(key, pause["pause_id"])["receipt"] for pause in (answered, timed_out, other)}
+    with LiveServer(api.app, api.config) as server:
+        check = readme_receipt_check(server.url)
+        check(receipt[answered["pause_id"]], answered["pause_id"])
+        assert checked(api, receipt[timed_out["pause_id"]])["choice"] == "Approve"      # the default, no one's answer
+        with pytest.raises(AssertionError):
+            check(receipt[timed_out["pause_id"]], timed_out["pause_id"])
+        with pytest.raises(AssertionError):
+            check(receipt[other["pause_id"]], answered["pause_id"])        # another pause's receipt
+        with pytest.raises(jwt.InvalidSignatureError):
+            check(forged(receipt[timed_out["pause_id"]], status="responded"), timed_out["pause_id"])
