@@ -85,7 +85,8 @@ import waitress.task
 import waitress.utilities
 from apscheduler.schedulers.background import BackgroundScheduler
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 VERSION = "0.1.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -6135,6 +6136,59 @@ def latest_receipt_kid(database_path):
     return receipt and json.loads(base64.urlsafe_b64decode(receipt.split(".")[0] + "==")).get("kid")
 
 
+def receipt_breaks(conn, published):
+    """Check every decided pause's receipt against the public keys of the keys file ({kid:
+    public key}, as published): ([(pause id, developer_id, livemode, why)] for each that does
+    not hold, how many were checked, how many a key not published signed). The audit chain
+    says nothing of a pause's row, and whoever can write the database can rewrite a chain
+    from end to end, but cannot sign: a decided pause changed (its choice, its comment) no
+    longer says what its receipt does. A receipt signed before a claim was added (the
+    comment, the developer) vouches for the claims it has."""
+    breaks, checked, unknown, after = [], 0, 0, 0
+    while pauses := query_db(conn, "SELECT * FROM pauses WHERE receipt IS NOT NULL AND seq > ? ORDER BY seq LIMIT ?",
+                             (after, AUDIT_READ_PAGE)):
+        for pause in pauses:
+            why = receipt_problem(pause, published, votes_of(conn, pause))
+            if why == KEY_NOT_PUBLISHED:
+                unknown += 1
+            elif why:
+                breaks.append((pause["id"], pause["developer_id"], pause["livemode"], why))
+            else:
+                checked += 1
+        after = pauses[-1]["seq"]
+    return breaks, checked, unknown
+
+
+KEY_NOT_PUBLISHED = "signed with a key the keys file does not publish"
+
+
+def receipt_problem(pause, published, votes):
+    """Why a decided pause's receipt does not hold (KEY_NOT_PUBLISHED when it cannot be
+    checked here: a key lost with its file), or None when it does."""
+    def decoded(part):
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    try:
+        header, payload, signature = pause["receipt"].split(".")
+        algorithm, kid = (json.loads(decoded(header))[name] for name in ("alg", "kid"))
+        claims = json.loads(decoded(payload))
+        if algorithm != "EdDSA" or not isinstance(claims, dict):
+            return "it is not a receipt this server signs"
+        if kid not in published:
+            return KEY_NOT_PUBLISHED
+        Ed25519PublicKey.from_public_bytes(decoded(published[kid])).verify(decoded(signature),
+                                                                           f"{header}.{payload}".encode("ascii"))
+    except InvalidSignature:
+        return "its signature does not check: the receipt was changed"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "it is not a receipt this server signs"
+    expected = receipt_claims(pause, votes)
+    # Compared as JSON text: as Python values 1, 1.0 and true are equal, and an agent would not take them so.
+    changed = [name for name in claims
+               if name not in expected or json.dumps(claims[name], sort_keys=True) != json.dumps(expected[name],
+                                                                                                sort_keys=True)]
+    return f"the pause no longer says what its receipt does ({', '.join(changed)}): it was changed" if changed else None
+
+
 def new_signing_key():
     private = Ed25519PrivateKey.generate()
     public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -10607,14 +10661,34 @@ def verify_audit(path):
         breaks = audit_chain_breaks(conn)
         chains, events = query_db(conn, "SELECT count(DISTINCT developer_id || livemode), count(*) FROM audit_events",
                                   one=True)
+        # Beside the name the server was given, or else beside the file it names (a link).
+        published = published_keys(signing_keys_path(path)) or published_keys(signing_keys_path(real))
+        receipts = receipt_breaks(conn, published) if published else None
     if read_whole is not None and whole_in_its_file(real) != read_whole:    # what it read may have changed under it
         raise ConfigError(f"{path} was written to while it was being read: run verify-audit again")
     for seq, developer_id, livemode, why in breaks:
         print(f"aud_{seq} ({developer_id}, {mode_name(livemode)}): {why}")
-    if breaks:
-        return 1
-    print(f"every audit chain holds: {events} events in {chains} chains")
-    return 0
+    if not breaks:
+        print(f"every audit chain holds: {events} events in {chains} chains")
+    return 1 if print_receipt_breaks(path, receipts) or breaks else 0
+
+
+def print_receipt_breaks(path, receipts):
+    """What verify-audit found of the receipts (receipt_breaks(), or None without a keys file
+    to check them against); returns whether any does not hold."""
+    if receipts is None:
+        print(f"receipts not checked: {signing_keys_path(path)} cannot be read (run this as the server's user,"
+              " or keep the keys file beside a copy)")
+        return False
+    breaks, checked, unknown = receipts
+    for pause_id, developer_id, livemode, why in breaks:
+        print(f"{pause_id} ({developer_id}, {mode_name(livemode)}): its receipt does not hold: {why}")
+    if not breaks:
+        print(f"every receipt checks: {checked} decided pauses say what their receipts do")
+    if unknown:
+        print(f"{unknown} receipts were signed with a key the keys file no longer holds (lost: see --keys-lost), and"
+              " cannot be checked")
+    return bool(breaks)
 
 
 def whole_in_its_file(path):

@@ -76,7 +76,8 @@ def test_every_event_is_chained_to_the_one_before_in_its_developers_chain_for_it
     assert verify_audit_export(export(api, key, tmp_path)) == len(events) == len(live_seqs(api.config))
     listed = api.get("/v1/audit", headers=api.as_key(key)).json["events"][0]
     assert (listed["hash"], listed["prev_hash"]) == (events[-1]["hash"], events[-1]["prev_hash"])
-    assert verify_audit(api.config) == (0, "every audit chain holds: 12 events in 2 chains\n")
+    assert verify_audit(api.config) == (0, "every audit chain holds: 12 events in 2 chains\n"
+                                           "every receipt checks: 6 decided pauses say what their receipts do\n")
 
 
 def test_a_changed_event_is_caught_and_named(logged, tmp_path):
@@ -555,8 +556,9 @@ def test_verify_audit_never_reads_the_file_alone_of_a_database_with_a_write_ahea
             seen = str(view / "pausepoint.db")
             assert pausepoint.main(["--db", seen, "verify-audit"]) == (1 if named_by == "a symbolic link" else 2)
     if named_by == "a symbolic link":       # the forged event, in the log only, was read and caught
-        assert re.fullmatch(r"aud_\d+ \(dev_\w+, test\): its content does not give its hash: it was changed\n",
-                            capsys.readouterr().out)
+        assert re.fullmatch(r"aud_\d+ \(dev_\w+, test\): its content does not give its hash: it was changed\n"
+                            r"every receipt checks: 6 decided pauses say what their receipts do\n",
+                            capsys.readouterr().out)      # its keys read beside the file the link names
         return
     assert capsys.readouterr().err == (
         f"pausepoint: cannot use the database {seen}: unable to open database file; reading it needs {seen}-shm,"

@@ -4,6 +4,7 @@ never with our own code."""
 import base64
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -599,3 +600,55 @@ def test_the_readme_receipt_check_takes_a_persons_approval_and_nothing_else(api)
             check(receipt[other["pause_id"]], answered["pause_id"])        # another pause's receipt
         with pytest.raises(jwt.InvalidSignatureError):
             check(forged(receipt[timed_out["pause_id"]], status="responded"), timed_out["pause_id"])
+
+
+def verify_audit(config):
+    """The operator's verify-audit, as the command line runs it: (exit status, what it printed)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = pausepoint.main(["--db", config["database.path"], "verify-audit"])
+    return status, printed.getvalue()
+
+
+def test_verify_audit_names_each_decided_pause_changed_behind_the_servers_back(api):
+    key = api.register()["api_key"]
+    created = [api.create_pause(key, channel="link", recipient="ops") for _ in range(5)]
+    for pause, comment in zip(created, ("only for staging", None, None, None, None)):
+        api.post_json(f"/v1/respond/{token_of(pause['respond_url'])}", {"choice": "Approve", "comment": comment})
+    team = api.post_json("/v1/pause", TEAM, headers=api.as_key(key)).json
+    for person in team["recipients"]:
+        api.post_json(f"/v1/respond/{token_of(person['respond_url'])}", {"choice": "Approve", "comment": "fine"})
+    assert verify_audit(api.config) == (0, "every audit chain holds: 14 events in 1 chains\n"
+                                           "every receipt checks: 6 decided pauses say what their receipts do\n")
+    commented, rechosen, swapped, other, forged_one = (pause["pause_id"] for pause in created)
+    stored(api.config, "UPDATE pauses SET comment = NULL WHERE id = ?", commented)
+    stored(api.config, "UPDATE pauses SET choice = 'Reject' WHERE id = ?", rechosen)
+    stored(api.config, "UPDATE pauses SET receipt = (SELECT receipt FROM pauses WHERE id = ?) WHERE id = ?",
+           other, swapped)
+    stored(api.config, "UPDATE pauses SET receipt = ? WHERE id = ?",
+           forged(api.pause(key, forged_one)["receipt"], choice="Reject"), forged_one)
+    stored(api.config, "UPDATE pause_recipients SET comment = 'no' WHERE pause_id = ? AND recipient = 'bo'",
+           team["pause_id"])
+    status, said = verify_audit(api.config)
+    assert status == 1 and said.splitlines()[0] == "every audit chain holds: 14 events in 1 chains"
+    named = {line.split(" ")[0]: line for line in said.splitlines()[1:]}
+    assert set(named) == {commented, rechosen, swapped, forged_one, team["pause_id"]}
+    assert "(comment)" in named[commented] and "(choice)" in named[rechosen] and "(pause_id)" in named[swapped]
+    assert "signature does not check" in named[forged_one] and "(votes)" in named[team["pause_id"]]
+
+
+def test_verify_audit_says_which_receipts_it_could_not_check(running_api, capsys):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    api.post_json(f"/v1/respond/{token_of(api.create_pause(key)['respond_url'])}", {"choice": "Approve"})
+    api.app.runtime.stop()
+    keys = pausepoint.signing_keys_path(api.config["database.path"])
+    os.rename(keys, keys + ".gone")
+    assert verify_audit(api.config) == (0, "every audit chain holds: 2 events in 1 chains\nreceipts not checked:"
+                                           f" {keys} cannot be read (run this as the server's user, or keep the"
+                                           " keys file beside a copy)\n")
+    assert pausepoint.main(["--db", api.config["database.path"], "rotate-signing-key", "--keys-lost"]) == 0
+    status, said = verify_audit(api.config)
+    assert status == 0 and said.endswith("every receipt checks: 0 decided pauses say what their receipts do\n1 receipts"
+                                         " were signed with a key the keys file no longer holds (lost: see"
+                                         " --keys-lost), and cannot be checked\n")
