@@ -6181,7 +6181,10 @@ def receipt_problem(pause, published, votes):
         return "its signature does not check: the receipt was changed"
     except (ValueError, KeyError, TypeError, AttributeError):
         return "it is not a receipt this server signs"
-    expected = receipt_claims(pause, votes)
+    try:
+        expected = receipt_claims(pause, votes)
+    except (ValueError, TypeError, AttributeError):     # its JSON columns no longer JSON, a number for text
+        return "the pause holds what this server never writes: it was changed"
     # Compared as JSON text: as Python values 1, 1.0 and true are equal, and an agent would not take them so.
     changed = [name for name in claims
                if name not in expected or json.dumps(claims[name], sort_keys=True) != json.dumps(expected[name],

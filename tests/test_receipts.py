@@ -629,10 +629,14 @@ def test_verify_audit_names_each_decided_pause_changed_behind_the_servers_back(a
            forged(api.pause(key, forged_one)["receipt"], choice="Reject"), forged_one)
     stored(api.config, "UPDATE pause_recipients SET comment = 'no' WHERE pause_id = ? AND recipient = 'bo'",
            team["pause_id"])
+    broken = api.create_pause(key, channel="link", recipient="ops")["pause_id"]
+    api.post(f"/v1/pause/{broken}/cancel", headers=api.as_key(key))
+    stored(api.config, "UPDATE pauses SET options = '[\"Approve\"' WHERE id = ?", broken)
     status, said = verify_audit(api.config)
-    assert status == 1 and said.splitlines()[0] == "every audit chain holds: 14 events in 1 chains"
+    assert status == 1 and said.splitlines()[0] == "every audit chain holds: 16 events in 1 chains"
     named = {line.split(" ")[0]: line for line in said.splitlines()[1:]}
-    assert set(named) == {commented, rechosen, swapped, forged_one, team["pause_id"]}
+    assert set(named) == {commented, rechosen, swapped, forged_one, team["pause_id"], broken}
+    assert "holds what this server never writes" in named[broken]
     assert "(comment)" in named[commented] and "(choice)" in named[rechosen] and "(pause_id)" in named[swapped]
     assert "signature does not check" in named[forged_one] and "(votes)" in named[team["pause_id"]]
 
