@@ -2965,17 +2965,22 @@ def receipt_claims(pause, votes=()):
     """What a decided pause's receipt says: that it is one (type), which question (by the
     SHA-256 of its message), its title and the details the respond page showed beside it,
     the options and any quorum, the outcome with its final fields, changes, the comment
-    that came with it and `votes` (votes_of()), who decided it and when, and whose it is
-    (developer and mode). Whatever the agent reads as the answer is signed: a comment left
-    out could be rewritten in the database ("only for staging" taken away) and the receipt
-    would still check."""
+    that came with it (by its SHA-256: a long one kept whole in every receipt would be kept
+    twice more) and `votes` (votes_of()), who decided it and when, and whose it is (developer
+    and mode). Whatever the agent reads as the answer is signed: a comment left out could be
+    rewritten in the database ("only for staging" taken away) and the receipt still check."""
     return {"type": "receipt", "pause_id": pause["id"], "developer_id": pause["developer_id"],
             "message_sha256": hashlib.sha256(pause["message"].encode()).hexdigest(), "title": pause["title"],
             "details": shown_details(pause), "options": json.loads(pause["options"]),
             "quorum": json.loads(pause["quorum"] or "null"), "status": pause["status"], "choice": pause["choice"],
             "fields": json.loads(pause["fields"] or "null"), "edited": json.loads(pause["edited"] or "null"),
-            "comment": pause["comment"], "votes": list(votes), "decided_by": pause["decided_by"], "decided_at": api_time(pause["decided_at"]),
+            "comment_sha256": comment_sha256(pause["comment"]), "votes": list(votes), "decided_by": pause["decided_by"], "decided_at": api_time(pause["decided_at"]),
             "livemode": bool(pause["livemode"])}
+
+
+def comment_sha256(comment):
+    """A comment as a receipt signs it: the hex SHA-256 of its UTF-8, or None for none."""
+    return None if comment is None else hashlib.sha256(comment.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def votes_of(conn, pause):
@@ -2984,7 +2989,7 @@ def votes_of(conn, pause):
     if not pause["team"]:
         return []
     return [{"recipient": vote["recipient"], "choice": vote["choice"], "edits": json.loads(vote["edits"] or "null"),
-             "comment": vote["comment"], "voted_at": api_time(vote["voted_at"])}
+             "comment_sha256": comment_sha256(vote["comment"]), "voted_at": api_time(vote["voted_at"])}
             for vote in query_db(conn, "SELECT * FROM pause_recipients WHERE pause_id = ? AND voted_at IS NOT NULL"
                                        " ORDER BY voted_at, position", (pause["id"],))]
 

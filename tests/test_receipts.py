@@ -52,10 +52,11 @@ def test_a_decided_pause_carries_a_receipt_anyone_can_check_and_no_one_can_alter
         "type": "receipt", "pause_id": pause["pause_id"], "developer_id": developer_id,
         "message_sha256": hashlib.sha256(WIRE["message"].encode()).hexdigest(), "title": None, "details": [],
         "options": WIRE["options"], "quorum": None, "status": "responded", "choice": "Approve", "fields": pause["fields"],
-        "edited": {"amount": {"old": 340, "new": 300}}, "comment": "only for staging", "votes": [],
+        "edited": {"amount": {"old": 340, "new": 300}},
+        "comment_sha256": hashlib.sha256(b"only for staging").hexdigest(), "votes": [],
         "decided_by": pause["decided_by"], "decided_at": pause["decided_at"], "livemode": False}
     for change in ({"choice": "Reject"}, {"fields": {"amount": {"value": 500}}}, {"livemode": True},
-                   {"decided_by": "recipient:someone-else"}, {"pause_id": "psr_other"}, {"comment": None},
+                   {"decided_by": "recipient:someone-else"}, {"pause_id": "psr_other"}, {"comment_sha256": None},
                    {"developer_id": "dev_other"}):
         with pytest.raises(jwt.InvalidSignatureError):
             checked(api, forged(pause["receipt"], **change))
@@ -87,8 +88,8 @@ def test_timeouts_cancels_and_team_decisions_are_signed_too(running_api):
     for person, comment in zip(team["recipients"], ("if it passes review", None)):
         api.post_json(f"/v1/respond/{token_of(person['respond_url'])}", {"choice": "Approve", "comment": comment})
     votes = checked(api, api.pause(key, team["pause_id"])["receipt"])["votes"]
-    assert [(vote["recipient"], vote["choice"], vote["comment"]) for vote in votes] == [
-        ("ana", "Approve", "if it passes review"), ("bo", "Approve", None)]
+    assert [(vote["recipient"], vote["choice"], vote["comment_sha256"]) for vote in votes] == [
+        ("ana", "Approve", hashlib.sha256(b"if it passes review").hexdigest()), ("bo", "Approve", None)]
 
 
 def test_the_key_is_made_once_kept_beside_the_database_for_its_owner_only(running_api):
@@ -302,7 +303,7 @@ def test_a_burst_of_timeouts_signs_each_its_own_receipt_saying_what_the_pause_sa
             "details": [{"name": "payee", "value": "ACME"}] if pause.get("title") else [],     # as the page shows
             "options": WIRE["options"], "quorum": pause.get("quorum"), "status": "timed_out", "choice": "Reject",
             "fields": pause.get("fields"),
-            "edited": pause.get("edited"), "comment": None, "votes": claims["votes"], "decided_by": "timeout",
+            "edited": pause.get("edited"), "comment_sha256": None, "votes": claims["votes"], "decided_by": "timeout",
             "decided_at": pause["decided_at"], "livemode": False}
     assert [vote["recipient"] for vote in checked(api, api.pause(key, team["pause_id"])["receipt"])["votes"]] == ["ana"]
 
@@ -637,7 +638,7 @@ def test_verify_audit_names_each_decided_pause_changed_behind_the_servers_back(a
     named = {line.split(" ")[0]: line for line in said.splitlines()[1:]}
     assert set(named) == {commented, rechosen, swapped, forged_one, team["pause_id"], broken}
     assert "holds what this server never writes" in named[broken]
-    assert "(comment)" in named[commented] and "(choice)" in named[rechosen] and "(pause_id)" in named[swapped]
+    assert "(comment_sha256)" in named[commented] and "(choice)" in named[rechosen] and "(pause_id)" in named[swapped]
     assert "signature does not check" in named[forged_one] and "(votes)" in named[team["pause_id"]]
 
 
