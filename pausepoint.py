@@ -2974,7 +2974,8 @@ def receipt_claims(pause, votes=()):
             "details": shown_details(pause), "options": json.loads(pause["options"]),
             "quorum": json.loads(pause["quorum"] or "null"), "status": pause["status"], "choice": pause["choice"],
             "fields": json.loads(pause["fields"] or "null"), "edited": json.loads(pause["edited"] or "null"),
-            "comment_sha256": comment_sha256(pause["comment"]), "votes": list(votes), "decided_by": pause["decided_by"], "decided_at": api_time(pause["decided_at"]),
+            "comment_sha256": comment_sha256(pause["comment"]), "votes": list(votes),
+            "decided_by": pause["decided_by"], "decided_at": api_time(pause["decided_at"]),
             "livemode": bool(pause["livemode"])}
 
 
@@ -3609,8 +3610,9 @@ def due_batch(conn, after):
     with their receipts as timed out now being signed. A team pause's receipt lists its
     votes, and one may still come in before its timeout commits: it is signed then."""
     now = db_time()
+    timed_out = ", ".join(f"{value} AS {column}" for column, value in TIMED_OUT.items())
     rows = query_db(conn, "SELECT seq, id, developer_id, team, expires_at, message, title, metadata, options,"
-                          f" quorum, fields, livemode, {', '.join(f'{value} AS {column}' for column, value in TIMED_OUT.items())}"
+                          f" quorum, fields, livemode, {timed_out}"
                           " FROM pauses WHERE status = 'pending' AND expires_at <= :now"
                           " AND (expires_at, seq) > (:after_expiry, :after_seq) ORDER BY expires_at, seq LIMIT :batch",
                     {"now": now, "after_expiry": after[0], "after_seq": after[1], "batch": JOB_BATCH})
