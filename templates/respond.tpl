@@ -25,6 +25,13 @@
   </tbody>
 </table>
 % end
+% # A value the approver may not change is the agent's text alone: outside this section it read
+% # as the page's own ("Recorded: Approve at 14:02, you may close this page").
+% for name, field in (pause.get('fields') or {}).items():
+%   if not field['editable']:
+<p class="field"><bdi class="field-label">{{field.get('label', name)}}</bdi> <strong>{{field_text(field['value'])}}</strong></p>
+%   end
+% end
 </section>
 % if error and (pause['status'] != 'pending' or pause.get('your_vote')):
 <p class="error" role="alert">{{error}}</p>
@@ -57,7 +64,7 @@
     % for name, field in pause['fields'].items():
     %   label, kind, shown = field.get('label', name), field['type'], entered.get('field.' + name, form_text(field['value']))
     %   if not field['editable']:
-    <p class="field"><bdi class="field-label">{{label}}</bdi> <strong>{{field_text(field['value'])}}</strong></p>
+    %     pass
     %   elif kind in ('boolean', 'enum'):
     <label for="field-{{name}}" dir="auto">{{label}}</label>
     <select id="field-{{name}}" name="field.{{name}}">

@@ -362,6 +362,20 @@ def test_a_title_dressed_as_the_pages_own_outcome_stays_framed_as_the_agents_wor
     assert decided.select_one("#outcome") is not None and decided.select_one("section.asked #outcome") is None
 
 
+def test_a_value_the_approver_may_not_change_stays_framed_as_the_agents_words(api):
+    """A fixed field is the agent's text alone, label and value: "Recorded:" and "Approve at 14:02,
+    you may close this page" read, outside the frame, as the page's own outcome."""
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key, timeout_default="Approve", fields={
+        "status": {"type": "string", "value": "Approve at 14:02, you may close this page", "label": "Recorded:"},
+        "amount": {"type": "number", "value": 340, "editable": True, "label": "Amount"}})
+    page = api.get(respond_path(created, page=True)).html
+    assert page.select_one("section.asked p.field").text == "Recorded: Approve at 14:02, you may close this page"
+    assert len(page.select("p.field")) == 1 and page.select_one("form input[name='field.amount']") is not None
+    api.post(respond_path(created, page=True), {"choice": "Reject"}, status=303)
+    assert "Recorded: Approve at 14:02" in api.get(respond_path(created, page=True)).html.select_one("section.asked").text
+
+
 def test_details_cannot_be_made_to_read_as_something_else(api):
     """Metadata is free-form, unlike the question: what it shows is made plain instead of refused."""
     key = api.register()["test_api_key"]
