@@ -64,8 +64,9 @@
     % for name, field in pause['fields'].items():
     %   label, kind, shown = field.get('label', name), field['type'], entered.get('field.' + name, form_text(field['value']))
     %   if not field['editable']:
-    %     pass
-    %   elif kind in ('boolean', 'enum'):
+    %     continue          # shown with what the agent wrote, above
+    %   end
+    %   if kind in ('boolean', 'enum'):
     <label for="field-{{name}}" dir="auto">{{label}}</label>
     <select id="field-{{name}}" name="field.{{name}}">
     %     for choice, text in ([('true', 'Yes'), ('false', 'No')] if kind == 'boolean' else [(c, c) for c in field['choices']]):
