@@ -9,6 +9,9 @@
  · by {{pause['decided_by']}} at {{pause['decided_at']}}
 % end
 </p>
+% if pause.get('title'):
+<p class="title" id="title" dir="auto"><strong>{{pause['title']}}</strong></p>
+% end
 <blockquote class="message" dir="auto">{{pause['message']}}</blockquote>
 <dl class="facts">
   <dt>Options</dt><dd>{{', '.join(pause['options'])}}</dd>

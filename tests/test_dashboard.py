@@ -521,12 +521,14 @@ def test_sessions_end_when_idle_and_at_their_absolute_limit(running_api):
 def test_a_pause_appears_in_the_list_and_its_page_and_can_be_cancelled_there(running_api):
     api = running_api()
     _, keys = sign_up(api)
-    created = api.create_pause(keys["test"], message=f"Wire $340? {XSS}", metadata={"note": XSS, "to": "\u202e043$"})
+    created = api.create_pause(keys["test"], message=f"Wire $340? {XSS}", metadata={"note": XSS, "to": "\u202e043$"},
+                               title=f"Acme {XSS}")
     listing = api.get("/dashboard/pauses")
     assert created["pause_id"] in listing.text and XSS not in listing.text and "&lt;script&gt;" in listing.text
     assert listing.html.select_one("#test-mode") is not None           # the test-mode badge
     page = api.get(f"/dashboard/pauses/{created['pause_id']}")
     assert XSS not in page.text and timeline(page) == ["pause.created"]
+    assert page.html.select_one("#title").text == f"Acme {XSS}"         # the title it was asked under, as text
     # Metadata shows as the JSON it is, a bidirectional override written as its escape, not obeyed.
     assert '"to": "\\u202e043$"' in page.html.select_one("pre.text").text and "\u202e" not in page.text
     api.step("notifications")
