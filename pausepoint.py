@@ -10441,7 +10441,8 @@ def command_line():
     put_back = command("restore", help="put a backup in the database's place, the server stopped; the database it"
                                        " replaces is kept beside it")
     put_back.add_argument("backup", help="a file the backup command wrote")
-    command("verify-audit", help="check every audit chain; exits 1 naming the first event that breaks each")
+    command("verify-audit", help="check every audit chain, and every decided pause against its receipt; exits 1"
+                                  " naming the first event that breaks each chain and each pause unlike its receipt")
     rotate = command("rotate-signing-key", help="sign from now on with a new key; old public keys stay published")
     rotate.add_argument("--keys-lost", action="store_true",
                         help="the keys file is gone and no backup holds it: make a new one (receipts signed before"

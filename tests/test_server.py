@@ -1012,7 +1012,8 @@ def test_help_explains_each_command(tmp_path):
 
 @pytest.mark.parametrize("command, says", [("serve", "Serve the API and respond pages"),
                                            ("set-password", "every sign-in of theirs ends"),
-                                           ("rotate-signing-key", "old public keys stay published")])
+                                           ("rotate-signing-key", "old public keys stay published"),
+                                           ("verify-audit", "every decided pause against its receipt")])
 def test_a_commands_own_help_says_what_it_does(tmp_path, command, says):
     assert says in " ".join(run_cli(tmp_path, command, "--help").stdout.split())
 
