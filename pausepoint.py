@@ -161,7 +161,7 @@ SETTINGS = [
     Setting("outbound.workers", 16, "Threads for outbound calls: webhook deliveries and notification sends."),
     Setting("outbound.deadline_seconds", 10.0, "Seconds one outbound call (a webhook delivery or a notification send) may take in all, from the name lookup to the last byte of the answer; a slower one is cut off and retried later."),
     Setting("outbound.per_developer", 4, "Outbound calls one developer's work may have in flight at once, so one tenant's slow receivers cannot hold every worker (test webhook deliveries one fewer, so they leave live ones a call, unless this is 1)."),
-    Setting("ratelimit.enabled", True, "Rate-limit registration, key rotation and failed respond-token lookups per client IP."),
+    Setting("ratelimit.enabled", True, "Enforce every ratelimit.* limit: registrations, failed password checks, key rotations, unknown respond tokens, webhook changes and test-mode pauses per hour. Turn off only for benchmarks."),
     Setting("ratelimit.register_per_hour", 20, "Registrations allowed per client IP per hour."),
     Setting("ratelimit.login_per_hour", 20, "Failed password checks (dashboard sign-in, key rotation) allowed per hour per client IP, and per email (or, for a browser that signed in as that developer before, per browser)."),
     Setting("ratelimit.rotate_per_hour", 20, "Key rotations (attempts, right or wrong) allowed per client IP per hour through the API, and per developer from the dashboard (password changes and webhook endpoints added there included; there, only those with the right password count)."),

@@ -646,3 +646,11 @@ def test_a_test_pause_spends_the_hourly_test_allowance_by_its_weight(running_api
     refused = api.post_json("/v1/pause", WIRE, headers=test, status=429)
     assert refused.json["error"]["code"] == "rate_limited" and int(refused.headers["Retry-After"]) > 0
     assert stored(api.config, "SELECT count(*) FROM pauses") == [(2,)]
+
+
+def test_with_rate_limits_off_test_pauses_are_not_held_to_the_hourly_allowance(running_api):
+    api = running_api(**{"ratelimit.test_pauses_per_hour": 1, "ratelimit.enabled": False})
+    keys = api.register()
+    for _ in range(3):
+        api.create_pause(keys["test_api_key"])
+    assert stored(api.config, "SELECT count(*) FROM pauses") == [(3,)]
