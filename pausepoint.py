@@ -127,7 +127,7 @@ SETTINGS = [
     Setting("server.max_body_bytes", 65536, "Largest request body accepted; larger ones are refused with 413 as soon as their size is known."),
     Setting("server.max_header_bytes", 32768, "Largest request line and headers accepted, in bytes (as nginx's default); larger ones, or more than 100 header lines, get 431."),
     Setting("server.connection_limit", 4096, "Open client connections at most. Near the limit, the quietest connections that are not being served are closed to make room."),
-    Setting("server.connections_per_ip", 64, "Connections one client address (an IPv6 one by its /64) may hold open while not being served (idle, or still sending); beyond it its new connections are closed at once, or its quietest idle keep-alive one makes room. server.trusted_proxy is exempt."),
+    Setting("server.connections_per_ip", 64, "Connections one client address (an IPv6 one by its /64) may hold open while not being served (idle, or still sending); beyond it its new connections are answered 503 (Retry-After: 1) and closed at once, or its quietest idle keep-alive one makes room. server.trusted_proxy is exempt."),
     Setting("server.header_timeout", 10, "Seconds a client has to send a request's headers in full once it starts; slower ones are disconnected."),
     Setting("server.body_timeout", 30, "Seconds a client has to send a request's body in full after its headers."),
     Setting("server.idle_timeout", 60, "Seconds an idle keep-alive connection stays open."),
