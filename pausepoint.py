@@ -2452,9 +2452,29 @@ def edit_fields(fields, edits):
             raise invalid(f"fields.{name}", f"{field.get('label', name)} may not be changed")
         if problem:
             raise invalid(f"fields.{name}", f"{field.get('label', name)} {problem}")
+        refuse_a_look_alike(name, field, value, [field["value"]])
         edited[name] = {"old": field["value"], "new": typed_value(field, value)}
         field["value"] = edited[name]["new"]
     return final, edited
+
+
+def refuse_a_look_alike(name, field, value, values):
+    """422 for a text field's new `value` that reads as one of `values` (its value as asked,
+    or another approval's) without being it: 'Acme Cоrp' with a Cyrillic о, or a space
+    more. Whoever reads it takes it for that value: shown as an earlier approval's change
+    ("changed payee from Acme Corp to Acme Cоrp") and filled in, it would be approved as
+    the value it mimics."""
+    if field["type"] != "string":
+        return
+    mixed = mixed_script_word(value)
+    if mixed:
+        raise invalid(f"fields.{name}", f"{field.get('label', name)} must not mix alphabets within a word ({mixed!r}"
+                                        " does), which makes look-alikes")
+    seen = text_as_seen(value)
+    if any(value != other and seen == text_as_seen(other) for other in values):
+        raise invalid(f"fields.{name}", f"{field.get('label', name)} must differ visibly from the value it"
+                                        " replaces or another approval's, not only in look-alike letters, invisible"
+                                        " characters or spaces")
 
 
 # Alphabets with letters drawn alike; words mixing CJK and Latin ('OKです') are ordinary.
@@ -2508,8 +2528,15 @@ def option_identity(option):
     """What a person sees an option as: 'Reject', 'reject', 'Reject' with a zero-width
     space and 'Rеject' with a Cyrillic е look alike on a button and to an SMS reply,
     so they are the same option."""
-    visible = INVISIBLE.sub("", "".join(c for c in option if unicodedata.category(c) != "Cf"))
-    return " ".join(unicodedata.normalize("NFKC", visible).translate(LOOK_ALIKES).casefold().split())
+    return text_as_seen(option).casefold()
+
+
+def text_as_seen(text):
+    """Text as a reader tells it apart: without invisible characters, compatibility forms
+    (a fullwidth Ａ is A), Cyrillic and Greek look-alikes of Latin letters, or runs of spaces
+    and line breaks, which a page shows as one space."""
+    visible = INVISIBLE.sub("", "".join(c for c in text if unicodedata.category(c) != "Cf"))
+    return " ".join(unicodedata.normalize("NFKC", visible).translate(LOOK_ALIKES).split())
 
 
 def compact_json(value):
@@ -3031,6 +3058,10 @@ def answer_pause(conn, config, pause, choice, comment, data, edits=None, now=Non
                             edits=(final if declared else None, edited))
     if pause["expires_at"] <= now:
         return False
+    if pause["quorum"] and choice == json.loads(pause["quorum"])["choice"]:
+        approved = approved_values(conn, pause)     # this approval counts with theirs only if the same
+        for name, change in edited.items():
+            refuse_a_look_alike(name, declared[name], change["new"], approved.get(name, ()))
     record_vote(conn, config, pause, choice, comment, edited, data, now)
     votes = deciding_votes(conn, pause, choice, edited)
     if votes is None:

@@ -527,3 +527,32 @@ def test_a_push_target_under_two_channel_names_is_one_person(running_api):
     refused = api.post_json("/v1/pause", {**TWO_APPROVALS, **both}, headers=api.as_key(key), status=422).json
     assert refused["error"]["field"] == "recipients" and "'oncall' is asked twice" in refused["error"]["message"]
     assert stored(api.config, "SELECT count(*) FROM pauses") == [(0,)]
+
+
+def test_an_approval_may_not_offer_a_value_that_only_looks_like_another(team):
+    """A changed text is shown to the next approvers as the earlier approval's and filled in
+    for them: one that reads as the value asked, or as another approval's, would be
+    approved by people who took it for that value."""
+    api, key = team
+    fields = {"payee": {"type": "string", "value": "Acme Corp", "editable": True}}
+    created = api.post_json("/v1/pause", {**TWO_APPROVALS, "fields": fields}, headers=api.as_key(key)).json
+    first, second, third = created["recipients"]
+    for look_alike in ("Acme C\u043erp", "Acme  Corp", "Acme Corp\u200b", "\uff21cme Corp"):
+        refused = answer(api, first, "Approve", status=422, fields={"payee": look_alike}).json["error"]
+        assert refused["field"] == "fields.payee"
+    assert answer(api, first, "Approve", status=422,
+                  fields={"payee": "\u0410cme Holdings"}).json["error"]["field"] == "fields.payee"
+    answer(api, first, "Approve", fields={"payee": "Acme Holdings"})
+    refused = answer(api, second, "Approve", status=422, fields={"payee": "Acme  Holdings"}).json["error"]
+    assert refused["field"] == "fields.payee"
+    assert stored(api.config, "SELECT count(*) FROM pause_recipients WHERE voted_at IS NOT NULL") == [(1,)]
+    # A change anyone can see counts, as does the same value again.
+    answer(api, second, "Approve", fields={"payee": "ACME Holdings"})
+    answer(api, third, "Approve", fields={"payee": "Acme Holdings"})
+    decided = api.pause(key, created["pause_id"])
+    assert (decided["status"], decided["fields"]["payee"]["value"]) == ("responded", "Acme Holdings")
+    # One person asked alone may not make such a change either.
+    alone = api.post_json("/v1/pause", {**WIRE, "fields": fields}, headers=api.as_key(key)).json
+    assert answer(api, alone, "Approve", status=422, fields={"payee": "Acme C\u043erp"}).json["error"]["field"] == (
+        "fields.payee")
+    assert api.pause(key, alone["pause_id"])["status"] == "pending"
