@@ -8424,7 +8424,8 @@ def page_edits(conn, pause, form):
     approval's, not only the latest's: another may have come since the page was shown."""
     edits = form_edits(pause, form)
     offered = approved_values(conn, pause)
-    if not offered or form.get("choice") == json.loads(pause["quorum"])["choice"]:
+    # The choice as respond_to_pause() reads it: 'Approve ' is an approval, not a veto.
+    if not offered or (form.get("choice") or "").strip() == json.loads(pause["quorum"])["choice"]:
         return edits
     fields = json.loads(pause["fields"])
     return {name: value for name, value in edits.items()

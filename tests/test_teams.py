@@ -556,3 +556,15 @@ def test_an_approval_may_not_offer_a_value_that_only_looks_like_another(team):
     assert answer(api, alone, "Approve", status=422, fields={"payee": "Acme C\u043erp"}).json["error"]["field"] == (
         "fields.payee")
     assert api.pause(key, alone["pause_id"])["status"] == "pending"
+
+
+def test_an_approval_from_the_filled_in_page_keeps_its_values_however_its_choice_is_spaced(team):
+    api, key = team
+    fields = {"amount": {"type": "number", "value": 340, "max": 500, "editable": True}}
+    created = api.post_json("/v1/pause", {**TWO_APPROVALS, "fields": fields}, headers=api.as_key(key)).json
+    first, second, _ = created["recipients"]
+    answer(api, first, "Approve", fields={"amount": 300})
+    api.post(f"/respond/{token_of(second['respond_url'])}", {"choice": "Approve ", "field.amount": "300"}, status=303)
+    decided = api.pause(key, created["pause_id"])
+    assert (decided["status"], decided["choice"], decided["fields"]["amount"]["value"]) == ("responded", "Approve", 300)
+    assert [vote["edits"] for vote in decided["votes"]] == [{"amount": 300}, {"amount": 300}]
