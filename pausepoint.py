@@ -4202,11 +4202,12 @@ def under_deadline(session, deadline, allow_private=True):
     return session
 
 
-def claim_expiry(config, at_least_seconds):
-    """When a claim on a send or a delivery lapses, so that it may be claimed again: well
-    past the call's whole deadline, so only a crash ever leaves one to be taken twice."""
+def claim_expiry(config, at_least_seconds, now=None):
+    """When a claim on a send or a delivery made `now` (a datetime) lapses, so that it may be
+    claimed again: well past the call's whole deadline, so only a crash ever leaves one to be
+    taken twice."""
     seconds = max(at_least_seconds, 3 * config["outbound.deadline_seconds"])
-    return db_time(utcnow() + dt.timedelta(seconds=seconds))
+    return db_time((now or utcnow()) + dt.timedelta(seconds=seconds))
 
 
 def lapse_claims_of_a_stopped_server(conn):
@@ -4965,7 +4966,8 @@ def claim_notification(conn, config, row):
         # meanwhile would still look open, and its question go out after it expired; and a
         # claim that waited longer than its length would be written lapsed, taken by the next
         # round as a crash's while its send went on, and the message sent twice.
-        as_read.update(now=db_time(), until=claim_expiry(config, NOTIFICATION_CLAIM_SECONDS))
+        now = utcnow()          # one reading for both: the claim lasts its whole length from when it is written
+        as_read.update(now=db_time(now), until=claim_expiry(config, NOTIFICATION_CLAIM_SECONDS, now))
         claimed = conn.execute("UPDATE notifications SET status = 'sending', attempts = attempts + 1,"
                                f" next_attempt_at = :until, updated_at = :now {unchanged} AND {STILL_OPEN}",
                                as_read).rowcount
@@ -5721,12 +5723,13 @@ def claim_delivery(conn, config, row):
     """Compare-and-set a due delivery to 'delivering', so no row is sent twice at once;
     returns the claim's expiry, or None when another worker got there first."""
     with transaction(conn):
-        claim_until = claim_expiry(config, DELIVERY_CLAIM_SECONDS)    # from when the write lock is ours (as texts')
+        now = utcnow()          # from when the write lock is ours (as texts'), one reading for both
+        claim_until = claim_expiry(config, DELIVERY_CLAIM_SECONDS, now)
         won = conn.execute(
             "UPDATE webhook_deliveries SET status = 'delivering', attempts = attempts + 1, next_attempt_at = ?,"
             " updated_at = ? WHERE id = ? AND status = ? AND next_attempt_at = ? AND EXISTS (SELECT 1 FROM webhooks w"
             " WHERE w.id = webhook_deliveries.webhook_id AND w.status = 'enabled' AND w.deleted_at IS NULL)",
-            (claim_until, db_time(), row["id"], row["status"], row["next_attempt_at"])).rowcount
+            (claim_until, db_time(now), row["id"], row["status"], row["next_attempt_at"])).rowcount
     return claim_until if won else None
 
 
