@@ -746,7 +746,7 @@ MIGRATIONS = [
     """),
     # The audit log becomes tamper-evident: each event chained to the one before (Python: SHA-256).
     (13, lambda conn: chain_audit_events(conn)),
-    (14, "ALTER TABLE pauses ADD COLUMN receipt TEXT;"),
+    (14, "ALTER TABLE pauses ADD COLUMN receipt TEXT;"),        # (RECEIPTS_SINCE_SCHEMA)
     (15, "CREATE TABLE sms_replies (message_sid TEXT PRIMARY KEY, received_at TEXT NOT NULL) WITHOUT ROWID;"),
     (16, "ALTER TABLE notifications ADD COLUMN may_have_reached INTEGER NOT NULL DEFAULT 0"
          " CHECK (may_have_reached IN (0, 1));"),
@@ -6185,7 +6185,7 @@ def receipt_breaks(conn, published):
     from end to end, but cannot sign: a decided pause changed (its choice, its comment) no
     longer says what its receipt does. A receipt signed before a claim was added (the
     comment, the developer) vouches for the claims it has."""
-    breaks, checked, unknown, after = [], 0, 0, 0
+    breaks, checked, unknown, after = unsigned_since_receipts(conn), 0, 0, 0
     while pauses := query_db(conn, "SELECT * FROM pauses WHERE receipt IS NOT NULL AND seq > ? ORDER BY seq LIMIT ?",
                              (after, AUDIT_READ_PAGE)):
         for pause in pauses:
@@ -6201,6 +6201,20 @@ def receipt_breaks(conn, published):
 
 
 KEY_NOT_PUBLISHED = "signed with a key the keys file does not publish"
+RECEIPTS_SINCE_SCHEMA = 14         # the migration that brought receipts: every decision since is signed
+
+
+def unsigned_since_receipts(conn):
+    """Decided pauses without a receipt, though decided once every decision was signed (since
+    the database took migration RECEIPTS_SINCE_SCHEMA, or was made at a later schema): a
+    receipt cleared along with a change to its pause. Those decided before have none by right."""
+    since = query_db(conn, "SELECT min(applied_at) FROM schema_migrations WHERE version >= ?",
+                     (RECEIPTS_SINCE_SCHEMA,), one=True)[0]
+    return [(pause_id, developer_id, livemode, "it has none, though every decision since"
+             f" {api_time(since)} is signed: its receipt was removed")
+            for pause_id, developer_id, livemode in conn.execute(
+                "SELECT id, developer_id, livemode FROM pauses WHERE receipt IS NULL AND status != 'pending'"
+                " AND decided_at >= ? ORDER BY seq", (since,))] if since else []
 
 
 def receipt_problem(pause, published, votes):

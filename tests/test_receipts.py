@@ -630,16 +630,40 @@ def test_verify_audit_names_each_decided_pause_changed_behind_the_servers_back(a
            forged(api.pause(key, forged_one)["receipt"], choice="Reject"), forged_one)
     stored(api.config, "UPDATE pause_recipients SET comment = 'no' WHERE pause_id = ? AND recipient = 'bo'",
            team["pause_id"])
-    broken = api.create_pause(key, channel="link", recipient="ops")["pause_id"]
-    api.post(f"/v1/pause/{broken}/cancel", headers=api.as_key(key))
+    broken, unsigned = (api.create_pause(key, channel="link", recipient="ops")["pause_id"] for _ in range(2))
+    for pause_id in (broken, unsigned):
+        api.post(f"/v1/pause/{pause_id}/cancel", headers=api.as_key(key))
     stored(api.config, "UPDATE pauses SET options = '[\"Approve\"' WHERE id = ?", broken)
+    stored(api.config, "UPDATE pauses SET receipt = NULL, status = 'responded', choice = 'Approve' WHERE id = ?",
+           unsigned)
     status, said = verify_audit(api.config)
-    assert status == 1 and said.splitlines()[0] == "every audit chain holds: 16 events in 1 chains"
+    assert status == 1 and said.splitlines()[0] == "every audit chain holds: 18 events in 1 chains"
     named = {line.split(" ")[0]: line for line in said.splitlines()[1:]}
-    assert set(named) == {commented, rechosen, swapped, forged_one, team["pause_id"], broken}
-    assert "holds what this server never writes" in named[broken]
+    assert set(named) == {commented, rechosen, swapped, forged_one, team["pause_id"], broken, unsigned}
+    assert "holds what this server never writes" in named[broken] and "its receipt was removed" in named[unsigned]
     assert "(comment_sha256)" in named[commented] and "(choice)" in named[rechosen] and "(pause_id)" in named[swapped]
     assert "signature does not check" in named[forged_one] and "(votes)" in named[team["pause_id"]]
+
+
+def test_verify_audit_names_no_pause_decided_before_receipts_for_having_none(tmp_path):
+    """A database from before receipts: its pauses decided then have none by right."""
+    from test_database import make_database
+    old = str(tmp_path / "pausepoint.db")
+    db = make_database(old, "schema_v10.sql", 10)
+    rows = {"developers": {"id": "dev_1", "email": "a@example.com", "name": "A", "password_hash": "x",
+                           "created_at": "2026-01-01T00:00:00.000Z"},
+            "pauses": {"id": "psr_1", "developer_id": "dev_1", "livemode": 1, "recipient": "ops", "channel": "link",
+                       "message": "Old?", "options": '["Yes","No"]', "respond_token": "tok", "status": "responded",
+                       "choice": "Yes", "decided_by": "respondent", "created_at": "2026-01-01T00:00:00.000Z",
+                       "expires_at": "2026-01-02T00:00:00.000Z", "decided_at": "2026-01-01T00:01:00.000Z"}}
+    for table, row in rows.items():
+        db.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+    db.commit()
+    db.close()
+    config = pausepoint.load_config(environ={}, overrides={"database.path": old})
+    pausepoint.create_app(config).runtime.stop()            # upgraded, and its keys made, as a start does
+    assert verify_audit(config) == (0, "every audit chain holds: 0 events in 0 chains\n"
+                                       "every receipt checks: 0 decided pauses say what their receipts do\n")
 
 
 def test_verify_audit_says_which_receipts_it_could_not_check(running_api, capsys):
