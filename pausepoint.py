@@ -10547,6 +10547,10 @@ def open_failure_hint(path, error):
     if os.path.isdir(path):
         return "; it is a directory: name a file"
     directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(path) and not os.access(path, os.R_OK):
+        owner = os.stat(path)
+        return (f"; this user (uid {os.getuid()}) may not read it (it belongs to uid {owner.st_uid}, mode"
+                f" {stat.S_IMODE(owner.st_mode):o}): run this as the user the server runs as")
     if os.path.isfile(path) and not os.path.exists(path + "-shm") and not os.access(directory, os.W_OK):
         # A reader of a database in WAL mode shares its wal-index (the -shm file) with the
         # other connections: a first reader makes it, in the database's directory.

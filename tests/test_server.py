@@ -788,7 +788,8 @@ def test_a_command_that_may_not_read_a_served_database_never_says_to_delete_its_
     result = subprocess.run(["setpriv", f"--inh-caps={unprivileged}", f"--bounding-set={unprivileged}", sys.executable,
                              os.path.join(ROOT, "pausepoint.py"), "--db", str(tmp_path / "pausepoint.db"), "backup",
                              str(tmp_path / "copy.db")], env=process_env(), capture_output=True, text=True)
-    one_sentence(result, "cannot use the database", "may this user")
+    one_sentence(result, "cannot use the database", "may not read it (it belongs to uid 12345, mode 600): run this"
+                                                     " as the user the server runs as")
     assert "delete" not in result.stderr
 
 
