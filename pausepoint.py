@@ -8573,6 +8573,11 @@ class DashboardCookies:
         return {"path": "/" if self.secure else "/dashboard", "secure": self.secure}
 
 
+# The sign-in cookie's name on a server behind https and on one without: the thread
+# dispatcher tells parties apart before any request reaches the app that knows which.
+SESSION_COOKIE_NAMES = (DashboardCookies(secure=True).name(SESSION_COOKIE), SESSION_COOKIE)
+
+
 def redirect(location):
     """A 303 to `location` (DashboardCookies may set cookies on it)."""
     return bottle.HTTPResponse(status=303, headers={"Location": location, **PAGE_HEADERS})
@@ -9815,8 +9820,7 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
         if key:
             return "key:" + key
         cookies = headers.get("COOKIE")
-        sign_in = (cookie_token(cookies, DashboardCookies(secure=True).name(SESSION_COOKIE))
-                   or cookie_token(cookies, SESSION_COOKIE))
+        sign_in = cookies and next(filter(None, (cookie_token(cookies, name) for name in SESSION_COOKIE_NAMES)), None)
         return "sign-in:" + sign_in if sign_in else ""
 
     def _queue(self, client, channel, first=False):

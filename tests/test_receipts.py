@@ -4,7 +4,6 @@ never with our own code."""
 import base64
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -16,6 +15,7 @@ import pytest
 
 from conftest import (QUESTION, WIRE, LiveServer, fill_disk, free_port, read_only_view, run_cli, run_out, stored,
                       token_of)
+from test_audit_chain import verify_audit
 import pausepoint
 
 TEAM = {**QUESTION,
@@ -601,14 +601,6 @@ def test_the_readme_receipt_check_takes_a_persons_approval_and_nothing_else(api)
             check(receipt[other["pause_id"]], answered["pause_id"])        # another pause's receipt
         with pytest.raises(jwt.InvalidSignatureError):
             check(forged(receipt[timed_out["pause_id"]], status="responded"), timed_out["pause_id"])
-
-
-def verify_audit(config):
-    """The operator's verify-audit, as the command line runs it: (exit status, what it printed)."""
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        status = pausepoint.main(["--db", config["database.path"], "verify-audit"])
-    return status, printed.getvalue()
 
 
 def test_verify_audit_names_each_decided_pause_changed_behind_the_servers_back(api):

@@ -26,6 +26,15 @@ def team(running_api, receiver):
     return api, key
 
 
+def approved_at_300(api, key):
+    """A two-approval pause with an editable amount of 340, whose first person approved 300,
+    as created."""
+    fields = {"amount": {"type": "number", "value": 340, "max": 500, "editable": True}}
+    created = api.post_json("/v1/pause", {**TWO_APPROVALS, "fields": fields}, headers=api.as_key(key)).json
+    answer(api, created["recipients"][0], "Approve", fields={"amount": 300})
+    return created
+
+
 def answer(api, person, choice, status=200, **more):
     return api.post_json(f"/v1/respond/{token_of(person['respond_url'])}", {"choice": choice, **more}, status=status)
 
@@ -473,10 +482,8 @@ def test_a_veto_on_the_filled_in_page_is_not_an_edit_by_the_person_who_vetoed(te
 
 def test_a_veto_on_a_page_filled_in_before_another_approval_is_not_an_edit_either(team):
     api, key = team
-    fields = {"amount": {"type": "number", "value": 340, "max": 500, "editable": True}}
-    created = api.post_json("/v1/pause", {**TWO_APPROVALS, "fields": fields}, headers=api.as_key(key)).json
-    first, second, third = created["recipients"]
-    answer(api, first, "Approve", fields={"amount": 300})
+    created = approved_at_300(api, key)
+    _, second, third = created["recipients"]
     form = api.get(f"/respond/{token_of(second['respond_url'])}").forms[0]
     assert form["field.amount"].value == "300"
     answer(api, third, "Approve", fields={"amount": 250})        # while the page is open: 250 is the latest
@@ -560,10 +567,8 @@ def test_an_approval_may_not_offer_a_value_that_only_looks_like_another(team):
 
 def test_an_approval_from_the_filled_in_page_keeps_its_values_however_its_choice_is_spaced(team):
     api, key = team
-    fields = {"amount": {"type": "number", "value": 340, "max": 500, "editable": True}}
-    created = api.post_json("/v1/pause", {**TWO_APPROVALS, "fields": fields}, headers=api.as_key(key)).json
-    first, second, _ = created["recipients"]
-    answer(api, first, "Approve", fields={"amount": 300})
+    created = approved_at_300(api, key)
+    second = created["recipients"][1]
     api.post(f"/respond/{token_of(second['respond_url'])}", {"choice": "Approve ", "field.amount": "300"}, status=303)
     decided = api.pause(key, created["pause_id"])
     assert (decided["status"], decided["choice"], decided["fields"]["amount"]["value"]) == ("responded", "Approve", 300)
