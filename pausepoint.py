@@ -1052,6 +1052,13 @@ def refuse_before_opening(path):
     refuse_if_open_by_another_name(path)
 
 
+def quick_check(conn, most):
+    """SQLite's quick_check of the database: ['ok'], or up to `most` problems, one a line, past
+    the "*** in database main ***" heading it puts first."""
+    return [line for row in conn.execute(f"PRAGMA quick_check({int(most)})") for line in row[0].splitlines()
+            if not line.startswith("***")]
+
+
 def refuse_if_mixed_with_another_wal(path):
     """A non-empty WAL beside the database at a server's start, or at a command's with no
     process on the database, means the last process did not stop cleanly (a clean stop
@@ -1066,9 +1073,7 @@ def refuse_if_mixed_with_another_wal(path):
         return
     try:
         with contextlib.closing(connect_read_only(path)) as conn:       # a reader never checkpoints
-            # Its problems, one a line, past the "*** in database main ***" heading it puts first.
-            found = [line for row in conn.execute("PRAGMA quick_check(2)") for line in row[0].splitlines()
-                     if not line.startswith("***")]
+            found = quick_check(conn, 2)
     except sqlite3.DatabaseError as e:
         if getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_CANTOPEN:
             # Not this user's to read (a command run as another than the server's, which may be
@@ -6034,6 +6039,11 @@ def signing_keys_path(database_path):
     return database_path + ".keys.json"
 
 
+def from_b64url(text):
+    """The bytes of unpadded base64url text (b64url()'s inverse)."""
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
 def b64url(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -6220,18 +6230,16 @@ def unsigned_since_receipts(conn):
 def receipt_problem(pause, published, votes):
     """Why a decided pause's receipt does not hold (KEY_NOT_PUBLISHED when it cannot be
     checked here: a key lost with its file), or None when it does."""
-    def decoded(part):
-        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
     try:
         header, payload, signature = pause["receipt"].split(".")
-        algorithm, kid = (json.loads(decoded(header))[name] for name in ("alg", "kid"))
-        claims = json.loads(decoded(payload))
+        algorithm, kid = (json.loads(from_b64url(header))[name] for name in ("alg", "kid"))
+        claims = json.loads(from_b64url(payload))
         if algorithm != "EdDSA" or not isinstance(claims, dict):
             return "it is not a receipt this server signs"
         if kid not in published:
             return KEY_NOT_PUBLISHED
-        Ed25519PublicKey.from_public_bytes(decoded(published[kid])).verify(decoded(signature),
-                                                                           f"{header}.{payload}".encode("ascii"))
+        Ed25519PublicKey.from_public_bytes(from_b64url(published[kid])).verify(
+            from_b64url(signature), f"{header}.{payload}".encode("ascii"))
     except InvalidSignature:
         return "its signature does not check: the receipt was changed"
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -10363,9 +10371,7 @@ def checked_backup(copy, source):
     that holds no PausePoint database this version may run."""
     with contextlib.closing(sqlite3.connect(copy)) as conn:
         try:
-            # Its problems, one a line, past the "*** in database main ***" heading it puts first.
-            found = [line for row in conn.execute("PRAGMA quick_check(1)") for line in row[0].splitlines()
-                     if not line.startswith("***")]
+            found = quick_check(conn, 1)
         except sqlite3.DatabaseError as e:
             found = [str(e)]
         if found != ["ok"]:
