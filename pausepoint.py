@@ -966,9 +966,18 @@ def create_private(path):
     a pause. SQLite gives the -wal and -shm files the database file's mode."""
     if path in ("", ":memory:"):
         return
-    with contextlib.suppress(OSError):      # there already, or no directory for it: SQLite says which
-        # The file a symbolic link names: O_EXCL would not make it through the link.
-        os.close(os.open(os.path.realpath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    real = os.path.realpath(path)       # the file a symbolic link names: O_EXCL would not make it through the link
+    try:
+        os.close(os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:      # there already, or no directory for it: SQLite says which
+        return
+    try:
+        # Its header now, before its signing keys are made beside it: a file of 0 bytes beside
+        # them is then never one a start made, but one emptied (refuse_an_emptied_database()).
+        with contextlib.closing(sqlite3.connect(real)) as conn:
+            conn.execute("PRAGMA journal_mode = WAL")
+    except sqlite3.Error:
+        os.unlink(real)         # (a full disk, say) as it was: the open that follows says why
 
 
 def warn_if_others_may_read(path, what, also=""):
@@ -1050,6 +1059,22 @@ def refuse_before_opening(path):
     its files may be a pipe to wait on."""
     refuse_if_no_file(path)
     refuse_if_open_by_another_name(path)
+
+
+def refuse_an_emptied_database(path):
+    """A database file of 0 bytes beside the signing keys of one that was made there. A first
+    start leaves at least a header in the file (the switch to WAL is written into it), so it
+    was emptied: a copy into its place that failed, a mistaken `> pausepoint.db`. Opened, it
+    would get a fresh schema, and every pause, key and decision would be silently gone.
+    (A file of 0 bytes and no keys is a new database, as an absent one is.)"""
+    def size(name):
+        return os.path.getsize(name) if os.path.isfile(name) else None
+
+    # (Pages still only in a -wal beside it are the database's: SQLite reads them into it.)
+    if size(path) == 0 and not size(os.path.realpath(path) + "-wal") and os.path.exists(signing_keys_path(path)):
+        raise ConfigError(f"{path} is empty (0 bytes), though the signing keys beside it show a database was made"
+                          " there: put the latest backup in place with `pausepoint.py restore BACKUP`; to start"
+                          " afresh instead, remove it and its keys file")
 
 
 def quick_check(conn, most):
@@ -10085,6 +10110,7 @@ def serve(config):
     fewer_malloc_arenas()
     lock = only_server(config["database.path"])     # before anything reads or migrates the database
     refuse_before_opening(config["database.path"])
+    refuse_an_emptied_database(config["database.path"])
     # Looked for before this process opens the database: closing a connection would let go of its locks.
     open_elsewhere = locked_by_another(os.path.realpath(config["database.path"]), SQLITE_OPEN_BYTES)
     refuse_to_upgrade_under_a_server(config["database.path"], check_database(config["database.path"]),
@@ -10635,6 +10661,7 @@ def run_command(args, config):
     if refuse_a_path_no_command_can_use(args.command, config["database.path"]):
         password = check_before_making_a_database(args, config)
     refuse_before_opening(config["database.path"])
+    refuse_an_emptied_database(config["database.path"])
     if args.command == "verify-audit":       # it checks the schema itself, read-only
         return verify_audit(config["database.path"])
     open_elsewhere = locked_by_another(os.path.realpath(config["database.path"]), SQLITE_OPEN_BYTES)

@@ -1093,3 +1093,11 @@ def test_a_write_killed_halfway_is_undone_by_the_next_start_which_then_serves(tm
     finally:
         app.runtime.stop()
     assert not stored(path, "SELECT 1 FROM sqlite_master WHERE name = 'half_written'")
+
+
+def test_a_new_database_file_has_its_header_before_anything_is_made_beside_it(tmp_path):
+    # So that a file of 0 bytes beside signing keys is one emptied, never one a start was making.
+    path = str(tmp_path / "pausepoint.db")
+    pausepoint.create_private(path)
+    assert os.path.getsize(path) > 0 and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stored(path, "PRAGMA journal_mode") == [("wal",)]

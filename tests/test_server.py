@@ -1308,6 +1308,25 @@ def test_another_applications_database_is_refused_and_left_as_it_was(tmp_path, t
     assert not {"copy.db", "pausepoint.db.keys.json"} & set(os.listdir(tmp_path))
 
 
+def test_a_database_emptied_beside_its_keys_is_refused_and_a_restore_brings_it_back(tmp_path):
+    db = operators_database(tmp_path)
+    assert run_cli(tmp_path, "rotate-signing-key").returncode == 0        # its keys, as a first start makes them
+    assert run_cli(tmp_path, "backup", str(tmp_path / "kept.db")).returncode == 0
+    db.write_bytes(b"")             # a copy into its place that failed
+    for start in EVERY_START:
+        one_sentence(run_cli(tmp_path, *start, "--port", str(free_port()), stdin=PASSWORD + "\n"),
+                     f"{db} is empty (0 bytes), though the signing keys beside it show a database was made there:"
+                     " put the latest backup in place with `pausepoint.py restore BACKUP`")
+    assert db.stat().st_size == 0 and "copy.db" not in os.listdir(tmp_path)
+    assert run_cli(tmp_path, "restore", str(tmp_path / "kept.db")).returncode == 0
+    assert stored(db, "SELECT email FROM developers") == [("ops@example.com",)]
+
+
+def test_a_file_of_0_bytes_with_no_keys_beside_it_is_a_new_database(tmp_path):
+    (tmp_path / "pausepoint.db").write_bytes(b"")         # touch pausepoint.db
+    assert operators_database(tmp_path).stat().st_size > 0
+
+
 def test_a_proxy_writing_the_client_port_with_an_ipv6_address_does_not_make_each_connection_a_client(tmp_path):
     # "[2001:db8::7]:40001", as some proxies and load balancers write an IPv6 client with its
     # source port: each new connection has another port, and must not bring a fresh budget.
