@@ -2587,7 +2587,18 @@ def json_for_reading(value, indent=None):
 
 
 def request_fingerprint(body):
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """What tells one create's body from another's, for its Idempotency-Key: the JSON's values,
+    not how they were written. 4 and 4.0 are one number in JSON (and in the request's schema),
+    though Python reads them as int and float: a retry that a client library wrote again as
+    4.0 is the same request, not one to refuse as another body."""
+    def alike(value):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, dict):
+            return {name: alike(item) for name, item in value.items()}
+        return [alike(item) for item in value] if isinstance(value, list) else value
+
+    return hashlib.sha256(json.dumps(alike(body), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def month_start(moment):

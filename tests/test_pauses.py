@@ -1,6 +1,7 @@
 import contextlib
 import datetime as dt
 import logging
+import json
 import os
 import shutil
 import sqlite3
@@ -200,6 +201,20 @@ def test_the_same_idempotency_key_and_body_replays_the_original_pause(api, devel
     assert db.execute("SELECT count(*) FROM notifications").fetchone()[0] == 1
     different = api.post_json("/v1/pause", {**WIRE, "message": "Wire $3400?"}, headers=headers, status=422)
     assert different.json["error"]["code"] == "idempotency_key_reused"
+
+
+def test_a_retry_writing_its_numbers_another_way_is_the_same_request(api, developer):
+    headers = {**api.as_key(developer["test_api_key"]), "Idempotency-Key": "wire-340-acme"}
+    body = json.dumps({**WIRE, "metadata": {"amount": 340, "legs": [1, 2]}})
+    first = api.post("/v1/pause", body, headers=headers, content_type="application/json", status=201)
+    for written in (body.replace('"timeout_hours": 4', '"timeout_hours": 4.0'), body.replace('"amount": 340', '"amount": 3.4e2'),
+                    body.replace("[1, 2]", "[1.0, 2e0]")):
+        again = api.post("/v1/pause", written, headers=headers, content_type="application/json", status=201)
+        assert again.json == first.json and again.headers["Idempotent-Replayed"] == "true"
+    assert stored(api.config, "SELECT count(*) FROM pauses") == [(1,)]
+    other = json.dumps({**WIRE, "metadata": {"amount": 340.5, "legs": [1, 2]}})
+    refused = api.post("/v1/pause", other, headers=headers, content_type="application/json", status=422)
+    assert refused.json["error"]["code"] == "idempotency_key_reused"
 
 
 def test_a_retry_gets_its_pause_even_where_the_server_would_now_refuse_the_request(running_api, twilio):
