@@ -811,6 +811,18 @@ MIGRATIONS = [
 ]
 
 
+def left_queue(queues, client, waiter):
+    """Whether `waiter` was in `client`'s queue of `queues` (client -> deque, in turn order)
+    and is now taken out of it, the client's queue with it once empty."""
+    queue = queues.get(client)
+    if queue is None or waiter not in queue:
+        return False
+    queue.remove(waiter)
+    if not queue:
+        del queues[client]
+    return True
+
+
 class Turns:
     """At most `size` requests run their Python at once; the others wait for a turn.
     Under the GIL, many threads each doing some Python and many short SQLite calls
@@ -854,13 +866,7 @@ class Turns:
     def _leave(self, address, turn):
         """Take a waiter's turn lock out of the queue; False if a giver took it out first."""
         with self._guard:
-            queue = self._waiting.get(address)
-            if queue is None or turn not in queue:
-                return False
-            queue.remove(turn)
-            if not queue:
-                del self._waiting[address]
-            return True
+            return left_queue(self._waiting, address, turn)
 
     def give(self):
         with self._guard:
@@ -935,6 +941,7 @@ class Connection(sqlite3.Connection):
     on_commit = None        # the runtime's on_commit({what: {ids}}); None for command-line connections
     _woken = None           # what the open transaction will wake once it commits
     borrower = None         # the thread a request connection is lent to (Runtime.db())
+    lock_wait_seconds = 30  # its busy_timeout: database.lock_wait_seconds (see begin_immediate())
 
 
 def connect(path, write_lock=None, cache_kib=128, same_thread=True, lock_wait_seconds=30):
@@ -945,7 +952,7 @@ def connect(path, write_lock=None, cache_kib=128, same_thread=True, lock_wait_se
     create_private(path)
     conn = sqlite3.connect(path, isolation_level=None, timeout=lock_wait_seconds, factory=Connection,
                            check_same_thread=same_thread)
-    conn.write_lock = write_lock
+    conn.write_lock, conn.lock_wait_seconds = write_lock, lock_wait_seconds
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode = WAL")
     # A decision acknowledged to a human must survive a power cut, not only a crash.
@@ -1134,6 +1141,13 @@ def connect_read_only(path, immutable=False):
     return conn
 
 
+class WriteLockWaitOver(sqlite3.OperationalError):
+    """A write refused for having waited its database.lock_wait_seconds in line for the
+    in-process write lock while the writer holding it waited on another process's: SQLite's
+    SQLITE_BUSY, as waiting on that lock itself would have ended (database_locked())."""
+    sqlite_errorcode = sqlite3.SQLITE_BUSY
+
+
 class FairLock:
     """A lock handed to its waiters client by client in rotation (a client address, as
     Turns counts them; the jobs are one client), and to each client's in the order they
@@ -1141,38 +1155,62 @@ class FairLock:
     batch after batch took it straight back and an API write could wait out a dozen
     batches. In the order asked alone, one address's flood of writes (a create refused
     for its rate is a write too) queued every other client's behind all of it: 32 of
-    them made another developer's create take 56 ms at the median instead of 5."""
+    them made another developer's create take 56 ms at the median instead of 5.
+
+    A waiter may have a deadline (time.monotonic()): past it, it is refused while the holder
+    waits on another process's lock (waiting_outside()), and only then. Behind this server's
+    own writes alone it waits its turn however long that takes."""
+
+    class Waiter:
+        __slots__ = ("turn", "deadline", "refused")
+
+        def __init__(self, deadline):
+            self.turn, self.deadline, self.refused = threading.Lock(), deadline, False
+            self.turn.acquire()         # released by the holder, handing the lock over (or refusing it)
 
     def __init__(self):
         self._guard = threading.Lock()
-        self._waiters = collections.OrderedDict()      # client -> its threads' turn locks; order is turn order
+        self._waiters = collections.OrderedDict()      # client -> its threads' Waiters; order is turn order
         self._held = False
+        self._outside = False           # the holder waits on another process's lock (waiting_outside())
 
     def __enter__(self):
         return self.taken_by(None)
 
-    def taken_by(self, client):
-        """Take the lock for `client` (None: not a request's); release it with __exit__()."""
+    def taken_by(self, client, deadline=None):
+        """Take the lock for `client` (None: not a request's); release it with __exit__(). Raises
+        WriteLockWaitOver once past `deadline`, if given, while the holder waits outside."""
         with self._guard:
             if not self._held:
                 self._held = True
                 return self
-            turn = threading.Lock()
-            turn.acquire()
-            self._waiters.setdefault(client, collections.deque()).append(turn)
+            waiter = self.Waiter(deadline)
+            self._waiters.setdefault(client, collections.deque()).append(waiter)
         try:
-            turn.acquire()          # released by the holder, who hands the lock over to us
+            timeout = -1 if deadline is None else max(0, deadline - time.monotonic())
+            if not waiter.turn.acquire(timeout=timeout) and not self._refused_overdue(client, waiter):
+                waiter.turn.acquire()       # handed the lock, or refused once a holder waits outside
         except BaseException:       # interrupted while waiting (a signal): give up our turn
             with self._guard:
-                queue = self._waiters.get(client)
-                if queue is not None and turn in queue:
-                    queue.remove(turn)
-                    if not queue:
-                        del self._waiters[client]
+                if self._leave(client, waiter) or waiter.refused:
                     raise
             self.__exit__()         # it was handed to us meanwhile: pass it on
             raise
+        if waiter.refused:
+            raise WriteLockWaitOver("database is locked: waited database.lock_wait_seconds in line behind a write"
+                                    " waiting for another process's lock")
         return self
+
+    def _refused_overdue(self, client, waiter):
+        """Whether a waiter past its deadline is refused now: if still in line, and the holder waits outside."""
+        with self._guard:
+            if self._outside and self._leave(client, waiter):
+                waiter.refused = True
+            return waiter.refused
+
+    def _leave(self, client, waiter):
+        """Take a waiter out of the queue (the guard held); False if the holder took it out first."""
+        return left_queue(self._waiters, client, waiter)
 
     def __exit__(self, *exc):
         with self._guard:
@@ -1180,20 +1218,39 @@ class FairLock:
                 self._held = False
                 return
             client, queue = next(iter(self._waiters.items()))
-            queue.popleft().release()           # still held: now by that client's first waiter
+            queue.popleft().turn.release()      # still held: now by that client's first waiter
             if queue:
                 self._waiters.move_to_end(client)      # its next write waits for the others' turn
             else:
                 del self._waiters[client]
 
     @contextlib.contextmanager
-    def held_by(self, client):
-        """The lock, taken for `client`, for a with block."""
-        self.taken_by(client)
+    def held_by(self, client, deadline=None):
+        """The lock, taken for `client` (waiting until `deadline` at most: see taken_by()), for a with block."""
+        self.taken_by(client, deadline)
         try:
             yield self
         finally:
             self.__exit__()
+
+    @contextlib.contextmanager
+    def waiting_outside(self):
+        """The holder waits on another process's lock for the block: each waiter past its
+        deadline is refused now, and each other as its deadline passes meanwhile."""
+        now = time.monotonic()
+        with self._guard:
+            self._outside = True
+            overdue = [(client, waiter) for client, queue in self._waiters.items() for waiter in queue
+                       if waiter.deadline is not None and waiter.deadline <= now]
+            for client, waiter in overdue:
+                self._leave(client, waiter)
+                waiter.refused = True
+                waiter.turn.release()
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._outside = False
 
     def locked(self):
         return self._held
@@ -1209,14 +1266,21 @@ def transaction(conn):
     state. Threads of one process first queue on a Python lock: SQLite's own
     busy handler sleeps and retries, which under load turns into long tails.
 
+    While another process holds SQLite's write lock, a write waits for it, in line for
+    the Python lock and then on SQLite's, database.lock_wait_seconds in all from when it
+    asked, then fails with SQLITE_BUSY (database_locked()). Counted on SQLite's lock
+    alone, the k-th of a queue of writes waited out the k-1 lock waits ahead of its own,
+    holding its worker thread as long.
+
     What the transaction's changes should wake (waiting agents, the delivery job)
     is registered with wake_after_commit() and woken only once COMMIT succeeds."""
     if conn.in_transaction:
         # The write lock is not reentrant: nesting would wait on ourselves forever.
         raise RuntimeError("transaction() called inside a transaction on the same connection")
+    deadline = time.monotonic() + conn.lock_wait_seconds
     with (conn.turns.given_up() as client,
-          contextlib.nullcontext() if conn.write_lock is None else conn.write_lock.held_by(client)):
-        conn.execute("BEGIN IMMEDIATE")
+          contextlib.nullcontext() if conn.write_lock is None else conn.write_lock.held_by(client, deadline)):
+        begin_immediate(conn, deadline)
         conn._woken, conn.audit_heads = {}, {}      # audit_heads: each chain's head as this transaction leaves it
         try:
             yield conn
@@ -1229,6 +1293,25 @@ def transaction(conn):
     woken, conn._woken = conn._woken, None
     if woken and conn.on_commit is not None:
         conn.on_commit(woken)
+
+
+def begin_immediate(conn, deadline):
+    """BEGIN IMMEDIATE, waiting for SQLite's write lock until `deadline` (time.monotonic()) at
+    most. Tried first without waiting, so that a lock another process holds is known as such:
+    the writes in line behind this one are then refused as their own deadlines pass
+    (FairLock.waiting_outside()) rather than each waiting its lock wait in turn after it."""
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as e:
+        left = deadline - time.monotonic()
+        if not database_locked(e) or left <= 0:
+            raise
+        with contextlib.nullcontext() if conn.write_lock is None else conn.write_lock.waiting_outside():
+            conn.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
+            conn.execute("BEGIN IMMEDIATE")
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(conn.lock_wait_seconds * 1000)}")
 
 
 def require_transaction(conn):
@@ -1448,9 +1531,9 @@ def disk_is_full(error):
 
 
 def database_locked(error):
-    """Whether `error` is a write that waited lock_wait_seconds for the database's write lock
-    while another process held it (a sqlite3 shell with a transaction open, a VACUUM): not a
-    bug to trace back, and it passes once that process lets go."""
+    """Whether `error` is a write that waited lock_wait_seconds (see transaction()) for the
+    database's write lock while another process held it (a sqlite3 shell with a transaction
+    open, a VACUUM): not a bug to trace back, and it passes once that process lets go."""
     return (isinstance(error, sqlite3.OperationalError)
             and getattr(error, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED))
 

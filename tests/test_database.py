@@ -717,6 +717,34 @@ def test_the_write_lock_goes_to_waiters_in_the_order_they_asked():
     assert order == ["create", "respond", "cancel", "the job's next batch"] and not lock.locked()
 
 
+def test_a_write_past_its_lock_wait_is_refused_only_while_the_writer_ahead_waits_on_another_process():
+    lock, outcomes = pausepoint.FairLock(), []
+
+    def write(name):
+        try:
+            with lock.held_by("198.51.100.1", deadline=time.monotonic() - 1):       # asked long ago
+                outcomes.append(f"{name} written")
+        except pausepoint.WriteLockWaitOver as e:
+            outcomes.append(f"{name} refused")
+            assert pausepoint.write_refused(e) == "locked"                         # a 503 database_busy
+
+    def queue(name):
+        writer = threading.Thread(target=write, args=(name,))
+        writer.start()
+        wait_until(lambda: lock.waiting() == 1)
+        return writer
+
+    with lock:                                      # this server's own write: the one ahead waits its turn
+        behind_ours = queue("behind ours")
+    behind_ours.join(10)
+    with lock:
+        behind_outside = queue("behind one waiting outside")
+        with lock.waiting_outside():                # its BEGIN IMMEDIATE found another process's lock
+            behind_outside.join(10)
+    assert outcomes == ["behind ours written", "behind one waiting outside refused"]
+    assert not lock.locked() and lock.waiting() == 0
+
+
 def test_one_address_flooding_creates_holds_another_developers_create_back_one_write_at_most(running_api):
     flood = running_api(remote_addr="198.51.100.1")
     other = Api(flood.app, extra_environ={"REMOTE_ADDR": "203.0.113.7"})

@@ -116,6 +116,36 @@ def test_a_write_lock_another_process_holds_is_a_503_and_one_line_not_a_tracebac
     assert stored(tmp_path / "pausepoint.db", "SELECT count(*) FROM pauses") == [(1,)]
 
 
+def test_writes_queued_behind_one_waiting_on_another_process_are_each_refused_within_the_lock_wait(
+        spawn_server, tmp_path):
+    """database.lock_wait_seconds bounds a write's whole wait from when it asked: its time in line
+    behind this server's other writes, each waiting on the other process's lock, counts too. Six
+    creates at once do not wait one, two, ... six lock waits each, holding a worker thread so long."""
+    server = spawn_server(env={"PAUSEPOINT_DATABASE_LOCK_WAIT_SECONDS": "1"})
+    key = register(server.url)["test_api_key"]
+
+    def timed_create(_):
+        sent = time.monotonic()
+        response = requests.post(f"{server.url}/v1/pause", json=WIRE, headers=bearer(key))
+        return response, time.monotonic() - sent
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "pausepoint.db", isolation_level=None)) as holder:
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                answers = list(pool.map(timed_create, range(6)))
+        finally:
+            holder.execute("ROLLBACK")
+    for response, _ in answers:
+        assert response.status_code == 503 and response.json()["error"]["code"] == "database_busy", response.text
+        assert response.headers["Retry-After"] == "60"
+    took = sorted(round(took, 2) for _, took in answers)
+    assert took[-1] < 3, took                       # a lock wait of 1 s and room, not six
+    assert stored(tmp_path / "pausepoint.db", "SELECT count(*) FROM pauses") == [(0,)]
+    assert stored(tmp_path / "pausepoint.db", "SELECT count(*) FROM audit_events WHERE pause_id IS NOT NULL") == [(0,)]
+    create(server.url, key)                         # the other process let go: writes go on
+
+
 def test_a_pause_times_out_to_its_default_within_a_second_of_expiring(live_server):
     key = register(live_server.url)["test_api_key"]
     created = create(live_server.url, key, timeout_hours=1 / 3600)
