@@ -9399,8 +9399,9 @@ ERROR_STATUSES = {400: "Malformed JSON, or a lone surrogate in it", 401: "No val
                   429: "A quota, a rate limit or too many pending (too_many_pending); rate limits say when to"
                        " come back in Retry-After",
                   500: "A fault in the server, logged there",
-                  503: "Busy (or starting, or its database held by maintenance: database_busy, nothing stored):"
-                       " try again shortly, after Retry-After when given",
+                  503: "Busy (or starting, or its database held by maintenance: database_busy, nothing stored; or"
+                       " stopping: stopping, the request not begun, nothing done): try again shortly, after"
+                       " Retry-After when given",
                   507: "The server's disk is short of room (storage_low, database.min_free_mb): no new pauses or"
                        " accounts for now; or full, and nothing of this request was stored. Try again after"
                        " Retry-After"}
@@ -9521,7 +9522,23 @@ LISTEN_BACKLOG = 4096
 # kept alive, the scheduler's threads, log files and the like.
 FDS_PER_THREAD, SCHEDULER_THREADS, SPARE_FDS = 3, 10, 64
 WAITRESS_ERROR_CODES = {400: "bad_request", 413: "payload_too_large", 431: "headers_too_large",
-                        501: "not_implemented"}
+                        501: "not_implemented", 503: "stopping"}
+# When to ask again, told to a request refused because the server is stopping: a restart
+# takes a few seconds.
+STOPPING_RETRY_SECONDS = 5
+# How long the loop waits for its connections during a stop, before answering the requests
+# refused meanwhile (FairTaskDispatcher.refusals()).
+STOP_TURN_SECONDS = 0.05
+
+
+class ServerStopping(waitress.utilities.Error):
+    """The answer to a request no thread had begun when the server was told to stop."""
+    code, reason = 503, "Service Unavailable"
+    headers = [("Retry-After", str(STOPPING_RETRY_SECONDS))]
+
+    def __init__(self):
+        super().__init__("the server is stopping and did nothing with this request; send it again in a few"
+                         " seconds")
 
 
 class JsonErrorTask(waitress.task.ErrorTask):
@@ -9549,6 +9566,7 @@ class JsonErrorTask(waitress.task.ErrorTask):
             self.response_headers.append(("Content-Type", "application/json"))
         if base_url(limits).startswith("https://"):       # as the app's answers say (create_app())
             self.response_headers.append(("Strict-Transport-Security", HSTS))
+        self.response_headers.extend(getattr(error, "headers", ()))
         body = body.encode()
         self.status = f"{error.code} {error.reason}"
         self.set_close_on_finish()
@@ -9936,6 +9954,8 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
         self.waiting = collections.OrderedDict()
         self.running = collections.Counter()        # client -> threads serving it now
         self.queued = 0                             # channels in `waiting`, all addresses together
+        self.stopping = False                       # no request is begun but a woken long poll's
+        self.refusing = []                          # channels for the loop to answer 503 (run_until_stopped())
 
     @staticmethod
     def party(headers):
@@ -9962,7 +9982,12 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
             self.waiting.move_to_end(client, last=False)
 
     def _unqueue(self, client, channel):
-        """Take a queued channel out; its party's and client's next wait for the others' turns."""
+        """Take a queued channel out to serve; its party's and client's next wait for the others' turns."""
+        self._dequeue(client, channel)
+        self.running[client] += 1
+        return client, channel
+
+    def _dequeue(self, client, channel):
         parties = self.waiting[client]
         channels = parties[channel.party]
         channels.remove(channel)
@@ -9976,11 +10001,12 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
             del self.waiting[client]
         channel.queued = False
         self.queued -= 1
-        self.running[client] += 1
-        return client, channel
 
     def add_task(self, channel):
         with self.lock:
+            if self.stopping and not channel.resumed:
+                self.refusing.append(channel)
+                return
             channel.party = self.party(channel.requests[0].headers)
             self._queue(channel.served_for(), channel)
             self.queue_cv.notify()
@@ -10005,7 +10031,7 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
                     self.queue_cv.wait()
                     self.active_count += 1
                 # Stopping: the parked long polls woken to answer how things stand are still
-                # served, wherever they queue; other requests are left.
+                # served, wherever they queue; other requests are the loop's to refuse (shutdown()).
                 if self.stop_count > 0 and not (taken is not None and taken[1].resumed):
                     if taken is not None:
                         self._give_back(*taken)
@@ -10043,19 +10069,37 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
         self._queue(client, channel, first=True)
 
     def shutdown(self, cancel_pending=True, timeout=5):
+        """Let the requests in flight finish and the waiting agents have their answer, and
+        refuse every other request, queued or still to come, at once: it waits for no thread
+        to free. Each refused channel is handed to the server's loop (refusals()), which
+        answers it 503 stopping: a client whose connection closed unanswered could not tell
+        whether its request was done."""
+        with self.lock:
+            self.stopping = True
         # Here, not in the signal handler: that runs on the main thread, which may be inside
         # add_task() holding self.lock, and waking a waiter takes it.
         self.wake_waiters()
+        with self.lock:
+            self._refuse_queued(keep=lambda channel: channel.resumed)
         done = super().shutdown(cancel_pending, timeout)
         if cancel_pending:
             with self.lock:
-                for parties in self.waiting.values():
-                    for channels in parties.values():
-                        for channel in channels:
-                            channel.cancel()
-                self.waiting.clear()
-                self.queued = 0
+                self._refuse_queued()
         return done
+
+    def _refuse_queued(self, keep=lambda channel: False):
+        """Hand the queued channels but those `keep` keeps to the loop to refuse."""
+        for client, parties in list(self.waiting.items()):
+            for channels in list(parties.values()):
+                for channel in [channel for channel in channels if not keep(channel)]:
+                    self._dequeue(client, channel)
+                    self.refusing.append(channel)
+
+    def refusals(self):
+        """The channels refused since last asked, each with a whole request no thread will serve."""
+        with self.lock:
+            refusing, self.refusing = self.refusing, []
+        return refusing
 
 
 class QueueDepthSummary(logging.Filter):
@@ -10081,6 +10125,42 @@ class QueueDepthSummary(logging.Filter):
             record.args = (self.count, max(1, round(now - self.since)), self.deepest)
             self.count, self.deepest, self.since, self.let_through_at = 0, 0, now, now
             return True
+
+
+def refuse(channel):
+    """Answer a channel's request 503 stopping (ServerStopping) and close its connection. Not
+    on the loop while it reads: that holds the channel's requests_lock, which this takes."""
+    with channel.requests_lock:
+        if not channel.requests:
+            return
+        channel.requests[0].error = ServerStopping()
+    channel.service()
+
+
+def run_until_stopped(server):
+    """Serve until SIGTERM or SIGINT, then go on serving while the stop is under way (see
+    FairTaskDispatcher.shutdown), on this thread: the requests in flight finish and the
+    waiting agents get their answer on the worker threads, while this loop answers every
+    other request, queued or arriving, 503 stopping, so none is closed unanswered. Once the
+    threads are done the listening sockets close: a client connecting after that is refused
+    the connection, which says as plainly that nothing was done."""
+    connections = server._map if isinstance(server, HardenedServer) else server.map
+    loop = functools.partial(server.asyncore.loop, map=connections, use_poll=True)
+    try:
+        loop(timeout=server.adj.asyncore_loop_timeout)
+    except (SystemExit, KeyboardInterrupt):     # the signal handler's (serve())
+        pass
+    stopping = threading.Thread(target=server.task_dispatcher.shutdown, name="stop")
+    stopping.start()
+    while True:
+        threads_done = not stopping.is_alive()
+        loop(timeout=STOP_TURN_SECONDS, count=1)
+        for channel in server.task_dispatcher.refusals():
+            refuse(channel)
+        if threads_done:        # after one more turn, for what the last ones handed over
+            break
+    for listening in [each for each in list(connections.values()) if isinstance(each, HardenedServer)]:
+        listening.close()
 
 
 def fitted_connection_limit(config):
@@ -10216,9 +10296,9 @@ def serve(config):
     app.runtime.start()
 
     def stop(signum, frame):
-        # waitress then shuts its threads down, first waking long-polling agents (see
-        # FairTaskDispatcher.shutdown), who answer at once from now on. A second signal
-        # meanwhile would cut that short and abort the process: the first one is enough.
+        # The loop then shuts the threads down (run_until_stopped()), first waking long-polling
+        # agents, who answer at once from now on, and refusing every request not yet begun. A
+        # second signal meanwhile would cut that short and abort the process: the first one is enough.
         if app.runtime.stopping:
             return
         app.runtime.stopping = True
@@ -10233,7 +10313,7 @@ def serve(config):
     for warning in [*start_up_warnings(config), *stored]:
         log.warning(warning)
     try:
-        server.run()        # returns after SIGTERM/SIGINT, once in-flight requests finished
+        run_until_stopped(server)      # returns after SIGTERM/SIGINT, once in-flight requests finished
     finally:
         app.runtime.stop()
         lock.close()            # only now may another server start on the database

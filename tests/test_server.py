@@ -565,6 +565,47 @@ def test_at_a_stop_every_parked_waiter_is_answered_even_behind_queued_requests(s
     assert answers == [200] * 30
 
 
+def send_create(server, key, message, source="127.0.0.1"):
+    """POST a pause on a connection of its own; read its answer later with answer_to()."""
+    port = int(server.url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    body = json.dumps({**WIRE, "message": message})
+    sock.sendall(f"POST /v1/pause HTTP/1.1\r\nHost: pausepoint\r\nAuthorization: Bearer {key}\r\nContent-Type:"
+                 f" application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+    return sock
+
+
+def test_at_a_stop_every_queued_or_arriving_request_is_answered_503_and_nothing_of_it_is_done(spawn_server, tmp_path):
+    """An agent whose create was dropped unanswered cannot tell whether it was stored. The stop
+    answers every request no thread has begun, and each one sent during the stop, with 503
+    stopping, at once: it waits only for the requests in flight."""
+    server = spawn_server(env={"PAUSEPOINT_SERVER_THREADS": "12", "PAUSEPOINT_RATELIMIT_ENABLED": "false"})
+    key = register(server.url)["test_api_key"]
+    # Creates wait for the write lock this test holds: four fill the threads one address may
+    # use, and the eight sent after them queue for those threads.
+    held = sqlite3.connect(tmp_path / "pausepoint.db", isolation_level=None)
+    held.execute("BEGIN IMMEDIATE")
+    in_flight = [send_create(server, key, f"in flight {n}") for n in range(4)]
+    time.sleep(0.5)         # each on a thread, waiting for the lock
+    queued = [send_create(server, key, f"queued {n}") for n in range(8)]
+    time.sleep(0.5)         # read and queued (one still unread would be answered as arriving during the stop)
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        # Answered while the lock is still held: the stop waits for no queued request.
+        refused = [answer_to(sock) for sock in queued]
+        refused.append(answer_to(send_create(server, key, "arriving", source="127.0.0.2")))
+    finally:
+        held.rollback()
+        held.close()
+    for status, headers, body in refused:
+        assert (status, body["error"]["code"]) == (503, "stopping"), body
+        assert headers["Retry-After"] == "5" and headers["Connection"] == "close"
+    assert [answer_to(sock)[0] for sock in in_flight] == [201] * 4
+    assert server.proc.wait(timeout=20) == 0 and "Traceback" not in server.output(), server.output()
+    assert sorted(stored(tmp_path / "pausepoint.db", "SELECT message FROM pauses")) == [
+        (f"in flight {n}",) for n in range(4)]
+
+
 def test_a_stop_goes_on_only_once_each_waiter_whose_time_ran_out_is_queued_to_answer():
     """The deadline thread serves a waiter again outside its lock: the stop (wake_waiters(), then
     the threads told to end) must not get past it meanwhile, or the threads end before that
