@@ -1934,6 +1934,20 @@ def bearer_key(authorization):
     return key.strip() if scheme.lower() == "bearer" else ""
 
 
+def authenticated(rt):
+    """authenticate() this request's Authorization, telling rt.vouched what it found."""
+    header = request_header("Authorization")
+    key = bearer_key(header)
+    try:
+        caller = authenticate(rt.db(), header)
+    except ApiError:
+        if key:
+            rt.vouched.found(key, False)
+        raise
+    rt.vouched.found(key, True)
+    return caller
+
+
 def authenticate(conn, authorization):
     """The Caller for an 'Authorization: Bearer pp_…' header, or ApiError 401."""
     key = bearer_key(authorization)
@@ -6822,6 +6836,7 @@ class Runtime:
         # on the database's disk still leaves a turn for another.
         self.turns = Turns(max(2, os.cpu_count() or 2))
         self.shown_once = ShownOnce()
+        self.vouched = Vouched()        # credentials lately found good, for the HTTP front's turns
         self.timeouts_db = None
         self.signer = Signer(signing_keys_path(config["database.path"]),
                              functools.partial(latest_receipt_kid, config["database.path"]))
@@ -8644,6 +8659,8 @@ def signed_in(rt):
     """The SignedIn behind this request's cookie; otherwise a redirect to the log-in page."""
     token = rt.cookies.read(SESSION_COOKIE)
     row = session_for(rt.db(), rt.config, token)
+    if token:
+        rt.vouched.found(token, row is not None)
     if row is None:
         query = bottle.request.query_string
         back = bottle.request.fullpath + ("?" + query if query else "") if bottle.request.method == "GET" else "/dashboard"
@@ -9232,7 +9249,7 @@ class Handlers:
         if "rt" in wanted:
             given["rt"] = rt
         if "caller" in wanted:
-            given["caller"] = authenticate(rt.db(), request_header("Authorization"))
+            given["caller"] = authenticated(rt)
         if spec.auth == "session":
             session = given["session"] = signed_in(rt)
         if spec.method == "POST" and spec.auth in ("session", "form"):
@@ -9932,6 +9949,33 @@ class HardenedServer(waitress.server.TcpWSGIServer):
         return True
 
 
+class Vouched:
+    """The API keys and sign-ins this server has lately found good (their digests, the `most`
+    recently used), so that the HTTP front, which checks nothing, can tell a tenant's requests
+    from made-up credentials: each made-up key would otherwise be a party of its own and take
+    a turn of its own (FairTaskDispatcher.party()). A key that fails (rotated since, say) is
+    forgotten at once."""
+
+    def __init__(self, most=4096):
+        self.most, self.digests, self.lock = most, collections.OrderedDict(), threading.Lock()
+
+    def found(self, credential, good):
+        """Say that `credential` (an API key, a sign-in token) was just found good or not."""
+        digest = key_digest(credential)
+        with self.lock:
+            if not good:
+                self.digests.pop(digest, None)
+                return
+            self.digests[digest] = True
+            self.digests.move_to_end(digest)
+            if len(self.digests) > self.most:
+                self.digests.popitem(last=False)
+
+    def __contains__(self, credential):
+        with self.lock:
+            return key_digest(credential) in self.digests
+
+
 class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
     """waitress's worker threads, shared out by client (connection_client()). Waiting
     requests are taken one client at a time, and one client holds at most `per_address`
@@ -9944,9 +9988,10 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
     there by a request at most, not by its whole queue."""
 
     def __init__(self, per_address, wake_waiters=lambda: None, thread_started=lambda: None,
-                 after_task=lambda: None):
+                 after_task=lambda: None, vouched=None):
         super().__init__()
         self.per_address = per_address
+        self.vouched = Vouched() if vouched is None else vouched      # the app's: see party()
         self.wake_waiters = wake_waiters              # at shutdown, so parked long polls get their answer
         self.thread_started = thread_started          # on each worker thread, before its first channel
         self.after_task = after_task                  # on the thread, once it has served a channel
@@ -9957,18 +10002,19 @@ class FairTaskDispatcher(waitress.task.ThreadedTaskDispatcher):
         self.stopping = False                       # no request is begun but a woken long poll's
         self.refusing = []                          # channels for the loop to answer 503 (run_until_stopped())
 
-    @staticmethod
-    def party(headers):
+    def party(self, headers):
         """Whom a request with these headers is on behalf of, as far as they say before anything
-        is checked: the API key or sign-in it carries, read as the app reads them. Not the
-        headers as written: one key spelt anew each time (the scheme's case, the spaces before
-        it), or one sign-in sent with other cookies that change, would be a party a request."""
+        is checked: the API key or sign-in it carries, read as the app reads them, once the app
+        has found it good (Vouched); a request with none, or with one made up, is on behalf of
+        nobody in particular. Not the headers as written: one key spelt anew each time (the
+        scheme's case, the spaces before it), or one sign-in sent with other cookies that
+        change, would be a party a request; nor any credential sent: made-up keys would be."""
         key = bearer_key(headers.get("AUTHORIZATION"))
         if key:
-            return "key:" + key
+            return "key:" + key if key in self.vouched else ""
         cookies = headers.get("COOKIE")
         sign_in = cookies and next(filter(None, (cookie_token(cookies, name) for name in SESSION_COOKIE_NAMES)), None)
-        return "sign-in:" + sign_in if sign_in else ""
+        return "sign-in:" + sign_in if sign_in and sign_in in self.vouched else ""
 
     def _queue(self, client, channel, first=False):
         """Put a channel in its client's and party's queue: last, or `first` (given back)."""
@@ -10211,7 +10257,7 @@ def make_server(app, config, port=None):
                     app.runtime.waiting.limit)
     dispatcher = FairTaskDispatcher(config["server.threads"] - THREADS_KEPT_FOR_OTHER_REQUESTS,
                                     app.runtime.wake_waiters,
-                                    app.runtime.serves_requests, app.runtime.give_back_db)
+                                    app.runtime.serves_requests, app.runtime.give_back_db, app.runtime.vouched)
     dispatcher.set_thread_count(adjustments.threads)
     queue_log = logging.getLogger("waitress.queue")
     if not any(isinstance(f, QueueDepthSummary) for f in queue_log.filters):

@@ -1215,3 +1215,18 @@ def test_a_pause_with_more_events_than_its_page_shows_says_so_and_links_to_them_
     assert page.html.select_one("#timeline-earlier a")["href"] == f"/dashboard/audit?pause_id={busy}"
     assert api.get(page.html.select_one("#timeline-earlier a")["href"]).status_code == 200
     assert api.get(f"/dashboard/pauses/{quiet}").html.select_one("#timeline-earlier") is None
+
+
+def test_a_sign_in_is_known_good_for_the_http_fronts_turns_only_while_it_is_good(api):
+    """The HTTP front gives a sign-in a party of its own (FairTaskDispatcher.party()) once the
+    app has found it good; one made up, or ended since, is nobody in particular."""
+    sign_up(api)
+    token = api.cookies["pp_session"]
+    api.get("/dashboard/overview", status=200)
+    assert token in api.app.runtime.vouched
+    api.get("/dashboard/overview", headers={"Cookie": "pp_session=made-up"}, status=303)
+    assert "made-up" not in api.app.runtime.vouched
+    post_form(api, api.get("/dashboard/logout"), "/dashboard/logout")
+    api.get("/dashboard/overview", headers={"Cookie": f"pp_session={token}"}, status=303)
+    assert token not in api.app.runtime.vouched
+

@@ -1420,6 +1420,24 @@ EVERY_SPELLING = [lambda key, n=n: f"{('Bearer', 'bearer', 'BEARER')[n % 3]}{' '
                   for n in range(12)]
 
 
+@contextlib.contextmanager
+def one_thread_for_the_address(tmp_path):
+    """A live server that serves its one client address (this test's) one request at a time
+    (four, as 12 threads give it, would leave the order in which those waiting on the write
+    lock reach it to chance), and a connection of its own to hold the write lock with."""
+    config = make_config(tmp_path, **{"server.threads": 12, "ratelimit.enabled": False})
+    app = pausepoint.create_app(config)
+    app.runtime.start()
+    with LiveServer(app, config) as server, contextlib.closing(
+            sqlite3.connect(config["database.path"], isolation_level=None)) as holder:
+        server.server.task_dispatcher.per_address = 1
+        try:
+            yield server, holder
+        finally:
+            if holder.in_transaction:
+                holder.execute("ROLLBACK")
+
+
 @pytest.mark.parametrize("spellings", [[SAME_SPELLING] * 12, EVERY_SPELLING], ids=["same", "respelt"])
 def test_one_tenant_flooding_from_a_shared_address_delays_another_there_by_a_turn_not_its_queue(tmp_path, spellings):
     """Two developers' agents on one host, which may have one request served at a time: the
@@ -1427,44 +1445,66 @@ def test_one_tenant_flooding_from_a_shared_address_delays_another_there_by_a_tur
     queued, when the second's one comes. The second's is taken after the first's next, not
     after all of them: it is stored third (taken in arrival order, it would be thirteenth).
     Writing its one key differently each time does not make the flood twelve tenants."""
-    config = make_config(tmp_path, **{"server.threads": 12, "ratelimit.enabled": False})
-    app = pausepoint.create_app(config)
-    app.runtime.start()
-    with LiveServer(app, config) as server, contextlib.closing(
-            sqlite3.connect(config["database.path"], isolation_level=None)) as holder:
+    with one_thread_for_the_address(tmp_path) as (server, holder):
         flooding, other = (register_over_http(server.url, f"{name}@example.com")["test_api_key"] for name in "ab")
+        for key in (flooding, other):         # used before: known good, so a party each (see the test below)
+            assert requests.get(f"{server.url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).ok
         dispatcher, link = server.server.task_dispatcher, {**WIRE, "channel": "link", "recipient": "ops"}
-        # One thread for the address (four, as 12 threads give it, would leave the order in
-        # which those waiting on the write lock reach it to chance).
-        dispatcher.per_address = 1
         holder.execute("BEGIN IMMEDIATE")          # each create then holds its thread until the rollback
-        try:
-            with concurrent.futures.ThreadPoolExecutor(13) as pool:
-                creates = [pool.submit(requests.post, f"{server.url}/v1/pause", json=link,
-                                       headers={"Authorization": spelt(flooding)}) for spelt in spellings]
-                wait_until(lambda: dispatcher.queued == 11 and sum(dispatcher.running.values()) == 1)
-                creates.append(pool.submit(requests.post, f"{server.url}/v1/pause", json=link,
-                                           headers={"Authorization": f"Bearer {other}"}))
-                wait_until(lambda: dispatcher.queued == 12)
-                holder.execute("ROLLBACK")
-                assert [create.result().status_code for create in creates] == [201] * 13
-        finally:
-            if holder.in_transaction:
-                holder.execute("ROLLBACK")
-    owners = [owner for owner, in stored(config["database.path"], "SELECT developer_id FROM pauses ORDER BY seq")]
+        with concurrent.futures.ThreadPoolExecutor(13) as pool:
+            creates = [pool.submit(requests.post, f"{server.url}/v1/pause", json=link,
+                                   headers={"Authorization": spelt(flooding)}) for spelt in spellings]
+            wait_until(lambda: dispatcher.queued == 11 and sum(dispatcher.running.values()) == 1)
+            creates.append(pool.submit(requests.post, f"{server.url}/v1/pause", json=link,
+                                       headers={"Authorization": f"Bearer {other}"}))
+            wait_until(lambda: dispatcher.queued == 12)
+            holder.execute("ROLLBACK")
+            assert [create.result().status_code for create in creates] == [201] * 13
+    owners = [owner for owner, in stored(server.app.runtime.config, "SELECT developer_id FROM pauses ORDER BY seq")]
     [second] = [owner for owner in set(owners) if owners.count(owner) == 1]
     assert owners.index(second) == 2, owners
+
+
+def test_made_up_keys_flooding_from_a_shared_address_are_one_party_with_no_key_at_all(tmp_path):
+    """Each made-up key a party of its own would take a turn of its own: a tenant's create
+    on the same host then waited behind every one. Made up, they are one party, as requests
+    with no key are: the tenant's create, its key used before, is served second (as its client
+    hears the answers: among the first few), not twenty-fifth."""
+    with one_thread_for_the_address(tmp_path) as (server, holder):
+        first, tenant = (register_over_http(server.url, f"{name}@example.com")["test_api_key"] for name in "ab")
+        assert requests.get(f"{server.url}/v1/pause", headers={"Authorization": f"Bearer {tenant}"}).ok
+        dispatcher, link, served = server.server.task_dispatcher, {**WIRE, "channel": "link", "recipient": "ops"}, []
+
+        def create(key):
+            response = requests.post(f"{server.url}/v1/pause", json=link, headers={"Authorization": f"Bearer {key}"})
+            served.append(key)
+            return response.status_code
+
+        holder.execute("BEGIN IMMEDIATE")          # the first create holds the address's thread until the rollback
+        with concurrent.futures.ThreadPoolExecutor(26) as pool:
+            creates = [pool.submit(create, first)]
+            wait_until(lambda: sum(dispatcher.running.values()) == 1)
+            creates += [pool.submit(create, f"pp_test_madeup{n}") for n in range(23)]
+            wait_until(lambda: dispatcher.queued == 23)
+            creates.append(pool.submit(create, tenant))
+            wait_until(lambda: dispatcher.queued == 24)
+            holder.execute("ROLLBACK")
+            assert [create.result() for create in creates] == [201] + [401] * 23 + [201]
+    assert served.index(tenant) <= 8, served         # 2nd after the first; 25th with each made-up key a party
 
 
 def test_a_sign_in_is_one_party_whatever_other_cookies_come_with_it():
     """A browser sends every cookie the site set (and a script may set more, a new one each
     time): the sign-in's token is the party, as an API key is however its header is spelt."""
-    party = pausepoint.FairTaskDispatcher.party
+    party = pausepoint.FairTaskDispatcher(1).party
+    party.__self__.vouched.found("abc", True)
+    party.__self__.vouched.found("pp_test_k", True)
     signed_in = {party({"COOKIE": f"pp_session=abc; seen={n}"}) for n in range(3)}
     signed_in |= {party({"COOKIE": '__Host-pp_form=x, __Host-pp_session="abc"'})}
     keyed = {party({"AUTHORIZATION": spelt("pp_test_k"), "COOKIE": "pp_session=abc"}) for spelt in EVERY_SPELLING}
     assert len(signed_in) == len(keyed) == 1 and signed_in != keyed
     assert party({"COOKIE": "theme=dark"}) == party({"AUTHORIZATION": "Basic eDp5"}) == party({})
+    assert party({"AUTHORIZATION": "Bearer pp_test_made_up"}) == party({"COOKIE": "pp_session=made-up"}) == party({})
 
 
 def test_behind_a_trusted_proxy_one_client_cannot_take_every_thread(tmp_path):
