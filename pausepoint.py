@@ -83,6 +83,7 @@ import waitress.parser
 import waitress.server
 import waitress.task
 import waitress.utilities
+import waitress.wasyncore
 from apscheduler.schedulers.background import BackgroundScheduler
 from cryptography.hazmat.primitives import serialization
 from cryptography.exceptions import InvalidSignature
@@ -10183,19 +10184,45 @@ def refuse(channel):
     channel.service()
 
 
-def run_until_stopped(server):
-    """Serve until SIGTERM or SIGINT, then go on serving while the stop is under way (see
-    FairTaskDispatcher.shutdown), on this thread: the requests in flight finish and the
-    waiting agents get their answer on the worker threads, while this loop answers every
-    other request, queued or arriving, 503 stopping, so none is closed unanswered. Once the
-    threads are done the listening sockets close: a client connecting after that is refused
-    the connection, which says as plainly that nothing was done."""
+class SignalWakeUp(waitress.wasyncore.dispatcher):
+    """One end of a socket pair in the loop's map, Python writing a byte to the other as each
+    signal arrives (signal.set_wakeup_fd()): the loop's poll ends at once on SIGTERM, and the
+    loop sees that it is to stop. A signal handler raising out of the loop instead (as
+    waitress's does) lands wherever the loop is: inside reading a request, say, which was
+    then lost, its client answered nothing."""
+
+    def __init__(self, connections):
+        reader, self.writer = socket.socketpair()
+        for end in (reader, self.writer):
+            end.setblocking(False)
+        super().__init__(reader, map=connections)
+        self.previous = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+
+    def writable(self):
+        return False
+
+    def handle_read(self):
+        with contextlib.suppress(OSError):
+            self.socket.recv(4096)
+
+    def close(self):
+        signal.set_wakeup_fd(self.previous)
+        super().close()
+        self.writer.close()
+
+
+def run_until_stopped(server, stopped):
+    """Serve until `stopped()` (SIGTERM or SIGINT, serve()), then go on serving while the stop
+    is under way (see FairTaskDispatcher.shutdown), on this thread: the requests in flight
+    finish and the waiting agents get their answer on the worker threads, while this loop
+    answers every other request, queued or arriving, 503 stopping, so none is closed
+    unanswered. Once the threads are done the listening sockets close: a client connecting
+    after that is refused the connection, which says as plainly that nothing was done."""
     connections = server._map if isinstance(server, HardenedServer) else server.map
     loop = functools.partial(server.asyncore.loop, map=connections, use_poll=True)
-    try:
-        loop(timeout=server.adj.asyncore_loop_timeout)
-    except (SystemExit, KeyboardInterrupt):     # the signal handler's (serve())
-        pass
+    with contextlib.closing(SignalWakeUp(connections)):
+        while not stopped():
+            loop(timeout=server.adj.asyncore_loop_timeout, count=1)
     stopping = threading.Thread(target=server.task_dispatcher.shutdown, name="stop")
     stopping.start()
     while True:
@@ -10342,13 +10369,10 @@ def serve(config):
     app.runtime.start()
 
     def stop(signum, frame):
-        # The loop then shuts the threads down (run_until_stopped()), first waking long-polling
-        # agents, who answer at once from now on, and refusing every request not yet begun. A
-        # second signal meanwhile would cut that short and abort the process: the first one is enough.
-        if app.runtime.stopping:
-            return
+        # The loop, woken (SignalWakeUp), then shuts the threads down (run_until_stopped()),
+        # first waking long-polling agents, who answer at once from now on, and refusing every
+        # request not yet begun. A second signal meanwhile changes nothing.
         app.runtime.stopping = True
-        raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -10359,7 +10383,8 @@ def serve(config):
     for warning in [*start_up_warnings(config), *stored]:
         log.warning(warning)
     try:
-        run_until_stopped(server)      # returns after SIGTERM/SIGINT, once in-flight requests finished
+        # Returns after SIGTERM/SIGINT, once in-flight requests finished.
+        run_until_stopped(server, lambda: app.runtime.stopping)
     finally:
         app.runtime.stop()
         lock.close()            # only now may another server start on the database

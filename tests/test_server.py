@@ -575,6 +575,33 @@ def send_create(server, key, message, source="127.0.0.1"):
     return sock
 
 
+def test_a_signal_ends_the_loops_wait_at_once_and_the_loop_itself_stops(tmp_path):
+    """The stop signal's handler only says to stop: raised out of the loop, as waitress's does,
+    it landed wherever the loop was (reading a request, which was then lost). So the loop must
+    be woken: with the loop's own wait at an hour, only the signal's byte can end it."""
+    config = make_config(tmp_path)
+    app = pausepoint.create_app(config)
+    server = pausepoint.make_server(app, config, port=0)
+    server.adj.asyncore_loop_timeout = 3600
+    app.runtime.start()
+    stopped, answers = threading.Event(), []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: stopped.set())
+
+    def client():
+        answers.append(requests.get(f"http://127.0.0.1:{server.effective_port}/healthz", timeout=10).status_code)
+        time.sleep(0.5)         # the loop back in its wait, with nothing else to end it (sooner, the test proves less)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    threading.Thread(target=client).start()
+    try:
+        pausepoint.run_until_stopped(server, stopped.is_set)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        app.runtime.stop()
+    assert answers == [200]
+    assert signal.set_wakeup_fd(-1) == -1           # and the wake-up is put back as it was
+
+
 def test_at_a_stop_every_queued_or_arriving_request_is_answered_503_and_nothing_of_it_is_done(spawn_server, tmp_path):
     """An agent whose create was dropped unanswered cannot tell whether it was stored. The stop
     answers every request no thread has begun, and each one sent during the stop, with 503
