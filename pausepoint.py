@@ -971,21 +971,29 @@ def connect(path, write_lock=None, cache_kib=128, same_thread=True, lock_wait_se
 def create_private(path):
     """A new database file, made readable and writable by its owner only before SQLite makes
     it as the umask has it (0644, as a rule): it holds respond tokens, each enough to decide
-    a pause. SQLite gives the -wal and -shm files the database file's mode."""
+    a pause. SQLite gives the -wal and -shm files the database file's mode. A file of 0 bytes
+    found there (`touch pausepoint.db`, a volume's placeholder) is a new one too."""
     if path in ("", ":memory:"):
         return
     real = os.path.realpath(path)       # the file a symbolic link names: O_EXCL would not make it through the link
     try:
         os.close(os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except OSError:      # there already, or no directory for it: SQLite says which
+        made = True
+    except FileExistsError:
+        made = False
+    except OSError:      # no directory for it, or none we may write in: SQLite says which
+        return
+    if not made and not (os.path.isfile(real) and os.path.getsize(real) == 0):
         return
     try:
         # Its header now, before its signing keys are made beside it: a file of 0 bytes beside
         # them is then never one a start made, but one emptied (refuse_an_emptied_database()).
+        # A start that stopped between the keys and its first write left one, on a file found empty.
         with contextlib.closing(sqlite3.connect(real)) as conn:
             conn.execute("PRAGMA journal_mode = WAL")
     except sqlite3.Error:
-        os.unlink(real)         # (a full disk, say) as it was: the open that follows says why
+        if made:
+            os.unlink(real)     # (a full disk, say) as it was: the open that follows says why
 
 
 def warn_if_others_may_read(path, what, also=""):

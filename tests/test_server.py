@@ -1425,6 +1425,17 @@ def test_a_file_of_0_bytes_with_no_keys_beside_it_is_a_new_database(tmp_path):
     assert operators_database(tmp_path).stat().st_size > 0
 
 
+def test_a_first_start_on_a_file_of_0_bytes_that_stops_after_making_its_keys_leaves_a_new_database(tmp_path):
+    # A start cut short after the keys were made beside the file it found empty (a bad setting
+    # read after them here; a kill there too) left 0 bytes beside keys, refused as emptied.
+    (tmp_path / "pausepoint.db").write_bytes(b"")         # touch pausepoint.db
+    started = run_cli(tmp_path, "serve", "--port", str(free_port()),
+                      env={"PAUSEPOINT_METRICS_ENABLED": "true", "PAUSEPOINT_METRICS_LISTEN": "nowhere"})
+    assert started.returncode != 0 and "metrics.listen must be host:port" in started.stderr, started.stderr
+    assert (tmp_path / "pausepoint.db.keys.json").exists()
+    assert stored(operators_database(tmp_path), "SELECT email FROM developers") == [("ops@example.com",)]
+
+
 def test_a_proxy_writing_the_client_port_with_an_ipv6_address_does_not_make_each_connection_a_client(tmp_path):
     # "[2001:db8::7]:40001", as some proxies and load balancers write an IPv6 client with its
     # source port: each new connection has another port, and must not bring a fresh budget.
