@@ -10240,8 +10240,25 @@ def run_until_stopped(server, stopped):
             refuse(channel)
         if threads_done:        # after one more turn, for what the last ones handed over
             break
-    for listening in [each for each in list(connections.values()) if isinstance(each, HardenedServer)]:
-        listening.close()
+    listening = [each for each in list(connections.values()) if isinstance(each, HardenedServer)]
+    for each in listening:
+        each.close()
+    send_answers_left(loop, connections, server.task_dispatcher, listening[0].limits["server.send_timeout"])
+
+
+def send_answers_left(loop, connections, dispatcher, seconds):
+    """Go on serving, `seconds` at most, until every answer the threads wrote, and every 503
+    stopping, is sent. A thread is done with an answer once it is in its connection's buffer,
+    up to 16 MB of it, which the loop sends as the client reads: the process ending first
+    cut a download short, or left a refusal written in the last turn unsent."""
+    def unsent(each):       # (a request still on a thread the stop gave up waiting for is not waited for here)
+        return getattr(each, "total_outbufs_len", 0) and not each.requests
+
+    until = time.monotonic() + seconds
+    while time.monotonic() < until and any(unsent(each) for each in list(connections.values())):
+        loop(timeout=STOP_TURN_SECONDS, count=1)
+        for channel in dispatcher.refusals():       # a request read meanwhile on a kept-alive connection
+            refuse(channel)
 
 
 def fitted_connection_limit(config):

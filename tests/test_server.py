@@ -633,6 +633,32 @@ def test_at_a_stop_every_queued_or_arriving_request_is_answered_503_and_nothing_
         (f"in flight {n}",) for n in range(4)]
 
 
+def test_at_a_stop_an_answer_its_thread_has_written_is_sent_whole(spawn_server, tmp_path):
+    """A thread is done with an answer once it is in the connection's buffer (up to 16 MB),
+    which the loop sends as the client reads: a download under way at the stop was cut off
+    when the process ended with most of it unsent."""
+    server = spawn_server()
+    key = register(server.url)["test_api_key"]
+    developer = stored(tmp_path / "pausepoint.db", "SELECT id FROM developers")[0][0]
+    stored(tmp_path / "pausepoint.db", "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 6000) INSERT INTO audit_events"
+           " (developer_id, livemode, timestamp, actor, event_type, data) SELECT ?, 0, '2026-12-01T00:00:00.000Z',"
+           " 'system', 'pause.created', json_object('pad', printf('%.1000c', 'x')) FROM n", developer)
+    port = int(server.url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)     # most of 12 MB waits in the server
+    sock.sendall(f"GET /v1/audit/export HTTP/1.1\r\nHost: pausepoint\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
+    with sock, sock.makefile("rb") as stream:
+        assert stream.readline().split()[1] == b"200"           # being answered
+        server.proc.send_signal(signal.SIGTERM)
+        chunks = []
+        while chunk := stream.read1(64 * 1024):       # as a client on a slower link takes it: 2 s or so
+            chunks.append(chunk)
+            time.sleep(0.01)
+        body = b"".join(chunks).partition(b"\r\n\r\n")[2]
+    assert body.endswith(b"\r\n0\r\n\r\n") and body.count(b'"seq":') == 6000       # to its last chunk
+    assert server.proc.wait(timeout=20) == 0 and "Traceback" not in server.output(), server.output()
+
+
 def test_a_stop_goes_on_only_once_each_waiter_whose_time_ran_out_is_queued_to_answer():
     """The deadline thread serves a waiter again outside its lock: the stop (wake_waiters(), then
     the threads told to end) must not get past it meanwhile, or the threads end before that
