@@ -987,7 +987,7 @@ def create_private(path):
         return
     try:
         # Its header now, before its signing keys are made beside it: a file of 0 bytes beside
-        # them is then never one a start made, but one emptied (refuse_an_emptied_database()).
+        # them is then never one a start made, but one emptied (refuse_a_database_gone()).
         # A start that stopped between the keys and its first write left one, on a file found empty.
         with contextlib.closing(sqlite3.connect(real)) as conn:
             conn.execute("PRAGMA journal_mode = WAL")
@@ -1077,17 +1077,24 @@ def refuse_before_opening(path):
     refuse_if_open_by_another_name(path)
 
 
-def refuse_an_emptied_database(path):
-    """A database file of 0 bytes beside the signing keys of one that was made there. A first
-    start leaves at least a header in the file (the switch to WAL is written into it), so it
-    was emptied: a copy into its place that failed, a mistaken `> pausepoint.db`. Opened, it
-    would get a fresh schema, and every pause, key and decision would be silently gone.
-    (A file of 0 bytes and no keys is a new database, as an absent one is.)"""
+def refuse_a_database_gone(path):
+    """No database file, or one of 0 bytes, beside the signing keys of one that was made
+    there. A first start makes the file, with its header (the switch to WAL is written into
+    it), before the keys (create_private()), so this one was deleted or emptied: a restore by
+    hand gone wrong, a copy into its place that failed, a mistaken `> pausepoint.db` or `rm`.
+    Opened, it would get a fresh schema, and every pause, key and decision would be silently
+    gone. (Without keys beside it, it is a new database.)"""
     def size(name):
         return os.path.getsize(name) if os.path.isfile(name) else None
 
+    if not os.path.exists(signing_keys_path(path)) or os.path.isdir(path):
+        return
     # (Pages still only in a -wal beside it are the database's: SQLite reads them into it.)
-    if size(path) == 0 and not size(os.path.realpath(path) + "-wal") and os.path.exists(signing_keys_path(path)):
+    if not os.path.lexists(path):
+        raise ConfigError(f"there is no database at {path}, though the signing keys beside it show one was made there:"
+                          " put the latest backup in place with `pausepoint.py restore BACKUP`; to start afresh"
+                          f" instead, remove {signing_keys_path(path)} too")
+    if size(path) == 0 and not size(os.path.realpath(path) + "-wal"):
         raise ConfigError(f"{path} is empty (0 bytes), though the signing keys beside it show a database was made"
                           " there: put the latest backup in place with `pausepoint.py restore BACKUP`; to start"
                           " afresh instead, remove it and its keys file")
@@ -10382,7 +10389,7 @@ def serve(config):
     fewer_malloc_arenas()
     lock = only_server(config["database.path"])     # before anything reads or migrates the database
     refuse_before_opening(config["database.path"])
-    refuse_an_emptied_database(config["database.path"])
+    refuse_a_database_gone(config["database.path"])
     # Looked for before this process opens the database: closing a connection would let go of its locks.
     open_elsewhere = locked_by_another(os.path.realpath(config["database.path"]), SQLITE_OPEN_BYTES)
     refuse_to_upgrade_under_a_server(config["database.path"], check_database(config["database.path"]),
@@ -10928,10 +10935,10 @@ def run_command(args, config):
     password = None
     if args.command == "restore":       # over a database that may be gone, damaged or mixed: that is what it is for
         return restore_command(config, args.backup)
+    refuse_a_database_gone(config["database.path"])
     if refuse_a_path_no_command_can_use(args.command, config["database.path"]):
         password = check_before_making_a_database(args, config)
     refuse_before_opening(config["database.path"])
-    refuse_an_emptied_database(config["database.path"])
     if args.command == "verify-audit":       # it checks the schema itself, read-only
         return verify_audit(config["database.path"])
     open_elsewhere = locked_by_another(os.path.realpath(config["database.path"]), SQLITE_OPEN_BYTES)

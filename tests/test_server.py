@@ -1437,16 +1437,22 @@ def test_another_applications_database_is_refused_and_left_as_it_was(tmp_path, t
     assert not {"copy.db", "pausepoint.db.keys.json"} & set(os.listdir(tmp_path))
 
 
-def test_a_database_emptied_beside_its_keys_is_refused_and_a_restore_brings_it_back(tmp_path):
+@pytest.mark.parametrize("gone", ["emptied", "deleted"])
+def test_a_database_gone_from_beside_its_keys_is_refused_and_a_restore_brings_it_back(tmp_path, gone):
     db = operators_database(tmp_path)
     assert run_cli(tmp_path, "rotate-signing-key").returncode == 0        # its keys, as a first start makes them
     assert run_cli(tmp_path, "backup", str(tmp_path / "kept.db")).returncode == 0
-    db.write_bytes(b"")             # a copy into its place that failed
+    if gone == "emptied":
+        db.write_bytes(b"")             # a copy into its place that failed
+        said = f"{db} is empty (0 bytes), though the signing keys beside it show a database was made there"
+    else:
+        db.unlink()                     # a restore by hand gone wrong, an rm of the wrong file
+        said = f"there is no database at {db}, though the signing keys beside it show one was made there"
     for start in EVERY_START:
         one_sentence(run_cli(tmp_path, *start, "--port", str(free_port()), stdin=PASSWORD + "\n"),
-                     f"{db} is empty (0 bytes), though the signing keys beside it show a database was made there:"
-                     " put the latest backup in place with `pausepoint.py restore BACKUP`")
-    assert db.stat().st_size == 0 and "copy.db" not in os.listdir(tmp_path)
+                     said, ": put the latest backup in place with `pausepoint.py restore BACKUP`")
+    assert "copy.db" not in os.listdir(tmp_path)                     # nothing copied, nor made
+    assert db.stat().st_size == 0 if gone == "emptied" else not db.exists()
     assert run_cli(tmp_path, "restore", str(tmp_path / "kept.db")).returncode == 0
     assert stored(db, "SELECT email FROM developers") == [("ops@example.com",)]
 
