@@ -986,9 +986,9 @@ def create_private(path):
     if not made and not (os.path.isfile(real) and os.path.getsize(real) == 0):
         return
     try:
-        # Its header now, before its signing keys are made beside it: a file of 0 bytes beside
-        # them is then never one a start made, but one emptied (refuse_a_database_gone()).
-        # A start that stopped between the keys and its first write left one, on a file found empty.
+        # Its header now, before its signing keys are made beside it (into a file found empty
+        # too, which a start stopped before its first write would leave so): a file of 0 bytes
+        # beside them is then never one a start made, but one emptied (refuse_a_database_gone()).
         with contextlib.closing(sqlite3.connect(real)) as conn:
             conn.execute("PRAGMA journal_mode = WAL")
     except sqlite3.Error:
@@ -1089,11 +1089,11 @@ def refuse_a_database_gone(path):
 
     if not os.path.exists(signing_keys_path(path)) or os.path.isdir(path):
         return
-    # (Pages still only in a -wal beside it are the database's: SQLite reads them into it.)
     if not os.path.lexists(path):
         raise ConfigError(f"there is no database at {path}, though the signing keys beside it show one was made there:"
                           " put the latest backup in place with `pausepoint.py restore BACKUP`; to start afresh"
                           f" instead, remove {signing_keys_path(path)} too")
+    # (Pages still only in a -wal beside it are the database's: SQLite reads them into it.)
     if size(path) == 0 and not size(os.path.realpath(path) + "-wal"):
         raise ConfigError(f"{path} is empty (0 bytes), though the signing keys beside it show a database was made"
                           " there: put the latest backup in place with `pausepoint.py restore BACKUP`; to start"
@@ -10240,32 +10240,37 @@ def run_until_stopped(server, stopped):
             loop(timeout=server.adj.asyncore_loop_timeout, count=1)
     stopping = threading.Thread(target=server.task_dispatcher.shutdown, name="stop")
     stopping.start()
+    turn = functools.partial(stopping_turn, loop, server.task_dispatcher)
     while True:
         threads_done = not stopping.is_alive()
-        loop(timeout=STOP_TURN_SECONDS, count=1)
-        for channel in server.task_dispatcher.refusals():
-            refuse(channel)
+        turn()
         if threads_done:        # after one more turn, for what the last ones handed over
             break
     listening = [each for each in list(connections.values()) if isinstance(each, HardenedServer)]
     for each in listening:
         each.close()
-    send_answers_left(loop, connections, server.task_dispatcher, listening[0].limits["server.send_timeout"])
+    send_answers_left(turn, connections, listening[0].limits["server.send_timeout"])
 
 
-def send_answers_left(loop, connections, dispatcher, seconds):
-    """Go on serving, `seconds` at most, until every answer the threads wrote, and every 503
-    stopping, is sent. A thread is done with an answer once it is in its connection's buffer,
-    up to 16 MB of it, which the loop sends as the client reads: the process ending first
-    cut a download short, or left a refusal written in the last turn unsent."""
+def stopping_turn(loop, dispatcher):
+    """One turn of the loop while the server stops, then a 503 stopping to each request
+    refused meanwhile (on a kept-alive connection too)."""
+    loop(timeout=STOP_TURN_SECONDS, count=1)
+    for channel in dispatcher.refusals():
+        refuse(channel)
+
+
+def send_answers_left(turn, connections, seconds):
+    """Go on with the stop's turns, `seconds` at most, until every answer the threads wrote,
+    and every 503 stopping, is sent. A thread is done with an answer once it is in its
+    connection's buffer, up to 16 MB of it, which the loop sends as the client reads: the
+    process ending first cut a download short, or left a refusal written in the last turn unsent."""
     def unsent(each):       # (a request still on a thread the stop gave up waiting for is not waited for here)
         return getattr(each, "total_outbufs_len", 0) and not each.requests
 
     until = time.monotonic() + seconds
     while time.monotonic() < until and any(unsent(each) for each in list(connections.values())):
-        loop(timeout=STOP_TURN_SECONDS, count=1)
-        for channel in dispatcher.refusals():       # a request read meanwhile on a kept-alive connection
-            refuse(channel)
+        turn()
 
 
 def fitted_connection_limit(config):
