@@ -1538,11 +1538,14 @@ def disk_is_full(error):
     """Whether `error` is a write refused for want of room: SQLite's SQLITE_FULL ("database
     or disk is full"), or its SQLITE_IOERR_WRITE ("disk I/O error"), which is all SQLite says
     of a write refused by a quota or a file-size limit (only ENOSPC is SQLITE_FULL to it), or
-    the system's NO_ROOM_ERRNOS. Not a bug to trace back, and it passes once the operator
-    frees space (a failing disk says the same, and is better told in one line than a traceback a tick)."""
+    its SQLITE_IOERR_SHMSIZE (the same words), a wal-index with no room to grow (as the first
+    open after a clean stop makes it), or the system's NO_ROOM_ERRNOS. Not a bug to trace
+    back, and it passes once the operator frees space (a failing disk says the same, and is
+    better told in one line than a traceback a tick)."""
     if isinstance(error, sqlite3.Error):
         code = getattr(error, "sqlite_errorcode", None)
-        return code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_WRITE) or "disk is full" in str(error)
+        return (code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_WRITE, sqlite3.SQLITE_IOERR_SHMSIZE)
+                or "disk is full" in str(error))
     return isinstance(error, OSError) and error.errno in NO_ROOM_ERRNOS
 
 
@@ -10856,6 +10859,9 @@ def main(argv=None):
 
 def open_failure_hint(path, error):
     """What likely kept SQLite from opening the database at `path`, after `error`'s text."""
+    if disk_is_full(error):
+        return ("; its disk has no room left (or the file is over a quota or size limit): free space on it, then"
+                " try again")
     journal = os.path.realpath(path) + "-journal"
     if "readonly database" in str(error) and os.path.exists(journal):      # verify-audit only reads
         return (f"; a process stopped while writing it left {journal}, which only one that may write it"

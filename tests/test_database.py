@@ -1129,3 +1129,21 @@ def test_a_new_database_file_has_its_header_before_anything_is_made_beside_it(tm
     pausepoint.create_private(path)
     assert os.path.getsize(path) > 0 and stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stored(path, "PRAGMA journal_mode") == [("wal",)]
+
+
+@pytest.mark.parametrize("what", [("serve",), ("set-operator", "--email", "a@example.com")])
+def test_a_start_or_a_command_on_a_full_disk_says_the_disk_is_full(small_disk, what):
+    """With no room left even for the wal-index SQLite makes at the first open, SQLite says
+    only "disk I/O error": the operator is told to free space, not left to suspect the disk."""
+    from conftest import fill_disk
+    assert run_cli(small_disk, "create-developer", "--email", "a@example.com", "--name", "A", "--password-stdin",
+                   stdin=PASSWORD + "\n").returncode == 0
+    # As the command leaves it run on its own, closing: its -wal and -shm gone with its last connection.
+    assert stored(str(small_disk / "pausepoint.db"), "SELECT count(*) FROM developers") == [(1,)]
+    assert sorted(os.listdir(small_disk)) == ["pausepoint.db"]
+    filler = fill_disk(small_disk)
+    done = run_cli(small_disk, "--port", str(free_port()), *what)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "its disk has no room left" in done.stderr and "free space on it, then try again" in done.stderr
+    os.unlink(filler)
+    assert stored(str(small_disk / "pausepoint.db"), "SELECT is_operator FROM developers") == [(0,)]
