@@ -977,7 +977,11 @@ def create_private(path):
         return
     real = os.path.realpath(path)       # the file a symbolic link names: O_EXCL would not make it through the link
     try:
-        os.close(os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # `sudo … create-developer` before the first start: the server runs as the directory's
+        # owner. (SQLite gives the -wal and -shm files the database file's owner.)
+        take_owner(fd, os.path.dirname(real))
+        os.close(fd)
         made = True
     except FileExistsError:
         made = False
@@ -6458,9 +6462,10 @@ def sync_directory(path):
 
 def take_owner(fd, path):
     """Give `fd` the owner of the file at `path`, or else of the database beside which the
-    keys file at `path` is: a command run with sudo must not leave the server's files to
-    root. (Not root: nothing to give, and the file is the caller's own.)"""
-    for owner in (path, path.removesuffix(".keys.json")):
+    keys file at `path` is, or else, with no database yet, of the directory it is made in: a
+    command run with sudo must not leave the server's files to root. (Not root: nothing to
+    give, and the file is the caller's own.)"""
+    for owner in (path, path.removesuffix(".keys.json"), os.path.dirname(os.path.abspath(path))):
         with contextlib.suppress(OSError):
             found = os.stat(owner)
             with contextlib.suppress(PermissionError):
@@ -10555,6 +10560,7 @@ def backup(config, destination):
                           " or name a file in one that does") from None
     except OSError as e:
         raise ConfigError(f"cannot write {destination}: {e.strerror}") from None
+    take_owner(fd, destination)     # the directory's owner, as its keys beside it
     os.close(fd)
     try:
         copy_database(config["database.path"], partial)

@@ -13,8 +13,8 @@ import stat
 import jwt
 import pytest
 
-from conftest import (QUESTION, WIRE, LiveServer, fill_disk, free_port, read_only_view, run_cli, run_out, stored,
-                      token_of)
+from conftest import (PASSWORD, QUESTION, WIRE, LiveServer, fill_disk, free_port, read_only_view, run_cli, run_out,
+                      stored, token_of)
 from test_audit_chain import verify_audit
 import pausepoint
 
@@ -462,6 +462,28 @@ def test_files_a_rotation_run_as_root_makes_belong_to_the_databases_owner(runnin
     assert pausepoint.main(["--db", db, "rotate-signing-key"]) == 0
     for made in (path, path + ".lock"):
         assert (os.stat(made).st_uid, os.stat(made).st_gid) == (12345, 12346), made
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_files_a_command_run_as_root_makes_where_there_is_no_database_yet_belong_to_the_directorys_owner(
+        running_api, tmp_path):
+    """`sudo … create-developer` before the first start, or `sudo … restore` where the database
+    was lost: the server, run as the directory's owner, could otherwise not open them. A
+    backup's copy and its keys go to the owner of the directory they are written to too."""
+    api = running_api()
+    api.register()
+    for name in ("backups", "made", "restored"):
+        (tmp_path / name).mkdir()
+        os.chown(tmp_path / name, 12345, 12346)         # the service's user, say
+    backup = str(tmp_path / "backups" / "pausepoint.db")
+    assert pausepoint.main(["--db", api.config["database.path"], "backup", backup]) == 0
+    assert run_cli(tmp_path / "made", "create-developer", "--email", "ops@example.com", "--name", "Ops",
+                   "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
+    assert pausepoint.main(["--db", str(tmp_path / "restored" / "pausepoint.db"), "restore", backup]) == 0
+    for name in ("backups", "made", "restored"):
+        found = {made: (os.stat(tmp_path / name / made).st_uid, os.stat(tmp_path / name / made).st_gid)
+                 for made in os.listdir(tmp_path / name)}
+        assert "pausepoint.db" in found and set(found.values()) == {(12345, 12346)}, found
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
