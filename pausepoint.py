@@ -11072,8 +11072,13 @@ def print_receipt_breaks(path, receipts):
     """What verify-audit found of the receipts (receipt_breaks(), or None without a keys file
     to check them against); returns whether any does not hold."""
     if receipts is None:
-        print(f"receipts not checked: {signing_keys_path(path)} cannot be read (run this as the server's user,"
-              " or keep the keys file beside a copy)")
+        keys = signing_keys_path(path)
+        if not (os.path.exists(keys) or os.path.exists(signing_keys_path(os.path.realpath(path)))):
+            print(f"receipts not checked: there is no {keys} (a server makes it at its first start; put one lost back"
+                  " from the latest backup, beside which `backup` copies it)")
+        else:
+            print(f"receipts not checked: {keys} cannot be read (run this as the server's user, or keep the keys"
+                  " file beside a copy)")
         return False
     breaks, checked, unknown = receipts
     for pause_id, developer_id, livemode, why in breaks:

@@ -687,9 +687,16 @@ def test_verify_audit_says_which_receipts_it_could_not_check(running_api, capsys
     api.app.runtime.stop()
     keys = pausepoint.signing_keys_path(api.config["database.path"])
     os.rename(keys, keys + ".gone")
+    # Gone, not unreadable: running it as the server's user would find no more.
+    assert verify_audit(api.config) == (0, "every audit chain holds: 2 events in 1 chains\nreceipts not checked:"
+                                           f" there is no {keys} (a server makes it at its first start; put one"
+                                           " lost back from the latest backup, beside which `backup` copies it)\n")
+    with open(keys, "w", encoding="utf-8") as f:
+        f.write("{")        # there, and cut short
     assert verify_audit(api.config) == (0, "every audit chain holds: 2 events in 1 chains\nreceipts not checked:"
                                            f" {keys} cannot be read (run this as the server's user, or keep the"
                                            " keys file beside a copy)\n")
+    os.remove(keys)
     assert pausepoint.main(["--db", api.config["database.path"], "rotate-signing-key", "--keys-lost"]) == 0
     status, said = verify_audit(api.config)
     assert status == 0 and said.endswith("every receipt checks: 0 decided pauses say what their receipts do\n1 receipts"
