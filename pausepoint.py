@@ -11021,8 +11021,10 @@ def print_new_keys(registered):
 def restore_command(config, source):
     refuse_before_opening(config["database.path"])
     aside, with_keys = restore(config, source)
+    kept = os.path.exists(signing_keys_path(config["database.path"]))
     print(f"restored {config['database.path']} from {source}"
-          + (f" and its signing keys from {signing_keys_path(source)}" if with_keys else ", keeping its signing keys")
+          + (f" and its signing keys from {signing_keys_path(source)}" if with_keys else ", keeping its signing keys"
+             if kept else ", with no signing keys beside either: the server makes them at its next start")
           + (f"; the database it replaced is kept as {aside}" if aside else "") + ": start the server")
     return 0
 

@@ -592,6 +592,19 @@ def test_a_restore_keeps_keys_made_since_the_backup_and_puts_the_backups_back_wh
     assert "the backup's signing keys" in capsys.readouterr().err and not os.path.exists(path)
 
 
+def test_a_restore_of_a_database_no_server_has_started_on_says_it_has_no_keys_yet(tmp_path):
+    """Made by create-developer, backed up and restored before a first start: neither has keys,
+    and none are kept; the start makes them."""
+    assert run_cli(tmp_path, "create-developer", "--email", "ops@example.com", "--name", "Ops", "--password-stdin",
+                   stdin=PASSWORD + "\n").returncode == 0
+    copy = str(tmp_path / "copy.db")
+    assert "no signing keys beside it" in run_cli(tmp_path, "backup", copy).stdout
+    restored = run_cli(tmp_path, "restore", copy)
+    assert restored.returncode == 0 and "keeping its signing keys" not in restored.stdout
+    assert "with no signing keys beside either: the server makes them at its next start" in restored.stdout
+    assert not os.path.exists(pausepoint.signing_keys_path(str(tmp_path / "pausepoint.db")))
+
+
 def readme_receipt_check(url):
     """The README's receipt check, asking `url` for the keys: check(receipt, pause_id) runs it."""
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
