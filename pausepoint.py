@@ -410,7 +410,21 @@ def _check_base_url(value):
     if value and not re.fullmatch(r"https?://[^\s/?#]+/?", value):
         return ("must be empty or an http:// or https:// address with no path, query or fragment"
                 " (https://approvals.example.org): serve PausePoint at the root of a host name, not under a path")
+    if value and not base_url_names_a_host(value):
+        # A link to user@host reads as one to the host and opens whoever "user" is.
+        return ("must be a host name or address, with a port from 1 to 65535 if any, and nothing before the host"
+                " (https://approvals.example.org:8443)")
     return None
+
+
+def base_url_names_a_host(value):
+    """Whether the server.base_url `value` names a host, and a port a link can reach, and no user."""
+    parts = urllib.parse.urlsplit(value)
+    try:
+        port = parts.port
+    except ValueError:          # not a number, or past 65535
+        return False
+    return "@" not in parts.netloc and bool(parts.hostname) and port != 0
 
 
 # Twilio's ids: AC (an account) or MG (a Messaging Service) and 32 hex digits. A compatible

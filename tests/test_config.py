@@ -58,6 +58,11 @@ def test_file_then_environment_then_flags_overlay_the_defaults(tmp_path):
      "server.base_url must be empty or an http:// or https:// address with no path"),
     ("", {"PAUSEPOINT_SERVER_BASE_URL": "https://example.org/?x=1"}, "server.base_url must be empty"),
     ("[server]\nbase_url = 'HTTPS://example.org'\n", {}, "server.base_url must begin http:// or https:// in lower case"),
+    # Each would send people links that do not open, or that read like someone else's site.
+    ("", {"PAUSEPOINT_SERVER_BASE_URL": "https://ops@example.org"}, "server.base_url must be a host name or address"),
+    ("", {"PAUSEPOINT_SERVER_BASE_URL": "https://example.org:80800"}, "server.base_url must be a host name or address"),
+    ("", {"PAUSEPOINT_SERVER_BASE_URL": "https://example.org:https"}, "server.base_url must be a host name or address"),
+    ("", {"PAUSEPOINT_SERVER_BASE_URL": "https://:8443"}, "server.base_url must be a host name or address"),
     ("[plans.team]\nmonthly_pauses = -1\n", {}, "plans.team.monthly_pauses"),
     ("", {"PAUSEPOINT_SERVER_THREADS": "many"}, "server.threads must be a whole number"),
     ("", {"PAUSEPOINT_SERVER_THREADS": "12.5"}, "server.threads must be a whole number"),
