@@ -10636,7 +10636,8 @@ def backup_signing_keys(keys, keys_copy, copy):
 def restore(config, source):
     """Put the backup at `source` in the database's place, with no server on it (its lock is
     held meanwhile, so none starts). Returns (the name the database it replaced is kept under,
-    or None where there was none; whether the backup's keys were put in place)."""
+    or None where there was none; whether the backup's keys were put in place; the pauses it
+    reopens, decided_since_the_backup())."""
     database = config["database.path"]
     real = os.path.realpath(database)
     if os.path.isdir(real):
@@ -10677,6 +10678,7 @@ def replace_with_copy(database, source, copy):
         copy_backup(source, copy)
         checked_backup(copy, source)
         keys = restored_keys(database, source, copy)
+        reopened = decided_since_the_backup(database, copy)
         aside = put_aside(database)
         if keys is not None:
             write_signing_keys(signing_keys_path(database), keys)
@@ -10685,7 +10687,29 @@ def replace_with_copy(database, source, copy):
     except (sqlite3.Error, OSError) as e:
         kept = f"; the database as it was is kept as {aside}" if aside else f"; {database} is as it was"
         raise ConfigError(f"the restore of {source} failed: {e}{kept}") from None
-    return aside, keys is not None
+    return aside, keys is not None, reopened
+
+
+def decided_since_the_backup(database, copy):
+    """The ids of the pauses pending in the backup's `copy` that the database it replaces had
+    decided, timed out or cancelled since: back from the backup, they are pending again, and
+    the people asked may answer them again (another way, say) and their agents hear of it.
+    Or the error that kept the database from being read to tell (a damaged one, likely why it
+    is restored)."""
+    if not os.path.exists(database):
+        return []
+    try:
+        with contextlib.closing(connect_read_only(copy)) as restored:
+            pending = [pause_id for pause_id, in restored.execute("SELECT id FROM pauses WHERE status = 'pending'")]
+        closed = []
+        with contextlib.closing(connect_read_only(database)) as current:
+            for start in range(0, len(pending), 500):
+                some = pending[start:start + 500]
+                closed += [pause_id for pause_id, in current.execute(
+                    f"SELECT id FROM pauses WHERE status != 'pending' AND id IN ({','.join('?' * len(some))})", some)]
+        return sorted(closed)
+    except sqlite3.Error as e:
+        return e
 
 
 def copy_backup(source, copy):
@@ -11034,12 +11058,21 @@ def print_new_keys(registered):
 
 def restore_command(config, source):
     refuse_before_opening(config["database.path"])
-    aside, with_keys = restore(config, source)
+    aside, with_keys, reopened = restore(config, source)
     kept = os.path.exists(signing_keys_path(config["database.path"]))
     print(f"restored {config['database.path']} from {source}"
           + (f" and its signing keys from {signing_keys_path(source)}" if with_keys else ", keeping its signing keys"
              if kept else ", with no signing keys beside either: the server makes them at its next start")
           + (f"; the database it replaced is kept as {aside}" if aside else "") + ": start the server")
+    if isinstance(reopened, Exception):
+        print(f"whether pauses decided since the backup are pending again in it could not be told: the database it"
+              f" replaced could not be read ({reopened})")
+    elif reopened:
+        shown = ", ".join(reopened[:20]) + (f" and {len(reopened) - 20} more" if len(reopened) > 20 else "")
+        pauses, are = ("pauses", "are") if len(reopened) != 1 else ("pause", "is")
+        print(f"{len(reopened)} {pauses} decided since the backup {are} pending again in it ({shown}): the people"
+              " asked may answer again, perhaps otherwise, and the agents hear of it. Cancel any that must not be"
+              " (POST /v1/pause/{id}/cancel with its developer's key) as soon as the server is started")
     return 0
 
 

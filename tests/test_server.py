@@ -1038,6 +1038,30 @@ def test_a_restore_puts_the_backup_in_place_and_keeps_the_database_it_replaced(s
     assert requests.get(f"{server.url}/v1/pause/{min(kept)}", headers=bearer(key)).status_code == 200
 
 
+@pytest.mark.parametrize("replaced", ["readable", "damaged"])
+def test_a_restore_names_the_pauses_decided_since_the_backup_that_it_makes_pending_again(spawn_server, tmp_path,
+                                                                                         replaced):
+    """Back from the backup, a pause rejected since is pending again, and its person may approve
+    it: the operator is told which, to cancel those that must not be, or that it cannot be told."""
+    server = spawn_server()
+    key = register(server.url)["test_api_key"]
+    rejected, waiting = create(server.url, key), create(server.url, key)
+    assert run_cli(tmp_path, "backup", str(tmp_path / "copy.db")).returncode == 0
+    assert requests.post(f"{server.url}/v1/respond/{token_of(rejected['respond_url'])}",
+                         json={"choice": "Reject"}).status_code == 200
+    server.stop()
+    if replaced == "damaged":
+        (tmp_path / "pausepoint.db").write_bytes(b"\xff" * 8192)       # nothing SQLite knows as a database
+    result = run_cli(tmp_path, "restore", str(tmp_path / "copy.db"))
+    assert result.returncode == 0, result.stderr
+    said = (f"1 pause decided since the backup is pending again in it ({rejected['pause_id']}): the people asked may"
+            " answer again" if replaced == "readable" else "whether pauses decided since the backup are pending"
+            " again in it could not be told: the database it replaced could not be read (")
+    assert said in result.stdout and waiting["pause_id"] not in result.stdout
+    assert stored(tmp_path / "pausepoint.db", "SELECT status FROM pauses WHERE id = ?",
+                  rejected["pause_id"]) == [("pending",)]
+
+
 def test_a_restore_under_a_running_server_is_refused_and_leaves_it_serving(spawn_server, tmp_path):
     server = spawn_server()
     key = register(server.url)["test_api_key"]
