@@ -35,7 +35,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pausepoint_client import (LONGEST_WAIT, Approval, PausePoint, PausePointError, RateLimited,  # noqa: E402
-                               api_key_from, setting_from)
+                               ServerError, Unreachable, api_key_from, setting_from)
 
 log = logging.getLogger("pausepoint-mcp")
 
@@ -147,7 +147,7 @@ async def wait_reporting(pause_id, ctx, started=None):
     `started` (a time.monotonic() value; now if None), with progress every
     PAUSEPOINT_MCP_PROGRESS_EVERY seconds meanwhile."""
     config, started = settings(), started or time.monotonic()
-    total = config["wait"]
+    total, pause = config["wait"], None
     while True:
         left = total - (time.monotonic() - started)
         step = max(0, min(config["progress_every"], left))
@@ -155,15 +155,20 @@ async def wait_reporting(pause_id, ctx, started=None):
         try:
             # As long a wait as there is, to the step's end: the client asks for no more than that.
             pause = await anyio.to_thread.run_sync(client().get, pause_id, LONGEST_WAIT, step_ends)
-        except RateLimited:     # the server has as many agents waiting as it takes: look again at the step's end
-            await anyio.sleep(max(0.0, step_ends - time.monotonic()))
-            pause = await anyio.to_thread.run_sync(client().get, pause_id, 0, started + total)
-        if pause["status"] != "pending" or left <= 1:
-            return pause
+        except (RateLimited, Unreachable, ServerError) as e:
+            # Every waiting place taken, or the server stopping or restarting, which can outlast
+            # one call's retries: the pause is still there, so look again at the step's end, for
+            # as long as the wait lasts. A full disk (507) does not clear so.
+            if e.status == 507 or left <= 1:
+                raise
+        else:
+            if pause["status"] != "pending" or left <= 1:
+                return pause
         # Each step lasts its time: a server answering at once (one stopping does) is not asked again at once.
         await anyio.sleep(max(0.0, step_ends - time.monotonic()))
         elapsed = time.monotonic() - started
-        await ctx.report_progress(elapsed, total, f"waiting for {pause['recipient']} to answer")
+        await ctx.report_progress(elapsed, total, f"waiting for {pause['recipient']} to answer" if pause
+                                  else "waiting for PausePoint to answer again")
 
 
 def create_once(calls, request, deadline):

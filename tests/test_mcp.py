@@ -166,6 +166,23 @@ def test_reads_refused_again_and_again_are_tried_only_within_the_wait():
     assert answer["status"] == "error" and [what[0] for what in asked] == ["POST", "GET", "GET"]
 
 
+@pytest.mark.parametrize("refusal", [(503, "stopping", {"Retry-After": "5", "Connection": "close"}),
+                                     (503, "database_busy", {"Retry-After": "60"})], ids=["stopping", "busy"])
+def test_a_wait_rides_out_a_server_refusing_for_longer_than_one_calls_retries(refusal):
+    """A stopping server refuses the waiting reads, then is gone until it is back: the tool still
+    waits out its time, not answering an error while the pause is there to wait for."""
+    async def steps(call, mcp):
+        return await call("request_approval", {"question": "Deploy to production?"})
+
+    server, url, asked = serve_stand_in(reads=[refusal] * 2)
+    try:
+        answer = with_mcp(url, "pp_test_x", steps, PAUSEPOINT_MCP_WAIT="3", PAUSEPOINT_MCP_PROGRESS_EVERY="1")
+    finally:
+        stop_http(server)
+    assert answer["status"] == "pending" and answer["approved"] is False
+    assert [what[0] for what in asked].count("GET") >= 3           # the refused two, then one answered
+
+
 def test_the_read_of_an_earlier_request_is_tried_only_within_the_wait():
     """Asked again, the tool first reads the earlier pause: refused, that read too ends within the call's time."""
     async def steps(call, mcp):
