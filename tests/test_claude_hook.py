@@ -283,6 +283,17 @@ def test_the_time_a_create_takes_comes_out_of_the_wait_so_the_hook_keeps_within_
     assert max(wait for method, _, wait, _ in asked if method == "GET") <= 1
 
 
+def test_a_create_refused_while_the_server_stops_is_sent_again_within_the_wait_and_asks_once():
+    """A stop (503 stopping) or another process's write lock (503 database_busy) stored nothing:
+    the create goes again, with its Idempotency-Key, as long as the wait allows, however many
+    tries that takes, rather than giving up on the person after three."""
+    stopping = (503, "stopping", {"Retry-After": "1", "Connection": "close"})
+    out, asked = hook_against(9, creates=[stopping] * 3)
+    posts = [key for method, path, _, key in asked if (method, path) == ("POST", "/v1/pause")]
+    assert out["permissionDecision"] == "ask" and "no answer on PausePoint" in out["permissionDecisionReason"]
+    assert len(posts) == 4 and len(set(posts)) == 1
+
+
 def test_a_create_refused_for_longer_than_the_wait_is_not_tried_again():
     out, asked = hook_against(3, creates=[(429, "rate_limited", {"Retry-After": "2"})] * 2)
     assert out["permissionDecision"] == "ask" and "could not be asked" in out["permissionDecisionReason"]
