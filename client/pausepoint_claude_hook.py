@@ -153,8 +153,8 @@ def ask_person(call, environ):
     """The hook's answer for one tool call."""
     # The create and the wait end by the wait's end, their last call included, and one try at a
     # cancel comes after: about 55 s at most with the default wait of 50 s, within the 60 s hook
-    # timeout the README suggests (past it Claude Code goes on under its own rules), unless a
-    # server holds a call past its socket timeouts: main()'s watchdog answers at 56 s.
+    # timeout the README suggests (past it Claude Code goes on under its own rules), unless
+    # something holds the hook past its calls' own limits: main()'s watchdog answers at 56 s.
     recipient = setting_from(environ, "PAUSEPOINT_RECIPIENT")
     client = PausePoint(setting_from(environ, "PAUSEPOINT_URL"), api_key_from(environ), timeout=CALL_SECONDS,
                         retries=CREATE_TRIES)
@@ -219,8 +219,9 @@ def main(stdin=sys.stdin, stdout=sys.stdout, environ=os.environ):
         return True
 
     def too_late():
-        # A server can hold a call far past its socket timeouts (a body sent a byte every few
-        # seconds): past the hook's own limit, ask here, and end the process with its calls.
+        # Each call ends within its time, but the calls and the cancel after the wait together
+        # can outlast it (and a resolver may hang): past the hook's own limit, ask here, and end
+        # the process with its calls.
         if give(unasked(on_timeout, "PausePoint took too long to answer"), blocking=False):
             os._exit(0)
 

@@ -15,12 +15,15 @@ Only an explicit approval is permission: `result.approved` is False for a reject
 a timeout (whatever its default) and a cancellation.
 """
 
+import functools
 import hashlib
 import hmac
 import http.client
 import ipaddress
 import json
 import random
+import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -130,7 +133,7 @@ class PausePoint:
         # A server on this machine is never reached through a proxy from http_proxy: the
         # proxy would be sent the key (over plain HTTP, in the clear) and could answer for it.
         direct = [urllib.request.ProxyHandler({})] if _is_loopback(parts.hostname) else []
-        self._opener = urllib.request.build_opener(_RedirectsRefused, *direct)
+        self._opener = urllib.request.build_opener(_RedirectsRefused, _AnsweredByHTTP, _AnsweredByHTTPS, *direct)
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -277,17 +280,19 @@ class PausePoint:
         for attempt in range(self.retries + 1):
             asked = query() if callable(query) else query
             url = self.base_url + path + ("?" + urllib.parse.urlencode(asked) if asked else "")
-            try:
-                request = urllib.request.Request(url, data=data, headers=headers, method=method)
-                limit = self.timeout + (asked or {}).get("wait", 0)
-                with self._opener.open(request, timeout=limit) as answer:
-                    raw = answer.read()
-                return _answer_from(raw, self.base_url)
-            except urllib.error.HTTPError as e:
-                error = _error_from(e)
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:     # no whole answer
-                reason = getattr(e, "reason", e)
-                error = Unreachable(0, "unreachable", f"no answer from {self.base_url}: {reason}")
+            request = urllib.request.Request(url, data=data, headers=headers, method=method)
+            limit = self.timeout + (asked or {}).get("wait", 0)
+            with _AnswerBy(limit) as request.answer_by:
+                try:
+                    with self._opener.open(request, timeout=limit) as answer:
+                        raw = answer.read()
+                    return _answer_from(raw, self.base_url)
+                except urllib.error.HTTPError as e:
+                    error = _error_from(e)
+                except (urllib.error.URLError, http.client.HTTPException, OSError) as e:     # no whole answer
+                    reason = (f"not answered in full within {limit:g} s" if request.answer_by.ended
+                              else getattr(e, "reason", e))
+                    error = Unreachable(0, "unreachable", f"no answer from {self.base_url}: {reason}")
             # A quota, a cap on pending pauses or a full disk (507) does not clear in seconds: what
             # may is tried again (no answer, a server fault, a rate limit that says when, within
             # the longest wait between tries).
@@ -311,6 +316,72 @@ def _is_loopback(hostname):
 
 def _quote(part):
     return urllib.parse.quote(str(part), safe="")
+
+
+class _AnswerBy:
+    """Ends a call not answered in full within `seconds`, by shutting its socket: a socket's
+    timeout bounds each read, not the answer, and a server sending a byte every few seconds
+    would otherwise hold the call (and a wait's deadline) for as long as it liked."""
+
+    def __init__(self, seconds):
+        self.sock, self.ended, self.lock = None, False, threading.Lock()
+        self.timer = threading.Timer(seconds, self.end)
+        self.timer.daemon = True
+
+    def __enter__(self):
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+
+    def watch(self, sock):
+        with self.lock:
+            self.sock = sock
+            if self.ended:              # connected only after the time was up
+                self._shut()
+
+    def end(self):
+        with self.lock:
+            self.ended = True
+            self._shut()
+
+    def _shut(self):
+        if self.sock is not None:
+            try:        # the plain socket's shutdown, on a TLS one too: it wakes a read blocked in another thread
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _Watched:
+    """A connection whose socket its request's _AnswerBy may shut."""
+
+    def __init__(self, *args, answer_by, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.answer_by = answer_by
+
+    def connect(self):
+        super().connect()
+        self.answer_by.watch(self.sock)
+
+
+class _WatchedHTTP(_Watched, http.client.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPS(_Watched, http.client.HTTPSConnection):
+    pass
+
+
+class _AnsweredByHTTP(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(functools.partial(_WatchedHTTP, answer_by=req.answer_by), req)
+
+
+class _AnsweredByHTTPS(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(functools.partial(_WatchedHTTPS, answer_by=req.answer_by), req, context=self._context)
 
 
 class _RedirectsRefused(urllib.request.HTTPRedirectHandler):

@@ -346,6 +346,20 @@ def test_a_success_that_is_no_pausepoint_answer_is_said_to_be_none(body):
     assert refused.value.code == "bad_answer" and url in refused.value.message
 
 
+def test_an_answer_sent_a_byte_at_a_time_is_given_up_on_within_the_calls_time():
+    """Each byte comes well within the socket's timeout, so only a limit on the whole answer
+    ends the call: the create's deadline holds, the same Idempotency-Key on each try."""
+    server, url, asked = serve_stand_in(trickle=0.5)         # a 201 of some 200 bytes, over 100 s
+    started = time.monotonic()
+    try:
+        with pytest.raises(pausepoint_client.Unreachable) as gave_up:
+            PausePoint(url, "pp_test_x", timeout=1, backoff=0.05).pause(**ASK, deadline=started + 2.5)
+    finally:
+        stop_http(server)
+    assert time.monotonic() - started < 5 and "not answered in full within 1 s" in gave_up.value.message
+    assert len(asked) >= 2 and len({key for _, _, _, key in asked}) == 1
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_a_server_on_this_machine_is_called_directly_not_through_a_proxy(live_server, monkeypatch, host):
     """A proxy named for plain HTTP would be sent the key in the clear, and answer for the server."""
