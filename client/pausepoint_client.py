@@ -37,6 +37,7 @@ __all__ = ["PausePoint", "Approval", "verify_webhook", "verify_audit_export", "a
 
 LONGEST_WAIT = 60           # the server answers ?wait= after at most this many seconds
 LONGEST_RETRY_WAIT = 30     # seconds between tries at most; a 429 asking for longer is not retried
+KEY_PREFIXES = ("pp_live_", "pp_test_")
 
 
 ###############################################################################
@@ -121,7 +122,7 @@ class PausePoint:
             raise ValueError("the server's address holds a user name or password (before an '@'), which the client"
                              " never sends: give the address without it")
         if parts.scheme not in ("http", "https") or not parts.hostname or "?" in base_url or "#" in base_url:
-            raise ValueError(f"the server's address must be an http:// or https:// URL, not {base_url!r}")
+            raise ValueError(f"the server's address must be an http:// or https:// URL, not {_shown(base_url)}")
         api_key = str(api_key).strip()
         # Checked here, not left to http.client, whose refusal of a line break in a header quotes
         # the header, key and all, into errors that reach logs and a hook's answer.
@@ -314,6 +315,16 @@ def _is_loopback(hostname):
         return False
 
 
+def _looks_like_a_key(text):
+    return any(prefix in str(text) for prefix in KEY_PREFIXES)
+
+
+def _shown(value):
+    """`value` quoted for a message, unless it holds what looks like an API key (given in the
+    wrong setting): messages reach logs, and a hook's answer, which the model reads."""
+    return "what looks like an API key (not shown)" if _looks_like_a_key(value) else repr(str(value))
+
+
 def _quote(part):
     return urllib.parse.quote(str(part), safe="")
 
@@ -456,6 +467,9 @@ def api_key_from(environ):
         if not environ.get("PAUSEPOINT_API_KEY", "").strip():
             raise ValueError("no API key: set PAUSEPOINT_API_KEY_FILE to a file holding it (or PAUSEPOINT_API_KEY)")
         return environ["PAUSEPOINT_API_KEY"].strip()
+    if _looks_like_a_key(path):
+        raise ValueError("PAUSEPOINT_API_KEY_FILE is set to what looks like an API key (not shown), not to a file"
+                         " holding one: put the key in a file only you may read and set the file's path")
     try:
         with open(path, encoding="utf-8-sig") as f:
             line = f.readline(201)

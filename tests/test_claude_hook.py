@@ -181,6 +181,21 @@ def test_a_key_file_it_cannot_read_is_named_and_nobody_is_asked(tmp_path):
     assert f"PAUSEPOINT_API_KEY_FILE: cannot read {tmp_path / 'key'}: No such file" in out["permissionDecisionReason"]
 
 
+@pytest.mark.parametrize("env, named", [
+    ({"PAUSEPOINT_URL": "pp_live_0123456789abcdef"}, "must be an http:// or https:// URL"),
+    ({"PAUSEPOINT_API_KEY_FILE": "pp_live_0123456789abcdef"}, "PAUSEPOINT_API_KEY_FILE is set to what looks like")],
+    ids=["the key as the address", "the key as the key file"])
+def test_a_key_given_in_the_wrong_setting_is_never_repeated_in_the_answer(env, named):
+    """Claude Code hands a deny's reason to the model: a key pasted into the wrong setting must
+    not reach it, nor the log the hook writes."""
+    settings = {"PAUSEPOINT_URL": "http://127.0.0.1:9", "PAUSEPOINT_API_KEY": "x", "PAUSEPOINT_RECIPIENT": "+15550100",
+                "PAUSEPOINT_HOOK_ON_TIMEOUT": "deny", **env}
+    done = launcher.run([], os.getcwd(), {**os.environ, **settings}, stdin=json.dumps(CALL), script=HOOK)
+    out = json.loads(done.stdout)["hookSpecificOutput"]
+    assert out["permissionDecision"] == "deny" and named in out["permissionDecisionReason"]
+    assert "0123456789abcdef" not in done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("text", ["\n", "pp_test_" + "x" * 300], ids=["empty", "too long for a key"])
 def test_a_key_file_with_no_key_is_named_and_nobody_is_asked(tmp_path, text):
     (tmp_path / "key").write_text(text, encoding="utf-8")
