@@ -36,7 +36,8 @@ import unicodedata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 try:
-    from pausepoint_client import PausePoint, PausePointError, api_key_from, setting_from  # noqa: E402
+    from pausepoint_client import (PausePoint, PausePointError, RateLimited, ServerError,  # noqa: E402
+                                   Unreachable, api_key_from, setting_from)
     CLIENT_MISSING = None
 except Exception as e:          # copied without it, or a broken one: main() asks here, never leaves the call
     CLIENT_MISSING = e          # to Claude Code's own rules
@@ -177,7 +178,7 @@ def ask_person(call, environ):
         idempotency_key=call.get("tool_use_id") and "claude-code-" + hashlib.sha256(json.dumps(
             [call["tool_use_id"], call.get("session_id"), call.get("cwd"), tool_input]).encode()).hexdigest()[:40],
         deadline=deadline)
-    pause = client.wait(created["pause_id"], timeout=max(0.0, deadline - time.monotonic()))
+    pause = answer_by(client, created, deadline)
     if pause["status"] == "responded" and pause["choice"] == "Allow":
         return decision("allow", f"allowed on PausePoint by {pause['decided_by']}")
     if pause["status"] == "responded":
@@ -190,6 +191,16 @@ def ask_person(call, environ):
         except PausePointError as e:            # answered as the wait ran out, or the server not answering
             reason += f" (nor could it be cancelled: {e}; an answer given there now is used by nothing)"
     return unasked(on_timeout, reason)
+
+
+def answer_by(client, created, deadline):
+    """The pause as waiting for it until `deadline` left it. One whose answer could not be read
+    by then (the server stopped and not back yet, say) counts as still pending: the person was
+    asked, so it is cancelled as one nobody answered is, not left to be answered for nothing."""
+    try:
+        return client.wait(created["pause_id"], timeout=max(0.0, deadline - time.monotonic()))
+    except (RateLimited, ServerError, Unreachable):
+        return {**created, "status": "pending"}
 
 
 def unasked(on_timeout, reason):

@@ -309,6 +309,15 @@ def test_a_create_refused_while_the_server_stops_is_sent_again_within_the_wait_a
     assert len(posts) == 4 and len(set(posts)) == 1
 
 
+def test_a_pause_whose_answer_cannot_be_read_by_the_end_of_the_wait_is_cancelled_as_unanswered():
+    """The server stopped after the person was asked and is not back when the wait ends: the
+    pause is cancelled (one try), as one nobody answered is, not left pending."""
+    stopping = (503, "stopping", {"Retry-After": "5", "Connection": "close"})
+    out, asked = hook_against(6.5, reads=[stopping] * 20)
+    assert out["permissionDecision"] == "ask" and "no answer on PausePoint" in out["permissionDecisionReason"]
+    assert asked[0][:2] == ("POST", "/v1/pause") and asked[-1][:2] == ("POST", "/v1/pause/psr_1/cancel")
+
+
 def test_a_create_refused_for_longer_than_the_wait_is_not_tried_again():
     out, asked = hook_against(3, creates=[(429, "rate_limited", {"Retry-After": "2"})] * 2)
     assert out["permissionDecision"] == "ask" and "could not be asked" in out["permissionDecisionReason"]
