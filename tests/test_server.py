@@ -1574,29 +1574,30 @@ def test_one_tenant_flooding_from_a_shared_address_delays_another_there_by_a_tur
 def test_made_up_keys_flooding_from_a_shared_address_are_one_party_with_no_key_at_all(tmp_path):
     """Each made-up key a party of its own would take a turn of its own: a tenant's create
     on the same host then waited behind every one. Made up, they are one party, as requests
-    with no key are: the tenant's create, its key used before, is served second (as its client
-    hears the answers: among the first few), not twenty-fifth."""
+    with no key are: in turn order the tenant's create, its key used before, is second to be
+    taken, not twenty-fourth."""
     with one_thread_for_the_address(tmp_path) as (server, holder):
         first, tenant = (register_over_http(server.url, f"{name}@example.com")["test_api_key"] for name in "ab")
         assert requests.get(f"{server.url}/v1/pause", headers={"Authorization": f"Bearer {tenant}"}).ok
-        dispatcher, link, served = server.server.task_dispatcher, {**WIRE, "channel": "link", "recipient": "ops"}, []
+        dispatcher, link = server.server.task_dispatcher, {**WIRE, "channel": "link", "recipient": "ops"}
 
         def create(key):
-            response = requests.post(f"{server.url}/v1/pause", json=link, headers={"Authorization": f"Bearer {key}"})
-            served.append(key)
-            return response.status_code
+            return requests.post(f"{server.url}/v1/pause", json=link, headers={"Authorization": f"Bearer {key}"})
 
         holder.execute("BEGIN IMMEDIATE")          # the first create holds the address's thread until the rollback
-        with concurrent.futures.ThreadPoolExecutor(26) as pool:
+        with concurrent.futures.ThreadPoolExecutor(25) as pool:
             creates = [pool.submit(create, first)]
-            wait_until(lambda: sum(dispatcher.running.values()) == 1)
+            wait_until(lambda: dispatcher.queued == 0 and sum(dispatcher.running.values()) == 1)
             creates += [pool.submit(create, f"pp_test_madeup{n}") for n in range(23)]
             wait_until(lambda: dispatcher.queued == 23)
             creates.append(pool.submit(create, tenant))
             wait_until(lambda: dispatcher.queued == 24)
+            with dispatcher.lock:           # each party's queue, in the order they take turns
+                [parties] = dispatcher.waiting.values()
+                turns = [(party, len(channels)) for party, channels in parties.items()]
             holder.execute("ROLLBACK")
-            assert [create.result() for create in creates] == [201] + [401] * 23 + [201]
-    assert served.index(tenant) <= 8, served         # 2nd after the first; 25th with each made-up key a party
+            assert [create.result().status_code for create in creates] == [201] + [401] * 23 + [201]
+    assert turns == [("", 23), ("key:" + tenant, 1)], turns
 
 
 def test_a_sign_in_is_one_party_whatever_other_cookies_come_with_it():
