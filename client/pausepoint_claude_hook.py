@@ -48,10 +48,6 @@ LONGEST_TOOL = 60           # of a tool's name
 METADATA_BYTES = 15000      # the metadata as UTF-8 JSON, as the server counts it (it takes 16 KB)
 CALL_SECONDS = 5            # the longest one call to the server may take…
 CANCEL_SECONDS = 2          # …and the cancel after the wait (and the read it makes if it was answered meanwhile)
-# Tries at a create (and at each read of the wait): more than fit in the longest wait, so the
-# deadline ends them, not a count: a server stopping or restarting (503 stopping, then no
-# answer for a few seconds) is asked again until it is back, the person then asked once.
-CREATE_TRIES = 16
 OVERRUN_SECONDS = 6         # past the wait, whatever the server does, the hook answers "ask" and ends
 # What the server refuses in text a person reads (C0 and C1 controls but newline and tab,
 # line and paragraph separators, bidirectional controls, tag characters), and lone
@@ -157,8 +153,11 @@ def ask_person(call, environ):
     # timeout the README suggests (past it Claude Code goes on under its own rules), unless
     # something holds the hook past its calls' own limits: main()'s watchdog answers at 56 s.
     recipient = setting_from(environ, "PAUSEPOINT_RECIPIENT")
+    # Three tries with no answer, and then PausePoint is not there to ask (the local prompt comes
+    # in seconds, not at the wait's end); a 503 saying when to come back (a server stopping to
+    # restart) uses up none (the client's _call()), so the person is still asked, once.
     client = PausePoint(setting_from(environ, "PAUSEPOINT_URL"), api_key_from(environ), timeout=CALL_SECONDS,
-                        retries=CREATE_TRIES)
+                        retries=2)
     wait = hook_wait(environ)
     channel, on_timeout = hook_settings(environ)
     tool_input = json.dumps(call.get("tool_input"), ensure_ascii=False)

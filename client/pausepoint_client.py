@@ -278,7 +278,8 @@ class PausePoint:
                    "User-Agent": "pausepoint-client/1", **(headers or {})}
         if data is not None:
             headers["Content-Type"] = "application/json"
-        for attempt in range(self.retries + 1):
+        failures = 0
+        while True:
             asked = query() if callable(query) else query
             url = self.base_url + path + ("?" + urllib.parse.urlencode(asked) if asked else "")
             request = urllib.request.Request(url, data=data, headers=headers, method=method)
@@ -300,12 +301,16 @@ class PausePoint:
             retryable = (isinstance(error, (Unreachable, ServerError)) and error.status != 507
                          or isinstance(error, RateLimited) and error.retry_after is not None
                          and error.retry_after <= LONGEST_RETRY_WAIT)
-            pause = min(error.retry_after or self.backoff * 2 ** attempt, LONGEST_RETRY_WAIT) * random.uniform(0.8, 1.2)
+            pause = min(error.retry_after or self.backoff * 2 ** failures, LONGEST_RETRY_WAIT) * random.uniform(0.8, 1.2)
             late = deadline is not None and time.monotonic() + pause >= deadline
-            if not (safe and retryable) or attempt == self.retries or late:
+            # A server answering 503 with when to come back (stopping for a restart, its database
+            # held by maintenance) is there, and did nothing: by a deadline, that uses up no try,
+            # while a server not there at all is given up on after `retries` more.
+            told = deadline is not None and error.status == 503 and error.retry_after is not None
+            if not (safe and retryable) or late or not told and failures >= self.retries:
                 raise error
+            failures += 0 if told else 1
             time.sleep(pause)
-        raise AssertionError("unreachable")
 
 
 def _is_loopback(hostname):

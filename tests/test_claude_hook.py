@@ -303,10 +303,10 @@ def test_a_create_refused_while_the_server_stops_is_sent_again_within_the_wait_a
     the create goes again, with its Idempotency-Key, as long as the wait allows, however many
     tries that takes, rather than giving up on the person after three."""
     stopping = (503, "stopping", {"Retry-After": "1", "Connection": "close"})
-    out, asked = hook_against(9, creates=[stopping] * 3)
+    out, asked = hook_against(10, creates=[stopping] * 2 + [(502, "bad_gateway", {})] * 2)    # then a restart's gap
     posts = [key for method, path, _, key in asked if (method, path) == ("POST", "/v1/pause")]
     assert out["permissionDecision"] == "ask" and "no answer on PausePoint" in out["permissionDecisionReason"]
-    assert len(posts) == 4 and len(set(posts)) == 1
+    assert len(posts) == 5 and len(set(posts)) == 1
 
 
 def test_a_pause_whose_answer_cannot_be_read_by_the_end_of_the_wait_is_cancelled_as_unanswered():
@@ -316,6 +316,16 @@ def test_a_pause_whose_answer_cannot_be_read_by_the_end_of_the_wait_is_cancelled
     out, asked = hook_against(6.5, reads=[stopping] * 20)
     assert out["permissionDecision"] == "ask" and "no answer on PausePoint" in out["permissionDecisionReason"]
     assert asked[0][:2] == ("POST", "/v1/pause") and asked[-1][:2] == ("POST", "/v1/pause/psr_1/cancel")
+
+
+def test_a_server_failing_without_saying_when_to_come_back_is_given_up_on_after_three_tries():
+    """Only a 503 that says when to come back (a server stopping to restart) is tried for as
+    long as the wait allows: a server failing otherwise, or not there at all, gets three tries,
+    and the person at the keyboard is asked in seconds, not at the end of a 50 s wait."""
+    out, asked = hook_against(50, creates=[(502, "bad_gateway", {})] * 5)
+    posts = [key for method, path, _, key in asked if (method, path) == ("POST", "/v1/pause")]
+    assert out["permissionDecision"] == "ask" and "could not be asked" in out["permissionDecisionReason"]
+    assert len(posts) == 3 and len(set(posts)) == 1
 
 
 def test_a_create_refused_for_longer_than_the_wait_is_not_tried_again():
