@@ -11072,7 +11072,8 @@ def restore_command(config, source):
         pauses, are = ("pauses", "are") if len(reopened) != 1 else ("pause", "is")
         print(f"{len(reopened)} {pauses} decided since the backup {are} pending again in it ({shown}): the people"
               " asked may answer again, perhaps otherwise, and the agents hear of it. Cancel any that must not be"
-              " (POST /v1/pause/{id}/cancel with its developer's key) as soon as the server is started")
+              " (POST /v1/pause/{id}/cancel with its developer's key) as soon as the server is started; one past its"
+              " expiry times out at the start, to its timeout_default")
     return 0
 
 
