@@ -10701,13 +10701,10 @@ def decided_since_the_backup(database, copy):
     try:
         with contextlib.closing(connect_read_only(copy)) as restored:
             pending = [pause_id for pause_id, in restored.execute("SELECT id FROM pauses WHERE status = 'pending'")]
-        closed = []
         with contextlib.closing(connect_read_only(database)) as current:
-            for start in range(0, len(pending), 500):
-                some = pending[start:start + 500]
-                closed += [pause_id for pause_id, in current.execute(
-                    f"SELECT id FROM pauses WHERE status != 'pending' AND id IN ({','.join('?' * len(some))})", some)]
-        return sorted(closed)
+            return [pause_id for pause_id, in current.execute(
+                "SELECT id FROM pauses WHERE status != 'pending' AND id IN (SELECT value FROM json_each(?)) ORDER BY id",
+                (json.dumps(pending),))]
     except sqlite3.Error as e:
         return e
 

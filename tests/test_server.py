@@ -637,12 +637,12 @@ def test_at_a_stop_every_queued_or_arriving_request_is_answered_503_and_nothing_
     assert {message for message, in stored(tmp_path / "pausepoint.db", "SELECT message FROM pauses")} == finished
 
 
-def answered_first(sockets, at_least, timeout=20):
+def answered_first(sockets, at_least):
     """The sockets with an answer to read, once `at_least` of them have one."""
-    deadline, ready = time.monotonic() + timeout, []
-    while len(ready) < at_least and time.monotonic() < deadline:
-        ready = select.select(sockets, [], [], 0.05)[0]
-    return ready
+    def ready():
+        found = select.select(sockets, [], [], 0)[0]
+        return found if len(found) >= at_least else None
+    return wait_until(ready, timeout=20)
 
 
 def test_at_a_stop_an_answer_its_thread_has_written_is_sent_whole(spawn_server, tmp_path):
@@ -1526,17 +1526,14 @@ EVERY_SPELLING = [lambda key, n=n: f"{('Bearer', 'bearer', 'BEARER')[n % 3]}{' '
                   for n in range(12)]
 
 
-@contextlib.contextmanager
-def one_thread_for_the_address(tmp_path):
-    """A live server that serves its one client address (this test's) one request at a time
+@pytest.fixture
+def one_thread_for_the_address(small_server):
+    """A small_server that serves its one client address (this test's) one request at a time
     (four, as 12 threads give it, would leave the order in which those waiting on the write
     lock reach it to chance), and a connection of its own to hold the write lock with."""
-    config = make_config(tmp_path, **{"server.threads": 12, "ratelimit.enabled": False})
-    app = pausepoint.create_app(config)
-    app.runtime.start()
-    with LiveServer(app, config) as server, contextlib.closing(
-            sqlite3.connect(config["database.path"], isolation_level=None)) as holder:
-        server.server.task_dispatcher.per_address = 1
+    server = small_server()
+    server.server.task_dispatcher.per_address = 1
+    with contextlib.closing(sqlite3.connect(server.app.runtime.config["database.path"], isolation_level=None)) as holder:
         try:
             yield server, holder
         finally:
@@ -1545,58 +1542,59 @@ def one_thread_for_the_address(tmp_path):
 
 
 @pytest.mark.parametrize("spellings", [[SAME_SPELLING] * 12, EVERY_SPELLING], ids=["same", "respelt"])
-def test_one_tenant_flooding_from_a_shared_address_delays_another_there_by_a_turn_not_its_queue(tmp_path, spellings):
+def test_one_tenant_flooding_from_a_shared_address_delays_another_there_by_a_turn_not_its_queue(
+        one_thread_for_the_address, spellings):
     """Two developers' agents on one host, which may have one request served at a time: the
     first's twelve creates wait on the write lock, one on the address's thread and eleven
     queued, when the second's one comes. The second's is taken after the first's next, not
     after all of them: it is stored third (taken in arrival order, it would be thirteenth).
     Writing its one key differently each time does not make the flood twelve tenants."""
-    with one_thread_for_the_address(tmp_path) as (server, holder):
-        flooding, other = (register_over_http(server.url, f"{name}@example.com")["test_api_key"] for name in "ab")
-        for key in (flooding, other):         # used before: known good, so a party each (see the test below)
-            assert requests.get(f"{server.url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).ok
-        dispatcher, link = server.server.task_dispatcher, {**WIRE, "channel": "link", "recipient": "ops"}
-        holder.execute("BEGIN IMMEDIATE")          # each create then holds its thread until the rollback
-        with concurrent.futures.ThreadPoolExecutor(13) as pool:
-            creates = [pool.submit(requests.post, f"{server.url}/v1/pause", json=link,
-                                   headers={"Authorization": spelt(flooding)}) for spelt in spellings]
-            wait_until(lambda: dispatcher.queued == 11 and sum(dispatcher.running.values()) == 1)
-            creates.append(pool.submit(requests.post, f"{server.url}/v1/pause", json=link,
-                                       headers={"Authorization": f"Bearer {other}"}))
-            wait_until(lambda: dispatcher.queued == 12)
-            holder.execute("ROLLBACK")
-            assert [create.result().status_code for create in creates] == [201] * 13
+    server, holder = one_thread_for_the_address
+    flooding, other = (register_over_http(server.url, f"{name}@example.com")["test_api_key"] for name in "ab")
+    for key in (flooding, other):         # used before: known good, so a party each (see the test below)
+        assert requests.get(f"{server.url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).ok
+    dispatcher, link = server.server.task_dispatcher, {**WIRE, "channel": "link", "recipient": "ops"}
+    holder.execute("BEGIN IMMEDIATE")          # each create then holds its thread until the rollback
+    with concurrent.futures.ThreadPoolExecutor(13) as pool:
+        creates = [pool.submit(requests.post, f"{server.url}/v1/pause", json=link,
+                               headers={"Authorization": spelt(flooding)}) for spelt in spellings]
+        wait_until(lambda: dispatcher.queued == 11 and sum(dispatcher.running.values()) == 1)
+        creates.append(pool.submit(requests.post, f"{server.url}/v1/pause", json=link,
+                                   headers={"Authorization": f"Bearer {other}"}))
+        wait_until(lambda: dispatcher.queued == 12)
+        holder.execute("ROLLBACK")
+        assert [create.result().status_code for create in creates] == [201] * 13
     owners = [owner for owner, in stored(server.app.runtime.config, "SELECT developer_id FROM pauses ORDER BY seq")]
     [second] = [owner for owner in set(owners) if owners.count(owner) == 1]
     assert owners.index(second) == 2, owners
 
 
-def test_made_up_keys_flooding_from_a_shared_address_are_one_party_with_no_key_at_all(tmp_path):
+def test_made_up_keys_flooding_from_a_shared_address_are_one_party_with_no_key_at_all(one_thread_for_the_address):
     """Each made-up key a party of its own would take a turn of its own: a tenant's create
     on the same host then waited behind every one. Made up, they are one party, as requests
     with no key are: in turn order the tenant's create, its key used before, is second to be
     taken, not twenty-fourth."""
-    with one_thread_for_the_address(tmp_path) as (server, holder):
-        first, tenant = (register_over_http(server.url, f"{name}@example.com")["test_api_key"] for name in "ab")
-        assert requests.get(f"{server.url}/v1/pause", headers={"Authorization": f"Bearer {tenant}"}).ok
-        dispatcher, link = server.server.task_dispatcher, {**WIRE, "channel": "link", "recipient": "ops"}
+    server, holder = one_thread_for_the_address
+    first, tenant = (register_over_http(server.url, f"{name}@example.com")["test_api_key"] for name in "ab")
+    assert requests.get(f"{server.url}/v1/pause", headers={"Authorization": f"Bearer {tenant}"}).ok
+    dispatcher, link = server.server.task_dispatcher, {**WIRE, "channel": "link", "recipient": "ops"}
 
-        def create(key):
-            return requests.post(f"{server.url}/v1/pause", json=link, headers={"Authorization": f"Bearer {key}"})
+    def create(key):
+        return requests.post(f"{server.url}/v1/pause", json=link, headers={"Authorization": f"Bearer {key}"})
 
-        holder.execute("BEGIN IMMEDIATE")          # the first create holds the address's thread until the rollback
-        with concurrent.futures.ThreadPoolExecutor(25) as pool:
-            creates = [pool.submit(create, first)]
-            wait_until(lambda: dispatcher.queued == 0 and sum(dispatcher.running.values()) == 1)
-            creates += [pool.submit(create, f"pp_test_madeup{n}") for n in range(23)]
-            wait_until(lambda: dispatcher.queued == 23)
-            creates.append(pool.submit(create, tenant))
-            wait_until(lambda: dispatcher.queued == 24)
-            with dispatcher.lock:           # each party's queue, in the order they take turns
-                [parties] = dispatcher.waiting.values()
-                turns = [(party, len(channels)) for party, channels in parties.items()]
-            holder.execute("ROLLBACK")
-            assert [create.result().status_code for create in creates] == [201] + [401] * 23 + [201]
+    holder.execute("BEGIN IMMEDIATE")          # the first create holds the address's thread until the rollback
+    with concurrent.futures.ThreadPoolExecutor(25) as pool:
+        creates = [pool.submit(create, first)]
+        wait_until(lambda: dispatcher.queued == 0 and sum(dispatcher.running.values()) == 1)
+        creates += [pool.submit(create, f"pp_test_madeup{n}") for n in range(23)]
+        wait_until(lambda: dispatcher.queued == 23)
+        creates.append(pool.submit(create, tenant))
+        wait_until(lambda: dispatcher.queued == 24)
+        with dispatcher.lock:           # each party's queue, in the order they take turns
+            [parties] = dispatcher.waiting.values()
+            turns = [(party, len(channels)) for party, channels in parties.items()]
+        holder.execute("ROLLBACK")
+        assert [create.result().status_code for create in creates] == [201] + [401] * 23 + [201]
     assert turns == [("", 23), ("key:" + tenant, 1)], turns
 
 
