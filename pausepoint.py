@@ -1396,6 +1396,11 @@ def wake_after_commit(conn, what, *ids):
     conn._woken.setdefault(what, set()).update(ids)
 
 
+# A parameter compared with livemode or status is written `+?` (`+:livemode`): compared bare
+# with a column that a partial index's WHERE names with a value, it has SQLite prepare the
+# statement again before every run, in case the value bound opens that index. A pause's JSON
+# took 0.39 ms to prepare so and 0.016 ms to run. The `+` keeps the value from the planner;
+# the column's other indexes are used as before.
 def query_db(conn, sql, args=(), one=False):
     """Rows of a query, or with one=True its first row (None if there is none)."""
     cursor = conn.execute(sql, args)
@@ -1912,9 +1917,9 @@ def rotate_key(conn, developer, livemode):
     the password checked for it (`developer`'s password_hash) was changed since."""
     with transaction(conn):
         require_password_unchanged(conn, developer)
-        old = conn.execute("SELECT hint FROM api_keys WHERE developer_id = ? AND livemode = ? AND revoked_at IS NULL",
+        old = conn.execute("SELECT hint FROM api_keys WHERE developer_id = ? AND livemode = +? AND revoked_at IS NULL",
                            (developer["id"], livemode)).fetchone()
-        conn.execute("UPDATE api_keys SET revoked_at = ? WHERE developer_id = ? AND livemode = ? AND revoked_at IS NULL",
+        conn.execute("UPDATE api_keys SET revoked_at = ? WHERE developer_id = ? AND livemode = +? AND revoked_at IS NULL",
                      (db_time(), developer["id"], livemode))
         key = issue_key(conn, developer["id"], livemode)
         endpoints = endpoints_set_by(conn, developer["id"], livemode, f"api:{old['hint']}") if old else []
@@ -1926,12 +1931,12 @@ def rotate_key(conn, developer, livemode):
 
 # Who last set an endpoint's {field} (made the endpoint, or changed it), by the audit log.
 LAST_SET_BY = (
-    "(SELECT a.actor FROM audit_events a WHERE a.developer_id = :developer AND a.livemode = :livemode"
+    "(SELECT a.actor FROM audit_events a WHERE a.developer_id = :developer AND a.livemode = +:livemode"
     " AND a.event_type IN ('webhook.created', 'webhook.updated') AND json_extract(a.data, '$.webhook_id') = w.id"
     " AND (a.event_type = 'webhook.created' OR EXISTS (SELECT 1 FROM json_each(a.data, '$.changed')"
     "  WHERE value = '{field}')) ORDER BY a.seq DESC LIMIT 1)")
 ENDPOINTS_SET_BY = (
-    "SELECT w.id AS webhook_id, w.url FROM webhooks w WHERE w.developer_id = :developer AND w.livemode = :livemode"
+    "SELECT w.id AS webhook_id, w.url FROM webhooks w WHERE w.developer_id = :developer AND w.livemode = +:livemode"
     f" AND w.deleted_at IS NULL AND :actor IN ({LAST_SET_BY.format(field='url')},"
     f" {LAST_SET_BY.format(field='secret')}) ORDER BY w.seq")
 
@@ -2228,7 +2233,7 @@ def audit_hash(prev_hash, developer_id, livemode, timestamp, actor, event_type, 
 
 def audit_chain_head(conn, developer_id, livemode):
     """(The hash of the chain's latest event, or AUDIT_GENESIS before its first; its time)."""
-    latest = query_db(conn, "SELECT hash, timestamp FROM audit_events WHERE developer_id = ? AND livemode = ?"
+    latest = query_db(conn, "SELECT hash, timestamp FROM audit_events WHERE developer_id = ? AND livemode = +?"
                             " ORDER BY seq DESC LIMIT 1", (developer_id, livemode), one=True)
     if latest is None:
         return AUDIT_GENESIS, None
@@ -2308,7 +2313,7 @@ def audit_page(conn, caller, event_type=None, pause_id=None, limit=50, cursor=No
     # One pause's events are a handful: their own index, whatever the statistics say
     # (a guess from stale ones could read the owner's millions of rows instead).
     table = "audit_events INDEXED BY audit_by_pause" if pause_id else "audit_events"
-    sql = f"SELECT * FROM {table} WHERE developer_id = :developer AND livemode = :livemode"
+    sql = f"SELECT * FROM {table} WHERE developer_id = :developer AND livemode = +:livemode"
     args = {"developer": caller.developer_id, "livemode": caller.livemode}
     for name, value in (("event_type", event_type), ("pause_id", pause_id)):
         if value:
@@ -2919,7 +2924,7 @@ def usable_channel(config, caller, name):
 
 def current_idempotency_key(conn, caller, key, now):
     """The record of the request made with this key in the last 24 h, or None."""
-    row = conn.execute("SELECT * FROM idempotency_keys WHERE developer_id = ? AND livemode = ? AND key = ?",
+    row = conn.execute("SELECT * FROM idempotency_keys WHERE developer_id = ? AND livemode = +? AND key = ?",
                        (caller.developer_id, caller.livemode, key)).fetchone()
     return row if row is not None and parse_db_time(row["created_at"]) >= now - IDEMPOTENCY_WINDOW else None
 
@@ -3075,11 +3080,11 @@ def overview_figures(conn, config, caller, now=None):
                    CASE status WHEN 'responded' THEN
                        CASE WHEN choice = json_extract(options, '$[0]') THEN 'approved' ELSE 'rejected' END
                    ELSE status END AS outcome, count(*) AS n
-            FROM pauses WHERE developer_id = :developer AND livemode = :livemode AND created_at >= :since
+            FROM pauses WHERE developer_id = :developer AND livemode = +:livemode AND created_at >= :since
               AND created_at < :until
             GROUP BY day, outcome""", owner):
         per_day[dt.date.fromisoformat(row["day"])][row["outcome"]] += row["n"]
-    answered = "FROM pauses WHERE developer_id = :developer AND livemode = :livemode AND created_at >= :since" \
+    answered = "FROM pauses WHERE developer_id = :developer AND livemode = +:livemode AND created_at >= :since" \
                " AND created_at < :until AND status = 'responded'"
     count = query_db(conn, f"SELECT count(*) {answered}", owner, one=True)[0]
 
@@ -3360,7 +3365,7 @@ REPLY_CODE_DRAWS, MORE_REPLY_CODE_DRAWS = 8, 64
 # test pause, only those of its own developer's test pauses, which no reply ever answers, so
 # another tenant's test pauses can never use up a number's codes. (The expression of the
 # indexes that serve it: ':scope' is '' for live, else the developer's id.)
-CODE_SCOPE = "recipient = :recipient AND livemode = :livemode AND iif(livemode, '', developer_id) = :scope"
+CODE_SCOPE = "recipient = :recipient AND livemode = +:livemode AND iif(livemode, '', developer_id) = :scope"
 # A number's codes in use (pending, or decided in the last week), by mode: those of pauses
 # that asked it first, and of team pauses that asked it later. Those of live pauses decided
 # lately are found by decision time (pauses_closed_by_recipient), and pending ones through
@@ -3752,7 +3757,7 @@ def cancel_pause(conn, config, caller, pause_id):
 
 def owned_pause(conn, caller, pause_id):
     """The caller's pause in the caller's mode; anything else is indistinguishable from absent."""
-    pause = conn.execute("SELECT * FROM pauses WHERE id = ? AND developer_id = ? AND livemode = ?",
+    pause = conn.execute("SELECT * FROM pauses WHERE id = ? AND developer_id = ? AND livemode = +?",
                          (pause_id, caller.developer_id, caller.livemode)).fetchone()
     if pause is None:
         raise no_such_pause(pause_id, caller, conn)
@@ -3765,7 +3770,7 @@ def no_such_pause(pause_id, caller=None, conn=None):
     message = f"no pause {shorten(pause_id)!r}" + (f" {caller.whose}" if caller else "")
     if caller is not None and conn is not None:
         message += in_the_other_mode(conn, caller, "SELECT 1 FROM pauses WHERE id = ? AND developer_id = ?"
-                                     " AND livemode = ?", pause_id, "pauses")
+                                     " AND livemode = +?", pause_id, "pauses")
     return ApiError(404, "not_found", message)
 
 
@@ -3981,7 +3986,7 @@ def pause_json(conn, config, pause_id, caller=None):
     sql, args = (f"SELECT {PAUSE_JSON} FROM pauses p {FIRST_ASKED}"
                  " WHERE p.id = :id"), {"base": base_url(config), "id": pause_id}
     if caller is not None:
-        sql += " AND p.developer_id = :developer AND p.livemode = :livemode"
+        sql += " AND p.developer_id = :developer AND p.livemode = +:livemode"
         args.update(developer=caller.developer_id, livemode=caller.livemode)
     row = query_db(conn, sql, args, one=True)
     if row is None:
@@ -3992,10 +3997,10 @@ def pause_json(conn, config, pause_id, caller=None):
 def pauses_json(conn, config, caller, status, limit, cursor):
     """A page of the caller's pauses, newest first, after `cursor`, as GET /v1/pause shows it."""
     sql = (f"SELECT p.seq, {PAUSE_JSON} FROM pauses p {FIRST_ASKED}"
-           " WHERE p.developer_id = :developer AND p.livemode = :livemode")
+           " WHERE p.developer_id = :developer AND p.livemode = +:livemode")
     args = {"base": base_url(config), "developer": caller.developer_id, "livemode": caller.livemode}
     if status:
-        sql, args["status"] = sql + " AND p.status = :status", status
+        sql, args["status"] = sql + " AND p.status = +:status", status
     rows, next_cursor = newest_first(conn, sql, args, limit, cursor, "p.")
     return '{"pauses": [%s], "next_cursor": %s}' % (", ".join(row[1] for row in rows), json.dumps(next_cursor))
 
@@ -5604,7 +5609,7 @@ def create_webhook(conn, config, caller, body, password_checked=None):
             require_password_unchanged(conn, password_checked)
         limit = config["webhooks.max_per_developer"]
         # Counted in the caller's mode: a key must never be stopped by webhooks it cannot see.
-        held = conn.execute("SELECT count(*) FROM webhooks WHERE developer_id = ? AND livemode = ?"
+        held = conn.execute("SELECT count(*) FROM webhooks WHERE developer_id = ? AND livemode = +?"
                             " AND deleted_at IS NULL", (caller.developer_id, caller.livemode)).fetchone()[0]
         if held >= limit:
             raise ApiError(409, "webhook_limit_reached",
@@ -5688,11 +5693,11 @@ def disable_webhook(conn, webhook, reason, actor):
 
 
 def owned_webhook(conn, caller, webhook_id):
-    webhook = conn.execute("SELECT * FROM webhooks WHERE id = ? AND developer_id = ? AND livemode = ?"
+    webhook = conn.execute("SELECT * FROM webhooks WHERE id = ? AND developer_id = ? AND livemode = +?"
                            " AND deleted_at IS NULL", (webhook_id, caller.developer_id, caller.livemode)).fetchone()
     if webhook is None:
         raise ApiError(404, "not_found", f"no webhook {shorten(webhook_id)!r} {caller.whose}" + in_the_other_mode(
-            conn, caller, "SELECT 1 FROM webhooks WHERE id = ? AND developer_id = ? AND livemode = ?"
+            conn, caller, "SELECT 1 FROM webhooks WHERE id = ? AND developer_id = ? AND livemode = +?"
                           " AND deleted_at IS NULL", webhook_id, "webhook endpoints"))
     return webhook
 
@@ -5712,7 +5717,7 @@ def webhook_json(webhook):
 
 def webhooks_of(conn, caller):
     """The caller's endpoints in its mode, newest first."""
-    return query_db(conn, "SELECT * FROM webhooks WHERE developer_id = ? AND livemode = ? AND deleted_at IS NULL"
+    return query_db(conn, "SELECT * FROM webhooks WHERE developer_id = ? AND livemode = +? AND deleted_at IS NULL"
                           " ORDER BY seq DESC", (caller.developer_id, caller.livemode))
 
 
@@ -5795,10 +5800,10 @@ def events_after(conn, caller, after, types, limit):
     lead a reader past a gap."""
     with snapshot(conn):
         pruned = query_db(conn, "SELECT through_rowid FROM event_feed_pruned WHERE developer_id = ?"
-                                " AND livemode = ?", (caller.developer_id, caller.livemode), one=True)
+                                " AND livemode = +?", (caller.developer_id, caller.livemode), one=True)
         since = pruned[0] if pruned else 0
         if after is not None:
-            row = query_db(conn, "SELECT rowid FROM webhook_events WHERE id = ? AND developer_id = ? AND livemode = ?"
+            row = query_db(conn, "SELECT rowid FROM webhook_events WHERE id = ? AND developer_id = ? AND livemode = +?"
                                  " AND rowid > ?", (after, caller.developer_id, caller.livemode, since), one=True)
             if row is None:
                 raise ApiError(404, "not_found", f"no event {shorten(after)!r} in the feed {caller.whose}, or"
@@ -5808,7 +5813,7 @@ def events_after(conn, caller, after, types, limit):
                                                  " again without after", field="after")
             since = row[0]
         sql = ("SELECT body FROM webhook_events INDEXED BY webhook_events_feed WHERE developer_id = :developer"
-               " AND livemode = :livemode AND rowid > :since")
+               " AND livemode = +:livemode AND rowid > :since")
         args = {"developer": caller.developer_id, "livemode": caller.livemode, "since": since, "limit": limit}
         if types:
             sql, args["types"] = sql + " AND type IN (SELECT value FROM json_each(:types))", json.dumps(types)
@@ -5902,7 +5907,7 @@ def claim_delivery(conn, config, row):
         claim_until = claim_expiry(config, DELIVERY_CLAIM_SECONDS, now)
         won = conn.execute(
             "UPDATE webhook_deliveries SET status = 'delivering', attempts = attempts + 1, next_attempt_at = ?,"
-            " updated_at = ? WHERE id = ? AND status = ? AND next_attempt_at = ? AND EXISTS (SELECT 1 FROM webhooks w"
+            " updated_at = ? WHERE id = ? AND status = +? AND next_attempt_at = ? AND EXISTS (SELECT 1 FROM webhooks w"
             " WHERE w.id = webhook_deliveries.webhook_id AND w.status = 'enabled' AND w.deleted_at IS NULL)",
             (claim_until, db_time(now), row["id"], row["status"], row["next_attempt_at"])).rowcount
     return claim_until if won else None
@@ -6635,11 +6640,11 @@ class Metrics:
                        labels=["outbox", "mode"])
         for mode in (0, 1):
             backlogs = {"notifications": query_db(conn, "SELECT count(*), min(next_attempt_at) FROM notifications"
-                                                        " WHERE status IN ('queued', 'sending') AND livemode = ?",
+                                                        " WHERE status IN ('queued', 'sending') AND livemode = +?",
                                                   (mode,), one=True),
                         "webhooks": query_db(conn, "SELECT count(*), min(d.next_attempt_at) FROM webhook_deliveries d"
                                                    " JOIN webhooks w ON w.id = d.webhook_id WHERE d.status IN"
-                                                   " ('pending', 'delivering') AND w.livemode = ?", (mode,), one=True)}
+                                                   " ('pending', 'delivering') AND w.livemode = +?", (mode,), one=True)}
             for outbox, (count, first) in backlogs.items():
                 depth.add_metric([outbox, MODE_NAMES[mode]], count)
                 oldest.add_metric([outbox, MODE_NAMES[mode]], seconds_between(first, now) if first and first <= now else 0)
@@ -8363,7 +8368,7 @@ def export_audit(rt, caller, query):
         # The end is found as the chain is read, not looked up first: with `until` still to come,
         # none is there yet, and the events written after it while the export is read are not its.
         first = first_event_at(rt.db(), caller, since)
-        for row in audit_events_in_order(rt.db(), "developer_id = ? AND livemode = ? AND seq >= ?",
+        for row in audit_events_in_order(rt.db(), "developer_id = ? AND livemode = +? AND seq >= ?",
                                          (caller.developer_id, caller.livemode, first or SEQ_BEYOND)):
             if row["timestamp"] >= until:
                 return
@@ -8393,7 +8398,7 @@ def export_audit(rt, caller, query):
 
 def first_event_at(conn, caller, moment):
     """The seq of the caller's chain's first event at or after `moment` (stored time), or None."""
-    first = query_db(conn, "SELECT seq FROM audit_events WHERE developer_id = ? AND livemode = ? AND timestamp >= ?"
+    first = query_db(conn, "SELECT seq FROM audit_events WHERE developer_id = ? AND livemode = +? AND timestamp >= ?"
                            " ORDER BY seq LIMIT 1", (caller.developer_id, caller.livemode, moment), one=True)
     return first and first[0]
 
@@ -8457,8 +8462,8 @@ def get_audit_head(rt, caller):
     somewhere else, and an export can later prove that nothing before it changed."""
     # One statement, so the count and the hash are of the same moment.
     count, latest = query_db(rt.db(), "SELECT count(*), (SELECT hash FROM audit_events WHERE developer_id = :developer"
-                                      " AND livemode = :livemode ORDER BY seq DESC LIMIT 1) FROM audit_events"
-                                      " WHERE developer_id = :developer AND livemode = :livemode",
+                                      " AND livemode = +:livemode ORDER BY seq DESC LIMIT 1) FROM audit_events"
+                                      " WHERE developer_id = :developer AND livemode = +:livemode",
                              {"developer": caller.developer_id, "livemode": caller.livemode}, one=True)
     head = {"type": "audit_head", "developer_id": caller.developer_id, "livemode": bool(caller.livemode),
             "hash": latest or AUDIT_GENESIS,

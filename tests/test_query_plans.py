@@ -3,6 +3,7 @@ planner's choice to matter: read from the statements the server really executes.
 
 import datetime as dt
 import re
+import sqlite3
 
 from conftest import stored, QUESTION, WIRE, token_of
 import pausepoint
@@ -144,3 +145,47 @@ def test_the_hot_queries_use_indexes_on_a_big_database(running_api, receiver, tw
              or re.search(r"pauses_(pending|recent)_reply_codes? \(recipient=\? AND livemode=\?(?! AND <expr>=\?)", plan)}
     assert scans == {}
     assert len(statements) > 30
+
+
+def test_the_hot_statements_are_prepared_once_and_reused(running_api, receiver, twilio):
+    """SQLite prepares a statement again before each run whose bound values could change its
+    plan: one comparing a column that a partial index's WHERE names (livemode, status) to a
+    parameter. A pause's JSON took 0.39 ms to prepare against 0.016 ms to run. Once each
+    path has run, running it again prepares nothing (PRAGMAs, which SQLite always
+    prepares again, and cheap, aside)."""
+    api = running_api(**{"webhooks.allow_private": True}, **twilio.settings())
+    keys = api.register()
+    auth = api.as_key(keys["test_api_key"])
+    api.post_json("/v1/webhooks", {"url": receiver.url, "events": ["pause.responded"]}, headers=auth)
+    conn, prepared, compiled = api.app.runtime.db(), [], [0]
+    conn.set_authorizer(lambda *_: compiled.__setitem__(0, compiled[0] + 1) or sqlite3.SQLITE_OK)
+
+    def started(sql):
+        if compiled[0] and not sql.lstrip().upper().startswith("PRAGMA"):
+            prepared.append(sql[:120])
+        compiled[0] = 0
+    conn.set_trace_callback(started)
+    for turn in range(2):
+        prepared.clear()
+        for key, recipient in ((keys["test_api_key"], "+15550100"), (keys["api_key"], "+15550109")):
+            auth = api.as_key(key)
+            pause = api.create_pause(key, recipient=recipient)
+            api.pause(key, pause["pause_id"])
+            api.get("/v1/pause", {"limit": 5}, headers=auth)
+            api.get("/v1/pause", {"limit": 5, "status": "pending"}, headers=auth)
+            api.get("/v1/audit", {"pause_id": pause["pause_id"]}, headers=auth)
+            api.get("/v1/events", {"limit": 5}, headers=auth)
+            api.step("notifications")
+            api.get(f"/v1/respond/{token_of(pause['respond_url'])}")
+            api.post_json(f"/v1/respond/{token_of(pause['respond_url'])}", {"choice": "Approve"})
+            cancelled = api.create_pause(key, recipient=recipient)
+            api.post(f"/v1/pause/{cancelled['pause_id']}/cancel", headers=auth)
+        texted = api.create_pause(keys["api_key"], recipient="+15550109")
+        api.step("notifications")
+        [(code,)] = stored(api.config, "SELECT reply_code FROM pauses WHERE id = ?", texted["pause_id"])
+        assert "recorded" in pausepoint.record_sms_reply(conn, api.config, "+15550109", f"{code} 1", f"SM{turn:032}")
+        for job in ("timeouts", "steps", "notifications", "webhooks"):
+            api.step(job)
+    conn.set_trace_callback(None)
+    conn.set_authorizer(None)
+    assert prepared == [], "\n".join(prepared)
