@@ -10642,7 +10642,7 @@ def restore(config, source):
     """Put the backup at `source` in the database's place, with no server on it (its lock is
     held meanwhile, so none starts). Returns (the name the database it replaced is kept under,
     or None where there was none; whether the backup's keys were put in place; the pauses it
-    reopens, decided_since_the_backup())."""
+    reopens, decided_since_the_backup(); the file listing them, or None)."""
     database = config["database.path"]
     real = os.path.realpath(database)
     if os.path.isdir(real):
@@ -10685,6 +10685,7 @@ def replace_with_copy(database, source, copy):
         keys = restored_keys(database, source, copy)
         reopened = decided_since_the_backup(database, copy)
         aside = put_aside(database)
+        listed = list_reopened(aside, reopened) if reopened and isinstance(reopened, list) else None
         if keys is not None:
             write_signing_keys(signing_keys_path(database), keys)
         os.replace(copy, os.path.realpath(database))
@@ -10692,26 +10693,43 @@ def replace_with_copy(database, source, copy):
     except (sqlite3.Error, OSError) as e:
         kept = f"; the database as it was is kept as {aside}" if aside else f"; {database} is as it was"
         raise ConfigError(f"the restore of {source} failed: {e}{kept}") from None
-    return aside, keys is not None, reopened
+    return aside, keys is not None, reopened, listed
 
 
 def decided_since_the_backup(database, copy):
-    """The ids of the pauses pending in the backup's `copy` that the database it replaces had
-    decided, timed out or cancelled since: back from the backup, they are pending again, and
-    the people asked may answer them again (another way, say) and their agents hear of it.
-    Or the error that kept the database from being read to tell (a damaged one, likely why it
-    is restored)."""
+    """The pauses pending in the backup's `copy` that the database it replaces had decided,
+    timed out or cancelled since: back from the backup, they are pending again, and the people
+    asked may answer them again (another way, say) and their agents hear of it. Each as
+    (id, 'live' or 'test', its developer's email, expires_at), by id. Or the error that kept
+    the database from being read to tell (a damaged one, likely why it is restored)."""
     if not os.path.exists(database):
         return []
     try:
         with contextlib.closing(connect_read_only(copy)) as restored:
-            pending = [pause_id for pause_id, in restored.execute("SELECT id FROM pauses WHERE status = 'pending'")]
+            pending = {row[0]: tuple(row) for row in restored.execute(
+                "SELECT pauses.id, iif(pauses.livemode, 'live', 'test'), developers.email, pauses.expires_at"
+                " FROM pauses JOIN developers ON developers.id = pauses.developer_id WHERE status = 'pending'")}
         with contextlib.closing(connect_read_only(database)) as current:
-            return [pause_id for pause_id, in current.execute(
+            return [pending[pause_id] for pause_id, in current.execute(
                 "SELECT id FROM pauses WHERE status != 'pending' AND id IN (SELECT value FROM json_each(?)) ORDER BY id",
-                (json.dumps(pending),))]
+                (json.dumps(list(pending)),))]
     except sqlite3.Error as e:
         return e
+
+
+def list_reopened(aside, reopened):
+    """Every pause the restore reopened, one a line in a file beside the database it replaced
+    (`aside`), as decided_since_the_backup() gives them, tab-separated: the command's output
+    names only the first few, and the operator cancelling them needs all, with the key each
+    takes (live or test, whose) and whether it still can be (before its expiry). Returns its
+    name."""
+    path = f"{aside}.reopened"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    take_owner(fd, aside)
+    with open(fd, "w", encoding="utf-8") as f:
+        f.writelines(f"{pause_id}\t{mode}\t{email}\t{api_time(expires_at)}\n"
+                     for pause_id, mode, email, expires_at in reopened)
+    return path
 
 
 def copy_backup(source, copy):
@@ -11060,7 +11078,7 @@ def print_new_keys(registered):
 
 def restore_command(config, source):
     refuse_before_opening(config["database.path"])
-    aside, with_keys, reopened = restore(config, source)
+    aside, with_keys, reopened, listed = restore(config, source)
     kept = os.path.exists(signing_keys_path(config["database.path"]))
     print(f"restored {config['database.path']} from {source}"
           + (f" and its signing keys from {signing_keys_path(source)}" if with_keys else ", keeping its signing keys"
@@ -11070,12 +11088,14 @@ def restore_command(config, source):
         print(f"whether pauses decided since the backup are pending again in it could not be told: the database it"
               f" replaced could not be read ({reopened})")
     elif reopened:
-        shown = ", ".join(reopened[:20]) + (f" and {len(reopened) - 20} more" if len(reopened) > 20 else "")
+        shown = ", ".join(pause[0] for pause in reopened[:20]) + (f" and {len(reopened) - 20} more"
+                                                                  if len(reopened) > 20 else "")
         pauses, are = ("pauses", "are") if len(reopened) != 1 else ("pause", "is")
         print(f"{len(reopened)} {pauses} decided since the backup {are} pending again in it ({shown}): the people"
               " asked may answer again, perhaps otherwise, and the agents hear of it. Cancel any that must not be"
-              " (POST /v1/pause/{id}/cancel with its developer's key) as soon as the server is started; one past its"
-              " expiry times out at the start, to its timeout_default")
+              " (POST /v1/pause/{id}/cancel with its developer's key of its mode) as soon as the server is started;"
+              " one past its expiry times out at the start, to its timeout_default. Every one is listed in"
+              f" {listed}, a line each: its id, live or test, its developer's email and its expiry")
     return 0
 
 

@@ -1062,6 +1062,30 @@ def test_a_restore_names_the_pauses_decided_since_the_backup_that_it_makes_pendi
                   rejected["pause_id"]) == [("pending",)]
 
 
+def test_a_restore_lists_every_pause_it_reopens_however_many_in_a_file_beside_the_database_it_replaced(
+        spawn_server, tmp_path):
+    """Past the twenty it names, the operator is told where every one is, with what cancelling
+    it takes (the key of its mode: test or live, and whose) and whether it still can be."""
+    server = spawn_server()
+    keys = register(server.url)
+    reopened = [create(server.url, keys["test_api_key"]) for _ in range(23)]
+    assert run_cli(tmp_path, "backup", str(tmp_path / "copy.db")).returncode == 0
+    for pause in reopened:
+        assert requests.post(f"{server.url}/v1/pause/{pause['pause_id']}/cancel",
+                             headers=bearer(keys["test_api_key"])).status_code == 200
+    server.stop()
+    result = run_cli(tmp_path, "restore", str(tmp_path / "copy.db"))
+    assert result.returncode == 0, result.stderr
+    [aside] = fnmatch.filter(os.listdir(tmp_path), "pausepoint.db.replaced-*Z")
+    listed = tmp_path / f"{aside}.reopened"
+    assert "23 pauses decided since the backup are pending again in it (" in result.stdout
+    assert "and 3 more): " in result.stdout and f"Every one is listed in {listed}, a line each" in result.stdout
+    assert listed.read_text().splitlines() == sorted(
+        f"{pause['pause_id']}\ttest\tdev@example.com\t{pause['expires_at']}" for pause in reopened)
+    assert stat.S_IMODE(os.stat(listed).st_mode) == 0o600
+    assert not any(token_of(pause["respond_url"]) in result.stdout + listed.read_text() for pause in reopened)
+
+
 def test_a_restore_under_a_running_server_is_refused_and_leaves_it_serving(spawn_server, tmp_path):
     server = spawn_server()
     key = register(server.url)["test_api_key"]
