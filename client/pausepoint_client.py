@@ -444,11 +444,13 @@ def _error_from(http_error):
         return PausePointError(status, "redirect", f"the server answered with a redirect to {headers.get('Location')};"
                                " the client does not follow one (your key would go with it): use the address it"
                                " names as the base URL if it is your server's")
-    retry_after = headers.get("Retry-After")
+    retry_after = headers.get("Retry-After") or ""
+    # Whole seconds, as the server says them: not an HTTP date, nor more digits than int() reads
+    # (it refuses over 4,300; nine are 30 years).
+    readable = retry_after.isascii() and retry_after.isdigit() and len(retry_after) <= 9
     kind = ERRORS.get(status, ServerError if status >= 500 else PausePointError)
     return kind(status, str(detail.get("code") or "error"), str(detail.get("message") or http_error.reason),
-                detail.get("field"),
-                int(retry_after) if retry_after and retry_after.isascii() and retry_after.isdigit() else None)
+                detail.get("field"), int(retry_after) if readable else None)
 
 
 ###############################################################################

@@ -321,7 +321,9 @@ def test_a_redirect_is_refused_and_the_key_never_follows_it():
     (b'{"error": null}', None, "ServerError", 2),
     (b'["error"]', None, "ServerError", 2),
     (b"<html>Bad gateway</html>", "\u00b2", "ServerError", 2),    # superscript two: a digit to str.isdigit()
-], ids=["error a string", "error null", "a list", "html and a retry-after of no ascii digits"])
+    (b"<html>Bad gateway</html>", "9" * 5000, "ServerError", 2),   # more digits than int() reads
+], ids=["error a string", "error null", "a list", "html and a retry-after of no ascii digits",
+        "html and a retry-after of thousands of digits"])
 def test_an_answer_in_any_other_shape_is_still_a_typed_error(body, retry_after, kind, tries):
     status = 401 if kind == "Unauthorized" else 503
     headers = {"Retry-After": retry_after} if retry_after else {}      # sent as Latin-1, as HTTP headers are
