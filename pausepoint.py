@@ -10642,7 +10642,8 @@ def restore(config, source):
     """Put the backup at `source` in the database's place, with no server on it (its lock is
     held meanwhile, so none starts). Returns (the name the database it replaced is kept under,
     or None where there was none; whether the backup's keys were put in place; the pauses it
-    reopens, decided_since_the_backup(); the file listing them, or None)."""
+    reopens, decided_since_the_backup(), each with what the restore did; the file listing them,
+    or None)."""
     database = config["database.path"]
     real = os.path.realpath(database)
     if os.path.isdir(real):
@@ -10665,25 +10666,28 @@ def restore(config, source):
         try:
             take_owner(fd, real)
             os.close(fd)
-            return replace_with_copy(database, source, copy)
+            return replace_with_copy(config, source, copy)
         finally:
             for leftover in (copy, *(copy + suffix for suffix in BESIDE_A_DATABASE)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leftover)
 
 
-def replace_with_copy(database, source, copy):
+def replace_with_copy(config, source, copy):
     """restore()'s work, the server's lock held: the backup copied whole into `copy`, beside
-    the database, and checked before it takes the database's name, so a copy cut short (a full
-    disk) or a damaged backup never does. The database it replaces, with its -wal (an unclean
-    stop's last writes) and its keys, is kept under a name of its own; its -shm goes, which
-    SQLite would otherwise read into the copy."""
-    aside = None
+    the database, and checked (and the pauses it reopens cancelled) before it takes the
+    database's name, so a copy cut short (a full disk) or a damaged backup never does. The
+    database it replaces, with its -wal (an unclean stop's last writes) and its keys, is kept
+    under a name of its own; its -shm goes, which SQLite would otherwise read into the copy."""
+    database, aside = config["database.path"], None
     try:
         copy_backup(source, copy)
         checked_backup(copy, source)
         keys = restored_keys(database, source, copy)
         reopened = decided_since_the_backup(database, copy)
+        if reopened and isinstance(reopened, list):
+            cancelled = cancel_reopened(config, copy, reopened, signing_keys_path(source if keys else database))
+            reopened = [(*pause, "cancelled" if pause[0] in cancelled else "times out") for pause in reopened]
         aside = put_aside(database)
         listed = list_reopened(aside, reopened) if reopened and isinstance(reopened, list) else None
         if keys is not None:
@@ -10700,8 +10704,9 @@ def decided_since_the_backup(database, copy):
     """The pauses pending in the backup's `copy` that the database it replaces had decided,
     timed out or cancelled since: back from the backup, they are pending again, and the people
     asked may answer them again (another way, say) and their agents hear of it. Each as
-    (id, 'live' or 'test', its developer's email, expires_at), by id. Or the error that kept
-    the database from being read to tell (a damaged one, likely why it is restored)."""
+    (id, 'live' or 'test', its developer's email, expires_at, its status in the database),
+    by id. Or the error that kept the database from being read to tell (a damaged one, likely
+    why it is restored)."""
     if not os.path.exists(database):
         return []
     try:
@@ -10710,25 +10715,49 @@ def decided_since_the_backup(database, copy):
                 "SELECT pauses.id, iif(pauses.livemode, 'live', 'test'), developers.email, pauses.expires_at"
                 " FROM pauses JOIN developers ON developers.id = pauses.developer_id WHERE status = 'pending'")}
         with contextlib.closing(connect_read_only(database)) as current:
-            return [pending[pause_id] for pause_id, in current.execute(
-                "SELECT id FROM pauses WHERE status != 'pending' AND id IN (SELECT value FROM json_each(?)) ORDER BY id",
+            return [(*pending[pause_id], status) for pause_id, status in current.execute(
+                "SELECT id, status FROM pauses WHERE status != 'pending' AND id IN (SELECT value FROM json_each(?))"
+                " ORDER BY id",
                 (json.dumps(list(pending)),))]
     except sqlite3.Error as e:
         return e
 
 
+def cancel_reopened(config, copy, reopened, keys_path):
+    """Cancel, in the restored `copy` and before it takes the database's name, each pause the
+    restore reopens that is still before its expiry: at the server's first tick, a reminder or
+    escalation that fell due meanwhile, or a text queued when the backup was taken, would ask
+    its people again before anyone could. Each is cancelled as any cancel is (decide_pause()),
+    with the receipt signed by the keys at `keys_path`, its audit event saying what the
+    replaced database had, its webhook event. One past its expiry times out at the start, to
+    its timeout_default, as any does. Returns the ids cancelled."""
+    signer = Signer(keys_path, functools.partial(latest_receipt_kid, copy))
+    try:
+        with contextlib.closing(connect(copy)) as conn:
+            migrate(conn)
+            conn.signer = signer
+            with transaction(conn):
+                now = db_time()
+                cancelled = {pause_id for pause_id, *_, status in reopened if decide_pause(
+                    conn, config, pause_id, "cancelled", "restore", now=now,
+                    data={"via": "restore", "since_the_backup": status})}
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")     # all of it in the file that is put in place
+    finally:
+        signer.helper.shutdown()
+    return cancelled
+
+
 def list_reopened(aside, reopened):
     """Every pause the restore reopened, one a line in a file beside the database it replaced
-    (`aside`), as decided_since_the_backup() gives them, tab-separated: the command's output
-    names only the first few, and the operator cancelling them needs all, with the key each
-    takes (live or test, whose) and whether it still can be (before its expiry). Returns its
-    name."""
+    (`aside`), tab-separated: its id, mode (live or test: whose key reads it), developer's
+    email, expiry, status in the replaced database, and whether the restore cancelled it or it
+    times out at the start. The command's output names only the first few. Returns its name."""
     path = f"{aside}.reopened"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     take_owner(fd, aside)
     with open(fd, "w", encoding="utf-8") as f:
-        f.writelines(f"{pause_id}\t{mode}\t{email}\t{api_time(expires_at)}\n"
-                     for pause_id, mode, email, expires_at in reopened)
+        f.writelines(f"{pause_id}\t{mode}\t{email}\t{api_time(expires_at)}\t{was}\t{now}\n"
+                     for pause_id, mode, email, expires_at, was, now in reopened)
     return path
 
 
@@ -11090,12 +11119,12 @@ def restore_command(config, source):
     elif reopened:
         shown = ", ".join(pause[0] for pause in reopened[:20]) + (f" and {len(reopened) - 20} more"
                                                                   if len(reopened) > 20 else "")
-        pauses, are = ("pauses", "are") if len(reopened) != 1 else ("pause", "is")
-        print(f"{len(reopened)} {pauses} decided since the backup {are} pending again in it ({shown}): the people"
-              " asked may answer again, perhaps otherwise, and the agents hear of it. Cancel any that must not be"
-              " (POST /v1/pause/{id}/cancel with its developer's key of its mode) as soon as the server is started;"
-              " one past its expiry times out at the start, to its timeout_default. Every one is listed in"
-              f" {listed}, a line each: its id, live or test, its developer's email and its expiry")
+        cancelled = sum(pause[-1] == "cancelled" for pause in reopened)
+        print(f"{len(reopened)} {'pauses' if len(reopened) != 1 else 'pause'} pending in the backup had been decided"
+              f" since ({shown}): {cancelled} the restore cancelled, so nobody is asked them again and their agents"
+              f" hear pause.cancelled; {len(reopened) - cancelled} past their expiry time out at the start, to their"
+              f" timeout_default. Every one is listed in {listed}, a line each: its id, live or test, its developer's"
+              " email, its expiry, its status in the database replaced, and what the restore did")
     return 0
 
 

@@ -1039,49 +1039,75 @@ def test_a_restore_puts_the_backup_in_place_and_keeps_the_database_it_replaced(s
 
 
 @pytest.mark.parametrize("replaced", ["readable", "damaged"])
-def test_a_restore_names_the_pauses_decided_since_the_backup_that_it_makes_pending_again(spawn_server, tmp_path,
-                                                                                         replaced):
-    """Back from the backup, a pause rejected since is pending again, and its person may approve
-    it: the operator is told which, to cancel those that must not be, or that it cannot be told."""
+def test_a_restore_cancels_the_pauses_decided_since_the_backup_so_nobody_is_asked_them_again(spawn_server, tmp_path,
+                                                                                          replaced):
+    """Back from the backup, a pause rejected since would be pending again: its reminder, due
+    while the server was down, would ask its person again at the first tick, before anyone
+    could cancel it. The restore cancels it in the copy, as a cancel does (receipt, audit event
+    saying what the replaced database had, webhook event), or says it cannot tell which."""
     server = spawn_server()
     key = register(server.url)["test_api_key"]
-    rejected, waiting = create(server.url, key), create(server.url, key)
+    rejected = create(server.url, key, remind_after_minutes=[1])
+    waiting = create(server.url, key)
     assert run_cli(tmp_path, "backup", str(tmp_path / "copy.db")).returncode == 0
     assert requests.post(f"{server.url}/v1/respond/{token_of(rejected['respond_url'])}",
                          json={"choice": "Reject"}).status_code == 200
     server.stop()
+    stored(tmp_path / "copy.db", "UPDATE pause_steps SET due_at = '2000-01-01T00:00:00.000Z'")  # due while down
     if replaced == "damaged":
         (tmp_path / "pausepoint.db").write_bytes(b"\xff" * 8192)       # nothing SQLite knows as a database
     result = run_cli(tmp_path, "restore", str(tmp_path / "copy.db"))
     assert result.returncode == 0, result.stderr
-    said = (f"1 pause decided since the backup is pending again in it ({rejected['pause_id']}): the people asked may"
-            " answer again" if replaced == "readable" else "whether pauses decided since the backup are pending"
-            " again in it could not be told: the database it replaced could not be read (")
-    assert said in result.stdout and waiting["pause_id"] not in result.stdout
-    assert stored(tmp_path / "pausepoint.db", "SELECT status FROM pauses WHERE id = ?",
-                  rejected["pause_id"]) == [("pending",)]
+    restored = tmp_path / "pausepoint.db"
+    if replaced == "damaged":
+        assert ("whether pauses decided since the backup are pending again in it could not be told: the database it"
+                " replaced could not be read (") in result.stdout
+        assert stored(restored, "SELECT status FROM pauses WHERE id = ?", rejected["pause_id"]) == [("pending",)]
+        return
+    assert (f"1 pause pending in the backup had been decided since ({rejected['pause_id']}): 1 the restore"
+            " cancelled, so nobody is asked them again") in result.stdout and waiting["pause_id"] not in result.stdout
+    assert stored(restored, "SELECT status, decided_by, receipt IS NOT NULL FROM pauses WHERE id = ?",
+                  rejected["pause_id"]) == [("cancelled", "restore", 1)]
+    assert stored(restored, "SELECT status FROM pauses WHERE id = ?", waiting["pause_id"]) == [("pending",)]
+    assert stored(restored, "SELECT json_extract(data, '$.via'), json_extract(data, '$.since_the_backup')"
+                            " FROM audit_events WHERE pause_id = ? AND event_type = 'pause.cancelled'",
+                  rejected["pause_id"]) == [("restore", "responded")]
+    assert stored(restored, "SELECT count(*) FROM webhook_events WHERE pause_id = ? AND type = 'pause.cancelled'",
+                  rejected["pause_id"]) == [(1,)]
+    assert run_cli(tmp_path, "verify-audit").returncode == 0            # the chain and the receipt hold
+    spawn_server()
+    wait_until(lambda: stored(restored, "SELECT status FROM pause_steps WHERE pause_id = ?",
+                              rejected["pause_id"]) != [("scheduled",)])
+    assert stored(restored, "SELECT status FROM pause_steps WHERE pause_id = ?", rejected["pause_id"]) == [("skipped",)]
+    assert stored(restored, "SELECT kind FROM notifications WHERE pause_id = ?", rejected["pause_id"]) == [("ask",)]
 
 
 def test_a_restore_lists_every_pause_it_reopens_however_many_in_a_file_beside_the_database_it_replaced(
         spawn_server, tmp_path):
-    """Past the twenty it names, the operator is told where every one is, with what cancelling
-    it takes (the key of its mode: test or live, and whose) and whether it still can be."""
+    """Past the twenty it names, the operator is told where every one is: whose, its expiry,
+    what the replaced database had, and what the restore did. One already past its expiry is
+    not cancelled: it times out at the start, as the person it asked was told it would."""
     server = spawn_server()
     keys = register(server.url)
-    reopened = [create(server.url, keys["test_api_key"]) for _ in range(23)]
+    reopened = [create(server.url, keys["test_api_key"]) for _ in range(22)]
+    reopened.append(create(server.url, keys["test_api_key"], timeout_hours=0.0003))       # one second
     assert run_cli(tmp_path, "backup", str(tmp_path / "copy.db")).returncode == 0
     for pause in reopened:
         assert requests.post(f"{server.url}/v1/pause/{pause['pause_id']}/cancel",
                              headers=bearer(keys["test_api_key"])).status_code == 200
     server.stop()
+    wait_until(lambda: stored(tmp_path / "pausepoint.db", "SELECT expires_at < strftime('%Y-%m-%dT%H:%M:%fZ')"
+                                                          " FROM pauses WHERE id = ?", reopened[-1]["pause_id"]) == [(1,)])
     result = run_cli(tmp_path, "restore", str(tmp_path / "copy.db"))
     assert result.returncode == 0, result.stderr
     [aside] = fnmatch.filter(os.listdir(tmp_path), "pausepoint.db.replaced-*Z")
     listed = tmp_path / f"{aside}.reopened"
-    assert "23 pauses decided since the backup are pending again in it (" in result.stdout
-    assert "and 3 more): " in result.stdout and f"Every one is listed in {listed}, a line each" in result.stdout
+    assert "23 pauses pending in the backup had been decided since (" in result.stdout
+    assert "and 3 more): 22 the restore cancelled" in result.stdout and "; 1 past their expiry time out" in result.stdout
+    assert f"Every one is listed in {listed}, a line each" in result.stdout
     assert listed.read_text().splitlines() == sorted(
-        f"{pause['pause_id']}\ttest\tdev@example.com\t{pause['expires_at']}" for pause in reopened)
+        f"{pause['pause_id']}\ttest\tdev@example.com\t{pause['expires_at']}\tcancelled\t"
+        + ("times out" if pause is reopened[-1] else "cancelled") for pause in reopened)
     assert stat.S_IMODE(os.stat(listed).st_mode) == 0o600
     assert not any(token_of(pause["respond_url"]) in result.stdout + listed.read_text() for pause in reopened)
 
