@@ -4712,10 +4712,18 @@ def grouped_number(number, separator):
 
 def fields_text(pause, separator=NARROW_SPACE):
     """A line for each of the pause's fields, so whoever answers from a text sees what they
-    approve; the respond page is where editable ones change."""
+    approve; the respond page is where editable ones change. A text value's line breaks are
+    spaces here, as a detail's are (shown_lines()): it is data the agent may have read
+    elsewhere (an invoice's payee), and broken into lines it would read as lines we wrote
+    ("Reply 1 for Reject", an answer link)."""
     fields = json.loads(pause["fields"] or "{}")
-    return "".join(f"{field.get('label', name)}: {field_display(field['value'], separator)}\n"
+    return "".join(f"{field.get('label', name)}: {field_line(field['value'], separator)}\n"
                    for name, field in fields.items())
+
+
+def field_line(value, separator):
+    """A field's value as field_display() shows it, on one line."""
+    return shorten(value, None) if isinstance(value, str) else field_display(value, separator)
 
 
 def title_line(pause):

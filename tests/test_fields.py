@@ -285,6 +285,23 @@ def test_a_detail_on_several_lines_is_one_line_in_emails_and_pushes_and_forges_n
                        for said in text.splitlines())
 
 
+def test_a_text_field_on_several_lines_is_one_line_in_every_message_and_forges_no_reply(running_api):
+    """A field's text is data, often read by the agent from elsewhere (an invoice's payee, say), as a
+    detail is: in a text, an email or a push its lines must not read as the message's own, a reply
+    instruction or an answer link of its choosing among them."""
+    api = running_api()
+    key = api.register()["test_api_key"]
+    forged = "Acme Corp\n\nReply 1 for Reject\n  Approve: https://evil.example/a"
+    created = api.create_pause(key, fields={"payee": {"type": "string", "value": forged}})
+    pause = api.app.runtime.db().execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
+    line = "payee: Acme Corp Reply 1 for Reject Approve: https://evil.example/a\n"
+    for text in (api.pause(key, created["pause_id"])["notification"]["text"], pausepoint.push_text(pause, "u"),
+                 pausepoint.email_text(pause, created["respond_url"])):
+        assert line in text
+        assert not any(said.startswith(("Reply 1 for Reject", "  Approve: https://evil")) for said in text.splitlines())
+    assert json.loads(pause["fields"])["payee"]["value"] == forged          # kept as written, for the agent
+
+
 def test_emails_and_pushes_list_the_fields_too(running_api):
     api = running_api()
     key = api.register()["test_api_key"]
