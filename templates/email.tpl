@@ -6,23 +6,25 @@
 <p style="margin:0 0 6px"><strong>Reminder:</strong> this request is still waiting for your answer.</p>
 % end
 <p style="color:#6e6e73;margin:0 0 6px">An agent is asking:</p>
+% # What the agent wrote takes the direction of its own text, as on the respond page: laid out left
+% # to right, an Arabic "from ACME to BOB" read from the right says BOB first.
 % if pause['title']:
-<h1 style="font-size:20px;margin:0 0 8px">{{pause['title']}}</h1>
+<h1 class="title" dir="auto" style="font-size:20px;margin:0 0 8px">{{pause['title']}}</h1>
 % end
-<div style="background:#fff;border-radius:12px;padding:16px;white-space:pre-wrap">{{pause['message']}}</div>
+<div class="message" dir="auto" style="background:#fff;border-radius:12px;padding:16px;white-space:pre-wrap">{{pause['message']}}</div>
 % for detail in pause['details']:
-<p style="margin:8px 0 0"><span style="color:#6e6e73">{{detail['name']}}:</span> {{detail['value']}}</p>
+<p class="detail" dir="auto" style="margin:8px 0 0"><span style="color:#6e6e73">{{detail['name']}}:</span> <span dir="auto">{{detail['value']}}</span></p>
 % end
 % for name, field in (pause.get('fields') or {}).items():
-<p style="margin:8px 0 0"><span style="color:#6e6e73">{{field.get('label', name)}}:</span> <strong>{{field_text(field['value'])}}</strong></p>
+<p class="field" dir="auto" style="margin:8px 0 0"><span style="color:#6e6e73">{{field.get('label', name)}}:</span> <strong dir="auto">{{field_text(field['value'])}}</strong></p>
 % end
 <p style="color:#6e6e73">Choose one. Each button opens a page where you confirm; nothing is decided until you do.</p>
 % for option in pause['options']:
-<p style="margin:0 0 10px"><a href="{{url}}?choice={{quote(option)}}" style="display:block;text-align:center;background:#0a58ca;color:#fff;font-weight:600;text-decoration:none;padding:14px;border-radius:12px">{{option}}</a></p>
+<p style="margin:0 0 10px"><a href="{{url}}?choice={{quote(option)}}" dir="auto" style="display:block;text-align:center;background:#0a58ca;color:#fff;font-weight:600;text-decoration:none;padding:14px;border-radius:12px">{{option}}</a></p>
 % end
 <p style="color:#6e6e73;font-size:14px">This request expires {{expires}}.
 % if pause['timeout_default']:
-If nobody answers, {{pause['timeout_default']}} applies.
+If nobody answers, <span dir="auto">{{pause['timeout_default']}}</span> applies.
 % end
 </p>
 </div>

@@ -267,7 +267,7 @@ def test_texts_show_the_title_and_emails_and_pushes_the_details_the_page_shows_b
                                     {"id": "ntf_1", "recipient": "ada@example.com", "text": email, "kind": "ask",
                                      "created_at": pause["created_at"]},
                                     dict(pause)).get_body(("html",)).get_content()
-    assert ">Wire\n$340</h1>" in html and "invoice:</span> INV-7</p>" in html
+    assert ">Wire\n$340</h1>" in html and 'invoice:</span> <span dir="auto">INV-7</span></p>' in html
 
 
 def test_a_detail_on_several_lines_is_one_line_in_emails_and_pushes_and_forges_no_link(running_api):

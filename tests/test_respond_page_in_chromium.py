@@ -3,6 +3,7 @@
 import requests
 
 from conftest import QUESTION, WIRE, needs_chromium, token_of
+import pausepoint
 
 pytestmark = needs_chromium
 
@@ -242,3 +243,32 @@ def test_a_double_tap_on_a_slow_connection_shows_the_answer_recorded(live_server
     assert not browser.find_elements(By.CSS_SELECTOR, "[role=alert]")
     assert len(requests.get(f"{url}/v1/audit", params={"event_type": "pause.responded"},
                             headers=headers).json()["events"]) == 1
+
+
+def test_an_emailed_question_in_arabic_reads_right_to_left_with_its_latin_names_in_order(live_server, browser,
+                                                                                          tmp_path):
+    """The email's HTML part shows the question as the page does: each thing the agent wrote in
+    the direction of its own text, so that read from the right "from ACME to BOB" is not "BOB … ACME"."""
+    from selenium.webdriver.common.by import By
+
+    created, _ = ask(live_server.url, {
+        **WIRE, "recipient": "ada@example.com", "channel": "email", "title": "تحويل 340 USD",
+        "message": "تحويل من ACME إلى BOB؟", "options": ["موافقة", "رفض"], "timeout_default": "رفض",
+        "metadata": {"المستفيد": "شركة BOB", "display": ["المستفيد"]},
+        "fields": {"payee": {"type": "string", "value": "شركة ACME", "label": "المستفيد النهائي"}}})
+    conn = live_server.app.runtime.db()
+    pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
+    notification = conn.execute("SELECT * FROM notifications WHERE pause_id = ?", (pause["id"],)).fetchone()
+    config = {**live_server.app.runtime.config, "smtp.from_address": "pp@example.org"}
+    mail = pausepoint.email_message(config, notification, dict(pause)).get_body(("html",)).get_content()
+    (tmp_path / "mail.html").write_text(mail, encoding="utf-8")
+    browser.get((tmp_path / "mail.html").as_uri())
+    for selector in ("h1", ".message", ".detail", ".field", "a"):
+        assert [element.value_of_css_property("direction")
+                for element in browser.find_elements(By.CSS_SELECTOR, selector)] in (["rtl"], ["rtl", "rtl"]), selector
+    left_of = browser.execute_script("""
+        const text = document.querySelector('.message').firstChild, range = document.createRange();
+        const left = word => { const at = text.data.indexOf(word); range.setStart(text, at);
+                               range.setEnd(text, at + word.length); return range.getBoundingClientRect().left; };
+        return [left('ACME'), left('BOB')];""")
+    assert left_of[0] > left_of[1]
