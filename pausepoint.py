@@ -22,6 +22,7 @@ import csv
 import ctypes
 import dataclasses
 import datetime as dt
+import decimal
 import difflib
 import email.errors
 import email.message
@@ -4702,8 +4703,10 @@ def field_display(value, separator=NARROW_SPACE):
 
 
 def grouped_number(number, separator):
-    """12000000.5 -> '12 000 000.5'; numbers of four digits or fewer before the point as they are."""
-    text = str(number)
+    """12000000.5 -> '12 000 000.5'; numbers of four digits or fewer before the point as they are.
+    Never in exponent notation, which Python writes for a float below 0.0001 or from 1e16 on:
+    '5e-05' BTC reads as 5 BTC to many, and '1.5e+21' as 1.5."""
+    text = format(decimal.Decimal(repr(number)), "f") if isinstance(number, float) else str(number)
     whole, point, fraction = text.partition(".")
     if len(whole.lstrip("-")) < 5 or not whole.lstrip("-").isdigit():
         return text

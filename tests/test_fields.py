@@ -315,6 +315,21 @@ def test_emails_and_pushes_list_the_fields_too(running_api):
     assert f"{WIRE['message']}\n\nChoose one" in pausepoint.email_text(plain, "u")
 
 
+def test_a_number_is_shown_in_its_digits_never_in_exponent_notation(running_api):
+    """5e-05 BTC is easily read as 5 BTC, and 1.5e+21 as 1.5: what JSON writers send for very
+    small and very large numbers is shown as the digits a person reads."""
+    api = running_api()
+    key = api.register()["test_api_key"]
+    fields = {"btc": {"type": "number", "value": 5e-05}, "units": {"type": "number", "value": 1.5e21}}
+    created = api.create_pause(key, fields=fields)
+    page = api.get(f"/respond/{token_of(created['respond_url'])}")
+    assert [p.text for p in page.html.select("p.field strong")] == [
+        "0.00005", "1\u202f500\u202f000\u202f000\u202f000\u202f000\u202f000\u202f000"]
+    text = api.pause(key, created["pause_id"])["notification"]["text"]
+    assert "btc: 0.00005\nunits: 1 500 000 000 000 000 000 000\n" in text
+    assert api.pause(key, created["pause_id"])["fields"]["btc"]["value"] == 5e-05      # the agent's number as sent
+
+
 def test_long_numbers_are_shown_in_groups_of_three_no_reader_takes_for_a_decimal_point(running_api):
     """In much of Europe "1,250,000" reads as 1.25 and "340.000" as 340,000: the digits are
     spaced instead, as SI writes them (a narrow space; in texts a plain one, which GSM-7 has)."""
