@@ -10696,11 +10696,12 @@ def replace_with_copy(config, source, copy):
         checked_backup(copy, source)
         keys = restored_keys(database, source, copy)
         reopened = decided_since_the_backup(database, copy)
-        if reopened and isinstance(reopened, list):
+        known = isinstance(reopened, list) and reopened         # not the error that kept them from being told
+        if known:
             cancelled = cancel_reopened(config, copy, reopened, signing_keys_path(source if keys else database))
             reopened = [(*pause, "cancelled" if pause[0] in cancelled else "times out") for pause in reopened]
         aside = put_aside(database)
-        listed = list_reopened(aside, reopened) if reopened and isinstance(reopened, list) else None
+        listed = list_reopened(aside, reopened) if known else None
         if keys is not None:
             write_signing_keys(signing_keys_path(database), keys)
         os.replace(copy, os.path.realpath(database))
@@ -10713,8 +10714,8 @@ def replace_with_copy(config, source, copy):
 
 def decided_since_the_backup(database, copy):
     """The pauses pending in the backup's `copy` that the database it replaces had decided,
-    timed out or cancelled since: back from the backup, they are pending again, and the people
-    asked may answer them again (another way, say) and their agents hear of it. Each as
+    timed out or cancelled since: back from the backup, they would be pending again, and the
+    people asked could answer them again (another way, say) and their agents hear of it. Each as
     (id, 'live' or 'test', its developer's email, expires_at, its status in the database),
     by id. Or the error that kept the database from being read to tell (a damaged one, likely
     why it is restored)."""
