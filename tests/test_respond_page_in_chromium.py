@@ -158,13 +158,19 @@ def test_a_question_in_arabic_reads_right_to_left_with_its_latin_names_in_order(
     for selector in (".title", ".message", ".details th", ".details td", "button[name=choice]"):
         assert browser.find_element(By.CSS_SELECTOR, selector).value_of_css_property("direction") == "rtl", selector
     # Read from the right, "from ACME to BOB": ACME stands right of BOB, not swapped with it.
-    left_of = browser.execute_script("""
+    left_of = lefts_of_acme_and_bob(browser)
+    assert left_of[0] > left_of[1]
+    assert browser.find_element(By.CSS_SELECTOR, "label[for=comment]").value_of_css_property("direction") == "ltr"
+
+
+def lefts_of_acme_and_bob(browser):
+    """Where "ACME" and "BOB" begin, from the left, in the page's .message: read from the right,
+    "from ACME to BOB" has ACME right of BOB."""
+    return browser.execute_script("""
         const text = document.querySelector('.message').firstChild, range = document.createRange();
         const left = word => { const at = text.data.indexOf(word); range.setStart(text, at);
                                range.setEnd(text, at + word.length); return range.getBoundingClientRect().left; };
         return [left('ACME'), left('BOB')];""")
-    assert left_of[0] > left_of[1]
-    assert browser.find_element(By.CSS_SELECTOR, "label[for=comment]").value_of_css_property("direction") == "ltr"
 
 
 def contrast(color, ground):
@@ -266,9 +272,5 @@ def test_an_emailed_question_in_arabic_reads_right_to_left_with_its_latin_names_
     for selector in ("h1", ".message", ".detail", ".field", "a"):
         assert [element.value_of_css_property("direction")
                 for element in browser.find_elements(By.CSS_SELECTOR, selector)] in (["rtl"], ["rtl", "rtl"]), selector
-    left_of = browser.execute_script("""
-        const text = document.querySelector('.message').firstChild, range = document.createRange();
-        const left = word => { const at = text.data.indexOf(word); range.setStart(text, at);
-                               range.setEnd(text, at + word.length); return range.getBoundingClientRect().left; };
-        return [left('ACME'), left('BOB')];""")
+    left_of = lefts_of_acme_and_bob(browser)
     assert left_of[0] > left_of[1]
