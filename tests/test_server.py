@@ -1634,6 +1634,9 @@ def test_made_up_keys_flooding_from_a_shared_address_are_one_party_with_no_key_a
     def create(key):
         return requests.post(f"{server.url}/v1/pause", json=link, headers={"Authorization": f"Bearer {key}"})
 
+    # The thread that answered the GET counts as running until it has put the answer down;
+    # the first create's must be the one running.
+    wait_until(lambda: sum(dispatcher.running.values()) == 0)
     holder.execute("BEGIN IMMEDIATE")          # the first create holds the address's thread until the rollback
     with concurrent.futures.ThreadPoolExecutor(25) as pool:
         creates = [pool.submit(create, first)]
