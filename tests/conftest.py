@@ -361,10 +361,18 @@ class LiveServer:
 @pytest.fixture
 def small_disk(tmp_path):
     """A directory on a disk of its own, 4 MiB of tmpfs, that a test may fill (fill_disk()):
-    what a full disk does to SQLite is only seen on one. Mounting needs root; without it, skip."""
-    directory = tmp_path / "small-disk"
+    what a full disk does to SQLite is only seen on one."""
+    with disk_of_its_own(tmp_path / "small-disk", "4m") as directory:
+        yield directory
+
+
+@contextlib.contextmanager
+def disk_of_its_own(directory, size):
+    """`directory`, made, on a tmpfs of `size` (mount's spelling: "4m") that nothing else
+    writes to, so its free space changes only with what the test does there, not with what
+    the tests running beside it write and delete. Mounting needs root; without it, skip."""
     directory.mkdir()
-    with mounted(directory, "-t", "tmpfs", "-o", "size=4m", "tmpfs"):
+    with mounted(directory, "-t", "tmpfs", "-o", f"size={size}", "tmpfs"):
         yield directory
 
 

@@ -10,7 +10,7 @@ import tempfile
 import pytest
 import requests
 
-from conftest import PASSWORD, QUESTION, WIRE, Api, cannot_run_here, fill_disk, make_config, run_out, stored, token_of
+from conftest import PASSWORD, QUESTION, WIRE, Api, cannot_run_here, disk_of_its_own, fill_disk, make_config, run_out, stored, token_of
 import pausepoint
 
 
@@ -497,13 +497,19 @@ def test_the_disk_watched_is_the_one_a_linked_database_is_written_on(running_api
         api.app.runtime.stop()
 
 
-def test_the_reserve_keeps_room_for_the_wal_to_be_copied_into_the_database(running_api):
+def test_the_reserve_keeps_room_for_the_wal_to_be_copied_into_the_database(running_api, tmp_path):
     """A checkpoint may grow the database file by as much as the WAL holds uncopied: the reserve
     must still be there after it, or the server fills the disk itself and decisions fail. Once
     copied, the WAL's frames are written over, so the file's size no longer counts; what it
-    grew by since the last checkpoint does."""
-    api = running_api()
-    key, path = api.register()["test_api_key"], api.config["database.path"]
+    grew by since the last checkpoint does. (Each reserve is free space less a few MiB: on a
+    disk others write to, one freeing that much between would let a refused create through.)"""
+    with disk_of_its_own(tmp_path / "disk", "256m") as disk:
+        the_reserve_keeps_room_for_the_wal(running_api, str(disk / "pausepoint.db"))
+
+
+def the_reserve_keeps_room_for_the_wal(running_api, path):
+    api = running_api(**{"database.path": path, "database.min_free_mb": 0})
+    key = api.register()["test_api_key"]
 
     def held_back_and_filled(rows):
         """A reader's snapshot from before (nothing after it is copied, and the WAL is not begun
@@ -530,7 +536,7 @@ def test_the_reserve_keeps_room_for_the_wal_to_be_copied_into_the_database(runni
 
     reader = held_back_and_filled(8192)                     # 32 MiB
     wal = os.path.getsize(path + "-wal")
-    server = running_api(**{"database.min_free_mb": reserve_for(wal)})     # its checkpoints stepped here
+    server = running_api(**{"database.path": path, "database.min_free_mb": reserve_for(wal)})   # checkpoints stepped here
     refused = server.post_json("/v1/pause", WIRE, headers=server.as_key(key), status=507).json["error"]
     assert refused["code"] == "storage_low"                 # before any checkpoint: the whole WAL counts
     server.step("checkpoint")
