@@ -511,7 +511,7 @@ class ServerProcess:
             return False
         try:
             return requests.get(self.url + "/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):    # a loaded machine may take a while to answer
             return False
 
     def output(self):
