@@ -1508,7 +1508,7 @@ def disk_short_of_room(config, wal):
     its WAL holds uncopied (`wal`, a WalBacklog) is in the database file: the checkpoint may
     need that much for pages new to the file, and a full disk fails every write. No room at
     all is short of it whatever the reserve, 0 included."""
-    disk = os.statvfs(os.path.dirname(os.path.realpath(config["database.path"])))     # where SQLite writes
+    disk = os.statvfs(os.path.dirname(wal.path))        # where SQLite writes: beside the file a link names
     room = disk.f_bavail * disk.f_frsize - wal.bytes()
     return room <= 0 or room < config["database.min_free_mb"] * 2**20
 
