@@ -38,6 +38,10 @@ __all__ = ["PausePoint", "Approval", "verify_webhook", "verify_audit_export", "a
 LONGEST_WAIT = 60           # the server answers ?wait= after at most this many seconds
 LONGEST_RETRY_WAIT = 30     # seconds between tries at most; a 429 asking for longer is not retried
 KEY_PREFIXES = ("pp_live_", "pp_test_")
+# Read of any answer at most: a page of 100 of the largest pauses is some 5 MB. Whatever sends
+# more (a misdirected download, a hostile server) is not a PausePoint answer, and held whole
+# in memory it could exhaust the agent's.
+MAX_ANSWER_BYTES = 16 * 2**20
 
 
 ###############################################################################
@@ -287,7 +291,7 @@ class PausePoint:
             with _AnswerBy(limit) as request.answer_by:
                 try:
                     with self._opener.open(request, timeout=limit) as answer:
-                        raw = answer.read()
+                        raw = _body_of(answer, self.base_url)
                     return _answer_from(raw, self.base_url)
                 except urllib.error.HTTPError as e:
                     error = _error_from(e)
@@ -409,6 +413,18 @@ class _RedirectsRefused(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def _body_of(answer, base_url):
+    """A success's body, unless it is longer than any answer is: then not read past that."""
+    if answer.length is None:           # chunked, or up to the connection's end: one byte over at most
+        raw = answer.read(MAX_ANSWER_BYTES + 1)
+    else:                               # read(n) would take one that ends short for whole
+        raw = answer.read() if answer.length <= MAX_ANSWER_BYTES else None
+    if raw is None or len(raw) > MAX_ANSWER_BYTES:
+        raise PausePointError(200, "bad_answer", f"{base_url} answered with more than {MAX_ANSWER_BYTES:,} bytes,"
+                                                 " which no PausePoint answer is; the rest was not read")
+    return raw
+
+
 def _answer_from(raw, base_url):
     """A success's body, a JSON object as every PausePoint answer is, or an error saying what
     answered instead (a captive portal's page, say), not a bare JSONDecodeError or TypeError later."""
@@ -435,7 +451,7 @@ def _error_from(http_error):
     """The typed error for a non-2xx answer, whatever its body: the server's one error shape,
     or anything else something in between answered with."""
     try:
-        detail = json.loads(http_error.read() or b"{}")["error"]
+        detail = json.loads(http_error.read(MAX_ANSWER_BYTES) or b"{}")["error"]
     except (ValueError, KeyError, TypeError, IndexError, OSError, http.client.HTTPException):
         detail = {}
     detail = detail if isinstance(detail, dict) else {}

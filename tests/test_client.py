@@ -276,17 +276,23 @@ def test_a_create_is_tried_again_only_when_trying_again_can_work(answers, posts,
 
 class AnswersInTurn(http.server.BaseHTTPRequestHandler):
     """Something at the server's address answering each request with the next of `answers`
-    (status, headers, body bytes), and noting what it was sent."""
-    answers, seen = [], []
+    (status, headers, body bytes), and noting what it was sent; holding the connection open
+    `held_for` seconds after each answer, then noting "closed"."""
+    answers, seen, held_for = [], [], 0
 
     def do_GET(self):
         self.seen.append((self.command, self.path, self.headers.get("Authorization")))
         status, headers, body = self.answers.pop(0) if self.answers else (200, {}, b"{}")
         self.send_response(status)
-        for name, text in {**headers, "Content-Length": str(len(body))}.items():
-            self.send_header(name, text)
+        for name, text in {"Content-Length": str(len(body)), **headers}.items():
+            if text is not None:                    # None: not sent
+                self.send_header(name, text)
         self.end_headers()
         self.wfile.write(body)
+        if self.held_for:
+            self.wfile.flush()
+            time.sleep(self.held_for)
+            self.seen.append("closed")
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -296,9 +302,9 @@ class AnswersInTurn(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def answering(*answers):
+def answering(*answers, held_for=0):
     """(server, its URL, what it was sent) for an AnswersInTurn with these answers; stop_http() it."""
-    handler = type("Answers", (AnswersInTurn,), {"answers": list(answers), "seen": []})
+    handler = type("Answers", (AnswersInTurn,), {"answers": list(answers), "seen": [], "held_for": held_for})
     server, url = serve_http(handler)
     return server, url, handler.seen
 
@@ -346,6 +352,25 @@ def test_a_success_that_is_no_pausepoint_answer_is_said_to_be_none(body):
     finally:
         stop_http(server)
     assert refused.value.code == "bad_answer" and url in refused.value.message
+
+
+@pytest.mark.parametrize("length", [2**20, None], ids=["its length said", "not said"])
+def test_an_answer_too_large_to_be_one_is_not_read_whole(length):
+    """A JSON object with more spaces after it than any answer holds, and then nothing more
+    while the connection stays open: one saying it is longer still is not read at all, one
+    that does not say is read one byte past the most, and the client is done while the
+    server still holds the connection. Read whole, either would be read to the connection's
+    end; a hostile or mistaken server could send gigabytes so."""
+    body = b'{"pause_id": "psr_1", "status": "pending"}' + b" " * pausepoint_client.MAX_ANSWER_BYTES
+    said = {"Content-Length": str(len(body) + length) if length else None}
+    server, url, seen = answering((200, said, body), held_for=15)
+    try:
+        with pytest.raises(pausepoint_client.PausePointError) as refused:
+            PausePoint(url, "pp_test_x", timeout=30, retries=0).get("psr_1")
+        assert "closed" not in seen
+    finally:
+        stop_http(server)
+    assert refused.value.code == "bad_answer" and "16,777,216 bytes" in refused.value.message
 
 
 def test_an_answer_sent_a_byte_at_a_time_is_given_up_on_within_the_calls_time():
