@@ -2680,8 +2680,8 @@ def look_alike_problem(texts, what):
     if mixed:
         return f"{what} must not mix alphabets within a word ({mixed!r} does), which makes look-alikes"
     if len(set(seen)) != len(seen):
-        return (f"{what} must be distinct, and look distinct: they may not differ only in case, invisible"
-                " characters or Unicode look-alike forms")
+        return (f"{what} must be distinct, and look distinct: they may not differ only in case, accents,"
+                " invisible characters or Unicode look-alike forms")
     return None
 
 
@@ -2696,9 +2696,11 @@ LOOK_ALIKES = str.maketrans(dict(zip(
 
 def option_identity(option):
     """What a person sees an option as: 'Reject', 'reject', 'Reject' with a zero-width
-    space and 'Rеject' with a Cyrillic е look alike on a button and to an SMS reply,
-    so they are the same option."""
-    return text_as_seen(option).casefold()
+    space, 'Rеject' with a Cyrillic е and 'Rejėct' with a dot above its ė look alike on a
+    button and to an SMS reply, so they are the same option. (Only options and choices lose
+    their marks: a field's value edited from Jose to José is another value.)"""
+    marked = unicodedata.normalize("NFD", text_as_seen(option))
+    return "".join(c for c in marked if unicodedata.category(c) != "Mn").casefold()
 
 
 def text_as_seen(text):

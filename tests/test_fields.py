@@ -213,6 +213,7 @@ def test_a_whole_number_too_big_to_hold_exactly_is_told_so_not_called_fractional
     ({"n": {"type": "enum", "value": "a", "choices": ["a", "A"]}}, "choices must be distinct, and look distinct"),
     ({"n": {"type": "enum", "value": "Ace", "choices": ["Ace", "\u0410\u0441\u0435"]}}, "look distinct"),
     ({"n": {"type": "enum", "value": "Ok", "choices": ["Ok", "Ok\u200b"]}}, "look distinct"),
+    ({"n": {"type": "enum", "value": "si", "choices": ["si", "s\u00ed"]}}, "differ only in case, accents"),
     ({"n": {"type": "enum", "value": "x", "choices": ["x", "\u200b"]}}, "choices must be visible text"),
     ({"n": {"type": "enum", "value": "x", "choices": ["x", "Appr\u0585ve"]}}, "must not mix alphabets"),
 ])
