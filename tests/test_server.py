@@ -1628,6 +1628,7 @@ def test_one_tenant_flooding_from_a_shared_address_delays_another_there_by_a_tur
     for key in (flooding, other):         # used before: known good, so a party each (see the test below)
         assert requests.get(f"{server.url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).ok
     dispatcher, link = server.server.task_dispatcher, {**WIRE, "channel": "link", "recipient": "ops"}
+    wait_until(server.quiet)                   # the GETs' threads are done: the one running next is a create's
     holder.execute("BEGIN IMMEDIATE")          # each create then holds its thread until the rollback
     with concurrent.futures.ThreadPoolExecutor(13) as pool:
         creates = [pool.submit(requests.post, f"{server.url}/v1/pause", json=link,
@@ -1656,9 +1657,7 @@ def test_made_up_keys_flooding_from_a_shared_address_are_one_party_with_no_key_a
     def create(key):
         return requests.post(f"{server.url}/v1/pause", json=link, headers={"Authorization": f"Bearer {key}"})
 
-    # The thread that answered the GET counts as running until it has put the answer down;
-    # the first create's must be the one running.
-    wait_until(lambda: sum(dispatcher.running.values()) == 0)
+    wait_until(server.quiet)                   # the GET's thread is done: the one running next is the create's
     holder.execute("BEGIN IMMEDIATE")          # the first create holds the address's thread until the rollback
     with concurrent.futures.ThreadPoolExecutor(25) as pool:
         creates = [pool.submit(create, first)]
