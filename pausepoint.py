@@ -6705,6 +6705,9 @@ class MetricsServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServe
     """The HTTP server at metrics.listen: at most METRICS_CONNECTIONS connections served at once."""
 
     daemon_threads = True
+    # Connections past those are closed as soon as taken. A burst waits in the kernel's queue to
+    # be taken meanwhile: at socketserver's 5 the rest were dropped, and retried a second later.
+    request_queue_size = 64
 
     def __init__(self, host, port, app):
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
