@@ -2004,8 +2004,19 @@ def authenticate(conn, authorization):
     # The lookup is by digest, so timing reveals nothing about the key; the
     # constant-time compare keeps it that way if the lookup ever changes.
     if row is None or not hmac.compare_digest(row["key_hash"], digest):
-        raise ApiError(401, "unauthorized", "this API key is not valid (it may have been rotated)")
+        raise ApiError(401, "unauthorized", unknown_key_message(key))
     return Caller(row["developer_id"], row["livemode"], row["hint"], row["plan"])
+
+
+def unknown_key_message(key):
+    """Why a key was refused, saying what to send instead: a pasted webhook secret, a quoted
+    key or another service's key is told apart from one of ours that was rotated or is another
+    server's (the prefix is public, so saying which reveals nothing)."""
+    if not key.startswith(("pp_live_", "pp_test_")):
+        return ("this is not a PausePoint API key: keys start with pp_live_ or pp_test_, as"
+                " POST /v1/auth/register returned them (send the key alone, without quotes)")
+    return ("this API key is not one this server issued, or it was rotated: send the api_key or"
+            " test_api_key this server gave you")
 
 
 ###############################################################################

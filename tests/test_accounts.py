@@ -220,6 +220,18 @@ def test_requests_without_a_valid_key_get_401_in_the_error_shape(api, header):
     assert error["code"] == "unauthorized" and error["message"]
 
 
+@pytest.mark.parametrize("key", ["sk_live_abc123", "whsec_abc123", '"pp_test_abc"'])
+def test_a_key_of_another_shape_is_refused_saying_what_a_key_looks_like(api, key):
+    error = api.get("/v1/pause", headers={"Authorization": f"Bearer {key}"}, status=401).json["error"]
+    assert error["code"] == "unauthorized"
+    assert "start with pp_live_ or pp_test_" in error["message"], error["message"]
+
+
+def test_a_well_formed_key_this_server_never_issued_is_refused_as_not_its_own(api):
+    error = api.get("/v1/pause", headers={"Authorization": "Bearer pp_live_your_key_here"}, status=401).json["error"]
+    assert "not one this server issued" in error["message"], error["message"]
+
+
 def test_password_checks_take_turns_by_address_so_a_flood_delays_another_by_one_check():
     turns, order = pausepoint.Turns(1), []
 
