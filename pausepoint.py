@@ -8034,6 +8034,11 @@ LOGIN_QUERY = {"next": {"type": "string", "maxLength": LOGIN_NEXT_MOST, "x-messa
                "notice": {"type": "string", "enum": ["password"], "x-message": "notice is not known"}}
 
 
+def media_type():
+    """The request's Content-Type without its parameters, in lower case: 'application/json'."""
+    return bottle.request.content_type.split(";")[0].strip().lower()
+
+
 def read_json(config):
     """The request body as JSON: 413 past the size limit, 415 unless it says it is JSON,
     400 unless it is JSON (NaN and lone surrogates included)."""
@@ -8042,7 +8047,7 @@ def read_json(config):
     if bottle.request.content_length > limit or len(raw := bottle.request.body.read(limit + 1)) > limit:
         raise ApiError(413, "payload_too_large", f"request bodies are limited to {limit} bytes")
     # A JSON body must say so: a page elsewhere can send text/plain without a CORS preflight.
-    if raw and bottle.request.content_type.split(";")[0].strip().lower() != "application/json":
+    if raw and media_type() != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with 'Content-Type: application/json'")
     # Bodies are read as sent: a gzipped one would be "not valid JSON", one merely labelled so read as if plain.
     if raw and bottle.request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
@@ -8506,7 +8511,7 @@ def get_jwks(rt):
 def read_form():
     """A form post as text: 415 unless url-encoded (a multipart upload has no business
     here), 400 if it is not UTF-8."""
-    if bottle.request.content_type.split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
+    if media_type() != "application/x-www-form-urlencoded":
         raise ApiError(415, "unsupported_media_type", "send the form as application/x-www-form-urlencoded")
     try:
         form = bottle.request.forms
@@ -8614,6 +8619,10 @@ def get_respond_page(rt, client, query, token):
 
 def post_respond_page(rt, client, token):
     """The page's form: record the choice, then show it (Post/Redirect/Get)."""
+    if media_type() == "application/json":
+        # A program that took respond_url for the API: it reads JSON, and is told where JSON goes.
+        return error_response(ApiError(415, "unsupported_media_type", "this is the page a person answers on, which"
+                                       f" takes its form; POST your JSON to /v1/respond/{token}"), page=False)
     form = read_page_form(rt.config)
     # A textarea sends its line breaks as CRLF, and a lone carriage return is a control character.
     comment = form.get("comment") and form["comment"].replace("\r\n", "\n")

@@ -174,6 +174,15 @@ def test_the_page_posts_the_choice_and_then_shows_what_was_recorded(api, develop
     assert api.pause(developer["test_api_key"], created["pause_id"])["choice"] == "Reject"
 
 
+def test_json_posted_to_the_page_is_refused_in_json_pointing_at_the_api_path(api, developer):
+    created = api.create_pause(developer["test_api_key"])
+    refused = api.post_json(respond_path(created, page=True), {"choice": "Approve"}, status=415)
+    assert refused.content_type == "application/json"
+    error = refused.json["error"]
+    assert error["code"] == "unsupported_media_type" and respond_path(created) in error["message"]
+    assert api.pause(developer["test_api_key"], created["pause_id"])["status"] == "pending"
+
+
 def test_an_answer_on_the_page_after_the_decision_shows_the_decision_and_that_it_did_not_count(running_api):
     api = running_api()
     key = api.register()["test_api_key"]
