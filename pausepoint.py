@@ -4621,7 +4621,8 @@ EMAIL_RECIPIENT = {"type": "string", "maxLength": 254, "pattern": EMAIL.pattern,
                    "x-message": "recipient must be an email address like ada@example.com"}
 # Push targets and links are named in config or delivered by the agent; the
 # recipient only says who is expected to answer, for the audit log.
-LABEL_RECIPIENT = {"type": "string", "maxLength": 200, "x-message": "recipient must be at most 200 characters"}
+LABEL_RECIPIENT = {"type": "string", "maxLength": 200,
+                   "x-message": "recipient must be text of at most 200 characters: who is expected to answer"}
 
 
 def known_channel(config, name):

@@ -403,6 +403,13 @@ def test_options_that_are_not_a_list_are_422(api, developer, options):
     assert response.json["error"]["field"] == "options"
 
 
+@pytest.mark.parametrize("recipient", [15550100, None, ["ops"]])
+def test_a_link_recipient_that_is_not_text_is_told_it_must_be_text_not_that_it_is_too_long(api, developer, recipient):
+    body = {**WIRE, "channel": "link", "recipient": recipient}
+    error = api.post_json("/v1/pause", body, headers=api.as_key(developer["test_api_key"]), status=422).json["error"]
+    assert error["field"] == "recipient" and "must be text" in error["message"], error["message"]
+
+
 def test_options_nested_deep_are_refused_not_compared_until_the_stack_runs_out(api, developer):
     deep = "[" * 400 + "]" * 400
     body = json.dumps(WIRE)[:-1].replace('"options": ["Approve", "Reject"]', f'"options": [{deep}, {deep}]') + "}"
