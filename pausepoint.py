@@ -8078,7 +8078,10 @@ def read_query(specs, validator):
     arrive as text and must be digits."""
     values = {}
     for name, schema in specs.items():
-        raw = bottle.request.query.get(name)
+        given = bottle.request.query.getall(name)
+        if len(given) > 1:          # one would be taken silently: ?status=pending&status=responded is not both
+            raise invalid(name, f"{name} is given {len(given)} times; give it once")
+        raw = given[0] if given else None
         if raw is None:
             values[name] = schema.get("default")
         elif schema["type"] == "integer" and not re.fullmatch("[0-9]{1,9}", raw):

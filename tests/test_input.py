@@ -403,6 +403,13 @@ def test_options_that_are_not_a_list_are_422(api, developer, options):
     assert response.json["error"]["field"] == "options"
 
 
+@pytest.mark.parametrize("query, field", [("status=pending&status=responded", "status"), ("limit=1&limit=2", "limit")])
+def test_a_query_parameter_given_twice_is_422_not_one_of_them_taken(api, developer, query, field):
+    """Whichever one were taken, the client meant the other too (pending or responded pauses)."""
+    error = api.get(f"/v1/pause?{query}", headers=api.as_key(developer["test_api_key"]), status=422).json["error"]
+    assert error["field"] == field and "given 2 times" in error["message"]
+
+
 @pytest.mark.parametrize("recipient", [15550100, None, ["ops"]])
 def test_a_link_recipient_that_is_not_text_is_told_it_must_be_text_not_that_it_is_too_long(api, developer, recipient):
     body = {**WIRE, "channel": "link", "recipient": recipient}
