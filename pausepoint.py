@@ -2697,12 +2697,26 @@ def look_alike_problem(texts, what):
 
 
 # Characters drawn as nothing that are not format characters (the rest of Unicode's
-# Default_Ignorable_Code_Point), and Cyrillic and Greek letters drawn like Latin ones.
+# Default_Ignorable_Code_Point).
 INVISIBLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u2800\u3164\ufe00-\ufe0f\uffa0"
                        "\U000e0100-\U000e01ef]")
-LOOK_ALIKES = str.maketrans(dict(zip(
-    "АВЕКМНОРСТХЅІЈаеорсухѕіјԁԛԝһΑΒΕΖΗΙΚΜΝΟΡΤΥΧαοινκ",
-    "ABEKMHOPCTXSIJaeopcyxsijdqwhABEZHIKMNOPTYXaoivk")))
+# Letters, digits and signs drawn as a Latin letter or a digit, under the one they are drawn as:
+# every character that Unicode's confusables data (UTS #39) maps to one alone, less those NFKC
+# already turns into it. Not only Cyrillic and Greek: 'ᎪᏟᎷᎬ' is ACME in Cherokee letters, a word
+# of one alphabet, and Lisu's capitals are Latin ones drawn again ('ACMꓰ' is not even mixed).
+# The ASCII ones drawn alike are folded as the standard folds them: I, 1 and | into l, 0 into O.
+LOOK_ALIKES = str.maketrans({look_alike: drawn_as for drawn_as, look_alikes in {
+    "A": "ΑАᎪᗅꓮ𐊠𖽀", "a": "ɑαа⍺", "B": "ΒВᏴᗷꓐꞴ𐊂𐊡𐌁", "b": "ƄЬᏏᑲᖯ", "C": "СᏟⲤꓚ𐊢𐌂𐐕𐔜𑣩𑣲🝌", "c": "сᴄⲥꮯ𐐽", "D": "Ꭰᗞᗪꓓ",
+    "d": "ԁᏧᑯꓒ", "E": "ΕЕᎬ⋿ⴹꓰ𐊆𑢦𑢮", "e": "еҽ℮ꬲ", "F": "ϜᖴꓝꞘ𐊇𐊥𐔥𑢢𑣂𝈓", "f": "քẝꞙꬵ", "G": "ԌᏀᏳꓖ", "g": "ƍɡցᶃ",
+    "H": "ΗНᎻᕼⲎꓧ𐋏", "h": "һհᏂ", "i": "ıɩɪιіӏᎥ⍳ꙇꭵ𑣃", "J": "ͿЈᎫᒍꓙꞲ", "j": "ϳј", "K": "ΚКᏦᛕⲔꓗ𐔘", "k": "κ",
+    "L": "ᏞᒪⳐꓡ𐐛𐔦𑢣𑢲𖼖𝈪", "l": "1I|ƖǀΙІӀ۱ᛁ∣⏽Ⲓⵏꓲ𐊊𐌉𐌠𖼨", "M": "ΜϺМᎷᗰᛖⲘꓟ𐊰𐌑", "N": "ΝⲚꓠ𐔓", "n": "ոռ",
+    "O": "0ΟОՕ০ଠ୦ዐⲞⵔ〇ꓳ𐊒𐊫𐐄𐓂𐔖𑓐𑢵𑣠", "o": "οσоօ۵०੦૦௦\u0c02౦\u0c82೦\u0d02ഠ൦\u0d82๐໐ဝ၀ჿᴏᴑⲟꬽ𐐬𐓪𑣈𑣗", "P": "ΡРᏢᑭⲢꓑ𐊕",
+    "p": "ρр⍴ⲣ", "Q": "ⵕ", "q": "ԛգզ", "R": "ƦᎡᏒᖇꓣ𐒴𖼵𝈖", "r": "гᴦⲅꭇꭈꮁ", "S": "ЅՏᏕᏚꓢ𐊖𐐠𖼺", "s": "ƽѕꜱꮪ𐑈𑣁",
+    "T": "ΤТᎢ⊤⟙Ⲧꓔ𐊗𐊱𐌕𑢼𖼊🝨", "U": "Սሀᑌ∪⋃ꓴ𐓎𑢸𖽂", "u": "ʋυսᴜꞟꭎꭒ𐓶𑣘", "V": "Ѵ۷Ꮩᐯⴸꓦꛟ𐔝𑢠𖼈𝈍", "v": "νѵᴠ∨⋁ꮩ𑜆𑣀", "W": "ԜᎳᏔꓪ𑣦𑣯",
+    "w": "ɯѡԝաᴡꮃ𑜊𑜎𑜏", "X": "ΧХ᙭ᚷ╳ⲬⵝꓫꞳ𐊐𐊴𐌗𐌢𐔧𑣬", "x": "×хᕁᕽ᙮⤫⤬⨯", "Y": "ΥУҮᎩᎽⲨꓬ𐊲𑢤𖽃", "y": "ɣʏγуүყᶌỿꭚ𑣜", "Z": "ΖᏃꓜ𐋵𑢩𑣥",
+    "z": "ᴢꮓ𑣄", "2": "ƧϨᒿꙄꛯꝚ", "3": "ƷȜЗӠⳌꝪꞫ𑣊𖼻𝈆", "4": "Ꮞ𑢯", "5": "Ƽ𑢻", "6": "бᏮⳒ𑣕", "7": "𐓒𑣆𝈒",
+    "8": "Ȣȣ৪੪\u0b03𐌚", "9": "৭੧୨൭ⳊꝮ𑢬𑣌𑣖"
+}.items() for look_alike in look_alikes})
 
 
 def option_identity(option):
@@ -2716,8 +2730,8 @@ def option_identity(option):
 
 def text_as_seen(text):
     """Text as a reader tells it apart: without invisible characters, compatibility forms
-    (a fullwidth Ａ is A), Cyrillic and Greek look-alikes of Latin letters, or runs of spaces
-    and line breaks, which a page shows as one space."""
+    (a fullwidth Ａ is A), letters drawn as others (LOOK_ALIKES: a Cyrillic а is a, a 1 is l),
+    or runs of spaces and line breaks, which a page shows as one space."""
     visible = INVISIBLE.sub("", "".join(c for c in text if unicodedata.category(c) != "Cf"))
     return " ".join(unicodedata.normalize("NFKC", visible).translate(LOOK_ALIKES).split())
 

@@ -232,6 +232,25 @@ def test_fields_whose_form_could_outgrow_a_request_are_refused(api, developer):
     api.post_json("/v1/pause", {**WIRE, "fields": fitting}, headers=api.as_key(developer["test_api_key"]))
 
 
+@pytest.mark.parametrize("look_alike", [
+    "\u13aa\u13df\u13b7\u13ac INC",        # ACME in Cherokee letters: a word of one alphabet
+    "ACM\ua4f0 INC",                         # a Lisu E, of an alphabet drawn as Latin capitals
+    "ACME 1NC",                              # a one for an I
+    "ACME lNC",                              # a small L for an I
+    "ACME \u06f1NC",                         # an Arabic-Indic one for an I
+])
+def test_an_edit_drawn_as_the_value_asked_in_other_letters_is_refused(running_api, look_alike):
+    """Whoever approves reads the edit as the value they were asked about, while the agent
+    is given another: a different payee's name, say."""
+    api = running_api()
+    key = api.register()["test_api_key"]
+    created = api.create_pause(key, fields={"payee": {"type": "string", "value": "ACME INC", "editable": True}})
+    refused = api.post_json(f"/v1/respond/{token_of(created['respond_url'])}",
+                            {"choice": "Approve", "fields": {"payee": look_alike}}, status=422).json["error"]
+    assert refused["field"] == "fields.payee" and "differ visibly" in refused["message"]
+    assert api.pause(key, created["pause_id"])["status"] == "pending"
+
+
 def test_a_huge_number_as_an_edit_is_refused_by_name(running_api):
     api = running_api()
     key = api.register()["test_api_key"]

@@ -180,6 +180,8 @@ def test_a_lone_surrogate_in_a_respond_comment_is_400(api, developer):
     ({"options": ["Approve", "\u200b\u2060"]}, "options"),
     ({"options": ["Reject", "R\u0435ject"]}, "options"),          # a Cyrillic е
     ({"options": ["OK", "\u039fK"]}, "options"),                   # a Greek Ο
+    ({"options": ["ACME", "\u13aa\u13df\u13b7\u13ac"]}, "options"),  # the same in Cherokee letters
+    ({"options": ["Plan I", "Plan l"]}, "options"),               # a capital I, a small L
     ({"options": ["Approve", "Approv\u0117"]}, "options"),        # an ė: a dot faint on a small screen
     ({"options": ["Approve", "Appro\u0301ve"]}, "options"),       # a combining acute over nothing of note
     ({"options": ["Send it", "Send  it"]}, "options"),              # one space or two: one button to a reader
