@@ -35,6 +35,7 @@ import hashlib
 import heapq
 import hmac
 import html
+import http.cookiejar
 import inspect
 import io
 import ipaddress
@@ -5582,6 +5583,9 @@ class EndpointConnections:
                 return self._sessions[webhook_id]
             session = requests.Session()
             session.trust_env = False       # an environment proxy would hide the real destination from the guard
+            # A receiver's cookies are not kept: they would pile up here for as long as the
+            # endpoint is used (an answer may set megabytes), and go back with every call.
+            session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
             adapter = _DeadlineAdapter(allow_private=self.allow_private, keep=self.per_endpoint)
             session.mount("http://", adapter)
             session.mount("https://", adapter)

@@ -841,6 +841,19 @@ def test_deliveries_to_one_endpoint_reuse_its_connections(hooks_api, keys, stubs
     assert kept.accepted <= hooks_api.config["webhooks.per_endpoint"]       # not one per delivery
 
 
+def test_a_receivers_cookies_are_neither_kept_nor_sent_back(hooks_api, keys, stubs):
+    # Kept, they piled up in the server's memory, a receiver's 100 header lines of 64 KB an
+    # answer, and went back with every call after: 6 answers made each call carry 27 MB.
+    cookie = "jar=" + "x" * 4000 + "; Max-Age=86400"
+    receiver = stubs(WebhookReceiver, answers=[(200, {"Set-Cookie": cookie})] * 2)
+    key = keys["test_api_key"]
+    webhook_id = add_webhook(hooks_api, key, receiver.url)["webhook_id"]
+    for _ in range(2):                   # one at a time: the second goes after the first's answer
+        send_test_events(hooks_api, key, webhook_id, 1)
+        hooks_api.step("webhooks")
+    assert [call["headers"].get("Cookie") for call in receiver.wait_for(2)] == [None, None]
+
+
 def test_a_step_returns_only_when_nothing_is_due_though_other_rounds_run_meanwhile(running_api, stubs):
     # Rounds of the same job on another thread, as the scheduler runs them when a call ends:
     # a step must not return because one of them took the work its next round would have.
