@@ -35,6 +35,7 @@ import hashlib
 import heapq
 import hmac
 import html
+import http.client
 import http.cookiejar
 import inspect
 import io
@@ -4324,6 +4325,45 @@ def open_connection(deadline, host, port, allow_private=True):
     raise last_error or OSError(f"{host} has no address to connect to")
 
 
+# The most of an answer's status lines and headers that is read. A receiver needs a few hundred
+# bytes; http.client alone takes 100 lines of 64 KiB, which it parses with 8 times their size.
+ANSWER_HEAD_BYTES = 64 * 1024
+
+
+class AnswerHeadTooLarge(http.client.HTTPException):
+    """An answer's status lines and headers ran past ANSWER_HEAD_BYTES."""
+
+
+class BoundedHeadResponse(http.client.HTTPResponse):
+    """An answer whose head (interim 100 Continue ones included) is read only up to
+    ANSWER_HEAD_BYTES; its body is read as any other's."""
+
+    def begin(self):
+        whole, self.fp = self.fp, HeadBudget(self.fp, ANSWER_HEAD_BYTES)
+        try:
+            super().begin()
+        finally:
+            if self.fp is not None:     # None: begin() closed it, the answer having no body
+                self.fp = whole
+
+
+class HeadBudget:
+    """A response's file whose lines, together, may not run past `budget` bytes."""
+
+    def __init__(self, fp, budget):
+        self._fp, self._left = fp, budget
+
+    def readline(self, limit=-1):
+        line = self._fp.readline(self._left + 1 if limit < 0 else min(limit, self._left + 1))
+        self._left -= len(line)
+        if self._left < 0:
+            raise AnswerHeadTooLarge(f"the answer's headers ran past {ANSWER_HEAD_BYTES // 1024} KiB")
+        return line
+
+    def __getattr__(self, name):
+        return getattr(self._fp, name)
+
+
 class _DeadlineAdapter(requests.adapters.HTTPAdapter):
     """Opens every connection with open_connection(), so connecting and the SSRF check
     happen within the call's deadline and its sockets are watched by it. With `keep`
@@ -4346,6 +4386,7 @@ class _DeadlineAdapter(requests.adapters.HTTPAdapter):
         def watched(connection_class):
             class Watched(connection_class):
                 tunnelling = False
+                response_class = BoundedHeadResponse
 
                 def _new_conn(self):
                     return open_connection(adapter.deadline(), self._dns_host, self.port, adapter.allow_private)
@@ -6023,7 +6064,7 @@ def attempt_delivery(conn, config, deadlines, connections, delivery_id, attempt,
 
 
 def describe_request_error(e, deadline):
-    refused = find_cause(e, (PrivateAddressRefused, CleartextRefused))
+    refused = find_cause(e, (PrivateAddressRefused, CleartextRefused, AnswerHeadTooLarge))
     if refused is not None:
         return str(refused)
     if isinstance(e, requests.Timeout):

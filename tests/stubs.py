@@ -212,6 +212,26 @@ class RefusingProxy(LoopbackServer):
             conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
 
 
+class HeaderFlood(LoopbackServer):
+    """A receiver that answers 200 with `lines` header lines of 64,000 bytes each, within
+    what http.client takes (100 lines of 64 KiB): megabytes of head for a 2-byte body.
+    The answer is made once, here, so that what the sender reads is all a call allocates."""
+
+    def __init__(self, lines=90):
+        flood = b"".join(b"X-Filler-%d: %s\r\n" % (n, b"x" * 64000) for n in range(lines))
+        self.answer = b"HTTP/1.1 200 OK\r\n" + flood + b"Content-Length: 2\r\n\r\nok"
+        super().__init__()
+
+    def _serve(self, conn):
+        with conn, conn.makefile("rb") as request:
+            try:
+                while request.readline() not in (b"\r\n", b""):
+                    pass
+                conn.sendall(self.answer)
+            except OSError:
+                pass            # the sender stopped reading
+
+
 class TrickleReceiver(LoopbackServer):
     """A receiver that reads a request, then answers one byte every `interval`
     seconds, for as long as the sender waits: each read finishes quickly, the whole
