@@ -37,7 +37,7 @@ import unicodedata
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 try:
     from pausepoint_client import (PausePoint, PausePointError, RateLimited, ServerError,  # noqa: E402
-                                   Unreachable, api_key_from, setting_from)
+                                   Unreachable, _shown, api_key_from, setting_from)
     CLIENT_MISSING = None
 except Exception as e:          # copied without it, or a broken one: main() asks here, never leaves the call
     CLIENT_MISSING = e          # to Claude Code's own rules
@@ -128,9 +128,13 @@ def decision(kind, reason):
 
 
 def hook_wait(environ):
-    wait = float(environ.get("PAUSEPOINT_HOOK_WAIT", "50"))
+    given = environ.get("PAUSEPOINT_HOOK_WAIT", "50")
+    try:
+        wait = float(given)
+    except ValueError:
+        wait = float("nan")
     if not 0 <= wait <= 3600:           # nan and inf too: the watchdog needs a time
-        raise ValueError(f"PAUSEPOINT_HOOK_WAIT must be between 0 and 3600 seconds, not {wait}")
+        raise ValueError(f"PAUSEPOINT_HOOK_WAIT must be between 0 and 3600 seconds, not {_shown(given)}")
     return wait
 
 
@@ -142,7 +146,7 @@ def hook_settings(environ):
         raise ValueError("PAUSEPOINT_CHANNEL=link notifies nobody: set sms, whatsapp, email or a push channel")
     on_timeout = environ.get("PAUSEPOINT_HOOK_ON_TIMEOUT", "ask").strip().lower()
     if on_timeout not in ("ask", "deny"):
-        raise ValueError(f"PAUSEPOINT_HOOK_ON_TIMEOUT must be ask or deny, not {on_timeout!r}")
+        raise ValueError(f"PAUSEPOINT_HOOK_ON_TIMEOUT must be ask or deny, not {_shown(on_timeout)}")
     return channel, on_timeout
 
 

@@ -35,7 +35,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pausepoint_client import (LONGEST_WAIT, Approval, PausePoint, PausePointError, RateLimited,  # noqa: E402
-                               ServerError, Unreachable, api_key_from, setting_from)
+                               ServerError, Unreachable, _shown, api_key_from, setting_from)
 
 log = logging.getLogger("pausepoint-mcp")
 
@@ -62,7 +62,7 @@ def seconds(name, default):
     except ValueError:
         value = float("nan")
     if not 0 <= value <= 3600:          # nan and inf too
-        raise ValueError(f"{name} must be a number of seconds from 0 to 3600, not {given!r}")
+        raise ValueError(f"{name} must be a number of seconds from 0 to 3600, not {_shown(given)}")
     return value
 
 

@@ -196,6 +196,17 @@ def test_a_key_given_in_the_wrong_setting_is_never_repeated_in_the_answer(env, n
     assert "0123456789abcdef" not in done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("setting", ["PAUSEPOINT_HOOK_WAIT", "PAUSEPOINT_HOOK_ON_TIMEOUT"])
+def test_a_key_given_as_the_wait_or_the_answer_on_timeout_is_named_but_never_repeated(setting):
+    settings = {"PAUSEPOINT_URL": "http://127.0.0.1:9", "PAUSEPOINT_API_KEY": "x", "PAUSEPOINT_RECIPIENT": "+15550100",
+                setting: "pp_live_0123456789abcdef"}
+    done = launcher.run([], os.getcwd(), {**os.environ, **settings}, stdin=json.dumps(CALL), script=HOOK)
+    out = json.loads(done.stdout)["hookSpecificOutput"]
+    assert out["permissionDecision"] == "ask" and setting in out["permissionDecisionReason"]
+    assert "what looks like an API key (not shown)" in out["permissionDecisionReason"]
+    assert "0123456789abcdef" not in done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("text", ["\n", "pp_test_" + "x" * 300], ids=["empty", "too long for a key"])
 def test_a_key_file_with_no_key_is_named_and_nobody_is_asked(tmp_path, text):
     (tmp_path / "key").write_text(text, encoding="utf-8")

@@ -344,6 +344,16 @@ def test_a_setting_it_cannot_take_stops_it_at_start_naming_the_setting(env, name
     assert done.returncode == 1 and named in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("setting", ["PAUSEPOINT_MCP_WAIT", "PAUSEPOINT_MCP_PROGRESS_EVERY"])
+def test_a_key_given_as_a_number_of_seconds_is_named_but_never_repeated_in_the_hosts_log(setting):
+    environ = {**{k: v for k, v in os.environ.items() if not k.startswith("PAUSEPOINT_")},
+               "PAUSEPOINT_URL": "http://127.0.0.1:9", "PAUSEPOINT_API_KEY": "pp_test_x",
+               setting: "pp_live_0123456789abcdef"}
+    done = subprocess.run([sys.executable, MCP_SERVER], input="", capture_output=True, text=True, timeout=60,
+                          env=environ)
+    assert done.returncode == 1 and setting in done.stderr and "0123456789abcdef" not in done.stderr
+
+
 def test_run_by_a_python_without_the_mcp_sdk_it_says_what_to_install():
     """-S: the interpreter without its site-packages, as a system Python without the SDK is."""
     environ = {**os.environ, "PAUSEPOINT_URL": "http://127.0.0.1:9", "PAUSEPOINT_API_KEY": "pp_test_x"}
