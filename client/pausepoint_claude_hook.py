@@ -172,9 +172,10 @@ def ask_person(call, environ):
         return unasked(on_timeout, f"the call is too long to show whole on PausePoint ({size} bytes,"
                                    f" {METADATA_BYTES} at most)")
     deadline = time.monotonic() + wait - CALL_SECONDS       # for the create's tries and the wait's together
+    message = describe(call)
     created = client.pause(
         recipient=recipient, channel=channel,
-        message=describe(call), options=["Allow", "Deny"], timeout_hours=max(wait, 60) / 3600,
+        message=message, options=["Allow", "Deny"], timeout_hours=max(wait, 60) / 3600,
         timeout_default="Deny", metadata=metadata, title="Claude Code",
         # The same call asked again (the hook re-run) finds the same pause. One without an id is
         # asked anew: the same command later, or elsewhere, is another call, not this one's answer.
@@ -182,6 +183,8 @@ def ask_person(call, environ):
             [call["tool_use_id"], call.get("session_id"), call.get("cwd"), tool_input]).encode()).hexdigest()[:40],
         deadline=deadline)
     pause = answer_by(client, created, deadline)
+    if pause["status"] == "responded" and not asked_about(pause, message, metadata):
+        return unasked(on_timeout, f"PausePoint answered with {pause['pause_id']}, a pause about another call")
     if pause["status"] == "responded" and pause["choice"] == "Allow":
         return decision("allow", f"allowed on PausePoint by {pause['decided_by']}")
     if pause["status"] == "responded":
@@ -204,6 +207,13 @@ def answer_by(client, created, deadline):
         return client.wait(created["pause_id"], timeout=max(0.0, deadline - time.monotonic()))
     except (RateLimited, ServerError, Unreachable):
         return {**created, "status": "pending"}
+
+
+def asked_about(pause, message, metadata):
+    """Whether `pause` is the one asked about this call: a create answered with another call's
+    (kept by a cache in between, say) must not pass off the answer given there as this one's.
+    Its line alone is not enough: two commands may differ only past where it is cut short."""
+    return pause.get("message") == message and (pause.get("metadata") or {}).get("tool_input") == metadata["tool_input"]
 
 
 def unasked(on_timeout, reason):

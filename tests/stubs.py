@@ -482,9 +482,12 @@ class PausePointStandIn(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def serve_stand_in(creates=(), reads=(), cancel=200, late=0, trickle=0):
-    """A PausePointStandIn on loopback: (server, its URL, what it was asked); stop_http() it."""
+def serve_stand_in(creates=(), reads=(), cancel=200, late=0, trickle=0, pause=None):
+    """A PausePointStandIn on loopback: (server, its URL, what it was asked); stop_http() it.
+    `pause` changes what its one pause says (its status, choice, message…)."""
+    answered = json.dumps({**json.loads(PausePointStandIn.pending), **(pause or {})})
     handler = type("StandIn", (PausePointStandIn,), {"creates": list(creates), "reads": list(reads),
-                                                     "cancel": cancel, "asked": [], "late": late, "trickle": trickle})
+                                                     "cancel": cancel, "asked": [], "late": late, "trickle": trickle,
+                                                     "pending": answered})
     server, url = serve_http(handler)
     return server, url, handler.asked

@@ -345,6 +345,39 @@ def test_a_create_refused_for_longer_than_the_wait_is_not_tried_again():
     assert [a[:2] for a in asked] == [("POST", "/v1/pause")]
 
 
+ALLOWED = {"status": "responded", "choice": "Allow", "decided_by": "+15550100"}
+
+
+@pytest.mark.parametrize("pause", [
+    {**ALLOWED, "message": "Claude Code wants to run: ls (in ~/src/app)", "metadata": {"tool_input": '{"command": "ls"}'}},
+    # The same line, as two commands that differ only past where it is cut short give.
+    {**ALLOWED, "message": "Claude Code wants to run: rm -rf build/ (in ~/src/app)",
+     "metadata": {"tool_input": '{"command": "rm -rf build/ ~", "description": "Clean the build"}'}},
+    {**ALLOWED, "message": "Claude Code wants to run: rm -rf build/ (in ~/src/app)"}],
+    ids=["another command", "the same line, another command", "no tool input"])
+def test_an_allow_on_another_calls_pause_never_allows_this_call(pause):
+    """A create answered with another call's pause (an answer kept by a cache in between, say)
+    must not pass off the Allow given there as one for this call."""
+    out, asked = hook_against(5, pause=pause)
+    assert out["permissionDecision"] == "ask" and "another call" in out["permissionDecisionReason"]
+
+
+def test_an_allow_on_this_calls_pause_allows_it():
+    tool_input = json.dumps(CALL["tool_input"], ensure_ascii=False)
+    out, asked = hook_against(5, pause={**ALLOWED, "message": "Claude Code wants to run: rm -rf build/ (in ~/src/app)",
+                                        "metadata": {"tool_input": tool_input}})
+    assert out["permissionDecision"] == "allow"
+
+
+def test_an_allow_on_a_call_shown_made_readable_is_taken_for_this_call(live_server):
+    """The pause holds the call as made readable for the page, and is still this call's."""
+    key = new_test_key(live_server.url)
+    person = answer_first_pending(live_server.url, key, "Allow")
+    call = {**CALL, "tool_input": {"command": "printf 'caf\u00e9\x1b[31m' \u202e " + "x" * 200 + " \ud800"}}
+    assert run_hook(live_server.url, key, call)["permissionDecision"] == "allow"
+    person.join()
+
+
 def test_a_long_poll_answered_at_the_deadline_is_the_last_look():
     """Another look after it would take one more call's time past the deadline."""
     out, asked = hook_against(8.5, late=1)          # asks 3 s of its 3.5 s, answered after 4 s
