@@ -12,7 +12,8 @@ respond link, cannot choose who is asked or how, and cannot choose which option
 approves: the operator names the person, the first option is always "Approve", and
 only that choice, made by that person, is an approval. Nor can it pass off another
 approval as its own: the tools speak only of pauses this process asked (so after a
-restart a question is asked anew), and each answer says what was asked.
+restart a question is asked anew), each answer says what was asked, and a pause that
+holds another question than the one asked is an error, never an approval.
 
 Configured by the environment, like the Claude Code hook:
   PAUSEPOINT_URL, PAUSEPOINT_API_KEY          the server and a key, or
@@ -94,8 +95,8 @@ server = MCPServer("PausePoint", instructions=(
 
 # This process serves one session: a question asked again while its pause is pending
 # finds that pause rather than asking the person twice (asked: the question's latest
-# pause), and the tools speak only of the pauses it asked (asked_here).
-asked, asked_here = {}, set()
+# pause), and the tools speak only of the pauses it asked (asked_here: each one's question).
+asked, asked_here = {}, {}
 # A create whose answer never came (the tool answered with an error) may still have texted
 # the person: the same request asked again carries the same Idempotency-Key, so it finds that
 # pause instead of texting them twice. The key is forgotten once a create is answered.
@@ -118,9 +119,12 @@ def asked_person():
     return (config["recipient"], config["channel"]), None
 
 
-def outcome(pause):
-    """What a tool answers about a pause this process asked: never its respond link, and
-    approved only when the person chose "Approve"."""
+def outcome(pause, question):
+    """What a tool answers about a pause this process asked `question` with: never its respond
+    link, and approved only when the person chose "Approve" on that question."""
+    if pause["message"] != question:    # another's pause, as a cache in between may answer a create with
+        return {"status": "error", "approved": False, "pause_id": pause["pause_id"],
+                "error": "PausePoint answered with a pause about another question: ask again"}
     if pause["status"] == "pending":
         return {"status": "pending", "approved": False, "pause_id": pause["pause_id"], "question": pause["message"],
                 "expires_at": pause["expires_at"],
@@ -209,8 +213,8 @@ async def request_approval(question: str, ctx: Context, other_options: list[str]
             created = await anyio.to_thread.run_sync(lambda: create_once(
                 calls, (recipient, channel, question, options, timeout_hours, default), calls_end))
             pause_id = asked[fingerprint] = created["pause_id"]
-            asked_here.add(pause_id)
-        return outcome(await wait_reporting(pause_id, ctx, started))
+            asked_here[pause_id] = question
+        return outcome(await wait_reporting(pause_id, ctx, started), question)
     except PausePointError as e:
         log.warning("request_approval failed: %s", e)
         return {"status": "error", "approved": False, "error": e.message, "field": e.field}
@@ -220,7 +224,7 @@ async def request_approval(question: str, ctx: Context, other_options: list[str]
                          + ONLY_APPROVAL_IS_PERMISSION)
 async def wait_for_approval(pause_id: str, ctx: Context) -> dict:
     try:
-        return not_asked_here(pause_id) or outcome(await wait_reporting(pause_id, ctx))
+        return not_asked_here(pause_id) or outcome(await wait_reporting(pause_id, ctx), asked_here[pause_id])
     except PausePointError as e:
         return {"status": "error", "approved": False, "error": e.message}
 
@@ -228,7 +232,8 @@ async def wait_for_approval(pause_id: str, ctx: Context) -> dict:
 @server.tool(description="Withdraw a request for approval that is no longer needed.")
 async def cancel_approval(pause_id: str) -> dict:
     try:
-        return not_asked_here(pause_id) or outcome(await anyio.to_thread.run_sync(client().cancel, pause_id))
+        return not_asked_here(pause_id) or outcome(await anyio.to_thread.run_sync(client().cancel, pause_id),
+                                                   asked_here[pause_id])
     except PausePointError as e:
         return {"status": "error", "approved": False, "error": e.message}
 

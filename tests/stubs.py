@@ -443,15 +443,17 @@ class PausePointStandIn(http.server.BaseHTTPRequestHandler):
     """A PausePoint as its clients meet it, for the clients' own tests: each create answered in
     turn from `creates`, as (status, error code, headers), then 201, its body a byte every
     `trickle` seconds; reads in turn from `reads`, then 200 after the wait they ask for and
-    `late` seconds more; a
-    cancel with the status `cancel`; every pause pending. `asked` records each request as
-    (method, path, the wait asked for, its Idempotency-Key). serve_stand_in() sets these."""
-    creates, reads, cancel, asked, late, trickle = [], [], 200, [], 0, 0
+    `late` seconds more, with `read` (JSON) as the pause; a cancel with the status `cancel`;
+    every pause pending otherwise. `asked` records each request as (method, path, the wait
+    asked for, its Idempotency-Key). serve_stand_in() sets these."""
+    creates, reads, cancel, asked, late, trickle, read = [], [], 200, [], 0, 0, None
     pending = json.dumps({"pause_id": "psr_1", "status": "pending", "choice": None, "decided_by": None,
-                          "recipient": "+15550100", "message": "Deploy?", "expires_at": "2999-01-01T00:00:00.000Z"})
+                          "recipient": "+15550100", "message": "Deploy to production?",
+                          "expires_at": "2999-01-01T00:00:00.000Z"})
 
-    def answer(self, status, code=None, headers=None, trickle=0):
-        body = self.pending if status < 300 else json.dumps({"error": {"code": code or "refused", "message": "no"}})
+    def answer(self, status, code=None, headers=None, trickle=0, body=None):
+        refusal = json.dumps({"error": {"code": code or "refused", "message": "no"}})
+        body = (body or self.pending) if status < 300 else refusal
         self.send_response(status)
         for name, value in {**(headers or {}), "Content-Type": "application/json",
                             "Content-Length": str(len(body))}.items():
@@ -476,7 +478,7 @@ class PausePointStandIn(http.server.BaseHTTPRequestHandler):
         if self.reads:
             return self.answer(*self.reads.pop(0))
         time.sleep(wait + self.late if wait else 0)
-        self.answer(200)
+        self.answer(200, body=self.read)
 
     def log_message(self, *args):
         pass
@@ -484,10 +486,10 @@ class PausePointStandIn(http.server.BaseHTTPRequestHandler):
 
 def serve_stand_in(creates=(), reads=(), cancel=200, late=0, trickle=0, pause=None):
     """A PausePointStandIn on loopback: (server, its URL, what it was asked); stop_http() it.
-    `pause` changes what its one pause says (its status, choice, message…)."""
-    answered = json.dumps({**json.loads(PausePointStandIn.pending), **(pause or {})})
+    `pause` changes what reads say of its one pause (its status, choice, message…)."""
+    read = json.dumps({**json.loads(PausePointStandIn.pending), **(pause or {})})
     handler = type("StandIn", (PausePointStandIn,), {"creates": list(creates), "reads": list(reads),
                                                      "cancel": cancel, "asked": [], "late": late, "trickle": trickle,
-                                                     "pending": answered})
+                                                     "read": read})
     server, url = serve_http(handler)
     return server, url, handler.asked

@@ -349,7 +349,8 @@ ALLOWED = {"status": "responded", "choice": "Allow", "decided_by": "+15550100"}
 
 
 @pytest.mark.parametrize("pause", [
-    {**ALLOWED, "message": "Claude Code wants to run: ls (in ~/src/app)", "metadata": {"tool_input": '{"command": "ls"}'}},
+    {**ALLOWED, "message": "Claude Code wants to run: ls (in ~/src/app)",
+     "metadata": {"tool_input": '{"command": "ls"}'}},
     # The same line, as two commands that differ only past where it is cut short give.
     {**ALLOWED, "message": "Claude Code wants to run: rm -rf build/ (in ~/src/app)",
      "metadata": {"tool_input": '{"command": "rm -rf build/ ~", "description": "Clean the build"}'}},

@@ -315,6 +315,23 @@ def test_a_pause_this_server_did_not_ask_is_never_an_approval_and_never_cancelle
                         reversed_options["pause_id"]: "responded"}
 
 
+def test_an_approval_of_another_question_is_never_this_requests():
+    """A create answered with another request's pause (an answer kept by a cache in between,
+    say), approved, tells the model nothing it could take for its own approval."""
+    server, url, asked = serve_stand_in(pause={"status": "responded", "choice": "Approve", "decided_by": "+15550100",
+                                               "message": "Read the staging logs?"})
+
+    async def steps(call, mcp):
+        first = await call("request_approval", {"question": "Delete the prod database?"})
+        return first, await call("wait_for_approval", {"pause_id": "psr_1"})
+    try:
+        answers = with_mcp(url, "pp_test_x", steps, PAUSEPOINT_MCP_WAIT="1")
+    finally:
+        stop_http(server)
+    assert all(a["status"] == "error" and a["approved"] is False and "another question" in a["error"]
+               for a in answers)
+
+
 @pytest.mark.parametrize("env, refused", [({"PAUSEPOINT_CHANNEL": "link"}, "PAUSEPOINT_CHANNEL=link"),
                                           ({"PAUSEPOINT_RECIPIENT": ""}, "no recipient")])
 def test_a_server_whose_person_could_be_the_model_asks_nobody(setup, env, refused):
