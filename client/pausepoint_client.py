@@ -222,6 +222,9 @@ class PausePoint:
         `team` takes pause()'s recipients, quorum, remind_after_minutes and escalation."""
         created = self.pause(recipient, channel, message, options, timeout_hours, timeout_default, metadata, title,
                              idempotency_key, fields, **team)
+        # The first option as asked (as the server keeps it, stripped), not as an answer lists
+        # them: one listing them in another order must not make another choice the approval.
+        approve_option = approve_option or options[0].strip()
         return Approval(self.wait(created["pause_id"], wait_timeout), approve_option)
 
     def audit(self, pause_id=None, event_type=None, limit=50, cursor=None):

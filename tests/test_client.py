@@ -403,6 +403,18 @@ def test_a_server_on_this_machine_is_called_directly_not_through_a_proxy(live_se
     assert created["status"] == "pending" and seen == []
 
 
+def test_a_choice_is_an_approval_only_if_it_is_the_first_option_asked_with():
+    """An answer listing the options in another order (a server that is not ours, something in
+    between) would otherwise make its first, here Reject, the approval."""
+    reordered = b'{"pause_id": "psr_1", "status": "responded", "choice": "Reject", "options": ["Reject", "Approve"]}'
+    server, url, seen = answering((201, {}, b'{"pause_id": "psr_1", "status": "pending"}'), (200, {}, reordered))
+    try:
+        result = PausePoint(url, "pp_test_x").request_approval(**ASK)
+    finally:
+        stop_http(server)
+    assert result.choice == "Reject" and not result.approved
+
+
 def test_an_answer_about_another_pause_never_decides_the_one_waited_for():
     other = b'{"pause_id": "psr_2", "status": "responded", "choice": "Approve", "options": ["Approve", "Reject"]}'
     server, url, seen = answering((200, {}, b'{"pause_id": "psr_1", "status": "pending"}'), (200, {}, other))
