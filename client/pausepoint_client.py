@@ -38,9 +38,9 @@ __all__ = ["PausePoint", "Approval", "verify_webhook", "verify_audit_export", "a
 LONGEST_WAIT = 60           # the server answers ?wait= after at most this many seconds
 LONGEST_RETRY_WAIT = 30     # seconds between tries at most; a 429 asking for longer is not retried
 KEY_PREFIXES = ("pp_live_", "pp_test_")
-# Read of any answer at most: a page of 100 of the largest pauses is some 5 MB. Whatever sends
-# more (a misdirected download, a hostile server) is not a PausePoint answer, and held whole
-# in memory it could exhaust the agent's.
+# The most of an answer that is read: a page of 100 of the largest pauses is some 5 MB. More (a
+# misdirected download, a hostile server) is no PausePoint answer, and held whole in memory it
+# could exhaust the agent's.
 MAX_ANSWER_BYTES = 16 * 2**20
 
 
