@@ -11013,10 +11013,22 @@ def command_line():
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to a command: `timeout`, a cron or systemd limit, `docker stop`."""
+
+
+def stop_command(signum, frame):
+    # Unwound as Ctrl-C is, not ended where it stands: a backup's or a restore's copy, half
+    # made and hidden beside its target, is removed on the way out instead of left for good.
+    raise Terminated
+
+
 def main(argv=None):
     parser = command_line()
     refuse_an_unknown_option_first(parser, sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.command not in (None, "serve"):     # a server takes its signals itself, to stop serving cleanly
+        signal.signal(signal.SIGTERM, stop_command)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The delivery job is woken on demand; APScheduler warns when a wake-up finds it
@@ -11041,6 +11053,9 @@ def main(argv=None):
         path = config["database.path"]
         print(f"pausepoint: cannot use the database {path}: {e}{open_failure_hint(path, e)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("pausepoint: stopped by SIGTERM before it finished", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:               # Ctrl-C at a prompt, or before the server took its signals
         print(file=sys.stderr)
         return 130

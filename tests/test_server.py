@@ -1013,6 +1013,33 @@ def test_a_backup_that_fails_leaves_nothing_to_be_taken_for_one(tmp_path):
     one_sentence(run_cli(tmp_path, "backup", str(copy.parent)), "name a new file to write the backup to")
 
 
+@pytest.mark.parametrize("command", ["backup", "restore"])
+def test_a_backup_or_restore_stopped_by_sigterm_leaves_no_partial_copy_behind(tmp_path, command):
+    """`timeout`, cron's limit, systemd or `docker stop` end a long copy with SIGTERM: the copy
+    half made, hidden beside its target, goes with it, or each one stopped leaves a file as
+    big as the database that nothing else removes."""
+    assert run_cli(tmp_path, "create-developer", "--email", "ops@example.com", "--name", "Ops", "--password-stdin",
+                   stdin=PASSWORD + "\n").returncode == 0
+    stored(tmp_path / "pausepoint.db", "CREATE TABLE filler AS WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL"
+           " SELECT i + 1 FROM n WHERE i < 50) SELECT randomblob(1000000) AS x FROM n")
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    if command == "restore":
+        assert run_cli(tmp_path, "backup", str(backups / "big.db")).returncode == 0
+    copying_into, partial = (backups, ".backup-*") if command == "backup" else (tmp_path, ".restore-*")
+    target = [str(backups / "copy.db")] if command == "backup" else [str(backups / "big.db")]
+    running = subprocess.Popen([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db", str(tmp_path / "pausepoint.db"),
+                                command, *target], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: fnmatch.filter(os.listdir(copying_into), partial) or running.poll() is not None, timeout=30)
+    running.send_signal(signal.SIGTERM)
+    out, err = running.communicate(timeout=60)
+    assert running.returncode == 128 + signal.SIGTERM, out      # the copy was under way when the signal came
+    assert "Traceback" not in err, err
+    assert fnmatch.filter(os.listdir(copying_into), partial) == [], sorted(os.listdir(copying_into))
+    assert not os.path.exists(backups / "copy.db")
+    assert stored(tmp_path / "pausepoint.db", "SELECT email FROM developers") == [("ops@example.com",)]
+
+
 def ids_in(path):
     return {row[0] for row in stored(path, "SELECT id FROM pauses")}
 
