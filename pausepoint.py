@@ -385,6 +385,8 @@ def check_setting(key, value, where):
     if type(value) is not kind:
         expected = {str: "a string", int: "a whole number", float: "a number", bool: "true or false"}[kind]
         raise ConfigError(f"{key} must be {expected} ({where} it is {shown_value(key, value)})")
+    if kind is str and "\0" in value:      # TOML can spell one; a path holding it fails as no sentence says
+        raise ConfigError(f"{key} must not contain a NUL character ({where} it is {shown_value(key, value)})")
     problem = SETTING_CHECKS.get(key, lambda v: None)(value) or open_setting_problem(key, value)
     if problem:
         raise ConfigError(f"{key} {problem} ({where} it is {shown_value(key, value)})")

@@ -87,6 +87,10 @@ def test_file_then_environment_then_flags_overlay_the_defaults(tmp_path):
      " twilio.auth_token and either twilio.from_number or twilio.messaging_service_sid"),
     ("", {"PAUSEPOINT_TWILIO_AUTH_TOKEN": "secret", "PAUSEPOINT_TWILIO_FROM_NUMBER": "+15550100"},
      "with twilio.auth_token and twilio.from_number set, the sms and whatsapp channels also need twilio.account_sid"),
+    # TOML may spell a NUL character, which no file name, host or address holds.
+    ('[smtp]\nca_file = "ca\\u0000.pem"\n', {}, "smtp.ca_file must not contain a NUL character"),
+    ('[database]\npath = "pause\\u0000point.db"\n', {}, "database.path must not contain a NUL character"),
+    ('[smtp]\nhost = "mail\\u0000.example.org"\n', {}, "smtp.host must not contain a NUL character"),
 ])
 def test_a_bad_setting_stops_start_up_with_one_sentence_naming_the_key(tmp_path, text, environ, said):
     with pytest.raises(ConfigError) as error:
