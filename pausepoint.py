@@ -534,9 +534,11 @@ SETTING_CHECKS = {
     "ratelimit.test_pauses_per_hour": lambda v: None if v >= 1 else "must be at least 1",
     "ratelimit.webhook_changes_per_hour": lambda v: None if v >= 1 else "must be at least 1",
     # Retries run for about three days: a shorter log would delete deliveries still being retried.
-    "retention.test_days": lambda v: None if v >= 1 else "must be at least 1",
-    "retention.test_pauses_kept": lambda v: None if v >= 1 else "must be at least 1",
-    "retention.delivery_log_days": lambda v: None if v >= 4 else "must be at least 4 (retries run for about 3 days)",
+    # At most a century, or a cutoff before year 1 would fail the hourly pruning job on every run.
+    "retention.test_days": lambda v: None if 1 <= v <= 36500 else "must be between 1 and 36500 (a hundred years)",
+    "retention.test_pauses_kept": lambda v: None if 1 <= v <= 10**9 else "must be between 1 and 1000000000",
+    "retention.delivery_log_days": lambda v: None if 4 <= v <= 36500 else (
+        "must be between 4 (retries run for about 3 days) and 36500 (a hundred years)"),
     "ratelimit.register_per_hour": lambda v: None if v >= 1 else "must be at least 1",
     "ratelimit.rotate_per_hour": lambda v: None if v >= 1 else "must be at least 1",
     "ratelimit.login_per_hour": lambda v: None if v >= 1 else "must be at least 1",

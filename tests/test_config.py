@@ -87,6 +87,10 @@ def test_file_then_environment_then_flags_overlay_the_defaults(tmp_path):
      " twilio.auth_token and either twilio.from_number or twilio.messaging_service_sid"),
     ("", {"PAUSEPOINT_TWILIO_AUTH_TOKEN": "secret", "PAUSEPOINT_TWILIO_FROM_NUMBER": "+15550100"},
      "with twilio.auth_token and twilio.from_number set, the sms and whatsapp channels also need twilio.account_sid"),
+    # Past these the hourly pruning job fails on every run, a date before year 1 or a number SQLite cannot hold.
+    ("[retention]\ntest_days = 1000000\n", {}, "retention.test_days must be between 1 and 36500 (a hundred years)"),
+    ("", {"PAUSEPOINT_RETENTION_DELIVERY_LOG_DAYS": "999999999"}, "retention.delivery_log_days must be between 4"),
+    ("", {"PAUSEPOINT_RETENTION_TEST_PAUSES_KEPT": str(2 ** 64)}, "retention.test_pauses_kept must be between 1 and"),
     # TOML may spell a NUL character, which no file name, host or address holds.
     ('[smtp]\nca_file = "ca\\u0000.pem"\n', {}, "smtp.ca_file must not contain a NUL character"),
     ('[database]\npath = "pause\\u0000point.db"\n', {}, "database.path must not contain a NUL character"),

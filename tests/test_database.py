@@ -382,6 +382,17 @@ def test_the_daily_job_deletes_only_what_is_past_its_retention(running_api, rece
     assert deleted["test pauses"] == 1 and deleted["webhook events"] == 5
 
 
+def test_pruning_runs_with_the_longest_retention_the_settings_allow(running_api):
+    """An operator keeping test data as long as can be: the hourly job still runs, and keeps it."""
+    api = running_api(**{"retention.test_days": 36500, "retention.delivery_log_days": 36500,
+                         "retention.test_pauses_kept": 1_000_000_000})
+    test = api.as_key(api.register()["test_api_key"])
+    cancelled = api.post_json("/v1/pause", WIRE, headers=test).json["pause_id"]
+    api.post(f"/v1/pause/{cancelled}/cancel", headers=test)
+    pausepoint.prune_expired_data(api.app.runtime.db(), api.config, now=pausepoint.utcnow() + dt.timedelta(days=365))
+    assert stored(api.config, "SELECT id, status FROM pauses") == [(cancelled, "cancelled")]
+
+
 def test_pruning_works_through_any_backlog_in_batches(running_api):
     api = running_api()
     config, app = api.config, api.app
