@@ -11055,7 +11055,7 @@ def main(argv=None):
         return 2
     except sqlite3.DatabaseError as e:      # only starting or a command gets here: requests and jobs catch theirs
         path = config["database.path"]
-        print(f"pausepoint: cannot use the database {path}: {e}{open_failure_hint(path, e)}", file=sys.stderr)
+        print(f"pausepoint: cannot use the database {path}: {e}{open_failure_hint(config, e)}", file=sys.stderr)
         return 2
     except Terminated:
         print("pausepoint: stopped by SIGTERM before it finished", file=sys.stderr)
@@ -11069,11 +11069,15 @@ def main(argv=None):
     return 0
 
 
-def open_failure_hint(path, error):
-    """What likely kept SQLite from opening the database at `path`, after `error`'s text."""
+def open_failure_hint(config, error):
+    """What likely kept SQLite from opening or writing the database, after `error`'s text."""
+    path = config["database.path"]
     if disk_is_full(error):
         return ("; its disk has no room left (or the file is over a quota or size limit): free space on it, then"
                 " try again")
+    if "database is locked" in str(error):
+        return (f"; another process held its write lock (a sqlite3 shell with a transaction open, a VACUUM) past"
+                f" database.lock_wait_seconds, {config['database.lock_wait_seconds']:g} s: let it finish, then try again")
     journal = os.path.realpath(path) + "-journal"
     if "readonly database" in str(error) and os.path.exists(journal):      # verify-audit only reads
         return (f"; a process stopped while writing it left {journal}, which only one that may write it"
@@ -11184,7 +11188,7 @@ def run_command(args, config):
                                      server_running(config["database.path"]) or open_elsewhere,
                                      f"start this version's server (which upgrades the database), then run"
                                      f" {args.command} again")
-    conn = connect(config["database.path"])
+    conn = connect(config["database.path"], lock_wait_seconds=config["database.lock_wait_seconds"])
     migrate(conn)
     # A password is never an argument: it would show in `ps` and in shell history.
     if args.command == "create-developer":

@@ -1212,6 +1212,24 @@ def test_a_command_that_cannot_do_its_work_says_why_in_one_sentence(tmp_path):
     assert "GetPassWarning" not in asked.stderr and "Password:" not in asked.stderr, asked.stderr
 
 
+@pytest.mark.parametrize("command", [("set-plan", "--email", "ops@example.com", "--plan", "free"),
+                                     ("set-operator", "--email", "ops@example.com")])
+def test_a_command_behind_another_process_holding_the_write_lock_waits_the_lock_wait_and_says_so(tmp_path, command):
+    """A sqlite3 shell left with a transaction open: the command waits database.lock_wait_seconds,
+    as the server's writes do, then says what holds it up."""
+    operators_database(tmp_path)
+    holder = sqlite3.connect(tmp_path / "pausepoint.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    refused = run_cli(tmp_path, *command, env={"PAUSEPOINT_DATABASE_LOCK_WAIT_SECONDS": "1"})
+    waited = time.monotonic() - started
+    holder.execute("ROLLBACK")
+    holder.close()
+    one_sentence(refused, "database is locked; another process held its write lock", "database.lock_wait_seconds, 1 s")
+    assert waited < 15, waited         # not SQLite's 30 s for a connection that was told nothing
+    assert run_cli(tmp_path, *command).returncode == 0
+
+
 def test_a_password_piped_in_without_password_stdin_is_refused_not_read_as_typed(tmp_path):
     """Without a terminal getpass would warn that the input may be echoed, then take the lines piped in."""
     operators_database(tmp_path)
