@@ -207,9 +207,13 @@ def load_config(path=None, environ=None, overrides=None):
     if path is not None:
         try:
             with open(path, "rb") as f:
-                table = tomllib.load(f)
+                # A byte order mark, as Notepad may write one, is no part of the settings.
+                table = tomllib.loads(f.read().decode("utf-8-sig"))
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text: save it as UTF-8 (byte {e.start} is"
+                              f" {e.object[e.start]:#04x})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
         for key, value in flatten(table):

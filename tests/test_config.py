@@ -103,6 +103,20 @@ def test_a_bad_setting_stops_start_up_with_one_sentence_naming_the_key(tmp_path,
     assert "\n" not in str(error.value)
 
 
+def test_a_config_file_saved_by_a_windows_editor_is_read_or_refused_in_one_sentence(tmp_path):
+    """Notepad may add a byte order mark, an older editor save Windows-1252, and Windows
+    PowerShell's `>` writes UTF-16: the first is read as meant, the others named as not UTF-8."""
+    path = tmp_path / "config.toml"
+    path.write_bytes("\ufeff[server]\nport = 8081\n".encode("utf-8"))
+    assert load_config(str(path), environ={})["server.port"] == 8081
+    for text, encoding in (('[smtp]\nfrom_address = "Café <a@example.org>"\n', "cp1252"),
+                           ("[server]\nport = 8081\n", "utf-16")):
+        path.write_bytes(text.encode(encoding))
+        with pytest.raises(ConfigError) as error:
+            load_config(str(path), environ={})
+        assert str(error.value).startswith(f"config file {path} is not UTF-8 text: save it as UTF-8"), error.value
+
+
 def test_a_misspelt_setting_is_refused_naming_the_one_meant(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config(write(tmp_path, "[webhooks]\nallow_privat = true\n"), environ={})

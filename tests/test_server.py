@@ -1527,6 +1527,9 @@ def test_the_images_health_check_asks_where_the_mounted_config_file_says_the_ser
     (tmp_path / "config.toml").write_text(f'[server]\nhost = "127.0.0.3"\nport = {port}\n')
     assert images_health_check({}, cwd=tmp_path) == 0
     assert images_health_check({"PAUSEPOINT_SERVER_PORT": str(free_port())}, cwd=tmp_path) != 0    # the variable wins
+    # Saved by Notepad, with a byte order mark, which the server reads past.
+    (tmp_path / "config.toml").write_bytes(f'\ufeff[server]\nhost = "127.0.0.3"\nport = {port}\n'.encode())
+    assert images_health_check({}, cwd=tmp_path) == 0
 
 
 def ignored_by(ignore_file, name):
