@@ -11035,8 +11035,8 @@ def main(argv=None):
     parser = command_line()
     refuse_an_unknown_option_first(parser, sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if args.command not in (None, "serve"):     # a server takes its signals itself, to stop serving cleanly
-        signal.signal(signal.SIGTERM, stop_command)
+    # A server takes its signals itself, to stop serving cleanly; a command is unwound (stop_command()).
+    previous = signal.signal(signal.SIGTERM, stop_command) if args.command not in (None, "serve") else None
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The delivery job is woken on demand; APScheduler warns when a wake-up finds it
@@ -11070,6 +11070,9 @@ def main(argv=None):
     except ApiError as e:
         print(f"pausepoint: {e.message}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:        # as it was, for a caller in this process
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

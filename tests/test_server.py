@@ -1040,6 +1040,13 @@ def test_a_backup_or_restore_stopped_by_sigterm_leaves_no_partial_copy_behind(tm
     assert stored(tmp_path / "pausepoint.db", "SELECT email FROM developers") == [("ops@example.com",)]
 
 
+def test_a_command_run_in_this_process_leaves_the_sigterm_handler_as_it_found_it(tmp_path):
+    """A command's SIGTERM handler unwinds it; a program (or test) calling main() keeps its own after."""
+    before = signal.getsignal(signal.SIGTERM)
+    assert pausepoint.main(["--db", str(tmp_path / "missing.db"), "verify-audit"]) == 2
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def ids_in(path):
     return {row[0] for row in stored(path, "SELECT id FROM pauses")}
 
