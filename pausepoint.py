@@ -5144,6 +5144,11 @@ def send_apprise(target_url, config, notification, pause, deadline):
     notifier = apprise.Apprise()
     if not notifier.add(target_url):
         raise ChannelError(f"channel {notification['channel']!r} has a URL Apprise does not understand")
+    # Apprise stops reading an answer after 4 s (its `rto`) and then says only that it failed,
+    # though the target has the push: a retry pushed it again and it was recorded as never
+    # arrived. Waiting past our deadline, the call ends there, as one that may have arrived.
+    for target in notifier:
+        target.socket_read_timeout = max(target.socket_read_timeout, deadline.remaining() + 1)
     # Said to be text, or a target that reads HTML or Markdown (mailto://, Telegram) would take
     # the agent's message as markup: a link of its own choosing drawn as an "Approve" button.
     # Markdown for a target that reads Markdown: push_text escaped the agent's text for it.

@@ -19,7 +19,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 from twilio.request_validator import RequestValidator
 
-from stubs import HostedService, RefusingProxy, TrickleReceiver
+from stubs import HostedService, RefusingProxy, TrickleReceiver, WebhookReceiver
 from conftest import (stored, QUESTION, WIRE, Api, LiveServer, free_port, make_config, run_out, scraped, token_of,
                       value, wait_until)
 import pausepoint
@@ -1569,6 +1569,17 @@ def test_pushes_left_hanging_may_have_arrived_and_say_so_to_the_end(running_api,
                               " FROM notifications") == [("failed", 3, 1, 1)] * 3
     failed = api.get("/v1/audit", {"event_type": "notification.failed"}, headers=api.as_key(key)).json["events"]
     assert [event["data"]["may_have_reached"] for event in failed] == [True] * 3
+
+
+def test_a_push_target_slower_than_apprise_alone_waits_is_given_up_at_our_deadline(running_api, stubs):
+    """Apprise stops reading an answer after 4 s of its own and says only that it failed, though
+    the target has the push: within the deadline (10 s), the push is waited for, or given up on
+    as one that may have arrived, never counted as one that did not."""
+    slow = stubs(WebhookReceiver, delay=4.5)            # takes each push, answers after 4.5 s
+    api = running_api(**{"channels.ops.url": "json://" + slow.url.removeprefix("http://")})
+    key = api.register()["api_key"]
+    pause = sent(api, key, api.create_pause(key, channel="ops", recipient="on-call")["pause_id"], "sent")
+    assert len(slow.calls) == 1 and pause["notification"]["attempts"] == 1
 
 
 # Every letter A-Z as `c`, and every digit 2-9 as `d`, to make codes of.
