@@ -1,7 +1,7 @@
 <!doctype html>
 <html lang="en">
 <body style="margin:0;padding:24px;background:#f5f5f7;font:16px/1.45 -apple-system,'Segoe UI',Roboto,sans-serif;color:#1d1d1f">
-<div style="max-width:480px;margin:0 auto">
+<div style="max-width:480px;margin:0 auto;overflow-wrap:anywhere;word-break:break-word">
 % if reminder:
 <p style="margin:0 0 6px"><strong>Reminder:</strong> this request is still waiting for your answer.</p>
 % end

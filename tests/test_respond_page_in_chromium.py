@@ -274,3 +274,51 @@ def test_an_emailed_question_in_arabic_reads_right_to_left_with_its_latin_names_
                 for element in browser.find_elements(By.CSS_SELECTOR, selector)] in (["rtl"], ["rtl", "rtl"]), selector
     left_of = lefts_of_acme_and_bob(browser)
     assert left_of[0] > left_of[1]
+
+
+# An unbroken word as long as each thing the agent writes may be.
+LONG_WORD = "W" * 1000
+
+
+def overflowing(browser, width):
+    """The elements of the page that run past its right edge at `width` pixels, or whose text
+    runs out of their own box (a form control's text scrolls inside it, as it should)."""
+    return browser.execute_script(
+        "return Array.from(document.querySelectorAll('body *')).filter(e => e.getBoundingClientRect().right >"
+        f" {width} + 1 || !['INPUT', 'TEXTAREA', 'SELECT'].includes(e.tagName) && e.scrollWidth > e.clientWidth + 1)"
+        ".map(e => e.tagName.toLowerCase() + (e.className ? '.' + e.className : ''))")
+
+
+def a_question_of_long_words(url, channel="link", recipient="ops"):
+    """A pause whose every text the agent writes is one unbroken word as long as it may be."""
+    return ask(url, {
+        **WIRE, "channel": channel, "recipient": recipient, "title": LONG_WORD[:120], "message": LONG_WORD,
+        "options": [LONG_WORD[:100], "Reject"], "timeout_default": "Reject",
+        "metadata": {"payee": LONG_WORD[:500], "display": ["payee"]},
+        "fields": {"account": {"type": "string", "value": LONG_WORD, "label": LONG_WORD[:100]}}},
+        name=LONG_WORD[:100])[0]
+
+
+def test_a_read_only_fields_long_unbroken_label_and_value_stay_within_a_phone_screen(live_server, browser):
+    """A value the approver may not change is shown among the agent's words, above the
+    buttons: one long word there must wrap as the message does, not widen the page."""
+    created = a_question_of_long_words(live_server.url)
+    browser.set_window_size(360, 640)
+    browser.get(f"{live_server.url}/respond/{token_of(created['respond_url'])}")
+    assert overflowing(browser, 360) == []
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= 360
+
+
+def test_an_emails_long_unbroken_words_stay_within_a_phone_screen(live_server, browser, tmp_path):
+    """The email's HTML part as a phone shows it: the question, its details, its fields and
+    its buttons all wrap, so no button runs off the side."""
+    created = a_question_of_long_words(live_server.url, "email", "ada@example.com")
+    conn = live_server.app.runtime.db()
+    pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
+    notification = conn.execute("SELECT * FROM notifications WHERE pause_id = ?", (pause["id"],)).fetchone()
+    config = {**live_server.app.runtime.config, "smtp.from_address": "pp@example.org"}
+    mail = pausepoint.email_message(config, notification, dict(pause)).get_body(("html",)).get_content()
+    (tmp_path / "mail.html").write_text(mail, encoding="utf-8")
+    browser.set_window_size(360, 640)
+    browser.get((tmp_path / "mail.html").as_uri())
+    assert overflowing(browser, 360) == []
