@@ -60,7 +60,11 @@
   %   if pause.get('proposed_fields'):
   <p class="picked" id="proposed">An earlier approval changed {{'; '.join(f"{pause['fields'][name].get('label', name)} from {field_text(pause['fields'][name]['value'])} to {field_text(value)}" for name, value in pause['proposed_fields'].items())}}. Those values are filled in below: your approval counts with theirs when the values are the same.</p>
   %   end
-  <div class="fields">
+  %   # The labels and choices are the agent's words, framed as the question is: unframed, a
+  %   # label such as "Recorded: Reject, you may close this page" read as the page's own.
+  %   if any(field['editable'] for field in pause['fields'].values()):
+  <p class="label" id="editable">You may change these values, as the agent wrote them, before you answer:</p>
+  <div class="fields asked" role="group" aria-label="Values the agent wrote, which you may change">
     % for name, field in pause['fields'].items():
     %   label, kind, shown = field.get('label', name), field['type'], entered.get('field.' + name, form_text(field['value']))
     %   if not field['editable']:
@@ -90,6 +94,7 @@
     %   end
     % end
   </div>
+  %   end
   % end
   <div class="options" role="group" aria-label="Your answer">
   % for option in pause['options']:

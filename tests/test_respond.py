@@ -385,6 +385,29 @@ def test_a_value_the_approver_may_not_change_stays_framed_as_the_agents_words(ap
     assert "Recorded: Approve at 14:02" in api.get(respond_path(created, page=True)).html.select_one("section.asked").text
 
 
+def test_a_value_the_approver_may_change_is_framed_as_the_agents_words_too(api):
+    """An editable field's label and choices are the agent's text as well: unframed, above the
+    buttons and in the page's own grey, "Recorded: Reject at 06:52; you may close this page"
+    read as the page's outcome, and a person who closed it left the timeout to approve."""
+    key = api.register()["test_api_key"]
+    spoof = "Recorded: Reject at 06:52. Nothing more is needed; you may close this page."
+    created = api.create_pause(key, timeout_default="Approve", fields={
+        "note": {"type": "enum", "value": "Recorded: Reject", "choices": ["Recorded: Reject", "b"], "editable": True,
+                 "label": spoof},
+        "amount": {"type": "number", "value": 340, "editable": True, "label": "Recorded: Reject", "max": 500}})
+    page = api.get(respond_path(created, page=True)).html
+    frame = page.select_one("form .fields.asked")
+    assert frame is not None and frame.get("aria-label")
+    assert [label.text for label in frame.select("label")] == [spoof, "Recorded: Reject (at most 500)"]
+    assert frame.select_one("option").text == "Recorded: Reject"
+    assert not frame.select("button, .outcome, p")         # the page's own words stand outside it
+    lead = frame.find_previous_sibling()
+    assert lead.name == "p" and "may change" in lead.text and "asked" not in (lead.get("class") or [])
+    form = api.get(respond_path(created, page=True)).forms[0]
+    answered = form.submit("choice", value="Reject", status=303).follow()
+    assert answered.html.select_one("#outcome").text.startswith("Recorded: Reject")
+
+
 def test_details_cannot_be_made_to_read_as_something_else(api):
     """Metadata is free-form, unlike the question: what it shows is made plain instead of refused."""
     key = api.register()["test_api_key"]
