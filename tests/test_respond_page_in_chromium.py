@@ -262,13 +262,7 @@ def test_an_emailed_question_in_arabic_reads_right_to_left_with_its_latin_names_
         "message": "تحويل من ACME إلى BOB؟", "options": ["موافقة", "رفض"], "timeout_default": "رفض",
         "metadata": {"المستفيد": "شركة BOB", "display": ["المستفيد"]},
         "fields": {"payee": {"type": "string", "value": "شركة ACME", "label": "المستفيد النهائي"}}})
-    conn = live_server.app.runtime.db()
-    pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
-    notification = conn.execute("SELECT * FROM notifications WHERE pause_id = ?", (pause["id"],)).fetchone()
-    config = {**live_server.app.runtime.config, "smtp.from_address": "pp@example.org"}
-    mail = pausepoint.email_message(config, notification, dict(pause)).get_body(("html",)).get_content()
-    (tmp_path / "mail.html").write_text(mail, encoding="utf-8")
-    browser.get((tmp_path / "mail.html").as_uri())
+    open_its_email(live_server, browser, tmp_path, created["pause_id"])
     for selector in ("h1", ".message", ".detail", ".field", "a"):
         assert [element.value_of_css_property("direction")
                 for element in browser.find_elements(By.CSS_SELECTOR, selector)] in (["rtl"], ["rtl", "rtl"]), selector
@@ -313,12 +307,17 @@ def test_an_emails_long_unbroken_words_stay_within_a_phone_screen(live_server, b
     """The email's HTML part as a phone shows it: the question, its details, its fields and
     its buttons all wrap, so no button runs off the side."""
     created = a_question_of_long_words(live_server.url, "email", "ada@example.com")
+    browser.set_window_size(360, 640)
+    open_its_email(live_server, browser, tmp_path, created["pause_id"])
+    assert overflowing(browser, 360) == []
+
+
+def open_its_email(live_server, browser, tmp_path, pause_id):
+    """Show the HTML part of the email asking the pause's question, as the server makes it."""
     conn = live_server.app.runtime.db()
-    pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
-    notification = conn.execute("SELECT * FROM notifications WHERE pause_id = ?", (pause["id"],)).fetchone()
+    pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (pause_id,)).fetchone()
+    notification = conn.execute("SELECT * FROM notifications WHERE pause_id = ?", (pause_id,)).fetchone()
     config = {**live_server.app.runtime.config, "smtp.from_address": "pp@example.org"}
     mail = pausepoint.email_message(config, notification, dict(pause)).get_body(("html",)).get_content()
     (tmp_path / "mail.html").write_text(mail, encoding="utf-8")
-    browser.set_window_size(360, 640)
     browser.get((tmp_path / "mail.html").as_uri())
-    assert overflowing(browser, 360) == []
