@@ -837,16 +837,63 @@ MIGRATIONS = [
 ]
 
 
-def left_queue(queues, client, waiter):
-    """Whether `waiter` was in `client`'s queue of `queues` (client -> deque, in turn order)
-    and is now taken out of it, the client's queue with it once empty."""
-    queue = queues.get(client)
-    if queue is None or waiter not in queue:
-        return False
-    queue.remove(waiter)
-    if not queue:
-        del queues[client]
-    return True
+class TurnOrder:
+    """Waiters in turn order: client address by address in rotation, and within an address
+    party by party (FairTaskDispatcher.party(): the API key or sign-in a request carries),
+    each party's in the order they came. A client is an address, or an (address, party)
+    pair. By address alone, a tenant's one write on a host shared with another's flood
+    waited behind every write of the flood from there: the threads took the two in turn,
+    then this lock's queue put them back in arrival order."""
+
+    def __init__(self):
+        self._queues = collections.OrderedDict()    # address -> party -> deque of waiters
+
+    @staticmethod
+    def _split(client):
+        return client if isinstance(client, tuple) else (client, "")
+
+    def append(self, client, waiter):
+        address, party = self._split(client)
+        self._queues.setdefault(address, collections.OrderedDict()).setdefault(party, collections.deque()).append(waiter)
+
+    def popleft(self):
+        """The first waiter whose turn it is; its party and address then wait for the others'."""
+        address, parties = next(iter(self._queues.items()))
+        party, queue = next(iter(parties.items()))
+        waiter = queue.popleft()
+        self._rotate(address, party)
+        return waiter
+
+    def remove(self, client, waiter):
+        """Whether `waiter` was waiting for `client` and is now taken out."""
+        address, party = self._split(client)
+        queue = self._queues.get(address, {}).get(party)
+        if queue is None or waiter not in queue:
+            return False
+        queue.remove(waiter)
+        self._rotate(address, party, to_end=False)
+        return True
+
+    def _rotate(self, address, party, to_end=True):
+        """Drop an emptied queue; after a turn taken, its party and address go last."""
+        parties = self._queues[address]
+        if not parties[party]:
+            del parties[party]
+        elif to_end:
+            parties.move_to_end(party)
+        if not parties:
+            del self._queues[address]
+        elif to_end:
+            self._queues.move_to_end(address)
+
+    def __bool__(self):
+        return bool(self._queues)
+
+    def __iter__(self):
+        """(client, waiter) for every waiter."""
+        for address, parties in self._queues.items():
+            for party, queue in parties.items():
+                yield from (((address, party), waiter) for waiter in queue)
 
 
 class Turns:
@@ -856,8 +903,9 @@ class Turns:
     clients on two cores a list of 50 pauses took 5.8-6.2 ms of CPU a request, and
     2.9-3.2 ms with two turns (1.7 ms at one client).
 
-    Turns go to the waiting client addresses in rotation, as threads do, so one
-    address's many slow requests hold nobody else's for longer than one of them takes.
+    Turns go to the waiting client addresses in rotation, as threads do, and within an
+    address to its parties (TurnOrder), so one address's or tenant's many slow requests
+    hold nobody else's for longer than one of them takes.
     A thread gives its turn up while it waits on something else (the write lock, a
     commit's fsync, a password hash, a long poll): only one writes at a time anyway.
     (Password hashes have turns of their own, taken with take() and give().)"""
@@ -866,7 +914,7 @@ class Turns:
         self.size = size
         self._guard = threading.Lock()
         self._running = 0
-        self._waiting = collections.OrderedDict()   # address -> its threads' turn locks; order is turn order
+        self._waiting = TurnOrder()                 # the waiting threads' turn locks
         self._mine = threading.local()              # .address: the client this thread holds a turn for
 
     def take(self, address, timeout=None):
@@ -877,7 +925,7 @@ class Turns:
                 return True
             turn = threading.Lock()
             turn.acquire()
-            self._waiting.setdefault(address, collections.deque()).append(turn)
+            self._waiting.append(address, turn)
         try:
             # released by a thread handing its turn over to us
             if turn.acquire(timeout=-1 if timeout is None else timeout):
@@ -892,7 +940,7 @@ class Turns:
     def _leave(self, address, turn):
         """Take a waiter's turn lock out of the queue; False if a giver took it out first."""
         with self._guard:
-            return left_queue(self._waiting, address, turn)
+            return self._waiting.remove(address, turn)
 
     def give(self):
         with self._guard:
@@ -901,18 +949,13 @@ class Turns:
             if not self._waiting:
                 self._running -= 1
                 return
-            address, queue = next(iter(self._waiting.items()))
-            turn = queue.popleft()
-            if queue:
-                self._waiting.move_to_end(address)      # its next request waits for the others' turn
-            else:
-                del self._waiting[address]
+            turn = self._waiting.popleft()      # its client's next request waits for the others' turn
         turn.release()                  # handed over: as many run as before
 
     def waiting(self, address=None):
         """How many wait for a turn (of `address`, if given)."""
         with self._guard:
-            return sum(len(queue) for who, queue in self._waiting.items() if address in (None, who))
+            return sum(address in (None, who, who[0]) for who, _ in self._waiting)
 
     @contextlib.contextmanager
     def taken(self, address):
@@ -1194,9 +1237,9 @@ class WriteLockWaitOver(sqlite3.OperationalError):
 
 
 class FairLock:
-    """A lock handed to its waiters client by client in rotation (a client address, as
-    Turns counts them; the jobs are one client), and to each client's in the order they
-    asked. threading.Lock favours the thread that just released it, so a job writing
+    """A lock handed to its waiters client by client in rotation (an address and, within
+    it, a party, as Turns counts them: TurnOrder; the jobs are one client), and to each
+    client's in the order they asked. threading.Lock favours the thread that just released it, so a job writing
     batch after batch took it straight back and an API write could wait out a dozen
     batches. In the order asked alone, one address's flood of writes (a create refused
     for its rate is a write too) queued every other client's behind all of it: 32 of
@@ -1215,7 +1258,7 @@ class FairLock:
 
     def __init__(self):
         self._guard = threading.Lock()
-        self._waiters = collections.OrderedDict()      # client -> its threads' Waiters; order is turn order
+        self._waiters = TurnOrder()                    # the waiting threads' Waiters
         self._held = False
         self._outside = False           # the holder waits on another process's lock (waiting_outside())
 
@@ -1230,7 +1273,7 @@ class FairLock:
                 self._held = True
                 return self
             waiter = self.Waiter(deadline)
-            self._waiters.setdefault(client, collections.deque()).append(waiter)
+            self._waiters.append(client, waiter)
         try:
             timeout = -1 if deadline is None else max(0, deadline - time.monotonic())
             if not waiter.turn.acquire(timeout=timeout) and not self._refused_overdue(client, waiter):
@@ -1255,19 +1298,15 @@ class FairLock:
 
     def _leave(self, client, waiter):
         """Take a waiter out of the queue (the guard held); False if the holder took it out first."""
-        return left_queue(self._waiters, client, waiter)
+        return self._waiters.remove(client, waiter)
 
     def __exit__(self, *exc):
         with self._guard:
             if not self._waiters:
                 self._held = False
                 return
-            client, queue = next(iter(self._waiters.items()))
-            queue.popleft().turn.release()      # still held: now by that client's first waiter
-            if queue:
-                self._waiters.move_to_end(client)      # its next write waits for the others' turn
-            else:
-                del self._waiters[client]
+            # Still held: now by the first waiter whose turn it is; its client's next write waits for the others'.
+            self._waiters.popleft().turn.release()
 
     @contextlib.contextmanager
     def held_by(self, client, deadline=None):
@@ -1285,7 +1324,7 @@ class FairLock:
         now = time.monotonic()
         with self._guard:
             self._outside = True
-            overdue = [(client, waiter) for client, queue in self._waiters.items() for waiter in queue
+            overdue = [(client, waiter) for client, waiter in self._waiters
                        if waiter.deadline is not None and waiter.deadline <= now]
             for client, waiter in overdue:
                 self._leave(client, waiter)
@@ -1301,7 +1340,7 @@ class FairLock:
         return self._held
 
     def waiting(self):
-        return sum(len(queue) for queue in self._waiters.values())
+        return sum(1 for _ in self._waiters)
 
 
 @contextlib.contextmanager
@@ -9369,7 +9408,8 @@ class Handlers:
             started, answered = bottle.request.environ.get("pausepoint.started") or time.monotonic(), True
             if not spec.page:       # API keys, webhook secrets, respond links: for the caller only, kept nowhere
                 bottle.response.set_header("Cache-Control", "no-store")
-            address = client_limited_as()
+            # Turns and the write lock go to the address, and there to the party (see TurnOrder).
+            address = (client_limited_as(), bottle.request.environ.get("pausepoint.party", ""))
             try:
                 with self.rt.turns.taken(address):
                     answer = callback(**path, **self.given(spec, wanted, schema, validators))
@@ -9760,6 +9800,7 @@ class ParkableTask(waitress.task.WSGITask):
         environ["pausepoint.park"] = self.park
         environ["pausepoint.wait_until"] = getattr(self.request, "wait_until", None)
         environ["pausepoint.started"] = vars(self.request).setdefault("started", time.monotonic())
+        environ["pausepoint.party"] = getattr(self.channel, "party", "")    # FairTaskDispatcher.add_task()
         return environ
 
     def park(self, wait_until, register):

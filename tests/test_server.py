@@ -1699,6 +1699,34 @@ def test_one_tenant_flooding_from_a_shared_address_delays_another_there_by_a_tur
     assert owners.index(second) == 2, owners
 
 
+def test_one_tenant_flooding_the_write_lock_from_a_shared_address_delays_another_there_by_a_turn(small_server):
+    """Two developers' agents on one host, which may have 16 requests served at once: the
+    first's twelve creates all hold threads, one with the write lock and eleven in line for
+    it, when the second's one comes. The lock is handed out by party within the address as
+    the threads are, so the second's is stored third, not thirteenth, as in arrival order."""
+    server = small_server(**{"server.threads": 24})
+    flooding, other = (register_over_http(server.url, f"{name}@example.com")["test_api_key"] for name in "ab")
+    for key in (flooding, other):         # used before: known good, so a party each
+        assert requests.get(f"{server.url}/v1/pause", headers={"Authorization": f"Bearer {key}"}).ok
+    lock, link = server.app.runtime.write_lock, {**WIRE, "channel": "link", "recipient": "ops"}
+
+    def create(key):
+        return requests.post(f"{server.url}/v1/pause", json=link, headers={"Authorization": f"Bearer {key}"})
+
+    with (contextlib.closing(sqlite3.connect(server.app.runtime.config["database.path"], isolation_level=None)) as holder,
+          concurrent.futures.ThreadPoolExecutor(13) as pool):
+        holder.execute("BEGIN IMMEDIATE")      # the first create holds the write lock until the rollback
+        creates = [pool.submit(create, flooding) for _ in range(12)]
+        wait_until(lambda: lock.waiting() == 11)
+        creates.append(pool.submit(create, other))
+        wait_until(lambda: lock.waiting() == 12)
+        holder.execute("ROLLBACK")
+        assert [create.result().status_code for create in creates] == [201] * 13
+    owners = [owner for owner, in stored(server.app.runtime.config, "SELECT developer_id FROM pauses ORDER BY seq")]
+    [second] = [owner for owner in set(owners) if owners.count(owner) == 1]
+    assert owners.index(second) == 2, owners
+
+
 def test_made_up_keys_flooding_from_a_shared_address_are_one_party_with_no_key_at_all(one_thread_for_the_address):
     """Each made-up key a party of its own would take a turn of its own: a tenant's create
     on the same host then waited behind every one. Made up, they are one party, as requests
