@@ -8664,13 +8664,29 @@ NOT_IN_XML = {0xFFFE: "\ufffd", 0xFFFF: "\ufffd"}
 
 
 def twilio_inbound(rt):
-    """An SMS or WhatsApp reply, as Twilio posts it (signed); answered in TwiML."""
+    """An SMS or WhatsApp reply, as Twilio posts it (signed); answered in TwiML. One whose signed
+    text holds another message's id is not recorded, nor answered (names_another_message())."""
     form = twilio_form(rt, "text replies")
-    reply = record_sms_reply(rt.db(), rt.config, form.get("From") or "", form.get("Body") or "", form.get("MessageSid"))
+    reply = None if names_another_message(form) else record_sms_reply(
+        rt.db(), rt.config, form.get("From") or "", form.get("Body") or "", form.get("MessageSid"))
     twiml = twilio.twiml.messaging_response.MessagingResponse()
     if reply is not None:
         twiml.message(reply.translate(NOT_IN_XML))
     return bottle.HTTPResponse(str(twiml), status=200, headers={"Content-Type": "application/xml"})
+
+
+def names_another_message(form):
+    """Whether the text Twilio signed (each name and value run together, in name order) holds a
+    message id other than MessageSid. The Body is the texter's own words, signed between the
+    fields before and after it: a body of '1From+15550100MessageSidSM…NumMedia', once its signed
+    post is seen, splits again into Body '1', From +15550100 and a MessageSid never recorded,
+    the rest run into NumMedia, and would answer that number's pause. Every id in a text
+    Twilio signs is the message's own (MessageSid, SmsMessageSid, SmsSid), so such a split
+    always holds two: the one made up and Twilio's, in the tail. (A MessageSid not of an id's
+    form is refused, and said to be, by record_sms_reply().)"""
+    sid, signed = form.get("MessageSid") or "", "".join(name + form[name] for name in sorted(form))
+    return bool(MESSAGE_SID.fullmatch(sid)) and any(
+        found != sid for found in re.findall(f"(?=({MESSAGE_SID.pattern}))", signed))
 
 
 TWILIO_STATUS_PATH = "/v1/twilio/status"

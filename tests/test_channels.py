@@ -930,6 +930,27 @@ def test_a_signed_message_posted_again_with_its_id_run_into_the_next_parameter_d
     assert api.pause(other["api_key"], wire["pause_id"])["choice"] == "Approve"        # a compatible provider's id
 
 
+def test_a_text_written_to_be_signed_as_another_numbers_reply_decides_nothing(sms_setup):
+    """The Body is the texter's own words, signed run together with the fields after it: a
+    stranger who sees the signed post of a text they wrote can split it again into a reply
+    'from' another number under an id of their making, still signed as Twilio signed theirs."""
+    api, config, keys = sms_setup
+    wire = api.create_pause(keys["api_key"], message="wire $50,000 to account 998877?")
+    url, real, made_up = pausepoint.base_url(config) + INBOUND_PATH, "SM" + uuid.uuid4().hex, "SM" + uuid.uuid4().hex
+    written = {"AccountSid": "AC" + "0" * 32, "ApiVersion": "2010-04-01", "From": "+15550666",
+               "Body": f"1From+15550100MessageSid{made_up}NumMedia", "MessageSid": real, "NumMedia": "0",
+               "SmsMessageSid": real, "SmsSid": real, "SmsStatus": "received", "To": "+15559990000"}
+    signature = RequestValidator(config["twilio.auth_token"]).compute_signature(url, written)
+    assert answered_nothing(api.post(INBOUND_PATH, written, headers={"X-Twilio-Signature": signature}))
+    split = {"AccountSid": "AC" + "0" * 32, "ApiVersion": "2010-04-01", "Body": "1", "From": "+15550100",
+             "MessageSid": made_up, "NumMedia": "From+15550666MessageSid" + real + "NumMedia0",
+             "SmsMessageSid": real, "SmsSid": real, "SmsStatus": "received", "To": "+15559990000"}
+    forged = api.post(INBOUND_PATH, split, headers={"X-Twilio-Signature": signature}, expect_errors=True)
+    assert "recorded" not in forged.text
+    assert api.pause(keys["api_key"], wire["pause_id"])["status"] == "pending"
+    assert "recorded Approve" in inbound(api, config, "1").text          # the number's own reply still counts
+
+
 def test_a_reply_to_a_reminder_counts_when_the_first_text_failed(running_api, twilio):
     """The reminder carries the question and its code: once it was sent, the question reached the number."""
     api = running_api(**twilio.settings())
