@@ -8676,17 +8676,21 @@ def twilio_inbound(rt):
 
 
 def names_another_message(form):
-    """Whether the text Twilio signed (each name and value run together, in name order) holds a
-    message id other than MessageSid. The Body is the texter's own words, signed between the
-    fields before and after it: a body of '1From+15550100MessageSidSM…NumMedia', once its signed
-    post is seen, splits again into Body '1', From +15550100 and a MessageSid never recorded,
-    the rest run into NumMedia, and would answer that number's pause. Every id in a text
-    Twilio signs is the message's own (MessageSid, SmsMessageSid, SmsSid), so such a split
-    always holds two: the one made up and Twilio's, in the tail. (A MessageSid not of an id's
-    form is refused, and said to be, by record_sms_reply().)"""
+    """Whether the text Twilio signed (each name and value run together, in name order) names
+    a message other than MessageSid, or a sender other than From. The Body is the texter's own
+    words, signed between the fields before and after it: a body of
+    '1From+15550100MessageSidSM…NumMedia', once its signed post is seen, splits again into
+    Body '1', From +15550100 and a MessageSid never recorded, the rest run into NumMedia; or,
+    were the text never taken, '1From+15550100FromC' into Body '1', From +15550100 and FromC,
+    under its own id. Twilio names one sender, after From, and one message (MessageSid and
+    SmsMessageSid), or two in a WhatsApp reply quoting ours (OriginalRepliedMessageSid): such
+    a split holds two senders, or two messages, the one made up and Twilio's. (A MessageSid
+    not of an id's form is refused, and said to be, by record_sms_reply().)"""
     sid, signed = form.get("MessageSid") or "", "".join(name + form[name] for name in sorted(form))
-    return bool(MESSAGE_SID.fullmatch(sid)) and any(
-        found != sid for found in re.findall(f"(?=({MESSAGE_SID.pattern}))", signed))
+    messages = set(re.findall(f"MessageSid(?=({MESSAGE_SID.pattern}))", signed))
+    senders = set(re.findall(r"From((?:whatsapp:)?\+[0-9]*)", signed))
+    return bool(MESSAGE_SID.fullmatch(sid)) and bool(
+        messages - {sid, form.get("OriginalRepliedMessageSid")} or senders - {form.get("From")})
 
 
 TWILIO_STATUS_PATH = "/v1/twilio/status"

@@ -951,6 +951,37 @@ def test_a_text_written_to_be_signed_as_another_numbers_reply_decides_nothing(sm
     assert "recorded Approve" in inbound(api, config, "1").text          # the number's own reply still counts
 
 
+def test_a_text_written_to_be_signed_as_another_numbers_reply_decides_nothing_under_its_own_id(sms_setup):
+    """Were the text itself never taken (the server down as Twilio posted it), its own id is
+    new: split again through FromCity, a key Twilio sends, it would be a reply from +15550100."""
+    api, config, keys = sms_setup
+    wire = api.create_pause(keys["api_key"], message="wire $50,000 to account 998877?")
+    url, real = pausepoint.base_url(config) + INBOUND_PATH, "SM" + uuid.uuid4().hex
+    written = {"Body": "1From+15550100FromC", "From": "+15550666", "FromCity": "SPRINGFIELD", "MessageSid": real,
+               "To": "+15559990000"}
+    signature = RequestValidator(config["twilio.auth_token"]).compute_signature(url, written)
+    split = {"Body": "1", "From": "+15550100", "FromC": "From+15550666", "FromCity": "SPRINGFIELD",
+             "MessageSid": real, "To": "+15559990000"}
+    forged = api.post(INBOUND_PATH, split, headers={"X-Twilio-Signature": signature}, expect_errors=True)
+    assert "recorded" not in forged.text
+    assert api.pause(keys["api_key"], wire["pause_id"])["status"] == "pending"
+    assert "recorded Approve" in inbound(api, config, "1").text          # the number's own reply still counts
+
+
+def test_a_whatsapp_reply_quoting_the_question_names_its_message_and_still_counts(sms_setup):
+    """WhatsApp lets a reply quote the message it answers: Twilio then names that one too."""
+    api, config, keys = sms_setup
+    created = api.create_pause(keys["api_key"], channel="whatsapp")
+    asked = api.pause(keys["api_key"], created["pause_id"])["notification"]["provider_message_id"]
+    url, sid = pausepoint.base_url(config) + INBOUND_PATH, "SM" + uuid.uuid4().hex
+    form = {"AccountSid": "AC" + "0" * 32, "Body": "1", "From": "whatsapp:+15550100", "MessageSid": sid,
+            "OriginalRepliedMessageSender": "whatsapp:+15559990000", "OriginalRepliedMessageSid": asked,
+            "ProfileName": "Ada", "SmsMessageSid": sid, "SmsSid": sid, "To": "whatsapp:+15559990000",
+            "WaId": "15550100"}
+    signature = RequestValidator(config["twilio.auth_token"]).compute_signature(url, form)
+    assert "recorded Approve" in api.post(INBOUND_PATH, form, headers={"X-Twilio-Signature": signature}).text
+
+
 def test_a_reply_to_a_reminder_counts_when_the_first_text_failed(running_api, twilio):
     """The reminder carries the question and its code: once it was sent, the question reached the number."""
     api = running_api(**twilio.settings())
