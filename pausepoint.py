@@ -3605,10 +3605,7 @@ def record_sms_reply(conn, config, sender, text, message_sid):
             return "PausePoint: this message's MessageSid is not one Twilio gives, so it was not recorded."
         if not conn.execute("INSERT INTO sms_replies VALUES (?, ?) ON CONFLICT DO NOTHING", (message_sid, now)).rowcount:
             return "PausePoint: this message was received already; it counts once."
-        asked = [asked_of(conn, row, row["position"]) for row in conn.execute(
-            ASKED_ON_NUMBER, {"number": number, "channel": channel})]
-        awaiting = [person for person in asked if (person["reached"] or person["reported"])
-                    and person["expires_at"] > now and not person.get("vote")]
+        asked, awaiting = asked_on_number(conn, number, channel, now)
         pending = [person for person in awaiting if person["reached"]]
         # A text reported not delivered is answered by its code: the code came in that text.
         coded = next((p for p in awaiting if p["reply_code"] == code), None) if code is not None else None
@@ -3617,6 +3614,9 @@ def record_sms_reply(conn, config, sender, text, message_sid):
         if answered:
             return answered + (" " + open_codes(pending) if pending else "")
         if not pending and coded is None:
+            elsewhere = sent_elsewhere(conn, number, channel, now)
+            if elsewhere:
+                return elsewhere
             asked_lately = query_db(conn, ASKED_LATELY, {"number": number, "week_ago": db_time(
                 utcnow() - REPLY_CODE_QUARANTINE)}, one=True)[0]
             return "PausePoint: there is no open request for this number." if asked_lately else None
@@ -3638,6 +3638,28 @@ def record_sms_reply(conn, config, sender, text, message_sid):
         answer_pause(conn, config, pause, choice, None, now=now,
                      data={"via": channel, "message_sid": message_sid, "reply_code": pause["reply_code"]})
     return f"PausePoint: recorded {choice} for \"{shorten(pause['message'])}\""
+
+
+def asked_on_number(conn, number, channel, now):
+    """The number's people on a channel (ASKED_ON_NUMBER's, as asked_of() shows them), and
+    those of them whose answer is awaited: their question reached them, or was reported not
+    delivered, and they have neither voted nor run out of time."""
+    asked = [asked_of(conn, row, row["position"]) for row in conn.execute(
+        ASKED_ON_NUMBER, {"number": number, "channel": channel})]
+    return asked, [person for person in asked if (person["reached"] or person["reported"])
+                   and person["expires_at"] > now and not person.get("vote")]
+
+
+def sent_elsewhere(conn, number, channel, now):
+    """What a reply is told when no request awaits it in its conversation (SMS or WhatsApp)
+    but some do in the number's other one; else None. It decides nothing: the person may be
+    answering another text than they think."""
+    other = "whatsapp" if channel == "sms" else "sms"
+    count = len(asked_on_number(conn, number, other, now)[1])
+    where = "on WhatsApp" if other == "whatsapp" else "by SMS"
+    if count == 1:
+        return f"PausePoint: the open request to this number was sent {where}; reply there."
+    return f"PausePoint: the {count} open requests to this number were sent {where}; reply there." if count else None
 
 
 # The live pending pauses whose question reached a number on a channel (a text sent, or one

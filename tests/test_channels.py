@@ -1447,6 +1447,20 @@ def test_a_whatsapp_reply_decides_the_whatsapp_pause(sms_setup):
     assert api.pause(keys["api_key"], sms["pause_id"])["status"] == "pending"
 
 
+@pytest.mark.parametrize("asked_on, replied_from", [("whatsapp", "+15550100"), ("sms", "whatsapp:+15550100")])
+def test_a_reply_on_the_other_channel_decides_nothing_and_says_where_the_request_was_sent(sms_setup, asked_on,
+                                                                                          replied_from):
+    """Not that the number has no open request: it has one, in the other conversation."""
+    api, config, keys = sms_setup
+    created = api.create_pause(keys["api_key"], channel=asked_on, message="Via the other app?")
+    code = reply_code(api, keys["api_key"], created)
+    where = {"sms": "by SMS", "whatsapp": "on WhatsApp"}[asked_on]
+    for text in ("1", f"{code} 1"):
+        response = inbound(api, config, text, sender=replied_from)
+        assert f"PausePoint: the open request to this number was sent {where}; reply there." in response.text
+    assert api.pause(keys["api_key"], created["pause_id"])["status"] == "pending"
+
+
 @pytest.mark.parametrize("signature, token", [("", None), ("bm90IGEgc2lnbmF0dXJl", None), (None, "some-other-token")])
 def test_unsigned_or_wrongly_signed_replies_are_refused(sms_setup, signature, token):
     api, config, keys = sms_setup
