@@ -3637,7 +3637,14 @@ def record_sms_reply(conn, config, sender, text, message_sid):
             return f"PausePoint: {reply_options(pause)}. ({shorten(pause['message'])})"
         answer_pause(conn, config, pause, choice, None, now=now,
                      data={"via": channel, "message_sid": message_sid, "reply_code": pause["reply_code"]})
-    return f"PausePoint: recorded {choice} for \"{shorten(pause['message'])}\""
+    return f"{RECORDED_REPLY}{choice} for \"{shorten(pause['message'])}\""
+
+
+RECORDED_REPLY = "PausePoint: recorded "
+# Answers a number is sent per hour to texts that decide nothing (help, codes, "no open
+# request"): one live pause makes its number answered for a week (ASKED_LATELY), and without
+# a bound each text its holder sends would buy them a paid one back. A decision is always told.
+TEXT_ANSWERS_PER_HOUR = 10
 
 
 def asked_on_number(conn, number, channel, now):
@@ -8686,11 +8693,19 @@ NOT_IN_XML = {0xFFFE: "\ufffd", 0xFFFF: "\ufffd"}
 
 
 def twilio_inbound(rt):
-    """An SMS or WhatsApp reply, as Twilio posts it (signed); answered in TwiML. One whose signed
-    text holds another message's id is not recorded, nor answered (names_another_message())."""
+    """An SMS or WhatsApp reply, as Twilio posts it (signed); answered in TwiML, a decision always,
+    anything else TEXT_ANSWERS_PER_HOUR times per number. One whose signed text names another
+    message or sender is not recorded, nor answered (names_another_message())."""
     form = twilio_form(rt, "text replies")
+    sender = form.get("From") or ""
     reply = None if names_another_message(form) else record_sms_reply(
-        rt.db(), rt.config, form.get("From") or "", form.get("Body") or "", form.get("MessageSid"))
+        rt.db(), rt.config, sender, form.get("Body") or "", form.get("MessageSid"))
+    if reply is not None and not reply.startswith(RECORDED_REPLY):
+        number = sender.removeprefix("whatsapp:")
+        if rt.limiter.retry_after("text_answers", number, TEXT_ANSWERS_PER_HOUR):
+            reply = None
+        else:
+            rt.limiter.spend("text_answers", number, TEXT_ANSWERS_PER_HOUR)
     twiml = twilio.twiml.messaging_response.MessagingResponse()
     if reply is not None:
         twiml.message(reply.translate(NOT_IN_XML))

@@ -1397,6 +1397,19 @@ def test_a_text_from_a_number_no_live_pause_asked_lately_gets_no_answer(sms_setu
     assert stored(config, "SELECT count(*) FROM sms_replies") == [(5,)]         # each taken once all the same
 
 
+def test_a_number_asked_once_is_answered_a_bounded_number_of_texts_that_decide_nothing(sms_setup):
+    """One live pause made a number one the server answers for a week: had every text it sent
+    back been answered, a single pause would buy its holder paid texts without end."""
+    api, config, keys = sms_setup
+    asked = api.create_pause(keys["api_key"], message="Only question?")
+    for _ in range(pausepoint.TEXT_ANSWERS_PER_HOUR):
+        assert "Reply " in inbound(api, config, "hello").text
+    for text in ("hello", "no", "whatsapp me"):
+        assert answered_nothing(inbound(api, config, text))
+    assert 'recorded Approve for "Only question?"' in inbound(api, config, "1").text    # a decision is still told
+    assert api.pause(keys["api_key"], asked["pause_id"])["choice"] == "Approve"
+
+
 def test_a_pause_naming_a_number_on_a_channel_that_texts_nothing_does_not_make_it_answered(sms_setup):
     """A link or push pause's recipient is a free label: one written as a premium-rate number
     would otherwise earn that number an answer to each text it sends, and no text ever went to it."""
