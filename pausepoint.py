@@ -10888,8 +10888,9 @@ def replace_with_copy(config, source, copy):
     the database, and checked (and the pauses it reopens cancelled) before it takes the
     database's name, so a copy cut short (a full disk) or a damaged backup never does. The
     database it replaces, with its -wal (an unclean stop's last writes) and its keys, is kept
-    under a name of its own; its -shm goes, which SQLite would otherwise read into the copy."""
-    database, aside = config["database.path"], None
+    under a name of its own (put back, should the restore fail before the copy takes its name);
+    its -shm goes, which SQLite would otherwise read into the copy."""
+    database = config["database.path"]
     try:
         copy_backup(source, copy)
         checked_backup(copy, source)
@@ -10899,15 +10900,21 @@ def replace_with_copy(config, source, copy):
         if known:
             cancelled = cancel_reopened(config, copy, reopened, signing_keys_path(source if keys else database))
             reopened = [(*pause, "cancelled" if pause[0] in cancelled else "times out") for pause in reopened]
-        aside = put_aside(database)
+    except (sqlite3.Error, OSError) as e:
+        raise ConfigError(f"the restore of {source} failed: {e}; {database} is as it was") from None
+    aside, had_keys = aside_name(database), os.path.lexists(signing_keys_path(database))
+    try:
+        put_aside(database, aside)
         listed = list_reopened(aside, reopened) if known else None
         if keys is not None:
             write_signing_keys(signing_keys_path(database), keys)
         os.replace(copy, os.path.realpath(database))
-        sync_directory(os.path.realpath(database))
-    except (sqlite3.Error, OSError) as e:
-        kept = f"; the database as it was is kept as {aside}" if aside else f"; {database} is as it was"
-        raise ConfigError(f"the restore of {source} failed: {e}{kept}") from None
+    except BaseException as e:          # (Ctrl-C too)
+        kept = put_back(database, aside, had_keys)
+        if isinstance(e, OSError):
+            raise ConfigError(f"the restore of {source} failed: {e}; {kept}") from None
+        raise
+    sync_directory(os.path.realpath(database))
     return aside, keys is not None, reopened, listed
 
 
@@ -11032,13 +11039,18 @@ def published_keys(path):
         return {}
 
 
-def put_aside(database):
-    """Keep the database about to be replaced, its -wal and its keys, under a name of its own
-    beside it; returns that name, or None where there is no database."""
+def aside_name(database):
+    """The name put_aside() keeps the database under, or None where there is no database."""
     real = os.path.realpath(database)
-    if not os.path.exists(real):
-        return None
-    aside = f"{real}.replaced-{utcnow():%Y%m%dT%H%M%S.%fZ}"
+    return f"{real}.replaced-{utcnow():%Y%m%dT%H%M%S.%fZ}" if os.path.exists(real) else None
+
+
+def put_aside(database, aside):
+    """Keep the database about to be replaced, its -wal and its keys, under the name `aside`
+    beside it (none where it is None)."""
+    if aside is None:
+        return
+    real = os.path.realpath(database)
     os.link(real, aside)            # the file keeps its name until the copy takes it
     for suffix in ("-wal", "-journal"):
         if os.path.lexists(real + suffix):
@@ -11047,7 +11059,35 @@ def put_aside(database):
         os.unlink(real + "-shm")
     if os.path.exists(signing_keys_path(database)):
         os.link(signing_keys_path(database), signing_keys_path(aside))     # a rotation writes a new file
-    return aside
+
+
+def put_back(database, aside, had_keys):
+    """Undo put_aside() and the keys written after it, for a restore that failed before the
+    copy took the database's name: its -wal goes back beside it, or the next start would
+    serve it without the last writes an unclean stop left there, and the file kept as
+    `aside` (the same file, which the next writes would change under that -wal) goes. (Its
+    -shm is rebuilt from the -wal.) Returns what is to be said of the database."""
+    real, keys = os.path.realpath(database), signing_keys_path(database)
+    try:
+        if aside and os.path.exists(aside):
+            if not os.path.samefile(aside, real):
+                return f"the database as it was is kept as {aside}"        # the copy took its name
+            for suffix in ("-wal", "-journal"):
+                if os.path.lexists(aside + suffix):
+                    os.rename(aside + suffix, real + suffix)
+            if os.path.exists(signing_keys_path(aside)):
+                os.replace(signing_keys_path(aside), keys)      # the database's own, over the backup's
+            for made in (signing_keys_path(aside), f"{aside}.reopened", aside):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(made)
+        if not had_keys and os.path.lexists(keys):
+            os.unlink(keys)                                     # the backup's, written beside none
+    except OSError as e:
+        if aside and os.path.lexists(aside + "-wal"):
+            return (f"putting it back failed too ({e}): the last writes of {real} are in {aside}-wal; rename that"
+                    f" {real}-wal before the server starts, or it starts without them")
+        return f"{database} is back with its -wal, but putting the rest back failed ({e})"
+    return f"{database} is as it was"
 
 
 def refuse_an_unknown_option_first(parser, argv):

@@ -28,7 +28,7 @@ import pytest
 import requests
 
 from conftest import (register_over_http, stored, PASSWORD, ROOT, WIRE, Api, LiveServer, cannot_run_here, free_port,
-                      make_config, process_env, run_cli, run_out, token_of, wait_until)
+                      make_config, process_env, read_only_view, run_cli, run_out, token_of, wait_until)
 from stubs import serve_http, stop_http
 from test_webhooks import add_webhook, send_test_events
 import pausepoint
@@ -1055,17 +1055,23 @@ def ids_in(path):
     return {row[0] for row in stored(path, "SELECT id FROM pauses")}
 
 
+def crashed_after_a_backup(server, cwd, backup):
+    """Pauses, a backup of them to `backup`, more pauses, then the server killed: the -wal it
+    leaves holds the latest writes. Returns (the test API key, the pauses backed up, those after)."""
+    key = register(server.url)["test_api_key"]
+    kept = {create(server.url, key)["pause_id"] for _ in range(3)}
+    assert run_cli(cwd, "backup", str(backup)).returncode == 0
+    later = {create(server.url, key)["pause_id"] for _ in range(3)}
+    server.proc.kill()
+    server.proc.wait()
+    assert os.path.getsize(os.path.realpath(cwd / "pausepoint.db") + "-wal") > 0
+    return key, kept, later
+
+
 def test_a_restore_puts_the_backup_in_place_and_keeps_the_database_it_replaced(spawn_server, tmp_path):
     """After a crash, as restores happen: the -wal left holds the latest writes, which the copy
     must never read as its own, and which the database put aside keeps."""
-    server = spawn_server()
-    key = register(server.url)["test_api_key"]
-    kept = {create(server.url, key)["pause_id"] for _ in range(3)}
-    assert run_cli(tmp_path, "backup", str(tmp_path / "copy.db")).returncode == 0
-    later = {create(server.url, key)["pause_id"] for _ in range(3)}
-    server.proc.kill()                              # a crash: the -wal stays
-    server.proc.wait()
-    assert os.path.getsize(tmp_path / "pausepoint.db-wal") > 0
+    key, kept, later = crashed_after_a_backup(spawn_server(), tmp_path, tmp_path / "copy.db")
     result = run_cli(tmp_path, "restore", str(tmp_path / "copy.db"))
     assert result.returncode == 0, result.stderr
     assert "keeping its signing keys" in result.stdout
@@ -1077,6 +1083,28 @@ def test_a_restore_puts_the_backup_in_place_and_keeps_the_database_it_replaced(s
     server = spawn_server()
     assert requests.get(f"{server.url}/v1/pause/{min(later)}", headers=bearer(key)).status_code == 404
     assert requests.get(f"{server.url}/v1/pause/{min(kept)}", headers=bearer(key)).status_code == 200
+
+
+def test_a_restore_that_fails_puts_the_database_back_with_the_wal_a_crash_left(spawn_server, tmp_path):
+    """The restore sets the database aside, then fails (here its keys, lost, cannot be written
+    beside its name, a directory this command may not write to): the database is put back
+    whole, the -wal with the latest writes beside it, or the next start serves it without them."""
+    served, data = tmp_path / "served", tmp_path / "data"
+    served.mkdir()
+    data.mkdir()
+    (served / "pausepoint.db").symlink_to(data / "pausepoint.db")     # its keys beside the name, not the file
+    _, kept, later = crashed_after_a_backup(spawn_server(db_path=served / "pausepoint.db"), served, data / "copy.db")
+    (served / "pausepoint.db.keys.json").unlink()   # lost: the backup's are to be put in place
+    with read_only_view(served, tmp_path / "read-only") as view:
+        one_sentence(run_cli(view, "restore", str(data / "copy.db")),
+                     f"the restore of {data / 'copy.db'} failed: ", f"; {view / 'pausepoint.db'} is as it was")
+    assert sorted(os.listdir(data)) == ["copy.db", "copy.db.keys.json", "pausepoint.db", "pausepoint.db-wal",
+                                       "pausepoint.db.server.lock"]
+    assert ids_in(data / "pausepoint.db") == kept | later
+    result = run_cli(served, "restore", str(data / "copy.db"))     # where it may write: done
+    assert result.returncode == 0, result.stderr
+    [aside] = fnmatch.filter(os.listdir(data), "pausepoint.db.replaced-*Z")
+    assert ids_in(data / aside) == kept | later and ids_in(data / "pausepoint.db") == kept
 
 
 @pytest.mark.parametrize("replaced", ["readable", "damaged"])
