@@ -5047,12 +5047,17 @@ def email_subject(pause):
 
 
 def email_text(pause, url):
+    """The plain-text part. What the agent wrote is quoted, "> " before each of its lines as a
+    mail reply quotes, under a line of ours: its message may hold lines of any kind, and
+    unquoted "Choose one:" or "Recorded: Reject, you may close this" read as ours, as on the
+    page outside its frame."""
     options = "\n".join(f"  {option}: {url}?choice={urllib.parse.quote(option)}"
                         for option in json.loads(pause["options"]))
     listed = shown_lines(pause).rstrip()
     fields = listed and f"\n\n{listed}"
     title = title_line(pause) and title_line(pause) + "\n"
-    return (f"Subject: {email_subject(pause)}\n\n{title}{pause['message']}{fields}\n\nChoose one (each link opens a page"
+    asked = "\n".join(f"> {line}".rstrip() for line in f"{title}{pause['message']}{fields}".split("\n"))
+    return (f"Subject: {email_subject(pause)}\n\nAn agent is asking:\n{asked}\n\nChoose one (each link opens a page"
             f" where you confirm):\n{options}\n\nThis request expires {expiry_text(pause)}.")
 
 

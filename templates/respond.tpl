@@ -58,7 +58,13 @@
   <button type="submit" disabled hidden aria-hidden="true" tabindex="-1"></button>
   % if pause.get('fields'):
   %   if pause.get('proposed_fields'):
-  <p class="picked" id="proposed">An earlier approval changed {{'; '.join(f"{pause['fields'][name].get('label', name)} from {field_text(pause['fields'][name]['value'])} to {field_text(value)}" for name, value in pause['proposed_fields'].items())}}. Those values are filled in below: your approval counts with theirs when the values are the same.</p>
+  %     # Each label is the agent's, quoted and set apart as in the frame above: run into this
+  %     # sentence, "Recorded: Reject at 06:52, you may close this page" read as the page's own.
+  <p class="picked" id="proposed">An earlier approval changed \\
+  %     for i, (name, value) in enumerate(pause['proposed_fields'].items()):
+{{'; ' if i else ''}}“<bdi class="field-label">{{pause['fields'][name].get('label', name)}}</bdi>” from <strong>{{field_text(pause['fields'][name]['value'])}}</strong> to <strong>{{field_text(value)}}</strong>\\
+  %     end
+. Those values are filled in below: your approval counts with theirs when the values are the same.</p>
   %   end
   %   # The labels and choices are the agent's words, framed as the question is: unframed, a
   %   # label such as "Recorded: Reject, you may close this page" read as the page's own.
@@ -114,8 +120,9 @@ If nobody answers, <strong>{{pause['timeout_default']}}</strong> applies.
   % if pause['comment']:
 <p class="comment">Comment: <bdi>{{pause['comment']}}</bdi></p>
   % end
+  % # The label quoted and set apart as the agent's, as in the form's "An earlier approval changed".
   % for name, change in (pause.get('edited') or {}).items():
-<p class="comment">{{pause['fields'][name].get('label', name)}} changed from {{field_text(change['old'])}} to <strong>{{field_text(change['new'])}}</strong>.</p>
+<p class="comment">“<bdi class="field-label">{{pause['fields'][name].get('label', name)}}</bdi>” changed from <bdi>{{field_text(change['old'])}}</bdi> to <strong>{{field_text(change['new'])}}</strong>.</p>
   % end
 % elif pause['status'] == 'timed_out':
 %   # When it ran out, not when the job recorded it: after a restart that is hours later.

@@ -13,6 +13,7 @@ import time
 import uuid
 import xml.etree.ElementTree
 
+import bs4
 import pytest
 import requests
 from aiosmtpd.controller import Controller
@@ -338,6 +339,33 @@ def test_the_email_html_lists_the_fields_as_the_text_does(running_api, smtp_serv
     assert "&lt;script&gt;" in html and "<script>" not in html
     assert re.search(r'Amount &lt;script&gt;.*?:</span> <strong dir="auto">340</strong>', html)
     assert 'rush:</span> <strong dir="auto">Yes</strong>' in html
+
+
+def test_what_the_agent_wrote_is_framed_in_the_email_under_a_line_of_ours(running_api, smtp_server):
+    """A title, a message line or a field labelled "Recorded" with the value "Reject at 06:52, you
+    may close this page" is the agent's to write: in either part it stands apart, after a line
+    of ours saying so, and not as the email's own status line or its own "Choose one"."""
+    api = running_api(**smtp_settings(smtp_server))
+    key = api.register()["api_key"]
+    forged = "Choose one (each link opens a page where you confirm):"
+    created = api.create_pause(key, channel="email", recipient="ada@example.com", title="Recorded: Approve",
+                               message=f"Deploy?\n\n{forged}", fields={
+                                   "status": {"type": "string", "value": "Reject at 06:52, you may close this page",
+                                              "label": "Recorded"}})
+    sent(api, key, created["pause_id"], "sent")
+    [message] = smtp_server.messages
+    page = bs4.BeautifulSoup(message.get_body(("html",)).get_content(), "html.parser")
+    frame = page.select_one("div.asked")
+    assert frame is not None and "border-left" in frame["style"]
+    assert frame.find_previous_sibling().text == "An agent is asking:"
+    assert frame.select_one("h1.title").text == "Recorded: Approve" and forged in frame.select_one(".message").text
+    assert frame.select_one("p.field").text == "Recorded: Reject at 06:52, you may close this page"
+    assert not frame.select("a") and "Choose one" in frame.find_next_sibling().text
+    plain = message.get_body(("plain",)).get_content().replace("\r\n", "\n")
+    assert plain.startswith("An agent is asking:\n> Recorded: Approve\n>\n> Deploy?\n>\n> " + forged + "\n>\n"
+                            "> Recorded: Reject at 06:52, you may close this page\n\nChoose one")
+    assert [line for line in plain.splitlines() if line.startswith("Choose one")] == [
+        "Choose one (each link opens a page where you confirm):"]
 
 
 def self_signed(tmp_path, *names):

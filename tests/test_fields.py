@@ -133,7 +133,10 @@ def test_the_respond_page_lets_the_approver_change_what_may_change(running_api):
     form = refused.forms[0]
     form["field.amount"], form["field.rush"] = "250.0", "true"
     shown = form.submit("choice", value="Approve", status=303).follow()
-    assert "Amount (USD) changed from 340 to <strong>250</strong>." in shown.text
+    # Each label the agent's, quoted and set apart in the page's sentence that tells of the change.
+    assert ('“<bdi class="field-label">Amount (USD)</bdi>” changed from <bdi>340</bdi> to <strong>250</strong>.'
+            in shown.text)
+    assert [label.text for label in shown.html.select("p.comment bdi.field-label")] == ["Amount (USD)", XSS]
     assert api.pause(key, created["pause_id"])["edited"] == {"amount": {"old": 340, "new": 250},
                                                             "rush": {"old": False, "new": True}}
 
@@ -282,7 +285,8 @@ def test_texts_show_the_title_and_emails_and_pushes_the_details_the_page_shows_b
     pause = api.app.runtime.db().execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
     assert pausepoint.push_text(pause, "u").startswith(f"Wire $340\n{WIRE['message']}\n\n{shown}Options: ")
     email = pausepoint.email_text(pause, created["respond_url"])
-    assert f"Wire $340\n\n{WIRE['message']}\n\n{shown.rstrip()}\n\nChoose one" in email
+    quoted = "".join(f"> {line}\n" for line in shown.splitlines())
+    assert f"An agent is asking:\n> Wire $340\n>\n> {WIRE['message']}\n>\n{quoted}\nChoose one" in email
     html = pausepoint.email_message({**api.config, "smtp.from_address": "pp@example.org"},
                                     {"id": "ntf_1", "recipient": "ada@example.com", "text": email, "kind": "ask",
                                      "created_at": pause["created_at"]},
@@ -329,10 +333,10 @@ def test_emails_and_pushes_list_the_fields_too(running_api):
     conn = api.app.runtime.db()
     pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
     email = pausepoint.email_text(pause, created["respond_url"])
-    assert f"{WIRE['message']}\n\nAmount (USD): 340\npayee: Acme Corp\n\nChoose one" in email
+    assert f"> {WIRE['message']}\n>\n> Amount (USD): 340\n> payee: Acme Corp\n\nChoose one" in email
     assert f"{WIRE['message']}\n\nAmount (USD): 340\npayee: Acme Corp\nOptions: " in pausepoint.push_text(pause, "u")
     plain = conn.execute("SELECT * FROM pauses WHERE id = ?", (api.create_pause(key)["pause_id"],)).fetchone()
-    assert f"{WIRE['message']}\n\nChoose one" in pausepoint.email_text(plain, "u")
+    assert f"An agent is asking:\n> {WIRE['message']}\n\nChoose one" in pausepoint.email_text(plain, "u")
 
 
 def test_a_number_is_shown_in_its_digits_never_in_exponent_notation(running_api):
@@ -367,7 +371,9 @@ def test_long_numbers_are_shown_in_groups_of_three_no_reader_takes_for_a_decimal
     assert "amount: 1 250 000\nrate: -12 345.675\nfee: 9999\n" in text
     pause = api.app.runtime.db().execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
     shown = "amount: 1\u202f250\u202f000\nrate: -12\u202f345.675\nfee: 9999\n"
-    assert shown in pausepoint.push_text(pause, "u") and shown in pausepoint.email_text(pause, "u")
+    assert shown in pausepoint.push_text(pause, "u")
+    assert shown.replace("\n", "\n> ")[:-2] in pausepoint.email_text(pause, "u")      # quoted as the agent's
     api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve", "fields": {"amount": 1200000}})
     decided = api.get(f"/respond/{token_of(created['respond_url'])}").text
-    assert "amount changed from 1\u202f250\u202f000 to <strong>1\u202f200\u202f000</strong>" in decided
+    assert "amount</bdi>” changed from <bdi>1\u202f250\u202f000</bdi> to <strong>1\u202f200\u202f000</strong>" in (
+        decided)

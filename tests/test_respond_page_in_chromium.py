@@ -96,7 +96,7 @@ def test_an_approver_lowers_the_amount_in_the_browser_within_its_bounds(live_ser
     Select(browser.find_element(By.ID, "field-rush")).select_by_visible_text("Yes")
     browser.find_element(By.CSS_SELECTOR, "button[value=Approve]").click()
     WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda b: b.find_elements(By.ID, "outcome"))
-    assert "Amount (USD) changed from 340 to 300." in browser.find_element(By.TAG_NAME, "main").text
+    assert "“Amount (USD)” changed from 340 to 300." in browser.find_element(By.TAG_NAME, "main").text
     pause = requests.get(f"{url}/v1/pause/{created['pause_id']}", headers=headers).json()
     # The address went back untouched: a browser sends its line break as CRLF, and that is no edit.
     assert pause["edited"] == {"amount": {"old": 340, "new": 300}, "rush": {"old": False, "new": True}}

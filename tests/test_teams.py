@@ -180,7 +180,7 @@ def test_a_quorum_decides_only_values_that_many_people_approved(team):
     # The next approvers are offered the amount the first one approved, on the page and in the JSON…
     page = api.get(f"/respond/{token_of(second['respond_url'])}")
     assert page.html.select_one("#field-amount")["value"] == "300"
-    assert "changed amount from 340 to 300" in page.html.select_one("#proposed").text
+    assert "changed “amount” from 340 to 300" in page.html.select_one("#proposed").text
     assert api.get(f"/v1/respond/{token_of(third['respond_url'])}").json["proposed_fields"] == {"amount": 300}
     # …and approving the amount asked instead is a different approval: no quorum yet.
     answer(api, second, "Approve", fields={"amount": 340})
@@ -534,6 +534,26 @@ def test_a_push_target_under_two_channel_names_is_one_person(running_api):
     refused = api.post_json("/v1/pause", {**TWO_APPROVALS, **both}, headers=api.as_key(key), status=422).json
     assert refused["error"]["field"] == "recipients" and "'oncall' is asked twice" in refused["error"]["message"]
     assert stored(api.config, "SELECT count(*) FROM pauses") == [(0,)]
+
+
+def test_the_label_an_earlier_approval_changed_is_quoted_as_the_agents_words(team):
+    """In the page's own sentence "An earlier approval changed …", a label run in unquoted
+    ("Recorded: Reject at 06:52, you may close this page") read as the page's outcome."""
+    api, key = team
+    spoof = "Recorded: Reject at 06:52, you may close this page. Amount"
+    fields = {"amount": {"type": "number", "value": 340, "editable": True, "label": spoof},
+              "payee": {"type": "string", "value": "Acme", "editable": True, "label": "Payee"}}
+    created = api.post_json("/v1/pause", {**TWO_APPROVALS, "fields": fields}, headers=api.as_key(key)).json
+    first, second, _ = created["recipients"]
+    answer(api, first, "Approve", fields={"amount": 300, "payee": "Bob"})
+    proposed = api.get(f"/respond/{token_of(second['respond_url'])}").html.select_one("#proposed")
+    labels = proposed.select("bdi.field-label")
+    assert [label.text for label in labels] == [spoof, "Payee"]
+    assert all(label.previous_sibling.endswith("“") and label.next_sibling.startswith("”") for label in labels)
+    assert [value.text for value in proposed.select("strong")] == ["340", "300", "Acme", "Bob"]
+    assert proposed.text == (f"An earlier approval changed “{spoof}” from 340 to 300; “Payee” from Acme to Bob."
+                             " Those values are filled in below: your approval counts with theirs when the values"
+                             " are the same.")
 
 
 def test_an_approval_may_not_offer_a_value_that_only_looks_like_another(team):
