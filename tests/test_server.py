@@ -1702,6 +1702,14 @@ def one_thread_for_the_address(small_server):
                 holder.execute("ROLLBACK")
 
 
+def place_of_the_lone_create(server):
+    """(Where the tenant with one create had it stored among all the pauses, from 0; the
+    pauses' owners in the order stored.)"""
+    owners = [owner for owner, in stored(server.app.runtime.config, "SELECT developer_id FROM pauses ORDER BY seq")]
+    [second] = [owner for owner in set(owners) if owners.count(owner) == 1]
+    return owners.index(second), owners
+
+
 @pytest.mark.parametrize("spellings", [[SAME_SPELLING] * 12, EVERY_SPELLING], ids=["same", "respelt"])
 def test_one_tenant_flooding_from_a_shared_address_delays_another_there_by_a_turn_not_its_queue(
         one_thread_for_the_address, spellings):
@@ -1726,9 +1734,8 @@ def test_one_tenant_flooding_from_a_shared_address_delays_another_there_by_a_tur
         wait_until(lambda: dispatcher.queued == 12)
         holder.execute("ROLLBACK")
         assert [create.result().status_code for create in creates] == [201] * 13
-    owners = [owner for owner, in stored(server.app.runtime.config, "SELECT developer_id FROM pauses ORDER BY seq")]
-    [second] = [owner for owner in set(owners) if owners.count(owner) == 1]
-    assert owners.index(second) == 2, owners
+    place, owners = place_of_the_lone_create(server)
+    assert place == 2, owners
 
 
 def test_one_tenant_flooding_the_write_lock_from_a_shared_address_delays_another_there_by_a_turn(small_server):
@@ -1759,9 +1766,8 @@ def test_one_tenant_flooding_the_write_lock_from_a_shared_address_delays_another
         wait_until(lambda: creates_waiting() == 12)
         holder.execute("ROLLBACK")
         assert [create.result().status_code for create in creates] == [201] * 13
-    owners = [owner for owner, in stored(server.app.runtime.config, "SELECT developer_id FROM pauses ORDER BY seq")]
-    [second] = [owner for owner in set(owners) if owners.count(owner) == 1]
-    assert owners.index(second) == 2, owners
+    place, owners = place_of_the_lone_create(server)
+    assert place == 2, owners
 
 
 def test_made_up_keys_flooding_from_a_shared_address_are_one_party_with_no_key_at_all(one_thread_for_the_address):
