@@ -5597,9 +5597,11 @@ def url_problem(url, allow_private):
         return "url must be an http:// or https:// URL of at most 2048 characters"
     try:
         parts = urllib.parse.urlsplit(url.strip())
-        parts.port
+        port = parts.port
     except ValueError:          # '[::1' and the like
         return "url must be an http:// or https:// URL"
+    if port == 0:               # no server listens there: every delivery would fail
+        return "url's port must be from 1 to 65535"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "url must be an http:// or https:// URL"
     if parts.username or parts.password:

@@ -103,6 +103,7 @@ def test_an_omitted_secret_is_generated_and_shown_once(hooks_api, keys, receiver
     ({"secret": "too-short"}, "secret"),
     ({"url": "ftp://example.com/hook"}, "url"),
     ({"url": "http://user:pw@127.0.0.1/hook"}, "url"),
+    ({"url": "https://hooks.example.com:0/hook"}, "url"),      # port 0: nothing can be reached there
     ({"url": None}, "url"),
     ({"colour": "red"}, "colour"),
 ])
