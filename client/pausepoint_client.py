@@ -52,7 +52,8 @@ class PausePointError(Exception):
     """An answer that was not a success: status, code, message and field as the server gave them."""
 
     def __init__(self, status, code, message, field=None, retry_after=None):
-        super().__init__(f"{status} {code}: {message}" + (f" (field: {field})" if field else ""))
+        said = f"{status} {code}" if status else code      # no status: there was no answer to have one
+        super().__init__(f"{said}: {message}" + (f" (field: {field})" if field else ""))
         self.status, self.code, self.message, self.field, self.retry_after = status, code, message, field, retry_after
 
 

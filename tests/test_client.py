@@ -569,3 +569,12 @@ def test_an_address_holding_a_password_is_refused_without_quoting_it_or_looking_
     with pytest.raises(ValueError) as refused:
         PausePoint("http://operator:hunter2-secret@127.0.0.1:8080", "pp_test_x")
     assert "hunter2" not in str(refused.value) and "user name or password" in str(refused.value)
+
+
+def test_no_answer_at_all_is_told_without_a_made_up_status():
+    """A refused connection has no HTTP status: its message starts with what happened, not with "0"."""
+    nowhere = PausePoint(f"http://127.0.0.1:{free_port()}", "pp_test_x", retries=0)
+    with pytest.raises(pausepoint_client.Unreachable) as gave_up:
+        nowhere.get("psr_x")
+    assert gave_up.value.status == 0
+    assert str(gave_up.value).startswith(f"unreachable: no answer from {nowhere.base_url}: "), gave_up.value
