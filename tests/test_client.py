@@ -578,3 +578,17 @@ def test_no_answer_at_all_is_told_without_a_made_up_status():
         nowhere.get("psr_x")
     assert gave_up.value.status == 0
     assert str(gave_up.value).startswith(f"unreachable: no answer from {nowhere.base_url}: "), gave_up.value
+
+
+def test_the_readmes_example_runs_as_written(live_server, capsys, monkeypatch):
+    """The README's "From Python" example, with the Quickstart's test key in PP_KEY and the
+    server's address for the README's: a person's Approve is what sends the wire."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        example = re.search(r"```python\n(import os\nfrom pausepoint_client import PausePoint\n.*?)```", f.read(),
+                            re.S).group(1)
+    key = register(live_server.url)["test_api_key"]
+    monkeypatch.setenv("PP_KEY", key)
+    person = answer_first_pending(live_server.url, key, "Approve")
+    exec(compile(example.replace("http://127.0.0.1:8080", live_server.url), "README example", "exec"), {})
+    person.join()
+    assert capsys.readouterr().out == "wiring $340 to Acme Corp\n"
