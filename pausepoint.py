@@ -6567,11 +6567,66 @@ def unsigned_since_receipts(conn):
     receipt cleared along with a change to its pause. Those decided before have none by right."""
     since = query_db(conn, "SELECT min(applied_at) FROM schema_migrations WHERE version >= ?",
                      (RECEIPTS_SINCE_SCHEMA,), one=True)[0]
+    # Decided since then by its own decided_at, or by its decision's event: the chain holds the
+    # time the decision was made, which a decided_at moved back to before receipts cannot change.
     return [(pause_id, developer_id, livemode, "it has none, though every decision since"
              f" {api_time(since)} is signed: its receipt was removed")
             for pause_id, developer_id, livemode in conn.execute(
                 "SELECT id, developer_id, livemode FROM pauses WHERE receipt IS NULL AND status != 'pending'"
-                " AND decided_at >= ? ORDER BY seq", (since,))] if since else []
+                " AND (decided_at >= :since OR EXISTS (SELECT 1 FROM audit_events WHERE pause_id = pauses.id"
+                f" AND event_type IN {sql_list(DECISION_EVENTS)} AND timestamp >= :since)) ORDER BY seq",
+                {"since": since})] if since else []
+
+
+DECISION_EVENTS = ("pause.responded", "pause.timed_out", "pause.cancelled")
+
+
+def sql_list(values):
+    """A tuple of constant strings as an SQL list: ('a', 'b')."""
+    return "(" + ", ".join(f"'{value}'" for value in values) + ")"
+
+
+def decision_breaks(conn):
+    """Pauses that no longer agree with the decisions the audit chain records of them: [(pause
+    id, developer_id, livemode, why)]. A pause is decided once, and its decision's event
+    holds its status, choice, comment and decided_by, so a decision undone (the pause put
+    back to pending and its receipt cleared, to be decided otherwise with a receipt of its
+    own) or rewritten shows against the chain, which whoever holds a noted head can trust."""
+    breaks, after = [], 0
+    while pauses := query_db(conn, "SELECT seq, id, developer_id, livemode, status, choice, comment, decided_by"
+                                   " FROM pauses WHERE seq > ? ORDER BY seq LIMIT ?", (after, AUDIT_READ_PAGE)):
+        recorded = collections.defaultdict(list)
+        for event in query_db(conn, "SELECT seq, pause_id, event_type, data FROM audit_events WHERE pause_id IN"
+                                    f" (SELECT value FROM json_each(?)) AND event_type IN {sql_list(DECISION_EVENTS)}"
+                                    " ORDER BY seq", (json.dumps([pause["id"] for pause in pauses]),)):
+            recorded[event["pause_id"]].append(event)
+        for pause in pauses:
+            why = decision_problem(pause, recorded[pause["id"]])
+            if why:
+                breaks.append((pause["id"], pause["developer_id"], pause["livemode"], why))
+        after = pauses[-1]["seq"]
+    return breaks
+
+
+def decision_problem(pause, events):
+    """Why a pause disagrees with its decision `events` in the audit chain, or None."""
+    if len(events) > 1:
+        seqs = ", ".join(f"aud_{event['seq']}" for event in events)
+        return f"the audit log records {len(events)} decisions of it ({seqs}): it was decided again"
+    if not events:
+        return None             # pending, or decided where its events were pruned (test mode) or never chained
+    event = events[0]
+    if pause["status"] == "pending":
+        return f"it is pending, though aud_{event['seq']} records it {event['event_type'].split('.')[1]}: it was changed"
+    try:
+        data = json.loads(event["data"])
+    except ValueError:
+        data = {}
+    recorded = {"status": event["event_type"].split(".")[1],
+                **{name: data[name] for name in ("choice", "comment", "decided_by") if name in data}}
+    changed = [name for name, value in recorded.items() if pause[name] != value]
+    return (f"it no longer says what aud_{event['seq']} records of its decision ({', '.join(changed)}): it was changed"
+            if changed else None)
 
 
 def receipt_problem(pause, published, votes):
@@ -11440,13 +11495,16 @@ def verify_audit(path):
         # Beside the name the server was given, or else beside the file it names (a link).
         published = published_keys(signing_keys_path(path)) or published_keys(signing_keys_path(real))
         receipts = receipt_breaks(conn, published) if published else None
+        decisions = decision_breaks(conn)
     if read_whole is not None and whole_in_its_file(real) != read_whole:    # what it read may have changed under it
         raise ConfigError(f"{path} was written to while it was being read: run verify-audit again")
     for seq, developer_id, livemode, why in breaks:
         print(f"aud_{seq} ({developer_id}, {mode_name(livemode)}): {why}")
     if not breaks:
         print(f"every audit chain holds: {events} events in {chains} chains")
-    return 1 if print_receipt_breaks(path, receipts) or breaks else 0
+    for pause_id, developer_id, livemode, why in decisions:
+        print(f"{pause_id} ({developer_id}, {mode_name(livemode)}): {why}")
+    return 1 if print_receipt_breaks(path, receipts) or breaks or decisions else 0
 
 
 def print_receipt_breaks(path, receipts):

@@ -557,6 +557,8 @@ def test_verify_audit_never_reads_the_file_alone_of_a_database_with_a_write_ahea
             assert pausepoint.main(["--db", seen, "verify-audit"]) == (1 if named_by == "a symbolic link" else 2)
     if named_by == "a symbolic link":       # the forged event, in the log only, was read and caught
         assert re.fullmatch(r"aud_\d+ \(dev_\w+, test\): its content does not give its hash: it was changed\n"
+                            r"psr_\w+ \(dev_\w+, test\): the audit log records 2 decisions of it \(aud_\d+, aud_\d+\):"
+                            r" it was decided again\n"
                             r"every receipt checks: 6 decided pauses say what their receipts do\n",
                             capsys.readouterr().out)      # its keys read beside the file the link names
         return

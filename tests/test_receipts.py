@@ -715,3 +715,27 @@ def test_verify_audit_says_which_receipts_it_could_not_check(running_api, capsys
     assert status == 0 and said.endswith("every receipt checks: 0 decided pauses say what their receipts do\n1 receipts"
                                          " were signed with a key the keys file no longer holds (lost: see"
                                          " --keys-lost), and cannot be checked\n")
+
+
+def test_verify_audit_names_a_decision_undone_or_made_again_behind_the_servers_back(api):
+    """The audit chain records each decision: a pause put back to pending, then decided
+    otherwise with a receipt of its own, or one whose receipt went with its decided_at moved
+    to before receipts, no longer agrees with it."""
+    key = api.register()["api_key"]
+    reopened, backdated = (api.create_pause(key, channel="link", recipient="ops") for _ in range(2))
+    for pause in (reopened, backdated):
+        api.post_json(f"/v1/respond/{token_of(pause['respond_url'])}", {"choice": "Approve"})
+    stored(api.config, "UPDATE pauses SET status = 'pending', choice = NULL, decided_at = NULL, decided_by = NULL,"
+                       " receipt = NULL WHERE id = ?", reopened["pause_id"])
+    stored(api.config, "UPDATE pauses SET receipt = NULL, choice = 'Reject', decided_at = '2020-01-01T00:00:00.000Z'"
+                       " WHERE id = ?", backdated["pause_id"])
+    status, said = verify_audit(api.config)
+    named = {line.split(" ")[0]: line for line in said.splitlines()[1:]}
+    assert status == 1 and set(named) == {reopened["pause_id"], backdated["pause_id"]}
+    assert f"{reopened['pause_id']} (" in said and "it is pending, though aud_" in said
+    assert f"{backdated['pause_id']} (" in said and "its receipt was removed" in said and "(choice)" in said
+    api.post_json(f"/v1/respond/{token_of(reopened['respond_url'])}", {"choice": "Reject"})
+    assert api.pause(key, reopened["pause_id"])["choice"] == "Reject"
+    status, said = verify_audit(api.config)
+    named = {line.split(" ")[0]: line for line in said.splitlines()[1:]}
+    assert status == 1 and "the audit log records 2 decisions of it" in named[reopened["pause_id"]]
