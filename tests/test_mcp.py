@@ -131,9 +131,10 @@ def test_a_create_refused_again_and_again_is_tried_only_within_the_wait():
     async def steps(call, mcp):
         return await call("request_approval", {"question": "Deploy to production?"})
 
-    server, url, asked = serve_stand_in([(429, "rate_limited", {"Retry-After": "5"})] * 5)
+    # Retry-After 2 s waits 1.6-2.4 s (jittered): a second try by 2.4 s, a third not before 3.2 s.
+    server, url, asked = serve_stand_in([(429, "rate_limited", {"Retry-After": "2"})] * 5)
     try:
-        answer = with_mcp(url, "pp_test_x", steps, PAUSEPOINT_MCP_WAIT="13")       # tries until 6.5 s in
+        answer = with_mcp(url, "pp_test_x", steps, PAUSEPOINT_MCP_WAIT="6.2")      # tries until 3.1 s in
     finally:
         stop_http(server)
     assert answer["status"] == "error" and [what[:2] for what in asked] == [("POST", "/v1/pause")] * 2
