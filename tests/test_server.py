@@ -30,6 +30,7 @@ import requests
 from conftest import (register_over_http, stored, PASSWORD, ROOT, WIRE, Api, LiveServer, cannot_run_here, free_port,
                       make_config, process_env, read_only_view, run_cli, run_out, token_of, wait_until)
 from stubs import serve_http, stop_http
+import launcher
 from test_webhooks import add_webhook, send_test_events
 import pausepoint
 
@@ -1029,14 +1030,15 @@ def test_a_backup_or_restore_stopped_by_sigterm_leaves_no_partial_copy_behind(tm
     copying_into, partial = (backups, ".backup-*") if command == "backup" else (tmp_path, ".restore-*")
     for attempt in range(3):    # again if the copy was done before the signal came (this process stalled)
         target = backups / (f"copy{attempt}.db" if command == "backup" else "big.db")
-        running = subprocess.Popen([sys.executable, os.path.join(ROOT, "pausepoint.py"), "--db",
-                                    str(tmp_path / "pausepoint.db"), command, str(target)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out_path, err_path = tmp_path / f"out{attempt}", tmp_path / f"err{attempt}"
+        running = launcher.Launched(["--db", str(tmp_path / "pausepoint.db"), command, str(target)],
+                                    tmp_path, process_env(), str(out_path), str(err_path))
         wait_until(lambda: fnmatch.filter(os.listdir(copying_into), partial) or running.poll() is not None, timeout=30)
         running.send_signal(signal.SIGTERM)
-        out, err = running.communicate(timeout=60)
+        running.wait(timeout=60)
         if running.returncode != 0:
             break
+    out, err = launcher.read(out_path), launcher.read(err_path)
     assert running.returncode == 128 + signal.SIGTERM, out      # the copy was under way when the signal came
     assert "Traceback" not in err, err
     assert fnmatch.filter(os.listdir(copying_into), partial) == [], sorted(os.listdir(copying_into))
