@@ -6597,8 +6597,9 @@ def decision_breaks(conn):
                                    " FROM pauses WHERE seq > ? ORDER BY seq LIMIT ?", (after, AUDIT_READ_PAGE)):
         recorded = collections.defaultdict(list)
         for event in query_db(conn, "SELECT seq, pause_id, event_type, data FROM audit_events WHERE pause_id IN"
-                                    f" (SELECT value FROM json_each(?)) AND event_type IN {sql_list(DECISION_EVENTS)}"
-                                    " ORDER BY seq", (json.dumps([pause["id"] for pause in pauses]),)):
+                                    " (SELECT value FROM json_each(?)) AND event_type IN"
+                                    f" {sql_list(('pause.created', *DECISION_EVENTS))} ORDER BY seq",
+                              (json.dumps([pause["id"] for pause in pauses]),)):
             recorded[event["pause_id"]].append(event)
         for pause in pauses:
             why = decision_problem(pause, recorded[pause["id"]])
@@ -6609,12 +6610,17 @@ def decision_breaks(conn):
 
 
 def decision_problem(pause, events):
-    """Why a pause disagrees with its decision `events` in the audit chain, or None."""
+    """Why a pause disagrees with its creation and decision `events` in the audit chain, or None."""
+    created = [event for event in events if event["event_type"] == "pause.created"]
+    events = [event for event in events if event["event_type"] != "pause.created"]
     if len(events) > 1:
         seqs = ", ".join(f"aud_{event['seq']}" for event in events)
         return f"the audit log records {len(events)} decisions of it ({seqs}): it was decided again"
     if not events:
-        return None             # pending, or decided where its events were pruned (test mode) or never chained
+        # Pruning takes a chain's oldest events first: where its creation is still recorded,
+        # so is any decision that came after it.
+        return (f"it is {pause['status']}, though the audit log records its creation (aud_{created[0]['seq']}) and"
+                " no decision of it: it was changed" if created and pause["status"] != "pending" else None)
     event = events[0]
     if pause["status"] == "pending":
         return f"it is pending, though aud_{event['seq']} records it {event['event_type'].split('.')[1]}: it was changed"

@@ -722,17 +722,20 @@ def test_verify_audit_names_a_decision_undone_or_made_again_behind_the_servers_b
     otherwise with a receipt of its own, or one whose receipt went with its decided_at moved
     to before receipts, no longer agrees with it."""
     key = api.register()["api_key"]
-    reopened, backdated = (api.create_pause(key, channel="link", recipient="ops") for _ in range(2))
+    reopened, backdated, never = (api.create_pause(key, channel="link", recipient="ops") for _ in range(3))
     for pause in (reopened, backdated):
         api.post_json(f"/v1/respond/{token_of(pause['respond_url'])}", {"choice": "Approve"})
+    stored(api.config, "UPDATE pauses SET status = 'responded', choice = 'Approve', decided_by = 'recipient:ops',"
+                       " decided_at = '2020-01-01T00:00:00.000Z' WHERE id = ?", never["pause_id"])
     stored(api.config, "UPDATE pauses SET status = 'pending', choice = NULL, decided_at = NULL, decided_by = NULL,"
                        " receipt = NULL WHERE id = ?", reopened["pause_id"])
     stored(api.config, "UPDATE pauses SET receipt = NULL, choice = 'Reject', decided_at = '2020-01-01T00:00:00.000Z'"
                        " WHERE id = ?", backdated["pause_id"])
     status, said = verify_audit(api.config)
     named = {line.split(" ")[0]: line for line in said.splitlines()[1:]}
-    assert status == 1 and set(named) == {reopened["pause_id"], backdated["pause_id"]}
+    assert status == 1 and set(named) == {reopened["pause_id"], backdated["pause_id"], never["pause_id"]}
     assert f"{reopened['pause_id']} (" in said and "it is pending, though aud_" in said
+    assert "it is responded, though the audit log records its creation (aud_" in named[never["pause_id"]]
     assert f"{backdated['pause_id']} (" in said and "its receipt was removed" in said and "(choice)" in said
     api.post_json(f"/v1/respond/{token_of(reopened['respond_url'])}", {"choice": "Reject"})
     assert api.pause(key, reopened["pause_id"])["choice"] == "Reject"
