@@ -4808,10 +4808,12 @@ def smtp_missing(config):
 
 
 def reply_options(pause):
-    """'Reply K7 1 for Approve, K7 2 for Reject': what an SMS reply may say (see record_sms_reply)."""
+    """'Reply K7 1 for Approve,\nK7 2 for Reject': what an SMS reply may say (see record_sms_reply).
+    Each option starts a line: run on in one, an option of "Keep, 2 for Reject" read as our
+    words, and whoever texted 2 to reject chose the next option."""
     options = json.loads(pause["options"])
     code = f"{pause['reply_code']} " if pause["reply_code"] else ""
-    return "Reply " + ", ".join(f"{code}{n} for {option}" for n, option in enumerate(options, 1))
+    return "Reply " + ",\n".join(f"{code}{n} for {option}" for n, option in enumerate(options, 1))
 
 
 def human_duration(seconds):
@@ -4912,7 +4914,7 @@ PUSH_DETAIL_CHARACTERS = 200
 def sms_text(pause, url, replies=True):
     """As few segments as possible: no decoration, GSM-7 characters only in what we add. From
     a sender that takes no replies, only the link."""
-    answer = (f"{reply_options(pause)}, or open {url}" if replies
+    answer = (f"{reply_options(pause)},\nor open {url}" if replies
               else f"{' / '.join(json.loads(pause['options']))}: open {url}")
     return f"{title_line(pause)}{pause['message']}\n{fields_text(pause, ' ')}{answer}\nExpires {expiry_text(pause)}"
 

@@ -89,12 +89,26 @@ def test_the_sms_invites_a_coded_reply_and_fits_in_two_segments(running_api, twi
     body = twilio.messages[0]["Body"]
     assert body.startswith(WIRE["message"] + "\n")
     code = reply_code(api, key, created)
-    assert f"Reply {code} 1 for Approve, {code} 2 for Reject, or open " + created["respond_url"] in body
+    assert f"Reply {code} 1 for Approve,\n{code} 2 for Reject,\nor open " + created["respond_url"] in body
     assert "Expires " in body and body.endswith(" UTC")
     gsm7 = set("@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§"
                "¿abcdefghijklmnopqrstuvwxyzäöñüà")
     assert set(body) <= gsm7                  # no character forces the 70-per-segment encoding
     assert len(body) <= 2 * 153               # two concatenated GSM-7 segments
+
+
+def test_each_option_a_text_offers_starts_a_line_of_its_own_so_none_reads_as_anothers(running_api, twilio):
+    """An option is the agent's text, within a list of ours: run on in one line, "Keep, 2 for
+    Reject" made "Reply K5 1 for Keep, 2 for Reject, K5 2 for Delete all data", and a person
+    who texted 2 to reject chose Delete all data."""
+    api = running_api(**twilio.settings())
+    key = api.register()["api_key"]
+    created = api.create_pause(key, options=["Keep, 2 for Reject", "Delete all data"], timeout_default=None)
+    sent(api, key, created["pause_id"], "sent")
+    code = reply_code(api, key, created)
+    lines = twilio.messages[0]["Body"].splitlines()
+    assert f"Reply {code} 1 for Keep, 2 for Reject," in lines and f"{code} 2 for Delete all data," in lines
+    assert f"or open {created['respond_url']}" in lines
 
 
 def test_a_question_too_long_for_one_text_is_refused_when_asked_not_at_the_send(running_api, twilio):
@@ -1453,7 +1467,7 @@ def test_a_reply_matching_nothing_gets_help_and_decides_nothing(sms_setup):
     code = reply_code(api, keys["api_key"], created)
     for text in ("maybe later", f"{code} \u00b2", f"{code} \u2460", "\u0661"):
         response = inbound(api, config, text)
-        assert response.status_code == 200 and f"Reply {code} 1 for Approve, {code} 2 for Reject" in response.text
+        assert response.status_code == 200 and f"Reply {code} 1 for Approve,\n{code} 2 for Reject" in response.text
     assert api.pause(keys["api_key"], created["pause_id"])["status"] == "pending"
     assert answered_nothing(inbound(api, config, "1", sender="+15550199"))
 

@@ -25,7 +25,7 @@ RECORDED = [
     '"created_at":"{created_at}","notification":{"channel":"sms","status":"queued","attempts":0,'
     '"provider_message_id":null,"last_error":null,"may_have_reached":false,"text":"Your agent wants to send a'
     ' $340 wire to Acme Corp.'
-    ' Approve?\\nReply {code} 1 for Approve, {code} 2 for Reject, or open http://127.0.0.1:8080/respond/{token}'
+    ' Approve?\\nReply {code} 1 for Approve,\\n{code} 2 for Reject,\\nor open http://127.0.0.1:8080/respond/{token}'
     '\\nExpires {expires_text} UTC"},"receipt":null}',
     '{"pause_id":"{pause_id}","status":"responded","recipient":"+15550100","channel":"sms","title":null,'
     '"message":"Your agent wants to send a $340 wire to Acme Corp. Approve?","options":["Approve","Reject"],'
@@ -34,7 +34,7 @@ RECORDED = [
     '"livemode":false,"expires_at":"{expires_at}","created_at":"{created_at}","notification":{"channel":"sms",'
     '"status":"simulated","attempts":1,"provider_message_id":null,"last_error":null,"may_have_reached":false,'
     '"text":"Your agent wants to'
-    ' send a $340 wire to Acme Corp. Approve?\\nReply {code} 1 for Approve, {code} 2 for Reject, or open'
+    ' send a $340 wire to Acme Corp. Approve?\\nReply {code} 1 for Approve,\\n{code} 2 for Reject,\\nor open'
     ' http://127.0.0.1:8080/respond/{token}\\nExpires {expires_text} UTC"},"receipt":"{receipt}"}',
 ]
 

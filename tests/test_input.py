@@ -187,7 +187,7 @@ def test_a_lone_surrogate_in_a_respond_comment_is_400(api, developer):
     ({"options": ["Send it", "Send  it"]}, "options"),              # one space or two: one button to a reader
     ({"options": ["Approve", "Approve\u034f"]}, "options"),
     # A line break in what a text message lists within its own line could start a line
-    # that seems to be ours: 'Reply K7 1 for Approve, K7 2 for Reject\n\nReply 1 to reject'.
+    # that seems to be ours: 'K7 2 for Reject\n\nReply 1 to reject'.
     ({"options": ["Approve", "Reject\n\nReply 1 to reject"]}, "options"),
     ({"options": ["Approve", "Reject\tnow"]}, "options"),
     ({"fields": {"n": {"type": "number", "value": 1, "label": "Amount\nReply 1 to reject"}}}, "fields.n"),
