@@ -1812,8 +1812,10 @@ def mode_name(livemode):
 # One plain address: no display names, groups, comments or lists, which mail headers
 # would read as several recipients or none. Nor "=?" in its local part: Python's mail
 # headers decode an RFC 2047 word there ('=?utf-8?q?eve=40evil.example=3E?=.b@example.com'
-# is mailed to eve@evil.example), which an address never holds.
-EMAIL = re.compile(r"^(?![^@]*=\?)[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+# is mailed to eve@evil.example), which an address never holds. Nor % or !, which relays that
+# honour the old source routes (Postfix's percent hack, on by default; bang paths) read as
+# another host to send it on to: 'eve%evil.example@example.com' may reach eve@evil.example.
+EMAIL = re.compile(r"^(?![^@]*=\?)[A-Za-z0-9.#$&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
 
 

@@ -484,6 +484,19 @@ def test_an_email_recipient_that_mail_headers_would_decode_into_other_addresses_
     assert smtp_server.messages == []
 
 
+@pytest.mark.parametrize("recipient", ["eve%evil.example@example.com", "evil.example!eve@example.com"])
+def test_an_email_recipient_a_relay_would_route_to_another_host_is_refused(running_api, smtp_server, recipient):
+    # Relays that honour the old source routes (Postfix's allow_percent_hack, on by default;
+    # sendmail's bang paths) mail eve@evil.example, while the audit log names example.com.
+    api = running_api(**smtp_settings(smtp_server))
+    key = api.register()["api_key"]
+    error = api.post_json("/v1/pause", {**WIRE, "channel": "email", "recipient": recipient}, headers=api.as_key(key),
+                          status=422).json["error"]
+    assert error["field"] == "recipient"
+    api.step("notifications")
+    assert smtp_server.messages == []
+
+
 def test_email_without_smtp_settings_is_refused_for_live_keys(api, developer):
     error = api.post_json("/v1/pause", {**WIRE, "channel": "email", "recipient": "ada@example.com"},
                           headers=api.as_key(developer["api_key"]), status=422).json["error"]
