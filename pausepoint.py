@@ -8952,8 +8952,10 @@ def respond_page(rt, pause, token, error=None, picked=None, status=200, entered=
     left = parse_db_time(pause["expires_at"]) - utcnow()
     # A quorum counts approvals of the same values: offer the values the last approval chose.
     proposed = {f"field.{name}": form_text(value) for name, value in (pause.get("proposed") or {}).items()}
+    # In a team, whoever opens a link decided by another must not read that answer as their own.
+    yours = pause["decided_by"] == f"recipient:{pause['recipient']}"
     return html_page("respond", status=status, pause=facts, token=token, team=bool(pause["team"]),
-                     quorum=json.loads(pause["quorum"] or "null"),
+                     quorum=json.loads(pause["quorum"] or "null"), decided_by_you=yours,
                      error=error, picked=picked, times=times, left=human_duration(left.total_seconds()),
                      entered={**proposed, **(entered or {})})
 

@@ -116,9 +116,18 @@ If nobody answers, <strong>{{pause['timeout_default']}}</strong> applies.
   % end
 </p>
 % elif pause['status'] == 'responded':
+  % if decided_by_you:
 <p class="outcome" id="outcome">Recorded: <strong>{{pause['choice']}}</strong> at {{times['decided_at']}}.</p>
+  % else:
+  %   # Another of the team decided: their answer, and their comment, are not this person's.
+<p class="outcome" id="outcome">Decided by another person asked: <strong>{{pause['choice']}}</strong> at {{times['decided_at']}}.\\
+  %   if pause.get('your_vote'):
+ Your vote was <strong>{{pause['your_vote']['choice']}}</strong>.\\
+  %   end
+</p>
+  % end
   % if pause['comment']:
-<p class="comment">Comment: <bdi>{{pause['comment']}}</bdi></p>
+<p class="comment">{{'Comment' if decided_by_you else 'Their comment'}}: <bdi>{{pause['comment']}}</bdi></p>
   % end
   % # The label quoted and set apart as the agent's, as in the form's "An earlier approval changed".
   % for name, change in (pause.get('edited') or {}).items():

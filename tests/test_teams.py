@@ -116,6 +116,27 @@ def test_one_veto_among_three_decides_at_once(team):
     assert [(vote["recipient"], vote["choice"]) for vote in decision["votes"]] == [("+15550102", "Reject")]
 
 
+def test_a_page_decided_by_another_person_says_so_beside_the_readers_own_vote(team):
+    """Someone who tapped Approve, then outvoted by a veto, must not read "Recorded: Reject"
+    with the vetoer's comment, as if that were their own answer; nor may someone who never answered."""
+    api, key = team
+    created = api.post_json("/v1/pause", TWO_APPROVALS, headers=api.as_key(key)).json
+    first, second, third = created["recipients"]
+    answer(api, first, "Approve", comment="fine by me")
+    api.post(f"/respond/{token_of(second['respond_url'])}", {"choice": "Reject", "comment": "not this vendor"},
+             status=303).follow().mustcontain("Recorded: <strong>Reject</strong>", "Comment: <bdi>not this vendor")
+    page = api.get(f"/respond/{token_of(first['respond_url'])}").html
+    outvoted = page.select_one("#outcome").text
+    assert outvoted.startswith("Decided by another person asked: Reject at ") and outvoted.endswith(" Your vote was Approve.")
+    assert page.select_one("p.comment").text == "Their comment: not this vendor"
+    # Their first tap, sent again, is shown the same way, not as the vetoer's answer.
+    again = api.post(f"/respond/{token_of(first['respond_url'])}", {"choice": "Approve", "comment": "fine by me"},
+                     status=303).follow().html.select_one("#outcome").text
+    assert again == outvoted
+    silent = api.get(f"/respond/{token_of(third['respond_url'])}").html.select_one("#outcome").text
+    assert silent.startswith("Decided by another person asked: Reject at ") and "Your vote" not in silent
+
+
 def test_without_a_quorum_the_first_answer_of_a_team_decides(team):
     api, key = team
     created = api.post_json("/v1/pause", {**QUESTION, "recipients": TEAM}, headers=api.as_key(key)).json
