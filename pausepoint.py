@@ -3626,6 +3626,12 @@ def record_sms_reply(conn, config, sender, text, message_sid):
         if answered:
             return answered + (" " + open_codes(pending) if pending else "")
         if not pending and coded is None:
+            # A bare reply from someone who voted on a request still open for the others: their
+            # vote stands, which "no open request" would read as lost.
+            voted = [person for person in asked if person.get("vote")] if code is None else []
+            if voted:
+                return " ".join(answered_already(conn, number, person["reply_code"], voted)
+                                for person in voted[:MAX_CODES_LISTED])
             elsewhere = sent_elsewhere(conn, number, channel, now)
             if elsewhere:
                 return elsewhere
