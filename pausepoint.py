@@ -8901,14 +8901,16 @@ def post_respond_page(rt, client, token):
         if not answered_alike(pause, form.get("choice"), comment):
             # Decided meanwhile, or answered already: the page as it now stands, its times as a
             # person reads them, saying that this answer did not count.
-            return respond_page(rt, pause, token, status=e.status,
-                                error=f"Your answer was not recorded: {NOT_RECORDED[e.code]}")
+            why = NOT_RECORDED["cancelled" if pause["status"] == "cancelled" else e.code]
+            return respond_page(rt, pause, token, status=e.status, error=f"Your answer was not recorded: {why}")
     # A reload then shows the recorded decision instead of posting again.
     return bottle.HTTPResponse(status=303, headers={"Location": f"/respond/{token}", **PAGE_HEADERS})
 
 
 # Why an answer on the respond page did not count, by the refusal's code.
+# A cancel is refused as already_decided too; "decided" beside "The agent cancelled" reads as two outcomes.
 NOT_RECORDED = {"already_decided": "the request had already been decided.",
+                "cancelled": "the agent had cancelled the request.",
                 "already_voted": "you had answered it already.", "expired": "the request had expired."}
 
 

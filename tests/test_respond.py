@@ -96,6 +96,16 @@ def test_a_cancelled_pause_cannot_be_answered(api, developer):
     assert "cancelled" in api.post_json(respond_path(created), {"choice": "Approve"}, status=409).json["error"]["message"]
 
 
+def test_a_tap_on_a_page_the_agent_cancelled_meanwhile_says_cancelled_not_decided(api, developer):
+    key = developer["test_api_key"]
+    created = api.create_pause(key)
+    form = api.get(respond_path(created, page=True)).forms[0]
+    api.post(f"/v1/pause/{created['pause_id']}/cancel", headers=api.as_key(key))
+    page = form.submit("choice", value="Approve", status=409).html
+    assert page.select_one("[role=alert]").text == "Your answer was not recorded: the agent had cancelled the request."
+    assert page.select_one("#outcome").text.startswith("The agent cancelled this request at ")
+
+
 def run_out_before_the_timeout_job(running_api):
     """(api, key, a pause past its expiry): still 'pending' in the database until the job runs."""
     api = running_api()
