@@ -3528,6 +3528,23 @@ def reply_codes_in_use(conn, scope):
     return pending, recent
 
 
+def nothing_open_reply(conn, number, channel, code, asked, now):
+    """What a reply hears when no request of this number's awaits its answer, or None: a
+    number never asked lately is not answered at our cost."""
+    # A bare reply from someone who voted on a request still open for the others: their
+    # vote stands, which "no open request" would read as lost.
+    voted = [person for person in asked if person.get("vote")] if code is None else []
+    if voted:
+        return " ".join(answered_already(conn, number, person["reply_code"], voted)
+                        for person in voted[:MAX_CODES_LISTED])
+    elsewhere = sent_elsewhere(conn, number, channel, now)
+    if elsewhere:
+        return elsewhere
+    asked_lately = query_db(conn, ASKED_LATELY, {"number": number, "week_ago": db_time(
+        utcnow() - REPLY_CODE_QUARANTINE)}, one=True)[0]
+    return "PausePoint: there is no open request for this number." if asked_lately else None
+
+
 def split_reply_code(text):
     """'K7 1', '1 k7', 'K7: approve' -> ('K7', '1'…); a reply without a code, or too long
     to hold a code and an option, -> (None, text)."""
@@ -3626,18 +3643,7 @@ def record_sms_reply(conn, config, sender, text, message_sid):
         if answered:
             return answered + (" " + open_codes(pending) if pending else "")
         if not pending and coded is None:
-            # A bare reply from someone who voted on a request still open for the others: their
-            # vote stands, which "no open request" would read as lost.
-            voted = [person for person in asked if person.get("vote")] if code is None else []
-            if voted:
-                return " ".join(answered_already(conn, number, person["reply_code"], voted)
-                                for person in voted[:MAX_CODES_LISTED])
-            elsewhere = sent_elsewhere(conn, number, channel, now)
-            if elsewhere:
-                return elsewhere
-            asked_lately = query_db(conn, ASKED_LATELY, {"number": number, "week_ago": db_time(
-                utcnow() - REPLY_CODE_QUARANTINE)}, one=True)[0]
-            return "PausePoint: there is no open request for this number." if asked_lately else None
+            return nothing_open_reply(conn, number, channel, code, asked, now)
         if code is not None:
             pause = coded
             if pause is None:
