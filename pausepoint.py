@@ -6533,6 +6533,15 @@ class Signer:
                           "alg": "EdDSA"} for key in self.keys if "lost_at" not in key]}
 
 
+# The audit events that record a pause leaving pending.
+DECISION_EVENTS = ("pause.responded", "pause.timed_out", "pause.cancelled")
+
+
+def sql_list(values):
+    """A tuple of constant strings as an SQL list: ('a', 'b')."""
+    return "(" + ", ".join(f"'{value}'" for value in values) + ")"
+
+
 RECEIPT_LOOKBACK = 10_000       # audit events read for the latest decision: about 5 ms
 
 
@@ -6549,7 +6558,7 @@ def latest_receipt_kid(database_path):
     try:
         receipt = db.execute("SELECT coalesce((SELECT p.receipt FROM (SELECT seq, pause_id, event_type"
                              " FROM audit_events ORDER BY seq DESC LIMIT ?) a CROSS JOIN pauses p ON p.id = a.pause_id"
-                             " WHERE a.event_type IN ('pause.responded', 'pause.timed_out', 'pause.cancelled')"
+                             f" WHERE a.event_type IN {sql_list(DECISION_EVENTS)}"
                              " AND p.receipt IS NOT NULL ORDER BY a.seq DESC LIMIT 1),"
                              " (SELECT receipt FROM pauses WHERE receipt IS NOT NULL ORDER BY seq DESC LIMIT 1))",
                              (RECEIPT_LOOKBACK,)).fetchone()[0]
@@ -6602,14 +6611,6 @@ def unsigned_since_receipts(conn):
                 " AND (decided_at >= :since OR EXISTS (SELECT 1 FROM audit_events WHERE pause_id = pauses.id"
                 f" AND event_type IN {sql_list(DECISION_EVENTS)} AND timestamp >= :since)) ORDER BY seq",
                 {"since": since})] if since else []
-
-
-DECISION_EVENTS = ("pause.responded", "pause.timed_out", "pause.cancelled")
-
-
-def sql_list(values):
-    """A tuple of constant strings as an SQL list: ('a', 'b')."""
-    return "(" + ", ".join(f"'{value}'" for value in values) + ")"
 
 
 def decision_breaks(conn):
