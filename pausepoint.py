@@ -3528,12 +3528,12 @@ def reply_codes_in_use(conn, scope):
     return pending, recent
 
 
-def nothing_open_reply(conn, number, channel, code, asked, now):
+def nothing_open_reply(conn, number, channel, voted, now):
     """What a reply hears when no request of this number's awaits its answer, or None: a
-    number never asked lately is not answered at our cost."""
+    number never asked lately is not answered at our cost. `voted`: the number's people who
+    voted on a request still open, for a bare reply (none for one with a code)."""
     # A bare reply from someone who voted on a request still open for the others: their
     # vote stands, which "no open request" would read as lost.
-    voted = [person for person in asked if person.get("vote")] if code is None else []
     if voted:
         return " ".join(answered_already(conn, number, person["reply_code"], voted)
                         for person in voted[:MAX_CODES_LISTED])
@@ -3638,12 +3638,12 @@ def record_sms_reply(conn, config, sender, text, message_sid):
         pending = [person for person in awaiting if person["reached"]]
         # A text reported not delivered is answered by its code: the code came in that text.
         coded = next((p for p in awaiting if p["reply_code"] == code), None) if code is not None else None
-        answered = code is not None and coded is None and answered_already(
-            conn, number, code, [p for p in asked if p.get("vote")])
+        voted = [person for person in asked if person.get("vote")]
+        answered = code is not None and coded is None and answered_already(conn, number, code, voted)
         if answered:
             return answered + (" " + open_codes(pending) if pending else "")
         if not pending and coded is None:
-            return nothing_open_reply(conn, number, channel, code, asked, now)
+            return nothing_open_reply(conn, number, channel, voted if code is None else [], now)
         if code is not None:
             pause = coded
             if pause is None:
