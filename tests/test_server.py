@@ -1573,6 +1573,30 @@ def test_the_images_health_check_asks_where_the_mounted_config_file_says_the_ser
     assert images_health_check({}, cwd=tmp_path) == 0
 
 
+class AnswersEveryRequest(http.server.BaseHTTPRequestHandler):
+    """A proxy that answers 200 to every request itself, reaching nothing."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_images_health_check_asks_the_server_itself_not_a_proxy_from_the_environment():
+    """Docker passes the proxy of the client's config to every container as http_proxy: a
+    proxy answering for it must not make a server that is down look healthy."""
+    proxy, proxy_url = serve_http(AnswersEveryRequest)
+    try:
+        nothing_listens = str(free_port())
+        assert images_health_check({"PAUSEPOINT_SERVER_PORT": nothing_listens, "http_proxy": proxy_url,
+                                    "HTTP_PROXY": proxy_url, "no_proxy": "", "NO_PROXY": ""}) != 0
+    finally:
+        stop_http(proxy)
+
+
 def ignored_by(ignore_file, name):
     """Whether `ignore_file` leaves out a file called `name` wherever it is: by a pattern
     without a slash, as .gitignore reads one, or one starting **/, as .dockerignore needs."""
