@@ -221,6 +221,7 @@ class PausePoint:
                          wait_timeout=None, approve_option=None, fields=None, **team):
         """Ask, then wait for the answer: an Approval (check .approved, then use .values).
         `team` takes pause()'s recipients, quorum, remind_after_minutes and escalation."""
+        options = None if options is None else list(options)       # a generator is read once, here
         created = self.pause(recipient, channel, message, options, timeout_hours, timeout_default, metadata, title,
                              idempotency_key, fields, **team)
         # The first option as asked (as the server keeps it, stripped), not as an answer lists

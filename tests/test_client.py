@@ -51,6 +51,15 @@ def test_request_approval_waits_for_the_persons_answer(live_server, client, choi
     assert result.decided_by == "recipient:+15550100" and not result.timed_out and not result.pending
 
 
+def test_options_given_as_any_iterable_are_asked_and_read_the_same(live_server, client):
+    """A generator is read once: the first option it gave is still the approving one, not a
+    TypeError after the person was already asked."""
+    person = answer_first_pending(live_server.url, client.api_key, "Approve")
+    result = client.request_approval(**{**ASK, "options": (option for option in ["Approve", "Reject"])})
+    person.join()
+    assert result.approved and result.choice == "Approve"
+
+
 def test_a_timeout_default_is_never_an_approval(client):
     result = client.request_approval(**{**ASK, "timeout_hours": 0.0003, "timeout_default": "Approve"})
     assert result.timed_out and result.choice == "Approve" and result.approved is False
