@@ -4927,10 +4927,13 @@ PUSH_DETAIL_CHARACTERS = 200
 
 def sms_text(pause, url, replies=True):
     """As few segments as possible: no decoration, GSM-7 characters only in what we add. From
-    a sender that takes no replies, only the link."""
+    a sender that takes no replies, only the link. The agent's title and message are each one
+    line in quotes, as an email quotes them with "> ": as lines of their own, its "Reply 1 for
+    Reject, 2 for Approve" read as ours, and a person who texted 2 to reject approved."""
     answer = (f"{reply_options(pause)},\nor open {url}" if replies
               else f"{' / '.join(json.loads(pause['options']))}: open {url}")
-    return f"{title_line(pause)}{pause['message']}\n{fields_text(pause, ' ')}{answer}\nExpires {expiry_text(pause)}"
+    asked = "".join(f'"{shorten(text, None)}"\n' for text in (pause["title"], pause["message"]) if text)
+    return f"{asked}{fields_text(pause, ' ')}{answer}\nExpires {expiry_text(pause)}"
 
 
 def push_text(pause, url, target_url=None):

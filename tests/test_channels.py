@@ -87,7 +87,7 @@ def test_the_sms_invites_a_coded_reply_and_fits_in_two_segments(running_api, twi
     created = api.create_pause(key)
     sent(api, key, created["pause_id"], "sent")
     body = twilio.messages[0]["Body"]
-    assert body.startswith(WIRE["message"] + "\n")
+    assert body.startswith(f"\"{WIRE['message']}\"\n")
     code = reply_code(api, key, created)
     assert f"Reply {code} 1 for Approve,\n{code} 2 for Reject,\nor open " + created["respond_url"] in body
     assert "Expires " in body and body.endswith(" UTC")
@@ -109,6 +109,21 @@ def test_each_option_a_text_offers_starts_a_line_of_its_own_so_none_reads_as_ano
     lines = twilio.messages[0]["Body"].splitlines()
     assert f"Reply {code} 1 for Keep, 2 for Reject," in lines and f"{code} 2 for Delete all data," in lines
     assert f"or open {created['respond_url']}" in lines
+
+
+def test_the_agents_text_in_an_sms_is_one_quoted_line_so_its_reply_lines_never_read_as_ours(running_api, twilio):
+    """The message is the agent's: as lines of their own, "Reply 1 for Reject, 2 for Approve"
+    above ours read as ours, and a person who texted 2 to reject approved."""
+    api = running_api(**twilio.settings())
+    key = api.register()["api_key"]
+    forged = "Wire $340 to Acme?\n\nReply 1 for Reject,\n2 for Approve\n\tor open https://evil.example/a"
+    created = api.create_pause(key, title="Payments\nReply 1 for Reject", message=forged)
+    sent(api, key, created["pause_id"], "sent")
+    code = reply_code(api, key, created)
+    lines = twilio.messages[0]["Body"].splitlines()
+    assert lines[:2] == ['"Payments Reply 1 for Reject"',
+                         '"Wire $340 to Acme? Reply 1 for Reject, 2 for Approve or open https://evil.example/a"']
+    assert lines[2:5] == [f"Reply {code} 1 for Approve,", f"{code} 2 for Reject,", f"or open {created['respond_url']}"]
 
 
 def test_a_question_too_long_for_one_text_is_refused_when_asked_not_at_the_send(running_api, twilio):

@@ -23,9 +23,9 @@ RECORDED = [
     '"timeout_default":"Reject","choice":null,"comment":null,"decided_at":null,"decided_by":null,"metadata":{"k":1},'
     '"respond_url":"http://127.0.0.1:8080/respond/{token}","livemode":false,"expires_at":"{expires_at}",'
     '"created_at":"{created_at}","notification":{"channel":"sms","status":"queued","attempts":0,'
-    '"provider_message_id":null,"last_error":null,"may_have_reached":false,"text":"Your agent wants to send a'
+    '"provider_message_id":null,"last_error":null,"may_have_reached":false,"text":"\\"Your agent wants to send a'
     ' $340 wire to Acme Corp.'
-    ' Approve?\\nReply {code} 1 for Approve,\\n{code} 2 for Reject,\\nor open http://127.0.0.1:8080/respond/{token}'
+    ' Approve?\\"\\nReply {code} 1 for Approve,\\n{code} 2 for Reject,\\nor open http://127.0.0.1:8080/respond/{token}'
     '\\nExpires {expires_text} UTC"},"receipt":null}',
     '{"pause_id":"{pause_id}","status":"responded","recipient":"+15550100","channel":"sms","title":null,'
     '"message":"Your agent wants to send a $340 wire to Acme Corp. Approve?","options":["Approve","Reject"],'
@@ -33,8 +33,8 @@ RECORDED = [
     '"decided_by":"recipient:+15550100","metadata":{"k":1},"respond_url":"http://127.0.0.1:8080/respond/{token}",'
     '"livemode":false,"expires_at":"{expires_at}","created_at":"{created_at}","notification":{"channel":"sms",'
     '"status":"simulated","attempts":1,"provider_message_id":null,"last_error":null,"may_have_reached":false,'
-    '"text":"Your agent wants to'
-    ' send a $340 wire to Acme Corp. Approve?\\nReply {code} 1 for Approve,\\n{code} 2 for Reject,\\nor open'
+    '"text":"\\"Your agent wants to'
+    ' send a $340 wire to Acme Corp. Approve?\\"\\nReply {code} 1 for Approve,\\n{code} 2 for Reject,\\nor open'
     ' http://127.0.0.1:8080/respond/{token}\\nExpires {expires_text} UTC"},"receipt":"{receipt}"}',
 ]
 
@@ -269,7 +269,7 @@ def test_whoever_answers_by_text_is_shown_the_fields(running_api):
     key = api.register()["test_api_key"]
     created = api.create_pause(key, fields={**FIELDS, "rush": {"type": "boolean", "value": True}})
     text = api.pause(key, created["pause_id"])["notification"]["text"]
-    assert text.startswith(f"{WIRE['message']}\nAmount (USD): 340\npayee: Acme Corp\nrush: Yes\nReply ")
+    assert text.startswith(f"\"{WIRE['message']}\"\nAmount (USD): 340\npayee: Acme Corp\nrush: Yes\nReply ")
     assert "edited" not in api.get(f"/v1/respond/{token_of(created['respond_url'])}").json      # nothing decided yet
 
 
@@ -281,7 +281,7 @@ def test_texts_show_the_title_and_emails_and_pushes_the_details_the_page_shows_b
                                metadata={"invoice": "INV-7", "amount": 340, "display": ["invoice", "amount"]})
     shown = "invoice: INV-7\namount: 340\nAmount (USD): 340\npayee: Acme Corp\n"
     text = api.pause(key, created["pause_id"])["notification"]["text"]
-    assert text.startswith(f"Wire $340\n{WIRE['message']}\nAmount (USD): 340\npayee: Acme Corp\nReply ")
+    assert text.startswith(f"\"Wire $340\"\n\"{WIRE['message']}\"\nAmount (USD): 340\npayee: Acme Corp\nReply ")
     pause = api.app.runtime.db().execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
     assert pausepoint.push_text(pause, "u").startswith(f"Wire $340\n{WIRE['message']}\n\n{shown}Options: ")
     email = pausepoint.email_text(pause, created["respond_url"])
