@@ -5079,8 +5079,9 @@ def email_text(pause, url):
     """The plain-text part. What the agent wrote is quoted, "> " before each of its lines as a
     mail reply quotes, under a line of ours: its message may hold lines of any kind, and
     unquoted "Choose one:" or "Recorded: Reject, you may close this" read as ours, as on the
-    page outside its frame."""
-    options = "\n".join(f"  {option}: {url}?choice={urllib.parse.quote(option)}"
+    page outside its frame. An option's runs of spaces are one space, as on the page: "https://evil.example/a"
+    and 60 spaces before its last word would sit where its line's link seems to be, ours pushed out of sight."""
+    options = "\n".join(f"  {shorten(option, None)}: {url}?choice={urllib.parse.quote(option)}"
                         for option in json.loads(pause["options"]))
     listed = shown_lines(pause).rstrip()
     fields = listed and f"\n\n{listed}"

@@ -10,6 +10,7 @@ import re
 import ssl
 import subprocess
 import time
+import urllib.parse
 import uuid
 import xml.etree.ElementTree
 
@@ -290,6 +291,23 @@ def test_email_has_a_subject_naming_the_question_and_plain_and_html_parts(runnin
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert pause["notification"]["text"].startswith("Subject: Approval needed: ")
     assert pause["notification"]["provider_message_id"] == message["Message-ID"]
+
+
+def test_an_option_padded_with_spaces_pushes_no_answer_link_out_of_sight_in_the_plain_text(running_api,
+                                                                                            smtp_server):
+    """An option is the agent's text, on a line of ours: "https://evil.example/a" and 60 spaces
+    before its last word showed the agent's address where the line's link seems to be, and
+    pushed ours past the right edge of the reader's window."""
+    api = running_api(**smtp_settings(smtp_server))
+    key = api.register()["api_key"]
+    padded = "https://evil.example/a" + " " * 60 + "\u3000 \u2003Approve"
+    created = api.create_pause(key, channel="email", recipient="ada@example.com", options=[padded, "Reject"],
+                               timeout_default=None)
+    sent(api, key, created["pause_id"], "sent")
+    plain = smtp_server.messages[0].get_body(("plain",)).get_content()
+    link = f"{created['respond_url']}?choice={urllib.parse.quote(padded)}"
+    assert f"  https://evil.example/a Approve: {link}" in plain.splitlines()
+    assert api.pause(key, created["pause_id"])["options"] == [padded, "Reject"]      # kept as the agent wrote it
 
 
 def test_an_email_is_dated_when_its_question_was_queued_on_every_attempt(running_api, smtp_server):
