@@ -3295,7 +3295,7 @@ def respond_to_pause(conn, config, token, choice, comment, client, edits=None):
     """A human's answer through their respond link, with their `edits` to the pause's
     fields ({name: value}): the pause as they were asked it (asked_of()), or 404/409/410/422.
     An unknown token is 404 whatever else is wrong, so every guess counts as one."""
-    pause_by_token(conn, token)
+    refuse_if_closed(pause_by_token(conn, token))
     validate_body(COMMENT_SCHEMA, {"comment": comment})     # the page's form comes unchecked
     comment = comment_kept(comment)
     with transaction(conn):
@@ -3419,6 +3419,13 @@ def answered_alike(pause, choice, comment):
         return bool(mine) and (mine["choice"], mine["comment"]) == (choice, comment_kept(comment))
     return (pause["status"] == "responded" and pause["decided_by"] == f"recipient:{pause['recipient']}"
             and (pause["choice"], pause["comment"]) == (choice, comment_kept(comment)))
+
+
+def refuse_if_closed(pause):
+    """409 or 410 for a pause its person can no longer answer, before anything is said of their
+    answer: asked to correct a comment, they would try again on a request nobody can answer."""
+    refuse_if_decided(pause)
+    refuse_if_voted(pause)
 
 
 def refuse_if_voted(pause):
@@ -8018,6 +8025,12 @@ RESPONSE_SCHEMA = {
 }
 
 COMMENT_SCHEMA = {"type": "object", "properties": {"comment": RESPONSE_SCHEMA["properties"]["comment"]}}
+# An answer's form, which the program sending it got wrong (an unknown field, a number for a
+# choice) whatever the request's state. The comment's text is the person's, and is judged
+# (COMMENT_SCHEMA) only on a request still open: told to correct it, they would try again on
+# one nobody can answer any more.
+RESPONSE_FORM_SCHEMA = {**RESPONSE_SCHEMA, "properties": {**RESPONSE_SCHEMA["properties"], "comment": {
+    name: rule for name, rule in RESPONSE_SCHEMA["properties"]["comment"].items() if name not in ("pattern", "maxLength")}}}
 
 # Query parameters: the same, with whole numbers arriving as text.
 LIMIT = {"type": "integer", "minimum": 1, "maximum": 100, "default": 20,
@@ -8873,8 +8886,10 @@ def get_respond_json(rt, client, token):
     return respond_facts(pause, asker_name(rt.db(), pause))
 
 
-def post_respond_json(rt, client, body, token):
-    """Answer a pause, as its human: {"choice": …, "comment": …}."""
+def post_respond_json(rt, client, unchecked_body, token):
+    """Answer a pause, as its human: {"choice": …, "comment": …}. The body's form first, the
+    comment's text once respond_to_pause() has found the request still open."""
+    body = validate_body(RESPONSE_FORM_SCHEMA, unchecked_body.value)
     pause = guard_respond_link(rt, lambda: respond_to_pause(rt.db(), rt.config, token, body["choice"],
                                                             body.get("comment"), client, body.get("fields")))
     return respond_facts(pause, asker_name(rt.db(), pause))

@@ -209,6 +209,30 @@ def test_an_answer_on_the_page_after_the_decision_shows_the_decision_and_that_it
     assert [api.pause(key, p["pause_id"])["status"] for p in (decided, late)] == ["responded", "pending"]
 
 
+def test_a_comment_with_a_control_character_on_a_closed_request_is_told_it_is_closed(running_api):
+    """Asked to correct their comment, a person would try again on a request nobody can answer any more."""
+    api = running_api()
+    key = api.register()["test_api_key"]
+    decided, cancelled, late = api.create_pause(key), api.create_pause(key), api.create_pause(key)
+    forms = [api.get(respond_path(created, page=True)).forms[0] for created in (decided, cancelled, late)]
+    api.post_json(respond_path(decided), {"choice": "Approve"})
+    api.post(f"/v1/pause/{cancelled['pause_id']}/cancel", headers=api.as_key(key))
+    run_out(api.config, late["pause_id"])
+    comment = "ok\x07"
+    for created, form, status, code, why in ((decided, forms[0], 409, "already_decided", "had already been decided"),
+                                             (cancelled, forms[1], 409, "already_decided", "the agent had cancelled"),
+                                             (late, forms[2], 410, "expired", "the request had expired")):
+        error = api.post_json(respond_path(created), {"choice": "Reject", "comment": comment}, status=status).json
+        assert error["error"]["code"] == code
+        form["comment"] = comment
+        page = form.submit("choice", value="Reject", status=status).html
+        assert page.select_one("[role=alert]").text.startswith("Your answer was not recorded: ")
+        assert why in page.select_one("[role=alert]").text
+    pending = api.create_pause(key)
+    error = api.post_json(respond_path(pending), {"choice": "Reject", "comment": comment}, status=422).json["error"]
+    assert error["field"] == "comment"
+
+
 def test_a_double_tap_on_the_page_shows_the_answer_recorded_not_refused(api, developer):
     key = developer["test_api_key"]
     single = api.create_pause(key)
