@@ -10663,7 +10663,7 @@ def make_server(app, config, port=None):
     if config["server.trusted_proxy"]:
         options.update(trusted_proxy=config["server.trusted_proxy"],
                        trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
-    cannot_listen = f"cannot listen on {options['host']}:{options['port']} (server.host, server.port)"
+    cannot_listen = cannot_listen_on(options["host"], options["port"])
     try:
         adjustments = waitress.adjustments.Adjustments(**options)
     except ValueError as e:     # a name that could not be looked up: waitress's own words
@@ -10745,8 +10745,33 @@ def stored_state_warnings(conn, config):
                    " for three days is disabled")
 
 
+def cannot_listen_on(host, port):
+    return f"cannot listen on {host}:{port} (server.host, server.port)"
+
+
+def refuse_a_port_taken(config):
+    """The ConfigError make_server() would give for server.host and server.port, found by binding
+    each address as waitress does and letting it go: before a start makes, locks or migrates a
+    database, then fails all the same (another server, of an older release say, on the port)."""
+    host, port = config["server.host"], config["server.port"]
+    try:
+        addresses = waitress.adjustments.Adjustments(host=host, port=port).listen
+    except ValueError as e:     # a name that could not be looked up: waitress's own words
+        raise ConfigError(f"{cannot_listen_on(host, port)}: {e}") from None
+    for family, kind, protocol, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as e:
+                raise ConfigError(f"{cannot_listen_on(host, port)}: {e.strerror}") from None
+
+
 def serve(config):
     fewer_malloc_arenas()
+    refuse_a_port_taken(config)
     lock = only_server(config["database.path"])     # before anything reads or migrates the database
     refuse_before_opening(config["database.path"])
     refuse_a_database_gone(config["database.path"])

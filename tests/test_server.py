@@ -986,6 +986,23 @@ def test_a_server_that_cannot_start_says_why_in_one_sentence(tmp_path, listening
         assert stored(db, "SELECT count(*) FROM audit_events WHERE event_type != 'pause.created'") == [(0,)]
 
 
+def test_a_start_on_a_port_taken_makes_no_database_and_migrates_none(tmp_path, listening):
+    """It fails either way: nothing should be left behind to be taken for a server's database,
+    nor an old one upgraded that the running release (on that port, say) still reads."""
+    said = f"cannot listen on 127.0.0.1:{listening} (server.host, server.port): Address already in use"
+    one_sentence(run_cli(tmp_path, "--port", str(listening)), said)
+    assert os.listdir(tmp_path) == []
+    old = sqlite3.connect(tmp_path / "old.db")
+    with open(os.path.join(os.path.dirname(__file__), "schema_v16.sql"), encoding="utf-8") as f:
+        old.executescript(f.read())
+    old.execute("INSERT INTO schema_migrations VALUES (16, '2026-01-01T00:00:00.000Z')")
+    old.commit()
+    old.close()
+    one_sentence(run_cli(tmp_path, "--db", str(tmp_path / "old.db"), "--port", str(listening)), said)
+    assert stored(tmp_path / "old.db", "SELECT max(version) FROM schema_migrations") == [(16,)]
+    assert sorted(os.listdir(tmp_path)) == ["old.db"]
+
+
 @pytest.mark.parametrize("pipe", ["pipe.db", "pausepoint.db-journal", "pausepoint.db.keys.json"])
 def test_a_named_pipe_as_the_database_or_beside_it_is_refused_not_waited_on(tmp_path, pipe):
     db = tmp_path / ("pipe.db" if pipe == "pipe.db" else "pausepoint.db")
