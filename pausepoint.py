@@ -5245,6 +5245,47 @@ def smtp_failure(e, server, deadline):
     return ChannelError(f"{server}: {what}{unanswered}", may_have_reached=deadline.began_sending)
 
 
+# The shortest piece of a push target's URL that the log hides: a shorter one is guessed as
+# soon as read, and hidden wherever it occurs it would garble Apprise's words.
+SHORTEST_HIDDEN = 4
+
+
+class PushTargetsHidden(logging.Filter):
+    """Apprise's own log, with what the push targets' URLs hold past their scheme written as
+    '…', as shown_value() shows them: Apprise names where each push went, or failed to go,
+    and an ntfy topic is its password (whoever knows it reads every respond link pushed there)."""
+
+    def __init__(self, config):
+        super().__init__()
+        pieces = {piece for key, url in config.items() if CHANNEL_KEY.match(key) for piece in url_pieces(url)}
+        self.pieces = sorted(pieces, key=len, reverse=True)        # one inside another goes with the longer
+
+    def filter(self, record):
+        text = record.getMessage()
+        for piece in self.pieces:
+            text = text.replace(piece, "…")
+        record.msg, record.args = text, None
+        return True
+
+
+def url_pieces(url):
+    """What a URL holds past its scheme that may be secret, as written and decoded: its user,
+    password, host and port, each step of its path, each option's value."""
+    parts = urllib.parse.urlsplit(url)
+    written = [*re.split("[@:]", parts.netloc), *parts.path.split("/"),
+               *(value for _, value in urllib.parse.parse_qsl(parts.query))]
+    return {form for piece in written for form in (piece, urllib.parse.unquote(piece)) if len(form) >= SHORTEST_HIDDEN}
+
+
+def hide_push_targets_in_the_log(config):
+    """Have Apprise's log hide this config's push targets (PushTargetsHidden), and no longer
+    those of a config served before in this process."""
+    apprise_log = logging.getLogger("apprise")
+    for earlier in [f for f in apprise_log.filters if isinstance(f, PushTargetsHidden)]:
+        apprise_log.removeFilter(earlier)
+    apprise_log.addFilter(PushTargetsHidden(config))
+
+
 def send_apprise(target_url, config, notification, pause, deadline):
     """A push or chat message to an operator-named target (ntfy, Slack, Gotify, Matrix, …).
     Apprise opens its own connections, out of the deadline's reach, so it runs on a
@@ -11337,6 +11378,7 @@ def main(argv=None):
         config = load_config(path, overrides={"server.host": args.host, "server.port": args.port,
                                                      "database.path": args.db, "server.base_url": args.base_url})
         if args.command in (None, "serve"):
+            hide_push_targets_in_the_log(config)
             serve(config)
         else:
             return run_command(args, config)

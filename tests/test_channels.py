@@ -863,6 +863,24 @@ def test_an_unreachable_push_target_is_recorded_as_a_failed_attempt(running_api)
     assert "json://" in pause["notification"]["last_error"] and "127.0.0.1" not in pause["notification"]["last_error"]
 
 
+def test_the_server_log_never_shows_where_a_push_went_past_its_scheme(spawn_server, stubs):
+    """An ntfy topic is its password: whoever knows it reads every respond link pushed there.
+    Apprise logs the topic of each push it makes (and of each it fails to), at INFO and up."""
+    taken, refused = stubs(WebhookReceiver), stubs(WebhookReceiver, answers=[(500, {})] * 3)
+    server = spawn_server(env={"PAUSEPOINT_CHANNELS_OPS_URL": taken.url.replace("http://", "ntfy://") + "/t0p1c-ops",
+                               "PAUSEPOINT_CHANNELS_ONCALL_URL": refused.url.replace("http://", "ntfy://") + "/t0p1c-oncall"})
+    keys = requests.post(f"{server.url}/v1/auth/register",
+                         json={"email": "n@example.com", "name": "N", "password": "password123"}).json()
+    for channel in ("ops", "oncall"):
+        requests.post(f"{server.url}/v1/pause", headers={"Authorization": f"Bearer {keys['api_key']}"},
+                      json={**WIRE, "channel": channel, "recipient": channel}).raise_for_status()
+    taken.wait_for(1)
+    refused.wait_for(1)
+    wait_until(lambda: "ntfy" in server.output())       # Apprise has said how each went
+    server.stop()
+    assert "ntfy" in server.output() and "t0p1c" not in server.output()
+
+
 def test_api_callers_can_only_name_targets_never_supply_urls(running_api, receiver):
     api = running_api(**{"channels.ops.url": "json://127.0.0.1:9/x"})
     key = api.register()["test_api_key"]
