@@ -3051,7 +3051,7 @@ def refuse_a_text_too_long(config, asked, channel_name):
     text = channel.render(longest, respond_url(config, "x" * 43))
     if asked["reminders"]:
         # The first reminder says the most time left; the job may send it late, saying less.
-        text = reminder_text(text, longest_time_left(asked["timeout_seconds"] - 60 * min(asked["reminders"])))
+        text = reminder_text(channel, text, longest_time_left(asked["timeout_seconds"] - 60 * min(asked["reminders"])))
     length = len(text.encode("utf-16-le")) // 2
     if length > TEXT_MESSAGE_LIMIT:
         sent = "as a reminder repeats it" if asked["reminders"] else "as a text"
@@ -4048,8 +4048,8 @@ def remind(conn, config, pause, step, now):
     reminded, missed = [], []
     for person in people:
         try:
-            if queue_notification(conn, config, person, "reminder", now,
-                                  render=lambda channel, person, url: reminder_text(channel.render(person, url), left)):
+            if queue_notification(conn, config, person, "reminder", now, render=lambda channel, person, url:
+                                  reminder_text(channel, channel.render(person, url), left)):
                 reminded.append(person["recipient"])
         except ChannelError as e:       # their channel was removed from the config since
             missed.append({"recipient": person["recipient"], "error": str(e)})
@@ -4058,10 +4058,12 @@ def remind(conn, config, pause, step, now):
                      {"recipients": reminded, "left": left, **({"not_reminded": missed} if missed else {})}, when=now)
 
 
-def reminder_text(text, left):
-    """The question again, saying first that it is a reminder and how long is left."""
+def reminder_text(channel, text, left):
+    """The question again, saying first that it is a reminder and how long is left: in an
+    email's Subject line (email_text()). Only an email's text begins with one: a question
+    may begin "Subject: " too."""
     said = f"Reminder, {left} left: "
-    return "Subject: " + said + text.removeprefix("Subject: ") if text.startswith("Subject: ") else said + text
+    return "Subject: " + said + text.removeprefix("Subject: ") if channel.kind == "email" else said + text
 
 
 def escalate(conn, config, pause, step, now):

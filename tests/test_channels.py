@@ -1105,6 +1105,23 @@ def test_a_reply_to_a_reminder_counts_when_the_first_text_failed(running_api, tw
     assert api.pause(key, created["pause_id"])["choice"] == "Approve"
 
 
+def test_a_reminder_text_says_first_that_it_is_one_whatever_the_question_begins_with(running_api, twilio):
+    """Only an email's text begins with its Subject line; a question that itself begins
+    "Subject: " had its reminder's opening put after those words, in the middle of its own."""
+    api = running_api(**twilio.settings())
+    key = api.register()["api_key"]
+    created = api.post_json("/v1/pause", {**WIRE, "message": "Subject: the Q3 budget. Approve?",
+                                          "remind_after_minutes": [30]}, headers=api.as_key(key)).json
+    api.step("notifications")
+    stored(api.config, "UPDATE pause_steps SET due_at = '2000-01-01T00:00:00.000Z' WHERE pause_id = ?",
+           created["pause_id"])
+    api.step("steps")
+    api.step("notifications")
+    asked, reminder = [m["Body"] for m in twilio.messages]
+    assert asked.startswith("Subject: the Q3 budget. Approve?\n")
+    assert re.match(r"Reminder, [^:]+ left: Subject: the Q3 budget\. Approve\?\n", reminder)
+
+
 def test_a_reply_may_name_the_option_instead_of_its_number(sms_setup):
     api, config, keys = sms_setup
     created = api.create_pause(keys["api_key"])
