@@ -1105,19 +1105,21 @@ def test_a_reply_to_a_reminder_counts_when_the_first_text_failed(running_api, tw
     assert api.pause(key, created["pause_id"])["choice"] == "Approve"
 
 
-def test_a_reminder_text_says_first_that_it_is_one_whatever_the_question_begins_with(running_api, twilio):
+def test_a_reminder_text_says_first_that_it_is_one_whatever_the_question_begins_with(running_api, receiver):
     """Only an email's text begins with its Subject line; a question that itself begins
-    "Subject: " had its reminder's opening put after those words, in the middle of its own."""
-    api = running_api(**twilio.settings())
+    "Subject: " had its reminder's opening put after those words, in the middle of its own
+    (a push shows the question as written; a text quotes it)."""
+    api = running_api(**{"channels.ops.url": receiver.url.replace("http://", "json://") + "/ntfy"})
     key = api.register()["api_key"]
-    created = api.post_json("/v1/pause", {**WIRE, "message": "Subject: the Q3 budget. Approve?",
+    created = api.post_json("/v1/pause", {**WIRE, "channel": "ops", "recipient": "on-call engineer",
+                                          "message": "Subject: the Q3 budget. Approve?",
                                           "remind_after_minutes": [30]}, headers=api.as_key(key)).json
     api.step("notifications")
     stored(api.config, "UPDATE pause_steps SET due_at = '2000-01-01T00:00:00.000Z' WHERE pause_id = ?",
            created["pause_id"])
     api.step("steps")
     api.step("notifications")
-    asked, reminder = [m["Body"] for m in twilio.messages]
+    asked, reminder = [call["json"]["message"] for call in receiver.wait_for(2)]
     assert asked.startswith("Subject: the Q3 budget. Approve?\n")
     assert re.match(r"Reminder, [^:]+ left: Subject: the Q3 budget\. Approve\?\n", reminder)
 
