@@ -219,6 +219,7 @@ def load_config(path=None, environ=None, overrides=None):
         for key, value in flatten(table):
             key = renamed_setting(key, f"in {path}")
             config[key] = in_file[key] = check_setting(key, value, f"in {path}")
+        warn_if_credentials_shown_to_others(path, in_file)
     for name, raw in sorted((environ if environ is not None else os.environ).items()):
         if name.startswith("PAUSEPOINT_") and name not in AGENT_SIDE_VARIABLES:
             key = as_named_in_file(env_name_to_key(name), in_file, name, path)
@@ -363,6 +364,16 @@ def shown_value(key, value):
     if CHANNEL_KEY.match(key):
         return "a value not shown, which may hold a credential"
     return "a credential, not shown" if key in SECRET_SETTINGS else repr(value)
+
+
+def warn_if_credentials_shown_to_others(path, in_file):
+    """Log that others may read the config file at `path` when its settings (`in_file`) hold a
+    credential. The advice names the user the server runs as: in the container that is uid
+    10001, and a mounted file keeps the owner and mode it has on the host, where they are set."""
+    held = sorted(key for key, value in in_file.items() if value and (key in SECRET_SETTINGS or CHANNEL_KEY.match(key)))
+    if held:
+        warn_if_others_may_read(path, "the config file", f", owned by the user the server runs as (chown {os.getuid()}"
+                                f" it; a file mounted into a container, on the host): it holds {', '.join(held)}")
 
 
 def parse_text_value(key, raw, where):

@@ -257,3 +257,25 @@ def test_a_credential_in_the_config_is_never_written_to_the_log_or_a_message(tmp
     key = re.search(r"\[([\w.]+)\]\n(\w+)", text).group(1, 2)
     assert result.returncode == 2 and ".".join(key) in result.stderr, result.stderr
     assert "hunter2" not in result.stderr and "20242024" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("text, mode, warned", [
+    ("[smtp]\npassword = 'hunter2'\n", 0o644, True),
+    ("[channels.ops]\nurl = 'ntfy://ntfy.example.org/approvals'\n", 0o640, True),
+    ("[smtp]\npassword = 'hunter2'\n", 0o600, False),
+    ("[server]\nport = 9000\n[smtp]\npassword = ''\n", 0o644, False),      # no credential in it
+])
+def test_a_config_file_others_may_read_is_said_when_it_holds_a_credential(tmp_path, caplog, text, mode, warned):
+    path = write(tmp_path, text)
+    os.chmod(path, mode)
+    with caplog.at_level("WARNING", logger="pausepoint"):
+        load_config(path, environ={})
+    said = [record.getMessage() for record in caplog.records]
+    if not warned:
+        assert said == []
+        return
+    key = re.search(r"\[([\w.]+)\]\n(\w+)", text).group(1, 2)
+    assert said == [f"others than its owner may read or write the config file {path}: chmod 600 it, owned by"
+                    f" the user the server runs as (chown {os.getuid()} it; a file mounted into a container, on"
+                    f" the host): it holds {'.'.join(key)}"]
+    assert "hunter2" not in said[0] and "ntfy.example.org" not in said[0]
