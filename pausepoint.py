@@ -11637,7 +11637,7 @@ def verify_audit(path):
     for seq, developer_id, livemode, why in breaks:
         print(f"aud_{seq} ({developer_id}, {mode_name(livemode)}): {why}")
     if not breaks:
-        print(f"every audit chain holds: {events} events in {chains} chains")
+        print(f"every audit chain holds: {counted(events, 'event')} in {counted(chains, 'chain')}")
     for pause_id, developer_id, livemode, why in decisions:
         print(f"{pause_id} ({developer_id}, {mode_name(livemode)}): {why}")
     return 1 if print_receipt_breaks(path, receipts) or breaks or decisions else 0
@@ -11659,11 +11659,17 @@ def print_receipt_breaks(path, receipts):
     for pause_id, developer_id, livemode, why in breaks:
         print(f"{pause_id} ({developer_id}, {mode_name(livemode)}): its receipt does not hold: {why}")
     if not breaks:
-        print(f"every receipt checks: {checked} decided pauses say what their receipts do")
+        print("every receipt checks: " + counted(checked, "decided pause says what its receipt does",
+                                                 "decided pauses say what their receipts do"))
     if unknown:
-        print(f"{unknown} receipts were signed with a key the keys file no longer holds (lost: see --keys-lost), and"
-              " cannot be checked")
+        print(f"{counted(unknown, 'receipt was', 'receipts were')} signed with a key the keys file no longer holds"
+              " (lost: see --keys-lost), and cannot be checked")
     return bool(breaks)
+
+
+def counted(count, singular, plural=None):
+    """'1 chain', '2 chains': a count and what it counts, in the singular for one."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
 
 
 def whole_in_its_file(path):

@@ -646,7 +646,7 @@ def test_verify_audit_names_each_decided_pause_changed_behind_the_servers_back(a
     team = api.post_json("/v1/pause", TEAM, headers=api.as_key(key)).json
     for person in team["recipients"]:
         api.post_json(f"/v1/respond/{token_of(person['respond_url'])}", {"choice": "Approve", "comment": "fine"})
-    assert verify_audit(api.config) == (0, "every audit chain holds: 14 events in 1 chains\n"
+    assert verify_audit(api.config) == (0, "every audit chain holds: 14 events in 1 chain\n"
                                            "every receipt checks: 6 decided pauses say what their receipts do\n")
     commented, rechosen, swapped, other, forged_one = (pause["pause_id"] for pause in created)
     stored(api.config, "UPDATE pauses SET comment = NULL WHERE id = ?", commented)
@@ -664,7 +664,7 @@ def test_verify_audit_names_each_decided_pause_changed_behind_the_servers_back(a
     stored(api.config, "UPDATE pauses SET receipt = NULL, status = 'responded', choice = 'Approve' WHERE id = ?",
            unsigned)
     status, said = verify_audit(api.config)
-    assert status == 1 and said.splitlines()[0] == "every audit chain holds: 18 events in 1 chains"
+    assert status == 1 and said.splitlines()[0] == "every audit chain holds: 18 events in 1 chain"
     named = {line.split(" ")[0]: line for line in said.splitlines()[1:]}
     assert set(named) == {commented, rechosen, swapped, forged_one, team["pause_id"], broken, unsigned}
     assert "holds what this server never writes" in named[broken] and "its receipt was removed" in named[unsigned]
@@ -693,6 +693,15 @@ def test_verify_audit_names_no_pause_decided_before_receipts_for_having_none(tmp
                                        "every receipt checks: 0 decided pauses say what their receipts do\n")
 
 
+def test_verify_audit_counts_one_chain_and_one_pause_in_the_singular(running_api):
+    api = running_api()
+    key = api.register()["test_api_key"]
+    api.post_json(f"/v1/respond/{token_of(api.create_pause(key)['respond_url'])}", {"choice": "Approve"})
+    api.app.runtime.stop()
+    assert verify_audit(api.config) == (0, "every audit chain holds: 2 events in 1 chain\n"
+                                           "every receipt checks: 1 decided pause says what its receipt does\n")
+
+
 def test_verify_audit_says_which_receipts_it_could_not_check(running_api, capsys):
     api = running_api()
     key = api.register()["test_api_key"]
@@ -701,19 +710,19 @@ def test_verify_audit_says_which_receipts_it_could_not_check(running_api, capsys
     keys = pausepoint.signing_keys_path(api.config["database.path"])
     os.rename(keys, keys + ".gone")
     # Gone, not unreadable: running it as the server's user would find no more.
-    assert verify_audit(api.config) == (0, "every audit chain holds: 2 events in 1 chains\nreceipts not checked:"
+    assert verify_audit(api.config) == (0, "every audit chain holds: 2 events in 1 chain\nreceipts not checked:"
                                            f" there is no {keys} (a server makes it at its first start; put one"
                                            " lost back from the latest backup, beside which `backup` copies it)\n")
     with open(keys, "w", encoding="utf-8") as f:
         f.write("{")        # there, and cut short
-    assert verify_audit(api.config) == (0, "every audit chain holds: 2 events in 1 chains\nreceipts not checked:"
+    assert verify_audit(api.config) == (0, "every audit chain holds: 2 events in 1 chain\nreceipts not checked:"
                                            f" {keys} cannot be read (run this as the server's user, or keep the"
                                            " keys file beside a copy)\n")
     os.remove(keys)
     assert pausepoint.main(["--db", api.config["database.path"], "rotate-signing-key", "--keys-lost"]) == 0
     status, said = verify_audit(api.config)
-    assert status == 0 and said.endswith("every receipt checks: 0 decided pauses say what their receipts do\n1 receipts"
-                                         " were signed with a key the keys file no longer holds (lost: see"
+    assert status == 0 and said.endswith("every receipt checks: 0 decided pauses say what their receipts do\n1 receipt"
+                                         " was signed with a key the keys file no longer holds (lost: see"
                                          " --keys-lost), and cannot be checked\n")
 
 
