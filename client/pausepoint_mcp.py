@@ -89,6 +89,15 @@ ONLY_APPROVAL_IS_PERMISSION = (
     " a timeout (whatever its default), a cancellation or a pending answer all mean: do not proceed.")
 APPROVE = "Approve"
 
+
+def wait_described():
+    """How long a call waits, as the tools tell the model: the wait set when this server started."""
+    try:
+        return f"up to about {seconds('PAUSEPOINT_MCP_WAIT', '45'):g} s"
+    except ValueError:      # imported, not run as a script (which refuses it): settings() refuses it at each call
+        return "for a while"
+
+
 server = MCPServer("PausePoint", instructions=(
     "Ask a person before doing anything risky (spending money, deleting data, contacting people)."
     + ONLY_APPROVAL_IS_PERMISSION))
@@ -189,8 +198,8 @@ def create_once(calls, request, deadline):
     raise PausePointError(200, "bad_answer", f"{calls.base_url} answered a new request with a decided pause")
 
 
-@server.tool(description="Ask a person to approve something before you do it, and wait for the answer (up to"
-                         " about 45 s; if it is still pending, call wait_for_approval). The person is offered"
+@server.tool(description=f"Ask a person to approve something before you do it, and wait for the answer"
+                         f" ({wait_described()}; if it is still pending, call wait_for_approval). The person is offered"
                          " \"Approve\" and other_options (default: Reject)." + ONLY_APPROVAL_IS_PERMISSION)
 async def request_approval(question: str, ctx: Context, other_options: list[str] | None = None,
                            timeout_hours: float = 1.0, default: str | None = None) -> dict:
@@ -220,7 +229,7 @@ async def request_approval(question: str, ctx: Context, other_options: list[str]
         return {"status": "error", "approved": False, "error": e.message, "field": e.field}
 
 
-@server.tool(description="Keep waiting (up to about 45 s) for the answer to an earlier request_approval."
+@server.tool(description=f"Keep waiting ({wait_described()}) for the answer to an earlier request_approval."
                          + ONLY_APPROVAL_IS_PERMISSION)
 async def wait_for_approval(pause_id: str, ctx: Context) -> dict:
     try:

@@ -67,6 +67,15 @@ def test_the_tools_are_listed_with_their_schemas_and_the_warning(setup):
     assert "Only an explicit approval is permission" in tools["request_approval"].description
 
 
+@pytest.mark.parametrize("wait, said", [("20", "about 20 s"), ("7.5", "about 7.5 s"), (None, "about 45 s")])
+def test_the_tools_descriptions_say_the_wait_in_force(setup, wait, said):
+    async def steps(call, mcp):
+        return {tool.name: tool.description for tool in (await mcp.list_tools()).tools}
+    descriptions = with_mcp(*setup, steps, over_stdio=True, PAUSEPOINT_MCP_WAIT=wait)
+    for name in ("request_approval", "wait_for_approval"):
+        assert f"(up to {said}" in descriptions[name], descriptions[name]
+
+
 @pytest.mark.parametrize("other_options, choice, approved", [
     (None, "Approve", True),
     (["Reject", "Ask me tomorrow"], "Ask me tomorrow", False)])     # the model's own choices come after "Approve"
