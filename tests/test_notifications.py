@@ -74,7 +74,7 @@ def test_a_hung_mail_server_never_delays_sms(spawn_server, tmp_path, twilio):
         # Sent while every email claim is still waiting on the mail server.
         assert stored(db, stuck) == [(8,)]
         assert stored(db, "SELECT count(*) FROM notifications WHERE channel = 'email' AND last_error IS NOT NULL") == [(0,)]
-        assert twilio.messages[0]["Body"].startswith(WIRE["message"])
+        assert twilio.messages[0]["Body"].startswith(f"\"{WIRE['message']}\"\n")
         assert sms["pause_id"]
         # Each email attempt ends at its deadline and is retried later.
         wait_until(lambda: stored(db, "SELECT count(*) FROM notifications WHERE last_error LIKE '%no answer within 3 s%'")
