@@ -1791,12 +1791,26 @@ def not_json(constant):
     raise ValueError(f"{constant} is not JSON")
 
 
+# The longest number a JSON error quotes back: one longer is named by its length.
+NUMBER_QUOTED_AT_MOST = 40
+
+
 def finite_float(text):
     """A JSON number, which 1e400 is not once read: it would come back out as Infinity."""
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"{text} is too large a number")
+        raise ValueError(f"{text} is too large a number" if len(text) <= NUMBER_QUOTED_AT_MOST
+                         else f"a number of {len(text)} characters is too large")
     return value
+
+
+def whole_number(text):
+    """A JSON whole number. Python reads at most so many digits (4,300), and its own refusal
+    tells the sender to change a setting of the server's."""
+    digits, most = len(text.lstrip("-")), sys.get_int_max_str_digits()
+    if most and digits > most:
+        raise ValueError(f"a number of {digits} digits is too long to read")
+    return int(text)
 
 
 def error_body(status, code, message, field=None):
@@ -8360,7 +8374,8 @@ def read_json(config):
     if raw and bottle.request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
         raise ApiError(415, "unsupported_media_type", "send the body uncompressed, without a Content-Encoding header")
     try:
-        body = json.loads(raw or b"null", parse_constant=not_json, parse_float=finite_float)
+        body = json.loads(raw or b"null", parse_constant=not_json, parse_float=finite_float,
+                          parse_int=whole_number)
         where = lone_surrogate_at(body)
     except RecursionError:
         raise ApiError(400, "invalid_json", "the request body is nested too deeply to read") from None

@@ -371,6 +371,20 @@ def test_metadata_numbers_too_large_to_be_finite_are_400(api, developer):
     assert response.json["error"]["code"] == "invalid_json"
 
 
+def test_a_whole_number_too_long_to_read_is_400_saying_so_in_our_words(api, developer):
+    """Python reads at most 4,300 digits; its own message names a setting of the server's."""
+    body = json.dumps(WIRE)[:-1] + ', "metadata": {"a": 1' + "0" * 5_000 + "}}"
+    error = post_pause_text(api, developer, body, 400).json["error"]
+    assert error["code"] == "invalid_json"
+    assert error["message"] == "the request body is not valid JSON: a number of 5001 digits is too long to read"
+
+
+def test_a_number_too_large_to_be_finite_is_not_echoed_in_full(api, developer):
+    body = json.dumps(WIRE)[:-1] + ', "metadata": {"a": 1' + "0" * 3_000 + ".5}}"
+    error = post_pause_text(api, developer, body, 400).json["error"]
+    assert error["message"] == "the request body is not valid JSON: a number of 3003 characters is too large"
+
+
 # Lists far past their limit whose items are all distinct only when every pair is compared
 # (one item of another type keeps them from being sorted): a check of each pair took 36 s of
 # CPU for these options. And visible text far past its limit that then fails its pattern: an
