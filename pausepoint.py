@@ -4966,8 +4966,15 @@ def sms_text(pause, url, replies=True):
     Reject, 2 for Approve" read as ours, and a person who texted 2 to reject approved."""
     answer = (f"{reply_options(pause)},\nor open {url}" if replies
               else f"{' / '.join(json.loads(pause['options']))}: open {url}")
-    asked = "".join(f'"{shorten(text, None)}"\n' for text in (pause["title"], pause["message"]) if text)
-    return f"{asked}{fields_text(pause, ' ')}{answer}\nExpires {expiry_text(pause)}"
+    # Its fields' lines (label and value, both the agent's) are quoted too.
+    asked = [pause["title"], pause["message"], *fields_text(pause, " ").splitlines()]
+    return "".join(f"{quoted_line(text)}\n" for text in asked if text) + f"{answer}\nExpires {expiry_text(pause)}"
+
+
+def quoted_line(text):
+    """`text` on one line in double quotes it cannot close: a quote mark of its own would end
+    them early, and what follows read as ours, so its own are single ones (GSM-7 too)."""
+    return '"' + shorten(text, None).replace('"', "'") + '"'
 
 
 def push_text(pause, url, target_url=None):

@@ -269,7 +269,7 @@ def test_whoever_answers_by_text_is_shown_the_fields(running_api):
     key = api.register()["test_api_key"]
     created = api.create_pause(key, fields={**FIELDS, "rush": {"type": "boolean", "value": True}})
     text = api.pause(key, created["pause_id"])["notification"]["text"]
-    assert text.startswith(f"\"{WIRE['message']}\"\nAmount (USD): 340\npayee: Acme Corp\nrush: Yes\nReply ")
+    assert text.startswith(f"\"{WIRE['message']}\"\n\"Amount (USD): 340\"\n\"payee: Acme Corp\"\n\"rush: Yes\"\nReply ")
     assert "edited" not in api.get(f"/v1/respond/{token_of(created['respond_url'])}").json      # nothing decided yet
 
 
@@ -281,7 +281,7 @@ def test_texts_show_the_title_and_emails_and_pushes_the_details_the_page_shows_b
                                metadata={"invoice": "INV-7", "amount": 340, "display": ["invoice", "amount"]})
     shown = "invoice: INV-7\namount: 340\nAmount (USD): 340\npayee: Acme Corp\n"
     text = api.pause(key, created["pause_id"])["notification"]["text"]
-    assert text.startswith(f"\"Wire $340\"\n\"{WIRE['message']}\"\nAmount (USD): 340\npayee: Acme Corp\nReply ")
+    assert text.startswith(f"\"Wire $340\"\n\"{WIRE['message']}\"\n\"Amount (USD): 340\"\n\"payee: Acme Corp\"\nReply ")
     pause = api.app.runtime.db().execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
     assert pausepoint.push_text(pause, "u").startswith(f"Wire $340\n{WIRE['message']}\n\n{shown}Options: ")
     email = pausepoint.email_text(pause, created["respond_url"])
@@ -321,7 +321,7 @@ def test_a_text_field_on_several_lines_is_one_line_in_every_message_and_forges_n
     line = "payee: Acme Corp Reply 1 for Reject Approve: https://evil.example/a\n"
     for text in (api.pause(key, created["pause_id"])["notification"]["text"], pausepoint.push_text(pause, "u"),
                  pausepoint.email_text(pause, created["respond_url"])):
-        assert line in text
+        assert line in text or f'"{line.rstrip()}"\n' in text         # a text message quotes it
         assert not any(said.startswith(("Reply 1 for Reject", "  Approve: https://evil")) for said in text.splitlines())
     assert json.loads(pause["fields"])["payee"]["value"] == forged          # kept as written, for the agent
 
@@ -350,7 +350,7 @@ def test_a_number_is_shown_in_its_digits_never_in_exponent_notation(running_api)
     assert [p.text for p in page.html.select("p.field strong")] == [
         "0.00005", "1\u202f500\u202f000\u202f000\u202f000\u202f000\u202f000\u202f000"]
     text = api.pause(key, created["pause_id"])["notification"]["text"]
-    assert "btc: 0.00005\nunits: 1 500 000 000 000 000 000 000\n" in text
+    assert '"btc: 0.00005"\n"units: 1 500 000 000 000 000 000 000"\n' in text
     assert api.pause(key, created["pause_id"])["fields"]["btc"]["value"] == 5e-05      # the agent's number as sent
 
 
@@ -368,7 +368,7 @@ def test_long_numbers_are_shown_in_groups_of_three_no_reader_takes_for_a_decimal
     assert label == "amount (from 10\u202f000 to 2\u202f000\u202f000)"
     assert [p.text for p in page.html.select("p.field strong")] == ["-12\u202f345.675", "9999"]
     text = api.pause(key, created["pause_id"])["notification"]["text"]
-    assert "amount: 1 250 000\nrate: -12 345.675\nfee: 9999\n" in text
+    assert '"amount: 1 250 000"\n"rate: -12 345.675"\n"fee: 9999"\n' in text
     pause = api.app.runtime.db().execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
     shown = "amount: 1\u202f250\u202f000\nrate: -12\u202f345.675\nfee: 9999\n"
     assert shown in pausepoint.push_text(pause, "u")

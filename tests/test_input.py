@@ -371,6 +371,19 @@ def test_metadata_numbers_too_large_to_be_finite_are_400(api, developer):
     assert response.json["error"]["code"] == "invalid_json"
 
 
+def test_a_text_message_keeps_what_the_agent_wrote_inside_quotes_it_cannot_close(api, developer):
+    """A quote mark of the agent's own ended its quotes early, and a field's line had none:
+    what followed, "Reply 1 for Reject, 2 for Approve", read as ours, and a person who
+    texted 1 to reject approved."""
+    fake = "Reply 1 for Reject, 2 for Approve."
+    created = api.create_pause(developer["test_api_key"], message=f'Wire $340?" {fake} "Thanks',
+                               fields={"note": {"type": "string", "value": "x", "label": fake}})
+    text = api.pause(developer["test_api_key"], created["pause_id"])["notification"]["text"]
+    agents = [line for line in text.splitlines() if fake in line]
+    assert len(agents) == 2
+    assert all(line.startswith('"') and line.endswith('"') and line.count('"') == 2 for line in agents), text
+
+
 def test_a_whole_number_too_long_to_read_is_400_saying_so_in_our_words(api, developer):
     """Python reads at most 4,300 digits; its own message names a setting of the server's."""
     body = json.dumps(WIRE)[:-1] + ', "metadata": {"a": 1' + "0" * 5_000 + "}}"
