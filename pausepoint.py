@@ -9729,6 +9729,7 @@ def create_app(config):
     # Every error Bottle makes itself, not only the usual ones: its own page for the rest
     # (static_file()'s 416 for a Range past the end, say) has none of the pages' headers.
     app.default_error_handler = bottle_error
+    app.add_hook("before_request", refuse_a_path_not_utf8)
     for spec in ROUTES:
         app.route(spec.path, spec.method, spec.handler, spec=spec)
     if rt.cookies.secure:
@@ -9825,6 +9826,16 @@ class ErrorLog:
             self.seen[key] = (time.monotonic(), 0)
         log.error("unexpected error on %s %s%s", method, route,
                   f" ({repeats} more like it in the last minute)" if repeats else "", exc_info=error)
+
+
+def refuse_a_path_not_utf8():
+    """400 for a path that is not UTF-8 once its %-escapes are decoded. Bottle drops the bytes
+    that are not ('ignore'), so /v1/pause/psr_…%FF read the pause psr_…, and /v1/pause/%FF
+    was "no such endpoint: GET /v1/pause/"."""
+    try:
+        bottle.request.environ["bottle.raw_path"].encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise bottle.HTTPError(400, "the request's path is not UTF-8 once its %-escapes are decoded") from None
 
 
 def bottle_error(error):

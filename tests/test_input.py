@@ -384,6 +384,16 @@ def test_a_text_message_keeps_what_the_agent_wrote_inside_quotes_it_cannot_close
     assert all(line.startswith('"') and line.endswith('"') and line.count('"') == 2 for line in agents), text
 
 
+def test_a_path_that_is_not_utf8_is_400_not_read_as_another(api, developer):
+    """Bottle dropped the bytes of a path that are not UTF-8: /v1/pause/{id}%FF read that
+    pause, and /v1/pause/%FF was "no such endpoint: GET /v1/pause/"."""
+    created = api.create_pause(developer["test_api_key"])
+    auth = api.as_key(developer["test_api_key"])
+    for path in (f"/v1/pause/{created['pause_id']}%FF", "/v1/pause/%FF", f"/v1/respond/{token_of(created['respond_url'])}%C3"):
+        error = api.get(path, headers=auth, status=400).json["error"]
+        assert error["code"] == "bad_request" and "not UTF-8" in error["message"], path
+
+
 def test_a_whole_number_too_long_to_read_is_400_saying_so_in_our_words(api, developer):
     """Python reads at most 4,300 digits; its own message names a setting of the server's."""
     body = json.dumps(WIRE)[:-1] + ', "metadata": {"a": 1' + "0" * 5_000 + "}}"
