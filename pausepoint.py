@@ -187,6 +187,9 @@ RENAMED_SETTINGS = {"webhooks.workers": "outbound.workers"}
 PLAN_KEY = re.compile(r"^plans\.([a-z][a-z0-9_-]{0,31})\.monthly_pauses$")
 # So are push and chat targets: [channels.ops] url = "ntfy://ntfy.example.org/approvals".
 CHANNEL_KEY = re.compile(r"^channels\.([a-z][a-z0-9_-]{0,31})\.url$")
+# And who may use each: developers = ["ada@example.com"] (their accounts' emails), or ["*"]
+# for all. Without the list every developer may, as before there was one.
+CHANNEL_DEVELOPERS_KEY = re.compile(r"^channels\.([a-z][a-z0-9_-]{0,31})\.developers$")
 BUILT_IN_CHANNELS = ("sms", "whatsapp", "email", "link")
 
 # One client address may hold at most this many fewer threads than there are, so
@@ -235,6 +238,7 @@ def load_config(path=None, environ=None, overrides=None):
         # "2001:DB8::1" was exempt from the per-client shares here but never believed there.
         config["server.trusted_proxy"] = as_a_socket_writes(config["server.trusted_proxy"])
     twilio_complete(config)
+    refuse_developers_without_a_target(config)
     return config
 
 
@@ -275,11 +279,11 @@ AGENT_SIDE_VARIABLES = frozenset({"PAUSEPOINT_URL", "PAUSEPOINT_API_KEY", "PAUSE
 
 def env_name_to_key(name):
     """PAUSEPOINT_SERVER_BASE_URL -> server.base_url; PAUSEPOINT_PLANS_TEAM_MONTHLY_PAUSES ->
-    plans.team.monthly_pauses; PAUSEPOINT_CHANNELS_OPS_URL -> channels.ops.url."""
+    plans.team.monthly_pauses; PAUSEPOINT_CHANNELS_OPS_URL -> channels.ops.url (and _DEVELOPERS)."""
     for key in [s.key for s in SETTINGS] + list(RENAMED_SETTINGS):
         if name == "PAUSEPOINT_" + key.replace(".", "_").upper():
             return renamed_setting(key, f"${name}")
-    for section, leaf in (("PLANS", "MONTHLY_PAUSES"), ("CHANNELS", "URL")):
+    for section, leaf in (("PLANS", "MONTHLY_PAUSES"), ("CHANNELS", "URL"), ("CHANNELS", "DEVELOPERS")):
         match = re.fullmatch(f"PAUSEPOINT_{section}_([A-Z][A-Z0-9_]*)_{leaf}", name)
         if match:
             return f"{section.lower()}.{match.group(1).lower()}.{leaf.lower()}"
@@ -295,10 +299,12 @@ def did_you_mean(name, known):
 
 def as_named_in_file(key, in_file, name, path):
     """A variable's name has no hyphen: $PAUSEPOINT_CHANNELS_TEAM_CHAT_URL sets the file's
-    [channels.team-chat] where the file defines it, not a second channel team_chat."""
-    if not (PLAN_KEY.match(key) or CHANNEL_KEY.match(key)):
+    [channels.team-chat] where the file defines it (by any of its keys), not a second channel team_chat."""
+    if not (PLAN_KEY.match(key) or CHANNEL_KEY.match(key) or CHANNEL_DEVELOPERS_KEY.match(key)):
         return key
-    spellings = sorted(written for written in in_file if written.replace("-", "_") == key)
+    section, asked, leaf = key.split(".")
+    names = {written.split(".")[1] for written in in_file if written.startswith(section + ".")}
+    spellings = sorted(f"{section}.{named}.{leaf}" for named in names if named.replace("-", "_") == asked)
     if len(spellings) > 1:
         raise ConfigError(f"${name} could set {' or '.join(spellings)} in {path}: rename one of them")
     return spellings[0] if spellings else key
@@ -309,6 +315,8 @@ def setting_type(key):
         return int
     if CHANNEL_KEY.match(key):
         return str
+    if CHANNEL_DEVELOPERS_KEY.match(key):
+        return list
     if key not in SETTINGS_BY_KEY:
         raise ConfigError(f"unknown setting: {key}" + did_you_mean(key, list(SETTINGS_BY_KEY)))
     return type(SETTINGS_BY_KEY[key].default)
@@ -336,7 +344,26 @@ def open_setting_problem(key, value):
         return f"names a built-in channel; choose another name than {', '.join(BUILT_IN_CHANNELS)}"
     if channel and not apprise_understands(value):
         return "is not a notification URL Apprise understands (e.g. ntfy://host/topic, slack://…, gotify://…)"
+    if CHANNEL_DEVELOPERS_KEY.match(key):
+        return developers_list_problem(value)
     return None
+
+
+def developers_list_problem(value):
+    """What is wrong with a [channels.NAME] developers list, or None."""
+    if not all(isinstance(item, str) and (item == "*" or EMAIL.match(item)) for item in value):
+        return 'must be a list of developers\' account emails (["ada@example.com"]), or ["*"] for every developer'
+    if "*" in value and len(value) > 1:
+        return 'must be ["*"] alone or a list of emails: "*" lets every developer use the target already'
+    return None
+
+
+def refuse_developers_without_a_target(config):
+    """A developers list for a target with no url is one for a target misnamed, or removed."""
+    for key in config:
+        listed = CHANNEL_DEVELOPERS_KEY.match(key)
+        if listed and f"channels.{listed.group(1)}.url" not in config:
+            raise ConfigError(f"{key} is set, but channels.{listed.group(1)}.url is not: there is no such target")
 
 
 def apprise_understands(url):
@@ -390,6 +417,8 @@ def parse_text_value(key, raw, where):
         except ValueError:
             expected = "a whole number" if kind is int else "a number"
             raise ConfigError(f"{key} must be {expected} ({where} is {raw!r})") from None
+    if kind is list:            # comma-separated, as a TOML list can say nothing a variable cannot
+        return [item.strip() for item in raw.split(",") if item.strip()]
     return raw
 
 
@@ -398,7 +427,8 @@ def check_setting(key, value, where):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not kind:
-        expected = {str: "a string", int: "a whole number", float: "a number", bool: "true or false"}[kind]
+        expected = {str: "a string", int: "a whole number", float: "a number", bool: "true or false",
+                    list: "a list"}[kind]
         raise ConfigError(f"{key} must be {expected} ({where} it is {shown_value(key, value)})")
     if kind is str and "\0" in value:      # TOML can spell one; a path holding it fails as no sentence says
         raise ConfigError(f"{key} must not contain a NUL character ({where} it is {shown_value(key, value)})")

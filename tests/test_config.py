@@ -211,6 +211,34 @@ def test_a_variable_that_could_name_two_channels_stops_start_up_naming_both(tmp_
                                 f" channels.team_chat.url in {path}: rename one of them")
 
 
+def test_who_may_use_a_push_target_can_be_set_from_the_environment_as_a_comma_separated_list(tmp_path):
+    config = load_config(environ={"PAUSEPOINT_CHANNELS_OPS_URL": "ntfy://ntfy.example.org/ops",
+                                  "PAUSEPOINT_CHANNELS_OPS_DEVELOPERS": "ada@example.com, bo@example.com,",
+                                  "PAUSEPOINT_CHANNELS_ALL_URL": "ntfy://ntfy.example.org/all",
+                                  "PAUSEPOINT_CHANNELS_ALL_DEVELOPERS": "*"})
+    assert config["channels.ops.developers"] == ["ada@example.com", "bo@example.com"]
+    assert config["channels.all.developers"] == ["*"]
+    # As the url's variable does, it sets the list of the file's [channels.team-chat].
+    path = write(tmp_path, '[channels.team-chat]\nurl = "ntfy://ntfy.example.org/team"\n')
+    config = load_config(path, environ={"PAUSEPOINT_CHANNELS_TEAM_CHAT_DEVELOPERS": "ada@example.com"})
+    assert config["channels.team-chat.developers"] == ["ada@example.com"]
+
+
+@pytest.mark.parametrize("text, environ, said", [
+    ("[channels.ops]\nurl = 'ntfy://ntfy.example.org/ops'\ndevelopers = 'ada@example.com'\n", {},
+     "channels.ops.developers must be a list"),
+    ("[channels.ops]\nurl = 'ntfy://ntfy.example.org/ops'\ndevelopers = ['ada']\n", {},
+     "channels.ops.developers must be a list of developers' account emails"),
+    ("[channels.ops]\nurl = 'ntfy://ntfy.example.org/ops'\n", {"PAUSEPOINT_CHANNELS_OPS_DEVELOPERS": "*, ada@example.com"},
+     'channels.ops.developers must be ["*"] alone or a list of emails'),
+    ("[channels.ops]\ndevelopers = ['ada@example.com']\n", {},
+     "channels.ops.developers is set, but channels.ops.url is not: there is no such target"),
+])
+def test_a_bad_developers_list_stops_start_up_naming_the_key(tmp_path, text, environ, said):
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        load_config(write(tmp_path, text), environ=environ)
+
+
 def test_a_renamed_setting_still_works_under_its_old_name(tmp_path):
     assert load_config(write(tmp_path, "[webhooks]\nworkers = 12\n"), environ={})["outbound.workers"] == 12
     assert load_config(environ={"PAUSEPOINT_WEBHOOKS_WORKERS": "6"})["outbound.workers"] == 6
