@@ -2059,8 +2059,8 @@ def endpoints_set_by(conn, developer_id, livemode, actor):
 
 @dataclasses.dataclass(frozen=True)
 class Caller:
-    """Who a request speaks for: a developer, in one mode, through one API key or
-    (with key_hint None) signed in to the dashboard as `email`."""
+    """Who a request speaks for: a developer (whose account's email is `email`), in one mode,
+    through one API key or (with key_hint None) signed in to the dashboard."""
     developer_id: str
     livemode: int
     key_hint: str
@@ -2104,14 +2104,14 @@ def authenticate(conn, authorization):
         raise ApiError(401, "unauthorized", "send your API key as 'Authorization: Bearer pp_live_…' or 'pp_test_…'")
     digest = key_digest(key)
     row = conn.execute(
-        "SELECT k.key_hash, k.developer_id, k.livemode, k.hint, d.plan FROM api_keys k"
+        "SELECT k.key_hash, k.developer_id, k.livemode, k.hint, d.plan, d.email FROM api_keys k"
         " JOIN developers d ON d.id = k.developer_id WHERE k.key_hash = ? AND k.revoked_at IS NULL",
         (digest,)).fetchone()
     # The lookup is by digest, so timing reveals nothing about the key; the
     # constant-time compare keeps it that way if the lookup ever changes.
     if row is None or not hmac.compare_digest(row["key_hash"], digest):
         raise ApiError(401, "unauthorized", unknown_key_message(key))
-    return Caller(row["developer_id"], row["livemode"], row["hint"], row["plan"])
+    return Caller(row["developer_id"], row["livemode"], row["hint"], row["plan"], row["email"])
 
 
 def unknown_key_message(key):
@@ -4845,6 +4845,23 @@ LABEL_RECIPIENT = {"type": "string", "maxLength": 200,
                    "x-message": "recipient must be text of at most 200 characters: who is expected to answer"}
 
 
+def may_use_channel(config, name, email):
+    """Whether the developer whose account has `email` (None: no one known) may name channel
+    `name`: every built-in channel and every push target without a developers list they may.
+    Emails are told apart as accounts are, without regard to ASCII case."""
+    allowed = config.get(f"channels.{name}.developers")
+    return allowed is None or "*" in allowed or (email or "").lower() in (item.lower() for item in allowed)
+
+
+def as_seen_by(config, email):
+    """The config as the developer with `email` may use it (None: as every developer may):
+    without the push targets whose developers list leaves them out. To them such a target is
+    no channel at all, so naming it is refused as an unknown name is, and nothing lists it."""
+    hidden = tuple(f"channels.{listed.group(1)}." for listed in map(CHANNEL_DEVELOPERS_KEY.match, config)
+                   if listed and not may_use_channel(config, listed.group(1), email))
+    return {key: value for key, value in config.items() if not key.startswith(hidden)} if hidden else config
+
+
 def known_channel(config, name):
     """The named channel; ChannelError once the operator has removed it from the config."""
     channel = channels(config).get(name)
@@ -7275,8 +7292,9 @@ class Runtime:
 
     @functools.cached_property
     def openapi(self):
-        """This server's OpenAPI document, built when first asked for: it takes 6 ms."""
-        return openapi_document(self.config)
+        """This server's OpenAPI document, built when first asked for: it takes 6 ms. Anyone
+        may read it, so it names only the channels every developer may use."""
+        return openapi_document(as_seen_by(self.config, None))
 
     def db(self):
         """This thread's connection. A job's thread keeps its own, which sqlite3 keeps to
@@ -8636,9 +8654,9 @@ def rotate(rt, body):
                           " secrets" if endpoints else "")}
 
 
-def post_pause(rt, caller, unchecked_body):
+def post_pause(rt, caller, config, unchecked_body):
     """Ask a human: create a pause and send its notification."""
-    pause, replayed = create_pause(rt.db(), rt.config, caller, unchecked_body, request_header("Idempotency-Key"),
+    pause, replayed = create_pause(rt.db(), config, caller, unchecked_body, request_header("Idempotency-Key"),
                                    rt.limiter, rt.wal)
     if replayed:
         bottle.response.set_header("Idempotent-Replayed", "true")
@@ -8735,10 +8753,10 @@ def list_events(rt, caller, query):
     return json_answer('{"events": [%s]}' % ", ".join(events))
 
 
-def list_channels(rt, caller):
-    """The channels this server can notify through, and whether each is configured."""
-    return {"channels": [{"name": c.name, "kind": c.kind, "configured": not c.missing_settings(rt.config)}
-                         for c in channels(rt.config).values()]}
+def list_channels(caller, config):
+    """The channels this server can notify through for the caller, and whether each is configured."""
+    return {"channels": [{"name": c.name, "kind": c.kind, "configured": not c.missing_settings(config)}
+                         for c in channels(config).values()]}
 
 
 def get_audit(rt, caller, query):
@@ -9664,7 +9682,8 @@ UncheckedBody = collections.namedtuple("UncheckedBody", "value check")
 class Handlers:
     """The Bottle plugin between each route and its handler. It hands the handler what
     its parameters name, as bottle-sqlite hands `db`: rt; caller, from the API key;
-    body, the JSON body checked against the route's schema (or unchecked_body, an
+    config, the settings as the caller sees them (as_seen_by()); body, the JSON body
+    checked against the route's schema as made of those (or unchecked_body, an
     UncheckedBody); query, the route's parameters, checked; client, the address and user
     agent. A refusal becomes the one JSON error shape (or a page, on pages); anything
     unexpected a logged 500."""
@@ -9679,9 +9698,18 @@ class Handlers:
         if spec is None:
             return callback
         wanted = set(inspect.signature(callback).parameters)
-        schema = spec.body(self.rt.config) if callable(spec.body) else spec.body
-        validators = (schema and SchemaValidator(schema),
-                      SchemaValidator({"type": "object", "properties": spec.query}))
+        query_validator = SchemaValidator({"type": "object", "properties": spec.query})
+        # Made once for each set of settings callers do not see (the push targets their developers
+        # lists leave them out of): as few as the lists that differ.
+        body_schemas = {}
+
+        def body_schema(config):
+            """(schema, validator) of the route's body for a caller who sees `config`."""
+            hidden = frozenset(self.rt.config.keys() - config.keys()) if callable(spec.body) else frozenset()
+            if hidden not in body_schemas:
+                schema = spec.body(config) if callable(spec.body) else spec.body
+                body_schemas[hidden] = schema, schema and SchemaValidator(schema)
+            return body_schemas[hidden]
 
         def handler(**path):
             # A long poll that parks is served again later: it is timed once, when answered,
@@ -9693,7 +9721,7 @@ class Handlers:
             address = (client_limited_as(), bottle.request.environ.get("pausepoint.party", ""))
             try:
                 with self.rt.turns.taken(address):
-                    answer = callback(**path, **self.given(spec, wanted, schema, validators))
+                    answer = callback(**path, **self.given(spec, wanted, body_schema, query_validator))
                 if isinstance(answer, bottle.HTTPResponse) and inspect.isgenerator(answer.body):
                     answer.body = self.rt.turns.each_in_turn(answer.body, address)     # a download
             except ApiError as e:
@@ -9717,7 +9745,7 @@ class Handlers:
             return answer
         return handler
 
-    def given(self, spec, wanted, schema, validators):
+    def given(self, spec, wanted, body_schema, query_validator):
         """What the handler's parameters name, in the order refusals should come: an
         unknown key (401) before a rate limit (429) before an unknown query parameter
         before a bad body (4xx), on every route."""
@@ -9726,6 +9754,9 @@ class Handlers:
             given["rt"] = rt
         if "caller" in wanted:
             given["caller"] = authenticated(rt)
+        config = as_seen_by(rt.config, given["caller"].email if "caller" in given else None)
+        if "config" in wanted:
+            given["config"] = config
         if spec.auth == "session":
             session = given["session"] = signed_in(rt)
         if spec.method == "POST" and spec.auth in ("session", "form"):
@@ -9739,13 +9770,14 @@ class Handlers:
             if unknown:
                 raise invalid(unknown[0], f"unknown query parameter {unknown[0]!r}"
                                           + (f"; allowed: {', '.join(spec.query)}" if spec.query else "; this takes none"))
+        schema, validator = body_schema(config)
         if "body" in wanted:
-            given["body"] = validate_body(schema, read_json(rt.config), validators[0])
+            given["body"] = validate_body(schema, read_json(rt.config), validator)
         if "unchecked_body" in wanted:      # checked by the handler, after what it must do first
             body = read_json(rt.config)
-            given["unchecked_body"] = UncheckedBody(body, lambda: validate_body(schema, body, validators[0]))
+            given["unchecked_body"] = UncheckedBody(body, lambda: validate_body(schema, body, validator))
         if "query" in wanted:
-            given["query"] = read_query(spec.query, validators[1])
+            given["query"] = read_query(spec.query, query_validator)
         if "client" in wanted:
             given["client"] = client_facts()
         return {name: value for name, value in given.items() if name in wanted}

@@ -929,6 +929,70 @@ def test_the_channel_list_names_kinds_and_readiness_but_never_credentials(runnin
     api.get("/v1/channels", status=401)
 
 
+# -- who may use a push target ----------------------------------------------------------------
+
+# The ways a pause names a channel: its own, a team member's, an escalation step's.
+NAMING = {
+    "channel": lambda channel: {**WIRE, "recipient": "on-call", "channel": channel},
+    "recipients": lambda channel: {**QUESTION, "recipients": [{"recipient": "+15550100", "channel": "sms"},
+                                                              {"recipient": "on-call", "channel": channel}]},
+    "escalation": lambda channel: {**WIRE, "escalation": [{"after_minutes": 60, "recipient": "on-call",
+                                                            "channel": channel}]},
+}
+
+
+def listed_target(running_api, developers, **settings):
+    """An app whose push target ops is for `developers`, with Ada and a stranger registered:
+    (api, Ada's keys, the stranger's keys)."""
+    api = running_api(**{"channels.ops.url": "json://127.0.0.1:9/ops", "channels.ops.developers": developers},
+                      **settings)
+    return api, api.register("ada@example.com"), api.register("stranger@example.com")
+
+
+def test_a_developer_a_push_target_lists_may_use_it_however_their_email_is_cased(running_api, receiver):
+    target = receiver.url.replace("http://", "json://") + "/ops"
+    api = running_api(**{"channels.ops.url": target, "channels.ops.developers": ["ada@example.com"]})
+    key = api.register("Ada@Example.com")["api_key"]
+    created = api.create_pause(key, channel="ops", recipient="on-call engineer")
+    sent(api, key, created["pause_id"], "sent")
+    [call] = receiver.wait_for(1)
+    assert created["respond_url"] in call["json"]["message"]
+
+
+@pytest.mark.parametrize("naming", NAMING)
+def test_a_developer_a_push_target_does_not_list_is_refused_it_as_an_unknown_channel(running_api, naming):
+    api, ada, stranger = listed_target(running_api, ["ada@example.com"])
+    body = NAMING[naming]
+    api.post_json("/v1/pause", body("ops"), headers=api.as_key(ada["test_api_key"]), status=201)
+    for key in (stranger["test_api_key"], stranger["api_key"]):
+        refused = api.post_json("/v1/pause", body("ops"), headers=api.as_key(key), status=422).json
+        unknown = api.post_json("/v1/pause", body("nosuch"), headers=api.as_key(key), status=422).json
+        assert refused == unknown and "ops" not in refused["error"]["message"]
+    assert stored(api.config, "SELECT developer_id FROM pauses") == [(ada["developer_id"],)]
+
+
+def test_a_push_target_is_listed_only_to_the_developers_it_lists(running_api):
+    api, ada, stranger = listed_target(running_api, ["ada@example.com"])
+    for keys, listed in ((ada, True), (stranger, False)):
+        response = api.get("/v1/channels", headers=api.as_key(keys["test_api_key"]))
+        assert ("ops" in {channel["name"] for channel in response.json["channels"]}) is listed
+    assert "ops" not in response.text
+    # The API document is anyone's to read: it names only the channels every developer may use.
+    channel = api.get("/v1/openapi.json").json["paths"]["/v1/pause"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]["properties"]["channel"]
+    assert "ops" not in channel["enum"] and "ops" not in channel["x-message"] and "sms" in channel["enum"]
+
+
+def test_a_star_opens_a_push_target_to_every_developer(running_api):
+    api, ada, stranger = listed_target(running_api, ["*"])
+    for keys in (ada, stranger):
+        api.create_pause(keys["test_api_key"], channel="ops", recipient="on-call")
+        listed = api.get("/v1/channels", headers=api.as_key(keys["test_api_key"])).json["channels"]
+        assert "ops" in {channel["name"] for channel in listed}
+    assert api.get("/v1/openapi.json").json["paths"]["/v1/pause"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]["properties"]["channel"]["enum"].count("ops") == 1
+
+
 # -- SMS replies ------------------------------------------------------------------------------
 
 INBOUND_PATH = "/v1/twilio/inbound"
