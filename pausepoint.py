@@ -10873,6 +10873,7 @@ def stored_state_warnings(conn, config):
                f" dashboard's operator page ({row['changed_by']}, {api_time(row['changed_at'])}) has registration"
                f" {'open' if is_open else 'closed'}, and the switch wins: change it there (/dashboard/operator),"
                " not in the config")
+    yield from push_target_warnings(conn, config, is_open)
     unconfigured = query_db(conn, "SELECT plan, count(*) AS developers FROM developers GROUP BY plan")
     unconfigured = [row for row in unconfigured if row["plan"] not in plans(config)]
     if unconfigured:
@@ -10892,6 +10893,24 @@ def stored_state_warnings(conn, config):
                    " respond links, until each is changed to https:// (or webhooks.allow_private is set, for"
                    " receivers on your own network); their deliveries are retried meanwhile, and an endpoint failing"
                    " for three days is disabled")
+
+
+def push_target_warnings(conn, config, registration_is_open):
+    """Push targets anyone who registers may use, and developers lists naming an email no
+    account has: a typo there locks out the developer meant, and lets in whoever takes it."""
+    targets = [name for name, channel in channels(config).items() if channel.kind == "apprise"]
+    for name in targets:
+        listed = config.get(f"channels.{name}.developers")
+        if listed is None and registration_is_open:
+            yield (f"push target {name!r} has no developers list, and registration is open: anyone who registers may"
+                   " send questions to it, and links of their choosing with them; list who may use it"
+                   f' ([channels.{name}] developers = ["you@example.com"], or ["*"] for every developer)')
+        unheld = [email for email in listed or () if email != "*"
+                  and not conn.execute("SELECT 1 FROM developers WHERE email = ?", (email,)).fetchone()]
+        if unheld:
+            yield (f"channels.{name}.developers lists {', '.join(unheld)}, which no developer's account has: the"
+                   " developer meant cannot use the target"
+                   + (", and whoever registers with that email can" if registration_is_open else ""))
 
 
 def cannot_listen_on(host, port):

@@ -993,6 +993,25 @@ def test_a_star_opens_a_push_target_to_every_developer(running_api):
         "application/json"]["schema"]["properties"]["channel"]["enum"].count("ops") == 1
 
 
+def test_a_push_target_open_to_anyone_who_registers_is_warned_of_at_start(running_api):
+    api = running_api(**{"channels.ops.url": "json://127.0.0.1:9/ops", "channels.all.url": "json://127.0.0.1:9/all",
+                         "channels.all.developers": ["*"]})
+    warned = list(pausepoint.stored_state_warnings(api.app.runtime.db(), api.config))
+    assert [warning for warning in warned if "push target" in warning] == [
+        "push target 'ops' has no developers list, and registration is open: anyone who registers may send questions"
+        " to it, and links of their choosing with them; list who may use it ([channels.ops] developers ="
+        ' ["you@example.com"], or ["*"] for every developer)']
+    closed = running_api(**{"channels.ops.url": "json://127.0.0.1:9/ops", "registration.open": False})
+    assert not [w for w in pausepoint.stored_state_warnings(closed.app.runtime.db(), closed.config) if "ops" in w]
+
+
+def test_an_email_a_push_target_lists_that_no_account_has_is_warned_of_at_start(running_api):
+    api, ada, stranger = listed_target(running_api, ["ADA@example.com", "ada@exmaple.com"])
+    warned = [w for w in pausepoint.stored_state_warnings(api.app.runtime.db(), api.config) if "ops" in w]
+    assert warned == ["channels.ops.developers lists ada@exmaple.com, which no developer's account has: the developer"
+                      " meant cannot use the target, and whoever registers with that email can"]
+
+
 # -- SMS replies ------------------------------------------------------------------------------
 
 INBOUND_PATH = "/v1/twilio/inbound"
