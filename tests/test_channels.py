@@ -1012,6 +1012,15 @@ def test_an_email_a_push_target_lists_that_no_account_has_is_warned_of_at_start(
                       " meant cannot use the target, and whoever registers with that email can"]
 
 
+def test_the_server_logs_its_push_target_warnings_as_it_starts(spawn_server):
+    server = spawn_server(env={"PAUSEPOINT_CHANNELS_OPS_URL": "json://127.0.0.1:9/ops",
+                               "PAUSEPOINT_CHANNELS_TEAM_URL": "json://127.0.0.1:9/team",
+                               "PAUSEPOINT_CHANNELS_TEAM_DEVELOPERS": "ada@example.com"})
+    wait_until(lambda: "channels.team.developers lists ada@example.com, which no" in server.output())
+    assert "push target 'ops' has no developers list, and registration is open" in server.output()
+    assert "push target 'team'" not in server.output()
+
+
 # -- SMS replies ------------------------------------------------------------------------------
 
 INBOUND_PATH = "/v1/twilio/inbound"
