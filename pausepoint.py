@@ -9754,9 +9754,9 @@ class Handlers:
             given["rt"] = rt
         if "caller" in wanted:
             given["caller"] = authenticated(rt)
-        config = as_seen_by(rt.config, given["caller"].email if "caller" in given else None)
-        if "config" in wanted:
-            given["config"] = config
+        config = rt.config      # as the caller sees it, where it matters: as_seen_by() takes 26 µs
+        if "config" in wanted or callable(spec.body):
+            config = given["config"] = as_seen_by(rt.config, given["caller"].email if "caller" in given else None)
         if spec.auth == "session":
             session = given["session"] = signed_in(rt)
         if spec.method == "POST" and spec.auth in ("session", "form"):
