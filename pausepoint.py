@@ -4116,8 +4116,10 @@ def remind(conn, config, pause, step, now):
 def reminder_text(channel, text, left):
     """The question again, saying first that it is a reminder and how long is left: in an
     email's Subject line (email_text()). Only an email's text begins with one: a question
-    may begin "Subject: " too."""
+    may begin "Subject: " too. A push's first line is the agent's, quoted: ours goes above it."""
     said = f"Reminder, {left} left: "
+    if channel.kind == "apprise":
+        return said.rstrip() + "\n" + text
     return "Subject: " + said + text.removeprefix("Subject: ") if channel.kind == "email" else said + text
 
 
@@ -5025,11 +5027,17 @@ def quoted_line(text):
 
 
 def push_text(pause, url, target_url=None):
-    """What the agent wrote, shown as written on the push target at target_url, then our link:
-    within what one message to the target may hold, the question cut short if it must be
-    (its options too, if they alone would leave it little room), never the link."""
-    options = f"Options: {' / '.join(json.loads(pause['options']))}\n"
-    asked = f"{title_line(pause)}{pause['message']}\n\n{shown_lines(pause, PUSH_DETAIL_CHARACTERS)}"
+    """What the agent wrote, quoted and shown as written on the push target at target_url, then
+    our link: within what one message to the target may hold, the question cut short if it must
+    be (its options too, if they alone would leave it little room), never the link. Each of the
+    agent's lines is quoted, "> " before it as an email quotes them (email_text()): as lines of
+    their own, its "Answer: https://evil.example/…" or "Options: …" read as ours, above our link.
+    Quoted before it is cut, so the part cut short is quoted too; written for a Markdown target
+    the ">" is escaped, shown as the mark it is rather than drawn as a quote block, which a line
+    of ours right after it would be drawn inside of (CommonMark's lazy continuation)."""
+    options = f"Options: {' / '.join(shorten(option, None) for option in json.loads(pause['options']))}\n"
+    listed = shown_lines(pause, PUSH_DETAIL_CHARACTERS)
+    asked = quoted_lines(f"{title_line(pause)}{pause['message']}" + (listed and f"\n\n{listed}")) + "\n"
     ours = f"Answer: {url}\nExpires {expiry_text(pause)}"
     dialect = push_dialect(target_url) if target_url else PLAIN_PUSH
     whole = as_written(dialect, asked + options) + ours
@@ -5039,6 +5047,11 @@ def push_text(pause, url, target_url=None):
     if dialect.takes(listed + listed + ours):       # the options leave the question half the room or more
         return cut_to_fit(dialect, asked, listed + ours)
     return cut_to_fit(dialect, asked + options, ours)
+
+
+def quoted_lines(text):
+    """Each line of `text` after "> ", as a mail reply quotes it; a blank one a lone ">"."""
+    return "\n".join(f"> {line}".rstrip() for line in text.rstrip("\n").split("\n"))
 
 
 # What ends a question cut short to fit a push target's longest message.
@@ -5174,7 +5187,7 @@ def email_text(pause, url):
     listed = shown_lines(pause).rstrip()
     fields = listed and f"\n\n{listed}"
     title = title_line(pause) and title_line(pause) + "\n"
-    asked = "\n".join(f"> {line}".rstrip() for line in f"{title}{pause['message']}{fields}".split("\n"))
+    asked = quoted_lines(f"{title}{pause['message']}{fields}")
     return (f"Subject: {email_subject(pause)}\n\nAn agent is asking:\n{asked}\n\nChoose one (each link opens a page"
             f" where you confirm):\n{options}\n\nThis request expires {expiry_text(pause)}.")
 

@@ -637,7 +637,7 @@ def test_a_push_shows_a_start_of_a_long_detail_and_keeps_its_link_within_what_ta
     sent(api, key, created["pause_id"], "sent")
     [call] = receiver.wait_for(1)
     pushed = call["json"]["message"]
-    assert f"tool_name: Write\ntool_input: {tool_input[:197 - len('tool_input: ')]}...\n" in pushed
+    assert f"> tool_name: Write\n> tool_input: {tool_input[:197 - len('tool_input: ')]}...\n" in pushed
     assert created["respond_url"] in pushed and len(pushed) < 1000
 
 
@@ -671,7 +671,7 @@ def assert_shown_as_written(text, created, title="**Wire** @here", mentions=True
     the message."""
     for markup in ("](", "**Wire**") + (("@everyone", "@here", "<@123>", "@all", "@room") if mentions else ()):
         assert markup not in text
-    assert f"{title}\n{DRESSED}\n" in as_drawn(text)
+    assert f"> {title}\n> {DRESSED}\n" in as_drawn(text)        # quoted as the agent's
     assert f"\nAnswer: {created['respond_url']}\n" in text
 
 
@@ -746,7 +746,7 @@ def test_a_question_longer_than_a_push_target_takes_is_cut_short_keeping_the_lin
     text = call["json"]["content"] if host == "discord.com" else call["json"]["message"]
     assert len(text) <= longest             # Discord's counts the title Apprise puts in it
     drawn = as_drawn(text).removeprefix("Approval needed\r\n")
-    assert drawn.startswith(f"**Wire** @here\n{DRESSED} ") and "…\n(cut short: the link shows all of it)\n" in drawn
+    assert drawn.startswith(f"> **Wire** @here\n> {DRESSED} ") and "…\n(cut short: the link shows all of it)\n" in drawn
     assert re.search(r"\nAnswer: (\S+)\nExpires [^\n]+$", drawn).group(1) == created["respond_url"]
     assert ("\nOptions: " in drawn) is not many_options
 
@@ -781,6 +781,21 @@ def test_an_ntfy_push_is_text_the_phone_shows_never_a_file(running_api, receiver
     message = call["json"]["message"]
     assert len(message.encode()) <= 4096 and len(json.dumps(call["json"])) <= 8000
     assert "cut short" in message and created["respond_url"] in message
+
+
+@pytest.mark.parametrize("target", ["ntfy://{host}/approvals", "ntfy://{host}/approvals?format=markdown"])
+def test_an_answer_line_the_agent_writes_never_reads_as_the_pushs_own(running_api, receiver, target):
+    """An agent's message (or a mail it passes on) may hold lines of any kind: as lines of their
+    own, its "Answer:" link or "Options:" would read as ours, above our link. Each is quoted."""
+    forged = "Wire $340?\nAnswer: https://evil.example/x\nOptions: Approve / Reject\nExpires never"
+    url = target.format(host=receiver.url.removeprefix("http://"))
+    created = pushed_to(running_api(**{"channels.ops.url": url}), message=forged)
+    [call] = receiver.wait_for(1)
+    lines = as_drawn(call["json"]["message"]).splitlines()
+    assert [line for line in lines if line.startswith(("Answer:", "Options:"))] == [
+        "Options: Approve / Reject", f"Answer: {created['respond_url']}"]
+    assert lines[:4] == ["> Wire $340?", "> Answer: https://evil.example/x", "> Options: Approve / Reject",
+                         "> Expires never"]
 
 
 def test_an_sms_service_through_apprise_is_sent_the_question_in_joined_segments(running_api, hosted):
@@ -1200,7 +1215,7 @@ def test_a_reply_to_a_reminder_counts_when_the_first_text_failed(running_api, tw
 def test_a_reminder_text_says_first_that_it_is_one_whatever_the_question_begins_with(running_api, receiver):
     """Only an email's text begins with its Subject line; a question that itself begins
     "Subject: " had its reminder's opening put after those words, in the middle of its own
-    (a push shows the question as written; a text quotes it)."""
+    (a push and a text quote it)."""
     api = running_api(**{"channels.ops.url": receiver.url.replace("http://", "json://") + "/ntfy"})
     key = api.register()["api_key"]
     created = api.post_json("/v1/pause", {**WIRE, "channel": "ops", "recipient": "on-call engineer",
@@ -1212,8 +1227,8 @@ def test_a_reminder_text_says_first_that_it_is_one_whatever_the_question_begins_
     api.step("steps")
     api.step("notifications")
     asked, reminder = [call["json"]["message"] for call in receiver.wait_for(2)]
-    assert asked.startswith("Subject: the Q3 budget. Approve?\n")
-    assert re.match(r"Reminder, [^:]+ left: Subject: the Q3 budget\. Approve\?\n", reminder)
+    assert asked.startswith("> Subject: the Q3 budget. Approve?\n")
+    assert re.match(r"Reminder, [^:]+ left:\n> Subject: the Q3 budget\. Approve\?\n", reminder)
 
 
 def test_a_reply_may_name_the_option_instead_of_its_number(sms_setup):

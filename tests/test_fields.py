@@ -283,9 +283,9 @@ def test_texts_show_the_title_and_emails_and_pushes_the_details_the_page_shows_b
     text = api.pause(key, created["pause_id"])["notification"]["text"]
     assert text.startswith(f"\"Wire $340\"\n\"{WIRE['message']}\"\n\"Amount (USD): 340\"\n\"payee: Acme Corp\"\nReply ")
     pause = api.app.runtime.db().execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
-    assert pausepoint.push_text(pause, "u").startswith(f"Wire $340\n{WIRE['message']}\n\n{shown}Options: ")
-    email = pausepoint.email_text(pause, created["respond_url"])
     quoted = "".join(f"> {line}\n" for line in shown.splitlines())
+    assert pausepoint.push_text(pause, "u").startswith(f"> Wire $340\n> {WIRE['message']}\n>\n{quoted}Options: ")
+    email = pausepoint.email_text(pause, created["respond_url"])
     assert f"An agent is asking:\n> Wire $340\n>\n> {WIRE['message']}\n>\n{quoted}\nChoose one" in email
     html = pausepoint.email_message({**api.config, "smtp.from_address": "pp@example.org"},
                                     {"id": "ntf_1", "recipient": "ada@example.com", "text": email, "kind": "ask",
@@ -304,7 +304,7 @@ def test_a_detail_on_several_lines_is_one_line_in_emails_and_pushes_and_forges_n
     pause = api.app.runtime.db().execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
     line = "invoice: INV-7 Choose one: Approve: https://evil.example/a Answer: https://evil.example/a\n"
     for text in (pausepoint.push_text(pause, "u"), pausepoint.email_text(pause, created["respond_url"])):
-        assert line in text
+        assert f"> {line}" in text                   # quoted as the agent's
         assert not any(said.startswith(("Answer: https://evil", "  Approve: https://evil"))
                        for said in text.splitlines())
 
@@ -318,10 +318,10 @@ def test_a_text_field_on_several_lines_is_one_line_in_every_message_and_forges_n
     forged = "Acme Corp\n\nReply 1 for Reject\n  Approve: https://evil.example/a"
     created = api.create_pause(key, fields={"payee": {"type": "string", "value": forged}})
     pause = api.app.runtime.db().execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
-    line = "payee: Acme Corp Reply 1 for Reject Approve: https://evil.example/a\n"
+    line = "payee: Acme Corp Reply 1 for Reject Approve: https://evil.example/a"
     for text in (api.pause(key, created["pause_id"])["notification"]["text"], pausepoint.push_text(pause, "u"),
                  pausepoint.email_text(pause, created["respond_url"])):
-        assert line in text or f'"{line.rstrip()}"\n' in text         # a text message quotes it
+        assert f"> {line}\n" in text or f'"{line}"\n' in text         # a text message quotes it in "…"
         assert not any(said.startswith(("Reply 1 for Reject", "  Approve: https://evil")) for said in text.splitlines())
     assert json.loads(pause["fields"])["payee"]["value"] == forged          # kept as written, for the agent
 
@@ -334,7 +334,7 @@ def test_emails_and_pushes_list_the_fields_too(running_api):
     pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
     email = pausepoint.email_text(pause, created["respond_url"])
     assert f"> {WIRE['message']}\n>\n> Amount (USD): 340\n> payee: Acme Corp\n\nChoose one" in email
-    assert f"{WIRE['message']}\n\nAmount (USD): 340\npayee: Acme Corp\nOptions: " in pausepoint.push_text(pause, "u")
+    assert f"> {WIRE['message']}\n>\n> Amount (USD): 340\n> payee: Acme Corp\nOptions: " in pausepoint.push_text(pause, "u")
     plain = conn.execute("SELECT * FROM pauses WHERE id = ?", (api.create_pause(key)["pause_id"],)).fetchone()
     assert f"An agent is asking:\n> {WIRE['message']}\n\nChoose one" in pausepoint.email_text(plain, "u")
 
@@ -371,8 +371,8 @@ def test_long_numbers_are_shown_in_groups_of_three_no_reader_takes_for_a_decimal
     assert '"amount: 1 250 000"\n"rate: -12 345.675"\n"fee: 9999"\n' in text
     pause = api.app.runtime.db().execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
     shown = "amount: 1\u202f250\u202f000\nrate: -12\u202f345.675\nfee: 9999\n"
-    assert shown in pausepoint.push_text(pause, "u")
-    assert shown.replace("\n", "\n> ")[:-2] in pausepoint.email_text(pause, "u")      # quoted as the agent's
+    for text in (pausepoint.push_text(pause, "u"), pausepoint.email_text(pause, "u")):
+        assert shown.replace("\n", "\n> ")[:-2] in text      # quoted as the agent's
     api.post_json(f"/v1/respond/{token_of(created['respond_url'])}", {"choice": "Approve", "fields": {"amount": 1200000}})
     decided = api.get(f"/respond/{token_of(created['respond_url'])}").text
     assert "amount</bdi>” changed from <bdi>1\u202f250\u202f000</bdi> to <strong>1\u202f200\u202f000</strong>" in (
