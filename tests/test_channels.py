@@ -746,7 +746,8 @@ def test_a_question_longer_than_a_push_target_takes_is_cut_short_keeping_the_lin
     text = call["json"]["content"] if host == "discord.com" else call["json"]["message"]
     assert len(text) <= longest             # Discord's counts the title Apprise puts in it
     drawn = as_drawn(text).removeprefix("Approval needed\r\n")
-    assert drawn.startswith(f"> **Wire** @here\n> {DRESSED} ") and "…\n(cut short: the link shows all of it)\n" in drawn
+    assert drawn.startswith(f"> **Wire** @here\n> {DRESSED} ")
+    assert "…\n(cut short: the link shows all of it)\n" in drawn
     assert re.search(r"\nAnswer: (\S+)\nExpires [^\n]+$", drawn).group(1) == created["respond_url"]
     assert ("\nOptions: " in drawn) is not many_options
 

@@ -334,7 +334,8 @@ def test_emails_and_pushes_list_the_fields_too(running_api):
     pause = conn.execute("SELECT * FROM pauses WHERE id = ?", (created["pause_id"],)).fetchone()
     email = pausepoint.email_text(pause, created["respond_url"])
     assert f"> {WIRE['message']}\n>\n> Amount (USD): 340\n> payee: Acme Corp\n\nChoose one" in email
-    assert f"> {WIRE['message']}\n>\n> Amount (USD): 340\n> payee: Acme Corp\nOptions: " in pausepoint.push_text(pause, "u")
+    pushed = pausepoint.push_text(pause, "u")
+    assert f"> {WIRE['message']}\n>\n> Amount (USD): 340\n> payee: Acme Corp\nOptions: " in pushed
     plain = conn.execute("SELECT * FROM pauses WHERE id = ?", (api.create_pause(key)["pause_id"],)).fetchone()
     assert f"An agent is asking:\n> {WIRE['message']}\n\nChoose one" in pausepoint.email_text(plain, "u")
 
