@@ -3106,7 +3106,8 @@ def refuse_a_text_too_long(config, asked, channel_name):
     text = channel.render(longest, respond_url(config, "x" * 43))
     if asked["reminders"]:
         # The first reminder says the most time left; the job may send it late, saying less.
-        text = reminder_text(channel, text, longest_time_left(asked["timeout_seconds"] - 60 * min(asked["reminders"])))
+        text = reminder_text(channel, longest, respond_url(config, "x" * 43),
+                             longest_time_left(asked["timeout_seconds"] - 60 * min(asked["reminders"])))
     length = len(text.encode("utf-16-le")) // 2
     if length > TEXT_MESSAGE_LIMIT:
         sent = "as a reminder repeats it" if asked["reminders"] else "as a text"
@@ -4103,8 +4104,8 @@ def remind(conn, config, pause, step, now):
     reminded, missed = [], []
     for person in people:
         try:
-            if queue_notification(conn, config, person, "reminder", now, render=lambda channel, person, url:
-                                  reminder_text(channel, channel.render(person, url), left)):
+            if queue_notification(conn, config, person, "reminder", now,
+                                  render=functools.partial(reminder_text, left=left)):
                 reminded.append(person["recipient"])
         except ChannelError as e:       # their channel was removed from the config since
             missed.append({"recipient": person["recipient"], "error": str(e)})
@@ -4113,14 +4114,16 @@ def remind(conn, config, pause, step, now):
                      {"recipients": reminded, "left": left, **({"not_reminded": missed} if missed else {})}, when=now)
 
 
-def reminder_text(channel, text, left):
-    """The question again, saying first that it is a reminder and how long is left: in an
-    email's Subject line (email_text()). Only an email's text begins with one: a question
-    may begin "Subject: " too. A push's first line is the agent's, quoted: ours goes above it."""
-    said = f"Reminder, {left} left: "
+def reminder_text(channel, person, url, left):
+    """The question to `person` again, on `channel` with their link `url`, saying first that it
+    is a reminder and how long is left: in an email's Subject line (email_text()). Only an
+    email's text begins with one: a question may begin "Subject: " too. A push's first line is
+    the agent's, quoted: ours goes on a line above it, within what the target takes."""
+    said = f"Reminder, {left} left:"
     if channel.kind == "apprise":
-        return said.rstrip() + "\n" + text
-    return "Subject: " + said + text.removeprefix("Subject: ") if channel.kind == "email" else said + text
+        return channel.render(person, url, opening=said + "\n")
+    text = channel.render(person, url)
+    return f"Subject: {said} {text.removeprefix('Subject: ')}" if channel.kind == "email" else f"{said} {text}"
 
 
 def escalate(conn, config, pause, step, now):
@@ -5026,10 +5029,11 @@ def quoted_line(text):
     return '"' + shorten(text, None).replace('"', "'") + '"'
 
 
-def push_text(pause, url, target_url=None):
+def push_text(pause, url, target_url=None, opening=""):
     """What the agent wrote, quoted and shown as written on the push target at target_url, then
-    our link: within what one message to the target may hold, the question cut short if it must
-    be (its options too, if they alone would leave it little room), never the link. Each of the
+    our link, after an `opening` of ours if any: within what one message to the target may hold,
+    the question cut short if it must be (its options too, if they alone would leave it little
+    room), never the link nor the opening. Each of the
     agent's lines is quoted, "> " before it as an email quotes them (email_text()): as lines of
     their own, its "Answer: https://evil.example/…" or "Options: …" read as ours, above our link.
     Quoted before it is cut, so the part cut short is quoted too; written for a Markdown target
@@ -5040,13 +5044,13 @@ def push_text(pause, url, target_url=None):
     asked = quoted_lines(f"{title_line(pause)}{pause['message']}" + (listed and f"\n\n{listed}")) + "\n"
     ours = f"Answer: {url}\nExpires {expiry_text(pause)}"
     dialect = push_dialect(target_url) if target_url else PLAIN_PUSH
-    whole = as_written(dialect, asked + options) + ours
+    whole = opening + as_written(dialect, asked + options) + ours
     if dialect.takes is None or dialect.takes(whole):
         return whole
     listed = as_written(dialect, options)
-    if dialect.takes(listed + listed + ours):       # the options leave the question half the room or more
-        return cut_to_fit(dialect, asked, listed + ours)
-    return cut_to_fit(dialect, asked + options, ours)
+    if dialect.takes(opening + listed + listed + ours):     # the options leave the question half the room or more
+        return cut_to_fit(dialect, opening, asked, listed + ours)
+    return cut_to_fit(dialect, opening, asked + options, ours)
 
 
 def quoted_lines(text):
@@ -5058,11 +5062,11 @@ def quoted_lines(text):
 CUT_SHORT = "…\n(cut short: the link shows all of it)\n"
 
 
-def cut_to_fit(dialect, text, after):
+def cut_to_fit(dialect, before, text, after):
     """The longest beginning of `text`, as written for `dialect`, with CUT_SHORT and then
-    `after` (ours, as it goes), that the target takes in one message."""
+    `after`, and `before` ahead of it all (both ours, as they go), that the target takes in one message."""
     def message(length):
-        return as_written(dialect, text[:length].rstrip() + CUT_SHORT) + after
+        return before + as_written(dialect, text[:length].rstrip() + CUT_SHORT) + after
     too_long = bisect.bisect_left(range(len(text) + 1), True, key=lambda length: not dialect.takes(message(length)))
     return message(max(too_long - 1, 0))
 

@@ -752,6 +752,29 @@ def test_a_question_longer_than_a_push_target_takes_is_cut_short_keeping_the_lin
     assert ("\nOptions: " in drawn) is not many_options
 
 
+def test_a_reminder_of_a_question_cut_short_still_fits_what_the_push_target_takes(running_api, hosted):
+    """Its opening ("Reminder, 30.0 min left:") comes out of the room the question is cut to,
+    not on top of a question already cut to the most Discord takes."""
+    discord = hosted("discord.com")
+    discord.longest = 2000
+    api = running_api(**{"channels.ops.url": "discord://1234/abcd"})
+    key = api.register()["api_key"]
+    created = api.post_json("/v1/pause", {**WIRE, "channel": "ops", "recipient": "on-call engineer",
+                                          "message": LONG_QUESTION[:1600], "remind_after_minutes": [30]},
+                            headers=api.as_key(key)).json
+    api.step("notifications")
+    stored(api.config, "UPDATE pause_steps SET due_at = '2000-01-01T00:00:00.000Z' WHERE pause_id = ?",
+           created["pause_id"])
+    api.step("steps")
+    api.step("notifications")
+    asked, reminder = [call["json"]["content"] for call in discord.calls]
+    assert len(asked) <= 2000 and len(reminder) <= 2000
+    assert re.search(r"\nReminder, [^:]+ left:\n\\> ", reminder) and "cut short" in reminder    # ">" escaped for its Markdown
+    assert re.search(r"\nAnswer: (\S+)\nExpires [^\n]+$", reminder).group(1) == created["respond_url"]
+    assert [row[0] for row in stored(api.config, "SELECT status FROM notifications WHERE pause_id = ? ORDER BY kind",
+                                     created["pause_id"])] == ["sent", "sent"]
+
+
 @pytest.mark.parametrize("host, target, longest, field", [
     ("chat.googleapis.com", "gchat://workspace/key/token", 4000, "text"),
     ("api.pushover.net", "pover://" + "u" * 30 + "@" + "a" * 30 + "?format=html", 1024, "message"),
