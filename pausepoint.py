@@ -10913,8 +10913,9 @@ def stored_state_warnings(conn, config):
 
 
 def push_target_warnings(conn, config, registration_is_open):
-    """Push targets anyone who registers may use, and developers lists naming an email no
-    account has: a typo there locks out the developer meant, and lets in whoever takes it."""
+    """Push targets anyone who registers may use, or no one may (an empty list, as an empty
+    variable makes one), and developers lists naming an email no account has: a typo there
+    locks out the developer meant, and lets in whoever takes it."""
     targets = [name for name, channel in channels(config).items() if channel.kind == "apprise"]
     for name in targets:
         listed = config.get(f"channels.{name}.developers")
@@ -10922,6 +10923,9 @@ def push_target_warnings(conn, config, registration_is_open):
             yield (f"push target {name!r} has no developers list, and registration is open: anyone who registers may"
                    " send questions to it, and links of their choosing with them; list who may use it"
                    f' ([channels.{name}] developers = ["you@example.com"], or ["*"] for every developer)')
+        if listed == []:
+            yield (f"channels.{name}.developers is empty: no developer may use push target {name!r}; list who may"
+                   ' (developers = ["you@example.com"]), or ["*"] for every developer')
         unheld = [email for email in listed or () if email != "*"
                   and not conn.execute("SELECT 1 FROM developers WHERE email = ?", (email,)).fetchone()]
         if unheld:

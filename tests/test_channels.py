@@ -1051,6 +1051,18 @@ def test_an_email_a_push_target_lists_that_no_account_has_is_warned_of_at_start(
                       " meant cannot use the target, and whoever registers with that email can"]
 
 
+def test_a_push_target_whose_developers_list_is_empty_is_warned_of_at_start(running_api):
+    # As an empty $PAUSEPOINT_CHANNELS_OPS_DEVELOPERS makes it, say by a compose file's unset ${OPS_DEVELOPERS}.
+    assert pausepoint.load_config(environ={"PAUSEPOINT_CHANNELS_OPS_URL": "json://127.0.0.1:9/ops",
+                                           "PAUSEPOINT_CHANNELS_OPS_DEVELOPERS": ""})["channels.ops.developers"] == []
+    for registration in (True, False):
+        api = running_api(**{"channels.ops.url": "json://127.0.0.1:9/ops", "channels.ops.developers": [],
+                             "registration.open": registration})
+        warned = [w for w in pausepoint.stored_state_warnings(api.app.runtime.db(), api.config) if "ops" in w]
+        assert warned == ["channels.ops.developers is empty: no developer may use push target 'ops'; list who may"
+                          ' (developers = ["you@example.com"]), or ["*"] for every developer']
+
+
 def test_the_server_logs_its_push_target_warnings_as_it_starts(spawn_server):
     server = spawn_server(env={"PAUSEPOINT_CHANNELS_OPS_URL": "json://127.0.0.1:9/ops",
                                "PAUSEPOINT_CHANNELS_TEAM_URL": "json://127.0.0.1:9/team",
