@@ -351,7 +351,7 @@ def open_setting_problem(key, value):
 
 def developers_list_problem(value):
     """What is wrong with a [channels.NAME] developers list, or None."""
-    if not all(isinstance(item, str) and (item == "*" or EMAIL.match(item)) for item in value):
+    if not all(isinstance(item, str) and (item == "*" or EMAIL.fullmatch(item)) for item in value):
         return 'must be a list of developers\' account emails (["ada@example.com"]), or ["*"] for every developer'
     if "*" in value and len(value) > 1:
         return 'must be ["*"] alone or a list of emails: "*" lets every developer use the target already'

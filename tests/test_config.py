@@ -229,6 +229,9 @@ def test_who_may_use_a_push_target_can_be_set_from_the_environment_as_a_comma_se
      "channels.ops.developers must be a list"),
     ("[channels.ops]\nurl = 'ntfy://ntfy.example.org/ops'\ndevelopers = ['ada']\n", {},
      "channels.ops.developers must be a list of developers' account emails"),
+    # No account's email ends in a newline (registration strips it): such an entry would let no one in.
+    ('[channels.ops]\nurl = "ntfy://ntfy.example.org/ops"\ndevelopers = ["ada@example.com\\n"]\n', {},
+     "channels.ops.developers must be a list of developers' account emails"),
     ("[channels.ops]\nurl = 'ntfy://ntfy.example.org/ops'\n", {"PAUSEPOINT_CHANNELS_OPS_DEVELOPERS": "*, ada@example.com"},
      'channels.ops.developers must be ["*"] alone or a list of emails'),
     ("[channels.ops]\ndevelopers = ['ada@example.com']\n", {},
