@@ -359,9 +359,13 @@ def developers_list_problem(value):
 
 
 def refuse_developers_without_a_target(config):
-    """A developers list for a target with no url is one for a target misnamed, or removed."""
+    """A developers list for a target with no url is one for a target misnamed, or removed, or
+    for a built-in channel, which has none: every developer may use those."""
     for key in config:
         listed = CHANNEL_DEVELOPERS_KEY.match(key)
+        if listed and listed.group(1) in BUILT_IN_CHANNELS:
+            raise ConfigError(f"{key} is set, but {listed.group(1)} is a built-in channel, which every developer may"
+                              " use: a developers list is for a push target ([channels.NAME] url = …)")
         if listed and f"channels.{listed.group(1)}.url" not in config:
             raise ConfigError(f"{key} is set, but channels.{listed.group(1)}.url is not: there is no such target")
 

@@ -236,6 +236,9 @@ def test_who_may_use_a_push_target_can_be_set_from_the_environment_as_a_comma_se
      'channels.ops.developers must be ["*"] alone or a list of emails'),
     ("[channels.ops]\ndevelopers = ['ada@example.com']\n", {},
      "channels.ops.developers is set, but channels.ops.url is not: there is no such target"),
+    ("[channels.sms]\ndevelopers = ['ada@example.com']\n", {},
+     "channels.sms.developers is set, but sms is a built-in channel, which every developer may use: a developers"
+     " list is for a push target ([channels.NAME] url = …)"),
 ])
 def test_a_bad_developers_list_stops_start_up_naming_the_key(tmp_path, text, environ, said):
     with pytest.raises(ConfigError, match=re.escape(said)):
