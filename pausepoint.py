@@ -3033,7 +3033,7 @@ def queue_notification(conn, config, person, kind, now, render=None):
     """Queue a message to one of a pause's people (as asked_of() shows them): the question,
     or what render(channel, person, url) makes of it. Returns False, having queued nothing,
     for the link channel, which the agent delivers itself."""
-    channel = known_channel(config, person["channel"])
+    channel = channel_of(conn, config, person["channel"], person["developer_id"])
     if channel.render is None:
         return False
     url = respond_url(config, person["respond_token"])
@@ -4879,6 +4879,16 @@ def known_channel(config, name):
     return channel
 
 
+def channel_of(conn, config, name, developer_id):
+    """The named channel as a pause's developer may use it now: ChannelError once the operator
+    has removed it, or has since left the developer off its developers list, so that a list
+    added later stops what pauses made before it would still send through the target."""
+    if f"channels.{name}.developers" in config:
+        email = query_db(conn, "SELECT email FROM developers WHERE id = ?", (developer_id,), one=True)
+        config = as_seen_by(config, email and email[0])
+    return known_channel(config, name)
+
+
 def twilio_missing(config):
     missing = [key for key in ("twilio.account_sid", "twilio.auth_token") if not config[key]]
     if not config["twilio.from_number"] and not config["twilio.messaging_service_sid"]:
@@ -5520,7 +5530,7 @@ def send_notification(conn, config, deadlines, row, claim_until):
     """Send a claimed live notification (outside any transaction) and record the outcome."""
     permanent = may_have_reached = False
     try:
-        channel = known_channel(config, row["channel"])
+        channel = channel_of(conn, config, row["channel"], row["developer_id"])
         if channel.send is None or channel.missing_settings(config):
             raise ChannelError(f"channel {row['channel']!r} is not configured on this server")
         pause = asked_of(conn, pause_by_id(conn, row["pause_id"]), row["position"])

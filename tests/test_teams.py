@@ -473,6 +473,40 @@ def test_a_step_on_a_channel_since_removed_holds_back_no_other(running_api):
     assert len(restarted.pause(mine, escalated["pause_id"])["recipients"]) == 1
 
 
+def test_a_developer_left_off_a_push_target_since_is_sent_nothing_more_through_it(running_api, receiver):
+    targets = {f"channels.{name}.url": receiver.url.replace("http://", "json://") + f"/{name}"
+               for name in ("ops", "lead")}
+    api = running_api(**targets)
+    keys = {email: api.register(email=email)["api_key"] for email in ("ada@example.com", "eve@example.com")}
+    steps = {"recipient": "on-call", "channel": "ops", "remind_after_minutes": [5],
+             "escalation": [{"after_minutes": 10, "recipient": "lead", "channel": "lead"}]}
+    created = {email: api.post_json("/v1/pause", {**QUESTION, **steps}, headers=api.as_key(key)).json
+               for email, key in keys.items()}
+    api.app.runtime.stop()
+    # The operator lists who may use the target: Eve's pauses, made while anyone could, are
+    # still pending, and nothing more of theirs may go through it.
+    restarted = running_api(**targets, **{f"channels.{name}.developers": ["ada@example.com"]
+                                          for name in ("ops", "lead")})
+    restarted.step("notifications")
+    [call] = receiver.wait_for(1)
+    assert created["ada@example.com"]["respond_url"] in call["json"]["message"]
+    eve = created["eve@example.com"]["pause_id"]
+    unsent = stored(restarted.config, "SELECT status, provider_message_id, last_error FROM notifications"
+                                      " WHERE pause_id = ?", eve)
+    assert unsent == [("queued", None, "channel 'ops' is not configured on this server")]
+    for pause in created.values():
+        fall_due(restarted, pause["pause_id"], "reminder")
+        fall_due(restarted, pause["pause_id"], "escalation")
+    restarted.step("steps")
+    [missed] = audited(restarted, eve, "pause.reminded")
+    assert missed["recipients"] == [] and missed["not_reminded"][0]["recipient"] == "on-call"
+    [skipped] = audited(restarted, eve, "pause.escalation_skipped")
+    assert skipped["recipient"] == "lead" and "'lead' is not configured" in skipped["error"]
+    messages = "SELECT kind, position FROM notifications WHERE pause_id = ? ORDER BY kind, position"
+    assert stored(restarted.config, messages, eve) == [("ask", 0)]
+    assert stored(restarted.config, messages, created["ada@example.com"]["pause_id"]) == [
+        ("ask", 0), ("ask", 1), ("reminder", 0)]
+
 def test_a_reminder_that_cannot_be_sent_is_audited_but_is_no_failed_question(running_api, twilio):
     api = running_api(**twilio.settings())
     key = api.register()["api_key"]
