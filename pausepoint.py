@@ -9586,8 +9586,11 @@ def operator_page(rt, session, query):
     operator_only(session)
     developers, next_cursor = developers_with_usage(rt.db(), DASHBOARD_PAGE * 4, query["cursor"])
     is_open, source = registration_open(rt.db(), rt.config)
+    # Shown here as well as at start, so that opening registration on this page warns at once.
+    warnings = list(push_target_warnings(rt.db(), rt.config, is_open))
     return dashboard_page(rt, "operator", session, developers=developers, next_cursor=next_cursor,
-                          plans=plans(rt.config), registration=is_open, registration_source=source)
+                          plans=plans(rt.config), registration=is_open, registration_source=source,
+                          registration_warnings=warnings)
 
 
 def change_plan_from_dashboard(rt, session, form):

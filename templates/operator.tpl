@@ -12,6 +12,13 @@ Add developers with <code>python pausepoint.py create-developer --email … --na
   <input type="hidden" name="open" value="{{'false' if registration else 'true'}}">
   <button type="submit" class="secondary">{{'Close registration' if registration else 'Open registration'}}</button>
 </form>
+% if registration_warnings:
+<ul id="registration-warnings" class="error">
+% for warning in registration_warnings:
+  <li>{{warning}}</li>
+% end
+</ul>
+% end
 <h2>Developers</h2>
 <div class="scroll">
 <table id="developers">

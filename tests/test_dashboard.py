@@ -917,6 +917,19 @@ def test_the_operator_sees_usage_changes_plans_and_closes_registration(running_a
     assert "create-developer" in api.get("/dashboard/signup", status=403).text
 
 
+def test_opening_registration_on_the_dashboard_names_the_push_targets_anyone_who_registers_may_use(running_api):
+    api = running_api(**{"registration.open": False, "channels.ops.url": "json://127.0.0.1:9/ops",
+                         "channels.team.url": "json://127.0.0.1:9/team", "channels.team.developers": ["*"]})
+    pausepoint.register_developer(api.app.runtime.db(), api.config, "ops@example.com", "Ops", PASSWORD)
+    assert pausepoint.main(["--db", api.config["database.path"], "set-operator", "--email", "ops@example.com"]) == 0
+    log_in(api, email="ops@example.com")
+    page = api.get("/dashboard/operator")
+    assert page.html.select("#registration-warnings li") == []
+    page = post_form(api, page, "/dashboard/operator/registration").maybe_follow()
+    assert "Registration is open" in page.html.select_one("#registration").text
+    [warning] = [" ".join(li.text.split()) for li in page.html.select("#registration-warnings li")]
+    assert warning.startswith("push target 'ops' has no developers list, and registration is open: anyone who")
+
 def test_the_operator_page_names_a_developers_plan_the_config_no_longer_defines(running_api):
     """Not "0 of —" and a dropdown that only offers the plans there are: the plan, and that it is missing."""
     with_team = running_api(**{"plans.team.monthly_pauses": 5000})
