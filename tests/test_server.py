@@ -1623,14 +1623,20 @@ def ignored_by(ignore_file, name):
 
 
 def test_nothing_a_local_run_leaves_beside_its_database_goes_into_git_or_a_docker_build(spawn_server, tmp_path):
-    """Its signing key above all: a private key in a commit or a build context is out of its hands."""
+    """Its signing key above all: a private key in a commit or a build context is out of its hands.
+    A restore keeps the database it replaced beside it, with that database's keys."""
     server = spawn_server()
-    register(server.url)
+    pause = create(server.url, register(server.url)["test_api_key"])
     assert run_cli(tmp_path, "backup", str(tmp_path / "pausepoint-backup.db")).returncode == 0
+    answered = requests.post(f"{server.url}/v1/respond/{token_of(pause['respond_url'])}", json={"choice": "Approve"})
+    assert answered.status_code == 200, answered.text     # since the backup: the restore cancels it
     server.stop()
+    assert run_cli(tmp_path, "restore", str(tmp_path / "pausepoint-backup.db")).returncode == 0
     left = sorted(name for name in os.listdir(tmp_path) if not name.endswith(".log"))   # (the test's own logs)
     assert {"pausepoint.db", "pausepoint.db.keys.json", "pausepoint.db.server.lock",
             "pausepoint-backup.db.keys.json"} <= set(left)
+    replaced = [name for name in left if name.startswith("pausepoint.db.replaced-")]
+    assert [end for end in (".keys.json", ".reopened") if not any(name.endswith(end) for name in replaced)] == [], left
     for ignore_file in (".gitignore", ".dockerignore"):
         assert [name for name in left if not ignored_by(ignore_file, name)] == [], ignore_file
 
