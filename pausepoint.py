@@ -9633,6 +9633,12 @@ class Route:
     refusals: tuple = ()        # error statuses beyond those its auth, path, body and query imply
     media: tuple = ("application/json",)    # what a 2xx answer's body may be
 
+    @property
+    def refuses_a_body(self):
+        """A write that declares no body: one sent anyway is refused, as an unknown field is,
+        since a "reason" sent with a cancel would otherwise be dropped in silence."""
+        return self.body is None and self.method != "GET" and self.auth != "twilio" and not self.page
+
 
 ROUTES = [
     Route("GET", "/healthz", healthz, auth="none", answer=HEALTH),
@@ -9810,6 +9816,11 @@ class Handlers:
         if "unchecked_body" in wanted:      # checked by the handler, after what it must do first
             body = read_json(rt.config)
             given["unchecked_body"] = UncheckedBody(body, lambda: validate_body(schema, body, validator))
+        if spec.refuses_a_body:
+            unasked = read_json(rt.config)
+            if unasked not in (None, {}):
+                field = min(unasked) if isinstance(unasked, dict) else None
+                raise invalid(field, (f"unknown field {field!r}; " if field else "") + "this takes no body")
         if "query" in wanted:
             given["query"] = read_query(spec.query, query_validator)
         if "client" in wanted:
@@ -10035,7 +10046,7 @@ def responses(route):
         success["content"] = {content: {"schema": route.answer} for content in media}
     # 422 on every route: each refuses query parameters it does not declare.
     possible = {422, 429} | ({401} if route.auth == "key" else set()) | ({404} if "<" in route.path else set())
-    if route.body is not None:
+    if route.body is not None or route.refuses_a_body:
         possible |= {400, 413, 415}
     if route.method in ("POST", "PATCH", "DELETE") and "<" in route.path:
         possible |= {409, 410} if "respond" in route.path else {409}

@@ -108,6 +108,17 @@ def test_a_field_no_endpoint_knows_is_422_naming_it_before_anything_happens(fuzz
     assert error["field"] == "zzz_surprise" and "unknown field" in error["message"]
 
 
+def test_a_body_sent_to_a_cancel_is_422_naming_its_field_and_the_pause_stays_pending(api, developer):
+    """The cancel takes no body: a "reason" sent with it would otherwise be dropped in silence,
+    the caller believing it recorded. An empty object is no body."""
+    key = api.as_key(developer["test_api_key"])
+    pause_id = api.post_json("/v1/pause", WIRE, headers=key).json["pause_id"]
+    error = api.post_json(f"/v1/pause/{pause_id}/cancel", {"reason": "wrong payee"}, headers=key, status=422).json["error"]
+    assert error == {"code": "invalid_request", "message": "unknown field 'reason'; this takes no body", "field": "reason"}
+    assert api.get(f"/v1/pause/{pause_id}", headers=key).json["status"] == "pending"
+    assert api.post_json(f"/v1/pause/{pause_id}/cancel", {}, headers=key).json["status"] == "cancelled"
+
+
 @pytest.mark.parametrize("path, names", QUERY_ENDPOINTS, ids=[e[0] for e in QUERY_ENDPOINTS])
 def test_no_query_gets_a_5xx_and_every_error_has_the_one_shape(fuzz, path, names):
     @FUZZ
