@@ -69,28 +69,37 @@ import uuid
 import weakref
 import wsgiref.simple_server
 
-import bcrypt
-import bottle
-import jsonschema
-import requests
-import twilio.base.exceptions
-import twilio.http.http_client
-import twilio.request_validator
-import twilio.rest
-import twilio.twiml.messaging_response
-import urllib3
-import waitress
-import waitress.adjustments
-import waitress.channel
-import waitress.parser
-import waitress.server
-import waitress.task
-import waitress.utilities
-import waitress.wasyncore
-from apscheduler.schedulers.background import BackgroundScheduler
-from cryptography.hazmat.primitives import serialization
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+# Started by a Python without PausePoint's packages (the system's, say, not .venv's), it says
+# how to set up rather than ending in a traceback.
+try:
+    import bcrypt
+    import bottle
+    import jsonschema
+    import requests
+    import twilio.base.exceptions
+    import twilio.http.http_client
+    import twilio.request_validator
+    import twilio.rest
+    import twilio.twiml.messaging_response
+    import urllib3
+    import waitress
+    import waitress.adjustments
+    import waitress.channel
+    import waitress.parser
+    import waitress.server
+    import waitress.task
+    import waitress.utilities
+    import waitress.wasyncore
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+except ModuleNotFoundError as missing:
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"PausePoint needs the package {missing.name!r}, which this Python ({sys.executable}) does not have.\n"
+             "Set up an environment of its own and run it there: python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt"
+             " && .venv/bin/python pausepoint.py")
 
 VERSION = "0.1.0"
 HERE = os.path.dirname(os.path.abspath(__file__))

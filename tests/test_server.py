@@ -530,6 +530,14 @@ def test_without_waitress_a_long_poll_waits_on_its_thread(running_api):
     assert api.app.runtime.waiting.count == 0
 
 
+def test_a_python_without_the_packages_is_told_how_to_set_up_not_shown_a_traceback(tmp_path):
+    # -S: without site-packages, as the system's Python is where only .venv has them.
+    result = subprocess.run([sys.executable, "-S", os.path.join(ROOT, "pausepoint.py"), "--db",
+                             str(tmp_path / "p.db")], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("PausePoint needs the package ") and ".venv/bin/pip install" in result.stderr
+    assert os.listdir(tmp_path) == []
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_finishes_in_flight_requests_and_stops_cleanly(spawn_server, tmp_path, signum):
     server = spawn_server(fresh_interpreter=True)      # the script as operators run it; the other tests fork it
