@@ -98,8 +98,8 @@ except ModuleNotFoundError as missing:
     if __name__ != "__main__":
         raise
     sys.exit(f"PausePoint needs the package {missing.name!r}, which this Python ({sys.executable}) does not have.\n"
-             "Set up an environment of its own and run it there: python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt"
-             " && .venv/bin/python pausepoint.py")
+             "Set up an environment of its own and run it there: python3 -m venv .venv"
+             " && .venv/bin/pip install -q -r requirements.txt && .venv/bin/python pausepoint.py")
 
 VERSION = "0.1.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
