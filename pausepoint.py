@@ -154,6 +154,7 @@ SETTINGS = [
     Setting("dashboard.session_max_hours", 168, "Hours a dashboard sign-in lasts at most, however often it is used."),
     Setting("security.bcrypt_rounds", 12, "bcrypt cost factor for passwords (4-16). Each step doubles the work. A password hashed at another cost is hashed again at this one when next given."),
     Setting("pauses.max_timeout_hours", 720.0, "Longest timeout_hours a pause may ask for."),
+    Setting("pauses.max_pending_per_number", 1000, "Live pauses one developer may have pending to one phone number at once (sms and whatsapp; a team pause counts for each of its people there): a number's 4,416 reply codes are every developer's, so one alone cannot hold them all. Beyond it, new ones to that number get 429 until some are decided. 0: no limit."),
     Setting("pauses.max_test_pending", 1000, "Test-mode pauses one developer may have pending at once, each weighing the messages it may send times each 4 KiB the agent wrote (a question to one person weighs 1); beyond it, new ones get 429 until some are decided, cancelled or time out (one alone is always allowed). 0: no limit."),
     Setting("twilio.account_sid", "", "Twilio account SID (AC…), for the sms channel."),
     Setting("twilio.auth_token", "", "Twilio auth token, for the sms channel."),
@@ -575,6 +576,7 @@ SETTING_CHECKS = {
     "security.bcrypt_rounds": lambda v: None if 4 <= v <= 16 else "must be between 4 and 16",
     "pauses.max_timeout_hours": lambda v: None if 0 < v <= 24 * 366 else "must be above 0 and at most 8784 (a year)",
     "pauses.max_test_pending": lambda v: None if v >= 0 else "must be 0 (no limit) or more",
+    "pauses.max_pending_per_number": lambda v: None if v >= 0 else "must be 0 (no limit) or more",
     "smtp.security": lambda v: None if v in ("starttls", "tls", "none") else "must be starttls, tls or none",
     "smtp.port": lambda v: None if 1 <= v <= 65535 else "must be between 1 and 65535",
     "server.connection_limit": lambda v: None if 100 <= v <= 100_000 else "must be between 100 and 100000",
@@ -2941,7 +2943,7 @@ def create_pause(conn, config, caller, body, idempotency_key, limiter, wal):
         else:
             check_test_allowance(conn, config, caller, limiter, weight)
         # SMS and WhatsApp replies name their pause by a code, unique among the number's pending pauses.
-        reply_code = (new_reply_code(conn, asked["recipient"], caller.livemode, caller.developer_id)
+        reply_code = (new_reply_code(conn, config, asked["recipient"], caller.livemode, caller.developer_id)
                       if channels(config)[asked["channel"]].kind == "twilio" else None)
         pause = conn.execute(
             "INSERT INTO pauses (id, developer_id, livemode, recipient, channel, title, message, options,"
@@ -3025,7 +3027,7 @@ def ask_person(conn, config, pause, position, recipient, channel_name, added_by,
         token, code = pause["respond_token"], pause["reply_code"]
     else:
         token = secrets.token_urlsafe(32)
-        code = (new_reply_code(conn, recipient, pause["livemode"], pause["developer_id"])
+        code = (new_reply_code(conn, config, recipient, pause["livemode"], pause["developer_id"])
                 if known_channel(config, channel_name).kind == "twilio" else None)
     if pause["team"]:
         conn.execute("INSERT INTO pause_recipients (pause_id, developer_id, position, livemode, recipient, channel,"
@@ -3549,6 +3551,14 @@ NUMBER_CODES = {livemode: (
             " AND reply_code IS NOT NULL AND decided_at > :week_ago"),
         (0, f"SELECT reply_code, status, decided_at FROM pauses WHERE {CODE_SCOPE}"
             " AND reply_code IS NOT NULL AND decided_at > :week_ago"))}
+# How many of a number's pending codes (in a scope) a developer holds, counted up to :allowed.
+# (+developer_id: SQLite would put :developer in place of developer_id in CODE_SCOPE's iif(),
+# which then no longer matches the indexes' expression.)
+DEVELOPERS_PENDING_CODES = (
+    "SELECT count(*) FROM (SELECT 1 FROM pauses INDEXED BY pauses_pending_reply_code"
+    f" WHERE {CODE_SCOPE} AND reply_code IS NOT NULL AND status = 'pending' AND +developer_id = :developer UNION ALL"
+    f" SELECT 1 FROM pause_recipients WHERE {CODE_SCOPE} AND position > 0 AND reply_code IS NOT NULL"
+    " AND pause_decided_at IS NULL AND +developer_id = :developer LIMIT :allowed)")
 # The first of some candidate codes (a JSON array) that is free for a number, or none.
 FIRST_FREE_REPLY_CODE = (
     f"SELECT value FROM json_each(:candidates) WHERE NOT EXISTS (SELECT 1 FROM pauses WHERE {CODE_SCOPE}"
@@ -3560,7 +3570,7 @@ FIRST_FREE_REPLY_CODE = (
     " AND position > 0 AND reply_code = value AND pause_decided_at > :week_ago) ORDER BY key LIMIT 1")
 
 
-def new_reply_code(conn, recipient, livemode, developer_id):
+def new_reply_code(conn, config, recipient, livemode, developer_id):
     """A code no pending pause for this number uses (of those in CODE_SCOPE), preferring
     one no pause sent to it was decided with in the last week, so a late reply to a decided
     pause names no newer one. Short codes while a few random draws find one free, then long
@@ -3570,6 +3580,8 @@ def new_reply_code(conn, recipient, livemode, developer_id):
     require_transaction(conn)
     scope = {"recipient": recipient, "livemode": livemode, "scope": "" if livemode else developer_id,
              "week_ago": db_time(utcnow() - REPLY_CODE_QUARANTINE)}
+    if livemode:
+        refuse_more_than_a_share_of_codes(conn, config, scope, developer_id)
     # Not secrets (a reply counts only from the number the pause was sent to), so the
     # fast generator: the system one cost a fifth of a create.
     # The second draw only when the first found nothing: drawn up front, it cost 27 µs a create.
@@ -3590,6 +3602,22 @@ def new_reply_code(conn, recipient, livemode, developer_id):
         raise ApiError(429, "too_many_pending", f"{recipient} has too many {held}; wait for some to be decided",
                        field="recipient")
     return min(reusable, key=recent.get)
+
+
+def refuse_more_than_a_share_of_codes(conn, config, scope, developer_id):
+    """429 when the developer has pauses.max_pending_per_number live pauses pending to the
+    number already: its live codes are every developer's, and one who may create thousands
+    of live pauses must not hold them all. Reads the number's pending codes, a few for most
+    numbers, at most all 4,416 of one that is flooded."""
+    allowed = config["pauses.max_pending_per_number"]
+    if not allowed:
+        return
+    held = query_db(conn, DEVELOPERS_PENDING_CODES, {**scope, "developer": developer_id, "allowed": allowed},
+                    one=True)[0]
+    if held >= allowed:
+        raise ApiError(429, "too_many_pending", f"you have {held:,} live pauses pending to {scope['recipient']}, the"
+                       " most one developer may (pauses.max_pending_per_number), since every developer's texts to a"
+                       " number share its reply codes; wait for some to be decided", field="recipient")
 
 
 def reply_codes_in_use(conn, scope):

@@ -1987,6 +1987,27 @@ def test_a_live_code_differs_from_every_developers_but_a_test_code_only_from_its
     assert len(mine) == (3 if mode == "api_key" else 2)
 
 
+def test_one_developer_may_hold_only_their_share_of_a_numbers_live_codes(running_api, twilio):
+    """A number's live codes are every developer's: one who may create thousands of live
+    pauses a month must not hold them all, leaving another's question to it none."""
+    api = SmsApi(running_api(**twilio.settings(), **{"pauses.max_pending_per_number": 2,
+                                                     "plans.free.monthly_pauses": 10}).app)
+    mine, theirs = api.register()["api_key"], api.register(email="other@example.com")["api_key"]
+    first = api.create_pause(mine)
+    api.post_json("/v1/pause", {**QUESTION, "recipients": [{"recipient": "+15550199", "channel": "sms"},
+                                                           {"recipient": WIRE["recipient"], "channel": "sms"}]},
+                  headers=api.as_key(mine))             # a team pause's second person holds a code too
+    refused = api.post_json("/v1/pause", WIRE, headers=api.as_key(mine), status=429).json["error"]
+    assert refused["code"] == "too_many_pending" and refused["field"] == "recipient"
+    assert "2 live pauses pending to +15550100" in refused["message"]
+    assert "pauses.max_pending_per_number" in refused["message"]
+    assert stored(api.config, "SELECT live_pauses FROM monthly_usage") == [(2,)]     # the refused one is not spent
+    api.create_pause(theirs)
+    api.create_pause(mine, recipient="+15550198")
+    api.create_pause(api.register(email="third@example.com")["test_api_key"])   # test codes are apart
+    api.post_json(f"/v1/pause/{first['pause_id']}/cancel", {}, headers=api.as_key(mine))
+    api.create_pause(mine)
+
 def test_another_developers_test_pauses_never_use_up_a_numbers_codes(sms_setup):
     api, config, keys = sms_setup
     other = api.register(email="other@example.com")["test_api_key"]
@@ -2023,7 +2044,7 @@ def test_a_new_live_code_for_a_flooded_number_reads_none_of_its_older_history(sm
 
     def new_live_code():
         with pausepoint.transaction(conn):
-            assert pausepoint.new_reply_code(conn, WIRE["recipient"], 1, keys["developer_id"])
+            assert pausepoint.new_reply_code(conn, config, WIRE["recipient"], 1, keys["developer_id"])
 
     def work():
         return thousands_of_instructions(conn, new_live_code)
