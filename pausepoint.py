@@ -5074,10 +5074,19 @@ def sms_text(pause, url, replies=True):
     return "".join(f"{quoted_line(text)}\n" for text in asked if text) + f"{answer}\nExpires {expiry_text(pause)}"
 
 
+# What a reader takes for a double quote: the mark and its look-alikes (Unicode's confusables
+# of ", as "'' "), which become one single quote in a quoted line, and single quotes side by side
+# (a zero-width character between them or not), which become one.
+DOUBLE_QUOTES = str.maketrans(dict.fromkeys('"“”„‟″‶ʺ˝ˮ˶״＂〃〝〞〟', "'"))
+SINGLE_QUOTES = "'‘’‚‛′‵ʹʻʼʽˈˊˋ`´＇׳"
+QUOTES_SIDE_BY_SIDE = re.compile(f"[{SINGLE_QUOTES}](?:[\u200b-\u200d\u2060\ufeff]*[{SINGLE_QUOTES}])+")
+
+
 def quoted_line(text):
     """`text` on one line in double quotes it cannot close: a quote mark of its own would end
-    them early, and what follows read as ours, so its own are single ones (GSM-7 too)."""
-    return '"' + shorten(text, None).replace('"', "'") + '"'
+    them early, and what follows read as ours, so its own are single ones (GSM-7 too), as are
+    its look-alikes of one ("”", "＂", "''")."""
+    return '"' + QUOTES_SIDE_BY_SIDE.sub("'", shorten(text, None).translate(DOUBLE_QUOTES)) + '"'
 
 
 def push_text(pause, url, target_url=None, opening=""):
