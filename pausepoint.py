@@ -3712,7 +3712,7 @@ def answered_already(conn, number, code, voted):
     choice = closed["choice"]
     outcome = {"responded": f"answered {choice}", "cancelled": "cancelled by its sender",
                "timed_out": f"timed out to {choice}" if choice else "timed out"}[closed["status"]]
-    return f"PausePoint: {code} is closed, {outcome}: \"{shorten(closed['message'])}\"."
+    return f"PausePoint: {code} is closed, {outcome}: {quoted_line(shorten(closed['message']))}."
 
 
 def record_sms_reply(conn, config, sender, text, message_sid):
@@ -3762,10 +3762,10 @@ def record_sms_reply(conn, config, sender, text, message_sid):
             pause = pending[0]
         choice = reply_choice(answer, json.loads(pause["options"]))
         if choice is None:
-            return f"PausePoint: {reply_options(pause)}. ({shorten(pause['message'])})"
+            return f"PausePoint: {reply_options(pause)}. ({quoted_line(shorten(pause['message']))})"
         answer_pause(conn, config, pause, choice, None, now=now,
                      data={"via": channel, "message_sid": message_sid, "reply_code": pause["reply_code"]})
-    return f"{RECORDED_REPLY}{choice} for \"{shorten(pause['message'])}\""
+    return f"{RECORDED_REPLY}{choice} for {quoted_line(shorten(pause['message']))}"
 
 
 RECORDED_REPLY = "PausePoint: recorded "
@@ -3878,9 +3878,10 @@ def bare_reply_unclear(conn, person, others, number, channel, now):
 
 
 def open_codes(pending):
-    """'E.g. K7 1. K7: send $10 to the office fund?; M3: wire $50,000 to…': the open codes
-    and their questions, shortened."""
-    listed = [f"{p['reply_code']}: {shorten(p['message'], 40)}" for p in pending[:MAX_CODES_LISTED] if p["reply_code"]]
+    """'E.g. K7 1. K7: "send $10 to the office fund?"; M3: "wire $50,000 to…"': the open codes
+    and their questions, shortened and quoted as a text quotes them (quoted_line())."""
+    listed = [f"{p['reply_code']}: {quoted_line(shorten(p['message'], 40))}"
+              for p in pending[:MAX_CODES_LISTED] if p["reply_code"]]
     more = len(pending) - MAX_CODES_LISTED
     example = next((p for p in pending if p["reply_code"]), None)
     hint = f"E.g. {example['reply_code']} 1. " if example else ""

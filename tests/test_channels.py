@@ -1157,7 +1157,7 @@ def test_an_answer_quoting_a_question_xml_cannot_carry_is_still_xml_twilio_can_r
     api.create_pause(keys["api_key"], message="Wire \ufffe\uffff now?")
     response = inbound(api, config, "maybe")
     [message] = xml.etree.ElementTree.fromstring(response.body).iter("Message")
-    assert message.text.endswith("(Wire \ufffd\ufffd now?)")
+    assert message.text.endswith("(\"Wire \ufffd\ufffd now?\")")
 
 
 def test_a_message_sent_again_decides_nothing_even_for_a_newer_pause(sms_setup):
@@ -1353,8 +1353,8 @@ def test_a_bare_reply_with_several_pending_decides_nothing_and_lists_the_codes(s
     wire = api.create_pause(other["api_key"], message="wire $50,000 to account 998877 for the Q3 supplier invoice?")
     response = inbound(api, config, "1")
     assert "2 requests are open" in response.text
-    assert f"{reply_code(api, keys['api_key'], office_fund)}: send $10 to the office fund?" in response.text
-    assert f"{reply_code(api, other['api_key'], wire)}: wire $50,000 to account 998877 for th..." in response.text
+    assert f"{reply_code(api, keys['api_key'], office_fund)}: \"send $10 to the office fund?\"" in response.text
+    assert f"{reply_code(api, other['api_key'], wire)}: \"wire $50,000 to account 998877 for th...\"" in response.text
     assert stored(config, "SELECT count(*) FROM pauses WHERE status = 'pending'") == [(2,)]
     assert stored(config, "SELECT count(*) FROM audit_events WHERE event_type = 'pause.responded'") == [(0,)]
 
@@ -1411,7 +1411,7 @@ def test_a_bare_reply_answers_the_open_request_only_when_no_other_in_the_convers
     if in_the_conversation:
         response = inbound(api, config, "1")
         assert "could be meant for another request to this number" in response.text
-        assert f"{reply_code(api, keys['api_key'], wire)}: wire $50,000 to account 998877?" in response.text
+        assert f"{reply_code(api, keys['api_key'], wire)}: \"wire $50,000 to account 998877?\"" in response.text
         assert stored(config, "SELECT count(*) FROM audit_events WHERE pause_id = ? AND event_type = 'pause.responded'",
                       wire["pause_id"]) == [(0,)]
         # Asked long enough after the other closed, it is the only request in the conversation.
@@ -1716,6 +1716,23 @@ def test_a_reply_matching_nothing_gets_help_and_decides_nothing(sms_setup):
         assert response.status_code == 200 and f"Reply {code} 1 for Approve,\n{code} 2 for Reject" in response.text
     assert api.pause(keys["api_key"], created["pause_id"])["status"] == "pending"
     assert answered_nothing(inbound(api, config, "1", sender="+15550199"))
+
+
+def test_the_answers_to_replies_quote_the_question_so_its_reply_lines_never_read_as_ours(sms_setup):
+    """An answer to a reply names the question, the agent's text, as the text that asked it does:
+    in parentheses of ours its ")" closed them, and in quotes of ours its " did, and its
+    "Reply 1 for Reject, 2 for Approve" read as ours; a person who texted 1 to reject approved."""
+    api, config, keys = sms_setup
+    key = keys["api_key"]
+    forged = 'Pay?") Reply 1 for Reject, 2 for Approve ("ok'
+    quoted = '"Pay?\') Reply 1 for Reject, 2 for Approve (\'ok"'
+    first = api.create_pause(key, message=forged)
+    code = reply_code(api, key, first)
+    assert f"{code} 2 for Reject. ({quoted})<" in inbound(api, config, "maybe").text
+    api.create_pause(key, message=forged)
+    assert f'{code}: "Pay?\') Reply 1 for Reject, 2 for Appr..."' in inbound(api, config, "1").text
+    assert f"recorded Approve for {quoted}<" in inbound(api, config, f"{code} 1").text
+    assert f"is closed, answered Approve: {quoted}." in inbound(api, config, f"{code} 2").text
 
 
 @pytest.mark.timeout(3)
