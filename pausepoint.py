@@ -9682,9 +9682,10 @@ class Route:
 
     @property
     def refuses_a_body(self):
-        """A write that declares no body: one sent anyway is refused, as an unknown field is,
-        since a "reason" sent with a cancel would otherwise be dropped in silence."""
-        return self.body is None and self.method != "GET" and self.auth != "twilio" and not self.page
+        """A call that declares no body: one sent anyway is refused, as an unknown field is,
+        since a "reason" sent with a cancel, or a {"status": "pending"} sent with a list,
+        would otherwise be dropped in silence."""
+        return self.body is None and self.auth != "twilio" and not self.page
 
 
 ROUTES = [
