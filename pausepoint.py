@@ -8535,7 +8535,7 @@ def read_query(specs, validator):
         given = bottle.request.query.getall(name)
         if len(given) > 1:          # one would be taken silently: ?status=pending&status=responded is not both
             raise invalid(name, f"{name} is given {len(given)} times; give it once")
-        raw = given[0] if given else None
+        raw = as_sent(given[0]) if given else None
         if raw is None:
             values[name] = schema.get("default")
         elif schema["type"] == "integer" and not re.fullmatch("[0-9]{1,9}", raw):
@@ -8544,6 +8544,12 @@ def read_query(specs, validator):
             values[name] = int(raw) if schema["type"] == "integer" else raw
     validate_body(validator.schema, {k: v for k, v in values.items() if v is not None}, validator)
     return values
+
+
+def as_sent(text):
+    """Text of the request line as its client wrote it: WSGI hands it over as Latin-1, so
+    'statüs', sent as UTF-8, arrives as 'statÃ¼s'. Bytes that are not UTF-8 read as '\ufffd'."""
+    return text.encode("latin-1").decode("utf-8", "replace")
 
 
 def request_header(name):
@@ -9854,7 +9860,7 @@ class Handlers:
         if spec.guard is not None:
             spec.guard(rt, given.get("caller"))
         if not spec.page:
-            unknown = sorted(set(bottle.request.query) - set(spec.query))
+            unknown = sorted(as_sent(name) for name in set(bottle.request.query) - set(spec.query))
             if unknown:
                 raise invalid(unknown[0], f"unknown query parameter {unknown[0]!r}"
                                           + (f"; allowed: {', '.join(spec.query)}" if spec.query else "; this takes none"))

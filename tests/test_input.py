@@ -130,6 +130,13 @@ def test_a_body_sent_to_a_read_is_422_naming_its_field_not_a_filter_dropped_in_s
     assert api.request("/v1/pause", method="GET", body=b"{}", headers=key).json["pauses"][0]["status"] == "cancelled"
 
 
+def test_an_unknown_query_parameter_is_named_as_it_was_written(api, developer):
+    """A query arrives as Latin-1 (WSGI); its names are UTF-8 as sent: 'statüs', not 'statÃ¼s'."""
+    error = api.get("/v1/pause?stat%C3%BCs=pending", headers=api.as_key(developer["test_api_key"]),
+                    status=422).json["error"]
+    assert error["field"] == "statüs" and error["message"].startswith("unknown query parameter 'statüs'")
+
+
 @pytest.mark.parametrize("path, names", QUERY_ENDPOINTS, ids=[e[0] for e in QUERY_ENDPOINTS])
 def test_no_query_gets_a_5xx_and_every_error_has_the_one_shape(fuzz, path, names):
     @FUZZ
