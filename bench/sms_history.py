@@ -114,12 +114,13 @@ def measure(conn, config, label, runs):
     def sms():
         pausepoint.record_sms_reply(conn, config, NUMBER, "9", "SM" + uuid.uuid4().hex)
 
-    # A live code's scope is every developer's (older code took no developer at all).
-    for_developer = [None][:len(inspect.signature(pausepoint.new_reply_code).parameters) - 3]
+    # A live code's scope is every developer's (older code took no developer, nor the config).
+    given = {"conn": conn, "config": config, "recipient": NUMBER, "livemode": 1, "developer_id": None}
+    asked = {name: given[name] for name in inspect.signature(pausepoint.new_reply_code).parameters}
 
     def code():
         with pausepoint.transaction(conn):
-            pausepoint.new_reply_code(conn, NUMBER, 1, *for_developer)
+            pausepoint.new_reply_code(**asked)
 
     sms_p50, sms_p99 = timed(sms, runs)
     code_p50, code_p99 = timed(code, runs)
