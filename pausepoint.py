@@ -3614,9 +3614,9 @@ def refuse_more_than_a_share_of_codes(conn, config, scope, developer_id):
         return
     held = query_db(conn, DEVELOPERS_PENDING_CODES, {**scope, "developer": developer_id, "allowed": allowed},
                     one=True)[0]
-    if held >= allowed:
-        raise ApiError(429, "too_many_pending", f"you have {held:,} live pauses pending to {scope['recipient']}, the"
-                       " most one developer may (pauses.max_pending_per_number), since every developer's texts to a"
+    if held >= allowed:     # (counted up to the limit, which the operator may have lowered below what is held)
+        raise ApiError(429, "too_many_pending", f"you have {held:,} or more live pauses pending to {scope['recipient']},"
+                       " the most one developer may (pauses.max_pending_per_number), since every developer's texts to a"
                        " number share its reply codes; wait for some to be decided", field="recipient")
 
 

@@ -2036,7 +2036,7 @@ def test_one_developer_may_hold_only_their_share_of_a_numbers_live_codes(running
                   headers=api.as_key(mine))             # a team pause's second person holds a code too
     refused = api.post_json("/v1/pause", WIRE, headers=api.as_key(mine), status=429).json["error"]
     assert refused["code"] == "too_many_pending" and refused["field"] == "recipient"
-    assert "2 live pauses pending to +15550100" in refused["message"]
+    assert "2 or more live pauses pending to +15550100" in refused["message"]
     assert "pauses.max_pending_per_number" in refused["message"]
     assert stored(api.config, "SELECT live_pauses FROM monthly_usage") == [(2,)]     # the refused one is not spent
     api.create_pause(theirs)
@@ -2044,6 +2044,21 @@ def test_one_developer_may_hold_only_their_share_of_a_numbers_live_codes(running
     api.create_pause(api.register(email="third@example.com")["test_api_key"])   # test codes are apart
     api.post_json(f"/v1/pause/{first['pause_id']}/cancel", {}, headers=api.as_key(mine))
     api.create_pause(mine)
+
+def test_a_refusal_for_a_numbers_share_never_says_fewer_pending_than_there_are(running_api, twilio):
+    """The operator may lower pauses.max_pending_per_number below what a developer holds:
+    the refusal must not tell them they have only as many as the new limit."""
+    settings = {**twilio.settings(), "plans.free.monthly_pauses": 10}
+    api = SmsApi(running_api(**settings, **{"pauses.max_pending_per_number": 3}).app)
+    key = api.register()["api_key"]
+    for _ in range(3):
+        api.create_pause(key)
+    api.app.runtime.stop()
+    lowered = SmsApi(running_api(**settings, **{"pauses.max_pending_per_number": 2}).app)
+    message = lowered.post_json("/v1/pause", WIRE, headers=lowered.as_key(key), status=429).json["error"]["message"]
+    assert "you have 2 live pauses" not in message
+    assert "2 or more live pauses pending to +15550100" in message
+
 
 def test_another_developers_test_pauses_never_use_up_a_numbers_codes(sms_setup):
     api, config, keys = sms_setup
