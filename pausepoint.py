@@ -8552,6 +8552,20 @@ def as_sent(text):
     return text.encode("latin-1").decode("utf-8", "replace")
 
 
+def refuse_a_body(config):
+    """422 for a body sent to a route that takes none, naming its first field if it is a JSON
+    object: a "reason" sent with a cancel would otherwise be dropped in silence, the caller
+    believing it recorded. An empty one, {} or null is no body, however it is labelled (curl's
+    -d '{}' says it is a form); any other is refused as a body, not as one to send as JSON."""
+    try:
+        unasked = json.loads(bottle.request.body.read(config["server.max_body_bytes"] + 1) or b"null")
+    except (ValueError, RecursionError):        # not JSON, not UTF-8, or nested past reading
+        unasked = "a body"
+    if unasked not in (None, {}):
+        field = min(unasked) if isinstance(unasked, dict) else None
+        raise invalid(field, (f"unknown field {field!r}; " if field else "") + "this takes no body")
+
+
 def request_header(name):
     """A request header as the client sent it (latin-1, as WSGI hands it over). Bottle's
     get_header() re-decodes it as UTF-8 and raises on bytes that are not."""
@@ -9873,10 +9887,7 @@ class Handlers:
         # (Read only when one was sent: reading none costs a GET about 5 µs.)
         if spec.refuses_a_body and (bottle.request.content_length > 0 or "chunked" in bottle.request.environ.get(
                 "HTTP_TRANSFER_ENCODING", "").lower()):
-            unasked = read_json(rt.config)
-            if unasked not in (None, {}):
-                field = min(unasked) if isinstance(unasked, dict) else None
-                raise invalid(field, (f"unknown field {field!r}; " if field else "") + "this takes no body")
+            refuse_a_body(rt.config)
         if "query" in wanted:
             given["query"] = read_query(spec.query, query_validator)
         if "client" in wanted:
@@ -10102,8 +10113,10 @@ def responses(route):
         success["content"] = {content: {"schema": route.answer} for content in media}
     # 422 on every route: each refuses query parameters it does not declare.
     possible = {422, 429} | ({401} if route.auth == "key" else set()) | ({404} if "<" in route.path else set())
-    if route.body is not None or route.refuses_a_body:
+    if route.body is not None:
         possible |= {400, 413, 415}
+    elif route.refuses_a_body:      # any body is 422 (refuse_a_body()), past server.max_body_bytes 413
+        possible |= {413}
     if route.method in ("POST", "PATCH", "DELETE") and "<" in route.path:
         possible |= {409, 410} if "respond" in route.path else {409}
     possible |= {*route.refusals, 500, 503, 507}      # any write, a read's audit event too, may find the disk full

@@ -130,6 +130,21 @@ def test_a_body_sent_to_a_read_is_422_naming_its_field_not_a_filter_dropped_in_s
     assert api.request("/v1/pause", method="GET", body=b"{}", headers=key).json["pauses"][0]["status"] == "cancelled"
 
 
+def test_a_route_that_takes_no_body_is_told_so_whatever_the_body_is_labelled(api, developer):
+    """`curl -d '{}'` labels its body a form: an empty object is no body however labelled, and
+    any other body is refused as one the route does not take, not as one to send as JSON."""
+    key = api.as_key(developer["test_api_key"])
+    pause_id = api.post_json("/v1/pause", WIRE, headers=key).json["pause_id"]
+    for body, label in ((b"reason=wrong payee", "application/x-www-form-urlencoded"), (b"wrong payee", "text/plain"),
+                        (b"[" * 100_000, "application/json"), (b"\xff{", "text/plain")):
+        error = api.post(f"/v1/pause/{pause_id}/cancel", body, headers={**key, "Content-Type": label},
+                         status=422).json["error"]
+        assert error == {"code": "invalid_request", "message": "this takes no body"}, body[:20]
+    assert api.get(f"/v1/pause/{pause_id}", headers=key).json["status"] == "pending"
+    cancelled = api.post(f"/v1/pause/{pause_id}/cancel", b" { } ", headers={**key, "Content-Type":
+                                                                             "application/x-www-form-urlencoded"})
+    assert cancelled.json["status"] == "cancelled"
+
 def test_an_unknown_query_parameter_is_named_as_it_was_written(api, developer):
     """A query arrives as Latin-1 (WSGI); its names are UTF-8 as sent: 'statüs', not 'statÃ¼s'."""
     error = api.get("/v1/pause?stat%C3%BCs=pending", headers=api.as_key(developer["test_api_key"]),
