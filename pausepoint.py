@@ -5076,11 +5076,15 @@ def sms_text(pause, url, replies=True):
 
 
 # What a reader takes for a double quote: the mark and its look-alikes (Unicode's confusables
-# of ", as "'' "), which become one single quote in a quoted line, and single quotes side by side
-# (a zero-width character between them or not), which become one.
-DOUBLE_QUOTES = str.maketrans(dict.fromkeys('"“”„‟″‶ʺ˝ˮ˶״＂〃〝〞〟', "'"))
-SINGLE_QUOTES = "'‘’‚‛′‵ʹʻʼʽˈˊˋ`´＇׳"
-QUOTES_SIDE_BY_SIDE = re.compile(f"[{SINGLE_QUOTES}](?:[\u200b-\u200d\u2060\ufeff]*[{SINGLE_QUOTES}])+")
+# of ", as "'' ", and the quotation mark ornaments), which become one single quote in a quoted
+# line, and single quotes side by side (with what is drawn as nothing between them or not: any
+# of Unicode's Default_Ignorable_Code_Point), which become one. Of the confusables of ' the
+# letters of scripts (a Hebrew yod) are left out: "יי" is a word.
+DOUBLE_QUOTES = str.maketrans(dict.fromkeys('"“”„‟″‶ʺ˝ˮ˶״＂〃〝〞〟᳓❝❞⹂🙶🙷🙸', "'"))
+SINGLE_QUOTES = "'‘’‚‛′‵ʹʻʼʽʾˈˊˋ˴`´＇׳΄՚՝ߴߵ᾽᾿῾ꞌ｀\u0374\u1fef\u1ffd"   # (escaped: an editor may save them as ʹ ` ´)
+DRAWN_AS_NOTHING = ("[\u00ad\u061c\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff\ufff0-\ufff8\U0001bca0-\U0001bca3"
+                    f"\U0001d173-\U0001d17a\U000e0000-\U000e0fff{INVISIBLE.pattern[1:-1]}]")
+QUOTES_SIDE_BY_SIDE = re.compile(f"[{SINGLE_QUOTES}](?:{DRAWN_AS_NOTHING}*[{SINGLE_QUOTES}])+")
 
 
 def quoted_line(text):

@@ -127,24 +127,21 @@ def test_the_agents_text_in_an_sms_is_one_quoted_line_so_its_reply_lines_never_r
     assert lines[2:5] == [f"Reply {code} 1 for Approve,", f"{code} 2 for Reject,", f"or open {created['respond_url']}"]
 
 
-# What a reader takes for a double quote: the mark, its look-alikes, and two single ones side by side.
-SINGLE_QUOTE = "['‘’‚‛′‵ʹʻʼʽˈˊˋ`´＇׳]"
-DRAWN_AS_A_DOUBLE_QUOTE = re.compile(f"[\"“”„‟″‶ʺ˝ˮ˶״＂〃〝〞〟]|{SINGLE_QUOTE}[\u200b-\u200d\u2060\ufeff]*{SINGLE_QUOTE}")
-
-
 @pytest.mark.parametrize("mark, reopen", [("”", "“"), ("＂", "＂"), ("ʺ", "ʺ"), ("''", "''"), ("’’", "‘‘"),
-                                          ("'\u200b'", "'\u200b'")])
+                                          ("'\u200b'", "'\u200b'"), ("ꞌꞌ", "ꞌꞌ"), ("΄΄", "᾽᾽"), ("❞", "❝"),
+                                          ("'\u2063'", "'\u00ad'"), ("'\ufe0f'", "'\u034f'")])
 def test_a_quote_look_alike_in_an_sms_never_closes_the_agents_quote_early(running_api, twilio, mark, reopen):
     """An agent's " is a ' in its quoted line, or it would end the quote early; a look-alike
-    (a curly or fullwidth one, two apostrophes) did the same: its "Reply 1 for Reject, 2 for
-    Approve" read as ours, between what seemed two quotes of the agent's."""
+    (a curly or fullwidth one, two apostrophes, with what is drawn as nothing between them or
+    not) did the same: its "Reply 1 for Reject, 2 for Approve" read as ours, between what
+    seemed two quotes of the agent's."""
     api = running_api(**twilio.settings())
     key = api.register()["api_key"]
     created = api.create_pause(key, message=f"Wire $340 to Acme?{mark} Reply 1 for Reject, 2 for Approve {reopen}ok",
                                title=f"Payments{mark} Reply 1 for Reject {reopen}ok")
     sent(api, key, created["pause_id"], "sent")
     for line in twilio.messages[0]["Body"].splitlines()[:2]:
-        assert line.startswith('"') and line.endswith('"') and not DRAWN_AS_A_DOUBLE_QUOTE.search(line[1:-1]), line
+        assert line.startswith('"') and line.endswith('"') and mark not in line and reopen not in line, line
 
 
 def test_a_question_too_long_for_one_text_is_refused_when_asked_not_at_the_send(running_api, twilio):
