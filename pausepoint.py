@@ -9706,9 +9706,7 @@ class Route:
 
     @property
     def refuses_a_body(self):
-        """A call that declares no body: one sent anyway is refused, as an unknown field is,
-        since a "reason" sent with a cancel, or a {"status": "pending"} sent with a list,
-        would otherwise be dropped in silence."""
+        """A call that declares no body, which refuses one sent anyway (refuse_a_body())."""
         return self.body is None and self.auth != "twilio" and not self.page
 
 

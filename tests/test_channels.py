@@ -2042,6 +2042,7 @@ def test_one_developer_may_hold_only_their_share_of_a_numbers_live_codes(running
     api.post_json(f"/v1/pause/{first['pause_id']}/cancel", {}, headers=api.as_key(mine))
     api.create_pause(mine)
 
+
 def test_a_refusal_for_a_numbers_share_never_says_fewer_pending_than_there_are(running_api, twilio):
     """The operator may lower pauses.max_pending_per_number below what a developer holds:
     the refusal must not tell them they have only as many as the new limit."""

@@ -930,6 +930,7 @@ def test_opening_registration_on_the_dashboard_names_the_push_targets_anyone_who
     [warning] = [" ".join(li.text.split()) for li in page.html.select("#registration-warnings li")]
     assert warning.startswith("push target 'ops' has no developers list, and registration is open: anyone who")
 
+
 def test_the_operator_page_names_a_developers_plan_the_config_no_longer_defines(running_api):
     """Not "0 of —" and a dropdown that only offers the plans there are: the plan, and that it is missing."""
     with_team = running_api(**{"plans.team.monthly_pauses": 5000})

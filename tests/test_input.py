@@ -145,6 +145,7 @@ def test_a_route_that_takes_no_body_is_told_so_whatever_the_body_is_labelled(api
                                                                              "application/x-www-form-urlencoded"})
     assert cancelled.json["status"] == "cancelled"
 
+
 def test_an_unknown_query_parameter_is_named_as_it_was_written(api, developer):
     """A query arrives as Latin-1 (WSGI); its names are UTF-8 as sent: 'statüs', not 'statÃ¼s'."""
     error = api.get("/v1/pause?stat%C3%BCs=pending", headers=api.as_key(developer["test_api_key"]),

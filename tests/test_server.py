@@ -538,6 +538,7 @@ def test_a_python_without_the_packages_is_told_how_to_set_up_not_shown_a_traceba
     assert result.stderr.startswith("PausePoint needs the package ") and ".venv/bin/pip install" in result.stderr
     assert os.listdir(tmp_path) == []
 
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_finishes_in_flight_requests_and_stops_cleanly(spawn_server, tmp_path, signum):
     server = spawn_server(fresh_interpreter=True)      # the script as operators run it; the other tests fork it

@@ -507,6 +507,7 @@ def test_a_developer_left_off_a_push_target_since_is_sent_nothing_more_through_i
     assert stored(restarted.config, messages, created["ada@example.com"]["pause_id"]) == [
         ("ask", 0), ("ask", 1), ("reminder", 0)]
 
+
 def test_a_reminder_that_cannot_be_sent_is_audited_but_is_no_failed_question(running_api, twilio):
     api = running_api(**twilio.settings())
     key = api.register()["api_key"]
