@@ -49,6 +49,7 @@ import random
 import re
 import resource
 import secrets
+import shlex
 import signal
 import smtplib
 import socket
@@ -97,8 +98,9 @@ try:
 except ModuleNotFoundError as missing:
     if __name__ != "__main__":
         raise
+    home = shlex.quote(os.path.dirname(os.path.abspath(__file__)))     # where requirements.txt is, not the cwd
     sys.exit(f"PausePoint needs the package {missing.name!r}, which this Python ({sys.executable}) does not have.\n"
-             "Set up an environment of its own and run it there: python3 -m venv .venv"
+             f"Set up an environment of its own and run it there: cd {home} && python3 -m venv .venv"
              " && .venv/bin/pip install -q -r requirements.txt && .venv/bin/python pausepoint.py")
 
 VERSION = "0.1.0"

@@ -531,11 +531,13 @@ def test_without_waitress_a_long_poll_waits_on_its_thread(running_api):
 
 
 def test_a_python_without_the_packages_is_told_how_to_set_up_not_shown_a_traceback(tmp_path):
-    # -S: without site-packages, as the system's Python is where only .venv has them.
+    # -S: without site-packages, as the system's Python is where only .venv has them. Started
+    # from another directory, as a service is: the set-up must be done where requirements.txt is.
     result = subprocess.run([sys.executable, "-S", os.path.join(ROOT, "pausepoint.py"), "--db",
-                             str(tmp_path / "p.db")], capture_output=True, text=True, timeout=30)
+                             str(tmp_path / "p.db")], capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("PausePoint needs the package ") and ".venv/bin/pip install" in result.stderr
+    assert f"run it there: cd {ROOT} && python3 -m venv .venv" in result.stderr
     assert os.listdir(tmp_path) == []
 
 
