@@ -8568,7 +8568,9 @@ def refuse_a_body(config):
     except (ValueError, RecursionError):        # not JSON, not UTF-8, or nested past reading
         unasked = "a body"
     if unasked not in (None, {}):
-        field = min(unasked) if isinstance(unasked, dict) else None
+        # (Not by a key with a lone surrogate: JSON readers that refuse one could not read the 422.)
+        named = [key for key in unasked if not LONE_SURROGATE.search(key)] if isinstance(unasked, dict) else []
+        field = min(named, default=None)
         raise invalid(field, (f"unknown field {field!r}; " if field else "") + "this takes no body")
 
 

@@ -146,6 +146,17 @@ def test_a_route_that_takes_no_body_is_told_so_whatever_the_body_is_labelled(api
     assert cancelled.json["status"] == "cancelled"
 
 
+def test_a_body_sent_where_none_is_taken_is_named_only_by_a_field_that_is_text(api, developer):
+    """JSON can spell a lone surrogate ('\\ud800'), which no text encoding stores and strict
+    JSON readers refuse: named as the field, it made the 422 itself unreadable to them."""
+    key = api.as_key(developer["test_api_key"])
+    pause_id = api.post_json("/v1/pause", WIRE, headers=key).json["pause_id"]
+    for body, said in ((b'{"\\ud800": 1}', None), (b'{"\\ud800": 1, "reason": "x"}', "reason")):
+        answer = api.post(f"/v1/pause/{pause_id}/cancel", body, headers={**key, "Content-Type": "application/json"},
+                          status=422)
+        assert "\\ud800" not in answer.text and answer.json["error"].get("field") == said, body
+
+
 def test_an_unknown_query_parameter_is_named_as_it_was_written(api, developer):
     """A query arrives as Latin-1 (WSGI); its names are UTF-8 as sent: 'statüs', not 'statÃ¼s'."""
     error = api.get("/v1/pause?stat%C3%BCs=pending", headers=api.as_key(developer["test_api_key"]),
