@@ -2565,6 +2565,9 @@ def pause_fields(body, config):
             "title": body.get("title"), "fields": declared_fields(body.get("fields"), config),
             # A team pause keeps its people, and their votes, in pause_recipients.
             "team": "recipients" in body or quorum is not None or bool(escalations),
+            # Where the body names each person's recipient, for a refusal of one of them.
+            "named_as": [f"recipients[{n}].recipient" for n in range(len(people))] if "recipients" in body
+            else ["recipient"],
             "people": people, "quorum": quorum, "reminders": reminders, "escalations": escalations}
 
 
@@ -2944,16 +2947,16 @@ def create_pause(conn, config, caller, body, idempotency_key, limiter, wal):
             spend_quota(conn, config, caller, now)
         else:
             check_test_allowance(conn, config, caller, limiter, weight)
-        # SMS and WhatsApp replies name their pause by a code, unique among the number's pending pauses.
-        reply_code = (new_reply_code(conn, config, asked["recipient"], caller.livemode, caller.developer_id)
+        reply_code = (new_reply_code(conn, config, asked["recipient"], caller.livemode, caller.developer_id,
+                                     asked["named_as"][0])      # SMS and WhatsApp replies name their pause by it
                       if channels(config)[asked["channel"]].kind == "twilio" else None)
         pause = conn.execute(
             "INSERT INTO pauses (id, developer_id, livemode, recipient, channel, title, message, options,"
             " timeout_default, metadata, fields, respond_token, team, quorum, reply_code, created_at, expires_at,"
             " test_weight) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " RETURNING *", (*row, reply_code, created_at, expires_at, weight)).fetchone()
-        for position, (recipient, channel_name) in enumerate(asked["people"]):
-            ask_person(conn, config, pause, position, recipient, channel_name, "request", created_at)
+        for position, ((recipient, channel_name), named_as) in enumerate(zip(asked["people"], asked["named_as"])):
+            ask_person(conn, config, pause, position, recipient, channel_name, "request", created_at, named_as)
         conn.executemany("INSERT INTO pause_steps (pause_id, due_at, kind, recipient, channel) VALUES (?, ?, ?, ?, ?)",
                          [(pause_id, *step) for step in scheduled_steps(asked, now)])
         if idempotency_key is not None:
@@ -3020,16 +3023,17 @@ def team_request(asked):
                                for after, r, c in asked["escalations"]]} if asked["escalations"] else {})}
 
 
-def ask_person(conn, config, pause, position, recipient, channel_name, added_by, now):
+def ask_person(conn, config, pause, position, recipient, channel_name, added_by, now, field="recipient"):
     """Ask one of a pause's people, inside the caller's transaction: a team pause gets their
     row (the first person's link and code are the pause's own), and their question is
-    queued unless the channel is the link the agent delivers itself."""
+    queued unless the channel is the link the agent delivers itself. `field` names the
+    person in a refusal."""
     require_transaction(conn)
     if position == 0:
         token, code = pause["respond_token"], pause["reply_code"]
     else:
         token = secrets.token_urlsafe(32)
-        code = (new_reply_code(conn, config, recipient, pause["livemode"], pause["developer_id"])
+        code = (new_reply_code(conn, config, recipient, pause["livemode"], pause["developer_id"], field)
                 if known_channel(config, channel_name).kind == "twilio" else None)
     if pause["team"]:
         conn.execute("INSERT INTO pause_recipients (pause_id, developer_id, position, livemode, recipient, channel,"
@@ -3572,18 +3576,18 @@ FIRST_FREE_REPLY_CODE = (
     " AND position > 0 AND reply_code = value AND pause_decided_at > :week_ago) ORDER BY key LIMIT 1")
 
 
-def new_reply_code(conn, config, recipient, livemode, developer_id):
+def new_reply_code(conn, config, recipient, livemode, developer_id, field="recipient"):
     """A code no pending pause for this number uses (of those in CODE_SCOPE), preferring
     one no pause sent to it was decided with in the last week, so a late reply to a decided
     pause names no newer one. Short codes while a few random draws find one free, then long
     ones; only when the draws keep failing are the number's codes read. When every code is
     taken that way, the one decided longest ago: a flood of pauses to a number must never
-    make it unreachable."""
+    make it unreachable. `field` names the number in a refusal, as the request did."""
     require_transaction(conn)
     scope = {"recipient": recipient, "livemode": livemode, "scope": "" if livemode else developer_id,
              "week_ago": db_time(utcnow() - REPLY_CODE_QUARANTINE)}
     if livemode:
-        refuse_more_than_a_share_of_codes(conn, config, scope, developer_id)
+        refuse_more_than_a_share_of_codes(conn, config, scope, developer_id, field)
     # Not secrets (a reply counts only from the number the pause was sent to), so the
     # fast generator: the system one cost a fifth of a create.
     # The second draw only when the first found nothing: drawn up front, it cost 27 µs a create.
@@ -3602,11 +3606,11 @@ def new_reply_code(conn, config, recipient, livemode, developer_id):
     if not reusable:
         held = "pending pauses" if livemode else "of your test pauses pending"
         raise ApiError(429, "too_many_pending", f"{recipient} has too many {held}; wait for some to be decided",
-                       field="recipient")
+                       field=field)
     return min(reusable, key=recent.get)
 
 
-def refuse_more_than_a_share_of_codes(conn, config, scope, developer_id):
+def refuse_more_than_a_share_of_codes(conn, config, scope, developer_id, field):
     """429 when the developer has pauses.max_pending_per_number live pauses pending to the
     number already: its live codes are every developer's, and one who may create thousands
     of live pauses must not hold them all. Reads the number's pending codes, a few for most
@@ -3619,7 +3623,7 @@ def refuse_more_than_a_share_of_codes(conn, config, scope, developer_id):
     if held >= allowed:     # (counted up to the limit, which the operator may have lowered below what is held)
         raise ApiError(429, "too_many_pending", f"you have {held:,} or more live pauses pending to {scope['recipient']},"
                        " the most one developer may (pauses.max_pending_per_number), since every developer's texts to a"
-                       " number share its reply codes; wait for some to be decided", field="recipient")
+                       " number share its reply codes; wait for some to be decided", field=field)
 
 
 def reply_codes_in_use(conn, scope):

@@ -2036,6 +2036,10 @@ def test_one_developer_may_hold_only_their_share_of_a_numbers_live_codes(running
     assert "2 or more live pauses pending to +15550100" in refused["message"]
     assert "pauses.max_pending_per_number" in refused["message"]
     assert stored(api.config, "SELECT live_pauses FROM monthly_usage") == [(2,)]     # the refused one is not spent
+    for n, people in enumerate(([WIRE["recipient"], "+15550198"], ["+15550198", WIRE["recipient"]])):
+        team = {**QUESTION, "recipients": [{"recipient": number, "channel": "sms"} for number in people]}
+        refused = api.post_json("/v1/pause", team, headers=api.as_key(mine), status=429).json["error"]
+        assert refused["field"] == f"recipients[{n}].recipient"       # as the body names the person
     api.create_pause(theirs)
     api.create_pause(mine, recipient="+15550198")
     api.create_pause(api.register(email="third@example.com")["test_api_key"])   # test codes are apart
