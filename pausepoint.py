@@ -11,6 +11,13 @@ pause lifecycle (the only place states change), channels, scheduler jobs, the
 HTTP API and pages, and the command line.
 """
 
+import sys
+
+# Run by an older Python (the system's, on many a server), it says which it needs in one line,
+# not with a traceback from the first import that Python lacks (tomllib).
+if sys.version_info < (3, 11) and __name__ == "__main__":
+    sys.exit(f"PausePoint needs Python 3.11 or later; {sys.executable} is {'.'.join(map(str, sys.version_info[:3]))}.")
+
 import argparse
 import base64
 import bisect
@@ -60,7 +67,6 @@ import stat
 import string
 import struct
 import tempfile
-import sys
 import threading
 import time
 import tomllib

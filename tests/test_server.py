@@ -541,6 +541,17 @@ def test_a_python_without_the_packages_is_told_how_to_set_up_not_shown_a_traceba
     assert os.listdir(tmp_path) == []
 
 
+def test_an_older_python_is_told_which_it_needs_not_shown_a_traceback(tmp_path):
+    # This interpreter, saying it is 3.10 (the file compiles on 3.9 and 3.10, whose first import
+    # it lacks is tomllib's; a test cannot count on one being installed).
+    older = ("import runpy, sys; sys.version_info = (3, 10, 13, 'final', 0); sys.argv = sys.argv[1:];"
+             " runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", older, os.path.join(ROOT, "pausepoint.py"), "--db",
+                             str(tmp_path / "p.db")], capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stderr) == (1, f"PausePoint needs Python 3.11 or later; {sys.executable}"
+                                                     " is 3.10.13.\n")
+    assert os.listdir(tmp_path) == []
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_finishes_in_flight_requests_and_stops_cleanly(spawn_server, tmp_path, signum):
     server = spawn_server(fresh_interpreter=True)      # the script as operators run it; the other tests fork it
