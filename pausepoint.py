@@ -9829,7 +9829,9 @@ class Handlers:
 
         def body_schema(config):
             """(schema, validator) of the route's body for a caller who sees `config`."""
-            hidden = frozenset(self.rt.config.keys() - config.keys()) if callable(spec.body) else frozenset()
+            # (as_seen_by() hands back the config itself when it hides nothing: no keys to compare.)
+            hidden = (frozenset(self.rt.config.keys() - config.keys())
+                      if callable(spec.body) and config is not self.rt.config else frozenset())
             if hidden not in body_schemas:
                 schema = spec.body(config) if callable(spec.body) else spec.body
                 body_schemas[hidden] = schema, schema and SchemaValidator(schema)
